@@ -1,0 +1,116 @@
+"""Activation statistics of linear layers, collected with forward hooks over calibration batches."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+class CalibrationError(ValueError):
+    """Calibration data is unusable (NaN/inf activations, a layer that never ran, ...)."""
+
+
+@dataclass
+class InputStats:
+    """Statistics of one linear's input over all calibration calls (``K = in_features``).
+
+    absmax / minimum: float32 ``[K]``; rows: float32 ``[<= max_rows, K]`` uniformly sampled input rows;
+    seen_rows: rows observed in total; call_keys: one key per call identifying the input tensor object
+    (layers with identical keys were called on the very same tensor).
+    """
+
+    absmax: torch.Tensor
+    minimum: torch.Tensor
+    rows: torch.Tensor
+    seen_rows: int = 0
+    priorities: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    call_keys: list[int] = field(default_factory=list)
+
+
+class ActivationRecorder:
+    """Hooks ``nn.Linear`` modules and records :class:`InputStats` for each.
+
+    Row sampling is a reservoir over all calibration rows (seeded), so memory is bounded by
+    ``max_rows * in_features`` floats per layer whatever the calibration size.
+    Use as a context manager around the calibration forward passes.
+    """
+
+    def __init__(self, modules: dict[str, nn.Linear], max_rows: int = 512, seed: int = 0):
+        self.modules, self.max_rows = modules, max_rows
+        self.stats: dict[str, InputStats] = {}
+        self._generator = torch.Generator().manual_seed(seed)
+        self._handles: list = []
+        self._last_input: torch.Tensor | None = None
+        self._next_key = 0
+
+    def __enter__(self) -> "ActivationRecorder":
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._last_input = None
+
+    def _input_key(self, x: torch.Tensor) -> int:
+        """Same key for consecutive calls on the same tensor object (q/k/v on one input)."""
+        if self._last_input is not x:
+            self._last_input = x
+            self._next_key += 1
+        return self._next_key
+
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            key = self._input_key(x)
+            rows = x.detach().reshape(-1, x.shape[-1]).float()
+            if not torch.isfinite(rows).all():
+                raise CalibrationError(f"non-finite (NaN/inf) calibration activations at the input of layer {name!r}")
+            self._update(name, rows, key)
+
+        return hook
+
+    def _update(self, name: str, rows: torch.Tensor, key: int) -> None:
+        st = self.stats.get(name)
+        if st is None:
+            k = rows.shape[1]
+            st = self.stats[name] = InputStats(
+                absmax=torch.zeros(k, device=rows.device),
+                minimum=torch.full((k,), float("inf"), device=rows.device),
+                rows=rows.new_zeros(0, k),
+            )
+        st.absmax = torch.maximum(st.absmax, rows.abs().amax(dim=0))
+        st.minimum = torch.minimum(st.minimum, rows.amin(dim=0))
+        st.call_keys.append(key)
+        st.rows = self._reservoir(st, rows)
+        st.seen_rows += rows.shape[0]
+
+    def _reservoir(self, st: InputStats, rows: torch.Tensor) -> torch.Tensor:
+        """Keep a uniform sample of at most ``max_rows`` of all rows seen so far (bottom-k sampling:
+        every row draws a random priority and the ``max_rows`` smallest priorities survive)."""
+        priorities = torch.cat([st.priorities, torch.rand(rows.shape[0], generator=self._generator)])
+        pool = torch.cat([st.rows, rows])
+        if pool.shape[0] > self.max_rows:
+            keep = priorities.topk(self.max_rows, largest=False).indices
+            priorities, pool = priorities[keep], pool[keep.to(pool.device)]
+        st.priorities = priorities
+        return pool
+
+    def shared_input_groups(self, names: list[str]) -> list[list[str]]:
+        """Partition ``names`` into groups of layers that were always called on the same input tensor
+        and saw identical statistics; order follows ``names``."""
+        groups: dict[tuple, list[str]] = {}
+        for name in names:
+            st = self.stats[name]
+            groups.setdefault((tuple(st.call_keys), st.absmax.shape[0]), []).append(name)
+        result = []
+        for members in groups.values():
+            first = self.stats[members[0]].absmax
+            same = [m for m in members if torch.equal(self.stats[m].absmax, first)]
+            result.append(same)
+            result.extend([m] for m in members if m not in same)
+        order = {n: i for i, n in enumerate(names)}
+        return sorted(result, key=lambda g: order[g[0]])

@@ -1,0 +1,143 @@
+"""``SVDQuantLinear``: a 4-bit linear layer with a 16-bit low-rank branch.
+
+Computes ``y = Q_a(x / smooth_factor + act_shift) @ Q_w(R)^T + (x / smooth_factor) @ lora_down @ lora_up^T + bias``
+where ``R = W * smooth_factor - lora_up @ lora_down^T`` is the quantized residual. With
+``act_format="none"`` it is a weight-only (W4A16) layer. Buffers (``N = out_features``,
+``K = padded in_features``, ``G = group_size``, ``r = rank``):
+
+* ``qweight``       uint8 ``[N, K // 2]``           packed residual (layout in :mod:`.quantizers`)
+* ``wscales``       ``[N, K // G]`` (module dtype)  INT4 group scales, or float8_e4m3fn ``[N, K // 16]`` for NVFP4
+* ``wscale_global`` float32 ``[]``                  NVFP4 per-tensor scale (1.0 for INT4)
+* ``smooth_factor`` ``[K]`` (module dtype)           inputs are divided by it
+* ``act_shift``     ``[K]`` (module dtype)           added before unsigned activation quantization (zeros otherwise);
+  its effect ``-Q_w(R) @ act_shift`` is already folded into ``bias``
+* ``lora_down``     ``[K, r]``, ``lora_up`` ``[N, r]`` (module dtype)  the low-rank branch
+* ``bias``          ``[N]`` (module dtype) or absent
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import quantizers as qz
+
+WEIGHT_FORMATS = ("int4", "nvfp4")
+ACT_FORMATS = ("int4", "uint4", "nvfp4", "none")
+
+
+def padded_features(in_features: int, group_size: int) -> int:
+    """``in_features`` rounded up to a multiple of ``group_size``."""
+    return in_features + (-in_features) % group_size
+
+
+class SVDQuantLinear(nn.Module):
+    """Drop-in replacement for ``nn.Linear`` holding an SVDQuant-compressed weight.
+
+    Input ``x``: ``[..., in_features]`` float; output ``[..., out_features]`` in ``x.dtype``.
+    ``backend``: ``"reference"`` (pure PyTorch, exact fake-quant semantics), ``"triton"`` (fused kernels,
+    :mod:`quantduo.kernels`) or ``"auto"`` (Triton on CUDA tensors, reference elsewhere).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int = 32,
+        bias: bool = True,
+        weight_format: str = "int4",
+        act_format: str = "int4",
+        group_size: int = 64,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
+        if act_format not in ACT_FORMATS:
+            raise ValueError(f"act_format must be one of {ACT_FORMATS}, got {act_format!r}")
+        if weight_format == "nvfp4":
+            group_size = qz.NVFP4_GROUP
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"zero-size layer ({out_features}x{in_features}) cannot be quantized")
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.group_size = rank, group_size
+        self.weight_format, self.act_format = weight_format, act_format
+        self.backend = "auto"
+        k = padded_features(in_features, group_size)
+        fp = dict(dtype=dtype, device=device)
+        scale_dtype = torch.float8_e4m3fn if weight_format == "nvfp4" else dtype
+        self.register_buffer("qweight", torch.zeros(out_features, k // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("wscales", torch.ones(out_features, k // group_size, dtype=scale_dtype, device=device))
+        self.register_buffer("wscale_global", torch.ones((), dtype=torch.float32, device=device))
+        self.register_buffer("smooth_factor", torch.ones(k, **fp))
+        self.register_buffer("act_shift", torch.zeros(k, **fp))
+        self.register_buffer("lora_down", torch.zeros(k, rank, **fp))
+        self.register_buffer("lora_up", torch.zeros(out_features, rank, **fp))
+        self.register_buffer("bias", torch.zeros(out_features, **fp) if bias else None)
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def padded_in_features(self) -> int:
+        return self.qweight.shape[1] * 2
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.smooth_factor.dtype
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"weight={self.weight_format}, act={self.act_format}, group_size={self.group_size}, "
+            f"bias={self.bias is not None}"
+        )
+
+    def dequantized_residual(self) -> torch.Tensor:
+        """The 4-bit residual as float32 ``[N, K_padded]`` (smoothed space)."""
+        if self.weight_format == "nvfp4":
+            return qz.dequantize_nvfp4(qz.unpack_nibbles(self.qweight), self.wscales, self.wscale_global)
+        return qz.dequantize_groups(qz.unpack_int4(self.qweight), self.wscales)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """Effective weight in the original (unsmoothed) input space, float32 ``[N, in_features]``.
+
+        Excludes activation quantization; useful for weight-only comparisons and LoRA merging.
+        """
+        w_hat = self.dequantized_residual() + self.lora_up.float() @ self.lora_down.float().T
+        return (w_hat / self.smooth_factor.float())[:, : self.in_features]
+
+    def storage_bits_per_weight(self) -> float:
+        """Bits stored per original weight, counting packed values, scales and the low-rank factors."""
+        n_bits = sum(b.numel() * b.element_size() * 8 for b in (self.qweight, self.wscales, self.lora_down, self.lora_up))
+        return n_bits / (self.in_features * self.out_features)
+
+    # ------------------------------------------------------------------------------------------
+    def _pad_input(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"SVDQuantLinear expects inputs with last dim {self.in_features}, got shape {tuple(x.shape)}"
+            )
+        return F.pad(x, (0, self.padded_in_features - self.in_features)) if self.padded_in_features != self.in_features else x
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Pure-PyTorch forward with exact quantization semantics (float32 accumulation of the 4-bit GEMM;
+        the low-rank branch runs in the module dtype like the fused engine)."""
+        x_pad = self._pad_input(x)
+        x_smooth = x_pad / self.smooth_factor.to(x.dtype)
+        low_rank = (x_smooth.to(self.dtype) @ self.lora_down) @ self.lora_up.T
+        act = x_smooth.float() + self.act_shift.float()
+        act_q = qz.fake_quant(act, self.act_format, self.group_size)
+        y = act_q @ self.dequantized_residual().T + low_rank.float()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        use_kernels = self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
+        if use_kernels:
+            from quantduo.kernels import svdquant_linear_forward
+
+            return svdquant_linear_forward(self, x)
+        return self.forward_reference(x)

@@ -1,0 +1,162 @@
+"""The SVDQuant decomposition of one group of linears that share an input.
+
+Given smoothed weights ``W_hat = W * smooth_scale`` (``[N, K]``), find a rank-``r`` branch
+``lora_up @ lora_down^T`` and a 4-bit residual ``Q(W_hat - lora_up @ lora_down^T)`` that minimise the
+output error of the *quantized* layer on calibration rows, by the low-rank-aware smoothing search and
+the iterative residual refinement of the paper.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import quantizers as qz
+from .config import SVDQuantConfig
+from .smoothing import smooth_scale, smoothing_grid
+
+_OVERSAMPLE = 8
+_POWER_ITERS = 2
+
+
+def lowrank_factors(
+    w: torch.Tensor, rank: int, method: str = "randomized", seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` approximation ``w ~= up @ down.T`` with balanced factors.
+
+    Args:
+        w: float ``[N, K]``.
+        method: ``"exact"`` (float64 full SVD) or ``"randomized"`` (``torch.svd_lowrank``, seeded).
+    Returns:
+        up: float32 ``[N, rank]``, down: float32 ``[K, rank]`` (``up = U sqrt(S)``, ``down = V sqrt(S)``).
+    """
+    n, k = w.shape
+    if rank == 0:
+        return w.new_zeros(n, 0, dtype=torch.float32), w.new_zeros(k, 0, dtype=torch.float32)
+    if rank > min(n, k):
+        raise ValueError(f"rank {rank} exceeds min(out_features, in_features) = {min(n, k)}")
+    if method == "exact" or rank + _OVERSAMPLE >= min(n, k):
+        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        u, s, v = u[:, :rank], s[:rank], vh[:rank].T
+    elif method == "randomized":
+        with torch.random.fork_rng(devices=[w.device] if w.is_cuda else []):
+            torch.manual_seed(seed)
+            u, s, v = torch.svd_lowrank(w.float(), q=rank + _OVERSAMPLE, niter=_POWER_ITERS)
+        u, s, v = u[:, :rank], s[:rank], v[:, :rank]
+    else:
+        raise ValueError(f"unknown SVD method {method!r}")
+    root = s.sqrt()
+    return (u * root).float(), (v * root).float()
+
+
+def fake_quant_act(x_smooth: torch.Tensor, act_format: str, group_size: int, act_shift: torch.Tensor) -> torch.Tensor:
+    """What the 4-bit GEMM sees of the smoothed activations ``[T, K]``: ``Q(x + shift) - shift`` (float32)."""
+    return qz.fake_quant(x_smooth.float() + act_shift, act_format, group_size) - act_shift
+
+
+@dataclass
+class GroupSolution:
+    """Result for one group of linears sharing an input (``K`` = padded input channels).
+
+    smooth: float32 ``[K]``; act_shift: float32 ``[K]``; lora_down: float32 ``[K, r]``;
+    lora_up: float32 ``[N_total, r]``; residual: float32 ``[N_total, K]`` (before quantization);
+    smooth_ab: chosen (a, b); rel_error: relative output error on the calibration rows;
+    refine_iters: refinement iterations run.
+    """
+
+    smooth: torch.Tensor
+    act_shift: torch.Tensor
+    lora_down: torch.Tensor
+    lora_up: torch.Tensor
+    residual: torch.Tensor
+    smooth_ab: tuple[float, float]
+    rel_error: float
+    refine_iters: int
+
+
+class _Objective:
+    """Relative output error ``||y_q - x W^T||^2 / ||x W^T||^2`` on fixed calibration rows ``x [T, K]``."""
+
+    def __init__(self, x: torch.Tensor, w: torch.Tensor, act_format: str, act_group: int, act_shift_min):
+        self.x, self.act_format, self.act_group = x.float(), act_format, act_group
+        self.x_min = act_shift_min
+        self.y_ref = self.x @ w.float().T
+        self.ref_energy = self.y_ref.pow(2).sum().clamp(min=1e-30)
+
+    def smoothed_inputs(self, smooth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the smoothed rows, their quantized view and the activation shift ``[K]``."""
+        act_shift = act_shift_for(self.x_min, smooth) if self.act_format == "uint4" else torch.zeros_like(smooth)
+        x_smooth = self.x / smooth
+        return x_smooth, fake_quant_act(x_smooth, self.act_format, self.act_group, act_shift), act_shift
+
+    def __call__(self, x_smooth, x_quant, residual_q, up, down) -> float:
+        y = x_quant @ residual_q.T
+        if up.shape[1]:
+            y = y + (x_smooth @ down) @ up.T
+        return float((y - self.y_ref).pow(2).sum() / self.ref_energy)
+
+
+def act_shift_for(x_min: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
+    """Per-channel shift ``[K]`` making the smoothed inputs non-negative: ``max(0, -min(x) / smooth)``."""
+    return (-x_min.float() / smooth).clamp(min=0)
+
+
+def solve_group(
+    w: torch.Tensor,
+    x_sample: torch.Tensor,
+    x_absmax: torch.Tensor,
+    cfg: SVDQuantConfig,
+    *,
+    act_format: str,
+    rank: int,
+    smooth: bool,
+    x_min: torch.Tensor | None = None,
+) -> GroupSolution:
+    """Run SVDQuant on the concatenated weights of one shared-input group.
+
+    Args:
+        w: float ``[N_total, K]`` (rows of all members, K already padded to the group size).
+        x_sample: float ``[T, K]`` calibration input rows; x_absmax: ``[K]`` per-channel max |x|.
+        act_format: ``"int4"``, ``"uint4"`` (needs ``x_min``, per-channel min of x), ``"nvfp4"`` or ``"none"``.
+    """
+    w = w.float()
+    weight_group = qz.NVFP4_GROUP if cfg.weight_format == "nvfp4" else cfg.group_size
+    act_group = qz.NVFP4_GROUP if act_format == "nvfp4" else cfg.group_size
+    if act_format == "uint4" and x_min is None:
+        raise ValueError("unsigned activations need the per-channel input minimum (x_min)")
+    obj = _Objective(x_sample, w, act_format, act_group, x_min)
+
+    def quant_residual(residual: torch.Tensor) -> torch.Tensor:
+        return qz.fake_quant(residual, cfg.weight_format, weight_group, cfg.torch_dtype)
+
+    def candidate_error(s: torch.Tensor) -> float:
+        x_smooth, x_quant, _ = obj.smoothed_inputs(s)
+        up, down = lowrank_factors(w * s, rank, "randomized", cfg.seed)
+        return obj(x_smooth, x_quant, quant_residual(w * s - up @ down.T), up, down)
+
+    best_ab, best_smooth = (0.0, 0.0), torch.ones(w.shape[1], device=w.device)
+    if smooth:
+        w_absmax = w.abs().amax(dim=0)
+        best_err = float("inf")
+        for a, b in smoothing_grid():
+            s = smooth_scale(x_absmax.to(w.device), w_absmax, a, b).to(cfg.torch_dtype).float()
+            err = candidate_error(s)
+            if err < best_err:
+                best_ab, best_err, best_smooth = (a, b), err, s
+
+    x_smooth, x_quant, act_shift = obj.smoothed_inputs(best_smooth)
+    w_hat = w * best_smooth
+    best, iters = None, 0
+    residual_q = torch.zeros_like(w_hat)
+    for iters in range(1, max(cfg.lowrank_iters, 1) + 1):
+        up, down = lowrank_factors(w_hat - residual_q, rank, cfg.svd, cfg.seed)
+        residual = w_hat - up @ down.T
+        residual_q = quant_residual(residual)
+        err = obj(x_smooth, x_quant, residual_q, up, down)
+        if best is not None and err >= best[0] * (1 - 1e-4):
+            break
+        best = (err, up, down, residual)
+        if rank == 0:
+            break
+    err, up, down, residual = best
+    return GroupSolution(best_smooth, act_shift, down, up, residual, best_ab, err, iters)

@@ -1,0 +1,248 @@
+"""``quantize_model``: SVDQuant every eligible ``nn.Linear`` of any torch model."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import quantizers as qz
+from .calibration import ActivationRecorder, CalibrationError, InputStats
+from .config import SVDQuantConfig, matches
+from .linear import SVDQuantLinear, padded_features
+from .lowrank import GroupSolution, solve_group
+
+# post-GELU inputs never go below GELU's minimum (-0.17); anything at or above this is treated as shifted-unsigned
+_UNSIGNED_MIN = -0.2
+
+
+@dataclass
+class LayerReport:
+    """One module's fate. ``naive_error`` / ``error``: relative output error on calibration rows of plain
+    W4A4 (same formats, no smoothing, no low-rank) and of the final layer (``None`` when not quantized)."""
+
+    name: str
+    status: str  # "svdquant" | "w4a16" | "skipped"
+    reason: str = ""
+    shape: tuple[int, int] = (0, 0)
+    group: list[str] = field(default_factory=list)
+    act_format: str = ""
+    smooth_ab: tuple[float, float] | None = None
+    refine_iters: int = 0
+    naive_error: float | None = None
+    error: float | None = None
+
+
+@dataclass
+class QuantizationReport:
+    layers: list[LayerReport]
+
+    def quantized(self) -> list[LayerReport]:
+        return [r for r in self.layers if r.status != "skipped"]
+
+    def skipped(self) -> list[LayerReport]:
+        return [r for r in self.layers if r.status == "skipped"]
+
+    def to_json(self) -> str:
+        return json.dumps([asdict(r) for r in self.layers], indent=1)
+
+    def summary(self) -> str:
+        """A text table: one line per layer."""
+        lines = [f"{'layer':48s} {'status':9s} {'act':5s} {'naive':>9s} {'svdquant':>9s}  note"]
+        for r in self.layers:
+            naive = f"{r.naive_error:9.4f}" if r.naive_error is not None else " " * 9
+            err = f"{r.error:9.4f}" if r.error is not None else " " * 9
+            note = r.reason or (f"a,b={r.smooth_ab} iters={r.refine_iters}" if r.smooth_ab else "")
+            lines.append(f"{r.name[-48:]:48s} {r.status:9s} {r.act_format:5s} {naive} {err}  {note}")
+        return "\n".join(lines)
+
+
+def relative_error(y: torch.Tensor, y_ref: torch.Tensor) -> float:
+    """``||y - y_ref||^2 / ||y_ref||^2`` in float32."""
+    y_ref = y_ref.float()
+    return float((y.float() - y_ref).pow(2).sum() / y_ref.pow(2).sum().clamp(min=1e-30))
+
+
+def naive_w4a4_error(x: torch.Tensor, w: torch.Tensor, cfg: SVDQuantConfig, act_format: str) -> float:
+    """Relative output error of plain round-to-nearest W4A4 (no smoothing, no low-rank) on rows ``x [T, K]``."""
+    group = qz.NVFP4_GROUP if cfg.weight_format == "nvfp4" else cfg.group_size
+    act_group = qz.NVFP4_GROUP if act_format == "nvfp4" else cfg.group_size
+    if act_format == "uint4":  # plain W4A4 has no shift: signed activations
+        act_format = "int4"
+    xp, wp = qz.pad_to_multiple(x.float(), group), qz.pad_to_multiple(w.float(), group)
+    y = qz.fake_quant(xp, act_format, act_group) @ qz.fake_quant(wp, cfg.weight_format, group, cfg.torch_dtype).T
+    return relative_error(y, x.float() @ w.float().T)
+
+
+# ---------------------------------------------------------------------------------------------
+# building modules
+# ---------------------------------------------------------------------------------------------
+def pack_residual(module: SVDQuantLinear, residual: torch.Tensor) -> None:
+    """Quantize a float residual ``[N, K_padded]`` into ``module.qweight`` / ``wscales`` / ``wscale_global``."""
+    if module.weight_format == "nvfp4":
+        codes, scales, global_scale = qz.quantize_nvfp4(residual)
+        module.qweight.copy_(qz.pack_nibbles(codes))
+        module.wscales.copy_(scales)
+        module.wscale_global.copy_(global_scale)
+    else:
+        q, scales = qz.quantize_int4(residual, module.group_size, module.dtype)
+        module.qweight.copy_(qz.pack_int4(q))
+        module.wscales.copy_(scales)
+
+
+def build_module(
+    linear: nn.Linear, sol: GroupSolution, rows: slice, act_format: str, cfg: SVDQuantConfig
+) -> SVDQuantLinear:
+    """An :class:`SVDQuantLinear` for ``linear`` from its rows ``rows`` of a group solution."""
+    n, k_in = linear.out_features, linear.in_features
+    module = SVDQuantLinear(
+        k_in, n, rank=sol.lora_down.shape[1], bias=linear.bias is not None,
+        weight_format=cfg.weight_format, act_format=act_format, group_size=cfg.group_size,
+        dtype=cfg.torch_dtype, device=linear.weight.device,
+    )
+    with torch.no_grad():
+        pack_residual(module, sol.residual[rows])
+        module.smooth_factor.copy_(sol.smooth)
+        module.act_shift.copy_(sol.act_shift)
+        module.lora_down.copy_(sol.lora_down)
+        module.lora_up.copy_(sol.lora_up[rows])
+        if linear.bias is not None:
+            # quantizing (x + shift) adds Q(R) @ shift to the output: fold its negative into the bias
+            shift_term = module.dequantized_residual() @ sol.act_shift.float()
+            module.bias.copy_(linear.bias.float() - shift_term)
+        elif bool((sol.act_shift != 0).any()):
+            raise ValueError("unsigned activations need a bias to fold the shift into")
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize_model
+# ---------------------------------------------------------------------------------------------
+def _unsupported_reason(module: nn.Module) -> str | None:
+    """Leaf modules holding a matrix weight that SVDQuant does not handle."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() >= 2 and not isinstance(module, nn.Linear):
+        return f"unsupported module type {type(module).__name__} (kept in full precision)"
+    return None
+
+
+def _select_layers(model: nn.Module, cfg: SVDQuantConfig) -> tuple[dict[str, nn.Linear], list[LayerReport]]:
+    candidates, skipped = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, SVDQuantLinear):
+            skipped.append(LayerReport(name, "skipped", "already quantized"))
+        elif isinstance(module, nn.Linear):
+            shape = (module.out_features, module.in_features)
+            if matches(name, cfg.skip):
+                skipped.append(LayerReport(name, "skipped", "matches a skip rule", shape))
+            elif module.weight.numel() == 0:
+                skipped.append(LayerReport(name, "skipped", "zero-size layer", shape))
+            elif not torch.isfinite(module.weight).all():
+                raise ValueError(f"layer {name!r} has NaN/inf weights")
+            else:
+                candidates[name] = module
+        elif (reason := _unsupported_reason(module)) and not any(True for _ in module.children()):
+            skipped.append(LayerReport(name, "skipped", reason))
+    return candidates, skipped
+
+
+def _act_format_for(name: str, stats: InputStats, cfg: SVDQuantConfig) -> str:
+    if cfg.act_format == "none" or matches(name, cfg.weight_only):
+        return "none"
+    if cfg.act_format == "int4":
+        auto = "auto" in cfg.unsigned_act
+        lo, hi = float(stats.minimum.min()), float(stats.absmax.max())
+        if matches(name, cfg.unsigned_act) or (auto and lo >= _UNSIGNED_MIN and hi > 4 * abs(lo)):
+            return "uint4"
+    return cfg.act_format
+
+
+def _split_by_format(group: list[str], formats: dict[str, str]) -> list[list[str]]:
+    by_format: dict[str, list[str]] = {}
+    for name in group:
+        by_format.setdefault(formats[name], []).append(name)
+    return list(by_format.values())
+
+
+def _quantize_group(
+    model: nn.Module, names: list[str], layers: dict[str, nn.Linear], stats: InputStats, act_format: str,
+    cfg: SVDQuantConfig,
+) -> list[LayerReport]:
+    """Solve one shared-input group, swap its modules into ``model`` and report per member."""
+    members = [layers[n] for n in names]
+    device = members[0].weight.device
+    group = qz.NVFP4_GROUP if cfg.weight_format == "nvfp4" else cfg.group_size
+    k_pad = padded_features(members[0].in_features, group)
+    w = qz.pad_to_multiple(torch.cat([m.weight.detach().float() for m in members]), k_pad)
+    rows = stats.rows[: cfg.search_tokens].to(device)
+    weight_only = act_format == "none"
+    if act_format == "uint4" and any(m.bias is None for m in members):
+        act_format = "int4"  # nowhere to fold the shift
+    sol = solve_group(
+        w, qz.pad_to_multiple(rows, k_pad), qz.pad_to_multiple(stats.absmax.to(device), k_pad), cfg,
+        act_format=act_format, rank=0 if weight_only else cfg.rank, smooth=cfg.smooth and not weight_only,
+        x_min=qz.pad_to_multiple(stats.minimum.to(device), k_pad) if act_format == "uint4" else None,
+    )
+    reports, start = [], 0
+    for name, linear in zip(names, members):
+        sl = slice(start, start + linear.out_features)
+        start += linear.out_features
+        module = build_module(linear, sol, sl, act_format, cfg)
+        reports.append(LayerReport(
+            name, "w4a16" if weight_only else "svdquant", shape=(linear.out_features, linear.in_features),
+            group=list(names), act_format=act_format, smooth_ab=None if weight_only else sol.smooth_ab,
+            refine_iters=sol.refine_iters, naive_error=naive_w4a4_error(rows, linear.weight, cfg, act_format),
+            error=layer_error(module, linear, rows),
+        ))
+        model.set_submodule(name, module)
+    return reports
+
+
+def layer_error(module: SVDQuantLinear, linear: nn.Linear, x: torch.Tensor) -> float:
+    """Relative output error (bias excluded) of ``module``'s reference forward vs ``linear`` on rows ``x [T, K]``."""
+    bias = linear.bias.float() if linear.bias is not None else 0.0
+    y_q = module.forward_reference(x.to(module.dtype)).float() - bias
+    return relative_error(y_q, x.float() @ linear.weight.float().T)
+
+
+def quantize_model(
+    model: nn.Module,
+    calib_fn: Callable[[nn.Module], None],
+    config: SVDQuantConfig | None = None,
+    *,
+    progress: bool = True,
+) -> QuantizationReport:
+    """Replace every eligible ``nn.Linear`` of ``model`` (in place) by an :class:`SVDQuantLinear`.
+
+    Args:
+        calib_fn: runs the calibration forward passes, ``calib_fn(model)``; called once under ``no_grad``.
+        config: formats, rank, skip rules (default :class:`SVDQuantConfig`).
+    Returns:
+        A :class:`QuantizationReport` with one entry per linear / unsupported module.
+    Raises:
+        CalibrationError: NaN/inf calibration activations.
+    """
+    cfg = config or SVDQuantConfig()
+    layers, reports = _select_layers(model, cfg)
+    recorder = ActivationRecorder(layers, max_rows=cfg.search_tokens, seed=cfg.seed)
+    with recorder, torch.no_grad():
+        calib_fn(model)
+    for name in [n for n in layers if n not in recorder.stats]:
+        reports.append(LayerReport(name, "skipped", "never called during calibration"))
+        del layers[name]
+    if not layers and not reports:
+        raise CalibrationError("the model has no nn.Linear layers to quantize")
+    names = list(layers)
+    groups = recorder.shared_input_groups(names) if cfg.share_inputs else [[n] for n in names]
+    formats = {n: _act_format_for(n, recorder.stats[n], cfg) for n in names}
+    work = [g for group in groups for g in _split_by_format(group, formats)]
+    with torch.no_grad():
+        for group in tqdm(work, desc="SVDQuant", unit="group", disable=not progress):
+            reports += _quantize_group(model, group, layers, recorder.stats[group[0]], formats[group[0]], cfg)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    reports.sort(key=lambda r: order.get(r.name, len(order)))
+    return QuantizationReport(reports)

@@ -1,0 +1,214 @@
+"""4-bit quantizers with pack/unpack: the ground truth every kernel is checked against.
+
+Packed layouts (all little-endian in the last dimension):
+
+* **INT4 (signed)** — values in [-7, 7] (symmetric, -8 unused), two's-complement nibbles.
+  ``packed[..., j]`` (uint8) holds element ``2j`` in its low nibble and ``2j+1`` in its high nibble.
+  Scales: ``absmax / 7`` per group of ``group_size`` consecutive elements of the last dim,
+  shape ``[..., K // group_size]``.
+* **UINT4 (unsigned)** — values in [0, 15], same nibble order, scale ``max / 15`` per group.
+  Used for shifted non-negative activations (post-GELU).
+* **NVFP4** — E2M1 codes (bit 3 = sign, bits 0-2 index into ``FP4_E2M1_GRID``), same nibble order.
+  One FP8-E4M3 scale per 16 elements and one FP32 per-tensor scale:
+  ``x ~= grid[code] * float(scale_fp8) * global_scale``.
+
+Rounding is round-half-to-even (``torch.round``) everywhere.
+"""
+from __future__ import annotations
+
+import torch
+
+INT4_MAX = 7
+UINT4_MAX = 15
+FP8_E4M3_MAX = 448.0
+FP4_E2M1_MAX = 6.0
+FP4_E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+NVFP4_GROUP = 16
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def _check_groups(x: torch.Tensor, group_size: int) -> None:
+    if group_size <= 0:
+        raise ValueError(f"group_size must be positive, got {group_size}")
+    if x.shape[-1] % group_size != 0:
+        raise ValueError(
+            f"last dimension {x.shape[-1]} is not divisible by group_size {group_size}; "
+            "pad the input channels (quantduo.svdquant.quantizers.pad_to_multiple) or pick another group size"
+        )
+
+
+def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """View ``x [..., K]`` as ``[..., K // group_size, group_size]`` (float32)."""
+    _check_groups(x, group_size)
+    return x.float().reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int, dim: int = -1) -> torch.Tensor:
+    """Zero-pad ``x`` along ``dim`` up to a multiple of ``multiple``."""
+    size = x.shape[dim]
+    extra = (-size) % multiple
+    if extra == 0:
+        return x
+    pad_shape = list(x.shape)
+    pad_shape[dim] = extra
+    return torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# nibble packing
+# ---------------------------------------------------------------------------------------------
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit codes ``[..., K]`` (any int dtype, values taken mod 16) into uint8 ``[..., K // 2]``."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"cannot pack an odd number ({codes.shape[-1]}) of 4-bit values")
+    nib = (codes.to(torch.int16) & 0xF).to(torch.uint8)
+    return nib[..., 0::2] | (nib[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Unpack uint8 ``[..., K // 2]`` into raw nibbles (uint8 in [0, 15]) ``[..., K]``."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed 4-bit data must be uint8, got {packed.dtype}")
+    low = packed & 0xF
+    high = packed >> 4
+    return torch.stack([low, high], dim=-1).flatten(-2)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack signed int4 values in [-8, 7] ``[..., K]`` into uint8 ``[..., K // 2]``."""
+    return pack_nibbles(q)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Unpack uint8 ``[..., K // 2]`` to signed int8 values in [-8, 7], ``[..., K]``."""
+    nib = unpack_nibbles(packed).to(torch.int8)
+    return torch.where(nib >= 8, nib - 16, nib)
+
+
+def pack_uint4(q: torch.Tensor) -> torch.Tensor:
+    """Pack unsigned values in [0, 15] ``[..., K]`` into uint8 ``[..., K // 2]``."""
+    return pack_nibbles(q)
+
+
+def unpack_uint4(packed: torch.Tensor) -> torch.Tensor:
+    """Unpack uint8 ``[..., K // 2]`` to uint8 values in [0, 15], ``[..., K]``."""
+    return unpack_nibbles(packed)
+
+
+# ---------------------------------------------------------------------------------------------
+# integer group quantizers
+# ---------------------------------------------------------------------------------------------
+def _group_scales(gmax: torch.Tensor, qmax: int, scale_dtype: torch.dtype) -> torch.Tensor:
+    """``gmax / qmax`` rounded to ``scale_dtype`` (1.0 for all-zero groups), as float32."""
+    scales = torch.where(gmax > 0, gmax / qmax, torch.ones_like(gmax))
+    return scales.to(scale_dtype).float()
+
+
+def quantize_int4(
+    x: torch.Tensor, group_size: int = 64, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric signed INT4 with one scale per group of the last dim.
+
+    Args:
+        x: ``[..., K]`` float tensor, K divisible by ``group_size``.
+        scale_dtype: dtype the scales are stored in; values are rounded with the stored scales.
+    Returns:
+        q: int8 ``[..., K]`` in [-7, 7]; scales: float32 ``[..., K // group_size]`` (absmax / 7,
+        1.0 for all-zero groups so dequantization is exact there).
+    """
+    g = _grouped(x, group_size)
+    scales = _group_scales(g.abs().amax(dim=-1), INT4_MAX, scale_dtype)
+    q = torch.round(g / scales.unsqueeze(-1)).clamp_(-INT4_MAX, INT4_MAX)
+    return q.to(torch.int8).reshape(x.shape), scales
+
+
+def quantize_uint4(
+    x: torch.Tensor, group_size: int = 64, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unsigned INT4 (values in [0, 15]) of non-negative data, one scale (max / 15) per group.
+
+    Negative inputs clamp to 0. Returns q: uint8 ``[..., K]``, scales: float32 ``[..., K // group_size]``.
+    """
+    g = _grouped(x, group_size).clamp(min=0)
+    scales = _group_scales(g.amax(dim=-1), UINT4_MAX, scale_dtype)
+    q = torch.round(g / scales.unsqueeze(-1)).clamp_(0, UINT4_MAX)
+    return q.to(torch.uint8).reshape(x.shape), scales
+
+
+def dequantize_groups(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Inverse of the integer group quantizers: ``q [..., K] * scales [..., K // G]`` -> float32 ``[..., K]``."""
+    group_size = q.shape[-1] // scales.shape[-1]
+    g = q.float().reshape(*scales.shape, group_size)
+    return (g * scales.float().unsqueeze(-1)).reshape(q.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# NVFP4
+# ---------------------------------------------------------------------------------------------
+def _fp4_round(y: torch.Tensor) -> torch.Tensor:
+    """Round |y| <= 6 to the nearest E2M1 grid index (ties to the even code), returns int64 [0, 7]."""
+    grid = FP4_E2M1_GRID.to(y.device)
+    mid = (grid[1:] + grid[:-1]) / 2  # decision boundaries
+    idx = torch.bucketize(y, mid, right=False)  # y == mid goes to the lower index
+    on_tie = (idx < 7) & (y == mid[idx.clamp(max=6)]) & (idx % 2 == 1)
+    # bucketize puts ties at the lower code; move them to the even neighbour.
+    return torch.where(on_tie, idx + 1, idx)
+
+
+def nvfp4_global_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per-tensor FP32 scale so the largest group scale lands on the top of FP8-E4M3."""
+    amax = x.float().abs().amax()
+    return torch.where(amax > 0, amax / (FP4_E2M1_MAX * FP8_E4M3_MAX), torch.ones_like(amax))
+
+
+def quantize_nvfp4(
+    x: torch.Tensor, global_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NVFP4: E2M1 codes, an FP8-E4M3 scale per 16 elements of the last dim, an FP32 tensor scale.
+
+    Returns codes uint8 ``[..., K]`` (sign bit 3 | grid index), scales float8_e4m3fn ``[..., K // 16]``,
+    global_scale float32 scalar.
+    """
+    if global_scale is None:
+        global_scale = nvfp4_global_scale(x)
+    g = _grouped(x, NVFP4_GROUP) / global_scale
+    absmax = g.abs().amax(dim=-1)
+    scales = (absmax / FP4_E2M1_MAX).clamp(max=FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    scale_f = scales.float()
+    safe = torch.where(scale_f > 0, scale_f, torch.ones_like(scale_f)).unsqueeze(-1)
+    y = (g / safe).clamp(-FP4_E2M1_MAX, FP4_E2M1_MAX)
+    idx = _fp4_round(y.abs())
+    codes = (idx | ((y < 0) & (idx > 0)).long() << 3).to(torch.uint8)
+    return codes.reshape(x.shape), scales, global_scale.float()
+
+
+def dequantize_nvfp4(codes: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`quantize_nvfp4`; returns float32 ``[..., K]``."""
+    grid = FP4_E2M1_GRID.to(codes.device)
+    mag = grid[(codes & 0x7).long()]
+    val = torch.where((codes & 0x8) > 0, -mag, mag)
+    g = val.reshape(*scales.shape, NVFP4_GROUP) * scales.float().unsqueeze(-1)
+    return (g * global_scale.float()).reshape(codes.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# fake quantization (quantize -> dequantize), the semantic used by the reference forward
+# ---------------------------------------------------------------------------------------------
+def fake_quant(
+    x: torch.Tensor, fmt: str, group_size: int = 64, scale_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Quantize then dequantize the last dim of ``x`` with format ``fmt``; returns float32.
+
+    ``fmt``: ``"int4"`` (signed, per-``group_size``), ``"uint4"`` (unsigned), ``"nvfp4"`` (groups of 16,
+    FP8 scales), ``"none"`` (identity). ``scale_dtype``: storage dtype of INT4 group scales.
+    """
+    if fmt == "none":
+        return x.float()
+    if fmt == "int4":
+        return dequantize_groups(*quantize_int4(x, group_size, scale_dtype))
+    if fmt == "uint4":
+        return dequantize_groups(*quantize_uint4(x, group_size, scale_dtype))
+    if fmt == "nvfp4":
+        return dequantize_nvfp4(*quantize_nvfp4(x))
+    raise ValueError(f"unknown 4-bit format {fmt!r}; expected one of int4, uint4, nvfp4, none")
