@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -12,6 +10,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..utils import atomic_write
 from .config import SVDQuantConfig
 from .linear import SVDQuantLinear
 
@@ -22,18 +21,6 @@ FORMAT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A quantized checkpoint is missing, corrupt or does not match the model."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``; no partial file is ever left at ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _sha256(path: Path) -> str:
@@ -66,12 +53,12 @@ def save_quantized(model: nn.Module, directory: str | Path, config: SVDQuantConf
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     weights = directory / WEIGHTS_NAME
-    _atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"format": "pt", "quantduo": str(FORMAT_VERSION)}))
+    atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"format": "pt", "quantduo": str(FORMAT_VERSION)}))
     meta = dict(
         format_version=FORMAT_VERSION, config=config.to_dict(), layers=layer_specs(model),
         weights_sha256=_sha256(weights), extra=extra or {},
     )
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
     return directory
 
 

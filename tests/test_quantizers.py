@@ -1,0 +1,92 @@
+"""Quantizers: pack/unpack round trips, error bounds (property tests) and brute-force references."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quantduo.svdquant import quantizers as qz
+
+shapes = st.tuples(st.integers(1, 5), st.integers(1, 4))  # rows, groups
+
+
+def _tensor(seed: int, rows: int, cols: int, scale: float) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g) * scale
+    outliers = torch.rand(rows, cols, generator=g) < 0.05
+    return torch.where(outliers, x * 50, x)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 10_000), scale=st.floats(1e-3, 1e3))
+def test_int4_round_trip_error_bound(shape, seed, scale):
+    rows, groups = shape
+    x = _tensor(seed, rows, groups * 64, scale)
+    q, scales = qz.quantize_int4(x, 64)
+    assert q.dtype == torch.int8 and int(q.abs().max()) <= 7
+    assert torch.equal(qz.unpack_int4(qz.pack_int4(q)), q)
+    err = (qz.dequantize_groups(q, scales) - x).abs().reshape(rows, groups, 64)
+    assert bool((err <= scales.unsqueeze(-1) / 2 * (1 + 1e-5)).all())
+    assert torch.allclose(scales, x.abs().reshape(rows, groups, 64).amax(-1) / 7)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 10_000))
+def test_uint4_round_trip_error_bound(shape, seed):
+    rows, groups = shape
+    x = _tensor(seed, rows, groups * 64, 1.0).abs()
+    q, scales = qz.quantize_uint4(x, 64)
+    assert int(q.max()) <= 15
+    assert torch.equal(qz.unpack_uint4(qz.pack_uint4(q)), q)
+    err = (qz.dequantize_groups(q, scales) - x).abs().reshape(rows, groups, 64)
+    assert bool((err <= scales.unsqueeze(-1) / 2 * (1 + 1e-5)).all())
+
+
+def test_int4_matches_brute_force():
+    x = _tensor(1, 8, 128, 2.0)
+    q, scales = qz.quantize_int4(x, 64)
+    levels = torch.arange(-7, 8, dtype=torch.float32)
+    y = (x.reshape(8, 2, 64) / scales.unsqueeze(-1)).unsqueeze(-1)
+    brute = levels[(y - levels).abs().argmin(-1)].reshape(8, 128)
+    # argmin picks the lower level on exact ties; random data has none
+    assert torch.equal(q.float(), brute)
+
+
+def test_packed_nibble_layout():
+    q = torch.tensor([[1, -2, 7, -7]], dtype=torch.int8)
+    packed = qz.pack_int4(q)
+    assert packed.tolist() == [[0x01 | (0xE << 4), 0x07 | (0x9 << 4)]]
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 4), groups=st.integers(1, 4), seed=st.integers(0, 10_000), scale=st.floats(1e-2, 1e2))
+def test_nvfp4_matches_brute_force(rows, groups, seed, scale):
+    x = _tensor(seed, rows, groups * 16, scale)
+    codes, scales, gscale = qz.quantize_nvfp4(x)
+    assert scales.dtype == torch.float8_e4m3fn
+    assert torch.equal(qz.unpack_nibbles(qz.pack_nibbles(codes)), codes)
+    deq = qz.dequantize_nvfp4(codes, scales, gscale)
+    # brute force: every element takes the nearest signed grid value at its group's scale
+    step = (scales.float() * gscale).unsqueeze(-1)
+    grid = torch.cat([-qz.FP4_E2M1_GRID.flip(0), qz.FP4_E2M1_GRID])
+    y = x.reshape(rows, groups, 16)
+    candidates = grid * step.unsqueeze(-1)  # [rows, groups, 1, 16]
+    best = (y.unsqueeze(-1) - candidates).abs().amin(-1)
+    assert torch.allclose((deq.reshape(rows, groups, 16) - y).abs(), best, rtol=1e-5, atol=1e-6 * float(x.abs().max()))
+
+
+def test_nvfp4_relative_error_is_small():
+    x = torch.randn(64, 256)
+    deq = qz.fake_quant(x, "nvfp4")
+    rel = float((deq - x).norm() / x.norm())
+    assert 0.03 < rel < 0.15  # E2M1 with per-16 scales: measured ~0.09
+
+
+def test_group_size_must_divide():
+    with pytest.raises(ValueError, match="not divisible by group_size 64"):
+        qz.quantize_int4(torch.randn(4, 100), 64)
+    assert qz.pad_to_multiple(torch.randn(4, 100), 64).shape == (4, 128)
+
+
+def test_unknown_format():
+    with pytest.raises(ValueError, match="unknown 4-bit format"):
+        qz.fake_quant(torch.randn(2, 64), "int3")
