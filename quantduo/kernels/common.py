@@ -1,0 +1,111 @@
+"""Triton helpers shared by the kernels: rounding, 4-bit group quantization of a tile, the GEMM epilogue.
+
+Reference semantics: :mod:`quantduo.kernels.reference` (``epilogue_ref``, ``act_quant_ref``).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+_RNE_MAGIC = 12582912.0  # 1.5 * 2**23: (y + c) - c rounds float32 |y| < 2**22 half-to-even
+
+
+@triton.jit
+def round_half_even(y):
+    """Round float32 ``y`` (|y| < 2**22) to the nearest integer, ties to even (as ``torch.round``)."""
+    return (y + _RNE_MAGIC) - _RNE_MAGIC
+
+
+@triton.jit
+def smooth_tile(x, s):
+    """``x / s`` computed in float32 with IEEE division, rounded to ``x``'s dtype."""
+    return tl.math.div_rn(x.to(tl.float32), s.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
+def quant4_tile(act, BM: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, UNSIGNED: tl.constexpr):
+    """Group-quantize a float32 tile ``act [BM, BK]`` (groups of ``G`` along dim 1) to 4 bits.
+
+    Returns (packed uint8 ``[BM, BK // 2]``, scales float32 ``[BM, BK // G]``) exactly as
+    ``quantizers.quantize_int4`` (UNSIGNED=False) / ``quantize_uint4`` (UNSIGNED=True) with float32 scales.
+    """
+    g = tl.reshape(act, (BM, BK // G, G))
+    if UNSIGNED:
+        g = tl.maximum(g, 0.0)
+        gmax = tl.max(g, axis=2)
+        scale = tl.where(gmax > 0, tl.math.div_rn(gmax, 15.0), 1.0)
+        q = tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(g, scale[:, :, None])), 0.0), 15.0)
+    else:
+        gmax = tl.max(tl.abs(g), axis=2)
+        scale = tl.where(gmax > 0, tl.math.div_rn(gmax, 7.0), 1.0)
+        q = tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(g, scale[:, :, None])), -7.0), 7.0)
+    qi = tl.reshape(q.to(tl.int32), (BM, BK // 2, 2))
+    lo, hi = tl.split(qi)
+    packed = ((lo & 15) | ((hi & 15) << 4)).to(tl.uint8)
+    return packed, scale
+
+
+@triton.jit
+def unpack_int4(b):
+    """Packed uint8 ``[R, C]`` -> (low nibbles, high nibbles) as signed int8 ``[R, C]`` (two's complement)."""
+    b8 = b.to(tl.int8, bitcast=True)
+    return (b8 << 4) >> 4, b8 >> 4
+
+
+@triton.jit
+def unpack_uint4(b):
+    """Packed uint8 ``[R, C]`` -> (low nibbles, high nibbles) as int8 in [0, 15]."""
+    return (b & 15).to(tl.int8), (b >> 4).to(tl.int8)
+
+
+@triton.jit
+def gelu_tanh(y):
+    """``F.gelu(y, approximate="tanh")`` in float32."""
+    u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+    t = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+    return 0.5 * y * (1.0 + t)
+
+
+@triton.jit
+def lowrank_bias_epilogue(acc, rm, rn, M, N, LXP, S, LU, R, BIAS,
+                          RP: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
+    """``acc [BM, BN]`` float32 + low-rank up-projection + bias (float32 result).
+
+    LXP: float32 partials ``[S, M, R]`` (summed, rounded to the lora dtype); LU: lora_up ``[N, R]``;
+    the product is rounded to the lora dtype as the reference does. RP: R rounded up to a power of 2 >= 16.
+    """
+    if HAS_LR:
+        rr = tl.arange(0, RP)
+        lmask = (rm[:, None] < M) & (rr[None, :] < R)
+        lx = tl.zeros((rm.shape[0], RP), dtype=tl.float32)
+        for s in range(S):
+            lx += tl.load(LXP + s * M * R + rm[:, None] * R + rr[None, :], mask=lmask, other=0.0)
+        lu = tl.load(LU + rn[:, None] * R + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
+        lr = tl.dot(lx.to(lu.dtype), tl.trans(lu), input_precision=PREC)
+        acc += lr.to(lu.dtype).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def tile_ids(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped (L2-friendly) mapping of a 1-D program id to (pid_m, pid_n)."""
+    npm = tl.cdiv(M, BM)
+    npn = tl.cdiv(N, BN)
+    width = GROUP_M * npn
+    first = (pid // width) * GROUP_M
+    gsz = tl.minimum(npm - first, GROUP_M)
+    return first + (pid % width) % gsz, (pid % width) // gsz
+
+
+def rank_pad(r: int) -> int:
+    """Rank rounded up to a power of two >= 16 (tl.dot and tl.arange constraints)."""
+    return max(16, triton.next_power_of_2(max(r, 1)))
+
+
+def dot_precision(dtype) -> str:
+    """``ieee`` for float32 operands (exact float32 products), tf32 otherwise (ignored for 16-bit)."""
+    import torch
+
+    return "ieee" if dtype == torch.float32 else "tf32"

@@ -1,0 +1,127 @@
+"""Hopper W4A8 GEMM: int8-exact 4-bit weights x int8 per-token activations, one long int32 dot.
+
+Weights are INT4 ``q`` with integer group multipliers ``mult`` (:mod:`quantduo.svdquant.hopper_formats`):
+``q * mult`` is an exact int8, so the K loop has no rescale and the float scales (per token, per output
+channel) are applied once in the epilogue. Two ways to feed the tensor cores:
+
+* ``packed``: expand ``q * mult`` from the packed nibbles in registers inside the GEMM (no extra traffic;
+  best when the GEMM is memory-bound, small M);
+* ``expanded``: :func:`expand_w4_int8` writes the int8 weights to a scratch buffer per call (1.5 bytes
+  of traffic per weight), then a plain int8 GEMM runs (best when compute-bound, large M).
+
+Activations and expanded weights use the pair-split channel order (see :mod:`.reference`), which lines
+up with the nibbles so nothing is interleaved. References: ``w4a8_gemm_ref``, ``w4_to_int8_ref``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import dot_precision, gelu_tanh, lowrank_bias_epilogue, rank_pad, tile_ids, unpack_int4
+
+
+@triton.jit
+def _expand_w4_int8_kernel(W, MULT, OUT, N, K, BN: tl.constexpr, BK: tl.constexpr, G: tl.constexpr):
+    """OUT int8 ``[N, K]`` (pair-split) = nibbles of W uint8 ``[N, K/2]`` times MULT uint8 ``[N, K/G]``."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    c = tl.arange(0, BK // 2)
+    k = tl.program_id(1) * BK
+    nmask = rn[:, None] < N
+    rn64 = rn[:, None].to(tl.int64)
+    lo, hi = unpack_int4(tl.load(W + rn64 * (K // 2) + (k // 2 + c)[None, :], mask=nmask, other=0))
+    m = tl.load(MULT + rn64 * (K // G) + (k // G + c // (G // 2))[None, :], mask=nmask, other=0).to(tl.int8)
+    pos = k + (c // (G // 2)) * G + c % (G // 2)
+    tl.store(OUT + rn64 * K + pos[None, :], lo * m, mask=nmask)
+    tl.store(OUT + rn64 * K + (pos + G // 2)[None, :], hi * m, mask=nmask)
+
+
+def expand_w4_int8(qweight: torch.Tensor, wmult: torch.Tensor, group_size: int = 64) -> torch.Tensor:
+    """int8 ``[N, K]`` pair-split weights ``q * mult`` from qweight uint8 ``[N, K // 2]`` and wmult ``[N, K // G]``."""
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    out = torch.empty(N, K, dtype=torch.int8, device=qweight.device)
+    bk = 256 if K % 256 == 0 else (128 if K % 128 == 0 else 64)
+    _expand_w4_int8_kernel[(triton.cdiv(N, 32), K // bk)](qweight, wmult, out, N, K, BN=32, BK=bk, G=group_size,
+                                                          num_warps=4)
+    return out
+
+
+@triton.jit
+def _w4a8_gemm_kernel(
+    A, A_SCALE, W, MULT, WROW, LXP, LU, BIAS, OUT,
+    M, N, K, S, R,
+    PACKED: tl.constexpr, HAS_LR: tl.constexpr, RP: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+    G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """OUT ``[M, N]`` = (A int8 ``[M, K]`` x Wq^T) * A_SCALE[m] * WROW[n] + low-rank + bias (+ GELU).
+
+    PACKED: W uint8 ``[N, K/2]`` with MULT uint8 ``[N, K/G]``; else W int8 ``[N, K]`` pair-split.
+    """
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm_l = tl.minimum(rm, M - 1).to(tl.int64)
+    rn_l = tl.minimum(rn, N - 1).to(tl.int64)
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    if PACKED:
+        c = tl.arange(0, BK // 2)
+        pos = (c // (G // 2)) * G + c % (G // 2)
+        for k in range(0, K, BK):
+            a_lo = tl.load(A + rm_l[:, None] * K + (k + pos)[None, :])
+            a_hi = tl.load(A + rm_l[:, None] * K + (k + pos + G // 2)[None, :])
+            w_lo, w_hi = unpack_int4(tl.load(W + rn_l[:, None] * (K // 2) + (k // 2 + c)[None, :]))
+            m = tl.load(MULT + rn_l[:, None] * (K // G) + (k // G + c // (G // 2))[None, :]).to(tl.int8)
+            acc = tl.dot(a_lo, tl.trans(w_lo * m), acc, out_dtype=tl.int32)
+            acc = tl.dot(a_hi, tl.trans(w_hi * m), acc, out_dtype=tl.int32)
+    else:
+        rk = tl.arange(0, BK)
+        for k in range(0, K, BK):
+            a = tl.load(A + rm_l[:, None] * K + (k + rk)[None, :])
+            w = tl.load(W + rn_l[:, None] * K + (k + rk)[None, :])
+            acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+    sa = tl.load(A_SCALE + rm_l)
+    sw = tl.load(WROW + rn_l)
+    y = acc.to(tl.float32) * sa[:, None] * sw[None, :]
+    y = lowrank_bias_epilogue(y, rm, rn, M, N, LXP, S, LU, R, BIAS, RP, HAS_LR, HAS_BIAS, PREC)
+    out = y.to(OUT.dtype.element_ty)
+    if GELU:
+        out = gelu_tanh(out.to(tl.float32)).to(OUT.dtype.element_ty)
+    tl.store(OUT + rm[:, None].to(tl.int64) * N + rn[None, :], out, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def _pick(M: int, N: int, packed: bool) -> dict:
+    if M <= 16:
+        return dict(BM=16, BN=32, BK=256, GROUP_M=1, num_warps=4, num_stages=4)
+    if M <= 256:
+        return dict(BM=64, BN=64, BK=128, GROUP_M=8, num_warps=4, num_stages=4)
+    return dict(BM=128, BN=256, BK=128, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def w4a8_gemm(a, a_scales, weight, wmult, wrow, lxp, lora_up, bias, out_dtype: torch.dtype, gelu: bool = False,
+              config: dict | None = None):
+    """W4A8 GEMM with the fused epilogue.
+
+    Args:
+        a: int8 ``[M, K]`` pair-split; a_scales float32 ``[M]``.
+        weight: packed uint8 ``[N, K // 2]`` (then wmult uint8 ``[N, K // 64]`` is used in-kernel) or the
+            expanded int8 ``[N, K]`` from :func:`expand_w4_int8`; wrow float32 ``[N]``.
+        lxp: float32 low-rank partials ``[S, M, r]`` or None; lora_up ``[N, r]``; bias ``[N]`` or None.
+    Returns ``[M, N]`` in out_dtype.
+    """
+    packed = weight.dtype == torch.uint8
+    M, K = a.shape
+    N = weight.shape[0]
+    cfg = dict(config or _pick(M, N, packed))
+    if K % cfg["BK"]:
+        raise ValueError(f"K={K} must be a multiple of BK={cfg['BK']}")
+    r = 0 if lxp is None else lxp.shape[2]
+    out = torch.empty(M, N, dtype=out_dtype, device=a.device)
+    grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
+    _w4a8_gemm_kernel[grid](
+        a, a_scales, weight, wmult, wrow, lxp if r else wrow, lora_up if r else wrow,
+        bias if bias is not None else wrow, out, M, N, K, lxp.shape[0] if r else 0, r,
+        PACKED=packed, HAS_LR=r > 0, RP=rank_pad(r), HAS_BIAS=bias is not None, GELU=gelu, G=64,
+        PREC=dot_precision(lora_up.dtype if r else torch.bfloat16), **cfg,
+    )
+    return out

@@ -1,0 +1,119 @@
+"""Pure-PyTorch references of each Triton kernel's exact job, in the kernels' own tensor layouts.
+
+Layouts shared with the kernels (``M`` tokens, ``N`` out features, ``K`` padded in features, ``G`` group,
+``r`` rank):
+
+* 4-bit activations: packed uint8 ``[M, K // 2]`` (nibble layout of :mod:`quantduo.svdquant.quantizers`),
+  float32 scales stored transposed ``[K // G, M]``.
+* 8-bit activations (W4A8): int8 ``[M, K]`` in *pair-split* order: inside every group of ``G`` channels the
+  even channels come first, then the odd ones (so they line up with the low / high nibbles of the packed
+  weights); float32 scales ``[M]``.
+* low-rank down-projection: float32 partial sums ``[S, M, r]`` over ``S`` slices of K; consumers sum them
+  and round to the module dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from quantduo.svdquant import hopper_formats as hf
+from quantduo.svdquant import quantizers as qz
+
+ACT_MODES = ("int4", "uint4", "int8", "none")
+
+
+def pair_split(x: torch.Tensor, group_size: int = 64) -> torch.Tensor:
+    """Reorder the last dim of ``x [..., K]`` so each group of ``group_size`` lists evens then odds."""
+    g = x.reshape(*x.shape[:-1], -1, group_size // 2, 2)
+    return torch.cat([g[..., 0], g[..., 1]], dim=-1).reshape(x.shape)
+
+
+def pair_merge(x: torch.Tensor, group_size: int = 64) -> torch.Tensor:
+    """Inverse of :func:`pair_split`."""
+    g = x.reshape(*x.shape[:-1], -1, 2, group_size // 2)
+    return g.transpose(-1, -2).reshape(x.shape)
+
+
+def smooth_input(x: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
+    """``x / smooth`` rounded to ``x.dtype`` (as the module does)."""
+    return x / smooth.to(x.dtype)
+
+
+def lowrank_down(x_smooth: torch.Tensor, lora_down: torch.Tensor) -> torch.Tensor:
+    """``x_smooth @ lora_down`` with operands in the lora dtype, float32 result ``[M, r]`` (not rounded)."""
+    return x_smooth.to(lora_down.dtype).float() @ lora_down.float()
+
+
+def act_quant_ref(x, smooth, shift, lora_down, mode: str, group_size: int = 64):
+    """Reference of kernel 1 (:func:`quantduo.kernels.act_quant.act_quant`).
+
+    Args: x ``[M, K]`` float16/bfloat16/float32; smooth, shift ``[K]``; lora_down ``[K, r]`` or None;
+    mode in :data:`ACT_MODES`.
+    Returns (q, scales, lx): see the module docstring for the layouts (q, scales are None for mode
+    ``"none"``); lx float32 ``[M, r]`` or None.
+    """
+    xs = smooth_input(x, smooth)
+    lx = lowrank_down(xs, lora_down) if lora_down is not None and lora_down.shape[1] > 0 else None
+    act = xs.float() + shift.float()
+    if mode == "none":
+        return None, None, lx
+    if mode == "int8":
+        q, scales = hf.quantize_int8_tokens(xs)
+        return pair_split(q, group_size), scales, lx
+    quant = qz.quantize_int4 if mode == "int4" else qz.quantize_uint4
+    q, scales = quant(act, group_size)
+    return qz.pack_nibbles(q), scales.T.contiguous(), lx
+
+
+def epilogue_ref(acc, lx, lora_up, bias, out_dtype, gelu: bool = False):
+    """Shared GEMM epilogue: ``acc`` float32 ``[M, N]`` + low-rank up (``lx`` float32 ``[M, r]`` rounded to
+    the lora dtype, product rounded to it too) + bias, cast to ``out_dtype``; then optionally GELU (tanh)."""
+    if lx is not None:
+        acc = acc + (lx.to(lora_up.dtype) @ lora_up.T).float()
+    if bias is not None:
+        acc = acc + bias.float()
+    y = acc.to(out_dtype)
+    if gelu:
+        y = F.gelu(y.float(), approximate="tanh").to(out_dtype)
+    return y
+
+
+def w4_gemm_ref(a, a_scales, qweight, wscales, lx, lora_up, bias, mode: str, out_dtype, gelu=False, smooth=None):
+    """Reference of the group-scaled 4-bit-weight GEMM (:func:`quantduo.kernels.gemm_w4a4.w4_gemm`).
+
+    mode ``"int4"`` / ``"uint4"``: ``a`` packed ``[M, K // 2]`` with ``a_scales`` ``[K // G, M]`` (W4A4).
+    mode ``"none"``: ``a`` is the 16-bit input ``[M, K]``, divided by ``smooth`` on the fly (W4A16).
+    qweight uint8 ``[N, K // 2]`` (signed INT4), wscales ``[N, K // G]``. Returns ``[M, N]`` in out_dtype.
+    """
+    w = qz.dequantize_groups(qz.unpack_int4(qweight), wscales)
+    if mode == "none":
+        act = smooth_input(a, smooth).float()
+    else:
+        codes = qz.unpack_int4(a) if mode == "int4" else qz.unpack_uint4(a)
+        act = qz.dequantize_groups(codes, a_scales.T)
+    return epilogue_ref(act @ w.T, lx, lora_up, bias, out_dtype, gelu)
+
+
+def quant_next_ref(h, smooth, shift, lora_down, mode: str, group_size: int = 64):
+    """What the MLP fc1 epilogue produces for fc2 from fc1's output ``h [M, N1]``: kernel 1's job on ``h``."""
+    return act_quant_ref(h, smooth, shift, lora_down, mode, group_size)
+
+
+def w4a8_gemm_ref(a, a_scales, qweight, wmult, wrow, lx, lora_up, bias, out_dtype, gelu=False, group_size=64):
+    """Reference of the W4A8 GEMM (:mod:`quantduo.kernels.gemm_w4a8`): ``a`` int8 pair-split ``[M, K]``,
+    a_scales float32 ``[M]``; weights in the int8-exact format of :mod:`quantduo.svdquant.hopper_formats`."""
+    act = pair_merge(a, group_size).float() * a_scales[:, None]
+    w = hf.dequantize_int4_int8exact(qz.unpack_int4(qweight), wmult, wrow)
+    return epilogue_ref(act @ w.T, lx, lora_up, bias, out_dtype, gelu)
+
+
+def w4_to_int8_ref(qweight, wmult, group_size: int = 64):
+    """Reference of the weight expansion kernel: int8 ``q * mult`` ``[N, K]`` in pair-split order."""
+    q = qz.unpack_int4(qweight).to(torch.int16)
+    m = wmult.to(torch.int16).repeat_interleave(group_size, dim=1)
+    return pair_split((q * m).to(torch.int8), group_size)
+
+
+def nvfp4_dequant_ref(qweight, wscales, wscale_global):
+    """Reference of the NVFP4 weight dequantization kernel: float32 ``[N, K]``."""
+    return qz.dequantize_nvfp4(qz.unpack_nibbles(qweight), wscales, wscale_global)

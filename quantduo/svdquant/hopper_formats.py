@@ -1,0 +1,162 @@
+"""Hopper-native SVDQuant format: W4A8 with int8-exact weight group scales.
+
+Hopper (sm_90) has no 4-bit tensor cores, and a per-64-group rescale of the accumulator (the INT4-g64
+W4A4 format) keeps its 8-bit tensor cores at about bf16 speed. This format keeps the 4-bit weights but
+makes one long int8 dot exact:
+
+* **weights**: INT4 values ``q`` in [-7, 7] (same nibble packing as :mod:`.quantizers`), group scale
+  ``row_scale[n] * mult[n, g]`` with an integer multiplier ``mult`` in ``[1, MULT_MAX]``, so
+  ``q * mult`` is an exact int8 (|q * mult| <= 126) and ``row_scale`` (float32 per output channel)
+  moves to the GEMM epilogue.
+* **activations**: symmetric INT8 per token (``absmax / 127``, float32 scale) of the smoothed input.
+  There is no unsigned shift (signed 8-bit handles post-GELU inputs); the converter unfolds the shift
+  term from the bias.
+
+Storage per weight: 4 bits + 8 / 64 (multiplier) + 32 / K (row scale) + the 16-bit low-rank factors.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import quantizers as qz
+from .linear import SVDQuantLinear
+
+MULT_MAX = 18  # 7 * 18 = 126 <= 127
+INT8_MAX = 127
+
+
+def quantize_int4_int8exact(
+    r: torch.Tensor, group_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize ``r [N, K]`` (K divisible by ``group_size``) to INT4 with integer group multipliers.
+
+    Returns q int8 ``[N, K]`` in [-7, 7], mult uint8 ``[N, K // group_size]`` in [1, MULT_MAX],
+    row_scale float32 ``[N]``; ``r ~= q * mult * row_scale`` (group scale = ``mult * row_scale``).
+    """
+    g = qz._grouped(r, group_size)
+    gmax = g.abs().amax(dim=-1)  # [N, G]
+    row_max = gmax.amax(dim=-1)
+    row_scale = torch.where(row_max > 0, row_max / (qz.INT4_MAX * MULT_MAX), torch.ones_like(row_max))
+    mult = torch.round(gmax / (qz.INT4_MAX * row_scale[:, None])).clamp_(1, MULT_MAX)
+    scale = mult * row_scale[:, None]
+    q = torch.round(g / scale.unsqueeze(-1)).clamp_(-qz.INT4_MAX, qz.INT4_MAX)
+    return q.to(torch.int8).reshape(r.shape), mult.to(torch.uint8), row_scale.float()
+
+
+def dequantize_int4_int8exact(q: torch.Tensor, mult: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`quantize_int4_int8exact`: float32 ``[N, K]``."""
+    return qz.dequantize_groups(q, mult.float() * row_scale.float()[:, None])
+
+
+def quantize_int8_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT8 per row of ``x [..., K]``: q int8 ``[..., K]``, scale float32 ``[...]`` (absmax / 127,
+    1.0 for all-zero rows). Round half to even."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    q = torch.round(xf / scale.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX)
+    return q.to(torch.int8), scale
+
+
+def fake_quant_int8_tokens(x: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize with :func:`quantize_int8_tokens`; float32, shape of ``x``."""
+    q, scale = quantize_int8_tokens(x)
+    return q.float() * scale.unsqueeze(-1)
+
+
+class SVDQuantW4A8Linear(nn.Module):
+    """SVDQuant layer in the Hopper W4A8 format (see module docstring).
+
+    ``y = Q8(x / smooth) @ (q * mult * row_scale)^T + (x / smooth) @ lora_down @ lora_up^T + bias``.
+    Buffers (``N`` out, ``K`` padded in, ``G`` group, ``r`` rank): qweight uint8 ``[N, K // 2]``,
+    wmult uint8 ``[N, K // G]``, wscale_row float32 ``[N]``, smooth_factor ``[K]``, lora_down ``[K, r]``,
+    lora_up ``[N, r]``, bias ``[N]`` or absent (module dtype). Input ``[..., in_features]``, output in x.dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int = 32, bias: bool = True,
+                 group_size: int = 64, dtype: torch.dtype = torch.bfloat16, device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank, self.group_size = in_features, out_features, rank, group_size
+        self.backend = "auto"
+        k = in_features + (-in_features) % group_size
+        fp = dict(dtype=dtype, device=device)
+        self.register_buffer("qweight", torch.zeros(out_features, k // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("wmult", torch.ones(out_features, k // group_size, dtype=torch.uint8, device=device))
+        self.register_buffer("wscale_row", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("smooth_factor", torch.ones(k, **fp))
+        self.register_buffer("lora_down", torch.zeros(k, rank, **fp))
+        self.register_buffer("lora_up", torch.zeros(out_features, rank, **fp))
+        self.register_buffer("bias", torch.zeros(out_features, **fp) if bias else None)
+
+    @property
+    def padded_in_features(self) -> int:
+        return self.qweight.shape[1] * 2
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.smooth_factor.dtype
+
+    def dequantized_residual(self) -> torch.Tensor:
+        """float32 ``[N, K_padded]``."""
+        return dequantize_int4_int8exact(qz.unpack_int4(self.qweight), self.wmult, self.wscale_row)
+
+    def storage_bits_per_weight(self) -> float:
+        bufs = (self.qweight, self.wmult, self.wscale_row, self.lora_down, self.lora_up)
+        return sum(b.numel() * b.element_size() * 8 for b in bufs) / (self.in_features * self.out_features)
+
+    def _pad_input(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected inputs with last dim {self.in_features}, got shape {tuple(x.shape)}")
+        extra = self.padded_in_features - self.in_features
+        return F.pad(x, (0, extra)) if extra else x
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact semantics in PyTorch (float32 GEMM accumulation, low-rank branch in the module dtype)."""
+        x_smooth = self._pad_input(x) / self.smooth_factor.to(x.dtype)
+        low_rank = (x_smooth.to(self.dtype) @ self.lora_down) @ self.lora_up.T
+        y = fake_quant_int8_tokens(x_smooth) @ self.dequantized_residual().T + low_rank.float()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton" or (self.backend == "auto" and x.is_cuda):
+            from quantduo.kernels import w4a8_linear_forward
+
+            return w4a8_linear_forward(self, x)
+        return self.forward_reference(x)
+
+
+def to_w4a8(module: SVDQuantLinear, weight: torch.Tensor | None = None) -> SVDQuantW4A8Linear:
+    """Convert a W4A4 :class:`SVDQuantLinear` to the Hopper W4A8 format (same smoothing and low-rank branch).
+
+    ``weight`` (the original float ``[N, in_features]`` weight, optional): re-quantize the exact residual
+    ``W * smooth - lora_up @ lora_down^T``; without it the module's dequantized 4-bit residual is
+    re-quantized. The unsigned-activation shift folded into the bias is unfolded (W4A8 needs no shift).
+    """
+    if module.act_format == "none":
+        raise ValueError("W4A16 modules have no activation quantizer to convert")
+    with torch.no_grad():
+        std_residual = module.dequantized_residual()
+        if weight is None:
+            residual = std_residual
+        else:
+            w = qz.pad_to_multiple(weight.float(), module.group_size) * module.smooth_factor.float()
+            residual = w - module.lora_up.float() @ module.lora_down.float().T
+        group = 64 if module.weight_format == "nvfp4" else module.group_size
+        out = SVDQuantW4A8Linear(module.in_features, module.out_features, module.rank, module.bias is not None,
+                                 group, module.dtype, module.qweight.device)
+        q, mult, row_scale = quantize_int4_int8exact(residual, group)
+        out.qweight.copy_(qz.pack_int4(q))
+        out.wmult.copy_(mult)
+        out.wscale_row.copy_(row_scale)
+        out.smooth_factor.copy_(module.smooth_factor)
+        out.lora_down.copy_(module.lora_down)
+        out.lora_up.copy_(module.lora_up)
+        if module.bias is not None:
+            out.bias.copy_(module.bias.float() + std_residual @ module.act_shift.float())
+        elif bool((module.act_shift != 0).any()):
+            raise ValueError("module has an activation shift but no bias to unfold it from")
+    return out
