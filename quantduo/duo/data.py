@@ -1,0 +1,108 @@
+"""Synthetic multi-passkey retrieval data over a haystack text (DuoAttention identification data).
+
+A sample is a window of haystack tokens with ``n_passkeys`` passkey sentences inserted at sorted
+depths, followed by one question (plus its answer) per passkey, in a random order. Only token ids
+are handled here, so any tokenizer works: the caller passes ``encode(text) -> list[int]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+Encode = Callable[[str], list[int]]
+
+
+@dataclass(frozen=True)
+class PasskeyFormat:
+    """Templates of the passkey task; ``{name}`` / ``{value}`` are filled in.
+
+    The defaults suit any word-level or BPE tokenizer: the question repeats the start of the
+    inserted sentence, so answering it needs retrieval of a far-away token span.
+    """
+
+    insert: str = "pass key {name} is {value} ."
+    question: str = "pass key {name} is"
+    answer: str = "{value} ."
+    names: tuple[str, ...] = tuple("ABCDEFGHIJKLMNOP")
+    value_words: tuple[str, ...] = tuple("0123456789")
+    value_len: int = 4
+
+
+@dataclass
+class PasskeySample:
+    """One sample.
+
+    input_ids: [T] int64 tokens (haystack with passkeys, then questions and answers).
+    target_mask: [T] bool, True at positions whose *next* token is an answer token
+        (the positions whose outputs must retrieve the passkey).
+    questions: list of (prompt_len, answer_ids): ``input_ids[:prompt_len]`` ends with a
+        question and ``answer_ids`` (int list) are the passkey value tokens that follow it.
+    """
+
+    input_ids: torch.Tensor
+    target_mask: torch.Tensor
+    questions: list[tuple[int, list[int]]]
+
+
+def read_haystack(path: str | Path, encode: Encode) -> list[int]:
+    """Encode a haystack text file; raises ValueError when the file holds no text."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise ValueError(f"haystack file {path} is empty")
+    return encode(" ".join(text.split()))
+
+
+def make_sample(
+    haystack_ids: Sequence[int],
+    encode: Encode,
+    context_len: int,
+    n_passkeys: int,
+    rng: np.random.Generator,
+    fmt: PasskeyFormat = PasskeyFormat(),
+    depth_range: tuple[float, float] = (0.05, 0.95),
+    min_distance: int = 0,
+) -> PasskeySample:
+    """Build one multi-passkey sample of exactly ``context_len`` tokens.
+
+    The passkeys are inserted at sorted depths in ``depth_range`` of the haystack part, and
+    every passkey sentence ends at least ``min_distance`` tokens before the first question
+    (use ``min_distance > sink + recent`` so streaming attention cannot see any passkey).
+    """
+    if not 1 <= n_passkeys <= len(fmt.names):
+        raise ValueError(f"n_passkeys must be in [1, {len(fmt.names)}], got {n_passkeys}")
+    names = rng.choice(len(fmt.names), size=n_passkeys, replace=False)
+    values = [" ".join(rng.choice(fmt.value_words, size=fmt.value_len)) for _ in names]
+    inserts = [encode(fmt.insert.format(name=fmt.names[n], value=v)) for n, v in zip(names, values)]
+    order = rng.permutation(n_passkeys)
+    qa = [(encode(fmt.question.format(name=fmt.names[names[i]])), encode(fmt.answer.format(value=values[i])))
+          for i in order]
+    n_hay = context_len - sum(map(len, inserts)) - sum(len(q) + len(a) for q, a in qa)
+    if n_hay <= 0:
+        raise ValueError(f"context_len {context_len} too short for {n_passkeys} passkeys")
+    if len(haystack_ids) < n_hay:
+        raise ValueError(f"haystack has {len(haystack_ids)} tokens, need at least {n_hay}")
+    start = int(rng.integers(0, len(haystack_ids) - n_hay + 1))
+    hay = list(haystack_ids[start:start + n_hay])
+    lo = int(depth_range[0] * n_hay)
+    hi = min(int(depth_range[1] * n_hay), n_hay - min_distance)
+    if hi < lo:
+        raise ValueError("context too short for the requested depth range and min_distance")
+    cuts = np.sort(rng.integers(lo, hi + 1, size=n_passkeys))
+    ids: list[int] = []
+    prev = 0
+    for cut, ins in zip(cuts, inserts):
+        ids += hay[prev:cut] + ins
+        prev = cut
+    ids += hay[prev:]
+    target = [False] * len(ids)
+    questions = []
+    for q, a in qa:
+        ids += q
+        questions.append((len(ids), encode(values[order[len(questions)]])))
+        target += [False] * (len(q) - 1) + [True] * len(a) + [False]
+        ids += a
+    return PasskeySample(torch.tensor(ids), torch.tensor(target), questions)

@@ -1,0 +1,116 @@
+"""DuoAttention head patterns: load/save in the reference format, validate, binarize.
+
+On disk (reference mit-han-lab/duo-attention format), a pattern directory holds
+``full_attention_heads.tsv`` (one row per layer, one tab-separated gate per KV head; the gate
+is continuous and is clipped to [0, 1]) and ``config.json`` (training arguments; we use
+``sink_size`` and ``recent_size`` and keep every other key as-is).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TSV_NAME = "full_attention_heads.tsv"
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class DuoPattern:
+    """Gates [num_layers, num_kv_heads] float32 in [0, 1] (1 = retrieval / full attention head)."""
+
+    gates: np.ndarray
+    sink_size: int = 128
+    recent_size: int = 256
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        g = np.asarray(self.gates, dtype=np.float64)
+        if g.ndim != 2 or g.size == 0:
+            raise ValueError(f"gates must be a non-empty 2-D [layers, kv_heads] array, got shape {g.shape}")
+        if not np.isfinite(g).all():
+            raise ValueError("gates contain NaN or infinite values")
+        if self.sink_size < 0 or self.recent_size < 1:
+            raise ValueError(f"need sink_size >= 0 and recent_size >= 1, got {self.sink_size}, {self.recent_size}")
+        self.gates = np.clip(g, 0.0, 1.0).astype(np.float32)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.gates.shape)
+
+    def binarize(self, sparsity: float) -> np.ndarray:
+        """Boolean [layers, kv_heads] retrieval mask: the ``sparsity`` fraction of heads with the
+        lowest gates (global quantile over all layers) become streaming heads (False)."""
+        return binarize(self.gates, sparsity)
+
+    def validate_for(self, config) -> None:
+        """Raise ValueError unless the gate shape matches a transformers config's layers x KV heads."""
+        expected = (config.num_hidden_layers, getattr(config, "num_key_value_heads", None)
+                    or config.num_attention_heads)
+        if self.shape != expected:
+            raise ValueError(f"pattern has shape {self.shape} (layers, kv_heads) but the model has {expected}")
+
+
+def binarize(gates: np.ndarray, sparsity: float) -> np.ndarray:
+    """[L, H] gates -> [L, H] bool retrieval mask with round(sparsity * L * H) streaming heads.
+
+    Ties are broken by (layer, head) order so the count is exact.
+    """
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    flat = np.asarray(gates, dtype=np.float64).ravel()
+    n_stream = int(round(sparsity * flat.size))
+    order = np.argsort(flat, kind="stable")
+    mask = np.ones(flat.size, dtype=bool)
+    mask[order[:n_stream]] = False
+    return mask.reshape(np.shape(gates))
+
+
+def load_pattern(path: str | Path) -> DuoPattern:
+    """Load a pattern directory (or a direct path to the .tsv, config.json then optional)."""
+    path = Path(path)
+    tsv = path / TSV_NAME if path.is_dir() else path
+    if not tsv.exists():
+        raise FileNotFoundError(f"no {TSV_NAME} at {path}")
+    rows = [line.split("\t") for line in tsv.read_text().strip().splitlines() if line.strip()]
+    if len({len(r) for r in rows}) != 1:
+        raise ValueError(f"{tsv}: rows have different numbers of heads: {sorted({len(r) for r in rows})}")
+    try:
+        gates = np.array([[float(x) for x in r] for r in rows])
+    except ValueError as err:
+        raise ValueError(f"{tsv}: non-numeric gate value ({err})") from None
+    cfg_path = tsv.parent / CONFIG_NAME
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    return DuoPattern(gates, int(cfg.get("sink_size", 128)), int(cfg.get("recent_size", 256)), cfg)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_pattern(pattern: DuoPattern, out_dir: str | Path) -> Path:
+    """Write ``full_attention_heads.tsv`` and ``config.json`` atomically (temp file + os.replace)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tsv = "\n".join("\t".join(f"{x:.18e}" for x in row) for row in pattern.gates) + "\n"
+    cfg = {**pattern.extra, "sink_size": pattern.sink_size, "recent_size": pattern.recent_size}
+    _atomic_write(out / CONFIG_NAME, json.dumps(cfg, indent=1))
+    _atomic_write(out / TSV_NAME, tsv)
+    return out
+
+
+def gates_tensor(pattern: DuoPattern, device=None) -> torch.Tensor:
+    """Gates as a float32 tensor [L, H]."""
+    return torch.as_tensor(pattern.gates, device=device)
