@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantduo.svdquant import CheckpointError, QuantizationReport, SVDQuantConfig, load_quantized, quantize_model
-from quantduo.svdquant import save_quantized
+from quantduo.svdquant import SVDQuantLinear, save_quantized
 from quantduo.svdquant.serialization import read_checkpoint_meta, replace_linears
 from quantduo.utils import atomic_write
 
@@ -287,3 +287,50 @@ def load_into_pipeline(pipe: Any, directory: str | Path) -> nn.Module:
     model = load_quantized_transformer(directory, device)
     pipe.register_modules(**{attr: model})
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# inference-time fusion
+# ---------------------------------------------------------------------------------------------
+class FusedGeluMLP(nn.Module):
+    """A diffusers ``FeedForward`` (``net = [GELU(tanh) with proj, Dropout, Linear]``) whose two linears are W4A4
+    :class:`SVDQuantLinear`: on CUDA, fc1's GEMM epilogue applies GELU and quantizes for fc2
+    (:func:`quantduo.kernels.svdquant_mlp_forward`). Keeps ``net`` so state-dict keys and LoRA targets are unchanged.
+    Input / output ``[..., dim]``.
+    """
+
+    def __init__(self, feed_forward: nn.Module):
+        super().__init__()
+        self.net = feed_forward.net
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        fc1, fc2 = self.net[0].proj, self.net[-1]
+        if hidden_states.is_cuda:
+            from quantduo.kernels import svdquant_mlp_forward
+
+            return svdquant_mlp_forward(fc1, fc2, hidden_states)
+        for module in self.net:
+            hidden_states = module(hidden_states)
+        return hidden_states
+
+
+def _fusable_feed_forward(module: nn.Module) -> bool:
+    net = getattr(module, "net", None)
+    if type(module).__name__ != "FeedForward" or not isinstance(net, nn.ModuleList) or len(net) != 3:
+        return False
+    act = net[0]
+    return (
+        getattr(act, "approximate", None) == "tanh" and isinstance(getattr(act, "proj", None), SVDQuantLinear)
+        and isinstance(net[2], SVDQuantLinear) and act.proj.act_format != "none" and net[2].act_format != "none"
+    )
+
+
+def enable_fused_mlp(model: nn.Module) -> dict[str, nn.Module]:
+    """Replace every fusable GELU(tanh) ``FeedForward`` of ``model`` by :class:`FusedGeluMLP` (in place).
+
+    Returns ``{name: original FeedForward}`` so the change can be undone with ``model.set_submodule``.
+    """
+    originals = {name: m for name, m in model.named_modules() if _fusable_feed_forward(m)}
+    for name, module in originals.items():
+        model.set_submodule(name, FusedGeluMLP(module))
+    return originals

@@ -1,0 +1,206 @@
+"""Full-size FLUX.1 transformer: one denoising step, BF16 vs W4A16 baseline vs SVDQuant (ours), latency and weight memory.
+
+    PYTHONPATH=. python benchmarks/flux.py [--out DIR] [--small]
+
+Model: ``diffusers.FluxTransformer2DModel`` with the FLUX.1-dev configuration (19 double + 38 single blocks,
+hidden 3072, guidance embedding), random BF16 weights, 1024x1024 inputs (4096 image + 512 text tokens, batch 1).
+
+Variants (same model object, linears swapped in place; the per-model rules of
+:mod:`quantduo.integrations.diffusers` decide which layers stay BF16 / become W4A16):
+
+* ``bf16``: the model as built;
+* ``w4a16``: every quantizable linear INT4-g64 weight-only (Triton W4A16 GEMM), no low-rank branch;
+* ``svdq-int4``: SVDQuant W4A4 INT4 (rank 32) with the fused Triton kernels and fused GELU MLPs; modulation
+  linears W4A16;
+* ``svdq-w4a8``: the Hopper W4A8 format (4-bit weights, int8-exact group multipliers, int8 activations), rank 32.
+
+The quantized modules are built by a FAST PATH, not the calibrated SVDQuant search: rank-32 randomized SVD of
+the weight + round-to-nearest INT4 of the residual, smoothing factors 1. Speed and memory do not depend on the
+search (same buffers, same kernels); the output error printed against BF16 is only a sanity check.
+Timing: CUDA events around one full forward, after warm-up, median of ``--reps`` runs.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantduo.integrations.diffusers import MODEL_RULES, enable_fused_mlp
+from quantduo.svdquant import SVDQuantLinear, lowrank_factors
+from quantduo.svdquant.hopper_formats import to_w4a8
+from quantduo.svdquant.quantize import pack_residual
+from quantduo.svdquant.quantizers import pad_to_multiple
+
+FLUX_DEV = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=[16, 56, 56],
+)
+SMALL = dict(FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=64, num_attention_heads=2,
+             joint_attention_dim=128, pooled_projection_dim=64, axes_dims_rope=[8, 28, 28])
+RULES = MODEL_RULES["FluxTransformer2DModel"]
+RANK = 32
+
+
+def build_model(config: dict, device: str) -> nn.Module:
+    """Random-weight FluxTransformer2DModel in BF16 on ``device`` (initialised directly in BF16)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = FluxTransformer2DModel(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
+
+
+def make_inputs(model: nn.Module, img_tokens: int, txt_tokens: int, device: str) -> dict:
+    """One step's inputs: latents ``[1, img, 64]``, text ``[1, txt, 4096]``, pooled ``[1, 768]``, RoPE ids."""
+    g = torch.Generator(device=device).manual_seed(1)
+    cfg, side = model.config, int(img_tokens ** 0.5)
+    rows, cols = torch.meshgrid(torch.arange(side, device=device), torch.arange(side, device=device), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
+    bf = dict(device=device, dtype=torch.bfloat16, generator=g)
+    return dict(
+        hidden_states=torch.randn(1, img_tokens, cfg.in_channels, **bf),
+        encoder_hidden_states=torch.randn(1, txt_tokens, cfg.joint_attention_dim, **bf),
+        pooled_projections=torch.randn(1, cfg.pooled_projection_dim, **bf),
+        timestep=torch.full((1,), 0.5, device=device, dtype=torch.bfloat16),
+        guidance=torch.full((1,), 3.5, device=device, dtype=torch.bfloat16) if cfg.guidance_embeds else None,
+        img_ids=img_ids, txt_ids=torch.zeros(txt_tokens, 3, device=device), return_dict=False,
+    )
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns if p != "auto")
+
+
+def fast_svdquant(linear: nn.Linear, act_format: str, rank: int) -> SVDQuantLinear:
+    """SVDQuantLinear from ``linear`` by the fast path: rank-``rank`` randomized SVD + RTN INT4 residual."""
+    w = pad_to_multiple(linear.weight.float(), 64)
+    module = SVDQuantLinear(linear.in_features, linear.out_features, rank=rank, bias=linear.bias is not None,
+                            act_format=act_format, dtype=torch.bfloat16, device=w.device)
+    up, down = lowrank_factors(w, rank, "randomized") if rank else (w.new_zeros(w.shape[0], 0), w.new_zeros(w.shape[1], 0))
+    pack_residual(module, w - up @ down.T)
+    module.lora_down.copy_(down)
+    module.lora_up.copy_(up)
+    if linear.bias is not None:
+        module.bias.copy_(linear.bias)
+    return module
+
+
+def variant_module(name: str, linear: nn.Linear, variant: str) -> nn.Module | None:
+    """The replacement of ``linear`` in ``variant`` (``None``: stays BF16)."""
+    if _matches(name, RULES.skip):
+        return None
+    if variant == "w4a16" or _matches(name, RULES.weight_only):
+        return fast_svdquant(linear, "none", 0)
+    module = fast_svdquant(linear, "int4", RANK)
+    return to_w4a8(module, linear.weight) if variant == "svdq-w4a8" else module
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def time_forward(model: nn.Module, inputs: dict, warmup: int, reps: int) -> list[float]:
+    """Milliseconds of ``reps`` forwards (CUDA events; host clock on CPU)."""
+    times = []
+    for i in range(warmup + reps):
+        if inputs["hidden_states"].is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            model(**inputs)
+            end.record()
+            end.synchronize()
+            elapsed = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            model(**inputs)
+            elapsed = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            times.append(elapsed)
+    return times
+
+
+def run_variant(model, linears, variant, inputs, ref, args) -> dict:
+    """Swap ``variant``'s modules in, measure, swap the BF16 linears back."""
+    t0 = time.perf_counter()
+    swapped = {}
+    with torch.no_grad():
+        for name, linear in linears.items():
+            module = variant_module(name, linear, variant)
+            if module is not None:
+                model.set_submodule(name, module)
+                swapped[name] = module
+        restore_ff = enable_fused_mlp(model) if variant == "svdq-int4" else {}
+        build_s = time.perf_counter() - t0
+        out = model(**inputs)[0]
+        times = time_forward(model, inputs, args.warmup, args.reps)
+        row = dict(variant=variant, weight_gb=weight_bytes(model) / 1e9, median_ms=statistics.median(times),
+                   min_ms=min(times), max_ms=max(times), rel_err_vs_bf16=float((out.float() - ref).norm() / ref.norm()),
+                   quantized_layers=len(swapped), build_s=build_s)
+        for name, ff in restore_ff.items():
+            model.set_submodule(name, ff)
+        for name in swapped:
+            model.set_submodule(name, linears[name])
+    del swapped
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="out/bench_flux")
+    parser.add_argument("--small", action="store_true", help="2-block model, 64+16 tokens (smoke test, any device)")
+    parser.add_argument("--variants", nargs="+", default=["bf16", "w4a16", "svdq-int4", "svdq-w4a8"])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=10)
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = SMALL if args.small else FLUX_DEV
+    img, txt = (64, 16) if args.small else (4096, 512)
+    model = build_model(config, device)
+    inputs = make_inputs(model, img, txt, device)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    with torch.no_grad():
+        ref = model(**inputs)[0].float()
+    rows = []
+    for variant in args.variants:
+        if variant == "bf16":
+            with torch.no_grad():
+                times = time_forward(model, inputs, args.warmup, args.reps)
+            rows.append(dict(variant="bf16", weight_gb=weight_bytes(model) / 1e9, median_ms=statistics.median(times),
+                             min_ms=min(times), max_ms=max(times), rel_err_vs_bf16=0.0, quantized_layers=0, build_s=0.0))
+        else:
+            rows.append(run_variant(model, linears, variant, inputs, ref, args))
+        print(json.dumps(rows[-1]), flush=True)
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    base = rows[0] if rows[0]["variant"] == "bf16" else None
+    print(f"\ndevice: {device_name}; torch {torch.__version__}; tokens {img}+{txt}; blocks "
+          f"{config['num_layers']}+{config['num_single_layers']}")
+    print("| variant | weights (GB) | vs BF16 memory | step latency median (ms) [min-max] | speed-up vs BF16 | rel. err vs BF16 |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        mem = f"{base['weight_gb'] / r['weight_gb']:.2f}x smaller" if base else "-"
+        speed = f"{base['median_ms'] / r['median_ms']:.2f}x" if base else "-"
+        print(f"| {r['variant']} | {r['weight_gb']:.2f} | {mem} | {r['median_ms']:.1f} [{r['min_ms']:.1f}-{r['max_ms']:.1f}] "
+              f"| {speed} | {r['rel_err_vs_bf16']:.3f} |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "flux_bench.json").write_text(json.dumps(dict(device=device_name, rows=rows), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
