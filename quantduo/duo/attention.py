@@ -1,0 +1,101 @@
+"""DuoAttention attention math: gated training attention, streaming/full prefill, decode.
+
+Conventions: q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] (Hq = rep * Hkv, GQA), absolute positions.
+A *streaming* head at position p sees key positions kp <= p with kp < sink or p - kp < recent
+(sink tokens plus the last ``recent`` tokens, itself included); a *full* head sees kp <= p.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.utils.checkpoint import checkpoint
+
+
+def streaming_allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
+    """Bool mask [Tq, Tk] of the streaming pattern for absolute positions q_pos [Tq], k_pos [Tk]."""
+    q, k = q_pos[:, None], k_pos[None, :]
+    return (k <= q) & ((k < sink) | (q - k < recent))
+
+
+def _gated_chunk(q, k, v, gate, q_start: int, sink: int, recent: int, scaling: float):
+    """One query chunk of :func:`gated_attention`; q [B, Hkv, rep, Tc, D], k/v [B, Hkv, 1, Tk, D]."""
+    tc, tk = q.shape[-2], k.shape[-2]
+    q_pos = torch.arange(q_start, q_start + tc, device=q.device)
+    k_pos = torch.arange(tk, device=q.device)
+    scores = (q @ k.transpose(-1, -2)).float() * scaling
+    full = scores.masked_fill(~(k_pos[None, :] <= q_pos[:, None]), float("-inf")).softmax(-1)
+    stream = scores.masked_fill(~streaming_allowed(q_pos, k_pos, sink, recent), float("-inf")).softmax(-1)
+    g = gate.view(1, -1, 1, 1, 1)
+    probs = g * full + (1 - g) * stream
+    return (probs.to(v.dtype) @ v)
+
+
+def gated_attention(q, k, v, gate, sink: int, recent: int, scaling: float, chunk: int = 1024,
+                    checkpointed: bool = True) -> torch.Tensor:
+    """Identification-time attention: gate * full + (1 - gate) * streaming, per KV head.
+
+    q [B, Hq, T, D], k/v [B, Hkv, T, D] (no cache, positions 0..T-1), gate [Hkv] float32 in [0, 1]
+    (differentiable). Queries are processed in chunks of ``chunk`` (each attends only to its causal
+    prefix) under activation checkpointing, so memory is O(chunk * T) per head, never O(T^2).
+    Returns [B, Hq, T, D] in q's dtype.
+    """
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    qg = q.view(b, hkv, hq // hkv, t, d)
+    outs = []
+    for s in range(0, t, chunk):
+        e = min(t, s + chunk)
+        args = (qg[..., s:e, :], k[:, :, None, :e], v[:, :, None, :e], gate, s, sink, recent, scaling)
+        use_ckpt = checkpointed and torch.is_grad_enabled()
+        outs.append(checkpoint(_gated_chunk, *args, use_reentrant=False) if use_ckpt else _gated_chunk(*args))
+    return torch.cat(outs, dim=-2).reshape(b, hq, t, d)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(q, k, v, block_mask: BlockMask, scaling: float) -> torch.Tensor:
+    """flex_attention (compiled on GPU, the eager reference on CPU) with GQA."""
+    fn = _compiled_flex() if q.is_cuda else flex_attention
+    return fn(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _block_mask(mask_mod, tq: int, tk: int, device) -> BlockMask:
+    return create_block_mask(mask_mod, None, None, tq, tk, device=device, _compile=device.type == "cuda")
+
+
+def streaming_prefill(q, k, v, k_pos: torch.Tensor, q_start: int, sink: int, recent: int,
+                      scaling: float) -> torch.Tensor:
+    """Streaming heads over [cached window ; current chunk] with a block-sparse flex_attention mask.
+
+    q [B, Hq, Tq, D] at positions q_start.., k/v [B, Hkv, Tk, D] with absolute positions k_pos [Tk]
+    (int64). Only the sink blocks, the recent band and the diagonal are computed. Returns [B, Hq, Tq, D].
+    """
+    def mask_mod(b, h, qi, ki):
+        kp = k_pos[ki]
+        qp = qi + q_start
+        return (kp <= qp) & ((kp < sink) | (qp - kp < recent))
+
+    return _flex(q, k, v, _block_mask(mask_mod, q.shape[2], k.shape[2], q.device), scaling)
+
+
+def full_prefill(q, k, v, q_start: int, scaling: float) -> torch.Tensor:
+    """Causal attention of q [B, Hq, Tq, D] (positions q_start..) over k/v [B, Hkv, q_start + Tq, D]."""
+    if q_start == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+
+    def mask_mod(b, h, qi, ki):
+        return ki <= qi + q_start
+
+    return _flex(q, k, v, _block_mask(mask_mod, q.shape[2], k.shape[2], q.device), scaling)
+
+
+def decode(q, k, v, scaling: float) -> torch.Tensor:
+    """One new query token q [B, Hq, 1, D] over every cached key k/v [B, Hkv, Tk, D] (no mask)."""
+    return F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])

@@ -1,0 +1,116 @@
+"""Deploy DuoAttention on transformers Llama / Mistral / Qwen2 / Qwen3 models.
+
+:func:`apply_duo` reorders every layer's heads so that retrieval KV heads (and their query
+groups) come first, records the split, and switches the model to the "duo" attention function
+registered here. Use :class:`~quantduo.duo.cache.DuoCache` as ``past_key_values``; forwards
+without a cache also work (streaming heads then use the block-sparse streaming prefill).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import AttentionInterface
+
+from quantduo.duo import attention as A
+from quantduo.duo.cache import DuoKV
+from quantduo.duo.patterns import DuoPattern
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def attention_modules(model) -> list[torch.nn.Module]:
+    """The self-attention module of every decoder layer; raises for unsupported architectures."""
+    mtype = getattr(model.config, "model_type", None)
+    if mtype not in SUPPORTED:
+        raise ValueError(f"DuoAttention supports {SUPPORTED}, not model_type={mtype!r}")
+    return [layer.self_attn for layer in model.model.layers]
+
+
+def _permute_rows(linear: torch.nn.Linear, index: torch.Tensor, dim: int) -> None:
+    linear.weight.data = linear.weight.data.index_select(dim, index.to(linear.weight.device))
+    if dim == 0 and linear.bias is not None:
+        linear.bias.data = linear.bias.data.index_select(0, index.to(linear.bias.device))
+
+
+def reorder_heads(attn: torch.nn.Module, kv_order: torch.Tensor) -> None:
+    """Permute KV heads of one attention module in place (new head i = old head kv_order[i]).
+
+    Rows of k_proj/v_proj move by KV head, rows of q_proj and columns of o_proj by the query
+    groups of those KV heads, so the module computes exactly the same function.
+    """
+    d = attn.head_dim
+    rep = attn.num_key_value_groups
+    kv_rows = (kv_order[:, None] * d + torch.arange(d)).reshape(-1)
+    q_heads = (kv_order[:, None] * rep + torch.arange(rep)).reshape(-1)
+    q_rows = (q_heads[:, None] * d + torch.arange(d)).reshape(-1)
+    _permute_rows(attn.k_proj, kv_rows, 0)
+    _permute_rows(attn.v_proj, kv_rows, 0)
+    _permute_rows(attn.q_proj, q_rows, 0)
+    _permute_rows(attn.o_proj, q_rows, 1)
+
+
+def apply_duo(model, retrieval: np.ndarray, sink: int, recent: int):
+    """Prepare ``model`` (in place) for DuoAttention.
+
+    retrieval: bool [layers, kv_heads], True = retrieval (full attention) head, e.g. from
+    :meth:`DuoPattern.binarize`. Returns the model. Can be applied once per model.
+    """
+    mods = attention_modules(model)
+    retrieval = np.asarray(retrieval)
+    n_kv = model.config.num_key_value_heads
+    if retrieval.shape != (len(mods), n_kv) or retrieval.dtype != bool:
+        raise ValueError(f"retrieval mask must be bool of shape {(len(mods), n_kv)}, "
+                         f"got {retrieval.dtype} {retrieval.shape}")
+    if any(hasattr(m, "duo_n_full") for m in mods):
+        raise ValueError("apply_duo was already applied to this model")
+    for attn, row in zip(mods, retrieval):
+        reorder_heads(attn, torch.as_tensor(np.argsort(~row, kind="stable")))
+        attn.duo_n_full, attn.duo_sink, attn.duo_recent = int(row.sum()), sink, recent
+        attn.duo_kv_order = np.argsort(~row, kind="stable")
+    model.config._attn_implementation = "duo"
+    return model
+
+
+def apply_pattern(model, pattern: DuoPattern, sparsity: float, sink: int | None = None,
+                  recent: int | None = None):
+    """:func:`apply_duo` from a gate pattern binarized at ``sparsity`` (fraction of streaming heads)."""
+    pattern.validate_for(model.config)
+    return apply_duo(model, pattern.binarize(sparsity), sink if sink is not None else pattern.sink_size,
+                     recent if recent is not None else pattern.recent_size)
+
+
+def duo_layout(model) -> tuple[list[int], int, int, int]:
+    """(retrieval KV heads per layer, KV heads per layer, sink, recent) of a model after apply_duo."""
+    mods = attention_modules(model)
+    if not all(hasattr(m, "duo_n_full") for m in mods):
+        raise ValueError("call apply_duo(model, ...) before building a DuoCache")
+    return [m.duo_n_full for m in mods], model.config.num_key_value_heads, mods[0].duo_sink, mods[0].duo_recent
+
+
+def _no_cache_kv(module, key, value) -> DuoKV:
+    nf = module.duo_n_full
+    pos = torch.arange(key.shape[2], device=key.device)
+    return DuoKV(key[:, :nf], value[:, :nf], key[:, nf:], value[:, nf:], pos, 0)
+
+
+def duo_attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function "duo"; query [B, Hq, T, D]; key/value a DuoKV (from DuoCache)
+    or plain [B, Hkv, T, D] tensors (no cache). Returns ([B, T, Hq, D], None)."""
+    if attention_mask is not None and not torch.is_tensor(attention_mask):
+        raise ValueError("DuoAttention does not take custom attention masks")
+    kv = key if isinstance(key, DuoKV) else _no_cache_kv(module, key, value)
+    scaling = module.scaling if scaling is None else scaling
+    nq_full = module.duo_n_full * module.num_key_value_groups
+    qf, qs = query[:, :nq_full], query[:, nq_full:]
+    outs = []
+    if qf.shape[1]:
+        outs.append(A.decode(qf, kv.full_k, kv.full_v, scaling) if query.shape[2] == 1 and kv.q_start > 0
+                    else A.full_prefill(qf, kv.full_k, kv.full_v, kv.q_start, scaling))
+    if qs.shape[1]:
+        outs.append(A.decode(qs, kv.stream_k, kv.stream_v, scaling) if kv.stream_pos is None
+                    else A.streaming_prefill(qs, kv.stream_k, kv.stream_v, kv.stream_pos, kv.q_start,
+                                             module.duo_sink, module.duo_recent, scaling))
+    return torch.cat(outs, dim=1).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("duo", duo_attention_forward)

@@ -1,0 +1,135 @@
+"""Retrieval-head identification (DuoAttention, arXiv 2410.10819, section 3.2).
+
+A gate alpha in [0, 1] per (layer, KV head) mixes full and streaming (sink + recent) attention:
+``out = alpha * full + (1 - alpha) * streaming``. With the model frozen, only the gates train to
+keep the final hidden states (after the last norm) of the mixed model equal to the full model's
+on the answer tokens of passkey-retrieval samples, with an L1 push of the gates towards 0.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import AttentionInterface
+
+from quantduo.duo.attention import gated_attention
+from quantduo.duo.deploy import attention_modules
+from quantduo.duo.patterns import DuoPattern
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # input_ids [B, T] int64, target_mask [B, T] bool
+
+
+class _GateRef:
+    """Holds (gates [L, H] parameter, layer index) without registering it as a module parameter."""
+
+    def __init__(self, gates: torch.Tensor, layer: int):
+        self.gates, self.layer = gates, layer
+
+    def get(self) -> torch.Tensor:
+        return self.gates[self.layer].clamp(0.0, 1.0)
+
+
+def gated_attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function "duo_gated" (no cache): query [B, Hq, T, D], key/value
+    [B, Hkv, T, D]; uses ``module.duo_gate`` / ``duo_sink`` / ``duo_recent``. Returns ([B, T, Hq, D], None)."""
+    out = gated_attention(query, key, value, module.duo_gate.get().to(query.dtype), module.duo_sink,
+                          module.duo_recent, module.scaling if scaling is None else scaling,
+                          chunk=getattr(module, "duo_chunk", 1024))
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("duo_gated", gated_attention_forward)
+
+
+@contextlib.contextmanager
+def gated_model(model, gates: torch.Tensor, sink: int, recent: int, chunk: int = 1024) -> Iterator[None]:
+    """Within the context the model runs gated attention with ``gates`` [L, H_kv] (clamped to [0, 1])."""
+    mods = attention_modules(model)
+    if tuple(gates.shape) != (len(mods), model.config.num_key_value_heads):
+        raise ValueError(f"gates shape {tuple(gates.shape)} != (layers, kv_heads) "
+                         f"{(len(mods), model.config.num_key_value_heads)}")
+    old = model.config._attn_implementation
+    for i, m in enumerate(mods):
+        m.duo_gate, m.duo_sink, m.duo_recent, m.duo_chunk = _GateRef(gates, i), sink, recent, chunk
+    model.config._attn_implementation = "duo_gated"
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = old
+        for m in mods:
+            del m.duo_gate, m.duo_chunk
+            if not hasattr(m, "duo_n_full"):
+                del m.duo_sink, m.duo_recent
+
+
+@dataclass
+class IdentifyConfig:
+    """Gate-training hyper-parameters (paper defaults: lr 0.02, reg 0.05, sink 128, recent 256)."""
+
+    steps: int = 2000
+    lr: float = 0.02
+    reg_weight: float = 0.05
+    sink: int = 128
+    recent: int = 256
+    chunk: int = 1024
+    warmup_frac: float = 0.1
+    activation_checkpointing: bool = True
+
+
+def _final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
+    return model.model(input_ids=ids, use_cache=False).last_hidden_state
+
+
+def distill_loss(model, gates: torch.Tensor, batch: Batch, cfg: IdentifyConfig) -> torch.Tensor:
+    """MSE of final hidden states (full vs gated) on answer positions + reg * mean |gates|."""
+    ids, target = batch
+    if not target.any():
+        raise ValueError("batch has no answer tokens (target_mask is all False)")
+    with torch.no_grad():
+        ref = _final_hidden(model, ids)[target]
+    with gated_model(model, gates, cfg.sink, cfg.recent, cfg.chunk):
+        mixed = _final_hidden(model, ids)[target]
+    return F.mse_loss(mixed.float(), ref.float()) + cfg.reg_weight * gates.clamp(0, 1).abs().mean()
+
+
+def identify(model, batches: Callable[[int], Batch], cfg: IdentifyConfig, progress: bool = True) -> DuoPattern:
+    """Train the gates of a frozen ``model``; ``batches(step)`` gives (input_ids, target_mask) on the
+    model's device. Returns the continuous gates as a DuoPattern (save it with save_pattern).
+
+    Ctrl-C propagates as KeyboardInterrupt before anything is returned (nothing half-written).
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    n_layers, n_kv = model.config.num_hidden_layers, model.config.num_key_value_heads
+    gates = torch.ones(n_layers, n_kv, device=model.device, requires_grad=True)
+    opt = torch.optim.AdamW([gates], lr=cfg.lr, weight_decay=0.0)
+    warm = max(1, int(cfg.warmup_frac * cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (cfg.steps - s) / max(1, cfg.steps - warm))))
+    was_training = model.training
+    if cfg.activation_checkpointing and model.supports_gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # transformers only checkpoints in train mode; these models have no dropout at 0.0
+    try:
+        bar = tqdm(range(cfg.steps), desc="duo identify", disable=not progress)
+        for step in bar:
+            loss = distill_loss(model, gates, batches(step), cfg)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                gates.clamp_(0.0, 1.0)
+            bar.set_postfix(loss=f"{loss.item():.4f}", mean_gate=f"{gates.mean().item():.3f}")
+    finally:
+        if cfg.activation_checkpointing and model.supports_gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+        model.train(was_training)
+    extra = {"lr": cfg.lr, "num_steps": cfg.steps, "reg_weight": cfg.reg_weight, "supervision": "distill"}
+    return DuoPattern(gates.detach().cpu().numpy(), cfg.sink, cfg.recent, extra)
