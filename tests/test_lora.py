@@ -1,0 +1,161 @@
+"""LoRA on SVDQuant FLUX without re-quantization: formats, exactness, strength, several LoRAs, removal, errors."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from test_diffusers_tiny import FAST, flux_inputs, relative_error, samples_from, tiny_flux  # noqa: E402
+
+from quantduo.integrations.diffusers import quantization_config, quantize_transformer  # noqa: E402
+from quantduo.integrations.lora import (  # noqa: E402
+    LoraFormatError, attach_lora, attached_loras, read_lora, remove_lora, set_lora_strength,
+)
+from quantduo.svdquant import SVDQuantLinear  # noqa: E402
+
+RANK = 4
+DOUBLE_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "ff.net.0.proj", "ff.net.2", "attn.add_q_proj"]
+
+
+@pytest.fixture(scope="module")
+def models():
+    """(full-precision tiny FLUX, its SVDQuant copy)."""
+    fp = tiny_flux(seed=3)
+    quant = copy.deepcopy(fp)
+    quantize_transformer(quant, samples_from(lambda s: flux_inputs(fp, s), 2),
+                         quantization_config(quant, smooth=False, **FAST), progress=False)
+    return fp, quant
+
+
+def random_lora(model, seed: int, magnitude: float = 0.3, prefix: str = "transformer.") -> dict[str, torch.Tensor]:
+    """diffusers/PEFT-format LoRA on the double block's attention / MLP and the single block's q and proj_out."""
+    g = torch.Generator().manual_seed(seed)
+    names = [f"transformer_blocks.0.{t}" for t in DOUBLE_TARGETS] + [
+        "single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_out", "context_embedder"]
+    state = {}
+    for name in names:
+        m = model.get_submodule(name)
+        state[f"{prefix}{name}.lora_A.weight"] = torch.randn(RANK, m.in_features, generator=g) / m.in_features ** 0.5
+        state[f"{prefix}{name}.lora_B.weight"] = torch.randn(m.out_features, RANK, generator=g) * magnitude
+    return state
+
+
+def run(model, seed=7):
+    with torch.no_grad():
+        return model(**flux_inputs(model, seed))[0]
+
+
+def test_lora_adds_exactly_the_low_rank_term(models):
+    """On one quantized layer: y_lora - y = strength * scale * x A^T B^T (smoothing accounted for)."""
+    _, quant = models
+    model = copy.deepcopy(quant)
+    name = "transformer_blocks.0.ff.net.2"
+    layer = model.get_submodule(name)
+    assert isinstance(layer, SVDQuantLinear)
+    with torch.no_grad():
+        layer.smooth_factor.uniform_(0.5, 2.0)  # non-trivial smoothing: the LoRA must undo it
+    a = torch.randn(RANK, layer.in_features) * 0.1
+    b = torch.randn(layer.out_features, RANK) * 0.1
+    x = torch.randn(5, layer.in_features)
+    before = layer(x).float()
+    attach_lora(model, {f"{name}.lora_A.weight": a, f"{name}.lora_B.weight": b, f"{name}.alpha": torch.tensor(8.0)},
+                "one", strength=0.7)
+    delta = layer(x).float() - before
+    expected = 0.7 * (8.0 / RANK) * x @ a.T @ b.T
+    assert relative_error(delta, expected) < 2e-2  # bf16 low-rank branch
+    assert layer.rank == layer._quantduo_base_rank + RANK
+
+
+def test_quantized_lora_matches_full_precision_lora(models):
+    """Quantized + LoRA vs full precision + the same LoRA applied by diffusers/PEFT: within the quantization error."""
+    fp, quant = models
+    lora = random_lora(fp, seed=1)
+    ref_fp, ref_q = run(fp), run(quant)
+    fp_lora = copy.deepcopy(fp)
+    fp_lora.load_lora_adapter(lora, prefix="transformer", adapter_name="style")
+    ref_fp_lora = run(fp_lora)
+    q_lora = copy.deepcopy(quant)
+    attach_lora(q_lora, lora, "style")
+    out = run(q_lora)
+    quant_err, lora_effect = relative_error(ref_q, ref_fp), relative_error(ref_fp_lora, ref_fp)
+    err = relative_error(out, ref_fp_lora)
+    assert lora_effect > 5 * quant_err  # the LoRA changes the output much more than quantization does
+    assert err < 1.5 * quant_err + 1e-3, (err, quant_err, lora_effect)
+
+
+def test_kohya_bfl_names_equal_diffusers_names(models):
+    """A kohya LoRA in the original FLUX naming (fused qkv, single-block linear1) splits onto the diffusers modules."""
+    _, quant = models
+    g = torch.Generator().manual_seed(5)
+    d, mlp = 128, 512
+    a_qkv, b_qkv = torch.randn(RANK, d, generator=g) * 0.1, torch.randn(3 * d, RANK, generator=g) * 0.1
+    a_l1, b_l1 = torch.randn(RANK, d, generator=g) * 0.1, torch.randn(3 * d + mlp, RANK, generator=g) * 0.1
+    kohya = {
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": a_qkv,
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": b_qkv,
+        "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(float(RANK)),
+        "lora_unet_single_blocks_0_linear1.lora_down.weight": a_l1,
+        "lora_unet_single_blocks_0_linear1.lora_up.weight": b_l1,
+    }
+    diffusers_fmt = {}
+    for names, a, b in [(["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v"], a_qkv, b_qkv),
+                        ([f"single_transformer_blocks.0.attn.to_{c}" for c in "qkv"] + ["single_transformer_blocks.0.proj_mlp"], a_l1, b_l1)]:
+        for name, b_part in zip(names, b.split([d, d, d, mlp][: len(names)])):
+            diffusers_fmt[f"{name}.lora_A.weight"], diffusers_fmt[f"{name}.lora_B.weight"] = a, b_part
+    m1, m2 = copy.deepcopy(quant), copy.deepcopy(quant)
+    assert len(attach_lora(m1, kohya, "k")) == 7
+    attach_lora(m2, diffusers_fmt, "d")
+    assert torch.equal(run(m1), run(m2))
+    # kohya keys with diffusers module names are read too
+    underscored = {f"lora_transformer_{k.rsplit('.lora_', 1)[0].replace('.', '_')}.lora_{'down' if '.lora_A.' in k else 'up'}.weight": v
+                   for k, v in diffusers_fmt.items()}
+    assert set(read_lora(underscored, quant)) == set(read_lora(diffusers_fmt, quant))
+
+
+def test_strength_several_loras_and_removal(models):
+    _, quant = models
+    model = copy.deepcopy(quant)
+    base = run(model)
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    attach_lora(model, random_lora(model, 1), "a", strength=1.0)
+    only_a = run(model)
+    attach_lora(model, random_lora(model, 2), "b", strength=0.5)
+    assert attached_loras(model) == {"a": 1.0, "b": 0.5}
+    both = run(model)
+    set_lora_strength(model, "b", 0.0)
+    assert relative_error(run(model), only_a) < 1e-5
+    set_lora_strength(model, "b", 0.5)
+    assert relative_error(run(model), both) < 1e-5
+    remove_lora(model, "a")
+    remove_lora(model, "b")
+    assert attached_loras(model) == {}
+    assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())
+    assert torch.equal(run(model), base)
+    assert relative_error(only_a, base) > 0.05
+
+
+def test_bad_loras_are_rejected(models):
+    _, quant = models
+    model = copy.deepcopy(quant)
+    good = random_lora(model, 1)
+    wrong_shape = dict(good)
+    key = "transformer.transformer_blocks.0.attn.to_q.lora_A.weight"
+    wrong_shape[key] = torch.randn(RANK, 77)
+    with pytest.raises(LoraFormatError, match="in_features"):
+        attach_lora(model, wrong_shape, "x")
+    with pytest.raises(LoraFormatError, match="does not exist"):
+        attach_lora(model, {"transformer.nope.lora_A.weight": torch.ones(1, 1), "transformer.nope.lora_B.weight": torch.ones(1, 1)}, "x")
+    with pytest.raises(LoraFormatError, match="unrecognised"):
+        attach_lora(model, {"some.random.key": torch.ones(1)}, "x")
+    with pytest.raises(LoraFormatError, match="lacks"):
+        attach_lora(model, {key: good[key]}, "x")
+    assert attached_loras(model) == {}  # nothing half-attached
+    attach_lora(model, good, "x")
+    with pytest.raises(ValueError, match="already attached"):
+        attach_lora(model, good, "x")
+    with pytest.raises(KeyError):
+        remove_lora(model, "missing")
