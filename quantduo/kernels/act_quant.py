@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision, quant4_tile, rank_pad, round_half_even, smooth_tile
+from .common import dot_precision, quant4_tile, rank_pad, round_half_even, scale_of, smooth_tile
 
 _MODES = {"int4": 0, "uint4": 1, "int8": 2, "none": 3}
 
@@ -18,13 +18,14 @@ def _act_quant_kernel(
     X, SMOOTH, SHIFT, LD, Q, QS, LXP,
     M, K, K_SPLIT, R, stride_xm,
     MODE: tl.constexpr, HAS_LR: tl.constexpr, RP: tl.constexpr, G: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, RECIP: tl.constexpr,
 ):
     """Program (pid_m, pid_s): rows [pid_m*BM, +BM), channels [pid_s*K_SPLIT, +K_SPLIT).
 
     X ``[M, K]``; SMOOTH/SHIFT ``[K]``; LD ``[K, R]``. MODE 0/1: 4-bit groups (Q uint8 ``[M, K/2]``,
     QS float32 ``[K/G, M]``); MODE 2: int8 per token over the whole row (Q int8 ``[M, K]`` pair-split,
     QS float32 ``[M]``, no shift); MODE 3: low-rank only. LXP float32 ``[S, M, R]``.
+    RECIP: round scales like PyTorch on CUDA (see ``common.scale_of``).
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -38,7 +39,7 @@ def _act_quant_kernel(
             x = tl.load(xrow + (k + rk)[None, :], mask=mmask[:, None], other=0.0)
             xs = smooth_tile(x, tl.load(SMOOTH + k + rk))
             amax = tl.maximum(amax, tl.max(tl.abs(xs.to(tl.float32)), axis=1))
-        tscale = tl.where(amax > 0, tl.math.div_rn(amax, 127.0), 1.0)
+        tscale = scale_of(amax, 127, RECIP)
         if pid_s == 0:
             tl.store(QS + rm, tscale, mask=mmask)
     if HAS_LR:
@@ -53,7 +54,7 @@ def _act_quant_kernel(
             lx = tl.dot(xs.to(ld.dtype), ld, lx, input_precision=PREC)
         if MODE < 2:
             act = xs.to(tl.float32) + tl.load(SHIFT + k + rk).to(tl.float32)[None, :]
-            packed, scale = quant4_tile(act, BM, BK, G, MODE == 1)
+            packed, scale = quant4_tile(act, BM, BK, G, MODE == 1, RECIP)
             rh = tl.arange(0, BK // 2)
             tl.store(Q + rm[:, None].to(tl.int64) * (K // 2) + (k // 2 + rh)[None, :], packed, mask=mmask[:, None])
             rg = tl.arange(0, BK // G)
@@ -72,22 +73,24 @@ def _act_quant_kernel(
 
 
 def _pick(M: int, K: int, mode: str) -> tuple[int, int, int]:
-    """(BM, BK, splits): enough programs to fill the GPU when M is small."""
-    bk = 256 if K % 256 == 0 else (128 if K % 128 == 0 else 64)
-    bm = 16 if M <= 512 else 32
+    """(BM, BK, splits): 16-row tiles, K split until there are enough programs (measured on H200, NOTES.md).
+    int8 mode re-reads the whole row per split for its per-token absmax, so it splits less."""
+    bm, bk = 16, 64
+    target = 264 if mode == "int8" else 2048
     n_m = triton.cdiv(M, bm)
     splits = 1
-    while n_m * splits < 264 and K % (splits * 2 * bk) == 0 and K // (splits * 2) >= 2 * bk:
+    while n_m * splits < target and K % (splits * 2 * bk) == 0:
         splits *= 2
     return bm, bk, splits
 
 
 def act_quant(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor | None, lora_down: torch.Tensor | None,
-              mode: str, group_size: int = 64, config: tuple[int, int, int] | None = None):
+              mode: str, group_size: int = 64, config: tuple[int, ...] | None = None):
     """Smooth, quantize and down-project ``x [M, K]`` (K a multiple of 64, contiguous rows) in one pass.
 
     mode: ``"int4"`` / ``"uint4"`` (per-token groups of ``group_size``, ``shift [K]`` added first),
-    ``"int8"`` (per token, pair-split) or ``"none"`` (low-rank only); these two ignore ``shift``. Returns (q, scales, lx_partials) in the layouts of
+    ``"int8"`` (per token, pair-split) or ``"none"`` (low-rank only); these two ignore ``shift``.
+    config: (BM, BK, splits[, num_warps]). Returns (q, scales, lx_partials) in the layouts of
     :mod:`quantduo.kernels.reference`; lx_partials float32 ``[S, M, r]`` or None when there is no low-rank.
     """
     if group_size != 64:
@@ -95,7 +98,7 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor | None,
     M, K = x.shape
     if K % group_size or x.stride(1) != 1:
         raise ValueError(f"act_quant needs K % {group_size} == 0 and unit column stride, got {tuple(x.shape)}")
-    bm, bk, splits = config or _pick(M, K, mode)
+    bm, bk, splits, *warps = config or _pick(M, K, mode)
     r = 0 if lora_down is None else lora_down.shape[1]
     dev = x.device
     if mode in ("int4", "uint4"):
@@ -118,6 +121,6 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor | None,
         qs if qs is not None else dummy, lxp if lxp is not None else dummy,
         M, K, K // splits, r, x.stride(0),
         MODE=_MODES[mode], HAS_LR=r > 0, RP=rank_pad(r), G=group_size, BM=bm, BK=bk,
-        PREC=dot_precision(lora_down.dtype if r > 0 else x.dtype),
+        PREC=dot_precision(lora_down.dtype if r > 0 else x.dtype), RECIP=x.is_cuda, num_warps=(warps or [4])[0],
     )
     return q, qs, lxp

@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_RNE_MAGIC = 12582912.0  # 1.5 * 2**23: (y + c) - c rounds float32 |y| < 2**22 half-to-even
+_RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + c) - c rounds float32 |y| < 2**22 half-to-even
 
 
 @triton.jit
@@ -23,21 +23,33 @@ def smooth_tile(x, s):
 
 
 @triton.jit
-def quant4_tile(act, BM: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, UNSIGNED: tl.constexpr):
+def scale_of(amax, QMAX: tl.constexpr, RECIP: tl.constexpr):
+    """Quantization scale ``amax / QMAX`` (1.0 where amax == 0), float32, rounded as PyTorch does it:
+    ``amax * fp32(1 / QMAX)`` on CUDA tensors (RECIP, PyTorch's division by a Python scalar), IEEE division
+    on CPU tensors."""
+    if RECIP:
+        s = amax * (1.0 / QMAX)
+    else:
+        s = tl.math.div_rn(amax, QMAX * 1.0)
+    return tl.where(amax > 0, s, 1.0)
+
+
+@triton.jit
+def quant4_tile(act, BM: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, UNSIGNED: tl.constexpr,
+                RECIP: tl.constexpr):
     """Group-quantize a float32 tile ``act [BM, BK]`` (groups of ``G`` along dim 1) to 4 bits.
 
     Returns (packed uint8 ``[BM, BK // 2]``, scales float32 ``[BM, BK // G]``) exactly as
-    ``quantizers.quantize_int4`` (UNSIGNED=False) / ``quantize_uint4`` (UNSIGNED=True) with float32 scales.
+    ``quantizers.quantize_int4`` (UNSIGNED=False) / ``quantize_uint4`` (UNSIGNED=True) with float32 scales
+    (RECIP: see :func:`scale_of`).
     """
     g = tl.reshape(act, (BM, BK // G, G))
     if UNSIGNED:
         g = tl.maximum(g, 0.0)
-        gmax = tl.max(g, axis=2)
-        scale = tl.where(gmax > 0, tl.math.div_rn(gmax, 15.0), 1.0)
+        scale = scale_of(tl.max(g, axis=2), 15, RECIP)
         q = tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(g, scale[:, :, None])), 0.0), 15.0)
     else:
-        gmax = tl.max(tl.abs(g), axis=2)
-        scale = tl.where(gmax > 0, tl.math.div_rn(gmax, 7.0), 1.0)
+        scale = scale_of(tl.max(tl.abs(g), axis=2), 7, RECIP)
         q = tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(g, scale[:, :, None])), -7.0), 7.0)
     qi = tl.reshape(q.to(tl.int32), (BM, BK // 2, 2))
     lo, hi = tl.split(qi)
@@ -48,8 +60,8 @@ def quant4_tile(act, BM: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, UNSIGN
 @triton.jit
 def unpack_int4(b):
     """Packed uint8 ``[R, C]`` -> (low nibbles, high nibbles) as signed int8 ``[R, C]`` (two's complement)."""
-    b8 = b.to(tl.int8, bitcast=True)
-    return (b8 << 4) >> 4, b8 >> 4
+    bi = b.to(tl.int32)
+    return (((bi & 15) ^ 8) - 8).to(tl.int8), (((bi >> 4) ^ 8) - 8).to(tl.int8)
 
 
 @triton.jit

@@ -28,6 +28,7 @@ def _w4_gemm_kernel(
     A_MODE: tl.constexpr, HAS_LR: tl.constexpr, RP: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
     QUANT_NEXT: tl.constexpr, NEXT_UNSIGNED: tl.constexpr, HAS_LR2: tl.constexpr, RP2: tl.constexpr,
     G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, PREC: tl.constexpr,
+    RECIP: tl.constexpr,
 ):
     """OUT ``[M, N]`` = A ``[M, K]`` x W ``[N, K]``^T with group scales, + epilogue.
 
@@ -78,7 +79,7 @@ def _w4_gemm_kernel(
             part = tl.dot(xs.to(ld.dtype), ld, input_precision=PREC)
             tl.atomic_add(LX2 + rm[:, None] * R2 + rr[None, :], part, mask=mmask[:, None] & (rr[None, :] < R2))
         act = xs.to(tl.float32) + tl.load(SHIFT2 + rn).to(tl.float32)[None, :]
-        packed, scale = quant4_tile(act, BM, BN, G, NEXT_UNSIGNED)
+        packed, scale = quant4_tile(act, BM, BN, G, NEXT_UNSIGNED, RECIP)
         rh = pid_n * (BN // 2) + tl.arange(0, BN // 2)
         tl.store(Q2 + rm[:, None].to(tl.int64) * (N // 2) + rh[None, :], packed, mask=mmask[:, None])
         rg = pid_n * (BN // G) + tl.arange(0, BN // G)
@@ -144,7 +145,7 @@ def w4_gemm(a, a_scales, qweight, wscales, lxp, lora_up, bias, mode: str, out_dt
         M, N, K, 0 if lxp is None else lxp.shape[0], r, r2, a.stride(0), wscales.stride(0), wscales.stride(1),
         A_MODE=_A_MODES[mode], HAS_LR=r > 0, RP=rank_pad(r), HAS_BIAS=bias is not None, GELU=gelu,
         QUANT_NEXT=next_layer is not None, NEXT_UNSIGNED=nl.get("mode") == "uint4", HAS_LR2=r2 > 0,
-        RP2=rank_pad(r2), G=64, PREC=dot_precision(_widest(a, lora_up)),
+        RP2=rank_pad(r2), G=64, PREC=dot_precision(_widest(a, lora_up)), RECIP=a.is_cuda,
         **cfg,
     )
     if next_layer is not None:

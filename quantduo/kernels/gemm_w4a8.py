@@ -95,7 +95,7 @@ def _pick(M: int, N: int, packed: bool) -> dict:
         return dict(BM=16, BN=32, BK=256, GROUP_M=1, num_warps=4, num_stages=4)
     if M <= 256:
         return dict(BM=64, BN=64, BK=128, GROUP_M=8, num_warps=4, num_stages=4)
-    return dict(BM=128, BN=256, BK=128, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BM=128, BN=128, BK=256, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def w4a8_gemm(a, a_scales, weight, wmult, wrow, lxp, lora_up, bias, out_dtype: torch.dtype, gelu: bool = False,
