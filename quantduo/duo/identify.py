@@ -46,20 +46,29 @@ AttentionInterface.register("duo_gated", gated_attention_forward)
 
 
 @contextlib.contextmanager
+def attn_implementation(model, name: str) -> Iterator[None]:
+    """Temporarily switch the transformers attention function of ``model``."""
+    old = model.config._attn_implementation
+    model.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = old
+
+
+@contextlib.contextmanager
 def gated_model(model, gates: torch.Tensor, sink: int, recent: int, chunk: int = 1024) -> Iterator[None]:
     """Within the context the model runs gated attention with ``gates`` [L, H_kv] (clamped to [0, 1])."""
     mods = attention_modules(model)
     if tuple(gates.shape) != (len(mods), model.config.num_key_value_heads):
         raise ValueError(f"gates shape {tuple(gates.shape)} != (layers, kv_heads) "
                          f"{(len(mods), model.config.num_key_value_heads)}")
-    old = model.config._attn_implementation
     for i, m in enumerate(mods):
         m.duo_gate, m.duo_sink, m.duo_recent, m.duo_chunk = _GateRef(gates, i), sink, recent, chunk
-    model.config._attn_implementation = "duo_gated"
     try:
-        yield
+        with attn_implementation(model, "duo_gated"):
+            yield
     finally:
-        model.config._attn_implementation = old
         for m in mods:
             del m.duo_gate, m.duo_chunk
             if not hasattr(m, "duo_n_full"):
@@ -84,15 +93,18 @@ def _final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
     return model.model(input_ids=ids, use_cache=False).last_hidden_state
 
 
-def distill_loss(model, gates: torch.Tensor, batch: Batch, cfg: IdentifyConfig) -> torch.Tensor:
-    """MSE of final hidden states (full vs gated) on answer positions + reg * mean |gates|."""
+def distill_loss(model, gates: torch.Tensor, batch: Batch, cfg: IdentifyConfig, full_impl: str) -> torch.Tensor:
+    """MSE of final hidden states (full vs gated) on answer positions + reg * mean |gates|.
+
+    Call inside ``gated_model(model, gates, ...)`` (and run backward there too: activation
+    checkpointing recomputes the gated forward); ``full_impl`` is the reference attention.
+    """
     ids, target = batch
     if not target.any():
         raise ValueError("batch has no answer tokens (target_mask is all False)")
-    with torch.no_grad():
+    with torch.no_grad(), attn_implementation(model, full_impl):
         ref = _final_hidden(model, ids)[target]
-    with gated_model(model, gates, cfg.sink, cfg.recent, cfg.chunk):
-        mixed = _final_hidden(model, ids)[target]
+    mixed = _final_hidden(model, ids)[target]
     return F.mse_loss(mixed.float(), ref.float()) + cfg.reg_weight * gates.clamp(0, 1).abs().mean()
 
 
@@ -110,25 +122,27 @@ def identify(model, batches: Callable[[int], Batch], cfg: IdentifyConfig, progre
     warm = max(1, int(cfg.warmup_frac * cfg.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (cfg.steps - s) / max(1, cfg.steps - warm))))
-    was_training = model.training
-    if cfg.activation_checkpointing and model.supports_gradient_checkpointing:
+    was_training, full_impl = model.training, model.config._attn_implementation
+    ckpt = cfg.activation_checkpointing and model.supports_gradient_checkpointing
+    if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()  # transformers only checkpoints in train mode; these models have no dropout at 0.0
+        model.train()  # transformers only checkpoints in train mode; attention dropout stays 0 here
     try:
         bar = tqdm(range(cfg.steps), desc="duo identify", disable=not progress)
         for step in bar:
-            loss = distill_loss(model, gates, batches(step), cfg)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with gated_model(model, gates, cfg.sink, cfg.recent, cfg.chunk):
+                loss = distill_loss(model, gates, batches(step), cfg, full_impl)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss at step {step}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
             opt.step()
             sched.step()
             with torch.no_grad():
                 gates.clamp_(0.0, 1.0)
             bar.set_postfix(loss=f"{loss.item():.4f}", mean_gate=f"{gates.mean().item():.3f}")
     finally:
-        if cfg.activation_checkpointing and model.supports_gradient_checkpointing:
+        if ckpt:
             model.gradient_checkpointing_disable()
         model.train(was_training)
     extra = {"lr": cfg.lr, "num_steps": cfg.steps, "reg_weight": cfg.reg_weight, "supervision": "distill"}
