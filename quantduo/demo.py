@@ -21,6 +21,7 @@ from quantduo.utils import atomic_write
 
 DIGITS_PER_CLASS = 2
 SAMPLING_STEPS = 20
+RANK_CURVE_LAYERS = ("transformer_blocks.1.attn.to_out.0", "transformer_blocks.0.ff.net.0.proj", "single_transformer_blocks.1.proj_out")
 
 
 def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
@@ -72,6 +73,23 @@ def _save_comparison(columns: dict[str, torch.Tensor], scores: dict[str, float],
     return path
 
 
+def _rank_curves(reference, names: tuple[str, ...], ranks=(0, 4, 8, 16, 32, 64)) -> dict:
+    """Error vs rank of SVDQuant for a few layers of the BF16 model, on rows captured while sampling."""
+    from quantduo.models.tiny_dit import sample_digits
+    from quantduo.svdquant import ActivationRecorder, SVDQuantConfig
+    from quantduo.svdquant.report import rank_sweep
+
+    layers = {name: reference.transformer.get_submodule(name) for name in names}
+    recorder = ActivationRecorder(layers, max_rows=256)
+    with recorder, torch.no_grad():
+        sample_digits(reference, torch.arange(10), steps=SAMPLING_STEPS, seed=1234)
+    cfg = SVDQuantConfig(dtype="float32", lowrank_iters=10)
+    return {
+        name: (list(ranks), rank_sweep(layers[name].weight.float(), recorder.stats[name].rows, cfg, ranks))
+        for name in names
+    }
+
+
 def svdquant_demo(out_dir: Path, device: str) -> dict:
     """Quantize the tiny digits DiT (SVDQuant INT4 vs naive INT4), save the grid and the quality report."""
     from quantduo.integrations.diffusers import quantization_config
@@ -90,11 +108,13 @@ def svdquant_demo(out_dir: Path, device: str) -> dict:
     scores = {name: psnr(img, images["BF16"]) for name, img in images.items()}
     grid = _save_comparison(images, scores, out_dir / "digits_bf16_naive_svdquant.png")
     report = reports["SVDQuant W4A4"]
-    plot_quality_report(report, out_dir / "svdquant_quality_report.png")
+    curves = _rank_curves(reference, RANK_CURVE_LAYERS)
+    plot_quality_report(report, out_dir / "svdquant_quality_report.png", curves)
     print(report.summary())
     return {
         "psnr_db": {k: v for k, v in scores.items() if not math.isinf(v)},
         "quantized_layers": len(report.quantized()),
+        "error_vs_rank": {name: dict(zip(*curve)) for name, curve in curves.items()},
         "grid_png": str(grid),
     }
 
