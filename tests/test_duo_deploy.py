@@ -1,0 +1,154 @@
+"""DuoAttention deployment: head reordering, DuoCache chunked prefill + decode, generate(), memory."""
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+from quantduo.duo import attention as A
+from quantduo.duo.cache import DuoCache
+from quantduo.duo.deploy import apply_duo, apply_pattern
+from quantduo.duo.identify import gated_model
+from quantduo.duo.patterns import DuoPattern
+
+warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+SINK, RECENT = 3, 8
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),  # q/k/v biases
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {}),  # q/k norms
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(arch: str, seed: int = 0):
+    cfg_cls, model_cls, extra = ARCHS[arch]
+    torch.manual_seed(seed)
+    cfg = cfg_cls(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=8, max_position_embeddings=256, attn_implementation="sdpa", **extra)
+    model = model_cls(cfg).eval()
+    if arch == "qwen2":
+        for layer in model.model.layers:  # random biases so that bias permutation is exercised
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
+    return model
+
+
+def gated_reference_logits(model, mask: np.ndarray, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the original model with binary gates (1 = full, 0 = streaming): the dense reference."""
+    with torch.no_grad(), gated_model(model, torch.tensor(mask, dtype=torch.float32), SINK, RECENT, chunk=16):
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_duo_cache_prefill_and_decode_match_dense_reference(arch):
+    model = tiny_model(arch)
+    mask = np.random.default_rng(1).random((3, 4)) < 0.5
+    mask[0] = [True, False, True, False]  # interleaved: needs reordering
+    mask[1] = False  # a layer of streaming heads only
+    ids = torch.randint(0, 64, (2, 70))
+    ref = gated_reference_logits(model, mask, ids)
+    duo = apply_duo(copy.deepcopy(model), mask, SINK, RECENT)
+    cache = DuoCache.from_model(duo)
+    with torch.no_grad():
+        outs = [duo(ids[:, a:b], past_key_values=cache).logits for a, b in ((0, 30), (30, 33), (33, 60))]
+        outs += [duo(ids[:, i:i + 1], past_key_values=cache).logits for i in range(60, 70)]
+        nocache = duo(ids).logits
+    torch.testing.assert_close(torch.cat(outs, 1), ref, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(nocache, ref, atol=2e-4, rtol=1e-4)
+    # the streaming reference really differs from full attention (the test can fail)
+    with torch.no_grad():
+        assert (model(ids).logits - ref).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_all_retrieval_heads_equal_full_attention(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(0, 64, (1, 40))
+    duo = apply_duo(copy.deepcopy(model), np.ones((3, 4), bool), SINK, RECENT)
+    with torch.no_grad():
+        torch.testing.assert_close(duo(ids, past_key_values=DuoCache.from_model(duo)).logits, model(ids).logits,
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_generate_matches_reference_and_saves_memory():
+    model = tiny_model("llama", seed=3)
+    mask = np.array([[True, False, False, True], [False, True, False, False], [False, False, True, True]])
+    prompt = torch.randint(0, 64, (1, 50))
+    ids = prompt
+    for _ in range(6):  # greedy decoding with the dense reference
+        ids = torch.cat([ids, gated_reference_logits(model, mask, ids)[:, -1:].argmax(-1)], 1)
+    duo = apply_duo(copy.deepcopy(model), mask, SINK, RECENT)
+    cache = DuoCache.from_model(duo, max_cache_len=56)
+    out = duo.generate(prompt, max_new_tokens=6, do_sample=False, past_key_values=cache, pad_token_id=0)
+    assert out.tolist() == ids.tolist()
+    d = 2 * 8 * 4  # K+V, head_dim 8, fp32
+    assert cache.memory_bytes() == d * (mask.sum() * 56 + (~mask).sum() * (SINK + RECENT))
+    assert cache.memory_bytes() < d * 12 * 56 * 0.6
+
+
+def test_bad_inputs():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="shape"):
+        apply_duo(copy.deepcopy(model), np.ones((3, 5), bool), SINK, RECENT)
+    with pytest.raises(ValueError, match="shape"):
+        apply_pattern(copy.deepcopy(model), DuoPattern(np.ones((4, 4))), 0.5)
+    with pytest.raises(ValueError, match="apply_duo"):
+        DuoCache.from_model(model)
+    duo = apply_duo(copy.deepcopy(model), np.ones((3, 4), bool), SINK, RECENT)
+    with pytest.raises(ValueError, match="already"):
+        apply_duo(duo, np.ones((3, 4), bool), SINK, RECENT)
+    cache = DuoCache.from_model(duo, max_cache_len=8)
+    with pytest.raises(ValueError, match="full"):
+        duo(torch.zeros(1, 9, dtype=torch.long), past_key_values=cache)
+
+
+def test_gated_attention_chunks_match_dense_masks():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 50, 8), torch.randn(1, 2, 50, 8), torch.randn(1, 2, 50, 8)
+    gate = torch.tensor([1.0, 0.0])
+    out = A.gated_attention(q, k, v, gate, SINK, RECENT, 8 ** -0.5, chunk=16)
+    pos = torch.arange(50)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    full = torch.nn.functional.scaled_dot_product_attention(q[:, :2], kk[:, :2], vv[:, :2], is_causal=True)
+    stream = torch.nn.functional.scaled_dot_product_attention(
+        q[:, 2:], kk[:, 2:], vv[:, 2:], attn_mask=A.streaming_allowed(pos, pos, SINK, RECENT))
+    torch.testing.assert_close(out, torch.cat([full, stream], 1), atol=1e-5, rtol=1e-5)
+
+
+def test_streaming_prefill_block_mask_is_sparse():
+    """The streaming prefill computes only sink + band blocks, not the dense causal triangle."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    sink, recent, n = 64, 256, 4096
+    bm = create_block_mask(lambda b, h, q, k: (k <= q) & ((k < sink) | (q - k < recent)), None, None, n, n,
+                           device="cpu")
+    rows = n // 128
+    blocks = bm.kv_num_blocks.sum().item() + bm.full_kv_num_blocks.sum().item()
+    assert blocks <= rows * (1 + recent // 128 + 1)  # sink block + band + diagonal per query block
+    assert blocks < 0.25 * rows * (rows + 1) / 2  # vs the causal triangle
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_streaming_prefill_matches_reference():
+    torch.manual_seed(0)
+    dev = "cuda"
+    q = torch.randn(1, 8, 1024, 64, device=dev, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 4, 1024, 64, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    pos = torch.arange(1024, device=dev)
+    out = A.streaming_prefill(q, k, v, pos, 0, 64, 256, 0.125)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+        attn_mask=A.streaming_allowed(pos, pos, 64, 256), scale=0.125)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)

@@ -1,0 +1,93 @@
+"""Pattern I/O, validation, binarization and passkey data."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import LlamaConfig, MistralConfig
+
+from quantduo.duo.data import PasskeyFormat, make_sample
+from quantduo.duo.patterns import DuoPattern, binarize, load_pattern, save_pattern
+
+PUBLISHED = Path(__file__).resolve().parents[2] / "shared" / "data" / "duo_patterns"
+SHAPES = {  # (layers, kv heads) of the published models
+    "Llama-2-7B-32K-Instruct": (LlamaConfig, 32, 32),
+    "Llama-3-8B-Instruct-Gradient-1048k": (LlamaConfig, 32, 8),
+    "Llama-3-8B-Instruct-Gradient-4194k": (LlamaConfig, 32, 8),
+    "Meta-Llama-3.1-8B-Instruct": (LlamaConfig, 32, 8),
+    "Mistral-7B-Instruct-v0.2": (MistralConfig, 32, 8),
+    "Mistral-7B-Instruct-v0.3": (MistralConfig, 32, 8),
+}
+
+
+@pytest.mark.skipif(not PUBLISHED.exists(), reason="published patterns not available")
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_published_patterns_load_for_their_model_shape(name):
+    cls, layers, kv = SHAPES[name]
+    p = load_pattern(PUBLISHED / name)
+    cfg = cls(num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=kv, hidden_size=4096)
+    p.validate_for(cfg)
+    assert (p.sink_size, p.recent_size) == (128, 256)
+    assert p.gates.min() >= 0 and p.gates.max() <= 1
+    mask = p.binarize(0.5)
+    assert mask.sum() == layers * kv // 2
+    wrong = cls(num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=kv * 2 if kv < 32 else 8)
+    with pytest.raises(ValueError, match="shape"):
+        p.validate_for(wrong)
+
+
+def test_roundtrip_and_atomic_write(tmp_path):
+    g = np.random.default_rng(0).random((3, 4))
+    save_pattern(DuoPattern(g, 4, 32, {"note": "x"}), tmp_path / "p")
+    q = load_pattern(tmp_path / "p")
+    np.testing.assert_allclose(q.gates, g.astype(np.float32))
+    assert (q.sink_size, q.recent_size, q.extra["note"]) == (4, 32, "x")
+    assert sorted(f.name for f in (tmp_path / "p").iterdir()) == ["config.json", "full_attention_heads.tsv"]
+
+
+@pytest.mark.parametrize("text, match", [("1\t2\n3\n", "different numbers"), ("1\tx\n", "non-numeric"),
+                                         ("nan\t1\n", "NaN")])
+def test_bad_files_give_clear_errors(tmp_path, text, match):
+    (tmp_path / "full_attention_heads.tsv").write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_pattern(tmp_path)
+
+
+def test_missing_pattern_and_bad_sparsity(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_pattern(tmp_path)
+    with pytest.raises(ValueError, match="sparsity"):
+        binarize(np.ones((2, 2)), 1.5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 8), st.floats(0, 1), st.integers(0, 2**31 - 1))
+def test_binarize_is_a_global_quantile(layers, heads, sparsity, seed):
+    g = np.random.default_rng(seed).random((layers, heads))
+    mask = binarize(g, sparsity)
+    n_stream = int(round(sparsity * g.size))
+    assert (~mask).sum() == n_stream
+    if 0 < n_stream < g.size:
+        assert g[~mask].max() <= g[mask].min()
+
+
+def test_passkey_sample_layout():
+    vocab = {w: i for i, w in enumerate(["pass", "key", "is", "."] + list("ABCDEFGHIJKLMNOP") + list("0123456789")
+                                         + [f"h{i}" for i in range(10)])}
+    encode = lambda t: [vocab[w] for w in t.split()]  # noqa: E731
+    hay = encode(" ".join(f"h{i % 10}" for i in range(2000)))
+    s = make_sample(hay, encode, 300, 3, np.random.default_rng(1), PasskeyFormat(), min_distance=80)
+    assert s.input_ids.shape == s.target_mask.shape == (300,)
+    assert s.target_mask.sum() == 3 * 5  # 4 value tokens + "." per question
+    first_q = s.questions[0][0] - 4  # "pass key X is"
+    for prompt_len, answer in s.questions:
+        name = s.input_ids[prompt_len - 2]
+        where = [i for i in range(first_q) if s.input_ids[i] == name]
+        assert len(where) == 1 and s.input_ids[where[0] + 2:where[0] + 6].tolist() == answer
+        assert first_q - (where[0] + 7) >= 80
+        assert s.target_mask[prompt_len - 1:prompt_len + 4].all()
+    with pytest.raises(ValueError, match="too short"):
+        make_sample(hay, encode, 30, 3, np.random.default_rng(1))
+    assert torch.is_tensor(s.input_ids)
