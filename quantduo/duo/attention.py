@@ -56,7 +56,7 @@ def gated_attention(q, k, v, gate, sink: int, recent: int, scaling: float, chunk
 
 @functools.lru_cache(maxsize=None)
 def _compiled_flex():
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)
 
 
 def _flex(q, k, v, block_mask: BlockMask, scaling: float) -> torch.Tensor:
@@ -76,9 +76,11 @@ def streaming_prefill(q, k, v, k_pos: torch.Tensor, q_start: int, sink: int, rec
     q [B, Hq, Tq, D] at positions q_start.., k/v [B, Hkv, Tk, D] with absolute positions k_pos [Tk]
     (int64). Only the sink blocks, the recent band and the diagonal are computed. Returns [B, Hq, Tq, D].
     """
+    offset = torch.tensor(q_start, device=q.device)  # a tensor, so chunks share one compiled kernel
+
     def mask_mod(b, h, qi, ki):
         kp = k_pos[ki]
-        qp = qi + q_start
+        qp = qi + offset
         return (kp <= qp) & ((kp < sink) | (qp - kp < recent))
 
     return _flex(q, k, v, _block_mask(mask_mod, q.shape[2], k.shape[2], q.device), scaling)
@@ -90,12 +92,21 @@ def full_prefill(q, k, v, q_start: int, scaling: float) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
                                               enable_gqa=q.shape[1] != k.shape[1])
 
+    offset = torch.tensor(q_start, device=q.device)
+
     def mask_mod(b, h, qi, ki):
-        return ki <= qi + q_start
+        return ki <= qi + offset
 
     return _flex(q, k, v, _block_mask(mask_mod, q.shape[2], k.shape[2], q.device), scaling)
 
 
 def decode(q, k, v, scaling: float) -> torch.Tensor:
-    """One new query token q [B, Hq, 1, D] over every cached key k/v [B, Hkv, Tk, D] (no mask)."""
-    return F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+    """One new query token q [B, Hq, 1, D] over every cached key k/v [B, Hkv, Tk, D] (no mask).
+
+    The rep = Hq / Hkv query heads of a KV head are folded into the query-length axis, so the
+    fused (flash) kernel serves GQA without repeating K/V. Returns [B, Hq, 1, D].
+    """
+    b, hq, _, d = q.shape
+    hkv = k.shape[1]
+    out = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, d), k, v, scale=scaling)
+    return out.view(b, hq, 1, d)

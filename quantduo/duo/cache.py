@@ -71,16 +71,29 @@ class DuoLayer(CacheLayerMixin):
             setattr(self, name, new)
 
     def _write_stream(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
-        """Keep sink positions and the last ``recent`` positions of the chunk k/v [B, Hs, T, D]."""
-        t = k.shape[2]
-        pos = torch.arange(start, start + t, device=k.device)
-        keep = (pos < self.sink) | (pos >= start + t - self.recent)
-        pos = pos[keep]
-        slots = torch.where(pos < self.sink, pos, self.sink + (pos - self.sink) % self.recent)
-        self.stream_keys.index_copy_(2, slots, k[:, :, keep])
-        self.stream_values.index_copy_(2, slots, v[:, :, keep])
-        self.stream_pos.index_copy_(0, slots, pos)
+        """Keep sink positions and the last ``recent`` positions of the chunk k/v [B, Hs, T, D].
+
+        Index arithmetic uses Python ints only (no host-device synchronisation while decoding).
+        """
+        t, end = k.shape[2], start + k.shape[2]
+        keep = list(range(start, min(end, self.sink))) + list(range(max(start, self.sink, end - self.recent), end))
+        if len(keep) == 1:  # decoding: plain slice writes, no index tensors
+            p = keep[0]
+            slot = p if p < self.sink else self.sink + (p - self.sink) % self.recent
+            self.stream_keys[:, :, slot] = k[:, :, p - start]
+            self.stream_values[:, :, slot] = v[:, :, p - start]
+            self.stream_pos[slot] = p
+        elif keep:
+            self._write_stream_many(k, v, start, keep)
         self.window = min(self.sink + self.recent, self.window + t)
+
+    def _write_stream_many(self, k: torch.Tensor, v: torch.Tensor, start: int, keep: list[int]) -> None:
+        pos = torch.tensor(keep, device=k.device)
+        idx = pos - start
+        slots = torch.where(pos < self.sink, pos, self.sink + (pos - self.sink) % self.recent)
+        self.stream_keys.index_copy_(2, slots, k.index_select(2, idx))
+        self.stream_values.index_copy_(2, slots, v.index_select(2, idx))
+        self.stream_pos.index_copy_(0, slots, pos)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append key/value states [B, n_full + n_stream, T, D]; returns (DuoKV, DuoKV)."""
