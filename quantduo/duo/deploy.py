@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
 
 from quantduo.duo import attention as A
 from quantduo.duo.cache import DuoKV
@@ -113,4 +114,15 @@ def duo_attention_forward(module, query, key, value, attention_mask=None, scalin
     return torch.cat(outs, dim=1).transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register("duo", duo_attention_forward)
+def _no_mask(*args, **kwargs) -> None:
+    """Mask function of the DuoAttention implementations: they build their own (block) masks."""
+    return None
+
+
+def register_attention(name: str, fn) -> None:
+    """Register a transformers attention function ``name`` that needs no materialized mask."""
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, _no_mask)
+
+
+register_attention("duo", duo_attention_forward)

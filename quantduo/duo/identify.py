@@ -14,10 +14,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import AttentionInterface
-
 from quantduo.duo.attention import gated_attention
-from quantduo.duo.deploy import attention_modules
+from quantduo.duo.deploy import attention_modules, register_attention
 from quantduo.duo.patterns import DuoPattern
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # input_ids [B, T] int64, target_mask [B, T] bool
@@ -42,7 +40,7 @@ def gated_attention_forward(module, query, key, value, attention_mask=None, scal
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register("duo_gated", gated_attention_forward)
+register_attention("duo_gated", gated_attention_forward)
 
 
 @contextlib.contextmanager
