@@ -3,6 +3,9 @@
 On CPU the kernels run in the Triton interpreter (tests/conftest.py) at tiny shapes in float16/float32
 (bf16 tl.dot is wrong in the interpreter); the ``gpu`` tests run the same checks in bf16 at FLUX shapes.
 Outputs are poisoned (NaN / sentinel bytes) before each kernel so unwritten elements fail.
+FP8: the interpreter's float32 -> fp8 cast rounds some values wrongly, so the kernels round to E4M3 in
+float32 arithmetic (``common.round_e4m3``) and cast exact values only; fp8 x fp8 ``tl.dot`` is exact in the
+interpreter, so the fp8 kernels are tested for real here (codes bit-exact vs PyTorch) and again on GPU.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from quantduo import kernels as qk
 from quantduo.kernels import reference as ref
 from quantduo.kernels.act_quant import act_quant
 from quantduo.kernels.gemm_w4a4 import w4_gemm
-from quantduo.kernels.gemm_w4a8 import expand_w4_int8, w4a8_gemm
+from quantduo.kernels.gemm_w4_dequant import w4_dequant_gemm
+from quantduo.kernels.gemm_w4a8 import expand_w4, w4a8_gemm
 from quantduo.kernels.nvfp4 import nvfp4_dequant
 from quantduo.svdquant import SVDQuantLinear
 from quantduo.svdquant import hopper_formats as hf
@@ -48,21 +52,29 @@ def _inputs(M, N, K, r, dtype, device="cpu", seed=0):
     return x, smooth, shift, t(K, r, scale=0.1), t(N, r, scale=0.1), t(N)
 
 
-@pytest.mark.parametrize("mode", ["int4", "uint4", "int8", "none"])
+@pytest.mark.parametrize("mode", ["int4", "uint4", "int8", "fp8", "none", "smooth", "amax"])
 @pytest.mark.parametrize("dtype,splits", [(torch.float16, 2), (torch.float32, 1)])
 def test_act_quant(mode, dtype, splits):
     M, K, r = 40, 256, 16
     x, smooth, shift, ld, _, _ = _inputs(M, 8, K, r, dtype)
+    x[5] = 0  # an all-zero token (scale 1)
+    if mode in ("int8", "fp8"):
+        splits = 1  # per-token modes read whole rows
     q, qs, lxp = act_quant(x, smooth, shift, ld, mode, config=(16, 64, splits))
     rq, rqs, rlx = ref.act_quant_ref(x, smooth, shift, ld, mode)
-    if mode != "none":
-        assert torch.equal(q, rq)
+    if mode == "amax":
+        assert qs.shape == (splits, M)
+        qs = qs.amax(0)
+    if q is not None or rq is not None:
+        assert q.dtype == rq.dtype and torch.equal(q.view(torch.uint8) if mode == "fp8" else q,
+                                                   rq.view(torch.uint8) if mode == "fp8" else rq)
+    if qs is not None or rqs is not None:
         assert torch.equal(qs, rqs)
     assert lxp.shape == (splits, M, r)
     torch.testing.assert_close(lxp.sum(0), rlx, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["int4", "uint4", "none"])
+@pytest.mark.parametrize("mode", ["int4", "uint4"])
 @pytest.mark.parametrize("gelu", [False, True])
 def test_w4_gemm(mode, gelu):
     M, N, K, r = 24, 96, 256, 16  # M, N not multiples of the tile: masked edges
@@ -70,15 +82,37 @@ def test_w4_gemm(mode, gelu):
     x, smooth, shift, ld, lu, bias = _inputs(M, N, K, r, dtype)
     wq, ws = qz.quantize_int4(torch.randn(N, K), 64, dtype)
     qw, ws = qz.pack_int4(wq), ws.to(dtype)
-    if mode == "none":
-        a, a_s = x, None
-        lxp = act_quant(x, smooth, None, ld, "none")[2]
-    else:
-        a, a_s, lxp = act_quant(x, smooth, shift, ld, mode)
-    y = w4_gemm(a, a_s, qw, ws, lxp, lu, bias, mode, dtype, gelu=gelu, smooth=smooth, config=CPU_GEMM)
-    y_ref = ref.w4_gemm_ref(a, a_s, qw, ws, lxp.sum(0), lu, bias, mode, dtype, gelu=gelu, smooth=smooth)
+    a, a_s, lxp = act_quant(x, smooth, shift, ld, mode)
+    y = w4_gemm(a, a_s, qw, ws, lxp, lu, bias, mode, dtype, gelu=gelu, config=CPU_GEMM)
+    y_ref = ref.w4_gemm_ref(a, a_s, qw, ws, lxp.sum(0), lu, bias, mode, dtype, gelu=gelu)
     assert torch.isfinite(y).all()
     assert rel(y, y_ref) < 1e-3
+
+
+@pytest.mark.parametrize("act,split,smooth_in,dtype", [
+    ("none", 1, True, torch.float16), ("none", 2, False, torch.float32), ("int8", 2, True, torch.float16),
+    ("fp8", 1, True, torch.float32), ("fp8", 2, True, torch.float16)])
+def test_w4_dequant_gemm(act, split, smooth_in, dtype):
+    """Weight-streaming GEMM: 16-bit / int8 / fp8 activations, float scales (W4A16) or integer multipliers +
+    row scales (W4A8), split-K with the self-cleaning workspace (run twice: it must be zero again)."""
+    M, N, K, r = 20, 96, 256, 16  # M, N not multiples of the tile: masked edges
+    x, smooth, _, ld, lu, bias = _inputs(M, N, K, r, dtype)
+    if act == "none":
+        wq, wf = qz.quantize_int4(torch.randn(N, K), 64, dtype)
+        wf, wrow = wf.to(dtype), None
+    else:
+        quantize = hf.quantize_int4_fp8exact if act == "fp8" else hf.quantize_int4_int8exact
+        wq, wf, wrow = quantize(torch.randn(N, K) * torch.logspace(-1, 1, K))
+    qw = qz.pack_int4(wq)
+    _, amaxp, lxp = act_quant(x, smooth, None, ld, "amax", config=(16, 64, 2))
+    cfg = dict(BM=16, BN=32, BK=64, SPLIT_K=split, GROUP_M=2, num_warps=4, num_stages=2)
+    kw = dict(smooth=smooth if smooth_in else None, act=act, wrow=wrow, gelu=True)
+    xin = x if smooth_in else ref.smooth_input(x, smooth)
+    y_ref = ref.w4_dequant_gemm_ref(xin, qw, wf, lxp.sum(0), lu, bias, dtype, amax=amaxp.amax(0), **kw)
+    for _ in range(2):
+        y = w4_dequant_gemm(xin, qw, wf, lxp, lu, bias, dtype, amax_partials=amaxp, config=cfg, **kw)
+        assert torch.isfinite(y).all()
+        assert rel(y, y_ref) < 1e-3
 
 
 @pytest.mark.parametrize("next_mode", ["int4", "uint4"])
@@ -102,19 +136,26 @@ def test_w4_gemm_quant_next(next_mode):
     torch.testing.assert_close(lx2[0], rlx, rtol=1e-4, atol=1e-3)
 
 
-def test_w4a8_expand_and_gemm():
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_w4a8_expand_and_gemm(fmt):
+    """Expansion bit-exact; the 8-bit GEMM (int8: packed and expanded; fp8: expanded, pointer and TMA loads)."""
     M, N, K, r = 24, 96, 256, 16
     dtype = torch.float16
+    fp8 = fmt == "fp8"
     x, smooth, _, ld, lu, bias = _inputs(M, N, K, r, dtype)
-    q8, mult, row = hf.quantize_int4_int8exact(torch.randn(N, K))
+    quantize = hf.quantize_int4_fp8exact if fp8 else hf.quantize_int4_int8exact
+    q8, mult, row = quantize(torch.randn(N, K) * torch.logspace(-1, 1, K))
     qw = qz.pack_int4(q8)
-    expanded = expand_w4_int8(qw, mult)
-    assert torch.equal(expanded, ref.w4_to_int8_ref(qw, mult))
-    a, a_s, lxp = act_quant(x, smooth, None, ld, "int8")
+    expanded = expand_w4(qw, mult, fp8)
+    expected = ref.w4_expand_ref(qw, mult, fp8)
+    assert expanded.dtype == expected.dtype
+    assert torch.equal(expanded.view(torch.uint8), expected.view(torch.uint8))
+    a, a_s, lxp = act_quant(x, smooth, None, ld, fmt)
     y_ref = ref.w4a8_gemm_ref(a, a_s, qw, mult, row, lxp.sum(0), lu, bias, dtype, gelu=True)
-    for w in (qw, expanded):
-        y = w4a8_gemm(a, a_s, w, mult, row, lxp, lu, bias, dtype, gelu=True,
-                      config=dict(BM=16, BN=32, BK=128, GROUP_M=2, num_warps=4, num_stages=2))
+    cfg = dict(BM=16, BN=32, BK=128, GROUP_M=2, num_warps=4, num_stages=2)
+    runs = [(expanded, cfg), (expanded, dict(cfg, TMA=True))] if fp8 else [(qw, cfg), (expanded, cfg)]
+    for w, c in runs:
+        y = w4a8_gemm(a, a_s, w, mult, row, lxp, lu, bias, dtype, gelu=True, config=c)
         assert rel(y, y_ref) < 1e-3
 
 
@@ -143,15 +184,16 @@ def _random_module(k, n, act_format, weight_format="int4", rank=16, dtype=torch.
     return m
 
 
-@pytest.mark.parametrize("act_format,weight_format", [("int4", "int4"), ("uint4", "int4"), ("none", "int4"),
-                                                      ("nvfp4", "nvfp4")])
-def test_module_forward(act_format, weight_format):
-    """svdquant_linear_forward == forward_reference, with leading dims and padded in_features (100 -> 128)."""
+@pytest.mark.parametrize("act_format,weight_format,tokens", [
+    ("int4", "int4", 9), ("uint4", "int4", 9), ("none", "int4", 9), ("none", "int4", 40), ("nvfp4", "nvfp4", 9)])
+def test_module_forward(act_format, weight_format, tokens):
+    """svdquant_linear_forward == forward_reference, with leading dims and padded in_features (100 -> 128);
+    W4A16 at 18 tokens (in-kernel smoothing) and 80 (> DEQUANT_MAX_TOKENS: kernel 1 smooths)."""
     m = _random_module(100, 48, act_format, weight_format)
     m.backend = "triton"
-    x = torch.randn(2, 9, 100, dtype=torch.float16)
+    x = torch.randn(2, tokens, 100, dtype=torch.float16)
     y = m(x)
-    assert y.shape == (2, 9, 48)
+    assert y.shape == (2, tokens, 48)
     assert rel(y, m.forward_reference(x)) < 2e-3
 
 
@@ -164,17 +206,20 @@ def test_mlp_forward():
     assert rel(y, y_ref) < 2e-2  # a few 4-bit codes of fc2's input may flip on GELU's last ulp
 
 
-def test_w4a8_module_and_converter():
-    """to_w4a8 keeps the function (within W4A8 quantization error); its kernels match its reference."""
+@pytest.mark.parametrize("act_format", ["int8", "fp8"])
+def test_w4a8_module_and_converter(act_format):
+    """to_w4a8 keeps the function (within W4A8 quantization error); every kernel path matches its reference."""
     torch.manual_seed(0)
     m = _random_module(128, 64, "uint4", dtype=torch.float32)
-    m8 = hf.to_w4a8(m)
+    m8 = hf.to_w4a8(m, act_format=act_format)
+    assert m8.act_format == act_format
     x = torch.rand(33, 128) * 2 - 0.1
     assert m8.storage_bits_per_weight() < m.storage_bits_per_weight()
     assert rel(m8.forward_reference(x), m.forward_reference(x)) < 0.1
     m8.backend = "triton"
-    for expand in (False, True):
-        assert rel(qk.w4a8_linear_forward(m8, x, expand=expand), m8.forward_reference(x)) < 1e-5
+    paths = ("dequant", "expanded") if act_format == "fp8" else qk.W4A8_PATHS
+    for path in paths:
+        assert rel(qk.w4a8_linear_forward(m8, x, path=path), m8.forward_reference(x)) < 1e-5, path
     assert rel(m8(x), m8.forward_reference(x)) < 1e-5
 
 
@@ -186,6 +231,20 @@ def test_int8exact_quantizer():
     err = rel(hf.dequantize_int4_int8exact(q, mult, row), r)
     err_std = rel(qz.fake_quant(r, "int4", 64), r)
     assert err < 1.5 * err_std
+
+
+def test_fp8exact_quantizer():
+    r = torch.randn(16, 256) * torch.logspace(-2, 1, 256)
+    r[3] = 0
+    q, mult, row = hf.quantize_int4_fp8exact(r)
+    assert q.abs().max() <= 7
+    e = torch.log2(mult.float())
+    assert torch.equal(e, e.round()) and e.min() >= 0 and e.max() <= hf.FP8_EXP_MAX
+    w = (q.float() * mult.float().repeat_interleave(64, 1))
+    assert w.abs().max() <= 448 and torch.equal(w.to(torch.float8_e4m3fn).float(), w)  # exact in fp8
+    deq = hf.dequantize_int4_int8exact(q, mult, row)
+    assert torch.equal(deq[3], torch.zeros(256))
+    assert rel(deq, r) < 1.5 * rel(qz.fake_quant(r, "int4", 64), r)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,6 +259,7 @@ def test_gpu_forward_bf16(n, k, tokens):
     for fmt in ("int4", "uint4", "none"):
         m = _random_module(k, n, fmt, rank=0 if fmt == "none" else 32, dtype=torch.bfloat16, device="cuda")
         assert rel(qk.svdquant_linear_forward(m, x), m.forward_reference(x)) < 5e-3
-    m8 = hf.to_w4a8(_random_module(k, n, "int4", rank=32, dtype=torch.bfloat16, device="cuda"))
-    for expand in (False, True):
-        assert rel(qk.w4a8_linear_forward(m8, x, expand=expand), m8.forward_reference(x)) < 5e-3
+    for act_format in hf.ACT_FORMATS:
+        m8 = hf.to_w4a8(_random_module(k, n, "int4", rank=32, dtype=torch.bfloat16, device="cuda"), act_format=act_format)
+        for path in ("dequant", "expanded") if act_format == "fp8" else qk.W4A8_PATHS:
+            assert rel(qk.w4a8_linear_forward(m8, x, path=path), m8.forward_reference(x)) < 5e-3

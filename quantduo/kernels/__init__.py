@@ -1,11 +1,14 @@
 """Triton engine for SVDQuant layers (Nunchaku-style fusion; Hopper-aware).
 
 * :func:`svdquant_linear_forward` — forward of :class:`~quantduo.svdquant.SVDQuantLinear` (any format):
-  INT4/UINT4 W4A4 -> kernel 1 (:mod:`.act_quant`) + kernel 2 (:mod:`.gemm_w4a4`); W4A16 -> kernel 2 on
-  16-bit inputs; NVFP4 -> Triton weight dequantization (:mod:`.nvfp4`) + float GEMM.
+  INT4/UINT4 W4A4 -> kernel 1 (:mod:`.act_quant`) + kernel 2 (:mod:`.gemm_w4a4`); W4A16 -> the
+  weight-streaming GEMM (:mod:`.gemm_w4_dequant`); NVFP4 -> Triton weight dequantization (:mod:`.nvfp4`) +
+  float GEMM.
 * :func:`svdquant_mlp_forward` — fc1 -> GELU -> fc2 where fc1's epilogue applies GELU and quantizes for fc2.
-* :func:`w4a8_linear_forward` — forward of the Hopper W4A8 format
-  (:class:`~quantduo.svdquant.hopper_formats.SVDQuantW4A8Linear`, :mod:`.gemm_w4a8`).
+* :func:`w4a8_linear_forward` — forward of the Hopper W4A8 formats
+  (:class:`~quantduo.svdquant.hopper_formats.SVDQuantW4A8Linear`, int8 or fp8 activations): small M ->
+  weight-streaming split-K GEMM; large M -> per-token 8-bit kernel 1 + weight expansion into a cached
+  scratch buffer + 8-bit GEMM (:mod:`.gemm_w4a8`).
 """
 from __future__ import annotations
 
@@ -13,15 +16,22 @@ import torch
 import torch.nn.functional as F
 
 from .act_quant import act_quant
+from .gemm_w4_dequant import w4_dequant_gemm
 from .gemm_w4a4 import w4_gemm
-from .gemm_w4a8 import expand_w4_int8, w4a8_gemm
+from .gemm_w4a8 import expand_w4, w4a8_gemm
 from .nvfp4 import nvfp4_dequant
 
-# Tokens from which the W4A8 path expands the weights to int8 once per call (compute-bound regime).
+# Token counts up to which the weight-streaming GEMM serves W4A16 with in-kernel smoothing and the W4A8
+# formats with in-kernel activation fake quantization (memory-bound regime; measured, NOTES.md).
+DEQUANT_MAX_TOKENS = 64
+# Tokens from which the int8 W4A8 path expands the weights once per call (fp8 always expands above
+# DEQUANT_MAX_TOKENS: it has no packed GEMM).
 W4A8_EXPAND_MIN_TOKENS = 1024
+W4A8_PATHS = ("dequant", "packed", "expanded")
 
 __all__ = ["svdquant_linear_forward", "svdquant_mlp_forward", "w4a8_linear_forward", "act_quant", "w4_gemm",
-           "w4a8_gemm", "expand_w4_int8", "nvfp4_dequant", "W4A8_EXPAND_MIN_TOKENS"]
+           "w4a8_gemm", "w4_dequant_gemm", "expand_w4", "nvfp4_dequant", "DEQUANT_MAX_TOKENS",
+           "W4A8_EXPAND_MIN_TOKENS", "W4A8_PATHS", "w4a8_path"]
 
 
 def _flat_padded(module, x: torch.Tensor) -> torch.Tensor:
@@ -52,6 +62,16 @@ def _nvfp4_forward(module, x2: torch.Tensor) -> torch.Tensor:
     return y.to(x2.dtype)
 
 
+def _w4a16_forward(module, x2: torch.Tensor, ld, lu) -> torch.Tensor:
+    """W4A16: small M smooths inside the GEMM; large M smooths once in kernel 1 (with the low-rank)."""
+    if x2.shape[0] <= DEQUANT_MAX_TOKENS:
+        lxp = act_quant(x2, module.smooth_factor, None, ld, "none")[2] if ld is not None else None
+        return w4_dequant_gemm(x2, module.qweight, module.wscales, lxp, lu, module.bias, x2.dtype,
+                               smooth=module.smooth_factor)
+    xs, _, lxp = act_quant(x2, module.smooth_factor, None, ld, "smooth")
+    return w4_dequant_gemm(xs, module.qweight, module.wscales, lxp, lu, module.bias, x2.dtype)
+
+
 def svdquant_linear_forward(module, x: torch.Tensor) -> torch.Tensor:
     """Fused forward of an ``SVDQuantLinear``: ``x [..., in_features]`` -> ``[..., out_features]`` (x.dtype)."""
     lead = x.shape[:-1]
@@ -61,9 +81,7 @@ def svdquant_linear_forward(module, x: torch.Tensor) -> torch.Tensor:
     else:
         ld, lu = _lora(module)
         if module.act_format == "none":
-            lxp = act_quant(x2, module.smooth_factor, None, ld, "none")[2] if ld is not None else None
-            y = w4_gemm(x2, None, module.qweight, module.wscales, lxp, lu, module.bias, "none", x.dtype,
-                        smooth=module.smooth_factor)
+            y = _w4a16_forward(module, x2, ld, lu)
         else:
             q, qs, lxp = act_quant(x2, module.smooth_factor, module.act_shift, ld, module.act_format)
             y = w4_gemm(q, qs, module.qweight, module.wscales, lxp, lu, module.bias, module.act_format, x.dtype)
@@ -98,17 +116,33 @@ def svdquant_mlp_forward(fc1, fc2, x: torch.Tensor, gelu: str = "tanh") -> torch
     return y.reshape(*lead, fc2.out_features)
 
 
-def w4a8_linear_forward(module, x: torch.Tensor, expand: bool | None = None) -> torch.Tensor:
+def w4a8_path(module, tokens: int) -> str:
+    """Default W4A8 path for ``tokens`` rows (see DEQUANT_MAX_TOKENS / W4A8_EXPAND_MIN_TOKENS)."""
+    if tokens <= DEQUANT_MAX_TOKENS:
+        return "dequant"
+    return "expanded" if module.act_format == "fp8" or tokens >= W4A8_EXPAND_MIN_TOKENS else "packed"
+
+
+def w4a8_linear_forward(module, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
     """Forward of an ``SVDQuantW4A8Linear``: ``x [..., in_features]`` -> ``[..., out_features]`` (x.dtype).
 
-    expand: use the int8 scratch expansion (default: when there are >= W4A8_EXPAND_MIN_TOKENS tokens).
+    path (default :func:`w4a8_path`): ``"dequant"`` (kernel 1 in absmax mode + weight-streaming GEMM with
+    in-kernel activation quantization), ``"packed"`` (int8 only: 8-bit kernel 1 + GEMM unpacking the weights
+    in registers) or ``"expanded"`` (8-bit kernel 1 + expansion into the scratch buffer + 8-bit GEMM).
     """
     lead = x.shape[:-1]
     x2 = _flat_padded(module, x)
     ld, lu = _lora(module)
-    q, qs, lxp = act_quant(x2, module.smooth_factor, None, ld, "int8")
-    if expand is None:
-        expand = x2.shape[0] >= W4A8_EXPAND_MIN_TOKENS
-    weight = expand_w4_int8(module.qweight, module.wmult) if expand else module.qweight
-    y = w4a8_gemm(q, qs, weight, module.wmult, module.wscale_row, lxp, lu, module.bias, x.dtype)
+    path = path or w4a8_path(module, x2.shape[0])
+    fp8 = module.act_format == "fp8"
+    if path not in W4A8_PATHS or (fp8 and path == "packed"):
+        raise ValueError(f"unknown or unsupported W4A8 path {path!r} for act_format {module.act_format!r}")
+    if path == "dequant":
+        _, amaxp, lxp = act_quant(x2, module.smooth_factor, None, ld, "amax")
+        y = w4_dequant_gemm(x2, module.qweight, module.wmult, lxp, lu, module.bias, x.dtype, smooth=module.smooth_factor,
+                            act=module.act_format, amax_partials=amaxp, wrow=module.wscale_row)
+    else:
+        q, qs, lxp = act_quant(x2, module.smooth_factor, None, ld, module.act_format)
+        weight = expand_w4(module.qweight, module.wmult, fp8) if path == "expanded" else module.qweight
+        y = w4a8_gemm(q, qs, weight, module.wmult, module.wscale_row, lxp, lu, module.bias, x.dtype)
     return y.reshape(*lead, module.out_features)

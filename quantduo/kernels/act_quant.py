@@ -8,9 +8,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision, quant4_tile, rank_pad, round_half_even, scale_of, smooth_tile
+from .common import dot_precision, fake_quant_token, quant4_tile, rank_pad, scale_of, smooth_tile
 
-_MODES = {"int4": 0, "uint4": 1, "int8": 2, "none": 3}
+_MODES = {"int4": 0, "uint4": 1, "int8": 2, "fp8": 3, "none": 4, "smooth": 5, "amax": 6}
+PER_TOKEN_MODES = ("int8", "fp8")
+
+
+@triton.jit
+def _smoothed(xrow, SMOOTH, k, rk, mmask):
+    """Rows ``xrow`` (pointers ``[BM, 1]``), channels ``k + rk``, divided by SMOOTH (x dtype)."""
+    return smooth_tile(tl.load(xrow + (k + rk)[None, :], mask=mmask[:, None], other=0.0), tl.load(SMOOTH + k + rk))
 
 
 @triton.jit
@@ -18,14 +25,18 @@ def _act_quant_kernel(
     X, SMOOTH, SHIFT, LD, Q, QS, LXP,
     M, K, K_SPLIT, R, stride_xm,
     MODE: tl.constexpr, HAS_LR: tl.constexpr, RP: tl.constexpr, G: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, RECIP: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, RECIP: tl.constexpr, QMAX: tl.constexpr,
 ):
     """Program (pid_m, pid_s): rows [pid_m*BM, +BM), channels [pid_s*K_SPLIT, +K_SPLIT).
 
-    X ``[M, K]``; SMOOTH/SHIFT ``[K]``; LD ``[K, R]``. MODE 0/1: 4-bit groups (Q uint8 ``[M, K/2]``,
-    QS float32 ``[K/G, M]``); MODE 2: int8 per token over the whole row (Q int8 ``[M, K]`` pair-split,
-    QS float32 ``[M]``, no shift); MODE 3: low-rank only. LXP float32 ``[S, M, R]``.
-    RECIP: round scales like PyTorch on CUDA (see ``common.scale_of``).
+    X ``[M, K]``; SMOOTH/SHIFT ``[K]``; LD ``[K, R]``; LXP float32 ``[S, M, R]``.
+    MODE 0/1 int4/uint4: 4-bit groups, Q uint8 ``[M, K/2]``, QS float32 ``[K/G, M]``.
+    MODE 2/3 int8/fp8: per token over the whole row (one split): pass 1 = absmax + low-rank dot, pass 2
+    (reversed, so the row's tail is still in L2) = quantization; Q int8 ``[M, K]`` pair-split / float8
+    ``[M, K]`` natural order, QS float32 ``[M]``.
+    MODE 4 none: low-rank only; 5 smooth: Q = X / SMOOTH ``[M, K]`` (X dtype); 6 amax: QS float32
+    ``[S, M]`` = per-slice absmax of the smoothed row.
+    RECIP: round scales like PyTorch on CUDA (see ``common.scale_of``); QMAX: 127 (int8) or 448 (fp8).
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -33,22 +44,14 @@ def _act_quant_kernel(
     rk = tl.arange(0, BK)
     mmask = rm < M
     xrow = X + rm[:, None].to(tl.int64) * stride_xm
-    if MODE == 2:
-        amax = tl.zeros((BM,), dtype=tl.float32)
-        for k in range(0, K, BK):
-            x = tl.load(xrow + (k + rk)[None, :], mask=mmask[:, None], other=0.0)
-            xs = smooth_tile(x, tl.load(SMOOTH + k + rk))
-            amax = tl.maximum(amax, tl.max(tl.abs(xs.to(tl.float32)), axis=1))
-        tscale = scale_of(amax, 127, RECIP)
-        if pid_s == 0:
-            tl.store(QS + rm, tscale, mask=mmask)
+    qrow = Q + rm[:, None].to(tl.int64) * K
     if HAS_LR:
         rr = tl.arange(0, RP)
         lx = tl.zeros((BM, RP), dtype=tl.float32)
+    amax = tl.zeros((BM,), dtype=tl.float32)
     k0 = pid_s * K_SPLIT
     for k in range(k0, k0 + K_SPLIT, BK):
-        x = tl.load(xrow + (k + rk)[None, :], mask=mmask[:, None], other=0.0)
-        xs = smooth_tile(x, tl.load(SMOOTH + k + rk))
+        xs = _smoothed(xrow, SMOOTH, k, rk, mmask)
         if HAS_LR:
             ld = tl.load(LD + (k + rk)[:, None] * R + rr[None, :], mask=rr[None, :] < R, other=0.0)
             lx = tl.dot(xs.to(ld.dtype), ld, lx, input_precision=PREC)
@@ -59,27 +62,39 @@ def _act_quant_kernel(
             tl.store(Q + rm[:, None].to(tl.int64) * (K // 2) + (k // 2 + rh)[None, :], packed, mask=mmask[:, None])
             rg = tl.arange(0, BK // G)
             tl.store(QS + (k // G + rg)[None, :] * M + rm[:, None], scale, mask=mmask[:, None])
-        elif MODE == 2:
-            q = round_half_even(tl.math.div_rn(xs.to(tl.float32), tscale[:, None]))
-            q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
-            even, odd = tl.split(tl.reshape(q, (BM, BK // 2, 2)))
-            c = tl.arange(0, BK // 2)
-            pos = k + (c // (G // 2)) * G + c % (G // 2)
-            qrow = Q + rm[:, None].to(tl.int64) * K
-            tl.store(qrow + pos[None, :], even, mask=mmask[:, None])
-            tl.store(qrow + (pos + G // 2)[None, :], odd, mask=mmask[:, None])
+        elif MODE == 5:
+            tl.store(qrow + (k + rk)[None, :], xs, mask=mmask[:, None])
+        elif MODE != 4:
+            amax = tl.maximum(amax, tl.max(tl.abs(xs.to(tl.float32)), axis=1))
+    if MODE == 6:
+        tl.store(QS + pid_s * M + rm, amax, mask=mmask)
+    if MODE == 2 or MODE == 3:
+        tscale = scale_of(amax, QMAX, RECIP)
+        tl.store(QS + rm, tscale, mask=mmask)
+        for i in range(0, K // BK):
+            k = K - BK - i * BK
+            q = fake_quant_token(_smoothed(xrow, SMOOTH, k, rk, mmask), tscale, QMAX)
+            if MODE == 2:
+                even, odd = tl.split(tl.reshape(q.to(tl.int8), (BM, BK // 2, 2)))
+                c = tl.arange(0, BK // 2)
+                pos = k + (c // (G // 2)) * G + c % (G // 2)
+                tl.store(qrow + pos[None, :], even, mask=mmask[:, None])
+                tl.store(qrow + (pos + G // 2)[None, :], odd, mask=mmask[:, None])
+            else:
+                tl.store(qrow + (k + rk)[None, :], q.to(tl.float8e4nv), mask=mmask[:, None])
     if HAS_LR:
         tl.store(LXP + pid_s * M * R + rm[:, None] * R + rr[None, :], lx, mask=mmask[:, None] & (rr[None, :] < R))
 
 
 def _pick(M: int, K: int, mode: str) -> tuple[int, int, int]:
-    """(BM, BK, splits): 16-row tiles, K split until there are enough programs (measured on H200, NOTES.md).
-    int8 mode re-reads the whole row per split for its per-token absmax, so it splits less."""
+    """(BM, BK, splits): 16-row tiles; K split until there are enough programs (measured on H200, NOTES.md).
+    Per-token modes read whole rows (no split)."""
+    if mode in PER_TOKEN_MODES:
+        return (16 if M < 2048 else 32), 128, 1
     bm, bk = 16, 64
-    target = 264 if mode == "int8" else 2048
     n_m = triton.cdiv(M, bm)
     splits = 1
-    while n_m * splits < target and K % (splits * 2 * bk) == 0:
+    while n_m * splits < 2048 and K % (splits * 2 * bk) == 0:
         splits *= 2
     return bm, bk, splits
 
@@ -89,9 +104,13 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor | None,
     """Smooth, quantize and down-project ``x [M, K]`` (K a multiple of 64, contiguous rows) in one pass.
 
     mode: ``"int4"`` / ``"uint4"`` (per-token groups of ``group_size``, ``shift [K]`` added first),
-    ``"int8"`` (per token, pair-split) or ``"none"`` (low-rank only); these two ignore ``shift``.
-    config: (BM, BK, splits[, num_warps]). Returns (q, scales, lx_partials) in the layouts of
-    :mod:`quantduo.kernels.reference`; lx_partials float32 ``[S, M, r]`` or None when there is no low-rank.
+    ``"int8"`` (per token, pair-split), ``"fp8"`` (per token, E4M3), ``"none"`` (low-rank only),
+    ``"smooth"`` (smoothed copy of x), ``"amax"`` (per-slice absmax of the smoothed rows); all but the
+    4-bit modes ignore ``shift``.
+    config: (BM, BK, splits[, num_warps]); per-token modes need splits == 1.
+    Returns (q, scales, lx_partials) in the layouts of :mod:`quantduo.kernels.reference` (q is None for
+    ``"none"``/``"amax"``, scales None for ``"none"``/``"smooth"``, amax partials float32 ``[S, M]`` as scales
+    for ``"amax"``); lx_partials float32 ``[S, M, r]`` or None when there is no low-rank.
     """
     if group_size != 64:
         raise ValueError("the Triton kernels support group size 64")
@@ -99,28 +118,33 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor | None,
     if K % group_size or x.stride(1) != 1:
         raise ValueError(f"act_quant needs K % {group_size} == 0 and unit column stride, got {tuple(x.shape)}")
     bm, bk, splits, *warps = config or _pick(M, K, mode)
+    if mode in PER_TOKEN_MODES and splits != 1:
+        raise ValueError("per-token modes read whole rows: splits must be 1")
     r = 0 if lora_down is None else lora_down.shape[1]
     dev = x.device
+    q = qs = None
     if mode in ("int4", "uint4"):
+        if shift is None:
+            raise ValueError("4-bit activation modes need the shift vector")
         q = torch.empty(M, K // 2, dtype=torch.uint8, device=dev)
         qs = torch.empty(K // group_size, M, dtype=torch.float32, device=dev)
-    elif mode == "int8":
-        q = torch.empty(M, K, dtype=torch.int8, device=dev)
+    elif mode in PER_TOKEN_MODES:
+        q = torch.empty(M, K, dtype=torch.int8 if mode == "int8" else torch.float8_e4m3fn, device=dev)
         qs = torch.empty(M, dtype=torch.float32, device=dev)
-    elif mode == "none":
-        q = qs = None
-    else:
+    elif mode == "smooth":
+        q = torch.empty(M, K, dtype=x.dtype, device=dev)
+    elif mode == "amax":
+        qs = torch.empty(splits, M, dtype=torch.float32, device=dev)
+    elif mode != "none":
         raise ValueError(f"unknown activation mode {mode!r}")
     lxp = torch.empty(splits, M, r, dtype=torch.float32, device=dev) if r > 0 else None
     dummy = x
-    if shift is None and mode in ("int4", "uint4"):
-        raise ValueError("4-bit activation modes need the shift vector")
     grid = (triton.cdiv(M, bm), splits)
     _act_quant_kernel[grid](
         x, smooth, shift if shift is not None else dummy, lora_down if r > 0 else dummy, q if q is not None else dummy,
         qs if qs is not None else dummy, lxp if lxp is not None else dummy,
         M, K, K // splits, r, x.stride(0),
         MODE=_MODES[mode], HAS_LR=r > 0, RP=rank_pad(r), G=group_size, BM=bm, BK=bk,
-        PREC=dot_precision(lora_down.dtype if r > 0 else x.dtype), RECIP=x.is_cuda, num_warps=(warps or [4])[0],
+        PREC=dot_precision(lora_down.dtype if r > 0 else x.dtype), RECIP=x.is_cuda, QMAX=448 if mode == "fp8" else 127, num_warps=(warps or [4])[0],
     )
     return q, qs, lxp

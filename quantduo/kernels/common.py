@@ -17,6 +17,29 @@ def round_half_even(y):
 
 
 @triton.jit
+def round_e4m3(y):
+    """Round float32 ``y`` (|y| <= 448) to the nearest float8_e4m3fn value, ties to even, as float32.
+
+    The result is exactly representable, so ``.to(tl.float8e4nv)`` of it is exact on every backend (the
+    Triton CPU interpreter's own float32 -> fp8 cast rounds some values wrongly).
+    """
+    e = tl.maximum(((y.to(tl.int32, bitcast=True) >> 23) & 255) - 127, -6)  # exponent, subnormals at -6
+    inv_ulp = ((130 - e) << 23).to(tl.float32, bitcast=True)  # 2 ** (3 - e)
+    ulp = ((124 + e) << 23).to(tl.float32, bitcast=True)  # 2 ** (e - 3)
+    return round_half_even(y * inv_ulp) * ulp
+
+
+@triton.jit
+def fake_quant_token(xs, scale, QMAX: tl.constexpr):
+    """Per-token 8-bit quantization of ``xs [BM, BK]`` with float32 ``scale [BM]``, as float32 codes:
+    QMAX 127 -> INT8 (round half to even, clamp to +-127), QMAX 448 -> FP8 E4M3 (:func:`round_e4m3`)."""
+    y = tl.minimum(tl.maximum(tl.math.div_rn(xs.to(tl.float32), scale[:, None]), -QMAX * 1.0), QMAX * 1.0)
+    if QMAX == 448:
+        return round_e4m3(y)
+    return round_half_even(y)
+
+
+@triton.jit
 def smooth_tile(x, s):
     """``x / s`` computed in float32 with IEEE division, rounded to ``x``'s dtype."""
     return tl.math.div_rn(x.to(tl.float32), s.to(tl.float32)).to(x.dtype)

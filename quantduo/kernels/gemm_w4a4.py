@@ -2,7 +2,7 @@
 
 One K step = one group of 64: two 32-deep dots over the low / high nibbles of both operands (the dot is
 order-invariant, so nothing is interleaved), then ``acc += dot * a_scale[m] * w_scale[n]``.
-Activations: packed INT4/UINT4 with group scales (W4A4) or 16-bit inputs smoothed on the fly (W4A16).
+Activations: packed INT4/UINT4 with group scales (W4A4). W4A16 runs in :mod:`.gemm_w4_dequant`.
 Epilogue: + low-rank up-projection + bias, optional GELU, and (MLP fc1) optional quantization of the
 output for the next layer, including that layer's low-rank down-projection (float32 atomics).
 
@@ -17,14 +17,14 @@ import triton.language as tl
 from .common import (dot_precision, gelu_tanh, lowrank_bias_epilogue, quant4_tile, rank_pad, smooth_tile,
                      tile_ids, unpack_int4, unpack_uint4)
 
-_A_MODES = {"int4": 0, "uint4": 1, "none": 2}
+_A_MODES = {"int4": 0, "uint4": 1}
 
 
 @triton.jit
 def _w4_gemm_kernel(
-    A, A_SCALE, SMOOTH, W, W_SCALE, LXP, LU, BIAS, OUT,
+    A, A_SCALE, W, W_SCALE, LXP, LU, BIAS, OUT,
     Q2, QS2, SMOOTH2, SHIFT2, LD2, LX2,
-    M, N, K, S, R, R2, stride_am, stride_wsn, stride_wsg,
+    M, N, K, S, R, R2, stride_wsn, stride_wsg,
     A_MODE: tl.constexpr, HAS_LR: tl.constexpr, RP: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
     QUANT_NEXT: tl.constexpr, NEXT_UNSIGNED: tl.constexpr, HAS_LR2: tl.constexpr, RP2: tl.constexpr,
     G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, PREC: tl.constexpr,
@@ -32,9 +32,8 @@ def _w4_gemm_kernel(
 ):
     """OUT ``[M, N]`` = A ``[M, K]`` x W ``[N, K]``^T with group scales, + epilogue.
 
-    A: packed uint8 ``[M, K/2]`` + A_SCALE float32 ``[K/G, M]`` (A_MODE 0 int4 / 1 uint4), or 16-bit
-    ``[M, K]`` divided by SMOOTH ``[K]`` (A_MODE 2). W: packed int4 ``[N, K/2]``; W_SCALE ``[N, K/G]``
-    (strides given). QUANT_NEXT: instead of OUT, write kernel 1's outputs for the next layer (Q2 uint8
+    A: packed uint8 ``[M, K/2]`` + A_SCALE float32 ``[K/G, M]`` (A_MODE 0 int4 / 1 uint4).
+    W: packed int4 ``[N, K/2]``; W_SCALE ``[N, K/G]`` (strides given). QUANT_NEXT: instead of OUT, write kernel 1's outputs for the next layer (Q2 uint8
     ``[M, N/2]``, QS2 float32 ``[N/G, M]``, LX2 float32 ``[M, R2]`` accumulated atomically).
     """
     pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
@@ -50,23 +49,15 @@ def _w4_gemm_kernel(
         wb = tl.load(W + rn_l[:, None] * (K // 2) + (g * (G // 2) + rc)[None, :])
         w_lo, w_hi = unpack_int4(wb)
         sw = tl.load(W_SCALE + rn_l * stride_wsn + g * stride_wsg).to(tl.float32)
-        if A_MODE == 2:
-            col = g * G + 2 * rc
-            x_lo = smooth_tile(tl.load(A + rm_l[:, None] * stride_am + col[None, :]), tl.load(SMOOTH + col))
-            x_hi = smooth_tile(tl.load(A + rm_l[:, None] * stride_am + (col + 1)[None, :]), tl.load(SMOOTH + col + 1))
-            d = tl.dot(x_lo, tl.trans(w_lo.to(x_lo.dtype)))
-            d = tl.dot(x_hi, tl.trans(w_hi.to(x_hi.dtype)), d)
-            acc += d * sw[None, :]
+        ab = tl.load(A + rm_l[:, None] * (K // 2) + (g * (G // 2) + rc)[None, :])
+        if A_MODE == 0:
+            a_lo, a_hi = unpack_int4(ab)
         else:
-            ab = tl.load(A + rm_l[:, None] * (K // 2) + (g * (G // 2) + rc)[None, :])
-            if A_MODE == 0:
-                a_lo, a_hi = unpack_int4(ab)
-            else:
-                a_lo, a_hi = unpack_uint4(ab)
-            d = tl.dot(a_lo, tl.trans(w_lo), out_dtype=tl.int32)
-            d = tl.dot(a_hi, tl.trans(w_hi), d, out_dtype=tl.int32)
-            sa = tl.load(A_SCALE + g * M + rm_l)
-            acc += d.to(tl.float32) * (sa[:, None] * sw[None, :])
+            a_lo, a_hi = unpack_uint4(ab)
+        d = tl.dot(a_lo, tl.trans(w_lo), out_dtype=tl.int32)
+        d = tl.dot(a_hi, tl.trans(w_hi), d, out_dtype=tl.int32)
+        sa = tl.load(A_SCALE + g * M + rm_l)
+        acc += d.to(tl.float32) * (sa[:, None] * sw[None, :])
     acc = lowrank_bias_epilogue(acc, rm, rn, M, N, LXP, S, LU, R, BIAS, RP, HAS_LR, HAS_BIAS, PREC)
     y = acc.to(OUT.dtype.element_ty)
     if GELU:
@@ -102,12 +93,11 @@ def _pick(M: int, N: int) -> dict:
 
 
 def w4_gemm(a, a_scales, qweight, wscales, lxp, lora_up, bias, mode: str, out_dtype: torch.dtype,
-            gelu: bool = False, smooth=None, next_layer: dict | None = None, config: dict | None = None):
+            gelu: bool = False, next_layer: dict | None = None, config: dict | None = None):
     """Group-scaled 4-bit-weight GEMM with the fused epilogue.
 
     Args:
-        a: packed uint8 ``[M, K // 2]`` (mode int4/uint4, with a_scales float32 ``[K // 64, M]``) or the
-            16-bit input ``[M, K]`` (mode none, divided by ``smooth [K]`` on the fly; a_scales unused).
+        a: packed uint8 ``[M, K // 2]`` (mode int4/uint4), a_scales float32 ``[K // 64, M]``.
         qweight: uint8 ``[N, K // 2]``; wscales ``[N, K // 64]`` (any float dtype, any strides).
         lxp: float32 low-rank partials ``[S, M, r]`` or None; lora_up ``[N, r]``; bias ``[N]`` or None.
         next_layer: MLP fusion (fc1 -> fc2): dict with smooth, shift ``[N]``, lora_down ``[N, r2]`` or None,
@@ -136,16 +126,15 @@ def w4_gemm(a, a_scales, qweight, wscales, lxp, lora_up, bias, mode: str, out_dt
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
     nl = next_layer or {}
     _w4_gemm_kernel[grid](
-        a, a_scales if a_scales is not None else dummy, smooth if smooth is not None else dummy,
-        qweight, wscales, lxp if lxp is not None else dummy, lora_up if r else dummy,
+        a, a_scales, qweight, wscales, lxp if lxp is not None else dummy, lora_up if r else dummy,
         bias if bias is not None else dummy, out,
         q2 if q2 is not None else dummy, qs2 if qs2 is not None else dummy,
         nl.get("smooth", dummy), nl.get("shift", dummy), nl.get("lora_down") if r2 else dummy,
         lx2 if lx2 is not None else dummy,
-        M, N, K, 0 if lxp is None else lxp.shape[0], r, r2, a.stride(0), wscales.stride(0), wscales.stride(1),
+        M, N, K, 0 if lxp is None else lxp.shape[0], r, r2, wscales.stride(0), wscales.stride(1),
         A_MODE=_A_MODES[mode], HAS_LR=r > 0, RP=rank_pad(r), HAS_BIAS=bias is not None, GELU=gelu,
         QUANT_NEXT=next_layer is not None, NEXT_UNSIGNED=nl.get("mode") == "uint4", HAS_LR2=r2 > 0,
-        RP2=rank_pad(r2), G=64, PREC=dot_precision(_widest(a, lora_up)), RECIP=a.is_cuda,
+        RP2=rank_pad(r2), G=64, PREC=dot_precision(_widest(lora_up, nl.get("lora_down"))), RECIP=a.is_cuda,
         **cfg,
     )
     if next_layer is not None:

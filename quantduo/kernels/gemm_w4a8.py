@@ -1,16 +1,19 @@
-"""Hopper W4A8 GEMM: int8-exact 4-bit weights x int8 per-token activations, one long int32 dot.
+"""Hopper W4A8 GEMM: 8-bit-exact 4-bit weights x 8-bit per-token activations, one long dot.
 
 Weights are INT4 ``q`` with integer group multipliers ``mult`` (:mod:`quantduo.svdquant.hopper_formats`):
-``q * mult`` is an exact int8, so the K loop has no rescale and the float scales (per token, per output
-channel) are applied once in the epilogue. Two ways to feed the tensor cores:
+``q * mult`` is an exact int8 (``act_format="int8"``) or float8_e4m3fn (``"fp8"``, power-of-two
+multipliers), so the K loop has no rescale and the float scales (per token, per output channel) are
+applied once in the epilogue. Two ways to feed the tensor cores:
 
-* ``packed``: expand ``q * mult`` from the packed nibbles in registers inside the GEMM (no extra traffic;
-  best when the GEMM is memory-bound, small M);
-* ``expanded``: :func:`expand_w4_int8` writes the int8 weights to a scratch buffer per call (1.5 bytes
-  of traffic per weight), then a plain int8 GEMM runs (best when compute-bound, large M).
+* ``packed`` (int8 only): expand ``q * mult`` from the packed nibbles in registers inside the GEMM (no
+  extra traffic);
+* ``expanded``: :func:`expand_w4` writes the 8-bit weights to a scratch buffer per call (1.5 bytes of
+  traffic per weight, one cached buffer per device), then a plain int8 / fp8 GEMM runs (compute-bound,
+  large M).
 
-Activations and expanded weights use the pair-split channel order (see :mod:`.reference`), which lines
-up with the nibbles so nothing is interleaved. References: ``w4a8_gemm_ref``, ``w4_to_int8_ref``.
+int8 activations and expanded int8 weights use the pair-split channel order (see :mod:`.reference`),
+which lines up with the nibbles so nothing is interleaved; fp8 ones use the natural order (so
+``torch._scaled_mm`` can consume them too). References: ``w4a8_gemm_ref``, ``w4_expand_ref``.
 """
 from __future__ import annotations
 
@@ -22,27 +25,50 @@ from .common import dot_precision, gelu_tanh, lowrank_bias_epilogue, rank_pad, t
 
 
 @triton.jit
-def _expand_w4_int8_kernel(W, MULT, OUT, N, K, BN: tl.constexpr, BK: tl.constexpr, G: tl.constexpr):
-    """OUT int8 ``[N, K]`` (pair-split) = nibbles of W uint8 ``[N, K/2]`` times MULT uint8 ``[N, K/G]``."""
+def _expand_w4_kernel(W, MULT, OUT, N, K, FP8: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, G: tl.constexpr):
+    """OUT ``[N, K]`` = nibbles of W uint8 ``[N, K/2]`` times MULT uint8 ``[N, K/G]``: FP8 -> float8_e4m3fn
+    in natural order (the products are exact), else int8 in pair-split order."""
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     c = tl.arange(0, BK // 2)
     k = tl.program_id(1) * BK
     nmask = rn[:, None] < N
     rn64 = rn[:, None].to(tl.int64)
     lo, hi = unpack_int4(tl.load(W + rn64 * (K // 2) + (k // 2 + c)[None, :], mask=nmask, other=0))
-    m = tl.load(MULT + rn64 * (K // G) + (k // G + c // (G // 2))[None, :], mask=nmask, other=0).to(tl.int8)
-    pos = k + (c // (G // 2)) * G + c % (G // 2)
-    tl.store(OUT + rn64 * K + pos[None, :], lo * m, mask=nmask)
-    tl.store(OUT + rn64 * K + (pos + G // 2)[None, :], hi * m, mask=nmask)
+    m = tl.load(MULT + rn64 * (K // G) + (k // G + c // (G // 2))[None, :], mask=nmask, other=0)
+    if FP8:
+        mf = m.to(tl.float32)
+        vals = tl.reshape(tl.join(lo.to(tl.float32) * mf, hi.to(tl.float32) * mf), (BN, BK))
+        tl.store(OUT + rn64 * K + (k + tl.arange(0, BK))[None, :], vals.to(tl.float8e4nv), mask=nmask)
+    else:
+        pos = k + (c // (G // 2)) * G + c % (G // 2)
+        tl.store(OUT + rn64 * K + pos[None, :], lo * m.to(tl.int8), mask=nmask)
+        tl.store(OUT + rn64 * K + (pos + G // 2)[None, :], hi * m.to(tl.int8), mask=nmask)
 
 
-def expand_w4_int8(qweight: torch.Tensor, wmult: torch.Tensor, group_size: int = 64) -> torch.Tensor:
-    """int8 ``[N, K]`` pair-split weights ``q * mult`` from qweight uint8 ``[N, K // 2]`` and wmult ``[N, K // G]``."""
+_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat buffer of at least ``numel`` elements, one per (device, dtype), grown on demand and reused by
+    every layer: the expanded weights live only until the GEMM that follows on the same stream."""
+    buf = _SCRATCH.get((device, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH[(device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def expand_w4(qweight: torch.Tensor, wmult: torch.Tensor, fp8: bool, group_size: int = 64,
+              scratch: bool = True) -> torch.Tensor:
+    """8-bit ``[N, K]`` weights ``q * mult`` from qweight uint8 ``[N, K // 2]`` and wmult uint8 ``[N, K // G]``:
+    float8_e4m3fn natural order (fp8) or int8 pair-split order. scratch: write into the shared per-device
+    buffer (overwritten by the next expansion) instead of a new tensor."""
     N, K = qweight.shape[0], qweight.shape[1] * 2
-    out = torch.empty(N, K, dtype=torch.int8, device=qweight.device)
+    dtype = torch.float8_e4m3fn if fp8 else torch.int8
+    out = (_scratch(N * K, dtype, qweight.device) if scratch else torch.empty(N * K, dtype=dtype,
+                                                                             device=qweight.device)).view(N, K)
     bk = 256 if K % 256 == 0 else (128 if K % 128 == 0 else 64)
-    _expand_w4_int8_kernel[(triton.cdiv(N, 32), K // bk)](qweight, wmult, out, N, K, BN=32, BK=bk, G=group_size,
-                                                          num_warps=4)
+    _expand_w4_kernel[(triton.cdiv(N, 32), K // bk)](qweight, wmult, out, N, K, FP8=fp8, BN=32, BK=bk, G=group_size,
+                                                     num_warps=4)
     return out
 
 
@@ -52,18 +78,21 @@ def _w4a8_gemm_kernel(
     M, N, K, S, R,
     PACKED: tl.constexpr, HAS_LR: tl.constexpr, RP: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
     G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, TMA: tl.constexpr,
 ):
-    """OUT ``[M, N]`` = (A int8 ``[M, K]`` x Wq^T) * A_SCALE[m] * WROW[n] + low-rank + bias (+ GELU).
+    """OUT ``[M, N]`` = (A ``[M, K]`` x Wq^T) * A_SCALE[m] * WROW[n] + low-rank + bias (+ GELU).
 
-    PACKED: W uint8 ``[N, K/2]`` with MULT uint8 ``[N, K/G]``; else W int8 ``[N, K]`` pair-split.
+    PACKED: A int8 pair-split, W uint8 ``[N, K/2]`` with MULT uint8 ``[N, K/G]``. Else A and W ``[N, K]``
+    share one dtype and channel order: int8 (int32 accumulator) or float8_e4m3fn / 16-bit (float32
+    accumulator); TMA: load the tiles through tensor descriptors (Hopper bulk copies).
     """
     pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rm_l = tl.minimum(rm, M - 1).to(tl.int64)
     rn_l = tl.minimum(rn, N - 1).to(tl.int64)
-    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    ACC: tl.constexpr = tl.int32 if A.dtype.element_ty == tl.int8 else tl.float32
+    acc = tl.zeros((BM, BN), dtype=ACC)
     if PACKED:
         c = tl.arange(0, BK // 2)
         pos = (c // (G // 2)) * G + c % (G // 2)
@@ -74,12 +103,17 @@ def _w4a8_gemm_kernel(
             m = tl.load(MULT + rn_l[:, None] * (K // G) + (k // G + c // (G // 2))[None, :]).to(tl.int8)
             acc = tl.dot(a_lo, tl.trans(w_lo * m), acc, out_dtype=tl.int32)
             acc = tl.dot(a_hi, tl.trans(w_hi * m), acc, out_dtype=tl.int32)
+    elif TMA:
+        a_desc = tl.make_tensor_descriptor(A, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
+        w_desc = tl.make_tensor_descriptor(W, shape=[N, K], strides=[K, 1], block_shape=[BN, BK])
+        for k in range(0, K, BK):
+            acc = tl.dot(a_desc.load([pid_m * BM, k]), tl.trans(w_desc.load([pid_n * BN, k])), acc, out_dtype=ACC)
     else:
         rk = tl.arange(0, BK)
         for k in range(0, K, BK):
             a = tl.load(A + rm_l[:, None] * K + (k + rk)[None, :])
             w = tl.load(W + rn_l[:, None] * K + (k + rk)[None, :])
-            acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+            acc = tl.dot(a, tl.trans(w), acc, out_dtype=ACC)
     sa = tl.load(A_SCALE + rm_l)
     sw = tl.load(WROW + rn_l)
     y = acc.to(tl.float32) * sa[:, None] * sw[None, :]
@@ -90,12 +124,18 @@ def _w4a8_gemm_kernel(
     tl.store(OUT + rm[:, None].to(tl.int64) * N + rn[None, :], out, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def _pick(M: int, N: int, packed: bool) -> dict:
+def _pick(M: int, N: int, packed: bool, fp8: bool) -> dict:
     if M <= 16:
         return dict(BM=16, BN=32, BK=256, GROUP_M=1, num_warps=4, num_stages=4)
     if M <= 256:
         return dict(BM=64, BN=64, BK=128, GROUP_M=8, num_warps=4, num_stages=4)
+    if fp8:
+        return dict(BM=128, BN=256, BK=128, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BM=128, BN=128, BK=256, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def _tma_allocator(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def w4a8_gemm(a, a_scales, weight, wmult, wrow, lxp, lora_up, bias, out_dtype: torch.dtype, gelu: bool = False,
@@ -103,16 +143,19 @@ def w4a8_gemm(a, a_scales, weight, wmult, wrow, lxp, lora_up, bias, out_dtype: t
     """W4A8 GEMM with the fused epilogue.
 
     Args:
-        a: int8 ``[M, K]`` pair-split; a_scales float32 ``[M]``.
-        weight: packed uint8 ``[N, K // 2]`` (then wmult uint8 ``[N, K // 64]`` is used in-kernel) or the
-            expanded int8 ``[N, K]`` from :func:`expand_w4_int8`; wrow float32 ``[N]``.
+        a: int8 ``[M, K]`` pair-split or float8_e4m3fn ``[M, K]`` (or 16-bit, for tests); a_scales float32 ``[M]``.
+        weight: packed uint8 ``[N, K // 2]`` (int8 activations; then wmult uint8 ``[N, K // 64]`` is used
+            in-kernel) or the expanded ``[N, K]`` from :func:`expand_w4` in a's dtype; wrow float32 ``[N]``.
         lxp: float32 low-rank partials ``[S, M, r]`` or None; lora_up ``[N, r]``; bias ``[N]`` or None.
+        config: tile dict; key ``TMA`` (default False) loads the expanded operands via tensor descriptors.
     Returns ``[M, N]`` in out_dtype.
     """
     packed = weight.dtype == torch.uint8
     M, K = a.shape
     N = weight.shape[0]
-    cfg = dict(config or _pick(M, N, packed))
+    cfg = {"TMA": False, **(config or _pick(M, N, packed, a.dtype == torch.float8_e4m3fn))}
+    if cfg["TMA"]:
+        triton.set_allocator(_tma_allocator)
     if K % cfg["BK"]:
         raise ValueError(f"K={K} must be a multiple of BK={cfg['BK']}")
     r = 0 if lxp is None else lxp.shape[2]

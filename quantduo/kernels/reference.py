@@ -7,7 +7,7 @@ Layouts shared with the kernels (``M`` tokens, ``N`` out features, ``K`` padded 
   float32 scales stored transposed ``[K // G, M]``.
 * 8-bit activations (W4A8): int8 ``[M, K]`` in *pair-split* order: inside every group of ``G`` channels the
   even channels come first, then the odd ones (so they line up with the low / high nibbles of the packed
-  weights); float32 scales ``[M]``.
+  weights), or float8_e4m3fn ``[M, K]`` in natural order; float32 scales ``[M]``.
 * low-rank down-projection: float32 partial sums ``[S, M, r]`` over ``S`` slices of K; consumers sum them
   and round to the module dtype.
 """
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from quantduo.svdquant import hopper_formats as hf
 from quantduo.svdquant import quantizers as qz
 
-ACT_MODES = ("int4", "uint4", "int8", "none")
+ACT_MODES = ("int4", "uint4", "int8", "fp8", "none", "smooth", "amax")
 
 
 def pair_split(x: torch.Tensor, group_size: int = 64) -> torch.Tensor:
@@ -49,17 +49,24 @@ def act_quant_ref(x, smooth, shift, lora_down, mode: str, group_size: int = 64):
 
     Args: x ``[M, K]`` float16/bfloat16/float32; smooth, shift ``[K]``; lora_down ``[K, r]`` or None;
     mode in :data:`ACT_MODES`.
-    Returns (q, scales, lx): see the module docstring for the layouts (q, scales are None for mode
-    ``"none"``); lx float32 ``[M, r]`` or None.
+    Returns (q, scales, lx): see the module docstring for the layouts; q is None for modes ``"none"`` and
+    ``"amax"`` (whose scales are the row absmax ``[M]`` of the smoothed x: the max over the kernel's
+    partials), ``"smooth"`` returns q = x / smooth; lx float32 ``[M, r]`` or None.
     """
     xs = smooth_input(x, smooth)
     lx = lowrank_down(xs, lora_down) if lora_down is not None and lora_down.shape[1] > 0 else None
-    act = xs.float() + shift.float()
     if mode == "none":
         return None, None, lx
+    if mode == "smooth":
+        return xs, None, lx
+    if mode == "amax":
+        return None, xs.float().abs().amax(dim=-1), lx
     if mode == "int8":
         q, scales = hf.quantize_int8_tokens(xs)
         return pair_split(q, group_size), scales, lx
+    if mode == "fp8":
+        return (*hf.quantize_fp8_tokens(xs), lx)
+    act = xs.float() + shift.float()
     quant = qz.quantize_int4 if mode == "int4" else qz.quantize_uint4
     q, scales = quant(act, group_size)
     return qz.pack_nibbles(q), scales.T.contiguous(), lx
@@ -78,20 +85,39 @@ def epilogue_ref(acc, lx, lora_up, bias, out_dtype, gelu: bool = False):
     return y
 
 
-def w4_gemm_ref(a, a_scales, qweight, wscales, lx, lora_up, bias, mode: str, out_dtype, gelu=False, smooth=None):
-    """Reference of the group-scaled 4-bit-weight GEMM (:func:`quantduo.kernels.gemm_w4a4.w4_gemm`).
+def w4_gemm_ref(a, a_scales, qweight, wscales, lx, lora_up, bias, mode: str, out_dtype, gelu=False):
+    """Reference of the W4A4 group-scaled GEMM (:func:`quantduo.kernels.gemm_w4a4.w4_gemm`).
 
-    mode ``"int4"`` / ``"uint4"``: ``a`` packed ``[M, K // 2]`` with ``a_scales`` ``[K // G, M]`` (W4A4).
-    mode ``"none"``: ``a`` is the 16-bit input ``[M, K]``, divided by ``smooth`` on the fly (W4A16).
+    mode ``"int4"`` / ``"uint4"``: ``a`` packed ``[M, K // 2]`` with ``a_scales`` ``[K // G, M]``.
     qweight uint8 ``[N, K // 2]`` (signed INT4), wscales ``[N, K // G]``. Returns ``[M, N]`` in out_dtype.
     """
     w = qz.dequantize_groups(qz.unpack_int4(qweight), wscales)
-    if mode == "none":
-        act = smooth_input(a, smooth).float()
-    else:
-        codes = qz.unpack_int4(a) if mode == "int4" else qz.unpack_uint4(a)
-        act = qz.dequantize_groups(codes, a_scales.T)
+    codes = qz.unpack_int4(a) if mode == "int4" else qz.unpack_uint4(a)
+    act = qz.dequantize_groups(codes, a_scales.T)
     return epilogue_ref(act @ w.T, lx, lora_up, bias, out_dtype, gelu)
+
+
+def w4_dequant_gemm_ref(x, qweight, wfactor, lx, lora_up, bias, out_dtype, smooth=None, act="none", amax=None,
+                        wrow=None, gelu=False):
+    """Reference of the weight-streaming GEMM (:func:`quantduo.kernels.gemm_w4_dequant.w4_dequant_gemm`).
+
+    x 16-bit ``[M, K]`` (divided by ``smooth`` when given); act ``"none"`` or ``"int8"`` / ``"fp8"``: x
+    fake-quantized per token with scale ``amax [M] / (127 | 448)`` (as ``hopper_formats``); weights
+    ``q * wfactor [N, K // G]`` (times ``wrow [N]`` when given), the dequantized tile rounded to x.dtype.
+    """
+    xs = smooth_input(x, smooth) if smooth is not None else x
+    w = qz.dequantize_groups(qz.unpack_int4(qweight), wfactor.float())
+    if act == "none":
+        a = xs.float()
+        w = w.to(x.dtype).float()
+    else:
+        qmax = hf.INT8_MAX if act == "int8" else qz.FP8_E4M3_MAX
+        scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+        y = (xs.float() / scale[:, None]).clamp(-qmax, qmax)
+        a = (torch.round(y) if act == "int8" else y.to(torch.float8_e4m3fn).float()) * scale[:, None]
+    if wrow is not None:
+        w = w * wrow.float()[:, None]
+    return epilogue_ref(a @ w.T, lx, lora_up, bias, out_dtype, gelu)
 
 
 def quant_next_ref(h, smooth, shift, lora_down, mode: str, group_size: int = 64):
@@ -100,17 +126,22 @@ def quant_next_ref(h, smooth, shift, lora_down, mode: str, group_size: int = 64)
 
 
 def w4a8_gemm_ref(a, a_scales, qweight, wmult, wrow, lx, lora_up, bias, out_dtype, gelu=False, group_size=64):
-    """Reference of the W4A8 GEMM (:mod:`quantduo.kernels.gemm_w4a8`): ``a`` int8 pair-split ``[M, K]``,
-    a_scales float32 ``[M]``; weights in the int8-exact format of :mod:`quantduo.svdquant.hopper_formats`."""
-    act = pair_merge(a, group_size).float() * a_scales[:, None]
+    """Reference of the W4A8 GEMM (:mod:`quantduo.kernels.gemm_w4a8`): ``a`` int8 pair-split ``[M, K]`` or
+    float8_e4m3fn natural order, a_scales float32 ``[M]``; weights in a format of
+    :mod:`quantduo.svdquant.hopper_formats`."""
+    codes = pair_merge(a, group_size) if a.dtype == torch.int8 else a
+    act = codes.float() * a_scales[:, None]
     w = hf.dequantize_int4_int8exact(qz.unpack_int4(qweight), wmult, wrow)
     return epilogue_ref(act @ w.T, lx, lora_up, bias, out_dtype, gelu)
 
 
-def w4_to_int8_ref(qweight, wmult, group_size: int = 64):
-    """Reference of the weight expansion kernel: int8 ``q * mult`` ``[N, K]`` in pair-split order."""
+def w4_expand_ref(qweight, wmult, fp8: bool, group_size: int = 64):
+    """Reference of the weight expansion kernel: ``q * mult`` ``[N, K]``, float8_e4m3fn in natural order
+    (fp8) or int8 in pair-split order."""
     q = qz.unpack_int4(qweight).to(torch.int16)
     m = wmult.to(torch.int16).repeat_interleave(group_size, dim=1)
+    if fp8:
+        return (q * m).float().to(torch.float8_e4m3fn)
     return pair_split((q * m).to(torch.int8), group_size)
 
 

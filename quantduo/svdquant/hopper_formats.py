@@ -1,16 +1,19 @@
-"""Hopper-native SVDQuant format: W4A8 with int8-exact weight group scales.
+"""Hopper-native SVDQuant formats: W4A8 with 8-bit-exact weight group scales (int8 or fp8 activations).
 
 Hopper (sm_90) has no 4-bit tensor cores, and a per-64-group rescale of the accumulator (the INT4-g64
-W4A4 format) keeps its 8-bit tensor cores at about bf16 speed. This format keeps the 4-bit weights but
-makes one long int8 dot exact:
+W4A4 format) keeps its 8-bit tensor cores at about bf16 speed. These formats keep the 4-bit weights but
+make one long 8-bit dot exact:
 
 * **weights**: INT4 values ``q`` in [-7, 7] (same nibble packing as :mod:`.quantizers`), group scale
-  ``row_scale[n] * mult[n, g]`` with an integer multiplier ``mult`` in ``[1, MULT_MAX]``, so
-  ``q * mult`` is an exact int8 (|q * mult| <= 126) and ``row_scale`` (float32 per output channel)
-  moves to the GEMM epilogue.
-* **activations**: symmetric INT8 per token (``absmax / 127``, float32 scale) of the smoothed input.
-  There is no unsigned shift (signed 8-bit handles post-GELU inputs); the converter unfolds the shift
-  term from the bias.
+  ``row_scale[n] * mult[n, g]`` with an integer multiplier ``mult`` (uint8), so ``q * mult`` is exact in
+  the 8-bit operand type and ``row_scale`` (float32 per output channel) moves to the GEMM epilogue:
+
+  - ``act_format="int8"``: ``mult`` in ``[1, MULT_MAX]``, ``|q * mult| <= 126`` is an exact int8;
+  - ``act_format="fp8"``: ``mult = 2**e``, ``e`` in ``[0, FP8_EXP_MAX]``, ``|q * mult| <= 448`` is an
+    exact float8_e4m3fn (``q`` has at most 3 significant bits).
+* **activations**: symmetric per token of the smoothed input, float32 scale: INT8 (``absmax / 127``,
+  round half to even) or FP8 E4M3 (``absmax / 448``, round to nearest even). There is no unsigned shift
+  (signed 8-bit handles post-GELU inputs); the converter unfolds the shift term from the bias.
 
 Storage per weight: 4 bits + 8 / 64 (multiplier) + 32 / K (row scale) + the 16-bit low-rank factors.
 """
@@ -25,6 +28,8 @@ from .linear import SVDQuantLinear
 
 MULT_MAX = 18  # 7 * 18 = 126 <= 127
 INT8_MAX = 127
+FP8_EXP_MAX = 6  # 7 * 2**6 = 448 = float8_e4m3fn max
+ACT_FORMATS = ("int8", "fp8")
 
 
 def quantize_int4_int8exact(
@@ -45,6 +50,33 @@ def quantize_int4_int8exact(
     return q.to(torch.int8).reshape(r.shape), mult.to(torch.uint8), row_scale.float()
 
 
+def quantize_int4_fp8exact(
+    r: torch.Tensor, group_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize ``r [N, K]`` to INT4 with power-of-two group multipliers (fp8-exact ``q * mult``).
+
+    ``row_scale = row absmax / (7 * 2**FP8_EXP_MAX)``; each group takes the exponent ``e`` in
+    ``[0, FP8_EXP_MAX]`` with the smallest squared error. Returns q int8 ``[N, K]`` in [-7, 7], mult uint8
+    ``[N, K // group_size]`` (powers of two, 1..64), row_scale float32 ``[N]``.
+    """
+    g = qz._grouped(r, group_size)
+    row_max = g.abs().amax(dim=(-1, -2))
+    row_scale = torch.where(row_max > 0, row_max / (qz.INT4_MAX * 2 ** FP8_EXP_MAX), torch.ones_like(row_max))
+    best_err = best_q = best_mult = None
+    for e in range(FP8_EXP_MAX + 1):
+        scale = row_scale[:, None, None] * 2.0 ** e
+        q = torch.round(g / scale).clamp_(-qz.INT4_MAX, qz.INT4_MAX)
+        err = (g - q * scale).square().sum(dim=-1)
+        if best_err is None:
+            best_err, best_q, best_mult = err, q, torch.ones_like(err)
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_q = torch.where(better[..., None], q, best_q)
+            best_mult = torch.where(better, torch.full_like(err, 2.0 ** e), best_mult)
+    return best_q.to(torch.int8).reshape(r.shape), best_mult.to(torch.uint8), row_scale.float()
+
+
 def dequantize_int4_int8exact(q: torch.Tensor, mult: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`quantize_int4_int8exact`: float32 ``[N, K]``."""
     return qz.dequantize_groups(q, mult.float() * row_scale.float()[:, None])
@@ -60,14 +92,30 @@ def quantize_int8_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(torch.int8), scale
 
 
-def fake_quant_int8_tokens(x: torch.Tensor) -> torch.Tensor:
-    """Quantize-dequantize with :func:`quantize_int8_tokens`; float32, shape of ``x``."""
-    q, scale = quantize_int8_tokens(x)
+def quantize_fp8_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric FP8 E4M3 per row of ``x [..., K]``: q float8_e4m3fn ``[..., K]``, scale float32 ``[...]``
+    (absmax / 448, 1.0 for all-zero rows). Round to nearest even."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / qz.FP8_E4M3_MAX, torch.ones_like(amax))
+    q = (xf / scale.unsqueeze(-1)).clamp_(-qz.FP8_E4M3_MAX, qz.FP8_E4M3_MAX)
+    return q.to(torch.float8_e4m3fn), scale
+
+
+def fake_quant_tokens(x: torch.Tensor, act_format: str) -> torch.Tensor:
+    """Quantize-dequantize per token with :func:`quantize_int8_tokens` (``"int8"``) or
+    :func:`quantize_fp8_tokens` (``"fp8"``); float32, shape of ``x``."""
+    q, scale = quantize_int8_tokens(x) if act_format == "int8" else quantize_fp8_tokens(x)
     return q.float() * scale.unsqueeze(-1)
 
 
+def fake_quant_int8_tokens(x: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize with :func:`quantize_int8_tokens`; float32, shape of ``x``."""
+    return fake_quant_tokens(x, "int8")
+
+
 class SVDQuantW4A8Linear(nn.Module):
-    """SVDQuant layer in the Hopper W4A8 format (see module docstring).
+    """SVDQuant layer in a Hopper W4A8 format (see module docstring); ``act_format`` ``"int8"`` or ``"fp8"``.
 
     ``y = Q8(x / smooth) @ (q * mult * row_scale)^T + (x / smooth) @ lora_down @ lora_up^T + bias``.
     Buffers (``N`` out, ``K`` padded in, ``G`` group, ``r`` rank): qweight uint8 ``[N, K // 2]``,
@@ -76,8 +124,12 @@ class SVDQuantW4A8Linear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int = 32, bias: bool = True,
-                 group_size: int = 64, dtype: torch.dtype = torch.bfloat16, device=None) -> None:
+                 group_size: int = 64, dtype: torch.dtype = torch.bfloat16, device=None,
+                 act_format: str = "int8") -> None:
         super().__init__()
+        if act_format not in ACT_FORMATS:
+            raise ValueError(f"act_format must be one of {ACT_FORMATS}, got {act_format!r}")
+        self.act_format = act_format
         self.in_features, self.out_features, self.rank, self.group_size = in_features, out_features, rank, group_size
         self.backend = "auto"
         k = in_features + (-in_features) % group_size
@@ -116,7 +168,7 @@ class SVDQuantW4A8Linear(nn.Module):
         """Exact semantics in PyTorch (float32 GEMM accumulation, low-rank branch in the module dtype)."""
         x_smooth = self._pad_input(x) / self.smooth_factor.to(x.dtype)
         low_rank = (x_smooth.to(self.dtype) @ self.lora_down) @ self.lora_up.T
-        y = fake_quant_int8_tokens(x_smooth) @ self.dequantized_residual().T + low_rank.float()
+        y = fake_quant_tokens(x_smooth, self.act_format) @ self.dequantized_residual().T + low_rank.float()
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)
@@ -129,9 +181,11 @@ class SVDQuantW4A8Linear(nn.Module):
         return self.forward_reference(x)
 
 
-def to_w4a8(module: SVDQuantLinear, weight: torch.Tensor | None = None) -> SVDQuantW4A8Linear:
-    """Convert a W4A4 :class:`SVDQuantLinear` to the Hopper W4A8 format (same smoothing and low-rank branch).
+def to_w4a8(module: SVDQuantLinear, weight: torch.Tensor | None = None, act_format: str = "int8"
+            ) -> SVDQuantW4A8Linear:
+    """Convert a W4A4 :class:`SVDQuantLinear` to a Hopper W4A8 format (same smoothing and low-rank branch).
 
+    act_format: ``"int8"`` (integer multipliers) or ``"fp8"`` (power-of-two multipliers, see module docstring).
     ``weight`` (the original float ``[N, in_features]`` weight, optional): re-quantize the exact residual
     ``W * smooth - lora_up @ lora_down^T``; without it the module's dequantized 4-bit residual is
     re-quantized. The unsigned-activation shift folded into the bias is unfolded (W4A8 needs no shift).
@@ -147,8 +201,9 @@ def to_w4a8(module: SVDQuantLinear, weight: torch.Tensor | None = None) -> SVDQu
             residual = w - module.lora_up.float() @ module.lora_down.float().T
         group = 64 if module.weight_format == "nvfp4" else module.group_size
         out = SVDQuantW4A8Linear(module.in_features, module.out_features, module.rank, module.bias is not None,
-                                 group, module.dtype, module.qweight.device)
-        q, mult, row_scale = quantize_int4_int8exact(residual, group)
+                                 group, module.dtype, module.qweight.device, act_format=act_format)
+        quantize = quantize_int4_fp8exact if act_format == "fp8" else quantize_int4_int8exact
+        q, mult, row_scale = quantize(residual, group)
         out.qweight.copy_(qz.pack_int4(q))
         out.wmult.copy_(mult)
         out.wscale_row.copy_(row_scale)
@@ -160,3 +215,8 @@ def to_w4a8(module: SVDQuantLinear, weight: torch.Tensor | None = None) -> SVDQu
         elif bool((module.act_shift != 0).any()):
             raise ValueError("module has an activation shift but no bias to unfold it from")
     return out
+
+
+def to_w4a8_fp8(module: SVDQuantLinear, weight: torch.Tensor | None = None) -> SVDQuantW4A8Linear:
+    """:func:`to_w4a8` with FP8 E4M3 activations and power-of-two weight group multipliers."""
+    return to_w4a8(module, weight, act_format="fp8")
