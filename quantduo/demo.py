@@ -134,6 +134,9 @@ def run_demo(out_dir: Path, device: str | None = None, skip_duo: bool = False) -
     psnrs = summary["svdquant"]["psnr_db"]
     print("\n== quantduo demo ==")
     print("SVDQuant digits, PSNR vs BF16: " + ", ".join(f"{k} {v:.1f} dB" for k, v in psnrs.items()))
+    for mode in ("full", "duo", "streaming") if "duo" in summary else ():
+        res = summary["duo"][mode]
+        print(f"DuoAttention {mode:>9}: passkey accuracy {res['accuracy']:.3f}, KV cache {res['kv_bytes']:,} bytes")
     print(f"pictures and numbers in {out_dir}/ ({summary['seconds']} s on {device})")
     return summary
 
