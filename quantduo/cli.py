@@ -9,9 +9,8 @@ import argparse
 import importlib
 import sys
 
-# Modules that expose ``register(subparsers)``; a module missing an optional extra is skipped.
+# Modules that expose ``register(subparsers)``.
 _COMMAND_MODULES = (
-    "quantduo.svdquant.commands",
     "quantduo.integrations.diffusers_commands",
     "quantduo.duo.commands",
     "quantduo.demo",
@@ -22,13 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantduo", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name and err.name.startswith("quantduo"):
-                continue  # area not built yet
-            raise
-        module.register(subparsers)
+        importlib.import_module(name).register(subparsers)
     return parser
 
 
