@@ -3,11 +3,14 @@
     PYTHONPATH=. python benchmarks/linear.py [--sweep] [--quality] [--out DIR]
 
 Variants (rank 32): bf16 F.linear; fp8 torch._scaled_mm with row-wise scales (GEMM only, inputs already
-fp8); W4A16 (Triton, INT4-g64 weights); W4A4 INT4-g64 unfused (kernel 1 + GEMM + low-rank as separate
-matmuls), W4A4 fused, W4A4 without low-rank (overhead reference); W4A8 Hopper format fused (packed /
-expanded weights) and without low-rank. Times: CUDA-graph replays over enough copies of the weights and
-inputs to defeat the 50 MB L2, median of repeats. ``--quality`` quantizes synthetic FLUX-shaped layers with
-the SVDQuant pipeline and reports output error vs BF16 for each format. Writes JSON + log under ``--out``.
+fp8); W4A16 (Triton weight-streaming GEMM, INT4-g64 weights, no low-rank); W4A4 INT4-g64 unfused (kernel 1
++ GEMM + low-rank as separate matmuls), W4A4 fused, W4A4 without low-rank (overhead reference); W4A8 Hopper
+formats with int8 (``w4a8``) or fp8 (``w4a8fp8``) activations, fused (default path per M) and without
+low-rank; ``w4a8fp8_smm``: the fp8 format's kernel 1 + expansion, then torch._scaled_mm + a separate
+low-rank addmm. Times: CUDA-graph replays over enough copies of the weights and inputs to defeat the 50 MB
+L2, median of repeats. ``--sweep`` times tile configurations of the new kernels, ``--quality`` quantizes
+synthetic FLUX-shaped layers with the SVDQuant pipeline and reports output error vs BF16 for each format.
+Writes JSON + log under ``--out``.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ import torch.nn.functional as F
 from quantduo import kernels as qk
 from quantduo.kernels.act_quant import act_quant
 from quantduo.kernels.gemm_w4a4 import w4_gemm
-from quantduo.kernels.gemm_w4a8 import expand_w4_int8, w4a8_gemm
+from quantduo.kernels.gemm_w4_dequant import w4_dequant_gemm
+from quantduo.kernels.gemm_w4a8 import expand_w4, w4a8_gemm
 from quantduo.svdquant import SVDQuantLinear
 from quantduo.svdquant import hopper_formats as hf
 from quantduo.svdquant import quantizers as qz
@@ -87,11 +91,14 @@ def random_module(n, k, act_format="int4", rank=RANK):
     return m
 
 
-def random_w4a8(n, k, rank=RANK):
-    m = hf.SVDQuantW4A8Linear(k, n, rank=rank, device=DEV)
+def random_w4a8(n, k, rank=RANK, act_format="int8"):
+    m = hf.SVDQuantW4A8Linear(k, n, rank=rank, device=DEV, act_format=act_format)
     with torch.no_grad():
         m.qweight.copy_(qz.pack_int4(torch.randint(-7, 8, (n, k), device=DEV)))
-        m.wmult.copy_(torch.randint(1, hf.MULT_MAX + 1, (n, k // 64), device=DEV, dtype=torch.uint8))
+        if act_format == "fp8":
+            m.wmult.copy_(2 ** torch.randint(0, hf.FP8_EXP_MAX + 1, (n, k // 64), device=DEV, dtype=torch.uint8))
+        else:
+            m.wmult.copy_(torch.randint(1, hf.MULT_MAX + 1, (n, k // 64), device=DEV, dtype=torch.uint8))
         m.wscale_row.copy_(torch.rand(n, device=DEV) * 1e-3 + 1e-4)
         m.smooth_factor.copy_(torch.rand(k, device=DEV) + 0.5)
         m.lora_down.copy_(torch.randn(k, rank, device=DEV) * 0.05)
@@ -124,7 +131,8 @@ def v_fp8(M, N, K):
 
 
 def v_module(M, N, K, kind, **kw):
-    """kind: w4a16 | w4a4_fused | w4a4_nolr | w4a4_unfused | w4a8 | w4a8_nolr (kw: expand, config)."""
+    """kind: w4a16 | w4a4_fused | w4a4_nolr | w4a4_unfused | w4a8[_nolr] | w4a8fp8[_nolr] | w4a8fp8_smm
+    (kw: path, config)."""
     def make():
         x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
         if kind == "w4a16":
@@ -144,15 +152,17 @@ def v_module(M, N, K, kind, **kw):
                 return w4_gemm(q, qs, m.qweight, m.wscales, lxp, m.lora_up if m.rank else None, m.bias, "int4",
                                x.dtype, config=kw.get("config"))
             return call
-        m = random_w4a8(N, K, rank=0 if kind == "w4a8_nolr" else RANK)
-        expand = kw.get("expand")
-        def call():
-            q, qs, lxp = act_quant(x, m.smooth_factor, None, m.lora_down if m.rank else None, "int8")
-            ex = M >= qk.W4A8_EXPAND_MIN_TOKENS if expand is None else expand
-            w = expand_w4_int8(m.qweight, m.wmult) if ex else m.qweight
-            return w4a8_gemm(q, qs, w, m.wmult, m.wscale_row, lxp, m.lora_up if m.rank else None, m.bias, x.dtype,
-                             config=kw.get("config"))
-        return call
+        fmt = "fp8" if kind.startswith("w4a8fp8") else "int8"
+        m = random_w4a8(N, K, rank=0 if kind.endswith("_nolr") else RANK, act_format=fmt)
+        if kind == "w4a8fp8_smm":
+            def call():
+                q, qs, lxp = act_quant(x, m.smooth_factor, None, m.lora_down, "fp8")
+                w = expand_w4(m.qweight, m.wmult, True)
+                y = torch._scaled_mm(q, w.T, scale_a=qs[:, None], scale_b=m.wscale_row[None, :], bias=m.bias,
+                                     out_dtype=torch.bfloat16)
+                return y.addmm_(lxp[0].to(x.dtype), m.lora_up.T)
+            return call
+        return lambda: qk.w4a8_linear_forward(m, x, path=kw.get("path"))
     return make, 2 * M * K + N * K * 0.56 + 2 * M * N
 
 
@@ -165,12 +175,14 @@ def check_kernels(log):
     M, N, K = 201, 3072, 3072
     m = random_module(N, K, "int4")
     x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
-    for mode in ("int4", "uint4", "int8"):
+    for mode in ("int4", "uint4", "int8", "fp8"):
         q, qs, lxp = act_quant(x, m.smooth_factor, m.act_shift, m.lora_down, mode)
         rq, rqs, rlx = ref.act_quant_ref(x, m.smooth_factor, m.act_shift, m.lora_down, mode)
+        if mode == "fp8":
+            q, rq = q.view(torch.uint8), rq.view(torch.uint8)
         log(f"  kernel1 {mode}: code mismatches {(q != rq).sum().item()} / {q.numel()}, scale mismatches "
             f"{(qs != rqs).sum().item()}, lx rel err {rel(lxp.sum(0), rlx):.1e}")
-        if mode != "int8":
+        if mode in ("int4", "uint4"):
             y = w4_gemm(q, qs, m.qweight, m.wscales, lxp, m.lora_up, m.bias, mode, x.dtype)
             y_ref = ref.w4_gemm_ref(q, qs, m.qweight, m.wscales, lxp.sum(0), m.lora_up, m.bias, mode, x.dtype)
             log(f"  gemm {mode} on kernel-1 codes: rel err {rel(y, y_ref):.1e}")
@@ -186,9 +198,14 @@ def check_correctness(log):
         for fmt in ("int4", "uint4", "none"):
             m = random_module(N, K, fmt, rank=0 if fmt == "none" else RANK)
             worst[f"{fmt} {N}x{K}"] = rel(qk.svdquant_linear_forward(m, x), m.forward_reference(x))
-        m8 = random_w4a8(N, K)
-        for ex in (False, True):
-            worst[f"w4a8 expand={ex} {N}x{K}"] = rel(qk.w4a8_linear_forward(m8, x, expand=ex), m8.forward_reference(x))
+        for fmt in hf.ACT_FORMATS:
+            m8 = random_w4a8(N, K, act_format=fmt)
+            for path in ("dequant", "expanded") if fmt == "fp8" else qk.W4A8_PATHS:
+                worst[f"w4a8 {fmt} {path} {N}x{K}"] = rel(qk.w4a8_linear_forward(m8, x, path=path), m8.forward_reference(x))
+            x16 = x[0, :16]
+            worst[f"w4a8 {fmt} M=16 {N}x{K}"] = rel(qk.w4a8_linear_forward(m8, x16), m8.forward_reference(x16))
+        m16 = random_module(N, K, "none", rank=RANK)
+        worst[f"none M=16 {N}x{K}"] = rel(qk.svdquant_linear_forward(m16, x[0, :16]), m16.forward_reference(x[0, :16]))
     fc1, fc2 = random_module(12288, 3072, "int4"), random_module(3072, 12288, "uint4")
     for M in (16, 300):
         x = torch.randn(M, 3072, device=DEV, dtype=torch.bfloat16)
@@ -209,107 +226,94 @@ def check_correctness(log):
     return dict(errors=worst, failed=sorted(bad))
 
 
-GEMM_SWEEP_W4A4 = [dict(BM=bm, BN=bn, GROUP_M=8, num_warps=w, num_stages=s)
-                   for bm, bn, w, s in [(128, 128, 8, 3), (128, 128, 4, 4), (128, 256, 8, 3), (64, 128, 4, 4),
-                                        (64, 64, 4, 4), (16, 32, 4, 4), (16, 64, 4, 4), (16, 16, 4, 6)]]
-GEMM_SWEEP_W4A8 = [dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, num_warps=w, num_stages=s)
-                   for bm, bn, bk, w, s in [(128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 128, 4, 4),
-                                            (256, 128, 128, 8, 3), (64, 128, 128, 4, 4), (64, 64, 256, 4, 4),
-                                            (16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (16, 16, 512, 4, 4)]]
-
-
-def breakdown(log, results):
-    """Per-kernel times (kernel 1, weight expansion, each GEMM alone) and compiled register/spill counts."""
-    import sys
-
-    aq_mod, g4_mod, g8_mod = (sys.modules[f"quantduo.kernels.{n}"] for n in ("act_quant", "gemm_w4a4", "gemm_w4a8"))
-
-    for M in (16, 4608):
-        N, K = 3072, 3072
-        m, m8 = random_module(N, K, "int4"), random_w4a8(N, K)
-        x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
-        q4, qs4, lxp = act_quant(x, m.smooth_factor, m.act_shift, m.lora_down, "int4")
-        q8, qs8, _ = act_quant(x, m.smooth_factor, None, m.lora_down, "int8")
-        ex = expand_w4_int8(m8.qweight, m8.wmult)
-        calls = {
-            "act_quant int4+lr": lambda: act_quant(x, m.smooth_factor, m.act_shift, m.lora_down, "int4"),
-            "act_quant int4": lambda: act_quant(x, m.smooth_factor, m.act_shift, None, "int4"),
-            "act_quant int8+lr": lambda: act_quant(x, m.smooth_factor, None, m.lora_down, "int8"),
-            "expand": lambda: expand_w4_int8(m8.qweight, m8.wmult),
-            "w4_gemm int4": lambda: w4_gemm(q4, qs4, m.qweight, m.wscales, lxp, m.lora_up, m.bias, "int4", x.dtype),
-            "w4a8 packed": lambda: w4a8_gemm(q8, qs8, m8.qweight, m8.wmult, m8.wscale_row, lxp, m8.lora_up, m8.bias,
-                                             x.dtype),
-            "w4a8 expanded": lambda: w4a8_gemm(q8, qs8, ex, m8.wmult, m8.wscale_row, lxp, m8.lora_up, m8.bias,
-                                               x.dtype),
-            "bf16": v_bf16(M, N, K)[0](),
-        }
-        for cfg in [(16, 64, 1, 4), (32, 64, 1, 4), (64, 64, 1, 4), (64, 64, 1, 8), (32, 128, 1, 4), (16, 64, 4, 4),
-                    (16, 64, 8, 4), (16, 64, 16, 4), (16, 256, 4, 4)]:
-            s = max(1, min(cfg[2], 3072 // (cfg[1] * 2)))
-            cfg = (cfg[0], cfg[1], s, cfg[3])
-            calls[f"aq int4+lr {cfg}"] = (lambda cfg=cfg: act_quant(x, m.smooth_factor, m.act_shift, m.lora_down, "int4",
-                                                                  config=cfg))
-        for cfg in [dict(BM=128, BN=256, BK=128, GROUP_M=8, num_warps=8, num_stages=3),
-                    dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=4),
-                    dict(BM=128, BN=128, BK=128, GROUP_M=8, num_warps=4, num_stages=4),
-                    dict(BM=128, BN=128, BK=256, GROUP_M=8, num_warps=8, num_stages=3),
-                    dict(BM=256, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=3),
-                    dict(BM=64, BN=256, BK=128, GROUP_M=8, num_warps=4, num_stages=4),
-                    dict(BM=16, BN=32, BK=256, GROUP_M=1, num_warps=4, num_stages=4),
-                    dict(BM=16, BN=64, BK=512, GROUP_M=1, num_warps=4, num_stages=3),
-                    dict(BM=16, BN=16, BK=512, GROUP_M=1, num_warps=2, num_stages=4)]:
-            if (M <= 16) != (cfg["BM"] == 16):
-                continue
-            for wname, w in (("packed", m8.qweight), ("expanded", ex)):
-                calls[f"w4a8 {wname} {list(cfg.values())}"] = (
-                    lambda cfg=cfg, w=w: w4a8_gemm(q8, qs8, w, m8.wmult, m8.wscale_row, lxp, m8.lora_up, m8.bias,
-                                                   x.dtype, config=cfg))
-            if cfg["BK"] == 128 or M <= 16:
-                c4 = {k: v for k, v in cfg.items() if k != "BK"}
-                calls[f"w4_gemm {list(c4.values())}"] = (
-                    lambda c4=c4: w4_gemm(q4, qs4, m.qweight, m.wscales, lxp, m.lora_up, m.bias, "int4", x.dtype,
-                                          config=c4))
-        for name, c in calls.items():
-            try:
-                t = time_graph(lambda c=c: c, 0.0 if M > 16 else 1e6)
-            except Exception as ex_:  # noqa: BLE001 - a config that does not compile is reported and skipped
-                log(f"  breakdown {name} failed: {str(ex_)[:100]}")
-                continue
-            log(f"  breakdown M={M} {N}x{K} {name:20s} {t:8.1f} us")
-            results.setdefault("breakdown", []).append(dict(M=M, name=name, us=t))
-    for fn in (aq_mod._act_quant_kernel, g4_mod._w4_gemm_kernel, g8_mod._w4a8_gemm_kernel, g8_mod._expand_w4_int8_kernel):
-        try:
-            for cache in fn.device_caches.values():
-                for ck in cache[0].values():
-                    log(f"  compiled {fn.__name__}: regs={ck.n_regs} spills={ck.n_spills} shared={ck.metadata.shared}")
-        except Exception as ex:  # noqa: BLE001 - introspection is best effort across Triton versions
-            log(f"  (no compile metadata for {fn.__name__}: {ex})")
+FP8_GEMM_SWEEP = [dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, num_warps=w, num_stages=st, TMA=tma)
+                  for bm, bn, bk, w, st, tma in [(128, 256, 128, 8, 3, False), (128, 256, 128, 8, 4, False),
+                                                 (128, 128, 128, 8, 4, False), (128, 128, 128, 4, 4, False),
+                                                 (256, 128, 128, 8, 3, False), (128, 256, 64, 8, 4, False),
+                                                 (128, 256, 128, 8, 3, True), (128, 256, 128, 8, 4, True),
+                                                 (128, 128, 128, 4, 4, True), (256, 128, 128, 8, 3, True)]]
+K1_SWEEP = [(16, 128, 1, 4), (32, 128, 1, 4), (32, 128, 1, 8), (64, 128, 1, 8), (32, 256, 1, 8), (16, 256, 1, 4)]
+DEQ_LARGE_SWEEP = [dict(BM=bm, BN=bn, BK=bk, SPLIT_K=1, GROUP_M=8, num_warps=w, num_stages=st)
+                   for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3),
+                                             (64, 128, 128, 4, 4), (128, 128, 64, 4, 4)]]
+DEQ_SMALL_SWEEP = [dict(BM=16, BN=bn, BK=bk, SPLIT_K=sk, GROUP_M=1, num_warps=4, num_stages=st)
+                   for bn, bk, sk, st in [(32, 256, 1, 4), (32, 256, 2, 4), (32, 256, 4, 4), (64, 256, 2, 4),
+                                          (64, 256, 4, 4), (64, 256, 8, 4), (64, 128, 8, 4), (128, 256, 4, 4),
+                                          (128, 256, 8, 3), (64, 512, 2, 3), (32, 512, 2, 3)]]
 
 
 def sweep(log, results):
-    """Config sweeps of the GEMMs (fused low-rank) per shape and token count."""
-    for M in TOKENS:
-        for (N, K) in SHAPES:
-            tb = time_graph(*v_bf16(M, N, K))
-            line = f"  sweep M={M} {N}x{K} bf16 {tb:.1f}us"
-            for name, cfgs, kw in (("w4a4", GEMM_SWEEP_W4A4, {}), ("w4a8p", GEMM_SWEEP_W4A8, {"expand": False}),
-                                   ("w4a8e", GEMM_SWEEP_W4A8, {"expand": True})):
-                best = None
-                for cfg in cfgs:
-                    if (M <= 16) != (cfg["BM"] == 16):
-                        continue
-                    try:
-                        kind = "w4a4_fused" if name == "w4a4" else "w4a8"
-                        t = time_graph(*v_module(M, N, K, kind, config=cfg, **kw))
-                    except Exception as ex:  # noqa: BLE001 - a config that does not compile is skipped
-                        log(f"    {name} {cfg} failed: {str(ex)[:120]}")
-                        continue
-                    results.setdefault("sweep", []).append(dict(M=M, N=N, K=K, variant=name, cfg=cfg, us=t))
-                    if best is None or t < best[0]:
-                        best = (t, cfg)
-                if best:
-                    line += f" | {name} {best[0]:.1f}us x{tb / best[0]:.2f} {list(best[1].values())}"
-            log(line)
+    """Tile sweeps of the new kernels, each timed alone over rotated buffers; best config per shape."""
+    def best_of(label, M, N, K, factory_of_cfg, cfgs, nbytes):
+        best = None
+        for cfg in cfgs:
+            try:
+                t = time_graph(lambda: factory_of_cfg(cfg), nbytes)
+            except Exception as ex:  # noqa: BLE001 - a config that does not compile is reported and skipped
+                log(f"    {label} {cfg} failed: {str(ex)[:100]}")
+                continue
+            results.setdefault("sweep", []).append(dict(M=M, N=N, K=K, kernel=label, cfg=str(cfg), us=t))
+            if best is None or t < best[0]:
+                best = (t, cfg)
+        return best or (float("inf"), None)
+
+    for (N, K) in SHAPES:
+        M = TOKENS[0]
+        tb = time_graph(*v_bf16(M, N, K))
+        line = [f"  sweep M={M} {N}x{K} bf16 {tb:.1f}us"]
+
+        def k1(cfg):
+            x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+            sm, ld = torch.rand(K, device=DEV, dtype=torch.bfloat16) + 0.5, torch.randn(K, RANK, device=DEV,
+                                                                                        dtype=torch.bfloat16)
+            return lambda: act_quant(x, sm, None, ld, "fp8", config=cfg)
+        b = best_of("k1 fp8", M, N, K, k1, K1_SWEEP, 3 * M * K)
+        line.append(f"k1 fp8+lr {b[0]:.1f}us {b[1]}")
+
+        def expand(_):
+            m = random_w4a8(N, K, act_format="fp8")
+            return lambda: expand_w4(m.qweight, m.wmult, True, scratch=False)
+        b = best_of("expand fp8", M, N, K, expand, [None], 1.6 * N * K)
+        line.append(f"expand {b[0]:.1f}us")
+
+        def gemm(cfg):
+            a = torch.randn(M, K, device=DEV).to(torch.float8_e4m3fn)
+            w = torch.randn(N, K, device=DEV).to(torch.float8_e4m3fn)
+            sa, sw = torch.rand(M, device=DEV), torch.rand(N, device=DEV)
+            lx, lu = torch.randn(1, M, RANK, device=DEV), torch.randn(N, RANK, device=DEV, dtype=torch.bfloat16)
+            b_ = torch.randn(N, device=DEV, dtype=torch.bfloat16)
+            return lambda: w4a8_gemm(a, sa, w, None, sw, lx, lu, b_, torch.bfloat16, config=cfg)
+        b = best_of("fp8 gemm", M, N, K, gemm, FP8_GEMM_SWEEP, M * K + N * K + 2 * M * N)
+        line.append(f"fp8 gemm {b[0]:.1f}us x{tb / b[0]:.2f} {b[1]}")
+        line.append(f"scaled_mm {time_graph(*v_fp8(M, N, K)):.1f}us")
+
+        def deq(cfg):
+            x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+            m = random_module(N, K, "none", rank=0)
+            return lambda: w4_dequant_gemm(x, m.qweight, m.wscales, None, None, m.bias, x.dtype, config=cfg)
+        b = best_of("w4a16 gemm", M, N, K, deq, DEQ_LARGE_SWEEP, 2 * M * K + 0.6 * N * K + 2 * M * N)
+        line.append(f"w4a16 gemm {b[0]:.1f}us x{tb / b[0]:.2f} {b[1]}")
+        log(" | ".join(line))
+
+        M = TOKENS[-1]
+        tb = time_graph(*v_bf16(M, N, K))
+        for act in ("fp8", "none"):
+            def deq_small(cfg, act=act):
+                x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+                m = random_w4a8(N, K, act_format="fp8")
+                amaxp = x.float().abs().amax(-1)[None]
+                return lambda: w4_dequant_gemm(x, m.qweight, m.wmult, None, None, m.bias, x.dtype, smooth=m.smooth_factor,
+                                               act=act, amax_partials=amaxp, wrow=m.wscale_row, config=cfg)
+            b = best_of(f"deq M=16 {act}", M, N, K, deq_small, DEQ_SMALL_SWEEP, 0.6 * N * K)
+            log(f"  sweep M=16 {N}x{K} bf16 {tb:.1f}us | dequant gemm act={act} {b[0]:.1f}us x{tb / b[0]:.2f} {b[1]}")
+
+        def k1_amax(cfg):
+            x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+            sm, ld = torch.rand(K, device=DEV, dtype=torch.bfloat16) + 0.5, torch.randn(K, RANK, device=DEV,
+                                                                                        dtype=torch.bfloat16)
+            return lambda: act_quant(x, sm, None, ld, "amax", config=cfg)
+        b = best_of("k1 amax M=16", M, N, K, k1_amax, [None, (16, 64, 8, 4), (16, 64, 4, 4), (16, 128, 4, 4)], 1e6)
+        log(f"  sweep M=16 {N}x{K} kernel 1 amax+lr {b[0]:.1f}us {b[1]}")
 
 
 def table(log, results):
@@ -317,7 +321,10 @@ def table(log, results):
     for M in TOKENS:
         for (N, K) in SHAPES:
             t = {"bf16": time_graph(*v_bf16(M, N, K)), "fp8_scaled_mm": time_graph(*v_fp8(M, N, K))}
-            for kind in ("w4a16", "w4a4_unfused", "w4a4_nolr", "w4a4_fused", "w4a8_nolr", "w4a8"):
+            for kind in ("w4a16", "w4a4_unfused", "w4a4_nolr", "w4a4_fused", "w4a8_nolr", "w4a8", "w4a8fp8_nolr",
+                         "w4a8fp8", "w4a8fp8_smm"):
+                if kind == "w4a8fp8_smm" and M < 256:
+                    continue
                 t[kind] = time_graph(*v_module(M, N, K, kind))
             rows.append(dict(M=M, N=N, K=K, us=t))
             log(f"  M={M:5d} {N:5d}x{K:5d} " + " ".join(f"{k}={v:.1f}" for k, v in t.items()))
@@ -327,11 +334,19 @@ def table(log, results):
     log("| --- | --- | " + " | ".join("---" for _ in names[1:]) + " | --- |")
     for r in rows:
         tb = r["us"]["bf16"]
-        log(f"| {r['M']} | {r['N']}x{r['K']} | " + " | ".join(f"{tb / r['us'][n]:.2f}x" for n in names[1:])
-            + f" | {tb:.1f} |")
+        log(f"| {r['M']} | {r['N']}x{r['K']} | " + " | ".join(
+            f"{tb / r['us'][n]:.2f}x" if n in r["us"] else "-" for n in names[1:]) + f" | {tb:.1f} |")
     for r in rows:
-        lr = r["us"]["w4a4_fused"] / r["us"]["w4a4_nolr"] - 1, r["us"]["w4a8"] / r["us"]["w4a8_nolr"] - 1
-        log(f"  low-rank overhead M={r['M']} {r['N']}x{r['K']}: w4a4 {lr[0] * 100:+.1f}%  w4a8 {lr[1] * 100:+.1f}%")
+        lr = [r["us"][f] / r["us"][f"{n}_nolr"] - 1 for f, n in (("w4a4_fused", "w4a4"), ("w4a8", "w4a8"),
+                                                                 ("w4a8fp8", "w4a8fp8"))]
+        log(f"  low-rank overhead M={r['M']} {r['N']}x{r['K']}: w4a4 {lr[0] * 100:+.1f}%  w4a8 {lr[1] * 100:+.1f}%"
+            f"  w4a8fp8 {lr[2] * 100:+.1f}%")
+    for (N, K) in SHAPES:
+        bits = {"w4a16": random_module(N, K, "none", rank=0).storage_bits_per_weight(),
+                "w4a4": random_module(N, K, "int4").storage_bits_per_weight(),
+                "w4a8 / w4a8fp8": random_w4a8(N, K).storage_bits_per_weight()}
+        log(f"  bits/param {N}x{K} (rank {RANK}, incl. scales and low-rank): "
+            + " ".join(f"{k}={v:.3f}" for k, v in bits.items()))
 
 
 def quality(log, results):
@@ -366,10 +381,19 @@ def quality(log, results):
         y_w4a8 = qk.w4a8_linear_forward(m8, xb).float()
         m8r = hf.to_w4a8(m)
         y_w4a8r = qk.w4a8_linear_forward(m8r, xb).float()
+        m8f = hf.to_w4a8_fp8(m, weight=ref_lin.weight.float())
+        y_fp8 = qk.w4a8_linear_forward(m8f, xb).float()
+        y_fp8r = qk.w4a8_linear_forward(hf.to_w4a8_fp8(m), xb).float()
+        mw16 = SVDQuantLinear(K, N, rank=0, act_format="none", device=DEV)
+        with torch.no_grad():
+            wq, ws = qz.quantize_int4(lin.weight.float(), 64, torch.bfloat16)
+            mw16.qweight.copy_(qz.pack_int4(wq)); mw16.wscales.copy_(ws); mw16.bias.copy_(lin.bias)
+        y_w4a16 = qk.svdquant_linear_forward(mw16, xb).float()
         row = dict(N=N, K=K, act=m.act_format, bits_w4a4=m.storage_bits_per_weight(),
-                   bits_w4a8=m8.storage_bits_per_weight(),
+                   bits_w4a8=m8.storage_bits_per_weight(), bits_w4a8fp8=m8f.storage_bits_per_weight(),
                    err_w4a4_vs_bf16=rel(y_w4a4, y_bf16), err_w4a8_vs_bf16=rel(y_w4a8, y_bf16),
-                   err_w4a8_from_w4a4_vs_bf16=rel(y_w4a8r, y_bf16), err_w4a8_vs_w4a4=rel(y_w4a8, y_w4a4),
+                   err_w4a8_from_w4a4_vs_bf16=rel(y_w4a8r, y_bf16), err_w4a8fp8_vs_bf16=rel(y_fp8, y_bf16),
+                   err_w4a8fp8_from_w4a4_vs_bf16=rel(y_fp8r, y_bf16), err_w4a16_rtn_nolr_vs_bf16=rel(y_w4a16, y_bf16),
                    err_bf16_vs_fp32=rel(y_bf16, y_fp32))
         out.append(row)
         log("  quality " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
@@ -379,7 +403,6 @@ def quality(log, results):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--breakdown", action="store_true")
     ap.add_argument("--quality", action="store_true")
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -396,9 +419,6 @@ def main():
     t0 = time.time()
     results["correctness"] = check_correctness(log)
     log(f"  [correctness {time.time() - t0:.0f}s]")
-    if args.breakdown:
-        breakdown(log, results)
-        log(f"  [breakdown {time.time() - t0:.0f}s]")
     if args.sweep:
         sweep(log, results)
         log(f"  [sweep {time.time() - t0:.0f}s]")

@@ -71,22 +71,28 @@ def _w4_dequant_gemm_kernel(
         acc *= ascale[:, None]
     if HAS_WROW:
         acc *= tl.load(WROW + rn_l)[None, :]
-    last = True
     if SPLIT_K > 1:
         ws = ACC_WS + rm_l[:, None] * N + rn_l[None, :]
         tl.atomic_add(ws, acc, mask=mmask[:, None] & nmask[None, :])
         tl.debug_barrier()
-        last = tl.atomic_add(COUNTS + tile, 1) == SPLIT_K - 1
-        if last:
+        if tl.atomic_add(COUNTS + tile, 1) == SPLIT_K - 1:  # the last K slice of this tile finishes it
             acc = tl.load(ws, cache_modifier=".cg")
             tl.store(ws, tl.zeros((BM, BN), dtype=tl.float32), mask=mmask[:, None] & nmask[None, :])
             tl.store(COUNTS + tile, 0)
-    if last:
-        acc = lowrank_bias_epilogue(acc, rm, rn, M, N, LXP, S, LU, R, BIAS, RP, HAS_LR, HAS_BIAS, PREC)
-        y = acc.to(OUT.dtype.element_ty)
-        if GELU:
-            y = gelu_tanh(y.to(tl.float32)).to(OUT.dtype.element_ty)
-        tl.store(OUT + rm[:, None].to(tl.int64) * N + rn[None, :], y, mask=mmask[:, None] & nmask[None, :])
+            _epilogue_store(acc, rm, rn, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU, PREC)
+    else:
+        _epilogue_store(acc, rm, rn, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU, PREC)
+
+
+@triton.jit
+def _epilogue_store(acc, rm, rn, M, N, LXP, S, LU, R, BIAS, OUT, RP: tl.constexpr, HAS_LR: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, PREC: tl.constexpr):
+    """Low-rank up-projection + bias (+ GELU) on the float32 tile, stored to OUT ``[M, N]``."""
+    acc = lowrank_bias_epilogue(acc, rm, rn, M, N, LXP, S, LU, R, BIAS, RP, HAS_LR, HAS_BIAS, PREC)
+    y = acc.to(OUT.dtype.element_ty)
+    if GELU:
+        y = gelu_tanh(y.to(tl.float32)).to(OUT.dtype.element_ty)
+    tl.store(OUT + rm[:, None].to(tl.int64) * N + rn[None, :], y, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 _WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -78,20 +78,19 @@ def _w4a8_gemm_kernel(
     M, N, K, S, R,
     PACKED: tl.constexpr, HAS_LR: tl.constexpr, RP: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
     G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    PREC: tl.constexpr, TMA: tl.constexpr,
+    PREC: tl.constexpr, TMA: tl.constexpr, ACC: tl.constexpr,
 ):
     """OUT ``[M, N]`` = (A ``[M, K]`` x Wq^T) * A_SCALE[m] * WROW[n] + low-rank + bias (+ GELU).
 
     PACKED: A int8 pair-split, W uint8 ``[N, K/2]`` with MULT uint8 ``[N, K/G]``. Else A and W ``[N, K]``
     share one dtype and channel order: int8 (int32 accumulator) or float8_e4m3fn / 16-bit (float32
-    accumulator); TMA: load the tiles through tensor descriptors (Hopper bulk copies).
+    accumulator); ACC: the accumulator dtype; TMA: load the tiles through tensor descriptors (Hopper bulk copies).
     """
     pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rm_l = tl.minimum(rm, M - 1).to(tl.int64)
     rn_l = tl.minimum(rn, N - 1).to(tl.int64)
-    ACC: tl.constexpr = tl.int32 if A.dtype.element_ty == tl.int8 else tl.float32
     acc = tl.zeros((BM, BN), dtype=ACC)
     if PACKED:
         c = tl.arange(0, BK // 2)
@@ -164,7 +163,7 @@ def w4a8_gemm(a, a_scales, weight, wmult, wrow, lxp, lora_up, bias, out_dtype: t
     _w4a8_gemm_kernel[grid](
         a, a_scales, weight, wmult, wrow, lxp if r else wrow, lora_up if r else wrow,
         bias if bias is not None else wrow, out, M, N, K, lxp.shape[0] if r else 0, r,
-        PACKED=packed, HAS_LR=r > 0, RP=rank_pad(r), HAS_BIAS=bias is not None, GELU=gelu, G=64,
+        PACKED=packed, ACC=tl.int32 if a.dtype == torch.int8 else tl.float32, HAS_LR=r > 0, RP=rank_pad(r), HAS_BIAS=bias is not None, GELU=gelu, G=64,
         PREC=dot_precision(lora_up.dtype if r else torch.bfloat16), **cfg,
     )
     return out
