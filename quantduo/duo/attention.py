@@ -65,8 +65,19 @@ def _flex(q, k, v, block_mask: BlockMask, scaling: float) -> torch.Tensor:
     return fn(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def _block_mask(mask_mod, tq: int, tk: int, device) -> BlockMask:
-    return create_block_mask(mask_mod, None, None, tq, tk, device=device, _compile=device.type == "cuda")
+_MASK_MEMO: dict = {}
+
+
+def _block_mask(key: tuple, mask_mod, tq: int, tk: int, device) -> BlockMask:
+    """Block mask of ``mask_mod``; memoised on ``key`` (the last one only), so the layers of one
+    forward share it. ``key`` must determine the mask: in a DuoCache the streaming key positions
+    are a function of (q_start, Tq, Tk, sink, recent)."""
+    key = (key, tq, tk, str(device))
+    if key not in _MASK_MEMO:
+        _MASK_MEMO.clear()
+        _MASK_MEMO[key] = create_block_mask(mask_mod, None, None, tq, tk, device=device,
+                                            _compile=device.type == "cuda")
+    return _MASK_MEMO[key]
 
 
 def streaming_prefill(q, k, v, k_pos: torch.Tensor, q_start: int, sink: int, recent: int,
@@ -74,7 +85,8 @@ def streaming_prefill(q, k, v, k_pos: torch.Tensor, q_start: int, sink: int, rec
     """Streaming heads over [cached window ; current chunk] with a block-sparse flex_attention mask.
 
     q [B, Hq, Tq, D] at positions q_start.., k/v [B, Hkv, Tk, D] with absolute positions k_pos [Tk]
-    (int64). Only the sink blocks, the recent band and the diagonal are computed. Returns [B, Hq, Tq, D].
+    (int64; the cache window then the chunk, so determined by q_start, Tq, Tk, sink, recent).
+    Only the sink blocks, the recent band and the diagonal are computed. Returns [B, Hq, Tq, D].
     """
     offset = torch.tensor(q_start, device=q.device)  # a tensor, so chunks share one compiled kernel
 
@@ -83,7 +95,8 @@ def streaming_prefill(q, k, v, k_pos: torch.Tensor, q_start: int, sink: int, rec
         qp = qi + offset
         return (kp <= qp) & ((kp < sink) | (qp - kp < recent))
 
-    return _flex(q, k, v, _block_mask(mask_mod, q.shape[2], k.shape[2], q.device), scaling)
+    bm = _block_mask(("stream", q_start, sink, recent), mask_mod, q.shape[2], k.shape[2], q.device)
+    return _flex(q, k, v, bm, scaling)
 
 
 def full_prefill(q, k, v, q_start: int, scaling: float) -> torch.Tensor:
@@ -91,22 +104,24 @@ def full_prefill(q, k, v, q_start: int, scaling: float) -> torch.Tensor:
     if q_start == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
                                               enable_gqa=q.shape[1] != k.shape[1])
-
     offset = torch.tensor(q_start, device=q.device)
 
     def mask_mod(b, h, qi, ki):
         return ki <= qi + offset
 
-    return _flex(q, k, v, _block_mask(mask_mod, q.shape[2], k.shape[2], q.device), scaling)
+    return _flex(q, k, v, _block_mask(("full", q_start), mask_mod, q.shape[2], k.shape[2], q.device), scaling)
 
 
 def decode(q, k, v, scaling: float) -> torch.Tensor:
     """One new query token q [B, Hq, 1, D] over every cached key k/v [B, Hkv, Tk, D] (no mask).
 
-    The rep = Hq / Hkv query heads of a KV head are folded into the query-length axis, so the
-    fused (flash) kernel serves GQA without repeating K/V. Returns [B, Hq, 1, D].
+    The rep = Hq / Hkv query heads of a KV head form a small matrix, so the two products are
+    batched GEMMs that spread the long Tk axis over the whole GPU (a fused attention kernel
+    without split-KV would run on only B * Hkv thread blocks). Softmax in float32.
+    Returns [B, Hq, 1, D].
     """
     b, hq, _, d = q.shape
     hkv = k.shape[1]
-    out = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, d), k, v, scale=scaling)
-    return out.view(b, hq, 1, d)
+    scores = torch.matmul(q.reshape(b, hkv, hq // hkv, d), k.transpose(-1, -2))
+    probs = (scores.float() * scaling).softmax(-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(b, hq, 1, d)
