@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 TSV_NAME = "full_attention_heads.tsv"
 CONFIG_NAME = "config.json"
@@ -109,8 +108,3 @@ def save_pattern(pattern: DuoPattern, out_dir: str | Path) -> Path:
     _atomic_write(out / CONFIG_NAME, json.dumps(cfg, indent=1))
     _atomic_write(out / TSV_NAME, tsv)
     return out
-
-
-def gates_tensor(pattern: DuoPattern, device=None) -> torch.Tensor:
-    """Gates as a float32 tensor [L, H]."""
-    return torch.as_tensor(pattern.gates, device=device)

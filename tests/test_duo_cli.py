@@ -1,0 +1,66 @@
+"""``quantduo duo identify`` / ``duo eval`` on the tiny LM, and interrupt safety of identification."""
+import argparse
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from quantduo.duo import commands, demo
+from quantduo.duo.identify import IdentifyConfig, identify
+from quantduo.duo.patterns import load_pattern
+from quantduo.models import tiny_lm
+
+warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_cli(argv):
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_identify_then_eval(tmp_path, capsys):
+    hay = tmp_path / "hay.txt"
+    hay.write_text(tiny_lm.haystack_text(5000, seed=3))
+    out = tmp_path / "pattern"
+    common = ["--model", str(tiny_lm.ASSET_DIR), "--haystack", str(hay), "--context-min", "200",
+              "--context-max", "256", "--sink", str(tiny_lm.SINK), "--recent", str(tiny_lm.RECENT)]
+    assert run_cli(["duo", "identify", *common, "--out", str(out), "--steps", "3", "--lr", "0.05"]) == 0
+    p = load_pattern(out)
+    assert p.shape == (4, 4) and (p.sink_size, p.recent_size) == (tiny_lm.SINK, tiny_lm.RECENT)
+    assert p.gates.mean() < 0.99  # the gates moved
+    assert run_cli(["duo", "eval", *common, "--pattern", str(demo.SHIPPED_PATTERN), "-n", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "full      accuracy" in text and "duo" in text and "streaming" in text
+
+
+def test_cli_rejects_missing_model(tmp_path):
+    with pytest.raises(SystemExit, match="not a model directory"):
+        run_cli(["duo", "eval", "--model", str(tmp_path), "--pattern", str(demo.SHIPPED_PATTERN)])
+
+
+def test_interrupted_identification_returns_nothing():
+    model = tiny_lm.load()
+    hay = tiny_lm.haystack_ids(seed=1, n_words=5000)
+    rng = np.random.default_rng(0)
+
+    def batches(step):
+        if step == 2:
+            raise KeyboardInterrupt
+        s = tiny_lm.make_tiny_sample(hay, rng, 128, 2, min_distance=40)
+        return s.input_ids[None], s.target_mask[None]
+
+    with pytest.raises(KeyboardInterrupt):
+        identify(model, batches, IdentifyConfig(steps=5, sink=4, recent=32), progress=False)
+    assert model.config._attn_implementation == "sdpa"  # model restored
+    assert not hasattr(model.model.layers[0].self_attn, "duo_gate")
