@@ -91,7 +91,8 @@ def test_generate_matches_reference_and_saves_memory():
         ids = torch.cat([ids, gated_reference_logits(model, mask, ids)[:, -1:].argmax(-1)], 1)
     duo = apply_duo(copy.deepcopy(model), mask, SINK, RECENT)
     cache = DuoCache.from_model(duo, max_cache_len=56)
-    out = duo.generate(prompt, max_new_tokens=6, do_sample=False, past_key_values=cache, pad_token_id=0)
+    out = duo.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+                       past_key_values=cache, pad_token_id=0)
     assert out.tolist() == ids.tolist()
     d = 2 * 8 * 4  # K+V, head_dim 8, fp32
     assert cache.memory_bytes() == d * (mask.sum() * 56 + (~mask).sum() * (SINK + RECENT))
@@ -109,6 +110,8 @@ def test_bad_inputs():
     duo = apply_duo(copy.deepcopy(model), np.ones((3, 4), bool), SINK, RECENT)
     with pytest.raises(ValueError, match="already"):
         apply_duo(duo, np.ones((3, 4), bool), SINK, RECENT)
+    with pytest.raises(ValueError, match="padded"):
+        duo(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.tensor([[1] * 5, [0, 1, 1, 1, 1]]))
     cache = DuoCache.from_model(duo, max_cache_len=8)
     with pytest.raises(ValueError, match="full"):
         duo(torch.zeros(1, 9, dtype=torch.long), past_key_values=cache)

@@ -67,7 +67,6 @@ def apply_duo(model, retrieval: np.ndarray, sink: int, recent: int):
     for attn, row in zip(mods, retrieval):
         reorder_heads(attn, torch.as_tensor(np.argsort(~row, kind="stable")))
         attn.duo_n_full, attn.duo_sink, attn.duo_recent = int(row.sum()), sink, recent
-        attn.duo_kv_order = np.argsort(~row, kind="stable")
     model.config._attn_implementation = "duo"
     return model
 
@@ -114,8 +113,11 @@ def duo_attention_forward(module, query, key, value, attention_mask=None, scalin
     return torch.cat(outs, dim=1).transpose(1, 2).contiguous(), None
 
 
-def _no_mask(*args, **kwargs) -> None:
-    """Mask function of the DuoAttention implementations: they build their own (block) masks."""
+def _no_mask(*args, attention_mask=None, **kwargs) -> None:
+    """Mask function of the DuoAttention implementations: they build their own (block) masks.
+    Padding is not supported: a 2-D padding mask with any 0 raises ValueError."""
+    if torch.is_tensor(attention_mask) and attention_mask.ndim == 2 and not bool(attention_mask.all()):
+        raise ValueError("DuoAttention does not support padded batches (attention_mask has zeros)")
     return None
 
 

@@ -23,8 +23,8 @@ def passkey_accuracy(model, samples: list[PasskeySample], make_cache: Callable[[
         prompt_len, answer = s.questions[0]
         ids = s.input_ids[None, :prompt_len].to(model.device)
         kw = {"past_key_values": make_cache()} if make_cache is not None else {}
-        out = model.generate(ids, max_new_tokens=len(answer), do_sample=False, min_new_tokens=len(answer),
-                             pad_token_id=0, **kw)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(answer), do_sample=False,
+                             min_new_tokens=len(answer), pad_token_id=0, **kw)
         ok += out[0, prompt_len:].tolist() == list(answer)
     return ok / len(samples)
 
