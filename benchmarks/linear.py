@@ -96,7 +96,8 @@ def random_w4a8(n, k, rank=RANK, act_format="int8"):
     with torch.no_grad():
         m.qweight.copy_(qz.pack_int4(torch.randint(-7, 8, (n, k), device=DEV)))
         if act_format == "fp8":
-            m.wmult.copy_(2 ** torch.randint(0, hf.FP8_EXP_MAX + 1, (n, k // 64), device=DEV, dtype=torch.uint8))
+            mults = torch.tensor(hf.FP8_MULTS, device=DEV, dtype=torch.uint8)
+            m.wmult.copy_(mults[torch.randint(0, len(hf.FP8_MULTS), (n, k // 64), device=DEV)])
         else:
             m.wmult.copy_(torch.randint(1, hf.MULT_MAX + 1, (n, k // 64), device=DEV, dtype=torch.uint8))
         m.wscale_row.copy_(torch.rand(n, device=DEV) * 1e-3 + 1e-4)
@@ -226,20 +227,15 @@ def check_correctness(log):
     return dict(errors=worst, failed=sorted(bad))
 
 
-FP8_GEMM_SWEEP = [dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, num_warps=w, num_stages=st, TMA=tma)
-                  for bm, bn, bk, w, st, tma in [(128, 256, 128, 8, 3, False), (128, 256, 128, 8, 4, False),
-                                                 (128, 128, 128, 8, 4, False), (128, 128, 128, 4, 4, False),
-                                                 (256, 128, 128, 8, 3, False), (128, 256, 64, 8, 4, False),
-                                                 (128, 256, 128, 8, 3, True), (128, 256, 128, 8, 4, True),
-                                                 (128, 128, 128, 4, 4, True), (256, 128, 128, 8, 3, True)]]
-K1_SWEEP = [(16, 128, 1, 4), (32, 128, 1, 4), (32, 128, 1, 8), (64, 128, 1, 8), (32, 256, 1, 8), (16, 256, 1, 4)]
+K1_SWEEP = [None, (16, 128, 8, 4), (32, 128, 4, 4), (16, 256, 4, 4)]
+EXPAND_SWEEP = [None, (64, 256, 4), (32, 512, 4), (16, 512, 4), (64, 512, 8)]
 DEQ_LARGE_SWEEP = [dict(BM=bm, BN=bn, BK=bk, SPLIT_K=1, GROUP_M=8, num_warps=w, num_stages=st)
                    for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3),
-                                             (64, 128, 128, 4, 4), (128, 128, 64, 4, 4)]]
-DEQ_SMALL_SWEEP = [dict(BM=16, BN=bn, BK=bk, SPLIT_K=sk, GROUP_M=1, num_warps=4, num_stages=st)
-                   for bn, bk, sk, st in [(32, 256, 1, 4), (32, 256, 2, 4), (32, 256, 4, 4), (64, 256, 2, 4),
-                                          (64, 256, 4, 4), (64, 256, 8, 4), (64, 128, 8, 4), (128, 256, 4, 4),
-                                          (128, 256, 8, 3), (64, 512, 2, 3), (32, 512, 2, 3)]]
+                                             (64, 128, 128, 4, 4)]]
+DEQ_SMALL_SWEEP = [dict(BM=16, BN=bn, BK=bk, SPLIT_K=sk, GROUP_M=1, num_warps=w, num_stages=st)
+                   for bn, bk, sk, w, st in [(64, 256, 4, 4, 4), (32, 256, 4, 4, 4), (64, 128, 8, 4, 4),
+                                             (128, 256, 4, 4, 4), (64, 256, 1, 4, 4), (32, 256, 2, 4, 4),
+                                             (128, 128, 8, 8, 3), (64, 512, 2, 4, 3)]]
 
 
 def sweep(log, results):
@@ -253,6 +249,7 @@ def sweep(log, results):
                 log(f"    {label} {cfg} failed: {str(ex)[:100]}")
                 continue
             results.setdefault("sweep", []).append(dict(M=M, N=N, K=K, kernel=label, cfg=str(cfg), us=t))
+            log(f"    {label} M={M} {N}x{K} {cfg}: {t:.1f}us")
             if best is None or t < best[0]:
                 best = (t, cfg)
         return best or (float("inf"), None)
@@ -267,25 +264,14 @@ def sweep(log, results):
             sm, ld = torch.rand(K, device=DEV, dtype=torch.bfloat16) + 0.5, torch.randn(K, RANK, device=DEV,
                                                                                         dtype=torch.bfloat16)
             return lambda: act_quant(x, sm, None, ld, "fp8", config=cfg)
-        b = best_of("k1 fp8", M, N, K, k1, K1_SWEEP, 3 * M * K)
+        b = best_of("k1 fp8+lr", M, N, K, k1, K1_SWEEP, 3 * M * K)
         line.append(f"k1 fp8+lr {b[0]:.1f}us {b[1]}")
 
-        def expand(_):
+        def expand(cfg):
             m = random_w4a8(N, K, act_format="fp8")
-            return lambda: expand_w4(m.qweight, m.wmult, True, scratch=False)
-        b = best_of("expand fp8", M, N, K, expand, [None], 1.6 * N * K)
-        line.append(f"expand {b[0]:.1f}us")
-
-        def gemm(cfg):
-            a = torch.randn(M, K, device=DEV).to(torch.float8_e4m3fn)
-            w = torch.randn(N, K, device=DEV).to(torch.float8_e4m3fn)
-            sa, sw = torch.rand(M, device=DEV), torch.rand(N, device=DEV)
-            lx, lu = torch.randn(1, M, RANK, device=DEV), torch.randn(N, RANK, device=DEV, dtype=torch.bfloat16)
-            b_ = torch.randn(N, device=DEV, dtype=torch.bfloat16)
-            return lambda: w4a8_gemm(a, sa, w, None, sw, lx, lu, b_, torch.bfloat16, config=cfg)
-        b = best_of("fp8 gemm", M, N, K, gemm, FP8_GEMM_SWEEP, M * K + N * K + 2 * M * N)
-        line.append(f"fp8 gemm {b[0]:.1f}us x{tb / b[0]:.2f} {b[1]}")
-        line.append(f"scaled_mm {time_graph(*v_fp8(M, N, K)):.1f}us")
+            return lambda: expand_w4(m.qweight, m.wmult, True, scratch=False, config=cfg)
+        b = best_of("expand fp8", M, N, K, expand, EXPAND_SWEEP, 1.6 * N * K)
+        line.append(f"expand {b[0]:.1f}us {b[1]}")
 
         def deq(cfg):
             x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
@@ -293,6 +279,8 @@ def sweep(log, results):
             return lambda: w4_dequant_gemm(x, m.qweight, m.wscales, None, None, m.bias, x.dtype, config=cfg)
         b = best_of("w4a16 gemm", M, N, K, deq, DEQ_LARGE_SWEEP, 2 * M * K + 0.6 * N * K + 2 * M * N)
         line.append(f"w4a16 gemm {b[0]:.1f}us x{tb / b[0]:.2f} {b[1]}")
+        for kind in ("w4a8fp8", "w4a8fp8_smm"):
+            line.append(f"{kind} {time_graph(*v_module(M, N, K, kind)):.1f}us")
         log(" | ".join(line))
 
         M = TOKENS[-1]
@@ -304,16 +292,10 @@ def sweep(log, results):
                 amaxp = x.float().abs().amax(-1)[None]
                 return lambda: w4_dequant_gemm(x, m.qweight, m.wmult, None, None, m.bias, x.dtype, smooth=m.smooth_factor,
                                                act=act, amax_partials=amaxp, wrow=m.wscale_row, config=cfg)
-            b = best_of(f"deq M=16 {act}", M, N, K, deq_small, DEQ_SMALL_SWEEP, 0.6 * N * K)
-            log(f"  sweep M=16 {N}x{K} bf16 {tb:.1f}us | dequant gemm act={act} {b[0]:.1f}us x{tb / b[0]:.2f} {b[1]}")
-
-        def k1_amax(cfg):
-            x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
-            sm, ld = torch.rand(K, device=DEV, dtype=torch.bfloat16) + 0.5, torch.randn(K, RANK, device=DEV,
-                                                                                        dtype=torch.bfloat16)
-            return lambda: act_quant(x, sm, None, ld, "amax", config=cfg)
-        b = best_of("k1 amax M=16", M, N, K, k1_amax, [None, (16, 64, 8, 4), (16, 64, 4, 4), (16, 128, 4, 4)], 1e6)
-        log(f"  sweep M=16 {N}x{K} kernel 1 amax+lr {b[0]:.1f}us {b[1]}")
+            b = best_of(f"deq M={M} {act}", M, N, K, deq_small, DEQ_SMALL_SWEEP, 0.6 * N * K)
+            log(f"  sweep M={M} {N}x{K} bf16 {tb:.1f}us | dequant gemm act={act} {b[0]:.1f}us x{tb / b[0]:.2f} {b[1]}")
+        log(f"  sweep M={M} {N}x{K} w4a8fp8 {time_graph(*v_module(M, N, K, 'w4a8fp8')):.1f}us"
+            f" w4a16 {time_graph(*v_module(M, N, K, 'w4a16')):.1f}us")
 
 
 def table(log, results):

@@ -58,8 +58,6 @@ def test_act_quant(mode, dtype, splits):
     M, K, r = 40, 256, 16
     x, smooth, shift, ld, _, _ = _inputs(M, 8, K, r, dtype)
     x[5] = 0  # an all-zero token (scale 1)
-    if mode in ("int8", "fp8"):
-        splits = 1  # per-token modes read whole rows
     q, qs, lxp = act_quant(x, smooth, shift, ld, mode, config=(16, 64, splits))
     rq, rqs, rlx = ref.act_quant_ref(x, smooth, shift, ld, mode)
     if mode == "amax":
@@ -70,7 +68,7 @@ def test_act_quant(mode, dtype, splits):
                                                    rq.view(torch.uint8) if mode == "fp8" else rq)
     if qs is not None or rqs is not None:
         assert torch.equal(qs, rqs)
-    assert lxp.shape == (splits, M, r)
+    assert lxp.shape[1:] == (M, r) and (mode in ("int8", "fp8") or lxp.shape[0] == splits)  # per-token: 2 launches
     torch.testing.assert_close(lxp.sum(0), rlx, rtol=1e-5, atol=1e-4)
 
 
@@ -238,8 +236,7 @@ def test_fp8exact_quantizer():
     r[3] = 0
     q, mult, row = hf.quantize_int4_fp8exact(r)
     assert q.abs().max() <= 7
-    e = torch.log2(mult.float())
-    assert torch.equal(e, e.round()) and e.min() >= 0 and e.max() <= hf.FP8_EXP_MAX
+    assert set(mult.unique().tolist()) <= set(hf.FP8_MULTS)
     w = (q.float() * mult.float().repeat_interleave(64, 1))
     assert w.abs().max() <= 448 and torch.equal(w.to(torch.float8_e4m3fn).float(), w)  # exact in fp8
     deq = hf.dequantize_int4_int8exact(q, mult, row)

@@ -22,8 +22,8 @@ def _smoothed(xrow, SMOOTH, k, rk, mmask):
 
 @triton.jit
 def _act_quant_kernel(
-    X, SMOOTH, SHIFT, LD, Q, QS, LXP,
-    M, K, K_SPLIT, R, stride_xm,
+    X, SMOOTH, SHIFT, LD, Q, QS, LXP, AMAXP,
+    M, K, K_SPLIT, R, S_AMAX, stride_xm,
     MODE: tl.constexpr, HAS_LR: tl.constexpr, RP: tl.constexpr, G: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, RECIP: tl.constexpr, QMAX: tl.constexpr,
 ):
@@ -31,9 +31,8 @@ def _act_quant_kernel(
 
     X ``[M, K]``; SMOOTH/SHIFT ``[K]``; LD ``[K, R]``; LXP float32 ``[S, M, R]``.
     MODE 0/1 int4/uint4: 4-bit groups, Q uint8 ``[M, K/2]``, QS float32 ``[K/G, M]``.
-    MODE 2/3 int8/fp8: per token over the whole row (one split): pass 1 = absmax + low-rank dot, pass 2
-    (reversed, so the row's tail is still in L2) = quantization; Q int8 ``[M, K]`` pair-split / float8
-    ``[M, K]`` natural order, QS float32 ``[M]``.
+    MODE 2/3 int8/fp8: per token, scale absmax / QMAX with absmax = max over AMAXP float32 ``[S_AMAX, M]``
+    (mode 6's output); Q int8 ``[M, K]`` pair-split / float8 ``[M, K]`` natural order, QS float32 ``[M]``.
     MODE 4 none: low-rank only; 5 smooth: Q = X / SMOOTH ``[M, K]`` (X dtype); 6 amax: QS float32
     ``[S, M]`` = per-slice absmax of the smoothed row.
     RECIP: round scales like PyTorch on CUDA (see ``common.scale_of``); QMAX: 127 (int8) or 448 (fp8).
@@ -49,6 +48,12 @@ def _act_quant_kernel(
         rr = tl.arange(0, RP)
         lx = tl.zeros((BM, RP), dtype=tl.float32)
     amax = tl.zeros((BM,), dtype=tl.float32)
+    if MODE == 2 or MODE == 3:
+        for s in range(S_AMAX):
+            amax = tl.maximum(amax, tl.load(AMAXP + s * M + rm, mask=mmask, other=0.0))
+        tscale = scale_of(amax, QMAX, RECIP)
+        if pid_s == 0:
+            tl.store(QS + rm, tscale, mask=mmask)
     k0 = pid_s * K_SPLIT
     for k in range(k0, k0 + K_SPLIT, BK):
         xs = _smoothed(xrow, SMOOTH, k, rk, mmask)
@@ -62,36 +67,29 @@ def _act_quant_kernel(
             tl.store(Q + rm[:, None].to(tl.int64) * (K // 2) + (k // 2 + rh)[None, :], packed, mask=mmask[:, None])
             rg = tl.arange(0, BK // G)
             tl.store(QS + (k // G + rg)[None, :] * M + rm[:, None], scale, mask=mmask[:, None])
+        elif MODE == 2:
+            q = fake_quant_token(xs, tscale, QMAX).to(tl.int8)
+            even, odd = tl.split(tl.reshape(q, (BM, BK // 2, 2)))
+            c = tl.arange(0, BK // 2)
+            pos = k + (c // (G // 2)) * G + c % (G // 2)
+            tl.store(qrow + pos[None, :], even, mask=mmask[:, None])
+            tl.store(qrow + (pos + G // 2)[None, :], odd, mask=mmask[:, None])
+        elif MODE == 3:
+            tl.store(qrow + (k + rk)[None, :], fake_quant_token(xs, tscale, QMAX).to(tl.float8e4nv), mask=mmask[:, None])
         elif MODE == 5:
             tl.store(qrow + (k + rk)[None, :], xs, mask=mmask[:, None])
-        elif MODE != 4:
+        elif MODE == 6:
             amax = tl.maximum(amax, tl.max(tl.abs(xs.to(tl.float32)), axis=1))
     if MODE == 6:
         tl.store(QS + pid_s * M + rm, amax, mask=mmask)
-    if MODE == 2 or MODE == 3:
-        tscale = scale_of(amax, QMAX, RECIP)
-        tl.store(QS + rm, tscale, mask=mmask)
-        for i in range(0, K // BK):
-            k = K - BK - i * BK
-            q = fake_quant_token(_smoothed(xrow, SMOOTH, k, rk, mmask), tscale, QMAX)
-            if MODE == 2:
-                even, odd = tl.split(tl.reshape(q.to(tl.int8), (BM, BK // 2, 2)))
-                c = tl.arange(0, BK // 2)
-                pos = k + (c // (G // 2)) * G + c % (G // 2)
-                tl.store(qrow + pos[None, :], even, mask=mmask[:, None])
-                tl.store(qrow + (pos + G // 2)[None, :], odd, mask=mmask[:, None])
-            else:
-                tl.store(qrow + (k + rk)[None, :], q.to(tl.float8e4nv), mask=mmask[:, None])
     if HAS_LR:
         tl.store(LXP + pid_s * M * R + rm[:, None] * R + rr[None, :], lx, mask=mmask[:, None] & (rr[None, :] < R))
 
 
 def _pick(M: int, K: int, mode: str) -> tuple[int, int, int]:
-    """(BM, BK, splits): 16-row tiles; K split until there are enough programs (measured on H200, NOTES.md).
-    Per-token modes read whole rows (no split)."""
-    if mode in PER_TOKEN_MODES:
-        return (16 if M < 2048 else 32), 128, 1
-    bm, bk = 16, 64
+    """(BM, BK, splits): 16-row tiles; K split until there are enough programs in flight to cover the
+    memory latency (measured on H200, NOTES.md)."""
+    bm, bk = 16, (128 if mode in PER_TOKEN_MODES else 64)
     n_m = triton.cdiv(M, bm)
     splits = 1
     while n_m * splits < 2048 and K % (splits * 2 * bk) == 0:
@@ -106,8 +104,9 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor | None,
     mode: ``"int4"`` / ``"uint4"`` (per-token groups of ``group_size``, ``shift [K]`` added first),
     ``"int8"`` (per token, pair-split), ``"fp8"`` (per token, E4M3), ``"none"`` (low-rank only),
     ``"smooth"`` (smoothed copy of x), ``"amax"`` (per-slice absmax of the smoothed rows); all but the
-    4-bit modes ignore ``shift``.
-    config: (BM, BK, splits[, num_warps]); per-token modes need splits == 1.
+    4-bit modes ignore ``shift``. Per-token modes launch twice: ``"amax"`` (absmax + low-rank partials, default
+    tiles), then the quantization with the row absmax (config).
+    config: (BM, BK, splits[, num_warps]).
     Returns (q, scales, lx_partials) in the layouts of :mod:`quantduo.kernels.reference` (q is None for
     ``"none"``/``"amax"``, scales None for ``"none"``/``"smooth"``, amax partials float32 ``[S, M]`` as scales
     for ``"amax"``); lx_partials float32 ``[S, M, r]`` or None when there is no low-rank.
@@ -118,8 +117,10 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor | None,
     if K % group_size or x.stride(1) != 1:
         raise ValueError(f"act_quant needs K % {group_size} == 0 and unit column stride, got {tuple(x.shape)}")
     bm, bk, splits, *warps = config or _pick(M, K, mode)
-    if mode in PER_TOKEN_MODES and splits != 1:
-        raise ValueError("per-token modes read whole rows: splits must be 1")
+    amaxp = None
+    if mode in PER_TOKEN_MODES:
+        _, amaxp, lxp = act_quant(x, smooth, None, lora_down, "amax", group_size)
+        lora_down = None
     r = 0 if lora_down is None else lora_down.shape[1]
     dev = x.device
     q = qs = None
@@ -137,13 +138,14 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor | None,
         qs = torch.empty(splits, M, dtype=torch.float32, device=dev)
     elif mode != "none":
         raise ValueError(f"unknown activation mode {mode!r}")
-    lxp = torch.empty(splits, M, r, dtype=torch.float32, device=dev) if r > 0 else None
+    if amaxp is None:
+        lxp = torch.empty(splits, M, r, dtype=torch.float32, device=dev) if r > 0 else None
     dummy = x
     grid = (triton.cdiv(M, bm), splits)
     _act_quant_kernel[grid](
         x, smooth, shift if shift is not None else dummy, lora_down if r > 0 else dummy, q if q is not None else dummy,
-        qs if qs is not None else dummy, lxp if lxp is not None else dummy,
-        M, K, K // splits, r, x.stride(0),
+        qs if qs is not None else dummy, lxp if r > 0 else dummy, amaxp if amaxp is not None else dummy,
+        M, K, K // splits, r, 0 if amaxp is None else amaxp.shape[0], x.stride(0),
         MODE=_MODES[mode], HAS_LR=r > 0, RP=rank_pad(r), G=group_size, BM=bm, BK=bk,
         PREC=dot_precision(lora_down.dtype if r > 0 else x.dtype), RECIP=x.is_cuda, QMAX=448 if mode == "fp8" else 127, num_warps=(warps or [4])[0],
     )

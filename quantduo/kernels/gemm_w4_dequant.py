@@ -1,4 +1,8 @@
-"""Weight-streaming GEMM: 4-bit weights dequantized to 16 bits once per K step, one 16-bit dot.
+"""Weight-streaming GEMM: 4-bit weights dequantized to 16 bits once per K step, 16-bit dots.
+
+Each K step: the activation tile ``[BM, BK]`` is split in registers into even / odd channels, which line
+up with the low / high nibbles of the packed weights ``[BN, BK / 2]``; the nibbles times their group
+factor (loaded per byte, L1-cached) become two 16-bit tiles: two dots, no interleaving.
 
 Serves W4A16 (INT4-g64 weights, float group scales) and the small-M path of the Hopper W4A8 formats
 (integer group multipliers + per-row scale; 8-bit per-token activations fake-quantized in-kernel, which
@@ -45,7 +49,6 @@ def _w4_dequant_gemm_kernel(
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     rc = tl.arange(0, BK // 2)
-    rg = tl.arange(0, BK // G)
     mmask = rm < M
     nmask = rn < N
     rm_l = tl.minimum(rm, M - 1).to(tl.int64)
@@ -63,18 +66,19 @@ def _w4_dequant_gemm_kernel(
             x = smooth_tile(x, tl.load(SMOOTH + k + rk))
         if QMAX > 0:
             x = fake_quant_token(x, ascale, QMAX).to(x.dtype)
+        x_even, x_odd = tl.split(tl.reshape(x, (BM, BK // 2, 2)))  # lines up with the low / high nibbles
         lo, hi = unpack_int4(tl.load(W + rn_l[:, None] * (K // 2) + (k // 2 + rc)[None, :]))
-        f = tl.load(WF + rn_l[:, None] * stride_wfn + (k // G + rg)[None, :] * stride_wfg).to(tl.float32)
-        w = tl.reshape(tl.join(lo.to(tl.float32), hi.to(tl.float32)), (BN, BK // G, G)) * f[:, :, None]
-        acc = tl.dot(x, tl.trans(tl.reshape(w, (BN, BK)).to(x.dtype)), acc, input_precision=PREC)
+        f = tl.load(WF + rn_l[:, None] * stride_wfn + ((k + 2 * rc) // G)[None, :] * stride_wfg).to(tl.float32)
+        acc = tl.dot(x_even, tl.trans((lo.to(tl.float32) * f).to(x.dtype)), acc, input_precision=PREC)
+        acc = tl.dot(x_odd, tl.trans((hi.to(tl.float32) * f).to(x.dtype)), acc, input_precision=PREC)
     if QMAX > 0:
         acc *= ascale[:, None]
     if HAS_WROW:
         acc *= tl.load(WROW + rn_l)[None, :]
     if SPLIT_K > 1:
         ws = ACC_WS + rm_l[:, None] * N + rn_l[None, :]
-        tl.atomic_add(ws, acc, mask=mmask[:, None] & nmask[None, :])
-        tl.debug_barrier()
+        tl.atomic_add(ws, acc, mask=mmask[:, None] & nmask[None, :], sem="relaxed")
+        tl.debug_barrier()  # all partial sums of this program are issued before its counter increment
         if tl.atomic_add(COUNTS + tile, 1) == SPLIT_K - 1:  # the last K slice of this tile finishes it
             acc = tl.load(ws, cache_modifier=".cg")
             tl.store(ws, tl.zeros((BM, BN), dtype=tl.float32), mask=mmask[:, None] & nmask[None, :])

@@ -1,8 +1,8 @@
 """Hopper W4A8 GEMM: 8-bit-exact 4-bit weights x 8-bit per-token activations, one long dot.
 
 Weights are INT4 ``q`` with integer group multipliers ``mult`` (:mod:`quantduo.svdquant.hopper_formats`):
-``q * mult`` is an exact int8 (``act_format="int8"``) or float8_e4m3fn (``"fp8"``, power-of-two
-multipliers), so the K loop has no rescale and the float scales (per token, per output channel) are
+``q * mult`` is an exact int8 (``act_format="int8"``) or float8_e4m3fn (``"fp8"``, multipliers
+``2**j`` / ``3 * 2**j``), so the K loop has no rescale and the float scales (per token, per output channel) are
 applied once in the epilogue. Two ways to feed the tensor cores:
 
 * ``packed`` (int8 only): expand ``q * mult`` from the packed nibbles in registers inside the GEMM (no
@@ -58,17 +58,17 @@ def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
 
 
 def expand_w4(qweight: torch.Tensor, wmult: torch.Tensor, fp8: bool, group_size: int = 64,
-              scratch: bool = True) -> torch.Tensor:
+              scratch: bool = True, config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """8-bit ``[N, K]`` weights ``q * mult`` from qweight uint8 ``[N, K // 2]`` and wmult uint8 ``[N, K // G]``:
     float8_e4m3fn natural order (fp8) or int8 pair-split order. scratch: write into the shared per-device
-    buffer (overwritten by the next expansion) instead of a new tensor."""
+    buffer (overwritten by the next expansion) instead of a new tensor. config: (BN, BK, num_warps)."""
     N, K = qweight.shape[0], qweight.shape[1] * 2
     dtype = torch.float8_e4m3fn if fp8 else torch.int8
     out = (_scratch(N * K, dtype, qweight.device) if scratch else torch.empty(N * K, dtype=dtype,
                                                                              device=qweight.device)).view(N, K)
-    bk = 256 if K % 256 == 0 else (128 if K % 128 == 0 else 64)
-    _expand_w4_kernel[(triton.cdiv(N, 32), K // bk)](qweight, wmult, out, N, K, FP8=fp8, BN=32, BK=bk, G=group_size,
-                                                     num_warps=4)
+    bn, bk, warps = config or (32, 256 if K % 256 == 0 else (128 if K % 128 == 0 else 64), 4)
+    _expand_w4_kernel[(triton.cdiv(N, bn), K // bk)](qweight, wmult, out, N, K, FP8=fp8, BN=bn, BK=bk, G=group_size,
+                                                     num_warps=warps)
     return out
 
 
@@ -129,7 +129,7 @@ def _pick(M: int, N: int, packed: bool, fp8: bool) -> dict:
     if M <= 256:
         return dict(BM=64, BN=64, BK=128, GROUP_M=8, num_warps=4, num_stages=4)
     if fp8:
-        return dict(BM=128, BN=256, BK=128, GROUP_M=8, num_warps=8, num_stages=3)
+        return dict(BM=128, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=4)
     return dict(BM=128, BN=128, BK=256, GROUP_M=8, num_warps=8, num_stages=3)
 
 

@@ -9,8 +9,9 @@ make one long 8-bit dot exact:
   the 8-bit operand type and ``row_scale`` (float32 per output channel) moves to the GEMM epilogue:
 
   - ``act_format="int8"``: ``mult`` in ``[1, MULT_MAX]``, ``|q * mult| <= 126`` is an exact int8;
-  - ``act_format="fp8"``: ``mult = 2**e``, ``e`` in ``[0, FP8_EXP_MAX]``, ``|q * mult| <= 448`` is an
-    exact float8_e4m3fn (``q`` has at most 3 significant bits).
+  - ``act_format="fp8"``: ``mult`` in :data:`FP8_MULTS` (``2**j`` with codes in [-7, 7], or ``3 * 2**j``
+    with codes in [-6, 6]), so ``q * mult`` (at most 4 significant bits, ``<= 448``) is an exact
+    float8_e4m3fn.
 * **activations**: symmetric per token of the smoothed input, float32 scale: INT8 (``absmax / 127``,
   round half to even) or FP8 E4M3 (``absmax / 448``, round to nearest even). There is no unsigned shift
   (signed 8-bit handles post-GELU inputs); the converter unfolds the shift term from the bias.
@@ -28,7 +29,10 @@ from .linear import SVDQuantLinear
 
 MULT_MAX = 18  # 7 * 18 = 126 <= 127
 INT8_MAX = 127
-FP8_EXP_MAX = 6  # 7 * 2**6 = 448 = float8_e4m3fn max
+# fp8 group multipliers: 2**j (codes +-7, 7 * 64 = 448 = float8_e4m3fn max) and 3 * 2**j (codes +-6: 3 * q
+# has at most 4 significant bits for |q| <= 6), so q * mult is exact in float8_e4m3fn.
+FP8_MULTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+FP8_ODD_QMAX = 6
 ACT_FORMATS = ("int8", "fp8")
 
 
@@ -53,28 +57,37 @@ def quantize_int4_int8exact(
 def quantize_int4_fp8exact(
     r: torch.Tensor, group_size: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize ``r [N, K]`` to INT4 with power-of-two group multipliers (fp8-exact ``q * mult``).
+    """Quantize ``r [N, K]`` to INT4 with group multipliers from :data:`FP8_MULTS` (fp8-exact ``q * mult``).
 
-    ``row_scale = row absmax / (7 * 2**FP8_EXP_MAX)``; each group takes the exponent ``e`` in
-    ``[0, FP8_EXP_MAX]`` with the smallest squared error. Returns q int8 ``[N, K]`` in [-7, 7], mult uint8
-    ``[N, K // group_size]`` (powers of two, 1..64), row_scale float32 ``[N]``.
+    ``row_scale = row absmax / (7 * 64)``; each group takes the multiplier
+    (and its code range: +-7 for powers of two, +-6 for ``3 * 2**j``) with the smallest squared error.
+    Returns q int8 ``[N, K]``,
+    mult uint8 ``[N, K // group_size]``, row_scale float32 ``[N]``.
     """
     g = qz._grouped(r, group_size)
     row_max = g.abs().amax(dim=(-1, -2))
-    row_scale = torch.where(row_max > 0, row_max / (qz.INT4_MAX * 2 ** FP8_EXP_MAX), torch.ones_like(row_max))
+    row_scale = torch.where(row_max > 0, row_max / (qz.INT4_MAX * 64), torch.ones_like(row_max))
+    q, mult, _ = _best_fp8_mults(g, row_scale)
+    return q.to(torch.int8).reshape(r.shape), mult.to(torch.uint8), row_scale.float()
+
+
+def _best_fp8_mults(g: torch.Tensor, row_scale: torch.Tensor):
+    """Per group of ``g [N, G, group]`` the multiplier of :data:`FP8_MULTS` with the least squared error for
+    ``row_scale [N]``: (codes float32 ``[N, G, group]``, mult float32 ``[N, G]``, error ``[N, G]``)."""
     best_err = best_q = best_mult = None
-    for e in range(FP8_EXP_MAX + 1):
-        scale = row_scale[:, None, None] * 2.0 ** e
-        q = torch.round(g / scale).clamp_(-qz.INT4_MAX, qz.INT4_MAX)
+    for mult in FP8_MULTS:
+        qmax = qz.INT4_MAX if mult & (mult - 1) == 0 else FP8_ODD_QMAX
+        scale = row_scale[:, None, None] * float(mult)
+        q = torch.round(g / scale).clamp_(-qmax, qmax)
         err = (g - q * scale).square().sum(dim=-1)
         if best_err is None:
-            best_err, best_q, best_mult = err, q, torch.ones_like(err)
+            best_err, best_q, best_mult = err, q, torch.full_like(err, float(mult))
         else:
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_q = torch.where(better[..., None], q, best_q)
-            best_mult = torch.where(better, torch.full_like(err, 2.0 ** e), best_mult)
-    return best_q.to(torch.int8).reshape(r.shape), best_mult.to(torch.uint8), row_scale.float()
+            best_mult = torch.where(better, torch.full_like(err, float(mult)), best_mult)
+    return best_q, best_mult, best_err
 
 
 def dequantize_int4_int8exact(q: torch.Tensor, mult: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
@@ -185,7 +198,7 @@ def to_w4a8(module: SVDQuantLinear, weight: torch.Tensor | None = None, act_form
             ) -> SVDQuantW4A8Linear:
     """Convert a W4A4 :class:`SVDQuantLinear` to a Hopper W4A8 format (same smoothing and low-rank branch).
 
-    act_format: ``"int8"`` (integer multipliers) or ``"fp8"`` (power-of-two multipliers, see module docstring).
+    act_format: ``"int8"`` (multipliers 1..18) or ``"fp8"`` (fp8-exact multipliers, see module docstring).
     ``weight`` (the original float ``[N, in_features]`` weight, optional): re-quantize the exact residual
     ``W * smooth - lora_up @ lora_down^T``; without it the module's dequantized 4-bit residual is
     re-quantized. The unsigned-activation shift folded into the bias is unfolded (W4A8 needs no shift).
@@ -218,5 +231,5 @@ def to_w4a8(module: SVDQuantLinear, weight: torch.Tensor | None = None, act_form
 
 
 def to_w4a8_fp8(module: SVDQuantLinear, weight: torch.Tensor | None = None) -> SVDQuantW4A8Linear:
-    """:func:`to_w4a8` with FP8 E4M3 activations and power-of-two weight group multipliers."""
+    """:func:`to_w4a8` with FP8 E4M3 activations and fp8-exact weight group multipliers."""
     return to_w4a8(module, weight, act_format="fp8")
