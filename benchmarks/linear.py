@@ -401,14 +401,15 @@ def main():
     t0 = time.time()
     results["correctness"] = check_correctness(log)
     log(f"  [correctness {time.time() - t0:.0f}s]")
-    if args.sweep:
-        sweep(log, results)
-        log(f"  [sweep {time.time() - t0:.0f}s]")
     if args.quality:
         quality(log, results)
         log(f"  [quality {time.time() - t0:.0f}s]")
     if not args.no_table:
         table(log, results)
+        log(f"  [table {time.time() - t0:.0f}s]")
+    if args.sweep:
+        sweep(log, results)
+        log(f"  [sweep {time.time() - t0:.0f}s]")
     log(f"  [total {time.time() - t0:.0f}s]")
     with open(os.path.join(args.out, "linear_results.json"), "w") as f:
         json.dump(results, f, indent=1)
