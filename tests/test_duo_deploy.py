@@ -10,7 +10,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralF
 
 from quantduo.duo import attention as A
 from quantduo.duo.cache import DuoCache
-from quantduo.duo.deploy import apply_duo, apply_pattern
+from quantduo.duo.deploy import apply_duo, apply_pattern, chunked_prefill
 from quantduo.duo.identify import gated_model
 from quantduo.duo.patterns import DuoPattern
 
@@ -97,6 +97,16 @@ def test_generate_matches_reference_and_saves_memory():
     d = 2 * 8 * 4  # K+V, head_dim 8, fp32
     assert cache.memory_bytes() == d * (mask.sum() * 56 + (~mask).sum() * (SINK + RECENT))
     assert cache.memory_bytes() < d * 12 * 56 * 0.6
+
+
+def test_chunked_prefill_helper_matches_reference():
+    model = tiny_model("qwen3", seed=5)
+    mask = np.array([[True, False, False, False], [False, False, True, True], [False, True, False, False]])
+    ids = torch.randint(0, 64, (1, 61))
+    ref = gated_reference_logits(model, mask, ids)[:, -1]
+    duo = apply_duo(copy.deepcopy(model), mask, SINK, RECENT)
+    last = chunked_prefill(duo, ids, DuoCache.from_model(duo), chunk_size=7)
+    torch.testing.assert_close(last, ref, atol=2e-4, rtol=1e-4)
 
 
 def test_bad_inputs():

@@ -128,3 +128,15 @@ def register_attention(name: str, fn) -> None:
 
 
 register_attention("duo", duo_attention_forward)
+
+
+@torch.no_grad()
+def chunked_prefill(model, input_ids: torch.Tensor, cache, chunk_size: int) -> torch.Tensor:
+    """Prefill ``input_ids`` [B, T] into ``cache`` (a DuoCache) ``chunk_size`` tokens at a time, so
+    activations stay O(chunk) and streaming heads see sink + recent + the current chunk only.
+    Returns the logits of the last token [B, vocab]."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    for start in range(0, input_ids.shape[1], chunk_size):
+        out = model.model(input_ids=input_ids[:, start:start + chunk_size], past_key_values=cache, use_cache=True)
+    return model.lm_head(out.last_hidden_state[:, -1])
