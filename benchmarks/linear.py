@@ -93,8 +93,9 @@ def random_module(n, k, act_format="int4", rank=RANK):
 
 def random_w4a8(n, k, rank=RANK, act_format="int8"):
     m = hf.SVDQuantW4A8Linear(k, n, rank=rank, device=DEV, act_format=act_format)
+    qmax = hf.FP8_ODD_QMAX if act_format == "fp8" else qz.INT4_MAX  # codes valid with every multiplier
     with torch.no_grad():
-        m.qweight.copy_(qz.pack_int4(torch.randint(-7, 8, (n, k), device=DEV)))
+        m.qweight.copy_(qz.pack_int4(torch.randint(-qmax, qmax + 1, (n, k), device=DEV)))
         if act_format == "fp8":
             mults = torch.tensor(hf.FP8_MULTS, device=DEV, dtype=torch.uint8)
             m.wmult.copy_(mults[torch.randint(0, len(hf.FP8_MULTS), (n, k // 64), device=DEV)])

@@ -21,11 +21,12 @@ from .gemm_w4a4 import w4_gemm
 from .gemm_w4a8 import expand_w4, w4a8_gemm
 from .nvfp4 import nvfp4_dequant
 
-# Token counts up to which the weight-streaming GEMM serves W4A16 with in-kernel smoothing and the W4A8
-# formats with in-kernel activation fake quantization (memory-bound regime; measured, NOTES.md).
+# Token counts up to which the weight-streaming GEMM serves W4A16 with in-kernel smoothing and the fp8
+# W4A8 format with in-kernel activation fake quantization (memory-bound regime; NOTES.md).
 DEQUANT_MAX_TOKENS = 64
-# Tokens from which the int8 W4A8 path expands the weights once per call (fp8 always expands above
-# DEQUANT_MAX_TOKENS: it has no packed GEMM).
+# Tokens from which the int8 W4A8 path expands the weights once per call (below: the packed GEMM, which
+# measured faster than the weight-streaming GEMM at 16 tokens on H200). fp8 always expands above
+# DEQUANT_MAX_TOKENS: it has no packed GEMM.
 W4A8_EXPAND_MIN_TOKENS = 1024
 W4A8_PATHS = ("dequant", "packed", "expanded")
 
@@ -118,9 +119,9 @@ def svdquant_mlp_forward(fc1, fc2, x: torch.Tensor, gelu: str = "tanh") -> torch
 
 def w4a8_path(module, tokens: int) -> str:
     """Default W4A8 path for ``tokens`` rows (see DEQUANT_MAX_TOKENS / W4A8_EXPAND_MIN_TOKENS)."""
-    if tokens <= DEQUANT_MAX_TOKENS:
-        return "dequant"
-    return "expanded" if module.act_format == "fp8" or tokens >= W4A8_EXPAND_MIN_TOKENS else "packed"
+    if module.act_format == "int8":
+        return "expanded" if tokens >= W4A8_EXPAND_MIN_TOKENS else "packed"
+    return "dequant" if tokens <= DEQUANT_MAX_TOKENS else "expanded"
 
 
 def w4a8_linear_forward(module, x: torch.Tensor, path: str | None = None) -> torch.Tensor:

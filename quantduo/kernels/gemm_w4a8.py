@@ -66,7 +66,7 @@ def expand_w4(qweight: torch.Tensor, wmult: torch.Tensor, fp8: bool, group_size:
     dtype = torch.float8_e4m3fn if fp8 else torch.int8
     out = (_scratch(N * K, dtype, qweight.device) if scratch else torch.empty(N * K, dtype=dtype,
                                                                              device=qweight.device)).view(N, K)
-    bn, bk, warps = config or (32, 256 if K % 256 == 0 else (128 if K % 128 == 0 else 64), 4)
+    bn, bk, warps = config or ((16, 512, 4) if K % 512 == 0 else (32, 128 if K % 128 == 0 else 64, 4))
     _expand_w4_kernel[(triton.cdiv(N, bn), K // bk)](qweight, wmult, out, N, K, FP8=fp8, BN=bn, BK=bk, G=group_size,
                                                      num_warps=warps)
     return out
