@@ -1,0 +1,54 @@
+"""SVDQuant 4-bit weights for transformers causal LMs (Llama / Mistral / Qwen), e.g. under DuoAttention.
+
+``w4a16`` (weight-only INT4, scale per 64 inputs, no low-rank branch) is the long-context setting: decoding is
+bound by reading weights and KV, not by arithmetic. ``int4`` is full SVDQuant W4A4 with the low-rank branch.
+Embeddings and ``lm_head`` (often tied to the embeddings) stay in 16 bits. Apply DuoAttention's head
+reordering (:func:`quantduo.duo.deploy.apply_duo`) *before* quantizing: it permutes the linears' rows.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantduo.svdquant import QuantizationReport, SVDQuantConfig, quantize_model
+
+LLM_SKIP = ["lm_head", "*embed_tokens*"]
+FORMATS: dict[str, dict[str, Any]] = {
+    "w4a16": dict(act_format="none", rank=0, smooth=False),
+    "int4": dict(act_format="int4"),
+}
+
+
+def llm_quantization_config(fmt: str = "w4a16", **overrides: Any) -> SVDQuantConfig:
+    """An :class:`SVDQuantConfig` for a causal LM; ``overrides`` set any other field (rank, dtype, ...)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown LLM format {fmt!r}; choose one of {sorted(FORMATS)}")
+    return SVDQuantConfig(**{"skip": list(LLM_SKIP), **FORMATS[fmt], **overrides})
+
+
+def quantize_causal_lm(
+    model: nn.Module, calibration_ids: torch.Tensor, fmt: str = "w4a16", progress: bool = True, **overrides: Any
+) -> QuantizationReport:
+    """Quantize the decoder linears of ``model`` in place.
+
+    Args:
+        calibration_ids: long ``[B, T]`` token ids run through the model once to calibrate.
+    """
+    if calibration_ids.dtype != torch.long or calibration_ids.dim() != 2:
+        raise ValueError(f"calibration_ids must be a long [B, T] tensor, got {calibration_ids.dtype} "
+                         f"{tuple(calibration_ids.shape)}")
+    config = llm_quantization_config(fmt, **overrides)
+    device = next(model.parameters()).device
+    return quantize_model(model, lambda m: m(calibration_ids.to(device), use_cache=False), config, progress=progress)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers (tied tensors counted once)."""
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
