@@ -10,6 +10,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
@@ -100,28 +101,27 @@ def streaming_prefill(q, k, v, k_pos: torch.Tensor, q_start: int, sink: int, rec
 
 
 def full_prefill(q, k, v, q_start: int, scaling: float) -> torch.Tensor:
-    """Causal attention of q [B, Hq, Tq, D] (positions q_start..) over k/v [B, Hkv, q_start + Tq, D]."""
-    if q_start == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
-                                              enable_gqa=q.shape[1] != k.shape[1])
-    offset = torch.tensor(q_start, device=q.device)
+    """Causal attention of q [B, Hq, Tq, D] (positions q_start..) over k/v [B, Hkv, q_start + Tq, D].
 
-    def mask_mod(b, h, qi, ki):
-        return ki <= qi + offset
-
-    return _flex(q, k, v, _block_mask(("full", q_start), mask_mod, q.shape[2], k.shape[2], q.device), scaling)
+    Later chunks use SDPA with a lower-right causal bias (flash attention on GPU; no compile per shape).
+    """
+    mask = causal_lower_right(q.shape[2], k.shape[2]) if q_start else None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not q_start, scale=scaling,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
-def decode(q, k, v, scaling: float) -> torch.Tensor:
-    """One new query token q [B, Hq, 1, D] over every cached key k/v [B, Hkv, Tk, D] (no mask).
+def decode(q, k, v, scaling: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """One new query token q [B, Hq, 1, D] over cached keys k/v [B, Hkv, Tk, D].
 
-    The rep = Hq / Hkv query heads of a KV head form a small matrix, so the two products are
-    batched GEMMs that spread the long Tk axis over the whole GPU (a fused attention kernel
-    without split-KV would run on only B * Hkv thread blocks). Softmax in float32.
+    ``valid`` [Tk] bool masks the keys to use (static caches attend over a preallocated buffer);
+    None uses every key. The rep = Hq / Hkv query heads of a KV head form a small matrix, so the
+    two products are batched GEMMs that spread the long Tk axis over the whole GPU (a fused
+    attention kernel without split-KV would run on only B * Hkv thread blocks). Softmax in float32.
     Returns [B, Hq, 1, D].
     """
     b, hq, _, d = q.shape
     hkv = k.shape[1]
-    scores = torch.matmul(q.reshape(b, hkv, hq // hkv, d), k.transpose(-1, -2))
-    probs = (scores.float() * scaling).softmax(-1).to(v.dtype)
-    return torch.matmul(probs, v).reshape(b, hq, 1, d)
+    scores = torch.matmul(q.reshape(b, hkv, hq // hkv, d), k.transpose(-1, -2)).float() * scaling
+    if valid is not None:
+        scores = scores.masked_fill(~valid, float("-inf"))
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v).reshape(b, hq, 1, d)

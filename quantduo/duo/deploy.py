@@ -95,22 +95,26 @@ def _no_cache_kv(module, key, value) -> DuoKV:
 
 def duo_attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function "duo"; query [B, Hq, T, D]; key/value a DuoKV (from DuoCache)
-    or plain [B, Hkv, T, D] tensors (no cache). Returns ([B, T, Hq, D], None)."""
+    or plain [B, Hkv, T, D] tensors (no cache). The head split comes from the DuoKV (a DuoCache
+    may hold every head in full). Returns ([B, T, Hq, D], None)."""
     if attention_mask is not None and not torch.is_tensor(attention_mask):
         raise ValueError("DuoAttention does not take custom attention masks")
     kv = key if isinstance(key, DuoKV) else _no_cache_kv(module, key, value)
     scaling = module.scaling if scaling is None else scaling
-    nq_full = module.duo_n_full * module.num_key_value_groups
+    nq_full = kv.full_k.shape[1] * module.num_key_value_groups
     qf, qs = query[:, :nq_full], query[:, nq_full:]
-    outs = []
+    b, hq, t, d = query.shape
+    out = query.new_empty(b, t, hq, d)  # each head group writes its slice (one copy, no cat)
     if qf.shape[1]:
-        outs.append(A.decode(qf, kv.full_k, kv.full_v, scaling) if query.shape[2] == 1 and kv.q_start > 0
-                    else A.full_prefill(qf, kv.full_k, kv.full_v, kv.q_start, scaling))
+        of = (A.decode(qf, kv.full_k, kv.full_v, scaling, kv.full_valid) if kv.stream_pos is None
+              else A.full_prefill(qf, kv.full_k, kv.full_v, kv.q_start, scaling))
+        out[:, :, :nq_full] = of.transpose(1, 2)
     if qs.shape[1]:
-        outs.append(A.decode(qs, kv.stream_k, kv.stream_v, scaling) if kv.stream_pos is None
-                    else A.streaming_prefill(qs, kv.stream_k, kv.stream_v, kv.stream_pos, kv.q_start,
-                                             module.duo_sink, module.duo_recent, scaling))
-    return torch.cat(outs, dim=1).transpose(1, 2).contiguous(), None
+        os_ = (A.decode(qs, kv.stream_k, kv.stream_v, scaling, kv.stream_valid) if kv.stream_pos is None
+               else A.streaming_prefill(qs, kv.stream_k, kv.stream_v, kv.stream_pos, kv.q_start,
+                                        module.duo_sink, module.duo_recent, scaling))
+        out[:, :, nq_full:] = os_.transpose(1, 2)
+    return out, None
 
 
 def _no_mask(*args, attention_mask=None, **kwargs) -> None:

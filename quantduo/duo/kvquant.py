@@ -26,7 +26,7 @@ class QuantizedKV:
 
 
 def quantize_kv(x: torch.Tensor, bits: int = 4, group: int = 128) -> QuantizedKV:
-    """Quantize x [..., D] (float) with per-token groups along the last axis."""
+    """Quantize x [..., D] (float) with per-token groups along the last axis (validates its input)."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     d = x.shape[-1]
@@ -34,6 +34,12 @@ def quantize_kv(x: torch.Tensor, bits: int = 4, group: int = 128) -> QuantizedKV
         raise ValueError(f"last dim {d} must be a multiple of group {group} (even for INT4)")
     if not torch.isfinite(x).all():
         raise ValueError("cannot quantize NaN/inf KV values")
+    return quantize_unchecked(x, bits, group)
+
+
+def quantize_unchecked(x: torch.Tensor, bits: int, group: int) -> QuantizedKV:
+    """:func:`quantize_kv` without input checks: no host-device synchronisation (CUDA-graph safe)."""
+    d = x.shape[-1]
     g = x.float().reshape(*x.shape[:-1], d // group, group)
     lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
     qmax = 2 ** bits - 1
@@ -49,7 +55,7 @@ def dequantize_kv(q: QuantizedKV, dtype=torch.float16) -> torch.Tensor:
     codes = q.codes
     if q.bits == 4:
         codes = torch.stack([codes & 0xF, codes >> 4], dim=-1).flatten(-2)
-    g = codes.float().reshape(*codes.shape[:-1], -1, q.group)
+    g = codes.float().reshape(*codes.shape[:-1], codes.shape[-1] // q.group, q.group)
     x = g * q.scale.float().unsqueeze(-1) + q.zero.float().unsqueeze(-1)
     return x.reshape(codes.shape).to(dtype)
 
