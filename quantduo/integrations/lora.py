@@ -27,10 +27,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from quantduo.svdquant import SVDQuantLinear
-from quantduo.svdquant.hopper_formats import SVDQuantW4A8Linear
-
-LOW_RANK_MODULES = (SVDQuantLinear, SVDQuantW4A8Linear)  # modules with a smoothed 16-bit low-rank branch
+from quantduo.svdquant.linear import LowRankQuantLinear
 
 
 class LoraFormatError(ValueError):
@@ -149,7 +146,7 @@ def _split(key_module: str, targets: list[str], model: nn.Module, lora: LoraFact
     """Split a (possibly fused) LoRA over ``targets`` by output rows, checking shapes."""
     modules = [model.get_submodule(t) for t in targets]
     for name, module in zip(targets, modules):
-        if not isinstance(module, (nn.Linear, *LOW_RANK_MODULES)):
+        if not isinstance(module, (nn.Linear, LowRankQuantLinear)):
             raise LoraFormatError(f"LoRA target {name!r} is a {type(module).__name__}, not a linear layer")
         if module.in_features != lora.down.shape[1]:
             raise LoraFormatError(
@@ -168,7 +165,7 @@ def _registry(module: nn.Module) -> dict[str, _Attached]:
     """Per-module LoRA registry; first use records the base state (rank / weight) the LoRAs are added to."""
     if not hasattr(module, "_quantduo_loras"):
         module._quantduo_loras = {}
-        if isinstance(module, LOW_RANK_MODULES):
+        if isinstance(module, LowRankQuantLinear):
             module._quantduo_base_rank = module.lora_down.shape[1]
         else:
             module._quantduo_base_weight = module.weight.detach().clone()
@@ -179,7 +176,7 @@ def _rebuild(module: nn.Module) -> None:
     """Recompute the module's low-rank branch (or merged weight) from its base state and attached LoRAs."""
     loras = module._quantduo_loras.values()
     with torch.no_grad():
-        if isinstance(module, LOW_RANK_MODULES):
+        if isinstance(module, LowRankQuantLinear):
             r0, dtype = module._quantduo_base_rank, module.dtype
             module.lora_down = torch.cat([module.lora_down[:, :r0]] + [a.down.to(dtype) for a in loras], dim=1)
             module.lora_up = torch.cat([module.lora_up[:, :r0]] + [(a.up * a.strength).to(dtype) for a in loras], dim=1)
@@ -192,7 +189,7 @@ def _rebuild(module: nn.Module) -> None:
 
 
 def _prepare(module: nn.Module, lora: LoraFactors, strength: float) -> _Attached:
-    if isinstance(module, LOW_RANK_MODULES):
+    if isinstance(module, LowRankQuantLinear):
         smooth = module.smooth_factor.float()
         down_t = torch.zeros(module.padded_in_features, lora.down.shape[0], device=smooth.device)
         down_t[: module.in_features] = lora.down.T.to(smooth.device)

@@ -21,11 +21,9 @@ Storage per weight: 4 bits + 8 / 64 (multiplier) + 32 / K (row scale) + the 16-b
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from . import quantizers as qz
-from .linear import SVDQuantLinear
+from .linear import LowRankQuantLinear, SVDQuantLinear, padded_features
 
 MULT_MAX = 18  # 7 * 18 = 126 <= 127
 INT8_MAX = 127
@@ -127,71 +125,40 @@ def fake_quant_int8_tokens(x: torch.Tensor) -> torch.Tensor:
     return fake_quant_tokens(x, "int8")
 
 
-class SVDQuantW4A8Linear(nn.Module):
+class SVDQuantW4A8Linear(LowRankQuantLinear):
     """SVDQuant layer in a Hopper W4A8 format (see module docstring); ``act_format`` ``"int8"`` or ``"fp8"``.
 
     ``y = Q8(x / smooth) @ (q * mult * row_scale)^T + (x / smooth) @ lora_down @ lora_up^T + bias``.
-    Buffers (``N`` out, ``K`` padded in, ``G`` group, ``r`` rank): qweight uint8 ``[N, K // 2]``,
-    wmult uint8 ``[N, K // G]``, wscale_row float32 ``[N]``, smooth_factor ``[K]``, lora_down ``[K, r]``,
-    lora_up ``[N, r]``, bias ``[N]`` or absent (module dtype). Input ``[..., in_features]``, output in x.dtype.
+    Buffers beyond :class:`LowRankQuantLinear`'s (``N`` out, ``K`` padded in, ``G`` group): qweight uint8
+    ``[N, K // 2]``, wmult uint8 ``[N, K // G]``, wscale_row float32 ``[N]``.
+    Input ``[..., in_features]``, output in x.dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int = 32, bias: bool = True,
                  group_size: int = 64, dtype: torch.dtype = torch.bfloat16, device=None,
                  act_format: str = "int8") -> None:
-        super().__init__()
         if act_format not in ACT_FORMATS:
             raise ValueError(f"act_format must be one of {ACT_FORMATS}, got {act_format!r}")
-        self.act_format = act_format
-        self.in_features, self.out_features, self.rank, self.group_size = in_features, out_features, rank, group_size
-        self.backend = "auto"
-        k = in_features + (-in_features) % group_size
-        fp = dict(dtype=dtype, device=device)
+        k = padded_features(in_features, group_size)
+        super().__init__(in_features, out_features, k, rank, bias, dtype, device)
+        self.act_format, self.group_size = act_format, group_size
         self.register_buffer("qweight", torch.zeros(out_features, k // 2, dtype=torch.uint8, device=device))
         self.register_buffer("wmult", torch.ones(out_features, k // group_size, dtype=torch.uint8, device=device))
         self.register_buffer("wscale_row", torch.ones(out_features, dtype=torch.float32, device=device))
-        self.register_buffer("smooth_factor", torch.ones(k, **fp))
-        self.register_buffer("lora_down", torch.zeros(k, rank, **fp))
-        self.register_buffer("lora_up", torch.zeros(out_features, rank, **fp))
-        self.register_buffer("bias", torch.zeros(out_features, **fp) if bias else None)
-
-    @property
-    def padded_in_features(self) -> int:
-        return self.qweight.shape[1] * 2
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.smooth_factor.dtype
 
     def dequantized_residual(self) -> torch.Tensor:
-        """float32 ``[N, K_padded]``."""
         return dequantize_int4_int8exact(qz.unpack_int4(self.qweight), self.wmult, self.wscale_row)
 
-    def storage_bits_per_weight(self) -> float:
-        bufs = (self.qweight, self.wmult, self.wscale_row, self.lora_down, self.lora_up)
-        return sum(b.numel() * b.element_size() * 8 for b in bufs) / (self.in_features * self.out_features)
+    def quantized_activation(self, x_smooth: torch.Tensor) -> torch.Tensor:
+        return fake_quant_tokens(x_smooth, self.act_format)
 
-    def _pad_input(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected inputs with last dim {self.in_features}, got shape {tuple(x.shape)}")
-        extra = self.padded_in_features - self.in_features
-        return F.pad(x, (0, extra)) if extra else x
+    def packed_buffers(self) -> tuple[torch.Tensor, ...]:
+        return (self.qweight, self.wmult, self.wscale_row)
 
-    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """Exact semantics in PyTorch (float32 GEMM accumulation, low-rank branch in the module dtype)."""
-        x_smooth = self._pad_input(x) / self.smooth_factor.to(x.dtype)
-        low_rank = (x_smooth.to(self.dtype) @ self.lora_down) @ self.lora_up.T
-        y = fake_quant_tokens(x_smooth, self.act_format) @ self.dequantized_residual().T + low_rank.float()
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype)
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from quantduo.kernels import w4a8_linear_forward
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "triton" or (self.backend == "auto" and x.is_cuda):
-            from quantduo.kernels import w4a8_linear_forward
-
-            return w4a8_linear_forward(self, x)
-        return self.forward_reference(x)
+        return w4a8_linear_forward(self, x)
 
 
 def to_w4a8(module: SVDQuantLinear, weight: torch.Tensor | None = None, act_format: str = "int8"

@@ -31,12 +31,97 @@ def padded_features(in_features: int, group_size: int) -> int:
     return in_features + (-in_features) % group_size
 
 
-class SVDQuantLinear(nn.Module):
-    """Drop-in replacement for ``nn.Linear`` holding an SVDQuant-compressed weight.
+class LowRankQuantLinear(nn.Module):
+    """Skeleton shared by the 4-bit layers: smoothing, the 16-bit low-rank branch, bias and input padding.
+
+    ``y = A(x / smooth_factor) @ R^T + (x / smooth_factor) @ lora_down @ lora_up^T + bias`` where subclasses
+    define the packed residual ``R`` (:meth:`dequantized_residual`, :meth:`packed_buffers`), what the
+    4-bit GEMM sees of the activations ``A`` (:meth:`quantized_activation`) and the kernel path
+    (:meth:`kernel_forward`). ``backend``: ``"reference"``, ``"triton"`` or ``"auto"`` (kernels on CUDA).
+    """
+
+    def __init__(self, in_features: int, out_features: int, padded_in: int, rank: int, bias: bool,
+                 dtype: torch.dtype, device: torch.device | str | None) -> None:
+        super().__init__()
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"zero-size layer ({out_features}x{in_features}) cannot be quantized")
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.backend = "auto"
+        fp = dict(dtype=dtype, device=device)
+        self.register_buffer("smooth_factor", torch.ones(padded_in, **fp))
+        self.register_buffer("lora_down", torch.zeros(padded_in, rank, **fp))
+        self.register_buffer("lora_up", torch.zeros(out_features, rank, **fp))
+        self.register_buffer("bias", torch.zeros(out_features, **fp) if bias else None)
+
+    # ------------------------------------------------------------------------------------------
+    # what subclasses provide
+    def dequantized_residual(self) -> torch.Tensor:
+        """The 4-bit residual as float32 ``[N, K_padded]`` (smoothed space)."""
+        raise NotImplementedError
+
+    def quantized_activation(self, x_smooth: torch.Tensor) -> torch.Tensor:
+        """What the 4-bit GEMM sees of the smoothed inputs ``[..., K_padded]``, float32."""
+        raise NotImplementedError
+
+    def packed_buffers(self) -> tuple[torch.Tensor, ...]:
+        """The buffers holding the quantized residual (values and scales)."""
+        raise NotImplementedError
+
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def padded_in_features(self) -> int:
+        return self.smooth_factor.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.smooth_factor.dtype
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """Effective weight in the original (unsmoothed) input space, float32 ``[N, in_features]``.
+
+        Excludes activation quantization; useful for weight-only comparisons and LoRA merging.
+        """
+        w_hat = self.dequantized_residual() + self.lora_up.float() @ self.lora_down.float().T
+        return (w_hat / self.smooth_factor.float())[:, : self.in_features]
+
+    def storage_bits_per_weight(self) -> float:
+        """Bits stored per original weight, counting packed values, scales and the low-rank factors."""
+        buffers = (*self.packed_buffers(), self.lora_down, self.lora_up)
+        return sum(b.numel() * b.element_size() * 8 for b in buffers) / (self.in_features * self.out_features)
+
+    def _pad_input(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__} expects inputs with last dim {self.in_features}, got shape {tuple(x.shape)}"
+            )
+        extra = self.padded_in_features - self.in_features
+        return F.pad(x, (0, extra)) if extra else x
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Pure-PyTorch forward with exact quantization semantics (float32 accumulation of the 4-bit GEMM;
+        the low-rank branch runs in the module dtype like the fused engine)."""
+        x_smooth = self._pad_input(x) / self.smooth_factor.to(x.dtype)
+        low_rank = (x_smooth.to(self.dtype) @ self.lora_down) @ self.lora_up.T
+        y = self.quantized_activation(x_smooth) @ self.dequantized_residual().T + low_rank.float()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton" or (self.backend == "auto" and x.is_cuda):
+            return self.kernel_forward(x)
+        return self.forward_reference(x)
+
+
+class SVDQuantLinear(LowRankQuantLinear):
+    """Drop-in replacement for ``nn.Linear`` holding an SVDQuant-compressed weight (INT4 or NVFP4).
 
     Input ``x``: ``[..., in_features]`` float; output ``[..., out_features]`` in ``x.dtype``.
-    ``backend``: ``"reference"`` (pure PyTorch, exact fake-quant semantics), ``"triton"`` (fused kernels,
-    :mod:`quantduo.kernels`) or ``"auto"`` (Triton on CUDA tensors, reference elsewhere).
     """
 
     def __init__(
@@ -51,41 +136,21 @@ class SVDQuantLinear(nn.Module):
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
         if weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
         if act_format not in ACT_FORMATS:
             raise ValueError(f"act_format must be one of {ACT_FORMATS}, got {act_format!r}")
         if weight_format == "nvfp4":
             group_size = qz.NVFP4_GROUP
-        if in_features <= 0 or out_features <= 0:
-            raise ValueError(f"zero-size layer ({out_features}x{in_features}) cannot be quantized")
-        if rank < 0:
-            raise ValueError(f"rank must be >= 0, got {rank}")
-        self.in_features, self.out_features = in_features, out_features
-        self.rank, self.group_size = rank, group_size
-        self.weight_format, self.act_format = weight_format, act_format
-        self.backend = "auto"
         k = padded_features(in_features, group_size)
-        fp = dict(dtype=dtype, device=device)
+        super().__init__(in_features, out_features, k, rank, bias, dtype, device)
+        self.group_size = group_size
+        self.weight_format, self.act_format = weight_format, act_format
         scale_dtype = torch.float8_e4m3fn if weight_format == "nvfp4" else dtype
         self.register_buffer("qweight", torch.zeros(out_features, k // 2, dtype=torch.uint8, device=device))
         self.register_buffer("wscales", torch.ones(out_features, k // group_size, dtype=scale_dtype, device=device))
         self.register_buffer("wscale_global", torch.ones((), dtype=torch.float32, device=device))
-        self.register_buffer("smooth_factor", torch.ones(k, **fp))
-        self.register_buffer("act_shift", torch.zeros(k, **fp))
-        self.register_buffer("lora_down", torch.zeros(k, rank, **fp))
-        self.register_buffer("lora_up", torch.zeros(out_features, rank, **fp))
-        self.register_buffer("bias", torch.zeros(out_features, **fp) if bias else None)
-
-    # ------------------------------------------------------------------------------------------
-    @property
-    def padded_in_features(self) -> int:
-        return self.qweight.shape[1] * 2
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.smooth_factor.dtype
+        self.register_buffer("act_shift", torch.zeros(k, dtype=dtype, device=device))
 
     def extra_repr(self) -> str:
         return (
@@ -95,49 +160,18 @@ class SVDQuantLinear(nn.Module):
         )
 
     def dequantized_residual(self) -> torch.Tensor:
-        """The 4-bit residual as float32 ``[N, K_padded]`` (smoothed space)."""
         if self.weight_format == "nvfp4":
             return qz.dequantize_nvfp4(qz.unpack_nibbles(self.qweight), self.wscales, self.wscale_global)
         return qz.dequantize_groups(qz.unpack_int4(self.qweight), self.wscales)
 
-    def dequantized_weight(self) -> torch.Tensor:
-        """Effective weight in the original (unsmoothed) input space, float32 ``[N, in_features]``.
+    def quantized_activation(self, x_smooth: torch.Tensor) -> torch.Tensor:
+        # the shift's effect -Q(R) @ act_shift is folded into the bias
+        return qz.fake_quant(x_smooth.float() + self.act_shift.float(), self.act_format, self.group_size)
 
-        Excludes activation quantization; useful for weight-only comparisons and LoRA merging.
-        """
-        w_hat = self.dequantized_residual() + self.lora_up.float() @ self.lora_down.float().T
-        return (w_hat / self.smooth_factor.float())[:, : self.in_features]
+    def packed_buffers(self) -> tuple[torch.Tensor, ...]:
+        return (self.qweight, self.wscales)
 
-    def storage_bits_per_weight(self) -> float:
-        """Bits stored per original weight, counting packed values, scales and the low-rank factors."""
-        n_bits = sum(b.numel() * b.element_size() * 8 for b in (self.qweight, self.wscales, self.lora_down, self.lora_up))
-        return n_bits / (self.in_features * self.out_features)
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from quantduo.kernels import svdquant_linear_forward
 
-    # ------------------------------------------------------------------------------------------
-    def _pad_input(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"SVDQuantLinear expects inputs with last dim {self.in_features}, got shape {tuple(x.shape)}"
-            )
-        return F.pad(x, (0, self.padded_in_features - self.in_features)) if self.padded_in_features != self.in_features else x
-
-    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """Pure-PyTorch forward with exact quantization semantics (float32 accumulation of the 4-bit GEMM;
-        the low-rank branch runs in the module dtype like the fused engine)."""
-        x_pad = self._pad_input(x)
-        x_smooth = x_pad / self.smooth_factor.to(x.dtype)
-        low_rank = (x_smooth.to(self.dtype) @ self.lora_down) @ self.lora_up.T
-        act = x_smooth.float() + self.act_shift.float()
-        act_q = qz.fake_quant(act, self.act_format, self.group_size)
-        y = act_q @ self.dequantized_residual().T + low_rank.float()
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        use_kernels = self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
-        if use_kernels:
-            from quantduo.kernels import svdquant_linear_forward
-
-            return svdquant_linear_forward(self, x)
-        return self.forward_reference(x)
+        return svdquant_linear_forward(self, x)
