@@ -17,13 +17,8 @@ pytestmark = pytest.mark.skipif(
 MIN_ACCURACY = 0.90
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    # The model is tiny: one thread is as fast as two and immune to oversubscription on busy CI cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# The model is tiny: one thread is as fast as two and immune to oversubscription on busy CI cores.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
