@@ -1,5 +1,6 @@
 """The shipped tiny retrieval LM: identification picks the retrieval heads; DuoAttention at 50%
 streaming heads keeps full-attention passkey accuracy while streaming-only fails."""
+import copy
 import warnings
 
 import numpy as np
@@ -7,11 +8,13 @@ import pytest
 import torch
 
 from quantduo.duo import demo
+from quantduo.duo.cache import DuoCache
+from quantduo.duo.deploy import apply_duo
+from quantduo.duo.evaluate import passkey_accuracy
 from quantduo.duo.patterns import load_pattern
 from quantduo.models import tiny_lm
 
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -20,16 +23,13 @@ def _one_thread():
     yield
     torch.set_num_threads(n)
 
-
 @pytest.fixture(scope="module")
 def model():
     return tiny_lm.load()
 
-
 @pytest.fixture(scope="module")
 def samples():
     return demo.eval_samples(n=12, seed=7)
-
 
 def test_shipped_model_is_small_gqa_llama(model):
     assert (tiny_lm.ASSET_DIR / "model.safetensors").stat().st_size < 5e6
@@ -38,7 +38,6 @@ def test_shipped_model_is_small_gqa_llama(model):
     assert tiny_lm.decode(tiny_lm.encode("pass key A is 1 2 3 4 .")) == "pass key A is 1 2 3 4 ."
     with pytest.raises(KeyError, match="vocabulary"):
         tiny_lm.encode("hello")
-
 
 def test_shipped_pattern_accuracy(model, samples):
     retrieval = load_pattern(demo.SHIPPED_PATTERN).binarize(0.5)
@@ -49,7 +48,6 @@ def test_shipped_pattern_accuracy(model, samples):
     assert res["duo"]["kv_bytes"] < 0.6 * res["full"]["kv_bytes"]
     assert res["streaming"]["kv_bytes"] < 0.1 * res["full"]["kv_bytes"]
 
-
 def test_identification_finds_heads_whose_removal_breaks_retrieval(model, samples):
     pattern = demo.tiny_identify(model, steps=40, progress=False)
     retrieval = pattern.binarize(0.5)
@@ -59,10 +57,19 @@ def test_identification_finds_heads_whose_removal_breaks_retrieval(model, sample
     inverse = demo.evaluate_modes(model, ~retrieval, samples[:8])
     assert inverse["duo"]["accuracy"] <= 0.25
 
-
 def test_run_duo_demo_with_shipped_pattern(tmp_path):
     res = demo.run_duo_demo(tmp_path, "cpu", identify_heads=False, n_eval=6)
     assert (tmp_path / "duo_gates.png").stat().st_size > 1000
     assert (tmp_path / "duo_pattern" / "full_attention_heads.tsv").exists()
     assert res["duo"]["accuracy"] == res["full"]["accuracy"] > res["streaming"]["accuracy"]
     assert np.array(res["retrieval"]).sum() == 8
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_duo_with_quantized_kv_keeps_accuracy(model, samples, bits):
+    retrieval = load_pattern(demo.SHIPPED_PATTERN).binarize(0.5)
+    m = apply_duo(copy.deepcopy(model), retrieval, tiny_lm.SINK, tiny_lm.RECENT)
+    n = tiny_lm.EVAL_CONTEXT
+    acc = passkey_accuracy(m, samples, lambda: DuoCache.from_model(m, max_cache_len=n, static=True, kv_bits=bits))
+    print(f"tiny LM passkey accuracy, Duo + INT{bits} KV: {acc:.3f}")
+    assert acc == passkey_accuracy(model, samples)  # full attention, 16-bit KV (measured 1.0)
