@@ -37,11 +37,7 @@ __all__ = ["svdquant_linear_forward", "svdquant_mlp_forward", "w4a8_linear_forwa
 
 def _flat_padded(module, x: torch.Tensor) -> torch.Tensor:
     """``x [..., in_features]`` -> contiguous ``[M, K_padded]`` (zero-padded like the module)."""
-    if x.shape[-1] != module.in_features:
-        raise ValueError(f"expected inputs with last dim {module.in_features}, got shape {tuple(x.shape)}")
-    x2 = x.reshape(-1, module.in_features)
-    extra = module.padded_in_features - module.in_features
-    return (F.pad(x2, (0, extra)) if extra else x2).contiguous()
+    return module._pad_input(x).reshape(-1, module.padded_in_features).contiguous()
 
 
 def _lora(module):
