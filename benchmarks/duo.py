@@ -247,12 +247,27 @@ def print_tables(rows: dict, sdpa: dict, cap_rows: list, check: dict, gcheck: di
     print(f"\nGPU correctness: Duo (eager, chunked prefill + decode) vs dense gated reference rel L2 "
           f"{check['duo_vs_ref']:.4f} (decode tokens {check['duo_vs_ref_decode']:.4f}); full attention vs same "
           f"reference {check['full_vs_ref']:.4f}. Graph replay vs eager decode logits: {gcheck}")
-    print(f"Attention of one layer at N={max(rows)} (ms): {prof}")
+    print_prefill_bound(rows, prof)
     print(f"Duo prefill of N={max(rows)} in {chunk['chunk']}-token chunks: {chunk['prefill']:.0f} ms, "
           f"peak {chunk['peak'] / GB:.1f} GB")
     print(f"\nCapacity ({info}):\n| weights | KV layout | max context (tokens) |\n|---|---|---|")
     for w, name, tokens in cap_rows:
         print(f"| {w} | {name} | {tokens:,} |")
+
+
+def print_prefill_bound(rows: dict, prof: dict, layers: int = 32) -> None:
+    """One-layer attention times, and the prefill speedup they imply: non-attention time = measured full
+    prefill at the largest N minus its attention, scaled linearly in N (a projection where N was not run)."""
+    n_max = max(rows)
+    print("\n| N | SDPA 32 heads ms/layer | SDPA 16 heads | streaming 16 heads | non-attention ms (all layers) "
+          "| prefill speedup bound | measured |\n|---|---|---|---|---|---|---|")
+    non_attn = (rows[n_max]["full"]["prefill"] - layers * prof[n_max]["sdpa_32_heads"]) / n_max  # ms per token
+    for n, p in sorted(prof.items()):
+        full = layers * p["sdpa_32_heads"] + non_attn * n
+        duo = layers * (p["sdpa_16_heads"] + p["stream_16_heads"]) + non_attn * n
+        measured = f"{rows[n]['full']['prefill'] / rows[n]['duo']['prefill']:.2f}x" if n in rows else "not run"
+        print(f"| {n} | {p['sdpa_32_heads']:.1f} | {p['sdpa_16_heads']:.1f} | {p['stream_16_heads']:.2f} "
+              f"| {non_attn * n:.0f} | {full / duo:.2f}x | {measured} |")
 
 
 def main() -> None:
@@ -262,6 +277,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--prefill-reps", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=32768)
+    ap.add_argument("--profile-contexts", type=int, nargs="+", default=[131072, 262144],
+                    help="contexts of the one-layer attention profile (prefill bound projection)")
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = llama3_8b_config(max(args.contexts) + 4096)
@@ -291,7 +308,7 @@ def main() -> None:
                                           reps=1 if quant else args.prefill_reps, eager=not quant, **opts)
             torch.cuda.empty_cache()
             print(f"{name} N={n}: {rows[n][name]} ({time.time() - t0:.0f}s)", flush=True)
-    prof = attention_profile(max(args.contexts))
+    prof = {n: attention_profile(n) for n in sorted({max(args.contexts), *args.profile_contexts})}
     print(f"attention profile: {prof}", flush=True)
     chunk = chunked(model, max(args.contexts), args.chunk)
     print(f"chunked prefill: {chunk} ({time.time() - t0:.0f}s)", flush=True)

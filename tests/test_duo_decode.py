@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import StaticCache
 
+from quantduo.duo.attention import split_kv_matmul
 from quantduo.duo.cache import DuoCache
 from quantduo.duo.decode import GraphedDecoder
 from quantduo.duo.deploy import apply_duo
@@ -92,3 +93,10 @@ def test_quantized_kv_cache(setup, bits, tol):
     q = quantize_kv(x, bits, 4)
     assert torch.equal(layer2.full.bufs["kcodes"][:, :, :5], q.codes)
     assert torch.equal(layer2.full.bufs["vscale"][:, :, :5], q.scale)
+
+
+@pytest.mark.parametrize("t", [40, 64, 70])
+def test_split_kv_matmul_matches_matmul(t):
+    torch.manual_seed(0)
+    probs, v = torch.rand(2, 3, 4, t), torch.randn(2, 3, t, 8)
+    torch.testing.assert_close(split_kv_matmul(probs, v, chunk=16), probs @ v, atol=1e-5, rtol=1e-5)

@@ -115,13 +115,32 @@ def decode(q, k, v, scaling: float, valid: torch.Tensor | None = None) -> torch.
 
     ``valid`` [Tk] bool masks the keys to use (static caches attend over a preallocated buffer);
     None uses every key. The rep = Hq / Hkv query heads of a KV head form a small matrix, so the
-    two products are batched GEMMs that spread the long Tk axis over the whole GPU (a fused
-    attention kernel without split-KV would run on only B * Hkv thread blocks). Softmax in float32.
+    two products are batched GEMMs: scores spread the long Tk axis over the GPU's tiles, and the
+    probs @ V reduction over Tk is split into chunks (:func:`split_kv_matmul`). Softmax in float32.
     Returns [B, Hq, 1, D].
     """
     b, hq, _, d = q.shape
     hkv = k.shape[1]
-    scores = torch.matmul(q.reshape(b, hkv, hq // hkv, d), k.transpose(-1, -2)).float() * scaling
+    scores = torch.matmul((q * scaling).reshape(b, hkv, hq // hkv, d), k.transpose(-1, -2))
     if valid is not None:
         scores = scores.masked_fill(~valid, float("-inf"))
-    return torch.matmul(scores.softmax(-1).to(v.dtype), v).reshape(b, hq, 1, d)
+    probs = torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype)
+    return split_kv_matmul(probs, v).reshape(b, hq, 1, d)
+
+
+def split_kv_matmul(probs: torch.Tensor, v: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """probs [B, H, R, T] @ v [B, H, T, D] -> [B, H, R, D] in v's dtype, the reduction over T split
+    into chunks of ``chunk`` (batched GEMMs over B * H * T / chunk blocks, partial sums in float32,
+    then the remainder), so a long T keeps the whole GPU busy (split-KV / flash-decoding)."""
+    b, h, r, t = probs.shape
+    d = v.shape[-1]
+    m = t - t % chunk
+    if m < 2 * chunk:
+        return torch.matmul(probs, v)
+    s = m // chunk
+    parts = torch.matmul(probs[..., :m].reshape(b, h, r, s, chunk).transpose(2, 3),
+                         v[:, :, :m].reshape(b, h, s, chunk, d))  # [B, H, s, R, D]
+    out = parts.float().sum(2)
+    if m < t:
+        out += torch.matmul(probs[..., m:], v[:, :, m:]).float()
+    return out.to(v.dtype)

@@ -90,7 +90,7 @@ class FullStore:
         if self.bits is None:
             return b["k"], b["v"]
         return tuple(dequantize_kv(QuantizedKV(b[f"{kv}codes"], b[f"{kv}scale"], b[f"{kv}zero"], self.bits,
-                                               self.group), self.dtype) for kv in "kv")
+                                               self.group), self.dtype, torch.float16) for kv in "kv")
 
     def grow(self, new_cap: int, length: int) -> None:
         """Reallocate every buffer to ``new_cap`` positions, keeping the first ``length``."""

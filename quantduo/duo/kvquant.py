@@ -50,13 +50,14 @@ def quantize_unchecked(x: torch.Tensor, bits: int, group: int) -> QuantizedKV:
     return QuantizedKV(codes, scale.squeeze(-1).half(), lo.squeeze(-1).half(), bits, group)
 
 
-def dequantize_kv(q: QuantizedKV, dtype=torch.float16) -> torch.Tensor:
-    """Inverse of :func:`quantize_kv`: returns [..., D] in ``dtype``."""
+def dequantize_kv(q: QuantizedKV, dtype=torch.float16, compute=torch.float32) -> torch.Tensor:
+    """Inverse of :func:`quantize_kv`: returns [..., D] in ``dtype``, arithmetic in ``compute``
+    (float16 halves the temporaries; codes < 256 are exact in it)."""
     codes = q.codes
     if q.bits == 4:
         codes = torch.stack([codes & 0xF, codes >> 4], dim=-1).flatten(-2)
-    g = codes.float().reshape(*codes.shape[:-1], codes.shape[-1] // q.group, q.group)
-    x = g * q.scale.float().unsqueeze(-1) + q.zero.float().unsqueeze(-1)
+    g = codes.to(compute).reshape(*codes.shape[:-1], codes.shape[-1] // q.group, q.group)
+    x = torch.addcmul(q.zero.to(compute).unsqueeze(-1), g, q.scale.to(compute).unsqueeze(-1))
     return x.reshape(codes.shape).to(dtype)
 
 
