@@ -153,8 +153,9 @@ def graph_check(model, n: int = 2048, steps: int = 8) -> dict:
 
 @torch.no_grad()
 def attention_profile(n: int, reps: int = 3) -> dict:
-    """ms of one layer's prefill attention at n tokens (Llama-3-8B heads): full SDPA over 32 query heads,
-    the 16 query heads of the retrieval half, and the streaming half (block-sparse flex_attention)."""
+    """ms of one layer's attention at n tokens (Llama-3-8B heads). Prefill: full SDPA over 32 query heads,
+    the 16 query heads of the retrieval half, the streaming half (block-sparse flex_attention). Decode
+    (eager, one token): our masked split-KV decode over 8 / 4 KV heads, SDPA over 8 without a mask."""
     q = torch.randn(1, 32, n, 128, device=DEV, dtype=torch.bfloat16)
     k, v = (torch.randn(1, 8, n, 128, device=DEV, dtype=torch.bfloat16) for _ in range(2))
     pos = torch.arange(n, device=DEV)
@@ -162,7 +163,12 @@ def attention_profile(n: int, reps: int = 3) -> dict:
            "sdpa_16_heads": lambda: F.scaled_dot_product_attention(q[:, :16], k[:, :4], v[:, :4], is_causal=True,
                                                                    enable_gqa=True),
            "stream_16_heads": lambda: A.streaming_prefill(q[:, 16:], k[:, 4:], v[:, 4:], pos, 0, SINK, RECENT, 0.088)}
-    return {name: statistics.median(cuda_ms(fn, 1, reps)) for name, fn in fns.items()}
+    out = {name: statistics.median(cuda_ms(fn, 1, reps)) for name, fn in fns.items()}
+    q1, valid = q[:, :, -1:], pos < n - 7
+    decode = {"decode_8kv": lambda: A.decode(q1, k, v, 0.088, valid),  # one token, all heads (full attention)
+              "decode_4kv": lambda: A.decode(q1[:, :16], k[:, :4], v[:, :4], 0.088, valid),  # Duo retrieval half
+              "decode_sdpa_8kv_nomask": lambda: F.scaled_dot_product_attention(q1, k, v, enable_gqa=True)}
+    return {**out, **{name: statistics.median(cuda_ms(fn, 3, 20)) for name, fn in decode.items()}}
 
 
 @torch.no_grad()
