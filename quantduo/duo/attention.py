@@ -128,19 +128,18 @@ def decode(q, k, v, scaling: float, valid: torch.Tensor | None = None) -> torch.
     return split_kv_matmul(probs, v).reshape(b, hq, 1, d)
 
 
-def split_kv_matmul(probs: torch.Tensor, v: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+SPLIT_CHUNK = 1024  # keys per chunk of the split-KV decode reduction (static caches round up to it)
+
+
+def split_kv_matmul(probs: torch.Tensor, v: torch.Tensor, chunk: int = SPLIT_CHUNK) -> torch.Tensor:
     """probs [B, H, R, T] @ v [B, H, T, D] -> [B, H, R, D] in v's dtype, the reduction over T split
-    into chunks of ``chunk`` (batched GEMMs over B * H * T / chunk blocks, partial sums in float32,
-    then the remainder), so a long T keeps the whole GPU busy (split-KV / flash-decoding)."""
+    into chunks of ``chunk`` (batched GEMMs over B * H * T / chunk blocks, partial sums in float32),
+    so a long T keeps the whole GPU busy (split-KV / flash-decoding). Only when v is contiguous and
+    T a multiple of ``chunk`` (then the chunked view of v needs no copy); else one plain matmul."""
     b, h, r, t = probs.shape
     d = v.shape[-1]
-    m = t - t % chunk
-    if m < 2 * chunk:
+    if t % chunk or t < 2 * chunk or not v.is_contiguous():
         return torch.matmul(probs, v)
-    s = m // chunk
-    parts = torch.matmul(probs[..., :m].reshape(b, h, r, s, chunk).transpose(2, 3),
-                         v[:, :, :m].reshape(b, h, s, chunk, d))  # [B, H, s, R, D]
-    out = parts.float().sum(2)
-    if m < t:
-        out += torch.matmul(probs[..., m:], v[:, :, m:]).float()
-    return out.to(v.dtype)
+    s = t // chunk
+    parts = torch.matmul(probs.reshape(b, h, r, s, chunk).transpose(2, 3), v.reshape(b, h, s, chunk, d))
+    return parts.float().sum(2).to(v.dtype)  # parts: [B, H, s, R, D]

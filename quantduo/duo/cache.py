@@ -11,7 +11,9 @@ Options:
   static: (needs ``max_cache_len``) single-token decode steps take their position from a device
       counter and attend over the whole preallocated buffer with a validity mask, so a step has
       fixed shapes and no host-device synchronisation: it can be captured in a CUDA graph
-      (:mod:`quantduo.duo.decode`). Prefill chunks still use Python-side lengths.
+      (:mod:`quantduo.duo.decode`). Prefill chunks still use Python-side lengths. The buffer is
+      rounded up to whole split-KV chunks (:data:`~quantduo.duo.attention.SPLIT_CHUNK` positions);
+      decode steps past ``max_cache_len`` are not checked.
   kv_bits: 8 or 4 stores the retrieval-head K/V as per-token-group codes (:mod:`quantduo.duo.kvquant`);
       attention reads them dequantized. The streaming window (sink + recent slots) stays 16-bit.
 """
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from quantduo.duo.attention import SPLIT_CHUNK
 from quantduo.duo.kvquant import QuantizedKV, dequantize_kv, quantize_unchecked
 
 
@@ -121,7 +124,10 @@ class DuoLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, _, t, d = key_states.shape
         dev = key_states.device
-        self.full = FullStore(key_states, self.n_full, self.max_cache_len or max(t, 256), self.kv_bits, self.kv_group)
+        cap = self.max_cache_len or max(t, 256)
+        if self.static:  # whole split-KV chunks: decode then reads the buffer without copies
+            cap = -(-cap // SPLIT_CHUNK) * SPLIT_CHUNK
+        self.full = FullStore(key_states, self.n_full, cap, self.kv_bits, self.kv_group)
         self.stream_keys = torch.zeros(b, self.n_stream, self.sink + self.recent, d, dtype=key_states.dtype, device=dev)
         self.stream_values = torch.zeros_like(self.stream_keys)
         self.stream_pos = torch.full((self.sink + self.recent,), -1, dtype=torch.long, device=dev)
@@ -131,11 +137,10 @@ class DuoLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def _ensure_capacity(self, need: int) -> None:
-        if need <= self.full.capacity:
-            return
-        if self.max_cache_len is not None:
+        if self.max_cache_len is not None and need > self.max_cache_len:
             raise ValueError(f"DuoCache is full: {need} tokens > max_cache_len={self.max_cache_len}")
-        self.full.grow(max(need, 2 * self.full.capacity), self.length)
+        if need > self.full.capacity:
+            self.full.grow(max(need, 2 * self.full.capacity), self.length)
 
     def _slot(self, p):
         """Ring slot of absolute position(s) p (int or int64 tensor): sinks stay, the rest cycles."""
