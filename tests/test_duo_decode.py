@@ -102,3 +102,18 @@ def test_split_kv_matmul_matches_matmul(t):
     probs, v = torch.rand(2, 3, 4, t), torch.randn(2, 3, t + 5, 8)[:, :, :t]  # a cache view: not contiguous
     for vv in (v, v.contiguous()):
         torch.testing.assert_close(split_kv_matmul(probs, vv, chunk=16), probs @ vv, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_graph_replay_equals_eager_static_decode():
+    model = apply_duo(tiny_model("llama", seed=2).cuda(), MASK, SINK, RECENT)
+    ids = torch.randint(0, 64, (1, PROMPT + STEPS), device="cuda")
+    outs = []
+    for use_graph in (False, True):
+        cache = DuoCache.from_model(model, max_cache_len=64, static=True)
+        with torch.no_grad():
+            model(ids[:, :PROMPT], past_key_values=cache)
+        dec = GraphedDecoder(model, cache, PROMPT, use_graph=use_graph)
+        outs.append(torch.stack([dec(ids[:, i:i + 1]).clone() for i in range(PROMPT, ids.shape[1])]))
+    assert dec.graph is not None
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
