@@ -14,6 +14,7 @@ Timings: CUDA events, warm-up, median.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -96,18 +97,15 @@ def bench_variant(model, n: int, args, warm: bool, reps: int, eager: bool, **opt
     return res
 
 
-class sdpa_attention:
-    """Context: the model runs transformers' SDPA attention (reordered heads compute the same function)."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        self.saved = self.model.config._attn_implementation
-        self.model.config._attn_implementation = "sdpa"
-
-    def __exit__(self, *exc):
-        self.model.config._attn_implementation = self.saved
+@contextlib.contextmanager
+def sdpa_attention(model):
+    """The model runs transformers' SDPA attention inside (reordered heads compute the same function)."""
+    saved = model.config._attn_implementation
+    model.config._attn_implementation = "sdpa"
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = saved
 
 
 @torch.no_grad()
