@@ -20,9 +20,7 @@ import argparse
 import copy
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,22 +35,7 @@ from quantduo.models.tiny_dit import (  # noqa: E402
     sample_digits,
     save_grid_png,
 )
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from quantduo.utils import atomic_write  # noqa: E402
 
 
 def load_data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,8 +154,10 @@ def main() -> None:
             "weights": "EMA, fp16",
         },
     }
-    atomic_write_bytes(args.out / "model.safetensors", st_save(state, metadata={"format": "pt"}))
-    atomic_write_bytes(args.out / "config.json", (json.dumps(meta, indent=2) + "\n").encode())
+    args.out.mkdir(parents=True, exist_ok=True)
+    weights = st_save(state, metadata={"format": "pt"})
+    atomic_write(args.out / "model.safetensors", lambda tmp: Path(tmp).write_bytes(weights))
+    atomic_write(args.out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
     print(f"wrote {args.out}/model.safetensors ({(args.out / 'model.safetensors').stat().st_size / 1e6:.2f} MB)")
 
     # Quick evaluation of the shipped (fp16-rounded) weights.

@@ -14,12 +14,7 @@ from quantduo.models import tiny_lm
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def run_cli(argv):

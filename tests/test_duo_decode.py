@@ -19,12 +19,7 @@ MASK = np.array([[True, False, False, True], [False, False, False, False], [Fals
 PROMPT, STEPS = 40, 12  # decoding crosses the ring-buffer wrap-around (sink 3 + recent 8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def static_decode_logits(model, cache, ids: torch.Tensor, sabotage: bool = False) -> torch.Tensor:

@@ -8,12 +8,12 @@ is continuous and is clipped to [0, 1]) and ``config.json`` (training arguments;
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from quantduo.utils import atomic_write
 
 TSV_NAME = "full_attention_heads.tsv"
 CONFIG_NAME = "config.json"
@@ -88,23 +88,12 @@ def load_pattern(path: str | Path) -> DuoPattern:
     return DuoPattern(gates, int(cfg.get("sink_size", 128)), int(cfg.get("recent_size", 256)), cfg)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_pattern(pattern: DuoPattern, out_dir: str | Path) -> Path:
     """Write ``full_attention_heads.tsv`` and ``config.json`` atomically (temp file + os.replace)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tsv = "\n".join("\t".join(f"{x:.18e}" for x in row) for row in pattern.gates) + "\n"
     cfg = {**pattern.extra, "sink_size": pattern.sink_size, "recent_size": pattern.recent_size}
-    _atomic_write(out / CONFIG_NAME, json.dumps(cfg, indent=1))
-    _atomic_write(out / TSV_NAME, tsv)
+    atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=1)))
+    atomic_write(out / TSV_NAME, lambda tmp: Path(tmp).write_text(tsv))
     return out
