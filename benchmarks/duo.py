@@ -177,7 +177,6 @@ def chunked(model, n: int, chunk: int) -> dict:
         cache = DuoCache.from_model(model, max_cache_len=length + SLACK, static=True)
         torch.cuda.reset_peak_memory_stats()
         ms = cuda_ms(lambda: chunked_prefill(model, ids, cache, chunk), 0, 1)[0]
-        del cache
     return dict(prefill=ms, peak=torch.cuda.max_memory_allocated(), chunk=chunk)
 
 

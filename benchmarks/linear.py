@@ -28,7 +28,7 @@ from quantduo import kernels as qk
 from quantduo.kernels.act_quant import act_quant
 from quantduo.kernels.gemm_w4a4 import w4_gemm
 from quantduo.kernels.gemm_w4_dequant import w4_dequant_gemm
-from quantduo.kernels.gemm_w4a8 import expand_w4, w4a8_gemm
+from quantduo.kernels.gemm_w4a8 import expand_w4
 from quantduo.svdquant import SVDQuantLinear
 from quantduo.svdquant import hopper_formats as hf
 from quantduo.svdquant import quantizers as qz

@@ -56,7 +56,7 @@ def main() -> None:
             sol = solve_group(w, x, x.abs().amax(0), cfg, act_format="int4", rank=32, smooth=True)
             errors[method] = (sol.rel_error, time.perf_counter() - start)
         rows.append((size, t_exact, t_rand, errors))
-    print(f"| shape (NxK) | exact SVD s | randomized s | speed-up | err exact | err randomized | solve s exact | solve s rand |")
+    print("| shape (NxK) | exact SVD s | randomized s | speed-up | err exact | err randomized | solve s exact | solve s rand |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for size, t_exact, t_rand, errors in rows:
         print(

@@ -1,6 +1,4 @@
 """The demo's headline numbers stay in their measured bounds."""
-import json
-
 import pytest
 
 from quantduo.cli import main

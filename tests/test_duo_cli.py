@@ -4,7 +4,6 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 
 from quantduo.duo import commands, demo
 from quantduo.duo.identify import IdentifyConfig, identify

@@ -5,7 +5,6 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 
 from quantduo.duo import demo
 from quantduo.duo.cache import DuoCache
