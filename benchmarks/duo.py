@@ -29,6 +29,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E40
 
 from quantduo.duo import attention as A  # noqa: E402
 from quantduo.duo.cache import DuoCache  # noqa: E402
+from quantduo.utils import relative_l2_error  # noqa: E402
 from quantduo.duo.decode import GraphedDecoder  # noqa: E402
 from quantduo.duo.deploy import apply_duo, chunked_prefill  # noqa: E402
 from quantduo.duo.identify import gated_model  # noqa: E402
@@ -61,10 +62,6 @@ def cuda_ms(fn, warmup: int, reps: int) -> list[float]:
         torch.cuda.synchronize()
         out.append(a.elapsed_time(b))
     return out
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @torch.no_grad()
@@ -145,7 +142,7 @@ def graph_check(model, n: int = 2048, steps: int = 8) -> dict:
             with sdpa_attention(model):
                 model.model(input_ids=ids[:, :n], past_key_values=cache)
                 logits.append(_decode_tokens(model, cache, ids, n, use_graph))
-        out[name] = rel(logits[1], logits[0])
+        out[name] = relative_l2_error(logits[1], logits[0])
     return out
 
 
@@ -212,9 +209,8 @@ def correctness(model, mask: np.ndarray, n: int = 2048) -> dict:
     outs += [model.model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True).last_hidden_state
              for i in range(n - 16, n)]
     duo = torch.cat(outs, 1).float()
-    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
-    return {"duo_vs_ref": rel(duo, ref), "full_vs_ref": rel(full, ref),
-            "duo_vs_ref_decode": rel(duo[:, -16:], ref[:, -16:])}
+    return {"duo_vs_ref": relative_l2_error(duo, ref), "full_vs_ref": relative_l2_error(full, ref),
+            "duo_vs_ref_decode": relative_l2_error(duo[:, -16:], ref[:, -16:])}
 
 
 def int4_weight_bytes(model, group: int = 128) -> int:

@@ -37,6 +37,7 @@ from quantduo.svdquant import SVDQuantLinear, lowrank_factors
 from quantduo.svdquant.hopper_formats import to_w4a8
 from quantduo.svdquant.quantize import pack_residual
 from quantduo.svdquant.quantizers import pad_to_multiple
+from quantduo.utils import relative_l2_error
 
 FLUX_DEV = dict(
     patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
@@ -147,7 +148,7 @@ def run_variant(model, linears, variant, inputs, ref, args) -> dict:
         out = model(**inputs)[0]
         times = time_forward(model, inputs, args.warmup, args.reps)
         row = dict(variant=variant, weight_gb=weight_bytes(model) / 1e9, median_ms=statistics.median(times),
-                   min_ms=min(times), max_ms=max(times), rel_err_vs_bf16=float((out.float() - ref).norm() / ref.norm()),
+                   min_ms=min(times), max_ms=max(times), rel_err_vs_bf16=relative_l2_error(out, ref),
                    quantized_layers=len(swapped), build_s=build_s)
         for name, ff in restore_ff.items():
             model.set_submodule(name, ff)

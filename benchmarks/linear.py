@@ -32,16 +32,13 @@ from quantduo.kernels.gemm_w4a8 import expand_w4
 from quantduo.svdquant import SVDQuantLinear
 from quantduo.svdquant import hopper_formats as hf
 from quantduo.svdquant import quantizers as qz
+from quantduo.utils import relative_l2_error
 
 SHAPES = [(3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288)]  # (N, K)
 TOKENS = [4608, 256, 16]
 RANK = 32
 DEV = "cuda"
 L2_DEFEAT_BYTES = 200e6
-
-
-def rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
 
 
 def time_graph(make_call, bytes_per_call: float, reps: int = 15) -> float:
@@ -183,11 +180,11 @@ def check_kernels(log):
         if mode == "fp8":
             q, rq = q.view(torch.uint8), rq.view(torch.uint8)
         log(f"  kernel1 {mode}: code mismatches {(q != rq).sum().item()} / {q.numel()}, scale mismatches "
-            f"{(qs != rqs).sum().item()}, lx rel err {rel(lxp.sum(0), rlx):.1e}")
+            f"{(qs != rqs).sum().item()}, lx rel err {relative_l2_error(lxp.sum(0), rlx):.1e}")
         if mode in ("int4", "uint4"):
             y = w4_gemm(q, qs, m.qweight, m.wscales, lxp, m.lora_up, m.bias, mode, x.dtype)
             y_ref = ref.w4_gemm_ref(q, qs, m.qweight, m.wscales, lxp.sum(0), m.lora_up, m.bias, mode, x.dtype)
-            log(f"  gemm {mode} on kernel-1 codes: rel err {rel(y, y_ref):.1e}")
+            log(f"  gemm {mode} on kernel-1 codes: rel err {relative_l2_error(y, y_ref):.1e}")
 
 
 def check_correctness(log):
@@ -199,27 +196,27 @@ def check_correctness(log):
         x = torch.randn(3, 67, K, device=DEV, dtype=torch.bfloat16)  # leading dims, M = 201
         for fmt in ("int4", "uint4", "none"):
             m = random_module(N, K, fmt, rank=0 if fmt == "none" else RANK)
-            worst[f"{fmt} {N}x{K}"] = rel(qk.svdquant_linear_forward(m, x), m.forward_reference(x))
+            worst[f"{fmt} {N}x{K}"] = relative_l2_error(qk.svdquant_linear_forward(m, x), m.forward_reference(x))
         for fmt in hf.ACT_FORMATS:
             m8 = random_w4a8(N, K, act_format=fmt)
             for path in ("dequant", "expanded") if fmt == "fp8" else qk.W4A8_PATHS:
-                worst[f"w4a8 {fmt} {path} {N}x{K}"] = rel(qk.w4a8_linear_forward(m8, x, path=path), m8.forward_reference(x))
+                worst[f"w4a8 {fmt} {path} {N}x{K}"] = relative_l2_error(qk.w4a8_linear_forward(m8, x, path=path), m8.forward_reference(x))
             x16 = x[0, :16]
-            worst[f"w4a8 {fmt} M=16 {N}x{K}"] = rel(qk.w4a8_linear_forward(m8, x16), m8.forward_reference(x16))
+            worst[f"w4a8 {fmt} M=16 {N}x{K}"] = relative_l2_error(qk.w4a8_linear_forward(m8, x16), m8.forward_reference(x16))
         m16 = random_module(N, K, "none", rank=RANK)
-        worst[f"none M=16 {N}x{K}"] = rel(qk.svdquant_linear_forward(m16, x[0, :16]), m16.forward_reference(x[0, :16]))
+        worst[f"none M=16 {N}x{K}"] = relative_l2_error(qk.svdquant_linear_forward(m16, x[0, :16]), m16.forward_reference(x[0, :16]))
     fc1, fc2 = random_module(12288, 3072, "int4"), random_module(3072, 12288, "uint4")
     for M in (16, 300):
         x = torch.randn(M, 3072, device=DEV, dtype=torch.bfloat16)
         ref = fc2.forward_reference(F.gelu(fc1.forward_reference(x), approximate="tanh"))
-        worst[f"mlp fused M={M}"] = rel(qk.svdquant_mlp_forward(fc1, fc2, x), ref)
+        worst[f"mlp fused M={M}"] = relative_l2_error(qk.svdquant_mlp_forward(fc1, fc2, x), ref)
     nv = SVDQuantLinear(3072, 3072, rank=RANK, weight_format="nvfp4", act_format="nvfp4", device=DEV)
     with torch.no_grad():
         codes, sc, gs = qz.quantize_nvfp4(torch.randn(3072, 3072, device=DEV))
         nv.qweight.copy_(qz.pack_nibbles(codes)); nv.wscales.copy_(sc); nv.wscale_global.copy_(gs)
         nv.lora_down.normal_(0, 0.05); nv.lora_up.normal_(0, 0.05)
     x = torch.randn(201, 3072, device=DEV, dtype=torch.bfloat16)
-    worst["nvfp4 3072x3072"] = rel(qk.svdquant_linear_forward(nv, x), nv.forward_reference(x))
+    worst["nvfp4 3072x3072"] = relative_l2_error(qk.svdquant_linear_forward(nv, x), nv.forward_reference(x))
     for k, v in worst.items():
         log(f"  correctness {k:32s} rel err {v:.2e}")
     bad = {k: v for k, v in worst.items() if not v < 2e-2 or (not k.startswith("mlp") and not v < 5e-3)}
@@ -374,10 +371,10 @@ def quality(log, results):
         y_w4a16 = qk.svdquant_linear_forward(mw16, xb).float()
         row = dict(N=N, K=K, act=m.act_format, bits_w4a4=m.storage_bits_per_weight(),
                    bits_w4a8=m8.storage_bits_per_weight(), bits_w4a8fp8=m8f.storage_bits_per_weight(),
-                   err_w4a4_vs_bf16=rel(y_w4a4, y_bf16), err_w4a8_vs_bf16=rel(y_w4a8, y_bf16),
-                   err_w4a8_from_w4a4_vs_bf16=rel(y_w4a8r, y_bf16), err_w4a8fp8_vs_bf16=rel(y_fp8, y_bf16),
-                   err_w4a8fp8_from_w4a4_vs_bf16=rel(y_fp8r, y_bf16), err_w4a16_rtn_nolr_vs_bf16=rel(y_w4a16, y_bf16),
-                   err_bf16_vs_fp32=rel(y_bf16, y_fp32))
+                   err_w4a4_vs_bf16=relative_l2_error(y_w4a4, y_bf16), err_w4a8_vs_bf16=relative_l2_error(y_w4a8, y_bf16),
+                   err_w4a8_from_w4a4_vs_bf16=relative_l2_error(y_w4a8r, y_bf16), err_w4a8fp8_vs_bf16=relative_l2_error(y_fp8, y_bf16),
+                   err_w4a8fp8_from_w4a4_vs_bf16=relative_l2_error(y_fp8r, y_bf16), err_w4a16_rtn_nolr_vs_bf16=relative_l2_error(y_w4a16, y_bf16),
+                   err_bf16_vs_fp32=relative_l2_error(y_bf16, y_fp32))
         out.append(row)
         log("  quality " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     results["quality"] = out

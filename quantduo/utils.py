@@ -6,6 +6,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it onto ``path``.
@@ -30,3 +32,9 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def relative_l2_error(y: torch.Tensor, y_ref: torch.Tensor) -> float:
+    """``||y - y_ref|| / ||y_ref||`` computed in float32 (any shapes that broadcast)."""
+    y_ref = y_ref.float()
+    return float((y.float() - y_ref).norm() / y_ref.norm().clamp(min=1e-30))

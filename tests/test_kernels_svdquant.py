@@ -23,12 +23,9 @@ from quantduo.kernels.nvfp4 import nvfp4_dequant
 from quantduo.svdquant import SVDQuantLinear
 from quantduo.svdquant import hopper_formats as hf
 from quantduo.svdquant import quantizers as qz
+from quantduo.utils import relative_l2_error
 
 CPU_GEMM = dict(BM=16, BN=32, GROUP_M=2, num_warps=4, num_stages=2)
-
-
-def rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 @pytest.fixture(autouse=True)
@@ -84,7 +81,7 @@ def test_w4_gemm(mode, gelu):
     y = w4_gemm(a, a_s, qw, ws, lxp, lu, bias, mode, dtype, gelu=gelu, config=CPU_GEMM)
     y_ref = ref.w4_gemm_ref(a, a_s, qw, ws, lxp.sum(0), lu, bias, mode, dtype, gelu=gelu)
     assert torch.isfinite(y).all()
-    assert rel(y, y_ref) < 1e-3
+    assert relative_l2_error(y, y_ref) < 1e-3
 
 
 @pytest.mark.parametrize("act,split,smooth_in,dtype", [
@@ -110,7 +107,7 @@ def test_w4_dequant_gemm(act, split, smooth_in, dtype):
     for _ in range(2):
         y = w4_dequant_gemm(xin, qw, wf, lxp, lu, bias, dtype, amax_partials=amaxp, config=cfg, **kw)
         assert torch.isfinite(y).all()
-        assert rel(y, y_ref) < 1e-3
+        assert relative_l2_error(y, y_ref) < 1e-3
 
 
 @pytest.mark.parametrize("next_mode", ["int4", "uint4"])
@@ -154,7 +151,7 @@ def test_w4a8_expand_and_gemm(fmt):
     runs = [(expanded, cfg), (expanded, dict(cfg, TMA=True))] if fp8 else [(qw, cfg), (expanded, cfg)]
     for w, c in runs:
         y = w4a8_gemm(a, a_s, w, mult, row, lxp, lu, bias, dtype, gelu=True, config=c)
-        assert rel(y, y_ref) < 1e-3
+        assert relative_l2_error(y, y_ref) < 1e-3
 
 
 def test_nvfp4_dequant():
@@ -192,7 +189,7 @@ def test_module_forward(act_format, weight_format, tokens):
     x = torch.randn(2, tokens, 100, dtype=torch.float16)
     y = m(x)
     assert y.shape == (2, tokens, 48)
-    assert rel(y, m.forward_reference(x)) < 2e-3
+    assert relative_l2_error(y, m.forward_reference(x)) < 2e-3
 
 
 def test_mlp_forward():
@@ -201,7 +198,7 @@ def test_mlp_forward():
     y = qk.svdquant_mlp_forward(fc1, fc2, x)
     y_ref = fc2.forward_reference(F.gelu(fc1.forward_reference(x).float(), approximate="tanh").to(x.dtype))
     assert y.shape == (3, 7, 64)
-    assert rel(y, y_ref) < 2e-2  # a few 4-bit codes of fc2's input may flip on GELU's last ulp
+    assert relative_l2_error(y, y_ref) < 2e-2  # a few 4-bit codes of fc2's input may flip on GELU's last ulp
 
 
 @pytest.mark.parametrize("act_format", ["int8", "fp8"])
@@ -213,12 +210,12 @@ def test_w4a8_module_and_converter(act_format):
     assert m8.act_format == act_format
     x = torch.rand(33, 128) * 2 - 0.1
     assert m8.storage_bits_per_weight() < m.storage_bits_per_weight()
-    assert rel(m8.forward_reference(x), m.forward_reference(x)) < 0.1
+    assert relative_l2_error(m8.forward_reference(x), m.forward_reference(x)) < 0.1
     m8.backend = "triton"
     paths = ("dequant", "expanded") if act_format == "fp8" else qk.W4A8_PATHS
     for path in paths:
-        assert rel(qk.w4a8_linear_forward(m8, x, path=path), m8.forward_reference(x)) < 1e-5, path
-    assert rel(m8(x), m8.forward_reference(x)) < 1e-5
+        assert relative_l2_error(qk.w4a8_linear_forward(m8, x, path=path), m8.forward_reference(x)) < 1e-5, path
+    assert relative_l2_error(m8(x), m8.forward_reference(x)) < 1e-5
 
 
 def test_int8exact_quantizer():
@@ -226,8 +223,8 @@ def test_int8exact_quantizer():
     q, mult, row = hf.quantize_int4_int8exact(r)
     assert q.abs().max() <= 7 and mult.min() >= 1 and mult.max() <= hf.MULT_MAX
     assert (q.int() * mult.int().repeat_interleave(64, 1)).abs().max() <= 127
-    err = rel(hf.dequantize_int4_int8exact(q, mult, row), r)
-    err_std = rel(qz.fake_quant(r, "int4", 64), r)
+    err = relative_l2_error(hf.dequantize_int4_int8exact(q, mult, row), r)
+    err_std = relative_l2_error(qz.fake_quant(r, "int4", 64), r)
     assert err < 1.5 * err_std
 
 
@@ -241,7 +238,7 @@ def test_fp8exact_quantizer():
     assert w.abs().max() <= 448 and torch.equal(w.to(torch.float8_e4m3fn).float(), w)  # exact in fp8
     deq = hf.dequantize_int4_int8exact(q, mult, row)
     assert torch.equal(deq[3], torch.zeros(256))
-    assert rel(deq, r) < 1.5 * rel(qz.fake_quant(r, "int4", 64), r)
+    assert relative_l2_error(deq, r) < 1.5 * relative_l2_error(qz.fake_quant(r, "int4", 64), r)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,8 +252,8 @@ def test_gpu_forward_bf16(n, k, tokens):
     x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
     for fmt in ("int4", "uint4", "none"):
         m = _random_module(k, n, fmt, rank=0 if fmt == "none" else 32, dtype=torch.bfloat16, device="cuda")
-        assert rel(qk.svdquant_linear_forward(m, x), m.forward_reference(x)) < 5e-3
+        assert relative_l2_error(qk.svdquant_linear_forward(m, x), m.forward_reference(x)) < 5e-3
     for act_format in hf.ACT_FORMATS:
         m8 = hf.to_w4a8(_random_module(k, n, "int4", rank=32, dtype=torch.bfloat16, device="cuda"), act_format=act_format)
         for path in ("dequant", "expanded") if act_format == "fp8" else qk.W4A8_PATHS:
-            assert rel(qk.w4a8_linear_forward(m8, x, path=path), m8.forward_reference(x)) < 5e-3
+            assert relative_l2_error(qk.w4a8_linear_forward(m8, x, path=path), m8.forward_reference(x)) < 5e-3
