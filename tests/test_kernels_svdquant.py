@@ -180,7 +180,8 @@ def _random_module(k, n, act_format, weight_format="int4", rank=16, dtype=torch.
 
 
 @pytest.mark.parametrize("act_format,weight_format,tokens", [
-    ("int4", "int4", 9), ("uint4", "int4", 9), ("none", "int4", 9), ("none", "int4", 40), ("nvfp4", "nvfp4", 9)])
+    ("int4", "int4", 9), ("uint4", "int4", 9), ("none", "int4", 9), ("none", "int4", 40), ("nvfp4", "nvfp4", 9),
+    ("nvfp4", "int4", 9), ("int4", "nvfp4", 9)])
 def test_module_forward(act_format, weight_format, tokens):
     """svdquant_linear_forward == forward_reference, with leading dims and padded in_features (100 -> 128);
     W4A16 at 18 tokens (in-kernel smoothing) and 80 (> DEQUANT_MAX_TOKENS: kernel 1 smooths)."""

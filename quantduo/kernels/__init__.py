@@ -44,19 +44,13 @@ def _lora(module):
     return (module.lora_down, module.lora_up) if module.rank > 0 else (None, None)
 
 
-def _nvfp4_forward(module, x2: torch.Tensor) -> torch.Tensor:
-    """NVFP4 weights: Triton dequantization, then the reference arithmetic in float32."""
-    from quantduo.svdquant import quantizers as qz
-
-    w = nvfp4_dequant(module.qweight, module.wscales, module.wscale_global)
-    xs = x2 / module.smooth_factor.to(x2.dtype)
-    act = qz.fake_quant(xs.float() + module.act_shift.float(), module.act_format, module.group_size)
-    y = act @ w.T
-    if module.rank > 0:
-        y = y + ((xs.to(module.dtype) @ module.lora_down) @ module.lora_up.T).float()
-    if module.bias is not None:
-        y = y + module.bias.float()
-    return y.to(x2.dtype)
+def _nvfp4_forward(module, x: torch.Tensor) -> torch.Tensor:
+    """NVFP4 weights and/or activations: Triton dequantization of NVFP4 weights, then the reference
+    arithmetic in float32."""
+    residual = None
+    if module.weight_format == "nvfp4":
+        residual = nvfp4_dequant(module.qweight, module.wscales, module.wscale_global)
+    return module.forward_reference(x, residual)
 
 
 def _w4a16_forward(module, x2: torch.Tensor, ld, lu) -> torch.Tensor:
@@ -72,16 +66,15 @@ def _w4a16_forward(module, x2: torch.Tensor, ld, lu) -> torch.Tensor:
 def svdquant_linear_forward(module, x: torch.Tensor) -> torch.Tensor:
     """Fused forward of an ``SVDQuantLinear``: ``x [..., in_features]`` -> ``[..., out_features]`` (x.dtype)."""
     lead = x.shape[:-1]
-    x2 = _flat_padded(module, x)
     if module.weight_format == "nvfp4" or module.act_format == "nvfp4":
-        y = _nvfp4_forward(module, x2)
+        return _nvfp4_forward(module, x)
+    x2 = _flat_padded(module, x)
+    ld, lu = _lora(module)
+    if module.act_format == "none":
+        y = _w4a16_forward(module, x2, ld, lu)
     else:
-        ld, lu = _lora(module)
-        if module.act_format == "none":
-            y = _w4a16_forward(module, x2, ld, lu)
-        else:
-            q, qs, lxp = act_quant(x2, module.smooth_factor, module.act_shift, ld, module.act_format)
-            y = w4_gemm(q, qs, module.qweight, module.wscales, lxp, lu, module.bias, module.act_format, x.dtype)
+        q, qs, lxp = act_quant(x2, module.smooth_factor, module.act_shift, ld, module.act_format)
+        y = w4_gemm(q, qs, module.qweight, module.wscales, lxp, lu, module.bias, module.act_format, x.dtype)
     return y.reshape(*lead, module.out_features)
 
 

@@ -102,12 +102,17 @@ class LowRankQuantLinear(nn.Module):
         extra = self.padded_in_features - self.in_features
         return F.pad(x, (0, extra)) if extra else x
 
-    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_reference(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """Pure-PyTorch forward with exact quantization semantics (float32 accumulation of the 4-bit GEMM;
-        the low-rank branch runs in the module dtype like the fused engine)."""
+        the low-rank branch runs in the module dtype like the fused engine).
+
+        ``residual``: the dequantized residual float32 ``[N, K_padded]`` if already at hand (e.g. from a
+        Triton dequantization kernel); by default :meth:`dequantized_residual`.
+        """
         x_smooth = self._pad_input(x) / self.smooth_factor.to(x.dtype)
         low_rank = (x_smooth.to(self.dtype) @ self.lora_down) @ self.lora_up.T
-        y = self.quantized_activation(x_smooth) @ self.dequantized_residual().T + low_rank.float()
+        residual = self.dequantized_residual() if residual is None else residual
+        y = self.quantized_activation(x_smooth) @ residual.T + low_rank.float()
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)
