@@ -12,7 +12,9 @@ Variants (same model object, linears swapped in place; the per-model rules of
 * ``w4a16``: every quantizable linear INT4-g64 weight-only (Triton W4A16 GEMM), no low-rank branch;
 * ``svdq-int4``: SVDQuant W4A4 INT4 (rank 32) with the fused Triton kernels and fused GELU MLPs; modulation
   linears W4A16;
-* ``svdq-w4a8``: the Hopper W4A8 format (4-bit weights, int8-exact group multipliers, int8 activations), rank 32.
+* ``svdq-w4a8``: the Hopper W4A8 format (4-bit weights, int8-exact group multipliers, int8 activations), rank 32;
+* ``svdq-w4a8fp8``: the Hopper fp8 format (fp8-exact group multipliers, fp8 activations, low-rank branch inside
+  one ``torch._scaled_mm``), rank 32.
 
 The quantized modules are built by a FAST PATH, not the calibrated SVDQuant search: rank-32 randomized SVD of
 the weight + round-to-nearest INT4 of the residual, smoothing factors 1. Speed and memory do not depend on the
@@ -106,7 +108,9 @@ def variant_module(name: str, linear: nn.Linear, variant: str) -> nn.Module | No
     if variant == "w4a16" or _matches(name, RULES.weight_only):
         return fast_svdquant(linear, "none", 0)
     module = fast_svdquant(linear, "int4", RANK)
-    return to_w4a8(module, linear.weight) if variant == "svdq-w4a8" else module
+    if variant in ("svdq-w4a8", "svdq-w4a8fp8"):
+        return to_w4a8(module, linear.weight, act_format="fp8" if variant == "svdq-w4a8fp8" else "int8")
+    return module
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/bench_flux")
     parser.add_argument("--small", action="store_true", help="2-block model, 64+16 tokens (smoke test, any device)")
-    parser.add_argument("--variants", nargs="+", default=["bf16", "w4a16", "svdq-int4", "svdq-w4a8"])
+    parser.add_argument("--variants", nargs="+", default=["bf16", "w4a16", "svdq-int4", "svdq-w4a8", "svdq-w4a8fp8"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
     args = parser.parse_args(argv)

@@ -6,8 +6,10 @@ Variants (rank 32): bf16 F.linear; fp8 torch._scaled_mm with row-wise scales (GE
 fp8); W4A16 (Triton weight-streaming GEMM, INT4-g64 weights, no low-rank); W4A4 INT4-g64 unfused (kernel 1
 + GEMM + low-rank as separate matmuls), W4A4 fused, W4A4 without low-rank (overhead reference); W4A8 Hopper
 formats with int8 (``w4a8``) or fp8 (``w4a8fp8``) activations, fused (default path per M) and without
-low-rank; ``w4a8fp8_smm``: the fp8 format's kernel 1 + expansion, then torch._scaled_mm + a separate
-low-rank addmm. Times: CUDA-graph replays over enough copies of the weights and inputs to defeat the 50 MB
+low-rank; the fp8 format runs the low-rank branch as extra K columns of one torch._scaled_mm above 64 tokens
+(``hopper_formats``' fp8 concatenation) and 16-bit activations through the weight-streaming GEMM up to 64;
+``w4a8fp8_smm``: the same kernel 1 and expansion without the tail, torch._scaled_mm, then a separate low-rank
+addmm (the unfused fp8 reference). Times: CUDA-graph replays over enough copies of the weights and inputs to defeat the 50 MB
 L2, median of repeats. ``--sweep`` times tile configurations of the new kernels, ``--quality`` quantizes
 synthetic FLUX-shaped layers with the SVDQuant pipeline and reports output error vs BF16 for each format.
 Writes JSON + log under ``--out``.
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 
 from quantduo import kernels as qk
 from quantduo.kernels.act_quant import act_quant
+from quantduo.kernels.fp8_concat import fp8_concat_quant, fp8_row_stats
 from quantduo.kernels.gemm_w4a4 import w4_gemm
 from quantduo.kernels.gemm_w4_dequant import w4_dequant_gemm
 from quantduo.kernels.gemm_w4a8 import expand_w4
@@ -118,10 +121,10 @@ def v_bf16(M, N, K):
     return make, 2 * (M * K + N * K + M * N)
 
 
-def v_fp8(M, N, K):
+def v_fp8(M, N, K, extra_k=0):
     def make():
-        x = torch.randn(M, K, device=DEV).to(torch.float8_e4m3fn)
-        w = torch.randn(N, K, device=DEV).to(torch.float8_e4m3fn)
+        x = torch.randn(M, K + extra_k, device=DEV).to(torch.float8_e4m3fn)
+        w = torch.randn(N, K + extra_k, device=DEV).to(torch.float8_e4m3fn)
         sx = torch.rand(M, 1, device=DEV) + 0.5
         sw = torch.rand(1, N, device=DEV) + 0.5
         b = torch.randn(N, device=DEV, dtype=torch.bfloat16)
@@ -154,12 +157,15 @@ def v_module(M, N, K, kind, **kw):
         fmt = "fp8" if kind.startswith("w4a8fp8") else "int8"
         m = random_w4a8(N, K, rank=0 if kind.endswith("_nolr") else RANK, act_format=fmt)
         if kind == "w4a8fp8_smm":
+            inv_smooth = m.fp8_operands()[0]
+
             def call():
-                q, qs, lxp = act_quant(x, m.smooth_factor, None, m.lora_down, "fp8")
+                amaxp, lxp = fp8_row_stats(x, inv_smooth, m.lora_down)
+                q, qs = fp8_concat_quant(x, inv_smooth, amaxp, None)
                 w = expand_w4(m.qweight, m.wmult, True)
                 y = torch._scaled_mm(q, w.T, scale_a=qs[:, None], scale_b=m.wscale_row[None, :], bias=m.bias,
                                      out_dtype=torch.bfloat16)
-                return y.addmm_(lxp[0].to(x.dtype), m.lora_up.T)
+                return y.addmm_(lxp.sum(0).to(x.dtype), m.lora_up.T)
             return call
         return lambda: qk.w4a8_linear_forward(m, x, path=kw.get("path"))
     return make, 2 * M * K + N * K * 0.56 + 2 * M * N
@@ -188,35 +194,51 @@ def check_kernels(log):
 
 
 def check_correctness(log):
-    """Every kernel path vs its PyTorch reference on GPU at real K / N (M = 200, bf16)."""
+    """Every kernel path vs its PyTorch reference on GPU at real K / N (M = 200, bf16); a path that raises is
+    reported as failed and the run goes on."""
     check_kernels(log)
     torch.manual_seed(0)
     worst = {}
+
+    def check(name, actual, expected):
+        try:
+            worst[name] = relative_l2_error(actual(), expected())
+        except Exception as ex:  # noqa: BLE001 - reported below
+            log(f"  correctness {name}: raised {type(ex).__name__}: {str(ex)[:200]}")
+            worst[name] = float("inf")
+
     for (N, K) in SHAPES:
         x = torch.randn(3, 67, K, device=DEV, dtype=torch.bfloat16)  # leading dims, M = 201
+        x16 = x[0, :16]
         for fmt in ("int4", "uint4", "none"):
             m = random_module(N, K, fmt, rank=0 if fmt == "none" else RANK)
-            worst[f"{fmt} {N}x{K}"] = relative_l2_error(qk.svdquant_linear_forward(m, x), m.forward_reference(x))
+            check(f"{fmt} {N}x{K}", lambda: qk.svdquant_linear_forward(m, x), lambda: m.forward_reference(x))
         for fmt in hf.ACT_FORMATS:
             m8 = random_w4a8(N, K, act_format=fmt)
-            for path in ("dequant", "expanded") if fmt == "fp8" else qk.W4A8_PATHS:
-                worst[f"w4a8 {fmt} {path} {N}x{K}"] = relative_l2_error(qk.w4a8_linear_forward(m8, x, path=path), m8.forward_reference(x))
-            x16 = x[0, :16]
-            worst[f"w4a8 {fmt} M=16 {N}x{K}"] = relative_l2_error(qk.w4a8_linear_forward(m8, x16), m8.forward_reference(x16))
+            small_ref = m8.forward_reference_a16 if fmt == "fp8" else m8.forward_reference
+            for path in ("dequant", "concat") if fmt == "fp8" else ("dequant", "packed", "expanded"):
+                expected = small_ref if path == "dequant" else m8.forward_reference
+                check(f"w4a8 {fmt} {path} {N}x{K}", lambda: qk.w4a8_linear_forward(m8, x, path=path), lambda: expected(x))
+            check(f"w4a8 {fmt} M=16 {N}x{K}", lambda: qk.w4a8_linear_forward(m8, x16), lambda: small_ref(x16))
+            if fmt == "fp8":  # the concatenation's own error vs that of plain fp8 activations + 16-bit low-rank
+                exact = m8.forward_reference_a16(x)
+                log(f"  fp8 concat {N}x{K}: error vs 16-bit activations "
+                    f"{relative_l2_error(m8.forward_reference(x), exact):.4f}, plain fp8 + 16-bit low-rank "
+                    f"{relative_l2_error(hf.LowRankQuantLinear.forward_reference(m8, x), exact):.4f}")
         m16 = random_module(N, K, "none", rank=RANK)
-        worst[f"none M=16 {N}x{K}"] = relative_l2_error(qk.svdquant_linear_forward(m16, x[0, :16]), m16.forward_reference(x[0, :16]))
+        check(f"none M=16 {N}x{K}", lambda: qk.svdquant_linear_forward(m16, x16), lambda: m16.forward_reference(x16))
     fc1, fc2 = random_module(12288, 3072, "int4"), random_module(3072, 12288, "uint4")
     for M in (16, 300):
         x = torch.randn(M, 3072, device=DEV, dtype=torch.bfloat16)
-        ref = fc2.forward_reference(F.gelu(fc1.forward_reference(x), approximate="tanh"))
-        worst[f"mlp fused M={M}"] = relative_l2_error(qk.svdquant_mlp_forward(fc1, fc2, x), ref)
+        check(f"mlp fused M={M}", lambda: qk.svdquant_mlp_forward(fc1, fc2, x),
+              lambda: fc2.forward_reference(F.gelu(fc1.forward_reference(x), approximate="tanh")))
     nv = SVDQuantLinear(3072, 3072, rank=RANK, weight_format="nvfp4", act_format="nvfp4", device=DEV)
     with torch.no_grad():
         codes, sc, gs = qz.quantize_nvfp4(torch.randn(3072, 3072, device=DEV))
         nv.qweight.copy_(qz.pack_nibbles(codes)); nv.wscales.copy_(sc); nv.wscale_global.copy_(gs)
         nv.lora_down.normal_(0, 0.05); nv.lora_up.normal_(0, 0.05)
     x = torch.randn(201, 3072, device=DEV, dtype=torch.bfloat16)
-    worst["nvfp4 3072x3072"] = relative_l2_error(qk.svdquant_linear_forward(nv, x), nv.forward_reference(x))
+    check("nvfp4 3072x3072", lambda: qk.svdquant_linear_forward(nv, x), lambda: nv.forward_reference(x))
     for k, v in worst.items():
         log(f"  correctness {k:32s} rel err {v:.2e}")
     bad = {k: v for k, v in worst.items() if not v < 2e-2 or (not k.startswith("mlp") and not v < 5e-3)}
@@ -225,18 +247,16 @@ def check_correctness(log):
     return dict(errors=worst, failed=sorted(bad))
 
 
-K1_SWEEP = [None, (16, 128, 8, 4), (32, 128, 4, 4), (16, 256, 4, 4)]
+STATS_SWEEP = [None, (64, 64, 2, 4), (64, 128, 4, 4), (128, 64, 4, 8), (32, 128, 8, 4), (64, 64, 16, 4)]
+CONCAT_SWEEP = [None, (32, 128, 2, 4), (64, 128, 2, 4), (16, 256, 4, 4), (32, 256, 2, 8), (16, 128, 8, 4)]
 EXPAND_SWEEP = [None, (64, 256, 4), (32, 512, 4), (16, 512, 4), (64, 512, 8)]
-DEQ_LARGE_SWEEP = [dict(BM=bm, BN=bn, BK=bk, SPLIT_K=1, GROUP_M=8, num_warps=w, num_stages=st)
-                   for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3),
-                                             (64, 128, 128, 4, 4)]]
 DEQ_SMALL_SWEEP = [dict(BM=16, BN=bn, BK=bk, SPLIT_K=sk, GROUP_M=1, num_warps=w, num_stages=st)
                    for bn, bk, sk, w, st in [(64, 256, 4, 4, 4), (32, 256, 4, 4, 4), (64, 128, 8, 4, 4),
                                              (128, 256, 4, 4, 4), (64, 256, 1, 4, 4), (32, 256, 2, 4, 4),
                                              (128, 128, 8, 8, 3), (64, 512, 2, 4, 3)]]
 
 
-def sweep(log, results):
+def sweep(log, results, tokens):
     """Tile sweeps of the new kernels, each timed alone over rotated buffers; best config per shape."""
     def best_of(label, M, N, K, factory_of_cfg, cfgs, nbytes):
         best = None
@@ -254,34 +274,45 @@ def sweep(log, results):
 
     for (N, K) in SHAPES:
         M = TOKENS[0]
+        if M not in tokens:
+            break
         tb = time_graph(*v_bf16(M, N, K))
         line = [f"  sweep M={M} {N}x{K} bf16 {tb:.1f}us"]
 
-        def k1(cfg):
-            x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
-            sm, ld = torch.rand(K, device=DEV, dtype=torch.bfloat16) + 0.5, torch.randn(K, RANK, device=DEV,
-                                                                                        dtype=torch.bfloat16)
-            return lambda: act_quant(x, sm, None, ld, "fp8", config=cfg)
-        b = best_of("k1 fp8+lr", M, N, K, k1, K1_SWEEP, 3 * M * K)
-        line.append(f"k1 fp8+lr {b[0]:.1f}us {b[1]}")
+        x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+        m8 = random_w4a8(N, K, act_format="fp8")
+        inv_smooth, lora_down, _ = m8.fp8_operands()
+
+        def stats_pass(cfg):
+            xc = x.clone()
+            return lambda: fp8_row_stats(xc, inv_smooth, lora_down, config=cfg)
+        b = best_of("k1 stats+lr", M, N, K, stats_pass, STATS_SWEEP, 2 * M * K)
+        line.append(f"k1 stats+lr {b[0]:.1f}us {b[1]}")
+        amaxp, lxp = fp8_row_stats(x, inv_smooth, lora_down)
+
+        def concat_pass(cfg):
+            xc = x.clone()
+            return lambda: fp8_concat_quant(xc, inv_smooth, amaxp, lxp, config=cfg)
+        b = best_of("k1 concat quant", M, N, K, concat_pass, CONCAT_SWEEP, 3 * M * K)
+        line.append(f"k1 concat {b[0]:.1f}us {b[1]}")
 
         def expand(cfg):
             m = random_w4a8(N, K, act_format="fp8")
-            return lambda: expand_w4(m.qweight, m.wmult, True, scratch=False, config=cfg)
-        b = best_of("expand fp8", M, N, K, expand, EXPAND_SWEEP, 1.6 * N * K)
+            tail = m.fp8_operands()[2]
+            return lambda: expand_w4(m.qweight, m.wmult, True, scratch=False, config=cfg, tail=tail)
+        b = best_of("expand fp8+tail", M, N, K, expand, EXPAND_SWEEP, 1.6 * N * K)
         line.append(f"expand {b[0]:.1f}us {b[1]}")
+        line.append("scaled_mm " + " ".join(f"K+{e} {time_graph(*v_fp8(M, N, K, extra_k=e)):.1f}us"
+                                            for e in (0, 96, 128)))
 
-        def deq(cfg):
-            x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
-            m = random_module(N, K, "none", rank=0)
-            return lambda: w4_dequant_gemm(x, m.qweight, m.wscales, None, None, m.bias, x.dtype, config=cfg)
-        b = best_of("w4a16 gemm", M, N, K, deq, DEQ_LARGE_SWEEP, 2 * M * K + 0.6 * N * K + 2 * M * N)
-        line.append(f"w4a16 gemm {b[0]:.1f}us x{tb / b[0]:.2f} {b[1]}")
         for kind in ("w4a8fp8", "w4a8fp8_smm"):
             line.append(f"{kind} {time_graph(*v_module(M, N, K, kind)):.1f}us")
         log(" | ".join(line))
 
+    for (N, K) in SHAPES:
         M = TOKENS[-1]
+        if M not in tokens:
+            break
         tb = time_graph(*v_bf16(M, N, K))
         for act in ("fp8", "none"):
             def deq_small(cfg, act=act):
@@ -296,9 +327,9 @@ def sweep(log, results):
             f" w4a16 {time_graph(*v_module(M, N, K, 'w4a16')):.1f}us")
 
 
-def table(log, results):
+def table(log, results, tokens):
     rows = []
-    for M in TOKENS:
+    for M in tokens:
         for (N, K) in SHAPES:
             t = {"bf16": time_graph(*v_bf16(M, N, K)), "fp8_scaled_mm": time_graph(*v_fp8(M, N, K))}
             for kind in ("w4a16", "w4a4_unfused", "w4a4_nolr", "w4a4_fused", "w4a8_nolr", "w4a8", "w4a8fp8_nolr",
@@ -385,6 +416,7 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--quality", action="store_true")
     ap.add_argument("--no-table", action="store_true")
+    ap.add_argument("--tokens", type=int, nargs="+", default=TOKENS, help="token counts M (default: 4608 256 16)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     logf = open(os.path.join(args.out, "linear_log.txt"), "w")
@@ -403,10 +435,10 @@ def main():
         quality(log, results)
         log(f"  [quality {time.time() - t0:.0f}s]")
     if not args.no_table:
-        table(log, results)
+        table(log, results, args.tokens)
         log(f"  [table {time.time() - t0:.0f}s]")
     if args.sweep:
-        sweep(log, results)
+        sweep(log, results, args.tokens)
         log(f"  [sweep {time.time() - t0:.0f}s]")
     log(f"  [total {time.time() - t0:.0f}s]")
     with open(os.path.join(args.out, "linear_results.json"), "w") as f:

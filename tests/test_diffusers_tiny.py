@@ -10,9 +10,10 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from quantduo.integrations.diffusers import (  # noqa: E402
-    CalibrationSample, quantization_config, quantize_transformer, rules_for,
+    CalibrationSample, convert_to_w4a8, quantization_config, quantize_transformer, rules_for,
 )
 from quantduo.svdquant import SVDQuantLinear  # noqa: E402
+from quantduo.svdquant.hopper_formats import SVDQuantW4A8Linear  # noqa: E402
 from quantduo.utils import relative_l2_error  # noqa: E402
 
 FAST = dict(rank=16, search_tokens=64, lowrank_iters=4)
@@ -142,6 +143,23 @@ def test_flux_rules_and_shared_groups():
               "single_transformer_blocks.0.attn.to_v", "single_transformer_blocks.0.proj_mlp"]
     assert set(_status(report, single[0]).group) == set(single)
     assert model.get_submodule("transformer_blocks.0.ff.net.2").act_format == "uint4"
+
+
+@pytest.mark.parametrize("act_format", ["int8", "fp8"])
+def test_flux_hopper_conversion(act_format):
+    """convert_to_w4a8 turns every W4A4 layer into the Hopper format (W4A16 layers stay) and keeps the output."""
+    model = tiny_flux()
+    inputs = flux_inputs(model, 100)
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+    quantize_transformer(model, samples_from(lambda s: flux_inputs(model, s), 2),
+                         quantization_config(model, smooth=False, **FAST), progress=False)
+    w4a4 = sum(isinstance(m, SVDQuantLinear) and m.act_format != "none" for m in model.modules())
+    assert convert_to_w4a8(model, act_format) == w4a4 > 0
+    assert all(m.act_format == act_format for m in model.modules() if isinstance(m, SVDQuantW4A8Linear))
+    with torch.no_grad():
+        err = relative_l2_error(model(**inputs)[0], ref)
+    assert 0 < err < 0.05, err
 
 
 def test_unsupported_class_is_rejected():

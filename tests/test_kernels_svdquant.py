@@ -18,6 +18,7 @@ from quantduo.kernels import reference as ref
 from quantduo.kernels.act_quant import act_quant
 from quantduo.kernels.gemm_w4a4 import w4_gemm
 from quantduo.kernels.gemm_w4_dequant import w4_dequant_gemm
+from quantduo.kernels.fp8_concat import fp8_concat_quant, fp8_row_stats, fp8_rowwise_gemm
 from quantduo.kernels.gemm_w4a8 import expand_w4, w4a8_gemm
 from quantduo.kernels.nvfp4 import nvfp4_dequant
 from quantduo.svdquant import SVDQuantLinear
@@ -213,10 +214,69 @@ def test_w4a8_module_and_converter(act_format):
     assert m8.storage_bits_per_weight() < m.storage_bits_per_weight()
     assert relative_l2_error(m8.forward_reference(x), m.forward_reference(x)) < 0.1
     m8.backend = "triton"
-    paths = ("dequant", "expanded") if act_format == "fp8" else qk.W4A8_PATHS
-    for path in paths:
-        assert relative_l2_error(qk.w4a8_linear_forward(m8, x, path=path), m8.forward_reference(x)) < 1e-5, path
-    assert relative_l2_error(m8(x), m8.forward_reference(x)) < 1e-5
+    for path in _w4a8_paths(act_format):
+        assert relative_l2_error(qk.w4a8_linear_forward(m8, x, path=path), _w4a8_expected(m8, x, path)) < 1e-5, path
+    path = qk.w4a8_path(m8, 33)
+    assert relative_l2_error(m8(x), _w4a8_expected(m8, x, path)) < 1e-5
+
+
+def _w4a8_paths(act_format):
+    return ("dequant", "concat") if act_format == "fp8" else ("dequant", "packed", "expanded")
+
+
+def _w4a8_expected(m8, x, path):
+    """The reference of a W4A8 kernel path: fp8's weight-streaming path runs 16-bit activations."""
+    return m8.forward_reference_a16(x) if (m8.act_format, path) == ("fp8", "dequant") else m8.forward_reference(x)
+
+
+def test_fp8_concat_operands():
+    """Both activation passes and the expansion build the fp8 concatenation's operands exactly as the PyTorch
+    layout (``hopper_formats``): codes, hi/lo/hi tail, zero padding, scales; a row whose low-rank term exceeds
+    its absmax takes the low-rank term's scale."""
+    torch.manual_seed(1)
+    M, N, K, r = 21, 40, 256, 16
+    m8 = hf.to_w4a8_fp8(_random_module(K, N, "int4", rank=r, dtype=torch.float32))
+    with torch.no_grad():
+        m8.lora_down.mul_(1e3)  # the low-rank tail dominates the scale of most rows...
+    inv_smooth, lora_down, up_fp8 = m8.fp8_operands()
+    x = torch.randn(M, K)
+    ld = lora_down.double()
+    v = torch.randn(K, dtype=torch.float64)
+    x[0] = ((v - ld @ torch.linalg.lstsq(ld, v).solution) / inv_smooth).float()  # ...but not of this one
+    amaxp, lxp = fp8_row_stats(x, inv_smooth, lora_down, config=(16, 64, 2, 4))
+    xs = x * inv_smooth
+    torch.testing.assert_close(amaxp.amax(0), xs.abs().amax(1), rtol=0, atol=0)
+    lx = lxp.sum(0)
+    assert relative_l2_error(lx, hf.fp8_lowrank_down(x, inv_smooth, lora_down)) < 1e-6
+    a, a_scale = fp8_concat_quant(x, inv_smooth, amaxp, lxp, config=(16, 64, 2, 4))
+    ra, ra_scale = hf.fp8_concat_activations(x, inv_smooth, lx)
+    assert a.shape == (M, K + hf.fp8_tail_width(r)) == (M, K + 64) and torch.equal(a_scale, ra_scale)
+    assert torch.equal(a.float(), ra.float())  # (float compare: +0 / -0 codes of a zero lo part may differ)
+    tail_rows = lx.abs().amax(1) > xs.abs().amax(1)
+    assert 0 < tail_rows.sum() < M and torch.equal(a_scale[tail_rows], lx.abs().amax(1)[tail_rows] / 448)
+    b = expand_w4(m8.qweight, m8.wmult, True, tail=up_fp8, config=(16, 64, 4), scratch=False)
+    rb = hf.fp8_concat_weights(ref.w4_expand_ref(m8.qweight, m8.wmult, True), up_fp8)
+    assert torch.equal(b.view(torch.uint8), rb.view(torch.uint8))
+    y = fp8_rowwise_gemm(a, b, a_scale, m8.wscale_row, m8.bias, torch.float32)
+    assert relative_l2_error(y, m8.forward_reference(x)) < 1e-6
+
+
+def test_fp8_concat_lowrank_precision():
+    """The hi/lo fp8 low-rank columns keep the 16-bit branch's precision: the concatenated layer equals the
+    plain fp8 layer with a float low-rank branch to ~1e-4. When the low-rank term sets the scale of every row
+    (x quantized on a ~5x coarser scale), the error vs 16-bit activations stays that of the plain layer."""
+    torch.manual_seed(2)
+    m8 = hf.to_w4a8_fp8(_random_module(256, 64, "int4", rank=32, dtype=torch.float32))
+    x = torch.randn(64, 256)
+    plain = super(hf.SVDQuantW4A8Linear, m8).forward_reference
+    assert relative_l2_error(m8.forward_reference(x), plain(x)) < 3e-4
+    with torch.no_grad():
+        m8.lora_down.mul_(40.0)
+    inv_smooth, lora_down, _ = m8.fp8_operands()
+    lx = hf.fp8_lowrank_down(x, inv_smooth, lora_down)
+    assert (lx.abs().amax(1) > 2 * (x * inv_smooth).abs().amax(1)).all()
+    exact = m8.forward_reference_a16(x)
+    assert relative_l2_error(m8.forward_reference(x), exact) < 1.2 * relative_l2_error(plain(x), exact)
 
 
 def test_int8exact_quantizer():
@@ -256,5 +316,17 @@ def test_gpu_forward_bf16(n, k, tokens):
         assert relative_l2_error(qk.svdquant_linear_forward(m, x), m.forward_reference(x)) < 5e-3
     for act_format in hf.ACT_FORMATS:
         m8 = hf.to_w4a8(_random_module(k, n, "int4", rank=32, dtype=torch.bfloat16, device="cuda"), act_format=act_format)
-        for path in ("dequant", "expanded") if act_format == "fp8" else qk.W4A8_PATHS:
-            assert relative_l2_error(qk.w4a8_linear_forward(m8, x, path=path), m8.forward_reference(x)) < 5e-3
+        for path in _w4a8_paths(act_format):
+            assert relative_l2_error(qk.w4a8_linear_forward(m8, x, path=path), _w4a8_expected(m8, x, path)) < 5e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288)])
+def test_gpu_split_k_repeatable(n, k):
+    """The split-K weight-streaming GEMM (M = 16) gives the reference result on every one of 20 calls."""
+    torch.manual_seed(0)
+    m = _random_module(k, n, "none", rank=32, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
+    expected = m.forward_reference(x)
+    errors = [relative_l2_error(qk.svdquant_linear_forward(m, x), expected) for _ in range(20)]
+    assert max(errors) < 5e-3, errors

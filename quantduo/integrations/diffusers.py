@@ -336,13 +336,13 @@ def enable_fused_mlp(model: nn.Module) -> dict[str, nn.Module]:
     return originals
 
 
-def convert_to_w4a8(model: nn.Module) -> int:
-    """Convert every W4A4 :class:`SVDQuantLinear` of ``model`` to the Hopper W4A8 format in place
-    (:func:`quantduo.svdquant.hopper_formats.to_w4a8`, re-quantizing the stored 4-bit residual); W4A16 layers
-    stay. Returns the number of converted layers."""
+def convert_to_w4a8(model: nn.Module, act_format: str = "int8") -> int:
+    """Convert every W4A4 :class:`SVDQuantLinear` of ``model`` to a Hopper W4A8 format in place
+    (:func:`quantduo.svdquant.hopper_formats.to_w4a8` with ``act_format`` ``"int8"`` or ``"fp8"``, re-quantizing
+    the stored 4-bit residual); W4A16 layers stay. Returns the number of converted layers."""
     from quantduo.svdquant.hopper_formats import to_w4a8
 
     names = [n for n, m in model.named_modules() if isinstance(m, SVDQuantLinear) and m.act_format != "none"]
     for name in names:
-        model.set_submodule(name, to_w4a8(model.get_submodule(name)))
+        model.set_submodule(name, to_w4a8(model.get_submodule(name), act_format=act_format))
     return len(names)

@@ -5,8 +5,9 @@
 
 ``OUT_DIR`` holds ``quantduo_pipeline.json`` (base pipeline folder, denoiser attribute, format) and the quantized
 denoiser under ``OUT_DIR/<transformer|unet>/``; ``generate`` also accepts a plain diffusers folder (full precision).
-Formats: ``int4`` / ``nvfp4`` (W4A4), ``w4a16`` (weight-only baseline) and ``w4a8``, the Hopper format: stored as
-INT4 SVDQuant and converted at load time (4-bit weights with int8-exact group scales, int8 activations).
+Formats: ``int4`` / ``nvfp4`` (W4A4), ``w4a16`` (weight-only baseline) and the Hopper formats ``w4a8`` / ``w4a8fp8``:
+stored as INT4 SVDQuant and converted at load time (4-bit weights with int8- / fp8-exact group scales, int8 / fp8
+activations; ``w4a8fp8`` runs the low-rank branch inside one fp8 GEMM, see ``svdquant.hopper_formats``).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import torch
 from quantduo.utils import atomic_write
 
 PIPELINE_META = "quantduo_pipeline.json"
-CLI_FORMATS = ("int4", "nvfp4", "w4a16", "w4a8")
+CLI_FORMATS = ("int4", "nvfp4", "w4a16", "w4a8", "w4a8fp8")
+HOPPER_ACT_FORMATS = {"w4a8": "int8", "w4a8fp8": "fp8"}  # CLI format -> SVDQuantW4A8Linear act_format
 DEFAULT_PROMPTS = (
     "a photo of a cat sitting on a wooden table", "a red double-decker bus driving down a city street",
     "a bowl of fruit with apples and bananas", "a man riding a surfboard on a large wave",
@@ -64,7 +66,7 @@ def cmd_quantize(args) -> int:
         pipe, prompts, num_samples=args.calib_samples, num_inference_steps=args.calib_steps, seed=args.seed,
         **_pipe_kwargs(args),
     )
-    storage_format = "int4" if args.format == "w4a8" else args.format
+    storage_format = "int4" if args.format in HOPPER_ACT_FORMATS else args.format
     config = quantization_config(denoiser, storage_format, rank=args.rank, search_tokens=args.search_tokens,
                                  dtype=args.dtype if args.dtype != "float32" else "bfloat16")
     report = quantize_transformer(denoiser, samples, config)
@@ -89,8 +91,8 @@ def load_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, de
     pipe = _load_pipeline(meta["base_model"], dtype, device, **{meta["component"]: None})
     denoiser = load_into_pipeline(pipe, Path(model_dir) / meta["component"])
     denoiser.to(device)
-    if meta["format"] == "w4a8":
-        convert_to_w4a8(denoiser)
+    if meta["format"] in HOPPER_ACT_FORMATS:
+        convert_to_w4a8(denoiser, HOPPER_ACT_FORMATS[meta["format"]])
     return pipe
 
 

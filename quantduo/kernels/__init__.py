@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .act_quant import act_quant
+from .fp8_concat import fp8_concat_quant, fp8_row_stats, fp8_rowwise_gemm
 from .gemm_w4_dequant import w4_dequant_gemm
 from .gemm_w4a4 import w4_gemm
 from .gemm_w4a8 import expand_w4, w4a8_gemm
@@ -25,10 +26,10 @@ from .nvfp4 import nvfp4_dequant
 # W4A8 format with in-kernel activation fake quantization (memory-bound regime; NOTES.md).
 DEQUANT_MAX_TOKENS = 64
 # Tokens from which the int8 W4A8 path expands the weights once per call (below: the packed GEMM, which
-# measured faster than the weight-streaming GEMM at 16 tokens on H200). fp8 always expands above
-# DEQUANT_MAX_TOKENS: it has no packed GEMM.
+# measured faster than the weight-streaming GEMM at 16 tokens on H200). fp8 uses the concatenation above
+# DEQUANT_MAX_TOKENS.
 W4A8_EXPAND_MIN_TOKENS = 1024
-W4A8_PATHS = ("dequant", "packed", "expanded")
+W4A8_PATHS = ("dequant", "packed", "expanded", "concat")
 
 __all__ = ["svdquant_linear_forward", "svdquant_mlp_forward", "w4a8_linear_forward", "act_quant", "w4_gemm",
            "w4a8_gemm", "w4_dequant_gemm", "expand_w4", "nvfp4_dequant", "DEQUANT_MAX_TOKENS",
@@ -110,29 +111,49 @@ def w4a8_path(module, tokens: int) -> str:
     """Default W4A8 path for ``tokens`` rows (see DEQUANT_MAX_TOKENS / W4A8_EXPAND_MIN_TOKENS)."""
     if module.act_format == "int8":
         return "expanded" if tokens >= W4A8_EXPAND_MIN_TOKENS else "packed"
-    return "dequant" if tokens <= DEQUANT_MAX_TOKENS else "expanded"
+    return "dequant" if tokens <= DEQUANT_MAX_TOKENS else "concat"
+
+
+def _fp8_concat_forward(module, x2: torch.Tensor) -> torch.Tensor:
+    """fp8 concatenation (``hopper_formats``): pass 1 (absmax + scaled low-rank partials), pass 2 (the A
+    operand with its low-rank tail), the B operand expanded into the scratch buffer with its tail, one fp8 GEMM."""
+    inv_smooth, lora_down, up_fp8 = module.fp8_operands()
+    amaxp, lxp = fp8_row_stats(x2, inv_smooth, lora_down)
+    a, a_scale = fp8_concat_quant(x2, inv_smooth, amaxp, lxp)
+    b = expand_w4(module.qweight, module.wmult, True, module.group_size, tail=up_fp8)
+    return fp8_rowwise_gemm(a, b, a_scale, module.wscale_row, module.bias, x2.dtype)
 
 
 def w4a8_linear_forward(module, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
     """Forward of an ``SVDQuantW4A8Linear``: ``x [..., in_features]`` -> ``[..., out_features]`` (x.dtype).
 
-    path (default :func:`w4a8_path`): ``"dequant"`` (kernel 1 in absmax mode + weight-streaming GEMM with
-    in-kernel activation quantization), ``"packed"`` (int8 only: 8-bit kernel 1 + GEMM unpacking the weights
-    in registers) or ``"expanded"`` (8-bit kernel 1 + expansion into the scratch buffer + 8-bit GEMM).
+    path (default :func:`w4a8_path`):
+
+    * ``"dequant"``: weight-streaming GEMM; int8: kernel 1 in absmax mode, in-kernel activation quantization;
+      fp8: 16-bit activations (W4A16 execution of the same weights, more accurate than fp8 activations);
+    * ``"packed"`` (int8): 8-bit kernel 1 + GEMM unpacking the weights in registers;
+    * ``"expanded"`` (int8): 8-bit kernel 1 + expansion into the scratch buffer + 8-bit GEMM;
+    * ``"concat"`` (fp8): the fp8 concatenation, one ``torch._scaled_mm`` (see :func:`_fp8_concat_forward`).
     """
     lead = x.shape[:-1]
     x2 = _flat_padded(module, x)
     ld, lu = _lora(module)
     path = path or w4a8_path(module, x2.shape[0])
     fp8 = module.act_format == "fp8"
-    if path not in W4A8_PATHS or (fp8 and path == "packed"):
+    if path not in W4A8_PATHS or (path in ("packed", "expanded") and fp8) or (path == "concat" and not fp8):
         raise ValueError(f"unknown or unsupported W4A8 path {path!r} for act_format {module.act_format!r}")
-    if path == "dequant":
+    if path == "concat":
+        y = _fp8_concat_forward(module, x2)
+    elif path == "dequant" and fp8:
+        lxp = act_quant(x2, module.smooth_factor, None, ld, "none")[2] if ld is not None else None
+        y = w4_dequant_gemm(x2, module.qweight, module.wmult, lxp, lu, module.bias, x.dtype,
+                            smooth=module.smooth_factor, wrow=module.wscale_row)
+    elif path == "dequant":
         _, amaxp, lxp = act_quant(x2, module.smooth_factor, None, ld, "amax")
         y = w4_dequant_gemm(x2, module.qweight, module.wmult, lxp, lu, module.bias, x.dtype, smooth=module.smooth_factor,
                             act=module.act_format, amax_partials=amaxp, wrow=module.wscale_row)
     else:
         q, qs, lxp = act_quant(x2, module.smooth_factor, None, ld, module.act_format)
-        weight = expand_w4(module.qweight, module.wmult, fp8) if path == "expanded" else module.qweight
+        weight = expand_w4(module.qweight, module.wmult, False) if path == "expanded" else module.qweight
         y = w4a8_gemm(q, qs, weight, module.wmult, module.wscale_row, lxp, lu, module.bias, x.dtype)
     return y.reshape(*lead, module.out_features)

@@ -21,28 +21,46 @@ import torch
 import triton
 import triton.language as tl
 
+from quantduo.svdquant.hopper_formats import fp8_tail_width
+
 from .common import dot_precision, gelu_tanh, lowrank_bias_epilogue, rank_pad, tile_ids, unpack_int4
 
 
 @triton.jit
-def _expand_w4_kernel(W, MULT, OUT, N, K, FP8: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, G: tl.constexpr):
-    """OUT ``[N, K]`` = nibbles of W uint8 ``[N, K/2]`` times MULT uint8 ``[N, K/G]``: FP8 -> float8_e4m3fn
-    in natural order (the products are exact), else int8 in pair-split order."""
+def _expand_w4_kernel(W, MULT, TAIL, OUT, N, K, R, stride_on, FP8: tl.constexpr, HAS_TAIL: tl.constexpr,
+                      RP: tl.constexpr, TP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, G: tl.constexpr):
+    """OUT ``[N, stride_on]`` = nibbles of W uint8 ``[N, K/2]`` times MULT uint8 ``[N, K/G]``: FP8 -> float8_e4m3fn
+    in natural order (the products are exact), else int8 in pair-split order. HAS_TAIL (fp8): the last column
+    of programs copies TAIL float8_e4m3fn ``[N, 2R]`` (hi | lo) to OUT columns ``[K, K + 3R)`` as hi | hi | lo
+    and zeroes the rest of the row (``stride_on - K - 3R < TP`` columns)."""
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
-    c = tl.arange(0, BK // 2)
-    k = tl.program_id(1) * BK
     nmask = rn[:, None] < N
     rn64 = rn[:, None].to(tl.int64)
-    lo, hi = unpack_int4(tl.load(W + rn64 * (K // 2) + (k // 2 + c)[None, :], mask=nmask, other=0))
-    m = tl.load(MULT + rn64 * (K // G) + (k // G + c // (G // 2))[None, :], mask=nmask, other=0)
-    if FP8:
-        mf = m.to(tl.float32)
-        vals = tl.reshape(tl.join(lo.to(tl.float32) * mf, hi.to(tl.float32) * mf), (BN, BK))
-        tl.store(OUT + rn64 * K + (k + tl.arange(0, BK))[None, :], vals.to(tl.float8e4nv), mask=nmask)
+    k = tl.program_id(1) * BK
+    if HAS_TAIL and k == K:
+        rr = tl.arange(0, RP)
+        tmask = nmask & (rr[None, :] < R)
+        t_hi = tl.load(TAIL + rn64 * (2 * R) + rr[None, :], mask=tmask)
+        t_lo = tl.load(TAIL + rn64 * (2 * R) + R + rr[None, :], mask=tmask)
+        dst = OUT + rn64 * stride_on + K + rr[None, :]
+        tl.store(dst, t_hi, mask=tmask)
+        tl.store(dst + R, t_hi, mask=tmask)
+        tl.store(dst + 2 * R, t_lo, mask=tmask)
+        rz = tl.arange(0, TP)
+        tl.store(OUT + rn64 * stride_on + K + 3 * R + rz[None, :], tl.zeros((BN, TP), dtype=t_hi.dtype),
+                 mask=nmask & (rz[None, :] < stride_on - K - 3 * R))
     else:
-        pos = k + (c // (G // 2)) * G + c % (G // 2)
-        tl.store(OUT + rn64 * K + pos[None, :], lo * m.to(tl.int8), mask=nmask)
-        tl.store(OUT + rn64 * K + (pos + G // 2)[None, :], hi * m.to(tl.int8), mask=nmask)
+        c = tl.arange(0, BK // 2)
+        lo, hi = unpack_int4(tl.load(W + rn64 * (K // 2) + (k // 2 + c)[None, :], mask=nmask, other=0))
+        m = tl.load(MULT + rn64 * (K // G) + (k // G + c // (G // 2))[None, :], mask=nmask, other=0)
+        if FP8:
+            mf = m.to(tl.float32)
+            vals = tl.reshape(tl.join(lo.to(tl.float32) * mf, hi.to(tl.float32) * mf), (BN, BK))
+            tl.store(OUT + rn64 * stride_on + (k + tl.arange(0, BK))[None, :], vals.to(tl.float8e4nv), mask=nmask)
+        else:
+            pos = k + (c // (G // 2)) * G + c % (G // 2)
+            tl.store(OUT + rn64 * stride_on + pos[None, :], lo * m.to(tl.int8), mask=nmask)
+            tl.store(OUT + rn64 * stride_on + (pos + G // 2)[None, :], hi * m.to(tl.int8), mask=nmask)
 
 
 _SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -58,17 +76,27 @@ def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
 
 
 def expand_w4(qweight: torch.Tensor, wmult: torch.Tensor, fp8: bool, group_size: int = 64,
-              scratch: bool = True, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+              scratch: bool = True, config: tuple[int, int, int] | None = None,
+              tail: torch.Tensor | None = None) -> torch.Tensor:
     """8-bit ``[N, K]`` weights ``q * mult`` from qweight uint8 ``[N, K // 2]`` and wmult uint8 ``[N, K // G]``:
     float8_e4m3fn natural order (fp8) or int8 pair-split order. scratch: write into the shared per-device
-    buffer (overwritten by the next expansion) instead of a new tensor. config: (BN, BK, num_warps)."""
+    buffer (overwritten by the next expansion) instead of a new tensor. config: (BN, BK, num_warps).
+    tail (fp8 only): float8_e4m3fn ``[N, 2r]`` low-rank hi | lo (``hopper_formats.fp8_lowrank_operands``);
+    the result is then the fp8 concatenation's B operand ``[N, K + T]`` (``hopper_formats.fp8_concat_weights``).
+    """
     N, K = qweight.shape[0], qweight.shape[1] * 2
+    r = 0 if tail is None else tail.shape[1] // 2
+    if r and not fp8:
+        raise ValueError("the low-rank tail exists only in the fp8 format")
     dtype = torch.float8_e4m3fn if fp8 else torch.int8
-    out = (_scratch(N * K, dtype, qweight.device) if scratch else torch.empty(N * K, dtype=dtype,
-                                                                             device=qweight.device)).view(N, K)
+    kc = K + fp8_tail_width(r)
+    out = (_scratch(N * kc, dtype, qweight.device) if scratch else torch.empty(N * kc, dtype=dtype,
+                                                                              device=qweight.device)).view(N, kc)
     bn, bk, warps = config or ((16, 512, 4) if K % 512 == 0 else (32, 128 if K % 128 == 0 else 64, 4))
-    _expand_w4_kernel[(triton.cdiv(N, bn), K // bk)](qweight, wmult, out, N, K, FP8=fp8, BN=bn, BK=bk, G=group_size,
-                                                     num_warps=warps)
+    grid = (triton.cdiv(N, bn), K // bk + (1 if r else 0))
+    _expand_w4_kernel[grid](qweight, wmult, tail if r else wmult, out, N, K, r, kc, FP8=fp8, HAS_TAIL=r > 0,
+                            RP=rank_pad(r), TP=max(16, triton.next_power_of_2(max(kc - K - 3 * r, 1))), BN=bn,
+                            BK=bk, G=group_size, num_warps=warps)
     return out
 
 

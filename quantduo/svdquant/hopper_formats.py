@@ -17,6 +17,20 @@ make one long 8-bit dot exact:
   (signed 8-bit handles post-GELU inputs); the converter unfolds the shift term from the bias.
 
 Storage per weight: 4 bits + 8 / 64 (multiplier) + 32 / K (row scale) + the 16-bit low-rank factors.
+
+**fp8 low-rank concatenation** (``act_format="fp8"``, more than a few tokens): the low-rank branch rides
+inside the one fp8 GEMM as ``T = fp8_tail_width(r)`` extra K columns (``3r`` used, zero-padded to a multiple
+of 64 so the GEMM keeps whole K tiles), so a row-wise-scaled fp8 GEMM (``torch._scaled_mm``) computes the
+whole layer. With ``x_s = x * (1 / smooth)`` in float32 and ``l = bf16(x_s) @ lora_down_scaled``:
+
+* ``s_x = max(absmax(x_s), absmax(l)) / 448`` per token;
+* ``A = [e4m3(x_s / s_x) | hi(l / s_x) | lo(l / s_x) | hi(l / s_x) | 0]``;
+* ``B = [q * mult | hi(u) | hi(u) | lo(u) | 0]`` with ``u = lora_up / (c * row_scale)``;
+* ``y = s_x[m] * row_scale[n] * (A @ B^T) + bias``, ``hi(v) = e4m3(v)``, ``lo(v) = e4m3(v - hi(v))``.
+
+``c`` (a power of two per rank, folded into ``lora_down_scaled = lora_down * c`` exactly) puts the largest
+``|u|`` in (224, 448]. The hi/lo pairs keep about 8 significant bits of each low-rank operand (the
+16-bit branch's precision, minus the neglected ``lo * lo`` term). See :func:`fp8_lowrank_operands`.
 """
 from __future__ import annotations
 
@@ -125,6 +139,76 @@ def fake_quant_int8_tokens(x: torch.Tensor) -> torch.Tensor:
     return fake_quant_tokens(x, "int8")
 
 
+FP8_TAIL_ALIGN = 64
+
+
+def fp8_tail_width(rank: int) -> int:
+    """K columns the low-rank tail occupies in the fp8 concatenation: ``3 * rank`` rounded up to 64."""
+    return -(-3 * rank // FP8_TAIL_ALIGN) * FP8_TAIL_ALIGN
+
+
+def fp8_lowrank_operands(lora_down: torch.Tensor, lora_up: torch.Tensor, row_scale: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The low-rank factors in the fp8 concatenation layout (module docstring).
+
+    Args: lora_down ``[K, r]`` (16-bit), lora_up ``[N, r]``, row_scale float32 ``[N]``.
+    Returns (lora_down_scaled ``[K, r]`` in lora_down's dtype, up_fp8 float8_e4m3fn ``[N, 2r]`` = hi | lo of
+    ``lora_up / (c * row_scale)``).
+    """
+    u = lora_up.float() / row_scale.float()[:, None]
+    umax = u.abs().amax(dim=0)
+    c = torch.where(umax > 0, torch.exp2(torch.ceil(torch.log2(umax / qz.FP8_E4M3_MAX))), torch.ones_like(umax))
+    lora_down_scaled = (lora_down.float() * c).to(lora_down.dtype)
+    if not torch.isfinite(lora_down_scaled).all():
+        raise ValueError("low-rank factors out of range for the fp8 concatenation (lora_down * c overflows)")
+    hi, lo = split_e4m3(u / c)
+    return lora_down_scaled, torch.cat([hi, lo], dim=1)
+
+
+def split_e4m3(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``v`` float32 -> (hi, lo) float8_e4m3fn with ``hi = e4m3(clamp(v, +-448))``, ``lo = e4m3(v - hi)``
+    (``v`` may exceed 448 by a rounding step of its scale; ``lo`` takes the excess)."""
+    hi = v.clamp(-qz.FP8_E4M3_MAX, qz.FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return hi, (v - hi.float()).to(torch.float8_e4m3fn)
+
+
+def fp8_lowrank_down(x: torch.Tensor, inv_smooth: torch.Tensor, lora_down_scaled: torch.Tensor) -> torch.Tensor:
+    """``l = (x * inv_smooth)`` rounded to the lora dtype ``@ lora_down_scaled``, float32 ``[M, r]``."""
+    xs = (x.float() * inv_smooth.float()).to(lora_down_scaled.dtype)
+    return xs.float() @ lora_down_scaled.float()
+
+
+def fp8_concat_activations(x: torch.Tensor, inv_smooth: torch.Tensor, lx: torch.Tensor | None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A operand of the fp8 concatenation: x ``[M, K]``, inv_smooth float32 ``[K]`` and lx float32 ``[M, r]``
+    (:func:`fp8_lowrank_down`, None for rank 0) -> (float8_e4m3fn ``[M, K + fp8_tail_width(r)]``, scale
+    float32 ``[M]``)."""
+    xs = x.float() * inv_smooth.float()
+    amax = xs.abs().amax(dim=-1)
+    if lx is not None:
+        amax = torch.maximum(amax, lx.abs().amax(dim=-1))
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, qz.FP8_E4M3_MAX), torch.ones_like(amax))
+    inv_scale = torch.reciprocal(scale)[:, None]
+    q = (xs * inv_scale).clamp_(-qz.FP8_E4M3_MAX, qz.FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    if lx is None:
+        return q, scale
+    r = lx.shape[1]
+    hi, lo = split_e4m3(lx * inv_scale)
+    pad = torch.zeros(x.shape[0], fp8_tail_width(r) - 3 * r, dtype=q.dtype, device=q.device)
+    return torch.cat([q, hi, lo, hi, pad], dim=1), scale
+
+
+def fp8_concat_weights(w8: torch.Tensor, up_fp8: torch.Tensor | None) -> torch.Tensor:
+    """B operand of the fp8 concatenation: ``w8 = q * mult`` float8_e4m3fn ``[N, K]`` and up_fp8 ``[N, 2r]``
+    (:func:`fp8_lowrank_operands`) -> ``[N, K + fp8_tail_width(r)]``."""
+    if up_fp8 is None:
+        return w8
+    hi, lo = up_fp8.chunk(2, dim=1)
+    r = hi.shape[1]
+    pad = torch.zeros(w8.shape[0], fp8_tail_width(r) - 3 * r, dtype=w8.dtype, device=w8.device)
+    return torch.cat([w8, hi, hi, lo, pad], dim=1)
+
+
 class SVDQuantW4A8Linear(LowRankQuantLinear):
     """SVDQuant layer in a Hopper W4A8 format (see module docstring); ``act_format`` ``"int8"`` or ``"fp8"``.
 
@@ -159,6 +243,46 @@ class SVDQuantW4A8Linear(LowRankQuantLinear):
         from quantduo.kernels import w4a8_linear_forward
 
         return w4a8_linear_forward(self, x)
+
+    def fp8_operands(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(inv_smooth float32 ``[K]``, lora_down_scaled, up_fp8) of the fp8 concatenation (the low-rank pair
+        is None for rank 0), cached until the smoothing, low-rank factors or row scales change (in place or
+        replaced, e.g. by a LoRA attach)."""
+        watched = (self.smooth_factor, self.lora_down, self.lora_up, self.wscale_row)
+        key = tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in watched)
+        cached = getattr(self, "_fp8_operands_cache", None)
+        if cached is None or cached[0] != key:
+            inv_smooth = torch.reciprocal(self.smooth_factor.float())
+            lowrank = (None, None) if self.rank == 0 else fp8_lowrank_operands(self.lora_down, self.lora_up,
+                                                                               self.wscale_row)
+            cached = self._fp8_operands_cache = (key, (inv_smooth, *lowrank))
+        return cached[1]
+
+    def forward_reference_a16(self, x: torch.Tensor) -> torch.Tensor:
+        """The same weights with 16-bit activations (the small-M kernel path of the fp8 format):
+        ``(x / smooth) @ (q * mult * row_scale)^T`` in float32 + the 16-bit low-rank branch + bias."""
+        x_smooth = self._pad_input(x) / self.smooth_factor.to(x.dtype)
+        low_rank = (x_smooth.to(self.dtype) @ self.lora_down) @ self.lora_up.T
+        y = x_smooth.float() @ self.dequantized_residual().T + low_rank.float()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+    def forward_reference(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """int8: :meth:`LowRankQuantLinear.forward_reference`. fp8: the fp8 concatenation (module docstring),
+        float32 products of the exact fp8 operands."""
+        if self.act_format != "fp8":
+            return super().forward_reference(x, residual)
+        x2 = self._pad_input(x).reshape(-1, self.padded_in_features)
+        inv_smooth, lora_down, up_fp8 = self.fp8_operands()
+        lx = None if lora_down is None else fp8_lowrank_down(x2, inv_smooth, lora_down)
+        a, a_scale = fp8_concat_activations(x2, inv_smooth, lx)
+        w8 = (qz.unpack_int4(self.qweight).float() * self.wmult.float().repeat_interleave(self.group_size, 1))
+        b = fp8_concat_weights(w8.to(torch.float8_e4m3fn), up_fp8)
+        y = (a.float() @ b.float().T) * a_scale[:, None] * self.wscale_row[None, :]
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
 def to_w4a8(module: SVDQuantLinear, weight: torch.Tensor | None = None, act_format: str = "int8"
