@@ -7,8 +7,9 @@
 * :func:`svdquant_mlp_forward` — fc1 -> GELU -> fc2 where fc1's epilogue applies GELU and quantizes for fc2.
 * :func:`w4a8_linear_forward` — forward of the Hopper W4A8 formats
   (:class:`~quantduo.svdquant.hopper_formats.SVDQuantW4A8Linear`, int8 or fp8 activations): small M ->
-  weight-streaming split-K GEMM; large M -> per-token 8-bit kernel 1 + weight expansion into a cached
-  scratch buffer + 8-bit GEMM (:mod:`.gemm_w4a8`).
+  weight-streaming split-K GEMM; large M, int8 -> per-token kernel 1 + weight expansion into a cached scratch
+  buffer + int8 GEMM (:mod:`.gemm_w4a8`); large M, fp8 -> the fp8 concatenation (:mod:`.fp8_concat`: two
+  activation passes, expansion with the low-rank tail, one ``torch._scaled_mm``).
 """
 from __future__ import annotations
 
