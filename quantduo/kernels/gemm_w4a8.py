@@ -106,13 +106,13 @@ def _w4a8_gemm_kernel(
     M, N, K, S, R,
     PACKED: tl.constexpr, HAS_LR: tl.constexpr, RP: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
     G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    PREC: tl.constexpr, TMA: tl.constexpr, ACC: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """OUT ``[M, N]`` = (A ``[M, K]`` x Wq^T) * A_SCALE[m] * WROW[n] + low-rank + bias (+ GELU).
 
     PACKED: A int8 pair-split, W uint8 ``[N, K/2]`` with MULT uint8 ``[N, K/G]``. Else A and W ``[N, K]``
     share one dtype and channel order: int8 (int32 accumulator) or float8_e4m3fn / 16-bit (float32
-    accumulator); ACC: the accumulator dtype; TMA: load the tiles through tensor descriptors (Hopper bulk copies).
+    accumulator); ACC: the accumulator dtype.
     """
     pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -130,11 +130,6 @@ def _w4a8_gemm_kernel(
             m = tl.load(MULT + rn_l[:, None] * (K // G) + (k // G + c // (G // 2))[None, :]).to(tl.int8)
             acc = tl.dot(a_lo, tl.trans(w_lo * m), acc, out_dtype=tl.int32)
             acc = tl.dot(a_hi, tl.trans(w_hi * m), acc, out_dtype=tl.int32)
-    elif TMA:
-        a_desc = tl.make_tensor_descriptor(A, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
-        w_desc = tl.make_tensor_descriptor(W, shape=[N, K], strides=[K, 1], block_shape=[BN, BK])
-        for k in range(0, K, BK):
-            acc = tl.dot(a_desc.load([pid_m * BM, k]), tl.trans(w_desc.load([pid_n * BN, k])), acc, out_dtype=ACC)
     else:
         rk = tl.arange(0, BK)
         for k in range(0, K, BK):
@@ -161,10 +156,6 @@ def _pick(M: int, N: int, packed: bool, fp8: bool) -> dict:
     return dict(BM=128, BN=128, BK=256, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def _tma_allocator(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
 def w4a8_gemm(a, a_scales, weight, wmult, wrow, lxp, lora_up, bias, out_dtype: torch.dtype, gelu: bool = False,
               config: dict | None = None):
     """W4A8 GEMM with the fused epilogue.
@@ -174,15 +165,13 @@ def w4a8_gemm(a, a_scales, weight, wmult, wrow, lxp, lora_up, bias, out_dtype: t
         weight: packed uint8 ``[N, K // 2]`` (int8 activations; then wmult uint8 ``[N, K // 64]`` is used
             in-kernel) or the expanded ``[N, K]`` from :func:`expand_w4` in a's dtype; wrow float32 ``[N]``.
         lxp: float32 low-rank partials ``[S, M, r]`` or None; lora_up ``[N, r]``; bias ``[N]`` or None.
-        config: tile dict; key ``TMA`` (default False) loads the expanded operands via tensor descriptors.
+        config: tile dict.
     Returns ``[M, N]`` in out_dtype.
     """
     packed = weight.dtype == torch.uint8
     M, K = a.shape
     N = weight.shape[0]
-    cfg = {"TMA": False, **(config or _pick(M, N, packed, a.dtype == torch.float8_e4m3fn))}
-    if cfg["TMA"]:
-        triton.set_allocator(_tma_allocator)
+    cfg = config or _pick(M, N, packed, a.dtype == torch.float8_e4m3fn)
     if K % cfg["BK"]:
         raise ValueError(f"K={K} must be a multiple of BK={cfg['BK']}")
     r = 0 if lxp is None else lxp.shape[2]
