@@ -24,7 +24,7 @@ from .gemm_w4a8 import expand_w4, w4a8_gemm
 from .nvfp4 import nvfp4_dequant
 
 # Token counts up to which the weight-streaming GEMM serves W4A16 with in-kernel smoothing and the fp8
-# W4A8 format with in-kernel activation fake quantization (memory-bound regime; NOTES.md).
+# W4A8 format with 16-bit activations (memory-bound regime; NOTES.md).
 DEQUANT_MAX_TOKENS = 64
 # Tokens from which the int8 W4A8 path expands the weights once per call (below: the packed GEMM, which
 # measured faster than the weight-streaming GEMM at 16 tokens on H200). fp8 uses the concatenation above

@@ -212,7 +212,9 @@ def fp8_concat_weights(w8: torch.Tensor, up_fp8: torch.Tensor | None) -> torch.T
 class SVDQuantW4A8Linear(LowRankQuantLinear):
     """SVDQuant layer in a Hopper W4A8 format (see module docstring); ``act_format`` ``"int8"`` or ``"fp8"``.
 
-    ``y = Q8(x / smooth) @ (q * mult * row_scale)^T + (x / smooth) @ lora_down @ lora_up^T + bias``.
+    int8: ``y = Q8(x / smooth) @ (q * mult * row_scale)^T + (x / smooth) @ lora_down @ lora_up^T + bias``;
+    fp8: the fp8 concatenation of the module docstring (:meth:`forward_reference`), and 16-bit activations at
+    small token counts on the GPU (:meth:`forward_reference_a16`).
     Buffers beyond :class:`LowRankQuantLinear`'s (``N`` out, ``K`` padded in, ``G`` group): qweight uint8
     ``[N, K // 2]``, wmult uint8 ``[N, K // G]``, wscale_row float32 ``[N]``.
     Input ``[..., in_features]``, output in x.dtype.
