@@ -13,7 +13,8 @@ make one long 8-bit dot exact:
     with codes in [-6, 6]), so ``q * mult`` (at most 4 significant bits, ``<= 448``) is an exact
     float8_e4m3fn.
 * **activations**: symmetric per token of the smoothed input, float32 scale: INT8 (``absmax / 127``,
-  round half to even) or FP8 E4M3 (``absmax / 448``, round to nearest even). There is no unsigned shift
+  round half to even) or FP8 E4M3 (``absmax / 448``, round to nearest even; the absmax also covers the
+  row's low-rank term, see the fp8 concatenation below). There is no unsigned shift
   (signed 8-bit handles post-GELU inputs); the converter unfolds the shift term from the bias.
 
 Storage per weight: 4 bits + 8 / 64 (multiplier) + 32 / K (row scale) + the 16-bit low-rank factors.
