@@ -55,12 +55,20 @@ def _nvfp4_forward(module, x: torch.Tensor) -> torch.Tensor:
     return module.forward_reference(x, residual)
 
 
+def _streaming_forward(module, x2: torch.Tensor, wfactor: torch.Tensor, wrow: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+    """16-bit activations through the weight-streaming GEMM, smoothing in-kernel (small M): kernel 1 computes
+    only the low-rank partials. wfactor: group scales or multipliers ``[N, K // 64]``; wrow: per-row scale."""
+    ld, lu = _lora(module)
+    lxp = act_quant(x2, module.smooth_factor, None, ld, "none")[2] if ld is not None else None
+    return w4_dequant_gemm(x2, module.qweight, wfactor, lxp, lu, module.bias, x2.dtype, smooth=module.smooth_factor,
+                           wrow=wrow)
+
+
 def _w4a16_forward(module, x2: torch.Tensor, ld, lu) -> torch.Tensor:
     """W4A16: small M smooths inside the GEMM; large M smooths once in kernel 1 (with the low-rank)."""
     if x2.shape[0] <= DEQUANT_MAX_TOKENS:
-        lxp = act_quant(x2, module.smooth_factor, None, ld, "none")[2] if ld is not None else None
-        return w4_dequant_gemm(x2, module.qweight, module.wscales, lxp, lu, module.bias, x2.dtype,
-                               smooth=module.smooth_factor)
+        return _streaming_forward(module, x2, module.wscales)
     xs, _, lxp = act_quant(x2, module.smooth_factor, None, ld, "smooth")
     return w4_dequant_gemm(xs, module.qweight, module.wscales, lxp, lu, module.bias, x2.dtype)
 
@@ -146,9 +154,7 @@ def w4a8_linear_forward(module, x: torch.Tensor, path: str | None = None) -> tor
     if path == "concat":
         y = _fp8_concat_forward(module, x2)
     elif path == "dequant" and fp8:
-        lxp = act_quant(x2, module.smooth_factor, None, ld, "none")[2] if ld is not None else None
-        y = w4_dequant_gemm(x2, module.qweight, module.wmult, lxp, lu, module.bias, x.dtype,
-                            smooth=module.smooth_factor, wrow=module.wscale_row)
+        y = _streaming_forward(module, x2, module.wmult, module.wscale_row)
     elif path == "dequant":
         _, amaxp, lxp = act_quant(x2, module.smooth_factor, None, ld, "amax")
         y = w4_dequant_gemm(x2, module.qweight, module.wmult, lxp, lu, module.bias, x.dtype, smooth=module.smooth_factor,

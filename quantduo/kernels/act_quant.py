@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision, fake_quant_token, quant4_tile, rank_pad, scale_of, smooth_tile
+from .common import dot_precision, fake_quant_token, k_splits, quant4_tile, rank_pad, scale_of, smooth_tile
 
 _MODES = {"int4": 0, "uint4": 1, "int8": 2, "fp8": 3, "none": 4, "smooth": 5, "amax": 6}
 PER_TOKEN_MODES = ("int8", "fp8")
@@ -90,11 +90,7 @@ def _pick(M: int, K: int, mode: str) -> tuple[int, int, int]:
     """(BM, BK, splits): 16-row tiles; K split until there are enough programs in flight to cover the
     memory latency (measured on H200, NOTES.md)."""
     bm, bk = 16, (128 if mode in PER_TOKEN_MODES else 64)
-    n_m = triton.cdiv(M, bm)
-    splits = 1
-    while n_m * splits < 2048 and K % (splits * 2 * bk) == 0:
-        splits *= 2
-    return bm, bk, splits
+    return bm, bk, k_splits(M, K, bm, bk, 2048)
 
 
 def act_quant(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor | None, lora_down: torch.Tensor | None,

@@ -134,6 +134,15 @@ def tile_ids(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexp
     return first + (pid % width) % gsz, (pid % width) // gsz
 
 
+def k_splits(M: int, K: int, bm: int, bk: int, programs: int) -> int:
+    """K slices (a power of two, whole BK steps) so that ``cdiv(M, bm) * slices`` reaches about ``programs``
+    programs in flight (enough to cover the memory latency of a row pass)."""
+    splits = 1
+    while triton.cdiv(M, bm) * splits < programs and K % (splits * 2 * bk) == 0:
+        splits *= 2
+    return splits
+
+
 def rank_pad(r: int) -> int:
     """Rank rounded up to a power of two >= 16 (tl.dot and tl.arange constraints)."""
     return max(16, triton.next_power_of_2(max(r, 1)))

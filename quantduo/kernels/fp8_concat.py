@@ -11,7 +11,7 @@ row-wise-scaled fp8 GEMM (layout and semantics: :mod:`quantduo.svdquant.hopper_f
 Both passes multiply (no division per element: they are ALU-bound otherwise). On CUDA the float32 -> e4m3
 conversion is the hardware's round-to-nearest-even; the interpreter rounds in float32 arithmetic
 (``common.round_e4m3``: its own cast is wrong for some values).
-References: ``hopper_formats.fp8_row_stats_ref`` / ``fp8_concat_activations`` / ``fp8_concat_weights``.
+References: ``hopper_formats.fp8_lowrank_down`` / ``fp8_concat_activations`` / ``fp8_concat_weights``.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import triton.language as tl
 
 from quantduo.svdquant.hopper_formats import fp8_tail_width
 
-from .common import rank_pad, round_e4m3
+from .common import k_splits, rank_pad, round_e4m3
 
 
 @triton.jit
@@ -124,14 +124,6 @@ def _store_tail(TAIL, lx, inv_scale, mmask, R, T, RP: tl.constexpr, TP: tl.const
              mask=mmask[:, None] & (rz[None, :] < T - 3 * R))
 
 
-def _splits(M: int, K: int, bm: int, bk: int, programs: int) -> int:
-    """K slices so that about ``programs`` programs are in flight (memory latency) with whole BK steps."""
-    splits = 1
-    while triton.cdiv(M, bm) * splits < programs and K % (splits * 2 * bk) == 0:
-        splits *= 2
-    return splits
-
-
 def fp8_row_stats(x: torch.Tensor, inv_smooth: torch.Tensor, lora_down: torch.Tensor | None,
                   config: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pass 1: (absmax partials float32 ``[S, M]``, low-rank partials float32 ``[S, M, r]`` or None).
@@ -143,7 +135,7 @@ def fp8_row_stats(x: torch.Tensor, inv_smooth: torch.Tensor, lora_down: torch.Te
     _check_rows(x)
     r = 0 if lora_down is None else lora_down.shape[1]
     bm, bk = (64, 64) if config is None else config[:2]
-    splits, warps = (_splits(M, K, bm, bk, 512), 4) if config is None else config[2:]
+    splits, warps = (k_splits(M, K, bm, bk, 512), 4) if config is None else config[2:]
     amaxp = torch.empty(splits, M, dtype=torch.float32, device=x.device)
     lxp = torch.empty(splits, M, r, dtype=torch.float32, device=x.device) if r else None
     _fp8_row_stats_kernel[(triton.cdiv(M, bm), splits)](
@@ -169,7 +161,7 @@ def fp8_concat_quant(x: torch.Tensor, inv_smooth: torch.Tensor, amax_partials: t
     r = 0 if lx_partials is None else lx_partials.shape[2]
     tw = fp8_tail_width(r)
     bm, bk = (32, 256 if K % 256 == 0 else 64) if config is None else config[:2]
-    splits, warps = (min(2, _splits(M, K, bm, bk, 1024)), 8) if config is None else config[2:]
+    splits, warps = (min(2, k_splits(M, K, bm, bk, 1024)), 8) if config is None else config[2:]
     if K % (splits * bk):
         raise ValueError(f"K={K} must be a multiple of splits*BK={splits}*{bk}")
     a = torch.empty(M, K + tw, dtype=torch.float8_e4m3fn, device=x.device)
@@ -177,14 +169,10 @@ def fp8_concat_quant(x: torch.Tensor, inv_smooth: torch.Tensor, amax_partials: t
     _fp8_concat_quant_kernel[(triton.cdiv(M, bm), splits)](
         x, inv_smooth, amax_partials, lx_partials if r else amax_partials, a, a_scale,
         M, K, K // splits, amax_partials.shape[0], r, tw, x.stride(0), a.stride(0),
-        HAS_LR=r > 0, RP=rank_pad(r), TP=_tail_pad(tw, r), BM=bm, BK=bk,
+        HAS_LR=r > 0, RP=rank_pad(r), TP=rank_pad(tw - 3 * r), BM=bm, BK=bk,
         NATIVE=x.is_cuda, num_warps=warps,
     )
     return a, a_scale
-
-
-def _tail_pad(tw: int, r: int) -> int:
-    return max(16, triton.next_power_of_2(max(tw - 3 * r, 1)))
 
 
 def _check_rows(x: torch.Tensor) -> None:

@@ -95,7 +95,7 @@ def expand_w4(qweight: torch.Tensor, wmult: torch.Tensor, fp8: bool, group_size:
     bn, bk, warps = config or ((16, 512, 4) if K % 512 == 0 else (32, 128 if K % 128 == 0 else 64, 4))
     grid = (triton.cdiv(N, bn), K // bk + (1 if r else 0))
     _expand_w4_kernel[grid](qweight, wmult, tail if r else wmult, out, N, K, r, kc, FP8=fp8, HAS_TAIL=r > 0,
-                            RP=rank_pad(r), TP=max(16, triton.next_power_of_2(max(kc - K - 3 * r, 1))), BN=bn,
+                            RP=rank_pad(r), TP=rank_pad(kc - K - 3 * r), BN=bn,
                             BK=bk, G=group_size, num_warps=warps)
     return out
 
