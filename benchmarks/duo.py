@@ -33,6 +33,10 @@ from quantduo.utils import relative_l2_error  # noqa: E402
 from quantduo.duo.decode import GraphedDecoder  # noqa: E402
 from quantduo.duo.deploy import apply_duo, chunked_prefill  # noqa: E402
 from quantduo.duo.identify import gated_model  # noqa: E402
+from quantduo.duo.kvquant import quantize_unchecked  # noqa: E402
+from quantduo.integrations.transformers import quantize_causal_lm, weight_bytes  # noqa: E402
+from quantduo.kernels.decode_attention import decode_attention  # noqa: E402
+from quantduo.kernels.reference import decode_attention_ref  # noqa: E402
 
 GB = 1e9
 SINK, RECENT = 64, 256
@@ -40,6 +44,9 @@ SLACK = 64  # cache slots beyond N for the decode steps
 DEV = "cuda"  # every tensor of the benchmark lives here
 GRAPHS = {"on": True}  # switched off (and reported) if the graph check fails: decode then runs eagerly
 VARIANTS = {"full": dict(all_full=True), "duo": {}, "duo+int8": dict(kv_bits=8), "duo+int4": dict(kv_bits=4)}
+CAPACITY_LAYOUTS = {"duo+int4": dict(kv_bits=4), "full+int4": dict(all_full=True, kv_bits=4)}
+DECODE_SWEEP = [None, (32, 4, 4, 3), (32, 8, 4, 3), (64, 1, 4, 3), (64, 2, 4, 3), (64, 8, 4, 3), (64, 4, 4, 4),
+                (64, 4, 8, 3), (128, 2, 8, 3), (128, 4, 4, 3), (128, 1, 8, 3), (32, 16, 2, 3)]
 
 
 def llama3_8b_config(max_pos: int) -> LlamaConfig:
@@ -159,11 +166,30 @@ def attention_profile(n: int, reps: int = 3) -> dict:
                                                                    enable_gqa=True),
            "stream_16_heads": lambda: A.streaming_prefill(q[:, 16:], k[:, 4:], v[:, 4:], pos, 0, SINK, RECENT, 0.088)}
     out = {name: statistics.median(cuda_ms(fn, 1, reps)) for name, fn in fns.items()}
-    q1, valid = q[:, :, -1:], pos < n - 7
-    decode = {"decode_8kv": lambda: A.decode(q1, k, v, 0.088, valid),  # one token, all heads (full attention)
-              "decode_4kv": lambda: A.decode(q1[:, :16], k[:, :4], v[:, :4], 0.088, valid),  # Duo retrieval half
+    q1, length = q[:, :, -1:], torch.tensor([n - 7], device=DEV)
+    k4, v4 = (quantize_unchecked(x[:, :4], 4, 128) for x in (k, v))
+    decode = {"decode_8kv": lambda: A.decode(q1, k, v, 0.088, length),  # one token, all heads (full attention)
+              "decode_4kv": lambda: A.decode(q1[:, :16], k[:, :4], v[:, :4], 0.088, length),  # Duo retrieval half
+              "decode_4kv_int4": lambda: A.decode(q1[:, :16], k4, v4, 0.088, length),
+              "decode_4kv_torch": lambda: decode_attention_ref(q1[:, :16], k[:, :4], v[:, :4], 0.088, length),
               "decode_sdpa_8kv_nomask": lambda: F.scaled_dot_product_attention(q1, k, v, enable_gqa=True)}
     return {**out, **{name: statistics.median(cuda_ms(fn, 3, 20)) for name, fn in decode.items()}}
+
+
+SWEEP_CASES = ("8 bf16", "4 bf16", "4 int8", "4 int4")  # KV heads and cache format of the kernel sweep
+
+
+@torch.no_grad()
+def decode_kernel_sweep(n: int, configs: list) -> list[tuple]:
+    """(config, [ms per case of SWEEP_CASES]) of the decode kernel at n keys (eager, one layer)."""
+    q1 = torch.randn(1, 32, 1, 128, device=DEV, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 8, n, 128, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    caches = [(k, v, 32), (k[:, :4], v[:, :4], 16)]
+    caches += [(*(quantize_unchecked(x[:, :4], bits, 128) for x in (k, v)), 16) for bits in (8, 4)]
+    length = torch.tensor([n], device=DEV)
+    return [(cfg, [statistics.median(cuda_ms(lambda: decode_attention(q1[:, :hq], kc, vc, 0.088, length, config=cfg),
+                                             3, 20)) for kc, vc, hq in caches])
+            for cfg in configs]
 
 
 @torch.no_grad()
@@ -175,6 +201,72 @@ def chunked(model, n: int, chunk: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
         ms = cuda_ms(lambda: chunked_prefill(model, ids, cache, chunk), 0, 1)[0]
     return dict(prefill=ms, peak=torch.cuda.max_memory_allocated(), chunk=chunk)
+
+
+def fill_synthetic(model, cache: DuoCache, n: int) -> None:
+    """Make a static DuoCache hold n tokens of random K/V without a prefill (decode time does not depend
+    on the values): every buffer allocated and filled, streaming slots at the positions a real prefill
+    leaves (sinks, then the last ``recent`` positions), lengths and device counters at n."""
+    x = torch.zeros(1, model.config.num_key_value_heads, 1, 128, device=DEV, dtype=torch.bfloat16)
+    for layer in cache.layers:
+        layer.lazy_initialization(x, x)
+        for name, buf in layer.full.bufs.items():
+            if buf.dtype == torch.uint8:
+                buf.random_(0, 256)
+            elif name.endswith("scale"):
+                buf.fill_(0.01)
+            elif name.endswith("zero"):
+                buf.fill_(-1.25)
+            else:
+                buf.normal_()
+        layer.stream_keys.normal_()
+        layer.stream_values.normal_()
+        pos = torch.cat([torch.arange(layer.sink), torch.arange(n - layer.recent, n)]).to(DEV)
+        layer.stream_pos[layer._slot(pos)] = pos
+        layer.length, layer.window = n, layer.sink + layer.recent
+        layer.position.fill_(n)
+
+
+@torch.no_grad()
+def decode_only(model, n: int, args, **opts) -> dict:
+    """Graph decode ms/token at n tokens of a synthetic static DuoCache (no prefill); KV bytes, peak
+    memory; "OOM" when it does not fit."""
+    cache = None
+    try:
+        torch.cuda.reset_peak_memory_stats()
+        cache = DuoCache.from_model(model, max_cache_len=n + SLACK, static=True, **opts)
+        fill_synthetic(model, cache, n)
+        try:
+            dec = GraphedDecoder(model, cache, n, use_graph=GRAPHS["on"])
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # reported in the result ("graph": False), timed eagerly
+            print(f"graph capture failed at N={n}: {type(err).__name__}: {str(err)[:200]}", flush=True)
+            dec = GraphedDecoder(model, cache, n, use_graph=False)
+        tok = torch.ones(1, 1, dtype=torch.long, device=DEV)
+        ms = statistics.median(cuda_ms(lambda: dec(tok), args.warmup, args.steps))
+        finite = bool(torch.isfinite(dec(tok)).all())
+        return dict(decode=ms, kv=cache.memory_bytes(), peak=torch.cuda.max_memory_allocated(), finite=finite,
+                    graph=dec.graph is not None)
+    except torch.OutOfMemoryError:
+        return dict(decode="OOM")
+    finally:
+        del cache
+        torch.cuda.empty_cache()
+
+
+def capacity_search(model, layouts: dict, candidates: list[int], args) -> dict:
+    """Largest of ``candidates`` (tried in decreasing order) whose synthetic cache + decode steps run,
+    per layout; returns {layout: (n, decode_only result)}."""
+    out = {}
+    for name, opts in layouts.items():
+        for n in sorted(candidates, reverse=True):
+            res = decode_only(model, n, args, **opts)
+            print(f"capacity {name} N={n}: {res}", flush=True)
+            if res["decode"] != "OOM":
+                out[name] = (n, res)
+                break
+    return out
 
 
 def bytes_per_token(model) -> dict:
@@ -254,6 +346,27 @@ def print_tables(rows: dict, sdpa: dict, cap_rows: list, check: dict, gcheck: di
         print(f"| {w} | {name} | {tokens:,} |")
 
 
+def print_decode_only(decode_rows: dict, sweep: list) -> None:
+    """Decode-only table (synthetic caches) and the decode-kernel config sweep."""
+    print("\n| N | variant | decode ms/tok (graph) | decode speedup vs full | KV GB | peak GB |\n|---|---|---|---|---|---|")
+    for n, byvar in decode_rows.items():
+        base = byvar["full"]["decode"]
+        for name, r in byvar.items():
+            if r["decode"] == "OOM":
+                print(f"| {n} | {name} | OOM | - | - | - |")
+                continue
+            ratio = f"{base / r['decode']:.2f}x" if base != "OOM" else "-"
+            print(f"| {n} | {name} | {r['decode']:.2f} | {ratio} | {r['kv'] / GB:.2f} | {r['peak'] / GB:.1f} |")
+    print_sweep(sweep)
+
+
+def print_sweep(sweep: list) -> None:
+    print("\n| decode kernel config (keys/tile, programs/SM, warps, stages) | "
+          + " | ".join(f"{c} KV heads ms" for c in SWEEP_CASES) + " |\n|---|" + "---|" * len(SWEEP_CASES))
+    for cfg, times in sweep:
+        print(f"| {cfg or 'default'} | " + " | ".join(f"{t:.3f}" for t in times) + " |")
+
+
 def print_prefill_bound(rows: dict, prof: dict, layers: int = 32) -> None:
     """One-layer attention times, and the prefill speedup they imply: non-attention time = measured full
     prefill at the largest N minus its attention, scaled linearly in N (a projection where N was not run)."""
@@ -278,9 +391,20 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=32768)
     ap.add_argument("--profile-contexts", type=int, nargs="+", default=[131072, 262144],
                     help="contexts of the one-layer attention profile (prefill bound projection)")
+    ap.add_argument("--decode-contexts", type=int, nargs="*", default=[262144, 524288],
+                    help="decode-only contexts (synthetic cache contents, no prefill)")
+    ap.add_argument("--capacity", type=int, nargs="*", default=[4_800_000, 4_600_000, 4_500_000, 4_400_000, 3_300_000,
+                                                                 2_300_000, 2_250_000, 2_200_000],
+                    help="contexts tried (largest first) with 4-bit weights + INT4 KV, synthetic cache")
+    ap.add_argument("--sweep-only", action="store_true", help="only the decode-kernel config sweep (at --contexts)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    cfg = llama3_8b_config(max(args.contexts) + 4096)
+    if args.sweep_only:
+        for n in args.contexts:
+            print(f"N={n}")
+            print_sweep(decode_kernel_sweep(n, DECODE_SWEEP))
+        return
+    cfg = llama3_8b_config(max(args.contexts + args.decode_contexts + args.capacity) + 4096)
     t0 = time.time()
     with torch.device(DEV):
         model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval()
@@ -309,6 +433,8 @@ def main() -> None:
             print(f"{name} N={n}: {rows[n][name]} ({time.time() - t0:.0f}s)", flush=True)
     prof = {n: attention_profile(n) for n in sorted({max(args.contexts), *args.profile_contexts})}
     print(f"attention profile: {prof}", flush=True)
+    sweep = decode_kernel_sweep(max(args.contexts), DECODE_SWEEP)
+    print(f"decode kernel sweep (config, ms of {SWEEP_CASES}): {sweep}", flush=True)
     chunk = chunked(model, max(args.contexts), args.chunk)
     print(f"chunked prefill: {chunk} ({time.time() - t0:.0f}s)", flush=True)
     for n in args.contexts:  # last: a failed graph capture must not cost the measurements above
@@ -318,6 +444,10 @@ def main() -> None:
             sdpa[n] = f"failed: {type(err).__name__}: {str(err)[:120]}"
         torch.cuda.empty_cache()
         print(f"transformers SDPA + StaticCache graph decode N={n}: {sdpa[n]}", flush=True)
+
+    decode_rows = {n: {name: decode_only(model, n, args, **opts) for name, opts in VARIANTS.items()}
+                   for n in args.decode_contexts}
+    print(f"decode only: {decode_rows} ({time.time() - t0:.0f}s)", flush=True)
 
     w4 = int4_weight_bytes(model)
     total = torch.cuda.mem_get_info()[1]
@@ -330,6 +460,20 @@ def main() -> None:
             f"{weights_bf16 / GB:.2f} GB, int4 {w4 / GB:.2f} GB; workspace {workspace / GB:.2f} GB = peak of a "
             f"{n0}-token Duo prefill minus weights and cache")
     print_tables(rows, sdpa, cap_rows, check, gcheck, prof, chunk, info)
+    print_decode_only(decode_rows, sweep)
+    if args.capacity:  # last: quantizes the model's weights in place
+        t1 = time.time()
+        quantize_causal_lm(model, torch.randint(0, 128000, (1, 256), device=DEV), "w4a16", progress=False)
+        wq = weight_bytes(model)
+        print(f"model quantized to W4A16 (SVDQuant module): {wq / GB:.2f} GB in {time.time() - t1:.0f}s", flush=True)
+        small = {name: decode_only(model, args.contexts[0], args, **opts) for name, opts in VARIANTS.items()}
+        print(f"W4A16 weights, decode only at N={args.contexts[0]}: {small}", flush=True)
+        found = capacity_search(model, CAPACITY_LAYOUTS, args.capacity, args)
+        print(f"\nCapacity, run ({total / GB:.1f} GB GPU, W4A16 weights {wq / GB:.2f} GB, synthetic cache contents, "
+              f"graph decode steps):\n| layout | largest N run (of {args.capacity}) | decode ms/tok | KV GB | peak GB "
+              f"| logits finite |\n|---|---|---|---|---|---|")
+        for name, (n, r) in found.items():
+            print(f"| {name} | {n:,} | {r['decode']:.2f} | {r['kv'] / GB:.2f} | {r['peak'] / GB:.1f} | {r['finite']} |")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
+from quantduo.kernels.decode_attention import decode_attention, kernel_supports
+from quantduo.kernels.reference import decode_attention_ref
+
 
 def streaming_allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
     """Bool mask [Tq, Tk] of the streaming pattern for absolute positions q_pos [Tq], k_pos [Tk]."""
@@ -61,8 +64,9 @@ def _compiled_flex():
 
 
 def _flex(q, k, v, block_mask: BlockMask, scaling: float) -> torch.Tensor:
-    """flex_attention (compiled on GPU, the eager reference on CPU) with GQA."""
-    fn = _compiled_flex() if q.is_cuda else flex_attention
+    """flex_attention with GQA: compiled on GPU (head_dim >= 16, inductor's minimum), else the eager
+    reference implementation."""
+    fn = _compiled_flex() if q.is_cuda and q.shape[-1] >= 16 else flex_attention
     return fn(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -110,36 +114,15 @@ def full_prefill(q, k, v, q_start: int, scaling: float) -> torch.Tensor:
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
-def decode(q, k, v, scaling: float, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """One new query token q [B, Hq, 1, D] over cached keys k/v [B, Hkv, Tk, D].
+def decode(q, k, v, scaling: float, length: torch.Tensor | None = None,
+           key_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """One new query token q [B, Hq, 1, D] over cached keys k/v: 16-bit [B, Hkv, Tk, D] tensors or
+    :class:`~quantduo.duo.kvquant.QuantizedKV` codes (dequantized on the fly).
 
-    ``valid`` [Tk] bool masks the keys to use (static caches attend over a preallocated buffer);
-    None uses every key. The rep = Hq / Hkv query heads of a KV head form a small matrix, so the
-    two products are batched GEMMs: scores spread the long Tk axis over the GPU's tiles, and the
-    probs @ V reduction over Tk is split into chunks (:func:`split_kv_matmul`). Softmax in float32.
-    Returns [B, Hq, 1, D].
+    ``length`` (device int64 [1]) masks key positions >= length (static caches attend over a
+    preallocated buffer); ``key_pos`` [Tk] gives each slot's position (-1: empty), else slot j holds
+    position j. On CUDA the split-KV Triton kernel (:mod:`quantduo.kernels.decode_attention`; head_dim >=
+    32), elsewhere its PyTorch reference. Returns [B, Hq, 1, D].
     """
-    b, hq, _, d = q.shape
-    hkv = k.shape[1]
-    scores = torch.matmul((q * scaling).reshape(b, hkv, hq // hkv, d), k.transpose(-1, -2))
-    if valid is not None:
-        scores = scores.masked_fill(~valid, float("-inf"))
-    probs = torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype)
-    return split_kv_matmul(probs, v).reshape(b, hq, 1, d)
-
-
-SPLIT_CHUNK = 1024  # keys per chunk of the split-KV decode reduction (static caches round up to it)
-
-
-def split_kv_matmul(probs: torch.Tensor, v: torch.Tensor, chunk: int = SPLIT_CHUNK) -> torch.Tensor:
-    """probs [B, H, R, T] @ v [B, H, T, D] -> [B, H, R, D] in v's dtype, the reduction over T split
-    into chunks of ``chunk`` (batched GEMMs over B * H * T / chunk blocks, partial sums in float32),
-    so a long T keeps the whole GPU busy (split-KV / flash-decoding). Only when v is contiguous and
-    T a multiple of ``chunk`` (then the chunked view of v needs no copy); else one plain matmul."""
-    b, h, r, t = probs.shape
-    d = v.shape[-1]
-    if t % chunk or t < 2 * chunk or not v.is_contiguous():
-        return torch.matmul(probs, v)
-    s = t // chunk
-    parts = torch.matmul(probs.reshape(b, h, r, s, chunk).transpose(2, 3), v.reshape(b, h, s, chunk, d))
-    return parts.float().sum(2).to(v.dtype)  # parts: [B, H, s, R, D]
+    fn = decode_attention if q.is_cuda and kernel_supports(q) else decode_attention_ref
+    return fn(q, k, v, scaling, length, key_pos)

@@ -11,11 +11,11 @@ Options:
   static: (needs ``max_cache_len``) single-token decode steps take their position from a device
       counter and attend over the whole preallocated buffer with a validity mask, so a step has
       fixed shapes and no host-device synchronisation: it can be captured in a CUDA graph
-      (:mod:`quantduo.duo.decode`). Prefill chunks still use Python-side lengths. The buffer is
-      rounded up to whole split-KV chunks (:data:`~quantduo.duo.attention.SPLIT_CHUNK` positions);
-      decode steps past ``max_cache_len`` are not checked.
+      (:mod:`quantduo.duo.decode`). Prefill chunks still use Python-side lengths. Decode steps past
+      ``max_cache_len`` are not checked.
   kv_bits: 8 or 4 stores the retrieval-head K/V as per-token-group codes (:mod:`quantduo.duo.kvquant`);
-      attention reads them dequantized. The streaming window (sink + recent slots) stays 16-bit.
+      decode attention reads the codes (dequantized in the kernel's registers), prefill attention reads
+      them dequantized. The streaming window (sink + recent slots) stays 16-bit.
 """
 from __future__ import annotations
 
@@ -24,32 +24,40 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from quantduo.duo.attention import SPLIT_CHUNK
 from quantduo.duo.kvquant import QuantizedKV, dequantize_kv, quantize_unchecked
+from quantduo.kernels.kv_quant import kv_quant_write
 
 
 @dataclass
 class DuoKV:
     """What the new queries of one layer may attend to.
 
-    full_k/full_v: [B, n_full, Tk, D] keys of the retrieval heads (Tk = q_start + Tq, or the whole
-        buffer in static decode, then ``full_valid`` [Tk] bool marks the keys to use).
+    full_k/full_v: keys / values of the retrieval heads at positions 0..Tk-1, [B, n_full, Tk, D] 16-bit
+        (prefill: Tk = q_start + Tq) or, when decoding, possibly a :class:`QuantizedKV` of the codes
+        (static decode: the whole buffer, positions >= ``length`` masked).
     stream_k/stream_v: [B, n_stream, S, D] keys of the streaming heads: the cached window before
-        this step followed by the Tq new ones (prefill), or the updated window (decode, Tq == 1;
-        ``stream_valid`` [S] bool marks filled slots in static decode).
-    stream_pos: [S] int64 absolute positions of stream_k for prefill; None when decoding (one new
-        query per sequence; every key that is valid is visible).
+        this step followed by the Tq new ones (prefill), or the updated window (decode).
+    stream_pos: [S] int64 absolute positions of stream_k (-1: empty slot); None when decoding with
+        every key visible.
     q_start: absolute position of the first new query (Python bookkeeping; unused when decoding).
+    decoding: one new query per sequence (Tq == 1): every visible key is attended.
+    length: static decode: device int64 [1], tokens in the cache including the new one.
     """
 
-    full_k: torch.Tensor
-    full_v: torch.Tensor
+    full_k: torch.Tensor | QuantizedKV
+    full_v: torch.Tensor | QuantizedKV
     stream_k: torch.Tensor
     stream_v: torch.Tensor
     stream_pos: torch.Tensor | None
     q_start: int
-    full_valid: torch.Tensor | None = None
-    stream_valid: torch.Tensor | None = None
+    decoding: bool = False
+    length: torch.Tensor | None = None
+
+    @property
+    def n_full(self) -> int:
+        """Retrieval KV heads."""
+        k = self.full_k
+        return (k.codes if isinstance(k, QuantizedKV) else k).shape[1]
 
 
 class FullStore:
@@ -80,20 +88,35 @@ class FullStore:
         return {f"{kv}codes": q.codes, f"{kv}scale": q.scale, f"{kv}zero": q.zero}
 
     def write(self, where: slice | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k/v [B, H, T, D] at sequence positions ``where`` (a slice, or an int64 index tensor [T])."""
+        """Store k/v [B, H, T, D] at sequence positions ``where`` (a slice, or an int64 index tensor [T]).
+        Quantized stores on CUDA quantize and store in one Triton launch (:mod:`quantduo.kernels.kv_quant`)."""
+        if self.bits is not None and k.is_cuda and k.shape[1]:
+            pos = where if torch.is_tensor(where) else torch.arange(where.start, where.stop, device=k.device)
+            if k.stride(-1) != 1 or v.stride(-1) != 1:
+                k, v = k.contiguous(), v.contiguous()
+            kv_quant_write(k, v, pos, self.bufs, self.bits, self.group)
+            return
         for name, x in {**self._parts("k", k), **self._parts("v", v)}.items():
             if torch.is_tensor(where):
                 self.bufs[name].index_copy_(2, where, x)
             else:
                 self.bufs[name][:, :, where] = x
 
-    def read(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V of the first ``n`` positions (None: the whole buffer) [B, H, n, D] in 16-bit."""
+    def view(self, n: int | None = None) -> tuple[torch.Tensor | QuantizedKV, torch.Tensor | QuantizedKV]:
+        """K, V of the first ``n`` positions (None: the whole buffer) as stored: 16-bit [B, H, n, D]
+        views, or :class:`QuantizedKV` views of the codes."""
         b = {name: t[:, :, :n] for name, t in self.bufs.items()}
         if self.bits is None:
             return b["k"], b["v"]
-        return tuple(dequantize_kv(QuantizedKV(b[f"{kv}codes"], b[f"{kv}scale"], b[f"{kv}zero"], self.bits,
-                                               self.group), self.dtype, torch.float16) for kv in "kv")
+        return tuple(QuantizedKV(b[f"{kv}codes"], b[f"{kv}scale"], b[f"{kv}zero"], self.bits, self.group)
+                     for kv in "kv")
+
+    def read(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of the first ``n`` positions (None: the whole buffer) [B, H, n, D] in 16-bit."""
+        k, v = self.view(n)
+        if self.bits is None:
+            return k, v
+        return dequantize_kv(k, self.dtype, torch.float16), dequantize_kv(v, self.dtype, torch.float16)
 
     def grow(self, new_cap: int, length: int) -> None:
         """Reallocate every buffer to ``new_cap`` positions, keeping the first ``length``."""
@@ -125,14 +148,11 @@ class DuoLayer(CacheLayerMixin):
         b, _, t, d = key_states.shape
         dev = key_states.device
         cap = self.max_cache_len or max(t, 256)
-        if self.static:  # whole split-KV chunks: decode then reads the buffer without copies
-            cap = -(-cap // SPLIT_CHUNK) * SPLIT_CHUNK
         self.full = FullStore(key_states, self.n_full, cap, self.kv_bits, self.kv_group)
         self.stream_keys = torch.zeros(b, self.n_stream, self.sink + self.recent, d, dtype=key_states.dtype, device=dev)
         self.stream_values = torch.zeros_like(self.stream_keys)
         self.stream_pos = torch.full((self.sink + self.recent,), -1, dtype=torch.long, device=dev)
         self.position = torch.zeros(1, dtype=torch.long, device=dev)  # device copy of self.length
-        self.key_pos = torch.arange(self.full.capacity, device=dev) if self.static else None
         self.device, self.dtype = dev, key_states.dtype
         self.is_initialized = True
 
@@ -177,11 +197,10 @@ class DuoLayer(CacheLayerMixin):
         self.stream_keys.index_copy_(2, slot, ks)
         self.stream_values.index_copy_(2, slot, vs)
         self.stream_pos.index_copy_(0, slot, p)
-        k, v = self.full.read()
-        kv = DuoKV(k, v, self.stream_keys, self.stream_values, None, self.length, full_valid=self.key_pos <= p,
-                   stream_valid=(self.stream_pos >= 0) & (self.stream_pos <= p))
         self.position.add_(1)
-        return kv
+        k, v = self.full.view()
+        return DuoKV(k, v, self.stream_keys, self.stream_values, self.stream_pos, self.length, decoding=True,
+                     length=self.position)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append key/value states [B, n_full + n_stream, T, D]; returns (DuoKV, DuoKV)."""
@@ -207,8 +226,8 @@ class DuoLayer(CacheLayerMixin):
         self.length = start + t
         if self.static:
             self.position.fill_(self.length)
-        k, v = self.full.read(self.length)
-        kv = DuoKV(k, v, sk, sv, spos, start)
+        k, v = self.full.view(self.length) if t == 1 else self.full.read(self.length)
+        kv = DuoKV(k, v, sk, sv, spos, start, decoding=t == 1)
         return kv, kv
 
     def decode_state(self) -> list[torch.Tensor]:

@@ -101,16 +101,16 @@ def duo_attention_forward(module, query, key, value, attention_mask=None, scalin
         raise ValueError("DuoAttention does not take custom attention masks")
     kv = key if isinstance(key, DuoKV) else _no_cache_kv(module, key, value)
     scaling = module.scaling if scaling is None else scaling
-    nq_full = kv.full_k.shape[1] * module.num_key_value_groups
+    nq_full = kv.n_full * module.num_key_value_groups
     qf, qs = query[:, :nq_full], query[:, nq_full:]
     b, hq, t, d = query.shape
     out = query.new_empty(b, t, hq, d)  # each head group writes its slice (one copy, no cat)
     if qf.shape[1]:
-        of = (A.decode(qf, kv.full_k, kv.full_v, scaling, kv.full_valid) if kv.stream_pos is None
+        of = (A.decode(qf, kv.full_k, kv.full_v, scaling, kv.length) if kv.decoding
               else A.full_prefill(qf, kv.full_k, kv.full_v, kv.q_start, scaling))
         out[:, :, :nq_full] = of.transpose(1, 2)
     if qs.shape[1]:
-        os_ = (A.decode(qs, kv.stream_k, kv.stream_v, scaling, kv.stream_valid) if kv.stream_pos is None
+        os_ = (A.decode(qs, kv.stream_k, kv.stream_v, scaling, kv.length, kv.stream_pos) if kv.decoding
                else A.streaming_prefill(qs, kv.stream_k, kv.stream_v, kv.stream_pos, kv.q_start,
                                         module.duo_sink, module.duo_recent, scaling))
         out[:, :, nq_full:] = os_.transpose(1, 2)

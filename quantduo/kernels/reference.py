@@ -148,3 +148,24 @@ def w4_expand_ref(qweight, wmult, fp8: bool, group_size: int = 64):
 def nvfp4_dequant_ref(qweight, wscales, wscale_global):
     """Reference of the NVFP4 weight dequantization kernel: float32 ``[N, K]``."""
     return qz.dequantize_nvfp4(qz.unpack_nibbles(qweight), wscales, wscale_global)
+
+
+def decode_attention_ref(q, k, v, scaling: float, length=None, key_pos=None):
+    """Reference of :func:`quantduo.kernels.decode_attention.decode_attention` (same arguments).
+
+    Quantized caches are dequantized to q's dtype (arithmetic in float32); scores are q * scaling (in q's
+    dtype) times K, masked, softmax in float32, probabilities rounded to q's dtype times V.
+    """
+    from quantduo.duo.kvquant import QuantizedKV, dequantize_kv
+
+    k, v = (dequantize_kv(x, q.dtype) if isinstance(x, QuantizedKV) else x for x in (k, v))
+    b, hq, _, d = q.shape
+    hkv, t = k.shape[1], k.shape[2]
+    scores = torch.matmul((q * scaling).reshape(b, hkv, hq // hkv, d), k.transpose(-1, -2))
+    if length is not None:
+        pos = key_pos if key_pos is not None else torch.arange(t, device=q.device)
+        scores = scores.masked_fill(~((pos >= 0) & (pos < length)), float("-inf"))
+    elif key_pos is not None:
+        scores = scores.masked_fill(key_pos < 0, float("-inf"))
+    probs = torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype)
+    return torch.matmul(probs, v).reshape(b, hq, 1, d)
