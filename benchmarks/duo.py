@@ -9,6 +9,10 @@ CUDA graph (and eagerly), KV-cache bytes and peak memory. It also times transfor
 StaticCache decode step in a CUDA graph, checks Duo against a dense gated reference and graph
 replays against eager steps, times the attention kernels of one layer, a 32K-chunked Duo prefill
 (time, peak memory), and computes the largest context that fits from measured bytes per token.
+Then, on synthetic cache contents (decode time does not depend on the values): decode at longer
+contexts (--decode-contexts), a config sweep of the decode kernel, and (last; the weights are
+quantized to W4A16 in place) the largest context that runs with 4-bit weights + INT4 KV, with and
+without DuoAttention. --sweep-only / --capacity-only run just those parts.
 Timings: CUDA events, warm-up, median.
 """
 from __future__ import annotations
@@ -256,16 +260,17 @@ def decode_only(model, n: int, args, **opts) -> dict:
 
 
 def capacity_search(model, layouts: dict, candidates: list[int], args) -> dict:
-    """Largest of ``candidates`` (tried in decreasing order) whose synthetic cache + decode steps run,
-    per layout; returns {layout: (n, decode_only result)}."""
+    """Largest of ``candidates`` whose synthetic cache + decode steps run, per layout, trying them in
+    increasing order up to the first that does not fit (a failed allocation can strand memory, so no
+    attempt follows a failure); returns {layout: (n, decode_only result)}."""
     out = {}
     for name, opts in layouts.items():
-        for n in sorted(candidates, reverse=True):
+        for n in sorted(candidates):
             res = decode_only(model, n, args, **opts)
             print(f"capacity {name} N={n}: {res}", flush=True)
-            if res["decode"] != "OOM":
-                out[name] = (n, res)
+            if res["decode"] == "OOM":
                 break
+            out[name] = (n, res)
     return out
 
 
@@ -382,6 +387,23 @@ def print_prefill_bound(rows: dict, prof: dict, layers: int = 32) -> None:
               f"| {non_attn * n:.0f} | {full / duo:.2f}x | {measured} |")
 
 
+def capacity_run(model, args, total: int) -> None:
+    """Quantize the (Duo) model's weights to W4A16 in place, time decode at the first context, and find the
+    largest context that runs with INT4 KV, with and without DuoAttention (synthetic cache contents)."""
+    t1 = time.time()
+    quantize_causal_lm(model, torch.randint(0, 128000, (1, 256), device=DEV), "w4a16", progress=False)
+    wq = weight_bytes(model)
+    print(f"model quantized to W4A16 (SVDQuant module): {wq / GB:.2f} GB in {time.time() - t1:.0f}s", flush=True)
+    small = {name: decode_only(model, args.contexts[0], args, **opts) for name, opts in VARIANTS.items()}
+    print(f"W4A16 weights, decode only at N={args.contexts[0]}: {small}", flush=True)
+    found = capacity_search(model, CAPACITY_LAYOUTS, args.capacity, args)
+    print(f"\nCapacity, run ({total / GB:.1f} GB GPU, W4A16 weights {wq / GB:.2f} GB, synthetic cache contents, "
+          f"graph decode steps):\n| layout | largest N run (of {args.capacity}) | decode ms/tok | KV GB | peak GB "
+          f"| logits finite |\n|---|---|---|---|---|---|")
+    for name, (n, r) in found.items():
+        print(f"| {name} | {n:,} | {r['decode']:.2f} | {r['kv'] / GB:.2f} | {r['peak'] / GB:.1f} | {r['finite']} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
@@ -393,9 +415,11 @@ def main() -> None:
                     help="contexts of the one-layer attention profile (prefill bound projection)")
     ap.add_argument("--decode-contexts", type=int, nargs="*", default=[262144, 524288],
                     help="decode-only contexts (synthetic cache contents, no prefill)")
-    ap.add_argument("--capacity", type=int, nargs="*", default=[4_800_000, 4_600_000, 4_500_000, 4_400_000, 3_300_000,
-                                                                 2_300_000, 2_250_000, 2_200_000],
-                    help="contexts tried (largest first) with 4-bit weights + INT4 KV, synthetic cache")
+    ap.add_argument("--capacity", type=int, nargs="*", default=[2_000_000, 2_100_000, 2_200_000, 2_300_000, 2_400_000,
+                                                                 3_300_000, 4_000_000, 4_200_000, 4_300_000,
+                                                                 4_400_000, 4_500_000, 4_600_000],
+                    help="contexts tried with 4-bit weights + INT4 KV, synthetic cache")
+    ap.add_argument("--capacity-only", action="store_true", help="only the capacity run (4-bit weights)")
     ap.add_argument("--sweep-only", action="store_true", help="only the decode-kernel config sweep (at --contexts)")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -415,6 +439,9 @@ def main() -> None:
     mask = np.stack([rng.permutation(np.arange(cfg.num_key_value_heads) < cfg.num_key_value_heads // 2)
                      for _ in range(cfg.num_hidden_layers)])  # 50% retrieval heads, 4 of 8 per layer
 
+    if args.capacity_only:
+        capacity_run(apply_duo(model, mask, SINK, RECENT), args, torch.cuda.mem_get_info()[1])
+        return
     check = correctness(model, mask)  # applies DuoAttention (in place) after the reference pass
     print(f"correctness (rel. L2 of final hidden states, 2K tokens): {check}", flush=True)
     try:
@@ -427,7 +454,7 @@ def main() -> None:
         rows[n] = {}
         for name, opts in VARIANTS.items():
             quant = "kv_bits" in opts
-            rows[n][name] = bench_variant(model, n, args, warm=(i == 0 or name == "duo") and not quant,
+            rows[n][name] = bench_variant(model, n, args, warm=i == 0 or name == "duo",
                                           reps=1 if quant else args.prefill_reps, eager=not quant, **opts)
             torch.cuda.empty_cache()
             print(f"{name} N={n}: {rows[n][name]} ({time.time() - t0:.0f}s)", flush=True)
@@ -462,19 +489,7 @@ def main() -> None:
     print_tables(rows, sdpa, cap_rows, check, gcheck, prof, chunk, info)
     print_decode_only(decode_rows, sweep)
     if args.capacity:  # last: quantizes the model's weights in place
-        t1 = time.time()
-        quantize_causal_lm(model, torch.randint(0, 128000, (1, 256), device=DEV), "w4a16", progress=False)
-        wq = weight_bytes(model)
-        print(f"model quantized to W4A16 (SVDQuant module): {wq / GB:.2f} GB in {time.time() - t1:.0f}s", flush=True)
-        small = {name: decode_only(model, args.contexts[0], args, **opts) for name, opts in VARIANTS.items()}
-        print(f"W4A16 weights, decode only at N={args.contexts[0]}: {small}", flush=True)
-        found = capacity_search(model, CAPACITY_LAYOUTS, args.capacity, args)
-        print(f"\nCapacity, run ({total / GB:.1f} GB GPU, W4A16 weights {wq / GB:.2f} GB, synthetic cache contents, "
-              f"graph decode steps):\n| layout | largest N run (of {args.capacity}) | decode ms/tok | KV GB | peak GB "
-              f"| logits finite |\n|---|---|---|---|---|---|")
-        for name, (n, r) in found.items():
-            print(f"| {name} | {n:,} | {r['decode']:.2f} | {r['kv'] / GB:.2f} | {r['peak'] / GB:.1f} | {r['finite']} |")
-
+        capacity_run(model, args, total)
 
 if __name__ == "__main__":
     main()
