@@ -12,7 +12,7 @@ replays against eager steps, times the attention kernels of one layer, a 32K-chu
 Then, on synthetic cache contents (decode time does not depend on the values): decode at longer
 contexts (--decode-contexts), a config sweep of the decode kernel, and (last; the weights are
 quantized to W4A16 in place) the largest context that runs with 4-bit weights + INT4 KV, with and
-without DuoAttention. --sweep-only / --capacity-only run just those parts.
+without DuoAttention. --only runs one part (also: chunked prefill at contexts too long for one pass).
 Timings: CUDA events, warm-up, median.
 """
 from __future__ import annotations
@@ -197,14 +197,29 @@ def decode_kernel_sweep(n: int, configs: list) -> list[tuple]:
 
 
 @torch.no_grad()
-def chunked(model, n: int, chunk: int) -> dict:
-    """One chunked Duo prefill of n tokens (after a 2-chunk warm-up): ms and peak memory."""
-    for length in (2 * chunk, n):
+def chunked(model, n: int, chunk: int, warm_n: int, **opts) -> dict:
+    """One chunked prefill of n tokens into a static DuoCache (``opts`` as for DuoCache.from_model) after a
+    warm-up prefill of warm_n tokens: ms and peak memory."""
+    for length in (warm_n, n):
         ids = torch.randint(0, 128000, (1, length), device=DEV)
-        cache = DuoCache.from_model(model, max_cache_len=length + SLACK, static=True)
+        cache = DuoCache.from_model(model, max_cache_len=length + SLACK, static=True, **opts)
         torch.cuda.reset_peak_memory_stats()
         ms = cuda_ms(lambda: chunked_prefill(model, ids, cache, chunk), 0, 1)[0]
+        cache = None  # freed before the next allocation
+        torch.cuda.empty_cache()
     return dict(prefill=ms, peak=torch.cuda.max_memory_allocated(), chunk=chunk)
+
+
+def long_prefill(model, contexts: list[int], chunk: int) -> None:
+    """Chunked prefill, full attention vs Duo, at contexts whose one-pass full prefill does not fit (the
+    warm-up is a whole identical prefill, so every chunk shape is compiled before the timed run)."""
+    print("\n| N | chunk | variant | prefill ms | speedup | peak GB |\n|---|---|---|---|---|---|")
+    for n in contexts:
+        res = {name: chunked(model, n, chunk, n, **opts) for name, opts in (("full", dict(all_full=True)),
+                                                                            ("duo", {}))}
+        for name, r in res.items():
+            print(f"| {n} | {chunk} | {name} | {r['prefill']:.0f} | {res['full']['prefill'] / r['prefill']:.2f}x "
+                  f"| {r['peak'] / GB:.1f} |", flush=True)
 
 
 def fill_synthetic(model, cache: DuoCache, n: int) -> None:
@@ -419,11 +434,12 @@ def main() -> None:
                                                                  3_300_000, 4_000_000, 4_200_000, 4_300_000,
                                                                  4_400_000, 4_500_000, 4_600_000],
                     help="contexts tried with 4-bit weights + INT4 KV, synthetic cache")
-    ap.add_argument("--capacity-only", action="store_true", help="only the capacity run (4-bit weights)")
-    ap.add_argument("--sweep-only", action="store_true", help="only the decode-kernel config sweep (at --contexts)")
+    ap.add_argument("--only", choices=["sweep", "capacity", "long-prefill"],
+                    help="run one part: the decode-kernel sweep (at --contexts), the capacity run, or chunked "
+                         "prefill full vs Duo at --contexts in --chunk-token chunks")
     args = ap.parse_args()
     torch.manual_seed(0)
-    if args.sweep_only:
+    if args.only == "sweep":
         for n in args.contexts:
             print(f"N={n}")
             print_sweep(decode_kernel_sweep(n, DECODE_SWEEP))
@@ -439,7 +455,10 @@ def main() -> None:
     mask = np.stack([rng.permutation(np.arange(cfg.num_key_value_heads) < cfg.num_key_value_heads // 2)
                      for _ in range(cfg.num_hidden_layers)])  # 50% retrieval heads, 4 of 8 per layer
 
-    if args.capacity_only:
+    if args.only == "long-prefill":
+        long_prefill(apply_duo(model, mask, SINK, RECENT), args.contexts, args.chunk)
+        return
+    if args.only == "capacity":
         capacity_run(apply_duo(model, mask, SINK, RECENT), args, torch.cuda.mem_get_info()[1])
         return
     check = correctness(model, mask)  # applies DuoAttention (in place) after the reference pass
@@ -462,7 +481,7 @@ def main() -> None:
     print(f"attention profile: {prof}", flush=True)
     sweep = decode_kernel_sweep(max(args.contexts), DECODE_SWEEP)
     print(f"decode kernel sweep (config, ms of {SWEEP_CASES}): {sweep}", flush=True)
-    chunk = chunked(model, max(args.contexts), args.chunk)
+    chunk = chunked(model, max(args.contexts), args.chunk, 2 * args.chunk)
     print(f"chunked prefill: {chunk} ({time.time() - t0:.0f}s)", flush=True)
     for n in args.contexts:  # last: a failed graph capture must not cost the measurements above
         try:
