@@ -30,7 +30,7 @@ import triton.language as tl
 from quantduo.duo.kvquant import QuantizedKV
 
 # (keys per tile, programs per SM (sets the split count), num_warps, num_stages) per cache width in bits;
-# best of a sweep at 128K / 256K keys on an H100 (benchmarks/duo.py --sweep-only, BENCHMARKS.md)
+# best of a sweep at 128K / 256K keys on an H100 (benchmarks/duo.py --only sweep, BENCHMARKS.md)
 DEFAULT_CONFIG = {16: (128, 4, 4, 3), 8: (64, 4, 4, 3), 4: (64, 4, 4, 3)}
 
 
