@@ -366,8 +366,8 @@ def print_tables(rows: dict, sdpa: dict, cap_rows: list, check: dict, gcheck: di
         print(f"| {w} | {name} | {tokens:,} |")
 
 
-def print_decode_only(decode_rows: dict, sweep: list) -> None:
-    """Decode-only table (synthetic caches) and the decode-kernel config sweep."""
+def print_decode_only(decode_rows: dict) -> None:
+    """Decode-only table (synthetic caches)."""
     print("\n| N | variant | decode ms/tok (graph) | decode speedup vs full | KV GB | peak GB |\n|---|---|---|---|---|---|")
     for n, byvar in decode_rows.items():
         base = byvar["full"]["decode"]
@@ -377,7 +377,6 @@ def print_decode_only(decode_rows: dict, sweep: list) -> None:
                 continue
             ratio = f"{base / r['decode']:.2f}x" if base != "OOM" else "-"
             print(f"| {n} | {name} | {r['decode']:.2f} | {ratio} | {r['kv'] / GB:.2f} | {r['peak'] / GB:.1f} |")
-    print_sweep(sweep)
 
 
 def print_sweep(sweep: list) -> None:
@@ -434,9 +433,9 @@ def main() -> None:
                                                                  3_300_000, 4_000_000, 4_200_000, 4_300_000,
                                                                  4_400_000, 4_500_000, 4_600_000],
                     help="contexts tried with 4-bit weights + INT4 KV, synthetic cache")
-    ap.add_argument("--only", choices=["sweep", "capacity", "long-prefill"],
-                    help="run one part: the decode-kernel sweep (at --contexts), the capacity run, or chunked "
-                         "prefill full vs Duo at --contexts in --chunk-token chunks")
+    ap.add_argument("--only", choices=["sweep", "decode", "capacity", "long-prefill"],
+                    help="run one part: the decode-kernel sweep (at --contexts), decode only (at --decode-contexts), "
+                         "the capacity run, or chunked prefill full vs Duo at --contexts in --chunk-token chunks")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.only == "sweep":
@@ -455,6 +454,11 @@ def main() -> None:
     mask = np.stack([rng.permutation(np.arange(cfg.num_key_value_heads) < cfg.num_key_value_heads // 2)
                      for _ in range(cfg.num_hidden_layers)])  # 50% retrieval heads, 4 of 8 per layer
 
+    if args.only == "decode":
+        duo = apply_duo(model, mask, SINK, RECENT)
+        print_decode_only({n: {name: decode_only(duo, n, args, **opts) for name, opts in VARIANTS.items()}
+                           for n in args.decode_contexts})
+        return
     if args.only == "long-prefill":
         long_prefill(apply_duo(model, mask, SINK, RECENT), args.contexts, args.chunk)
         return
@@ -506,7 +510,8 @@ def main() -> None:
             f"{weights_bf16 / GB:.2f} GB, int4 {w4 / GB:.2f} GB; workspace {workspace / GB:.2f} GB = peak of a "
             f"{n0}-token Duo prefill minus weights and cache")
     print_tables(rows, sdpa, cap_rows, check, gcheck, prof, chunk, info)
-    print_decode_only(decode_rows, sweep)
+    print_decode_only(decode_rows)
+    print_sweep(sweep)
     if args.capacity:  # last: quantizes the model's weights in place
         capacity_run(model, args, total)
 

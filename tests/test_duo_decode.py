@@ -46,10 +46,14 @@ def setup():
     return model, apply_duo(copy.deepcopy(model), MASK, SINK, RECENT), ids, ref, full
 
 
-def test_static_duo_decode_matches_dense_reference(setup):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_static_duo_decode_matches_dense_reference(setup, device):
+    """On CUDA the cache writes are the Triton ring / quantize-on-write kernels."""
     _, duo, ids, ref, full = setup
-    out = static_decode_logits(duo, DuoCache.from_model(duo, max_cache_len=64, static=True), ids, sabotage=True)
-    torch.testing.assert_close(out, ref, atol=2e-4, rtol=1e-4)
+    duo = copy.deepcopy(duo).to(device)
+    out = static_decode_logits(duo, DuoCache.from_model(duo, max_cache_len=64, static=True), ids.to(device),
+                               sabotage=True)
+    torch.testing.assert_close(out.cpu(), ref, atol=2e-4, rtol=1e-4)
     assert (full - ref).abs().max() > 1e-2  # streaming heads matter here
 
 

@@ -1,4 +1,4 @@
-"""Split-KV decode attention and KV quantize-on-write kernels (Triton; the CPU interpreter here) vs their
+"""Split-KV decode attention and the KV-cache write kernels (Triton; the CPU interpreter here) vs their
 PyTorch references.
 
 16-bit, INT8 and INT4 caches, GQA group sizes 1 / 3 / 4, device-side length masks, ring-buffer slot
@@ -18,7 +18,7 @@ from quantduo.duo.cache import DuoCache
 from quantduo.duo.deploy import apply_duo
 from quantduo.duo.kvquant import quantize_unchecked
 from quantduo.kernels import decode_attention as dk
-from quantduo.kernels.kv_quant import kv_quant_write
+from quantduo.kernels.cache_write import kv_quant_write, ring_write
 from quantduo.kernels.reference import decode_attention_ref
 from test_duo_decode import MASK, PROMPT, static_decode_logits
 from test_duo_deploy import RECENT, SINK, tiny_model
@@ -183,3 +183,25 @@ def test_gpu_kv_quant_write_bit_exact(bits):
         q = quantize_unchecked(x, bits, 128)
         for part in ("codes", "scale", "zero"):
             assert torch.equal(bufs[name + part][:, :, pos], getattr(q, part)), (name, part)
+
+
+@pytest.mark.parametrize("position", [0, 2, 3, 9, 10, 23])
+def test_ring_write_matches_slot_arithmetic(position):
+    """sink 3 + recent 7 slots; positions before, at and past the wrap-around."""
+    b, h, d, sink, recent = 2, 3, 16, 3, 7
+    layer = DuoCache([0], h, sink, recent).layers[0]
+    k = torch.randn(b, 1, h, d).transpose(1, 2)  # projection layout
+    v = torch.randn(b, h, 1, d)
+    ring = [torch.randn(b, h, sink + recent, d) for _ in range(2)]
+    ring_pos = torch.arange(sink + recent) * 5
+    expect = [r.clone() for r in ring], ring_pos.clone()
+    p = torch.tensor([position])
+    slot = layer._slot(p)
+    expect[0][0].index_copy_(2, slot, k)
+    expect[0][1].index_copy_(2, slot, v)
+    expect[1].index_copy_(0, slot, p)
+    ring_write(k, v, p, ring[0], ring[1], ring_pos, sink, recent)
+    assert torch.equal(ring[0], expect[0][0]) and torch.equal(ring[1], expect[0][1])
+    assert torch.equal(ring_pos, expect[1])
+    with pytest.raises(ValueError, match="ring_write"):
+        ring_write(k, v, p, ring[0][:, :, :4], ring[1], ring_pos, sink, recent)

@@ -25,7 +25,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from quantduo.duo.kvquant import QuantizedKV, dequantize_kv, quantize_unchecked
-from quantduo.kernels.kv_quant import kv_quant_write
+from quantduo.kernels.cache_write import kv_quant_write, ring_write
 
 
 @dataclass
@@ -89,7 +89,7 @@ class FullStore:
 
     def write(self, where: slice | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k/v [B, H, T, D] at sequence positions ``where`` (a slice, or an int64 index tensor [T]).
-        Quantized stores on CUDA quantize and store in one Triton launch (:mod:`quantduo.kernels.kv_quant`)."""
+        Quantized stores on CUDA quantize and store in one Triton launch (:mod:`quantduo.kernels.cache_write`)."""
         if self.bits is not None and k.is_cuda and k.shape[1]:
             pos = where if torch.is_tensor(where) else torch.arange(where.start, where.stop, device=k.device)
             if k.stride(-1) != 1 or v.stride(-1) != 1:
@@ -192,11 +192,15 @@ class DuoLayer(CacheLayerMixin):
     def _static_decode(self, kf, vf, ks, vs) -> DuoKV:
         """One token at the device position counter; fixed shapes, no host synchronisation."""
         p = self.position
-        self.full.write(p, kf, vf)
-        slot = self._slot(p)
-        self.stream_keys.index_copy_(2, slot, ks)
-        self.stream_values.index_copy_(2, slot, vs)
-        self.stream_pos.index_copy_(0, slot, p)
+        if self.n_full:
+            self.full.write(p, kf, vf)
+        if self.n_stream and ks.is_cuda:
+            ring_write(ks, vs, p, self.stream_keys, self.stream_values, self.stream_pos, self.sink, self.recent)
+        elif self.n_stream:
+            slot = self._slot(p)
+            self.stream_keys.index_copy_(2, slot, ks)
+            self.stream_values.index_copy_(2, slot, vs)
+            self.stream_pos.index_copy_(0, slot, p)
         self.position.add_(1)
         k, v = self.full.view()
         return DuoKV(k, v, self.stream_keys, self.stream_values, self.stream_pos, self.length, decoding=True,

@@ -1,11 +1,13 @@
-"""Quantize new K/V rows into an INT8 / INT4 KV cache in one launch (per-token groups, asymmetric).
+"""KV-cache writes of a decode step, one launch each (positions on the device: graph-capturable).
 
-Program (b, h, t) quantizes the K and the V vector of one new token and stores its codes, fp16 scale and fp16
-zero at cache position ``pos[t]`` (a device tensor: graph-capturable decode steps). Replaces the dozen PyTorch
-ops per tensor of the reference, which dominated the per-layer cost of a quantized-cache decode step.
-
-Reference: :func:`quantduo.duo.kvquant.quantize_unchecked` (codes and scales bit-exact), stored with
-``index_copy_`` along the sequence axis.
+* :func:`kv_quant_write`: program (b, h, t) quantizes the K and the V vector of one new token (per-token
+  groups, asymmetric) and stores its codes, fp16 scale and fp16 zero at cache position ``pos[t]``. Replaces the
+  dozen PyTorch ops per tensor of the reference, which dominated the per-layer cost of a quantized-cache
+  decode step. Reference: :func:`quantduo.duo.kvquant.quantize_unchecked` (codes and scales bit-exact),
+  stored with ``index_copy_`` along the sequence axis.
+* :func:`ring_write`: the new token of each streaming head into its sink + recent ring slot (and the slot's
+  position), instead of the slot arithmetic and three ``index_copy_`` of the reference
+  (:meth:`quantduo.duo.cache.DuoLayer._slot`).
 """
 from __future__ import annotations
 
@@ -74,3 +76,36 @@ def kv_quant_write(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, bufs: di
         k, v, pos, kc, ks, bufs["kzero"], bufs["vcodes"], bufs["vscale"], bufs["vzero"], h, t,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
         ks.stride(0), ks.stride(1), ks.stride(2), D=d, G=group, BITS=bits, RECIP=k.is_cuda, num_warps=1)
+
+
+@triton.jit
+def _ring_write_kernel(K, V, POS, KR, VR, RPOS, H, SINK, RECENT, sk_b, sk_h, sv_b, sv_h, sr_b, sr_h, sr_t,
+                       D: tl.constexpr):
+    """Program b * H + h: K / V ``[B, H, 1, D]`` row -> ring buffers ``[B, H, SINK + RECENT, D]`` at the slot of
+    position POS[0]; program 0 also stores the position into RPOS ``[SINK + RECENT]``."""
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    p = tl.load(POS)
+    slot = tl.where(p < SINK, p, SINK + (p - SINK) % RECENT)
+    d = tl.arange(0, D)
+    dst = b * sr_b + h * sr_h + slot * sr_t + d
+    tl.store(KR + dst, tl.load(K + b * sk_b + h * sk_h + d))
+    tl.store(VR + dst, tl.load(V + b * sv_b + h * sv_h + d))
+    if pid == 0:
+        tl.store(RPOS + slot, p)
+
+
+def ring_write(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor,
+               ring_pos: torch.Tensor, sink: int, recent: int) -> None:
+    """Store the new token k / v ``[B, H, 1, D]`` (unit last stride) of absolute position ``pos`` (int64 ``[1]``,
+    on the device) at its ring slot (sinks stay, the rest cycles through ``recent`` slots) of ``ring_k`` /
+    ``ring_v`` ``[B, H, sink + recent, D]`` (equal strides) and the position at ``ring_pos[slot]``."""
+    b, h, t, d = k.shape
+    if t != 1 or v.shape != k.shape or ring_k.shape != (b, h, sink + recent, d) or ring_v.stride() != ring_k.stride():
+        raise ValueError(f"ring_write: k {tuple(k.shape)}, v {tuple(v.shape)}, ring {tuple(ring_k.shape)}")
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or d & (d - 1) or recent < 1:
+        raise ValueError("ring_write needs unit last strides, a power-of-two head_dim and recent >= 1")
+    _ring_write_kernel[(b * h,)](k, v, pos, ring_k, ring_v, ring_pos, h, sink, recent, k.stride(0), k.stride(1),
+                                 v.stride(0), v.stride(1), ring_k.stride(0), ring_k.stride(1), ring_k.stride(2),
+                                 D=d, num_warps=1)
