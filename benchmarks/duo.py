@@ -76,11 +76,12 @@ def cuda_ms(fn, warmup: int, reps: int) -> list[float]:
 
 
 @torch.no_grad()
-def decode_ms(model, cache, n: int, args, use_graph: bool, steps: int) -> float:
-    """Median ms per token of decode steps at position n.. (graph replays or eager static steps)."""
+def decode_ms(model, cache, n: int, args, use_graph: bool, steps: int) -> tuple[float, GraphedDecoder]:
+    """Median ms per token of decode steps at position n.. (graph replays or eager static steps), and the
+    decoder (its ``graph`` tells whether one was captured)."""
     dec = GraphedDecoder(model, cache, n, use_graph=use_graph and GRAPHS["on"])
     tok = torch.ones(1, 1, dtype=torch.long, device=DEV)
-    return statistics.median(cuda_ms(lambda: dec(tok), args.warmup, steps))
+    return statistics.median(cuda_ms(lambda: dec(tok), args.warmup, steps)), dec
 
 
 @torch.no_grad()
@@ -99,9 +100,9 @@ def bench_variant(model, n: int, args, warm: bool, reps: int, eager: bool, **opt
     res = dict(prefill=statistics.median(cuda_ms(prefill, 0, reps)), peak_prefill=torch.cuda.max_memory_allocated(),
                kv=cache.memory_bytes())
     torch.cuda.reset_peak_memory_stats()
-    res["decode"] = decode_ms(model, cache, n, args, True, args.steps)
+    res["decode"] = decode_ms(model, cache, n, args, True, args.steps)[0]
     res["peak_decode"] = torch.cuda.max_memory_allocated()
-    res["decode_eager"] = decode_ms(model, cache, n + args.steps + args.warmup, args, False, 8) if eager else None
+    res["decode_eager"] = decode_ms(model, cache, n + args.steps + args.warmup, args, False, 8)[0] if eager else None
     return res
 
 
@@ -127,7 +128,7 @@ def bench_sdpa_static(model, n: int, args) -> float:
             layer.keys.normal_()
             layer.values.normal_()
             layer.cumulative_length.fill_(n)
-        return decode_ms(model, cache, n, args, True, args.steps)
+        return decode_ms(model, cache, n, args, True, args.steps)[0]
 
 
 def _decode_tokens(model, cache, ids: torch.Tensor, n: int, use_graph: bool) -> torch.Tensor:
@@ -256,15 +257,13 @@ def decode_only(model, n: int, args, **opts) -> dict:
         cache = DuoCache.from_model(model, max_cache_len=n + SLACK, static=True, **opts)
         fill_synthetic(model, cache, n)
         try:
-            dec = GraphedDecoder(model, cache, n, use_graph=GRAPHS["on"])
+            ms, dec = decode_ms(model, cache, n, args, True, args.steps)
         except torch.OutOfMemoryError:
             raise
         except Exception as err:  # reported in the result ("graph": False), timed eagerly
             print(f"graph capture failed at N={n}: {type(err).__name__}: {str(err)[:200]}", flush=True)
-            dec = GraphedDecoder(model, cache, n, use_graph=False)
-        tok = torch.ones(1, 1, dtype=torch.long, device=DEV)
-        ms = statistics.median(cuda_ms(lambda: dec(tok), args.warmup, args.steps))
-        finite = bool(torch.isfinite(dec(tok)).all())
+            ms, dec = decode_ms(model, cache, n, args, False, args.steps)
+        finite = bool(torch.isfinite(dec(torch.ones(1, 1, dtype=torch.long, device=DEV))).all())
         return dict(decode=ms, kv=cache.memory_bytes(), peak=torch.cuda.max_memory_allocated(), finite=finite,
                     graph=dec.graph is not None)
     except torch.OutOfMemoryError:
@@ -368,7 +367,8 @@ def print_tables(rows: dict, sdpa: dict, cap_rows: list, check: dict, gcheck: di
 
 def print_decode_only(decode_rows: dict) -> None:
     """Decode-only table (synthetic caches)."""
-    print("\n| N | variant | decode ms/tok (graph) | decode speedup vs full | KV GB | peak GB |\n|---|---|---|---|---|---|")
+    print("\n| N | variant | decode ms/tok (graph) | decode speedup vs full | KV GB | peak GB |"
+          "\n|---|---|---|---|---|---|")
     for n, byvar in decode_rows.items():
         base = byvar["full"]["decode"]
         for name, r in byvar.items():

@@ -74,8 +74,9 @@ def kv_quant_write(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, bufs: di
     kc, ks = bufs["kcodes"], bufs["kscale"]
     _kv_quant_write_kernel[(b * h * t,)](
         k, v, pos, kc, ks, bufs["kzero"], bufs["vcodes"], bufs["vscale"], bufs["vzero"], h, t,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
-        ks.stride(0), ks.stride(1), ks.stride(2), D=d, G=group, BITS=bits, RECIP=k.is_cuda, num_warps=1)
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
+        D=d, G=group, BITS=bits, RECIP=k.is_cuda, num_warps=1)
 
 
 @triton.jit

@@ -209,8 +209,8 @@ def check_decode_inputs(q: torch.Tensor, k, v, length, key_pos) -> None:
     vcodes, _, _, vbits, vgroup = _cache_operands(v)
     bk, hkv, t, width = codes.shape
     if tq != 1 or d < 4 or d & (d - 1) or bk != b or hkv == 0 or hq % hkv:
-        raise ValueError(f"decode attention needs q [B, Hq, 1, D] (D a power of two >= 4) and a cache [B, Hkv, T, .] with Hkv "
-                         f"dividing Hq; got q {tuple(q.shape)}, cache {tuple(codes.shape)}")
+        raise ValueError(f"decode attention needs q [B, Hq, 1, D] (D a power of two >= 4) and a cache "
+                         f"[B, Hkv, T, .] with Hkv dividing Hq; got q {tuple(q.shape)}, cache {tuple(codes.shape)}")
     if (bits, group) != (vbits, vgroup) or vcodes.shape != codes.shape:
         raise ValueError("K and V caches must share layout and shape")
     if width != (d if bits == 16 else d * bits // 8):
@@ -218,7 +218,7 @@ def check_decode_inputs(q: torch.Tensor, k, v, length, key_pos) -> None:
     if bits != 16:
         if d % group or group % 2 or scale.shape != (b, hkv, t, d // group):
             raise ValueError(f"bad quantized cache: group {group}, scale {tuple(scale.shape)} for head_dim {d}")
-        if len({t.stride() for t in (k.scale, k.zero, v.scale, v.zero)}) != 1:
+        if len({x.stride() for x in (k.scale, k.zero, v.scale, v.zero)}) != 1:
             raise ValueError("K/V scales and zeros must share strides")
     if key_pos is not None and key_pos.shape != (t,):
         raise ValueError(f"key_pos must be [T={t}], got {tuple(key_pos.shape)}")
