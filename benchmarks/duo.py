@@ -12,7 +12,8 @@ replays against eager steps, times the attention kernels of one layer, a 32K-chu
 Then, on synthetic cache contents (decode time does not depend on the values): decode at longer
 contexts (--decode-contexts), a config sweep of the decode kernel, and (last; the weights are
 quantized to W4A16 in place) the largest context that runs with 4-bit weights + INT4 KV, with and
-without DuoAttention. --only runs one part (also: chunked prefill at contexts too long for one pass).
+without DuoAttention. --only runs one part (also: chunked prefill at contexts too long for one pass; w4-decode:
+decode only with bf16 weights, then with the weights quantized to W4A16, full vs Duo at each KV precision).
 Timings: CUDA events, warm-up, median.
 """
 from __future__ import annotations
@@ -418,6 +419,53 @@ def capacity_run(model, args, total: int) -> None:
         print(f"| {name} | {n:,} | {r['decode']:.2f} | {r['kv'] / GB:.2f} | {r['peak'] / GB:.1f} | {r['finite']} |")
 
 
+@torch.no_grad()
+def decode_profile(model, n: int, steps: int = 5, top: int = 14, **opts) -> None:
+    """GPU kernel time per decode token by kernel name (torch.profiler over eager steps, which run the kernels
+    of the graph; synthetic cache)."""
+    cache = DuoCache.from_model(model, max_cache_len=n + SLACK, static=True, **opts)
+    fill_synthetic(model, cache, n)
+    dec = GraphedDecoder(model, cache, n, use_graph=False)
+    tok = torch.ones(1, 1, dtype=torch.long, device=DEV)
+    for _ in range(3):
+        dec(tok)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            dec(tok)
+        torch.cuda.synchronize()
+    kernels = [(e.key, e.device_time_total, e.count) for e in prof.key_averages()]
+    kernels = sorted((k for k in kernels if k[1] > 0), key=lambda k: -k[1])
+    total = sum(k[1] for k in kernels) / steps
+    print(f"\nkernel time per token, N={n} {opts or 'bf16 KV'}: {total / 1e3:.2f} ms in "
+          f"{sum(k[2] for k in kernels) // steps} kernels\n| kernel | us/token | calls/token |\n|---|---|---|")
+    for name, us, count in kernels[:top]:
+        print(f"| {name[:70]} | {us / steps:.0f} | {count // steps} |")
+    del dec, cache
+    torch.cuda.empty_cache()
+
+
+def w4_decode(model, args) -> None:
+    """Decode only at --decode-contexts with bf16 weights, then with the same model's linears quantized to W4A16
+    in place (one token -> the INT4 GEMV): full vs Duo at each KV precision, same weights within a table; with
+    --profile, kernel times of full and Duo at the first context."""
+    def rows():
+        return {n: {name: decode_only(model, n, args, **opts) for name, opts in VARIANTS.items()}
+                for n in args.decode_contexts}
+
+    def profiles():
+        if args.profile:
+            for opts in (VARIANTS["full"], VARIANTS["duo"]):
+                decode_profile(model, args.decode_contexts[0], **opts)
+    print("\nbf16 weights:")
+    print_decode_only(rows())
+    profiles()
+    quantize_causal_lm(model, torch.randint(0, 128000, (1, 256), device=DEV), "w4a16", progress=False)
+    print(f"\nW4A16 weights (SVDQuant module, {weight_bytes(model) / GB:.2f} GB):")
+    print_decode_only(rows())
+    profiles()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
@@ -433,9 +481,11 @@ def main() -> None:
                                                                  3_300_000, 4_000_000, 4_200_000, 4_300_000,
                                                                  4_400_000, 4_500_000, 4_600_000],
                     help="contexts tried with 4-bit weights + INT4 KV, synthetic cache")
-    ap.add_argument("--only", choices=["sweep", "decode", "capacity", "long-prefill"],
+    ap.add_argument("--profile", action="store_true", help="w4-decode: kernel times per token (torch.profiler)")
+    ap.add_argument("--only", choices=["sweep", "decode", "w4-decode", "capacity", "long-prefill"],
                     help="run one part: the decode-kernel sweep (at --contexts), decode only (at --decode-contexts), "
-                         "the capacity run, or chunked prefill full vs Duo at --contexts in --chunk-token chunks")
+                         "bf16 vs W4A16 weights decode only, the capacity run, or chunked prefill full vs Duo at "
+                         "--contexts in --chunk-token chunks")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.only == "sweep":
@@ -458,6 +508,9 @@ def main() -> None:
         duo = apply_duo(model, mask, SINK, RECENT)
         print_decode_only({n: {name: decode_only(duo, n, args, **opts) for name, opts in VARIANTS.items()}
                            for n in args.decode_contexts})
+        return
+    if args.only == "w4-decode":
+        w4_decode(apply_duo(model, mask, SINK, RECENT), args)
         return
     if args.only == "long-prefill":
         long_prefill(apply_duo(model, mask, SINK, RECENT), args.contexts, args.chunk)

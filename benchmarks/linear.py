@@ -12,7 +12,10 @@ low-rank; the fp8 format runs the low-rank branch as extra K columns of one torc
 addmm (the unfused fp8 reference). Times: CUDA-graph replays over enough copies of the weights and inputs to defeat the 50 MB
 L2, median of repeats. ``--sweep`` times tile configurations of the new kernels, ``--quality`` quantizes
 synthetic FLUX-shaped layers with the SVDQuant pipeline and reports output error vs BF16 for each format.
-Writes JSON + log under ``--out``.
+``--decode`` times one token (M = 1) at Llama-3-8B shapes instead (the DuoAttention decode setting): bf16
+F.linear, W4A16 through the GEMV (``kernels.gemv_w4``; module forward with its smoothing op, and alone), the
+weight-streaming GEMM it replaces there, PyTorch's int4 tinygemm (``torch.ops.aten._weight_int4pack_mm``,
+same INT4-g64 values) and a sweep of GEMV tiles. Writes JSON + log under ``--out``.
 """
 from __future__ import annotations
 
@@ -32,21 +35,26 @@ from quantduo.kernels.fp8_concat import fp8_concat_quant, fp8_row_stats
 from quantduo.kernels.gemm_w4a4 import w4_gemm
 from quantduo.kernels.gemm_w4_dequant import w4_dequant_gemm
 from quantduo.kernels.gemm_w4a8 import expand_w4
+from quantduo.kernels.gemv_w4 import w4_gemv
 from quantduo.svdquant import SVDQuantLinear
 from quantduo.svdquant import hopper_formats as hf
 from quantduo.svdquant import quantizers as qz
 from quantduo.utils import relative_l2_error
 
 SHAPES = [(3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288)]  # (N, K)
+LLAMA_SHAPES = {"q/o_proj": (4096, 4096), "k/v_proj": (1024, 4096), "gate/up_proj": (14336, 4096),
+                "down_proj": (4096, 14336)}  # (N, K) of Llama-3-8B
+GEMV_SWEEP = [dict(BN=bn, BKW=bkw, num_warps=w, num_stages=s) for bn in (4, 8, 16, 32) for bkw in (64, 128, 256)
+              for w in (4, 8) for s in (3,) if 512 <= bn * bkw <= 4096]
 TOKENS = [4608, 256, 16]
 RANK = 32
 DEV = "cuda"
 L2_DEFEAT_BYTES = 200e6
 
 
-def time_graph(make_call, bytes_per_call: float, reps: int = 15) -> float:
+def time_graph(make_call, bytes_per_call: float, reps: int = 15, max_copies: int = 32) -> float:
     """Median microseconds per call: a CUDA graph replays the call on C independent buffer sets."""
-    copies = max(1, min(32, math.ceil(L2_DEFEAT_BYTES / max(bytes_per_call, 1.0))))
+    copies = max(1, min(max_copies, math.ceil(L2_DEFEAT_BYTES / max(bytes_per_call, 1.0))))
     calls = [make_call() for _ in range(copies)]
     for c in calls:
         c()
@@ -169,6 +177,70 @@ def v_module(M, N, K, kind, **kw):
             return call
         return lambda: qk.w4a8_linear_forward(m, x, path=kw.get("path"))
     return make, 2 * M * K + N * K * 0.56 + 2 * M * N
+
+
+def v_decode(N, K, kind, config=None):
+    """One token, W4A16 INT4-g64 weights without low-rank; kind: gemv (module forward: smoothing op + GEMV) |
+    gemv_nosmooth (the GEMV alone) | streaming | tinygemm."""
+    def make():
+        m = random_module(N, K, "none", rank=0)
+        x = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
+        if kind == "tinygemm":
+            packed, scales_zeros = tinygemm_operands(m)
+            return lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 64, scales_zeros)
+        if kind == "streaming":
+            return lambda: w4_dequant_gemm(x, m.qweight, m.wscales, None, None, m.bias, x.dtype, smooth=m.smooth_factor)
+        if kind == "gemv":
+            return lambda: qk.svdquant_linear_forward(m, x)
+        return lambda: w4_gemv(x, m.qweight, m.wscales, None, None, m.bias, x.dtype, config=config)
+    return make, N * K * 0.5 + N * K // 64 * 2
+
+
+def tinygemm_operands(m):
+    """The module's INT4-g64 weights in PyTorch's tinygemm layout: unsigned codes q + 8 (w = (u - 8) * s + 0),
+    scales and zeros ``[K / 64, N, 2]``."""
+    unsigned = (qz.unpack_int4(m.qweight).to(torch.int32) + 8)
+    packed = torch.ops.aten._convert_weight_to_int4pack(
+        (unsigned[:, ::2] << 4 | unsigned[:, 1::2]).to(torch.uint8), 8)
+    scales = m.wscales.T.contiguous()
+    return packed, torch.stack([scales, torch.zeros_like(scales)], dim=2).contiguous()
+
+
+def decode_table(log, results):
+    """M = 1 at Llama-3-8B shapes: correctness of the GEMV and tinygemm vs the reference, then times."""
+    rows = {}
+    for name, (N, K) in LLAMA_SHAPES.items():
+        m = random_module(N, K, "none", rank=0)
+        x = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
+        ref_y = m.forward_reference(x)
+        err = {"gemv": relative_l2_error(qk.svdquant_linear_forward(m, x), ref_y)}
+        try:
+            packed, sz = tinygemm_operands(m)
+            xs = x / m.smooth_factor
+            err["tinygemm"] = relative_l2_error(torch.ops.aten._weight_int4pack_mm(xs, packed, 64, sz) + m.bias, ref_y)
+        except (RuntimeError, AttributeError) as e:
+            err["tinygemm"] = f"unavailable: {str(e)[:80]}"
+        us = {"bf16": time_graph(*v_bf16(1, N, K))}
+        for kind in ("gemv", "gemv_nosmooth", "streaming", "tinygemm"):
+            try:
+                us[kind] = time_graph(*v_decode(N, K, kind), max_copies=128)
+            except (RuntimeError, AttributeError) as e:
+                us[kind] = float("nan")
+                log(f"  {kind} failed: {str(e)[:120]}")
+        sweep_us = {json.dumps(c): time_graph(*v_decode(N, K, "gemv_nosmooth", config=c), max_copies=128)
+                    for c in GEMV_SWEEP}
+        best = min(sweep_us, key=sweep_us.get)
+        rows[name] = dict(N=N, K=K, err=err, us=us, best_config=best, best_us=sweep_us[best], sweep=sweep_us)
+        log(f"  {name} N={N} K={K} err {err} us {us} best gemv config {best} {sweep_us[best]:.2f} us")
+    log("\n| layer (N x K) | bf16 us | W4A16 module (smoothing + GEMV) | GEMV | best GEMV tile | "
+        "weight-streaming GEMM | tinygemm | GEMV rel. err |\n|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        b = r["us"]["bf16"]
+        cells = [f"{b / r['us'][k]:.2f}x ({r['us'][k]:.1f} us)" for k in ("gemv", "gemv_nosmooth")]
+        cells.append(f"{b / r['best_us']:.2f}x {r['best_config']}")
+        cells += [f"{b / r['us'][k]:.2f}x ({r['us'][k]:.1f} us)" for k in ("streaming", "tinygemm")]
+        log(f"| {name} ({r['N']}x{r['K']}) | {b:.1f} | " + " | ".join(cells) + f" | {r['err']['gemv']:.1e} |")
+    results["decode"] = rows
 
 
 # ------------------------------------------------------------------------------------------------
@@ -416,6 +488,7 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--quality", action="store_true")
     ap.add_argument("--no-table", action="store_true")
+    ap.add_argument("--decode", action="store_true", help="only the one-token table at Llama-3-8B shapes")
     ap.add_argument("--tokens", type=int, nargs="+", default=TOKENS, help="token counts M (default: 4608 256 16)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -429,8 +502,13 @@ def main():
     log(f"device {props.name} sms={props.multi_processor_count} torch {torch.__version__}")
     results = {"device": props.name}
     t0 = time.time()
-    results["correctness"] = check_correctness(log)
-    log(f"  [correctness {time.time() - t0:.0f}s]")
+    if args.decode:
+        decode_table(log, results)
+        log(f"  [decode {time.time() - t0:.0f}s]")
+        args.no_table = True
+    else:
+        results["correctness"] = check_correctness(log)
+        log(f"  [correctness {time.time() - t0:.0f}s]")
     if args.quality:
         quality(log, results)
         log(f"  [quality {time.time() - t0:.0f}s]")

@@ -18,6 +18,7 @@ from quantduo.kernels import reference as ref
 from quantduo.kernels.act_quant import act_quant
 from quantduo.kernels.gemm_w4a4 import w4_gemm
 from quantduo.kernels.gemm_w4_dequant import w4_dequant_gemm
+from quantduo.kernels.gemv_w4 import w4_gemv
 from quantduo.kernels.fp8_concat import fp8_concat_quant, fp8_row_stats, fp8_rowwise_gemm
 from quantduo.kernels.gemm_w4a8 import expand_w4, w4a8_gemm
 from quantduo.kernels.nvfp4 import nvfp4_dequant
@@ -111,6 +112,36 @@ def test_w4_dequant_gemm(act, split, smooth_in, dtype):
         assert relative_l2_error(y, y_ref) < 1e-3
 
 
+@pytest.mark.parametrize("M,N,K,r,dtype,cfg", [
+    (1, 40, 256, 16, torch.float16, dict(BN=16, BKW=16, num_warps=4, num_stages=2)),  # 2 K steps, N edge
+    (3, 24, 192, 0, torch.float32, dict(BN=8, BKW=16, num_warps=2, num_stages=1)),  # last K step partial
+    (2, 8, 64, 0, torch.bfloat16, None)])  # default config, bf16 (no tl.dot); see the tolerance below
+def test_w4_gemv(M, N, K, r, dtype, cfg):
+    """One-token GEMV vs its reference: every nibble value and sign (codes cover [-8, 7]), groups spanning
+    the word boundaries of a K step, masked rows and K steps, low-rank and bias."""
+    x, smooth, _, ld, lu, bias = _inputs(M, N, K, max(r, 1), dtype)
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(-8, 8, (N, K), generator=g, dtype=torch.int8)
+    qw, ws = qz.pack_int4(codes), (torch.rand(N, K // 64, generator=g) + 0.1).to(dtype)
+    lxp = act_quant(x, smooth, None, ld, "none", config=(16, 64, 2))[2] if r else None
+    lu = lu if r else None
+    y = w4_gemv(x, qw, ws, lxp, lu, bias, dtype, config=cfg)
+    y_ref = ref.w4_gemv_ref(x, qw, ws, lxp.sum(0) if r else None, lu, bias, dtype)
+    assert torch.isfinite(y).all()
+    # the interpreter truncates float32 -> bf16 (1 ulp = 0.4 %)
+    assert relative_l2_error(y, y_ref) < {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
+
+
+def test_w4_gemv_bad_inputs():
+    x, qw, ws = torch.randn(1, 128), torch.zeros(8, 64, dtype=torch.uint8), torch.ones(8, 2)
+    with pytest.raises(ValueError, match="qweight must be uint8"):
+        w4_gemv(torch.randn(1, 100), qw, ws, None, None, None, torch.float32)
+    with pytest.raises(ValueError, match="wscales must be"):
+        w4_gemv(x, qw, torch.ones(8, 4), None, None, None, torch.float32)
+    with pytest.raises(ValueError, match="BKW must be a multiple of 8"):
+        w4_gemv(x, qw, ws, None, None, None, torch.float32, config=dict(BN=8, BKW=4, num_warps=1, num_stages=1))
+
+
 @pytest.mark.parametrize("next_mode", ["int4", "uint4"])
 def test_w4_gemm_quant_next(next_mode):
     """MLP fc1 epilogue: GELU, then fc2's smoothing, 4-bit quantization and low-rank partial sums."""
@@ -181,17 +212,35 @@ def _random_module(k, n, act_format, weight_format="int4", rank=16, dtype=torch.
 
 
 @pytest.mark.parametrize("act_format,weight_format,tokens", [
-    ("int4", "int4", 9), ("uint4", "int4", 9), ("none", "int4", 9), ("none", "int4", 40), ("nvfp4", "nvfp4", 9),
+    ("int4", "int4", 9), ("uint4", "int4", 9), ("none", "int4", 1), ("none", "int4", 9), ("none", "int4", 40),
+    ("nvfp4", "nvfp4", 9),
     ("nvfp4", "int4", 9), ("int4", "nvfp4", 9)])
 def test_module_forward(act_format, weight_format, tokens):
     """svdquant_linear_forward == forward_reference, with leading dims and padded in_features (100 -> 128);
-    W4A16 at 18 tokens (in-kernel smoothing) and 80 (> DEQUANT_MAX_TOKENS: kernel 1 smooths)."""
+    W4A16 at 2 tokens (the GEMV), 18 (in-kernel smoothing) and 80 (> DEQUANT_MAX_TOKENS: kernel 1 smooths)."""
     m = _random_module(100, 48, act_format, weight_format)
     m.backend = "triton"
     x = torch.randn(2, tokens, 100, dtype=torch.float16)
     y = m(x)
     assert y.shape == (2, tokens, 48)
     assert relative_l2_error(y, m.forward_reference(x)) < 2e-3
+
+
+def test_smoothing_identity_cache():
+    """W4A16 decoding skips ``x / smooth`` only while smooth_factor is all ones: the cached answer follows
+    in-place writes and load_state_dict."""
+    m = _random_module(128, 32, "none", rank=0)
+    m.backend = "triton"
+    x = torch.randn(1, 128, dtype=torch.float16)
+    for factor, identity in ((None, True), (2.0, False), ("load", True)):
+        if factor is None:
+            m.smooth_factor.fill_(1.0)
+        elif factor == "load":
+            m.load_state_dict({**m.state_dict(), "smooth_factor": torch.ones(128, dtype=torch.float16)})
+        else:
+            m.smooth_factor.mul_(factor)
+        assert m.smoothing_is_identity() == identity
+        assert relative_l2_error(m(x), m.forward_reference(x)) < 2e-3
 
 
 def test_mlp_forward():
@@ -307,7 +356,7 @@ def test_fp8exact_quantizer():
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k", [(3072, 3072), (12288, 3072), (3072, 12288)])
-@pytest.mark.parametrize("tokens", [16, 300, 4608])
+@pytest.mark.parametrize("tokens", [1, 16, 300, 4608])
 def test_gpu_forward_bf16(n, k, tokens):
     torch.manual_seed(0)
     x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)

@@ -1,9 +1,9 @@
 """Triton engine for SVDQuant layers (Nunchaku-style fusion; Hopper-aware).
 
 * :func:`svdquant_linear_forward` — forward of :class:`~quantduo.svdquant.SVDQuantLinear` (any format):
-  INT4/UINT4 W4A4 -> kernel 1 (:mod:`.act_quant`) + kernel 2 (:mod:`.gemm_w4a4`); W4A16 -> the
-  weight-streaming GEMM (:mod:`.gemm_w4_dequant`); NVFP4 -> Triton weight dequantization (:mod:`.nvfp4`) +
-  float GEMM.
+  INT4/UINT4 W4A4 -> kernel 1 (:mod:`.act_quant`) + kernel 2 (:mod:`.gemm_w4a4`); W4A16 -> the one-token
+  GEMV (:mod:`.gemv_w4`, decoding) or the weight-streaming GEMM (:mod:`.gemm_w4_dequant`); NVFP4 -> Triton
+  weight dequantization (:mod:`.nvfp4`) + float GEMM.
 * :func:`svdquant_mlp_forward` — fc1 -> GELU -> fc2 where fc1's epilogue applies GELU and quantizes for fc2.
 * :func:`w4a8_linear_forward` — forward of the Hopper W4A8 formats
   (:class:`~quantduo.svdquant.hopper_formats.SVDQuantW4A8Linear`, int8 or fp8 activations): small M ->
@@ -21,11 +21,15 @@ from .fp8_concat import fp8_concat_quant, fp8_row_stats, fp8_rowwise_gemm
 from .gemm_w4_dequant import w4_dequant_gemm
 from .gemm_w4a4 import w4_gemm
 from .gemm_w4a8 import expand_w4, w4a8_gemm
+from .gemv_w4 import w4_gemv
 from .nvfp4 import nvfp4_dequant
+from .reference import smooth_input
 
 # Token counts up to which the weight-streaming GEMM serves W4A16 with in-kernel smoothing and the fp8
 # W4A8 format with 16-bit activations (memory-bound regime; NOTES.md).
 DEQUANT_MAX_TOKENS = 64
+# Token counts up to which W4A16 runs the CUDA-core GEMV (each token re-reads the weights, mostly from L2).
+GEMV_MAX_TOKENS = 4
 # Tokens from which the int8 W4A8 path expands the weights once per call (below: the packed GEMM, which
 # measured faster than the weight-streaming GEMM at 16 tokens on H200). fp8 uses the concatenation above
 # DEQUANT_MAX_TOKENS.
@@ -33,8 +37,8 @@ W4A8_EXPAND_MIN_TOKENS = 1024
 W4A8_PATHS = ("dequant", "packed", "expanded", "concat")
 
 __all__ = ["svdquant_linear_forward", "svdquant_mlp_forward", "w4a8_linear_forward", "act_quant", "w4_gemm",
-           "w4a8_gemm", "w4_dequant_gemm", "expand_w4", "nvfp4_dequant", "DEQUANT_MAX_TOKENS",
-           "W4A8_EXPAND_MIN_TOKENS", "W4A8_PATHS", "w4a8_path"]
+           "w4a8_gemm", "w4_dequant_gemm", "w4_gemv", "expand_w4", "nvfp4_dequant", "DEQUANT_MAX_TOKENS",
+           "GEMV_MAX_TOKENS", "W4A8_EXPAND_MIN_TOKENS", "W4A8_PATHS", "w4a8_path"]
 
 
 def _flat_padded(module, x: torch.Tensor) -> torch.Tensor:
@@ -66,7 +70,12 @@ def _streaming_forward(module, x2: torch.Tensor, wfactor: torch.Tensor, wrow: to
 
 
 def _w4a16_forward(module, x2: torch.Tensor, ld, lu) -> torch.Tensor:
-    """W4A16: small M smooths inside the GEMM; large M smooths once in kernel 1 (with the low-rank)."""
+    """W4A16: a few tokens -> the GEMV; small M smooths inside the GEMM; large M smooths once in kernel 1 (with
+    the low-rank)."""
+    if x2.shape[0] <= GEMV_MAX_TOKENS and module.group_size == 64:
+        xs = x2 if module.smoothing_is_identity() else smooth_input(x2, module.smooth_factor)
+        lxp = act_quant(x2, module.smooth_factor, None, ld, "none")[2] if ld is not None else None
+        return w4_gemv(xs, module.qweight, module.wscales, lxp, lu, module.bias, x2.dtype)
     if x2.shape[0] <= DEQUANT_MAX_TOKENS:
         return _streaming_forward(module, x2, module.wscales)
     xs, _, lxp = act_quant(x2, module.smooth_factor, None, ld, "smooth")

@@ -120,6 +120,14 @@ def w4_dequant_gemm_ref(x, qweight, wfactor, lx, lora_up, bias, out_dtype, smoot
     return epilogue_ref(a @ w.T, lx, lora_up, bias, out_dtype, gelu)
 
 
+def w4_gemv_ref(x, qweight, wscales, lx, lora_up, bias, out_dtype):
+    """Reference of the one-token GEMV (:func:`quantduo.kernels.gemv_w4.w4_gemv`): x ``[M, K]`` times the exact
+    float32 INT4 group-64 weights, float32 products; then the shared epilogue (low-rank ``lx`` float32
+    ``[M, r]``, bias)."""
+    w = qz.dequantize_groups(qz.unpack_int4(qweight), wscales.float())
+    return epilogue_ref(x.float() @ w.T, lx, lora_up, bias, out_dtype)
+
+
 def quant_next_ref(h, smooth, shift, lora_down, mode: str, group_size: int = 64):
     """What the MLP fc1 epilogue produces for fc2 from fc1's output ``h [M, N1]``: kernel 1's job on ``h``."""
     return act_quant_ref(h, smooth, shift, lora_down, mode, group_size)

@@ -54,6 +54,7 @@ class LowRankQuantLinear(nn.Module):
         self.register_buffer("lora_down", torch.zeros(padded_in, rank, **fp))
         self.register_buffer("lora_up", torch.zeros(out_features, rank, **fp))
         self.register_buffer("bias", torch.zeros(out_features, **fp) if bias else None)
+        self._identity_smooth = (None, False)  # ((data_ptr, version) of smooth_factor, all ones)
 
     # ------------------------------------------------------------------------------------------
     # what subclasses provide
@@ -80,6 +81,20 @@ class LowRankQuantLinear(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.smooth_factor.dtype
+
+    def smoothing_is_identity(self) -> bool:
+        """Whether ``smooth_factor`` is all ones (e.g. weight-only formats), so kernels may skip ``x / smooth``.
+
+        Cached per version of the buffer (in-place writes such as ``load_state_dict`` invalidate it); checking
+        syncs with the device once per change, and during CUDA-graph capture an unchecked buffer counts as
+        not identity (correct, only slower).
+        """
+        key = (self.smooth_factor.data_ptr(), self.smooth_factor._version)
+        if self._identity_smooth[0] != key:
+            if self.smooth_factor.is_cuda and torch.cuda.is_current_stream_capturing():
+                return False
+            self._identity_smooth = (key, bool((self.smooth_factor == 1).all()))
+        return self._identity_smooth[1]
 
     def dequantized_weight(self) -> torch.Tensor:
         """Effective weight in the original (unsmoothed) input space, float32 ``[N, in_features]``.
