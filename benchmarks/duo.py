@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
@@ -180,6 +182,38 @@ def attention_profile(n: int, reps: int = 3) -> dict:
               "decode_4kv_torch": lambda: decode_attention_ref(q1[:, :16], k[:, :4], v[:, :4], 0.088, length),
               "decode_sdpa_8kv_nomask": lambda: F.scaled_dot_product_attention(q1, k, v, enable_gqa=True)}
     return {**out, **{name: statistics.median(cuda_ms(fn, 3, 20)) for name, fn in decode.items()}}
+
+
+@torch.no_grad()
+def chunk_attention_probe(n: int, chunk: int, reps: int = 3) -> None:
+    """The last chunk of a chunked prefill (queries at n - chunk.., keys 0..n): ms and TFLOP/s of the causal
+    attention for 32 / 16 query heads (full / Duo retrieval half): the library's path (unmasked rectangle over
+    the cached keys + causal square, cuDNN, log-sum-exp merge) vs SDPA with a lower-right causal bias (the
+    previous path: FlashAttention-2), and the causal square alone per SDPA backend."""
+    start = n - chunk
+    flops_per_head = 4 * 128 * (chunk * start + chunk * chunk / 2)
+    print(f"\nchunk attention at n={n}, chunk={chunk}\n| query heads | variant | ms | TFLOP/s | rel. L2 vs SDPA "
+          "lower-right |\n|---|---|---|---|---|")
+    for hq, hkv in ((32, 8), (16, 4)):
+        q = torch.randn(1, hq, chunk, 128, device=DEV, dtype=torch.bfloat16)
+        k, v = (torch.randn(1, hkv, n, 128, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+        lower_right = causal_lower_right(chunk, n)
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=lower_right, scale=0.088, enable_gqa=True)
+        variants = {"library: rectangle + causal square, LSE merge": lambda: A.full_prefill(q, k, v, start, 0.088),
+                    "SDPA + lower-right causal bias": lambda: F.scaled_dot_product_attention(
+                        q, k, v, attn_mask=lower_right, scale=0.088, enable_gqa=True)}
+        for name, fn in variants.items():
+            err = relative_l2_error(fn(), expected)
+            ms = statistics.median(cuda_ms(fn, 1, reps))
+            print(f"| {hq} | {name} | {ms:.1f} | {flops_per_head * hq / ms / 1e9:.0f} | {err:.1e} |")
+        sq, sk, sv = q, k[:, :, start:], v[:, :, start:]  # the causal square alone, per SDPA backend
+        for backend in (None, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+            with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+                ms = statistics.median(cuda_ms(lambda: F.scaled_dot_product_attention(
+                    sq, sk, sv, is_causal=True, scale=0.088, enable_gqa=True), 1, reps))
+            print(f"| {hq} | square {chunk}x{chunk} causal, SDPA {backend or 'auto'} | {ms:.1f} | "
+                  f"{4 * 128 * hq * chunk * chunk / 2 / ms / 1e9:.0f} | - |")
+    torch.cuda.empty_cache()
 
 
 SWEEP_CASES = ("8 bf16", "4 bf16", "4 int8", "4 int4")  # KV heads and cache format of the kernel sweep
@@ -482,12 +516,16 @@ def main() -> None:
                                                                  4_400_000, 4_500_000, 4_600_000],
                     help="contexts tried with 4-bit weights + INT4 KV, synthetic cache")
     ap.add_argument("--profile", action="store_true", help="w4-decode: kernel times per token (torch.profiler)")
-    ap.add_argument("--only", choices=["sweep", "decode", "w4-decode", "capacity", "long-prefill"],
+    ap.add_argument("--only", choices=["sweep", "chunk-attn", "decode", "w4-decode", "capacity", "long-prefill"],
                     help="run one part: the decode-kernel sweep (at --contexts), decode only (at --decode-contexts), "
                          "bf16 vs W4A16 weights decode only, the capacity run, or chunked prefill full vs Duo at "
                          "--contexts in --chunk-token chunks")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.only == "chunk-attn":
+        for n in args.contexts:
+            chunk_attention_probe(n, args.chunk)
+        return
     if args.only == "sweep":
         for n in args.contexts:
             print(f"N={n}")

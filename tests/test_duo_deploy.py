@@ -135,6 +135,39 @@ def test_gated_attention_chunks_match_dense_masks():
     torch.testing.assert_close(out, torch.cat([full, stream], 1), atol=1e-5, rtol=1e-5)
 
 
+def _lower_right_reference(q, k, v, scaling):
+    """Causal attention of the last Tq positions (dense mask, float32)."""
+    tq, tk = q.shape[2], k.shape[2]
+    rep = q.shape[1] // k.shape[1]
+    allowed = torch.arange(tk)[None, :] <= torch.arange(tk - tq, tk)[:, None]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.repeat_interleave(rep, 1).float(), v.repeat_interleave(rep, 1).float(), attn_mask=allowed,
+        scale=scaling)
+
+
+@pytest.mark.parametrize("q_start,tq,rep", [(37, 20, 2), (5, 1, 1), (64, 64, 4)])
+def test_split_causal_attention_matches_lower_right_mask(q_start, tq, rep):
+    """A later prefill chunk as rectangle + causal square merged by log-sum-exp (the CUDA path; float32 math
+    here) equals causal attention with a dense lower-right mask, and so does full_prefill's CPU path."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 2 * rep, tq, 8)
+    k, v = torch.randn(1, 2, q_start + tq, 8), torch.randn(1, 2, q_start + tq, 8)
+    expected = _lower_right_reference(q, k, v, 0.3)
+    torch.testing.assert_close(A.split_causal_attention(q, k, v, q_start, 0.3), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(A.full_prefill(q, k, v, q_start, 0.3), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_split_causal_attention_matches_lower_right_mask():
+    """full_prefill of a later chunk on CUDA (cuDNN attention parts, GQA 4) vs the dense float32 reference."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 16, 512, 128, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 4, 2048, 128, dtype=torch.bfloat16) for _ in range(2))
+    expected = _lower_right_reference(q, k, v, 0.088)
+    out = A.full_prefill(q.cuda(), k.cuda(), v.cuda(), 2048 - 512, 0.088).cpu()
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
 def test_streaming_prefill_block_mask_is_sparse():
     """The streaming prefill computes only sink + band blocks, not the dense causal triangle."""
     from torch.nn.attention.flex_attention import create_block_mask
