@@ -38,6 +38,32 @@ def test_cli_identify_then_eval(tmp_path, capsys):
     assert "full      accuracy" in text and "duo" in text and "streaming" in text
 
 
+@pytest.mark.parametrize("extra", [[], ["--kv-bits", "4", "--weights", "w4a16"]])
+def test_cli_generate_answers_the_passkey(tmp_path, capsys, extra):
+    """``duo generate`` on a passkey prompt (chunked prefill in 3 chunks): the continuation is the passkey, and the
+    cache holds less than a full one."""
+    hay = tiny_lm.haystack_ids(seed=5, n_words=5000)
+    sample = tiny_lm.make_tiny_sample(hay, np.random.default_rng(2), 400, 2, min_distance=80)
+    prompt_len, answer = sample.questions[0]
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(tiny_lm.decode(sample.input_ids[1:prompt_len]))  # the command adds <bos>
+    argv = ["duo", "generate", "--model", str(tiny_lm.ASSET_DIR), "--pattern", str(demo.SHIPPED_PATTERN),
+            "--prompt-file", str(prompt), "--max-new-tokens", str(len(answer)), "--chunk", "150", *extra]
+    assert run_cli(argv) == 0
+    text, stats = capsys.readouterr().out.strip().split("\n")[-2:]
+    assert text.split() == tiny_lm.decode(answer).split()
+    ratio = float(stats.split("KV cache")[1].split("(")[1].split("x")[0])
+    assert ratio < (0.25 if extra else 0.7)
+
+
+def test_cli_generate_rejects_bad_prompts(tmp_path):
+    common = ["duo", "generate", "--model", str(tiny_lm.ASSET_DIR), "--pattern", str(demo.SHIPPED_PATTERN)]
+    with pytest.raises(SystemExit, match="exactly one"):
+        run_cli(common)
+    with pytest.raises(SystemExit, match="empty"):
+        run_cli([*common, "--prompt", ""])
+
+
 def test_cli_rejects_missing_model(tmp_path):
     with pytest.raises(SystemExit, match="not a model directory"):
         run_cli(["duo", "eval", "--model", str(tmp_path), "--pattern", str(demo.SHIPPED_PATTERN)])

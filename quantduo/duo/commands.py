@@ -1,14 +1,26 @@
-"""``quantduo duo ...`` sub-commands: identify retrieval heads, evaluate passkey retrieval."""
+"""``quantduo duo ...`` sub-commands: identify retrieval heads, evaluate passkey retrieval, generate from a long
+prompt with DuoAttention."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 
+@dataclass
+class TextCodec:
+    """A model's tokenizer as the commands use it: ``encode`` adds no special tokens."""
+    encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
+    bos_id: int | None
+    eos_id: int | None
+
+
 def _load(model_dir: str, device: str, dtype: str):
-    """(model, encode) from a local directory; the tiny LM (no tokenizer files) uses its own vocabulary."""
+    """(model, TextCodec) from a local directory; the tiny LM (no tokenizer files) uses its own vocabulary."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -20,9 +32,10 @@ def _load(model_dir: str, device: str, dtype: str):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True,
                                                  attn_implementation="sdpa").to(device).eval()
     if path.resolve() == tiny_lm.ASSET_DIR.resolve():
-        return model, tiny_lm.encode
+        return model, TextCodec(tiny_lm.encode, tiny_lm.decode, tiny_lm.BOS_ID, None)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return model, lambda text: tok(text, add_special_tokens=False)["input_ids"]
+    return model, TextCodec(lambda text: tok(text, add_special_tokens=False)["input_ids"], tok.decode,
+                            tok.bos_token_id, tok.eos_token_id)
 
 
 def _haystack(args, encode):
@@ -39,7 +52,8 @@ def _identify(args) -> int:
     from quantduo.duo.identify import IdentifyConfig, identify
     from quantduo.duo.patterns import save_pattern
 
-    model, encode = _load(args.model, args.device, args.dtype)
+    model, codec = _load(args.model, args.device, args.dtype)
+    encode = codec.encode
     hay = _haystack(args, encode)
     rng = np.random.default_rng(args.seed)
 
@@ -71,7 +85,8 @@ def _eval(args) -> int:
     from quantduo.duo.evaluate import passkey_accuracy
     from quantduo.duo.patterns import load_pattern
 
-    model, encode = _load(args.model, args.device, args.dtype)
+    model, codec = _load(args.model, args.device, args.dtype)
+    encode = codec.encode
     pattern = load_pattern(args.pattern)
     pattern.validate_for(model.config)
     sink = args.sink if args.sink is not None else pattern.sink_size
@@ -89,6 +104,55 @@ def _eval(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    """Chunked prefill of a long prompt into a DuoCache, then greedy decoding; prints the continuation and what
+    the cache holds against a full KV cache."""
+    import time
+
+    import torch
+
+    from quantduo.duo.cache import DuoCache
+    from quantduo.duo.deploy import apply_pattern, chunked_prefill
+    from quantduo.duo.evaluate import kv_bytes_full
+    from quantduo.duo.patterns import load_pattern
+    from quantduo.integrations.transformers import quantize_causal_lm
+
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise SystemExit("error: give exactly one of --prompt and --prompt-file")
+    model, codec = _load(args.model, args.device, args.dtype)
+    text = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text()
+    ids = ([] if codec.bos_id is None else [codec.bos_id]) + codec.encode(text)
+    if len(ids) < 2:
+        raise SystemExit("error: the prompt is empty")
+    apply_pattern(model, load_pattern(args.pattern), args.sparsity, args.sink, args.recent)
+    prompt = torch.tensor([ids], device=model.device)
+    if args.weights == "w4a16":
+        quantize_causal_lm(model, prompt[:, :256], "w4a16")
+    cache = DuoCache.from_model(model, max_cache_len=len(ids) + args.max_new_tokens, kv_bits=args.kv_bits)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        logits = chunked_prefill(model, prompt, cache, args.chunk)
+        sync()
+        t1 = time.perf_counter()
+        new = []
+        for _ in range(args.max_new_tokens):
+            token = int(logits.argmax(-1))
+            if token == codec.eos_id:
+                break
+            new.append(token)
+            logits = model(input_ids=torch.tensor([[token]], device=model.device), past_key_values=cache,
+                           use_cache=True).logits[:, -1]
+        sync()
+        t2 = time.perf_counter()
+    full = kv_bytes_full(model.config, len(ids) + args.max_new_tokens, bytes_per_elem=model.dtype.itemsize)
+    print(codec.decode(new))
+    print(f"prompt {len(ids)} tokens, prefill {t1 - t0:.2f} s in chunks of {args.chunk}; {len(new)} new tokens, "
+          f"{1e3 * (t2 - t1) / max(len(new), 1):.1f} ms/token; KV cache {cache.memory_bytes():,} bytes "
+          f"({cache.memory_bytes() / full:.3f}x of a full {model.dtype} cache)")
+    return 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local model directory (transformers format)")
     p.add_argument("--haystack", help="text file for the haystack (default: tiny-LM Markov text)")
@@ -101,8 +165,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    """Add ``duo identify`` and ``duo eval`` to the quantduo CLI."""
-    duo = subparsers.add_parser("duo", help="DuoAttention: retrieval-head identification and evaluation")
+    """Add ``duo identify``, ``duo eval`` and ``duo generate`` to the quantduo CLI."""
+    duo = subparsers.add_parser("duo", help="DuoAttention: retrieval-head identification, evaluation, generation")
     sub = duo.add_subparsers(dest="duo_command", required=True)
     ident = sub.add_parser("identify", help="train retrieval-head gates; writes full_attention_heads.tsv + config.json")
     _common(ident)
@@ -122,3 +186,19 @@ def register(subparsers) -> None:
     ev.add_argument("--recent", type=int)
     ev.add_argument("-n", type=int, default=20, help="number of questions")
     ev.set_defaults(func=_eval)
+    gen = sub.add_parser("generate", help="long-prompt generation with DuoAttention (chunked prefill, greedy decoding)")
+    gen.add_argument("--model", required=True, help="local model directory (transformers format)")
+    gen.add_argument("--pattern", required=True, help="pattern directory or .tsv")
+    gen.add_argument("--prompt", help="prompt text")
+    gen.add_argument("--prompt-file", help="file holding the prompt text")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--sparsity", type=float, default=0.5, help="fraction of streaming heads")
+    gen.add_argument("--sink", type=int)
+    gen.add_argument("--recent", type=int)
+    gen.add_argument("--chunk", type=int, default=32768, help="prefill chunk (tokens)")
+    gen.add_argument("--kv-bits", type=int, choices=(8, 4), help="quantize the retrieval heads' KV cache")
+    gen.add_argument("--weights", choices=("keep", "w4a16"), default="keep",
+                     help="w4a16: quantize the decoder linears to 4 bits (SVDQuant module) before generating")
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    gen.set_defaults(func=_generate)
