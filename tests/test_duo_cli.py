@@ -38,10 +38,12 @@ def test_cli_identify_then_eval(tmp_path, capsys):
     assert "full      accuracy" in text and "duo" in text and "streaming" in text
 
 
-@pytest.mark.parametrize("extra", [[], ["--kv-bits", "4", "--weights", "w4a16"]])
+@pytest.mark.parametrize("extra", [
+    [], ["--kv-bits", "4", "--weights", "w4a16"],
+    pytest.param(["--device", "cuda", "--kv-bits", "4", "--weights", "w4a16"], marks=pytest.mark.gpu)])
 def test_cli_generate_answers_the_passkey(tmp_path, capsys, extra):
-    """``duo generate`` on a passkey prompt (chunked prefill in 3 chunks): the continuation is the passkey, and the
-    cache holds less than a full one."""
+    """``duo generate`` on a passkey prompt (chunked prefill in 3 chunks; on CUDA, graph-captured decode steps):
+    the continuation is the passkey, and the cache holds less than a full one."""
     hay = tiny_lm.haystack_ids(seed=5, n_words=5000)
     sample = tiny_lm.make_tiny_sample(hay, np.random.default_rng(2), 400, 2, min_distance=80)
     prompt_len, answer = sample.questions[0]

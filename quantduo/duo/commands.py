@@ -105,13 +105,14 @@ def _eval(args) -> int:
 
 
 def _generate(args) -> int:
-    """Chunked prefill of a long prompt into a DuoCache, then greedy decoding; prints the continuation and what
-    the cache holds against a full KV cache."""
+    """Chunked prefill of a long prompt into a static DuoCache, then greedy decoding (CUDA-graph steps on a GPU);
+    prints the continuation and what the cache holds against a full KV cache."""
     import time
 
     import torch
 
     from quantduo.duo.cache import DuoCache
+    from quantduo.duo.decode import GraphedDecoder
     from quantduo.duo.deploy import apply_pattern, chunked_prefill
     from quantduo.duo.evaluate import kv_bytes_full
     from quantduo.duo.patterns import load_pattern
@@ -128,24 +129,25 @@ def _generate(args) -> int:
     prompt = torch.tensor([ids], device=model.device)
     if args.weights == "w4a16":
         quantize_causal_lm(model, prompt[:, :256], "w4a16")
-    cache = DuoCache.from_model(model, max_cache_len=len(ids) + args.max_new_tokens, kv_bits=args.kv_bits)
+    capacity = len(ids) + args.max_new_tokens + 2  # + the decoder's two warm-up steps
+    cache = DuoCache.from_model(model, max_cache_len=capacity, static=True, kv_bits=args.kv_bits)
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     with torch.no_grad():
         t0 = time.perf_counter()
         logits = chunked_prefill(model, prompt, cache, args.chunk)
         sync()
         t1 = time.perf_counter()
+        step = GraphedDecoder(model, cache, len(ids))  # one CUDA graph per token on a GPU, eager steps elsewhere
         new = []
         for _ in range(args.max_new_tokens):
             token = int(logits.argmax(-1))
             if token == codec.eos_id:
                 break
             new.append(token)
-            logits = model(input_ids=torch.tensor([[token]], device=model.device), past_key_values=cache,
-                           use_cache=True).logits[:, -1]
+            logits = step(torch.tensor([[token]], device=model.device))
         sync()
         t2 = time.perf_counter()
-    full = kv_bytes_full(model.config, len(ids) + args.max_new_tokens, bytes_per_elem=model.dtype.itemsize)
+    full = kv_bytes_full(model.config, capacity, bytes_per_elem=model.dtype.itemsize)
     print(codec.decode(new))
     print(f"prompt {len(ids)} tokens, prefill {t1 - t0:.2f} s in chunks of {args.chunk}; {len(new)} new tokens, "
           f"{1e3 * (t2 - t1) / max(len(new), 1):.1f} ms/token; KV cache {cache.memory_bytes():,} bytes "
