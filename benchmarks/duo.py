@@ -41,7 +41,7 @@ from quantduo.duo.decode import GraphedDecoder  # noqa: E402
 from quantduo.duo.deploy import apply_duo, chunked_prefill  # noqa: E402
 from quantduo.duo.identify import gated_model  # noqa: E402
 from quantduo.duo.kvquant import quantize_unchecked  # noqa: E402
-from quantduo.integrations.transformers import quantize_causal_lm, weight_bytes  # noqa: E402
+from quantduo.integrations.transformers import fuse_rms_norms, quantize_causal_lm, weight_bytes  # noqa: E402
 from quantduo.kernels.decode_attention import decode_attention  # noqa: E402
 from quantduo.kernels.reference import decode_attention_ref  # noqa: E402
 
@@ -516,6 +516,7 @@ def main() -> None:
                                                                  4_400_000, 4_500_000, 4_600_000],
                     help="contexts tried with 4-bit weights + INT4 KV, synthetic cache")
     ap.add_argument("--profile", action="store_true", help="w4-decode: kernel times per token (torch.profiler)")
+    ap.add_argument("--fuse-norms", action="store_true", help="one-launch RMSNorms (fuse_rms_norms) in every variant")
     ap.add_argument("--only", choices=["sweep", "chunk-attn", "decode", "w4-decode", "capacity", "long-prefill"],
                     help="run one part: the decode-kernel sweep (at --contexts), decode only (at --decode-contexts), "
                          "bf16 vs W4A16 weights decode only, the capacity run, or chunked prefill full vs Duo at "
@@ -535,6 +536,8 @@ def main() -> None:
     t0 = time.time()
     with torch.device(DEV):
         model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval()
+    if args.fuse_norms:
+        print(f"fused RMSNorms: {fuse_rms_norms(model)}", flush=True)
     weights_bf16 = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"{torch.cuda.get_device_name()} | model {weights_bf16 / GB:.2f} GB bf16, built in {time.time() - t0:.0f}s",
           flush=True)

@@ -40,7 +40,8 @@ def test_cli_identify_then_eval(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra", [
     [], ["--kv-bits", "4", "--weights", "w4a16"],
-    pytest.param(["--device", "cuda", "--kv-bits", "4", "--weights", "w4a16"], marks=pytest.mark.gpu)])
+    pytest.param(["--device", "cuda", "--dtype", "bfloat16", "--kv-bits", "4", "--weights", "w4a16"],
+                 marks=pytest.mark.gpu)])
 def test_cli_generate_answers_the_passkey(tmp_path, capsys, extra):
     """``duo generate`` on a passkey prompt (chunked prefill in 3 chunks; on CUDA, graph-captured decode steps):
     the continuation is the passkey, and the cache holds less than a full one."""

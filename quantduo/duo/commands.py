@@ -116,7 +116,7 @@ def _generate(args) -> int:
     from quantduo.duo.deploy import apply_pattern, chunked_prefill
     from quantduo.duo.evaluate import kv_bytes_full
     from quantduo.duo.patterns import load_pattern
-    from quantduo.integrations.transformers import quantize_causal_lm
+    from quantduo.integrations.transformers import fuse_rms_norms, quantize_causal_lm
 
     if (args.prompt is None) == (args.prompt_file is None):
         raise SystemExit("error: give exactly one of --prompt and --prompt-file")
@@ -126,6 +126,7 @@ def _generate(args) -> int:
     if len(ids) < 2:
         raise SystemExit("error: the prompt is empty")
     apply_pattern(model, load_pattern(args.pattern), args.sparsity, args.sink, args.recent)
+    fuse_rms_norms(model)  # one launch per norm on a GPU
     prompt = torch.tensor([ids], device=model.device)
     if args.weights == "w4a16":
         quantize_causal_lm(model, prompt[:, :256], "w4a16")

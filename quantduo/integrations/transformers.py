@@ -1,4 +1,5 @@
-"""SVDQuant 4-bit weights for transformers causal LMs (Llama / Mistral / Qwen), e.g. under DuoAttention.
+"""SVDQuant 4-bit weights for transformers causal LMs (Llama / Mistral / Qwen), e.g. under DuoAttention, and
+one-launch RMSNorms for their decode steps (:func:`fuse_rms_norms`).
 
 ``w4a16`` (weight-only INT4, scale per 64 inputs, no low-rank branch) is the long-context setting: decoding is
 bound by reading weights and KV, not by arithmetic. ``int4`` is full SVDQuant W4A4 with the low-rank branch.
@@ -12,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantduo.kernels.reference import rms_norm_ref
+from quantduo.kernels.rms_norm import rms_norm
 from quantduo.svdquant import QuantizationReport, SVDQuantConfig, quantize_model
 
 LLM_SKIP = ["lm_head", "*embed_tokens*"]
@@ -52,3 +55,35 @@ def weight_bytes(model: nn.Module) -> int:
             seen.add(tensor.data_ptr())
             total += tensor.numel() * tensor.element_size()
     return total
+
+
+FUSABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+class FusedRMSNorm(nn.Module):
+    """Drop-in for the RMSNorms in :data:`FUSABLE_NORMS` (same formula, shares their ``weight``): one Triton
+    launch on CUDA (:mod:`quantduo.kernels.rms_norm`), the PyTorch formula elsewhere (``backend``: ``"auto"``,
+    ``"triton"``, ``"reference"``)."""
+
+    def __init__(self, weight: nn.Parameter, eps: float) -> None:
+        super().__init__()
+        self.weight, self.variance_epsilon, self.backend = weight, eps, "auto"
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton" or (self.backend == "auto" and hidden_states.is_cuda):
+            return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+        return rms_norm_ref(hidden_states, self.weight, self.variance_epsilon)
+
+
+def fuse_rms_norms(model: nn.Module) -> int:
+    """Replace every RMSNorm of ``model`` whose class is in :data:`FUSABLE_NORMS` by :class:`FusedRMSNorm`
+    (in place, same parameters and state-dict keys); returns how many were replaced."""
+    names = [name for name, module in model.named_modules() if type(module).__name__ in FUSABLE_NORMS]
+    for name in names:
+        norm = model.get_submodule(name)
+        model.set_submodule(name, FusedRMSNorm(norm.weight, norm.variance_epsilon))
+    return len(names)
+

@@ -128,6 +128,13 @@ def w4_gemv_ref(x, qweight, wscales, lx, lora_up, bias, out_dtype):
     return epilogue_ref(x.float() @ w.T, lx, lora_up, bias, out_dtype)
 
 
+def rms_norm_ref(x, weight, eps: float):
+    """Reference of :func:`quantduo.kernels.rms_norm.rms_norm` (transformers' Llama RMSNorm formula)."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
 def quant_next_ref(h, smooth, shift, lora_down, mode: str, group_size: int = 64):
     """What the MLP fc1 epilogue produces for fc2 from fc1's output ``h [M, N1]``: kernel 1's job on ``h``."""
     return act_quant_ref(h, smooth, shift, lora_down, mode, group_size)
