@@ -86,4 +86,3 @@ def fuse_rms_norms(model: nn.Module) -> int:
         norm = model.get_submodule(name)
         model.set_submodule(name, FusedRMSNorm(norm.weight, norm.variance_epsilon))
     return len(names)
-

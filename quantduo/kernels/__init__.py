@@ -28,7 +28,8 @@ from .reference import smooth_input
 # Token counts up to which the weight-streaming GEMM serves W4A16 with in-kernel smoothing and the fp8
 # W4A8 format with 16-bit activations (memory-bound regime; NOTES.md).
 DEQUANT_MAX_TOKENS = 64
-# Token counts up to which W4A16 runs the CUDA-core GEMV (each token re-reads the weights, mostly from L2).
+# Token counts up to which W4A16 runs the CUDA-core GEMV (one program row per token, each re-reading the weights;
+# measured at one token, BENCHMARKS.md).
 GEMV_MAX_TOKENS = 4
 # Tokens from which the int8 W4A8 path expands the weights once per call (below: the packed GEMM, which
 # measured faster than the weight-streaming GEMM at 16 tokens on H200). fp8 uses the concatenation above
