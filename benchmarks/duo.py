@@ -12,8 +12,10 @@ replays against eager steps, times the attention kernels of one layer, a 32K-chu
 Then, on synthetic cache contents (decode time does not depend on the values): decode at longer
 contexts (--decode-contexts), a config sweep of the decode kernel, and (last; the weights are
 quantized to W4A16 in place) the largest context that runs with 4-bit weights + INT4 KV, with and
-without DuoAttention. --only runs one part (also: chunked prefill at contexts too long for one pass; w4-decode:
-decode only with bf16 weights, then with the weights quantized to W4A16, full vs Duo at each KV precision).
+without DuoAttention. --only runs one part, or one of these extras: long-prefill (chunked prefill, full vs Duo,
+at contexts too long for one pass), w4-decode (decode only with bf16 weights, then with the weights quantized to
+W4A16, full vs Duo at each KV precision; --profile adds kernel times per token), chunk-attn (one later chunk's
+causal attention per implementation). --fuse-norms makes every variant use one-launch RMSNorms.
 Timings: CUDA events, warm-up, median.
 """
 from __future__ import annotations
