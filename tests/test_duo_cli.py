@@ -65,6 +65,8 @@ def test_cli_generate_rejects_bad_prompts(tmp_path):
         run_cli(common)
     with pytest.raises(SystemExit, match="empty"):
         run_cli([*common, "--prompt", ""])
+    with pytest.raises(SystemExit, match="not in the tiny LM vocabulary"):
+        run_cli([*common, "--prompt", "hello world"])
 
 
 def test_cli_rejects_missing_model(tmp_path):

@@ -122,7 +122,10 @@ def _generate(args) -> int:
         raise SystemExit("error: give exactly one of --prompt and --prompt-file")
     model, codec = _load(args.model, args.device, args.dtype)
     text = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text()
-    ids = ([] if codec.bos_id is None else [codec.bos_id]) + codec.encode(text)
+    try:
+        ids = ([] if codec.bos_id is None else [codec.bos_id]) + codec.encode(text)
+    except KeyError as err:  # the tiny LM's word-level vocabulary
+        raise SystemExit(f"error: {err.args[0]}") from None
     if len(ids) < 2:
         raise SystemExit("error: the prompt is empty")
     apply_pattern(model, load_pattern(args.pattern), args.sparsity, args.sink, args.recent)
