@@ -189,7 +189,8 @@ def v_decode(N, K, kind, config=None):
             packed, scales_zeros = tinygemm_operands(m)
             return lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 64, scales_zeros)
         if kind == "streaming":
-            return lambda: w4_dequant_gemm(x, m.qweight, m.wscales, None, None, m.bias, x.dtype, smooth=m.smooth_factor)
+            return lambda: w4_dequant_gemm(x, m.qweight, m.wscales, None, None, m.bias, x.dtype,
+                                           smooth=m.smooth_factor)
         if kind == "gemv":
             return lambda: qk.svdquant_linear_forward(m, x)
         return lambda: w4_gemv(x, m.qweight, m.wscales, None, None, m.bias, x.dtype, config=config)

@@ -44,8 +44,8 @@ def _w4_gemv_kernel(
     HAS_LR: tl.constexpr, RP: tl.constexpr, HAS_BIAS: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr,
 ):
     """Program (row block, token m): OUT[m, rows] for X 16-bit ``[M, 8 * KW]`` (row stride ``stride_xm``),
-    W int32 ``[N, KW]`` (8 packed nibbles per word, element ``8w + i`` in bits ``4i..4i+3``), WS ``[N, KW / 8]`` group scales, LXP float32 ``[S, M, R]`` low-rank
-    partials, LU ``[N, R]``, BIAS ``[N]``, OUT ``[M, N]``."""
+    W int32 ``[N, KW]`` (8 packed nibbles per word, element ``8w + i`` in bits ``4i..4i+3``), WS ``[N, KW / 8]``
+    group scales, LXP float32 ``[S, M, R]`` low-rank partials, LU ``[N, R]``, BIAS ``[N]``, OUT ``[M, N]``."""
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     GPI: tl.constexpr = BKW // 8  # groups of 64 inputs per K step
