@@ -105,6 +105,12 @@ def streaming_prefill(q, k, v, k_pos: torch.Tensor, q_start: int, sink: int, rec
     return _flex(q, k, v, bm, scaling)
 
 
+def cudnn_attention_supported(q: torch.Tensor) -> bool:
+    """Whether :func:`attention_lse` runs PyTorch's cuDNN attention op for queries ``q`` (CUDA, 16-bit,
+    head_dim a multiple of 8 and at most 128)."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
+
+
 def attention_lse(q, k, v, causal: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [B, Hq, Tq, D] over k/v [B, Hkv, Tk, D] and its log-sum-exp of scaled scores.
 
@@ -113,7 +119,7 @@ def attention_lse(q, k, v, causal: bool, scaling: float) -> tuple[torch.Tensor, 
     dtype, lse float32 [B, Hq, Tq]).
     """
     rep = q.shape[1] // k.shape[1]
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128:
+    if cudnn_attention_supported(q):
         def cudnn(k, v):
             return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
                                                                      scale=scaling)
@@ -152,14 +158,15 @@ def split_causal_attention(q, k, v, q_start: int, scaling: float) -> torch.Tenso
 def full_prefill(q, k, v, q_start: int, scaling: float) -> torch.Tensor:
     """Causal attention of q [B, Hq, Tq, D] (positions q_start..) over k/v [B, Hkv, q_start + Tq, D].
 
-    The first chunk is SDPA with ``is_causal``. Later chunks: on CUDA :func:`split_causal_attention` (SDPA's
-    lower-right causal bias runs FlashAttention-2 at about half the speed of the cuDNN kernel on an H100,
-    BENCHMARKS.md); on CPU SDPA with a lower-right causal bias (no score matrix in memory).
+    The first chunk is SDPA with ``is_causal``. Later chunks: :func:`split_causal_attention` where cuDNN
+    attention serves it (SDPA's lower-right causal bias runs FlashAttention-2 at about half the speed of the
+    cuDNN kernel on an H100, BENCHMARKS.md); elsewhere (CPU, float32) SDPA with a lower-right causal bias, which
+    keeps no score matrix in memory.
     """
     gqa = q.shape[1] != k.shape[1]
     if not q_start:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
-    if q.is_cuda:
+    if cudnn_attention_supported(q):
         return split_causal_attention(q, k, v, q_start, scaling)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]),
                                           scale=scaling, enable_gqa=gqa)
