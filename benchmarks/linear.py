@@ -15,7 +15,10 @@ synthetic FLUX-shaped layers with the SVDQuant pipeline and reports output error
 ``--decode`` times one token (M = 1) at Llama-3-8B shapes instead (the DuoAttention decode setting): bf16
 F.linear, W4A16 through the GEMV (``kernels.gemv_w4``; module forward with its smoothing op, and alone), the
 weight-streaming GEMM it replaces there, PyTorch's int4 tinygemm (``torch.ops.aten._weight_int4pack_mm``,
-same INT4-g64 values) and a sweep of GEMV tiles. Writes JSON + log under ``--out``.
+same INT4-g64 values) and a sweep of GEMV tiles. ``--small`` checks and times few tokens (M = 1, 4, 16, 64) at
+the FLUX shapes: the skinny split-K GEMM (``kernels.gemm_w4_skinny``; W4A16 and W4A4, module forward and the GEMM
+alone) against bf16, the paths it replaced (weight-streaming GEMM, kernel 2, the fused MLP's kernel 2) and the
+GEMV, plus a sweep of skinny tiles at M = 16. Writes JSON + log under ``--out``.
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ from quantduo.kernels.act_quant import act_quant
 from quantduo.kernels.fp8_concat import fp8_concat_quant, fp8_row_stats
 from quantduo.kernels.gemm_w4a4 import w4_gemm
 from quantduo.kernels.gemm_w4_dequant import w4_dequant_gemm
+from quantduo.kernels.gemm_w4_skinny import _pick as skinny_pick
+from quantduo.kernels.gemm_w4_skinny import w4_skinny_gemm
 from quantduo.kernels.gemm_w4a8 import expand_w4
 from quantduo.kernels.gemv_w4 import w4_gemv
 from quantduo.svdquant import SVDQuantLinear
@@ -195,6 +200,170 @@ def v_decode(N, K, kind, config=None):
             return lambda: qk.svdquant_linear_forward(m, x)
         return lambda: w4_gemv(x, m.qweight, m.wscales, None, None, m.bias, x.dtype, config=config)
     return make, N * K * 0.5 + N * K // 64 * 2
+
+
+SMALL_TOKENS = [1, 4, 16, 64]
+SMALL_KINDS = ["w4a16", "w4a16_lr", "w4a16_lr_skinny", "w4a16_lr_streaming", "w4a16_lr_gemv", "skinny_gemm",
+               "w4a4", "w4a4_nolr", "w4a4_kernel2", "skinny_gemm_a4"]
+
+
+def v_small(M, N, K, kind, config=None):
+    """Few tokens, rank 32 unless named otherwise. kind: w4a16 (module, rank 0) | w4a16_lr (module) |
+    w4a16_lr_skinny (kernel 1 smoothing + skinny GEMM, forced) | w4a16_lr_streaming (the weight-streaming GEMM with
+    in-kernel smoothing, the path the skinny GEMM replaced) | w4a16_lr_gemv (smoothing op + kernel 1 + GEMV) |
+    skinny_gemm / skinny_gemm_a4 (the GEMM alone on ready 16-bit / 4-bit activations) | w4a4 (module) |
+    w4a4_nolr | w4a4_kernel2 (kernel 1 + kernel 2, the replaced W4A4 path)."""
+    def make():
+        x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+        fmt = "int4" if kind.startswith("w4a4") or kind == "skinny_gemm_a4" else "none"
+        m = random_module(N, K, fmt, rank=0 if kind in ("w4a16", "w4a4_nolr") else RANK)
+        if kind in ("w4a16", "w4a16_lr", "w4a4", "w4a4_nolr"):
+            return lambda: qk.svdquant_linear_forward(m, x)
+        if kind == "w4a16_lr_skinny":
+            def call():
+                xs, _, lxp = act_quant(x, m.smooth_factor, None, m.lora_down, "smooth")
+                return w4_skinny_gemm(xs, None, m.qweight, m.wscales, lxp, m.lora_up, m.bias, "none", x.dtype)
+            return call
+        if kind == "w4a16_lr_streaming":
+            def call():
+                lxp = act_quant(x, m.smooth_factor, None, m.lora_down, "none")[2]
+                return w4_dequant_gemm(x, m.qweight, m.wscales, lxp, m.lora_up, m.bias, x.dtype, smooth=m.smooth_factor)
+            return call
+        if kind == "w4a16_lr_gemv":
+            def call():
+                lxp = act_quant(x, m.smooth_factor, None, m.lora_down, "none")[2]
+                return w4_gemv(x / m.smooth_factor, m.qweight, m.wscales, lxp, m.lora_up, m.bias, x.dtype)
+            return call
+        mode = "none" if kind == "skinny_gemm" else "int4"
+        a, a_s, lxp = act_quant(x, m.smooth_factor, m.act_shift, m.lora_down, "smooth" if mode == "none" else mode)
+        if kind == "w4a4_kernel2":
+            def call():
+                q, qs, lxp = act_quant(x, m.smooth_factor, m.act_shift, m.lora_down, "int4")
+                return w4_gemm(q, qs, m.qweight, m.wscales, lxp, m.lora_up, m.bias, "int4", x.dtype)
+            return call
+        return lambda: w4_skinny_gemm(a, a_s, m.qweight, m.wscales, lxp, m.lora_up, m.bias, mode, x.dtype,
+                                      config=config)
+    return make, N * K * 0.53 + 2 * M * K + 2 * M * N
+
+
+def v_small_mlp(M, kind):
+    """FLUX MLP (3072 -> 12288 -> GELU -> 3072, W4A4 INT4 / UINT4, rank 32): mlp (dispatch: skinny fc1 with
+    GELU, then fc2) | mlp_kernel2 (the replaced fusion: kernel 2 with GELU quantizing for fc2, then kernel 2)."""
+    def make():
+        fc1, fc2 = random_module(12288, 3072, "int4"), random_module(3072, 12288, "uint4")
+        x = torch.randn(M, 3072, device=DEV, dtype=torch.bfloat16)
+        if kind == "mlp":
+            return lambda: qk.svdquant_mlp_forward(fc1, fc2, x)
+        cfg = {"BM": 16, "BN": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
+
+        def call():
+            q, qs, lxp = act_quant(x, fc1.smooth_factor, fc1.act_shift, fc1.lora_down, "int4")
+            q2, qs2, lx2 = w4_gemm(q, qs, fc1.qweight, fc1.wscales, lxp, fc1.lora_up, fc1.bias, "int4", x.dtype,
+                                   gelu=True, config=cfg, next_layer=dict(smooth=fc2.smooth_factor, shift=fc2.act_shift,
+                                                                          lora_down=fc2.lora_down, mode="uint4"))
+            return w4_gemm(q2, qs2, fc2.qweight, fc2.wscales, lx2, fc2.lora_up, fc2.bias, "uint4", x.dtype)
+        return call
+    return make, 2 * 12288 * 3072 * 0.53
+
+
+def small_checks(log):
+    """Few-token paths vs their references on GPU (bf16), on a first call and on 5 repeats (split-K workspaces)."""
+    torch.manual_seed(0)
+    worst = {}
+    for (N, K) in SHAPES:
+        for M in SMALL_TOKENS:
+            x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+            for fmt in ("none", "int4", "uint4"):
+                m = random_module(N, K, fmt)
+                y = qk.svdquant_linear_forward(m, x)
+                worst[f"{fmt} M={M} {N}x{K}"] = relative_l2_error(y, m.forward_reference(x))
+                worst[f"{fmt} M={M} {N}x{K} repeats"] = max(
+                    relative_l2_error(qk.svdquant_linear_forward(m, x), m.forward_reference(x)) for _ in range(5))
+    fc1, fc2 = random_module(12288, 3072, "int4"), random_module(3072, 12288, "uint4")
+    for M in (16, 64):
+        x = torch.randn(M, 3072, device=DEV, dtype=torch.bfloat16)
+        worst[f"mlp M={M}"] = relative_l2_error(
+            qk.svdquant_mlp_forward(fc1, fc2, x),
+            fc2.forward_reference(F.gelu(fc1.forward_reference(x), approximate="tanh")))
+    for k, v in worst.items():
+        log(f"  small check {k:28s} rel err {v:.2e}")
+    bad = sorted(k for k, v in worst.items() if not v < (2e-2 if k.startswith("mlp") else 5e-3))
+    log(f"SMALL CHECKS {'FAILED: ' + str(bad) if bad else 'passed'}")
+    return dict(errors=worst, failed=bad)
+
+
+SKINNY_SWEEP = [dict(BN=bn, split_mult=sm, num_warps=w, num_stages=st)
+                for bn, w in ((64, 4), (128, 4), (128, 8)) for sm in (0.5, 1, 2) for st in (3, 4)]
+ACT_SWEEP = [(16, bk, splits, 4) for bk in (32, 64) for splits in (4, 8, 16, 32, 64)]
+
+
+def small_sweep(log, results, M=16):
+    """Skinny GEMM tiles (W4A16; its 3 best also for W4A4) and kernel-1 tiles (smoothing + low-rank) at M tokens,
+    each timed alone."""
+    for (N, K) in SHAPES:
+        tb = time_graph(*v_bf16(M, N, K), max_copies=128)
+        auto = skinny_pick(M, N, K)
+        timings = {}
+        for c in SKINNY_SWEEP:
+            split = max(1, int(auto["SPLIT_K"] * c["split_mult"] * 64 / c["BN"]))
+            if (K // 64) % split:
+                continue
+            cfg = dict(BM=auto["BM"], BN=c["BN"], SPLIT_K=split, num_warps=c["num_warps"], num_stages=c["num_stages"])
+            try:
+                timings[json.dumps(cfg)] = time_graph(*v_small(M, N, K, "skinny_gemm", config=cfg), max_copies=128)
+            except Exception as ex:  # noqa: BLE001 - a config that does not compile is reported and skipped
+                log(f"    skinny {cfg} failed: {str(ex)[:100]}")
+        ranked = sorted(timings, key=timings.get)
+        a4 = {c: time_graph(*v_small(M, N, K, "skinny_gemm_a4", config=json.loads(c)), max_copies=128)
+              for c in ranked[:3]}
+        default = time_graph(*v_small(M, N, K, "skinny_gemm"), max_copies=128)
+        log(f"  sweep M={M} {N}x{K}: bf16 {tb:.1f} us, default {auto} {default:.1f} us; best W4A16 "
+            + "; ".join(f"{c} {timings[c]:.1f} us ({tb / timings[c]:.2f}x)" for c in ranked[:4])
+            + "; W4A4 on the best W4A16 tiles " + "; ".join(f"{c} {v:.1f} us ({tb / v:.2f}x)" for c, v in a4.items()))
+        log("    all: " + " ".join(f"{c}={v:.1f}" for c, v in timings.items()))
+        x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+        m = random_module(N, K, "none")
+        act = {}
+        for c in ACT_SWEEP + [(16, 32, K // 32, 4), (16, 64, K // 64, 4)]:
+            if K % (c[1] * c[2]):
+                continue
+            act[c] = time_graph(lambda c=c: (lambda: act_quant(x, m.smooth_factor, None, m.lora_down, "smooth",
+                                                               config=c)), 2 * M * K, max_copies=128)
+        best = min(act, key=act.get)
+        default = time_graph(lambda: (lambda: act_quant(x, m.smooth_factor, None, m.lora_down, "smooth")), 2 * M * K,
+                             max_copies=128)
+        log(f"  kernel 1 (smooth + low-rank) M={M} K={K}: default {default:.1f} us, best {best} {act[best]:.1f} us; "
+            "all " + " ".join(f"{c}={v:.1f}" for c, v in act.items()))
+        results.setdefault("small_sweep", []).append(dict(N=N, K=K, bf16=tb, timings=timings, w4a4=a4,
+                                                          act={str(c): v for c, v in act.items()}))
+
+
+def small_table(log, results):
+    """Ratios vs bf16 F.linear at few tokens, the MLP, and a sweep of skinny tiles at M = 16."""
+    results["small_checks"] = small_checks(log)
+    rows = []
+    for M in SMALL_TOKENS:
+        for (N, K) in SHAPES:
+            t = {"bf16": time_graph(*v_bf16(M, N, K), max_copies=128)}
+            for kind in SMALL_KINDS:
+                if kind == "w4a16_lr_gemv" and M > 4:
+                    continue
+                t[kind] = time_graph(*v_small(M, N, K, kind), max_copies=128)
+            rows.append(dict(M=M, N=N, K=K, us=t))
+            log(f"  M={M:3d} {N:5d}x{K:5d} " + " ".join(f"{k}={v:.1f}" for k, v in t.items()))
+    log("\n| M | N x K | " + " | ".join(SMALL_KINDS) + " | bf16 us |")
+    log("| --- | --- | " + " | ".join("---" for _ in SMALL_KINDS) + " | --- |")
+    for r in rows:
+        tb = r["us"]["bf16"]
+        log(f"| {r['M']} | {r['N']}x{r['K']} | " + " | ".join(
+            f"{tb / r['us'][n]:.2f}x" if n in r["us"] else "-" for n in SMALL_KINDS) + f" | {tb:.1f} |")
+    for M in (16, 64):
+        tb = time_graph(*v_bf16(M, 12288, 3072), max_copies=128) + time_graph(*v_bf16(M, 3072, 12288), max_copies=128)
+        t = {k: time_graph(*v_small_mlp(M, k), max_copies=128) for k in ("mlp", "mlp_kernel2")}
+        log(f"  MLP M={M}: bf16 fc1+fc2 {tb:.1f} us | " + " | ".join(f"{k} {v:.1f} us ({tb / v:.2f}x)"
+                                                                   for k, v in t.items()))
+        rows.append(dict(M=M, mlp=True, us=dict(bf16=tb, **t)))
+    results["small"] = rows
 
 
 def tinygemm_operands(m):
@@ -490,6 +659,8 @@ def main():
     ap.add_argument("--quality", action="store_true")
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--decode", action="store_true", help="only the one-token table at Llama-3-8B shapes")
+    ap.add_argument("--small", action="store_true", help="only the few-token checks and table (skinny GEMM)")
+    ap.add_argument("--small-sweep", action="store_true", help="only the few-token tile sweeps (M = 16)")
     ap.add_argument("--tokens", type=int, nargs="+", default=TOKENS, help="token counts M (default: 4608 256 16)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -506,6 +677,13 @@ def main():
     if args.decode:
         decode_table(log, results)
         log(f"  [decode {time.time() - t0:.0f}s]")
+        args.no_table = True
+    elif args.small or args.small_sweep:
+        if args.small:
+            small_table(log, results)
+        else:
+            small_sweep(log, results)
+        log(f"  [small {time.time() - t0:.0f}s]")
         args.no_table = True
     else:
         results["correctness"] = check_correctness(log)

@@ -18,6 +18,7 @@ from quantduo.kernels import reference as ref
 from quantduo.kernels.act_quant import act_quant
 from quantduo.kernels.gemm_w4a4 import w4_gemm
 from quantduo.kernels.gemm_w4_dequant import w4_dequant_gemm
+from quantduo.kernels.gemm_w4_skinny import w4_skinny_gemm
 from quantduo.kernels.gemv_w4 import w4_gemv
 from quantduo.kernels.fp8_concat import fp8_concat_quant, fp8_row_stats, fp8_rowwise_gemm
 from quantduo.kernels.gemm_w4a8 import expand_w4, w4a8_gemm
@@ -52,12 +53,13 @@ def _inputs(M, N, K, r, dtype, device="cpu", seed=0):
 
 
 @pytest.mark.parametrize("mode", ["int4", "uint4", "int8", "fp8", "none", "smooth", "amax"])
-@pytest.mark.parametrize("dtype,splits", [(torch.float16, 2), (torch.float32, 1)])
-def test_act_quant(mode, dtype, splits):
-    M, K, r = 40, 256, 16
+@pytest.mark.parametrize("dtype,splits,bk", [(torch.float16, 2, 64), (torch.float32, 1, 64), (torch.float16, 32, 64)])
+def test_act_quant(mode, dtype, splits, bk):
+    """Kernel 1 vs its reference; 32 slices (> MAX_LX_PARTIALS) add their low-rank partials atomically into one."""
+    M, K, r = (17, 2048, 16) if splits > 16 else (40, 256, 16)
     x, smooth, shift, ld, _, _ = _inputs(M, 8, K, r, dtype)
     x[5] = 0  # an all-zero token (scale 1)
-    q, qs, lxp = act_quant(x, smooth, shift, ld, mode, config=(16, 64, splits))
+    q, qs, lxp = act_quant(x, smooth, shift, ld, mode, config=(16, bk, splits))
     rq, rqs, rlx = ref.act_quant_ref(x, smooth, shift, ld, mode)
     if mode == "amax":
         assert qs.shape == (splits, M)
@@ -67,7 +69,8 @@ def test_act_quant(mode, dtype, splits):
                                                    rq.view(torch.uint8) if mode == "fp8" else rq)
     if qs is not None or rqs is not None:
         assert torch.equal(qs, rqs)
-    assert lxp.shape[1:] == (M, r) and (mode in ("int8", "fp8") or lxp.shape[0] == splits)  # per-token: 2 launches
+    n_partials = 1 if splits > 16 else splits
+    assert lxp.shape[1:] == (M, r) and (mode in ("int8", "fp8") or lxp.shape[0] == n_partials)  # per-token: 2 launches
     torch.testing.assert_close(lxp.sum(0), rlx, rtol=1e-5, atol=1e-4)
 
 
@@ -142,6 +145,60 @@ def test_w4_gemv_bad_inputs():
         w4_gemv(x, qw, ws, None, None, None, torch.float32, config=dict(BN=8, BKW=4, num_warps=1, num_stages=1))
 
 
+@pytest.mark.parametrize("mode,M,split,r,gelu", [
+    ("none", 1, 1, 16, False), ("none", 5, 4, 16, True), ("none", 17, 2, 0, False), ("none", 40, 1, 16, False),
+    ("int4", 9, 4, 16, False), ("int4", 33, 1, 0, True), ("uint4", 16, 2, 16, False), ("int4", 3, 8, 16, False)])
+def test_w4_skinny_gemm(mode, M, split, r, gelu):
+    """Skinny split-K GEMM vs its references (16-bit activations: exact float32 weights, ``w4_gemv_ref``; 4-bit
+    codes: ``w4_gemm_ref``): every nibble value, masked token and row edges (N = 80 with 64-row tiles), K split
+    1 / 2 / 4 / 8 ways (the group scales prefetched across slice ends), low-rank, bias and GELU; a second call
+    gives the same result (workspace and counters reset)."""
+    N, K, dtype = 80, 512, torch.float16
+    x, smooth, shift, ld, lu, bias = _inputs(M, N, K, max(r, 1), dtype)
+    g = torch.Generator().manual_seed(1)
+    qw = qz.pack_int4(torch.randint(-8, 8, (N, K), generator=g, dtype=torch.int8))
+    ws = (torch.rand(N, K // 64, generator=g) + 0.1).to(dtype)
+    a, a_s, lxp = act_quant(x, smooth, shift, ld if r else None, "smooth" if mode == "none" else mode,
+                            config=(16, 64, 2))
+    lu = lu if r else None
+    cfg = dict(BM=16 if M <= 16 else 64, BN=64, SPLIT_K=split, num_warps=4, num_stages=1)
+    y = w4_skinny_gemm(a, a_s, qw, ws, lxp, lu, bias, mode, dtype, gelu=gelu, config=cfg)
+    lx = lxp.sum(0) if r else None
+    if mode == "none":
+        y_ref = ref.w4_gemv_ref(a, qw, ws, lx, lu, bias, dtype)
+        if gelu:
+            y_ref = F.gelu(y_ref.float(), approximate="tanh").to(dtype)
+    else:
+        y_ref = ref.w4_gemm_ref(a, a_s, qw, ws, lx, lu, bias, mode, dtype, gelu=gelu)
+    assert y.shape == (M, N) and torch.isfinite(y).all()
+    assert relative_l2_error(y, y_ref) < 1e-3
+    again = w4_skinny_gemm(a, a_s, qw, ws, lxp, lu, bias, mode, dtype, gelu=gelu, config=cfg)
+    assert relative_l2_error(again, y_ref) < 1e-3
+
+
+def test_act_quant_bad_config():
+    x, smooth, shift, ld, _, _ = _inputs(4, 8, 256, 16, torch.float16)
+    with pytest.raises(ValueError, match="multiple of splits \\* BK"):
+        act_quant(x, smooth, shift, ld, "none", config=(16, 64, 3))
+
+
+def test_w4_skinny_gemm_bad_inputs():
+    qw, ws, x = torch.zeros(8, 64, dtype=torch.uint8), torch.ones(8, 2), torch.randn(4, 128).half()
+    with pytest.raises(ValueError, match="mode must be one of"):
+        w4_skinny_gemm(x, None, qw, ws, None, None, None, "int8", torch.float16)
+    with pytest.raises(ValueError, match="16-bit activations must be"):
+        w4_skinny_gemm(x.float(), None, qw, ws, None, None, None, "none", torch.float16)
+    with pytest.raises(ValueError, match="wscales must be"):
+        w4_skinny_gemm(x, None, qw, torch.ones(8, 3), None, None, None, "none", torch.float16)
+    with pytest.raises(ValueError, match="at most 64 tokens"):
+        w4_skinny_gemm(torch.randn(65, 128).half(), None, qw, ws, None, None, None, "none", torch.float16)
+    with pytest.raises(ValueError, match="4-bit activations must be"):
+        w4_skinny_gemm(torch.zeros(4, 64, dtype=torch.uint8), None, qw, ws, None, None, None, "int4", torch.float16)
+    with pytest.raises(ValueError, match="SPLIT_K=4 must divide"):
+        w4_skinny_gemm(x, None, qw, ws, None, None, None, "none", torch.float16,
+                       config=dict(BM=16, BN=64, SPLIT_K=4, num_warps=4, num_stages=1))
+
+
 @pytest.mark.parametrize("next_mode", ["int4", "uint4"])
 def test_w4_gemm_quant_next(next_mode):
     """MLP fc1 epilogue: GELU, then fc2's smoothing, 4-bit quantization and low-rank partial sums."""
@@ -211,16 +268,19 @@ def _random_module(k, n, act_format, weight_format="int4", rank=16, dtype=torch.
     return m
 
 
-@pytest.mark.parametrize("act_format,weight_format,tokens", [
-    ("int4", "int4", 9), ("uint4", "int4", 9), ("none", "int4", 1), ("none", "int4", 9), ("none", "int4", 40),
-    ("nvfp4", "nvfp4", 9),
-    ("nvfp4", "int4", 9), ("int4", "nvfp4", 9)])
-def test_module_forward(act_format, weight_format, tokens):
-    """svdquant_linear_forward == forward_reference, with leading dims and padded in_features (100 -> 128);
-    W4A16 at 2 tokens (the GEMV), 18 (in-kernel smoothing) and 80 (> DEQUANT_MAX_TOKENS: kernel 1 smooths)."""
-    m = _random_module(100, 48, act_format, weight_format)
+@pytest.mark.parametrize("act_format,weight_format,tokens,dtype", [
+    ("int4", "int4", 9, torch.float16), ("uint4", "int4", 9, torch.float16), ("int4", "int4", 80, torch.float16),
+    ("none", "int4", 1, torch.float16), ("none", "int4", 9, torch.float16), ("none", "int4", 40, torch.float16),
+    ("none", "int4", 9, torch.float32), ("nvfp4", "nvfp4", 9, torch.float16), ("nvfp4", "int4", 9, torch.float16),
+    ("int4", "nvfp4", 9, torch.float16)])
+def test_module_forward(act_format, weight_format, tokens, dtype):
+    """svdquant_linear_forward == forward_reference, with leading dims and padded in_features (100 -> 128):
+    W4A16 at 2 tokens (the GEMV), 18 and 80 (the skinny GEMM, and at 80 > SKINNY_MAX_TOKENS the weight-streaming
+    GEMM), W4A4 at 18 (skinny) and 160 (kernel 2); float32 W4A16 at 18 (the weight-streaming GEMM's in-kernel
+    smoothing)."""
+    m = _random_module(100, 48, act_format, weight_format, dtype=dtype)
     m.backend = "triton"
-    x = torch.randn(2, tokens, 100, dtype=torch.float16)
+    x = torch.randn(2, tokens, 100, dtype=dtype)
     y = m(x)
     assert y.shape == (2, tokens, 48)
     assert relative_l2_error(y, m.forward_reference(x)) < 2e-3
@@ -243,12 +303,14 @@ def test_smoothing_identity_cache():
         assert relative_l2_error(m(x), m.forward_reference(x)) < 2e-3
 
 
-def test_mlp_forward():
+@pytest.mark.parametrize("tokens", [7, 30])
+def test_mlp_forward(tokens):
+    """Fused MLP at 21 tokens (skinny fc1 with GELU, then fc2) and 90 (fc1 quantizes for fc2 in its epilogue)."""
     fc1, fc2 = _random_module(64, 128, "int4"), _random_module(128, 64, "uint4")
-    x = torch.randn(3, 7, 64, dtype=torch.float16)
+    x = torch.randn(3, tokens, 64, dtype=torch.float16)
     y = qk.svdquant_mlp_forward(fc1, fc2, x)
     y_ref = fc2.forward_reference(F.gelu(fc1.forward_reference(x).float(), approximate="tanh").to(x.dtype))
-    assert y.shape == (3, 7, 64)
+    assert y.shape == (3, tokens, 64)
     assert relative_l2_error(y, y_ref) < 2e-2  # a few 4-bit codes of fc2's input may flip on GELU's last ulp
 
 
@@ -372,10 +434,18 @@ def test_gpu_forward_bf16(n, k, tokens):
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k", [(3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288)])
 def test_gpu_split_k_repeatable(n, k):
-    """The split-K weight-streaming GEMM (M = 16) gives the reference result on every one of 20 calls."""
+    """The split-K GEMMs (float32 atomics) at M = 16 give the reference result on every one of 20 calls: the
+    weight-streaming GEMM, and the skinny GEMM (W4A16, W4A4)."""
     torch.manual_seed(0)
-    m = _random_module(k, n, "none", rank=32, dtype=torch.bfloat16, device="cuda")
     x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
+    m = _random_module(k, n, "none", rank=32, dtype=torch.bfloat16, device="cuda")
+    xs, _, lxp = act_quant(x, m.smooth_factor, None, m.lora_down, "smooth")
     expected = m.forward_reference(x)
-    errors = [relative_l2_error(qk.svdquant_linear_forward(m, x), expected) for _ in range(20)]
+    errors = [relative_l2_error(w4_dequant_gemm(xs, m.qweight, m.wscales, lxp, m.lora_up, m.bias, x.dtype), expected)
+              for _ in range(20)]
     assert max(errors) < 5e-3, errors
+    for fmt in ("none", "int4"):
+        m = _random_module(k, n, fmt, rank=32, dtype=torch.bfloat16, device="cuda")
+        expected = m.forward_reference(x)
+        errors = [relative_l2_error(qk.svdquant_linear_forward(m, x), expected) for _ in range(20)]
+        assert max(errors) < 5e-3, errors

@@ -1,9 +1,10 @@
 """Triton engine for SVDQuant layers (Nunchaku-style fusion; Hopper-aware).
 
 * :func:`svdquant_linear_forward` — forward of :class:`~quantduo.svdquant.SVDQuantLinear` (any format):
-  INT4/UINT4 W4A4 -> kernel 1 (:mod:`.act_quant`) + kernel 2 (:mod:`.gemm_w4a4`); W4A16 -> the one-token
-  GEMV (:mod:`.gemv_w4`, decoding) or the weight-streaming GEMM (:mod:`.gemm_w4_dequant`); NVFP4 -> Triton
-  weight dequantization (:mod:`.nvfp4`) + float GEMM.
+  INT4/UINT4 W4A4 -> kernel 1 (:mod:`.act_quant`) + kernel 2 (:mod:`.gemm_w4a4`), or the skinny split-K
+  GEMM (:mod:`.gemm_w4_skinny`) up to 64 tokens; W4A16 -> the one-token GEMV (:mod:`.gemv_w4`, decoding), the
+  skinny GEMM (few tokens) or the weight-streaming GEMM (:mod:`.gemm_w4_dequant`); NVFP4 -> Triton weight
+  dequantization (:mod:`.nvfp4`) + float GEMM.
 * :func:`svdquant_mlp_forward` — fc1 -> GELU -> fc2 where fc1's epilogue applies GELU and quantizes for fc2.
 * :func:`w4a8_linear_forward` — forward of the Hopper W4A8 formats
   (:class:`~quantduo.svdquant.hopper_formats.SVDQuantW4A8Linear`, int8 or fp8 activations): small M ->
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from .act_quant import act_quant
 from .fp8_concat import fp8_concat_quant, fp8_row_stats, fp8_rowwise_gemm
 from .gemm_w4_dequant import w4_dequant_gemm
+from .gemm_w4_skinny import w4_skinny_gemm
 from .gemm_w4a4 import w4_gemm
 from .gemm_w4a8 import expand_w4, w4a8_gemm
 from .gemv_w4 import w4_gemv
@@ -28,6 +30,8 @@ from .reference import smooth_input
 # Token counts up to which the weight-streaming GEMM serves W4A16 with in-kernel smoothing and the fp8
 # W4A8 format with 16-bit activations (memory-bound regime; NOTES.md).
 DEQUANT_MAX_TOKENS = 64
+# Token counts up to which W4A16 and W4A4 run the skinny split-K GEMM (weights as the wide dot operand).
+SKINNY_MAX_TOKENS = 64
 # Token counts up to which W4A16 runs the CUDA-core GEMV (one program row per token, each re-reading the weights;
 # measured at one token, BENCHMARKS.md).
 GEMV_MAX_TOKENS = 4
@@ -38,8 +42,8 @@ W4A8_EXPAND_MIN_TOKENS = 1024
 W4A8_PATHS = ("dequant", "packed", "expanded", "concat")
 
 __all__ = ["svdquant_linear_forward", "svdquant_mlp_forward", "w4a8_linear_forward", "act_quant", "w4_gemm",
-           "w4a8_gemm", "w4_dequant_gemm", "w4_gemv", "expand_w4", "nvfp4_dequant", "DEQUANT_MAX_TOKENS",
-           "GEMV_MAX_TOKENS", "W4A8_EXPAND_MIN_TOKENS", "W4A8_PATHS", "w4a8_path"]
+           "w4a8_gemm", "w4_dequant_gemm", "w4_skinny_gemm", "w4_gemv", "expand_w4", "nvfp4_dequant", "DEQUANT_MAX_TOKENS",
+           "SKINNY_MAX_TOKENS", "GEMV_MAX_TOKENS", "W4A8_EXPAND_MIN_TOKENS", "W4A8_PATHS", "w4a8_path"]
 
 
 def _flat_padded(module, x: torch.Tensor) -> torch.Tensor:
@@ -71,13 +75,23 @@ def _streaming_forward(module, x2: torch.Tensor, wfactor: torch.Tensor, wrow: to
 
 
 def _w4a16_forward(module, x2: torch.Tensor, ld, lu) -> torch.Tensor:
-    """W4A16: a few tokens -> the GEMV; small M smooths inside the GEMM; large M smooths once in kernel 1 (with
-    the low-rank)."""
-    if x2.shape[0] <= GEMV_MAX_TOKENS and module.group_size == 64:
+    """W4A16: a few tokens -> the GEMV; up to 64 16-bit tokens -> kernel 1 (smoothing + low-rank) and the skinny
+    GEMM (float32: the weight-streaming GEMM smoothing in-kernel); large M -> kernel 1 and the weight-streaming
+    GEMM."""
+    M = x2.shape[0]
+    g64 = module.group_size == 64
+    if M <= GEMV_MAX_TOKENS and g64:
         xs = x2 if module.smoothing_is_identity() else smooth_input(x2, module.smooth_factor)
         lxp = act_quant(x2, module.smooth_factor, None, ld, "none")[2] if ld is not None else None
         return w4_gemv(xs, module.qweight, module.wscales, lxp, lu, module.bias, x2.dtype)
-    if x2.shape[0] <= DEQUANT_MAX_TOKENS:
+    if M <= SKINNY_MAX_TOKENS and g64 and x2.dtype != torch.float32:
+        if module.smoothing_is_identity():
+            xs = x2
+            lxp = act_quant(x2, module.smooth_factor, None, ld, "none")[2] if ld is not None else None
+        else:
+            xs, _, lxp = act_quant(x2, module.smooth_factor, None, ld, "smooth")
+        return w4_skinny_gemm(xs, None, module.qweight, module.wscales, lxp, lu, module.bias, "none", x2.dtype)
+    if M <= DEQUANT_MAX_TOKENS:
         return _streaming_forward(module, x2, module.wscales)
     xs, _, lxp = act_quant(x2, module.smooth_factor, None, ld, "smooth")
     return w4_dequant_gemm(xs, module.qweight, module.wscales, lxp, lu, module.bias, x2.dtype)
@@ -94,14 +108,16 @@ def svdquant_linear_forward(module, x: torch.Tensor) -> torch.Tensor:
         y = _w4a16_forward(module, x2, ld, lu)
     else:
         q, qs, lxp = act_quant(x2, module.smooth_factor, module.act_shift, ld, module.act_format)
-        y = w4_gemm(q, qs, module.qweight, module.wscales, lxp, lu, module.bias, module.act_format, x.dtype)
+        gemm = w4_skinny_gemm if x2.shape[0] <= SKINNY_MAX_TOKENS else w4_gemm
+        y = gemm(q, qs, module.qweight, module.wscales, lxp, lu, module.bias, module.act_format, x.dtype)
     return y.reshape(*lead, module.out_features)
 
 
 def svdquant_mlp_forward(fc1, fc2, x: torch.Tensor, gelu: str = "tanh") -> torch.Tensor:
     """``fc2(gelu(fc1(x)))`` for two W4A4 ``SVDQuantLinear`` with fc1's epilogue doing GELU (tanh) and
     fc2's kernel 1 (smoothing, 4-bit quantization, low-rank down-projection): the hidden activations never
-    reach memory in 16 bits. Falls back to two separate layers when the shapes or formats don't allow it.
+    reach memory in 16 bits. Up to SKINNY_MAX_TOKENS tokens fc1 is the skinny GEMM with GELU and fc2 a separate
+    layer. Falls back to two separate layers when the shapes or formats don't allow it.
     """
     if gelu != "tanh":
         raise ValueError("only the tanh GELU is fused")
@@ -117,11 +133,13 @@ def svdquant_mlp_forward(fc1, fc2, x: torch.Tensor, gelu: str = "tanh") -> torch
     x2 = _flat_padded(fc1, x)
     ld1, lu1 = _lora(fc1)
     q, qs, lxp = act_quant(x2, fc1.smooth_factor, fc1.act_shift, ld1, fc1.act_format)
+    if x2.shape[0] <= SKINNY_MAX_TOKENS:  # few tokens: split-K fc1 with GELU, then fc2 (its own kernel 1)
+        h = w4_skinny_gemm(q, qs, fc1.qweight, fc1.wscales, lxp, lu1, fc1.bias, fc1.act_format, x.dtype, gelu=True)
+        return fc2(h.reshape(*lead, fc1.out_features))
     ld2, lu2 = _lora(fc2)
-    cfg = {"BM": 16, "BN": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4} if x2.shape[0] <= 16 else None
     q2, qs2, lx2 = w4_gemm(q, qs, fc1.qweight, fc1.wscales, lxp, lu1, fc1.bias, fc1.act_format, x.dtype, gelu=True,
                            next_layer=dict(smooth=fc2.smooth_factor, shift=fc2.act_shift, lora_down=ld2,
-                                           mode=fc2.act_format), config=cfg)
+                                           mode=fc2.act_format))
     y = w4_gemm(q2, qs2, fc2.qweight, fc2.wscales, lx2, lu2, fc2.bias, fc2.act_format, x.dtype)
     return y.reshape(*lead, fc2.out_features)
 

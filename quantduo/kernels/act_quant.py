@@ -12,6 +12,11 @@ from .common import dot_precision, fake_quant_token, k_splits, quant4_tile, rank
 
 _MODES = {"int4": 0, "uint4": 1, "int8": 2, "fp8": 3, "none": 4, "smooth": 5, "amax": 6}
 PER_TOKEN_MODES = ("int8", "fp8")
+# Above this many K slices, the slices add their low-rank partial sums atomically into one ``[1, M, r]`` buffer
+# (consumers then read one partial instead of a long dependent chain of them).
+MAX_LX_PARTIALS = 16
+# Token counts up to which kernel 1 gives every program one 32-wide K step (it is latency-bound there).
+FEW_TOKENS = 64
 
 
 @triton.jit
@@ -24,12 +29,14 @@ def _smoothed(xrow, SMOOTH, k, rk, mmask):
 def _act_quant_kernel(
     X, SMOOTH, SHIFT, LD, Q, QS, LXP, AMAXP,
     M, K, K_SPLIT, R, S_AMAX, stride_xm,
-    MODE: tl.constexpr, HAS_LR: tl.constexpr, RP: tl.constexpr, G: tl.constexpr,
+    MODE: tl.constexpr, HAS_LR: tl.constexpr, RP: tl.constexpr, LR_FULL: tl.constexpr, ATOMIC_LX: tl.constexpr,
+    G: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, RECIP: tl.constexpr, QMAX: tl.constexpr,
 ):
     """Program (pid_m, pid_s): rows [pid_m*BM, +BM), channels [pid_s*K_SPLIT, +K_SPLIT).
 
-    X ``[M, K]``; SMOOTH/SHIFT ``[K]``; LD ``[K, R]``; LXP float32 ``[S, M, R]``.
+    X ``[M, K]``; SMOOTH/SHIFT ``[K]``; LD ``[K, R]``; LXP float32 ``[S, M, R]`` (ATOMIC_LX: ``[1, M, R]``, zero on
+    entry, every slice adds into it).
     MODE 0/1 int4/uint4: 4-bit groups, Q uint8 ``[M, K/2]``, QS float32 ``[K/G, M]``.
     MODE 2/3 int8/fp8: per token, scale absmax / QMAX with absmax = max over AMAXP float32 ``[S_AMAX, M]``
     (mode 6's output); Q int8 ``[M, K]`` pair-split / float8 ``[M, K]`` natural order, QS float32 ``[M]``.
@@ -58,7 +65,10 @@ def _act_quant_kernel(
     for k in range(k0, k0 + K_SPLIT, BK):
         xs = _smoothed(xrow, SMOOTH, k, rk, mmask)
         if HAS_LR:
-            ld = tl.load(LD + (k + rk)[:, None] * R + rr[None, :], mask=rr[None, :] < R, other=0.0)
+            if LR_FULL:  # R == RP: unmasked vector loads, which the compiler pipelines
+                ld = tl.load(LD + (k + rk)[:, None] * RP + rr[None, :])
+            else:
+                ld = tl.load(LD + (k + rk)[:, None] * R + rr[None, :], mask=rr[None, :] < R, other=0.0)
             lx = tl.dot(xs.to(ld.dtype), ld, lx, input_precision=PREC)
         if MODE < 2:
             act = xs.to(tl.float32) + tl.load(SHIFT + k + rk).to(tl.float32)[None, :]
@@ -83,12 +93,21 @@ def _act_quant_kernel(
     if MODE == 6:
         tl.store(QS + pid_s * M + rm, amax, mask=mmask)
     if HAS_LR:
-        tl.store(LXP + pid_s * M * R + rm[:, None] * R + rr[None, :], lx, mask=mmask[:, None] & (rr[None, :] < R))
+        lmask = mmask[:, None] & (rr[None, :] < R)
+        if ATOMIC_LX:
+            tl.atomic_add(LXP + rm[:, None] * R + rr[None, :], lx, mask=lmask, sem="relaxed")
+        else:
+            tl.store(LXP + pid_s * M * R + rm[:, None] * R + rr[None, :], lx, mask=lmask)
 
 
 def _pick(M: int, K: int, mode: str) -> tuple[int, int, int]:
     """(BM, BK, splits): 16-row tiles; K split until there are enough programs in flight to cover the
-    memory latency (measured on H200, NOTES.md)."""
+    memory latency (measured on H200, NOTES.md). Up to FEW_TOKENS tokens (except the per-token modes, whose
+    absmax partials are read serially) every program does one 32-wide step: a slice's steps are a dependent chain
+    of about 1 us each there (H100, BENCHMARKS.md)."""
+    if M <= FEW_TOKENS and mode not in PER_TOKEN_MODES and mode != "amax":
+        bk = 64 if mode in ("int4", "uint4") else 32  # 4-bit modes quantize whole groups of 64 per step
+        return 16, bk, K // bk
     bm, bk = 16, (128 if mode in PER_TOKEN_MODES else 64)
     return bm, bk, k_splits(M, K, bm, bk, 2048)
 
@@ -105,7 +124,8 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor | None,
     config: (BM, BK, splits[, num_warps]).
     Returns (q, scales, lx_partials) in the layouts of :mod:`quantduo.kernels.reference` (q is None for
     ``"none"``/``"amax"``, scales None for ``"none"``/``"smooth"``, amax partials float32 ``[S, M]`` as scales
-    for ``"amax"``); lx_partials float32 ``[S, M, r]`` or None when there is no low-rank.
+    for ``"amax"``); lx_partials float32 ``[S, M, r]`` (``S = 1`` above MAX_LX_PARTIALS slices: atomic sums) or
+    None when there is no low-rank.
     """
     if group_size != 64:
         raise ValueError("the Triton kernels support group size 64")
@@ -113,6 +133,8 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor | None,
     if K % group_size or x.stride(1) != 1:
         raise ValueError(f"act_quant needs K % {group_size} == 0 and unit column stride, got {tuple(x.shape)}")
     bm, bk, splits, *warps = config or _pick(M, K, mode)
+    if K % (splits * bk):
+        raise ValueError(f"act_quant config: K={K} must be a multiple of splits * BK = {splits} * {bk}")
     amaxp = None
     if mode in PER_TOKEN_MODES:
         _, amaxp, lxp = act_quant(x, smooth, None, lora_down, "amax", group_size)
@@ -134,15 +156,20 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor | None,
         qs = torch.empty(splits, M, dtype=torch.float32, device=dev)
     elif mode != "none":
         raise ValueError(f"unknown activation mode {mode!r}")
-    if amaxp is None:
-        lxp = torch.empty(splits, M, r, dtype=torch.float32, device=dev) if r > 0 else None
+    atomic_lx = splits > MAX_LX_PARTIALS
+    if amaxp is None and r > 0:
+        lxp = (torch.zeros(1, M, r, dtype=torch.float32, device=dev) if atomic_lx
+               else torch.empty(splits, M, r, dtype=torch.float32, device=dev))
+    elif amaxp is None:
+        lxp = None
     dummy = x
     grid = (triton.cdiv(M, bm), splits)
     _act_quant_kernel[grid](
         x, smooth, shift if shift is not None else dummy, lora_down if r > 0 else dummy, q if q is not None else dummy,
         qs if qs is not None else dummy, lxp if r > 0 else dummy, amaxp if amaxp is not None else dummy,
         M, K, K // splits, r, 0 if amaxp is None else amaxp.shape[0], x.stride(0),
-        MODE=_MODES[mode], HAS_LR=r > 0, RP=rank_pad(r), G=group_size, BM=bm, BK=bk,
+        MODE=_MODES[mode], HAS_LR=r > 0, RP=rank_pad(r), LR_FULL=r == rank_pad(r),
+        ATOMIC_LX=atomic_lx, G=group_size, BM=bm, BK=bk,
         PREC=dot_precision(lora_down.dtype if r > 0 else x.dtype), RECIP=x.is_cuda, QMAX=448 if mode == "fp8" else 127, num_warps=(warps or [4])[0],
     )
     return q, qs, lxp

@@ -102,6 +102,36 @@ def gelu_tanh(y):
 
 
 @triton.jit
+def lowrank_partials_sum(LXP, S, M, R, rm, RP: tl.constexpr, SC: tl.constexpr):
+    """``[BM, RP]`` float32 sum over the S low-rank partials LXP ``[S, M, R]`` of rows ``rm``, loaded SC at a time
+    (one masked 3-D load per round: independent loads in flight instead of S dependent round trips)."""
+    rr = tl.arange(0, RP)
+    rs = tl.arange(0, SC)
+    lmask = (rm[:, None] < M) & (rr[None, :] < R)
+    lx = tl.zeros((rm.shape[0], RP), dtype=tl.float32)
+    for s0 in range(0, S, SC):
+        s = s0 + rs
+        ptrs = LXP + s[:, None, None] * M * R + rm[None, :, None] * R + rr[None, None, :]
+        lx += tl.sum(tl.load(ptrs, mask=(s < S)[:, None, None] & lmask[None, :, :], other=0.0), axis=0)
+    return lx
+
+
+@triton.jit
+def lowrank_bias_apply(acc, lx, rn, N, LU, R, BIAS, RP: tl.constexpr, HAS_LR: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
+    """``acc [BM, BN]`` float32 + ``lx [BM, RP]`` (summed low-rank partials, rounded here to the lora dtype) x
+    LU ``[N, R]``^T (product rounded to the lora dtype, as the reference) + BIAS ``[N]``; float32 result."""
+    if HAS_LR:
+        rr = tl.arange(0, RP)
+        lu = tl.load(LU + rn[:, None] * R + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
+        lr = tl.dot(lx.to(lu.dtype), tl.trans(lu), input_precision=PREC)
+        acc += lr.to(lu.dtype).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def lowrank_bias_epilogue(acc, rm, rn, M, N, LXP, S, LU, R, BIAS,
                           RP: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
     """``acc [BM, BN]`` float32 + low-rank up-projection + bias (float32 result).
@@ -109,18 +139,11 @@ def lowrank_bias_epilogue(acc, rm, rn, M, N, LXP, S, LU, R, BIAS,
     LXP: float32 partials ``[S, M, R]`` (summed, rounded to the lora dtype); LU: lora_up ``[N, R]``;
     the product is rounded to the lora dtype as the reference does. RP: R rounded up to a power of 2 >= 16.
     """
+    lx = None
     if HAS_LR:
-        rr = tl.arange(0, RP)
-        lmask = (rm[:, None] < M) & (rr[None, :] < R)
-        lx = tl.zeros((rm.shape[0], RP), dtype=tl.float32)
-        for s in range(S):
-            lx += tl.load(LXP + s * M * R + rm[:, None] * R + rr[None, :], mask=lmask, other=0.0)
-        lu = tl.load(LU + rn[:, None] * R + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
-        lr = tl.dot(lx.to(lu.dtype), tl.trans(lu), input_precision=PREC)
-        acc += lr.to(lu.dtype).to(tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    return acc
+        SC: tl.constexpr = max(1, 128 // rm.shape[0])  # partials per load round: the tile stays <= 128 x RP
+        lx = lowrank_partials_sum(LXP, S, M, R, rm, RP, SC)
+    return lowrank_bias_apply(acc, lx, rn, N, LU, R, BIAS, RP, HAS_LR, HAS_BIAS, PREC)
 
 
 @triton.jit
@@ -141,6 +164,22 @@ def k_splits(M: int, K: int, bm: int, bk: int, programs: int) -> int:
     while triton.cdiv(M, bm) * splits < programs and K % (splits * 2 * bk) == 0:
         splits *= 2
     return splits
+
+
+_SPLIT_K_WORKSPACES: dict = {}
+
+
+def split_k_workspace(kind: str, numel: int, tiles: int, device) -> tuple:
+    """Zeroed split-K scratch of one kernel ``kind`` on ``device``: (float32 buffer of >= ``numel``, int32 tile
+    counters of >= ``tiles``), grown on demand. The kernels leave the counters zero when they finish."""
+    import torch
+
+    key = (kind, torch.device(device))
+    ws = _SPLIT_K_WORKSPACES.get(key)
+    if ws is None or ws[0].numel() < numel or ws[1].numel() < tiles:
+        ws = _SPLIT_K_WORKSPACES[key] = (torch.zeros(max(numel, 1 << 20), dtype=torch.float32, device=device),
+                                         torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device))
+    return ws
 
 
 def rank_pad(r: int) -> int:

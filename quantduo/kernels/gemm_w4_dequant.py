@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .common import (dot_precision, fake_quant_token, gelu_tanh, lowrank_bias_epilogue, rank_pad, scale_of,
-                     smooth_tile, tile_ids, unpack_int4)
+                     smooth_tile, split_k_workspace, tile_ids, unpack_int4)
 
 _ACT_QMAX = {"none": 0, "int8": 127, "fp8": 448}
 
@@ -99,19 +99,6 @@ def _epilogue_store(acc, rm, rn, M, N, LXP, S, LU, R, BIAS, OUT, RP: tl.constexp
     tl.store(OUT + rm[:, None].to(tl.int64) * N + rn[None, :], y, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-_WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _workspace(acc_numel: int, tiles: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed split-K workspace (float32 accumulators, int32 tile counters), one per device, grown on demand
-    (the kernel leaves it zeroed)."""
-    ws = _WORKSPACE.get(device)
-    if ws is None or ws[0].numel() < acc_numel or ws[1].numel() < tiles:
-        ws = _WORKSPACE[device] = (torch.zeros(max(acc_numel, 1 << 20), dtype=torch.float32, device=device),
-                                   torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device))
-    return ws
-
-
 def _pick(M: int, N: int, K: int) -> dict:
     """Tiles (measured on H200, NOTES.md): small M streams the weights with split-K; large M uses big tiles."""
     if M <= 64:
@@ -148,7 +135,7 @@ def w4_dequant_gemm(x, qweight, wfactor, lxp, lora_up, bias, out_dtype: torch.dt
     r = 0 if lxp is None else lxp.shape[2]
     out = torch.empty(M, N, dtype=out_dtype, device=x.device)
     tiles = triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"])
-    ws, counts = _workspace(M * N, tiles, x.device) if split > 1 else (out, out)
+    ws, counts = split_k_workspace("dequant", M * N, tiles, x.device) if split > 1 else (out, out)
     dummy = qweight
     _w4_dequant_gemm_kernel[(tiles, split)](
         x, smooth if smooth is not None else dummy, amax_partials if amax_partials is not None else dummy,

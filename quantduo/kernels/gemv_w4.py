@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import rank_pad
+from .common import lowrank_partials_sum, rank_pad
 
 GROUP = 64
 FLIP_SIGN_BITS = tl.constexpr(-0x77777778)  # 0x88888888 as int32: XOR turns each two's complement nibble into q + 8
@@ -74,11 +74,8 @@ def _w4_gemv_kernel(
     y = tl.sum(acc, axis=1)
     if HAS_LR:  # as lowrank_bias_epilogue: partials summed and rounded to the lora dtype, product rounded too
         rr = tl.arange(0, RP)
-        rmask = rr < R
-        lx = tl.zeros([RP], tl.float32)
-        for s in range(S):
-            lx += tl.load(LXP + (s * M + m) * R + rr, mask=rmask, other=0.0)
-        lu = tl.load(LU + rn_l[:, None] * R + rr[None, :], mask=rmask[None, :], other=0.0)
+        lx = tl.reshape(lowrank_partials_sum(LXP, S, M, R, m + tl.zeros([1], tl.int32), RP, 16), (RP,))
+        lu = tl.load(LU + rn_l[:, None] * R + rr[None, :], mask=(rr < R)[None, :], other=0.0)
         lx = lx.to(lu.dtype).to(tl.float32)
         y += tl.sum(lu.to(tl.float32) * lx[None, :], axis=1).to(lu.dtype).to(tl.float32)
     if HAS_BIAS:
