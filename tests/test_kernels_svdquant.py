@@ -274,10 +274,10 @@ def _random_module(k, n, act_format, weight_format="int4", rank=16, dtype=torch.
     ("none", "int4", 9, torch.float32), ("nvfp4", "nvfp4", 9, torch.float16), ("nvfp4", "int4", 9, torch.float16),
     ("int4", "nvfp4", 9, torch.float16)])
 def test_module_forward(act_format, weight_format, tokens, dtype):
-    """svdquant_linear_forward == forward_reference, with leading dims and padded in_features (100 -> 128):
-    W4A16 at 2 tokens (the GEMV), 18 and 80 (the skinny GEMM, and at 80 > SKINNY_MAX_TOKENS the weight-streaming
-    GEMM), W4A4 at 18 (skinny) and 160 (kernel 2); float32 W4A16 at 18 (the weight-streaming GEMM's in-kernel
-    smoothing)."""
+    """svdquant_linear_forward == forward_reference, with leading dims (rows = 2 x tokens) and padded in_features
+    (100 -> 128): W4A16 at 2, 18 and 80 rows (2 and 18: the skinny GEMM; 80 > SKINNY_MAX_TOKENS: the
+    weight-streaming GEMM; one row, the GEMV: test_smoothing_identity_cache), W4A4 at 18 (skinny) and 160
+    (kernel 2), float32 W4A16 at 18 (the weight-streaming GEMM's in-kernel smoothing)."""
     m = _random_module(100, 48, act_format, weight_format, dtype=dtype)
     m.backend = "triton"
     x = torch.randn(2, tokens, 100, dtype=dtype)

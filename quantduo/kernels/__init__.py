@@ -33,8 +33,9 @@ DEQUANT_MAX_TOKENS = 64
 # Token counts up to which W4A16 and W4A4 run the skinny split-K GEMM (weights as the wide dot operand).
 SKINNY_MAX_TOKENS = 64
 # Token counts up to which W4A16 runs the CUDA-core GEMV (one program row per token, each re-reading the weights;
-# measured at one token, BENCHMARKS.md).
-GEMV_MAX_TOKENS = 4
+# at 4 tokens the skinny GEMM was 1.6-1.9x faster with the low-rank branch, at 1 token 0.74-0.92x as fast,
+# BENCHMARKS.md).
+GEMV_MAX_TOKENS = 1
 # Tokens from which the int8 W4A8 path expands the weights once per call (below: the packed GEMM, which
 # measured faster than the weight-streaming GEMM at 16 tokens on H200). fp8 uses the concatenation above
 # DEQUANT_MAX_TOKENS.
