@@ -106,13 +106,17 @@ def lowrank_partials_sum(LXP, S, M, R, rm, RP: tl.constexpr, SC: tl.constexpr):
     """``[BM, RP]`` float32 sum over the S low-rank partials LXP ``[S, M, R]`` of rows ``rm``, loaded SC at a time
     (one masked 3-D load per round: independent loads in flight instead of S dependent round trips)."""
     rr = tl.arange(0, RP)
-    rs = tl.arange(0, SC)
     lmask = (rm[:, None] < M) & (rr[None, :] < R)
     lx = tl.zeros((rm.shape[0], RP), dtype=tl.float32)
-    for s0 in range(0, S, SC):
-        s = s0 + rs
-        ptrs = LXP + s[:, None, None] * M * R + rm[None, :, None] * R + rr[None, None, :]
-        lx += tl.sum(tl.load(ptrs, mask=(s < S)[:, None, None] & lmask[None, :, :], other=0.0), axis=0)
+    if SC == 1:  # 2-D loads (a size-1 reduction axis would cost a layout conversion per partial)
+        for s in range(S):
+            lx += tl.load(LXP + s * M * R + rm[:, None] * R + rr[None, :], mask=lmask, other=0.0)
+    else:
+        rs = tl.arange(0, SC)
+        for s0 in range(0, S, SC):
+            s = s0 + rs
+            ptrs = LXP + s[:, None, None] * M * R + rm[None, :, None] * R + rr[None, None, :]
+            lx += tl.sum(tl.load(ptrs, mask=(s < S)[:, None, None] & lmask[None, :, :], other=0.0), axis=0)
     return lx
 
 
