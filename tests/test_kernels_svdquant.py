@@ -176,6 +176,20 @@ def test_w4_skinny_gemm(mode, M, split, r, gelu):
     assert relative_l2_error(again, y_ref) < 1e-3
 
 
+def test_w4_skinny_gemm_row_scale():
+    """The fp8 W4A8 format's few-token path: integer group multipliers ``[N, K/64]`` (uint8) and a float32 row
+    scale, 16-bit activations, against ``w4_gemv_ref`` on the dequantized factors."""
+    M, N, K, r, dtype = 6, 72, 256, 16, torch.float16
+    x, smooth, _, ld, lu, bias = _inputs(M, N, K, r, dtype)
+    q8, mult, row = hf.quantize_int4_fp8exact(torch.randn(N, K) * torch.logspace(-1, 1, K))
+    qw = qz.pack_int4(q8)
+    xs, _, lxp = act_quant(x, smooth, None, ld, "smooth", config=(16, 64, 2))
+    y = w4_skinny_gemm(xs, None, qw, mult, lxp, lu, bias, "none", dtype, wrow=row,
+                       config=dict(BM=16, BN=64, SPLIT_K=2, num_warps=4, num_stages=1))
+    y_ref = ref.w4_gemv_ref(xs, qw, mult.float() * row.float()[:, None], lxp.sum(0), lu, bias, dtype)
+    assert relative_l2_error(y, y_ref) < 1e-3
+
+
 def test_act_quant_bad_config():
     x, smooth, shift, ld, _, _ = _inputs(4, 8, 256, 16, torch.float16)
     with pytest.raises(ValueError, match="multiple of splits \\* BK"):
@@ -329,6 +343,10 @@ def test_w4a8_module_and_converter(act_format):
         assert relative_l2_error(qk.w4a8_linear_forward(m8, x, path=path), _w4a8_expected(m8, x, path)) < 1e-5, path
     path = qk.w4a8_path(m8, 33)
     assert relative_l2_error(m8(x), _w4a8_expected(m8, x, path)) < 1e-5
+    if act_format == "fp8":  # 16-bit activations at few tokens: the skinny GEMM with the per-row scale
+        m16 = hf.to_w4a8(_random_module(128, 64, "uint4", dtype=torch.float16), act_format="fp8")
+        x16 = x[:5].half()
+        assert relative_l2_error(qk.w4a8_linear_forward(m16, x16), m16.forward_reference_a16(x16)) < 2e-3
 
 
 def _w4a8_paths(act_format):

@@ -7,10 +7,11 @@
   dequantization (:mod:`.nvfp4`) + float GEMM.
 * :func:`svdquant_mlp_forward` — fc1 -> GELU -> fc2 where fc1's epilogue applies GELU and quantizes for fc2.
 * :func:`w4a8_linear_forward` — forward of the Hopper W4A8 formats
-  (:class:`~quantduo.svdquant.hopper_formats.SVDQuantW4A8Linear`, int8 or fp8 activations): small M ->
-  weight-streaming split-K GEMM; large M, int8 -> per-token kernel 1 + weight expansion into a cached scratch
-  buffer + int8 GEMM (:mod:`.gemm_w4a8`); large M, fp8 -> the fp8 concatenation (:mod:`.fp8_concat`: two
-  activation passes, expansion with the low-rank tail, one ``torch._scaled_mm``).
+  (:class:`~quantduo.svdquant.hopper_formats.SVDQuantW4A8Linear`, int8 or fp8 activations): small M -> the skinny
+  GEMM (fp8 format, 16-bit activations) or the weight-streaming split-K GEMM (int8); large M, int8 -> per-token
+  kernel 1 + weight expansion into a cached scratch buffer + int8 GEMM (:mod:`.gemm_w4a8`); large M, fp8 -> the
+  fp8 concatenation (:mod:`.fp8_concat`: two activation passes, expansion with the low-rank tail, one
+  ``torch._scaled_mm``).
 """
 from __future__ import annotations
 
@@ -168,7 +169,8 @@ def w4a8_linear_forward(module, x: torch.Tensor, path: str | None = None) -> tor
     path (default :func:`w4a8_path`):
 
     * ``"dequant"``: weight-streaming GEMM; int8: kernel 1 in absmax mode, in-kernel activation quantization;
-      fp8: 16-bit activations (W4A16 execution of the same weights, more accurate than fp8 activations);
+      fp8: 16-bit activations (W4A16 execution of the same weights, more accurate than fp8 activations), through
+      the skinny GEMM up to SKINNY_MAX_TOKENS 16-bit tokens;
     * ``"packed"`` (int8): 8-bit kernel 1 + GEMM unpacking the weights in registers;
     * ``"expanded"`` (int8): 8-bit kernel 1 + expansion into the scratch buffer + 8-bit GEMM;
     * ``"concat"`` (fp8): the fp8 concatenation, one ``torch._scaled_mm`` (see :func:`_fp8_concat_forward`).
@@ -182,6 +184,10 @@ def w4a8_linear_forward(module, x: torch.Tensor, path: str | None = None) -> tor
         raise ValueError(f"unknown or unsupported W4A8 path {path!r} for act_format {module.act_format!r}")
     if path == "concat":
         y = _fp8_concat_forward(module, x2)
+    elif path == "dequant" and fp8 and x2.shape[0] <= SKINNY_MAX_TOKENS and x2.dtype != torch.float32:
+        xs, _, lxp = act_quant(x2, module.smooth_factor, None, ld, "smooth")
+        y = w4_skinny_gemm(xs, None, module.qweight, module.wmult, lxp, lu, module.bias, "none", x.dtype,
+                           wrow=module.wscale_row)
     elif path == "dequant" and fp8:
         y = _streaming_forward(module, x2, module.wmult, module.wscale_row)
     elif path == "dequant":
