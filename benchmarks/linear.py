@@ -146,8 +146,8 @@ def v_fp8(M, N, K, extra_k=0):
 
 
 def v_module(M, N, K, kind, **kw):
-    """kind: w4a16 | w4a4_fused | w4a4_nolr | w4a4_unfused | w4a8[_nolr] | w4a8fp8[_nolr] | w4a8fp8_smm
-    (kw: path, config)."""
+    """kind: w4a16 | w4a4_fused | w4a4_nolr (module forward: the default path) | w4a4_unfused (kernel 1, kernel 2
+    without low-rank, separate low-rank matmuls) | w4a8[_nolr] | w4a8fp8[_nolr] | w4a8fp8_smm (kw: path)."""
     def make():
         x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
         if kind == "w4a16":
@@ -158,15 +158,11 @@ def v_module(M, N, K, kind, **kw):
             if kind == "w4a4_unfused":
                 def call():
                     q, qs, _ = act_quant(x, m.smooth_factor, m.act_shift, None, "int4")
-                    y = w4_gemm(q, qs, m.qweight, m.wscales, None, None, m.bias, "int4", x.dtype, config=kw.get("config"))
+                    y = w4_gemm(q, qs, m.qweight, m.wscales, None, None, m.bias, "int4", x.dtype)
                     xs = x / m.smooth_factor
                     return y + (xs @ m.lora_down) @ m.lora_up.T
                 return call
-            def call():
-                q, qs, lxp = act_quant(x, m.smooth_factor, m.act_shift, m.lora_down if m.rank else None, "int4")
-                return w4_gemm(q, qs, m.qweight, m.wscales, lxp, m.lora_up if m.rank else None, m.bias, "int4",
-                               x.dtype, config=kw.get("config"))
-            return call
+            return lambda: qk.svdquant_linear_forward(m, x)  # the default path (kernel 2, or skinny at few tokens)
         fmt = "fp8" if kind.startswith("w4a8fp8") else "int8"
         m = random_w4a8(N, K, rank=0 if kind.endswith("_nolr") else RANK, act_format=fmt)
         if kind == "w4a8fp8_smm":
