@@ -12,6 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from quantduo import kernels as qk
 from quantduo.kernels import reference as ref
@@ -174,6 +176,30 @@ def test_w4_skinny_gemm(mode, M, split, r, gelu):
     assert relative_l2_error(y, y_ref) < 1e-3
     again = w4_skinny_gemm(a, a_s, qw, ws, lxp, lu, bias, mode, dtype, gelu=gelu, config=cfg)
     assert relative_l2_error(again, y_ref) < 1e-3
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(m=st.integers(1, 64), n=st.integers(1, 150), groups=st.sampled_from([1, 2, 3, 4, 6]),
+       split=st.sampled_from([1, 2, 3]), mode=st.sampled_from(["none", "int4", "uint4"]),
+       r=st.sampled_from([0, 8, 32]), seed=st.integers(0, 2**16))
+def test_w4_skinny_gemm_shapes(m, n, groups, split, mode, r, seed):
+    """Any token count up to 64, row count, K (whole groups) and split that divides the groups."""
+    if groups % split:
+        split = 1
+    K, dtype = 64 * groups, torch.float16
+    x, smooth, shift, ld, lu, bias = _inputs(m, n, K, max(r, 1), dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    qw = qz.pack_int4(torch.randint(-8, 8, (n, K), generator=g, dtype=torch.int8))
+    ws = (torch.rand(n, groups, generator=g) + 0.1).to(dtype)
+    a, a_s, lxp = act_quant(x, smooth, shift, ld if r else None, "smooth" if mode == "none" else mode,
+                            config=(16, 64, 1))
+    lu = lu if r else None
+    cfg = dict(BM=16 if m <= 16 else (32 if m <= 32 else 64), BN=64, SPLIT_K=split, num_warps=4, num_stages=1)
+    y = w4_skinny_gemm(a, a_s, qw, ws, lxp, lu, bias, mode, dtype, config=cfg)
+    lx = lxp.sum(0) if r else None
+    y_ref = (ref.w4_gemv_ref(a, qw, ws, lx, lu, bias, dtype) if mode == "none"
+             else ref.w4_gemm_ref(a, a_s, qw, ws, lx, lu, bias, mode, dtype))
+    assert relative_l2_error(y, y_ref) < 1e-3
 
 
 def test_w4_skinny_gemm_row_scale():
