@@ -44,8 +44,9 @@ W4A8_EXPAND_MIN_TOKENS = 1024
 W4A8_PATHS = ("dequant", "packed", "expanded", "concat")
 
 __all__ = ["svdquant_linear_forward", "svdquant_mlp_forward", "w4a8_linear_forward", "act_quant", "w4_gemm",
-           "w4a8_gemm", "w4_dequant_gemm", "w4_skinny_gemm", "w4_gemv", "expand_w4", "nvfp4_dequant", "DEQUANT_MAX_TOKENS",
-           "SKINNY_MAX_TOKENS", "GEMV_MAX_TOKENS", "W4A8_EXPAND_MIN_TOKENS", "W4A8_PATHS", "w4a8_path"]
+           "w4a8_gemm", "w4_dequant_gemm", "w4_skinny_gemm", "w4_gemv", "expand_w4", "nvfp4_dequant",
+           "DEQUANT_MAX_TOKENS", "SKINNY_MAX_TOKENS", "GEMV_MAX_TOKENS", "W4A8_EXPAND_MIN_TOKENS", "W4A8_PATHS",
+           "w4a8_path"]
 
 
 def _flat_padded(module, x: torch.Tensor) -> torch.Tensor:

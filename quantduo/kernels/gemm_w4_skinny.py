@@ -1,5 +1,6 @@
-"""Skinny GEMM for few tokens (M <= 64): INT4-g64 weights as the large operand, split-K. Serves W4A16 (16-bit activations, already smoothed) and W4A4 (packed 4-bit activation codes with
-group scales) at small M, where a layer only streams its weights.
+"""Skinny GEMM for few tokens (M <= 64): INT4-g64 weights as the large operand, split-K. Serves W4A16 (16-bit
+activations, already smoothed; also the fp8 W4A8 format's integer multipliers with a row scale) and W4A4 (packed
+4-bit activation codes with group scales) at small M, where a layer only streams its weights.
 
 The problem is computed transposed, ``out^T [N, M] = W [N, K] x a^T [K, M]``, so the weights fill the wide side
 of the tensor-core dot and the tokens the narrow one. One K step is one group of 64 inputs:
@@ -241,10 +242,12 @@ def w4_skinny_gemm(a, a_scales, qweight, wscales, lxp, lora_up, bias, mode: str,
     dummy = qweight
     _w4_skinny_kernel[(tiles, split)](
         a, a_scales if a_scales is not None else dummy, qweight.view(torch.int32), wscales,
-        wrow if wrow is not None else dummy, lxp if r else dummy, lora_up if r else dummy, bias if bias is not None else dummy, out, part, counts,
+        wrow if wrow is not None else dummy, lxp if r else dummy, lora_up if r else dummy,
+        bias if bias is not None else dummy, out, part, counts,
         M, N, K, K // GROUP // split, 0 if lxp is None else lxp.shape[0], r, a.stride(0),
         wscales.stride(0), wscales.stride(1),
-        A_MODE=_A_MODES[mode], HAS_WROW=wrow is not None, HAS_LR=r > 0, RP=rank_pad(r), HAS_BIAS=bias is not None, GELU=gelu, SPLIT_K=split, G=GROUP,
+        A_MODE=_A_MODES[mode], HAS_WROW=wrow is not None, HAS_LR=r > 0, RP=rank_pad(r),
+        HAS_BIAS=bias is not None, GELU=gelu, SPLIT_K=split, G=GROUP,
         DT=tl.bfloat16 if dt == torch.bfloat16 else tl.float16,
         PREC="ieee" if r and lora_up.dtype == torch.float32 else "tf32", **cfg,
     )
