@@ -12,10 +12,9 @@ of the tensor-core dot and the tokens the narrow one. One K step is one group of
   float32-accumulated for 16-bit ones. The group scale then multiplies a ``[BN, BM]`` tile, not every weight, and
   the group scales are loaded one group ahead (2-byte gathers are not pipelined by the compiler).
 * K is split over ``SPLIT_K`` programs per output tile (enough programs to stream the weights); each adds its
-  float32 partial tile (times the row scale, and for the first slice plus the low-rank up-projection and the bias)
-  atomically into a zeroed workspace, and the last one to finish (per-tile counter) reads the sum, zeroes the
-  workspace tile and the counter, and stores the rounded output. (Summing stored partials in slice order would be
-  deterministic, but holding them cost registers, i.e. occupancy.)
+  float32 partial tile atomically into a zeroed workspace, and the last one to finish (per-tile counter) reads the
+  sum, zeroes the workspace tile and the counter, and adds the low-rank up-projection and the bias. (Summing
+  stored partials in slice order would be deterministic, but holding them cost registers, i.e. occupancy.)
 
 References: :func:`quantduo.kernels.reference.w4_gemv_ref` (16-bit activations, exact float32 weights) and
 :func:`quantduo.kernels.reference.w4_gemm_ref` (4-bit activations).
@@ -142,31 +141,35 @@ def _w4_skinny_kernel(
         a_scale = a_scale_next
     mmask = rm < M
     nmask = rn < N
-    part = tl.trans(acc)  # [BM, BN]
-    if HAS_WROW:
-        part *= tl.load(WROW + rn_l)[None, :]
-    if pid_k == 0:  # the first K slice adds the low-rank branch and the bias (off the serial tail below)
-        lx = None
-        if HAS_LR:
-            lx = lowrank_partials_sum(LXP, S, M, R, rm, RP, 4)
-        part = lowrank_bias_apply(part, lx, rn, N, LU, R, BIAS, RP, HAS_LR, HAS_BIAS, PREC)
     if SPLIT_K > 1:
-        out_mask = mmask[:, None] & nmask[None, :]
-        tile_ptrs = PART + rm_l[:, None] * N + rn_l[None, :]
-        tl.atomic_add(tile_ptrs, part, mask=out_mask, sem="relaxed")
+        ws = PART + rm_l[None, :] * N + rn_l[:, None]
+        tl.atomic_add(ws, acc, mask=mmask[None, :] & nmask[:, None], sem="relaxed")
         tl.debug_barrier()  # every thread's partial sum is issued before the counter increment (release)
-        if tl.atomic_add(COUNTS + tile, 1) == SPLIT_K - 1:  # the last slice of this tile stores it
+        if tl.atomic_add(COUNTS + tile, 1) == SPLIT_K - 1:  # the last slice of this tile finishes it
+            out_mask = mmask[:, None] & nmask[None, :]
+            tile_ptrs = PART + rm_l[:, None] * N + rn_l[None, :]
             total = tl.load(tile_ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
             tl.store(tile_ptrs, tl.zeros((BM, BN), dtype=tl.float32), mask=out_mask)
             tl.store(COUNTS + tile, 0)
-            _store(total, rm, rn, M, N, OUT, GELU)
+            _epilogue(total, rm, rn, M, N, WROW, LXP, S, LU, R, BIAS, OUT, HAS_WROW, RP, HAS_LR, HAS_BIAS, GELU,
+                      PREC)
     else:
-        _store(part, rm, rn, M, N, OUT, GELU)
+        _epilogue(tl.trans(acc), rm, rn, M, N, WROW, LXP, S, LU, R, BIAS, OUT, HAS_WROW, RP, HAS_LR, HAS_BIAS, GELU,
+                  PREC)
 
 
 @triton.jit
-def _store(acc, rm, rn, M, N, OUT, GELU: tl.constexpr):
-    """The float32 tile ``acc [BM, BN]`` rounded to OUT's dtype (then tanh GELU), stored to OUT ``[M, N]``."""
+def _epilogue(acc, rm, rn, M, N, WROW, LXP, S, LU, R, BIAS, OUT, HAS_WROW: tl.constexpr, RP: tl.constexpr,
+              HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, PREC: tl.constexpr):
+    """Per-row scale, low-rank up-projection + bias (+ GELU) on the float32 tile ``acc [BM, BN]``, stored to OUT
+    ``[M, N]``. The low-rank partials are summed 4 at a time (fewer dependent round trips in this tail, few
+    registers)."""
+    if HAS_WROW:
+        acc *= tl.load(WROW + rn, mask=rn < N, other=0.0)[None, :]
+    lx = None
+    if HAS_LR:
+        lx = lowrank_partials_sum(LXP, S, M, R, rm, RP, 4)
+    acc = lowrank_bias_apply(acc, lx, rn, N, LU, R, BIAS, RP, HAS_LR, HAS_BIAS, PREC)
     y = acc.to(OUT.dtype.element_ty)
     if GELU:
         y = gelu_tanh(y.to(tl.float32)).to(OUT.dtype.element_ty)
