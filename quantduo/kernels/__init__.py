@@ -34,7 +34,7 @@ DEQUANT_MAX_TOKENS = 64
 # Token counts up to which W4A16 and W4A4 run the skinny split-K GEMM (weights as the wide dot operand).
 SKINNY_MAX_TOKENS = 64
 # Token counts up to which W4A16 runs the CUDA-core GEMV (one program row per token, each re-reading the weights;
-# at 4 tokens the skinny GEMM was 1.6-1.9x faster with the low-rank branch, at 1 token 0.74-0.92x as fast,
+# at 4 tokens the skinny GEMM was 1.6-2.0x faster with the low-rank branch, at 1 token 0.7-0.9x as fast,
 # BENCHMARKS.md).
 GEMV_MAX_TOKENS = 1
 # Tokens from which the int8 W4A8 path expands the weights once per call (below: the packed GEMM, which
