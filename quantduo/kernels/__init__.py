@@ -78,8 +78,8 @@ def _streaming_forward(module, x2: torch.Tensor, wfactor: torch.Tensor, wrow: to
 
 
 def _w4a16_forward(module, x2: torch.Tensor, ld, lu) -> torch.Tensor:
-    """W4A16: a few tokens -> the GEMV; up to 64 16-bit tokens -> kernel 1 (smoothing + low-rank) and the skinny
-    GEMM (float32: the weight-streaming GEMM smoothing in-kernel); large M -> kernel 1 and the weight-streaming
+    """W4A16: one token -> the GEMV; up to 64 16-bit tokens -> kernel 1 (smoothing + low-rank) and the skinny GEMM
+    (float32 tokens: the weight-streaming GEMM, smoothing in-kernel); large M -> kernel 1 and the weight-streaming
     GEMM."""
     M = x2.shape[0]
     g64 = module.group_size == 64

@@ -80,7 +80,7 @@ def _act_group(A, rm_l, g, K, stride_am, A_MODE: tl.constexpr, BM: tl.constexpr,
 
 
 @triton.jit
-def _group(acc, A, W, rm_l, rn_l, g, K, M, stride_am, w_scale, a_scale, A_MODE: tl.constexpr, BM: tl.constexpr,
+def _group(acc, A, W, rm_l, rn_l, g, K, stride_am, w_scale, a_scale, A_MODE: tl.constexpr, BM: tl.constexpr,
            BN: tl.constexpr, G: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """``acc [BN, BM]`` + group ``g``'s contribution: ``w_scale [BN] * sum(q * a) (* a_scale [BM])``."""
     v = tl.load(W + rn_l[:, None] * (K // 8) + (g * 8 + tl.arange(0, 8))[None, :]) ^ FLIP_SIGN_BITS
@@ -136,7 +136,7 @@ def _w4_skinny_kernel(
             a_scale_next = tl.load(a_scale_ptrs + g_next * M)
         else:
             a_scale_next = a_scale
-        acc = _group(acc, A, W, rm_l, rn_l, g, K, M, stride_am, w_scale, a_scale, A_MODE, BM, BN, G, DT, PREC)
+        acc = _group(acc, A, W, rm_l, rn_l, g, K, stride_am, w_scale, a_scale, A_MODE, BM, BN, G, DT, PREC)
         w_scale = w_scale_next
         a_scale = a_scale_next
     mmask = rm < M
