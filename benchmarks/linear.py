@@ -1,6 +1,6 @@
 """Check and time SVDQuant linear kernels at FLUX.1 shapes against BF16 / FP8 / W4A16 baselines (one GPU call).
 
-    PYTHONPATH=. python benchmarks/linear.py [--sweep] [--quality] [--out DIR]
+    PYTHONPATH=. python benchmarks/linear.py [--sweep] [--quality] [--decode | --small | --small-sweep] [--out DIR]
 
 Variants (rank 32): bf16 F.linear; fp8 torch._scaled_mm with row-wise scales (GEMM only, inputs already
 fp8); W4A16 (Triton weight-streaming GEMM, INT4-g64 weights, no low-rank); W4A4 INT4-g64 unfused (kernel 1
@@ -18,7 +18,7 @@ weight-streaming GEMM it replaces there, PyTorch's int4 tinygemm (``torch.ops.at
 same INT4-g64 values) and a sweep of GEMV tiles. ``--small`` checks and times few tokens (M = 1, 4, 16, 64) at
 the FLUX shapes: the skinny split-K GEMM (``kernels.gemm_w4_skinny``; W4A16 and W4A4, module forward and the GEMM
 alone) against bf16, the paths it replaced (weight-streaming GEMM, kernel 2, the fused MLP's kernel 2) and the
-GEMV, plus a sweep of skinny tiles at M = 16. Writes JSON + log under ``--out``.
+GEMV; ``--small-sweep`` times skinny tiles and kernel-1 tiles at M = 16. Writes JSON + log under ``--out``.
 """
 from __future__ import annotations
 
