@@ -58,6 +58,11 @@ def _lora(module):
     return (module.lora_down, module.lora_up) if module.rank > 0 else (None, None)
 
 
+def _lowrank_partials(module, x2: torch.Tensor, lora_down: torch.Tensor | None) -> torch.Tensor | None:
+    """Kernel 1's low-rank partials ``[S, M, r]`` of ``x2 / smooth`` (no quantization), None without low-rank."""
+    return act_quant(x2, module.smooth_factor, None, lora_down, "none")[2] if lora_down is not None else None
+
+
 def _nvfp4_forward(module, x: torch.Tensor) -> torch.Tensor:
     """NVFP4 weights and/or activations: Triton dequantization of NVFP4 weights, then the reference
     arithmetic in float32."""
@@ -72,7 +77,7 @@ def _streaming_forward(module, x2: torch.Tensor, wfactor: torch.Tensor, wrow: to
     """16-bit activations through the weight-streaming GEMM, smoothing in-kernel (small M): kernel 1 computes
     only the low-rank partials. wfactor: group scales or multipliers ``[N, K // 64]``; wrow: per-row scale."""
     ld, lu = _lora(module)
-    lxp = act_quant(x2, module.smooth_factor, None, ld, "none")[2] if ld is not None else None
+    lxp = _lowrank_partials(module, x2, ld)
     return w4_dequant_gemm(x2, module.qweight, wfactor, lxp, lu, module.bias, x2.dtype, smooth=module.smooth_factor,
                            wrow=wrow)
 
@@ -85,12 +90,12 @@ def _w4a16_forward(module, x2: torch.Tensor, ld, lu) -> torch.Tensor:
     g64 = module.group_size == 64
     if M <= GEMV_MAX_TOKENS and g64:
         xs = x2 if module.smoothing_is_identity() else smooth_input(x2, module.smooth_factor)
-        lxp = act_quant(x2, module.smooth_factor, None, ld, "none")[2] if ld is not None else None
+        lxp = _lowrank_partials(module, x2, ld)
         return w4_gemv(xs, module.qweight, module.wscales, lxp, lu, module.bias, x2.dtype)
     if M <= SKINNY_MAX_TOKENS and g64 and x2.dtype != torch.float32:
         if module.smoothing_is_identity():
             xs = x2
-            lxp = act_quant(x2, module.smooth_factor, None, ld, "none")[2] if ld is not None else None
+            lxp = _lowrank_partials(module, x2, ld)
         else:
             xs, _, lxp = act_quant(x2, module.smooth_factor, None, ld, "smooth")
         return w4_skinny_gemm(xs, None, module.qweight, module.wscales, lxp, lu, module.bias, "none", x2.dtype)

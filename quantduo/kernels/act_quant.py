@@ -157,11 +157,9 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor | None,
     elif mode != "none":
         raise ValueError(f"unknown activation mode {mode!r}")
     atomic_lx = splits > MAX_LX_PARTIALS
-    if amaxp is None and r > 0:
-        lxp = (torch.zeros(1, M, r, dtype=torch.float32, device=dev) if atomic_lx
-               else torch.empty(splits, M, r, dtype=torch.float32, device=dev))
-    elif amaxp is None:
-        lxp = None
+    if amaxp is None:  # per-token modes took the partials from their "amax" launch
+        lxp = None if r == 0 else (torch.zeros(1, M, r, dtype=torch.float32, device=dev) if atomic_lx
+                                   else torch.empty(splits, M, r, dtype=torch.float32, device=dev))
     dummy = x
     grid = (triton.cdiv(M, bm), splits)
     _act_quant_kernel[grid](
