@@ -13,9 +13,10 @@ Then, on synthetic cache contents (decode time does not depend on the values): d
 contexts (--decode-contexts), a config sweep of the decode kernel, and (last; the weights are
 quantized to W4A16 in place) the largest context that runs with 4-bit weights + INT4 KV, with and
 without DuoAttention. --only runs one part, or one of these extras: long-prefill (chunked prefill, full vs Duo,
-at contexts too long for one pass), w4-decode (decode only with bf16 weights, then with the weights quantized to
-W4A16, full vs Duo at each KV precision; --profile adds kernel times per token), chunk-attn (one later chunk's
-causal attention per implementation). --fuse-norms makes every variant use one-launch RMSNorms.
+at contexts too long for one pass; --w4a16 repeats it with W4A16 weights), w4-decode (decode only with bf16
+weights, then with the weights quantized to W4A16, full vs Duo at each KV precision; --profile adds kernel times
+per token), chunk-attn (one later chunk's causal attention per implementation). --fuse-norms makes every variant
+use one-launch RMSNorms.
 Timings: CUDA events, warm-up, median.
 """
 from __future__ import annotations
@@ -518,6 +519,7 @@ def main() -> None:
                                                                  4_400_000, 4_500_000, 4_600_000],
                     help="contexts tried with 4-bit weights + INT4 KV, synthetic cache")
     ap.add_argument("--profile", action="store_true", help="w4-decode: kernel times per token (torch.profiler)")
+    ap.add_argument("--w4a16", action="store_true", help="long-prefill: run again with the linears quantized to W4A16")
     ap.add_argument("--fuse-norms", action="store_true", help="one-launch RMSNorms (fuse_rms_norms) in every variant")
     ap.add_argument("--only", choices=["sweep", "chunk-attn", "decode", "w4-decode", "capacity", "long-prefill"],
                     help="run one part: the decode-kernel sweep (at --contexts), decode only (at --decode-contexts), "
@@ -556,7 +558,12 @@ def main() -> None:
         w4_decode(apply_duo(model, mask, SINK, RECENT), args)
         return
     if args.only == "long-prefill":
-        long_prefill(apply_duo(model, mask, SINK, RECENT), args.contexts, args.chunk)
+        duo = apply_duo(model, mask, SINK, RECENT)
+        long_prefill(duo, args.contexts, args.chunk)
+        if args.w4a16:
+            quantize_causal_lm(duo, torch.randint(0, 128000, (1, 256), device=DEV), "w4a16", progress=False)
+            print(f"\nW4A16 weights (SVDQuant module, {weight_bytes(duo) / GB:.2f} GB):", flush=True)
+            long_prefill(duo, args.contexts, args.chunk)
         return
     if args.only == "capacity":
         capacity_run(apply_duo(model, mask, SINK, RECENT), args, torch.cuda.mem_get_info()[1])

@@ -146,12 +146,19 @@ def v_fp8(M, N, K, extra_k=0):
 
 
 def v_module(M, N, K, kind, **kw):
-    """kind: w4a16 | w4a4_fused | w4a4_nolr (module forward: the default path) | w4a4_unfused (kernel 1, kernel 2
-    without low-rank, separate low-rank matmuls) | w4a8[_nolr] | w4a8fp8[_nolr] | w4a8fp8_smm (kw: path)."""
+    """kind: w4a16[_lr] | w4a4_fused | w4a4_nolr (module forward: the default path) | w4a16_lr_stream (kernel 1 +
+    the weight-streaming GEMM, the W4A16 path above 64 tokens before the dequantized cuBLAS one) | w4a4_unfused
+    (kernel 1, kernel 2 without low-rank, separate low-rank matmuls) | w4a8[_nolr] | w4a8fp8[_nolr] | w4a8fp8_smm
+    (kw: path)."""
     def make():
         x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
-        if kind == "w4a16":
-            m = random_module(N, K, "none", rank=0)
+        if kind.startswith("w4a16"):
+            m = random_module(N, K, "none", rank=0 if kind == "w4a16" else RANK)
+            if kind == "w4a16_lr_stream":
+                def call():
+                    xs, _, lxp = act_quant(x, m.smooth_factor, None, m.lora_down, "smooth")
+                    return w4_dequant_gemm(xs, m.qweight, m.wscales, lxp, m.lora_up, m.bias, x.dtype)
+                return call
             return lambda: qk.svdquant_linear_forward(m, x)
         if kind.startswith("w4a4"):
             m = random_module(N, K, "int4", rank=0 if kind == "w4a4_nolr" else RANK)
@@ -464,6 +471,7 @@ def check_correctness(log):
                     f"{relative_l2_error(m8.forward_reference(x), exact):.4f}, plain fp8 + 16-bit low-rank "
                     f"{relative_l2_error(hf.LowRankQuantLinear.forward_reference(m8, x), exact):.4f}")
         m16 = random_module(N, K, "none", rank=RANK)
+        check(f"none lr {N}x{K}", lambda: qk.svdquant_linear_forward(m16, x), lambda: m16.forward_reference(x))
         check(f"none M=16 {N}x{K}", lambda: qk.svdquant_linear_forward(m16, x16), lambda: m16.forward_reference(x16))
     fc1, fc2 = random_module(12288, 3072, "int4"), random_module(3072, 12288, "uint4")
     for M in (16, 300):
@@ -570,9 +578,9 @@ def table(log, results, tokens):
     for M in tokens:
         for (N, K) in SHAPES:
             t = {"bf16": time_graph(*v_bf16(M, N, K)), "fp8_scaled_mm": time_graph(*v_fp8(M, N, K))}
-            for kind in ("w4a16", "w4a4_unfused", "w4a4_nolr", "w4a4_fused", "w4a8_nolr", "w4a8", "w4a8fp8_nolr",
-                         "w4a8fp8", "w4a8fp8_smm"):
-                if kind == "w4a8fp8_smm" and M < 256:
+            for kind in ("w4a16", "w4a16_lr", "w4a16_lr_stream", "w4a4_unfused", "w4a4_nolr", "w4a4_fused",
+                         "w4a8_nolr", "w4a8", "w4a8fp8_nolr", "w4a8fp8", "w4a8fp8_smm"):
+                if kind in ("w4a8fp8_smm", "w4a16_lr_stream") and M < 256:
                     continue
                 t[kind] = time_graph(*v_module(M, N, K, kind))
             rows.append(dict(M=M, N=N, K=K, us=t))

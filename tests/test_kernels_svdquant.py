@@ -23,6 +23,7 @@ from quantduo.kernels.gemm_w4_dequant import w4_dequant_gemm
 from quantduo.kernels.gemm_w4_skinny import w4_skinny_gemm
 from quantduo.kernels.gemv_w4 import w4_gemv
 from quantduo.kernels.fp8_concat import fp8_concat_quant, fp8_row_stats, fp8_rowwise_gemm
+from quantduo.kernels.dequant_w4 import dequant_w4
 from quantduo.kernels.gemm_w4a8 import expand_w4, w4a8_gemm
 from quantduo.kernels.nvfp4 import nvfp4_dequant
 from quantduo.svdquant import SVDQuantLinear
@@ -283,6 +284,47 @@ def test_w4a8_expand_and_gemm(fmt):
         assert relative_l2_error(y, y_ref) < 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("group,rank,smoothed", [(64, 0, False), (64, 16, True), (128, 24, True), (64, 0, True)])
+def test_dequant_w4(dtype, group, rank, smoothed):
+    """W4A16 weight reconstruction ``(q * scale + up @ down^T) / smooth`` against its float32 reference, rounded
+    to dtype: 16-bit within one ulp (float32 sums in another order; the interpreter also truncates float32 ->
+    bfloat16 where the GPU rounds to nearest even), float32 to 1e-5. Low-rank factors in float16 / float32 (the
+    interpreter's bfloat16 dot is wrong)."""
+    torch.manual_seed(0)
+    N, K = 40, 512
+    q, scales = qz.quantize_int4(torch.randn(N, K) * torch.logspace(-2, 1, K), group, dtype)
+    qw = qz.pack_int4(q)
+    lr_dtype = torch.float16 if dtype == torch.bfloat16 else dtype
+    down, up = (torch.randn(K, rank, dtype=lr_dtype) * 0.3, torch.randn(N, rank, dtype=lr_dtype)) if rank else (None,
+                                                                                                             None)
+    smooth = torch.rand(K, dtype=dtype) + 0.5 if smoothed else None
+    got = dequant_w4(qw, scales, dtype, group, down, up, smooth, scratch=False)
+    expected = ref.w4_dequant_ref(qw, scales, dtype, group, down, up, smooth)
+    assert got.dtype == dtype and got.shape == (N, K)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    else:
+        assert ((got.float() - expected.float()).abs() <= torch.finfo(dtype).eps * expected.float().abs()).all()
+    if rank:  # the low-rank term is there (a mutation dropping it fails)
+        assert relative_l2_error(got, ref.w4_dequant_ref(qw, scales, dtype, group, None, None, smooth)) > 0.1
+
+
+def test_dequant_w4_bad_inputs():
+    q, scales = qz.quantize_int4(torch.randn(32, 256), 64, torch.float16)
+    qw = qz.pack_int4(q)
+    with pytest.raises(ValueError, match="wscales"):
+        dequant_w4(qw, scales[:, 1:], torch.float16)
+    with pytest.raises(ValueError, match="come together"):
+        dequant_w4(qw, scales, torch.float16, lora_down=torch.zeros(256, 8))
+    with pytest.raises(ValueError, match="low-rank factors"):
+        dequant_w4(qw, scales, torch.float16, lora_down=torch.zeros(128, 8), lora_up=torch.zeros(32, 8))
+    with pytest.raises(ValueError, match="smooth"):
+        dequant_w4(qw, scales, torch.float16, smooth=torch.ones(255))
+    with pytest.raises(ValueError, match="BK"):
+        dequant_w4(qw, scales, torch.float16, config=(16, 96, 4))
+
+
 def test_nvfp4_dequant():
     codes, scales, gs = qz.quantize_nvfp4(torch.randn(40, 96))
     qw = qz.pack_nibbles(codes)
@@ -311,13 +353,13 @@ def _random_module(k, n, act_format, weight_format="int4", rank=16, dtype=torch.
 @pytest.mark.parametrize("act_format,weight_format,tokens,dtype", [
     ("int4", "int4", 9, torch.float16), ("uint4", "int4", 9, torch.float16), ("int4", "int4", 80, torch.float16),
     ("none", "int4", 1, torch.float16), ("none", "int4", 9, torch.float16), ("none", "int4", 40, torch.float16),
-    ("none", "int4", 9, torch.float32), ("nvfp4", "nvfp4", 9, torch.float16), ("nvfp4", "int4", 9, torch.float16),
-    ("int4", "nvfp4", 9, torch.float16)])
+    ("none", "int4", 9, torch.float32), ("none", "int4", 40, torch.float32), ("nvfp4", "nvfp4", 9, torch.float16),
+    ("nvfp4", "int4", 9, torch.float16), ("int4", "nvfp4", 9, torch.float16)])
 def test_module_forward(act_format, weight_format, tokens, dtype):
     """svdquant_linear_forward == forward_reference, with leading dims (rows = 2 x tokens) and padded in_features
-    (100 -> 128): W4A16 at 2, 18 and 80 rows (2 and 18: the skinny GEMM; 80 > SKINNY_MAX_TOKENS: the
-    weight-streaming GEMM; one row, the GEMV: test_smoothing_identity_cache), W4A4 at 18 (skinny) and 160
-    (kernel 2), float32 W4A16 at 18 (the weight-streaming GEMM's in-kernel smoothing)."""
+    (100 -> 128): W4A16 at 2, 18 and 80 rows (2 and 18: the skinny GEMM; 80 > SKINNY_MAX_TOKENS: dequantized
+    weights + GEMM, float16 and float32; one row, the GEMV: test_smoothing_identity_cache), W4A4 at 18 (skinny)
+    and 160 (kernel 2), float32 W4A16 at 18 (the weight-streaming GEMM's in-kernel smoothing)."""
     m = _random_module(100, 48, act_format, weight_format, dtype=dtype)
     m.backend = "triton"
     x = torch.randn(2, tokens, 100, dtype=dtype)
@@ -326,12 +368,13 @@ def test_module_forward(act_format, weight_format, tokens, dtype):
     assert relative_l2_error(y, m.forward_reference(x)) < 2e-3
 
 
-def test_smoothing_identity_cache():
-    """W4A16 decoding skips ``x / smooth`` only while smooth_factor is all ones: the cached answer follows
-    in-place writes and load_state_dict."""
-    m = _random_module(128, 32, "none", rank=0)
+@pytest.mark.parametrize("tokens,rank", [(1, 0), (80, 0), (80, 8)])
+def test_smoothing_identity_cache(tokens, rank):
+    """W4A16 skips ``x / smooth`` only while smooth_factor is all ones (one token: the GEMV; 80: dequantized
+    weights + GEMM): the cached answer follows in-place writes and load_state_dict."""
+    m = _random_module(128, 32, "none", rank=rank)
     m.backend = "triton"
-    x = torch.randn(1, 128, dtype=torch.float16)
+    x = torch.randn(tokens, 128, dtype=torch.float16)
     for factor, identity in ((None, True), (2.0, False), ("load", True)):
         if factor is None:
             m.smooth_factor.fill_(1.0)
@@ -466,8 +509,8 @@ def test_fp8exact_quantizer():
 def test_gpu_forward_bf16(n, k, tokens):
     torch.manual_seed(0)
     x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
-    for fmt in ("int4", "uint4", "none"):
-        m = _random_module(k, n, fmt, rank=0 if fmt == "none" else 32, dtype=torch.bfloat16, device="cuda")
+    for fmt, rank in (("int4", 32), ("uint4", 32), ("none", 0), ("none", 32)):
+        m = _random_module(k, n, fmt, rank=rank, dtype=torch.bfloat16, device="cuda")
         assert relative_l2_error(qk.svdquant_linear_forward(m, x), m.forward_reference(x)) < 5e-3
     for act_format in hf.ACT_FORMATS:
         m8 = hf.to_w4a8(_random_module(k, n, "int4", rank=32, dtype=torch.bfloat16, device="cuda"), act_format=act_format)

@@ -3,8 +3,9 @@
 * :func:`svdquant_linear_forward` — forward of :class:`~quantduo.svdquant.SVDQuantLinear` (any format):
   INT4/UINT4 W4A4 -> kernel 1 (:mod:`.act_quant`) + kernel 2 (:mod:`.gemm_w4a4`), or the skinny split-K
   GEMM (:mod:`.gemm_w4_skinny`) up to 64 tokens; W4A16 -> the one-token GEMV (:mod:`.gemv_w4`, decoding), the
-  skinny GEMM (few tokens) or the weight-streaming GEMM (:mod:`.gemm_w4_dequant`); NVFP4 -> Triton weight
-  dequantization (:mod:`.nvfp4`) + float GEMM.
+  skinny GEMM (few tokens), the weight-streaming GEMM (:mod:`.gemm_w4_dequant`, float32 few tokens) or, above
+  64 tokens, the whole weight reconstructed into a scratch buffer (:mod:`.dequant_w4`) + cuBLAS; NVFP4 -> Triton
+  weight dequantization (:mod:`.nvfp4`) + float GEMM.
 * :func:`svdquant_mlp_forward` — fc1 -> GELU -> fc2 where fc1's epilogue applies GELU and quantizes for fc2.
 * :func:`w4a8_linear_forward` — forward of the Hopper W4A8 formats
   (:class:`~quantduo.svdquant.hopper_formats.SVDQuantW4A8Linear`, int8 or fp8 activations): small M -> the skinny
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .act_quant import act_quant
+from .dequant_w4 import dequant_w4
 from .fp8_concat import fp8_concat_quant, fp8_row_stats, fp8_rowwise_gemm
 from .gemm_w4_dequant import w4_dequant_gemm
 from .gemm_w4_skinny import w4_skinny_gemm
@@ -44,7 +46,8 @@ W4A8_EXPAND_MIN_TOKENS = 1024
 W4A8_PATHS = ("dequant", "packed", "expanded", "concat")
 
 __all__ = ["svdquant_linear_forward", "svdquant_mlp_forward", "w4a8_linear_forward", "act_quant", "w4_gemm",
-           "w4a8_gemm", "w4_dequant_gemm", "w4_skinny_gemm", "w4_gemv", "expand_w4", "nvfp4_dequant",
+           "w4a8_gemm", "w4_dequant_gemm", "dequant_w4", "w4_skinny_gemm", "w4_gemv", "expand_w4",
+           "nvfp4_dequant",
            "DEQUANT_MAX_TOKENS", "SKINNY_MAX_TOKENS", "GEMV_MAX_TOKENS", "W4A8_EXPAND_MIN_TOKENS", "W4A8_PATHS",
            "w4a8_path"]
 
@@ -84,8 +87,8 @@ def _streaming_forward(module, x2: torch.Tensor, wfactor: torch.Tensor, wrow: to
 
 def _w4a16_forward(module, x2: torch.Tensor, ld, lu) -> torch.Tensor:
     """W4A16: one token -> the GEMV; up to 64 16-bit tokens -> kernel 1 (smoothing + low-rank) and the skinny GEMM
-    (float32 tokens: the weight-streaming GEMM, smoothing in-kernel); large M -> kernel 1 and the weight-streaming
-    GEMM."""
+    (float32 tokens: the weight-streaming GEMM, smoothing in-kernel); more tokens -> the reconstructed 16-bit
+    weight and a cuBLAS GEMM (:func:`_reconstructed_w4a16_forward`)."""
     M = x2.shape[0]
     g64 = module.group_size == 64
     if M <= GEMV_MAX_TOKENS and g64:
@@ -101,8 +104,16 @@ def _w4a16_forward(module, x2: torch.Tensor, ld, lu) -> torch.Tensor:
         return w4_skinny_gemm(xs, None, module.qweight, module.wscales, lxp, lu, module.bias, "none", x2.dtype)
     if M <= DEQUANT_MAX_TOKENS:
         return _streaming_forward(module, x2, module.wscales)
-    xs, _, lxp = act_quant(x2, module.smooth_factor, None, ld, "smooth")
-    return w4_dequant_gemm(xs, module.qweight, module.wscales, lxp, lu, module.bias, x2.dtype)
+    return _reconstructed_w4a16_forward(module, x2, ld, lu)
+
+
+def _reconstructed_w4a16_forward(module, x2: torch.Tensor, ld, lu) -> torch.Tensor:
+    """W4A16 at large M (compute-bound): smoothing, INT4 residual and low-rank branch reconstructed into one weight
+    in the shared scratch buffer (:mod:`.dequant_w4`), then one cuBLAS GEMM with the bias."""
+    smooth = None if module.smoothing_is_identity() else module.smooth_factor
+    w = dequant_w4(module.qweight, module.wscales, x2.dtype, module.group_size, ld, lu, smooth)
+    bias = module.bias
+    return F.linear(x2, w, None if bias is None else bias.to(x2.dtype))
 
 
 def svdquant_linear_forward(module, x: torch.Tensor) -> torch.Tensor:

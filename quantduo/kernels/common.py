@@ -186,6 +186,21 @@ def split_k_workspace(kind: str, numel: int, tiles: int, device) -> tuple:
     return ws
 
 
+_SCRATCH: dict = {}
+
+
+def scratch_buffer(numel: int, dtype, device):
+    """A flat buffer of at least ``numel`` elements, one per (device, dtype), grown on demand and reused by
+    every layer: expanded or dequantized weights live only until the GEMM that follows on the same stream."""
+    import torch
+
+    key = (torch.device(device), dtype)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
 def rank_pad(r: int) -> int:
     """Rank rounded up to a power of two >= 16 (tl.dot and tl.arange constraints)."""
     return max(16, triton.next_power_of_2(max(r, 1)))

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from quantduo.svdquant.hopper_formats import fp8_tail_width
 
-from .common import dot_precision, gelu_tanh, lowrank_bias_epilogue, rank_pad, tile_ids, unpack_int4
+from .common import dot_precision, gelu_tanh, lowrank_bias_epilogue, rank_pad, scratch_buffer, tile_ids, unpack_int4
 
 
 @triton.jit
@@ -63,18 +63,6 @@ def _expand_w4_kernel(W, MULT, TAIL, OUT, N, K, R, stride_on, FP8: tl.constexpr,
             tl.store(OUT + rn64 * stride_on + (pos + G // 2)[None, :], hi * m.to(tl.int8), mask=nmask)
 
 
-_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-
-def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A flat buffer of at least ``numel`` elements, one per (device, dtype), grown on demand and reused by
-    every layer: the expanded weights live only until the GEMM that follows on the same stream."""
-    buf = _SCRATCH.get((device, dtype))
-    if buf is None or buf.numel() < numel:
-        buf = _SCRATCH[(device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel]
-
-
 def expand_w4(qweight: torch.Tensor, wmult: torch.Tensor, fp8: bool, group_size: int = 64,
               scratch: bool = True, config: tuple[int, int, int] | None = None,
               tail: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,7 +78,7 @@ def expand_w4(qweight: torch.Tensor, wmult: torch.Tensor, fp8: bool, group_size:
         raise ValueError("the low-rank tail exists only in the fp8 format")
     dtype = torch.float8_e4m3fn if fp8 else torch.int8
     kc = K + fp8_tail_width(r)
-    out = (_scratch(N * kc, dtype, qweight.device) if scratch else torch.empty(N * kc, dtype=dtype,
+    out = (scratch_buffer(N * kc, dtype, qweight.device) if scratch else torch.empty(N * kc, dtype=dtype,
                                                                               device=qweight.device)).view(N, kc)
     bn, bk, warps = config or ((16, 512, 4) if K % 512 == 0 else (32, 128 if K % 128 == 0 else 64, 4))
     grid = (triton.cdiv(N, bn), K // bk + (1 if r else 0))

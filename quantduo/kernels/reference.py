@@ -160,6 +160,18 @@ def w4_expand_ref(qweight, wmult, fp8: bool, group_size: int = 64):
     return pair_split((q * m).to(torch.int8), group_size)
 
 
+def w4_dequant_ref(qweight, wscales, dtype: torch.dtype, group_size: int = 64, lora_down=None, lora_up=None,
+                   smooth=None):
+    """Reference of :func:`quantduo.kernels.dequant_w4.dequant_w4`: ``(q * scale + lora_up @ lora_down^T) /
+    smooth`` in float32, rounded to dtype, ``[N, K]``."""
+    w = qz.unpack_int4(qweight).float() * wscales.float().repeat_interleave(group_size, dim=1)
+    if lora_down is not None:
+        w = w + lora_up.float() @ lora_down.float().T
+    if smooth is not None:
+        w = w / smooth.float()
+    return w.to(dtype)
+
+
 def nvfp4_dequant_ref(qweight, wscales, wscale_global):
     """Reference of the NVFP4 weight dequantization kernel: float32 ``[N, K]``."""
     return qz.dequantize_nvfp4(qz.unpack_nibbles(qweight), wscales, wscale_global)

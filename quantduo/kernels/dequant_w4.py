@@ -1,0 +1,89 @@
+"""W4A16 weight reconstruction for large token counts: the whole layer as one 16-bit weight, then one cuBLAS GEMM.
+
+Above a few dozen tokens a W4A16 layer is compute-bound, and Hopper's 16-bit tensor cores run cuBLAS faster than
+any dequantize-in-the-loop kernel. Since W4A16 keeps the activations in 16 bits, the smoothing and the low-rank
+branch are linear maps that fold into the weight:
+
+    y = (x / smooth) @ (q * scale)^T + (x / smooth) @ lora_down @ lora_up^T + bias
+      = x @ W^T + bias,   W = (q * scale + lora_up @ lora_down^T) / smooth       (per input channel k)
+
+:func:`dequant_w4` writes ``W`` tile by tile (the low-rank term is a rank-r dot per tile on the tensor cores) into
+a scratch buffer shared by every layer, and the layer is then ``F.linear(x, W, bias)``: no pass over the
+activations, no separate low-rank matmuls. ``W`` is rounded once to the activations' dtype (relative 2^-9 in
+bfloat16, like a bfloat16 weight). Reference: :func:`quantduo.kernels.reference.w4_dequant_ref`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import dot_precision, rank_pad, scratch_buffer, unpack_int4
+
+
+@triton.jit
+def _dequant_w4_kernel(W, WS, LD, LU, SMOOTH, OUT, N, K, R, stride_wsn, stride_wsg,
+                       HAS_LR: tl.constexpr, HAS_SMOOTH: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr,
+                       BK: tl.constexpr, G: tl.constexpr, PREC: tl.constexpr):
+    """Program (pid_n, pid_k): OUT ``[N, K]`` tile ``[BN, BK]`` = ``(q * scale + LU @ LD^T) / SMOOTH``.
+
+    W packed int4 uint8 ``[N, K/2]`` (low nibble = even input); WS float group scales ``[N, K/G]`` (strides
+    given); LD ``[K, R]``, LU ``[N, R]`` (HAS_LR); SMOOTH ``[K]`` (HAS_SMOOTH). BK is a multiple of G.
+    """
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    nmask = rn[:, None] < N
+    rn64 = rn[:, None].to(tl.int64)
+    k = tl.program_id(1) * BK
+    c = tl.arange(0, BK // 2)
+    lo, hi = unpack_int4(tl.load(W + rn64 * (K // 2) + (k // 2 + c)[None, :], mask=nmask, other=0))
+    s = tl.load(WS + rn64 * stride_wsn + (k // G + c // (G // 2))[None, :] * stride_wsg, mask=nmask, other=0.0)
+    s = s.to(tl.float32)
+    w = tl.reshape(tl.join(lo.to(tl.float32) * s, hi.to(tl.float32) * s), (BN, BK))
+    rk = k + tl.arange(0, BK)
+    if HAS_LR:
+        rr = tl.arange(0, RP)
+        up = tl.load(LU + rn64 * R + rr[None, :], mask=nmask & (rr[None, :] < R), other=0.0)
+        down_t = tl.load(LD + rk[None, :].to(tl.int64) * R + rr[:, None], mask=rr[:, None] < R, other=0.0)
+        w = tl.dot(up, down_t, w, input_precision=PREC)
+    if HAS_SMOOTH:
+        w = w / tl.load(SMOOTH + rk).to(tl.float32)[None, :]
+    tl.store(OUT + rn64 * K + rk[None, :], w.to(OUT.dtype.element_ty), mask=nmask)
+
+
+def dequant_w4(qweight: torch.Tensor, wscales: torch.Tensor, dtype: torch.dtype, group_size: int = 64,
+               lora_down: torch.Tensor | None = None, lora_up: torch.Tensor | None = None,
+               smooth: torch.Tensor | None = None, scratch: bool = True,
+               config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """The 16/32-bit weight ``[N, K]`` of a W4A16 layer: ``(q * scale + lora_up @ lora_down^T) / smooth``.
+
+    Args:
+        qweight: packed int4 uint8 ``[N, K // 2]``; wscales: float ``[N, K // group_size]`` (any strides).
+        dtype: float16, bfloat16 or float32 (the activations' dtype; the result is rounded to it).
+        lora_down ``[K, r]`` / lora_up ``[N, r]``: the low-rank branch (both or neither); smooth ``[K]`` or None.
+        scratch: write into the shared per-device buffer (valid until the next expansion on the stream).
+        config: (BN, BK, num_warps); BK a multiple of group_size dividing K.
+    """
+    N, K = qweight.shape[0], 2 * qweight.shape[1]
+    if qweight.dtype != torch.uint8 or wscales.shape != (N, K // group_size) or K % group_size:
+        raise ValueError(f"qweight must be uint8 [N, K/2] and wscales [N, K/{group_size}], got "
+                         f"{qweight.dtype} {tuple(qweight.shape)} and {tuple(wscales.shape)}")
+    if (lora_down is None) != (lora_up is None):
+        raise ValueError("lora_down and lora_up come together")
+    r = 0 if lora_down is None else lora_down.shape[1]
+    if r and (lora_down.shape != (K, r) or lora_up.shape != (N, r)):
+        raise ValueError(f"low-rank factors must be [K, r] = [{K}, {r}] and [N, r] = [{N}, {r}], got "
+                         f"{tuple(lora_down.shape)} and {tuple(lora_up.shape)}")
+    if smooth is not None and smooth.shape != (K,):
+        raise ValueError(f"smooth must be [K] = [{K}], got {tuple(smooth.shape)}")
+    bn, bk, warps = config or (64, 128 if K % 128 == 0 and 128 % group_size == 0 else group_size, 4)
+    if bk % group_size or K % bk:
+        raise ValueError(f"BK={bk} must be a multiple of the group size {group_size} and divide K={K}")
+    out = (scratch_buffer(N * K, dtype, qweight.device) if scratch
+           else torch.empty(N * K, dtype=dtype, device=qweight.device)).view(N, K)
+    _dequant_w4_kernel[(triton.cdiv(N, bn), K // bk)](
+        qweight, wscales, lora_down.contiguous() if r else qweight, lora_up.contiguous() if r else qweight,
+        smooth if smooth is not None else qweight, out, N, K, r, wscales.stride(0), wscales.stride(1),
+        HAS_LR=r > 0, HAS_SMOOTH=smooth is not None, RP=rank_pad(r), BN=bn, BK=bk, G=group_size,
+        PREC=dot_precision(lora_up.dtype if r else dtype), num_warps=warps,
+    )
+    return out
