@@ -146,10 +146,10 @@ def v_fp8(M, N, K, extra_k=0):
 
 
 def v_module(M, N, K, kind, **kw):
-    """kind: w4a16[_lr] | w4a4_fused | w4a4_nolr (module forward: the default path) | w4a16_lr_stream (kernel 1 +
-    the weight-streaming GEMM, the W4A16 path above 64 tokens before the dequantized cuBLAS one) | w4a4_unfused
-    (kernel 1, kernel 2 without low-rank, separate low-rank matmuls) | w4a8[_nolr] | w4a8fp8[_nolr] | w4a8fp8_smm
-    (kw: path)."""
+    """kind: w4a16[_lr] | w4a4_fused | w4a4_nolr (module forward: the default path) | w4a4_packed (kernel 1 + kernel
+    2) | w4a16_lr_stream (kernel 1 + the weight-streaming GEMM, the W4A16 path above 64 tokens before the
+    reconstructed-weight cuBLAS one) | w4a4_unfused (kernel 1, kernel 2 without low-rank, separate low-rank matmuls)
+    | w4a8[_nolr] | w4a8fp8[_nolr] | w4a8fp8_smm (kw: path)."""
     def make():
         x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
         if kind.startswith("w4a16"):
@@ -169,7 +169,8 @@ def v_module(M, N, K, kind, **kw):
                     xs = x / m.smooth_factor
                     return y + (xs @ m.lora_down) @ m.lora_up.T
                 return call
-            return lambda: qk.svdquant_linear_forward(m, x)  # the default path (kernel 2, or skinny at few tokens)
+            path = "packed" if kind == "w4a4_packed" else None  # default: dequant (large M) or skinny (few tokens)
+            return lambda: qk.svdquant_linear_forward(m, x, path=path)
         fmt = "fp8" if kind.startswith("w4a8fp8") else "int8"
         m = random_w4a8(N, K, rank=0 if kind.endswith("_nolr") else RANK, act_format=fmt)
         if kind == "w4a8fp8_smm":
@@ -250,13 +251,18 @@ def v_small(M, N, K, kind, config=None):
 
 
 def v_small_mlp(M, kind):
-    """FLUX MLP (3072 -> 12288 -> GELU -> 3072, W4A4 INT4 / UINT4, rank 32): mlp (dispatch: skinny fc1 with
-    GELU, then fc2) | mlp_kernel2 (the replaced fusion: kernel 2 with GELU quantizing for fc2, then kernel 2)."""
+    """FLUX MLP (3072 -> 12288 -> GELU -> 3072, W4A4 INT4 / UINT4, rank 32): mlp (the default path) | mlp_packed /
+    mlp_dequant (those paths) | mlp_kernel2 (kernel 2 with GELU quantizing for fc2, then kernel 2, small-M tiles) |
+    mlp_bf16 (two bf16 F.linear and the GELU)."""
     def make():
         fc1, fc2 = random_module(12288, 3072, "int4"), random_module(3072, 12288, "uint4")
         x = torch.randn(M, 3072, device=DEV, dtype=torch.bfloat16)
-        if kind == "mlp":
-            return lambda: qk.svdquant_mlp_forward(fc1, fc2, x)
+        if kind == "mlp_bf16":
+            w1, w2 = (torch.randn(n, k, device=DEV, dtype=torch.bfloat16) for n, k in ((12288, 3072), (3072, 12288)))
+            return lambda: F.linear(F.gelu(F.linear(x, w1), approximate="tanh"), w2)
+        if kind.startswith("mlp") and kind != "mlp_kernel2":
+            path = kind[4:] or None
+            return lambda: qk.svdquant_mlp_forward(fc1, fc2, x, path=path)
         cfg = {"BM": 16, "BN": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
 
         def call():
@@ -458,6 +464,9 @@ def check_correctness(log):
         for fmt in ("int4", "uint4", "none"):
             m = random_module(N, K, fmt, rank=0 if fmt == "none" else RANK)
             check(f"{fmt} {N}x{K}", lambda: qk.svdquant_linear_forward(m, x), lambda: m.forward_reference(x))
+            if fmt != "none":
+                check(f"{fmt} packed {N}x{K}", lambda: qk.svdquant_linear_forward(m, x, path="packed"),
+                      lambda: m.forward_reference(x))
         for fmt in hf.ACT_FORMATS:
             m8 = random_w4a8(N, K, act_format=fmt)
             small_ref = m8.forward_reference_a16 if fmt == "fp8" else m8.forward_reference
@@ -474,9 +483,9 @@ def check_correctness(log):
         check(f"none lr {N}x{K}", lambda: qk.svdquant_linear_forward(m16, x), lambda: m16.forward_reference(x))
         check(f"none M=16 {N}x{K}", lambda: qk.svdquant_linear_forward(m16, x16), lambda: m16.forward_reference(x16))
     fc1, fc2 = random_module(12288, 3072, "int4"), random_module(3072, 12288, "uint4")
-    for M in (16, 300):
+    for M, path in ((16, None), (300, None), (300, "packed")):
         x = torch.randn(M, 3072, device=DEV, dtype=torch.bfloat16)
-        check(f"mlp fused M={M}", lambda: qk.svdquant_mlp_forward(fc1, fc2, x),
+        check(f"mlp M={M} {path or 'default'}", lambda: qk.svdquant_mlp_forward(fc1, fc2, x, path=path),
               lambda: fc2.forward_reference(F.gelu(fc1.forward_reference(x), approximate="tanh")))
     nv = SVDQuantLinear(3072, 3072, rank=RANK, weight_format="nvfp4", act_format="nvfp4", device=DEV)
     with torch.no_grad():
@@ -487,7 +496,9 @@ def check_correctness(log):
     check("nvfp4 3072x3072", lambda: qk.svdquant_linear_forward(nv, x), lambda: nv.forward_reference(x))
     for k, v in worst.items():
         log(f"  correctness {k:32s} rel err {v:.2e}")
-    bad = {k: v for k, v in worst.items() if not v < 2e-2 or (not k.startswith("mlp") and not v < 5e-3)}
+    # the MLP: fc1's output rounding flips some of fc2's 4-bit codes (the 16-bit "dequant" path rounds its
+    # operands, ~3.5e-3 per layer, so more codes flip than with the exact integer products)
+    bad = {k: v for k, v in worst.items() if not v < 3e-2 or (not k.startswith("mlp") and not v < 5e-3)}
     if bad:
         log(f"CORRECTNESS FAILED: {bad}")
     return dict(errors=worst, failed=sorted(bad))
@@ -579,13 +590,18 @@ def table(log, results, tokens):
         for (N, K) in SHAPES:
             t = {"bf16": time_graph(*v_bf16(M, N, K)), "fp8_scaled_mm": time_graph(*v_fp8(M, N, K))}
             for kind in ("w4a16", "w4a16_lr", "w4a16_lr_stream", "w4a4_unfused", "w4a4_nolr", "w4a4_fused",
-                         "w4a8_nolr", "w4a8", "w4a8fp8_nolr", "w4a8fp8", "w4a8fp8_smm"):
+                         "w4a4_packed", "w4a8_nolr", "w4a8", "w4a8fp8_nolr", "w4a8fp8", "w4a8fp8_smm"):
                 if kind in ("w4a8fp8_smm", "w4a16_lr_stream") and M < 256:
                     continue
                 t[kind] = time_graph(*v_module(M, N, K, kind))
             rows.append(dict(M=M, N=N, K=K, us=t))
             log(f"  M={M:5d} {N:5d}x{K:5d} " + " ".join(f"{k}={v:.1f}" for k, v in t.items()))
     results["table"] = rows
+    for M in (m for m in tokens if m > qk.SKINNY_MAX_TOKENS):
+        mlp = {kind: time_graph(*v_small_mlp(M, kind)) for kind in ("mlp_bf16", "mlp", "mlp_packed")}
+        results[f"mlp_{M}"] = mlp
+        log(f"  FLUX MLP M={M}: bf16 {mlp['mlp_bf16']:.1f} us; default path {mlp['mlp_bf16'] / mlp['mlp']:.2f}x, "
+            f"packed (kernel 2 fusion) {mlp['mlp_bf16'] / mlp['mlp_packed']:.2f}x of bf16")
     names = list(rows[0]["us"])
     log("\n| M | N x K | " + " | ".join(names[1:]) + " | bf16 us |")
     log("| --- | --- | " + " | ".join("---" for _ in names[1:]) + " | --- |")

@@ -55,7 +55,7 @@ def _inputs(M, N, K, r, dtype, device="cpu", seed=0):
     return x, smooth, shift, t(K, r, scale=0.1), t(N, r, scale=0.1), t(N)
 
 
-@pytest.mark.parametrize("mode", ["int4", "uint4", "int8", "fp8", "none", "smooth", "amax"])
+@pytest.mark.parametrize("mode", ["int4", "uint4", "int8", "fp8", "none", "smooth", "amax", "int4_deq", "uint4_deq"])
 @pytest.mark.parametrize("dtype,splits,bk", [(torch.float16, 2, 64), (torch.float32, 1, 64), (torch.float16, 32, 64)])
 def test_act_quant(mode, dtype, splits, bk):
     """Kernel 1 vs its reference; 32 slices (> MAX_LX_PARTIALS) add their low-rank partials atomically into one."""
@@ -359,13 +359,37 @@ def test_module_forward(act_format, weight_format, tokens, dtype):
     """svdquant_linear_forward == forward_reference, with leading dims (rows = 2 x tokens) and padded in_features
     (100 -> 128): W4A16 at 2, 18 and 80 rows (2 and 18: the skinny GEMM; 80 > SKINNY_MAX_TOKENS: dequantized
     weights + GEMM, float16 and float32; one row, the GEMV: test_smoothing_identity_cache), W4A4 at 18 (skinny)
-    and 160 (kernel 2), float32 W4A16 at 18 (the weight-streaming GEMM's in-kernel smoothing)."""
+    and 160 (16-bit GEMM of the dequantized operands), float32 W4A16 at 18 (the weight-streaming GEMM's in-kernel
+    smoothing). Every W4A4 path: test_w4a4_paths."""
     m = _random_module(100, 48, act_format, weight_format, dtype=dtype)
     m.backend = "triton"
     x = torch.randn(2, tokens, 100, dtype=dtype)
     y = m(x)
     assert y.shape == (2, tokens, 48)
     assert relative_l2_error(y, m.forward_reference(x)) < 2e-3
+
+
+@pytest.mark.parametrize("act_format", ["int4", "uint4"])
+@pytest.mark.parametrize("path,tokens", [("skinny", 9), ("packed", 9), ("packed", 80), ("dequant", 9),
+                                         ("dequant", 80)])
+def test_w4a4_paths(act_format, path, tokens):
+    """Every W4A4 path against forward_reference (rows = 2 x tokens)."""
+    m = _random_module(100, 48, act_format)
+    x = torch.randn(2, tokens, 100, dtype=torch.float16)
+    assert relative_l2_error(qk.svdquant_linear_forward(m, x, path=path), m.forward_reference(x)) < 2e-3
+
+
+def test_w4a4_bad_path():
+    m = _random_module(64, 32, "int4")
+    x = torch.randn(80, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="path must be one of"):
+        qk.svdquant_linear_forward(m, x, path="fp8")
+    with pytest.raises(ValueError, match="at most 64 tokens"):
+        qk.svdquant_linear_forward(m, x, path="skinny")
+    with pytest.raises(ValueError, match="for W4A4 INT4 layers"):
+        qk.svdquant_linear_forward(_random_module(64, 32, "none"), x, path="dequant")
+    with pytest.raises(ValueError, match="path must be one of"):
+        qk.svdquant_mlp_forward(m, _random_module(32, 64, "uint4"), x, path="fused")
 
 
 @pytest.mark.parametrize("tokens,rank", [(1, 0), (80, 0), (80, 8)])
@@ -386,12 +410,13 @@ def test_smoothing_identity_cache(tokens, rank):
         assert relative_l2_error(m(x), m.forward_reference(x)) < 2e-3
 
 
-@pytest.mark.parametrize("tokens", [7, 30])
-def test_mlp_forward(tokens):
-    """Fused MLP at 21 tokens (skinny fc1 with GELU, then fc2) and 90 (fc1 quantizes for fc2 in its epilogue)."""
+@pytest.mark.parametrize("tokens,path", [(7, None), (30, None), (30, "packed"), (7, "dequant")])
+def test_mlp_forward(tokens, path):
+    """MLP at 21 tokens (default: skinny fc1 with GELU, then fc2) and 90 (default: both layers' 16-bit GEMMs;
+    "packed": fc1 quantizes for fc2 in its epilogue)."""
     fc1, fc2 = _random_module(64, 128, "int4"), _random_module(128, 64, "uint4")
     x = torch.randn(3, tokens, 64, dtype=torch.float16)
-    y = qk.svdquant_mlp_forward(fc1, fc2, x)
+    y = qk.svdquant_mlp_forward(fc1, fc2, x, path=path)
     y_ref = fc2.forward_reference(F.gelu(fc1.forward_reference(x).float(), approximate="tanh").to(x.dtype))
     assert y.shape == (3, tokens, 64)
     assert relative_l2_error(y, y_ref) < 2e-2  # a few 4-bit codes of fc2's input may flip on GELU's last ulp

@@ -44,12 +44,13 @@ GEMV_MAX_TOKENS = 1
 # DEQUANT_MAX_TOKENS.
 W4A8_EXPAND_MIN_TOKENS = 1024
 W4A8_PATHS = ("dequant", "packed", "expanded", "concat")
+W4A4_PATHS = ("skinny", "packed", "dequant")
 
 __all__ = ["svdquant_linear_forward", "svdquant_mlp_forward", "w4a8_linear_forward", "act_quant", "w4_gemm",
            "w4a8_gemm", "w4_dequant_gemm", "dequant_w4", "w4_skinny_gemm", "w4_gemv", "expand_w4",
            "nvfp4_dequant",
            "DEQUANT_MAX_TOKENS", "SKINNY_MAX_TOKENS", "GEMV_MAX_TOKENS", "W4A8_EXPAND_MIN_TOKENS", "W4A8_PATHS",
-           "w4a8_path"]
+           "W4A4_PATHS", "w4a4_path", "w4a8_path"]
 
 
 def _flat_padded(module, x: torch.Tensor) -> torch.Tensor:
@@ -116,9 +117,51 @@ def _reconstructed_w4a16_forward(module, x2: torch.Tensor, ld, lu) -> torch.Tens
     return F.linear(x2, w, None if bias is None else bias.to(x2.dtype))
 
 
-def svdquant_linear_forward(module, x: torch.Tensor) -> torch.Tensor:
-    """Fused forward of an ``SVDQuantLinear``: ``x [..., in_features]`` -> ``[..., out_features]`` (x.dtype)."""
+def _is_w4a4(module) -> bool:
+    """INT4 weights with INT4 / shifted UINT4 activations (the layers :data:`W4A4_PATHS` serve)."""
+    return module.weight_format == "int4" and module.act_format in ("int4", "uint4")
+
+
+def w4a4_path(tokens: int) -> str:
+    """Default W4A4 path for ``tokens`` rows: ``"skinny"`` up to SKINNY_MAX_TOKENS, else ``"dequant"``."""
+    return "skinny" if tokens <= SKINNY_MAX_TOKENS else "dequant"
+
+
+def _w4a4_forward(module, x2: torch.Tensor, ld, lu, path: str) -> torch.Tensor:
+    """W4A4 (INT4 / shifted UINT4 activations) through ``path`` (see :func:`svdquant_linear_forward`)."""
+    if path == "dequant":
+        xq, _, _ = act_quant(x2, module.smooth_factor, module.act_shift, None, module.act_format + "_deq")
+        w = dequant_w4(module.qweight, module.wscales, x2.dtype, module.group_size)
+        bias = module.bias
+        y = F.linear(xq, w, None if bias is None else bias.to(x2.dtype))
+        if ld is not None:  # (x / smooth) @ lora_down as x @ (lora_down / smooth): one cuBLAS GEMM over x
+            lx = x2 @ (ld / module.smooth_factor[:, None]).to(x2.dtype)
+            y.addmm_(lx.to(y.dtype), lu.to(y.dtype).t())
+        return y
+    q, qs, lxp = act_quant(x2, module.smooth_factor, module.act_shift, ld, module.act_format)
+    gemm = w4_skinny_gemm if path == "skinny" else w4_gemm
+    return gemm(q, qs, module.qweight, module.wscales, lxp, lu, module.bias, module.act_format, x2.dtype)
+
+
+def svdquant_linear_forward(module, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
+    """Fused forward of an ``SVDQuantLinear``: ``x [..., in_features]`` -> ``[..., out_features]`` (x.dtype).
+
+    path (W4A4 layers only; default :func:`w4a4_path`):
+
+    * ``"skinny"``: kernel 1 (4-bit codes) + the skinny split-K GEMM (at most SKINNY_MAX_TOKENS tokens);
+    * ``"packed"``: kernel 1 + kernel 2, the 4-bit GEMM with the fused low-rank epilogue (exact integer products);
+    * ``"dequant"``: kernel 1 writes the dequantized 4-bit activations (``q * scale``, rounded to x's dtype), the
+      INT4 residual is dequantized into the scratch buffer, one cuBLAS 16-bit GEMM with the bias; the low-rank
+      branch is two cuBLAS GEMMs (``x @ (lora_down / smooth)``, then a rank-r update of the output). Same
+      quantization points as the other paths; the 16-bit operands carry their rounding (relative 2^-9 per
+      operand in bfloat16: ~3.5e-3 relative output difference at FLUX shapes, against ~0.09 for W4A4's own
+      error). Hopper has no 4-bit tensor cores, and its 16-bit ones run this 3x faster than the 4-bit GEMM
+      (BENCHMARKS.md).
+    """
     lead = x.shape[:-1]
+    if path is not None and (path not in W4A4_PATHS or not _is_w4a4(module)):
+        raise ValueError(f"path must be one of {W4A4_PATHS} and is for W4A4 INT4 layers, got {path!r} for "
+                         f"{module.weight_format} weights / {module.act_format} activations")
     if module.weight_format == "nvfp4" or module.act_format == "nvfp4":
         return _nvfp4_forward(module, x)
     x2 = _flat_padded(module, x)
@@ -126,25 +169,31 @@ def svdquant_linear_forward(module, x: torch.Tensor) -> torch.Tensor:
     if module.act_format == "none":
         y = _w4a16_forward(module, x2, ld, lu)
     else:
-        q, qs, lxp = act_quant(x2, module.smooth_factor, module.act_shift, ld, module.act_format)
-        gemm = w4_skinny_gemm if x2.shape[0] <= SKINNY_MAX_TOKENS else w4_gemm
-        y = gemm(q, qs, module.qweight, module.wscales, lxp, lu, module.bias, module.act_format, x.dtype)
+        y = _w4a4_forward(module, x2, ld, lu, path or w4a4_path(x2.shape[0]))
     return y.reshape(*lead, module.out_features)
 
 
-def svdquant_mlp_forward(fc1, fc2, x: torch.Tensor, gelu: str = "tanh") -> torch.Tensor:
-    """``fc2(gelu(fc1(x)))`` for two W4A4 ``SVDQuantLinear`` with fc1's epilogue doing GELU (tanh) and
-    fc2's kernel 1 (smoothing, 4-bit quantization, low-rank down-projection): the hidden activations never
-    reach memory in 16 bits. Up to SKINNY_MAX_TOKENS tokens fc1 is the skinny GEMM with GELU and fc2 a separate
-    layer. Falls back to two separate layers when the shapes or formats don't allow it.
+def svdquant_mlp_forward(fc1, fc2, x: torch.Tensor, gelu: str = "tanh", path: str | None = None) -> torch.Tensor:
+    """``fc2(gelu(fc1(x)))`` for two W4A4 ``SVDQuantLinear`` (GELU: tanh).
+
+    path (default :func:`w4a4_path`): ``"packed"``: fc1's kernel 2 epilogue does GELU and fc2's kernel 1
+    (smoothing, 4-bit quantization, low-rank down-projection), so the hidden activations never reach memory in
+    16 bits; ``"skinny"``: fc1 is the skinny GEMM with GELU, fc2 a separate layer; ``"dequant"``: both layers
+    through their 16-bit cuBLAS path with GELU between them. Falls back to two separate layers when the shapes
+    or formats don't allow the fusion.
     """
     if gelu != "tanh":
         raise ValueError("only the tanh GELU is fused")
-    fusable = (
-        fc1.weight_format == fc2.weight_format == "int4" and fc1.act_format in ("int4", "uint4")
-        and fc2.act_format in ("int4", "uint4") and fc2.in_features == fc1.out_features
-        and fc2.padded_in_features == fc1.out_features and fc1.out_features % 128 == 0
-        and fc1.group_size == fc2.group_size == 64
+    path = path or w4a4_path(x.numel() // x.shape[-1])
+    if path not in W4A4_PATHS:
+        raise ValueError(f"path must be one of {W4A4_PATHS}, got {path!r}")
+    four_bit = _is_w4a4(fc1) and _is_w4a4(fc2)
+    if path == "dequant" and four_bit:
+        h = F.gelu(svdquant_linear_forward(fc1, x, path), approximate="tanh")
+        return svdquant_linear_forward(fc2, h, path)
+    fusable = four_bit and (
+        fc2.in_features == fc1.out_features and fc2.padded_in_features == fc1.out_features
+        and fc1.out_features % 128 == 0 and fc1.group_size == fc2.group_size == 64
     )
     if not fusable:
         return fc2(F.gelu(fc1(x), approximate="tanh"))
@@ -152,7 +201,7 @@ def svdquant_mlp_forward(fc1, fc2, x: torch.Tensor, gelu: str = "tanh") -> torch
     x2 = _flat_padded(fc1, x)
     ld1, lu1 = _lora(fc1)
     q, qs, lxp = act_quant(x2, fc1.smooth_factor, fc1.act_shift, ld1, fc1.act_format)
-    if x2.shape[0] <= SKINNY_MAX_TOKENS:  # few tokens: split-K fc1 with GELU, then fc2 (its own kernel 1)
+    if path == "skinny":  # few tokens: split-K fc1 with GELU, then fc2 (its own kernel 1)
         h = w4_skinny_gemm(q, qs, fc1.qweight, fc1.wscales, lxp, lu1, fc1.bias, fc1.act_format, x.dtype, gelu=True)
         return fc2(h.reshape(*lead, fc1.out_features))
     ld2, lu2 = _lora(fc2)

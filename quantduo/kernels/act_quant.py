@@ -8,9 +8,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision, fake_quant_token, k_splits, quant4_tile, rank_pad, scale_of, smooth_tile
+from .common import (dot_precision, fake_quant_token, k_splits, quant4_codes, quant4_tile, rank_pad, scale_of,
+                     smooth_tile)
 
-_MODES = {"int4": 0, "uint4": 1, "int8": 2, "fp8": 3, "none": 4, "smooth": 5, "amax": 6}
+_MODES = {"int4": 0, "uint4": 1, "int8": 2, "fp8": 3, "none": 4, "smooth": 5, "amax": 6, "int4_deq": 7,
+          "uint4_deq": 8}
+FOUR_BIT_MODES = ("int4", "uint4", "int4_deq", "uint4_deq")
 PER_TOKEN_MODES = ("int8", "fp8")
 # Above this many K slices, the slices add their low-rank partial sums atomically into one ``[1, M, r]`` buffer
 # (consumers then read one partial instead of a long dependent chain of them).
@@ -41,7 +44,8 @@ def _act_quant_kernel(
     MODE 2/3 int8/fp8: per token, scale absmax / QMAX with absmax = max over AMAXP float32 ``[S_AMAX, M]``
     (mode 6's output); Q int8 ``[M, K]`` pair-split / float8 ``[M, K]`` natural order, QS float32 ``[M]``.
     MODE 4 none: low-rank only; 5 smooth: Q = X / SMOOTH ``[M, K]`` (X dtype); 6 amax: QS float32
-    ``[S, M]`` = per-slice absmax of the smoothed row.
+    ``[S, M]`` = per-slice absmax of the smoothed row; 7/8 int4_deq/uint4_deq: the 4-bit groups of modes 0/1
+    dequantized, ``q * scale`` rounded to X's dtype, Q ``[M, K]``.
     RECIP: round scales like PyTorch on CUDA (see ``common.scale_of``); QMAX: 127 (int8) or 448 (fp8).
     """
     pid_m = tl.program_id(0)
@@ -86,6 +90,11 @@ def _act_quant_kernel(
             tl.store(qrow + (pos + G // 2)[None, :], odd, mask=mmask[:, None])
         elif MODE == 3:
             tl.store(qrow + (k + rk)[None, :], fake_quant_token(xs, tscale, QMAX).to(tl.float8e4nv), mask=mmask[:, None])
+        elif MODE >= 7:
+            act = xs.to(tl.float32) + tl.load(SHIFT + k + rk).to(tl.float32)[None, :]
+            codes, scale = quant4_codes(act, BM, BK, G, MODE == 8, RECIP)
+            deq = tl.reshape(codes * scale[:, :, None], (BM, BK))
+            tl.store(qrow + (k + rk)[None, :], deq.to(Q.dtype.element_ty), mask=mmask[:, None])
         elif MODE == 5:
             tl.store(qrow + (k + rk)[None, :], xs, mask=mmask[:, None])
         elif MODE == 6:
@@ -106,7 +115,7 @@ def _pick(M: int, K: int, mode: str) -> tuple[int, int, int]:
     absmax partials are read serially) every program does one 32-wide step: a slice's steps are a dependent chain
     of about 1 us each there (H100, BENCHMARKS.md)."""
     if M <= FEW_TOKENS and mode not in PER_TOKEN_MODES and mode != "amax":
-        bk = 64 if mode in ("int4", "uint4") else 32  # 4-bit modes quantize whole groups of 64 per step
+        bk = 64 if mode in FOUR_BIT_MODES else 32  # 4-bit modes quantize whole groups of 64 per step
         return 16, bk, K // bk
     bm, bk = 16, (128 if mode in PER_TOKEN_MODES else 64)
     return bm, bk, k_splits(M, K, bm, bk, 2048)
@@ -116,16 +125,17 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor | None,
               mode: str, group_size: int = 64, config: tuple[int, ...] | None = None):
     """Smooth, quantize and down-project ``x [M, K]`` (K a multiple of 64, contiguous rows) in one pass.
 
-    mode: ``"int4"`` / ``"uint4"`` (per-token groups of ``group_size``, ``shift [K]`` added first),
+    mode: ``"int4"`` / ``"uint4"`` (per-token groups of ``group_size``, ``shift [K]`` added first; with ``_deq``:
+    the dequantized values ``[M, K]`` in x's dtype instead of codes and scales),
     ``"int8"`` (per token, pair-split), ``"fp8"`` (per token, E4M3), ``"none"`` (low-rank only),
     ``"smooth"`` (smoothed copy of x), ``"amax"`` (per-slice absmax of the smoothed rows); all but the
     4-bit modes ignore ``shift``. Per-token modes launch twice: ``"amax"`` (absmax + low-rank partials, default
     tiles), then the quantization with the row absmax (config).
     config: (BM, BK, splits[, num_warps]).
     Returns (q, scales, lx_partials) in the layouts of :mod:`quantduo.kernels.reference` (q is None for
-    ``"none"``/``"amax"``, scales None for ``"none"``/``"smooth"``, amax partials float32 ``[S, M]`` as scales
-    for ``"amax"``); lx_partials float32 ``[S, M, r]`` (``S = 1`` above MAX_LX_PARTIALS slices: atomic sums) or
-    None when there is no low-rank.
+    ``"none"``/``"amax"``, scales None for ``"none"``/``"smooth"``/``"*_deq"``, amax partials float32 ``[S, M]``
+    as scales for ``"amax"``); lx_partials float32 ``[S, M, r]`` (``S = 1`` above MAX_LX_PARTIALS slices: atomic
+    sums) or None when there is no low-rank.
     """
     if group_size != 64:
         raise ValueError("the Triton kernels support group size 64")
@@ -142,11 +152,13 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor | None,
     r = 0 if lora_down is None else lora_down.shape[1]
     dev = x.device
     q = qs = None
+    if mode in FOUR_BIT_MODES and shift is None:
+        raise ValueError("4-bit activation modes need the shift vector")
     if mode in ("int4", "uint4"):
-        if shift is None:
-            raise ValueError("4-bit activation modes need the shift vector")
         q = torch.empty(M, K // 2, dtype=torch.uint8, device=dev)
         qs = torch.empty(K // group_size, M, dtype=torch.float32, device=dev)
+    elif mode in ("int4_deq", "uint4_deq"):
+        q = torch.empty(M, K, dtype=x.dtype, device=dev)
     elif mode in PER_TOKEN_MODES:
         q = torch.empty(M, K, dtype=torch.int8 if mode == "int8" else torch.float8_e4m3fn, device=dev)
         qs = torch.empty(M, dtype=torch.float32, device=dev)

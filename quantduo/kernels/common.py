@@ -58,11 +58,11 @@ def scale_of(amax, QMAX: tl.constexpr, RECIP: tl.constexpr):
 
 
 @triton.jit
-def quant4_tile(act, BM: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, UNSIGNED: tl.constexpr,
-                RECIP: tl.constexpr):
+def quant4_codes(act, BM: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, UNSIGNED: tl.constexpr,
+                 RECIP: tl.constexpr):
     """Group-quantize a float32 tile ``act [BM, BK]`` (groups of ``G`` along dim 1) to 4 bits.
 
-    Returns (packed uint8 ``[BM, BK // 2]``, scales float32 ``[BM, BK // G]``) exactly as
+    Returns (codes float32 ``[BM, BK // G, G]``, scales float32 ``[BM, BK // G]``) exactly as
     ``quantizers.quantize_int4`` (UNSIGNED=False) / ``quantize_uint4`` (UNSIGNED=True) with float32 scales
     (RECIP: see :func:`scale_of`).
     """
@@ -74,8 +74,15 @@ def quant4_tile(act, BM: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, UNSIGN
     else:
         scale = scale_of(tl.max(tl.abs(g), axis=2), 7, RECIP)
         q = tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(g, scale[:, :, None])), -7.0), 7.0)
-    qi = tl.reshape(q.to(tl.int32), (BM, BK // 2, 2))
-    lo, hi = tl.split(qi)
+    return q, scale
+
+
+@triton.jit
+def quant4_tile(act, BM: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, UNSIGNED: tl.constexpr,
+                RECIP: tl.constexpr):
+    """:func:`quant4_codes`, packed: (uint8 ``[BM, BK // 2]`` in the nibble layout, scales ``[BM, BK // G]``)."""
+    q, scale = quant4_codes(act, BM, BK, G, UNSIGNED, RECIP)
+    lo, hi = tl.split(tl.reshape(q.to(tl.int32), (BM, BK // 2, 2)))
     packed = ((lo & 15) | ((hi & 15) << 4)).to(tl.uint8)
     return packed, scale
 

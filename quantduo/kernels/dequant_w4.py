@@ -43,11 +43,20 @@ def _dequant_w4_kernel(W, WS, LD, LU, SMOOTH, OUT, N, K, R, stride_wsn, stride_w
     if HAS_LR:
         rr = tl.arange(0, RP)
         up = tl.load(LU + rn64 * R + rr[None, :], mask=nmask & (rr[None, :] < R), other=0.0)
-        down_t = tl.load(LD + rk[None, :].to(tl.int64) * R + rr[:, None], mask=rr[:, None] < R, other=0.0)
-        w = tl.dot(up, down_t, w, input_precision=PREC)
+        down = tl.load(LD + rk[:, None].to(tl.int64) * R + rr[None, :], mask=rr[None, :] < R, other=0.0)
+        w = tl.dot(up, tl.trans(down), w, input_precision=PREC)
     if HAS_SMOOTH:
         w = w / tl.load(SMOOTH + rk).to(tl.float32)[None, :]
     tl.store(OUT + rn64 * K + rk[None, :], w.to(OUT.dtype.element_ty), mask=nmask)
+
+
+def _pick(K: int, group_size: int, low_rank: bool) -> tuple[int, int, int]:
+    """(BN, BK, num_warps): short wide tiles (long contiguous row segments; the rank-r dot per tile wants
+    BN = 16), best of a sweep at FLUX shapes on an H100 (BENCHMARKS.md)."""
+    bn, bk = (16, 256) if low_rank else (8, 1024)
+    while bk > group_size and (K % bk or bk % group_size):
+        bk //= 2
+    return bn, max(bk, group_size), 4
 
 
 def dequant_w4(qweight: torch.Tensor, wscales: torch.Tensor, dtype: torch.dtype, group_size: int = 64,
@@ -75,7 +84,7 @@ def dequant_w4(qweight: torch.Tensor, wscales: torch.Tensor, dtype: torch.dtype,
                          f"{tuple(lora_down.shape)} and {tuple(lora_up.shape)}")
     if smooth is not None and smooth.shape != (K,):
         raise ValueError(f"smooth must be [K] = [{K}], got {tuple(smooth.shape)}")
-    bn, bk, warps = config or (64, 128 if K % 128 == 0 and 128 % group_size == 0 else group_size, 4)
+    bn, bk, warps = config or _pick(K, group_size, r > 0)
     if bk % group_size or K % bk:
         raise ValueError(f"BK={bk} must be a multiple of the group size {group_size} and divide K={K}")
     out = (scratch_buffer(N * K, dtype, qweight.device) if scratch

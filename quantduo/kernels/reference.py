@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from quantduo.svdquant import hopper_formats as hf
 from quantduo.svdquant import quantizers as qz
 
-ACT_MODES = ("int4", "uint4", "int8", "fp8", "none", "smooth", "amax")
+ACT_MODES = ("int4", "uint4", "int8", "fp8", "none", "smooth", "amax", "int4_deq", "uint4_deq")
 
 
 def pair_split(x: torch.Tensor, group_size: int = 64) -> torch.Tensor:
@@ -51,7 +51,8 @@ def act_quant_ref(x, smooth, shift, lora_down, mode: str, group_size: int = 64):
     mode in :data:`ACT_MODES`.
     Returns (q, scales, lx): see the module docstring for the layouts; q is None for modes ``"none"`` and
     ``"amax"`` (whose scales are the row absmax ``[M]`` of the smoothed x: the max over the kernel's
-    partials), ``"smooth"`` returns q = x / smooth; lx float32 ``[M, r]`` or None.
+    partials), ``"smooth"`` returns q = x / smooth, ``"int4_deq"`` / ``"uint4_deq"`` the dequantized 4-bit
+    activations in x's dtype; lx float32 ``[M, r]`` or None.
     """
     xs = smooth_input(x, smooth)
     lx = lowrank_down(xs, lora_down) if lora_down is not None and lora_down.shape[1] > 0 else None
@@ -67,6 +68,8 @@ def act_quant_ref(x, smooth, shift, lora_down, mode: str, group_size: int = 64):
     if mode == "fp8":
         return (*hf.quantize_fp8_tokens(xs), lx)
     act = xs.float() + shift.float()
+    if mode.endswith("_deq"):
+        return qz.fake_quant(act, mode[:-4], group_size).to(x.dtype), None, lx
     quant = qz.quantize_int4 if mode == "int4" else qz.quantize_uint4
     q, scales = quant(act, group_size)
     return qz.pack_nibbles(q), scales.T.contiguous(), lx
