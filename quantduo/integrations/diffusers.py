@@ -59,8 +59,8 @@ MODEL_RULES: dict[str, ModelRules] = {
     "UNet2DConditionModel": ModelRules(["time_embedding.*", "add_embedding.*"], ["*.time_emb_proj"]),
 }
 
-# CLI / API format names -> SVDQuantConfig fields. INT4 runs on Hopper through the 8-bit unpack path of the
-# kernels (no 4-bit tensor cores there), so "int4" is also the Hopper format; "w4a16" is the weight-only baseline.
+# CLI / API format names -> SVDQuantConfig fields. Hopper has no 4-bit tensor cores: above 64 tokens "int4" runs
+# its dequantized operands through cuBLAS, "w4a16" (16-bit activations) its reconstructed weight (kernels/__init__).
 FORMATS: dict[str, dict[str, str]] = {
     "int4": dict(weight_format="int4", act_format="int4"),
     "nvfp4": dict(weight_format="nvfp4", act_format="nvfp4"),
