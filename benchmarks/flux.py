@@ -105,7 +105,9 @@ def variant_module(name: str, linear: nn.Linear, variant: str) -> nn.Module | No
     """The replacement of ``linear`` in ``variant`` (``None``: stays BF16)."""
     if _matches(name, RULES.skip):
         return None
-    if variant == "w4a16" or _matches(name, RULES.weight_only):
+    if variant in ("w4a16", "svdq-w4a16"):
+        return fast_svdquant(linear, "none", RANK if variant == "svdq-w4a16" else 0)
+    if _matches(name, RULES.weight_only):
         return fast_svdquant(linear, "none", 0)
     module = fast_svdquant(linear, "int4", RANK)
     if variant in ("svdq-w4a8", "svdq-w4a8fp8"):
@@ -168,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/bench_flux")
     parser.add_argument("--small", action="store_true", help="2-block model, 64+16 tokens (smoke test, any device)")
-    parser.add_argument("--variants", nargs="+", default=["bf16", "w4a16", "svdq-int4", "svdq-w4a8", "svdq-w4a8fp8"])
+    parser.add_argument("--variants", nargs="+",
+                        default=["bf16", "w4a16", "svdq-w4a16", "svdq-int4", "svdq-w4a8", "svdq-w4a8fp8"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
     args = parser.parse_args(argv)

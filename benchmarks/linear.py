@@ -23,6 +23,8 @@ GEMV; ``--small-sweep`` times skinny tiles and kernel-1 tiles at M = 16. Writes 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -640,16 +642,20 @@ def quality(log, results):
             x = torch.randn(n, K, device=DEV) * ch
             return F.gelu(x, approximate="tanh") if post_gelu else x
         calib, test = sample(1024), sample(1024)
-        model = torch.nn.Sequential(lin)
         ref_lin = torch.nn.Linear(K, N, device=DEV)
         ref_lin.load_state_dict(lin.state_dict())
+        model, model16 = torch.nn.Sequential(lin), torch.nn.Sequential(copy.deepcopy(lin))
         cfg = SVDQuantConfig(lowrank_iters=20, search_tokens=512)
         quantize_model(model, lambda mdl: mdl(calib), cfg, progress=False)
+        quantize_model(model16, lambda mdl: mdl(calib), dataclasses.replace(cfg, act_format="none", w4a16_svdquant=True),
+                       progress=False)
         m = model[0]
         y_bf16 = ref_lin.to(torch.bfloat16)(test.to(torch.bfloat16)).float()
         y_fp32 = test @ lin.weight.float().T + lin.bias.float()
         xb = test.to(torch.bfloat16)
-        y_w4a4 = qk.svdquant_linear_forward(m, xb).float()
+        y_w4a4 = qk.svdquant_linear_forward(m, xb).float()  # default path: 16-bit GEMM of the dequantized operands
+        y_w4a4_exact = qk.svdquant_linear_forward(m, xb, path="packed").float()
+        y_svdq_w4a16 = qk.svdquant_linear_forward(model16[0], xb).float()
         m8 = hf.to_w4a8(m, weight=ref_lin.weight.float())
         y_w4a8 = qk.w4a8_linear_forward(m8, xb).float()
         m8r = hf.to_w4a8(m)
@@ -664,7 +670,11 @@ def quality(log, results):
         y_w4a16 = qk.svdquant_linear_forward(mw16, xb).float()
         row = dict(N=N, K=K, act=m.act_format, bits_w4a4=m.storage_bits_per_weight(),
                    bits_w4a8=m8.storage_bits_per_weight(), bits_w4a8fp8=m8f.storage_bits_per_weight(),
-                   err_w4a4_vs_bf16=relative_l2_error(y_w4a4, y_bf16), err_w4a8_vs_bf16=relative_l2_error(y_w4a8, y_bf16),
+                   err_w4a4_vs_bf16=relative_l2_error(y_w4a4, y_bf16),
+                   err_w4a4_packed_vs_bf16=relative_l2_error(y_w4a4_exact, y_bf16),
+                   err_w4a4_vs_packed=relative_l2_error(y_w4a4, y_w4a4_exact),
+                   err_svdq_w4a16_vs_bf16=relative_l2_error(y_svdq_w4a16, y_bf16),
+                   err_w4a8_vs_bf16=relative_l2_error(y_w4a8, y_bf16),
                    err_w4a8_from_w4a4_vs_bf16=relative_l2_error(y_w4a8r, y_bf16), err_w4a8fp8_vs_bf16=relative_l2_error(y_fp8, y_bf16),
                    err_w4a8fp8_from_w4a4_vs_bf16=relative_l2_error(y_fp8r, y_bf16), err_w4a16_rtn_nolr_vs_bf16=relative_l2_error(y_w4a16, y_bf16),
                    err_bf16_vs_fp32=relative_l2_error(y_bf16, y_fp32))

@@ -145,6 +145,27 @@ def test_flux_rules_and_shared_groups():
     assert model.get_submodule("transformer_blocks.0.ff.net.2").act_format == "uint4"
 
 
+def test_flux_svdq_w4a16_format():
+    """``svdq-w4a16``: every quantized layer W4A16 with the low-rank branch, about as accurate as the weight-only
+    baseline ``w4a16`` on these random weights (no outlier directions for the branch to take; where there are,
+    it is several times more accurate: tests/test_svdquant.py::test_w4a16_svdquant)."""
+    errors = {}
+    for fmt in ("w4a16", "svdq-w4a16"):
+        torch.manual_seed(0)
+        model = tiny_flux()
+        inputs = flux_inputs(model, 100)
+        with torch.no_grad():
+            ref = model(**inputs)[0]
+        quantize_transformer(model, samples_from(lambda s, m=model: flux_inputs(m, s), 2),
+                             quantization_config(model, fmt, smooth=False, **FAST), progress=False)
+        layers = [m for m in model.modules() if isinstance(m, SVDQuantLinear)]
+        assert layers and all(m.act_format == "none" for m in layers)
+        assert all((m.rank > 0) == (fmt == "svdq-w4a16") for m in layers)
+        with torch.no_grad():
+            errors[fmt] = relative_l2_error(model(**inputs)[0], ref)
+    assert 0 < errors["svdq-w4a16"] < 1.1 * errors["w4a16"] < 0.05, errors
+
+
 @pytest.mark.parametrize("act_format", ["int8", "fp8"])
 def test_flux_hopper_conversion(act_format):
     """convert_to_w4a8 turns every W4A4 layer into the Hopper format (W4A16 layers stay) and keeps the output."""

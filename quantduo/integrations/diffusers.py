@@ -60,11 +60,14 @@ MODEL_RULES: dict[str, ModelRules] = {
 }
 
 # CLI / API format names -> SVDQuantConfig fields. Hopper has no 4-bit tensor cores: above 64 tokens "int4" runs
-# its dequantized operands through cuBLAS, "w4a16" (16-bit activations) its reconstructed weight (kernels/__init__).
-FORMATS: dict[str, dict[str, str]] = {
+# its dequantized operands through cuBLAS, "w4a16" (16-bit activations: the weight-only baseline) and
+# "svdq-w4a16" (the same with SVDQuant's smoothing and low-rank branch) their reconstructed weight
+# (quantduo/kernels/__init__.py).
+FORMATS: dict[str, dict[str, Any]] = {
     "int4": dict(weight_format="int4", act_format="int4"),
     "nvfp4": dict(weight_format="nvfp4", act_format="nvfp4"),
     "w4a16": dict(weight_format="int4", act_format="none"),
+    "svdq-w4a16": dict(weight_format="int4", act_format="none", w4a16_svdquant=True),
 }
 
 

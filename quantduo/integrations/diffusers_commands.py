@@ -5,7 +5,9 @@
 
 ``OUT_DIR`` holds ``quantduo_pipeline.json`` (base pipeline folder, denoiser attribute, format) and the quantized
 denoiser under ``OUT_DIR/<transformer|unet>/``; ``generate`` also accepts a plain diffusers folder (full precision).
-Formats: ``int4`` / ``nvfp4`` (W4A4), ``w4a16`` (weight-only baseline) and the Hopper formats ``w4a8`` / ``w4a8fp8``:
+Formats: ``int4`` / ``nvfp4`` (W4A4), ``w4a16`` (weight-only baseline), ``svdq-w4a16`` (16-bit activations, INT4
+weights with SVDQuant's smoothing and rank-r low-rank branch) and the Hopper formats ``w4a8`` /
+``w4a8fp8``:
 stored as INT4 SVDQuant and converted at load time (4-bit weights with int8- / fp8-exact group scales, int8 / fp8
 activations; ``w4a8fp8`` runs the low-rank branch inside one fp8 GEMM, see ``svdquant.hopper_formats``).
 """
@@ -20,7 +22,7 @@ import torch
 from quantduo.utils import atomic_write
 
 PIPELINE_META = "quantduo_pipeline.json"
-CLI_FORMATS = ("int4", "nvfp4", "w4a16", "w4a8", "w4a8fp8")
+CLI_FORMATS = ("int4", "nvfp4", "w4a16", "svdq-w4a16", "w4a8", "w4a8fp8")
 HOPPER_ACT_FORMATS = {"w4a8": "int8", "w4a8fp8": "fp8"}  # CLI format -> SVDQuantW4A8Linear act_format
 DEFAULT_PROMPTS = (
     "a photo of a cat sitting on a wooden table", "a red double-decker bus driving down a city street",

@@ -20,6 +20,8 @@ from quantduo.svdquant import QuantizationReport, SVDQuantConfig, quantize_model
 LLM_SKIP = ["lm_head", "*embed_tokens*"]
 FORMATS: dict[str, dict[str, Any]] = {
     "w4a16": dict(act_format="none", rank=0, smooth=False),
+    # the low-rank branch without smoothing: a smoothed layer divides its input in a separate op per decode step
+    "svdq-w4a16": dict(act_format="none", smooth=False, w4a16_svdquant=True),
     "int4": dict(act_format="int4"),
 }
 

@@ -183,7 +183,8 @@ def _quantize_group(
         act_format = "int4"  # nowhere to fold the shift
     sol = solve_group(
         w, qz.pad_to_multiple(rows, k_pad), qz.pad_to_multiple(stats.absmax.to(device), k_pad), cfg,
-        act_format=act_format, rank=0 if weight_only else cfg.rank, smooth=cfg.smooth and not weight_only,
+        act_format=act_format, rank=0 if weight_only and not cfg.w4a16_svdquant else cfg.rank,
+        smooth=cfg.smooth and (not weight_only or cfg.w4a16_svdquant),
         x_min=qz.pad_to_multiple(stats.minimum.to(device), k_pad) if act_format == "uint4" else None,
     )
     reports, start = [], 0
