@@ -647,8 +647,8 @@ def quality(log, results):
         model, model16 = torch.nn.Sequential(lin), torch.nn.Sequential(copy.deepcopy(lin))
         cfg = SVDQuantConfig(lowrank_iters=20, search_tokens=512)
         quantize_model(model, lambda mdl: mdl(calib), cfg, progress=False)
-        quantize_model(model16, lambda mdl: mdl(calib), dataclasses.replace(cfg, act_format="none", w4a16_svdquant=True),
-                       progress=False)
+        cfg16 = dataclasses.replace(cfg, act_format="none", w4a16_svdquant=True)
+        quantize_model(model16, lambda mdl: mdl(calib), cfg16, progress=False)
         m = model[0]
         y_bf16 = ref_lin.to(torch.bfloat16)(test.to(torch.bfloat16)).float()
         y_fp32 = test @ lin.weight.float().T + lin.bias.float()
