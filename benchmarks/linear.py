@@ -171,7 +171,7 @@ def v_module(M, N, K, kind, **kw):
                     xs = x / m.smooth_factor
                     return y + (xs @ m.lora_down) @ m.lora_up.T
                 return call
-            path = "packed" if kind == "w4a4_packed" else None  # default: dequant (large M) or skinny (few tokens)
+            path = "packed" if kind == "w4a4_packed" else None  # default: float (large M) or skinny (few tokens)
             return lambda: qk.svdquant_linear_forward(m, x, path=path)
         fmt = "fp8" if kind.startswith("w4a8fp8") else "int8"
         m = random_w4a8(N, K, rank=0 if kind.endswith("_nolr") else RANK, act_format=fmt)
@@ -254,7 +254,7 @@ def v_small(M, N, K, kind, config=None):
 
 def v_small_mlp(M, kind):
     """FLUX MLP (3072 -> 12288 -> GELU -> 3072, W4A4 INT4 / UINT4, rank 32): mlp (the default path) | mlp_packed /
-    mlp_dequant (those paths) | mlp_kernel2 (kernel 2 with GELU quantizing for fc2, then kernel 2, small-M tiles) |
+    mlp_float (those paths) | mlp_kernel2 (kernel 2 with GELU quantizing for fc2, then kernel 2, small-M tiles) |
     mlp_bf16 (two bf16 F.linear and the GELU)."""
     def make():
         fc1, fc2 = random_module(12288, 3072, "int4"), random_module(3072, 12288, "uint4")
@@ -498,7 +498,7 @@ def check_correctness(log):
     check("nvfp4 3072x3072", lambda: qk.svdquant_linear_forward(nv, x), lambda: nv.forward_reference(x))
     for k, v in worst.items():
         log(f"  correctness {k:32s} rel err {v:.2e}")
-    # the MLP: fc1's output rounding flips some of fc2's 4-bit codes (the 16-bit "dequant" path rounds its
+    # the MLP: fc1's output rounding flips some of fc2's 4-bit codes (the 16-bit "float" path rounds its
     # operands, ~3.5e-3 per layer, so more codes flip than with the exact integer products)
     bad = {k: v for k, v in worst.items() if not v < 3e-2 or (not k.startswith("mlp") and not v < 5e-3)}
     if bad:

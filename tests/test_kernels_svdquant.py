@@ -370,8 +370,8 @@ def test_module_forward(act_format, weight_format, tokens, dtype):
 
 
 @pytest.mark.parametrize("act_format", ["int4", "uint4"])
-@pytest.mark.parametrize("path,tokens", [("skinny", 9), ("packed", 9), ("packed", 80), ("dequant", 9),
-                                         ("dequant", 80)])
+@pytest.mark.parametrize("path,tokens", [("skinny", 9), ("packed", 9), ("packed", 80), ("float", 9),
+                                         ("float", 80)])
 def test_w4a4_paths(act_format, path, tokens):
     """Every W4A4 path against forward_reference (rows = 2 x tokens)."""
     m = _random_module(100, 48, act_format)
@@ -387,7 +387,7 @@ def test_w4a4_bad_path():
     with pytest.raises(ValueError, match="at most 64 tokens"):
         qk.svdquant_linear_forward(m, x, path="skinny")
     with pytest.raises(ValueError, match="for W4A4 INT4 layers"):
-        qk.svdquant_linear_forward(_random_module(64, 32, "none"), x, path="dequant")
+        qk.svdquant_linear_forward(_random_module(64, 32, "none"), x, path="float")
     with pytest.raises(ValueError, match="path must be one of"):
         qk.svdquant_mlp_forward(m, _random_module(32, 64, "uint4"), x, path="fused")
 
@@ -410,7 +410,7 @@ def test_smoothing_identity_cache(tokens, rank):
         assert relative_l2_error(m(x), m.forward_reference(x)) < 2e-3
 
 
-@pytest.mark.parametrize("tokens,path", [(7, None), (30, None), (30, "packed"), (7, "dequant")])
+@pytest.mark.parametrize("tokens,path", [(7, None), (30, None), (30, "packed"), (7, "float")])
 def test_mlp_forward(tokens, path):
     """MLP at 21 tokens (default: skinny fc1 with GELU, then fc2) and 90 (default: both layers' 16-bit GEMMs;
     "packed": fc1 quantizes for fc2 in its epilogue)."""

@@ -1,12 +1,14 @@
 """Triton engine for SVDQuant layers (Nunchaku-style fusion; Hopper-aware).
 
 * :func:`svdquant_linear_forward` — forward of :class:`~quantduo.svdquant.SVDQuantLinear` (any format):
-  INT4/UINT4 W4A4 -> kernel 1 (:mod:`.act_quant`) + kernel 2 (:mod:`.gemm_w4a4`), or the skinny split-K
-  GEMM (:mod:`.gemm_w4_skinny`) up to 64 tokens; W4A16 -> the one-token GEMV (:mod:`.gemv_w4`, decoding), the
-  skinny GEMM (few tokens), the weight-streaming GEMM (:mod:`.gemm_w4_dequant`, float32 few tokens) or, above
-  64 tokens, the whole weight reconstructed into a scratch buffer (:mod:`.dequant_w4`) + cuBLAS; NVFP4 -> Triton
-  weight dequantization (:mod:`.nvfp4`) + float GEMM.
-* :func:`svdquant_mlp_forward` — fc1 -> GELU -> fc2 where fc1's epilogue applies GELU and quantizes for fc2.
+  INT4/UINT4 W4A4 -> kernel 1 (:mod:`.act_quant`) + the skinny split-K GEMM (:mod:`.gemm_w4_skinny`) up to 64
+  tokens, above that kernel 1's dequantized activations + cuBLAS (path "float"; kernel 2, :mod:`.gemm_w4a4`, is
+  path "packed"); W4A16 -> the one-token GEMV (:mod:`.gemv_w4`, decoding), the skinny GEMM (few tokens), the
+  weight-streaming GEMM (:mod:`.gemm_w4_dequant`, float32 few tokens) or, above 64 tokens, the whole weight
+  reconstructed into a scratch buffer (:mod:`.dequant_w4`) + cuBLAS; NVFP4 -> Triton weight dequantization
+  (:mod:`.nvfp4`) + float GEMM.
+* :func:`svdquant_mlp_forward` — fc1 -> GELU -> fc2 (path "packed": fc1's epilogue applies GELU and quantizes for
+  fc2).
 * :func:`w4a8_linear_forward` — forward of the Hopper W4A8 formats
   (:class:`~quantduo.svdquant.hopper_formats.SVDQuantW4A8Linear`, int8 or fp8 activations): small M -> the skinny
   GEMM (fp8 format, 16-bit activations) or the weight-streaming split-K GEMM (int8); large M, int8 -> per-token
@@ -44,7 +46,7 @@ GEMV_MAX_TOKENS = 1
 # DEQUANT_MAX_TOKENS.
 W4A8_EXPAND_MIN_TOKENS = 1024
 W4A8_PATHS = ("dequant", "packed", "expanded", "concat")
-W4A4_PATHS = ("skinny", "packed", "dequant")
+W4A4_PATHS = ("skinny", "packed", "float")
 
 __all__ = ["svdquant_linear_forward", "svdquant_mlp_forward", "w4a8_linear_forward", "act_quant", "w4_gemm",
            "w4a8_gemm", "w4_dequant_gemm", "dequant_w4", "w4_skinny_gemm", "w4_gemv", "expand_w4",
@@ -123,13 +125,13 @@ def _is_w4a4(module) -> bool:
 
 
 def w4a4_path(tokens: int) -> str:
-    """Default W4A4 path for ``tokens`` rows: ``"skinny"`` up to SKINNY_MAX_TOKENS, else ``"dequant"``."""
-    return "skinny" if tokens <= SKINNY_MAX_TOKENS else "dequant"
+    """Default W4A4 path for ``tokens`` rows: ``"skinny"`` up to SKINNY_MAX_TOKENS, else ``"float"``."""
+    return "skinny" if tokens <= SKINNY_MAX_TOKENS else "float"
 
 
 def _w4a4_forward(module, x2: torch.Tensor, ld, lu, path: str) -> torch.Tensor:
     """W4A4 (INT4 / shifted UINT4 activations) through ``path`` (see :func:`svdquant_linear_forward`)."""
-    if path == "dequant":
+    if path == "float":
         xq, _, _ = act_quant(x2, module.smooth_factor, module.act_shift, None, module.act_format + "_deq")
         w = dequant_w4(module.qweight, module.wscales, x2.dtype, module.group_size)
         bias = module.bias
@@ -150,7 +152,7 @@ def svdquant_linear_forward(module, x: torch.Tensor, path: str | None = None) ->
 
     * ``"skinny"``: kernel 1 (4-bit codes) + the skinny split-K GEMM (at most SKINNY_MAX_TOKENS tokens);
     * ``"packed"``: kernel 1 + kernel 2, the 4-bit GEMM with the fused low-rank epilogue (exact integer products);
-    * ``"dequant"``: kernel 1 writes the dequantized 4-bit activations (``q * scale``, rounded to x's dtype), the
+    * ``"float"``: kernel 1 writes the dequantized 4-bit activations (``q * scale``, rounded to x's dtype), the
       INT4 residual is dequantized into the scratch buffer, one cuBLAS 16-bit GEMM with the bias; the low-rank
       branch is two cuBLAS GEMMs (``x @ (lora_down / smooth)``, then a rank-r update of the output). Same
       quantization points as the other paths; the 16-bit operands carry their rounding (relative 2^-9 per
@@ -178,7 +180,7 @@ def svdquant_mlp_forward(fc1, fc2, x: torch.Tensor, gelu: str = "tanh", path: st
 
     path (default :func:`w4a4_path`): ``"packed"``: fc1's kernel 2 epilogue does GELU and fc2's kernel 1
     (smoothing, 4-bit quantization, low-rank down-projection), so the hidden activations never reach memory in
-    16 bits; ``"skinny"``: fc1 is the skinny GEMM with GELU, fc2 a separate layer; ``"dequant"``: both layers
+    16 bits; ``"skinny"``: fc1 is the skinny GEMM with GELU, fc2 a separate layer; ``"float"``: both layers
     through their 16-bit cuBLAS path with GELU between them. Falls back to two separate layers when the shapes
     or formats don't allow the fusion.
     """
@@ -188,7 +190,7 @@ def svdquant_mlp_forward(fc1, fc2, x: torch.Tensor, gelu: str = "tanh", path: st
     if path not in W4A4_PATHS:
         raise ValueError(f"path must be one of {W4A4_PATHS}, got {path!r}")
     four_bit = _is_w4a4(fc1) and _is_w4a4(fc2)
-    if path == "dequant" and four_bit:
+    if path == "float" and four_bit:
         h = F.gelu(svdquant_linear_forward(fc1, x, path), approximate="tanh")
         return svdquant_linear_forward(fc2, h, path)
     fusable = four_bit and (
