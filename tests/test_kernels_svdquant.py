@@ -443,6 +443,28 @@ def test_w4a8_module_and_converter(act_format):
         assert relative_l2_error(qk.w4a8_linear_forward(m16, x16), m16.forward_reference_a16(x16)) < 2e-3
 
 
+@pytest.mark.parametrize("act_format", ["int4", "uint4"])
+def test_to_w4a16(act_format):
+    """to_w4a16: the same stored weights with 16-bit activations, y = (x / smooth) @ R^T + low-rank + bias with the
+    unsigned shift's term unfolded from the bias; closer to the unquantized-activation layer than W4A4; its
+    kernel path (80 rows: the reconstructed weight) matches its reference."""
+    torch.manual_seed(0)
+    m = _random_module(128, 64, act_format, dtype=torch.float32)
+    m16 = hf.to_w4a16(m)
+    assert m16.act_format == "none" and m16.rank == m.rank and torch.equal(m16.qweight, m.qweight)
+    assert not m16.act_shift.any() and (act_format == "int4") == torch.equal(m16.bias, m.bias)
+    x = torch.rand(80, 128) * 2 - 0.1
+    xs = x / m.smooth_factor
+    residual = m.dequantized_residual()
+    expected = xs @ residual.T + (xs @ m.lora_down) @ m.lora_up.T + m.bias + residual @ m.act_shift
+    assert relative_l2_error(m16.forward_reference(x), expected) < 1e-6
+    assert relative_l2_error(m16.forward_reference(x), expected) < relative_l2_error(m.forward_reference(x), expected)
+    m16.backend = "triton"
+    assert relative_l2_error(m16(x), m16.forward_reference(x)) < 1e-5
+    with pytest.raises(ValueError, match="already has 16-bit"):
+        hf.to_w4a16(m16)
+
+
 def _w4a8_paths(act_format):
     return ("dequant", "concat") if act_format == "fp8" else ("dequant", "packed", "expanded")
 

@@ -345,7 +345,22 @@ def convert_to_w4a8(model: nn.Module, act_format: str = "int8") -> int:
     the stored 4-bit residual); W4A16 layers stay. Returns the number of converted layers."""
     from quantduo.svdquant.hopper_formats import to_w4a8
 
+    return _convert_w4a4_layers(model, lambda module: to_w4a8(module, act_format=act_format))
+
+
+def convert_to_w4a16(model: nn.Module) -> int:
+    """Run every W4A4 :class:`SVDQuantLinear` of ``model`` with 16-bit activations, in place
+    (:func:`quantduo.svdquant.hopper_formats.to_w4a16`: same stored weights, no activation quantizer). On Hopper
+    (no 4-bit tensor cores) this makes an INT4 checkpoint faster and more accurate. Returns the number of
+    converted layers."""
+    from quantduo.svdquant.hopper_formats import to_w4a16
+
+    return _convert_w4a4_layers(model, to_w4a16)
+
+
+def _convert_w4a4_layers(model: nn.Module, convert) -> int:
+    """Replace every W4A4 :class:`SVDQuantLinear` of ``model`` by ``convert(module)``; the number replaced."""
     names = [n for n, m in model.named_modules() if isinstance(m, SVDQuantLinear) and m.act_format != "none"]
     for name in names:
-        model.set_submodule(name, to_w4a8(model.get_submodule(name), act_format=act_format))
+        model.set_submodule(name, convert(model.get_submodule(name)))
     return len(names)

@@ -317,10 +317,36 @@ def to_w4a8(module: SVDQuantLinear, weight: torch.Tensor | None = None, act_form
         out.smooth_factor.copy_(module.smooth_factor)
         out.lora_down.copy_(module.lora_down)
         out.lora_up.copy_(module.lora_up)
-        if module.bias is not None:
-            out.bias.copy_(module.bias.float() + std_residual @ module.act_shift.float())
-        elif bool((module.act_shift != 0).any()):
-            raise ValueError("module has an activation shift but no bias to unfold it from")
+        _copy_unfolded_bias(out, module, std_residual)
+    return out
+
+
+def _copy_unfolded_bias(out: LowRankQuantLinear, module: SVDQuantLinear, residual: torch.Tensor) -> None:
+    """``out.bias = module.bias + residual @ act_shift``: the unsigned-activation shift's term, which ``module``
+    folds into its bias, taken back out (``out`` has no shift). residual: float32 ``[N, K]``."""
+    if module.bias is not None:
+        out.bias.copy_(module.bias.float() + residual @ module.act_shift.float())
+    elif bool((module.act_shift != 0).any()):
+        raise ValueError("module has an activation shift but no bias to unfold it from")
+
+
+def to_w4a16(module: SVDQuantLinear) -> SVDQuantLinear:
+    """A W4A4 :class:`SVDQuantLinear` run with 16-bit activations: the same stored INT4 residual, smoothing and
+    low-rank branch, no activation quantizer (the unsigned shift's bias term unfolded).
+
+    It changes the layer's arithmetic, not its weights: without the activation rounding the output is closer to
+    the original layer, and on GPUs without 4-bit tensor cores (Hopper) it is faster above 64 tokens (the whole
+    weight is reconstructed for one 16-bit GEMM, see :mod:`quantduo.kernels`).
+    """
+    if module.act_format == "none":
+        raise ValueError("the module already has 16-bit activations")
+    with torch.no_grad():
+        out = SVDQuantLinear(module.in_features, module.out_features, module.rank, module.bias is not None,
+                             module.weight_format, "none", module.group_size, module.dtype, module.qweight.device)
+        out.load_state_dict(module.state_dict())
+        out.act_shift.zero_()
+        _copy_unfolded_bias(out, module, module.dequantized_residual())
+    out.backend = module.backend
     return out
 
 
