@@ -9,9 +9,10 @@ Variants (same model object, linears swapped in place; the per-model rules of
 :mod:`quantduo.integrations.diffusers` decide which layers stay BF16 / become W4A16):
 
 * ``bf16``: the model as built;
-* ``w4a16``: every quantizable linear INT4-g64 weight-only (Triton W4A16 GEMM), no low-rank branch;
-* ``svdq-int4``: SVDQuant W4A4 INT4 (rank 32) with the fused Triton kernels and fused GELU MLPs; modulation
-  linears W4A16;
+* ``w4a16``: every quantizable linear INT4-g64 weight-only, no low-rank branch;
+* ``svdq-w4a16``: the same with the rank-32 branch (every quantizable linear, modulation included);
+* ``svdq-int4``: SVDQuant W4A4 INT4 (rank 32), MLPs through ``svdquant_mlp_forward``; modulation linears W4A16;
+* ``svdq-int4-a16``: those W4A4 layers run with 16-bit activations (``to_w4a16``, as ``generate --a16``);
 * ``svdq-w4a8``: the Hopper W4A8 format (4-bit weights, int8-exact group multipliers, int8 activations), rank 32;
 * ``svdq-w4a8fp8``: the Hopper fp8 format (fp8-exact group multipliers, fp8 activations, low-rank branch inside
   one ``torch._scaled_mm``), rank 32.
@@ -36,7 +37,7 @@ from torch import nn
 
 from quantduo.integrations.diffusers import MODEL_RULES, enable_fused_mlp
 from quantduo.svdquant import SVDQuantLinear, lowrank_factors
-from quantduo.svdquant.hopper_formats import to_w4a8
+from quantduo.svdquant.hopper_formats import to_w4a8, to_w4a16
 from quantduo.svdquant.quantize import pack_residual
 from quantduo.svdquant.quantizers import pad_to_multiple
 from quantduo.utils import relative_l2_error
@@ -112,6 +113,8 @@ def variant_module(name: str, linear: nn.Linear, variant: str) -> nn.Module | No
     module = fast_svdquant(linear, "int4", RANK)
     if variant in ("svdq-w4a8", "svdq-w4a8fp8"):
         return to_w4a8(module, linear.weight, act_format="fp8" if variant == "svdq-w4a8fp8" else "int8")
+    if variant == "svdq-int4-a16":  # the INT4 checkpoint run with 16-bit activations (generate --a16)
+        return to_w4a16(module)
     return module
 
 
