@@ -373,8 +373,9 @@ def test_module_forward(act_format, weight_format, tokens, dtype):
 @pytest.mark.parametrize("path,tokens", [("skinny", 9), ("packed", 9), ("packed", 80), ("float", 9),
                                          ("float", 80)])
 def test_w4a4_paths(act_format, path, tokens):
-    """Every W4A4 path against forward_reference (rows = 2 x tokens)."""
-    m = _random_module(100, 48, act_format)
+    """Every W4A4 path against forward_reference (rows = 2 x tokens), at a rank that is not a power of two (as
+    after attaching a LoRA to the low-rank branch)."""
+    m = _random_module(100, 48, act_format, rank=24)
     x = torch.randn(2, tokens, 100, dtype=torch.float16)
     assert relative_l2_error(qk.svdquant_linear_forward(m, x, path=path), m.forward_reference(x)) < 2e-3
 
