@@ -32,6 +32,9 @@ whole layer. With ``x_s = x * (1 / smooth)`` in float32 and ``l = bf16(x_s) @ lo
 ``c`` (a power of two per rank, folded into ``lora_down_scaled = lora_down * c`` exactly) puts the largest
 ``|u|`` in (224, 448]. The hi/lo pairs keep about 8 significant bits of each low-rank operand (the
 16-bit branch's precision, minus the neglected ``lo * lo`` term). See :func:`fp8_lowrank_operands`.
+
+:func:`to_w4a16` is the other Hopper option for stored INT4 weights: the same layer with 16-bit activations (above
+64 tokens the kernels reconstruct its weight for one 16-bit GEMM; more accurate and faster than W4A4 there).
 """
 from __future__ import annotations
 
