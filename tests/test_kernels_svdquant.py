@@ -296,8 +296,8 @@ def test_dequant_w4(dtype, group, rank, smoothed):
     q, scales = qz.quantize_int4(torch.randn(N, K) * torch.logspace(-2, 1, K), group, dtype)
     qw = qz.pack_int4(q)
     lr_dtype = torch.float16 if dtype == torch.bfloat16 else dtype
-    down, up = (torch.randn(K, rank, dtype=lr_dtype) * 0.3, torch.randn(N, rank, dtype=lr_dtype)) if rank else (None,
-                                                                                                             None)
+    down = torch.randn(K, rank, dtype=lr_dtype) * 0.3 if rank else None
+    up = torch.randn(N, rank, dtype=lr_dtype) if rank else None
     smooth = torch.rand(K, dtype=dtype) + 0.5 if smoothed else None
     got = dequant_w4(qw, scales, dtype, group, down, up, smooth, scratch=False)
     expected = ref.w4_dequant_ref(qw, scales, dtype, group, down, up, smooth)
