@@ -1,8 +1,8 @@
 """W4A16 weight reconstruction for large token counts: the whole layer as one 16-bit weight, then one cuBLAS GEMM.
 
 Above a few dozen tokens a W4A16 layer is compute-bound, and Hopper's 16-bit tensor cores run cuBLAS faster than
-any dequantize-in-the-loop kernel. Since W4A16 keeps the activations in 16 bits, the smoothing and the low-rank
-branch are linear maps that fold into the weight:
+the dequantize-in-the-loop kernels of this package (BENCHMARKS.md). Since W4A16 keeps the activations in 16 bits,
+the smoothing and the low-rank branch are linear maps that fold into the weight:
 
     y = (x / smooth) @ (q * scale)^T + (x / smooth) @ lora_down @ lora_up^T + bias
       = x @ W^T + bias,   W = (q * scale + lora_up @ lora_down^T) / smooth       (per input channel k)
@@ -10,7 +10,8 @@ branch are linear maps that fold into the weight:
 :func:`dequant_w4` writes ``W`` tile by tile (the low-rank term is a rank-r dot per tile on the tensor cores) into
 a scratch buffer shared by every layer, and the layer is then ``F.linear(x, W, bias)``: no pass over the
 activations, no separate low-rank matmuls. ``W`` is rounded once to the activations' dtype (relative 2^-9 in
-bfloat16, like a bfloat16 weight). Reference: :func:`quantduo.kernels.reference.w4_dequant_ref`.
+bfloat16, like a bfloat16 weight). W4A4 layers above 64 tokens use it without the low-rank and smoothing terms
+(their activations are dequantized by kernel 1). Reference: :func:`quantduo.kernels.reference.w4_dequant_ref`.
 """
 from __future__ import annotations
 
