@@ -380,6 +380,23 @@ def test_w4a4_paths(act_format, path, tokens):
     assert relative_l2_error(qk.svdquant_linear_forward(m, x, path=path), m.forward_reference(x)) < 2e-3
 
 
+@pytest.mark.parametrize("tokens", [1, 9, 80])
+def test_w4a16_group_128(tokens):
+    """W4A16 with groups of 128 at every token count (the GEMV, skinny and weight-streaming kernels serve groups of
+    64 only; the reconstruction serves any group), and the weight-streaming GEMM rejects other groups."""
+    torch.manual_seed(0)
+    m = SVDQuantLinear(256, 32, rank=8, act_format="none", group_size=128, dtype=torch.float32)
+    with torch.no_grad():
+        q, scales = qz.quantize_int4(torch.randn(32, 256), 128, torch.float32)
+        m.qweight.copy_(qz.pack_int4(q)); m.wscales.copy_(scales)
+        m.lora_down.normal_(0, 0.1); m.lora_up.normal_(0, 0.1); m.bias.normal_()
+    m.backend = "triton"
+    x = torch.randn(tokens, 256)
+    assert relative_l2_error(m(x), m.forward_reference(x)) < 1e-5
+    with pytest.raises(ValueError, match="groups of 64"):
+        w4_dequant_gemm(x, m.qweight, m.wscales, None, None, None, x.dtype)
+
+
 def test_w4a4_bad_path():
     m = _random_module(64, 32, "int4")
     x = torch.randn(80, 64, dtype=torch.float16)

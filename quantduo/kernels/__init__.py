@@ -90,8 +90,9 @@ def _streaming_forward(module, x2: torch.Tensor, wfactor: torch.Tensor, wrow: to
 
 def _w4a16_forward(module, x2: torch.Tensor, ld, lu) -> torch.Tensor:
     """W4A16: one token -> the GEMV; up to 64 16-bit tokens -> kernel 1 (smoothing + low-rank) and the skinny GEMM
-    (float32 tokens: the weight-streaming GEMM, smoothing in-kernel); more tokens -> the reconstructed 16-bit
-    weight and a cuBLAS GEMM (:func:`_reconstructed_w4a16_forward`)."""
+    (float32 tokens: the weight-streaming GEMM, smoothing in-kernel); more tokens, or groups other than 64 (which
+    only the reconstruction serves) -> the reconstructed weight and a cuBLAS GEMM
+    (:func:`_reconstructed_w4a16_forward`)."""
     M = x2.shape[0]
     g64 = module.group_size == 64
     if M <= GEMV_MAX_TOKENS and g64:
@@ -105,9 +106,9 @@ def _w4a16_forward(module, x2: torch.Tensor, ld, lu) -> torch.Tensor:
         else:
             xs, _, lxp = act_quant(x2, module.smooth_factor, None, ld, "smooth")
         return w4_skinny_gemm(xs, None, module.qweight, module.wscales, lxp, lu, module.bias, "none", x2.dtype)
-    if M <= DEQUANT_MAX_TOKENS:
+    if M <= DEQUANT_MAX_TOKENS and g64:
         return _streaming_forward(module, x2, module.wscales)
-    return _reconstructed_w4a16_forward(module, x2, ld, lu)
+    return _reconstructed_w4a16_forward(module, x2, ld, lu)  # any group size
 
 
 def _reconstructed_w4a16_forward(module, x2: torch.Tensor, ld, lu) -> torch.Tensor:

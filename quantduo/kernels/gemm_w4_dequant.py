@@ -132,6 +132,9 @@ def w4_dequant_gemm(x, qweight, wfactor, lxp, lora_up, bias, out_dtype: torch.dt
         raise ValueError(f"K={K} must be a multiple of SPLIT_K*BK={split}*{cfg['BK']} (unit column stride)")
     if act != "none" and amax_partials is None:
         raise ValueError("8-bit activation fake quantization needs the absmax partials")
+    if wfactor.shape != (N, K // 64):
+        raise ValueError(f"the weight-streaming GEMM serves groups of 64: wfactor must be [N, K/64] = [{N}, {K // 64}],"
+                         f" got {tuple(wfactor.shape)}")
     r = 0 if lxp is None else lxp.shape[2]
     out = torch.empty(M, N, dtype=out_dtype, device=x.device)
     tiles = triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"])
