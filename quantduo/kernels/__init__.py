@@ -116,8 +116,12 @@ def _reconstructed_w4a16_forward(module, x2: torch.Tensor, ld, lu) -> torch.Tens
     in the shared scratch buffer (:mod:`.dequant_w4`), then one cuBLAS GEMM with the bias."""
     smooth = None if module.smoothing_is_identity() else module.smooth_factor
     w = dequant_w4(module.qweight, module.wscales, x2.dtype, module.group_size, ld, lu, smooth)
-    bias = module.bias
-    return F.linear(x2, w, None if bias is None else bias.to(x2.dtype))
+    return F.linear(x2, w, _bias_as(module, x2.dtype))
+
+
+def _bias_as(module, dtype: torch.dtype) -> torch.Tensor | None:
+    """The module's bias in ``dtype`` for ``F.linear`` (None without one)."""
+    return None if module.bias is None else module.bias.to(dtype)
 
 
 def _is_w4a4(module) -> bool:
@@ -135,8 +139,7 @@ def _w4a4_forward(module, x2: torch.Tensor, ld, lu, path: str) -> torch.Tensor:
     if path == "float":
         xq, _, _ = act_quant(x2, module.smooth_factor, module.act_shift, None, module.act_format + "_deq")
         w = dequant_w4(module.qweight, module.wscales, x2.dtype, module.group_size)
-        bias = module.bias
-        y = F.linear(xq, w, None if bias is None else bias.to(x2.dtype))
+        y = F.linear(xq, w, _bias_as(module, x2.dtype))
         if ld is not None:  # (x / smooth) @ lora_down as x @ (lora_down / smooth): one cuBLAS GEMM over x
             lx = x2 @ (ld / module.smooth_factor[:, None]).to(x2.dtype)
             y.addmm_(lx.to(y.dtype), lu.to(y.dtype).t())

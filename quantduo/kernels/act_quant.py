@@ -29,6 +29,13 @@ def _smoothed(xrow, SMOOTH, k, rk, mmask):
 
 
 @triton.jit
+def _shifted(xs, SHIFT, k, rk):
+    """The smoothed tile plus the unsigned-activation shift of channels ``k + rk``, float32 (what the 4-bit modes
+    quantize)."""
+    return xs.to(tl.float32) + tl.load(SHIFT + k + rk).to(tl.float32)[None, :]
+
+
+@triton.jit
 def _act_quant_kernel(
     X, SMOOTH, SHIFT, LD, Q, QS, LXP, AMAXP,
     M, K, K_SPLIT, R, S_AMAX, stride_xm,
@@ -75,8 +82,7 @@ def _act_quant_kernel(
                 ld = tl.load(LD + (k + rk)[:, None] * R + rr[None, :], mask=rr[None, :] < R, other=0.0)
             lx = tl.dot(xs.to(ld.dtype), ld, lx, input_precision=PREC)
         if MODE < 2:
-            act = xs.to(tl.float32) + tl.load(SHIFT + k + rk).to(tl.float32)[None, :]
-            packed, scale = quant4_tile(act, BM, BK, G, MODE == 1, RECIP)
+            packed, scale = quant4_tile(_shifted(xs, SHIFT, k, rk), BM, BK, G, MODE == 1, RECIP)
             rh = tl.arange(0, BK // 2)
             tl.store(Q + rm[:, None].to(tl.int64) * (K // 2) + (k // 2 + rh)[None, :], packed, mask=mmask[:, None])
             rg = tl.arange(0, BK // G)
@@ -91,8 +97,7 @@ def _act_quant_kernel(
         elif MODE == 3:
             tl.store(qrow + (k + rk)[None, :], fake_quant_token(xs, tscale, QMAX).to(tl.float8e4nv), mask=mmask[:, None])
         elif MODE >= 7:
-            act = xs.to(tl.float32) + tl.load(SHIFT + k + rk).to(tl.float32)[None, :]
-            codes, scale = quant4_codes(act, BM, BK, G, MODE == 8, RECIP)
+            codes, scale = quant4_codes(_shifted(xs, SHIFT, k, rk), BM, BK, G, MODE == 8, RECIP)
             deq = tl.reshape(codes * scale[:, :, None], (BM, BK))
             tl.store(qrow + (k + rk)[None, :], deq.to(Q.dtype.element_ty), mask=mmask[:, None])
         elif MODE == 5:
