@@ -16,6 +16,10 @@ Variants (same model object, linears swapped in place; the per-model rules of
 * ``svdq-w4a8``: the Hopper W4A8 format (4-bit weights, int8-exact group multipliers, int8 activations), rank 32;
 * ``svdq-w4a8fp8``: the Hopper fp8 format (fp8-exact group multipliers, fp8 activations, low-rank branch inside
   one ``torch._scaled_mm``), rank 32.
+* ``svdq-fp8``: the ``svdq-int4`` weights run by FP8 execution (``to_fp8_execution``: per-token fp8 activations,
+  the whole weight reconstructed into fp8 per call, one ``torch._scaled_mm``).
+* ``<variant>+compile``: the same modules, the whole transformer under ``torch.compile`` (default mode); compare
+  with ``bf16+compile``.
 
 The quantized modules are built by a FAST PATH, not the calibrated SVDQuant search: rank-32 randomized SVD of
 the weight + round-to-nearest INT4 of the residual, smoothing factors 1. Speed and memory do not depend on the
@@ -37,6 +41,7 @@ from torch import nn
 
 from quantduo.integrations.diffusers import MODEL_RULES, enable_fused_mlp
 from quantduo.svdquant import SVDQuantLinear, lowrank_factors
+from quantduo.svdquant.fp8_execution import to_fp8_execution
 from quantduo.svdquant.hopper_formats import to_w4a8, to_w4a16
 from quantduo.svdquant.quantize import pack_residual
 from quantduo.svdquant.quantizers import pad_to_multiple
@@ -50,6 +55,7 @@ SMALL = dict(FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=64,
              joint_attention_dim=128, pooled_projection_dim=64, axes_dims_rope=[8, 28, 28])
 RULES = MODEL_RULES["FluxTransformer2DModel"]
 RANK = 32
+COMPILE = "+compile"
 
 
 def build_model(config: dict, device: str) -> nn.Module:
@@ -115,6 +121,8 @@ def variant_module(name: str, linear: nn.Linear, variant: str) -> nn.Module | No
         return to_w4a8(module, linear.weight, act_format="fp8" if variant == "svdq-w4a8fp8" else "int8")
     if variant == "svdq-int4-a16":  # the INT4 checkpoint run with 16-bit activations (generate --a16)
         return to_w4a16(module)
+    if variant == "svdq-fp8":
+        return to_fp8_execution(module)
     return module
 
 
@@ -142,21 +150,58 @@ def time_forward(model: nn.Module, inputs: dict, warmup: int, reps: int) -> list
     return times
 
 
+def kernel_category(name: str) -> str:
+    """Which part of the step a CUDA kernel belongs to (by its name)."""
+    lowered = name.lower()
+    if any(k in lowered for k in ("gemm", "nvjet", "cutlass", "xmma", "scaled_mm", "f8f8")):
+        return "gemm"
+    if any(k in lowered for k in ("flash", "fmha", "sdpa", "attention")):
+        return "attention"
+    if name.startswith("triton_"):
+        return "inductor-fused ops"
+    if name.startswith("_") and "::" not in name:
+        return "quantduo kernels"
+    return "other (elementwise, norms, copies)"
+
+
+def profile_forward(model: nn.Module, inputs: dict, variant: str, top: int = 25) -> dict:
+    """One profiled forward: device time per kernel category and the ``top`` kernels (printed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(**inputs)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_category: dict[str, float] = {}
+    for e in kernels:
+        cat = kernel_category(e.key)
+        by_category[cat] = by_category.get(cat, 0.0) + e.self_device_time_total / 1e3
+    print(f"\nprofile {variant}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(by_category.items())))
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
+        print(f"  {e.self_device_time_total / 1e3:8.2f} ms {e.count:5d}x  {e.key[:110]}")
+    return by_category
+
+
 def run_variant(model, linears, variant, inputs, ref, args) -> dict:
     """Swap ``variant``'s modules in, measure, swap the BF16 linears back."""
     t0 = time.perf_counter()
     swapped = {}
+    base, compiled = variant.removesuffix(COMPILE), variant.endswith(COMPILE)
     with torch.no_grad():
         for name, linear in linears.items():
-            module = variant_module(name, linear, variant)
+            module = None if base == "bf16" else variant_module(name, linear, base)
             if module is not None:
                 model.set_submodule(name, module)
                 swapped[name] = module
-        restore_ff = enable_fused_mlp(model) if variant == "svdq-int4" else {}
+        restore_ff = enable_fused_mlp(model) if base == "svdq-int4" else {}
         build_s = time.perf_counter() - t0
-        out = model(**inputs)[0]
-        times = time_forward(model, inputs, args.warmup, args.reps)
-        row = dict(variant=variant, weight_gb=weight_bytes(model) / 1e9, median_ms=statistics.median(times),
+        torch._dynamo.reset()
+        runner = torch.compile(model) if compiled else model
+        out = runner(**inputs)[0]
+        times = time_forward(runner, inputs, args.warmup, args.reps)
+        profile = profile_forward(runner, inputs, variant) if args.profile else {}
+        row = dict(variant=variant, profile_ms=profile, weight_gb=weight_bytes(model) / 1e9,
+                   median_ms=statistics.median(times),
                    min_ms=min(times), max_ms=max(times), rel_err_vs_bf16=relative_l2_error(out, ref),
                    quantized_layers=len(swapped), build_s=build_s)
         for name, ff in restore_ff.items():
@@ -174,9 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="out/bench_flux")
     parser.add_argument("--small", action="store_true", help="2-block model, 64+16 tokens (smoke test, any device)")
     parser.add_argument("--variants", nargs="+",
-                        default=["bf16", "w4a16", "svdq-w4a16", "svdq-int4", "svdq-w4a8", "svdq-w4a8fp8"])
+                        default=["bf16", "w4a16", "svdq-w4a16", "svdq-int4", "svdq-w4a8", "svdq-w4a8fp8", "svdq-fp8"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--profile", action="store_true", help="also print each variant's kernel-time breakdown (CUDA)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = SMALL if args.small else FLUX_DEV
@@ -188,25 +234,21 @@ def main(argv: list[str] | None = None) -> int:
         ref = model(**inputs)[0].float()
     rows = []
     for variant in args.variants:
-        if variant == "bf16":
-            with torch.no_grad():
-                times = time_forward(model, inputs, args.warmup, args.reps)
-            rows.append(dict(variant="bf16", weight_gb=weight_bytes(model) / 1e9, median_ms=statistics.median(times),
-                             min_ms=min(times), max_ms=max(times), rel_err_vs_bf16=0.0, quantized_layers=0, build_s=0.0))
-        else:
-            rows.append(run_variant(model, linears, variant, inputs, ref, args))
+        rows.append(run_variant(model, linears, variant, inputs, ref, args))
         print(json.dumps(rows[-1]), flush=True)
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    base = rows[0] if rows[0]["variant"] == "bf16" else None
+    by_name = {r["variant"]: r for r in rows}
+    base, cbase = by_name.get("bf16"), by_name.get("bf16" + COMPILE)
     print(f"\ndevice: {device_name}; torch {torch.__version__}; tokens {img}+{txt}; blocks "
           f"{config['num_layers']}+{config['num_single_layers']}")
-    print("| variant | weights (GB) | vs BF16 memory | step latency median (ms) [min-max] | speed-up vs BF16 | rel. err vs BF16 |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | weights (GB) | vs BF16 memory | step ms median [min-max] | vs BF16 | vs BF16+compile "
+          "| rel. err vs BF16 |")
+    print("|---|---|---|---|---|---|---|")
+    ratio = lambda b, r: f"{b['median_ms'] / r['median_ms']:.2f}x" if b else "-"  # noqa: E731
     for r in rows:
         mem = f"{base['weight_gb'] / r['weight_gb']:.2f}x smaller" if base else "-"
-        speed = f"{base['median_ms'] / r['median_ms']:.2f}x" if base else "-"
-        print(f"| {r['variant']} | {r['weight_gb']:.2f} | {mem} | {r['median_ms']:.1f} [{r['min_ms']:.1f}-{r['max_ms']:.1f}] "
-              f"| {speed} | {r['rel_err_vs_bf16']:.3f} |")
+        print(f"| {r['variant']} | {r['weight_gb']:.2f} | {mem} | {r['median_ms']:.1f} [{r['min_ms']:.1f}-"
+              f"{r['max_ms']:.1f}] | {ratio(base, r)} | {ratio(cbase, r)} | {r['rel_err_vs_bf16']:.3f} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "flux_bench.json").write_text(json.dumps(dict(device=device_name, rows=rows), indent=1))

@@ -181,6 +181,7 @@ def _rebuild(module: nn.Module) -> None:
             module.lora_down = torch.cat([module.lora_down[:, :r0]] + [a.down.to(dtype) for a in loras], dim=1)
             module.lora_up = torch.cat([module.lora_up[:, :r0]] + [(a.up * a.strength).to(dtype) for a in loras], dim=1)
             module.rank = module.lora_down.shape[1]
+            module.low_rank_updated()
         else:
             weight = module._quantduo_base_weight.float()
             for a in loras:

@@ -172,7 +172,7 @@ def svdquant_linear_forward(module, x: torch.Tensor, path: str | None = None) ->
         return _nvfp4_forward(module, x)
     x2 = _flat_padded(module, x)
     ld, lu = _lora(module)
-    if module.act_format == "none":
+    if module.act_format in ("none", "fp8"):  # fp8 execution (SVDQuantFP8Linear) runs few tokens as W4A16
         y = _w4a16_forward(module, x2, ld, lu)
     else:
         y = _w4a4_forward(module, x2, ld, lu, path or w4a4_path(x2.shape[0]))

@@ -30,6 +30,15 @@ def round_e4m3(y):
 
 
 @triton.jit
+def to_e4m3(y, NATIVE: tl.constexpr):
+    """float32 ``y`` (|y| <= 448) -> float8_e4m3fn, round to nearest even (NATIVE: the hardware conversion;
+    otherwise :func:`round_e4m3` first, for the interpreter)."""
+    if NATIVE:
+        return y.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    return round_e4m3(y).to(tl.float8e4nv)
+
+
+@triton.jit
 def fake_quant_token(xs, scale, QMAX: tl.constexpr):
     """Per-token 8-bit quantization of ``xs [BM, BK]`` with float32 ``scale [BM]``, as float32 codes:
     QMAX 127 -> INT8 (round half to even, clamp to +-127), QMAX 448 -> FP8 E4M3 (:func:`round_e4m3`)."""

@@ -19,17 +19,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision, rank_pad, scratch_buffer, unpack_int4
+from .common import dot_precision, rank_pad, scratch_buffer, to_e4m3, unpack_int4
 
 
 @triton.jit
-def _dequant_w4_kernel(W, WS, LD, LU, SMOOTH, OUT, N, K, R, stride_wsn, stride_wsg,
-                       HAS_LR: tl.constexpr, HAS_SMOOTH: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr,
-                       BK: tl.constexpr, G: tl.constexpr, PREC: tl.constexpr):
+def _dequant_w4_kernel(W, WS, LD, LU, SMOOTH, ROW_SCALE, OUT, N, K, R, stride_wsn, stride_wsg,
+                       HAS_LR: tl.constexpr, HAS_SMOOTH: tl.constexpr, FP8: tl.constexpr, NATIVE: tl.constexpr,
+                       RP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, PREC: tl.constexpr):
     """Program (pid_n, pid_k): OUT ``[N, K]`` tile ``[BN, BK]`` = ``(q * scale + LU @ LD^T) / SMOOTH``.
 
     W packed int4 uint8 ``[N, K/2]`` (low nibble = even input); WS float group scales ``[N, K/G]`` (strides
     given); LD ``[K, R]``, LU ``[N, R]`` (HAS_LR); SMOOTH ``[K]`` (HAS_SMOOTH). BK is a multiple of G.
+    FP8: OUT is float8_e4m3fn and each row is first multiplied by ROW_SCALE ``[N]`` float32 (the inverse of its
+    fp8 scale), clamped to +-448 and rounded to nearest even.
     """
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     nmask = rn[:, None] < N
@@ -48,6 +50,9 @@ def _dequant_w4_kernel(W, WS, LD, LU, SMOOTH, OUT, N, K, R, stride_wsn, stride_w
         w = tl.dot(up, tl.trans(down), w, input_precision=PREC)
     if HAS_SMOOTH:
         w = w / tl.load(SMOOTH + rk).to(tl.float32)[None, :]
+    if FP8:
+        w = w * tl.load(ROW_SCALE + rn, mask=rn < N, other=0.0)[:, None]
+        w = to_e4m3(tl.minimum(tl.maximum(w, -448.0), 448.0), NATIVE)
     tl.store(OUT + rn64 * K + rk[None, :], w.to(OUT.dtype.element_ty), mask=nmask)
 
 
@@ -63,12 +68,13 @@ def _pick(K: int, group_size: int, low_rank: bool) -> tuple[int, int, int]:
 def dequant_w4(qweight: torch.Tensor, wscales: torch.Tensor, dtype: torch.dtype, group_size: int = 64,
                lora_down: torch.Tensor | None = None, lora_up: torch.Tensor | None = None,
                smooth: torch.Tensor | None = None, scratch: bool = True,
-               config: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """The 16/32-bit weight ``[N, K]`` of a W4A16 layer: ``(q * scale + lora_up @ lora_down^T) / smooth``.
+               config: tuple[int, int, int] | None = None, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight ``[N, K]`` of a W4A16 layer: ``(q * scale + lora_up @ lora_down^T) / smooth``.
 
     Args:
         qweight: packed int4 uint8 ``[N, K // 2]``; wscales: float ``[N, K // group_size]`` (any strides).
-        dtype: float16, bfloat16 or float32 (the activations' dtype; the result is rounded to it).
+        dtype: float16, bfloat16 or float32 (the activations' dtype; the result is rounded to it), or
+            float8_e4m3fn: each row times ``row_scale`` float32 ``[N]``, clamped to +-448, rounded to nearest even.
         lora_down ``[K, r]`` / lora_up ``[N, r]``: the low-rank branch (both or neither); smooth ``[K]`` or None.
         scratch: write into the shared per-device buffer (valid until the next expansion on the stream).
         config: (BN, BK, num_warps); BK a multiple of group_size dividing K.
@@ -85,6 +91,9 @@ def dequant_w4(qweight: torch.Tensor, wscales: torch.Tensor, dtype: torch.dtype,
                          f"{tuple(lora_down.shape)} and {tuple(lora_up.shape)}")
     if smooth is not None and smooth.shape != (K,):
         raise ValueError(f"smooth must be [K] = [{K}], got {tuple(smooth.shape)}")
+    fp8 = dtype == torch.float8_e4m3fn
+    if fp8 != (row_scale is not None) or (fp8 and (row_scale.shape != (N,) or row_scale.dtype != torch.float32)):
+        raise ValueError("row_scale (float32 [N]) is required for, and only for, float8_e4m3fn output")
     bn, bk, warps = config or _pick(K, group_size, r > 0)
     if bk % group_size or K % bk:
         raise ValueError(f"BK={bk} must be a multiple of the group size {group_size} and divide K={K}")
@@ -92,8 +101,9 @@ def dequant_w4(qweight: torch.Tensor, wscales: torch.Tensor, dtype: torch.dtype,
            else torch.empty(N * K, dtype=dtype, device=qweight.device)).view(N, K)
     _dequant_w4_kernel[(triton.cdiv(N, bn), K // bk)](
         qweight, wscales, lora_down.contiguous() if r else qweight, lora_up.contiguous() if r else qweight,
-        smooth if smooth is not None else qweight, out, N, K, r, wscales.stride(0), wscales.stride(1),
-        HAS_LR=r > 0, HAS_SMOOTH=smooth is not None, RP=rank_pad(r), BN=bn, BK=bk, G=group_size,
-        PREC=dot_precision(lora_up.dtype if r else dtype), num_warps=warps,
+        smooth if smooth is not None else qweight, row_scale.contiguous() if fp8 else qweight, out, N, K, r,
+        wscales.stride(0), wscales.stride(1), HAS_LR=r > 0, HAS_SMOOTH=smooth is not None, FP8=fp8,
+        NATIVE=qweight.is_cuda, RP=rank_pad(r), BN=bn, BK=bk, G=group_size,
+        PREC=dot_precision(lora_up.dtype if r else wscales.dtype), num_warps=warps,
     )
     return out

@@ -21,15 +21,7 @@ import triton.language as tl
 
 from quantduo.svdquant.hopper_formats import fp8_tail_width
 
-from .common import k_splits, rank_pad, round_e4m3
-
-
-@triton.jit
-def _to_e4m3(y, NATIVE: tl.constexpr):
-    """float32 ``y`` (|y| <= 448) -> float8_e4m3fn, round to nearest even."""
-    if NATIVE:
-        return y.to(tl.float8e4nv, fp_downcast_rounding="rtne")
-    return round_e4m3(y).to(tl.float8e4nv)
+from .common import k_splits, rank_pad, round_e4m3, to_e4m3
 
 
 @triton.jit
@@ -101,7 +93,7 @@ def _fp8_concat_quant_kernel(
         xs = tl.load(X + rm64 * stride_xm + (k + rk)[None, :], mask=mmask[:, None], other=0.0).to(tl.float32) \
             * tl.load(INV_SMOOTH + k + rk)[None, :]
         y = tl.minimum(tl.maximum(xs * inv_scale[:, None], -448.0), 448.0)
-        tl.store(A + rm64 * stride_am + (k + rk)[None, :], _to_e4m3(y, NATIVE), mask=mmask[:, None])
+        tl.store(A + rm64 * stride_am + (k + rk)[None, :], to_e4m3(y, NATIVE), mask=mmask[:, None])
     if pid_s == 0:
         tl.store(A_SCALE + rm, scale, mask=mmask)
         if HAS_LR:
@@ -115,7 +107,7 @@ def _store_tail(TAIL, lx, inv_scale, mmask, R, T, RP: tl.constexpr, TP: tl.const
     lmask = mmask[:, None] & (rr[None, :] < R)
     t = lx * inv_scale[:, None]
     hi = round_e4m3(tl.minimum(tl.maximum(t, -448.0), 448.0))  # exact fp8 values: the cast below is exact
-    lo = _to_e4m3(t - hi, NATIVE)
+    lo = to_e4m3(t - hi, NATIVE)
     tl.store(TAIL + rr[None, :], hi.to(tl.float8e4nv), mask=lmask)
     tl.store(TAIL + R + rr[None, :], lo, mask=lmask)
     tl.store(TAIL + 2 * R + rr[None, :], hi.to(tl.float8e4nv), mask=lmask)

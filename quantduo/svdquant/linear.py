@@ -73,6 +73,10 @@ class LowRankQuantLinear(nn.Module):
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def low_rank_updated(self) -> None:
+        """Called after ``lora_down`` / ``lora_up`` change (LoRA attachment); layers with state derived from them
+        recompute it."""
+
     # ------------------------------------------------------------------------------------------
     @property
     def padded_in_features(self) -> int:
@@ -192,6 +196,13 @@ class SVDQuantLinear(LowRankQuantLinear):
         return (self.qweight, self.wscales)
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
-        from quantduo.kernels import svdquant_linear_forward
+        return _svdquant_kernels(self, x)
 
-        return svdquant_linear_forward(self, x)
+
+@torch.compiler.disable
+def _svdquant_kernels(module: SVDQuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """:func:`quantduo.kernels.svdquant_linear_forward`, called as is by ``torch.compile`` (not traced: its kernels
+    share scratch buffers and check the smoothing on the host)."""
+    from quantduo.kernels import svdquant_linear_forward
+
+    return svdquant_linear_forward(module, x)

@@ -1,0 +1,172 @@
+"""FP8 execution of INT4 SVDQuant layers (quantduo.svdquant.fp8_execution, quantduo.kernels.fp8_linear).
+
+On CPU the Triton kernels run in the interpreter (tests/conftest.py); the fp8 GEMM is emulated in float32 there
+(``fp8_rowwise_gemm``), on CUDA it is ``torch._scaled_mm``. Outputs are poisoned before each kernel.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from quantduo.integrations.lora import attach_lora
+from quantduo.kernels import reference as ref
+from quantduo.kernels.dequant_w4 import dequant_w4
+from quantduo.kernels.fp8_linear import quantize_fp8_per_token, quantize_fp8_per_token_ref
+from quantduo.svdquant import SVDQuantLinear
+from quantduo.svdquant import hopper_formats as hf
+from quantduo.svdquant import quantizers as qz
+from quantduo.svdquant.fp8_execution import SVDQuantFP8Linear, to_fp8_execution
+from quantduo.utils import relative_l2_error
+
+
+@pytest.fixture(autouse=True)
+def _poison_empty(monkeypatch):
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(0x7F)
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def _int4_module(k, n, act_format, rank=16, dtype=torch.float32, device="cpu", seed=0):
+    """A random INT4 SVDQuantLinear with smoothing, low-rank branch, bias (and a shift for uint4)."""
+    g = torch.Generator().manual_seed(seed)
+    m = SVDQuantLinear(k, n, rank=rank, act_format=act_format, dtype=dtype, device=device)
+    with torch.no_grad():
+        q, sc = qz.quantize_int4(torch.randn(n, m.padded_in_features, generator=g).to(device), 64, dtype)
+        m.qweight.copy_(qz.pack_int4(q)); m.wscales.copy_(sc)
+        m.smooth_factor.copy_(torch.rand(m.padded_in_features, generator=g) + 0.5)
+        m.lora_down.copy_(torch.randn(m.padded_in_features, rank, generator=g) * 0.1)
+        m.lora_up.copy_(torch.randn(n, rank, generator=g) * 0.3)
+        m.bias.copy_(torch.randn(n, generator=g))
+        if act_format == "uint4":
+            m.act_shift.fill_(0.17)
+    return m
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("k", [192, 256, 1000])
+def test_quantize_fp8_per_token(dtype, k):
+    """The row kernel gives the reference's scales and codes bit for bit, zero rows included (scale 1), with
+    outlier channels and rows of very different magnitude."""
+    torch.manual_seed(0)
+    x = (torch.randn(7, k) * torch.logspace(-3, 2, 7)[:, None]).to(dtype)
+    x[:, 5] *= 50
+    x[3] = 0
+    q, scale = quantize_fp8_per_token(x)
+    q_ref, scale_ref = quantize_fp8_per_token_ref(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32
+    assert torch.equal(scale, scale_ref) and scale[3] == 1
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert q.float().abs().amax(dim=1)[torch.arange(7) != 3].eq(448).all()  # every nonzero row uses the range
+    deq = q.float() * scale[:, None]
+    assert relative_l2_error(deq, x.float()) < 0.04  # 3 mantissa bits
+
+
+def test_quantize_fp8_per_token_bad_input():
+    with pytest.raises(ValueError, match="2-D row-major"):
+        quantize_fp8_per_token(torch.randn(4, 64).t())
+    with pytest.raises(ValueError, match="2-D row-major"):
+        quantize_fp8_per_token(torch.randn(2, 4, 64))
+
+
+@pytest.mark.parametrize("rank,smoothed", [(0, False), (16, True)])
+def test_dequant_w4_fp8(rank, smoothed):
+    """Reconstruction straight to fp8 with a per-row scale: the codes of e4m3(clamp(W * row_scale)) of the float32
+    reference W (at most one code step apart where the kernel's float32 sums round differently)."""
+    torch.manual_seed(0)
+    N, K = 40, 512
+    q, scales = qz.quantize_int4(torch.randn(N, K) * torch.logspace(-2, 1, K), 64, torch.float32)
+    qw = qz.pack_int4(q)
+    down = torch.randn(K, rank) * 0.3 if rank else None
+    up = torch.randn(N, rank) if rank else None
+    smooth = torch.rand(K) + 0.5 if smoothed else None
+    w = ref.w4_dequant_ref(qw, scales, torch.float32, 64, down, up, smooth)
+    row_scale = 448 / w.abs().amax(dim=1)
+    got = dequant_w4(qw, scales, torch.float8_e4m3fn, 64, down, up, smooth, scratch=False, row_scale=row_scale)
+    expected = (w * row_scale[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert got.dtype == torch.float8_e4m3fn and got.shape == (N, K)
+    codes_apart = (got.view(torch.uint8).int() - expected.view(torch.uint8).int()).abs()
+    assert codes_apart.max() <= 1 and codes_apart.float().mean() < 1e-3
+    if not rank:
+        assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+    with pytest.raises(ValueError, match="row_scale"):
+        dequant_w4(qw, scales, torch.float8_e4m3fn, 64, scratch=False)
+    with pytest.raises(ValueError, match="row_scale"):
+        dequant_w4(qw, scales, torch.float32, 64, scratch=False, row_scale=row_scale)
+
+
+@pytest.mark.parametrize("act_format", ["int4", "uint4", "none"])
+def test_to_fp8_execution(act_format):
+    """The converted layer keeps the INT4 weights; its reference is fp8_tok(x) @ fp8_chan(W)^T + bias with W the
+    layer's 16-bit-activation weight, close to the 16-bit-activation layer (3-mantissa-bit operands), and its
+    kernel path (80 rows > 64: row kernel + fp8 expansion + fp8 GEMM) matches the reference."""
+    m = _int4_module(100, 48, act_format)
+    m8 = to_fp8_execution(m)
+    assert isinstance(m8, SVDQuantFP8Linear) and torch.equal(m8.qweight, m.qweight) and m8.act_format == "fp8"
+    a16 = m if act_format == "none" else hf.to_w4a16(m)
+    x = torch.randn(2, 40, 100) * 3
+    y_ref = m8.forward_reference(x)
+    assert y_ref.shape == (2, 40, 48)
+    err_vs_a16 = relative_l2_error(y_ref, a16.forward_reference(x))
+    assert 1e-3 < err_vs_a16 < 0.05  # fp8 rounding is there, and small
+    # the same product written out: per-token codes times per-channel codes
+    xq, xs = hf.quantize_fp8_tokens(nn.functional.pad(x.reshape(-1, 100), (0, 28)))
+    w = m8.reconstructed_weight()
+    wq = (w / m8.wscale_fp8[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    explicit = (xq.float() @ wq.T) * xs[:, None] * m8.wscale_fp8 + m8.bias
+    assert relative_l2_error(y_ref.reshape(-1, 48), explicit) < 1e-3
+    m8.backend = "triton"
+    assert relative_l2_error(m8(x), y_ref) < 5e-3
+    few = x[:1, :9]  # 9 rows: the W4A16 kernels, 16-bit activations
+    assert relative_l2_error(m8(few), a16.forward_reference(few)) < 2e-3
+
+
+def test_to_fp8_execution_bad_input():
+    with pytest.raises(ValueError, match="INT4 SVDQuantLinear"):
+        to_fp8_execution(nn.Linear(64, 32))
+    with pytest.raises(ValueError, match="nvfp4"):
+        to_fp8_execution(SVDQuantLinear(64, 32, weight_format="nvfp4", act_format="nvfp4"))
+
+
+def test_fp8_scale_follows_lora():
+    """Attaching a LoRA extends the low-rank branch and recomputes the per-channel fp8 scale: the output then
+    matches the reference of the new weight (stale scales would clip the LoRA's larger weights)."""
+    model = nn.Sequential(to_fp8_execution(_int4_module(128, 32, "none", rank=8)))
+    layer = model[0]
+    before = layer.wscale_fp8.clone()
+    a = torch.randn(4, 128) * 0.5
+    b = torch.randn(32, 4) * 5
+    attach_lora(model, {"0.lora_A.weight": a, "0.lora_B.weight": b}, "big")
+    assert layer.rank == 12 and not torch.equal(layer.wscale_fp8, before)
+    amax = layer.reconstructed_weight().abs().amax(dim=1)
+    torch.testing.assert_close(layer.wscale_fp8, amax / 448)
+    layer.backend = "triton"
+    x = torch.randn(80, 128)
+    assert relative_l2_error(layer(x), layer.forward_reference(x)) < 5e-3
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU: FLUX shapes in bf16, and torch.compile
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(3072, 3072), (12288, 3072), (3072, 12288)])
+def test_gpu_fp8_execution(n, k):
+    m8 = to_fp8_execution(_int4_module(k, n, "int4", rank=32, dtype=torch.bfloat16, device="cuda"))
+    for tokens in (16, 300, 4608):
+        x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
+        assert relative_l2_error(m8(x), m8.forward_reference(x)) < 5e-3
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_execution_compiled():
+    """Under torch.compile (activation quantization fused by Inductor into the LayerNorm before it) the layer
+    gives the eager result."""
+    m8 = to_fp8_execution(_int4_module(3072, 3072, "int4", rank=32, dtype=torch.bfloat16, device="cuda"))
+    model = nn.Sequential(nn.LayerNorm(3072, device="cuda", dtype=torch.bfloat16), m8)
+    x = torch.randn(1024, 3072, device="cuda", dtype=torch.bfloat16)
+    eager = model(x)
+    compiled = torch.compile(model)(x)
+    assert relative_l2_error(compiled, eager) < 5e-3
