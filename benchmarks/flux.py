@@ -150,6 +150,30 @@ def time_forward(model: nn.Module, inputs: dict, warmup: int, reps: int) -> list
     return times
 
 
+def time_graphed(runner, inputs: dict, warmup: int, reps: int) -> list[float]:
+    """Milliseconds of ``reps`` replays of one CUDA graph of the whole forward (no host launch overhead)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(max(warmup, 1)):
+            runner(**inputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        runner(**inputs)
+    times = []
+    for i in range(warmup + reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end))
+    del graph
+    return times
+
+
 def kernel_category(name: str) -> str:
     """Which part of the step a CUDA kernel belongs to (by its name)."""
     lowered = name.lower()
@@ -199,10 +223,12 @@ def run_variant(model, linears, variant, inputs, ref, args) -> dict:
         runner = torch.compile(model) if compiled else model
         out = runner(**inputs)[0]
         times = time_forward(runner, inputs, args.warmup, args.reps)
+        graphed = time_graphed(runner, inputs, args.warmup, args.reps) if args.cuda_graph else []
         profile = profile_forward(runner, inputs, variant) if args.profile else {}
         row = dict(variant=variant, profile_ms=profile, weight_gb=weight_bytes(model) / 1e9,
                    median_ms=statistics.median(times),
                    min_ms=min(times), max_ms=max(times), rel_err_vs_bf16=relative_l2_error(out, ref),
+                   graph_median_ms=statistics.median(graphed) if graphed else None,
                    quantized_layers=len(swapped), build_s=build_s)
         for name, ff in restore_ff.items():
             model.set_submodule(name, ff)
@@ -222,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                         default=["bf16", "w4a16", "svdq-w4a16", "svdq-int4", "svdq-w4a8", "svdq-w4a8fp8", "svdq-fp8"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="also time each variant as replays of one CUDA graph of the whole forward (CUDA)")
     parser.add_argument("--profile", action="store_true", help="also print each variant's kernel-time breakdown (CUDA)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -249,6 +277,13 @@ def main(argv: list[str] | None = None) -> int:
         mem = f"{base['weight_gb'] / r['weight_gb']:.2f}x smaller" if base else "-"
         print(f"| {r['variant']} | {r['weight_gb']:.2f} | {mem} | {r['median_ms']:.1f} [{r['min_ms']:.1f}-"
               f"{r['max_ms']:.1f}] | {ratio(base, r)} | {ratio(cbase, r)} | {r['rel_err_vs_bf16']:.3f} |")
+    if args.cuda_graph:
+        gbase, gcbase = (dict(median_ms=b["graph_median_ms"]) if b else None for b in (base, cbase))
+        print("\nCUDA graph of the whole forward (replays):\n| variant | step ms median | vs BF16 graph "
+              "| vs BF16+compile graph |\n|---|---|---|---|")
+        for r in rows:
+            g = dict(median_ms=r["graph_median_ms"])
+            print(f"| {r['variant']} | {g['median_ms']:.1f} | {ratio(gbase, g)} | {ratio(gcbase, g)} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "flux_bench.json").write_text(json.dumps(dict(device=device_name, rows=rows), indent=1))

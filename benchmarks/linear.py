@@ -586,6 +586,46 @@ def sweep(log, results, tokens):
             f" w4a16 {time_graph(*v_module(M, N, K, 'w4a16')):.1f}us")
 
 
+FP8_EXPAND_SWEEP = [(16, 256, 4), (32, 256, 4), (32, 256, 8), (64, 128, 4), (64, 128, 8), (64, 256, 8),
+                    (128, 128, 8), (32, 512, 8)]
+
+
+def fp8exec(log, results, tokens):
+    """FP8 execution (SVDQuantFP8Linear) at large M: its stages alone (row quantization kernel, weight expansion
+    tile sweep, ``_scaled_mm``) and the module, against bf16 ``F.linear``."""
+    from quantduo.kernels.fp8_linear import quantize_fp8_per_token
+    from quantduo.svdquant.fp8_execution import to_fp8_execution
+
+    for M in (m for m in tokens if m > qk.SKINNY_MAX_TOKENS):
+        for (N, K) in SHAPES:
+            tb = time_graph(*v_bf16(M, N, K))
+            m8 = to_fp8_execution(random_module(N, K, "int4"))
+
+            def quant():
+                x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+                return lambda: quantize_fp8_per_token(x)
+            tq = time_graph(quant, 3 * M * K)
+            best = None
+            for cfg in FP8_EXPAND_SWEEP:
+                t = time_graph(lambda: lambda: qk.dequant_w4(
+                    m8.qweight, m8.wscales, torch.float8_e4m3fn, 64, m8.lora_down, m8.lora_up, scratch=False,
+                    config=cfg, row_scale=m8.inv_wscale_fp8, inv_smooth=m8.inv_smooth_fp8), 1.6 * N * K)
+                log(f"    expand fp8 M={M} {N}x{K} {cfg}: {t:.1f}us")
+                best = min(best or (t, cfg), (t, cfg))
+            tmm = time_graph(*v_fp8(M, N, K))
+
+            def module():
+                x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+                return lambda: m8(x)
+            tm = time_graph(module, 2 * M * K + 0.6 * N * K + 2 * M * N)
+            row = dict(M=M, N=N, K=K, bf16=tb, quant=tq, expand=best[0], expand_cfg=str(best[1]), scaled_mm=tmm,
+                       module=tm)
+            results.setdefault("fp8exec", []).append(row)
+            log(f"  fp8exec M={M} {N}x{K}: bf16 {tb:.1f}us | quant {tq:.1f} | expand {best[0]:.1f} {best[1]} | "
+                f"scaled_mm {tmm:.1f} ({tb / tmm:.2f}x) | module {tm:.1f} ({tb / tm:.2f}x; without quant "
+                f"{tb / max(tm - tq, 1e-3):.2f}x)")
+
+
 def table(log, results, tokens):
     rows = []
     for M in tokens:
@@ -691,6 +731,7 @@ def main():
     ap.add_argument("--decode", action="store_true", help="only the one-token table at Llama-3-8B shapes")
     ap.add_argument("--small", action="store_true", help="only the few-token checks and table (skinny GEMM)")
     ap.add_argument("--small-sweep", action="store_true", help="only the few-token tile sweeps (M = 16)")
+    ap.add_argument("--fp8exec", action="store_true", help="only the FP8-execution stage table (large M)")
     ap.add_argument("--tokens", type=int, nargs="+", default=TOKENS, help="token counts M (default: 4608 256 16)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -704,7 +745,10 @@ def main():
     log(f"device {props.name} sms={props.multi_processor_count} torch {torch.__version__}")
     results = {"device": props.name}
     t0 = time.time()
-    if args.decode:
+    if args.fp8exec:
+        fp8exec(log, results, args.tokens)
+        args.no_table = True
+    elif args.decode:
         decode_table(log, results)
         log(f"  [decode {time.time() - t0:.0f}s]")
         args.no_table = True

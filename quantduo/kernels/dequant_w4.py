@@ -24,12 +24,14 @@ from .common import dot_precision, rank_pad, scratch_buffer, to_e4m3, unpack_int
 
 @triton.jit
 def _dequant_w4_kernel(W, WS, LD, LU, SMOOTH, ROW_SCALE, OUT, N, K, R, stride_wsn, stride_wsg,
-                       HAS_LR: tl.constexpr, HAS_SMOOTH: tl.constexpr, FP8: tl.constexpr, NATIVE: tl.constexpr,
+                       HAS_LR: tl.constexpr, HAS_SMOOTH: tl.constexpr, SMOOTH_RECIP: tl.constexpr,
+                       FP8: tl.constexpr, NATIVE: tl.constexpr,
                        RP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, PREC: tl.constexpr):
     """Program (pid_n, pid_k): OUT ``[N, K]`` tile ``[BN, BK]`` = ``(q * scale + LU @ LD^T) / SMOOTH``.
 
     W packed int4 uint8 ``[N, K/2]`` (low nibble = even input); WS float group scales ``[N, K/G]`` (strides
-    given); LD ``[K, R]``, LU ``[N, R]`` (HAS_LR); SMOOTH ``[K]`` (HAS_SMOOTH). BK is a multiple of G.
+    given); LD ``[K, R]``, LU ``[N, R]`` (HAS_LR); SMOOTH ``[K]`` (HAS_SMOOTH; SMOOTH_RECIP: it holds float32
+    ``1 / smooth`` and the tile is multiplied by it). BK is a multiple of G.
     FP8: OUT is float8_e4m3fn and each row is first multiplied by ROW_SCALE ``[N]`` float32 (the inverse of its
     fp8 scale), clamped to +-448 and rounded to nearest even.
     """
@@ -49,7 +51,10 @@ def _dequant_w4_kernel(W, WS, LD, LU, SMOOTH, ROW_SCALE, OUT, N, K, R, stride_ws
         down = tl.load(LD + rk[:, None].to(tl.int64) * R + rr[None, :], mask=rr[None, :] < R, other=0.0)
         w = tl.dot(up, tl.trans(down), w, input_precision=PREC)
     if HAS_SMOOTH:
-        w = w / tl.load(SMOOTH + rk).to(tl.float32)[None, :]
+        if SMOOTH_RECIP:
+            w = w * tl.load(SMOOTH + rk)[None, :]
+        else:
+            w = w / tl.load(SMOOTH + rk).to(tl.float32)[None, :]
     if FP8:
         w = w * tl.load(ROW_SCALE + rn, mask=rn < N, other=0.0)[:, None]
         w = to_e4m3(tl.minimum(tl.maximum(w, -448.0), 448.0), NATIVE)
@@ -68,14 +73,16 @@ def _pick(K: int, group_size: int, low_rank: bool) -> tuple[int, int, int]:
 def dequant_w4(qweight: torch.Tensor, wscales: torch.Tensor, dtype: torch.dtype, group_size: int = 64,
                lora_down: torch.Tensor | None = None, lora_up: torch.Tensor | None = None,
                smooth: torch.Tensor | None = None, scratch: bool = True,
-               config: tuple[int, int, int] | None = None, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+               config: tuple[int, int, int] | None = None, row_scale: torch.Tensor | None = None,
+               inv_smooth: torch.Tensor | None = None) -> torch.Tensor:
     """The weight ``[N, K]`` of a W4A16 layer: ``(q * scale + lora_up @ lora_down^T) / smooth``.
 
     Args:
         qweight: packed int4 uint8 ``[N, K // 2]``; wscales: float ``[N, K // group_size]`` (any strides).
         dtype: float16, bfloat16 or float32 (the activations' dtype; the result is rounded to it), or
             float8_e4m3fn: each row times ``row_scale`` float32 ``[N]``, clamped to +-448, rounded to nearest even.
-        lora_down ``[K, r]`` / lora_up ``[N, r]``: the low-rank branch (both or neither); smooth ``[K]`` or None.
+        lora_down ``[K, r]`` / lora_up ``[N, r]``: the low-rank branch (both or neither); smooth ``[K]`` or None;
+            or inv_smooth float32 ``[K]`` = ``1 / smooth`` (multiplied: no per-element division).
         scratch: write into the shared per-device buffer (valid until the next expansion on the stream).
         config: (BN, BK, num_warps); BK a multiple of group_size dividing K.
     """
@@ -89,8 +96,12 @@ def dequant_w4(qweight: torch.Tensor, wscales: torch.Tensor, dtype: torch.dtype,
     if r and (lora_down.shape != (K, r) or lora_up.shape != (N, r)):
         raise ValueError(f"low-rank factors must be [K, r] = [{K}, {r}] and [N, r] = [{N}, {r}], got "
                          f"{tuple(lora_down.shape)} and {tuple(lora_up.shape)}")
-    if smooth is not None and smooth.shape != (K,):
-        raise ValueError(f"smooth must be [K] = [{K}], got {tuple(smooth.shape)}")
+    if smooth is not None and inv_smooth is not None:
+        raise ValueError("give smooth or inv_smooth, not both")
+    recip = inv_smooth is not None
+    smooth = inv_smooth if recip else smooth
+    if smooth is not None and (smooth.shape != (K,) or (recip and smooth.dtype != torch.float32)):
+        raise ValueError(f"smooth / inv_smooth (float32) must be [K] = [{K}], got {tuple(smooth.shape)} {smooth.dtype}")
     fp8 = dtype == torch.float8_e4m3fn
     if fp8 != (row_scale is not None) or (fp8 and (row_scale.shape != (N,) or row_scale.dtype != torch.float32)):
         raise ValueError("row_scale (float32 [N]) is required for, and only for, float8_e4m3fn output")
@@ -102,7 +113,7 @@ def dequant_w4(qweight: torch.Tensor, wscales: torch.Tensor, dtype: torch.dtype,
     _dequant_w4_kernel[(triton.cdiv(N, bn), K // bk)](
         qweight, wscales, lora_down.contiguous() if r else qweight, lora_up.contiguous() if r else qweight,
         smooth if smooth is not None else qweight, row_scale.contiguous() if fp8 else qweight, out, N, K, r,
-        wscales.stride(0), wscales.stride(1), HAS_LR=r > 0, HAS_SMOOTH=smooth is not None, FP8=fp8,
+        wscales.stride(0), wscales.stride(1), HAS_LR=r > 0, HAS_SMOOTH=smooth is not None, SMOOTH_RECIP=recip, FP8=fp8,
         NATIVE=qweight.is_cuda, RP=rank_pad(r), BN=bn, BK=bk, G=group_size,
         PREC=dot_precision(lora_up.dtype if r else wscales.dtype), num_warps=warps,
     )

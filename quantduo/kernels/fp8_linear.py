@@ -73,16 +73,17 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 @torch.library.custom_op("quantduo::expand_w4_fp8", mutates_args=())
 def expand_w4_fp8(qweight: torch.Tensor, wscales: torch.Tensor, lora_down: torch.Tensor | None,
-                  lora_up: torch.Tensor | None, smooth: torch.Tensor | None, inv_wscale: torch.Tensor,
+                  lora_up: torch.Tensor | None, inv_smooth: torch.Tensor | None, inv_wscale: torch.Tensor,
                   group_size: int) -> torch.Tensor:
     """float8_e4m3fn ``[N, K]``: ``e4m3(clamp(W * inv_wscale[n], +-448))`` with ``W`` the reconstructed layer
-    weight of :func:`~quantduo.kernels.dequant_w4.dequant_w4` (same arguments; inv_wscale float32 ``[N]``)."""
-    return dequant_w4(qweight, wscales, torch.float8_e4m3fn, group_size, lora_down, lora_up, smooth, scratch=False,
-                      row_scale=inv_wscale)
+    weight of :func:`~quantduo.kernels.dequant_w4.dequant_w4` (same arguments; inv_smooth and inv_wscale
+    float32 ``[K]`` / ``[N]``)."""
+    return dequant_w4(qweight, wscales, torch.float8_e4m3fn, group_size, lora_down, lora_up, scratch=False,
+                      row_scale=inv_wscale, inv_smooth=inv_smooth)
 
 
 @expand_w4_fp8.register_fake
-def _expand_w4_fp8_shape(qweight, wscales, lora_down, lora_up, smooth, inv_wscale, group_size):
+def _expand_w4_fp8_shape(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size):
     return qweight.new_empty(qweight.shape[0], 2 * qweight.shape[1], dtype=torch.float8_e4m3fn)
 
 
@@ -94,7 +95,7 @@ def fp8_linear_forward(module, x: torch.Tensor) -> torch.Tensor:
     x2 = module._pad_input(x).reshape(-1, module.padded_in_features).contiguous()
     xq, x_scale = quantize_fp8_per_token(x2)
     low_rank = (module.lora_down, module.lora_up) if module.rank > 0 else (None, None)
-    w8 = expand_w4_fp8(module.qweight, module.wscales, *low_rank, module.smooth_factor, module.inv_wscale_fp8,
-                       module.group_size)
+    inv_smooth = None if module.smoothing_folded_out else module.inv_smooth_fp8
+    w8 = expand_w4_fp8(module.qweight, module.wscales, *low_rank, inv_smooth, module.inv_wscale_fp8, module.group_size)
     y = fp8_rowwise_gemm(xq, w8, x_scale, module.wscale_fp8, module.bias, x.dtype)
     return y.reshape(*x.shape[:-1], module.out_features)

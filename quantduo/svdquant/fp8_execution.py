@@ -28,8 +28,9 @@ FP8_MAX = 448.0
 
 class SVDQuantFP8Linear(SVDQuantLinear):
     """An INT4 :class:`SVDQuantLinear` (16-bit activation semantics: no shift, bias as stored) run with FP8
-    activations. Extra buffers: ``wscale_fp8`` / ``inv_wscale_fp8`` float32 ``[N]``. Input ``[..., in_features]``
-    float, output ``[..., out_features]`` in x.dtype."""
+    activations. Extra buffers: ``wscale_fp8`` / ``inv_wscale_fp8`` float32 ``[N]``, ``inv_smooth_fp8`` float32
+    ``[K]`` (``1 / smooth_factor``); ``smoothing_folded_out``: all smoothing factors are 1 (the expansion skips
+    them). Input ``[..., in_features]`` float, output ``[..., out_features]`` in x.dtype."""
 
     def __init__(self, in_features: int, out_features: int, rank: int = 32, bias: bool = True, group_size: int = 64,
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:
@@ -37,10 +38,15 @@ class SVDQuantFP8Linear(SVDQuantLinear):
         self.act_format = "fp8"
         self.register_buffer("wscale_fp8", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("inv_wscale_fp8", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("inv_smooth_fp8", torch.ones(self.padded_in_features, dtype=torch.float32, device=device))
+        self.smoothing_folded_out = True
 
     def refresh_fp8_scale(self) -> None:
-        """Recompute the per-channel fp8 weight scale from the current buffers (after any change to them)."""
+        """Recompute the fp8 weight scales and smoothing reciprocals from the current buffers (call it after
+        changing them; LoRA attachment does)."""
         with torch.no_grad():
+            self.inv_smooth_fp8.copy_(1.0 / self.smooth_factor.float())
+            self.smoothing_folded_out = bool((self.smooth_factor == 1).all())
             amax = self.reconstructed_weight().abs().amax(dim=1)
             scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
             self.wscale_fp8.copy_(scale)
@@ -52,7 +58,7 @@ class SVDQuantFP8Linear(SVDQuantLinear):
     def reconstructed_weight(self) -> torch.Tensor:
         """``W`` float32 ``[N, K_padded]`` (padded input channels included)."""
         w_hat = self.dequantized_residual() + self.lora_up.float() @ self.lora_down.float().T
-        return w_hat / self.smooth_factor.float()
+        return w_hat * self.inv_smooth_fp8[None, :]
 
     def fp8_weight(self) -> torch.Tensor:
         """``fp8_chan(W)`` as float32 codes ``[N, K_padded]`` (multiply by ``wscale_fp8[:, None]`` for W)."""
