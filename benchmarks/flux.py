@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantduo.integrations.cuda_graph import GraphedForward
 from quantduo.integrations.diffusers import MODEL_RULES, enable_fused_mlp
 from quantduo.svdquant import SVDQuantLinear, lowrank_factors
 from quantduo.svdquant.fp8_execution import to_fp8_execution
@@ -150,30 +151,6 @@ def time_forward(model: nn.Module, inputs: dict, warmup: int, reps: int) -> list
     return times
 
 
-def time_graphed(runner, inputs: dict, warmup: int, reps: int) -> list[float]:
-    """Milliseconds of ``reps`` replays of one CUDA graph of the whole forward (no host launch overhead)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(max(warmup, 1)):
-            runner(**inputs)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        runner(**inputs)
-    times = []
-    for i in range(warmup + reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end))
-    del graph
-    return times
-
-
 def kernel_category(name: str) -> str:
     """Which part of the step a CUDA kernel belongs to (by its name)."""
     lowered = name.lower()
@@ -223,7 +200,7 @@ def run_variant(model, linears, variant, inputs, ref, args) -> dict:
         runner = torch.compile(model) if compiled else model
         out = runner(**inputs)[0]
         times = time_forward(runner, inputs, args.warmup, args.reps)
-        graphed = time_graphed(runner, inputs, args.warmup, args.reps) if args.cuda_graph else []
+        graphed = time_forward(GraphedForward(runner), inputs, args.warmup, args.reps) if args.cuda_graph else []
         profile = profile_forward(runner, inputs, variant) if args.profile else {}
         row = dict(variant=variant, profile_ms=profile, weight_gb=weight_bytes(model) / 1e9,
                    median_ms=statistics.median(times),
@@ -249,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--cuda-graph", action="store_true",
-                        help="also time each variant as replays of one CUDA graph of the whole forward (CUDA)")
+                        help="also time each variant as CUDA-graph replays of the whole forward "
+                        "(quantduo.integrations.cuda_graph; CUDA)")
     parser.add_argument("--profile", action="store_true", help="also print each variant's kernel-time breakdown (CUDA)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -667,6 +667,7 @@ def table(log, results, tokens):
 def quality(log, results):
     """Output error vs the BF16 layer of each format on SVDQuant-quantized synthetic FLUX-shaped layers."""
     from quantduo.svdquant import SVDQuantConfig, quantize_model
+    from quantduo.svdquant.fp8_execution import to_fp8_execution
 
     torch.manual_seed(0)
     out = []
@@ -696,6 +697,8 @@ def quality(log, results):
         y_w4a4 = qk.svdquant_linear_forward(m, xb).float()  # default path: 16-bit GEMM of the dequantized operands
         y_w4a4_exact = qk.svdquant_linear_forward(m, xb, path="packed").float()
         y_svdq_w4a16 = qk.svdquant_linear_forward(model16[0], xb).float()
+        y_fp8exec = to_fp8_execution(m)(xb).float()  # fp8 execution of the W4A4 checkpoint / the svdq-w4a16 one
+        y_fp8exec16 = to_fp8_execution(model16[0])(xb).float()
         m8 = hf.to_w4a8(m, weight=ref_lin.weight.float())
         y_w4a8 = qk.w4a8_linear_forward(m8, xb).float()
         m8r = hf.to_w4a8(m)
@@ -714,6 +717,8 @@ def quality(log, results):
                    err_w4a4_packed_vs_bf16=relative_l2_error(y_w4a4_exact, y_bf16),
                    err_w4a4_vs_packed=relative_l2_error(y_w4a4, y_w4a4_exact),
                    err_svdq_w4a16_vs_bf16=relative_l2_error(y_svdq_w4a16, y_bf16),
+                   err_fp8exec_int4_vs_bf16=relative_l2_error(y_fp8exec, y_bf16),
+                   err_fp8exec_svdq_w4a16_vs_bf16=relative_l2_error(y_fp8exec16, y_bf16),
                    err_w4a8_vs_bf16=relative_l2_error(y_w4a8, y_bf16),
                    err_w4a8_from_w4a4_vs_bf16=relative_l2_error(y_w4a8r, y_bf16), err_w4a8fp8_vs_bf16=relative_l2_error(y_fp8, y_bf16),
                    err_w4a8fp8_from_w4a4_vs_bf16=relative_l2_error(y_fp8r, y_bf16), err_w4a16_rtn_nolr_vs_bf16=relative_l2_error(y_w4a16, y_bf16),

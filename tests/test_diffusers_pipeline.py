@@ -16,6 +16,7 @@ from quantduo.cli import main as cli  # noqa: E402
 from quantduo.integrations.diffusers import capture_calibration_inputs, load_into_pipeline  # noqa: E402
 from quantduo.integrations.diffusers_commands import load_pipeline  # noqa: E402
 from quantduo.svdquant import CheckpointError, SVDQuantLinear  # noqa: E402
+from quantduo.svdquant.fp8_execution import SVDQuantFP8Linear  # noqa: E402
 
 SIZE = ["--height", "32", "--width", "32", "--max-sequence-length", "16", "--guidance", "3.5", "--dtype", "float32"]
 
@@ -77,12 +78,15 @@ def test_cli_generate_and_quality(quantized_dirs, tmp_path):
     base, quant = quantized_dirs
     assert json.loads((quant / "quantduo_pipeline.json").read_text())["component"] == "transformer"
     images = {}
-    for name, model, extra in [("bf16", base, []), ("svdquant", quant, []), ("a16", quant, ["--a16"])]:
+    for name, model, extra in [("bf16", base, []), ("svdquant", quant, []), ("a16", quant, ["--a16"]),
+                               ("fp8", quant, ["--fp8", "--cuda-graph"])]:
         out = tmp_path / f"{name}.png"
         assert cli(["generate", "--model", str(model), *SIZE, "--prompt", "a dog in a park", "--steps", "4",
                     "--seed", "3", "--out", str(out), *extra]) == 0
         images[name] = np.array(Image.open(out).convert("RGB"))
     assert psnr(images["a16"], images["bf16"]) > 40 and not np.array_equal(images["a16"], images["svdquant"])
+    # fp8 execution of the same weights (--cuda-graph: eager on the CPU)
+    assert psnr(images["fp8"], images["bf16"]) > 40 and not np.array_equal(images["fp8"], images["a16"])
     save_side_by_side([images["bf16"], images["svdquant"]], tmp_path / "bf16_vs_svdquant.png")
     q_psnr, q_dist = psnr(images["svdquant"], images["bf16"]), feature_distance(images["svdquant"], images["bf16"])
     print(f"\nvs BF16: PSNR {q_psnr:.2f} dB, feature distance {q_dist:.5f}; images: {tmp_path / 'bf16_vs_svdquant.png'}")
@@ -97,9 +101,14 @@ def test_load_into_pipeline_and_errors(quantized_dirs, tmp_path):
     _, quant = quantized_dirs
     loaded = load_pipeline(quant, torch.float32)
     assert sum(isinstance(m, SVDQuantLinear) for m in loaded.transformer.modules()) > 10
-    a16 = [m for m in load_pipeline(quant, torch.float32, a16=True).transformer.modules()
+    a16 = [m for m in load_pipeline(quant, torch.float32, execution="a16").transformer.modules()
            if isinstance(m, SVDQuantLinear)]
     assert len(a16) > 10 and all(m.act_format == "none" for m in a16)
+    fp8 = [m for m in load_pipeline(quant, torch.float32, execution="fp8").transformer.modules()
+           if isinstance(m, SVDQuantLinear)]
+    assert len(fp8) == len(a16) and all(isinstance(m, SVDQuantFP8Linear) for m in fp8)
+    with pytest.raises(ValueError, match="execution"):
+        load_pipeline(quant, torch.float32, execution="int3")
     fresh = tiny_flux_pipeline(seed=1)
     model = load_into_pipeline(fresh, quant / "transformer")
     assert fresh.transformer is model

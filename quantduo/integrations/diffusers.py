@@ -358,6 +358,20 @@ def convert_to_w4a16(model: nn.Module) -> int:
     return _convert_w4a4_layers(model, to_w4a16)
 
 
+def convert_to_fp8(model: nn.Module) -> int:
+    """Run every INT4 :class:`SVDQuantLinear` of ``model`` (W4A4, W4A16, ``svdq-w4a16``) by FP8 execution, in place
+    (:func:`quantduo.svdquant.fp8_execution.to_fp8_execution`: the same stored weights, per-token fp8 activations
+    and the layer weight reconstructed into fp8 per call; Hopper's fp8 tensor cores). Returns the number of
+    converted layers."""
+    from quantduo.svdquant.fp8_execution import SVDQuantFP8Linear, to_fp8_execution
+
+    names = [n for n, m in model.named_modules() if isinstance(m, SVDQuantLinear) and m.weight_format == "int4"
+             and not isinstance(m, SVDQuantFP8Linear)]
+    for name in names:
+        model.set_submodule(name, to_fp8_execution(model.get_submodule(name)))
+    return len(names)
+
+
 def _convert_w4a4_layers(model: nn.Module, convert) -> int:
     """Replace every W4A4 :class:`SVDQuantLinear` of ``model`` by ``convert(module)``; the number replaced."""
     names = [n for n, m in model.named_modules() if isinstance(m, SVDQuantLinear) and m.act_format != "none"]

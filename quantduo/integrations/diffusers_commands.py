@@ -21,6 +21,9 @@ import torch
 
 from quantduo.utils import atomic_write
 
+from .cuda_graph import enable_cuda_graph
+from .diffusers import denoiser_of
+
 PIPELINE_META = "quantduo_pipeline.json"
 CLI_FORMATS = ("int4", "nvfp4", "w4a16", "svdq-w4a16", "w4a8", "w4a8fp8")
 HOPPER_ACT_FORMATS = {"w4a8": "int8", "w4a8fp8": "fp8"}  # CLI format -> SVDQuantW4A8Linear act_format
@@ -82,10 +85,20 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def load_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu", a16: bool = False):
+EXECUTIONS = ("native", "a16", "fp8")
+
+
+def load_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
+                  execution: str = "native"):
     """A pipeline from a ``quantduo quantize`` output folder (quantized denoiser) or a plain diffusers folder.
-    a16: run the W4A4 layers with 16-bit activations (:func:`.diffusers.convert_to_w4a16`; same weights)."""
-    from .diffusers import convert_to_w4a8, convert_to_w4a16, load_into_pipeline
+
+    execution (same stored weights): ``"native"`` (the checkpoint's format), ``"a16"`` (W4A4 layers with
+    16-bit activations, :func:`.diffusers.convert_to_w4a16`) or ``"fp8"`` (INT4 layers with per-token fp8
+    activations on fp8 tensor cores, :func:`.diffusers.convert_to_fp8`)."""
+    from .diffusers import convert_to_fp8, convert_to_w4a8, convert_to_w4a16, load_into_pipeline
+
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
 
     meta_path = Path(model_dir) / PIPELINE_META
     if not meta_path.is_file():
@@ -94,15 +107,22 @@ def load_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, de
     pipe = _load_pipeline(meta["base_model"], dtype, device, **{meta["component"]: None})
     denoiser = load_into_pipeline(pipe, Path(model_dir) / meta["component"])
     denoiser.to(device)
-    if a16:
+    if execution == "a16":
         convert_to_w4a16(denoiser)
+    elif execution == "fp8":
+        convert_to_fp8(denoiser)
     elif meta["format"] in HOPPER_ACT_FORMATS:
         convert_to_w4a8(denoiser, HOPPER_ACT_FORMATS[meta["format"]])
     return pipe
 
 
 def cmd_generate(args) -> int:
-    pipe = load_pipeline(args.model, _dtype(args.dtype), args.device, a16=args.a16)
+    pipe = load_pipeline(args.model, _dtype(args.dtype), args.device, execution=args.execution)
+    _, denoiser = denoiser_of(pipe)
+    if args.compile:
+        denoiser.compile()
+    if args.cuda_graph:
+        enable_cuda_graph(denoiser)
     image = pipe(
         args.prompt, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed),
         **_pipe_kwargs(args),
@@ -143,6 +163,14 @@ def register(subparsers) -> None:
     g.add_argument("--prompt", required=True)
     g.add_argument("--out", required=True, help="output PNG")
     g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--a16", action="store_true", help="run the W4A4 layers with 16-bit activations (same weights; "
-                   "faster and more accurate on GPUs without 4-bit tensor cores, e.g. Hopper)")
+    execution = g.add_mutually_exclusive_group()
+    execution.add_argument("--a16", dest="execution", action="store_const", const="a16", default="native",
+                           help="run the W4A4 layers with 16-bit activations (same weights; faster and more "
+                           "accurate on GPUs without 4-bit tensor cores, e.g. Hopper)")
+    execution.add_argument("--fp8", dest="execution", action="store_const", const="fp8",
+                           help="run the INT4 layers with per-token fp8 activations on fp8 tensor cores (same "
+                           "weights; Hopper / Ada)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the denoiser (fuses the glue ops and, "
+                   "with --fp8, the activation quantization)")
+    g.add_argument("--cuda-graph", action="store_true", help="replay each denoising step from a CUDA graph (CUDA)")
     g.set_defaults(func=cmd_generate)

@@ -1,0 +1,72 @@
+"""Whole-forward CUDA graphs (quantduo.integrations.cuda_graph)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from test_fp8_execution import _int4_module
+
+from quantduo.integrations.cuda_graph import GraphedForward, disable_cuda_graph, enable_cuda_graph
+from quantduo.svdquant.fp8_execution import to_fp8_execution
+from quantduo.utils import relative_l2_error
+
+
+class TwoInputs(nn.Module):
+    def __init__(self, device="cpu"):
+        super().__init__()
+        self.lin = nn.Linear(64, 32, device=device)
+
+    def forward(self, x, scale=None, mode="plain", return_dict=False):
+        y = self.lin(x)
+        if scale is not None:
+            y = y * scale[:, None, None]
+        y = torch.relu(y) if mode == "relu" else y
+        return (y,) if not return_dict else {"sample": y}
+
+
+def test_cpu_and_ungraphable_calls_run_eagerly():
+    """On the CPU, with gradients, or with unhashable arguments the wrapper is the module's own forward."""
+    model = enable_cuda_graph(TwoInputs())
+    assert isinstance(model.forward, GraphedForward)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x, torch.ones(2))[0], TwoInputs.forward(model, x, torch.ones(2))[0])
+        assert model(x, mode={"unhashable": 1}) is not None
+    assert model(x)[0].requires_grad  # grad enabled: eager, autograd intact
+    assert not model.forward.graphs
+    assert "forward" not in disable_cuda_graph(model).__dict__
+
+
+@pytest.mark.gpu
+def test_gpu_graph_replays_track_inputs():
+    """Replays equal eager calls for new input values, non-tensor arguments select their own graph, and each
+    output is a fresh tensor (a later replay does not overwrite it)."""
+    model = TwoInputs("cuda").requires_grad_(False)
+    graphed = enable_cuda_graph(TwoInputs("cuda").requires_grad_(False))
+    graphed.load_state_dict(model.state_dict())
+    outs = []
+    with torch.no_grad():
+        for seed, mode in [(0, "plain"), (1, "plain"), (2, "relu"), (3, "plain")]:
+            torch.manual_seed(seed)
+            x, s = torch.randn(2, 7, 64, device="cuda"), torch.rand(2, device="cuda")
+            y = graphed(x, s, mode=mode)[0]
+            torch.testing.assert_close(y, model(x, s, mode=mode)[0])
+            outs.append((y, model(x, s, mode=mode)[0]))
+        assert len(graphed.forward.graphs) == 2
+        assert all(torch.equal(y, e) for y, e in outs)
+        z = graphed(torch.randn(3, 7, 64, device="cuda"), torch.rand(3, device="cuda"), return_dict=True)
+        assert z["sample"].shape == (3, 7, 32) and len(graphed.forward.graphs) == 3
+
+
+@pytest.mark.gpu
+def test_gpu_graph_of_fp8_layers():
+    """A stack of fp8-execution layers captured and replayed gives the eager result."""
+    layers = nn.Sequential(*(to_fp8_execution(_int4_module(1024, 1024, "int4", rank=32, dtype=torch.bfloat16,
+                                                            device="cuda", seed=i)) for i in range(3)))
+    x = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = layers(x)
+        enable_cuda_graph(layers)
+        layers(x)
+        assert relative_l2_error(layers(x), eager) < 1e-6
