@@ -171,12 +171,16 @@ def test_gpu_fp8_execution(n, k):
 
 @pytest.mark.gpu
 def test_gpu_fp8_execution_compiled():
-    """Under torch.compile (activation quantization fused by Inductor into the LayerNorm before it) the layer
-    gives the eager result."""
-    m8 = to_fp8_execution(_int4_module(3072, 3072, "int4", rank=32, dtype=torch.bfloat16, device="cuda"))
-    model = nn.Sequential(nn.LayerNorm(3072, device="cuda", dtype=torch.bfloat16), m8).requires_grad_(False)
+    """Under torch.compile (activation quantization fused by Inductor into the LayerNorm before it, which may skip
+    the LayerNorm's bf16 rounding, so a few fp8 codes differ) the layer is as accurate as eager: both against the
+    same layer with unquantized activations."""
+    m = _int4_module(3072, 3072, "int4", rank=32, dtype=torch.bfloat16, device="cuda")
+    norm = nn.LayerNorm(3072, device="cuda", dtype=torch.bfloat16)
+    model = nn.Sequential(norm, to_fp8_execution(m)).requires_grad_(False)
     x = torch.randn(1024, 3072, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():  # inference: the fp8 ops have no backward
         eager = model(x)
         compiled = torch.compile(model)(x)
-    assert relative_l2_error(compiled, eager) < 5e-3
+        exact = hf.to_w4a16(m).forward_reference(nn.functional.layer_norm(x.float(), (3072,)))
+    err_eager, err_compiled = relative_l2_error(eager, exact), relative_l2_error(compiled, exact)
+    assert 1e-3 < err_compiled < 1.2 * err_eager and err_eager < 0.05, (err_eager, err_compiled)
