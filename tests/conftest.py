@@ -26,3 +26,14 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Every torch.empty (e.g. a kernel's output) starts as NaN / 0x7F bytes, so unwritten elements show."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(0x7F)
+    monkeypatch.setattr(torch, "empty", poisoned)
