@@ -124,6 +124,16 @@ def test_to_fp8_execution(act_format, smoothed):
     assert relative_l2_error(m8(few), a16.forward_reference(few)) < 2e-3
 
 
+def test_fp8_execution_is_not_saved(tmp_path):
+    """Saving refuses a model in fp8 execution (not a storage format) before writing anything."""
+    from quantduo.svdquant import SVDQuantConfig, save_quantized
+
+    model = nn.Sequential(to_fp8_execution(_int4_module(128, 32, "int4")))
+    with pytest.raises(ValueError, match="fp8 execution"):
+        save_quantized(model, tmp_path / "ckpt", SVDQuantConfig())
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_to_fp8_execution_bad_input():
     with pytest.raises(ValueError, match="INT4 SVDQuantLinear"):
         to_fp8_execution(nn.Linear(64, 32))

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..utils import atomic_write
 from .config import SVDQuantConfig
-from .linear import SVDQuantLinear
+from .linear import ACT_FORMATS, SVDQuantLinear
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "quantduo_config.json"
@@ -32,7 +32,12 @@ def _sha256(path: Path) -> str:
 
 
 def layer_specs(model: nn.Module) -> dict[str, dict]:
-    """Constructor arguments of every :class:`SVDQuantLinear` in ``model``, by module name."""
+    """Constructor arguments of every :class:`SVDQuantLinear` in ``model``, by module name. ``ValueError`` for
+    layers in an execution mode that is not a stored format (fp8 execution: save before converting)."""
+    for name, m in model.named_modules():
+        if isinstance(m, SVDQuantLinear) and m.act_format not in ACT_FORMATS:
+            raise ValueError(f"layer {name!r} runs {m.act_format} execution, which is not a storage format: save the "
+                             f"model before converting it (the stored INT4 weights are the same)")
     return {
         name: dict(
             in_features=m.in_features, out_features=m.out_features, rank=m.rank, bias=m.bias is not None,
@@ -49,13 +54,14 @@ def save_quantized(model: nn.Module, directory: str | Path, config: SVDQuantConf
     The weights file's SHA-256 goes into the JSON so that a corrupt file is detected on load.
     ``extra``: JSON-serialisable metadata stored alongside (e.g. the model class).
     """
+    layers = layer_specs(model)  # rejects unsaveable layers before anything is written
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     weights = directory / WEIGHTS_NAME
     atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"format": "pt", "quantduo": str(FORMAT_VERSION)}))
     meta = dict(
-        format_version=FORMAT_VERSION, config=config.to_dict(), layers=layer_specs(model),
+        format_version=FORMAT_VERSION, config=config.to_dict(), layers=layers,
         weights_sha256=_sha256(weights), extra=extra or {},
     )
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
