@@ -57,6 +57,9 @@ def test_gpu_graph_replays_track_inputs():
         assert all(torch.equal(y, e) for y, e in outs)
         z = graphed(torch.randn(3, 7, 64, device="cuda"), torch.rand(3, device="cuda"), return_dict=True)
         assert z["sample"].shape == (3, 7, 32) and len(graphed.forward.graphs) == 3
+        enable_cuda_graph(graphed, compile=True)  # the graph wraps the compiled forward
+        x, s = torch.randn(2, 7, 64, device="cuda"), torch.rand(2, device="cuda")
+        torch.testing.assert_close(graphed(x, s, mode="relu")[0], model(x, s, mode="relu")[0])
 
 
 @pytest.mark.gpu

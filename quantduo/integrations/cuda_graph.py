@@ -75,12 +75,16 @@ class GraphedForward:
         return graph, [x for x in static if isinstance(x, torch.Tensor)], out
 
 
-def enable_cuda_graph(module: nn.Module, warmup: int = 2) -> nn.Module:
+def enable_cuda_graph(module: nn.Module, warmup: int = 2, compile: bool = False) -> nn.Module:
     """Make ``module(...)`` replay CUDA graphs of its forward (see :class:`GraphedForward`); returns ``module``.
-    Undo with :func:`disable_cuda_graph`. Call after quantization / LoRA attachment: a graph replays the
-    weights and code paths it captured (re-enable to capture afresh)."""
+
+    compile: capture ``torch.compile(module.forward)`` (the graph must wrap the compiled code, not the other way
+    round, so use this rather than ``module.compile()``). Undo with :func:`disable_cuda_graph`. Call after
+    quantization / LoRA attachment: a graph replays the weights and code paths it captured (re-enable to capture
+    afresh)."""
     disable_cuda_graph(module)
-    module.forward = GraphedForward(module.forward, warmup)
+    forward = torch.compile(module.forward) if compile else module.forward
+    module.forward = GraphedForward(forward, warmup)
     return module
 
 

@@ -119,10 +119,10 @@ def load_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, de
 def cmd_generate(args) -> int:
     pipe = load_pipeline(args.model, _dtype(args.dtype), args.device, execution=args.execution)
     _, denoiser = denoiser_of(pipe)
-    if args.compile:
-        denoiser.compile()
     if args.cuda_graph:
-        enable_cuda_graph(denoiser)
+        enable_cuda_graph(denoiser, compile=args.compile)
+    elif args.compile:
+        denoiser.compile()
     image = pipe(
         args.prompt, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed),
         **_pipe_kwargs(args),
