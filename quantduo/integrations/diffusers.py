@@ -365,16 +365,19 @@ def convert_to_fp8(model: nn.Module) -> int:
     converted layers."""
     from quantduo.svdquant.fp8_execution import SVDQuantFP8Linear, to_fp8_execution
 
-    names = [n for n, m in model.named_modules() if isinstance(m, SVDQuantLinear) and m.weight_format == "int4"
-             and not isinstance(m, SVDQuantFP8Linear)]
-    for name in names:
-        model.set_submodule(name, to_fp8_execution(model.get_submodule(name)))
-    return len(names)
+    return _convert_layers(model, to_fp8_execution,
+                           lambda m: m.weight_format == "int4" and not isinstance(m, SVDQuantFP8Linear))
 
 
 def _convert_w4a4_layers(model: nn.Module, convert) -> int:
     """Replace every W4A4 :class:`SVDQuantLinear` of ``model`` by ``convert(module)``; the number replaced."""
-    names = [n for n, m in model.named_modules() if isinstance(m, SVDQuantLinear) and m.act_format != "none"]
+    return _convert_layers(model, convert, lambda m: m.act_format != "none")
+
+
+def _convert_layers(model: nn.Module, convert, select) -> int:
+    """Replace every :class:`SVDQuantLinear` ``m`` of ``model`` with ``select(m)`` by ``convert(m)``; the number
+    replaced."""
+    names = [n for n, m in model.named_modules() if isinstance(m, SVDQuantLinear) and select(m)]
     for name in names:
         model.set_submodule(name, convert(model.get_submodule(name)))
     return len(names)

@@ -22,10 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
+from quantduo.svdquant.quantizers import FP8_E4M3_MAX
+
 from .common import to_e4m3
 from .dequant_w4 import dequant_w4
-
-FP8_MAX = 448.0
+from .fp8_concat import fp8_rowwise_gemm
 
 
 @triton.jit
@@ -50,8 +51,8 @@ def quantize_fp8_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     """
     xf = x.float()
     amax = xf.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax * (1.0 / FP8_MAX), torch.ones_like(amax))
-    q = (xf * (1.0 / scale)[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    scale = torch.where(amax > 0, amax * (1.0 / FP8_E4M3_MAX), torch.ones_like(amax))
+    q = (xf * (1.0 / scale)[:, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     return q, scale
 
 
@@ -90,8 +91,6 @@ def _expand_w4_fp8_shape(qweight, wscales, lora_down, lora_up, inv_smooth, inv_w
 def fp8_linear_forward(module, x: torch.Tensor) -> torch.Tensor:
     """The fp8 GEMM path of an ``SVDQuantFP8Linear``: ``x [..., in_features]`` -> ``[..., out_features]``
     (x.dtype). Traceable by ``torch.compile`` (no host syncs, no shared scratch buffers)."""
-    from .fp8_concat import fp8_rowwise_gemm
-
     x2 = module._pad_input(x).reshape(-1, module.padded_in_features).contiguous()
     xq, x_scale = quantize_fp8_per_token(x2)
     low_rank = (module.lora_down, module.lora_up) if module.rank > 0 else (None, None)

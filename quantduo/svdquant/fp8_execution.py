@@ -22,8 +22,7 @@ import torch
 
 from .hopper_formats import to_w4a16
 from .linear import SVDQuantLinear
-
-FP8_MAX = 448.0
+from .quantizers import FP8_E4M3_MAX
 
 
 class SVDQuantFP8Linear(SVDQuantLinear):
@@ -48,7 +47,7 @@ class SVDQuantFP8Linear(SVDQuantLinear):
             self.inv_smooth_fp8.copy_(1.0 / self.smooth_factor.float())
             self.smoothing_folded_out = bool((self.smooth_factor == 1).all())
             amax = self.reconstructed_weight().abs().amax(dim=1)
-            scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+            scale = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
             self.wscale_fp8.copy_(scale)
             self.inv_wscale_fp8.copy_(1.0 / scale)
 
@@ -63,7 +62,7 @@ class SVDQuantFP8Linear(SVDQuantLinear):
     def fp8_weight(self) -> torch.Tensor:
         """``fp8_chan(W)`` as float32 codes ``[N, K_padded]`` (multiply by ``wscale_fp8[:, None]`` for W)."""
         w = self.reconstructed_weight() * self.inv_wscale_fp8[:, None]
-        return w.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+        return w.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
 
     def forward_reference(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """Pure PyTorch, float32 products of the fp8 operands (``residual`` is not used)."""
