@@ -165,7 +165,7 @@ def kernel_category(name: str) -> str:
     return "other (elementwise, norms, copies)"
 
 
-def profile_forward(model: nn.Module, inputs: dict, variant: str, top: int = 25) -> dict:
+def profile_forward(model: nn.Module, inputs: dict, variant: str, top: int = 40) -> dict:
     """One profiled forward: device time per kernel category and the ``top`` kernels (printed)."""
     from torch.profiler import ProfilerActivity, profile
 

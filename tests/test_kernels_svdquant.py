@@ -593,3 +593,29 @@ def test_gpu_split_k_repeatable(n, k):
         expected = m.forward_reference(x)
         errors = [relative_l2_error(qk.svdquant_linear_forward(m, x), expected) for _ in range(20)]
         assert max(errors) < 5e-3, errors
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,group", [(3000, 3072, 64), (1000, 12288, 128)])
+def test_gpu_dequant_w4(n, k, group, poison_empty):
+    """The weight reconstruction at FLUX widths (N not a multiple of the tile, both group sizes): bfloat16 within
+    one ulp of the float32 reference (plus the float32 rounding of the terms where they nearly cancel), fp8 at most
+    one code apart (float32 sums in another order)."""
+    torch.manual_seed(0)
+    q, scales = qz.quantize_int4(torch.randn(n, k, device="cuda") * torch.logspace(-2, 1, k, device="cuda"), group,
+                                 torch.bfloat16)
+    qw = qz.pack_int4(q)
+    down = torch.randn(k, 32, device="cuda", dtype=torch.bfloat16) * 0.3
+    up = torch.randn(n, 32, device="cuda", dtype=torch.bfloat16)
+    smooth = torch.rand(k, device="cuda") + 0.5
+    w = ref.w4_dequant_ref(qw, scales, torch.float32, group, down, up, smooth)
+    got = dequant_w4(qw, scales, torch.bfloat16, group, down, up, smooth, scratch=False)
+    expected = ref.w4_dequant_ref(qw, scales, torch.bfloat16, group, down, up, smooth)
+    tolerance = torch.finfo(torch.bfloat16).eps * expected.float().abs() + 1e-6 * w.abs().max()  # + float32 sums
+    assert ((got.float() - expected.float()).abs() <= tolerance).all()  # (near-cancelling sums: absolute)
+    row_scale = 448 / w.abs().amax(dim=1)
+    got8 = dequant_w4(qw, scales, torch.float8_e4m3fn, group, down, up, scratch=False, row_scale=row_scale,
+                      inv_smooth=1 / smooth)
+    expected8 = (w * row_scale[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+    codes_apart = (got8.view(torch.uint8).int() - expected8.view(torch.uint8).int()).abs()
+    assert codes_apart.max() <= 1 and codes_apart.float().mean() < 1e-3

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision, rank_pad, scratch_buffer, to_e4m3, unpack_int4
+from .common import dot_precision, rank_pad, scratch_buffer, to_e4m3, unpack_int4_f32
 
 
 @triton.jit
@@ -33,21 +33,26 @@ def _dequant_w4_kernel(W, WS, LD, LU, SMOOTH, ROW_SCALE, OUT, N, K, R, stride_ws
     given); LD ``[K, R]``, LU ``[N, R]`` (HAS_LR); SMOOTH ``[K]`` (HAS_SMOOTH; SMOOTH_RECIP: it holds float32
     ``1 / smooth`` and the tile is multiplied by it). BK is a multiple of G.
     FP8: OUT is float8_e4m3fn and each row is first multiplied by ROW_SCALE ``[N]`` float32 (the inverse of its
-    fp8 scale), clamped to +-448 and rounded to nearest even.
+    fp8 scale), saturated to +-448 and rounded to nearest even.
+    The packed tile is loaded as ``[BN, BK/G, G/2]`` so that each group's scale is one broadcast value (no
+    per-element scale gather).
     """
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     nmask = rn[:, None] < N
-    rn64 = rn[:, None].to(tl.int64)
+    rn64 = rn.to(tl.int64)
     k = tl.program_id(1) * BK
-    c = tl.arange(0, BK // 2)
-    lo, hi = unpack_int4(tl.load(W + rn64 * (K // 2) + (k // 2 + c)[None, :], mask=nmask, other=0))
-    s = tl.load(WS + rn64 * stride_wsn + (k // G + c // (G // 2))[None, :] * stride_wsg, mask=nmask, other=0.0)
-    s = s.to(tl.float32)
-    w = tl.reshape(tl.join(lo.to(tl.float32) * s, hi.to(tl.float32) * s), (BN, BK))
+    g = tl.arange(0, BK // G)
+    c = tl.arange(0, G // 2)
+    packed = tl.load(W + rn64[:, None, None] * (K // 2) + (k // 2 + g * (G // 2))[None, :, None] + c[None, None, :],
+                     mask=nmask[:, :, None], other=0)
+    s = tl.load(WS + rn64[:, None] * stride_wsn + (k // G + g)[None, :] * stride_wsg, mask=nmask, other=0.0)
+    s = s.to(tl.float32)[:, :, None]
+    lo, hi = unpack_int4_f32(packed)
+    w = tl.reshape(tl.join(tl.reshape(lo * s, (BN, BK // 2)), tl.reshape(hi * s, (BN, BK // 2))), (BN, BK))
     rk = k + tl.arange(0, BK)
     if HAS_LR:
         rr = tl.arange(0, RP)
-        up = tl.load(LU + rn64 * R + rr[None, :], mask=nmask & (rr[None, :] < R), other=0.0)
+        up = tl.load(LU + rn64[:, None] * R + rr[None, :], mask=nmask & (rr[None, :] < R), other=0.0)
         down = tl.load(LD + rk[:, None].to(tl.int64) * R + rr[None, :], mask=rr[None, :] < R, other=0.0)
         w = tl.dot(up, tl.trans(down), w, input_precision=PREC)
     if HAS_SMOOTH:
@@ -57,14 +62,15 @@ def _dequant_w4_kernel(W, WS, LD, LU, SMOOTH, ROW_SCALE, OUT, N, K, R, stride_ws
             w = w / tl.load(SMOOTH + rk).to(tl.float32)[None, :]
     if FP8:
         w = w * tl.load(ROW_SCALE + rn, mask=rn < N, other=0.0)[:, None]
-        w = to_e4m3(tl.minimum(tl.maximum(w, -448.0), 448.0), NATIVE)
-    tl.store(OUT + rn64 * K + rk[None, :], w.to(OUT.dtype.element_ty), mask=nmask)
+        if not NATIVE:  # the hardware conversion saturates (satfinite); the interpreter's does not
+            w = tl.minimum(tl.maximum(w, -448.0), 448.0)
+        w = to_e4m3(w, NATIVE)
+    tl.store(OUT + rn64[:, None] * K + rk[None, :], w.to(OUT.dtype.element_ty), mask=nmask)
 
 
 def _pick(K: int, group_size: int, low_rank: bool) -> tuple[int, int, int]:
-    """(BN, BK, num_warps): short wide tiles (long contiguous row segments; the rank-r dot per tile wants
-    BN = 16), best of a sweep at FLUX shapes on an H100 (BENCHMARKS.md)."""
-    bn, bk = (16, 256) if low_rank else (8, 1024)
+    """(BN, BK, num_warps): best of a sweep at FLUX shapes on an H100 (BENCHMARKS.md, seventh FLUX round)."""
+    bn, bk = (64, 128) if low_rank else (32, 256)
     while bk > group_size and (K % bk or bk % group_size):
         bk //= 2
     return bn, max(bk, group_size), 4
