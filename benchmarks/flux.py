@@ -17,7 +17,8 @@ Variants (same model object, linears swapped in place; the per-model rules of
 * ``svdq-w4a8fp8``: the Hopper fp8 format (fp8-exact group multipliers, fp8 activations, low-rank branch inside
   one ``torch._scaled_mm``), rank 32.
 * ``svdq-fp8``: the ``svdq-int4`` weights run by FP8 execution (``to_fp8_execution``: per-token fp8 activations,
-  the whole weight reconstructed into fp8 per call, one ``torch._scaled_mm``).
+  the whole weight reconstructed into fp8 per call, one ``torch._scaled_mm``), with ``enable_fusions`` (GELU and
+  the single blocks' concatenation inside the activation quantization), as ``generate --fp8``.
 * ``<variant>+compile``: the same modules, the whole transformer under ``torch.compile`` (default mode); compare
   with ``bf16+compile``.
 
@@ -40,7 +41,7 @@ import torch
 from torch import nn
 
 from quantduo.integrations.cuda_graph import GraphedForward
-from quantduo.integrations.diffusers import MODEL_RULES, enable_fused_mlp
+from quantduo.integrations.diffusers import MODEL_RULES, enable_fusions
 from quantduo.svdquant import SVDQuantLinear, lowrank_factors
 from quantduo.svdquant.fp8_execution import to_fp8_execution
 from quantduo.svdquant.hopper_formats import to_w4a8, to_w4a16
@@ -194,7 +195,7 @@ def run_variant(model, linears, variant, inputs, ref, args) -> dict:
             if module is not None:
                 model.set_submodule(name, module)
                 swapped[name] = module
-        restore_ff = enable_fused_mlp(model) if base == "svdq-int4" else {}
+        restore_ff = enable_fusions(model) if base in ("svdq-int4", "svdq-fp8") else {}
         build_s = time.perf_counter() - t0
         torch._dynamo.reset()
         runner = torch.compile(model) if compiled else model

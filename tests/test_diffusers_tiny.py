@@ -10,7 +10,8 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from quantduo.integrations.diffusers import (  # noqa: E402
-    CalibrationSample, convert_to_w4a8, convert_to_w4a16, quantization_config, quantize_transformer, rules_for,
+    CalibrationSample, FusedFluxSingleBlock, FusedGeluMLP, convert_to_fp8, convert_to_w4a8, convert_to_w4a16,
+    quantization_config, quantize_transformer, rules_for,
 )
 from quantduo.svdquant import SVDQuantLinear  # noqa: E402
 from quantduo.svdquant.hopper_formats import SVDQuantW4A8Linear  # noqa: E402
@@ -190,6 +191,39 @@ def test_flux_hopper_conversion(act_format):
     assert 0 < err < 0.05, err
     if act_format == "none":
         assert err < 0.8 * err_w4a4, (err, err_w4a4)  # measured 0.0059 vs 0.0099
+
+
+def test_flux_fp8_fusions():
+    """convert_to_fp8 fuses the GELU MLPs and the single block's GELU + concatenation into the fp8 activation
+    quantization: same state-dict keys, the unfused model's output (80 tokens: the fp8 kernels; the GELU is taken
+    in float32 either way), and the torch fallback off the kernels; enable_fusions' record undoes it."""
+    import copy
+
+    from quantduo.integrations.diffusers import enable_fusions
+
+    model = tiny_flux()
+    quantize_transformer(model, samples_from(lambda s: flux_inputs(model, s), 2),
+                         quantization_config(model, smooth=False, **FAST), progress=False)
+    fused = copy.deepcopy(model)
+    n = convert_to_fp8(model, fuse=False)
+    assert convert_to_fp8(fused) == n > 0
+    assert isinstance(fused.single_transformer_blocks[0], FusedFluxSingleBlock)
+    assert isinstance(fused.transformer_blocks[0].ff, FusedGeluMLP)
+    assert isinstance(fused.transformer_blocks[0].ff_context, FusedGeluMLP)
+    assert list(fused.state_dict()) == list(model.state_dict())
+    inputs = flux_inputs(model, 100, img=64, txt=16)
+    for backend in ("reference", "triton"):
+        for m in list(model.modules()) + list(fused.modules()):
+            if isinstance(m, SVDQuantLinear):
+                m.backend = backend
+        with torch.no_grad():
+            expected, got = model(**inputs)[0], fused(**inputs)[0]
+        assert relative_l2_error(got, expected) < (1e-6 if backend == "reference" else 5e-3), backend
+    undo = enable_fusions(model)
+    assert set(undo) == {"transformer_blocks.0.ff", "transformer_blocks.0.ff_context", "single_transformer_blocks.0"}
+    for name, original in undo.items():
+        model.set_submodule(name, original)
+    assert type(model.single_transformer_blocks[0]).__name__ == "FluxSingleTransformerBlock"
 
 
 def test_unsupported_class_is_rejected():

@@ -59,11 +59,41 @@ def test_quantize_fp8_per_token(dtype, k):
     assert relative_l2_error(deq, x.float()) < 0.04  # 3 mantissa bits
 
 
+def _fp8_ordinal(q: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn codes as signed step counts from zero (sign-magnitude -> integer; -0 and +0 both 0)."""
+    b = q.view(torch.uint8).int()
+    return torch.where(b >= 128, -(b - 128), b)
+
+
+@pytest.mark.parametrize("kx,kg", [(0, 320), (128, 512), (100, 60)])
+def test_quantize_fp8_per_token_gelu(kx, kg):
+    """Rows of cat(x, gelu_tanh(h)) formed inside the row kernel: the reference's scales (to float32 rounding of the
+    GELU's tanh) and codes (at most one step apart, rarely)."""
+    torch.manual_seed(1)
+    x = torch.randn(9, kx) * 3 if kx else None
+    h = torch.randn(9, kg) * 4
+    h[2] = -30  # GELU(-30) = 0: a row of zeros in the GELU part
+    q, scale = quantize_fp8_per_token(x, h)
+    q_ref, scale_ref = quantize_fp8_per_token_ref(x, h)
+    assert q.shape == (9, kx + kg) and q.dtype == torch.float8_e4m3fn
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
+    codes_apart = (_fp8_ordinal(q) - _fp8_ordinal(q_ref)).abs()  # -0 and +0 (GELU of very negative inputs) alike
+    assert codes_apart.max() <= 1 and codes_apart.float().mean() < 1e-2
+    expected = torch.cat([t for t in (x, nn.functional.gelu(h, approximate="tanh")) if t is not None], dim=1)
+    assert relative_l2_error(q.float() * scale[:, None], expected) < 0.04
+
+
 def test_quantize_fp8_per_token_bad_input():
     with pytest.raises(ValueError, match="2-D row-major"):
         quantize_fp8_per_token(torch.randn(4, 64).t())
     with pytest.raises(ValueError, match="2-D row-major"):
         quantize_fp8_per_token(torch.randn(2, 4, 64))
+    with pytest.raises(ValueError, match="2-D row-major"):
+        quantize_fp8_per_token(torch.randn(4, 64), torch.randn(64, 4).t())
+    with pytest.raises(ValueError, match="same rows"):
+        quantize_fp8_per_token(torch.randn(4, 64), torch.randn(5, 64))
+    with pytest.raises(ValueError, match="give x, gelu_input"):
+        quantize_fp8_per_token(None)
 
 
 @pytest.mark.parametrize("rank,smoothed", [(0, False), (16, True)])
@@ -122,6 +152,28 @@ def test_to_fp8_execution(act_format, smoothed):
     assert relative_l2_error(m8(x), y_ref) < 5e-3
     few = x[:1, :9]  # 9 rows: the W4A16 kernels, 16-bit activations
     assert relative_l2_error(m8(few), a16.forward_reference(few)) < 2e-3
+
+
+def test_forward_gelu():
+    """``forward_gelu(h, prefix)`` is the layer applied to cat(prefix, gelu_tanh(h)): through the kernels (80 rows:
+    GELU and concatenation in the row kernel), as the torch fallback (reference backend, few tokens) and without
+    a prefix; widths that do not add up are rejected."""
+    m8 = to_fp8_execution(_int4_module(192, 48, "int4"))
+    h, prefix = torch.randn(2, 40, 128) * 3, torch.randn(2, 40, 64)
+    x = torch.cat([prefix, nn.functional.gelu(h, approximate="tanh")], dim=-1)
+    expected = m8.forward_reference(x)
+    assert torch.equal(m8.forward_gelu(h, prefix), expected)  # backend "auto" on the CPU: the reference
+    m8.backend = "triton"
+    assert relative_l2_error(m8.forward_gelu(h, prefix), expected) < 5e-3
+    assert torch.equal(m8.forward_gelu(h[:1, :9], prefix[:1, :9]), m8(x[:1, :9]))  # 9 tokens: W4A16 kernels
+    no_prefix = to_fp8_execution(_int4_module(128, 48, "none"))
+    no_prefix.backend = "triton"
+    y = no_prefix.forward_gelu(h)
+    assert relative_l2_error(y, no_prefix.forward_reference(nn.functional.gelu(h, approximate="tanh"))) < 5e-3
+    with pytest.raises(ValueError, match="192 input channels"):
+        m8.forward_gelu(h)
+    with pytest.raises(ValueError, match="192 input channels"):
+        m8.forward_gelu(h, prefix[:, :10])
 
 
 def test_fp8_execution_is_not_saved(tmp_path):
@@ -187,3 +239,18 @@ def test_gpu_fp8_execution_compiled():
         exact = hf.to_w4a16(m).forward_reference(nn.functional.layer_norm(x.float(), (3072,)))
     err_eager, err_compiled = relative_l2_error(eager, exact), relative_l2_error(compiled, exact)
     assert 1e-3 < err_compiled < 1.2 * err_eager and err_eager < 0.05, (err_eager, err_compiled)
+
+
+@pytest.mark.gpu
+def test_gpu_forward_gelu_compiled():
+    """A FLUX single block's proj_out (3072 + 12288 -> 3072) fed by forward_gelu, eager and compiled (the row
+    kernel as one custom op: the same result), against the reference of the materialized input."""
+    m8 = to_fp8_execution(_int4_module(15360, 3072, "int4", rank=32, dtype=torch.bfloat16, device="cuda"))
+    h = torch.randn(4608, 12288, device="cuda", dtype=torch.bfloat16) * 2
+    attn = torch.randn(4608, 3072, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = m8.forward_reference(torch.cat([attn.float(), nn.functional.gelu(h.float(), approximate="tanh")], 1))
+        eager = m8.forward_gelu(h, attn)
+        compiled = torch.compile(lambda a, b: m8.forward_gelu(a, b))(h, attn)
+    assert relative_l2_error(eager, expected) < 5e-3
+    assert relative_l2_error(compiled, eager) < 1e-3

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from quantduo.svdquant import CheckpointError, QuantizationReport, SVDQuantConfig, load_quantized, quantize_model
 from quantduo.svdquant import SVDQuantLinear, save_quantized
+from quantduo.svdquant.fp8_execution import SVDQuantFP8Linear
 from quantduo.svdquant.serialization import read_checkpoint_meta, replace_linears
 from quantduo.utils import atomic_write
 
@@ -296,10 +297,11 @@ def load_into_pipeline(pipe: Any, directory: str | Path) -> nn.Module:
 # inference-time fusion
 # ---------------------------------------------------------------------------------------------
 class FusedGeluMLP(nn.Module):
-    """A diffusers ``FeedForward`` (``net = [GELU(tanh) with proj, Dropout, Linear]``) whose two linears are W4A4
-    :class:`SVDQuantLinear`: on CUDA, fc1's GEMM epilogue applies GELU and quantizes for fc2
-    (:func:`quantduo.kernels.svdquant_mlp_forward`). Keeps ``net`` so state-dict keys and LoRA targets are unchanged.
-    Input / output ``[..., dim]``.
+    """A diffusers ``FeedForward`` (``net = [GELU(tanh) with proj, Dropout, Linear]``) with SVDQuant linears, the
+    GELU fused: W4A4 on CUDA, fc1's GEMM epilogue applies it and quantizes for fc2
+    (:func:`quantduo.kernels.svdquant_mlp_forward`); an fc2 in FP8 execution applies it inside its activation
+    quantization (:meth:`~quantduo.svdquant.fp8_execution.SVDQuantFP8Linear.forward_gelu`). Keeps ``net`` so
+    state-dict keys and LoRA targets are unchanged. Input / output ``[..., dim]``.
     """
 
     def __init__(self, feed_forward: nn.Module):
@@ -308,6 +310,8 @@ class FusedGeluMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         fc1, fc2 = self.net[0].proj, self.net[-1]
+        if isinstance(fc2, SVDQuantFP8Linear):
+            return fc2.forward_gelu(fc1(hidden_states))
         if hidden_states.is_cuda:
             from quantduo.kernels import svdquant_mlp_forward
 
@@ -317,25 +321,74 @@ class FusedGeluMLP(nn.Module):
         return hidden_states
 
 
+def _is_w4a4(module: nn.Module) -> bool:
+    return isinstance(module, SVDQuantLinear) and module.act_format not in ("none", "fp8")
+
+
 def _fusable_feed_forward(module: nn.Module) -> bool:
     net = getattr(module, "net", None)
     if type(module).__name__ != "FeedForward" or not isinstance(net, nn.ModuleList) or len(net) != 3:
         return False
-    act = net[0]
-    return (
-        getattr(act, "approximate", None) == "tanh" and isinstance(getattr(act, "proj", None), SVDQuantLinear)
-        and isinstance(net[2], SVDQuantLinear) and act.proj.act_format != "none" and net[2].act_format != "none"
-    )
+    act, fc2 = net[0], net[2]
+    if getattr(act, "approximate", None) != "tanh" or not isinstance(getattr(act, "proj", None), SVDQuantLinear):
+        return False
+    return isinstance(fc2, SVDQuantFP8Linear) or (_is_w4a4(act.proj) and _is_w4a4(fc2))
 
 
-def enable_fused_mlp(model: nn.Module) -> dict[str, nn.Module]:
-    """Replace every fusable GELU(tanh) ``FeedForward`` of ``model`` by :class:`FusedGeluMLP` (in place).
-
-    Returns ``{name: original FeedForward}`` so the change can be undone with ``model.set_submodule``.
+class FusedFluxSingleBlock(nn.Module):
+    """A diffusers ``FluxSingleTransformerBlock`` whose ``proj_out`` runs FP8 execution: the MLP branch's GELU and
+    its concatenation with the attention output happen inside proj_out's activation quantization
+    (:meth:`~quantduo.svdquant.fp8_execution.SVDQuantFP8Linear.forward_gelu`), so the ``[tokens, 15360]`` 16-bit
+    input is never written. Same submodules (state-dict keys, LoRA targets) and the same call as the block:
+    ``(hidden_states [B, S_img, dim], encoder_hidden_states [B, S_txt, dim], temb [B, dim])`` ->
+    ``(encoder_hidden_states, hidden_states)``.
     """
-    originals = {name: m for name, m in model.named_modules() if _fusable_feed_forward(m)}
-    for name, module in originals.items():
-        model.set_submodule(name, FusedGeluMLP(module))
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.mlp_hidden_dim = block.mlp_hidden_dim
+        for name, child in block.named_children():  # norm, proj_mlp, act_mlp, proj_out, attn, in the block's order
+            self.add_module(name, child)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                image_rotary_emb=None, joint_attention_kwargs: dict | None = None):
+        text_seq_len = encoder_hidden_states.shape[1]
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        residual = hidden_states
+        norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
+        mlp_pre_activation = self.proj_mlp(norm_hidden_states)
+        attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb,
+                                **(joint_attention_kwargs or {}))
+        hidden_states = residual + gate.unsqueeze(1) * self.proj_out.forward_gelu(mlp_pre_activation, attn_output)
+        if hidden_states.dtype == torch.float16:
+            hidden_states = hidden_states.clip(-65504, 65504)
+        return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+
+
+def _fusable_flux_single_block(module: nn.Module) -> bool:
+    return (type(module).__name__ == "FluxSingleTransformerBlock"
+            and getattr(getattr(module, "act_mlp", None), "approximate", None) == "tanh"
+            and isinstance(getattr(module, "proj_out", None), SVDQuantFP8Linear))
+
+
+FUSIONS = ((_fusable_feed_forward, FusedGeluMLP), (_fusable_flux_single_block, FusedFluxSingleBlock))
+
+
+def enable_fusions(model: nn.Module) -> dict[str, nn.Module]:
+    """Replace, in place, every GELU(tanh) ``FeedForward`` whose linears are W4A4 (or whose fc2 runs FP8 execution)
+    by :class:`FusedGeluMLP`, and every FLUX single block whose ``proj_out`` runs FP8 execution by
+    :class:`FusedFluxSingleBlock`.
+
+    Returns ``{name: original module}`` so the change can be undone with ``model.set_submodule``.
+    """
+    originals = {}
+    for name, module in list(model.named_modules()):
+        if any(name.startswith(done + ".") for done in originals):
+            continue
+        for fusable, fused in FUSIONS:
+            if fusable(module):
+                originals[name] = module
+                model.set_submodule(name, fused(module))
     return originals
 
 
@@ -358,15 +411,19 @@ def convert_to_w4a16(model: nn.Module) -> int:
     return _convert_w4a4_layers(model, to_w4a16)
 
 
-def convert_to_fp8(model: nn.Module) -> int:
+def convert_to_fp8(model: nn.Module, fuse: bool = True) -> int:
     """Run every INT4 :class:`SVDQuantLinear` of ``model`` (W4A4, W4A16, ``svdq-w4a16``) by FP8 execution, in place
     (:func:`quantduo.svdquant.fp8_execution.to_fp8_execution`: the same stored weights, per-token fp8 activations
-    and the layer weight reconstructed into fp8 per call; Hopper's fp8 tensor cores). Returns the number of
+    and the layer weight reconstructed into fp8 per call; Hopper's fp8 tensor cores); ``fuse``: then
+    :func:`enable_fusions` (GELU and concatenation inside the activation quantization). Returns the number of
     converted layers."""
-    from quantduo.svdquant.fp8_execution import SVDQuantFP8Linear, to_fp8_execution
+    from quantduo.svdquant.fp8_execution import to_fp8_execution
 
-    return _convert_layers(model, to_fp8_execution,
-                           lambda m: m.weight_format == "int4" and not isinstance(m, SVDQuantFP8Linear))
+    converted = _convert_layers(model, to_fp8_execution,
+                                lambda m: m.weight_format == "int4" and not isinstance(m, SVDQuantFP8Linear))
+    if fuse:
+        enable_fusions(model)
+    return converted
 
 
 def _convert_w4a4_layers(model: nn.Module, convert) -> int:

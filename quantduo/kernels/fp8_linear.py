@@ -7,7 +7,10 @@ Above a few dozen tokens a layer runs as one row-wise-scaled fp8 GEMM (``torch._
 
 * :func:`quantize_fp8_per_token` — one pass over the activations (a row per program): ``s_x = absmax * (1 / 448)``
   per token, FP8 E4M3 codes of ``x * (1 / s_x)``. Under ``torch.compile`` the same arithmetic is written in
-  PyTorch ops instead, so Inductor fuses it into the op that produces ``x`` (LayerNorm + modulation, GELU, ...).
+  PyTorch ops instead, so Inductor fuses it into the op that produces ``x`` (LayerNorm + modulation, ...).
+  It can also form the layer input itself: ``cat(x, gelu_tanh(h))`` from the attention output ``x`` and the MLP
+  pre-activation ``h`` (FLUX single blocks) or ``gelu_tanh(h)`` alone (GELU MLPs), in the same single pass and
+  without a 16-bit copy of the wide input (compiled: one opaque op; Inductor's version reads the row twice).
 * :func:`expand_w4_fp8` — the layer's whole weight (4-bit residual, low-rank branch and smoothing folded in, as
   :mod:`.dequant_w4`) rounded to fp8 with the static per-channel scale ``s_w``; a ``torch.library`` custom op,
   so compiled graphs call it as one opaque kernel.
@@ -19,57 +22,116 @@ Reference: :meth:`SVDQuantFP8Linear.forward_reference`.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from quantduo.svdquant.quantizers import FP8_E4M3_MAX
 
-from .common import to_e4m3
+from .common import gelu_tanh, to_e4m3
 from .dequant_w4 import dequant_w4
 from .fp8_concat import fp8_rowwise_gemm
 
 
 @triton.jit
-def _fp8_token_quant_kernel(X, Q, SCALE, K, stride_xm, stride_qm, BLOCK: tl.constexpr, NATIVE: tl.constexpr):
-    """Program m: row m of X ``[M, K]`` (16/32-bit) -> Q float8_e4m3fn ``[M, K]``, SCALE float32 ``[M]``."""
+def _e4m3_saturated(y, NATIVE: tl.constexpr):
+    """float32 -> float8_e4m3fn, saturating at +-448, round to nearest even."""
+    return to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0), NATIVE)
+
+
+@triton.jit
+def _fp8_token_quant_kernel(X, G, Q, SCALE, KX, KG, stride_xm, stride_gm, stride_qm,
+                            BLOCK_X: tl.constexpr, BLOCK_G: tl.constexpr, NATIVE: tl.constexpr):
+    """Program m: row m of ``cat(X[m], gelu_tanh(G[m]))`` -> Q float8_e4m3fn ``[M, KX + KG]``, SCALE float32 ``[M]``.
+
+    X ``[M, KX]`` and G ``[M, KG]`` 16/32-bit with unit column stride; BLOCK_X = 0: no X, BLOCK_G = 0: no G. One
+    read of the row (kept in registers between the absmax and the quantization), one write of the codes.
+    """
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < K
-    x = tl.load(X + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=0)
+    amax = 0.0
+    if BLOCK_X > 0:
+        cx = tl.arange(0, BLOCK_X)
+        x = tl.load(X + row * stride_xm + cx, mask=cx < KX, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=0)
+    if BLOCK_G > 0:
+        cg = tl.arange(0, BLOCK_G)
+        g = gelu_tanh(tl.load(G + row * stride_gm + cg, mask=cg < KG, other=0.0).to(tl.float32))
+        amax = tl.maximum(amax, tl.max(tl.abs(g), axis=0))
     scale = tl.where(amax > 0, amax * (1.0 / 448.0), 1.0)
-    y = x * tl.math.div_rn(1.0, scale)
-    tl.store(Q + row * stride_qm + cols, to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0), NATIVE), mask=mask)
+    inv_scale = tl.math.div_rn(1.0, scale)
+    if BLOCK_X > 0:
+        tl.store(Q + row * stride_qm + cx, _e4m3_saturated(x * inv_scale, NATIVE), mask=cx < KX)
+    if BLOCK_G > 0:
+        tl.store(Q + row * stride_qm + KX + cg, _e4m3_saturated(g * inv_scale, NATIVE), mask=cg < KG)
     tl.store(SCALE + row, scale)
 
 
-def quantize_fp8_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """FP8 E4M3 per row of ``x [M, K]``: (codes float8_e4m3fn ``[M, K]``, scale float32 ``[M]``).
+def quantize_fp8_per_token_ref(x: torch.Tensor | None, gelu_input: torch.Tensor | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 E4M3 per row of ``cat(x, gelu_tanh(gelu_input))`` (``x [M, Kx]``, ``gelu_input [M, Kg]``, either may be
+    None): (codes float8_e4m3fn ``[M, Kx + Kg]``, scale float32 ``[M]``).
 
-    ``scale = absmax * (1 / 448)`` (1.0 for all-zero rows), codes ``e4m3(clamp(x * (1 / scale), +-448))``, round
-    to nearest even. Plain PyTorch ops: the reference, and what ``torch.compile`` fuses into the producer of x.
+    The GELU (tanh approximation) is taken in float32. ``scale = absmax * (1 / 448)`` (1.0 for all-zero rows), codes
+    ``e4m3(clamp(row * (1 / scale), +-448))``, round to nearest even. Plain PyTorch ops: the reference, and what
+    ``torch.compile`` fuses into the producer of x.
     """
-    xf = x.float()
+    parts = [] if x is None else [x.float()]
+    if gelu_input is not None:
+        parts.append(F.gelu(gelu_input.float(), approximate="tanh"))
+    xf = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
     amax = xf.abs().amax(dim=-1)
     scale = torch.where(amax > 0, amax * (1.0 / FP8_E4M3_MAX), torch.ones_like(amax))
     q = (xf * (1.0 / scale)[:, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     return q, scale
 
 
-def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`quantize_fp8_per_token_ref` for ``x [M, K]`` (unit column stride): the Triton row kernel on CUDA
-    (and under the interpreter), PyTorch ops while ``torch.compile`` traces (fusable into x's producer)."""
-    if x.dim() != 2 or x.stride(-1) != 1:
-        raise ValueError(f"expected a 2-D row-major tensor, got shape {tuple(x.shape)} strides {x.stride()}")
-    if torch.compiler.is_compiling():
-        return quantize_fp8_per_token_ref(x)
-    M, K = x.shape
-    q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty(M, dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(K)
-    _fp8_token_quant_kernel[(M,)](x, q, scale, K, x.stride(0), q.stride(0), BLOCK=block, NATIVE=x.is_cuda,
-                                  num_warps=max(1, min(16, block // 512)))
+def _launch_token_quant(x: torch.Tensor | None, gelu_input: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row kernel over ``cat(x, gelu_tanh(gelu_input))`` (validated 2-D inputs, unit column stride)."""
+    first = x if x is not None else gelu_input
+    M = first.shape[0]
+    kx = 0 if x is None else x.shape[1]
+    kg = 0 if gelu_input is None else gelu_input.shape[1]
+    q = torch.empty(M, kx + kg, dtype=torch.float8_e4m3fn, device=first.device)
+    scale = torch.empty(M, dtype=torch.float32, device=first.device)
+    block_x, block_g = (triton.next_power_of_2(k) if k else 0 for k in (kx, kg))
+    _fp8_token_quant_kernel[(M,)](
+        first if x is None else x, first if gelu_input is None else gelu_input, q, scale, kx, kg,
+        0 if x is None else x.stride(0), 0 if gelu_input is None else gelu_input.stride(0), q.stride(0),
+        BLOCK_X=block_x, BLOCK_G=block_g, NATIVE=first.is_cuda, num_warps=max(1, min(16, (block_x + block_g) // 512)))
     return q, scale
+
+
+@torch.library.custom_op("quantduo::fp8_token_quant_gelu", mutates_args=())
+def _fp8_token_quant_gelu(x: torch.Tensor | None, gelu_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row kernel as one opaque op for compiled graphs (Inductor's own version reads long rows twice)."""
+    return _launch_token_quant(x, gelu_input)
+
+
+@_fp8_token_quant_gelu.register_fake
+def _fp8_token_quant_gelu_shape(x, gelu_input):
+    width = gelu_input.shape[1] + (0 if x is None else x.shape[1])
+    return (gelu_input.new_empty(gelu_input.shape[0], width, dtype=torch.float8_e4m3fn),
+            gelu_input.new_empty(gelu_input.shape[0], dtype=torch.float32))
+
+
+def quantize_fp8_per_token(x: torch.Tensor | None, gelu_input: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_fp8_per_token_ref` of ``x [M, Kx]`` and / or ``gelu_input [M, Kg]`` (2-D, unit column
+    stride): the Triton row kernel on CUDA (and under the interpreter). While ``torch.compile`` traces, plain rows
+    are quantized by PyTorch ops (fusable into x's producer) and rows with a GELU part by the kernel as one op."""
+    given = [t for t in (x, gelu_input) if t is not None]
+    if not given:
+        raise ValueError("give x, gelu_input or both")
+    for t in given:
+        if t.dim() != 2 or t.stride(-1) != 1:
+            raise ValueError(f"expected a 2-D row-major tensor, got shape {tuple(t.shape)} strides {t.stride()}")
+    if len(given) == 2 and x.shape[0] != gelu_input.shape[0]:
+        raise ValueError(f"x and gelu_input need the same rows, got {tuple(x.shape)} and {tuple(gelu_input.shape)}")
+    if torch.compiler.is_compiling():
+        if gelu_input is None:
+            return quantize_fp8_per_token_ref(x)
+        return _fp8_token_quant_gelu(x, gelu_input)
+    return _launch_token_quant(x, gelu_input)
 
 
 @torch.library.custom_op("quantduo::expand_w4_fp8", mutates_args=())
@@ -88,13 +150,20 @@ def _expand_w4_fp8_shape(qweight, wscales, lora_down, lora_up, inv_smooth, inv_w
     return qweight.new_empty(qweight.shape[0], 2 * qweight.shape[1], dtype=torch.float8_e4m3fn)
 
 
-def fp8_linear_forward(module, x: torch.Tensor) -> torch.Tensor:
-    """The fp8 GEMM path of an ``SVDQuantFP8Linear``: ``x [..., in_features]`` -> ``[..., out_features]``
-    (x.dtype). Traceable by ``torch.compile`` (no host syncs, no shared scratch buffers)."""
-    x2 = module._pad_input(x).reshape(-1, module.padded_in_features).contiguous()
-    xq, x_scale = quantize_fp8_per_token(x2)
+def fp8_linear_forward(module, x: torch.Tensor | None, gelu_input: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp8 GEMM path of an ``SVDQuantFP8Linear``: ``x [..., in_features]`` -> ``[..., out_features]`` (x.dtype);
+    with ``gelu_input [..., Kg]`` the layer's input is ``cat(x, gelu_tanh(gelu_input))`` (x: the first
+    ``in_features - Kg`` channels, or None), formed inside the activation quantization. Traceable by
+    ``torch.compile`` (no host syncs, no shared scratch buffers)."""
+    if gelu_input is None:
+        lead = x.shape[:-1]
+        xq, x_scale = quantize_fp8_per_token(module._pad_input(x).reshape(-1, module.padded_in_features).contiguous())
+    else:
+        lead = gelu_input.shape[:-1]
+        rows = lambda t: None if t is None else t.reshape(-1, t.shape[-1]).contiguous()  # noqa: E731
+        xq, x_scale = quantize_fp8_per_token(rows(x), rows(gelu_input))
     low_rank = (module.lora_down, module.lora_up) if module.rank > 0 else (None, None)
     inv_smooth = None if module.smoothing_folded_out else module.inv_smooth_fp8
     w8 = expand_w4_fp8(module.qweight, module.wscales, *low_rank, inv_smooth, module.inv_wscale_fp8, module.group_size)
-    y = fp8_rowwise_gemm(xq, w8, x_scale, module.wscale_fp8, module.bias, x.dtype)
-    return y.reshape(*x.shape[:-1], module.out_features)
+    y = fp8_rowwise_gemm(xq, w8, x_scale, module.wscale_fp8, module.bias, (gelu_input if x is None else x).dtype)
+    return y.reshape(*lead, module.out_features)

@@ -19,6 +19,7 @@ activations. Kernels: :mod:`quantduo.kernels.fp8_linear`.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .hopper_formats import to_w4a16
 from .linear import SVDQuantLinear
@@ -76,12 +77,36 @@ class SVDQuantFP8Linear(SVDQuantLinear):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
-        from quantduo.kernels import SKINNY_MAX_TOKENS
         from quantduo.kernels.fp8_linear import fp8_linear_forward
 
-        if x.numel() // self.in_features <= SKINNY_MAX_TOKENS:  # memory-bound: the W4A16 kernels, 16-bit activations
+        if self._few_tokens(x):  # memory-bound: the W4A16 kernels, 16-bit activations
             return super().kernel_forward(x)
         return fp8_linear_forward(self, x)
+
+    def forward_gelu(self, gelu_input: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """``self(torch.cat([prefix, F.gelu(gelu_input, approximate="tanh")], dim=-1))`` (prefix optional).
+
+        gelu_input ``[..., Kg]`` and prefix ``[..., in_features - Kg]`` float. Through the fp8 kernels the GELU and the
+        concatenation happen inside the per-token activation quantization (one pass, no 16-bit copy of the layer
+        input; the GELU stays in float32 up to the fp8 rounding); otherwise as written above.
+        """
+        from quantduo.kernels.fp8_linear import fp8_linear_forward
+
+        width = gelu_input.shape[-1] + (0 if prefix is None else prefix.shape[-1])
+        if width != self.in_features or (prefix is not None and prefix.shape[:-1] != gelu_input.shape[:-1]):
+            raise ValueError(f"the layer takes {self.in_features} input channels, got gelu_input "
+                             f"{tuple(gelu_input.shape)} and prefix {None if prefix is None else tuple(prefix.shape)}")
+        kernels = self.backend == "triton" or (self.backend == "auto" and gelu_input.is_cuda)
+        if not kernels or self._few_tokens(gelu_input) or self.padded_in_features != self.in_features:
+            x = F.gelu(gelu_input, approximate="tanh")
+            return self(x if prefix is None else torch.cat([prefix, x], dim=-1))
+        return fp8_linear_forward(self, prefix, gelu_input)
+
+    @staticmethod
+    def _few_tokens(x: torch.Tensor) -> bool:
+        from quantduo.kernels import SKINNY_MAX_TOKENS
+
+        return x.numel() // x.shape[-1] <= SKINNY_MAX_TOKENS
 
 
 def to_fp8_execution(module: SVDQuantLinear) -> SVDQuantFP8Linear:
