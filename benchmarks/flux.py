@@ -18,7 +18,8 @@ Variants (same model object, linears swapped in place; the per-model rules of
   one ``torch._scaled_mm``), rank 32.
 * ``svdq-fp8``: the ``svdq-int4`` weights run by FP8 execution (``to_fp8_execution``: per-token fp8 activations,
   the whole weight reconstructed into fp8 per call, one ``torch._scaled_mm``), with ``enable_fusions`` (GELU and
-  the single blocks' concatenation inside the activation quantization), as ``generate --fp8``.
+  the single blocks' concatenation inside the activation quantization), as ``generate --fp8``; fp8 GEMMs with
+  fast accumulation (the default); ``svdq-fp8-precise``: the same with float32-promoted accumulation.
 * ``<variant>+compile``: the same modules, the whole transformer under ``torch.compile`` (default mode); compare
   with ``bf16+compile``.
 
@@ -123,8 +124,8 @@ def variant_module(name: str, linear: nn.Linear, variant: str) -> nn.Module | No
         return to_w4a8(module, linear.weight, act_format="fp8" if variant == "svdq-w4a8fp8" else "int8")
     if variant == "svdq-int4-a16":  # the INT4 checkpoint run with 16-bit activations (generate --a16)
         return to_w4a16(module)
-    if variant == "svdq-fp8":
-        return to_fp8_execution(module)
+    if variant in ("svdq-fp8", "svdq-fp8-precise"):
+        return to_fp8_execution(module, fast_accum=variant == "svdq-fp8")
     return module
 
 
@@ -195,7 +196,7 @@ def run_variant(model, linears, variant, inputs, ref, args) -> dict:
             if module is not None:
                 model.set_submodule(name, module)
                 swapped[name] = module
-        restore_ff = enable_fusions(model) if base in ("svdq-int4", "svdq-fp8") else {}
+        restore_ff = enable_fusions(model) if base in ("svdq-int4", "svdq-fp8", "svdq-fp8-precise") else {}
         build_s = time.perf_counter() - t0
         torch._dynamo.reset()
         runner = torch.compile(model) if compiled else model

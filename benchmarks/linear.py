@@ -137,14 +137,15 @@ def v_bf16(M, N, K):
     return make, 2 * (M * K + N * K + M * N)
 
 
-def v_fp8(M, N, K, extra_k=0):
+def v_fp8(M, N, K, extra_k=0, fast_accum=False):
     def make():
         x = torch.randn(M, K + extra_k, device=DEV).to(torch.float8_e4m3fn)
         w = torch.randn(N, K + extra_k, device=DEV).to(torch.float8_e4m3fn)
         sx = torch.rand(M, 1, device=DEV) + 0.5
         sw = torch.rand(1, N, device=DEV) + 0.5
         b = torch.randn(N, device=DEV, dtype=torch.bfloat16)
-        return lambda: torch._scaled_mm(x, w.T, scale_a=sx, scale_b=sw, bias=b, out_dtype=torch.bfloat16)
+        return lambda: torch._scaled_mm(x, w.T, scale_a=sx, scale_b=sw, bias=b, out_dtype=torch.bfloat16,
+                                        use_fast_accum=fast_accum)
     return make, M * K + N * K + 2 * M * N
 
 
@@ -616,6 +617,7 @@ def fp8exec(log, results, tokens):
                 log(f"    expand fp8 M={M} {N}x{K} {cfg}: {t:.1f}us")
                 best = min(best or (t, cfg), (t, cfg))
             tmm = time_graph(*v_fp8(M, N, K))
+            tmm_fast = time_graph(*v_fp8(M, N, K, fast_accum=True))
 
             layer = itertools.cycle(layers)
 
@@ -624,10 +626,11 @@ def fp8exec(log, results, tokens):
                 return lambda: m8(x)
             tm = time_graph(module, 2 * M * K + 0.6 * N * K + 2 * M * N)
             row = dict(M=M, N=N, K=K, bf16=tb, quant=tq, expand=best[0], expand_cfg=str(best[1]), scaled_mm=tmm,
-                       module=tm)
+                       scaled_mm_fast_accum=tmm_fast, module=tm)
             results.setdefault("fp8exec", []).append(row)
             log(f"  fp8exec M={M} {N}x{K}: bf16 {tb:.1f}us | quant {tq:.1f} | expand {best[0]:.1f} {best[1]} | "
-                f"scaled_mm {tmm:.1f} ({tb / tmm:.2f}x) | module {tm:.1f} ({tb / tm:.2f}x; without quant "
+                f"scaled_mm {tmm:.1f} ({tb / tmm:.2f}x), fast accum {tmm_fast:.1f} ({tb / tmm_fast:.2f}x) | "
+                f"module {tm:.1f} ({tb / tm:.2f}x; without quant "
                 f"{tb / max(tm - tq, 1e-3):.2f}x)")
 
 
@@ -704,6 +707,7 @@ def quality(log, results):
         y_svdq_w4a16 = qk.svdquant_linear_forward(model16[0], xb).float()
         y_fp8exec = to_fp8_execution(m)(xb).float()  # fp8 execution of the W4A4 checkpoint / the svdq-w4a16 one
         y_fp8exec16 = to_fp8_execution(model16[0])(xb).float()
+        y_fp8exec_precise = to_fp8_execution(m, fast_accum=False)(xb).float()
         m8 = hf.to_w4a8(m, weight=ref_lin.weight.float())
         y_w4a8 = qk.w4a8_linear_forward(m8, xb).float()
         m8r = hf.to_w4a8(m)
@@ -724,6 +728,7 @@ def quality(log, results):
                    err_svdq_w4a16_vs_bf16=relative_l2_error(y_svdq_w4a16, y_bf16),
                    err_fp8exec_int4_vs_bf16=relative_l2_error(y_fp8exec, y_bf16),
                    err_fp8exec_svdq_w4a16_vs_bf16=relative_l2_error(y_fp8exec16, y_bf16),
+                   err_fp8exec_int4_precise_accum_vs_bf16=relative_l2_error(y_fp8exec_precise, y_bf16),
                    err_w4a8_vs_bf16=relative_l2_error(y_w4a8, y_bf16),
                    err_w4a8_from_w4a4_vs_bf16=relative_l2_error(y_w4a8r, y_bf16), err_w4a8fp8_vs_bf16=relative_l2_error(y_fp8, y_bf16),
                    err_w4a8fp8_from_w4a4_vs_bf16=relative_l2_error(y_fp8r, y_bf16), err_w4a16_rtn_nolr_vs_bf16=relative_l2_error(y_w4a16, y_bf16),

@@ -411,15 +411,15 @@ def convert_to_w4a16(model: nn.Module) -> int:
     return _convert_w4a4_layers(model, to_w4a16)
 
 
-def convert_to_fp8(model: nn.Module, fuse: bool = True) -> int:
+def convert_to_fp8(model: nn.Module, fuse: bool = True, fast_accum: bool = True) -> int:
     """Run every INT4 :class:`SVDQuantLinear` of ``model`` (W4A4, W4A16, ``svdq-w4a16``) by FP8 execution, in place
     (:func:`quantduo.svdquant.fp8_execution.to_fp8_execution`: the same stored weights, per-token fp8 activations
-    and the layer weight reconstructed into fp8 per call; Hopper's fp8 tensor cores); ``fuse``: then
-    :func:`enable_fusions` (GELU and concatenation inside the activation quantization). Returns the number of
-    converted layers."""
+    and the layer weight reconstructed into fp8 per call; Hopper's fp8 tensor cores; ``fast_accum`` as there);
+    ``fuse``: then :func:`enable_fusions` (GELU and concatenation inside the activation quantization). Returns
+    the number of converted layers."""
     from quantduo.svdquant.fp8_execution import to_fp8_execution
 
-    converted = _convert_layers(model, to_fp8_execution,
+    converted = _convert_layers(model, lambda m: to_fp8_execution(m, fast_accum),
                                 lambda m: m.weight_format == "int4" and not isinstance(m, SVDQuantFP8Linear))
     if fuse:
         enable_fusions(model)

@@ -165,5 +165,6 @@ def fp8_linear_forward(module, x: torch.Tensor | None, gelu_input: torch.Tensor 
     low_rank = (module.lora_down, module.lora_up) if module.rank > 0 else (None, None)
     inv_smooth = None if module.smoothing_folded_out else module.inv_smooth_fp8
     w8 = expand_w4_fp8(module.qweight, module.wscales, *low_rank, inv_smooth, module.inv_wscale_fp8, module.group_size)
-    y = fp8_rowwise_gemm(xq, w8, x_scale, module.wscale_fp8, module.bias, (gelu_input if x is None else x).dtype)
+    y = fp8_rowwise_gemm(xq, w8, x_scale, module.wscale_fp8, module.bias, (gelu_input if x is None else x).dtype,
+                         fast_accum=module.fast_accum)
     return y.reshape(*lead, module.out_features)
