@@ -88,6 +88,22 @@ def test_quantized_lora_matches_full_precision_lora(models):
     assert err < 1.5 * quant_err + 1e-3, (err, quant_err, lora_effect)
 
 
+def test_lora_on_fp8_execution(models):
+    """After convert_to_fp8 (fused GELU MLPs and single blocks keep the layer names) a LoRA attaches to the same
+    layers and matches full precision + the LoRA within the quantization error."""
+    from quantduo.integrations.diffusers import FusedFluxSingleBlock, convert_to_fp8
+
+    fp, quant = models
+    lora = random_lora(fp, seed=1)
+    fp_lora = copy.deepcopy(fp)
+    fp_lora.load_lora_adapter(lora, prefix="transformer", adapter_name="style")
+    q8 = copy.deepcopy(quant)
+    assert convert_to_fp8(q8) > 0 and isinstance(q8.single_transformer_blocks[0], FusedFluxSingleBlock)
+    attach_lora(q8, lora, "style")
+    quant_err = relative_l2_error(run(quant), run(fp))
+    assert relative_l2_error(run(q8), run(fp_lora)) < 1.5 * quant_err + 1e-3
+
+
 def test_kohya_bfl_names_equal_diffusers_names(models):
     """A kohya LoRA in the original FLUX naming (fused qkv, single-block linear1) splits onto the diffusers modules."""
     _, quant = models
