@@ -11,6 +11,9 @@ Variants (same model object, linears swapped in place; the per-model rules of
 * ``bf16``: the model as built;
 * ``w4a16``: every quantizable linear INT4-g64 weight-only, no low-rank branch;
 * ``svdq-w4a16``: the same with the rank-32 branch (every quantizable linear, modulation included);
+* ``w4a16-tinygemm``: the same INT4-g64 values through PyTorch's tinygemm kernel
+  (``torch.ops.aten._weight_int4pack_mm``, the kernel of torchao's int4 weight-only layout, i.e. diffusers'
+  ``TorchAoConfig("int4wo")``): a library W4A16 baseline, as the paper's NF4 one (CUDA only);
 * ``svdq-int4``: SVDQuant W4A4 INT4 (rank 32), MLPs through ``svdquant_mlp_forward``; modulation linears W4A16;
 * ``svdq-int4-a16``: those W4A4 layers run with 16-bit activations (``to_w4a16``, as ``generate --a16``);
 * ``svdq-w4a8``: the Hopper W4A8 format (4-bit weights, int8-exact group multipliers, int8 activations), rank 32;
@@ -41,6 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmarks.linear import tinygemm_operands
 from quantduo.integrations.cuda_graph import GraphedForward
 from quantduo.integrations.diffusers import MODEL_RULES, enable_fusions
 from quantduo.svdquant import SVDQuantLinear, lowrank_factors
@@ -111,10 +115,31 @@ def fast_svdquant(linear: nn.Linear, act_format: str, rank: int) -> SVDQuantLine
     return module
 
 
+class TinygemmW4A16Linear(nn.Module):
+    """INT4-g64 weight-only linear through ``torch.ops.aten._weight_int4pack_mm`` (tinygemm; CUDA, bfloat16):
+    input ``[..., K]`` -> ``[..., N]``. Built from a rank-0 ``SVDQuantLinear`` (same codes and scales)."""
+
+    def __init__(self, module: SVDQuantLinear):
+        super().__init__()
+        packed, scales_zeros = tinygemm_operands(module)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", scales_zeros.to(torch.bfloat16))
+        self.bias = module.bias
+        self.in_features, self.out_features = module.in_features, module.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, self.in_features), self.packed, 64, self.scales_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
 def variant_module(name: str, linear: nn.Linear, variant: str) -> nn.Module | None:
     """The replacement of ``linear`` in ``variant`` (``None``: stays BF16)."""
     if _matches(name, RULES.skip):
         return None
+    if variant == "w4a16-tinygemm":
+        return TinygemmW4A16Linear(fast_svdquant(linear, "none", 0))
     if variant in ("w4a16", "svdq-w4a16"):
         return fast_svdquant(linear, "none", RANK if variant == "svdq-w4a16" else 0)
     if _matches(name, RULES.weight_only):
