@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from quantduo.svdquant import CheckpointError, QuantizationReport, SVDQuantConfig, load_quantized, quantize_model
 from quantduo.svdquant import SVDQuantLinear, save_quantized
-from quantduo.svdquant.fp8_execution import SVDQuantFP8Linear
+from quantduo.svdquant.fp8_execution import SVDQuantFP8Linear, to_fp8_execution
 from quantduo.svdquant.serialization import read_checkpoint_meta, replace_linears
 from quantduo.utils import atomic_write
 
@@ -385,10 +385,10 @@ def enable_fusions(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in list(model.named_modules()):
         if any(name.startswith(done + ".") for done in originals):
             continue
-        for fusable, fused in FUSIONS:
-            if fusable(module):
-                originals[name] = module
-                model.set_submodule(name, fused(module))
+        fused = next((fused for fusable, fused in FUSIONS if fusable(module)), None)
+        if fused is not None:
+            originals[name] = module
+            model.set_submodule(name, fused(module))
     return originals
 
 
@@ -417,8 +417,6 @@ def convert_to_fp8(model: nn.Module, fuse: bool = True, fast_accum: bool = True)
     and the layer weight reconstructed into fp8 per call; Hopper's fp8 tensor cores; ``fast_accum`` as there);
     ``fuse``: then :func:`enable_fusions` (GELU and concatenation inside the activation quantization). Returns
     the number of converted layers."""
-    from quantduo.svdquant.fp8_execution import to_fp8_execution
-
     converted = _convert_layers(model, lambda m: to_fp8_execution(m, fast_accum),
                                 lambda m: m.weight_format == "int4" and not isinstance(m, SVDQuantFP8Linear))
     if fuse:
