@@ -10,13 +10,14 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from test_diffusers_tiny import tiny_flux_pipeline  # noqa: E402
+from test_diffusers_tiny import flux_inputs, tiny_flux_pipeline  # noqa: E402
 
 from quantduo.cli import main as cli  # noqa: E402
 from quantduo.integrations.diffusers import capture_calibration_inputs, load_into_pipeline  # noqa: E402
 from quantduo.integrations.diffusers_commands import load_pipeline  # noqa: E402
 from quantduo.svdquant import CheckpointError, SVDQuantLinear  # noqa: E402
 from quantduo.svdquant.fp8_execution import SVDQuantFP8Linear  # noqa: E402
+from quantduo.utils import relative_l2_error  # noqa: E402
 
 SIZE = ["--height", "32", "--width", "32", "--max-sequence-length", "16", "--guidance", "3.5", "--dtype", "float32"]
 
@@ -109,6 +110,17 @@ def test_load_into_pipeline_and_errors(quantized_dirs, tmp_path):
     assert len(fp8) == len(a16) and all(isinstance(m, SVDQuantFP8Linear) for m in fp8)
     with pytest.raises(ValueError, match="execution"):
         load_pipeline(quant, torch.float32, execution="int3")
+    # the float32 checkpoint in a bfloat16 pipeline: every compute dtype follows, packed codes stay
+    half = load_pipeline(quant, torch.bfloat16).transformer
+    assert half.x_embedder.weight.dtype == torch.bfloat16
+    layers = [m for m in half.modules() if isinstance(m, SVDQuantLinear)]
+    assert all(m.dtype == torch.bfloat16 and m.qweight.dtype == torch.uint8 for m in layers)
+    inputs = flux_inputs(loaded.transformer, 5)
+    with torch.no_grad():
+        full = loaded.transformer(**inputs)[0]
+        bf16 = half(**{k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v
+                       for k, v in inputs.items()})[0]
+    assert relative_l2_error(bf16, full) < 5e-2
     fresh = tiny_flux_pipeline(seed=1)
     model = load_into_pipeline(fresh, quant / "transformer")
     assert fresh.transformer is model
@@ -123,3 +135,24 @@ def test_load_into_pipeline_and_errors(quantized_dirs, tmp_path):
         load_into_pipeline(fresh, broken)
     with pytest.raises(CheckpointError, match="not found"):
         load_into_pipeline(fresh, tmp_path)
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_pipeline_compiled_and_graphed(quantized_dirs):
+    """The quantized tiny pipeline on CUDA in fused FP8 execution under torch.compile + CUDA graphs (64x64 images:
+    272 tokens, above the few-token path) gives the bf16 pipeline's image."""
+    from quantduo.integrations.cuda_graph import enable_cuda_graph
+    from quantduo.integrations.diffusers import FusedFluxSingleBlock
+
+    base, quant = quantized_dirs
+    kwargs = dict(prompt="a dog in a park", height=64, width=64, num_inference_steps=4, guidance_scale=3.5,
+                  max_sequence_length=16, output_type="np")
+    images = {}
+    for name, model, execution in [("bf16", base, "native"), ("fp8", quant, "fp8")]:
+        pipe = load_pipeline(model, torch.bfloat16, "cuda", execution=execution)
+        if execution == "fp8":
+            assert any(isinstance(m, FusedFluxSingleBlock) for m in pipe.transformer.modules())
+            enable_cuda_graph(pipe.transformer, compile=True)
+        with torch.no_grad():
+            images[name] = (pipe(generator=torch.Generator().manual_seed(3), **kwargs).images[0] * 255).round()
+    assert psnr(images["fp8"], images["bf16"]) > 30

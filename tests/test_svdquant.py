@@ -287,3 +287,25 @@ def test_storage_bits_per_weight():
     module = SVDQuantLinear(3072, 3072, rank=32, dtype=torch.bfloat16)
     # 4 bits + 16-bit scale per 64 (0.25) + rank-32 bf16 factors (2 * 32 * 16 / 3072 = 0.33)
     assert module.storage_bits_per_weight() == pytest.approx(4 + 0.25 + 1 / 3, rel=1e-6)
+
+
+@pytest.mark.parametrize("weight_format,act_format", [("int4", "int4"), ("int4", "none"), ("nvfp4", "nvfp4")])
+def test_to_compute_dtype(weight_format, act_format):
+    """Casting a float32 layer to bfloat16 casts its compute-dtype buffers (INT4 group scales included) and keeps
+    the packed codes, the NVFP4 fp8 scales and the float32 global scale; the output stays within bf16 rounding
+    (4-bit activations: some codes flip with the bf16 inputs)."""
+    x, w = outlier_problem(seed=5, k=128, n=64, t=32)
+    module = SVDQuantLinear(128, 64, rank=8, weight_format=weight_format, act_format=act_format, dtype=torch.float32)
+    module.qweight.random_(0, 256)
+    module.wscales.copy_((torch.rand(64, module.wscales.shape[1]) * 0.02 + 0.01).to(module.wscales.dtype))
+    module.lora_down.normal_(0, 0.1), module.lora_up.normal_(0, 0.1), module.bias.normal_()
+    before = module(x)
+    kept = {name: module._buffers[name].clone() for name in ("qweight", "wscale_global")}
+    scale_dtype = module.wscales.dtype
+    assert module.to_compute_dtype(torch.bfloat16) is module
+    assert module.dtype == torch.bfloat16 and module.lora_up.dtype == module.bias.dtype == torch.bfloat16
+    assert module.wscales.dtype == (torch.bfloat16 if weight_format == "int4" else scale_dtype)
+    assert all(torch.equal(module._buffers[name], t) for name, t in kept.items())
+    assert relative_l2_error(module(x.bfloat16()), before) < (1e-2 if act_format == "none" else 4e-2)
+    with pytest.raises(ValueError, match="compute dtype"):
+        module.to_compute_dtype(torch.float8_e4m3fn)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from quantduo.svdquant import CheckpointError, QuantizationReport, SVDQuantConfig, load_quantized, quantize_model
 from quantduo.svdquant import SVDQuantLinear, save_quantized
 from quantduo.svdquant.fp8_execution import SVDQuantFP8Linear, to_fp8_execution
+from quantduo.svdquant.linear import LowRankQuantLinear
 from quantduo.svdquant.serialization import read_checkpoint_meta, replace_linears
 from quantduo.utils import atomic_write
 
@@ -290,6 +291,24 @@ def load_into_pipeline(pipe: Any, directory: str | Path) -> nn.Module:
         device = next(current.parameters()).device
     model = load_quantized_transformer(directory, device)
     pipe.register_modules(**{attr: model})
+    return model
+
+
+def cast_denoiser(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Set a (quantized) denoiser's compute dtype in place: floating-point parameters and buffers of its unquantized
+    modules, and the compute-dtype buffers of its quantized layers
+    (:meth:`~quantduo.svdquant.linear.LowRankQuantLinear.to_compute_dtype`: packed codes and fp8 / float32 scales
+    keep theirs). Returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, LowRankQuantLinear):  # a leaf
+            module.to_compute_dtype(dtype)
+        else:
+            for param in module.parameters(recurse=False):
+                if param.is_floating_point():
+                    param.data = param.data.to(dtype)
+            for name, buf in module.named_buffers(recurse=False):
+                if buf.is_floating_point() and buf.dtype.itemsize > 1:  # not fp8
+                    module._buffers[name] = buf.to(dtype)
     return model
 
 

@@ -95,7 +95,7 @@ def load_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, de
     execution (same stored weights): ``"native"`` (the checkpoint's format), ``"a16"`` (W4A4 layers with
     16-bit activations, :func:`.diffusers.convert_to_w4a16`) or ``"fp8"`` (INT4 layers with per-token fp8
     activations on fp8 tensor cores, :func:`.diffusers.convert_to_fp8`)."""
-    from .diffusers import convert_to_fp8, convert_to_w4a8, convert_to_w4a16, load_into_pipeline
+    from .diffusers import cast_denoiser, convert_to_fp8, convert_to_w4a8, convert_to_w4a16, load_into_pipeline
 
     if execution not in EXECUTIONS:
         raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
@@ -106,7 +106,7 @@ def load_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, de
     meta = json.loads(meta_path.read_text())
     pipe = _load_pipeline(meta["base_model"], dtype, device, **{meta["component"]: None})
     denoiser = load_into_pipeline(pipe, Path(model_dir) / meta["component"])
-    denoiser.to(device)
+    cast_denoiser(denoiser, dtype).to(device)  # the checkpoint may hold another compute dtype than the pipeline
     if execution == "a16":
         convert_to_w4a16(denoiser)
     elif execution == "fp8":

@@ -77,6 +77,21 @@ class LowRankQuantLinear(nn.Module):
         """Called after ``lora_down`` / ``lora_up`` change (LoRA attachment); layers with state derived from them
         recompute it."""
 
+    def compute_dtype_buffers(self) -> tuple[str, ...]:
+        """Names of the buffers held in the compute dtype (:attr:`dtype`)."""
+        return ("smooth_factor", "lora_down", "lora_up", "bias")
+
+    def to_compute_dtype(self, dtype: torch.dtype) -> "LowRankQuantLinear":
+        """Cast the compute-dtype buffers (:meth:`compute_dtype_buffers`) to ``dtype`` in place; packed codes and
+        their own-format scales (uint8, fp8, float32) keep theirs. Returns self."""
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"compute dtype must be float16, bfloat16 or float32, got {dtype}")
+        for name in self.compute_dtype_buffers():
+            if self._buffers.get(name) is not None:
+                self._buffers[name] = self._buffers[name].to(dtype)
+        self.low_rank_updated()  # state derived from the low-rank branch (fp8 execution's weight scales)
+        return self
+
     # ------------------------------------------------------------------------------------------
     @property
     def padded_in_features(self) -> int:
@@ -175,6 +190,10 @@ class SVDQuantLinear(LowRankQuantLinear):
         self.register_buffer("wscales", torch.ones(out_features, k // group_size, dtype=scale_dtype, device=device))
         self.register_buffer("wscale_global", torch.ones((), dtype=torch.float32, device=device))
         self.register_buffer("act_shift", torch.zeros(k, dtype=dtype, device=device))
+
+    def compute_dtype_buffers(self) -> tuple[str, ...]:
+        int4_scales = ("wscales",) if self.weight_format == "int4" else ()  # NVFP4 scales are fp8
+        return super().compute_dtype_buffers() + ("act_shift",) + int4_scales
 
     def extra_repr(self) -> str:
         return (
