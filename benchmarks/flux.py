@@ -23,8 +23,8 @@ Variants (same model object, linears swapped in place; the per-model rules of
   the whole weight reconstructed into fp8 per call, one ``torch._scaled_mm``), with ``enable_fusions`` (GELU and
   the single blocks' concatenation inside the activation quantization), as ``generate --fp8``; fp8 GEMMs with
   fast accumulation (the default); ``svdq-fp8-precise``: the same with float32-promoted accumulation.
-* ``<variant>+compile``: the same modules, the whole transformer under ``torch.compile`` (default mode); compare
-  with ``bf16+compile``.
+* ``<variant>+compile``: the same modules, the whole transformer under ``torch.compile`` (``--compile-mode``,
+  default mode by default); compare with ``bf16+compile``.
 
 The quantized modules are built by a FAST PATH, not the calibrated SVDQuant search: rank-32 randomized SVD of
 the weight + round-to-nearest INT4 of the residual, smoothing factors 1. Speed and memory do not depend on the
@@ -224,8 +224,8 @@ def run_variant(model, linears, variant, inputs, ref, args) -> dict:
         restore_ff = enable_fusions(model) if base in ("svdq-int4", "svdq-fp8", "svdq-fp8-precise") else {}
         build_s = time.perf_counter() - t0
         torch._dynamo.reset()
-        runner = torch.compile(model) if compiled else model
-        out = runner(**inputs)[0]
+        runner = torch.compile(model, mode=args.compile_mode) if compiled else model
+        out = runner(**inputs)[0].clone()  # reduce-overhead mode overwrites graph outputs on the next call
         times = time_forward(runner, inputs, args.warmup, args.reps)
         graphed = time_forward(GraphedForward(runner), inputs, args.warmup, args.reps) if args.cuda_graph else []
         profile = profile_forward(runner, inputs, variant) if args.profile else {}
@@ -255,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda-graph", action="store_true",
                         help="also time each variant as CUDA-graph replays of the whole forward "
                         "(quantduo.integrations.cuda_graph; CUDA)")
+    parser.add_argument("--compile-mode", default="default",
+                        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                        help="torch.compile mode of the +compile variants (reduce-overhead: Inductor's own CUDA graphs)")
     parser.add_argument("--profile", action="store_true", help="also print each variant's kernel-time breakdown (CUDA)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
