@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantduo.kernels import is_w4a4
 from quantduo.svdquant import CheckpointError, QuantizationReport, SVDQuantConfig, load_quantized, quantize_model
 from quantduo.svdquant import SVDQuantLinear, save_quantized
 from quantduo.svdquant.fp8_execution import SVDQuantFP8Linear, to_fp8_execution
@@ -340,10 +341,6 @@ class FusedGeluMLP(nn.Module):
         return hidden_states
 
 
-def _is_w4a4(module: nn.Module) -> bool:
-    return isinstance(module, SVDQuantLinear) and module.act_format not in ("none", "fp8")
-
-
 def _fusable_feed_forward(module: nn.Module) -> bool:
     net = getattr(module, "net", None)
     if type(module).__name__ != "FeedForward" or not isinstance(net, nn.ModuleList) or len(net) != 3:
@@ -351,7 +348,8 @@ def _fusable_feed_forward(module: nn.Module) -> bool:
     act, fc2 = net[0], net[2]
     if getattr(act, "approximate", None) != "tanh" or not isinstance(getattr(act, "proj", None), SVDQuantLinear):
         return False
-    return isinstance(fc2, SVDQuantFP8Linear) or (_is_w4a4(act.proj) and _is_w4a4(fc2))
+    return isinstance(fc2, SVDQuantFP8Linear) or (isinstance(fc2, SVDQuantLinear) and is_w4a4(act.proj)
+                                                    and is_w4a4(fc2))
 
 
 class FusedFluxSingleBlock(nn.Module):

@@ -52,7 +52,7 @@ __all__ = ["svdquant_linear_forward", "svdquant_mlp_forward", "w4a8_linear_forwa
            "w4a8_gemm", "w4_dequant_gemm", "dequant_w4", "w4_skinny_gemm", "w4_gemv", "expand_w4",
            "nvfp4_dequant",
            "DEQUANT_MAX_TOKENS", "SKINNY_MAX_TOKENS", "GEMV_MAX_TOKENS", "W4A8_EXPAND_MIN_TOKENS", "W4A8_PATHS",
-           "W4A4_PATHS", "w4a4_path", "w4a8_path"]
+           "W4A4_PATHS", "is_w4a4", "w4a4_path", "w4a8_path"]
 
 
 def _flat_padded(module, x: torch.Tensor) -> torch.Tensor:
@@ -124,7 +124,7 @@ def _bias_as(module, dtype: torch.dtype) -> torch.Tensor | None:
     return None if module.bias is None else module.bias.to(dtype)
 
 
-def _is_w4a4(module) -> bool:
+def is_w4a4(module) -> bool:
     """INT4 weights with INT4 / shifted UINT4 activations (the layers :data:`W4A4_PATHS` serve)."""
     return module.weight_format == "int4" and module.act_format in ("int4", "uint4")
 
@@ -165,7 +165,7 @@ def svdquant_linear_forward(module, x: torch.Tensor, path: str | None = None) ->
       (BENCHMARKS.md).
     """
     lead = x.shape[:-1]
-    if path is not None and (path not in W4A4_PATHS or not _is_w4a4(module)):
+    if path is not None and (path not in W4A4_PATHS or not is_w4a4(module)):
         raise ValueError(f"path must be one of {W4A4_PATHS} and is for W4A4 INT4 layers, got {path!r} for "
                          f"{module.weight_format} weights / {module.act_format} activations")
     if module.weight_format == "nvfp4" or module.act_format == "nvfp4":
@@ -193,7 +193,7 @@ def svdquant_mlp_forward(fc1, fc2, x: torch.Tensor, gelu: str = "tanh", path: st
     path = path or w4a4_path(x.numel() // x.shape[-1])
     if path not in W4A4_PATHS:
         raise ValueError(f"path must be one of {W4A4_PATHS}, got {path!r}")
-    four_bit = _is_w4a4(fc1) and _is_w4a4(fc2)
+    four_bit = is_w4a4(fc1) and is_w4a4(fc2)
     if path == "float" and four_bit:
         h = F.gelu(svdquant_linear_forward(fc1, x, path), approximate="tanh")
         return svdquant_linear_forward(fc2, h, path)
