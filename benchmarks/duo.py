@@ -39,14 +39,14 @@ from transformers import LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E40
 
 from quantduo.duo import attention as A  # noqa: E402
 from quantduo.duo.cache import DuoCache  # noqa: E402
-from quantduo.utils import relative_l2_error  # noqa: E402
+from quantduo.utils import relative_error  # noqa: E402
 from quantduo.duo.decode import GraphedDecoder  # noqa: E402
 from quantduo.duo.deploy import apply_duo, chunked_prefill  # noqa: E402
 from quantduo.duo.identify import gated_model  # noqa: E402
 from quantduo.duo.kvquant import quantize_unchecked  # noqa: E402
 from quantduo.integrations.transformers import fuse_rms_norms, quantize_causal_lm, weight_bytes  # noqa: E402
 from quantduo.kernels.decode_attention import decode_attention  # noqa: E402
-from quantduo.kernels.reference import decode_attention_ref  # noqa: E402
+from quantduo.formats.reference import decode_attention_ref  # noqa: E402
 
 GB = 1e9
 SINK, RECENT = 64, 256
@@ -160,7 +160,7 @@ def graph_check(model, n: int = 2048, steps: int = 8) -> dict:
             with sdpa_attention(model):
                 model.model(input_ids=ids[:, :n], past_key_values=cache)
                 logits.append(_decode_tokens(model, cache, ids, n, use_graph))
-        out[name] = relative_l2_error(logits[1], logits[0])
+        out[name] = relative_error(logits[1], logits[0])
     return out
 
 
@@ -206,7 +206,7 @@ def chunk_attention_probe(n: int, chunk: int, reps: int = 3) -> None:
                     "SDPA + lower-right causal bias": lambda: F.scaled_dot_product_attention(
                         q, k, v, attn_mask=lower_right, scale=0.088, enable_gqa=True)}
         for name, fn in variants.items():
-            err = relative_l2_error(fn(), expected)
+            err = relative_error(fn(), expected)
             ms = statistics.median(cuda_ms(fn, 1, reps))
             print(f"| {hq} | {name} | {ms:.1f} | {flops_per_head * hq / ms / 1e9:.0f} | {err:.1e} |")
         sq, sk, sv = q, k[:, :, start:], v[:, :, start:]  # the causal square alone, per SDPA backend
@@ -358,8 +358,8 @@ def correctness(model, mask: np.ndarray, n: int = 2048) -> dict:
     outs += [model.model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True).last_hidden_state
              for i in range(n - 16, n)]
     duo = torch.cat(outs, 1).float()
-    return {"duo_vs_ref": relative_l2_error(duo, ref), "full_vs_ref": relative_l2_error(full, ref),
-            "duo_vs_ref_decode": relative_l2_error(duo[:, -16:], ref[:, -16:])}
+    return {"duo_vs_ref": relative_error(duo, ref), "full_vs_ref": relative_error(full, ref),
+            "duo_vs_ref_decode": relative_error(duo[:, -16:], ref[:, -16:])}
 
 
 def int4_weight_bytes(model, group: int = 128) -> int:

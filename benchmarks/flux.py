@@ -51,8 +51,8 @@ from quantduo.svdquant import SVDQuantLinear, lowrank_factors
 from quantduo.svdquant.fp8_execution import to_fp8_execution
 from quantduo.svdquant.hopper_formats import to_w4a8, to_w4a16
 from quantduo.svdquant.quantize import pack_residual
-from quantduo.svdquant.quantizers import pad_to_multiple
-from quantduo.utils import relative_l2_error
+from quantduo.formats.quantizers import pad_to_multiple
+from quantduo.utils import relative_error
 
 FLUX_DEV = dict(
     patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
@@ -108,8 +108,8 @@ def fast_svdquant(linear: nn.Linear, act_format: str, rank: int) -> SVDQuantLine
                             act_format=act_format, dtype=torch.bfloat16, device=w.device)
     up, down = lowrank_factors(w, rank, "randomized") if rank else (w.new_zeros(w.shape[0], 0), w.new_zeros(w.shape[1], 0))
     pack_residual(module, w - up @ down.T)
-    module.lora_down.copy_(down)
-    module.lora_up.copy_(up)
+    module.proj_down.copy_(down)
+    module.proj_up.copy_(up)
     if linear.bias is not None:
         module.bias.copy_(linear.bias)
     return module
@@ -231,7 +231,7 @@ def run_variant(model, linears, variant, inputs, ref, args) -> dict:
         profile = profile_forward(runner, inputs, variant) if args.profile else {}
         row = dict(variant=variant, profile_ms=profile, weight_gb=weight_bytes(model) / 1e9,
                    median_ms=statistics.median(times),
-                   min_ms=min(times), max_ms=max(times), rel_err_vs_bf16=relative_l2_error(out, ref),
+                   min_ms=min(times), max_ms=max(times), rel_err_vs_bf16=relative_error(out, ref),
                    graph_median_ms=statistics.median(graphed) if graphed else None,
                    quantized_layers=len(swapped), build_s=build_s)
         for name, ff in restore_ff.items():

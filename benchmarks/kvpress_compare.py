@@ -62,7 +62,7 @@ from quantduo.duo.cache import DuoCache  # noqa: E402
 from quantduo.duo.deploy import apply_duo, duo_attention_forward, register_attention  # noqa: E402
 from quantduo.duo.patterns import load_pattern  # noqa: E402
 from quantduo.models import tiny_lm  # noqa: E402
-from quantduo.utils import relative_l2_error  # noqa: E402
+from quantduo.utils import relative_error  # noqa: E402
 
 register_attention("duo", duo_attention_forward)
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
@@ -174,7 +174,7 @@ def summarize(runs: dict[str, list[Run]], samples) -> dict:
             "same_answer": float(np.mean([x.answer == y.answer for x, y in zip(ra, rb)])),
             "same_first_token": float(np.mean([x.answer[0] == y.answer[0] for x, y in zip(ra, rb)])),
             "first_logits_max_abs": max(float((x.first_logits - y.first_logits).abs().max()) for x, y in zip(ra, rb)),
-            "first_logits_rel_l2": float(np.mean([relative_l2_error(x.first_logits, y.first_logits)
+            "first_logits_rel_l2": float(np.mean([relative_error(x.first_logits, y.first_logits)
                                                   for x, y in zip(ra, rb)])),
         }
     answers = {name: [r.answer for r in rs] for name, rs in runs.items()}

@@ -46,8 +46,8 @@ from quantduo.kernels.gemm_w4a8 import expand_w4
 from quantduo.kernels.gemv_w4 import w4_gemv
 from quantduo.svdquant import SVDQuantLinear
 from quantduo.svdquant import hopper_formats as hf
-from quantduo.svdquant import quantizers as qz
-from quantduo.utils import relative_l2_error
+from quantduo.formats import quantizers as qz
+from quantduo.utils import relative_error
 
 SHAPES = [(3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288)]  # (N, K)
 LLAMA_SHAPES = {"q/o_proj": (4096, 4096), "k/v_proj": (1024, 4096), "gate/up_proj": (14336, 4096),
@@ -101,8 +101,8 @@ def random_module(n, k, act_format="int4", rank=RANK):
         if act_format == "uint4":
             m.act_shift.fill_(0.17)
         if rank:
-            m.lora_down.copy_(torch.randn(k, rank, device=DEV) * 0.05)
-            m.lora_up.copy_(torch.randn(n, rank, device=DEV) * 0.05)
+            m.proj_down.copy_(torch.randn(k, rank, device=DEV) * 0.05)
+            m.proj_up.copy_(torch.randn(n, rank, device=DEV) * 0.05)
         m.bias.copy_(torch.randn(n, device=DEV) * 0.1)
     return m
 
@@ -119,8 +119,8 @@ def random_w4a8(n, k, rank=RANK, act_format="int8"):
             m.wmult.copy_(torch.randint(1, hf.MULT_MAX + 1, (n, k // 64), device=DEV, dtype=torch.uint8))
         m.wscale_row.copy_(torch.rand(n, device=DEV) * 1e-3 + 1e-4)
         m.smooth_factor.copy_(torch.rand(k, device=DEV) + 0.5)
-        m.lora_down.copy_(torch.randn(k, rank, device=DEV) * 0.05)
-        m.lora_up.copy_(torch.randn(n, rank, device=DEV) * 0.05)
+        m.proj_down.copy_(torch.randn(k, rank, device=DEV) * 0.05)
+        m.proj_up.copy_(torch.randn(n, rank, device=DEV) * 0.05)
         m.bias.copy_(torch.randn(n, device=DEV) * 0.1)
     return m
 
@@ -160,8 +160,8 @@ def v_module(M, N, K, kind, **kw):
             m = random_module(N, K, "none", rank=0 if kind == "w4a16" else RANK)
             if kind == "w4a16_lr_stream":
                 def call():
-                    xs, _, lxp = act_quant(x, m.smooth_factor, None, m.lora_down, "smooth")
-                    return w4_dequant_gemm(xs, m.qweight, m.wscales, lxp, m.lora_up, m.bias, x.dtype)
+                    xs, _, lxp = act_quant(x, m.smooth_factor, None, m.proj_down, "smooth")
+                    return w4_dequant_gemm(xs, m.qweight, m.wscales, lxp, m.proj_up, m.bias, x.dtype)
                 return call
             return lambda: qk.svdquant_linear_forward(m, x)
         if kind.startswith("w4a4"):
@@ -171,7 +171,7 @@ def v_module(M, N, K, kind, **kw):
                     q, qs, _ = act_quant(x, m.smooth_factor, m.act_shift, None, "int4")
                     y = w4_gemm(q, qs, m.qweight, m.wscales, None, None, m.bias, "int4", x.dtype)
                     xs = x / m.smooth_factor
-                    return y + (xs @ m.lora_down) @ m.lora_up.T
+                    return y + (xs @ m.proj_down) @ m.proj_up.T
                 return call
             path = "packed" if kind == "w4a4_packed" else None  # default: float (large M) or skinny (few tokens)
             return lambda: qk.svdquant_linear_forward(m, x, path=path)
@@ -181,12 +181,12 @@ def v_module(M, N, K, kind, **kw):
             inv_smooth = m.fp8_operands()[0]
 
             def call():
-                amaxp, lxp = fp8_row_stats(x, inv_smooth, m.lora_down)
+                amaxp, lxp = fp8_row_stats(x, inv_smooth, m.proj_down)
                 q, qs = fp8_concat_quant(x, inv_smooth, amaxp, None)
                 w = expand_w4(m.qweight, m.wmult, True)
                 y = torch._scaled_mm(q, w.T, scale_a=qs[:, None], scale_b=m.wscale_row[None, :], bias=m.bias,
                                      out_dtype=torch.bfloat16)
-                return y.addmm_(lxp.sum(0).to(x.dtype), m.lora_up.T)
+                return y.addmm_(lxp.sum(0).to(x.dtype), m.proj_up.T)
             return call
         return lambda: qk.w4a8_linear_forward(m, x, path=kw.get("path"))
     return make, 2 * M * K + N * K * 0.56 + 2 * M * N
@@ -229,27 +229,27 @@ def v_small(M, N, K, kind, config=None):
             return lambda: qk.svdquant_linear_forward(m, x)
         if kind == "w4a16_lr_skinny":
             def call():
-                xs, _, lxp = act_quant(x, m.smooth_factor, None, m.lora_down, "smooth")
-                return w4_skinny_gemm(xs, None, m.qweight, m.wscales, lxp, m.lora_up, m.bias, "none", x.dtype)
+                xs, _, lxp = act_quant(x, m.smooth_factor, None, m.proj_down, "smooth")
+                return w4_skinny_gemm(xs, None, m.qweight, m.wscales, lxp, m.proj_up, m.bias, "none", x.dtype)
             return call
         if kind == "w4a16_lr_streaming":
             def call():
-                lxp = act_quant(x, m.smooth_factor, None, m.lora_down, "none")[2]
-                return w4_dequant_gemm(x, m.qweight, m.wscales, lxp, m.lora_up, m.bias, x.dtype, smooth=m.smooth_factor)
+                lxp = act_quant(x, m.smooth_factor, None, m.proj_down, "none")[2]
+                return w4_dequant_gemm(x, m.qweight, m.wscales, lxp, m.proj_up, m.bias, x.dtype, smooth=m.smooth_factor)
             return call
         if kind == "w4a16_lr_gemv":
             def call():
-                lxp = act_quant(x, m.smooth_factor, None, m.lora_down, "none")[2]
-                return w4_gemv(x / m.smooth_factor, m.qweight, m.wscales, lxp, m.lora_up, m.bias, x.dtype)
+                lxp = act_quant(x, m.smooth_factor, None, m.proj_down, "none")[2]
+                return w4_gemv(x / m.smooth_factor, m.qweight, m.wscales, lxp, m.proj_up, m.bias, x.dtype)
             return call
         mode = "none" if kind == "skinny_gemm" else "int4"
-        a, a_s, lxp = act_quant(x, m.smooth_factor, m.act_shift, m.lora_down, "smooth" if mode == "none" else mode)
+        a, a_s, lxp = act_quant(x, m.smooth_factor, m.act_shift, m.proj_down, "smooth" if mode == "none" else mode)
         if kind == "w4a4_kernel2":
             def call():
-                q, qs, lxp = act_quant(x, m.smooth_factor, m.act_shift, m.lora_down, "int4")
-                return w4_gemm(q, qs, m.qweight, m.wscales, lxp, m.lora_up, m.bias, "int4", x.dtype)
+                q, qs, lxp = act_quant(x, m.smooth_factor, m.act_shift, m.proj_down, "int4")
+                return w4_gemm(q, qs, m.qweight, m.wscales, lxp, m.proj_up, m.bias, "int4", x.dtype)
             return call
-        return lambda: w4_skinny_gemm(a, a_s, m.qweight, m.wscales, lxp, m.lora_up, m.bias, mode, x.dtype,
+        return lambda: w4_skinny_gemm(a, a_s, m.qweight, m.wscales, lxp, m.proj_up, m.bias, mode, x.dtype,
                                       config=config)
     return make, N * K * 0.53 + 2 * M * K + 2 * M * N
 
@@ -270,11 +270,11 @@ def v_small_mlp(M, kind):
         cfg = {"BM": 16, "BN": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
 
         def call():
-            q, qs, lxp = act_quant(x, fc1.smooth_factor, fc1.act_shift, fc1.lora_down, "int4")
-            q2, qs2, lx2 = w4_gemm(q, qs, fc1.qweight, fc1.wscales, lxp, fc1.lora_up, fc1.bias, "int4", x.dtype,
+            q, qs, lxp = act_quant(x, fc1.smooth_factor, fc1.act_shift, fc1.proj_down, "int4")
+            q2, qs2, lx2 = w4_gemm(q, qs, fc1.qweight, fc1.wscales, lxp, fc1.proj_up, fc1.bias, "int4", x.dtype,
                                    gelu=True, config=cfg, next_layer=dict(smooth=fc2.smooth_factor, shift=fc2.act_shift,
-                                                                          lora_down=fc2.lora_down, mode="uint4"))
-            return w4_gemm(q2, qs2, fc2.qweight, fc2.wscales, lx2, fc2.lora_up, fc2.bias, "uint4", x.dtype)
+                                                                          lora_down=fc2.proj_down, mode="uint4"))
+            return w4_gemm(q2, qs2, fc2.qweight, fc2.wscales, lx2, fc2.proj_up, fc2.bias, "uint4", x.dtype)
         return call
     return make, 2 * 12288 * 3072 * 0.53
 
@@ -289,13 +289,13 @@ def small_checks(log):
             for fmt in ("none", "int4", "uint4"):
                 m = random_module(N, K, fmt)
                 y = qk.svdquant_linear_forward(m, x)
-                worst[f"{fmt} M={M} {N}x{K}"] = relative_l2_error(y, m.forward_reference(x))
+                worst[f"{fmt} M={M} {N}x{K}"] = relative_error(y, m.forward_reference(x))
                 worst[f"{fmt} M={M} {N}x{K} repeats"] = max(
-                    relative_l2_error(qk.svdquant_linear_forward(m, x), m.forward_reference(x)) for _ in range(5))
+                    relative_error(qk.svdquant_linear_forward(m, x), m.forward_reference(x)) for _ in range(5))
     fc1, fc2 = random_module(12288, 3072, "int4"), random_module(3072, 12288, "uint4")
     for M in (16, 64):
         x = torch.randn(M, 3072, device=DEV, dtype=torch.bfloat16)
-        worst[f"mlp M={M}"] = relative_l2_error(
+        worst[f"mlp M={M}"] = relative_error(
             qk.svdquant_mlp_forward(fc1, fc2, x),
             fc2.forward_reference(F.gelu(fc1.forward_reference(x), approximate="tanh")))
     for k, v in worst.items():
@@ -340,10 +340,10 @@ def small_sweep(log, results, M=16):
         for c in ACT_SWEEP + [(16, 32, K // 32, 4), (16, 64, K // 64, 4)]:
             if K % (c[1] * c[2]):
                 continue
-            act[c] = time_graph(lambda c=c: (lambda: act_quant(x, m.smooth_factor, None, m.lora_down, "smooth",
+            act[c] = time_graph(lambda c=c: (lambda: act_quant(x, m.smooth_factor, None, m.proj_down, "smooth",
                                                                config=c)), 2 * M * K, max_copies=128)
         best = min(act, key=act.get)
-        default = time_graph(lambda: (lambda: act_quant(x, m.smooth_factor, None, m.lora_down, "smooth")), 2 * M * K,
+        default = time_graph(lambda: (lambda: act_quant(x, m.smooth_factor, None, m.proj_down, "smooth")), 2 * M * K,
                              max_copies=128)
         log(f"  kernel 1 (smooth + low-rank) M={M} K={K}: default {default:.1f} us, best {best} {act[best]:.1f} us; "
             "all " + " ".join(f"{c}={v:.1f}" for c, v in act.items()))
@@ -396,11 +396,11 @@ def decode_table(log, results):
         m = random_module(N, K, "none", rank=0)
         x = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
         ref_y = m.forward_reference(x)
-        err = {"gemv": relative_l2_error(qk.svdquant_linear_forward(m, x), ref_y)}
+        err = {"gemv": relative_error(qk.svdquant_linear_forward(m, x), ref_y)}
         try:
             packed, sz = tinygemm_operands(m)
             xs = x / m.smooth_factor
-            err["tinygemm"] = relative_l2_error(torch.ops.aten._weight_int4pack_mm(xs, packed, 64, sz) + m.bias, ref_y)
+            err["tinygemm"] = relative_error(torch.ops.aten._weight_int4pack_mm(xs, packed, 64, sz) + m.bias, ref_y)
         except (RuntimeError, AttributeError) as e:
             err["tinygemm"] = f"unavailable: {str(e)[:80]}"
         us = {"bf16": time_graph(*v_bf16(1, N, K))}
@@ -429,23 +429,23 @@ def decode_table(log, results):
 # ------------------------------------------------------------------------------------------------
 def check_kernels(log):
     """Kernel-level checks on GPU (bf16): kernel 1 codes/scales bit-exact, GEMMs on identical inputs."""
-    from quantduo.kernels import reference as ref
+    from quantduo.formats import reference as ref
 
     torch.manual_seed(0)
     M, N, K = 201, 3072, 3072
     m = random_module(N, K, "int4")
     x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
     for mode in ("int4", "uint4", "int8", "fp8"):
-        q, qs, lxp = act_quant(x, m.smooth_factor, m.act_shift, m.lora_down, mode)
-        rq, rqs, rlx = ref.act_quant_ref(x, m.smooth_factor, m.act_shift, m.lora_down, mode)
+        q, qs, lxp = act_quant(x, m.smooth_factor, m.act_shift, m.proj_down, mode)
+        rq, rqs, rlx = ref.act_quant_ref(x, m.smooth_factor, m.act_shift, m.proj_down, mode)
         if mode == "fp8":
             q, rq = q.view(torch.uint8), rq.view(torch.uint8)
         log(f"  kernel1 {mode}: code mismatches {(q != rq).sum().item()} / {q.numel()}, scale mismatches "
-            f"{(qs != rqs).sum().item()}, lx rel err {relative_l2_error(lxp.sum(0), rlx):.1e}")
+            f"{(qs != rqs).sum().item()}, lx rel err {relative_error(lxp.sum(0), rlx):.1e}")
         if mode in ("int4", "uint4"):
-            y = w4_gemm(q, qs, m.qweight, m.wscales, lxp, m.lora_up, m.bias, mode, x.dtype)
-            y_ref = ref.w4_gemm_ref(q, qs, m.qweight, m.wscales, lxp.sum(0), m.lora_up, m.bias, mode, x.dtype)
-            log(f"  gemm {mode} on kernel-1 codes: rel err {relative_l2_error(y, y_ref):.1e}")
+            y = w4_gemm(q, qs, m.qweight, m.wscales, lxp, m.proj_up, m.bias, mode, x.dtype)
+            y_ref = ref.w4_gemm_ref(q, qs, m.qweight, m.wscales, lxp.sum(0), m.proj_up, m.bias, mode, x.dtype)
+            log(f"  gemm {mode} on kernel-1 codes: rel err {relative_error(y, y_ref):.1e}")
 
 
 def check_correctness(log):
@@ -457,7 +457,7 @@ def check_correctness(log):
 
     def check(name, actual, expected):
         try:
-            worst[name] = relative_l2_error(actual(), expected())
+            worst[name] = relative_error(actual(), expected())
         except Exception as ex:  # noqa: BLE001 - reported below
             log(f"  correctness {name}: raised {type(ex).__name__}: {str(ex)[:200]}")
             worst[name] = float("inf")
@@ -481,8 +481,8 @@ def check_correctness(log):
             if fmt == "fp8":  # the concatenation's own error vs that of plain fp8 activations + 16-bit low-rank
                 exact = m8.forward_reference_a16(x)
                 log(f"  fp8 concat {N}x{K}: error vs 16-bit activations "
-                    f"{relative_l2_error(m8.forward_reference(x), exact):.4f}, plain fp8 + 16-bit low-rank "
-                    f"{relative_l2_error(hf.LowRankQuantLinear.forward_reference(m8, x), exact):.4f}")
+                    f"{relative_error(m8.forward_reference(x), exact):.4f}, plain fp8 + 16-bit low-rank "
+                    f"{relative_error(hf.LowRankQuantLinear.forward_reference(m8, x), exact):.4f}")
         m16 = random_module(N, K, "none", rank=RANK)
         check(f"none lr {N}x{K}", lambda: qk.svdquant_linear_forward(m16, x), lambda: m16.forward_reference(x))
         check(f"none M=16 {N}x{K}", lambda: qk.svdquant_linear_forward(m16, x16), lambda: m16.forward_reference(x16))
@@ -495,7 +495,7 @@ def check_correctness(log):
     with torch.no_grad():
         codes, sc, gs = qz.quantize_nvfp4(torch.randn(3072, 3072, device=DEV))
         nv.qweight.copy_(qz.pack_nibbles(codes)); nv.wscales.copy_(sc); nv.wscale_global.copy_(gs)
-        nv.lora_down.normal_(0, 0.05); nv.lora_up.normal_(0, 0.05)
+        nv.proj_down.normal_(0, 0.05); nv.proj_up.normal_(0, 0.05)
     x = torch.randn(201, 3072, device=DEV, dtype=torch.bfloat16)
     check("nvfp4 3072x3072", lambda: qk.svdquant_linear_forward(nv, x), lambda: nv.forward_reference(x))
     for k, v in worst.items():
@@ -612,7 +612,7 @@ def fp8exec(log, results, tokens):
             for cfg in FP8_EXPAND_SWEEP:  # rotating over distinct layers: weights come from memory, not L2
                 layer = itertools.cycle(layers)
                 t = time_graph(lambda: (lambda m: lambda: qk.dequant_w4(
-                    m.qweight, m.wscales, torch.float8_e4m3fn, 64, m.lora_down, m.lora_up, scratch=False,
+                    m.qweight, m.wscales, torch.float8_e4m3fn, 64, m.proj_down, m.proj_up, scratch=False,
                     config=cfg, row_scale=m.inv_wscale_fp8, inv_smooth=m.inv_smooth_fp8))(next(layer)), 1.5 * N * K)
                 log(f"    expand fp8 M={M} {N}x{K} {cfg}: {t:.1f}us")
                 best = min(best or (t, cfg), (t, cfg))
@@ -722,17 +722,17 @@ def quality(log, results):
         y_w4a16 = qk.svdquant_linear_forward(mw16, xb).float()
         row = dict(N=N, K=K, act=m.act_format, bits_w4a4=m.storage_bits_per_weight(),
                    bits_w4a8=m8.storage_bits_per_weight(), bits_w4a8fp8=m8f.storage_bits_per_weight(),
-                   err_w4a4_vs_bf16=relative_l2_error(y_w4a4, y_bf16),
-                   err_w4a4_packed_vs_bf16=relative_l2_error(y_w4a4_exact, y_bf16),
-                   err_w4a4_vs_packed=relative_l2_error(y_w4a4, y_w4a4_exact),
-                   err_svdq_w4a16_vs_bf16=relative_l2_error(y_svdq_w4a16, y_bf16),
-                   err_fp8exec_int4_vs_bf16=relative_l2_error(y_fp8exec, y_bf16),
-                   err_fp8exec_svdq_w4a16_vs_bf16=relative_l2_error(y_fp8exec16, y_bf16),
-                   err_fp8exec_int4_precise_accum_vs_bf16=relative_l2_error(y_fp8exec_precise, y_bf16),
-                   err_w4a8_vs_bf16=relative_l2_error(y_w4a8, y_bf16),
-                   err_w4a8_from_w4a4_vs_bf16=relative_l2_error(y_w4a8r, y_bf16), err_w4a8fp8_vs_bf16=relative_l2_error(y_fp8, y_bf16),
-                   err_w4a8fp8_from_w4a4_vs_bf16=relative_l2_error(y_fp8r, y_bf16), err_w4a16_rtn_nolr_vs_bf16=relative_l2_error(y_w4a16, y_bf16),
-                   err_bf16_vs_fp32=relative_l2_error(y_bf16, y_fp32))
+                   err_w4a4_vs_bf16=relative_error(y_w4a4, y_bf16),
+                   err_w4a4_packed_vs_bf16=relative_error(y_w4a4_exact, y_bf16),
+                   err_w4a4_vs_packed=relative_error(y_w4a4, y_w4a4_exact),
+                   err_svdq_w4a16_vs_bf16=relative_error(y_svdq_w4a16, y_bf16),
+                   err_fp8exec_int4_vs_bf16=relative_error(y_fp8exec, y_bf16),
+                   err_fp8exec_svdq_w4a16_vs_bf16=relative_error(y_fp8exec16, y_bf16),
+                   err_fp8exec_int4_precise_accum_vs_bf16=relative_error(y_fp8exec_precise, y_bf16),
+                   err_w4a8_vs_bf16=relative_error(y_w4a8, y_bf16),
+                   err_w4a8_from_w4a4_vs_bf16=relative_error(y_w4a8r, y_bf16), err_w4a8fp8_vs_bf16=relative_error(y_fp8, y_bf16),
+                   err_w4a8fp8_from_w4a4_vs_bf16=relative_error(y_fp8r, y_bf16), err_w4a16_rtn_nolr_vs_bf16=relative_error(y_w4a16, y_bf16),
+                   err_bf16_vs_fp32=relative_error(y_bf16, y_fp32))
         out.append(row)
         log("  quality " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     results["quality"] = out

@@ -15,9 +15,18 @@ import math
 import time
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import torch
 
+from quantduo.duo.demo import run_duo_demo
+from quantduo.integrations.diffusers import quantization_config
+from quantduo.models.tiny_dit import load_tiny_dit, sample_digits
+from quantduo.svdquant import ActivationRecorder, SVDQuantConfig, quantize_model
+from quantduo.svdquant.report import plot_quality_report, rank_sweep
 from quantduo.utils import atomic_write
+
+matplotlib.use("Agg")
 
 DIGITS_PER_CLASS = 2
 SAMPLING_STEPS = 20
@@ -36,9 +45,6 @@ def _labels() -> torch.Tensor:
 
 def _quantized_dit(reference, config, device):
     """A copy of the tiny DiT whose transformer is quantized with ``config``, calibrated on its own sampling."""
-    from quantduo.models.tiny_dit import sample_digits
-    from quantduo.svdquant import quantize_model
-
     model = copy.deepcopy(reference)
     calib_labels = torch.arange(10, device=device)
 
@@ -58,11 +64,6 @@ def _panel(images: torch.Tensor) -> torch.Tensor:
 
 def _save_comparison(columns: dict[str, torch.Tensor], scores: dict[str, float], path: Path) -> Path:
     """PNG with one panel per method (digits 0-9 across, samples down); titles carry the PSNR vs BF16."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, len(columns), figsize=(4.4 * len(columns), 1.4), gridspec_kw={"wspace": 0.08})
     for ax, (name, images) in zip(axes, columns.items()):
         ax.imshow(_panel(images), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
@@ -75,10 +76,6 @@ def _save_comparison(columns: dict[str, torch.Tensor], scores: dict[str, float],
 
 def _rank_curves(reference, names: tuple[str, ...], ranks=(0, 4, 8, 16, 32, 64)) -> dict:
     """Error vs rank of SVDQuant for a few layers of the BF16 model, on rows captured while sampling."""
-    from quantduo.models.tiny_dit import sample_digits
-    from quantduo.svdquant import ActivationRecorder, SVDQuantConfig
-    from quantduo.svdquant.report import rank_sweep
-
     layers = {name: reference.transformer.get_submodule(name) for name in names}
     recorder = ActivationRecorder(layers, max_rows=256)
     with recorder, torch.no_grad():
@@ -92,10 +89,6 @@ def _rank_curves(reference, names: tuple[str, ...], ranks=(0, 4, 8, 16, 32, 64))
 
 def svdquant_demo(out_dir: Path, device: str) -> dict:
     """Quantize the tiny digits DiT (SVDQuant INT4 vs naive INT4), save the grid and the quality report."""
-    from quantduo.integrations.diffusers import quantization_config
-    from quantduo.models.tiny_dit import load_tiny_dit, sample_digits
-    from quantduo.svdquant.report import plot_quality_report
-
     reference = load_tiny_dit(device=device, dtype=torch.bfloat16)
     svdq_cfg = quantization_config(reference.transformer, "int4", rank=32, lowrank_iters=20, search_tokens=256)
     naive_cfg = quantization_config(reference.transformer, "int4", rank=0, smooth=False, unsigned_act=[])
@@ -126,8 +119,6 @@ def run_demo(out_dir: Path, device: str | None = None, skip_duo: bool = False) -
     start = time.perf_counter()
     summary = {"device": device, "svdquant": svdquant_demo(out_dir, device)}
     if not skip_duo:
-        from quantduo.duo.demo import run_duo_demo
-
         summary["duo"] = run_duo_demo(out_dir, device)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     atomic_write(out_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))

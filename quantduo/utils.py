@@ -34,7 +34,7 @@ def _umask() -> int:
     return mask
 
 
-def relative_l2_error(y: torch.Tensor, y_ref: torch.Tensor) -> float:
+def relative_error(y: torch.Tensor, y_ref: torch.Tensor) -> float:
     """``||y - y_ref|| / ||y_ref||`` computed in float32 (any shapes that broadcast)."""
     y_ref = y_ref.float()
     return float((y.float() - y_ref).norm() / y_ref.norm().clamp(min=1e-30))

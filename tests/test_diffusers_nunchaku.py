@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from test_diffusers_tiny import FAST, flux_inputs, samples_from, tiny_flux  # noqa: E402
-from quantduo.utils import relative_l2_error  # noqa: E402
+from quantduo.utils import relative_error  # noqa: E402
 
 from quantduo.integrations import nunchaku_format as nf  # noqa: E402
 from quantduo.integrations.diffusers import quantization_config, quantize_transformer  # noqa: E402
@@ -55,13 +55,13 @@ def test_synthetic_nunchaku_file_reads_back_to_our_modules(quantized, tmp_path):
     assert sorted(replaced) == sorted(ours)
     for name, mine in ours.items():
         theirs = fresh.get_submodule(name)
-        for buf in ("qweight", "wscales", "smooth_factor", "lora_up", "bias"):
+        for buf in ("qweight", "wscales", "smooth_factor", "proj_up", "bias"):
             assert torch.equal(getattr(theirs, buf), getattr(mine, buf)), (name, buf)
         # proj_down is stored divided by the smoothing factor (bf16): one rounding step
-        torch.testing.assert_close(theirs.lora_down.float(), mine.lora_down.float(), rtol=1e-2, atol=1e-3)
+        torch.testing.assert_close(theirs.proj_down.float(), mine.proj_down.float(), rtol=1e-2, atol=1e-3)
     inputs = flux_inputs(quantized, 42)
     with torch.no_grad():
-        assert relative_l2_error(fresh(**inputs)[0], quantized(**inputs)[0]) < 5e-3
+        assert relative_error(fresh(**inputs)[0], quantized(**inputs)[0]) < 5e-3
 
 
 def test_bad_nunchaku_files_are_rejected(quantized):

@@ -17,7 +17,7 @@ from quantduo.integrations.diffusers import capture_calibration_inputs, load_int
 from quantduo.integrations.diffusers_commands import load_pipeline  # noqa: E402
 from quantduo.svdquant import CheckpointError, SVDQuantLinear  # noqa: E402
 from quantduo.svdquant.fp8_execution import SVDQuantFP8Linear  # noqa: E402
-from quantduo.utils import relative_l2_error  # noqa: E402
+from quantduo.utils import relative_error  # noqa: E402
 
 SIZE = ["--height", "32", "--width", "32", "--max-sequence-length", "16", "--guidance", "3.5", "--dtype", "float32"]
 
@@ -120,7 +120,7 @@ def test_load_into_pipeline_and_errors(quantized_dirs, tmp_path):
         full = loaded.transformer(**inputs)[0]
         bf16 = half(**{k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v
                        for k, v in inputs.items()})[0]
-    assert relative_l2_error(bf16, full) < 5e-2
+    assert relative_error(bf16, full) < 5e-2
     fresh = tiny_flux_pipeline(seed=1)
     model = load_into_pipeline(fresh, quant / "transformer")
     assert fresh.transformer is model

@@ -19,7 +19,7 @@ from quantduo.duo.deploy import apply_duo
 from quantduo.duo.kvquant import quantize_unchecked
 from quantduo.kernels import decode_attention as dk
 from quantduo.kernels.cache_write import kv_quant_write, ring_write
-from quantduo.kernels.reference import decode_attention_ref
+from quantduo.formats.reference import decode_attention_ref
 from test_duo_decode import MASK, PROMPT, static_decode_logits
 from test_duo_deploy import RECENT, SINK, tiny_model
 

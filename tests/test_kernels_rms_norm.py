@@ -4,7 +4,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from quantduo.integrations.transformers import FusedRMSNorm, fuse_rms_norms
-from quantduo.kernels.reference import rms_norm_ref
+from quantduo.formats.reference import rms_norm_ref
 from quantduo.kernels.rms_norm import rms_norm
 
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quantduo import kernels as qk
-from quantduo.kernels import reference as ref
+from quantduo.formats import reference as ref
 from quantduo.kernels.act_quant import act_quant
 from quantduo.kernels.gemm_w4a4 import w4_gemm
 from quantduo.kernels.gemm_w4_dequant import w4_dequant_gemm
@@ -28,8 +28,8 @@ from quantduo.kernels.gemm_w4a8 import expand_w4, w4a8_gemm
 from quantduo.kernels.nvfp4 import nvfp4_dequant
 from quantduo.svdquant import SVDQuantLinear
 from quantduo.svdquant import hopper_formats as hf
-from quantduo.svdquant import quantizers as qz
-from quantduo.utils import relative_l2_error
+from quantduo.formats import quantizers as qz
+from quantduo.utils import relative_error
 
 CPU_GEMM = dict(BM=16, BN=32, GROUP_M=2, num_warps=4, num_stages=2)
 
@@ -81,7 +81,7 @@ def test_w4_gemm(mode, gelu):
     y = w4_gemm(a, a_s, qw, ws, lxp, lu, bias, mode, dtype, gelu=gelu, config=CPU_GEMM)
     y_ref = ref.w4_gemm_ref(a, a_s, qw, ws, lxp.sum(0), lu, bias, mode, dtype, gelu=gelu)
     assert torch.isfinite(y).all()
-    assert relative_l2_error(y, y_ref) < 1e-3
+    assert relative_error(y, y_ref) < 1e-3
 
 
 @pytest.mark.parametrize("act,split,smooth_in,dtype", [
@@ -107,7 +107,7 @@ def test_w4_dequant_gemm(act, split, smooth_in, dtype):
     for _ in range(2):
         y = w4_dequant_gemm(xin, qw, wf, lxp, lu, bias, dtype, amax_partials=amaxp, config=cfg, **kw)
         assert torch.isfinite(y).all()
-        assert relative_l2_error(y, y_ref) < 1e-3
+        assert relative_error(y, y_ref) < 1e-3
 
 
 @pytest.mark.parametrize("M,N,K,r,dtype,cfg", [
@@ -127,7 +127,7 @@ def test_w4_gemv(M, N, K, r, dtype, cfg):
     y_ref = ref.w4_gemv_ref(x, qw, ws, lxp.sum(0) if r else None, lu, bias, dtype)
     assert torch.isfinite(y).all()
     # the interpreter truncates float32 -> bf16 (1 ulp = 0.4 %)
-    assert relative_l2_error(y, y_ref) < {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
+    assert relative_error(y, y_ref) < {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
 
 
 def test_w4_gemv_bad_inputs():
@@ -166,9 +166,9 @@ def test_w4_skinny_gemm(mode, M, split, r, gelu):
     else:
         y_ref = ref.w4_gemm_ref(a, a_s, qw, ws, lx, lu, bias, mode, dtype, gelu=gelu)
     assert y.shape == (M, N) and torch.isfinite(y).all()
-    assert relative_l2_error(y, y_ref) < 1e-3
+    assert relative_error(y, y_ref) < 1e-3
     again = w4_skinny_gemm(a, a_s, qw, ws, lxp, lu, bias, mode, dtype, gelu=gelu, config=cfg)
-    assert relative_l2_error(again, y_ref) < 1e-3
+    assert relative_error(again, y_ref) < 1e-3
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -192,7 +192,7 @@ def test_w4_skinny_gemm_shapes(m, n, groups, split, mode, r, seed):
     lx = lxp.sum(0) if r else None
     y_ref = (ref.w4_gemv_ref(a, qw, ws, lx, lu, bias, dtype) if mode == "none"
              else ref.w4_gemm_ref(a, a_s, qw, ws, lx, lu, bias, mode, dtype))
-    assert relative_l2_error(y, y_ref) < 1e-3
+    assert relative_error(y, y_ref) < 1e-3
 
 
 def test_w4_skinny_gemm_row_scale():
@@ -206,7 +206,7 @@ def test_w4_skinny_gemm_row_scale():
     y = w4_skinny_gemm(xs, None, qw, mult, lxp, lu, bias, "none", dtype, wrow=row,
                        config=dict(BM=16, BN=64, SPLIT_K=2, num_warps=4, num_stages=1))
     y_ref = ref.w4_gemv_ref(xs, qw, mult.float() * row.float()[:, None], lxp.sum(0), lu, bias, dtype)
-    assert relative_l2_error(y, y_ref) < 1e-3
+    assert relative_error(y, y_ref) < 1e-3
 
 
 def test_act_quant_bad_config():
@@ -273,7 +273,7 @@ def test_w4a8_expand_and_gemm(fmt):
     runs = [(expanded, cfg)] if fp8 else [(qw, cfg), (expanded, cfg)]
     for w, c in runs:
         y = w4a8_gemm(a, a_s, w, mult, row, lxp, lu, bias, dtype, gelu=True, config=c)
-        assert relative_l2_error(y, y_ref) < 1e-3
+        assert relative_error(y, y_ref) < 1e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -299,7 +299,7 @@ def test_dequant_w4(dtype, group, rank, smoothed):
     else:
         assert ((got.float() - expected.float()).abs() <= torch.finfo(dtype).eps * expected.float().abs()).all()
     if rank:  # the low-rank term is there (a mutation dropping it fails)
-        assert relative_l2_error(got, ref.w4_dequant_ref(qw, scales, dtype, group, None, None, smooth)) > 0.1
+        assert relative_error(got, ref.w4_dequant_ref(qw, scales, dtype, group, None, None, smooth)) > 0.1
 
 
 def test_dequant_w4_bad_inputs():
@@ -338,7 +338,7 @@ def _random_module(k, n, act_format, weight_format="int4", rank=16, dtype=torch.
         m.smooth_factor.uniform_(0.5, 1.5)
         if act_format == "uint4":
             m.act_shift.fill_(0.17)
-        m.lora_down.normal_(0, 0.1); m.lora_up.normal_(0, 0.1); m.bias.normal_()
+        m.proj_down.normal_(0, 0.1); m.proj_up.normal_(0, 0.1); m.bias.normal_()
     return m
 
 
@@ -358,7 +358,7 @@ def test_module_forward(act_format, weight_format, tokens, dtype):
     x = torch.randn(2, tokens, 100, dtype=dtype)
     y = m(x)
     assert y.shape == (2, tokens, 48)
-    assert relative_l2_error(y, m.forward_reference(x)) < 2e-3
+    assert relative_error(y, m.forward_reference(x)) < 2e-3
 
 
 @pytest.mark.parametrize("act_format", ["int4", "uint4"])
@@ -369,7 +369,7 @@ def test_w4a4_paths(act_format, path, tokens):
     after attaching a LoRA to the low-rank branch)."""
     m = _random_module(100, 48, act_format, rank=24)
     x = torch.randn(2, tokens, 100, dtype=torch.float16)
-    assert relative_l2_error(qk.svdquant_linear_forward(m, x, path=path), m.forward_reference(x)) < 2e-3
+    assert relative_error(qk.svdquant_linear_forward(m, x, path=path), m.forward_reference(x)) < 2e-3
 
 
 @pytest.mark.parametrize("tokens", [1, 9, 80])
@@ -381,10 +381,10 @@ def test_w4a16_group_128(tokens):
     with torch.no_grad():
         q, scales = qz.quantize_int4(torch.randn(32, 256), 128, torch.float32)
         m.qweight.copy_(qz.pack_int4(q)); m.wscales.copy_(scales)
-        m.lora_down.normal_(0, 0.1); m.lora_up.normal_(0, 0.1); m.bias.normal_()
+        m.proj_down.normal_(0, 0.1); m.proj_up.normal_(0, 0.1); m.bias.normal_()
     m.backend = "triton"
     x = torch.randn(tokens, 256)
-    assert relative_l2_error(m(x), m.forward_reference(x)) < 1e-5
+    assert relative_error(m(x), m.forward_reference(x)) < 1e-5
     with pytest.raises(ValueError, match="groups of 64"):
         w4_dequant_gemm(x, m.qweight, m.wscales, None, None, None, x.dtype)
 
@@ -417,7 +417,7 @@ def test_smoothing_identity_cache(tokens, rank):
         else:
             m.smooth_factor.mul_(factor)
         assert m.smoothing_is_identity() == identity
-        assert relative_l2_error(m(x), m.forward_reference(x)) < 2e-3
+        assert relative_error(m(x), m.forward_reference(x)) < 2e-3
 
 
 @pytest.mark.parametrize("tokens,path", [(7, None), (30, None), (30, "packed"), (7, "float")])
@@ -429,7 +429,7 @@ def test_mlp_forward(tokens, path):
     y = qk.svdquant_mlp_forward(fc1, fc2, x, path=path)
     y_ref = fc2.forward_reference(F.gelu(fc1.forward_reference(x).float(), approximate="tanh").to(x.dtype))
     assert y.shape == (3, tokens, 64)
-    assert relative_l2_error(y, y_ref) < 2e-2  # a few 4-bit codes of fc2's input may flip on GELU's last ulp
+    assert relative_error(y, y_ref) < 2e-2  # a few 4-bit codes of fc2's input may flip on GELU's last ulp
 
 
 @pytest.mark.parametrize("act_format", ["int8", "fp8"])
@@ -441,16 +441,16 @@ def test_w4a8_module_and_converter(act_format):
     assert m8.act_format == act_format
     x = torch.rand(33, 128) * 2 - 0.1
     assert m8.storage_bits_per_weight() < m.storage_bits_per_weight()
-    assert relative_l2_error(m8.forward_reference(x), m.forward_reference(x)) < 0.1
+    assert relative_error(m8.forward_reference(x), m.forward_reference(x)) < 0.1
     m8.backend = "triton"
     for path in _w4a8_paths(act_format):
-        assert relative_l2_error(qk.w4a8_linear_forward(m8, x, path=path), _w4a8_expected(m8, x, path)) < 1e-5, path
+        assert relative_error(qk.w4a8_linear_forward(m8, x, path=path), _w4a8_expected(m8, x, path)) < 1e-5, path
     path = qk.w4a8_path(m8, 33)
-    assert relative_l2_error(m8(x), _w4a8_expected(m8, x, path)) < 1e-5
+    assert relative_error(m8(x), _w4a8_expected(m8, x, path)) < 1e-5
     if act_format == "fp8":  # 16-bit activations at few tokens: the skinny GEMM with the per-row scale
         m16 = hf.to_w4a8(_random_module(128, 64, "uint4", dtype=torch.float16), act_format="fp8")
         x16 = x[:5].half()
-        assert relative_l2_error(qk.w4a8_linear_forward(m16, x16), m16.forward_reference_a16(x16)) < 2e-3
+        assert relative_error(qk.w4a8_linear_forward(m16, x16), m16.forward_reference_a16(x16)) < 2e-3
 
 
 @pytest.mark.parametrize("act_format", ["int4", "uint4"])
@@ -466,11 +466,11 @@ def test_to_w4a16(act_format):
     x = torch.rand(80, 128) * 2 - 0.1
     xs = x / m.smooth_factor
     residual = m.dequantized_residual()
-    expected = xs @ residual.T + (xs @ m.lora_down) @ m.lora_up.T + m.bias + residual @ m.act_shift
-    assert relative_l2_error(m16.forward_reference(x), expected) < 1e-6
-    assert relative_l2_error(m16.forward_reference(x), expected) < relative_l2_error(m.forward_reference(x), expected)
+    expected = xs @ residual.T + (xs @ m.proj_down) @ m.proj_up.T + m.bias + residual @ m.act_shift
+    assert relative_error(m16.forward_reference(x), expected) < 1e-6
+    assert relative_error(m16.forward_reference(x), expected) < relative_error(m.forward_reference(x), expected)
     m16.backend = "triton"
-    assert relative_l2_error(m16(x), m16.forward_reference(x)) < 1e-5
+    assert relative_error(m16(x), m16.forward_reference(x)) < 1e-5
     with pytest.raises(ValueError, match="already has 16-bit"):
         hf.to_w4a16(m16)
 
@@ -492,7 +492,7 @@ def test_fp8_concat_operands():
     M, N, K, r = 21, 40, 256, 16
     m8 = hf.to_w4a8_fp8(_random_module(K, N, "int4", rank=r, dtype=torch.float32))
     with torch.no_grad():
-        m8.lora_down.mul_(1e3)  # the low-rank tail dominates the scale of most rows...
+        m8.proj_down.mul_(1e3)  # the low-rank tail dominates the scale of most rows...
     inv_smooth, lora_down, up_fp8 = m8.fp8_operands()
     x = torch.randn(M, K)
     ld = lora_down.double()
@@ -502,7 +502,7 @@ def test_fp8_concat_operands():
     xs = x * inv_smooth
     torch.testing.assert_close(amaxp.amax(0), xs.abs().amax(1), rtol=0, atol=0)
     lx = lxp.sum(0)
-    assert relative_l2_error(lx, hf.fp8_lowrank_down(x, inv_smooth, lora_down)) < 1e-6
+    assert relative_error(lx, hf.fp8_lowrank_down(x, inv_smooth, lora_down)) < 1e-6
     a, a_scale = fp8_concat_quant(x, inv_smooth, amaxp, lxp, config=(16, 64, 2, 4))
     ra, ra_scale = hf.fp8_concat_activations(x, inv_smooth, lx)
     assert a.shape == (M, K + hf.fp8_tail_width(r)) == (M, K + 64) and torch.equal(a_scale, ra_scale)
@@ -513,7 +513,7 @@ def test_fp8_concat_operands():
     rb = hf.fp8_concat_weights(ref.w4_expand_ref(m8.qweight, m8.wmult, True), up_fp8)
     assert torch.equal(b.view(torch.uint8), rb.view(torch.uint8))
     y = fp8_rowwise_gemm(a, b, a_scale, m8.wscale_row, m8.bias, torch.float32)
-    assert relative_l2_error(y, m8.forward_reference(x)) < 1e-6
+    assert relative_error(y, m8.forward_reference(x)) < 1e-6
 
 
 def test_fp8_concat_lowrank_precision():
@@ -524,14 +524,14 @@ def test_fp8_concat_lowrank_precision():
     m8 = hf.to_w4a8_fp8(_random_module(256, 64, "int4", rank=32, dtype=torch.float32))
     x = torch.randn(64, 256)
     plain = super(hf.SVDQuantW4A8Linear, m8).forward_reference
-    assert relative_l2_error(m8.forward_reference(x), plain(x)) < 3e-4
+    assert relative_error(m8.forward_reference(x), plain(x)) < 3e-4
     with torch.no_grad():
-        m8.lora_down.mul_(40.0)
+        m8.proj_down.mul_(40.0)
     inv_smooth, lora_down, _ = m8.fp8_operands()
     lx = hf.fp8_lowrank_down(x, inv_smooth, lora_down)
     assert (lx.abs().amax(1) > 2 * (x * inv_smooth).abs().amax(1)).all()
     exact = m8.forward_reference_a16(x)
-    assert relative_l2_error(m8.forward_reference(x), exact) < 1.2 * relative_l2_error(plain(x), exact)
+    assert relative_error(m8.forward_reference(x), exact) < 1.2 * relative_error(plain(x), exact)
 
 
 def test_int8exact_quantizer():
@@ -539,8 +539,8 @@ def test_int8exact_quantizer():
     q, mult, row = hf.quantize_int4_int8exact(r)
     assert q.abs().max() <= 7 and mult.min() >= 1 and mult.max() <= hf.MULT_MAX
     assert (q.int() * mult.int().repeat_interleave(64, 1)).abs().max() <= 127
-    err = relative_l2_error(hf.dequantize_int4_int8exact(q, mult, row), r)
-    err_std = relative_l2_error(qz.fake_quant(r, "int4", 64), r)
+    err = relative_error(hf.dequantize_int4_int8exact(q, mult, row), r)
+    err_std = relative_error(qz.fake_quant(r, "int4", 64), r)
     assert err < 1.5 * err_std
 
 
@@ -554,7 +554,7 @@ def test_fp8exact_quantizer():
     assert w.abs().max() <= 448 and torch.equal(w.to(torch.float8_e4m3fn).float(), w)  # exact in fp8
     deq = hf.dequantize_int4_int8exact(q, mult, row)
     assert torch.equal(deq[3], torch.zeros(256))
-    assert relative_l2_error(deq, r) < 1.5 * relative_l2_error(qz.fake_quant(r, "int4", 64), r)
+    assert relative_error(deq, r) < 1.5 * relative_error(qz.fake_quant(r, "int4", 64), r)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -568,11 +568,11 @@ def test_gpu_forward_bf16(n, k, tokens):
     x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
     for fmt, rank in (("int4", 32), ("uint4", 32), ("none", 0), ("none", 32)):
         m = _random_module(k, n, fmt, rank=rank, dtype=torch.bfloat16, device="cuda")
-        assert relative_l2_error(qk.svdquant_linear_forward(m, x), m.forward_reference(x)) < 5e-3
+        assert relative_error(qk.svdquant_linear_forward(m, x), m.forward_reference(x)) < 5e-3
     for act_format in hf.ACT_FORMATS:
         m8 = hf.to_w4a8(_random_module(k, n, "int4", rank=32, dtype=torch.bfloat16, device="cuda"), act_format=act_format)
         for path in _w4a8_paths(act_format):
-            assert relative_l2_error(qk.w4a8_linear_forward(m8, x, path=path), _w4a8_expected(m8, x, path)) < 5e-3
+            assert relative_error(qk.w4a8_linear_forward(m8, x, path=path), _w4a8_expected(m8, x, path)) < 5e-3
 
 
 @pytest.mark.gpu
@@ -583,15 +583,15 @@ def test_gpu_split_k_repeatable(n, k):
     torch.manual_seed(0)
     x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
     m = _random_module(k, n, "none", rank=32, dtype=torch.bfloat16, device="cuda")
-    xs, _, lxp = act_quant(x, m.smooth_factor, None, m.lora_down, "smooth")
+    xs, _, lxp = act_quant(x, m.smooth_factor, None, m.proj_down, "smooth")
     expected = m.forward_reference(x)
-    errors = [relative_l2_error(w4_dequant_gemm(xs, m.qweight, m.wscales, lxp, m.lora_up, m.bias, x.dtype), expected)
+    errors = [relative_error(w4_dequant_gemm(xs, m.qweight, m.wscales, lxp, m.proj_up, m.bias, x.dtype), expected)
               for _ in range(20)]
     assert max(errors) < 5e-3, errors
     for fmt in ("none", "int4"):
         m = _random_module(k, n, fmt, rank=32, dtype=torch.bfloat16, device="cuda")
         expected = m.forward_reference(x)
-        errors = [relative_l2_error(qk.svdquant_linear_forward(m, x), expected) for _ in range(20)]
+        errors = [relative_error(qk.svdquant_linear_forward(m, x), expected) for _ in range(20)]
         assert max(errors) < 5e-3, errors
 
 

@@ -10,7 +10,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from test_diffusers_tiny import FAST, flux_inputs, samples_from, tiny_flux  # noqa: E402
-from quantduo.utils import relative_l2_error  # noqa: E402
+from quantduo.utils import relative_error  # noqa: E402
 
 from quantduo.integrations.diffusers import quantization_config, quantize_transformer  # noqa: E402
 from quantduo.integrations.lora import (  # noqa: E402
@@ -67,7 +67,7 @@ def test_lora_adds_exactly_the_low_rank_term(models):
                 "one", strength=0.7)
     delta = layer(x).float() - before
     expected = 0.7 * (8.0 / RANK) * x @ a.T @ b.T
-    assert relative_l2_error(delta, expected) < 2e-2  # bf16 low-rank branch
+    assert relative_error(delta, expected) < 2e-2  # bf16 low-rank branch
     assert layer.rank == layer._quantduo_base_rank + RANK
 
 
@@ -82,8 +82,8 @@ def test_quantized_lora_matches_full_precision_lora(models):
     q_lora = copy.deepcopy(quant)
     attach_lora(q_lora, lora, "style")
     out = run(q_lora)
-    quant_err, lora_effect = relative_l2_error(ref_q, ref_fp), relative_l2_error(ref_fp_lora, ref_fp)
-    err = relative_l2_error(out, ref_fp_lora)
+    quant_err, lora_effect = relative_error(ref_q, ref_fp), relative_error(ref_fp_lora, ref_fp)
+    err = relative_error(out, ref_fp_lora)
     assert lora_effect > 5 * quant_err  # the LoRA changes the output much more than quantization does
     assert err < 1.5 * quant_err + 1e-3, (err, quant_err, lora_effect)
 
@@ -100,8 +100,8 @@ def test_lora_on_fp8_execution(models):
     q8 = copy.deepcopy(quant)
     assert convert_to_fp8(q8) > 0 and isinstance(q8.single_transformer_blocks[0], FusedFluxSingleBlock)
     attach_lora(q8, lora, "style")
-    quant_err = relative_l2_error(run(quant), run(fp))
-    assert relative_l2_error(run(q8), run(fp_lora)) < 1.5 * quant_err + 1e-3
+    quant_err = relative_error(run(quant), run(fp))
+    assert relative_error(run(q8), run(fp_lora)) < 1.5 * quant_err + 1e-3
 
 
 def test_kohya_bfl_names_equal_diffusers_names(models):
@@ -144,15 +144,15 @@ def test_strength_several_loras_and_removal(models):
     assert attached_loras(model) == {"a": 1.0, "b": 0.5}
     both = run(model)
     set_lora_strength(model, "b", 0.0)
-    assert relative_l2_error(run(model), only_a) < 1e-5
+    assert relative_error(run(model), only_a) < 1e-5
     set_lora_strength(model, "b", 0.5)
-    assert relative_l2_error(run(model), both) < 1e-5
+    assert relative_error(run(model), both) < 1e-5
     remove_lora(model, "a")
     remove_lora(model, "b")
     assert attached_loras(model) == {}
     assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())
     assert torch.equal(run(model), base)
-    assert relative_l2_error(only_a, base) > 0.05
+    assert relative_error(only_a, base) > 0.05
 
 
 def test_bad_loras_are_rejected(models):

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quantduo.svdquant import quantizers as qz
+from quantduo.formats import quantizers as qz
 
 shapes = st.tuples(st.integers(1, 5), st.integers(1, 4))  # rows, groups
 

@@ -15,7 +15,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from torch.utils.checkpoint import checkpoint
 
 from quantduo.kernels.decode_attention import decode_attention, kernel_supports
-from quantduo.kernels.reference import decode_attention_ref
+from quantduo.formats.reference import decode_attention_ref
 
 
 def streaming_allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int, recent: int) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 A LoRA on a linear ``y = x W^T`` adds ``strength * scale * x A^T B^T`` (``A [r, in]``, ``B [out, r]``,
 ``scale = alpha / r``). An :class:`SVDQuantLinear` feeds its low-rank branch the smoothed input ``x / s``, so
-``x A^T B^T = (x / s) (diag(s) A^T) B^T``: the LoRA becomes extra columns ``s[:, None] * A^T`` of ``lora_down``
-and ``strength * scale * B`` of ``lora_up``. Full-precision ``nn.Linear`` layers (embedders kept in 16 bits) get
+``x A^T B^T = (x / s) (diag(s) A^T) B^T``: the LoRA becomes extra columns ``s[:, None] * A^T`` of the
+SVD branch's ``proj_down`` and ``strength * scale * B`` of its ``proj_up``. Full-precision ``nn.Linear`` layers (embedders kept in 16 bits) get
 the LoRA merged into their weight instead; their original weight is kept so that LoRAs can be re-weighted or
 removed exactly. Several LoRAs can be attached at once, each under its own name.
 
@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from quantduo.svdquant.linear import LowRankQuantLinear
+from quantduo.svdquant.linear import SVDQuantLinear
 
 
 class LoraFormatError(ValueError):
@@ -146,7 +146,7 @@ def _split(key_module: str, targets: list[str], model: nn.Module, lora: LoraFact
     """Split a (possibly fused) LoRA over ``targets`` by output rows, checking shapes."""
     modules = [model.get_submodule(t) for t in targets]
     for name, module in zip(targets, modules):
-        if not isinstance(module, (nn.Linear, LowRankQuantLinear)):
+        if not isinstance(module, (nn.Linear, SVDQuantLinear)):
             raise LoraFormatError(f"LoRA target {name!r} is a {type(module).__name__}, not a linear layer")
         if module.in_features != lora.down.shape[1]:
             raise LoraFormatError(
@@ -165,8 +165,8 @@ def _registry(module: nn.Module) -> dict[str, _Attached]:
     """Per-module LoRA registry; first use records the base state (rank / weight) the LoRAs are added to."""
     if not hasattr(module, "_quantduo_loras"):
         module._quantduo_loras = {}
-        if isinstance(module, LowRankQuantLinear):
-            module._quantduo_base_rank = module.lora_down.shape[1]
+        if isinstance(module, SVDQuantLinear):
+            module._quantduo_base_rank = module.proj_down.shape[1]
         else:
             module._quantduo_base_weight = module.weight.detach().clone()
     return module._quantduo_loras
@@ -176,11 +176,10 @@ def _rebuild(module: nn.Module) -> None:
     """Recompute the module's low-rank branch (or merged weight) from its base state and attached LoRAs."""
     loras = module._quantduo_loras.values()
     with torch.no_grad():
-        if isinstance(module, LowRankQuantLinear):
+        if isinstance(module, SVDQuantLinear):
             r0, dtype = module._quantduo_base_rank, module.dtype
-            module.lora_down = torch.cat([module.lora_down[:, :r0]] + [a.down.to(dtype) for a in loras], dim=1)
-            module.lora_up = torch.cat([module.lora_up[:, :r0]] + [(a.up * a.strength).to(dtype) for a in loras], dim=1)
-            module.rank = module.lora_down.shape[1]
+            module.proj_down = torch.cat([module.proj_down[:, :r0]] + [a.down.to(dtype) for a in loras], dim=1)
+            module.proj_up = torch.cat([module.proj_up[:, :r0]] + [(a.up * a.strength).to(dtype) for a in loras], dim=1)
             module.low_rank_updated()
         else:
             weight = module._quantduo_base_weight.float()
@@ -190,7 +189,7 @@ def _rebuild(module: nn.Module) -> None:
 
 
 def _prepare(module: nn.Module, lora: LoraFactors, strength: float) -> _Attached:
-    if isinstance(module, LowRankQuantLinear):
+    if isinstance(module, SVDQuantLinear):
         smooth = module.smooth_factor.float()
         down_t = torch.zeros(module.padded_in_features, lora.down.shape[0], device=smooth.device)
         down_t[: module.in_features] = lora.down.T.to(smooth.device)

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quantduo.svdquant import CheckpointError, SVDQuantLinear
-from quantduo.svdquant import quantizers as qz
+from quantduo.formats import quantizers as qz
 from quantduo.utils import atomic_write
 
 WARP_N = 128
@@ -141,8 +141,8 @@ def _module_from(parts: dict[str, torch.Tensor], rows: slice, linear: nn.Module,
         module.qweight.copy_(qz.pack_int4(parts["codes"][rows, :k_pad]))
         module.wscales.copy_(parts["wscales"][rows, : k_pad // 64])
         module.smooth_factor.copy_(parts["smooth"][:k_pad])
-        module.lora_down.copy_(parts["lora_down"][:k_pad])
-        module.lora_up.copy_(parts["lora_up"][rows])
+        module.proj_down.copy_(parts["lora_down"][:k_pad])
+        module.proj_up.copy_(parts["lora_up"][rows])
         if module.bias is not None:
             module.bias.copy_(parts["bias"][rows] if "bias" in parts else torch.zeros(linear.out_features))
     return module
@@ -192,8 +192,8 @@ def load_nunchaku_checkpoint(model: nn.Module, source: str | Path | dict[str, to
 def encode_linear(module: SVDQuantLinear) -> dict[str, torch.Tensor]:
     """One W4A4 INT4 :class:`SVDQuantLinear` (possibly a fused stack, see :func:`export_nunchaku_checkpoint`) -> the
     Nunchaku tensors, padded to the 128 / 16 tiling. Signed activations only."""
-    return _encode(qz.unpack_int4(module.qweight), module.wscales, module.smooth_factor, module.lora_down,
-                   module.lora_up, module.bias)
+    return _encode(qz.unpack_int4(module.qweight), module.wscales, module.smooth_factor, module.proj_down,
+                   module.proj_up, module.bias)
 
 
 def _pad(x: torch.Tensor, multiples: tuple[int, ...], value: float = 0.0) -> torch.Tensor:
@@ -234,12 +234,12 @@ def export_nunchaku_checkpoint(model: nn.Module, path: str | Path) -> Path:
         for name in [n for n in quantized if n.endswith(members[0])]:
             prefix = name[: -len(members[0])]
             group = [quantized[prefix + m] for m in members]
-            if not all(torch.equal(g.smooth_factor, group[0].smooth_factor) and torch.equal(g.lora_down, group[0].lora_down) for g in group):
+            if not all(torch.equal(g.smooth_factor, group[0].smooth_factor) and torch.equal(g.proj_down, group[0].proj_down) for g in group):
                 raise ValueError(f"{prefix}{fused}: members do not share smoothing / down-projection")
             cat = lambda attr: torch.cat([getattr(g, attr) for g in group])  # noqa: E731
             bias = cat("bias") if group[0].bias is not None else None
             parts = _encode(qz.unpack_int4(cat("qweight")), cat("wscales"), group[0].smooth_factor,
-                            group[0].lora_down, cat("lora_up"), bias)
+                            group[0].proj_down, cat("proj_up"), bias)
             tensors.update({f"{prefix}{fused}.{k}": v for k, v in parts.items()})
             done.update(prefix + m for m in members)
     for name, module in quantized.items():

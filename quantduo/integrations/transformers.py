@@ -13,24 +13,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantduo.kernels.reference import rms_norm_ref
+from quantduo.formats.reference import rms_norm_ref
+from quantduo.formats.registry import get_format
 from quantduo.kernels.rms_norm import rms_norm
 from quantduo.svdquant import QuantizationReport, SVDQuantConfig, quantize_model
 
 LLM_SKIP = ["lm_head", "*embed_tokens*"]
-FORMATS: dict[str, dict[str, Any]] = {
-    "w4a16": dict(act_format="none", rank=0, smooth=False),
-    # the low-rank branch without smoothing: a smoothed layer divides its input in a separate op per decode step
-    "svdq-w4a16": dict(act_format="none", smooth=False, w4a16_svdquant=True),
-    "int4": dict(act_format="int4"),
-}
+# LLM choices on top of the registry's formats: weight-only layers need no smoothing, and a smoothed W4A16 layer
+# would divide its input in a separate op per decode step
+LLM_OVERRIDES: dict[str, dict[str, Any]] = {"w4a16": dict(rank=0, smooth=False), "svdq-w4a16": dict(smooth=False)}
 
 
 def llm_quantization_config(fmt: str = "w4a16", **overrides: Any) -> SVDQuantConfig:
-    """An :class:`SVDQuantConfig` for a causal LM; ``overrides`` set any other field (rank, dtype, ...)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown LLM format {fmt!r}; choose one of {sorted(FORMATS)}")
-    return SVDQuantConfig(**{"skip": list(LLM_SKIP), **FORMATS[fmt], **overrides})
+    """An :class:`SVDQuantConfig` for a causal LM in storage format ``fmt`` (:mod:`quantduo.formats.registry`);
+    ``overrides`` set any other field (rank, dtype, ...)."""
+    fields = {"skip": list(LLM_SKIP), **get_format(fmt).config_fields(), **LLM_OVERRIDES.get(fmt, {})}
+    return SVDQuantConfig(**{**fields, **overrides})
 
 
 def quantize_causal_lm(

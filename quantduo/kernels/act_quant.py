@@ -1,6 +1,6 @@
 """Kernel 1: one pass over the activations -> smoothing, quantization and the low-rank down-projection.
 
-Reference: :func:`quantduo.kernels.reference.act_quant_ref` (layouts in that module's docstring).
+Reference: :func:`quantduo.formats.reference.act_quant_ref` (layouts in that module's docstring).
 """
 from __future__ import annotations
 
@@ -8,13 +8,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (dot_precision, fake_quant_token, k_splits, quant4_codes, quant4_tile, rank_pad, scale_of,
+from .common import (dot_precision, k_splits, quant4_codes, quant4_tile, rank_pad,
                      smooth_tile)
 
-_MODES = {"int4": 0, "uint4": 1, "int8": 2, "fp8": 3, "none": 4, "smooth": 5, "amax": 6, "int4_deq": 7,
-          "uint4_deq": 8}
+_MODES = {"int4": 0, "uint4": 1, "none": 4, "smooth": 5, "int4_deq": 7, "uint4_deq": 8}
 FOUR_BIT_MODES = ("int4", "uint4", "int4_deq", "uint4_deq")
-PER_TOKEN_MODES = ("int8", "fp8")
 # Above this many K slices, the slices add their low-rank partial sums atomically into one ``[1, M, r]`` buffer
 # (consumers then read one partial instead of a long dependent chain of them).
 MAX_LX_PARTIALS = 16
@@ -37,23 +35,20 @@ def _shifted(xs, SHIFT, k, rk):
 
 @triton.jit
 def _act_quant_kernel(
-    X, SMOOTH, SHIFT, LD, Q, QS, LXP, AMAXP,
-    M, K, K_SPLIT, R, S_AMAX, stride_xm,
+    X, SMOOTH, SHIFT, LD, Q, QS, LXP,
+    M, K, K_SPLIT, R, stride_xm,
     MODE: tl.constexpr, HAS_LR: tl.constexpr, RP: tl.constexpr, LR_FULL: tl.constexpr, ATOMIC_LX: tl.constexpr,
     G: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, RECIP: tl.constexpr, QMAX: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, RECIP: tl.constexpr,
 ):
     """Program (pid_m, pid_s): rows [pid_m*BM, +BM), channels [pid_s*K_SPLIT, +K_SPLIT).
 
     X ``[M, K]``; SMOOTH/SHIFT ``[K]``; LD ``[K, R]``; LXP float32 ``[S, M, R]`` (ATOMIC_LX: ``[1, M, R]``, zero on
     entry, every slice adds into it).
     MODE 0/1 int4/uint4: 4-bit groups, Q uint8 ``[M, K/2]``, QS float32 ``[K/G, M]``.
-    MODE 2/3 int8/fp8: per token, scale absmax / QMAX with absmax = max over AMAXP float32 ``[S_AMAX, M]``
-    (mode 6's output); Q int8 ``[M, K]`` pair-split / float8 ``[M, K]`` natural order, QS float32 ``[M]``.
-    MODE 4 none: low-rank only; 5 smooth: Q = X / SMOOTH ``[M, K]`` (X dtype); 6 amax: QS float32
-    ``[S, M]`` = per-slice absmax of the smoothed row; 7/8 int4_deq/uint4_deq: the 4-bit groups of modes 0/1
-    dequantized, ``q * scale`` rounded to X's dtype, Q ``[M, K]``.
-    RECIP: round scales like PyTorch on CUDA (see ``common.scale_of``); QMAX: 127 (int8) or 448 (fp8).
+    MODE 4 none: low-rank only; 5 smooth: Q = X / SMOOTH ``[M, K]`` (X dtype); 7/8 int4_deq/uint4_deq: the
+    4-bit groups of modes 0/1 dequantized, ``q * scale`` rounded to X's dtype, Q ``[M, K]``.
+    RECIP: round scales like PyTorch on CUDA (see ``common.scale_of``).
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -65,13 +60,6 @@ def _act_quant_kernel(
     if HAS_LR:
         rr = tl.arange(0, RP)
         lx = tl.zeros((BM, RP), dtype=tl.float32)
-    amax = tl.zeros((BM,), dtype=tl.float32)
-    if MODE == 2 or MODE == 3:
-        for s in range(S_AMAX):
-            amax = tl.maximum(amax, tl.load(AMAXP + s * M + rm, mask=mmask, other=0.0))
-        tscale = scale_of(amax, QMAX, RECIP)
-        if pid_s == 0:
-            tl.store(QS + rm, tscale, mask=mmask)
     k0 = pid_s * K_SPLIT
     for k in range(k0, k0 + K_SPLIT, BK):
         xs = _smoothed(xrow, SMOOTH, k, rk, mmask)
@@ -87,25 +75,12 @@ def _act_quant_kernel(
             tl.store(Q + rm[:, None].to(tl.int64) * (K // 2) + (k // 2 + rh)[None, :], packed, mask=mmask[:, None])
             rg = tl.arange(0, BK // G)
             tl.store(QS + (k // G + rg)[None, :] * M + rm[:, None], scale, mask=mmask[:, None])
-        elif MODE == 2:
-            q = fake_quant_token(xs, tscale, QMAX).to(tl.int8)
-            even, odd = tl.split(tl.reshape(q, (BM, BK // 2, 2)))
-            c = tl.arange(0, BK // 2)
-            pos = k + (c // (G // 2)) * G + c % (G // 2)
-            tl.store(qrow + pos[None, :], even, mask=mmask[:, None])
-            tl.store(qrow + (pos + G // 2)[None, :], odd, mask=mmask[:, None])
-        elif MODE == 3:
-            tl.store(qrow + (k + rk)[None, :], fake_quant_token(xs, tscale, QMAX).to(tl.float8e4nv), mask=mmask[:, None])
         elif MODE >= 7:
             codes, scale = quant4_codes(_shifted(xs, SHIFT, k, rk), BM, BK, G, MODE == 8, RECIP)
             deq = tl.reshape(codes * scale[:, :, None], (BM, BK))
             tl.store(qrow + (k + rk)[None, :], deq.to(Q.dtype.element_ty), mask=mmask[:, None])
         elif MODE == 5:
             tl.store(qrow + (k + rk)[None, :], xs, mask=mmask[:, None])
-        elif MODE == 6:
-            amax = tl.maximum(amax, tl.max(tl.abs(xs.to(tl.float32)), axis=1))
-    if MODE == 6:
-        tl.store(QS + pid_s * M + rm, amax, mask=mmask)
     if HAS_LR:
         lmask = mmask[:, None] & (rr[None, :] < R)
         if ATOMIC_LX:
@@ -116,14 +91,12 @@ def _act_quant_kernel(
 
 def _pick(M: int, K: int, mode: str) -> tuple[int, int, int]:
     """(BM, BK, splits): 16-row tiles; K split until there are enough programs in flight to cover the
-    memory latency (measured on H200, NOTES.md). Up to FEW_TOKENS tokens (except the per-token modes, whose
-    absmax partials are read serially) every program does one 32-wide step: a slice's steps are a dependent chain
-    of about 1 us each there (H100, BENCHMARKS.md)."""
-    if M <= FEW_TOKENS and mode not in PER_TOKEN_MODES and mode != "amax":
+    memory latency (docs/kernel-notes.md). Up to FEW_TOKENS tokens every program does one 32-wide step: a slice's
+    steps are a dependent chain there."""
+    if M <= FEW_TOKENS:
         bk = 64 if mode in FOUR_BIT_MODES else 32  # 4-bit modes quantize whole groups of 64 per step
         return 16, bk, K // bk
-    bm, bk = 16, (128 if mode in PER_TOKEN_MODES else 64)
-    return bm, bk, k_splits(M, K, bm, bk, 2048)
+    return 16, 64, k_splits(M, K, 16, 64, 2048)
 
 
 def act_quant(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor | None, lora_down: torch.Tensor | None,
@@ -131,15 +104,11 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor | None,
     """Smooth, quantize and down-project ``x [M, K]`` (K a multiple of 64, contiguous rows) in one pass.
 
     mode: ``"int4"`` / ``"uint4"`` (per-token groups of ``group_size``, ``shift [K]`` added first; with ``_deq``:
-    the dequantized values ``[M, K]`` in x's dtype instead of codes and scales),
-    ``"int8"`` (per token, pair-split), ``"fp8"`` (per token, E4M3), ``"none"`` (low-rank only),
-    ``"smooth"`` (smoothed copy of x), ``"amax"`` (per-slice absmax of the smoothed rows); all but the
-    4-bit modes ignore ``shift``. Per-token modes launch twice: ``"amax"`` (absmax + low-rank partials, default
-    tiles), then the quantization with the row absmax (config).
+    the dequantized values ``[M, K]`` in x's dtype instead of codes and scales), ``"none"`` (low-rank only),
+    ``"smooth"`` (smoothed copy of x); all but the 4-bit modes ignore ``shift``.
     config: (BM, BK, splits[, num_warps]).
-    Returns (q, scales, lx_partials) in the layouts of :mod:`quantduo.kernels.reference` (q is None for
-    ``"none"``/``"amax"``, scales None for ``"none"``/``"smooth"``/``"*_deq"``, amax partials float32 ``[S, M]``
-    as scales for ``"amax"``); lx_partials float32 ``[S, M, r]`` (``S = 1`` above MAX_LX_PARTIALS slices: atomic
+    Returns (q, scales, lx_partials) in the layouts of :mod:`quantduo.formats.reference` (q is None for
+    ``"none"``, scales None for ``"none"``/``"smooth"``/``"*_deq"``); lx_partials float32 ``[S, M, r]`` (``S = 1`` above MAX_LX_PARTIALS slices: atomic
     sums) or None when there is no low-rank.
     """
     if group_size != 64:
@@ -150,10 +119,6 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor | None,
     bm, bk, splits, *warps = config or _pick(M, K, mode)
     if K % (splits * bk):
         raise ValueError(f"act_quant config: K={K} must be a multiple of splits * BK = {splits} * {bk}")
-    amaxp = None
-    if mode in PER_TOKEN_MODES:
-        _, amaxp, lxp = act_quant(x, smooth, None, lora_down, "amax", group_size)
-        lora_down = None
     r = 0 if lora_down is None else lora_down.shape[1]
     dev = x.device
     q = qs = None
@@ -164,27 +129,21 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor | None,
         qs = torch.empty(K // group_size, M, dtype=torch.float32, device=dev)
     elif mode in ("int4_deq", "uint4_deq"):
         q = torch.empty(M, K, dtype=x.dtype, device=dev)
-    elif mode in PER_TOKEN_MODES:
-        q = torch.empty(M, K, dtype=torch.int8 if mode == "int8" else torch.float8_e4m3fn, device=dev)
-        qs = torch.empty(M, dtype=torch.float32, device=dev)
     elif mode == "smooth":
         q = torch.empty(M, K, dtype=x.dtype, device=dev)
-    elif mode == "amax":
-        qs = torch.empty(splits, M, dtype=torch.float32, device=dev)
     elif mode != "none":
         raise ValueError(f"unknown activation mode {mode!r}")
     atomic_lx = splits > MAX_LX_PARTIALS
-    if amaxp is None:  # per-token modes took the partials from their "amax" launch
-        lxp = None if r == 0 else (torch.zeros(1, M, r, dtype=torch.float32, device=dev) if atomic_lx
-                                   else torch.empty(splits, M, r, dtype=torch.float32, device=dev))
+    lxp = None if r == 0 else (torch.zeros(1, M, r, dtype=torch.float32, device=dev) if atomic_lx
+                               else torch.empty(splits, M, r, dtype=torch.float32, device=dev))
     dummy = x
     grid = (triton.cdiv(M, bm), splits)
     _act_quant_kernel[grid](
         x, smooth, shift if shift is not None else dummy, lora_down if r > 0 else dummy, q if q is not None else dummy,
-        qs if qs is not None else dummy, lxp if r > 0 else dummy, amaxp if amaxp is not None else dummy,
-        M, K, K // splits, r, 0 if amaxp is None else amaxp.shape[0], x.stride(0),
+        qs if qs is not None else dummy, lxp if r > 0 else dummy,
+        M, K, K // splits, r, x.stride(0),
         MODE=_MODES[mode], HAS_LR=r > 0, RP=rank_pad(r), LR_FULL=r == rank_pad(r),
         ATOMIC_LX=atomic_lx, G=group_size, BM=bm, BK=bk,
-        PREC=dot_precision(lora_down.dtype if r > 0 else x.dtype), RECIP=x.is_cuda, QMAX=448 if mode == "fp8" else 127, num_warps=(warps or [4])[0],
+        PREC=dot_precision(lora_down.dtype if r > 0 else x.dtype), RECIP=x.is_cuda, num_warps=(warps or [4])[0],
     )
     return q, qs, lxp

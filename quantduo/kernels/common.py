@@ -1,6 +1,6 @@
 """Triton helpers shared by the kernels: rounding, 4-bit group quantization of a tile, the GEMM epilogue.
 
-Reference semantics: :mod:`quantduo.kernels.reference` (``epilogue_ref``, ``act_quant_ref``).
+Reference semantics: :mod:`quantduo.formats.reference` (``epilogue_ref``, ``act_quant_ref``).
 """
 from __future__ import annotations
 

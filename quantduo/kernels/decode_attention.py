@@ -17,7 +17,7 @@ On CUDA the dots need D >= 32 (:func:`kernel_supports`).
 Validity (graph-capturable: the count lives on the device): key slot j < T is visible when ``length`` is
 None, else when its position (``key_pos[j]``, or j itself without ``key_pos``) is in [0, length).
 
-Reference: :func:`quantduo.kernels.reference.decode_attention_ref`.
+Reference: :func:`quantduo.formats.reference.decode_attention_ref`.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ the smoothing and the low-rank branch are linear maps that fold into the weight:
 a scratch buffer shared by every layer, and the layer is then ``F.linear(x, W, bias)``: no pass over the
 activations, no separate low-rank matmuls. ``W`` is rounded once to the activations' dtype (relative 2^-9 in
 bfloat16, like a bfloat16 weight). W4A4 layers above 64 tokens use it without the low-rank and smoothing terms
-(their activations are dequantized by kernel 1). Reference: :func:`quantduo.kernels.reference.w4_dequant_ref`.
+(their activations are dequantized by kernel 1). Reference: :func:`quantduo.formats.reference.w4_dequant_ref`.
 """
 from __future__ import annotations
 

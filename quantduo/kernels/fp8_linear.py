@@ -1,23 +1,18 @@
-"""FP8 execution of INT4 SVDQuant layers on Hopper (:class:`~quantduo.svdquant.fp8_execution.SVDQuantFP8Linear`).
-
-Above a few dozen tokens a layer runs as one row-wise-scaled fp8 GEMM (``torch._scaled_mm``):
+"""FP8 kernels of the fp8 execution: per-token activation quantization, weight expansion into fp8, the GEMM.
 
     y = s_x[m] * s_w[n] * (e4m3(x / s_x) @ e4m3(W * (1 / s_w))^T) + bias
-    W = (q * scale + lora_up @ lora_down^T) / smooth
+    W = (q * scale + proj_up @ proj_down^T) / smooth
 
 * :func:`quantize_fp8_per_token` — one pass over the activations (a row per program): ``s_x = absmax * (1 / 448)``
-  per token, FP8 E4M3 codes of ``x * (1 / s_x)``. Under ``torch.compile`` the same arithmetic is written in
-  PyTorch ops instead, so Inductor fuses it into the op that produces ``x`` (LayerNorm + modulation, ...).
-  It can also form the layer input itself: ``cat(x, gelu_tanh(h))`` from the attention output ``x`` and the MLP
-  pre-activation ``h`` (FLUX single blocks) or ``gelu_tanh(h)`` alone (GELU MLPs), in the same single pass and
-  without a 16-bit copy of the wide input (compiled: one opaque op; Inductor's version reads the row twice).
+  per token, FP8 E4M3 codes of ``x * (1 / s_x)`` (reference: :func:`quantduo.formats.fp8.quantize_fp8_per_token_ref`).
+  Under ``torch.compile`` the same arithmetic is written in PyTorch ops instead, so Inductor fuses it into the op
+  that produces ``x`` (LayerNorm + modulation, ...). It can also form the layer input itself: ``cat(x,
+  gelu_tanh(h))`` (FLUX single blocks) or ``gelu_tanh(h)`` alone (GELU MLPs), in the same single pass and without a
+  16-bit copy of the wide input.
 * :func:`expand_w4_fp8` — the layer's whole weight (4-bit residual, low-rank branch and smoothing folded in, as
   :mod:`.dequant_w4`) rounded to fp8 with the static per-channel scale ``s_w``; a ``torch.library`` custom op,
   so compiled graphs call it as one opaque kernel.
-
-The low-rank branch and the smoothing are inside ``W``: the activations need neither, and fp8's per-element
-exponent keeps the outlier channels that smoothing exists for in 4-bit integer formats.
-Reference: :meth:`SVDQuantFP8Linear.forward_reference`.
+* :func:`fp8_rowwise_gemm` — the row-wise scaled fp8 GEMM (``torch._scaled_mm`` on CUDA).
 """
 from __future__ import annotations
 
@@ -26,11 +21,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from quantduo.svdquant.quantizers import FP8_E4M3_MAX
+from quantduo.formats.fp8 import quantize_fp8_per_token_ref
 
 from .common import gelu_tanh, to_e4m3
 from .dequant_w4 import dequant_w4
-from .fp8_concat import fp8_rowwise_gemm
 
 
 @triton.jit
@@ -64,25 +58,6 @@ def _fp8_token_quant_kernel(X, G, Q, SCALE, KX, KG, stride_xm, stride_gm, stride
     if BLOCK_G > 0:
         tl.store(Q + row * stride_qm + KX + cg, _e4m3_saturated(g * inv_scale, NATIVE), mask=cg < KG)
     tl.store(SCALE + row, scale)
-
-
-def quantize_fp8_per_token_ref(x: torch.Tensor | None, gelu_input: torch.Tensor | None = None
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FP8 E4M3 per row of ``cat(x, gelu_tanh(gelu_input))`` (``x [M, Kx]``, ``gelu_input [M, Kg]``, either may be
-    None): (codes float8_e4m3fn ``[M, Kx + Kg]``, scale float32 ``[M]``).
-
-    The GELU (tanh approximation) is taken in float32. ``scale = absmax * (1 / 448)`` (1.0 for all-zero rows), codes
-    ``e4m3(clamp(row * (1 / scale), +-448))``, round to nearest even. Plain PyTorch ops: the reference, and what
-    ``torch.compile`` fuses into the producer of x.
-    """
-    parts = [] if x is None else [x.float()]
-    if gelu_input is not None:
-        parts.append(F.gelu(gelu_input.float(), approximate="tanh"))
-    xf = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-    amax = xf.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax * (1.0 / FP8_E4M3_MAX), torch.ones_like(amax))
-    q = (xf * (1.0 / scale)[:, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-    return q, scale
 
 
 def _launch_token_quant(x: torch.Tensor | None, gelu_input: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,21 +125,18 @@ def _expand_w4_fp8_shape(qweight, wscales, lora_down, lora_up, inv_smooth, inv_w
     return qweight.new_empty(qweight.shape[0], 2 * qweight.shape[1], dtype=torch.float8_e4m3fn)
 
 
-def fp8_linear_forward(module, x: torch.Tensor | None, gelu_input: torch.Tensor | None = None) -> torch.Tensor:
-    """The fp8 GEMM path of an ``SVDQuantFP8Linear``: ``x [..., in_features]`` -> ``[..., out_features]`` (x.dtype);
-    with ``gelu_input [..., Kg]`` the layer's input is ``cat(x, gelu_tanh(gelu_input))`` (x: the first
-    ``in_features - Kg`` channels, or None), formed inside the activation quantization. Traceable by
-    ``torch.compile`` (no host syncs, no shared scratch buffers)."""
-    if gelu_input is None:
-        lead = x.shape[:-1]
-        xq, x_scale = quantize_fp8_per_token(module._pad_input(x).reshape(-1, module.padded_in_features).contiguous())
-    else:
-        lead = gelu_input.shape[:-1]
-        rows = lambda t: None if t is None else t.reshape(-1, t.shape[-1]).contiguous()  # noqa: E731
-        xq, x_scale = quantize_fp8_per_token(rows(x), rows(gelu_input))
-    low_rank = (module.lora_down, module.lora_up) if module.rank > 0 else (None, None)
-    inv_smooth = None if module.smoothing_folded_out else module.inv_smooth_fp8
-    w8 = expand_w4_fp8(module.qweight, module.wscales, *low_rank, inv_smooth, module.inv_wscale_fp8, module.group_size)
-    y = fp8_rowwise_gemm(xq, w8, x_scale, module.wscale_fp8, module.bias, (gelu_input if x is None else x).dtype,
-                         fast_accum=module.fast_accum)
-    return y.reshape(*lead, module.out_features)
+def fp8_rowwise_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                     bias: torch.Tensor | None, out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
+    """``(a @ b^T) * a_scale[m] * b_scale[n] + bias`` for float8_e4m3fn a ``[M, K]``, b ``[N, K]`` (K a multiple of
+    16), float32 scales ``[M]`` / ``[N]``; ``[M, N]`` in out_dtype. CUDA: ``torch._scaled_mm`` (row-wise scaling;
+    fast_accum: Hopper's fp8 accumulators are not promoted to float32 along K); elsewhere float32 emulation."""
+    if a.shape[1] % 16:
+        raise ValueError(f"fp8 GEMM needs K % 16 == 0, got {a.shape[1]}")
+    if a.is_cuda:
+        return torch._scaled_mm(a, b.t(), scale_a=a_scale[:, None], scale_b=b_scale[None, :],
+                                bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype,
+                                use_fast_accum=fast_accum)
+    y = (a.float() @ b.float().T) * a_scale[:, None] * b_scale.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)

@@ -16,8 +16,8 @@ of the tensor-core dot and the tokens the narrow one. One K step is one group of
   sum, zeroes the workspace tile and the counter, and adds the low-rank up-projection and the bias. (Summing
   stored partials in slice order would be deterministic, but holding them cost registers, i.e. occupancy.)
 
-References: :func:`quantduo.kernels.reference.w4_gemv_ref` (16-bit activations, exact float32 weights) and
-:func:`quantduo.kernels.reference.w4_gemm_ref` (4-bit activations).
+References: :func:`quantduo.formats.reference.w4_gemv_ref` (16-bit activations, exact float32 weights) and
+:func:`quantduo.formats.reference.w4_gemm_ref` (4-bit activations).
 """
 from __future__ import annotations
 

@@ -7,10 +7,10 @@ and no tensor-core dot (the weight-streaming GEMM's 16-row padding and in-regist
 0.16-0.40x of bf16 ``F.linear`` at one token). Program (row block, token) reads ``BN`` weight rows as int32
 words of 8 nibbles. A nibble becomes a float32 without an integer-to-float conversion (a quarter-rate
 instruction on Hopper): masked into mantissa bits 16..19 under the exponent of 1.0 it reads as ``1 + u / 128``.
-With ``u = nibble ^ 8`` the signed code is ``q = u - 8`` (two's complement nibbles, :mod:`..svdquant.quantizers`),
+With ``u = nibble ^ 8`` the signed code is ``q = u - 8`` (two's complement nibbles, :mod:`quantduo.formats.quantizers`),
 so a group of 64 inputs contributes ``scale * (128 * sum(f * x) - 136 * sum(x))``.
 
-Reference: :func:`quantduo.kernels.reference.w4_gemv_ref`.
+Reference: :func:`quantduo.formats.reference.w4_gemv_ref`.
 """
 from __future__ import annotations
 

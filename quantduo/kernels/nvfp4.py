@@ -1,6 +1,6 @@
 """NVFP4 weight dequantization (Hopper has no FP4 tensor cores: NVFP4 layers run as dequant + float GEMM).
 
-Reference: :func:`quantduo.kernels.reference.nvfp4_dequant_ref`.
+Reference: :func:`quantduo.formats.reference.nvfp4_dequant_ref`.
 """
 from __future__ import annotations
 

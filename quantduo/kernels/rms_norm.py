@@ -4,7 +4,7 @@
 ``y = weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)``: statistics in float32, the normalized row rounded to the
 input dtype before the weight multiplies it, result in the dtype PyTorch promotes ``weight * x`` to.
 
-Reference: :func:`quantduo.kernels.reference.rms_norm_ref`.
+Reference: :func:`quantduo.formats.reference.rms_norm_ref`.
 """
 from __future__ import annotations
 

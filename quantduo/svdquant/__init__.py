@@ -1,13 +1,14 @@
-"""SVDQuant: 4-bit weights and activations with a 16-bit low-rank branch (pure-PyTorch reference path)."""
+"""SVDQuant: calibration, smoothing, low-rank refinement, the quantized layer and its save / load."""
+from .api import config_for, quantize_
 from .calibration import ActivationRecorder, CalibrationError
 from .config import SVDQuantConfig
-from .linear import LowRankQuantLinear, SVDQuantLinear
+from .linear import SVDQuantLinear, set_execution
 from .lowrank import lowrank_factors, solve_group
 from .quantize import LayerReport, QuantizationReport, quantize_model
 from .serialization import CheckpointError, load_quantized, save_quantized
 
 __all__ = [
-    "ActivationRecorder", "CalibrationError", "CheckpointError", "LayerReport", "LowRankQuantLinear", "QuantizationReport",
-    "SVDQuantConfig", "SVDQuantLinear", "load_quantized", "lowrank_factors", "quantize_model",
-    "save_quantized", "solve_group",
+    "ActivationRecorder", "CalibrationError", "CheckpointError", "LayerReport", "QuantizationReport",
+    "SVDQuantConfig", "SVDQuantLinear", "config_for", "load_quantized", "lowrank_factors", "quantize_",
+    "quantize_model", "save_quantized", "set_execution", "solve_group",
 ]

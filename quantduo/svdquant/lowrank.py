@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import quantizers as qz
+from quantduo.formats import quantizers as qz
 from .config import SVDQuantConfig
 from .smoothing import smooth_scale, smoothing_grid
 

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import quantizers as qz
+from quantduo.formats import quantizers as qz
+from quantduo.utils import relative_error
+
 from .calibration import ActivationRecorder, CalibrationError, InputStats
 from .config import SVDQuantConfig, matches
 from .linear import SVDQuantLinear, padded_features
@@ -60,12 +62,6 @@ class QuantizationReport:
         return "\n".join(lines)
 
 
-def relative_error(y: torch.Tensor, y_ref: torch.Tensor) -> float:
-    """``||y - y_ref||^2 / ||y_ref||^2`` in float32."""
-    y_ref = y_ref.float()
-    return float((y.float() - y_ref).pow(2).sum() / y_ref.pow(2).sum().clamp(min=1e-30))
-
-
 def naive_w4a4_error(x: torch.Tensor, w: torch.Tensor, cfg: SVDQuantConfig, act_format: str) -> float:
     """Relative output error of plain round-to-nearest W4A4 (no smoothing, no low-rank) on rows ``x [T, K]``."""
     group = qz.NVFP4_GROUP if cfg.weight_format == "nvfp4" else cfg.group_size
@@ -107,14 +103,15 @@ def build_module(
         pack_residual(module, sol.residual[rows])
         module.smooth_factor.copy_(sol.smooth)
         module.act_shift.copy_(sol.act_shift)
-        module.lora_down.copy_(sol.lora_down)
-        module.lora_up.copy_(sol.lora_up[rows])
+        module.proj_down.copy_(sol.lora_down)
+        module.proj_up.copy_(sol.lora_up[rows])
         if linear.bias is not None:
             # quantizing (x + shift) adds Q(R) @ shift to the output: fold its negative into the bias
             shift_term = module.dequantized_residual() @ sol.act_shift.float()
             module.bias.copy_(linear.bias.float() - shift_term)
         elif bool((sol.act_shift != 0).any()):
             raise ValueError("unsigned activations need a bias to fold the shift into")
+    module.refresh_derived()
     return module
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..utils import atomic_write
 from .config import SVDQuantConfig
-from .linear import ACT_FORMATS, SVDQuantLinear
+from .linear import SVDQuantLinear
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "quantduo_config.json"
@@ -32,12 +32,8 @@ def _sha256(path: Path) -> str:
 
 
 def layer_specs(model: nn.Module) -> dict[str, dict]:
-    """Constructor arguments of every :class:`SVDQuantLinear` in ``model``, by module name. ``ValueError`` for
-    layers in an execution mode that is not a stored format (fp8 execution: save before converting)."""
-    for name, m in model.named_modules():
-        if isinstance(m, SVDQuantLinear) and m.act_format not in ACT_FORMATS:
-            raise ValueError(f"layer {name!r} runs {m.act_format} execution, which is not a storage format: save the "
-                             f"model before converting it (the stored INT4 weights are the same)")
+    """Constructor arguments of every :class:`SVDQuantLinear` in ``model``, by module name (the storage format;
+    the execution is not stored)."""
     return {
         name: dict(
             in_features=m.in_features, out_features=m.out_features, rank=m.rank, bias=m.bias is not None,
@@ -127,4 +123,12 @@ def load_quantized(model: nn.Module, directory: str | Path) -> dict:
             f"checkpoint does not match the model: missing {result.missing_keys[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
+    refresh_derived(model)
     return meta
+
+
+def refresh_derived(model: nn.Module) -> None:
+    """:meth:`SVDQuantLinear.refresh_derived` of every quantized layer of ``model`` (after loading weights)."""
+    for module in model.modules():
+        if isinstance(module, SVDQuantLinear):
+            module.refresh_derived()

@@ -3,11 +3,8 @@
 Layouts shared with the kernels (``M`` tokens, ``N`` out features, ``K`` padded in features, ``G`` group,
 ``r`` rank):
 
-* 4-bit activations: packed uint8 ``[M, K // 2]`` (nibble layout of :mod:`quantduo.svdquant.quantizers`),
+* 4-bit activations: packed uint8 ``[M, K // 2]`` (nibble layout of :mod:`quantduo.formats.quantizers`),
   float32 scales stored transposed ``[K // G, M]``.
-* 8-bit activations (W4A8): int8 ``[M, K]`` in *pair-split* order: inside every group of ``G`` channels the
-  even channels come first, then the odd ones (so they line up with the low / high nibbles of the packed
-  weights), or float8_e4m3fn ``[M, K]`` in natural order; float32 scales ``[M]``.
 * low-rank down-projection: float32 partial sums ``[S, M, r]`` over ``S`` slices of K; consumers sum them
   and round to the module dtype.
 """
@@ -16,22 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from quantduo.svdquant import hopper_formats as hf
-from quantduo.svdquant import quantizers as qz
+from quantduo.formats import quantizers as qz
 
-ACT_MODES = ("int4", "uint4", "int8", "fp8", "none", "smooth", "amax", "int4_deq", "uint4_deq")
-
-
-def pair_split(x: torch.Tensor, group_size: int = 64) -> torch.Tensor:
-    """Reorder the last dim of ``x [..., K]`` so each group of ``group_size`` lists evens then odds."""
-    g = x.reshape(*x.shape[:-1], -1, group_size // 2, 2)
-    return torch.cat([g[..., 0], g[..., 1]], dim=-1).reshape(x.shape)
-
-
-def pair_merge(x: torch.Tensor, group_size: int = 64) -> torch.Tensor:
-    """Inverse of :func:`pair_split`."""
-    g = x.reshape(*x.shape[:-1], -1, 2, group_size // 2)
-    return g.transpose(-1, -2).reshape(x.shape)
+ACT_MODES = ("int4", "uint4", "none", "smooth", "int4_deq", "uint4_deq")
 
 
 def smooth_input(x: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
@@ -49,9 +33,7 @@ def act_quant_ref(x, smooth, shift, lora_down, mode: str, group_size: int = 64):
 
     Args: x ``[M, K]`` float16/bfloat16/float32; smooth, shift ``[K]``; lora_down ``[K, r]`` or None;
     mode in :data:`ACT_MODES`.
-    Returns (q, scales, lx): see the module docstring for the layouts; q is None for modes ``"none"`` and
-    ``"amax"`` (whose scales are the row absmax ``[M]`` of the smoothed x: the max over the kernel's
-    partials), ``"smooth"`` returns q = x / smooth, ``"int4_deq"`` / ``"uint4_deq"`` the dequantized 4-bit
+    Returns (q, scales, lx): see the module docstring for the layouts; q is None for mode ``"none"``, ``"smooth"`` returns q = x / smooth, ``"int4_deq"`` / ``"uint4_deq"`` the dequantized 4-bit
     activations in x's dtype; lx float32 ``[M, r]`` or None.
     """
     xs = smooth_input(x, smooth)
@@ -60,13 +42,6 @@ def act_quant_ref(x, smooth, shift, lora_down, mode: str, group_size: int = 64):
         return None, None, lx
     if mode == "smooth":
         return xs, None, lx
-    if mode == "amax":
-        return None, xs.float().abs().amax(dim=-1), lx
-    if mode == "int8":
-        q, scales = hf.quantize_int8_tokens(xs)
-        return pair_split(q, group_size), scales, lx
-    if mode == "fp8":
-        return (*hf.quantize_fp8_tokens(xs), lx)
     act = xs.float() + shift.float()
     if mode.endswith("_deq"):
         return qz.fake_quant(act, mode[:-4], group_size).to(x.dtype), None, lx
@@ -89,7 +64,8 @@ def epilogue_ref(acc, lx, lora_up, bias, out_dtype, gelu: bool = False):
 
 
 def w4_gemm_ref(a, a_scales, qweight, wscales, lx, lora_up, bias, mode: str, out_dtype, gelu=False):
-    """Reference of the W4A4 group-scaled GEMM (:func:`quantduo.kernels.gemm_w4a4.w4_gemm`).
+    """Reference of the GEMM of 4-bit activations and INT4 weights with per-group scales (the 4-bit mode of
+    :func:`quantduo.kernels.gemm_w4_skinny.w4_skinny_gemm`).
 
     mode ``"int4"`` / ``"uint4"``: ``a`` packed ``[M, K // 2]`` with ``a_scales`` ``[K // G, M]``.
     qweight uint8 ``[N, K // 2]`` (signed INT4), wscales ``[N, K // G]``. Returns ``[M, N]`` in out_dtype.
@@ -98,29 +74,6 @@ def w4_gemm_ref(a, a_scales, qweight, wscales, lx, lora_up, bias, mode: str, out
     codes = qz.unpack_int4(a) if mode == "int4" else qz.unpack_uint4(a)
     act = qz.dequantize_groups(codes, a_scales.T)
     return epilogue_ref(act @ w.T, lx, lora_up, bias, out_dtype, gelu)
-
-
-def w4_dequant_gemm_ref(x, qweight, wfactor, lx, lora_up, bias, out_dtype, smooth=None, act="none", amax=None,
-                        wrow=None, gelu=False):
-    """Reference of the weight-streaming GEMM (:func:`quantduo.kernels.gemm_w4_dequant.w4_dequant_gemm`).
-
-    x 16-bit ``[M, K]`` (divided by ``smooth`` when given); act ``"none"`` or ``"int8"`` / ``"fp8"``: x
-    fake-quantized per token with scale ``amax [M] / (127 | 448)`` (as ``hopper_formats``); weights
-    ``q * wfactor [N, K // G]`` (times ``wrow [N]`` when given), the dequantized tile rounded to x.dtype.
-    """
-    xs = smooth_input(x, smooth) if smooth is not None else x
-    w = qz.dequantize_groups(qz.unpack_int4(qweight), wfactor.float())
-    if act == "none":
-        a = xs.float()
-        w = w.to(x.dtype).float()
-    else:
-        qmax = hf.INT8_MAX if act == "int8" else qz.FP8_E4M3_MAX
-        scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
-        y = (xs.float() / scale[:, None]).clamp(-qmax, qmax)
-        a = (torch.round(y) if act == "int8" else y.to(torch.float8_e4m3fn).float()) * scale[:, None]
-    if wrow is not None:
-        w = w * wrow.float()[:, None]
-    return epilogue_ref(a @ w.T, lx, lora_up, bias, out_dtype, gelu)
 
 
 def w4_gemv_ref(x, qweight, wscales, lx, lora_up, bias, out_dtype):
@@ -136,31 +89,6 @@ def rms_norm_ref(x, weight, eps: float):
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)
-
-
-def quant_next_ref(h, smooth, shift, lora_down, mode: str, group_size: int = 64):
-    """What the MLP fc1 epilogue produces for fc2 from fc1's output ``h [M, N1]``: kernel 1's job on ``h``."""
-    return act_quant_ref(h, smooth, shift, lora_down, mode, group_size)
-
-
-def w4a8_gemm_ref(a, a_scales, qweight, wmult, wrow, lx, lora_up, bias, out_dtype, gelu=False, group_size=64):
-    """Reference of the W4A8 GEMM (:mod:`quantduo.kernels.gemm_w4a8`): ``a`` int8 pair-split ``[M, K]`` or
-    float8_e4m3fn natural order, a_scales float32 ``[M]``; weights in a format of
-    :mod:`quantduo.svdquant.hopper_formats`."""
-    codes = pair_merge(a, group_size) if a.dtype == torch.int8 else a
-    act = codes.float() * a_scales[:, None]
-    w = hf.dequantize_int4_int8exact(qz.unpack_int4(qweight), wmult, wrow)
-    return epilogue_ref(act @ w.T, lx, lora_up, bias, out_dtype, gelu)
-
-
-def w4_expand_ref(qweight, wmult, fp8: bool, group_size: int = 64):
-    """Reference of the weight expansion kernel: ``q * mult`` ``[N, K]``, float8_e4m3fn in natural order
-    (fp8) or int8 in pair-split order."""
-    q = qz.unpack_int4(qweight).to(torch.int16)
-    m = wmult.to(torch.int16).repeat_interleave(group_size, dim=1)
-    if fp8:
-        return (q * m).float().to(torch.float8_e4m3fn)
-    return pair_split((q * m).to(torch.int8), group_size)
 
 
 def w4_dequant_ref(qweight, wscales, dtype: torch.dtype, group_size: int = 64, lora_down=None, lora_up=None,

@@ -34,7 +34,7 @@ def _check_groups(x: torch.Tensor, group_size: int) -> None:
     if x.shape[-1] % group_size != 0:
         raise ValueError(
             f"last dimension {x.shape[-1]} is not divisible by group_size {group_size}; "
-            "pad the input channels (quantduo.svdquant.quantizers.pad_to_multiple) or pick another group size"
+            "pad the input channels (quantduo.formats.quantizers.pad_to_multiple) or pick another group size"
         )
 
 

@@ -11,7 +11,7 @@ import sys
 
 # Modules that expose ``register(subparsers)``.
 _COMMAND_MODULES = (
-    "quantduo.integrations.diffusers_commands",
+    "quantduo.cli.diffusion",
     "quantduo.duo.commands",
     "quantduo.demo",
 )

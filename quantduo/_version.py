@@ -1,0 +1,2 @@
+"""The package version (one place)."""
+__version__ = "0.2.0"

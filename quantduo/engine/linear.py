@@ -1,0 +1,283 @@
+"""Forward of a 4-bit linear layer, dispatched by (storage format, execution, device, token count).
+
+The layer is any object with the attributes of :class:`quantduo.svdquant.SVDQuantLinear` (``N`` out features,
+``K`` padded in features, ``r`` rank):
+
+* ``qweight`` uint8 ``[N, K // 2]``, ``wscales`` ``[N, K // G]``, ``wscale_global`` float32 ``[]`` (NVFP4);
+* ``smooth_factor`` / ``act_shift`` ``[K]``, ``proj_down`` ``[K, r]``, ``proj_up`` ``[N, r]``, ``bias`` ``[N]``;
+* derived (kept current by the layer): ``bias_a16`` ``[N]`` (the bias for 16-bit / fp8 activations: the
+  unsigned shift's term unfolded), ``fp8_wscale`` / ``fp8_inv_wscale`` float32 ``[N]``, ``fp8_inv_smooth``
+  float32 ``[K]``, ``smoothing_folded_out`` (all smoothing factors are 1);
+* ``weight_format``, ``act_format``, ``group_size``, ``in_features``, ``out_features``, ``execution``,
+  ``fast_accum``.
+
+Execution paths (names of :mod:`quantduo.formats.registry`):
+
+============  =========================  ============================================================
+execution     tokens                     path
+============  =========================  ============================================================
+reference     any                        PyTorch: the stored format's arithmetic (:func:`reference_forward`)
+exact, W4A4   <= 64 / more               4-bit activations (kernel 1) + the skinny split-K GEMM /
+                                         dequantized activations + weight + cuBLAS
+exact, NVFP4  any                        Triton weight dequantization + the reference arithmetic
+a16           1 / <= 64 / more           GEMV / smoothing kernel + skinny GEMM / the weight reconstructed
+                                         into a scratch buffer + cuBLAS (also the W4A16 formats' ``exact``)
+fp8           <= 64 / more               ``a16`` / per-token fp8 activations x the weight expanded into fp8
+                                         + one row-wise scaled ``torch._scaled_mm``
+============  =========================  ============================================================
+
+Kernels run on CUDA tensors; on the CPU the same paths run their PyTorch references, unless
+:func:`cpu_kernels` is active (tests: Triton's interpreter, ``TRITON_INTERPRET=1``).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.nn.functional as F
+
+from quantduo.formats import quantizers as qz
+from quantduo.formats.fp8 import quantize_fp8_per_token_ref, quantize_fp8_weight
+from quantduo.formats.reference import smooth_input
+from quantduo.kernels.act_quant import act_quant
+from quantduo.kernels.dequant_w4 import dequant_w4
+from quantduo.kernels.fp8_linear import expand_w4_fp8, fp8_rowwise_gemm, quantize_fp8_per_token
+from quantduo.kernels.gemm_w4_skinny import w4_skinny_gemm
+from quantduo.kernels.gemv_w4 import w4_gemv
+from quantduo.kernels.nvfp4 import nvfp4_dequant
+
+# Token counts up to which INT4 layers run the skinny split-K GEMM (weights as the wide tensor-core operand); above
+# it W4A4 dequantizes for cuBLAS, 16-bit activations reconstruct the weight, fp8 expands it into fp8.
+SKINNY_MAX_TOKENS = 64
+# Token counts up to which 16-bit activations run the CUDA-core GEMV (decoding).
+GEMV_MAX_TOKENS = 1
+# Compute capability from which CUDA GPUs have fp8 tensor cores (Ada, Hopper, Blackwell).
+FP8_CAPABILITY = (8, 9)
+
+_CPU_KERNELS = [False]
+
+
+@contextlib.contextmanager
+def cpu_kernels():
+    """Run the Triton kernels on CPU tensors inside this block (Triton's interpreter: ``TRITON_INTERPRET=1`` must
+    be set before Triton is imported); outside it CPU tensors take the PyTorch references."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("CPU kernels need the Triton interpreter: set TRITON_INTERPRET=1 before importing quantduo")
+    _CPU_KERNELS[0] = True
+    try:
+        yield
+    finally:
+        _CPU_KERNELS[0] = False
+
+
+def kernels_for(x: torch.Tensor) -> bool:
+    """Whether ``x`` goes through the Triton kernels (CUDA, or the CPU inside :func:`cpu_kernels`)."""
+    return x.is_cuda or _CPU_KERNELS[0]
+
+
+@torch.compiler.assume_constant_result
+def _device_has_fp8(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= FP8_CAPABILITY
+
+
+def has_fp8(device: torch.device) -> bool:
+    """Whether ``device`` is a CUDA GPU with fp8 tensor cores."""
+    if device.type != "cuda":
+        return False
+    return _device_has_fp8(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def resolve_execution(layer, x: torch.Tensor) -> str:
+    """The concrete execution of ``layer.execution`` for input ``x``: ``"auto"`` becomes ``"reference"`` on the
+    CPU, ``"fp8"`` for INT4 layers on GPUs with fp8 tensor cores and ``"exact"`` on other GPUs."""
+    execution = layer.execution
+    if execution != "auto":
+        return execution
+    if not x.is_cuda:
+        return "reference"
+    int4 = layer.weight_format == "int4" and layer.act_format != "nvfp4"
+    return "fp8" if int4 and has_fp8(x.device) else "exact"
+
+
+def tokens_of(x: torch.Tensor) -> int:
+    """Rows of ``x [..., K]``."""
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def linear_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """``x [..., in_features]`` -> ``[..., out_features]`` in x.dtype, by ``layer.execution``."""
+    execution = resolve_execution(layer, x)
+    if execution == "reference" or not kernels_for(x):
+        y = _reference_of(execution)(layer, x)
+    elif execution == "fp8" and tokens_of(x) > SKINNY_MAX_TOKENS and layer.weight_format == "int4":
+        y = _fp8_gemm(layer, *quantize_fp8_per_token(_flat_padded(layer, x)), x.dtype)  # traced by torch.compile
+    else:
+        y = _kernel_forward(layer, _flat_padded(layer, x), execution)
+    return y.reshape(*x.shape[:-1], layer.out_features)
+
+
+def gelu_linear_forward(layer, gelu_input: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """``layer(cat(prefix, gelu_tanh(gelu_input)))``: gelu_input ``[..., Kg]``, prefix ``[..., in_features - Kg]``
+    or None. In fp8 execution above :data:`SKINNY_MAX_TOKENS` tokens the GELU and the concatenation happen inside the
+    per-token activation quantization (one pass, no 16-bit copy of the layer input)."""
+    width = gelu_input.shape[-1] + (0 if prefix is None else prefix.shape[-1])
+    if width != layer.in_features or (prefix is not None and prefix.shape[:-1] != gelu_input.shape[:-1]):
+        raise ValueError(f"the layer takes {layer.in_features} input channels, got gelu_input "
+                         f"{tuple(gelu_input.shape)} and prefix {None if prefix is None else tuple(prefix.shape)}")
+    fused = (resolve_execution(layer, gelu_input) == "fp8" and kernels_for(gelu_input)
+             and tokens_of(gelu_input) > SKINNY_MAX_TOKENS and layer.padded_in_features == layer.in_features)
+    if not fused:
+        h = F.gelu(gelu_input, approximate="tanh")
+        return linear_forward(layer, h if prefix is None else torch.cat([prefix, h], dim=-1))
+    rows = lambda t: None if t is None else t.reshape(-1, t.shape[-1]).contiguous()  # noqa: E731
+    y = _fp8_gemm(layer, *quantize_fp8_per_token(rows(prefix), rows(gelu_input)), gelu_input.dtype)
+    return y.reshape(*gelu_input.shape[:-1], layer.out_features)
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch references
+# ---------------------------------------------------------------------------------------------
+def _pad_input(layer, x: torch.Tensor) -> torch.Tensor:
+    if x.shape[-1] != layer.in_features:
+        raise ValueError(f"{type(layer).__name__} expects inputs with last dim {layer.in_features}, "
+                         f"got shape {tuple(x.shape)}")
+    extra = layer.padded_in_features - layer.in_features
+    return F.pad(x, (0, extra)) if extra else x
+
+
+def _flat_padded(layer, x: torch.Tensor) -> torch.Tensor:
+    """``x [..., in_features]`` -> contiguous ``[M, K_padded]`` (zero-padded like the layer)."""
+    return _pad_input(layer, x).reshape(-1, layer.padded_in_features).contiguous()
+
+
+def dequantized_residual(layer) -> torch.Tensor:
+    """The layer's 4-bit residual as float32 ``[N, K_padded]`` (smoothed input space)."""
+    if layer.weight_format == "nvfp4":
+        return qz.dequantize_nvfp4(qz.unpack_nibbles(layer.qweight), layer.wscales, layer.wscale_global)
+    return qz.dequantize_groups(qz.unpack_int4(layer.qweight), layer.wscales)
+
+
+def _low_rank(layer, x_smooth: torch.Tensor) -> torch.Tensor:
+    """The 16-bit low-rank branch ``(x_smooth @ proj_down) @ proj_up^T`` in the layer dtype."""
+    return (x_smooth.to(layer.proj_down.dtype) @ layer.proj_down) @ layer.proj_up.T
+
+
+def reference_forward(layer, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The stored format's arithmetic: ``Q_a(x / smooth + shift) @ R^T`` in float32 + the 16-bit low-rank branch +
+    bias (the shift's term is folded into the stored bias). ``residual``: the dequantized residual float32
+    ``[N, K_padded]`` if already at hand. Output in x.dtype, shape ``[..., N]``."""
+    x_smooth = _pad_input(layer, x) / layer.smooth_factor.to(x.dtype)
+    residual = dequantized_residual(layer) if residual is None else residual
+    act = qz.fake_quant(x_smooth.float() + layer.act_shift.float(), layer.act_format, layer.group_size)
+    y = act @ residual.T + _low_rank(layer, x_smooth).float()
+    if layer.bias is not None:
+        y = y + layer.bias.float()
+    return y.to(x.dtype)
+
+
+def a16_reference_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """16-bit activations on the stored weights: ``(x / smooth) @ R^T`` in float32 + the low-rank branch +
+    ``bias_a16``. Output in x.dtype, ``[..., N]``."""
+    x_smooth = _pad_input(layer, x) / layer.smooth_factor.to(x.dtype)
+    y = x_smooth.float() @ dequantized_residual(layer).T + _low_rank(layer, x_smooth).float()
+    if layer.bias_a16 is not None:
+        y = y + layer.bias_a16.float()
+    return y.to(x.dtype)
+
+
+def reconstructed_weight(layer) -> torch.Tensor:
+    """The whole layer weight ``(R + proj_up @ proj_down^T) / smooth`` float32 ``[N, K_padded]``."""
+    w_hat = dequantized_residual(layer) + layer.proj_up.float() @ layer.proj_down.float().T
+    return w_hat / layer.smooth_factor.float()[None, :]
+
+
+def fp8_reference_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """fp8 execution in float32 products of the exact fp8 operands: per-token fp8 activations times the
+    reconstructed weight in fp8 with the per-channel scale ``fp8_wscale``, + ``bias_a16``. Output ``[M, N]``."""
+    xq, x_scale = quantize_fp8_per_token_ref(_flat_padded(layer, x))
+    w8 = quantize_fp8_weight(reconstructed_weight(layer), layer.fp8_inv_wscale)
+    y = (xq.float() @ w8.T) * x_scale[:, None] * layer.fp8_wscale[None, :]
+    if layer.bias_a16 is not None:
+        y = y + layer.bias_a16.float()
+    return y.to(x.dtype)
+
+
+def _reference_of(execution: str):
+    """The PyTorch function computing ``execution``'s arithmetic."""
+    return {"reference": reference_forward, "exact": reference_forward, "a16": a16_reference_forward,
+            "fp8": fp8_reference_forward}[execution]
+
+
+# ---------------------------------------------------------------------------------------------
+# kernel paths
+# ---------------------------------------------------------------------------------------------
+@torch.compiler.disable
+def _kernel_forward(layer, x2: torch.Tensor, execution: str) -> torch.Tensor:
+    """``x2 [M, K_padded]`` -> ``[M, N]`` through the kernels of ``execution`` (not ``reference``; fp8 execution
+    here only for few tokens). Not traced by ``torch.compile``: these kernels share scratch buffers."""
+    if layer.weight_format == "nvfp4" or layer.act_format == "nvfp4":
+        residual = nvfp4_dequant(layer.qweight, layer.wscales, layer.wscale_global) \
+            if layer.weight_format == "nvfp4" else None
+        return reference_forward(layer, x2[:, : layer.in_features], residual)
+    if execution == "exact" and layer.act_format in ("int4", "uint4"):
+        return _w4a4_kernels(layer, x2)
+    bias = layer.bias if execution == "exact" else layer.bias_a16  # W4A16 formats: the same bias
+    return _a16_kernels(layer, x2, bias)
+
+
+def _low_rank_factors(layer):
+    return (layer.proj_down, layer.proj_up) if layer.rank > 0 else (None, None)
+
+
+def _lowrank_partials(layer, x2: torch.Tensor) -> torch.Tensor | None:
+    """Kernel 1's low-rank partials ``[S, M, r]`` of ``x2 / smooth`` (no quantization), None without low-rank."""
+    return act_quant(x2, layer.smooth_factor, None, layer.proj_down, "none")[2] if layer.rank > 0 else None
+
+
+def _a16_kernels(layer, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """16-bit activations: one token -> the GEMV; up to 64 16-bit tokens -> kernel 1 (smoothing + low-rank) and the
+    skinny GEMM; more tokens, float32 tokens or groups other than 64 -> the reconstructed weight and one cuBLAS
+    GEMM."""
+    M = x2.shape[0]
+    g64 = layer.group_size == 64
+    identity = layer.smoothing_folded_out
+    if M <= GEMV_MAX_TOKENS and g64:
+        xs = x2 if identity else smooth_input(x2, layer.smooth_factor)
+        return w4_gemv(xs, layer.qweight, layer.wscales, _lowrank_partials(layer, x2), layer.proj_up, bias, x2.dtype)
+    if M <= SKINNY_MAX_TOKENS and g64 and x2.dtype != torch.float32:
+        if identity:
+            xs, lxp = x2, _lowrank_partials(layer, x2)
+        else:
+            xs, _, lxp = act_quant(x2, layer.smooth_factor, None, layer.proj_down if layer.rank else None, "smooth")
+        return w4_skinny_gemm(xs, None, layer.qweight, layer.wscales, lxp, layer.proj_up, bias, "none", x2.dtype)
+    smooth = None if identity else layer.smooth_factor
+    w = dequant_w4(layer.qweight, layer.wscales, x2.dtype, layer.group_size, *_low_rank_factors(layer), smooth)
+    return F.linear(x2, w, None if bias is None else bias.to(x2.dtype))
+
+
+def _w4a4_kernels(layer, x2: torch.Tensor) -> torch.Tensor:
+    """INT4 / shifted UINT4 activations: up to 64 tokens kernel 1 (4-bit codes) + the skinny GEMM; more tokens
+    kernel 1's dequantized activations, the dequantized residual and one cuBLAS GEMM, plus the low-rank branch
+    as ``x @ (proj_down / smooth)`` and a rank-r update."""
+    ld, lu = _low_rank_factors(layer)
+    if x2.shape[0] <= SKINNY_MAX_TOKENS:
+        q, qs, lxp = act_quant(x2, layer.smooth_factor, layer.act_shift, ld, layer.act_format)
+        return w4_skinny_gemm(q, qs, layer.qweight, layer.wscales, lxp, lu, layer.bias, layer.act_format, x2.dtype)
+    xq, _, _ = act_quant(x2, layer.smooth_factor, layer.act_shift, None, layer.act_format + "_deq")
+    w = dequant_w4(layer.qweight, layer.wscales, x2.dtype, layer.group_size)
+    y = F.linear(xq, w, None if layer.bias is None else layer.bias.to(x2.dtype))
+    if ld is not None:
+        lx = x2 @ (ld / layer.smooth_factor[:, None]).to(x2.dtype)
+        y.addmm_(lx.to(y.dtype), lu.to(y.dtype).t())
+    return y
+
+
+def _fp8_gemm(layer, xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """fp8 activations ``xq [M, K]`` (float8_e4m3fn, per-token scales float32 ``[M]``) times the layer weight
+    expanded into fp8: one row-wise scaled GEMM + ``bias_a16`` -> ``[M, N]`` in out_dtype. Traceable by
+    ``torch.compile`` (no host syncs, no shared scratch buffers)."""
+    inv_smooth = None if layer.smoothing_folded_out else layer.fp8_inv_smooth
+    w8 = expand_w4_fp8(layer.qweight, layer.wscales, *_low_rank_factors(layer), inv_smooth, layer.fp8_inv_wscale,
+                       layer.group_size)
+    return fp8_rowwise_gemm(xq, w8, x_scale, layer.fp8_wscale, layer.bias_a16, out_dtype, fast_accum=layer.fast_accum)

@@ -1,0 +1,237 @@
+"""quantduo as a diffusers quantizer backend (``quant_method: "quantduo"``).
+
+Importing this module registers :class:`QuantDuoConfig` / :class:`QuantDuoQuantizer` in diffusers' quantizer
+mappings, so a folder written by ``model.save_pretrained`` of a quantduo-quantized denoiser (its ``config.json``
+carries the ``quantization_config``) loads with plain diffusers calls::
+
+    model = FluxTransformer2DModel.from_pretrained("flux-int4/transformer")
+    pipe = DiffusionPipeline.from_pretrained("flux-int4")
+
+The ``quantization_config`` holds the storage format of every quantized layer (``layers``: constructor arguments
+of :class:`~quantduo.svdquant.SVDQuantLinear` by module name) and the execution to run them with; it never holds a
+path. Loading replaces the named ``nn.Linear`` modules of the empty skeleton, diffusers fills their buffers from
+the safetensors file, and the layers' derived state is computed on the device they landed on.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.quantizers import auto as diffusers_auto
+from diffusers.quantizers.base import DiffusersQuantizer
+from diffusers.quantizers.quantization_config import QuantizationConfigMixin
+from torch import nn
+
+from quantduo._version import __version__
+from quantduo.formats.registry import EXECUTIONS, format_names, get_format
+from quantduo.svdquant import SVDQuantLinear
+from quantduo.svdquant.linear import ACT_FORMATS, WEIGHT_FORMATS, set_execution
+
+from .fusions import enable_fusions
+
+QUANT_METHOD = "quantduo"
+LAYER_FIELDS = {"in_features": int, "out_features": int, "rank": int, "bias": bool, "weight_format": str,
+                "act_format": str, "group_size": int}
+
+
+class QuantizationConfigError(ValueError):
+    """A ``quantization_config`` that is not a valid quantduo config (the message names the field)."""
+
+
+class _QuantMethod(str):
+    """The method name; diffusers reads ``quant_method.value`` as it does of its own enum."""
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+
+def _check_layer(name: str, spec: Any) -> dict:
+    """A validated copy of one ``layers`` entry (``QuantizationConfigError`` naming the field otherwise)."""
+    if not isinstance(spec, dict):
+        raise QuantizationConfigError(f"quantization_config.layers[{name!r}] must be an object, got {type(spec).__name__}")
+    missing = sorted(set(LAYER_FIELDS) - set(spec))
+    unknown = sorted(set(spec) - set(LAYER_FIELDS))
+    if missing or unknown:
+        raise QuantizationConfigError(f"quantization_config.layers[{name!r}]: missing {missing}, unknown {unknown}")
+    for key, kind in LAYER_FIELDS.items():
+        if type(spec[key]) is not kind:
+            raise QuantizationConfigError(f"quantization_config.layers[{name!r}].{key} must be {kind.__name__}, "
+                                          f"got {spec[key]!r}")
+    if spec["weight_format"] not in WEIGHT_FORMATS or spec["act_format"] not in ACT_FORMATS:
+        raise QuantizationConfigError(f"quantization_config.layers[{name!r}]: weight_format / act_format must be one of "
+                                      f"{WEIGHT_FORMATS} / {ACT_FORMATS}, got {spec['weight_format']!r} / "
+                                      f"{spec['act_format']!r}")
+    if min(spec["in_features"], spec["out_features"], spec["group_size"]) <= 0 or spec["rank"] < 0:
+        raise QuantizationConfigError(f"quantization_config.layers[{name!r}]: sizes must be positive, rank >= 0")
+    return dict(spec)
+
+
+class QuantDuoConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of a quantduo checkpoint.
+
+    Args:
+        format: the storage format's name in :mod:`quantduo.formats.registry` (``"int4"``, ``"nvfp4"``, ...).
+        rank: rank of the low-rank branch used at quantization.
+        execution: how loaded layers run (``"auto"``, ``"reference"``, ``"exact"``, ``"a16"``, ``"fp8"``).
+        fast_accum: fp8 GEMMs without float32 promotion along K.
+        fuse: replace FLUX/GELU blocks by their fused versions after loading (same outputs, same state dict).
+        layers: ``{module name: SVDQuantLinear constructor arguments}`` of every quantized layer.
+        quantduo_version: the version that wrote the checkpoint.
+    """
+
+    def __init__(self, format: str = "int4", rank: int = 32, execution: str = "auto", fast_accum: bool = True,
+                 fuse: bool = True, layers: dict[str, dict] | None = None, quantduo_version: str = __version__,
+                 quant_method: str = QUANT_METHOD, **unknown: Any) -> None:
+        if unknown:
+            raise QuantizationConfigError(f"quantization_config has unknown field(s) {sorted(unknown)} for "
+                                          f"quant_method {QUANT_METHOD!r}")
+        if quant_method != QUANT_METHOD:
+            raise QuantizationConfigError(f"quantization_config.quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
+        if format not in format_names():
+            raise QuantizationConfigError(f"quantization_config.format {format!r} is not one of {format_names()}")
+        if execution not in EXECUTIONS:
+            raise QuantizationConfigError(f"quantization_config.execution {execution!r} is not one of {EXECUTIONS}")
+        if type(rank) is not int or rank < 0:
+            raise QuantizationConfigError(f"quantization_config.rank must be a non-negative integer, got {rank!r}")
+        if not isinstance(layers or {}, dict):
+            raise QuantizationConfigError("quantization_config.layers must be an object {module name: layer}")
+        self.quant_method = _QuantMethod(QUANT_METHOD)
+        self.format, self.rank, self.execution = format, rank, execution
+        self.fast_accum, self.fuse, self.quantduo_version = bool(fast_accum), bool(fuse), quantduo_version
+        self.layers = {name: _check_layer(name, spec) for name, spec in (layers or {}).items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(quant_method=QUANT_METHOD, format=self.format, rank=self.rank, execution=self.execution,
+                    fast_accum=self.fast_accum, fuse=self.fuse, layers=self.layers,
+                    quantduo_version=self.quantduo_version)
+
+
+def layer_specs(model: nn.Module) -> dict[str, dict]:
+    """Constructor arguments of every :class:`SVDQuantLinear` in ``model``, by module name (its storage format)."""
+    return {name: dict(in_features=m.in_features, out_features=m.out_features, rank=m.rank,
+                       bias=m.bias is not None, weight_format=m.weight_format, act_format=m.act_format,
+                       group_size=m.group_size)
+            for name, m in model.named_modules() if isinstance(m, SVDQuantLinear)}
+
+
+def replace_with_quantized(model: nn.Module, layers: dict[str, dict], dtype: torch.dtype,
+                           device: torch.device | str = "meta") -> None:
+    """Swap the ``nn.Linear`` modules named in ``layers`` for empty :class:`SVDQuantLinear` of the stored shape
+    (``QuantizationConfigError`` naming the layer for a name or shape the model does not have)."""
+    for name, spec in layers.items():
+        try:
+            current = model.get_submodule(name)
+        except AttributeError as err:
+            raise QuantizationConfigError(f"quantized layer {name!r} does not exist in {type(model).__name__}") from err
+        if not isinstance(current, (nn.Linear, SVDQuantLinear)):
+            raise QuantizationConfigError(f"quantized layer {name!r} is a {type(current).__name__} in the model, "
+                                          f"not a Linear")
+        if (current.out_features, current.in_features) != (spec["out_features"], spec["in_features"]):
+            raise QuantizationConfigError(
+                f"quantized layer {name!r} is {spec['out_features']}x{spec['in_features']} but the model's is "
+                f"{current.out_features}x{current.in_features}")
+        model.set_submodule(name, SVDQuantLinear(**spec, dtype=dtype, device=device))
+
+
+def _owner(model: nn.Module, param_name: str) -> tuple[nn.Module, str]:
+    module_name, _, tensor_name = param_name.rpartition(".")
+    return model.get_submodule(module_name), tensor_name
+
+
+class QuantDuoQuantizer(DiffusersQuantizer):
+    """Loads and saves quantduo checkpoints through diffusers' ``from_pretrained`` / ``save_pretrained``."""
+
+    requires_calibration = True  # quantization needs calibration data: quantduo.quantize_, then save_pretrained
+    use_keep_in_fp32_modules = False
+
+    def __init__(self, quantization_config: QuantDuoConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.compute_dtype = torch.bfloat16
+
+    def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype:
+        self.compute_dtype = torch_dtype or torch.bfloat16
+        return self.compute_dtype
+
+    def validate_environment(self, *args, **kwargs) -> None:
+        get_format(self.quantization_config.format)
+        if not self.quantization_config.layers:
+            raise QuantizationConfigError("quantization_config.layers is empty: the checkpoint names no quantized layer")
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs) -> None:
+        replace_with_quantized(model, self.quantization_config.layers, self.compute_dtype)
+
+    def check_if_quantized_param(self, model: nn.Module, param_value: torch.Tensor, param_name: str,
+                                 state_dict: dict[str, Any], **kwargs) -> bool:
+        return isinstance(_owner(model, param_name)[0], SVDQuantLinear)
+
+    def check_quantized_param_shape(self, param_name: str, current: torch.Tensor, loaded: torch.Tensor) -> bool:
+        if current.shape != loaded.shape:
+            raise QuantizationConfigError(f"{param_name}: the checkpoint holds {tuple(loaded.shape)}, the layer "
+                                          f"described by quantization_config needs {tuple(current.shape)}")
+        return True
+
+    def create_quantized_param(self, model: nn.Module, param_value: torch.Tensor, param_name: str,
+                               target_device: torch.device | str, state_dict: dict[str, Any],
+                               unexpected_keys: list[str] | None = None, **kwargs) -> None:
+        """Put a stored buffer into its layer exactly: packed codes and their own-format scales keep their dtype,
+        the compute-dtype buffers take the layer's."""
+        module, tensor_name = _owner(model, param_name)
+        current = module._buffers[tensor_name]
+        self.check_quantized_param_shape(param_name, current, param_value)
+        module._buffers[tensor_name] = param_value.to(device=target_device, dtype=current.dtype)
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs) -> nn.Module:
+        config = self.quantization_config
+        for name, module in model.named_modules():
+            if isinstance(module, SVDQuantLinear):
+                meta = [n for n, b in module.named_buffers() if b.is_meta and n in module.state_dict()]
+                if meta:
+                    raise QuantizationConfigError(f"quantized layer {name!r}: the checkpoint lacks {meta}")
+                _materialize_derived(module)
+        set_execution(model, config.execution, config.fast_accum)
+        if config.fuse:
+            enable_fusions(model)
+        return model
+
+    @property
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def _materialize_derived(module: SVDQuantLinear) -> None:
+    """Give the non-persistent (derived) buffers left on the meta device real storage next to the stored ones,
+    then compute them."""
+    device = module.qweight.device
+    for name, buf in module._buffers.items():
+        if buf is not None and buf.is_meta:
+            module._buffers[name] = torch.empty_like(buf, device=device)
+    module.refresh_derived()
+
+
+def mark_quantized(model: nn.Module, config: QuantDuoConfig) -> nn.Module:
+    """Make an in-memory quantized diffusers model save as a quantduo checkpoint: ``config.layers`` from its
+    quantized layers, ``quantization_config`` in its config, the quantizer attached (``save_pretrained`` checks it)."""
+    config.layers = {name: _check_layer(name, spec) for name, spec in layer_specs(model).items()}
+    model.register_to_config(quantization_config=config)
+    model.hf_quantizer = QuantDuoQuantizer(config, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = config.quant_method
+    return model
+
+
+def register() -> None:
+    """Add ``"quantduo"`` to diffusers' quantizer mappings (idempotent)."""
+    diffusers_auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = QuantDuoQuantizer
+    diffusers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = QuantDuoConfig
+
+
+register()

@@ -1,0 +1,135 @@
+"""Calibration inputs of a diffusers denoiser: capture its calls inside the pipeline, replay them for
+:func:`quantduo.svdquant.quantize_model`.
+
+Typical use::
+
+    samples = capture_calibration_inputs(pipe, prompts, num_samples=64, num_inference_steps=20)
+    report = quantize_transformer(pipe.transformer, samples, quantization_config(pipe.transformer))
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantduo.svdquant import QuantizationReport, SVDQuantConfig, quantize_model
+
+from .rules import denoiser_of, quantization_config, rules_for
+
+
+def _map_tensors(obj: Any, fn) -> Any:
+    """Apply ``fn`` to every tensor inside nested tuples / lists / dicts."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class CalibrationSample:
+    """One captured denoiser call: positional and keyword arguments (tensors detached, on the CPU)."""
+
+    args: tuple
+    kwargs: dict
+    prompt_index: int
+    step: int
+
+    def to(self, device: torch.device) -> tuple[tuple, dict]:
+        move = lambda t: t.to(device)  # noqa: E731
+        return _map_tensors(self.args, move), _map_tensors(self.kwargs, move)
+
+
+class _StepSampler:
+    """Forward pre-hook that keeps a uniform random subset (bottom-k priorities) of all denoiser calls."""
+
+    def __init__(self, num_samples: int, generator: torch.Generator):
+        self.num_samples, self.generator = num_samples, generator
+        self.heap: list[tuple[float, int, CalibrationSample]] = []  # max-heap on priority via negation
+        self.prompt_index, self.step, self.calls = 0, 0, 0
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        priority = float(torch.rand((), generator=self.generator))
+        self.calls += 1
+        step = self.step
+        self.step += 1
+        if len(self.heap) >= self.num_samples and priority >= -self.heap[0][0]:
+            return
+        cpu = lambda t: t.detach().to("cpu", copy=True)  # noqa: E731
+        sample = CalibrationSample(_map_tensors(args, cpu), _map_tensors(kwargs, cpu), self.prompt_index, step)
+        heapq.heappush(self.heap, (-priority, self.calls, sample))
+        if len(self.heap) > self.num_samples:
+            heapq.heappop(self.heap)
+
+    def samples(self) -> list[CalibrationSample]:
+        return sorted((s for _, _, s in self.heap), key=lambda s: (s.prompt_index, s.step))
+
+
+def capture_calibration_inputs(
+    pipe: Any,
+    prompts: Iterable[str],
+    num_samples: int = 128,
+    num_inference_steps: int = 20,
+    seed: int = 0,
+    progress: bool = True,
+    **pipe_kwargs: Any,
+) -> list[CalibrationSample]:
+    """Run ``pipe`` over ``prompts`` and capture the denoiser's inputs at every denoising step.
+
+    A uniform random subset of ``num_samples`` (prompt, step) calls is kept (seeded), stored on the CPU.
+    ``pipe_kwargs`` go to the pipeline call (``height``, ``width``, ``guidance_scale``, ...); the output is
+    requested as latents so the VAE never runs.
+    """
+    prompts = list(prompts)
+    if not prompts or num_samples <= 0:
+        raise ValueError("calibration needs at least one prompt and num_samples > 0")
+    _, denoiser = denoiser_of(pipe)
+    sampler = _StepSampler(num_samples, torch.Generator().manual_seed(seed))
+    handle = denoiser.register_forward_pre_hook(sampler, with_kwargs=True)
+    try:
+        for i, prompt in enumerate(tqdm(prompts, desc="calibration prompts", disable=not progress)):
+            sampler.prompt_index, sampler.step = i, 0
+            pipe(
+                prompt, num_inference_steps=num_inference_steps, output_type="latent",
+                generator=torch.Generator().manual_seed(seed + i), **pipe_kwargs,
+            )
+    finally:
+        handle.remove()
+    if sampler.calls == 0:
+        raise RuntimeError(f"the pipeline never called its denoiser {type(denoiser).__name__}")
+    return sampler.samples()
+
+
+def replay_fn(samples: list[CalibrationSample], progress: bool = True):
+    """A ``calib_fn(model)`` for :func:`quantize_model` that re-runs the captured calls on ``model``."""
+
+    def calib_fn(model: nn.Module) -> None:
+        device = next(model.parameters()).device
+        for sample in tqdm(samples, desc="calibration replay", disable=not progress):
+            args, kwargs = sample.to(device)
+            model(*args, **kwargs)
+
+    return calib_fn
+
+
+def quantize_transformer(
+    model: nn.Module,
+    samples: list[CalibrationSample],
+    config: SVDQuantConfig | None = None,
+    progress: bool = True,
+) -> QuantizationReport:
+    """SVDQuant ``model`` (a supported diffusers denoiser) in place on captured calibration ``samples``.
+
+    ``config`` defaults to :func:`quantization_config` (INT4, rank 32) of the model's class.
+    """
+    if not samples:
+        raise ValueError("no calibration samples: run capture_calibration_inputs first")
+    config = config or quantization_config(model)
+    rules_for(model)  # clear error for unsupported classes even with an explicit config
+    return quantize_model(model, replay_fn(samples, progress), config, progress=progress)
