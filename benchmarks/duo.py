@@ -43,7 +43,7 @@ from quantduo.utils import relative_l2_error  # noqa: E402
 from quantduo.duo.decode import GraphedDecoder  # noqa: E402
 from quantduo.duo.deploy import apply_duo, chunked_prefill  # noqa: E402
 from quantduo.duo.identify import gated_model  # noqa: E402
-from quantduo.duo.kvquant import quantize_unchecked  # noqa: E402
+from quantduo.formats.kv import quantize_unchecked  # noqa: E402
 from quantduo.integrations.transformers import fuse_rms_norms, quantize_causal_lm, weight_bytes  # noqa: E402
 from quantduo.kernels.decode_attention import decode_attention  # noqa: E402
 from quantduo.kernels.reference import decode_attention_ref  # noqa: E402

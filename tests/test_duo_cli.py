@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from quantduo.duo import commands, demo
+from quantduo.duo.data import make_bos_sample
 from quantduo.duo.identify import IdentifyConfig, identify
 from quantduo.duo.patterns import load_pattern
 from quantduo.models import tiny_lm
@@ -46,7 +47,8 @@ def test_cli_generate_answers_the_passkey(tmp_path, capsys, extra):
     """``duo generate`` on a passkey prompt (chunked prefill in 3 chunks; on CUDA, graph-captured decode steps):
     the continuation is the passkey, and the cache holds less than a full one."""
     hay = tiny_lm.haystack_ids(seed=5, n_words=5000)
-    sample = tiny_lm.make_tiny_sample(hay, np.random.default_rng(2), 400, 2, min_distance=80)
+    sample = make_bos_sample(hay, tiny_lm.encode, tiny_lm.BOS_ID, 400, 2, np.random.default_rng(2),
+                             min_distance=80)
     prompt_len, answer = sample.questions[0]
     prompt = tmp_path / "prompt.txt"
     prompt.write_text(tiny_lm.decode(sample.input_ids[1:prompt_len]))  # the command adds <bos>
@@ -82,7 +84,7 @@ def test_interrupted_identification_returns_nothing():
     def batches(step):
         if step == 2:
             raise KeyboardInterrupt
-        s = tiny_lm.make_tiny_sample(hay, rng, 128, 2, min_distance=40)
+        s = make_bos_sample(hay, tiny_lm.encode, tiny_lm.BOS_ID, 128, 2, rng, min_distance=40)
         return s.input_ids[None], s.target_mask[None]
 
     with pytest.raises(KeyboardInterrupt):

@@ -10,7 +10,7 @@ from transformers import StaticCache
 from quantduo.duo.cache import DuoCache
 from quantduo.duo.decode import GraphedDecoder
 from quantduo.duo.deploy import apply_duo
-from quantduo.duo.kvquant import bytes_per_element, quantize_kv
+from quantduo.formats.kv import bytes_per_element, quantize_kv
 from test_duo_deploy import RECENT, SINK, gated_reference_logits, tiny_model
 
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from quantduo.duo import attention as A
 from quantduo.duo.cache import DuoCache
 from quantduo.duo.deploy import apply_duo
-from quantduo.duo.kvquant import quantize_unchecked
+from quantduo.formats.kv import quantize_unchecked
 from quantduo.kernels import decode_attention as dk
 from quantduo.kernels.cache_write import kv_quant_write, ring_write
 from quantduo.kernels.reference import decode_attention_ref

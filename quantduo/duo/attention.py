@@ -175,7 +175,7 @@ def full_prefill(q, k, v, q_start: int, scaling: float) -> torch.Tensor:
 def decode(q, k, v, scaling: float, length: torch.Tensor | None = None,
            key_pos: torch.Tensor | None = None) -> torch.Tensor:
     """One new query token q [B, Hq, 1, D] over cached keys k/v: 16-bit [B, Hkv, Tk, D] tensors or
-    :class:`~quantduo.duo.kvquant.QuantizedKV` codes (dequantized on the fly).
+    :class:`~quantduo.formats.kv.QuantizedKV` codes (dequantized on the fly).
 
     ``length`` (device int64 [1]) masks key positions >= length (static caches attend over a
     preallocated buffer); ``key_pos`` [Tk] gives each slot's position (-1: empty), else slot j holds

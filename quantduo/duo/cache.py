@@ -13,7 +13,7 @@ Options:
       fixed shapes and no host-device synchronisation: it can be captured in a CUDA graph
       (:mod:`quantduo.duo.decode`). Prefill chunks still use Python-side lengths. Decode steps past
       ``max_cache_len`` are not checked.
-  kv_bits: 8 or 4 stores the retrieval-head K/V as per-token-group codes (:mod:`quantduo.duo.kvquant`);
+  kv_bits: 8 or 4 stores the retrieval-head K/V as per-token-group codes (:mod:`quantduo.formats.kv`);
       decode attention reads the codes (dequantized in the kernel's registers), prefill attention reads
       them dequantized. The streaming window (sink + recent slots) stays 16-bit.
 """
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from quantduo.duo.kvquant import QuantizedKV, dequantize_kv, quantize_unchecked
+from quantduo.formats.kv import QuantizedKV, dequantize_kv, quantize_unchecked
 from quantduo.kernels.cache_write import kv_quant_write, ring_write
 
 

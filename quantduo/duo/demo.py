@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from quantduo.duo.cache import DuoCache
+from quantduo.duo.data import make_bos_sample
 from quantduo.duo.deploy import apply_duo
 from quantduo.duo.evaluate import kv_bytes_full, passkey_accuracy
 from quantduo.duo.identify import IdentifyConfig, identify
@@ -26,7 +27,8 @@ def tiny_identify(model, steps: int = 80, seed: int = 0, progress: bool = True) 
     rng = np.random.default_rng(seed)
 
     def batches(step: int):
-        s = tiny_lm.make_tiny_sample(hay, rng, IDENTIFY_CONTEXT, 4, min_distance=tiny_lm.SINK + tiny_lm.RECENT + 8)
+        s = make_bos_sample(hay, tiny_lm.encode, tiny_lm.BOS_ID, IDENTIFY_CONTEXT, 4, rng,
+                            min_distance=tiny_lm.SINK + tiny_lm.RECENT + 8)
         return s.input_ids[None].to(model.device), s.target_mask[None].to(model.device)
 
     cfg = IdentifyConfig(steps=steps, lr=0.05, reg_weight=0.05, sink=tiny_lm.SINK, recent=tiny_lm.RECENT,
@@ -38,7 +40,8 @@ def eval_samples(n: int = 24, seed: int = 123):
     """Passkey prompts of EVAL_CONTEXT tokens; every passkey lies > sink + recent tokens before the question."""
     hay = tiny_lm.haystack_ids(seed=seed, n_words=20_000)
     rng = np.random.default_rng(seed)
-    return [tiny_lm.make_tiny_sample(hay, rng, tiny_lm.EVAL_CONTEXT, 4, min_distance=2 * (tiny_lm.SINK + tiny_lm.RECENT))
+    return [make_bos_sample(hay, tiny_lm.encode, tiny_lm.BOS_ID, tiny_lm.EVAL_CONTEXT, 4, rng,
+                            min_distance=2 * (tiny_lm.SINK + tiny_lm.RECENT))
             for _ in range(n)]
 
 

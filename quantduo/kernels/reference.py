@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from quantduo.formats.kv import QuantizedKV, dequantize_kv
 from quantduo.svdquant import hopper_formats as hf
 from quantduo.svdquant import quantizers as qz
 
@@ -186,8 +187,6 @@ def decode_attention_ref(q, k, v, scaling: float, length=None, key_pos=None):
     Quantized caches are dequantized to q's dtype (arithmetic in float32); scores are q * scaling (in q's
     dtype) times K, masked, softmax in float32, probabilities rounded to q's dtype times V.
     """
-    from quantduo.duo.kvquant import QuantizedKV, dequantize_kv
-
     k, v = (dequantize_kv(x, q.dtype) if isinstance(x, QuantizedKV) else x for x in (k, v))
     b, hq, _, d = q.shape
     hkv, t = k.shape[1], k.shape[2]
