@@ -56,7 +56,7 @@ def evaluate_modes(model, retrieval: np.ndarray, samples) -> dict:
         res[name] = {"accuracy": passkey_accuracy(m, samples, lambda: DuoCache.from_model(m, max_cache_len=n_tokens))}
         cache = DuoCache.from_model(m, max_cache_len=n_tokens)
         with torch.no_grad():
-            m(samples[0].input_ids[None, :n_tokens].to(m.device), past_key_values=cache)
+            m(samples[0].input_ids[None, :n_tokens].to(m.device), cache=cache)
         res[name]["kv_bytes"] = cache.memory_bytes()
     return res
 
