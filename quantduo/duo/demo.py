@@ -15,6 +15,7 @@ from quantduo.duo.deploy import apply_duo
 from quantduo.duo.evaluate import kv_bytes_full, passkey_accuracy
 from quantduo.duo.identify import IdentifyConfig, identify
 from quantduo.duo.patterns import DuoPattern, load_pattern, save_pattern
+from quantduo.duo.score import score_heads
 from quantduo.models import tiny_lm
 
 SHIPPED_PATTERN = tiny_lm.ASSET_DIR / "duo_pattern"
@@ -34,6 +35,17 @@ def tiny_identify(model, steps: int = 80, seed: int = 0, progress: bool = True) 
     cfg = IdentifyConfig(steps=steps, lr=0.05, reg_weight=0.05, sink=tiny_lm.SINK, recent=tiny_lm.RECENT,
                          chunk=IDENTIFY_CONTEXT, activation_checkpointing=False)
     return identify(model, batches, cfg, progress=progress)
+
+
+def tiny_score(model, n_batches: int = 8, seed: int = 0) -> DuoPattern:
+    """Training-free head scores (:func:`quantduo.duo.score.score_heads`) on the identification data of
+    :func:`tiny_identify`."""
+    hay = tiny_lm.haystack_ids(seed=seed + 1, n_words=20_000)
+    rng = np.random.default_rng(seed)
+    samples = [make_bos_sample(hay, tiny_lm.encode, tiny_lm.BOS_ID, IDENTIFY_CONTEXT, 4, rng,
+                               min_distance=tiny_lm.SINK + tiny_lm.RECENT + 8) for _ in range(n_batches)]
+    batches = ((s.input_ids[None].to(model.device), s.target_mask[None].to(model.device)) for s in samples)
+    return score_heads(model, batches, tiny_lm.SINK, tiny_lm.RECENT, chunk=IDENTIFY_CONTEXT)
 
 
 def eval_samples(n: int = 24, seed: int = 123):
