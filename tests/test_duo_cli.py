@@ -34,9 +34,20 @@ def test_cli_identify_then_eval(tmp_path, capsys):
     p = load_pattern(out)
     assert p.shape == (4, 4) and (p.sink_size, p.recent_size) == (tiny_lm.SINK, tiny_lm.RECENT)
     assert p.gates.mean() < 0.99  # the gates moved
-    assert run_cli(["duo", "eval", *common, "--pattern", str(demo.SHIPPED_PATTERN), "-n", "3"]) == 0
+    plot = tmp_path / "curve.png"
+    assert run_cli(["duo", "eval", *common, "--pattern", str(demo.SHIPPED_PATTERN), "-n", "3", "--plot", str(plot)]) == 0
     text = capsys.readouterr().out
-    assert "full      accuracy" in text and "duo" in text and "streaming" in text
+    assert "full      accuracy" in text and "streaming" in text
+    assert all(f"duo@{s:.2f}" in text for s in (0.25, 0.5, 0.75))
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_defaults_come_from_the_model(tmp_path):
+    args = argparse.Namespace(context_max=None, context_min=None)
+    commands._context_defaults(args, tiny_lm.load())
+    assert (args.context_max, args.context_min) == (512, 128)  # max_position_embeddings 1024
+    with pytest.raises(SystemExit, match="haystack"):
+        commands._haystack(argparse.Namespace(haystack=None, model=str(tmp_path), seed=0, context_max=8), None)
 
 
 @pytest.mark.parametrize("extra", [

@@ -130,7 +130,7 @@ def identify(model, batches: Callable[[int], Batch], cfg: IdentifyConfig, progre
     was_training, full_impl = model.training, model.config._attn_implementation
     ckpt = cfg.activation_checkpointing and model.supports_gradient_checkpointing
     if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # transformers only checkpoints in train mode; attention dropout stays 0 here
     try:
         bar = tqdm(range(cfg.steps), desc="duo identify", disable=not progress)
@@ -148,7 +148,7 @@ def identify(model, batches: Callable[[int], Batch], cfg: IdentifyConfig, progre
             bar.set_postfix(loss=f"{loss.item():.4f}", mean_gate=f"{gates.mean().item():.3f}")
     finally:
         if ckpt:
-            model.gradient_checkpointing_disable()
+            model.activation_checkpointing_disable()
         model.train(was_training)
     extra = {"lr": cfg.lr, "num_steps": cfg.steps, "reg_weight": cfg.reg_weight, "supervision": "distill",
              "streaming_attn_implementation": "sdpa" if cfg.block is None else f"blocksparse{cfg.block}"}
