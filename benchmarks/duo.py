@@ -42,6 +42,8 @@ from quantduo.duo.cache import DuoCache  # noqa: E402
 from quantduo.utils import relative_l2_error  # noqa: E402
 from quantduo.duo.decode import GraphedDecoder  # noqa: E402
 from quantduo.duo.deploy import apply_duo, chunked_prefill  # noqa: E402
+from quantduo.duo.identify import IdentifyConfig, identify  # noqa: E402
+from quantduo.duo.score import score_heads  # noqa: E402
 from quantduo.formats.kv import quantize_unchecked  # noqa: E402
 from quantduo.integrations.transformers import fuse_rms_norms, quantize_causal_lm, weight_bytes  # noqa: E402
 from quantduo.kernels.decode_attention import decode_attention  # noqa: E402
@@ -509,6 +511,28 @@ def w4_decode(model, args) -> None:
     profiles()
 
 
+def identification_time(model, n: int, steps: int = 3) -> dict:
+    """Seconds at n tokens (random ids, target = the last 64 tokens): one gate-training step (forward + backward,
+    activation checkpointing; mean of ``steps`` after one warm-up step; the paper trains 2000) and one
+    training-free scoring pass (score_heads: one forward computing full and streaming attention per layer)."""
+    ids = torch.randint(0, 128000, (1, n), device=DEV)
+    target = torch.zeros(1, n, dtype=torch.bool, device=DEV)
+    target[:, -64:] = True
+    cfg = IdentifyConfig(steps=1, sink=SINK, recent=RECENT, chunk=1024)
+    out = {}
+    for name, fn in {"gate_step_s": lambda: identify(model, lambda step: (ids, target), cfg, progress=False),
+                     "score_pass_s": lambda: score_heads(model, [(ids, target)], SINK, RECENT, chunk=1024)}.items():
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+        out[name] = (time.perf_counter() - t0) / steps
+    out["gate_2000_steps_min"] = out["gate_step_s"] * 2000 / 60
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
@@ -527,10 +551,12 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="w4-decode: kernel times per token (torch.profiler)")
     ap.add_argument("--w4a16", action="store_true", help="long-prefill: run again with the linears quantized to W4A16")
     ap.add_argument("--fuse-norms", action="store_true", help="one-launch RMSNorms (fuse_rms_norms) in every variant")
-    ap.add_argument("--only", choices=["sweep", "chunk-attn", "decode", "w4-decode", "capacity", "long-prefill"],
+    ap.add_argument("--only", choices=["sweep", "chunk-attn", "decode", "w4-decode", "capacity", "long-prefill",
+                                       "identify-time"],
                     help="run one part: the decode-kernel sweep (at --contexts), decode only (at --decode-contexts), "
                          "bf16 vs W4A16 weights decode only, the capacity run, or chunked prefill full vs Duo at "
-                         "--contexts in --chunk-token chunks")
+                         "--contexts in --chunk-token chunks, or identification time (gate step vs scoring pass) "
+                         "at --contexts")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.only == "chunk-attn":
@@ -555,6 +581,10 @@ def main() -> None:
     mask = np.stack([rng.permutation(np.arange(cfg.num_key_value_heads) < cfg.num_key_value_heads // 2)
                      for _ in range(cfg.num_hidden_layers)])  # 50% retrieval heads, 4 of 8 per layer
 
+    if args.only == "identify-time":
+        for n in args.contexts:
+            print(f"N={n} identification: {identification_time(model, n)}", flush=True)
+        return
     if args.only == "decode":
         duo = apply_duo(model, mask, SINK, RECENT)
         print_decode_only({n: {name: decode_only(duo, n, args, **opts) for name, opts in VARIANTS.items()}
