@@ -6,7 +6,7 @@ One run measures, per context N and per variant (full attention = every head ful
 DuoCache, same kernels as Duo; duo = 50% retrieval heads; duo + INT8 / INT4 KV): prefill latency
 (one pass over N tokens writing the cache), decode latency per token with the step captured in a
 CUDA graph (and eagerly), KV-cache bytes and peak memory. It also times transformers' own SDPA +
-StaticCache decode step in a CUDA graph, checks Duo against a dense gated reference and graph
+StaticCache decode step in a CUDA graph, checks Duo against the reference rules over a DynamicCache and graph
 replays against eager steps, times the attention kernels of one layer, a 32K-chunked Duo prefill
 (time, peak memory), and computes the largest context that fits from measured bytes per token.
 Then, on synthetic cache contents (decode time does not depend on the values): decode at longer
@@ -35,15 +35,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from transformers import LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
 
 from quantduo.duo import attention as A  # noqa: E402
 from quantduo.duo.cache import DuoCache  # noqa: E402
 from quantduo.utils import relative_error  # noqa: E402
 from quantduo.duo.decode import GraphedDecoder  # noqa: E402
 from quantduo.duo.deploy import apply_duo, chunked_prefill  # noqa: E402
-from quantduo.duo.identify import gated_model  # noqa: E402
-from quantduo.duo.kvquant import quantize_unchecked  # noqa: E402
+from quantduo.duo.identify import IdentifyConfig, identify  # noqa: E402
+from quantduo.duo.score import score_heads  # noqa: E402
+from quantduo.formats.kv import quantize_unchecked  # noqa: E402
 from quantduo.integrations.transformers import fuse_rms_norms, quantize_causal_lm, weight_bytes  # noqa: E402
 from quantduo.kernels.decode_attention import decode_attention  # noqa: E402
 from quantduo.formats.reference import decode_attention_ref  # noqa: E402
@@ -98,10 +99,10 @@ def bench_variant(model, n: int, args, warm: bool, reps: int, eager: bool, **opt
 
     def prefill():
         cache.reset()
-        model.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model.model(input_ids=ids, cache=cache, use_cache=True)
 
     if warm:
-        prefill()  # compiles flex_attention / block masks for this shape
+        prefill()  # warm-up (cuDNN plans) for this shape
     torch.cuda.reset_peak_memory_stats()
     res = dict(prefill=statistics.median(cuda_ms(prefill, 0, reps)), peak_prefill=torch.cuda.max_memory_allocated(),
                kv=cache.memory_bytes())
@@ -129,7 +130,7 @@ def bench_sdpa_static(model, n: int, args) -> float:
     the time does not depend on them)."""
     cache = StaticCache(config=model.config, max_cache_len=n + SLACK)
     with sdpa_attention(model):
-        model.model(input_ids=torch.ones(1, 1, dtype=torch.long, device=DEV), past_key_values=cache)
+        model.model(input_ids=torch.ones(1, 1, dtype=torch.long, device=DEV), cache=cache)
         for layer in cache.layers:
             layer.keys.normal_()
             layer.values.normal_()
@@ -153,12 +154,12 @@ def graph_check(model, n: int = 2048, steps: int = 8) -> dict:
         for use_graph in (False, True):
             if name == "duo":
                 cache = DuoCache.from_model(model, max_cache_len=n + SLACK, static=True)
-                model.model(input_ids=ids[:, :n], past_key_values=cache)
+                model.model(input_ids=ids[:, :n], cache=cache)
                 logits.append(_decode_tokens(model, cache, ids, n, use_graph))
                 continue
             cache = StaticCache(config=model.config, max_cache_len=n + SLACK)
             with sdpa_attention(model):
-                model.model(input_ids=ids[:, :n], past_key_values=cache)
+                model.model(input_ids=ids[:, :n], cache=cache)
                 logits.append(_decode_tokens(model, cache, ids, n, use_graph))
         out[name] = relative_error(logits[1], logits[0])
     return out
@@ -167,15 +168,17 @@ def graph_check(model, n: int = 2048, steps: int = 8) -> dict:
 @torch.no_grad()
 def attention_profile(n: int, reps: int = 3) -> dict:
     """ms of one layer's attention at n tokens (Llama-3-8B heads). Prefill: full SDPA over 32 query heads,
-    the 16 query heads of the retrieval half, the streaming half (block-sparse flex_attention). Decode
+    the 16 query heads of the retrieval half, the streaming half over a later chunk (its last min(n, 32K) queries
+    over sink + recent window keys + the chunk: causal, bottom-right aligned). Decode
     (eager, one token): our masked split-KV decode over 8 / 4 KV heads, SDPA over 8 without a mask."""
     q = torch.randn(1, 32, n, 128, device=DEV, dtype=torch.bfloat16)
     k, v = (torch.randn(1, 8, n, 128, device=DEV, dtype=torch.bfloat16) for _ in range(2))
-    pos = torch.arange(n, device=DEV)
+    m, w = min(n, 32768), min(n - min(n, 32768), SINK + RECENT)
     fns = {"sdpa_32_heads": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
            "sdpa_16_heads": lambda: F.scaled_dot_product_attention(q[:, :16], k[:, :4], v[:, :4], is_causal=True,
                                                                    enable_gqa=True),
-           "stream_16_heads": lambda: A.streaming_prefill(q[:, 16:], k[:, 4:], v[:, 4:], pos, 0, SINK, RECENT, 0.088)}
+           "stream_16_heads_chunk": lambda: A.full_prefill(q[:, 16:, -m:], k[:, 4:, -(w + m):], v[:, 4:, -(w + m):],
+                                                           w, 0.088)}
     out = {name: statistics.median(cuda_ms(fn, 1, reps)) for name, fn in fns.items()}
     q1, length = q[:, :, -1:], torch.tensor([n - 7], device=DEV)
     k4, v4 = (quantize_unchecked(x[:, :4], 4, 128) for x in (k, v))
@@ -264,7 +267,7 @@ def long_prefill(model, contexts: list[int], chunk: int) -> None:
 def fill_synthetic(model, cache: DuoCache, n: int) -> None:
     """Make a static DuoCache hold n tokens of random K/V without a prefill (decode time does not depend
     on the values): every buffer allocated and filled, streaming slots at the positions a real prefill
-    leaves (sinks, then the last ``recent`` positions), lengths and device counters at n."""
+    leaves (sinks, then the last ``recent + 1`` positions), lengths and device counters at n."""
     x = torch.zeros(1, model.config.num_key_value_heads, 1, 128, device=DEV, dtype=torch.bfloat16)
     for layer in cache.layers:
         layer.lazy_initialization(x, x)
@@ -279,9 +282,9 @@ def fill_synthetic(model, cache: DuoCache, n: int) -> None:
                 buf.normal_()
         layer.stream_keys.normal_()
         layer.stream_values.normal_()
-        pos = torch.cat([torch.arange(layer.sink), torch.arange(n - layer.recent, n)]).to(DEV)
+        pos = torch.cat([torch.arange(layer.sink), torch.arange(n - layer.recent - 1, n)]).to(DEV)
         layer.stream_pos[layer._slot(pos)] = pos
-        layer.length, layer.window = n, layer.sink + layer.recent
+        layer.length = n
         layer.position.fill_(n)
 
 
@@ -343,21 +346,26 @@ def bytes_per_token(model) -> dict:
     return out
 
 
+def _chunked_hidden(model, ids: torch.Tensor, cache) -> torch.Tensor:
+    """Final hidden states [1, n, H] float32 of ids fed as chunks (0, 1024), (1024, n - 16), then 16 decode steps."""
+    n = ids.shape[1]
+    outs = [model.model(input_ids=ids[:, a:b], cache=cache, use_cache=True).last_hidden_state
+            for a, b in ((0, 1024), (1024, n - 16))]
+    outs += [model.model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True).last_hidden_state
+             for i in range(n - 16, n)]
+    return torch.cat(outs, 1).float()
+
+
 @torch.no_grad()
 def correctness(model, mask: np.ndarray, n: int = 2048) -> dict:
-    """Relative L2 error of DuoCache chunked prefill + decode vs the dense gated reference (binary gates),
-    and of full attention vs that reference (shows the check is sensitive)."""
+    """Relative L2 error of DuoCache chunked prefill + decode (ring, Triton decode, cuDNN chunks) vs the same
+    reference rules computed over a transformers DynamicCache holding every token (dense masks), and of full
+    attention vs that reference (shows the check is sensitive)."""
     ids = torch.randint(0, 128000, (1, n), device=DEV)
-    with gated_model(model, torch.tensor(mask, dtype=torch.float32, device=DEV), SINK, RECENT, chunk=512):
-        ref = model.model(input_ids=ids, use_cache=False).last_hidden_state.float()
     full = model.model(input_ids=ids, use_cache=False).last_hidden_state.float()
     apply_duo(model, mask, SINK, RECENT)
-    cache = DuoCache.from_model(model)
-    outs = [model.model(input_ids=ids[:, a:b], past_key_values=cache, use_cache=True).last_hidden_state
-            for a, b in ((0, 1024), (1024, n - 16))]
-    outs += [model.model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True).last_hidden_state
-             for i in range(n - 16, n)]
-    duo = torch.cat(outs, 1).float()
+    ref = _chunked_hidden(model, ids, DynamicCache(config=model.config))
+    duo = _chunked_hidden(model, ids, DuoCache.from_model(model))
     return {"duo_vs_ref": relative_error(duo, ref), "full_vs_ref": relative_error(full, ref),
             "duo_vs_ref_decode": relative_error(duo[:, -16:], ref[:, -16:])}
 
@@ -503,6 +511,28 @@ def w4_decode(model, args) -> None:
     profiles()
 
 
+def identification_time(model, n: int, steps: int = 3) -> dict:
+    """Seconds at n tokens (random ids, target = the last 64 tokens): one gate-training step (forward + backward,
+    activation checkpointing; mean of ``steps`` after one warm-up step; the paper trains 2000) and one
+    training-free scoring pass (score_heads: one forward computing full and streaming attention per layer)."""
+    ids = torch.randint(0, 128000, (1, n), device=DEV)
+    target = torch.zeros(1, n, dtype=torch.bool, device=DEV)
+    target[:, -64:] = True
+    cfg = IdentifyConfig(steps=1, sink=SINK, recent=RECENT, chunk=1024)
+    out = {}
+    for name, fn in {"gate_step_s": lambda: identify(model, lambda step: (ids, target), cfg, progress=False),
+                     "score_pass_s": lambda: score_heads(model, [(ids, target)], SINK, RECENT, chunk=1024)}.items():
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+        out[name] = (time.perf_counter() - t0) / steps
+    out["gate_2000_steps_min"] = out["gate_step_s"] * 2000 / 60
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
@@ -521,10 +551,12 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="w4-decode: kernel times per token (torch.profiler)")
     ap.add_argument("--w4a16", action="store_true", help="long-prefill: run again with the linears quantized to W4A16")
     ap.add_argument("--fuse-norms", action="store_true", help="one-launch RMSNorms (fuse_rms_norms) in every variant")
-    ap.add_argument("--only", choices=["sweep", "chunk-attn", "decode", "w4-decode", "capacity", "long-prefill"],
+    ap.add_argument("--only", choices=["sweep", "chunk-attn", "decode", "w4-decode", "capacity", "long-prefill",
+                                       "identify-time"],
                     help="run one part: the decode-kernel sweep (at --contexts), decode only (at --decode-contexts), "
                          "bf16 vs W4A16 weights decode only, the capacity run, or chunked prefill full vs Duo at "
-                         "--contexts in --chunk-token chunks")
+                         "--contexts in --chunk-token chunks, or identification time (gate step vs scoring pass) "
+                         "at --contexts")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.only == "chunk-attn":
@@ -549,6 +581,10 @@ def main() -> None:
     mask = np.stack([rng.permutation(np.arange(cfg.num_key_value_heads) < cfg.num_key_value_heads // 2)
                      for _ in range(cfg.num_hidden_layers)])  # 50% retrieval heads, 4 of 8 per layer
 
+    if args.only == "identify-time":
+        for n in args.contexts:
+            print(f"N={n} identification: {identification_time(model, n)}", flush=True)
+        return
     if args.only == "decode":
         duo = apply_duo(model, mask, SINK, RECENT)
         print_decode_only({n: {name: decode_only(duo, n, args, **opts) for name, opts in VARIANTS.items()}

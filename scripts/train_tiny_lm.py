@@ -18,15 +18,17 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
+from quantduo.duo.data import make_bos_sample
 from quantduo.models import tiny_lm
 
 
 def batch(hay, rng, batch_size: int, context_len: int):
     """input ids [B, T] int64 and target mask [B, T] bool (positions predicting answers)."""
     max_keys = max(1, min(6, (context_len - 16) // 20))
-    samples = [tiny_lm.make_tiny_sample(hay, rng, context_len, int(rng.integers(1, max_keys + 1)))
+    samples = [make_bos_sample(hay, tiny_lm.encode, tiny_lm.BOS_ID, context_len,
+                               int(rng.integers(1, max_keys + 1)), rng)
                for _ in range(batch_size)]
-    return torch.stack([s.input_ids for s in samples]), torch.stack([s.target_mask for s in samples])
+    return torch.stack([s.input_ids for s in samples]), torch.stack([s.answer_mask() for s in samples])
 
 
 def curriculum_length(rng, progress: float) -> int:
@@ -49,7 +51,7 @@ def passkey_accuracy(model, hay, rng, n: int = 32) -> float:
     """Fraction of questions (at EVAL_CONTEXT) whose whole passkey is predicted greedily (teacher forcing)."""
     ok = 0
     for _ in range(n):
-        s = tiny_lm.make_tiny_sample(hay, rng, tiny_lm.EVAL_CONTEXT, 4, min_distance=64)
+        s = make_bos_sample(hay, tiny_lm.encode, tiny_lm.BOS_ID, tiny_lm.EVAL_CONTEXT, 4, rng, min_distance=64)
         pred = model(input_ids=s.input_ids[None].to(model.device)).logits[0].argmax(-1).cpu()
         p, a = s.questions[0]
         ok += bool((pred[p - 1:p - 1 + len(a)] == torch.tensor(a)).all())

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from quantduo.duo import commands, demo
+from quantduo.duo.data import make_bos_sample
 from quantduo.duo.identify import IdentifyConfig, identify
 from quantduo.duo.patterns import load_pattern
 from quantduo.models import tiny_lm
@@ -33,9 +34,20 @@ def test_cli_identify_then_eval(tmp_path, capsys):
     p = load_pattern(out)
     assert p.shape == (4, 4) and (p.sink_size, p.recent_size) == (tiny_lm.SINK, tiny_lm.RECENT)
     assert p.gates.mean() < 0.99  # the gates moved
-    assert run_cli(["duo", "eval", *common, "--pattern", str(demo.SHIPPED_PATTERN), "-n", "3"]) == 0
+    plot = tmp_path / "curve.png"
+    assert run_cli(["duo", "eval", *common, "--pattern", str(demo.SHIPPED_PATTERN), "-n", "3", "--plot", str(plot)]) == 0
     text = capsys.readouterr().out
-    assert "full      accuracy" in text and "duo" in text and "streaming" in text
+    assert "full      accuracy" in text and "streaming" in text
+    assert all(f"duo@{s:.2f}" in text for s in (0.25, 0.5, 0.75))
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_defaults_come_from_the_model(tmp_path):
+    args = argparse.Namespace(context_max=None, context_min=None)
+    commands._context_defaults(args, tiny_lm.load())
+    assert (args.context_max, args.context_min) == (512, 128)  # max_position_embeddings 1024
+    with pytest.raises(SystemExit, match="haystack"):
+        commands._haystack(argparse.Namespace(haystack=None, model=str(tmp_path), seed=0, context_max=8), None)
 
 
 @pytest.mark.parametrize("extra", [
@@ -46,7 +58,8 @@ def test_cli_generate_answers_the_passkey(tmp_path, capsys, extra):
     """``duo generate`` on a passkey prompt (chunked prefill in 3 chunks; on CUDA, graph-captured decode steps):
     the continuation is the passkey, and the cache holds less than a full one."""
     hay = tiny_lm.haystack_ids(seed=5, n_words=5000)
-    sample = tiny_lm.make_tiny_sample(hay, np.random.default_rng(2), 400, 2, min_distance=80)
+    sample = make_bos_sample(hay, tiny_lm.encode, tiny_lm.BOS_ID, 400, 2, np.random.default_rng(2),
+                             min_distance=80)
     prompt_len, answer = sample.questions[0]
     prompt = tmp_path / "prompt.txt"
     prompt.write_text(tiny_lm.decode(sample.input_ids[1:prompt_len]))  # the command adds <bos>
@@ -82,7 +95,7 @@ def test_interrupted_identification_returns_nothing():
     def batches(step):
         if step == 2:
             raise KeyboardInterrupt
-        s = tiny_lm.make_tiny_sample(hay, rng, 128, 2, min_distance=40)
+        s = make_bos_sample(hay, tiny_lm.encode, tiny_lm.BOS_ID, 128, 2, rng, min_distance=40)
         return s.input_ids[None], s.target_mask[None]
 
     with pytest.raises(KeyboardInterrupt):

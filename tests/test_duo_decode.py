@@ -1,6 +1,5 @@
 """Static (CUDA-graph friendly) decode and quantized KV inside DuoCache, against dense references (CPU)."""
 import copy
-import warnings
 
 import numpy as np
 import pytest
@@ -10,10 +9,10 @@ from transformers import StaticCache
 from quantduo.duo.cache import DuoCache
 from quantduo.duo.decode import GraphedDecoder
 from quantduo.duo.deploy import apply_duo
-from quantduo.duo.kvquant import bytes_per_element, quantize_kv
-from test_duo_deploy import RECENT, SINK, gated_reference_logits, tiny_model
+from quantduo.formats.kv import bytes_per_element, quantize_kv
+from duo_reference_impl import reference_logits
+from test_duo_deploy import RECENT, SINK, tiny_model
 
-warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
 MASK = np.array([[True, False, False, True], [False, False, False, False], [False, True, True, False]])
 PROMPT, STEPS = 40, 12  # decoding crosses the ring-buffer wrap-around (sink 3 + recent 8)
 
@@ -25,7 +24,7 @@ def static_decode_logits(model, cache, ids: torch.Tensor, sabotage: bool = False
     """Prefill ids[:, :PROMPT] then decode the rest one token at a time through GraphedDecoder (eager
     here); ``sabotage`` zeroes DuoCache's Python lengths before each step (static steps must not use them)."""
     with torch.no_grad():
-        first = model(ids[:, :PROMPT], past_key_values=cache).logits[:, -1:]
+        first = model(ids[:, :PROMPT], cache=cache).logits[:, -1:]
     dec = GraphedDecoder(model, cache, PROMPT, use_graph=False)
     outs = [first]
     for i in range(PROMPT, ids.shape[1] - 1):
@@ -40,7 +39,8 @@ def static_decode_logits(model, cache, ids: torch.Tensor, sabotage: bool = False
 def setup():
     model = tiny_model("llama", seed=11)
     ids = torch.randint(0, 64, (1, PROMPT + STEPS))
-    ref = gated_reference_logits(model, MASK, ids)[:, PROMPT - 1:-1]
+    steps = ids.shape[1] - PROMPT
+    ref = reference_logits(model, MASK, SINK, RECENT, ids, [PROMPT] + [1] * steps)[:, PROMPT - 1:-1]
     with torch.no_grad():
         full = model(ids).logits[:, PROMPT - 1:-1]
     return model, apply_duo(copy.deepcopy(model), MASK, SINK, RECENT), ids, ref, full
@@ -84,7 +84,7 @@ def test_quantized_kv_cache(setup, bits, tol):
     assert cache.layers[0].full.bufs["kcodes"].shape[-1] == 8 * bits // 8
     n_full, n_stream, d, cap = MASK.sum(), (~MASK).sum(), 8, 64
     assert cache.layers[0].full.capacity == cap
-    expect = 2 * d * (n_full * cap * bytes_per_element(bits, 4) + n_stream * (SINK + RECENT) * 4)
+    expect = 2 * d * (n_full * cap * bytes_per_element(bits, 4) + n_stream * (SINK + RECENT + 1) * 4)
     assert cache.memory_bytes() == expect
     x = torch.randn(1, 2, 5, 8)
     layer2 = DuoCache([2], 2, SINK, RECENT, max_cache_len=8, kv_bits=bits, kv_group=4).layers[0]
@@ -102,7 +102,7 @@ def test_gpu_graph_replay_equals_eager_static_decode():
     for use_graph in (False, True):
         cache = DuoCache.from_model(model, max_cache_len=64, static=True)
         with torch.no_grad():
-            model(ids[:, :PROMPT], past_key_values=cache)
+            model(ids[:, :PROMPT], cache=cache)
         dec = GraphedDecoder(model, cache, PROMPT, use_graph=use_graph)
         outs.append(torch.stack([dec(ids[:, i:i + 1]).clone() for i in range(PROMPT, ids.shape[1])]))
     assert dec.graph is not None

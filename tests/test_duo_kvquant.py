@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from quantduo.duo.kvquant import bytes_per_element, dequantize_kv, quantize_kv
+from quantduo.formats.kv import bytes_per_element, dequantize_kv, quantize_kv
 
 
 @pytest.mark.parametrize("bits", [4, 8])

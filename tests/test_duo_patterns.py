@@ -51,6 +51,7 @@ def test_roundtrip_and_atomic_write(tmp_path):
                                          ("nan\t1\n", "NaN")])
 def test_bad_files_give_clear_errors(tmp_path, text, match):
     (tmp_path / "full_attention_heads.tsv").write_text(text)
+    (tmp_path / "config.json").write_text('{"sink_size": 4, "recent_size": 32}')
     with pytest.raises(ValueError, match=match):
         load_pattern(tmp_path)
 
@@ -64,13 +65,37 @@ def test_missing_pattern_and_bad_sparsity(tmp_path):
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 6), st.integers(1, 8), st.floats(0, 1), st.integers(0, 2**31 - 1))
-def test_binarize_is_a_global_quantile(layers, heads, sparsity, seed):
-    g = np.random.default_rng(seed).random((layers, heads))
-    mask = binarize(g, sparsity)
-    n_stream = int(round(sparsity * g.size))
-    assert (~mask).sum() == n_stream
-    if 0 < n_stream < g.size:
+def test_binarize_is_the_reference_quantile_rule(layers, heads, sparsity, seed):
+    g = np.random.default_rng(seed).random((layers, heads)).round(1)  # rounding makes ties
+    mask = binarize(g, sparsity, seed=7)
+    # the reference: np.random.seed(s); gates += U(0, 1e-6); keep gates >= np.quantile(gates, sparsity)
+    np.random.seed(7)
+    noisy = g + np.random.uniform(0, 1e-6, g.shape)
+    expected = noisy >= (np.quantile(noisy, sparsity) if 0 < sparsity < 1 else (2 if sparsity >= 1 else -1))
+    np.testing.assert_array_equal(mask, expected)
+    if mask.any() and (~mask).any():
         assert g[~mask].max() <= g[mask].min()
+
+
+def test_binarize_breaks_ties_at_random_but_seeded():
+    g = np.full((4, 8), 0.5)
+    masks = [binarize(g, 0.5, seed) for seed in range(4)]
+    assert all(m.sum() == 16 for m in masks)
+    np.testing.assert_array_equal(binarize(g, 0.5, 0), masks[0])
+    assert len({m.tobytes() for m in masks}) > 1
+    assert not (masks[0].ravel()[:16].all() and not masks[0].ravel()[16:].any())  # not by position
+
+
+def test_pattern_without_config_json_is_an_error(tmp_path):
+    save_pattern(DuoPattern(np.ones((2, 2)), 4, 32), tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_pattern(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_pattern(tmp_path / "full_attention_heads.tsv")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="sink_size"):
+        load_pattern(tmp_path)
 
 
 def test_passkey_sample_layout():
@@ -80,14 +105,16 @@ def test_passkey_sample_layout():
     hay = encode(" ".join(f"h{i % 10}" for i in range(2000)))
     s = make_sample(hay, encode, 300, 3, np.random.default_rng(1), PasskeyFormat(), min_distance=80)
     assert s.input_ids.shape == s.target_mask.shape == (300,)
-    assert s.target_mask.sum() == 3 * 5  # 4 value tokens + "." per question
     first_q = s.questions[0][0] - 4  # "pass key X is"
+    # supervision over every token of the question / answer section, as the reference's labels
+    assert s.target_mask.sum() == 3 * 9 and s.target_mask[first_q:].all() and not s.target_mask[:first_q].any()
+    assert s.answer_mask().sum() == 3 * 4
     for prompt_len, answer in s.questions:
         name = s.input_ids[prompt_len - 2]
         where = [i for i in range(first_q) if s.input_ids[i] == name]
         assert len(where) == 1 and s.input_ids[where[0] + 2:where[0] + 6].tolist() == answer
         assert first_q - (where[0] + 7) >= 80
-        assert s.target_mask[prompt_len - 1:prompt_len + 4].all()
+        assert s.answer_mask()[prompt_len - 1:prompt_len + 3].all()
     with pytest.raises(ValueError, match="too short"):
         make_sample(hay, encode, 30, 3, np.random.default_rng(1))
     assert torch.is_tensor(s.input_ids)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from quantduo.duo import attention as A
 from quantduo.duo.cache import DuoCache
 from quantduo.duo.deploy import apply_duo
-from quantduo.duo.kvquant import quantize_unchecked
+from quantduo.formats.kv import quantize_unchecked
 from quantduo.kernels import decode_attention as dk
 from quantduo.kernels.cache_write import kv_quant_write, ring_write
 from quantduo.formats.reference import decode_attention_ref
@@ -187,9 +187,9 @@ def test_gpu_kv_quant_write_bit_exact(bits):
 
 @pytest.mark.parametrize("position", [0, 2, 3, 9, 10, 23])
 def test_ring_write_matches_slot_arithmetic(position):
-    """sink 3 + recent 7 slots; positions before, at and past the wrap-around."""
+    """sink 3 + 7 cycling slots; positions before, at and past the wrap-around."""
     b, h, d, sink, recent = 2, 3, 16, 3, 7
-    layer = DuoCache([0], h, sink, recent).layers[0]
+    layer = DuoCache([0], h, sink, recent - 1).layers[0]  # a DuoLayer of recent r cycles over r + 1 slots
     k = torch.randn(b, 1, h, d).transpose(1, 2)  # projection layout
     v = torch.randn(b, h, 1, d)
     ring = [torch.randn(b, h, sink + recent, d) for _ in range(2)]

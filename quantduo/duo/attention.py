@@ -1,48 +1,52 @@
-"""DuoAttention attention math: gated training attention, streaming/full prefill, decode.
+"""DuoAttention attention math: gated identification attention, causal prefill, decode.
 
 Conventions: q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] (Hq = rep * Hkv, GQA), absolute positions.
-A *streaming* head at position p sees key positions kp <= p with kp < sink or p - kp < recent
-(sink tokens plus the last ``recent`` tokens, itself included); a *full* head sees kp <= p.
+Identification (training) mask of a *streaming* head, as the reference's: position p sees key positions
+kp <= p with kp < sink or p - kp < recent (token level), or, with ``block`` = 128, the key blocks
+kp // block < ceil(sink / block) or p // block - kp // block < ceil(recent / block) (the reference's block-sparse
+kernel, which trained the published patterns). Deployment windows: :mod:`quantduo.duo.cache`.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from quantduo.kernels.decode_attention import decode_attention, kernel_supports
 from quantduo.formats.reference import decode_attention_ref
 
 
-def streaming_allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
-    """Bool mask [Tq, Tk] of the streaming pattern for absolute positions q_pos [Tq], k_pos [Tk]."""
+def streaming_allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int, recent: int,
+                      block: int | None = None) -> torch.Tensor:
+    """Bool mask [Tq, Tk] of the identification streaming pattern (module docstring) for absolute positions
+    q_pos [Tq], k_pos [Tk] (int64); ``block``: block granularity (None: token level)."""
     q, k = q_pos[:, None], k_pos[None, :]
-    return (k <= q) & ((k < sink) | (q - k < recent))
+    if block is None:
+        return (k <= q) & ((k < sink) | (q - k < recent))
+    n_sink, n_recent = -(-sink // block), -(-recent // block)
+    return (k <= q) & ((k // block < n_sink) | (q // block - k // block < n_recent))
 
 
-def _gated_chunk(q, k, v, gate, q_start: int, sink: int, recent: int, scaling: float):
+def _gated_chunk(q, k, v, gate, q_start: int, sink: int, recent: int, scaling: float, block: int | None):
     """One query chunk of :func:`gated_attention`; q [B, Hkv, rep, Tc, D], k/v [B, Hkv, 1, Tk, D]."""
     tc, tk = q.shape[-2], k.shape[-2]
     q_pos = torch.arange(q_start, q_start + tc, device=q.device)
     k_pos = torch.arange(tk, device=q.device)
     scores = (q @ k.transpose(-1, -2)).float() * scaling
     full = scores.masked_fill(~(k_pos[None, :] <= q_pos[:, None]), float("-inf")).softmax(-1)
-    stream = scores.masked_fill(~streaming_allowed(q_pos, k_pos, sink, recent), float("-inf")).softmax(-1)
+    stream = scores.masked_fill(~streaming_allowed(q_pos, k_pos, sink, recent, block), float("-inf")).softmax(-1)
     g = gate.view(1, -1, 1, 1, 1)
     probs = g * full + (1 - g) * stream
     return (probs.to(v.dtype) @ v)
 
 
 def gated_attention(q, k, v, gate, sink: int, recent: int, scaling: float, chunk: int = 1024,
-                    checkpointed: bool = True) -> torch.Tensor:
+                    checkpointed: bool = True, block: int | None = None) -> torch.Tensor:
     """Identification-time attention: gate * full + (1 - gate) * streaming, per KV head.
 
     q [B, Hq, T, D], k/v [B, Hkv, T, D] (no cache, positions 0..T-1), gate [Hkv] float32 in [0, 1]
-    (differentiable). Queries are processed in chunks of ``chunk`` (each attends only to its causal
+    (differentiable); ``block``: streaming mask granularity (module docstring). Queries are processed in chunks of ``chunk`` (each attends only to its causal
     prefix) under activation checkpointing, so memory is O(chunk * T) per head, never O(T^2).
     Returns [B, Hq, T, D] in q's dtype.
     """
@@ -52,57 +56,10 @@ def gated_attention(q, k, v, gate, sink: int, recent: int, scaling: float, chunk
     outs = []
     for s in range(0, t, chunk):
         e = min(t, s + chunk)
-        args = (qg[..., s:e, :], k[:, :, None, :e], v[:, :, None, :e], gate, s, sink, recent, scaling)
+        args = (qg[..., s:e, :], k[:, :, None, :e], v[:, :, None, :e], gate, s, sink, recent, scaling, block)
         use_ckpt = checkpointed and torch.is_grad_enabled()
         outs.append(checkpoint(_gated_chunk, *args, use_reentrant=False) if use_ckpt else _gated_chunk(*args))
     return torch.cat(outs, dim=-2).reshape(b, hq, t, d)
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled_flex():
-    return torch.compile(flex_attention)
-
-
-def _flex(q, k, v, block_mask: BlockMask, scaling: float) -> torch.Tensor:
-    """flex_attention with GQA: compiled on GPU for head_dim >= 32 (inductor found no kernel for head_dim 8, nor for
-    head_dim 16 across chunks of different lengths), else the eager reference implementation."""
-    compiled = q.is_cuda and q.shape[-1] >= 32
-    fn = _compiled_flex() if compiled else flex_attention
-    return fn(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
-
-
-_MASK_MEMO: dict = {}
-
-
-def _block_mask(key: tuple, mask_mod, tq: int, tk: int, device) -> BlockMask:
-    """Block mask of ``mask_mod``; memoised on ``key`` (the last one only), so the layers of one
-    forward share it. ``key`` must determine the mask: in a DuoCache the streaming key positions
-    are a function of (q_start, Tq, Tk, sink, recent)."""
-    key = (key, tq, tk, str(device))
-    if key not in _MASK_MEMO:
-        _MASK_MEMO.clear()
-        _MASK_MEMO[key] = create_block_mask(mask_mod, None, None, tq, tk, device=device,
-                                            _compile=device.type == "cuda")
-    return _MASK_MEMO[key]
-
-
-def streaming_prefill(q, k, v, k_pos: torch.Tensor, q_start: int, sink: int, recent: int,
-                      scaling: float) -> torch.Tensor:
-    """Streaming heads over [cached window ; current chunk] with a block-sparse flex_attention mask.
-
-    q [B, Hq, Tq, D] at positions q_start.., k/v [B, Hkv, Tk, D] with absolute positions k_pos [Tk]
-    (int64; the cache window then the chunk, so determined by q_start, Tq, Tk, sink, recent).
-    Only the sink blocks, the recent band and the diagonal are computed. Returns [B, Hq, Tq, D].
-    """
-    offset = torch.tensor(q_start, device=q.device)  # a tensor, so chunks share one compiled kernel
-
-    def mask_mod(b, h, qi, ki):
-        kp = k_pos[ki]
-        qp = qi + offset
-        return (kp <= qp) & ((kp < sink) | (qp - kp < recent))
-
-    bm = _block_mask(("stream", q_start, sink, recent), mask_mod, q.shape[2], k.shape[2], q.device)
-    return _flex(q, k, v, bm, scaling)
 
 
 def cudnn_attention_supported(q: torch.Tensor) -> bool:
@@ -175,7 +132,7 @@ def full_prefill(q, k, v, q_start: int, scaling: float) -> torch.Tensor:
 def decode(q, k, v, scaling: float, length: torch.Tensor | None = None,
            key_pos: torch.Tensor | None = None) -> torch.Tensor:
     """One new query token q [B, Hq, 1, D] over cached keys k/v: 16-bit [B, Hkv, Tk, D] tensors or
-    :class:`~quantduo.duo.kvquant.QuantizedKV` codes (dequantized on the fly).
+    :class:`~quantduo.formats.kv.QuantizedKV` codes (dequantized on the fly).
 
     ``length`` (device int64 [1]) masks key positions >= length (static caches attend over a
     preallocated buffer); ``key_pos`` [Tk] gives each slot's position (-1: empty), else slot j holds

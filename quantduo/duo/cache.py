@@ -2,10 +2,17 @@
 sink + recent cache for streaming heads (per layer, after head reordering: retrieval KV heads
 first, see :mod:`quantduo.duo.deploy`).
 
+Window rule of the streaming heads (the reference implementation's, which the published patterns were
+trained under): a prefill chunk starting at position ``s`` attends to the sink tokens, the last ``recent``
+tokens before ``s`` and the chunk itself (causal); the first chunk (s = 0) is therefore dense. A decode step is
+a chunk of one token: sink + the last ``recent`` tokens + the new one. The streaming store is a ring of
+``sink + recent + 1`` slots (sinks stay, the rest cycles), so a step reads its keys in place and the write of
+the next token prunes the window back.
+
 ``update`` returns a :class:`DuoKV` view (for keys and values alike) that the "duo" attention
-function of :mod:`quantduo.duo.deploy` consumes; the memory held is exactly
-B * D * (n_full * capacity * e + n_stream * (sink + recent) * 2) * 2 (K and V) bytes per layer for
-16-bit states (e = 2; e = 1 + 4 / group for INT8 KV, 0.5 + 4 / group for INT4, see ``kv_bits``).
+function of :mod:`quantduo.duo.deploy` consumes. Memory: without ``max_cache_len`` the retrieval-head store grows
+by at most :data:`GROWTH` x the tokens held, and never past the bytes a full cache of those tokens would take
+(:meth:`DuoLayer.capacity_for`); the streaming ring grows with it up to its ``sink + recent + 1`` slots.
 
 Options:
   static: (needs ``max_cache_len``) single-token decode steps take their position from a device
@@ -13,19 +20,29 @@ Options:
       fixed shapes and no host-device synchronisation: it can be captured in a CUDA graph
       (:mod:`quantduo.duo.decode`). Prefill chunks still use Python-side lengths. Decode steps past
       ``max_cache_len`` are not checked.
-  kv_bits: 8 or 4 stores the retrieval-head K/V as per-token-group codes (:mod:`quantduo.duo.kvquant`);
+  kv_bits: 8 or 4 stores the retrieval-head K/V as per-token-group codes (:mod:`quantduo.formats.kv`);
       decode attention reads the codes (dequantized in the kernel's registers), prefill attention reads
-      them dequantized. The streaming window (sink + recent slots) stays 16-bit.
+      them dequantized. The streaming ring stays 16-bit.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from quantduo.duo.kvquant import QuantizedKV, dequantize_kv, quantize_unchecked
+from quantduo.duo.layout import duo_layout
+from quantduo.formats.kv import QuantizedKV, bytes_per_element, dequantize_kv, quantize_unchecked
 from quantduo.kernels.cache_write import kv_quant_write, ring_write
+
+GROWTH = 1.25  # capacity of a growing retrieval-head store: at most GROWTH x the tokens held
+
+
+def window_positions(start: int, sink: int, recent: int) -> list[int]:
+    """Positions before a chunk starting at ``start`` that its streaming queries see: the sinks and the last
+    ``recent`` tokens (none for the first chunk, start = 0; its queries see the chunk itself, causally)."""
+    return list(range(min(start, sink))) + list(range(max(sink, start - recent), start))
 
 
 @dataclass
@@ -35,11 +52,13 @@ class DuoKV:
     full_k/full_v: keys / values of the retrieval heads at positions 0..Tk-1, [B, n_full, Tk, D] 16-bit
         (prefill: Tk = q_start + Tq) or, when decoding, possibly a :class:`QuantizedKV` of the codes
         (static decode: the whole buffer, positions >= ``length`` masked).
-    stream_k/stream_v: [B, n_stream, S, D] keys of the streaming heads: the cached window before
-        this step followed by the Tq new ones (prefill), or the updated window (decode).
-    stream_pos: [S] int64 absolute positions of stream_k (-1: empty slot); None when decoding with
-        every key visible.
-    q_start: absolute position of the first new query (Python bookkeeping; unused when decoding).
+    stream_k/stream_v: [B, n_stream, S, D] keys of the streaming heads. Prefill: the window keys the chunk
+        may see (sinks and the last ``recent`` before it, in position order) followed by the Tq new ones, so
+        the chunk attends causally, bottom-right aligned. Decode: the ring, the new token included.
+    stream_pos: decode only: [S] int64 absolute position of each ring slot (-1: empty), or None when every
+        slot is visible.
+    q_start: absolute position of the first new query (Python bookkeeping; unused when decoding; prefill: the
+        new keys are the last Tk - q_start of full_k and of stream_k).
     decoding: one new query per sequence (Tq == 1): every visible key is attended.
     length: static decode: device int64 [1], tokens in the cache including the new one.
     """
@@ -58,6 +77,11 @@ class DuoKV:
         """Retrieval KV heads."""
         k = self.full_k
         return (k.codes if isinstance(k, QuantizedKV) else k).shape[1]
+
+    @property
+    def stream_start(self) -> int:
+        """Prefill: index in stream_k of the first new key (the window keys come before it)."""
+        return self.stream_k.shape[2] - (self.full_k.shape[2] - self.q_start)
 
 
 class FullStore:
@@ -130,51 +154,87 @@ class FullStore:
 
 
 class DuoLayer(CacheLayerMixin):
-    """One layer's cache: n_full retrieval KV heads (full), n_stream streaming KV heads (sink + recent)."""
+    """One layer's cache: n_full retrieval KV heads (full), n_stream streaming KV heads (sink + recent + 1 ring)."""
 
     def __init__(self, n_full: int, n_stream: int, sink: int, recent: int, max_cache_len: int | None = None,
                  static: bool = False, kv_bits: int | None = None, kv_group: int = 128):
         super().__init__()
         if n_full < 0 or n_stream < 0 or n_full + n_stream == 0:
             raise ValueError(f"bad head split n_full={n_full}, n_stream={n_stream}")
+        if sink < 0 or recent < 1:
+            raise ValueError(f"need sink >= 0 and recent >= 1, got {sink}, {recent}")
         if static and max_cache_len is None:
             raise ValueError("a static DuoCache needs max_cache_len")
         self.n_full, self.n_stream, self.sink, self.recent = n_full, n_stream, sink, recent
+        self.slots = sink + recent + 1  # the ring: sinks, then recent + 1 cycling slots
         self.max_cache_len, self.static, self.kv_bits, self.kv_group = max_cache_len, static, kv_bits, kv_group
         self.length = 0  # tokens seen (Python side; static decode steps use self.position instead)
-        self.window = 0  # filled streaming slots
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, _, t, d = key_states.shape
         dev = key_states.device
-        cap = self.max_cache_len or max(t, 256)
+        self.device, self.dtype, self.batch, self.head_dim = dev, key_states.dtype, b, d
+        cap = self.max_cache_len or self.capacity_for(t)
         self.full = FullStore(key_states, self.n_full, cap, self.kv_bits, self.kv_group)
-        self.stream_keys = torch.zeros(b, self.n_stream, self.sink + self.recent, d, dtype=key_states.dtype, device=dev)
+        self.stream_keys = key_states.new_zeros(b, self.n_stream, min(self.slots, cap), d)
         self.stream_values = torch.zeros_like(self.stream_keys)
-        self.stream_pos = torch.full((self.sink + self.recent,), -1, dtype=torch.long, device=dev)
+        self.stream_pos = torch.full((self.stream_keys.shape[2],), -1, dtype=torch.long, device=dev)
         self.position = torch.zeros(1, dtype=torch.long, device=dev)  # device copy of self.length
-        self.device, self.dtype = dev, key_states.dtype
         self.is_initialized = True
 
+    def _bytes(self, capacity: int) -> float:
+        """Bytes of this layer's stores at ``capacity`` retrieval positions (ring: min(capacity, slots))."""
+        group = min(self.kv_group, self.head_dim)
+        full = 2 * self.batch * self.n_full * self.head_dim * capacity * (
+            self.dtype.itemsize if self.kv_bits is None else bytes_per_element(self.kv_bits, group))
+        return full + 2 * self.batch * self.n_stream * self.head_dim * min(capacity, self.slots) * self.dtype.itemsize
+
+    def full_cache_bytes(self, tokens: int) -> int:
+        """Bytes a full cache (the cache's dtype) of ``tokens`` tokens takes for this layer (every head)."""
+        return 2 * self.batch * (self.n_full + self.n_stream) * self.head_dim * tokens * self.dtype.itemsize
+
+    def capacity_for(self, need: int) -> int:
+        """Capacity of a growing store that must hold ``need`` tokens: the largest c <= ceil(GROWTH * need)
+        whose bytes stay within a full cache of ``need`` tokens (at least ``need``)."""
+        budget = self.full_cache_bytes(need)
+        hi = max(need, math.ceil(GROWTH * need))
+        if self._bytes(hi) <= budget:
+            return hi
+        lo = need  # _bytes(need) <= budget: a stream slot never costs more than a full position
+        while lo < hi:  # largest c in [lo, hi] within the budget (_bytes is increasing)
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self._bytes(mid) <= budget else (lo, mid - 1)
+        return lo
+
     def _ensure_capacity(self, need: int) -> None:
-        if self.max_cache_len is not None and need > self.max_cache_len:
-            raise ValueError(f"DuoCache is full: {need} tokens > max_cache_len={self.max_cache_len}")
-        if need > self.full.capacity:
-            self.full.grow(max(need, 2 * self.full.capacity), self.length)
+        if self.max_cache_len is not None:
+            if need > self.max_cache_len:
+                raise ValueError(f"DuoCache is full: {need} tokens > max_cache_len={self.max_cache_len}")
+            return
+        if need <= self.full.capacity:
+            return
+        cap = self.capacity_for(need)
+        self.full.grow(cap, self.length)
+        ring = min(self.slots, cap)
+        if ring > self.stream_keys.shape[2]:
+            self.stream_keys, self.stream_values = (_grown(t, ring) for t in (self.stream_keys, self.stream_values))
+            self.stream_pos = torch.cat([self.stream_pos, self.stream_pos.new_full((ring - len(self.stream_pos),), -1)])
 
     def _slot(self, p):
         """Ring slot of absolute position(s) p (int or int64 tensor): sinks stay, the rest cycles."""
+        ring = self.recent + 1
         if torch.is_tensor(p):
-            return torch.where(p < self.sink, p, self.sink + (p - self.sink) % self.recent)
-        return p if p < self.sink else self.sink + (p - self.sink) % self.recent
+            return torch.where(p < self.sink, p, self.sink + (p - self.sink) % ring)
+        return p if p < self.sink else self.sink + (p - self.sink) % ring
 
     def _write_stream(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
-        """Keep sink positions and the last ``recent`` positions of the chunk k/v [B, Hs, T, D].
+        """Keep the sink positions and the last ``recent + 1`` positions of the chunk k/v [B, Hs, T, D].
 
         Index arithmetic uses Python ints only (no host-device synchronisation while decoding).
         """
-        t, end = k.shape[2], start + k.shape[2]
-        keep = list(range(start, min(end, self.sink))) + list(range(max(start, self.sink, end - self.recent), end))
+        end = start + k.shape[2]
+        keep = list(range(start, min(end, self.sink))) + list(range(max(start, self.sink, end - self.recent - 1),
+                                                                  end))
         if len(keep) == 1:  # decoding: plain slice writes, no index tensors
             p = keep[0]
             slot = self._slot(p)
@@ -187,15 +247,22 @@ class DuoLayer(CacheLayerMixin):
             self.stream_keys.index_copy_(2, slots, k.index_select(2, pos - start))
             self.stream_values.index_copy_(2, slots, v.index_select(2, pos - start))
             self.stream_pos.index_copy_(0, slots, pos)
-        self.window = min(self.sink + self.recent, self.window + t)
+
+    def _window(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ring keys / values [B, Hs, W, D] a chunk starting at ``start`` sees, in position order."""
+        slots = [self._slot(p) for p in window_positions(start, self.sink, self.recent)]
+        if slots == list(range(len(slots))):
+            return self.stream_keys[:, :, :len(slots)], self.stream_values[:, :, :len(slots)]
+        idx = torch.tensor(slots, device=self.device)
+        return self.stream_keys.index_select(2, idx), self.stream_values.index_select(2, idx)
 
     def _static_decode(self, kf, vf, ks, vs) -> DuoKV:
         """One token at the device position counter; fixed shapes, no host synchronisation."""
         p = self.position
         if self.n_full:
             self.full.write(p, kf, vf)
-        if self.n_stream and ks.is_cuda:
-            ring_write(ks, vs, p, self.stream_keys, self.stream_values, self.stream_pos, self.sink, self.recent)
+        if self.n_stream and ks.is_cuda and self.stream_keys.shape[2] == self.slots:
+            ring_write(ks, vs, p, self.stream_keys, self.stream_values, self.stream_pos, self.sink, self.recent + 1)
         elif self.n_stream:
             slot = self._slot(p)
             self.stream_keys.index_copy_(2, slot, ks)
@@ -214,24 +281,23 @@ class DuoLayer(CacheLayerMixin):
         kf, vf, ks, vs = key_states[:, :nf], value_states[:, :nf], key_states[:, nf:], value_states[:, nf:]
         if self.static and t == 1:
             kv = self._static_decode(kf, vf, ks, vs)
-            self.length, self.window = start + 1, min(self.sink + self.recent, self.window + 1)
+            self.length = start + 1
             return kv, kv
         self._ensure_capacity(start + t)
         self.full.write(slice(start, start + t), kf, vf)
         if t == 1:
             self._write_stream(ks, vs, start)
-            sk, sv, spos = self.stream_keys[:, :, :self.window], self.stream_values[:, :, :self.window], None
+            filled = min(start + 1, self.stream_keys.shape[2])
+            sk, sv = self.stream_keys[:, :, :filled], self.stream_values[:, :, :filled]
         else:
-            w = self.window
-            sk = torch.cat([self.stream_keys[:, :, :w], ks], dim=2)
-            sv = torch.cat([self.stream_values[:, :, :w], vs], dim=2)
-            spos = torch.cat([self.stream_pos[:w], torch.arange(start, start + t, device=ks.device)])
+            wk, wv = self._window(start)
+            sk, sv = torch.cat([wk, ks], dim=2), torch.cat([wv, vs], dim=2)
             self._write_stream(ks, vs, start)
         self.length = start + t
         if self.static:
             self.position.fill_(self.length)
         k, v = self.full.view(self.length) if t == 1 else self.full.read(self.length)
-        kv = DuoKV(k, v, sk, sv, spos, start, decoding=t == 1)
+        kv = DuoKV(k, v, sk, sv, None, start, decoding=t == 1)
         return kv, kv
 
     def decode_state(self) -> list[torch.Tensor]:
@@ -252,13 +318,19 @@ class DuoLayer(CacheLayerMixin):
     get_max_cache_shape = get_max_length
 
     def reset(self) -> None:
-        self.length = self.window = 0
+        self.length = 0
         if self.is_initialized:
             self.stream_pos.fill_(-1)
             self.position.zero_()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("DuoCache does not support beam search")
+        """Select / reorder the batch rows (beam search): row i becomes old row ``beam_idx[i]``."""
+        if not self.is_initialized:
+            return
+        idx = beam_idx.to(self.device)
+        self.full.bufs = {name: t.index_select(0, idx) for name, t in self.full.bufs.items()}
+        self.stream_keys, self.stream_values = (t.index_select(0, idx) for t in (self.stream_keys, self.stream_values))
+        self.batch = len(idx)
 
     def memory_bytes(self) -> int:
         """Bytes held by this layer's K/V buffers (full, with codes/scales when quantized, + streaming)."""
@@ -267,13 +339,20 @@ class DuoLayer(CacheLayerMixin):
         return self.full.nbytes() + sum(t.numel() * t.element_size() for t in (self.stream_keys, self.stream_values))
 
 
+def _grown(t: torch.Tensor, size: int) -> torch.Tensor:
+    """t [B, H, S, D] zero-padded to ``size`` slots along axis 2."""
+    new = t.new_zeros(*t.shape[:2], size, t.shape[3])
+    new[:, :, :t.shape[2]] = t
+    return new
+
+
 class DuoCache(Cache):
     """Cache for a model prepared by :func:`quantduo.duo.deploy.apply_duo`.
 
-    Build it with :meth:`from_model`; pass it as ``past_key_values`` to ``model(...)`` or
-    ``model.generate(...)``. ``max_cache_len`` preallocates the full-head buffers (recommended
-    on GPU); without it they grow by doubling. See the module docstring for ``static`` / ``kv_bits``.
-    ``n_full`` may exceed a model's retrieval heads: n_full == n_kv_heads everywhere gives full
+    Build it with :meth:`from_model` and pass it as ``cache`` to ``model(...)`` / ``model.generate(...)``
+    (``generate`` builds one itself when given none). ``max_cache_len`` preallocates the full-head buffers
+    (recommended on GPU); without it they grow (module docstring). See the module docstring for ``static`` /
+    ``kv_bits``. ``n_full`` may exceed a model's retrieval heads: n_full == n_kv_heads everywhere gives full
     attention on a reordered model (the fair baseline: same kernels, all heads full).
     """
 
@@ -285,8 +364,6 @@ class DuoCache(Cache):
     @classmethod
     def from_model(cls, model, max_cache_len: int | None = None, all_full: bool = False, **options) -> "DuoCache":
         """DuoCache for ``model``; ``all_full`` makes every head a retrieval head (full attention)."""
-        from quantduo.duo.deploy import duo_layout
-
         n_full, n_kv, sink, recent = duo_layout(model)
         return cls([n_kv] * len(n_full) if all_full else n_full, n_kv, sink, recent, max_cache_len, **options)
 
@@ -296,3 +373,7 @@ class DuoCache(Cache):
     def memory_bytes(self) -> int:
         """Total bytes of every layer's K/V buffers."""
         return sum(layer.memory_bytes() for layer in self.layers)
+
+    def full_cache_bytes(self) -> int:
+        """Bytes a full cache (same dtype) of the tokens held would take (every layer, every head)."""
+        return sum(layer.full_cache_bytes(layer.length) for layer in self.layers if layer.is_initialized)

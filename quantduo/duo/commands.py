@@ -3,11 +3,31 @@ prompt with DuoAttention."""
 from __future__ import annotations
 
 import argparse
+import copy
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import matplotlib
 import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from quantduo.duo.cache import DuoCache
+from quantduo.duo.data import make_sample, read_haystack
+from quantduo.duo.decode import GraphedDecoder
+from quantduo.duo.deploy import apply_duo, apply_pattern, chunked_prefill
+from quantduo.duo.evaluate import kv_bytes_full, passkey_accuracy
+from quantduo.duo.identify import IdentifyConfig, identify
+from quantduo.duo.patterns import load_pattern, save_pattern
+from quantduo.integrations.transformers import fuse_rms_norms, quantize_causal_lm
+from quantduo.models import tiny_lm
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
+
+SPARSITIES = (0.25, 0.5, 0.75)
 
 
 @dataclass
@@ -21,17 +41,12 @@ class TextCodec:
 
 def _load(model_dir: str, device: str, dtype: str):
     """(model, TextCodec) from a local directory; the tiny LM (no tokenizer files) uses its own vocabulary."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from quantduo.models import tiny_lm
-
     path = Path(model_dir)
     if not (path / "config.json").exists():
         raise SystemExit(f"error: {path} is not a model directory (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True,
                                                  attn_implementation="sdpa").to(device).eval()
-    if path.resolve() == tiny_lm.ASSET_DIR.resolve():
+    if _is_tiny(model_dir):
         return model, TextCodec(tiny_lm.encode, tiny_lm.decode, tiny_lm.BOS_ID, None)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, TextCodec(lambda text: tok(text, add_special_tokens=False)["input_ids"], tok.decode,
@@ -39,21 +54,31 @@ def _load(model_dir: str, device: str, dtype: str):
 
 
 def _haystack(args, encode):
-    from quantduo.duo.data import read_haystack
-    from quantduo.models import tiny_lm
+    """Haystack token ids: the --haystack file tokenized with the model's tokenizer; the tiny LM's Markov text
+    by default for the tiny LM, an error for other models."""
+    if args.haystack is not None:
+        return read_haystack(args.haystack, encode)
+    if not _is_tiny(args.model):
+        raise SystemExit("error: give --haystack (a text file; it is tokenized with the model's tokenizer)")
+    return tiny_lm.haystack_ids(seed=args.seed, n_words=max(20_000, 2 * args.context_max))
 
-    if args.haystack is None:
-        return tiny_lm.haystack_ids(seed=args.seed, n_words=max(20_000, 2 * args.context_max))
-    return read_haystack(args.haystack, encode)
+
+def _is_tiny(model_dir: str) -> bool:
+    return Path(model_dir).resolve() == tiny_lm.ASSET_DIR.resolve()
+
+
+def _context_defaults(args, model) -> None:
+    """--context-max defaults to half the model's max_position_embeddings, --context-min to a quarter of that."""
+    if args.context_max is None:
+        args.context_max = model.config.max_position_embeddings // 2
+    if args.context_min is None:
+        args.context_min = args.context_max // 4
 
 
 def _identify(args) -> int:
-    from quantduo.duo.data import make_sample
-    from quantduo.duo.identify import IdentifyConfig, identify
-    from quantduo.duo.patterns import save_pattern
-
     model, codec = _load(args.model, args.device, args.dtype)
     encode = codec.encode
+    _context_defaults(args, model)
     hay = _haystack(args, encode)
     rng = np.random.default_rng(args.seed)
 
@@ -77,47 +102,53 @@ def _identify(args) -> int:
 
 
 def _eval(args) -> int:
-    import copy
-
-    from quantduo.duo.cache import DuoCache
-    from quantduo.duo.data import make_sample
-    from quantduo.duo.deploy import apply_duo
-    from quantduo.duo.evaluate import passkey_accuracy
-    from quantduo.duo.patterns import load_pattern
-
+    """Passkey accuracy of full attention, streaming-only and DuoAttention at each --sparsities value (reference
+    semantics); prints them and writes the accuracy-vs-sparsity curve to --plot."""
     model, codec = _load(args.model, args.device, args.dtype)
-    encode = codec.encode
+    _context_defaults(args, model)
     pattern = load_pattern(args.pattern)
     pattern.validate_for(model.config)
     sink = args.sink if args.sink is not None else pattern.sink_size
     recent = args.recent if args.recent is not None else pattern.recent_size
-    hay = _haystack(args, encode)
+    hay = _haystack(args, codec.encode)
     rng = np.random.default_rng(args.seed)
-    samples = [make_sample(hay, encode, args.context_max, args.passkeys, rng, min_distance=2 * (sink + recent))
+    samples = [make_sample(hay, codec.encode, args.context_max, args.passkeys, rng, min_distance=2 * (sink + recent))
                for _ in range(args.n)]
-    print(f"full      accuracy {passkey_accuracy(model, samples):.3f}")
-    for name, mask in (("duo", pattern.binarize(args.sparsity)), ("streaming", None)):
-        mask = np.zeros(pattern.shape, bool) if mask is None else mask
+    full = passkey_accuracy(model, samples)
+    print(f"full      accuracy {full:.3f}")
+    curve = {}
+    for sparsity in [*args.sparsities, 1.0]:
+        mask = pattern.binarize(sparsity)
         m = apply_duo(copy.deepcopy(model), mask, sink, recent)
-        acc = passkey_accuracy(m, samples, lambda: DuoCache.from_model(m))
-        print(f"{name:9} accuracy {acc:.3f}  ({int(mask.sum())}/{mask.size} retrieval heads)")
+        curve[sparsity] = passkey_accuracy(m, samples, lambda: DuoCache.from_model(m))
+        name = "streaming" if sparsity == 1.0 else f"duo@{sparsity:.2f}"
+        print(f"{name:9} accuracy {curve[sparsity]:.3f}  ({int(mask.sum())}/{mask.size} retrieval heads)")
+    save_accuracy_plot(full, curve, Path(args.plot), f"{Path(args.model).name}: sink {sink}, recent {recent}, "
+                                                      f"{args.context_max} tokens")
+    print(f"plot written to {args.plot}")
     return 0
+
+
+def save_accuracy_plot(full: float, curve: dict[float, float], path: Path, title: str) -> None:
+    """PNG of passkey accuracy vs the fraction of streaming heads (1.0 = streaming only), full attention dashed."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    xs = sorted(curve)
+    ax.plot(xs, [curve[x] for x in xs], "o-", label="DuoAttention (reference semantics)")
+    ax.axhline(full, ls="--", color="gray", label="full attention")
+    ax.set_xlabel("fraction of streaming heads")
+    ax.set_ylabel("passkey accuracy")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _generate(args) -> int:
     """Chunked prefill of a long prompt into a static DuoCache, then greedy decoding (CUDA-graph steps on a GPU);
     prints the continuation and what the cache holds against a full KV cache."""
-    import time
-
-    import torch
-
-    from quantduo.duo.cache import DuoCache
-    from quantduo.duo.decode import GraphedDecoder
-    from quantduo.duo.deploy import apply_pattern, chunked_prefill
-    from quantduo.duo.evaluate import kv_bytes_full
-    from quantduo.duo.patterns import load_pattern
-    from quantduo.integrations.transformers import fuse_rms_norms, quantize_causal_lm
-
     if (args.prompt is None) == (args.prompt_file is None):
         raise SystemExit("error: give exactly one of --prompt and --prompt-file")
     model, codec = _load(args.model, args.device, args.dtype)
@@ -161,11 +192,12 @@ def _generate(args) -> int:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local model directory (transformers format)")
-    p.add_argument("--haystack", help="text file for the haystack (default: tiny-LM Markov text)")
+    p.add_argument("--haystack", help="text file for the haystack, tokenized with the model's tokenizer "
+                                      "(default for the tiny LM only: its Markov text)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--context-min", type=int, default=1000)
-    p.add_argument("--context-max", type=int, default=4000)
+    p.add_argument("--context-min", type=int, help="default: a quarter of --context-max")
+    p.add_argument("--context-max", type=int, help="default: half the model's max_position_embeddings")
     p.add_argument("--passkeys", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
 
@@ -184,10 +216,12 @@ def register(subparsers) -> None:
     ident.add_argument("--recent", type=int, default=256)
     ident.add_argument("--chunk", type=int, default=1024, help="query chunk of the gated attention")
     ident.set_defaults(func=_identify)
-    ev = sub.add_parser("eval", help="passkey accuracy: full vs DuoAttention vs streaming-only")
+    ev = sub.add_parser("eval", help="passkey accuracy vs sparsity: full, DuoAttention, streaming-only (+ PNG)")
     _common(ev)
     ev.add_argument("--pattern", required=True, help="pattern directory or .tsv")
-    ev.add_argument("--sparsity", type=float, default=0.5, help="fraction of streaming heads")
+    ev.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES),
+                    help="fractions of streaming heads")
+    ev.add_argument("--plot", default="duo_passkey_vs_sparsity.png", help="output PNG")
     ev.add_argument("--sink", type=int)
     ev.add_argument("--recent", type=int)
     ev.add_argument("-n", type=int, default=20, help="number of questions")

@@ -37,8 +37,8 @@ class PasskeySample:
     """One sample.
 
     input_ids: [T] int64 tokens (haystack with passkeys, then questions and answers).
-    target_mask: [T] bool, True at positions whose *next* token is an answer token
-        (the positions whose outputs must retrieve the passkey).
+    target_mask: [T] bool, True on every token of the question / answer section (the reference's
+        supervision: its labels cover the whole section after the haystack).
     questions: list of (prompt_len, answer_ids): ``input_ids[:prompt_len]`` ends with a
         question and ``answer_ids`` (int list) are the passkey value tokens that follow it.
     """
@@ -46,6 +46,13 @@ class PasskeySample:
     input_ids: torch.Tensor
     target_mask: torch.Tensor
     questions: list[tuple[int, list[int]]]
+
+    def answer_mask(self) -> torch.Tensor:
+        """[T] bool, True at the positions whose *next* token is an answer token."""
+        mask = torch.zeros_like(self.target_mask)
+        for prompt_len, answer in self.questions:
+            mask[prompt_len - 1:prompt_len - 1 + len(answer)] = True
+        return mask
 
 
 def read_haystack(path: str | Path, encode: Encode) -> list[int]:
@@ -103,6 +110,16 @@ def make_sample(
     for q, a in qa:
         ids += q
         questions.append((len(ids), encode(values[order[len(questions)]])))
-        target += [False] * (len(q) - 1) + [True] * len(a) + [False]
+        target += [True] * (len(q) + len(a))
         ids += a
     return PasskeySample(torch.tensor(ids), torch.tensor(target), questions)
+
+
+def make_bos_sample(haystack_ids: Sequence[int], encode: Encode, bos_id: int, context_len: int, n_passkeys: int,
+                    rng: np.random.Generator, fmt: PasskeyFormat = PasskeyFormat(),
+                    min_distance: int = 0) -> PasskeySample:
+    """:func:`make_sample` of ``context_len`` tokens whose first token is ``bos_id``."""
+    s = make_sample(haystack_ids, encode, context_len - 1, n_passkeys, rng, fmt, min_distance=min_distance)
+    ids = torch.cat([torch.tensor([bos_id]), s.input_ids])
+    target = torch.cat([torch.tensor([False]), s.target_mask])
+    return PasskeySample(ids, target, [(p + 1, a) for p, a in s.questions])

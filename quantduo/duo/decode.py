@@ -48,7 +48,7 @@ class GraphedDecoder:
     def _step(self) -> torch.Tensor:
         mask = None if self.key_pos is None else (self.key_pos <= self.pos[0, 0]).view(1, 1, 1, -1)
         out = self.model.model(input_ids=self.token, position_ids=self.pos, attention_mask=mask,
-                               past_key_values=self.cache, use_cache=True)
+                               cache=self.cache, use_cache=True)
         self.pos.add_(1)
         return self.model.lm_head(out.last_hidden_state[:, -1])
 

@@ -10,10 +10,12 @@ import numpy as np
 import torch
 
 from quantduo.duo.cache import DuoCache
+from quantduo.duo.data import make_bos_sample
 from quantduo.duo.deploy import apply_duo
 from quantduo.duo.evaluate import kv_bytes_full, passkey_accuracy
 from quantduo.duo.identify import IdentifyConfig, identify
 from quantduo.duo.patterns import DuoPattern, load_pattern, save_pattern
+from quantduo.duo.score import score_heads
 from quantduo.models import tiny_lm
 
 SHIPPED_PATTERN = tiny_lm.ASSET_DIR / "duo_pattern"
@@ -26,7 +28,8 @@ def tiny_identify(model, steps: int = 80, seed: int = 0, progress: bool = True) 
     rng = np.random.default_rng(seed)
 
     def batches(step: int):
-        s = tiny_lm.make_tiny_sample(hay, rng, IDENTIFY_CONTEXT, 4, min_distance=tiny_lm.SINK + tiny_lm.RECENT + 8)
+        s = make_bos_sample(hay, tiny_lm.encode, tiny_lm.BOS_ID, IDENTIFY_CONTEXT, 4, rng,
+                            min_distance=tiny_lm.SINK + tiny_lm.RECENT + 8)
         return s.input_ids[None].to(model.device), s.target_mask[None].to(model.device)
 
     cfg = IdentifyConfig(steps=steps, lr=0.05, reg_weight=0.05, sink=tiny_lm.SINK, recent=tiny_lm.RECENT,
@@ -34,11 +37,23 @@ def tiny_identify(model, steps: int = 80, seed: int = 0, progress: bool = True) 
     return identify(model, batches, cfg, progress=progress)
 
 
+def tiny_score(model, n_batches: int = 8, seed: int = 0) -> DuoPattern:
+    """Training-free head scores (:func:`quantduo.duo.score.score_heads`) on the identification data of
+    :func:`tiny_identify`."""
+    hay = tiny_lm.haystack_ids(seed=seed + 1, n_words=20_000)
+    rng = np.random.default_rng(seed)
+    samples = [make_bos_sample(hay, tiny_lm.encode, tiny_lm.BOS_ID, IDENTIFY_CONTEXT, 4, rng,
+                               min_distance=tiny_lm.SINK + tiny_lm.RECENT + 8) for _ in range(n_batches)]
+    batches = ((s.input_ids[None].to(model.device), s.target_mask[None].to(model.device)) for s in samples)
+    return score_heads(model, batches, tiny_lm.SINK, tiny_lm.RECENT, chunk=IDENTIFY_CONTEXT)
+
+
 def eval_samples(n: int = 24, seed: int = 123):
     """Passkey prompts of EVAL_CONTEXT tokens; every passkey lies > sink + recent tokens before the question."""
     hay = tiny_lm.haystack_ids(seed=seed, n_words=20_000)
     rng = np.random.default_rng(seed)
-    return [tiny_lm.make_tiny_sample(hay, rng, tiny_lm.EVAL_CONTEXT, 4, min_distance=2 * (tiny_lm.SINK + tiny_lm.RECENT))
+    return [make_bos_sample(hay, tiny_lm.encode, tiny_lm.BOS_ID, tiny_lm.EVAL_CONTEXT, 4, rng,
+                            min_distance=2 * (tiny_lm.SINK + tiny_lm.RECENT))
             for _ in range(n)]
 
 
@@ -53,7 +68,7 @@ def evaluate_modes(model, retrieval: np.ndarray, samples) -> dict:
         res[name] = {"accuracy": passkey_accuracy(m, samples, lambda: DuoCache.from_model(m, max_cache_len=n_tokens))}
         cache = DuoCache.from_model(m, max_cache_len=n_tokens)
         with torch.no_grad():
-            m(samples[0].input_ids[None, :n_tokens].to(m.device), past_key_values=cache)
+            m(samples[0].input_ids[None, :n_tokens].to(m.device), cache=cache)
         res[name]["kv_bytes"] = cache.memory_bytes()
     return res
 

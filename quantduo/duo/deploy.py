@@ -2,10 +2,15 @@
 
 :func:`apply_duo` reorders every layer's heads so that retrieval KV heads (and their query
 groups) come first, records the split, and switches the model to the "duo" attention function
-registered here. Use :class:`~quantduo.duo.cache.DuoCache` as ``past_key_values``; forwards
-without a cache also work (streaming heads then use the block-sparse streaming prefill).
+registered here, which computes the reference implementation's semantics (:mod:`quantduo.duo.cache`): the first
+chunk dense for every head; later chunks and decode steps give streaming heads the sinks, the last ``recent``
+tokens before the chunk and the chunk itself. ``model.generate`` builds a :class:`DuoCache` when given no cache;
+a forward without a cache is one dense first chunk; a transformers cache holding every token (e.g. DynamicCache)
+gives the same results without the memory saving.
 """
 from __future__ import annotations
+
+import types
 
 import numpy as np
 import torch
@@ -13,18 +18,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from quantduo.duo import attention as A
-from quantduo.duo.cache import DuoKV
+from quantduo.duo.cache import DuoCache, DuoKV, window_positions
+from quantduo.duo.layout import attention_modules
 from quantduo.duo.patterns import DuoPattern
-
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def attention_modules(model) -> list[torch.nn.Module]:
-    """The self-attention module of every decoder layer; raises for unsupported architectures."""
-    mtype = getattr(model.config, "model_type", None)
-    if mtype not in SUPPORTED:
-        raise ValueError(f"DuoAttention supports {SUPPORTED}, not model_type={mtype!r}")
-    return [layer.self_attn for layer in model.model.layers]
 
 
 def _permute_rows(linear: torch.nn.Linear, index: torch.Tensor, dim: int) -> None:
@@ -68,7 +64,18 @@ def apply_duo(model, retrieval: np.ndarray, sink: int, recent: int):
         reorder_heads(attn, torch.as_tensor(np.argsort(~row, kind="stable")))
         attn.duo_n_full, attn.duo_sink, attn.duo_recent = int(row.sum()), sink, recent
     model.config._attn_implementation = "duo"
+    model._prepare_cache_for_generation = types.MethodType(_prepare_duo_cache, model)
     return model
+
+
+def _prepare_duo_cache(model, generation_config, model_kwargs: dict, *args, **kwargs):
+    """``generate``'s cache preparation for a DuoAttention model: a :class:`DuoCache` unless the caller passed a
+    cache (or ``use_cache=False`` / a ``cache_implementation``), then transformers' own preparation."""
+    wants_default = (model_kwargs.get("cache") is None and generation_config.use_cache is not False
+                     and generation_config.cache_implementation is None)
+    if wants_default:
+        model_kwargs["cache"] = DuoCache.from_model(model)
+    return type(model)._prepare_cache_for_generation(model, generation_config, model_kwargs, *args, **kwargs)
 
 
 def apply_pattern(model, pattern: DuoPattern, sparsity: float, sink: int | None = None,
@@ -79,27 +86,24 @@ def apply_pattern(model, pattern: DuoPattern, sparsity: float, sink: int | None 
                      recent if recent is not None else pattern.recent_size)
 
 
-def duo_layout(model) -> tuple[list[int], int, int, int]:
-    """(retrieval KV heads per layer, KV heads per layer, sink, recent) of a model after apply_duo."""
-    mods = attention_modules(model)
-    if not all(hasattr(m, "duo_n_full") for m in mods):
-        raise ValueError("call apply_duo(model, ...) before building a DuoCache")
-    return [m.duo_n_full for m in mods], model.config.num_key_value_heads, mods[0].duo_sink, mods[0].duo_recent
-
-
-def _no_cache_kv(module, key, value) -> DuoKV:
-    nf = module.duo_n_full
-    pos = torch.arange(key.shape[2], device=key.device)
-    return DuoKV(key[:, :nf], value[:, :nf], key[:, nf:], value[:, nf:], pos, 0)
+def _plain_kv(module, key: torch.Tensor, value: torch.Tensor, tq: int) -> DuoKV:
+    """DuoKV of plain key/value [B, Hkv, Tk, D] holding every token (no cache: Tk == tq, or a transformers cache):
+    the streaming heads' window keys are selected by position."""
+    nf, start = module.duo_n_full, key.shape[2] - tq
+    idx = torch.tensor(window_positions(start, module.duo_sink, module.duo_recent) + list(range(start, key.shape[2])),
+                       device=key.device)
+    ks, vs = key[:, nf:].index_select(2, idx), value[:, nf:].index_select(2, idx)
+    return DuoKV(key[:, :nf], value[:, :nf], ks, vs, None, start)
 
 
 def duo_attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function "duo"; query [B, Hq, T, D]; key/value a DuoKV (from DuoCache)
-    or plain [B, Hkv, T, D] tensors (no cache). The head split comes from the DuoKV (a DuoCache
-    may hold every head in full). Returns ([B, T, Hq, D], None)."""
-    if attention_mask is not None and not torch.is_tensor(attention_mask):
-        raise ValueError("DuoAttention does not take custom attention masks")
-    kv = key if isinstance(key, DuoKV) else _no_cache_kv(module, key, value)
+    or plain [B, Hkv, Tk, D] tensors holding every token. The head split comes from the DuoKV (a DuoCache
+    may hold every head in full). Returns ([B, T, Hq, D], None). Attention masks are refused: the mask function
+    registered with "duo" builds none, so a mask reaching here is a caller's custom (e.g. 4-D) mask."""
+    if attention_mask is not None:
+        raise ValueError("DuoAttention does not take custom attention masks (it builds its own causal windows)")
+    kv = key if isinstance(key, DuoKV) else _plain_kv(module, key, value, query.shape[2])
     scaling = module.scaling if scaling is None else scaling
     nq_full = kv.n_full * module.num_key_value_groups
     qf, qs = query[:, :nq_full], query[:, nq_full:]
@@ -111,14 +115,13 @@ def duo_attention_forward(module, query, key, value, attention_mask=None, scalin
         out[:, :, :nq_full] = of.transpose(1, 2)
     if qs.shape[1]:
         os_ = (A.decode(qs, kv.stream_k, kv.stream_v, scaling, kv.length, kv.stream_pos) if kv.decoding
-               else A.streaming_prefill(qs, kv.stream_k, kv.stream_v, kv.stream_pos, kv.q_start,
-                                        module.duo_sink, module.duo_recent, scaling))
+               else A.full_prefill(qs, kv.stream_k, kv.stream_v, kv.stream_start, scaling))
         out[:, :, nq_full:] = os_.transpose(1, 2)
     return out, None
 
 
 def _no_mask(*args, attention_mask=None, **kwargs) -> None:
-    """Mask function of the DuoAttention implementations: they build their own (block) masks.
+    """Mask function of the DuoAttention implementations: they build their own causal windows.
     Padding is not supported: a 2-D padding mask with any 0 raises ValueError."""
     if torch.is_tensor(attention_mask) and attention_mask.ndim == 2 and not bool(attention_mask.all()):
         raise ValueError("DuoAttention does not support padded batches (attention_mask has zeros)")
@@ -137,10 +140,11 @@ register_attention("duo", duo_attention_forward)
 @torch.no_grad()
 def chunked_prefill(model, input_ids: torch.Tensor, cache, chunk_size: int) -> torch.Tensor:
     """Prefill ``input_ids`` [B, T] into ``cache`` (a DuoCache) ``chunk_size`` tokens at a time, so
-    activations stay O(chunk) and streaming heads see sink + recent + the current chunk only.
+    activations stay O(chunk) and streaming heads see sink + recent + the current chunk only (the first chunk
+    is dense).
     Returns the logits of the last token [B, vocab]."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     for start in range(0, input_ids.shape[1], chunk_size):
-        out = model.model(input_ids=input_ids[:, start:start + chunk_size], past_key_values=cache, use_cache=True)
+        out = model.model(input_ids=input_ids[:, start:start + chunk_size], cache=cache, use_cache=True)
     return model.lm_head(out.last_hidden_state[:, -1])

@@ -13,8 +13,8 @@ def passkey_accuracy(model, samples: list[PasskeySample], make_cache: Callable[[
     """Fraction of questions answered exactly by greedy ``model.generate``.
 
     Each sample's first question is asked: the prompt is ``input_ids[:prompt_len]`` and the
-    answer must match the passkey value tokens. ``make_cache()`` gives a fresh past_key_values
-    per prompt (None: transformers' default dynamic cache).
+    answer must match the passkey value tokens. ``make_cache()`` gives a fresh ``cache``
+    per prompt (None: the model's default: a DuoCache after apply_duo, else a DynamicCache).
     """
     if not samples:
         raise ValueError("no samples")
@@ -22,7 +22,7 @@ def passkey_accuracy(model, samples: list[PasskeySample], make_cache: Callable[[
     for s in samples:
         prompt_len, answer = s.questions[0]
         ids = s.input_ids[None, :prompt_len].to(model.device)
-        kw = {"past_key_values": make_cache()} if make_cache is not None else {}
+        kw = {"cache": make_cache()} if make_cache is not None else {}
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(answer), do_sample=False,
                              min_new_tokens=len(answer), pad_token_id=0, **kw)
         ok += out[0, prompt_len:].tolist() == list(answer)

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from quantduo.duo.attention import gated_attention
-from quantduo.duo.deploy import attention_modules, register_attention
+from quantduo.duo.deploy import register_attention
+from quantduo.duo.layout import attention_modules
 from quantduo.duo.patterns import DuoPattern
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # input_ids [B, T] int64, target_mask [B, T] bool
@@ -36,7 +37,7 @@ def gated_attention_forward(module, query, key, value, attention_mask=None, scal
     [B, Hkv, T, D]; uses ``module.duo_gate`` / ``duo_sink`` / ``duo_recent``. Returns ([B, T, Hq, D], None)."""
     out = gated_attention(query, key, value, module.duo_gate.get().to(query.dtype), module.duo_sink,
                           module.duo_recent, module.scaling if scaling is None else scaling,
-                          chunk=getattr(module, "duo_chunk", 1024))
+                          chunk=module.duo_chunk, block=module.duo_block)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -55,27 +56,31 @@ def attn_implementation(model, name: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def gated_model(model, gates: torch.Tensor, sink: int, recent: int, chunk: int = 1024) -> Iterator[None]:
-    """Within the context the model runs gated attention with ``gates`` [L, H_kv] (clamped to [0, 1])."""
+def gated_model(model, gates: torch.Tensor, sink: int, recent: int, chunk: int = 1024,
+                block: int | None = None) -> Iterator[None]:
+    """Within the context the model runs gated attention with ``gates`` [L, H_kv] (clamped to [0, 1]);
+    ``block``: streaming mask in blocks of that many tokens (None: token level)."""
     mods = attention_modules(model)
     if tuple(gates.shape) != (len(mods), model.config.num_key_value_heads):
         raise ValueError(f"gates shape {tuple(gates.shape)} != (layers, kv_heads) "
                          f"{(len(mods), model.config.num_key_value_heads)}")
     for i, m in enumerate(mods):
-        m.duo_gate, m.duo_sink, m.duo_recent, m.duo_chunk = _GateRef(gates, i), sink, recent, chunk
+        m.duo_gate, m.duo_sink, m.duo_recent, m.duo_chunk, m.duo_block = _GateRef(gates, i), sink, recent, chunk, block
     try:
         with attn_implementation(model, "duo_gated"):
             yield
     finally:
         for m in mods:
-            del m.duo_gate, m.duo_chunk
+            del m.duo_gate, m.duo_chunk, m.duo_block
             if not hasattr(m, "duo_n_full"):
                 del m.duo_sink, m.duo_recent
 
 
 @dataclass
 class IdentifyConfig:
-    """Gate-training hyper-parameters (paper defaults: lr 0.02, reg 0.05, sink 128, recent 256)."""
+    """Gate-training hyper-parameters (paper defaults: lr 0.02, reg 0.05, sink 128, recent 256). ``block``: 128
+    trains with the reference's block-sparse streaming mask (the published patterns' setting), None with the
+    token-level sink + recent window."""
 
     steps: int = 2000
     lr: float = 0.02
@@ -85,6 +90,7 @@ class IdentifyConfig:
     chunk: int = 1024
     warmup_frac: float = 0.1
     activation_checkpointing: bool = True
+    block: int | None = None
 
 
 def _final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
@@ -92,7 +98,8 @@ def _final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def distill_loss(model, gates: torch.Tensor, batch: Batch, cfg: IdentifyConfig, full_impl: str) -> torch.Tensor:
-    """MSE of final hidden states (full vs gated) on answer positions + reg * mean |gates|.
+    """MSE of final hidden states (full vs gated) on the target positions (every token of the question / answer
+    section, as the reference's labels) + reg * mean |gates|.
 
     Call inside ``gated_model(model, gates, ...)`` (and run backward there too: activation
     checkpointing recomputes the gated forward); ``full_impl`` is the reference attention.
@@ -123,12 +130,12 @@ def identify(model, batches: Callable[[int], Batch], cfg: IdentifyConfig, progre
     was_training, full_impl = model.training, model.config._attn_implementation
     ckpt = cfg.activation_checkpointing and model.supports_gradient_checkpointing
     if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # transformers only checkpoints in train mode; attention dropout stays 0 here
     try:
         bar = tqdm(range(cfg.steps), desc="duo identify", disable=not progress)
         for step in bar:
-            with gated_model(model, gates, cfg.sink, cfg.recent, cfg.chunk):
+            with gated_model(model, gates, cfg.sink, cfg.recent, cfg.chunk, cfg.block):
                 loss = distill_loss(model, gates, batches(step), cfg, full_impl)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss at step {step}")
@@ -141,7 +148,8 @@ def identify(model, batches: Callable[[int], Batch], cfg: IdentifyConfig, progre
             bar.set_postfix(loss=f"{loss.item():.4f}", mean_gate=f"{gates.mean().item():.3f}")
     finally:
         if ckpt:
-            model.gradient_checkpointing_disable()
+            model.activation_checkpointing_disable()
         model.train(was_training)
-    extra = {"lr": cfg.lr, "num_steps": cfg.steps, "reg_weight": cfg.reg_weight, "supervision": "distill"}
+    extra = {"lr": cfg.lr, "num_steps": cfg.steps, "reg_weight": cfg.reg_weight, "supervision": "distill",
+             "streaming_attn_implementation": "sdpa" if cfg.block is None else f"blocksparse{cfg.block}"}
     return DuoPattern(gates.detach().cpu().numpy(), cfg.sink, cfg.recent, extra)

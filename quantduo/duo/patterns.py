@@ -42,10 +42,10 @@ class DuoPattern:
     def shape(self) -> tuple[int, int]:
         return tuple(self.gates.shape)
 
-    def binarize(self, sparsity: float) -> np.ndarray:
-        """Boolean [layers, kv_heads] retrieval mask: the ``sparsity`` fraction of heads with the
-        lowest gates (global quantile over all layers) become streaming heads (False)."""
-        return binarize(self.gates, sparsity)
+    def binarize(self, sparsity: float, seed: int = 42) -> np.ndarray:
+        """Boolean [layers, kv_heads] retrieval mask: the heads under the global ``sparsity`` quantile of the
+        gates become streaming heads (False); see :func:`binarize`."""
+        return binarize(self.gates, sparsity, seed)
 
     def validate_for(self, config) -> None:
         """Raise ValueError unless the gate shape matches a transformers config's layers x KV heads."""
@@ -55,27 +55,38 @@ class DuoPattern:
             raise ValueError(f"pattern has shape {self.shape} (layers, kv_heads) but the model has {expected}")
 
 
-def binarize(gates: np.ndarray, sparsity: float) -> np.ndarray:
-    """[L, H] gates -> [L, H] bool retrieval mask with round(sparsity * L * H) streaming heads.
+def binarize(gates: np.ndarray, sparsity: float, seed: int = 42) -> np.ndarray:
+    """[L, H] gates -> [L, H] bool retrieval mask by the reference's rule (one quantile over all heads).
 
-    Ties are broken by (layer, head) order so the count is exact.
+    U(0, 1e-6) noise from ``np.random.RandomState(seed)`` (the reference seeds NumPy's global state, default 42)
+    is added to the gates, the threshold is ``np.quantile(noisy, sparsity)`` and heads with noisy gate >=
+    threshold are retrieval heads; sparsity 0 keeps every head, 1 none. Heads tied at the cut are thus chosen
+    at random (seeded), not by position.
     """
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
-    flat = np.asarray(gates, dtype=np.float64).ravel()
-    n_stream = int(round(sparsity * flat.size))
-    order = np.argsort(flat, kind="stable")
-    mask = np.ones(flat.size, dtype=bool)
-    mask[order[:n_stream]] = False
-    return mask.reshape(np.shape(gates))
+    g = np.asarray(gates, dtype=np.float64)
+    if sparsity <= 0:
+        return np.ones(g.shape, dtype=bool)
+    if sparsity >= 1:
+        return np.zeros(g.shape, dtype=bool)
+    noisy = g + np.random.RandomState(seed).uniform(0, 1e-6, g.shape)
+    return noisy >= np.quantile(noisy, sparsity)
 
 
 def load_pattern(path: str | Path) -> DuoPattern:
-    """Load a pattern directory (or a direct path to the .tsv, config.json then optional)."""
+    """Load a pattern directory (or the path of its .tsv); its config.json (sink_size, recent_size) is required,
+    as in the reference: a missing one raises FileNotFoundError, missing keys ValueError."""
     path = Path(path)
     tsv = path / TSV_NAME if path.is_dir() else path
     if not tsv.exists():
         raise FileNotFoundError(f"no {TSV_NAME} at {path}")
+    cfg_path = tsv.parent / CONFIG_NAME
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"pattern {tsv.parent} has no {CONFIG_NAME} (it gives sink_size and recent_size)")
+    cfg = json.loads(cfg_path.read_text())
+    if not {"sink_size", "recent_size"} <= cfg.keys():
+        raise ValueError(f"{cfg_path} lacks sink_size / recent_size")
     rows = [line.split("\t") for line in tsv.read_text().strip().splitlines() if line.strip()]
     if len({len(r) for r in rows}) != 1:
         raise ValueError(f"{tsv}: rows have different numbers of heads: {sorted({len(r) for r in rows})}")
@@ -83,9 +94,7 @@ def load_pattern(path: str | Path) -> DuoPattern:
         gates = np.array([[float(x) for x in r] for r in rows])
     except ValueError as err:
         raise ValueError(f"{tsv}: non-numeric gate value ({err})") from None
-    cfg_path = tsv.parent / CONFIG_NAME
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-    return DuoPattern(gates, int(cfg.get("sink_size", 128)), int(cfg.get("recent_size", 256)), cfg)
+    return DuoPattern(gates, int(cfg["sink_size"]), int(cfg["recent_size"]), cfg)
 
 
 def save_pattern(pattern: DuoPattern, out_dir: str | Path) -> Path:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from quantduo.formats import quantizers as qz
+from quantduo.formats.kv import QuantizedKV, dequantize_kv
 
 ACT_MODES = ("int4", "uint4", "none", "smooth", "int4_deq", "uint4_deq")
 
@@ -114,8 +115,6 @@ def decode_attention_ref(q, k, v, scaling: float, length=None, key_pos=None):
     Quantized caches are dequantized to q's dtype (arithmetic in float32); scores are q * scaling (in q's
     dtype) times K, masked, softmax in float32, probabilities rounded to q's dtype times V.
     """
-    from quantduo.duo.kvquant import QuantizedKV, dequantize_kv
-
     k, v = (dequantize_kv(x, q.dtype) if isinstance(x, QuantizedKV) else x for x in (k, v))
     b, hq, _, d = q.shape
     hkv, t = k.shape[1], k.shape[2]

@@ -3,7 +3,7 @@
 * :func:`kv_quant_write`: program (b, h, t) quantizes the K and the V vector of one new token (per-token
   groups, asymmetric) and stores its codes, fp16 scale and fp16 zero at cache position ``pos[t]``. Replaces the
   dozen PyTorch ops per tensor of the reference, which dominated the per-layer cost of a quantized-cache
-  decode step. Reference: :func:`quantduo.duo.kvquant.quantize_unchecked` (codes and scales bit-exact),
+  decode step. Reference: :func:`quantduo.formats.kv.quantize_unchecked` (codes and scales bit-exact),
   stored with ``index_copy_`` along the sequence axis.
 * :func:`ring_write`: the new token of each streaming head into its sink + recent ring slot (and the slot's
   position), instead of the slot arithmetic and three ``index_copy_`` of the reference

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantduo.duo.kvquant import QuantizedKV
+from quantduo.formats.kv import QuantizedKV
 
 # (keys per tile, programs per SM (sets the split count), num_warps, num_stages) per cache width in bits;
 # best of a sweep at 128K / 256K keys on an H100 (benchmarks/duo.py --only sweep, BENCHMARKS.md)
@@ -233,7 +233,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor | QuantizedKV, v: torch.Te
     """Attention of one query token per sequence over a KV cache (Triton, split-KV).
 
     q [B, Hq, 1, D] float16/bfloat16 (float32 in the interpreter); k, v: 16-bit [B, Hkv, T, D] in q's
-    dtype, or :class:`~quantduo.duo.kvquant.QuantizedKV` (codes uint8 [B, Hkv, T, D * bits / 8], fp16
+    dtype, or :class:`~quantduo.formats.kv.QuantizedKV` (codes uint8 [B, Hkv, T, D * bits / 8], fp16
     scale / zero [B, Hkv, T, D / group]), any strides with a unit last-axis stride. length: int64 device
     tensor [1] or None; key_pos: int64 [T] or None (see the module docstring). Softmax in float32.
     config: (keys per tile, programs per SM, num_warps, num_stages), default :data:`DEFAULT_CONFIG` [bits].

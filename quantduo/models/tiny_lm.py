@@ -10,15 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from quantduo.duo.data import PasskeyFormat
-
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_lm"
-FORMAT = PasskeyFormat()
 N_FILLER = 64
 _SPECIALS = ("<pad>", "<bos>")
-_TEMPLATE_WORDS = ("pass", "key", "is", ".")
-VOCAB: tuple[str, ...] = (_SPECIALS + FORMAT.value_words + FORMAT.names + _TEMPLATE_WORDS
-                          + tuple(f"w{i}" for i in range(N_FILLER)))
+# the words of quantduo.duo.data.PasskeyFormat's default templates (digits, key names, template words)
+PASSKEY_WORDS: tuple[str, ...] = tuple("0123456789") + tuple("ABCDEFGHIJKLMNOP") + ("pass", "key", "is", ".")
+VOCAB: tuple[str, ...] = _SPECIALS + PASSKEY_WORDS + tuple(f"w{i}" for i in range(N_FILLER))
 _INDEX = {w: i for i, w in enumerate(VOCAB)}
 BOS_ID = _INDEX["<bos>"]
 
@@ -86,15 +83,3 @@ def haystack_ids(seed: int = 0, n_words: int = 50_000) -> list[int]:
     """Token ids of a Markov haystack (deterministic for a given seed)."""
     return encode(haystack_text(n_words, seed))
 
-
-def make_tiny_sample(hay: list[int], rng: np.random.Generator, context_len: int, n_passkeys: int,
-                     min_distance: int = 0):
-    """A :class:`~quantduo.duo.data.PasskeySample` of ``context_len`` tokens starting with <bos>."""
-    import torch
-
-    from quantduo.duo.data import PasskeySample, make_sample
-
-    s = make_sample(hay, encode, context_len - 1, n_passkeys, rng, FORMAT, min_distance=min_distance)
-    ids = torch.cat([torch.tensor([BOS_ID]), s.input_ids])
-    target = torch.cat([torch.tensor([False]), s.target_mask])
-    return PasskeySample(ids, target, [(p + 1, a) for p, a in s.questions])
