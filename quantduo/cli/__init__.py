@@ -12,7 +12,7 @@ import sys
 # Modules that expose ``register(subparsers)``.
 _COMMAND_MODULES = (
     "quantduo.cli.diffusion",
-    "quantduo.duo.commands",
+    "quantduo.cli.duo",
     "quantduo.demo",
 )
 

@@ -18,7 +18,7 @@ from quantduo.formats.registry import EXECUTIONS, format_names
 from quantduo.integrations.cuda_graph import enable_cuda_graph
 from quantduo.integrations.diffusers import (capture_calibration_inputs, denoiser_of, load_pipeline,
                                              quantization_config, quantize_transformer, mark_quantized,
-                                             quantduo_config_for)
+                                             quantduo_config_for, save_pipeline)
 from quantduo.utils import atomic_write
 
 DEFAULT_PROMPTS = (
@@ -53,7 +53,7 @@ def cmd_quantize(args) -> int:
     report = quantize_transformer(denoiser, samples, config)
     mark_quantized(denoiser, quantduo_config_for(config))
     out = Path(args.out)
-    pipe.save_pretrained(out)
+    save_pipeline(pipe, out)
     atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(report.to_json()))
     print(report.summary())
     print(f"quantized {len(report.quantized())} layers, kept {len(report.skipped())} in full precision -> {out}")

@@ -141,8 +141,9 @@ def test_execution_vs_reference(execution, act_format, rows):
         expected, tolerance = fp8_reference_forward(m, x), 5e-3
     assert y.shape == (rows, 48) and torch.isfinite(y).all()
     assert relative_error(y, expected) < tolerance
-    # the same execution outside cpu_kernels(): its PyTorch reference
-    assert torch.equal(m(x), engine._reference_of(execution)(m, x).reshape(rows, 48))
+    # outside cpu_kernels() the CPU runs the execution's PyTorch reference (fp8: at every token count)
+    reference = {"exact": reference_forward, "a16": a16_reference_forward, "fp8": fp8_reference_forward}[execution]
+    assert torch.equal(m(x), reference(m, x).reshape(rows, 48))
 
 
 def test_reference_execution():
@@ -357,7 +358,7 @@ def test_derived_state_follows_inplace_edits():
         with cpu_kernels():
             y = m(x)
         _assert_derived_current(m)
-        assert any(not torch.equal(before[name], getattr(m, name)) for name in DERIVED) or i == 5, i
+        assert any(not torch.equal(before[name], getattr(m, name)) for name in DERIVED), i
         assert relative_error(y, fp8_reference_forward(_fresh_copy(m), x)) < 5e-3, i
         with cpu_kernels():
             assert torch.equal(m.set_execution("a16")(x[:9]), _fresh_copy(m)(x[:9]))

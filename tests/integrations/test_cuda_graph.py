@@ -5,11 +5,24 @@ import pytest
 import torch
 from torch import nn
 
-from test_fp8_execution import _int4_module
-
+from quantduo.formats import quantizers as qz
 from quantduo.integrations.cuda_graph import GraphedForward, disable_cuda_graph, enable_cuda_graph
-from quantduo.svdquant.fp8_execution import to_fp8_execution
+from quantduo.svdquant import SVDQuantLinear
 from quantduo.utils import relative_error
+
+
+def _int4_layer(k, n, rank=32, dtype=torch.bfloat16, device="cuda", seed=0):
+    """A random W4A4 INT4 SVDQuantLinear with smoothing, low-rank branch and bias."""
+    g = torch.Generator().manual_seed(seed)
+    m = SVDQuantLinear(k, n, rank=rank, dtype=dtype, device=device)
+    with torch.no_grad():
+        q, sc = qz.quantize_int4(torch.randn(n, k, generator=g).to(device), 64, dtype)
+        m.qweight.copy_(qz.pack_int4(q)); m.wscales.copy_(sc)
+        m.smooth_factor.copy_(torch.rand(k, generator=g) + 0.5)
+        m.proj_down.copy_(torch.randn(k, rank, generator=g) * 0.1)
+        m.proj_up.copy_(torch.randn(n, rank, generator=g) * 0.3)
+        m.bias.copy_(torch.randn(n, generator=g))
+    return m
 
 
 class TwoInputs(nn.Module):
@@ -36,6 +49,18 @@ def test_cpu_and_ungraphable_calls_run_eagerly():
     assert model(x)[0].requires_grad  # grad enabled: eager, autograd intact
     assert not model.forward.graphs
     assert "forward" not in disable_cuda_graph(model).__dict__
+
+
+def test_cpu_quantized_layers_run_eagerly():
+    """Quantized layers on the CPU under the wrapper: the layer's own (reference) result, each execution."""
+    layers = nn.Sequential(_int4_layer(128, 32, dtype=torch.float32, device="cpu"))
+    expected = {e: layers[0].set_execution(e)(torch.ones(3, 128)) for e in ("reference", "a16", "fp8")}
+    enable_cuda_graph(layers)
+    with torch.no_grad():
+        for execution, y in expected.items():
+            layers[0].set_execution(execution)
+            assert torch.equal(layers(torch.ones(3, 128)), y)
+    assert not layers.forward.graphs
 
 
 @pytest.mark.gpu
@@ -65,8 +90,7 @@ def test_gpu_graph_replays_track_inputs():
 @pytest.mark.gpu
 def test_gpu_graph_of_fp8_layers():
     """A stack of fp8-execution layers captured and replayed gives the eager result."""
-    layers = nn.Sequential(*(to_fp8_execution(_int4_module(1024, 1024, "int4", rank=32, dtype=torch.bfloat16,
-                                                            device="cuda", seed=i)) for i in range(3)))
+    layers = nn.Sequential(*(_int4_layer(1024, 1024, seed=i).set_execution("fp8") for i in range(3)))
     x = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         eager = layers(x)

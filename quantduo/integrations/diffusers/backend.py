@@ -14,9 +14,12 @@ the safetensors file, and the layers' derived state is computed on the device th
 """
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from diffusers.quantizers import auto as diffusers_auto
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
@@ -30,6 +33,7 @@ from quantduo.svdquant.linear import ACT_FORMATS, WEIGHT_FORMATS, set_execution
 from .fusions import enable_fusions
 
 QUANT_METHOD = "quantduo"
+DIGEST_KEY = "quantduo_sha256"  # safetensors metadata: SHA-256 over every stored tensor (names, dtypes, shapes, bytes)
 LAYER_FIELDS = {"in_features": int, "out_features": int, "rank": int, "bias": bool, "weight_format": str,
                 "act_format": str, "group_size": int}
 
@@ -106,6 +110,10 @@ class QuantDuoConfig(QuantizationConfigMixin):
                     fast_accum=self.fast_accum, fuse=self.fuse, layers=self.layers,
                     quantduo_version=self.quantduo_version)
 
+    def to_diff_dict(self) -> dict[str, Any]:
+        """What ``repr`` and ``to_json_string`` show: the whole config (every field is meaningful)."""
+        return self.to_dict()
+
 
 def layer_specs(model: nn.Module) -> dict[str, dict]:
     """Constructor arguments of every :class:`SVDQuantLinear` in ``model``, by module name (its storage format)."""
@@ -134,6 +142,34 @@ def replace_with_quantized(model: nn.Module, layers: dict[str, dict], dtype: tor
         model.set_submodule(name, SVDQuantLinear(**spec, dtype=dtype, device=device))
 
 
+def state_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over ``tensors`` in name order: each name, dtype, shape and raw bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def verify_files(files: list[str]) -> None:
+    """Check the safetensors ``files`` of one checkpoint against the digest their metadata records
+    (``QuantizationConfigError`` for a missing digest, an unreadable file or a mismatch: a corrupt checkpoint)."""
+    tensors, recorded = {}, set()
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                recorded.add((f.metadata() or {}).get(DIGEST_KEY))
+                tensors.update({name: f.get_tensor(name) for name in f.keys()})
+        except (SafetensorError, OSError) as err:
+            raise QuantizationConfigError(f"cannot read {file}: {err}") from err
+    if None in recorded or len(recorded) != 1:
+        raise QuantizationConfigError(f"{files[0]} records no {DIGEST_KEY}: not written by quantduo's save_pretrained")
+    if state_digest(tensors) != recorded.pop():
+        raise QuantizationConfigError(f"{Path(files[0]).parent} is corrupt: its tensors do not match the SHA-256 "
+                                      f"recorded when it was saved")
+
+
 def _owner(model: nn.Module, param_name: str) -> tuple[nn.Module, str]:
     module_name, _, tensor_name = param_name.rpartition(".")
     return model.get_submodule(module_name), tensor_name
@@ -157,6 +193,18 @@ class QuantDuoQuantizer(DiffusersQuantizer):
         get_format(self.quantization_config.format)
         if not self.quantization_config.layers:
             raise QuantizationConfigError("quantization_config.layers is empty: the checkpoint names no quantized layer")
+
+    def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files) -> list[str]:
+        files = [checkpoint_files] if isinstance(checkpoint_files, (str, Path)) else list(checkpoint_files or [])
+        safetensors_files = [str(f) for f in files if str(f).endswith(".safetensors")]
+        if not safetensors_files:
+            raise QuantizationConfigError("quantduo checkpoints are safetensors files; found none")
+        verify_files(safetensors_files)
+        return loaded_keys
+
+    def get_state_dict_and_metadata(self, state_dict: dict[str, Any], safe_serialization: bool = False
+                                    ) -> tuple[dict[str, Any], dict[str, str]]:
+        return state_dict, {DIGEST_KEY: state_digest(state_dict)}
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs) -> None:
         replace_with_quantized(model, self.quantization_config.layers, self.compute_dtype)

@@ -67,7 +67,7 @@ def load_quantized_transformer(directory: str | Path, device: torch.device | str
                                dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """A quantized denoiser from a folder written by :func:`save_quantized_transformer` (through diffusers'
     ``from_pretrained``), on ``device`` with compute dtype ``dtype``."""
-    model = model_class_of(directory).from_pretrained(str(directory), torch_dtype=dtype)
+    model = model_class_of(directory).from_pretrained(str(directory), dtype=dtype)
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -110,6 +110,20 @@ def cast_denoiser(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
+def save_pipeline(pipe: Any, directory: str | Path) -> Path:
+    """``pipe.save_pretrained(directory)`` with every component saved (a quantized denoiser with its
+    ``quantization_config``), then the ``_name_or_path`` entries diffusers records (the absolute path the pipeline
+    was loaded from) removed from its JSON configs: the folder stands alone and can be moved."""
+    directory = Path(directory)
+    pipe.save_pretrained(directory)
+    for path in directory.rglob("*.json"):
+        config = json.loads(path.read_text())
+        if isinstance(config, dict) and "_name_or_path" in config:
+            del config["_name_or_path"]
+            atomic_write(path, lambda tmp, c=config: Path(tmp).write_text(json.dumps(c, indent=2, sort_keys=True)))
+    return directory
+
+
 def load_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
                   execution: str = "auto") -> Any:
     """A diffusers pipeline from a local folder (quantized by quantduo or not) on ``device``; its quantized layers
@@ -117,7 +131,7 @@ def load_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, de
     path = Path(model_dir)
     if not (path / "model_index.json").is_file():
         raise CheckpointError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-    pipe = diffusers.DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype).to(device)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(path), dtype=dtype).to(device)
     if execution != "auto":
         set_execution(getattr(pipe, denoiser_attr(pipe)), execution)
     return pipe

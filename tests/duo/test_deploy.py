@@ -9,7 +9,7 @@ import torch
 from transformers import (DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
-from duo_reference_impl import reference_logits
+from tests.duo.reference_impl import reference_logits
 
 from quantduo.duo import attention as A
 from quantduo.duo.cache import GROWTH, DuoCache

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from duo_reference_impl import reference_logits, visible
+from tests.duo.reference_impl import reference_logits, visible
 
 from quantduo.duo.cache import DuoCache, DuoLayer
 from quantduo.duo.deploy import apply_duo, duo_attention_forward

@@ -20,8 +20,8 @@ from quantduo.formats.kv import quantize_unchecked
 from quantduo.kernels import decode_attention as dk
 from quantduo.kernels.cache_write import kv_quant_write, ring_write
 from quantduo.formats.reference import decode_attention_ref
-from test_duo_decode import MASK, PROMPT, static_decode_logits
-from test_duo_deploy import RECENT, SINK, tiny_model
+from tests.duo.test_decode import MASK, PROMPT, static_decode_logits
+from tests.duo.test_deploy import RECENT, SINK, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

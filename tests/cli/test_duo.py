@@ -5,7 +5,8 @@ import warnings
 import numpy as np
 import pytest
 
-from quantduo.duo import commands, demo
+from quantduo.cli import duo as commands
+from quantduo.duo import demo
 from quantduo.duo.data import make_bos_sample
 from quantduo.duo.identify import IdentifyConfig, identify
 from quantduo.duo.patterns import load_pattern

@@ -10,13 +10,12 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from test_diffusers_tiny import flux_inputs, tiny_flux_pipeline  # noqa: E402
+from tests.integrations.diffusers.tiny_models import flux_inputs, tiny_flux_pipeline  # noqa: E402
 
 from quantduo.cli import main as cli  # noqa: E402
-from quantduo.integrations.diffusers import capture_calibration_inputs, load_into_pipeline  # noqa: E402
-from quantduo.integrations.diffusers_commands import load_pipeline  # noqa: E402
+from quantduo.integrations.diffusers import (FusedFluxSingleBlock, QuantizationConfigError,  # noqa: E402
+                                             capture_calibration_inputs, load_into_pipeline, load_pipeline)
 from quantduo.svdquant import CheckpointError, SVDQuantLinear  # noqa: E402
-from quantduo.svdquant.fp8_execution import SVDQuantFP8Linear  # noqa: E402
 from quantduo.utils import relative_error  # noqa: E402
 
 SIZE = ["--height", "32", "--width", "32", "--max-sequence-length", "16", "--guidance", "3.5", "--dtype", "float32"]
@@ -77,7 +76,10 @@ def test_cli_generate_and_quality(quantized_dirs, tmp_path):
     from PIL import Image
 
     base, quant = quantized_dirs
-    assert json.loads((quant / "quantduo_pipeline.json").read_text())["component"] == "transformer"
+    config = json.loads((quant / "transformer" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "quantduo" and config["format"] == "int4" and len(config["layers"]) > 10
+    saved_text = "".join(p.read_text() for p in quant.rglob("*.json"))
+    assert str(base) not in saved_text and "/tmp" not in saved_text  # self-contained: no path to the base model
     images = {}
     for name, model, extra in [("bf16", base, []), ("svdquant", quant, []), ("a16", quant, ["--a16"]),
                                ("fp8", quant, ["--fp8", "--cuda-graph"])]:
@@ -104,10 +106,11 @@ def test_load_into_pipeline_and_errors(quantized_dirs, tmp_path):
     assert sum(isinstance(m, SVDQuantLinear) for m in loaded.transformer.modules()) > 10
     a16 = [m for m in load_pipeline(quant, torch.float32, execution="a16").transformer.modules()
            if isinstance(m, SVDQuantLinear)]
-    assert len(a16) > 10 and all(m.act_format == "none" for m in a16)
-    fp8 = [m for m in load_pipeline(quant, torch.float32, execution="fp8").transformer.modules()
-           if isinstance(m, SVDQuantLinear)]
-    assert len(fp8) == len(a16) and all(isinstance(m, SVDQuantFP8Linear) for m in fp8)
+    assert len(a16) > 10 and all(m.execution == "a16" for m in a16)
+    fp8_model = load_pipeline(quant, torch.float32, execution="fp8").transformer
+    fp8 = [m for m in fp8_model.modules() if isinstance(m, SVDQuantLinear)]
+    assert len(fp8) == len(a16) and all(m.execution == "fp8" for m in fp8)
+    assert isinstance(fp8_model.single_transformer_blocks[0], FusedFluxSingleBlock)  # fused on load
     with pytest.raises(ValueError, match="execution"):
         load_pipeline(quant, torch.float32, execution="int3")
     # the float32 checkpoint in a bfloat16 pipeline: every compute dtype follows, packed codes stay
@@ -128,10 +131,10 @@ def test_load_into_pipeline_and_errors(quantized_dirs, tmp_path):
                        loaded.transformer.state_dict()["transformer_blocks.0.attn.to_q.qweight"])
     broken = tmp_path / "broken"
     shutil.copytree(quant / "transformer", broken)
-    data = bytearray((broken / "model.safetensors").read_bytes())
+    data = bytearray((broken / "diffusion_pytorch_model.safetensors").read_bytes())
     data[-10] ^= 0xFF
-    (broken / "model.safetensors").write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="corrupt"):
+    (broken / "diffusion_pytorch_model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(QuantizationConfigError, match="corrupt"):
         load_into_pipeline(fresh, broken)
     with pytest.raises(CheckpointError, match="not found"):
         load_into_pipeline(fresh, tmp_path)
@@ -142,13 +145,12 @@ def test_gpu_fp8_pipeline_compiled_and_graphed(quantized_dirs):
     """The quantized tiny pipeline on CUDA in fused FP8 execution under torch.compile + CUDA graphs (64x64 images:
     272 tokens, above the few-token path) gives the bf16 pipeline's image."""
     from quantduo.integrations.cuda_graph import enable_cuda_graph
-    from quantduo.integrations.diffusers import FusedFluxSingleBlock
 
     base, quant = quantized_dirs
     kwargs = dict(prompt="a dog in a park", height=64, width=64, num_inference_steps=4, guidance_scale=3.5,
                   max_sequence_length=16, output_type="np")
     images = {}
-    for name, model, execution in [("bf16", base, "native"), ("fp8", quant, "fp8")]:
+    for name, model, execution in [("bf16", base, "auto"), ("fp8", quant, "fp8")]:
         pipe = load_pipeline(model, torch.bfloat16, "cuda", execution=execution)
         if execution == "fp8":
             assert any(isinstance(m, FusedFluxSingleBlock) for m in pipe.transformer.modules())

@@ -10,8 +10,8 @@ from quantduo.duo.cache import DuoCache
 from quantduo.duo.decode import GraphedDecoder
 from quantduo.duo.deploy import apply_duo
 from quantduo.formats.kv import bytes_per_element, quantize_kv
-from duo_reference_impl import reference_logits
-from test_duo_deploy import RECENT, SINK, tiny_model
+from tests.duo.reference_impl import reference_logits
+from tests.duo.test_deploy import RECENT, SINK, tiny_model
 
 MASK = np.array([[True, False, False, True], [False, False, False, False], [False, True, True, False]])
 PROMPT, STEPS = 40, 12  # decoding crosses the ring-buffer wrap-around (sink 3 + recent 8)

@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from test_diffusers_tiny import FAST, flux_inputs, samples_from, tiny_flux  # noqa: E402
+from tests.integrations.diffusers.tiny_models import FAST, flux_inputs, samples_from, tiny_flux  # noqa: E402
 from quantduo.utils import relative_error  # noqa: E402
 
 from quantduo.integrations import nunchaku_format as nf  # noqa: E402
