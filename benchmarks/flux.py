@@ -23,6 +23,9 @@ Variants (same model object, linears swapped in place; the per-model rules of
   the whole weight reconstructed into fp8 per call, one ``torch._scaled_mm``), with ``enable_fusions`` (GELU and
   the single blocks' concatenation inside the activation quantization), as ``generate --fp8``; fp8 GEMMs with
   fast accumulation (the default); ``svdq-fp8-precise``: the same with float32-promoted accumulation.
+* ``torchao-fp8row``, ``torchao-fp8row-qkv``, ``svdq-fp8-fa8``, ``svdq-fp8-fbc``: the peer rows of issue 20 (torchao
+  fp8 row-wise, with fused QKV) and ``svdq-fp8`` with FP8 attention / the first-block cache, see
+  :mod:`benchmarks.flux_peers`; a variant that fails (e.g. torchao missing) prints its error and is left out.
 * ``<variant>+compile``: the same modules, the whole transformer under ``torch.compile`` (``--compile-mode``,
   default mode by default); compare with ``bf16+compile``.
 
@@ -44,6 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmarks import flux_peers
 from benchmarks.linear import tinygemm_operands
 from quantduo.integrations.cuda_graph import GraphedForward
 from quantduo.integrations.diffusers import MODEL_RULES, enable_fusions
@@ -136,6 +140,8 @@ class TinygemmW4A16Linear(nn.Module):
 
 def variant_module(name: str, linear: nn.Linear, variant: str) -> nn.Module | None:
     """The replacement of ``linear`` in ``variant`` (``None``: stays BF16)."""
+    if variant == "torchao":
+        return flux_peers.torchao_fp8_linear(linear)
     if _matches(name, RULES.skip):
         return None
     if variant == "w4a16-tinygemm":
@@ -152,10 +158,6 @@ def variant_module(name: str, linear: nn.Linear, variant: str) -> nn.Module | No
     if variant in ("svdq-fp8", "svdq-fp8-precise"):
         return to_fp8_execution(module, fast_accum=variant == "svdq-fp8")
     return module
-
-
-def weight_bytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
 def time_forward(model: nn.Module, inputs: dict, warmup: int, reps: int) -> list[float]:
@@ -210,37 +212,56 @@ def profile_forward(model: nn.Module, inputs: dict, variant: str, top: int = 40)
     return by_category
 
 
+def measure(runner, model, variant, inputs, ref, args, options) -> dict:
+    """Output error vs BF16 and timings of ``runner`` (the model or its compiled version), as a row."""
+    if options.first_block_cache:
+        return dict(flux_peers.cache_measurement(runner, model, inputs, args), rel_err_vs_bf16=None,
+                    graph_median_ms=None, profile_ms={})
+    out = runner(**inputs)[0].clone()  # reduce-overhead mode overwrites graph outputs on the next call
+    times = time_forward(runner, inputs, args.warmup, args.reps)
+    graphed = time_forward(GraphedForward(runner), inputs, args.warmup, args.reps) if args.cuda_graph else []
+    profile = profile_forward(runner, inputs, variant) if args.profile else {}
+    return dict(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times),
+                rel_err_vs_bf16=relative_l2_error(out, ref), profile_ms=profile,
+                graph_median_ms=statistics.median(graphed) if graphed else None)
+
+
 def run_variant(model, linears, variant, inputs, ref, args) -> dict:
-    """Swap ``variant``'s modules in, measure, swap the BF16 linears back."""
+    """Swap ``variant``'s modules in (fusing QKV / enabling FP8 attention or the first-block cache where the
+    variant asks, :mod:`benchmarks.flux_peers`), measure, put the BF16 model back."""
     t0 = time.perf_counter()
     swapped = {}
     base, compiled = variant.removesuffix(COMPILE), variant.endswith(COMPILE)
-    with torch.no_grad():
-        for name, linear in linears.items():
-            module = None if base == "bf16" else variant_module(name, linear, base)
-            if module is not None:
-                model.set_submodule(name, module)
-                swapped[name] = module
-        restore_ff = enable_fusions(model) if base in ("svdq-int4", "svdq-fp8", "svdq-fp8-precise") else {}
-        build_s = time.perf_counter() - t0
-        torch._dynamo.reset()
-        runner = torch.compile(model, mode=args.compile_mode) if compiled else model
-        out = runner(**inputs)[0].clone()  # reduce-overhead mode overwrites graph outputs on the next call
-        times = time_forward(runner, inputs, args.warmup, args.reps)
-        graphed = time_forward(GraphedForward(runner), inputs, args.warmup, args.reps) if args.cuda_graph else []
-        profile = profile_forward(runner, inputs, variant) if args.profile else {}
-        row = dict(variant=variant, profile_ms=profile, weight_gb=weight_bytes(model) / 1e9,
-                   median_ms=statistics.median(times),
-                   min_ms=min(times), max_ms=max(times), rel_err_vs_bf16=relative_l2_error(out, ref),
-                   graph_median_ms=statistics.median(graphed) if graphed else None,
-                   quantized_layers=len(swapped), build_s=build_s)
+    options = flux_peers.variant_options(base)
+    restore_ff = {}
+    try:
+        with torch.no_grad():
+            if options.fuse_qkv:
+                model.fuse_qkv_projections()
+                linears = flux_peers.model_linears(model, fused=True)
+            for name, linear in linears.items():
+                module = None if base == "bf16" else variant_module(name, linear, options.modules)
+                if module is not None:
+                    model.set_submodule(name, module)
+                    swapped[name] = linear
+            restore_ff = enable_fusions(model) if options.modules in ("svdq-int4", "svdq-fp8", "svdq-fp8-precise") else {}
+            flux_peers.enable_features(model, options)
+            build_s = time.perf_counter() - t0
+            torch._dynamo.reset()
+            runner = torch.compile(model, mode=args.compile_mode) if compiled else model
+            row = dict(variant=variant, weight_gb=flux_peers.weight_bytes(model) / 1e9, quantized_layers=len(swapped),
+                       build_s=build_s, **measure(runner, model, variant, inputs, ref, args, options))
+    finally:
+        flux_peers.disable_features(model)
         for name, ff in restore_ff.items():
             model.set_submodule(name, ff)
-        for name in swapped:
-            model.set_submodule(name, linears[name])
-    del swapped
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        for name, linear in swapped.items():
+            model.set_submodule(name, linear)
+        if options.fuse_qkv:
+            model.unfuse_qkv_projections()
+        del swapped
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return row
 
 
@@ -259,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                         help="torch.compile mode of the +compile variants (reduce-overhead: Inductor's own CUDA graphs)")
     parser.add_argument("--profile", action="store_true", help="also print each variant's kernel-time breakdown (CUDA)")
+    flux_peers.add_arguments(parser)
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = SMALL if args.small else FLUX_DEV
@@ -270,7 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         ref = model(**inputs)[0].float()
     rows = []
     for variant in args.variants:
-        rows.append(run_variant(model, linears, variant, inputs, ref, args))
+        try:
+            rows.append(run_variant(model, linears, variant, inputs, ref, args))
+        except Exception as error:  # noqa: BLE001 (one failing variant, e.g. a missing wheel, must not stop the rest)
+            print(f"variant {variant} failed: {type(error).__name__}: {str(error)[:400]}", flush=True)
+            torch._dynamo.reset()
+            continue
         print(json.dumps(rows[-1]), flush=True)
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     by_name = {r["variant"]: r for r in rows}
@@ -280,18 +307,29 @@ def main(argv: list[str] | None = None) -> int:
     print("| variant | weights (GB) | vs BF16 memory | step ms median [min-max] | vs BF16 | vs BF16+compile "
           "| rel. err vs BF16 |")
     print("|---|---|---|---|---|---|---|")
-    ratio = lambda b, r: f"{b['median_ms'] / r['median_ms']:.2f}x" if b else "-"  # noqa: E731
+    ratio = lambda b, r: f"{b['median_ms'] / r['median_ms']:.2f}x" if b and b["median_ms"] and r["median_ms"] else "-"  # noqa: E731
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for r in rows:
         mem = f"{base['weight_gb'] / r['weight_gb']:.2f}x smaller" if base else "-"
         print(f"| {r['variant']} | {r['weight_gb']:.2f} | {mem} | {r['median_ms']:.1f} [{r['min_ms']:.1f}-"
-              f"{r['max_ms']:.1f}] | {ratio(base, r)} | {ratio(cbase, r)} | {r['rel_err_vs_bf16']:.3f} |")
+              f"{r['max_ms']:.1f}] | {ratio(base, r)} | {ratio(cbase, r)} | {fmt(r['rel_err_vs_bf16'], '.3f')} |")
     if args.cuda_graph:
         gbase, gcbase = (dict(median_ms=b["graph_median_ms"]) if b else None for b in (base, cbase))
         print("\nCUDA graph of the whole forward (replays):\n| variant | step ms median | vs BF16 graph "
               "| vs BF16+compile graph |\n|---|---|---|---|")
         for r in rows:
             g = dict(median_ms=r["graph_median_ms"])
-            print(f"| {r['variant']} | {g['median_ms']:.1f} | {ratio(gbase, g)} | {ratio(gcbase, g)} |")
+            print(f"| {r['variant']} | {fmt(g['median_ms'], '.1f')} | {ratio(gbase, g)} | {ratio(gcbase, g)} |")
+    cached = [r for r in rows if "steps_skipped" in r]
+    if cached:
+        print("\nFirst-block cache (ms per step over consecutive scheduler steps, eager launches):\n| variant | threshold "
+              "| steps skipped | ms/step with cache | ms/step without | speed-up | final latents rel. err vs no cache |"
+              "\n|---|---|---|---|---|---|---|")
+        for r in cached:
+            print(f"| {r['variant']} | {args.cache_threshold} | {r['steps_skipped']}/{r['steps']} | {r['median_ms']:.1f} "
+                  f"| {r['no_cache_ms_per_step']:.1f} | {r['no_cache_ms_per_step'] / r['median_ms']:.2f}x "
+                  f"| {r['rel_err_vs_no_cache']:.3f} |")
+            print(f"  first-block residual change per step: {r['first_block_changes']}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "flux_bench.json").write_text(json.dumps(dict(device=device_name, rows=rows), indent=1))
