@@ -16,7 +16,7 @@ the shapes change; it assumes one transformer call per step (guidance batched, a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -34,11 +34,13 @@ def relative_l1_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
 @dataclass
 class CacheStats:
     """Counts of transformer calls since enabling: ``computed`` ran every block, ``skipped`` reused the cache;
-    ``resets``: new generations detected."""
+    ``resets``: new generations detected; ``changes``: the relative L1 change of the first block's residual at each
+    call that had a cached one to compare with."""
 
     computed: int = 0
     skipped: int = 0
     resets: int = 0
+    changes: list[float] = field(default_factory=list)
 
     @property
     def calls(self) -> int:
@@ -67,6 +69,7 @@ class FirstBlockCachedBlocks(nn.Module):
         """Forget the cached residuals (the next call computes every block)."""
         self.first_residual = self.image_residual = self.text_residual = None
 
+    @torch.compiler.disable
     def note_timestep(self, timestep: torch.Tensor | float | None) -> None:
         """Reset the cache when ``timestep`` is not below the previous call's (a new generation starts)."""
         if timestep is None:
@@ -77,11 +80,28 @@ class FirstBlockCachedBlocks(nn.Module):
             self.stats.resets += 1
         self.last_timestep = t
 
+    @torch.compiler.disable
     def _can_skip(self, first_residual: torch.Tensor) -> bool:
+        """Compare with the cached first-block residual; count the call as skipped when under the threshold.
+        Outside compiled graphs (a host decision; keeps the counters out of Dynamo's guards)."""
         previous = self.first_residual
         if previous is None or previous.shape != first_residual.shape or self.image_residual is None:
             return False
-        return bool(relative_l1_change(first_residual, previous) < self.threshold)
+        change = float(relative_l1_change(first_residual, previous))
+        self.stats.changes.append(change)
+        skip = change < self.threshold
+        self.stats.skipped += int(skip)
+        return skip
+
+    @torch.compiler.disable
+    def _store(self, first_residual: torch.Tensor, image_residual: torch.Tensor, text_residual: torch.Tensor) -> None:
+        """Cache the residuals of a fully computed call."""
+        self.first_residual, self.image_residual, self.text_residual = first_residual, image_residual, text_residual
+        self.stats.computed += 1
+
+    @torch.compiler.disable
+    def _reuse(self, encoder_first: torch.Tensor, hidden_first: torch.Tensor):
+        return encoder_first + self.text_residual, hidden_first + self.image_residual
 
     def _remaining(self, hidden_states, encoder_hidden_states, kwargs):
         for block in list(self.blocks)[1:] + list(self.single_blocks):
@@ -94,12 +114,9 @@ class FirstBlockCachedBlocks(nn.Module):
                                                      encoder_hidden_states=encoder_hidden_states, **kwargs)
         first_residual = hidden_first - hidden_states
         if self._can_skip(first_residual):
-            self.stats.skipped += 1
-            return encoder_first + self.text_residual, hidden_first + self.image_residual
+            return self._reuse(encoder_first, hidden_first)
         encoder_out, hidden_out = self._remaining(hidden_first, encoder_first, kwargs)
-        self.first_residual = first_residual
-        self.image_residual, self.text_residual = hidden_out - hidden_first, encoder_out - encoder_first
-        self.stats.computed += 1
+        self._store(first_residual, hidden_out - hidden_first, encoder_out - encoder_first)
         return encoder_out, hidden_out
 
 
