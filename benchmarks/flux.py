@@ -14,15 +14,17 @@ Variants (same model object, linears swapped in place; the per-model rules of
 * ``w4a16-tinygemm``: the same INT4-g64 values through PyTorch's tinygemm kernel
   (``torch.ops.aten._weight_int4pack_mm``, the kernel of torchao's int4 weight-only layout, i.e. diffusers'
   ``TorchAoConfig("int4wo")``): a library W4A16 baseline, as the paper's NF4 one (CUDA only);
-* ``svdq-int4``: SVDQuant W4A4 INT4 (rank 32), MLPs through ``svdquant_mlp_forward``; modulation linears W4A16;
-* ``svdq-int4-a16``: those W4A4 layers run with 16-bit activations (``to_w4a16``, as ``generate --a16``);
-* ``svdq-w4a8``: the Hopper W4A8 format (4-bit weights, int8-exact group multipliers, int8 activations), rank 32;
-* ``svdq-w4a8fp8``: the Hopper fp8 format (fp8-exact group multipliers, fp8 activations, low-rank branch inside
-  one ``torch._scaled_mm``), rank 32.
-* ``svdq-fp8``: the ``svdq-int4`` weights run by FP8 execution (``to_fp8_execution``: per-token fp8 activations,
-  the whole weight reconstructed into fp8 per call, one ``torch._scaled_mm``), with ``enable_fusions`` (GELU and
-  the single blocks' concatenation inside the activation quantization), as ``generate --fp8``; fp8 GEMMs with
-  fast accumulation (the default); ``svdq-fp8-precise``: the same with float32-promoted accumulation.
+* ``svdq-int4``: SVDQuant W4A4 INT4 (rank 32), the ``exact`` execution (4-bit activations); modulation linears W4A16;
+* ``svdq-int4-a16``: those weights run with 16-bit activations (execution ``a16``, as ``generate --a16``);
+* ``svdq-fp8``: the same weights run by FP8 execution (execution ``fp8``: per-token fp8 activations, the whole
+  weight reconstructed into fp8 per call, one ``torch._scaled_mm``), with ``enable_fusions`` (GELU and the single
+  blocks' concatenation inside the activation quantization), as ``generate --fp8``; fp8 GEMMs with fast
+  accumulation (the default); ``svdq-fp8-precise``: the same with float32-promoted accumulation;
+* ``svdq-auto``: the same weights with the library's default execution (``auto``: on a GPU with fp8 tensor cores
+  this is ``svdq-fp8``);
+* ``torchao-fp8row``, ``torchao-fp8row-qkv``, ``svdq-fp8-fa8``, ``svdq-fp8-fbc``: the peer rows of issue 20 (torchao
+  fp8 row-wise, with fused QKV) and ``svdq-fp8`` with FP8 attention / the first-block cache, see
+  :mod:`benchmarks.flux_peers`; a variant that fails (e.g. torchao missing) prints its error and is left out.
 * ``<variant>+compile``: the same modules, the whole transformer under ``torch.compile`` (``--compile-mode``,
   default mode by default); compare with ``bf16+compile``.
 
@@ -44,12 +46,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmarks import flux_peers
 from benchmarks.linear import tinygemm_operands
 from quantduo.integrations.cuda_graph import GraphedForward
 from quantduo.integrations.diffusers import MODEL_RULES, enable_fusions
 from quantduo.svdquant import SVDQuantLinear, lowrank_factors
-from quantduo.svdquant.fp8_execution import to_fp8_execution
-from quantduo.svdquant.hopper_formats import to_w4a8, to_w4a16
 from quantduo.svdquant.quantize import pack_residual
 from quantduo.formats.quantizers import pad_to_multiple
 from quantduo.utils import relative_error
@@ -63,6 +64,9 @@ SMALL = dict(FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=64,
 RULES = MODEL_RULES["FluxTransformer2DModel"]
 RANK = 32
 COMPILE = "+compile"
+# (execution, fast_accum) of the INT4 variants; svdq-auto is the library default (``execution="auto"``)
+VARIANT_EXECUTIONS = {"svdq-auto": ("auto",), "svdq-int4": ("exact",), "svdq-int4-a16": ("a16",),
+                      "svdq-fp8": ("fp8", True), "svdq-fp8-precise": ("fp8", False)}
 
 
 def build_model(config: dict, device: str) -> nn.Module:
@@ -136,6 +140,8 @@ class TinygemmW4A16Linear(nn.Module):
 
 def variant_module(name: str, linear: nn.Linear, variant: str) -> nn.Module | None:
     """The replacement of ``linear`` in ``variant`` (``None``: stays BF16)."""
+    if variant == "torchao":
+        return flux_peers.torchao_fp8_linear(linear)
     if _matches(name, RULES.skip):
         return None
     if variant == "w4a16-tinygemm":
@@ -144,18 +150,7 @@ def variant_module(name: str, linear: nn.Linear, variant: str) -> nn.Module | No
         return fast_svdquant(linear, "none", RANK if variant == "svdq-w4a16" else 0)
     if _matches(name, RULES.weight_only):
         return fast_svdquant(linear, "none", 0)
-    module = fast_svdquant(linear, "int4", RANK)
-    if variant in ("svdq-w4a8", "svdq-w4a8fp8"):
-        return to_w4a8(module, linear.weight, act_format="fp8" if variant == "svdq-w4a8fp8" else "int8")
-    if variant == "svdq-int4-a16":  # the INT4 checkpoint run with 16-bit activations (generate --a16)
-        return to_w4a16(module)
-    if variant in ("svdq-fp8", "svdq-fp8-precise"):
-        return to_fp8_execution(module, fast_accum=variant == "svdq-fp8")
-    return module
-
-
-def weight_bytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    return fast_svdquant(linear, "int4", RANK).set_execution(*VARIANT_EXECUTIONS.get(variant, ("exact",)))
 
 
 def time_forward(model: nn.Module, inputs: dict, warmup: int, reps: int) -> list[float]:
@@ -210,37 +205,56 @@ def profile_forward(model: nn.Module, inputs: dict, variant: str, top: int = 40)
     return by_category
 
 
+def measure(runner, model, variant, inputs, ref, args, options) -> dict:
+    """Output error vs BF16 and timings of ``runner`` (the model or its compiled version), as a row."""
+    if options.first_block_cache:
+        return dict(flux_peers.cache_measurement(runner, model, inputs, args), rel_err_vs_bf16=None,
+                    graph_median_ms=None, profile_ms={})
+    out = runner(**inputs)[0].clone()  # reduce-overhead mode overwrites graph outputs on the next call
+    times = time_forward(runner, inputs, args.warmup, args.reps)
+    graphed = time_forward(GraphedForward(runner), inputs, args.warmup, args.reps) if args.cuda_graph else []
+    profile = profile_forward(runner, inputs, variant) if args.profile else {}
+    return dict(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times),
+                rel_err_vs_bf16=relative_error(out, ref), profile_ms=profile,
+                graph_median_ms=statistics.median(graphed) if graphed else None)
+
+
 def run_variant(model, linears, variant, inputs, ref, args) -> dict:
-    """Swap ``variant``'s modules in, measure, swap the BF16 linears back."""
+    """Swap ``variant``'s modules in (fusing QKV / enabling FP8 attention or the first-block cache where the
+    variant asks, :mod:`benchmarks.flux_peers`), measure, put the BF16 model back."""
     t0 = time.perf_counter()
     swapped = {}
     base, compiled = variant.removesuffix(COMPILE), variant.endswith(COMPILE)
-    with torch.no_grad():
-        for name, linear in linears.items():
-            module = None if base == "bf16" else variant_module(name, linear, base)
-            if module is not None:
-                model.set_submodule(name, module)
-                swapped[name] = module
-        restore_ff = enable_fusions(model) if base in ("svdq-int4", "svdq-fp8", "svdq-fp8-precise") else {}
-        build_s = time.perf_counter() - t0
-        torch._dynamo.reset()
-        runner = torch.compile(model, mode=args.compile_mode) if compiled else model
-        out = runner(**inputs)[0].clone()  # reduce-overhead mode overwrites graph outputs on the next call
-        times = time_forward(runner, inputs, args.warmup, args.reps)
-        graphed = time_forward(GraphedForward(runner), inputs, args.warmup, args.reps) if args.cuda_graph else []
-        profile = profile_forward(runner, inputs, variant) if args.profile else {}
-        row = dict(variant=variant, profile_ms=profile, weight_gb=weight_bytes(model) / 1e9,
-                   median_ms=statistics.median(times),
-                   min_ms=min(times), max_ms=max(times), rel_err_vs_bf16=relative_error(out, ref),
-                   graph_median_ms=statistics.median(graphed) if graphed else None,
-                   quantized_layers=len(swapped), build_s=build_s)
+    options = flux_peers.variant_options(base)
+    restore_ff = {}
+    try:
+        with torch.no_grad():
+            if options.fuse_qkv:
+                model.fuse_qkv_projections()
+                linears = flux_peers.model_linears(model, fused=True)
+            for name, linear in linears.items():
+                module = None if base == "bf16" else variant_module(name, linear, options.modules)
+                if module is not None:
+                    model.set_submodule(name, module)
+                    swapped[name] = linear
+            restore_ff = enable_fusions(model) if options.modules in VARIANT_EXECUTIONS else {}
+            flux_peers.enable_features(model, options)
+            build_s = time.perf_counter() - t0
+            torch._dynamo.reset()
+            runner = torch.compile(model, mode=args.compile_mode) if compiled else model
+            row = dict(variant=variant, weight_gb=flux_peers.weight_bytes(model) / 1e9, quantized_layers=len(swapped),
+                       build_s=build_s, **measure(runner, model, variant, inputs, ref, args, options))
+    finally:
+        flux_peers.disable_features(model)
         for name, ff in restore_ff.items():
             model.set_submodule(name, ff)
-        for name in swapped:
-            model.set_submodule(name, linears[name])
-    del swapped
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        for name, linear in swapped.items():
+            model.set_submodule(name, linear)
+        if options.fuse_qkv:
+            model.unfuse_qkv_projections()
+        del swapped
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return row
 
 
@@ -249,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="out/bench_flux")
     parser.add_argument("--small", action="store_true", help="2-block model, 64+16 tokens (smoke test, any device)")
     parser.add_argument("--variants", nargs="+",
-                        default=["bf16", "w4a16", "svdq-w4a16", "svdq-int4", "svdq-w4a8", "svdq-w4a8fp8", "svdq-fp8"])
+                        default=["bf16", "w4a16", "svdq-w4a16", "svdq-int4", "svdq-int4-a16", "svdq-fp8", "svdq-auto"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--cuda-graph", action="store_true",
@@ -259,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                         help="torch.compile mode of the +compile variants (reduce-overhead: Inductor's own CUDA graphs)")
     parser.add_argument("--profile", action="store_true", help="also print each variant's kernel-time breakdown (CUDA)")
+    flux_peers.add_arguments(parser)
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = SMALL if args.small else FLUX_DEV
@@ -270,7 +285,12 @@ def main(argv: list[str] | None = None) -> int:
         ref = model(**inputs)[0].float()
     rows = []
     for variant in args.variants:
-        rows.append(run_variant(model, linears, variant, inputs, ref, args))
+        try:
+            rows.append(run_variant(model, linears, variant, inputs, ref, args))
+        except Exception as error:  # noqa: BLE001 (one failing variant, e.g. a missing wheel, must not stop the rest)
+            print(f"variant {variant} failed: {type(error).__name__}: {str(error)[:400]}", flush=True)
+            torch._dynamo.reset()
+            continue
         print(json.dumps(rows[-1]), flush=True)
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     by_name = {r["variant"]: r for r in rows}
@@ -280,18 +300,29 @@ def main(argv: list[str] | None = None) -> int:
     print("| variant | weights (GB) | vs BF16 memory | step ms median [min-max] | vs BF16 | vs BF16+compile "
           "| rel. err vs BF16 |")
     print("|---|---|---|---|---|---|---|")
-    ratio = lambda b, r: f"{b['median_ms'] / r['median_ms']:.2f}x" if b else "-"  # noqa: E731
+    ratio = lambda b, r: f"{b['median_ms'] / r['median_ms']:.2f}x" if b and b["median_ms"] and r["median_ms"] else "-"  # noqa: E731
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for r in rows:
         mem = f"{base['weight_gb'] / r['weight_gb']:.2f}x smaller" if base else "-"
         print(f"| {r['variant']} | {r['weight_gb']:.2f} | {mem} | {r['median_ms']:.1f} [{r['min_ms']:.1f}-"
-              f"{r['max_ms']:.1f}] | {ratio(base, r)} | {ratio(cbase, r)} | {r['rel_err_vs_bf16']:.3f} |")
+              f"{r['max_ms']:.1f}] | {ratio(base, r)} | {ratio(cbase, r)} | {fmt(r['rel_err_vs_bf16'], '.3f')} |")
     if args.cuda_graph:
         gbase, gcbase = (dict(median_ms=b["graph_median_ms"]) if b else None for b in (base, cbase))
         print("\nCUDA graph of the whole forward (replays):\n| variant | step ms median | vs BF16 graph "
               "| vs BF16+compile graph |\n|---|---|---|---|")
         for r in rows:
             g = dict(median_ms=r["graph_median_ms"])
-            print(f"| {r['variant']} | {g['median_ms']:.1f} | {ratio(gbase, g)} | {ratio(gcbase, g)} |")
+            print(f"| {r['variant']} | {fmt(g['median_ms'], '.1f')} | {ratio(gbase, g)} | {ratio(gcbase, g)} |")
+    cached = [r for r in rows if "steps_skipped" in r]
+    if cached:
+        print("\nFirst-block cache (ms per step over consecutive scheduler steps, eager launches):\n| variant | threshold "
+              "| steps skipped | ms/step with cache | ms/step without | speed-up | final latents rel. err vs no cache |"
+              "\n|---|---|---|---|---|---|---|")
+        for r in cached:
+            print(f"| {r['variant']} | {args.cache_threshold} | {r['steps_skipped']}/{r['steps']} | {r['median_ms']:.1f} "
+                  f"| {r['no_cache_ms_per_step']:.1f} | {r['no_cache_ms_per_step'] / r['median_ms']:.2f}x "
+                  f"| {r['rel_err_vs_no_cache']:.3f} |")
+            print(f"  first-block residual change per step: {r['first_block_changes']}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "flux_bench.json").write_text(json.dumps(dict(device=device_name, rows=rows), indent=1))

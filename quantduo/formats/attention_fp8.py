@@ -1,0 +1,84 @@
+"""FP8 attention: the quantization semantics, as plain PyTorch (the reference of
+:mod:`quantduo.kernels.attention_fp8`).
+
+Layout ``[B, H, S, D]`` as ``F.scaled_dot_product_attention``. No mask, no dropout, not causal (DiT attention).
+
+* Q, K and V are quantized to FP8 E4M3 per (batch, head, block of tokens): ``q_block`` rows of Q, ``kv_block``
+  rows of K and V share one float32 scale ``absmax * (1 / 448)`` (1.0 for an all-zero block); codes
+  ``e4m3(clamp(x * (1 / scale), +-448))``, round to nearest even.
+* Scores ``S = (q8 @ k8^T) * s_q * s_k * sm_scale`` in float32, walked over key blocks of ``kv_block`` with an
+  online softmax (running row max ``m`` and row sum ``l`` in float32, base-2 exponentials as the kernel).
+* P is quantized for the PV product as FlashAttention-3 does: ``p = exp2(S * log2(e) - m)`` lies in [0, 1] and is
+  stored as ``e4m3(p * P_SCALE)`` (``P_SCALE = 256``, a power of two, so the rescale is exact); the row sum ``l``
+  adds the unquantized float32 ``p``. ``acc = acc * exp2(m_old - m) + (p8 @ v8) * s_v / P_SCALE``.
+* Output ``acc / l`` in the dtype of q.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["E4M3_MAX", "P_SCALE", "quantize_blocks_e4m3", "fp8_attention_reference", "check_attention_inputs"]
+
+E4M3_MAX = 448.0
+P_SCALE = 256.0
+LOG2E = 1.4426950408889634
+
+
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise ValueError unless q ``[B, H, Sq, D]``, k and v ``[B, H, Skv, D]`` are floating point and agree."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a 4-D floating-point tensor [B, H, S, D], got {t.dtype} "
+                             f"{tuple(t.shape)}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise ValueError("empty sequence")
+
+
+def quantize_blocks_e4m3(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 E4M3 per (batch, head, block of ``block`` tokens) of ``x [B, H, S, D]``:
+    (codes float8_e4m3fn ``[B, H, S, D]``, scales float32 ``[B, H, ceil(S / block)]``)."""
+    if block <= 0:
+        raise ValueError(f"block must be positive, got {block}")
+    b, h, s, d = x.shape
+    nblocks = -(-s // block)
+    xf = torch.nn.functional.pad(x.float(), (0, 0, 0, nblocks * block - s)).reshape(b, h, nblocks, block * d)
+    amax = xf.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax * (1.0 / E4M3_MAX), torch.ones_like(amax))
+    codes = (xf * (1.0 / scale)[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return codes.reshape(b, h, nblocks * block, d)[:, :, :s], scale
+
+
+def _expand_scales(scale: torch.Tensor, block: int, length: int) -> torch.Tensor:
+    """Per-block scales ``[B, H, n]`` -> per-token ``[B, H, length, 1]``."""
+    return scale.repeat_interleave(block, dim=-1)[..., :length, None]
+
+
+def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,
+                            q_block: int = 128, kv_block: int = 128) -> torch.Tensor:
+    """Attention of q ``[B, H, Sq, D]`` over k, v ``[B, H, Skv, D]`` with the FP8 semantics of this module:
+    ``[B, H, Sq, D]`` in q's dtype. ``sm_scale`` defaults to ``1 / sqrt(D)``."""
+    check_attention_inputs(q, k, v)
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    q8, sq = quantize_blocks_e4m3(q, q_block)
+    k8, sk = quantize_blocks_e4m3(k, kv_block)
+    v8, sv = quantize_blocks_e4m3(v, kv_block)
+    qf = q8.float() * (_expand_scales(sq, q_block, q.shape[2]) * (sm_scale * LOG2E))
+    b, h, sq_len, d = q.shape
+    m = torch.full((b, h, sq_len, 1), -math.inf, device=q.device)
+    l = torch.zeros(b, h, sq_len, 1, device=q.device)
+    acc = torch.zeros(b, h, sq_len, d, device=q.device)
+    for j, start in enumerate(range(0, k.shape[2], kv_block)):
+        kj, vj = k8[:, :, start:start + kv_block].float(), v8[:, :, start:start + kv_block].float()
+        s = (qf @ kj.transpose(-1, -2)) * sk[:, :, j, None, None]
+        m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+        alpha = torch.exp2(m - m_new)
+        p = torch.exp2(s - m_new)
+        l = l * alpha + p.sum(dim=-1, keepdim=True)
+        p8 = (p * P_SCALE).to(torch.float8_e4m3fn).float()
+        acc = acc * alpha + (p8 @ vj) * (sv[:, :, j, None, None] * (1.0 / P_SCALE))
+        m = m_new
+    return (acc / l).to(q.dtype)

@@ -1,0 +1,126 @@
+"""Opt-in FP8 attention for diffusers DiTs (FLUX, SD3, PixArt): :func:`enable_fp8_attention` /
+:func:`disable_fp8_attention`.
+
+Every attention module of the model (anything with ``processor`` and ``set_processor``: diffusers ``Attention``,
+``FluxAttention``) gets a :class:`FP8AttentionProcessor` wrapping its current processor. The wrapper runs the
+original processor unchanged (projections, norms, RoPE, output projection) while its calls to
+``F.scaled_dot_product_attention`` (diffusers' native backend, SD3 / PixArt processors) go to FP8 attention:
+the Triton kernel :func:`quantduo.kernels.attention_fp8.fp8_attention` on CUDA, the pure-PyTorch reference
+:func:`quantduo.formats.attention_fp8.fp8_attention_reference` elsewhere. Calls it cannot serve (a mask,
+dropout, causal, grouped-query heads, a head dim that is not a power of two >= 16) go to SDPA unchanged.
+
+Off by default: see BENCHMARKS.md for the error vs 16-bit attention and the tiny-DiT PSNR change.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from quantduo.formats.attention_fp8 import fp8_attention_reference
+from quantduo.kernels.attention_fp8 import fp8_attention
+
+__all__ = ["FP8AttentionProcessor", "enable_fp8_attention", "disable_fp8_attention", "fp8_attention_enabled"]
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = dict(attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False)
+
+
+def _sdpa_call(args: tuple, kwargs: dict) -> dict:
+    """The arguments of an ``F.scaled_dot_product_attention`` call by name (defaults filled in)."""
+    call = dict(_SDPA_DEFAULTS)
+    call.update(zip(_SDPA_ARGS, args))
+    call.update(kwargs)
+    return call
+
+
+def _servable(call: dict) -> bool:
+    """Whether FP8 attention computes this SDPA call (no mask / dropout / causal / GQA; D a power of two >= 16)."""
+    q, k = call["query"], call["key"]
+    d = q.shape[-1]
+    plain = call["attn_mask"] is None and not call["dropout_p"] and not call["is_causal"] and not call["enable_gqa"]
+    return plain and q.dim() == 4 and k.shape[:2] == q.shape[:2] and d >= 16 and d & (d - 1) == 0
+
+
+def run_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None,
+                      q_block: int, kv_block: int) -> torch.Tensor:
+    """FP8 attention of ``[B, H, S, D]`` tensors: the Triton kernel on CUDA, the reference elsewhere."""
+    if q.is_cuda:
+        return fp8_attention(q, k, v, sm_scale, block_m=q_block, block_n=kv_block)
+    return fp8_attention_reference(q, k, v, sm_scale, q_block=q_block, kv_block=kv_block)
+
+
+class _FP8SDPAMode(TorchFunctionMode):
+    """Sends servable ``F.scaled_dot_product_attention`` calls to :func:`run_fp8_attention`."""
+
+    def __init__(self, q_block: int, kv_block: int):
+        super().__init__()
+        self.q_block, self.kv_block = q_block, kv_block
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            call = _sdpa_call(args, kwargs)
+            if _servable(call):
+                return run_fp8_attention(call["query"], call["key"], call["value"], call["scale"], self.q_block,
+                                         self.kv_block)
+        return func(*args, **kwargs)
+
+
+class FP8AttentionProcessor:
+    """Wraps a diffusers attention processor: same call, FP8 attention inside (``q_block`` / ``kv_block`` tokens
+    per quantization block of Q / of K and V). ``original`` is the wrapped processor. Its ``__call__`` reports the
+    original's signature, so diffusers passes it the same keyword arguments."""
+
+    def __init__(self, original, q_block: int = 128, kv_block: int = 128):
+        for name, blk in (("q_block", q_block), ("kv_block", kv_block)):
+            if blk < 16 or blk & (blk - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
+        self.original, self.q_block, self.kv_block = original, q_block, kv_block
+        self.__call__ = functools.wraps(original.__call__)(lambda *args, **kwargs: self._run(*args, **kwargs))
+
+    def _run(self, *args, **kwargs):
+        with _FP8SDPAMode(self.q_block, self.kv_block):
+            return self.original(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self._run(*args, **kwargs)
+
+    def __getattr__(self, name: str):  # _attention_backend, _parallel_config, ... of the wrapped processor
+        if name == "original":
+            raise AttributeError(name)
+        return getattr(self.original, name)
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "set_processor") and getattr(m, "processor", None) is not None]
+
+
+def enable_fp8_attention(model: nn.Module, q_block: int = 128, kv_block: int = 128) -> int:
+    """Wrap every attention processor of ``model`` (a diffusers transformer, or any module holding some) in
+    :class:`FP8AttentionProcessor`, in place. Idempotent. Returns the number of attention modules now wrapped."""
+    modules = _attention_modules(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no diffusers attention modules (set_processor / processor)")
+    for module in modules:
+        if not isinstance(module.processor, FP8AttentionProcessor):
+            module.set_processor(FP8AttentionProcessor(module.processor, q_block, kv_block))
+    return len(modules)
+
+
+def disable_fp8_attention(model: nn.Module) -> int:
+    """Restore the processors :func:`enable_fp8_attention` wrapped. Returns the number restored."""
+    restored = 0
+    for module in _attention_modules(model):
+        if isinstance(module.processor, FP8AttentionProcessor):
+            module.set_processor(module.processor.original)
+            restored += 1
+    return restored
+
+
+def fp8_attention_enabled(model: nn.Module) -> bool:
+    """Whether any attention module of ``model`` runs FP8 attention."""
+    return any(isinstance(m.processor, FP8AttentionProcessor) for m in _attention_modules(model))

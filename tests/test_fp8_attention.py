@@ -1,0 +1,120 @@
+"""FP8 attention: the Triton kernel (interpreter on CPU, native fp8 dots on GPU), its reference, the processor."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quantduo.formats.attention_fp8 import E4M3_MAX, fp8_attention_reference, quantize_blocks_e4m3
+from quantduo.integrations.fp8_attention import (FP8AttentionProcessor, disable_fp8_attention, enable_fp8_attention,
+                                                 fp8_attention_enabled)
+from quantduo.kernels.attention_fp8 import fp8_attention, quantize_blocks_e4m3_kernel
+from quantduo.utils import relative_error
+
+
+def _qkv(b, h, s_q, s_kv, d, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, s, d, generator=g) for s in (s_q, s_kv, s_kv))
+    k = k + 2.0 * torch.randn(1, 1, 1, d, generator=g)  # a shared key offset, as DiT keys have
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
+def test_block_quantization_reference():
+    x = torch.randn(2, 3, 37, 16) * torch.logspace(-2, 2, 37)[:, None]
+    codes, scales = quantize_blocks_e4m3(x, 16)
+    assert codes.dtype == torch.float8_e4m3fn and codes.shape == x.shape and scales.shape == (2, 3, 3)
+    per_token = scales.repeat_interleave(16, -1)[..., :37, None]
+    blocks = torch.nn.functional.pad(codes.float().abs(), (0, 0, 0, 11)).reshape(2, 3, 3, -1).amax(-1)
+    assert torch.equal(blocks, torch.full_like(blocks, E4M3_MAX))  # each block's absmax maps onto 448
+    assert relative_error(codes.float() * per_token, x) < 0.04
+
+
+@pytest.mark.parametrize("token_major", [False, True])
+def test_block_quant_kernel_matches_reference(token_major):
+    x = torch.randn(1, 2, 40, 32).transpose(1, 2).contiguous().transpose(1, 2) * 5  # strided, as diffusers gives
+    codes, scales = quantize_blocks_e4m3_kernel(x, 16, token_major=token_major)
+    ref_codes, ref_scales = quantize_blocks_e4m3(x, 16)
+    assert codes.shape == (1, 2, 48, 32)
+    assert torch.equal(scales, ref_scales)
+    assert torch.equal(codes[:, :, :40].float(), ref_codes.float())
+    assert torch.equal(codes[:, :, 40:].float(), torch.zeros(1, 2, 8, 32))
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 40, 40, 32, 16, 16), (2, 1, 33, 50, 16, 16, 32), (1, 1, 64, 64, 64, 32, 16)])
+def test_kernel_matches_reference(shape, poison_empty):
+    b, h, s_q, s_kv, d, bm, bn = shape
+    q, k, v = _qkv(b, h, s_q, s_kv, d, seed=s_q)
+    out = fp8_attention(q, k, v, block_m=bm, block_n=bn)
+    ref = fp8_attention_reference(q, k, v, q_block=bm, kv_block=bn)
+    assert out.shape == q.shape and not out.isnan().any()
+    assert relative_error(out, ref) < 1e-5
+
+
+def test_error_vs_exact_attention():
+    q, k, v = _qkv(1, 2, 64, 64, 32)
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    err = relative_error(fp8_attention_reference(q, k, v, q_block=32, kv_block=32), exact)
+    assert 1e-3 < err < 0.08  # fp8 rounding is visible, and bounded
+
+
+def test_invalid_inputs():
+    q, k, v = _qkv(1, 1, 8, 8, 16)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        fp8_attention_reference(q, k[..., :8], v)
+    with pytest.raises(ValueError, match="4-D"):
+        fp8_attention(q[0], k, v)
+    with pytest.raises(ValueError, match="power of two"):
+        fp8_attention(q[..., :12], k[..., :12], v[..., :12])
+    with pytest.raises(ValueError, match="block_n"):
+        fp8_attention(q, k, v, block_n=24)
+
+
+def _tiny_flux():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[8, 12, 12]).eval()
+
+
+def _flux_inputs(img=16, txt=4):
+    g = torch.Generator().manual_seed(1)
+    return dict(hidden_states=torch.randn(1, img, 4, generator=g), encoder_hidden_states=torch.randn(1, txt, 32, generator=g),
+                pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
+                img_ids=torch.zeros(img, 3), txt_ids=torch.zeros(txt, 3), return_dict=False)
+
+
+def test_processor_enable_disable_flux():
+    model, inputs = _tiny_flux(), _flux_inputs()
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+        assert enable_fp8_attention(model, q_block=16, kv_block=16) == 2
+        assert enable_fp8_attention(model, q_block=16, kv_block=16) == 2  # idempotent: no double wrapping
+        assert isinstance(model.transformer_blocks[0].attn.processor.original, type(model.single_transformer_blocks[0].attn.processor.original))
+        assert fp8_attention_enabled(model)
+        out = model(**inputs)[0]
+        assert disable_fp8_attention(model) == 2 and not fp8_attention_enabled(model)
+        again = model(**inputs)[0]
+    assert torch.equal(again, ref)
+    err = relative_error(out, ref)
+    assert 1e-4 < err < 0.05  # fp8 attention was used, and the output stays close
+
+
+def test_processor_passes_unservable_calls_through():
+    proc = FP8AttentionProcessor(lambda attn, q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    q, k, v = _qkv(1, 1, 8, 8, 16)
+    mask = torch.ones(8, 8, dtype=torch.bool).tril()
+    assert torch.equal(proc(None, q, k, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    assert not torch.equal(proc(None, q, k, v, None), F.scaled_dot_product_attention(q, k, v))
+    with pytest.raises(ValueError, match="q_block"):
+        FP8AttentionProcessor(proc, q_block=48)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("s", [4608, 1000])
+def test_gpu_native_fp8_kernel(s):
+    q, k, v = _qkv(1, 4, s, s, 128, dtype=torch.bfloat16, device="cuda", seed=s)
+    out = fp8_attention(q, k, v)
+    ref = fp8_attention_reference(q, k, v)
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert not out.isnan().any()
+    assert relative_error(out, ref) < 2e-2  # bf16 output rounding + MMA order + rare fp8 ties of P
+    assert relative_error(out, exact) < 1.5 * relative_error(ref, exact) + 1e-2
