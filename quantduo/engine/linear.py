@@ -108,9 +108,11 @@ def tokens_of(x: torch.Tensor) -> int:
 def linear_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """``x [..., in_features]`` -> ``[..., out_features]`` in x.dtype, by ``layer.execution``."""
     execution = resolve_execution(layer, x)
+    if execution == "fp8" and tokens_of(x) <= SKINNY_MAX_TOKENS:
+        execution = "a16"  # few tokens are memory-bound: 16-bit activations
     if execution == "reference" or not kernels_for(x):
         y = _reference_of(execution)(layer, x)
-    elif execution == "fp8" and tokens_of(x) > SKINNY_MAX_TOKENS and layer.weight_format == "int4":
+    elif execution == "fp8" and layer.weight_format == "int4":
         y = _fp8_gemm(layer, *quantize_fp8_per_token(_flat_padded(layer, x)), x.dtype)  # traced by torch.compile
     else:
         y = _kernel_forward(layer, _flat_padded(layer, x), execution)
@@ -193,14 +195,15 @@ def reconstructed_weight(layer) -> torch.Tensor:
 
 
 def fp8_reference_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """fp8 execution in float32 products of the exact fp8 operands: per-token fp8 activations times the
-    reconstructed weight in fp8 with the per-channel scale ``fp8_wscale``, + ``bias_a16``. Output ``[M, N]``."""
+    """fp8 execution (above :data:`SKINNY_MAX_TOKENS` tokens) in float32 products of the exact fp8 operands:
+    per-token fp8 activations times the reconstructed weight in fp8 with the per-channel scale ``fp8_wscale``, +
+    ``bias_a16``. Output in x.dtype, ``[..., N]``."""
     xq, x_scale = quantize_fp8_per_token_ref(_flat_padded(layer, x))
     w8 = quantize_fp8_weight(reconstructed_weight(layer), layer.fp8_inv_wscale)
     y = (xq.float() @ w8.T) * x_scale[:, None] * layer.fp8_wscale[None, :]
     if layer.bias_a16 is not None:
         y = y + layer.bias_a16.float()
-    return y.to(x.dtype)
+    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
 def _reference_of(execution: str):

@@ -1,6 +1,5 @@
-"""Skinny GEMM for few tokens (M <= 64): INT4-g64 weights as the large operand, split-K. Serves W4A16 (16-bit
-activations, already smoothed; also the fp8 W4A8 format's integer multipliers with a row scale) and W4A4 (packed
-4-bit activation codes with group scales) at small M, where a layer only streams its weights.
+"""Skinny GEMM for few tokens (M <= 64): INT4-g64 weights as the large operand, split-K. Serves 16-bit
+activations (already smoothed) and W4A4 (packed 4-bit activation codes with group scales) at small M, where a layer only streams its weights.
 
 The problem is computed transposed, ``out^T [N, M] = W [N, K] x a^T [K, M]``, so the weights fill the wide side
 of the tensor-core dot and the tokens the narrow one. One K step is one group of 64 inputs:
@@ -94,9 +93,9 @@ def _group(acc, A, W, rm_l, rn_l, g, K, stride_am, w_scale, a_scale, A_MODE: tl.
 
 @triton.jit
 def _w4_skinny_kernel(
-    A, A_SCALE, W, WS, WROW, LXP, LU, BIAS, OUT, PART, COUNTS,
+    A, A_SCALE, W, WS, LXP, LU, BIAS, OUT, PART, COUNTS,
     M, N, K, GROUPS_PER_SPLIT, S, R, stride_am, stride_wsn, stride_wsg,
-    A_MODE: tl.constexpr, HAS_WROW: tl.constexpr, HAS_LR: tl.constexpr, RP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    A_MODE: tl.constexpr, HAS_LR: tl.constexpr, RP: tl.constexpr, HAS_BIAS: tl.constexpr,
     GELU: tl.constexpr, SPLIT_K: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -104,8 +103,7 @@ def _w4_skinny_kernel(
 
     A: 16-bit ``[M, K]`` (A_MODE 0, row stride stride_am) or packed uint8 ``[M, K/2]`` with A_SCALE float32
     ``[K/64, M]`` (A_MODE 1 int4 / 2 uint4). W int32 view ``[N, K/8]`` of the packed int4 weights; WS
-    ``[N, K/64]`` group factors (float scales or integer multipliers, strides given); WROW float32 ``[N]`` per-row
-    scale (HAS_WROW). LXP float32 ``[S, M, R]``, LU ``[N, R]``, BIAS ``[N]``.
+    ``[N, K/64]`` group scales (strides given). LXP float32 ``[S, M, R]``, LU ``[N, R]``, BIAS ``[N]``.
     SPLIT_K > 1: PART float32 ``[M, N]`` and COUNTS int32 ``[tiles]`` (zero on entry and exit).
     GELU: tanh GELU on the rounded output (as ``epilogue_ref``).
     """
@@ -151,21 +149,19 @@ def _w4_skinny_kernel(
             total = tl.load(tile_ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
             tl.store(tile_ptrs, tl.zeros((BM, BN), dtype=tl.float32), mask=out_mask)
             tl.store(COUNTS + tile, 0)
-            _epilogue(total, rm, rn, M, N, WROW, LXP, S, LU, R, BIAS, OUT, HAS_WROW, RP, HAS_LR, HAS_BIAS, GELU,
+            _epilogue(total, rm, rn, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU,
                       PREC)
     else:
-        _epilogue(tl.trans(acc), rm, rn, M, N, WROW, LXP, S, LU, R, BIAS, OUT, HAS_WROW, RP, HAS_LR, HAS_BIAS, GELU,
+        _epilogue(tl.trans(acc), rm, rn, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU,
                   PREC)
 
 
 @triton.jit
-def _epilogue(acc, rm, rn, M, N, WROW, LXP, S, LU, R, BIAS, OUT, HAS_WROW: tl.constexpr, RP: tl.constexpr,
+def _epilogue(acc, rm, rn, M, N, LXP, S, LU, R, BIAS, OUT, RP: tl.constexpr,
               HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, PREC: tl.constexpr):
     """Per-row scale, low-rank up-projection + bias (+ GELU) on the float32 tile ``acc [BM, BN]``, stored to OUT
     ``[M, N]``. The low-rank partials are summed 4 at a time (fewer dependent round trips in this tail, few
     registers)."""
-    if HAS_WROW:
-        acc *= tl.load(WROW + rn, mask=rn < N, other=0.0)[None, :]
     lx = None
     if HAS_LR:
         lx = lowrank_partials_sum(LXP, S, M, R, rm, RP, 4)
@@ -214,15 +210,14 @@ def check_skinny_inputs(a, a_scales, qweight, wscales, mode: str) -> None:
 
 
 def w4_skinny_gemm(a, a_scales, qweight, wscales, lxp, lora_up, bias, mode: str, out_dtype: torch.dtype,
-                   gelu: bool = False, wrow: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+                   gelu: bool = False, config: dict | None = None) -> torch.Tensor:
     """``[M, N]`` output (M <= 64 tokens) of an INT4-g64 layer with the fused low-rank and bias epilogue.
 
     Args:
         a: mode ``"none"``: 16-bit ``[M, K]`` smoothed activations (unit column stride); ``"int4"`` /
             ``"uint4"``: packed uint8 ``[M, K // 2]`` from kernel 1, with a_scales float32 ``[K // 64, M]``.
-        qweight: packed int4 uint8 ``[N, K // 2]`` (contiguous); wscales ``[N, K // 64]`` group factors (float
-            scales, or the integer multipliers of the Hopper W4A8 formats with ``wrow``; any strides).
-        wrow: float32 per-row scale ``[N]`` or None.
+        qweight: packed int4 uint8 ``[N, K // 2]`` (contiguous); wscales ``[N, K // 64]`` group scales (any
+            strides).
         lxp: float32 low-rank partials ``[S, M, r]`` or None; lora_up ``[N, r]``; bias ``[N]`` or None.
         gelu: apply the tanh GELU to the output (MLP fc1).
         config: dict(BM, BN, SPLIT_K, num_warps, num_stages); SPLIT_K must divide K / 64.
@@ -242,11 +237,11 @@ def w4_skinny_gemm(a, a_scales, qweight, wscales, lxp, lora_up, bias, mode: str,
     dummy = qweight
     _w4_skinny_kernel[(tiles, split)](
         a, a_scales if a_scales is not None else dummy, qweight.view(torch.int32), wscales,
-        wrow if wrow is not None else dummy, lxp if r else dummy, lora_up if r else dummy,
+        lxp if r else dummy, lora_up if r else dummy,
         bias if bias is not None else dummy, out, part, counts,
         M, N, K, K // GROUP // split, 0 if lxp is None else lxp.shape[0], r, a.stride(0),
         wscales.stride(0), wscales.stride(1),
-        A_MODE=_A_MODES[mode], HAS_WROW=wrow is not None, HAS_LR=r > 0, RP=rank_pad(r),
+        A_MODE=_A_MODES[mode], HAS_LR=r > 0, RP=rank_pad(r),
         HAS_BIAS=bias is not None, GELU=gelu, SPLIT_K=split, G=GROUP,
         DT=tl.bfloat16 if dt == torch.bfloat16 else tl.float16,
         PREC="ieee" if r and lora_up.dtype == torch.float32 else "tf32", **cfg,

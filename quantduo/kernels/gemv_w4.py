@@ -1,10 +1,8 @@
 """One-token GEMV over packed INT4 weights (W4A16 decoding): ``y[m] = x[m] @ dequant(W)^T`` + low-rank
-up-projection + bias, for the few tokens of a decode step (inputs already smoothed: dividing in every program
-cost about as much as streaming the weights at 4096 inputs).
+up-projection + bias, for the few tokens of a decode step (inputs already smoothed, by a separate op).
 
 At one token a linear layer only streams its weights, so the kernel does CUDA-core FMAs on whole weight rows
-and no tensor-core dot (the weight-streaming GEMM's 16-row padding and in-register layout conversion ran at
-0.16-0.40x of bf16 ``F.linear`` at one token). Program (row block, token) reads ``BN`` weight rows as int32
+and no tensor-core dot (a tensor-core dot would pad the one token to 16 rows). Program (row block, token) reads ``BN`` weight rows as int32
 words of 8 nibbles. A nibble becomes a float32 without an integer-to-float conversion (a quarter-rate
 instruction on Hopper): masked into mantissa bits 16..19 under the exponent of 1.0 it reads as ``1 + u / 128``.
 With ``u = nibble ^ 8`` the signed code is ``q = u - 8`` (two's complement nibbles, :mod:`quantduo.formats.quantizers`),

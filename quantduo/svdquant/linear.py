@@ -120,6 +120,7 @@ class SVDQuantLinear(nn.Module):
         """Recompute the derived buffers (``bias_a16``, fp8 scales, ``smoothing_folded_out``) from the stored ones.
         Runs by itself when the stored buffers changed since the last time (checked on eager calls); call it
         before capturing a CUDA graph or compiling if the buffers were edited in place since the last call."""
+        self.rank = self.proj_down.shape[1]
         if self.qweight.is_meta:
             return
         with torch.no_grad():
@@ -135,7 +136,6 @@ class SVDQuantLinear(nn.Module):
 
     def low_rank_updated(self) -> None:
         """Called after ``proj_down`` / ``proj_up`` are replaced (LoRA attachment)."""
-        self.rank = self.proj_down.shape[1]
         self.refresh_derived()
 
     def _ensure_derived(self) -> None:

@@ -141,9 +141,8 @@ def test_execution_vs_reference(execution, act_format, rows):
         expected, tolerance = fp8_reference_forward(m, x), 5e-3
     assert y.shape == (rows, 48) and torch.isfinite(y).all()
     assert relative_error(y, expected) < tolerance
-    # outside cpu_kernels() the CPU runs the execution's PyTorch reference (fp8: at every token count)
-    reference = {"exact": reference_forward, "a16": a16_reference_forward, "fp8": fp8_reference_forward}[execution]
-    assert torch.equal(m(x), reference(m, x).reshape(rows, 48))
+    # outside cpu_kernels() the CPU runs the same execution's PyTorch reference (fp8: a16 up to 64 tokens)
+    assert torch.equal(m(x), expected)
 
 
 def test_reference_execution():
@@ -299,7 +298,7 @@ def test_forward_gelu():
     h, prefix = torch.randn(2, 40, 128) * 3, torch.randn(2, 40, 64)
     x = torch.cat([prefix, nn.functional.gelu(h, approximate="tanh")], dim=-1)
     expected = m8(x)
-    assert torch.equal(expected.reshape(-1, 48), fp8_reference_forward(m8, x))
+    assert torch.equal(expected, fp8_reference_forward(m8, x))
     assert torch.equal(m8.forward_gelu(h, prefix), expected)  # the CPU outside cpu_kernels(): the fp8 reference
     with cpu_kernels():
         assert relative_error(m8.forward_gelu(h, prefix), expected) < 5e-3
@@ -393,9 +392,6 @@ def test_derived_state_follows_lowrank_replacement():
         _assert_derived_current(m)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug reported to the lead: a rank-0 layer whose proj_down / proj_up "
-                                       "are replaced without low_rank_updated() keeps rank 0, and the kernels drop "
-                                       "the new low-rank branch")
 def test_lowrank_replacement_of_rank0_layer_without_announcing():
     m = _random_layer(128, 32, "none", rank=0, execution="a16")
     x = torch.randn(9, 128, dtype=torch.float16)

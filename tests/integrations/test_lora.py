@@ -12,11 +12,12 @@ pytest.importorskip("peft")
 from tests.integrations.diffusers.tiny_models import FAST, flux_inputs, samples_from, tiny_flux  # noqa: E402
 from quantduo.utils import relative_error  # noqa: E402
 
-from quantduo.integrations.diffusers import quantization_config, quantize_transformer  # noqa: E402
+from quantduo.integrations.diffusers import (FusedFluxSingleBlock, enable_fusions, quantization_config,  # noqa: E402
+                                             quantize_transformer)
 from quantduo.integrations.lora import (  # noqa: E402
     LoraFormatError, attach_lora, attached_loras, read_lora, remove_lora, set_lora_strength,
 )
-from quantduo.svdquant import SVDQuantLinear  # noqa: E402
+from quantduo.svdquant import SVDQuantLinear, set_execution  # noqa: E402
 
 RANK = 4
 DOUBLE_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "ff.net.0.proj", "ff.net.2", "attn.add_q_proj"]
@@ -89,16 +90,15 @@ def test_quantized_lora_matches_full_precision_lora(models):
 
 
 def test_lora_on_fp8_execution(models):
-    """After convert_to_fp8 (fused GELU MLPs and single blocks keep the layer names) a LoRA attaches to the same
-    layers and matches full precision + the LoRA within the quantization error."""
-    from quantduo.integrations.diffusers import FusedFluxSingleBlock, convert_to_fp8
-
+    """In fp8 execution with the fusions (fused GELU MLPs and single blocks keep the layer names) a LoRA attaches to
+    the same layers and matches full precision + the LoRA within the quantization error."""
     fp, quant = models
     lora = random_lora(fp, seed=1)
     fp_lora = copy.deepcopy(fp)
     fp_lora.load_lora_adapter(lora, prefix="transformer", adapter_name="style")
     q8 = copy.deepcopy(quant)
-    assert convert_to_fp8(q8) > 0 and isinstance(q8.single_transformer_blocks[0], FusedFluxSingleBlock)
+    assert set_execution(q8, "fp8") > 0 and enable_fusions(q8)
+    assert isinstance(q8.single_transformer_blocks[0], FusedFluxSingleBlock)
     attach_lora(q8, lora, "style")
     quant_err = relative_error(run(quant), run(fp))
     assert relative_error(run(q8), run(fp_lora)) < 1.5 * quant_err + 1e-3

@@ -77,22 +77,6 @@ def test_w4_skinny_gemm_shapes(m, n, groups, split, mode, r, seed, inputs):
     assert relative_error(y, y_ref) < 1e-3
 
 
-def test_w4_skinny_gemm_row_scale(inputs):
-    """The optional per-row scale ``wrow``: integer group multipliers ``[N, K/64]`` (uint8) times a float32 row
-    scale, 16-bit activations, against ``w4_gemv_ref`` on the dequantized factors."""
-    M, N, K, r, dtype = 6, 72, 256, 16, torch.float16
-    x, smooth, _, ld, lu, bias = inputs(M, N, K, r, dtype)
-    g = torch.Generator().manual_seed(3)
-    qw = qz.pack_int4(torch.randint(-7, 8, (N, K), generator=g, dtype=torch.int8))
-    mult = torch.randint(1, 17, (N, K // 64), generator=g, dtype=torch.uint8)
-    row = torch.rand(N, generator=g) * 1e-2 + 1e-3
-    xs, _, lxp = act_quant(x, smooth, None, ld, "smooth", config=(16, 64, 2))
-    y = w4_skinny_gemm(xs, None, qw, mult, lxp, lu, bias, "none", dtype, wrow=row,
-                       config=dict(BM=16, BN=64, SPLIT_K=2, num_warps=4, num_stages=1))
-    y_ref = ref.w4_gemv_ref(xs, qw, mult.float() * row.float()[:, None], lxp.sum(0), lu, bias, dtype)
-    assert relative_error(y, y_ref) < 1e-3
-
-
 def test_w4_skinny_gemm_bad_inputs():
     qw, ws, x = torch.zeros(8, 64, dtype=torch.uint8), torch.ones(8, 2), torch.randn(4, 128).half()
     with pytest.raises(ValueError, match="mode must be one of"):

@@ -264,7 +264,7 @@ def test_w4a16_svdquant():
     lowrank, report = quantized_copy(reference, dataclasses.replace(base, w4a16_svdquant=True), calib_batches()[:1])
     assert all(r.status == "w4a16" for r in report.quantized())
     assert lowrank.fc1.rank == 16 and lowrank.fc1.act_format == "none" and plain.fc1.rank == 0
-    assert plain.fc1.smoothing_is_identity() and not lowrank.q.smoothing_is_identity()
+    assert plain.fc1.smoothing_folded_out and not lowrank.q.smoothing_folded_out
     x = calib_batches(seed=3)[0]
     assert model_error(lowrank, reference, x) < 0.7 * model_error(plain, reference, x)
 
