@@ -50,7 +50,7 @@ def save_quantized(model: nn.Module, directory: str | Path, config: SVDQuantConf
     The weights file's SHA-256 goes into the JSON so that a corrupt file is detected on load.
     ``extra``: JSON-serialisable metadata stored alongside (e.g. the model class).
     """
-    layers = layer_specs(model)  # rejects unsaveable layers before anything is written
+    layers = layer_specs(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
@@ -78,8 +78,11 @@ def read_checkpoint_meta(directory: str | Path) -> dict:
     return meta
 
 
-def replace_linears(model: nn.Module, specs: dict[str, dict], dtype: torch.dtype) -> None:
-    """Swap the ``nn.Linear`` modules named in ``specs`` for empty :class:`SVDQuantLinear` of the stored shape."""
+def replace_linears(model: nn.Module, specs: dict[str, dict], dtype: torch.dtype,
+                    device: torch.device | str | None = None) -> None:
+    """Swap the ``nn.Linear`` modules named in ``specs`` for empty :class:`SVDQuantLinear` of the stored shape, on
+    ``device`` (default: where the replaced module is). ``CheckpointError`` naming the layer for a name or shape the
+    model does not have."""
     for name, spec in specs.items():
         try:
             current = model.get_submodule(name)
@@ -92,8 +95,8 @@ def replace_linears(model: nn.Module, specs: dict[str, dict], dtype: torch.dtype
                 f"checkpoint layer {name!r} is {spec['out_features']}x{spec['in_features']} but the model's is "
                 f"{current.out_features}x{current.in_features}"
             )
-        device = next(current.buffers(), next(current.parameters(), torch.empty(0))).device
-        model.set_submodule(name, SVDQuantLinear(**spec, dtype=dtype, device=device))
+        where = device or next(current.buffers(), next(current.parameters(), torch.empty(0))).device
+        model.set_submodule(name, SVDQuantLinear(**spec, dtype=dtype, device=where))
 
 
 def load_quantized(model: nn.Module, directory: str | Path) -> dict:

@@ -27,7 +27,8 @@ from torch import nn
 
 from quantduo._version import __version__
 from quantduo.formats.registry import EXECUTIONS, format_names, get_format
-from quantduo.svdquant import SVDQuantLinear
+from quantduo.svdquant import CheckpointError, SVDQuantLinear
+from quantduo.svdquant.serialization import layer_specs, replace_linears
 from quantduo.svdquant.linear import ACT_FORMATS, WEIGHT_FORMATS, set_execution
 
 from .fusions import enable_fusions
@@ -38,7 +39,7 @@ LAYER_FIELDS = {"in_features": int, "out_features": int, "rank": int, "bias": bo
                 "act_format": str, "group_size": int}
 
 
-class QuantizationConfigError(ValueError):
+class QuantizationConfigError(CheckpointError):
     """A ``quantization_config`` that is not a valid quantduo config (the message names the field)."""
 
 
@@ -115,33 +116,6 @@ class QuantDuoConfig(QuantizationConfigMixin):
         return self.to_dict()
 
 
-def layer_specs(model: nn.Module) -> dict[str, dict]:
-    """Constructor arguments of every :class:`SVDQuantLinear` in ``model``, by module name (its storage format)."""
-    return {name: dict(in_features=m.in_features, out_features=m.out_features, rank=m.rank,
-                       bias=m.bias is not None, weight_format=m.weight_format, act_format=m.act_format,
-                       group_size=m.group_size)
-            for name, m in model.named_modules() if isinstance(m, SVDQuantLinear)}
-
-
-def replace_with_quantized(model: nn.Module, layers: dict[str, dict], dtype: torch.dtype,
-                           device: torch.device | str = "meta") -> None:
-    """Swap the ``nn.Linear`` modules named in ``layers`` for empty :class:`SVDQuantLinear` of the stored shape
-    (``QuantizationConfigError`` naming the layer for a name or shape the model does not have)."""
-    for name, spec in layers.items():
-        try:
-            current = model.get_submodule(name)
-        except AttributeError as err:
-            raise QuantizationConfigError(f"quantized layer {name!r} does not exist in {type(model).__name__}") from err
-        if not isinstance(current, (nn.Linear, SVDQuantLinear)):
-            raise QuantizationConfigError(f"quantized layer {name!r} is a {type(current).__name__} in the model, "
-                                          f"not a Linear")
-        if (current.out_features, current.in_features) != (spec["out_features"], spec["in_features"]):
-            raise QuantizationConfigError(
-                f"quantized layer {name!r} is {spec['out_features']}x{spec['in_features']} but the model's is "
-                f"{current.out_features}x{current.in_features}")
-        model.set_submodule(name, SVDQuantLinear(**spec, dtype=dtype, device=device))
-
-
 def state_digest(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 over ``tensors`` in name order: each name, dtype, shape and raw bytes."""
     digest = hashlib.sha256()
@@ -207,7 +181,7 @@ class QuantDuoQuantizer(DiffusersQuantizer):
         return state_dict, {DIGEST_KEY: state_digest(state_dict)}
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs) -> None:
-        replace_with_quantized(model, self.quantization_config.layers, self.compute_dtype)
+        replace_linears(model, self.quantization_config.layers, self.compute_dtype, device="meta")
 
     def check_if_quantized_param(self, model: nn.Module, param_value: torch.Tensor, param_name: str,
                                  state_dict: dict[str, Any], **kwargs) -> bool:
@@ -231,6 +205,7 @@ class QuantDuoQuantizer(DiffusersQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs) -> nn.Module:
         config = self.quantization_config
+        _realign(model)
         for name, module in model.named_modules():
             if isinstance(module, SVDQuantLinear):
                 meta = [n for n, b in module.named_buffers() if b.is_meta and n in module.state_dict()]
@@ -253,6 +228,20 @@ class QuantDuoQuantizer(DiffusersQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+ALIGNMENT = 64  # bytes; tensors read from a safetensors file can start anywhere
+
+
+def _realign(model: nn.Module) -> None:
+    """Copy every parameter / buffer that does not start on a 64-byte boundary (a view into the loaded file) into
+    its own allocation: the math libraries pick their vector paths by alignment, so a loaded model then computes
+    bit for bit what the saved one did."""
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is not None and not tensor.is_meta and tensor.data_ptr() % ALIGNMENT:
+                    tensor.data = tensor.data.clone()
 
 
 def _materialize_derived(module: SVDQuantLinear) -> None:

@@ -1,0 +1,110 @@
+"""quantduo as a diffusers quantizer backend: ``save_pretrained`` / ``from_pretrained`` of a quantized denoiser,
+config validation, corruption."""
+from __future__ import annotations
+
+import json
+
+import diffusers
+import pytest
+import torch
+
+from quantduo.integrations.diffusers import (QuantDuoConfig, QuantizationConfigError, enable_fusions, mark_quantized,
+                                             quantduo_config_for, quantization_config, quantize_transformer)
+from quantduo.integrations.diffusers.backend import DIGEST_KEY
+from quantduo.svdquant import SVDQuantLinear
+
+from .tiny_models import FAST, flux_inputs, samples_from, tiny_flux
+
+LAYER = dict(in_features=128, out_features=128, rank=16, bias=True, weight_format="int4", act_format="int4",
+             group_size=64)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(quantized tiny FLUX, its save_pretrained folder, inputs, its output in the reference execution, with the
+    fusions that loading applies)."""
+    model = tiny_flux()
+    config = quantization_config(model, smooth=False, dtype="float32", **FAST)
+    quantize_transformer(model, samples_from(lambda s: flux_inputs(model, s), 2), config, progress=False)
+    folder = tmp_path_factory.mktemp("flux") / "transformer"
+    mark_quantized(model, quantduo_config_for(config, execution="reference"))
+    model.save_pretrained(folder)
+    enable_fusions(model)
+    inputs = flux_inputs(model, 7)
+    with torch.no_grad():
+        out = model(**inputs)[0]
+    return model, folder, inputs, out
+
+
+def test_round_trip_is_bit_identical(saved):
+    model, folder, inputs, out = saved
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "quantduo" and config["execution"] == "reference"
+    assert set(config["layers"]) == {n for n, m in model.named_modules() if isinstance(m, SVDQuantLinear)}
+    loaded = diffusers.FluxTransformer2DModel.from_pretrained(folder, dtype=torch.float32)
+    layers = [m for m in loaded.modules() if isinstance(m, SVDQuantLinear)]
+    assert len(layers) == len(config["layers"]) and all(m.execution == "reference" for m in layers)
+    assert not any(t.is_meta for t in list(loaded.parameters()) + list(loaded.buffers()))
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs)[0], out)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_quantization_config_argument_and_execution(saved):
+    """``from_pretrained(dir, quantization_config=QuantDuoConfig(...))`` loads the same checkpoint (the folder's
+    config wins, as for every diffusers backend); the loaded model's layers can then run another execution."""
+    _, folder, inputs, out = saved
+    with pytest.warns(UserWarning, match="quantization_config"):
+        loaded = diffusers.FluxTransformer2DModel.from_pretrained(
+            folder, dtype=torch.float32, quantization_config=QuantDuoConfig(execution="a16"))
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs)[0], out)
+
+
+def test_unquantized_folder_is_refused(tmp_path):
+    tiny_flux().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="pre-quantized"):
+        diffusers.FluxTransformer2DModel.from_pretrained(tmp_path, quantization_config=QuantDuoConfig(layers={}))
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda c: c.update(format="int3"), "format"),
+    (lambda c: c.update(execution="fast"), "execution"),
+    (lambda c: c.update(colour="red"), "colour"),
+    (lambda c: c.update(rank=-1), "rank"),
+    (lambda c: c["layers"][next(iter(c["layers"]))].pop("rank"), "missing"),
+    (lambda c: c["layers"][next(iter(c["layers"]))].update(bias="yes"), "bias"),
+    (lambda c: c["layers"].update({"transformer_blocks.0.nothing": dict(LAYER)}), "nothing"),
+    (lambda c: c["layers"][next(iter(c["layers"]))].update(out_features=64), "64x"),
+])
+def test_malformed_config_is_named(saved, tmp_path, edit, field):
+    """A quantization_config edited by hand fails with an error naming the field (or layer) before any weight is
+    loaded."""
+    _, folder, _, _ = saved
+    broken = tmp_path / "transformer"
+    broken.mkdir()
+    config = json.loads((folder / "config.json").read_text())
+    edit(config["quantization_config"])
+    (broken / "config.json").write_text(json.dumps(config))
+    (broken / "diffusion_pytorch_model.safetensors").write_bytes(
+        (folder / "diffusion_pytorch_model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=field):
+        diffusers.FluxTransformer2DModel.from_pretrained(broken)
+
+
+def test_digest_covers_every_tensor(saved, tmp_path):
+    """A flipped byte anywhere in the tensor data, or a file without quantduo's digest, is refused."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    _, folder, _, _ = saved
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        assert len(f.metadata()[DIGEST_KEY]) == 64
+    copy = tmp_path / "transformer"
+    copy.mkdir()
+    (copy / "config.json").write_text((folder / "config.json").read_text())
+    save_file(load_file(str(weights)), str(copy / weights.name))  # the same tensors, no digest
+    with pytest.raises(QuantizationConfigError, match="records no"):
+        diffusers.FluxTransformer2DModel.from_pretrained(copy)
