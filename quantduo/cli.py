@@ -14,6 +14,7 @@ _COMMAND_MODULES = (
     "quantduo.integrations.diffusers_commands",
     "quantduo.duo.commands",
     "quantduo.demo",
+    "quantduo.ui",
 )
 
 
