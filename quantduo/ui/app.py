@@ -202,7 +202,7 @@ class Handlers:
         out = []
         for i in range(MAX_LORAS):
             name, strength = items[i] if i < len(items) else ("", 1.0)
-            out += [gr.update(visible=bool(name)), gr.update(value=name), gr.update(value=strength, label=f"strength of {name}")]
+            out += [gr.update(visible=bool(name)), name, strength]
         return out
 
     def model_changed(self, model):

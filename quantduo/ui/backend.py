@@ -597,7 +597,7 @@ class LongContextEngine:
 
     def _warm_up(self) -> None:
         """One short run of each mode, so that one-time set-up costs stay out of the first measured answer."""
-        ids = [self.codec.bos_id or 0] * 16
+        ids = [self.codec.bos_id or 0] * min(self.max_tokens // 2, 2 * self.chunk + 8)  # several chunks
         for full in (False, True):
             self._generate(ids, 2, full, Job("warm-up"))
 
