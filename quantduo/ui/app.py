@@ -17,7 +17,7 @@ import numpy as np
 from . import backend as B
 from .jobs import Done, JobRunner
 
-MAX_LORAS = 4
+MAX_LORAS = 4  # Handlers.generate takes one name and one strength parameter per slot
 DIGIT_CHOICES = ["from prompt"] + [str(d) for d in range(10)]
 ENGINE_CLASSES = {B.TINY_DIT: B.TinyDitEngine, B.RANDOM_FLUX: B.RandomFluxEngine}
 
@@ -142,10 +142,11 @@ class Handlers:
             return (*(gr.skip(),) * n_outputs, f"**cancelled** ({done.error})")
         raise gr.Error(done.error, print_exception=False)
 
-    def generate(self, model, prompt, digit, seed, steps, size, execution, compare, *lora_values,
-                 request: gr.Request = None):
-        """Image tab: draw one image (and the bf16 reference when ``compare``)."""
-        names, strengths = lora_values[:MAX_LORAS], lora_values[MAX_LORAS:]
+    def generate(self, model, prompt, digit, seed, steps, size, execution, compare, name0, name1, name2, name3,
+                 strength0, strength1, strength2, strength3, request: gr.Request = None):
+        """Image tab: draw one image (and the bf16 reference when ``compare``); the LoRA slots' names and strengths
+        are explicit parameters (Gradio passes ``request`` only to functions without ``*args``)."""
+        names, strengths = (name0, name1, name2, name3), (strength0, strength1, strength2, strength3)
         req = B.ImageRequest(prompt=prompt or "", digit=None if digit in (None, "from prompt") else int(digit),
                              seed=_int(seed, "seed"), steps=_int(steps, "steps"), size=_int(size, "size"),
                              execution=execution or "auto", compare=bool(compare),
@@ -304,7 +305,7 @@ def _image_tab(h: Handlers, config: ServeConfig) -> None:
                            [image, reference, metrics, status], api_name="generate", concurrency_limit=8)
     prompt.submit(h.generate, [model, prompt, digit, seed, steps, size, execution, compare, *names, *strengths],
                   [image, reference, metrics, status], api_visibility="private", concurrency_limit=8)
-    cancel.click(h.cancel, None, status, api_name="cancel", concurrency_limit=None, queue=False)
+    cancel.click(h.cancel, None, status, api_name="cancel", concurrency_limit=None)
     attach.click(h.attach, [model, files], [*slot_outputs, files, status], api_name="attach_loras", concurrency_limit=8)
     for i, (_, name, _, detach) in enumerate(slots):
         detach.click(h.detach, [model, name], [*slot_outputs, status], api_name=f"detach_{i}", concurrency_limit=8)
@@ -342,7 +343,7 @@ def _llm_tab(h: Handlers, config: ServeConfig) -> None:
     ask.click(h.ask, [upload, document, question, max_new], [duo_answer, duo_metrics, full_answer, full_metrics, status],
               api_name="ask", concurrency_limit=8)
     example.click(h.example, None, [upload, document, question, status], api_name="example")
-    cancel.click(h.cancel, None, status, api_name="cancel_llm", concurrency_limit=None, queue=False)
+    cancel.click(h.cancel, None, status, api_name="cancel_llm", concurrency_limit=None)
 
 
 def build_app(config: ServeConfig, log=print) -> tuple[gr.Blocks, Handlers]:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from quantduo.duo.cache import DuoCache
 from quantduo.duo.decode import GraphedDecoder
@@ -201,7 +202,7 @@ class ImageEngine:
             for model in self._lora_targets():
                 attach_lora(model, str(path), name=name, strength=strength)
                 done.append(model)
-        except (LoraFormatError, ValueError, OSError, RuntimeError) as err:
+        except (LoraFormatError, ValueError, OSError, RuntimeError, SafetensorError) as err:
             for model in done:
                 remove_lora(model, name)
             raise UserError(f"{path.name} is not a LoRA for {self.name}: {err}") from None
@@ -449,8 +450,13 @@ class RandomFluxEngine(ImageEngine):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.text_tokens = text_tokens
         torch.manual_seed(0)
-        with torch.device(self.device):
-            model = FluxTransformer2DModel(**(config or FLUX_DEV)).to(torch.bfloat16)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)  # built directly in bf16 (no 48 GB float32 copy first)
+        try:
+            with torch.device(self.device):
+                model = FluxTransformer2DModel(**(config or FLUX_DEV))
+        finally:
+            torch.set_default_dtype(previous)
         self.models = {"bf16": model.eval().requires_grad_(False)}
 
     def resolve_execution(self, execution: str) -> str:

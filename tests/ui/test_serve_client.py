@@ -148,7 +148,7 @@ def _wait(predicate, timeout=30.0):
 def test_queue_busy_and_cancel(server):
     """One job runs, two wait (with a 'busy' status), a fourth is refused; cancel stops the running job at once."""
     clients = [Client(server[0], verbose=False) for _ in range(4)]
-    long = ("tiny-dit", "digit 1", "from prompt", 0, 200, 8, "auto", False, *NO_LORAS)
+    long = ("tiny-dit", "digit 1", "from prompt", 0, 200, 32, "auto", False, *NO_LORAS)
     first = clients[0].submit(*long, api_name="/generate")
     assert _wait(lambda: any("sampling" in s for s in _statuses(first))), _statuses(first)
     waiting = [c.submit(*long, api_name="/generate") for c in clients[1:3]]
