@@ -301,7 +301,7 @@ def _image_tab(h: Handlers, config: ServeConfig) -> None:
             metrics = gr.Markdown(elem_id="image-metrics")
     slot_outputs = [c for row, name, strength, _ in slots for c in (row, name, strength)]
     names, strengths = [s[1] for s in slots], [s[2] for s in slots]
-    event = generate.click(h.generate, [model, prompt, digit, seed, steps, size, execution, compare, *names, *strengths],
+    generate.click(h.generate, [model, prompt, digit, seed, steps, size, execution, compare, *names, *strengths],
                            [image, reference, metrics, status], api_name="generate", concurrency_limit=8)
     prompt.submit(h.generate, [model, prompt, digit, seed, steps, size, execution, compare, *names, *strengths],
                   [image, reference, metrics, status], api_visibility="private", concurrency_limit=8)
@@ -311,7 +311,6 @@ def _image_tab(h: Handlers, config: ServeConfig) -> None:
         detach.click(h.detach, [model, name], [*slot_outputs, status], api_name=f"detach_{i}", concurrency_limit=8)
     model.change(h.model_changed, model, [execution, size, steps, prompt, digit, *slot_outputs],
                  api_visibility="private")
-    del event
 
 
 def _llm_tab(h: Handlers, config: ServeConfig) -> None:

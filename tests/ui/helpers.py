@@ -1,11 +1,15 @@
 """What the library itself draws, to compare the UI's pictures with."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from safetensors.torch import save_file
 
+from quantduo.integrations.lora import attach_lora
 from quantduo.models.tiny_dit import load_tiny_dit, sample_digits
 from quantduo.svdquant import load_quantized
 
@@ -15,8 +19,6 @@ def library_digit(digit: int, seed: int, steps: int, execution: str, cache: Path
 
     ``execution`` ``int4`` loads the SVDQuant checkpoint the server quantized and cached; ``loras`` is a list of
     (path, strength) attached with :func:`quantduo.integrations.lora.attach_lora`."""
-    from quantduo.integrations.lora import attach_lora
-
     model = load_tiny_dit(dtype=torch.bfloat16)
     if execution == "int4":
         load_quantized(model.transformer, Path(cache) / "tiny_dit_svdquant_int4")
@@ -29,10 +31,6 @@ def library_digit(digit: int, seed: int, steps: int, execution: str, cache: Path
 def model_pixels(png: str | Path | bytes, size: int = 8) -> np.ndarray:
     """Decode the UI's PNG (dark ink on white, each model pixel an s x s block) back to ``[size, size]`` grey,
     checking that every block is uniform and the three channels are equal."""
-    import io
-
-    from PIL import Image
-
     img = Image.open(io.BytesIO(png) if isinstance(png, bytes) else png)
     rgb = np.asarray(img.convert("RGB"))
     assert rgb.shape[0] == rgb.shape[1] and rgb.shape[0] % size == 0, rgb.shape
@@ -45,8 +43,6 @@ def model_pixels(png: str | Path | bytes, size: int = 8) -> np.ndarray:
 
 def write_lora(path: Path, modules: list[str], rank: int = 4, seed: int = 0, scale: float = 0.5) -> Path:
     """A random diffusers/PEFT-format LoRA for ``modules`` of the tiny DiT (128 in/out features)."""
-    from safetensors.torch import save_file
-
     g = torch.Generator().manual_seed(seed)
     state = {}
     for m in modules:

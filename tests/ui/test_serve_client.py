@@ -6,6 +6,8 @@ import time
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 
 pytest.importorskip("gradio_client")
 
@@ -87,9 +89,6 @@ def test_loras_attach_reweight_detach(client, server, tmp_path):
 
 
 def test_lora_for_another_model(client, tmp_path):
-    from safetensors.torch import save_file
-    import torch
-
     path = tmp_path / "sdxl_lora.safetensors"
     save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320),
                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 4)}, str(path))
