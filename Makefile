@@ -7,7 +7,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q torch
-	$(PY) -m pip install -q -e ".[diffusers,transformers,dev]"
+	$(PY) -m pip install -q -e ".[diffusers,transformers,dev,ui]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -14,6 +14,7 @@ _COMMAND_MODULES = (
     "quantduo.cli.diffusion",
     "quantduo.cli.duo",
     "quantduo.demo",
+    "quantduo.ui",
 )
 
 
