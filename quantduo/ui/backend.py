@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
 import re
 import threading
@@ -33,8 +32,8 @@ from quantduo.duo.cache import DuoCache
 from quantduo.duo.decode import GraphedDecoder
 from quantduo.duo.deploy import apply_pattern, chunked_prefill
 from quantduo.duo.patterns import load_pattern
-from quantduo.integrations.diffusers import quantization_config
-from quantduo.integrations.diffusers_commands import load_pipeline
+from quantduo.formats.registry import EXECUTIONS
+from quantduo.integrations.diffusers import is_quantized_pipeline, load_pipeline, quantization_config
 from quantduo.integrations.lora import LoraFormatError, attach_lora, remove_lora, set_lora_strength
 from quantduo.models import tiny_lm
 from quantduo.models.tiny_dit import load_tiny_dit, sample_digits
@@ -358,7 +357,7 @@ class _resized:
 class PipelineEngine(ImageEngine):
     """A diffusers pipeline folder (full precision) or a ``quantduo quantize`` output folder (quantized)."""
 
-    executions = ("auto", "native", "a16", "fp8", "bf16")
+    executions = EXECUTIONS + ("bf16",)
     default_size = 512
     default_steps = 20
     prompt_hint = "a photo of a cat"
@@ -368,16 +367,19 @@ class PipelineEngine(ImageEngine):
         self.dir = Path(model_dir)
         self.name = self.dir.name
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.quantized = (self.dir / "quantduo_pipeline.json").is_file()
+        self.quantized = is_quantized_pipeline(self.dir)
         self.pipes: dict[str, object] = {}
         self._pipe(self.resolve_execution("auto"))
         pipe = next(iter(self.pipes.values()))
         self.patch = 2 * int(getattr(pipe, "vae_scale_factor", 8))
 
     def resolve_execution(self, execution: str) -> str:
+        if execution == "bf16" and self.quantized:
+            raise UserError(f"{self.name} is a quantized folder without its full-precision weights: open the base "
+                            f"pipeline folder for bf16 images")
         if execution == "auto":
-            return "native" if self.quantized else "bf16"
-        if execution in ("native", "a16", "fp8") and not self.quantized:
+            return "auto" if self.quantized else "bf16"
+        if execution != "bf16" and not self.quantized:
             raise UserError(f"{self.name} is not quantized: only 'bf16' runs it (quantize it with `quantduo quantize`)")
         return execution
 
@@ -387,11 +389,8 @@ class PipelineEngine(ImageEngine):
             if execution != "bf16":
                 for other in [e for e in self.pipes if e != "bf16"]:
                     del self.pipes[other]
-            source = self.dir
-            if execution == "bf16" and self.quantized:
-                source = Path(json.loads((self.dir / "quantduo_pipeline.json").read_text())["base_model"])
-            pipe = load_pipeline(source, torch.bfloat16, self.device,
-                                 execution="native" if execution == "bf16" else execution)
+            pipe = load_pipeline(self.dir, torch.bfloat16, self.device,
+                                 execution="auto" if execution == "bf16" else execution)
             pipe.set_progress_bar_config(disable=True)
             self._follow_loras(getattr(pipe, "transformer", None) or pipe.unet)
             self.pipes[execution] = pipe

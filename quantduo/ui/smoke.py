@@ -13,7 +13,10 @@ import socket
 import sys
 import time
 
+from gradio_client import Client
+
 from quantduo.cli import build_parser
+from quantduo.ui import serve
 
 
 def _free_port() -> int:
@@ -32,10 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", action="store_true", help="also draw with bf16 (side by side, PSNR)")
     p.add_argument("--repeat", type=int, default=2, help="images per execution (the first includes warm-up)")
     args = p.parse_args(argv)
-    from gradio_client import Client
-
-    from quantduo.ui import serve
-
     port = _free_port()
     start = time.perf_counter()
     demo = serve(build_parser().parse_args(["serve", "--model", args.model, "--port", str(port)]), block=False)

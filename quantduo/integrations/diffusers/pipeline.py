@@ -63,6 +63,16 @@ def model_class_of(directory: str | Path) -> type:
     return getattr(diffusers, name)
 
 
+def is_quantized_pipeline(directory: str | Path) -> bool:
+    """Whether the pipeline folder's denoiser carries quantduo's ``quantization_config``."""
+    for attr in DENOISER_ATTRS:
+        path = Path(directory) / attr / MODEL_CONFIG
+        if path.is_file():
+            config = json.loads(path.read_text())
+            return (config.get("quantization_config") or {}).get("quant_method") == "quantduo"
+    return False
+
+
 def load_quantized_transformer(directory: str | Path, device: torch.device | str = "cpu",
                                dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """A quantized denoiser from a folder written by :func:`save_quantized_transformer` (through diffusers'
