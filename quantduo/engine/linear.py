@@ -32,6 +32,7 @@ Kernels run on CUDA tensors; on the CPU the same paths run their PyTorch referen
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -77,6 +78,7 @@ def kernels_for(x: torch.Tensor) -> bool:
 
 
 @torch.compiler.assume_constant_result
+@functools.lru_cache(maxsize=None)
 def _device_has_fp8(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= FP8_CAPABILITY
 
