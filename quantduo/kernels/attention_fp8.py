@@ -57,9 +57,9 @@ def _block_quant_kernel(X, Q, SCALE, S, stride_xb, stride_xh, stride_xs, stride_
 @triton.jit
 def _widen(x, NATIVE: tl.constexpr):
     """fp8 codes as the dot operand: themselves on the GPU, float32 under the interpreter."""
-    if NATIVE:
-        return x
-    return x.to(tl.float32)
+    if not NATIVE:
+        x = x.to(tl.float32)
+    return x
 
 
 @triton.jit
