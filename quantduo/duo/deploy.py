@@ -87,8 +87,8 @@ def _padding_hook(module, args, kwargs) -> None:
     """Forward pre-hook of the base model: tell a DuoCache the left padding of ``attention_mask`` before any layer
     writes to it (:meth:`DuoCache.set_padding`)."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if not isinstance(cache, DuoCache):
-        return
+    if not isinstance(cache, DuoCache) or kwargs.get("attention_mask") is None:
+        return  # no mask: the padding recorded so far holds
     new = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
     q_len = new.shape[1] if new is not None else 0
     cache.set_padding(padding_of(kwargs.get("attention_mask"), q_len, getattr(module.config, "sliding_window", None)))

@@ -32,8 +32,8 @@ def _left_padding(mask2d: torch.Tensor) -> torch.Tensor | None:
 
 
 def _four_d_padding(mask: torch.Tensor, q_len: int, window: int | None) -> torch.Tensor | None:
-    """pad of a 4-D mask [B | 1, H | 1, Tq, Tk] equal to causal + left padding on the real queries, else
-    ValueError."""
+    """pad of a 4-D mask [B | 1, H | 1, Tq, Tk] equal to causal + left padding on the real queries (padding
+    queries: fully masked, or fully unmasked as transformers' SDPA masks leave them), else ValueError."""
     if window is not None:
         raise ValueError("4-D attention masks are not supported on sliding-window models with DuoAttention "
                          "(pass the 2-D padding mask)")
@@ -46,7 +46,8 @@ def _four_d_padding(mask: torch.Tensor, q_len: int, window: int | None) -> torch
     q_pos = torch.arange(tk - tq, tk, device=mask.device)
     expect = visible_mask(q_pos, torch.arange(tk, device=mask.device)[None], pad)
     real_rows = (q_pos[None, :] >= pad[:, None])[:, None, :, None]
-    if bool(((allowed != expect) & real_rows).any()):
+    pad_rows_ok = allowed.all(-1, keepdim=True) | ~allowed.any(-1, keepdim=True)  # fully masked (or unmasked)
+    if bool((((allowed != expect) & real_rows) | (~pad_rows_ok & ~real_rows)).any()):
         raise ValueError("DuoAttention honours 4-D attention masks only when they equal causal + left padding; "
                          "pass a 2-D padding mask instead")
     return pad if bool(pad.any()) else None
