@@ -192,5 +192,5 @@ def decode(q, k, v, scaling: float, length: torch.Tensor | None = None,
     if q.is_cuda and kernel_supports(q):
         return decode_attention(q, k, v, scaling, length, key_pos)
     if key_pos is not None and key_pos.ndim == 2:  # the reference masks scores [B, Hkv, R, Tk]
-        key_pos = key_pos[:, None, None, :]
+        key_pos = key_pos[0] if key_pos.shape[0] == 1 else key_pos[:, None, None, :]
     return decode_attention_ref(q, k, v, scaling, length, key_pos)

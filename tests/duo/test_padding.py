@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from quantduo.duo import attention as A
 from quantduo.duo.cache import DuoCache
 from quantduo.duo.decode import GraphedDecoder
 from quantduo.duo.deploy import apply_duo, chunked_prefill
+from quantduo.kernels.decode_attention import decode_attention
 from tests.duo.test_deploy import RECENT, SINK, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -67,15 +69,20 @@ def test_padded_rows_equal_their_unpadded_runs_at_half_streaming(half_model, chu
     assert (full[:, -1] - padded[:, -1]).abs().max() > 1e-2
 
 
+def static_padded_steps(model, ids, mask, prompt: int, steps: int) -> torch.Tensor:
+    """Logits [B, steps, V] of static decode steps after a padded prefill of ``prompt`` tokens (RoPE: slots)."""
+    cache = DuoCache.from_model(model, max_cache_len=T, static=True)
+    with torch.no_grad():
+        model(ids[:, :prompt], attention_mask=mask[:, :prompt], cache=cache)
+    dec = GraphedDecoder(model, cache, prompt, use_graph=False)
+    return torch.stack([dec(ids[:, i:i + 1]).clone() for i in range(prompt, prompt + steps)], 1)
+
+
 def test_padded_static_decode_equals_unpadded_rows(half_model):
     """Static (graph-capturable) decode steps with per-row ring slots and key positions."""
     ids, mask, _ = padded_batch(1)
     prompt = 30
-    cache = DuoCache.from_model(half_model, max_cache_len=T, static=True)
-    with torch.no_grad():
-        half_model(ids[:, :prompt], attention_mask=mask[:, :prompt], cache=cache)  # RoPE positions: slots
-    dec = GraphedDecoder(half_model, cache, prompt, use_graph=False)
-    steps = torch.stack([dec(ids[:, i:i + 1]).clone() for i in range(prompt, T)], 1)  # positions slot-based
+    steps = static_padded_steps(half_model, ids, mask, prompt, T - prompt)
     for b, p in enumerate(PADS):
         alone = DuoCache.from_model(half_model, max_cache_len=T, static=True)
         with torch.no_grad():
@@ -85,6 +92,16 @@ def test_padded_static_decode_equals_unpadded_rows(half_model):
         dec1.pos.fill_(prompt)
         want = torch.stack([dec1(ids[b:b + 1, i:i + 1]).clone() for i in range(prompt, T)], 1)
         torch.testing.assert_close(steps[b:b + 1], want, atol=2e-5, rtol=1e-5)
+
+
+def test_padded_static_decode_through_the_kernel(half_model, monkeypatch):
+    """The same steps through the Triton decode kernel (interpreter, float32; key_pos [B, T]) as through the
+    PyTorch reference."""
+    ids, mask, _ = padded_batch(1)
+    want = static_padded_steps(half_model, ids, mask, 30, 3)
+    monkeypatch.setattr(A, "decode", lambda q, k, v, s, length=None, key_pos=None:
+                        decode_attention(q, k, v, s, length, key_pos))
+    torch.testing.assert_close(static_padded_steps(half_model, ids, mask, 30, 3), want, atol=1e-5, rtol=1e-5)
 
 
 def test_padded_generate_equals_unpadded_rows(half_model):
