@@ -17,6 +17,7 @@ import types
 import numpy as np
 import torch
 from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface
 
 from quantduo.duo import attention as A
@@ -85,8 +86,14 @@ def apply_duo(model, retrieval: np.ndarray, sink: int, recent: int):
 
 def _padding_hook(module, args, kwargs) -> None:
     """Forward pre-hook of the base model: tell a DuoCache the left padding of ``attention_mask`` before any layer
-    writes to it (:meth:`DuoCache.set_padding`)."""
+    writes to it (:meth:`DuoCache.set_padding`); refuse a transformers cache that does not hold every token of
+    every layer (sliding-window or static layers), which the "duo" attention would misread."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if isinstance(cache, Cache) and not isinstance(cache, DuoCache):
+        if not all(type(layer) is DynamicLayer for layer in cache.layers):
+            raise ValueError("a DuoAttention model needs a DuoCache (generate() builds one) or a DynamicCache of "
+                             f"full layers, not {type(cache).__name__} with {type(cache.layers[0]).__name__}")
+        return
     if not isinstance(cache, DuoCache) or kwargs.get("attention_mask") is None:
         return  # no mask: the padding recorded so far holds
     new = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
