@@ -11,7 +11,9 @@ from quantduo.duo.cache import DuoCache
 from quantduo.duo.decode import GraphedDecoder
 from quantduo.duo.deploy import apply_duo, chunked_prefill
 from quantduo.kernels.decode_attention import decode_attention
+from quantduo.duo.layout import duo_layers
 from tests.duo.test_deploy import RECENT, SINK, tiny_model
+from tests.duo.test_families import family_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -124,10 +126,13 @@ def test_chunked_prefill_helper_with_padding(half_model):
     torch.testing.assert_close(last, want, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral-window", "gemma2"])
 def test_all_full_padded_equals_plain_transformers(arch):
-    model = tiny_model(arch, seed=22)
-    duo = apply_duo(copy.deepcopy(model), np.ones((3, 4), bool), SINK, RECENT)
+    """Left padding with every head full, also past a sliding window of 16 (Mistral) and with soft-capping and
+    sliding layers (Gemma 2)."""
+    model = tiny_model(arch, seed=22) if arch in ("llama", "qwen2") else family_model(arch.split("-")[0], seed=22)
+    layers = len(duo_layers(model.config))
+    duo = apply_duo(copy.deepcopy(model), np.ones((layers, 4), bool), SINK, RECENT)
     ids, mask, pos = padded_batch(4)
     with torch.no_grad():
         want = model(ids, attention_mask=mask, position_ids=pos).logits
