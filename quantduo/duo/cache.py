@@ -61,9 +61,9 @@ class DuoKV:
     stream_k/stream_v: [B, n_stream, S, D] keys of the streaming heads. Prefill: the window keys the chunk
         may see (sinks and the last ``recent`` before it, in position order) followed by the Tq new ones, so
         the chunk attends causally, bottom-right aligned. Decode: the ring, the new token included.
-    stream_pos: int64 [B, S] slot position of each key of stream_k (-1: empty), or None: decode, every ring slot
-        is visible; prefill, the fast layout above (window keys in position order, then the chunk). Given when
-        decoding statically or with padding (the ring) and for padded prefill (ring, then the chunk).
+    stream_pos: int64 [B, S] slot position of each key of stream_k (-1: empty): when decoding (the ring; an
+        eager unpadded step's ring slots are all filled, so its attention may skip them) and for padded prefill
+        (ring, then the chunk); None for unpadded prefill (the fast layout above).
     q_start: absolute position of the first new query (Python bookkeeping; unused when decoding; prefill: the
         new keys are the last Tk - q_start of full_k and of stream_k).
     decoding: one new query per sequence (Tq == 1): every visible key is attended.
