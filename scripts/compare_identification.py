@@ -3,6 +3,11 @@ chosen retrieval heads and passkey accuracy at 0.25 / 0.5 / 0.75 streaming heads
 
     python scripts/compare_identification.py                                    # the shipped tiny LM
     python scripts/compare_identification.py --model /tmp/tiny_lm_seed1 --context 192   # a second one
+
+Measured (2026-12-05, shared 2-core CPU, `--steps 80 --n-eval 12`, shipped tiny LM, 512-token prompts): gate
+training 224 s, scoring 4.7 s; overlap of the chosen retrieval heads 0.83 / 0.75 / 0.50 at 0.25 / 0.5 / 0.75
+streaming; passkey accuracy 1.0 for both at every sparsity (full 1.0, streaming only 0.0). A second LM trained on
+that CPU within 5 minutes (seed 1, hidden 64, 296 steps) learned no retrieval (passkey 0.000): no comparison on it.
 """
 from __future__ import annotations
 
