@@ -283,7 +283,7 @@ def fill_synthetic(model, cache: DuoCache, n: int) -> None:
         layer.stream_keys.normal_()
         layer.stream_values.normal_()
         pos = torch.cat([torch.arange(layer.sink), torch.arange(n - layer.recent - 1, n)]).to(DEV)
-        layer.stream_pos[layer._slot(pos)] = pos
+        layer.stream_pos[:, layer._slot(pos)] = pos
         layer.length = n
         layer.position.fill_(n)
 

@@ -1,6 +1,9 @@
 """Train the tiny DuoAttention demo LM (reproducible: seeded; the shipped weights came from `--device cuda`).
 
     python scripts/train_tiny_lm.py [--steps N] [--out quantduo/assets/tiny_lm]
+    # the second, smaller CPU-trainable model (identification comparison, scripts/compare_identification.py):
+    python scripts/train_tiny_lm.py --seed 1 --hidden 64 --context 96 192 --eval-context 192 --batch 8 \
+        --steps 3000 --minutes 4.5 --out /tmp/tiny_lm_seed1
 
 The task (quantduo.models.tiny_lm) mixes Markov filler text (local skill) with passkeys that
 are asked for at the end of the context (long-range retrieval). Writes config.json and
@@ -31,9 +34,10 @@ def batch(hay, rng, batch_size: int, context_len: int):
     return torch.stack([s.input_ids for s in samples]), torch.stack([s.answer_mask() for s in samples])
 
 
-def curriculum_length(rng, progress: float) -> int:
-    """Context length: grows from 48 tokens to the full TRAIN_CONTEXT range over the first 60% of training."""
-    lo, hi = tiny_lm.TRAIN_CONTEXT
+def curriculum_length(rng, progress: float, context=tiny_lm.TRAIN_CONTEXT) -> int:
+    """Context length: grows from 48 tokens to the full ``context`` (lo, hi) range over the first 60% of
+    training."""
+    lo, hi = context
     top = int(48 + (hi - 48) * min(1.0, progress / 0.6))
     return int(rng.integers(min(lo, top) // 2, top + 1))
 
@@ -47,11 +51,11 @@ def loss_fn(model, ids, target):
 
 
 @torch.no_grad()
-def passkey_accuracy(model, hay, rng, n: int = 32) -> float:
-    """Fraction of questions (at EVAL_CONTEXT) whose whole passkey is predicted greedily (teacher forcing)."""
+def passkey_accuracy(model, hay, rng, n: int = 32, context: int = tiny_lm.EVAL_CONTEXT) -> float:
+    """Fraction of questions (at ``context`` tokens) whose whole passkey is predicted greedily (teacher forcing)."""
     ok = 0
     for _ in range(n):
-        s = make_bos_sample(hay, tiny_lm.encode, tiny_lm.BOS_ID, tiny_lm.EVAL_CONTEXT, 4, rng, min_distance=64)
+        s = make_bos_sample(hay, tiny_lm.encode, tiny_lm.BOS_ID, context, 4, rng, min_distance=64)
         pred = model(input_ids=s.input_ids[None].to(model.device)).logits[0].argmax(-1).cpu()
         p, a = s.questions[0]
         ok += bool((pred[p - 1:p - 1 + len(a)] == torch.tensor(a)).all())
@@ -67,19 +71,28 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the shipped weights: cuda, 208 s on one H200)")
     ap.add_argument("--out", type=Path, default=tiny_lm.ASSET_DIR)
+    ap.add_argument("--hidden", type=int, default=128, help="hidden size (8 query / 4 KV heads, MLP 3x)")
+    ap.add_argument("--context", type=int, nargs=2, default=tiny_lm.TRAIN_CONTEXT, help="training context range")
+    ap.add_argument("--eval-context", type=int, default=tiny_lm.EVAL_CONTEXT)
+    ap.add_argument("--minutes", type=float, default=None, help="stop training after this wall time")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     hay = tiny_lm.haystack_ids(seed=args.seed, n_words=200_000)
-    model = LlamaForCausalLM(tiny_lm.llama_config(attn_implementation="sdpa")).to(args.device)
+    cfg = tiny_lm.llama_config(attn_implementation="sdpa", hidden_size=args.hidden, intermediate_size=3 * args.hidden,
+                               head_dim=args.hidden // 8)
+    model = LlamaForCausalLM(cfg).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warm = 100
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
     t0 = time.time()
     for step in range(args.steps):
-        ids, target = batch(hay, rng, args.batch, curriculum_length(rng, step / args.steps))
+        if args.minutes is not None and time.time() - t0 > 60 * args.minutes:
+            print(f"stopped at step {step} after {args.minutes} minutes", flush=True)
+            break
+        ids, target = batch(hay, rng, args.batch, curriculum_length(rng, step / args.steps, args.context))
         loss, ans = loss_fn(model, ids.to(args.device), target.to(args.device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -90,8 +103,8 @@ def main() -> None:
             print(f"step {step:5d} loss {loss.item():.3f} answer-loss {ans.item():.3f} {time.time() - t0:.0f}s",
                   flush=True)
     model.eval()
-    acc = passkey_accuracy(model, hay, np.random.default_rng(args.seed + 1))
-    print(f"passkey accuracy at {tiny_lm.EVAL_CONTEXT} tokens: {acc:.3f}")
+    acc = passkey_accuracy(model, hay, np.random.default_rng(args.seed + 1), context=args.eval_context)
+    print(f"passkey accuracy at {args.eval_context} tokens: {acc:.3f}")
     args.out.mkdir(parents=True, exist_ok=True)
     model.to("cpu", torch.float16).save_pretrained(args.out)
     print(f"saved to {args.out} in {time.time() - t0:.0f}s")

@@ -5,6 +5,10 @@ Identification (training) mask of a *streaming* head, as the reference's: positi
 kp <= p with kp < sink or p - kp < recent (token level), or, with ``block`` = 128, the key blocks
 kp // block < ceil(sink / block) or p // block - kp // block < ceil(recent / block) (the reference's block-sparse
 kernel, which trained the published patterns). Deployment windows: :mod:`quantduo.duo.cache`.
+
+Masked deployment path (left-padded batches, sliding-window layers, logit soft-capping): keys carry their slot
+positions (the sequence axis of the batch, pads included; -1: empty), row b's real tokens start at slot
+``pad[b]``, and :func:`visible_mask` states the deployment rule on those positions (:func:`masked_attention`).
 """
 from __future__ import annotations
 
@@ -28,25 +32,36 @@ def streaming_allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int, recen
     return (k <= q) & ((k // block < n_sink) | (q // block - k // block < n_recent))
 
 
-def _gated_chunk(q, k, v, gate, q_start: int, sink: int, recent: int, scaling: float, block: int | None):
+def _gated_chunk(q, k, v, gate, q_start: int, sink: int, recent: int, scaling: float, block: int | None,
+                 window: int | None, softcap: float | None):
     """One query chunk of :func:`gated_attention`; q [B, Hkv, rep, Tc, D], k/v [B, Hkv, 1, Tk, D]."""
     tc, tk = q.shape[-2], k.shape[-2]
     q_pos = torch.arange(q_start, q_start + tc, device=q.device)
     k_pos = torch.arange(tk, device=q.device)
     scores = (q @ k.transpose(-1, -2)).float() * scaling
-    full = scores.masked_fill(~(k_pos[None, :] <= q_pos[:, None]), float("-inf")).softmax(-1)
-    stream = scores.masked_fill(~streaming_allowed(q_pos, k_pos, sink, recent, block), float("-inf")).softmax(-1)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    inside = torch.ones(tc, tk, dtype=torch.bool, device=q.device) if window is None else \
+        q_pos[:, None] - k_pos[None, :] < window
+    full = scores.masked_fill(~((k_pos[None, :] <= q_pos[:, None]) & inside), float("-inf")).softmax(-1)
+    if gate is None:
+        return full.to(v.dtype) @ v
+    allowed = streaming_allowed(q_pos, k_pos, sink, recent, block) & inside
+    stream = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
     g = gate.view(1, -1, 1, 1, 1)
     probs = g * full + (1 - g) * stream
     return (probs.to(v.dtype) @ v)
 
 
 def gated_attention(q, k, v, gate, sink: int, recent: int, scaling: float, chunk: int = 1024,
-                    checkpointed: bool = True, block: int | None = None) -> torch.Tensor:
+                    checkpointed: bool = True, block: int | None = None, window: int | None = None,
+                    softcap: float | None = None) -> torch.Tensor:
     """Identification-time attention: gate * full + (1 - gate) * streaming, per KV head.
 
     q [B, Hq, T, D], k/v [B, Hkv, T, D] (no cache, positions 0..T-1), gate [Hkv] float32 in [0, 1]
-    (differentiable); ``block``: streaming mask granularity (module docstring). Queries are processed in chunks of ``chunk`` (each attends only to its causal
+    (differentiable; None: full attention only); ``block``: streaming mask granularity (module docstring);
+    ``window``: the layer's sliding window (both patterns keep keys with q - k < window); ``softcap``: scores
+    soft-capped as Gemma 2's. Queries are processed in chunks of ``chunk`` (each attends only to its causal
     prefix) under activation checkpointing, so memory is O(chunk * T) per head, never O(T^2).
     Returns [B, Hq, T, D] in q's dtype.
     """
@@ -56,10 +71,45 @@ def gated_attention(q, k, v, gate, sink: int, recent: int, scaling: float, chunk
     outs = []
     for s in range(0, t, chunk):
         e = min(t, s + chunk)
-        args = (qg[..., s:e, :], k[:, :, None, :e], v[:, :, None, :e], gate, s, sink, recent, scaling, block)
+        args = (qg[..., s:e, :], k[:, :, None, :e], v[:, :, None, :e], gate, s, sink, recent, scaling, block,
+                window, softcap)
         use_ckpt = checkpointed and torch.is_grad_enabled()
         outs.append(checkpoint(_gated_chunk, *args, use_reentrant=False) if use_ckpt else _gated_chunk(*args))
     return torch.cat(outs, dim=-2).reshape(b, hq, t, d)
+
+
+def visible_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, pad: torch.Tensor, window: int | None = None,
+                 stream: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """Bool [B, 1, Tq, Tk]: which keys each query of a chunk sees (deployment rule, on slot positions).
+
+    q_pos [Tq] int64 slots of the queries; k_pos [B or 1, Tk] int64 slots of the keys (-1: empty); pad [B] int64
+    first real slot per row. A key is visible when it is real (slot >= pad), causal, inside the sliding ``window``
+    (q - k < window, as transformers' sliding-window masks) and, for a streaming head (``stream`` = (sink, recent,
+    chunk start slot s)), a sink of its row (k < pad + sink) or at most ``recent`` before the chunk (k >= s -
+    recent): the reference's chunk-level window, per row. A query always sees itself, so padding queries get a
+    finite (unused) output.
+    """
+    q, k, p = q_pos[None, None, :, None], k_pos[:, None, None, :], pad[:, None, None, None]
+    ok = (k >= p) & (k <= q)
+    if window is not None:
+        ok &= q - k < window
+    if stream is not None:
+        sink, recent, start = stream
+        ok &= (k < p + sink) | (k >= start - recent)
+    return ok | (k == q)
+
+
+def masked_attention(q, k, v, allowed: torch.Tensor, scaling: float, softcap: float | None = None) -> torch.Tensor:
+    """Attention of q [B, Hq, Tq, D] over k/v [B, Hkv, Tk, D] where ``allowed`` (bool, broadcastable to
+    [B, 1, Tq, Tk]) holds. Without ``softcap`` SDPA with the boolean mask; with it, float32 math with scores
+    ``softcap * tanh(scores / softcap)`` (Gemma 2). Returns [B, Hq, Tq, D] in q's dtype."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    rep = q.shape[1] // k.shape[1]
+    scores = (q.float() @ k.repeat_interleave(rep, 1).float().transpose(-1, -2)) * scaling
+    scores = (torch.tanh(scores / softcap) * softcap).masked_fill(~allowed, float("-inf"))
+    return (scores.softmax(-1) @ v.repeat_interleave(rep, 1).float()).to(q.dtype)
 
 
 def cudnn_attention_supported(q: torch.Tensor) -> bool:
@@ -135,9 +185,12 @@ def decode(q, k, v, scaling: float, length: torch.Tensor | None = None,
     :class:`~quantduo.formats.kv.QuantizedKV` codes (dequantized on the fly).
 
     ``length`` (device int64 [1]) masks key positions >= length (static caches attend over a
-    preallocated buffer); ``key_pos`` [Tk] gives each slot's position (-1: empty), else slot j holds
-    position j. On CUDA the split-KV Triton kernel (:mod:`quantduo.kernels.decode_attention`; head_dim >=
+    preallocated buffer); ``key_pos`` [Tk] or per row [B, Tk] gives each slot's position (-1: empty), else slot j
+    holds position j. On CUDA the split-KV Triton kernel (:mod:`quantduo.kernels.decode_attention`; head_dim >=
     32), elsewhere its PyTorch reference. Returns [B, Hq, 1, D].
     """
-    fn = decode_attention if q.is_cuda and kernel_supports(q) else decode_attention_ref
-    return fn(q, k, v, scaling, length, key_pos)
+    if q.is_cuda and kernel_supports(q):
+        return decode_attention(q, k, v, scaling, length, key_pos)
+    if key_pos is not None and key_pos.ndim == 2:  # the reference masks scores [B, Hkv, R, Tk]
+        key_pos = key_pos[0] if key_pos.shape[0] == 1 else key_pos[:, None, None, :]
+    return decode_attention_ref(q, k, v, scaling, length, key_pos)

@@ -9,6 +9,12 @@ a chunk of one token: sink + the last ``recent`` tokens + the new one. The strea
 ``sink + recent + 1`` slots (sinks stay, the rest cycles), so a step reads its keys in place and the write of
 the next token prunes the window back.
 
+Left-padded batches (:meth:`DuoCache.set_padding`, called by the model before each forward): row b's real
+tokens start at slot ``pad[b]`` of the batch's sequence axis. The retrieval store keeps slots (pads included, as
+transformers' caches do); the ring is per row, in real positions: row b's sinks are its first real tokens, pads
+never enter it, and ``stream_pos [B, S]`` gives each ring slot's batch slot (-1: empty). Attention then runs the
+masked path of :mod:`quantduo.duo.attention` on those positions.
+
 ``update`` returns a :class:`DuoKV` view (for keys and values alike) that the "duo" attention
 function of :mod:`quantduo.duo.deploy` consumes. Memory: without ``max_cache_len`` the retrieval-head store grows
 by at most :data:`GROWTH` x the tokens held, and never past the bytes a full cache of those tokens would take
@@ -55,12 +61,15 @@ class DuoKV:
     stream_k/stream_v: [B, n_stream, S, D] keys of the streaming heads. Prefill: the window keys the chunk
         may see (sinks and the last ``recent`` before it, in position order) followed by the Tq new ones, so
         the chunk attends causally, bottom-right aligned. Decode: the ring, the new token included.
-    stream_pos: decode only: [S] int64 absolute position of each ring slot (-1: empty), or None when every
-        slot is visible.
+    stream_pos: int64 [B, S] slot position of each key of stream_k (-1: empty): when decoding (the ring; an
+        eager unpadded step's ring slots are all filled, so its attention may skip them) and for padded prefill
+        (ring, then the chunk); None for unpadded prefill (the fast layout above).
     q_start: absolute position of the first new query (Python bookkeeping; unused when decoding; prefill: the
         new keys are the last Tk - q_start of full_k and of stream_k).
     decoding: one new query per sequence (Tq == 1): every visible key is attended.
     length: static decode: device int64 [1], tokens in the cache including the new one.
+    full_pos: padded decode: int64 [B, Tk] slot position of each full key, -1 on padding slots (else None).
+    pad: int64 [B] first real slot of each row (left padding), or None without padding.
     """
 
     full_k: torch.Tensor | QuantizedKV
@@ -71,6 +80,8 @@ class DuoKV:
     q_start: int
     decoding: bool = False
     length: torch.Tensor | None = None
+    full_pos: torch.Tensor | None = None
+    pad: torch.Tensor | None = None
 
     @property
     def n_full(self) -> int:
@@ -169,6 +180,8 @@ class DuoLayer(CacheLayerMixin):
         self.slots = sink + recent + 1  # the ring: sinks, then recent + 1 cycling slots
         self.max_cache_len, self.static, self.kv_bits, self.kv_group = max_cache_len, static, kv_bits, kv_group
         self.length = 0  # tokens seen (Python side; static decode steps use self.position instead)
+        self.pad = None  # int64 [B] first real slot per row (left padding), None without padding
+        self._full_pos = None  # padded: int64 [B, capacity] slot positions of the full store, -1 on pads
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, _, t, d = key_states.shape
@@ -178,7 +191,7 @@ class DuoLayer(CacheLayerMixin):
         self.full = FullStore(key_states, self.n_full, cap, self.kv_bits, self.kv_group)
         self.stream_keys = key_states.new_zeros(b, self.n_stream, min(self.slots, cap), d)
         self.stream_values = torch.zeros_like(self.stream_keys)
-        self.stream_pos = torch.full((self.stream_keys.shape[2],), -1, dtype=torch.long, device=dev)
+        self.stream_pos = torch.full((b, self.stream_keys.shape[2]), -1, dtype=torch.long, device=dev)
         self.position = torch.zeros(1, dtype=torch.long, device=dev)  # device copy of self.length
         self.is_initialized = True
 
@@ -218,7 +231,9 @@ class DuoLayer(CacheLayerMixin):
         ring = min(self.slots, cap)
         if ring > self.stream_keys.shape[2]:
             self.stream_keys, self.stream_values = (_grown(t, ring) for t in (self.stream_keys, self.stream_values))
-            self.stream_pos = torch.cat([self.stream_pos, self.stream_pos.new_full((ring - len(self.stream_pos),), -1)])
+            fill = self.stream_pos.new_full((self.batch, ring - self.stream_pos.shape[1]), -1)
+            self.stream_pos = torch.cat([self.stream_pos, fill], dim=1)
+        self._full_pos = None
 
     def _slot(self, p):
         """Ring slot of absolute position(s) p (int or int64 tensor): sinks stay, the rest cycles."""
@@ -240,13 +255,52 @@ class DuoLayer(CacheLayerMixin):
             slot = self._slot(p)
             self.stream_keys[:, :, slot] = k[:, :, p - start]
             self.stream_values[:, :, slot] = v[:, :, p - start]
-            self.stream_pos[slot] = p
+            self.stream_pos[:, slot] = p
         elif keep:
             pos = torch.tensor(keep, device=k.device)
             slots = self._slot(pos)
             self.stream_keys.index_copy_(2, slots, k.index_select(2, pos - start))
             self.stream_values.index_copy_(2, slots, v.index_select(2, pos - start))
-            self.stream_pos.index_copy_(0, slots, pos)
+            self.stream_pos.index_copy_(1, slots, pos.expand(self.batch, -1).contiguous())
+
+    def _pad_or_zero(self) -> torch.Tensor:
+        return self.pad if self.pad is not None else torch.zeros(self.batch, dtype=torch.long, device=self.device)
+
+    def _write_stream_rows(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """Per-row ring write of a chunk k/v [B, Hs, T, D] at slots start.. (left padding): row b keeps its real
+        positions (slot - pad[b]) < sink and its last ``recent + 1``; padding slots are skipped."""
+        t = k.shape[2]
+        pad = self._pad_or_zero()[:, None]
+        real = torch.arange(start, start + t, device=k.device)[None, :] - pad  # [B, T]
+        keep = (real >= 0) & ((real < self.sink) | (real >= start + t - pad - self.recent - 1))
+        rows, cols = keep.nonzero(as_tuple=True)
+        slots = self._slot(real[rows, cols])
+        self.stream_keys[rows, :, slots] = k[rows, :, cols]
+        self.stream_values[rows, :, slots] = v[rows, :, cols]
+        self.stream_pos[rows, slots] = start + cols
+
+    def _write_token_rows(self, k: torch.Tensor, v: torch.Tensor, p: int | torch.Tensor) -> None:
+        """Ring write of one token k/v [B, Hs, 1, D] at slot ``p`` (int, or device int64 [1]: no host
+        synchronisation) into each row's slot of its real position p - pad[b] (rows still in padding keep theirs)."""
+        rows = torch.arange(self.batch, device=k.device)
+        real = p - self._pad_or_zero()
+        slot = self._slot(real.clamp_min(0))
+        ok = real >= 0
+        for ring, new in ((self.stream_keys, k[:, :, 0]), (self.stream_values, v[:, :, 0])):
+            ring[rows, :, slot] = torch.where(ok[:, None, None], new, ring[rows, :, slot])
+        self.stream_pos[rows, slot] = torch.where(ok, real + self._pad_or_zero(), self.stream_pos[rows, slot])
+
+    def full_positions(self) -> torch.Tensor:
+        """Padded: int64 [B, capacity] slot position of each full-store slot, -1 on padding slots."""
+        if self._full_pos is None or self._full_pos.shape[1] != self.full.capacity:
+            j = torch.arange(self.full.capacity, device=self.device)
+            self._full_pos = torch.where(j[None, :] >= self.pad[:, None], j[None, :], -1)
+        return self._full_pos
+
+    def set_padding(self, pad: torch.Tensor | None) -> None:
+        """Record the left padding (int64 [B] first real slot per row, or None) checked by
+        :meth:`DuoCache.set_padding`."""
+        self.pad, self._full_pos = pad, None
 
     def _window(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Ring keys / values [B, Hs, W, D] a chunk starting at ``start`` sees, in position order."""
@@ -262,16 +316,33 @@ class DuoLayer(CacheLayerMixin):
         if self.n_full:
             self.full.write(p, kf, vf)
         if self.n_stream and ks.is_cuda and self.stream_keys.shape[2] == self.slots:
-            ring_write(ks, vs, p, self.stream_keys, self.stream_values, self.stream_pos, self.sink, self.recent + 1)
+            ring_write(ks, vs, p, self.stream_keys, self.stream_values, self.stream_pos, self.sink, self.recent + 1,
+                       self.pad)
         elif self.n_stream:
-            slot = self._slot(p)
-            self.stream_keys.index_copy_(2, slot, ks)
-            self.stream_values.index_copy_(2, slot, vs)
-            self.stream_pos.index_copy_(0, slot, p)
+            self._write_token_rows(ks, vs, p)
         self.position.add_(1)
         k, v = self.full.view()
         return DuoKV(k, v, self.stream_keys, self.stream_values, self.stream_pos, self.length, decoding=True,
-                     length=self.position)
+                     length=self.position, full_pos=None if self.pad is None else self.full_positions(),
+                     pad=self.pad)
+
+    def _padded_update(self, kf, vf, ks, vs, start: int) -> DuoKV:
+        """Eager update of a left-padded batch (module docstring): per-row ring, keys with slot positions."""
+        t = ks.shape[2]
+        self._ensure_capacity(start + t)
+        self.full.write(slice(start, start + t), kf, vf)
+        end = start + t
+        if t == 1:
+            self._write_token_rows(ks, vs, start)
+            k, v = self.full.view(end)
+            return DuoKV(k, v, self.stream_keys, self.stream_values, self.stream_pos, start, decoding=True,
+                         full_pos=self.full_positions()[:, :end], pad=self.pad)
+        chunk_pos = torch.arange(start, end, device=ks.device).expand(self.batch, t)
+        sk, sv = torch.cat([self.stream_keys, ks], dim=2), torch.cat([self.stream_values, vs], dim=2)
+        spos = torch.cat([self.stream_pos, chunk_pos], dim=1)
+        self._write_stream_rows(ks, vs, start)
+        k, v = self.full.read(end)
+        return DuoKV(k, v, sk, sv, spos, start, pad=self.pad)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append key/value states [B, n_full + n_stream, T, D]; returns (DuoKV, DuoKV)."""
@@ -283,12 +354,20 @@ class DuoLayer(CacheLayerMixin):
             kv = self._static_decode(kf, vf, ks, vs)
             self.length = start + 1
             return kv, kv
+        if self.pad is not None:
+            kv = self._padded_update(kf, vf, ks, vs, start)
+            self.length = start + t
+            if self.static:
+                self.position.fill_(self.length)
+            return kv, kv
         self._ensure_capacity(start + t)
         self.full.write(slice(start, start + t), kf, vf)
+        spos = None
         if t == 1:
             self._write_stream(ks, vs, start)
             filled = min(start + 1, self.stream_keys.shape[2])
             sk, sv = self.stream_keys[:, :, :filled], self.stream_values[:, :, :filled]
+            spos = self.stream_pos[:, :filled]
         else:
             wk, wv = self._window(start)
             sk, sv = torch.cat([wk, ks], dim=2), torch.cat([wv, vs], dim=2)
@@ -297,7 +376,7 @@ class DuoLayer(CacheLayerMixin):
         if self.static:
             self.position.fill_(self.length)
         k, v = self.full.view(self.length) if t == 1 else self.full.read(self.length)
-        kv = DuoKV(k, v, sk, sv, None, start, decoding=t == 1)
+        kv = DuoKV(k, v, sk, sv, spos, start, decoding=t == 1)
         return kv, kv
 
     def decode_state(self) -> list[torch.Tensor]:
@@ -319,6 +398,7 @@ class DuoLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.length = 0
+        self.set_padding(None)
         if self.is_initialized:
             self.stream_pos.fill_(-1)
             self.position.zero_()
@@ -329,7 +409,10 @@ class DuoLayer(CacheLayerMixin):
             return
         idx = beam_idx.to(self.device)
         self.full.bufs = {name: t.index_select(0, idx) for name, t in self.full.bufs.items()}
-        self.stream_keys, self.stream_values = (t.index_select(0, idx) for t in (self.stream_keys, self.stream_values))
+        self.stream_keys, self.stream_values, self.stream_pos = (
+            t.index_select(0, idx) for t in (self.stream_keys, self.stream_values, self.stream_pos))
+        if self.pad is not None:
+            self.set_padding(self.pad.index_select(0, idx))
         self.batch = len(idx)
 
     def memory_bytes(self) -> int:
@@ -369,6 +452,24 @@ class DuoCache(Cache):
 
     def decode_state(self) -> list[torch.Tensor]:
         return [t for layer in self.layers for t in layer.decode_state()]
+
+    def set_padding(self, pad: torch.Tensor | None) -> None:
+        """Left padding of the tokens seen so far plus the new ones: pad int64 [B] leading padding slots per row
+        (None: no padding); see :func:`quantduo.duo.masks.padding_of`. A row's padding is fixed once it has a
+        real token (ValueError when it changes); a row of padding only may grow it."""
+        layer = self.layers[0]
+        if pad is None and layer.pad is None:
+            return
+        seen = layer.length
+        old = layer.pad if layer.pad is not None else torch.zeros_like(pad)
+        new = pad if pad is not None else torch.zeros_like(old)
+        if old.shape != new.shape or not bool(((new == old) | ((old == seen) & (new >= old))).all()):
+            raise ValueError("the attention mask changed the left padding of tokens already in the DuoCache "
+                             "(only left padding of the prompt is supported)")
+        if (layer.pad is None and not bool(new.any())) or (layer.pad is not None and torch.equal(new, old)):
+            return
+        for layer in self.layers:
+            layer.set_padding(new)
 
     def memory_bytes(self) -> int:
         """Total bytes of every layer's K/V buffers."""

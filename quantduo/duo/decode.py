@@ -23,7 +23,9 @@ def decode_state(cache) -> list[torch.Tensor]:
 
 
 class GraphedDecoder:
-    """Greedy-agnostic decode step: ``logits = decoder(token_ids)``, token_ids [B, 1] int64 -> [B, vocab].
+    """Greedy-agnostic decode step: ``logits = decoder(token_ids)``, token_ids [B, 1] int64 -> [B, vocab] (B: the
+    prefilled DuoCache's batch, else 1). Position ids are the batch's slots (left-padded rows of a DuoCache keep
+    their own sinks and windows; RoPE only sees relative positions).
 
     ``position``: absolute position of the first token to decode (the cache holds ``position``
     tokens). ``use_graph`` (default: on CUDA) captures the step once, after ``warmup`` eager
@@ -37,7 +39,8 @@ class GraphedDecoder:
         if isinstance(cache, DuoCache) and not all(layer.static for layer in cache.layers):
             raise ValueError("graph decoding needs DuoCache(static=True)")
         self.model, self.cache = model, cache
-        self.token = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        batch = cache.layers[0].batch if isinstance(cache, DuoCache) and cache.layers[0].is_initialized else 1
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos = torch.full((1, 1), position, dtype=torch.long, device=dev)
         self.key_pos = (torch.arange(cache.layers[0].max_cache_len, device=dev)
                         if isinstance(cache, StaticCache) else None)

@@ -22,37 +22,38 @@ SHIPPED_PATTERN = tiny_lm.ASSET_DIR / "duo_pattern"
 IDENTIFY_CONTEXT = 256
 
 
-def tiny_identify(model, steps: int = 80, seed: int = 0, progress: bool = True) -> DuoPattern:
-    """Gate training on the tiny LM: multi-passkey samples of IDENTIFY_CONTEXT tokens, sink/recent of tiny_lm."""
+def tiny_identify(model, steps: int = 80, seed: int = 0, progress: bool = True,
+                  context: int = IDENTIFY_CONTEXT) -> DuoPattern:
+    """Gate training on the tiny LM: multi-passkey samples of ``context`` tokens, sink/recent of tiny_lm."""
     hay = tiny_lm.haystack_ids(seed=seed + 1, n_words=20_000)
     rng = np.random.default_rng(seed)
 
     def batches(step: int):
-        s = make_bos_sample(hay, tiny_lm.encode, tiny_lm.BOS_ID, IDENTIFY_CONTEXT, 4, rng,
+        s = make_bos_sample(hay, tiny_lm.encode, tiny_lm.BOS_ID, context, 4, rng,
                             min_distance=tiny_lm.SINK + tiny_lm.RECENT + 8)
         return s.input_ids[None].to(model.device), s.target_mask[None].to(model.device)
 
     cfg = IdentifyConfig(steps=steps, lr=0.05, reg_weight=0.05, sink=tiny_lm.SINK, recent=tiny_lm.RECENT,
-                         chunk=IDENTIFY_CONTEXT, activation_checkpointing=False)
+                         chunk=context, activation_checkpointing=False)
     return identify(model, batches, cfg, progress=progress)
 
 
-def tiny_score(model, n_batches: int = 8, seed: int = 0) -> DuoPattern:
+def tiny_score(model, n_batches: int = 8, seed: int = 0, context: int = IDENTIFY_CONTEXT) -> DuoPattern:
     """Training-free head scores (:func:`quantduo.duo.score.score_heads`) on the identification data of
     :func:`tiny_identify`."""
     hay = tiny_lm.haystack_ids(seed=seed + 1, n_words=20_000)
     rng = np.random.default_rng(seed)
-    samples = [make_bos_sample(hay, tiny_lm.encode, tiny_lm.BOS_ID, IDENTIFY_CONTEXT, 4, rng,
+    samples = [make_bos_sample(hay, tiny_lm.encode, tiny_lm.BOS_ID, context, 4, rng,
                                min_distance=tiny_lm.SINK + tiny_lm.RECENT + 8) for _ in range(n_batches)]
     batches = ((s.input_ids[None].to(model.device), s.target_mask[None].to(model.device)) for s in samples)
-    return score_heads(model, batches, tiny_lm.SINK, tiny_lm.RECENT, chunk=IDENTIFY_CONTEXT)
+    return score_heads(model, batches, tiny_lm.SINK, tiny_lm.RECENT, chunk=context)
 
 
-def eval_samples(n: int = 24, seed: int = 123):
-    """Passkey prompts of EVAL_CONTEXT tokens; every passkey lies > sink + recent tokens before the question."""
+def eval_samples(n: int = 24, seed: int = 123, context: int = tiny_lm.EVAL_CONTEXT):
+    """Passkey prompts of ``context`` tokens; every passkey lies > sink + recent tokens before the question."""
     hay = tiny_lm.haystack_ids(seed=seed, n_words=20_000)
     rng = np.random.default_rng(seed)
-    return [make_bos_sample(hay, tiny_lm.encode, tiny_lm.BOS_ID, tiny_lm.EVAL_CONTEXT, 4, rng,
+    return [make_bos_sample(hay, tiny_lm.encode, tiny_lm.BOS_ID, context, 4, rng,
                             min_distance=2 * (tiny_lm.SINK + tiny_lm.RECENT))
             for _ in range(n)]
 

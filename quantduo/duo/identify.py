@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from quantduo.duo.attention import gated_attention
 from quantduo.duo.deploy import register_attention
-from quantduo.duo.layout import attention_modules
+from quantduo.duo.layout import attention_modules, duo_layers
 from quantduo.duo.patterns import DuoPattern
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # input_ids [B, T] int64, target_mask [B, T] bool
@@ -32,12 +32,17 @@ class _GateRef:
         return self.gates[self.layer].clamp(0.0, 1.0)
 
 
-def gated_attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function "duo_gated" (no cache): query [B, Hq, T, D], key/value
-    [B, Hkv, T, D]; uses ``module.duo_gate`` / ``duo_sink`` / ``duo_recent``. Returns ([B, T, Hq, D], None)."""
-    out = gated_attention(query, key, value, module.duo_gate.get().to(query.dtype), module.duo_sink,
-                          module.duo_recent, module.scaling if scaling is None else scaling,
-                          chunk=module.duo_chunk, block=module.duo_block)
+def gated_attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                            sliding_window=None, softcap=None, **kwargs):
+    """transformers attention function "duo_gated" (no cache, no padding): query [B, Hq, T, D], key/value
+    [B, Hkv, T, D]; uses ``module.duo_gate`` (absent on layers without DuoAttention: full attention) /
+    ``duo_sink`` / ``duo_recent`` and the layer's sliding window / soft-cap. Returns ([B, T, Hq, D], None)."""
+    if attention_mask is not None:
+        raise ValueError("identification takes batches without padding or custom attention masks")
+    gate = module.duo_gate.get().to(query.dtype) if hasattr(module, "duo_gate") else None
+    out = gated_attention(query, key, value, gate, module.duo_sink, module.duo_recent,
+                          module.scaling if scaling is None else scaling, chunk=module.duo_chunk,
+                          block=module.duo_block, window=sliding_window, softcap=softcap)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -58,20 +63,25 @@ def attn_implementation(model, name: str) -> Iterator[None]:
 @contextlib.contextmanager
 def gated_model(model, gates: torch.Tensor, sink: int, recent: int, chunk: int = 1024,
                 block: int | None = None) -> Iterator[None]:
-    """Within the context the model runs gated attention with ``gates`` [L, H_kv] (clamped to [0, 1]);
+    """Within the context the model runs gated attention with ``gates`` [DuoAttention layers, H_kv] (clamped to
+    [0, 1]; layers without DuoAttention run full attention);
     ``block``: streaming mask in blocks of that many tokens (None: token level)."""
-    mods = attention_modules(model)
-    if tuple(gates.shape) != (len(mods), model.config.num_key_value_heads):
-        raise ValueError(f"gates shape {tuple(gates.shape)} != (layers, kv_heads) "
-                         f"{(len(mods), model.config.num_key_value_heads)}")
-    for i, m in enumerate(mods):
-        m.duo_gate, m.duo_sink, m.duo_recent, m.duo_chunk, m.duo_block = _GateRef(gates, i), sink, recent, chunk, block
+    mods, layers = attention_modules(model), duo_layers(model.config)
+    if tuple(gates.shape) != (len(layers), model.config.num_key_value_heads):
+        raise ValueError(f"gates shape {tuple(gates.shape)} != (DuoAttention layers, kv_heads) "
+                         f"{(len(layers), model.config.num_key_value_heads)}")
+    for i, layer in enumerate(layers):
+        mods[layer].duo_gate = _GateRef(gates, i)
+    for m in mods:
+        m.duo_sink, m.duo_recent, m.duo_chunk, m.duo_block = sink, recent, chunk, block
     try:
         with attn_implementation(model, "duo_gated"):
             yield
     finally:
         for m in mods:
-            del m.duo_gate, m.duo_chunk, m.duo_block
+            if hasattr(m, "duo_gate"):
+                del m.duo_gate
+            del m.duo_chunk, m.duo_block
             if not hasattr(m, "duo_n_full"):
                 del m.duo_sink, m.duo_recent
 
@@ -121,7 +131,7 @@ def identify(model, batches: Callable[[int], Batch], cfg: IdentifyConfig, progre
     """
     for p in model.parameters():
         p.requires_grad_(False)
-    n_layers, n_kv = model.config.num_hidden_layers, model.config.num_key_value_heads
+    n_layers, n_kv = len(duo_layers(model.config)), model.config.num_key_value_heads
     gates = torch.ones(n_layers, n_kv, device=model.device, requires_grad=True)
     opt = torch.optim.AdamW([gates], lr=cfg.lr, weight_decay=0.0)
     warm = max(1, int(cfg.warmup_frac * cfg.steps))

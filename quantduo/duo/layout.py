@@ -1,29 +1,54 @@
-"""Where DuoAttention lives in a transformers model: the supported architectures, their attention modules and
-the head split recorded on them by :func:`quantduo.duo.deploy.apply_duo`."""
+"""Where DuoAttention lives in a transformers model: the supported architectures, their attention modules, the
+layers DuoAttention applies to and the head split recorded on them by :func:`quantduo.duo.deploy.apply_duo`.
+
+Layers: a model that mixes global and sliding-window layers (``config.layer_types``: Gemma 2 / 3, Qwen2 with
+``use_sliding_window``) gets DuoAttention on its global ("full_attention") layers only; its sliding-window layers
+keep every head full (within their window). A model whose every layer has the same window (Mistral) gets it on
+every layer, the model's window bounding the retrieval and the streaming heads alike. Patterns have one row per
+DuoAttention layer (:func:`duo_layers`).
+"""
 from __future__ import annotations
 
 import torch
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+# model_type -> (query/key/value projections: "separate" q_proj / k_proj / v_proj or "fused" qkv_proj)
+SUPPORTED = {"llama": "separate", "mistral": "separate", "qwen2": "separate", "qwen3": "separate",
+             "gemma2": "separate", "gemma3_text": "separate", "phi3": "fused"}
+
+
+def check_supported(config) -> None:
+    """ValueError unless ``config`` is a supported decoder with per-KV-head attention."""
+    mtype = getattr(config, "model_type", None)
+    if mtype not in SUPPORTED:
+        raise ValueError(f"DuoAttention needs per-KV-head attention (separate or fused q/k/v projections per head) "
+                         f"and supports model types {sorted(SUPPORTED)}, not model_type={mtype!r} (multi-head latent "
+                         "attention, e.g. DeepSeek-V2/V3, has no per-KV-head cache to split)")
 
 
 def attention_modules(model) -> list[torch.nn.Module]:
-    """The self-attention module of every decoder layer; ValueError for unsupported architectures and for
-    sliding-window attention (DuoAttention's full heads attend to every token)."""
-    cfg = model.config
-    mtype = getattr(cfg, "model_type", None)
-    if mtype not in SUPPORTED:
-        raise ValueError(f"DuoAttention supports model types {SUPPORTED}, not model_type={mtype!r}")
-    window = getattr(cfg, "sliding_window", None)
-    if window is not None and getattr(cfg, "use_sliding_window", True) and window < cfg.max_position_embeddings:
-        raise ValueError(f"{mtype} with sliding_window={window} (< max_position_embeddings="
-                         f"{cfg.max_position_embeddings}) is not supported: DuoAttention's retrieval heads see every "
-                         "token; set config.sliding_window = None for full attention")
+    """The self-attention module of every decoder layer; ValueError for unsupported architectures."""
+    check_supported(model.config)
     return [layer.self_attn for layer in model.model.layers]
 
 
+def duo_layers(config) -> list[int]:
+    """Indices of the layers DuoAttention applies to (module docstring): the "full_attention" layers of a model
+    mixing layer types, else every layer."""
+    check_supported(config)
+    types = getattr(config, "layer_types", None) or []
+    if "full_attention" in types and len(set(types)) > 1:
+        return [i for i, t in enumerate(types) if t == "full_attention"]
+    return list(range(config.num_hidden_layers))
+
+
+def duo_modules(model) -> list[torch.nn.Module]:
+    """Attention modules of the DuoAttention layers (:func:`duo_layers`), in order."""
+    mods = attention_modules(model)
+    return [mods[i] for i in duo_layers(model.config)]
+
+
 def duo_layout(model) -> tuple[list[int], int, int, int]:
-    """(retrieval KV heads per layer, KV heads per layer, sink, recent) of a model after apply_duo."""
+    """(retrieval KV heads per layer, every layer; KV heads per layer, sink, recent) of a model after apply_duo."""
     mods = attention_modules(model)
     if not all(hasattr(m, "duo_n_full") for m in mods):
         raise ValueError("call apply_duo(model, ...) before building a DuoCache")

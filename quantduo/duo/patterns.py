@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from quantduo.duo.layout import duo_layers
 from quantduo.utils import atomic_write
 
 TSV_NAME = "full_attention_heads.tsv"
@@ -48,8 +49,10 @@ class DuoPattern:
         return binarize(self.gates, sparsity, seed)
 
     def validate_for(self, config) -> None:
-        """Raise ValueError unless the gate shape matches a transformers config's layers x KV heads."""
-        expected = (config.num_hidden_layers, getattr(config, "num_key_value_heads", None)
+        """Raise ValueError unless the gate shape matches a transformers config's DuoAttention layers
+        (:func:`~quantduo.duo.layout.duo_layers`: the global layers of a model mixing sliding-window layers) x KV
+        heads."""
+        expected = (len(duo_layers(config)), getattr(config, "num_key_value_heads", None)
                     or config.num_attention_heads)
         if self.shape != expected:
             raise ValueError(f"pattern has shape {self.shape} (layers, kv_heads) but the model has {expected}")

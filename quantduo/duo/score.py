@@ -18,7 +18,7 @@ import torch
 from quantduo.duo.attention import gated_attention
 from quantduo.duo.deploy import register_attention
 from quantduo.duo.identify import Batch, attn_implementation
-from quantduo.duo.layout import attention_modules
+from quantduo.duo.layout import attention_modules, duo_layers
 from quantduo.duo.patterns import DuoPattern
 
 
@@ -34,17 +34,20 @@ def _head_deltas(module, full: torch.Tensor, stream: torch.Tensor, target: torch
     return change / ref.clamp_min(1e-30)
 
 
-def scoring_attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function "duo_score" (no cache): returns full causal attention [B, T, Hq, D] and
-    adds the per-KV-head streaming deltas of this batch to ``module.duo_scores`` [Hkv]."""
+def scoring_attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                              sliding_window=None, softcap=None, **kwargs):
+    """transformers attention function "duo_score" (no cache, no padding): returns full causal attention
+    [B, T, Hq, D] and, on DuoAttention layers, adds the per-KV-head streaming deltas of this batch to
+    ``module.duo_scores`` [Hkv]."""
+    if attention_mask is not None:
+        raise ValueError("head scoring takes batches without padding or custom attention masks")
     scaling = module.scaling if scaling is None else scaling
-    hkv = key.shape[1]
-    ones = query.new_ones(hkv)
-    full = gated_attention(query, key, value, ones, module.duo_sink, module.duo_recent, scaling,
-                           module.duo_chunk, False, module.duo_block)
-    stream = gated_attention(query, key, value, ones * 0, module.duo_sink, module.duo_recent, scaling,
-                             module.duo_chunk, False, module.duo_block)
-    module.duo_scores += _head_deltas(module, full, stream, module.duo_target)
+    args = (module.duo_sink, module.duo_recent, scaling, module.duo_chunk, False, module.duo_block, sliding_window,
+            softcap)
+    full = gated_attention(query, key, value, None, *args)
+    if hasattr(module, "duo_scores"):
+        stream = gated_attention(query, key, value, query.new_zeros(key.shape[1]), *args)
+        module.duo_scores += _head_deltas(module, full, stream, module.duo_target)
     return full.transpose(1, 2).contiguous(), None
 
 
@@ -54,11 +57,12 @@ register_attention("duo_score", scoring_attention_forward)
 @torch.no_grad()
 def score_heads(model, batches: Iterable[Batch], sink: int, recent: int, chunk: int = 1024,
                 block: int | None = None) -> DuoPattern:
-    """Training-free gates [layers, kv_heads] in [0, 1] from (input_ids [B, T], target_mask [B, T] bool) batches
+    """Training-free gates [DuoAttention layers, kv_heads] in [0, 1] from (input_ids [B, T], target_mask [B, T] bool) batches
     on the model's device (module docstring)."""
-    mods = attention_modules(model)
+    mods, layers = attention_modules(model), duo_layers(model.config)
+    for i in layers:
+        mods[i].duo_scores = torch.zeros(model.config.num_key_value_heads, device=model.device)
     for m in mods:
-        m.duo_scores = torch.zeros(model.config.num_key_value_heads, device=model.device)
         m.duo_sink, m.duo_recent, m.duo_chunk, m.duo_block = sink, recent, chunk, block
     try:
         with attn_implementation(model, "duo_score"):
@@ -66,7 +70,7 @@ def score_heads(model, batches: Iterable[Batch], sink: int, recent: int, chunk: 
                 for m in mods:
                     m.duo_target = target
                 model.model(input_ids=ids, use_cache=False)
-        scores = torch.stack([m.duo_scores for m in mods]).cpu().numpy()
+        scores = torch.stack([mods[i].duo_scores for i in layers]).cpu().numpy()
     finally:
         for m in mods:
             for name in ("duo_scores", "duo_chunk", "duo_block", "duo_target"):

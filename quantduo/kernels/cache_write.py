@@ -6,7 +6,7 @@
   decode step. Reference: :func:`quantduo.formats.kv.quantize_unchecked` (codes and scales bit-exact),
   stored with ``index_copy_`` along the sequence axis.
 * :func:`ring_write`: the new token of each streaming head into its sink + recent ring slot (and the slot's
-  position), instead of the slot arithmetic and three ``index_copy_`` of the reference
+  position; per row, so left-padded rows keep their own sinks), instead of the slot arithmetic and three ``index_copy_`` of the reference
   (:meth:`quantduo.duo.cache.DuoLayer._slot`).
 """
 from __future__ import annotations
@@ -80,33 +80,42 @@ def kv_quant_write(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, bufs: di
 
 
 @triton.jit
-def _ring_write_kernel(K, V, POS, KR, VR, RPOS, H, SINK, RECENT, sk_b, sk_h, sv_b, sv_h, sr_b, sr_h, sr_t,
-                       D: tl.constexpr):
+def _ring_write_kernel(K, V, POS, PAD, KR, VR, RPOS, H, SINK, RECENT, sk_b, sk_h, sv_b, sv_h, sr_b, sr_h, sr_t,
+                       D: tl.constexpr, HAS_PAD: tl.constexpr):
     """Program b * H + h: K / V ``[B, H, 1, D]`` row -> ring buffers ``[B, H, SINK + RECENT, D]`` at the slot of
-    position POS[0]; program 0 also stores the position into RPOS ``[SINK + RECENT]``."""
+    row b's position POS[0] - PAD[b] (PAD int64 ``[B]``: left-padding slots, 0 without HAS_PAD); program h = 0 also
+    stores POS[0] into RPOS ``[B, SINK + RECENT]``. Rows whose position is still padding write nothing."""
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H
     p = tl.load(POS)
-    slot = tl.where(p < SINK, p, SINK + (p - SINK) % RECENT)
-    d = tl.arange(0, D)
-    dst = b * sr_b + h * sr_h + slot * sr_t + d
-    tl.store(KR + dst, tl.load(K + b * sk_b + h * sk_h + d))
-    tl.store(VR + dst, tl.load(V + b * sv_b + h * sv_h + d))
-    if pid == 0:
-        tl.store(RPOS + slot, p)
+    r = p
+    if HAS_PAD:
+        r = p - tl.load(PAD + b)
+    if r >= 0:
+        slot = tl.where(r < SINK, r, SINK + (r - SINK) % RECENT)
+        d = tl.arange(0, D)
+        dst = b * sr_b + h * sr_h + slot * sr_t + d
+        tl.store(KR + dst, tl.load(K + b * sk_b + h * sk_h + d))
+        tl.store(VR + dst, tl.load(V + b * sv_b + h * sv_h + d))
+        if h == 0:
+            tl.store(RPOS + b * (SINK + RECENT) + slot, p)
 
 
 def ring_write(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor,
-               ring_pos: torch.Tensor, sink: int, recent: int) -> None:
+               ring_pos: torch.Tensor, sink: int, recent: int, pad: torch.Tensor | None = None) -> None:
     """Store the new token k / v ``[B, H, 1, D]`` (unit last stride) of absolute position ``pos`` (int64 ``[1]``,
-    on the device) at its ring slot (sinks stay, the rest cycles through ``recent`` slots) of ``ring_k`` /
-    ``ring_v`` ``[B, H, sink + recent, D]`` (equal strides) and the position at ``ring_pos[slot]``."""
+    on the device) at its ring slot of ``ring_k`` / ``ring_v`` ``[B, H, sink + recent, D]`` (equal strides) and
+    the position at ``ring_pos[b, slot]`` (int64 ``[B, sink + recent]``, contiguous). Row b's slot follows its
+    real position ``pos - pad[b]`` (``pad`` int64 ``[B]``: its left-padding slots; None: 0): sinks stay, the rest
+    cycles through ``recent`` slots."""
     b, h, t, d = k.shape
     if t != 1 or v.shape != k.shape or ring_k.shape != (b, h, sink + recent, d) or ring_v.stride() != ring_k.stride():
         raise ValueError(f"ring_write: k {tuple(k.shape)}, v {tuple(v.shape)}, ring {tuple(ring_k.shape)}")
     if k.stride(-1) != 1 or v.stride(-1) != 1 or d & (d - 1) or recent < 1:
         raise ValueError("ring_write needs unit last strides, a power-of-two head_dim and recent >= 1")
-    _ring_write_kernel[(b * h,)](k, v, pos, ring_k, ring_v, ring_pos, h, sink, recent, k.stride(0), k.stride(1),
-                                 v.stride(0), v.stride(1), ring_k.stride(0), ring_k.stride(1), ring_k.stride(2),
-                                 D=d, num_warps=1)
+    if ring_pos.shape != (b, sink + recent) or not ring_pos.is_contiguous() or (pad is not None and pad.shape != (b,)):
+        raise ValueError(f"ring_write: ring_pos {tuple(ring_pos.shape)} must be [B, sink + recent], pad [B]")
+    _ring_write_kernel[(b * h,)](k, v, pos, pad if pad is not None else pos, ring_k, ring_v, ring_pos, h, sink,
+                                 recent, k.stride(0), k.stride(1), v.stride(0), v.stride(1), ring_k.stride(0),
+                                 ring_k.stride(1), ring_k.stride(2), D=d, HAS_PAD=pad is not None, num_warps=1)

@@ -14,8 +14,10 @@ head vector (group == D, the default) the codes go into the dots as they are and
 zero are applied to the scores and the probabilities; smaller groups dequantize element by element.
 On CUDA the dots need D >= 32 (:func:`kernel_supports`).
 
-Validity (graph-capturable: the count lives on the device): key slot j < T is visible when ``length`` is
-None, else when its position (``key_pos[j]``, or j itself without ``key_pos``) is in [0, length).
+Validity (graph-capturable: the count lives on the device): key slot j < T of row b is visible when its
+position (``key_pos[b, j]`` for per-row positions [B, T], ``key_pos[j]`` for shared ones [T], j itself without
+``key_pos``) is >= 0 and, when ``length`` is given, < length. Per-row positions serve left-padded batches
+(pad slots hold -1) and per-row ring buffers.
 
 Reference: :func:`quantduo.formats.reference.decode_attention_ref`.
 """
@@ -71,14 +73,14 @@ def _load_halves(base, sbase, zbase, tok, half, mask, stride_t, stride_st, D: tl
 @triton.jit
 def _decode_split_kernel(
     Q, K, V, KS, KZ, VS, VZ, LEN, KPOS, PO, PM, PL,
-    H, T, KEYS_PER_SPLIT, S, sm_scale,
+    H, T, KEYS_PER_SPLIT, S, sm_scale, skp_b,
     sq_b, sq_h, sq_r, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, ss_b, ss_h, ss_t,
     R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
     PER_TOKEN: tl.constexpr, HAS_LEN: tl.constexpr, HAS_KPOS: tl.constexpr, BN: tl.constexpr,
 ):
     """Program (b * H + h, split): Q ``[B, H, R, D]`` over keys [split * KEYS_PER_SPLIT, ...) of K / V
     ``[B, H, T, *]`` (scales / zeros ``[B, H, T, D / G]``, same strides for K and V). LEN int64 ``[1]``,
-    KPOS int64 ``[T]``. Writes PO float32 ``[B * H, S, R, D]`` (unnormalized), PM / PL float32
+    KPOS int64 ``[B, T]`` (batch stride ``skp_b``; 0 for positions shared by the rows). Writes PO float32 ``[B * H, S, R, D]`` (unnormalized), PM / PL float32
     ``[B * H, S, R]`` (running max of the base-2 scores, sum of exponentials). PER_TOKEN (quantized, G == D):
     scores = scale * (q . codes) + zero * sum(q), and P @ V = (P * scale) @ codes + sum(P * zero)."""
     pid_bh = tl.program_id(0)
@@ -116,7 +118,7 @@ def _decode_split_kernel(
         inb = tok < hi
         valid = inb
         if HAS_KPOS:
-            kp = tl.load(KPOS + tok, mask=inb, other=-1)
+            kp = tl.load(KPOS + b * skp_b + tok, mask=inb, other=-1)
             valid = valid & (kp >= 0)
             if HAS_LEN:
                 valid = valid & (kp < n_valid)
@@ -220,8 +222,8 @@ def check_decode_inputs(q: torch.Tensor, k, v, length, key_pos) -> None:
             raise ValueError(f"bad quantized cache: group {group}, scale {tuple(scale.shape)} for head_dim {d}")
         if len({x.stride() for x in (k.scale, k.zero, v.scale, v.zero)}) != 1:
             raise ValueError("K/V scales and zeros must share strides")
-    if key_pos is not None and key_pos.shape != (t,):
-        raise ValueError(f"key_pos must be [T={t}], got {tuple(key_pos.shape)}")
+    if key_pos is not None and (key_pos.shape not in ((t,), (b, t)) or key_pos.stride(-1) != 1):
+        raise ValueError(f"key_pos must be [T={t}] or [B={b}, T] with a unit last stride, got {tuple(key_pos.shape)}")
     if length is not None and length.numel() != 1:
         raise ValueError("length must be a one-element device tensor")
 
@@ -235,7 +237,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor | QuantizedKV, v: torch.Te
     q [B, Hq, 1, D] float16/bfloat16 (float32 in the interpreter); k, v: 16-bit [B, Hkv, T, D] in q's
     dtype, or :class:`~quantduo.formats.kv.QuantizedKV` (codes uint8 [B, Hkv, T, D * bits / 8], fp16
     scale / zero [B, Hkv, T, D / group]), any strides with a unit last-axis stride. length: int64 device
-    tensor [1] or None; key_pos: int64 [T] or None (see the module docstring). Softmax in float32.
+    tensor [1] or None; key_pos: int64 [T] or [B, T] (unit last stride) or None (see the module docstring).
+    Softmax in float32.
     config: (keys per tile, programs per SM, num_warps, num_stages), default :data:`DEFAULT_CONFIG` [bits].
     Returns [B, Hq, 1, D] in q's dtype.
     """
@@ -255,7 +258,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor | QuantizedKV, v: torch.Te
     _decode_split_kernel[(b * hkv, splits)](
         q4, kc, vc, ks, kz, vs, vz, length if length is not None else dummy,
         key_pos if key_pos is not None else dummy, part_o, part_m, part_l,
-        hkv, t, per_split, splits, scaling,
+        hkv, t, per_split, splits, scaling, key_pos.stride(0) if key_pos is not None and key_pos.ndim == 2 else 0,
         q4.stride(0), q4.stride(1), q4.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
         R=r, RP=max(16, triton.next_power_of_2(r)), D=d, BITS=bits, G=group, PER_TOKEN=bits != 16 and group == d,

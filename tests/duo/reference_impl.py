@@ -3,7 +3,9 @@ the documented rules only (shared/notes/duo-upstream-semantics.md), independent 
 
 * a chunk of queries at positions s..s+T-1 (a one-shot prefill: s = 0; a decode step: T = 1);
 * retrieval head: query p sees every key kp <= p;
-* streaming head: query p sees kp <= p with s == 0 (first chunk dense), or kp < sink, or kp >= s - recent.
+* streaming head: query p sees kp <= p with s == 0 (first chunk dense), or kp < sink, or kp >= s - recent;
+* a layer with a sliding window W (transformers' rule) shows only p - kp < W to every head; a soft-capped layer
+  (Gemma 2) soft-caps the scores first.
 
 The model keeps its original head order; the streaming heads are given by a bool mask [layers, kv_heads]. The
 chunks go through a transformers DynamicCache, so keys of every past token are at hand and the rule is a mask.
@@ -13,21 +15,24 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
 
-def visible(p: int, kp: int, s: int, streaming: bool, sink: int, recent: int) -> bool:
+def visible(p: int, kp: int, s: int, streaming: bool, sink: int, recent: int, window: int | None = None) -> bool:
     """Whether query position p of a chunk starting at s sees key position kp."""
-    if kp > p:
+    if kp > p or (window is not None and p - kp >= window):
         return False
     return not streaming or s == 0 or kp < sink or kp >= s - recent
 
 
-def _reference_attention(module, query, key, value, attention_mask=None, scaling=None, **kwargs):
+def _reference_attention(module, query, key, value, attention_mask=None, scaling=None, sliding_window=None,
+                         softcap=None, **kwargs):
     tq, tk = query.shape[2], key.shape[2]
     s = tk - tq
     rep = query.shape[1] // key.shape[1]
     k, v = key.repeat_interleave(rep, 1).double(), value.repeat_interleave(rep, 1).double()
     scores = (query.double() @ k.transpose(-1, -2)) * (module.scaling if scaling is None else scaling)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     mask = torch.tensor([[[visible(s + i, j, s, bool(module.ref_streaming[h // rep]), module.ref_sink,
-                                   module.ref_recent) for j in range(tk)] for i in range(tq)]
+                                   module.ref_recent, sliding_window) for j in range(tk)] for i in range(tq)]
                          for h in range(query.shape[1])])
     probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
     return (probs @ v).to(query.dtype).transpose(1, 2).contiguous(), None
@@ -39,15 +44,16 @@ AttentionMaskInterface.register("duo_reference_test", lambda *a, **k: None)
 
 @torch.no_grad()
 def reference_logits(model, retrieval, sink: int, recent: int, ids: torch.Tensor, chunks: list[int]) -> torch.Tensor:
-    """Logits [B, T, vocab] of ``model`` (original head order; retrieval bool [L, H_kv]) on ``ids`` [B, T] fed as
-    consecutive chunks of the given sizes (sum = T; size-1 chunks are decode steps)."""
+    """Logits [B, T, vocab] of ``model`` (original head order; retrieval bool [L, H_kv], every layer) on ``ids``
+    [B, T] fed as consecutive chunks of the given sizes (sum = T; size-1 chunks are decode steps). The cache holds
+    every token of every layer (no sliding-window cache layers)."""
     assert sum(chunks) == ids.shape[1]
     for attn, row in zip((layer.self_attn for layer in model.model.layers), retrieval):
         attn.ref_streaming, attn.ref_sink, attn.ref_recent = [not r for r in row], sink, recent
     old = model.config._attn_implementation
     model.config._attn_implementation = "duo_reference_test"
     try:
-        cache, outs, start = DynamicCache(config=model.config), [], 0
+        cache, outs, start = DynamicCache(), [], 0
         for n in chunks:
             outs.append(model(ids[:, start:start + n], cache=cache, use_cache=True).logits)
             start += n

@@ -67,7 +67,7 @@ def test_streaming_ring_holds_sink_plus_recent_plus_one():
     for s, e in CHUNKS:
         layer.update(torch.randn(1, 2, e - s, 16), torch.randn(1, 2, e - s, 16))
     assert layer.stream_keys.shape[2] == SINK + RECENT + 1
-    assert sorted(layer.stream_pos.tolist()) == [0, 1, 8, 9, 10, 11]
+    assert sorted(layer.stream_pos[0].tolist()) == [0, 1, 8, 9, 10, 11]
 
 
 def _tiny_duo(sparsity_mask):

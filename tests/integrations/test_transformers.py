@@ -48,5 +48,5 @@ def test_bad_calibration_ids(setup):
     model = setup[0]
     with pytest.raises(ValueError, match="long \\[B, T\\]"):
         quantize_causal_lm(copy.deepcopy(model), torch.zeros(4, dtype=torch.long))
-    with pytest.raises(ValueError, match="unknown LLM format"):
+    with pytest.raises(ValueError, match="unknown (LLM|storage) format"):
         quantize_causal_lm(copy.deepcopy(model), torch.zeros(1, 4, dtype=torch.long), fmt="int3")

@@ -185,6 +185,29 @@ def test_gpu_kv_quant_write_bit_exact(bits):
             assert torch.equal(bufs[name + part][:, :, pos], getattr(q, part)), (name, part)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("bits,group", [(16, 1), (8, 16), (4, 8)])
+def test_decode_attention_per_row_key_positions(dtype, bits, group):
+    """key_pos [B, T]: each row its own visible slots (left padding, per-row rings), with and without a length."""
+    b, hkv, rep, t, d = 3, 2, 2, 150, 32
+    k, v = make_cache(b, hkv, t, d, bits, group, dtype)
+    q = query(b, hkv * rep, d, dtype)
+    key_pos = torch.arange(t).repeat(b, 1)
+    key_pos[1, :40] = -1  # row 1: 40 padding slots
+    key_pos[2] = torch.randint(-1, 120, (t,), generator=torch.Generator().manual_seed(3))
+    for length in (None, torch.tensor([100])):
+        out = dk.decode_attention(q, k, v, 0.3, length, key_pos)
+        expect = A.decode(q, k, v, 0.3, length, key_pos)  # the PyTorch reference on CPU
+        torch.testing.assert_close(out, expect, atol=2e-3 if dtype == torch.float16 else 2e-5, rtol=1e-3)
+        for row in range(b):  # a row alone with shared positions gives the same (up to its split count)
+            one = (k[row:row + 1], v[row:row + 1]) if bits == 16 else tuple(
+                type(x)(x.codes[row:row + 1], x.scale[row:row + 1], x.zero[row:row + 1], x.bits, x.group)
+                for x in (k, v))
+            alone = dk.decode_attention(q[row:row + 1], *one, 0.3, length, key_pos[row].contiguous())
+            torch.testing.assert_close(out[row:row + 1], alone, atol=1e-3 if dtype == torch.float16 else 1e-6,
+                                       rtol=1e-3)
+
+
 @pytest.mark.parametrize("position", [0, 2, 3, 9, 10, 23])
 def test_ring_write_matches_slot_arithmetic(position):
     """sink 3 + 7 cycling slots; positions before, at and past the wrap-around."""
@@ -193,15 +216,36 @@ def test_ring_write_matches_slot_arithmetic(position):
     k = torch.randn(b, 1, h, d).transpose(1, 2)  # projection layout
     v = torch.randn(b, h, 1, d)
     ring = [torch.randn(b, h, sink + recent, d) for _ in range(2)]
-    ring_pos = torch.arange(sink + recent) * 5
+    ring_pos = (torch.arange(sink + recent) * 5).repeat(b, 1)
     expect = [r.clone() for r in ring], ring_pos.clone()
     p = torch.tensor([position])
     slot = layer._slot(p)
     expect[0][0].index_copy_(2, slot, k)
     expect[0][1].index_copy_(2, slot, v)
-    expect[1].index_copy_(0, slot, p)
+    expect[1][:, slot] = p
     ring_write(k, v, p, ring[0], ring[1], ring_pos, sink, recent)
     assert torch.equal(ring[0], expect[0][0]) and torch.equal(ring[1], expect[0][1])
     assert torch.equal(ring_pos, expect[1])
     with pytest.raises(ValueError, match="ring_write"):
         ring_write(k, v, p, ring[0][:, :, :4], ring[1], ring_pos, sink, recent)
+
+
+@pytest.mark.parametrize("position", [4, 9, 30])
+def test_ring_write_per_row_padding(position):
+    """Row b writes at the slot of its real position p - pad[b]; a row still in its padding writes nothing."""
+    b, h, d, sink, recent = 3, 2, 16, 3, 7
+    layer = DuoCache([0], h, sink, recent - 1).layers[0]
+    pad = torch.tensor([0, 2, 6])
+    k, v = torch.randn(b, h, 1, d), torch.randn(b, h, 1, d)
+    ring = [torch.randn(b, h, sink + recent, d) for _ in range(2)]
+    ring_pos = torch.full((b, sink + recent), -1)
+    expect = [r.clone() for r in ring], ring_pos.clone()
+    for row in range(b):
+        real = position - int(pad[row])
+        if real >= 0:
+            slot = int(layer._slot(real))
+            expect[0][0][row, :, slot], expect[0][1][row, :, slot] = k[row, :, 0], v[row, :, 0]
+            expect[1][row, slot] = position
+    ring_write(k, v, torch.tensor([position]), ring[0], ring[1], ring_pos, sink, recent, pad)
+    assert torch.equal(ring[0], expect[0][0]) and torch.equal(ring[1], expect[0][1])
+    assert torch.equal(ring_pos, expect[1])
