@@ -48,6 +48,7 @@ from quantduo.formats.kv import quantize_unchecked  # noqa: E402
 from quantduo.integrations.transformers import fuse_rms_norms, quantize_causal_lm, weight_bytes  # noqa: E402
 from quantduo.kernels.decode_attention import decode_attention  # noqa: E402
 from quantduo.formats.reference import decode_attention_ref  # noqa: E402
+from quantduo.duo.compat import cache_kwargs  # noqa: E402
 
 GB = 1e9
 SINK, RECENT = 64, 256
@@ -130,7 +131,7 @@ def bench_sdpa_static(model, n: int, args) -> float:
     the time does not depend on them)."""
     cache = StaticCache(config=model.config, max_cache_len=n + SLACK)
     with sdpa_attention(model):
-        model.model(input_ids=torch.ones(1, 1, dtype=torch.long, device=DEV), cache=cache)
+        model.model(input_ids=torch.ones(1, 1, dtype=torch.long, device=DEV), **cache_kwargs(model.model, cache))
         for layer in cache.layers:
             layer.keys.normal_()
             layer.values.normal_()
@@ -154,12 +155,12 @@ def graph_check(model, n: int = 2048, steps: int = 8) -> dict:
         for use_graph in (False, True):
             if name == "duo":
                 cache = DuoCache.from_model(model, max_cache_len=n + SLACK, static=True)
-                model.model(input_ids=ids[:, :n], cache=cache)
+                model.model(input_ids=ids[:, :n], **cache_kwargs(model.model, cache))
                 logits.append(_decode_tokens(model, cache, ids, n, use_graph))
                 continue
             cache = StaticCache(config=model.config, max_cache_len=n + SLACK)
             with sdpa_attention(model):
-                model.model(input_ids=ids[:, :n], cache=cache)
+                model.model(input_ids=ids[:, :n], **cache_kwargs(model.model, cache))
                 logits.append(_decode_tokens(model, cache, ids, n, use_graph))
         out[name] = relative_error(logits[1], logits[0])
     return out

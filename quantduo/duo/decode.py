@@ -11,6 +11,7 @@ import torch
 from transformers import StaticCache
 
 from quantduo.duo.cache import DuoCache
+from quantduo.duo.compat import cache_kwargs
 
 
 def decode_state(cache) -> list[torch.Tensor]:
@@ -50,8 +51,8 @@ class GraphedDecoder:
 
     def _step(self) -> torch.Tensor:
         mask = None if self.key_pos is None else (self.key_pos <= self.pos[0, 0]).view(1, 1, 1, -1)
-        out = self.model.model(input_ids=self.token, position_ids=self.pos, attention_mask=mask,
-                               cache=self.cache, use_cache=True)
+        out = self.model.model(input_ids=self.token, position_ids=self.pos, attention_mask=mask, use_cache=True,
+                               **cache_kwargs(self.model.model, self.cache))
         self.pos.add_(1)
         return self.model.lm_head(out.last_hidden_state[:, -1])
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from quantduo.duo.cache import DuoCache
+from quantduo.duo.compat import cache_kwargs
 from quantduo.duo.data import make_bos_sample
 from quantduo.duo.deploy import apply_duo
 from quantduo.duo.evaluate import kv_bytes_full, passkey_accuracy
@@ -69,7 +70,7 @@ def evaluate_modes(model, retrieval: np.ndarray, samples) -> dict:
         res[name] = {"accuracy": passkey_accuracy(m, samples, lambda: DuoCache.from_model(m, max_cache_len=n_tokens))}
         cache = DuoCache.from_model(m, max_cache_len=n_tokens)
         with torch.no_grad():
-            m(samples[0].input_ids[None, :n_tokens].to(m.device), cache=cache)
+            m(samples[0].input_ids[None, :n_tokens].to(m.device), **cache_kwargs(m, cache))
         res[name]["kv_bytes"] = cache.memory_bytes()
     return res
 

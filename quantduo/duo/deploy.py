@@ -22,6 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from quantduo.duo import attention as A
 from quantduo.duo.cache import DuoCache, DuoKV, window_positions
+from quantduo.duo.compat import cache_argument, cache_kwargs
 from quantduo.duo.layout import attention_modules, duo_layers
 from quantduo.duo.masks import duo_mask_function, padding_of
 from quantduo.duo.patterns import DuoPattern
@@ -104,10 +105,11 @@ def _padding_hook(module, args, kwargs) -> None:
 def _prepare_duo_cache(model, generation_config, model_kwargs: dict, *args, **kwargs):
     """``generate``'s cache preparation for a DuoAttention model: a :class:`DuoCache` unless the caller passed a
     cache (or ``use_cache=False`` / a ``cache_implementation``), then transformers' own preparation."""
-    wants_default = (model_kwargs.get("cache") is None and generation_config.use_cache is not False
+    name = cache_argument(type(model))
+    wants_default = (model_kwargs.get(name) is None and generation_config.use_cache is not False
                      and generation_config.cache_implementation is None)
     if wants_default:
-        model_kwargs["cache"] = DuoCache.from_model(model)
+        model_kwargs[name] = DuoCache.from_model(model)
     return type(model)._prepare_cache_for_generation(model, generation_config, model_kwargs, *args, **kwargs)
 
 
@@ -239,5 +241,5 @@ def chunked_prefill(model, input_ids: torch.Tensor, cache, chunk_size: int,
         end = start + chunk_size
         kw = {} if attention_mask is None else {"attention_mask": attention_mask[:, :end],
                                                 "position_ids": pos[:, start:end]}
-        out = model.model(input_ids=input_ids[:, start:end], cache=cache, use_cache=True, **kw)
+        out = model.model(input_ids=input_ids[:, start:end], use_cache=True, **cache_kwargs(model.model, cache), **kw)
     return model.lm_head(out.last_hidden_state[:, -1])

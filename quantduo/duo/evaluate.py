@@ -5,6 +5,8 @@ from typing import Callable
 
 import torch
 
+from quantduo.duo.compat import cache_kwargs
+
 from quantduo.duo.data import PasskeySample
 
 
@@ -22,7 +24,7 @@ def passkey_accuracy(model, samples: list[PasskeySample], make_cache: Callable[[
     for s in samples:
         prompt_len, answer = s.questions[0]
         ids = s.input_ids[None, :prompt_len].to(model.device)
-        kw = {"cache": make_cache()} if make_cache is not None else {}
+        kw = cache_kwargs(model, make_cache()) if make_cache is not None else {}
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(answer), do_sample=False,
                              min_new_tokens=len(answer), pad_token_id=0, **kw)
         ok += out[0, prompt_len:].tolist() == list(answer)

@@ -14,6 +14,8 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
+from quantduo.duo.compat import cache_kwargs
+
 
 def visible(p: int, kp: int, s: int, streaming: bool, sink: int, recent: int, window: int | None = None) -> bool:
     """Whether query position p of a chunk starting at s sees key position kp."""
@@ -55,7 +57,7 @@ def reference_logits(model, retrieval, sink: int, recent: int, ids: torch.Tensor
     try:
         cache, outs, start = DynamicCache(), [], 0
         for n in chunks:
-            outs.append(model(ids[:, start:start + n], cache=cache, use_cache=True).logits)
+            outs.append(model(ids[:, start:start + n], use_cache=True, **cache_kwargs(model, cache)).logits)
             start += n
     finally:
         model.config._attn_implementation = old

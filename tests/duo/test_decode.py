@@ -10,6 +10,7 @@ from quantduo.duo.cache import DuoCache
 from quantduo.duo.decode import GraphedDecoder
 from quantduo.duo.deploy import apply_duo
 from quantduo.formats.kv import bytes_per_element, quantize_kv
+from quantduo.duo.compat import cache_kwargs
 from tests.duo.reference_impl import reference_logits
 from tests.duo.test_deploy import RECENT, SINK, tiny_model
 
@@ -24,7 +25,7 @@ def static_decode_logits(model, cache, ids: torch.Tensor, sabotage: bool = False
     """Prefill ids[:, :PROMPT] then decode the rest one token at a time through GraphedDecoder (eager
     here); ``sabotage`` zeroes DuoCache's Python lengths before each step (static steps must not use them)."""
     with torch.no_grad():
-        first = model(ids[:, :PROMPT], cache=cache).logits[:, -1:]
+        first = model(ids[:, :PROMPT], **cache_kwargs(model, cache)).logits[:, -1:]
     dec = GraphedDecoder(model, cache, PROMPT, use_graph=False)
     outs = [first]
     for i in range(PROMPT, ids.shape[1] - 1):
@@ -102,7 +103,7 @@ def test_gpu_graph_replay_equals_eager_static_decode():
     for use_graph in (False, True):
         cache = DuoCache.from_model(model, max_cache_len=64, static=True)
         with torch.no_grad():
-            model(ids[:, :PROMPT], cache=cache)
+            model(ids[:, :PROMPT], **cache_kwargs(model, cache))
         dec = GraphedDecoder(model, cache, PROMPT, use_graph=use_graph)
         outs.append(torch.stack([dec(ids[:, i:i + 1]).clone() for i in range(PROMPT, ids.shape[1])]))
     assert dec.graph is not None

@@ -15,6 +15,7 @@ from quantduo.duo import attention as A
 from quantduo.duo.cache import GROWTH, DuoCache
 from quantduo.duo.deploy import apply_duo, apply_pattern, chunked_prefill
 from quantduo.duo.patterns import DuoPattern
+from quantduo.duo.compat import cache_kwargs
 
 SINK, RECENT = 3, 8
 ARCHS = {
@@ -53,8 +54,8 @@ def test_duo_cache_prefill_and_decode_match_dense_reference(arch):
     duo = apply_duo(copy.deepcopy(model), mask, SINK, RECENT)
     cache = DuoCache.from_model(duo)
     with torch.no_grad():
-        outs = [duo(ids[:, a:b], cache=cache).logits for a, b in ((0, 30), (30, 33), (33, 60))]
-        outs += [duo(ids[:, i:i + 1], cache=cache).logits for i in range(60, 70)]
+        outs = [duo(ids[:, a:b], **cache_kwargs(duo, cache)).logits for a, b in ((0, 30), (30, 33), (33, 60))]
+        outs += [duo(ids[:, i:i + 1], **cache_kwargs(duo, cache)).logits for i in range(60, 70)]
         nocache = duo(ids).logits
     torch.testing.assert_close(torch.cat(outs, 1), ref, atol=2e-4, rtol=1e-4)
     with torch.no_grad():  # without a cache: one dense first chunk
@@ -84,7 +85,7 @@ def test_generate_matches_reference_and_saves_memory():
     duo = apply_duo(copy.deepcopy(model), mask, SINK, RECENT)
     cache = DuoCache.from_model(duo, max_cache_len=56)
     out = duo.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
-                       cache=cache, pad_token_id=0)
+                       **cache_kwargs(duo, cache), pad_token_id=0)
     assert out.tolist() == ids.tolist()
     d = 2 * 8 * 4  # K+V, head_dim 8, fp32
     assert cache.memory_bytes() == d * (mask.sum() * 56 + (~mask).sum() * (SINK + RECENT + 1))
@@ -116,7 +117,7 @@ def test_bad_inputs():
         duo(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.tensor([[1] * 5, [1, 1, 1, 1, 0]]))
     cache = DuoCache.from_model(duo, max_cache_len=8)
     with pytest.raises(ValueError, match="full"):
-        duo(torch.zeros(1, 9, dtype=torch.long), cache=cache)
+        duo(torch.zeros(1, 9, dtype=torch.long), **cache_kwargs(duo, cache))
     with pytest.raises(ValueError, match="4-D"):  # bidirectional: not causal + padding
         duo(torch.zeros(1, 5, dtype=torch.long), attention_mask=torch.ones(1, 1, 5, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="model_type"):
@@ -236,5 +237,5 @@ def test_beam_search_reorders_the_duo_cache():
     kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=10, min_new_tokens=10, num_beams=3,
               do_sample=False, pad_token_id=0)
     with_duo_cache = duo.generate(prompt, **kw)
-    with_full_cache = duo.generate(prompt, cache=DynamicCache(config=duo.config), **kw)
+    with_full_cache = duo.generate(prompt, **cache_kwargs(duo, DynamicCache(config=duo.config)), **kw)
     assert with_duo_cache.tolist() == with_full_cache.tolist()

@@ -18,6 +18,7 @@ from quantduo.duo.deploy import apply_duo, apply_pattern
 from quantduo.duo.identify import IdentifyConfig, identify
 from quantduo.duo.layout import duo_layers
 from quantduo.duo.score import score_heads
+from quantduo.duo.compat import cache_kwargs
 from tests.duo.reference_impl import reference_logits
 from tests.duo.test_deploy import RECENT, SINK
 
@@ -85,7 +86,7 @@ def run_chunks(model, ids, chunks, cache=None):
     cache, outs, start = cache if cache is not None else DuoCache.from_model(model), [], 0
     with torch.no_grad():
         for n in chunks:
-            outs.append(model(ids[:, start:start + n], cache=cache).logits)
+            outs.append(model(ids[:, start:start + n], **cache_kwargs(model, cache)).logits)
             start += n
     return torch.cat(outs, 1)
 
@@ -152,7 +153,7 @@ def test_identification_then_generate(name):
 def test_sliding_window_caches_and_unsupported_architectures_are_refused():
     duo = apply_duo(family_model("mistral"), np.ones((4, 4), bool), SINK, RECENT)
     with pytest.raises(ValueError, match="DynamicCache of full layers"):  # keeps only the last window of tokens
-        duo(torch.ones(1, 5, dtype=torch.long), cache=DynamicCache(config=duo.config))
+        duo(torch.ones(1, 5, dtype=torch.long), **cache_kwargs(duo, DynamicCache(config=duo.config)))
     mla = DeepseekV2ForCausalLM(DeepseekV2Config(vocab_size=64, hidden_size=64, intermediate_size=96,
                                                  num_hidden_layers=1, num_attention_heads=4, kv_lora_rank=16,
                                                  q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,

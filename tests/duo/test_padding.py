@@ -12,6 +12,7 @@ from quantduo.duo.decode import GraphedDecoder
 from quantduo.duo.deploy import apply_duo, chunked_prefill
 from quantduo.kernels.decode_attention import decode_attention
 from quantduo.duo.layout import duo_layers
+from quantduo.duo.compat import cache_kwargs
 from tests.duo.test_deploy import RECENT, SINK, tiny_model
 from tests.duo.test_families import family_model
 
@@ -39,7 +40,7 @@ def run_chunks(model, ids, chunks, mask=None, pos=None, cache=None):
     with torch.no_grad():
         for n in chunks:
             kw = {} if mask is None else {"attention_mask": mask[:, :start + n], "position_ids": pos[:, start:start + n]}
-            outs.append(model(ids[:, start:start + n], cache=cache, **kw).logits)
+            outs.append(model(ids[:, start:start + n], **cache_kwargs(model, cache), **kw).logits)
             start += n
     return torch.cat(outs, 1)
 
@@ -75,7 +76,7 @@ def static_padded_steps(model, ids, mask, prompt: int, steps: int) -> torch.Tens
     """Logits [B, steps, V] of static decode steps after a padded prefill of ``prompt`` tokens (RoPE: slots)."""
     cache = DuoCache.from_model(model, max_cache_len=T, static=True)
     with torch.no_grad():
-        model(ids[:, :prompt], attention_mask=mask[:, :prompt], cache=cache)
+        model(ids[:, :prompt], attention_mask=mask[:, :prompt], **cache_kwargs(model, cache))
     dec = GraphedDecoder(model, cache, prompt, use_graph=False)
     return torch.stack([dec(ids[:, i:i + 1]).clone() for i in range(prompt, prompt + steps)], 1)
 
@@ -88,7 +89,7 @@ def test_padded_static_decode_equals_unpadded_rows(half_model):
     for b, p in enumerate(PADS):
         alone = DuoCache.from_model(half_model, max_cache_len=T, static=True)
         with torch.no_grad():
-            half_model(ids[b:b + 1, p:prompt], cache=alone,
+            half_model(ids[b:b + 1, p:prompt], **cache_kwargs(half_model, alone),
                        position_ids=torch.arange(p, prompt)[None])  # the padded run's RoPE positions are slots
         dec1 = GraphedDecoder(half_model, alone, prompt - p, use_graph=False)
         dec1.pos.fill_(prompt)
@@ -170,8 +171,8 @@ def test_padding_cannot_change_under_a_cache(half_model):
     ids, mask, pos = padded_batch(6)
     cache = DuoCache.from_model(half_model)
     with torch.no_grad():
-        half_model(ids[:, :20], attention_mask=mask[:, :20], cache=cache)
+        half_model(ids[:, :20], attention_mask=mask[:, :20], **cache_kwargs(half_model, cache))
         bad = mask[:, :21].clone()
         bad[1, :6] = 0  # row 1 already had real tokens
         with pytest.raises(ValueError, match="left padding"):
-            half_model(ids[:, 20:21], attention_mask=bad, cache=cache)
+            half_model(ids[:, 20:21], attention_mask=bad, **cache_kwargs(half_model, cache))

@@ -11,6 +11,7 @@ from tests.duo.reference_impl import reference_logits, visible
 from quantduo.duo.cache import DuoCache, DuoLayer
 from quantduo.duo.deploy import apply_duo, duo_attention_forward
 from quantduo.models import tiny_lm
+from quantduo.duo.compat import cache_kwargs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -97,7 +98,7 @@ def test_tiny_lm_logits_match_the_reference_rules(name, chunks):
     cache, outs, start = DuoCache.from_model(duo), [], 0
     with torch.no_grad():
         for n in chunks:
-            outs.append(duo(ids[:, start:start + n], cache=cache).logits)
+            outs.append(duo(ids[:, start:start + n], **cache_kwargs(duo, cache)).logits)
             start += n
     diff = (torch.cat(outs, 1) - ref).abs().max().item()
     print(f"max |logit diff| vs reference rules ({name}): {diff:.2e}")
