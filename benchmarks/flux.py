@@ -268,8 +268,7 @@ def run_published_variant(model, variant, inputs, ref, args) -> dict:
     execution of the same loaded model)."""
     t0 = time.perf_counter()
     base, compiled = variant.removesuffix(COMPILE), variant.endswith(COMPILE)
-    loaded = flux_published.load_random_checkpoint(model, inputs["hidden_states"].device.type)
-    exact = flux_published.exact_output(loaded, inputs)
+    loaded, exact = flux_published.loaded_checkpoint(model, inputs)
     flux_published.prepare(loaded, base.removeprefix("nunchaku-"))
     build_s = time.perf_counter() - t0
     torch._dynamo.reset()
@@ -279,8 +278,6 @@ def run_published_variant(model, variant, inputs, ref, args) -> dict:
                    quantized_layers=sum(isinstance(m, SVDQuantLinear) for m in loaded.modules()), build_s=build_s,
                    **measure(runner, loaded, variant, inputs, ref, args, flux_peers.variant_options("bf16")))
         row["rel_err_vs_exact"] = relative_error(runner(**inputs)[0], exact)
-    del loaded, runner
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return row
 
 
