@@ -25,6 +25,10 @@ Variants (same model object, linears swapped in place; the per-model rules of
 * ``torchao-fp8row``, ``torchao-fp8row-qkv``, ``svdq-fp8-fa8``, ``svdq-fp8-fbc``: the peer rows of issue 20 (torchao
   fp8 row-wise, with fused QKV) and ``svdq-fp8`` with FP8 attention / the first-block cache, see
   :mod:`benchmarks.flux_peers`; a variant that fails (e.g. torchao missing) prints its error and is left out.
+* ``nunchaku-exact``, ``nunchaku-a16``, ``nunchaku-fp8``: a full-size Nunchaku single file (published layout) with
+  random weights, loaded by the published-checkpoint reader and run by that execution; their rows add
+  ``rel_err_vs_exact`` (vs the same model's reference execution, Nunchaku's arithmetic), see
+  :mod:`benchmarks.flux_published`;
 * ``<variant>+compile``: the same modules, the whole transformer under ``torch.compile`` (``--compile-mode``,
   default mode by default); compare with ``bf16+compile``.
 
@@ -46,7 +50,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks import flux_peers
+from benchmarks import flux_peers, flux_published
 from benchmarks.linear import tinygemm_operands
 from quantduo.integrations.cuda_graph import GraphedForward
 from quantduo.integrations.diffusers import MODEL_RULES, enable_fusions
@@ -258,6 +262,25 @@ def run_variant(model, linears, variant, inputs, ref, args) -> dict:
     return row
 
 
+def run_published_variant(model, variant, inputs, ref, args) -> dict:
+    """``nunchaku-<execution>[+compile]``: a random full-size Nunchaku single file loaded through the reader
+    (:mod:`benchmarks.flux_published`), run by ``<execution>``; adds ``rel_err_vs_exact`` (vs the reference
+    execution of the same loaded model)."""
+    t0 = time.perf_counter()
+    base, compiled = variant.removesuffix(COMPILE), variant.endswith(COMPILE)
+    loaded, exact = flux_published.loaded_checkpoint(model, inputs)
+    flux_published.prepare(loaded, base.removeprefix("nunchaku-"))
+    build_s = time.perf_counter() - t0
+    torch._dynamo.reset()
+    runner = torch.compile(loaded, mode=args.compile_mode) if compiled else loaded
+    with torch.no_grad():
+        row = dict(variant=variant, weight_gb=flux_peers.weight_bytes(loaded) / 1e9,
+                   quantized_layers=sum(isinstance(m, SVDQuantLinear) for m in loaded.modules()), build_s=build_s,
+                   **measure(runner, loaded, variant, inputs, ref, args, flux_peers.variant_options("bf16")))
+        row["rel_err_vs_exact"] = relative_error(runner(**inputs)[0], exact)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/bench_flux")
@@ -286,7 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for variant in args.variants:
         try:
-            rows.append(run_variant(model, linears, variant, inputs, ref, args))
+            if variant.startswith("nunchaku-"):
+                rows.append(run_published_variant(model, variant, inputs, ref, args))
+            else:
+                rows.append(run_variant(model, linears, variant, inputs, ref, args))
         except Exception as error:  # noqa: BLE001 (one failing variant, e.g. a missing wheel, must not stop the rest)
             print(f"variant {variant} failed: {type(error).__name__}: {str(error)[:400]}", flush=True)
             torch._dynamo.reset()
@@ -313,6 +339,13 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             g = dict(median_ms=r["graph_median_ms"])
             print(f"| {r['variant']} | {fmt(g['median_ms'], '.1f')} | {ratio(gbase, g)} | {ratio(gcbase, g)} |")
+    published = [r for r in rows if "rel_err_vs_exact" in r]
+    if published:
+        print("\nPublished Nunchaku layout (random full-size file through the reader):\n| variant | step ms median "
+              "| CUDA graph ms | rel. err vs exact Nunchaku semantics |\n|---|---|---|---|")
+        for r in published:
+            print(f"| {r['variant']} | {r['median_ms']:.1f} | {fmt(r['graph_median_ms'], '.1f')} "
+                  f"| {r['rel_err_vs_exact']:.4f} |")
     cached = [r for r in rows if "steps_skipped" in r]
     if cached:
         print("\nFirst-block cache (ms per step over consecutive scheduler steps, eager launches):\n| variant | threshold "

@@ -13,6 +13,7 @@ import sys
 _COMMAND_MODULES = (
     "quantduo.cli.diffusion",
     "quantduo.cli.duo",
+    "quantduo.cli.export",
     "quantduo.demo",
     "quantduo.ui",
 )

@@ -2,6 +2,7 @@
 
     quantduo quantize --model PIPELINE_DIR --format int4 --rank 32 --out OUT_DIR [--prompts FILE]
     quantduo generate --model OUT_DIR --prompt "a cat" --out cat.png [--execution auto|reference|exact|a16|fp8]
+    quantduo generate --model svdq-int4_r32-flux.1-dev.safetensors --base FLUX.1-dev/ --prompt "a cat" --out cat.png
 
 ``OUT_DIR`` is a complete diffusers pipeline folder (every component saved; the denoiser's ``config.json`` carries
 quantduo's ``quantization_config``), so it loads with ``DiffusionPipeline.from_pretrained`` once quantduo is
@@ -16,6 +17,8 @@ import torch
 
 from quantduo.formats.registry import EXECUTIONS, format_names
 from quantduo.integrations.cuda_graph import enable_cuda_graph
+from quantduo.integrations.published import is_published, load_published_pipeline
+from quantduo.svdquant import set_execution
 from quantduo.integrations.diffusers import (capture_calibration_inputs, denoiser_of, load_pipeline,
                                              quantization_config, quantize_transformer, mark_quantized,
                                              quantduo_config_for, save_pipeline)
@@ -60,8 +63,20 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _generation_pipeline(args):
+    """The pipeline ``generate`` samples from: a published SVDQuant checkpoint (file or nunchaku_lite folder) with
+    the other components from ``--base``, or a local (quantduo) pipeline folder."""
+    if not is_published(args.model):
+        return load_pipeline(args.model, DTYPES[args.dtype], args.device, execution=args.execution)
+    pipe, report = load_published_pipeline(args.model, args.base, DTYPES[args.dtype], args.device)
+    print(report.summary())
+    if args.execution != "auto":
+        set_execution(pipe.transformer, args.execution)
+    return pipe
+
+
 def cmd_generate(args) -> int:
-    pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device, execution=args.execution)
+    pipe = _generation_pipeline(args)
     _, denoiser = denoiser_of(pipe)
     if args.cuda_graph:
         enable_cuda_graph(denoiser, compile=args.compile)
@@ -79,7 +94,8 @@ def cmd_generate(args) -> int:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="local pipeline folder")
+    parser.add_argument("--model", required=True, help="local pipeline folder (generate: also a published SVDQuant "
+                        "checkpoint, see --base)")
     parser.add_argument("--height", type=int, default=512)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (pipeline default if omitted)")
@@ -105,6 +121,9 @@ def register(subparsers) -> None:
     g = subparsers.add_parser("generate", help="generate an image with a (quantized) local pipeline")
     _common(g)
     g.add_argument("--prompt", required=True)
+    g.add_argument("--base", help="base model's local diffusers pipeline folder (text encoders, VAE, scheduler, "
+                   "and transformer tensors the checkpoint lacks) when --model is a published SVDQuant checkpoint "
+                   "(Nunchaku .safetensors file or nunchaku_lite folder)")
     g.add_argument("--out", required=True, help="output PNG")
     g.add_argument("--steps", type=int, default=20)
     g.add_argument("--execution", choices=EXECUTIONS, default="auto",

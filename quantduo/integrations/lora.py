@@ -15,23 +15,41 @@ Accepted key formats (a ``.safetensors`` path or a state dict of tensors):
   ``lora_up.weight`` / ``alpha`` (also ``lora_unet_`` prefix);
 * kohya with the original FLUX (BFL) names: ``lora_unet_double_blocks_3_img_attn_qkv.lora_down.weight`` ... ;
   fused projections (``img_attn_qkv``, ``single_blocks_*_linear1``) are split by output rows onto the diffusers
-  modules, sharing ``A``.
+  modules, sharing ``A``; the embedders and final layer (``img_in``, ``txt_in``, ``time_in_*``, ``vector_in_*``,
+  ``guidance_in_*``, ``final_layer_linear``, ``final_layer_adaLN_modulation_1`` with its shift / scale halves
+  swapped) map as diffusers maps them.
+
+Scale ``alpha / r``: from ``<module>.alpha`` tensors, else from the adapter config diffusers and PEFT store —
+the safetensors metadata ``lora_adapter_metadata`` (diffusers' ``save_lora_weights``) or a PEFT folder's
+``adapter_config.json`` — with ``use_rslora`` (``alpha / sqrt(r)``) and ``rank_pattern`` / ``alpha_pattern``; else
+1. Text-encoder keys (``text_encoder*.``, kohya ``lora_te*_``) are not applied: the transformer part is, and the
+skipped keys are reported by a :class:`LoraKeysSkipped` warning. A LoRA on a split ``proj_out``
+(:class:`~quantduo.svdquant.split.SplitProjOut`, published Nunchaku checkpoints) is split by input columns onto its
+halves.
 """
 from __future__ import annotations
 
+import json
+import math
 import re
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import nn
 
 from quantduo.svdquant.linear import SVDQuantLinear
+from quantduo.svdquant.split import SplitProjOut
 
 
 class LoraFormatError(ValueError):
     """A LoRA file whose keys or shapes do not match the model."""
+
+
+class LoraKeysSkipped(UserWarning):
+    """A LoRA file holds keys for other components (text encoders): the transformer part was applied."""
 
 
 @dataclass
@@ -79,6 +97,58 @@ _BFL_SINGLE = {
     "modulation_lin": ["norm.linear"],
 }
 _BFL_NAME = re.compile(r"^(?P<kind>double|single)_blocks_(?P<idx>\d+)_(?P<rest>.+)$")
+# BFL embedders / final layer -> diffusers modules (diffusers' _convert_kohya_flux_lora_to_diffusers)
+_BFL_TOP = {
+    "img_in": "x_embedder", "txt_in": "context_embedder",
+    "time_in_in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in_out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in_in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in_out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in_in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer_linear": "proj_out", "final_layer_adaLN_modulation_1": "norm_out.linear",
+}
+# BFL modules whose output halves are (shift, scale) where diffusers has (scale, shift)
+_SWAP_SCALE_SHIFT = {"final_layer_adaLN_modulation_1"}
+_TEXT_ENCODER = re.compile(r"^(?:text_encoder(?:_\d)?\.|lora_te\d?_)")
+_ADAPTER_METADATA = "lora_adapter_metadata"
+_PEFT_WEIGHTS, _PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+@dataclass
+class AdapterConfig:
+    """The scaling part of a PEFT ``LoraConfig``: ``scale(module, rank)`` = ``alpha / r`` (``alpha / sqrt(r)`` with
+    ``use_rslora``), ``r`` and ``alpha`` per module from ``rank_pattern`` / ``alpha_pattern`` (PEFT's matching: the
+    pattern matches the end of the module name at a ``.`` boundary)."""
+
+    lora_alpha: float
+    r: int | None = None
+    use_rslora: bool = False
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "AdapterConfig | None":
+        """From a PEFT config dict, or diffusers' metadata whose keys carry a ``transformer.`` prefix; None without
+        ``lora_alpha``."""
+        plain = {k.removeprefix("transformer."): v for k, v in config.items()
+                 if not k.startswith(("text_encoder", "unet."))}
+        if plain.get("lora_alpha") is None:
+            return None
+        return cls(float(plain["lora_alpha"]), plain.get("r"), bool(plain.get("use_rslora", False)),
+                   plain.get("rank_pattern") or {}, plain.get("alpha_pattern") or {})
+
+    @staticmethod
+    def _lookup(patterns: dict, module: str, default):
+        for pattern, value in patterns.items():
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                return value
+        return default
+
+    def scale(self, module: str, rank: int) -> float:
+        r = self._lookup(self.rank_pattern, module, self.r or rank)
+        alpha = float(self._lookup(self.alpha_pattern, module, self.lora_alpha))
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
 def _targets(key_module: str, modules: dict[str, nn.Module], underscored: dict[str, str]) -> list[str] | None:
@@ -87,6 +157,8 @@ def _targets(key_module: str, modules: dict[str, nn.Module], underscored: dict[s
         return [key_module]
     if key_module in underscored:
         return [underscored[key_module]]
+    if key_module in _BFL_TOP:
+        return [_BFL_TOP[key_module]]
     m = _BFL_NAME.match(key_module)
     if m:
         table, block = (_BFL_DOUBLE, "transformer_blocks") if m["kind"] == "double" else (_BFL_SINGLE, "single_transformer_blocks")
@@ -97,10 +169,14 @@ def _targets(key_module: str, modules: dict[str, nn.Module], underscored: dict[s
 
 
 def _group_keys(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """``{key_module: {"A"|"B"|"alpha": tensor}}`` from any supported key format."""
+    """``{key_module: {"A"|"B"|"alpha": tensor}}`` from any supported key format; text-encoder keys are left out
+    with a :class:`LoraKeysSkipped` warning."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
-    unknown = []
+    unknown, skipped = [], []
     for key, tensor in state.items():
+        if _TEXT_ENCODER.match(key):
+            skipped.append(key)
+            continue
         if m := _KOHYA.match(key):
             part = {"lora_down": "A", "lora_up": "B", "alpha": "alpha"}[m["part"]]
         elif m := _PEFT.match(key):
@@ -113,7 +189,31 @@ def _group_keys(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Ten
         groups.setdefault(m["module"], {})[part] = tensor
     if unknown:
         raise LoraFormatError(f"unrecognised LoRA keys (not diffusers/PEFT or kohya): {unknown[:5]}")
+    if skipped:
+        warnings.warn(LoraKeysSkipped(f"{len(skipped)} text-encoder LoRA keys not applied (the transformer part is): "
+                                      f"{skipped}"), stacklevel=3)
     return groups
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def load_lora_source(source) -> tuple[dict[str, torch.Tensor], AdapterConfig | None]:
+    """``(state dict, adapter config or None)`` of a LoRA: a ``.safetensors`` file (config from its
+    ``lora_adapter_metadata``), a PEFT folder (``adapter_model.safetensors`` + ``adapter_config.json``) or a state
+    dict."""
+    if isinstance(source, dict):
+        return dict(source), None
+    path = Path(source)
+    if path.is_dir():
+        state, _ = _read_safetensors(path / _PEFT_WEIGHTS)
+        config_path = path / _PEFT_CONFIG
+        return state, AdapterConfig.from_dict(json.loads(config_path.read_text())) if config_path.is_file() else None
+    state, metadata = _read_safetensors(path)
+    raw = metadata.get(_ADAPTER_METADATA)
+    return state, AdapterConfig.from_dict(json.loads(raw)) if raw else None
 
 
 def read_lora(source: str | Path | dict[str, torch.Tensor], model: nn.Module) -> dict[str, LoraFactors]:
@@ -122,7 +222,7 @@ def read_lora(source: str | Path | dict[str, torch.Tensor], model: nn.Module) ->
     Raises :class:`LoraFormatError` for unknown keys, modules absent from the model, missing halves or
     shapes that do not fit the target modules.
     """
-    state = load_file(str(source)) if isinstance(source, (str, Path)) else dict(source)
+    state, config = load_lora_source(source)
     if not state:
         raise LoraFormatError("empty LoRA state dict")
     modules = dict(model.named_modules())
@@ -137,7 +237,12 @@ def read_lora(source: str | Path | dict[str, torch.Tensor], model: nn.Module) ->
         down, up = parts["A"].float(), parts["B"].float()
         if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
             raise LoraFormatError(f"LoRA {key_module!r}: A {tuple(down.shape)} and B {tuple(up.shape)} are not [r, in] / [out, r]")
-        scale = float(parts["alpha"]) / down.shape[0] if "alpha" in parts else 1.0
+        if "alpha" in parts:
+            scale = float(parts["alpha"]) / down.shape[0]
+        else:
+            scale = config.scale(targets[0] if len(targets) == 1 else key_module, down.shape[0]) if config else 1.0
+        if key_module in _SWAP_SCALE_SHIFT:
+            up = torch.cat(up.chunk(2)[::-1])
         result.update(_split(key_module, targets, model, LoraFactors(down, up, scale)))
     return result
 
@@ -145,6 +250,8 @@ def read_lora(source: str | Path | dict[str, torch.Tensor], model: nn.Module) ->
 def _split(key_module: str, targets: list[str], model: nn.Module, lora: LoraFactors) -> dict[str, LoraFactors]:
     """Split a (possibly fused) LoRA over ``targets`` by output rows, checking shapes."""
     modules = [model.get_submodule(t) for t in targets]
+    if len(modules) == 1 and isinstance(modules[0], SplitProjOut):
+        return _split_columns(key_module, targets[0], modules[0], lora)
     for name, module in zip(targets, modules):
         if not isinstance(module, (nn.Linear, SVDQuantLinear)):
             raise LoraFormatError(f"LoRA target {name!r} is a {type(module).__name__}, not a linear layer")
@@ -156,6 +263,17 @@ def _split(key_module: str, targets: list[str], model: nn.Module, lora: LoraFact
     if sum(sizes) != lora.up.shape[0]:
         raise LoraFormatError(f"LoRA {key_module!r} has {lora.up.shape[0]} output rows, targets {targets} have {sum(sizes)}")
     return {t: LoraFactors(lora.down, up, lora.scale) for t, up in zip(targets, lora.up.split(sizes))}
+
+
+def _split_columns(key_module: str, target: str, module: SplitProjOut, lora: LoraFactors) -> dict[str, LoraFactors]:
+    """A LoRA on a :class:`SplitProjOut` (``x = cat(attn, mlp)``): ``A``'s input columns split over the halves,
+    ``B`` shared."""
+    widths = [module.out_proj.in_features, module.mlp_fc2.in_features]
+    if lora.down.shape[1] != sum(widths) or lora.up.shape[0] != module.out_features:
+        raise LoraFormatError(f"LoRA {key_module!r} is [{lora.up.shape[0]}, {lora.down.shape[1]}], module {target!r} "
+                              f"is [{module.out_features}, {sum(widths)}]")
+    return {f"{target}.{half}": LoraFactors(down, lora.up, lora.scale)
+            for half, down in zip(("out_proj", "mlp_fc2"), lora.down.split(widths, dim=1))}
 
 
 # ---------------------------------------------------------------------------------------------

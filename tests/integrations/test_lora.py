@@ -176,3 +176,120 @@ def test_bad_loras_are_rejected(models):
         attach_lora(model, good, "x")
     with pytest.raises(KeyError):
         remove_lora(model, "missing")
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA files as diffusers / PEFT write them: alpha from their adapter config, text-encoder parts, BFL embedders
+# ---------------------------------------------------------------------------------------------
+PEFT_TARGETS = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.ff.net.2",
+                "single_transformer_blocks.0.proj_out", "single_transformer_blocks.0.attn.to_v", "context_embedder"]
+
+
+def peft_adapted(fp, seed: int, **config):
+    """(fp model with a PEFT LoRA (random A / B), its LoraConfig) — alpha != rank."""
+    from peft import LoraConfig
+
+    cfg = LoraConfig(r=RANK, lora_alpha=16, target_modules=PEFT_TARGETS, **config)
+    model = copy.deepcopy(fp)
+    model.add_adapter(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.1 if "lora_B" in name else 1 / p.shape[1] ** 0.5))
+    return model, cfg
+
+
+def diffusers_lora_file(fp, tmp_path, seed: int, text_encoder: bool = False, **config):
+    """A LoRA written by diffusers' own ``FluxPipeline.save_lora_weights`` (adapter metadata in the file), and the
+    fp model with that file loaded by diffusers' own loader."""
+    from diffusers import FluxPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    adapted, cfg = peft_adapted(fp, seed, **config)
+    te = {"text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(RANK, 64),
+          "text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, RANK)} if text_encoder else None
+    FluxPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(adapted),
+                                   text_encoder_lora_layers=te, transformer_lora_adapter_metadata=cfg.to_dict())
+    ref = copy.deepcopy(fp)
+    ref.load_lora_adapter(str(tmp_path), weight_name="pytorch_lora_weights.safetensors", prefix="transformer")
+    return tmp_path / "pytorch_lora_weights.safetensors", ref
+
+
+def attached(model, source, name="lora"):
+    model = copy.deepcopy(model)
+    attach_lora(model, source, name)
+    return model
+
+
+def assert_matches(models, ref, source):
+    """On the unquantized model the LoRA equals diffusers / PEFT's to float rounding; on the quantized one it is
+    within the quantization error."""
+    fp, quant = models
+    assert relative_error(run(attached(fp, source)), run(ref)) < 1e-5
+    quant_err = relative_error(run(quant), run(fp))
+    assert relative_error(run(ref), run(fp)) > 5 * quant_err  # the LoRA matters
+    assert relative_error(run(attached(quant, source)), run(ref)) < 3 * quant_err
+
+
+@pytest.mark.parametrize("config", [{}, {"use_rslora": True},
+                                    {"rank_pattern": {"to_k": 2}, "alpha_pattern": {"ff.net.2": 64}}])
+def test_alpha_from_diffusers_metadata_matches_diffusers(models, tmp_path, config):
+    from safetensors.torch import load_file
+
+    path, ref = diffusers_lora_file(models[0], tmp_path, seed=11, **config)
+    assert_matches(models, ref, path)
+    # the tensors alone (no adapter config) are scale 1: far from what diffusers computes
+    assert relative_error(run(attached(models[0], load_file(str(path)))), run(ref)) > 0.02
+
+
+def test_peft_folder_with_adapter_config_matches_peft(models, tmp_path):
+    """A PEFT ``save_pretrained`` folder (adapter_model.safetensors + adapter_config.json, lora_alpha != r)."""
+    from peft import get_peft_model
+
+    fp, quant = models
+    adapted, cfg = peft_adapted(fp, seed=12, use_rslora=True)
+    peft_model = get_peft_model(copy.deepcopy(fp), cfg)
+    peft_model.load_state_dict({f"base_model.model.{k}": v for k, v in adapted.state_dict().items()
+                                if "lora_" in k and "default" in k}, strict=False)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert_matches(models, peft_model, tmp_path / "adapter")
+
+
+def test_text_encoder_keys_are_reported_and_the_transformer_part_applied(models, tmp_path):
+    from quantduo.integrations.lora import LoraKeysSkipped
+
+    fp, quant = models
+    path, ref = diffusers_lora_file(fp, tmp_path, seed=13, text_encoder=True)
+    with pytest.warns(LoraKeysSkipped, match=r"2 text-encoder LoRA keys.*text_encoder\.text_model"):
+        assert_matches(models, ref, path)
+    kohya_te = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(RANK, 64),
+                "lora_unet_txt_in.lora_down.weight": torch.randn(RANK, 64), "lora_unet_txt_in.lora_up.weight":
+                torch.randn(128, RANK), "lora_unet_txt_in.alpha": torch.tensor(2.0)}
+    with pytest.warns(LoraKeysSkipped, match="lora_te1_"):
+        assert attach_lora(copy.deepcopy(quant), kohya_te, "k") == ["context_embedder"]
+
+
+def test_bfl_embedder_and_final_layer_names_match_diffusers(models, tmp_path):
+    from diffusers import FluxPipeline
+    from safetensors.torch import save_file
+
+    fp, quant = models
+    g = torch.Generator().manual_seed(14)
+    kohya = {}
+    for name, module in [("img_in", "x_embedder"), ("txt_in", "context_embedder"),
+                         ("time_in_in_layer", "time_text_embed.timestep_embedder.linear_1"),
+                         ("vector_in_in_layer", "time_text_embed.text_embedder.linear_1"),
+                         ("final_layer_linear", "proj_out"), ("final_layer_adaLN_modulation_1", "norm_out.linear")]:
+        m = fp.get_submodule(module)
+        kohya[f"lora_unet_{name}.lora_down.weight"] = torch.randn(RANK, m.in_features, generator=g) / m.in_features ** 0.5
+        kohya[f"lora_unet_{name}.lora_up.weight"] = torch.randn(m.out_features, RANK, generator=g) * 0.3
+        if not name.startswith("final_layer"):  # diffusers drops final_layer alphas (kohya scales them: we do)
+            kohya[f"lora_unet_{name}.alpha"] = torch.tensor(8.0)
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
+    state, alphas = FluxPipeline.lora_state_dict(str(tmp_path / "kohya.safetensors"), return_alphas=True)
+    ref = copy.deepcopy(fp)
+    ref.load_lora_adapter(state, network_alphas=alphas, prefix=None)  # diffusers' converted (alpha-scaled) keys
+    assert len(attach_lora(copy.deepcopy(quant), tmp_path / "kohya.safetensors", "bfl")) == 6
+    assert_matches(models, ref, tmp_path / "kohya.safetensors")

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from quantduo.svdquant import SVDQuantLinear
+from quantduo.svdquant.split import SplitProjOut
 
 
 class FusedGeluMLP(nn.Module):
@@ -68,9 +69,10 @@ class FusedFluxSingleBlock(nn.Module):
 
 
 def _fusable_flux_single_block(module: nn.Module) -> bool:
+    proj_out = getattr(module, "proj_out", None)
     return (type(module).__name__ == "FluxSingleTransformerBlock"
             and getattr(getattr(module, "act_mlp", None), "approximate", None) == "tanh"
-            and _int4_layer(getattr(module, "proj_out", None)))
+            and (_int4_layer(proj_out) or isinstance(proj_out, SplitProjOut) and proj_out.weight_format == "int4"))
 
 
 FUSIONS = ((_fusable_feed_forward, FusedGeluMLP), (_fusable_flux_single_block, FusedFluxSingleBlock))

@@ -1,0 +1,183 @@
+"""Write a quantized FLUX transformer in the published layouts, so Nunchaku users can run models quantized (or
+loaded) here.
+
+* ``"nunchaku"`` — the single file (deepcompressor names, fused q/k/v, split single-block ``proj_out``, AWQ
+  modulation in Nunchaku's interleaved order with the ``+1``), with the model config in the metadata;
+* ``"nunchaku-lite"`` — a diffusers model folder (``config.json`` with the ``nunchaku_lite`` config, diffusers
+  target names, modulation in diffusers order).
+
+Only layers whose arithmetic the layout computes are written, else :class:`ValueError` names the layer: W4A4 INT4
+layers with signed activations — and, in the Nunchaku file, the post-GELU layers as shifted unsigned INT4 with
+Nunchaku's shift (``act_shift = 0.171875 / smooth``: what :mod:`.build` reads; quantduo's own calibration picks a
+per-channel shift, which Nunchaku cannot run) —, fused q/k/v sharing smoothing and down-projection, and INT4
+weight-only layers (rank 0, or the per-group offset branch :mod:`.build` creates) as AWQ.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from quantduo.formats import nunchaku as nk
+from quantduo.formats import quantizers as qz
+from quantduo.svdquant import SVDQuantLinear
+from quantduo.svdquant.split import SplitProjOut
+from quantduo.utils import atomic_write
+
+from .build import modulation_bias_offset
+from .layouts import GELU_SHIFT, Role, block_roles
+from .reader import LITE_METHOD
+
+EXPORT_LAYOUTS = ("nunchaku", "nunchaku-lite")
+
+
+def _w4a4_parts(name: str, layers: list[SVDQuantLinear], shifted: bool) -> nk.W4A4Parts:
+    """Layers sharing their input (fused by output rows) -> one W4A4 layer's logical parts."""
+    first = layers[0]
+    for layer, lname in zip(layers, [name] * len(layers)):
+        want = "uint4" if shifted else "int4"
+        if not isinstance(layer, SVDQuantLinear) or layer.weight_format != "int4" or layer.act_format != want:
+            raise ValueError(f"{lname}: the layout runs this layer as W4A4 INT4 with {want} activations; it is "
+                             f"{getattr(layer, 'weight_format', type(layer).__name__)}/{getattr(layer, 'act_format', '')}")
+        if not (torch.equal(layer.smooth_factor, first.smooth_factor) and torch.equal(layer.proj_down, first.proj_down)):
+            raise ValueError(f"{name}: fused layers must share smoothing and the low-rank down-projection")
+    smooth = first.smooth_factor.float()
+    if shifted and not torch.allclose(first.act_shift.float() * smooth, torch.full_like(smooth, GELU_SHIFT), rtol=1e-2):
+        raise ValueError(f"{name}: post-GELU layer with a shift other than Nunchaku's {GELU_SHIFT} (act_shift = "
+                         f"{GELU_SHIFT} / smooth); Nunchaku cannot run it")
+    cat = lambda attr: torch.cat([getattr(m, attr) for m in layers])  # noqa: E731
+    bias = torch.cat([m.bias if m.bias is not None else m.smooth_factor.new_zeros(m.out_features) for m in layers])
+    down = first.proj_down.float() / smooth[:, None]
+    return nk.W4A4Parts(qz.unpack_int4(cat("qweight")), cat("wscales"), first.smooth_factor,
+                        down.to(first.dtype), cat("proj_up"), bias)
+
+
+def _awq_parts(name: str, layer: SVDQuantLinear) -> nk.AwqParts:
+    """An INT4 weight-only layer (signed codes + optional per-group offset branch) -> AWQ parts."""
+    if not isinstance(layer, SVDQuantLinear) or layer.weight_format != "int4" or layer.act_format != "none" \
+            or layer.group_size != nk.AWQ_GROUP or layer.padded_in_features != layer.in_features:
+        raise ValueError(f"{name}: AWQ layers are INT4 weight-only with group {nk.AWQ_GROUP}")
+    s = layer.wscales.float()
+    offsets = torch.zeros_like(s)
+    if layer.rank:
+        groups = layer.in_features // nk.AWQ_GROUP
+        indicator = torch.eye(groups).repeat_interleave(nk.AWQ_GROUP, dim=0)
+        if layer.rank != groups or not torch.equal(layer.proj_down.float(), indicator):
+            raise ValueError(f"{name}: a weight-only layer with a low-rank branch has no AWQ form")
+        offsets = layer.proj_up.float()
+    signed = qz.unpack_int4(layer.qweight).to(torch.int32)
+    n, k = signed.shape
+    # unsigned codes = signed + o per group: o = 7 (TinyChat's symmetric zero point) where the codes allow it
+    o = torch.where(signed.reshape(n, k // nk.AWQ_GROUP, -1).amin(-1) >= -7, 7, 8)
+    codes = signed + o.repeat_interleave(nk.AWQ_GROUP, dim=1)
+    bias = layer.bias.float() if layer.bias is not None else torch.zeros(layer.out_features)
+    return nk.AwqParts(codes.to(torch.uint8), s.to(layer.dtype), (offsets - o * s).to(layer.dtype), bias)
+
+
+def _modulation_to_nunchaku(parts: nk.AwqParts, splits: int) -> nk.AwqParts:
+    """Diffusers chunk order -> Nunchaku's interleaved rows with ``+1`` on the scale chunks' bias."""
+    n = parts.codes.shape[0]
+    inverse = lambda t: t.reshape(splits, n // splits, *t.shape[1:]).transpose(0, 1).reshape(t.shape)  # noqa: E731
+    bias = inverse(parts.bias.float() + modulation_bias_offset(n, splits))
+    return nk.AwqParts(inverse(parts.codes), inverse(parts.scales), inverse(parts.zeros), bias)
+
+
+def _module(model: nn.Module, name: str) -> nn.Module:
+    parent, _, leaf = name.rpartition(".")
+    if leaf in ("out_proj", "mlp_fc2") and parent.endswith("proj_out"):
+        split = model.get_submodule(parent)
+        if not isinstance(split, SplitProjOut):
+            raise ValueError(f"{parent}: the Nunchaku layout stores proj_out as two halves (attention / post-GELU "
+                             "MLP); this model holds it as one layer")
+        return getattr(split, leaf)
+    return model.get_submodule(name)
+
+
+def _role_tensors(model: nn.Module, scope: str, stored: str, role: Role) -> dict[str, torch.Tensor]:
+    names = [scope + t for t in role.targets]
+    modules = [_module(model, n) for n in names]
+    if role.kind == "plain":
+        return {f"{scope}{stored}.weight": modules[0].weight}
+    if role.kind == "awq":
+        parts = _awq_parts(names[0], modules[0])
+        if role.adanorm_splits:
+            parts = _modulation_to_nunchaku(parts, role.adanorm_splits)
+        return {f"{scope}{stored}.{k}": v for k, v in nk.encode_awq(parts).items()}
+    tensors = nk.encode_w4a4(_w4a4_parts(scope + stored, modules, role.shifted))
+    tensors["smooth_orig"] = tensors["smooth"]
+    return {f"{scope}{stored}.{k}": v for k, v in tensors.items()}
+
+
+def nunchaku_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The Nunchaku single file's tensors of a quantized diffusers FLUX ``model``."""
+    tensors, owners = {}, set()
+    for block_list, roles in block_roles("nunchaku").items():
+        for i in range(len(getattr(model, block_list))):
+            scope = f"{block_list}.{i}."
+            for stored, role in roles.items():
+                tensors.update(_role_tensors(model, scope, stored, role))
+                owners.update(scope + t.removesuffix(".out_proj").removesuffix(".mlp_fc2") for t in role.targets)
+    for key, value in model.state_dict().items():
+        owner = key.rpartition(".")[0]
+        if not any(owner == o or owner.startswith(o + ".") for o in owners):
+            tensors[key] = value
+    return tensors
+
+
+def _model_config(model: nn.Module) -> dict:
+    return {"_class_name": type(model).__name__, **{k: v for k, v in model.config.items() if not k.startswith("_")}}
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> Path:
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def lite_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(tensors, quantization_config)`` of a quantized diffusers ``model`` in the nunchaku_lite layout."""
+    svdq, awq, tensors, ranks = [], [], {}, set()
+    for name, module in model.named_modules():
+        if isinstance(module, SplitProjOut):
+            raise ValueError(f"{name}: nunchaku_lite targets are diffusers modules; a split proj_out has none")
+        if not isinstance(module, SVDQuantLinear):
+            continue
+        if module.act_format == "none":
+            tensors.update({f"{name}.{k}": v for k, v in nk.encode_awq(_awq_parts(name, module), pad_groups=False).items()})
+            awq.append(name)
+            continue
+        stored = nk.encode_w4a4(_w4a4_parts(name, [module], shifted=False))
+        renames = {"smooth": "smooth_factor", "lora_down": "proj_down", "lora_up": "proj_up"}
+        tensors.update({f"{name}.{renames.get(k, k)}": v for k, v in stored.items()})
+        svdq.append(name)
+        ranks.add(stored["lora_up"].shape[1])
+    if len(ranks) > 1:
+        raise ValueError(f"nunchaku_lite stores one rank for all layers; this model has ranks {sorted(ranks)}")
+    quantized = set(svdq + awq)
+    tensors.update({k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in quantized})
+    dtype = next(v.dtype for v in tensors.values() if v.is_floating_point() and v.dtype.itemsize > 1)
+    config = {"quant_method": LITE_METHOD, "compute_dtype": str(dtype).removeprefix("torch.")}
+    if svdq:
+        config["svdq_w4a4"] = {"precision": "int4", "group_size": 64, "rank": ranks.pop(), "targets": svdq}
+    if awq:
+        config["awq_w4a16"] = {"precision": "int4", "group_size": 64, "targets": awq}
+    return tensors, config
+
+
+def export_checkpoint(model: nn.Module, out: str | Path, layout: str) -> Path:
+    """Write ``model`` in ``layout`` (:data:`EXPORT_LAYOUTS`): a ``.safetensors`` file for ``"nunchaku"``, a model
+    folder for ``"nunchaku-lite"``. Returns the path written."""
+    out = Path(out)
+    if layout == "nunchaku":
+        return _save(nunchaku_state_dict(model), out, {"config": json.dumps(_model_config(model)),
+                                                       "model_class": "NunchakuFluxTransformer2dModel"})
+    if layout == "nunchaku-lite":
+        tensors, quant = lite_state_dict(model)
+        out.mkdir(parents=True, exist_ok=True)
+        _save(tensors, out / "diffusion_pytorch_model.safetensors")
+        config = json.dumps({**_model_config(model), "quantization_config": quant}, indent=2)
+        atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(config))
+        return out
+    raise ValueError(f"unknown export layout {layout!r}; choose one of {', '.join(EXPORT_LAYOUTS)}")

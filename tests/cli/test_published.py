@@ -1,0 +1,42 @@
+"""``quantduo generate --model <published checkpoint> --base <pipeline folder>`` on a tiny FLUX pipeline: the Nunchaku
+single file, its V2 renaming and a nunchaku_lite folder generate; the file's images match the base model closely."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from tests.integrations.diffusers.tiny_models import tiny_flux_pipeline  # noqa: E402
+from tests.integrations.published.flux_files import (flux_checkpoint, lite_folder, round_to_bf16,  # noqa: E402
+                                                     save_single_file, to_v2)
+
+from quantduo.cli import main as cli  # noqa: E402
+from quantduo.svdquant import CheckpointError  # noqa: E402
+
+SIZE = ["--height", "32", "--width", "32", "--max-sequence-length", "16", "--guidance", "3.5", "--dtype", "float32",
+        "--steps", "2", "--seed", "3", "--prompt", "a dog in a park", "--device", "cpu"]
+
+
+def test_generate_from_published_layouts(tmp_path):
+    from PIL import Image
+
+    pipe = tiny_flux_pipeline(seed=2)
+    round_to_bf16(pipe.transformer.float())
+    pipe.save_pretrained(tmp_path / "base")
+    tensors, _, _ = flux_checkpoint(pipe.transformer, rank=16)
+    sources = {"file": save_single_file(tensors, tmp_path / "svdq.safetensors"),  # no config: the base's
+               "v2": save_single_file(to_v2(tensors), tmp_path / "v2.safetensors", pipe.transformer),
+               "lite": lite_folder(pipe.transformer, tmp_path / "lite")[0]}
+    images = {}
+    for name, model in [("base", tmp_path / "base"), *sources.items()]:
+        out = tmp_path / f"{name}.png"
+        extra = [] if name == "base" else ["--base", str(tmp_path / "base")]
+        assert cli(["generate", "--model", str(model), *SIZE, "--out", str(out), *extra]) == 0
+        images[name] = np.array(Image.open(out).convert("RGB")).astype(np.float64)
+    assert np.array_equal(images["file"], images["v2"])
+    for name in sources:
+        assert np.abs(images[name] - images["base"]).mean() < 8, name
+    with pytest.raises(CheckpointError, match="pipeline folder"):
+        cli(["generate", "--model", str(sources["file"]), *SIZE, "--out", str(tmp_path / "x.png")])

@@ -1,0 +1,90 @@
+"""Tensor layouts of published SVDQuant files, checked against the test-side packer (independent index arithmetic
+from the documented layout) and against the store orders upstream documents in its packer's comments."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantduo.formats import nunchaku as nk
+from tests.integrations.published.packer import AwqLayer, W4A4Layer, vector_positions
+
+G = torch.Generator().manual_seed(0)
+
+
+def random_w4a4(n=256, k=384, r=32) -> W4A4Layer:
+    return W4A4Layer(torch.randint(-8, 8, (n, k), generator=G).to(torch.int8), torch.rand(n, k // 64, generator=G),
+                     torch.rand(k, generator=G), torch.randn(k, r, generator=G), torch.randn(n, r, generator=G),
+                     torch.randn(n, generator=G))
+
+
+def random_awq(n=12, k=192) -> AwqLayer:
+    return AwqLayer(torch.randint(0, 16, (n, k), generator=G).to(torch.uint8), torch.rand(n, k // 64, generator=G),
+                    torch.randn(n, k // 64, generator=G), torch.randn(n, generator=G))
+
+
+def test_vector_store_order_is_the_documented_one():
+    """deepcompressor's pack_scale: each 128 channels are stored 0 1 8 9 | 2 3 10 11 | ... | 16 17 24 25 ..."""
+    stored = nk.pack_vector(torch.arange(256.0))
+    assert stored[:20].tolist() == [0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15, 16, 17, 24, 25]
+    assert stored[128:132].tolist() == [128, 129, 136, 137]
+    assert torch.equal(stored[vector_positions(256, 1).reshape(-1)], torch.arange(256.0))
+
+
+def test_micro_scale_store_order_is_the_documented_one():
+    """pack_micro_scale: lane 0 holds channels 0 32 64 96, lane 1 holds 8 40 72 104, lane 4 holds 1 33 65 97; each
+    entry is the 4 fp8 scales of 64 inputs."""
+    logical = torch.arange(128)[:, None] * 4 + torch.arange(4)[None, :]  # [N=128, K/16=4], value = n*4 + j
+    stored = nk.tile(logical, nk.micro_scale_view(128, 64), nk.MICRO_SCALE_PERM)
+    channels = (stored[::4] // 4).tolist()
+    assert channels[:8] == [0, 32, 64, 96, 8, 40, 72, 104] and channels[16:20] == [1, 33, 65, 97]
+    assert (stored[:4] % 4).tolist() == [0, 1, 2, 3]
+
+
+def test_w4a4_decode_matches_the_independent_packer():
+    layer = random_w4a4()
+    parts = nk.decode_w4a4("layer", layer.stored())
+    assert torch.equal(parts.codes, layer.codes) and torch.equal(parts.wscales, layer.wscales)
+    assert torch.equal(parts.smooth, layer.smooth) and torch.equal(parts.bias, layer.bias)
+    assert torch.equal(parts.lora_down, layer.lora_down) and torch.equal(parts.lora_up, layer.lora_up)
+
+
+def test_w4a4_encode_is_the_inverse_and_pads_like_deepcompressor():
+    layer = random_w4a4(n=192, k=320, r=8)  # not multiples of the 128 / 128 / 16 tiling
+    stored = nk.encode_w4a4(nk.W4A4Parts(layer.codes, layer.wscales, layer.smooth, layer.lora_down, layer.lora_up,
+                                         layer.bias))
+    assert stored["qweight"].shape == (256, 192) and stored["lora_down"].shape == (384, 16)
+    parts = nk.decode_w4a4("layer", stored)
+    assert torch.equal(parts.codes[:192, :320], layer.codes) and not parts.codes[192:].any()
+    assert torch.equal(parts.lora_down[:320, :8], layer.lora_down) and torch.equal(parts.smooth[320:], torch.ones(64))
+    assert torch.equal(parts.wscales[:192, :5], layer.wscales) and torch.equal(parts.bias[:192], layer.bias)
+
+
+def test_awq_decode_matches_the_independent_packer_with_padded_groups():
+    layer = random_awq()
+    stored = layer.stored(padded_groups=16)
+    assert stored["qweight"].dtype == torch.int32 and stored["qweight"].shape == (3, 96)
+    assert stored["wscales"].shape == (16, 12)
+    parts = nk.decode_awq("layer", stored)
+    assert torch.equal(parts.codes, layer.codes) and torch.equal(parts.scales, layer.scales)
+    assert torch.equal(parts.zeros, layer.zeros)
+    assert torch.equal(parts.dequantized(), layer.weight())
+    again = nk.encode_awq(parts)
+    assert all(torch.equal(again[k], stored[k]) for k in ("qweight", "wscales", "wzeros"))
+    assert nk.awq_padded_groups(48) == 48 and nk.awq_padded_groups(3) == 16 and nk.awq_padded_groups(9) == 16
+
+
+def test_decoders_reject_what_the_layout_cannot_hold():
+    stored = random_w4a4().stored()
+    with pytest.raises(nk.LayoutError, match="rank 8"):
+        nk.decode_w4a4("l", {**stored, "lora_up": torch.zeros(256, 8), "lora_down": torch.zeros(384, 8)})
+    with pytest.raises(nk.LayoutError, match="group size 32"):
+        nk.decode_w4a4("l", {**stored, "wscales": torch.zeros(12, 256)})
+    with pytest.raises(nk.LayoutError, match="lacks"):
+        nk.decode_w4a4("l", {k: v for k, v in stored.items() if k != "lora_up"})
+    with pytest.raises(nk.LayoutError, match="NVFP4"):
+        nk.decode_w4a4("l", {**stored, "wtscale": torch.ones(1)})
+    awq = random_awq().stored()
+    with pytest.raises(nk.LayoutError, match="group size 64"):
+        nk.decode_awq("l", {**awq, "wscales": torch.zeros(2, 12), "wzeros": torch.zeros(2, 12)})
+    with pytest.raises(nk.LayoutError, match="int32"):
+        nk.decode_awq("l", {**awq, "qweight": awq["qweight"].view(torch.int8)})

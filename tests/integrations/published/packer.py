@@ -1,0 +1,207 @@
+"""Test-side writer of published SVDQuant files and a plain re-statement of Nunchaku's arithmetic.
+
+Written from the documented layouts (deepcompressor's ``NunchakuWeightPacker`` / TinyChat's ``pack_w4`` comments
+and shapes) as explicit index arithmetic — deliberately not the reshape / permute formulation of
+:mod:`quantduo.formats.nunchaku` — so the reader is checked against an independent encoding.
+
+Nunchaku's semantics re-stated (float32): a W4A4 layer computes
+``Q((x [+ 0.171875]) / smooth) @ (codes * wscales)^T + x @ lora_down @ lora_up^T + bias`` where ``Q`` is signed
+INT4 (amax / 7 per 64 inputs) or, for post-GELU layers, unsigned INT4 (amax / 15), round-half-even; an AWQ layer
+computes ``x @ (codes * scales + zeros)^T + bias`` and, for the FLUX modulation, returns its outputs interleaved
+over the chunks with the ``+1`` of the scale chunks already in the bias.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SHIFT = 0.171875
+BF16 = torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# index arithmetic of the stored orders
+# ---------------------------------------------------------------------------------------------
+def _nibbles_to_bytes(flat_codes: torch.Tensor) -> torch.Tensor:
+    """Flat 4-bit values (stored order) -> bytes, element 2i in the low nibble of byte i."""
+    v = flat_codes.to(torch.int32) & 0xF
+    return (v[0::2] | (v[1::2] << 4)).to(torch.uint8)
+
+
+def mma_weight_positions(n: int, k: int) -> torch.Tensor:
+    """Stored flat position of each logical weight element ``[n, k]``: rows ``n = tile*128 + pack*16 + half*8 +
+    lane`` and inputs ``k = ktile*64 + khalf*32 + klane*8 + reg``, stored in the order
+    ``(tile, ktile, pack, lane, klane, half, khalf, reg)``."""
+    rows, cols = torch.arange(n)[:, None], torch.arange(k)[None, :]
+    tile, pack, half, lane = rows // 128, rows % 128 // 16, rows % 16 // 8, rows % 8
+    ktile, khalf, klane, reg = cols // 64, cols % 64 // 32, cols % 32 // 8, cols % 8
+    pos = tile * (k // 64) + ktile
+    for digit, size in ((pack, 8), (lane, 8), (klane, 4), (half, 2), (khalf, 2), (reg, 8)):
+        pos = pos * size + digit
+    return pos
+
+
+def vector_positions(n: int, columns: int) -> torch.Tensor:
+    """Stored flat position of each logical per-channel value ``[n, columns]`` (``columns`` groups): channel
+    ``n = tile*128 + lane8*16 + pair*8 + quad*2 + elem``, stored ``(tile, column, lane8, quad, pair, elem)`` —
+    the documented order 0 1 8 9 | 2 3 10 11 | ... of each 128 channels."""
+    rows, cols = torch.arange(n)[:, None], torch.arange(columns)[None, :]
+    tile, lane8, pair, quad, elem = rows // 128, rows % 128 // 16, rows % 16 // 8, rows % 8 // 2, rows % 2
+    pos = tile * columns + cols
+    for digit, size in ((lane8, 8), (quad, 4), (pair, 2), (elem, 2)):
+        pos = pos * size + digit
+    return pos
+
+
+def lowrank_positions(rows: int, rank: int, down: bool) -> torch.Tensor:
+    """Stored flat position of each element of a stored ``[rows, rank]`` low-rank factor (rows: K inputs for the
+    down factor, N outputs for the up factor): 16x16 tiles ``(row // 16, col // 16)``; in a tile the MMA operand
+    ``[16 n, 16 k]`` — the up factor's ``(row, rank)``, the down factor's ``(rank, row)`` (it is the transposed
+    ``[r, K]`` operand) — with ``n = half*8 + lane``, ``k = khalf*8 + klane*2 + reg``, stored
+    ``(lane, klane, half, khalf, reg)``."""
+    r_idx, c_idx = torch.arange(rows)[:, None], torch.arange(rank)[None, :]
+    pos = (r_idx // 16) * (rank // 16) + c_idx // 16
+    pn, pk = (c_idx % 16, r_idx % 16) if down else (r_idx % 16, c_idx % 16)
+    for digit, size in ((pn % 8, 8), (pk % 8 // 2, 4), (pn // 8, 2), (pk // 8, 2), (pk % 2, 2)):
+        pos = pos * size + digit
+    return pos
+
+
+def _scatter(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(values.numel(), dtype=values.dtype)
+    out[positions.reshape(-1)] = values.reshape(-1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# one layer
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class W4A4Layer:
+    """Logical W4A4 layer: codes int8 ``[N, K]``, wscales ``[N, K/64]``, smooth ``[K]``, lora_down ``[K, r]`` (on
+    the raw input), lora_up ``[N, r]``, bias ``[N]``; ``shifted`` post-GELU input. N, K multiples of 128."""
+
+    codes: torch.Tensor
+    wscales: torch.Tensor
+    smooth: torch.Tensor
+    lora_down: torch.Tensor
+    lora_up: torch.Tensor
+    bias: torch.Tensor
+    shifted: bool = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Nunchaku's output in float32."""
+        xs = ((x.float() + SHIFT) if self.shifted else x.float()) / self.smooth.float()
+        act = fake_quant(xs, unsigned=self.shifted)
+        w = self.codes.float() * self.wscales.float().repeat_interleave(64, dim=1)
+        return act @ w.T + (x.float() @ self.lora_down.float()) @ self.lora_up.float().T + self.bias.float()
+
+    def stored(self, names: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+        """The stored tensors (single-file names; ``names`` renames them)."""
+        n, k = self.codes.shape
+        r = self.lora_up.shape[1]
+        out = {
+            "qweight": _nibbles_to_bytes(_scatter(self.codes, mma_weight_positions(n, k))).view(torch.int8).reshape(n, k // 2),
+            "wscales": _scatter(self.wscales, vector_positions(n, k // 64)).reshape(k // 64, n),
+            "smooth": _scatter(self.smooth, vector_positions(k, 1)),
+            "smooth_orig": _scatter(self.smooth, vector_positions(k, 1)),
+            "lora_down": _scatter(self.lora_down, lowrank_positions(k, r, down=True)).reshape(k, r),
+            "lora_up": _scatter(self.lora_up, lowrank_positions(n, r, down=False)).reshape(n, r),
+            "bias": _scatter(self.bias, vector_positions(n, 1)),
+        }
+        return {(names or {}).get(key, key): value for key, value in out.items()}
+
+
+def fake_quant(x: torch.Tensor, unsigned: bool) -> torch.Tensor:
+    """Per-64 INT4 quantize-dequantize of the last dim, round-half-even: signed amax / 7 or unsigned amax / 15."""
+    g = x.reshape(*x.shape[:-1], -1, 64)
+    qmax = 15 if unsigned else 7
+    amax = g.clamp(min=0).amax(-1, keepdim=True) if unsigned else g.abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    q = torch.round(g / scale).clamp(0 if unsigned else -qmax, qmax)
+    return (q * scale).reshape(x.shape)
+
+
+@dataclass
+class AwqLayer:
+    """Logical AWQ layer: codes uint8 ``[N, K]`` in [0, 15], scales / zeros ``[N, K/64]``, bias ``[N]``."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bias: torch.Tensor
+
+    def weight(self) -> torch.Tensor:
+        rep = lambda t: t.float().repeat_interleave(64, dim=1)  # noqa: E731
+        return self.codes.float() * rep(self.scales) + rep(self.zeros)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() @ self.weight().T + self.bias.float()
+
+    def stored(self, padded_groups: int | None = None) -> dict[str, torch.Tensor]:
+        """TinyChat packing: per row, 32 inputs -> 8 int16 words (word j: inputs j, j+8, j+16, j+24 at bits
+        0/4/8/12); words of 4 rows interleaved per 64 inputs; int16 pairs little-endian into int32. Scale groups
+        zero-padded to ``padded_groups``."""
+        n, k = self.codes.shape
+        words = torch.zeros(n // 4, k, dtype=torch.int32)
+        rows, cols = torch.arange(n)[:, None], torch.arange(k)[None, :]
+        word = cols // 32 * 8 + cols % 8  # int16 word of the row
+        bit = cols % 32 // 8 * 4
+        stored_col = (word // 16 * 4 + rows % 4) * 16 + word % 16
+        contrib = (self.codes.to(torch.int64) << bit).to(torch.int32)
+        words.index_put_((rows.expand(n, k) // 4, stored_col.expand(n, k)), contrib, accumulate=True)
+        groups = padded_groups or k // 64
+        pad = lambda t: torch.cat([t.T, torch.zeros(groups - k // 64, n, dtype=t.dtype)])  # noqa: E731
+        return {"qweight": words.to(torch.int16).view(torch.int32), "wscales": pad(self.scales),
+                "wzeros": pad(self.zeros), "bias": self.bias}
+
+
+# ---------------------------------------------------------------------------------------------
+# random layers with Nunchaku's calibration-time arithmetic
+# ---------------------------------------------------------------------------------------------
+def bf16(t: torch.Tensor) -> torch.Tensor:
+    """Rounded to bfloat16, kept float32 (what a bf16 file stores, exactly)."""
+    return t.to(BF16).float()
+
+
+def w4a4_from_weight(weight: torch.Tensor, bias: torch.Tensor | None, rank: int, g: torch.Generator,
+                     shifted: bool = False) -> W4A4Layer:
+    """SVDQuant a float weight ``[N, K]`` the way deepcompressor + its converter do: random smoothing, SVD
+    branch, INT4 residual (amax / 7), low-rank down-projection unsmoothed (``/ smooth``); for post-GELU layers
+    the bias is ``b - W @ shift + lora_up @ lora_down @ shift`` (the shifted execution's bias)."""
+    n, k = weight.shape
+    smooth = bf16(torch.rand(k, generator=g) + 0.5)
+    ws = weight.float() * smooth
+    u, s, vh = torch.linalg.svd(ws, full_matrices=False)
+    up, down = bf16(u[:, :rank] * s[:rank]), vh[:rank]  # down [r, K] on the smoothed input
+    residual = ws - up @ down
+    groups = residual.reshape(n, k // 64, 64)
+    wscales = bf16(groups.abs().amax(-1) / 7).clamp(min=2 ** -20)
+    codes = torch.round(groups / wscales[..., None]).clamp(-8, 7).to(torch.int8).reshape(n, k)
+    lora_down = bf16((down / smooth).T)  # [K, r] applied to the raw input
+    b = torch.zeros(n) if bias is None else bias.float()
+    if shifted:  # calibration folded -W @ shift into the bias, the converter added the branch's shift term back
+        shift = torch.full((k,), SHIFT)
+        b = b - weight.float() @ shift + up @ (lora_down.T @ shift)
+    return W4A4Layer(codes, wscales, smooth, lora_down, up, bf16(b), shifted)
+
+
+def awq_from_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> AwqLayer:
+    """deepcompressor's W4A16 modulation quantization: signed amax / 7 per 64, stored unsigned with zero 7
+    (``zeros = -7 * scales``)."""
+    n, k = weight.shape
+    groups = weight.float().reshape(n, k // 64, 64)
+    scales = bf16(groups.abs().amax(-1) / 7).clamp(min=2 ** -20)
+    codes = (torch.round(groups / scales[..., None]).clamp(-7, 7) + 7).to(torch.uint8).reshape(n, k)
+    return AwqLayer(codes, scales, bf16(-7 * scales), bf16(torch.zeros(n) if bias is None else bias.float()))
+
+
+def interleave_modulation(layer: AwqLayer, splits: int) -> AwqLayer:
+    """A diffusers-order modulation layer in Nunchaku's layout: row ``s * N/splits + i`` -> ``i * splits + s``,
+    ``+1`` on the bias of chunks 1 and ``splits - 2``."""
+    n = layer.codes.shape[0]
+    perm = torch.arange(n).reshape(splits, n // splits).T.reshape(-1)  # new row j takes old row perm[j]
+    delta = torch.zeros(splits, n // splits)
+    delta[1] = delta[splits - 2] = 1
+    return AwqLayer(layer.codes[perm], layer.scales[perm], layer.zeros[perm], bf16((layer.bias + delta.reshape(-1))[perm]))
