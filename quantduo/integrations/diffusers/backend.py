@@ -29,6 +29,7 @@ from quantduo._version import __version__
 from quantduo.formats.registry import EXECUTIONS, format_names, get_format
 from quantduo.svdquant import SVDQuantLinear
 from quantduo.svdquant.linear import ACT_FORMATS, WEIGHT_FORMATS, set_execution
+from quantduo.utils import InputError, verify_manifest
 
 from .fusions import enable_fusions
 
@@ -38,7 +39,7 @@ LAYER_FIELDS = {"in_features": int, "out_features": int, "rank": int, "bias": bo
                 "act_format": str, "group_size": int}
 
 
-class QuantizationConfigError(ValueError):
+class QuantizationConfigError(InputError):
     """A ``quantization_config`` that is not a valid quantduo config (the message names the field)."""
 
 
@@ -199,6 +200,7 @@ class QuantDuoQuantizer(DiffusersQuantizer):
         safetensors_files = [str(f) for f in files if str(f).endswith(".safetensors")]
         if not safetensors_files:
             raise QuantizationConfigError("quantduo checkpoints are safetensors files; found none")
+        verify_manifest(Path(safetensors_files[0]).parent, required=False)  # the config too, where quantduo saved it
         verify_files(safetensors_files)
         return loaded_keys
 
