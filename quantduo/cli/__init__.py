@@ -3,7 +3,8 @@
 Each area registers its own sub-commands through a ``register(subparsers)`` function, so this file only wires them
 together and handles errors in one place: a bad argument or input file (:class:`CliError`, found before any work
 starts, or a corrupt input found while loading, :class:`~quantduo.utils.InputError`) prints one line on stderr and
-exits 2; Ctrl-C prints one line and exits 130; any other failure prints one line and exits 1. ``--debug`` (anywhere
+exits 2; Ctrl-C prints one line and exits 130; a file-system error (disk full, read-only) or any other failure prints
+one line and exits 1. ``--debug`` (anywhere
 on the command line) adds the traceback.
 """
 from __future__ import annotations
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("interrupted (Ctrl-C); output files and folders are left as they were", EXIT_INTERRUPTED, debug)
     except (CliError, InputError) as err:
         return _fail(f"error: {_one_line(err)}", EXIT_USAGE, debug)
+    except OSError as err:  # the disk or the file system (full, read-only, gone): what the outputs' atomicity is for
+        where = f"{err.filename}: " if err.filename else ""
+        return _fail(f"error: {where}{err.strerror or _one_line(err)}", EXIT_FAILED, debug)
     except Exception as err:  # noqa: BLE001  (every other failure: one line, the traceback with --debug)
         hint = "" if debug else " (run with --debug for the traceback)"
         return _fail(f"failed: {type(err).__name__}: {_one_line(err)}{hint}", EXIT_FAILED, debug)

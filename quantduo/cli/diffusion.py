@@ -173,7 +173,7 @@ def cmd_generate(args) -> int:
 
 def cmd_example_pipeline(args) -> int:
     """Write the tiny FLUX pipeline (random weights, built in-process) as a pipeline folder."""
-    out = output_folder(args.out, "out")
+    out = output_folder(args.out, "DIR")
     save_pipeline(tiny_flux_pipeline(args.seed), out, made_by={"command": args.command_line})
     print(f"wrote a tiny FluxPipeline to {out} (try: quantduo quantize --model {args.out} --out ...)")
     return 0
@@ -221,6 +221,6 @@ def register(subparsers) -> None:
     g.set_defaults(func=cmd_generate)
     e = subparsers.add_parser("example-pipeline", help="write a tiny FLUX pipeline (random weights) to try "
                               "quantize / generate on a CPU")
-    e.add_argument("out", help="output pipeline folder (new, empty, or written by quantduo)")
+    e.add_argument("out", metavar="DIR", help="output pipeline folder (new, empty, or written by quantduo)")
     e.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="seed of the random weights")
     e.set_defaults(func=cmd_example_pipeline)
