@@ -91,15 +91,15 @@ def _is_tiny(model_dir: str) -> bool:
 
 
 def _context_defaults(args, config: dict) -> None:
-    """--context-max defaults to half the model's max_position_embeddings, --context-min to a quarter of that;
-    given values must fit the model (``CliError`` otherwise)."""
+    """--context-max defaults to half the model's max_position_embeddings, --context-min to half of that; given
+    values must fit the model (``CliError`` otherwise)."""
     max_pos = config["max_position_embeddings"]
     if args.context_max is None:
         args.context_max = max_pos // 2
     elif args.context_max > max_pos:
         raise bad("--context-max", f"{args.context_max} exceeds the model's {max_pos} positions (valid: 1 to {max_pos})")
     if args.context_min is None:
-        args.context_min = max(1, args.context_max // 4)
+        args.context_min = max(1, args.context_max // 2)
     elif args.context_min > args.context_max:
         raise bad("--context-min", f"{args.context_min} is above --context-max {args.context_max} (valid: 1 to "
                                    f"{args.context_max})")
@@ -291,7 +291,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--haystack", help="text file for the haystack, tokenized with the model's tokenizer "
                                       "(default for the tiny LM only: its Markov text)")
     _runtime(p)
-    p.add_argument("--context-min", type=int_in(1), help="default: a quarter of --context-max")
+    p.add_argument("--context-min", type=int_in(1), help="default: half of --context-max")
     p.add_argument("--context-max", type=int_in(1), help="default: half the model's max_position_embeddings")
     p.add_argument("--passkeys", type=int_in(1, MAX_PASSKEYS), default=4)
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)

@@ -46,7 +46,7 @@ def test_cli_defaults_come_from_the_model(tmp_path):
     config = tiny_lm.load().config.to_dict()
     commands._context_defaults(args, config)
     commands._window_defaults(args, config)
-    assert (args.context_max, args.context_min) == (512, 128)  # max_position_embeddings 1024
+    assert (args.context_max, args.context_min) == (512, 256)  # max_position_embeddings 1024
     assert (args.sink, args.recent) == (tiny_lm.SINK, tiny_lm.RECENT)
     with pytest.raises(CliError, match="haystack"):
         commands._haystack(argparse.Namespace(haystack=None, model=str(tmp_path), seed=0, context_max=8), None)
