@@ -65,6 +65,19 @@ def cli_process(args: list[str], **kwargs) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+def wait_until_working(proc: subprocess.Popen, weights: str, timeout: float = 120.0) -> None:
+    """Wait until ``proc`` has mapped a weights file named ``weights`` (its model is loaded, imports are over), so a
+    signal lands in the work rather than in Python's start-up; returns early if it ended."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if weights in Path(f"/proc/{proc.pid}/maps").read_text():
+                return
+        except OSError:
+            return
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     """A tiny pipeline (``example-pipeline``), its int4 quantization and an identified Duo pattern, made once."""
@@ -420,7 +433,8 @@ def test_kill_9_at_a_random_time(dirs, tmp_path, command):
     args = (["quantize", "--model", dirs["base"], "--out", out, *SIZE, *QUANTIZE] if command == "quantize" else
             ["duo", "identify", "--model", LM, "--out", out, "--steps", "2", *SMALL_DUO])
     proc = cli_process(args)
-    time.sleep(random.Random(os.environ.get("PYTEST_XDIST_WORKER", "") + command).uniform(2.0, 12.0))
+    wait_until_working(proc, "diffusion_pytorch_model.safetensors" if command == "quantize" else "model.safetensors")
+    time.sleep(random.Random(command).uniform(0.0, 3.0))
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert snapshot(out) == old or verify_manifest(out)
@@ -432,7 +446,8 @@ def test_ctrl_c_in_quantize_keeps_the_old_output(dirs, tmp_path):
     shutil.copytree(dirs["quant"], out)
     old = snapshot(out)
     proc = cli_process(["quantize", "--model", dirs["base"], "--out", out, *SIZE, *QUANTIZE])
-    time.sleep(8.0)
+    wait_until_working(proc, "diffusion_pytorch_model.safetensors")
+    time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     lines = [line for line in err.splitlines() if line.startswith("quantduo")]
