@@ -19,12 +19,13 @@ import matplotlib
 import matplotlib.pyplot as plt
 import torch
 
+from quantduo.cli.validate import device, output_folder
 from quantduo.duo.demo import run_duo_demo
 from quantduo.integrations.diffusers import quantization_config
 from quantduo.models.tiny_dit import load_tiny_dit, sample_digits
 from quantduo.svdquant import ActivationRecorder, SVDQuantConfig, quantize_model
 from quantduo.svdquant.report import plot_quality_report, rank_sweep
-from quantduo.utils import atomic_write
+from quantduo.utils import atomic_folder, atomic_write, write_manifest
 
 matplotlib.use("Agg")
 
@@ -51,7 +52,7 @@ def _quantized_dit(reference, config, device):
     def calibrate(_transformer):
         sample_digits(model, calib_labels, steps=SAMPLING_STEPS, seed=1234)
 
-    report = quantize_model(model.transformer, calibrate, config, progress=True)
+    report = quantize_model(model.transformer, calibrate, config)
     return model, report
 
 
@@ -108,20 +109,22 @@ def svdquant_demo(out_dir: Path, device: str) -> dict:
         "psnr_db": {k: v for k, v in scores.items() if not math.isinf(v)},
         "quantized_layers": len(report.quantized()),
         "error_vs_rank": {name: dict(zip(*curve)) for name, curve in curves.items()},
-        "grid_png": str(grid),
+        "grid_png": grid.name,
     }
 
 
-def run_demo(out_dir: Path, device: str | None = None, skip_duo: bool = False) -> dict:
-    """Run both halves of the demo; returns (and writes ``summary.json``) the headline numbers."""
+def run_demo(out_dir: Path, device: str | None = None, skip_duo: bool = False, made_by: dict | None = None) -> dict:
+    """Run both halves of the demo; returns (and writes ``summary.json``) the headline numbers. ``out_dir`` is
+    written atomically as a folder, with a manifest (``made_by``: e.g. the command line)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    summary = {"device": device, "svdquant": svdquant_demo(out_dir, device)}
-    if not skip_duo:
-        summary["duo"] = run_duo_demo(out_dir, device)
-    summary["seconds"] = round(time.perf_counter() - start, 1)
-    atomic_write(out_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    with atomic_folder(out_dir) as tmp:
+        summary = {"device": device, "svdquant": svdquant_demo(tmp, device)}
+        if not skip_duo:
+            summary["duo"] = run_duo_demo(tmp, device)
+        summary["seconds"] = round(time.perf_counter() - start, 1)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_manifest(tmp, {"kind": "demo", "device": device, **(made_by or {})})
     psnrs = summary["svdquant"]["psnr_db"]
     print("\n== quantduo demo ==")
     print("SVDQuant digits, PSNR vs BF16: " + ", ".join(f"{k} {v:.1f} dB" for k, v in psnrs.items()))
@@ -133,13 +136,17 @@ def run_demo(out_dir: Path, device: str | None = None, skip_duo: bool = False) -
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    run_demo(Path(args.out), args.device, args.skip_duo)
+    """Check --out, then run the demo into it."""
+    out = output_folder(args.out, "--out")
+    run_demo(out, args.device, args.skip_duo, made_by={"command": args.command_line})
     return 0
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="run both systems on the bundled tiny models")
-    parser.add_argument("--out", default="out/demo", help="output folder for PNGs and summary.json")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--out", default="out/demo", help="output folder for PNGs and summary.json (new, empty, or "
+                                                          "written by quantduo)")
+    parser.add_argument("--device", type=device, default=None, help="cpu, cuda or cuda:N (default: cuda when "
+                                                                    "available)")
     parser.add_argument("--skip-duo", action="store_true", help="only the SVDQuant half")
     parser.set_defaults(func=_cmd_demo)

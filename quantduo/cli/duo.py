@@ -1,5 +1,9 @@
 """``quantduo duo ...`` sub-commands: identify retrieval heads, evaluate passkey retrieval, generate from a long
-prompt with DuoAttention."""
+prompt with DuoAttention.
+
+Every argument is checked before the model is loaded: the model folder's ``config.json`` gives the defaults and
+limits (contexts from ``max_position_embeddings``, sink / recent sizes scaled to it), the haystack and prompts are
+tokenized with the model's tokenizer, the pattern must match the model's layers x KV heads."""
 from __future__ import annotations
 
 import argparse
@@ -14,20 +18,25 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from quantduo.cli.validate import (MAX_SEED, bad, device, float_in, int_in, lm_config, output_file, output_folder,
+                                   read_text_file)
 from quantduo.duo.cache import DuoCache
-from quantduo.duo.data import make_sample, read_haystack
+from quantduo.duo.data import PasskeyFormat, make_sample
 from quantduo.duo.decode import GraphedDecoder
 from quantduo.duo.deploy import apply_duo, apply_pattern, chunked_prefill
 from quantduo.duo.evaluate import kv_bytes_full, passkey_accuracy
 from quantduo.duo.identify import IdentifyConfig, identify
-from quantduo.duo.patterns import load_pattern, save_pattern
+from quantduo.duo.patterns import DuoPattern, load_pattern, save_pattern
 from quantduo.integrations.transformers import fuse_rms_norms, quantize_causal_lm
 from quantduo.models import tiny_lm
+from quantduo.utils import atomic_write, show_progress
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 
 SPARSITIES = (0.25, 0.5, 0.75)
+MAX_PASSKEYS = len(PasskeyFormat().names)
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -39,27 +48,41 @@ class TextCodec:
     eos_id: int | None
 
 
-def _load(model_dir: str, device: str, dtype: str):
-    """(model, TextCodec) from a local directory; the tiny LM (no tokenizer files) uses its own vocabulary."""
-    path = Path(model_dir)
-    if not (path / "config.json").exists():
-        raise SystemExit(f"error: {path} is not a model directory (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True,
-                                                 attn_implementation="sdpa").to(device).eval()
+def _codec(model_dir: str) -> TextCodec:
+    """The model's tokenizer (loaded alone, before the model); the tiny LM (no tokenizer files) uses its own
+    vocabulary."""
     if _is_tiny(model_dir):
-        return model, TextCodec(tiny_lm.encode, tiny_lm.decode, tiny_lm.BOS_ID, None)
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return model, TextCodec(lambda text: tok(text, add_special_tokens=False)["input_ids"], tok.decode,
-                            tok.bos_token_id, tok.eos_token_id)
+        return TextCodec(tiny_lm.encode, tiny_lm.decode, tiny_lm.BOS_ID, None)
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise bad("--model", f"{model_dir} has no usable tokenizer ({err})") from None
+    return TextCodec(lambda text: tok(text, add_special_tokens=False)["input_ids"], tok.decode,
+                     tok.bos_token_id, tok.eos_token_id)
 
 
-def _haystack(args, encode):
+def _encode(codec: TextCodec, text: str, arg: str) -> list[int]:
+    """Token ids of ``text`` (``CliError`` naming ``arg`` for words the tiny LM's vocabulary lacks)."""
+    try:
+        return codec.encode(text)
+    except KeyError as err:
+        raise bad(arg, f"{err.args[0]}; give text in the model's vocabulary") from None
+
+
+def _load(model_dir: str, device: str, dtype: str):
+    """The causal LM of a checked local directory, in eval mode on ``device``."""
+    return AutoModelForCausalLM.from_pretrained(Path(model_dir), dtype=getattr(torch, dtype), local_files_only=True,
+                                                attn_implementation="sdpa").to(device).eval()
+
+
+def _haystack(args, codec: TextCodec) -> list[int]:
     """Haystack token ids: the --haystack file tokenized with the model's tokenizer; the tiny LM's Markov text
     by default for the tiny LM, an error for other models."""
     if args.haystack is not None:
-        return read_haystack(args.haystack, encode)
+        return _encode(codec, " ".join(read_text_file(args.haystack, "--haystack").split()), "--haystack")
     if not _is_tiny(args.model):
-        raise SystemExit("error: give --haystack (a text file; it is tokenized with the model's tokenizer)")
+        raise bad("--haystack", "required for models other than the bundled tiny LM (a text file; it is tokenized "
+                                "with the model's tokenizer)")
     return tiny_lm.haystack_ids(seed=args.seed, n_words=max(20_000, 2 * args.context_max))
 
 
@@ -67,36 +90,78 @@ def _is_tiny(model_dir: str) -> bool:
     return Path(model_dir).resolve() == tiny_lm.ASSET_DIR.resolve()
 
 
-def _context_defaults(args, model) -> None:
-    """--context-max defaults to half the model's max_position_embeddings, --context-min to a quarter of that."""
+def _context_defaults(args, config: dict) -> None:
+    """--context-max defaults to half the model's max_position_embeddings, --context-min to half of that; given
+    values must fit the model (``CliError`` otherwise)."""
+    max_pos = config["max_position_embeddings"]
     if args.context_max is None:
-        args.context_max = model.config.max_position_embeddings // 2
+        args.context_max = max_pos // 2
+    elif args.context_max > max_pos:
+        raise bad("--context-max", f"{args.context_max} exceeds the model's {max_pos} positions (valid: 1 to {max_pos})")
     if args.context_min is None:
-        args.context_min = args.context_max // 4
+        args.context_min = max(1, args.context_max // 2)
+    elif args.context_min > args.context_max:
+        raise bad("--context-min", f"{args.context_min} is above --context-max {args.context_max} (valid: 1 to "
+                                   f"{args.context_max})")
+
+
+def _window_defaults(args, config: dict) -> None:
+    """--sink / --recent default to the reference's 128 / 256 tokens scaled to the model's positions (1/256 and 1/32
+    of max_position_embeddings, at most 128 / 256): 4 / 32 on the tiny LM."""
+    max_pos = config["max_position_embeddings"]
+    if args.sink is None:
+        args.sink = min(128, max_pos // 256)
+    if args.recent is None:
+        args.recent = max(1, min(256, max_pos // 32))
+
+
+def _check_samples(args, hay: list[int], encode, lengths: tuple[int, ...], min_distance: int) -> None:
+    """Build one sample at each context length (no model needed): a context too short for the passkeys and the
+    streaming window, or a haystack too short, is an error here rather than after loading the model."""
+    rng = np.random.default_rng(args.seed)
+    for n in sorted(set(lengths)):
+        try:
+            make_sample(hay, encode, n, args.passkeys, rng, min_distance=min_distance)
+        except ValueError as err:
+            arg = "--haystack" if "haystack has" in str(err) else "--context-min"
+            raise bad(arg, f"a {n}-token context with {args.passkeys} passkey(s) at least {min_distance} tokens "
+                           f"(sink + recent) before the questions cannot be built: {err}") from None
+
+
+def _pattern(args, config: dict) -> DuoPattern:
+    """--pattern loaded and checked against the model's layers x KV heads."""
+    try:
+        pattern = load_pattern(args.pattern)
+        pattern.validate_for(argparse.Namespace(**config))
+    except (OSError, ValueError) as err:
+        raise bad("--pattern", f"{' '.join(str(err).split())}") from None
+    return pattern
 
 
 def _identify(args) -> int:
-    model, codec = _load(args.model, args.device, args.dtype)
-    encode = codec.encode
-    _context_defaults(args, model)
-    hay = _haystack(args, encode)
+    """Train retrieval-head gates on passkey samples; writes the pattern folder atomically."""
+    config = lm_config(args.model)
+    _context_defaults(args, config)
+    _window_defaults(args, config)
+    out = output_folder(args.out, "--out", inputs=[args.model])
+    codec = _codec(args.model)
+    hay = _haystack(args, codec)
+    min_distance = args.sink + args.recent
+    _check_samples(args, hay, codec.encode, (args.context_min, args.context_max), min_distance)
+    model = _load(args.model, args.device, args.dtype)
     rng = np.random.default_rng(args.seed)
 
     def batches(step: int):
         n = int(rng.integers(args.context_min, args.context_max + 1))
-        s = make_sample(hay, encode, n, args.passkeys, rng, min_distance=args.sink + args.recent)
+        s = make_sample(hay, codec.encode, n, args.passkeys, rng, min_distance=min_distance)
         return s.input_ids[None].to(model.device), s.target_mask[None].to(model.device)
 
     cfg = IdentifyConfig(steps=args.steps, lr=args.lr, reg_weight=args.reg, sink=args.sink, recent=args.recent,
                          chunk=args.chunk)
-    try:
-        pattern = identify(model, batches, cfg)
-    except KeyboardInterrupt:
-        print("interrupted: nothing written")
-        return 130
-    pattern.extra.update(model_name=str(args.model), context_length_min=args.context_min,
+    pattern = identify(model, batches, cfg, progress=show_progress())
+    pattern.extra.update(model_name=Path(args.model).name, context_length_min=args.context_min,
                          context_length_max=args.context_max, num_passkeys=args.passkeys, seed=args.seed)
-    out = save_pattern(pattern, args.out)
+    save_pattern(pattern, out, made_by={"command": args.command_line})
     print(f"pattern written to {out}\n{np.round(pattern.gates, 2)}")
     return 0
 
@@ -104,16 +169,19 @@ def _identify(args) -> int:
 def _eval(args) -> int:
     """Passkey accuracy of full attention, streaming-only and DuoAttention at each --sparsities value (reference
     semantics); prints them and writes the accuracy-vs-sparsity curve to --plot."""
-    model, codec = _load(args.model, args.device, args.dtype)
-    _context_defaults(args, model)
-    pattern = load_pattern(args.pattern)
-    pattern.validate_for(model.config)
+    config = lm_config(args.model)
+    _context_defaults(args, config)
+    pattern = _pattern(args, config)
+    plot = output_file(args.plot, "--plot", ".png")
     sink = args.sink if args.sink is not None else pattern.sink_size
     recent = args.recent if args.recent is not None else pattern.recent_size
-    hay = _haystack(args, codec.encode)
+    codec = _codec(args.model)
+    hay = _haystack(args, codec)
+    _check_samples(args, hay, codec.encode, (args.context_max,), 2 * (sink + recent))
     rng = np.random.default_rng(args.seed)
     samples = [make_sample(hay, codec.encode, args.context_max, args.passkeys, rng, min_distance=2 * (sink + recent))
                for _ in range(args.n)]
+    model = _load(args.model, args.device, args.dtype)
     full = passkey_accuracy(model, samples)
     print(f"full      accuracy {full:.3f}")
     curve = {}
@@ -123,9 +191,9 @@ def _eval(args) -> int:
         curve[sparsity] = passkey_accuracy(m, samples, lambda: DuoCache.from_model(m))
         name = "streaming" if sparsity == 1.0 else f"duo@{sparsity:.2f}"
         print(f"{name:9} accuracy {curve[sparsity]:.3f}  ({int(mask.sum())}/{mask.size} retrieval heads)")
-    save_accuracy_plot(full, curve, Path(args.plot), f"{Path(args.model).name}: sink {sink}, recent {recent}, "
-                                                      f"{args.context_max} tokens")
-    print(f"plot written to {args.plot}")
+    save_accuracy_plot(full, curve, plot, f"{Path(args.model).name}: sink {sink}, recent {recent}, "
+                                          f"{args.context_max} tokens")
+    print(f"plot written to {plot}")
     return 0
 
 
@@ -142,24 +210,54 @@ def save_accuracy_plot(full: float, curve: dict[float, float], path: Path, title
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
+
+
+def _prompt_ids(args, codec: TextCodec, config: dict) -> list[int]:
+    """Token ids of --prompt / --prompt-file (with the model's BOS), checked to fit the model's positions together
+    with --max-new-tokens."""
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise bad("--prompt", "give exactly one of --prompt and --prompt-file")
+    arg = "--prompt" if args.prompt is not None else "--prompt-file"
+    text = args.prompt if args.prompt is not None else read_text_file(args.prompt_file, "--prompt-file")
+    ids = ([] if codec.bos_id is None else [codec.bos_id]) + _encode(codec, text, arg)
+    if len(ids) < 2:
+        raise bad(arg, "the prompt is empty; give some text")
+    max_pos = config["max_position_embeddings"]
+    if len(ids) + args.max_new_tokens + 2 > max_pos:  # + the decoder's two warm-up steps
+        raise bad("--max-new-tokens", f"the prompt's {len(ids)} tokens + {args.max_new_tokens} new tokens exceed "
+                                      f"the model's {max_pos} positions (valid: at most {max(0, max_pos - len(ids) - 2)}"
+                                      f" new tokens for this prompt)")
+    return ids
+
+
+def _decode_greedy(step, logits: torch.Tensor, max_new_tokens: int, eos_id: int | None, device) -> list[int]:
+    """Greedy tokens from ``logits`` on; on Ctrl-C the tokens so far are attached to the KeyboardInterrupt."""
+    new: list[int] = []
+    try:
+        for _ in range(max_new_tokens):
+            token = int(logits.argmax(-1))
+            if token == eos_id:
+                break
+            new.append(token)
+            logits = step(torch.tensor([[token]], device=device))
+    except KeyboardInterrupt as interrupt:
+        interrupt.tokens = new
+        raise
+    return new
 
 
 def _generate(args) -> int:
     """Chunked prefill of a long prompt into a static DuoCache, then greedy decoding (CUDA-graph steps on a GPU);
-    prints the continuation and what the cache holds against a full KV cache."""
-    if (args.prompt is None) == (args.prompt_file is None):
-        raise SystemExit("error: give exactly one of --prompt and --prompt-file")
-    model, codec = _load(args.model, args.device, args.dtype)
-    text = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text()
-    try:
-        ids = ([] if codec.bos_id is None else [codec.bos_id]) + codec.encode(text)
-    except KeyError as err:  # the tiny LM's word-level vocabulary
-        raise SystemExit(f"error: {err.args[0]}") from None
-    if len(ids) < 2:
-        raise SystemExit("error: the prompt is empty")
-    apply_pattern(model, load_pattern(args.pattern), args.sparsity, args.sink, args.recent)
+    prints the continuation and what the cache holds against a full KV cache. On Ctrl-C during decoding the tokens
+    generated so far are printed before the command stops."""
+    config = lm_config(args.model)
+    pattern = _pattern(args, config)
+    codec = _codec(args.model)
+    ids = _prompt_ids(args, codec, config)
+    model = _load(args.model, args.device, args.dtype)
+    apply_pattern(model, pattern, args.sparsity, args.sink, args.recent)
     fuse_rms_norms(model)  # one launch per norm on a GPU
     prompt = torch.tensor([ids], device=model.device)
     if args.weights == "w4a16":
@@ -173,13 +271,11 @@ def _generate(args) -> int:
         sync()
         t1 = time.perf_counter()
         step = GraphedDecoder(model, cache, len(ids))  # one CUDA graph per token on a GPU, eager steps elsewhere
-        new = []
-        for _ in range(args.max_new_tokens):
-            token = int(logits.argmax(-1))
-            if token == codec.eos_id:
-                break
-            new.append(token)
-            logits = step(torch.tensor([[token]], device=model.device))
+        try:
+            new = _decode_greedy(step, logits, args.max_new_tokens, codec.eos_id, model.device)
+        except KeyboardInterrupt as interrupt:
+            print(codec.decode(interrupt.tokens), flush=True)  # the partial result
+            raise
         sync()
         t2 = time.perf_counter()
     full = kv_bytes_full(model.config, capacity, bytes_per_elem=model.dtype.itemsize)
@@ -194,12 +290,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local model directory (transformers format)")
     p.add_argument("--haystack", help="text file for the haystack, tokenized with the model's tokenizer "
                                       "(default for the tiny LM only: its Markov text)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--context-min", type=int, help="default: a quarter of --context-max")
-    p.add_argument("--context-max", type=int, help="default: half the model's max_position_embeddings")
-    p.add_argument("--passkeys", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    _runtime(p)
+    p.add_argument("--context-min", type=int_in(1), help="default: half of --context-max")
+    p.add_argument("--context-max", type=int_in(1), help="default: half the model's max_position_embeddings")
+    p.add_argument("--passkeys", type=int_in(1, MAX_PASSKEYS), default=4)
+    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
+
+
+def _runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
 
 
 def register(subparsers) -> None:
@@ -208,37 +308,36 @@ def register(subparsers) -> None:
     sub = duo.add_subparsers(dest="duo_command", required=True)
     ident = sub.add_parser("identify", help="train retrieval-head gates; writes full_attention_heads.tsv + config.json")
     _common(ident)
-    ident.add_argument("--out", required=True, help="output pattern directory")
-    ident.add_argument("--steps", type=int, default=2000)
-    ident.add_argument("--lr", type=float, default=0.02)
-    ident.add_argument("--reg", type=float, default=0.05, help="L1 weight on the gates")
-    ident.add_argument("--sink", type=int, default=128)
-    ident.add_argument("--recent", type=int, default=256)
-    ident.add_argument("--chunk", type=int, default=1024, help="query chunk of the gated attention")
+    ident.add_argument("--out", required=True, help="output pattern folder (new, empty, or written by quantduo)")
+    ident.add_argument("--steps", type=int_in(1), default=2000)
+    ident.add_argument("--lr", type=float_in(0.0, lo_open=True), default=0.02)
+    ident.add_argument("--reg", type=float_in(0.0), default=0.05, help="L1 weight on the gates")
+    ident.add_argument("--sink", type=int_in(0), help="default: max_position_embeddings / 256, at most 128")
+    ident.add_argument("--recent", type=int_in(1), help="default: max_position_embeddings / 32, at most 256")
+    ident.add_argument("--chunk", type=int_in(1), default=1024, help="query chunk of the gated attention")
     ident.set_defaults(func=_identify)
     ev = sub.add_parser("eval", help="passkey accuracy vs sparsity: full, DuoAttention, streaming-only (+ PNG)")
     _common(ev)
     ev.add_argument("--pattern", required=True, help="pattern directory or .tsv")
-    ev.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES),
+    ev.add_argument("--sparsities", type=float_in(0.0, 1.0), nargs="+", default=list(SPARSITIES),
                     help="fractions of streaming heads")
     ev.add_argument("--plot", default="duo_passkey_vs_sparsity.png", help="output PNG")
-    ev.add_argument("--sink", type=int)
-    ev.add_argument("--recent", type=int)
-    ev.add_argument("-n", type=int, default=20, help="number of questions")
+    ev.add_argument("--sink", type=int_in(0), help="default: the pattern's")
+    ev.add_argument("--recent", type=int_in(1), help="default: the pattern's")
+    ev.add_argument("-n", type=int_in(1), default=20, help="number of questions")
     ev.set_defaults(func=_eval)
     gen = sub.add_parser("generate", help="long-prompt generation with DuoAttention (chunked prefill, greedy decoding)")
     gen.add_argument("--model", required=True, help="local model directory (transformers format)")
     gen.add_argument("--pattern", required=True, help="pattern directory or .tsv")
     gen.add_argument("--prompt", help="prompt text")
     gen.add_argument("--prompt-file", help="file holding the prompt text")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--sparsity", type=float, default=0.5, help="fraction of streaming heads")
-    gen.add_argument("--sink", type=int)
-    gen.add_argument("--recent", type=int)
-    gen.add_argument("--chunk", type=int, default=32768, help="prefill chunk (tokens)")
+    gen.add_argument("--max-new-tokens", type=int_in(1), default=64)
+    gen.add_argument("--sparsity", type=float_in(0.0, 1.0), default=0.5, help="fraction of streaming heads")
+    gen.add_argument("--sink", type=int_in(0), help="default: the pattern's")
+    gen.add_argument("--recent", type=int_in(1), help="default: the pattern's")
+    gen.add_argument("--chunk", type=int_in(1), default=32768, help="prefill chunk (tokens)")
     gen.add_argument("--kv-bits", type=int, choices=(8, 4), help="quantize the retrieval heads' KV cache")
     gen.add_argument("--weights", choices=("keep", "w4a16"), default="keep",
                      help="w4a16: quantize the decoder linears to 4 bits (SVDQuant module) before generating")
-    gen.add_argument("--device", default="cpu")
-    gen.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    _runtime(gen)
     gen.set_defaults(func=_generate)

@@ -115,7 +115,7 @@ def run_duo_demo(out_dir: Path, device: str = "cpu", identify_heads: bool = True
     save_heatmap(pattern.gates, retrieval, out_dir / "duo_gates.png")
     res = evaluate_modes(model, retrieval, eval_samples(n_eval))
     res.update(gates=pattern.gates.tolist(), retrieval=retrieval.tolist(), identify_s=identify_s,
-               identified=identify_heads, heatmap=str(out_dir / "duo_gates.png"))
+               identified=identify_heads, heatmap="duo_gates.png")
     for name in ("full", "duo", "streaming"):
         print(f"{name:>10}: passkey accuracy {res[name]['accuracy']:.3f}  KV cache {res[name]['kv_bytes']:,} bytes")
     print(f"gates (identified in {identify_s:.1f}s):\n{np.round(pattern.gates, 2)}")

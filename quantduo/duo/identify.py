@@ -13,11 +13,12 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+
 from quantduo.duo.attention import gated_attention
 from quantduo.duo.deploy import register_attention
 from quantduo.duo.layout import attention_modules, duo_layers
 from quantduo.duo.patterns import DuoPattern
+from quantduo.utils import progress_bar
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # input_ids [B, T] int64, target_mask [B, T] bool
 
@@ -129,6 +130,8 @@ def identify(model, batches: Callable[[int], Batch], cfg: IdentifyConfig, progre
 
     Ctrl-C propagates as KeyboardInterrupt before anything is returned (nothing half-written).
     """
+    if cfg.steps < 1:
+        raise ValueError(f"identification needs steps >= 1, got {cfg.steps}")
     for p in model.parameters():
         p.requires_grad_(False)
     n_layers, n_kv = len(duo_layers(model.config)), model.config.num_key_value_heads
@@ -143,7 +146,7 @@ def identify(model, batches: Callable[[int], Batch], cfg: IdentifyConfig, progre
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # transformers only checkpoints in train mode; attention dropout stays 0 here
     try:
-        bar = tqdm(range(cfg.steps), desc="duo identify", disable=not progress)
+        bar = progress_bar(range(cfg.steps), desc="duo identify", progress=progress)
         for step in bar:
             with gated_model(model, gates, cfg.sink, cfg.recent, cfg.chunk, cfg.block):
                 loss = distill_loss(model, gates, batches(step), cfg, full_impl)

@@ -2,8 +2,10 @@
 
 On disk (reference mit-han-lab/duo-attention format), a pattern directory holds
 ``full_attention_heads.tsv`` (one row per layer, one tab-separated gate per KV head; the gate
-is continuous and is clipped to [0, 1]) and ``config.json`` (training arguments; we use
-``sink_size`` and ``recent_size`` and keep every other key as-is).
+is continuous, in [0, 1]: a value outside is an error, not clipped) and ``config.json`` (training
+arguments; we use ``sink_size`` and ``recent_size`` and keep every other key as-is). quantduo writes
+the folder atomically with a ``quantduo_manifest.json`` (SHA-256 of both files, how it was made),
+checked on load where present (the reference's folders have none).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from quantduo.duo.layout import duo_layers
-from quantduo.utils import atomic_write
+from quantduo.utils import atomic_folder, verify_manifest, write_manifest
 
 TSV_NAME = "full_attention_heads.tsv"
 CONFIG_NAME = "config.json"
@@ -35,9 +37,11 @@ class DuoPattern:
             raise ValueError(f"gates must be a non-empty 2-D [layers, kv_heads] array, got shape {g.shape}")
         if not np.isfinite(g).all():
             raise ValueError("gates contain NaN or infinite values")
+        if ((g < 0) | (g > 1)).any():
+            raise ValueError(f"gates must lie in [0, 1], got values from {g.min():g} to {g.max():g}")
         if self.sink_size < 0 or self.recent_size < 1:
             raise ValueError(f"need sink_size >= 0 and recent_size >= 1, got {self.sink_size}, {self.recent_size}")
-        self.gates = np.clip(g, 0.0, 1.0).astype(np.float32)
+        self.gates = g.astype(np.float32)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -79,7 +83,8 @@ def binarize(gates: np.ndarray, sparsity: float, seed: int = 42) -> np.ndarray:
 
 def load_pattern(path: str | Path) -> DuoPattern:
     """Load a pattern directory (or the path of its .tsv); its config.json (sink_size, recent_size) is required,
-    as in the reference: a missing one raises FileNotFoundError, missing keys ValueError."""
+    as in the reference: a missing one raises FileNotFoundError, missing keys, unparsable files or gates outside
+    [0, 1] ValueError naming the file. A folder quantduo wrote is then checked against its manifest."""
     path = Path(path)
     tsv = path / TSV_NAME if path.is_dir() else path
     if not tsv.exists():
@@ -87,25 +92,37 @@ def load_pattern(path: str | Path) -> DuoPattern:
     cfg_path = tsv.parent / CONFIG_NAME
     if not cfg_path.exists():
         raise FileNotFoundError(f"pattern {tsv.parent} has no {CONFIG_NAME} (it gives sink_size and recent_size)")
-    cfg = json.loads(cfg_path.read_text())
-    if not {"sink_size", "recent_size"} <= cfg.keys():
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{cfg_path} is not valid JSON ({err})") from None
+    if not isinstance(cfg, dict) or not {"sink_size", "recent_size"} <= cfg.keys():
         raise ValueError(f"{cfg_path} lacks sink_size / recent_size")
-    rows = [line.split("\t") for line in tsv.read_text().strip().splitlines() if line.strip()]
+    try:
+        rows = [line.split("\t") for line in tsv.read_text().strip().splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise ValueError(f"{tsv} is not a text file") from None
     if len({len(r) for r in rows}) != 1:
         raise ValueError(f"{tsv}: rows have different numbers of heads: {sorted({len(r) for r in rows})}")
     try:
         gates = np.array([[float(x) for x in r] for r in rows])
     except ValueError as err:
         raise ValueError(f"{tsv}: non-numeric gate value ({err})") from None
-    return DuoPattern(gates, int(cfg["sink_size"]), int(cfg["recent_size"]), cfg)
+    try:
+        pattern = DuoPattern(gates, int(cfg["sink_size"]), int(cfg["recent_size"]), cfg)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{tsv}: {err}") from None
+    verify_manifest(tsv.parent, required=False)
+    return pattern
 
 
-def save_pattern(pattern: DuoPattern, out_dir: str | Path) -> Path:
-    """Write ``full_attention_heads.tsv`` and ``config.json`` atomically (temp file + os.replace)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def save_pattern(pattern: DuoPattern, out_dir: str | Path, made_by: dict | None = None) -> Path:
+    """Write ``full_attention_heads.tsv``, ``config.json`` and the manifest (``made_by``: e.g. the command line)
+    atomically as a folder: an old pattern at ``out_dir`` stays intact until the new one is complete."""
     tsv = "\n".join("\t".join(f"{x:.18e}" for x in row) for row in pattern.gates) + "\n"
     cfg = {**pattern.extra, "sink_size": pattern.sink_size, "recent_size": pattern.recent_size}
-    atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=1)))
-    atomic_write(out / TSV_NAME, lambda tmp: Path(tmp).write_text(tsv))
-    return out
+    with atomic_folder(out_dir) as tmp:
+        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=1))
+        (tmp / TSV_NAME).write_text(tsv)
+        write_manifest(tmp, {"kind": "duo pattern", "shape": list(pattern.shape), **(made_by or {})})
+    return Path(out_dir)

@@ -4,11 +4,11 @@ from .calibration import ActivationRecorder, CalibrationError
 from .config import SVDQuantConfig
 from .linear import SVDQuantLinear, set_execution
 from .lowrank import lowrank_factors, solve_group
-from .quantize import LayerReport, QuantizationReport, quantize_model
+from .quantize import LayerReport, QuantizationReport, max_rank, quantize_model
 from .serialization import CheckpointError, load_quantized, save_quantized
 
 __all__ = [
     "ActivationRecorder", "CalibrationError", "CheckpointError", "LayerReport", "QuantizationReport",
-    "SVDQuantConfig", "SVDQuantLinear", "config_for", "load_quantized", "lowrank_factors", "quantize_",
+    "SVDQuantConfig", "SVDQuantLinear", "config_for", "load_quantized", "lowrank_factors", "max_rank", "quantize_",
     "quantize_model", "save_quantized", "set_execution", "solve_group",
 ]

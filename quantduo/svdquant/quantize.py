@@ -7,10 +7,9 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from quantduo.formats import quantizers as qz
-from quantduo.utils import relative_error
+from quantduo.utils import progress_bar, relative_error
 
 from .calibration import ActivationRecorder, CalibrationError, InputStats
 from .config import SVDQuantConfig, matches
@@ -146,6 +145,17 @@ def _select_layers(model: nn.Module, cfg: SVDQuantConfig) -> tuple[dict[str, nn.
     return candidates, skipped
 
 
+def max_rank(model: nn.Module, cfg: SVDQuantConfig) -> int:
+    """The largest ``rank`` :func:`quantize_model` accepts for ``model`` under ``cfg``'s skip / weight-only rules:
+    the smallest dimension of a layer that gets a low-rank branch (0 when none would). Reads only the layers' shapes,
+    so a skeleton on the meta device does."""
+    sizes = [min(m.out_features, m.in_features) for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and not isinstance(m, SVDQuantLinear) and m.weight.numel() > 0
+             and not matches(name, cfg.skip)
+             and (cfg.w4a16_svdquant or (cfg.act_format != "none" and not matches(name, cfg.weight_only)))]
+    return min(sizes, default=0)
+
+
 def _act_format_for(name: str, stats: InputStats, cfg: SVDQuantConfig) -> str:
     if cfg.act_format == "none" or matches(name, cfg.weight_only):
         return "none"
@@ -238,7 +248,7 @@ def quantize_model(
     formats = {n: _act_format_for(n, recorder.stats[n], cfg) for n in names}
     work = [g for group in groups for g in _split_by_format(group, formats)]
     with torch.no_grad():
-        for group in tqdm(work, desc="SVDQuant", unit="group", disable=not progress):
+        for group in progress_bar(work, desc="SVDQuant", unit="group", progress=progress):
             reports += _quantize_group(model, group, layers, recorder.stats[group[0]], formats[group[0]], cfg)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     reports.sort(key=lambda r: order.get(r.name, len(order)))

@@ -1,7 +1,7 @@
-"""Save / load quantized models as ``model.safetensors`` + ``quantduo_config.json`` (written atomically)."""
+"""Save / load quantized models as a folder of ``model.safetensors`` + ``quantduo_config.json`` +
+``quantduo_manifest.json`` (the SHA-256 of both files and how the folder was made), written atomically as a folder."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -10,25 +10,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..utils import atomic_write
+from ..utils import InputError, atomic_folder, verify_manifest, write_manifest
 from .config import SVDQuantConfig
 from .linear import SVDQuantLinear
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "quantduo_config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest covers every file (1 kept the weights' SHA-256 in the config)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A quantized checkpoint is missing, corrupt or does not match the model."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def layer_specs(model: nn.Module) -> dict[str, dict]:
@@ -44,34 +36,35 @@ def layer_specs(model: nn.Module) -> dict[str, dict]:
     }
 
 
-def save_quantized(model: nn.Module, directory: str | Path, config: SVDQuantConfig, extra: dict | None = None) -> Path:
-    """Write the whole ``model`` state (quantized and full-precision parts) to ``directory``.
+def save_quantized(model: nn.Module, directory: str | Path, config: SVDQuantConfig, extra: dict | None = None,
+                   made_by: dict | None = None) -> Path:
+    """Write the whole ``model`` state (quantized and full-precision parts) to the folder ``directory``.
 
-    The weights file's SHA-256 goes into the JSON so that a corrupt file is detected on load.
-    ``extra``: JSON-serialisable metadata stored alongside (e.g. the model class).
+    The folder appears complete or not at all (:func:`~quantduo.utils.atomic_folder`; an old checkpoint there stays
+    intact until the new one is complete); its manifest holds the SHA-256 of every file, checked on load.
+    ``extra``: JSON-serialisable metadata stored alongside (e.g. the model class); ``made_by``: recorded in the
+    manifest (format and rank are added).
     """
     layers = layer_specs(model)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    weights = directory / WEIGHTS_NAME
-    atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"format": "pt", "quantduo": str(FORMAT_VERSION)}))
-    meta = dict(
-        format_version=FORMAT_VERSION, config=config.to_dict(), layers=layers,
-        weights_sha256=_sha256(weights), extra=extra or {},
-    )
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
-    return directory
+    meta = dict(format_version=FORMAT_VERSION, config=config.to_dict(), layers=layers, extra=extra or {})
+    with atomic_folder(directory) as tmp:
+        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "quantduo": str(FORMAT_VERSION)})
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=1))
+        write_manifest(tmp, {"weight_format": config.weight_format, "act_format": config.act_format,
+                             "rank": config.rank, **(made_by or {})})
+    return Path(directory)
 
 
 def read_checkpoint_meta(directory: str | Path) -> dict:
-    """Parse and validate ``quantduo_config.json``."""
+    """Check the folder against its manifest, then parse and validate ``quantduo_config.json``."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{path} not found: not a quantduo checkpoint directory")
+    verify_manifest(directory)
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path} is not valid JSON ({err})") from err
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unsupported format_version {meta.get('format_version')!r}")
@@ -107,10 +100,6 @@ def load_quantized(model: nn.Module, directory: str | Path) -> dict:
     directory = Path(directory)
     meta = read_checkpoint_meta(directory)
     weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        raise CheckpointError(f"{weights} not found")
-    if _sha256(weights) != meta.get("weights_sha256"):
-        raise CheckpointError(f"{weights} is corrupt: its SHA-256 does not match {CONFIG_NAME}")
     config = SVDQuantConfig.from_dict(meta["config"])
     replace_linears(model, meta["layers"], config.torch_dtype)
     try:

@@ -5,6 +5,7 @@ import warnings
 import numpy as np
 import pytest
 
+from quantduo.cli import CliError, main
 from quantduo.cli import duo as commands
 from quantduo.duo import demo
 from quantduo.duo.data import make_bos_sample
@@ -19,10 +20,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def run_cli(argv):
-    parser = argparse.ArgumentParser()
-    commands.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 def test_cli_identify_then_eval(tmp_path, capsys):
@@ -44,10 +42,13 @@ def test_cli_identify_then_eval(tmp_path, capsys):
 
 
 def test_cli_defaults_come_from_the_model(tmp_path):
-    args = argparse.Namespace(context_max=None, context_min=None)
-    commands._context_defaults(args, tiny_lm.load())
-    assert (args.context_max, args.context_min) == (512, 128)  # max_position_embeddings 1024
-    with pytest.raises(SystemExit, match="haystack"):
+    args = argparse.Namespace(context_max=None, context_min=None, sink=None, recent=None)
+    config = tiny_lm.load().config.to_dict()
+    commands._context_defaults(args, config)
+    commands._window_defaults(args, config)
+    assert (args.context_max, args.context_min) == (512, 256)  # max_position_embeddings 1024
+    assert (args.sink, args.recent) == (tiny_lm.SINK, tiny_lm.RECENT)
+    with pytest.raises(CliError, match="haystack"):
         commands._haystack(argparse.Namespace(haystack=None, model=str(tmp_path), seed=0, context_max=8), None)
 
 
@@ -73,19 +74,17 @@ def test_cli_generate_answers_the_passkey(tmp_path, capsys, extra):
     assert ratio < (0.25 if extra else 0.7)
 
 
-def test_cli_generate_rejects_bad_prompts(tmp_path):
+def test_cli_generate_rejects_bad_prompts(tmp_path, capsys):
     common = ["duo", "generate", "--model", str(tiny_lm.ASSET_DIR), "--pattern", str(demo.SHIPPED_PATTERN)]
-    with pytest.raises(SystemExit, match="exactly one"):
-        run_cli(common)
-    with pytest.raises(SystemExit, match="empty"):
-        run_cli([*common, "--prompt", ""])
-    with pytest.raises(SystemExit, match="not in the tiny LM vocabulary"):
-        run_cli([*common, "--prompt", "hello world"])
+    for extra, message in [([], "exactly one"), (["--prompt", ""], "empty"),
+                           (["--prompt", "hello world"], "not in the tiny LM vocabulary")]:
+        assert run_cli([*common, *extra]) == 2
+        assert message in capsys.readouterr().err
 
 
-def test_cli_rejects_missing_model(tmp_path):
-    with pytest.raises(SystemExit, match="not a model directory"):
-        run_cli(["duo", "eval", "--model", str(tmp_path), "--pattern", str(demo.SHIPPED_PATTERN)])
+def test_cli_rejects_missing_model(tmp_path, capsys):
+    assert run_cli(["duo", "eval", "--model", str(tmp_path), "--pattern", str(demo.SHIPPED_PATTERN)]) == 2
+    assert "not a transformers model folder" in capsys.readouterr().err
 
 
 def test_interrupted_identification_returns_nothing():

@@ -44,7 +44,8 @@ def test_roundtrip_and_atomic_write(tmp_path):
     q = load_pattern(tmp_path / "p")
     np.testing.assert_allclose(q.gates, g.astype(np.float32))
     assert (q.sink_size, q.recent_size, q.extra["note"]) == (4, 32, "x")
-    assert sorted(f.name for f in (tmp_path / "p").iterdir()) == ["config.json", "full_attention_heads.tsv"]
+    assert sorted(f.name for f in (tmp_path / "p").iterdir()) == ["config.json", "full_attention_heads.tsv",
+                                                                  "quantduo_manifest.json"]
 
 
 @pytest.mark.parametrize("text, match", [("1\t2\n3\n", "different numbers"), ("1\tx\n", "non-numeric"),

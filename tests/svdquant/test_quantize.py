@@ -12,7 +12,7 @@ from quantduo.svdquant import (
 )
 from quantduo.formats import quantizers as qz
 from quantduo.svdquant.report import plot_quality_report, rank_sweep
-from quantduo.utils import relative_error
+from quantduo.utils import InputError, relative_error
 
 CFG = SVDQuantConfig(dtype="float32", lowrank_iters=20, search_tokens=256)
 
@@ -187,7 +187,8 @@ def test_save_load_round_trip(quantized_block, tmp_path):
     load_quantized(fresh, tmp_path / "ckpt")
     x = calib_batches(seed=5)[0]
     assert torch.equal(fresh(x), model(x))
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["model.safetensors", "quantduo_config.json"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["model.safetensors", "quantduo_config.json",
+                                                                      "quantduo_manifest.json"]
 
 
 def test_corrupt_and_mismatched_checkpoints(quantized_block, tmp_path):
@@ -199,7 +200,7 @@ def test_corrupt_and_mismatched_checkpoints(quantized_block, tmp_path):
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(InputError, match="corrupt"):
         load_quantized(Block(), ckpt)
     with pytest.raises(CheckpointError, match="not found"):
         load_quantized(Block(), tmp_path / "nothing")
@@ -216,7 +217,7 @@ def test_failed_save_leaves_no_partial_file(quantized_block, tmp_path, monkeypat
     monkeypatch.setattr(ser, "save_file", broken_save)
     with pytest.raises(KeyboardInterrupt):
         save_quantized(quantized_block[0], tmp_path / "ckpt", CFG)
-    assert list((tmp_path / "ckpt").iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary sibling
 
 
 def test_nan_calibration_is_rejected():

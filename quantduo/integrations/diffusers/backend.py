@@ -30,6 +30,7 @@ from quantduo.formats.registry import EXECUTIONS, format_names, get_format
 from quantduo.svdquant import CheckpointError, SVDQuantLinear
 from quantduo.svdquant.serialization import layer_specs, replace_linears
 from quantduo.svdquant.linear import ACT_FORMATS, WEIGHT_FORMATS, set_execution
+from quantduo.utils import verify_manifest
 
 from .fusions import enable_fusions
 
@@ -173,6 +174,7 @@ class QuantDuoQuantizer(DiffusersQuantizer):
         safetensors_files = [str(f) for f in files if str(f).endswith(".safetensors")]
         if not safetensors_files:
             raise QuantizationConfigError("quantduo checkpoints are safetensors files; found none")
+        verify_manifest(Path(safetensors_files[0]).parent, required=False)  # the config too, where quantduo saved it
         verify_files(safetensors_files)
         return loaded_keys
 

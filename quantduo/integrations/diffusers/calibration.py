@@ -14,9 +14,9 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from quantduo.svdquant import QuantizationReport, SVDQuantConfig, quantize_model
+from quantduo.utils import progress_bar
 
 from .rules import denoiser_of, quantization_config, rules_for
 
@@ -93,7 +93,7 @@ def capture_calibration_inputs(
     sampler = _StepSampler(num_samples, torch.Generator().manual_seed(seed))
     handle = denoiser.register_forward_pre_hook(sampler, with_kwargs=True)
     try:
-        for i, prompt in enumerate(tqdm(prompts, desc="calibration prompts", disable=not progress)):
+        for i, prompt in enumerate(progress_bar(prompts, desc="calibration prompts", progress=progress)):
             sampler.prompt_index, sampler.step = i, 0
             pipe(
                 prompt, num_inference_steps=num_inference_steps, output_type="latent",
@@ -111,7 +111,7 @@ def replay_fn(samples: list[CalibrationSample], progress: bool = True):
 
     def calib_fn(model: nn.Module) -> None:
         device = next(model.parameters()).device
-        for sample in tqdm(samples, desc="calibration replay", disable=not progress):
+        for sample in progress_bar(samples, desc="calibration replay", progress=progress):
             args, kwargs = sample.to(device)
             model(*args, **kwargs)
 

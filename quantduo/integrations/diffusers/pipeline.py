@@ -2,7 +2,8 @@
 
 A quantized pipeline folder is an ordinary diffusers folder (``pipe.save_pretrained``) whose denoiser's
 ``config.json`` carries quantduo's ``quantization_config`` (:mod:`.backend`): ``DiffusionPipeline.from_pretrained``
-loads it once quantduo is imported, and it references no other folder.
+loads it once quantduo is imported, and it references no other folder. quantduo writes it atomically as a folder,
+with a ``quantduo_manifest.json`` (SHA-256 of every file, config included; how it was made) that its loaders check.
 """
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ from torch import nn
 from quantduo.formats.registry import find_format
 from quantduo.svdquant import CheckpointError, QuantizationReport, SVDQuantConfig, SVDQuantLinear
 from quantduo.svdquant.linear import set_execution
-from quantduo.utils import atomic_write
+from quantduo.utils import atomic_folder, show_progress, verify_manifest, write_manifest
 
 from .backend import QuantDuoConfig, mark_quantized
 from .rules import DENOISER_ATTRS, rules_for
 
 MODEL_CONFIG = "config.json"
+MODEL_INDEX = "model_index.json"
+REPORT_NAME = "report.json"
 
 
 def quantduo_config_for(config: SVDQuantConfig, execution: str = "auto") -> QuantDuoConfig:
@@ -33,28 +36,38 @@ def quantduo_config_for(config: SVDQuantConfig, execution: str = "auto") -> Quan
 
 
 def save_quantized_transformer(model: nn.Module, directory: str | Path, config: SVDQuantConfig,
-                               report: QuantizationReport | None = None) -> Path:
+                               report: QuantizationReport | None = None, made_by: dict | None = None) -> Path:
     """Save a quantized denoiser as a diffusers model folder (``config.json`` with the ``quantization_config``,
-    safetensors weights) and, if given, ``report.json``."""
+    safetensors weights, ``report.json`` if given, the manifest with ``made_by``), atomically as a folder."""
     rules_for(model)
-    directory = Path(directory)
-    mark_quantized(model, quantduo_config_for(config))
-    model.save_pretrained(directory)
-    if report is not None:
-        atomic_write(directory / "report.json", lambda tmp: Path(tmp).write_text(report.to_json()))
-    return directory
+    qconfig = quantduo_config_for(config)
+    mark_quantized(model, qconfig)
+    with atomic_folder(directory) as tmp:
+        model.save_pretrained(tmp)
+        _finish_folder(tmp, qconfig, {REPORT_NAME: report.to_json()} if report is not None else {}, made_by)
+    return Path(directory)
+
+
+def _finish_folder(tmp: Path, qconfig: QuantDuoConfig | None, extra_files: dict[str, str],
+                   made_by: dict | None) -> None:
+    """Complete a folder written by ``save_pretrained``: drop the ``_name_or_path`` entries (absolute paths), add
+    ``extra_files`` and the manifest (``made_by`` plus the format and rank of a quantized denoiser)."""
+    for path in tmp.rglob("*.json"):
+        config = json.loads(path.read_text())
+        if isinstance(config, dict) and "_name_or_path" in config:
+            del config["_name_or_path"]
+            path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    for name, text in extra_files.items():
+        (tmp / name).write_text(text)
+    quant = {} if qconfig is None else {"format": qconfig.format, "rank": qconfig.rank}
+    write_manifest(tmp, {**quant, **(made_by or {})})
 
 
 def model_class_of(directory: str | Path) -> type:
     """The diffusers model class named by ``directory/config.json`` (``CheckpointError`` for a folder that is not a
     quantduo-quantized diffusers model)."""
     path = Path(directory) / MODEL_CONFIG
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError as err:
-        raise CheckpointError(f"{path} not found: not a diffusers model folder") from err
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err})") from err
+    config = read_json(path, "a diffusers model folder")
     if (config.get("quantization_config") or {}).get("quant_method") != "quantduo":
         raise CheckpointError(f"{path} holds no quantduo quantization_config")
     name = config.get("_class_name", "")
@@ -63,21 +76,54 @@ def model_class_of(directory: str | Path) -> type:
     return getattr(diffusers, name)
 
 
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path`` (``CheckpointError`` saying the folder is not ``what``, or naming the bad file)."""
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{path} not found: not {what}") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is unreadable or not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, not an object")
+    return config
+
+
+def read_denoiser_config(pipeline_dir: str | Path) -> tuple[str, dict]:
+    """(component name, its ``config.json``) of the denoiser of the pipeline folder ``pipeline_dir``, read without
+    loading anything (``CheckpointError`` naming the file for a folder that is not a diffusers pipeline)."""
+    path = Path(pipeline_dir)
+    index = read_json(path / MODEL_INDEX, "a diffusers pipeline folder")
+    for attr in DENOISER_ATTRS:
+        if attr in index:
+            return attr, read_json(path / attr / MODEL_CONFIG, f"the {attr} folder of a diffusers pipeline")
+    raise CheckpointError(f"{path / MODEL_INDEX} lists no {' or '.join(DENOISER_ATTRS)} component")
+
+
+def denoiser_skeleton(config: dict, source: str | Path) -> nn.Module:
+    """The denoiser a ``config.json`` (read from ``source``) describes, built on the meta device: its layer shapes
+    without memory or weights (``CheckpointError`` for a class diffusers does not have)."""
+    cls = getattr(diffusers, str(config.get("_class_name")), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        raise CheckpointError(f"{source} names model class {config.get('_class_name')!r}, which diffusers does not have")
+    with torch.device("meta"):
+        return cls.from_config(config)
+
+
 def is_quantized_pipeline(directory: str | Path) -> bool:
     """Whether the pipeline folder's denoiser carries quantduo's ``quantization_config``."""
-    for attr in DENOISER_ATTRS:
-        path = Path(directory) / attr / MODEL_CONFIG
-        if path.is_file():
-            config = json.loads(path.read_text())
-            return (config.get("quantization_config") or {}).get("quant_method") == "quantduo"
-    return False
+    _, config = read_denoiser_config(directory)
+    return (config.get("quantization_config") or {}).get("quant_method") == "quantduo"
 
 
 def load_quantized_transformer(directory: str | Path, device: torch.device | str = "cpu",
                                dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """A quantized denoiser from a folder written by :func:`save_quantized_transformer` (through diffusers'
-    ``from_pretrained``), on ``device`` with compute dtype ``dtype``."""
-    model = model_class_of(directory).from_pretrained(str(directory), dtype=dtype)
+    """A quantized denoiser from a folder written by :func:`save_quantized_transformer` or inside one written by
+    :func:`save_pipeline` (checked against the manifest, then loaded through diffusers' ``from_pretrained``), on
+    ``device`` with compute dtype ``dtype``."""
+    cls = model_class_of(directory)
+    verify_manifest(directory)
+    model = cls.from_pretrained(str(directory), dtype=dtype)
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -120,28 +166,30 @@ def cast_denoiser(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def save_pipeline(pipe: Any, directory: str | Path) -> Path:
-    """``pipe.save_pretrained(directory)`` with every component saved (a quantized denoiser with its
-    ``quantization_config``), then the ``_name_or_path`` entries diffusers records (the absolute path the pipeline
-    was loaded from) removed from its JSON configs: the folder stands alone and can be moved."""
-    directory = Path(directory)
-    pipe.save_pretrained(directory)
-    for path in directory.rglob("*.json"):
-        config = json.loads(path.read_text())
-        if isinstance(config, dict) and "_name_or_path" in config:
-            del config["_name_or_path"]
-            atomic_write(path, lambda tmp, c=config: Path(tmp).write_text(json.dumps(c, indent=2, sort_keys=True)))
-    return directory
+def save_pipeline(pipe: Any, directory: str | Path, extra_files: dict[str, str] | None = None,
+                  made_by: dict | None = None) -> Path:
+    """``pipe.save_pretrained`` with every component saved (a quantized denoiser with its ``quantization_config``),
+    the ``_name_or_path`` entries diffusers records (the absolute path the pipeline was loaded from) removed from its
+    JSON configs, ``extra_files`` ({name: text}) added and a manifest written: the folder stands alone, can be moved
+    and says how it was made (``made_by``, e.g. the command line). Written atomically as a folder: an old folder at
+    ``directory`` stays intact until the new one is complete."""
+    qconfig = getattr(pipe, denoiser_attr(pipe)).config.get("quantization_config")
+    with atomic_folder(directory) as tmp:
+        pipe.save_pretrained(tmp)
+        _finish_folder(tmp, qconfig if isinstance(qconfig, QuantDuoConfig) else None, extra_files or {}, made_by)
+    return Path(directory)
 
 
 def load_pipeline(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
                   execution: str = "auto") -> Any:
     """A diffusers pipeline from a local folder (quantized by quantduo or not) on ``device``; its quantized layers
-    run by ``execution`` (``"auto"`` keeps the checkpoint's choice)."""
+    run by ``execution`` (``"auto"`` keeps the checkpoint's choice). A folder with a manifest is checked against it;
+    a quantized one must have one (``ManifestError`` / ``CheckpointError`` naming the file otherwise)."""
     path = Path(model_dir)
-    if not (path / "model_index.json").is_file():
-        raise CheckpointError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    _, config = read_denoiser_config(path)
+    verify_manifest(path, required="quantization_config" in config)
     pipe = diffusers.DiffusionPipeline.from_pretrained(str(path), dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=not show_progress())
     if execution != "auto":
         set_execution(getattr(pipe, denoiser_attr(pipe)), execution)
     return pipe

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -16,7 +17,7 @@ from quantduo.cli import main as cli  # noqa: E402
 from quantduo.integrations.diffusers import (FusedFluxSingleBlock, QuantizationConfigError,  # noqa: E402
                                              capture_calibration_inputs, load_into_pipeline, load_pipeline)
 from quantduo.svdquant import CheckpointError, SVDQuantLinear  # noqa: E402
-from quantduo.utils import relative_error  # noqa: E402
+from quantduo.utils import ManifestError, relative_error  # noqa: E402
 
 SIZE = ["--height", "32", "--width", "32", "--max-sequence-length", "16", "--guidance", "3.5", "--dtype", "float32"]
 
@@ -78,17 +79,18 @@ def test_cli_generate_and_quality(quantized_dirs, tmp_path):
     base, quant = quantized_dirs
     config = json.loads((quant / "transformer" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "quantduo" and config["format"] == "int4" and len(config["layers"]) > 10
-    saved_text = "".join(p.read_text() for p in quant.rglob("*.json"))
+    saved_text = "".join(p.read_text() for p in quant.rglob("*.json") if p.name != "quantduo_manifest.json")
     assert str(base) not in saved_text and "/tmp" not in saved_text  # self-contained: no path to the base model
+    # (only the manifest's provenance records the command line as typed, paths included; no loader reads it)
     images = {}
     for name, model, extra in [("bf16", base, []), ("svdquant", quant, []), ("a16", quant, ["--a16"]),
-                               ("fp8", quant, ["--fp8", "--cuda-graph"])]:
+                               ("fp8", quant, ["--fp8"])]:
         out = tmp_path / f"{name}.png"
         assert cli(["generate", "--model", str(model), *SIZE, "--prompt", "a dog in a park", "--steps", "4",
                     "--seed", "3", "--out", str(out), *extra]) == 0
         images[name] = np.array(Image.open(out).convert("RGB"))
     assert psnr(images["a16"], images["bf16"]) > 40 and not np.array_equal(images["a16"], images["svdquant"])
-    # fp8 execution of the same weights (--cuda-graph: eager on the CPU)
+    # fp8 execution of the same weights
     assert psnr(images["fp8"], images["bf16"]) > 40 and not np.array_equal(images["fp8"], images["a16"])
     save_side_by_side([images["bf16"], images["svdquant"]], tmp_path / "bf16_vs_svdquant.png")
     q_psnr, q_dist = psnr(images["svdquant"], images["bf16"]), feature_distance(images["svdquant"], images["bf16"])
@@ -130,12 +132,17 @@ def test_load_into_pipeline_and_errors(quantized_dirs, tmp_path):
     assert torch.equal(model.state_dict()["transformer_blocks.0.attn.to_q.qweight"],
                        loaded.transformer.state_dict()["transformer_blocks.0.attn.to_q.qweight"])
     broken = tmp_path / "broken"
-    shutil.copytree(quant / "transformer", broken)
-    data = bytearray((broken / "diffusion_pytorch_model.safetensors").read_bytes())
+    shutil.copytree(quant, broken)
+    data = bytearray((broken / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes())
     data[-10] ^= 0xFF
-    (broken / "diffusion_pytorch_model.safetensors").write_bytes(bytes(data))
+    (broken / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="corrupt"):
+        load_into_pipeline(fresh, broken / "transformer")
+    (broken / "quantduo_manifest.json").unlink()  # without the manifest, the tensors' own digest still catches it
+    with pytest.raises(ManifestError, match="no quantduo_manifest.json"):
+        load_into_pipeline(fresh, broken / "transformer")
     with pytest.raises(QuantizationConfigError, match="corrupt"):
-        load_into_pipeline(fresh, broken)
+        diffusers.FluxTransformer2DModel.from_pretrained(broken / "transformer")
     with pytest.raises(CheckpointError, match="not found"):
         load_into_pipeline(fresh, tmp_path)
 
