@@ -26,7 +26,8 @@ class SVDQuantConfig:
         search_tokens: calibration rows per layer used by the error objectives.
         skip: layers kept in full precision.
         weight_only: layers quantized W4A16 (16-bit activations; no smoothing and no low-rank unless
-            ``w4a16_svdquant``).
+            ``w4a16_svdquant``); ``"auto"`` in the list adds the linears whose inputs never depend on the
+            model call's token streams (:mod:`quantduo.svdquant.dataflow`: adaLN modulation, time projections).
         w4a16_svdquant: W4A16 layers (``act_format="none"`` or ``weight_only``) get SVDQuant's smoothing search
             (activation-aware: salient input channels scaled up before the weights are quantized) and its
             rank-``rank`` low-rank branch. On GPUs both fold into the reconstructed weight above 64 tokens, so

@@ -13,10 +13,10 @@ from .calibration import CalibrationSample, capture_calibration_inputs, quantize
 from .fusions import FusedFluxSingleBlock, FusedGeluMLP, enable_fusions
 from .pipeline import (cast_denoiser, load_into_pipeline, load_pipeline, load_quantized_transformer,
                        quantduo_config_for, save_pipeline, save_quantized_transformer)
-from .rules import MODEL_RULES, ModelRules, denoiser_of, quantization_config, rules_for
+from .rules import ModelRules, block_lists, denoiser_of, quantization_config, resolved_rules, rules_for
 
-__all__ = ["MODEL_RULES", "CalibrationSample", "FusedFluxSingleBlock", "FusedGeluMLP", "ModelRules", "QuantDuoConfig",
-           "QuantDuoQuantizer", "QuantizationConfigError", "capture_calibration_inputs", "cast_denoiser",
+__all__ = ["CalibrationSample", "FusedFluxSingleBlock", "FusedGeluMLP", "ModelRules", "QuantDuoConfig",
+           "QuantDuoQuantizer", "QuantizationConfigError", "block_lists", "capture_calibration_inputs", "cast_denoiser",
            "denoiser_of", "enable_fusions", "load_into_pipeline", "load_pipeline", "load_quantized_transformer",
-           "mark_quantized", "quantduo_config_for", "quantization_config", "quantize_transformer", "replay_fn",
+           "mark_quantized", "quantduo_config_for", "quantization_config", "quantize_transformer", "replay_fn", "resolved_rules",
            "rules_for", "save_pipeline", "save_quantized_transformer"]
