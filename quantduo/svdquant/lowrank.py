@@ -13,6 +13,7 @@ import torch
 
 from quantduo.formats import quantizers as qz
 from .config import SVDQuantConfig
+from .phases import phase
 from .smoothing import smooth_scale, smoothing_grid
 
 _OVERSAMPLE = 8
@@ -136,14 +137,20 @@ def solve_group(
 
     best_ab, best_smooth = (0.0, 0.0), torch.ones(w.shape[1], device=w.device)
     if smooth:
-        w_absmax = w.abs().amax(dim=0)
-        best_err = float("inf")
-        for a, b in smoothing_grid():
-            s = smooth_scale(x_absmax.to(w.device), w_absmax, a, b).to(cfg.torch_dtype).float()
-            err = candidate_error(s)
-            if err < best_err:
-                best_ab, best_err, best_smooth = (a, b), err, s
+        with phase("search"):
+            w_absmax = w.abs().amax(dim=0)
+            best_err = float("inf")
+            for a, b in smoothing_grid():
+                s = smooth_scale(x_absmax.to(w.device), w_absmax, a, b).to(cfg.torch_dtype).float()
+                err = candidate_error(s)
+                if err < best_err:
+                    best_ab, best_err, best_smooth = (a, b), err, s
+    with phase("svd"):
+        return _refine(w, best_smooth, best_ab, obj, quant_residual, rank, cfg)
 
+
+def _refine(w, best_smooth, best_ab, obj, quant_residual, rank, cfg) -> GroupSolution:
+    """The iterative low-rank / residual refinement at the chosen smoothing (early stop on no gain)."""
     x_smooth, x_quant, act_shift = obj.smoothed_inputs(best_smooth)
     w_hat = w * best_smooth
     best, iters = None, 0

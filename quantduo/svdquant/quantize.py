@@ -17,6 +17,7 @@ from .config import SVDQuantConfig, matches
 from .dataflow import StreamTracker
 from .linear import SVDQuantLinear, padded_features
 from .lowrank import GroupSolution, solve_group
+from .phases import phase
 
 # post-GELU inputs never go below GELU's minimum (-0.17); anything at or above this is treated as shifted-unsigned
 _UNSIGNED_MIN = -0.2
@@ -185,6 +186,13 @@ def _quantize_group(
         smooth=cfg.smooth and (not weight_only or cfg.w4a16_svdquant),
         x_min=qz.pad_to_multiple(stats.minimum.to(device), k_pad) if act_format == "uint4" else None,
     )
+    with phase("pack"):
+        return _build_members(model, names, members, sol, rows, act_format, weight_only, cfg)
+
+
+def _build_members(model: nn.Module, names: list[str], members: list[nn.Linear], sol: GroupSolution,
+                   rows: torch.Tensor, act_format: str, weight_only: bool, cfg: SVDQuantConfig) -> list[LayerReport]:
+    """Build each member's :class:`SVDQuantLinear` from its rows of ``sol``, swap it into ``model``, report it."""
     reports, start = [], 0
     for name, linear in zip(names, members):
         sl = slice(start, start + linear.out_features)
@@ -216,11 +224,11 @@ def _calibrate(model: nn.Module, calib_fn: Callable[[nn.Module], None], recorder
         CalibrationError: a linear read a token stream in some calls and conditioning only in others.
     """
     if "auto" not in cfg.weight_only:
-        with recorder, torch.no_grad():
+        with phase("capture"), recorder, torch.no_grad():
             calib_fn(model)
         return set()
     tracker = StreamTracker(model, layers)
-    with recorder, tracker, torch.no_grad():
+    with phase("capture"), recorder, tracker, torch.no_grad():
         calib_fn(model)
     ambiguous = [n for n in tracker.ambiguous() if not matches(n, cfg.weight_only)]
     if ambiguous:
