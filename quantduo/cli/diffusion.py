@@ -18,7 +18,7 @@ from quantduo.formats.registry import EXECUTIONS, format_names
 from quantduo.integrations.cuda_graph import enable_cuda_graph
 from quantduo.integrations.diffusers import (capture_calibration_inputs, denoiser_of, load_pipeline,
                                              quantization_config, quantize_transformer, mark_quantized,
-                                             quantduo_config_for, save_pipeline)
+                                             quantduo_config_for, quantize_transformer_blockwise, save_pipeline)
 from quantduo.utils import atomic_write
 
 DEFAULT_PROMPTS = (
@@ -39,18 +39,35 @@ def _pipe_kwargs(args) -> dict:
     return kwargs
 
 
+def _calibration_samples(args, pipe, prompts: list[str]) -> list:
+    """Capture the denoiser's calibration calls; with ``--blockwise`` they are kept in ``--work-dir`` (written
+    atomically) and a ``--resume`` run reads them back instead of running the pipeline again."""
+    path = Path(args.work_dir) / "samples.pt" if args.blockwise else None
+    if path is not None and args.resume and path.is_file():
+        return torch.load(path, weights_only=False)
+    samples = capture_calibration_inputs(
+        pipe, prompts, num_samples=args.calib_samples, num_inference_steps=args.calib_steps, seed=args.seed,
+        **_pipe_kwargs(args),
+    )
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: torch.save(samples, tmp))
+    return samples
+
+
 def cmd_quantize(args) -> int:
     prompts = Path(args.prompts).read_text().splitlines() if args.prompts else list(args.prompt or DEFAULT_PROMPTS)
     prompts = [p for p in prompts if p.strip()]
     pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device)
     _, denoiser = denoiser_of(pipe)
-    samples = capture_calibration_inputs(
-        pipe, prompts, num_samples=args.calib_samples, num_inference_steps=args.calib_steps, seed=args.seed,
-        **_pipe_kwargs(args),
-    )
+    samples = _calibration_samples(args, pipe, prompts)
     config = quantization_config(denoiser, args.format, rank=args.rank, search_tokens=args.search_tokens,
                                  dtype=args.dtype if args.dtype != "float32" else "bfloat16")
-    report = quantize_transformer(denoiser, samples, config)
+    if args.blockwise:
+        report = quantize_transformer_blockwise(denoiser, samples, args.work_dir, config, resume=args.resume,
+                                                sequential=args.sequential, spill=args.spill)
+    else:
+        report = quantize_transformer(denoiser, samples, config)
     mark_quantized(denoiser, quantduo_config_for(config))
     out = Path(args.out)
     save_pipeline(pipe, out)
@@ -101,6 +118,13 @@ def register(subparsers) -> None:
     q.add_argument("--calib-samples", type=int, default=128, help="(prompt, step) denoiser calls kept")
     q.add_argument("--calib-steps", type=int, default=20, help="denoising steps per calibration prompt")
     q.add_argument("--search-tokens", type=int, default=512, help="calibration rows per layer for the search")
+    q.add_argument("--blockwise", action="store_true", help="quantize one block at a time (GPU memory: one block + "
+                   "its samples); kill-safe, finished blocks go to --work-dir")
+    q.add_argument("--work-dir", default="quantduo-work", help="--blockwise state: samples, finished blocks")
+    q.add_argument("--resume", action="store_true", help="continue the --blockwise run in --work-dir")
+    q.add_argument("--sequential", action="store_true", help="--blockwise: calibrate each block on the outputs of "
+                   "the already-quantized blocks (default: full-precision outputs)")
+    q.add_argument("--spill", action="store_true", help="--blockwise: keep calibration activations on disk")
     q.set_defaults(func=cmd_quantize)
     g = subparsers.add_parser("generate", help="generate an image with a (quantized) local pipeline")
     _common(g)
