@@ -10,8 +10,9 @@ from typing import Callable
 
 import diffusers
 import torch
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from .tiny_models import tiny_pixart, tiny_sd3, tiny_sdxl_unet
+from .tiny_models import _word_tokenizer, tiny_pixart, tiny_sd3, tiny_sdxl_unet
 
 B, TXT = 2, 6
 Builder = Callable[[], tuple[torch.nn.Module, Callable[[int], dict]]]
@@ -199,3 +200,46 @@ ZOO: dict[str, Builder] = {
     "hunyuan-video": tiny_hunyuan_video, "chroma": tiny_chroma, "hidream": tiny_hidream, "lumina2": tiny_lumina2,
     "sdxl-unet": tiny_sdxl_unet,
 }
+
+
+def _tiny_vae() -> diffusers.AutoencoderKL:
+    """2-level VAE, 4 latent channels (scale factor 2)."""
+    return diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
+        sample_size=16, shift_factor=0.0, scaling_factor=1.0,
+    )
+
+
+def _t5(vocab: int):
+    return T5EncoderModel(T5Config(vocab_size=vocab, d_model=64, d_kv=32, d_ff=128, num_layers=1, num_heads=2,
+                                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=2,
+                                   decoder_start_token_id=0)).eval()
+
+
+def _clip_with_projection(vocab: int):
+    return CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=16, projection_dim=32, eos_token_id=2, pad_token_id=0, bos_token_id=0)).eval()
+
+
+def tiny_sd3_pipeline(seed: int = 0) -> diffusers.StableDiffusion3Pipeline:
+    """StableDiffusion3Pipeline: two CLIP-with-projection encoders (32 + 32 = pooled 64), T5 (64), tiny VAE, tiny SD3."""
+    torch.manual_seed(seed)
+    vocab = len(_word_tokenizer(16))
+    return diffusers.StableDiffusion3Pipeline(
+        transformer=tiny_sd3(seed)[0], scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(),
+        text_encoder=_clip_with_projection(vocab), tokenizer=_word_tokenizer(16),
+        text_encoder_2=_clip_with_projection(vocab), tokenizer_2=_word_tokenizer(16), text_encoder_3=_t5(vocab),
+        tokenizer_3=_word_tokenizer(16),
+    )
+
+
+def tiny_pixart_pipeline(seed: int = 0) -> diffusers.PixArtSigmaPipeline:
+    """PixArtSigmaPipeline: T5 (64), tiny VAE, tiny PixArt transformer."""
+    torch.manual_seed(seed)
+    vocab = len(_word_tokenizer(16))
+    return diffusers.PixArtSigmaPipeline(
+        tokenizer=_word_tokenizer(16), text_encoder=_t5(vocab), vae=_tiny_vae(), transformer=tiny_pixart(seed)[0],
+        scheduler=diffusers.DPMSolverMultistepScheduler(),
+    )
