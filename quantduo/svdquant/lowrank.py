@@ -8,6 +8,7 @@ the iterative residual refinement of the paper.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -171,8 +172,10 @@ def solve_group(
         return _refine(w, best_smooth, best_ab, obj, quant_residual, rank, cfg)
 
 
-def _refine(w, best_smooth, best_ab, obj, quant_residual, rank, cfg) -> GroupSolution:
-    """The iterative low-rank / residual refinement at the chosen smoothing (early stop on no gain)."""
+def _refine(w: torch.Tensor, best_smooth: torch.Tensor, best_ab: tuple[float, float], obj: _Objective,
+            quant_residual: Callable[[torch.Tensor], torch.Tensor], rank: int, cfg: SVDQuantConfig) -> GroupSolution:
+    """The iterative low-rank / residual refinement of ``w [N, K]`` at the chosen smoothing ``[K]`` (early stop on
+    no gain)."""
     x_smooth, x_quant, act_shift = obj.smoothed_inputs(best_smooth)
     w_hat = w * best_smooth
     best, iters = None, 0
