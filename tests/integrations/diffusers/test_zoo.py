@@ -19,10 +19,12 @@ import pytest
 import torch
 from torch import nn
 
-from quantduo.integrations.diffusers import (capture_calibration_inputs, denoiser_of, load_pipeline, mark_quantized,
+from quantduo.integrations.diffusers import (block_names, capture_calibration_inputs, denoiser_of, load_pipeline,
+                                             mark_quantized,
                                              quantduo_config_for, quantization_config, quantize_transformer,
                                              resolved_rules, rules_for, save_pipeline)
 from quantduo.svdquant import CalibrationError, SVDQuantLinear
+from quantduo.svdquant.blockwise import chain_plan
 
 from .tiny_models import samples_from
 from .tiny_zoo import ZOO, tiny_pixart_pipeline, tiny_sd3_pipeline
@@ -140,3 +142,21 @@ def test_full_pipeline(kind, tmp_path):
     value = psnr(images["int4"], images["bf16"])
     print(f"{kind} pipeline: PSNR {value:.1f} dB")
     assert value > PIPELINE_PSNR[kind], value
+
+
+CHAINS = {"flux", "flux-kontext", "flux-fill", "sd3", "sd3.5", "pixart-sigma", "sana", "qwen-image", "wan"}
+
+
+@pytest.mark.parametrize("kind", sorted(ZOO))
+def test_blockwise_chain_detection(kind):
+    """Block-by-block calibration needs each block fed by the previous one. It holds for the classes in ``CHAINS``;
+    the others compute block inputs between blocks (HunyuanVideo's token refiner, Chroma / HiDream between double and
+    single blocks, Lumina2's refiners, the UNet's skip connections) and get an error naming the block."""
+    model, inputs = ZOO[kind]()
+    blocks = [(name, model.get_submodule(name)) for name in block_names(model)]
+    cpu = torch.device("cpu")
+    if kind in CHAINS:
+        assert len(chain_plan(model, blocks, ((), inputs(0)), cpu, cpu)) == len(blocks) - 1
+    else:
+        with pytest.raises(ValueError, match="is computed between"):
+            chain_plan(model, blocks, ((), inputs(0)), cpu, cpu)
