@@ -53,7 +53,7 @@ from torch import nn
 from benchmarks import flux_peers, flux_published
 from benchmarks.linear import tinygemm_operands
 from quantduo.integrations.cuda_graph import GraphedForward
-from quantduo.integrations.diffusers import MODEL_RULES, enable_fusions
+from quantduo.integrations.diffusers import ModelRules, enable_fusions, resolved_rules
 from quantduo.svdquant import SVDQuantLinear, lowrank_factors
 from quantduo.svdquant.quantize import pack_residual
 from quantduo.formats.quantizers import pad_to_multiple
@@ -65,7 +65,6 @@ FLUX_DEV = dict(
 )
 SMALL = dict(FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=64, num_attention_heads=2,
              joint_attention_dim=128, pooled_projection_dim=64, axes_dims_rope=[8, 28, 28])
-RULES = MODEL_RULES["FluxTransformer2DModel"]
 RANK = 32
 COMPILE = "+compile"
 # (execution, fast_accum) of the INT4 variants; svdq-auto is the library default (``execution="auto"``)
@@ -142,17 +141,17 @@ class TinygemmW4A16Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def variant_module(name: str, linear: nn.Linear, variant: str) -> nn.Module | None:
-    """The replacement of ``linear`` in ``variant`` (``None``: stays BF16)."""
+def variant_module(name: str, linear: nn.Linear, variant: str, rules: ModelRules) -> nn.Module | None:
+    """The replacement of ``linear`` in ``variant`` under the model's ``rules`` (``None``: stays BF16)."""
     if variant == "torchao":
         return flux_peers.torchao_fp8_linear(linear)
-    if _matches(name, RULES.skip):
+    if _matches(name, rules.skip):
         return None
     if variant == "w4a16-tinygemm":
         return TinygemmW4A16Linear(fast_svdquant(linear, "none", 0))
     if variant in ("w4a16", "svdq-w4a16"):
         return fast_svdquant(linear, "none", RANK if variant == "svdq-w4a16" else 0)
-    if _matches(name, RULES.weight_only):
+    if _matches(name, rules.weight_only):
         return fast_svdquant(linear, "none", 0)
     return fast_svdquant(linear, "int4", RANK).set_execution(*VARIANT_EXECUTIONS.get(variant, ("exact",)))
 
@@ -223,7 +222,7 @@ def measure(runner, model, variant, inputs, ref, args, options) -> dict:
                 graph_median_ms=statistics.median(graphed) if graphed else None)
 
 
-def run_variant(model, linears, variant, inputs, ref, args) -> dict:
+def run_variant(model, linears, variant, inputs, ref, args, rules: ModelRules) -> dict:
     """Swap ``variant``'s modules in (fusing QKV / enabling FP8 attention or the first-block cache where the
     variant asks, :mod:`benchmarks.flux_peers`), measure, put the BF16 model back."""
     t0 = time.perf_counter()
@@ -237,7 +236,7 @@ def run_variant(model, linears, variant, inputs, ref, args) -> dict:
                 model.fuse_qkv_projections()
                 linears = flux_peers.model_linears(model, fused=True)
             for name, linear in linears.items():
-                module = None if base == "bf16" else variant_module(name, linear, options.modules)
+                module = None if base == "bf16" else variant_module(name, linear, options.modules, rules)
                 if module is not None:
                     model.set_submodule(name, module)
                     swapped[name] = linear
@@ -304,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(config, device)
     inputs = make_inputs(model, img, txt, device)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    rules = resolved_rules(model, **inputs)
     with torch.no_grad():
         ref = model(**inputs)[0].float()
     rows = []
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             if variant.startswith("nunchaku-"):
                 rows.append(run_published_variant(model, variant, inputs, ref, args))
             else:
-                rows.append(run_variant(model, linears, variant, inputs, ref, args))
+                rows.append(run_variant(model, linears, variant, inputs, ref, args, rules))
         except Exception as error:  # noqa: BLE001 (one failing variant, e.g. a missing wheel, must not stop the rest)
             print(f"variant {variant} failed: {type(error).__name__}: {str(error)[:400]}", flush=True)
             torch._dynamo.reset()

@@ -1,8 +1,9 @@
 """Exact (float64 LAPACK) vs randomized (torch.svd_lowrank) SVD inside SVDQuant: time and final error.
 
-Usage: python benchmarks/svd.py [--device cpu|cuda] [--sizes 3072x3072 ...]
-Prints, per weight shape, the time of one rank-32 factorisation and the relative output error of the
-full SVDQuant solve (smoothing search + refinement) with each SVD.
+Usage: python benchmarks/svd.py [--device cpu|cuda] [--sizes 3072x3072 ...] [--iters 10]
+Prints, per weight shape, the time of one rank-32 factorisation, the relative output error of the full SVDQuant
+solve (39-candidate smoothing search + refinement) with each SVD in the refinement, the refinement's time, and the
+search's time with candidates solved one by one vs in memory-bounded batches (one batched randomized SVD each).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 import torch
 
 from quantduo.svdquant import SVDQuantConfig, lowrank_factors, solve_group
+from quantduo.svdquant.phases import PHASE_SECONDS, reset_phases
 
 
 def synthetic_layer(n: int, k: int, tokens: int, device: str, seed: int = 0):
@@ -37,32 +39,38 @@ def timed(fn, repeats: int = 3) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def solve(w, x, method: str, iters: int, tokens: int, batch_bytes: int) -> tuple[float, dict]:
+    """(relative output error, seconds per phase) of one full SVDQuant solve."""
+    cfg = SVDQuantConfig(svd=method, dtype="float32", lowrank_iters=iters, search_tokens=tokens,
+                         search_batch_bytes=batch_bytes)
+    reset_phases()
+    sol = solve_group(w, x, x.abs().amax(0), cfg, act_format="int4", rank=32, smooth=True)
+    return sol.rel_error, dict(PHASE_SECONDS)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes", nargs="+", default=["1536x384", "3072x3072"])
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--iters", type=int, default=10, help="refinement iterations")
+    parser.add_argument("--batch-gb", type=float, default=2.0, help="working memory of the batched search")
     args = parser.parse_args()
-    rows = []
+    batch_bytes = int(args.batch_gb * (1 << 30))
+    print("| shape (NxK) | exact SVD s | randomized s | speed-up | err exact | err randomized | refine s exact "
+          "| refine s rand | search s one-by-one | search s batched |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for size in args.sizes:
         n, k = map(int, size.split("x"))
         x, w = synthetic_layer(n, k, args.tokens, args.device)
         t_exact = timed(lambda: lowrank_factors(w, 32, "exact"), 1)
         t_rand = timed(lambda: lowrank_factors(w, 32, "randomized"))
-        errors = {}
-        for method in ("exact", "randomized"):
-            cfg = SVDQuantConfig(svd=method, dtype="float32", lowrank_iters=10, search_tokens=args.tokens)
-            start = time.perf_counter()
-            sol = solve_group(w, x, x.abs().amax(0), cfg, act_format="int4", rank=32, smooth=True)
-            errors[method] = (sol.rel_error, time.perf_counter() - start)
-        rows.append((size, t_exact, t_rand, errors))
-    print("| shape (NxK) | exact SVD s | randomized s | speed-up | err exact | err randomized | solve s exact | solve s rand |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for size, t_exact, t_rand, errors in rows:
-        print(
-            f"| {size} | {t_exact:.3f} | {t_rand:.3f} | {t_exact / t_rand:.1f}x | {errors['exact'][0]:.3e} | "
-            f"{errors['randomized'][0]:.3e} | {errors['exact'][1]:.1f} | {errors['randomized'][1]:.1f} |"
-        )
+        err_exact, ph_exact = solve(w, x, "exact", args.iters, args.tokens, batch_bytes)
+        err_rand, ph_rand = solve(w, x, "randomized", args.iters, args.tokens, batch_bytes)
+        _, ph_single = solve(w, x, "randomized", 1, args.tokens, 1)
+        print(f"| {size} | {t_exact:.3f} | {t_rand:.3f} | {t_exact / t_rand:.1f}x | {err_exact:.4e} | {err_rand:.4e} | "
+              f"{ph_exact['svd']:.1f} | {ph_rand['svd']:.1f} | {ph_single['search']:.1f} | {ph_rand['search']:.1f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

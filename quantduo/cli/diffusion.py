@@ -26,7 +26,7 @@ from quantduo.formats.registry import EXECUTIONS, executions_for, format_names
 from quantduo.integrations.cuda_graph import enable_cuda_graph
 from quantduo.integrations.diffusers import (capture_calibration_inputs, denoiser_of, denoiser_skeleton, load_pipeline,
                                              mark_quantized, quantduo_config_for, quantization_config,
-                                             quantize_transformer, save_pipeline)
+                                             quantize_transformer, quantize_transformer_blockwise, save_pipeline)
 from quantduo.integrations.published import is_published, load_published_pipeline
 from quantduo.models.tiny_flux import tiny_flux_pipeline
 from quantduo.svdquant import max_rank, set_execution
@@ -107,6 +107,38 @@ def _rank(args, attr: str, config: dict) -> int:
     return args.rank
 
 
+def _calibration_samples(args, pipe, prompts: list[str]) -> list:
+    """Capture the denoiser's calibration calls; with ``--blockwise`` they are kept in ``--work-dir`` (written
+    atomically) and a ``--resume`` run reads them back instead of running the pipeline again."""
+    path = Path(args.work_dir) / "samples.pt" if args.blockwise else None
+    if path is not None and args.resume and path.is_file():
+        return torch.load(path, weights_only=False)
+    samples = capture_calibration_inputs(
+        pipe, prompts, num_samples=args.calib_samples, num_inference_steps=args.calib_steps, seed=args.seed,
+        **_pipe_kwargs(args),
+    )
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: torch.save(samples, tmp))
+    return samples
+
+
+def _calibration_samples(args, pipe, prompts: list[str]) -> list:
+    """Capture the denoiser's calibration calls; with ``--blockwise`` they are kept in ``--work-dir`` (written
+    atomically) and a ``--resume`` run reads them back instead of running the pipeline again."""
+    path = Path(args.work_dir) / "samples.pt" if args.blockwise else None
+    if path is not None and args.resume and path.is_file():
+        return torch.load(path, weights_only=False)
+    samples = capture_calibration_inputs(
+        pipe, prompts, num_samples=args.calib_samples, num_inference_steps=args.calib_steps, seed=args.seed,
+        **_pipe_kwargs(args),
+    )
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: torch.save(samples, tmp))
+    return samples
+
+
 def cmd_quantize(args) -> int:
     """Check every argument, load the pipeline, calibrate, quantize the denoiser, save the folder atomically."""
     attr, config = _check_pipeline_args(args)
@@ -118,13 +150,14 @@ def cmd_quantize(args) -> int:
     out = output_folder(args.out, "--out", inputs=[args.model])
     pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device)
     _, denoiser = denoiser_of(pipe)
-    samples = capture_calibration_inputs(
-        pipe, prompts, num_samples=args.calib_samples, num_inference_steps=args.calib_steps, seed=args.seed,
-        **_pipe_kwargs(args),
-    )
+    samples = _calibration_samples(args, pipe, prompts)
     qconfig = quantization_config(denoiser, args.format, rank=rank, search_tokens=args.search_tokens,
                                   dtype=args.dtype if args.dtype != "float32" else "bfloat16")
-    report = quantize_transformer(denoiser, samples, qconfig)
+    if args.blockwise:
+        report = quantize_transformer_blockwise(denoiser, samples, args.work_dir, qconfig, resume=args.resume,
+                                                sequential=args.sequential, spill=args.spill)
+    else:
+        report = quantize_transformer(denoiser, samples, qconfig)
     mark_quantized(denoiser, quantduo_config_for(qconfig))
     save_pipeline(pipe, out, extra_files={"report.json": report.to_json()}, made_by={"command": args.command_line})
     print(report.summary())
@@ -231,6 +264,13 @@ def register(subparsers) -> None:
     q.add_argument("--calib-samples", type=int_in(1), default=128, help="(prompt, step) denoiser calls kept")
     q.add_argument("--calib-steps", type=int_in(1), default=20, help="denoising steps per calibration prompt")
     q.add_argument("--search-tokens", type=int_in(1), default=512, help="calibration rows per layer for the search")
+    q.add_argument("--blockwise", action="store_true", help="quantize one block at a time (GPU memory: one block + "
+                   "its samples); kill-safe, finished blocks go to --work-dir")
+    q.add_argument("--work-dir", default="quantduo-work", help="--blockwise state: samples, finished blocks")
+    q.add_argument("--resume", action="store_true", help="continue the --blockwise run in --work-dir")
+    q.add_argument("--sequential", action="store_true", help="--blockwise: calibrate each block on the outputs of "
+                   "the already-quantized blocks (default: full-precision outputs)")
+    q.add_argument("--spill", action="store_true", help="--blockwise: keep calibration activations on disk")
     q.set_defaults(func=cmd_quantize)
     g = subparsers.add_parser("generate", help="generate an image with a (quantized) local pipeline")
     _common(g)

@@ -24,9 +24,12 @@ class SVDQuantConfig:
         svd: ``"randomized"`` (``torch.svd_lowrank``) or ``"exact"`` (float64 full SVD) for the final branch;
             the smoothing search always uses the randomized SVD.
         search_tokens: calibration rows per layer used by the error objectives.
+        search_batch_bytes: working memory of the smoothing search: candidates are solved in batches that fit it
+            (one batched randomized SVD per batch).
         skip: layers kept in full precision.
         weight_only: layers quantized W4A16 (16-bit activations; no smoothing and no low-rank unless
-            ``w4a16_svdquant``).
+            ``w4a16_svdquant``); ``"auto"`` in the list adds the linears whose inputs never depend on the
+            model call's token streams (:mod:`quantduo.svdquant.dataflow`: adaLN modulation, time projections).
         w4a16_svdquant: W4A16 layers (``act_format="none"`` or ``weight_only``) get SVDQuant's smoothing search
             (activation-aware: salient input channels scaled up before the weights are quantized) and its
             rank-``rank`` low-rank branch. On GPUs both fold into the reconstructed weight above 64 tokens, so
@@ -46,6 +49,7 @@ class SVDQuantConfig:
     lowrank_iters: int = 100
     svd: str = "randomized"
     search_tokens: int = 512
+    search_batch_bytes: int = 2 << 30
     skip: list[str] = field(default_factory=list)
     weight_only: list[str] = field(default_factory=list)
     w4a16_svdquant: bool = False
@@ -61,8 +65,8 @@ class SVDQuantConfig:
             raise ValueError(f"act_format must be 'int4', 'nvfp4' or 'none', got {self.act_format!r}")
         if self.svd not in ("randomized", "exact"):
             raise ValueError(f"svd must be 'randomized' or 'exact', got {self.svd!r}")
-        if self.group_size <= 0 or self.rank < 0 or self.search_tokens <= 0:
-            raise ValueError("group_size and search_tokens must be positive and rank non-negative")
+        if self.group_size <= 0 or self.rank < 0 or self.search_tokens <= 0 or self.search_batch_bytes <= 0:
+            raise ValueError("group_size, search_tokens and search_batch_bytes must be positive and rank non-negative")
         getattr(torch, self.dtype)  # validates the dtype name
 
     @property

@@ -8,11 +8,13 @@ the iterative residual refinement of the paper.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from quantduo.formats import quantizers as qz
 from .config import SVDQuantConfig
+from .phases import phase
 from .smoothing import smooth_scale, smoothing_grid
 
 _OVERSAMPLE = 8
@@ -22,30 +24,30 @@ _POWER_ITERS = 2
 def lowrank_factors(
     w: torch.Tensor, rank: int, method: str = "randomized", seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-``rank`` approximation ``w ~= up @ down.T`` with balanced factors.
+    """Best rank-``rank`` approximation ``w ~= up @ down.T`` with balanced factors, of one matrix or a batch.
 
     Args:
-        w: float ``[N, K]``.
+        w: float ``[..., N, K]``.
         method: ``"exact"`` (float64 full SVD) or ``"randomized"`` (``torch.svd_lowrank``, seeded).
     Returns:
-        up: float32 ``[N, rank]``, down: float32 ``[K, rank]`` (``up = U sqrt(S)``, ``down = V sqrt(S)``).
+        up: float32 ``[..., N, rank]``, down: float32 ``[..., K, rank]`` (``up = U sqrt(S)``, ``down = V sqrt(S)``).
     """
-    n, k = w.shape
+    n, k = w.shape[-2:]
     if rank == 0:
-        return w.new_zeros(n, 0, dtype=torch.float32), w.new_zeros(k, 0, dtype=torch.float32)
+        return w.new_zeros(*w.shape[:-1], 0, dtype=torch.float32), w.new_zeros(*w.shape[:-2], k, 0, dtype=torch.float32)
     if rank > min(n, k):
         raise ValueError(f"rank {rank} exceeds min(out_features, in_features) = {min(n, k)}")
     if method == "exact" or rank + _OVERSAMPLE >= min(n, k):
         u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-        u, s, v = u[:, :rank], s[:rank], vh[:rank].T
+        u, s, v = u[..., :rank], s[..., :rank], vh[..., :rank, :].mT
     elif method == "randomized":
         with torch.random.fork_rng(devices=[w.device] if w.is_cuda else []):
             torch.manual_seed(seed)
             u, s, v = torch.svd_lowrank(w.float(), q=rank + _OVERSAMPLE, niter=_POWER_ITERS)
-        u, s, v = u[:, :rank], s[:rank], v[:, :rank]
+        u, s, v = u[..., :rank], s[..., :rank], v[..., :rank]
     else:
         raise ValueError(f"unknown SVD method {method!r}")
-    root = s.sqrt()
+    root = s.sqrt().unsqueeze(-2)
     return (u * root).float(), (v * root).float()
 
 
@@ -84,16 +86,35 @@ class _Objective:
         self.ref_energy = self.y_ref.pow(2).sum().clamp(min=1e-30)
 
     def smoothed_inputs(self, smooth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns the smoothed rows, their quantized view and the activation shift ``[K]``."""
+        """For smoothing factors ``[..., K]``: the smoothed rows ``[..., T, K]``, their quantized view and the
+        activation shift ``[..., 1, K]`` (``[K]`` for one candidate)."""
         act_shift = act_shift_for(self.x_min, smooth) if self.act_format == "uint4" else torch.zeros_like(smooth)
+        if smooth.dim() > 1:
+            smooth, act_shift = smooth.unsqueeze(-2), act_shift.unsqueeze(-2)
         x_smooth = self.x / smooth
         return x_smooth, fake_quant_act(x_smooth, self.act_format, self.act_group, act_shift), act_shift
 
     def __call__(self, x_smooth, x_quant, residual_q, up, down) -> float:
-        y = x_quant @ residual_q.T
-        if up.shape[1]:
-            y = y + (x_smooth @ down) @ up.T
-        return float((y - self.y_ref).pow(2).sum() / self.ref_energy)
+        return float(self.errors(x_smooth, x_quant, residual_q, up, down))
+
+    def errors(self, x_smooth, x_quant, residual_q, up, down) -> torch.Tensor:
+        """Relative errors ``[...]`` of candidates batched over leading dims: ``x_* [..., T, K]``,
+        ``residual_q [..., N, K]``, ``up [..., N, r]``, ``down [..., K, r]``."""
+        y = x_quant @ residual_q.mT
+        if up.shape[-1]:
+            y = y + (x_smooth @ down) @ up.mT
+        return (y - self.y_ref).pow(2).sum((-2, -1)) / self.ref_energy
+
+
+def _candidates_per_batch(w_shape: torch.Size, tokens: int, cfg: SVDQuantConfig) -> int:
+    """Smoothing candidates solved in one batch: as many as fit ``cfg.search_batch_bytes`` (float32 working set of
+    about four ``[N, K]`` weights and four ``[T, max(N, K)]`` activations per candidate); NVFP4 (per-tensor scales)
+    one at a time."""
+    if cfg.weight_format == "nvfp4" or cfg.act_format == "nvfp4":
+        return 1
+    n, k = w_shape
+    per_candidate = 4 * (4 * n * k + 4 * tokens * max(n, k))
+    return max(1, cfg.search_batch_bytes // per_candidate)
 
 
 def act_shift_for(x_min: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
@@ -129,21 +150,32 @@ def solve_group(
     def quant_residual(residual: torch.Tensor) -> torch.Tensor:
         return qz.fake_quant(residual, cfg.weight_format, weight_group, cfg.torch_dtype)
 
-    def candidate_error(s: torch.Tensor) -> float:
+    def candidate_errors(s: torch.Tensor) -> torch.Tensor:
+        """Errors ``[C]`` of smoothing candidates ``s [C, K]``, solved together (one batched randomized SVD)."""
         x_smooth, x_quant, _ = obj.smoothed_inputs(s)
-        up, down = lowrank_factors(w * s, rank, "randomized", cfg.seed)
-        return obj(x_smooth, x_quant, quant_residual(w * s - up @ down.T), up, down)
+        w_hat = w * s.unsqueeze(-2)
+        up, down = lowrank_factors(w_hat, rank, "randomized", cfg.seed)
+        return obj.errors(x_smooth, x_quant, quant_residual(w_hat - up @ down.mT), up, down)
 
     best_ab, best_smooth = (0.0, 0.0), torch.ones(w.shape[1], device=w.device)
     if smooth:
-        w_absmax = w.abs().amax(dim=0)
-        best_err = float("inf")
-        for a, b in smoothing_grid():
-            s = smooth_scale(x_absmax.to(w.device), w_absmax, a, b).to(cfg.torch_dtype).float()
-            err = candidate_error(s)
-            if err < best_err:
-                best_ab, best_err, best_smooth = (a, b), err, s
+        with phase("search"):
+            grid = smoothing_grid()
+            w_absmax = w.abs().amax(dim=0)
+            scales = torch.stack([smooth_scale(x_absmax.to(w.device), w_absmax, a, b) for a, b in grid])
+            scales = scales.to(cfg.torch_dtype).float()
+            chunk = _candidates_per_batch(w.shape, x_sample.shape[0], cfg)
+            errors = torch.cat([candidate_errors(c) for c in scales.split(chunk)])
+            best = int(errors.argmin())
+            best_ab, best_smooth = grid[best], scales[best]
+    with phase("svd"):
+        return _refine(w, best_smooth, best_ab, obj, quant_residual, rank, cfg)
 
+
+def _refine(w: torch.Tensor, best_smooth: torch.Tensor, best_ab: tuple[float, float], obj: _Objective,
+            quant_residual: Callable[[torch.Tensor], torch.Tensor], rank: int, cfg: SVDQuantConfig) -> GroupSolution:
+    """The iterative low-rank / residual refinement of ``w [N, K]`` at the chosen smoothing ``[K]`` (early stop on
+    no gain)."""
     x_smooth, x_quant, act_shift = obj.smoothed_inputs(best_smooth)
     w_hat = w * best_smooth
     best, iters = None, 0

@@ -13,8 +13,10 @@ from quantduo.utils import progress_bar, relative_error
 
 from .calibration import ActivationRecorder, CalibrationError, InputStats
 from .config import SVDQuantConfig, matches
+from .dataflow import StreamTracker
 from .linear import SVDQuantLinear, padded_features
 from .lowrank import GroupSolution, solve_group
+from .phases import phase
 
 # post-GELU inputs never go below GELU's minimum (-0.17); anything at or above this is treated as shifted-unsigned
 _UNSIGNED_MIN = -0.2
@@ -156,8 +158,8 @@ def max_rank(model: nn.Module, cfg: SVDQuantConfig) -> int:
     return min(sizes, default=0)
 
 
-def _act_format_for(name: str, stats: InputStats, cfg: SVDQuantConfig) -> str:
-    if cfg.act_format == "none" or matches(name, cfg.weight_only):
+def _act_format_for(name: str, stats: InputStats, cfg: SVDQuantConfig, conditioning: set[str]) -> str:
+    if cfg.act_format == "none" or matches(name, cfg.weight_only) or name in conditioning:
         return "none"
     if cfg.act_format == "int4":
         auto = "auto" in cfg.unsigned_act
@@ -194,6 +196,13 @@ def _quantize_group(
         smooth=cfg.smooth and (not weight_only or cfg.w4a16_svdquant),
         x_min=qz.pad_to_multiple(stats.minimum.to(device), k_pad) if act_format == "uint4" else None,
     )
+    with phase("pack"):
+        return _build_members(model, names, members, sol, rows, act_format, weight_only, cfg)
+
+
+def _build_members(model: nn.Module, names: list[str], members: list[nn.Linear], sol: GroupSolution,
+                   rows: torch.Tensor, act_format: str, weight_only: bool, cfg: SVDQuantConfig) -> list[LayerReport]:
+    """Build each member's :class:`SVDQuantLinear` from its rows of ``sol``, swap it into ``model``, report it."""
     reports, start = [], 0
     for name, linear in zip(names, members):
         sl = slice(start, start + linear.out_features)
@@ -216,6 +225,28 @@ def layer_error(module: SVDQuantLinear, linear: nn.Linear, x: torch.Tensor) -> f
     return relative_error(y_q, x.float() @ linear.weight.float().T)
 
 
+def _calibrate(model: nn.Module, calib_fn: Callable[[nn.Module], None], recorder: ActivationRecorder,
+               layers: dict[str, nn.Linear], cfg: SVDQuantConfig) -> set[str]:
+    """Run ``calib_fn(model)`` under ``recorder``; with ``"auto"`` in ``cfg.weight_only`` also track the token streams
+    (:mod:`.dataflow`) and return the linears that read conditioning only (else the empty set).
+
+    Raises:
+        CalibrationError: a linear read a token stream in some calls and conditioning only in others.
+    """
+    if "auto" not in cfg.weight_only:
+        with phase("capture"), recorder, torch.no_grad():
+            calib_fn(model)
+        return set()
+    tracker = StreamTracker(model, layers)
+    with phase("capture"), recorder, tracker, torch.no_grad():
+        calib_fn(model)
+    ambiguous = [n for n in tracker.ambiguous() if not matches(n, cfg.weight_only)]
+    if ambiguous:
+        raise CalibrationError(f"layer {ambiguous[0]!r} read a token stream in some calls and only per-sample "
+                               "conditioning in others: name it in skip or weight_only")
+    return tracker.conditioning_only()
+
+
 def quantize_model(
     model: nn.Module,
     calib_fn: Callable[[nn.Module], None],
@@ -236,8 +267,7 @@ def quantize_model(
     cfg = config or SVDQuantConfig()
     layers, reports = _select_layers(model, cfg)
     recorder = ActivationRecorder(layers, max_rows=cfg.search_tokens, seed=cfg.seed)
-    with recorder, torch.no_grad():
-        calib_fn(model)
+    conditioning = _calibrate(model, calib_fn, recorder, layers, cfg)
     for name in [n for n in layers if n not in recorder.stats]:
         reports.append(LayerReport(name, "skipped", "never called during calibration"))
         del layers[name]
@@ -245,7 +275,7 @@ def quantize_model(
         raise CalibrationError("the model has no nn.Linear layers to quantize")
     names = list(layers)
     groups = recorder.shared_input_groups(names) if cfg.share_inputs else [[n] for n in names]
-    formats = {n: _act_format_for(n, recorder.stats[n], cfg) for n in names}
+    formats = {n: _act_format_for(n, recorder.stats[n], cfg, conditioning) for n in names}
     work = [g for group in groups for g in _split_by_format(group, formats)]
     with torch.no_grad():
         for group in progress_bar(work, desc="SVDQuant", unit="group", progress=progress):

@@ -9,16 +9,18 @@ Importing this package registers ``quant_method: "quantduo"`` with diffusers (:m
 * :mod:`.fusions` — GELU and concatenation inside the fp8 activation quantization.
 """
 from .backend import QuantDuoConfig, QuantDuoQuantizer, QuantizationConfigError, mark_quantized
-from .calibration import CalibrationSample, capture_calibration_inputs, quantize_transformer, replay_fn
+from .calibration import (CalibrationSample, block_names, capture_calibration_inputs, quantize_transformer,
+                          quantize_transformer_blockwise, replay_fn)
 from .fusions import FusedFluxSingleBlock, FusedGeluMLP, enable_fusions
 from .pipeline import (cast_denoiser, denoiser_skeleton, is_quantized_pipeline, load_into_pipeline, load_pipeline,
                        load_quantized_transformer, quantduo_config_for, read_denoiser_config, save_pipeline,
                        save_quantized_transformer)
-from .rules import MODEL_RULES, ModelRules, denoiser_of, quantization_config, rules_for
+from .rules import ModelRules, block_lists, denoiser_of, quantization_config, resolved_rules, rules_for
 
-__all__ = ["MODEL_RULES", "CalibrationSample", "FusedFluxSingleBlock", "FusedGeluMLP", "ModelRules", "QuantDuoConfig",
-           "QuantDuoQuantizer", "QuantizationConfigError", "capture_calibration_inputs", "cast_denoiser",
-           "denoiser_of", "denoiser_skeleton", "enable_fusions", "is_quantized_pipeline", "load_into_pipeline",
-           "load_pipeline", "load_quantized_transformer", "mark_quantized", "quantduo_config_for",
-           "quantization_config", "quantize_transformer", "read_denoiser_config", "replay_fn",
+__all__ = ["CalibrationSample", "FusedFluxSingleBlock", "FusedGeluMLP", "ModelRules", "QuantDuoConfig",
+           "QuantDuoQuantizer", "QuantizationConfigError", "block_lists", "block_names", "capture_calibration_inputs",
+           "cast_denoiser", "denoiser_of", "denoiser_skeleton", "enable_fusions", "is_quantized_pipeline",
+           "load_into_pipeline", "load_pipeline", "load_quantized_transformer", "mark_quantized", "quantduo_config_for",
+           "quantization_config", "quantize_transformer", "quantize_transformer_blockwise", "read_denoiser_config",
+           "replay_fn", "resolved_rules",
            "rules_for", "save_pipeline", "save_quantized_transformer"]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from quantduo.svdquant import QuantizationReport, SVDQuantConfig, quantize_model
+from quantduo.svdquant.blockwise import quantize_blockwise
 from quantduo.utils import progress_bar
 
 from .rules import denoiser_of, quantization_config, rules_for
@@ -133,3 +134,27 @@ def quantize_transformer(
     config = config or quantization_config(model)
     rules_for(model)  # clear error for unsupported classes even with an explicit config
     return quantize_model(model, replay_fn(samples, progress), config, progress=progress)
+
+
+def block_names(model: nn.Module) -> list[str]:
+    """The blocks of a diffusers denoiser (every element of its block lists, :func:`~.rules.rules_for`) in order."""
+    return [f"{lst}.{i}" for lst in rules_for(model).blocks for i in range(len(model.get_submodule(lst)))]
+
+
+def quantize_transformer_blockwise(
+    model: nn.Module,
+    samples: list[CalibrationSample],
+    work_dir: str,
+    config: SVDQuantConfig | None = None,
+    **options: Any,
+) -> QuantizationReport:
+    """:func:`quantize_transformer` one block at a time (:func:`quantduo.svdquant.blockwise.quantize_blockwise`:
+    one block on the device at a time, kill-safe, ``resume=True`` continues a run in ``work_dir``).
+
+    ``options``: ``resume``, ``sequential``, ``spill``, ``device``, ``progress`` of ``quantize_blockwise``.
+    """
+    if not samples:
+        raise ValueError("no calibration samples: run capture_calibration_inputs first")
+    config = config or quantization_config(model)
+    calls = [(s.args, s.kwargs) for s in samples]
+    return quantize_blockwise(model, block_names(model), calls, config, work_dir, **options)

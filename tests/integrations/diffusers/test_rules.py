@@ -21,8 +21,8 @@ def _status(report, name):
 
 
 MODELS = {
-    "pixart": (tiny_pixart, ["adaln_single.emb.timestep_embedder.linear_1", "caption_projection.linear_1", "proj_out"],
-               ["adaln_single.linear"], ["transformer_blocks.0.attn2.to_k", "transformer_blocks.0.attn2.to_v"], 0.05),
+    "pixart": (tiny_pixart, ["adaln_single.emb.timestep_embedder.linear_1", "caption_projection.linear_1", "proj_out",
+                             "adaln_single.linear"], [], ["transformer_blocks.0.attn2.to_k", "transformer_blocks.0.attn2.to_v"], 0.05),
     "sd3": (tiny_sd3, ["context_embedder", "time_text_embed.text_embedder.linear_1", "norm_out.linear", "proj_out"],
             ["transformer_blocks.0.norm1.linear", "transformer_blocks.1.norm1_context.linear"],
             ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v"], 0.05),
@@ -141,7 +141,7 @@ def test_flux_fp8_fusions():
 
 
 def test_unsupported_class_is_rejected():
-    with pytest.raises(ValueError, match="unsupported model class"):
+    with pytest.raises(ValueError, match="no nn.ModuleList of attention blocks"):
         quantization_config(torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match="unknown storage format"):
         quantization_config(tiny_flux(), fmt="int3")

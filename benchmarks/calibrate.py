@@ -1,0 +1,132 @@
+"""Block-by-block SVDQuant calibration at full size: FLUX.1 (and a Wan-size video block stack), one device call.
+
+Usage (one GPU):
+    python benchmarks/calibrate.py [--samples 128] [--gpu-gb 16] [--wan-blocks 8] [--wan-samples 16] [--spill]
+    python benchmarks/calibrate.py --small --samples 2 --wan-samples 2   # CPU smoke test: 2 heads, 1-2 blocks
+
+Random-weight BF16 models of the real configs, synthetic calibration calls of the real shapes (FLUX.1-dev: 4096
+image + 512 text tokens per sample; Wan 2.1 14B: 5 latent frames of 60x104 = 7800 video tokens + 512 text tokens),
+quantized by :func:`quantduo.integrations.diffusers.quantize_transformer_blockwise` (INT4 W4A4, rank 32, default
+search settings, full-precision block inputs). The GPU is capped with ``torch.cuda.set_per_process_memory_fraction``
+at ``--gpu-gb``: the run fails if it needs more. Prints per block the elapsed time, then wall time by phase
+(capture: moving / running blocks on calibration calls and collecting statistics; search: the smoothing search;
+svd: the low-rank refinement; pack: building the 4-bit layers), peak GPU memory (``max_memory_allocated``) and peak
+host memory (max RSS, which includes the BF16 model itself). Writes ``calibrate.json`` to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from diffusers import FluxTransformer2DModel, WanTransformer3DModel
+
+from quantduo.integrations.diffusers import (CalibrationSample, block_names, quantization_config,
+                                             quantize_transformer_blockwise)
+from quantduo.svdquant.phases import PHASE_SECONDS, reset_phases
+
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+WAN_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+               text_dim=4096, freq_dim=256, ffn_dim=13824, cross_attn_norm=True, qk_norm="rms_norm_across_heads")
+
+
+def build(cls, config: dict) -> torch.nn.Module:
+    """Random-weight model in BF16 on the CPU (initialised directly in BF16)."""
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = cls(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
+
+
+def flux_samples(n: int) -> list[CalibrationSample]:
+    """FLUX.1-dev calls at 1024x1024: latents ``[1, 4096, 64]``, T5 ``[1, 512, 4096]``, pooled CLIP ``[1, 768]``."""
+    rows, cols = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
+    samples = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(i)
+        kwargs = dict(hidden_states=torch.randn(1, 4096, 64, generator=g).bfloat16(),
+                      encoder_hidden_states=torch.randn(1, 512, 4096, generator=g).bfloat16(),
+                      pooled_projections=torch.randn(1, 768, generator=g).bfloat16(),
+                      timestep=torch.rand(1, generator=g).bfloat16(), guidance=torch.full((1,), 3.5).bfloat16(),
+                      img_ids=img_ids, txt_ids=torch.zeros(512, 3), return_dict=False)
+        samples.append(CalibrationSample((), kwargs, i, 0))
+    return samples
+
+
+def wan_samples(n: int) -> list[CalibrationSample]:
+    """Wan 2.1 calls: latents ``[1, 16, 5, 60, 104]`` (7800 tokens after 1x2x2 patches), UMT5 ``[1, 512, 4096]``."""
+    samples = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(i)
+        kwargs = dict(hidden_states=torch.randn(1, 16, 5, 60, 104, generator=g).bfloat16(),
+                      timestep=torch.randint(0, 1000, (1,), generator=g),
+                      encoder_hidden_states=torch.randn(1, 512, 4096, generator=g).bfloat16(), return_dict=False)
+        samples.append(CalibrationSample((), kwargs, i, 0))
+    return samples
+
+
+def calibrate(name: str, model: torch.nn.Module, samples: list, args) -> dict:
+    """Quantize ``model`` block by block on ``samples``; wall time by phase, peak memory."""
+    config = quantization_config(model)
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    reset_phases()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=args.work) as work:
+        report = quantize_transformer_blockwise(model, samples, work, config, spill=args.spill, device=args.device)
+    total = time.perf_counter() - start
+    result = dict(model=name, blocks=len(block_names(model)), samples=len(samples), seconds=round(total, 1),
+                  phases_s={k: round(v, 1) for k, v in PHASE_SECONDS.items()},
+                  peak_gpu_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                  peak_host_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+                  layers_quantized=len(report.quantized()))
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=128, help="FLUX calibration calls")
+    parser.add_argument("--wan-blocks", type=int, default=8, help="Wan 14B blocks (0: skip Wan)")
+    parser.add_argument("--wan-samples", type=int, default=16)
+    parser.add_argument("--gpu-gb", type=float, default=16.0, help="GPU memory cap (set_per_process_memory_fraction)")
+    parser.add_argument("--spill", action="store_true", help="calibration activations on disk")
+    parser.add_argument("--work", default=None, help="parent folder of the work dirs (default: the system temp)")
+    parser.add_argument("--out", default="out/calibrate")
+    parser.add_argument("--small", action="store_true", help="2-head, 1-2 block configs (smoke test)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    if args.device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_gb * 2**30 / total))
+        print(f"device: {torch.cuda.get_device_name()}, GPU cap {args.gpu_gb} GiB of {total / 2**30:.0f}", flush=True)
+    small = dict(num_attention_heads=2) if args.small else {}
+    results = []
+    t0 = time.perf_counter()
+    flux = build(FluxTransformer2DModel, dict(FLUX_DEV, **small, **(dict(num_layers=1, num_single_layers=1) if args.small else {})))
+    print(f"FLUX.1 built on the CPU in {time.perf_counter() - t0:.0f} s", flush=True)
+    results.append(calibrate("FLUX.1-dev", flux, flux_samples(args.samples), args))
+    del flux
+    if args.wan_blocks:
+        wan = build(WanTransformer3DModel, dict(WAN_14B, num_layers=args.wan_blocks, **small))
+        results.append(calibrate(f"Wan2.1-14B ({args.wan_blocks} of 40 blocks)", wan, wan_samples(args.wan_samples), args))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "calibrate.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

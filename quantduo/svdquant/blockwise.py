@@ -1,0 +1,311 @@
+"""Block-by-block SVDQuant: peak accelerator memory is one block plus one calibration call, and a killed run resumes.
+
+The model's blocks (e.g. a diffusion transformer's ``transformer_blocks.0`` ... ``single_transformer_blocks.37``)
+must form a *chain*: each block's tensor inputs are outputs of the previous block or inputs the previous block
+received too (timestep embedding, RoPE tables). :func:`chain_plan` checks that on one probe call and records how each
+block's call is assembled. Then, block by block: the block moves to the device, is calibrated on its captured
+inputs and quantized by :func:`quantize_model`, its quantized state is written to ``work_dir``, and its outputs
+(full-precision, or the quantized block's with ``sequential=True``, the paper's sequential setting) become the next
+block's inputs. Linears outside the blocks are not touched.
+
+Kill safety: a finished block's state is written atomically (:func:`save_quantized`: weights, then the JSON that
+marks it finished). ``resume=True`` reloads the finished blocks, recomputes the activations flowing through them
+(same operations on the same data: the same bytes) and goes on from the first unfinished block, so the result is
+byte-identical to an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+from tqdm.auto import tqdm
+
+from ..utils import atomic_write
+from .config import SVDQuantConfig
+from .phases import phase
+from .quantize import LayerReport, QuantizationReport, quantize_model
+from .serialization import CONFIG_NAME, load_quantized, save_quantized
+
+Call = tuple[tuple, dict]  # (args, kwargs) of one module call
+MANIFEST = "blockwise.json"
+
+
+class _Stop(Exception):
+    """Raised by a pre-hook to end a forward once the hooked block's inputs are captured."""
+
+
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``obj`` (nested tuples / lists / dicts) with ``fn`` applied to every tensor."""
+    return pytree.tree_map(lambda x: fn(x) if isinstance(x, torch.Tensor) else x, obj)
+
+
+@dataclass
+class Feed:
+    """How one block's call is assembled from the previous block's call and output.
+
+    sources: one per leaf of the call's pytree: ``("out", k)`` the previous output's leaf ``k``, ``("in", k)`` the
+    previous call's leaf ``k``, ``("const", value)`` a non-tensor value.
+    """
+
+    spec: pytree.TreeSpec
+    sources: list[tuple[str, Any]]
+
+    def call(self, previous: Call, output: Any) -> Call:
+        """The call of this block, float tensors as the previous block produced / received them."""
+        prev_in, prev_out = pytree.tree_leaves(previous), pytree.tree_leaves(output)
+        leaves = [prev_out[v] if kind == "out" else prev_in[v] if kind == "in" else v for kind, v in self.sources]
+        return pytree.tree_unflatten(leaves, self.spec)
+
+
+class _ChainProbe:
+    """Hooks on every block: at each block's call, derive its :class:`Feed` from the previous block's call and
+    output, then forget them (one block's activations alive at a time)."""
+
+    def __init__(self, blocks: list[tuple[str, nn.Module]]):
+        self.names = {id(block): name for name, block in blocks}
+        self.feeds: dict[str, Feed] = {}
+        self.order: list[str] = []
+        self._previous: tuple[str, list, list] | None = None  # name, call leaves, output leaves
+        self._call: list = []
+
+    def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        name = self.names[id(module)]
+        if name in self.order:
+            raise ValueError(f"blockwise calibration: block {name!r} is called more than once per model call")
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        if self._previous is not None:
+            prev, prev_in, prev_out = self._previous
+            self.feeds[name] = Feed(spec, [_source(leaf, prev_in, prev_out, name, prev) for leaf in leaves])
+        self.order.append(name)
+        self._call = leaves
+
+    def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self._previous = (self.names[id(module)], self._call, pytree.tree_leaves(output))
+
+
+def chain_plan(model: nn.Module, blocks: list[tuple[str, nn.Module]], call: Call, device: torch.device,
+               home: torch.device) -> list[Feed]:
+    """Run ``model(*call)`` once (each block moved from ``home`` to ``device`` only while it runs; the rest of the
+    model must be on ``device``) and derive the :class:`Feed` of every block after the first.
+
+    Raises:
+        ValueError: the blocks are not called once each in the order given, or a block's tensor input is computed
+            between blocks (not an output or input of the previous block), naming the block.
+    """
+    probe, handles = _ChainProbe(blocks), _offload_hooks(blocks, device, home)
+    for _, block in blocks:
+        handles += [block.register_forward_pre_hook(probe.pre, with_kwargs=True),
+                    block.register_forward_hook(probe.post, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            model(*call[0], **call[1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    expected = [name for name, _ in blocks]
+    if probe.order != expected:
+        missing = [n for n in expected if n not in probe.order]
+        raise ValueError(f"blockwise calibration: block {missing[0] if missing else expected[0]!r} is not called "
+                         f"once in the given order (called: {probe.order[:4]}...)")
+    return [probe.feeds[name] for name in expected[1:]]
+
+
+def _source(leaf: Any, prev_in: list, prev_out: list, name: str, prev: str) -> tuple[str, Any]:
+    if not isinstance(leaf, torch.Tensor):
+        return ("const", leaf)
+    for kind, pool in (("out", prev_out), ("in", prev_in)):
+        for k, candidate in enumerate(pool):
+            if candidate is leaf:
+                return (kind, k)
+    raise ValueError(f"blockwise calibration: an input of block {name!r} (shape {tuple(leaf.shape)}) is computed "
+                     f"between {prev!r} and {name!r}, not passed on from it; the blocks do not form a chain")
+
+
+def first_block_calls(model: nn.Module, block: nn.Module, samples: Sequence[Call], device: torch.device,
+                      store: CallStore) -> CallStore:
+    """Append to ``store`` the call ``block`` receives in ``model(*sample)`` for every sample (on the CPU; ``block``
+    and the later blocks never run)."""
+
+    def stop(module, args, kwargs):
+        store.append(map_tensors((args, kwargs), lambda t: t.detach().to("cpu", copy=True)))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        for args, kwargs in samples:
+            args, kwargs = map_tensors((args, kwargs), lambda t: t.to(device))
+            try:
+                with torch.no_grad():
+                    model(*args, **kwargs)
+            except _Stop:
+                continue
+            raise ValueError("blockwise calibration: the model call never reached its first block")
+    finally:
+        handle.remove()
+    return store
+
+
+def _move_outside_blocks(model: nn.Module, block_names: list[str], device: torch.device) -> None:
+    """Move the parameters and buffers of ``model`` that lie outside every block to ``device``."""
+    for name, module in model.named_modules():
+        if any(name == b or name.startswith(f"{b}.") for b in block_names):
+            continue
+        for key, param in module.named_parameters(recurse=False):
+            param.data = param.data.to(device)
+        for key, buf in module.named_buffers(recurse=False):
+            module._buffers[key] = buf.to(device)
+
+
+def _offload_hooks(blocks: list[tuple[str, nn.Module]], device: torch.device, home: torch.device) -> list:
+    """Hooks moving each block to ``device`` just before it runs and back to ``home`` right after."""
+    handles = []
+    for _, block in blocks:
+        handles += [block.register_forward_pre_hook(lambda m, a: m.to(device) and None),
+                    block.register_forward_hook(lambda m, a, o: m.to(home) and None)]
+    return handles
+
+
+class CallStore:
+    """Calibration calls of one block, in host memory or (``spill_dir``) one file per call on disk."""
+
+    def __init__(self, spill_dir: Path | None = None):
+        self.spill_dir, self.size = spill_dir, 0
+        self._calls: list[Call] = []
+        if spill_dir is not None:
+            shutil.rmtree(spill_dir, ignore_errors=True)
+            spill_dir.mkdir(parents=True)
+
+    def append(self, call: Call) -> None:
+        if self.spill_dir is None:
+            self._calls.append(call)
+        else:
+            torch.save(call, self.spill_dir / f"{self.size}.pt")
+        self.size += 1
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> Call:
+        if self.spill_dir is None:
+            return self._calls[i]
+        return torch.load(self.spill_dir / f"{i}.pt", weights_only=False)
+
+
+def _run(block: nn.Module, store: CallStore, device: torch.device, feed: Feed | None, spill_dir: Path | None
+         ) -> CallStore | None:
+    """``block`` over every stored call; the next block's calls (``None`` after the last block)."""
+    if feed is None:
+        return None
+    calls = CallStore(spill_dir)
+    with torch.no_grad():
+        for i in range(len(store)):
+            call = store[i]
+            args, kwargs = map_tensors(call, lambda t: t.to(device))
+            output = block(*args, **kwargs)
+            calls.append(map_tensors(feed.call(call, output), lambda t: t.detach().to("cpu")))
+    return calls
+
+
+def _replay(store: CallStore, device: torch.device) -> Callable[[nn.Module], None]:
+    def calib_fn(block: nn.Module) -> None:
+        for i in range(len(store)):
+            args, kwargs = map_tensors(store[i], lambda t: t.to(device))
+            block(*args, **kwargs)
+
+    return calib_fn
+
+
+def _check_work_dir(work_dir: Path, manifest: dict, resume: bool) -> None:
+    path = work_dir / MANIFEST
+    if path.is_file():
+        if not resume:
+            raise ValueError(f"{work_dir} holds a blockwise run already: resume it or choose an empty work dir")
+        if json.loads(path.read_text()) != manifest:
+            raise ValueError(f"{work_dir} was made with other settings (config, blocks, samples or mode) than this run")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+
+
+def _quantize_block(block: nn.Module, name: str, store: CallStore, device: torch.device, config: SVDQuantConfig,
+                    block_dir: Path) -> list[LayerReport]:
+    """Load block ``name``'s finished state from ``block_dir``, or calibrate, quantize and save it there."""
+    if (block_dir / CONFIG_NAME).is_file():
+        meta = load_quantized(block, block_dir)
+        return [LayerReport(**r) for r in meta["extra"]["report"]]
+    report = quantize_model(block, _replay(store, device), config, progress=False)
+    layers = [LayerReport(**{**asdict(r), "name": f"{name}.{r.name}", "group": [f"{name}.{g}" for g in r.group]})
+              for r in report.layers]
+    save_quantized(block, block_dir, config, extra={"report": [asdict(r) for r in layers]})
+    return layers
+
+
+def quantize_blockwise(
+    model: nn.Module,
+    block_names: list[str],
+    samples: Sequence[Call],
+    config: SVDQuantConfig,
+    work_dir: str | Path,
+    *,
+    resume: bool = False,
+    sequential: bool = False,
+    spill: bool = False,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> QuantizationReport:
+    """SVDQuant the blocks ``block_names`` of ``model`` (in place), one at a time.
+
+    Args:
+        block_names: module names of the blocks in call order; they must form a chain (:func:`chain_plan`).
+        samples: calibration calls ``(args, kwargs)`` of ``model`` (tensors anywhere; moved to ``device`` per call).
+        config: the :class:`SVDQuantConfig` of every block (its names are matched against names inside a block).
+        work_dir: where finished blocks (and spilled activations) go.
+        resume: continue the run recorded in ``work_dir`` (else ``work_dir`` must hold no run).
+        sequential: calibrate each block on the outputs of the already-quantized blocks (else full precision).
+        spill: keep the calibration activations on disk (one call in host memory at a time).
+        device: where each block runs (default: where ``model``'s first parameter is); blocks go back after.
+    Returns:
+        The per-layer :class:`QuantizationReport` (layer names prefixed with their block's name).
+    """
+    work_dir = Path(work_dir)
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    manifest = dict(config=config.to_dict(), blocks=block_names, samples=len(samples), sequential=sequential)
+    _check_work_dir(work_dir, manifest, resume)
+    blocks = [(name, model.get_submodule(name)) for name in block_names]
+    spill_dir = (lambda i: work_dir / "activations" / str(i % 2)) if spill else (lambda i: None)
+    _move_outside_blocks(model, block_names, device)
+    with phase("capture"):
+        probe = map_tensors(samples[0], lambda t: t.to(device))
+        feeds = chain_plan(model, blocks, probe, device, home) + [None]
+        store = first_block_calls(model, blocks[0][1], samples, device, CallStore(spill_dir(0)))
+    _move_outside_blocks(model, block_names, home)
+    reports: list[LayerReport] = []
+    bar = tqdm(blocks, desc="blockwise SVDQuant", unit="block", disable=not progress)
+    for i, (name, block) in enumerate(bar):
+        bar.set_postfix_str(name)
+        block.to(device)
+        if not sequential:
+            with phase("capture"):
+                next_store = _run(block, store, device, feeds[i], spill_dir(i + 1))
+        reports += _quantize_block(block, name, store, device, config, work_dir / "blocks" / f"{i:04d}")
+        if sequential:
+            with phase("capture"):
+                next_store = _run(block, store, device, feeds[i], spill_dir(i + 1))
+        block.to(home)
+        store = next_store
+    if spill:
+        shutil.rmtree(work_dir / "activations", ignore_errors=True)
+    return QuantizationReport(reports)
+
+
+def finished_blocks(work_dir: str | Path) -> int:
+    """How many blocks of the run in ``work_dir`` are finished (for progress reports and tests)."""
+    blocks = Path(work_dir) / "blocks"
+    return sum(1 for d in blocks.iterdir() if (d / CONFIG_NAME).is_file()) if blocks.is_dir() else 0
+
