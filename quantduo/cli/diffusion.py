@@ -123,22 +123,6 @@ def _calibration_samples(args, pipe, prompts: list[str]) -> list:
     return samples
 
 
-def _calibration_samples(args, pipe, prompts: list[str]) -> list:
-    """Capture the denoiser's calibration calls; with ``--blockwise`` they are kept in ``--work-dir`` (written
-    atomically) and a ``--resume`` run reads them back instead of running the pipeline again."""
-    path = Path(args.work_dir) / "samples.pt" if args.blockwise else None
-    if path is not None and args.resume and path.is_file():
-        return torch.load(path, weights_only=False)
-    samples = capture_calibration_inputs(
-        pipe, prompts, num_samples=args.calib_samples, num_inference_steps=args.calib_steps, seed=args.seed,
-        **_pipe_kwargs(args),
-    )
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: torch.save(samples, tmp))
-    return samples
-
-
 def cmd_quantize(args) -> int:
     """Check every argument, load the pipeline, calibrate, quantize the denoiser, save the folder atomically."""
     attr, config = _check_pipeline_args(args)
