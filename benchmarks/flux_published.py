@@ -23,7 +23,7 @@ from torch import nn
 from quantduo.formats import nunchaku as nk
 from quantduo.integrations.diffusers import enable_fusions
 from quantduo.integrations.published import load_published_transformer
-from quantduo.integrations.published.layouts import BLOCKS, block_roles
+from quantduo.integrations.published.layouts import block_roles
 from quantduo.svdquant import set_execution
 
 RANK = 32
