@@ -18,7 +18,7 @@ def tiny_flux(seed: int = 0, in_channels: int = 16) -> torch.nn.Module:
     ).eval()
 
 
-def _word_tokenizer(max_length: int):
+def word_tokenizer(max_length: int):
     """A transformers fast tokenizer over a small word-level vocabulary, built offline."""
     words = ("a an the of on in with at photo cat dog red blue green house tree sky car bus table bowl fruit man "
              "riding wave snowy mountain sunrise two playing park plate pasta night lighthouse coast").split()
@@ -32,7 +32,7 @@ def _word_tokenizer(max_length: int):
 def tiny_flux_pipeline(seed: int = 0):
     """A complete FluxPipeline from tiny components (CLIP + T5 text encoders, 2-level VAE, tiny FLUX transformer)."""
     torch.manual_seed(seed)
-    vocab = len(_word_tokenizer(16))
+    vocab = len(word_tokenizer(16))
     clip = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                         num_attention_heads=2, max_position_embeddings=16, projection_dim=64,
                                         eos_token_id=2, pad_token_id=0, bos_token_id=0))
@@ -45,6 +45,6 @@ def tiny_flux_pipeline(seed: int = 0):
     )
     return diffusers.FluxPipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip.eval(),
-        tokenizer=_word_tokenizer(16), text_encoder_2=t5.eval(), tokenizer_2=_word_tokenizer(16),
+        tokenizer=word_tokenizer(16), text_encoder_2=t5.eval(), tokenizer_2=word_tokenizer(16),
         transformer=tiny_flux(seed, in_channels=16),
     )

@@ -12,7 +12,9 @@ import diffusers
 import torch
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from .tiny_models import _word_tokenizer, tiny_pixart, tiny_sd3, tiny_sdxl_unet
+from quantduo.models.tiny_flux import word_tokenizer
+
+from .tiny_models import tiny_pixart, tiny_sd3, tiny_sdxl_unet
 
 B, TXT = 2, 6
 Builder = Callable[[], tuple[torch.nn.Module, Callable[[int], dict]]]
@@ -226,20 +228,20 @@ def _clip_with_projection(vocab: int):
 def tiny_sd3_pipeline(seed: int = 0) -> diffusers.StableDiffusion3Pipeline:
     """StableDiffusion3Pipeline: two CLIP-with-projection encoders (32 + 32 = pooled 64), T5 (64), tiny VAE, tiny SD3."""
     torch.manual_seed(seed)
-    vocab = len(_word_tokenizer(16))
+    vocab = len(word_tokenizer(16))
     return diffusers.StableDiffusion3Pipeline(
         transformer=tiny_sd3(seed)[0], scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(),
-        text_encoder=_clip_with_projection(vocab), tokenizer=_word_tokenizer(16),
-        text_encoder_2=_clip_with_projection(vocab), tokenizer_2=_word_tokenizer(16), text_encoder_3=_t5(vocab),
-        tokenizer_3=_word_tokenizer(16),
+        text_encoder=_clip_with_projection(vocab), tokenizer=word_tokenizer(16),
+        text_encoder_2=_clip_with_projection(vocab), tokenizer_2=word_tokenizer(16), text_encoder_3=_t5(vocab),
+        tokenizer_3=word_tokenizer(16),
     )
 
 
 def tiny_pixart_pipeline(seed: int = 0) -> diffusers.PixArtSigmaPipeline:
     """PixArtSigmaPipeline: T5 (64), tiny VAE, tiny PixArt transformer."""
     torch.manual_seed(seed)
-    vocab = len(_word_tokenizer(16))
+    vocab = len(word_tokenizer(16))
     return diffusers.PixArtSigmaPipeline(
-        tokenizer=_word_tokenizer(16), text_encoder=_t5(vocab), vae=_tiny_vae(), transformer=tiny_pixart(seed)[0],
+        tokenizer=word_tokenizer(16), text_encoder=_t5(vocab), vae=_tiny_vae(), transformer=tiny_pixart(seed)[0],
         scheduler=diffusers.DPMSolverMultistepScheduler(),
     )
