@@ -39,16 +39,6 @@ def to_e4m3(y, NATIVE: tl.constexpr):
 
 
 @triton.jit
-def fake_quant_token(xs, scale, QMAX: tl.constexpr):
-    """Per-token 8-bit quantization of ``xs [BM, BK]`` with float32 ``scale [BM]``, as float32 codes:
-    QMAX 127 -> INT8 (round half to even, clamp to +-127), QMAX 448 -> FP8 E4M3 (:func:`round_e4m3`)."""
-    y = tl.minimum(tl.maximum(tl.math.div_rn(xs.to(tl.float32), scale[:, None]), -QMAX * 1.0), QMAX * 1.0)
-    if QMAX == 448:
-        return round_e4m3(y)
-    return round_half_even(y)
-
-
-@triton.jit
 def smooth_tile(x, s):
     """``x / s`` computed in float32 with IEEE division, rounded to ``x``'s dtype."""
     return tl.math.div_rn(x.to(tl.float32), s.to(tl.float32)).to(x.dtype)
@@ -115,12 +105,6 @@ def unpack_int4_f32(b):
 
 
 @triton.jit
-def unpack_uint4(b):
-    """Packed uint8 ``[R, C]`` -> (low nibbles, high nibbles) as int8 in [0, 15]."""
-    return (b & 15).to(tl.int8), (b >> 4).to(tl.int8)
-
-
-@triton.jit
 def gelu_tanh(y):
     """``F.gelu(y, approximate="tanh")`` in float32."""
     u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
@@ -160,32 +144,6 @@ def lowrank_bias_apply(acc, lx, rn, N, LU, R, BIAS, RP: tl.constexpr, HAS_LR: tl
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     return acc
-
-
-@triton.jit
-def lowrank_bias_epilogue(acc, rm, rn, M, N, LXP, S, LU, R, BIAS,
-                          RP: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
-    """``acc [BM, BN]`` float32 + low-rank up-projection + bias (float32 result).
-
-    LXP: float32 partials ``[S, M, R]`` (summed, rounded to the lora dtype); LU: lora_up ``[N, R]``;
-    the product is rounded to the lora dtype as the reference does. RP: R rounded up to a power of 2 >= 16.
-    """
-    lx = None
-    if HAS_LR:
-        SC: tl.constexpr = max(1, 128 // rm.shape[0])  # partials per load round: the tile stays <= 128 x RP
-        lx = lowrank_partials_sum(LXP, S, M, R, rm, RP, SC)
-    return lowrank_bias_apply(acc, lx, rn, N, LU, R, BIAS, RP, HAS_LR, HAS_BIAS, PREC)
-
-
-@triton.jit
-def tile_ids(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-    """Grouped (L2-friendly) mapping of a 1-D program id to (pid_m, pid_n)."""
-    npm = tl.cdiv(M, BM)
-    npn = tl.cdiv(N, BN)
-    width = GROUP_M * npn
-    first = (pid // width) * GROUP_M
-    gsz = tl.minimum(npm - first, GROUP_M)
-    return first + (pid % width) % gsz, (pid % width) // gsz
 
 
 def k_splits(M: int, K: int, bm: int, bk: int, programs: int) -> int:

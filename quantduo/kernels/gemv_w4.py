@@ -70,7 +70,7 @@ def _w4_gemv_kernel(
         scale = tl.load(WS + rn_l[:, None] * (KW // 8) + grp[None, :], mask=(grp < KW // 8)[None, :], other=0.0)
         acc += scale.to(tl.float32) * (128.0 * group_fx - 136.0 * group_x[None, :])
     y = tl.sum(acc, axis=1)
-    if HAS_LR:  # as lowrank_bias_epilogue: partials summed and rounded to the lora dtype, product rounded too
+    if HAS_LR:  # as epilogue_ref: partials summed and rounded to the lora dtype, product rounded too
         rr = tl.arange(0, RP)
         lx = tl.reshape(lowrank_partials_sum(LXP, S, M, R, m + tl.zeros([1], tl.int32), RP, 16), (RP,))
         lu = tl.load(LU + rn_l[:, None] * R + rr[None, :], mask=(rr < R)[None, :], other=0.0)
