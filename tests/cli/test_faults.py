@@ -445,9 +445,12 @@ def test_ctrl_c_in_quantize_keeps_the_old_output(dirs, tmp_path):
     out = tmp_path / "int4"
     shutil.copytree(dirs["quant"], out)
     old = snapshot(out)
-    proc = cli_process(["quantize", "--model", dirs["base"], "--out", out, *SIZE, *QUANTIZE])
+    # more calibration work than QUANTIZE (later options win), so that the signal lands in the work, not in the
+    # interpreter's shutdown after it (which restores the default SIGINT action)
+    longer = ["--calib-samples", "16", "--calib-steps", "6", "--search-tokens", "512"]
+    proc = cli_process(["quantize", "--model", dirs["base"], "--out", out, *SIZE, *QUANTIZE, *longer])
     wait_until_working(proc, "diffusion_pytorch_model.safetensors")
-    time.sleep(1.0)
+    time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     lines = [line for line in err.splitlines() if line.startswith("quantduo")]
