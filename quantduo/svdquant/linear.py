@@ -139,10 +139,23 @@ class SVDQuantLinear(nn.Module):
         self.refresh_derived()
 
     def _ensure_derived(self) -> None:
-        if torch.compiler.is_compiling() or (self.qweight.is_cuda and torch.cuda.is_current_stream_capturing()):
+        """Refresh the derived state if the stored buffers changed (eager calls). While ``torch.compile`` traces,
+        only a layer whose derived state was never computed (buffers filled in place after construction) computes
+        it; during CUDA-graph capture nothing runs (the warm-up calls did)."""
+        if torch.compiler.is_compiling():
+            if self._derived_key is None:
+                self._refresh_outside_graph()
+            return
+        if self.qweight.is_cuda and torch.cuda.is_current_stream_capturing():
             return
         if self._derived_key != self._source_key():
             self.refresh_derived()
+
+    @torch.compiler.disable
+    def _refresh_outside_graph(self) -> None:
+        """:meth:`refresh_derived` run eagerly from a traced forward (one graph break; the guard on
+        ``_derived_key`` then recompiles without it)."""
+        self.refresh_derived()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -598,3 +598,24 @@ def test_gpu_forward_gelu_compiled():
         compiled = torch.compile(lambda a, b: m8.forward_gelu(a, b))(h, attn)
     assert relative_error(eager, expected) < 5e-3
     assert relative_error(compiled, eager) < 1e-3
+
+
+def test_compiled_layer_computes_never_computed_derived_state():
+    """A layer filled in place after construction and compiled before any eager call (as a benchmark building its
+    layers directly does) computes its derived state while it is traced: the compiled a16 output keeps the bias
+    (stale derived state would leave ``bias_a16`` at its zero initialization)."""
+    torch.manual_seed(0)
+    layers = [SVDQuantLinear(64, 32, rank=0, act_format="none", dtype=torch.float32, execution="a16")
+              for _ in range(2)]
+    q, scales = qz.quantize_int4(torch.randn(32, 64), 64, torch.float32)
+    bias = torch.randn(32) * 10
+    for m in layers:
+        with torch.no_grad():
+            m.qweight.copy_(qz.pack_int4(q)); m.wscales.copy_(scales); m.bias.copy_(bias)
+    x = torch.randn(5, 64)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = layers[1](x)  # eager: refreshes first
+        compiled = torch.compile(layers[0])(x)
+    assert relative_error(compiled, expected) < 1e-5
+    assert torch.equal(layers[0].bias_a16, bias)
