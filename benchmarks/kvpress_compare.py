@@ -59,10 +59,13 @@ from transformers import DynamicCache  # noqa: E402
 
 from quantduo.duo import demo  # noqa: E402
 from quantduo.duo.cache import DuoCache  # noqa: E402
+from quantduo.duo.data import PasskeyFormat  # noqa: E402
 from quantduo.duo.deploy import apply_duo, duo_attention_forward, register_attention  # noqa: E402
 from quantduo.duo.patterns import load_pattern  # noqa: E402
 from quantduo.models import tiny_lm  # noqa: E402
 from quantduo.utils import relative_error  # noqa: E402
+
+PASSKEY = PasskeyFormat()
 
 register_attention("duo", duo_attention_forward)
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
@@ -146,7 +149,7 @@ def run_all(model, retrieval: np.ndarray, samples) -> dict[str, list[Run]]:
     duo = apply_duo(copy.deepcopy(model), retrieval, tiny_lm.SINK, tiny_lm.RECENT)
     kvp = copy.deepcopy(model)  # the press leaves state on its attention modules
     press = FixedDuoPress(head_compression_ratio=float((~retrieval).mean()), retrieval=retrieval)
-    n_question = len(tiny_lm.encode(tiny_lm.FORMAT.question.format(name=tiny_lm.FORMAT.names[0])))
+    n_question = len(tiny_lm.encode(PASSKEY.question.format(name=PASSKEY.names[0])))
     runs = {name: [] for name in VARIANTS}
     for s in samples:
         prompt_len, answer = s.questions[0]

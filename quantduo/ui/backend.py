@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError
 
 from quantduo.duo.cache import DuoCache
+from quantduo.duo.data import PasskeyFormat
 from quantduo.duo.decode import GraphedDecoder
 from quantduo.duo.deploy import apply_pattern, chunked_prefill
 from quantduo.duo.patterns import load_pattern
@@ -569,16 +570,19 @@ class Codec:
     join: str = "\n\nQuestion: {question}\nAnswer:"
 
 
+PASSKEY = PasskeyFormat()  # the passkey task the tiny LM was trained on
+
+
 def tiny_lm_example(n_words: int = 420, seed: int = 0) -> tuple[str, str, str]:
     """(document, question, expected answer) for the tiny LM: Markov filler with one passkey sentence far back."""
     words = tiny_lm.haystack_text(n_words, seed).split()
     rng = np.random.default_rng(seed)
-    value = " ".join(rng.choice(list(tiny_lm.FORMAT.value_words), size=tiny_lm.FORMAT.value_len))
-    name = tiny_lm.FORMAT.names[int(rng.integers(len(tiny_lm.FORMAT.names)))]
-    sentence = tiny_lm.FORMAT.insert.format(name=name, value=value).split()
+    value = " ".join(rng.choice(list(PASSKEY.value_words), size=PASSKEY.value_len))
+    name = PASSKEY.names[int(rng.integers(len(PASSKEY.names)))]
+    sentence = PASSKEY.insert.format(name=name, value=value).split()
     cut = n_words // 4
     text = " ".join(words[:cut] + sentence + words[cut:])
-    return text, tiny_lm.FORMAT.question.format(name=name), tiny_lm.FORMAT.answer.format(value=value)
+    return text, PASSKEY.question.format(name=name), PASSKEY.answer.format(value=value)
 
 
 class LongContextEngine:
