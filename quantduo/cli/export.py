@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from quantduo.cli.validate import bad, output_file, output_folder, pipeline_folder
 from quantduo.integrations.diffusers import denoiser_of, load_pipeline
 from quantduo.integrations.published import (EXPORT_LAYOUTS, export_checkpoint, is_published,
                                              load_published_transformer)
@@ -17,13 +18,31 @@ from quantduo.integrations.published import (EXPORT_LAYOUTS, export_checkpoint, 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def _check_export_args(args) -> None:
+    """--model a quantduo-quantized pipeline folder or a published checkpoint, --base a pipeline folder, --out a
+    .safetensors file (nunchaku) or a folder (nunchaku-lite), checked before anything loads."""
+    if is_published(args.model):
+        if args.base is not None:
+            pipeline_folder(args.base, "--base")
+    else:
+        _, config = pipeline_folder(args.model)
+        if (config.get("quantization_config") or {}).get("quant_method") != "quantduo":
+            raise bad("--model", f"{args.model} is not quantized: give a `quantduo quantize` output folder or a "
+                                 f"published SVDQuant checkpoint")
+    if args.layout == "nunchaku":
+        output_file(args.out, "--out", ".safetensors")
+    else:
+        output_folder(args.out, "--out", inputs=[args.model])
+
+
 def cmd_export(args) -> int:
+    _check_export_args(args)
     dtype = DTYPES[args.dtype]
     if is_published(args.model):
         model, _ = load_published_transformer(args.model, args.base, dtype)
     else:
         _, model = denoiser_of(load_pipeline(args.model, dtype))
-    print(f"wrote {export_checkpoint(model, args.out, args.layout)}")
+    print(f"wrote {export_checkpoint(model, args.out, args.layout, made_by={'command': args.command_line})}")
     return 0
 
 

@@ -38,3 +38,14 @@ def test_generate_from_published_layouts(capsys, tmp_path):
         assert np.abs(images[name] - images["base"]).mean() < 8, name
     assert cli(["generate", "--model", str(sources["file"]), *SIZE, "--out", str(tmp_path / "x.png")]) == 2
     assert "argument --base" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+
+def test_export_arguments_are_checked_first(capsys, tmp_path):
+    """export refuses an unquantized pipeline and an output of the wrong kind in one line each, before loading."""
+    assert cli(["example-pipeline", str(tmp_path / "base")]) == 0
+    assert cli(["export", "--layout", "nunchaku", "--model", str(tmp_path / "base"),
+                "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "argument --model" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+    assert cli(["export", "--layout", "nunchaku", "--model", str(tmp_path / "nothing"),
+                "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "argument --model" in capsys.readouterr().err

@@ -25,7 +25,7 @@ from quantduo.formats import nunchaku as nk
 from quantduo.formats import quantizers as qz
 from quantduo.svdquant import SVDQuantLinear
 from quantduo.svdquant.split import SplitProjOut
-from quantduo.utils import atomic_write
+from quantduo.utils import atomic_folder, atomic_write, write_manifest
 
 from .build import modulation_bias_offset
 from .layouts import GELU_SHIFT, Role, block_roles
@@ -166,18 +166,20 @@ def lite_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, config
 
 
-def export_checkpoint(model: nn.Module, out: str | Path, layout: str) -> Path:
-    """Write ``model`` in ``layout`` (:data:`EXPORT_LAYOUTS`): a ``.safetensors`` file for ``"nunchaku"``, a model
-    folder for ``"nunchaku-lite"``. Returns the path written."""
+def export_checkpoint(model: nn.Module, out: str | Path, layout: str, made_by: dict | None = None) -> Path:
+    """Write ``model`` in ``layout`` (:data:`EXPORT_LAYOUTS`): a ``.safetensors`` file for ``"nunchaku"`` (written
+    atomically), a model folder for ``"nunchaku-lite"`` (written as a whole, atomically, with a
+    ``quantduo_manifest.json``; ``made_by`` goes into it). Returns the path written."""
     out = Path(out)
     if layout == "nunchaku":
         return _save(nunchaku_state_dict(model), out, {"config": json.dumps(_model_config(model)),
                                                        "model_class": "NunchakuFluxTransformer2dModel"})
     if layout == "nunchaku-lite":
         tensors, quant = lite_state_dict(model)
-        out.mkdir(parents=True, exist_ok=True)
-        _save(tensors, out / "diffusion_pytorch_model.safetensors")
         config = json.dumps({**_model_config(model), "quantization_config": quant}, indent=2)
-        atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(config))
+        with atomic_folder(out) as tmp:
+            save_file(tensors, str(tmp / "diffusion_pytorch_model.safetensors"))
+            (tmp / "config.json").write_text(config)
+            write_manifest(tmp, {"layout": layout, **(made_by or {})})
         return out
     raise ValueError(f"unknown export layout {layout!r}; choose one of {', '.join(EXPORT_LAYOUTS)}")
