@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from quantduo.cli.validate import bad, output_file, output_folder, pipeline_folder
-from quantduo.integrations.diffusers import denoiser_of, load_pipeline
+from quantduo.integrations.diffusers import denoiser_of, load_pipeline, quantized_by_quantduo
 from quantduo.integrations.published import (EXPORT_LAYOUTS, export_checkpoint, is_published,
                                              load_published_transformer)
 
@@ -26,7 +26,7 @@ def _check_export_args(args) -> None:
             pipeline_folder(args.base, "--base")
     else:
         _, config = pipeline_folder(args.model)
-        if (config.get("quantization_config") or {}).get("quant_method") != "quantduo":
+        if not quantized_by_quantduo(config):
             raise bad("--model", f"{args.model} is not quantized: give a `quantduo quantize` output folder or a "
                                  f"published SVDQuant checkpoint")
     if args.layout == "nunchaku":

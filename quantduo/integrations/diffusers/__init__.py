@@ -13,7 +13,8 @@ from .calibration import (CalibrationSample, block_names, capture_calibration_in
                           quantize_transformer_blockwise, replay_fn)
 from .fusions import FusedFluxSingleBlock, FusedGeluMLP, enable_fusions
 from .pipeline import (cast_denoiser, denoiser_skeleton, is_quantized_pipeline, load_into_pipeline, load_pipeline,
-                       load_quantized_transformer, quantduo_config_for, read_denoiser_config, save_pipeline,
+                       load_quantized_transformer, quantduo_config_for, quantized_by_quantduo,
+                       read_denoiser_config, save_pipeline,
                        save_quantized_transformer)
 from .rules import ModelRules, block_lists, denoiser_of, quantization_config, resolved_rules, rules_for
 
@@ -21,6 +22,7 @@ __all__ = ["CalibrationSample", "FusedFluxSingleBlock", "FusedGeluMLP", "ModelRu
            "QuantDuoQuantizer", "QuantizationConfigError", "block_lists", "block_names", "capture_calibration_inputs",
            "cast_denoiser", "denoiser_of", "denoiser_skeleton", "enable_fusions", "is_quantized_pipeline",
            "load_into_pipeline", "load_pipeline", "load_quantized_transformer", "mark_quantized", "quantduo_config_for",
-           "quantization_config", "quantize_transformer", "quantize_transformer_blockwise", "read_denoiser_config",
+           "quantization_config", "quantize_transformer", "quantized_by_quantduo", "quantize_transformer_blockwise",
+           "read_denoiser_config",
            "replay_fn", "resolved_rules",
            "rules_for", "save_pipeline", "save_quantized_transformer"]

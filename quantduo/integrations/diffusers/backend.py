@@ -174,8 +174,10 @@ class QuantDuoQuantizer(DiffusersQuantizer):
         safetensors_files = [str(f) for f in files if str(f).endswith(".safetensors")]
         if not safetensors_files:
             raise QuantizationConfigError("quantduo checkpoints are safetensors files; found none")
-        verify_manifest(Path(safetensors_files[0]).parent, required=False)  # the config too, where quantduo saved it
-        verify_files(safetensors_files)
+        # a quantduo manifest covers every file, configs included; folders written by a bare save_pretrained have
+        # only the tensor digest in their safetensors metadata (reading the tensors again would hash them twice)
+        if verify_manifest(Path(safetensors_files[0]).parent, required=False) is None:
+            verify_files(safetensors_files)
         return loaded_keys
 
     def get_state_dict_and_metadata(self, state_dict: dict[str, Any], safe_serialization: bool = False

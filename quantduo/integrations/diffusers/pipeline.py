@@ -20,7 +20,7 @@ from quantduo.svdquant import CheckpointError, QuantizationReport, SVDQuantConfi
 from quantduo.svdquant.linear import set_execution
 from quantduo.utils import atomic_folder, show_progress, verify_manifest, write_manifest
 
-from .backend import QuantDuoConfig, mark_quantized
+from .backend import QUANT_METHOD, QuantDuoConfig, mark_quantized
 from .rules import DENOISER_ATTRS, rules_for
 
 MODEL_CONFIG = "config.json"
@@ -68,12 +68,23 @@ def model_class_of(directory: str | Path) -> type:
     quantduo-quantized diffusers model)."""
     path = Path(directory) / MODEL_CONFIG
     config = read_json(path, "a diffusers model folder")
-    if (config.get("quantization_config") or {}).get("quant_method") != "quantduo":
+    if not quantized_by_quantduo(config):
         raise CheckpointError(f"{path} holds no quantduo quantization_config")
-    name = config.get("_class_name", "")
-    if not hasattr(diffusers, name):
-        raise CheckpointError(f"{path} names model class {name!r}, which diffusers does not have")
-    return getattr(diffusers, name)
+    return diffusers_model_class(config, path)
+
+
+def quantized_by_quantduo(config: dict) -> bool:
+    """Whether a model's ``config.json`` (as a dict) carries quantduo's ``quantization_config``."""
+    return (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+
+
+def diffusers_model_class(config: dict, source: str | Path) -> type:
+    """The diffusers model class a ``config.json`` (read from ``source``) names (``CheckpointError`` for a class
+    diffusers does not have)."""
+    cls = getattr(diffusers, str(config.get("_class_name")), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        raise CheckpointError(f"{source} names model class {config.get('_class_name')!r}, which diffusers does not have")
+    return cls
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -103,17 +114,14 @@ def read_denoiser_config(pipeline_dir: str | Path) -> tuple[str, dict]:
 def denoiser_skeleton(config: dict, source: str | Path) -> nn.Module:
     """The denoiser a ``config.json`` (read from ``source``) describes, built on the meta device: its layer shapes
     without memory or weights (``CheckpointError`` for a class diffusers does not have)."""
-    cls = getattr(diffusers, str(config.get("_class_name")), None)
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
-        raise CheckpointError(f"{source} names model class {config.get('_class_name')!r}, which diffusers does not have")
+    cls = diffusers_model_class(config, source)
     with torch.device("meta"):
         return cls.from_config(config)
 
 
 def is_quantized_pipeline(directory: str | Path) -> bool:
     """Whether the pipeline folder's denoiser carries quantduo's ``quantization_config``."""
-    _, config = read_denoiser_config(directory)
-    return (config.get("quantization_config") or {}).get("quant_method") == "quantduo"
+    return quantized_by_quantduo(read_denoiser_config(directory)[1])
 
 
 def load_quantized_transformer(directory: str | Path, device: torch.device | str = "cpu",
