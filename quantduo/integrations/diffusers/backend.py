@@ -15,6 +15,8 @@ the safetensors file, and the layers' derived state is computed on the device th
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,26 @@ def state_digest(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+_METADATA = re.compile(rb'"__metadata__":(\{[^{}]*\})')
+
+
+def sort_safetensors_metadata(path: str | Path) -> None:
+    """Put the ``__metadata__`` keys of a safetensors file's header in sorted order, in place. safetensors writes
+    them in hash-map order, which changes from process to process, so a file with two keys (diffusers' ``format``
+    and :data:`DIGEST_KEY`) is otherwise not reproducible byte for byte; sorting keeps the header's length."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = f.read(size)
+        found = _METADATA.search(header)
+        if found is None:
+            return
+        ordered = json.dumps(json.loads(found.group(1)), separators=(",", ":"), sort_keys=True).encode()
+        if len(ordered) != len(found.group(1)):
+            raise ValueError(f"{path}: unexpected safetensors metadata encoding {found.group(1)[:80]!r}")
+        f.seek(8 + found.start(1))
+        f.write(ordered)
 
 
 def verify_files(files: list[str]) -> None:

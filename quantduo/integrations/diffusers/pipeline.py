@@ -20,7 +20,7 @@ from quantduo.svdquant import CheckpointError, QuantizationReport, SVDQuantConfi
 from quantduo.svdquant.linear import set_execution
 from quantduo.utils import atomic_folder, show_progress, verify_manifest, write_manifest
 
-from .backend import QUANT_METHOD, QuantDuoConfig, mark_quantized
+from .backend import QUANT_METHOD, QuantDuoConfig, mark_quantized, sort_safetensors_metadata
 from .rules import DENOISER_ATTRS, rules_for
 
 MODEL_CONFIG = "config.json"
@@ -51,7 +51,10 @@ def save_quantized_transformer(model: nn.Module, directory: str | Path, config: 
 def _finish_folder(tmp: Path, qconfig: QuantDuoConfig | None, extra_files: dict[str, str],
                    made_by: dict | None) -> None:
     """Complete a folder written by ``save_pretrained``: drop the ``_name_or_path`` entries (absolute paths), add
-    ``extra_files`` and the manifest (``made_by`` plus the format and rank of a quantized denoiser)."""
+    ``extra_files`` and the manifest (``made_by`` plus the format and rank of a quantized denoiser); the safetensors
+    metadata in sorted order, so that the same model always gives the same bytes."""
+    for path in tmp.rglob("*.safetensors"):
+        sort_safetensors_metadata(path)
     for path in tmp.rglob("*.json"):
         config = json.loads(path.read_text())
         if isinstance(config, dict) and "_name_or_path" in config:

@@ -108,3 +108,24 @@ def test_digest_covers_every_tensor(saved, tmp_path):
     save_file(load_file(str(weights)), str(copy / weights.name))  # the same tensors, no digest
     with pytest.raises(QuantizationConfigError, match="records no"):
         diffusers.FluxTransformer2DModel.from_pretrained(copy)
+
+
+def test_safetensors_metadata_in_sorted_order(tmp_path):
+    """safetensors writes metadata keys in hash-map order (it varies between saves); after
+    sort_safetensors_metadata the same tensors and metadata always give the same bytes, and the file reads back."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from quantduo.integrations.diffusers.backend import sort_safetensors_metadata
+
+    contents = set()
+    for i in range(6):
+        path = tmp_path / f"{i}.safetensors"
+        save_file({"w": torch.arange(6.0)}, str(path), metadata={"format": "pt", DIGEST_KEY: "0" * 64})
+        sort_safetensors_metadata(path)
+        contents.add(path.read_bytes())
+        with safe_open(str(path), framework="pt") as f:
+            assert f.metadata() == {"format": "pt", DIGEST_KEY: "0" * 64}
+        assert torch.equal(load_file(str(path))["w"], torch.arange(6.0))
+    assert len(contents) == 1
+    assert next(iter(contents)).find(b'"format"') < next(iter(contents)).find(DIGEST_KEY.encode())
