@@ -86,7 +86,8 @@ class SVDQuantLinear(nn.Module):
         self.register_buffer("fp8_inv_wscale", torch.ones(out_features, **f32), persistent=False)
         self.register_buffer("fp8_inv_smooth", torch.ones(k, **f32), persistent=False)
         self.smoothing_folded_out = True
-        self._derived_key = None
+        self._derived_key = None  # eager staleness check: (data_ptr, version) of the stored buffers
+        self._derived_computed = False  # the flag traced code reads: the same bool in every layer, one guard
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -133,6 +134,7 @@ class SVDQuantLinear(nn.Module):
                 scale = fp8_channel_scale(engine.reconstructed_weight(self))
                 self.fp8_wscale, self.fp8_inv_wscale = scale, 1.0 / scale
         self._derived_key = self._source_key()
+        self._derived_computed = True
 
     def low_rank_updated(self) -> None:
         """Called after ``proj_down`` / ``proj_up`` are replaced (LoRA attachment)."""
@@ -141,9 +143,11 @@ class SVDQuantLinear(nn.Module):
     def _ensure_derived(self) -> None:
         """Refresh the derived state if the stored buffers changed (eager calls). While ``torch.compile`` traces,
         only a layer whose derived state was never computed (buffers filled in place after construction) computes
-        it; during CUDA-graph capture nothing runs (the warm-up calls did)."""
+        it, and the traced code reads a boolean, not the per-layer buffer key (a guard on a value that differs
+        between layers would recompile the graph once per layer); during CUDA-graph capture nothing runs (the
+        warm-up calls did)."""
         if torch.compiler.is_compiling():
-            if self._derived_key is None:
+            if not self._derived_computed:
                 self._refresh_outside_graph()
             return
         if self.qweight.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -154,7 +158,7 @@ class SVDQuantLinear(nn.Module):
     @torch.compiler.disable
     def _refresh_outside_graph(self) -> None:
         """:meth:`refresh_derived` run eagerly from a traced forward (one graph break; the guard on
-        ``_derived_key`` then recompiles without it)."""
+        ``_derived_computed`` then recompiles without it, once)."""
         self.refresh_derived()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -164,7 +168,7 @@ class SVDQuantLinear(nn.Module):
                 state_dict[prefix + new] = state_dict.pop(prefix + old)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        self._derived_key = None
+        self._derived_key, self._derived_computed = None, False
 
     # ------------------------------------------------------------------------------------------
     def compute_dtype_buffers(self) -> tuple[str, ...]:

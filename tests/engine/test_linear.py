@@ -619,3 +619,40 @@ def test_compiled_layer_computes_never_computed_derived_state():
         compiled = torch.compile(layers[0])(x)
     assert relative_error(compiled, expected) < 1e-5
     assert torch.equal(layers[0].bias_a16, bias)
+
+
+def test_compiled_layers_share_one_graph_across_instances():
+    """Traced code must not guard on per-layer values: a stack of identical blocks with a graph break inside each
+    (as diffusers' FLUX blocks have) compiles the block's resumed frame once, not once per block (the recompile
+    storm that ran most of a compiled FLUX step eagerly, past dynamo's recompile limit)."""
+    from torch._dynamo.utils import counters
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = SVDQuantLinear(64, 64, rank=8, dtype=torch.float32, execution="a16")
+            self.second = SVDQuantLinear(64, 64, rank=8, dtype=torch.float32, execution="a16")
+
+        def forward(self, x):
+            x = self.first(x)
+            torch._dynamo.graph_break()
+            return self.second(x)
+
+    torch.manual_seed(0)
+    blocks = nn.Sequential(*(Block() for _ in range(6)))
+    for m in blocks.modules():
+        if isinstance(m, SVDQuantLinear):
+            q, scales = qz.quantize_int4(torch.randn(64, 64), 64, torch.float32)
+            with torch.no_grad():
+                m.qweight.copy_(qz.pack_int4(q)); m.wscales.copy_(scales)
+                m.proj_down.normal_(); m.proj_up.normal_()
+    x = torch.randn(4, 64)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        eager = blocks(x)
+        compiled = torch.compile(blocks)
+        for _ in range(2):
+            out = compiled(x)
+    assert relative_error(out, eager) < 1e-5
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
