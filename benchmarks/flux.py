@@ -119,6 +119,7 @@ def fast_svdquant(linear: nn.Linear, act_format: str, rank: int) -> SVDQuantLine
     module.proj_up.copy_(up)
     if linear.bias is not None:
         module.bias.copy_(linear.bias)
+    module.refresh_derived()
     return module
 
 

@@ -5,10 +5,10 @@ from .config import SVDQuantConfig
 from .linear import SVDQuantLinear, set_execution
 from .lowrank import lowrank_factors, solve_group
 from .quantize import LayerReport, QuantizationReport, max_rank, quantize_model
-from .serialization import CheckpointError, load_quantized, save_quantized
+from .serialization import CheckpointError, load_quantized, refresh_derived, save_quantized
 
 __all__ = [
     "ActivationRecorder", "CalibrationError", "CheckpointError", "LayerReport", "QuantizationReport",
     "SVDQuantConfig", "SVDQuantLinear", "config_for", "load_quantized", "lowrank_factors", "max_rank", "quantize_",
-    "quantize_model", "save_quantized", "set_execution", "solve_group",
+    "quantize_model", "refresh_derived", "save_quantized", "set_execution", "solve_group",
 ]

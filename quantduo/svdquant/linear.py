@@ -22,6 +22,9 @@ per-channel fp8 scale of the reconstructed weight) and ``fp8_inv_smooth`` float3
 """
 from __future__ import annotations
 
+import warnings
+import weakref
+
 import torch
 from torch import nn
 
@@ -34,6 +37,32 @@ WEIGHT_FORMATS = ("int4", "nvfp4")
 ACT_FORMATS = ("int4", "uint4", "nvfp4", "none")
 # checkpoints written before the SVD branch was renamed
 _LEGACY_NAMES = {"lora_down": "proj_down", "lora_up": "proj_up"}
+# Layers whose derived state was never computed since construction or the last state-dict load, and their number
+# (the one value traced code reads while nothing is pending: a single guard for the whole model).
+_PENDING_LAYERS: "weakref.WeakSet[SVDQuantLinear]" = weakref.WeakSet()
+_pending_count = 0
+
+
+def _set_pending(layer: "SVDQuantLinear", pending: bool) -> None:
+    global _pending_count
+    layer._derived_computed = not pending
+    (_PENDING_LAYERS.add if pending else _PENDING_LAYERS.discard)(layer)
+    _pending_count = len(_PENDING_LAYERS)
+
+
+@torch.compiler.disable
+def _refresh_pending_layers(device: torch.device) -> None:
+    """Compute the derived state of every pending layer on ``device``, eagerly, from inside a traced forward: one
+    graph break, which the compiled model keeps (hence the warning: compute the state before compiling)."""
+    pending = [layer for layer in _PENDING_LAYERS if layer.qweight.device == device]
+    warnings.warn(f"{len(pending)} SVDQuantLinear layers computed their derived state inside a compiled forward "
+                  "(buffers filled or loaded, then compiled before any eager call): the compiled model keeps a "
+                  "graph break there; call quantduo.svdquant.refresh_derived(model) before torch.compile",
+                  stacklevel=2)
+    for layer in pending:
+        layer.refresh_derived()
+
+
 _SOURCE_BUFFERS = ("qweight", "wscales", "wscale_global", "smooth_factor", "act_shift", "proj_down", "proj_up", "bias")
 
 
@@ -87,7 +116,7 @@ class SVDQuantLinear(nn.Module):
         self.register_buffer("fp8_inv_smooth", torch.ones(k, **f32), persistent=False)
         self.smoothing_folded_out = True
         self._derived_key = None  # eager staleness check: (data_ptr, version) of the stored buffers
-        self._derived_computed = False  # the flag traced code reads: the same bool in every layer, one guard
+        _set_pending(self, True)
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -134,7 +163,8 @@ class SVDQuantLinear(nn.Module):
                 scale = fp8_channel_scale(engine.reconstructed_weight(self))
                 self.fp8_wscale, self.fp8_inv_wscale = scale, 1.0 / scale
         self._derived_key = self._source_key()
-        self._derived_computed = True
+        if not self._derived_computed:
+            _set_pending(self, False)
 
     def low_rank_updated(self) -> None:
         """Called after ``proj_down`` / ``proj_up`` are replaced (LoRA attachment)."""
@@ -142,24 +172,19 @@ class SVDQuantLinear(nn.Module):
 
     def _ensure_derived(self) -> None:
         """Refresh the derived state if the stored buffers changed (eager calls). While ``torch.compile`` traces,
-        only a layer whose derived state was never computed (buffers filled in place after construction) computes
-        it, and the traced code reads a boolean, not the per-layer buffer key (a guard on a value that differs
-        between layers would recompile the graph once per layer); during CUDA-graph capture nothing runs (the
-        warm-up calls did)."""
+        nothing is checked unless some layer's derived state was never computed (buffers filled in place after
+        construction or loaded, then compiled before any eager call): then every such layer computes it, outside
+        the graph, once. Traced code reads only the module-level pending count, so a compiled model holds no
+        per-layer guard and no graph break once every layer is computed. During CUDA-graph capture nothing runs
+        (the warm-up calls did)."""
         if torch.compiler.is_compiling():
-            if not self._derived_computed:
-                self._refresh_outside_graph()
+            if _pending_count and not self._derived_computed:
+                _refresh_pending_layers(self.qweight.device)
             return
         if self.qweight.is_cuda and torch.cuda.is_current_stream_capturing():
             return
         if self._derived_key != self._source_key():
             self.refresh_derived()
-
-    @torch.compiler.disable
-    def _refresh_outside_graph(self) -> None:
-        """:meth:`refresh_derived` run eagerly from a traced forward (one graph break; the guard on
-        ``_derived_computed`` then recompiles without it, once)."""
-        self.refresh_derived()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -168,7 +193,8 @@ class SVDQuantLinear(nn.Module):
                 state_dict[prefix + new] = state_dict.pop(prefix + old)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        self._derived_key, self._derived_computed = None, False
+        self._derived_key = None
+        _set_pending(self, True)
 
     # ------------------------------------------------------------------------------------------
     def compute_dtype_buffers(self) -> tuple[str, ...]:

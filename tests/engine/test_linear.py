@@ -656,3 +656,38 @@ def test_compiled_layers_share_one_graph_across_instances():
             out = compiled(x)
     assert relative_error(out, eager) < 1e-5
     assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+
+
+def test_compiled_before_eager_warns_and_refresh_derived_avoids_the_break():
+    """Layers filled in place and compiled before any eager call: the traced forward computes every pending layer
+    on the device at once (a warning names the fix; the output is right); after ``refresh_derived(model)`` the
+    compiled model is one graph with no break."""
+    from torch._dynamo.utils import counters
+    from quantduo.svdquant import refresh_derived
+
+    def filled_stack(seed: int) -> nn.Sequential:
+        torch.manual_seed(seed)
+        stack = nn.Sequential(*(SVDQuantLinear(64, 64, rank=4, dtype=torch.float32, execution="a16")
+                                for _ in range(4)))
+        for m in stack:
+            q, scales = qz.quantize_int4(torch.randn(64, 64), 64, torch.float32)
+            with torch.no_grad():
+                m.qweight.copy_(qz.pack_int4(q)); m.wscales.copy_(scales); m.bias.normal_()
+                m.proj_down.normal_(); m.proj_up.normal_()
+        return stack
+
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        expected = filled_stack(0)(x)
+        stack = filled_stack(0)
+        torch._dynamo.reset(); counters.clear()
+        with pytest.warns(UserWarning, match="refresh_derived"):
+            out = torch.compile(stack, backend="eager")(x)
+        assert relative_error(out, expected) < 1e-6
+        assert sum(counters["graph_break"].values()) >= 1
+        stack = filled_stack(0)
+        refresh_derived(stack)
+        torch._dynamo.reset(); counters.clear()
+        out = torch.compile(stack, backend="eager")(x)
+    assert relative_error(out, expected) < 1e-6
+    assert sum(counters["graph_break"].values()) == 0 and counters["stats"]["unique_graphs"] == 1

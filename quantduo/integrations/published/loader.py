@@ -17,7 +17,7 @@ import diffusers
 import torch
 from torch import nn
 
-from quantduo.svdquant import CheckpointError
+from quantduo.svdquant import CheckpointError, refresh_derived
 
 from .build import build_layers, group_keys
 from .reader import LITE_METHOD, PublishedCheckpoint, model_folder, read_checkpoint, read_safetensors, weight_files
@@ -121,7 +121,9 @@ def load_published_transformer(source: str | Path, base: str | Path | None = Non
         raise CheckpointError(f"{len(missing)} model tensors are in neither the checkpoint{where}: {missing}")
     _fill(model, {**grouped.plain, **base_tensors}, dtype)
     report = LoadReport(ckpt.layout, sorted(layers), sorted(grouped.plain), sorted(base_tensors))
-    return model.to(device).eval().requires_grad_(False), report
+    model = model.to(device).eval().requires_grad_(False)
+    refresh_derived(model)  # on the target device, so that a compiled model has no layer left to compute
+    return model, report
 
 
 def load_published_pipeline(source: str | Path, base: str | Path | None = None, dtype: torch.dtype = torch.bfloat16,

@@ -202,3 +202,16 @@ def test_fp8_a16_and_fused_single_block_run_the_loaded_model(loaded, checkpoint)
     for execution in ("a16", "fp8"):
         set_execution(model, execution)
         assert relative_error(run(model), exact) < 0.05, execution
+
+
+def test_loaded_model_compiles_to_one_graph(single_file):
+    """The loader computes every layer's derived state on the target device, so ``torch.compile`` of a freshly
+    loaded transformer traces one graph with no break and gives the eager output."""
+    from torch._dynamo.utils import counters
+
+    model, _ = load_published_transformer(single_file, dtype=torch.float32)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = run(torch.compile(model, backend="eager"))
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert relative_error(compiled, run(model)) < 1e-6
