@@ -172,8 +172,9 @@ class SVDQuantLinear(nn.Module):
         for old, new in _LEGACY_NAMES.items():
             if prefix + old in state_dict and prefix + new not in state_dict:
                 state_dict[prefix + new] = state_dict.pop(prefix + old)
-        if self.wscale_channel is not None and prefix + "wscale_channel" not in state_dict:
-            state_dict[prefix + "wscale_channel"] = torch.ones_like(self.wscale_channel)  # saved before it existed
+        if self.wscale_channel is not None and prefix + "qweight" in state_dict \
+                and prefix + "wscale_channel" not in state_dict:  # an NVFP4 layer saved before channel scales
+            state_dict[prefix + "wscale_channel"] = torch.ones_like(self.wscale_channel)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._derived_key, self._derived_computed = None, False
