@@ -3,7 +3,8 @@
 The layer is any object with the attributes of :class:`quantduo.svdquant.SVDQuantLinear` (``N`` out features,
 ``K`` padded in features, ``r`` rank):
 
-* ``qweight`` uint8 ``[N, K // 2]``, ``wscales`` ``[N, K // G]``, ``wscale_global`` float32 ``[]`` (NVFP4);
+* ``qweight`` uint8 ``[N, K // 2]``, ``wscales`` ``[N, K // G]``, ``wscale_global`` float32 ``[]`` and
+  ``wscale_channel`` float32 ``[N]`` (NVFP4);
 * ``smooth_factor`` / ``act_shift`` ``[K]``, ``proj_down`` ``[K, r]``, ``proj_up`` ``[N, r]``, ``bias`` ``[N]``;
 * derived (kept current by the layer): ``bias_a16`` ``[N]`` (the bias for 16-bit / fp8 activations: the
   unsigned shift's term unfolded), ``fp8_wscale`` / ``fp8_inv_wscale`` float32 ``[N]``, ``fp8_inv_smooth``
@@ -20,6 +21,7 @@ reference     any                        PyTorch: the stored format's arithmetic
 exact, W4A4   <= 64 / more               4-bit activations (kernel 1) + the skinny split-K GEMM /
                                          dequantized activations + weight + cuBLAS
 exact, NVFP4  any                        Triton weight dequantization + the reference arithmetic
+a16, NVFP4    any                        Triton weight dequantization + 16-bit activations (PyTorch)
 a16           1 / <= 64 / more           GEMV / smoothing kernel + skinny GEMM / the weight reconstructed
                                          into a scratch buffer + cuBLAS (also the W4A16 formats' ``exact``)
 fp8           <= 64 / more               ``a16`` / per-token fp8 activations x the weight expanded into fp8
@@ -41,6 +43,7 @@ import torch.nn.functional as F
 from quantduo.formats import quantizers as qz
 from quantduo.formats.fp8 import quantize_fp8_per_token_ref, quantize_fp8_weight
 from quantduo.formats.reference import smooth_input
+from quantduo.formats.registry import act_family
 from quantduo.kernels.act_quant import act_quant
 from quantduo.kernels.dequant_w4 import dequant_w4
 from quantduo.kernels.fp8_linear import expand_w4_fp8, fp8_rowwise_gemm, quantize_fp8_per_token
@@ -98,7 +101,7 @@ def resolve_execution(layer, x: torch.Tensor) -> str:
         return execution
     if not x.is_cuda:
         return "reference"
-    int4 = layer.weight_format == "int4" and layer.act_format != "nvfp4"
+    int4 = layer.weight_format == "int4" and act_family(layer.act_format) != "nvfp4"
     return "fp8" if int4 and has_fp8(x.device) else "exact"
 
 
@@ -156,9 +159,11 @@ def _flat_padded(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def dequantized_residual(layer) -> torch.Tensor:
-    """The layer's 4-bit residual as float32 ``[N, K_padded]`` (smoothed input space)."""
+    """The layer's 4-bit residual as float32 ``[N, K_padded]`` (smoothed input space; NVFP4: times the channel
+    scales)."""
     if layer.weight_format == "nvfp4":
-        return qz.dequantize_nvfp4(qz.unpack_nibbles(layer.qweight), layer.wscales, layer.wscale_global)
+        tensor_scaled = qz.dequantize_nvfp4(qz.unpack_nibbles(layer.qweight), layer.wscales, layer.wscale_global)
+        return tensor_scaled * layer.wscale_channel[:, None]
     return qz.dequantize_groups(qz.unpack_int4(layer.qweight), layer.wscales)
 
 
@@ -180,11 +185,12 @@ def reference_forward(layer, x: torch.Tensor, residual: torch.Tensor | None = No
     return y.to(x.dtype)
 
 
-def a16_reference_forward(layer, x: torch.Tensor) -> torch.Tensor:
+def a16_reference_forward(layer, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """16-bit activations on the stored weights: ``(x / smooth) @ R^T`` in float32 + the low-rank branch +
-    ``bias_a16``. Output in x.dtype, ``[..., N]``."""
+    ``bias_a16``; ``residual`` as in :func:`reference_forward`. Output in x.dtype, ``[..., N]``."""
     x_smooth = _pad_input(layer, x) / layer.smooth_factor.to(x.dtype)
-    y = x_smooth.float() @ dequantized_residual(layer).T + _low_rank(layer, x_smooth).float()
+    residual = dequantized_residual(layer) if residual is None else residual
+    y = x_smooth.float() @ residual.T + _low_rank(layer, x_smooth).float()
     if layer.bias_a16 is not None:
         y = y + layer.bias_a16.float()
     return y.to(x.dtype)
@@ -221,10 +227,12 @@ def _reference_of(execution: str):
 def _kernel_forward(layer, x2: torch.Tensor, execution: str) -> torch.Tensor:
     """``x2 [M, K_padded]`` -> ``[M, N]`` through the kernels of ``execution`` (not ``reference``; fp8 execution
     here only for few tokens). Not traced by ``torch.compile``: these kernels share scratch buffers."""
-    if layer.weight_format == "nvfp4" or layer.act_format == "nvfp4":
-        residual = nvfp4_dequant(layer.qweight, layer.wscales, layer.wscale_global) \
-            if layer.weight_format == "nvfp4" else None
-        return reference_forward(layer, x2[:, : layer.in_features], residual)
+    nvfp4_weights = layer.weight_format == "nvfp4"
+    if nvfp4_weights or (execution == "exact" and act_family(layer.act_format) == "nvfp4"):
+        residual = nvfp4_dequant(layer.qweight, layer.wscales, layer.wscale_global) * layer.wscale_channel[:, None] \
+            if nvfp4_weights else None
+        forward = a16_reference_forward if execution == "a16" else reference_forward
+        return forward(layer, x2[:, : layer.in_features], residual)
     if execution == "exact" and layer.act_format in ("int4", "uint4"):
         return _w4a4_kernels(layer, x2)
     bias = layer.bias if execution == "exact" else layer.bias_a16  # W4A16 formats: the same bias

@@ -13,9 +13,14 @@ rank (a multiple of 16). Every tensor is in the tiled order of Nunchaku's ``mma`
   16 inputs, logical ``[N, K/16]`` viewed as ``(N/128, 1, 4, 4, 8, K/64, 4)`` and permuted by
   :data:`MICRO_SCALE_PERM`;
 * ``bias``, ``wcscales`` ``[N]`` and ``smooth`` ``[K]``: the per-128 swizzle of the scales (one column);
+  ``wcscales`` (NVFP4, optional, module dtype) are per-output-channel weight scales;
 * ``lora_down`` ``[K, r]``: the down factor ``[r, K]`` **applied to the raw input** (``1 / smooth`` folded in),
   ``lora_up`` ``[N, r]``: both in 16x16 tiles (:func:`pack_lowrank`);
-* ``wtscale`` ``[1]``: NVFP4 per-tensor scale.
+* ``wtscale`` ``[1]`` or ``[]`` (NVFP4, optional, any float dtype): per-tensor weight scale, the kernels' ``alpha``.
+
+An NVFP4 weight is ``grid[code] * wscales * wcscales[n] * wtscale`` (E2M1 codes: bit 3 sign, bits 0-2 index of
+0, 0.5, 1, 1.5, 2, 3, 4, 6); deepcompressor writes ``wtscale`` for a per-tensor scale and ``wcscales`` for a
+per-channel one (fused q/k/v: the per-tensor scales of the parts expanded over their rows).
 
 **AWQ W4A16 linears** (TinyChat packing): ``qweight`` int32 ``[N/4, K/2]`` of unsigned codes, ``wscales`` and
 ``wzeros`` ``[G', N]`` with ``G' >= K/64`` (the group dimension may be padded), ``w = code * scale + zero``.
@@ -174,6 +179,9 @@ def check_w4a4(prefix: str, t: dict[str, torch.Tensor]) -> tuple[int, int, int, 
             _expect(f"{prefix}.{name}", t[name], (n,))
     if "wtscale" in t and t["wtscale"].numel() != 1:
         raise LayoutError(f"{prefix}.wtscale must hold one value, got shape {tuple(t['wtscale'].shape)}")
+    for name in ("wcscales", "wtscale"):
+        if name in t and not (t[name].is_floating_point() and t[name].element_size() > 1):
+            raise LayoutError(f"{prefix}.{name} must be float16 / bfloat16 / float32, got {t[name].dtype}")
     if not nvfp4 and ("wcscales" in t or "wtscale" in t):
         raise LayoutError(f"{prefix}: wcscales / wtscale belong to NVFP4 layers, but its wscales are "
                           f"{t['wscales'].dtype}")

@@ -11,6 +11,9 @@ Packed layouts (all little-endian in the last dimension):
 * **NVFP4** — E2M1 codes (bit 3 = sign, bits 0-2 index into ``FP4_E2M1_GRID``), same nibble order.
   One FP8-E4M3 scale per 16 elements and one FP32 per-tensor scale:
   ``x ~= grid[code] * float(scale_fp8) * global_scale``.
+* **NVFP4, Nunchaku's activations** (:func:`quantize_nvfp4_nunchaku`) — the same codes and FP8 scales per 16
+  without a tensor scale: ``x ~= grid[code] * float(scale_fp8)``, the codes taken from the scale before its FP8
+  rounding (what Nunchaku's kernels compute on Blackwell).
 
 Rounding is round-half-to-even (``torch.round``) everywhere.
 """
@@ -162,6 +165,13 @@ def nvfp4_global_scale(x: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, amax / (FP4_E2M1_MAX * FP8_E4M3_MAX), torch.ones_like(amax))
 
 
+def _e2m1_codes(y: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes (uint8, sign bit 3 | grid index) of ``y``: round-half-even onto the grid, saturating at +-6."""
+    y = y.clamp(-FP4_E2M1_MAX, FP4_E2M1_MAX)
+    idx = _fp4_round(y.abs())
+    return (idx | ((y < 0) & (idx > 0)).long() << 3).to(torch.uint8)
+
+
 def quantize_nvfp4(
     x: torch.Tensor, global_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -177,10 +187,18 @@ def quantize_nvfp4(
     scales = (absmax / FP4_E2M1_MAX).clamp(max=FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     scale_f = scales.float()
     safe = torch.where(scale_f > 0, scale_f, torch.ones_like(scale_f)).unsqueeze(-1)
-    y = (g / safe).clamp(-FP4_E2M1_MAX, FP4_E2M1_MAX)
-    idx = _fp4_round(y.abs())
-    codes = (idx | ((y < 0) & (idx > 0)).long() << 3).to(torch.uint8)
-    return codes.reshape(x.shape), scales, global_scale.float()
+    return _e2m1_codes(g / safe).reshape(x.shape), scales, global_scale.float()
+
+
+def quantize_nvfp4_nunchaku(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4 activations as Nunchaku quantizes them (``quantize_w4a4_fp4_from_fpsum_warp``): per 16 elements of
+    the last dim ``s = min(amax * float32(1 / 6), 448)`` in float32; codes = E2M1 of ``x / s`` (round-half-even,
+    saturating; ``s`` before FP8 rounding); the stored scale is ``s`` rounded to float8_e4m3fn (round-half-even).
+    No tensor scale. Returns codes uint8 ``[..., K]`` and scales float8_e4m3fn ``[..., K // 16]``."""
+    g = _grouped(x, NVFP4_GROUP)
+    scale = (g.abs().amax(dim=-1) * torch.tensor(1 / FP4_E2M1_MAX, dtype=torch.float32)).clamp(max=FP8_E4M3_MAX)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)  # all-zero groups: codes 0
+    return _e2m1_codes(g / safe).reshape(x.shape), scale.to(torch.float8_e4m3fn)
 
 
 def dequantize_nvfp4(codes: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
@@ -201,7 +219,8 @@ def fake_quant(
     """Quantize then dequantize the last dim of ``x`` with format ``fmt``; returns float32.
 
     ``fmt``: ``"int4"`` (signed, per-``group_size``), ``"uint4"`` (unsigned), ``"nvfp4"`` (groups of 16,
-    FP8 scales), ``"none"`` (identity). ``scale_dtype``: storage dtype of INT4 group scales.
+    FP8 scales, tensor scale), ``"nvfp4_nunchaku"`` (groups of 16, FP8 scales, no tensor scale:
+    :func:`quantize_nvfp4_nunchaku`), ``"none"`` (identity). ``scale_dtype``: storage dtype of INT4 group scales.
     """
     if fmt == "none":
         return x.float()
@@ -211,4 +230,6 @@ def fake_quant(
         return dequantize_groups(*quantize_uint4(x, group_size, scale_dtype))
     if fmt == "nvfp4":
         return dequantize_nvfp4(*quantize_nvfp4(x))
-    raise ValueError(f"unknown 4-bit format {fmt!r}; expected one of int4, uint4, nvfp4, none")
+    if fmt == "nvfp4_nunchaku":
+        return dequantize_nvfp4(*quantize_nvfp4_nunchaku(x), torch.ones((), device=x.device))
+    raise ValueError(f"unknown 4-bit format {fmt!r}; expected one of int4, uint4, nvfp4, nvfp4_nunchaku, none")

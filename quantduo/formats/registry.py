@@ -13,7 +13,7 @@ Executions:
   weights: ``fp8``, whose few-token calls run the ``a16`` kernels; other CUDA: ``exact``);
 * ``"reference"`` — pure PyTorch, the stored format's own arithmetic (the ground truth of the kernels);
 * ``"exact"`` — the stored format's own arithmetic through the Triton kernels;
-* ``"a16"`` — INT4 weights with 16-bit activations (no activation quantizer);
+* ``"a16"`` — the stored weights with 16-bit activations (no activation quantizer; NVFP4 weights dequantized);
 * ``"fp8"`` — INT4 weights with per-token FP8 E4M3 activations: the whole layer weight (residual, low-rank
   branch and smoothing) expanded into fp8 per call for one fp8 GEMM; few tokens run ``a16``.
 """
@@ -23,7 +23,16 @@ from dataclasses import dataclass
 
 EXECUTIONS = ("auto", "reference", "exact", "a16", "fp8")
 INT4_EXECUTIONS = EXECUTIONS
-NVFP4_EXECUTIONS = ("auto", "reference", "exact")
+NVFP4_EXECUTIONS = ("auto", "reference", "exact", "a16")
+# per-layer activation variants -> the format family they belong to
+_ACT_FAMILIES = {"uint4": "int4", "nvfp4_nunchaku": "nvfp4"}
+
+
+def act_family(act_format: str) -> str:
+    """The format family of a layer's activation format: ``"uint4"`` (shifted post-GELU layers of a W4A4 model)
+    belongs to ``"int4"``, ``"nvfp4_nunchaku"`` (Nunchaku's NVFP4 activations: FP8 scales per 16, no tensor scale;
+    layers loaded from published NVFP4 checkpoints) to ``"nvfp4"``; the others are their own family."""
+    return _ACT_FAMILIES.get(act_format, act_format)
 
 
 @dataclass(frozen=True)
@@ -33,9 +42,11 @@ class StorageFormat:
     Attributes:
         name: the name used by the config, the CLI and saved checkpoints.
         weight_format: packing of the residual weight: ``"int4"`` (signed INT4, nibble-packed, one scale per
-            ``group_size`` inputs) or ``"nvfp4"`` (E2M1 codes, an FP8 scale per 16 inputs and a per-tensor scale).
+            ``group_size`` inputs) or ``"nvfp4"`` (E2M1 codes, an FP8 scale per 16 inputs, a per-tensor and a
+            per-output-channel float32 scale; the channel scales are 1 unless loaded from a Nunchaku file).
         act_format: activations as stored semantics: ``"int4"`` (per-token groups of 64; post-GELU inputs shifted
-            UINT4), ``"nvfp4"`` or ``"none"`` (16-bit).
+            UINT4), ``"nvfp4"`` (layers loaded from Nunchaku files: its variant without a tensor scale, see
+            :func:`act_family`) or ``"none"`` (16-bit).
         group_size: inputs per weight scale.
         low_rank: SVDQuant's smoothing and 16-bit low-rank branch are part of the format.
         executions: the executions that can run it.
@@ -57,11 +68,12 @@ class StorageFormat:
 
     def bits_per_weight(self, in_features: int, out_features: int, rank: int, lowrank_bits: int = 16) -> float:
         """Stored bits per original weight of an ``out_features x in_features`` layer at ``rank``: 4-bit codes,
-        the group scales (16-bit, or 8-bit NVFP4 scales plus a 32-bit tensor scale) and the low-rank factors."""
+        the group scales (16-bit, or 8-bit NVFP4 scales plus a 32-bit tensor scale and 32-bit channel scales) and
+        the low-rank factors."""
         scale_bits = 8 if self.weight_format == "nvfp4" else 16
         bits = 4 + scale_bits / self.group_size
         if self.weight_format == "nvfp4":
-            bits += 32 / (in_features * out_features)
+            bits += 32 * (1 + out_features) / (in_features * out_features)
         if self.low_rank:
             bits += lowrank_bits * rank * (in_features + out_features) / (in_features * out_features)
         return bits
@@ -95,8 +107,8 @@ def format_names() -> tuple[str, ...]:
 
 def find_format(weight_format: str, act_format: str, low_rank: bool) -> StorageFormat:
     """The registered format with this residual packing, activation format and low-rank flag (``act_format``
-    ``"uint4"`` counts as the ``"int4"`` family: shifted post-GELU layers of a W4A4 model)."""
-    family = "int4" if act_format == "uint4" else act_format
+    counts as its :func:`act_family`)."""
+    family = act_family(act_format)
     for fmt in _REGISTRY.values():
         if (fmt.weight_format, fmt.act_format, fmt.low_rank) == (weight_format, family, low_rank):
             return fmt
@@ -106,7 +118,7 @@ def find_format(weight_format: str, act_format: str, low_rank: bool) -> StorageF
 
 def executions_for(weight_format: str, act_format: str) -> tuple[str, ...]:
     """Executions that can run a layer with this residual packing and activation format."""
-    if weight_format == "nvfp4" or act_format == "nvfp4":
+    if weight_format == "nvfp4" or act_family(act_format) == "nvfp4":
         return NVFP4_EXECUTIONS
     if weight_format == "int4":
         return INT4_EXECUTIONS

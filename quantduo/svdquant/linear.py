@@ -3,12 +3,15 @@
 Stored arithmetic: ``y = Q_a(x / smooth_factor + act_shift) @ Q_w(R)^T + (x / smooth_factor) @ proj_down @ proj_up^T
 + bias`` where ``R = W * smooth_factor - proj_up @ proj_down^T`` is the quantized residual (the SVD branch; user
 LoRAs are appended to it as extra ranks, :mod:`quantduo.integrations.lora`). With ``act_format="none"`` it is a
-weight-only (W4A16) layer. Persistent buffers (``N = out_features``, ``K = padded in_features``, ``G = group_size``,
+weight-only (W4A16) layer; ``act_format="nvfp4_nunchaku"`` quantizes activations as Nunchaku's NVFP4 kernels do
+(FP8 scales per 16, no tensor scale: :func:`quantduo.formats.quantizers.quantize_nvfp4_nunchaku`). Persistent buffers (``N = out_features``, ``K = padded in_features``, ``G = group_size``,
 ``r = rank``):
 
 * ``qweight``       uint8 ``[N, K // 2]``           packed residual (layout in :mod:`quantduo.formats.quantizers`)
 * ``wscales``       ``[N, K // G]`` (module dtype)  INT4 group scales, or float8_e4m3fn ``[N, K // 16]`` for NVFP4
 * ``wscale_global`` float32 ``[]``                  NVFP4 per-tensor scale (1.0 for INT4)
+* ``wscale_channel`` float32 ``[N]``                NVFP4 per-output-channel scale (1.0 unless loaded from a Nunchaku
+  file, whose ``wcscales`` it holds); absent for INT4
 * ``smooth_factor`` ``[K]`` (module dtype)           inputs are divided by it
 * ``act_shift``     ``[K]`` (module dtype)           added before unsigned activation quantization (zeros otherwise);
   its effect ``-Q_w(R) @ act_shift`` is already folded into ``bias``
@@ -34,7 +37,7 @@ from quantduo.formats.fp8 import fp8_channel_scale
 from quantduo.formats.registry import check_execution, executions_for
 
 WEIGHT_FORMATS = ("int4", "nvfp4")
-ACT_FORMATS = ("int4", "uint4", "nvfp4", "none")
+ACT_FORMATS = ("int4", "uint4", "nvfp4", "nvfp4_nunchaku", "none")
 # checkpoints written before the SVD branch was renamed
 _LEGACY_NAMES = {"lora_down": "proj_down", "lora_up": "proj_up"}
 # Layers whose derived state was never computed since construction or the last state-dict load, and their number
@@ -63,7 +66,8 @@ def _refresh_pending_layers(device: torch.device) -> None:
         layer.refresh_derived()
 
 
-_SOURCE_BUFFERS = ("qweight", "wscales", "wscale_global", "smooth_factor", "act_shift", "proj_down", "proj_up", "bias")
+_SOURCE_BUFFERS = ("qweight", "wscales", "wscale_global", "wscale_channel", "smooth_factor", "act_shift", "proj_down",
+                   "proj_up", "bias")
 
 
 def padded_features(in_features: int, group_size: int) -> int:
@@ -104,6 +108,8 @@ class SVDQuantLinear(nn.Module):
         self.register_buffer("qweight", torch.zeros(out_features, k // 2, dtype=torch.uint8, device=device))
         self.register_buffer("wscales", torch.ones(out_features, k // group_size, dtype=scale_dtype, device=device))
         self.register_buffer("wscale_global", torch.ones((), dtype=torch.float32, device=device))
+        self.register_buffer("wscale_channel", torch.ones(out_features, dtype=torch.float32, device=device)
+                             if weight_format == "nvfp4" else None)
         self.register_buffer("smooth_factor", torch.ones(k, **fp))
         self.register_buffer("act_shift", torch.zeros(k, **fp))
         self.register_buffer("proj_down", torch.zeros(k, rank, **fp))
@@ -191,6 +197,9 @@ class SVDQuantLinear(nn.Module):
         for old, new in _LEGACY_NAMES.items():
             if prefix + old in state_dict and prefix + new not in state_dict:
                 state_dict[prefix + new] = state_dict.pop(prefix + old)
+        if self.wscale_channel is not None and prefix + "qweight" in state_dict \
+                and prefix + "wscale_channel" not in state_dict:  # an NVFP4 layer saved before channel scales
+            state_dict[prefix + "wscale_channel"] = torch.ones_like(self.wscale_channel)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._derived_key = None

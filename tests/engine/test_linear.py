@@ -452,8 +452,9 @@ def test_set_execution_on_a_model():
     assert set_execution(model, "exact", filter_fn=lambda m, name: name == "3") == 1
     assert [model[i].execution for i in (0, 2, 3)] == ["fp8", "auto", "exact"]
     assert set_execution(model, "exact") == 3
-    with pytest.raises(ValueError, match="no quantized layer can run execution 'a16' \\(formats: nvfp4/nvfp4\\)"):
-        set_execution(nn.Sequential(_random_layer(32, 16, "nvfp4", "nvfp4")), "a16")
+    with pytest.raises(ValueError, match="no quantized layer can run execution 'fp8' \\(formats: nvfp4/nvfp4\\)"):
+        set_execution(nn.Sequential(_random_layer(32, 16, "nvfp4", "nvfp4")), "fp8")
+    assert set_execution(nn.Sequential(_random_layer(32, 16, "nvfp4", "nvfp4")), "a16") == 1  # dequantized weight
     with pytest.raises(ValueError, match="no quantized layers"):
         set_execution(nn.Sequential(nn.Linear(4, 4)), "fp8")
     assert set_execution(nn.Sequential(nn.Linear(4, 4)), "auto") == 0
@@ -475,8 +476,8 @@ def test_bad_inputs(monkeypatch):
     assert m.execution == "fp8"  # unchanged
     with pytest.raises(ValueError, match="execution 'fp8' cannot run nvfp4 weights"):
         SVDQuantLinear(64, 32, weight_format="nvfp4", act_format="nvfp4", execution="fp8")
-    with pytest.raises(ValueError, match="execution 'a16' cannot run int4 weights with nvfp4 activations"):
-        _random_layer(64, 32, "nvfp4").set_execution("a16")
+    with pytest.raises(ValueError, match="execution 'fp8' cannot run int4 weights with nvfp4 activations"):
+        _random_layer(64, 32, "nvfp4").set_execution("fp8")
     with pytest.raises(ValueError, match="weight_format must be one of"):
         SVDQuantLinear(64, 32, weight_format="int8")
     with pytest.raises(ValueError, match="act_format must be one of"):

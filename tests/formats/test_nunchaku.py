@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from quantduo.formats import nunchaku as nk
-from tests.integrations.published.packer import AwqLayer, W4A4Layer, vector_positions
+from tests.integrations.published.packer import (AwqLayer, Nvfp4Layer, W4A4Layer, micro_scale_positions,
+                                                 vector_positions)
 
 G = torch.Generator().manual_seed(0)
 
@@ -46,6 +47,39 @@ def test_w4a4_decode_matches_the_independent_packer():
     assert torch.equal(parts.codes, layer.codes) and torch.equal(parts.wscales, layer.wscales)
     assert torch.equal(parts.smooth, layer.smooth) and torch.equal(parts.bias, layer.bias)
     assert torch.equal(parts.lora_down, layer.lora_down) and torch.equal(parts.lora_up, layer.lora_up)
+
+
+def random_nvfp4(n=256, k=384, r=32) -> Nvfp4Layer:
+    scales = (torch.rand(n, k // 16, generator=G) * 8 + 0.01).to(torch.float8_e4m3fn)
+    return Nvfp4Layer(torch.randint(0, 16, (n, k), generator=G).to(torch.uint8), scales, torch.rand(k, generator=G),
+                      torch.randn(k, r, generator=G), torch.randn(n, r, generator=G), torch.randn(n, generator=G),
+                      wcscales=torch.rand(n, generator=G) + 0.5, wtscale=0.003)
+
+
+def test_packer_micro_scale_positions_are_the_documented_order():
+    logical = torch.arange(128)[:, None] * 4 + torch.arange(4)[None, :]
+    stored = torch.empty(512, dtype=torch.long)
+    stored[micro_scale_positions(128, 64).reshape(-1)] = logical.reshape(-1)
+    assert torch.equal(stored, nk.tile(logical, nk.micro_scale_view(128, 64), nk.MICRO_SCALE_PERM))
+
+
+def test_nvfp4_decode_matches_the_independent_packer():
+    """E2M1 codes through the MMA tiling, fp8 scales through the micro-scale tiling, wcscales through the vector
+    swizzle, wtscale as is."""
+    layer = random_nvfp4()
+    stored = layer.stored()
+    assert stored["wscales"].dtype == torch.float8_e4m3fn and stored["wscales"].shape == (24, 256)
+    parts = nk.decode_w4a4("layer", stored)
+    assert parts.nvfp4 and torch.equal(parts.codes, layer.codes)
+    assert torch.equal(parts.wscales.view(torch.uint8), layer.wscales.view(torch.uint8))
+    assert torch.equal(parts.wcscales, layer.wcscales) and float(parts.wtscale) == pytest.approx(0.003)
+    assert torch.equal(parts.lora_down, layer.lora_down) and torch.equal(parts.smooth, layer.smooth)
+    with pytest.raises(nk.LayoutError, match="wcscales must be float16 / bfloat16 / float32"):
+        nk.decode_w4a4("l", {**stored, "wcscales": stored["wcscales"].to(torch.float8_e4m3fn)})
+    with pytest.raises(nk.LayoutError, match="wtscale must hold one value"):
+        nk.decode_w4a4("l", {**stored, "wtscale": torch.ones(2)})
+    with pytest.raises(nk.LayoutError, match="writing NVFP4 layers is not supported"):
+        nk.encode_w4a4(parts)
 
 
 def test_w4a4_encode_is_the_inverse_and_pads_like_deepcompressor():

@@ -81,6 +81,49 @@ def test_nvfp4_relative_error_is_small():
     assert 0.03 < rel < 0.15  # E2M1 with per-16 scales: measured ~0.09
 
 
+def _nunchaku_nvfp4_brute_force(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nunchaku's activation quantizer restated per element: per 16, ``s = min(amax * float32(1/6), 448)``; each
+    value takes the signed grid value nearest to ``x / s`` (ties: even grid index; beyond 6: 6); dequantized with
+    ``s`` rounded to fp8 E4M3. Returns (dequantized float32, fp8 scales)."""
+    g = x.reshape(x.shape[0], -1, 16)
+    s = (g.abs().amax(-1) * torch.tensor(1 / 6, dtype=torch.float32)).clamp(max=448)
+    out = torch.zeros_like(g)
+    grid = qz.FP4_E2M1_GRID.tolist()
+    for idx in torch.cartesian_prod(*[torch.arange(d) for d in g.shape]).tolist():
+        r, c, e = idx
+        if s[r, c] == 0:
+            continue
+        y = min(abs(float(g[r, c, e]) / float(s[r, c])), 6.0)
+        dists = [abs(y - v) for v in grid]
+        best = min(dists)
+        i = min((j for j in range(8) if dists[j] == best), key=lambda j: (j % 2, j))
+        out[r, c, e] = (grid[i] if g[r, c, e] >= 0 else -grid[i]) * float(s[r, c].to(torch.float8_e4m3fn))
+    return out.reshape(x.shape), s.to(torch.float8_e4m3fn)
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 3), groups=st.integers(1, 3), seed=st.integers(0, 10_000), scale=st.floats(1e-3, 1e4))
+def test_nvfp4_nunchaku_matches_brute_force(rows, groups, seed, scale):
+    """Codes from the scale before its fp8 rounding, no tensor scale; scales clamp at 448 (large inputs saturate)."""
+    x = _tensor(seed, rows, groups * 16, scale)
+    x[0, :16] = 0.0  # an all-zero group
+    codes, scales = qz.quantize_nvfp4_nunchaku(x)
+    expected, expected_scales = _nunchaku_nvfp4_brute_force(x)
+    assert scales.dtype == torch.float8_e4m3fn and torch.equal(scales.float(), expected_scales.float())
+    assert torch.equal(qz.dequantize_nvfp4(codes, scales, torch.tensor(1.0)), expected)
+    assert torch.equal(qz.fake_quant(x, "nvfp4_nunchaku"), expected)
+
+
+def test_nvfp4_nunchaku_differs_from_two_level_nvfp4():
+    """Dividing by the unrounded scale is not quantduo's two-level NVFP4 (which divides by the fp8 scale under a
+    tensor scale): on this group the codes differ."""
+    x = torch.tensor([[5.2, 2.18] + [0.9] * 14])  # s = 5.2 / 6 = 0.8667, fp8(s) = 0.875
+    # 2.18 / 0.8667 = 2.515 -> 3 (Nunchaku); 2.18 / 0.875 = 2.491 -> 2 (two-level NVFP4 with a unit tensor scale)
+    nunchaku = qz.fake_quant(x, "nvfp4_nunchaku")
+    assert float(nunchaku[0, 1]) == 3.0 * 0.875
+    assert float(qz.dequantize_nvfp4(*qz.quantize_nvfp4(x, torch.tensor(1.0)))[0, 1]) == 2.0 * 0.875
+
+
 def test_group_size_must_divide():
     with pytest.raises(ValueError, match="not divisible by group_size 64"):
         qz.quantize_int4(torch.randn(4, 100), 64)

@@ -9,7 +9,7 @@ from quantduo.svdquant import SVDQuantLinear
 
 
 def test_names_and_executions():
-    """The four built-in formats in registration order; INT4 weights run every execution, NVFP4 no a16 / fp8."""
+    """The four built-in formats in registration order; INT4 weights run every execution, NVFP4 no fp8."""
     assert reg.EXECUTIONS == ("auto", "reference", "exact", "a16", "fp8")
     assert reg.format_names()[:4] == ("int4", "nvfp4", "w4a16", "svdq-w4a16")
     expected = {"int4": ("int4", "int4", 64, True), "nvfp4": ("nvfp4", "nvfp4", 16, True),
@@ -21,8 +21,10 @@ def test_names_and_executions():
         assert fmt.executions == reg.executions_for(weight, act)
         assert set(fmt.executions) <= set(reg.EXECUTIONS) and "auto" in fmt.executions and fmt.description
     assert reg.executions_for("int4", "uint4") == reg.EXECUTIONS
-    assert reg.executions_for("nvfp4", "nvfp4") == reg.executions_for("int4", "nvfp4") == ("auto", "reference", "exact")
-    assert reg.executions_for("nvfp4", "int4") == ("auto", "reference", "exact")
+    nvfp4 = ("auto", "reference", "exact", "a16")
+    assert reg.executions_for("nvfp4", "nvfp4") == reg.executions_for("int4", "nvfp4") == nvfp4
+    assert reg.executions_for("nvfp4", "int4") == reg.executions_for("nvfp4", "nvfp4_nunchaku") == nvfp4
+    assert reg.executions_for("int4", "nvfp4_nunchaku") == nvfp4
 
 
 def test_config_fields():
@@ -37,6 +39,8 @@ def test_find_format():
     assert reg.find_format("int4", "int4", True).name == "int4"
     assert reg.find_format("int4", "uint4", True).name == "int4"
     assert reg.find_format("nvfp4", "nvfp4", True).name == "nvfp4"
+    assert reg.find_format("nvfp4", "nvfp4_nunchaku", True).name == "nvfp4"  # layers loaded from Nunchaku files
+    assert [reg.act_family(a) for a in ("uint4", "nvfp4_nunchaku", "int4", "none")] == ["int4", "nvfp4", "int4", "none"]
     assert reg.find_format("int4", "none", False).name == "w4a16"
     assert reg.find_format("int4", "none", True).name == "svdq-w4a16"
     with pytest.raises(ValueError, match="no registered format stores nvfp4 weights with none activations with"):
@@ -50,12 +54,12 @@ def test_find_format():
                                            ("nvfp4", 3072, 3072, 32), ("nvfp4", 96, 64, 8)])
 def test_bits_per_weight(name, n, k, rank):
     """The formula, and what an SVDQuantLinear of that format stores (16-bit scales and low-rank factors; NVFP4:
-    fp8 scales, plus the float32 tensor scale the layer's count leaves out)."""
+    fp8 scales, plus the float32 tensor and channel scales the layer's count leaves out)."""
     fmt = reg.get_format(name)
     bits = fmt.bits_per_weight(k, n, rank)
     scale_bits = 8 if fmt.weight_format == "nvfp4" else 16
     lowrank = 16 * rank * (n + k) / (n * k) if fmt.low_rank else 0.0
-    tensor_scale = 32 / (n * k) if fmt.weight_format == "nvfp4" else 0.0
+    tensor_scale = 32 * (1 + n) / (n * k) if fmt.weight_format == "nvfp4" else 0.0
     assert bits == pytest.approx(4 + scale_bits / fmt.group_size + lowrank + tensor_scale, rel=1e-12)
     layer = SVDQuantLinear(k, n, rank=rank if fmt.low_rank else 0, weight_format=fmt.weight_format,
                            act_format=fmt.act_format, group_size=fmt.group_size, dtype=torch.bfloat16, device="meta")

@@ -5,10 +5,18 @@ neither the checkpoint nor the base weights provide.
 
 Semantics (as Nunchaku computes them):
 
-* W4A4 layers: ``y = Q(x / smooth) @ R^T + x @ lora_down @ lora_up^T + bias`` with signed INT4 activations
-  (amax / 7 per 64); post-GELU layers (:attr:`~.layouts.Role.shifted`) quantize ``(x + 0.171875) / smooth`` as
-  unsigned INT4 (amax / 15) and their stored bias already holds the shift's terms (used as is). In quantduo
-  terms: ``act_format="uint4"``, ``act_shift = 0.171875 / smooth``, ``proj_down = lora_down * smooth``.
+* W4A4 INT4 layers: ``y = Q(x / smooth) @ R^T + x @ lora_down @ lora_up^T + bias`` with signed INT4
+  activations (amax / 7 per 64); post-GELU layers (:attr:`~.layouts.Role.shifted`) quantize
+  ``(x + 0.171875) / smooth`` as unsigned INT4 (amax / 15) and their stored bias already holds the shift's terms
+  (used as is). In quantduo terms: ``act_format="uint4"``, ``act_shift = 0.171875 / smooth``,
+  ``proj_down = lora_down * smooth``.
+* W4A4 NVFP4 layers (Blackwell files): the same formula with ``R = grid[code] * wscales * wcscales[n] * wtscale``
+  (FP8 scales per 16 inputs, optional per-channel ``wcscales`` and per-tensor ``wtscale``, 1 where absent) and
+  activations quantized per 16 to E2M1 with FP8 scales ``amax / 6`` and no tensor scale
+  (:func:`~quantduo.formats.quantizers.quantize_nvfp4_nunchaku`); every layer signed and unshifted, post-GELU ones
+  included (Nunchaku's kernels shift and quantize unsigned only under INT4). In quantduo terms:
+  ``weight_format="nvfp4"``, ``act_format="nvfp4_nunchaku"``, ``wscale_channel = wcscales``,
+  ``wscale_global = wtscale``.
 * AWQ W4A16 layers: ``w = code * scale + zero``; held exactly as signed codes ``code - o`` (``o`` per group,
   chosen so the codes fit [-8, 7]) plus, where ``o * scale + zero`` is not 0, a rank-``K/64`` branch that adds
   those per-group offsets (``proj_down`` = group indicator, ``proj_up`` = offsets).
@@ -102,7 +110,20 @@ def group_keys(ckpt: PublishedCheckpoint) -> Grouped:
         stored = modules.setdefault(scope + module, StoredModule(scope + module, scope, role))
         stored.tensors[name] = tensor
         stored.keys.append(key)
+    if ckpt.layout == "nunchaku-lite":
+        _check_lite_precision(ckpt, modules.values())
     return Grouped(list(modules.values()), plain, unmapped)
+
+
+def _check_lite_precision(ckpt: PublishedCheckpoint, modules) -> None:
+    """The lite config's ``svdq_w4a4.precision`` must be what the tensors hold (NVFP4: float8 ``wscales``)."""
+    precision = (ckpt.quantization.get("svdq_w4a4") or {}).get("precision")
+    for stored in modules:
+        scales = stored.tensors.get("wscales")
+        if stored.role.kind == "w4a4" and scales is not None and (scales.dtype == torch.float8_e4m3fn) != (
+                precision == "nvfp4"):
+            raise CheckpointError(f"{stored.prefix}: quantization_config says svdq_w4a4 precision {precision!r}, "
+                                  f"but its wscales are {scales.dtype}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,10 +168,6 @@ def _w4a4_layers(stored: StoredModule, model: nn.Module, dtype: torch.dtype) -> 
         parts = nk.decode_w4a4(stored.prefix, stored.tensors)
     except nk.LayoutError as err:
         raise CheckpointError(str(err)) from err
-    if parts.nvfp4:
-        raise CheckpointError(f"{stored.prefix}: NVFP4 layers are decoded but not loaded: Nunchaku scales NVFP4 "
-                              "activations per 16 without a per-tensor scale (and weights per channel by "
-                              "wcscales), which quantduo's NVFP4 format does not compute")
     shapes = [_target_linear(model, t) for t in stored.targets()]
     _check_fit(stored, shapes, *parts.codes.shape, nk.WARP_N)
     layers, start = {}, 0
@@ -163,15 +180,21 @@ def _w4a4_layers(stored: StoredModule, model: nn.Module, dtype: torch.dtype) -> 
 
 def _w4a4_layer(parts: nk.W4A4Parts, rows: slice, in_features: int, shifted: bool,
                 dtype: torch.dtype) -> SVDQuantLinear:
-    """Output rows ``rows`` of a decoded W4A4 linear as an :class:`SVDQuantLinear` (Nunchaku's semantics)."""
-    out_features = rows.stop - rows.start
-    layer = SVDQuantLinear(in_features, out_features, rank=parts.lora_up.shape[1], bias=parts.bias is not None,
-                           act_format="uint4" if shifted else "int4", dtype=dtype)
+    """Output rows ``rows`` of a decoded W4A4 linear as an :class:`SVDQuantLinear` (Nunchaku's semantics: INT4, or
+    NVFP4 whose layers are never shifted)."""
+    shifted = shifted and not parts.nvfp4
+    layer = SVDQuantLinear(in_features, rows.stop - rows.start, rank=parts.lora_up.shape[1],
+                           bias=parts.bias is not None, weight_format="nvfp4" if parts.nvfp4 else "int4",
+                           act_format=_act_format(parts.nvfp4, shifted), dtype=dtype)
     k = layer.padded_in_features
     smooth = parts.smooth[:k].float()
     with torch.no_grad():
-        layer.qweight.copy_(qz.pack_int4(parts.codes[rows, :k]))
-        layer.wscales.copy_(parts.wscales[rows, : k // nk.INT4_GROUP])
+        layer.qweight.copy_(qz.pack_nibbles(parts.codes[rows, :k]))
+        layer.wscales.copy_(parts.wscales[rows, : k // layer.group_size])
+        if parts.wcscales is not None:
+            layer.wscale_channel.copy_(parts.wcscales[rows])
+        if parts.wtscale is not None:
+            layer.wscale_global.copy_(parts.wtscale)
         layer.smooth_factor.copy_(parts.smooth[:k])
         layer.proj_down.copy_(parts.lora_down[:k].float() * smooth[:, None])
         layer.proj_up.copy_(parts.lora_up[rows])
@@ -180,6 +203,12 @@ def _w4a4_layer(parts: nk.W4A4Parts, rows: slice, in_features: int, shifted: boo
         if parts.bias is not None:
             layer.bias.copy_(parts.bias[rows])
     return layer
+
+
+def _act_format(nvfp4: bool, shifted: bool) -> str:
+    if nvfp4:
+        return "nvfp4_nunchaku"
+    return "uint4" if shifted else "int4"
 
 
 def modulation_order(x: torch.Tensor, splits: int) -> torch.Tensor:

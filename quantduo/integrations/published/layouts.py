@@ -1,14 +1,17 @@
 """The three published SVDQuant layouts: their module names, the role of each module, layout detection.
 
 * ``"nunchaku"`` — the single file written by deepcompressor's converter and merged by Nunchaku's
-  ``merge_safetensors`` (every published ``svdq-int4_r32-*.safetensors``): fused ``qkv_proj`` names, tensors
-  ``qweight, wscales, bias, smooth, smooth_orig, lora_down, lora_up`` (+ ``wzeros`` for AWQ, ``wcscales``,
-  ``wtscale`` for NVFP4);
+  ``merge_safetensors`` (every published ``svdq-int4_r32-*.safetensors`` / ``svdq-fp4_r32-*``): fused ``qkv_proj``
+  names, tensors ``qweight, wscales, bias, smooth, smooth_orig, lora_down, lora_up`` (+ ``wzeros`` for AWQ,
+  ``wcscales``, ``wtscale`` for NVFP4);
 * ``"nunchaku-v2"`` — the same tensors under the names Nunchaku V2 gives them in memory (``attn.to_qkv``,
   ``smooth_factor``, ``proj_down`` / ``proj_up``);
 * ``"nunchaku-lite"`` — diffusers model folders whose ``config.json`` holds ``quant_method: "nunchaku_lite"``:
   diffusers module names listed as targets, tensors ``qweight, wscales, smooth_factor, proj_down, proj_up, bias``
-  (AWQ: ``qweight, wscales, wzeros, bias``), signed activations everywhere, modulation rows in diffusers order.
+  (+ ``wcscales, wtscale`` for NVFP4; AWQ: ``qweight, wscales, wzeros, bias``), signed activations everywhere,
+  modulation rows in diffusers order.
+
+All three load with INT4 (group 64) or NVFP4 (group 16) W4A4 layers and INT4 AWQ W4A16 layers (group 64).
 
 A :class:`Role` says how a stored module maps onto diffusers modules (:mod:`.flux` builds them).
 """
@@ -36,7 +39,8 @@ class Role:
 
     kind: ``"w4a4"`` (SVDQuant), ``"awq"`` (W4A16 modulation) or ``"plain"`` (16-bit tensors renamed);
     targets: diffusers module names relative to the block (output rows split over them in order);
-    shifted: post-GELU input, run as shifted unsigned INT4 (:data:`GELU_SHIFT`);
+    shifted: post-GELU input, run as shifted unsigned INT4 (:data:`GELU_SHIFT`) in INT4 files (NVFP4 files run it
+    signed and unshifted, as Nunchaku does);
     adanorm_splits: Nunchaku's modulation layout (rows interleaved over the ``splits`` chunks, ``+1`` folded into
     the bias of the scale chunks); 0 for diffusers order.
     """

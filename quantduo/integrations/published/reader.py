@@ -18,7 +18,7 @@ from .layouts import detect_file_layout
 
 LITE_METHOD = "nunchaku_lite"
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
-_SUPPORTED_LITE = {"svdq_w4a4": {("int4", 64)}, "awq_w4a16": {("int4", 64)}}
+_SUPPORTED_LITE = {"svdq_w4a4": {("int4", 64), ("nvfp4", 16)}, "awq_w4a16": {("int4", 64)}}
 
 
 @dataclass

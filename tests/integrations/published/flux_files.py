@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tests.integrations.published.packer import (AwqLayer, W4A4Layer, awq_from_weight, bf16, interleave_modulation,
-                                                 w4a4_from_weight)
+                                                 quantized_from_weight)
 
 V2_TENSORS = {"smooth": "smooth_factor", "smooth_orig": "smooth_factor_orig", "lora_down": "proj_down",
               "lora_up": "proj_up"}
@@ -92,8 +92,10 @@ def round_to_bf16(model: nn.Module) -> nn.Module:
     return model
 
 
-def _double_layers(model, block, rank, g):
-    attn = lambda names, shifted=False: w4a4_from_weight(*_cat(model, block, names), rank, g, shifted)  # noqa: E731
+def _double_layers(model, block, rank, g, precision):
+    def attn(names, shifted=False):
+        return quantized_from_weight(precision, *_cat(model, block, names), rank, g, shifted, fused=len(names) > 1)
+
     return {
         "qkv_proj": attn(["attn.to_q", "attn.to_k", "attn.to_v"]),
         "qkv_proj_context": attn(["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]),
@@ -105,14 +107,15 @@ def _double_layers(model, block, rank, g):
     }
 
 
-def _single_layers(model, block, rank, g):
+def _single_layers(model, block, rank, g, precision):
     w, b = _weight(model, f"{block}.proj_out")
     dim = w.shape[1] - model.get_submodule(block).mlp_hidden_dim
+    quantized = lambda *args, **kw: quantized_from_weight(precision, *args, **kw)  # noqa: E731
     return {
-        "qkv_proj": w4a4_from_weight(*_cat(model, block, ["attn.to_q", "attn.to_k", "attn.to_v"]), rank, g),
-        "mlp_fc1": w4a4_from_weight(*_weight(model, f"{block}.proj_mlp"), rank, g),
-        "out_proj": w4a4_from_weight(w[:, :dim], b, rank, g),
-        "mlp_fc2": w4a4_from_weight(w[:, dim:], None, rank, g, shifted=True),
+        "qkv_proj": quantized(*_cat(model, block, ["attn.to_q", "attn.to_k", "attn.to_v"]), rank, g, fused=True),
+        "mlp_fc1": quantized(*_weight(model, f"{block}.proj_mlp"), rank, g),
+        "out_proj": quantized(w[:, :dim], b, rank, g),
+        "mlp_fc2": quantized(w[:, dim:], None, rank, g, shifted=True),
         "norm.linear": interleave_modulation(awq_from_weight(*_weight(model, f"{block}.norm.linear")), 3),
     }
 
@@ -139,15 +142,17 @@ def _stored(prefix: str, layer) -> dict[str, torch.Tensor]:
     return {f"{prefix}.{k}": v for k, v in stored.items()}
 
 
-def flux_checkpoint(model: nn.Module, rank: int = 16, seed: int = 0) -> tuple[dict[str, torch.Tensor], nn.Module, dict]:
+def flux_checkpoint(model: nn.Module, rank: int = 16, seed: int = 0,
+                    precision: str = "int4") -> tuple[dict[str, torch.Tensor], nn.Module, dict]:
     """``(tensors, restated model, logical layers)`` of a Nunchaku single file for ``model`` (a float32 diffusers
-    FLUX whose weights are bf16 values). ``logical layers``: ``{stored module prefix: W4A4Layer | AwqLayer}``."""
+    FLUX whose weights are bf16 values), W4A4 layers in ``precision`` (``"int4"`` or ``"nvfp4"``).
+    ``logical layers``: ``{stored module prefix: W4A4Layer | Nvfp4Layer | AwqLayer}``."""
     g = torch.Generator().manual_seed(seed)
     ref, tensors, logical = copy.deepcopy(model), {}, {}
     quantized_owners = set()
     for i, blk in enumerate(model.transformer_blocks):
         block = f"transformer_blocks.{i}"
-        layers = _double_layers(model, block, rank, g)
+        layers = _double_layers(model, block, rank, g, precision)
         for name, layer in layers.items():
             logical[f"{block}.{name}"] = layer
             tensors.update(_stored(f"{block}.{name}", layer))
@@ -162,7 +167,7 @@ def flux_checkpoint(model: nn.Module, rank: int = 16, seed: int = 0) -> tuple[di
             quantized_owners.add(f"{block}.{target}")
     for i, blk in enumerate(model.single_transformer_blocks):
         block = f"single_transformer_blocks.{i}"
-        layers = _single_layers(model, block, rank, g)
+        layers = _single_layers(model, block, rank, g, precision)
         for name, layer in layers.items():
             logical[f"{block}.{name}"] = layer
             tensors.update(_stored(f"{block}.{name}", layer))
@@ -178,7 +183,12 @@ def flux_checkpoint(model: nn.Module, rank: int = 16, seed: int = 0) -> tuple[di
     for key, value in model.state_dict().items():
         if key.rpartition(".")[0] not in quantized_owners:
             tensors[key] = value.clone()
-    return {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in tensors.items()}, ref, logical
+    return {k: (_to_file_dtype(v)) for k, v in tensors.items()}, ref, logical
+
+
+def _to_file_dtype(t: torch.Tensor) -> torch.Tensor:
+    """What the files store: floating tensors as bfloat16, fp8 NVFP4 scales and integer codes as they are."""
+    return t.to(torch.bfloat16) if t.is_floating_point() and t.element_size() > 1 else t
 
 
 def to_v2(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -206,9 +216,11 @@ def save_single_file(tensors, path: Path, model=None) -> Path:
 # ---------------------------------------------------------------------------------------------
 # nunchaku_lite folders
 # ---------------------------------------------------------------------------------------------
-def lite_folder(model: nn.Module, directory: Path, rank: int = 16, seed: int = 0) -> tuple[Path, nn.Module]:
-    """A diffusers ``nunchaku_lite`` model folder for ``model`` (every linear of the blocks W4A4 with signed
-    activations, modulation linears AWQ in diffusers order) and the re-statement model."""
+def lite_folder(model: nn.Module, directory: Path, rank: int = 16, seed: int = 0,
+                precision: str = "int4") -> tuple[Path, nn.Module]:
+    """A diffusers ``nunchaku_lite`` model folder for ``model`` (every linear of the blocks W4A4 in ``precision``
+    with signed activations, NVFP4 with per-channel scales on every other layer; modulation linears AWQ in diffusers
+    order) and the re-statement model."""
     g = torch.Generator().manual_seed(seed)
     ref, tensors, svdq, awq = copy.deepcopy(model), {}, [], []
     for name, module in model.named_modules():
@@ -220,7 +232,7 @@ def lite_folder(model: nn.Module, directory: Path, rank: int = 16, seed: int = 0
             stored = layer.stored()
             awq.append(name)
         else:
-            layer = w4a4_from_weight(w, b, rank, g)
+            layer = quantized_from_weight(precision, w, b, rank, g, fused=len(svdq) % 2 == 1)
             stored = layer.stored(V2_TENSORS)
             del stored["smooth_factor_orig"]
             svdq.append(name)
@@ -230,11 +242,12 @@ def lite_folder(model: nn.Module, directory: Path, rank: int = 16, seed: int = 0
         if key.rpartition(".")[0] not in svdq + awq:
             tensors[key] = value.clone()
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()},
+    save_file({k: (_to_file_dtype(v)).contiguous() for k, v in tensors.items()},
               str(directory / "diffusion_pytorch_model.safetensors"))
     config = {"_class_name": "FluxTransformer2DModel", **dict(model.config), "quantization_config": {
         "quant_method": "nunchaku_lite", "compute_dtype": "bfloat16",
-        "svdq_w4a4": {"precision": "int4", "group_size": 64, "rank": rank, "targets": svdq},
+        "svdq_w4a4": {"precision": precision, "group_size": 16 if precision == "nvfp4" else 64, "rank": rank,
+                      "targets": svdq},
         "awq_w4a16": {"precision": "int4", "group_size": 64, "targets": awq}}}
     (directory / "config.json").write_text(json.dumps(config))
     return directory, ref

@@ -6,7 +6,11 @@ and shapes) as explicit index arithmetic — deliberately not the reshape / perm
 
 Nunchaku's semantics re-stated (float32): a W4A4 layer computes
 ``Q((x [+ 0.171875]) / smooth) @ (codes * wscales)^T + x @ lora_down @ lora_up^T + bias`` where ``Q`` is signed
-INT4 (amax / 7 per 64 inputs) or, for post-GELU layers, unsigned INT4 (amax / 15), round-half-even; an AWQ layer
+INT4 (amax / 7 per 64 inputs) or, for post-GELU layers, unsigned INT4 (amax / 15), round-half-even; an NVFP4
+layer (:class:`Nvfp4Layer`) computes ``Q4(x / smooth) @ (e2m1(codes) * wscales * wcscales * wtscale)^T + x @
+lora_down @ lora_up^T + bias`` with ``Q4`` per 16 inputs: ``s = min(amax * float32(1/6), 448)``, values
+``x / s`` rounded to the nearest E2M1 value (ties to the even code, saturating at 6), times ``s`` rounded to fp8
+E4M3 — never shifted; an AWQ layer
 computes ``x @ (codes * scales + zeros)^T + bias`` and, for the FLUX modulation, returns its outputs interleaved
 over the chunks with the ``+1`` of the scale chunks already in the bias.
 """
@@ -68,6 +72,19 @@ def lowrank_positions(rows: int, rank: int, down: bool) -> torch.Tensor:
     return pos
 
 
+def micro_scale_positions(n: int, k: int) -> torch.Tensor:
+    """Stored flat position of each logical NVFP4 weight scale ``[n, k / 16]``: channel ``n = tile*128 + p*32 +
+    a*8 + b``, group ``c = ktile*4 + j`` (16 inputs each), stored ``(tile, ktile, b, a, p, j)`` — lane ``b*4 + a``
+    holds channels ``a*8 + b + {0, 32, 64, 96}``, each with the 4 scales of 64 inputs (deepcompressor's
+    ``pack_micro_scale`` comment: lane 0 -> 0 32 64 96, lane 1 -> 8 40 72 104, lane 4 -> 1 33 65 97)."""
+    rows, cols = torch.arange(n)[:, None], torch.arange(k // 16)[None, :]
+    tile, p, a, b = rows // 128, rows % 128 // 32, rows % 32 // 8, rows % 8
+    pos = tile * (k // 64) + cols // 4
+    for digit, size in ((b, 8), (a, 4), (p, 4), (cols % 4, 4)):
+        pos = pos * size + digit
+    return pos
+
+
 def _scatter(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     out = torch.empty(values.numel(), dtype=values.dtype)
     out[positions.reshape(-1)] = values.reshape(-1)
@@ -93,9 +110,18 @@ class W4A4Layer:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Nunchaku's output in float32."""
         xs = ((x.float() + SHIFT) if self.shifted else x.float()) / self.smooth.float()
-        act = fake_quant(xs, unsigned=self.shifted)
-        w = self.codes.float() * self.wscales.float().repeat_interleave(64, dim=1)
-        return act @ w.T + (x.float() @ self.lora_down.float()) @ self.lora_up.float().T + self.bias.float()
+        return self.act(xs) @ self.weight().T + (x.float() @ self.lora_down.float()) @ self.lora_up.float().T \
+            + self.bias.float()
+
+    def act(self, xs: torch.Tensor) -> torch.Tensor:
+        return fake_quant(xs, unsigned=self.shifted)
+
+    def weight(self) -> torch.Tensor:
+        return self.codes.float() * self.wscales.float().repeat_interleave(64, dim=1)
+
+    def stored_scales(self) -> dict[str, torch.Tensor]:
+        n, k = self.codes.shape
+        return {"wscales": _scatter(self.wscales, vector_positions(n, k // 64)).reshape(k // 64, n)}
 
     def stored(self, names: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
         """The stored tensors (single-file names; ``names`` renames them)."""
@@ -103,7 +129,7 @@ class W4A4Layer:
         r = self.lora_up.shape[1]
         out = {
             "qweight": _nibbles_to_bytes(_scatter(self.codes, mma_weight_positions(n, k))).view(torch.int8).reshape(n, k // 2),
-            "wscales": _scatter(self.wscales, vector_positions(n, k // 64)).reshape(k // 64, n),
+            **self.stored_scales(),
             "smooth": _scatter(self.smooth, vector_positions(k, 1)),
             "smooth_orig": _scatter(self.smooth, vector_positions(k, 1)),
             "lora_down": _scatter(self.lora_down, lowrank_positions(k, r, down=True)).reshape(k, r),
@@ -121,6 +147,62 @@ def fake_quant(x: torch.Tensor, unsigned: bool) -> torch.Tensor:
     scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
     q = torch.round(g / scale).clamp(0 if unsigned else -qmax, qmax)
     return (q * scale).reshape(x.shape)
+
+
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def e2m1_value(codes: torch.Tensor) -> torch.Tensor:
+    """Value of E2M1 codes (bit 3 sign, bits 0-2 index of :data:`E2M1`), float32."""
+    mag = E2M1[(codes.long() & 7)]
+    return torch.where(codes.long() & 8 > 0, -mag, mag)
+
+
+def e2m1_nearest(y: torch.Tensor) -> torch.Tensor:
+    """Code of the E2M1 value nearest to ``y`` (saturating at +-6; a tie goes to the even index, the even
+    mantissa), by brute force over the 8 magnitudes."""
+    mag = y.abs().clamp(max=6.0)
+    dist = (mag[..., None] - E2M1).abs()
+    best = dist.min(-1, keepdim=True).values
+    odd_penalty = (torch.arange(8) % 2) * 0.5  # among equally near magnitudes prefer the even index
+    idx = torch.where(dist == best, odd_penalty, torch.full_like(dist, 9.0)).argmin(-1)
+    return (idx | ((y < 0) & (idx > 0)).long() << 3).to(torch.uint8)
+
+
+def fake_quant_nvfp4(x: torch.Tensor) -> torch.Tensor:
+    """Nunchaku's NVFP4 activation quantize-dequantize of the last dim (see the module docstring)."""
+    g = x.float().reshape(*x.shape[:-1], -1, 16)
+    s = (g.abs().amax(-1, keepdim=True) * torch.tensor(1 / 6, dtype=torch.float32)).clamp(max=448.0)
+    codes = e2m1_nearest(torch.where(s > 0, g / s, torch.zeros_like(g)))
+    return (e2m1_value(codes) * s.to(torch.float8_e4m3fn).float()).reshape(x.shape)
+
+
+@dataclass
+class Nvfp4Layer(W4A4Layer):
+    """Logical NVFP4 W4A4 layer: codes uint8 E2M1 ``[N, K]``, wscales float8_e4m3fn ``[N, K/16]``, wcscales ``[N]``
+    or None, wtscale float or None (the rest as :class:`W4A4Layer`; never shifted)."""
+
+    wcscales: torch.Tensor | None = None
+    wtscale: float | None = None
+
+    def act(self, xs: torch.Tensor) -> torch.Tensor:
+        return fake_quant_nvfp4(xs)
+
+    def weight(self) -> torch.Tensor:
+        w = e2m1_value(self.codes) * self.wscales.float().repeat_interleave(16, dim=1)
+        if self.wcscales is not None:
+            w = w * self.wcscales.float()[:, None]
+        return w * (1.0 if self.wtscale is None else self.wtscale)
+
+    def stored_scales(self) -> dict[str, torch.Tensor]:
+        n, k = self.codes.shape
+        scale_bytes = _scatter(self.wscales.view(torch.uint8), micro_scale_positions(n, k))
+        out = {"wscales": scale_bytes.view(torch.float8_e4m3fn).reshape(k // 16, n)}
+        if self.wcscales is not None:
+            out["wcscales"] = _scatter(self.wcscales, vector_positions(n, 1))
+        if self.wtscale is not None:
+            out["wtscale"] = torch.tensor([self.wtscale])
+        return out
 
 
 @dataclass
@@ -185,6 +267,37 @@ def w4a4_from_weight(weight: torch.Tensor, bias: torch.Tensor | None, rank: int,
         shift = torch.full((k,), SHIFT)
         b = b - weight.float() @ shift + up @ (lora_down.T @ shift)
     return W4A4Layer(codes, wscales, smooth, lora_down, up, bf16(b), shifted)
+
+
+def nvfp4_from_weight(weight: torch.Tensor, bias: torch.Tensor | None, rank: int, g: torch.Generator,
+                      per_channel: bool = False) -> Nvfp4Layer:
+    """SVDQuant a float weight ``[N, K]`` to NVFP4 as deepcompressor's converter stores it: random smoothing, SVD
+    branch, residual scaled by a bf16 per-tensor scale ``wtscale`` (or, ``per_channel`` — fused q/k/v — bf16
+    per-row ``wcscales``) and fp8 scales per 16 (amax / 6), E2M1 codes; no shift (Nunchaku's NVFP4 has none)."""
+    n, k = weight.shape
+    smooth = bf16(torch.rand(k, generator=g) + 0.5)
+    ws = weight.float() * smooth
+    u, s, vh = torch.linalg.svd(ws, full_matrices=False)
+    up, down = bf16(u[:, :rank] * s[:rank]), vh[:rank]
+    residual = ws - up @ down
+    outer = bf16(residual.abs().amax(-1, keepdim=True) / (6 * 448)) if per_channel \
+        else bf16(residual.abs().amax() / (6 * 448)).expand(n, 1)
+    groups = (residual / outer).reshape(n, k // 16, 16)
+    wscales = (groups.abs().amax(-1) / 6).clamp(min=2 ** -9).to(torch.float8_e4m3fn)
+    codes = e2m1_nearest(groups / wscales.float()[..., None]).reshape(n, k)
+    return Nvfp4Layer(codes, wscales, smooth, bf16((down / smooth).T), up,
+                      bf16(torch.zeros(n) if bias is None else bias.float()),
+                      wcscales=outer[:, 0] if per_channel else None,
+                      wtscale=None if per_channel else float(outer[0, 0]))
+
+
+def quantized_from_weight(precision: str, weight: torch.Tensor, bias: torch.Tensor | None, rank: int,
+                          g: torch.Generator, shifted: bool = False, fused: bool = False) -> W4A4Layer:
+    """:func:`w4a4_from_weight` (``"int4"``) or :func:`nvfp4_from_weight` (``"nvfp4"``: per-channel scales for
+    fused layers, never shifted)."""
+    if precision == "nvfp4":
+        return nvfp4_from_weight(weight, bias, rank, g, per_channel=fused)
+    return w4a4_from_weight(weight, bias, rank, g, shifted)
 
 
 def awq_from_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> AwqLayer:
