@@ -44,8 +44,9 @@ def _check_concatenable(layers: Sequence[SVDQuantLinear]) -> None:
     if len({layer.bias is None for layer in layers}) > 1:
         raise ValueError(f"cannot concatenate the layers' outputs: some have a bias, some not "
                          f"({[layer.bias is not None for layer in layers]})")
-    if len({layer.qweight.device for layer in layers}) > 1:
-        raise ValueError(f"cannot concatenate layers on different devices ({[str(layer.qweight.device) for layer in layers]})")
+    devices = [str(layer.qweight.device) for layer in layers]
+    if len(set(devices)) > 1:
+        raise ValueError(f"cannot concatenate layers on different devices ({devices})")
     for name in _SAME_BUFFERS:
         different = [i for i, layer in enumerate(layers) if not torch.equal(getattr(layer, name), getattr(first, name))]
         if different:
