@@ -25,6 +25,9 @@ Variants (same model object, linears swapped in place; the per-model rules of
 * ``torchao-fp8row``, ``torchao-fp8row-qkv``, ``svdq-fp8-fa8``, ``svdq-fp8-fbc``: the peer rows of issue 20 (torchao
   fp8 row-wise, with fused QKV) and ``svdq-fp8`` with FP8 attention / the first-block cache, see
   :mod:`benchmarks.flux_peers`; a variant that fails (e.g. torchao missing) prints its error and is left out.
+* ``svdq-fp8-qkv``, ``svdq-auto-qkv`` (any svdq variant + ``-qkv``): the same with fused QKV projections
+  (:func:`quantduo.integrations.diffusers.fuse_qkv`: one quantized GEMM for q/k/v, one for the text stream's),
+  see :mod:`benchmarks.flux_peers`;
 * ``nunchaku-exact``, ``nunchaku-a16``, ``nunchaku-fp8``: a full-size Nunchaku single file (published layout) with
   random weights, loaded by the published-checkpoint reader and run by that execution; their rows add
   ``rel_err_vs_exact`` (vs the same model's reference execution, Nunchaku's arithmetic), see
@@ -249,7 +252,7 @@ def run_variant(model, linears, variant, inputs, ref, args, rules: ModelRules) -
             row = dict(variant=variant, weight_gb=flux_peers.weight_bytes(model) / 1e9, quantized_layers=len(swapped),
                        build_s=build_s, **measure(runner, model, variant, inputs, ref, args, options))
     finally:
-        flux_peers.disable_features(model)
+        flux_peers.disable_features(model, options)
         for name, ff in restore_ff.items():
             model.set_submodule(name, ff)
         for name, linear in swapped.items():

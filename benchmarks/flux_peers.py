@@ -6,6 +6,11 @@ Variant names (``<name>`` and ``<name>+compile``; each eager and, with ``--cuda-
   ``Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())`` (fp8 weights per output channel, dynamic fp8
   activations per token: diffusers' ``TorchAoConfig`` recipe an H100 user picks); needs the carried torchao wheel;
 * ``torchao-fp8row-qkv``: the same after ``transformer.fuse_qkv_projections()`` (one QKV GEMM per attention);
+* ``<svdq variant>-qkv`` (``svdq-fp8-qkv``, ``svdq-auto-qkv``, ...): that variant's quantized model with fused QKV
+  (:func:`quantduo.integrations.diffusers.fuse_qkv`: the separately quantized q / k / v concatenated into one
+  ``SVDQuantLinear``, one for the text stream's). The fast path gives each of q, k, v its own SVD, so the fused layers
+  hold a block-diagonal rank-3x32 branch; calibrated checkpoints share q/k/v's down-projection (rank 32), a little
+  less work in the fp8 weight expansion;
 * ``svdq-fp8-fa8``: ``svdq-fp8`` with FP8 attention (:mod:`quantduo.integrations.fp8_attention`);
 * ``svdq-fp8-fbc``: ``svdq-fp8`` with the first-block cache (:mod:`quantduo.integrations.first_block_cache`),
   timed over ``--cache-steps`` consecutive steps of a FlowMatchEuler schedule (FLUX's scheduler), the latents
@@ -19,26 +24,30 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from quantduo.integrations.diffusers import fuse_qkv, unfuse_qkv
 from quantduo.integrations.first_block_cache import disable_first_block_cache, enable_first_block_cache
 from quantduo.integrations.fp8_attention import disable_fp8_attention, enable_fp8_attention
 from quantduo.utils import relative_error
 
 TORCHAO = ("torchao-fp8row", "torchao-fp8row-qkv")
+QKV = "-qkv"
 _SEPARATE_QKV = (".to_q", ".to_k", ".to_v", ".add_q_proj", ".add_k_proj", ".add_v_proj")
 
 
 @dataclass(frozen=True)
 class VariantOptions:
     """What a variant name asks for: ``modules`` (the linear replacement of ``flux.variant_module``, or
-    ``"torchao"``), fused QKV, FP8 attention, first-block cache."""
+    ``"torchao"``), fused QKV (``fuse_qkv``: diffusers' fusion before the linears are replaced; ``quantized_qkv``:
+    quantduo's fusion of the quantized projections after), FP8 attention, first-block cache."""
 
     modules: str
     fuse_qkv: bool = False
+    quantized_qkv: bool = False
     fp8_attention: bool = False
     first_block_cache: bool = False
 
@@ -46,7 +55,9 @@ class VariantOptions:
 def variant_options(base: str) -> VariantOptions:
     """Options of a variant name without ``+compile``."""
     if base in TORCHAO:
-        return VariantOptions("torchao", fuse_qkv=base.endswith("-qkv"))
+        return VariantOptions("torchao", fuse_qkv=base.endswith(QKV))
+    if base.startswith("svdq-") and base.endswith(QKV):
+        return replace(variant_options(base.removesuffix(QKV)), quantized_qkv=True)
     if base == "svdq-fp8-fa8":
         return VariantOptions("svdq-fp8", fp8_attention=True)
     if base == "svdq-fp8-fbc":
@@ -91,15 +102,22 @@ def model_linears(model: nn.Module, fused: bool) -> dict[str, nn.Linear]:
 
 
 def enable_features(model: nn.Module, options: VariantOptions) -> None:
-    """Turn on FP8 attention (the first-block cache is :func:`cache_measurement`'s)."""
+    """Fuse the quantized QKV projections, turn on FP8 attention (the first-block cache is
+    :func:`cache_measurement`'s)."""
+    if options.quantized_qkv:
+        report = fuse_qkv(model)
+        if report.skipped or report.linear:
+            raise RuntimeError(f"fuse_qkv left attentions unfused or in 16 bits: {report}")
     if options.fp8_attention:
         enable_fp8_attention(model)
 
 
-def disable_features(model: nn.Module) -> None:
+def disable_features(model: nn.Module, options: VariantOptions) -> None:
     """Undo :func:`enable_features` and :func:`cache_measurement` (no-ops where they were off)."""
     disable_fp8_attention(model)
     disable_first_block_cache(model)
+    if options.quantized_qkv:
+        unfuse_qkv(model)
 
 
 def _scheduler(device: str, steps: int):

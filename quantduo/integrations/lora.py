@@ -26,6 +26,11 @@ the safetensors metadata ``lora_adapter_metadata`` (diffusers' ``save_lora_weigh
 skipped keys are reported by a :class:`LoraKeysSkipped` warning. A LoRA on a split ``proj_out``
 (:class:`~quantduo.svdquant.split.SplitProjOut`, published Nunchaku checkpoints) is split by input columns onto its
 halves.
+
+A model whose attention projections are fused (``fuse_qkv`` of :mod:`quantduo.integrations.diffusers`, diffusers'
+``fuse_qkv_projections``: ``fused_projections`` set) runs fused copies of ``to_q`` / ``to_k`` / ``to_v``, which a LoRA
+change would not reach: attaching, re-weighting or removing a LoRA there raises :class:`FusedProjectionsError`.
+LoRAs attached before fusing are part of the fused layers.
 """
 from __future__ import annotations
 
@@ -46,6 +51,10 @@ from quantduo.svdquant.split import SplitProjOut
 
 class LoraFormatError(ValueError):
     """A LoRA file whose keys or shapes do not match the model."""
+
+
+class FusedProjectionsError(ValueError):
+    """A LoRA change on a model whose attention projections are fused."""
 
 
 class LoraKeysSkipped(UserWarning):
@@ -316,13 +325,25 @@ def _prepare(module: nn.Module, lora: LoraFactors, strength: float) -> _Attached
     return _Attached(lora.down.to(device), lora.scale * lora.up.to(device), strength)
 
 
+def _check_unfused(model: nn.Module) -> None:
+    """:class:`FusedProjectionsError` if some attention module of ``model`` runs fused projections."""
+    fused = [n for n, m in model.named_modules() if getattr(m, "fused_projections", False)]
+    if fused:
+        raise FusedProjectionsError(
+            f"the attention projections of {', '.join(fused[:3])}{', ...' if len(fused) > 3 else ''} are fused "
+            f"(to_qkv): a LoRA change would not reach them. Change LoRAs before fusing, or unfuse first "
+            f"(quantduo.integrations.diffusers.unfuse_qkv(model)) and fuse again after")
+
+
 def attach_lora(
     model: nn.Module, source: str | Path | dict[str, torch.Tensor], name: str, strength: float = 1.0
 ) -> list[str]:
     """Attach a LoRA to ``model`` under ``name`` (no re-quantization); returns the modules it touched.
 
-    Raises ``ValueError`` if ``name`` is already attached, :class:`LoraFormatError` for a LoRA that does not fit.
+    Raises ``ValueError`` if ``name`` is already attached, :class:`LoraFormatError` for a LoRA that does not fit,
+    :class:`FusedProjectionsError` on a model with fused attention projections.
     """
+    _check_unfused(model)
     if name in attached_loras(model):
         raise ValueError(f"a LoRA named {name!r} is already attached; remove it or pick another name")
     factors = read_lora(source, model)
@@ -334,6 +355,9 @@ def attach_lora(
 
 
 def _modules_with(model: nn.Module, name: str) -> list[nn.Module]:
+    """The modules holding LoRA ``name`` (``KeyError`` if none; :class:`FusedProjectionsError` on a model with fused
+    attention projections)."""
+    _check_unfused(model)
     found = [m for m in model.modules() if name in getattr(m, "_quantduo_loras", {})]
     if not found:
         raise KeyError(f"no LoRA named {name!r} is attached (attached: {sorted(attached_loras(model))})")

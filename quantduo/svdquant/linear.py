@@ -22,6 +22,10 @@ How it runs is ``execution`` (:mod:`quantduo.formats.registry`; dispatch in :mod
 changes no stored tensor. Derived, non-persistent buffers kept current from the stored ones: ``bias_a16`` (the bias
 for 16-bit / fp8 activations, the shift's term unfolded), ``fp8_wscale`` / ``fp8_inv_wscale`` float32 ``[N]`` (the
 per-channel fp8 scale of the reconstructed weight) and ``fp8_inv_smooth`` float32 ``[K]``.
+
+``fused_parts``: None, or for a layer made by :func:`quantduo.svdquant.concat.concat_output_features` (a runtime
+fusion of layers the model keeps, such as a fused QKV projection) the ``out_features`` of those layers; such a
+layer is never saved.
 """
 from __future__ import annotations
 
@@ -121,6 +125,7 @@ class SVDQuantLinear(nn.Module):
         self.register_buffer("fp8_inv_wscale", torch.ones(out_features, **f32), persistent=False)
         self.register_buffer("fp8_inv_smooth", torch.ones(k, **f32), persistent=False)
         self.smoothing_folded_out = True
+        self.fused_parts: tuple[int, ...] | None = None  # out_features of the layers this one concatenates
         self._derived_key = None  # eager staleness check: (data_ptr, version) of the stored buffers
         _set_pending(self, True)
 

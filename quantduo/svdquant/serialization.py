@@ -23,9 +23,24 @@ class CheckpointError(InputError):
     """A quantized checkpoint is missing, corrupt or does not match the model."""
 
 
+class FusedLayersError(ValueError):
+    """The model holds runtime fusions of its layers (a fused QKV projection): a checkpoint of it would not reload
+    into the model class; unfuse it before saving."""
+
+
+def check_unfused(names: list[str]) -> None:
+    """``FusedLayersError`` if ``names`` (of fused layers found in a model to save) is not empty."""
+    if names:
+        raise FusedLayersError(
+            f"the model holds fused projections ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}): saved, "
+            f"they would not reload into the model class. Unfuse them first "
+            f"(quantduo.integrations.diffusers.unfuse_qkv(model)) and fuse again after saving")
+
+
 def layer_specs(model: nn.Module) -> dict[str, dict]:
     """Constructor arguments of every :class:`SVDQuantLinear` in ``model``, by module name (the storage format;
-    the execution is not stored)."""
+    the execution is not stored). ``FusedLayersError`` if some layer is a runtime fusion (``fused_parts``)."""
+    check_unfused([name for name, m in model.named_modules() if getattr(m, "fused_parts", None)])
     return {
         name: dict(
             in_features=m.in_features, out_features=m.out_features, rank=m.rank, bias=m.bias is not None,

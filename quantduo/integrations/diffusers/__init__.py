@@ -6,12 +6,13 @@ Importing this package registers ``quant_method: "quantduo"`` with diffusers (:m
 * :mod:`.calibration` — capture the denoiser's inputs inside the pipeline, quantize on them;
 * :mod:`.backend` — ``QuantDuoConfig`` / ``QuantDuoQuantizer`` (``from_pretrained`` / ``save_pretrained``);
 * :mod:`.pipeline` — save / load quantized denoisers and pipelines, compute dtype;
-* :mod:`.fusions` — GELU and concatenation inside the fp8 activation quantization.
+* :mod:`.fusions` — GELU and concatenation inside the fp8 activation quantization; fused QKV projections.
 """
 from .backend import QuantDuoConfig, QuantDuoQuantizer, QuantizationConfigError, mark_quantized
 from .calibration import (CalibrationSample, block_names, capture_calibration_inputs, quantize_transformer,
                           quantize_transformer_blockwise, replay_fn)
-from .fusions import FusedFluxSingleBlock, FusedGeluMLP, enable_fusions
+from .fusions import (FusedFluxSingleBlock, FusedGeluMLP, QKVFusion, enable_fusions, fuse_qkv, fused_attentions,
+                      unfuse_qkv)
 from .pipeline import (cast_denoiser, denoiser_skeleton, is_quantized_pipeline, load_into_pipeline, load_pipeline,
                        load_quantized_transformer, quantduo_config_for, quantized_by_quantduo,
                        read_denoiser_config, save_pipeline,
@@ -20,9 +21,11 @@ from .rules import ModelRules, block_lists, denoiser_of, quantization_config, re
 
 __all__ = ["CalibrationSample", "FusedFluxSingleBlock", "FusedGeluMLP", "ModelRules", "QuantDuoConfig",
            "QuantDuoQuantizer", "QuantizationConfigError", "block_lists", "block_names", "capture_calibration_inputs",
-           "cast_denoiser", "denoiser_of", "denoiser_skeleton", "enable_fusions", "is_quantized_pipeline",
-           "load_into_pipeline", "load_pipeline", "load_quantized_transformer", "mark_quantized", "quantduo_config_for",
+           "cast_denoiser", "denoiser_of", "denoiser_skeleton", "enable_fusions", "fuse_qkv", "fused_attentions",
+           "is_quantized_pipeline",
+           "load_into_pipeline", "load_pipeline", "load_quantized_transformer", "mark_quantized", "QKVFusion",
+           "quantduo_config_for",
            "quantization_config", "quantize_transformer", "quantized_by_quantduo", "quantize_transformer_blockwise",
            "read_denoiser_config",
            "replay_fn", "resolved_rules",
-           "rules_for", "save_pipeline", "save_quantized_transformer"]
+           "rules_for", "save_pipeline", "save_quantized_transformer", "unfuse_qkv"]

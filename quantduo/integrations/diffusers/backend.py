@@ -30,11 +30,11 @@ from torch import nn
 from quantduo._version import __version__
 from quantduo.formats.registry import EXECUTIONS, format_names, get_format
 from quantduo.svdquant import CheckpointError, SVDQuantLinear
-from quantduo.svdquant.serialization import layer_specs, replace_linears
+from quantduo.svdquant.serialization import check_unfused, layer_specs, replace_linears
 from quantduo.svdquant.linear import ACT_FORMATS, WEIGHT_FORMATS, set_execution
 from quantduo.utils import verify_manifest
 
-from .fusions import enable_fusions
+from .fusions import FUSED_NAMES, enable_fusions
 
 QUANT_METHOD = "quantduo"
 DIGEST_KEY = "quantduo_sha256"  # safetensors metadata: SHA-256 over every stored tensor (names, dtypes, shapes, bytes)
@@ -167,6 +167,12 @@ def verify_files(files: list[str]) -> None:
                                       f"recorded when it was saved")
 
 
+def fused_modules(state_dict: dict[str, Any]) -> list[str]:
+    """Names of the fused projections (``to_qkv``, ``to_kv``, ``to_added_qkv``) holding entries of ``state_dict``."""
+    modules = {key.rpartition(".")[0] for key in state_dict}
+    return sorted(m for m in modules if m.rpartition(".")[2] in FUSED_NAMES)
+
+
 def _owner(model: nn.Module, param_name: str) -> tuple[nn.Module, str]:
     module_name, _, tensor_name = param_name.rpartition(".")
     return model.get_submodule(module_name), tensor_name
@@ -204,6 +210,9 @@ class QuantDuoQuantizer(DiffusersQuantizer):
 
     def get_state_dict_and_metadata(self, state_dict: dict[str, Any], safe_serialization: bool = False
                                     ) -> tuple[dict[str, Any], dict[str, str]]:
+        """The state dict to write and its digest; ``FusedLayersError`` for a model with fused projections (their
+        layers would not reload: ``unfuse_qkv`` first)."""
+        check_unfused(fused_modules(state_dict))
         return state_dict, {DIGEST_KEY: state_digest(state_dict)}
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs) -> None:

@@ -6,13 +6,21 @@ single block's ``proj_out``. The fused modules below route those calls through
 :meth:`~quantduo.svdquant.SVDQuantLinear.forward_gelu`; in any other execution it computes the same
 thing unfused, so a fused model is correct whatever execution runs it. Submodules (state-dict keys, LoRA targets)
 are unchanged.
+
+:func:`fuse_qkv` is diffusers' ``fuse_qkv_projections`` for quantized attention: one GEMM for q, k and v (one for the
+added text-stream projections). Like diffusers, it adds ``to_qkv`` / ``to_kv`` / ``to_added_qkv`` next to the
+separate projections (which stay, for :func:`unfuse_qkv`, LoRAs and saving) and sets ``fused_projections``; the
+attention processors then call the fused layers. It composes with :func:`enable_fusions` in either order.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
+from diffusers.models.attention import AttentionModuleMixin
 from torch import nn
 
-from quantduo.svdquant import SVDQuantLinear
+from quantduo.svdquant import SVDQuantLinear, concat_output_features
 from quantduo.svdquant.split import SplitProjOut
 
 
@@ -93,3 +101,106 @@ def enable_fusions(model: nn.Module) -> dict[str, nn.Module]:
             originals[name] = module
             model.set_submodule(name, fused(module))
     return originals
+
+
+# ---------------------------------------------------------------------------------------------
+# fused QKV projections
+# ---------------------------------------------------------------------------------------------
+# diffusers' fused projections (AttentionModuleMixin.fuse_projections): fused name -> the projections it concatenates
+SELF_QKV = ("to_qkv", ("to_q", "to_k", "to_v"))
+CROSS_KV = ("to_kv", ("to_k", "to_v"))
+ADDED_QKV = ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj"))
+FUSED_NAMES = tuple(fused for fused, _ in (SELF_QKV, CROSS_KV, ADDED_QKV))
+
+
+@dataclass
+class QKVFusion:
+    """What :func:`fuse_qkv` did, by attention module name: ``quantized`` (fused into :class:`SVDQuantLinear`
+    layers), ``linear`` (all ``nn.Linear``: fused by diffusers' own ``fuse_projections``), ``skipped`` (name ->
+    why: mixed quantized / full-precision projections, layers that cannot be concatenated, already fused)."""
+
+    quantized: list[str] = field(default_factory=list)
+    linear: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _projection_groups(attn: nn.Module) -> list[tuple[str, list[nn.Module]]]:
+    """``[(fused name, [projections])]`` that diffusers' ``fuse_projections`` would fuse in ``attn``: q/k/v (k/v of
+    cross-attention), and the added q/k/v projections where all three exist."""
+    groups = [CROSS_KV if getattr(attn, "is_cross_attention", False) else SELF_QKV]
+    if all(getattr(attn, name, None) is not None for name in ADDED_QKV[1]):
+        groups.append(ADDED_QKV)
+    return [(fused, [getattr(attn, name) for name in parts]) for fused, parts in groups]
+
+
+def _fuse_quantized(attn: nn.Module, groups: list[tuple[str, list[nn.Module]]]) -> None:
+    """Concatenate each group's :class:`SVDQuantLinear` projections into its fused layer (all or none: a
+    ``ValueError`` of :func:`concat_output_features` leaves ``attn`` unchanged)."""
+    fused = {name: concat_output_features(layers) for name, layers in groups}
+    for name, layer in fused.items():
+        setattr(attn, name, layer)
+    attn.fused_projections = True
+
+
+def _fuse_attention(attn: nn.Module) -> tuple[str, str]:
+    """Fuse one attention module's projections: ``("quantized" | "linear" | "skipped", why skipped)``."""
+    if getattr(attn, "fused_projections", False):
+        return "skipped", "already fused"
+    groups = _projection_groups(attn)
+    layers = [layer for _, group in groups for layer in group]
+    if all(isinstance(layer, SVDQuantLinear) for layer in layers):
+        try:
+            _fuse_quantized(attn, groups)
+        except ValueError as error:
+            return "skipped", str(error)
+        return "quantized", ""
+    if all(type(layer) is nn.Linear for layer in layers):
+        attn.fuse_projections()
+        return "linear", ""
+    kinds = sorted({type(layer).__name__ for layer in layers})
+    return "skipped", f"its q/k/v projections mix {', '.join(kinds)}"
+
+
+def _fusable_attentions(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, AttentionModuleMixin) and m._supports_qkv_fusion]
+
+
+def fuse_qkv(model: nn.Module) -> QKVFusion:
+    """Fuse the q/k/v projections of every diffusers attention module of ``model`` (``FluxAttention`` and the other
+    :class:`AttentionModuleMixin` attentions whose processors read ``fused_projections``), in place, as diffusers'
+    ``fuse_qkv_projections`` does: ``to_qkv [.., 3 * inner]`` (``to_kv`` for cross-attention) and ``to_added_qkv``
+    for the text stream. Quantized projections become one :class:`SVDQuantLinear` each
+    (:func:`~quantduo.svdquant.concat.concat_output_features`: same outputs in every execution), full-precision
+    ones one ``nn.Linear`` (diffusers' ``fuse_projections``); attention modules mixing the two, or whose quantized
+    projections cannot be concatenated (different smoothing, formats, ...), are left unfused and reported.
+
+    The separate projections stay in the model (their weights are what is saved; LoRAs attach to them): attach
+    LoRAs before fusing, and :func:`unfuse_qkv` before saving. Returns the :class:`QKVFusion` report; ``ValueError``
+    if ``model`` has no attention module that supports fused projections.
+    """
+    attentions = _fusable_attentions(model)
+    if not attentions:
+        raise ValueError(f"{type(model).__name__} has no diffusers attention modules with fusable q/k/v projections")
+    report = QKVFusion()
+    for name, attn in attentions:
+        kind, why = _fuse_attention(attn)
+        if kind == "skipped":
+            report.skipped[name] = why
+        else:
+            getattr(report, kind).append(name)
+    return report
+
+
+def unfuse_qkv(model: nn.Module) -> int:
+    """Undo :func:`fuse_qkv` (or diffusers' ``fuse_qkv_projections``) in place: the fused layers are dropped, the
+    separate projections run again. Returns the number of attention modules unfused."""
+    fused = [attn for _, attn in _fusable_attentions(model) if getattr(attn, "fused_projections", False)]
+    for attn in fused:
+        attn.unfuse_projections()
+    return len(fused)
+
+
+def fused_attentions(model: nn.Module) -> list[str]:
+    """Names of the attention modules of ``model`` whose projections are fused."""
+    return [name for name, m in model.named_modules() if getattr(m, "fused_projections", False)]

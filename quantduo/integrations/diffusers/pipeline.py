@@ -18,9 +18,11 @@ from torch import nn
 from quantduo.formats.registry import find_format
 from quantduo.svdquant import CheckpointError, QuantizationReport, SVDQuantConfig, SVDQuantLinear
 from quantduo.svdquant.linear import set_execution
+from quantduo.svdquant.serialization import check_unfused
 from quantduo.utils import atomic_folder, show_progress, verify_manifest, write_manifest
 
 from .backend import QUANT_METHOD, QuantDuoConfig, mark_quantized, sort_safetensors_metadata
+from .fusions import fused_attentions
 from .rules import DENOISER_ATTRS, rules_for
 
 MODEL_CONFIG = "config.json"
@@ -183,8 +185,11 @@ def save_pipeline(pipe: Any, directory: str | Path, extra_files: dict[str, str] 
     the ``_name_or_path`` entries diffusers records (the absolute path the pipeline was loaded from) removed from its
     JSON configs, ``extra_files`` ({name: text}) added and a manifest written: the folder stands alone, can be moved
     and says how it was made (``made_by``, e.g. the command line). Written atomically as a folder: an old folder at
-    ``directory`` stays intact until the new one is complete."""
-    qconfig = getattr(pipe, denoiser_attr(pipe)).config.get("quantization_config")
+    ``directory`` stays intact until the new one is complete. ``FusedLayersError`` for a denoiser with fused QKV
+    projections (:func:`~quantduo.integrations.diffusers.unfuse_qkv` first)."""
+    denoiser = getattr(pipe, denoiser_attr(pipe))
+    check_unfused(fused_attentions(denoiser))
+    qconfig = denoiser.config.get("quantization_config")
     with atomic_folder(directory) as tmp:
         pipe.save_pretrained(tmp)
         _finish_folder(tmp, qconfig if isinstance(qconfig, QuantDuoConfig) else None, extra_files or {}, made_by)
