@@ -10,6 +10,11 @@ exercised on it end to end.
 Every ``nn.Linear`` inside the transformer blocks has ``in_features`` a multiple of 64 (inner dim 128, MLP dim 512,
 single-block ``proj_out`` input 640), as needed by the 4-bit quantizer's 64-channel groups.
 
+A second model of the same class, ``name="shapes"``, draws 12x12 shapes of the procedural data set of
+:mod:`quantduo.models.shapes` (6 classes; 2 double + 1 single block, inner dim 64, about 0.4 M parameters, under
+1 MB of fp16 safetensors); it checks SVDQuant's quality on a second trained model (benchmarks/calibration_quality.py).
+Both load with :func:`load_tiny_dit` and sample with :func:`sample_digits`.
+
 Conventions (rectified flow):
     x_t = (1 - t) * x0 + t * noise,  t in [0, 1],  t = 1 is pure noise,
     the network predicts the velocity v = noise - x0, and sampling integrates dx/dt = v from t = 1 to t = 0
@@ -22,11 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 __all__ = [
     "ASSET_DIR",
+    "ASSET_DIRS",
+    "CONFIGS",
     "DEFAULT_CONFIG",
+    "SHAPES_CONFIG",
     "DigitFlux",
     "build_tiny_dit",
     "load_tiny_dit",
@@ -60,9 +69,28 @@ DEFAULT_CONFIG: dict[str, Any] = {
     },
 }
 
+# The shapes model: 12x12 images (36 image tokens), 6 classes, inner dim 64 (2 heads x 32), MLP dim 256.
+SHAPES_CONFIG: dict[str, Any] = {
+    **DEFAULT_CONFIG,
+    "image_size": 12,
+    "num_classes": 6,
+    "transformer": {
+        **DEFAULT_CONFIG["transformer"],
+        "num_layers": 2,
+        "num_single_layers": 1,
+        "attention_head_dim": 32,
+        "num_attention_heads": 2,  # inner_dim = 64
+        "axes_dims_rope": [4, 14, 14],
+    },
+}
+
+CONFIGS: dict[str, dict[str, Any]] = {"digits": DEFAULT_CONFIG, "shapes": SHAPES_CONFIG}
+ASSET_DIRS: dict[str, Path] = {"digits": ASSET_DIR, "shapes": ASSET_DIR.parent / "tiny_dit_shapes"}
+
 
 class DigitFlux(nn.Module):
-    """FLUX transformer + learned class embedding, predicting rectified-flow velocities for 8x8 digits.
+    """FLUX transformer + learned class embedding, predicting rectified-flow velocities for small images
+    (8x8 digits with :data:`DEFAULT_CONFIG`, 12x12 shapes with :data:`SHAPES_CONFIG`).
 
     Attributes:
         transformer: the ``diffusers.FluxTransformer2DModel`` (the part that gets quantized).
@@ -118,7 +146,7 @@ class DigitFlux(nn.Module):
 
     # ---- conditioning --------------------------------------------------------------------------------------
     def encode_labels(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``labels`` long ``[B]`` (0..9, or ``num_classes`` for null) ->
+        """``labels`` long ``[B]`` (0..num_classes-1, or ``num_classes`` for null) ->
         (``encoder_hidden_states`` ``[B, num_text_tokens, joint_attention_dim]``,
         ``pooled_projections`` ``[B, pooled_projection_dim]``)."""
         ehs = self.class_tokens(labels).view(labels.shape[0], self.num_text_tokens, self.joint_dim)
@@ -128,11 +156,11 @@ class DigitFlux(nn.Module):
         """Predict the velocity.
 
         Args:
-            x_t: noisy images ``[B, 1, 8, 8]`` in model space (data in [-1, 1]), dtype of the model.
+            x_t: noisy images ``[B, 1, S, S]`` (``S = image_size``) in model space (data in [-1, 1]), model dtype.
             t: float ``[B]`` noise levels in [0, 1] (1 = pure noise).
             labels: long ``[B]`` class ids (``num_classes`` = unconditional).
         Returns:
-            velocity ``[B, 1, 8, 8]`` (same dtype as ``x_t``).
+            velocity ``[B, 1, S, S]`` (same dtype as ``x_t``).
         """
         dtype = x_t.dtype
         ehs, pooled = self.encode_labels(labels)
@@ -157,14 +185,14 @@ def load_tiny_dit(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     path: str | Path | None = None,
+    name: str = "digits",
 ) -> DigitFlux:
-    """Load the shipped weights (``quantduo/assets/tiny_dit/{config.json,model.safetensors}``).
+    """Load shipped weights: ``quantduo/assets/tiny_dit/`` (``name="digits"``) or ``tiny_dit_shapes/``
+    (``name="shapes"``), each holding ``config.json`` and ``model.safetensors``; ``path`` overrides the folder.
 
     Returns an eval-mode :class:`DigitFlux` on ``device`` with parameters in ``dtype``.
     """
-    from safetensors.torch import load_file
-
-    d = Path(path) if path is not None else ASSET_DIR
+    d = Path(path) if path is not None else ASSET_DIRS[name]
     config = json.loads((d / "config.json").read_text())
     model = DigitFlux(config["model"] if "model" in config else config)
     state = load_file(str(d / "model.safetensors"))
@@ -180,17 +208,18 @@ def sample_digits(
     seed: int = 0,
     guidance: float = 2.0,
 ) -> torch.Tensor:
-    """Draw digits with an Euler rectified-flow sampler and classifier-free guidance.
+    """Draw images (digits, or shapes with the shapes model) with an Euler rectified-flow sampler and
+    classifier-free guidance.
 
     Args:
         model: a :class:`DigitFlux` (any device/dtype; its ``.transformer`` may be quantized).
-        labels: long ``[B]`` digit classes in 0..9.
+        labels: long ``[B]`` classes in ``0..model.num_classes-1``.
         steps: number of Euler steps (uniform in t from 1 to 0).
         seed: seed of the initial noise (drawn on CPU in fp32, so it is identical across devices/dtypes).
         guidance: CFG scale; 1.0 disables guidance (one forward per step), >1 uses
             ``v = v_uncond + guidance * (v_cond - v_uncond)``.
     Returns:
-        float32 CPU tensor ``[B, 1, 8, 8]`` with values in [0, 1] (1 = ink, like ``load_digits().images / 16``).
+        float32 CPU tensor ``[B, 1, S, S]`` with values in [0, 1] (1 = ink, like ``load_digits().images / 16``).
     """
     p = next(model.parameters())
     device, dtype = p.device, p.dtype

@@ -27,7 +27,8 @@ LABELS = torch.arange(10)
 
 
 def calibration_samples(model, steps: int = 4) -> list[CalibrationSample]:
-    """The transformer's calls while sampling one digit per class (``steps`` Euler steps, CFG: batch 20)."""
+    """The transformer's calls while sampling one image per class (``steps`` Euler steps, CFG: batch
+    ``2 * model.num_classes``, 20 for the digits DiT)."""
     samples = []
 
     def hook(module, args, kwargs):
@@ -36,7 +37,7 @@ def calibration_samples(model, steps: int = 4) -> list[CalibrationSample]:
 
     handle = model.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        sample_digits(model, LABELS, steps=steps, seed=1)
+        sample_digits(model, torch.arange(model.num_classes), steps=steps, seed=1)
     finally:
         handle.remove()
     return samples
