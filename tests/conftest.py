@@ -30,7 +30,12 @@ def single_thread():
 
 @pytest.fixture
 def poison_empty(monkeypatch):
-    """Every torch.empty (e.g. a kernel's output) starts as NaN / 0x7F bytes, so unwritten elements show."""
+    """Every torch.empty (e.g. a kernel's output) starts as NaN / 0x7F bytes, so unwritten elements show.
+
+    ``torch.device(...)`` contexts recognise constructors through a cached set of the torch functions: it is filled
+    here, before the patch, so that it never caches the poisoned function (which left ``torch.empty`` outside every
+    later ``with torch.device("meta")`` of the session: the published loader's meta model came out on the CPU)."""
+    torch.utils._device._device_constructors()
     real_empty = torch.empty
 
     def poisoned(*args, **kwargs):
