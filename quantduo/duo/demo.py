@@ -59,6 +59,13 @@ def eval_samples(n: int = 24, seed: int = 123, context: int = tiny_lm.EVAL_CONTE
             for _ in range(n)]
 
 
+def duo_accuracy(model, retrieval: np.ndarray, samples) -> float:
+    """Passkey accuracy of a copy of ``model`` with DuoAttention (sink / recent of tiny_lm) on the bool
+    [layers, kv_heads] retrieval mask."""
+    m = apply_duo(copy.deepcopy(model), retrieval, tiny_lm.SINK, tiny_lm.RECENT)
+    return passkey_accuracy(m, samples, lambda: DuoCache.from_model(m))
+
+
 def evaluate_modes(model, retrieval: np.ndarray, samples) -> dict:
     """Accuracy and KV bytes (one EVAL_CONTEXT-token sequence) for full / duo / streaming-only."""
     n_tokens = tiny_lm.EVAL_CONTEXT

@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_lm"
+# the second, smaller model beside it (seed 1, hidden 64, 96-192-token contexts; its own TRAINING.md)
+SEED1 = "tiny_lm_seed1"
+SEED1_CONTEXT = 192
 N_FILLER = 64
 _SPECIALS = ("<pad>", "<bos>")
 # the words of quantduo.duo.data.PasskeyFormat's default templates (digits, key names, template words)
@@ -67,15 +70,16 @@ def haystack_text(n_words: int, seed: int) -> str:
     return " ".join(out)
 
 
-def load(device: str = "cpu", dtype=None):
-    """The shipped tiny LM (``quantduo/assets/tiny_lm``) as a LlamaForCausalLM in eval mode."""
+def load(device: str = "cpu", dtype=None, name: str = ASSET_DIR.name):
+    """A shipped tiny LM (``quantduo/assets/<name>``: the demo's ``tiny_lm`` or :data:`SEED1`) as a
+    LlamaForCausalLM in eval mode."""
     import torch
     from transformers import LlamaForCausalLM
 
-    if not (ASSET_DIR / "model.safetensors").exists():
-        raise FileNotFoundError(f"tiny LM weights missing in {ASSET_DIR}; run scripts/train_tiny_lm.py")
-    model = LlamaForCausalLM.from_pretrained(ASSET_DIR, dtype=dtype or torch.float32,
-                                             attn_implementation="sdpa")
+    path = ASSET_DIR.parent / name
+    if not (path / "model.safetensors").exists():
+        raise FileNotFoundError(f"tiny LM weights missing in {path}; run scripts/train_tiny_lm.py")
+    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, attn_implementation="sdpa")
     return model.to(device).eval()
 
 
