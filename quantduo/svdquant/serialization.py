@@ -13,6 +13,7 @@ from torch import nn
 from ..utils import InputError, atomic_folder, verify_manifest, write_manifest
 from .config import SVDQuantConfig
 from .linear import SVDQuantLinear
+from .split import SplitProjOut
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "quantduo_config.json"
@@ -39,8 +40,15 @@ def check_unfused(names: list[str]) -> None:
 
 def layer_specs(model: nn.Module) -> dict[str, dict]:
     """Constructor arguments of every :class:`SVDQuantLinear` in ``model``, by module name (the storage format;
-    the execution is not stored). ``FusedLayersError`` if some layer is a runtime fusion (``fused_parts``)."""
+    the execution is not stored). ``FusedLayersError`` if some layer is a runtime fusion (``fused_parts``),
+    ``CheckpointError`` if some layer is a published checkpoint's split ``proj_out``."""
     check_unfused([name for name, m in model.named_modules() if getattr(m, "fused_parts", None)])
+    split = [name for name, m in model.named_modules() if isinstance(m, SplitProjOut)]
+    if split:
+        raise CheckpointError(
+            f"{split[0]} (and {len(split) - 1} more) is a published checkpoint's split proj_out (two quantized halves "
+            "summed), which quantduo's checkpoint format does not store: keep the published file, or write it with "
+            "`quantduo export --layout nunchaku|nunchaku-lite`")
     return {
         name: dict(
             in_features=m.in_features, out_features=m.out_features, rank=m.rank, bias=m.bias is not None,

@@ -215,3 +215,12 @@ def test_loaded_model_compiles_to_one_graph(single_file):
     compiled = run(torch.compile(model, backend="eager"))
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert relative_error(compiled, run(model)) < 1e-6
+
+
+def test_saving_a_loaded_published_model_in_quantduo_format_is_refused_before_writing(loaded, tmp_path):
+    """quantduo's format has no split proj_out: a clear error before any file is written (export writes it)."""
+    from quantduo.svdquant import SVDQuantConfig, save_quantized
+
+    with pytest.raises(CheckpointError, match="split proj_out.*quantduo export"):
+        save_quantized(loaded[0], tmp_path / "out", SVDQuantConfig())
+    assert not (tmp_path / "out").exists()
