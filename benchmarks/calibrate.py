@@ -1,7 +1,7 @@
 """Block-by-block SVDQuant calibration at full size: FLUX.1 (and a Wan-size video block stack), one device call.
 
 Usage (one GPU):
-    python benchmarks/calibrate.py [--samples 128] [--gpu-gb 16] [--wan-blocks 8] [--wan-samples 16] [--spill]
+    python benchmarks/calibrate.py [--samples 128] [--gpu-gb 16] [--wan-blocks 8] [--wan-samples 16] [--activations auto|device|host|disk]
     python benchmarks/calibrate.py --small --samples 2 --wan-samples 2   # CPU smoke test: 2 heads, 1-2 blocks
 
 Random-weight BF16 models of the real configs, synthetic calibration calls of the real shapes (FLUX.1-dev: 4096
@@ -27,6 +27,7 @@ from diffusers import FluxTransformer2DModel, WanTransformer3DModel
 
 from quantduo.integrations.diffusers import (CalibrationSample, block_names, quantization_config,
                                              quantize_transformer_blockwise)
+from quantduo.svdquant.blockwise import ACTIVATIONS
 from quantduo.svdquant.phases import PHASE_SECONDS, reset_phases
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -85,7 +86,7 @@ def calibrate(name: str, model: torch.nn.Module, samples: list, args) -> dict:
     reset_phases()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=args.work) as work:
-        report = quantize_transformer_blockwise(model, samples, work, config, spill=args.spill, device=args.device)
+        report = quantize_transformer_blockwise(model, samples, work, config, activations=args.activations, device=args.device)
     total = time.perf_counter() - start
     result = dict(model=name, blocks=len(block_names(model)), samples=len(samples), seconds=round(total, 1),
                   phases_s={k: round(v, 1) for k, v in PHASE_SECONDS.items()},
@@ -102,7 +103,8 @@ def main() -> int:
     parser.add_argument("--wan-blocks", type=int, default=8, help="Wan 14B blocks (0: skip Wan)")
     parser.add_argument("--wan-samples", type=int, default=16)
     parser.add_argument("--gpu-gb", type=float, default=16.0, help="GPU memory cap (set_per_process_memory_fraction)")
-    parser.add_argument("--spill", action="store_true", help="calibration activations on disk")
+    parser.add_argument("--activations", choices=ACTIVATIONS, default="auto",
+                        help="where calibration activations live between blocks")
     parser.add_argument("--work", default=None, help="parent folder of the work dirs (default: the system temp)")
     parser.add_argument("--out", default="out/calibrate")
     parser.add_argument("--small", action="store_true", help="2-head, 1-2 block configs (smoke test)")

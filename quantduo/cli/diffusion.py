@@ -30,6 +30,7 @@ from quantduo.integrations.diffusers import (capture_calibration_inputs, denoise
 from quantduo.integrations.published import is_published, load_published_pipeline
 from quantduo.models.tiny_flux import tiny_flux_pipeline
 from quantduo.svdquant import max_rank, set_execution
+from quantduo.svdquant.blockwise import ACTIVATIONS
 from quantduo.utils import atomic_write
 
 DEFAULT_PROMPTS = (
@@ -139,7 +140,7 @@ def cmd_quantize(args) -> int:
                                   dtype=args.dtype if args.dtype != "float32" else "bfloat16")
     if args.blockwise:
         report = quantize_transformer_blockwise(denoiser, samples, args.work_dir, qconfig, resume=args.resume,
-                                                sequential=args.sequential, spill=args.spill)
+                                                sequential=args.sequential, activations=args.activations)
     else:
         report = quantize_transformer(denoiser, samples, qconfig)
     mark_quantized(denoiser, quantduo_config_for(qconfig))
@@ -254,7 +255,9 @@ def register(subparsers) -> None:
     q.add_argument("--resume", action="store_true", help="continue the --blockwise run in --work-dir")
     q.add_argument("--sequential", action="store_true", help="--blockwise: calibrate each block on the outputs of "
                    "the already-quantized blocks (default: full-precision outputs)")
-    q.add_argument("--spill", action="store_true", help="--blockwise: keep calibration activations on disk")
+    q.add_argument("--activations", choices=ACTIVATIONS, default="auto",
+                   help="--blockwise: where calibration activations live between blocks (auto: on the GPU if they "
+                        "fit, else host memory; disk: one call in memory at a time)")
     q.set_defaults(func=cmd_quantize)
     g = subparsers.add_parser("generate", help="generate an image with a (quantized) local pipeline")
     _common(g)

@@ -129,11 +129,11 @@ def _source(leaf: Any, prev_in: list, prev_out: list, name: str, prev: str) -> t
 
 def first_block_calls(model: nn.Module, block: nn.Module, samples: Sequence[Call], device: torch.device,
                       store: CallStore) -> CallStore:
-    """Append to ``store`` the call ``block`` receives in ``model(*sample)`` for every sample (on the CPU; ``block``
-    and the later blocks never run)."""
+    """Append to ``store`` the call ``block`` receives in ``model(*sample)`` for every sample (``block`` and the later
+    blocks never run)."""
 
     def stop(module, args, kwargs):
-        store.append(map_tensors((args, kwargs), lambda t: t.detach().to("cpu", copy=True)))
+        store.append((args, kwargs))
         raise _Stop
 
     handle = block.register_forward_pre_hook(stop, with_kwargs=True)
@@ -172,16 +172,19 @@ def _offload_hooks(blocks: list[tuple[str, nn.Module]], device: torch.device, ho
 
 
 class CallStore:
-    """Calibration calls of one block, in host memory or (``spill_dir``) one file per call on disk."""
+    """Calibration calls of one block: in memory on ``device`` (host memory, or the accelerator when they fit), or
+    (``spill_dir``) one file per call on disk. Appended tensors are copied (detached from the caller's)."""
 
-    def __init__(self, spill_dir: Path | None = None):
-        self.spill_dir, self.size = spill_dir, 0
+    def __init__(self, spill_dir: Path | None = None, device: torch.device = torch.device("cpu")):
+        self.spill_dir, self.device, self.size, self.nbytes = spill_dir, device, 0, 0
         self._calls: list[Call] = []
         if spill_dir is not None:
             shutil.rmtree(spill_dir, ignore_errors=True)
             spill_dir.mkdir(parents=True)
 
     def append(self, call: Call) -> None:
+        call = map_tensors(call, lambda t: t.detach().to("cpu" if self.spill_dir else self.device, copy=True))
+        self.nbytes += sum(t.numel() * t.element_size() for t in pytree.tree_leaves(call) if torch.is_tensor(t))
         if self.spill_dir is None:
             self._calls.append(call)
         else:
@@ -196,29 +199,52 @@ class CallStore:
             return self._calls[i]
         return torch.load(self.spill_dir / f"{i}.pt", weights_only=False)
 
+    def moved_to(self, device: torch.device) -> "CallStore":
+        """The same calls held in memory on ``device`` (self if they already are)."""
+        if self.spill_dir is None and self.device == device:
+            return self
+        moved = CallStore(device=device)
+        for i in range(len(self)):
+            moved.append(self[i])
+        return moved
 
-def _run(block: nn.Module, store: CallStore, device: torch.device, feed: Feed | None, spill_dir: Path | None
-         ) -> CallStore | None:
-    """``block`` over every stored call; the next block's calls (``None`` after the last block)."""
-    if feed is None:
-        return None
-    calls = CallStore(spill_dir)
+
+# accelerator memory kept free for the per-layer solve (the batched smoothing search and the SVD) when deciding
+# whether the calibration activations can stay on the accelerator
+SOLVER_BYTES = 4 << 30
+ACTIVATIONS = ("auto", "device", "host", "disk")
+
+
+def activations_fit(store_bytes: int, block: nn.Module, device: torch.device) -> bool:
+    """Whether a block's calibration calls and the next block's (``store_bytes`` each), three copies of ``block``
+    and :data:`SOLVER_BYTES` fit in 80 % of the accelerator memory this process may still use (the free memory,
+    within ``torch.cuda.set_per_process_memory_fraction``'s cap). Always False off CUDA."""
+    if device.type != "cuda":
+        return False
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = torch.cuda.get_per_process_memory_fraction(device)
+    allowed = min(free, fraction * total - torch.cuda.memory_reserved(device))
+    block_bytes = sum(t.numel() * t.element_size() for t in [*block.parameters(), *block.buffers()])
+    return 2 * store_bytes + 3 * block_bytes + SOLVER_BYTES <= 0.8 * allowed
+
+
+def _store_device(activations: str, store: CallStore, block: nn.Module, device: torch.device) -> torch.device:
+    """Where the in-memory calibration calls live for ``activations`` (``auto``: the accelerator if they fit)."""
+    if activations == "device" or (activations == "auto" and activations_fit(store.nbytes, block, device)):
+        return device
+    return torch.device("cpu")
+
+
+def _forward_all(block: nn.Module, store: CallStore, device: torch.device, feed: Feed | None,
+                 next_store: CallStore | None) -> None:
+    """``block`` over every stored call (on ``device``); with ``feed``, the next block's calls go to ``next_store``."""
     with torch.no_grad():
         for i in range(len(store)):
             call = store[i]
             args, kwargs = map_tensors(call, lambda t: t.to(device))
             output = block(*args, **kwargs)
-            calls.append(map_tensors(feed.call(call, output), lambda t: t.detach().to("cpu")))
-    return calls
-
-
-def _replay(store: CallStore, device: torch.device) -> Callable[[nn.Module], None]:
-    def calib_fn(block: nn.Module) -> None:
-        for i in range(len(store)):
-            args, kwargs = map_tensors(store[i], lambda t: t.to(device))
-            block(*args, **kwargs)
-
-    return calib_fn
+            if feed is not None:
+                next_store.append(feed.call(call, output))
 
 
 def _check_work_dir(work_dir: Path, manifest: dict, resume: bool) -> None:
@@ -232,13 +258,10 @@ def _check_work_dir(work_dir: Path, manifest: dict, resume: bool) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
 
 
-def _quantize_block(block: nn.Module, name: str, store: CallStore, device: torch.device, config: SVDQuantConfig,
+def _quantize_block(block: nn.Module, name: str, calib_fn: Callable[[nn.Module], None], config: SVDQuantConfig,
                     block_dir: Path) -> list[LayerReport]:
-    """Load block ``name``'s finished state from ``block_dir``, or calibrate, quantize and save it there."""
-    if (block_dir / CONFIG_NAME).is_file():
-        meta = load_quantized(block, block_dir)
-        return [LayerReport(**r) for r in meta["extra"]["report"]]
-    report = quantize_model(block, _replay(store, device), config, progress=False)
+    """Calibrate block ``name`` by ``calib_fn``, quantize it and save it in ``block_dir``."""
+    report = quantize_model(block, calib_fn, config, progress=False)
     layers = [LayerReport(**{**asdict(r), "name": f"{name}.{r.name}", "group": [f"{name}.{g}" for g in r.group]})
               for r in report.layers]
     save_quantized(block, block_dir, config, extra={"report": [asdict(r) for r in layers]})
@@ -254,7 +277,7 @@ def quantize_blockwise(
     *,
     resume: bool = False,
     sequential: bool = False,
-    spill: bool = False,
+    activations: str = "auto",
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> QuantizationReport:
@@ -267,39 +290,56 @@ def quantize_blockwise(
         work_dir: where finished blocks (and spilled activations) go.
         resume: continue the run recorded in ``work_dir`` (else ``work_dir`` must hold no run).
         sequential: calibrate each block on the outputs of the already-quantized blocks (else full precision).
-        spill: keep the calibration activations on disk (one call in host memory at a time).
+        activations: where the calibration activations live between blocks: ``device`` (no transfers; the block's
+            calls and the next block's on the accelerator at once), ``host`` (host memory, moved per call),
+            ``disk`` (one call in host memory at a time), ``auto`` (``device`` if :func:`activations_fit`, else
+            ``host``).
         device: where each block runs (default: where ``model``'s first parameter is); blocks go back after.
     Returns:
         The per-layer :class:`QuantizationReport` (layer names prefixed with their block's name).
     """
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
     work_dir = Path(work_dir)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     manifest = dict(config=config.to_dict(), blocks=block_names, samples=len(samples), sequential=sequential)
     _check_work_dir(work_dir, manifest, resume)
     blocks = [(name, model.get_submodule(name)) for name in block_names]
-    spill_dir = (lambda i: work_dir / "activations" / str(i % 2)) if spill else (lambda i: None)
+    spill_dir = (lambda i: work_dir / "activations" / str(i % 2)) if activations == "disk" else (lambda i: None)
     _move_outside_blocks(model, block_names, device)
     with phase("capture"):
         probe = map_tensors(samples[0], lambda t: t.to(device))
         feeds = chain_plan(model, blocks, probe, device, home) + [None]
         store = first_block_calls(model, blocks[0][1], samples, device, CallStore(spill_dir(0)))
+        store_device = _store_device(activations, store, blocks[0][1], device)
+        store = store.moved_to(store_device) if activations != "disk" else store
     _move_outside_blocks(model, block_names, home)
     reports: list[LayerReport] = []
     bar = tqdm(blocks, desc="blockwise SVDQuant", unit="block", disable=not progress)
     for i, (name, block) in enumerate(bar):
         bar.set_postfix_str(name)
         block.to(device)
-        if not sequential:
+        feed = feeds[i]
+        next_store = CallStore(spill_dir(i + 1), store_device) if feed is not None else None
+        block_dir = work_dir / "blocks" / f"{i:04d}"
+        finished = (block_dir / CONFIG_NAME).is_file()
+        if finished and not sequential:
             with phase("capture"):
-                next_store = _run(block, store, device, feeds[i], spill_dir(i + 1))
-        reports += _quantize_block(block, name, store, device, config, work_dir / "blocks" / f"{i:04d}")
+                _forward_all(block, store, device, feed, next_store)
+        if finished:
+            reports += [LayerReport(**r) for r in load_quantized(block, block_dir)["extra"]["report"]]
+        else:
+            # parallel: the calibration pass over the full-precision block also yields the next block's calls
+            calib_feed = None if sequential else feed
+            reports += _quantize_block(block, name, lambda b: _forward_all(b, store, device, calib_feed, next_store),
+                                       config, block_dir)
         if sequential:
             with phase("capture"):
-                next_store = _run(block, store, device, feeds[i], spill_dir(i + 1))
+                _forward_all(block, store, device, feed, next_store)
         block.to(home)
         store = next_store
-    if spill:
+    if activations == "disk":
         shutil.rmtree(work_dir / "activations", ignore_errors=True)
     return QuantizationReport(reports)
 

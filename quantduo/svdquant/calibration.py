@@ -54,6 +54,15 @@ class ActivationRecorder:
             handle.remove()
         self._handles.clear()
         self._last_input = None
+        if exc[0] is None:
+            self._check_finite()
+
+    def _check_finite(self) -> None:
+        """``CalibrationError`` naming the first recorded layer that saw a NaN / inf input (the running absmax and
+        minimum propagate them: one check per layer after the passes, no device sync per call)."""
+        for name, st in self.stats.items():
+            if not (torch.isfinite(st.absmax).all() and torch.isfinite(st.minimum).all()):
+                raise CalibrationError(f"non-finite (NaN/inf) calibration activations at the input of layer {name!r}")
 
     def _input_key(self, x: torch.Tensor) -> int:
         """Same key for consecutive calls on the same tensor object (q/k/v on one input)."""
@@ -66,10 +75,7 @@ class ActivationRecorder:
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             key = self._input_key(x)
-            rows = x.detach().reshape(-1, x.shape[-1]).float()
-            if not torch.isfinite(rows).all():
-                raise CalibrationError(f"non-finite (NaN/inf) calibration activations at the input of layer {name!r}")
-            self._update(name, rows, key)
+            self._update(name, x.detach().reshape(-1, x.shape[-1]).float(), key)
 
         return hook
 

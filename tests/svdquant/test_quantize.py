@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from quantduo.svdquant import (
-    CalibrationError, CheckpointError, SVDQuantConfig, SVDQuantLinear, load_quantized, quantize_model,
+    ActivationRecorder, CalibrationError, CheckpointError, SVDQuantConfig, SVDQuantLinear, load_quantized, quantize_model,
     save_quantized, solve_group,
 )
 from quantduo.formats import quantizers as qz
@@ -310,3 +310,20 @@ def test_to_compute_dtype(weight_format, act_format):
     assert relative_error(module(x.bfloat16()), before) < (1e-2 if act_format == "none" else 4e-2)
     with pytest.raises(ValueError, match="compute dtype"):
         module.to_compute_dtype(torch.float8_e4m3fn)
+
+
+def test_non_finite_calibration_activations_name_the_layer():
+    """A NaN reaching a linear's input in any calibration call is reported with that layer's name (checked once
+    after the passes), and the recorder's hooks are gone afterwards."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    recorder = ActivationRecorder({"0": model[0], "2": model[2]})
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        with pytest.raises(CalibrationError, match="layer '2'"):
+            with recorder:
+                model(x)
+                model[2](torch.full((1, 8), float("nan")))
+                model(x)
+        assert not model[2]._forward_pre_hooks
+        with ActivationRecorder({"0": model[0], "2": model[2]}):
+            model(x)  # finite inputs: no error

@@ -151,7 +151,7 @@ def quantize_transformer_blockwise(
     """:func:`quantize_transformer` one block at a time (:func:`quantduo.svdquant.blockwise.quantize_blockwise`:
     one block on the device at a time, kill-safe, ``resume=True`` continues a run in ``work_dir``).
 
-    ``options``: ``resume``, ``sequential``, ``spill``, ``device``, ``progress`` of ``quantize_blockwise``.
+    ``options``: ``resume``, ``sequential``, ``activations``, ``device``, ``progress`` of ``quantize_blockwise``.
     """
     if not samples:
         raise ValueError("no calibration samples: run capture_calibration_inputs first")
