@@ -44,30 +44,29 @@ WEIGHT_FORMATS = ("int4", "nvfp4")
 ACT_FORMATS = ("int4", "uint4", "nvfp4", "nvfp4_nunchaku", "none")
 # checkpoints written before the SVD branch was renamed
 _LEGACY_NAMES = {"lora_down": "proj_down", "lora_up": "proj_up"}
-# Layers whose derived state was never computed since construction or the last state-dict load, and their number
-# (the one value traced code reads while nothing is pending: a single guard for the whole model).
+# Layers whose derived state was never computed since construction or the last state-dict load (a deep copy of such
+# a layer is pending too, without being listed: its flag says so).
 _PENDING_LAYERS: "weakref.WeakSet[SVDQuantLinear]" = weakref.WeakSet()
-_pending_count = 0
 
 
 def _set_pending(layer: "SVDQuantLinear", pending: bool) -> None:
-    global _pending_count
     layer._derived_computed = not pending
     (_PENDING_LAYERS.add if pending else _PENDING_LAYERS.discard)(layer)
-    _pending_count = len(_PENDING_LAYERS)
 
 
 @torch.compiler.disable
-def _refresh_pending_layers(device: torch.device) -> None:
-    """Compute the derived state of every pending layer on ``device``, eagerly, from inside a traced forward: one
-    graph break, which the compiled model keeps (hence the warning: compute the state before compiling)."""
-    pending = [layer for layer in _PENDING_LAYERS if layer.qweight.device == device]
+def _refresh_pending_layers(layer: "SVDQuantLinear") -> None:
+    """Compute the derived state of ``layer`` and of every pending layer on its device, eagerly, from inside a
+    traced forward: one graph break, which the compiled model keeps (hence the warning: compute it before
+    compiling)."""
+    device = layer.qweight.device
+    pending = {layer, *(other for other in _PENDING_LAYERS if other.qweight.device == device)}
     warnings.warn(f"{len(pending)} SVDQuantLinear layers computed their derived state inside a compiled forward "
                   "(buffers filled or loaded, then compiled before any eager call): the compiled model keeps a "
                   "graph break there; call quantduo.svdquant.refresh_derived(model) before torch.compile",
                   stacklevel=2)
-    for layer in pending:
-        layer.refresh_derived()
+    for other in pending:
+        other.refresh_derived()
 
 
 _SOURCE_BUFFERS = ("qweight", "wscales", "wscale_global", "wscale_channel", "smooth_factor", "act_shift", "proj_down",
@@ -183,14 +182,13 @@ class SVDQuantLinear(nn.Module):
 
     def _ensure_derived(self) -> None:
         """Refresh the derived state if the stored buffers changed (eager calls). While ``torch.compile`` traces,
-        nothing is checked unless some layer's derived state was never computed (buffers filled in place after
-        construction or loaded, then compiled before any eager call): then every such layer computes it, outside
-        the graph, once. Traced code reads only the module-level pending count, so a compiled model holds no
-        per-layer guard and no graph break once every layer is computed. During CUDA-graph capture nothing runs
-        (the warm-up calls did)."""
+        only a boolean is read (the same value in every computed layer: no per-layer recompilation): a layer whose
+        derived state was never computed (buffers filled in place after construction or loaded, then compiled
+        before any eager call) computes it outside the graph, with every other pending layer on its device. During
+        CUDA-graph capture nothing runs (the warm-up calls did)."""
         if torch.compiler.is_compiling():
-            if _pending_count and not self._derived_computed:
-                _refresh_pending_layers(self.qweight.device)
+            if not self._derived_computed:
+                _refresh_pending_layers(self)
             return
         if self.qweight.is_cuda and torch.cuda.is_current_stream_capturing():
             return

@@ -382,7 +382,7 @@ def test_fp8_on_an_nvfp4_checkpoint_is_an_error(dirs, tmp_path, capsys):
     code, _, err = run(["generate", "--model", folder, "--out", tmp_path / "x.png", "--prompt", "a cat", "--fp8"],
                        capsys)
     assert (code, err) == (2, "quantduo: error: argument --execution: fp8 cannot run this checkpoint's format 'nvfp4' "
-                              "(valid: auto, reference, exact)\n")
+                              "(valid: auto, reference, exact, a16)\n")
 
 
 def test_quantized_folder_is_self_contained_and_says_how_it_was_made(dirs, tmp_path, capsys):

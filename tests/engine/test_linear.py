@@ -9,6 +9,8 @@ On CPU, float16 / float32 (bf16 tl.dot is wrong in the interpreter); the fp8 GEM
 """
 from __future__ import annotations
 
+import copy
+
 import types
 
 import pytest
@@ -686,6 +688,10 @@ def test_compiled_before_eager_warns_and_refresh_derived_avoids_the_break():
             out = torch.compile(stack, backend="eager")(x)
         assert relative_error(out, expected) < 1e-6
         assert sum(counters["graph_break"].values()) >= 1
+        copied = copy.deepcopy(filled_stack(0))  # pending by its flag, not listed
+        torch._dynamo.reset()
+        with pytest.warns(UserWarning, match="refresh_derived"):
+            assert relative_error(torch.compile(copied, backend="eager")(x), expected) < 1e-6
         stack = filled_stack(0)
         refresh_derived(stack)
         torch._dynamo.reset(); counters.clear()
