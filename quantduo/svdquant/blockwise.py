@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..utils import atomic_write
 from .config import SVDQuantConfig
-from .phases import phase
+from .phases import phase, phase_summary
 from .quantize import LayerReport, QuantizationReport, quantize_model
 from .serialization import CONFIG_NAME, load_quantized, save_quantized
 
@@ -318,7 +318,7 @@ def quantize_blockwise(
     reports: list[LayerReport] = []
     bar = tqdm(blocks, desc="blockwise SVDQuant", unit="block", disable=not progress)
     for i, (name, block) in enumerate(bar):
-        bar.set_postfix_str(name)
+        bar.set_postfix_str(f"{name}; so far {phase_summary()}")
         block.to(device)
         feed = feeds[i]
         next_store = CallStore(spill_dir(i + 1), store_device) if feed is not None else None

@@ -33,3 +33,8 @@ def phase(name: str) -> Iterator[None]:
 
 def reset_phases() -> None:
     PHASE_SECONDS.clear()
+
+
+def phase_summary() -> str:
+    """``"capture 12s, search 30s, ..."``: the seconds summed so far per phase (for a progress bar)."""
+    return ", ".join(f"{name} {seconds:.0f}s" for name, seconds in PHASE_SECONDS.items())

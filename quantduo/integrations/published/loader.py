@@ -75,7 +75,12 @@ def _model_config(ckpt: PublishedCheckpoint, base: Path | None) -> dict:
 def _meta_model(config: dict) -> nn.Module:
     cls = getattr(diffusers, config["_class_name"])
     with torch.device("meta"):
-        return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+        model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    materialized = [name for name, t in model.state_dict(keep_vars=True).items() if not t.is_meta]
+    if materialized:  # the meta-device context did not apply (e.g. a patched torch factory function)
+        raise RuntimeError(f"{cls.__name__} built outside the meta device ({materialized[:3]} ...): cannot tell the "
+                           "tensors the checkpoint must provide")
+    return model
 
 
 def _base_tensors(base: Path | None, keys: list[str]) -> dict[str, torch.Tensor]:
