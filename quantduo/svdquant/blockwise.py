@@ -209,23 +209,24 @@ class CallStore:
         return moved
 
 
-# accelerator memory kept free for the per-layer solve (the batched smoothing search and the SVD) when deciding
-# whether the calibration activations can stay on the accelerator
-SOLVER_BYTES = 4 << 30
+# accelerator memory kept free for the per-layer solve (the batched smoothing search, 2 GiB batches by default, and the
+# SVD of the largest group) when deciding whether the calibration activations can stay on the accelerator
+SOLVER_BYTES = 3 << 30
 ACTIVATIONS = ("auto", "device", "host", "disk")
 
 
 def activations_fit(store_bytes: int, block: nn.Module, device: torch.device) -> bool:
-    """Whether a block's calibration calls and the next block's (``store_bytes`` each), three copies of ``block``
-    and :data:`SOLVER_BYTES` fit in 80 % of the accelerator memory this process may still use (the free memory,
-    within ``torch.cuda.set_per_process_memory_fraction``'s cap). Always False off CUDA."""
+    """Whether a block's calibration calls and the next block's (``store_bytes`` each), two copies of ``block`` (the
+    block and its quantized layers being built) and :data:`SOLVER_BYTES` fit in 90 % of the accelerator memory this
+    process may still use (the free memory, within ``torch.cuda.set_per_process_memory_fraction``'s cap). Always
+    False off CUDA."""
     if device.type != "cuda":
         return False
     free, total = torch.cuda.mem_get_info(device)
     fraction = torch.cuda.get_per_process_memory_fraction(device)
     allowed = min(free, fraction * total - torch.cuda.memory_reserved(device))
     block_bytes = sum(t.numel() * t.element_size() for t in [*block.parameters(), *block.buffers()])
-    return 2 * store_bytes + 3 * block_bytes + SOLVER_BYTES <= 0.8 * allowed
+    return 2 * store_bytes + 2 * block_bytes + SOLVER_BYTES <= 0.9 * allowed
 
 
 def _store_device(activations: str, store: CallStore, block: nn.Module, device: torch.device) -> torch.device:

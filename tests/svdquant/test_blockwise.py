@@ -19,7 +19,7 @@ from torch import nn
 
 from quantduo.integrations.diffusers import block_names, quantization_config, quantize_transformer_blockwise
 from quantduo.models.tiny_dit import load_tiny_dit, sample_digits
-from quantduo.svdquant.blockwise import chain_plan, finished_blocks
+from quantduo.svdquant.blockwise import activations_fit, chain_plan, finished_blocks
 from quantduo.integrations.diffusers import CalibrationSample
 
 SETTINGS = dict(rank=16, search_tokens=256, lowrank_iters=8)
@@ -44,13 +44,13 @@ def calibration_samples(model, steps: int = 4) -> list[CalibrationSample]:
 
 
 def run_blockwise(work_dir: str, out_file: str | None = None, resume: bool = False, sequential: bool = False,
-                  activations: str = "auto"):
+                  activations: str = "auto", device: str | None = None):
     torch.set_num_threads(1)
     model = load_tiny_dit()
     config = quantization_config(model.transformer, **SETTINGS)
     report = quantize_transformer_blockwise(model.transformer, calibration_samples(model), work_dir, config,
                                             resume=resume, sequential=sequential, activations=activations,
-                                            progress=False)
+                                            device=device, progress=False)
     if out_file:
         save_file({k: v.contiguous() for k, v in model.transformer.state_dict().items()}, out_file)
     return model, report
@@ -89,6 +89,18 @@ def test_activation_placements_give_identical_bytes(tmp_path, single_thread):
     assert any(not torch.equal(sequential[n], states["host"][n]) for n in last)
     with pytest.raises(ValueError, match="activations must be one of"):
         run_blockwise(str(tmp_path / "bad"), activations="gpu")
+
+
+@pytest.mark.gpu
+def test_gpu_activations_on_the_device_give_the_host_bytes(tmp_path):
+    """On a GPU the blocks run there; calls kept in GPU memory (``device``; ``auto`` picks it for the tiny DiT) or
+    moved from host memory per call give the same bytes."""
+    model = load_tiny_dit()
+    assert activations_fit(10 << 20, model.transformer.transformer_blocks[0], torch.device("cuda"))
+    states = {a: run_blockwise(str(tmp_path / a), activations=a, device="cuda")[0].transformer.state_dict()
+              for a in ("auto", "host")}
+    for name, tensor in states["host"].items():
+        assert torch.equal(states["auto"][name], tensor), name
 
 
 def tensor_names(state: dict) -> list[str]:
