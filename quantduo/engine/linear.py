@@ -29,13 +29,16 @@ fp8           <= 64 / more               ``a16`` / per-token fp8 activations x t
 ============  =========================  ============================================================
 
 Kernels run on CUDA tensors; on the CPU the same paths run their PyTorch references, unless
-:func:`cpu_kernels` is active (tests: Triton's interpreter, ``TRITON_INTERPRET=1``).
+:func:`cpu_kernels` is active (tests: Triton's interpreter, ``TRITON_INTERPRET=1``). Under ``torch.compile`` the fp8
+path above 64 tokens is traced (its activation quantization fuses into the producer); every other kernel path is one
+opaque operator, ``quantduo::kernel_linear`` (:func:`kernel_linear`): no graph break.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import types
 
 import torch
 import torch.nn.functional as F
@@ -120,7 +123,7 @@ def linear_forward(layer, x: torch.Tensor) -> torch.Tensor:
     elif execution == "fp8" and layer.weight_format == "int4":
         y = _fp8_gemm(layer, *quantize_fp8_per_token(_flat_padded(layer, x)), x.dtype)  # traced by torch.compile
     else:
-        y = _kernel_forward(layer, _flat_padded(layer, x), execution)
+        y = kernel_linear(layer, _flat_padded(layer, x), execution)
     return y.reshape(*x.shape[:-1], layer.out_features)
 
 
@@ -223,10 +226,43 @@ def _reference_of(execution: str):
 # ---------------------------------------------------------------------------------------------
 # kernel paths
 # ---------------------------------------------------------------------------------------------
-@torch.compiler.disable
+# The buffers and attributes the kernel paths read: the kernel paths run as one custom operator, opaque to
+# torch.compile (no graph break per few-token layer, e.g. the one-token adaLN modulation linears of every DiT block)
+# and run in program order (their kernels share scratch buffers, which a traced graph must not see).
+_KERNEL_TENSORS = ("qweight", "wscales", "wscale_global", "wscale_channel", "smooth_factor", "act_shift", "proj_down",
+                   "proj_up", "bias", "bias_a16")
+
+
+def kernel_linear(layer, x2: torch.Tensor, execution: str) -> torch.Tensor:
+    """``x2 [M, K_padded]`` -> ``[M, N]`` in x2.dtype through the kernels of ``execution`` (not ``reference``; fp8
+    execution here only for few tokens), as the operator ``quantduo::kernel_linear``."""
+    return torch.ops.quantduo.kernel_linear(
+        x2, [getattr(layer, name, None) for name in _KERNEL_TENSORS], execution, layer.weight_format,
+        layer.act_format, layer.group_size, layer.in_features, layer.out_features, layer.smoothing_folded_out)
+
+
+@torch.library.custom_op(
+    "quantduo::kernel_linear", mutates_args=(),
+    schema="(Tensor x2, Tensor?[] tensors, str execution, str weight_format, str act_format, int group_size, "
+           "int in_features, int out_features, bool smoothing_folded_out) -> Tensor")
+def _kernel_linear_op(x2, tensors, execution, weight_format, act_format, group_size, in_features, out_features,
+                      smoothing_folded_out):
+    layer = types.SimpleNamespace(
+        **dict(zip(_KERNEL_TENSORS, tensors)), weight_format=weight_format, act_format=act_format,
+        group_size=group_size, in_features=in_features, out_features=out_features,
+        smoothing_folded_out=smoothing_folded_out)
+    layer.rank, layer.padded_in_features = layer.proj_down.shape[1], layer.smooth_factor.shape[0]
+    return _kernel_forward(layer, x2, execution)
+
+
+@_kernel_linear_op.register_fake
+def _(x2, tensors, execution, weight_format, act_format, group_size, in_features, out_features,
+      smoothing_folded_out):
+    return x2.new_empty(x2.shape[0], out_features)
+
+
 def _kernel_forward(layer, x2: torch.Tensor, execution: str) -> torch.Tensor:
-    """``x2 [M, K_padded]`` -> ``[M, N]`` through the kernels of ``execution`` (not ``reference``; fp8 execution
-    here only for few tokens). Not traced by ``torch.compile``: these kernels share scratch buffers."""
+    """The body of :func:`kernel_linear` (``layer``: the buffers and attributes it names)."""
     nvfp4_weights = layer.weight_format == "nvfp4"
     if nvfp4_weights or (execution == "exact" and act_family(layer.act_format) == "nvfp4"):
         residual = nvfp4_dequant(layer.qweight, layer.wscales, layer.wscale_global) * layer.wscale_channel[:, None] \

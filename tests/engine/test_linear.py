@@ -15,6 +15,7 @@ import types
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from torch import nn
 
 from quantduo.engine import linear as engine
@@ -25,7 +26,7 @@ from quantduo.formats import quantizers as qz
 from quantduo.formats.fp8 import quantize_fp8_per_token_ref
 from quantduo.formats.registry import EXECUTIONS
 from quantduo.integrations.lora import attach_lora
-from quantduo.svdquant import SVDQuantLinear, set_execution
+from quantduo.svdquant import SVDQuantLinear, refresh_derived, set_execution
 from quantduo.utils import relative_error
 
 pytestmark = pytest.mark.usefixtures("poison_empty")  # unwritten kernel outputs show (tests/conftest.py)
@@ -628,8 +629,6 @@ def test_compiled_layers_share_one_graph_across_instances():
     """Traced code must not guard on per-layer values: a stack of identical blocks with a graph break inside each
     (as diffusers' FLUX blocks have) compiles the block's resumed frame once, not once per block (the recompile
     storm that ran most of a compiled FLUX step eagerly, past dynamo's recompile limit)."""
-    from torch._dynamo.utils import counters
-
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
@@ -665,9 +664,6 @@ def test_compiled_before_eager_warns_and_refresh_derived_avoids_the_break():
     """Layers filled in place and compiled before any eager call: the traced forward computes every pending layer
     on the device at once (a warning names the fix; the output is right); after ``refresh_derived(model)`` the
     compiled model is one graph with no break."""
-    from torch._dynamo.utils import counters
-    from quantduo.svdquant import refresh_derived
-
     def filled_stack(seed: int) -> nn.Sequential:
         torch.manual_seed(seed)
         stack = nn.Sequential(*(SVDQuantLinear(64, 64, rank=4, dtype=torch.float32, execution="a16")
@@ -698,3 +694,28 @@ def test_compiled_before_eager_warns_and_refresh_derived_avoids_the_break():
         out = torch.compile(stack, backend="eager")(x)
     assert relative_error(out, expected) < 1e-6
     assert sum(counters["graph_break"].values()) == 0 and counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("execution,tokens", [("a16", 1), ("a16", 5), ("exact", 5), ("fp8", 3), ("a16", 72)])
+def test_kernel_paths_compile_without_graph_breaks(execution, tokens):
+    """The kernel paths are one opaque operator (``quantduo::kernel_linear``): a compiled stack of few-token layers
+    (a DiT's one-token modulation linears, the few-token fp8 fallback) traces as one graph with no break and
+    gives the eager kernels' output."""
+    torch.manual_seed(0)
+    act = "none" if execution == "a16" else "int4"
+    stack = nn.Sequential(*(SVDQuantLinear(64, 64, rank=8, act_format=act, dtype=torch.float16, execution=execution)
+                            for _ in range(3)))
+    for m in stack:
+        q, scales = qz.quantize_int4(torch.randn(64, 64), 64, torch.float16)
+        with torch.no_grad():
+            m.qweight.copy_(qz.pack_int4(q)); m.wscales.copy_(scales); m.bias.normal_()
+            m.proj_down.normal_(std=0.1); m.proj_up.normal_(std=0.1); m.smooth_factor.uniform_(0.5, 1.5)
+        m.refresh_derived()
+    x = torch.randn(tokens, 64, dtype=torch.float16)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad(), cpu_kernels():
+        eager = stack(x)
+        compiled = torch.compile(stack, backend="aot_eager")(x)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert torch.equal(compiled, eager)

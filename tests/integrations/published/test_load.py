@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from safetensors.torch import save_file
 
 pytest.importorskip("diffusers")
@@ -20,7 +21,8 @@ from quantduo.integrations.diffusers import FusedFluxSingleBlock, enable_fusions
 from quantduo.integrations.published import group_keys, load_published_transformer, read_checkpoint  # noqa: E402
 from quantduo.integrations.published.build import _w4a4_layer  # noqa: E402
 from quantduo.formats import nunchaku as nk  # noqa: E402
-from quantduo.svdquant import CheckpointError, SVDQuantLinear, set_execution  # noqa: E402
+from quantduo.svdquant import (CheckpointError, SVDQuantConfig, SVDQuantLinear, save_quantized,  # noqa: E402
+                               set_execution)
 from quantduo.svdquant.split import SplitProjOut  # noqa: E402
 from quantduo.utils import relative_error  # noqa: E402
 
@@ -207,8 +209,6 @@ def test_fp8_a16_and_fused_single_block_run_the_loaded_model(loaded, checkpoint)
 def test_loaded_model_compiles_to_one_graph(single_file):
     """The loader computes every layer's derived state on the target device, so ``torch.compile`` of a freshly
     loaded transformer traces one graph with no break and gives the eager output."""
-    from torch._dynamo.utils import counters
-
     model, _ = load_published_transformer(single_file, dtype=torch.float32)
     torch._dynamo.reset()
     counters.clear()
@@ -219,8 +219,6 @@ def test_loaded_model_compiles_to_one_graph(single_file):
 
 def test_saving_a_loaded_published_model_in_quantduo_format_is_refused_before_writing(loaded, tmp_path):
     """quantduo's format has no split proj_out: a clear error before any file is written (export writes it)."""
-    from quantduo.svdquant import SVDQuantConfig, save_quantized
-
     with pytest.raises(CheckpointError, match="split proj_out.*quantduo export"):
         save_quantized(loaded[0], tmp_path / "out", SVDQuantConfig())
     assert not (tmp_path / "out").exists()
