@@ -200,8 +200,8 @@ class CallStore:
         return torch.load(self.spill_dir / f"{i}.pt", weights_only=False)
 
     def moved_to(self, device: torch.device) -> "CallStore":
-        """The same calls held in memory on ``device`` (self if they already are)."""
-        if self.spill_dir is None and self.device == device:
+        """The same calls held in memory on ``device`` (self if they already are there, or are on disk)."""
+        if self.spill_dir is not None or self.device == device:
             return self
         moved = CallStore(device=device)
         for i in range(len(self)):
@@ -314,7 +314,7 @@ def quantize_blockwise(
         feeds = chain_plan(model, blocks, probe, device, home) + [None]
         store = first_block_calls(model, blocks[0][1], samples, device, CallStore(spill_dir(0)))
         store_device = _store_device(activations, store, blocks[0][1], device)
-        store = store.moved_to(store_device) if activations != "disk" else store
+        store = store.moved_to(store_device)
     _move_outside_blocks(model, block_names, home)
     reports: list[LayerReport] = []
     bar = tqdm(blocks, desc="blockwise SVDQuant", unit="block", disable=not progress)
