@@ -4,8 +4,8 @@ Stored arithmetic: ``y = Q_a(x / smooth_factor + act_shift) @ Q_w(R)^T + (x / sm
 + bias`` where ``R = W * smooth_factor - proj_up @ proj_down^T`` is the quantized residual (the SVD branch; user
 LoRAs are appended to it as extra ranks, :mod:`quantduo.integrations.lora`). With ``act_format="none"`` it is a
 weight-only (W4A16) layer; ``act_format="nvfp4_nunchaku"`` quantizes activations as Nunchaku's NVFP4 kernels do
-(FP8 scales per 16, no tensor scale: :func:`quantduo.formats.quantizers.quantize_nvfp4_nunchaku`). Persistent buffers (``N = out_features``, ``K = padded in_features``, ``G = group_size``,
-``r = rank``):
+(FP8 scales per 16, no tensor scale: :func:`quantduo.formats.quantizers.quantize_nvfp4_nunchaku`). Persistent
+buffers (``N = out_features``, ``K = padded in_features``, ``G = group_size``, ``r = rank``):
 
 * ``qweight``       uint8 ``[N, K // 2]``           packed residual (layout in :mod:`quantduo.formats.quantizers`)
 * ``wscales``       ``[N, K // G]`` (module dtype)  INT4 group scales, or float8_e4m3fn ``[N, K // 16]`` for NVFP4
