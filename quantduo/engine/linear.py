@@ -235,7 +235,10 @@ _KERNEL_TENSORS = ("qweight", "wscales", "wscale_global", "wscale_channel", "smo
 
 def kernel_linear(layer, x2: torch.Tensor, execution: str) -> torch.Tensor:
     """``x2 [M, K_padded]`` -> ``[M, N]`` in x2.dtype through the kernels of ``execution`` (not ``reference``; fp8
-    execution here only for few tokens), as the operator ``quantduo::kernel_linear``."""
+    execution here only for few tokens): called directly in eager mode (no operator dispatch on the per-token hot
+    path), as the operator ``quantduo::kernel_linear`` while ``torch.compile`` traces."""
+    if not torch.compiler.is_compiling():
+        return _kernel_forward(layer, x2, execution)
     return torch.ops.quantduo.kernel_linear(
         x2, [getattr(layer, name, None) for name in _KERNEL_TENSORS], execution, layer.weight_format,
         layer.act_format, layer.group_size, layer.in_features, layer.out_features, layer.smoothing_folded_out)
