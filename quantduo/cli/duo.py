@@ -16,15 +16,15 @@ from typing import Callable
 import matplotlib
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from quantduo.cli.validate import (MAX_SEED, bad, device, float_in, int_in, lm_config, output_file, output_folder,
                                    read_text_file)
 from quantduo.duo.cache import DuoCache
 from quantduo.duo.data import PasskeyFormat, make_sample
 from quantduo.duo.decode import GraphedDecoder
-from quantduo.duo.deploy import apply_duo, apply_pattern, chunked_prefill
-from quantduo.duo.evaluate import kv_bytes_full, passkey_accuracy
+from quantduo.duo.deploy import WINDOWS, apply_duo, apply_pattern, chunked_prefill
+from quantduo.duo.evaluate import answer_logprob, kv_bytes_full, passkey_accuracy
 from quantduo.duo.identify import IdentifyConfig, identify
 from quantduo.duo.patterns import DuoPattern, load_pattern, save_pattern
 from quantduo.integrations.transformers import fuse_rms_norms, quantize_causal_lm
@@ -167,8 +167,9 @@ def _identify(args) -> int:
 
 
 def _eval(args) -> int:
-    """Passkey accuracy of full attention, streaming-only and DuoAttention at each --sparsities value (reference
-    semantics); prints them and writes the accuracy-vs-sparsity curve to --plot."""
+    """Passkey accuracy of full attention, streaming-only and DuoAttention at each --sparsities value, for each
+    streaming window of --windows (``chunk``: the reference semantics; ``token``: per-token window), the prompt
+    prefilled in one pass or --prefill-chunk tokens at a time; prints them and writes the curves to --plot."""
     config = lm_config(args.model)
     _context_defaults(args, config)
     pattern = _pattern(args, config)
@@ -182,32 +183,48 @@ def _eval(args) -> int:
     samples = [make_sample(hay, codec.encode, args.context_max, args.passkeys, rng, min_distance=2 * (sink + recent))
                for _ in range(args.n)]
     model = _load(args.model, args.device, args.dtype)
-    full = passkey_accuracy(model, samples)
-    print(f"full      accuracy {full:.3f}")
-    curve = {}
-    for sparsity in [*args.sparsities, 1.0]:
-        mask = pattern.binarize(sparsity)
-        m = apply_duo(copy.deepcopy(model), mask, sink, recent)
-        curve[sparsity] = passkey_accuracy(m, samples, lambda: DuoCache.from_model(m))
-        name = "streaming" if sparsity == 1.0 else f"duo@{sparsity:.2f}"
-        print(f"{name:9} accuracy {curve[sparsity]:.3f}  ({int(mask.sum())}/{mask.size} retrieval heads)")
-    save_accuracy_plot(full, curve, plot, f"{Path(args.model).name}: sink {sink}, recent {recent}, "
-                                          f"{args.context_max} tokens")
+    full = (passkey_accuracy(model, samples), answer_logprob(model, samples, DynamicCache))
+    print(f"full      accuracy {full[0]:.3f}  answer log-prob {full[1]:.3e}")
+    curves = {}
+    for window in args.windows:
+        curves[window] = curve = {}
+        for sparsity in [*args.sparsities, 1.0]:
+            mask = pattern.binarize(sparsity)
+            m = apply_duo(copy.deepcopy(model), mask, sink, recent, window=window)
+            make_cache = lambda: DuoCache.from_model(m)  # noqa: E731
+            curve[sparsity] = (passkey_accuracy(m, samples, make_cache, args.prefill_chunk),
+                               answer_logprob(m, samples, make_cache, args.prefill_chunk))
+            name = "streaming" if sparsity == 1.0 else f"duo@{sparsity:.2f}"
+            print(f"{name:9} accuracy {curve[sparsity][0]:.3f}  answer log-prob {curve[sparsity][1]:.3e}  "
+                  f"({int(mask.sum())}/{mask.size} retrieval heads, {window} window)")
+    prefill = "one-pass prefill" if args.prefill_chunk is None else f"prefill in chunks of {args.prefill_chunk}"
+    save_accuracy_plot(full, curves, plot, f"{Path(args.model).name}: sink {sink}, recent {recent}, "
+                                           f"{args.context_max} tokens, {prefill}")
     print(f"plot written to {plot}")
     return 0
 
 
-def save_accuracy_plot(full: float, curve: dict[float, float], path: Path, title: str) -> None:
-    """PNG of passkey accuracy vs the fraction of streaming heads (1.0 = streaming only), full attention dashed."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    xs = sorted(curve)
-    ax.plot(xs, [curve[x] for x in xs], "o-", label="DuoAttention (reference semantics)")
-    ax.axhline(full, ls="--", color="gray", label="full attention")
-    ax.set_xlabel("fraction of streaming heads")
-    ax.set_ylabel("passkey accuracy")
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+WINDOW_LABELS = {"chunk": "DuoAttention (reference semantics)", "token": "DuoAttention (per-token window)"}
+
+
+def save_accuracy_plot(full: tuple[float, float], curves: dict[str, dict[float, tuple[float, float]]], path: Path,
+                       title: str) -> None:
+    """PNG of passkey accuracy (left) and the answer tokens' mean log-probability (right, symlog) vs the fraction
+    of streaming heads (1.0 = streaming only), one line per streaming window (``curves``: window -> {sparsity:
+    (accuracy, log-prob)}), full attention's (``full``) dashed."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for i, (ax, ylabel) in enumerate(zip(axes, ("passkey accuracy", "answer log-prob (nats)"))):
+        for window, curve in curves.items():
+            xs = sorted(curve)
+            ax.plot(xs, [curve[x][i] for x in xs], "o-" if window == "chunk" else "s--", label=WINDOW_LABELS[window])
+        ax.axhline(full[i], ls="--", color="gray", label="full attention")
+        ax.set_xlabel("fraction of streaming heads")
+        ax.set_ylabel(ylabel)
+    axes[0].set_ylim(-0.05, 1.05)
+    axes[1].set_yscale("symlog", linthresh=1e-5)
+    axes[1].set_ylim(top=0)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
@@ -325,6 +342,10 @@ def register(subparsers) -> None:
     ev.add_argument("--sink", type=int_in(0), help="default: the pattern's")
     ev.add_argument("--recent", type=int_in(1), help="default: the pattern's")
     ev.add_argument("-n", type=int_in(1), default=20, help="number of questions")
+    ev.add_argument("--windows", nargs="+", choices=WINDOWS, default=list(WINDOWS),
+                    help="streaming windows to compare: chunk (the reference semantics), token (per-token window)")
+    ev.add_argument("--prefill-chunk", type=int_in(1), help="prefill the prompt this many tokens at a time "
+                                                            "(default: one pass, the first chunk is dense)")
     ev.set_defaults(func=_eval)
     gen = sub.add_parser("generate", help="long-prompt generation with DuoAttention (chunked prefill, greedy decoding)")
     gen.add_argument("--model", required=True, help="local model directory (transformers format)")

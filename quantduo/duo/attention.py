@@ -79,23 +79,24 @@ def gated_attention(q, k, v, gate, sink: int, recent: int, scaling: float, chunk
 
 
 def visible_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, pad: torch.Tensor, window: int | None = None,
-                 stream: tuple[int, int, int] | None = None) -> torch.Tensor:
+                 stream: tuple[int, int, int, bool] | None = None) -> torch.Tensor:
     """Bool [B, 1, Tq, Tk]: which keys each query of a chunk sees (deployment rule, on slot positions).
 
     q_pos [Tq] int64 slots of the queries; k_pos [B or 1, Tk] int64 slots of the keys (-1: empty); pad [B] int64
     first real slot per row. A key is visible when it is real (slot >= pad), causal, inside the sliding ``window``
     (q - k < window, as transformers' sliding-window masks) and, for a streaming head (``stream`` = (sink, recent,
-    chunk start slot s)), a sink of its row (k < pad + sink) or at most ``recent`` before the chunk (k >= s -
-    recent): the reference's chunk-level window, per row. A query always sees itself, so padding queries get a
-    finite (unused) output.
+    chunk start slot s, per_token)), a sink of its row (k < pad + sink) or at most ``recent`` before the chunk
+    (k >= s - recent): the reference's chunk-level window, per row; with ``per_token`` one of the last ``recent``
+    keys up to the query instead (q - k < recent). A query always sees itself, so padding queries get a finite
+    (unused) output.
     """
     q, k, p = q_pos[None, None, :, None], k_pos[:, None, None, :], pad[:, None, None, None]
     ok = (k >= p) & (k <= q)
     if window is not None:
         ok &= q - k < window
     if stream is not None:
-        sink, recent, start = stream
-        ok &= (k < p + sink) | (k >= start - recent)
+        sink, recent, start, per_token = stream
+        ok &= (k < p + sink) | ((q - k < recent) if per_token else (k >= start - recent))
     return ok | (k == q)
 
 

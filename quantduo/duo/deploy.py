@@ -57,14 +57,21 @@ def reorder_heads(attn: torch.nn.Module, kv_order: torch.Tensor) -> None:
     _permute_rows(attn.o_proj, q_rows, 1)
 
 
-def apply_duo(model, retrieval: np.ndarray, sink: int, recent: int):
+WINDOWS = ("chunk", "token")
+
+
+def apply_duo(model, retrieval: np.ndarray, sink: int, recent: int, window: str = "chunk"):
     """Prepare ``model`` (in place) for DuoAttention.
 
     retrieval: bool [duo layers, kv_heads], True = retrieval (full attention) head, e.g. from
     :meth:`DuoPattern.binarize`; one row per layer of :func:`~quantduo.duo.layout.duo_layers` (the global layers
-    of a model mixing sliding-window layers; their sliding layers keep every head full). Returns the model. Can be
-    applied once per model.
+    of a model mixing sliding-window layers; their sliding layers keep every head full). ``window``: the streaming
+    heads' rule: ``"chunk"`` (the reference implementation's, the default: module docstring) or ``"token"`` (every
+    query sees the sinks and the last ``recent`` tokens up to itself, the identification window; an evaluation
+    option computed by the masked path with dynamic caches only). Returns the model. Can be applied once per model.
     """
+    if window not in WINDOWS:
+        raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
     mods = attention_modules(model)
     layers = duo_layers(model.config)
     retrieval = np.asarray(retrieval)
@@ -78,7 +85,7 @@ def apply_duo(model, retrieval: np.ndarray, sink: int, recent: int):
     every[layers] = retrieval
     for attn, row in zip(mods, every):
         reorder_heads(attn, torch.as_tensor(np.argsort(~row, kind="stable")))
-        attn.duo_n_full, attn.duo_sink, attn.duo_recent = int(row.sum()), sink, recent
+        attn.duo_n_full, attn.duo_sink, attn.duo_recent, attn.duo_window = int(row.sum()), sink, recent, window
     model.config._attn_implementation = "duo"
     model._prepare_cache_for_generation = types.MethodType(_prepare_duo_cache, model)
     model.model.register_forward_pre_hook(_padding_hook, with_kwargs=True)
@@ -177,17 +184,22 @@ def _group_keys(module, kv: DuoKV, full: bool, tq: int):
 def _masked_group(module, q, kv: DuoKV, full: bool, pad, scaling, window, softcap) -> torch.Tensor:
     """Attention of one head group on explicit slot positions (padding, sliding window, soft-capping)."""
     k, v, pos = _group_keys(module, kv, full, q.shape[2])
+    token_window = not full and module.duo_window == "token"
     if kv.decoding:
-        if kv.length is not None and (window is not None or softcap is not None):
-            raise ValueError("a static DuoCache does not support sliding-window or soft-capped attention")
+        if kv.length is not None and (window is not None or softcap is not None or token_window):
+            raise ValueError("a static DuoCache does not support sliding-window, soft-capped or per-token-window "
+                             "attention")
         if window is not None:
             pos = torch.where(kv.q_start - pos < window, pos, -1)
+        if token_window:
+            sinks = pos < pad[:, None] + module.duo_sink
+            pos = torch.where(sinks | (kv.q_start - pos < module.duo_recent), pos, -1)
         if softcap is None:
             return A.decode(q, k, v, scaling, kv.length, pos)
         return A.masked_attention(q, _dense(k).to(q.dtype), _dense(v).to(q.dtype), (pos >= 0)[:, None, None, :],
                                   scaling, softcap)
     q_pos = torch.arange(kv.q_start, kv.q_start + q.shape[2], device=q.device)
-    stream = None if full else (module.duo_sink, module.duo_recent, kv.q_start)
+    stream = None if full else (module.duo_sink, module.duo_recent, kv.q_start, token_window)
     return A.masked_attention(q, k, v, A.visible_mask(q_pos, pos, pad, window, stream), scaling, softcap)
 
 
@@ -200,7 +212,7 @@ def duo_attention_forward(module, query, key, value, attention_mask=None, scalin
     Returns ([B, T, Hq, D], None)."""
     tq = query.shape[2]
     pad = _row_padding(attention_mask, key, tq, sliding_window)
-    masked = pad is not None or sliding_window is not None or softcap is not None
+    masked = pad is not None or sliding_window is not None or softcap is not None or module.duo_window == "token"
     kv = key if isinstance(key, DuoKV) else _plain_kv(module, key, value, tq, masked)
     if pad is None:
         pad = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)

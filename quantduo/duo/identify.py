@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from quantduo.duo.attention import gated_attention
+from quantduo.duo.compat import set_activation_checkpointing
 from quantduo.duo.deploy import register_attention
 from quantduo.duo.layout import attention_modules, duo_layers
 from quantduo.duo.patterns import DuoPattern
@@ -143,7 +144,7 @@ def identify(model, batches: Callable[[int], Batch], cfg: IdentifyConfig, progre
     was_training, full_impl = model.training, model.config._attn_implementation
     ckpt = cfg.activation_checkpointing and model.supports_gradient_checkpointing
     if ckpt:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(model, True)
         model.train()  # transformers only checkpoints in train mode; attention dropout stays 0 here
     try:
         bar = progress_bar(range(cfg.steps), desc="duo identify", progress=progress)
@@ -161,7 +162,7 @@ def identify(model, batches: Callable[[int], Batch], cfg: IdentifyConfig, progre
             bar.set_postfix(loss=f"{loss.item():.4f}", mean_gate=f"{gates.mean().item():.3f}")
     finally:
         if ckpt:
-            model.activation_checkpointing_disable()
+            set_activation_checkpointing(model, False)
         model.train(was_training)
     extra = {"lr": cfg.lr, "num_steps": cfg.steps, "reg_weight": cfg.reg_weight, "supervision": "distill",
              "streaming_attn_implementation": "sdpa" if cfg.block is None else f"blocksparse{cfg.block}"}

@@ -222,6 +222,7 @@ def activations_fit(store_bytes: int, block: nn.Module, device: torch.device) ->
     False off CUDA."""
     if device.type != "cuda":
         return False
+    device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
     free, total = torch.cuda.mem_get_info(device)
     fraction = torch.cuda.get_per_process_memory_fraction(device)
     allowed = min(free, fraction * total - torch.cuda.memory_reserved(device))

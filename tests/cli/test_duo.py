@@ -38,6 +38,7 @@ def test_cli_identify_then_eval(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "full      accuracy" in text and "streaming" in text
     assert all(f"duo@{s:.2f}" in text for s in (0.25, 0.5, 0.75))
+    assert all(f"{w} window)" in text for w in ("chunk", "token")) and "answer log-prob" in text
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

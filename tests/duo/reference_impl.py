@@ -4,6 +4,7 @@ the documented rules only (shared/notes/duo-upstream-semantics.md), independent 
 * a chunk of queries at positions s..s+T-1 (a one-shot prefill: s = 0; a decode step: T = 1);
 * retrieval head: query p sees every key kp <= p;
 * streaming head: query p sees kp <= p with s == 0 (first chunk dense), or kp < sink, or kp >= s - recent;
+* the per-token window option: a streaming query p sees kp <= p with kp < sink or p - kp < recent, in every chunk;
 * a layer with a sliding window W (transformers' rule) shows only p - kp < W to every head; a soft-capped layer
   (Gemma 2) soft-caps the scores first.
 
@@ -17,10 +18,13 @@ from transformers.masking_utils import AttentionMaskInterface
 from quantduo.duo.compat import cache_kwargs
 
 
-def visible(p: int, kp: int, s: int, streaming: bool, sink: int, recent: int, window: int | None = None) -> bool:
+def visible(p: int, kp: int, s: int, streaming: bool, sink: int, recent: int, window: int | None = None,
+            per_token: bool = False) -> bool:
     """Whether query position p of a chunk starting at s sees key position kp."""
     if kp > p or (window is not None and p - kp >= window):
         return False
+    if per_token:
+        return not streaming or kp < sink or p - kp < recent
     return not streaming or s == 0 or kp < sink or kp >= s - recent
 
 
@@ -34,7 +38,7 @@ def _reference_attention(module, query, key, value, attention_mask=None, scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     mask = torch.tensor([[[visible(s + i, j, s, bool(module.ref_streaming[h // rep]), module.ref_sink,
-                                   module.ref_recent, sliding_window) for j in range(tk)] for i in range(tq)]
+                                   module.ref_recent, sliding_window, module.ref_per_token) for j in range(tk)] for i in range(tq)]
                          for h in range(query.shape[1])])
     probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
     return (probs @ v).to(query.dtype).transpose(1, 2).contiguous(), None
@@ -45,13 +49,15 @@ AttentionMaskInterface.register("duo_reference_test", lambda *a, **k: None)
 
 
 @torch.no_grad()
-def reference_logits(model, retrieval, sink: int, recent: int, ids: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+def reference_logits(model, retrieval, sink: int, recent: int, ids: torch.Tensor, chunks: list[int],
+                     per_token: bool = False) -> torch.Tensor:
     """Logits [B, T, vocab] of ``model`` (original head order; retrieval bool [L, H_kv], every layer) on ``ids``
     [B, T] fed as consecutive chunks of the given sizes (sum = T; size-1 chunks are decode steps). The cache holds
     every token of every layer (no sliding-window cache layers)."""
     assert sum(chunks) == ids.shape[1]
     for attn, row in zip((layer.self_attn for layer in model.model.layers), retrieval):
         attn.ref_streaming, attn.ref_sink, attn.ref_recent = [not r for r in row], sink, recent
+        attn.ref_per_token = per_token
     old = model.config._attn_implementation
     model.config._attn_implementation = "duo_reference_test"
     try:
