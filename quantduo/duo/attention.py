@@ -34,13 +34,12 @@ def streaming_allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int, recen
 
 def _gated_chunk(q, k, v, gate, q_start: int, sink: int, recent: int, scaling: float, block: int | None,
                  window: int | None, softcap: float | None):
-    """One query chunk of :func:`gated_attention`; q [B, Hkv, rep, Tc, D], k/v [B, Hkv, 1, Tk, D]."""
+    """One query chunk of :func:`_gated_softcapped`; q [B, Hkv, rep, Tc, D], k/v [B, Hkv, 1, Tk, D]."""
     tc, tk = q.shape[-2], k.shape[-2]
     q_pos = torch.arange(q_start, q_start + tc, device=q.device)
     k_pos = torch.arange(tk, device=q.device)
     scores = (q @ k.transpose(-1, -2)).float() * scaling
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
+    scores = torch.tanh(scores / softcap) * softcap
     inside = torch.ones(tc, tk, dtype=torch.bool, device=q.device) if window is None else \
         q_pos[:, None] - k_pos[None, :] < window
     full = scores.masked_fill(~((k_pos[None, :] <= q_pos[:, None]) & inside), float("-inf")).softmax(-1)
@@ -53,18 +52,83 @@ def _gated_chunk(q, k, v, gate, q_start: int, sink: int, recent: int, scaling: f
     return (probs.to(v.dtype) @ v)
 
 
+def _window_key_positions(s: int, e: int, sink: int, recent: int, block: int | None, device) -> torch.Tensor:
+    """Key positions int64 [n] that some query of positions [s, e) may see under the identification streaming mask
+    (:func:`streaming_allowed`): the sinks, then the earliest window key of the chunk's first query up to e - 1."""
+    if block is None:
+        sink_end, low = sink, s - recent + 1
+    else:
+        sink_end, low = -(-sink // block) * block, (s // block - -(-recent // block) + 1) * block
+    low = max(low, 0)
+    return torch.cat([torch.arange(min(sink_end, low), device=device), torch.arange(low, e, device=device)])
+
+
+def causal_attention(q, k, v, scaling: float, window: int | None = None, chunk: int = 1024) -> torch.Tensor:
+    """Causal attention of q [B, Hq, T, D] over k/v [B, Hkv, T, D] (positions 0..T-1); ``window``: the layer's
+    sliding window (keys with q - k < window), computed per query chunk of ``chunk`` over that chunk's keys.
+    Returns [B, Hq, T, D] in q's dtype (SDPA: no [T, T] score matrix is kept)."""
+    gqa = q.shape[1] != k.shape[1]
+    if window is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+    t, outs = q.shape[2], []
+    for s in range(0, t, chunk):
+        e = min(t, s + chunk)
+        low = max(0, s - window + 1)
+        q_pos, k_pos = torch.arange(s, e, device=q.device), torch.arange(low, e, device=q.device)
+        allowed = (k_pos[None] <= q_pos[:, None]) & (q_pos[:, None] - k_pos[None] < window)
+        outs.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, low:e], v[:, :, low:e], attn_mask=allowed,
+                                                   scale=scaling, enable_gqa=gqa))
+    return torch.cat(outs, dim=2)
+
+
+def streaming_attention(q, k, v, sink: int, recent: int, scaling: float, chunk: int = 1024,
+                        block: int | None = None, window: int | None = None) -> torch.Tensor:
+    """Attention of q [B, Hq, T, D] over k/v [B, Hkv, T, D] (positions 0..T-1) under the identification streaming
+    mask (:func:`streaming_allowed`, within the layer's sliding ``window``), per query chunk of ``chunk`` over only
+    the keys that chunk may see (sinks + window): O(T * (sink + recent + chunk)) work. Returns [B, Hq, T, D]."""
+    t, outs = q.shape[2], []
+    for s in range(0, t, chunk):
+        e = min(t, s + chunk)
+        q_pos = torch.arange(s, e, device=q.device)
+        k_pos = _window_key_positions(s, e, sink, recent, block, q.device)
+        allowed = streaming_allowed(q_pos, k_pos, sink, recent, block)
+        if window is not None:
+            allowed &= q_pos[:, None] - k_pos[None] < window
+        outs.append(F.scaled_dot_product_attention(q[:, :, s:e], k.index_select(2, k_pos), v.index_select(2, k_pos),
+                                                   attn_mask=allowed, scale=scaling,
+                                                   enable_gqa=q.shape[1] != k.shape[1]))
+    return torch.cat(outs, dim=2)
+
+
 def gated_attention(q, k, v, gate, sink: int, recent: int, scaling: float, chunk: int = 1024,
                     checkpointed: bool = True, block: int | None = None, window: int | None = None,
                     softcap: float | None = None) -> torch.Tensor:
-    """Identification-time attention: gate * full + (1 - gate) * streaming, per KV head.
+    """Identification-time attention: gate * full + (1 - gate) * streaming, per KV head (the mix of attention
+    outputs, as the reference; equal to mixing the probabilities).
 
     q [B, Hq, T, D], k/v [B, Hkv, T, D] (no cache, positions 0..T-1), gate [Hkv] float32 in [0, 1]
     (differentiable; None: full attention only); ``block``: streaming mask granularity (module docstring);
     ``window``: the layer's sliding window (both patterns keep keys with q - k < window); ``softcap``: scores
-    soft-capped as Gemma 2's. Queries are processed in chunks of ``chunk`` (each attends only to its causal
-    prefix) under activation checkpointing, so memory is O(chunk * T) per head, never O(T^2).
-    Returns [B, Hq, T, D] in q's dtype.
+    soft-capped as Gemma 2's. Full and streaming attention run as SDPA (:func:`causal_attention`,
+    :func:`streaming_attention`); with ``softcap`` (which SDPA cannot apply) queries are processed in chunks of
+    ``chunk`` with explicit float32 scores under activation checkpointing (``checkpointed``), so memory stays
+    O(chunk * T) per head. Returns [B, Hq, T, D] in q's dtype.
     """
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    if softcap is not None:
+        return _gated_softcapped(q, k, v, gate, sink, recent, scaling, chunk, checkpointed, block, window, softcap)
+    full = causal_attention(q, k, v, scaling, window, chunk)
+    if gate is None:
+        return full
+    stream = streaming_attention(q, k, v, sink, recent, scaling, chunk, block, window)
+    g = gate.to(q.dtype).view(1, hkv, 1, 1, 1)
+    mixed = g * full.view(b, hkv, hq // hkv, t, d) + (1 - g) * stream.view(b, hkv, hq // hkv, t, d)
+    return mixed.reshape(b, hq, t, d)
+
+
+def _gated_softcapped(q, k, v, gate, sink, recent, scaling, chunk, checkpointed, block, window, softcap):
+    """:func:`gated_attention` with soft-capped scores, chunk by chunk (:func:`_gated_chunk`)."""
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     qg = q.view(b, hkv, hq // hkv, t, d)
