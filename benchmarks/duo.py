@@ -530,6 +530,7 @@ def identification_time(model, n: int, steps: int = 3) -> dict:
             fn()
         torch.cuda.synchronize()
         out[name] = (time.perf_counter() - t0) / steps
+        print(f"  N={n} {name}: {out[name]:.2f}", flush=True)  # partial results survive a call's time limit
     out["gate_2000_steps_min"] = out["gate_step_s"] * 2000 / 60
     return out
 

@@ -15,7 +15,7 @@ from typing import Iterable
 
 import torch
 
-from quantduo.duo.attention import gated_attention
+from quantduo.duo.attention import gated_attention, streaming_attention
 from quantduo.duo.deploy import register_attention
 from quantduo.duo.identify import Batch, attn_implementation
 from quantduo.duo.layout import attention_modules, duo_layers
@@ -46,7 +46,9 @@ def scoring_attention_forward(module, query, key, value, attention_mask=None, sc
             softcap)
     full = gated_attention(query, key, value, None, *args)
     if hasattr(module, "duo_scores"):
-        stream = gated_attention(query, key, value, query.new_zeros(key.shape[1]), *args)
+        stream = (streaming_attention(query, key, value, module.duo_sink, module.duo_recent, scaling, module.duo_chunk,
+                                      module.duo_block, sliding_window) if softcap is None
+                  else gated_attention(query, key, value, query.new_zeros(key.shape[1]), *args))
         module.duo_scores += _head_deltas(module, full, stream, module.duo_target)
     return full.transpose(1, 2).contiguous(), None
 
