@@ -22,11 +22,15 @@ def serve(args: argparse.Namespace, block: bool = True):
         from .app import ServeConfig, build_app
     except ImportError as err:
         raise SystemExit(f"error: quantduo serve needs gradio ({err}); pip install 'quantduo[ui]'") from None
-    from .backend import TINY_DIT, UserError
+    from .backend import TINY_DIT, PublishedEngine, UserError, engine_class
 
+    for spec in args.model or []:
+        if engine_class(spec) is PublishedEngine and args.base is None:
+            raise SystemExit(f"error: --model {spec} is a published SVDQuant checkpoint: give --base, the base "
+                             "model's local diffusers pipeline folder")
     config = ServeConfig(models=args.model or [TINY_DIT], llm=args.llm, pattern=args.pattern, sparsity=args.sparsity,
                          cache_dir=Path(args.cache_dir), max_waiting=args.max_queue,
-                         max_upload_bytes=int(args.max_upload_mb * 2**20))
+                         max_upload_bytes=int(args.max_upload_mb * 2**20), base=args.base)
     try:
         demo, _ = build_app(config)
     except UserError as err:
@@ -48,8 +52,11 @@ def register(subparsers) -> None:
     """Add ``quantduo serve`` to the quantduo CLI."""
     p = subparsers.add_parser("serve", help="web UI: SVDQuant images and DuoAttention long-context Q&A (Gradio)")
     p.add_argument("--model", action="append",
-                   help="image model, repeatable: a diffusers or `quantduo quantize` folder, 'tiny-dit' (the bundled "
-                        "digits DiT, the default) or 'random-flux' (full-size FLUX.1-dev, random weights, GPU)")
+                   help="image model, repeatable: a diffusers or `quantduo quantize` folder, a published SVDQuant "
+                        "checkpoint (with --base), 'tiny-dit' (the bundled digits DiT, the default) or 'random-flux' "
+                        "(full-size FLUX.1-dev, random weights, GPU)")
+    p.add_argument("--base", help="the base model's local diffusers pipeline folder, for a --model that is a published "
+                                  "SVDQuant checkpoint (Nunchaku .safetensors file or nunchaku_lite folder)")
     p.add_argument("--llm", help="transformers model folder for the long-context tab (default: the bundled tiny LM)")
     p.add_argument("--pattern", help="DuoAttention pattern directory for --llm")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of streaming heads")

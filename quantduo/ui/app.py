@@ -19,9 +19,6 @@ from .jobs import Done, JobRunner
 
 MAX_LORAS = 4  # Handlers.generate takes one name and one strength parameter per slot
 DIGIT_CHOICES = ["from prompt"] + [str(d) for d in range(10)]
-ENGINE_CLASSES = {B.TINY_DIT: B.TinyDitEngine, B.RANDOM_FLUX: B.RandomFluxEngine}
-
-
 @dataclass
 class ServeConfig:
     """What ``quantduo serve`` serves: image model specs, the LM, limits."""
@@ -33,10 +30,7 @@ class ServeConfig:
     cache_dir: Path = Path.home() / ".cache" / "quantduo" / "ui"
     max_waiting: int = 2
     max_upload_bytes: int = B.MAX_UPLOAD_BYTES
-
-
-def engine_class(spec: str) -> type[B.ImageEngine]:
-    return ENGINE_CLASSES.get(spec, B.PipelineEngine)
+    base: str | None = None
 
 
 class Models:
@@ -55,7 +49,7 @@ class Models:
             if spec not in self.images:
                 if job is not None:
                     job.start_stage(f"loading {spec} (once)", 0)
-                self.images[spec] = B.make_image_engine(spec, self.config.cache_dir, self.log)
+                self.images[spec] = B.make_image_engine(spec, self.config.cache_dir, self.log, self.config.base)
         return self.images[spec]
 
     def llm(self) -> B.LongContextEngine:
@@ -208,7 +202,7 @@ class Handlers:
 
     def model_changed(self, model):
         """New model: its executions, default size/steps and prompt hint; its LoRA slots."""
-        cls = engine_class(model)
+        cls = B.engine_class(model)
         return (gr.update(choices=list(cls.executions), value="auto"), gr.update(value=cls.default_size),
                 gr.update(value=cls.default_steps), gr.update(placeholder=cls.prompt_hint),
                 gr.update(visible=model == B.TINY_DIT), *self.lora_slots(model))
@@ -265,7 +259,7 @@ def _check(fn):
 # layout
 # ---------------------------------------------------------------------------------------------------------------
 def _image_tab(h: Handlers, config: ServeConfig) -> None:
-    first = engine_class(config.models[0])
+    first = B.engine_class(config.models[0])
     with gr.Row():
         with gr.Column(scale=1):
             model = gr.Dropdown(config.models, value=config.models[0], label="model", elem_id="model")

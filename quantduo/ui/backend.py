@@ -36,9 +36,10 @@ from quantduo.duo.patterns import load_pattern
 from quantduo.formats.registry import EXECUTIONS
 from quantduo.integrations.diffusers import is_quantized_pipeline, load_pipeline, quantization_config
 from quantduo.integrations.lora import LoraFormatError, attach_lora, remove_lora, set_lora_strength
+from quantduo.integrations.published import is_published, load_published_pipeline
 from quantduo.models import tiny_lm
 from quantduo.models.tiny_dit import load_tiny_dit, sample_digits
-from quantduo.svdquant import load_quantized, quantize_model, save_quantized
+from quantduo.svdquant import load_quantized, quantize_model, save_quantized, set_execution
 
 TINY_DIT = "tiny-dit"
 RANDOM_FLUX = "random-flux"
@@ -368,11 +369,18 @@ class PipelineEngine(ImageEngine):
         self.dir = Path(model_dir)
         self.name = self.dir.name
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.quantized = is_quantized_pipeline(self.dir)
+        self.quantized = self._is_quantized()
         self.pipes: dict[str, object] = {}
         self._pipe(self.resolve_execution("auto"))
         pipe = next(iter(self.pipes.values()))
         self.patch = 2 * int(getattr(pipe, "vae_scale_factor", 8))
+
+    def _is_quantized(self) -> bool:
+        return is_quantized_pipeline(self.dir)
+
+    def _load(self, execution: str):
+        """The pipeline that runs ``execution`` (already resolved), on the engine's device."""
+        return load_pipeline(self.dir, torch.bfloat16, self.device, execution="auto" if execution == "bf16" else execution)
 
     def resolve_execution(self, execution: str) -> str:
         if execution == "bf16" and self.quantized:
@@ -390,8 +398,7 @@ class PipelineEngine(ImageEngine):
             if execution != "bf16":
                 for other in [e for e in self.pipes if e != "bf16"]:
                     del self.pipes[other]
-            pipe = load_pipeline(self.dir, torch.bfloat16, self.device,
-                                 execution="auto" if execution == "bf16" else execution)
+            pipe = self._load(execution)
             pipe.set_progress_bar_config(disable=True)
             self._follow_loras(getattr(pipe, "transformer", None) or pipe.unet)
             self.pipes[execution] = pipe
@@ -428,6 +435,33 @@ class PipelineEngine(ImageEngine):
         image = np.round(np.clip(out.images[0], 0, 1) * 255).astype(np.uint8)
         denoiser = getattr(pipe, "transformer", None) or pipe.unet
         return image, step_ms, module_bytes(denoiser)
+
+
+class PublishedEngine(PipelineEngine):
+    """A published SVDQuant checkpoint (Nunchaku single file, its V2 names, or a ``nunchaku_lite`` folder) on its
+    base model's local pipeline folder (text encoders, VAE, scheduler): the quantized executions run the checkpoint's
+    transformer, ``bf16`` the base pipeline's own (so images compare side by side)."""
+
+    def __init__(self, checkpoint: str | Path, base: str | Path | None, device: str | None = None):
+        if base is None:
+            raise UserError(f"{Path(checkpoint).name} is a published SVDQuant checkpoint: start the server with "
+                            f"--base, the base model's local diffusers pipeline folder")
+        self.base = Path(base)
+        super().__init__(checkpoint, device)
+
+    def _is_quantized(self) -> bool:
+        return True
+
+    def resolve_execution(self, execution: str) -> str:
+        return execution
+
+    def _load(self, execution: str):
+        if execution == "bf16":
+            return load_pipeline(self.base, torch.bfloat16, self.device)
+        pipe, _ = load_published_pipeline(self.dir, self.base, torch.bfloat16, self.device)
+        if execution != "auto":
+            set_execution(pipe.transformer, execution)
+        return pipe
 
 
 class RandomFluxEngine(ImageEngine):
@@ -530,14 +564,26 @@ class RandomFluxEngine(ImageEngine):
         return np.kron(img, np.ones((16, 16, 1), dtype=np.uint8))
 
 
-def make_image_engine(spec: str, cache_dir: str | Path, log=print) -> ImageEngine:
-    """``tiny-dit`` | ``random-flux`` | a local pipeline folder -> its engine."""
-    if spec == TINY_DIT:
+def engine_class(spec: str) -> type[ImageEngine]:
+    """The engine class of a ``--model`` value (without loading it)."""
+    if spec in (TINY_DIT, RANDOM_FLUX):
+        return {TINY_DIT: TinyDitEngine, RANDOM_FLUX: RandomFluxEngine}[spec]
+    return PublishedEngine if Path(spec).exists() and is_published(spec) else PipelineEngine
+
+
+def make_image_engine(spec: str, cache_dir: str | Path, log=print, base: str | Path | None = None) -> ImageEngine:
+    """``tiny-dit`` | ``random-flux`` | a local pipeline folder | a published SVDQuant checkpoint (on the pipeline
+    folder ``base``) -> its engine."""
+    cls = engine_class(spec)
+    if cls is TinyDitEngine:
         return TinyDitEngine(cache_dir, log)
-    if spec == RANDOM_FLUX:
+    if cls is RandomFluxEngine:
         return RandomFluxEngine()
+    if cls is PublishedEngine:
+        return PublishedEngine(spec, base)
     if not Path(spec).is_dir():
-        raise UserError(f"{spec} is not a folder (give a diffusers pipeline folder, '{TINY_DIT}' or '{RANDOM_FLUX}')")
+        raise UserError(f"{spec} is not a folder (give a diffusers pipeline folder, a published SVDQuant checkpoint, "
+                        f"'{TINY_DIT}' or '{RANDOM_FLUX}')")
     return PipelineEngine(spec)
 
 
