@@ -72,6 +72,17 @@ def test_padded_rows_equal_their_unpadded_runs_at_half_streaming(half_model, chu
     assert (full[:, -1] - padded[:, -1]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("chunks", [[T], [12, 9, 14] + [1] * 9], ids=["one-shot", "chunked+decode"])
+def test_padded_rows_equal_their_unpadded_runs_with_the_per_token_window(chunks):
+    """The per-token window option counts sinks and windows per row, from each row's first real token."""
+    model = apply_duo(tiny_model("llama", seed=21), HALF, SINK, RECENT, window="token")
+    ids, mask, pos = padded_batch()
+    padded = run_chunks(model, ids, chunks, mask, pos)
+    for b, p in enumerate(PADS):
+        alone = run_chunks(model, ids[b:b + 1, p:], row_chunks(chunks, p))
+        torch.testing.assert_close(padded[b:b + 1, p:], alone, atol=2e-5, rtol=1e-5)
+
+
 def static_padded_steps(model, ids, mask, prompt: int, steps: int) -> torch.Tensor:
     """Logits [B, steps, V] of static decode steps after a padded prefill of ``prompt`` tokens (RoPE: slots)."""
     cache = DuoCache.from_model(model, max_cache_len=T, static=True)
