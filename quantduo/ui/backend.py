@@ -566,8 +566,9 @@ class RandomFluxEngine(ImageEngine):
 
 def engine_class(spec: str) -> type[ImageEngine]:
     """The engine class of a ``--model`` value (without loading it)."""
-    if spec in (TINY_DIT, RANDOM_FLUX):
-        return {TINY_DIT: TinyDitEngine, RANDOM_FLUX: RandomFluxEngine}[spec]
+    named = {TINY_DIT: TinyDitEngine, RANDOM_FLUX: RandomFluxEngine}
+    if spec in named:
+        return named[spec]
     return PublishedEngine if Path(spec).exists() and is_published(spec) else PipelineEngine
 
 
