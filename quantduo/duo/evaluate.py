@@ -54,10 +54,7 @@ def answer_logprob(model, samples: list[PasskeySample], make_cache: Callable[[],
         ids = s.input_ids[None, :prompt_len + len(answer)].to(model.device)
         cache = make_cache()
         context = ids[:, :prompt_len - 1]
-        if prefill_chunk is None:
-            model(context, use_cache=True, **cache_kwargs(model, cache))
-        else:
-            chunked_prefill(model, context, cache, prefill_chunk)
+        chunked_prefill(model, context, cache, prefill_chunk or context.shape[1])
         for i in range(prompt_len - 1, prompt_len - 1 + len(answer)):
             logits = model(ids[:, i:i + 1], use_cache=True, **cache_kwargs(model, cache)).logits[0, -1]
             total += logits.float().log_softmax(-1)[ids[0, i + 1]].item()
