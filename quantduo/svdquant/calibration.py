@@ -39,7 +39,8 @@ class ActivationRecorder:
     def __init__(self, modules: dict[str, nn.Linear], max_rows: int = 512, seed: int = 0):
         self.modules, self.max_rows = modules, max_rows
         self.stats: dict[str, InputStats] = {}
-        self._generator = torch.Generator().manual_seed(seed)
+        self._seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
         self._handles: list = []
         self._last_input: torch.Tensor | None = None
         self._next_key = 0
@@ -75,35 +76,49 @@ class ActivationRecorder:
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             key = self._input_key(x)
-            self._update(name, x.detach().reshape(-1, x.shape[-1]).float(), key)
+            self._update(name, x.detach().reshape(-1, x.shape[-1]), key)
 
         return hook
 
     def _update(self, name: str, rows: torch.Tensor, key: int) -> None:
+        """Fold one call's input rows ``[T, K]`` (any float dtype; max and min are exact in it) into ``name``'s
+        statistics."""
         st = self.stats.get(name)
         if st is None:
             k = rows.shape[1]
             st = self.stats[name] = InputStats(
                 absmax=torch.zeros(k, device=rows.device),
                 minimum=torch.full((k,), float("inf"), device=rows.device),
-                rows=rows.new_zeros(0, k),
+                rows=torch.zeros(0, k, device=rows.device),
+                priorities=torch.zeros(0, device=rows.device),
             )
-        st.absmax = torch.maximum(st.absmax, rows.abs().amax(dim=0))
-        st.minimum = torch.minimum(st.minimum, rows.amin(dim=0))
+        st.absmax = torch.maximum(st.absmax, rows.abs().amax(dim=0).float())
+        st.minimum = torch.minimum(st.minimum, rows.amin(dim=0).float())
         st.call_keys.append(key)
         st.rows = self._reservoir(st, rows)
         st.seen_rows += rows.shape[0]
 
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The seeded generator of row priorities on ``device`` (no host round trip per call on an accelerator)."""
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device).manual_seed(self._seed)
+        return self._generators[device]
+
     def _reservoir(self, st: InputStats, rows: torch.Tensor) -> torch.Tensor:
-        """Keep a uniform sample of at most ``max_rows`` of all rows seen so far (bottom-k sampling:
-        every row draws a random priority and the ``max_rows`` smallest priorities survive)."""
-        priorities = torch.cat([st.priorities, torch.rand(rows.shape[0], generator=self._generator)])
-        pool = torch.cat([st.rows, rows])
-        if pool.shape[0] > self.max_rows:
-            keep = priorities.topk(self.max_rows, largest=False).indices
-            priorities, pool = priorities[keep], pool[keep.to(pool.device)]
-        st.priorities = priorities
-        return pool
+        """Keep a uniform sample of at most ``max_rows`` of all rows seen so far, float32 ``[<= max_rows, K]``
+        (bottom-k sampling: every row draws a random priority and the ``max_rows`` smallest priorities survive).
+        Only the surviving new rows are converted to float32."""
+        fresh = torch.rand(rows.shape[0], generator=self._generator(rows.device), device=rows.device)
+        priorities = torch.cat([st.priorities, fresh])
+        kept = len(st.priorities)
+        if len(priorities) <= self.max_rows:
+            st.priorities = priorities
+            return torch.cat([st.rows, rows.float()])
+        keep = priorities.topk(self.max_rows, largest=False).indices
+        st.priorities = priorities[keep]
+        old = st.rows.index_select(0, keep.clamp(max=max(kept - 1, 0))) if kept else None
+        new = rows.index_select(0, (keep - kept).clamp(min=0)).float()
+        return new if old is None else torch.where((keep < kept)[:, None], old, new)
 
     def shared_input_groups(self, names: list[str]) -> list[list[str]]:
         """Partition ``names`` into groups of layers that were always called on the same input tensor
