@@ -15,6 +15,7 @@ pipeline's configs before anything is loaded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from quantduo.cli.validate import (MAX_SEED, bad, device, float_in, int_in, outp
                                    pipeline_folder, read_text_file)
 from quantduo.formats.registry import EXECUTIONS, executions_for, format_names
 from quantduo.integrations.cuda_graph import enable_cuda_graph
-from quantduo.integrations.diffusers import (capture_calibration_inputs, denoiser_of, denoiser_skeleton, load_pipeline,
+from quantduo.integrations.diffusers import (capture_calibration_inputs, denoiser_of, denoiser_offloaded,
+                                             denoiser_skeleton, load_pipeline,
                                              mark_quantized, quantduo_config_for, quantization_config,
                                              quantize_transformer, quantize_transformer_blockwise, save_pipeline)
 from quantduo.integrations.published import is_published, load_published_pipeline
@@ -133,14 +135,17 @@ def cmd_quantize(args) -> int:
     rank = _rank(args, attr, config)
     prompts = _calibration_prompts(args)
     out = output_folder(args.out, "--out", inputs=[args.model])
-    pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device)
+    # --blockwise: the pipeline stays on the CPU; the device holds the other models and one block at a time
+    pipe = load_pipeline(args.model, DTYPES[args.dtype], "cpu" if args.blockwise else args.device)
     _, denoiser = denoiser_of(pipe)
-    samples = _calibration_samples(args, pipe, prompts)
+    with denoiser_offloaded(pipe, args.device) if args.blockwise else contextlib.nullcontext():
+        samples = _calibration_samples(args, pipe, prompts)
     qconfig = quantization_config(denoiser, args.format, rank=rank, search_tokens=args.search_tokens,
                                   dtype=args.dtype if args.dtype != "float32" else "bfloat16")
     if args.blockwise:
         report = quantize_transformer_blockwise(denoiser, samples, args.work_dir, qconfig, resume=args.resume,
-                                                sequential=args.sequential, activations=args.activations)
+                                                sequential=args.sequential, activations=args.activations,
+                                                device=args.device)
     else:
         report = quantize_transformer(denoiser, samples, qconfig)
     mark_quantized(denoiser, quantduo_config_for(qconfig))
@@ -249,8 +254,10 @@ def register(subparsers) -> None:
     q.add_argument("--calib-samples", type=int_in(1), default=128, help="(prompt, step) denoiser calls kept")
     q.add_argument("--calib-steps", type=int_in(1), default=20, help="denoising steps per calibration prompt")
     q.add_argument("--search-tokens", type=int_in(1), default=512, help="calibration rows per layer for the search")
-    q.add_argument("--blockwise", action="store_true", help="quantize one block at a time (GPU memory: one block + "
-                   "its samples); kill-safe, finished blocks go to --work-dir")
+    q.add_argument("--blockwise", action="store_true", help="quantize one block at a time; the pipeline stays on the "
+                   "CPU and the denoiser's blocks visit --device one at a time, in calibration capture too (GPU "
+                   "memory: text encoders during capture, then one block + its samples); kill-safe, finished blocks "
+                   "go to --work-dir")
     q.add_argument("--work-dir", default="quantduo-work", help="--blockwise state: samples, finished blocks")
     q.add_argument("--resume", action="store_true", help="continue the --blockwise run in --work-dir")
     q.add_argument("--sequential", action="store_true", help="--blockwise: calibrate each block on the outputs of "

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -169,6 +170,24 @@ def _offload_hooks(blocks: list[tuple[str, nn.Module]], device: torch.device, ho
         handles += [block.register_forward_pre_hook(lambda m, a: m.to(device) and None),
                     block.register_forward_hook(lambda m, a, o: m.to(home) and None)]
     return handles
+
+
+@contextmanager
+def blocks_offloaded(model: nn.Module, block_names: list[str], device: torch.device | str) -> Iterator[None]:
+    """Run ``model`` on ``device`` holding one block there at a time: inside the ``with``, everything outside the
+    blocks is on ``device`` and each block moves there just before it runs and back to where it was (the blocks'
+    home, e.g. the CPU) right after. Afterwards the parts outside the blocks are back home too. GPU memory: the
+    model minus its blocks, plus one block."""
+    blocks = [(name, model.get_submodule(name)) for name in block_names]
+    home = next(blocks[0][1].parameters()).device
+    _move_outside_blocks(model, block_names, torch.device(device))
+    handles = _offload_hooks(blocks, torch.device(device), home)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        _move_outside_blocks(model, block_names, home)
 
 
 class CallStore:

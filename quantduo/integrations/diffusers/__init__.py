@@ -9,8 +9,8 @@ Importing this package registers ``quant_method: "quantduo"`` with diffusers (:m
 * :mod:`.fusions` — GELU and concatenation inside the fp8 activation quantization; fused QKV projections.
 """
 from .backend import QuantDuoConfig, QuantDuoQuantizer, QuantizationConfigError, mark_quantized
-from .calibration import (CalibrationSample, block_names, capture_calibration_inputs, quantize_transformer,
-                          quantize_transformer_blockwise, replay_fn)
+from .calibration import (CalibrationSample, block_names, capture_calibration_inputs, denoiser_offloaded,
+                          quantize_transformer, quantize_transformer_blockwise, replay_fn)
 from .fusions import (FusedFluxSingleBlock, FusedGeluMLP, QKVFusion, enable_fusions, fuse_qkv, fused_attentions,
                       unfuse_qkv)
 from .pipeline import (cast_denoiser, denoiser_skeleton, is_quantized_pipeline, load_into_pipeline, load_pipeline,
@@ -21,7 +21,7 @@ from .rules import ModelRules, block_lists, denoiser_of, quantization_config, re
 
 __all__ = ["CalibrationSample", "FusedFluxSingleBlock", "FusedGeluMLP", "ModelRules", "QuantDuoConfig",
            "QuantDuoQuantizer", "QuantizationConfigError", "block_lists", "block_names", "capture_calibration_inputs",
-           "cast_denoiser", "denoiser_of", "denoiser_skeleton", "enable_fusions", "fuse_qkv", "fused_attentions",
+           "cast_denoiser", "denoiser_of", "denoiser_offloaded", "denoiser_skeleton", "enable_fusions", "fuse_qkv", "fused_attentions",
            "is_quantized_pipeline",
            "load_into_pipeline", "load_pipeline", "load_quantized_transformer", "mark_quantized", "QKVFusion",
            "quantduo_config_for",

@@ -9,14 +9,15 @@ Typical use::
 from __future__ import annotations
 
 import heapq
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from quantduo.svdquant import QuantizationReport, SVDQuantConfig, quantize_model
-from quantduo.svdquant.blockwise import quantize_blockwise
+from quantduo.svdquant.blockwise import blocks_offloaded, quantize_blockwise
 from quantduo.utils import progress_bar
 
 from .rules import denoiser_of, quantization_config, rules_for
@@ -105,6 +106,26 @@ def capture_calibration_inputs(
     if sampler.calls == 0:
         raise RuntimeError(f"the pipeline never called its denoiser {type(denoiser).__name__}")
     return sampler.samples()
+
+
+@contextmanager
+def denoiser_offloaded(pipe: Any, device: torch.device | str) -> Iterator[None]:
+    """Run ``pipe`` on ``device`` while its denoiser's blocks stay where they are (the CPU) and move to ``device``
+    one at a time, only while they run (:func:`~quantduo.svdquant.blockwise.blocks_offloaded`); the pipeline's other
+    models (text encoders, VAE) move to ``device`` for the ``with`` and back afterwards. Device memory: the other
+    models, the denoiser without its blocks and one block, so a denoiser larger than the GPU can be calibrated."""
+    _, denoiser = denoiser_of(pipe)
+    others = [m for m in pipe.components.values() if isinstance(m, nn.Module) and m is not denoiser]
+    homes = [next(m.parameters()).device if any(True for _ in m.parameters()) else None for m in others]
+    for module in others:
+        module.to(device)
+    try:
+        with blocks_offloaded(denoiser, block_names(denoiser), device):
+            yield
+    finally:
+        for module, home in zip(others, homes):
+            if home is not None:
+                module.to(home)
 
 
 def replay_fn(samples: list[CalibrationSample], progress: bool = True):
