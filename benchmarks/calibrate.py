@@ -10,7 +10,7 @@ quantized by :func:`quantduo.integrations.diffusers.quantize_transformer_blockwi
 search settings, full-precision block inputs). The GPU is capped with ``torch.cuda.set_per_process_memory_fraction``
 at ``--gpu-gb``: the run fails if it needs more. Prints per block the elapsed time, then wall time by phase
 (capture: moving / running blocks on calibration calls and collecting statistics; search: the smoothing search;
-svd: the low-rank refinement; pack: building the 4-bit layers), peak GPU memory (``max_memory_allocated``) and peak
+svd: the low-rank refinement; pack: building the 4-bit layers; save: writing each finished block, fsynced), peak GPU memory (``max_memory_allocated``) and peak
 host memory (max RSS, which includes the BF16 model itself). Writes ``calibrate.json`` to ``--out``.
 """
 from __future__ import annotations

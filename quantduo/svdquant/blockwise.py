@@ -285,7 +285,8 @@ def _quantize_block(block: nn.Module, name: str, calib_fn: Callable[[nn.Module],
     report = quantize_model(block, calib_fn, config, progress=False)
     layers = [LayerReport(**{**asdict(r), "name": f"{name}.{r.name}", "group": [f"{name}.{g}" for g in r.group]})
               for r in report.layers]
-    save_quantized(block, block_dir, config, extra={"report": [asdict(r) for r in layers]})
+    with phase("save"):
+        save_quantized(block, block_dir, config, extra={"report": [asdict(r) for r in layers]})
     return layers
 
 

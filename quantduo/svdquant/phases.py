@@ -1,4 +1,4 @@
-"""Wall time of the quantizer's phases (``capture``, ``search``, ``svd``, ``pack``), summed over a run.
+"""Wall time of the quantizer's phases (``capture``, ``search``, ``svd``, ``pack``, ``save``), summed over a run.
 
 ``with phase("search"): ...`` adds the block's wall time (CUDA synchronised at both ends) to ``PHASE_SECONDS``;
 benchmarks read and :func:`reset_phases` it.
