@@ -1,5 +1,6 @@
 """DuoAttention across processes with torch.distributed: sequence-parallel prefill and head-sharded decode of one
-layer (the attention math only; the model-level wiring, ``generate()`` under ``torchrun``, is not here).
+layer, and the move of a prefilled layer's K/V from sequence-sharded to head-sharded (:func:`shard_prefilled_kv`).
+The model-level wiring, ``generate()`` under ``torchrun``, is :mod:`quantduo.duo.distributed_model`.
 
 Head order is the model's original one (a bool ``retrieval`` row [Hkv] per layer says which KV heads are
 retrieval heads); q has Hq = rep * Hkv heads, query head i belonging to KV head i // rep (GQA).
@@ -28,11 +29,13 @@ and all-gathers the outputs.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
 from quantduo.duo import attention as A
-from quantduo.duo.cache import DuoKV, window_positions
+from quantduo.duo.cache import DuoKV, kept_positions, window_positions
 
 
 def balanced_head_assignment(retrieval: torch.Tensor, world_size: int) -> list[list[list[int]]]:
@@ -159,6 +162,53 @@ def sequence_parallel_prefill(q, k, v, retrieval: torch.Tensor, sink: int, recen
              else _stream_heads_prefill(qs, ks, vs, rank, sink, recent, scaling, group))
         out.index_copy_(1, q_idx, o)
     return out
+
+
+def _split_heads(heads: list[int], retrieval: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(retrieval, streaming) KV head indices int64 of ``heads`` (retrieval heads first, as assigned)."""
+    n_full = int(retrieval[heads].sum())
+    return (torch.tensor(heads[:n_full], dtype=torch.long, device=device),
+            torch.tensor(heads[n_full:], dtype=torch.long, device=device))
+
+
+def _chunk_positions(r: int, c: int, length: int, sink: int, recent: int, device) -> tuple[torch.Tensor, ...]:
+    """Indices int64 into rank r's chunk (positions r * c ..): its real positions (< length) and those of them the
+    streaming ring keeps (:func:`~quantduo.duo.cache.kept_positions` (0, length))."""
+    kept = [p - r * c for p in kept_positions(0, length, sink, recent) if r * c <= p < (r + 1) * c]
+    return (torch.arange(max(0, min(c, length - r * c)), device=device),
+            torch.tensor(kept, dtype=torch.long, device=device))
+
+
+def shard_prefilled_kv(k, v, assignment: list[list[int]], retrieval: torch.Tensor, length: int, sink: int,
+                       recent: int, group=None) -> tuple[torch.Tensor, ...]:
+    """One layer's K/V after :func:`sequence_parallel_prefill`, from sequence-sharded to head-sharded.
+
+    k/v [B, Hkv, C, D]: this rank's chunk (positions rank * C ..; positions >= ``length`` are padding, dropped);
+    assignment: the layer's KV heads per rank (:func:`balanced_head_assignment`, retrieval heads first);
+    retrieval bool [Hkv]; length: real tokens over all ranks. Every rank sends every other rank the part of its
+    chunk that rank keeps (point-to-point, one batch): its retrieval heads at every real position, its streaming
+    heads only at the positions the ring keeps (sinks, last ``recent + 1``). Every rank must call it.
+    Returns this rank's (full_k, full_v [B, n_full, length, D], stream_k, stream_v [B, n_stream, n, D] at
+    :func:`~quantduo.duo.cache.kept_positions` (0, length)): what :meth:`~quantduo.duo.cache.DuoLayer.load` takes.
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    kv, (b, _, c, d) = torch.stack([k, v]), k.shape  # [2, B, Hkv, C, D]
+    pos = [_chunk_positions(r, c, length, sink, recent, k.device) for r in range(world)]
+    mine = _split_heads(assignment[rank], retrieval, k.device)
+    sends = [torch.cat([kv.index_select(2, h).index_select(3, p).reshape(-1)
+                        for h, p in zip(_split_heads(assignment[j], retrieval, k.device), pos[rank])])
+             for j in range(world)]
+    shapes = [[(2, b, len(h), len(p), d) for h, p in zip(mine, pos[r])] for r in range(world)]
+    recvs = [sends[r] if r == rank else kv.new_empty(sum(math.prod(s) for s in shapes[r])) for r in range(world)]
+    ops = [dist.P2POp(dist.isend, sends[j], group=group, group_peer=j) for j in range(world)
+           if j != rank and sends[j].numel()]
+    ops += [dist.P2POp(dist.irecv, recvs[r], group=group, group_peer=r) for r in range(world)
+            if r != rank and recvs[r].numel()]
+    for request in dist.batch_isend_irecv(ops) if ops else []:
+        request.wait()
+    parts = [buf.split([math.prod(s) for s in shape]) for buf, shape in zip(recvs, shapes)]
+    full, stream = (torch.cat([part[i].view(shape[i]) for part, shape in zip(parts, shapes)], 3) for i in range(2))
+    return full[0], full[1], stream[0], stream[1]
 
 
 def decode_shard(k, v, heads: list[int], n_full: int, sink: int, recent: int) -> DuoKV:
