@@ -1,7 +1,8 @@
 """DuoAttention over torch.distributed for a whole transformers model: ``model.generate()`` under ``torchrun``.
 
-:func:`apply_duo_distributed` prepares a model (weights replicated on every rank) so that every rank runs the
-same ``generate`` call on the same input ids:
+:func:`apply_duo_distributed` (or :func:`distribute_duo` of a model already prepared by
+:func:`~quantduo.duo.deploy.apply_duo`) prepares a model (weights replicated on every rank) so that every rank runs
+the same ``generate`` call on the same input ids:
 
 * Prefill: the prompt of T tokens is split by sequence into chunks of C = ceil(T / world) tokens, rank r holding
   positions r * C .. (the last chunk padded after the prompt's last token, which no real query sees). Each rank
@@ -22,7 +23,7 @@ same ``generate`` call on the same input ids:
 
 Refused with ValueError: padded batches (rows of different lengths), beam search, static caches / CUDA graphs /
 ``cache_implementation``, chunked prefill inside ``generate``, multi-token steps after the prefill (assisted
-decoding), sliding-window or soft-capped layers, ``window="token"``, and prompts whose chunks are shorter than
+decoding), sliding-window or soft-capped layers, ``apply_duo(..., window="token")``, and prompts whose chunks are shorter than
 ``sink`` or ``recent``.
 """
 from __future__ import annotations
@@ -231,32 +232,31 @@ def _prepare_sharded_cache(model, generation_config, model_kwargs: dict, generat
                                                      batch_size, max_cache_length, *args, **kwargs)
 
 
-def _check_supported(model, window: str) -> None:
-    """ValueError for what the sequence-parallel attention does not compute (module docstring)."""
-    if window != "chunk":
-        raise ValueError(f"apply_duo_distributed computes the reference's chunk-level window only, not "
-                         f"window={window!r}")
+def _check_supported(model) -> None:
+    """ValueError for layers the sequence-parallel attention does not compute (module docstring)."""
     windows = {getattr(m, "sliding_window", None) for m in attention_modules(model)}
     mixed = len(duo_layers(model.config)) != model.config.num_hidden_layers
     if windows != {None} or mixed or getattr(model.config, "attn_logit_softcapping", None) is not None:
-        raise ValueError("sliding-window and soft-capped attention are not supported under apply_duo_distributed")
+        raise ValueError("sliding-window and soft-capped attention are not supported under DuoAttention across "
+                         "processes")
 
 
-def apply_duo_distributed(model, retrieval: np.ndarray, sink: int, recent: int, group=None,
-                          exchange: str = "all_gather", window: str = "chunk"):
-    """Prepare ``model`` (in place, on every rank of ``group``; torch.distributed initialized) for DuoAttention
-    spread over the ranks (module docstring): :func:`~quantduo.duo.deploy.apply_duo` (retrieval: bool
-    [layers, kv_heads], sink, recent; same on every rank), then the "duo_dist" attention, a
-    :class:`ShardedDuoCache` in ``generate`` and the prompt split. ``exchange``: the prefill's retrieval K/V
-    exchange, one of :data:`~quantduo.duo.distributed.EXCHANGES`. KV heads must be a multiple of the world size.
-    Returns the model; its ``generate`` / forward must then be called on every rank with the same inputs."""
+def distribute_duo(model, group=None, exchange: str = "all_gather"):
+    """Spread a model already prepared by :func:`~quantduo.duo.deploy.apply_duo` (window "chunk"; e.g. then
+    quantized) over the ranks of ``group`` (module docstring; torch.distributed initialized): the "duo_dist"
+    attention, a :class:`ShardedDuoCache` in ``generate`` and the prompt split. ``exchange``: the prefill's
+    retrieval K/V exchange, one of :data:`~quantduo.duo.distributed.EXCHANGES`. KV heads must be a multiple of
+    the world size. Returns the model; its ``generate`` / forward must then be called on every rank with the
+    same inputs."""
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
     if not dist.is_initialized():
-        raise ValueError("apply_duo_distributed needs torch.distributed initialized (e.g. under torchrun)")
-    _check_supported(model, window)
-    apply_duo(model, retrieval, sink, recent)
+        raise ValueError("DuoAttention across processes needs torch.distributed initialized (e.g. under torchrun)")
+    _check_supported(model)
     mods = attention_modules(model)
+    if {getattr(m, "duo_window", None) for m in mods} != {"chunk"}:
+        raise ValueError("distribute_duo needs a model prepared by apply_duo with the reference's chunk-level window "
+                         "(window='chunk'; the per-token window is not computed across processes)")
     n_kv = model.config.num_key_value_heads
     rows = torch.tensor([[h < m.duo_n_full for h in range(n_kv)] for m in mods])
     assignment = balanced_head_assignment(rows, dist.get_world_size(group))
@@ -264,8 +264,16 @@ def apply_duo_distributed(model, retrieval: np.ndarray, sink: int, recent: int, 
         attn.duo_sharding = LayerSharding(group, dist.get_rank(group), layer, row, exchange)
     model.config._attn_implementation = "duo_dist"
     model._prepare_cache_for_generation = types.MethodType(_prepare_sharded_cache, model)
-    state = _PromptSplit(group, sink, recent)
+    state = _PromptSplit(group, mods[0].duo_sink, mods[0].duo_recent)
     model.register_forward_pre_hook(partial(_record_keep, state), with_kwargs=True)
     model.model.register_forward_pre_hook(partial(_split_prompt, state), with_kwargs=True)
     model.model.register_forward_hook(partial(_gather_hidden, state))
     return model
+
+
+def apply_duo_distributed(model, retrieval: np.ndarray, sink: int, recent: int, group=None,
+                          exchange: str = "all_gather"):
+    """:func:`~quantduo.duo.deploy.apply_duo` (retrieval: bool [layers, kv_heads], sink, recent; the same on every
+    rank) then :func:`distribute_duo` (``group``, ``exchange``). Returns the model."""
+    _check_supported(model)
+    return distribute_duo(apply_duo(model, retrieval, sink, recent), group, exchange)

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from quantduo.duo.compat import cache_kwargs
 from quantduo.duo.deploy import apply_duo
-from quantduo.duo.distributed_model import ShardedDuoCache, apply_duo_distributed
+from quantduo.duo.distributed_model import ShardedDuoCache, apply_duo_distributed, distribute_duo
 from tests.duo.reference_impl import reference_logits
 from tests.duo.test_deploy import tiny_model
 
@@ -80,7 +80,7 @@ def _check_refusals(model, prompt) -> None:
     with pytest.raises(ValueError, match="chunks of 5 tokens"):
         duo.generate(prompt[:, :9], max_new_tokens=2, do_sample=False, pad_token_id=0)
     with pytest.raises(ValueError, match="window"):
-        apply_duo_distributed(copy.deepcopy(model), RETRIEVAL, SINK, RECENT, window="token")
+        distribute_duo(apply_duo(copy.deepcopy(model), RETRIEVAL, SINK, RECENT, window="token"))
 
 
 def _worker(rank: int, init: str) -> None:
