@@ -23,8 +23,8 @@ the same ``generate`` call on the same input ids:
 
 Refused with ValueError: padded batches (rows of different lengths), beam search, static caches / CUDA graphs /
 ``cache_implementation``, chunked prefill inside ``generate``, multi-token steps after the prefill (assisted
-decoding), sliding-window or soft-capped layers, ``apply_duo(..., window="token")``, and prompts whose chunks are shorter than
-``sink`` or ``recent``.
+decoding), sliding-window or soft-capped layers, ``apply_duo(..., window="token")``, and prompts whose chunks
+are shorter than ``sink`` or ``recent``.
 """
 from __future__ import annotations
 

@@ -103,7 +103,8 @@ def test_distributed_generate_matches_single_process(tmp_path):
 def test_expected_bytes_are_balanced_and_smaller_than_single_process():
     """The expectation itself: the ranks' layers differ (so a wrong assignment shows), together they hold the
     single-process DuoCache's bytes, and each rank about half of them."""
-    single = 2 * BATCH * HEAD_DIM * 4 * (RETRIEVAL.sum() * (PROMPT + NEW - 1) + (~RETRIEVAL).sum() * (SINK + RECENT + 1))
+    ring = SINK + RECENT + 1
+    single = 2 * BATCH * HEAD_DIM * 4 * (RETRIEVAL.sum() * (PROMPT + NEW - 1) + (~RETRIEVAL).sum() * ring)
     per_rank = [expected_layer_bytes(r) for r in range(WORLD)]
     assert per_rank[0] != per_rank[1]
     assert sum(map(sum, per_rank)) == single
