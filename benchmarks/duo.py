@@ -266,10 +266,11 @@ def long_prefill(model, contexts: list[int], chunk: int) -> None:
 
 
 def fill_synthetic(model, cache: DuoCache, n: int) -> None:
-    """Make a static DuoCache hold n tokens of random K/V without a prefill (decode time does not depend
-    on the values): every buffer allocated and filled, streaming slots at the positions a real prefill
+    """Make a DuoCache (static, or any whose layers are DuoLayers) hold n tokens of random bf16 K/V (head_dim
+    128, on the model's device) without a prefill (decode time does not depend on the values): every buffer
+    allocated and filled, streaming slots at the positions a real prefill
     leaves (sinks, then the last ``recent + 1`` positions), lengths and device counters at n."""
-    x = torch.zeros(1, model.config.num_key_value_heads, 1, 128, device=DEV, dtype=torch.bfloat16)
+    x = torch.zeros(1, model.config.num_key_value_heads, 1, 128, device=model.device, dtype=torch.bfloat16)
     for layer in cache.layers:
         layer.lazy_initialization(x, x)
         for name, buf in layer.full.bufs.items():
@@ -283,7 +284,7 @@ def fill_synthetic(model, cache: DuoCache, n: int) -> None:
                 buf.normal_()
         layer.stream_keys.normal_()
         layer.stream_values.normal_()
-        pos = torch.cat([torch.arange(layer.sink), torch.arange(n - layer.recent - 1, n)]).to(DEV)
+        pos = torch.cat([torch.arange(layer.sink), torch.arange(n - layer.recent - 1, n)]).to(x.device)
         layer.stream_pos[:, layer._slot(pos)] = pos
         layer.length = n
         layer.position.fill_(n)

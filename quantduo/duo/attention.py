@@ -187,8 +187,8 @@ def attention_lse(q, k, v, causal: bool, scaling: float) -> tuple[torch.Tensor, 
     """Attention of q [B, Hq, Tq, D] over k/v [B, Hkv, Tk, D] and its log-sum-exp of scaled scores.
 
     ``causal`` needs Tq == Tk. On CUDA (16-bit, D % 8 == 0, D <= 128) PyTorch's cuDNN attention op (KV heads
-    repeated for GQA if the op refuses them); elsewhere float32 math. Returns (out [B, Hq, Tq, D] in q's
-    dtype, lse float32 [B, Hq, Tq]).
+    repeated for GQA if the op refuses them); elsewhere math in :func:`accumulation_dtype` (float32, float64 for
+    float64 inputs). Returns (out [B, Hq, Tq, D] in q's dtype, lse [B, Hq, Tq] float32, or float64 for float64 q).
     """
     rep = q.shape[1] // k.shape[1]
     if cudnn_attention_supported(q):
@@ -202,20 +202,33 @@ def attention_lse(q, k, v, causal: bool, scaling: float) -> tuple[torch.Tensor, 
                 raise
             res = cudnn(k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))
         return res[0], res[1].reshape(q.shape[:3])
-    kr, vr = k.repeat_interleave(rep, 1).float(), v.repeat_interleave(rep, 1).float()
-    scores = (q.float() @ kr.transpose(-1, -2)) * scaling
+    acc = accumulation_dtype(q.dtype)
+    kr, vr = k.repeat_interleave(rep, 1).to(acc), v.repeat_interleave(rep, 1).to(acc)
+    scores = (q.to(acc) @ kr.transpose(-1, -2)) * scaling
     if causal:
         scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
     lse = scores.logsumexp(-1)
     return ((scores - lse[..., None]).exp() @ vr).to(q.dtype), lse
 
 
-def merge_attention(o1, lse1, o2, lse2) -> torch.Tensor:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for 16-bit and float32 tensors, float64 for float64 ones (softmax statistics and merges)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def merge_attention_lse(o1, lse1, o2, lse2) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the union of two disjoint key sets from each part's output [B, H, T, D] and log-sum-exp
-    [B, H, T] (float32 weights, result in o1's dtype)."""
+    [B, H, T] (the online-softmax merge). Returns (out, lse) in :func:`accumulation_dtype` of o1's dtype."""
+    acc = accumulation_dtype(o1.dtype)
+    lse1, lse2 = lse1.to(acc), lse2.to(acc)
     lse = torch.logaddexp(lse1, lse2)
-    out = o1.float() * (lse1 - lse).exp()[..., None]
-    return out.addcmul_(o2.float(), (lse2 - lse).exp()[..., None]).to(o1.dtype)
+    out = o1.to(acc) * (lse1 - lse).exp()[..., None]
+    return out.addcmul_(o2.to(acc), (lse2 - lse).exp()[..., None]), lse
+
+
+def merge_attention(o1, lse1, o2, lse2) -> torch.Tensor:
+    """:func:`merge_attention_lse`'s output in o1's dtype."""
+    return merge_attention_lse(o1, lse1, o2, lse2)[0].to(o1.dtype)
 
 
 def split_causal_attention(q, k, v, q_start: int, scaling: float) -> torch.Tensor:

@@ -51,6 +51,12 @@ def window_positions(start: int, sink: int, recent: int) -> list[int]:
     return list(range(min(start, sink))) + list(range(max(sink, start - recent), start))
 
 
+def kept_positions(start: int, end: int, sink: int, recent: int) -> list[int]:
+    """Positions of a chunk start..end - 1 (the first ``end`` tokens seen) that the streaming ring keeps: the sinks
+    and the last ``recent + 1`` tokens."""
+    return list(range(start, min(end, sink))) + list(range(max(start, sink, end - recent - 1), end))
+
+
 @dataclass
 class DuoKV:
     """What the new queries of one layer may attend to.
@@ -247,9 +253,7 @@ class DuoLayer(CacheLayerMixin):
 
         Index arithmetic uses Python ints only (no host-device synchronisation while decoding).
         """
-        end = start + k.shape[2]
-        keep = list(range(start, min(end, self.sink))) + list(range(max(start, self.sink, end - self.recent - 1),
-                                                                  end))
+        keep = kept_positions(start, start + k.shape[2], self.sink, self.recent)
         if len(keep) == 1:  # decoding: plain slice writes, no index tensors
             p = keep[0]
             slot = self._slot(p)
@@ -258,10 +262,28 @@ class DuoLayer(CacheLayerMixin):
             self.stream_pos[:, slot] = p
         elif keep:
             pos = torch.tensor(keep, device=k.device)
-            slots = self._slot(pos)
-            self.stream_keys.index_copy_(2, slots, k.index_select(2, pos - start))
-            self.stream_values.index_copy_(2, slots, v.index_select(2, pos - start))
-            self.stream_pos.index_copy_(1, slots, pos.expand(self.batch, -1).contiguous())
+            self._store_ring(k.index_select(2, pos - start), v.index_select(2, pos - start), pos)
+
+    def _store_ring(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """Write k/v [B, Hs, n, D] of absolute positions pos (int64 [n]) into their ring slots."""
+        slots = self._slot(pos)
+        self.stream_keys.index_copy_(2, slots, k)
+        self.stream_values.index_copy_(2, slots, v)
+        self.stream_pos.index_copy_(1, slots, pos.expand(self.batch, -1).contiguous())
+
+    def load(self, full_k: torch.Tensor, full_v: torch.Tensor, stream_k: torch.Tensor, stream_v: torch.Tensor) -> None:
+        """Fill an empty layer with T tokens prefilled elsewhere (e.g. on other ranks): full_k/full_v
+        [B, n_full, T, D] the retrieval heads' K/V of positions 0..T-1, stream_k/stream_v [B, n_stream, n, D] the
+        streaming heads' K/V of :func:`kept_positions` (0, T) (what the ring keeps). Afterwards the layer is as if
+        the T tokens had been fed through :meth:`update` (next: a decode step at position T)."""
+        t = full_k.shape[2]
+        self.lazy_initialization(full_k, full_v)
+        self._ensure_capacity(t)
+        self.full.write(slice(0, t), full_k, full_v)
+        self._store_ring(stream_k, stream_v, torch.tensor(kept_positions(0, t, self.sink, self.recent),
+                                                          device=stream_k.device))
+        self.length = t
+        self.position.fill_(t)
 
     def _pad_or_zero(self) -> torch.Tensor:
         return self.pad if self.pad is not None else torch.zeros(self.batch, dtype=torch.long, device=self.device)

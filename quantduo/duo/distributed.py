@@ -1,5 +1,6 @@
 """DuoAttention across processes with torch.distributed: sequence-parallel prefill and head-sharded decode of one
-layer (the attention math only; the model-level wiring, ``generate()`` under ``torchrun``, is not here).
+layer, and the move of a prefilled layer's K/V from sequence-sharded to head-sharded (:func:`shard_prefilled_kv`).
+The model-level wiring, ``generate()`` under ``torchrun``, is :mod:`quantduo.duo.distributed_model`.
 
 Head order is the model's original one (a bool ``retrieval`` row [Hkv] per layer says which KV heads are
 retrieval heads); q has Hq = rep * Hkv heads, query head i belonging to KV head i // rep (GQA).
@@ -8,9 +9,14 @@ Prefill (:func:`sequence_parallel_prefill`): the sequence is split into equal co
 r holding positions r * C .. (r + 1) * C - 1. Under the reference's chunk-level rule (:mod:`quantduo.duo.cache`)
 rank 0's chunk is the first chunk (dense causal for every head) and rank r > 0's is a later chunk: its streaming
 heads see the sinks (positions < sink, held by rank 0), the last ``recent`` positions before r * C (held by rank
-r - 1) and the chunk itself, causally; its retrieval heads see every earlier position. So retrieval heads
-all-gather their K/V (O(T) per rank), streaming heads all-gather only each rank's first ``sink`` and last
-``recent`` keys (O(world * (sink + recent)), independent of T).
+r - 1) and the chunk itself, causally; its retrieval heads see every earlier position. Streaming heads all-gather
+only each rank's first ``sink`` and last ``recent`` keys (O(world * (sink + recent)), independent of T).
+Retrieval heads exchange their K/V (O(T) per rank) in one of two ways (``exchange``): ``"all_gather"`` (every
+chunk to every rank at once: the most memory, (rank + 1) * C keys per rank) or ``"ring"`` (each rank passes K/V
+blocks to the next rank with point-to-point sends, world - 1 steps; a rank keeps one block in flight besides its
+own and merges each block's attention into a running output by log-sum-exp, the online softmax; the transfer of
+the next block overlaps the attention over the current one). Causality: rank r needs the blocks of ranks < r
+only, so the ring does not wrap and the last rank does the most work in both modes.
 
 Decode: the layout question. A decode step's cost (time and KV memory) is dominated by the retrieval heads, whose
 caches hold every token, while a streaming head holds ``sink + recent + 1`` tokens. Sharding KV heads
@@ -23,11 +29,13 @@ and all-gathers the outputs.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
 from quantduo.duo import attention as A
-from quantduo.duo.cache import DuoKV, window_positions
+from quantduo.duo.cache import DuoKV, kept_positions, window_positions
 
 
 def balanced_head_assignment(retrieval: torch.Tensor, world_size: int) -> list[list[list[int]]]:
@@ -79,6 +87,34 @@ def _full_heads_prefill(q, k, v, rank: int, scaling: float, group) -> torch.Tens
     return A.full_prefill(q, keys[0], keys[1], rank * q.shape[2], scaling)
 
 
+def _ring_steps(rank: int, world: int) -> range:
+    """Ring steps s = 1.. that ``rank`` takes part in: at step s rank r receives the block of rank r - s from
+    rank r - 1 (if s <= r) and sends rank r - s + 1's block to rank r + 1 (if r + 1 < world and s <= r + 1)."""
+    return range(1, min(rank + 1, world - 1) + 1)
+
+
+def _ring_full_heads_prefill(q, k, v, rank: int, scaling: float, group) -> torch.Tensor:
+    """Retrieval heads by ring exchange (module docstring): q [B, Hq', C, D], k/v [B, Hkv', C, D] of this rank's
+    chunk; attends causally over positions 0 .. (rank + 1) * C - 1 (own block causal, earlier ranks' blocks whole,
+    merged by log-sum-exp in :func:`~quantduo.duo.attention.accumulation_dtype`). Returns [B, Hq', C, D]."""
+    world = dist.get_world_size(group)
+    out, lse = A.attention_lse(q, k, v, True, scaling)
+    current, received = torch.stack([k, v]), False  # [2, B, Hkv', C, D]: the block to pass on / attend to next
+    for step in _ring_steps(rank, world):
+        incoming = torch.empty_like(current) if step <= rank else None
+        ops = ([dist.P2POp(dist.isend, current, group=group, group_peer=rank + 1)] if rank + 1 < world else []) + (
+            [dist.P2POp(dist.irecv, incoming, group=group, group_peer=rank - 1)] if incoming is not None else [])
+        requests = dist.batch_isend_irecv(ops)
+        if received:  # overlaps the transfer: the block received at the previous step
+            out, lse = A.merge_attention_lse(out, lse, *A.attention_lse(q, current[0], current[1], False, scaling))
+        for request in requests:
+            request.wait()
+        current, received = (incoming, True) if incoming is not None else (current, False)
+    if received:
+        out, lse = A.merge_attention_lse(out, lse, *A.attention_lse(q, current[0], current[1], False, scaling))
+    return out.to(q.dtype)
+
+
 def _stream_heads_prefill(q, k, v, rank: int, sink: int, recent: int, scaling: float, group) -> torch.Tensor:
     """Streaming heads: q [B, Hq', C, D], k/v [B, Hkv', C, D] of this rank's chunk (start s = rank * C, needs
     sink <= C and recent <= C); all-gathers each rank's first ``sink`` and last ``recent`` keys, attends causally
@@ -96,17 +132,24 @@ def _stream_heads_prefill(q, k, v, rank: int, sink: int, recent: int, scaling: f
     return A.full_prefill(q, k, v, k.shape[2] - c, scaling)
 
 
+EXCHANGES = ("all_gather", "ring")
+
+
 def sequence_parallel_prefill(q, k, v, retrieval: torch.Tensor, sink: int, recent: int, scaling: float,
-                              group=None) -> torch.Tensor:
+                              group=None, exchange: str = "all_gather") -> torch.Tensor:
     """One layer's prefill attention of this rank's chunk (module docstring: rank r holds positions r * C ..).
 
     q [B, Hq, C, D], k/v [B, Hkv, C, D] (same C, dtype and device on every rank; post-RoPE), retrieval bool [Hkv]
-    (same on every rank), sink <= C, 1 <= recent <= C. Every rank must call it (collectives of ``group``).
+    (same on every rank), sink <= C, 1 <= recent <= C; ``exchange``: how retrieval heads get the earlier chunks'
+    K/V, one of :data:`EXCHANGES` (module docstring). Every rank must call it (collectives of ``group``).
     Returns [B, Hq, C, D] in q's dtype, equal to the reference's chunked prefill with chunks of C tokens.
     """
     c, rep = q.shape[2], q.shape[1] // k.shape[1]
     if sink > c or not 1 <= recent <= c:
         raise ValueError(f"need sink <= chunk and 1 <= recent <= chunk, got sink={sink}, recent={recent}, chunk={c}")
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+    full_heads = _full_heads_prefill if exchange == "all_gather" else _ring_full_heads_prefill
     rank = dist.get_rank(group)
     out = torch.empty_like(q)
     for is_full in (True, False):
@@ -115,10 +158,57 @@ def sequence_parallel_prefill(q, k, v, retrieval: torch.Tensor, sink: int, recen
             continue
         q_idx = query_heads(kv_idx, rep, q.device)
         qs, ks, vs = q.index_select(1, q_idx), k.index_select(1, kv_idx), v.index_select(1, kv_idx)
-        o = (_full_heads_prefill(qs, ks, vs, rank, scaling, group) if is_full
+        o = (full_heads(qs, ks, vs, rank, scaling, group) if is_full
              else _stream_heads_prefill(qs, ks, vs, rank, sink, recent, scaling, group))
         out.index_copy_(1, q_idx, o)
     return out
+
+
+def _split_heads(heads: list[int], retrieval: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(retrieval, streaming) KV head indices int64 of ``heads`` (retrieval heads first, as assigned)."""
+    n_full = int(retrieval[heads].sum())
+    return (torch.tensor(heads[:n_full], dtype=torch.long, device=device),
+            torch.tensor(heads[n_full:], dtype=torch.long, device=device))
+
+
+def _chunk_positions(r: int, c: int, length: int, sink: int, recent: int, device) -> tuple[torch.Tensor, ...]:
+    """Indices int64 into rank r's chunk (positions r * c ..): its real positions (< length) and those of them the
+    streaming ring keeps (:func:`~quantduo.duo.cache.kept_positions` (0, length))."""
+    kept = [p - r * c for p in kept_positions(0, length, sink, recent) if r * c <= p < (r + 1) * c]
+    return (torch.arange(max(0, min(c, length - r * c)), device=device),
+            torch.tensor(kept, dtype=torch.long, device=device))
+
+
+def shard_prefilled_kv(k, v, assignment: list[list[int]], retrieval: torch.Tensor, length: int, sink: int,
+                       recent: int, group=None) -> tuple[torch.Tensor, ...]:
+    """One layer's K/V after :func:`sequence_parallel_prefill`, from sequence-sharded to head-sharded.
+
+    k/v [B, Hkv, C, D]: this rank's chunk (positions rank * C ..; positions >= ``length`` are padding, dropped);
+    assignment: the layer's KV heads per rank (:func:`balanced_head_assignment`, retrieval heads first);
+    retrieval bool [Hkv]; length: real tokens over all ranks. Every rank sends every other rank the part of its
+    chunk that rank keeps (point-to-point, one batch): its retrieval heads at every real position, its streaming
+    heads only at the positions the ring keeps (sinks, last ``recent + 1``). Every rank must call it.
+    Returns this rank's (full_k, full_v [B, n_full, length, D], stream_k, stream_v [B, n_stream, n, D] at
+    :func:`~quantduo.duo.cache.kept_positions` (0, length)): what :meth:`~quantduo.duo.cache.DuoLayer.load` takes.
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    kv, (b, _, c, d) = torch.stack([k, v]), k.shape  # [2, B, Hkv, C, D]
+    pos = [_chunk_positions(r, c, length, sink, recent, k.device) for r in range(world)]
+    mine = _split_heads(assignment[rank], retrieval, k.device)
+    sends = [torch.cat([kv.index_select(2, h).index_select(3, p).reshape(-1)
+                        for h, p in zip(_split_heads(assignment[j], retrieval, k.device), pos[rank])])
+             for j in range(world)]
+    shapes = [[(2, b, len(h), len(p), d) for h, p in zip(mine, pos[r])] for r in range(world)]
+    recvs = [sends[r] if r == rank else kv.new_empty(sum(math.prod(s) for s in shapes[r])) for r in range(world)]
+    ops = [dist.P2POp(dist.isend, sends[j], group=group, group_peer=j) for j in range(world)
+           if j != rank and sends[j].numel()]
+    ops += [dist.P2POp(dist.irecv, recvs[r], group=group, group_peer=r) for r in range(world)
+            if r != rank and recvs[r].numel()]
+    for request in dist.batch_isend_irecv(ops) if ops else []:
+        request.wait()
+    parts = [buf.split([math.prod(s) for s in shape]) for buf, shape in zip(recvs, shapes)]
+    full, stream = (torch.cat([part[i].view(shape[i]) for part, shape in zip(parts, shapes)], 3) for i in range(2))
+    return full[0], full[1], stream[0], stream[1]
 
 
 def decode_shard(k, v, heads: list[int], n_full: int, sink: int, recent: int) -> DuoKV:

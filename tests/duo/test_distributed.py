@@ -1,5 +1,6 @@
 """quantduo.duo.distributed on CPU: 2 and 3 gloo processes (torch.multiprocessing.spawn) against the reference
-rules of tests/duo/reference_impl.py (chunked prefill with one chunk per rank; a decode step), plus the balance
+rules of tests/duo/reference_impl.py (chunked prefill with one chunk per rank, retrieval heads exchanged by
+all-gather and by ring; a decode step), plus the balance
 property of the head assignment. Each spawn runs every case in its workers (one process start per world size)."""
 from datetime import timedelta
 
@@ -8,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from quantduo.duo.distributed import (balanced_head_assignment, decode_shard, head_sharded_decode, query_heads,
-                                      sequence_parallel_prefill)
+from quantduo.duo.distributed import (EXCHANGES, balanced_head_assignment, decode_shard, head_sharded_decode,
+                                      query_heads, sequence_parallel_prefill)
 from tests.duo.reference_impl import visible
 
 # (dtype, chunk per rank, sink, recent, retrieval row over 6 KV heads): clustered, all full, all streaming, mixed;
@@ -41,11 +42,13 @@ def _tensors(seed: int, t: int, dtype) -> tuple[torch.Tensor, torch.Tensor, torc
 def _check_prefill(rank: int, world: int, seed: int, dtype, c: int, sink: int, recent: int, row: list[bool]):
     q, k, v = _tensors(seed, world * c, dtype)
     mine = slice(rank * c, (rank + 1) * c)
-    out = sequence_parallel_prefill(q[:, :, mine], k[:, :, mine], v[:, :, mine], torch.tensor(row), sink, recent,
-                                    D ** -0.5)
     ref = reference_attention(q, k, v, row, sink, recent, list(range(0, world * c, c)))[:, :, mine]
     tol = 1e-12 if dtype == torch.float64 else 2e-6
-    torch.testing.assert_close(out.double(), ref, rtol=0, atol=tol)
+    for exchange in EXCHANGES:
+        out = sequence_parallel_prefill(q[:, :, mine], k[:, :, mine], v[:, :, mine], torch.tensor(row), sink, recent,
+                                        D ** -0.5, exchange=exchange)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=tol, msg=lambda m: f"{exchange}: {m}")
 
 
 def _check_decode(rank: int, world: int, seed: int, dtype, t: int, sink: int, recent: int, row: list[bool]):
