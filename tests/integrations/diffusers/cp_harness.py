@@ -30,6 +30,7 @@ import torch.multiprocessing as mp
 from diffusers import ContextParallelConfig
 
 from quantduo.engine.linear import cpu_kernels
+from quantduo.integrations.cuda_graph import enable_cuda_graph
 from quantduo.integrations.first_block_cache import enable_first_block_cache, first_block_cache_of
 from quantduo.integrations.fp8_attention import enable_fp8_attention
 from quantduo.svdquant import set_execution
@@ -45,7 +46,8 @@ class Case:
     """One run: ``model`` and ``calls`` name entries of the job; ``mode``: ``"ring"`` / ``"ulysses"`` (None: one
     process); ``execution`` of the quantized layers (None for an unquantized model; kernels through the Triton
     interpreter on the CPU unless ``"reference"``); ``fp8_attention``: quantduo's FP8 attention on;
-    ``cache_threshold``: quantduo's first-block cache on; ``shard_only`` (a control that must differ): the attention
+    ``cache_threshold``: quantduo's first-block cache on; ``cuda_graph`` (CUDA): ``"eager"`` / ``"compiled"``, the
+    forward replayed from CUDA graphs of the eager / ``torch.compile`` d forward; ``shard_only`` (a control that must differ): the attention
     processors lose their parallel config, so each rank attends within its own shard."""
 
     model: str
@@ -54,6 +56,7 @@ class Case:
     execution: str | None = "reference"
     fp8_attention: bool = False
     cache_threshold: float | None = None
+    cuda_graph: str | None = None
     shard_only: bool = False
 
     def single(self) -> "Case":
@@ -100,6 +103,8 @@ def _prepared(job: dict, case: Case) -> torch.nn.Module:
         degrees, backend = MODES[case.mode]
         model.set_attention_backend(backend)
         model.enable_parallelism(config=ContextParallelConfig(**degrees))
+    if case.cuda_graph is not None:
+        enable_cuda_graph(model, compile=case.cuda_graph == "compiled")
     if case.shard_only:
         for module in model.modules():
             if hasattr(module, "processor"):
@@ -129,10 +134,7 @@ def _worker(rank: int, job_file: str, port: int, backend: str) -> None:
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=TIMEOUT_S))
     try:
-        job = torch.load(job_file, weights_only=False)
-        device = "cuda" if backend == "nccl" else "cpu"
-        job["models"] = {k: m.to(device) for k, m in job["models"].items()}
-        job["calls"] = {k: [_to(call, device) for call in calls] for k, calls in job["calls"].items()}
+        job = on_device(torch.load(job_file, weights_only=False), "cuda" if backend == "nccl" else "cpu")
         results = {name: run_case(job, case) for name, case in job["cases"].items()}
         if rank == 0:
             torch.save(results, job_file + ".out")
@@ -140,8 +142,11 @@ def _worker(rank: int, job_file: str, port: int, backend: str) -> None:
         dist.destroy_process_group()
 
 
-def _to(call: dict, device: str) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in call.items()}
+def on_device(job: dict, device: str) -> dict:
+    """``job`` with its models and call arguments on ``device``."""
+    calls = {k: [{n: v.to(device) if torch.is_tensor(v) else v for n, v in call.items()} for call in calls]
+             for k, calls in job["calls"].items()}
+    return dict(job, models={k: m.to(device) for k, m in job["models"].items()}, calls=calls)
 
 
 def run_parallel(job: dict, tmp_path, backend: str = "gloo") -> dict:
