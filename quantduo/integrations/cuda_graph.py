@@ -25,6 +25,7 @@ class GraphedForward:
 
     def __init__(self, forward, warmup: int = 2):
         self.forward, self.warmup = forward, warmup
+        self.previous = None  # the module's instance-attribute forward this replaced (enable_cuda_graph)
         self.graphs: dict[Any, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], Any]] = {}
         self.pool = None
 
@@ -79,17 +80,24 @@ def enable_cuda_graph(module: nn.Module, warmup: int = 2, compile: bool = False)
     """Make ``module(...)`` replay CUDA graphs of its forward (see :class:`GraphedForward`); returns ``module``.
 
     compile: capture ``torch.compile(module.forward)`` (the graph must wrap the compiled code, not the other way
-    round, so use this rather than ``module.compile()``). Undo with :func:`disable_cuda_graph`. Call after
+    round, so use this rather than ``module.compile()``). Undo with :func:`disable_cuda_graph`. ``module.forward``
+    may itself be an instance attribute (diffusers' hooks, e.g. those of ``enable_parallelism``: the graph then
+    holds the context-parallel forward); disabling puts it back. Call after
     quantization / LoRA attachment: a graph replays the weights and code paths it captured (re-enable to capture
     afresh)."""
     disable_cuda_graph(module)
     forward = torch.compile(module.forward) if compile else module.forward
-    module.forward = GraphedForward(forward, warmup)
+    graphed = GraphedForward(forward, warmup)
+    graphed.previous = module.__dict__.get("forward")
+    module.forward = graphed
     return module
 
 
 def disable_cuda_graph(module: nn.Module) -> nn.Module:
     """Drop the captured graphs and restore the module's own forward."""
-    if isinstance(module.__dict__.get("forward"), GraphedForward):
+    graphed = module.__dict__.get("forward")
+    if isinstance(graphed, GraphedForward):
         del module.forward
+        if graphed.previous is not None:
+            module.forward = graphed.previous
     return module

@@ -13,22 +13,40 @@ empty), so the model's own forward (embeddings, RoPE, final norm) is unchanged. 
 hidden_states)``, as FLUX and SD3 blocks do. ControlNet residuals (which index blocks) are not supported while
 enabled. The cache resets itself when a call's timestep is not below the previous call's (a new generation) or
 the shapes change; it assumes one transformer call per step (guidance batched, as FLUX-dev and the tiny DiT).
+
+Under diffusers' context parallelism (``enable_parallelism``: each rank holds a shard of the sequence) the relative
+change is all-reduced over the ranks holding the shards, so it is the whole sequence's and every rank takes the same
+decision (a rank skipping the blocks while another runs their attention collectives would hang).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 __all__ = ["CacheStats", "FirstBlockCachedBlocks", "enable_first_block_cache", "disable_first_block_cache",
            "first_block_cache_of", "relative_l1_change"]
 
 
-def relative_l1_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """``mean |new - old| / mean |old|`` as a float32 0-d tensor (same-shape inputs)."""
+def relative_l1_change(new: torch.Tensor, old: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """``mean |new - old| / mean |old|`` as a float32 0-d tensor (same-shape inputs); with ``group``, of the
+    concatenation of every rank's ``new`` / ``old`` (sums and element counts all-reduced over ``group``)."""
     old = old.float()
-    return (new.float() - old).abs().mean() / old.abs().mean().clamp(min=1e-12)
+    if group is None:
+        return (new.float() - old).abs().mean() / old.abs().mean().clamp(min=1e-12)
+    totals = torch.stack([(new.float() - old).abs().sum(), old.abs().sum(),
+                          torch.tensor(float(old.numel()), device=old.device)])
+    dist.all_reduce(totals, group=group)
+    return totals[0] / totals[2] / (totals[1] / totals[2]).clamp(min=1e-12)
+
+
+def context_parallel_group(model: nn.Module) -> dist.ProcessGroup | None:
+    """The process group over which diffusers' context parallelism splits ``model``'s sequence (the ring x Ulysses
+    mesh, as diffusers' own sharding hooks use); None when ``model`` runs without it."""
+    config = getattr(getattr(model, "_parallel_config", None), "context_parallel_config", None)
+    return None if config is None else config._flattened_mesh.get_group()
 
 
 @dataclass
@@ -62,6 +80,7 @@ class FirstBlockCachedBlocks(nn.Module):
             raise ValueError("need at least one transformer block")
         self.blocks, self.single_blocks, self.threshold = blocks, single_blocks, float(threshold)
         self.stats = CacheStats()
+        self.group: dist.ProcessGroup | None = None  # set at each call: see context_parallel_group
         self.last_timestep: float | None = None
         self.reset()
 
@@ -87,7 +106,7 @@ class FirstBlockCachedBlocks(nn.Module):
         previous = self.first_residual
         if previous is None or previous.shape != first_residual.shape or self.image_residual is None:
             return False
-        change = float(relative_l1_change(first_residual, previous))
+        change = float(relative_l1_change(first_residual, previous, self.group))
         self.stats.changes.append(change)
         skip = change < self.threshold
         self.stats.skipped += int(skip)
@@ -120,8 +139,10 @@ class FirstBlockCachedBlocks(nn.Module):
         return encoder_out, hidden_out
 
 
-def _timestep_hook(cache: FirstBlockCachedBlocks):
+def _call_hook(cache: FirstBlockCachedBlocks):
+    """A forward pre-hook of the model: notes the call's timestep and context-parallel group on ``cache``."""
     def hook(module, args, kwargs):
+        cache.group = context_parallel_group(module)
         cache.note_timestep(kwargs.get("timestep", args[3] if len(args) > 3 else None))
     return hook
 
@@ -151,7 +172,7 @@ def enable_first_block_cache(model: nn.Module, threshold: float = 0.1) -> FirstB
     model.transformer_blocks = nn.ModuleList([cache])
     if isinstance(single, nn.ModuleList):
         model.single_transformer_blocks = nn.ModuleList()
-    cache.hook_handle = model.register_forward_pre_hook(_timestep_hook(cache), with_kwargs=True)
+    cache.hook_handle = model.register_forward_pre_hook(_call_hook(cache), with_kwargs=True)
     return cache
 
 

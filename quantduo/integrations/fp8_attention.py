@@ -9,6 +9,12 @@ the Triton kernel :func:`quantduo.kernels.attention_fp8.fp8_attention` on CUDA, 
 :func:`quantduo.formats.attention_fp8.fp8_attention_reference` elsewhere. Calls it cannot serve (a mask,
 dropout, causal, grouped-query heads, a head dim that is not a power of two >= 16) go to SDPA unchanged.
 
+Under diffusers' context parallelism (``enable_parallelism``) the attributes diffusers sets on processors
+(``_parallel_config``, ``_attention_backend``) reach the wrapped processor. Ulysses works (after its all-to-all each
+rank holds the whole sequence of its heads, which is what FP8 attention quantizes); ring attention does not (it
+merges per-KV-shard results by their log-sum-exp, which FP8 attention does not return): a ``ValueError`` at the
+call.
+
 Off by default: see BENCHMARKS.md for the error vs 16-bit attention and the tiny-DiT PSNR change.
 """
 from __future__ import annotations
@@ -70,10 +76,29 @@ class _FP8SDPAMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def ring_degree(processor) -> int:
+    """The ring degree of the context parallelism diffusers configured on ``processor`` (1 without)."""
+    config = getattr(getattr(processor, "_parallel_config", None), "context_parallel_config", None)
+    return 1 if config is None else config.ring_degree
+
+
+def check_no_ring(processor) -> None:
+    """``ValueError`` when ``processor`` runs under ring context parallelism (see the module docstring)."""
+    degree = ring_degree(processor)
+    if degree > 1:
+        raise ValueError(f"quantduo FP8 attention cannot run under diffusers' ring context parallelism "
+                         f"(ring_degree={degree}): ring attention merges per-shard results by their log-sum-exp, "
+                         f"which FP8 attention does not return; use ContextParallelConfig(ulysses_degree=...) or "
+                         f"disable_fp8_attention")
+
+
 class FP8AttentionProcessor:
     """Wraps a diffusers attention processor: same call, FP8 attention inside (``q_block`` / ``kv_block`` tokens
     per quantization block of Q / of K and V). ``original`` is the wrapped processor. Its ``__call__`` reports the
-    original's signature, so diffusers passes it the same keyword arguments."""
+    original's signature, so diffusers passes it the same keyword arguments. Attributes other than its own are
+    read from and written to the original (diffusers sets ``_parallel_config`` / ``_attention_backend``)."""
+
+    _OWN = ("original", "q_block", "kv_block", "__call__")
 
     def __init__(self, original, q_block: int = 128, kv_block: int = 128):
         for name, blk in (("q_block", q_block), ("kv_block", kv_block)):
@@ -83,6 +108,7 @@ class FP8AttentionProcessor:
         self.__call__ = functools.wraps(original.__call__)(lambda *args, **kwargs: self._run(*args, **kwargs))
 
     def _run(self, *args, **kwargs):
+        check_no_ring(self.original)
         with _FP8SDPAMode(self.q_block, self.kv_block):
             return self.original(*args, **kwargs)
 
@@ -93,6 +119,12 @@ class FP8AttentionProcessor:
         if name == "original":
             raise AttributeError(name)
         return getattr(self.original, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.original, name, value)
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:

@@ -97,3 +97,19 @@ def test_gpu_graph_of_fp8_layers():
         enable_cuda_graph(layers)
         layers(x)
         assert relative_error(layers(x), eager) < 1e-6
+
+
+def test_disabling_puts_back_a_hooked_forward():
+    """diffusers' hooks (``enable_parallelism``'s context-parallel split / gather) replace ``module.forward`` by an
+    instance attribute: the graphs wrap it, and disabling must restore it, not the class's bare forward."""
+    module = nn.Linear(4, 4)
+    hooked = lambda x: module.__class__.forward(module, x) * 2  # noqa: E731  (a hook doubling the output)
+    module.forward = hooked
+    x = torch.randn(3, 4)
+    enable_cuda_graph(module)
+    assert torch.equal(module(x), 2 * nn.functional.linear(x, module.weight, module.bias))
+    disable_cuda_graph(module)
+    assert module.forward is hooked
+    plain = nn.Linear(4, 4)
+    disable_cuda_graph(enable_cuda_graph(plain))
+    assert "forward" not in plain.__dict__

@@ -1,75 +1,127 @@
-"""A quantduo-quantized FLUX transformer under diffusers' own context parallelism (``enable_parallelism`` with
-``ContextParallelConfig(ulysses_degree=2)``: the sequence split over ranks, heads exchanged all-to-all) gives the
-single-process output, in the reference execution and through the kernels (Triton interpreter): 2 gloo processes on
-the CPU. quantduo adds nothing for this: its layers work per token, so a sequence shard computes its own rows.
+"""quantduo-quantized diffusers transformers under diffusers' own context parallelism (``enable_parallelism``;
+Ulysses and ring, 2 gloo processes on the CPU, see :mod:`.cp_harness` for the two test-only shims) give the
+single-process output: tiny FLUX (2 heads x 64, 1 double + 1 single block, 16 image + 8 text tokens split 12 / 12)
+and tiny Wan 2.1 (32 video tokens), the 16-bit model as the baseline of the tolerance and the SVDQuant one in the
+reference execution (the kernel executions: ``test_context_parallel_kernels.py``); quantduo's FP8 attention under
+Ulysses (ring: a ValueError) and its first-block cache (one skip decision for all ranks).
 
-diffusers places each rank on an accelerator (``rank % torch.accelerator.device_count()``); the workers report one
-CPU "device" so that it resolves to the CPU. Ring attention needs an attention backend returning the log-sum-exp,
-which diffusers' native (SDPA) backend does not do on the CPU, so the CPU test covers Ulysses only.
+Measured (float32 models, max |parallel - single| / max |single|): Ulysses 0 (Wan, the same bits) to 1.7e-7
+(FLUX), ring 1.9e-7 to 2.3e-7, first-block cache 3.8e-7, FP8 attention under Ulysses 1.9e-7; the control — every
+rank attending only within its own shard, the silent failure of a processor that lost diffusers' parallel config —
+1.4e-2, so the 1e-5 tolerance fails a wrong split or a missing exchange by three orders of magnitude. (The float16
+kernel executions, and why float16 under ring needs a wider tolerance: ``test_context_parallel_kernels.py``.)
 """
 from __future__ import annotations
 
 import copy
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 pytest.importorskip("diffusers")
 
-from diffusers import ContextParallelConfig  # noqa: E402
+from diffusers import ContextParallelConfig, ParallelConfig  # noqa: E402
 
+from tests.integrations.diffusers.cp_harness import Case, max_errors, run_parallel, run_single  # noqa: E402
 from tests.integrations.diffusers.tiny_models import FAST, flux_inputs, samples_from, tiny_flux  # noqa: E402
-from quantduo.engine.linear import cpu_kernels  # noqa: E402
+from tests.integrations.diffusers.tiny_zoo import tiny_wan  # noqa: E402
 from quantduo.integrations.diffusers import quantization_config, quantize_transformer  # noqa: E402
-from quantduo.svdquant import set_execution  # noqa: E402
-from quantduo.utils import relative_error  # noqa: E402
+from quantduo.integrations.fp8_attention import enable_fp8_attention  # noqa: E402
 
-WORLD = 2
-EXECUTIONS = ("reference", "exact", "a16", "fp8")
-
-
-def _run(model, execution: str) -> torch.Tensor:
-    """The transformer's output on fixed inputs (16 image + 8 text tokens), float16 through the kernels."""
-    set_execution(model, execution)
-    inputs = {k: v.half() if torch.is_tensor(v) and v.is_floating_point() else v
-              for k, v in flux_inputs(model, 7).items()}
-    with torch.no_grad():
-        if execution == "reference":
-            return model(**inputs)[0]
-        with cpu_kernels():
-            return model(**inputs)[0]
+TOL = 1e-5
+CACHE_THRESHOLD = 0.21
+STEPS = (0.9, 0.899, 0.5)
+DTYPE = torch.float32
 
 
-def _worker(rank: int, model_file: str, init: str) -> None:
-    torch.accelerator.device_count = lambda: 1  # diffusers' device = rank % count: the CPU here
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
-    try:
-        model = torch.load(model_file, weights_only=False)
-        model.set_attention_backend("native")
-        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
-        # diffusers gathers the output with a functional collective: an op on it yields a plain tensor
-        outputs = {execution: _run(model, execution).float() for execution in EXECUTIONS}
-        if rank == 0:
-            torch.save(outputs, model_file + ".parallel")
-    finally:
-        dist.destroy_process_group()
+def _cast(call: dict) -> dict:
+    return {k: v.to(DTYPE) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in call.items()}
 
 
-def test_quantized_flux_under_ulysses_context_parallelism_gives_the_single_process_output(tmp_path):
-    fp = tiny_flux(seed=3)
-    model = copy.deepcopy(fp)
-    quantize_transformer(model, samples_from(lambda s: flux_inputs(fp, s), 2), quantization_config(model, **FAST),
-                         progress=False)
-    model = model.half()
-    single = {execution: _run(model, execution) for execution in EXECUTIONS}
-    model_file = str(tmp_path / "model.pt")
-    torch.save(model, model_file)
-    mp.spawn(_worker, args=(model_file, f"file://{tmp_path / 'rendezvous'}"), nprocs=WORLD, join=True)
-    parallel = torch.load(model_file + ".parallel")
-    for execution in EXECUTIONS:
-        assert parallel[execution].shape == single[execution].shape
-        assert type(parallel[execution]) is torch.Tensor
-        assert relative_error(parallel[execution], single[execution].float()) < 1e-4, execution  # measured: 0 (same bits)
+def _quantized(model: torch.nn.Module, inputs) -> torch.nn.Module:
+    """A float16 SVDQuant copy of the float32 ``model``, calibrated on 2 calls of ``inputs(seed)``."""
+    quantized = copy.deepcopy(model)
+    quantize_transformer(quantized, samples_from(inputs, 2), quantization_config(quantized, **FAST), progress=False)
+    return quantized.to(DTYPE)
+
+
+def _cache_steps(model: torch.nn.Module) -> list[dict]:
+    """Three FLUX calls at decreasing timesteps: the second changes only the last 8 image tokens (rank 1's shard)
+    a little, the third changes every token a lot. Measured relative change of the first block's residual at the
+    second call: 0.19 over the sequence (under CACHE_THRESHOLD: skip), 0.16 on rank 0's tokens, 0.23 on rank 1's
+    (a per-shard decision would have rank 1 run the remaining blocks and their collectives alone)."""
+    base = flux_inputs(model, 7)
+    g = torch.Generator().manual_seed(8)
+    second = base["hidden_states"].clone()
+    second[:, 8:] += 0.1 * torch.randn(second[:, 8:].shape, generator=g)
+    third = base["hidden_states"] + torch.randn(base["hidden_states"].shape, generator=g)
+    return [_cast({**base, "hidden_states": h, "timestep": torch.tensor([t])})
+            for h, t in zip((base["hidden_states"], second, third), STEPS)]
+
+
+def _job() -> dict:
+    flux = tiny_flux(seed=3)
+    wan, wan_inputs = tiny_wan()
+    models = {"flux-svdq": _quantized(flux, lambda s: flux_inputs(flux, s)), "flux": copy.deepcopy(flux).to(DTYPE),
+              "wan-svdq": _quantized(wan, wan_inputs), "wan": copy.deepcopy(wan).to(DTYPE)}
+    calls = {"flux": [_cast(flux_inputs(flux, 7))], "wan": [_cast(wan_inputs(7))], "flux-steps": _cache_steps(flux)}
+    cases = {}
+    for mode in ("ulysses", "ring"):
+        for name in ("flux", "wan"):
+            cases[f"{name}/{mode}"] = Case(name, name, mode, execution=None)
+            cases[f"{name}-svdq/{mode}"] = Case(f"{name}-svdq", name, mode)
+        cases[f"cache/{mode}"] = Case("flux-svdq", "flux-steps", mode, cache_threshold=CACHE_THRESHOLD)
+    cases["fp8-attention/ulysses"] = Case("flux-svdq", "flux", "ulysses", fp8_attention=True)
+    cases["shard-only/ulysses"] = Case("flux-svdq", "flux", "ulysses", shard_only=True)
+    return {"models": models, "calls": calls, "cases": cases}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """(one-process, context-parallel) results of every case of the job."""
+    job = _job()
+    return run_single(job), run_parallel(job, tmp_path_factory.mktemp("cp"))
+
+
+@pytest.mark.parametrize("name", ["flux", "flux-svdq", "wan", "wan-svdq"])
+@pytest.mark.parametrize("mode", ["ulysses", "ring"])
+def test_context_parallel_output_is_the_single_process_output(results, name, mode):
+    single, parallel = results
+    expected, got = single[f"{name}/{mode}"]["out"], parallel[f"{name}/{mode}"]["out"]
+    assert got.shape == expected.shape
+    assert max_errors(got, expected)[1] < TOL, name
+
+
+def test_attention_within_each_shard_fails_the_tolerance(results):
+    single, parallel = results
+    _, rel = max_errors(parallel["shard-only/ulysses"]["out"], single["shard-only/ulysses"]["out"])
+    assert rel > 100 * TOL
+
+
+def test_fp8_attention_under_ulysses_is_the_single_process_fp8_attention(results):
+    """Ulysses hands each rank the whole sequence of its heads: FP8 attention quantizes the same blocks."""
+    single, parallel = results
+    assert max_errors(parallel["fp8-attention/ulysses"]["out"], single["fp8-attention/ulysses"]["out"])[1] < TOL
+    without = single["flux-svdq/ulysses"]["out"]
+    assert max_errors(single["fp8-attention/ulysses"]["out"], without)[1] > 100 * TOL  # FP8 attention did run
+
+
+def test_fp8_attention_refuses_ring_context_parallelism():
+    model = tiny_flux(seed=3).to(DTYPE)
+    enable_fp8_attention(model)
+    config = ParallelConfig(context_parallel_config=ContextParallelConfig(ring_degree=2))
+    for module in model.modules():
+        if hasattr(module, "processor"):
+            module.processor._parallel_config = config  # as enable_parallelism sets it
+            assert module.processor.original._parallel_config is config
+    with pytest.raises(ValueError, match="FP8 attention.*ring"), torch.no_grad():
+        model(**_cast(flux_inputs(model, 7)))
+
+
+@pytest.mark.parametrize("mode", ["ulysses", "ring"])
+def test_first_block_cache_takes_the_whole_sequences_decision(results, mode):
+    """The second call's change, small over the sequence, is large on rank 1's shard: every rank must skip."""
+    single, parallel = results
+    assert int(single[f"cache/{mode}"]["skipped"]) == 1
+    assert int(parallel[f"cache/{mode}"]["skipped"]) == 1
+    assert max_errors(parallel[f"cache/{mode}"]["out"], single[f"cache/{mode}"]["out"])[1] < TOL
