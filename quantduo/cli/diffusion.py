@@ -26,7 +26,7 @@ from quantduo.cli.validate import (MAX_SEED, bad, device, float_in, int_in, outp
 from quantduo.formats.registry import EXECUTIONS, executions_for, format_names
 from quantduo.integrations.cuda_graph import enable_cuda_graph
 from quantduo.integrations.diffusers import (capture_calibration_inputs, denoiser_of, denoiser_offloaded,
-                                             denoiser_skeleton, load_pipeline,
+                                             denoiser_skeleton, load_pipeline, load_pipeline_lazily,
                                              mark_quantized, quantduo_config_for, quantization_config,
                                              quantize_transformer, quantize_transformer_blockwise, save_pipeline)
 from quantduo.integrations.published import is_published, load_published_pipeline
@@ -135,17 +135,22 @@ def cmd_quantize(args) -> int:
     rank = _rank(args, attr, config)
     prompts = _calibration_prompts(args)
     out = output_folder(args.out, "--out", inputs=[args.model])
-    # --blockwise: the pipeline stays on the CPU; the device holds the other models and one block at a time
-    pipe = load_pipeline(args.model, DTYPES[args.dtype], "cpu" if args.blockwise else args.device)
+    # --blockwise: the pipeline stays on the CPU with its denoiser's weights on disk; the device holds the other
+    # models and one block at a time, read from the files when its turn comes
+    weights = None
+    if args.blockwise:
+        pipe, weights = load_pipeline_lazily(args.model, DTYPES[args.dtype])
+    else:
+        pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device)
     _, denoiser = denoiser_of(pipe)
-    with denoiser_offloaded(pipe, args.device) if args.blockwise else contextlib.nullcontext():
+    with denoiser_offloaded(pipe, args.device, weights) if args.blockwise else contextlib.nullcontext():
         samples = _calibration_samples(args, pipe, prompts)
     qconfig = quantization_config(denoiser, args.format, rank=rank, search_tokens=args.search_tokens,
                                   dtype=args.dtype if args.dtype != "float32" else "bfloat16")
     if args.blockwise:
         report = quantize_transformer_blockwise(denoiser, samples, args.work_dir, qconfig, resume=args.resume,
                                                 sequential=args.sequential, activations=args.activations,
-                                                device=args.device)
+                                                device=args.device, weights=weights)
     else:
         report = quantize_transformer(denoiser, samples, qconfig)
     mark_quantized(denoiser, quantduo_config_for(qconfig))

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
@@ -91,15 +92,16 @@ class _ChainProbe:
 
 
 def chain_plan(model: nn.Module, blocks: list[tuple[str, nn.Module]], call: Call, device: torch.device,
-               home: torch.device) -> list[Feed]:
-    """Run ``model(*call)`` once (each block moved from ``home`` to ``device`` only while it runs; the rest of the
-    model must be on ``device``) and derive the :class:`Feed` of every block after the first.
+               home: torch.device, weights: LazyWeights | None = None) -> list[Feed]:
+    """Run ``model(*call)`` once (each block moved from ``home`` to ``device``, or read there from ``weights``, only
+    while it runs; the rest of the model must be on ``device``) and derive the :class:`Feed` of every block after
+    the first.
 
     Raises:
         ValueError: the blocks are not called once each in the order given, or a block's tensor input is computed
             between blocks (not an output or input of the previous block), naming the block.
     """
-    probe, handles = _ChainProbe(blocks), _offload_hooks(blocks, device, home)
+    probe, handles = _ChainProbe(blocks), _offload_hooks(blocks, device, home, weights)
     for _, block in blocks:
         handles += [block.register_forward_pre_hook(probe.pre, with_kwargs=True),
                     block.register_forward_hook(probe.post, with_kwargs=True)]
@@ -152,36 +154,94 @@ def first_block_calls(model: nn.Module, block: nn.Module, samples: Sequence[Call
     return store
 
 
+class LazyWeights:
+    """A model's full-precision tensors read on demand from its safetensors files, straight onto the device that
+    needs them, so that a model built on the meta device is materialized one block at a time: host memory holds one
+    block instead of the model.
+
+    files: the model's ``*.safetensors`` (keys: the model's state-dict names); dtype: floating-point tensors are
+    cast to it (None: as stored).
+    """
+
+    def __init__(self, files: Sequence[str | Path], dtype: torch.dtype | None = None):
+        self.dtype = dtype
+        self._file_of: dict[str, Path] = {}
+        for file in files:
+            with safe_open(str(file), "pt") as f:
+                self._file_of.update(dict.fromkeys(f.keys(), Path(file)))
+        if not self._file_of:
+            raise ValueError(f"no tensors in {[str(f) for f in files]}")
+
+    def load(self, module: nn.Module, prefix: str, device: torch.device | str, exclude: Sequence[str] = ()) -> None:
+        """Give ``module`` (the model's submodule named ``prefix``, ``""`` for the model) its stored tensors on
+        ``device`` (assigned: meta tensors become real), except those under the submodules ``exclude``; its other
+        buffers (computed, not stored) move to ``device`` too. ValueError naming a tensor the files lack."""
+        keys = [k for k in module.state_dict() if not any(k == e or k.startswith(f"{e}.") for e in exclude)]
+        state = {}
+        for key in keys:
+            full = f"{prefix}.{key}" if prefix else key
+            if full not in self._file_of:
+                raise ValueError(f"tensor {full!r} is not in the model's safetensors files")
+            with safe_open(str(self._file_of[full]), "pt", device=str(device)) as f:
+                tensor = f.get_tensor(full)
+            state[key] = tensor.to(self.dtype) if self.dtype is not None and tensor.is_floating_point() else tensor
+        module.load_state_dict(state, strict=False, assign=True)
+        _move_outside_blocks(module, list(exclude), torch.device(device))
+
+
 def _move_outside_blocks(model: nn.Module, block_names: list[str], device: torch.device) -> None:
-    """Move the parameters and buffers of ``model`` that lie outside every block to ``device``."""
+    """Move the parameters and buffers of ``model`` that lie outside every block to ``device`` (``meta``: free
+    them)."""
     for name, module in model.named_modules():
         if any(name == b or name.startswith(f"{b}.") for b in block_names):
             continue
         for key, param in module.named_parameters(recurse=False):
-            param.data = param.data.to(device)
+            if (param.device.type == "meta") == (device.type == "meta"):
+                param.data = param.data.to(device)
+            else:  # a tensor cannot change between meta and real storage in place
+                module._parameters[key] = nn.Parameter(param.data.to(device), param.requires_grad)
         for key, buf in module.named_buffers(recurse=False):
             module._buffers[key] = buf.to(device)
 
 
-def _offload_hooks(blocks: list[tuple[str, nn.Module]], device: torch.device, home: torch.device) -> list:
-    """Hooks moving each block to ``device`` just before it runs and back to ``home`` right after."""
+def _bring(block: nn.Module, name: str, device: torch.device, weights: LazyWeights | None) -> None:
+    """Put ``block`` on ``device``: moved there, or (``weights``) read there from the files."""
+    if weights is None:
+        block.to(device)
+    else:
+        weights.load(block, name, device)
+
+
+def _offload_hooks(blocks: list[tuple[str, nn.Module]], device: torch.device, home: torch.device,
+                   weights: LazyWeights | None = None) -> list:
+    """Hooks putting each block on ``device`` just before it runs (:func:`_bring`) and sending it to ``home`` right
+    after (with ``weights``: to the meta device, i.e. freed)."""
     handles = []
-    for _, block in blocks:
-        handles += [block.register_forward_pre_hook(lambda m, a: m.to(device) and None),
-                    block.register_forward_hook(lambda m, a, o: m.to(home) and None)]
+    after = torch.device("meta") if weights is not None else home
+    for name, block in blocks:
+        handles += [block.register_forward_pre_hook(lambda m, a, name=name: _bring(m, name, device, weights)),
+                    block.register_forward_hook(lambda m, a, o: m.to(after) and None)]
     return handles
 
 
 @contextmanager
-def blocks_offloaded(model: nn.Module, block_names: list[str], device: torch.device | str) -> Iterator[None]:
+def blocks_offloaded(model: nn.Module, block_names: list[str], device: torch.device | str,
+                     weights: LazyWeights | None = None) -> Iterator[None]:
     """Run ``model`` on ``device`` holding one block there at a time: inside the ``with``, everything outside the
     blocks is on ``device`` and each block moves there just before it runs and back to where it was (the blocks'
     home, e.g. the CPU) right after. Afterwards the parts outside the blocks are back home too. GPU memory: the
-    model minus its blocks, plus one block."""
+    model minus its blocks, plus one block.
+
+    weights: the model is a meta-device skeleton whose tensors are read from these files: the parts outside the
+    blocks for the ``with`` (on the meta device again afterwards), each block for its run (host memory: one block).
+    """
+    device = torch.device(device)
     blocks = [(name, model.get_submodule(name)) for name in block_names]
-    home = next(blocks[0][1].parameters()).device
-    _move_outside_blocks(model, block_names, torch.device(device))
-    handles = _offload_hooks(blocks, torch.device(device), home)
+    home = torch.device("meta") if weights is not None else next(blocks[0][1].parameters()).device
+    if weights is not None:
+        weights.load(model, "", device, exclude=block_names)
+    _move_outside_blocks(model, block_names, device)
+    handles = _offload_hooks(blocks, device, home, weights)
     try:
         yield
     finally:
@@ -302,6 +362,7 @@ def quantize_blockwise(
     activations: str = "auto",
     device: torch.device | str | None = None,
     progress: bool = True,
+    weights: LazyWeights | None = None,
 ) -> QuantizationReport:
     """SVDQuant the blocks ``block_names`` of ``model`` (in place), one at a time.
 
@@ -317,22 +378,27 @@ def quantize_blockwise(
             ``disk`` (one call in host memory at a time), ``auto`` (``device`` if :func:`activations_fit`, else
             ``host``).
         device: where each block runs (default: where ``model``'s first parameter is); blocks go back after.
+        weights: ``model`` is a meta-device skeleton (:class:`LazyWeights`): each block is read from these files
+            onto ``device`` when its turn comes, the parts outside the blocks at the start; everything ends on the
+            CPU (host memory: the quantized blocks, one full-precision block and the calibration data).
     Returns:
         The per-layer :class:`QuantizationReport` (layer names prefixed with their block's name).
     """
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
     work_dir = Path(work_dir)
-    home = next(model.parameters()).device
+    home = torch.device("cpu") if weights is not None else next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     manifest = dict(config=config.to_dict(), blocks=block_names, samples=len(samples), sequential=sequential)
     _check_work_dir(work_dir, manifest, resume)
     blocks = [(name, model.get_submodule(name)) for name in block_names]
     spill_dir = (lambda i: work_dir / "activations" / str(i % 2)) if activations == "disk" else (lambda i: None)
+    if weights is not None:
+        weights.load(model, "", device, exclude=block_names)
     _move_outside_blocks(model, block_names, device)
     with phase("capture"):
         probe = map_tensors(samples[0], lambda t: t.to(device))
-        feeds = chain_plan(model, blocks, probe, device, home) + [None]
+        feeds = chain_plan(model, blocks, probe, device, home, weights) + [None]
         store = first_block_calls(model, blocks[0][1], samples, device, CallStore(spill_dir(0)))
         store_device = _store_device(activations, store, blocks[0][1], device)
         store = store.moved_to(store_device)
@@ -341,7 +407,7 @@ def quantize_blockwise(
     bar = tqdm(blocks, desc="blockwise SVDQuant", unit="block", disable=not progress)
     for i, (name, block) in enumerate(bar):
         bar.set_postfix_str(f"{name}; so far {phase_summary()}")
-        block.to(device)
+        _bring(block, name, device, weights)
         feed = feeds[i]
         next_store = CallStore(spill_dir(i + 1), store_device) if feed is not None else None
         block_dir = work_dir / "blocks" / f"{i:04d}"

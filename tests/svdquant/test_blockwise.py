@@ -19,7 +19,8 @@ from torch import nn
 
 from quantduo.integrations.diffusers import block_names, quantization_config, quantize_transformer_blockwise
 from quantduo.models.tiny_dit import load_tiny_dit, sample_digits
-from quantduo.svdquant.blockwise import activations_fit, chain_plan, finished_blocks
+from quantduo.svdquant import SVDQuantLinear
+from quantduo.svdquant.blockwise import LazyWeights, activations_fit, chain_plan, finished_blocks
 from quantduo.integrations.diffusers import CalibrationSample
 
 SETTINGS = dict(rank=16, search_tokens=256, lowrank_iters=8)
@@ -101,6 +102,40 @@ def test_gpu_activations_on_the_device_give_the_host_bytes(tmp_path):
               for a in ("auto", "host")}
     for name, tensor in states["host"].items():
         assert torch.equal(states["auto"][name], tensor), name
+
+
+def test_lazy_weights_hold_one_full_precision_block_and_give_the_same_bytes(tmp_path, single_thread):
+    """A meta-device skeleton whose tensors are read from a safetensors file block by block (LazyWeights) gives the
+    bytes of the in-memory run, and at no block's start is more than that one full-precision block materialized
+    (the others are still on the meta device or already quantized)."""
+    expected, _ = run_blockwise(str(tmp_path / "in_memory"))
+    model = load_tiny_dit()
+    transformer = model.transformer
+    save_file({k: v.contiguous() for k, v in transformer.state_dict().items()}, tmp_path / "weights.safetensors")
+    samples = calibration_samples(model)  # captured with the full model before it is emptied
+    names = block_names(transformer)
+    skeleton = transformer.to("meta")
+    real_full_precision = []
+
+    def probe(module, args, kwargs):
+        blocks = {n: skeleton.get_submodule(n) for n in names}
+        real_full_precision.append([n for n, b in blocks.items() if not any(isinstance(m, SVDQuantLinear)
+                                    for m in b.modules()) and any(p.device.type != "meta" for p in b.parameters())])
+
+    for name in names:
+        skeleton.get_submodule(name).register_forward_pre_hook(probe, with_kwargs=True)
+    weights = LazyWeights([tmp_path / "weights.safetensors"])
+    config = quantization_config(skeleton, **SETTINGS)
+    quantize_transformer_blockwise(skeleton, samples, str(tmp_path / "lazy"), config, weights=weights,
+                                   progress=False)
+    assert all(len(real) <= 1 for real in real_full_precision), real_full_precision
+    assert any(len(real) == 1 for real in real_full_precision)  # the probe sees the materialized block
+    assert all(p.device.type == "cpu" for p in skeleton.parameters())
+    got = skeleton.state_dict()
+    for name, tensor in expected.transformer.state_dict().items():
+        assert torch.equal(got[name], tensor), name
+    with pytest.raises(ValueError, match="not in the model's safetensors files"):
+        LazyWeights([tmp_path / "weights.safetensors"]).load(nn.Linear(2, 2), "missing", "cpu")
 
 
 def tensor_names(state: dict) -> list[str]:

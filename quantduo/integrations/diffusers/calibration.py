@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from quantduo.svdquant import QuantizationReport, SVDQuantConfig, quantize_model
-from quantduo.svdquant.blockwise import blocks_offloaded, quantize_blockwise
+from quantduo.svdquant.blockwise import LazyWeights, blocks_offloaded, quantize_blockwise
 from quantduo.utils import progress_bar
 
 from .rules import denoiser_of, quantization_config, rules_for
@@ -109,18 +109,20 @@ def capture_calibration_inputs(
 
 
 @contextmanager
-def denoiser_offloaded(pipe: Any, device: torch.device | str) -> Iterator[None]:
+def denoiser_offloaded(pipe: Any, device: torch.device | str, weights: LazyWeights | None = None) -> Iterator[None]:
     """Run ``pipe`` on ``device`` while its denoiser's blocks stay where they are (the CPU) and move to ``device``
     one at a time, only while they run (:func:`~quantduo.svdquant.blockwise.blocks_offloaded`); the pipeline's other
     models (text encoders, VAE) move to ``device`` for the ``with`` and back afterwards. Device memory: the other
-    models, the denoiser without its blocks and one block, so a denoiser larger than the GPU can be calibrated."""
+    models, the denoiser without its blocks and one block, so a denoiser larger than the GPU can be calibrated.
+    ``weights``: the denoiser is a meta-device skeleton (:func:`~.pipeline.load_pipeline_lazily`) whose blocks are
+    read from these files for each run, so host memory holds one block of it too."""
     _, denoiser = denoiser_of(pipe)
     others = [m for m in pipe.components.values() if isinstance(m, nn.Module) and m is not denoiser]
     homes = [next(m.parameters()).device if any(True for _ in m.parameters()) else None for m in others]
     for module in others:
         module.to(device)
     try:
-        with blocks_offloaded(denoiser, block_names(denoiser), device):
+        with blocks_offloaded(denoiser, block_names(denoiser), device, weights):
             yield
     finally:
         for module, home in zip(others, homes):
@@ -172,7 +174,8 @@ def quantize_transformer_blockwise(
     """:func:`quantize_transformer` one block at a time (:func:`quantduo.svdquant.blockwise.quantize_blockwise`:
     one block on the device at a time, kill-safe, ``resume=True`` continues a run in ``work_dir``).
 
-    ``options``: ``resume``, ``sequential``, ``activations``, ``device``, ``progress`` of ``quantize_blockwise``.
+    ``options``: ``resume``, ``sequential``, ``activations``, ``device``, ``progress``, ``weights`` of
+    ``quantize_blockwise``.
     """
     if not samples:
         raise ValueError("no calibration samples: run capture_calibration_inputs first")

@@ -13,10 +13,12 @@ from typing import Any
 
 import diffusers
 import torch
+from accelerate import init_empty_weights
 from torch import nn
 
 from quantduo.formats.registry import find_format
 from quantduo.svdquant import CheckpointError, QuantizationReport, SVDQuantConfig, SVDQuantLinear
+from quantduo.svdquant.blockwise import LazyWeights
 from quantduo.svdquant.linear import set_execution
 from quantduo.svdquant.serialization import check_unfused
 from quantduo.utils import atomic_folder, show_progress, verify_manifest, write_manifest
@@ -122,6 +124,30 @@ def denoiser_skeleton(config: dict, source: str | Path) -> nn.Module:
     cls = diffusers_model_class(config, source)
     with torch.device("meta"):
         return cls.from_config(config)
+
+
+def load_pipeline_lazily(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> tuple[Any, LazyWeights]:
+    """A full-precision pipeline from a local folder with its denoiser's weights left on disk: the other components
+    on the CPU as :func:`load_pipeline` loads them; the denoiser built with its parameters on the meta device (its
+    computed buffers real, cast to ``dtype``), and the :class:`~quantduo.svdquant.blockwise.LazyWeights` of its
+    safetensors files, from which blockwise calibration reads one block at a time
+    (:func:`~quantduo.integrations.diffusers.denoiser_offloaded`, ``quantize_transformer_blockwise(...,
+    weights=)``). Host memory: the pipeline without its denoiser. ``CheckpointError`` when the denoiser has no
+    safetensors files."""
+    path = Path(model_dir)
+    attr, config = read_denoiser_config(path)
+    verify_manifest(path, required=False)
+    files = sorted((path / attr).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path / attr} holds no .safetensors weights: blockwise calibration reads the "
+                              "denoiser block by block from safetensors files")
+    with init_empty_weights(include_buffers=False):
+        skeleton = diffusers_model_class(config, path).from_config(config)
+    # cast as from_pretrained(dtype=) does (nn.Module.to: ModelMixin.to only adds a float32-modules warning)
+    skeleton = nn.Module.to(skeleton, dtype).eval().requires_grad_(False)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(path), dtype=dtype, **{attr: skeleton})
+    pipe.set_progress_bar_config(disable=not show_progress())
+    return pipe, LazyWeights(files, dtype)
 
 
 def is_quantized_pipeline(directory: str | Path) -> bool:
