@@ -10,24 +10,30 @@ quantized by :func:`quantduo.integrations.diffusers.quantize_transformer_blockwi
 search settings, full-precision block inputs). The GPU is capped with ``torch.cuda.set_per_process_memory_fraction``
 at ``--gpu-gb``: the run fails if it needs more. Prints per block the elapsed time, then wall time by phase
 (capture: moving / running blocks on calibration calls and collecting statistics; search: the smoothing search;
-svd: the low-rank refinement; pack: building the 4-bit layers; save: writing each finished block, fsynced), peak GPU memory (``max_memory_allocated``) and peak
-host memory (max RSS, which includes the BF16 model itself). Writes ``calibrate.json`` to ``--out``.
+svd: the low-rank refinement; pack: building the 4-bit layers; save: writing each finished block, fsynced), peak
+GPU memory (``max_memory_allocated``) and peak host memory (max RSS of the process: with ``--weights disk``, the
+default, the model is built on the GPU, written to safetensors files one block at a time and read back one block at
+a time, as ``quantduo quantize --blockwise`` reads a model folder; with ``--weights memory`` it includes the BF16
+model). Writes ``calibrate.json`` to ``--out``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import FluxTransformer2DModel, WanTransformer3DModel
+from safetensors.torch import save_file
 
 from quantduo.integrations.diffusers import (CalibrationSample, block_names, quantization_config,
                                              quantize_transformer_blockwise)
-from quantduo.svdquant.blockwise import ACTIVATIONS
+from quantduo.svdquant.blockwise import ACTIVATIONS, LazyWeights
 from quantduo.svdquant.phases import PHASE_SECONDS, reset_phases
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -38,8 +44,8 @@ WAN_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=
 
 
 def build(cls, config: dict, device: str = "cpu") -> torch.nn.Module:
-    """Random-weight model in BF16 on the CPU (initialised directly in BF16 on ``device``, then moved: a CUDA
-    ``device`` initialises the 12 B FLUX.1 parameters in seconds instead of minutes on the CPU)."""
+    """Random-weight model in BF16 on ``device`` (initialised directly in BF16 there: a CUDA ``device`` initialises
+    the 12 B FLUX.1 parameters in seconds instead of minutes on the CPU)."""
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -48,10 +54,37 @@ def build(cls, config: dict, device: str = "cpu") -> torch.nn.Module:
             model = cls(**config)
     finally:
         torch.set_default_dtype(previous)
-    model = model.to("cpu")
-    if device == "cuda":
-        torch.cuda.empty_cache()
     return model.eval().requires_grad_(False)
+
+
+def to_host(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` moved to the CPU (the GPU's cache emptied)."""
+    model = model.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return model
+
+
+def on_disk(model: torch.nn.Module, folder: Path) -> tuple[torch.nn.Module, LazyWeights]:
+    """Write ``model``'s tensors to ``folder`` (one safetensors file per block, so host memory holds one block at a
+    time) and return a meta-device skeleton of it with the :class:`LazyWeights` of those files, as
+    ``quantduo quantize --blockwise`` sees a model folder; ``model`` is emptied (its tensors moved to meta)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    groups: dict[str, dict] = {}
+    for key, tensor in model.state_dict().items():
+        group = ".".join(key.split(".")[:2]) if key.split(".")[1:2] and key.split(".")[1].isdigit() else "rest"
+        groups.setdefault(group, {})[key] = tensor
+    files = []
+    for group, tensors in groups.items():
+        files.append(folder / f"{group}.safetensors")
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, files[-1])
+    with init_empty_weights(include_buffers=False):
+        skeleton = type(model).from_config(model.config)
+    skeleton = torch.nn.Module.to(skeleton, torch.bfloat16).eval().requires_grad_(False)
+    model.to("meta")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return skeleton, LazyWeights(files, torch.bfloat16)
 
 
 def flux_samples(n: int) -> list[CalibrationSample]:
@@ -83,7 +116,13 @@ def wan_samples(n: int) -> list[CalibrationSample]:
 
 
 def calibrate(name: str, model: torch.nn.Module, samples: list, args) -> dict:
-    """Quantize ``model`` block by block on ``samples``; wall time by phase, peak memory."""
+    """Quantize ``model`` block by block on ``samples`` (``--weights disk``: from its files, one block read at a
+    time); wall time by phase, peak memory."""
+    weights, folder = None, Path(args.work or tempfile.gettempdir()) / f"{name.split()[0]}-weights"
+    if args.weights == "disk":
+        t0 = time.perf_counter()
+        model, weights = on_disk(model, folder)
+        print(f"{name}: written to disk in {time.perf_counter() - t0:.0f} s", flush=True)
     config = quantization_config(model)
     cuda = args.device == "cuda"
     if cuda:  # the model was built on the GPU without the cap, then moved to the CPU
@@ -94,7 +133,8 @@ def calibrate(name: str, model: torch.nn.Module, samples: list, args) -> dict:
     reset_phases()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=args.work) as work:
-        report = quantize_transformer_blockwise(model, samples, work, config, activations=args.activations, device=args.device)
+        report = quantize_transformer_blockwise(model, samples, work, config, activations=args.activations,
+                                                device=args.device, weights=weights)
     total = time.perf_counter() - start
     result = dict(model=name, blocks=len(block_names(model)), samples=len(samples), seconds=round(total, 1),
                   phases_s={k: round(v, 1) for k, v in PHASE_SECONDS.items()},
@@ -102,6 +142,7 @@ def calibrate(name: str, model: torch.nn.Module, samples: list, args) -> dict:
                   peak_host_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
                   layers_quantized=len(report.quantized()))
     print(json.dumps(result), flush=True)
+    shutil.rmtree(folder, ignore_errors=True)
     if cuda:
         torch.cuda.set_per_process_memory_fraction(1.0)
     return result
@@ -116,20 +157,30 @@ def main() -> int:
     parser.add_argument("--activations", choices=ACTIVATIONS, default="auto",
                         help="where calibration activations live between blocks")
     parser.add_argument("--work", default=None, help="parent folder of the work dirs (default: the system temp)")
+    parser.add_argument("--weights", choices=("disk", "memory"), default="disk",
+                        help="disk: the model is written to safetensors files and read back one block at a time (as "
+                             "`quantduo quantize --blockwise` reads a model folder; host memory: one block); memory: "
+                             "the BF16 model stays in host memory")
     parser.add_argument("--out", default="out/calibrate")
     parser.add_argument("--small", action="store_true", help="2-head, 1-2 block configs (smoke test)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    if args.work:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
     small = dict(num_attention_heads=2) if args.small else {}
     results = []
     t0 = time.perf_counter()
     flux = build(FluxTransformer2DModel, dict(FLUX_DEV, **small, **(dict(num_layers=1, num_single_layers=1) if args.small else {})),
                  args.device)
+    if args.weights == "memory":
+        flux = to_host(flux)
     print(f"FLUX.1 built in {time.perf_counter() - t0:.0f} s", flush=True)
     results.append(calibrate("FLUX.1-dev", flux, flux_samples(args.samples), args))
     del flux
     if args.wan_blocks:
         wan = build(WanTransformer3DModel, dict(WAN_14B, num_layers=args.wan_blocks, **small), args.device)
+        if args.weights == "memory":
+            wan = to_host(wan)
         results.append(calibrate(f"Wan2.1-14B ({args.wan_blocks} of 40 blocks)", wan, wan_samples(args.wan_samples), args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
