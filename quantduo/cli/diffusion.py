@@ -26,7 +26,8 @@ from quantduo.cli.validate import (MAX_SEED, bad, device, float_in, int_in, outp
 from quantduo.formats.registry import EXECUTIONS, executions_for, format_names
 from quantduo.integrations.cuda_graph import enable_cuda_graph
 from quantduo.integrations.diffusers import (capture_calibration_inputs, denoiser_of, denoiser_offloaded,
-                                             denoiser_skeleton, load_pipeline, load_pipeline_lazily,
+                                             denoiser_safetensors, denoiser_skeleton, load_pipeline,
+                                             load_pipeline_lazily,
                                              mark_quantized, quantduo_config_for, quantization_config,
                                              quantize_transformer, quantize_transformer_blockwise, save_pipeline)
 from quantduo.integrations.published import is_published, load_published_pipeline
@@ -135,13 +136,13 @@ def cmd_quantize(args) -> int:
     rank = _rank(args, attr, config)
     prompts = _calibration_prompts(args)
     out = output_folder(args.out, "--out", inputs=[args.model])
-    # --blockwise: the pipeline stays on the CPU with its denoiser's weights on disk; the device holds the other
-    # models and one block at a time, read from the files when its turn comes
+    # --blockwise: the pipeline stays on the CPU with its denoiser's weights on disk (safetensors; other formats are
+    # loaded into host memory); the device holds the other models and one block at a time
     weights = None
-    if args.blockwise:
+    if args.blockwise and denoiser_safetensors(args.model):
         pipe, weights = load_pipeline_lazily(args.model, DTYPES[args.dtype])
     else:
-        pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device)
+        pipe = load_pipeline(args.model, DTYPES[args.dtype], "cpu" if args.blockwise else args.device)
     _, denoiser = denoiser_of(pipe)
     with denoiser_offloaded(pipe, args.device, weights) if args.blockwise else contextlib.nullcontext():
         samples = _calibration_samples(args, pipe, prompts)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
@@ -167,8 +167,11 @@ class LazyWeights:
         self.dtype = dtype
         self._file_of: dict[str, Path] = {}
         for file in files:
-            with safe_open(str(file), "pt") as f:
-                self._file_of.update(dict.fromkeys(f.keys(), Path(file)))
+            try:
+                with safe_open(str(file), "pt") as f:
+                    self._file_of.update(dict.fromkeys(f.keys(), Path(file)))
+            except (OSError, SafetensorError) as err:
+                raise ValueError(f"cannot read {file} as safetensors: {err}") from err
         if not self._file_of:
             raise ValueError(f"no tensors in {[str(f) for f in files]}")
 

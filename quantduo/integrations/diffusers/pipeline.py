@@ -126,6 +126,12 @@ def denoiser_skeleton(config: dict, source: str | Path) -> nn.Module:
         return cls.from_config(config)
 
 
+def denoiser_safetensors(pipeline_dir: str | Path) -> list[Path]:
+    """The ``*.safetensors`` files of a pipeline folder's denoiser (empty when it is stored otherwise)."""
+    attr, _ = read_denoiser_config(pipeline_dir)
+    return sorted((Path(pipeline_dir) / attr).glob("*.safetensors"))
+
+
 def load_pipeline_lazily(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> tuple[Any, LazyWeights]:
     """A full-precision pipeline from a local folder with its denoiser's weights left on disk: the other components
     on the CPU as :func:`load_pipeline` loads them; the denoiser built with its parameters on the meta device (its
@@ -137,7 +143,7 @@ def load_pipeline_lazily(model_dir: str | Path, dtype: torch.dtype = torch.bfloa
     path = Path(model_dir)
     attr, config = read_denoiser_config(path)
     verify_manifest(path, required=False)
-    files = sorted((path / attr).glob("*.safetensors"))
+    files = denoiser_safetensors(path)
     if not files:
         raise CheckpointError(f"{path / attr} holds no .safetensors weights: blockwise calibration reads the "
                               "denoiser block by block from safetensors files")

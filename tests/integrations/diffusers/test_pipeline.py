@@ -15,8 +15,10 @@ from tests.integrations.diffusers.tiny_models import flux_inputs, tiny_flux_pipe
 
 from quantduo.cli import main as cli  # noqa: E402
 from quantduo.integrations.diffusers import (FusedFluxSingleBlock, QuantizationConfigError,  # noqa: E402
+                                             denoiser_safetensors, load_pipeline_lazily,
                                              capture_calibration_inputs, load_into_pipeline, load_pipeline)
 from quantduo.svdquant import CheckpointError, SVDQuantLinear  # noqa: E402
+from quantduo.svdquant.blockwise import LazyWeights  # noqa: E402
 from quantduo.utils import ManifestError, relative_error  # noqa: E402
 
 SIZE = ["--height", "32", "--width", "32", "--max-sequence-length", "16", "--guidance", "3.5", "--dtype", "float32"]
@@ -165,3 +167,25 @@ def test_gpu_fp8_pipeline_compiled_and_graphed(quantized_dirs):
         with torch.no_grad():
             images[name] = (pipe(generator=torch.Generator().manual_seed(3), **kwargs).images[0] * 255).round()
     assert psnr(images["fp8"], images["bf16"]) > 30
+
+
+def test_lazy_pipeline_leaves_the_denoiser_on_disk_and_refuses_other_formats(tmp_path):
+    """load_pipeline_lazily: the denoiser's parameters stay on the meta device (its computed buffers real), the other
+    components load; LazyWeights fills a block with the stored values. A denoiser saved as .bin has no safetensors
+    files: a CheckpointError (quantize --blockwise then loads it into host memory); a corrupt file: a ValueError."""
+    from_disk = tiny_flux_pipeline()
+    from_disk.save_pretrained(tmp_path / "safe")
+    pipe, weights = load_pipeline_lazily(tmp_path / "safe", torch.float32)
+    assert all(p.device.type == "meta" for p in pipe.transformer.parameters())
+    assert all(p.device.type == "cpu" for p in pipe.text_encoder_2.parameters())
+    block = pipe.transformer.transformer_blocks[0]
+    weights.load(block, "transformer_blocks.0", "cpu")
+    for name, tensor in from_disk.transformer.transformer_blocks[0].state_dict().items():
+        assert torch.equal(block.state_dict()[name], tensor), name
+    from_disk.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert denoiser_safetensors(tmp_path / "bin") == []
+    with pytest.raises(CheckpointError, match="no .safetensors"):
+        load_pipeline_lazily(tmp_path / "bin")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot read .*bad.safetensors"):
+        LazyWeights([tmp_path / "bad.safetensors"])
