@@ -27,11 +27,10 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from diffusers import FluxTransformer2DModel, WanTransformer3DModel
 from safetensors.torch import save_file
 
-from quantduo.integrations.diffusers import (CalibrationSample, block_names, quantization_config,
+from quantduo.integrations.diffusers import (CalibrationSample, block_names, lazy_denoiser, quantization_config,
                                              quantize_transformer_blockwise)
 from quantduo.svdquant.blockwise import ACTIVATIONS, LazyWeights
 from quantduo.svdquant.phases import PHASE_SECONDS, reset_phases
@@ -78,9 +77,7 @@ def on_disk(model: torch.nn.Module, folder: Path) -> tuple[torch.nn.Module, Lazy
     for group, tensors in groups.items():
         files.append(folder / f"{group}.safetensors")
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, files[-1])
-    with init_empty_weights(include_buffers=False):
-        skeleton = type(model).from_config(model.config)
-    skeleton = torch.nn.Module.to(skeleton, torch.bfloat16).eval().requires_grad_(False)
+    skeleton = lazy_denoiser({**model.config, "_class_name": type(model).__name__}, "benchmark", torch.bfloat16)
     model.to("meta")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -126,6 +126,16 @@ def denoiser_skeleton(config: dict, source: str | Path) -> nn.Module:
         return cls.from_config(config)
 
 
+def lazy_denoiser(config: dict, source: str | Path, dtype: torch.dtype) -> nn.Module:
+    """The denoiser ``config`` describes with its parameters on the meta device and its computed (non-stored)
+    buffers real, everything cast to ``dtype`` as ``from_pretrained(dtype=)`` casts; its stored tensors come from
+    :class:`~quantduo.svdquant.blockwise.LazyWeights`."""
+    with init_empty_weights(include_buffers=False):
+        skeleton = diffusers_model_class(config, source).from_config(config)
+    # nn.Module.to: ModelMixin.to adds only a warning about float32 modules to the same cast
+    return nn.Module.to(skeleton, dtype).eval().requires_grad_(False)
+
+
 def denoiser_safetensors(pipeline_dir: str | Path) -> list[Path]:
     """The ``*.safetensors`` files of a pipeline folder's denoiser (empty when it is stored otherwise)."""
     attr, _ = read_denoiser_config(pipeline_dir)
@@ -147,10 +157,7 @@ def load_pipeline_lazily(model_dir: str | Path, dtype: torch.dtype = torch.bfloa
     if not files:
         raise CheckpointError(f"{path / attr} holds no .safetensors weights: blockwise calibration reads the "
                               "denoiser block by block from safetensors files")
-    with init_empty_weights(include_buffers=False):
-        skeleton = diffusers_model_class(config, path).from_config(config)
-    # cast as from_pretrained(dtype=) does (nn.Module.to: ModelMixin.to only adds a float32-modules warning)
-    skeleton = nn.Module.to(skeleton, dtype).eval().requires_grad_(False)
+    skeleton = lazy_denoiser(config, path, dtype)
     pipe = diffusers.DiffusionPipeline.from_pretrained(str(path), dtype=dtype, **{attr: skeleton})
     pipe.set_progress_bar_config(disable=not show_progress())
     return pipe, LazyWeights(files, dtype)

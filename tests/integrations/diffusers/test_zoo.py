@@ -17,14 +17,16 @@ import copy
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
-from quantduo.integrations.diffusers import (block_names, capture_calibration_inputs, denoiser_of, load_pipeline,
+from quantduo.integrations.diffusers import (block_names, capture_calibration_inputs, denoiser_of, lazy_denoiser,
+                                             load_pipeline,
                                              mark_quantized,
                                              quantduo_config_for, quantization_config, quantize_transformer,
                                              resolved_rules, rules_for, save_pipeline)
 from quantduo.svdquant import CalibrationError, SVDQuantLinear
-from quantduo.svdquant.blockwise import chain_plan
+from quantduo.svdquant.blockwise import LazyWeights, chain_plan
 
 from .tiny_models import samples_from
 from .tiny_zoo import ZOO, tiny_pixart_pipeline, tiny_sd3_pipeline
@@ -160,3 +162,17 @@ def test_blockwise_chain_detection(kind):
     else:
         with pytest.raises(ValueError, match="is computed between"):
             chain_plan(model, blocks, ((), inputs(0)), cpu, cpu)
+
+
+@pytest.mark.parametrize("kind", sorted(ZOO))
+def test_lazy_skeleton_filled_from_its_file_is_the_model(kind, tmp_path):
+    """A skeleton of the class (parameters on the meta device, computed buffers such as RoPE tables real) filled by
+    LazyWeights from the model's safetensors file computes the model's output exactly, for every class: what
+    ``quantize --blockwise`` calibrates is the model on disk."""
+    model, inputs = ZOO[kind]()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
+    skeleton = lazy_denoiser({**model.config, "_class_name": type(model).__name__}, kind, torch.float32)
+    assert all(p.device.type == "meta" for p in skeleton.parameters())
+    LazyWeights([tmp_path / "model.safetensors"]).load(skeleton, "", "cpu")
+    with torch.no_grad():
+        assert torch.equal(skeleton(**inputs(0))[0], model.eval()(**inputs(0))[0])
