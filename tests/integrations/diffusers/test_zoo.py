@@ -20,14 +20,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from quantduo.integrations.diffusers import (block_names, capture_calibration_inputs, denoiser_of, lazy_denoiser,
-                                             load_pipeline,
-                                             mark_quantized,
-                                             quantduo_config_for, quantization_config, quantize_transformer,
-                                             resolved_rules, rules_for, save_pipeline)
+from quantduo.integrations.diffusers import (block_names, lazy_denoiser, mark_quantized, quantduo_config_for,
+                                             quantization_config, quantize_transformer, resolved_rules, rules_for)
 from quantduo.svdquant import CalibrationError, SVDQuantLinear
 from quantduo.svdquant.blockwise import LazyWeights, chain_plan
 
+from .pipeline_check import SETTINGS, psnr, quantized_pipeline_psnr
 from .tiny_models import samples_from
 from .tiny_zoo import ZOO, tiny_pixart_pipeline, tiny_sd3_pipeline
 
@@ -38,14 +36,6 @@ ZOO_PSNR = {  # minimum PSNR (dB) vs bf16 (measured values in the module docstri
     "sdxl-unet": 29.0,
 }
 PIPELINE_PSNR = {"sd3": 41.0, "pixart-sigma": 40.0}  # minimum PSNR (dB) of the generated image vs bf16
-SETTINGS = dict(rank=16, search_tokens=128, lowrank_iters=4)
-
-
-def psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """``20 log10(range(ref) / rmse(out - ref))`` in dB (float32)."""
-    ref, out = ref.float(), out.float()
-    rmse = (out - ref).pow(2).mean().sqrt().clamp(min=1e-12)
-    return float(20 * torch.log10((ref.max() - ref.min()) / rmse))
 
 
 def to_bf16(kwargs: dict) -> dict:
@@ -125,23 +115,8 @@ def test_full_pipeline(kind, tmp_path):
     with DiffusionPipeline.from_pretrained and generate: PSNR of the image vs the bf16 pipeline's.
     Measured on this CPU: SD3 44.2 dB, PixArt-Sigma 43.0 dB (16x16 images, 3 steps; FLUX: test_pipeline.py)."""
     build, extra = PIPELINES[kind]
-    pipe = build()
-    pipe.set_progress_bar_config(disable=True)
-    size = dict(height=16, width=16, max_sequence_length=16, **extra)
-    samples = capture_calibration_inputs(pipe, ["a photo of a cat", "a red bus"], num_samples=4,
-                                         num_inference_steps=2, progress=False, **size)
-    _, denoiser = denoiser_of(pipe)
-    config = quantization_config(denoiser, **SETTINGS)
-    quantize_transformer(denoiser, samples, config, progress=False)
-    mark_quantized(denoiser, quantduo_config_for(config))
-    save_pipeline(pipe, tmp_path / "quantized")
-    images = {}
-    for name, p in (("bf16", build().to(torch.bfloat16)), ("int4", load_pipeline(tmp_path / "quantized"))):
-        p.set_progress_bar_config(disable=True)
-        images[name] = p("a dog in a park", num_inference_steps=3, output_type="pt",
-                         generator=torch.Generator().manual_seed(3), **size).images
-    assert sum(isinstance(m, SVDQuantLinear) for m in load_pipeline(tmp_path / "quantized").transformer.modules()) > 5
-    value = psnr(images["int4"], images["bf16"])
+    value = quantized_pipeline_psnr(build, tmp_path / "quantized", dict(height=16, width=16, max_sequence_length=16,
+                                                                         **extra))
     print(f"{kind} pipeline: PSNR {value:.1f} dB")
     assert value > PIPELINE_PSNR[kind], value
 
