@@ -261,9 +261,9 @@ def register(subparsers) -> None:
     q.add_argument("--calib-steps", type=int_in(1), default=20, help="denoising steps per calibration prompt")
     q.add_argument("--search-tokens", type=int_in(1), default=512, help="calibration rows per layer for the search")
     q.add_argument("--blockwise", action="store_true", help="quantize one block at a time; the pipeline stays on the "
-                   "CPU and the denoiser's blocks visit --device one at a time, in calibration capture too (GPU "
-                   "memory: text encoders during capture, then one block + its samples); kill-safe, finished blocks "
-                   "go to --work-dir")
+                   "CPU and the denoiser's blocks are read from its safetensors files onto --device one at a time, "
+                   "in calibration capture too (GPU memory: text encoders during capture, then one block + its "
+                   "samples; host memory: one block of the denoiser); kill-safe, finished blocks go to --work-dir")
     q.add_argument("--work-dir", default="quantduo-work", help="--blockwise state: samples, finished blocks")
     q.add_argument("--resume", action="store_true", help="continue the --blockwise run in --work-dir")
     q.add_argument("--sequential", action="store_true", help="--blockwise: calibrate each block on the outputs of "
