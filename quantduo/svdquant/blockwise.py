@@ -179,15 +179,21 @@ class LazyWeights:
         """Give ``module`` (the model's submodule named ``prefix``, ``""`` for the model) its stored tensors on
         ``device`` (assigned: meta tensors become real), except those under the submodules ``exclude``; its other
         buffers (computed, not stored) move to ``device`` too. ValueError naming a tensor the files lack."""
-        keys = [k for k in module.state_dict() if not any(k == e or k.startswith(f"{e}.") for e in exclude)]
-        state = {}
-        for key in keys:
+        by_file: dict[Path, dict[str, str]] = {}  # file -> {stored name: name in module}
+        for key in module.state_dict():
+            if any(key == e or key.startswith(f"{e}.") for e in exclude):
+                continue
             full = f"{prefix}.{key}" if prefix else key
             if full not in self._file_of:
                 raise ValueError(f"tensor {full!r} is not in the model's safetensors files")
-            with safe_open(str(self._file_of[full]), "pt", device=str(device)) as f:
-                tensor = f.get_tensor(full)
-            state[key] = tensor.to(self.dtype) if self.dtype is not None and tensor.is_floating_point() else tensor
+            by_file.setdefault(self._file_of[full], {})[full] = key
+        state = {}
+        for file, names in by_file.items():
+            with safe_open(str(file), "pt", device=str(device)) as f:
+                for full, key in names.items():
+                    tensor = f.get_tensor(full)
+                    cast = self.dtype is not None and tensor.is_floating_point()
+                    state[key] = tensor.to(self.dtype) if cast else tensor
         module.load_state_dict(state, strict=False, assign=True)
         _move_outside_blocks(module, list(exclude), torch.device(device))
 
