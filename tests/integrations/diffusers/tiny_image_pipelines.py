@@ -2,9 +2,9 @@
 component a real transformers / diffusers class in a tiny config, random weights, word-level tokenizers
 (:func:`~quantduo.models.tiny_flux.word_tokenizer`), nothing downloaded.
 
-Each ``tiny_<name>_pipeline(seed)`` returns a float32 pipeline; ``CALLS[name]`` are the call arguments (size, the
-conditioning image / mask, ...) that keep one call on the CPU at 16x16 or 32x32 pixels with 8x8 (or 4x4 x 4
-channels packed) latents.
+Each ``tiny_<name>_pipeline(seed)`` returns a float32 pipeline; ``PIPELINES[name]`` pairs it with the call
+arguments (size, the conditioning image / mask, ...) that keep one call on the CPU well under a second: 16x16 or
+32x32 pixels, 8x8 latents (FLUX-style: 4x4 tokens of 4 x 2x2 packed channels).
 """
 from __future__ import annotations
 
@@ -117,10 +117,11 @@ def _mask(side: int = 16) -> torch.Tensor:
 
 
 SIZE16 = dict(height=16, width=16)
-PIPELINES = {
+PIPELINES = {  # name: (builder, call arguments)
     "flux-kontext": (tiny_flux_kontext_pipeline,
                      dict(SIZE16, image=_image(0), max_area=16 * 16, _auto_resize=False, max_sequence_length=TOKENS)),
-    "flux-fill": (tiny_flux_fill_pipeline, dict(SIZE16, image=_image(0), mask_image=_mask(), max_sequence_length=TOKENS)),
+    "flux-fill": (tiny_flux_fill_pipeline,
+                  dict(SIZE16, image=_image(0), mask_image=_mask(), max_sequence_length=TOKENS)),
     "chroma": (tiny_chroma_pipeline, dict(SIZE16, max_sequence_length=TOKENS)),
     "sdxl": (tiny_sdxl_pipeline, SIZE16),
     "sana": (tiny_sana_pipeline, dict(height=32, width=32, use_resolution_binning=False, max_sequence_length=TOKENS,
