@@ -2,7 +2,8 @@
 component a real transformers / diffusers class in a tiny config, random weights, word-level tokenizers
 (:func:`~quantduo.models.tiny_flux.word_tokenizer`), nothing downloaded.
 
-Each ``tiny_<name>_pipeline(seed)`` returns a float32 pipeline; ``PIPELINES[name]`` pairs it with the call
+Each ``tiny_<name>_pipeline(seed)`` returns a float32 pipeline (``seed`` initialises the text encoders and VAE;
+the denoiser is the zoo builder's, as test_zoo.py validated it); ``PIPELINES[name]`` pairs it with the call
 arguments (size, the conditioning image / mask, ...) that keep one call on the CPU well under a second: 16x16 or
 32x32 pixels, 8x8 latents (FLUX-style: 4x4 tokens of 4 x 2x2 packed channels).
 """
@@ -76,7 +77,7 @@ def tiny_sdxl_pipeline(seed: int = 0) -> diffusers.StableDiffusionXLPipeline:
     return diffusers.StableDiffusionXLPipeline(
         vae=_tiny_vae(), text_encoder=_clip_with_projection(vocab, cls=CLIPTextModel),
         text_encoder_2=_clip_with_projection(vocab, projection_dim=64), tokenizer=word_tokenizer(TOKENS),
-        tokenizer_2=word_tokenizer(TOKENS), unet=tiny_sdxl_unet(seed)[0], scheduler=diffusers.EulerDiscreteScheduler(),
+        tokenizer_2=word_tokenizer(TOKENS), unet=tiny_sdxl_unet()[0], scheduler=diffusers.EulerDiscreteScheduler(),
     )
 
 
