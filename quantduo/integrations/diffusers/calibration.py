@@ -97,8 +97,8 @@ def capture_calibration_inputs(
     try:
         for i, prompt in enumerate(progress_bar(prompts, desc="calibration prompts", progress=progress)):
             sampler.prompt_index, sampler.step = i, 0
-            pipe(
-                prompt, num_inference_steps=num_inference_steps, output_type="latent",
+            pipe(  # prompt by keyword: FluxKontextPipeline's first parameter is the image
+                prompt=prompt, num_inference_steps=num_inference_steps, output_type="latent",
                 generator=torch.Generator().manual_seed(seed + i), **pipe_kwargs,
             )
     finally:

@@ -219,10 +219,13 @@ def _t5(vocab: int):
                                    decoder_start_token_id=0)).eval()
 
 
-def _clip_with_projection(vocab: int):
-    return CLIPTextModelWithProjection(CLIPTextConfig(
+def _clip_with_projection(vocab: int, projection_dim: int = 32, cls: type = CLIPTextModelWithProjection):
+    """1-layer CLIP text encoder, hidden size 32, 16 positions: ``cls`` (with a ``projection_dim`` projection, or
+    ``CLIPTextModel``)."""
+    return cls(CLIPTextConfig(
         vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=16, projection_dim=32, eos_token_id=2, pad_token_id=0, bos_token_id=0)).eval()
+        max_position_embeddings=16, projection_dim=projection_dim, eos_token_id=2, pad_token_id=0,
+        bos_token_id=0)).eval()
 
 
 def tiny_sd3_pipeline(seed: int = 0) -> diffusers.StableDiffusion3Pipeline:
