@@ -218,7 +218,7 @@ def cmd_generate(args) -> int:
     elif args.compile:
         denoiser.compile()
     image = pipe(
-        args.prompt, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed),
+        prompt=args.prompt, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed),
         **_pipe_kwargs(args),
     ).images[0]
     out.parent.mkdir(parents=True, exist_ok=True)

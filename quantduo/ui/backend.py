@@ -426,7 +426,7 @@ class PipelineEngine(ImageEngine):
         sync = torch.cuda.synchronize if self.device.startswith("cuda") else (lambda: None)
         sync()
         start = time.perf_counter()
-        out = pipe(req.prompt, height=int(req.size), width=int(req.size), num_inference_steps=steps,
+        out = pipe(prompt=req.prompt, height=int(req.size), width=int(req.size), num_inference_steps=steps,
                    generator=torch.Generator("cpu").manual_seed(int(req.seed)), callback_on_step_end=on_step,
                    output_type="np")
         sync()
