@@ -219,10 +219,15 @@ def _t5(vocab: int):
                                    decoder_start_token_id=0)).eval()
 
 
+def _clip_config(vocab: int, positions: int = 16) -> CLIPTextConfig:
+    """CLIP text encoder, hidden and projection 32, 1 layer, ``positions`` token positions."""
+    return CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, max_position_embeddings=positions, projection_dim=32, eos_token_id=2,
+                          pad_token_id=0, bos_token_id=0)
+
+
 def _clip_with_projection(vocab: int):
-    return CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=16, projection_dim=32, eos_token_id=2, pad_token_id=0, bos_token_id=0)).eval()
+    return CLIPTextModelWithProjection(_clip_config(vocab)).eval()
 
 
 def tiny_sd3_pipeline(seed: int = 0) -> diffusers.StableDiffusion3Pipeline:
