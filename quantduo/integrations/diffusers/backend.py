@@ -182,7 +182,9 @@ class QuantDuoQuantizer(DiffusersQuantizer):
     """Loads and saves quantduo checkpoints through diffusers' ``from_pretrained`` / ``save_pretrained``."""
 
     requires_calibration = True  # quantization needs calibration data: quantduo.quantize_, then save_pretrained
-    use_keep_in_fp32_modules = False
+    # the class's ``_keep_in_fp32_modules`` (Wan: RoPE, time embedder, modulation tables, norms) load in float32 as
+    # they do unquantized; a quantized layer's buffers keep the layer's dtypes (create_quantized_param)
+    use_keep_in_fp32_modules = True
 
     def __init__(self, quantization_config: QuantDuoConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)

@@ -1,8 +1,9 @@
 """The pipeline round trip of the zoo tests: capture calibration calls inside a tiny pipeline, quantize its denoiser
 by the inferred rules, save the pipeline folder, load it with ``DiffusionPipeline.from_pretrained`` (quantduo's
-diffusers backend) and generate; the PSNR of that output vs the bf16 pipeline's."""
+diffusers backend) and generate; the PSNR of that output vs the bf16 pipeline's (saved and loaded the same way)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -31,9 +32,13 @@ def _generate(pipe: Any, call: dict, steps: int) -> torch.Tensor:
     return out.frames if hasattr(out, "frames") else out.images
 
 
-def quantized_pipeline_psnr(build: Callable[[], Any], folder, call: dict, steps: int = 3) -> float:
-    """PSNR (dB) of the quantized, saved and reloaded pipeline's output vs ``build().to(bfloat16)``'s, both called
-    with ``call`` (size, ...). Asserts the reloaded denoiser holds SVDQuant layers."""
+def quantized_pipeline_psnr(build: Callable[[], Any], folder: Path, call: dict, steps: int = 3) -> float:
+    """PSNR (dB) of the quantized, saved and reloaded pipeline's output vs the bf16 pipeline's, both called with
+    ``call`` (size, ...). The bf16 pipeline is ``build()`` saved next to ``folder`` and loaded as diffusers loads it
+    in bf16 (a class's ``_keep_in_fp32_modules`` stay float32, as in the quantized one). Asserts the reloaded
+    denoiser holds SVDQuant layers."""
+    reference = folder.with_name(folder.name + "-bf16")
+    save_pipeline(build(), reference)
     pipe = build()
     pipe.set_progress_bar_config(disable=True)
     samples = capture_calibration_inputs(pipe, PROMPTS, num_samples=4, num_inference_steps=2, progress=False, **call)
@@ -44,4 +49,4 @@ def quantized_pipeline_psnr(build: Callable[[], Any], folder, call: dict, steps:
     save_pipeline(pipe, folder)
     reloaded = load_pipeline(folder)
     assert sum(isinstance(m, SVDQuantLinear) for m in denoiser_of(reloaded)[1].modules()) > 5
-    return psnr(_generate(reloaded, call, steps), _generate(build().to(torch.bfloat16), call, steps))
+    return psnr(_generate(reloaded, call, steps), _generate(load_pipeline(reference), call, steps))

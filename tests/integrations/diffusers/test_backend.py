@@ -14,6 +14,7 @@ from quantduo.integrations.diffusers.backend import DIGEST_KEY
 from quantduo.svdquant import SVDQuantLinear
 
 from .tiny_models import FAST, flux_inputs, samples_from, tiny_flux
+from .tiny_zoo import tiny_wan
 
 LAYER = dict(in_features=128, out_features=128, rank=16, bias=True, weight_format="int4", act_format="int4",
              group_size=64)
@@ -129,3 +130,21 @@ def test_safetensors_metadata_in_sorted_order(tmp_path):
         assert torch.equal(load_file(str(path))["w"], torch.arange(6.0))
     assert len(contents) == 1
     assert next(iter(contents)).find(b'"format"') < next(iter(contents)).find(DIGEST_KEY.encode())
+
+
+def test_keep_in_fp32_modules_stay_float32(tmp_path):
+    """A class with ``_keep_in_fp32_modules`` (Wan: RoPE, time embedder, modulation tables, norms) loads them in
+    float32 when quantized, as diffusers loads the unquantized model in bf16: every tensor outside the quantized
+    layers has the dtype of the plain bf16 load."""
+    model, inputs = tiny_wan()
+    model.save_pretrained(tmp_path / "plain")
+    plain = diffusers.WanTransformer3DModel.from_pretrained(tmp_path / "plain", dtype=torch.bfloat16)
+    config = quantization_config(model, **FAST)
+    quantize_transformer(model, samples_from(inputs, 1), config, progress=False)
+    mark_quantized(model, quantduo_config_for(config))
+    model.save_pretrained(tmp_path / "quantized")
+    loaded = diffusers.WanTransformer3DModel.from_pretrained(tmp_path / "quantized", dtype=torch.bfloat16)
+    quantized = {n for n, m in loaded.named_modules() if isinstance(m, SVDQuantLinear)}
+    dtypes = {n: t.dtype for n, t in loaded.state_dict().items() if n.rpartition(".")[0] not in quantized}
+    assert torch.float32 in dtypes.values()
+    assert dtypes == {n: plain.state_dict()[n].dtype for n in dtypes}

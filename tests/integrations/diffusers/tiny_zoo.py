@@ -219,13 +219,17 @@ def _t5(vocab: int):
                                    decoder_start_token_id=0)).eval()
 
 
+def _clip_config(vocab: int, positions: int = 16, projection_dim: int = 32) -> CLIPTextConfig:
+    """CLIP text encoder, hidden size 32, 1 layer, ``positions`` token positions, ``projection_dim`` projection."""
+    return CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, max_position_embeddings=positions, projection_dim=projection_dim,
+                          eos_token_id=2, pad_token_id=0, bos_token_id=0)
+
+
 def _clip_with_projection(vocab: int, projection_dim: int = 32, cls: type = CLIPTextModelWithProjection):
     """1-layer CLIP text encoder, hidden size 32, 16 positions: ``cls`` (with a ``projection_dim`` projection, or
     ``CLIPTextModel``)."""
-    return cls(CLIPTextConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=16, projection_dim=projection_dim, eos_token_id=2, pad_token_id=0,
-        bos_token_id=0)).eval()
+    return cls(_clip_config(vocab, projection_dim=projection_dim)).eval()
 
 
 def tiny_sd3_pipeline(seed: int = 0) -> diffusers.StableDiffusion3Pipeline:
