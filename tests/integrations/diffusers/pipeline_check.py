@@ -27,8 +27,8 @@ def psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
 def _generate(pipe: Any, call: dict, steps: int) -> torch.Tensor:
     """The pipeline's output for "a dog in a park" (``output_type="pt"``: images, or video frames), seed 3."""
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(prompt="a dog in a park", num_inference_steps=steps, output_type="pt", generator=torch.Generator().manual_seed(3),
-               **call)
+    out = pipe(prompt="a dog in a park", num_inference_steps=steps, output_type="pt",
+               generator=torch.Generator().manual_seed(3), **call)
     return out.frames if hasattr(out, "frames") else out.images
 
 
