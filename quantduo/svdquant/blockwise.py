@@ -221,6 +221,15 @@ def _bring(block: nn.Module, name: str, device: torch.device, weights: LazyWeigh
         weights.load(block, name, device)
 
 
+def _bring_outside(model: nn.Module, block_names: list[str], device: torch.device,
+                   weights: LazyWeights | None) -> None:
+    """Put the parts of ``model`` outside the blocks on ``device``: moved there, or (``weights``) read there."""
+    if weights is None:
+        _move_outside_blocks(model, block_names, device)
+    else:
+        weights.load(model, "", device, exclude=block_names)
+
+
 def _offload_hooks(blocks: list[tuple[str, nn.Module]], device: torch.device, home: torch.device,
                    weights: LazyWeights | None = None) -> list:
     """Hooks putting each block on ``device`` just before it runs (:func:`_bring`) and sending it to ``home`` right
@@ -247,9 +256,7 @@ def blocks_offloaded(model: nn.Module, block_names: list[str], device: torch.dev
     device = torch.device(device)
     blocks = [(name, model.get_submodule(name)) for name in block_names]
     home = torch.device("meta") if weights is not None else next(blocks[0][1].parameters()).device
-    if weights is not None:
-        weights.load(model, "", device, exclude=block_names)
-    _move_outside_blocks(model, block_names, device)
+    _bring_outside(model, block_names, device, weights)
     handles = _offload_hooks(blocks, device, home, weights)
     try:
         yield
@@ -402,9 +409,7 @@ def quantize_blockwise(
     _check_work_dir(work_dir, manifest, resume)
     blocks = [(name, model.get_submodule(name)) for name in block_names]
     spill_dir = (lambda i: work_dir / "activations" / str(i % 2)) if activations == "disk" else (lambda i: None)
-    if weights is not None:
-        weights.load(model, "", device, exclude=block_names)
-    _move_outside_blocks(model, block_names, device)
+    _bring_outside(model, block_names, device, weights)
     with phase("capture"):
         probe = map_tensors(samples[0], lambda t: t.to(device))
         feeds = chain_plan(model, blocks, probe, device, home, weights) + [None]
