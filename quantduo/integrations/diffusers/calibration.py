@@ -118,7 +118,7 @@ def denoiser_offloaded(pipe: Any, device: torch.device | str, weights: LazyWeigh
     read from these files for each run, so host memory holds one block of it too."""
     _, denoiser = denoiser_of(pipe)
     others = [m for m in pipe.components.values() if isinstance(m, nn.Module) and m is not denoiser]
-    homes = [next(m.parameters()).device if any(True for _ in m.parameters()) else None for m in others]
+    homes = [getattr(next(m.parameters(), None), "device", None) for m in others]  # None: no parameters
     for module in others:
         module.to(device)
     try:
