@@ -11,10 +11,12 @@ search settings, full-precision block inputs). The GPU is capped with ``torch.cu
 at ``--gpu-gb``: the run fails if it needs more. Prints per block the elapsed time, then wall time by phase
 (capture: moving / running blocks on calibration calls and collecting statistics; search: the smoothing search;
 svd: the low-rank refinement; pack: building the 4-bit layers; save: writing each finished block, fsynced), peak
-GPU memory (``max_memory_allocated``) and peak host memory (max RSS of the process: with ``--weights disk``, the
-default, the model is built on the GPU, written to safetensors files one block at a time and read back one block at
-a time, as ``quantduo quantize --blockwise`` reads a model folder; with ``--weights memory`` it includes the BF16
-model). Writes ``calibrate.json`` to ``--out``.
+GPU memory (``max_memory_allocated``) and peak host memory: ``peak_host_gib`` the process's max RSS, and
+``peak_host_gib_calibrating`` the RSS sampled during the calibration alone (with ``--weights disk``, the default,
+the model is written to safetensors files one block at a time and read back one block at a time, as ``quantduo
+quantize --blockwise`` reads a model folder; with ``--weights memory`` the BF16 model stays in host memory).
+Writes ``calibrate.json`` to ``--out``. ``--flux-blocks 3 6 --quick --samples 1 --device cpu`` compares the two
+``--weights`` on the CPU at full width.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import json
 import resource
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -112,6 +115,36 @@ def wan_samples(n: int) -> list[CalibrationSample]:
     return samples
 
 
+class PeakRSS:
+    """Context manager sampling this process's resident memory (``/proc/self/status`` VmRSS, Linux) every 20 ms in
+    a thread: ``peak`` bytes during the ``with`` (unlike ``ru_maxrss``, not including what was freed before)."""
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def current() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.current())
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak = self.current()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
+
+
 def calibrate(name: str, model: torch.nn.Module, samples: list, args) -> dict:
     """Quantize ``model`` block by block on ``samples`` (``--weights disk``: from its files, one block read at a
     time); wall time by phase, peak memory."""
@@ -120,7 +153,8 @@ def calibrate(name: str, model: torch.nn.Module, samples: list, args) -> dict:
         t0 = time.perf_counter()
         model, weights = on_disk(model, folder)
         print(f"{name}: written to disk in {time.perf_counter() - t0:.0f} s", flush=True)
-    config = quantization_config(model)
+    quick = dict(smooth=False, lowrank_iters=1, search_tokens=64) if args.quick else {}
+    config = quantization_config(model, **quick)
     cuda = args.device == "cuda"
     if cuda:  # the model was built on the GPU without the cap, then moved to the CPU
         total = torch.cuda.get_device_properties(0).total_memory
@@ -129,7 +163,7 @@ def calibrate(name: str, model: torch.nn.Module, samples: list, args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     reset_phases()
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=args.work) as work:
+    with tempfile.TemporaryDirectory(dir=args.work) as work, PeakRSS() as rss:
         report = quantize_transformer_blockwise(model, samples, work, config, activations=args.activations,
                                                 device=args.device, weights=weights)
     total = time.perf_counter() - start
@@ -137,6 +171,7 @@ def calibrate(name: str, model: torch.nn.Module, samples: list, args) -> dict:
                   phases_s={k: round(v, 1) for k, v in PHASE_SECONDS.items()},
                   peak_gpu_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                   peak_host_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+                  peak_host_gib_calibrating=round(rss.peak / 2**30, 2),
                   layers_quantized=len(report.quantized()))
     print(json.dumps(result), flush=True)
     shutil.rmtree(folder, ignore_errors=True)
@@ -160,6 +195,10 @@ def main() -> int:
                              "the BF16 model stays in host memory")
     parser.add_argument("--out", default="out/calibrate")
     parser.add_argument("--small", action="store_true", help="2-head, 1-2 block configs (smoke test)")
+    parser.add_argument("--flux-blocks", type=int, nargs=2, metavar=("DOUBLE", "SINGLE"), default=None,
+                        help="FLUX.1 at full width with this many double and single blocks (default: 19 38)")
+    parser.add_argument("--quick", action="store_true",
+                        help="no smoothing search, one refinement, 64 rows (memory measurements on the CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     if args.work:
@@ -167,8 +206,10 @@ def main() -> int:
     small = dict(num_attention_heads=2) if args.small else {}
     results = []
     t0 = time.perf_counter()
-    flux = build(FluxTransformer2DModel, dict(FLUX_DEV, **small, **(dict(num_layers=1, num_single_layers=1) if args.small else {})),
-                 args.device)
+    blocks = dict(num_layers=1, num_single_layers=1) if args.small else {}
+    if args.flux_blocks:
+        blocks = dict(num_layers=args.flux_blocks[0], num_single_layers=args.flux_blocks[1])
+    flux = build(FluxTransformer2DModel, dict(FLUX_DEV, **small, **blocks), args.device)
     if args.weights == "memory":
         flux = to_host(flux)
     print(f"FLUX.1 built in {time.perf_counter() - t0:.0f} s", flush=True)
