@@ -188,12 +188,13 @@ class LazyWeights:
                 raise ValueError(f"tensor {full!r} is not in the model's safetensors files")
             by_file.setdefault(self._file_of[full], {})[full] = key
         state = {}
+        own = torch.device(device).type == "cpu"  # CPU tensors of safe_open map the file: copy, so it is unmapped
         for file, names in by_file.items():
             with safe_open(str(file), "pt", device=str(device)) as f:
                 for full, key in names.items():
                     tensor = f.get_tensor(full)
-                    cast = self.dtype is not None and tensor.is_floating_point()
-                    state[key] = tensor.to(self.dtype) if cast else tensor
+                    dtype = self.dtype if self.dtype is not None and tensor.is_floating_point() else tensor.dtype
+                    state[key] = tensor.to(dtype, copy=own)
         module.load_state_dict(state, strict=False, assign=True)
         _move_outside_blocks(module, list(exclude), torch.device(device))
 
