@@ -74,7 +74,8 @@ def on_disk(model: torch.nn.Module, folder: Path) -> tuple[torch.nn.Module, Lazy
     folder.mkdir(parents=True, exist_ok=True)
     groups: dict[str, dict] = {}
     for key, tensor in model.state_dict().items():
-        group = ".".join(key.split(".")[:2]) if key.split(".")[1:2] and key.split(".")[1].isdigit() else "rest"
+        parts = key.split(".")  # "transformer_blocks.3.attn..." -> file "transformer_blocks.3"
+        group = ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else "rest"
         groups.setdefault(group, {})[key] = tensor
     files = []
     for group, tensors in groups.items():
