@@ -1,0 +1,26 @@
+"""The FLUX benchmark's float32 reference: the model's output computed in float32, the model left as it was."""
+import copy
+
+import torch
+
+from benchmarks import flux
+from quantduo.utils import relative_error
+
+
+def test_float32_reference_is_the_float32_model_and_leaves_the_bf16_weights_unchanged():
+    model = flux.build_model(flux.SMALL, "cpu")
+    inputs = flux.make_inputs(model, 16, 8, "cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    wide_model = copy.deepcopy(model).float()
+    wide_inputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+    with torch.no_grad():
+        expected = wide_model(**wide_inputs)[0]
+        bf16_out = model(**inputs)[0].float()
+
+    got = flux.float32_reference(model, inputs)
+
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert relative_error(bf16_out, got) > 1e-3  # the BF16 execution is a different computation
+    after = model.state_dict()
+    assert all(after[k].dtype == torch.bfloat16 and torch.equal(after[k], v) for k, v in before.items())
