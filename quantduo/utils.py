@@ -54,6 +54,14 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
 
 
 def _umask() -> int:
+    """The process umask: read from ``/proc`` where Linux has it (setting and restoring it, the fallback, would
+    race file creation in other threads, e.g. a background checkpoint writer)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -8,15 +8,16 @@ inputs and quantized by :func:`quantize_model`, its quantized state is written t
 (full-precision, or the quantized block's with ``sequential=True``, the paper's sequential setting) become the next
 block's inputs. Linears outside the blocks are not touched.
 
-Kill safety: a finished block's state is written atomically (:func:`save_quantized`: weights, then the JSON that
-marks it finished). ``resume=True`` reloads the finished blocks, recomputes the activations flowing through them
-(same operations on the same data: the same bytes) and goes on from the first unfinished block, so the result is
-byte-identical to an uninterrupted run.
+Kill safety: a finished block's state is written atomically (:func:`write_checkpoint`: weights, then the JSON that
+marks it finished), from a background thread while the next block is calibrated. ``resume=True`` reloads the
+finished blocks, recomputes the activations flowing through them (same operations on the same data: the same bytes)
+and goes on from the first unfinished block, so the result is byte-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from ..utils import atomic_write
 from .config import SVDQuantConfig
 from .phases import phase, phase_summary
 from .quantize import LayerReport, QuantizationReport, quantize_model
-from .serialization import CONFIG_NAME, load_quantized, save_quantized
+from .serialization import CONFIG_NAME, checkpoint_state, load_quantized, write_checkpoint
 
 Call = tuple[tuple, dict]  # (args, kwargs) of one module call
 MANIFEST = "blockwise.json"
@@ -356,15 +357,47 @@ def _check_work_dir(work_dir: Path, manifest: dict, resume: bool) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
 
 
-def _quantize_block(block: nn.Module, name: str, calib_fn: Callable[[nn.Module], None], config: SVDQuantConfig,
-                    block_dir: Path) -> list[LayerReport]:
-    """Calibrate block ``name`` by ``calib_fn``, quantize it and save it in ``block_dir``."""
+def _quantize_block(block: nn.Module, name: str, calib_fn: Callable[[nn.Module], None],
+                    config: SVDQuantConfig) -> list[LayerReport]:
+    """Calibrate block ``name`` by ``calib_fn`` and quantize it; its layers' reports, named within the model."""
     report = quantize_model(block, calib_fn, config, progress=False)
-    layers = [LayerReport(**{**asdict(r), "name": f"{name}.{r.name}", "group": [f"{name}.{g}" for g in r.group]})
-              for r in report.layers]
-    with phase("save"):
-        save_quantized(block, block_dir, config, extra={"report": [asdict(r) for r in layers]})
-    return layers
+    return [LayerReport(**{**asdict(r), "name": f"{name}.{r.name}", "group": [f"{name}.{g}" for g in r.group]})
+            for r in report.layers]
+
+
+class _BlockWriter:
+    """Writes finished blocks from one background thread, in block order, so that a block's file write (safetensors,
+    SHA-256, fsync) overlaps the next block's calibration. A block is snapshotted to host memory before it is handed
+    over; :meth:`submit` first waits for the previous write and re-raises its error. The ``with`` exit waits for the
+    write in flight, also on an exception or Ctrl-C, so no block folder is left half-written (they are atomic
+    anyway) and a finished block is never reported before it is on disk. The ``save`` phase counts the time the
+    quantizer waits: the snapshot and any write the next block did not hide."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantduo-block-writer")
+        self._pending: Future | None = None
+
+    def submit(self, block: nn.Module, block_dir: Path, config: SVDQuantConfig, layers: list[LayerReport]) -> None:
+        with phase("save"):
+            snapshot = checkpoint_state(block)
+            self._wait()
+            self._pending = self._pool.submit(write_checkpoint, block_dir, *snapshot, config,
+                                              {"report": [asdict(r) for r in layers]})
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> "_BlockWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            with phase("save"):
+                self._wait()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def quantize_blockwise(
@@ -420,28 +453,31 @@ def quantize_blockwise(
     _move_outside_blocks(model, block_names, home)
     reports: list[LayerReport] = []
     bar = tqdm(blocks, desc="blockwise SVDQuant", unit="block", disable=not progress)
-    for i, (name, block) in enumerate(bar):
-        bar.set_postfix_str(f"{name}; so far {phase_summary()}")
-        _bring(block, name, device, weights)
-        feed = feeds[i]
-        next_store = CallStore(spill_dir(i + 1), store_device) if feed is not None else None
-        block_dir = work_dir / "blocks" / f"{i:04d}"
-        finished = (block_dir / CONFIG_NAME).is_file()
-        if finished and not sequential:
-            with phase("capture"):
-                _forward_all(block, store, device, feed, next_store)
-        if finished:
-            reports += [LayerReport(**r) for r in load_quantized(block, block_dir)["extra"]["report"]]
-        else:
-            # parallel: the calibration pass over the full-precision block also yields the next block's calls
-            calib_feed = None if sequential else feed
-            reports += _quantize_block(block, name, lambda b: _forward_all(b, store, device, calib_feed, next_store),
-                                       config, block_dir)
-        if sequential:
-            with phase("capture"):
-                _forward_all(block, store, device, feed, next_store)
-        block.to(home)
-        store = next_store
+    with _BlockWriter() as writer:
+        for i, (name, block) in enumerate(bar):
+            bar.set_postfix_str(f"{name}; so far {phase_summary()}")
+            _bring(block, name, device, weights)
+            feed = feeds[i]
+            next_store = CallStore(spill_dir(i + 1), store_device) if feed is not None else None
+            block_dir = work_dir / "blocks" / f"{i:04d}"
+            finished = (block_dir / CONFIG_NAME).is_file()
+            if finished and not sequential:
+                with phase("capture"):
+                    _forward_all(block, store, device, feed, next_store)
+            if finished:
+                reports += [LayerReport(**r) for r in load_quantized(block, block_dir)["extra"]["report"]]
+            else:
+                # parallel: the calibration pass over the full-precision block also yields the next block's calls
+                calib_feed = None if sequential else feed
+                layers = _quantize_block(block, name, lambda b: _forward_all(b, store, device, calib_feed, next_store),
+                                         config)
+                writer.submit(block, block_dir, config, layers)
+                reports += layers
+            if sequential:
+                with phase("capture"):
+                    _forward_all(block, store, device, feed, next_store)
+            block.to(home)
+            store = next_store
     if activations == "disk":
         shutil.rmtree(work_dir / "activations", ignore_errors=True)
     return QuantizationReport(reports)

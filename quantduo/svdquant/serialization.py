@@ -68,8 +68,20 @@ def save_quantized(model: nn.Module, directory: str | Path, config: SVDQuantConf
     ``extra``: JSON-serialisable metadata stored alongside (e.g. the model class); ``made_by``: recorded in the
     manifest (format and rank are added).
     """
+    return write_checkpoint(directory, *checkpoint_state(model), config, extra, made_by)
+
+
+def checkpoint_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """What :func:`save_quantized` writes of ``model``: its state as host-memory copies (a snapshot: the model may
+    change or move afterwards) and its :func:`layer_specs`."""
     layers = layer_specs(model)
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}, layers
+
+
+def write_checkpoint(directory: str | Path, state: dict[str, torch.Tensor], layers: dict[str, dict],
+                     config: SVDQuantConfig, extra: dict | None = None, made_by: dict | None = None) -> Path:
+    """Write a :func:`checkpoint_state` snapshot to the folder ``directory``, atomically (see :func:`save_quantized`);
+    touches no model, so it may run in another thread."""
     meta = dict(format_version=FORMAT_VERSION, config=config.to_dict(), layers=layers, extra=extra or {})
     with atomic_folder(directory) as tmp:
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "quantduo": str(FORMAT_VERSION)})

@@ -159,6 +159,17 @@ def test_glue_between_blocks_is_rejected():
         chain_plan(model, blocks, ((torch.randn(2, 8),), {}), torch.device("cpu"), torch.device("cpu"))
 
 
+def test_a_failed_block_write_is_raised_and_the_blocks_before_it_are_on_disk(tmp_path, single_thread):
+    """Blocks are written from a background thread: its error (here a file where block 1's folder goes, which the
+    atomic writer refuses to replace) must stop the run, and block 0, written before, must be complete."""
+    work = tmp_path / "work"
+    (work / "blocks").mkdir(parents=True)
+    (work / "blocks" / "0001").write_text("not a quantduo folder")
+    with pytest.raises(FileExistsError, match="0001"):
+        run_blockwise(str(work))
+    assert finished_blocks(work) == 1
+
+
 def _script(*args: str) -> subprocess.Popen:
     root = Path(__file__).resolve().parents[2]
     env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
