@@ -16,6 +16,7 @@ from typing import Callable
 import matplotlib
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from quantduo.cli.validate import (MAX_SEED, bad, device, float_in, int_in, lm_config, output_file, output_folder,
@@ -27,6 +28,7 @@ from quantduo.duo.deploy import WINDOWS, apply_duo, apply_pattern, chunked_prefi
 from quantduo.duo.evaluate import answer_logprob, kv_bytes_full, passkey_accuracy
 from quantduo.duo.identify import IdentifyConfig, identify
 from quantduo.duo.patterns import DuoPattern, load_pattern, save_pattern
+from quantduo.duo.score import score_heads
 from quantduo.integrations.transformers import fuse_rms_norms, quantize_causal_lm
 from quantduo.models import tiny_lm
 from quantduo.utils import atomic_write, show_progress
@@ -139,7 +141,8 @@ def _pattern(args, config: dict) -> DuoPattern:
 
 
 def _identify(args) -> int:
-    """Train retrieval-head gates on passkey samples; writes the pattern folder atomically."""
+    """Retrieval-head gates from passkey samples, trained (``--method gates``, the reference's) or scored in
+    ``--samples`` forward passes without training (``--method score``); writes the pattern folder atomically."""
     config = lm_config(args.model)
     _context_defaults(args, config)
     _window_defaults(args, config)
@@ -156,9 +159,14 @@ def _identify(args) -> int:
         s = make_sample(hay, codec.encode, n, args.passkeys, rng, min_distance=min_distance)
         return s.input_ids[None].to(model.device), s.target_mask[None].to(model.device)
 
-    cfg = IdentifyConfig(steps=args.steps, lr=args.lr, reg_weight=args.reg, sink=args.sink, recent=args.recent,
-                         chunk=args.chunk)
-    pattern = identify(model, batches, cfg, progress=show_progress())
+    if args.method == "score":
+        scored = tqdm((batches(i) for i in range(args.samples)), total=args.samples, desc="scoring heads",
+                      unit="sample", disable=not show_progress())
+        pattern = score_heads(model, scored, args.sink, args.recent, chunk=args.chunk)
+    else:
+        cfg = IdentifyConfig(steps=args.steps, lr=args.lr, reg_weight=args.reg, sink=args.sink, recent=args.recent,
+                             chunk=args.chunk)
+        pattern = identify(model, batches, cfg, progress=show_progress())
     pattern.extra.update(model_name=Path(args.model).name, context_length_min=args.context_min,
                          context_length_max=args.context_max, num_passkeys=args.passkeys, seed=args.seed)
     save_pattern(pattern, out, made_by={"command": args.command_line})
@@ -323,10 +331,15 @@ def register(subparsers) -> None:
     """Add ``duo identify``, ``duo eval`` and ``duo generate`` to the quantduo CLI."""
     duo = subparsers.add_parser("duo", help="DuoAttention: retrieval-head identification, evaluation, generation")
     sub = duo.add_subparsers(dest="duo_command", required=True)
-    ident = sub.add_parser("identify", help="train retrieval-head gates; writes full_attention_heads.tsv + config.json")
+    ident = sub.add_parser("identify", help="find retrieval heads (gate training, or scoring without training); writes "
+                                            "full_attention_heads.tsv + config.json")
     _common(ident)
     ident.add_argument("--out", required=True, help="output pattern folder (new, empty, or written by quantduo)")
-    ident.add_argument("--steps", type=int_in(1), default=2000)
+    ident.add_argument("--method", choices=["gates", "score"], default="gates",
+                       help="gates: train per-head gates (the reference, --steps); score: rank KV heads by how much "
+                            "streaming attention changes each layer's output, one forward per sample (--samples)")
+    ident.add_argument("--samples", type=int_in(1), default=32, help="passkey samples scored (--method score)")
+    ident.add_argument("--steps", type=int_in(1), default=2000, help="gate-training steps (--method gates)")
     ident.add_argument("--lr", type=float_in(0.0, lo_open=True), default=0.02)
     ident.add_argument("--reg", type=float_in(0.0), default=0.05, help="L1 weight on the gates")
     ident.add_argument("--sink", type=int_in(0), help="default: max_position_embeddings / 256, at most 128")

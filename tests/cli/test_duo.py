@@ -8,9 +8,10 @@ import pytest
 from quantduo.cli import CliError, main
 from quantduo.cli import duo as commands
 from quantduo.duo import demo
-from quantduo.duo.data import make_bos_sample
+from quantduo.duo.data import make_bos_sample, make_sample
 from quantduo.duo.identify import IdentifyConfig, identify
 from quantduo.duo.patterns import load_pattern
+from quantduo.duo.score import score_heads
 from quantduo.models import tiny_lm
 
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
@@ -40,6 +41,32 @@ def test_cli_identify_then_eval(tmp_path, capsys):
     assert all(f"duo@{s:.2f}" in text for s in (0.25, 0.5, 0.75))
     assert all(f"{w} window)" in text for w in ("chunk", "token")) and "answer log-prob" in text
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_identify_by_scoring_matches_the_library_scores(tmp_path):
+    """``--method score`` writes score_heads' pattern of the CLI's own passkey samples (rebuilt here from the seed:
+    the same rng draws), not gate training's."""
+    hay = tmp_path / "hay.txt"
+    hay.write_text(tiny_lm.haystack_text(5000, seed=3))
+    out = tmp_path / "scored"
+    argv = ["duo", "identify", "--model", str(tiny_lm.ASSET_DIR), "--haystack", str(hay), "--context-min", "200",
+            "--context-max", "256", "--sink", str(tiny_lm.SINK), "--recent", str(tiny_lm.RECENT), "--out", str(out),
+            "--method", "score", "--samples", "3", "--seed", "5", "--chunk", "64"]
+    assert run_cli(argv) == 0
+    got = load_pattern(out)
+
+    model = commands._load(str(tiny_lm.ASSET_DIR), "cpu", "float32")
+    codec = commands._codec(str(tiny_lm.ASSET_DIR))
+    ids = commands._haystack(argparse.Namespace(haystack=str(hay), model=str(tiny_lm.ASSET_DIR)), codec)
+    rng = np.random.default_rng(5)
+    samples = []
+    for _ in range(3):
+        n = int(rng.integers(200, 257))
+        s = make_sample(ids, codec.encode, n, 4, rng, min_distance=tiny_lm.SINK + tiny_lm.RECENT)
+        samples.append((s.input_ids[None], s.target_mask[None]))
+    expected = score_heads(model, samples, tiny_lm.SINK, tiny_lm.RECENT, chunk=64)
+    np.testing.assert_allclose(got.gates, expected.gates, rtol=1e-5, atol=1e-6)
+    assert got.extra["identification"] == "streaming-delta score"
 
 
 def test_cli_defaults_come_from_the_model(tmp_path):
