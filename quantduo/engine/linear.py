@@ -36,7 +36,6 @@ opaque operator, ``quantduo::kernel_linear`` (:func:`kernel_linear`): no graph b
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import types
 
@@ -83,10 +82,15 @@ def kernels_for(x: torch.Tensor) -> bool:
     return x.is_cuda or _CPU_KERNELS[0]
 
 
+_FP8_BY_DEVICE: dict[int, bool] = {}
+
+
 @torch.compiler.assume_constant_result
-@functools.lru_cache(maxsize=None)
 def _device_has_fp8(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= FP8_CAPABILITY
+    """Cached per device index in a plain dict (torch.compile warns about ``functools.lru_cache`` wrappers)."""
+    if index not in _FP8_BY_DEVICE:
+        _FP8_BY_DEVICE[index] = torch.cuda.get_device_capability(index) >= FP8_CAPABILITY
+    return _FP8_BY_DEVICE[index]
 
 
 def has_fp8(device: torch.device) -> bool:

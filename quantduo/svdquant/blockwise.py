@@ -392,10 +392,13 @@ class _BlockWriter:
     def __enter__(self) -> "_BlockWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         try:
             with phase("save"):
                 self._wait()
+        except Exception:
+            if exc_type is None:  # else the run's own error (or Ctrl-C) is the one to report
+                raise
         finally:
             self._pool.shutdown(wait=True)
 
