@@ -226,6 +226,8 @@ def float32_reference(model: nn.Module, inputs: dict) -> torch.Tensor:
             return model(**wide)[0].float()
     finally:
         model.to(torch.bfloat16)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the float32 copy's blocks (2x the model) go back before the variants
 
 
 def measure(runner, model, variant, inputs, refs, args, options) -> dict:
