@@ -15,12 +15,13 @@ class CalibrationError(ValueError):
 class InputStats:
     """Statistics of one linear's input over all calibration calls (``K = in_features``).
 
-    absmax / minimum: float32 ``[K]``; rows: float32 ``[<= max_rows, K]`` uniformly sampled input rows;
-    seen_rows: rows observed in total; call_keys: one key per call identifying the input tensor object
-    (layers with identical keys were called on the very same tensor).
+    absmax / maximum / minimum: float32 ``[K]`` (absmax is set when recording ends); rows: float32
+    ``[<= max_rows, K]`` uniformly sampled input rows; seen_rows: rows observed in total; call_keys: one key per call
+    identifying the input tensor object (layers with identical keys were called on the very same tensor).
     """
 
     absmax: torch.Tensor
+    maximum: torch.Tensor
     minimum: torch.Tensor
     rows: torch.Tensor
     seen_rows: int = 0
@@ -55,11 +56,13 @@ class ActivationRecorder:
             handle.remove()
         self._handles.clear()
         self._last_input = None
+        for st in self.stats.values():
+            st.absmax = torch.maximum(st.maximum.abs(), st.minimum.abs())
         if exc[0] is None:
             self._check_finite()
 
     def _check_finite(self) -> None:
-        """``CalibrationError`` naming the first recorded layer that saw a NaN / inf input (the running absmax and
+        """``CalibrationError`` naming the first recorded layer that saw a NaN / inf input (the running maximum and
         minimum propagate them: one check per layer after the passes, no device sync per call)."""
         for name, st in self.stats.items():
             if not (torch.isfinite(st.absmax).all() and torch.isfinite(st.minimum).all()):
@@ -82,18 +85,20 @@ class ActivationRecorder:
 
     def _update(self, name: str, rows: torch.Tensor, key: int) -> None:
         """Fold one call's input rows ``[T, K]`` (any float dtype; max and min are exact in it) into ``name``'s
-        statistics."""
+        statistics. Few operations per call (each costs a host-side dispatch, which the device does not hide)."""
         st = self.stats.get(name)
         if st is None:
             k = rows.shape[1]
             st = self.stats[name] = InputStats(
                 absmax=torch.zeros(k, device=rows.device),
+                maximum=torch.full((k,), -float("inf"), device=rows.device),
                 minimum=torch.full((k,), float("inf"), device=rows.device),
                 rows=torch.zeros(0, k, device=rows.device),
                 priorities=torch.zeros(0, device=rows.device),
             )
-        st.absmax = torch.maximum(st.absmax, rows.abs().amax(dim=0).float())
-        st.minimum = torch.minimum(st.minimum, rows.amin(dim=0).float())
+        low, high = torch.aminmax(rows, dim=0)
+        st.maximum = torch.maximum(st.maximum, high)
+        st.minimum = torch.minimum(st.minimum, low)
         st.call_keys.append(key)
         st.rows = self._reservoir(st, rows)
         st.seen_rows += rows.shape[0]
@@ -106,19 +111,18 @@ class ActivationRecorder:
 
     def _reservoir(self, st: InputStats, rows: torch.Tensor) -> torch.Tensor:
         """Keep a uniform sample of at most ``max_rows`` of all rows seen so far, float32 ``[<= max_rows, K]``
-        (bottom-k sampling: every row draws a random priority and the ``max_rows`` smallest priorities survive).
-        Only the surviving new rows are converted to float32."""
+        (bottom-k sampling: every row draws a random priority and the ``max_rows`` smallest priorities survive; once
+        full, the sample is in increasing priority). Only the new rows that can survive (their own ``max_rows``
+        smallest priorities) are gathered and converted to float32."""
         fresh = torch.rand(rows.shape[0], generator=self._generator(rows.device), device=rows.device)
-        priorities = torch.cat([st.priorities, fresh])
-        kept = len(st.priorities)
-        if len(priorities) <= self.max_rows:
-            st.priorities = priorities
+        if len(st.priorities) + len(fresh) <= self.max_rows:
+            st.priorities = torch.cat([st.priorities, fresh])
             return torch.cat([st.rows, rows.float()])
-        keep = priorities.topk(self.max_rows, largest=False).indices
-        st.priorities = priorities[keep]
-        old = st.rows.index_select(0, keep.clamp(max=max(kept - 1, 0))) if kept else None
-        new = rows.index_select(0, (keep - kept).clamp(min=0)).float()
-        return new if old is None else torch.where((keep < kept)[:, None], old, new)
+        if len(fresh) > self.max_rows:
+            fresh, pick = fresh.topk(self.max_rows, largest=False)
+            rows = rows.index_select(0, pick)
+        st.priorities, keep = torch.cat([st.priorities, fresh]).topk(self.max_rows, largest=False)
+        return torch.cat([st.rows, rows.float()]).index_select(0, keep)
 
     def shared_input_groups(self, names: list[str]) -> list[list[str]]:
         """Partition ``names`` into groups of layers that were always called on the same input tensor

@@ -84,34 +84,62 @@ class StreamTracker:
 
     ``reads_stream[name]``: the set of booleans seen over the calls of linear ``name`` (``{True}``: token-stream
     inputs, ``{False}``: conditioning only, both: ambiguous).
+
+    ``max_calls``: track only the first ``max_calls`` calls of ``model`` (``None``: all). The data flow is the
+    model's code, the same in every call of one structure, while tracking costs a Python step per torch operation
+    (including those of other forward hooks, e.g. calibration statistics): the tracking mode is pushed for a
+    tracked call only and popped when the call ends, also when it raises.
     """
 
-    def __init__(self, model: nn.Module, linears: dict[str, nn.Module]):
-        self.model, self.linears = model, linears
+    def __init__(self, model: nn.Module, linears: dict[str, nn.Module], max_calls: int | None = None):
+        self.model, self.linears, self.max_calls = model, linears, max_calls
         self.reads_stream: dict[str, set[bool]] = {}
+        self.calls = 0
         self._mode = _Taint()
+        self._tracking = False
+        self._depth = 0  # nesting of model calls (a call of the model inside its own forward is part of the outer)
         self._handles: list = []
 
     def __enter__(self) -> "StreamTracker":
-        self._handles.append(self.model.register_forward_pre_hook(self._mark_streams, with_kwargs=True))
+        self._handles.append(self.model.register_forward_pre_hook(self._start_call, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._end_call, always_call=True))
         for name, module in self.linears.items():
             self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
-        self._mode.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._mode.__exit__(*exc)
+        self._stop_tracking()
+        self._depth = 0
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
-    def _mark_streams(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _start_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Model pre-hook: a tracked call marks its token streams and pushes the tracking mode."""
+        self._depth += 1
+        if self._depth > 1 or (self.max_calls is not None and self.calls >= self.max_calls):
+            return
+        self.calls += 1
         for t in stream_tensors(args, kwargs):
             self._mode.mark(t)
+        self._mode.__enter__()
+        self._tracking = True
+
+    def _end_call(self, module: nn.Module, args: tuple, output) -> None:
+        """Model post-hook (also when the call raised): the outermost call's end pops the tracking mode."""
+        self._depth -= 1
+        if self._depth == 0:
+            self._stop_tracking()
+
+    def _stop_tracking(self) -> None:
+        if self._tracking:
+            self._tracking = False
+            self._mode.__exit__(None, None, None)
 
     def _make_hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
-            self.reads_stream.setdefault(name, set()).add(self._mode.is_marked(args[0]))
+            if self._tracking:
+                self.reads_stream.setdefault(name, set()).add(self._mode.is_marked(args[0]))
 
         return hook
 

@@ -20,6 +20,9 @@ from .phases import phase
 
 # post-GELU inputs never go below GELU's minimum (-0.17); anything at or above this is treated as shifted-unsigned
 _UNSIGNED_MIN = -0.2
+# Calibration calls whose data flow is tracked (the rest are only recorded): the first shows the structure, the
+# second would catch a model whose first call takes another path.
+TRACKED_CALLS = 2
 
 
 @dataclass
@@ -228,7 +231,8 @@ def layer_error(module: SVDQuantLinear, linear: nn.Linear, x: torch.Tensor) -> f
 def _calibrate(model: nn.Module, calib_fn: Callable[[nn.Module], None], recorder: ActivationRecorder,
                layers: dict[str, nn.Linear], cfg: SVDQuantConfig) -> set[str]:
     """Run ``calib_fn(model)`` under ``recorder``; with ``"auto"`` in ``cfg.weight_only`` also track the token streams
-    (:mod:`.dataflow`) and return the linears that read conditioning only (else the empty set).
+    (:mod:`.dataflow`) over the first :data:`TRACKED_CALLS` calls of ``model`` and return the linears that read
+    conditioning only (else the empty set).
 
     Raises:
         CalibrationError: a linear read a token stream in some calls and conditioning only in others.
@@ -237,7 +241,7 @@ def _calibrate(model: nn.Module, calib_fn: Callable[[nn.Module], None], recorder
         with phase("capture"), recorder, torch.no_grad():
             calib_fn(model)
         return set()
-    tracker = StreamTracker(model, layers)
+    tracker = StreamTracker(model, layers, max_calls=TRACKED_CALLS)
     with phase("capture"), recorder, tracker, torch.no_grad():
         calib_fn(model)
     ambiguous = [n for n in tracker.ambiguous() if not matches(n, cfg.weight_only)]
