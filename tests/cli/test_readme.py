@@ -30,7 +30,7 @@ def test_try_it_runs_as_written_without_warnings(tmp_path, monkeypatch):
     (tmp_path / "quantduo").symlink_to(PACKAGE)
     monkeypatch.chdir(tmp_path)
     commands = try_it_commands()
-    assert len(commands) == 6 and all(argv[0] == "quantduo" for argv in commands)
+    assert len(commands) == 7 and all(argv[0] == "quantduo" for argv in commands)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for argv in commands:
@@ -39,3 +39,4 @@ def test_try_it_runs_as_written_without_warnings(tmp_path, monkeypatch):
             if os.path.realpath(w.filename).startswith(str(PACKAGE))]
     assert ours == []
     assert (tmp_path / "out" / "try" / "dog.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "out" / "try" / "duo-scored" / "full_attention_heads.tsv").is_file()
