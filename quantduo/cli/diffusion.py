@@ -27,8 +27,8 @@ from quantduo.formats.registry import EXECUTIONS, executions_for, format_names
 from quantduo.integrations.cuda_graph import enable_cuda_graph
 from quantduo.integrations.diffusers import (capture_calibration_inputs, denoiser_of, denoiser_offloaded,
                                              denoiser_safetensors, denoiser_skeleton, load_pipeline,
-                                             load_pipeline_lazily,
-                                             mark_quantized, quantduo_config_for, quantization_config,
+                                             load_pipeline_lazily, mark_quantized, quantduo_config_for,
+                                             quantization_config,
                                              quantize_transformer, quantize_transformer_blockwise, save_pipeline)
 from quantduo.integrations.published import is_published, load_published_pipeline
 from quantduo.models.tiny_flux import tiny_flux_pipeline

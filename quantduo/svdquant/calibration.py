@@ -15,18 +15,22 @@ class CalibrationError(ValueError):
 class InputStats:
     """Statistics of one linear's input over all calibration calls (``K = in_features``).
 
-    absmax / maximum / minimum: float32 ``[K]`` (absmax is set when recording ends); rows: float32
-    ``[<= max_rows, K]`` uniformly sampled input rows; seen_rows: rows observed in total; call_keys: one key per call
-    identifying the input tensor object (layers with identical keys were called on the very same tensor).
+    maximum / minimum / absmax: float32 ``[K]``; rows: float32 ``[<= max_rows, K]`` uniformly sampled input rows;
+    seen_rows: rows observed in total; call_keys: one key per call identifying the input tensor object (layers with
+    identical keys were called on the very same tensor).
     """
 
-    absmax: torch.Tensor
     maximum: torch.Tensor
     minimum: torch.Tensor
     rows: torch.Tensor
     seen_rows: int = 0
     priorities: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     call_keys: list[int] = field(default_factory=list)
+
+    @property
+    def absmax(self) -> torch.Tensor:
+        """Per-channel max |x|, float32 ``[K]``."""
+        return torch.maximum(self.maximum.abs(), self.minimum.abs())
 
 
 class ActivationRecorder:
@@ -56,8 +60,6 @@ class ActivationRecorder:
             handle.remove()
         self._handles.clear()
         self._last_input = None
-        for st in self.stats.values():
-            st.absmax = torch.maximum(st.maximum.abs(), st.minimum.abs())
         if exc[0] is None:
             self._check_finite()
 
@@ -90,7 +92,6 @@ class ActivationRecorder:
         if st is None:
             k = rows.shape[1]
             st = self.stats[name] = InputStats(
-                absmax=torch.zeros(k, device=rows.device),
                 maximum=torch.full((k,), -float("inf"), device=rows.device),
                 minimum=torch.full((k,), float("inf"), device=rows.device),
                 rows=torch.zeros(0, k, device=rows.device),

@@ -13,20 +13,17 @@ from .calibration import (CalibrationSample, block_names, capture_calibration_in
                           quantize_transformer, quantize_transformer_blockwise, replay_fn)
 from .fusions import (FusedFluxSingleBlock, FusedGeluMLP, QKVFusion, enable_fusions, fuse_qkv, fused_attentions,
                       unfuse_qkv)
-from .pipeline import (cast_denoiser, denoiser_skeleton, is_quantized_pipeline, load_into_pipeline, load_pipeline,
-                       denoiser_safetensors, lazy_denoiser, load_pipeline_lazily,
-                       load_quantized_transformer, quantduo_config_for, quantized_by_quantduo,
-                       read_denoiser_config, save_pipeline,
+from .pipeline import (cast_denoiser, denoiser_safetensors, denoiser_skeleton, is_quantized_pipeline, lazy_denoiser,
+                       load_into_pipeline, load_pipeline, load_pipeline_lazily, load_quantized_transformer,
+                       quantduo_config_for, quantized_by_quantduo, read_denoiser_config, save_pipeline,
                        save_quantized_transformer)
 from .rules import ModelRules, block_lists, denoiser_of, quantization_config, resolved_rules, rules_for
 
 __all__ = ["CalibrationSample", "FusedFluxSingleBlock", "FusedGeluMLP", "ModelRules", "QuantDuoConfig",
            "QuantDuoQuantizer", "QuantizationConfigError", "block_lists", "block_names", "capture_calibration_inputs",
-           "cast_denoiser", "denoiser_of", "denoiser_offloaded", "denoiser_safetensors", "denoiser_skeleton", "enable_fusions", "fuse_qkv", "fused_attentions",
-           "is_quantized_pipeline", "lazy_denoiser",
-           "load_into_pipeline", "load_pipeline", "load_pipeline_lazily", "load_quantized_transformer", "mark_quantized", "QKVFusion",
-           "quantduo_config_for",
-           "quantization_config", "quantize_transformer", "quantized_by_quantduo", "quantize_transformer_blockwise",
-           "read_denoiser_config",
-           "replay_fn", "resolved_rules",
-           "rules_for", "save_pipeline", "save_quantized_transformer", "unfuse_qkv"]
+           "cast_denoiser", "denoiser_of", "denoiser_offloaded", "denoiser_safetensors", "denoiser_skeleton",
+           "enable_fusions", "fuse_qkv", "fused_attentions", "is_quantized_pipeline", "lazy_denoiser",
+           "load_into_pipeline", "load_pipeline", "load_pipeline_lazily", "load_quantized_transformer",
+           "mark_quantized", "QKVFusion", "quantduo_config_for", "quantization_config", "quantize_transformer",
+           "quantized_by_quantduo", "quantize_transformer_blockwise", "read_denoiser_config", "replay_fn",
+           "resolved_rules", "rules_for", "save_pipeline", "save_quantized_transformer", "unfuse_qkv"]
