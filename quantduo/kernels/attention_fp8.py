@@ -27,7 +27,7 @@ from quantduo.formats.attention_fp8 import LOG2E, P_SCALE, check_attention_input
 
 from .common import to_e4m3
 
-__all__ = ["fp8_attention", "quantize_blocks_e4m3_kernel"]
+__all__ = ["fp8_attention", "quantize_blocks_e4m3_kernel", "quantize_operands", "attention_on_codes"]
 
 DEFAULT_BLOCK_M = 128
 DEFAULT_BLOCK_N = 128
@@ -130,23 +130,40 @@ def _check_kernel_inputs(q: torch.Tensor, block_m: int, block_n: int) -> None:
             raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
 
 
-def fp8_attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
-                         block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N, num_warps: int = 8,
-                         num_stages: int = 2) -> torch.Tensor:
-    """The two launches over validated q ``[B, H, Sq, D]``, k, v ``[B, H, Skv, D]``: ``[B, H, Sq, D]`` in q's dtype
-    (a transposed view of a ``[B, Sq, H, D]`` buffer, as diffusers' processors consume it)."""
-    b, h, s_q, d = q.shape
-    s_kv = k.shape[2]
+def quantize_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int = DEFAULT_BLOCK_M,
+                      block_n: int = DEFAULT_BLOCK_N) -> tuple[torch.Tensor, ...]:
+    """The three quantization launches of :func:`fp8_attention_launch`: (q8, k8, v8 codes float8_e4m3fn, zero-padded
+    ``[B, H, S_pad, D]``, v8 token-contiguous; their float32 scales ``[B, H, S_pad / block]``) as
+    ``(q8, k8, v8, sq, sk, sv)``."""
     q8, sq = quantize_blocks_e4m3_kernel(q, block_m)
     k8, sk = quantize_blocks_e4m3_kernel(k, block_n)
     v8, sv = quantize_blocks_e4m3_kernel(v, block_n, token_major=True)
-    out = torch.empty(b, s_q, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
+    return q8, k8, v8, sq, sk, sv
+
+
+def attention_on_codes(operands: tuple[torch.Tensor, ...], s_q: int, s_kv: int, dtype: torch.dtype,
+                       sm_scale: float, num_warps: int = 8, num_stages: int = 2) -> torch.Tensor:
+    """The attention launch over :func:`quantize_operands`' output (blocks read from the codes' padding):
+    ``[B, H, s_q, D]`` in ``dtype``, a transposed view of a ``[B, s_q, H, D]`` buffer."""
+    q8, k8, v8, sq, sk, sv = operands
+    b, h, s_q_pad, d = q8.shape
     n_q, n_kv = sq.shape[-1], sk.shape[-1]
+    block_m, block_n = s_q_pad // n_q, k8.shape[2] // n_kv
+    out = torch.empty(b, s_q, h, d, dtype=dtype, device=q8.device).transpose(1, 2)
     _attention_fp8_kernel[(n_q, b * h)](
         q8, k8, v8, sq, sk, sv, out, s_q, s_kv, h, n_q, n_kv, sm_scale * LOG2E, *out.stride(),
-        BLOCK_M=block_m, BLOCK_N=block_n, D=d, EVEN_KV=s_kv % block_n == 0, P_SCALE=P_SCALE, NATIVE=q.is_cuda,
+        BLOCK_M=block_m, BLOCK_N=block_n, D=d, EVEN_KV=s_kv % block_n == 0, P_SCALE=P_SCALE, NATIVE=q8.is_cuda,
         num_warps=num_warps, num_stages=num_stages)
     return out
+
+
+def fp8_attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
+                         block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N, num_warps: int = 8,
+                         num_stages: int = 2) -> torch.Tensor:
+    """The four launches over validated q ``[B, H, Sq, D]``, k, v ``[B, H, Skv, D]``: ``[B, H, Sq, D]`` in q's
+    dtype (a transposed view of a ``[B, Sq, H, D]`` buffer, as diffusers' processors consume it)."""
+    operands = quantize_operands(q, k, v, block_m, block_n)
+    return attention_on_codes(operands, q.shape[2], k.shape[2], q.dtype, sm_scale, num_warps, num_stages)
 
 
 @torch.library.custom_op("quantduo::fp8_attention", mutates_args=())
