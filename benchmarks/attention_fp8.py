@@ -31,7 +31,7 @@ try:
 except ImportError:  # the cuDNN rows are skipped
     cudnn = None
 
-TILES = [(128, 128, 8, 2), (128, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 2), (128, 64, 8, 2)]
+TILES = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 128, 8, 4), (64, 128, 4, 3), (64, 128, 4, 2)]
 
 
 def make_qkv(heads: int, tokens: int, dim: int) -> tuple[torch.Tensor, ...]:

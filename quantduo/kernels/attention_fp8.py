@@ -31,6 +31,7 @@ __all__ = ["fp8_attention", "quantize_blocks_e4m3_kernel", "quantize_operands", 
 
 DEFAULT_BLOCK_M = 128
 DEFAULT_BLOCK_N = 128
+DEFAULT_STAGES = 3  # the fastest of benchmarks/attention_fp8.py's tiles on an H100 (BENCHMARKS.md)
 
 
 @triton.jit
@@ -142,7 +143,7 @@ def quantize_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
 
 
 def attention_on_codes(operands: tuple[torch.Tensor, ...], s_q: int, s_kv: int, dtype: torch.dtype,
-                       sm_scale: float, num_warps: int = 8, num_stages: int = 2) -> torch.Tensor:
+                       sm_scale: float, num_warps: int = 8, num_stages: int = DEFAULT_STAGES) -> torch.Tensor:
     """The attention launch over :func:`quantize_operands`' output (blocks read from the codes' padding):
     ``[B, H, s_q, D]`` in ``dtype``, a transposed view of a ``[B, s_q, H, D]`` buffer."""
     q8, k8, v8, sq, sk, sv = operands
@@ -159,7 +160,7 @@ def attention_on_codes(operands: tuple[torch.Tensor, ...], s_q: int, s_kv: int, 
 
 def fp8_attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
                          block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N, num_warps: int = 8,
-                         num_stages: int = 2) -> torch.Tensor:
+                         num_stages: int = DEFAULT_STAGES) -> torch.Tensor:
     """The four launches over validated q ``[B, H, Sq, D]``, k, v ``[B, H, Skv, D]``: ``[B, H, Sq, D]`` in q's
     dtype (a transposed view of a ``[B, Sq, H, D]`` buffer, as diffusers' processors consume it)."""
     operands = quantize_operands(q, k, v, block_m, block_n)
