@@ -50,7 +50,8 @@ def per_tensor_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class CudnnFp8Attention:
     """cuDNN's FP8 SDPA forward for q, k, v of fixed shapes and strides ``[B, H, S, D]`` (bf16 in, bf16 out):
-    per-tensor E4M3 quantization of q, k, v in PyTorch, then one cuDNN graph execution."""
+    per-tensor E4M3 quantization of q, k, v in PyTorch, then one cuDNN graph execution whose output is bf16 where
+    cuDNN allows it, else E4M3 with V's scale (``|o| <= absmax(v)``), dequantized here."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float):
         self.handle = cudnn.create_handle()
