@@ -1,6 +1,7 @@
 """Check and time the executions of the 4-bit linear layer at FLUX.1 shapes against bf16 ``F.linear`` (one GPU call).
 
-    PYTHONPATH=. python benchmarks/linear.py [--tokens M ...] [--small | --small-sweep | --fp8exec | --decode]
+    PYTHONPATH=. python benchmarks/linear.py [--tokens M ...] [--small | --small-sweep | --fp8exec | --gelu-quant |
+                                                           --decode]
                                              [--sweep] [--quality] [--no-table] [--smoke] [--out DIR]
 
 Layers: ``SVDQuantLinear`` INT4-g64, rank 32, bf16, random buffers; one stored W4A4 layer run by each execution of
@@ -19,7 +20,8 @@ Default run: correctness of every execution against its PyTorch reference (M = 2
 few-token paths at M = 1, 16, 64, repeated: split-K workspaces), then the table at ``--tokens`` (default 1 4 16 64
 4608). ``--small``: only the checks and the table at M = 1, 4, 16, 64. ``--small-sweep``: tiles of the skinny GEMM
 and kernel 1 at M = 16. ``--fp8exec`` (only) / ``--sweep`` (after the table): the fp8 execution's stages above 64
-tokens (row quantization, the fp8 expansion with a tile sweep, ``_scaled_mm``, the module). ``--decode``: one token
+tokens (row quantization, the fp8 expansion with a tile sweep, ``_scaled_mm``, the module). ``--gelu-quant``: the
+fp8 row quantization with its GELU at FLUX widths (``--tokens``). ``--decode``: one token
 at Llama-3-8B shapes (bf16, the ``a16`` module = smoothing + GEMV, the GEMV alone, PyTorch's int4 tinygemm, GEMV
 tiles). ``--quality``: output error vs the bf16 layer of each execution on SVDQuant-quantized synthetic FLUX-shaped
 layers with outlier channels. ``--smoke``: the checks and the quality harness at tiny shapes, no timings (runs on the
@@ -417,6 +419,25 @@ def fp8exec(log, results, tokens):
                 f"({tb / tm:.2f}x; without quant {tb / max(tm - tq, 1e-3):.2f}x)")
 
 
+GELU_QUANT_WIDTHS = [(3072, 12288), (0, 12288)]  # FLUX single block: cat(attention, GELU(mlp)); GELU MLP fc2
+
+
+def gelu_quant(log, results, tokens):
+    """The fp8 row quantization with the GELU formed inside it (``quantize_fp8_per_token(prefix, h)``) at FLUX
+    widths: microseconds and the bandwidth of its one read of the 16-bit inputs and one write of the codes."""
+    for M in tokens:
+        for kx, kg in GELU_QUANT_WIDTHS:
+            bytes_moved = 3 * M * (kx + kg)  # bf16 read + fp8 write
+
+            def call():
+                h = torch.randn(M, kg, device=DEV, dtype=torch.bfloat16)
+                prefix = torch.randn(M, kx, device=DEV, dtype=torch.bfloat16) if kx else None
+                return lambda: quantize_fp8_per_token(prefix, h)
+            us = time_graph(call, bytes_moved)
+            results.setdefault("gelu_quant", []).append(dict(M=M, prefix=kx, gelu=kg, us=us))
+            log(f"  gelu quant M={M} {kx}+{kg}: {us:.1f} us ({bytes_moved / us / 1e3:.0f} GB/s)")
+
+
 def tinygemm_operands(m):
     """The module's INT4-g64 weights in PyTorch's tinygemm layout: unsigned codes q + 8 (w = (u - 8) * s + 0),
     scales and zeros ``[K / 64, N, 2]``."""
@@ -529,6 +550,8 @@ def parse_args(argv=None):
     mode.add_argument("--small-sweep", action="store_true", help="only the skinny GEMM / kernel 1 tile sweeps (M = 16)")
     mode.add_argument("--fp8exec", action="store_true",
                       help="only the fp8 execution's stages and the fp8 expansion tile sweep (M > 64 of --tokens)")
+    mode.add_argument("--gelu-quant", action="store_true",
+                      help="only the fp8 row quantization with GELU at FLUX widths (M of --tokens)")
     mode.add_argument("--decode", action="store_true", help="only the one-token table at Llama-3-8B shapes")
     mode.add_argument("--smoke", action="store_true",
                       help="checks and quality harness at tiny shapes, no timings (CPU: Triton interpreter)")
@@ -569,6 +592,9 @@ def main(argv=None):
         args.no_table = True
     elif args.fp8exec:
         fp8exec(log, results, args.tokens)
+        args.no_table = True
+    elif args.gelu_quant:
+        gelu_quant(log, results, args.tokens)
         args.no_table = True
     elif args.decode:
         decode_table(log, results)
