@@ -1,8 +1,8 @@
 """Block-by-block SVDQuant calibration at full size: FLUX.1 (and a Wan-size video block stack), one device call.
 
 Usage (one GPU):
-    python benchmarks/calibrate.py [--samples 128] [--gpu-gb 16] [--wan-blocks 8] [--wan-samples 16] [--activations auto|device|host|disk]
-    python benchmarks/calibrate.py --small --samples 2 --wan-samples 2   # CPU smoke test: 2 heads, 1-2 blocks
+    PYTHONPATH=. python benchmarks/calibrate.py [--samples 128] [--gpu-gb 16] [--wan-blocks 8] [--wan-samples 16] [--activations auto|device|host|disk]
+    PYTHONPATH=. python benchmarks/calibrate.py --small --samples 2 --wan-samples 2   # CPU smoke test: 2 heads, 1-2 blocks
 
 Random-weight BF16 models of the real configs, synthetic calibration calls of the real shapes (FLUX.1-dev: 4096
 image + 512 text tokens per sample; Wan 2.1 14B: 5 latent frames of 60x104 = 7800 video tokens + 512 text tokens),
@@ -30,33 +30,17 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import FluxTransformer2DModel, WanTransformer3DModel
+from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
+from benchmarks.flux import FLUX_DEV, build_model
 from quantduo.integrations.diffusers import (CalibrationSample, block_names, lazy_denoiser, quantization_config,
                                              quantize_transformer_blockwise)
 from quantduo.svdquant.blockwise import ACTIVATIONS, LazyWeights
 from quantduo.svdquant.phases import PHASE_SECONDS, reset_phases
 
-FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))
 WAN_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
                text_dim=4096, freq_dim=256, ffn_dim=13824, cross_attn_norm=True, qk_norm="rms_norm_across_heads")
-
-
-def build(cls, config: dict, device: str = "cpu") -> torch.nn.Module:
-    """Random-weight model in BF16 on ``device`` (initialised directly in BF16 there: a CUDA ``device`` initialises
-    the 12 B FLUX.1 parameters in seconds instead of minutes on the CPU)."""
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = cls(**config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval().requires_grad_(False)
 
 
 def to_host(model: torch.nn.Module) -> torch.nn.Module:
@@ -210,14 +194,14 @@ def main() -> int:
     blocks = dict(num_layers=1, num_single_layers=1) if args.small else {}
     if args.flux_blocks:
         blocks = dict(num_layers=args.flux_blocks[0], num_single_layers=args.flux_blocks[1])
-    flux = build(FluxTransformer2DModel, dict(FLUX_DEV, **small, **blocks), args.device)
+    flux = build_model(dict(FLUX_DEV, **small, **blocks), args.device)
     if args.weights == "memory":
         flux = to_host(flux)
     print(f"FLUX.1 built in {time.perf_counter() - t0:.0f} s", flush=True)
     results.append(calibrate("FLUX.1-dev", flux, flux_samples(args.samples), args))
     del flux
     if args.wan_blocks:
-        wan = build(WanTransformer3DModel, dict(WAN_14B, num_layers=args.wan_blocks, **small), args.device)
+        wan = build_model(dict(WAN_14B, num_layers=args.wan_blocks, **small), args.device, WanTransformer3DModel)
         if args.weights == "memory":
             wan = to_host(wan)
         results.append(calibrate(f"Wan2.1-14B ({args.wan_blocks} of 40 blocks)", wan, wan_samples(args.wan_samples), args))
