@@ -67,7 +67,7 @@ class ActivationRecorder:
         """``CalibrationError`` naming the first recorded layer that saw a NaN / inf input (the running maximum and
         minimum propagate them: one check per layer after the passes, no device sync per call)."""
         for name, st in self.stats.items():
-            if not (torch.isfinite(st.absmax).all() and torch.isfinite(st.minimum).all()):
+            if not (torch.isfinite(st.maximum).all() and torch.isfinite(st.minimum).all()):
                 raise CalibrationError(f"non-finite (NaN/inf) calibration activations at the input of layer {name!r}")
 
     def _input_key(self, x: torch.Tensor) -> int:
@@ -131,7 +131,7 @@ class ActivationRecorder:
         groups: dict[tuple, list[str]] = {}
         for name in names:
             st = self.stats[name]
-            groups.setdefault((tuple(st.call_keys), st.absmax.shape[0]), []).append(name)
+            groups.setdefault((tuple(st.call_keys), st.maximum.shape[0]), []).append(name)
         result = []
         for members in groups.values():
             first = self.stats[members[0]].absmax
