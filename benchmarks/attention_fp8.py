@@ -11,7 +11,8 @@ operands). TFLOP/s counts ``4 * S^2 * D * H``. Errors: relative L2 vs float64 at
 Where the ``cudnn`` package (``nvidia-cudnn-frontend``) imports, cuDNN's own FP8 attention (``sdpa_fp8``, one float32
 scale per tensor for Q, K, V, P scaled by 256, output in bf16 where cuDNN supports it, else E4M3 rescaled by V's
 scale) is timed beside it, as the library alternative to the Triton kernel. A variant that fails prints its error
-and the script goes on.
+and the script goes on. Where ``sageattention`` imports (SageAttention 1: Triton, INT8 Q/K per block with K's mean
+subtracted, fp16 P @ V), it is timed as the peer DiT users install.
 """
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ try:
     import cudnn
 except ImportError:  # the cuDNN rows are skipped
     cudnn = None
+try:
+    from sageattention import sageattn
+except ImportError:  # the SageAttention row is skipped
+    sageattn = None
 
 TILES = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 128, 8, 4), (64, 128, 4, 3), (64, 128, 4, 2)]
 
@@ -131,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                      ("cudnn fp8: quantize only", lambda: [per_tensor_e4m3(t) for t in (q, k, v)])]
         except Exception as error:  # noqa: BLE001 (cuDNN without fp8 attention here)
             print(f"cudnn fp8 failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
+    if sageattn is not None:
+        k_sage = k.clone()  # sageattn subtracts K's mean in place
+        rows.append(("sageattention 1 (INT8 QK, fp16 PV)", lambda: sageattn(q, k_sage, v, tensor_layout="HND")))
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; [1, {args.heads}, {args.tokens}, "
           f"{args.dim}] bf16")
     table = []

@@ -14,7 +14,9 @@ Layers: ``SVDQuantLinear`` INT4-g64, rank 32, bf16, random buffers; one stored W
 * ``fp8`` — above 64 tokens per-token fp8 activations x the weight expanded into fp8 + one row-wise scaled
   ``torch._scaled_mm`` (fast accumulation; ``fp8_precise``: float32 promotion), ``a16`` below;
 * ``w4a16`` — the weight-only baseline (``act_format="none"``, no low-rank branch, exact = a16);
-* ``scaled_mm`` — the fp8 GEMM alone on ready fp8 operands (above 64 tokens).
+* ``scaled_mm`` — the fp8 GEMM alone on ready fp8 operands (above 64 tokens);
+* ``tinygemm`` / ``tinygemm_lr`` — PyTorch's int4 tinygemm on the same codes (up to 64 tokens): rank 0 alone, and
+  the rank-32 layer around it in PyTorch ops (smoothing, low-rank branch, bias).
 
 Default run: correctness of every execution against its PyTorch reference (M = 201 with leading dims, and the
 few-token paths at M = 1, 16, 64, repeated: split-K workspaces), then the table at ``--tokens`` (default 1 4 16 64
@@ -192,6 +194,39 @@ def v_decode(N, K, kind, config=None):
     return make, N * K * 0.5 + N * K // 64 * 2
 
 
+def v_tinygemm(M, N, K, lowrank):
+    """PyTorch's int4 tinygemm (``_weight_int4pack_mm``) on the module's INT4-g64 codes: the weight-only GEMM alone
+    (``lowrank`` false, rank 0), or the whole rank-32 layer as PyTorch ops around it (smoothing, low-rank down and
+    up, bias): the few-token candidate of issue 20."""
+    def make():
+        m = random_module(N, K, "none" if not lowrank else "int4", rank=RANK if lowrank else 0, execution="a16")
+        x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+        packed, scales_zeros = tinygemm_operands(m)
+        if not lowrank:
+            return lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 64, scales_zeros)
+        down, up = m.proj_down.to(DTYPE), m.proj_up.to(DTYPE)
+        inv_smooth = (1.0 / m.smooth_factor).to(DTYPE)
+
+        def layer():
+            xs = x * inv_smooth
+            y = torch.ops.aten._weight_int4pack_mm(xs, packed, 64, scales_zeros)
+            return torch.addmm(y + m.bias, xs @ down, up.T)
+        return layer
+    return make, N * K * 0.53 + 2 * M * K + 2 * M * N
+
+
+def check_tinygemm(log, M=16):
+    """The tinygemm rank-32 layer of :func:`v_tinygemm` against the a16 reference at each FLUX shape."""
+    for (N, K) in SHAPES:
+        m = random_module(N, K, "int4", rank=RANK, execution="a16")
+        x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+        packed, scales_zeros = tinygemm_operands(m)
+        xs = x * (1.0 / m.smooth_factor).to(DTYPE)
+        y = torch.ops.aten._weight_int4pack_mm(xs, packed, 64, scales_zeros)
+        y = torch.addmm(y + m.bias, xs @ m.proj_down.to(DTYPE), m.proj_up.to(DTYPE).T)
+        log(f"  tinygemm_lr M={M} {N}x{K}: rel err vs a16 reference {relative_error(y, a16_reference_forward(m, x)):.2e}")
+
+
 def v_skinny(M, N, K, mode, config=None):
     """The skinny GEMM alone on ready activations: mode none (16-bit, smoothed) | int4 (kernel 1's codes)."""
     def make():
@@ -309,9 +344,15 @@ def table(log, results, tokens, key="table"):
                 t[kind] = time_graph(*v_module(M, N, K, kind), max_copies=max_copies)
             if M > SKINNY_MAX_TOKENS:
                 t["scaled_mm"] = time_graph(*v_scaled_mm(M, N, K))
+            else:
+                for name, lowrank in (("tinygemm", False), ("tinygemm_lr", True)):
+                    try:
+                        t[name] = time_graph(*v_tinygemm(M, N, K, lowrank), max_copies=max_copies)
+                    except (RuntimeError, AttributeError) as ex:
+                        log(f"  {name} unavailable: {str(ex)[:120]}")
             rows.append(dict(M=M, N=N, K=K, us=t))
             log(f"  M={M:5d} {N:5d}x{K:5d} " + " ".join(f"{k}={v:.1f}" for k, v in t.items()))
-    names = KINDS + ["scaled_mm"]
+    names = KINDS + ["scaled_mm", "tinygemm", "tinygemm_lr"]
     log("\n| M | N x K | " + " | ".join(names) + " | bf16 us |")
     log("| --- | --- | " + " | ".join("---" for _ in names) + " | --- |")
     for r in rows:
@@ -606,6 +647,10 @@ def main(argv=None):
         args.no_table = True
     elif args.small:
         results["small_checks"] = check_correctness(log, small_only=True)
+        try:
+            check_tinygemm(log)
+        except (RuntimeError, AttributeError) as ex:
+            log(f"  tinygemm check failed: {str(ex)[:200]}")
         table(log, results, SMALL_TOKENS, key="small")
         log(f"  [small {time.time() - t0:.0f}s]")
         args.no_table = True
