@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .parallel import context_parallel_config
+
 __all__ = ["CacheStats", "FirstBlockCachedBlocks", "enable_first_block_cache", "disable_first_block_cache",
            "first_block_cache_of", "relative_l1_change"]
 
@@ -45,7 +47,7 @@ def relative_l1_change(new: torch.Tensor, old: torch.Tensor, group: dist.Process
 def context_parallel_group(model: nn.Module) -> dist.ProcessGroup | None:
     """The process group over which diffusers' context parallelism splits ``model``'s sequence (the ring x Ulysses
     mesh, as diffusers' own sharding hooks use); None when ``model`` runs without it."""
-    config = getattr(getattr(model, "_parallel_config", None), "context_parallel_config", None)
+    config = context_parallel_config(model)
     return None if config is None else config._flattened_mesh.get_group()
 
 

@@ -29,6 +29,8 @@ from torch.overrides import TorchFunctionMode
 from quantduo.formats.attention_fp8 import fp8_attention_reference
 from quantduo.kernels.attention_fp8 import fp8_attention
 
+from .parallel import context_parallel_config
+
 __all__ = ["FP8AttentionProcessor", "enable_fp8_attention", "disable_fp8_attention", "fp8_attention_enabled"]
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -78,7 +80,7 @@ class _FP8SDPAMode(TorchFunctionMode):
 
 def ring_degree(processor) -> int:
     """The ring degree of the context parallelism diffusers configured on ``processor`` (1 without)."""
-    config = getattr(getattr(processor, "_parallel_config", None), "context_parallel_config", None)
+    config = context_parallel_config(processor)
     return 1 if config is None else config.ring_degree
 
 
