@@ -36,7 +36,7 @@ try:
 except ImportError:  # the SageAttention row is skipped
     sageattn = None
 
-TILES = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 128, 8, 4), (64, 128, 4, 3), (64, 128, 4, 2)]
+TILES = [(64, 128, 4, 3), (64, 128, 4, 4), (64, 128, 4, 2), (64, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4)]
 
 
 def make_qkv(heads: int, tokens: int, dim: int) -> tuple[torch.Tensor, ...]:

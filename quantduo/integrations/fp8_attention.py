@@ -7,7 +7,10 @@ original processor unchanged (projections, norms, RoPE, output projection) while
 ``F.scaled_dot_product_attention`` (diffusers' native backend, SD3 / PixArt processors) go to FP8 attention:
 the Triton kernel :func:`quantduo.kernels.attention_fp8.fp8_attention` on CUDA, the pure-PyTorch reference
 :func:`quantduo.formats.attention_fp8.fp8_attention_reference` elsewhere. Calls it cannot serve (a mask,
-dropout, causal, grouped-query heads, a head dim that is not a power of two >= 16) go to SDPA unchanged.
+dropout, causal, grouped-query heads, a head dim that is not a power of two >= 16) go to SDPA unchanged. The
+redirection is a hook installed as ``F.scaled_dot_product_attention`` while any wrapper exists (it calls the SDPA it
+replaced unless a wrapper is running): a plain function that ``torch.compile`` traces into the model's graph,
+where a ``TorchFunctionMode`` broke the graph at every attention module.
 
 Under diffusers' context parallelism (``enable_parallelism``) the attributes diffusers sets on processors
 (``_parallel_config``, ``_attention_backend``) reach the wrapped processor. Ulysses works (after its all-to-all each
@@ -20,14 +23,14 @@ Off by default: see BENCHMARKS.md for the error vs 16-bit attention and the tiny
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from quantduo.formats.attention_fp8 import fp8_attention_reference
-from quantduo.kernels.attention_fp8 import fp8_attention
+from quantduo.kernels.attention_fp8 import DEFAULT_BLOCK_M, DEFAULT_BLOCK_N, fp8_attention
 
 from .parallel import context_parallel_config
 
@@ -61,21 +64,35 @@ def run_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scal
     return fp8_attention_reference(q, k, v, sm_scale, q_block=q_block, kv_block=kv_block)
 
 
-class _FP8SDPAMode(TorchFunctionMode):
-    """Sends servable ``F.scaled_dot_product_attention`` calls to :func:`run_fp8_attention`."""
+_active_blocks: tuple[int, int] | None = None  # (q_block, kv_block) while an FP8AttentionProcessor runs
+_wrappers = 0  # FP8AttentionProcessors made and not yet unwrapped: the SDPA hook stays installed while > 0
+_sdpa = F.scaled_dot_product_attention  # what the hook falls back to (set when it is installed)
 
-    def __init__(self, q_block: int, kv_block: int):
-        super().__init__()
-        self.q_block, self.kv_block = q_block, kv_block
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            call = _sdpa_call(args, kwargs)
-            if _servable(call):
-                return run_fp8_attention(call["query"], call["key"], call["value"], call["scale"], self.q_block,
-                                         self.kv_block)
-        return func(*args, **kwargs)
+def _fp8_sdpa(*args, **kwargs) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` while the hook is installed: a servable call made inside an
+    :class:`FP8AttentionProcessor` goes to :func:`run_fp8_attention`, every other call to SDPA unchanged. A plain
+    function reading a module global, so ``torch.compile`` traces through it without a graph break."""
+    if _active_blocks is not None:
+        call = _sdpa_call(args, kwargs)
+        if _servable(call):
+            return run_fp8_attention(call["query"], call["key"], call["value"], call["scale"], *_active_blocks)
+    return _sdpa(*args, **kwargs)
+
+
+def _ensure_hook() -> None:
+    """Install :func:`_fp8_sdpa` as ``F.scaled_dot_product_attention`` (no-op when it is)."""
+    global _sdpa
+    if F.scaled_dot_product_attention is not _fp8_sdpa:
+        _sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _fp8_sdpa
+
+
+def _release_hook() -> None:
+    """One wrapper fewer; the last one restores the SDPA the hook replaced."""
+    global _wrappers
+    _wrappers = max(0, _wrappers - 1)
+    if _wrappers == 0 and F.scaled_dot_product_attention is _fp8_sdpa:
+        F.scaled_dot_product_attention = _sdpa
 
 
 def ring_degree(processor) -> int:
@@ -96,23 +113,35 @@ def check_no_ring(processor) -> None:
 
 class FP8AttentionProcessor:
     """Wraps a diffusers attention processor: same call, FP8 attention inside (``q_block`` / ``kv_block`` tokens
-    per quantization block of Q / of K and V). ``original`` is the wrapped processor. Its ``__call__`` reports the
-    original's signature, so diffusers passes it the same keyword arguments. Attributes other than its own are
-    read from and written to the original (diffusers sets ``_parallel_config`` / ``_attention_backend``)."""
+    per quantization block of Q / of K and V). ``original`` is the wrapped processor. Each original processor class
+    gets its own subclass whose ``__call__`` reports the original's signature, so diffusers passes it the same
+    keyword arguments. Attributes other than its own are read from and written to the original (diffusers sets
+    ``_parallel_config`` / ``_attention_backend``). While it runs, the SDPA hook (installed while any wrapper exists)
+    sends the original's servable ``F.scaled_dot_product_attention`` calls to FP8 attention."""
 
-    _OWN = ("original", "q_block", "kv_block", "__call__")
+    _OWN = ("original", "q_block", "kv_block")
 
-    def __init__(self, original, q_block: int = 128, kv_block: int = 128):
+    def __new__(cls, original=None, *args, **kwargs):  # no arguments: copy / unpickle of a made wrapper
+        return object.__new__(cls if original is None else _wrapper_class(type(original)))
+
+    def __init__(self, original, q_block: int = DEFAULT_BLOCK_M, kv_block: int = DEFAULT_BLOCK_N):
         for name, blk in (("q_block", q_block), ("kv_block", kv_block)):
             if blk < 16 or blk & (blk - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
         self.original, self.q_block, self.kv_block = original, q_block, kv_block
-        self.__call__ = functools.wraps(original.__call__)(lambda *args, **kwargs: self._run(*args, **kwargs))
+        global _wrappers
+        _wrappers += 1
+        _ensure_hook()
 
     def _run(self, *args, **kwargs):
+        global _active_blocks
         check_no_ring(self.original)
-        with _FP8SDPAMode(self.q_block, self.kv_block):
+        _ensure_hook()  # a copied wrapper (deepcopy) may outlive the count
+        outer, _active_blocks = _active_blocks, (self.q_block, self.kv_block)
+        try:
             return self.original(*args, **kwargs)
+        finally:
+            _active_blocks = outer
 
     def __call__(self, *args, **kwargs):
         return self._run(*args, **kwargs)
@@ -129,11 +158,22 @@ class FP8AttentionProcessor:
             setattr(self.original, name, value)
 
 
+@functools.cache
+def _wrapper_class(original_class: type) -> type:
+    """The :class:`FP8AttentionProcessor` subclass for processors of ``original_class``: a class-level ``__call__``
+    carrying ``original_class.__call__``'s signature (``torch.compile`` traces class-level calls)."""
+    def __call__(self, *args, **kwargs):
+        return self._run(*args, **kwargs)
+
+    __call__.__signature__ = inspect.signature(original_class.__call__)
+    return type(f"FP8{original_class.__name__}", (FP8AttentionProcessor,), {"__call__": __call__})
+
+
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, "set_processor") and getattr(m, "processor", None) is not None]
 
 
-def enable_fp8_attention(model: nn.Module, q_block: int = 128, kv_block: int = 128) -> int:
+def enable_fp8_attention(model: nn.Module, q_block: int = DEFAULT_BLOCK_M, kv_block: int = DEFAULT_BLOCK_N) -> int:
     """Wrap every attention processor of ``model`` (a diffusers transformer, or any module holding some) in
     :class:`FP8AttentionProcessor`, in place. Idempotent. Returns the number of attention modules now wrapped."""
     modules = _attention_modules(model)
@@ -151,6 +191,7 @@ def disable_fp8_attention(model: nn.Module) -> int:
     for module in _attention_modules(model):
         if isinstance(module.processor, FP8AttentionProcessor):
             module.set_processor(module.processor.original)
+            _release_hook()
             restored += 1
     return restored
 

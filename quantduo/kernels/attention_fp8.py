@@ -27,11 +27,17 @@ from quantduo.formats.attention_fp8 import LOG2E, P_SCALE, check_attention_input
 
 from .common import to_e4m3
 
-__all__ = ["fp8_attention", "quantize_blocks_e4m3_kernel", "quantize_operands", "attention_on_codes"]
+__all__ = ["DEFAULT_BLOCK_M", "DEFAULT_BLOCK_N", "attention_on_codes", "default_warps", "fp8_attention",
+           "quantize_blocks_e4m3_kernel", "quantize_operands"]
 
-DEFAULT_BLOCK_M = 128
-DEFAULT_BLOCK_N = 128
-DEFAULT_STAGES = 3  # the fastest of benchmarks/attention_fp8.py's tiles on an H100 (BENCHMARKS.md)
+DEFAULT_BLOCK_M = 64  # with DEFAULT_BLOCK_N, 4 warps and DEFAULT_STAGES: the fastest of benchmarks/attention_fp8.py's
+DEFAULT_BLOCK_N = 128  # tiles on an H100 (BENCHMARKS.md)
+DEFAULT_STAGES = 3
+
+
+def default_warps(block_m: int) -> int:
+    """Warps per program of the attention launch: one per 16 query rows (4 at 64 rows, 8 at 128)."""
+    return max(4, min(8, block_m // 16))
 
 
 @triton.jit
@@ -143,13 +149,16 @@ def quantize_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
 
 
 def attention_on_codes(operands: tuple[torch.Tensor, ...], s_q: int, s_kv: int, dtype: torch.dtype,
-                       sm_scale: float, num_warps: int = 8, num_stages: int = DEFAULT_STAGES) -> torch.Tensor:
+                       sm_scale: float, num_warps: int | None = None, num_stages: int = DEFAULT_STAGES
+                       ) -> torch.Tensor:
     """The attention launch over :func:`quantize_operands`' output (blocks read from the codes' padding):
-    ``[B, H, s_q, D]`` in ``dtype``, a transposed view of a ``[B, s_q, H, D]`` buffer."""
+    ``[B, H, s_q, D]`` in ``dtype``, a transposed view of a ``[B, s_q, H, D]`` buffer. ``num_warps`` defaults to
+    :func:`default_warps` of the query block."""
     q8, k8, v8, sq, sk, sv = operands
     b, h, s_q_pad, d = q8.shape
     n_q, n_kv = sq.shape[-1], sk.shape[-1]
     block_m, block_n = s_q_pad // n_q, k8.shape[2] // n_kv
+    num_warps = default_warps(block_m) if num_warps is None else num_warps
     out = torch.empty(b, s_q, h, d, dtype=dtype, device=q8.device).transpose(1, 2)
     _attention_fp8_kernel[(n_q, b * h)](
         q8, k8, v8, sq, sk, sv, out, s_q, s_kv, h, n_q, n_kv, sm_scale * LOG2E, *out.stride(),
@@ -159,7 +168,7 @@ def attention_on_codes(operands: tuple[torch.Tensor, ...], s_q: int, s_kv: int, 
 
 
 def fp8_attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
-                         block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N, num_warps: int = 8,
+                         block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N, num_warps: int | None = None,
                          num_stages: int = DEFAULT_STAGES) -> torch.Tensor:
     """The four launches over validated q ``[B, H, Sq, D]``, k, v ``[B, H, Skv, D]``: ``[B, H, Sq, D]`` in q's
     dtype (a transposed view of a ``[B, Sq, H, D]`` buffer, as diffusers' processors consume it)."""

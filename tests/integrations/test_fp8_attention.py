@@ -1,4 +1,6 @@
 """FP8 attention: the Triton kernel (interpreter on CPU, native fp8 dots on GPU), its reference, the processor."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,7 +8,7 @@ import torch.nn.functional as F
 from quantduo.formats.attention_fp8 import E4M3_MAX, fp8_attention_reference, quantize_blocks_e4m3
 from quantduo.integrations.fp8_attention import (FP8AttentionProcessor, disable_fp8_attention, enable_fp8_attention,
                                                  fp8_attention_enabled)
-from quantduo.kernels.attention_fp8 import fp8_attention, quantize_blocks_e4m3_kernel
+from quantduo.kernels.attention_fp8 import default_warps, fp8_attention, quantize_blocks_e4m3_kernel
 from quantduo.utils import relative_error
 
 
@@ -98,6 +100,32 @@ def test_processor_enable_disable_flux():
     assert 1e-4 < err < 0.05  # fp8 attention was used, and the output stays close
 
 
+def test_compiles_without_graph_breaks_and_runs_fp8():
+    """The SDPA hook is traced by torch.compile: one graph (fullgraph), the fp8 output of eager mode."""
+    model, inputs = _tiny_flux(), _flux_inputs()
+    sdpa = F.scaled_dot_product_attention
+    with torch.no_grad():
+        plain = model(**inputs)[0]
+        enable_fp8_attention(model, q_block=16, kv_block=16)
+        eager = model(**inputs)[0]
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs)[0]
+        disable_fp8_attention(model)
+    torch._dynamo.reset()
+    assert relative_error(compiled, eager) < 1e-5
+    assert relative_error(compiled, plain) > 1e-4  # fp8 attention ran inside the compiled graph
+    assert F.scaled_dot_product_attention is sdpa  # the last disable restores SDPA
+
+
+def test_wrapped_model_deepcopies():
+    model, inputs = _tiny_flux(), _flux_inputs()
+    enable_fp8_attention(model, q_block=16, kv_block=16)
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(copied(**inputs)[0], model(**inputs)[0])
+    assert fp8_attention_enabled(copied)
+    assert disable_fp8_attention(model) == 2 and disable_fp8_attention(copied) == 2
+
+
 def test_processor_passes_unservable_calls_through():
     proc = FP8AttentionProcessor(lambda attn, q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
     q, k, v = _qkv(1, 1, 8, 8, 16)
@@ -118,3 +146,7 @@ def test_gpu_native_fp8_kernel(s):
     assert not out.isnan().any()
     assert relative_error(out, ref) < 2e-2  # bf16 output rounding + MMA order + rare fp8 ties of P
     assert relative_error(out, exact) < 1.5 * relative_error(ref, exact) + 1e-2
+
+
+def test_default_warps_follow_the_query_block():
+    assert [default_warps(b) for b in (16, 32, 64, 128, 256)] == [4, 4, 4, 8, 8]
