@@ -8,9 +8,11 @@ original processor unchanged (projections, norms, RoPE, output projection) while
 the Triton kernel :func:`quantduo.kernels.attention_fp8.fp8_attention` on CUDA, the pure-PyTorch reference
 :func:`quantduo.formats.attention_fp8.fp8_attention_reference` elsewhere. Calls it cannot serve (a mask,
 dropout, causal, grouped-query heads, a head dim that is not a power of two >= 16) go to SDPA unchanged. The
-redirection is a hook installed as ``F.scaled_dot_product_attention`` while any wrapper exists (it calls the SDPA it
-replaced unless a wrapper is running): a plain function that ``torch.compile`` traces into the model's graph,
-where a ``TorchFunctionMode`` broke the graph at every attention module.
+redirection is a hook that the wrapper installs as ``F.scaled_dot_product_attention`` for the duration of the
+original processor's call and then removes: a plain function that ``torch.compile`` traces into the model's graph
+(a ``TorchFunctionMode`` broke the graph at every attention module), and nothing outside the call sees it (code that
+compares functions with ``F.scaled_dot_product_attention``, as PyTorch's ``CausalBias`` does, keeps working). SDPA
+calls made by other threads while a wrapper runs would see it too: run FP8-attention models from one thread.
 
 Under diffusers' context parallelism (``enable_parallelism``) the attributes diffusers sets on processors
 (``_parallel_config``, ``_attention_backend``) reach the wrapped processor. Ulysses works (after its all-to-all each
@@ -65,34 +67,18 @@ def run_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scal
 
 
 _active_blocks: tuple[int, int] | None = None  # (q_block, kv_block) while an FP8AttentionProcessor runs
-_wrappers = 0  # FP8AttentionProcessors made and not yet unwrapped: the SDPA hook stays installed while > 0
-_sdpa = F.scaled_dot_product_attention  # what the hook falls back to (set when it is installed)
+_sdpa = F.scaled_dot_product_attention  # the SDPA the hook replaced while a wrapper runs
 
 
 def _fp8_sdpa(*args, **kwargs) -> torch.Tensor:
-    """``F.scaled_dot_product_attention`` while the hook is installed: a servable call made inside an
-    :class:`FP8AttentionProcessor` goes to :func:`run_fp8_attention`, every other call to SDPA unchanged. A plain
-    function reading a module global, so ``torch.compile`` traces through it without a graph break."""
+    """``F.scaled_dot_product_attention`` while an :class:`FP8AttentionProcessor` runs its processor: servable calls
+    go to :func:`run_fp8_attention`, others to the SDPA it replaced. A plain function reading module globals, so
+    ``torch.compile`` traces through it without a graph break."""
     if _active_blocks is not None:
         call = _sdpa_call(args, kwargs)
         if _servable(call):
             return run_fp8_attention(call["query"], call["key"], call["value"], call["scale"], *_active_blocks)
     return _sdpa(*args, **kwargs)
-
-
-def _ensure_hook() -> None:
-    """Install :func:`_fp8_sdpa` as ``F.scaled_dot_product_attention`` (no-op when it is)."""
-    global _sdpa
-    if F.scaled_dot_product_attention is not _fp8_sdpa:
-        _sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _fp8_sdpa
-
-
-def _release_hook() -> None:
-    """One wrapper fewer; the last one restores the SDPA the hook replaced."""
-    global _wrappers
-    _wrappers = max(0, _wrappers - 1)
-    if _wrappers == 0 and F.scaled_dot_product_attention is _fp8_sdpa:
-        F.scaled_dot_product_attention = _sdpa
 
 
 def ring_degree(processor) -> int:
@@ -116,8 +102,8 @@ class FP8AttentionProcessor:
     per quantization block of Q / of K and V). ``original`` is the wrapped processor. Each original processor class
     gets its own subclass whose ``__call__`` reports the original's signature, so diffusers passes it the same
     keyword arguments. Attributes other than its own are read from and written to the original (diffusers sets
-    ``_parallel_config`` / ``_attention_backend``). While it runs, the SDPA hook (installed while any wrapper exists)
-    sends the original's servable ``F.scaled_dot_product_attention`` calls to FP8 attention."""
+    ``_parallel_config`` / ``_attention_backend``). While it runs the original, the SDPA hook sends the original's
+    servable ``F.scaled_dot_product_attention`` calls to FP8 attention."""
 
     _OWN = ("original", "q_block", "kv_block")
 
@@ -129,19 +115,18 @@ class FP8AttentionProcessor:
             if blk < 16 or blk & (blk - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
         self.original, self.q_block, self.kv_block = original, q_block, kv_block
-        global _wrappers
-        _wrappers += 1
-        _ensure_hook()
 
     def _run(self, *args, **kwargs):
-        global _active_blocks
+        global _active_blocks, _sdpa
         check_no_ring(self.original)
-        _ensure_hook()  # a copied wrapper (deepcopy) may outlive the count
-        outer, _active_blocks = _active_blocks, (self.q_block, self.kv_block)
+        outer_blocks, outer_sdpa = _active_blocks, F.scaled_dot_product_attention
+        _active_blocks = (self.q_block, self.kv_block)
+        if outer_sdpa is not _fp8_sdpa:
+            _sdpa, F.scaled_dot_product_attention = outer_sdpa, _fp8_sdpa
         try:
             return self.original(*args, **kwargs)
         finally:
-            _active_blocks = outer
+            _active_blocks, F.scaled_dot_product_attention = outer_blocks, outer_sdpa
 
     def __call__(self, *args, **kwargs):
         return self._run(*args, **kwargs)
@@ -191,7 +176,6 @@ def disable_fp8_attention(model: nn.Module) -> int:
     for module in _attention_modules(model):
         if isinstance(module.processor, FP8AttentionProcessor):
             module.set_processor(module.processor.original)
-            _release_hook()
             restored += 1
     return restored
 

@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from quantduo.formats.attention_fp8 import E4M3_MAX, fp8_attention_reference, quantize_blocks_e4m3
 from quantduo.integrations.fp8_attention import (FP8AttentionProcessor, disable_fp8_attention, enable_fp8_attention,
@@ -114,6 +115,22 @@ def test_compiles_without_graph_breaks_and_runs_fp8():
     assert relative_error(compiled, eager) < 1e-5
     assert relative_error(compiled, plain) > 1e-4  # fp8 attention ran inside the compiled graph
     assert F.scaled_dot_product_attention is sdpa  # the last disable restores SDPA
+
+
+def test_hook_is_seen_only_inside_the_wrapped_call():
+    sdpa, seen = F.scaled_dot_product_attention, []
+    FP8AttentionProcessor(lambda: seen.append(F.scaled_dot_product_attention))()
+    assert seen[0] is not sdpa and F.scaled_dot_product_attention is sdpa
+
+    def failing():
+        raise KeyError("inside")
+    with pytest.raises(KeyError):
+        FP8AttentionProcessor(failing)()
+    assert F.scaled_dot_product_attention is sdpa
+    # PyTorch's CausalBias recognizes SDPA by identity: with wrappers alive it must still serve GQA callers
+    q, k = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 5, 16)
+    out = F.scaled_dot_product_attention(q, k, k, attn_mask=causal_lower_right(3, 5), enable_gqa=True)
+    assert out.shape == (1, 4, 3, 16)
 
 
 def test_wrapped_model_deepcopies():
