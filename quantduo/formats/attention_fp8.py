@@ -19,10 +19,13 @@ import math
 
 import torch
 
-__all__ = ["E4M3_MAX", "P_SCALE", "quantize_blocks_e4m3", "fp8_attention_reference", "check_attention_inputs"]
+__all__ = ["DEFAULT_KV_BLOCK", "DEFAULT_Q_BLOCK", "E4M3_MAX", "P_SCALE", "check_attention_inputs",
+           "fp8_attention_reference", "quantize_blocks_e4m3"]
 
 E4M3_MAX = 448.0
 P_SCALE = 256.0
+DEFAULT_Q_BLOCK = 64  # tokens of Q per scale: the Triton kernel's fastest query tile on an H100 (BENCHMARKS.md)
+DEFAULT_KV_BLOCK = 128  # tokens of K and of V per scale (the kernel's key tile)
 LOG2E = 1.4426950408889634
 
 
@@ -58,7 +61,7 @@ def _expand_scales(scale: torch.Tensor, block: int, length: int) -> torch.Tensor
 
 
 def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,
-                            q_block: int = 128, kv_block: int = 128) -> torch.Tensor:
+                            q_block: int = DEFAULT_Q_BLOCK, kv_block: int = DEFAULT_KV_BLOCK) -> torch.Tensor:
     """Attention of q ``[B, H, Sq, D]`` over k, v ``[B, H, Skv, D]`` with the FP8 semantics of this module:
     ``[B, H, Sq, D]`` in q's dtype. ``sm_scale`` defaults to ``1 / sqrt(D)``."""
     check_attention_inputs(q, k, v)

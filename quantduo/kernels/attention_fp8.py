@@ -23,15 +23,16 @@ import torch
 import triton
 import triton.language as tl
 
-from quantduo.formats.attention_fp8 import LOG2E, P_SCALE, check_attention_inputs
+from quantduo.formats.attention_fp8 import (DEFAULT_KV_BLOCK, DEFAULT_Q_BLOCK, LOG2E, P_SCALE,
+                                           check_attention_inputs)
 
 from .common import to_e4m3
 
 __all__ = ["DEFAULT_BLOCK_M", "DEFAULT_BLOCK_N", "attention_on_codes", "default_warps", "fp8_attention",
            "quantize_blocks_e4m3_kernel", "quantize_operands"]
 
-DEFAULT_BLOCK_M = 64  # with DEFAULT_BLOCK_N, 4 warps and DEFAULT_STAGES: the fastest of benchmarks/attention_fp8.py's
-DEFAULT_BLOCK_N = 128  # tiles on an H100 (BENCHMARKS.md)
+DEFAULT_BLOCK_M = DEFAULT_Q_BLOCK  # the quantization blocks are the tiles; with 4 warps and 3 stages the fastest of
+DEFAULT_BLOCK_N = DEFAULT_KV_BLOCK  # benchmarks/attention_fp8.py's tiles on an H100 (BENCHMARKS.md)
 DEFAULT_STAGES = 3
 
 

@@ -165,5 +165,11 @@ def test_gpu_native_fp8_kernel(s):
     assert relative_error(out, exact) < 1.5 * relative_error(ref, exact) + 1e-2
 
 
+def test_kernel_defaults_are_the_reference_defaults():
+    """Called without blocks, kernel and reference quantize Q / K / V in the same blocks (the format's defaults)."""
+    q, k, v = _qkv(1, 1, 200, 200, 32)
+    assert relative_error(fp8_attention(q, k, v), fp8_attention_reference(q, k, v)) < 1e-5
+
+
 def test_default_warps_follow_the_query_block():
     assert [default_warps(b) for b in (16, 32, 64, 128, 256)] == [4, 4, 4, 8, 8]
