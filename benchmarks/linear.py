@@ -224,7 +224,8 @@ def check_tinygemm(log, M=16):
         xs = x * (1.0 / m.smooth_factor).to(DTYPE)
         y = torch.ops.aten._weight_int4pack_mm(xs, packed, 64, scales_zeros)
         y = torch.addmm(y + m.bias, xs @ m.proj_down.to(DTYPE), m.proj_up.to(DTYPE).T)
-        log(f"  tinygemm_lr M={M} {N}x{K}: rel err vs a16 reference {relative_error(y, a16_reference_forward(m, x)):.2e}")
+        err = relative_error(y, a16_reference_forward(m, x))
+        log(f"  tinygemm_lr M={M} {N}x{K}: rel err vs a16 reference {err:.2e}")
 
 
 def v_skinny(M, N, K, mode, config=None):
