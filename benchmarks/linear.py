@@ -194,37 +194,41 @@ def v_decode(N, K, kind, config=None):
     return make, N * K * 0.5 + N * K // 64 * 2
 
 
+def tinygemm_layer(m):
+    """The rank-32 layer ``m`` as PyTorch ops around PyTorch's int4 tinygemm: ``x [M, K]`` bf16 -> ``[M, N]``
+    (smoothing, the tinygemm GEMM on the same codes, the low-rank branch and the bias)."""
+    packed, scales_zeros = tinygemm_operands(m)
+    down, up = m.proj_down.to(DTYPE), m.proj_up.to(DTYPE)
+    inv_smooth = (1.0 / m.smooth_factor).to(DTYPE)
+
+    def layer(x):
+        xs = x * inv_smooth
+        y = torch.ops.aten._weight_int4pack_mm(xs, packed, 64, scales_zeros)
+        return torch.addmm(y + m.bias, xs @ down, up.T)
+    return layer
+
+
 def v_tinygemm(M, N, K, lowrank):
     """PyTorch's int4 tinygemm (``_weight_int4pack_mm``) on the module's INT4-g64 codes: the weight-only GEMM alone
-    (``lowrank`` false, rank 0), or the whole rank-32 layer as PyTorch ops around it (smoothing, low-rank down and
-    up, bias): the few-token candidate of issue 20."""
+    (``lowrank`` false, rank 0), or the whole rank-32 layer of :func:`tinygemm_layer`: the few-token candidate of
+    issue 20."""
     def make():
         m = random_module(N, K, "none" if not lowrank else "int4", rank=RANK if lowrank else 0, execution="a16")
         x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+        if lowrank:
+            layer = tinygemm_layer(m)
+            return lambda: layer(x)
         packed, scales_zeros = tinygemm_operands(m)
-        if not lowrank:
-            return lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 64, scales_zeros)
-        down, up = m.proj_down.to(DTYPE), m.proj_up.to(DTYPE)
-        inv_smooth = (1.0 / m.smooth_factor).to(DTYPE)
-
-        def layer():
-            xs = x * inv_smooth
-            y = torch.ops.aten._weight_int4pack_mm(xs, packed, 64, scales_zeros)
-            return torch.addmm(y + m.bias, xs @ down, up.T)
-        return layer
+        return lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 64, scales_zeros)
     return make, N * K * 0.53 + 2 * M * K + 2 * M * N
 
 
 def check_tinygemm(log, M=16):
-    """The tinygemm rank-32 layer of :func:`v_tinygemm` against the a16 reference at each FLUX shape."""
+    """The tinygemm rank-32 layer of :func:`tinygemm_layer` against the a16 reference at each FLUX shape."""
     for (N, K) in SHAPES:
         m = random_module(N, K, "int4", rank=RANK, execution="a16")
         x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
-        packed, scales_zeros = tinygemm_operands(m)
-        xs = x * (1.0 / m.smooth_factor).to(DTYPE)
-        y = torch.ops.aten._weight_int4pack_mm(xs, packed, 64, scales_zeros)
-        y = torch.addmm(y + m.bias, xs @ m.proj_down.to(DTYPE), m.proj_up.to(DTYPE).T)
-        err = relative_error(y, a16_reference_forward(m, x))
+        err = relative_error(tinygemm_layer(m)(x), a16_reference_forward(m, x))
         log(f"  tinygemm_lr M={M} {N}x{K}: rel err vs a16 reference {err:.2e}")
 
 

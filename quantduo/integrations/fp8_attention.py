@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantduo.formats.attention_fp8 import fp8_attention_reference
-from quantduo.kernels.attention_fp8 import DEFAULT_BLOCK_M, DEFAULT_BLOCK_N, fp8_attention
+from quantduo.formats.attention_fp8 import DEFAULT_KV_BLOCK, DEFAULT_Q_BLOCK, fp8_attention_reference
+from quantduo.kernels.attention_fp8 import fp8_attention
 
 from .parallel import context_parallel_config
 
@@ -110,7 +110,7 @@ class FP8AttentionProcessor:
     def __new__(cls, original=None, *args, **kwargs):  # no arguments: copy / unpickle of a made wrapper
         return object.__new__(cls if original is None else _wrapper_class(type(original)))
 
-    def __init__(self, original, q_block: int = DEFAULT_BLOCK_M, kv_block: int = DEFAULT_BLOCK_N):
+    def __init__(self, original, q_block: int = DEFAULT_Q_BLOCK, kv_block: int = DEFAULT_KV_BLOCK):
         for name, blk in (("q_block", q_block), ("kv_block", kv_block)):
             if blk < 16 or blk & (blk - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
@@ -158,7 +158,7 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, "set_processor") and getattr(m, "processor", None) is not None]
 
 
-def enable_fp8_attention(model: nn.Module, q_block: int = DEFAULT_BLOCK_M, kv_block: int = DEFAULT_BLOCK_N) -> int:
+def enable_fp8_attention(model: nn.Module, q_block: int = DEFAULT_Q_BLOCK, kv_block: int = DEFAULT_KV_BLOCK) -> int:
     """Wrap every attention processor of ``model`` (a diffusers transformer, or any module holding some) in
     :class:`FP8AttentionProcessor`, in place. Idempotent. Returns the number of attention modules now wrapped."""
     modules = _attention_modules(model)

@@ -28,11 +28,10 @@ from quantduo.formats.attention_fp8 import (DEFAULT_KV_BLOCK, DEFAULT_Q_BLOCK, L
 
 from .common import to_e4m3
 
-__all__ = ["DEFAULT_BLOCK_M", "DEFAULT_BLOCK_N", "attention_on_codes", "default_warps", "fp8_attention",
-           "quantize_blocks_e4m3_kernel", "quantize_operands"]
+__all__ = ["attention_on_codes", "default_warps", "fp8_attention", "quantize_blocks_e4m3_kernel", "quantize_operands"]
 
-DEFAULT_BLOCK_M = DEFAULT_Q_BLOCK  # the quantization blocks are the tiles; with 4 warps and 3 stages the fastest of
-DEFAULT_BLOCK_N = DEFAULT_KV_BLOCK  # benchmarks/attention_fp8.py's tiles on an H100 (BENCHMARKS.md)
+# The tiles are the format's quantization blocks (block_m = DEFAULT_Q_BLOCK, block_n = DEFAULT_KV_BLOCK); with 4
+# warps and 3 stages, the fastest of benchmarks/attention_fp8.py's tiles on an H100 (BENCHMARKS.md).
 DEFAULT_STAGES = 3
 
 
@@ -138,8 +137,8 @@ def _check_kernel_inputs(q: torch.Tensor, block_m: int, block_n: int) -> None:
             raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
 
 
-def quantize_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int = DEFAULT_BLOCK_M,
-                      block_n: int = DEFAULT_BLOCK_N) -> tuple[torch.Tensor, ...]:
+def quantize_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int = DEFAULT_Q_BLOCK,
+                      block_n: int = DEFAULT_KV_BLOCK) -> tuple[torch.Tensor, ...]:
     """The three quantization launches of :func:`fp8_attention_launch`: (q8, k8, v8 codes float8_e4m3fn, zero-padded
     ``[B, H, S_pad, D]``, v8 token-contiguous; their float32 scales ``[B, H, S_pad / block]``) as
     ``(q8, k8, v8, sq, sk, sv)``."""
@@ -169,7 +168,7 @@ def attention_on_codes(operands: tuple[torch.Tensor, ...], s_q: int, s_kv: int, 
 
 
 def fp8_attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
-                         block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N, num_warps: int | None = None,
+                         block_m: int = DEFAULT_Q_BLOCK, block_n: int = DEFAULT_KV_BLOCK, num_warps: int | None = None,
                          num_stages: int = DEFAULT_STAGES) -> torch.Tensor:
     """The four launches over validated q ``[B, H, Sq, D]``, k, v ``[B, H, Skv, D]``: ``[B, H, Sq, D]`` in q's
     dtype (a transposed view of a ``[B, Sq, H, D]`` buffer, as diffusers' processors consume it)."""
@@ -191,7 +190,7 @@ def _fp8_attention_shape(q, k, v, sm_scale, block_m, block_n):
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,
-                  block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N) -> torch.Tensor:
+                  block_m: int = DEFAULT_Q_BLOCK, block_n: int = DEFAULT_KV_BLOCK) -> torch.Tensor:
     """FP8 attention of q ``[B, H, Sq, D]`` over k, v ``[B, H, Skv, D]`` (16/32-bit, any strides; D a power of two
     >= 16): ``[B, H, Sq, D]`` in q's dtype. Semantics of
     :func:`~quantduo.formats.attention_fp8.fp8_attention_reference` with ``q_block = block_m``,
