@@ -26,7 +26,7 @@ import triton.language as tl
 from quantduo.formats.attention_fp8 import (DEFAULT_KV_BLOCK, DEFAULT_Q_BLOCK, LOG2E, P_SCALE,
                                            check_attention_inputs)
 
-from .common import to_e4m3
+from .common import fp8_operand, to_e4m3
 
 __all__ = ["attention_on_codes", "default_warps", "fp8_attention", "quantize_blocks_e4m3_kernel", "quantize_operands"]
 
@@ -62,14 +62,6 @@ def _block_quant_kernel(X, Q, SCALE, S, stride_xb, stride_xh, stride_xs, stride_
 
 
 @triton.jit
-def _widen(x, NATIVE: tl.constexpr):
-    """fp8 codes as the dot operand: themselves on the GPU, float32 under the interpreter."""
-    if not NATIVE:
-        x = x.to(tl.float32)
-    return x
-
-
-@triton.jit
 def _attention_fp8_kernel(Q8, K8, V8, SQ, SK, SV, OUT, S_q, S_kv, H, n_q_blocks, n_kv_blocks, qk_scale,
                           stride_ob, stride_oh, stride_os, stride_od,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, EVEN_KV: tl.constexpr,
@@ -93,7 +85,7 @@ def _attention_fp8_kernel(Q8, K8, V8, SQ, SK, SV, OUT, S_q, S_kv, H, n_q_blocks,
     for j in range(0, n_kv_blocks):
         cols = j * BLOCK_N + n
         k = tl.load(k_base + cols[None, :] * D + d[:, None])  # [D, BLOCK_N], K-major
-        s = tl.dot(_widen(q, NATIVE), _widen(k, NATIVE)) * (q_scale * tl.load(SK + bh * n_kv_blocks + j))
+        s = tl.dot(fp8_operand(q, NATIVE), fp8_operand(k, NATIVE)) * (q_scale * tl.load(SK + bh * n_kv_blocks + j))
         if not EVEN_KV:
             s = tl.where(cols[None, :] < S_kv, s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -102,7 +94,7 @@ def _attention_fp8_kernel(Q8, K8, V8, SQ, SK, SV, OUT, S_q, S_kv, H, n_q_blocks,
         l_i = l_i * alpha + tl.sum(p, axis=1)
         p8 = to_e4m3(p * P_SCALE, NATIVE)
         v = tl.load(v_base + d[None, :] * s_kv_pad + cols[:, None])  # [BLOCK_N, D], token-contiguous in memory
-        pv = tl.dot(_widen(p8, NATIVE), _widen(v, NATIVE))
+        pv = tl.dot(fp8_operand(p8, NATIVE), fp8_operand(v, NATIVE))
         acc = acc * alpha[:, None] + pv * (tl.load(SV + bh * n_kv_blocks + j) * (1.0 / P_SCALE))
         m_i = m_new
     out = acc / l_i[:, None]

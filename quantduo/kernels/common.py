@@ -39,6 +39,15 @@ def to_e4m3(y, NATIVE: tl.constexpr):
 
 
 @triton.jit
+def fp8_operand(x, NATIVE: tl.constexpr):
+    """fp8 codes as a ``tl.dot`` operand: themselves on the GPU, widened to float32 under the interpreter (the same
+    values: every E4M3 value and every product of two is exact in float32)."""
+    if not NATIVE:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def smooth_tile(x, s):
     """``x / s`` computed in float32 with IEEE division, rounded to ``x``'s dtype."""
     return tl.math.div_rn(x.to(tl.float32), s.to(tl.float32)).to(x.dtype)
@@ -153,6 +162,28 @@ def k_splits(M: int, K: int, bm: int, bk: int, programs: int) -> int:
     while triton.cdiv(M, bm) * splits < programs and K % (splits * 2 * bk) == 0:
         splits *= 2
     return splits
+
+
+@triton.jit
+def split_k_add(part_t, rm, rn, M, N, PART, COUNTS, tile, SPLIT_K: tl.constexpr):
+    """Add one K slice's float32 partial tile ``part_t [BN, BM]`` (rows ``rn`` of N, tokens ``rm`` of M) into the
+    workspace PART ``[M, N]`` and count the slice in ``COUNTS[tile]``; True for the last slice of the tile."""
+    mask = (rm[None, :] < M) & (rn[:, None] < N)
+    tl.atomic_add(PART + rm.to(tl.int64)[None, :] * N + rn[:, None], part_t, mask=mask, sem="relaxed")
+    tl.debug_barrier()  # every thread's partial sum is issued before the counter increment (release)
+    return tl.atomic_add(COUNTS + tile, 1) == SPLIT_K - 1
+
+
+@triton.jit
+def split_k_take(rm, rn, M, N, PART, COUNTS, tile, BM: tl.constexpr, BN: tl.constexpr):
+    """The summed float32 tile ``[BM, BN]`` of the workspace (by the last slice, after :func:`split_k_add`), with
+    the workspace tile and the counter zeroed for the next call."""
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    ptrs = PART + rm.to(tl.int64)[:, None] * N + rn[None, :]
+    total = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+    tl.store(ptrs, tl.zeros((BM, BN), dtype=tl.float32), mask=mask)
+    tl.store(COUNTS + tile, 0)
+    return total
 
 
 _SPLIT_K_WORKSPACES: dict = {}

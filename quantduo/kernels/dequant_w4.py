@@ -23,24 +23,22 @@ from .common import dot_precision, rank_pad, scratch_buffer, to_e4m3, unpack_int
 
 
 @triton.jit
-def _dequant_w4_kernel(W, WS, LD, LU, SMOOTH, ROW_SCALE, OUT, N, K, R, stride_wsn, stride_wsg,
-                       HAS_LR: tl.constexpr, HAS_SMOOTH: tl.constexpr, SMOOTH_RECIP: tl.constexpr,
-                       FP8: tl.constexpr, NATIVE: tl.constexpr,
-                       RP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, PREC: tl.constexpr):
-    """Program (pid_n, pid_k): OUT ``[N, K]`` tile ``[BN, BK]`` = ``(q * scale + LU @ LD^T) / SMOOTH``.
+def w4_weight_tile(W, WS, LD, SMOOTH, up, row_scale, rn, k, N, K, R, stride_wsn, stride_wsg,
+                   HAS_LR: tl.constexpr, HAS_SMOOTH: tl.constexpr, SMOOTH_RECIP: tl.constexpr, FP8: tl.constexpr,
+                   NATIVE: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, G: tl.constexpr,
+                   PREC: tl.constexpr):
+    """The weight tile ``[BN, BK]`` of rows ``rn`` and inputs ``[k, k + BK)``: ``(q * scale + up @ LD^T) / SMOOTH``
+    in float32, or (FP8) times ``row_scale`` and rounded to float8_e4m3fn (saturated to +-448, nearest even).
 
-    W packed int4 uint8 ``[N, K/2]`` (low nibble = even input); WS float group scales ``[N, K/G]`` (strides
-    given); LD ``[K, R]``, LU ``[N, R]`` (HAS_LR); SMOOTH ``[K]`` (HAS_SMOOTH; SMOOTH_RECIP: it holds float32
-    ``1 / smooth`` and the tile is multiplied by it). BK is a multiple of G.
-    FP8: OUT is float8_e4m3fn and each row is first multiplied by ROW_SCALE ``[N]`` float32 (the inverse of its
-    fp8 scale), saturated to +-448 and rounded to nearest even.
-    The packed tile is loaded as ``[BN, BK/G, G/2]`` so that each group's scale is one broadcast value (no
+    W packed int4 uint8 ``[N, K/2]`` (low nibble = even input); WS float group scales ``[N, K/G]`` (strides given);
+    LD ``[K, R]`` and ``up`` the loaded ``[BN, RP]`` tile of the up-projection (HAS_LR); SMOOTH ``[K]``
+    (HAS_SMOOTH; SMOOTH_RECIP: it holds float32 ``1 / smooth`` and the tile is multiplied by it); ``row_scale``
+    float32 ``[BN]`` (FP8: the inverse of each row's fp8 scale). Rows ``rn >= N`` read as zeros. BK is a multiple
+    of G. The packed tile is loaded as ``[BN, BK/G, G/2]`` so that each group's scale is one broadcast value (no
     per-element scale gather).
     """
-    rn = tl.program_id(0) * BN + tl.arange(0, BN)
     nmask = rn[:, None] < N
     rn64 = rn.to(tl.int64)
-    k = tl.program_id(1) * BK
     g = tl.arange(0, BK // G)
     c = tl.arange(0, G // 2)
     packed = tl.load(W + rn64[:, None, None] * (K // 2) + (k // 2 + g * (G // 2))[None, :, None] + c[None, None, :],
@@ -52,7 +50,6 @@ def _dequant_w4_kernel(W, WS, LD, LU, SMOOTH, ROW_SCALE, OUT, N, K, R, stride_ws
     rk = k + tl.arange(0, BK)
     if HAS_LR:
         rr = tl.arange(0, RP)
-        up = tl.load(LU + rn64[:, None] * R + rr[None, :], mask=nmask & (rr[None, :] < R), other=0.0)
         down = tl.load(LD + rk[:, None].to(tl.int64) * R + rr[None, :], mask=rr[None, :] < R, other=0.0)
         w = tl.dot(up, tl.trans(down), w, input_precision=PREC)
     if HAS_SMOOTH:
@@ -61,11 +58,36 @@ def _dequant_w4_kernel(W, WS, LD, LU, SMOOTH, ROW_SCALE, OUT, N, K, R, stride_ws
         else:
             w = w / tl.load(SMOOTH + rk).to(tl.float32)[None, :]
     if FP8:
-        w = w * tl.load(ROW_SCALE + rn, mask=rn < N, other=0.0)[:, None]
+        w = w * row_scale[:, None]
         if not NATIVE:  # the hardware conversion saturates (satfinite); the interpreter's does not
             w = tl.minimum(tl.maximum(w, -448.0), 448.0)
         w = to_e4m3(w, NATIVE)
-    tl.store(OUT + rn64[:, None] * K + rk[None, :], w.to(OUT.dtype.element_ty), mask=nmask)
+    return w
+
+
+@triton.jit
+def low_rank_up_tile(LU, rn, N, R, RP: tl.constexpr):
+    """Rows ``rn`` of the up-projection LU ``[N, R]`` as a ``[BN, RP]`` tile (zeros past N and R)."""
+    rr = tl.arange(0, RP)
+    return tl.load(LU + rn.to(tl.int64)[:, None] * R + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R),
+                   other=0.0)
+
+
+@triton.jit
+def _dequant_w4_kernel(W, WS, LD, LU, SMOOTH, ROW_SCALE, OUT, N, K, R, stride_wsn, stride_wsg,
+                       HAS_LR: tl.constexpr, HAS_SMOOTH: tl.constexpr, SMOOTH_RECIP: tl.constexpr,
+                       FP8: tl.constexpr, NATIVE: tl.constexpr,
+                       RP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, PREC: tl.constexpr):
+    """Program (pid_n, pid_k): OUT ``[N, K]`` tile ``[BN, BK]`` = :func:`w4_weight_tile` (LU ``[N, R]``; FP8: OUT
+    is float8_e4m3fn and ROW_SCALE ``[N]`` float32)."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    k = tl.program_id(1) * BK
+    up = low_rank_up_tile(LU, rn, N, R, RP) if HAS_LR else 0.0
+    row_scale = tl.load(ROW_SCALE + rn, mask=rn < N, other=0.0) if FP8 else 0.0
+    w = w4_weight_tile(W, WS, LD, SMOOTH, up, row_scale, rn, k, N, K, R, stride_wsn, stride_wsg, HAS_LR, HAS_SMOOTH,
+                       SMOOTH_RECIP, FP8, NATIVE, RP, BN, BK, G, PREC)
+    rk = k + tl.arange(0, BK)
+    tl.store(OUT + rn.to(tl.int64)[:, None] * K + rk[None, :], w.to(OUT.dtype.element_ty), mask=rn[:, None] < N)
 
 
 def _pick(K: int, group_size: int, low_rank: bool) -> tuple[int, int, int]:
