@@ -1,7 +1,7 @@
 """Check and time the executions of the 4-bit linear layer at FLUX.1 shapes against bf16 ``F.linear`` (one GPU call).
 
-    PYTHONPATH=. python benchmarks/linear.py [--tokens M ...] [--small | --small-sweep | --fp8exec | --gelu-quant |
-                                                           --decode]
+    PYTHONPATH=. python benchmarks/linear.py [--tokens M ...] [--small | --small-sweep | --mid | --fp8exec |
+                                                           --gelu-quant | --decode]
                                              [--sweep] [--quality] [--no-table] [--smoke] [--out DIR]
 
 Layers: ``SVDQuantLinear`` INT4-g64, rank 32, bf16, random buffers; one stored W4A4 layer run by each execution of
@@ -21,7 +21,9 @@ Layers: ``SVDQuantLinear`` INT4-g64, rank 32, bf16, random buffers; one stored W
 Default run: correctness of every execution against its PyTorch reference (M = 201 with leading dims, and the
 few-token paths at M = 1, 16, 64, repeated: split-K workspaces), then the table at ``--tokens`` (default 1 4 16 64
 4608). ``--small``: only the checks and the table at M = 1, 4, 16, 64. ``--small-sweep``: tiles of the skinny GEMM
-and kernel 1 at M = 16. ``--fp8exec`` (only) / ``--sweep`` (after the table): the fp8 execution's stages above 64
+and kernel 1 at M = 16. ``--mid``: 16 to 1024 tokens (``--tokens`` overrides), the fp8 execution's paths side by
+side: the module as dispatched, the mixed-input GEMM ``fp8_w4_gemm`` (with the row quantization; default and best
+of a tile sweep) and the expansion + ``_scaled_mm``, each checked against the fp8 reference first. ``--fp8exec`` (only) / ``--sweep`` (after the table): the fp8 execution's stages above 64
 tokens (row quantization, the fp8 expansion with a tile sweep, ``_scaled_mm``, the module). ``--gelu-quant``: the
 fp8 row quantization with its GELU at FLUX widths (``--tokens``). ``--decode``: one token
 at Llama-3-8B shapes (bf16, the ``a16`` module = smoothing + GEMV, the GEMV alone, PyTorch's int4 tinygemm, GEMV
@@ -50,6 +52,7 @@ if not torch.cuda.is_available():  # --smoke on the CPU: the Triton kernels run 
 
 import torch.nn.functional as F  # noqa: E402
 
+from quantduo.engine import linear as engine  # noqa: E402
 from quantduo.engine.linear import (SKINNY_MAX_TOKENS, a16_reference_forward, cpu_kernels,  # noqa: E402
                                     fp8_reference_forward, reference_forward)
 from quantduo.formats import quantizers as qz  # noqa: E402
@@ -58,6 +61,7 @@ from quantduo.formats.fp8 import quantize_fp8_per_token_ref, quantize_fp8_weight
 from quantduo.kernels.act_quant import act_quant  # noqa: E402
 from quantduo.kernels.dequant_w4 import dequant_w4  # noqa: E402
 from quantduo.kernels.fp8_linear import expand_w4_fp8, quantize_fp8_per_token  # noqa: E402
+from quantduo.kernels.fp8_w4_gemm import fp8_w4_gemm, pick_config  # noqa: E402
 from quantduo.kernels.gemm_w4_skinny import _pick as skinny_pick  # noqa: E402
 from quantduo.kernels.gemm_w4_skinny import w4_skinny_gemm  # noqa: E402
 from quantduo.kernels.gemv_w4 import w4_gemv  # noqa: E402
@@ -71,6 +75,7 @@ LLAMA_SHAPES = {"q/o_proj": (4096, 4096), "k/v_proj": (1024, 4096), "gate/up_pro
 GEMV_SWEEP = [dict(BN=bn, BKW=bkw, num_warps=w, num_stages=s) for bn in (4, 8, 16, 32) for bkw in (64, 128, 256)
               for w in (4, 8) for s in (3,) if 512 <= bn * bkw <= 4096]
 SMALL_TOKENS = [1, 4, 16, 64]
+MID_TOKENS = [16, 32, 64, 128, 256, 512, 1024]
 TOKENS = SMALL_TOKENS + [4608]
 KINDS = ["w4a16", "exact", "a16", "fp8", "fp8_precise"]
 RANK = 32
@@ -465,6 +470,97 @@ def fp8exec(log, results, tokens):
                 f"({tb / tm:.2f}x; without quant {tb / max(tm - tq, 1e-3):.2f}x)")
 
 
+@contextlib.contextmanager
+def fused_limit(tokens: int):
+    """The engine's FP8_FUSED_MAX_TOKENS set to ``tokens`` inside the block (0: the fp8 execution always expands)."""
+    old, engine.FP8_FUSED_MAX_TOKENS = engine.FP8_FUSED_MAX_TOKENS, tokens
+    try:
+        yield
+    finally:
+        engine.FP8_FUSED_MAX_TOKENS = old
+
+
+def fused_call(m, x, config=None):
+    """The fp8 execution's mixed-input path of layer ``m`` on ``x [M, K]``: row quantization + ``fp8_w4_gemm``."""
+    xq, xs = quantize_fp8_per_token(x)
+    return fp8_w4_gemm(xq, xs, m.qweight, m.wscales, m.proj_down, m.proj_up, m.fp8_inv_smooth, m.fp8_inv_wscale,
+                       m.fp8_wscale, m.bias_a16, x.dtype, 64, True, config)
+
+
+def expanded_call(m, x):
+    """The fp8 execution's expansion path (whatever the token count): row quantization, expansion, _scaled_mm."""
+    with fused_limit(0):
+        xq, xs = quantize_fp8_per_token(x)
+        return engine._fp8_gemm(m, xq, xs, x.dtype)
+
+
+def v_fp8_path(M, N, K, path, config=None):
+    """path: module (the fp8 execution as dispatched) | fused (:func:`fused_call`) | expanded
+    (:func:`expanded_call`); each over its own rotating layers."""
+    def make():
+        x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+        m = random_module(N, K, execution="fp8")
+        if path == "module":
+            return lambda: m(x)
+        if path == "fused":
+            return lambda: fused_call(m, x, config)
+        return lambda: expanded_call(m, x)
+    return make, 2 * M * K + N * K * 0.53 + 2 * M * N
+
+
+MID_SWEEP = [[bn, bk, sm, w, st] for bn, bk, w in ((64, 128, 4), (64, 256, 4), (128, 128, 8), (128, 64, 4))
+             for sm in (0.5, 1, 2) for st in (3,)]
+MID_SWEEP_TOKENS = (64, 256)  # token counts with a tile sweep of the mixed-input GEMM
+
+
+def mid_table(log, results, tokens):
+    """16 to 1024 tokens: the fp8 execution's module, mixed-input GEMM (default tiles and the best of MID_SWEEP) and
+    expansion path against bf16 F.linear, after checking both paths against the fp8 reference."""
+    for (N, K) in SHAPES:
+        m = random_module(N, K, execution="fp8")
+        for M in sorted({min(tokens), 128, max(tokens)}):
+            x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+            expected = fp8_reference_forward(m, x)
+            with _kernels_context():
+                errs = {"fused": relative_error(fused_call(m, x), expected),
+                        "expanded": relative_error(expanded_call(m, x), expected),
+                        "fused repeat": max(relative_error(fused_call(m, x), expected) for _ in range(3))}
+            log(f"  check M={M} {N}x{K}: " + " ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+            if not max(errs.values()) < 8e-3:
+                log(f"CORRECTNESS FAILED M={M} {N}x{K}")
+    rows = []
+    for M in tokens:
+        for (N, K) in SHAPES:
+            copies = 128 if M <= 256 else 32
+            t = {"bf16": time_graph(*v_bf16(M, N, K), max_copies=copies)}
+            for path in ("module", "fused", "expanded"):
+                t[path] = time_graph(*v_fp8_path(M, N, K, path), max_copies=copies)
+            auto = pick_config(M, N, K, 64)
+            sweep = {}
+            for bn, bk, sm, w, st in MID_SWEEP if M in MID_SWEEP_TOKENS else []:
+                split = max(1, int(auto["SPLIT_K"] * sm * 64 / bn))
+                cfg = [auto["BM"], bn, bk, split, w, st]
+                if K % (bk * split):
+                    continue
+                try:
+                    sweep[json.dumps(cfg)] = time_graph(*v_fp8_path(M, N, K, "fused", cfg), max_copies=copies)
+                except Exception as ex:  # noqa: BLE001 - a config that does not compile is reported and skipped
+                    log(f"    fused {cfg} failed: {str(ex)[:100]}")
+            best = min(sweep, key=sweep.get) if sweep else None
+            t["fused_best"] = min(sweep.values(), default=t["fused"])
+            rows.append(dict(M=M, N=N, K=K, us=t, default=auto, best=best, sweep=sweep))
+            log(f"  M={M:5d} {N:5d}x{K:5d} " + " ".join(f"{k}={v:.1f}" for k, v in t.items())
+                + f" default {auto} best {best}")
+    names = ["module", "fused", "fused_best", "expanded"]
+    log("\n| M | N x K | " + " | ".join(names) + " | bf16 us |")
+    log("| --- | --- | " + " | ".join("---" for _ in names) + " | --- |")
+    for r in rows:
+        tb = r["us"]["bf16"]
+        log(f"| {r['M']} | {r['N']}x{r['K']} | " + " | ".join(f"{tb / r['us'][n]:.2f}x" for n in names)
+            + f" | {tb:.1f} |")
+    results["mid"] = rows
+
+
 GELU_QUANT_WIDTHS = [(3072, 12288), (0, 12288)]  # FLUX single block: cat(attention, GELU(mlp)); GELU MLP fc2
 
 
@@ -594,6 +690,8 @@ def parse_args(argv=None):
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--small", action="store_true", help=f"only the few-token checks and table (M = {SMALL_TOKENS})")
     mode.add_argument("--small-sweep", action="store_true", help="only the skinny GEMM / kernel 1 tile sweeps (M = 16)")
+    mode.add_argument("--mid", action="store_true",
+                      help=f"only the fp8 paths at 16-1024 tokens (default {' '.join(map(str, MID_TOKENS))})")
     mode.add_argument("--fp8exec", action="store_true",
                       help="only the fp8 execution's stages and the fp8 expansion tile sweep (M > 64 of --tokens)")
     mode.add_argument("--gelu-quant", action="store_true",
@@ -635,6 +733,10 @@ def main(argv=None):
         quality(log, results, shapes=[(96, 128, False), (64, 192, True)], tokens=96)
         log(f"  [quality {time.time() - t0:.0f}s]")
         args.quality = False
+        args.no_table = True
+    elif args.mid:
+        mid_table(log, results, MID_TOKENS if args.tokens == TOKENS else args.tokens)
+        log(f"  [mid {time.time() - t0:.0f}s]")
         args.no_table = True
     elif args.fp8exec:
         fp8exec(log, results, args.tokens)

@@ -24,8 +24,9 @@ exact, NVFP4  any                        Triton weight dequantization + the refe
 a16, NVFP4    any                        Triton weight dequantization + 16-bit activations (PyTorch)
 a16           1 / <= 64 / more           GEMV / smoothing kernel + skinny GEMM / the weight reconstructed
                                          into a scratch buffer + cuBLAS (also the W4A16 formats' ``exact``)
-fp8           <= 64 / more               ``a16`` / per-token fp8 activations x the weight expanded into fp8
-                                         + one row-wise scaled ``torch._scaled_mm``
+fp8           <= 64 / <= 256 / more      ``a16`` / per-token fp8 activations x INT4 weights expanded into fp8
+                                         tiles inside the GEMM (``fp8_w4_gemm``) / the weight expanded into
+                                         an fp8 buffer + one row-wise scaled ``torch._scaled_mm``
 ============  =========================  ============================================================
 
 Kernels run on CUDA tensors; on the CPU the same paths run their PyTorch references, unless
@@ -49,6 +50,7 @@ from quantduo.formats.registry import act_family
 from quantduo.kernels.act_quant import act_quant
 from quantduo.kernels.dequant_w4 import dequant_w4
 from quantduo.kernels.fp8_linear import expand_w4_fp8, fp8_rowwise_gemm, quantize_fp8_per_token
+from quantduo.kernels.fp8_w4_gemm import fp8_w4_gemm
 from quantduo.kernels.gemm_w4_skinny import w4_skinny_gemm
 from quantduo.kernels.gemv_w4 import w4_gemv
 from quantduo.kernels.nvfp4 import nvfp4_dequant
@@ -56,6 +58,9 @@ from quantduo.kernels.nvfp4 import nvfp4_dequant
 # Token counts up to which INT4 layers run the skinny split-K GEMM (weights as the wide tensor-core operand); above
 # it W4A4 dequantizes for cuBLAS, 16-bit activations reconstruct the weight, fp8 expands it into fp8.
 SKINNY_MAX_TOKENS = 64
+# Token counts up to which the fp8 execution expands the INT4 weights inside its GEMM (fp8_w4_gemm); above it the
+# weight is expanded into an fp8 buffer once per call and the GEMM is cuBLAS's.
+FP8_FUSED_MAX_TOKENS = 256
 # Token counts up to which 16-bit activations run the CUDA-core GEMV (decoding).
 GEMV_MAX_TOKENS = 1
 # Compute capability from which CUDA GPUs have fp8 tensor cores (Ada, Hopper, Blackwell).
@@ -331,9 +336,14 @@ def _w4a4_kernels(layer, x2: torch.Tensor) -> torch.Tensor:
 
 def _fp8_gemm(layer, xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """fp8 activations ``xq [M, K]`` (float8_e4m3fn, per-token scales float32 ``[M]``) times the layer weight
-    expanded into fp8: one row-wise scaled GEMM + ``bias_a16`` -> ``[M, N]`` in out_dtype. Traceable by
-    ``torch.compile`` (no host syncs, no shared scratch buffers)."""
+    in fp8 + ``bias_a16`` -> ``[M, N]`` in out_dtype: up to :data:`FP8_FUSED_MAX_TOKENS` tokens expanded inside the
+    GEMM, above it into a buffer for one row-wise scaled GEMM. Traceable by ``torch.compile`` (no host syncs, no
+    shared scratch buffers between operators)."""
     inv_smooth = None if layer.smoothing_folded_out else layer.fp8_inv_smooth
+    if xq.shape[0] <= FP8_FUSED_MAX_TOKENS:
+        return fp8_w4_gemm(xq, x_scale, layer.qweight, layer.wscales, *_low_rank_factors(layer), inv_smooth,
+                           layer.fp8_inv_wscale, layer.fp8_wscale, layer.bias_a16, out_dtype, layer.group_size,
+                           layer.fast_accum)
     w8 = expand_w4_fp8(layer.qweight, layer.wscales, *_low_rank_factors(layer), inv_smooth, layer.fp8_inv_wscale,
                        layer.group_size)
     return fp8_rowwise_gemm(xq, w8, x_scale, layer.fp8_wscale, layer.bias_a16, out_dtype, fast_accum=layer.fast_accum)

@@ -33,7 +33,7 @@ def _fp8_w4_gemm_kernel(
     XQ, XS, W, WS, LD, LU, INV_SMOOTH, INV_WSCALE, WSCALE, BIAS, OUT, PART, COUNTS,
     M, N, K, R, STEPS_PER_SPLIT, stride_xm, stride_wsn, stride_wsg,
     HAS_LR: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    NATIVE: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, G: tl.constexpr,
+    FAST_ACCUM: tl.constexpr, NATIVE: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, G: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """Program (tile, pid_k): OUT ``[M, N]`` rows ``[BN]`` x tokens ``[BM]``, K steps of slice pid_k.
@@ -57,9 +57,12 @@ def _fp8_w4_gemm_kernel(
         w8 = w4_weight_tile(W, WS, LD, INV_SMOOTH, up, inv_wscale, rn, k, N, K, R, stride_wsn, stride_wsg, HAS_LR,
                             HAS_SMOOTH, True, True, NATIVE, RP, BN, BK, G, PREC)
         xq = tl.load(XQ + rm_l[:, None] * stride_xm + (k + tl.arange(0, BK))[None, :])
+        a, b = fp8_operand(w8, NATIVE), tl.trans(fp8_operand(xq, NATIVE))
         # widened operands (interpreter): exact float32 products; native fp8 operands ignore the precision
-        acc = tl.dot(fp8_operand(w8, NATIVE), tl.trans(fp8_operand(xq, NATIVE)), acc,
-                     input_precision="tf32" if NATIVE else "ieee")
+        if FAST_ACCUM:  # Hopper's fp8 accumulators along the whole slice
+            acc = tl.dot(a, b, acc, input_precision="tf32" if NATIVE else "ieee")
+        else:  # promoted to float32 after every BK inputs
+            acc = tl.dot(a, b, acc, input_precision="tf32" if NATIVE else "ieee", max_num_imprecise_acc=BK)
     wscale = tl.load(WSCALE + rn, mask=rn < N, other=0.0)
     acc = acc * wscale[:, None] * tl.load(XS + rm_l)[None, :]
     if SPLIT_K > 1:
@@ -120,7 +123,7 @@ def _check(xq, x_scale, qweight, wscales, lora_down, lora_up, inv_smooth, inv_ws
 def fp8_w4_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor,
                 lora_down: torch.Tensor | None, lora_up: torch.Tensor | None, inv_smooth: torch.Tensor | None,
                 inv_wscale: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-                group_size: int, config: list[int] | None = None) -> torch.Tensor:
+                group_size: int, fast_accum: bool = True, config: list[int] | None = None) -> torch.Tensor:
     """``[M, N]`` in out_dtype: ``x_scale[m] * wscale[n] * (xq @ e4m3(W * inv_wscale[n])^T) + bias``.
 
     Args:
@@ -129,6 +132,8 @@ def fp8_w4_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, 
         lora_down ``[K, r]`` / lora_up ``[N, r]``: the low-rank branch (both or neither); inv_smooth: float32
             ``[K]`` = ``1 / smooth``, or None (no smoothing).
         inv_wscale / wscale: float32 ``[N]``, the fp8 weight scale and its inverse; bias ``[N]`` or None.
+        fast_accum: Hopper's fp8 accumulation along each K slice (as ``torch._scaled_mm(use_fast_accum=True)``);
+            False: promoted to float32 after every BK inputs.
         config: [BM, BN, BK, SPLIT_K, num_warps, num_stages] (default :func:`pick_config`).
     A ``torch.library`` custom op: compiled graphs call it as one opaque kernel.
     """
@@ -153,12 +158,12 @@ def fp8_w4_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, 
         inv_smooth if inv_smooth is not None else dummy, inv_wscale, wscale, bias if bias is not None else dummy,
         out, part, counts, M, N, K, r, K // cfg["BK"] // split, xq.stride(0), wscales.stride(0), wscales.stride(1),
         HAS_LR=r > 0, HAS_SMOOTH=inv_smooth is not None, HAS_BIAS=bias is not None, SPLIT_K=split,
-        NATIVE=xq.is_cuda, RP=rank_pad(r), G=group_size, PREC=dot_precision(lora_up.dtype if r else wscales.dtype),
+        FAST_ACCUM=fast_accum, NATIVE=xq.is_cuda, RP=rank_pad(r), G=group_size, PREC=dot_precision(lora_up.dtype if r else wscales.dtype),
         **cfg)
     return out
 
 
 @fp8_w4_gemm.register_fake
 def _fp8_w4_gemm_shape(xq, x_scale, qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, wscale, bias,
-                       out_dtype, group_size, config=None):
+                       out_dtype, group_size, fast_accum=True, config=None):
     return xq.new_empty(xq.shape[0], qweight.shape[0], dtype=out_dtype)

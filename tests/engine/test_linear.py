@@ -258,6 +258,42 @@ def test_fp8_few_tokens_is_a16(rows):
             assert relative_error(y, fp8_reference_forward(fp8, x)) < 5e-3
 
 
+@pytest.mark.parametrize("fast_accum", [True, False])
+def test_fp8_fused_then_expanded(fast_accum, monkeypatch):
+    """Above SKINNY_MAX_TOKENS and up to FP8_FUSED_MAX_TOKENS tokens the fp8 execution expands the INT4 weights inside
+    its GEMM (fp8_w4_gemm), one token more it expands them into a buffer for the row-wise scaled GEMM; both give the
+    fp8 reference."""
+    calls = []
+    for name in ("fp8_w4_gemm", "expand_w4_fp8"):
+        real = getattr(engine, name)
+        monkeypatch.setattr(engine, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    torch.manual_seed(2)
+    m = _random_layer(128, 40, "int4", execution="fp8")
+    m.set_execution("fp8", fast_accum)
+    x = torch.randn(engine.FP8_FUSED_MAX_TOKENS + 1, 128, dtype=torch.float16)
+    with cpu_kernels():
+        for rows, path in ((SKINNY_MAX_TOKENS + 1, "fp8_w4_gemm"), (engine.FP8_FUSED_MAX_TOKENS, "fp8_w4_gemm"),
+                           (engine.FP8_FUSED_MAX_TOKENS + 1, "expand_w4_fp8")):
+            calls.clear()
+            y = m(x[:rows])
+            assert calls == [path], rows
+            assert relative_error(y, fp8_reference_forward(m, x[:rows])) < 5e-3
+
+
+def test_fp8_fused_compiles_into_one_graph():
+    """The fused fp8 GEMM is one custom operator to torch.compile: a fullgraph compile of the layer at 100 tokens
+    (activation quantization traced, the GEMM opaque) gives the eager result."""
+    torch.manual_seed(3)
+    m = _random_layer(128, 48, "int4", execution="fp8")
+    x = torch.randn(100, 128, dtype=torch.float16)
+    torch._dynamo.reset()
+    with cpu_kernels(), torch.no_grad():
+        eager = m(x)
+        compiled = torch.compile(m, fullgraph=True)(x)
+    assert relative_error(compiled, eager) < 1e-3
+    assert relative_error(eager, fp8_reference_forward(m, x)) < 5e-3
+
+
 # --------------------------------------------------------------------------------------------------
 # auto resolution
 # --------------------------------------------------------------------------------------------------
