@@ -90,6 +90,26 @@ def _dequant_w4_kernel(W, WS, LD, LU, SMOOTH, ROW_SCALE, OUT, N, K, R, stride_ws
     tl.store(OUT + rn.to(tl.int64)[:, None] * K + rk[None, :], w.to(OUT.dtype.element_ty), mask=rn[:, None] < N)
 
 
+def check_w4_weight(qweight: torch.Tensor, wscales: torch.Tensor, group_size: int, lora_down: torch.Tensor | None,
+                    lora_up: torch.Tensor | None) -> tuple[int, int, int]:
+    """(N, K, rank) of an INT4 layer's stored weight, or a ValueError naming what does not fit: qweight contiguous
+    uint8 ``[N, K // 2]`` with K a multiple of group_size, wscales ``[N, K // group_size]``, and lora_down
+    ``[K, r]`` / lora_up ``[N, r]`` (both or neither)."""
+    N, K = qweight.shape[0], 2 * qweight.shape[1]
+    if qweight.dtype != torch.uint8 or not qweight.is_contiguous() or K % group_size:
+        raise ValueError(f"qweight must be contiguous uint8 [N, K/2] with K a multiple of {group_size}, got "
+                         f"{qweight.dtype} {tuple(qweight.shape)}")
+    if wscales.shape != (N, K // group_size):
+        raise ValueError(f"wscales must be [N, K/{group_size}] = [{N}, {K // group_size}], got {tuple(wscales.shape)}")
+    if (lora_down is None) != (lora_up is None):
+        raise ValueError("lora_down and lora_up come together")
+    r = 0 if lora_down is None else lora_down.shape[1]
+    if r and (lora_down.shape != (K, r) or lora_up.shape != (N, r)):
+        raise ValueError(f"low-rank factors must be [K, r] = [{K}, {r}] and [N, r] = [{N}, {r}], got "
+                         f"{tuple(lora_down.shape)} and {tuple(lora_up.shape)}")
+    return N, K, r
+
+
 def _pick(K: int, group_size: int, low_rank: bool) -> tuple[int, int, int]:
     """(BN, BK, num_warps): best of a sweep at FLUX shapes on an H100 (BENCHMARKS.md, seventh FLUX round)."""
     bn, bk = (64, 128) if low_rank else (32, 256)
@@ -114,16 +134,7 @@ def dequant_w4(qweight: torch.Tensor, wscales: torch.Tensor, dtype: torch.dtype,
         scratch: write into the shared per-device buffer (valid until the next expansion on the stream).
         config: (BN, BK, num_warps); BK a multiple of group_size dividing K.
     """
-    N, K = qweight.shape[0], 2 * qweight.shape[1]
-    if qweight.dtype != torch.uint8 or wscales.shape != (N, K // group_size) or K % group_size:
-        raise ValueError(f"qweight must be uint8 [N, K/2] and wscales [N, K/{group_size}], got "
-                         f"{qweight.dtype} {tuple(qweight.shape)} and {tuple(wscales.shape)}")
-    if (lora_down is None) != (lora_up is None):
-        raise ValueError("lora_down and lora_up come together")
-    r = 0 if lora_down is None else lora_down.shape[1]
-    if r and (lora_down.shape != (K, r) or lora_up.shape != (N, r)):
-        raise ValueError(f"low-rank factors must be [K, r] = [{K}, {r}] and [N, r] = [{N}, {r}], got "
-                         f"{tuple(lora_down.shape)} and {tuple(lora_up.shape)}")
+    N, K, r = check_w4_weight(qweight, wscales, group_size, lora_down, lora_up)
     if smooth is not None and inv_smooth is not None:
         raise ValueError("give smooth or inv_smooth, not both")
     recip = inv_smooth is not None

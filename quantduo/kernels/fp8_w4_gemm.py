@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .common import dot_precision, fp8_operand, rank_pad, split_k_add, split_k_take, split_k_workspace
-from .dequant_w4 import low_rank_up_tile, w4_weight_tile
+from .dequant_w4 import check_w4_weight, low_rank_up_tile, w4_weight_tile
 
 
 @triton.jit
@@ -98,22 +98,12 @@ def pick_config(M: int, N: int, K: int, group_size: int) -> dict:
 
 def _check(xq, x_scale, qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, wscale, group_size):
     """Shapes and dtypes of :func:`fp8_w4_gemm`'s operands (a clear error instead of a wrong answer)."""
-    M, K = xq.shape
-    N = qweight.shape[0]
-    if xq.dtype != torch.float8_e4m3fn or xq.stride(1) != 1 or x_scale.shape != (M,) or x_scale.dtype != torch.float32:
-        raise ValueError(f"xq must be float8_e4m3fn [M, K] with unit column stride and x_scale float32 [M], got "
-                         f"{xq.dtype} {tuple(xq.shape)} and {x_scale.dtype} {tuple(x_scale.shape)}")
-    if qweight.dtype != torch.uint8 or qweight.shape != (N, K // 2) or not qweight.is_contiguous() or K % group_size:
-        raise ValueError(f"qweight must be contiguous uint8 [N, K/2] = [N, {K // 2}] with K a multiple of "
-                         f"{group_size}, got {qweight.dtype} {tuple(qweight.shape)}")
-    if wscales.shape != (N, K // group_size):
-        raise ValueError(f"wscales must be [N, K/{group_size}] = [{N}, {K // group_size}], got {tuple(wscales.shape)}")
-    if (lora_down is None) != (lora_up is None):
-        raise ValueError("lora_down and lora_up come together")
-    r = 0 if lora_down is None else lora_down.shape[1]
-    if r and (lora_down.shape != (K, r) or lora_up.shape != (N, r)):
-        raise ValueError(f"low-rank factors must be [K, r] = [{K}, {r}] and [N, r] = [{N}, {r}], got "
-                         f"{tuple(lora_down.shape)} and {tuple(lora_up.shape)}")
+    N, K, _ = check_w4_weight(qweight, wscales, group_size, lora_down, lora_up)
+    M = xq.shape[0]
+    if xq.dtype != torch.float8_e4m3fn or xq.shape != (M, K) or xq.stride(1) != 1 or x_scale.shape != (M,) \
+            or x_scale.dtype != torch.float32:
+        raise ValueError(f"xq must be float8_e4m3fn [M, K] = [M, {K}] with unit column stride and x_scale float32 "
+                         f"[M], got {xq.dtype} {tuple(xq.shape)} and {x_scale.dtype} {tuple(x_scale.shape)}")
     for name, t, n in (("inv_smooth", inv_smooth, K), ("inv_wscale", inv_wscale, N), ("wscale", wscale, N)):
         if t is not None and (t.shape != (n,) or t.dtype != torch.float32):
             raise ValueError(f"{name} must be float32 [{n}], got {t.dtype} {tuple(t.shape)}")

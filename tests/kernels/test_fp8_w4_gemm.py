@@ -97,6 +97,11 @@ def test_fp8_w4_gemm_zero_tokens_and_bad_inputs():
     assert fp8_w4_gemm(**empty, out_dtype=torch.float16, group_size=64).shape == (0, 64)
     with pytest.raises(ValueError, match="float8_e4m3fn"):
         fp8_w4_gemm(**dict(args, xq=args["xq"].float()), out_dtype=torch.float16, group_size=64)
+    with pytest.raises(ValueError, match="xq must be"):  # K of the activations is not K of the weight
+        fp8_w4_gemm(**dict(args, xq=args["xq"][:, :128].contiguous()), out_dtype=torch.float16, group_size=64)
+    with pytest.raises(ValueError, match="contiguous uint8"):
+        fp8_w4_gemm(**dict(args, qweight=args["qweight"].t().contiguous().t()), out_dtype=torch.float16,
+                    group_size=64)
     with pytest.raises(ValueError, match="wscales"):
         fp8_w4_gemm(**dict(args, wscales=args["wscales"][:, 1:]), out_dtype=torch.float16, group_size=64)
     with pytest.raises(ValueError, match="come together"):
