@@ -523,8 +523,11 @@ def mid_table(log, results, tokens):
             expected = fp8_reference_forward(m, x)
             with _kernels_context():
                 errs = {"fused": relative_error(fused_call(m, x), expected),
-                        "expanded": relative_error(expanded_call(m, x), expected),
                         "fused repeat": max(relative_error(fused_call(m, x), expected) for _ in range(3))}
+                try:  # cuBLAS has no fp8 algorithm for some few-token shapes (the engine expands above 256 only)
+                    errs["expanded"] = relative_error(expanded_call(m, x), expected)
+                except RuntimeError as ex:
+                    log(f"  expanded M={M} {N}x{K}: {str(ex)[:100]}")
             log(f"  check M={M} {N}x{K}: " + " ".join(f"{k} {v:.2e}" for k, v in errs.items()))
             if not max(errs.values()) < 8e-3:
                 log(f"CORRECTNESS FAILED M={M} {N}x{K}")
@@ -534,7 +537,11 @@ def mid_table(log, results, tokens):
             copies = 128 if M <= 256 else 32
             t = {"bf16": time_graph(*v_bf16(M, N, K), max_copies=copies)}
             for path in ("module", "fused", "expanded"):
-                t[path] = time_graph(*v_fp8_path(M, N, K, path), max_copies=copies)
+                try:
+                    t[path] = time_graph(*v_fp8_path(M, N, K, path), max_copies=copies)
+                except RuntimeError as ex:  # see the check above
+                    t[path] = float("nan")
+                    log(f"    {path} M={M} {N}x{K} failed: {str(ex)[:100]}")
             auto = pick_config(M, N, K, 64)
             sweep = {}
             for bn, bk, sm, w, st in MID_SWEEP if M in MID_SWEEP_TOKENS else []:

@@ -164,28 +164,6 @@ def k_splits(M: int, K: int, bm: int, bk: int, programs: int) -> int:
     return splits
 
 
-@triton.jit
-def split_k_add(part_t, rm, rn, M, N, PART, COUNTS, tile, SPLIT_K: tl.constexpr):
-    """Add one K slice's float32 partial tile ``part_t [BN, BM]`` (rows ``rn`` of N, tokens ``rm`` of M) into the
-    workspace PART ``[M, N]`` and count the slice in ``COUNTS[tile]``; True for the last slice of the tile."""
-    mask = (rm[None, :] < M) & (rn[:, None] < N)
-    tl.atomic_add(PART + rm.to(tl.int64)[None, :] * N + rn[:, None], part_t, mask=mask, sem="relaxed")
-    tl.debug_barrier()  # every thread's partial sum is issued before the counter increment (release)
-    return tl.atomic_add(COUNTS + tile, 1) == SPLIT_K - 1
-
-
-@triton.jit
-def split_k_take(rm, rn, M, N, PART, COUNTS, tile, BM: tl.constexpr, BN: tl.constexpr):
-    """The summed float32 tile ``[BM, BN]`` of the workspace (by the last slice, after :func:`split_k_add`), with
-    the workspace tile and the counter zeroed for the next call."""
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    ptrs = PART + rm.to(tl.int64)[:, None] * N + rn[None, :]
-    total = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-    tl.store(ptrs, tl.zeros((BM, BN), dtype=tl.float32), mask=mask)
-    tl.store(COUNTS + tile, 0)
-    return total
-
-
 _SPLIT_K_WORKSPACES: dict = {}
 
 

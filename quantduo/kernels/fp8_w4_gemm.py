@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision, fp8_operand, rank_pad, split_k_add, split_k_take, split_k_workspace
+from .common import dot_precision, fp8_operand, rank_pad, split_k_workspace
 from .dequant_w4 import check_w4_weight, low_rank_up_tile, w4_weight_tile
 
 
@@ -66,8 +66,16 @@ def _fp8_w4_gemm_kernel(
     wscale = tl.load(WSCALE + rn, mask=rn < N, other=0.0)
     acc = acc * wscale[:, None] * tl.load(XS + rm_l)[None, :]
     if SPLIT_K > 1:
-        if split_k_add(acc, rm, rn, M, N, PART, COUNTS, tile, SPLIT_K):  # the last slice of this tile finishes it
-            _store(split_k_take(rm, rn, M, N, PART, COUNTS, tile, BM, BN), rm, rn, M, N, BIAS, OUT, HAS_BIAS)
+        # written out here: the same steps in a shared helper function gave wrong sums on the H100 (Triton 3.6)
+        part = PART + rm_l[None, :] * N + rn[:, None]
+        part_mask = (rm < M)[None, :] & (rn < N)[:, None]
+        tl.atomic_add(part, acc, mask=part_mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's partial sum is issued before the counter increment (release)
+        if tl.atomic_add(COUNTS + tile, 1) == SPLIT_K - 1:  # the last slice of this tile finishes it
+            acc = tl.load(part, mask=part_mask, other=0.0, cache_modifier=".cg")
+            tl.store(part, tl.zeros((BN, BM), dtype=tl.float32), mask=part_mask)
+            tl.store(COUNTS + tile, 0)
+            _store(tl.trans(acc), rm, rn, M, N, BIAS, OUT, HAS_BIAS)
     else:
         _store(tl.trans(acc), rm, rn, M, N, BIAS, OUT, HAS_BIAS)
 

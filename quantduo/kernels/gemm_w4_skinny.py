@@ -24,8 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (gelu_tanh, lowrank_bias_apply, lowrank_partials_sum, rank_pad, split_k_add, split_k_take,
-                     split_k_workspace)
+from .common import gelu_tanh, lowrank_bias_apply, lowrank_partials_sum, rank_pad, split_k_workspace
 from .gemv_w4 import FLIP_SIGN_BITS
 
 GROUP = 64
@@ -138,9 +137,18 @@ def _w4_skinny_kernel(
         acc = _group(acc, A, W, rm_l, rn_l, g, K, stride_am, w_scale, a_scale, A_MODE, BM, BN, G, DT, PREC)
         w_scale = w_scale_next
         a_scale = a_scale_next
+    mmask = rm < M
+    nmask = rn < N
     if SPLIT_K > 1:
-        if split_k_add(acc, rm, rn, M, N, PART, COUNTS, tile, SPLIT_K):  # the last slice of this tile finishes it
-            total = split_k_take(rm, rn, M, N, PART, COUNTS, tile, BM, BN)
+        ws = PART + rm_l[None, :] * N + rn_l[:, None]
+        tl.atomic_add(ws, acc, mask=mmask[None, :] & nmask[:, None], sem="relaxed")
+        tl.debug_barrier()  # every thread's partial sum is issued before the counter increment (release)
+        if tl.atomic_add(COUNTS + tile, 1) == SPLIT_K - 1:  # the last slice of this tile finishes it
+            out_mask = mmask[:, None] & nmask[None, :]
+            tile_ptrs = PART + rm_l[:, None] * N + rn_l[None, :]
+            total = tl.load(tile_ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.store(tile_ptrs, tl.zeros((BM, BN), dtype=tl.float32), mask=out_mask)
+            tl.store(COUNTS + tile, 0)
             _epilogue(total, rm, rn, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU,
                       PREC)
     else:
