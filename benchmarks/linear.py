@@ -53,8 +53,8 @@ if not torch.cuda.is_available():  # --smoke on the CPU: the Triton kernels run 
 import torch.nn.functional as F  # noqa: E402
 
 from quantduo.engine import linear as engine  # noqa: E402
-from quantduo.engine.linear import (SKINNY_MAX_TOKENS, a16_reference_forward, cpu_kernels,  # noqa: E402
-                                    fp8_reference_forward, reference_forward)
+from quantduo.engine.linear import (FP8_A16_MAX_TOKENS, FP8_FUSED_MAX_TOKENS, SKINNY_MAX_TOKENS,  # noqa: E402
+                                    a16_reference_forward, cpu_kernels, fp8_reference_forward, reference_forward)
 from quantduo.formats import quantizers as qz  # noqa: E402
 from quantduo.formats import reference as ref  # noqa: E402
 from quantduo.formats.fp8 import quantize_fp8_per_token_ref, quantize_fp8_weight  # noqa: E402
@@ -141,11 +141,11 @@ def kind_module(n, k, kind):
 
 
 def expected_of(m, x):
-    """The reference of ``m``'s execution for input ``x`` (fp8 up to SKINNY_MAX_TOKENS tokens: a16)."""
+    """The reference of ``m``'s execution for input ``x`` (fp8 up to FP8_A16_MAX_TOKENS tokens: a16)."""
     tokens = x.numel() // x.shape[-1]
     if m.execution in ("exact", "reference"):
         return reference_forward(m, x)
-    if m.execution == "a16" or tokens <= SKINNY_MAX_TOKENS:
+    if m.execution == "a16" or tokens <= FP8_A16_MAX_TOKENS:
         return a16_reference_forward(m, x)
     return fp8_reference_forward(m, x).reshape(*x.shape[:-1], m.out_features)
 
@@ -349,7 +349,7 @@ def table(log, results, tokens, key="table"):
             max_copies = 128 if M <= SKINNY_MAX_TOKENS else 32
             t = {"bf16": time_graph(*v_bf16(M, N, K), max_copies=max_copies)}
             for kind in KINDS:
-                if kind == "fp8_precise" and M <= SKINNY_MAX_TOKENS:
+                if kind == "fp8_precise" and M <= FP8_A16_MAX_TOKENS:
                     continue  # a16 there
                 t[kind] = time_graph(*v_module(M, N, K, kind), max_copies=max_copies)
             if M > SKINNY_MAX_TOKENS:
@@ -429,7 +429,7 @@ FP8_EXPAND_SWEEP = [None, (16, 256, 4), (32, 256, 4), (64, 128, 4), (64, 64, 4),
 def fp8exec(log, results, tokens):
     """The fp8 execution above 64 tokens: its stages alone (row quantization kernel, weight expansion with a tile
     sweep, ``_scaled_mm`` with and without fast accumulation) and the module, against bf16 ``F.linear``."""
-    for M in (m for m in tokens if m > SKINNY_MAX_TOKENS):
+    for M in (m for m in tokens if m > FP8_FUSED_MAX_TOKENS):
         for (N, K) in SHAPES:
             tb = time_graph(*v_bf16(M, N, K))
             copies = math.ceil(L2_DEFEAT_BYTES / (N * K))

@@ -24,7 +24,7 @@ exact, NVFP4  any                        Triton weight dequantization + the refe
 a16, NVFP4    any                        Triton weight dequantization + 16-bit activations (PyTorch)
 a16           1 / <= 64 / more           GEMV / smoothing kernel + skinny GEMM / the weight reconstructed
                                          into a scratch buffer + cuBLAS (also the W4A16 formats' ``exact``)
-fp8           <= 64 / <= 256 / more      ``a16`` / per-token fp8 activations x INT4 weights expanded into fp8
+fp8           <= 16 / <= 64 / more       ``a16`` / per-token fp8 activations x INT4 weights expanded into fp8
                                          tiles inside the GEMM (``fp8_w4_gemm``) / the weight expanded into
                                          an fp8 buffer + one row-wise scaled ``torch._scaled_mm``
 ============  =========================  ============================================================
@@ -58,9 +58,12 @@ from quantduo.kernels.nvfp4 import nvfp4_dequant
 # Token counts up to which INT4 layers run the skinny split-K GEMM (weights as the wide tensor-core operand); above
 # it W4A4 dequantizes for cuBLAS, 16-bit activations reconstruct the weight, fp8 expands it into fp8.
 SKINNY_MAX_TOKENS = 64
-# Token counts up to which the fp8 execution expands the INT4 weights inside its GEMM (fp8_w4_gemm); above it the
-# weight is expanded into an fp8 buffer once per call and the GEMM is cuBLAS's.
-FP8_FUSED_MAX_TOKENS = 256
+# Token counts up to which the fp8 execution runs the a16 kernels (16-bit activations: the skinny GEMM streams the
+# weights fastest there), then up to which it expands the INT4 weights inside its GEMM (fp8_w4_gemm); above that the
+# weight is expanded into an fp8 buffer once per call for cuBLAS's GEMM (the fastest of the three on an H100 in each
+# range, BENCHMARKS.md).
+FP8_A16_MAX_TOKENS = 16
+FP8_FUSED_MAX_TOKENS = 64
 # Token counts up to which 16-bit activations run the CUDA-core GEMV (decoding).
 GEMV_MAX_TOKENS = 1
 # Compute capability from which CUDA GPUs have fp8 tensor cores (Ada, Hopper, Blackwell).
@@ -125,7 +128,7 @@ def tokens_of(x: torch.Tensor) -> int:
 def linear_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """``x [..., in_features]`` -> ``[..., out_features]`` in x.dtype, by ``layer.execution``."""
     execution = resolve_execution(layer, x)
-    if execution == "fp8" and tokens_of(x) <= SKINNY_MAX_TOKENS:
+    if execution == "fp8" and tokens_of(x) <= FP8_A16_MAX_TOKENS:
         execution = "a16"  # few tokens are memory-bound: 16-bit activations
     if execution == "reference" or not kernels_for(x):
         y = _reference_of(execution)(layer, x)
@@ -138,14 +141,14 @@ def linear_forward(layer, x: torch.Tensor) -> torch.Tensor:
 
 def gelu_linear_forward(layer, gelu_input: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
     """``layer(cat(prefix, gelu_tanh(gelu_input)))``: gelu_input ``[..., Kg]``, prefix ``[..., in_features - Kg]``
-    or None. In fp8 execution above :data:`SKINNY_MAX_TOKENS` tokens the GELU and the concatenation happen inside the
+    or None. In fp8 execution above :data:`FP8_A16_MAX_TOKENS` tokens the GELU and the concatenation happen inside the
     per-token activation quantization (one pass, no 16-bit copy of the layer input)."""
     width = gelu_input.shape[-1] + (0 if prefix is None else prefix.shape[-1])
     if width != layer.in_features or (prefix is not None and prefix.shape[:-1] != gelu_input.shape[:-1]):
         raise ValueError(f"the layer takes {layer.in_features} input channels, got gelu_input "
                          f"{tuple(gelu_input.shape)} and prefix {None if prefix is None else tuple(prefix.shape)}")
     fused = (resolve_execution(layer, gelu_input) == "fp8" and kernels_for(gelu_input)
-             and tokens_of(gelu_input) > SKINNY_MAX_TOKENS and layer.padded_in_features == layer.in_features)
+             and tokens_of(gelu_input) > FP8_A16_MAX_TOKENS and layer.padded_in_features == layer.in_features)
     if not fused:
         h = F.gelu(gelu_input, approximate="tanh")
         return linear_forward(layer, h if prefix is None else torch.cat([prefix, h], dim=-1))
@@ -215,7 +218,7 @@ def reconstructed_weight(layer) -> torch.Tensor:
 
 
 def fp8_reference_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """fp8 execution (above :data:`SKINNY_MAX_TOKENS` tokens) in float32 products of the exact fp8 operands:
+    """fp8 execution (above :data:`FP8_A16_MAX_TOKENS` tokens) in float32 products of the exact fp8 operands:
     per-token fp8 activations times the reconstructed weight in fp8 with the per-channel scale ``fp8_wscale``, +
     ``bias_a16``. Output in x.dtype, ``[..., N]``."""
     xq, x_scale = quantize_fp8_per_token_ref(_flat_padded(layer, x))

@@ -19,7 +19,8 @@ from torch._dynamo.utils import counters
 from torch import nn
 
 from quantduo.engine import linear as engine
-from quantduo.engine.linear import (GEMV_MAX_TOKENS, SKINNY_MAX_TOKENS, a16_reference_forward, cpu_kernels,
+from quantduo.engine.linear import (FP8_A16_MAX_TOKENS, GEMV_MAX_TOKENS, SKINNY_MAX_TOKENS, a16_reference_forward,
+                                    cpu_kernels,
                                     fp8_reference_forward, reconstructed_weight, reference_forward,
                                     resolve_execution)
 from quantduo.formats import quantizers as qz
@@ -130,7 +131,7 @@ def test_w4a4_exact_paths(act_format, tokens):
 def test_execution_vs_reference(execution, act_format, rows):
     """Every execution of one stored INT4 W4A4 layer through the kernels against its own reference at few and many
     tokens (one row: the GEMV; up to 64 the skinny GEMM; above, cuBLAS / the fp8 GEMM). The fp8 execution runs
-    ``a16`` up to SKINNY_MAX_TOKENS tokens."""
+    ``a16`` up to FP8_A16_MAX_TOKENS tokens."""
     torch.manual_seed(rows)
     m = _random_layer(128, 48, act_format, execution=execution)
     x = torch.randn(rows, 128, dtype=torch.float16)
@@ -138,13 +139,13 @@ def test_execution_vs_reference(execution, act_format, rows):
         y = m(x)
     if execution == "exact":
         expected, tolerance = reference_forward(m, x), 2e-3
-    elif execution == "a16" or rows <= SKINNY_MAX_TOKENS:
+    elif execution == "a16" or rows <= FP8_A16_MAX_TOKENS:
         expected, tolerance = a16_reference_forward(m, x), 2e-3
     else:
         expected, tolerance = fp8_reference_forward(m, x), 5e-3
     assert y.shape == (rows, 48) and torch.isfinite(y).all()
     assert relative_error(y, expected) < tolerance
-    # outside cpu_kernels() the CPU runs the same execution's PyTorch reference (fp8: a16 up to 64 tokens)
+    # outside cpu_kernels() the CPU runs the same execution's PyTorch reference (fp8: a16 up to 16 tokens)
     assert torch.equal(m(x), expected)
 
 
@@ -242,9 +243,9 @@ def test_fp8_execution(act_format, smoothed):
         assert relative_error(m(few), a16_reference_forward(m, few)) < 2e-3
 
 
-@pytest.mark.parametrize("rows", [1, 9, SKINNY_MAX_TOKENS])
+@pytest.mark.parametrize("rows", [1, 9, FP8_A16_MAX_TOKENS])
 def test_fp8_few_tokens_is_a16(rows):
-    """Up to SKINNY_MAX_TOKENS tokens the fp8 execution is the a16 execution, bit for bit; one more token runs the
+    """Up to FP8_A16_MAX_TOKENS tokens the fp8 execution is the a16 execution, bit for bit; one more token runs the
     fp8 GEMM."""
     torch.manual_seed(1)
     fp8 = _random_layer(128, 40, "uint4", execution="fp8")
@@ -252,7 +253,7 @@ def test_fp8_few_tokens_is_a16(rows):
     x = torch.randn(rows + 1, 128, dtype=torch.float16)
     with cpu_kernels():
         assert torch.equal(fp8(x[:rows]), a16(x[:rows]))
-        if rows == SKINNY_MAX_TOKENS:
+        if rows == FP8_A16_MAX_TOKENS:
             y = fp8(x)
             assert not torch.equal(y, a16(x))
             assert relative_error(y, fp8_reference_forward(fp8, x)) < 5e-3
@@ -260,7 +261,7 @@ def test_fp8_few_tokens_is_a16(rows):
 
 @pytest.mark.parametrize("fast_accum", [True, False])
 def test_fp8_fused_then_expanded(fast_accum, monkeypatch):
-    """Above SKINNY_MAX_TOKENS and up to FP8_FUSED_MAX_TOKENS tokens the fp8 execution expands the INT4 weights inside
+    """Above FP8_A16_MAX_TOKENS and up to FP8_FUSED_MAX_TOKENS tokens the fp8 execution expands the INT4 weights inside
     its GEMM (fp8_w4_gemm), one token more it expands them into a buffer for the row-wise scaled GEMM; both give the
     fp8 reference."""
     calls = []
@@ -272,7 +273,7 @@ def test_fp8_fused_then_expanded(fast_accum, monkeypatch):
     m.set_execution("fp8", fast_accum)
     x = torch.randn(engine.FP8_FUSED_MAX_TOKENS + 1, 128, dtype=torch.float16)
     with cpu_kernels():
-        for rows, path in ((SKINNY_MAX_TOKENS + 1, "fp8_w4_gemm"), (engine.FP8_FUSED_MAX_TOKENS, "fp8_w4_gemm"),
+        for rows, path in ((FP8_A16_MAX_TOKENS + 1, "fp8_w4_gemm"), (engine.FP8_FUSED_MAX_TOKENS, "fp8_w4_gemm"),
                            (engine.FP8_FUSED_MAX_TOKENS + 1, "expand_w4_fp8")):
             calls.clear()
             y = m(x[:rows])
@@ -324,6 +325,7 @@ def test_has_fp8_on_cpu():
     assert not engine.has_fp8(torch.device("cpu"))
     assert engine.tokens_of(torch.zeros(2, 3, 8)) == 6 and engine.tokens_of(torch.zeros(4, 0)) == 0
     assert GEMV_MAX_TOKENS == 1 and SKINNY_MAX_TOKENS == 64
+    assert FP8_A16_MAX_TOKENS < engine.FP8_FUSED_MAX_TOKENS
 
 
 # --------------------------------------------------------------------------------------------------

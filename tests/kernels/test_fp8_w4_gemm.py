@@ -115,10 +115,10 @@ def test_fp8_w4_gemm_zero_tokens_and_bad_inputs():
 def test_pick_config():
     """Token tiles of 16..128, BK a multiple of the group dividing K, and splits that fill an H100 only as far as K
     allows."""
-    c = pick_config(16, 3072, 3072, 64)
-    assert (c["BM"], c["BK"]) == (16, 128) and 48 * c["SPLIT_K"] >= 264 and 3072 % (128 * c["SPLIT_K"]) == 0
-    assert pick_config(300, 3072, 3072, 64)["BM"] == 128
-    assert pick_config(16, 12288, 3072, 64)["SPLIT_K"] == 2
+    c = pick_config(64, 3072, 3072, 64)  # 48 tiles, 12 steps of 256 inputs: split 4 (12 is not a multiple of 8)
+    assert (c["BM"], c["BN"], c["BK"], c["SPLIT_K"]) == (64, 64, 256, 4)
+    assert pick_config(64, 3072, 12288, 64)["SPLIT_K"] == 16 and pick_config(64, 12288, 3072, 64)["SPLIT_K"] == 4
+    assert pick_config(16, 64, 3072, 64)["BM"] == 16 and pick_config(300, 3072, 3072, 64)["BM"] == 128
     c = pick_config(16, 64, 192, 64)
     assert c["BK"] == 64 and c["SPLIT_K"] == 1  # 3 steps of 64: no power-of-two split
 
