@@ -90,17 +90,18 @@ def _store(acc, rm, rn, M, N, BIAS, OUT, HAS_BIAS: tl.constexpr):
 
 
 def pick_config(M: int, N: int, K: int, group_size: int) -> dict:
-    """(BM, BN, BK, SPLIT_K, num_warps, num_stages): tokens padded to 16..128 per tile, 64 x 256 weight tiles, K split
-    (a power of two of whole BK steps) until about 4 programs per SM of an H100 stream the weights (near the best of
-    a sweep at 64 tokens, FLUX shapes; BENCHMARKS.md)."""
+    """(BM, BN, BK, SPLIT_K, num_warps, num_stages): tokens padded to 16..128 per tile, 64-row weight tiles 128 inputs
+    deep up to 32 tokens and 256 deep above, K split (a power of two of whole BK steps) until about 2 (BK 128) or 4
+    (BK 256) programs per SM of an H100 stream the weights: the faster defaults of the H100 runs at 32 and 64 tokens,
+    FLUX shapes (BENCHMARKS.md)."""
     bm = min(128, max(16, triton.next_power_of_2(M)))
-    bn, bk = 64, 256
+    bn, bk, programs = (64, 128, 256) if bm <= 32 else (64, 256, 512)
     while bk > group_size and (K % bk or bk % group_size):
         bk //= 2
     bk = max(bk, group_size)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     split = 1
-    while tiles * split < 512 and (K // bk) % (split * 2) == 0:
+    while tiles * split < programs and (K // bk) % (split * 2) == 0:
         split *= 2
     return dict(BM=bm, BN=bn, BK=bk, SPLIT_K=split, num_warps=4, num_stages=3)
 

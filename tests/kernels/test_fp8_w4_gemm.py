@@ -119,6 +119,8 @@ def test_pick_config():
     assert (c["BM"], c["BN"], c["BK"], c["SPLIT_K"]) == (64, 64, 256, 4)
     assert pick_config(64, 3072, 12288, 64)["SPLIT_K"] == 16 and pick_config(64, 12288, 3072, 64)["SPLIT_K"] == 4
     assert pick_config(16, 64, 3072, 64)["BM"] == 16 and pick_config(300, 3072, 3072, 64)["BM"] == 128
+    c = pick_config(32, 3072, 3072, 64)  # 48 tiles of 128-deep steps: split 8 (384 >= 256 programs)
+    assert (c["BM"], c["BK"], c["SPLIT_K"]) == (32, 128, 8)
     c = pick_config(16, 64, 192, 64)
     assert c["BK"] == 64 and c["SPLIT_K"] == 1  # 3 steps of 64: no power-of-two split
 
