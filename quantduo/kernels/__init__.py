@@ -10,7 +10,7 @@
 * :func:`dequant_w4` — the whole weight of an INT4 layer (residual, low-rank branch, smoothing) reconstructed into a
   16-bit or fp8 buffer;
 * :func:`quantize_fp8_per_token`, :func:`expand_w4_fp8`, :func:`fp8_rowwise_gemm` — the fp8 execution;
-* :func:`fp8_w4_gemm` — the fp8 execution's mixed-input GEMM for tens to hundreds of tokens: INT4 weights expanded
+* :func:`fp8_w4_gemm` — the fp8 execution's mixed-input GEMM for tens of tokens: INT4 weights expanded
   into fp8 tiles inside the GEMM;
 * :func:`nvfp4_dequant` — NVFP4 weights to float32;
 * :func:`rms_norm`, :func:`decode_attention`, the KV-cache writers — DuoAttention's decoding.

@@ -1,5 +1,5 @@
-"""Mixed-input fp8 GEMM for tens to hundreds of tokens: per-token fp8 activations times INT4 weights expanded into
-fp8 tile by tile inside the GEMM (no fp8 copy of the weight in memory).
+"""Mixed-input fp8 GEMM for tens of tokens (17-64 in the fp8 execution): per-token fp8 activations times INT4 weights
+expanded into fp8 tile by tile inside the GEMM (no fp8 copy of the weight in memory).
 
     y[m, n] = s_x[m] * s_w[n] * sum_k e4m3(x / s_x)[m, k] * e4m3(W[n, k] / s_w[n]) + bias[n]
     W = (q * scale + proj_up @ proj_down^T) / smooth
@@ -33,8 +33,8 @@ def _fp8_w4_gemm_kernel(
     XQ, XS, W, WS, LD, LU, INV_SMOOTH, INV_WSCALE, WSCALE, BIAS, OUT, PART, COUNTS,
     M, N, K, R, STEPS_PER_SPLIT, stride_xm, stride_wsn, stride_wsg,
     HAS_LR: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    FAST_ACCUM: tl.constexpr, NATIVE: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, G: tl.constexpr,
-    PREC: tl.constexpr,
+    FAST_ACCUM: tl.constexpr, NATIVE: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BK: tl.constexpr, G: tl.constexpr, PREC: tl.constexpr,
 ):
     """Program (tile, pid_k): OUT ``[M, N]`` rows ``[BN]`` x tokens ``[BM]``, K steps of slice pid_k.
 
@@ -158,8 +158,8 @@ def fp8_w4_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, 
         inv_smooth if inv_smooth is not None else dummy, inv_wscale, wscale, bias if bias is not None else dummy,
         out, part, counts, M, N, K, r, K // cfg["BK"] // split, xq.stride(0), wscales.stride(0), wscales.stride(1),
         HAS_LR=r > 0, HAS_SMOOTH=inv_smooth is not None, HAS_BIAS=bias is not None, SPLIT_K=split,
-        FAST_ACCUM=fast_accum, NATIVE=xq.is_cuda, RP=rank_pad(r), G=group_size, PREC=dot_precision(lora_up.dtype if r else wscales.dtype),
-        **cfg)
+        FAST_ACCUM=fast_accum, NATIVE=xq.is_cuda, RP=rank_pad(r), G=group_size,
+        PREC=dot_precision(lora_up.dtype if r else wscales.dtype), **cfg)
     return out
 
 
