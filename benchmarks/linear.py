@@ -508,9 +508,10 @@ def v_fp8_path(M, N, K, path, config=None):
     return make, 2 * M * K + N * K * 0.53 + 2 * M * N
 
 
-MID_SWEEP = [[bn, bk, sm, w, st] for bn, bk, w in ((64, 128, 4), (64, 256, 4), (128, 128, 8), (128, 64, 4))
-             for sm in (0.5, 1, 2) for st in (3,)]
-MID_SWEEP_TOKENS = (64, 256)  # token counts with a tile sweep of the mixed-input GEMM
+# 64-row weight tiles (128-row tiles were 1.5-3x slower at 64 and 256 tokens, BENCHMARKS.md): depth, split,
+# warps and stages (occupancy: 3 stages of 64 x 256 tiles take 112 KB of shared memory per program)
+MID_SWEEP = [[64, bk, sm, w, st] for bk in (128, 256) for sm in (0.5, 1, 2) for w in (4, 8) for st in (2, 3)]
+MID_SWEEP_TOKENS = (32, 64)  # token counts with a tile sweep of the mixed-input GEMM
 
 
 def mid_table(log, results, tokens):
