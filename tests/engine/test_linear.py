@@ -333,8 +333,9 @@ def test_has_fp8_on_cpu():
 # --------------------------------------------------------------------------------------------------
 def test_forward_gelu():
     """``forward_gelu(h, prefix)`` is the layer applied to cat(prefix, gelu_tanh(h)): through the kernels (80 rows:
-    GELU and concatenation in the row kernel), as the torch fallback (CPU outside cpu_kernels(), few tokens) and
-    without a prefix; widths that do not add up are rejected."""
+    GELU and concatenation in the row kernel, then the expansion path; 40 rows: the same row kernel, then the
+    mixed-input GEMM), as the torch fallback (CPU outside cpu_kernels(), few tokens) and without a prefix; widths
+    that do not add up are rejected."""
     m8 = _int4_layer(192, 48, "int4").set_execution("fp8")
     h, prefix = torch.randn(2, 40, 128) * 3, torch.randn(2, 40, 64)
     x = torch.cat([prefix, nn.functional.gelu(h, approximate="tanh")], dim=-1)
@@ -343,6 +344,7 @@ def test_forward_gelu():
     assert torch.equal(m8.forward_gelu(h, prefix), expected)  # the CPU outside cpu_kernels(): the fp8 reference
     with cpu_kernels():
         assert relative_error(m8.forward_gelu(h, prefix), expected) < 5e-3
+        assert relative_error(m8.forward_gelu(h[:1], prefix[:1]), expected[:1]) < 5e-3  # 40 tokens
         assert torch.equal(m8.forward_gelu(h[:1, :9], prefix[:1, :9]), m8(x[:1, :9]))  # 9 tokens: a16 kernels
     no_prefix = _int4_layer(128, 48, "none").set_execution("fp8")
     with cpu_kernels():

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from quantduo.formats import quantizers as qz
 from quantduo.formats.fp8 import fp8_channel_scale, quantize_fp8_per_token_ref, quantize_fp8_weight
@@ -65,6 +67,21 @@ def test_fp8_w4_gemm(M, N, K, rank, group, smoothed, config):
     assert relative_error(y, expected) < 2e-3
     y16 = fp8_w4_gemm(**args, out_dtype=torch.float16, group_size=group, config=config)
     assert y16.dtype == torch.float16 and relative_error(y16.float(), expected) < 3e-3
+
+
+@settings(max_examples=12, deadline=None)
+@given(M=st.integers(1, 70), n_tiles=st.integers(1, 3), n_rest=st.integers(0, 63), k_steps=st.sampled_from([1, 2, 4]),
+       rank=st.sampled_from([0, 8, 32]), split=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**16))
+def test_fp8_w4_gemm_any_shape(M, n_tiles, n_rest, k_steps, rank, split, seed):
+    """Random token counts, output widths (partial 64-row tiles), depths, ranks and K splits (where they divide K):
+    the written-out product, every element written."""
+    N, K = 64 * (n_tiles - 1) + max(n_rest, 1), 64 * k_steps
+    split = min(split, k_steps)
+    args, expected = _operands(M, N, K, rank, 64, smoothed=seed % 2 == 0, seed=seed)
+    config = [16 if M <= 16 else 32, 64, 64, split, 4, 2]
+    y = fp8_w4_gemm(**args, out_dtype=torch.float32, group_size=64, config=config)
+    assert torch.isfinite(y).all()
+    assert relative_error(y, expected) < 2e-3
 
 
 def test_fp8_w4_gemm_split_k_repeatable():
