@@ -508,9 +508,10 @@ def v_fp8_path(M, N, K, path, config=None):
     return make, 2 * M * K + N * K * 0.53 + 2 * M * N
 
 
-# 64-row weight tiles (128-row tiles were 1.5-3x slower at 64 and 256 tokens, BENCHMARKS.md): depth, split,
-# warps and stages (occupancy: 3 stages of 64 x 256 tiles take 112 KB of shared memory per program)
-MID_SWEEP = [[64, bk, sm, w, st] for bk in (128, 256) for sm in (0.5, 1, 2) for w in (4, 8) for st in (2, 3)]
+# 64-row weight tiles and 4 warps (128-row tiles were 1.5-3x slower at 64 and 256 tokens, BENCHMARKS.md; with 8 warps
+# both warpgroups dequantize the whole weight tile): depth, split and stages, i.e. occupancy (docs/kernel-notes.md
+# item 30: 64 x 256 tiles take 255 registers per thread and 112 KB of shared memory at 3 stages, 64 x 64 tiles 155)
+MID_SWEEP = [[64, bk, sm, 4, st] for bk in (64, 128, 256) for sm in (0.5, 1, 2) for st in (2, 3, 4)]
 MID_SWEEP_TOKENS = (32, 64)  # token counts with a tile sweep of the mixed-input GEMM
 
 
