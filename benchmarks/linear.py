@@ -23,7 +23,8 @@ few-token paths at M = 1, 16, 64, repeated: split-K workspaces), then the table 
 4608). ``--small``: only the checks and the table at M = 1, 4, 16, 64. ``--small-sweep``: tiles of the skinny GEMM
 and kernel 1 at M = 16. ``--mid``: 16 to 1024 tokens (``--tokens`` overrides), the fp8 execution's paths side by
 side: the module as dispatched, the mixed-input GEMM ``fp8_w4_gemm`` (with the row quantization; default and best
-of a tile sweep) and the expansion + ``_scaled_mm``, each checked against the fp8 reference first. ``--fp8exec`` (only) / ``--sweep`` (after the table): the fp8 execution's stages above 64
+of a tile sweep) and the expansion + ``_scaled_mm``, each checked against the fp8 reference first. ``--fp8exec``
+(only) / ``--sweep`` (after the table): the fp8 execution's stages above 64
 tokens (row quantization, the fp8 expansion with a tile sweep, ``_scaled_mm``, the module). ``--gelu-quant``: the
 fp8 row quantization with its GELU at FLUX widths (``--tokens``). ``--decode``: one token
 at Llama-3-8B shapes (bf16, the ``a16`` module = smoothing + GEMV, the GEMV alone, PyTorch's int4 tinygemm, GEMV
@@ -526,7 +527,7 @@ def mid_table(log, results, tokens):
             with _kernels_context():
                 errs = {"fused": relative_error(fused_call(m, x), expected),
                         "fused repeat": max(relative_error(fused_call(m, x), expected) for _ in range(3))}
-                try:  # cuBLAS has no fp8 algorithm for some few-token shapes (the engine expands above 256 only)
+                try:  # cuBLAS has no fp8 algorithm for some few-token shapes (the engine expands above 64 only)
                     errs["expanded"] = relative_error(expanded_call(m, x), expected)
                 except RuntimeError as ex:
                     log(f"  expanded M={M} {N}x{K}: {str(ex)[:100]}")

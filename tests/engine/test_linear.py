@@ -20,8 +20,7 @@ from torch import nn
 
 from quantduo.engine import linear as engine
 from quantduo.engine.linear import (FP8_A16_MAX_TOKENS, GEMV_MAX_TOKENS, SKINNY_MAX_TOKENS, a16_reference_forward,
-                                    cpu_kernels,
-                                    fp8_reference_forward, reconstructed_weight, reference_forward,
+                                    cpu_kernels, fp8_reference_forward, reconstructed_weight, reference_forward,
                                     resolve_execution)
 from quantduo.formats import quantizers as qz
 from quantduo.formats.fp8 import quantize_fp8_per_token_ref
@@ -282,11 +281,12 @@ def test_fp8_fused_then_expanded(fast_accum, monkeypatch):
 
 
 def test_fp8_fused_compiles_into_one_graph():
-    """The fused fp8 GEMM is one custom operator to torch.compile: a fullgraph compile of the layer at 100 tokens
-    (activation quantization traced, the GEMM opaque) gives the eager result."""
+    """The mixed-input fp8 GEMM is one custom operator to torch.compile: a fullgraph compile of the layer at 40
+    tokens (activation quantization traced, the GEMM opaque) gives the eager result."""
     torch.manual_seed(3)
     m = _random_layer(128, 48, "int4", execution="fp8")
-    x = torch.randn(100, 128, dtype=torch.float16)
+    x = torch.randn(40, 128, dtype=torch.float16)
+    assert FP8_A16_MAX_TOKENS < 40 <= engine.FP8_FUSED_MAX_TOKENS
     torch._dynamo.reset()
     with cpu_kernels(), torch.no_grad():
         eager = m(x)
