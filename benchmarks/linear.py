@@ -511,7 +511,7 @@ def v_fp8_path(M, N, K, path, config=None):
 
 # 64-row weight tiles and 4 warps (128-row tiles were 1.5-3x slower at 64 and 256 tokens, BENCHMARKS.md; with 8 warps
 # both warpgroups dequantize the whole weight tile): depth, split and stages, i.e. occupancy (docs/kernel-notes.md
-# item 30: 64 x 256 tiles take 255 registers per thread and 112 KB of shared memory at 3 stages, 64 x 64 tiles 155)
+# item 30: 64 x 256 tiles take 255 registers per thread and 110 KiB of shared memory at 3 stages, 64 x 64 tiles 155)
 MID_SWEEP = [[64, bk, sm, 4, st] for bk in (64, 128, 256) for sm in (0.5, 1, 2) for st in (2, 3, 4)]
 MID_SWEEP_TOKENS = (32, 64)  # token counts with a tile sweep of the mixed-input GEMM
 
