@@ -482,10 +482,12 @@ def fused_limit(tokens: int):
 
 
 def fused_call(m, x, config=None):
-    """The fp8 execution's mixed-input path of layer ``m`` on ``x [M, K]``: row quantization + ``fp8_w4_gemm``."""
+    """The fp8 execution's mixed-input path of layer ``m`` on ``x [M, K]``: row quantization + ``fp8_w4_gemm`` with
+    the engine's operands (``config``: the tiles, default :func:`pick_config`)."""
     xq, xs = quantize_fp8_per_token(x)
-    return fp8_w4_gemm(xq, xs, m.qweight, m.wscales, m.proj_down, m.proj_up, m.fp8_inv_smooth, m.fp8_inv_wscale,
-                       m.fp8_wscale, m.bias_a16, x.dtype, 64, True, config)
+    inv_smooth = None if m.smoothing_folded_out else m.fp8_inv_smooth
+    return fp8_w4_gemm(xq, xs, m.qweight, m.wscales, m.proj_down, m.proj_up, inv_smooth, m.fp8_inv_wscale,
+                       m.fp8_wscale, m.bias_a16, x.dtype, m.group_size, m.fast_accum, config)
 
 
 def expanded_call(m, x):
