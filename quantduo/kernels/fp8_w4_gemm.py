@@ -91,11 +91,11 @@ def _store(acc, rm, rn, M, N, BIAS, OUT, HAS_BIAS: tl.constexpr):
 
 def pick_config(M: int, N: int, K: int, group_size: int) -> dict:
     """(BM, BN, BK, SPLIT_K, num_warps, num_stages): tokens padded to 16..128 per tile, 64-row weight tiles 128 inputs
-    deep up to 32 tokens and 256 deep above, K split (a power of two of whole BK steps) until about 2 (BK 128) or 4
-    (BK 256) programs per SM of an H100 stream the weights: the faster defaults of the H100 runs at 32 and 64 tokens,
-    FLUX shapes (BENCHMARKS.md)."""
+    deep up to 32 tokens and one group (64) deep above, K split (a power of two of whole BK steps) until about 2
+    (BK 128) or 3 (BK 64) programs per SM of an H100 stream the weights: the best tiles of the H100 sweep at 32 and 64
+    tokens, FLUX shapes (BENCHMARKS.md, ninth session)."""
     bm = min(128, max(16, triton.next_power_of_2(M)))
-    bn, bk, programs = (64, 128, 256) if bm <= 32 else (64, 256, 512)
+    bn, bk, programs = (64, 128, 256) if bm <= 32 else (64, 64, 384)
     while bk > group_size and (K % bk or bk % group_size):
         bk //= 2
     bk = max(bk, group_size)

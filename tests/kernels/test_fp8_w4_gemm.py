@@ -132,9 +132,11 @@ def test_fp8_w4_gemm_zero_tokens_and_bad_inputs():
 def test_pick_config():
     """Token tiles of 16..128, BK a multiple of the group dividing K, and splits that fill an H100 only as far as K
     allows."""
-    c = pick_config(64, 3072, 3072, 64)  # 48 tiles, 12 steps of 256 inputs: split 4 (12 is not a multiple of 8)
-    assert (c["BM"], c["BN"], c["BK"], c["SPLIT_K"]) == (64, 64, 256, 4)
-    assert pick_config(64, 3072, 12288, 64)["SPLIT_K"] == 16 and pick_config(64, 12288, 3072, 64)["SPLIT_K"] == 4
+    c = pick_config(64, 3072, 3072, 64)  # 48 tiles of 64-deep steps: split 8 (384 >= 384 programs)
+    assert (c["BM"], c["BN"], c["BK"], c["SPLIT_K"]) == (64, 64, 64, 8)
+    assert pick_config(64, 3072, 12288, 64)["SPLIT_K"] == 8 and pick_config(64, 12288, 3072, 64)["SPLIT_K"] == 2
+    assert pick_config(64, 9216, 3072, 64)["SPLIT_K"] == 4  # 144 tiles: 288 programs < 384
+    assert pick_config(64, 3072, 3072, 128)["BK"] == 128  # never less than a group
     assert pick_config(16, 64, 3072, 64)["BM"] == 16 and pick_config(300, 3072, 3072, 64)["BM"] == 128
     c = pick_config(32, 3072, 3072, 64)  # 48 tiles of 128-deep steps: split 8 (384 >= 256 programs)
     assert (c["BM"], c["BK"], c["SPLIT_K"]) == (32, 128, 8)
