@@ -4,17 +4,15 @@ chosen retrieval heads and passkey accuracy at 0.25 / 0.5 / 0.75 streaming heads
     python scripts/compare_identification.py                                    # the shipped tiny LM
     python scripts/compare_identification.py --model quantduo/assets/tiny_lm_seed1 --context 192   # the second
 
-Measured (2026-12-05, shared 2-core CPU; overlap: fraction of the gate-trained retrieval heads the scores also
-choose; accuracy: passkey accuracy with the gate-trained / the scored heads):
+Measured (2026-12-06, shared 2-core CPU, gate training in the reference's two-way form; overlap: fraction of the
+gate-trained retrieval heads the scores also choose; accuracy: passkey accuracy with the gate-trained / the scored
+heads at 0.25 / 0.5 / 0.75):
 
-    model (prompt tokens)   settings                              gates   scores   overlap 0.25/0.5/0.75   accuracy
-    tiny_lm (512)           --steps 80 --n-eval 12, 2 threads     224 s   4.7 s    0.83 / 0.75  / 0.50     1.0 / 1.0
-    tiny_lm_seed1 (192)     150 steps, 24 prompts, --threads 1    5.7 s   0.1 s    0.83 / 0.625 / 0.50     1.0 / 1.0
+    model (prompt tokens)   settings                       gates    scores   overlap 0.25/0.5/0.75   accuracy
+    tiny_lm (512)           defaults (150 steps, 24)       44.6 s   0.1 s    0.92 / 0.88 / 0.75      1/1/0.96 / 1/0.96/0.96
+    tiny_lm_seed1 (192)     --context 192 --threads 1      2.9 s    0.1 s    0.75 / 0.75 / 0.50      1.0 / 1.0
 
-Accuracy is 1.0 for both methods at every sparsity, full attention 1.0 and streaming only 0.0 on both models.
-On tiny_lm_seed1 the 150 gate-training steps left most gates between 0.66 and 1.0 (one head at 0); the scores are
-sharper (one head 1.0, one 0.44, the rest <= 0.16). Keeping as retrieval heads the half that either method ranks
-lowest gives 0.0 there (8 prompts; tests/duo/test_score.py checks it for the scores).
+Full attention 1.0 and streaming only 0.0 on both models (the tiny_lm gate time was taken beside another job).
 """
 from __future__ import annotations
 

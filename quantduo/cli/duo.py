@@ -140,6 +140,15 @@ def _pattern(args, config: dict) -> DuoPattern:
     return pattern
 
 
+def _streaming_block(block: int | None, recent: int) -> int | None:
+    """The gate-training streaming mask's block size (None: token level) for ``--block`` (None: 128 when the recent
+    window spans a block, the reference's default, else token level: a 128-token block would show a short window's
+    streaming heads everything)."""
+    if block is None:
+        block = 128 if recent >= 128 else 0
+    return block or None
+
+
 def _identify(args) -> int:
     """Retrieval-head gates from passkey samples, trained (``--method gates``, the reference's) or scored in
     ``--samples`` forward passes without training (``--method score``); writes the pattern folder atomically."""
@@ -165,7 +174,7 @@ def _identify(args) -> int:
         pattern = score_heads(model, scored, args.sink, args.recent, chunk=args.chunk)
     else:
         cfg = IdentifyConfig(steps=args.steps, lr=args.lr, reg_weight=args.reg, sink=args.sink, recent=args.recent,
-                             chunk=args.chunk)
+                             chunk=args.chunk, block=_streaming_block(args.block, args.recent))
         pattern = identify(model, batches, cfg, progress=show_progress())
     pattern.extra.update(model_name=Path(args.model).name, context_length_min=args.context_min,
                          context_length_max=args.context_max, num_passkeys=args.passkeys, seed=args.seed)
@@ -345,6 +354,11 @@ def register(subparsers) -> None:
     ident.add_argument("--sink", type=int_in(0), help="default: max_position_embeddings / 256, at most 128")
     ident.add_argument("--recent", type=int_in(1), help="default: max_position_embeddings / 32, at most 256")
     ident.add_argument("--chunk", type=int_in(1), default=1024, help="query chunk of the gated attention")
+    ident.add_argument("--block", type=int_in(0), default=None,
+                       help="streaming mask of --method gates in blocks of this many tokens (128: the reference's "
+                            "default block-sparse mask, which trained the published patterns); 0: token-level sink + "
+                            "recent window (the reference's sdpa option); default 128 when --recent is at least 128, "
+                            "else 0")
     ident.set_defaults(func=_identify)
     ev = sub.add_parser("eval", help="passkey accuracy vs sparsity: full, DuoAttention, streaming-only (+ PNG)")
     _common(ev)

@@ -106,7 +106,7 @@ def gated_attention(q, k, v, gate, sink: int, recent: int, scaling: float, chunk
     """Identification-time attention: gate * full + (1 - gate) * streaming, per KV head (the mix of attention
     outputs, as the reference; equal to mixing the probabilities).
 
-    q [B, Hq, T, D], k/v [B, Hkv, T, D] (no cache, positions 0..T-1), gate [Hkv] float32 in [0, 1]
+    q [B, Hq, T, D], k/v [B, Hkv, T, D] (no cache, positions 0..T-1), gate [Hkv] in [0, 1] (any float dtype)
     (differentiable; None: full attention only); ``block``: streaming mask granularity (module docstring);
     ``window``: the layer's sliding window (both patterns keep keys with q - k < window); ``softcap``: scores
     soft-capped as Gemma 2's. Full and streaming attention run as SDPA (:func:`causal_attention`,
@@ -125,6 +125,17 @@ def gated_attention(q, k, v, gate, sink: int, recent: int, scaling: float, chunk
     g = gate.to(q.dtype).view(1, hkv, 1, 1, 1)
     mixed = g * full.view(b, hkv, hq // hkv, t, d) + (1 - g) * stream.view(b, hkv, hq // hkv, t, d)
     return mixed.reshape(b, hq, t, d)
+
+
+def streaming_only_attention(q, k, v, sink: int, recent: int, scaling: float, chunk: int = 1024,
+                             block: int | None = None, window: int | None = None,
+                             softcap: float | None = None) -> torch.Tensor:
+    """The streaming pattern's attention alone (:func:`gated_attention` at gate 0, without its full-attention
+    half where SDPA serves): q [B, Hq, T, D], k/v [B, Hkv, T, D] -> [B, Hq, T, D] in q's dtype."""
+    if softcap is None:
+        return streaming_attention(q, k, v, sink, recent, scaling, chunk, block, window)
+    zero = torch.zeros(k.shape[1], dtype=q.dtype, device=q.device)
+    return _gated_softcapped(q, k, v, zero, sink, recent, scaling, chunk, True, block, window, softcap)
 
 
 def _gated_softcapped(q, k, v, gate, sink, recent, scaling, chunk, checkpointed, block, window, softcap):

@@ -34,8 +34,9 @@ def tiny_identify(model, steps: int = 80, seed: int = 0, progress: bool = True,
                             min_distance=tiny_lm.SINK + tiny_lm.RECENT + 8)
         return s.input_ids[None].to(model.device), s.target_mask[None].to(model.device)
 
+    # token-level streaming mask (the reference's "sdpa" option): the tiny model's window is far below a 128-token block
     cfg = IdentifyConfig(steps=steps, lr=0.05, reg_weight=0.05, sink=tiny_lm.SINK, recent=tiny_lm.RECENT,
-                         chunk=context, activation_checkpointing=False)
+                         chunk=context, activation_checkpointing=False, block=None)
     return identify(model, batches, cfg, progress=progress)
 
 

@@ -1,9 +1,14 @@
-"""Retrieval-head identification (DuoAttention, arXiv 2410.10819, section 3.2).
+"""Retrieval-head identification (DuoAttention, arXiv 2410.10819, section 3.2), as the reference trains it.
 
-A gate alpha in [0, 1] per (layer, KV head) mixes full and streaming (sink + recent) attention:
-``out = alpha * full + (1 - alpha) * streaming``. With the model frozen, only the gates train to
-keep the final hidden states (after the last norm) of the mixed model equal to the full model's
-on the answer tokens of passkey-retrieval samples, with an L1 push of the gates towards 0.
+A gate alpha in [0, 1] per (layer, KV head) mixes full and streaming (sink + recent) attention. The reference runs
+the model "two-way": each batch is duplicated, the first half is the unchanged model (the teacher) and the second
+the gated one, and in every layer the gated half's attention output is
+``alpha * full(teacher's q, k, v) + (1 - alpha) * streaming(own q, k, v)`` (the full term from the *teacher's*
+hidden states of that layer, without gradient). With the model frozen, only the gates train to keep the final
+hidden states (after the last norm) of the gated half equal to the teacher's on the question / answer tokens of
+passkey-retrieval samples, with an L1 push of the gates towards 0. Gates live in the model's dtype (bfloat16 for
+the reference's runs), start at 1 and are clamped to [0, 1] before each step; AdamW, lr 0.02, a schedule that
+rises over the first fifth of the steps, holds, and falls over the last fifth, never below 0.1 of the peak.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from quantduo.duo.attention import gated_attention
+from quantduo.duo.attention import gated_attention, streaming_only_attention
 from quantduo.duo.compat import set_activation_checkpointing
 from quantduo.duo.deploy import register_attention
 from quantduo.duo.layout import attention_modules, duo_layers
@@ -36,16 +41,30 @@ class _GateRef:
 
 def gated_attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
                             sliding_window=None, softcap=None, **kwargs):
-    """transformers attention function "duo_gated" (no cache, no padding): query [B, Hq, T, D], key/value
-    [B, Hkv, T, D]; uses ``module.duo_gate`` (absent on layers without DuoAttention: full attention) /
-    ``duo_sink`` / ``duo_recent`` and the layer's sliding window / soft-cap. Returns ([B, T, Hq, D], None)."""
+    """transformers attention function "duo_gated" (two-way batch, no cache, no padding): query [2B, Hq, T, D],
+    key/value [2B, Hkv, T, D], rows ``[:B]`` the teacher and ``[B:]`` the gated model (module docstring); uses
+    ``module.duo_gate`` (absent on layers without DuoAttention: full attention for both halves) / ``duo_sink`` /
+    ``duo_recent`` and the layer's sliding window / soft-cap. Returns ([2B, T, Hq, D], None)."""
     if attention_mask is not None:
         raise ValueError("identification takes batches without padding or custom attention masks")
-    gate = module.duo_gate.get().to(query.dtype) if hasattr(module, "duo_gate") else None
-    out = gated_attention(query, key, value, gate, module.duo_sink, module.duo_recent,
-                          module.scaling if scaling is None else scaling, chunk=module.duo_chunk,
-                          block=module.duo_block, window=sliding_window, softcap=softcap)
-    return out.transpose(1, 2).contiguous(), None
+    if query.shape[0] % 2:
+        raise ValueError(f"identification runs a two-way batch (teacher + gated rows), got {query.shape[0]} rows")
+    scaling = module.scaling if scaling is None else scaling
+    options = dict(chunk=module.duo_chunk, block=module.duo_block, window=sliding_window, softcap=softcap)
+    if not hasattr(module, "duo_gate"):  # full attention in both halves
+        out = gated_attention(query, key, value, None, module.duo_sink, module.duo_recent, scaling, **options)
+        return out.transpose(1, 2).contiguous(), None
+    half = query.shape[0] // 2
+    with torch.no_grad():
+        teacher = gated_attention(query[:half], key[:half], value[:half], None, module.duo_sink, module.duo_recent,
+                                  scaling, **options)
+    stream = streaming_only_attention(query[half:], key[half:], value[half:], module.duo_sink, module.duo_recent,
+                                      scaling, **options)
+    b, hq, t, d = stream.shape
+    g = module.duo_gate.get().to(query.dtype).view(1, -1, 1, 1, 1)
+    hkv = g.shape[1]
+    gated = (g * teacher.view(b, hkv, hq // hkv, t, d) + (1 - g) * stream.view(b, hkv, hq // hkv, t, d))
+    return torch.cat([teacher, gated.reshape(b, hq, t, d)]).transpose(1, 2).contiguous(), None
 
 
 register_attention("duo_gated", gated_attention_forward)
@@ -90,9 +109,10 @@ def gated_model(model, gates: torch.Tensor, sink: int, recent: int, chunk: int =
 
 @dataclass
 class IdentifyConfig:
-    """Gate-training hyper-parameters (paper defaults: lr 0.02, reg 0.05, sink 128, recent 256). ``block``: 128
-    trains with the reference's block-sparse streaming mask (the published patterns' setting), None with the
-    token-level sink + recent window."""
+    """Gate-training hyper-parameters (the reference's defaults: lr 0.02, reg 0.05, sink 128, recent 256, the
+    block-sparse streaming mask). ``block``: 128 trains with the reference's block-sparse streaming mask (its
+    default, the published patterns' setting), None with the token-level sink + recent window (its "sdpa"
+    option)."""
 
     steps: int = 2000
     lr: float = 0.02
@@ -100,29 +120,35 @@ class IdentifyConfig:
     sink: int = 128
     recent: int = 256
     chunk: int = 1024
-    warmup_frac: float = 0.1
     activation_checkpointing: bool = True
-    block: int | None = None
+    block: int | None = 128
+
+
+def lr_factor(step: int, steps: int) -> float:
+    """The reference's learning-rate multiplier at optimizer step ``step`` of ``steps``:
+    ``min(1, max((step + 1) / (steps // 5), 0.1), max((steps - step) / (steps // 5), 0.1))`` (a fifth of the
+    steps rising, a fifth falling, never below 0.1; ``steps // 5`` taken as at least 1)."""
+    ramp = max(1, steps // 5)
+    return min(1.0, max((step + 1) / ramp, 0.1), max((steps - step) / ramp, 0.1))
 
 
 def _final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
     return model.model(input_ids=ids, use_cache=False).last_hidden_state
 
 
-def distill_loss(model, gates: torch.Tensor, batch: Batch, cfg: IdentifyConfig, full_impl: str) -> torch.Tensor:
-    """MSE of final hidden states (full vs gated) on the target positions (every token of the question / answer
-    section, as the reference's labels) + reg * mean |gates|.
+def distill_loss(model, gates: torch.Tensor, batch: Batch, cfg: IdentifyConfig) -> torch.Tensor:
+    """MSE of final hidden states (teacher vs gated half of the two-way batch, float32) over the target positions
+    (every token of the question / answer section, as the reference's labels) + reg * mean |gates| (float32).
 
-    Call inside ``gated_model(model, gates, ...)`` (and run backward there too: activation
-    checkpointing recomputes the gated forward); ``full_impl`` is the reference attention.
+    Call inside ``gated_model(model, gates, ...)`` (and run backward there too: activation checkpointing recomputes
+    the forward).
     """
     ids, target = batch
     if not target.any():
         raise ValueError("batch has no answer tokens (target_mask is all False)")
-    with torch.no_grad(), attn_implementation(model, full_impl):
-        ref = _final_hidden(model, ids)[target]
-    mixed = _final_hidden(model, ids)[target]
-    return F.mse_loss(mixed.float(), ref.float()) + cfg.reg_weight * gates.clamp(0, 1).abs().mean()
+    hidden = _final_hidden(model, torch.cat([ids, ids]))
+    teacher, gated = hidden[:ids.shape[0]][target], hidden[ids.shape[0]:][target]
+    return F.mse_loss(gated.float(), teacher.detach().float()) + cfg.reg_weight * gates.float().abs().mean()
 
 
 def identify(model, batches: Callable[[int], Batch], cfg: IdentifyConfig, progress: bool = True) -> DuoPattern:
@@ -136,12 +162,10 @@ def identify(model, batches: Callable[[int], Batch], cfg: IdentifyConfig, progre
     for p in model.parameters():
         p.requires_grad_(False)
     n_layers, n_kv = len(duo_layers(model.config)), model.config.num_key_value_heads
-    gates = torch.ones(n_layers, n_kv, device=model.device, requires_grad=True)
+    gates = torch.ones(n_layers, n_kv, device=model.device, dtype=model.dtype, requires_grad=True)
     opt = torch.optim.AdamW([gates], lr=cfg.lr, weight_decay=0.0)
-    warm = max(1, int(cfg.warmup_frac * cfg.steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (cfg.steps - s) / max(1, cfg.steps - warm))))
-    was_training, full_impl = model.training, model.config._attn_implementation
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps))
+    was_training = model.training
     ckpt = cfg.activation_checkpointing and model.supports_gradient_checkpointing
     if ckpt:
         set_activation_checkpointing(model, True)
@@ -149,21 +173,29 @@ def identify(model, batches: Callable[[int], Batch], cfg: IdentifyConfig, progre
     try:
         bar = progress_bar(range(cfg.steps), desc="duo identify", progress=progress)
         for step in bar:
+            with torch.no_grad():
+                gates.clamp_(0.0, 1.0)
             with gated_model(model, gates, cfg.sink, cfg.recent, cfg.chunk, cfg.block):
-                loss = distill_loss(model, gates, batches(step), cfg, full_impl)
+                loss = distill_loss(model, gates, batches(step), cfg)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss at step {step}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             opt.step()
             sched.step()
-            with torch.no_grad():
-                gates.clamp_(0.0, 1.0)
             bar.set_postfix(loss=f"{loss.item():.4f}", mean_gate=f"{gates.mean().item():.3f}")
     finally:
         if ckpt:
             set_activation_checkpointing(model, False)
         model.train(was_training)
     extra = {"lr": cfg.lr, "num_steps": cfg.steps, "reg_weight": cfg.reg_weight, "supervision": "distill",
-             "streaming_attn_implementation": "sdpa" if cfg.block is None else f"blocksparse{cfg.block}"}
-    return DuoPattern(gates.detach().cpu().numpy(), cfg.sink, cfg.recent, extra)
+             "streaming_attn_implementation": _mask_name(cfg.block)}
+    # the reference saves the gates as left by the last step; quantduo clips them as its loader would
+    return DuoPattern(gates.detach().float().clamp(0.0, 1.0).cpu().numpy(), cfg.sink, cfg.recent, extra)
+
+
+def _mask_name(block: int | None) -> str:
+    """The reference's ``streaming_attn_implementation`` value for a streaming mask of ``block``-token blocks."""
+    if block is None:
+        return "sdpa"
+    return "blocksparse" if block == 128 else f"blocksparse{block}"

@@ -2,7 +2,9 @@
 
 On disk (reference mit-han-lab/duo-attention format), a pattern directory holds
 ``full_attention_heads.tsv`` (one row per layer, one tab-separated gate per KV head; the gate
-is continuous, in [0, 1]: a value outside is an error, not clipped) and ``config.json`` (training
+is continuous; the reference saves its gates as trained after the last optimizer step, so published files hold
+values slightly outside [0, 1], e.g. -0.0014, which loading clips to [0, 1] as the reference's
+``load_attn_pattern`` does) and ``config.json`` (training
 arguments; we use ``sink_size`` and ``recent_size`` and keep every other key as-is). quantduo writes
 the folder atomically with a ``quantduo_manifest.json`` (SHA-256 of both files, how it was made),
 checked on load where present (the reference's folders have none).
@@ -24,7 +26,7 @@ CONFIG_NAME = "config.json"
 
 @dataclass
 class DuoPattern:
-    """Gates [num_layers, num_kv_heads] float32 in [0, 1] (1 = retrieval / full attention head)."""
+    """Gates [num_layers, num_kv_heads] float64 in [0, 1] (1 = retrieval / full attention head)."""
 
     gates: np.ndarray
     sink_size: int = 128
@@ -41,7 +43,7 @@ class DuoPattern:
             raise ValueError(f"gates must lie in [0, 1], got values from {g.min():g} to {g.max():g}")
         if self.sink_size < 0 or self.recent_size < 1:
             raise ValueError(f"need sink_size >= 0 and recent_size >= 1, got {self.sink_size}, {self.recent_size}")
-        self.gates = g.astype(np.float32)
+        self.gates = g
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -83,8 +85,9 @@ def binarize(gates: np.ndarray, sparsity: float, seed: int = 42) -> np.ndarray:
 
 def load_pattern(path: str | Path) -> DuoPattern:
     """Load a pattern directory (or the path of its .tsv); its config.json (sink_size, recent_size) is required,
-    as in the reference: a missing one raises FileNotFoundError, missing keys, unparsable files or gates outside
-    [0, 1] ValueError naming the file. A folder quantduo wrote is then checked against its manifest."""
+    as in the reference: a missing one raises FileNotFoundError, missing keys, unparsable files or non-finite gates
+    ValueError naming the file. Gates are read as float64 and clipped to [0, 1], as the reference's
+    ``load_attn_pattern``. A folder quantduo wrote is then checked against its manifest."""
     path = Path(path)
     tsv = path / TSV_NAME if path.is_dir() else path
     if not tsv.exists():
@@ -105,11 +108,11 @@ def load_pattern(path: str | Path) -> DuoPattern:
     if len({len(r) for r in rows}) != 1:
         raise ValueError(f"{tsv}: rows have different numbers of heads: {sorted({len(r) for r in rows})}")
     try:
-        gates = np.array([[float(x) for x in r] for r in rows])
+        gates = np.array([[float(x) for x in r] for r in rows], dtype=np.float64)
     except ValueError as err:
         raise ValueError(f"{tsv}: non-numeric gate value ({err})") from None
     try:
-        pattern = DuoPattern(gates, int(cfg["sink_size"]), int(cfg["recent_size"]), cfg)
+        pattern = DuoPattern(np.clip(gates, 0.0, 1.0), int(cfg["sink_size"]), int(cfg["recent_size"]), cfg)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{tsv}: {err}") from None
     verify_manifest(tsv.parent, required=False)

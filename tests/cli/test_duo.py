@@ -34,6 +34,10 @@ def test_cli_identify_then_eval(tmp_path, capsys):
     p = load_pattern(out)
     assert p.shape == (4, 4) and (p.sink_size, p.recent_size) == (tiny_lm.SINK, tiny_lm.RECENT)
     assert p.gates.mean() < 0.99  # the gates moved
+    assert p.extra["streaming_attn_implementation"] == "sdpa"  # a 32-token window: token level by default
+    blocks = tmp_path / "pattern_blocks"
+    assert run_cli(["duo", "identify", *common, "--out", str(blocks), "--steps", "1", "--block", "128"]) == 0
+    assert load_pattern(blocks).extra["streaming_attn_implementation"] == "blocksparse"  # the reference's name
     plot = tmp_path / "curve.png"
     assert run_cli(["duo", "eval", *common, "--pattern", str(demo.SHIPPED_PATTERN), "-n", "3", "--plot", str(plot)]) == 0
     text = capsys.readouterr().out

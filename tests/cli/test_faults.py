@@ -277,11 +277,11 @@ def test_pattern_faults(dirs, tmp_path, capsys):
 
     no_config = pattern_copy("no_config")
     (no_config / "config.json").unlink()
-    out_of_range = pattern_copy("out_of_range")
-    tsv = out_of_range / "full_attention_heads.tsv"
+    not_finite = pattern_copy("not_finite")  # (values outside [0, 1] are clipped, as the reference's loader does)
+    tsv = not_finite / "full_attention_heads.tsv"
     rows = tsv.read_text().splitlines()
-    tsv.write_text("\n".join(["\t".join(["1.5", *rows[0].split("\t")[1:]]), *rows[1:]]) + "\n")
-    (out_of_range / MANIFEST_NAME).unlink()
+    tsv.write_text("\n".join(["\t".join(["nan", *rows[0].split("\t")[1:]]), *rows[1:]]) + "\n")
+    (not_finite / MANIFEST_NAME).unlink()
     wrong_shape = tmp_path / "wrong_shape"
     wrong_shape.mkdir()
     (wrong_shape / "full_attention_heads.tsv").write_text("1\t0\n0\t1\n")
@@ -291,7 +291,7 @@ def test_pattern_faults(dirs, tmp_path, capsys):
     (edited / "config.json").write_text(json.dumps({**config, "recent_size": 64}))
     cases = [
         (no_config, f"pattern {no_config} has no config.json (it gives sink_size and recent_size)"),
-        (out_of_range, f"{out_of_range / 'full_attention_heads.tsv'}: gates must lie in [0, 1], got values from "),
+        (not_finite, f"{not_finite / 'full_attention_heads.tsv'}: gates contain NaN or infinite values"),
         (wrong_shape, "pattern has shape (2, 2) (layers, kv_heads) but the model has (4, 4)"),
         (edited, f"{edited / 'config.json'} is corrupt or was edited: its SHA-256 does not match "
                  f"{edited / MANIFEST_NAME}"),

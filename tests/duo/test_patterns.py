@@ -11,7 +11,9 @@ from transformers import LlamaConfig, MistralConfig
 from quantduo.duo.data import PasskeyFormat, make_sample
 from quantduo.duo.patterns import DuoPattern, binarize, load_pattern, save_pattern
 
-PUBLISHED = Path(__file__).resolve().parents[2] / "shared" / "data" / "duo_patterns"
+# the reference's published patterns: in the checkout's shared/ folder, or beside the checkout
+PUBLISHED = next((p for p in (Path(__file__).resolve().parents[k] / "shared" / "data" / "duo_patterns" for k in (2, 3))
+                  if p.exists()), Path("shared/data/duo_patterns"))
 SHAPES = {  # (layers, kv heads) of the published models
     "Llama-2-7B-32K-Instruct": (LlamaConfig, 32, 32),
     "Llama-3-8B-Instruct-Gradient-1048k": (LlamaConfig, 32, 8),
@@ -42,10 +44,25 @@ def test_roundtrip_and_atomic_write(tmp_path):
     g = np.random.default_rng(0).random((3, 4))
     save_pattern(DuoPattern(g, 4, 32, {"note": "x"}), tmp_path / "p")
     q = load_pattern(tmp_path / "p")
-    np.testing.assert_allclose(q.gates, g.astype(np.float32))
+    np.testing.assert_array_equal(q.gates, g)  # float64, written with 18 digits
     assert (q.sink_size, q.recent_size, q.extra["note"]) == (4, 32, "x")
     assert sorted(f.name for f in (tmp_path / "p").iterdir()) == ["config.json", "full_attention_heads.tsv",
                                                                   "quantduo_manifest.json"]
+
+
+def test_gates_outside_unit_interval_are_clipped_as_the_reference(tmp_path):
+    """The reference saves gates as trained after the last optimizer step (published files hold e.g. -0.0014) and
+    its ``load_attn_pattern`` reads them as float64 and clips to [0, 1]; the binarization then sees the clipped
+    values."""
+    (tmp_path / "full_attention_heads.tsv").write_text("-1.388549804687500000e-03\t1.0\n"
+                                                       "5.000000000000000000e-01\t1.003906250000000000e+00\n")
+    (tmp_path / "config.json").write_text('{"sink_size": 128, "recent_size": 256, "lr": 0.02}')
+    p = load_pattern(tmp_path)
+    assert p.gates.dtype == np.float64
+    np.testing.assert_array_equal(p.gates, [[0.0, 1.0], [0.5, 1.0]])
+    np.random.seed(42)  # the reference's rule on the clipped gates
+    noisy = np.array([[0.0, 1.0], [0.5, 1.0]]) + np.random.uniform(0, 1e-6, (2, 2))
+    np.testing.assert_array_equal(p.binarize(0.5), noisy >= np.quantile(noisy, 0.5))
 
 
 @pytest.mark.parametrize("text, match", [("1\t2\n3\n", "different numbers"), ("1\tx\n", "non-numeric"),
