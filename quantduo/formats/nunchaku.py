@@ -15,7 +15,8 @@ rank (a multiple of 16). Every tensor is in the tiled order of Nunchaku's ``mma`
 * ``bias``, ``wcscales`` ``[N]`` and ``smooth`` ``[K]``: the per-128 swizzle of the scales (one column);
   ``wcscales`` (NVFP4, optional, module dtype) are per-output-channel weight scales;
 * ``lora_down`` ``[K, r]``: the down factor ``[r, K]`` **applied to the raw input** (``1 / smooth`` folded in),
-  ``lora_up`` ``[N, r]``: both in 16x16 tiles (:func:`pack_lowrank`);
+  ``lora_up`` ``[N, r]``: both in 16x16 tiles (:func:`pack_lowrank`); an optional pair (Nunchaku's
+  ``ParamFlags::Optional``): a layer without it has rank 0;
 * ``wtscale`` ``[1]`` or ``[]`` (NVFP4, optional, any float dtype): per-tensor weight scale, the kernels' ``alpha``.
 
 An NVFP4 weight is ``grid[code] * wscales * wcscales[n] * wtscale`` (E2M1 codes: bit 3 sign, bits 0-2 index of
@@ -127,7 +128,8 @@ class W4A4Parts:
 
     ``codes`` int8 ``[N, K]`` (signed INT4 values, or NVFP4 E2M1 codes 0..15 as uint8); ``wscales`` ``[N, K/64]``
     (INT4) or float8_e4m3fn ``[N, K/16]`` (NVFP4); ``smooth`` ``[K]``; ``lora_down`` ``[K, r]`` applied to the raw
-    input (``1 / smooth`` folded in); ``lora_up`` ``[N, r]``; ``bias`` ``[N]`` or None; ``wcscales`` ``[N]`` or
+    input (``1 / smooth`` folded in); ``lora_up`` ``[N, r]`` (``r`` may be 0); ``bias`` ``[N]`` or None;
+    ``wcscales`` ``[N]`` or
     None and ``wtscale`` ``[]`` or None (NVFP4 per-channel / per-tensor scales).
     """
 
@@ -150,12 +152,19 @@ def _expect(name: str, t: torch.Tensor, shape: tuple[int, ...], why: str = "") -
         raise LayoutError(f"{name} has shape {tuple(t.shape)}, expected {shape}{why}")
 
 
+_LOWRANK_PAIR = frozenset({"lora_down", "lora_up"})
+
+
 def check_w4a4(prefix: str, t: dict[str, torch.Tensor]) -> tuple[int, int, int, int]:
-    """Validate one W4A4 linear's stored tensors (``qweight, wscales, smooth, lora_down, lora_up`` + optional
-    ``bias, wcscales, wtscale``); returns ``(N, K, r, group)``. ``LayoutError`` names the first problem."""
-    missing = {"qweight", "wscales", "smooth", "lora_down", "lora_up"} - set(t)
+    """Validate one W4A4 linear's stored tensors (``qweight, wscales, smooth`` + optional ``bias, wcscales,
+    wtscale`` and the optional pair ``lora_down, lora_up``: both or neither, neither meaning rank 0); returns
+    ``(N, K, r, group)``. ``LayoutError`` names the first problem."""
+    missing = {"qweight", "wscales", "smooth"} - set(t)
     if missing:
         raise LayoutError(f"W4A4 layer {prefix!r} lacks {sorted(missing)}")
+    if len(_LOWRANK_PAIR & set(t)) == 1:
+        raise LayoutError(f"W4A4 layer {prefix!r} lacks {sorted(_LOWRANK_PAIR - set(t))}: the low-rank pair "
+                          "lora_down / lora_up is stored whole, or not at all for rank 0")
     if t["qweight"].dtype not in (torch.int8, torch.uint8) or t["qweight"].dim() != 2:
         raise LayoutError(f"{prefix}.qweight must be int8 [N, K/2], got {t['qweight'].dtype} {tuple(t['qweight'].shape)}")
     n, k = t["qweight"].shape[0], t["qweight"].shape[1] * 2
@@ -168,11 +177,13 @@ def check_w4a4(prefix: str, t: dict[str, torch.Tensor]) -> tuple[int, int, int, 
     if k // t["wscales"].shape[0] != group:
         raise LayoutError(f"{prefix}: group size {k // t['wscales'].shape[0]} is not supported "
                           f"({'NVFP4 files use 16' if nvfp4 else 'INT4 files use 64'})")
-    r = t["lora_up"].shape[1] if t["lora_up"].dim() == 2 else -1
-    if r < 0 or r % LOWRANK_TILE:
-        raise LayoutError(f"{prefix}: rank {r} is not supported (a multiple of {LOWRANK_TILE})")
-    _expect(f"{prefix}.lora_up", t["lora_up"], (n, r))
-    _expect(f"{prefix}.lora_down", t["lora_down"], (k, r), " (rank of lora_up)")
+    r = 0
+    if "lora_up" in t:
+        r = t["lora_up"].shape[1] if t["lora_up"].dim() == 2 else -1
+        if r < 0 or r % LOWRANK_TILE:
+            raise LayoutError(f"{prefix}: rank {r} is not supported (a multiple of {LOWRANK_TILE})")
+        _expect(f"{prefix}.lora_up", t["lora_up"], (n, r))
+        _expect(f"{prefix}.lora_down", t["lora_down"], (k, r), " (rank of lora_up)")
     _expect(f"{prefix}.smooth", t["smooth"], (k,))
     for name in ("bias", "wcscales"):
         if name in t:
@@ -189,7 +200,8 @@ def check_w4a4(prefix: str, t: dict[str, torch.Tensor]) -> tuple[int, int, int, 
 
 
 def decode_w4a4(prefix: str, t: dict[str, torch.Tensor]) -> W4A4Parts:
-    """Stored tensors of one W4A4 linear (names as in the Nunchaku single file) -> :class:`W4A4Parts`."""
+    """Stored tensors of one W4A4 linear (names as in the Nunchaku single file) -> :class:`W4A4Parts` (no
+    low-rank pair: rank-0 factors ``[K, 0]`` / ``[N, 0]`` in the dtype of ``smooth``)."""
     n, k, _, group = check_w4a4(prefix, t)
     nib = qz.unpack_nibbles(t["qweight"].contiguous().view(torch.uint8))
     nvfp4 = group == NVFP4_GROUP
@@ -202,7 +214,8 @@ def decode_w4a4(prefix: str, t: dict[str, torch.Tensor]) -> W4A4Parts:
         wscales = untile(t["wscales"], vector_view(n, k // group), VECTOR_PERM, (n, k // group))
     return W4A4Parts(
         codes=codes, wscales=wscales, smooth=unpack_vector(t["smooth"]),
-        lora_down=unpack_lowrank(t["lora_down"], down=True).T, lora_up=unpack_lowrank(t["lora_up"], down=False),
+        lora_down=unpack_lowrank(t["lora_down"], down=True).T if "lora_down" in t else t["smooth"].new_zeros(k, 0),
+        lora_up=unpack_lowrank(t["lora_up"], down=False) if "lora_up" in t else t["smooth"].new_zeros(n, 0),
         bias=unpack_vector(t["bias"]) if "bias" in t else None,
         wcscales=unpack_vector(t["wcscales"]) if "wcscales" in t else None,
         wtscale=t["wtscale"].reshape(()) if "wtscale" in t else None,
@@ -309,7 +322,8 @@ def awq_padded_groups(groups: int) -> int:
 
 def encode_awq(parts: AwqParts, pad_groups: bool = True) -> dict[str, torch.Tensor]:
     """:class:`AwqParts` (``N`` a multiple of 4, ``K`` of 64) -> stored tensors; ``pad_groups``: pad the scale
-    groups the way TinyChat does (zero rows), as deepcompressor's Nunchaku files are."""
+    groups the way TinyChat does (zero rows), as deepcompressor's Nunchaku files are. The bias is stored in the
+    scales' dtype, as deepcompressor stores it (Nunchaku loads the layer's tensors in one dtype)."""
     n, k = parts.codes.shape
     if n % _AWQ_ROWS or k % AWQ_GROUP:
         raise LayoutError(f"AWQ layers need N % 4 == 0 and K % 64 == 0, got [{n}, {k}]")
@@ -321,5 +335,5 @@ def encode_awq(parts: AwqParts, pad_groups: bool = True) -> dict[str, torch.Tens
     grouped = lambda x: _pad_to(x.T.contiguous(), (groups, n))  # noqa: E731
     out = dict(qweight=qweight, wscales=grouped(parts.scales), wzeros=grouped(parts.zeros))
     if parts.bias is not None:
-        out["bias"] = parts.bias
+        out["bias"] = parts.bias.to(parts.scales.dtype)
     return out

@@ -122,3 +122,25 @@ def test_decoders_reject_what_the_layout_cannot_hold():
         nk.decode_awq("l", {**awq, "wscales": torch.zeros(2, 12), "wzeros": torch.zeros(2, 12)})
     with pytest.raises(nk.LayoutError, match="int32"):
         nk.decode_awq("l", {**awq, "qweight": awq["qweight"].view(torch.int8)})
+
+
+def test_the_lowrank_pair_is_optional_as_a_pair():
+    """Nunchaku's loader marks lora_down / lora_up optional (src/Linear.cpp ``ParamFlags::Optional``) and fills
+    rank-0 tensors where a file has none (transformer_flux.py): no pair is rank 0, half a pair is an error."""
+    layer = random_w4a4()
+    stored = {k: v for k, v in layer.stored().items() if k not in ("lora_down", "lora_up")}
+    parts = nk.decode_w4a4("l", stored)
+    assert parts.lora_down.shape == (384, 0) and parts.lora_up.shape == (256, 0)
+    assert torch.equal(parts.codes, layer.codes) and torch.equal(parts.bias, layer.bias)
+    assert nk.check_w4a4("l", {**stored, "lora_down": torch.zeros(384, 0), "lora_up": torch.zeros(256, 0)})[2] == 0
+    with pytest.raises(nk.LayoutError, match=r"'blocks\.0\.out_proj' lacks \['lora_down'\]: the low-rank pair"):
+        nk.decode_w4a4("blocks.0.out_proj", {**stored, "lora_up": layer.stored()["lora_up"]})
+
+
+def test_awq_bias_is_stored_in_the_scales_dtype():
+    """deepcompressor writes the AWQ bias in the weight dtype (Nunchaku asserts one dtype per layer)."""
+    layer = random_awq()
+    parts = nk.AwqParts(layer.codes, layer.scales.bfloat16(), layer.zeros.bfloat16(), layer.bias.float())
+    stored = nk.encode_awq(parts)
+    assert {k: v.dtype for k, v in stored.items()} == {"qweight": torch.int32, "wscales": torch.bfloat16,
+                                                       "wzeros": torch.bfloat16, "bias": torch.bfloat16}

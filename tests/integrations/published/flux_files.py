@@ -93,13 +93,17 @@ def round_to_bf16(model: nn.Module) -> nn.Module:
 
 
 def _double_layers(model, block, rank, g, precision):
-    def attn(names, shifted=False):
-        return quantized_from_weight(precision, *_cat(model, block, names), rank, g, shifted, fused=len(names) > 1)
+    """The double block's layers; ``out_proj*`` with the smoothing fused away (smooth 1, ``smooth_orig`` the
+    factors), as deepcompressor's converter writes every layer named ``*out_proj*``."""
+    def attn(names, shifted=False, smooth_fused=False):
+        return quantized_from_weight(precision, *_cat(model, block, names), rank, g, shifted, fused=len(names) > 1,
+                                     smooth_fused=smooth_fused)
 
     return {
         "qkv_proj": attn(["attn.to_q", "attn.to_k", "attn.to_v"]),
         "qkv_proj_context": attn(["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]),
-        "out_proj": attn(["attn.to_out.0"]), "out_proj_context": attn(["attn.to_add_out"]),
+        "out_proj": attn(["attn.to_out.0"], smooth_fused=True),
+        "out_proj_context": attn(["attn.to_add_out"], smooth_fused=True),
         "mlp_fc1": attn(["ff.net.0.proj"]), "mlp_fc2": attn(["ff.net.2"], shifted=True),
         "mlp_context_fc1": attn(["ff_context.net.0.proj"]), "mlp_context_fc2": attn(["ff_context.net.2"], shifted=True),
         "norm1.linear": interleave_modulation(awq_from_weight(*_weight(model, f"{block}.norm1.linear")), 6),
@@ -114,7 +118,7 @@ def _single_layers(model, block, rank, g, precision):
     return {
         "qkv_proj": quantized(*_cat(model, block, ["attn.to_q", "attn.to_k", "attn.to_v"]), rank, g, fused=True),
         "mlp_fc1": quantized(*_weight(model, f"{block}.proj_mlp"), rank, g),
-        "out_proj": quantized(w[:, :dim], b, rank, g),
+        "out_proj": quantized(w[:, :dim], b, rank, g, smooth_fused=True),
         "mlp_fc2": quantized(w[:, dim:], None, rank, g, shifted=True),
         "norm.linear": interleave_modulation(awq_from_weight(*_weight(model, f"{block}.norm.linear")), 3),
     }

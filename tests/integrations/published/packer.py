@@ -97,7 +97,10 @@ def _scatter(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 @dataclass
 class W4A4Layer:
     """Logical W4A4 layer: codes int8 ``[N, K]``, wscales ``[N, K/64]``, smooth ``[K]``, lora_down ``[K, r]`` (on
-    the raw input), lora_up ``[N, r]``, bias ``[N]``; ``shifted`` post-GELU input. N, K multiples of 128."""
+    the raw input), lora_up ``[N, r]`` (``r`` may be 0: no low-rank pair in the file), bias ``[N]``; ``shifted``
+    post-GELU input; ``smooth_orig`` ``[K]`` or None (= smooth): the calibration's smoothing, which the file keeps
+    as a record and the kernels never read (deepcompressor's ``out_proj``: smoothing fused into the layer before,
+    ``smooth`` = 1, ``smooth_orig`` the factors). N, K multiples of 128."""
 
     codes: torch.Tensor
     wscales: torch.Tensor
@@ -106,6 +109,7 @@ class W4A4Layer:
     lora_up: torch.Tensor
     bias: torch.Tensor
     shifted: bool = False
+    smooth_orig: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Nunchaku's output in float32."""
@@ -124,18 +128,20 @@ class W4A4Layer:
         return {"wscales": _scatter(self.wscales, vector_positions(n, k // 64)).reshape(k // 64, n)}
 
     def stored(self, names: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
-        """The stored tensors (single-file names; ``names`` renames them)."""
+        """The stored tensors (single-file names; ``names`` renames them); rank 0: no lora_down / lora_up, as
+        deepcompressor writes a layer without a low-rank branch."""
         n, k = self.codes.shape
         r = self.lora_up.shape[1]
         out = {
             "qweight": _nibbles_to_bytes(_scatter(self.codes, mma_weight_positions(n, k))).view(torch.int8).reshape(n, k // 2),
             **self.stored_scales(),
             "smooth": _scatter(self.smooth, vector_positions(k, 1)),
-            "smooth_orig": _scatter(self.smooth, vector_positions(k, 1)),
-            "lora_down": _scatter(self.lora_down, lowrank_positions(k, r, down=True)).reshape(k, r),
-            "lora_up": _scatter(self.lora_up, lowrank_positions(n, r, down=False)).reshape(n, r),
+            "smooth_orig": _scatter(self.smooth if self.smooth_orig is None else self.smooth_orig, vector_positions(k, 1)),
             "bias": _scatter(self.bias, vector_positions(n, 1)),
         }
+        if r:
+            out["lora_down"] = _scatter(self.lora_down, lowrank_positions(k, r, down=True)).reshape(k, r)
+            out["lora_up"] = _scatter(self.lora_up, lowrank_positions(n, r, down=False)).reshape(n, r)
         return {(names or {}).get(key, key): value for key, value in out.items()}
 
 
@@ -247,13 +253,22 @@ def bf16(t: torch.Tensor) -> torch.Tensor:
     return t.to(BF16).float()
 
 
+def _smoothing(k: int, g: torch.Generator, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(smooth, smooth_orig)``: random smoothing factors ``[K]``; ``fused`` (deepcompressor's ``out_proj``,
+    ``smooth_fused``): the file's ``smooth`` is 1 and the factors stay in ``smooth_orig`` only — here the layer is
+    quantized unsmoothed, the file being self-consistent either way (the kernels divide by ``smooth``)."""
+    factors = bf16(torch.rand(k, generator=g) + 0.5)
+    return (torch.ones(k), factors) if fused else (factors, factors)
+
+
 def w4a4_from_weight(weight: torch.Tensor, bias: torch.Tensor | None, rank: int, g: torch.Generator,
-                     shifted: bool = False) -> W4A4Layer:
-    """SVDQuant a float weight ``[N, K]`` the way deepcompressor + its converter do: random smoothing, SVD
-    branch, INT4 residual (amax / 7), low-rank down-projection unsmoothed (``/ smooth``); for post-GELU layers
-    the bias is ``b - W @ shift + lora_up @ lora_down @ shift`` (the shifted execution's bias)."""
+                     shifted: bool = False, smooth_fused: bool = False) -> W4A4Layer:
+    """SVDQuant a float weight ``[N, K]`` the way deepcompressor + its converter do: random smoothing
+    (:func:`_smoothing`), SVD branch, INT4 residual (amax / 7), low-rank down-projection unsmoothed (``/ smooth``);
+    for post-GELU layers the bias is ``b - W @ shift + lora_up @ lora_down @ shift`` (the shifted execution's
+    bias)."""
     n, k = weight.shape
-    smooth = bf16(torch.rand(k, generator=g) + 0.5)
+    smooth, smooth_orig = _smoothing(k, g, smooth_fused)
     ws = weight.float() * smooth
     u, s, vh = torch.linalg.svd(ws, full_matrices=False)
     up, down = bf16(u[:, :rank] * s[:rank]), vh[:rank]  # down [r, K] on the smoothed input
@@ -266,16 +281,16 @@ def w4a4_from_weight(weight: torch.Tensor, bias: torch.Tensor | None, rank: int,
     if shifted:  # calibration folded -W @ shift into the bias, the converter added the branch's shift term back
         shift = torch.full((k,), SHIFT)
         b = b - weight.float() @ shift + up @ (lora_down.T @ shift)
-    return W4A4Layer(codes, wscales, smooth, lora_down, up, bf16(b), shifted)
+    return W4A4Layer(codes, wscales, smooth, lora_down, up, bf16(b), shifted, smooth_orig)
 
 
 def nvfp4_from_weight(weight: torch.Tensor, bias: torch.Tensor | None, rank: int, g: torch.Generator,
-                      per_channel: bool = False) -> Nvfp4Layer:
-    """SVDQuant a float weight ``[N, K]`` to NVFP4 as deepcompressor's converter stores it: random smoothing, SVD
-    branch, residual scaled by a bf16 per-tensor scale ``wtscale`` (or, ``per_channel`` — fused q/k/v — bf16
+                      per_channel: bool = False, smooth_fused: bool = False) -> Nvfp4Layer:
+    """SVDQuant a float weight ``[N, K]`` to NVFP4 as deepcompressor's converter stores it: random smoothing
+    (:func:`_smoothing`), SVD branch, residual scaled by a bf16 per-tensor scale ``wtscale`` (or, ``per_channel`` — fused q/k/v — bf16
     per-row ``wcscales``) and fp8 scales per 16 (amax / 6), E2M1 codes; no shift (Nunchaku's NVFP4 has none)."""
     n, k = weight.shape
-    smooth = bf16(torch.rand(k, generator=g) + 0.5)
+    smooth, smooth_orig = _smoothing(k, g, smooth_fused)
     ws = weight.float() * smooth
     u, s, vh = torch.linalg.svd(ws, full_matrices=False)
     up, down = bf16(u[:, :rank] * s[:rank]), vh[:rank]
@@ -287,17 +302,18 @@ def nvfp4_from_weight(weight: torch.Tensor, bias: torch.Tensor | None, rank: int
     codes = e2m1_nearest(groups / wscales.float()[..., None]).reshape(n, k)
     return Nvfp4Layer(codes, wscales, smooth, bf16((down / smooth).T), up,
                       bf16(torch.zeros(n) if bias is None else bias.float()),
-                      wcscales=outer[:, 0] if per_channel else None,
+                      smooth_orig=smooth_orig, wcscales=outer[:, 0] if per_channel else None,
                       wtscale=None if per_channel else float(outer[0, 0]))
 
 
 def quantized_from_weight(precision: str, weight: torch.Tensor, bias: torch.Tensor | None, rank: int,
-                          g: torch.Generator, shifted: bool = False, fused: bool = False) -> W4A4Layer:
+                          g: torch.Generator, shifted: bool = False, fused: bool = False,
+                          smooth_fused: bool = False) -> W4A4Layer:
     """:func:`w4a4_from_weight` (``"int4"``) or :func:`nvfp4_from_weight` (``"nvfp4"``: per-channel scales for
     fused layers, never shifted)."""
     if precision == "nvfp4":
-        return nvfp4_from_weight(weight, bias, rank, g, per_channel=fused)
-    return w4a4_from_weight(weight, bias, rank, g, shifted)
+        return nvfp4_from_weight(weight, bias, rank, g, per_channel=fused, smooth_fused=smooth_fused)
+    return w4a4_from_weight(weight, bias, rank, g, shifted, smooth_fused)
 
 
 def awq_from_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> AwqLayer:

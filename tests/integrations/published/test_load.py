@@ -59,6 +59,16 @@ def layer_input(width: int, post_gelu: bool, seed: int = 0) -> torch.Tensor:
     return torch.nn.functional.gelu(x, approximate="tanh") if post_gelu else x
 
 
+def quantized_input(model, name: str) -> torch.Tensor:
+    """An input for the quantized module ``name``: post-GELU for the MLP outputs; for the single block's
+    ``proj_out``, the attention half signed and the MLP half post-GELU."""
+    post_gelu = name.endswith(("net.2", "proj_out"))
+    x = layer_input(model.get_submodule(name).in_features, post_gelu)
+    if name.endswith("proj_out"):
+        x = torch.cat([layer_input(128, False, 1), x[..., 128:]], dim=-1)
+    return x
+
+
 def test_every_key_is_mapped_and_every_tensor_provided(loaded, single_file):
     model, report = loaded
     grouped = group_keys(read_checkpoint(single_file))
@@ -83,10 +93,7 @@ QUANTIZED = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v",
 @pytest.mark.parametrize("name", QUANTIZED)
 def test_each_layer_matches_nunchaku_semantics(loaded, checkpoint, name):
     model, ref = loaded[0], checkpoint[1]
-    post_gelu = name.endswith(("net.2", "proj_out"))
-    x = layer_input(model.get_submodule(name).in_features, post_gelu)
-    if name.endswith("proj_out"):  # attention half signed, MLP half post-GELU
-        x = torch.cat([layer_input(128, False, 1), x[..., 128:]], dim=-1)
+    x = quantized_input(model, name)
     with torch.no_grad():
         assert relative_error(model.get_submodule(name)(x), ref.get_submodule(name)(x)) < EXACT
 
@@ -222,3 +229,41 @@ def test_saving_a_loaded_published_model_in_quantduo_format_is_refused_before_wr
     with pytest.raises(CheckpointError, match="split proj_out.*quantduo export"):
         save_quantized(loaded[0], tmp_path / "out", SVDQuantConfig())
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_without_lowrank_pairs_loads_as_rank_0(base, tmp_path):
+    """deepcompressor writes no lora_down / lora_up for a layer without a low-rank branch and Nunchaku loads it as
+    rank 0: the loaded model computes ``Q(x / smooth) @ R^T + bias``, with no low-rank term; half a pair is an
+    error naming the layer."""
+    tensors, ref, _ = flux_checkpoint(base, rank=0, seed=0)
+    assert not [k for k in tensors if ".lora_" in k]
+    model, _ = load_published_transformer(save_single_file(tensors, tmp_path / "r0.safetensors", base),
+                                          dtype=torch.float32)
+    layers = [m for m in model.modules() if isinstance(m, SVDQuantLinear) and m.act_format != "none"]
+    assert len(layers) == 18 and all(m.rank == 0 for m in layers)  # 12 double-block, 6 single-block W4A4
+    for name in QUANTIZED:
+        x = quantized_input(model, name)
+        with torch.no_grad():
+            assert relative_error(model.get_submodule(name)(x), ref.get_submodule(name)(x)) < EXACT, name
+    assert relative_error(run(model), run(ref)) < 1e-5
+    half = {**tensors, "transformer_blocks.0.mlp_fc1.lora_up": torch.zeros(512, 16, dtype=torch.bfloat16)}
+    with pytest.raises(CheckpointError, match=r"'transformer_blocks\.0\.mlp_fc1' lacks \['lora_down'\]"):
+        load_published_transformer(save_single_file(half, tmp_path / "half.safetensors", base))
+
+
+@pytest.mark.parametrize("prefix, name", [("transformer_blocks.0.out_proj", "transformer_blocks.0.attn.to_out.0"),
+                                          ("transformer_blocks.0.out_proj_context", "transformer_blocks.0.attn.to_add_out")])
+def test_smooth_orig_is_a_record_the_layer_never_divides_by(single_file, checkpoint, loaded, prefix, name):
+    """deepcompressor's out_proj files: smoothing fused into the layer before, ``smooth`` = 1, ``smooth_orig`` the
+    calibration's factors, lora_down not divided by them. The kernels divide by ``smooth``: the loaded layer
+    computes ``Q(x / smooth) @ R^T + x @ lora_down @ lora_up^T + bias``; one built from smooth_orig does not."""
+    stored = {k.rsplit(".", 1)[1]: v for k, v in read_checkpoint(single_file).tensors.items()
+              if k.startswith(prefix + ".")}
+    assert torch.equal(stored["smooth"], torch.ones_like(stored["smooth"])) and (stored["smooth_orig"] != 1).all()
+    x = layer_input(128, False)
+    reference = checkpoint[2][prefix](x)
+    with torch.no_grad():
+        assert relative_error(loaded[0].get_submodule(name)(x), reference) < EXACT
+        wrong = _w4a4_layer(nk.decode_w4a4(prefix, {**stored, "smooth": stored["smooth_orig"]}), slice(0, 128), 128,
+                            False, torch.float32)
+        assert relative_error(wrong(x), reference) > 1e-2

@@ -15,7 +15,7 @@ pytest.importorskip("diffusers")
 from tests.integrations.diffusers.tiny_models import tiny_flux  # noqa: E402
 from tests.integrations.published.flux_files import (flux_checkpoint, lite_folder, round_to_bf16,  # noqa: E402
                                                      save_single_file, to_v2)
-from tests.integrations.published.test_load import EXACT, QUANTIZED, layer_input, run  # noqa: E402
+from tests.integrations.published.test_load import EXACT, QUANTIZED, quantized_input, run  # noqa: E402
 
 from quantduo.integrations.published import group_keys, load_published_transformer, read_checkpoint  # noqa: E402
 from quantduo.svdquant import CheckpointError, SVDQuantLinear, set_execution  # noqa: E402
@@ -43,14 +43,6 @@ def loaded(single_file):
     return load_published_transformer(single_file, dtype=torch.float32)
 
 
-def _input(model, name):
-    post_gelu = name.endswith(("net.2", "proj_out"))
-    x = layer_input(model.get_submodule(name).in_features, post_gelu)
-    if name.endswith("proj_out"):
-        x = torch.cat([layer_input(128, False, 1), x[..., 128:]], dim=-1)
-    return x
-
-
 def test_every_key_is_mapped_and_layers_are_nunchaku_nvfp4(loaded, single_file, checkpoint):
     model, report = loaded
     ckpt = read_checkpoint(single_file)
@@ -71,7 +63,7 @@ def test_every_key_is_mapped_and_layers_are_nunchaku_nvfp4(loaded, single_file, 
 @pytest.mark.parametrize("name", QUANTIZED)
 def test_each_layer_matches_nunchaku_nvfp4_semantics(loaded, checkpoint, name):
     model, ref = loaded[0], checkpoint[1]
-    x = _input(model, name)
+    x = quantized_input(model, name)
     with torch.no_grad():
         assert relative_error(model.get_submodule(name)(x), ref.get_submodule(name)(x)) < EXACT
 
@@ -94,7 +86,7 @@ def test_a_scale_applied_wrongly_does_not_match(loaded, checkpoint, change):
             layer.wscale_global.fill_(1.0)
         else:
             layer.act_format = "nvfp4"  # quantduo's own NVFP4: tensor scale, codes from the fp8 scale
-        x = _input(loaded[0], name)
+        x = quantized_input(loaded[0], name)
         assert relative_error(layer(x), checkpoint[1].get_submodule(name)(x)) > 1e-4
 
 
@@ -141,7 +133,7 @@ def test_a16_runs_and_the_state_dict_round_trips(loaded):
         (spec,) = layer_specs(layer).values()
         again = SVDQuantLinear(**spec, dtype=torch.float32)
         again.load_state_dict(layer.state_dict(), strict=True)
-        x = _input(model, name)
+        x = quantized_input(model, name)
         with torch.no_grad():
             assert torch.equal(again(x), layer(x)), name
     set_execution(model, "a16")
