@@ -22,7 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from quantduo.cli.validate import (MAX_SEED, bad, device, float_in, int_in, lm_config, output_file, output_folder,
                                    read_text_file)
 from quantduo.duo.cache import DuoCache
-from quantduo.duo.data import PasskeyFormat, make_sample
+from quantduo.duo.data import (PasskeyFormat, ReferencePasskeyTask, make_reference_sample, make_sample,
+                                reference_context_lengths)
 from quantduo.duo.decode import GraphedDecoder
 from quantduo.duo.deploy import WINDOWS, apply_duo, apply_pattern, chunked_prefill
 from quantduo.duo.evaluate import answer_logprob, kv_bytes_full, passkey_accuracy
@@ -149,6 +150,37 @@ def _streaming_block(block: int | None, recent: int) -> int | None:
     return block or None
 
 
+def _quantduo_samples(args, hay: list[int], codec: TextCodec):
+    """step -> :func:`make_sample` of a random length in [--context-min, --context-max], every passkey at least
+    sink + recent tokens before the questions (checked at both lengths before any model loads)."""
+    min_distance = args.sink + args.recent
+    _check_samples(args, hay, codec.encode, (args.context_min, args.context_max), min_distance)
+    rng = np.random.default_rng(args.seed)
+    return lambda step: make_sample(hay, codec.encode, int(rng.integers(args.context_min, args.context_max + 1)),
+                                    args.passkeys, rng, min_distance=min_distance)
+
+
+def _reference_samples(args, hay: list[int], codec: TextCodec):
+    """step -> the reference's sample (:func:`make_reference_sample`, --passkeys needles) with the haystack lengths
+    of :func:`reference_context_lengths` in a new random order every pass over them (its shuffled data loader);
+    a haystack shorter than --context-max is an error here, before any model loads."""
+    task = ReferencePasskeyTask(num_passkeys=args.passkeys)
+    lengths = reference_context_lengths(args.context_min, args.context_max, task)
+    gen = torch.Generator().manual_seed(args.seed)
+    encode = lambda text: _encode(codec, text, "--data")  # noqa: E731
+    try:
+        make_reference_sample(hay, encode, codec.bos_id, max(lengths), torch.Generator().manual_seed(args.seed), task)
+    except ValueError as err:
+        raise bad("--haystack", f"{err} (--data reference: --context-max haystack tokens per sample)") from None
+    order: list[int] = []
+
+    def sample(step: int):
+        if not order:
+            order.extend(torch.randperm(len(lengths), generator=gen).tolist())
+        return make_reference_sample(hay, encode, codec.bos_id, lengths[order.pop(0)], gen, task)
+    return sample
+
+
 def _identify(args) -> int:
     """Retrieval-head gates from passkey samples, trained (``--method gates``, the reference's) or scored in
     ``--samples`` forward passes without training (``--method score``); writes the pattern folder atomically."""
@@ -158,14 +190,11 @@ def _identify(args) -> int:
     out = output_folder(args.out, "--out", inputs=[args.model])
     codec = _codec(args.model)
     hay = _haystack(args, codec)
-    min_distance = args.sink + args.recent
-    _check_samples(args, hay, codec.encode, (args.context_min, args.context_max), min_distance)
+    samples = _reference_samples(args, hay, codec) if args.data == "reference" else _quantduo_samples(args, hay, codec)
     model = _load(args.model, args.device, args.dtype)
-    rng = np.random.default_rng(args.seed)
 
     def batches(step: int):
-        n = int(rng.integers(args.context_min, args.context_max + 1))
-        s = make_sample(hay, codec.encode, n, args.passkeys, rng, min_distance=min_distance)
+        s = samples(step)
         return s.input_ids[None].to(model.device), s.target_mask[None].to(model.device)
 
     if args.method == "score":
@@ -348,6 +377,12 @@ def register(subparsers) -> None:
                        help="gates: train per-head gates (the reference, --steps); score: rank KV heads by how much "
                             "streaming attention changes each layer's output, one forward per sample (--samples)")
     ident.add_argument("--samples", type=int_in(1), default=32, help="passkey samples scored (--method score)")
+    ident.add_argument("--data", choices=["quantduo", "reference"], default="quantduo",
+                       help="quantduo: short passkey sentences, questions in random order, every passkey beyond the "
+                            "streaming window, contexts of --context-min..--context-max tokens; reference: the "
+                            "reference's samples (NATO-word passkeys of 32 words, its prompts, questions in insertion "
+                            "order, 20 haystack lengths from --context-min to --context-max; use --passkeys 10 for "
+                            "its default)")
     ident.add_argument("--steps", type=int_in(1), default=2000, help="gate-training steps (--method gates)")
     ident.add_argument("--lr", type=float_in(0.0, lo_open=True), default=0.02)
     ident.add_argument("--reg", type=float_in(0.0), default=0.05, help="L1 weight on the gates")

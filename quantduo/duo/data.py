@@ -123,3 +123,86 @@ def make_bos_sample(haystack_ids: Sequence[int], encode: Encode, bos_id: int, co
     ids = torch.cat([torch.tensor([bos_id]), s.input_ids])
     target = torch.cat([torch.tensor([False]), s.target_mask])
     return PasskeySample(ids, target, [(p + 1, a) for p, a in s.questions])
+
+
+NATO_ALPHABET = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliett", "kilo",
+                 "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor",
+                 "whiskey", "xray", "yankee", "zulu")
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth", "eleventh",
+            "twelfth", "thirteenth", "fourteenth", "fifteenth", "sixteenth", "seventeenth", "eighteenth", "nineteenth",
+            "twentieth")
+
+
+@dataclass(frozen=True)
+class ReferencePasskeyTask:
+    """The reference's multiple-passkey retrieval samples (mit-han-lab/duo-attention ``duo_attn/data.py``,
+    ``MultiplePasskeyRetrievalDataset``), its defaults and texts verbatim (the needle's "Remeber" included).
+
+    A sample of ``context_length`` haystack tokens: ``num_passkeys`` needles (``needle`` + a passkey of
+    ``passkey_length`` words of :data:`NATO_ALPHABET`, each wrapped in ``separator``) inserted at sorted depth ratios
+    drawn without replacement from ``depth_intervals`` evenly spaced values in [min_depth, max_depth]; then
+    ``prompt1`` (after the BOS token) in front, padding from the haystack's end, ``prompt2``, and one
+    ``question`` + passkey + ``separator`` per needle, *in insertion order*; the supervised tokens are that
+    question / answer section. Context lengths run over ``context_intervals`` evenly spaced values
+    (:func:`reference_context_lengths`).
+    """
+
+    passkey_length: int = 32
+    num_passkeys: int = 10
+    needle: str = "Remeber this sequence of words, it's the {ordinal_number} passkey to the vault: "
+    question: str = ("Based on the content of the book, what is the {ordinal_number} passkey to the vault?\n"
+                     "Passkey: ")
+    prompt1: str = "<|im_start|> This is a very long story book: <book> "
+    prompt2: str = " </book>.\n\n"
+    separator: str = "\n\n"
+    min_depth: float = 0.1
+    max_depth: float = 0.9
+    depth_intervals: int = 20
+    context_intervals: int = 20
+    pad_to_multiple_of: int = 16
+
+
+def reference_context_lengths(context_min: int, context_max: int, task: ReferencePasskeyTask = ReferencePasskeyTask()
+                              ) -> list[int]:
+    """The reference's haystack lengths per sample: ``torch.linspace(min, max, intervals, dtype=torch.int)``."""
+    return torch.linspace(context_min, context_max, task.context_intervals, dtype=torch.int).tolist()
+
+
+def make_reference_sample(haystack_ids: Sequence[int], encode: Encode, bos_id: int | None, context_length: int,
+                          generator: torch.Generator, task: ReferencePasskeyTask = ReferencePasskeyTask()
+                          ) -> PasskeySample:
+    """One sample of :class:`ReferencePasskeyTask` with ``context_length`` haystack tokens (the first ones of
+    ``haystack_ids``), random draws from ``generator`` in the reference's order (the depth permutation, then each
+    passkey's words). The padding follows the reference's expression, which always pads: ``16 - total % 16`` tokens
+    (1 to 16) from the end of ``haystack_ids``, so the sample length is a multiple of ``pad_to_multiple_of``."""
+    if not 1 <= task.num_passkeys <= min(len(ORDINALS), task.depth_intervals):
+        raise ValueError(f"num_passkeys must be in [1, {min(len(ORDINALS), task.depth_intervals)}], "
+                         f"got {task.num_passkeys}")
+    if len(haystack_ids) < context_length:
+        raise ValueError(f"haystack has {len(haystack_ids)} tokens, need at least {context_length}")
+    depths = torch.linspace(task.min_depth, task.max_depth, task.depth_intervals)
+    depths = depths[torch.randperm(task.depth_intervals, generator=generator)[:task.num_passkeys]].sort().values
+    passkeys = [encode(" ".join(NATO_ALPHABET[i] for i in torch.randint(0, len(NATO_ALPHABET), (task.passkey_length,),
+                                                                         generator=generator).tolist()))
+                for _ in range(task.num_passkeys)]
+    sep = encode(task.separator)
+    hay = list(haystack_ids[:context_length])
+    context, last = [], 0
+    for i, (depth, key) in enumerate(zip(depths, passkeys)):
+        cut = int(len(hay) * depth)  # float32 product, as the reference's tensor arithmetic
+        context += hay[last:cut] + sep + encode(task.needle.format(ordinal_number=ORDINALS[i])) + key + sep
+        last = cut
+    context += hay[last:]
+    questions = [encode(task.question.format(ordinal_number=ORDINALS[i])) for i in range(task.num_passkeys)]
+    context = ([] if bos_id is None else [bos_id]) + encode(task.prompt1) + context
+    prompt2 = encode(task.prompt2)
+    qa_len = sum(len(q) + len(k) + len(sep) for q, k in zip(questions, passkeys))
+    pad = task.pad_to_multiple_of - (len(context) + qa_len + len(prompt2)) % task.pad_to_multiple_of
+    ids = context + list(haystack_ids[len(haystack_ids) - pad:]) + prompt2
+    target, asked = [False] * len(ids), []
+    for q, key in zip(questions, passkeys):
+        ids += q
+        asked.append((len(ids), key))
+        ids += key + sep
+        target += [True] * (len(q) + len(key) + len(sep))
+    return PasskeySample(torch.tensor(ids), torch.tensor(target), asked)

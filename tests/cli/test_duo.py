@@ -8,7 +8,7 @@ import pytest
 from quantduo.cli import CliError, main
 from quantduo.cli import duo as commands
 from quantduo.duo import demo
-from quantduo.duo.data import make_bos_sample, make_sample
+from quantduo.duo.data import make_bos_sample, make_sample, reference_context_lengths
 from quantduo.duo.identify import IdentifyConfig, identify
 from quantduo.duo.patterns import load_pattern
 from quantduo.duo.score import score_heads
@@ -134,3 +134,27 @@ def test_interrupted_identification_returns_nothing():
         identify(model, batches, IdentifyConfig(steps=5, sink=4, recent=32), progress=False)
     assert model.config._attn_implementation == "sdpa"  # model restored
     assert not hasattr(model.model.layers[0].self_attn, "duo_gate")
+
+
+def test_identify_reference_data_cycles_the_reference_lengths():
+    """--data reference: every pass of 20 steps uses each of the reference's 20 haystack lengths once (its shuffled
+    loader), in a new order each pass."""
+    codec = commands.TextCodec(lambda text: [ord(c) for c in text], None, 1, None)
+    args = argparse.Namespace(passkeys=2, context_min=200, context_max=400, seed=3)
+    samples = commands._reference_samples(args, list(range(1000, 1600)), codec)
+    used = []
+    for step in range(40):
+        s = samples(step)
+        assert s.input_ids.numel() % 16 == 0 and len(s.questions) == 2
+        # the haystack prefix is ids 1000..1000+n-1; the padding comes from the end (ids >= 1584)
+        used.append(int(((s.input_ids >= 1000) & (s.input_ids < 1400)).sum()))
+    lengths = sorted(reference_context_lengths(200, 400))
+    assert sorted(used[:20]) == lengths and sorted(used[20:]) == lengths
+    assert used[:20] != used[20:]
+
+
+def test_identify_reference_data_needs_the_words(tmp_path, capsys):
+    argv = ["duo", "identify", "--model", str(tiny_lm.ASSET_DIR), "--out", str(tmp_path / "p"), "--data", "reference",
+            "--context-min", "64", "--context-max", "128"]
+    assert run_cli(argv) == 2
+    assert "argument --data" in capsys.readouterr().err
