@@ -23,7 +23,7 @@ SHIPPED_PATTERN = tiny_lm.ASSET_DIR / "duo_pattern"
 IDENTIFY_CONTEXT = 256
 
 
-def tiny_identify(model, steps: int = 80, seed: int = 0, progress: bool = True,
+def tiny_identify(model, steps: int = 150, seed: int = 0, progress: bool = True,
                   context: int = IDENTIFY_CONTEXT) -> DuoPattern:
     """Gate training on the tiny LM: multi-passkey samples of ``context`` tokens, sink/recent of tiny_lm."""
     hay = tiny_lm.haystack_ids(seed=seed + 1, n_words=20_000)
@@ -104,7 +104,7 @@ def save_heatmap(gates: np.ndarray, retrieval: np.ndarray, path: Path) -> None:
     plt.close(fig)
 
 
-def run_duo_demo(out_dir: Path, device: str = "cpu", identify_heads: bool = True, steps: int = 80,
+def run_duo_demo(out_dir: Path, device: str = "cpu", identify_heads: bool = True, steps: int = 150,
                  n_eval: int = 24) -> dict:
     """Run the demo; writes ``duo_pattern/`` and ``duo_gates.png`` into out_dir and returns
     {"full"|"duo"|"streaming": {"accuracy", "kv_bytes"}, "gates", "retrieval", "identify_s", ...}.
