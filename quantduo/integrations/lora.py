@@ -17,7 +17,15 @@ Accepted key formats (a ``.safetensors`` path or a state dict of tensors):
   fused projections (``img_attn_qkv``, ``single_blocks_*_linear1``) are split by output rows onto the diffusers
   modules, sharing ``A``; the embedders and final layer (``img_in``, ``txt_in``, ``time_in_*``, ``vector_in_*``,
   ``guidance_in_*``, ``final_layer_linear``, ``final_layer_adaLN_modulation_1`` with its shift / scale halves
-  swapped) map as diffusers maps them.
+  swapped) map as diffusers maps them (one difference: ``.alpha`` scales the final layer too, as kohya and ComfyUI
+  apply it; diffusers ignores it there);
+* the same BFL names as ComfyUI writes them, ``diffusion_model.double_blocks.3.img_attn.qkv.lora_down.weight`` /
+  ``.alpha``, or with ``lora_A`` / ``lora_B`` (with or without the ``diffusion_model.`` prefix);
+* XLabs: ``double_blocks.N.processor.{qkv,proj}_lora{1,2}.{down,up}.weight`` (1: image stream, 2: text stream).
+
+Ambiguous files raise :class:`LoraFormatError` rather than letting one entry win: several PEFT adapters, two keys
+for one matrix, two formats reaching one module; so do DoRA files. The bias / norm deltas of kohya files
+(``.diff``, ``.diff_b``) are skipped with a :class:`LoraKeysSkipped` warning, as diffusers drops them.
 
 Scale ``alpha / r``: from ``<module>.alpha`` tensors, else from the adapter config diffusers and PEFT store —
 the safetensors metadata ``lora_adapter_metadata`` (diffusers' ``save_lora_weights``) or a PEFT folder's
@@ -46,6 +54,7 @@ from safetensors import safe_open
 from torch import nn
 
 from quantduo.svdquant.linear import SVDQuantLinear
+from quantduo.svdquant.serialization import LORA_REGISTRY
 from quantduo.svdquant.split import SplitProjOut
 
 
@@ -58,7 +67,7 @@ class FusedProjectionsError(ValueError):
 
 
 class LoraKeysSkipped(UserWarning):
-    """A LoRA file holds keys for other components (text encoders): the transformer part was applied."""
+    """A LoRA file holds keys that are not applied (text encoders; kohya bias / norm deltas): the rest was."""
 
 
 @dataclass
@@ -83,9 +92,17 @@ class _Attached:
 # ---------------------------------------------------------------------------------------------
 # reading key formats
 # ---------------------------------------------------------------------------------------------
-_PEFT = re.compile(r"^(?:transformer\.|unet\.|base_model\.model\.)?(?P<module>.+?)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
-_KOHYA = re.compile(r"^lora_(?:unet|transformer)_(?P<module>.+?)\.(?P<part>lora_down|lora_up|alpha)(?:\.weight)?$")
+_PEFT = re.compile(r"^(?:transformer\.|unet\.|base_model\.model\.)?(?P<module>.+?)\.lora_(?P<part>[AB])"
+                   r"(?:\.(?P<adapter>[^.]+))?\.weight$")
+_KOHYA = re.compile(r"^(?:lora_(?:unet|transformer)_|(?P<comfy>diffusion_model\.))(?P<module>.+?)"
+                    r"\.(?P<part>lora_down|lora_up|alpha)(?:\.weight)?$")
 _PEFT_ALPHA = re.compile(r"^(?:transformer\.|unet\.|base_model\.model\.)?(?P<module>.+?)\.alpha$")
+# XLabs: double_blocks.N.processor.{qkv,proj}_lora{1 (image stream), 2 (text stream)}.{down,up}.weight
+_XLABS = re.compile(r"^(?:diffusion_model\.)?double_blocks\.(?P<idx>\d+)\.processor\.(?P<proj>qkv|proj)_lora"
+                    r"(?P<stream>[12])\.(?P<part>down|up)\.weight$")
+# keys diffusers drops when it loads kohya FLUX LoRAs (bias and norm deltas): skipped with a warning, as there
+_DROPPED = re.compile(r"\.(?:diff|diff_b)$")
+_DORA = re.compile(r"\.(?:dora_scale|lora_magnitude_vector(?:\.[^.]+)?)(?:\.weight)?$")
 
 # BFL FLUX names -> diffusers module suffixes (lists are fused projections, split by output rows)
 _BFL_DOUBLE = {
@@ -161,11 +178,13 @@ class AdapterConfig:
 
 
 def _targets(key_module: str, modules: dict[str, nn.Module], underscored: dict[str, str]) -> list[str] | None:
-    """Diffusers module names a LoRA key's module refers to (several for fused BFL projections)."""
+    """Diffusers module names a LoRA key's module refers to (several for fused BFL projections); BFL names may come
+    with dots (``double_blocks.0.img_attn.qkv``, PEFT-style files with the original names)."""
     if key_module in modules:
         return [key_module]
     if key_module in underscored:
         return [underscored[key_module]]
+    key_module = key_module.replace(".", "_")
     if key_module in _BFL_TOP:
         return [_BFL_TOP[key_module]]
     m = _BFL_NAME.match(key_module)
@@ -177,30 +196,54 @@ def _targets(key_module: str, modules: dict[str, nn.Module], underscored: dict[s
     return None
 
 
+def _key_part(key: str) -> tuple[str, str, str | None] | None:
+    """``(module, part "A" | "B" | "alpha", adapter or None)`` of one LoRA key in any supported format, None when
+    the key is none of them. ComfyUI's ``diffusion_model.`` names become kohya's underscored BFL names."""
+    if m := _XLABS.match(key):
+        stream = "img" if m["stream"] == "1" else "txt"
+        return f"double_blocks_{m['idx']}_{stream}_attn_{m['proj']}", "A" if m["part"] == "down" else "B", None
+    if m := _KOHYA.match(key):
+        module = m["module"].replace(".", "_") if m["comfy"] else m["module"]
+        return module, {"lora_down": "A", "lora_up": "B", "alpha": "alpha"}[m["part"]], None
+    if m := _PEFT.match(key):
+        return m["module"].removeprefix("diffusion_model."), m["part"], m["adapter"]
+    if m := _PEFT_ALPHA.match(key):
+        return m["module"].removeprefix("diffusion_model."), "alpha", None
+    return None
+
+
 def _group_keys(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """``{key_module: {"A"|"B"|"alpha": tensor}}`` from any supported key format; text-encoder keys are left out
-    with a :class:`LoraKeysSkipped` warning."""
+    """``{key_module: {"A"|"B"|"alpha": tensor}}`` from any supported key format; text-encoder keys and the bias /
+    norm deltas diffusers also drops (``.diff``, ``.diff_b``) are left out with a :class:`LoraKeysSkipped` warning.
+    :class:`LoraFormatError` for unknown keys, DoRA, several adapters in one file, or two keys for one matrix."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
-    unknown, skipped = [], []
+    first_key: dict[tuple[str, str], str] = {}
+    unknown, skipped, adapters = [], [], set()
     for key, tensor in state.items():
-        if _TEXT_ENCODER.match(key):
+        if _TEXT_ENCODER.match(key) or _DROPPED.search(key):
             skipped.append(key)
             continue
-        if m := _KOHYA.match(key):
-            part = {"lora_down": "A", "lora_up": "B", "alpha": "alpha"}[m["part"]]
-        elif m := _PEFT.match(key):
-            part = m["part"]
-        elif m := _PEFT_ALPHA.match(key):
-            part = "alpha"
-        else:
+        if _DORA.search(key):
+            raise LoraFormatError(f"{key}: DoRA LoRAs (a magnitude vector per layer) are not supported")
+        parsed = _key_part(key)
+        if parsed is None:
             unknown.append(key)
             continue
-        groups.setdefault(m["module"], {})[part] = tensor
+        module, part, adapter = parsed
+        if adapter is not None:
+            adapters.add(adapter)
+        if (module, part) in first_key:
+            raise LoraFormatError(f"{key} and {first_key[module, part]} both give the {part} matrix of {module!r} "
+                                  "(two adapters or two key formats for one layer): pass one of them")
+        first_key[module, part] = key
+        groups.setdefault(module, {})[part] = tensor
+    if len(adapters) > 1:
+        raise LoraFormatError(f"the LoRA holds several PEFT adapters {sorted(adapters)}: pass one adapter's keys")
     if unknown:
-        raise LoraFormatError(f"unrecognised LoRA keys (not diffusers/PEFT or kohya): {unknown[:5]}")
+        raise LoraFormatError(f"unrecognised LoRA keys (not diffusers/PEFT, kohya, ComfyUI or XLabs): {unknown[:5]}")
     if skipped:
-        warnings.warn(LoraKeysSkipped(f"{len(skipped)} text-encoder LoRA keys not applied (the transformer part is): "
-                                      f"{skipped}"), stacklevel=3)
+        warnings.warn(LoraKeysSkipped(f"{len(skipped)} LoRA keys not applied (text encoders; bias / norm deltas, "
+                                      f"which diffusers drops too): {skipped}"), stacklevel=3)
     return groups
 
 
@@ -250,9 +293,13 @@ def read_lora(source: str | Path | dict[str, torch.Tensor], model: nn.Module) ->
             scale = float(parts["alpha"]) / down.shape[0]
         else:
             scale = config.scale(targets[0] if len(targets) == 1 else key_module, down.shape[0]) if config else 1.0
-        if key_module in _SWAP_SCALE_SHIFT:
+        if key_module.replace(".", "_") in _SWAP_SCALE_SHIFT:
             up = torch.cat(up.chunk(2)[::-1])
-        result.update(_split(key_module, targets, model, LoraFactors(down, up, scale)))
+        for target, factors in _split(key_module, targets, model, LoraFactors(down, up, scale)).items():
+            if target in result:
+                raise LoraFormatError(f"two LoRA entries of this file reach module {target!r} ({key_module!r} is "
+                                      "one): a file mixing key formats for the same layer")
+            result[target] = factors
     return result
 
 
@@ -290,18 +337,18 @@ def _split_columns(key_module: str, target: str, module: SplitProjOut, lora: Lor
 # ---------------------------------------------------------------------------------------------
 def _registry(module: nn.Module) -> dict[str, _Attached]:
     """Per-module LoRA registry; first use records the base state (rank / weight) the LoRAs are added to."""
-    if not hasattr(module, "_quantduo_loras"):
-        module._quantduo_loras = {}
+    if not hasattr(module, LORA_REGISTRY):
+        setattr(module, LORA_REGISTRY, {})
         if isinstance(module, SVDQuantLinear):
             module._quantduo_base_rank = module.proj_down.shape[1]
         else:
             module._quantduo_base_weight = module.weight.detach().clone()
-    return module._quantduo_loras
+    return getattr(module, LORA_REGISTRY)
 
 
 def _rebuild(module: nn.Module) -> None:
     """Recompute the module's low-rank branch (or merged weight) from its base state and attached LoRAs."""
-    loras = module._quantduo_loras.values()
+    loras = getattr(module, LORA_REGISTRY).values()
     with torch.no_grad():
         if isinstance(module, SVDQuantLinear):
             r0, dtype = module._quantduo_base_rank, module.dtype
@@ -358,7 +405,7 @@ def _modules_with(model: nn.Module, name: str) -> list[nn.Module]:
     """The modules holding LoRA ``name`` (``KeyError`` if none; :class:`FusedProjectionsError` on a model with fused
     attention projections)."""
     _check_unfused(model)
-    found = [m for m in model.modules() if name in getattr(m, "_quantduo_loras", {})]
+    found = [m for m in model.modules() if name in getattr(m, LORA_REGISTRY, {})]
     if not found:
         raise KeyError(f"no LoRA named {name!r} is attached (attached: {sorted(attached_loras(model))})")
     return found
@@ -367,17 +414,17 @@ def _modules_with(model: nn.Module, name: str) -> list[nn.Module]:
 def set_lora_strength(model: nn.Module, name: str, strength: float) -> None:
     """Re-weight an attached LoRA."""
     for module in _modules_with(model, name):
-        module._quantduo_loras[name].strength = strength
+        getattr(module, LORA_REGISTRY)[name].strength = strength
         _rebuild(module)
 
 
 def remove_lora(model: nn.Module, name: str) -> None:
     """Detach a LoRA; the module returns exactly to its state without it."""
     for module in _modules_with(model, name):
-        del module._quantduo_loras[name]
+        del getattr(module, LORA_REGISTRY)[name]
         _rebuild(module)
 
 
 def attached_loras(model: nn.Module) -> dict[str, float]:
     """``{name: strength}`` of the LoRAs attached to ``model``."""
-    return {n: a.strength for m in model.modules() for n, a in getattr(m, "_quantduo_loras", {}).items()}
+    return {n: a.strength for m in model.modules() for n, a in getattr(m, LORA_REGISTRY, {}).items()}

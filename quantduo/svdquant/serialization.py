@@ -18,6 +18,7 @@ from .split import SplitProjOut
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "quantduo_config.json"
 FORMAT_VERSION = 2  # 2: the manifest covers every file (1 kept the weights' SHA-256 in the config)
+LORA_REGISTRY = "_quantduo_loras"  # the module attribute that holds attached LoRAs (quantduo.integrations.lora)
 
 
 class CheckpointError(InputError):
@@ -71,9 +72,21 @@ def save_quantized(model: nn.Module, directory: str | Path, config: SVDQuantConf
     return write_checkpoint(directory, *checkpoint_state(model), config, extra, made_by)
 
 
+def check_no_loras(model: nn.Module) -> None:
+    """``ValueError`` if LoRAs are attached to ``model`` (:mod:`quantduo.integrations.lora` keeps them in each
+    module's :data:`LORA_REGISTRY`): a checkpoint of it would hold them inside the low-rank branches and 16-bit
+    weights, where they could no longer be removed or re-weighted."""
+    attached = sorted({name for m in model.modules() for name in getattr(m, LORA_REGISTRY, {})})
+    if attached:
+        raise ValueError(f"LoRAs {attached} are attached: a checkpoint would bake them into the model for good; "
+                         "remove them first (quantduo.integrations.lora.remove_lora) and attach them after loading")
+
+
 def checkpoint_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """What :func:`save_quantized` writes of ``model``: its state as host-memory copies (a snapshot: the model may
-    change or move afterwards) and its :func:`layer_specs`."""
+    change or move afterwards) and its :func:`layer_specs`; ``ValueError`` with LoRAs attached
+    (:func:`check_no_loras`)."""
+    check_no_loras(model)
     layers = layer_specs(model)
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}, layers
 

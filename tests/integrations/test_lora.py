@@ -262,7 +262,7 @@ def test_text_encoder_keys_are_reported_and_the_transformer_part_applied(models,
 
     fp, quant = models
     path, ref = diffusers_lora_file(fp, tmp_path, seed=13, text_encoder=True)
-    with pytest.warns(LoraKeysSkipped, match=r"2 text-encoder LoRA keys.*text_encoder\.text_model"):
+    with pytest.warns(LoraKeysSkipped, match=r"2 LoRA keys not applied \(text encoders.*text_encoder\.text_model"):
         assert_matches(models, ref, path)
     kohya_te = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(RANK, 64),
                 "lora_unet_txt_in.lora_down.weight": torch.randn(RANK, 64), "lora_unet_txt_in.lora_up.weight":
@@ -293,3 +293,85 @@ def test_bfl_embedder_and_final_layer_names_match_diffusers(models, tmp_path):
     ref.load_lora_adapter(state, network_alphas=alphas, prefix=None)  # diffusers' converted (alpha-scaled) keys
     assert len(attach_lora(copy.deepcopy(quant), tmp_path / "kohya.safetensors", "bfl")) == 6
     assert_matches(models, ref, tmp_path / "kohya.safetensors")
+
+
+def _bfl_qkv_lora(g, d: int, rank: int = RANK) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(rank, d, generator=g) / d ** 0.5, torch.randn(3 * d, rank, generator=g) * 0.3
+
+
+def test_comfyui_bfl_and_xlabs_names_equal_kohya(models):
+    """The same fused qkv / projection LoRA written as kohya BFL names (tested against diffusers above), ComfyUI's
+    ``diffusion_model.`` names (diffusers renames them to kohya's), the original names with lora_A / lora_B, and
+    XLabs' ``processor.qkv_lora1`` (image stream) / ``proj_lora2`` (text stream) keys, converted by diffusers' own
+    ``_convert_xlabs_flux_lora_to_diffusers``: every module gets the same factors."""
+    from diffusers.loaders.lora_conversion_utils import _convert_xlabs_flux_lora_to_diffusers
+
+    _, quant = models
+    d = quant.get_submodule("transformer_blocks.0.attn.to_q").in_features
+    g = torch.Generator().manual_seed(21)
+    (qa, qb), (pa, pb) = _bfl_qkv_lora(g, d), (torch.randn(RANK, d, generator=g), torch.randn(d, RANK, generator=g))
+    kohya = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": qa,
+             "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": qb,
+             "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(float(RANK)),
+             "lora_unet_double_blocks_0_txt_attn_proj.lora_down.weight": pa,
+             "lora_unet_double_blocks_0_txt_attn_proj.lora_up.weight": pb,
+             "lora_unet_double_blocks_0_txt_attn_proj.alpha": torch.tensor(float(RANK))}
+    comfy = {k.replace("lora_unet_double_blocks_0_img_attn_qkv", "diffusion_model.double_blocks.0.img_attn.qkv")
+             .replace("lora_unet_double_blocks_0_txt_attn_proj", "diffusion_model.double_blocks.0.txt_attn.proj"): v
+             for k, v in kohya.items()}
+    original = {"double_blocks.0.img_attn.qkv.lora_A.weight": qa, "double_blocks.0.img_attn.qkv.lora_B.weight": qb,
+                "diffusion_model.double_blocks.0.txt_attn.proj.lora_A.weight": pa,
+                "diffusion_model.double_blocks.0.txt_attn.proj.lora_B.weight": pb}
+    xlabs = {"double_blocks.0.processor.qkv_lora1.down.weight": qa, "double_blocks.0.processor.qkv_lora1.up.weight": qb,
+             "double_blocks.0.processor.proj_lora2.down.weight": pa, "double_blocks.0.processor.proj_lora2.up.weight": pb}
+    expected = read_lora(kohya, quant)
+    assert sorted(expected) == ["transformer_blocks.0.attn.to_add_out", "transformer_blocks.0.attn.to_k",
+                                "transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v"]
+    by_diffusers = _convert_xlabs_flux_lora_to_diffusers(dict(xlabs))
+    for source in (comfy, original, xlabs, by_diffusers):
+        got = read_lora(source, quant)
+        assert sorted(got) == sorted(expected)
+        for name, f in got.items():
+            torch.testing.assert_close(f.down, expected[name].down)
+            torch.testing.assert_close(f.up, expected[name].up)
+            assert f.scale == expected[name].scale == 1.0
+
+
+def test_ambiguous_dora_and_dropped_keys(models, tmp_path):
+    """Two adapters, or two key formats for one layer, raise instead of one silently winning; DoRA raises; the bias /
+    norm deltas diffusers drops are skipped with a warning; a checkpoint or export with LoRAs attached is refused."""
+    from quantduo.integrations.lora import LoraKeysSkipped
+    from quantduo.integrations.published import export_checkpoint
+    from quantduo.svdquant.serialization import checkpoint_state
+
+    _, quant = models
+    d = quant.get_submodule("transformer_blocks.0.attn.to_q").in_features
+    a, b = torch.randn(RANK, d), torch.randn(d, RANK)
+    q = "transformer.transformer_blocks.0.attn.to_q"
+    with pytest.raises(LoraFormatError, match="several PEFT adapters"):
+        read_lora({f"{q}.lora_A.style.weight": a, f"{q}.lora_B.style.weight": b,
+                   "transformer.transformer_blocks.0.attn.to_k.lora_A.detail.weight": a,
+                   "transformer.transformer_blocks.0.attn.to_k.lora_B.detail.weight": b}, quant)
+    with pytest.raises(LoraFormatError, match="both give the A matrix"):
+        read_lora({f"{q}.lora_A.style.weight": a, f"{q}.lora_A.weight": a, f"{q}.lora_B.weight": b}, quant)
+    qa, qb = _bfl_qkv_lora(torch.Generator().manual_seed(3), d)
+    with pytest.raises(LoraFormatError, match="reach module 'transformer_blocks.0.attn.to_q'"):
+        read_lora({f"{q}.lora_A.weight": a, f"{q}.lora_B.weight": b,
+                   "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": qa,
+                   "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": qb}, quant)
+    with pytest.raises(LoraFormatError, match="DoRA"):
+        read_lora({f"{q}.lora_A.weight": a, f"{q}.lora_B.weight": b, f"{q}.lora_magnitude_vector.weight": b[:, 0]},
+                  quant)
+    with pytest.warns(LoraKeysSkipped, match="lora_unet_double_blocks_0_img_attn_proj.diff_b"):
+        got = read_lora({f"{q}.lora_A.weight": a, f"{q}.lora_B.weight": b,
+                         "lora_unet_double_blocks_0_img_attn_proj.diff_b": torch.zeros(d)}, quant)
+    assert list(got) == ["transformer_blocks.0.attn.to_q"]
+    model = copy.deepcopy(quant)
+    attach_lora(model, {f"{q}.lora_A.weight": a, f"{q}.lora_B.weight": b}, "style")
+    with pytest.raises(ValueError, match=r"LoRAs \['style'\] are attached"):
+        checkpoint_state(model)
+    with pytest.raises(ValueError, match=r"LoRAs \['style'\] are attached"):
+        export_checkpoint(model, tmp_path / "x.safetensors", "nunchaku")
+    assert not (tmp_path / "x.safetensors").exists()
+    remove_lora(model, "style")
+    checkpoint_state(model)  # fine again

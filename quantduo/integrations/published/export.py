@@ -31,6 +31,7 @@ from quantduo.formats import nunchaku as nk
 from quantduo.formats import quantizers as qz
 from quantduo.svdquant import SVDQuantLinear
 from quantduo.svdquant.split import SplitProjOut
+from quantduo.svdquant.serialization import check_no_loras
 from quantduo.utils import atomic_folder, atomic_write, write_manifest
 
 from .build import modulation_bias_offset
@@ -230,8 +231,10 @@ def lite_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
 def export_checkpoint(model: nn.Module, out: str | Path, layout: str, made_by: dict | None = None) -> Path:
     """Write ``model`` in ``layout`` (:data:`EXPORT_LAYOUTS`): a ``.safetensors`` file for ``"nunchaku"`` (written
     atomically), a model folder for ``"nunchaku-lite"`` (written as a whole, atomically, with a
-    ``quantduo_manifest.json``; ``made_by`` goes into it). Returns the path written."""
+    ``quantduo_manifest.json``; ``made_by`` goes into it). Returns the path written; ``ValueError`` with LoRAs
+    attached (:func:`~quantduo.svdquant.serialization.check_no_loras`)."""
     out = Path(out)
+    check_no_loras(model)
     if layout == "nunchaku":
         tensors = nunchaku_state_dict(model)
         return _save(tensors, out, nunchaku_metadata(model, tensors))
