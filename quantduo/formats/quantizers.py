@@ -27,6 +27,9 @@ FP8_E4M3_MAX = 448.0
 FP4_E2M1_MAX = 6.0
 FP4_E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 NVFP4_GROUP = 16
+# the shift of post-GELU activations before unsigned INT4 quantization, added before smoothing (the tanh GELU's
+# lower bound, rounded): deepcompressor's calibration and Nunchaku's kernels (SHIFT_GELU)
+GELU_SHIFT = 0.171875
 
 _TINY = torch.finfo(torch.float32).tiny
 

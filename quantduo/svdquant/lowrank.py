@@ -79,16 +79,17 @@ class GroupSolution:
 class _Objective:
     """Relative output error ``||y_q - x W^T||^2 / ||x W^T||^2`` on fixed calibration rows ``x [T, K]``."""
 
-    def __init__(self, x: torch.Tensor, w: torch.Tensor, act_format: str, act_group: int, act_shift_min):
+    def __init__(self, x: torch.Tensor, w: torch.Tensor, act_format: str, act_group: int,
+                 input_shift: torch.Tensor | None):
         self.x, self.act_format, self.act_group = x.float(), act_format, act_group
-        self.x_min = act_shift_min
+        self.input_shift = input_shift
         self.y_ref = self.x @ w.float().T
         self.ref_energy = self.y_ref.pow(2).sum().clamp(min=1e-30)
 
     def smoothed_inputs(self, smooth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For smoothing factors ``[..., K]``: the smoothed rows ``[..., T, K]``, their quantized view and the
         activation shift ``[..., 1, K]`` (``[K]`` for one candidate)."""
-        act_shift = act_shift_for(self.x_min, smooth) if self.act_format == "uint4" else torch.zeros_like(smooth)
+        act_shift = act_shift_for(self.input_shift, smooth) if self.act_format == "uint4" else torch.zeros_like(smooth)
         if smooth.dim() > 1:
             smooth, act_shift = smooth.unsqueeze(-2), act_shift.unsqueeze(-2)
         x_smooth = self.x / smooth
@@ -117,9 +118,9 @@ def _candidates_per_batch(w_shape: torch.Size, tokens: int, cfg: SVDQuantConfig)
     return max(1, cfg.search_batch_bytes // per_candidate)
 
 
-def act_shift_for(x_min: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
-    """Per-channel shift ``[K]`` making the smoothed inputs non-negative: ``max(0, -min(x) / smooth)``."""
-    return (-x_min.float() / smooth).clamp(min=0)
+def act_shift_for(input_shift: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
+    """The shift of the smoothed inputs ``[..., K]``: ``(x + input_shift) / smooth = x / smooth + act_shift``."""
+    return input_shift.float() / smooth
 
 
 def solve_group(
@@ -131,21 +132,25 @@ def solve_group(
     act_format: str,
     rank: int,
     smooth: bool,
-    x_min: torch.Tensor | None = None,
+    input_shift: torch.Tensor | None = None,
 ) -> GroupSolution:
     """Run SVDQuant on the concatenated weights of one shared-input group.
 
     Args:
         w: float ``[N_total, K]`` (rows of all members, K already padded to the group size).
-        x_sample: float ``[T, K]`` calibration input rows; x_absmax: ``[K]`` per-channel max |x|.
-        act_format: ``"int4"``, ``"uint4"`` (needs ``x_min``, per-channel min of x), ``"nvfp4"`` or ``"none"``.
+        x_sample: float ``[T, K]`` calibration input rows; x_absmax: ``[K]`` per-channel max |x + input_shift| (the
+            smoothing statistic).
+        act_format: ``"int4"``, ``"uint4"`` (needs ``input_shift``), ``"nvfp4"`` or ``"none"``.
+        input_shift: uint4: ``[K]`` shift added to the inputs before smoothing so that they are non-negative
+            (deepcompressor's post-GELU rule: :data:`~quantduo.formats.quantizers.GELU_SHIFT` on every channel);
+            the layer's ``act_shift`` is ``input_shift / smooth``.
     """
     w = w.float()
     weight_group = qz.NVFP4_GROUP if cfg.weight_format == "nvfp4" else cfg.group_size
     act_group = qz.NVFP4_GROUP if act_format == "nvfp4" else cfg.group_size
-    if act_format == "uint4" and x_min is None:
-        raise ValueError("unsigned activations need the per-channel input minimum (x_min)")
-    obj = _Objective(x_sample, w, act_format, act_group, x_min)
+    if act_format == "uint4" and input_shift is None:
+        raise ValueError("unsigned activations need the input shift (input_shift)")
+    obj = _Objective(x_sample, w, act_format, act_group, input_shift)
 
     def quant_residual(residual: torch.Tensor) -> torch.Tensor:
         return qz.fake_quant(residual, cfg.weight_format, weight_group, cfg.torch_dtype)

@@ -172,6 +172,14 @@ def _act_format_for(name: str, stats: InputStats, cfg: SVDQuantConfig, condition
     return cfg.act_format
 
 
+def unsigned_input_shift(stats: InputStats) -> float:
+    """The constant added to every input channel of an unsigned-INT4 layer before smoothing: deepcompressor's
+    :data:`~quantduo.formats.quantizers.GELU_SHIFT` (0.171875, the tanh GELU's lower bound), which covers any
+    post-GELU input, not only the calibration's minimum; larger where the calibration saw values below it (layers
+    :data:`_UNSIGNED_MIN` admits that are not post-GELU)."""
+    return max(qz.GELU_SHIFT, -float(stats.minimum.min()))
+
+
 def _split_by_format(group: list[str], formats: dict[str, str]) -> list[list[str]]:
     by_format: dict[str, list[str]] = {}
     for name in group:
@@ -193,11 +201,13 @@ def _quantize_group(
     weight_only = act_format == "none"
     if act_format == "uint4" and any(m.bias is None for m in members):
         act_format = "int4"  # nowhere to fold the shift
+    shift = unsigned_input_shift(stats) if act_format == "uint4" else 0.0
+    shifted_absmax = torch.maximum((stats.maximum + shift).abs(), (stats.minimum + shift).abs())
     sol = solve_group(
-        w, qz.pad_to_multiple(rows, k_pad), qz.pad_to_multiple(stats.absmax.to(device), k_pad), cfg,
+        w, qz.pad_to_multiple(rows, k_pad), qz.pad_to_multiple(shifted_absmax.to(device), k_pad), cfg,
         act_format=act_format, rank=0 if weight_only and not cfg.w4a16_svdquant else cfg.rank,
         smooth=cfg.smooth and (not weight_only or cfg.w4a16_svdquant),
-        x_min=qz.pad_to_multiple(stats.minimum.to(device), k_pad) if act_format == "uint4" else None,
+        input_shift=torch.full((k_pad,), shift, device=device) if act_format == "uint4" else None,
     )
     with phase("pack"):
         return _build_members(model, names, members, sol, rows, act_format, weight_only, cfg)

@@ -11,6 +11,7 @@ from quantduo.svdquant import (
     save_quantized, solve_group,
 )
 from quantduo.formats import quantizers as qz
+from quantduo.svdquant.lowrank import fake_quant_act
 from quantduo.svdquant.report import plot_quality_report, rank_sweep
 from quantduo.utils import InputError, relative_error
 
@@ -176,8 +177,25 @@ def test_unsigned_activations_help_post_gelu():
     h = torch.nn.functional.gelu(torch.randn(256, 256) * 2)
     w = torch.randn(128, 256) / 16
     signed = solve_group(w, h, h.abs().amax(0), CFG, act_format="int4", rank=16, smooth=True)
-    unsigned = solve_group(w, h, h.abs().amax(0), CFG, act_format="uint4", rank=16, smooth=True, x_min=h.amin(0))
+    unsigned = solve_group(w, h, (h + 0.171875).abs().amax(0), CFG, act_format="uint4", rank=16, smooth=True,
+                           input_shift=torch.full((256,), 0.171875))
     assert unsigned.rel_error < 0.75 * signed.rel_error  # measured 0.0088 vs 0.0149
+
+
+def test_post_gelu_shift_is_the_reference_constant(quantized_block):
+    """deepcompressor's rule for unsigned INT4 inputs: 0.171875 (the tanh GELU's lower bound) is added to every
+    channel before smoothing, so act_shift = 0.171875 / smooth on every real channel, whatever the calibration's
+    per-channel minimum; an input at the GELU's minimum on a channel whose calibration never went below zero is
+    then represented, not clipped to zero."""
+    model, _, _ = quantized_block
+    fc2 = model.fc2
+    k = fc2.in_features
+    torch.testing.assert_close(fc2.act_shift[:k].float() * fc2.smooth_factor[:k].float(),
+                               torch.full((k,), 0.171875), rtol=1e-6, atol=0)
+    x = torch.full((1, k), 0.05)
+    x[0, 0] = -0.17  # the GELU's minimum, below any calibration value of most channels
+    q = fake_quant_act(x / fc2.smooth_factor[:k].float(), "uint4", 64, fc2.act_shift[:k].float())
+    assert float(q[0, 0] * fc2.smooth_factor[0]) == pytest.approx(-0.17, abs=0.02)
 
 
 def test_save_load_round_trip(quantized_block, tmp_path):

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from quantduo.formats.quantizers import GELU_SHIFT  # noqa: F401  (re-exported: the layouts' shift)
 from quantduo.svdquant import CheckpointError
 
 LAYOUTS = ("nunchaku", "nunchaku-v2", "nunchaku-lite")
-# Nunchaku's shift of post-GELU activations before unsigned INT4 quantization (src/kernels/zgemm, SHIFT_GELU)
-GELU_SHIFT = 0.171875
 # tensor names per layer kind, in the single file's spelling
 W4A4_TENSORS = frozenset({"qweight", "wscales", "bias", "smooth", "smooth_orig", "lora_down", "lora_up", "wcscales",
                           "wtscale"})
