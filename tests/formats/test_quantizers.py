@@ -133,3 +133,30 @@ def test_group_size_must_divide():
 def test_unknown_format():
     with pytest.raises(ValueError, match="unknown 4-bit format"):
         qz.fake_quant(torch.randn(2, 64), "int3")
+
+
+def test_int4_and_uint4_round_ties_to_even():
+    """deepcompressor's (and the GPU kernels') round: ties to even. A group whose max is 7 (scale 1 for INT4) or 15
+    (scale 1 for UINT4) puts exact .5 multiples of the scale on ties: 2.5 -> 2, -2.5 -> -2, 3.5 -> 4, 0.5 -> 0."""
+    x = torch.zeros(64)
+    x[:6] = torch.tensor([7.0, 2.5, -2.5, 3.5, 0.5, -0.5])
+    q, s = qz.quantize_int4(x[None], 64)
+    assert s.item() == 1.0
+    assert q[0, :6].tolist() == [7, 2, -2, 4, 0, 0]
+    u = torch.zeros(64)
+    u[:5] = torch.tensor([15.0, 2.5, 3.5, 0.5, 14.5])
+    qu, su = qz.quantize_uint4(u[None], 64)
+    assert su.item() == 1.0
+    assert qu[0, :5].tolist() == [15, 2, 4, 0, 14]
+
+
+def test_int4_codes_use_the_stored_scale():
+    """The scale is rounded to its storage dtype (bf16) *before* the codes are computed (deepcompressor's order):
+    amax 7.0625 -> amax / 7 = 1.008929, stored as bf16 1.0078125; 2.521 is then 2.5014 scales (code 3), while the
+    unrounded scale would give 2.4987 (code 2)."""
+    x = torch.zeros(64)
+    x[0], x[1] = 7.0625, 2.521
+    q, s = qz.quantize_int4(x[None], 64, scale_dtype=torch.bfloat16)
+    assert s.item() == 1.0078125
+    assert q[0, 1].item() == 3
+    assert torch.round(torch.tensor(2.521) / (7.0625 / 7)).item() == 2  # what the other order would give
