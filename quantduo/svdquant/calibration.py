@@ -30,7 +30,11 @@ class InputStats:
     @property
     def absmax(self) -> torch.Tensor:
         """Per-channel max |x|, float32 ``[K]``."""
-        return torch.maximum(self.maximum.abs(), self.minimum.abs())
+        return self.shifted_absmax(0.0)
+
+    def shifted_absmax(self, shift: float) -> torch.Tensor:
+        """Per-channel max |x + shift|, float32 ``[K]`` (the smoothing statistic of shifted unsigned inputs)."""
+        return torch.maximum((self.maximum + shift).abs(), (self.minimum + shift).abs())
 
 
 class ActivationRecorder:

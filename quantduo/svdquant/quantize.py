@@ -202,9 +202,8 @@ def _quantize_group(
     if act_format == "uint4" and any(m.bias is None for m in members):
         act_format = "int4"  # nowhere to fold the shift
     shift = unsigned_input_shift(stats) if act_format == "uint4" else 0.0
-    shifted_absmax = torch.maximum((stats.maximum + shift).abs(), (stats.minimum + shift).abs())
     sol = solve_group(
-        w, qz.pad_to_multiple(rows, k_pad), qz.pad_to_multiple(shifted_absmax.to(device), k_pad), cfg,
+        w, qz.pad_to_multiple(rows, k_pad), qz.pad_to_multiple(stats.shifted_absmax(shift).to(device), k_pad), cfg,
         act_format=act_format, rank=0 if weight_only and not cfg.w4a16_svdquant else cfg.rank,
         smooth=cfg.smooth and (not weight_only or cfg.w4a16_svdquant),
         input_shift=torch.full((k_pad,), shift, device=device) if act_format == "uint4" else None,
