@@ -63,7 +63,6 @@ from quantduo.kernels.act_quant import act_quant  # noqa: E402
 from quantduo.kernels.dequant_w4 import dequant_w4  # noqa: E402
 from quantduo.kernels.fp8_linear import expand_w4_fp8, quantize_fp8_per_token  # noqa: E402
 from quantduo.kernels.fp8_w4_gemm import fp8_w4_gemm, pick_config  # noqa: E402
-from quantduo.kernels import gemm_w4_skinny as skinny_module  # noqa: E402
 from quantduo.kernels.gemm_w4_skinny import _pick as skinny_pick  # noqa: E402
 from quantduo.kernels.gemm_w4_skinny import w4_skinny_gemm  # noqa: E402
 from quantduo.kernels.gemv_w4 import w4_gemv  # noqa: E402
@@ -424,85 +423,6 @@ def small_sweep(log, results, M=16):
                                                           act={str(c): v for c, v in act.items()}))
 
 
-ORIENT_TOKENS = [4, 16, 32, 64]
-
-
-def _orientation_configs(M, N, K):
-    """Tiles of the skinny GEMM with tokens as rows (BN, warps, stages, K split toward ~1 / 2 / 4 programs per SM
-    of an H100), and the current default (weights as rows)."""
-    bm = 16 if M <= 16 else (32 if M <= 32 else 64)
-    groups = K // 64
-    configs = [skinny_pick(M, N, K)]
-    for bn, w, st in itertools.product((64, 128, 256), (4, 8), (3, 4)):
-        if bn == 64 and w == 8:
-            continue
-        tiles = math.ceil(M / bm) * math.ceil(N / bn)
-        for per_sm in (1, 2, 4):
-            split = min((d for d in range(1, groups + 1) if groups % d == 0),
-                        key=lambda d: abs(tiles * d - 132 * per_sm))
-            cfg = dict(BM=bm, BN=bn, SPLIT_K=split, TOKEN_ROWS=True, num_warps=w, num_stages=st)
-            if cfg not in configs:
-                configs.append(cfg)
-    return configs
-
-
-def orientation_sweep(log, results, tokens):
-    """Skinny GEMM, tokens as rows vs weights as rows (16-bit activations, FLUX shapes): correctness of every
-    config vs ``w4_gemv_ref`` (and of the best one with 4-bit codes vs ``w4_gemm_ref``), the GEMM alone per
-    config, then the ``a16`` module (kernel 1 + GEMM) with the default and with the best config, vs bf16."""
-    for M in tokens:
-        for (N, K) in SHAPES:
-            torch.manual_seed(M)
-            m = random_module(N, K)
-            x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
-            a, _, lxp = act_quant(x, m.smooth_factor, None, m.proj_down, "smooth")
-            expected = ref.w4_gemv_ref(a, m.qweight, m.wscales, lxp.sum(0), m.proj_up, m.bias, x.dtype)
-            tb = time_graph(*v_bf16(M, N, K), max_copies=128)
-            timings, errors = {}, {}
-            for cfg in _orientation_configs(M, N, K):
-                key = json.dumps(cfg)
-                try:
-                    errors[key] = relative_error(w4_skinny_gemm(a, None, m.qweight, m.wscales, lxp, m.proj_up,
-                                                                m.bias, "none", x.dtype, config=cfg), expected)
-                    timings[key] = time_graph(*v_skinny(M, N, K, "none", config=cfg), max_copies=128)
-                except Exception as ex:  # noqa: BLE001 - a config that does not compile is reported and skipped
-                    log(f"    {cfg} failed: {str(ex)[:120]}")
-            default = json.dumps(skinny_pick(M, N, K))
-            best = min((k for k in timings if "TOKEN_ROWS\": true" in k), key=timings.get)
-            q, qs, lxq = act_quant(x, m.smooth_factor, m.act_shift, m.proj_down, "int4")
-            err4 = relative_error(
-                w4_skinny_gemm(q, qs, m.qweight, m.wscales, lxq, m.proj_up, m.bias, "int4", x.dtype,
-                               config=json.loads(best)),
-                ref.w4_gemm_ref(q, qs, m.qweight, m.wscales, lxq.sum(0), m.proj_up, m.bias, "int4", x.dtype))
-            t4 = time_graph(*v_skinny(M, N, K, "int4", config=json.loads(best)), max_copies=128)
-            t4_default = time_graph(*v_skinny(M, N, K, "int4"), max_copies=128)
-            module_default = time_graph(*v_module(M, N, K, "a16"), max_copies=128)
-            with _skinny_config(json.loads(best)):
-                module_best = time_graph(*v_module(M, N, K, "a16"), max_copies=128)
-            bad = {k: e for k, e in errors.items() if not e < 1e-2}
-            log(f"  M={M} {N}x{K}: bf16 {tb:.1f} us | GEMM default {timings.get(default, float('nan')):.1f} us "
-                f"({tb / timings.get(default, float('nan')):.2f}x), tokens-as-rows best {best} {timings[best]:.1f} us "
-                f"({tb / timings[best]:.2f}x) | int4 codes default {t4_default:.1f}, best {t4:.1f} us (err {err4:.1e}) "
-                f"| a16 module default {module_default:.1f} us ({tb / module_default:.2f}x), best "
-                f"{module_best:.1f} us ({tb / module_best:.2f}x) | max err {max(errors.values()):.1e}"
-                + (f" FAILED {bad}" if bad or not err4 < 1e-2 else ""))
-            log("    all: " + " ".join(f"{k}={v:.1f}" for k, v in sorted(timings.items(), key=lambda kv: kv[1])))
-            results.setdefault("orientation", []).append(dict(
-                M=M, N=N, K=K, bf16=tb, timings=timings, errors=errors, best=best, int4_best=t4,
-                int4_default=t4_default, err4=err4, module_default=module_default, module_best=module_best))
-
-
-@contextlib.contextmanager
-def _skinny_config(cfg):
-    """The engine's skinny GEMM calls run with ``cfg`` (its SPLIT_K clamped to a divisor of the layer's groups)."""
-    original = skinny_module._pick
-    skinny_module._pick = lambda M, N, K: dict(cfg)
-    try:
-        yield
-    finally:
-        skinny_module._pick = original
-
-
 FP8_EXPAND_SWEEP = [None, (16, 256, 4), (32, 256, 4), (64, 128, 4), (64, 64, 4), (128, 64, 4), (64, 256, 8),
                     (128, 128, 8)]
 
@@ -789,8 +709,6 @@ def parse_args(argv=None):
     mode.add_argument("--gelu-quant", action="store_true",
                       help="only the fp8 row quantization with GELU at FLUX widths (M of --tokens)")
     mode.add_argument("--decode", action="store_true", help="only the one-token table at Llama-3-8B shapes")
-    mode.add_argument("--orientation", action="store_true",
-                      help=f"only the skinny GEMM's two orientations (M of --tokens, default {ORIENT_TOKENS})")
     mode.add_argument("--smoke", action="store_true",
                       help="checks and quality harness at tiny shapes, no timings (CPU: Triton interpreter)")
     ap.add_argument("--sweep", action="store_true", help="after the table: the fp8 stages and expansion tile sweep")
@@ -814,7 +732,7 @@ def main(argv=None):
     def log(s):
         print(s, flush=True)
         logf.write(s + "\n")
-        logf.flush()
+        logf.flush()  # a run stopped at its time limit keeps what it measured
 
     name = torch.cuda.get_device_properties(0).name if DEV == "cuda" else "cpu (Triton interpreter)"
     extra = f" sms={torch.cuda.get_device_properties(0).multi_processor_count}" if DEV == "cuda" else ""
@@ -842,10 +760,6 @@ def main(argv=None):
     elif args.decode:
         decode_table(log, results)
         log(f"  [decode {time.time() - t0:.0f}s]")
-        args.no_table = True
-    elif args.orientation:
-        orientation_sweep(log, results, ORIENT_TOKENS if args.tokens == TOKENS else args.tokens)
-        log(f"  [orientation {time.time() - t0:.0f}s]")
         args.no_table = True
     elif args.small_sweep:
         small_sweep(log, results)

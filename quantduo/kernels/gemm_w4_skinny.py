@@ -1,19 +1,8 @@
 """Skinny GEMM for few tokens (M <= 64): INT4-g64 weights as the large operand, split-K. Serves 16-bit
 activations (already smoothed) and W4A4 (packed 4-bit activation codes with group scales) at small M, where a layer only streams its weights.
 
-Two orientations of the tensor-core product (config ``TOKEN_ROWS``), one K step per group of 64 inputs:
-
-**Tokens as rows** (``out [M, N] = a [M, K] x W^T``): with 16 or 32 token rows Triton uses the register-operand
-``mma`` (m16n8k16) on Hopper, so the weight tile is decoded where the tensor core reads it (no shared-memory
-round trip of decoded weights, no waited ``wgmma``). The packed bytes are loaded as ``[32, BN]`` (byte ``j`` of a
-row holds inputs ``2j`` (low nibble) and ``2j + 1`` (high)) and decoded into two 16-bit tiles ``128 + u`` (``u``
-the nibble XOR 8, i.e. the signed code plus 8): the even inputs' and the odd inputs', two dots against the even and
-odd activation columns. On the GPU the decode is inline PTX on 4 packed bytes (byte permutes and one ``lop3`` per
-two values: ~1 instruction per weight); the offset is removed per group as ``d - 136 * sum(a)`` on the
-``[BM, BN]`` tile, then the group scale. Exact for 4-bit activation codes, float32-accumulated for 16-bit ones.
-
-**Weights as rows** (the problem transposed, ``out^T [N, M] = W [N, K] x a^T [K, M]``), so the weights fill the
-wide side of the tensor-core dot (``wgmma``, weights from registers) and the tokens the narrow one:
+The problem is computed transposed, ``out^T [N, M] = W [N, K] x a^T [K, M]``, so the weights fill the wide side
+of the tensor-core dot and the tokens the narrow one. One K step is one group of 64 inputs:
 
 * The packed words become 16-bit ``1 + u / 16`` by bit placement, two values per 32-bit operation (``u`` is the
   nibble XOR 8, i.e. the signed code plus 8; no integer-to-float conversion), joined into natural input order.
@@ -42,56 +31,6 @@ GROUP = 64
 MAX_TOKENS = 64
 _A_MODES = {"none": 0, "int4": 1, "uint4": 2}
 
-
-
-# 4 packed code bytes -> 128 + u of their low nibbles ($0, $1) and of their high nibbles ($2, $3), two 16-bit values
-# per 32-bit register: byte permutes spread bytes (0, 1) and (2, 3) into 16-bit lanes, then one lop3
-# ``(t & mask) ^ magic`` places the nibble XOR 8 in the mantissa of 128.0 (bfloat16: 0x4300, ulp 1; float16: 0x5800,
-# ulp 1/8, hence the shifts by 3 and 1).
-_DECODE_BF16 = tl.constexpr("""{
-.reg .b32 t0, t1;
-prmt.b32 t0, $4, 0, 0x4140;
-prmt.b32 t1, $4, 0, 0x4342;
-lop3.b32 $0, t0, 0x000F000F, 0x43084308, 0x6A;
-lop3.b32 $1, t1, 0x000F000F, 0x43084308, 0x6A;
-shr.u32 t0, t0, 4;
-shr.u32 t1, t1, 4;
-lop3.b32 $2, t0, 0x000F000F, 0x43084308, 0x6A;
-lop3.b32 $3, t1, 0x000F000F, 0x43084308, 0x6A;
-}""")
-_DECODE_F16 = tl.constexpr("""{
-.reg .b32 t0, t1, t2, t3;
-prmt.b32 t0, $4, 0, 0x4140;
-prmt.b32 t1, $4, 0, 0x4342;
-shl.b32 t2, t0, 3;
-shl.b32 t3, t1, 3;
-lop3.b32 $0, t2, 0x00780078, 0x58405840, 0x6A;
-lop3.b32 $1, t3, 0x00780078, 0x58405840, 0x6A;
-shr.u32 t0, t0, 1;
-shr.u32 t1, t1, 1;
-lop3.b32 $2, t0, 0x00780078, 0x58405840, 0x6A;
-lop3.b32 $3, t1, 0x00780078, 0x58405840, 0x6A;
-}""")
-CODE_BASE = tl.constexpr(128.0)  # decoded value of code q: CODE_BASE + 8 + q
-CODE_OFFSET = tl.constexpr(136.0)
-
-
-@triton.jit
-def _decode_pairs(v, DT: tl.constexpr, NATIVE: tl.constexpr):
-    """Packed int4 bytes ``v`` uint8 (any shape) -> (low, high) nibbles as ``128 + (q XOR 8)`` = ``136 + q`` in
-    DT (bfloat16 / float16, exact). NATIVE: inline PTX (GPU); otherwise integer ops (the interpreter)."""
-    if NATIVE:
-        if DT == tl.bfloat16:
-            lo, hi = tl.inline_asm_elementwise(_DECODE_BF16, "=r,=r,=r,=r,r", [v],
-                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-        else:
-            lo, hi = tl.inline_asm_elementwise(_DECODE_F16, "=r,=r,=r,=r,r", [v],
-                                               dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-    else:
-        u = v ^ 0x88
-        lo = ((u & 15).to(tl.float32) + CODE_BASE).to(DT)
-        hi = ((u >> 4).to(tl.float32) + CODE_BASE).to(DT)
-    return lo, hi
 
 
 @triton.jit
@@ -153,46 +92,12 @@ def _group(acc, A, W, rm_l, rn_l, g, K, stride_am, w_scale, a_scale, A_MODE: tl.
 
 
 @triton.jit
-def _act_pairs(A, rm_l, g, K, stride_am, A_MODE: tl.constexpr, BM: tl.constexpr, G: tl.constexpr,
-               DT: tl.constexpr):
-    """Activations of group ``g`` split by input parity: (even inputs, odd inputs), each ``[BM, G / 2]`` in DT
-    (16-bit values, or the exact 4-bit codes: the low and high nibbles of the packed bytes)."""
-    if A_MODE == 0:
-        a = tl.load(A + rm_l[:, None] * stride_am + (g * G + tl.arange(0, G))[None, :])
-        even, odd = tl.split(tl.reshape(a, (BM, G // 2, 2)))
-    else:
-        b = tl.load(A + rm_l[:, None] * (K // 2) + (g * (G // 2) + tl.arange(0, G // 2))[None, :]).to(tl.int32)
-        if A_MODE == 1:
-            even, odd = ((b & 15) ^ 8) - 8, ((b >> 4) ^ 8) - 8
-        else:
-            even, odd = b & 15, b >> 4
-        even, odd = even.to(tl.float32).to(DT), odd.to(tl.float32).to(DT)
-    return even, odd
-
-
-@triton.jit
-def _group_rows(acc, A, W, rm_l, rn_l, g, K, stride_am, w_scale, a_scale, A_MODE: tl.constexpr, BM: tl.constexpr,
-                G: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr):
-    """``acc [BM, BN]`` + group ``g``'s contribution, tokens as rows: ``sum(q * a) * w_scale [BN] (* a_scale
-    [BM])`` from ``sum((136 + q) * a) - 136 * sum(a)``."""
-    even, odd = _act_pairs(A, rm_l, g, K, stride_am, A_MODE, BM, G, DT)
-    v = tl.load(W + rn_l[None, :] * (K // 2) + (g * (G // 2) + tl.arange(0, G // 2))[:, None])  # [G / 2, BN]
-    lo, hi = _decode_pairs(v, DT, NATIVE)
-    d = tl.dot(odd, hi, tl.dot(even, lo, input_precision=PREC), input_precision=PREC)
-    a_sum = tl.sum(even.to(tl.float32), axis=1) + tl.sum(odd.to(tl.float32), axis=1)
-    d -= CODE_OFFSET * a_sum[:, None]
-    if A_MODE > 0:
-        d *= a_scale[:, None]
-    return acc + w_scale.to(tl.float32)[None, :] * d
-
-
-@triton.jit
 def _w4_skinny_kernel(
     A, A_SCALE, W, WS, LXP, LU, BIAS, OUT, PART, COUNTS,
     M, N, K, GROUPS_PER_SPLIT, S, R, stride_am, stride_wsn, stride_wsg,
     A_MODE: tl.constexpr, HAS_LR: tl.constexpr, RP: tl.constexpr, HAS_BIAS: tl.constexpr,
     GELU: tl.constexpr, SPLIT_K: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr,
-    PREC: tl.constexpr, TOKEN_ROWS: tl.constexpr, NATIVE: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Program (tile, pid_k): rows ``[BN]`` of OUT ``[M, N]`` for tokens ``[BM]``, groups of slice pid_k.
 
@@ -200,8 +105,7 @@ def _w4_skinny_kernel(
     ``[K/64, M]`` (A_MODE 1 int4 / 2 uint4). W int32 view ``[N, K/8]`` of the packed int4 weights; WS
     ``[N, K/64]`` group scales (strides given). LXP float32 ``[S, M, R]``, LU ``[N, R]``, BIAS ``[N]``.
     SPLIT_K > 1: PART float32 ``[M, N]`` and COUNTS int32 ``[tiles]`` (zero on entry and exit).
-    GELU: tanh GELU on the rounded output (as ``epilogue_ref``). TOKEN_ROWS: the orientation (module docstring);
-    NATIVE: the inline-PTX decode of that orientation (False under the interpreter).
+    GELU: tanh GELU on the rounded output (as ``epilogue_ref``).
     """
     tile = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -212,10 +116,7 @@ def _w4_skinny_kernel(
     rn = pid_n * BN + tl.arange(0, BN)
     rm_l = tl.minimum(rm, M - 1).to(tl.int64)  # clamped rows / columns: loads need no masks
     rn_l = tl.minimum(rn, N - 1).to(tl.int64)
-    if TOKEN_ROWS:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
     g0 = pid_k * GROUPS_PER_SPLIT
     ws_row = WS + rn_l * stride_wsn
     # group scales are 2-byte gathers that the compiler does not pipeline: each is loaded one group ahead
@@ -233,22 +134,14 @@ def _w4_skinny_kernel(
             a_scale_next = tl.load(a_scale_ptrs + g_next * M)
         else:
             a_scale_next = a_scale
-        if TOKEN_ROWS:
-            acc = _group_rows(acc, A, W.to(tl.pointer_type(tl.uint8)), rm_l, rn_l, g, K, stride_am, w_scale, a_scale,
-                              A_MODE, BM, G, DT, PREC, NATIVE)
-        else:
-            acc = _group(acc, A, W, rm_l, rn_l, g, K, stride_am, w_scale, a_scale, A_MODE, BM, BN, G, DT, PREC)
+        acc = _group(acc, A, W, rm_l, rn_l, g, K, stride_am, w_scale, a_scale, A_MODE, BM, BN, G, DT, PREC)
         w_scale = w_scale_next
         a_scale = a_scale_next
     mmask = rm < M
     nmask = rn < N
     if SPLIT_K > 1:
-        if TOKEN_ROWS:
-            tl.atomic_add(PART + rm_l[:, None] * N + rn_l[None, :], acc, mask=mmask[:, None] & nmask[None, :],
-                          sem="relaxed")
-        else:
-            tl.atomic_add(PART + rm_l[None, :] * N + rn_l[:, None], acc, mask=mmask[None, :] & nmask[:, None],
-                          sem="relaxed")
+        ws = PART + rm_l[None, :] * N + rn_l[:, None]
+        tl.atomic_add(ws, acc, mask=mmask[None, :] & nmask[:, None], sem="relaxed")
         tl.debug_barrier()  # every thread's partial sum is issued before the counter increment (release)
         if tl.atomic_add(COUNTS + tile, 1) == SPLIT_K - 1:  # the last slice of this tile finishes it
             out_mask = mmask[:, None] & nmask[None, :]
@@ -259,9 +152,8 @@ def _w4_skinny_kernel(
             _epilogue(total, rm, rn, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU,
                       PREC)
     else:
-        if not TOKEN_ROWS:
-            acc = tl.trans(acc)
-        _epilogue(acc, rm, rn, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU, PREC)
+        _epilogue(tl.trans(acc), rm, rn, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU,
+                  PREC)
 
 
 @triton.jit
@@ -290,7 +182,7 @@ def _pick(M: int, N: int, K: int) -> dict:
     split = 1
     while tiles * split < 384 and (K // GROUP) % (split * 2) == 0:
         split *= 2
-    return dict(BM=bm, BN=bn, SPLIT_K=split, TOKEN_ROWS=False, num_warps=4, num_stages=3)
+    return dict(BM=bm, BN=bn, SPLIT_K=split, num_warps=4, num_stages=3)
 
 
 def check_skinny_inputs(a, a_scales, qweight, wscales, mode: str) -> None:
@@ -328,17 +220,13 @@ def w4_skinny_gemm(a, a_scales, qweight, wscales, lxp, lora_up, bias, mode: str,
             strides).
         lxp: float32 low-rank partials ``[S, M, r]`` or None; lora_up ``[N, r]``; bias ``[N]`` or None.
         gelu: apply the tanh GELU to the output (MLP fc1).
-        config: dict(BM, BN, SPLIT_K, TOKEN_ROWS, num_warps, num_stages); SPLIT_K must divide K / 64; BM >= 16 with
-            TOKEN_ROWS (the tensor-core tile).
+        config: dict(BM, BN, SPLIT_K, num_warps, num_stages); SPLIT_K must divide K / 64.
     """
     check_skinny_inputs(a, a_scales, qweight, wscales, mode)
     M = a.shape[0]
     N, K = qweight.shape[0], 2 * qweight.shape[1]
     cfg = dict(config or _pick(M, N, K))
     split = cfg.pop("SPLIT_K")
-    cfg.setdefault("TOKEN_ROWS", False)
-    if cfg["TOKEN_ROWS"] and cfg["BM"] < 16:
-        raise ValueError(f"TOKEN_ROWS needs BM >= 16 (the tensor-core tile), got BM={cfg['BM']}")
     if (K // GROUP) % split:
         raise ValueError(f"SPLIT_K={split} must divide the {K // GROUP} groups of 64 inputs")
     dt = a.dtype if mode == "none" else torch.float16  # 4-bit codes and 1 + u / 16 are exact in float16
@@ -356,6 +244,6 @@ def w4_skinny_gemm(a, a_scales, qweight, wscales, lxp, lora_up, bias, mode: str,
         A_MODE=_A_MODES[mode], HAS_LR=r > 0, RP=rank_pad(r),
         HAS_BIAS=bias is not None, GELU=gelu, SPLIT_K=split, G=GROUP,
         DT=tl.bfloat16 if dt == torch.bfloat16 else tl.float16,
-        PREC="ieee" if r and lora_up.dtype == torch.float32 else "tf32", NATIVE=a.is_cuda, **cfg,
+        PREC="ieee" if r and lora_up.dtype == torch.float32 else "tf32", **cfg,
     )
     return out

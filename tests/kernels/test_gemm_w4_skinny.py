@@ -19,20 +19,17 @@ from quantduo.kernels.act_quant import act_quant
 from quantduo.kernels.gemm_w4_skinny import w4_skinny_gemm
 from quantduo.utils import relative_error
 
-from .conftest import make_inputs
-
 pytestmark = pytest.mark.usefixtures("poison_empty")  # unwritten kernel outputs show (tests/conftest.py)
 
 
-@pytest.mark.parametrize("token_rows", [False, True])
 @pytest.mark.parametrize("mode,M,split,r,gelu", [
     ("none", 1, 1, 16, False), ("none", 5, 4, 16, True), ("none", 17, 2, 0, False), ("none", 40, 1, 16, False),
     ("int4", 9, 4, 16, False), ("int4", 33, 1, 0, True), ("uint4", 16, 2, 16, False), ("int4", 3, 8, 16, False)])
-def test_w4_skinny_gemm(mode, M, split, r, gelu, token_rows, inputs):
-    """Skinny split-K GEMM, both orientations, vs its references (16-bit activations: exact float32 weights,
-    ``w4_gemv_ref``; 4-bit codes: ``w4_gemm_ref``): every nibble value, masked token and row edges (N = 80 with
-    64-row tiles), K split 1 / 2 / 4 / 8 ways (the group scales prefetched across slice ends), low-rank, bias and
-    GELU; a second call gives the same result (workspace and counters reset)."""
+def test_w4_skinny_gemm(mode, M, split, r, gelu, inputs):
+    """Skinny split-K GEMM vs its references (16-bit activations: exact float32 weights, ``w4_gemv_ref``; 4-bit
+    codes: ``w4_gemm_ref``): every nibble value, masked token and row edges (N = 80 with 64-row tiles), K split
+    1 / 2 / 4 / 8 ways (the group scales prefetched across slice ends), low-rank, bias and GELU; a second call
+    gives the same result (workspace and counters reset)."""
     N, K, dtype = 80, 512, torch.float16
     x, smooth, shift, ld, lu, bias = inputs(M, N, K, max(r, 1), dtype)
     g = torch.Generator().manual_seed(1)
@@ -41,7 +38,7 @@ def test_w4_skinny_gemm(mode, M, split, r, gelu, token_rows, inputs):
     a, a_s, lxp = act_quant(x, smooth, shift, ld if r else None, "smooth" if mode == "none" else mode,
                             config=(16, 64, 2))
     lu = lu if r else None
-    cfg = dict(BM=16 if M <= 16 else 64, BN=64, SPLIT_K=split, TOKEN_ROWS=token_rows, num_warps=4, num_stages=1)
+    cfg = dict(BM=16 if M <= 16 else 64, BN=64, SPLIT_K=split, num_warps=4, num_stages=1)
     y = w4_skinny_gemm(a, a_s, qw, ws, lxp, lu, bias, mode, dtype, gelu=gelu, config=cfg)
     lx = lxp.sum(0) if r else None
     if mode == "none":
@@ -59,10 +56,9 @@ def test_w4_skinny_gemm(mode, M, split, r, gelu, token_rows, inputs):
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(m=st.integers(1, 64), n=st.integers(1, 150), groups=st.sampled_from([1, 2, 3, 4, 6]),
        split=st.sampled_from([1, 2, 3]), mode=st.sampled_from(["none", "int4", "uint4"]),
-       r=st.sampled_from([0, 8, 32]), seed=st.integers(0, 2**16), token_rows=st.booleans())
-def test_w4_skinny_gemm_shapes(m, n, groups, split, mode, r, seed, token_rows, inputs):
-    """Any token count up to 64, row count, K (whole groups), split that divides the groups, either
-    orientation."""
+       r=st.sampled_from([0, 8, 32]), seed=st.integers(0, 2**16))
+def test_w4_skinny_gemm_shapes(m, n, groups, split, mode, r, seed, inputs):
+    """Any token count up to 64, row count, K (whole groups) and split that divides the groups."""
     if groups % split:
         split = 1
     K, dtype = 64 * groups, torch.float16
@@ -73,34 +69,12 @@ def test_w4_skinny_gemm_shapes(m, n, groups, split, mode, r, seed, token_rows, i
     a, a_s, lxp = act_quant(x, smooth, shift, ld if r else None, "smooth" if mode == "none" else mode,
                             config=(16, 64, 1))
     lu = lu if r else None
-    cfg = dict(BM=16 if m <= 16 else (32 if m <= 32 else 64), BN=64, SPLIT_K=split, TOKEN_ROWS=token_rows,
-               num_warps=4, num_stages=1)
+    cfg = dict(BM=16 if m <= 16 else (32 if m <= 32 else 64), BN=64, SPLIT_K=split, num_warps=4, num_stages=1)
     y = w4_skinny_gemm(a, a_s, qw, ws, lxp, lu, bias, mode, dtype, config=cfg)
     lx = lxp.sum(0) if r else None
     y_ref = (ref.w4_gemv_ref(a, qw, ws, lx, lu, bias, dtype) if mode == "none"
              else ref.w4_gemm_ref(a, a_s, qw, ws, lx, lu, bias, mode, dtype))
     assert relative_error(y, y_ref) < 1e-3
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the inline-PTX decode)")
-@pytest.mark.parametrize("mode,dtype", [("none", torch.bfloat16), ("none", torch.float16), ("int4", torch.float16),
-                                        ("uint4", torch.float16)])
-@pytest.mark.parametrize("M,BN,split", [(16, 256, 6), (7, 128, 12), (32, 128, 4)])
-def test_w4_skinny_gemm_token_rows_gpu(mode, dtype, M, BN, split):
-    """Tokens as rows on the GPU (the inline-PTX nibble decode, bf16 and fp16 forms) vs the references at a FLUX
-    shape: every signed code in every byte position, row scales of both signs."""
-    N, K = 3072, 3072
-    x, smooth, shift, ld, lu, bias = make_inputs(M, N, K, 32, dtype, device="cuda")
-    g = torch.Generator().manual_seed(2)
-    qw = qz.pack_int4(torch.randint(-8, 8, (N, K), generator=g, dtype=torch.int8)).cuda()
-    ws = ((torch.rand(N, K // 64, generator=g) - 0.3) * 0.02).to(dtype).cuda()
-    a, a_s, lxp = act_quant(x, smooth, shift, ld, "smooth" if mode == "none" else mode)
-    cfg = dict(BM=16 if M <= 16 else 32, BN=BN, SPLIT_K=split, TOKEN_ROWS=True, num_warps=4, num_stages=3)
-    y = w4_skinny_gemm(a, a_s, qw, ws, lxp, lu, bias, mode, dtype, config=cfg)
-    y_ref = (ref.w4_gemv_ref(a, qw, ws, lxp.sum(0), lu, bias, dtype) if mode == "none"
-             else ref.w4_gemm_ref(a, a_s, qw, ws, lxp.sum(0), lu, bias, mode, dtype))
-    assert relative_error(y, y_ref) < 2e-3
 
 
 def test_w4_skinny_gemm_bad_inputs():
