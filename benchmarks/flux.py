@@ -28,6 +28,9 @@ Variants (same model object, linears swapped in place; the per-model rules of
 * ``svdq-fp8-qkv``, ``svdq-auto-qkv`` (any svdq variant + ``-qkv``): the same with fused QKV projections
   (:func:`quantduo.integrations.diffusers.fuse_qkv`: one quantized GEMM for q/k/v, one for the text stream's),
   see :mod:`benchmarks.flux_peers`;
+* ``svdq-auto-split`` (any svdq variant + ``-split``, before ``-qkv`` if both): the single blocks' ``proj_out`` as
+  two quantized halves (attention / MLP inputs, :class:`~quantduo.svdquant.split.SplitProjOut`), what a default
+  calibration (``split_proj_out``) and Nunchaku files hold;
 * ``nunchaku-exact``, ``nunchaku-a16``, ``nunchaku-fp8``: a full-size Nunchaku single file (published layout) with
   random weights, loaded by the published-checkpoint reader and run by that execution; their rows add
   ``rel_err_vs_exact`` (vs the same model's reference execution, Nunchaku's arithmetic), see
@@ -64,6 +67,7 @@ from quantduo.integrations.cuda_graph import GraphedForward
 from quantduo.integrations.diffusers import ModelRules, enable_fusions, resolved_rules
 from quantduo.svdquant import SVDQuantLinear, lowrank_factors
 from quantduo.svdquant.quantize import pack_residual
+from quantduo.svdquant.split import SplitProjOut, parallel_proj_outs
 from quantduo.formats.quantizers import pad_to_multiple
 from quantduo.utils import relative_error
 
@@ -246,6 +250,14 @@ def measure(runner, model, variant, inputs, refs, args, options) -> dict:
                 graph_median_ms=statistics.median(graphed) if graphed else None)
 
 
+def split_variant_module(linear: nn.Linear, variant: str) -> SplitProjOut:
+    """A single block's ``proj_out`` as two quantized halves (attention / MLP inputs) run by ``variant``'s
+    execution, each built by :func:`fast_svdquant`."""
+    halves = SplitProjOut.from_linear(linear, linear.out_features)
+    return SplitProjOut(*(fast_svdquant(half, "int4", RANK).set_execution(*VARIANT_EXECUTIONS.get(variant, ("exact",)))
+                          for half in (halves.out_proj, halves.mlp_fc2)))
+
+
 def run_variant(model, linears, variant, inputs, refs, args, rules: ModelRules) -> dict:
     """Swap ``variant``'s modules in (fusing QKV / enabling FP8 attention or the first-block cache where the
     variant asks, :mod:`benchmarks.flux_peers`), measure, put the BF16 model back."""
@@ -259,8 +271,11 @@ def run_variant(model, linears, variant, inputs, refs, args, rules: ModelRules) 
             if options.fuse_qkv:
                 model.fuse_qkv_projections()
                 linears = flux_peers.model_linears(model, fused=True)
+            split_names = set(parallel_proj_outs(model)) if options.split_proj_out else set()
             for name, linear in linears.items():
                 module = None if base == "bf16" else variant_module(name, linear, options.modules, rules)
+                if module is not None and options.split_proj_out and name in split_names:
+                    module = split_variant_module(linear, options.modules)
                 if module is not None:
                     model.set_submodule(name, module)
                     swapped[name] = linear

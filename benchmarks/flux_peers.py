@@ -36,6 +36,7 @@ from quantduo.utils import relative_error
 
 TORCHAO = ("torchao-fp8row", "torchao-fp8row-qkv")
 QKV = "-qkv"
+SPLIT = "-split"
 _SEPARATE_QKV = (".to_q", ".to_k", ".to_v", ".add_q_proj", ".add_k_proj", ".add_v_proj")
 
 
@@ -43,13 +44,15 @@ _SEPARATE_QKV = (".to_q", ".to_k", ".to_v", ".add_q_proj", ".add_k_proj", ".add_
 class VariantOptions:
     """What a variant name asks for: ``modules`` (the linear replacement of ``flux.variant_module``, or
     ``"torchao"``), fused QKV (``fuse_qkv``: diffusers' fusion before the linears are replaced; ``quantized_qkv``:
-    quantduo's fusion of the quantized projections after), FP8 attention, first-block cache."""
+    quantduo's fusion of the quantized projections after), FP8 attention, first-block cache, the single blocks'
+    ``proj_out`` as two quantized halves (``split_proj_out``: what a default calibration and Nunchaku files hold)."""
 
     modules: str
     fuse_qkv: bool = False
     quantized_qkv: bool = False
     fp8_attention: bool = False
     first_block_cache: bool = False
+    split_proj_out: bool = False
 
 
 def variant_options(base: str) -> VariantOptions:
@@ -58,6 +61,8 @@ def variant_options(base: str) -> VariantOptions:
         return VariantOptions("torchao", fuse_qkv=base.endswith(QKV))
     if base.startswith("svdq-") and base.endswith(QKV):
         return replace(variant_options(base.removesuffix(QKV)), quantized_qkv=True)
+    if base.startswith("svdq-") and base.endswith(SPLIT):
+        return replace(variant_options(base.removesuffix(SPLIT)), split_proj_out=True)
     if base == "svdq-fp8-fa8":
         return VariantOptions("svdq-fp8", fp8_attention=True)
     if base == "svdq-fp8-fbc":

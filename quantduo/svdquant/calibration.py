@@ -1,6 +1,7 @@
 """Activation statistics of linear layers, collected with forward hooks over calibration batches."""
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -40,8 +41,9 @@ class InputStats:
 class ActivationRecorder:
     """Hooks ``nn.Linear`` modules and records :class:`InputStats` for each.
 
-    Row sampling is a reservoir over all calibration rows (seeded), so memory is bounded by
-    ``max_rows * in_features`` floats per layer whatever the calibration size.
+    Row sampling is a reservoir over all calibration rows (seeded per layer: a layer's sample does not depend on
+    which other layers are recorded), so memory is bounded by ``max_rows * in_features`` floats per layer whatever
+    the calibration size.
     Use as a context manager around the calibration forward passes.
     """
 
@@ -49,7 +51,7 @@ class ActivationRecorder:
         self.modules, self.max_rows = modules, max_rows
         self.stats: dict[str, InputStats] = {}
         self._seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generators: dict[tuple[str, torch.device], torch.Generator] = {}
         self._handles: list = []
         self._last_input: torch.Tensor | None = None
         self._next_key = 0
@@ -105,21 +107,23 @@ class ActivationRecorder:
         st.maximum = torch.maximum(st.maximum, high)
         st.minimum = torch.minimum(st.minimum, low)
         st.call_keys.append(key)
-        st.rows = self._reservoir(st, rows)
+        st.rows = self._reservoir(st, rows, self._generator(name, rows.device))
         st.seen_rows += rows.shape[0]
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        """The seeded generator of row priorities on ``device`` (no host round trip per call on an accelerator)."""
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device).manual_seed(self._seed)
-        return self._generators[device]
+    def _generator(self, name: str, device: torch.device) -> torch.Generator:
+        """Layer ``name``'s generator of row priorities on ``device`` (no host round trip per call on an
+        accelerator), seeded with the run's seed plus the CRC-32 of the name."""
+        key = (name, device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device).manual_seed(self._seed + zlib.crc32(name.encode()))
+        return self._generators[key]
 
-    def _reservoir(self, st: InputStats, rows: torch.Tensor) -> torch.Tensor:
+    def _reservoir(self, st: InputStats, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Keep a uniform sample of at most ``max_rows`` of all rows seen so far, float32 ``[<= max_rows, K]``
         (bottom-k sampling: every row draws a random priority and the ``max_rows`` smallest priorities survive; once
         full, the sample is in increasing priority). Only the new rows that can survive (their own ``max_rows``
         smallest priorities) are gathered and converted to float32."""
-        fresh = torch.rand(rows.shape[0], generator=self._generator(rows.device), device=rows.device)
+        fresh = torch.rand(rows.shape[0], generator=generator, device=rows.device)
         if len(st.priorities) + len(fresh) <= self.max_rows:
             st.priorities = torch.cat([st.priorities, fresh])
             return torch.cat([st.rows, rows.float()])

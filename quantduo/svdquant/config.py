@@ -36,7 +36,12 @@ class SVDQuantConfig:
             they cost storage (0.1-0.35 bit per weight at rank 32 on FLUX shapes), not time.
         unsigned_act: layers whose inputs are post-GELU (shifted UINT4 activations); ``"auto"`` in the list
             enables detection from calibration (inputs never below ``-0.2``).
-        share_inputs: layers called on the same input tensor share smoothing and the low-rank down-projection.
+        share_inputs: layers called on the same input tensor share smoothing; those of one module (q/k/v of an
+            attention) also share the low-rank branch, the others get one each (``quantize.lowrank_branches``).
+        split_proj_out: W4A4 formats calibrate the ``proj_out`` of FLUX-style single-stream blocks as two layers,
+            the attention half and the (post-GELU, shifted UINT4) MLP half, each with its own smoothing and
+            low-rank branch, as deepcompressor does and Nunchaku stores it (:mod:`quantduo.svdquant.split`);
+            False keeps one layer (what the nunchaku_lite layout holds).
         dtype: dtype of the 16-bit parts (scales, smoothing, low-rank, bias).
         seed: seed of the randomized SVD and of calibration-row sampling.
     """
@@ -55,6 +60,7 @@ class SVDQuantConfig:
     w4a16_svdquant: bool = False
     unsigned_act: list[str] = field(default_factory=lambda: ["auto"])
     share_inputs: bool = True
+    split_proj_out: bool = True
     dtype: str = "bfloat16"
     seed: int = 0
 

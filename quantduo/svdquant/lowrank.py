@@ -8,7 +8,7 @@ the iterative residual refinement of the paper.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -51,6 +51,27 @@ def lowrank_factors(
     return (u * root).float(), (v * root).float()
 
 
+def branch_factors(
+    w: torch.Tensor, branches: Sequence[int], rank: int, method: str = "randomized", seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` factors of each block of rows of ``w`` ``[..., N, K]`` (``branches``: the blocks' row counts, in
+    order, summing to ``N``), as one block-diagonal branch: ``up`` float32 ``[..., N, rank * B]`` (block ``b``'s rows
+    use only columns ``[b * rank, (b + 1) * rank)``), ``down`` float32 ``[..., K, rank * B]``. One block is
+    :func:`lowrank_factors`."""
+    if sum(branches) != w.shape[-2]:
+        raise ValueError(f"branches {list(branches)} do not add up to the {w.shape[-2]} rows")
+    if len(branches) == 1:
+        return lowrank_factors(w, rank, method, seed)
+    up = w.new_zeros(*w.shape[:-1], rank * len(branches), dtype=torch.float32)
+    downs, start = [], 0
+    for b, rows in enumerate(branches):
+        u, d = lowrank_factors(w[..., start:start + rows, :], rank, method, seed)
+        up[..., start:start + rows, b * rank:(b + 1) * rank] = u
+        downs.append(d)
+        start += rows
+    return up, torch.cat(downs, dim=-1)
+
+
 def fake_quant_act(x_smooth: torch.Tensor, act_format: str, group_size: int, act_shift: torch.Tensor) -> torch.Tensor:
     """What the 4-bit GEMM sees of the smoothed activations ``[T, K]``: ``Q(x + shift) - shift`` (float32)."""
     return qz.fake_quant(x_smooth.float() + act_shift, act_format, group_size) - act_shift
@@ -60,8 +81,9 @@ def fake_quant_act(x_smooth: torch.Tensor, act_format: str, group_size: int, act
 class GroupSolution:
     """Result for one group of linears sharing an input (``K`` = padded input channels).
 
-    smooth: float32 ``[K]``; act_shift: float32 ``[K]``; lora_down: float32 ``[K, r]``;
-    lora_up: float32 ``[N_total, r]``; residual: float32 ``[N_total, K]`` (before quantization);
+    smooth: float32 ``[K]``; act_shift: float32 ``[K]``; lora_down: float32 ``[K, r * B]``;
+    lora_up: float32 ``[N_total, r * B]`` (block-diagonal over the ``B`` low-rank branches, :func:`branch_factors`);
+    residual: float32 ``[N_total, K]`` (before quantization); branches: rows per low-rank branch;
     smooth_ab: chosen (a, b); rel_error: relative output error on the calibration rows;
     refine_iters: refinement iterations run.
     """
@@ -74,6 +96,18 @@ class GroupSolution:
     smooth_ab: tuple[float, float]
     rel_error: float
     refine_iters: int
+    branches: tuple[int, ...]
+
+    def lowrank_of(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(down [K, r], up [len(rows), r])``: the low-rank factors of the member whose rows are ``rows`` (inside
+        one branch)."""
+        rank = self.lora_down.shape[1] // len(self.branches)
+        ends = torch.tensor(self.branches).cumsum(0).tolist()
+        b = next(i for i, end in enumerate(ends) if rows.start < end)
+        if rows.stop > ends[b]:
+            raise ValueError(f"rows {rows} straddle two low-rank branches (ends {ends})")
+        cols = slice(b * rank, (b + 1) * rank)
+        return self.lora_down[:, cols], self.lora_up[rows, cols]
 
 
 class _Objective:
@@ -133,8 +167,10 @@ def solve_group(
     rank: int,
     smooth: bool,
     input_shift: torch.Tensor | None = None,
+    branches: Sequence[int] | None = None,
 ) -> GroupSolution:
-    """Run SVDQuant on the concatenated weights of one shared-input group.
+    """Run SVDQuant on the concatenated weights of one shared-input group: one smoothing for the group, one
+    rank-``rank`` low-rank branch per block of rows in ``branches`` (default: one for all rows).
 
     Args:
         w: float ``[N_total, K]`` (rows of all members, K already padded to the group size).
@@ -144,8 +180,11 @@ def solve_group(
         input_shift: uint4: ``[K]`` shift added to the inputs before smoothing so that they are non-negative
             (deepcompressor's post-GELU rule: :data:`~quantduo.formats.quantizers.GELU_SHIFT` on every channel);
             the layer's ``act_shift`` is ``input_shift / smooth``.
+        branches: row counts of consecutive blocks of ``w`` that get a low-rank branch each (deepcompressor's
+            ``splits``: a FLUX single block's q/k/v and its ``proj_mlp`` share the smoothing, not the branch).
     """
     w = w.float()
+    branches = tuple(branches or (w.shape[0],))
     weight_group = qz.NVFP4_GROUP if cfg.weight_format == "nvfp4" else cfg.group_size
     act_group = qz.NVFP4_GROUP if act_format == "nvfp4" else cfg.group_size
     if act_format == "uint4" and input_shift is None:
@@ -159,7 +198,7 @@ def solve_group(
         """Errors ``[C]`` of smoothing candidates ``s [C, K]``, solved together (one batched randomized SVD)."""
         x_smooth, x_quant, _ = obj.smoothed_inputs(s)
         w_hat = w * s.unsqueeze(-2)
-        up, down = lowrank_factors(w_hat, rank, "randomized", cfg.seed)
+        up, down = branch_factors(w_hat, branches, rank, "randomized", cfg.seed)
         return obj.errors(x_smooth, x_quant, quant_residual(w_hat - up @ down.mT), up, down)
 
     best_ab, best_smooth = (0.0, 0.0), torch.ones(w.shape[1], device=w.device)
@@ -174,19 +213,20 @@ def solve_group(
             best = int(errors.argmin())
             best_ab, best_smooth = grid[best], scales[best]
     with phase("svd"):
-        return _refine(w, best_smooth, best_ab, obj, quant_residual, rank, cfg)
+        return _refine(w, best_smooth, best_ab, obj, quant_residual, rank, branches, cfg)
 
 
 def _refine(w: torch.Tensor, best_smooth: torch.Tensor, best_ab: tuple[float, float], obj: _Objective,
-            quant_residual: Callable[[torch.Tensor], torch.Tensor], rank: int, cfg: SVDQuantConfig) -> GroupSolution:
+            quant_residual: Callable[[torch.Tensor], torch.Tensor], rank: int, branches: tuple[int, ...],
+            cfg: SVDQuantConfig) -> GroupSolution:
     """The iterative low-rank / residual refinement of ``w [N, K]`` at the chosen smoothing ``[K]`` (early stop on
-    no gain)."""
+    no gain), one low-rank branch per block of rows in ``branches``."""
     x_smooth, x_quant, act_shift = obj.smoothed_inputs(best_smooth)
     w_hat = w * best_smooth
     best, iters = None, 0
     residual_q = torch.zeros_like(w_hat)
     for iters in range(1, max(cfg.lowrank_iters, 1) + 1):
-        up, down = lowrank_factors(w_hat - residual_q, rank, cfg.svd, cfg.seed)
+        up, down = branch_factors(w_hat - residual_q, branches, rank, cfg.svd, cfg.seed)
         residual = w_hat - up @ down.T
         residual_q = quant_residual(residual)
         err = obj(x_smooth, x_quant, residual_q, up, down)
@@ -196,4 +236,4 @@ def _refine(w: torch.Tensor, best_smooth: torch.Tensor, best_ab: tuple[float, fl
         if rank == 0:
             break
     err, up, down, residual = best
-    return GroupSolution(best_smooth, act_shift, down, up, residual, best_ab, err, iters)
+    return GroupSolution(best_smooth, act_shift, down, up, residual, best_ab, err, iters, branches)

@@ -17,6 +17,7 @@ from .dataflow import StreamTracker
 from .linear import SVDQuantLinear, padded_features
 from .lowrank import GroupSolution, solve_group
 from .phases import phase
+from .split import split_proj_outs
 
 # post-GELU inputs never go below GELU's minimum (-0.17); anything at or above this is treated as shifted-unsigned
 _UNSIGNED_MIN = -0.2
@@ -96,10 +97,12 @@ def pack_residual(module: SVDQuantLinear, residual: torch.Tensor) -> None:
 def build_module(
     linear: nn.Linear, sol: GroupSolution, rows: slice, act_format: str, cfg: SVDQuantConfig
 ) -> SVDQuantLinear:
-    """An :class:`SVDQuantLinear` for ``linear`` from its rows ``rows`` of a group solution."""
+    """An :class:`SVDQuantLinear` for ``linear`` from its rows ``rows`` of a group solution (and its low-rank
+    branch's factors)."""
     n, k_in = linear.out_features, linear.in_features
+    down, up = sol.lowrank_of(rows)
     module = SVDQuantLinear(
-        k_in, n, rank=sol.lora_down.shape[1], bias=linear.bias is not None,
+        k_in, n, rank=down.shape[1], bias=linear.bias is not None,
         weight_format=cfg.weight_format, act_format=act_format, group_size=cfg.group_size,
         dtype=cfg.torch_dtype, device=linear.weight.device,
     )
@@ -107,8 +110,8 @@ def build_module(
         pack_residual(module, sol.residual[rows])
         module.smooth_factor.copy_(sol.smooth)
         module.act_shift.copy_(sol.act_shift)
-        module.proj_down.copy_(sol.lora_down)
-        module.proj_up.copy_(sol.lora_up[rows])
+        module.proj_down.copy_(down)
+        module.proj_up.copy_(up)
         if linear.bias is not None:
             # quantizing (x + shift) adds Q(R) @ shift to the output: fold its negative into the bias
             shift_term = module.dequantized_residual() @ sol.act_shift.float()
@@ -187,11 +190,24 @@ def _split_by_format(group: list[str], formats: dict[str, str]) -> list[list[str
     return list(by_format.values())
 
 
+def lowrank_branches(names: list[str]) -> list[list[str]]:
+    """The members of a shared-input group that share a low-rank branch: those of one parent module (q/k/v of an
+    attention, as one fused projection would), in order of first appearance. Members of other modules (a FLUX
+    single block's ``proj_mlp`` beside its attention's q/k/v) share the group's smoothing but get a branch each, as
+    deepcompressor calibrates them (its ``splits``) and Nunchaku stores them (``qkv_proj``, ``mlp_fc1``)."""
+    branches: dict[str, list[str]] = {}
+    for name in names:
+        branches.setdefault(name.rpartition(".")[0], []).append(name)
+    return list(branches.values())
+
+
 def _quantize_group(
     model: nn.Module, names: list[str], layers: dict[str, nn.Linear], stats: InputStats, act_format: str,
     cfg: SVDQuantConfig,
 ) -> list[LayerReport]:
     """Solve one shared-input group, swap its modules into ``model`` and report per member."""
+    branches = lowrank_branches(names)
+    names = [n for branch in branches for n in branch]  # each branch's rows contiguous
     members = [layers[n] for n in names]
     device = members[0].weight.device
     group = qz.NVFP4_GROUP if cfg.weight_format == "nvfp4" else cfg.group_size
@@ -207,6 +223,7 @@ def _quantize_group(
         act_format=act_format, rank=0 if weight_only and not cfg.w4a16_svdquant else cfg.rank,
         smooth=cfg.smooth and (not weight_only or cfg.w4a16_svdquant),
         input_shift=torch.full((k_pad,), shift, device=device) if act_format == "uint4" else None,
+        branches=[sum(layers[n].out_features for n in branch) for branch in branches],
     )
     with phase("pack"):
         return _build_members(model, names, members, sol, rows, act_format, weight_only, cfg)
@@ -267,7 +284,8 @@ def quantize_model(
     *,
     progress: bool = True,
 ) -> QuantizationReport:
-    """Replace every eligible ``nn.Linear`` of ``model`` (in place) by an :class:`SVDQuantLinear`.
+    """Replace every eligible ``nn.Linear`` of ``model`` (in place) by an :class:`SVDQuantLinear` (the
+    single-stream blocks' ``proj_out`` first split in two, ``config.split_proj_out``).
 
     Args:
         calib_fn: runs the calibration forward passes, ``calib_fn(model)``; called once under ``no_grad``.
@@ -278,6 +296,8 @@ def quantize_model(
         CalibrationError: NaN/inf calibration activations.
     """
     cfg = config or SVDQuantConfig()
+    if cfg.split_proj_out and cfg.act_format != "none":
+        split_proj_outs(model, keep=lambda name: matches(name, cfg.skip) or matches(name, cfg.weight_only))
     layers, reports = _select_layers(model, cfg)
     recorder = ActivationRecorder(layers, max_rows=cfg.search_tokens, seed=cfg.seed)
     conditioning = _calibrate(model, calib_fn, recorder, layers, cfg)

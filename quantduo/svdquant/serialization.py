@@ -13,7 +13,7 @@ from torch import nn
 from ..utils import InputError, atomic_folder, verify_manifest, write_manifest
 from .config import SVDQuantConfig
 from .linear import SVDQuantLinear
-from .split import SplitProjOut
+from .split import SPLIT_HALVES, SplitProjOut
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "quantduo_config.json"
@@ -41,15 +41,10 @@ def check_unfused(names: list[str]) -> None:
 
 def layer_specs(model: nn.Module) -> dict[str, dict]:
     """Constructor arguments of every :class:`SVDQuantLinear` in ``model``, by module name (the storage format;
-    the execution is not stored). ``FusedLayersError`` if some layer is a runtime fusion (``fused_parts``),
-    ``CheckpointError`` if some layer is a published checkpoint's split ``proj_out``."""
+    the execution is not stored). The halves of a :class:`SplitProjOut` are named ``<proj_out>.out_proj`` and
+    ``<proj_out>.mlp_fc2``, which is how :func:`replace_linears` knows to split the model's ``<proj_out>``.
+    ``FusedLayersError`` if some layer is a runtime fusion (``fused_parts``)."""
     check_unfused([name for name, m in model.named_modules() if getattr(m, "fused_parts", None)])
-    split = [name for name, m in model.named_modules() if isinstance(m, SplitProjOut)]
-    if split:
-        raise CheckpointError(
-            f"{split[0]} (and {len(split) - 1} more) is a published checkpoint's split proj_out (two quantized halves "
-            "summed), which quantduo's checkpoint format does not store: keep the published file, or write it with "
-            "`quantduo export --layout nunchaku|nunchaku-lite`")
     return {
         name: dict(
             in_features=m.in_features, out_features=m.out_features, rank=m.rank, bias=m.bias is not None,
@@ -119,11 +114,34 @@ def read_checkpoint_meta(directory: str | Path) -> dict:
     return meta
 
 
+def _split_stored_halves(model: nn.Module, specs: dict[str, dict]) -> None:
+    """Split each ``nn.Linear`` of ``model`` whose halves ``<name>.out_proj`` / ``<name>.mlp_fc2`` ``specs`` holds
+    into a :class:`SplitProjOut` (after the stored attention width); ``CheckpointError`` if only one half is stored
+    or the widths do not add up to the layer's inputs."""
+    for parent in sorted({n.rpartition(".")[0] for n in specs if n.rpartition(".")[2] in SPLIT_HALVES}):
+        try:
+            current = model.get_submodule(parent)
+        except AttributeError:
+            continue  # reported by replace_linears
+        if not isinstance(current, nn.Linear):
+            continue
+        attn, mlp = (specs.get(f"{parent}.{half}") for half in SPLIT_HALVES)
+        if attn is None or mlp is None:
+            raise CheckpointError(f"checkpoint holds one half of the split layer {parent!r} but not the other")
+        if attn["in_features"] + mlp["in_features"] != current.in_features:
+            raise CheckpointError(
+                f"checkpoint splits {parent!r} into {attn['in_features']} + {mlp['in_features']} inputs but the "
+                f"model's has {current.in_features}")
+        model.set_submodule(parent, SplitProjOut.from_linear(current, attn["in_features"]))
+
+
 def replace_linears(model: nn.Module, specs: dict[str, dict], dtype: torch.dtype,
                     device: torch.device | str | None = None) -> None:
     """Swap the ``nn.Linear`` modules named in ``specs`` for empty :class:`SVDQuantLinear` of the stored shape, on
-    ``device`` (default: where the replaced module is). ``CheckpointError`` naming the layer for a name or shape the
-    model does not have."""
+    ``device`` (default: where the replaced module is); a layer stored as two halves (``<name>.out_proj`` and
+    ``<name>.mlp_fc2``) becomes a :class:`SplitProjOut` first. ``CheckpointError`` naming the layer for a name or
+    shape the model does not have."""
+    _split_stored_halves(model, specs)
     for name, spec in specs.items():
         try:
             current = model.get_submodule(name)

@@ -46,6 +46,23 @@ def test_the_sample_does_not_depend_on_call_boundaries():
     assert _row_ids(_record([every], max_rows=25, seed=6).rows, every) != one_call  # the seed matters
 
 
+def test_a_layers_sample_does_not_depend_on_the_other_layers():
+    """Each layer draws its priorities from its own generator: recording a second layer (called in between, on other
+    rows) leaves the first one's sample as it was; two layers on the same rows keep different samples."""
+    every = torch.randn(90, 8, generator=torch.Generator().manual_seed(4))
+    first, second, twin = nn.Linear(8, 3), nn.Linear(8, 3), nn.Linear(8, 3)
+    alone = ActivationRecorder({"first": first}, max_rows=25, seed=5)
+    both = ActivationRecorder({"first": first, "second": second, "twin": twin}, max_rows=25, seed=5)
+    for recorder in (alone, both):
+        with torch.no_grad(), recorder:
+            for rows in every.split(30):
+                first(rows)
+                second(torch.randn(7, 8))
+                twin(rows)
+    assert torch.equal(alone.stats["first"].rows, both.stats["first"].rows)
+    assert _row_ids(both.stats["twin"].rows, every) != _row_ids(both.stats["first"].rows, every)
+
+
 def test_the_sample_is_uniform_over_rows():
     """Over 300 seeds every one of 40 rows (in 4 calls) is kept with frequency close to max_rows / rows = 1/4."""
     every = torch.randn(40, 4, generator=torch.Generator().manual_seed(3))

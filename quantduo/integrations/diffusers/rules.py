@@ -10,9 +10,10 @@
   is weight-only: found during calibration by data-flow tracking (``"auto"`` in ``weight_only``,
   :mod:`quantduo.svdquant.dataflow`).
 * **Everything else is W4A4** with SVDQuant's smoothing and 16-bit low-rank branch. Linears called on one tensor
-  (q/k/v, FLUX single-block q/k/v + ``proj_mlp``) share smoothing and the down-projection, and inputs that never go
-  below GELU's minimum (post-GELU) are shifted UINT4 (``"auto"`` in ``unsigned_act``): both detected during
-  calibration by :func:`quantduo.svdquant.quantize_model`. Attention math is never touched (it has no linears).
+  (q/k/v, FLUX single-block q/k/v + ``proj_mlp``) share smoothing (q/k/v also the low-rank branch), and inputs that
+  never go below GELU's minimum (post-GELU) are shifted UINT4 (``"auto"`` in ``unsigned_act``): both detected during
+  calibration by :func:`quantduo.svdquant.quantize_model`, which also calibrates a FLUX single block's ``proj_out``
+  as its attention and MLP halves (:mod:`quantduo.svdquant.split`). Attention math is never touched (it has no linears).
 
 A model with no block list defeats these rules: :func:`rules_for` raises, naming the model and its first linear.
 """

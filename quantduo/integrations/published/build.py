@@ -32,12 +32,11 @@ from torch import nn
 from quantduo.formats import nunchaku as nk
 from quantduo.formats import quantizers as qz
 from quantduo.svdquant import CheckpointError, SVDQuantLinear
-from quantduo.svdquant.split import SplitProjOut
+from quantduo.svdquant.split import SPLIT_HALVES, SplitProjOut
 
 from .layouts import AWQ_TENSORS, BLOCKS, GELU_SHIFT, W4A4_TENSORS, Role, block_roles, canonical_tensor
 from .reader import PublishedCheckpoint
 
-_SPLIT_HALVES = ("out_proj", "mlp_fc2")
 
 
 @dataclass
@@ -133,7 +132,7 @@ def _target_linear(model: nn.Module, name: str) -> tuple[int, int]:
     """``(in_features, out_features)`` the model needs at ``name`` (split halves of a FLUX single block's
     ``proj_out``: the attention / MLP input columns)."""
     parent, _, leaf = name.rpartition(".")
-    if leaf in _SPLIT_HALVES and parent.endswith("proj_out"):
+    if leaf in SPLIT_HALVES and parent.endswith("proj_out"):
         linear, block = _get(model, parent), _get(model, parent.rpartition(".")[0])
         mlp = block.mlp_hidden_dim
         return (linear.in_features - mlp if leaf == "out_proj" else mlp), linear.out_features

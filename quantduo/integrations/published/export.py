@@ -103,7 +103,7 @@ def _module(model: nn.Module, name: str) -> nn.Module:
         split = model.get_submodule(parent)
         if not isinstance(split, SplitProjOut):
             raise ValueError(f"{parent}: the Nunchaku layout stores proj_out as two halves (attention / post-GELU "
-                             "MLP); this model holds it as one layer")
+                             "MLP); this model holds it as one layer (calibrated with split_proj_out=False)")
         return getattr(split, leaf)
     return model.get_submodule(name)
 
@@ -199,7 +199,9 @@ def lite_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     svdq, awq, tensors, ranks = [], [], {}, set()
     for name, module in model.named_modules():
         if isinstance(module, SplitProjOut):
-            raise ValueError(f"{name}: nunchaku_lite targets are diffusers modules; a split proj_out has none")
+            raise ValueError(f"{name}: nunchaku_lite targets are diffusers modules and a split proj_out is two "
+                             "layers: export it as `nunchaku`, or calibrate for this layout with "
+                             "SVDQuantConfig(split_proj_out=False, unsigned_act=[])")
         if not isinstance(module, SVDQuantLinear):
             continue
         if module.act_format == "none":

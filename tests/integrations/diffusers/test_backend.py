@@ -12,6 +12,7 @@ from quantduo.integrations.diffusers import (QuantDuoConfig, QuantizationConfigE
                                              quantduo_config_for, quantization_config, quantize_transformer)
 from quantduo.integrations.diffusers.backend import DIGEST_KEY
 from quantduo.svdquant import SVDQuantLinear
+from quantduo.svdquant.split import SplitProjOut
 
 from .tiny_models import FAST, flux_inputs, samples_from, tiny_flux
 from .tiny_zoo import tiny_wan
@@ -46,6 +47,7 @@ def test_round_trip_is_bit_identical(saved):
     layers = [m for m in loaded.modules() if isinstance(m, SVDQuantLinear)]
     assert len(layers) == len(config["layers"]) and all(m.execution == "reference" for m in layers)
     assert not any(t.is_meta for t in list(loaded.parameters()) + list(loaded.buffers()))
+    assert isinstance(loaded.single_transformer_blocks[0].proj_out, SplitProjOut)  # stored as its two halves
     with torch.no_grad():
         assert torch.equal(loaded(**inputs)[0], out)
     for name, tensor in model.state_dict().items():

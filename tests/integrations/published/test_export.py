@@ -52,13 +52,13 @@ def test_nunchaku_round_trip(published, tmp_path):
 
 @pytest.fixture(scope="module")
 def quantduo_flux():
-    """``(quantized, float)``: a quantduo-calibrated tiny FLUX (signed activations everywhere, what nunchaku_lite
-    runs) whose first ``attn.to_q`` has no bias (a diffusers module built with ``bias=False``), and that float
-    model."""
+    """``(quantized, float)``: a quantduo-calibrated tiny FLUX for nunchaku_lite (signed activations everywhere and
+    one ``proj_out`` per single block, what that layout runs) whose first ``attn.to_q`` has no bias (a diffusers
+    module built with ``bias=False``), and that float model."""
     model = tiny_flux(seed=5)
     model.transformer_blocks[0].attn.to_q.bias = None
     float_model = copy.deepcopy(model)
-    cfg = quantization_config(model, unsigned_act=[], **dict(FAST, search_tokens=32))
+    cfg = quantization_config(model, unsigned_act=[], split_proj_out=False, **dict(FAST, search_tokens=32))
     quantize_transformer(model, samples_from(lambda s: flux_inputs(model, s), 2), cfg, progress=False)
     return model, float_model
 
@@ -76,6 +76,25 @@ def test_lite_round_trip_of_a_quantduo_model(quantduo_flux, tmp_path):
     assert relative_error(run(loaded.float()), run(model.float())) < 5e-3
     with pytest.raises(ValueError, match="post-GELU|uint4|int4 activations"):
         export_checkpoint(model, tmp_path / "x.safetensors", "nunchaku")  # Nunchaku runs ff.net.2 shifted unsigned
+
+
+def test_nunchaku_export_of_a_default_quantduo_model(tmp_path):
+    """A tiny FLUX calibrated with the defaults (post-GELU inputs shifted UINT4, the single block's proj_out split
+    into its attention and MLP halves as deepcompressor does) exports to the Nunchaku single file, which loads back
+    to the same outputs; nunchaku_lite, which holds neither, is refused."""
+    model = tiny_flux(seed=6)
+    float_out = run(copy.deepcopy(model))
+    quantize_transformer(model, samples_from(lambda s: flux_inputs(model, s), 2),
+                         quantization_config(model, **dict(FAST, search_tokens=32)), progress=False)
+    split = model.single_transformer_blocks[0].proj_out
+    assert (split.out_proj.act_format, split.mlp_fc2.act_format) == ("int4", "uint4")
+    assert relative_error(run(model), float_out) < 0.2
+    path = export_checkpoint(model, tmp_path / "svdq.safetensors", "nunchaku")
+    loaded, report = load_published_transformer(path, dtype=torch.float32)
+    assert report.layout == "nunchaku"
+    assert relative_error(run(loaded), run(model.float())) < 5e-3  # lora_down stored with 1 / smooth folded in
+    with pytest.raises(ValueError, match="uint4|split proj_out"):
+        export_checkpoint(model, tmp_path / "lite", "nunchaku-lite")
 
 
 def test_cli_export_and_refusals(published, tmp_path):

@@ -21,8 +21,9 @@ from quantduo.integrations.diffusers import FusedFluxSingleBlock, enable_fusions
 from quantduo.integrations.published import group_keys, load_published_transformer, read_checkpoint  # noqa: E402
 from quantduo.integrations.published.build import _w4a4_layer  # noqa: E402
 from quantduo.formats import nunchaku as nk  # noqa: E402
-from quantduo.svdquant import (CheckpointError, SVDQuantConfig, SVDQuantLinear, save_quantized,  # noqa: E402
-                               set_execution)
+from quantduo.svdquant import (CheckpointError, SVDQuantConfig, SVDQuantLinear, load_quantized,  # noqa: E402
+                               save_quantized, set_execution)
+from quantduo.svdquant.serialization import replace_linears  # noqa: E402
 from quantduo.svdquant.split import SplitProjOut  # noqa: E402
 from quantduo.utils import relative_error  # noqa: E402
 
@@ -224,11 +225,32 @@ def test_loaded_model_compiles_to_one_graph(single_file):
     assert relative_error(compiled, run(model)) < 1e-6
 
 
-def test_saving_a_loaded_published_model_in_quantduo_format_is_refused_before_writing(loaded, tmp_path):
-    """quantduo's format has no split proj_out: a clear error before any file is written (export writes it)."""
-    with pytest.raises(CheckpointError, match="split proj_out.*quantduo export"):
-        save_quantized(loaded[0], tmp_path / "out", SVDQuantConfig())
-    assert not (tmp_path / "out").exists()
+def test_a_loaded_published_model_round_trips_through_quantduo_format(loaded, tmp_path):
+    """quantduo's format stores the split proj_out as its two halves: a float skeleton of the same model loads the
+    folder back into a SplitProjOut and computes bit for bit what the published model computes."""
+    save_quantized(loaded[0], tmp_path / "out", SVDQuantConfig(dtype="float32"))
+    specs = json.loads((tmp_path / "out" / "quantduo_config.json").read_text())["layers"]
+    assert {"single_transformer_blocks.0.proj_out.out_proj", "single_transformer_blocks.0.proj_out.mlp_fc2"} <= set(
+        specs) and "single_transformer_blocks.0.proj_out" not in specs
+    skeleton = tiny_flux(seed=7).float()
+    load_quantized(skeleton, tmp_path / "out")
+    split = skeleton.single_transformer_blocks[0].proj_out
+    assert isinstance(split, SplitProjOut) and split.mlp_fc2.act_format == "uint4"
+    assert torch.equal(run(skeleton), run(loaded[0]))
+
+
+def test_a_checkpoint_with_half_a_split_layer_is_refused(loaded, tmp_path):
+    """One stored half of a split layer, or halves whose widths do not add up to the model's layer: errors naming
+    it, before any tensor is read."""
+    save_quantized(loaded[0], tmp_path / "out", SVDQuantConfig(dtype="float32"))
+    meta = json.loads((tmp_path / "out" / "quantduo_config.json").read_text())
+    name = "single_transformer_blocks.0.proj_out"
+    half = {k: v for k, v in meta["layers"].items() if k != f"{name}.mlp_fc2"}
+    with pytest.raises(CheckpointError, match=f"one half of the split layer '{name}'"):
+        replace_linears(tiny_flux(seed=7).float(), half, torch.float32)
+    wide = {**meta["layers"], f"{name}.out_proj": {**meta["layers"][f"{name}.out_proj"], "in_features": 192}}
+    with pytest.raises(CheckpointError, match=f"splits '{name}' into 192 \\+ 512 inputs but the model's has 640"):
+        replace_linears(tiny_flux(seed=7).float(), wide, torch.float32)
 
 
 def test_a_file_without_lowrank_pairs_loads_as_rank_0(base, tmp_path):
