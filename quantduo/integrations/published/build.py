@@ -38,7 +38,6 @@ from .layouts import AWQ_TENSORS, BLOCKS, GELU_SHIFT, W4A4_TENSORS, Role, block_
 from .reader import PublishedCheckpoint
 
 
-
 @dataclass
 class StoredModule:
     """The tensors of one stored quantized / plain module: ``prefix`` (stored name), ``scope`` (block prefix with
