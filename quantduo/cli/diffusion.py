@@ -30,7 +30,8 @@ from quantduo.integrations.diffusers import (capture_calibration_inputs, denoise
                                              load_pipeline_lazily, mark_quantized, quantduo_config_for,
                                              quantization_config,
                                              quantize_transformer, quantize_transformer_blockwise, save_pipeline)
-from quantduo.integrations.published import is_published, load_published_pipeline
+from quantduo.integrations.published import (CALIBRATION_FOR_LAYOUT, EXPORT_LAYOUTS, is_published,
+                                             load_published_pipeline)
 from quantduo.models.tiny_flux import tiny_flux_pipeline
 from quantduo.svdquant import max_rank, set_execution
 from quantduo.svdquant.blockwise import ACTIVATIONS
@@ -147,7 +148,8 @@ def cmd_quantize(args) -> int:
     with denoiser_offloaded(pipe, args.device, weights) if args.blockwise else contextlib.nullcontext():
         samples = _calibration_samples(args, pipe, prompts)
     qconfig = quantization_config(denoiser, args.format, rank=rank, search_tokens=args.search_tokens,
-                                  dtype=args.dtype if args.dtype != "float32" else "bfloat16")
+                                  dtype=args.dtype if args.dtype != "float32" else "bfloat16",
+                                  **CALIBRATION_FOR_LAYOUT[args.for_layout])
     if args.blockwise:
         report = quantize_transformer_blockwise(denoiser, samples, args.work_dir, qconfig, resume=args.resume,
                                                 sequential=args.sequential, activations=args.activations,
@@ -260,6 +262,10 @@ def register(subparsers) -> None:
     q.add_argument("--calib-samples", type=int_in(1), default=128, help="(prompt, step) denoiser calls kept")
     q.add_argument("--calib-steps", type=int_in(1), default=20, help="denoising steps per calibration prompt")
     q.add_argument("--search-tokens", type=int_in(1), default=512, help="calibration rows per layer for the search")
+    q.add_argument("--for-layout", choices=EXPORT_LAYOUTS, default="nunchaku",
+                   help="calibrate so that `quantduo export --layout` can write this layout: nunchaku (deepcompressor's "
+                   "calibration: post-GELU inputs shifted UINT4, a FLUX single block's proj_out in two halves) or "
+                   "nunchaku-lite (signed activations everywhere, one proj_out)")
     q.add_argument("--blockwise", action="store_true", help="quantize one block at a time; the pipeline stays on the "
                    "CPU and the denoiser's blocks are read from its safetensors files onto --device one at a time, "
                    "in calibration capture too (GPU memory: text encoders during capture, then one block + its "

@@ -49,3 +49,26 @@ def test_export_arguments_are_checked_first(capsys, tmp_path):
     assert cli(["export", "--layout", "nunchaku", "--model", str(tmp_path / "nothing"),
                 "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "argument --model" in capsys.readouterr().err
+
+
+QUANTIZE = ["--height", "32", "--width", "32", "--max-sequence-length", "16", "--dtype", "float32", "--device", "cpu",
+            "--calib-samples", "2", "--calib-steps", "2", "--search-tokens", "32", "--rank", "8", "--prompt", "a cat"]
+
+
+def test_quantize_for_each_export_layout(capsys, tmp_path):
+    """``quantize`` then ``export`` of a quantduo pipeline folder: a default quantization exports to the Nunchaku
+    single file and not to nunchaku_lite; ``--for-layout nunchaku-lite`` calibrates what nunchaku_lite holds (signed
+    activations, one proj_out), which then exports. (A loaded quantduo pipeline carries its quantization_config in
+    the diffusers config: the layouts write their own instead.)"""
+    assert cli(["example-pipeline", str(tmp_path / "base")]) == 0
+    for layout, out in (("nunchaku", "svdq.safetensors"), ("nunchaku-lite", "lite")):
+        folder = tmp_path / f"quantized-{layout}"
+        assert cli(["quantize", "--model", str(tmp_path / "base"), "--out", str(folder), *QUANTIZE,
+                    "--for-layout", layout]) == 0
+        assert cli(["export", "--layout", layout, "--model", str(folder), "--out", str(tmp_path / out),
+                    "--dtype", "float32"]) == 0
+        assert (tmp_path / out).exists()
+    capsys.readouterr()
+    assert cli(["export", "--layout", "nunchaku-lite", "--model", str(tmp_path / "quantized-nunchaku"),
+                "--out", str(tmp_path / "lite2"), "--dtype", "float32"]) == 1
+    assert "uint4" in capsys.readouterr().err and not (tmp_path / "lite2").exists()

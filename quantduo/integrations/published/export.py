@@ -40,6 +40,9 @@ from .loader import FLUX_CLASS
 from .reader import LITE_METHOD
 
 EXPORT_LAYOUTS = ("nunchaku", "nunchaku-lite")
+# What a calibration must leave out for each layout to hold it (SVDQuantConfig fields; ``quantduo quantize
+# --for-layout``): nunchaku_lite runs every layer with signed activations and has one proj_out per single block.
+CALIBRATION_FOR_LAYOUT = {"nunchaku": {}, "nunchaku-lite": {"unsigned_act": [], "split_proj_out": False}}
 
 
 def _w4a4_parts(name: str, layers: list[SVDQuantLinear], shifted: bool) -> nk.W4A4Parts:
@@ -143,7 +146,11 @@ def nunchaku_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _model_config(model: nn.Module) -> dict:
-    return {"_class_name": type(model).__name__, **{k: v for k, v in model.config.items() if not k.startswith("_")}}
+    """The diffusers config of ``model`` as written into a layout: without private keys and without the
+    ``quantization_config`` of the checkpoint it was loaded from (a quantduo pipeline's), which the layout
+    replaces with its own."""
+    return {"_class_name": type(model).__name__,
+            **{k: v for k, v in model.config.items() if not k.startswith("_") and k != "quantization_config"}}
 
 
 def comfy_config(config: dict) -> dict | None:
