@@ -7,6 +7,7 @@ the iterative residual refinement of the paper.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -102,7 +103,7 @@ class GroupSolution:
         """``(down [K, r], up [len(rows), r])``: the low-rank factors of the member whose rows are ``rows`` (inside
         one branch)."""
         rank = self.lora_down.shape[1] // len(self.branches)
-        ends = torch.tensor(self.branches).cumsum(0).tolist()
+        ends = list(itertools.accumulate(self.branches))
         b = next(i for i, end in enumerate(ends) if rows.start < end)
         if rows.stop > ends[b]:
             raise ValueError(f"rows {rows} straddle two low-rank branches (ends {ends})")
