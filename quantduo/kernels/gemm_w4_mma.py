@@ -1,0 +1,268 @@
+"""Few-token W4A16 GEMM (M <= 16 tokens) with the weights decoded straight into tensor-core operand registers (Gluon).
+
+``out^T [N, M] = W [N, K] x a^T [K, M]`` on ``mma.sync`` m16n8k16: the INT4 weights are the A operand (16 output
+rows per instruction), the tokens the 8-wide B operand. Each thread loads, per row and group of 64 inputs, the 8 bytes
+of its lane (inputs ``16c .. 16c + 15`` for lane ``c = lane % 4``) and the same 16 contiguous activations of each
+token, both with plain vector loads: nothing goes through shared memory and no warp waits for another. The sum over a
+group is order-free, so the kernel feeds the tensor cores the inputs in the order the registers already hold them
+(the "mma order" ``k'``, a fixed permutation of the 64 inputs of a group, the same for weights and activations):
+``k' = 32 j + 16 i1 + 8 i0 + 2 c + i2`` for the natural input ``16 c + 8 j + 4 i2 + 2 i1 + i0`` (nibble ``i`` of the
+thread's word ``j``). With that order the decode needs no data movement (a Gluon trivial layout conversion, checked at
+compile time):
+
+* one ``lop3`` per two weights puts nibbles ``i`` and ``i + 4`` of a word (XOR 8) in the mantissas of a pair of
+  16-bit ``128.0`` (bfloat16; ``1024.0`` for float16): ``136 + q`` exactly, no integer-to-float conversion;
+* ``d = dot(136 + q, a) + dot(-136, a) = sum(q * a)`` per group on the tensor cores, float32 accumulation (the
+  constant dot is computed once per 16 rows), then ``acc += scale[n, g] * d`` (exact group sums as the references).
+
+K is split over ``SPLIT_K`` programs; partial tiles are added atomically into a zeroed float32 workspace and the last
+slice of a tile (per-tile counter) adds the low-rank up-projection (``lx [M, r]`` from the smoothing kernel, rounded
+to the lora dtype, times ``lora_up^T`` on the tensor cores, the product rounded to the lora dtype), the bias, the
+optional tanh GELU, stores ``[M, N]`` and leaves the workspace and counter zero.
+
+Reference: :func:`quantduo.formats.reference.w4_gemv_ref` (16-bit activations, exact float32 weights), with the
+low-rank term and bias as :func:`quantduo.kernels.gemm_w4_skinny.w4_skinny_gemm`'s epilogue. Runs on NVIDIA GPUs of
+compute capability 8.0 and above (``mma.sync``); Gluon has no interpreter, so CPU tests compile it for sm_90a.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from .common import rank_pad, split_k_workspace
+
+GROUP = 64
+TOKENS = 16  # one mma B operand pair (2 x 8 tokens)
+WARPS = 4
+
+# nibble pairs (i, i + 4) of a word w, XOR 8, as two 16-bit (magic + u): lop3 LUT 0x6A = (a & b) ^ c
+_DECODE = {
+    "bf16": ("0x43084308", 136.0),  # 128.0 + u, u = q + 8
+    "fp16": ("0x64086408", 1032.0),  # 1024.0 + u
+}
+
+
+def _decode_asm(magic: str) -> str:
+    lines = [".reg .b32 t;"]
+    for i in range(4):
+        src = "$8" if i == 0 else "t"
+        if i:
+            lines.append(f"shr.u32 t, $8, {4 * i};")
+        lines.append(f"lop3.b32 t, {src}, 0x000F000F, {magic}, 0x6A; mov.b32 {{${i}, ${i + 4}}}, t;")
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_ASM = {name: _decode_asm(magic) for name, (magic, _) in _DECODE.items()}
+
+
+@gluon.constexpr_function
+def mma_layout(warps):
+    return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1], instr_shape=[16, 8])
+
+
+@gluon.constexpr_function
+def operand_layout(index, warps):
+    return gl.DotOperandLayout(operand_index=index, parent=mma_layout(warps), k_width=2)
+
+
+@gluon.constexpr_function
+def word_layout(warps, row_tiles):
+    """int32 words ``[16 * warps * row_tiles, 8]`` of one group: lane ``4 g + c`` holds words ``2c, 2c + 1`` of rows
+    ``g, g + 8`` of each 16-row tile (warp ``w``: tiles ``w + warps * t``), as the A operand places its rows."""
+    rows = 16 * warps * row_tiles
+    return gl.DistributedLinearLayout(
+        reg_bases=[[0, 1], [8, 0]] + [[16 * warps * (1 << t), 0] for t in range(row_tiles.bit_length() - 1)],
+        lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],
+        warp_bases=[[16 * (1 << w), 0] for w in range(warps.bit_length() - 1)],
+        block_bases=[], shape=[rows, 8])
+
+
+@gluon.constexpr_function
+def act_layout(warps):
+    """Activations ``[16 tokens, 64]`` of one group: lane ``4 g + c`` holds inputs ``16c .. 16c + 15`` of tokens
+    ``g, g + 8`` (every warp the same)."""
+    return gl.DistributedLinearLayout(
+        reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [8, 0]],
+        lane_bases=[[0, 16], [0, 32], [1, 0], [2, 0], [4, 0]],
+        warp_bases=[[0, 0] for _ in range(warps.bit_length() - 1)],
+        block_bases=[], shape=[16, 64])
+
+
+@gluon.jit
+def _weight_operand(words, like, ASM: gl.constexpr, BN: gl.constexpr, WARPS_: gl.constexpr):
+    """int32 words ``[BN, 8]`` (raw signed nibbles) -> A operand ``[BN, 64]`` of ``magic + 8 + q`` in mma order,
+    in the 16-bit dtype of the tensor ``like``."""
+    dt = like.dtype
+    e0, e1, e2, e3, e4, e5, e6, e7 = gl.inline_asm_elementwise(
+        ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r", [words], dtype=(dt, dt, dt, dt, dt, dt, dt, dt), is_pure=True, pack=1)
+    t = gl.join(gl.join(gl.join(e0, e1), gl.join(e2, e3)), gl.join(gl.join(e4, e5), gl.join(e6, e7)))
+    t = gl.reshape(t, [BN, 4, 2, 2, 2, 2])  # (row, c, j, i0, i1, i2): element = nibble 4 i2 + 2 i1 + i0 of word 2c + j
+    t = gl.permute(t, [0, 2, 4, 3, 1, 5])  # (row, j, i1, i0, c, i2) = mma order
+    t = gl.reshape(t, [BN, 64])
+    return gl.convert_layout(t, operand_layout(0, WARPS_), assert_trivial=True)
+
+
+@gluon.jit
+def _act_operand(x, WARPS_: gl.constexpr):
+    """16-bit ``[16 tokens, 64]`` in natural input order -> B operand ``[64, 16]`` in mma order."""
+    x = gl.reshape(x, [16, 4, 2, 2, 2, 2])  # (token, c, j, i2, i1, i0)
+    x = gl.permute(x, [2, 4, 5, 1, 3, 0])  # (j, i1, i0, c, i2, token)
+    x = gl.reshape(x, [64, 16])
+    return gl.convert_layout(x, operand_layout(1, WARPS_), assert_trivial=True)
+
+
+@gluon.jit
+def _finish(acc, rows, toks, M, N, LXP, S, LU, R, BIAS, OUT, RP: gl.constexpr, HAS_LR: gl.constexpr,
+            HAS_BIAS: gl.constexpr, GELU: gl.constexpr, BN: gl.constexpr, WARPS_: gl.constexpr):
+    """float32 ``acc [BN, 16]`` (rows x tokens, mma layout) + low-rank + bias (+ GELU) -> OUT ``[M, N]``."""
+    MMA: gl.constexpr = mma_layout(WARPS_)
+    if HAS_LR:
+        B_L: gl.constexpr = operand_layout(1, WARPS_)
+        A_L: gl.constexpr = operand_layout(0, WARPS_)
+        rb = gl.arange(0, RP, layout=gl.SliceLayout(1, B_L))
+        tb = gl.arange(0, 16, layout=gl.SliceLayout(0, B_L))
+        lmask = (rb[:, None] < R) & (tb[None, :] < M)
+        lx = gl.zeros([RP, 16], gl.float32, B_L)
+        for s in range(S):
+            lx += gl.load(LXP + s * M * R + tb[None, :] * R + rb[:, None], mask=lmask, other=0.0)
+        ra = gl.convert_layout(rows, gl.SliceLayout(1, A_L))
+        ka = gl.arange(0, RP, layout=gl.SliceLayout(0, A_L))
+        lu = gl.load(LU + ra[:, None] * R + ka[None, :], mask=(ra[:, None] < N) & (ka[None, :] < R), other=0.0)
+        lr = mma_v2(lu, lx.to(lu.dtype), gl.zeros([BN, 16], gl.float32, MMA))
+        acc += lr.to(lu.dtype).to(gl.float32)
+    if HAS_BIAS:
+        acc += gl.load(BIAS + rows, mask=rows < N, other=0.0).to(gl.float32)[:, None]
+    y = acc.to(OUT.dtype.element_ty)
+    if GELU:
+        v = y.to(gl.float32)
+        u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+        y = (0.5 * v * (2.0 - 2.0 / (gl.exp(2.0 * u) + 1.0))).to(OUT.dtype.element_ty)
+    gl.store(OUT + toks[None, :] * N + rows[:, None], y, mask=(rows[:, None] < N) & (toks[None, :] < M))
+
+
+@gluon.jit
+def _w4a16_mma_kernel(
+    X, W, WS, LXP, LU, BIAS, OUT, PART, COUNTS,
+    M, N, K, GROUPS_PER_SPLIT, S, R, stride_xm, stride_wsn, stride_wsg,
+    HAS_LR: gl.constexpr, RP: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, SPLIT_K: gl.constexpr,
+    ROW_TILES: gl.constexpr, WARPS_: gl.constexpr, ASM: gl.constexpr, OFFSET: gl.constexpr,
+):
+    """Program (tile, slice): rows ``[BN]`` of OUT ``[M, N]``, groups of K slice ``slice``.
+
+    X 16-bit ``[M, K]`` (row stride stride_xm), W int32 view ``[N, K / 8]`` of the packed int4 weights, WS
+    ``[N, K / 64]`` group scales (strides given), LXP float32 ``[S, M, R]``, LU ``[N, R]``, BIAS ``[N]``; with
+    SPLIT_K > 1, PART float32 ``[M, N]`` and COUNTS int32 ``[tiles]`` (zero on entry and exit).
+    """
+    BN: gl.constexpr = 16 * WARPS_ * ROW_TILES
+    MMA: gl.constexpr = mma_layout(WARPS_)
+    WL: gl.constexpr = word_layout(WARPS_, ROW_TILES)
+    XL: gl.constexpr = act_layout(WARPS_)
+    tile = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    rows_w = gl.minimum(tile * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, WL)), N - 1)
+    w_ptrs = W + rows_w.to(gl.int64)[:, None] * (K // 8) + gl.arange(0, 8, layout=gl.SliceLayout(0, WL))[None, :]
+    toks_x = gl.minimum(gl.arange(0, 16, layout=gl.SliceLayout(1, XL)), M - 1)
+    x_ptrs = X + toks_x[:, None] * stride_xm + gl.arange(0, 64, layout=gl.SliceLayout(0, XL))[None, :]
+    rows = tile * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+    s_ptrs = WS + gl.minimum(rows, N - 1).to(gl.int64) * stride_wsn
+    offset = gl.full([BN, 64], -OFFSET, X.dtype.element_ty, operand_layout(0, WARPS_))
+    zero = gl.zeros([BN, 16], gl.float32, MMA)
+    acc = gl.zeros([BN, 16], gl.float32, MMA)
+    g0 = pid_k * GROUPS_PER_SPLIT
+    # each group's weights, activations and scales are loaded while the previous group computes
+    words = gl.load(w_ptrs + g0 * 8)
+    x = gl.load(x_ptrs + g0 * 64)
+    scale = gl.load(s_ptrs + g0 * stride_wsg)
+    for g in range(g0, g0 + GROUPS_PER_SPLIT):
+        g_next = gl.minimum(g + 1, g0 + GROUPS_PER_SPLIT - 1)
+        words_next = gl.load(w_ptrs + g_next * 8)
+        x_next = gl.load(x_ptrs + g_next * 64)
+        scale_next = gl.load(s_ptrs + g_next * stride_wsg)
+        xb = _act_operand(x, WARPS_)
+        d = mma_v2(_weight_operand(words, x, ASM, BN, WARPS_), xb, mma_v2(offset, xb, zero))
+        acc += scale.to(gl.float32)[:, None] * d
+        words = words_next
+        x = x_next
+        scale = scale_next
+    toks = gl.arange(0, 16, layout=gl.SliceLayout(0, MMA))
+    if SPLIT_K > 1:
+        tile_off = toks[None, :] * N + rows[:, None]
+        mask = (rows[:, None] < N) & (toks[None, :] < M)
+        gl.atomic_add(PART + tile_off, acc, mask=mask, sem="relaxed")
+        gl.thread_barrier()  # every thread's partial sum is issued before the counter increment (release)
+        if gl.atomic_add(COUNTS + tile, 1) == SPLIT_K - 1:  # the last slice of this tile finishes it
+            total = gl.load(PART + tile_off, mask=mask, other=0.0, cache_modifier=".cg")
+            gl.store(PART + tile_off, gl.zeros([BN, 16], gl.float32, MMA), mask=mask)
+            gl.store(COUNTS + tile, 0)
+            _finish(total, rows, toks, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU, BN, WARPS_)
+    else:
+        _finish(acc, rows, toks, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU, BN, WARPS_)
+
+
+def pick_config(N: int, K: int, programs: int = 396) -> dict:
+    """``ROW_TILES`` (16-row tiles per warp) and ``SPLIT_K`` (a divisor of the K / 64 groups): the fewest slices
+    that give about ``programs`` programs (3 per SM of an H100) while each slice keeps >= 2 groups."""
+    groups = K // GROUP
+    row_tiles = 4 if N >= 16 * WARPS * 4 * 8 else 2
+    tiles = triton.cdiv(N, 16 * WARPS * row_tiles)
+    divisors = [d for d in range(1, groups + 1) if groups % d == 0 and (groups // d >= 2 or d == 1)]
+    split = next((d for d in divisors if tiles * d >= programs), divisors[-1])
+    return dict(ROW_TILES=row_tiles, SPLIT_K=split)
+
+
+def supports(a: torch.Tensor, qweight: torch.Tensor, lora_up: torch.Tensor | None) -> bool:
+    """Whether :func:`w4a16_mma_gemm` serves these operands: a CUDA device with ``mma.sync`` (sm_80+), <= 16 16-bit
+    tokens, K a multiple of 64 and a 16-bit low-rank branch (float32 lora factors keep the Triton kernel)."""
+    return (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 8 and a.shape[0] <= TOKENS
+            and a.dtype in (torch.bfloat16, torch.float16) and qweight.shape[1] % (GROUP // 2) == 0
+            and (lora_up is None or lora_up.dtype == a.dtype))
+
+
+def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dtype, gelu: bool = False,
+                   config: dict | None = None) -> torch.Tensor:
+    """``[M, N]`` output (M <= 16 tokens) of an INT4-g64 layer on 16-bit smoothed activations, with the fused
+    low-rank, bias and GELU epilogue of :func:`quantduo.kernels.gemm_w4_skinny.w4_skinny_gemm` (mode ``"none"``).
+
+    Args:
+        a: bfloat16 / float16 ``[M, K]`` (unit column stride, 16-byte aligned rows).
+        qweight: packed int4 uint8 ``[N, K // 2]`` (contiguous, 8-byte aligned); wscales ``[N, K // 64]`` group
+            scales (any strides).
+        lxp: float32 low-rank partials ``[S, M, r]`` or None; lora_up ``[N, r]`` in a's dtype; bias ``[N]`` or None.
+        config: dict(ROW_TILES, SPLIT_K); SPLIT_K must divide K / 64.
+    """
+    M, K = a.shape
+    N = qweight.shape[0]
+    if qweight.dtype != torch.uint8 or qweight.shape[1] * 2 != K or K % GROUP or not qweight.is_contiguous():
+        raise ValueError(f"qweight must be contiguous uint8 [N, K/2] with K = {K} a multiple of {GROUP}, "
+                         f"got {qweight.dtype} {tuple(qweight.shape)}")
+    if wscales.shape != (N, K // GROUP):
+        raise ValueError(f"wscales must be [N, K/{GROUP}] = [{N}, {K // GROUP}], got {tuple(wscales.shape)}")
+    if M > TOKENS or a.dtype not in (torch.bfloat16, torch.float16) or a.stride(1) != 1:
+        raise ValueError(f"a must be float16/bfloat16 [M <= {TOKENS}, K] with unit column stride, "
+                         f"got {a.dtype} {tuple(a.shape)}")
+    if a.data_ptr() % 16 or a.stride(0) % 8 or qweight.data_ptr() % 8:
+        raise ValueError("a needs 16-byte aligned rows and qweight 8-byte alignment (vector loads)")
+    r = 0 if lxp is None else lxp.shape[2]
+    if r and lora_up.dtype != a.dtype:
+        raise ValueError(f"lora_up must be {a.dtype} like the activations, got {lora_up.dtype}")
+    cfg = dict(config or pick_config(N, K))
+    split = cfg["SPLIT_K"]
+    if (K // GROUP) % split:
+        raise ValueError(f"SPLIT_K={split} must divide the {K // GROUP} groups of 64 inputs")
+    name = "bf16" if a.dtype == torch.bfloat16 else "fp16"
+    tiles = triton.cdiv(N, 16 * WARPS * cfg["ROW_TILES"])
+    out = torch.empty(M, N, dtype=out_dtype, device=a.device)
+    part, counts = split_k_workspace("mma", M * N, tiles, a.device) if split > 1 else (out, out)
+    dummy = qweight
+    _w4a16_mma_kernel[(tiles, split)](
+        a, qweight.view(torch.int32), wscales, lxp if r else dummy, lora_up if r else dummy,
+        bias if bias is not None else dummy, out, part, counts,
+        M, N, K, K // GROUP // split, lxp.shape[0] if r else 0, r, a.stride(0), wscales.stride(0),
+        wscales.stride(1),
+        HAS_LR=r > 0, RP=rank_pad(r), HAS_BIAS=bias is not None, GELU=gelu, SPLIT_K=split,
+        ROW_TILES=cfg["ROW_TILES"], WARPS_=WARPS, ASM=_ASM[name], OFFSET=_DECODE[name][1], num_warps=WARPS,
+    )
+    return out
