@@ -22,8 +22,10 @@ exact, W4A4   <= 64 / more               4-bit activations (kernel 1) + the skin
                                          dequantized activations + weight + cuBLAS
 exact, NVFP4  any                        Triton weight dequantization + the reference arithmetic
 a16, NVFP4    any                        Triton weight dequantization + 16-bit activations (PyTorch)
-a16           1 / <= 64 / more           GEMV / smoothing kernel + skinny GEMM / the weight reconstructed
-                                         into a scratch buffer + cuBLAS (also the W4A16 formats' ``exact``)
+a16           1 / <= 64 / more           GEMV / smoothing kernel + the register-operand GEMM (<= 16
+                                         tokens, ``gemm_w4_mma``) or the skinny GEMM / the weight
+                                         reconstructed into a scratch buffer + cuBLAS (also the W4A16
+                                         formats' ``exact``)
 fp8           <= 16 / <= 64 / more       ``a16`` / per-token fp8 activations x INT4 weights expanded into fp8
                                          tiles inside the GEMM (``fp8_w4_gemm``) / the weight expanded into
                                          an fp8 buffer + one row-wise scaled ``torch._scaled_mm``
@@ -51,6 +53,7 @@ from quantduo.kernels.act_quant import act_quant
 from quantduo.kernels.dequant_w4 import dequant_w4
 from quantduo.kernels.fp8_linear import expand_w4_fp8, fp8_rowwise_gemm, quantize_fp8_per_token
 from quantduo.kernels.fp8_w4_gemm import fp8_w4_gemm
+from quantduo.kernels import gemm_w4_mma
 from quantduo.kernels.gemm_w4_skinny import w4_skinny_gemm
 from quantduo.kernels.gemv_w4 import w4_gemv
 from quantduo.kernels.nvfp4 import nvfp4_dequant
@@ -301,7 +304,7 @@ def _lowrank_partials(layer, x2: torch.Tensor) -> torch.Tensor | None:
 
 def _a16_kernels(layer, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """16-bit activations: one token -> the GEMV; up to 64 16-bit tokens -> kernel 1 (smoothing + low-rank) and the
-    skinny GEMM; more tokens, float32 tokens or groups other than 64 -> the reconstructed weight and one cuBLAS
+    register-operand GEMM (up to 16 tokens, where it serves the operands) or the skinny GEMM; more tokens, float32 tokens or groups other than 64 -> the reconstructed weight and one cuBLAS
     GEMM."""
     M = x2.shape[0]
     g64 = layer.group_size == 64
@@ -314,6 +317,8 @@ def _a16_kernels(layer, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Te
             xs, lxp = x2, _lowrank_partials(layer, x2)
         else:
             xs, _, lxp = act_quant(x2, layer.smooth_factor, None, layer.proj_down if layer.rank else None, "smooth")
+        if gemm_w4_mma.supports(xs, layer.qweight, layer.proj_up if layer.rank else None):
+            return gemm_w4_mma.w4a16_mma_gemm(xs, layer.qweight, layer.wscales, lxp, layer.proj_up, bias, x2.dtype)
         return w4_skinny_gemm(xs, None, layer.qweight, layer.wscales, lxp, layer.proj_up, bias, "none", x2.dtype)
     smooth = None if identity else layer.smooth_factor
     w = dequant_w4(layer.qweight, layer.wscales, x2.dtype, layer.group_size, *_low_rank_factors(layer), smooth)

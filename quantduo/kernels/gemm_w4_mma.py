@@ -34,6 +34,9 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .common import rank_pad, split_k_workspace
 
+# the CTA barrier: ``thread_barrier`` in Triton 3.5-3.6, ``barrier`` from 3.7 on
+_cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+
 GROUP = 64
 TOKENS = 16  # one mma B operand pair (2 x 8 tokens)
 WARPS = 4
@@ -192,7 +195,7 @@ def _w4a16_mma_kernel(
         tile_off = toks[None, :] * N + rows[:, None]
         mask = (rows[:, None] < N) & (toks[None, :] < M)
         gl.atomic_add(PART + tile_off, acc, mask=mask, sem="relaxed")
-        gl.thread_barrier()  # every thread's partial sum is issued before the counter increment (release)
+        _cta_barrier()  # every thread's partial sum is issued before the counter increment (release)
         if gl.atomic_add(COUNTS + tile, 1) == SPLIT_K - 1:  # the last slice of this tile finishes it
             total = gl.load(PART + tile_off, mask=mask, other=0.0, cache_modifier=".cg")
             gl.store(PART + tile_off, gl.zeros([BN, 16], gl.float32, MMA), mask=mask)
@@ -202,22 +205,23 @@ def _w4a16_mma_kernel(
         _finish(acc, rows, toks, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU, BN, WARPS_)
 
 
-def pick_config(N: int, K: int, programs: int = 396) -> dict:
-    """``ROW_TILES`` (16-row tiles per warp) and ``SPLIT_K`` (a divisor of the K / 64 groups): the fewest slices
-    that give about ``programs`` programs (3 per SM of an H100) while each slice keeps >= 2 groups."""
+def pick_config(N: int, K: int, programs: int = 384) -> dict:
+    """32 output rows per warp (``ROW_TILES`` = 2 mma tiles) and ``SPLIT_K`` the smallest divisor of the K / 64
+    groups giving about ``programs`` programs (~3 per SM of an H100): the best of a sweep at M = 16 for every FLUX
+    shape (BENCHMARKS.md, eleventh session)."""
     groups = K // GROUP
-    row_tiles = 4 if N >= 16 * WARPS * 4 * 8 else 2
-    tiles = triton.cdiv(N, 16 * WARPS * row_tiles)
-    divisors = [d for d in range(1, groups + 1) if groups % d == 0 and (groups // d >= 2 or d == 1)]
-    split = next((d for d in divisors if tiles * d >= programs), divisors[-1])
-    return dict(ROW_TILES=row_tiles, SPLIT_K=split)
+    tiles = triton.cdiv(N, 16 * WARPS * 2)
+    split = next((d for d in range(1, groups + 1) if groups % d == 0 and tiles * d >= programs), groups)
+    return dict(ROW_TILES=2, SPLIT_K=split)
 
 
 def supports(a: torch.Tensor, qweight: torch.Tensor, lora_up: torch.Tensor | None) -> bool:
     """Whether :func:`w4a16_mma_gemm` serves these operands: a CUDA device with ``mma.sync`` (sm_80+), <= 16 16-bit
-    tokens, K a multiple of 64 and a 16-bit low-rank branch (float32 lora factors keep the Triton kernel)."""
+    tokens in 16-byte aligned rows, K a multiple of 64 and a low-rank branch in the activations' dtype (float32 lora
+    factors keep the Triton kernel)."""
     return (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 8 and a.shape[0] <= TOKENS
             and a.dtype in (torch.bfloat16, torch.float16) and qweight.shape[1] % (GROUP // 2) == 0
+            and a.stride(1) == 1 and a.data_ptr() % 16 == 0 and a.stride(0) % 8 == 0 and qweight.data_ptr() % 8 == 0
             and (lora_up is None or lora_up.dtype == a.dtype))
 
 
