@@ -304,8 +304,8 @@ def _lowrank_partials(layer, x2: torch.Tensor) -> torch.Tensor | None:
 
 def _a16_kernels(layer, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """16-bit activations: one token -> the GEMV; up to 64 16-bit tokens -> kernel 1 (smoothing + low-rank) and the
-    register-operand GEMM (up to 16 tokens, where it serves the operands) or the skinny GEMM; more tokens, float32 tokens or groups other than 64 -> the reconstructed weight and one cuBLAS
-    GEMM."""
+    register-operand GEMM (up to 16 tokens, where it serves the operands) or the skinny GEMM; more tokens, float32
+    tokens or groups other than 64 -> the reconstructed weight and one cuBLAS GEMM."""
     M = x2.shape[0]
     g64 = layer.group_size == 64
     identity = layer.smoothing_folded_out
