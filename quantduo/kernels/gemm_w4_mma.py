@@ -215,14 +215,27 @@ def pick_config(N: int, K: int, programs: int = 384) -> dict:
     return dict(ROW_TILES=2, SPLIT_K=split)
 
 
+def _operand_error(a: torch.Tensor, qweight: torch.Tensor, lora_up: torch.Tensor | None) -> str | None:
+    """Why this kernel cannot take these operands (one line), or None."""
+    M, K = a.shape
+    if qweight.dtype != torch.uint8 or qweight.shape[1] * 2 != K or K % GROUP or not qweight.is_contiguous():
+        return (f"qweight must be contiguous uint8 [N, K/2] with K = {K} a multiple of {GROUP}, "
+                f"got {qweight.dtype} {tuple(qweight.shape)}")
+    if M > TOKENS or a.dtype not in (torch.bfloat16, torch.float16) or a.stride(1) != 1:
+        return f"a must be float16/bfloat16 [M <= {TOKENS}, K] with unit column stride, got {a.dtype} {tuple(a.shape)}"
+    if a.data_ptr() % 16 or a.stride(0) % 8 or qweight.data_ptr() % 8:
+        return "a needs 16-byte aligned rows and qweight 8-byte alignment (vector loads)"
+    if lora_up is not None and lora_up.dtype != a.dtype:
+        return f"lora_up must be {a.dtype} like the activations, got {lora_up.dtype}"
+    return None
+
+
 def supports(a: torch.Tensor, qweight: torch.Tensor, lora_up: torch.Tensor | None) -> bool:
     """Whether :func:`w4a16_mma_gemm` serves these operands: a CUDA device with ``mma.sync`` (sm_80+), <= 16 16-bit
     tokens in 16-byte aligned rows, K a multiple of 64 and a low-rank branch in the activations' dtype (float32 lora
     factors keep the Triton kernel)."""
-    return (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 8 and a.shape[0] <= TOKENS
-            and a.dtype in (torch.bfloat16, torch.float16) and qweight.shape[1] % (GROUP // 2) == 0
-            and a.stride(1) == 1 and a.data_ptr() % 16 == 0 and a.stride(0) % 8 == 0 and qweight.data_ptr() % 8 == 0
-            and (lora_up is None or lora_up.dtype == a.dtype))
+    return (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 8
+            and _operand_error(a, qweight, lora_up) is None)
 
 
 def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dtype, gelu: bool = False,
@@ -239,19 +252,12 @@ def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dty
     """
     M, K = a.shape
     N = qweight.shape[0]
-    if qweight.dtype != torch.uint8 or qweight.shape[1] * 2 != K or K % GROUP or not qweight.is_contiguous():
-        raise ValueError(f"qweight must be contiguous uint8 [N, K/2] with K = {K} a multiple of {GROUP}, "
-                         f"got {qweight.dtype} {tuple(qweight.shape)}")
-    if wscales.shape != (N, K // GROUP):
-        raise ValueError(f"wscales must be [N, K/{GROUP}] = [{N}, {K // GROUP}], got {tuple(wscales.shape)}")
-    if M > TOKENS or a.dtype not in (torch.bfloat16, torch.float16) or a.stride(1) != 1:
-        raise ValueError(f"a must be float16/bfloat16 [M <= {TOKENS}, K] with unit column stride, "
-                         f"got {a.dtype} {tuple(a.shape)}")
-    if a.data_ptr() % 16 or a.stride(0) % 8 or qweight.data_ptr() % 8:
-        raise ValueError("a needs 16-byte aligned rows and qweight 8-byte alignment (vector loads)")
     r = 0 if lxp is None else lxp.shape[2]
-    if r and lora_up.dtype != a.dtype:
-        raise ValueError(f"lora_up must be {a.dtype} like the activations, got {lora_up.dtype}")
+    error = _operand_error(a, qweight, lora_up if r else None)
+    if error is None and wscales.shape != (N, K // GROUP):
+        error = f"wscales must be [N, K/{GROUP}] = [{N}, {K // GROUP}], got {tuple(wscales.shape)}"
+    if error:
+        raise ValueError(error)
     cfg = dict(config or pick_config(N, K))
     split = cfg["SPLIT_K"]
     if (K // GROUP) % split:
