@@ -168,19 +168,25 @@ def variant_module(name: str, linear: nn.Linear, variant: str, rules: ModelRules
     return fast_svdquant(linear, "int4", RANK).set_execution(*VARIANT_EXECUTIONS.get(variant, ("exact",)))
 
 
-def time_forward(model: nn.Module, inputs: dict, warmup: int, reps: int) -> list[float]:
-    """Milliseconds of ``reps`` forwards (CUDA events; host clock on CPU)."""
+def time_forward(model: nn.Module, inputs: dict, warmup: int, reps: int,
+                 host_times: list[float] | None = None) -> list[float]:
+    """Milliseconds of ``reps`` forwards (CUDA events; host clock on CPU). ``host_times`` (CUDA) receives each
+    forward's host time until its last launch returned: a step whose host time reaches its device time is bound
+    by launches, not kernels."""
     times = []
     for i in range(warmup + reps):
+        t0 = time.perf_counter()
         if inputs["hidden_states"].is_cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             model(**inputs)
+            host = (time.perf_counter() - t0) * 1e3
             end.record()
             end.synchronize()
             elapsed = start.elapsed_time(end)
+            if host_times is not None and i >= warmup:
+                host_times.append(host)
         else:
-            t0 = time.perf_counter()
             model(**inputs)
             elapsed = (time.perf_counter() - t0) * 1e3
         if i >= warmup:
@@ -241,11 +247,12 @@ def measure(runner, model, variant, inputs, refs, args, options) -> dict:
         return dict(flux_peers.cache_measurement(runner, model, inputs, args), rel_err_vs_bf16=None,
                     rel_err_vs_fp32=None, graph_median_ms=None, profile_ms={})
     out = runner(**inputs)[0].clone()  # reduce-overhead mode overwrites graph outputs on the next call
-    times = time_forward(runner, inputs, args.warmup, args.reps)
+    host_times: list[float] = []
+    times = time_forward(runner, inputs, args.warmup, args.reps, host_times)
     graphed = time_forward(GraphedForward(runner), inputs, args.warmup, args.reps) if args.cuda_graph else []
     profile = profile_forward(runner, inputs, variant) if args.profile else {}
     return dict(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times),
-                rel_err_vs_bf16=relative_error(out, refs["bf16"]), rel_err_vs_fp32=relative_error(out, refs["fp32"]),
+                host_median_ms=statistics.median(host_times) if host_times else None, rel_err_vs_bf16=relative_error(out, refs["bf16"]), rel_err_vs_fp32=relative_error(out, refs["fp32"]),
                 profile_ms=profile,
                 graph_median_ms=statistics.median(graphed) if graphed else None)
 
@@ -362,15 +369,15 @@ def main(argv: list[str] | None = None) -> int:
     base, cbase = by_name.get("bf16"), by_name.get("bf16" + COMPILE)
     print(f"\ndevice: {device_name}; torch {torch.__version__}; tokens {img}+{txt}; blocks "
           f"{config['num_layers']}+{config['num_single_layers']}")
-    print("| variant | weights (GB) | vs BF16 memory | step ms median [min-max] | vs BF16 | vs BF16+compile "
-          "| rel. err vs BF16 | rel. err vs float32 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | weights (GB) | vs BF16 memory | step ms median [min-max] | host ms (launches) | vs BF16 "
+          "| vs BF16+compile | rel. err vs BF16 | rel. err vs float32 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     ratio = lambda b, r: f"{b['median_ms'] / r['median_ms']:.2f}x" if b and b["median_ms"] and r["median_ms"] else "-"  # noqa: E731
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for r in rows:
         mem = f"{base['weight_gb'] / r['weight_gb']:.2f}x smaller" if base else "-"
         print(f"| {r['variant']} | {r['weight_gb']:.2f} | {mem} | {r['median_ms']:.1f} [{r['min_ms']:.1f}-"
-              f"{r['max_ms']:.1f}] | {ratio(base, r)} | {ratio(cbase, r)} | {fmt(r['rel_err_vs_bf16'], '.3f')} "
+              f"{r['max_ms']:.1f}] | {fmt(r.get('host_median_ms'), '.1f')} | {ratio(base, r)} | {ratio(cbase, r)} | {fmt(r['rel_err_vs_bf16'], '.3f')} "
               f"| {fmt(r['rel_err_vs_fp32'], '.3f')} |")
     if args.cuda_graph:
         gbase, gcbase = (dict(median_ms=b["graph_median_ms"]) if b else None for b in (base, cbase))

@@ -1,11 +1,13 @@
 """The few-token register-operand GEMM (``quantduo.kernels.gemm_w4_mma``, Gluon) on a CUDA GPU: correctness against the
-skinny Triton GEMM, then timings at FLUX shapes against bf16 ``F.linear`` and the skinny GEMM (the GEMM alone with its
-rank-32 + bias epilogue, and the layer = kernel 1 (smoothing + low-rank down-projection) + GEMM), CUDA-graph replays
-over rotating buffers (us).
+skinny Triton GEMM (every token-block size and both decodes), then timings at FLUX shapes, 4 to 64 tokens, against
+bf16 ``F.linear``: the GEMM alone with its rank-32 + bias epilogue (and the skinny GEMM's), the layer (the a16
+execution: kernel 1 (smoothing + low-rank down-projection) + GEMM) and, above 16 tokens, the fp8 execution's
+mixed-input path (row quantization + ``fp8_w4_gemm``); CUDA-graph replays over rotating buffers (us).
 
-    PYTHONPATH=. python3 benchmarks/gemm_w4_mma.py [--sweep] [--out DIR]
+    PYTHONPATH=. python3 benchmarks/gemm_w4_mma.py [--sweep] [--tokens 16 32 64] [--out DIR]
 
-``--sweep`` adds a tile sweep (ROW_TILES x SPLIT_K) at 16 tokens. Writes ``gemm_w4_mma.json`` to DIR.
+``--sweep`` adds a configuration sweep (token block x row tiles x decode, and the program count) at 16, 32, 48 and 64
+tokens. Writes ``gemm_w4_mma.json`` to DIR.
 """
 from __future__ import annotations
 
@@ -23,11 +25,13 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import linear as L  # noqa: E402  (benchmarks/linear.py: layers, bf16 / skinny variants, time_graph)
 
+from quantduo.engine.linear import FP8_A16_MAX_TOKENS  # noqa: E402
 from quantduo.kernels import gemm_w4_mma as G  # noqa: E402
 from quantduo.kernels.act_quant import act_quant  # noqa: E402
 from quantduo.kernels.gemm_w4_skinny import w4_skinny_gemm  # noqa: E402
 from quantduo.utils import atomic_write, relative_error  # noqa: E402
 
+SWEEP_TOKENS = (16, 32, 48, 64)
 GEMMS = {
     "mma": lambda m, a, lxp, **kw: G.w4a16_mma_gemm(a, m.qweight, m.wscales, lxp, m.proj_up, m.bias, a.dtype, **kw),
     "skinny": lambda m, a, lxp, **kw: w4_skinny_gemm(a, None, m.qweight, m.wscales, lxp, m.proj_up, m.bias, "none",
@@ -47,56 +51,73 @@ def operands(M, N, K):
     return m, x, a, lxp
 
 
+# configurations checked beside the default at 17-64 tokens: every token block and both decodes
+VARIANTS = [dict(TOKENS_BLOCK=16, SIGNED=False), dict(TOKENS_BLOCK=16, SIGNED=True), dict(TOKENS_BLOCK=32, SIGNED=False),
+            dict(TOKENS_BLOCK=32, SIGNED=True), dict(TOKENS_BLOCK=64, ROW_TILES=1, SIGNED=True)]
+
+
 def check_correctness() -> int:
-    """The Gluon GEMM against the skinny GEMM (same epilogue) at FLUX shapes and two odd ones; returns failures."""
+    """The Gluon GEMM against the skinny GEMM (same epilogue) at FLUX shapes and two odd ones, 1-64 tokens, and every
+    VARIANTS configuration at 40 and 64 tokens; returns the number of failures."""
     bad = 0
-    for (N, K) in L.SHAPES + [(96, 128), (200, 192)]:
-        for M in (1, 5, 16):
-            for gelu in (False, True):
-                m, _, a, lxp = operands(M, N, K)
-                expected = GEMMS["skinny"](m, a, lxp, gelu=gelu)
-                try:
-                    got = GEMMS["mma"](m, a, lxp, gelu=gelu)
-                    err = relative_error(got, expected)
-                    repeat = (got - GEMMS["mma"](m, a, lxp, gelu=gelu)).abs().max().item()
-                except Exception:  # noqa: BLE001 - a failing case is reported, the others still run
-                    err, repeat = float("nan"), None
-                    log("FAIL", N, K, M, gelu, traceback.format_exc()[-1500:])
-                ok = err < 5e-3
-                bad += not ok
-                log(f"check N={N} K={K} M={M} gelu={gelu}: rel err vs skinny {err:.2e} repeat diff {repeat} "
-                    f"{'ok' if ok else 'BAD'}")
+    cases = [(N, K, M, gelu, None) for (N, K) in L.SHAPES + [(96, 128), (200, 192)] for M in (1, 5, 16, 17, 40, 64)
+             for gelu in (False, True)]
+    cases += [(N, K, M, False, cfg) for (N, K) in ((3072, 3072), (200, 192)) for M in (40, 64) for cfg in VARIANTS]
+    for N, K, M, gelu, cfg in cases:
+        m, _, a, lxp = operands(M, N, K)
+        expected = GEMMS["skinny"](m, a, lxp, gelu=gelu)
+        try:
+            got = GEMMS["mma"](m, a, lxp, gelu=gelu, config=cfg)
+            err = relative_error(got, expected)
+            repeat = (got - GEMMS["mma"](m, a, lxp, gelu=gelu, config=cfg)).abs().max().item()
+        except Exception:  # noqa: BLE001 - a failing case is reported, the others still run
+            err, repeat = float("nan"), None
+            log("FAIL", N, K, M, gelu, cfg, traceback.format_exc()[-1500:])
+        ok = err < 5e-3
+        bad += not ok
+        if not ok or cfg or M in (16, 64):
+            log(f"check N={N} K={K} M={M} gelu={gelu} cfg={cfg}: rel err vs skinny {err:.2e} repeat diff {repeat} "
+                f"{'ok' if ok else 'BAD'}")
     return bad
 
 
-def v_gemm(M, N, K, gemm, with_kernel1=False, config=None):
-    """time_graph variant: the GEMM alone on ready operands, or the layer (kernel 1 + GEMM) on bf16 x."""
+def v_gemm(M, N, K, gemm, config=None):
+    """time_graph variant: the GEMM alone on ready operands."""
     kw = {} if config is None else dict(config=config)
 
     def make():
-        m, x, a, lxp = operands(M, N, K)
-        if not with_kernel1:
-            return lambda: GEMMS[gemm](m, a, lxp, **kw)
-
-        def layer():
-            xs, _, partials = act_quant(x, m.smooth_factor, None, m.proj_down, "smooth")
-            return GEMMS[gemm](m, xs, partials, **kw)
-        return layer
+        m, _, a, lxp = operands(M, N, K)
+        return lambda: GEMMS[gemm](m, a, lxp, **kw)
     return make, N * K * 0.53 + 2 * M * K + 2 * M * N
 
 
+def sweep_configs(M, N, K):
+    """Token block (16 / 32 / 64 above 16 tokens) x row tiles (1, 2; one with 64-token blocks: registers) x decode,
+    each with SPLIT_K for ~384 programs; the default with ~256 and ~768 programs."""
+    blocks = (16,) if M <= 16 else (16, 32, 64)
+    configs = []
+    for block in blocks:
+        for row_tiles in (1, 2) if block < 64 else (1,):
+            for signed in (False, True):
+                tiles = triton.cdiv(N, 16 * G.WARPS * row_tiles) * triton.cdiv(M, block)
+                groups = K // 64
+                split = next((d for d in range(1, groups + 1) if groups % d == 0 and tiles * d >= 384), groups)
+                configs.append(dict(ROW_TILES=row_tiles, SPLIT_K=split, TOKENS_BLOCK=block, SIGNED=signed))
+    for programs in (256, 768):
+        configs.append(G.pick_config(M, N, K, programs))
+    return configs
+
+
 def sweep(M, N, K) -> dict:
-    """Gluon tiles: 2 or 4 row tiles per warp, every SPLIT_K dividing the groups with 128-800 programs."""
     timings = {}
-    groups = K // 64
-    for row_tiles in (2, 4):
-        tiles = triton.cdiv(N, 16 * G.WARPS * row_tiles)
-        for split in (d for d in range(1, groups + 1) if groups % d == 0 and 128 <= tiles * d <= 800):
-            cfg = dict(ROW_TILES=row_tiles, SPLIT_K=split)
-            try:
-                timings[json.dumps(cfg)] = L.time_graph(*v_gemm(M, N, K, "mma", config=cfg), max_copies=128)
-            except Exception as ex:  # noqa: BLE001 - a config that does not compile is reported
-                log("cfg fail", cfg, str(ex)[:200])
+    for cfg in sweep_configs(M, N, K):
+        key = json.dumps(cfg)
+        if key in timings:
+            continue
+        try:
+            timings[key] = L.time_graph(*v_gemm(M, N, K, "mma", config=cfg), max_copies=128)
+        except Exception as ex:  # noqa: BLE001 - a config that does not compile is reported
+            log("cfg fail", cfg, str(ex)[:200])
     return timings
 
 
@@ -104,21 +125,25 @@ def time_shape(M, N, K, with_sweep: bool) -> dict:
     t = dict(bf16=L.time_graph(*L.v_bf16(M, N, K), max_copies=128))
     for gemm in GEMMS:
         t[gemm] = L.time_graph(*v_gemm(M, N, K, gemm), max_copies=128)
-        t["layer_" + gemm] = L.time_graph(*v_gemm(M, N, K, gemm, with_kernel1=True), max_copies=128)
+    t["layer_a16"] = L.time_graph(*L.v_module(M, N, K, "a16"), max_copies=128)
+    if M > FP8_A16_MAX_TOKENS:
+        t["fp8_fused"] = L.time_graph(*L.v_fp8_path(M, N, K, "fused"), max_copies=128)
     t["sweep"] = sweep(M, N, K) if with_sweep else {}
     ratio = lambda us: f"{us:.2f} ({t['bf16'] / us:.2f}x)"  # noqa: E731
     best = min(t["sweep"], key=t["sweep"].get) if t["sweep"] else None
-    log(f"M={M} {N}x{K}: bf16 {t['bf16']:.2f} us | skinny {ratio(t['skinny'])} | mma default {G.pick_config(N, K)} "
-        f"{ratio(t['mma'])}" + (f" best {best} {ratio(t['sweep'][best])}" if best else "")
-        + f" | layer: kernel1+skinny {ratio(t['layer_skinny'])}, kernel1+mma {ratio(t['layer_mma'])}")
+    log(f"M={M} {N}x{K}: bf16 {t['bf16']:.2f} us | skinny {ratio(t['skinny'])} | mma default "
+        f"{G.pick_config(M, N, K)} {ratio(t['mma'])}" + (f" best {best} {ratio(t['sweep'][best])}" if best else "")
+        + f" | layer a16 (kernel 1 + mma) {ratio(t['layer_a16'])}"
+        + (f" | fp8 fused path {ratio(t['fp8_fused'])}" if "fp8_fused" in t else ""))
     if best:
-        log("   sweep " + " ".join(f"{k}={v:.2f}" for k, v in sorted(t["sweep"].items(), key=lambda kv: kv[1])[:12]))
+        log("   sweep " + " ".join(f"{k}={v:.2f}" for k, v in sorted(t["sweep"].items(), key=lambda kv: kv[1])))
     return t
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sweep", action="store_true", help="also sweep the Gluon tiles at 16 tokens")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the configurations at 16, 32, 48 and 64 tokens")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[16, 24, 32, 48, 64, 8, 4])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -126,8 +151,13 @@ def main():
     t0 = time.time()
     bad = check_correctness()
     log(f"correctness done in {time.time() - t0:.1f} s, bad={bad}")
-    results = {f"{M}_{N}x{K}": time_shape(M, N, K, args.sweep and M == 16)
-               for M in (16, 8, 4) for (N, K) in L.SHAPES}
+    results = {f"{M}_{N}x{K}": time_shape(M, N, K, args.sweep and M in SWEEP_TOKENS)
+               for M in args.tokens for (N, K) in L.SHAPES}
+    log("\n| M | N x K | GEMM (mma) | skinny GEMM | layer a16 | fp8 fused path | bf16 us |\n|---|---|---|---|---|---|---|")
+    for key, t in results.items():
+        M, shape = key.split("_")
+        x = lambda name: f"{t['bf16'] / t[name]:.2f}x" if name in t else "-"  # noqa: E731
+        log(f"| {M} | {shape} | {x('mma')} | {x('skinny')} | {x('layer_a16')} | {x('fp8_fused')} | {t['bf16']:.1f} |")
     atomic_write(os.path.join(args.out, "gemm_w4_mma.json"),
                  lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
 

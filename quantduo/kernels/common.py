@@ -1,11 +1,17 @@
-"""Triton helpers shared by the kernels: rounding, 4-bit group quantization of a tile, the GEMM epilogue.
+"""Triton helpers shared by the kernels: rounding, 4-bit group quantization of a tile, the GEMM epilogue, and the
+operator registration of kernels for compiled graphs.
 
 Reference semantics: :mod:`quantduo.formats.reference` (``epilogue_ref``, ``act_quant_ref``).
 """
 from __future__ import annotations
 
+import os
+from typing import Callable
+
+import torch
 import triton
 import triton.language as tl
+from torch.library import custom_op, triton_op
 
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + c) - c rounds float32 |y| < 2**22 half-to-even
 
@@ -186,8 +192,6 @@ _SCRATCH: dict = {}
 def scratch_buffer(numel: int, dtype, device):
     """A flat buffer of at least ``numel`` elements, one per (device, dtype), grown on demand and reused by
     every layer: expanded or dequantized weights live only until the GEMM that follows on the same stream."""
-    import torch
-
     key = (torch.device(device), dtype)
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < numel:
@@ -202,6 +206,18 @@ def rank_pad(r: int) -> int:
 
 def dot_precision(dtype) -> str:
     """``ieee`` for float32 operands (exact float32 products), tf32 otherwise (ignored for 16-bit)."""
-    import torch
-
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def kernel_op(name: str, fake: Callable) -> Callable:
+    """Decorator: ``fn`` (fresh outputs, no mutated inputs, its Triton launches written as
+    ``torch.library.wrap_triton(kernel)[grid](...)``) as the operator ``name`` for compiled graphs, with ``fake``
+    giving its outputs' shapes. A ``triton_op``: Inductor sees the kernels and launches them from its generated code
+    (no Python call per use at run time). Under Triton's interpreter (``TRITON_INTERPRET=1``, CPU tests) kernels
+    cannot be traced, so it is an opaque ``custom_op`` there."""
+    def register(fn: Callable):
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        op = (custom_op if interpreted else triton_op)(name, fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return register

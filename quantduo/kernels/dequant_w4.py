@@ -15,6 +15,8 @@ bfloat16, like a bfloat16 weight). W4A4 layers above 64 tokens use it without th
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -122,7 +124,7 @@ def dequant_w4(qweight: torch.Tensor, wscales: torch.Tensor, dtype: torch.dtype,
                lora_down: torch.Tensor | None = None, lora_up: torch.Tensor | None = None,
                smooth: torch.Tensor | None = None, scratch: bool = True,
                config: tuple[int, int, int] | None = None, row_scale: torch.Tensor | None = None,
-               inv_smooth: torch.Tensor | None = None) -> torch.Tensor:
+               inv_smooth: torch.Tensor | None = None, wrap: Callable | None = None) -> torch.Tensor:
     """The weight ``[N, K]`` of a W4A16 layer: ``(q * scale + lora_up @ lora_down^T) / smooth``.
 
     Args:
@@ -133,6 +135,7 @@ def dequant_w4(qweight: torch.Tensor, wscales: torch.Tensor, dtype: torch.dtype,
             or inv_smooth float32 ``[K]`` = ``1 / smooth`` (multiplied: no per-element division).
         scratch: write into the shared per-device buffer (valid until the next expansion on the stream).
         config: (BN, BK, num_warps); BK a multiple of group_size dividing K.
+        wrap: ``torch.library.wrap_triton`` inside a ``triton_op`` body (the launch visible to ``torch.compile``).
     """
     N, K, r = check_w4_weight(qweight, wscales, group_size, lora_down, lora_up)
     if smooth is not None and inv_smooth is not None:
@@ -149,7 +152,8 @@ def dequant_w4(qweight: torch.Tensor, wscales: torch.Tensor, dtype: torch.dtype,
         raise ValueError(f"BK={bk} must be a multiple of the group size {group_size} and divide K={K}")
     out = (scratch_buffer(N * K, dtype, qweight.device) if scratch
            else torch.empty(N * K, dtype=dtype, device=qweight.device)).view(N, K)
-    _dequant_w4_kernel[(triton.cdiv(N, bn), K // bk)](
+    kernel = _dequant_w4_kernel if wrap is None else wrap(_dequant_w4_kernel)
+    kernel[(triton.cdiv(N, bn), K // bk)](
         qweight, wscales, lora_down.contiguous() if r else qweight, lora_up.contiguous() if r else qweight,
         smooth if smooth is not None else qweight, row_scale.contiguous() if fp8 else qweight, out, N, K, r,
         wscales.stride(0), wscales.stride(1), HAS_LR=r > 0, HAS_SMOOTH=smooth is not None, SMOOTH_RECIP=recip, FP8=fp8,

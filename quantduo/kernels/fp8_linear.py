@@ -10,19 +10,26 @@
   gelu_tanh(h))`` (FLUX single blocks) or ``gelu_tanh(h)`` alone (GELU MLPs), in the same single pass and without a
   16-bit copy of the wide input.
 * :func:`expand_w4_fp8` — the layer's whole weight (4-bit residual, low-rank branch and smoothing folded in, as
-  :mod:`.dequant_w4`) rounded to fp8 with the static per-channel scale ``s_w``; a ``torch.library`` custom op,
-  so compiled graphs call it as one opaque kernel.
+  :mod:`.dequant_w4`) rounded to fp8 with the static per-channel scale ``s_w``.
+
+Under ``torch.compile`` the GELU row quantization and the expansion are ``triton_op`` operators
+(:func:`.common.kernel_op`): Inductor launches their Triton kernels from its generated code, without a Python call
+per layer (an opaque custom operator's dispatch costs tens of microseconds of host time, ~500 times per FLUX step);
+eager calls launch the kernels directly.
 * :func:`fp8_rowwise_gemm` — the row-wise scaled fp8 GEMM (``torch._scaled_mm`` on CUDA).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from quantduo.formats.fp8 import quantize_fp8_per_token_ref
 
-from .common import gelu_tanh, to_e4m3
+from .common import gelu_tanh, kernel_op, to_e4m3
 from .dequant_w4 import dequant_w4
 
 
@@ -59,8 +66,10 @@ def _fp8_token_quant_kernel(X, G, Q, SCALE, KX, KG, stride_xm, stride_gm, stride
     tl.store(SCALE + row, scale)
 
 
-def _launch_token_quant(x: torch.Tensor | None, gelu_input: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The row kernel over ``cat(x, gelu_tanh(gelu_input))`` (validated 2-D inputs, unit column stride)."""
+def _launch_token_quant(x: torch.Tensor | None, gelu_input: torch.Tensor | None, wrap: Callable | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row kernel over ``cat(x, gelu_tanh(gelu_input))`` (validated 2-D inputs, unit column stride); wrap:
+    ``wrap_triton`` inside a ``triton_op`` body."""
     first = x if x is not None else gelu_input
     M = first.shape[0]
     kx = 0 if x is None else x.shape[1]
@@ -68,24 +77,24 @@ def _launch_token_quant(x: torch.Tensor | None, gelu_input: torch.Tensor | None)
     q = torch.empty(M, kx + kg, dtype=torch.float8_e4m3fn, device=first.device)
     scale = torch.empty(M, dtype=torch.float32, device=first.device)
     block_x, block_g = (triton.next_power_of_2(k) if k else 0 for k in (kx, kg))
-    _fp8_token_quant_kernel[(M,)](
+    kernel = _fp8_token_quant_kernel if wrap is None else wrap(_fp8_token_quant_kernel)
+    kernel[(M,)](
         first if x is None else x, first if gelu_input is None else gelu_input, q, scale, kx, kg,
         0 if x is None else x.stride(0), 0 if gelu_input is None else gelu_input.stride(0), q.stride(0),
         BLOCK_X=block_x, BLOCK_G=block_g, NATIVE=first.is_cuda, num_warps=max(1, min(16, (block_x + block_g) // 512)))
     return q, scale
 
 
-@torch.library.custom_op("quantduo::fp8_token_quant_gelu", mutates_args=())
-def _fp8_token_quant_gelu(x: torch.Tensor | None, gelu_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The row kernel as one opaque op for compiled graphs (Inductor's own version reads long rows twice)."""
-    return _launch_token_quant(x, gelu_input)
-
-
-@_fp8_token_quant_gelu.register_fake
-def _fp8_token_quant_gelu_shape(x, gelu_input):
+def _token_quant_gelu_shape(x, gelu_input):
     width = gelu_input.shape[1] + (0 if x is None else x.shape[1])
     return (gelu_input.new_empty(gelu_input.shape[0], width, dtype=torch.float8_e4m3fn),
             gelu_input.new_empty(gelu_input.shape[0], dtype=torch.float32))
+
+
+@kernel_op("quantduo::fp8_token_quant_gelu", _token_quant_gelu_shape)
+def _fp8_token_quant_gelu(x: torch.Tensor | None, gelu_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row kernel as one operator for compiled graphs (Inductor's own version reads long rows twice)."""
+    return _launch_token_quant(x, gelu_input, wrap_triton)
 
 
 def quantize_fp8_per_token(x: torch.Tensor | None, gelu_input: torch.Tensor | None = None
@@ -108,20 +117,28 @@ def quantize_fp8_per_token(x: torch.Tensor | None, gelu_input: torch.Tensor | No
     return _launch_token_quant(x, gelu_input)
 
 
-@torch.library.custom_op("quantduo::expand_w4_fp8", mutates_args=())
 def expand_w4_fp8(qweight: torch.Tensor, wscales: torch.Tensor, lora_down: torch.Tensor | None,
                   lora_up: torch.Tensor | None, inv_smooth: torch.Tensor | None, inv_wscale: torch.Tensor,
                   group_size: int) -> torch.Tensor:
     """float8_e4m3fn ``[N, K]``: ``e4m3(clamp(W * inv_wscale[n], +-448))`` with ``W`` the reconstructed layer
     weight of :func:`~quantduo.kernels.dequant_w4.dequant_w4` (same arguments; inv_smooth and inv_wscale
-    float32 ``[K]`` / ``[N]``)."""
+    float32 ``[K]`` / ``[N]``). While ``torch.compile`` traces: the operator ``quantduo::expand_w4_fp8``."""
+    if torch.compiler.is_compiling():
+        return _expand_w4_fp8_op(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size)
     return dequant_w4(qweight, wscales, torch.float8_e4m3fn, group_size, lora_down, lora_up, scratch=False,
                       row_scale=inv_wscale, inv_smooth=inv_smooth)
 
 
-@expand_w4_fp8.register_fake
-def _expand_w4_fp8_shape(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size):
+def _expand_shape(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size):
     return qweight.new_empty(qweight.shape[0], 2 * qweight.shape[1], dtype=torch.float8_e4m3fn)
+
+
+@kernel_op("quantduo::expand_w4_fp8", _expand_shape)
+def _expand_w4_fp8_op(qweight: torch.Tensor, wscales: torch.Tensor, lora_down: torch.Tensor | None,
+                      lora_up: torch.Tensor | None, inv_smooth: torch.Tensor | None, inv_wscale: torch.Tensor,
+                      group_size: int) -> torch.Tensor:
+    return dequant_w4(qweight, wscales, torch.float8_e4m3fn, group_size, lora_down, lora_up, scratch=False,
+                      row_scale=inv_wscale, inv_smooth=inv_smooth, wrap=wrap_triton)
 
 
 def fp8_rowwise_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,

@@ -1,19 +1,22 @@
-"""Few-token W4A16 GEMM (M <= 16 tokens) with the weights decoded straight into tensor-core operand registers (Gluon).
+"""Few-token W4A16 GEMM (M <= 64 tokens) with the weights decoded straight into tensor-core operand registers (Gluon).
 
 ``out^T [N, M] = W [N, K] x a^T [K, M]`` on ``mma.sync`` m16n8k16: the INT4 weights are the A operand (16 output
-rows per instruction), the tokens the 8-wide B operand. Each thread loads, per row and group of 64 inputs, the 8 bytes
-of its lane (inputs ``16c .. 16c + 15`` for lane ``c = lane % 4``) and the same 16 contiguous activations of each
-token, both with plain vector loads: nothing goes through shared memory and no warp waits for another. The sum over a
-group is order-free, so the kernel feeds the tensor cores the inputs in the order the registers already hold them
-(the "mma order" ``k'``, a fixed permutation of the 64 inputs of a group, the same for weights and activations):
+rows per instruction), the tokens the 8-wide B operand, in blocks of ``TOKENS_BLOCK`` = 16, 32 or 64 tokens per
+program (2, 4 or 8 B tiles). Each thread loads, per row and group of 64 inputs, the 8 bytes of its lane (inputs
+``16c .. 16c + 15`` for lane ``c = lane % 4``) and the same 16 contiguous activations of each of its tokens, both
+with plain vector loads: nothing goes through shared memory and no warp waits for another. The sum over a group is
+order-free, so the kernel feeds the tensor cores the inputs in the order the registers already hold them (the "mma
+order" ``k'``, a fixed permutation of the 64 inputs of a group, the same for weights and activations):
 ``k' = 32 j + 16 i1 + 8 i0 + 2 c + i2`` for the natural input ``16 c + 8 j + 4 i2 + 2 i1 + i0`` (nibble ``i`` of the
 thread's word ``j``). With that order the decode needs no data movement (a Gluon trivial layout conversion, checked at
 compile time):
 
 * one ``lop3`` per two weights puts nibbles ``i`` and ``i + 4`` of a word (XOR 8) in the mantissas of a pair of
   16-bit ``128.0`` (bfloat16; ``1024.0`` for float16): ``136 + q`` exactly, no integer-to-float conversion;
-* ``d = dot(136 + q, a) + dot(-136, a) = sum(q * a)`` per group on the tensor cores, float32 accumulation (the
-  constant dot is computed once per 16 rows), then ``acc += scale[n, g] * d`` (exact group sums as the references).
+* the offset goes either on the tensor cores, ``d = dot(136 + q, a) + dot(-136, a)`` (a constant A operand: one
+  more mma per weight mma, cheap while few token tiles share each decoded weight), or (``SIGNED``) by one packed
+  ``fma`` per two weights, ``(136 + q) * 1 - 136 = q`` exactly; float32 accumulation, then
+  ``acc += scale[n, g] * d`` (exact group sums as the references).
 
 K is split over ``SPLIT_K`` programs; partial tiles are added atomically into a zeroed float32 workspace and the last
 slice of a tile (per-tile counter) adds the low-rank up-projection (``lx [M, r]`` from the smoothing kernel, rounded
@@ -38,27 +41,35 @@ from .common import rank_pad, split_k_workspace
 _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 
 GROUP = 64
-TOKENS = 16  # one mma B operand pair (2 x 8 tokens)
+MAX_TOKENS = 64  # tokens served, in blocks of TOKENS_BLOCK (16, 32 or 64: 2, 4 or 8 mma B tiles of 8) per program
 WARPS = 4
 
-# nibble pairs (i, i + 4) of a word w, XOR 8, as two 16-bit (magic + u): lop3 LUT 0x6A = (a & b) ^ c
-_DECODE = {
-    "bf16": ("0x43084308", 136.0),  # 128.0 + u, u = q + 8
-    "fp16": ("0x64086408", 1032.0),  # 1024.0 + u
+# nibble pairs (i, i + 4) of a word w, XOR 8, as two 16-bit (magic + u): lop3 LUT 0x6A = (a & b) ^ c; then
+# (signed decode) one packed fma t * 1 - magic: the signed value q
+_DECODE = {  # dtype: (magic pair = 128 + 8 / 1024 + 8, PTX type, 1.0 pair, -magic pair, magic value)
+    "bf16": ("0x43084308", "bf16x2", "0x3F803F80", "0xC308C308", 136.0),
+    "fp16": ("0x64086408", "f16x2", "0x3C003C00", "0xE408E408", 1032.0),
 }
 
 
-def _decode_asm(magic: str) -> str:
-    lines = [".reg .b32 t;"]
+def _decode_asm(dtype: str, signed: bool) -> str:
+    """PTX: int32 word ``$8`` -> eight 16-bit values ``$0 .. $7`` (nibbles 0, 4, 1, 5, ...: output ``i`` and
+    ``i + 4`` from one lop3): ``magic + q`` or, signed, ``q``."""
+    magic, ptx_type, one, negative_magic, _ = _DECODE[dtype]
+    lines = [".reg .b32 t, one, neg;", f"mov.b32 one, {one}; mov.b32 neg, {negative_magic};"] if signed else \
+        [".reg .b32 t;"]
     for i in range(4):
         src = "$8" if i == 0 else "t"
         if i:
             lines.append(f"shr.u32 t, $8, {4 * i};")
-        lines.append(f"lop3.b32 t, {src}, 0x000F000F, {magic}, 0x6A; mov.b32 {{${i}, ${i + 4}}}, t;")
+        lines.append(f"lop3.b32 t, {src}, 0x000F000F, {magic}, 0x6A;")
+        if signed:
+            lines.append(f"fma.rn.{ptx_type} t, t, one, neg;")
+        lines.append(f"mov.b32 {{${i}, ${i + 4}}}, t;")
     return "{\n" + "\n".join(lines) + "\n}"
 
 
-_ASM = {name: _decode_asm(magic) for name, (magic, _) in _DECODE.items()}
+_ASM = {(dtype, signed): _decode_asm(dtype, signed) for dtype in _DECODE for signed in (False, True)}
 
 
 @gluon.constexpr_function
@@ -84,20 +95,20 @@ def word_layout(warps, row_tiles):
 
 
 @gluon.constexpr_function
-def act_layout(warps):
-    """Activations ``[16 tokens, 64]`` of one group: lane ``4 g + c`` holds inputs ``16c .. 16c + 15`` of tokens
-    ``g, g + 8`` (every warp the same)."""
+def act_layout(warps, tokens):
+    """Activations ``[tokens, 64]`` of one group: lane ``4 g + c`` holds inputs ``16c .. 16c + 15`` of tokens
+    ``g, g + 8, g + 16, ...`` (every warp the same)."""
     return gl.DistributedLinearLayout(
-        reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [8, 0]],
+        reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8]] + [[8 * (1 << t), 0] for t in range(tokens.bit_length() - 4)],
         lane_bases=[[0, 16], [0, 32], [1, 0], [2, 0], [4, 0]],
         warp_bases=[[0, 0] for _ in range(warps.bit_length() - 1)],
-        block_bases=[], shape=[16, 64])
+        block_bases=[], shape=[tokens, 64])
 
 
 @gluon.jit
 def _weight_operand(words, like, ASM: gl.constexpr, BN: gl.constexpr, WARPS_: gl.constexpr):
-    """int32 words ``[BN, 8]`` (raw signed nibbles) -> A operand ``[BN, 64]`` of ``magic + 8 + q`` in mma order,
-    in the 16-bit dtype of the tensor ``like``."""
+    """int32 words ``[BN, 8]`` (raw signed nibbles) -> A operand ``[BN, 64]`` in mma order of what ``ASM`` decodes
+    (``magic + q`` or ``q``), in the 16-bit dtype of the tensor ``like``."""
     dt = like.dtype
     e0, e1, e2, e3, e4, e5, e6, e7 = gl.inline_asm_elementwise(
         ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r", [words], dtype=(dt, dt, dt, dt, dt, dt, dt, dt), is_pure=True, pack=1)
@@ -109,32 +120,33 @@ def _weight_operand(words, like, ASM: gl.constexpr, BN: gl.constexpr, WARPS_: gl
 
 
 @gluon.jit
-def _act_operand(x, WARPS_: gl.constexpr):
-    """16-bit ``[16 tokens, 64]`` in natural input order -> B operand ``[64, 16]`` in mma order."""
-    x = gl.reshape(x, [16, 4, 2, 2, 2, 2])  # (token, c, j, i2, i1, i0)
+def _act_operand(x, TOK: gl.constexpr, WARPS_: gl.constexpr):
+    """16-bit ``[TOK tokens, 64]`` in natural input order -> B operand ``[64, TOK]`` in mma order."""
+    x = gl.reshape(x, [TOK, 4, 2, 2, 2, 2])  # (token, c, j, i2, i1, i0)
     x = gl.permute(x, [2, 4, 5, 1, 3, 0])  # (j, i1, i0, c, i2, token)
-    x = gl.reshape(x, [64, 16])
+    x = gl.reshape(x, [64, TOK])
     return gl.convert_layout(x, operand_layout(1, WARPS_), assert_trivial=True)
 
 
 @gluon.jit
-def _finish(acc, rows, toks, M, N, LXP, S, LU, R, BIAS, OUT, RP: gl.constexpr, HAS_LR: gl.constexpr,
-            HAS_BIAS: gl.constexpr, GELU: gl.constexpr, BN: gl.constexpr, WARPS_: gl.constexpr):
-    """float32 ``acc [BN, 16]`` (rows x tokens, mma layout) + low-rank + bias (+ GELU) -> OUT ``[M, N]``."""
+def _finish(acc, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP: gl.constexpr, HAS_LR: gl.constexpr,
+            HAS_BIAS: gl.constexpr, GELU: gl.constexpr, BN: gl.constexpr, TOK: gl.constexpr, WARPS_: gl.constexpr):
+    """float32 ``acc [BN, TOK]`` (rows x tokens ``tok0 ..``, mma layout) + low-rank + bias (+ GELU) -> OUT
+    ``[M, N]``."""
     MMA: gl.constexpr = mma_layout(WARPS_)
     if HAS_LR:
         B_L: gl.constexpr = operand_layout(1, WARPS_)
         A_L: gl.constexpr = operand_layout(0, WARPS_)
         rb = gl.arange(0, RP, layout=gl.SliceLayout(1, B_L))
-        tb = gl.arange(0, 16, layout=gl.SliceLayout(0, B_L))
+        tb = tok0 + gl.arange(0, TOK, layout=gl.SliceLayout(0, B_L))
         lmask = (rb[:, None] < R) & (tb[None, :] < M)
-        lx = gl.zeros([RP, 16], gl.float32, B_L)
+        lx = gl.zeros([RP, TOK], gl.float32, B_L)
         for s in range(S):
             lx += gl.load(LXP + s * M * R + tb[None, :] * R + rb[:, None], mask=lmask, other=0.0)
         ra = gl.convert_layout(rows, gl.SliceLayout(1, A_L))
         ka = gl.arange(0, RP, layout=gl.SliceLayout(0, A_L))
         lu = gl.load(LU + ra[:, None] * R + ka[None, :], mask=(ra[:, None] < N) & (ka[None, :] < R), other=0.0)
-        lr = mma_v2(lu, lx.to(lu.dtype), gl.zeros([BN, 16], gl.float32, MMA))
+        lr = mma_v2(lu, lx.to(lu.dtype), gl.zeros([BN, TOK], gl.float32, MMA))
         acc += lr.to(lu.dtype).to(gl.float32)
     if HAS_BIAS:
         acc += gl.load(BIAS + rows, mask=rows < N, other=0.0).to(gl.float32)[:, None]
@@ -151,29 +163,35 @@ def _w4a16_mma_kernel(
     X, W, WS, LXP, LU, BIAS, OUT, PART, COUNTS,
     M, N, K, GROUPS_PER_SPLIT, S, R, stride_xm, stride_wsn, stride_wsg,
     HAS_LR: gl.constexpr, RP: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, SPLIT_K: gl.constexpr,
-    ROW_TILES: gl.constexpr, WARPS_: gl.constexpr, ASM: gl.constexpr, OFFSET: gl.constexpr,
+    ROW_TILES: gl.constexpr, TOK: gl.constexpr, WARPS_: gl.constexpr, ASM: gl.constexpr, OFFSET: gl.constexpr,
 ):
-    """Program (tile, slice): rows ``[BN]`` of OUT ``[M, N]``, groups of K slice ``slice``.
+    """Program (tile, slice): rows ``[BN]`` x tokens ``[TOK]`` of OUT ``[M, N]`` (tile = row tile x the
+    ``cdiv(M, TOK)`` token blocks + token block), groups of K slice ``slice``.
 
     X 16-bit ``[M, K]`` (row stride stride_xm), W int32 view ``[N, K / 8]`` of the packed int4 weights, WS
     ``[N, K / 64]`` group scales (strides given), LXP float32 ``[S, M, R]``, LU ``[N, R]``, BIAS ``[N]``; with
-    SPLIT_K > 1, PART float32 ``[M, N]`` and COUNTS int32 ``[tiles]`` (zero on entry and exit).
+    SPLIT_K > 1, PART float32 ``[M, N]`` and COUNTS int32 ``[tiles]`` (zero on entry and exit). ASM decodes
+    ``OFFSET + q`` (OFFSET = 0: the signed decode; otherwise a constant dot removes the offset).
     """
     BN: gl.constexpr = 16 * WARPS_ * ROW_TILES
     MMA: gl.constexpr = mma_layout(WARPS_)
     WL: gl.constexpr = word_layout(WARPS_, ROW_TILES)
-    XL: gl.constexpr = act_layout(WARPS_)
+    XL: gl.constexpr = act_layout(WARPS_, TOK)
     tile = gl.program_id(0)
     pid_k = gl.program_id(1)
-    rows_w = gl.minimum(tile * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, WL)), N - 1)
+    token_blocks = (M + TOK - 1) // TOK
+    row0 = (tile // token_blocks) * BN
+    tok0 = (tile % token_blocks) * TOK
+    rows_w = gl.minimum(row0 + gl.arange(0, BN, layout=gl.SliceLayout(1, WL)), N - 1)
     w_ptrs = W + rows_w.to(gl.int64)[:, None] * (K // 8) + gl.arange(0, 8, layout=gl.SliceLayout(0, WL))[None, :]
-    toks_x = gl.minimum(gl.arange(0, 16, layout=gl.SliceLayout(1, XL)), M - 1)
+    toks_x = gl.minimum(tok0 + gl.arange(0, TOK, layout=gl.SliceLayout(1, XL)), M - 1)
     x_ptrs = X + toks_x[:, None] * stride_xm + gl.arange(0, 64, layout=gl.SliceLayout(0, XL))[None, :]
-    rows = tile * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+    rows = row0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
     s_ptrs = WS + gl.minimum(rows, N - 1).to(gl.int64) * stride_wsn
-    offset = gl.full([BN, 64], -OFFSET, X.dtype.element_ty, operand_layout(0, WARPS_))
-    zero = gl.zeros([BN, 16], gl.float32, MMA)
-    acc = gl.zeros([BN, 16], gl.float32, MMA)
+    zero = gl.zeros([BN, TOK], gl.float32, MMA)
+    acc = gl.zeros([BN, TOK], gl.float32, MMA)
+    if OFFSET != 0:
+        offset = gl.full([BN, 64], -OFFSET, X.dtype.element_ty, operand_layout(0, WARPS_))
     g0 = pid_k * GROUPS_PER_SPLIT
     # each group's weights, activations and scales are loaded while the previous group computes
     words = gl.load(w_ptrs + g0 * 8)
@@ -184,13 +202,16 @@ def _w4a16_mma_kernel(
         words_next = gl.load(w_ptrs + g_next * 8)
         x_next = gl.load(x_ptrs + g_next * 64)
         scale_next = gl.load(s_ptrs + g_next * stride_wsg)
-        xb = _act_operand(x, WARPS_)
-        d = mma_v2(_weight_operand(words, x, ASM, BN, WARPS_), xb, mma_v2(offset, xb, zero))
+        xb = _act_operand(x, TOK, WARPS_)
+        if OFFSET != 0:
+            d = mma_v2(_weight_operand(words, x, ASM, BN, WARPS_), xb, mma_v2(offset, xb, zero))
+        else:
+            d = mma_v2(_weight_operand(words, x, ASM, BN, WARPS_), xb, zero)
         acc += scale.to(gl.float32)[:, None] * d
         words = words_next
         x = x_next
         scale = scale_next
-    toks = gl.arange(0, 16, layout=gl.SliceLayout(0, MMA))
+    toks = tok0 + gl.arange(0, TOK, layout=gl.SliceLayout(0, MMA))
     if SPLIT_K > 1:
         tile_off = toks[None, :] * N + rows[:, None]
         mask = (rows[:, None] < N) & (toks[None, :] < M)
@@ -198,21 +219,24 @@ def _w4a16_mma_kernel(
         _cta_barrier()  # every thread's partial sum is issued before the counter increment (release)
         if gl.atomic_add(COUNTS + tile, 1) == SPLIT_K - 1:  # the last slice of this tile finishes it
             total = gl.load(PART + tile_off, mask=mask, other=0.0, cache_modifier=".cg")
-            gl.store(PART + tile_off, gl.zeros([BN, 16], gl.float32, MMA), mask=mask)
+            gl.store(PART + tile_off, gl.zeros([BN, TOK], gl.float32, MMA), mask=mask)
             gl.store(COUNTS + tile, 0)
-            _finish(total, rows, toks, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU, BN, WARPS_)
+            _finish(total, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU, BN, TOK,
+                    WARPS_)
     else:
-        _finish(acc, rows, toks, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU, BN, WARPS_)
+        _finish(acc, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU, BN, TOK, WARPS_)
 
 
-def pick_config(N: int, K: int, programs: int = 384) -> dict:
-    """32 output rows per warp (``ROW_TILES`` = 2 mma tiles) and ``SPLIT_K`` the smallest divisor of the K / 64
-    groups giving about ``programs`` programs (~3 per SM of an H100): the best of a sweep at M = 16 for every FLUX
-    shape (BENCHMARKS.md, eleventh session)."""
+def pick_config(M: int, N: int, K: int, programs: int = 384) -> dict:
+    """Blocks of 16 tokens up to 16 tokens, of 32 above; 32 output rows per warp (``ROW_TILES`` = 2 mma tiles);
+    ``SPLIT_K`` the smallest divisor of the K / 64 groups giving about ``programs`` programs (~3 per SM of an
+    H100); the decode with the offset dot up to 16 tokens, signed above (best of the sweeps at FLUX shapes,
+    BENCHMARKS.md)."""
+    tokens_block = 16 if M <= 16 else 32
     groups = K // GROUP
-    tiles = triton.cdiv(N, 16 * WARPS * 2)
+    tiles = triton.cdiv(N, 16 * WARPS * 2) * triton.cdiv(M, tokens_block)
     split = next((d for d in range(1, groups + 1) if groups % d == 0 and tiles * d >= programs), groups)
-    return dict(ROW_TILES=2, SPLIT_K=split)
+    return dict(ROW_TILES=2, SPLIT_K=split, TOKENS_BLOCK=tokens_block, SIGNED=M > 16)
 
 
 def _operand_error(a: torch.Tensor, qweight: torch.Tensor, lora_up: torch.Tensor | None) -> str | None:
@@ -221,8 +245,9 @@ def _operand_error(a: torch.Tensor, qweight: torch.Tensor, lora_up: torch.Tensor
     if qweight.dtype != torch.uint8 or qweight.shape[1] * 2 != K or K % GROUP or not qweight.is_contiguous():
         return (f"qweight must be contiguous uint8 [N, K/2] with K = {K} a multiple of {GROUP}, "
                 f"got {qweight.dtype} {tuple(qweight.shape)}")
-    if M > TOKENS or a.dtype not in (torch.bfloat16, torch.float16) or a.stride(1) != 1:
-        return f"a must be float16/bfloat16 [M <= {TOKENS}, K] with unit column stride, got {a.dtype} {tuple(a.shape)}"
+    if M > MAX_TOKENS or a.dtype not in (torch.bfloat16, torch.float16) or a.stride(1) != 1:
+        return (f"a must be float16/bfloat16 [M <= {MAX_TOKENS}, K] with unit column stride, got {a.dtype} "
+                f"{tuple(a.shape)}")
     if a.data_ptr() % 16 or a.stride(0) % 8 or qweight.data_ptr() % 8:
         return "a needs 16-byte aligned rows and qweight 8-byte alignment (vector loads)"
     if lora_up is not None and lora_up.dtype != a.dtype:
@@ -231,7 +256,7 @@ def _operand_error(a: torch.Tensor, qweight: torch.Tensor, lora_up: torch.Tensor
 
 
 def supports(a: torch.Tensor, qweight: torch.Tensor, lora_up: torch.Tensor | None) -> bool:
-    """Whether :func:`w4a16_mma_gemm` serves these operands: a CUDA device with ``mma.sync`` (sm_80+), <= 16 16-bit
+    """Whether :func:`w4a16_mma_gemm` serves these operands: a CUDA device with ``mma.sync`` (sm_80+), <= 64 16-bit
     tokens in 16-byte aligned rows, K a multiple of 64 and a low-rank branch in the activations' dtype (float32 lora
     factors keep the Triton kernel)."""
     return (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 8
@@ -240,7 +265,7 @@ def supports(a: torch.Tensor, qweight: torch.Tensor, lora_up: torch.Tensor | Non
 
 def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dtype, gelu: bool = False,
                    config: dict | None = None) -> torch.Tensor:
-    """``[M, N]`` output (M <= 16 tokens) of an INT4-g64 layer on 16-bit smoothed activations, with the fused
+    """``[M, N]`` output (M <= 64 tokens) of an INT4-g64 layer on 16-bit smoothed activations, with the fused
     low-rank, bias and GELU epilogue of :func:`quantduo.kernels.gemm_w4_skinny.w4_skinny_gemm` (mode ``"none"``).
 
     Args:
@@ -248,7 +273,8 @@ def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dty
         qweight: packed int4 uint8 ``[N, K // 2]`` (contiguous, 8-byte aligned); wscales ``[N, K // 64]`` group
             scales (any strides).
         lxp: float32 low-rank partials ``[S, M, r]`` or None; lora_up ``[N, r]`` in a's dtype; bias ``[N]`` or None.
-        config: dict(ROW_TILES, SPLIT_K); SPLIT_K must divide K / 64.
+        config: some of ROW_TILES, SPLIT_K, TOKENS_BLOCK, SIGNED (the rest from :func:`pick_config`); SPLIT_K
+            must divide K / 64, TOKENS_BLOCK is 16, 32 or 64.
     """
     M, K = a.shape
     N = qweight.shape[0]
@@ -258,12 +284,13 @@ def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dty
         error = f"wscales must be [N, K/{GROUP}] = [{N}, {K // GROUP}], got {tuple(wscales.shape)}"
     if error:
         raise ValueError(error)
-    cfg = dict(config or pick_config(N, K))
-    split = cfg["SPLIT_K"]
-    if (K // GROUP) % split:
-        raise ValueError(f"SPLIT_K={split} must divide the {K // GROUP} groups of 64 inputs")
+    cfg = {**pick_config(M, N, K), **(config or {})}
+    split, tokens_block = cfg["SPLIT_K"], cfg["TOKENS_BLOCK"]
+    if (K // GROUP) % split or tokens_block not in (16, 32, 64):
+        raise ValueError(f"SPLIT_K={split} must divide the {K // GROUP} groups of 64 inputs and TOKENS_BLOCK="
+                         f"{tokens_block} be 16, 32 or 64")
     name = "bf16" if a.dtype == torch.bfloat16 else "fp16"
-    tiles = triton.cdiv(N, 16 * WARPS * cfg["ROW_TILES"])
+    tiles = triton.cdiv(N, 16 * WARPS * cfg["ROW_TILES"]) * triton.cdiv(M, tokens_block)
     out = torch.empty(M, N, dtype=out_dtype, device=a.device)
     part, counts = split_k_workspace("mma", M * N, tiles, a.device) if split > 1 else (out, out)
     dummy = qweight
@@ -273,6 +300,7 @@ def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dty
         M, N, K, K // GROUP // split, lxp.shape[0] if r else 0, r, a.stride(0), wscales.stride(0),
         wscales.stride(1),
         HAS_LR=r > 0, RP=rank_pad(r), HAS_BIAS=bias is not None, GELU=gelu, SPLIT_K=split,
-        ROW_TILES=cfg["ROW_TILES"], WARPS_=WARPS, ASM=_ASM[name], OFFSET=_DECODE[name][1], num_warps=WARPS,
+        ROW_TILES=cfg["ROW_TILES"], TOK=tokens_block, WARPS_=WARPS, ASM=_ASM[name, cfg["SIGNED"]],
+        OFFSET=0.0 if cfg["SIGNED"] else _DECODE[name][4], num_warps=WARPS,
     )
     return out

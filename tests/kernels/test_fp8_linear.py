@@ -8,9 +8,12 @@ before each kernel.
 """
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
+from torch._inductor.utils import run_and_get_code
 
 from quantduo.formats import quantizers as qz
 from quantduo.formats import reference as ref
@@ -118,3 +121,34 @@ def test_fp8_rowwise_gemm(bias, out_dtype):
     assert relative_error(y, expected) < (1e-6 if out_dtype == torch.float32 else 1e-3)
     with pytest.raises(ValueError, match="K % 16"):
         fp8_rowwise_gemm(a[:, :40], b[:, :40], sa, sb, None, out_dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_kernels_launch_from_inductor(caplog):
+    """Under torch.compile the expansion and the GELU row quantization are Triton kernels in Inductor's generated
+    code (no opaque operator called per layer), which write only their outputs (no defensive copy of the weights:
+    Inductor found the kernels' stores), with the eager result bit for bit."""
+    torch.manual_seed(0)
+    N, K, rank = 256, 512, 32
+    q, scales = qz.quantize_int4(torch.randn(N, K, device="cuda"), 64, torch.bfloat16)
+    qw = qz.pack_int4(q)
+    down = torch.randn(K, rank, device="cuda", dtype=torch.bfloat16) * 0.1
+    up = torch.randn(N, rank, device="cuda", dtype=torch.bfloat16) * 0.1
+    inv_smooth, inv_wscale = torch.rand(K, device="cuda") + 0.5, torch.rand(N, device="cuda") + 1
+    h = torch.randn(300, 384, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(300, 128, device="cuda", dtype=torch.bfloat16)
+
+    def both(qw, scales, down, up, inv_smooth, inv_wscale, x, h):
+        return (expand_w4_fp8(qw, scales, down, up, inv_smooth, inv_wscale, 64),) + quantize_fp8_per_token(x, h)
+
+    args = (qw, scales, down, up, inv_smooth, inv_wscale, x, h)
+    eager = both(*args)
+    torch._dynamo.reset()
+    with caplog.at_level(logging.WARNING, logger="torch._higher_order_ops.triton_kernel_wrap"):
+        compiled, codes = run_and_get_code(torch.compile(both, fullgraph=True), *args)
+    code = "\n".join(codes)
+    assert "_dequant_w4_kernel" in code and "_fp8_token_quant_kernel" in code
+    assert "ops.quantduo" not in code
+    assert "assuming every input is mutated" not in caplog.text
+    for got, expected in zip(compiled, eager):
+        assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))

@@ -41,30 +41,38 @@ def _compile_for_hopper(pointers: dict, **constexprs):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": mma.WARPS})
 
 
-@pytest.mark.parametrize("row_tiles,split,lowrank,gelu,dtype", [
-    (2, 8, True, False, "bf16"), (1, 1, False, True, "fp16"), (4, 3, True, True, "bf16")])
-def test_compiles_for_hopper(row_tiles, split, lowrank, gelu, dtype):
+@pytest.mark.parametrize("row_tiles,split,lowrank,gelu,dtype,tokens,signed", [
+    (2, 8, True, False, "bf16", 16, False), (1, 1, False, True, "fp16", 32, True), (4, 3, True, True, "bf16", 16, False),
+    (1, 8, True, False, "bf16", 64, True), (2, 4, True, False, "fp16", 32, False)])
+def test_compiles_for_hopper(row_tiles, split, lowrank, gelu, dtype, tokens, signed):
     """The kernel compiles for sm_90a (no GPU needed) with its decode free of data movement: the weight and
-    activation operands are built by trivial layout conversions only (asserted while compiling), without shared
-    memory in the main loop, and with the documented lop3 decode in the PTX."""
+    activation operands of 16 / 32 / 64-token blocks are built by trivial layout conversions only (asserted while
+    compiling), without shared memory in the main loop, and with the documented lop3 decode (and, signed, the
+    packed fma that removes the magic number) in the PTX."""
+    magic, ptx_type, _, negative_magic, offset = mma._DECODE[dtype]
     kernel = _compile_for_hopper(_pointer_types(dtype), HAS_LR=lowrank, RP=32, HAS_BIAS=True, GELU=gelu,
-                                 SPLIT_K=split, ROW_TILES=row_tiles, WARPS_=mma.WARPS, ASM=mma._ASM[dtype],
-                                 OFFSET=mma._DECODE[dtype][1])
+                                 SPLIT_K=split, ROW_TILES=row_tiles, TOK=tokens, WARPS_=mma.WARPS,
+                                 ASM=mma._ASM[dtype, signed], OFFSET=0.0 if signed else offset)
     ptx = kernel.asm["ptx"]
     assert "mma.sync.aligned.m16n8k16" in ptx and ("bf16" if dtype == "bf16" else "f16") in ptx
-    assert f"0x000F000F, {mma._DECODE[dtype][0]}, 0x6A" in ptx  # the format's decode constant
+    assert f"0x000F000F, {magic}, 0x6A" in ptx  # the format's decode constant
+    assert (f"fma.rn.{ptx_type}" in ptx) == signed and (negative_magic in ptx) == signed
     assert kernel.metadata.shared <= 4096  # only the epilogue's small conversions use shared memory
 
 
 def test_pick_config():
-    """SPLIT_K divides the groups and reaches the program target when the groups allow it."""
+    """Token blocks of 16 up to 16 tokens (offset decode), 32 above (signed decode); SPLIT_K divides the groups and
+    reaches the program target when the groups allow it."""
     for N, K in [(3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288), (80, 192), (128, 64)]:
-        cfg = mma.pick_config(N, K)
-        groups = K // 64
-        tiles = triton.cdiv(N, 16 * mma.WARPS * cfg["ROW_TILES"])
-        assert groups % cfg["SPLIT_K"] == 0
-        assert tiles * cfg["SPLIT_K"] >= 384 or cfg["SPLIT_K"] == groups
-    assert mma.pick_config(3072, 3072) == dict(ROW_TILES=2, SPLIT_K=16)
+        for M in (1, 16, 17, 64):
+            cfg = mma.pick_config(M, N, K)
+            groups = K // 64
+            tiles = triton.cdiv(N, 16 * mma.WARPS * cfg["ROW_TILES"]) * triton.cdiv(M, cfg["TOKENS_BLOCK"])
+            assert groups % cfg["SPLIT_K"] == 0
+            assert tiles * cfg["SPLIT_K"] >= 384 or cfg["SPLIT_K"] == groups
+            assert cfg["TOKENS_BLOCK"] == (16 if M <= 16 else 32) and cfg["SIGNED"] == (M > 16)
+    assert mma.pick_config(16, 3072, 3072) == dict(ROW_TILES=2, SPLIT_K=16, TOKENS_BLOCK=16, SIGNED=False)
+    assert mma.pick_config(64, 3072, 3072)["SPLIT_K"] == 8  # two token blocks: half the split
 
 
 def test_bad_inputs():
@@ -72,8 +80,8 @@ def test_bad_inputs():
     qw = torch.zeros(64, 64, dtype=torch.uint8)
     ws = torch.ones(64, 2, dtype=torch.bfloat16)
     a = torch.zeros(4, 128, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="at most|M <= 16"):
-        mma.w4a16_mma_gemm(torch.zeros(17, 128, dtype=torch.bfloat16), qw, ws, None, None, None, torch.bfloat16)
+    with pytest.raises(ValueError, match="M <= 64"):
+        mma.w4a16_mma_gemm(torch.zeros(65, 128, dtype=torch.bfloat16), qw, ws, None, None, None, torch.bfloat16)
     with pytest.raises(ValueError, match="wscales"):
         mma.w4a16_mma_gemm(a, qw, ws[:, :1], None, None, None, torch.bfloat16)
     with pytest.raises(ValueError, match="qweight"):
@@ -82,6 +90,8 @@ def test_bad_inputs():
         mma.w4a16_mma_gemm(a.float(), qw, ws, None, None, None, torch.bfloat16)
     with pytest.raises(ValueError, match="SPLIT_K"):
         mma.w4a16_mma_gemm(a, qw, ws, None, None, None, torch.bfloat16, config=dict(ROW_TILES=2, SPLIT_K=3))
+    with pytest.raises(ValueError, match="TOKENS_BLOCK"):
+        mma.w4a16_mma_gemm(a, qw, ws, None, None, None, torch.bfloat16, config=dict(TOKENS_BLOCK=8))
     assert not mma.supports(a, qw, None)  # CPU tensors: the Triton kernels serve them
 
 
@@ -99,30 +109,32 @@ def _operands(M, N, K, r, dtype, seed=0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [1, 7, 16])
-@pytest.mark.parametrize("N,K,r,split,dtype,gelu", [
-    (3072, 3072, 32, None, torch.bfloat16, False), (200, 192, 32, 3, torch.bfloat16, True),
-    (80, 512, 0, 1, torch.float16, False), (12288, 3072, 16, None, torch.float16, True),
-    (3072, 12288, 32, 64, torch.bfloat16, False)])
-def test_gpu_w4a16_mma_gemm(M, N, K, r, split, dtype, gelu):
-    """Every nibble value, row edges (N not a multiple of the 128-row tile), 1 to 16 tokens, K split 1 / 3 / 64
-    ways or by the default, low-rank, bias, GELU, bf16 and fp16 (their own decode constants) vs the exact-weight
-    reference; a second call gives the same result (workspace and counters reset)."""
+@pytest.mark.parametrize("M", [1, 7, 16, 17, 40, 64])
+@pytest.mark.parametrize("N,K,r,config,dtype,gelu", [
+    (3072, 3072, 32, None, torch.bfloat16, False), (200, 192, 32, dict(SPLIT_K=3), torch.bfloat16, True),
+    (80, 512, 0, dict(SPLIT_K=1, SIGNED=True), torch.float16, False),
+    (12288, 3072, 16, dict(TOKENS_BLOCK=16, SIGNED=True), torch.float16, True),
+    (3072, 12288, 32, dict(SPLIT_K=64, SIGNED=False), torch.bfloat16, False),
+    (1000, 1024, 32, dict(TOKENS_BLOCK=64, ROW_TILES=1), torch.bfloat16, False)])
+def test_gpu_w4a16_mma_gemm(M, N, K, r, config, dtype, gelu):
+    """Every nibble value, row edges (N not a multiple of the 128-row tile), 1 to 64 tokens in blocks of 16 / 32 / 64
+    (partial blocks), both decodes, K split 1 / 3 / 64 ways or by the default, low-rank, bias, GELU, bf16 and fp16
+    (their own decode constants) vs the exact-weight reference; a second call gives the same result (workspace and
+    counters reset)."""
     a, qw, ws, lxp, up, bias = _operands(M, N, K, r, dtype)
-    cfg = None if split is None else dict(ROW_TILES=2, SPLIT_K=split)
-    y = mma.w4a16_mma_gemm(a, qw, ws, lxp, up, bias, dtype, gelu=gelu, config=cfg)
+    y = mma.w4a16_mma_gemm(a, qw, ws, lxp, up, bias, dtype, gelu=gelu, config=config)
     y_ref = ref.w4_gemv_ref(a, qw, ws, lxp.sum(0) if r else None, up, bias, dtype)
     if gelu:
         y_ref = F.gelu(y_ref.float(), approximate="tanh").to(dtype)
     assert y.shape == (M, N) and torch.isfinite(y).all()
     assert relative_error(y, y_ref) < 2e-3
-    again = mma.w4a16_mma_gemm(a, qw, ws, lxp, up, bias, dtype, gelu=gelu, config=cfg)
+    again = mma.w4a16_mma_gemm(a, qw, ws, lxp, up, bias, dtype, gelu=gelu, config=config)
     assert torch.equal(again, y) or relative_error(again, y_ref) < 2e-3
 
 
 @pytest.mark.gpu
 def test_gpu_engine_uses_mma_for_few_tokens(monkeypatch):
-    """The a16 execution of an INT4 layer runs this kernel for 16 tokens and matches the a16 reference."""
+    """The a16 execution of an INT4 layer runs this kernel for 16 and 64 tokens and matches the a16 reference."""
     from quantduo.engine import linear as engine
     from quantduo.svdquant import SVDQuantLinear
 
@@ -138,7 +150,9 @@ def test_gpu_engine_uses_mma_for_few_tokens(monkeypatch):
         layer.proj_down.copy_(torch.randn(3072, 32, device="cuda", generator=g) * 0.05)
         layer.proj_up.copy_(torch.randn(3072, 32, device="cuda", generator=g) * 0.05)
     layer.set_execution("a16")
-    x = torch.randn(16, 3072, device="cuda", dtype=torch.bfloat16, generator=g)
-    y = layer(x)
-    assert calls
-    assert relative_error(y, engine.a16_reference_forward(layer, x)) < 2e-3
+    for tokens in (16, 64):
+        calls.clear()
+        x = torch.randn(tokens, 3072, device="cuda", dtype=torch.bfloat16, generator=g)
+        y = layer(x)
+        assert calls
+        assert relative_error(y, engine.a16_reference_forward(layer, x)) < 2e-3
