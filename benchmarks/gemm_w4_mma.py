@@ -1,8 +1,8 @@
 """The few-token register-operand GEMM (``quantduo.kernels.gemm_w4_mma``, Gluon) on a CUDA GPU: correctness against the
 skinny Triton GEMM (every token-block size and both decodes), then timings at FLUX shapes, 4 to 64 tokens, against
-bf16 ``F.linear``: the GEMM alone with its rank-32 + bias epilogue (and the skinny GEMM's), the layer (the a16
-execution: kernel 1 (smoothing + low-rank down-projection) + GEMM) and, above 16 tokens, the fp8 execution's
-mixed-input path (row quantization + ``fp8_w4_gemm``); CUDA-graph replays over rotating buffers (us).
+bf16 ``F.linear``: the GEMM alone with its rank-32 + bias epilogue (and the skinny GEMM's) and the layer (the a16
+execution, also the fp8 execution's up to 64 tokens: kernel 1 (smoothing + low-rank down-projection) + GEMM);
+CUDA-graph replays over rotating buffers (us).
 
     PYTHONPATH=. python3 benchmarks/gemm_w4_mma.py [--sweep] [--tokens 16 32 64] [--out DIR]
 
@@ -25,7 +25,6 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import linear as L  # noqa: E402  (benchmarks/linear.py: layers, bf16 / skinny variants, time_graph)
 
-from quantduo.engine.linear import FP8_A16_MAX_TOKENS  # noqa: E402
 from quantduo.kernels import gemm_w4_mma as G  # noqa: E402
 from quantduo.kernels.act_quant import act_quant  # noqa: E402
 from quantduo.kernels.gemm_w4_skinny import w4_skinny_gemm  # noqa: E402
@@ -53,7 +52,7 @@ def operands(M, N, K):
 
 # configurations checked beside the default at 17-64 tokens: every token block and both decodes
 VARIANTS = [dict(TOKENS_BLOCK=16, SIGNED=False), dict(TOKENS_BLOCK=16, SIGNED=True), dict(TOKENS_BLOCK=32, SIGNED=False),
-            dict(TOKENS_BLOCK=32, SIGNED=True), dict(TOKENS_BLOCK=64, ROW_TILES=1, SIGNED=True)]
+            dict(TOKENS_BLOCK=32, SIGNED=True), dict(TOKENS_BLOCK=32, ROW_TILES=1)]
 
 
 def check_correctness() -> int:
@@ -92,12 +91,12 @@ def v_gemm(M, N, K, gemm, config=None):
 
 
 def sweep_configs(M, N, K):
-    """Token block (16 / 32 / 64 above 16 tokens) x row tiles (1, 2; one with 64-token blocks: registers) x decode,
-    each with SPLIT_K for ~384 programs; the default with ~256 and ~768 programs."""
-    blocks = (16,) if M <= 16 else (16, 32, 64)
+    """Token block (16 / 32 above 16 tokens) x row tiles (1, 2) x decode, each with SPLIT_K for ~384 programs; the
+    default with ~256 and ~768 programs."""
+    blocks = (16,) if M <= 16 else (16, 32)
     configs = []
     for block in blocks:
-        for row_tiles in (1, 2) if block < 64 else (1,):
+        for row_tiles in (1, 2):
             for signed in (False, True):
                 tiles = triton.cdiv(N, 16 * G.WARPS * row_tiles) * triton.cdiv(M, block)
                 groups = K // 64
@@ -126,15 +125,12 @@ def time_shape(M, N, K, with_sweep: bool) -> dict:
     for gemm in GEMMS:
         t[gemm] = L.time_graph(*v_gemm(M, N, K, gemm), max_copies=128)
     t["layer_a16"] = L.time_graph(*L.v_module(M, N, K, "a16"), max_copies=128)
-    if M > FP8_A16_MAX_TOKENS:
-        t["fp8_fused"] = L.time_graph(*L.v_fp8_path(M, N, K, "fused"), max_copies=128)
     t["sweep"] = sweep(M, N, K) if with_sweep else {}
     ratio = lambda us: f"{us:.2f} ({t['bf16'] / us:.2f}x)"  # noqa: E731
     best = min(t["sweep"], key=t["sweep"].get) if t["sweep"] else None
     log(f"M={M} {N}x{K}: bf16 {t['bf16']:.2f} us | skinny {ratio(t['skinny'])} | mma default "
         f"{G.pick_config(M, N, K)} {ratio(t['mma'])}" + (f" best {best} {ratio(t['sweep'][best])}" if best else "")
-        + f" | layer a16 (kernel 1 + mma) {ratio(t['layer_a16'])}"
-        + (f" | fp8 fused path {ratio(t['fp8_fused'])}" if "fp8_fused" in t else ""))
+        + f" | layer a16 (kernel 1 + mma) {ratio(t['layer_a16'])}")
     if best:
         log("   sweep " + " ".join(f"{k}={v:.2f}" for k, v in sorted(t["sweep"].items(), key=lambda kv: kv[1])))
     return t
@@ -153,11 +149,11 @@ def main():
     log(f"correctness done in {time.time() - t0:.1f} s, bad={bad}")
     results = {f"{M}_{N}x{K}": time_shape(M, N, K, args.sweep and M in SWEEP_TOKENS)
                for M in args.tokens for (N, K) in L.SHAPES}
-    log("\n| M | N x K | GEMM (mma) | skinny GEMM | layer a16 | fp8 fused path | bf16 us |\n|---|---|---|---|---|---|---|")
+    log("\n| M | N x K | GEMM (mma) | skinny GEMM | layer a16 | bf16 us |\n|---|---|---|---|---|---|")
     for key, t in results.items():
         M, shape = key.split("_")
         x = lambda name: f"{t['bf16'] / t[name]:.2f}x" if name in t else "-"  # noqa: E731
-        log(f"| {M} | {shape} | {x('mma')} | {x('skinny')} | {x('layer_a16')} | {x('fp8_fused')} | {t['bf16']:.1f} |")
+        log(f"| {M} | {shape} | {x('mma')} | {x('skinny')} | {x('layer_a16')} | {t['bf16']:.1f} |")
     atomic_write(os.path.join(args.out, "gemm_w4_mma.json"),
                  lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
 

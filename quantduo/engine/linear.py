@@ -22,19 +22,19 @@ exact, W4A4   <= 64 / more               4-bit activations (kernel 1) + the skin
                                          dequantized activations + weight + cuBLAS
 exact, NVFP4  any                        Triton weight dequantization + the reference arithmetic
 a16, NVFP4    any                        Triton weight dequantization + 16-bit activations (PyTorch)
-a16           1 / <= 64 / more           GEMV / smoothing kernel + the register-operand GEMM (<= 16
-                                         tokens, ``gemm_w4_mma``) or the skinny GEMM / the weight
-                                         reconstructed into a scratch buffer + cuBLAS (also the W4A16
-                                         formats' ``exact``)
-fp8           <= 16 / <= 64 / more       ``a16`` / per-token fp8 activations x INT4 weights expanded into fp8
-                                         tiles inside the GEMM (``fp8_w4_gemm``) / the weight expanded into
-                                         an fp8 buffer + one row-wise scaled ``torch._scaled_mm``
+a16           1 / <= 64 / more           GEMV / smoothing kernel + the register-operand GEMM
+                                         (``gemm_w4_mma``; the skinny GEMM where it cannot serve the operands)
+                                         / the weight reconstructed into a scratch buffer + cuBLAS (also the
+                                         W4A16 formats' ``exact``)
+fp8           <= 64 / more               ``a16`` / per-token fp8 activations x the weight expanded into an fp8
+                                         buffer + one row-wise scaled ``torch._scaled_mm``
 ============  =========================  ============================================================
 
 Kernels run on CUDA tensors; on the CPU the same paths run their PyTorch references, unless
 :func:`cpu_kernels` is active (tests: Triton's interpreter, ``TRITON_INTERPRET=1``). Under ``torch.compile`` the fp8
-path above 64 tokens is traced (its activation quantization fuses into the producer); every other kernel path is one
-opaque operator, ``quantduo::kernel_linear`` (:func:`kernel_linear`): no graph break.
+path above 64 tokens is traced (its activation quantization fuses into the producer, its kernels are ``triton_op``
+operators that Inductor launches itself); every other kernel path is one opaque operator, ``quantduo::kernel_linear``
+(:func:`kernel_linear`): no graph break.
 """
 from __future__ import annotations
 
@@ -52,7 +52,6 @@ from quantduo.formats.registry import act_family
 from quantduo.kernels.act_quant import act_quant
 from quantduo.kernels.dequant_w4 import dequant_w4
 from quantduo.kernels.fp8_linear import expand_w4_fp8, fp8_rowwise_gemm, quantize_fp8_per_token
-from quantduo.kernels.fp8_w4_gemm import fp8_w4_gemm
 from quantduo.kernels import gemm_w4_mma
 from quantduo.kernels.gemm_w4_skinny import w4_skinny_gemm
 from quantduo.kernels.gemv_w4 import w4_gemv
@@ -61,12 +60,10 @@ from quantduo.kernels.nvfp4 import nvfp4_dequant
 # Token counts up to which INT4 layers run the skinny split-K GEMM (weights as the wide tensor-core operand); above
 # it W4A4 dequantizes for cuBLAS, 16-bit activations reconstruct the weight, fp8 expands it into fp8.
 SKINNY_MAX_TOKENS = 64
-# Token counts up to which the fp8 execution runs the a16 kernels (16-bit activations: the skinny GEMM streams the
-# weights fastest there), then up to which it expands the INT4 weights inside its GEMM (fp8_w4_gemm); above that the
-# weight is expanded into an fp8 buffer once per call for cuBLAS's GEMM (the fastest of the three on an H100 in each
-# range, BENCHMARKS.md).
-FP8_A16_MAX_TOKENS = 16
-FP8_FUSED_MAX_TOKENS = 64
+# Token counts up to which the fp8 execution runs the a16 kernels (16-bit activations: the register-operand GEMM
+# streams the 4-bit weights, faster on an H100 than expanding them into fp8 tiles inside an fp8 GEMM at 3 of the 4
+# FLUX shapes, BENCHMARKS.md); above it the weight is expanded into an fp8 buffer once per call for cuBLAS's GEMM.
+FP8_A16_MAX_TOKENS = 64
 # Token counts up to which 16-bit activations run the CUDA-core GEMV (decoding).
 GEMV_MAX_TOKENS = 1
 # Compute capability from which CUDA GPUs have fp8 tensor cores (Ada, Hopper, Blackwell).
@@ -304,8 +301,8 @@ def _lowrank_partials(layer, x2: torch.Tensor) -> torch.Tensor | None:
 
 def _a16_kernels(layer, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """16-bit activations: one token -> the GEMV; up to 64 16-bit tokens -> kernel 1 (smoothing + low-rank) and the
-    register-operand GEMM (up to 16 tokens, where it serves the operands) or the skinny GEMM; more tokens, float32
-    tokens or groups other than 64 -> the reconstructed weight and one cuBLAS GEMM."""
+    register-operand GEMM (where it serves the operands) or the skinny GEMM; more tokens, float32 tokens or groups
+    other than 64 -> the reconstructed weight and one cuBLAS GEMM."""
     M = x2.shape[0]
     g64 = layer.group_size == 64
     identity = layer.smoothing_folded_out
@@ -344,14 +341,9 @@ def _w4a4_kernels(layer, x2: torch.Tensor) -> torch.Tensor:
 
 def _fp8_gemm(layer, xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """fp8 activations ``xq [M, K]`` (float8_e4m3fn, per-token scales float32 ``[M]``) times the layer weight
-    in fp8 + ``bias_a16`` -> ``[M, N]`` in out_dtype: up to :data:`FP8_FUSED_MAX_TOKENS` tokens expanded inside the
-    GEMM, above it into a buffer for one row-wise scaled GEMM. Traceable by ``torch.compile`` (no host syncs, no
-    shared scratch buffers between operators)."""
+    expanded into fp8 + ``bias_a16`` -> ``[M, N]`` in out_dtype (one row-wise scaled GEMM). Traceable by
+    ``torch.compile`` (no host syncs, no shared scratch buffers between operators)."""
     inv_smooth = None if layer.smoothing_folded_out else layer.fp8_inv_smooth
-    if xq.shape[0] <= FP8_FUSED_MAX_TOKENS:
-        return fp8_w4_gemm(xq, x_scale, layer.qweight, layer.wscales, *_low_rank_factors(layer), inv_smooth,
-                           layer.fp8_inv_wscale, layer.fp8_wscale, layer.bias_a16, out_dtype, layer.group_size,
-                           layer.fast_accum)
     w8 = expand_w4_fp8(layer.qweight, layer.wscales, *_low_rank_factors(layer), inv_smooth, layer.fp8_inv_wscale,
                        layer.group_size)
     return fp8_rowwise_gemm(xq, w8, x_scale, layer.fp8_wscale, layer.bias_a16, out_dtype, fast_accum=layer.fast_accum)

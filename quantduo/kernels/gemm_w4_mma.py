@@ -1,8 +1,8 @@
 """Few-token W4A16 GEMM (M <= 64 tokens) with the weights decoded straight into tensor-core operand registers (Gluon).
 
 ``out^T [N, M] = W [N, K] x a^T [K, M]`` on ``mma.sync`` m16n8k16: the INT4 weights are the A operand (16 output
-rows per instruction), the tokens the 8-wide B operand, in blocks of ``TOKENS_BLOCK`` = 16, 32 or 64 tokens per
-program (2, 4 or 8 B tiles). Each thread loads, per row and group of 64 inputs, the 8 bytes of its lane (inputs
+rows per instruction), the tokens the 8-wide B operand, in blocks of ``TOKENS_BLOCK`` = 16 or 32 tokens per
+program (2 or 4 B tiles). Each thread loads, per row and group of 64 inputs, the 8 bytes of its lane (inputs
 ``16c .. 16c + 15`` for lane ``c = lane % 4``) and the same 16 contiguous activations of each of its tokens, both
 with plain vector loads: nothing goes through shared memory and no warp waits for another. The sum over a group is
 order-free, so the kernel feeds the tensor cores the inputs in the order the registers already hold them (the "mma
@@ -41,7 +41,7 @@ from .common import rank_pad, split_k_workspace
 _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 
 GROUP = 64
-MAX_TOKENS = 64  # tokens served, in blocks of TOKENS_BLOCK (16, 32 or 64: 2, 4 or 8 mma B tiles of 8) per program
+MAX_TOKENS = 64  # tokens served, in blocks of TOKENS_BLOCK (16 or 32: 2 or 4 mma B tiles of 8) per program
 WARPS = 4
 
 # nibble pairs (i, i + 4) of a word w, XOR 8, as two 16-bit (magic + u): lop3 LUT 0x6A = (a & b) ^ c; then
@@ -228,15 +228,16 @@ def _w4a16_mma_kernel(
 
 
 def pick_config(M: int, N: int, K: int, programs: int = 384) -> dict:
-    """Blocks of 16 tokens up to 16 tokens, of 32 above; 32 output rows per warp (``ROW_TILES`` = 2 mma tiles);
-    ``SPLIT_K`` the smallest divisor of the K / 64 groups giving about ``programs`` programs (~3 per SM of an
-    H100); the decode with the offset dot up to 16 tokens, signed above (best of the sweeps at FLUX shapes,
-    BENCHMARKS.md)."""
-    tokens_block = 16 if M <= 16 else 32
+    """Blocks of 16 tokens (offset decode) up to 16 tokens and, up to 48, for layers of <= 9216 x 3072 weights; else
+    blocks of 32 (signed decode); 32 output rows per warp (``ROW_TILES`` = 2 mma tiles); ``SPLIT_K`` the smallest
+    divisor of the K / 64 groups giving about ``programs`` programs (~3 per SM of an H100). The best or within 5 %
+    of it in the sweep at FLUX shapes and 16-64 tokens (BENCHMARKS.md, twelfth session; 64-token blocks were 1.3-1.8x
+    slower than the best everywhere)."""
+    tokens_block = 16 if M <= 16 or (M <= 48 and N * K <= 9216 * 3072) else 32
     groups = K // GROUP
     tiles = triton.cdiv(N, 16 * WARPS * 2) * triton.cdiv(M, tokens_block)
     split = next((d for d in range(1, groups + 1) if groups % d == 0 and tiles * d >= programs), groups)
-    return dict(ROW_TILES=2, SPLIT_K=split, TOKENS_BLOCK=tokens_block, SIGNED=M > 16)
+    return dict(ROW_TILES=2, SPLIT_K=split, TOKENS_BLOCK=tokens_block, SIGNED=tokens_block == 32)
 
 
 def _operand_error(a: torch.Tensor, qweight: torch.Tensor, lora_up: torch.Tensor | None) -> str | None:
@@ -274,7 +275,7 @@ def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dty
             scales (any strides).
         lxp: float32 low-rank partials ``[S, M, r]`` or None; lora_up ``[N, r]`` in a's dtype; bias ``[N]`` or None.
         config: some of ROW_TILES, SPLIT_K, TOKENS_BLOCK, SIGNED (the rest from :func:`pick_config`); SPLIT_K
-            must divide K / 64, TOKENS_BLOCK is 16, 32 or 64.
+            must divide K / 64, TOKENS_BLOCK is 16 or 32.
     """
     M, K = a.shape
     N = qweight.shape[0]
@@ -286,9 +287,9 @@ def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dty
         raise ValueError(error)
     cfg = {**pick_config(M, N, K), **(config or {})}
     split, tokens_block = cfg["SPLIT_K"], cfg["TOKENS_BLOCK"]
-    if (K // GROUP) % split or tokens_block not in (16, 32, 64):
+    if (K // GROUP) % split or tokens_block not in (16, 32):
         raise ValueError(f"SPLIT_K={split} must divide the {K // GROUP} groups of 64 inputs and TOKENS_BLOCK="
-                         f"{tokens_block} be 16, 32 or 64")
+                         f"{tokens_block} be 16 or 32")
     name = "bf16" if a.dtype == torch.bfloat16 else "fp16"
     tiles = triton.cdiv(N, 16 * WARPS * cfg["ROW_TILES"]) * triton.cdiv(M, tokens_block)
     out = torch.empty(M, N, dtype=out_dtype, device=a.device)

@@ -259,34 +259,28 @@ def test_fp8_few_tokens_is_a16(rows):
 
 
 @pytest.mark.parametrize("fast_accum", [True, False])
-def test_fp8_fused_then_expanded(fast_accum, monkeypatch):
-    """Above FP8_A16_MAX_TOKENS and up to FP8_FUSED_MAX_TOKENS tokens the fp8 execution expands the INT4 weights inside
-    its GEMM (fp8_w4_gemm), one token more it expands them into a buffer for the row-wise scaled GEMM; both give the
-    fp8 reference."""
+def test_fp8_expands_above_a16_tokens(fast_accum, monkeypatch):
+    """Above FP8_A16_MAX_TOKENS tokens the fp8 execution expands the INT4 weights into an fp8 buffer for the
+    row-wise scaled GEMM (one expansion per call), with the fp8 reference's result."""
     calls = []
-    for name in ("fp8_w4_gemm", "expand_w4_fp8"):
-        real = getattr(engine, name)
-        monkeypatch.setattr(engine, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    real = engine.expand_w4_fp8
+    monkeypatch.setattr(engine, "expand_w4_fp8", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(2)
     m = _random_layer(128, 40, "int4", execution="fp8")
     m.set_execution("fp8", fast_accum)
-    x = torch.randn(engine.FP8_FUSED_MAX_TOKENS + 1, 128, dtype=torch.float16)
+    x = torch.randn(FP8_A16_MAX_TOKENS + 1, 128, dtype=torch.float16)
     with cpu_kernels():
-        for rows, path in ((FP8_A16_MAX_TOKENS + 1, "fp8_w4_gemm"), (engine.FP8_FUSED_MAX_TOKENS, "fp8_w4_gemm"),
-                           (engine.FP8_FUSED_MAX_TOKENS + 1, "expand_w4_fp8")):
-            calls.clear()
-            y = m(x[:rows])
-            assert calls == [path], rows
-            assert relative_error(y, fp8_reference_forward(m, x[:rows])) < 5e-3
+        y = m(x)
+    assert calls == [1]
+    assert relative_error(y, fp8_reference_forward(m, x)) < 5e-3
 
 
-def test_fp8_fused_compiles_into_one_graph():
-    """The mixed-input fp8 GEMM is one custom operator to torch.compile: a fullgraph compile of the layer at 40
-    tokens (activation quantization traced, the GEMM opaque) gives the eager result."""
+def test_fp8_expanded_compiles_into_one_graph():
+    """Above FP8_A16_MAX_TOKENS tokens the fp8 execution traces as one graph (activation quantization in PyTorch
+    ops, the expansion one operator: opaque under the interpreter, a triton_op on the GPU) with the eager result."""
     torch.manual_seed(3)
     m = _random_layer(128, 48, "int4", execution="fp8")
-    x = torch.randn(40, 128, dtype=torch.float16)
-    assert FP8_A16_MAX_TOKENS < 40 <= engine.FP8_FUSED_MAX_TOKENS
+    x = torch.randn(FP8_A16_MAX_TOKENS + 16, 128, dtype=torch.float16)
     torch._dynamo.reset()
     with cpu_kernels(), torch.no_grad():
         eager = m(x)
@@ -324,8 +318,7 @@ def test_auto_resolution(weight_format, act_format, monkeypatch):
 def test_has_fp8_on_cpu():
     assert not engine.has_fp8(torch.device("cpu"))
     assert engine.tokens_of(torch.zeros(2, 3, 8)) == 6 and engine.tokens_of(torch.zeros(4, 0)) == 0
-    assert GEMV_MAX_TOKENS == 1 and SKINNY_MAX_TOKENS == 64
-    assert FP8_A16_MAX_TOKENS < engine.FP8_FUSED_MAX_TOKENS
+    assert GEMV_MAX_TOKENS == 1 and SKINNY_MAX_TOKENS == FP8_A16_MAX_TOKENS == 64
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,9 +326,9 @@ def test_has_fp8_on_cpu():
 # --------------------------------------------------------------------------------------------------
 def test_forward_gelu():
     """``forward_gelu(h, prefix)`` is the layer applied to cat(prefix, gelu_tanh(h)): through the kernels (80 rows:
-    GELU and concatenation in the row kernel, then the expansion path; 40 rows: the same row kernel, then the
-    mixed-input GEMM), as the torch fallback (CPU outside cpu_kernels(), few tokens) and without a prefix; widths
-    that do not add up are rejected."""
+    GELU and concatenation in the row kernel, then the expansion path), as the torch fallback (CPU outside
+    cpu_kernels(), up to FP8_A16_MAX_TOKENS tokens: the a16 kernels on the materialized input) and without a prefix;
+    widths that do not add up are rejected."""
     m8 = _int4_layer(192, 48, "int4").set_execution("fp8")
     h, prefix = torch.randn(2, 40, 128) * 3, torch.randn(2, 40, 64)
     x = torch.cat([prefix, nn.functional.gelu(h, approximate="tanh")], dim=-1)
@@ -344,8 +337,8 @@ def test_forward_gelu():
     assert torch.equal(m8.forward_gelu(h, prefix), expected)  # the CPU outside cpu_kernels(): the fp8 reference
     with cpu_kernels():
         assert relative_error(m8.forward_gelu(h, prefix), expected) < 5e-3
-        assert relative_error(m8.forward_gelu(h[:1], prefix[:1]), expected[:1]) < 5e-3  # 40 tokens
-        assert torch.equal(m8.forward_gelu(h[:1, :9], prefix[:1, :9]), m8(x[:1, :9]))  # 9 tokens: a16 kernels
+        assert torch.equal(m8.forward_gelu(h[:1], prefix[:1]), m8(x[:1]))  # 40 tokens: a16 kernels
+        assert torch.equal(m8.forward_gelu(h[:1, :9], prefix[:1, :9]), m8(x[:1, :9]))
     no_prefix = _int4_layer(128, 48, "none").set_execution("fp8")
     with cpu_kernels():
         y = no_prefix.forward_gelu(h)

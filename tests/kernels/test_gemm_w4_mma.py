@@ -43,10 +43,10 @@ def _compile_for_hopper(pointers: dict, **constexprs):
 
 @pytest.mark.parametrize("row_tiles,split,lowrank,gelu,dtype,tokens,signed", [
     (2, 8, True, False, "bf16", 16, False), (1, 1, False, True, "fp16", 32, True), (4, 3, True, True, "bf16", 16, False),
-    (1, 8, True, False, "bf16", 64, True), (2, 4, True, False, "fp16", 32, False)])
+    (1, 8, True, False, "bf16", 32, True), (2, 4, True, False, "fp16", 32, False)])
 def test_compiles_for_hopper(row_tiles, split, lowrank, gelu, dtype, tokens, signed):
     """The kernel compiles for sm_90a (no GPU needed) with its decode free of data movement: the weight and
-    activation operands of 16 / 32 / 64-token blocks are built by trivial layout conversions only (asserted while
+    activation operands of 16 / 32-token blocks are built by trivial layout conversions only (asserted while
     compiling), without shared memory in the main loop, and with the documented lop3 decode (and, signed, the
     packed fma that removes the magic number) in the PTX."""
     magic, ptx_type, _, negative_magic, offset = mma._DECODE[dtype]
@@ -61,16 +61,17 @@ def test_compiles_for_hopper(row_tiles, split, lowrank, gelu, dtype, tokens, sig
 
 
 def test_pick_config():
-    """Token blocks of 16 up to 16 tokens (offset decode), 32 above (signed decode); SPLIT_K divides the groups and
-    reaches the program target when the groups allow it."""
+    """Token blocks of 16 (offset decode) up to 16 tokens and up to 48 for weights of <= 9216 x 3072, else 32
+    (signed decode); SPLIT_K divides the groups and reaches the program target when the groups allow it."""
     for N, K in [(3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288), (80, 192), (128, 64)]:
-        for M in (1, 16, 17, 64):
+        for M in (1, 16, 17, 48, 49, 64):
             cfg = mma.pick_config(M, N, K)
             groups = K // 64
             tiles = triton.cdiv(N, 16 * mma.WARPS * cfg["ROW_TILES"]) * triton.cdiv(M, cfg["TOKENS_BLOCK"])
             assert groups % cfg["SPLIT_K"] == 0
             assert tiles * cfg["SPLIT_K"] >= 384 or cfg["SPLIT_K"] == groups
-            assert cfg["TOKENS_BLOCK"] == (16 if M <= 16 else 32) and cfg["SIGNED"] == (M > 16)
+            small = M <= 16 or (M <= 48 and N * K <= 9216 * 3072)
+            assert cfg["TOKENS_BLOCK"] == (16 if small else 32) and cfg["SIGNED"] == (not small)
     assert mma.pick_config(16, 3072, 3072) == dict(ROW_TILES=2, SPLIT_K=16, TOKENS_BLOCK=16, SIGNED=False)
     assert mma.pick_config(64, 3072, 3072)["SPLIT_K"] == 8  # two token blocks: half the split
 
@@ -115,9 +116,9 @@ def _operands(M, N, K, r, dtype, seed=0):
     (80, 512, 0, dict(SPLIT_K=1, SIGNED=True), torch.float16, False),
     (12288, 3072, 16, dict(TOKENS_BLOCK=16, SIGNED=True), torch.float16, True),
     (3072, 12288, 32, dict(SPLIT_K=64, SIGNED=False), torch.bfloat16, False),
-    (1000, 1024, 32, dict(TOKENS_BLOCK=64, ROW_TILES=1), torch.bfloat16, False)])
+    (1000, 1024, 32, dict(TOKENS_BLOCK=32, ROW_TILES=1, SIGNED=False), torch.bfloat16, False)])
 def test_gpu_w4a16_mma_gemm(M, N, K, r, config, dtype, gelu):
-    """Every nibble value, row edges (N not a multiple of the 128-row tile), 1 to 64 tokens in blocks of 16 / 32 / 64
+    """Every nibble value, row edges (N not a multiple of the 128-row tile), 1 to 64 tokens in blocks of 16 / 32
     (partial blocks), both decodes, K split 1 / 3 / 64 ways or by the default, low-rank, bias, GELU, bf16 and fp16
     (their own decode constants) vs the exact-weight reference; a second call gives the same result (workspace and
     counters reset)."""
