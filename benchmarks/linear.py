@@ -21,12 +21,12 @@ Layers: ``SVDQuantLinear`` INT4-g64, rank 32, bf16, random buffers; one stored W
 Default run: correctness of every execution against its PyTorch reference (M = 201 with leading dims, and the
 few-token paths at M = 1, 16, 64, repeated: split-K workspaces), then the table at ``--tokens`` (default 1 4 16 64
 4608). ``--small``: only the checks and the table at M = 1, 4, 16, 64. ``--small-sweep``: tiles of the skinny GEMM
-and kernel 1 at M = 16. ``--mid``: 16 to 1024 tokens (``--tokens`` overrides), the fp8 execution's paths side by
-side: the module as dispatched, the mixed-input GEMM ``fp8_w4_gemm`` (with the row quantization; default and best
-of a tile sweep) and the expansion + ``_scaled_mm``, each checked against the fp8 reference first. ``--fp8exec``
-(only) / ``--sweep`` (after the table): the fp8 execution's stages above 64
-tokens (row quantization, the fp8 expansion with a tile sweep, ``_scaled_mm``, the module). ``--gelu-quant``: the
-fp8 row quantization with its GELU at FLUX widths (``--tokens``). ``--decode``: one token
+and kernel 1 at M = 16. ``--mid``: 16 to 1024 tokens (``--tokens`` overrides), the fp8 execution's module as
+dispatched (``a16`` up to 64 tokens) beside its expansion path (row quantization, expansion, ``_scaled_mm``) at
+every token count, the expansion path checked against the fp8 reference first. ``--fp8exec`` (only) / ``--sweep``
+(after the table): the fp8 execution's stages above 64 tokens (row quantization, the fp8 expansion with a tile
+sweep, ``_scaled_mm``, the module). ``--gelu-quant``: the fp8 row quantization with its GELU at FLUX widths
+(``--tokens``). ``--decode``: one token
 at Llama-3-8B shapes (bf16, the ``a16`` module = smoothing + GEMV, the GEMV alone, PyTorch's int4 tinygemm, GEMV
 tiles). ``--quality``: output error vs the bf16 layer of each execution on SVDQuant-quantized synthetic FLUX-shaped
 layers with outlier channels. ``--smoke``: the checks and the quality harness at tiny shapes, no timings (runs on the
@@ -54,15 +54,14 @@ if not torch.cuda.is_available():  # --smoke on the CPU: the Triton kernels run 
 import torch.nn.functional as F  # noqa: E402
 
 from quantduo.engine import linear as engine  # noqa: E402
-from quantduo.engine.linear import (FP8_A16_MAX_TOKENS, FP8_FUSED_MAX_TOKENS, SKINNY_MAX_TOKENS,  # noqa: E402
-                                    a16_reference_forward, cpu_kernels, fp8_reference_forward, reference_forward)
+from quantduo.engine.linear import (FP8_A16_MAX_TOKENS, SKINNY_MAX_TOKENS, a16_reference_forward,  # noqa: E402
+                                    cpu_kernels, fp8_reference_forward, reference_forward)
 from quantduo.formats import quantizers as qz  # noqa: E402
 from quantduo.formats import reference as ref  # noqa: E402
 from quantduo.formats.fp8 import quantize_fp8_per_token_ref, quantize_fp8_weight  # noqa: E402
 from quantduo.kernels.act_quant import act_quant  # noqa: E402
 from quantduo.kernels.dequant_w4 import dequant_w4  # noqa: E402
 from quantduo.kernels.fp8_linear import expand_w4_fp8, quantize_fp8_per_token  # noqa: E402
-from quantduo.kernels.fp8_w4_gemm import fp8_w4_gemm, pick_config  # noqa: E402
 from quantduo.kernels.gemm_w4_skinny import _pick as skinny_pick  # noqa: E402
 from quantduo.kernels.gemm_w4_skinny import w4_skinny_gemm  # noqa: E402
 from quantduo.kernels.gemv_w4 import w4_gemv  # noqa: E402
@@ -430,7 +429,7 @@ FP8_EXPAND_SWEEP = [None, (16, 256, 4), (32, 256, 4), (64, 128, 4), (64, 64, 4),
 def fp8exec(log, results, tokens):
     """The fp8 execution above 64 tokens: its stages alone (row quantization kernel, weight expansion with a tile
     sweep, ``_scaled_mm`` with and without fast accumulation) and the module, against bf16 ``F.linear``."""
-    for M in (m for m in tokens if m > FP8_FUSED_MAX_TOKENS):
+    for M in (m for m in tokens if m > FP8_A16_MAX_TOKENS):
         for (N, K) in SHAPES:
             tb = time_graph(*v_bf16(M, N, K))
             copies = math.ceil(L2_DEFEAT_BYTES / (N * K))
@@ -471,104 +470,66 @@ def fp8exec(log, results, tokens):
                 f"({tb / tm:.2f}x; without quant {tb / max(tm - tq, 1e-3):.2f}x)")
 
 
-@contextlib.contextmanager
-def fused_limit(tokens: int):
-    """The engine's FP8_FUSED_MAX_TOKENS set to ``tokens`` inside the block (0: the fp8 execution always expands)."""
-    old, engine.FP8_FUSED_MAX_TOKENS = engine.FP8_FUSED_MAX_TOKENS, tokens
-    try:
-        yield
-    finally:
-        engine.FP8_FUSED_MAX_TOKENS = old
-
-
-def fused_call(m, x, config=None):
-    """The fp8 execution's mixed-input path of layer ``m`` on ``x [M, K]``: row quantization + ``fp8_w4_gemm`` with
-    the engine's operands (``config``: the tiles, default :func:`pick_config`)."""
-    xq, xs = quantize_fp8_per_token(x)
-    inv_smooth = None if m.smoothing_folded_out else m.fp8_inv_smooth
-    return fp8_w4_gemm(xq, xs, m.qweight, m.wscales, m.proj_down, m.proj_up, inv_smooth, m.fp8_inv_wscale,
-                       m.fp8_wscale, m.bias_a16, x.dtype, m.group_size, m.fast_accum, config)
-
-
 def expanded_call(m, x):
-    """The fp8 execution's expansion path (whatever the token count): row quantization, expansion, _scaled_mm."""
-    with fused_limit(0):
-        xq, xs = quantize_fp8_per_token(x)
-        return engine._fp8_gemm(m, xq, xs, x.dtype)
+    """The fp8 execution's expansion path of layer ``m`` on ``x [M, K]`` whatever the token count: row quantization,
+    the weight expanded into fp8, ``_scaled_mm``."""
+    xq, xs = quantize_fp8_per_token(x)
+    return engine._fp8_gemm(m, xq, xs, x.dtype)
 
 
-def v_fp8_path(M, N, K, path, config=None):
-    """path: module (the fp8 execution as dispatched) | fused (:func:`fused_call`) | expanded
-    (:func:`expanded_call`); each over its own rotating layers."""
+FP8_PATHS = ("module", "expanded")  # the columns of the --mid table
+
+
+def v_fp8_path(M, N, K, path):
+    """path: module (the fp8 execution as dispatched) | expanded (:func:`expanded_call`)."""
     def make():
         x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
         m = random_module(N, K, execution="fp8")
-        if path == "module":
-            return lambda: m(x)
-        if path == "fused":
-            return lambda: fused_call(m, x, config)
-        return lambda: expanded_call(m, x)
+        return (lambda: m(x)) if path == "module" else (lambda: expanded_call(m, x))
     return make, 2 * M * K + N * K * 0.53 + 2 * M * N
 
 
-# 64-row weight tiles and 4 warps (128-row tiles were 1.5-3x slower at 64 and 256 tokens, BENCHMARKS.md; with 8 warps
-# both warpgroups dequantize the whole weight tile): depth, split and stages, i.e. occupancy (docs/kernel-notes.md
-# item 30: 64 x 256 tiles take 255 registers per thread and 110 KiB of shared memory at 3 stages, 64 x 64 tiles 155)
-MID_SWEEP = [[64, bk, sm, 4, st] for bk in (64, 128, 256) for sm in (0.5, 1, 2) for st in (2, 3, 4)]
-MID_SWEEP_TOKENS = (32, 64)  # token counts with a tile sweep of the mixed-input GEMM
+def check_expanded(log, m, M):
+    """The expansion path of layer ``m`` against the fp8 reference at ``M`` tokens, logged (cuBLAS has no fp8
+    algorithm for some few-token shapes: reported, not failed)."""
+    N, K = m.out_features, m.in_features
+    x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+    try:
+        with _kernels_context():
+            err = relative_error(expanded_call(m, x), fp8_reference_forward(m, x))
+    except RuntimeError as ex:
+        log(f"  expanded M={M} {N}x{K}: {str(ex)[:100]}")
+        return
+    log(f"  check M={M} {N}x{K}: expanded {err:.2e}")
+    if not err < 8e-3:
+        log(f"CORRECTNESS FAILED M={M} {N}x{K}")
 
 
 def mid_table(log, results, tokens):
-    """16 to 1024 tokens: the fp8 execution's module, mixed-input GEMM (default tiles and the best of MID_SWEEP) and
-    expansion path against bf16 F.linear, after checking both paths against the fp8 reference."""
+    """16 to 1024 tokens: the fp8 execution's module as dispatched and its expansion path against bf16 F.linear,
+    after checking the expansion path against the fp8 reference."""
     for (N, K) in SHAPES:
         m = random_module(N, K, execution="fp8")
         for M in sorted({min(tokens), 128, max(tokens)}):
-            x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
-            expected = fp8_reference_forward(m, x)
-            with _kernels_context():
-                errs = {"fused": relative_error(fused_call(m, x), expected),
-                        "fused repeat": max(relative_error(fused_call(m, x), expected) for _ in range(3))}
-                try:  # cuBLAS has no fp8 algorithm for some few-token shapes (the engine expands above 64 only)
-                    errs["expanded"] = relative_error(expanded_call(m, x), expected)
-                except RuntimeError as ex:
-                    log(f"  expanded M={M} {N}x{K}: {str(ex)[:100]}")
-            log(f"  check M={M} {N}x{K}: " + " ".join(f"{k} {v:.2e}" for k, v in errs.items()))
-            if not max(errs.values()) < 8e-3:
-                log(f"CORRECTNESS FAILED M={M} {N}x{K}")
+            check_expanded(log, m, M)
     rows = []
     for M in tokens:
         for (N, K) in SHAPES:
             copies = 128 if M <= 256 else 32
             t = {"bf16": time_graph(*v_bf16(M, N, K), max_copies=copies)}
-            for path in ("module", "fused", "expanded"):
+            for path in FP8_PATHS:
                 try:
                     t[path] = time_graph(*v_fp8_path(M, N, K, path), max_copies=copies)
-                except RuntimeError as ex:  # see the check above
+                except RuntimeError as ex:  # see check_expanded
                     t[path] = float("nan")
                     log(f"    {path} M={M} {N}x{K} failed: {str(ex)[:100]}")
-            auto = pick_config(M, N, K, 64)
-            sweep = {}
-            for bn, bk, sm, w, st in MID_SWEEP if M in MID_SWEEP_TOKENS else []:
-                split = max(1, int(auto["SPLIT_K"] * sm * 64 / bn))
-                cfg = [auto["BM"], bn, bk, split, w, st]
-                if K % (bk * split):
-                    continue
-                try:
-                    sweep[json.dumps(cfg)] = time_graph(*v_fp8_path(M, N, K, "fused", cfg), max_copies=copies)
-                except Exception as ex:  # noqa: BLE001 - a config that does not compile is reported and skipped
-                    log(f"    fused {cfg} failed: {str(ex)[:100]}")
-            best = min(sweep, key=sweep.get) if sweep else None
-            t["fused_best"] = min(sweep.values(), default=t["fused"])
-            rows.append(dict(M=M, N=N, K=K, us=t, default=auto, best=best, sweep=sweep))
-            log(f"  M={M:5d} {N:5d}x{K:5d} " + " ".join(f"{k}={v:.1f}" for k, v in t.items())
-                + f" default {auto} best {best}")
-    names = ["module", "fused", "fused_best", "expanded"]
-    log("\n| M | N x K | " + " | ".join(names) + " | bf16 us |")
-    log("| --- | --- | " + " | ".join("---" for _ in names) + " | --- |")
+            rows.append(dict(M=M, N=N, K=K, us=t))
+            log(f"  M={M:5d} {N:5d}x{K:5d} " + " ".join(f"{k}={v:.1f}" for k, v in t.items()))
+    log("\n| M | N x K | " + " | ".join(FP8_PATHS) + " | bf16 us |")
+    log("| --- | --- | " + " | ".join("---" for _ in FP8_PATHS) + " | --- |")
     for r in rows:
         tb = r["us"]["bf16"]
-        log(f"| {r['M']} | {r['N']}x{r['K']} | " + " | ".join(f"{tb / r['us'][n]:.2f}x" for n in names)
+        log(f"| {r['M']} | {r['N']}x{r['K']} | " + " | ".join(f"{tb / r['us'][n]:.2f}x" for n in FP8_PATHS)
             + f" | {tb:.1f} |")
     results["mid"] = rows
 

@@ -12,19 +12,16 @@
 * :func:`dequant_w4` — the whole weight of an INT4 layer (residual, low-rank branch, smoothing) reconstructed into a
   16-bit or fp8 buffer;
 * :func:`quantize_fp8_per_token`, :func:`expand_w4_fp8`, :func:`fp8_rowwise_gemm` — the fp8 execution;
-* :func:`fp8_w4_gemm` — the fp8 execution's mixed-input GEMM for tens of tokens: INT4 weights expanded
-  into fp8 tiles inside the GEMM;
 * :func:`nvfp4_dequant` — NVFP4 weights to float32;
 * :func:`rms_norm`, :func:`decode_attention`, the KV-cache writers — DuoAttention's decoding.
 """
 from .act_quant import act_quant
 from .dequant_w4 import dequant_w4
 from .fp8_linear import expand_w4_fp8, fp8_rowwise_gemm, quantize_fp8_per_token
-from .fp8_w4_gemm import fp8_w4_gemm
 from .gemm_w4_mma import w4a16_mma_gemm
 from .gemm_w4_skinny import w4_skinny_gemm
 from .gemv_w4 import w4_gemv
 from .nvfp4 import nvfp4_dequant
 
-__all__ = ["act_quant", "dequant_w4", "expand_w4_fp8", "fp8_rowwise_gemm", "fp8_w4_gemm", "nvfp4_dequant",
-           "quantize_fp8_per_token", "w4_gemv", "w4_skinny_gemm", "w4a16_mma_gemm"]
+__all__ = ["act_quant", "dequant_w4", "expand_w4_fp8", "fp8_rowwise_gemm", "nvfp4_dequant", "quantize_fp8_per_token",
+           "w4_gemv", "w4_skinny_gemm", "w4a16_mma_gemm"]
