@@ -38,12 +38,6 @@ GEMMS = {
 }
 
 
-def fused_layer(m, x, **kw):
-    """The one-launch layer (smoothing and low-rank inside the Gluon GEMM) on the raw input ``x``."""
-    return G.w4a16_mma_linear(x, m.qweight, m.wscales, m.proj_down, m.proj_up, 1 / m.smooth_factor.float(), m.bias,
-                              x.dtype, **kw)
-
-
 def log(*a):
     print(*a, flush=True)
 
@@ -69,48 +63,30 @@ def check_correctness() -> int:
              for gelu in (False, True)]
     cases += [(N, K, M, False, cfg) for (N, K) in ((3072, 3072), (200, 192)) for M in (40, 64) for cfg in VARIANTS]
     for N, K, M, gelu, cfg in cases:
-        m, x, a, lxp = operands(M, N, K)
+        m, _, a, lxp = operands(M, N, K)
         expected = GEMMS["skinny"](m, a, lxp, gelu=gelu)
         try:
-            fused_err = relative_error(fused_layer(m, x, gelu=gelu, config=cfg), expected)
             got = GEMMS["mma"](m, a, lxp, gelu=gelu, config=cfg)
             err = relative_error(got, expected)
             repeat = (got - GEMMS["mma"](m, a, lxp, gelu=gelu, config=cfg)).abs().max().item()
         except Exception:  # noqa: BLE001 - a failing case is reported, the others still run
             err, repeat = float("nan"), None
             log("FAIL", N, K, M, gelu, cfg, traceback.format_exc()[-1500:])
-            fused_err = float("nan")
-        ok = err < 5e-3 and fused_err < 5e-3
+        ok = err < 5e-3
         bad += not ok
         if not ok or cfg or M in (16, 64):
-            log(f"check N={N} K={K} M={M} gelu={gelu} cfg={cfg}: rel err vs skinny {err:.2e} (one-launch layer "
-                f"{fused_err:.2e}) repeat diff {repeat} {'ok' if ok else 'BAD'}")
+            log(f"check N={N} K={K} M={M} gelu={gelu} cfg={cfg}: rel err vs skinny {err:.2e} repeat diff {repeat} "
+                f"{'ok' if ok else 'BAD'}")
     return bad
 
 
 def v_gemm(M, N, K, gemm, config=None):
-    """time_graph variant: the GEMM alone on ready operands, or (``"fused"``) the one-launch layer on the input."""
+    """time_graph variant: the GEMM alone on ready operands."""
     kw = {} if config is None else dict(config=config)
 
     def make():
-        m, x, a, lxp = operands(M, N, K)
-        if gemm == "fused":
-            inv = 1 / m.smooth_factor.float()
-            return lambda: G.w4a16_mma_linear(x, m.qweight, m.wscales, m.proj_down, m.proj_up, inv, m.bias, x.dtype,
-                                              **kw)
+        m, _, a, lxp = operands(M, N, K)
         return lambda: GEMMS[gemm](m, a, lxp, **kw)
-    return make, N * K * 0.53 + 2 * M * K + 2 * M * N
-
-
-def v_layer_kernel1(M, N, K):
-    """time_graph variant: the layer as two launches, kernel 1 (smoothing + low-rank partials) and the Gluon GEMM."""
-    def make():
-        m, x, _, _ = operands(M, N, K)
-
-        def layer():
-            xs, _, partials = act_quant(x, m.smooth_factor, None, m.proj_down, "smooth")
-            return GEMMS["mma"](m, xs, partials)
-        return layer
     return make, N * K * 0.53 + 2 * M * K + 2 * M * N
 
 
@@ -131,14 +107,14 @@ def sweep_configs(M, N, K):
     return configs
 
 
-def sweep(M, N, K, gemm="mma") -> dict:
+def sweep(M, N, K) -> dict:
     timings = {}
     for cfg in sweep_configs(M, N, K):
         key = json.dumps(cfg)
         if key in timings:
             continue
         try:
-            timings[key] = L.time_graph(*v_gemm(M, N, K, gemm, config=cfg), max_copies=128)
+            timings[key] = L.time_graph(*v_gemm(M, N, K, "mma", config=cfg), max_copies=128)
         except Exception as ex:  # noqa: BLE001 - a config that does not compile is reported
             log("cfg fail", cfg, str(ex)[:200])
     return timings
@@ -148,20 +124,15 @@ def time_shape(M, N, K, with_sweep: bool) -> dict:
     t = dict(bf16=L.time_graph(*L.v_bf16(M, N, K), max_copies=128))
     for gemm in GEMMS:
         t[gemm] = L.time_graph(*v_gemm(M, N, K, gemm), max_copies=128)
-    t["layer_kernel1"] = L.time_graph(*v_layer_kernel1(M, N, K), max_copies=128)
-    t["fused"] = L.time_graph(*v_gemm(M, N, K, "fused"), max_copies=128)
     t["layer_a16"] = L.time_graph(*L.v_module(M, N, K, "a16"), max_copies=128)
     t["sweep"] = sweep(M, N, K) if with_sweep else {}
-    t["sweep_fused"] = sweep(M, N, K, "fused") if with_sweep else {}
     ratio = lambda us: f"{us:.2f} ({t['bf16'] / us:.2f}x)"  # noqa: E731
     best = min(t["sweep"], key=t["sweep"].get) if t["sweep"] else None
     log(f"M={M} {N}x{K}: bf16 {t['bf16']:.2f} us | skinny {ratio(t['skinny'])} | mma default "
         f"{G.pick_config(M, N, K)} {ratio(t['mma'])}" + (f" best {best} {ratio(t['sweep'][best])}" if best else "")
-        + f" | layer: kernel 1 + mma {ratio(t['layer_kernel1'])}, one launch {ratio(t['fused'])}, a16 module "
-        f"{ratio(t['layer_a16'])}")
-    for name in ("sweep", "sweep_fused"):
-        if t[name]:
-            log(f"   {name} " + " ".join(f"{k}={v:.2f}" for k, v in sorted(t[name].items(), key=lambda kv: kv[1])))
+        + f" | layer a16 (kernel 1 + mma) {ratio(t['layer_a16'])}")
+    if best:
+        log("   sweep " + " ".join(f"{k}={v:.2f}" for k, v in sorted(t["sweep"].items(), key=lambda kv: kv[1])))
     return t
 
 
@@ -180,13 +151,11 @@ def main():
         log(f"correctness done in {time.time() - t0:.1f} s, bad={bad}")
     results = {f"{M}_{N}x{K}": time_shape(M, N, K, args.sweep and M in SWEEP_TOKENS)
                for M in args.tokens for (N, K) in L.SHAPES}
-    log("\n| M | N x K | GEMM (mma) | skinny GEMM | layer: kernel 1 + GEMM | layer: one launch | a16 module | bf16 us |"
-        "\n|---|---|---|---|---|---|---|---|")
+    log("\n| M | N x K | GEMM (mma) | skinny GEMM | layer a16 | bf16 us |\n|---|---|---|---|---|---|")
     for key, t in results.items():
         M, shape = key.split("_")
         x = lambda name: f"{t['bf16'] / t[name]:.2f}x" if name in t else "-"  # noqa: E731
-        log(f"| {M} | {shape} | {x('mma')} | {x('skinny')} | {x('layer_kernel1')} | {x('fused')} | {x('layer_a16')} "
-            f"| {t['bf16']:.1f} |")
+        log(f"| {M} | {shape} | {x('mma')} | {x('skinny')} | {x('layer_a16')} | {t['bf16']:.1f} |")
     atomic_write(os.path.join(args.out, "gemm_w4_mma.json"),
                  lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
 

@@ -8,7 +8,7 @@ The layer is any object with the attributes of :class:`quantduo.svdquant.SVDQuan
 * ``smooth_factor`` / ``act_shift`` ``[K]``, ``proj_down`` ``[K, r]``, ``proj_up`` ``[N, r]``, ``bias`` ``[N]``;
 * derived (kept current by the layer): ``bias_a16`` ``[N]`` (the bias for 16-bit / fp8 activations: the
   unsigned shift's term unfolded), ``fp8_wscale`` / ``fp8_inv_wscale`` float32 ``[N]``, ``fp8_inv_smooth``
-  float32 ``[K]`` (``1 / smooth``: the fp8 expansion's and the one-launch a16 layer's smoothing), ``smoothing_folded_out`` (all smoothing factors are 1);
+  float32 ``[K]``, ``smoothing_folded_out`` (all smoothing factors are 1);
 * ``weight_format``, ``act_format``, ``group_size``, ``in_features``, ``out_features``, ``execution``,
   ``fast_accum``.
 
@@ -22,10 +22,10 @@ exact, W4A4   <= 64 / more               4-bit activations (kernel 1) + the skin
                                          dequantized activations + weight + cuBLAS
 exact, NVFP4  any                        Triton weight dequantization + the reference arithmetic
 a16, NVFP4    any                        Triton weight dequantization + 16-bit activations (PyTorch)
-a16           1 / <= 64 / more           GEMV / the register-operand GEMM with smoothing and low-rank inside
-                                         (``gemm_w4_mma``, one launch; smoothing kernel + the skinny GEMM where
-                                         it cannot serve the operands) / the weight reconstructed into a scratch
-                                         buffer + cuBLAS (also the W4A16 formats' ``exact``)
+a16           1 / <= 64 / more           GEMV / smoothing kernel + the register-operand GEMM
+                                         (``gemm_w4_mma``; the skinny GEMM where it cannot serve the operands)
+                                         / the weight reconstructed into a scratch buffer + cuBLAS (also the
+                                         W4A16 formats' ``exact``)
 fp8           <= 64 / more               ``a16`` / per-token fp8 activations x the weight expanded into an fp8
                                          buffer + one row-wise scaled ``torch._scaled_mm``
 ============  =========================  ============================================================
@@ -242,7 +242,7 @@ def _reference_of(execution: str):
 # torch.compile (no graph break per few-token layer, e.g. the one-token adaLN modulation linears of every DiT block)
 # and run in program order (their kernels share scratch buffers, which a traced graph must not see).
 _KERNEL_TENSORS = ("qweight", "wscales", "wscale_global", "wscale_channel", "smooth_factor", "act_shift", "proj_down",
-                   "proj_up", "bias", "bias_a16", "fp8_inv_smooth")
+                   "proj_up", "bias", "bias_a16")
 
 
 def kernel_linear(layer, x2: torch.Tensor, execution: str) -> torch.Tensor:
@@ -300,10 +300,9 @@ def _lowrank_partials(layer, x2: torch.Tensor) -> torch.Tensor | None:
 
 
 def _a16_kernels(layer, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """16-bit activations: one token -> the GEMV; up to 64 16-bit tokens -> the register-operand GEMM with the
-    smoothing and the low-rank branch inside (one launch, where it serves the operands), else kernel 1 (smoothing +
-    low-rank) and the skinny GEMM; more tokens, float32 tokens or groups other than 64 -> the reconstructed weight
-    and one cuBLAS GEMM."""
+    """16-bit activations: one token -> the GEMV; up to 64 16-bit tokens -> kernel 1 (smoothing + low-rank) and the
+    register-operand GEMM (where it serves the operands) or the skinny GEMM; more tokens, float32 tokens or groups
+    other than 64 -> the reconstructed weight and one cuBLAS GEMM."""
     M = x2.shape[0]
     g64 = layer.group_size == 64
     identity = layer.smoothing_folded_out
@@ -311,13 +310,12 @@ def _a16_kernels(layer, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Te
         xs = x2 if identity else smooth_input(x2, layer.smooth_factor)
         return w4_gemv(xs, layer.qweight, layer.wscales, _lowrank_partials(layer, x2), layer.proj_up, bias, x2.dtype)
     if M <= SKINNY_MAX_TOKENS and g64 and x2.dtype != torch.float32:
-        if gemm_w4_mma.supports(x2, layer.qweight, layer.proj_up if layer.rank else None):
-            return gemm_w4_mma.w4a16_mma_linear(x2, layer.qweight, layer.wscales, *_low_rank_factors(layer),
-                                                None if identity else layer.fp8_inv_smooth, bias, x2.dtype)
         if identity:
             xs, lxp = x2, _lowrank_partials(layer, x2)
         else:
             xs, _, lxp = act_quant(x2, layer.smooth_factor, None, layer.proj_down if layer.rank else None, "smooth")
+        if gemm_w4_mma.supports(xs, layer.qweight, layer.proj_up if layer.rank else None):
+            return gemm_w4_mma.w4a16_mma_gemm(xs, layer.qweight, layer.wscales, lxp, layer.proj_up, bias, x2.dtype)
         return w4_skinny_gemm(xs, None, layer.qweight, layer.wscales, lxp, layer.proj_up, bias, "none", x2.dtype)
     smooth = None if identity else layer.smooth_factor
     w = dequant_w4(layer.qweight, layer.wscales, x2.dtype, layer.group_size, *_low_rank_factors(layer), smooth)

@@ -105,26 +105,6 @@ def act_layout(warps, tokens):
         block_bases=[], shape=[tokens, 64])
 
 
-@gluon.constexpr_function
-def lowrank_layout(warps):
-    """Accumulator of the fused down-projection ``lx [tokens, r]``: the warps split the ranks (8 per warp and tile)."""
-    return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, warps], instr_shape=[16, 8])
-
-
-@gluon.constexpr_function
-def down_layout(warps, rp):
-    """lora_down ``[64 inputs, rp ranks]`` of one group in natural order: lane ``4 g + c`` holds inputs
-    ``16c .. 16c + 15`` of rank ``g`` of each 8-rank tile (warp ``w``: tiles ``w + warps * t``; warps beyond the tiles
-    repeat), as the B operand of :func:`lowrank_layout` places its columns."""
-    tiles = rp // 8
-    return gl.DistributedLinearLayout(
-        reg_bases=[[1, 0], [2, 0], [4, 0], [8, 0]] + [[0, 8 * warps * (1 << t)]
-                                                        for t in range(max(tiles // warps, 1).bit_length() - 1)],
-        lane_bases=[[16, 0], [32, 0], [0, 1], [0, 2], [0, 4]],
-        warp_bases=[[0, 8 * (1 << w)] if (1 << w) < tiles else [0, 0] for w in range(warps.bit_length() - 1)],
-        block_bases=[], shape=[64, rp])
-
-
 @gluon.jit
 def _weight_operand(words, like, ASM: gl.constexpr, BN: gl.constexpr, WARPS_: gl.constexpr):
     """int32 words ``[BN, 8]`` (raw signed nibbles) -> A operand ``[BN, 64]`` in mma order of what ``ASM`` decodes
@@ -149,28 +129,6 @@ def _act_operand(x, TOK: gl.constexpr, WARPS_: gl.constexpr):
 
 
 @gluon.jit
-def _lowrank_operands(x, down, TOK: gl.constexpr, WARPS_: gl.constexpr):
-    """Smoothed activations ``[TOK, 64]`` and lora_down ``[64, RP]`` of one group, both in natural input order ->
-    the A and B operands of the down-projection (:func:`lowrank_layout`) in mma order."""
-    LR: gl.constexpr = lowrank_layout(WARPS_)
-    a = gl.reshape(x, [TOK, 4, 2, 2, 2, 2])  # (token, c, j, i2, i1, i0)
-    a = gl.reshape(gl.permute(a, [0, 2, 4, 5, 1, 3]), [TOK, 64])  # (token, j, i1, i0, c, i2)
-    b = gl.reshape(down, [4, 2, 2, 2, 2, down.shape[1]])  # (c, j, i2, i1, i0, rank)
-    b = gl.reshape(gl.permute(b, [1, 3, 4, 0, 2, 5]), [64, down.shape[1]])  # (j, i1, i0, c, i2, rank)
-    return (gl.convert_layout(a, gl.DotOperandLayout(operand_index=0, parent=LR, k_width=2), assert_trivial=True),
-            gl.convert_layout(b, gl.DotOperandLayout(operand_index=1, parent=LR, k_width=2), assert_trivial=True))
-
-
-@gluon.jit
-def _up_tile(LU, rows, N, R, RP: gl.constexpr, WARPS_: gl.constexpr):
-    """lora_up rows ``[BN, RP]`` (zeros past N and R) as the A operand of the main mma layout."""
-    A_L: gl.constexpr = operand_layout(0, WARPS_)
-    ra = gl.convert_layout(rows, gl.SliceLayout(1, A_L))
-    ka = gl.arange(0, RP, layout=gl.SliceLayout(0, A_L))
-    return gl.load(LU + ra[:, None] * R + ka[None, :], mask=(ra[:, None] < N) & (ka[None, :] < R), other=0.0)
-
-
-@gluon.jit
 def _finish(acc, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP: gl.constexpr, HAS_LR: gl.constexpr,
             HAS_BIAS: gl.constexpr, GELU: gl.constexpr, BN: gl.constexpr, TOK: gl.constexpr, WARPS_: gl.constexpr):
     """float32 ``acc [BN, TOK]`` (rows x tokens ``tok0 ..``, mma layout) + low-rank + bias (+ GELU) -> OUT
@@ -178,13 +136,16 @@ def _finish(acc, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP: gl.conste
     MMA: gl.constexpr = mma_layout(WARPS_)
     if HAS_LR:
         B_L: gl.constexpr = operand_layout(1, WARPS_)
+        A_L: gl.constexpr = operand_layout(0, WARPS_)
         rb = gl.arange(0, RP, layout=gl.SliceLayout(1, B_L))
         tb = tok0 + gl.arange(0, TOK, layout=gl.SliceLayout(0, B_L))
         lmask = (rb[:, None] < R) & (tb[None, :] < M)
         lx = gl.zeros([RP, TOK], gl.float32, B_L)
         for s in range(S):
             lx += gl.load(LXP + s * M * R + tb[None, :] * R + rb[:, None], mask=lmask, other=0.0)
-        lu = _up_tile(LU, rows, N, R, RP, WARPS_)
+        ra = gl.convert_layout(rows, gl.SliceLayout(1, A_L))
+        ka = gl.arange(0, RP, layout=gl.SliceLayout(0, A_L))
+        lu = gl.load(LU + ra[:, None] * R + ka[None, :], mask=(ra[:, None] < N) & (ka[None, :] < R), other=0.0)
         lr = mma_v2(lu, lx.to(lu.dtype), gl.zeros([BN, TOK], gl.float32, MMA))
         acc += lr.to(lu.dtype).to(gl.float32)
     if HAS_BIAS:
@@ -199,23 +160,18 @@ def _finish(acc, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP: gl.conste
 
 @gluon.jit
 def _w4a16_mma_kernel(
-    X, W, WS, LXP, LD, INV_SMOOTH, LU, BIAS, OUT, PART, COUNTS,
+    X, W, WS, LXP, LU, BIAS, OUT, PART, COUNTS,
     M, N, K, GROUPS_PER_SPLIT, S, R, stride_xm, stride_wsn, stride_wsg,
-    HAS_LR: gl.constexpr, FUSED: gl.constexpr, HAS_SMOOTH: gl.constexpr, RP: gl.constexpr, HAS_BIAS: gl.constexpr,
-    GELU: gl.constexpr, SPLIT_K: gl.constexpr, ROW_TILES: gl.constexpr, TOK: gl.constexpr, WARPS_: gl.constexpr,
-    ASM: gl.constexpr, OFFSET: gl.constexpr,
+    HAS_LR: gl.constexpr, RP: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, SPLIT_K: gl.constexpr,
+    ROW_TILES: gl.constexpr, TOK: gl.constexpr, WARPS_: gl.constexpr, ASM: gl.constexpr, OFFSET: gl.constexpr,
 ):
     """Program (tile, slice): rows ``[BN]`` x tokens ``[TOK]`` of OUT ``[M, N]`` (tile = row tile x the
     ``cdiv(M, TOK)`` token blocks + token block), groups of K slice ``slice``.
 
     X 16-bit ``[M, K]`` (row stride stride_xm), W int32 view ``[N, K / 8]`` of the packed int4 weights, WS
-    ``[N, K / 64]`` group scales (strides given), LU ``[N, R]``, BIAS ``[N]``; with SPLIT_K > 1, PART float32
-    ``[M, N]`` and COUNTS int32 ``[tiles]`` (zero on entry and exit). ASM decodes ``OFFSET + q`` (OFFSET = 0: the
-    signed decode; otherwise a constant dot removes the offset).
-    Low-rank branch (HAS_LR): X holds smoothed activations and LXP float32 ``[S, M, R]`` the down-projection's
-    partial sums (kernel 1), added once per tile; or (FUSED) X holds the layer input, multiplied by INV_SMOOTH float32
-    ``[K]`` (HAS_SMOOTH, rounded to X's dtype), and every slice down-projects its own groups with LD ``[K, R]``
-    (a third mma per group) and adds ``lx_slice @ LU^T`` to its partial sum.
+    ``[N, K / 64]`` group scales (strides given), LXP float32 ``[S, M, R]``, LU ``[N, R]``, BIAS ``[N]``; with
+    SPLIT_K > 1, PART float32 ``[M, N]`` and COUNTS int32 ``[tiles]`` (zero on entry and exit). ASM decodes
+    ``OFFSET + q`` (OFFSET = 0: the signed decode; otherwise a constant dot removes the offset).
     """
     BN: gl.constexpr = 16 * WARPS_ * ROW_TILES
     MMA: gl.constexpr = mma_layout(WARPS_)
@@ -234,19 +190,9 @@ def _w4a16_mma_kernel(
     s_ptrs = WS + gl.minimum(rows, N - 1).to(gl.int64) * stride_wsn
     zero = gl.zeros([BN, TOK], gl.float32, MMA)
     acc = gl.zeros([BN, TOK], gl.float32, MMA)
-    g0 = pid_k * GROUPS_PER_SPLIT
-    if HAS_SMOOTH:
-        inv_ptrs = INV_SMOOTH + gl.arange(0, 64, layout=gl.SliceLayout(0, XL))
-        inv = gl.load(inv_ptrs + g0 * 64)
-    if FUSED:
-        DL: gl.constexpr = down_layout(WARPS_, RP)
-        ranks = gl.arange(0, RP, layout=gl.SliceLayout(0, DL))
-        d_ptrs = LD + gl.arange(0, 64, layout=gl.SliceLayout(1, DL))[:, None] * R + ranks[None, :]
-        d_mask = ranks[None, :] < R
-        down = gl.load(d_ptrs + g0 * 64 * R, mask=d_mask, other=0.0)
-        lx = gl.zeros([TOK, RP], gl.float32, lowrank_layout(WARPS_))
     if OFFSET != 0:
         offset = gl.full([BN, 64], -OFFSET, X.dtype.element_ty, operand_layout(0, WARPS_))
+    g0 = pid_k * GROUPS_PER_SPLIT
     # each group's weights, activations and scales are loaded while the previous group computes
     words = gl.load(w_ptrs + g0 * 8)
     x = gl.load(x_ptrs + g0 * 64)
@@ -256,15 +202,6 @@ def _w4a16_mma_kernel(
         words_next = gl.load(w_ptrs + g_next * 8)
         x_next = gl.load(x_ptrs + g_next * 64)
         scale_next = gl.load(s_ptrs + g_next * stride_wsg)
-        if HAS_SMOOTH:
-            inv_next = gl.load(inv_ptrs + g_next * 64)
-            x = (x.to(gl.float32) * inv[None, :]).to(X.dtype.element_ty)
-            inv = inv_next
-        if FUSED:
-            down_next = gl.load(d_ptrs + g_next * 64 * R, mask=d_mask, other=0.0)
-            xa, db = _lowrank_operands(x, down.to(X.dtype.element_ty), TOK, WARPS_)
-            lx = mma_v2(xa, db, lx)
-            down = down_next
         xb = _act_operand(x, TOK, WARPS_)
         if OFFSET != 0:
             d = mma_v2(_weight_operand(words, x, ASM, BN, WARPS_), xb, mma_v2(offset, xb, zero))
@@ -274,9 +211,6 @@ def _w4a16_mma_kernel(
         words = words_next
         x = x_next
         scale = scale_next
-    if FUSED:  # this slice's low-rank term
-        lx_b = gl.convert_layout(gl.permute(lx, [1, 0]).to(LU.dtype.element_ty), operand_layout(1, WARPS_))
-        acc = mma_v2(_up_tile(LU, rows, N, R, RP, WARPS_), lx_b, acc)
     toks = tok0 + gl.arange(0, TOK, layout=gl.SliceLayout(0, MMA))
     if SPLIT_K > 1:
         tile_off = toks[None, :] * N + rows[:, None]
@@ -287,11 +221,10 @@ def _w4a16_mma_kernel(
             total = gl.load(PART + tile_off, mask=mask, other=0.0, cache_modifier=".cg")
             gl.store(PART + tile_off, gl.zeros([BN, TOK], gl.float32, MMA), mask=mask)
             gl.store(COUNTS + tile, 0)
-            _finish(total, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR and not FUSED, HAS_BIAS,
-                    GELU, BN, TOK, WARPS_)
+            _finish(total, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU, BN, TOK,
+                    WARPS_)
     else:
-        _finish(acc, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR and not FUSED, HAS_BIAS, GELU, BN,
-                TOK, WARPS_)
+        _finish(acc, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU, BN, TOK, WARPS_)
 
 
 def pick_config(M: int, N: int, K: int, programs: int = 384) -> dict:
@@ -344,41 +277,10 @@ def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dty
         config: some of ROW_TILES, SPLIT_K, TOKENS_BLOCK, SIGNED (the rest from :func:`pick_config`); SPLIT_K
             must divide K / 64, TOKENS_BLOCK is 16 or 32.
     """
-    r = 0 if lxp is None else lxp.shape[2]
-    return _launch(a, qweight, wscales, lora_up if r else None, bias, out_dtype, gelu, config, r,
-                   lxp=lxp if r else None)
-
-
-def w4a16_mma_linear(x, qweight, wscales, lora_down, lora_up, inv_smooth, bias, out_dtype: torch.dtype,
-                     gelu: bool = False, config: dict | None = None) -> torch.Tensor:
-    """The whole layer in one launch: ``(x * inv_smooth) @ W^T + low-rank + bias`` (+ GELU), ``[M, N]`` for M <= 64
-    tokens: the smoothing on the activation registers (rounded to x's dtype) and the rank-r down-projection as a
-    third mma per group, each K slice adding its own ``lx_slice @ lora_up^T`` (lx_slice rounded to the lora dtype).
-
-    Args:
-        x: bfloat16 / float16 layer input ``[M, K]`` (as :func:`w4a16_mma_gemm`'s ``a``); qweight, wscales, bias as
-            there; lora_down ``[K, r]`` / lora_up ``[N, r]`` in x's dtype (both or neither); inv_smooth float32 ``[K]``
-            (``1 / smooth``) or None (no smoothing).
-    """
-    if (lora_down is None) != (lora_up is None):
-        raise ValueError("lora_down and lora_up come together")
-    r = 0 if lora_down is None else lora_down.shape[1]
-    K = x.shape[1]
-    if r and (lora_down.shape != (K, r) or lora_down.dtype != x.dtype or not lora_down.is_contiguous()):
-        raise ValueError(f"lora_down must be contiguous {x.dtype} [K, r] = [{K}, {r}], got {lora_down.dtype} "
-                         f"{tuple(lora_down.shape)}")
-    if inv_smooth is not None and (inv_smooth.shape != (K,) or inv_smooth.dtype != torch.float32):
-        raise ValueError(f"inv_smooth must be float32 [K] = [{K}], got {inv_smooth.dtype} {tuple(inv_smooth.shape)}")
-    return _launch(x, qweight, wscales, lora_up, bias, out_dtype, gelu, config, r, lora_down=lora_down,
-                   inv_smooth=inv_smooth)
-
-
-def _launch(a, qweight, wscales, lora_up, bias, out_dtype, gelu, config, r, lxp=None, lora_down=None,
-            inv_smooth=None) -> torch.Tensor:
-    """Checks the operands and launches the kernel (low-rank from kernel 1's ``lxp`` or fused from ``lora_down``)."""
     M, K = a.shape
     N = qweight.shape[0]
-    error = _operand_error(a, qweight, lora_up)
+    r = 0 if lxp is None else lxp.shape[2]
+    error = _operand_error(a, qweight, lora_up if r else None)
     if error is None and wscales.shape != (N, K // GROUP):
         error = f"wscales must be [N, K/{GROUP}] = [{N}, {K // GROUP}], got {tuple(wscales.shape)}"
     if error:
@@ -393,15 +295,13 @@ def _launch(a, qweight, wscales, lora_up, bias, out_dtype, gelu, config, r, lxp=
     out = torch.empty(M, N, dtype=out_dtype, device=a.device)
     part, counts = split_k_workspace("mma", M * N, tiles, a.device) if split > 1 else (out, out)
     dummy = qweight
-    or_dummy = lambda t: dummy if t is None else t  # noqa: E731
     _w4a16_mma_kernel[(tiles, split)](
-        a, qweight.view(torch.int32), wscales, or_dummy(lxp), or_dummy(lora_down), or_dummy(inv_smooth),
-        or_dummy(lora_up), or_dummy(bias), out, part, counts,
-        M, N, K, K // GROUP // split, 0 if lxp is None else lxp.shape[0], r, a.stride(0), wscales.stride(0),
+        a, qweight.view(torch.int32), wscales, lxp if r else dummy, lora_up if r else dummy,
+        bias if bias is not None else dummy, out, part, counts,
+        M, N, K, K // GROUP // split, lxp.shape[0] if r else 0, r, a.stride(0), wscales.stride(0),
         wscales.stride(1),
-        HAS_LR=r > 0, FUSED=lora_down is not None, HAS_SMOOTH=inv_smooth is not None, RP=rank_pad(r),
-        HAS_BIAS=bias is not None, GELU=gelu, SPLIT_K=split, ROW_TILES=cfg["ROW_TILES"], TOK=tokens_block,
-        WARPS_=WARPS, ASM=_ASM[name, cfg["SIGNED"]], OFFSET=0.0 if cfg["SIGNED"] else _DECODE[name][4],
-        num_warps=WARPS,
+        HAS_LR=r > 0, RP=rank_pad(r), HAS_BIAS=bias is not None, GELU=gelu, SPLIT_K=split,
+        ROW_TILES=cfg["ROW_TILES"], TOK=tokens_block, WARPS_=WARPS, ASM=_ASM[name, cfg["SIGNED"]],
+        OFFSET=0.0 if cfg["SIGNED"] else _DECODE[name][4], num_warps=WARPS,
     )
     return out

@@ -22,8 +22,8 @@ from quantduo.utils import relative_error
 
 def _pointer_types(dtype: str) -> dict:
     half = "*bf16" if dtype == "bf16" else "*fp16"
-    return {"X": half, "W": "*i32", "WS": half, "LXP": "*fp32", "LD": half, "INV_SMOOTH": "*fp32", "LU": half,
-            "BIAS": half, "OUT": half, "PART": "*fp32", "COUNTS": "*i32"}
+    return {"X": half, "W": "*i32", "WS": half, "LXP": "*fp32", "LU": half, "BIAS": half, "OUT": half,
+            "PART": "*fp32", "COUNTS": "*i32"}
 
 
 def _compile_for_hopper(pointers: dict, **constexprs):
@@ -41,19 +41,16 @@ def _compile_for_hopper(pointers: dict, **constexprs):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": mma.WARPS})
 
 
-@pytest.mark.parametrize("row_tiles,split,lowrank,gelu,dtype,tokens,signed,fused", [
-    (2, 8, True, False, "bf16", 16, False, False), (1, 1, False, True, "fp16", 32, True, False),
-    (4, 3, True, True, "bf16", 16, False, False), (1, 8, True, False, "bf16", 32, True, True),
-    (2, 4, True, False, "fp16", 32, False, False), (2, 16, True, True, "bf16", 16, False, True),
-    (2, 2, True, False, "fp16", 32, True, True)])
-def test_compiles_for_hopper(row_tiles, split, lowrank, gelu, dtype, tokens, signed, fused):
+@pytest.mark.parametrize("row_tiles,split,lowrank,gelu,dtype,tokens,signed", [
+    (2, 8, True, False, "bf16", 16, False), (1, 1, False, True, "fp16", 32, True), (4, 3, True, True, "bf16", 16, False),
+    (1, 8, True, False, "bf16", 32, True), (2, 4, True, False, "fp16", 32, False)])
+def test_compiles_for_hopper(row_tiles, split, lowrank, gelu, dtype, tokens, signed):
     """The kernel compiles for sm_90a (no GPU needed) with its decode free of data movement: the weight and
-    activation operands of 16 / 32-token blocks (and, fused, the down-projection's operands) are built by trivial
-    layout conversions only (asserted while compiling), without shared memory in the main loop, and with the
-    documented lop3 decode (and, signed, the packed fma that removes the magic number) in the PTX."""
+    activation operands of 16 / 32-token blocks are built by trivial layout conversions only (asserted while
+    compiling), without shared memory in the main loop, and with the documented lop3 decode (and, signed, the
+    packed fma that removes the magic number) in the PTX."""
     magic, ptx_type, _, negative_magic, offset = mma._DECODE[dtype]
-    kernel = _compile_for_hopper(_pointer_types(dtype), HAS_LR=lowrank, FUSED=fused, HAS_SMOOTH=fused, RP=32,
-                                 HAS_BIAS=True, GELU=gelu,
+    kernel = _compile_for_hopper(_pointer_types(dtype), HAS_LR=lowrank, RP=32, HAS_BIAS=True, GELU=gelu,
                                  SPLIT_K=split, ROW_TILES=row_tiles, TOK=tokens, WARPS_=mma.WARPS,
                                  ASM=mma._ASM[dtype, signed], OFFSET=0.0 if signed else offset)
     ptx = kernel.asm["ptx"]
@@ -137,57 +134,14 @@ def test_gpu_w4a16_mma_gemm(M, N, K, r, config, dtype, gelu):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [1, 16, 33, 64])
-@pytest.mark.parametrize("N,K,r,config,dtype,smoothed", [
-    (3072, 3072, 32, None, torch.bfloat16, True), (200, 192, 32, dict(SPLIT_K=3), torch.bfloat16, False),
-    (12288, 3072, 16, dict(TOKENS_BLOCK=32, SIGNED=True), torch.float16, True),
-    (3072, 12288, 32, dict(SPLIT_K=1), torch.bfloat16, True), (1000, 1024, 0, None, torch.bfloat16, True)])
-def test_gpu_w4a16_mma_linear(M, N, K, r, config, dtype, smoothed):
-    """The one-launch layer (smoothing and down-projection inside the GEMM) against the a16 arithmetic written
-    out from the documented layouts: ``(x * inv_smooth)`` rounded to x's dtype, exact float32 INT4 weights, the
-    rank-r branch of those smoothed activations, bias; K split 1 / 3 ways or by the default, 16- and 32-token
-    blocks, partial blocks, no low-rank."""
-    g = torch.Generator().manual_seed(1)
-    x = (torch.randn(M, K, generator=g) * 2).to(dtype).cuda()
-    inv = (1 / (torch.rand(K, generator=g) + 0.5)).cuda() if smoothed else None
-    down = (torch.randn(K, max(r, 1), generator=g) * 0.1).to(dtype).cuda() if r else None
-    up = (torch.randn(N, max(r, 1), generator=g) * 0.1).to(dtype).cuda() if r else None
-    qw = qz.pack_int4(torch.randint(-8, 8, (N, K), generator=g, dtype=torch.int8)).cuda()
-    ws = (torch.rand(N, K // 64, generator=g) * 0.02 + 0.001).to(dtype).cuda()
-    bias = torch.randn(N, generator=g).to(dtype).cuda()
-    xs = (x.float() * inv).to(dtype) if smoothed else x
-    y_ref = ref.w4_gemv_ref(xs, qw, ws, xs.float() @ down.float() if r else None, up, bias, dtype)
-    y = mma.w4a16_mma_linear(x, qw, ws, down, up, inv, bias, dtype, config=config)
-    assert y.shape == (M, N) and torch.isfinite(y).all()
-    assert relative_error(y, y_ref) < 3e-3
-    again = mma.w4a16_mma_linear(x, qw, ws, down, up, inv, bias, dtype, config=config)
-    assert torch.equal(again, y) or relative_error(again, y_ref) < 3e-3
-
-
-def test_linear_bad_inputs():
-    """The one-launch layer's own operands are checked before any launch."""
-    qw = torch.zeros(64, 64, dtype=torch.uint8)
-    ws = torch.ones(64, 2, dtype=torch.bfloat16)
-    x = torch.zeros(4, 128, dtype=torch.bfloat16)
-    down, up = torch.zeros(128, 16, dtype=torch.bfloat16), torch.zeros(64, 16, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="come together"):
-        mma.w4a16_mma_linear(x, qw, ws, down, None, None, None, torch.bfloat16)
-    with pytest.raises(ValueError, match="lora_down"):
-        mma.w4a16_mma_linear(x, qw, ws, down.float(), up, None, None, torch.bfloat16)
-    with pytest.raises(ValueError, match="inv_smooth"):
-        mma.w4a16_mma_linear(x, qw, ws, down, up, torch.ones(128, dtype=torch.bfloat16), None, torch.bfloat16)
-
-
-@pytest.mark.gpu
 def test_gpu_engine_uses_mma_for_few_tokens(monkeypatch):
-    """The a16 execution of an INT4 layer runs the one-launch layer for 16 and 64 tokens and matches the a16
-    reference."""
+    """The a16 execution of an INT4 layer runs this kernel for 16 and 64 tokens and matches the a16 reference."""
     from quantduo.engine import linear as engine
     from quantduo.svdquant import SVDQuantLinear
 
     calls = []
-    real = mma.w4a16_mma_linear
-    monkeypatch.setattr(mma, "w4a16_mma_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = mma.w4a16_mma_gemm
+    monkeypatch.setattr(mma, "w4a16_mma_gemm", lambda *a, **k: calls.append(1) or real(*a, **k))
     layer = SVDQuantLinear(3072, 3072, rank=32, act_format="int4", dtype=torch.bfloat16, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
     with torch.no_grad():
