@@ -57,8 +57,9 @@ from quantduo.kernels.gemm_w4_skinny import w4_skinny_gemm
 from quantduo.kernels.gemv_w4 import w4_gemv
 from quantduo.kernels.nvfp4 import nvfp4_dequant
 
-# Token counts up to which INT4 layers run the skinny split-K GEMM (weights as the wide tensor-core operand); above
-# it W4A4 dequantizes for cuBLAS, 16-bit activations reconstruct the weight, fp8 expands it into fp8.
+# Token counts up to which INT4 layers run the few-token GEMMs (16-bit activations: the Gluon register-operand GEMM,
+# 4-bit ones: the skinny split-K GEMM); above it W4A4 dequantizes for cuBLAS, 16-bit activations reconstruct the
+# weight, fp8 expands it into fp8.
 SKINNY_MAX_TOKENS = 64
 # Token counts up to which the fp8 execution runs the a16 kernels (16-bit activations: the register-operand GEMM
 # streams the 4-bit weights, faster on an H100 than expanding them into fp8 tiles inside an fp8 GEMM at 3 of the 4
