@@ -4,7 +4,8 @@ bf16 ``F.linear``: the GEMM alone with its rank-32 + bias epilogue (and the skin
 execution, also the fp8 execution's up to 64 tokens: kernel 1 (smoothing + low-rank down-projection) + GEMM);
 CUDA-graph replays over rotating buffers (us).
 
-    PYTHONPATH=. python3 benchmarks/gemm_w4_mma.py [--sweep] [--tokens 16 32 64] [--skip-check] [--out DIR]
+    PYTHONPATH=. python3 benchmarks/gemm_w4_mma.py [--sweep] [--tokens 16 32 64] [--shapes 4096x4096 ...]
+                                                [--skip-check] [--out DIR]
 
 ``--sweep`` adds a configuration sweep (token block x row tiles x decode, and the program count) at 16, 32, 48 and 64
 tokens. Writes ``gemm_w4_mma.json`` to DIR.
@@ -141,6 +142,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also sweep the configurations at 16, 32, 48 and 64 tokens")
     ap.add_argument("--tokens", type=int, nargs="+", default=[16, 24, 32, 48, 64, 8, 4])
     ap.add_argument("--skip-check", action="store_true", help="timings only (the GPU tests check the numerics)")
+    ap.add_argument("--shapes", nargs="+", default=[f"{n}x{k}" for n, k in L.SHAPES],
+                    help="N x K of the timed layers (default: the FLUX shapes)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -150,7 +153,7 @@ def main():
         bad = check_correctness()
         log(f"correctness done in {time.time() - t0:.1f} s, bad={bad}")
     results = {f"{M}_{N}x{K}": time_shape(M, N, K, args.sweep and M in SWEEP_TOKENS)
-               for M in args.tokens for (N, K) in L.SHAPES}
+               for M in args.tokens for (N, K) in (map(int, shape.split("x")) for shape in args.shapes)}
     log("\n| M | N x K | GEMM (mma) | skinny GEMM | layer a16 | bf16 us |\n|---|---|---|---|---|---|")
     for key, t in results.items():
         M, shape = key.split("_")
