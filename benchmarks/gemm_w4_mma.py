@@ -109,6 +109,7 @@ def sweep_configs(M, N, K):
 
 
 def sweep(M, N, K) -> dict:
+    """us of the Gluon GEMM per :func:`sweep_configs` configuration (JSON keys)."""
     timings = {}
     for cfg in sweep_configs(M, N, K):
         key = json.dumps(cfg)
@@ -157,7 +158,7 @@ def main():
     log("\n| M | N x K | GEMM (mma) | skinny GEMM | layer a16 | bf16 us |\n|---|---|---|---|---|---|")
     for key, t in results.items():
         M, shape = key.split("_")
-        x = lambda name: f"{t['bf16'] / t[name]:.2f}x" if name in t else "-"  # noqa: E731
+        x = lambda name: f"{t['bf16'] / t[name]:.2f}x"  # noqa: E731
         log(f"| {M} | {shape} | {x('mma')} | {x('skinny')} | {x('layer_a16')} | {t['bf16']:.1f} |")
     atomic_write(os.path.join(args.out, "gemm_w4_mma.json"),
                  lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
