@@ -21,7 +21,6 @@ import traceback
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import linear as L  # noqa: E402  (benchmarks/linear.py: layers, bf16 / skinny variants, time_graph)
@@ -98,10 +97,8 @@ def sweep_configs(M, N, K):
     configs = []
     for block in blocks:
         for row_tiles in (1, 2):
+            split = G.split_k(G.tile_count(M, N, row_tiles, block), K)
             for signed in (False, True):
-                tiles = triton.cdiv(N, 16 * G.WARPS * row_tiles) * triton.cdiv(M, block)
-                groups = K // 64
-                split = next((d for d in range(1, groups + 1) if groups % d == 0 and tiles * d >= 384), groups)
                 configs.append(dict(ROW_TILES=row_tiles, SPLIT_K=split, TOKENS_BLOCK=block, SIGNED=signed))
     for programs in (256, 768):
         configs.append(G.pick_config(M, N, K, programs))

@@ -123,10 +123,15 @@ def expand_w4_fp8(qweight: torch.Tensor, wscales: torch.Tensor, lora_down: torch
     """float8_e4m3fn ``[N, K]``: ``e4m3(clamp(W * inv_wscale[n], +-448))`` with ``W`` the reconstructed layer
     weight of :func:`~quantduo.kernels.dequant_w4.dequant_w4` (same arguments; inv_smooth and inv_wscale
     float32 ``[K]`` / ``[N]``). While ``torch.compile`` traces: the operator ``quantduo::expand_w4_fp8``."""
-    if torch.compiler.is_compiling():
-        return _expand_w4_fp8_op(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size)
+    args = (qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size)
+    return _expand_w4_fp8_op(*args) if torch.compiler.is_compiling() else _launch_expansion(*args)
+
+
+def _launch_expansion(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size,
+                      wrap: Callable | None = None) -> torch.Tensor:
+    """The expansion kernel of :func:`expand_w4_fp8`; wrap: ``wrap_triton`` inside a ``triton_op`` body."""
     return dequant_w4(qweight, wscales, torch.float8_e4m3fn, group_size, lora_down, lora_up, scratch=False,
-                      row_scale=inv_wscale, inv_smooth=inv_smooth)
+                      row_scale=inv_wscale, inv_smooth=inv_smooth, wrap=wrap)
 
 
 def _expand_shape(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size):
@@ -137,8 +142,7 @@ def _expand_shape(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, 
 def _expand_w4_fp8_op(qweight: torch.Tensor, wscales: torch.Tensor, lora_down: torch.Tensor | None,
                       lora_up: torch.Tensor | None, inv_smooth: torch.Tensor | None, inv_wscale: torch.Tensor,
                       group_size: int) -> torch.Tensor:
-    return dequant_w4(qweight, wscales, torch.float8_e4m3fn, group_size, lora_down, lora_up, scratch=False,
-                      row_scale=inv_wscale, inv_smooth=inv_smooth, wrap=wrap_triton)
+    return _launch_expansion(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size, wrap_triton)
 
 
 def fp8_rowwise_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,

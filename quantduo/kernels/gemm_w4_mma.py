@@ -227,6 +227,17 @@ def _w4a16_mma_kernel(
         _finish(acc, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU, BN, TOK, WARPS_)
 
 
+def tile_count(M: int, N: int, row_tiles: int, tokens_block: int) -> int:
+    """Output tiles (row tile x token block) of an ``[M, N]`` output: the programs per K slice."""
+    return triton.cdiv(N, 16 * WARPS * row_tiles) * triton.cdiv(M, tokens_block)
+
+
+def split_k(tiles: int, K: int, programs: int = 384) -> int:
+    """The smallest divisor of the K / 64 groups that gives ``tiles`` output tiles about ``programs`` programs."""
+    groups = K // GROUP
+    return next((d for d in range(1, groups + 1) if groups % d == 0 and tiles * d >= programs), groups)
+
+
 def pick_config(M: int, N: int, K: int, programs: int = 384) -> dict:
     """Blocks of 16 tokens (offset decode) up to 16 tokens and, up to 48, for layers of <= 9216 x 3072 weights; else
     blocks of 32 (signed decode); 32 output rows per warp (``ROW_TILES`` = 2 mma tiles); ``SPLIT_K`` the smallest
@@ -234,9 +245,7 @@ def pick_config(M: int, N: int, K: int, programs: int = 384) -> dict:
     of it in the sweep at FLUX shapes and 16-64 tokens (BENCHMARKS.md, twelfth session; 64-token blocks were 1.3-1.8x
     slower than the best everywhere)."""
     tokens_block = 16 if M <= 16 or (M <= 48 and N * K <= 9216 * 3072) else 32
-    groups = K // GROUP
-    tiles = triton.cdiv(N, 16 * WARPS * 2) * triton.cdiv(M, tokens_block)
-    split = next((d for d in range(1, groups + 1) if groups % d == 0 and tiles * d >= programs), groups)
+    split = split_k(tile_count(M, N, 2, tokens_block), K, programs)
     return dict(ROW_TILES=2, SPLIT_K=split, TOKENS_BLOCK=tokens_block, SIGNED=tokens_block == 32)
 
 
@@ -291,7 +300,7 @@ def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dty
         raise ValueError(f"SPLIT_K={split} must divide the {K // GROUP} groups of 64 inputs and TOKENS_BLOCK="
                          f"{tokens_block} be 16 or 32")
     name = "bf16" if a.dtype == torch.bfloat16 else "fp16"
-    tiles = triton.cdiv(N, 16 * WARPS * cfg["ROW_TILES"]) * triton.cdiv(M, tokens_block)
+    tiles = tile_count(M, N, cfg["ROW_TILES"], tokens_block)
     out = torch.empty(M, N, dtype=out_dtype, device=a.device)
     part, counts = split_k_workspace("mma", M * N, tiles, a.device) if split > 1 else (out, out)
     dummy = qweight
