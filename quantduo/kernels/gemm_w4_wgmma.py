@@ -137,23 +137,27 @@ def _w4a16_wgmma_kernel(
         async_load(x_smem.index(i), x_ptrs + (g0 + gl.minimum(i, GROUPS_PER_SPLIT - 1)) * 64)
         async_copy.commit_group()
     acc = gl.zeros([BN, TOK], gl.float32, ACC)
+    # the codes and scales of each group are loaded two groups ahead (registers), the activations STAGES - 1 ahead
+    last = GROUPS_PER_SPLIT - 1
     words = gl.load(w_ptrs + g0 * 8)
-    scale = gl.load(s_ptrs + g0 * stride_wsg).to(X.dtype.element_ty)
+    scale = gl.load(s_ptrs + g0 * stride_wsg)
+    words_1 = gl.load(w_ptrs + (g0 + gl.minimum(1, last)) * 8)
+    scale_1 = gl.load(s_ptrs + (g0 + gl.minimum(1, last)) * stride_wsg)
     for i in range(GROUPS_PER_SPLIT):
-        g_next = g0 + gl.minimum(i + 1, GROUPS_PER_SPLIT - 1)
-        words_next = gl.load(w_ptrs + g_next * 8)
-        scale_next = gl.load(s_ptrs + g_next * stride_wsg).to(X.dtype.element_ty)
-        a_smem.index(i % 2).store(_scaled_weights(words, scale, ASM, BN))
+        g_ahead = g0 + gl.minimum(i + 2, last)
+        words_2 = gl.load(w_ptrs + g_ahead * 8)
+        scale_2 = gl.load(s_ptrs + g_ahead * stride_wsg)
+        weights = _scaled_weights(words, scale.to(X.dtype.element_ty), ASM, BN)
         async_copy.wait_group(STAGES - 2)  # this thread's copies of group i have landed
+        a_smem.index(i % 2).store(weights)
         fence_async_shared()
         cta_barrier()  # every thread's weights and activations of group i are in shared memory
         acc = warpgroup_mma(a_smem.index(i % 2), x_smem.index(i % STAGES).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])  # group i - 1's MMA done: its buffers are free
-        ahead = gl.minimum(i + STAGES - 1, GROUPS_PER_SPLIT - 1)
-        async_load(x_smem.index((i + STAGES - 1) % STAGES), x_ptrs + (g0 + ahead) * 64)
+        async_load(x_smem.index((i + STAGES - 1) % STAGES), x_ptrs + (g0 + gl.minimum(i + STAGES - 1, last)) * 64)
         async_copy.commit_group()
-        words = words_next
-        scale = scale_next
+        words, words_1 = words_1, words_2
+        scale, scale_1 = scale_1, scale_2
     acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
     async_copy.wait_group(0)
     # the accumulator leaves through shared memory in chunks of 32 tokens (bounded registers for the epilogue)
