@@ -321,6 +321,17 @@ def test_has_fp8_on_cpu():
     assert GEMV_MAX_TOKENS == 1 and SKINNY_MAX_TOKENS == FP8_A16_MAX_TOKENS == 64
 
 
+@pytest.mark.parametrize("capability,served", [((9, 0), (64, 65, 256)), ((8, 9), (64,)), ((10, 0), (64,)),
+                                                ((0, 0), (64,))])
+def test_a16_serves_tokens(monkeypatch, capability, served):
+    """The fp8 execution runs its 16-bit-activation kernels up to 64 tokens, and up to 256 (the wgmma GEMM) only on
+    sm_90: not on Ada, Blackwell or the CPU."""
+    monkeypatch.setattr(engine, "_capability", lambda device: capability)
+    for tokens in (1, 64, 65, 256, 257, 4608):
+        assert engine.a16_serves_tokens(torch.zeros(tokens, 8)) == (tokens in served or tokens < 64), tokens
+    assert engine.WGMMA_MAX_TOKENS == 256
+
+
 # --------------------------------------------------------------------------------------------------
 # forward_gelu
 # --------------------------------------------------------------------------------------------------
