@@ -48,11 +48,12 @@ CHUNK = gl.constexpr(32)  # tokens per step of the epilogue
 
 
 def _decode_scaled_asm(dtype: str) -> str:
-    """PTX: int32 word ``$8`` (eight signed nibbles) and a 16-bit group scale ``$9`` -> eight 16-bit ``q * s``
-    ``$0 .. $7`` in nibble order (output ``i`` and ``i + 4`` from one lop3 of the word shifted by ``4 i``)."""
+    """PTX: int32 word ``$8`` (eight signed nibbles) and the 16-bit group scale in the low half of ``$9`` -> eight
+    16-bit ``q * s`` ``$0 .. $7`` in nibble order (output ``i`` and ``i + 4`` from one lop3 of the word shifted by
+    ``4 i``)."""
     magic, ptx_type, one, negative_magic, _ = DECODE[dtype]
     lines = [".reg .b32 t, one, neg, s2, mz;", f"mov.b32 one, {one}; mov.b32 neg, {negative_magic};",
-             "mov.b32 s2, {$9, $9}; mov.b32 mz, 0x80008000;"]
+             "prmt.b32 s2, $9, 0, 0x1010; mov.b32 mz, 0x80008000;"]
     for i in range(4):
         src = "$8" if i == 0 else "t"
         if i:
@@ -86,13 +87,23 @@ def copy_layout(warps, tokens):
 
 
 @gluon.jit
-def _scaled_weights(words, scale, ASM: gl.constexpr, BN: gl.constexpr):
-    """int32 words ``[BN, 8]`` (signed nibbles, word layout) and 16-bit scales ``[BN, 8]`` (each row's group scale,
-    repeated) -> ``q * s`` ``[BN, 64]`` in the scales' dtype, natural input order (input ``8 w + n`` = nibble ``n``
-    of word ``w``)."""
-    dt = scale.dtype
+def _issue_group(x_smem, w_smem, s_smem, stage, x_ptrs, w_ptrs, s_ptrs, g):
+    """``cp.async`` of group ``g`` into ring slot ``stage``: the activations ``[TOK, 64]``, the codes ``[BN, 8]``
+    int32 and each row's int32 word holding the scales of groups ``g`` and ``g ^ 1``; one commit group."""
+    async_load(x_smem.index(stage), x_ptrs + g * 64)
+    async_load(w_smem.index(stage), w_ptrs + g * 8)
+    async_load(s_smem.index(stage), s_ptrs + g // 2)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _scaled_weights(words, scale, ASM: gl.constexpr, BN: gl.constexpr, X):
+    """int32 words ``[BN, 8]`` (signed nibbles, word layout) and int32 ``[BN, 8]`` holding each row's 16-bit group
+    scale in the low half -> ``q * s`` ``[BN, 64]`` in the 16-bit type of the pointer ``X``, natural input order
+    (input ``8 w + n`` = nibble ``n`` of word ``w``)."""
+    dt = X.dtype.element_ty
     e0, e1, e2, e3, e4, e5, e6, e7 = gl.inline_asm_elementwise(
-        ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [words, scale], dtype=(dt, dt, dt, dt, dt, dt, dt, dt), is_pure=True,
+        ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, scale], dtype=(dt, dt, dt, dt, dt, dt, dt, dt), is_pure=True,
         pack=1)
     t = gl.join(gl.join(gl.join(e0, e1), gl.join(e2, e3)), gl.join(gl.join(e4, e5), gl.join(e6, e7)))
     t = gl.reshape(t, [BN, 8, 2, 2, 2])  # (row, w, i0, i1, i2): nibble 4 i2 + 2 i1 + i0 of word w
@@ -102,20 +113,21 @@ def _scaled_weights(words, scale, ASM: gl.constexpr, BN: gl.constexpr):
 
 @gluon.jit
 def _w4a16_wgmma_kernel(
-    X, W, WS, LXP, LU, BIAS, OUT, PART, COUNTS,
-    M, N, K, GROUPS_PER_SPLIT, S, R, stride_xm, stride_wsn, stride_wsg,
+    X, W, WS2, LXP, LU, BIAS, OUT, PART, COUNTS,
+    M, N, K, GROUPS_PER_SPLIT, S, R, stride_xm, stride_wsn,
     HAS_LR: gl.constexpr, RP: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, SPLIT_K: gl.constexpr,
     TOK: gl.constexpr, STAGES: gl.constexpr, WARPS_: gl.constexpr, ASM: gl.constexpr,
 ):
     """Program (tile, slice): rows ``[BN]`` x tokens ``[TOK]`` of OUT ``[M, N]`` (tile = row tile x the
     ``cdiv(M, TOK)`` token blocks + token block), the groups of K slice ``slice``.
 
-    X 16-bit ``[M, K]`` (row stride stride_xm), W int32 view ``[N, K / 8]`` of the packed int4 weights, WS
-    ``[N, K / 64]`` group scales (strides given), LXP float32 ``[S, M, R]``, LU ``[N, R]``, BIAS ``[N]``; with
+    X 16-bit ``[M, K]`` (row stride stride_xm), W int32 view ``[N, K / 8]`` of the packed int4 weights, WS2 int32
+    view ``[N, G / 2]`` (row stride stride_wsn) of the group scales in X's dtype (G even), LXP float32 ``[S, M, R]``, LU ``[N, R]``, BIAS ``[N]``; with
     SPLIT_K > 1, PART float32 ``[M, N]`` and COUNTS int32 ``[tiles]`` (zero on entry and exit).
     """
     BN: gl.constexpr = 16 * WARPS_
     WL: gl.constexpr = word_layout(WARPS_, 1)
+    SL: gl.constexpr = gl.SliceLayout(1, WL)
     XL: gl.constexpr = copy_layout(WARPS_, TOK)
     ACC: gl.constexpr = wgmma_layout(WARPS_, TOK)
     SMEM: gl.constexpr = tile_smem_layout()
@@ -124,40 +136,36 @@ def _w4a16_wgmma_kernel(
     token_blocks = (M + TOK - 1) // TOK
     row0 = (tile // token_blocks) * BN
     tok0 = (tile % token_blocks) * TOK
-    rows_w = gl.minimum(row0 + gl.arange(0, BN, layout=gl.SliceLayout(1, WL)), N - 1)
-    cols_w = gl.arange(0, 8, layout=gl.SliceLayout(0, WL))
-    w_ptrs = W + rows_w.to(gl.int64)[:, None] * (K // 8) + cols_w[None, :]
-    s_ptrs = WS + rows_w.to(gl.int64)[:, None] * stride_wsn + 0 * cols_w[None, :]  # [BN, 8]: the row's scale
+    rows_w = gl.minimum(row0 + gl.arange(0, BN, layout=SL), N - 1).to(gl.int64)
+    w_ptrs = W + rows_w[:, None] * (K // 8) + gl.arange(0, 8, layout=gl.SliceLayout(0, WL))[None, :]
+    s_ptrs = WS2 + rows_w * stride_wsn  # int32 words of two group scales
     toks_x = gl.minimum(tok0 + gl.arange(0, TOK, layout=gl.SliceLayout(1, XL)), M - 1)
     x_ptrs = X + toks_x.to(gl.int64)[:, None] * stride_xm + gl.arange(0, 64, layout=gl.SliceLayout(0, XL))[None, :]
     a_smem = gl.allocate_shared_memory(X.dtype.element_ty, [2, BN, 64], SMEM)
     x_smem = gl.allocate_shared_memory(X.dtype.element_ty, [STAGES, TOK, 64], SMEM)
+    PLAIN2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+    w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BN, 8], PLAIN2)
+    s_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BN], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     g0 = pid_k * GROUPS_PER_SPLIT
-    for i in gl.static_range(STAGES - 1):  # the first activation tiles in flight
-        async_load(x_smem.index(i), x_ptrs + (g0 + gl.minimum(i, GROUPS_PER_SPLIT - 1)) * 64)
-        async_copy.commit_group()
-    acc = gl.zeros([BN, TOK], gl.float32, ACC)
-    # the codes and scales of each group are loaded two groups ahead (registers), the activations STAGES - 1 ahead
     last = GROUPS_PER_SPLIT - 1
-    words = gl.load(w_ptrs + g0 * 8)
-    scale = gl.load(s_ptrs + g0 * stride_wsg)
-    words_1 = gl.load(w_ptrs + (g0 + gl.minimum(1, last)) * 8)
-    scale_1 = gl.load(s_ptrs + (g0 + gl.minimum(1, last)) * stride_wsg)
+    for i in gl.static_range(STAGES - 1):  # the first groups in flight
+        _issue_group(x_smem, w_smem, s_smem, i, x_ptrs, w_ptrs, s_ptrs, g0 + gl.minimum(i, last))
+    acc = gl.zeros([BN, TOK], gl.float32, ACC)
     for i in range(GROUPS_PER_SPLIT):
-        g_ahead = g0 + gl.minimum(i + 2, last)
-        words_2 = gl.load(w_ptrs + g_ahead * 8)
-        scale_2 = gl.load(s_ptrs + g_ahead * stride_wsg)
-        weights = _scaled_weights(words, scale.to(X.dtype.element_ty), ASM, BN)
-        async_copy.wait_group(STAGES - 2)  # this thread's copies of group i have landed
+        stage = i % STAGES
+        g = g0 + i
+        async_copy.wait_group(STAGES - 2)  # this thread's copies of group i have landed (the compiler's barrier
+        # after the wait makes every thread's copies visible)
+        words = w_smem.index(stage).load(WL)
+        scale_pair = s_smem.index(stage).load(SL) >> (16 * (g % 2))  # the group's scale in the low half
+        weights = _scaled_weights(words, scale_pair[:, None] + gl.zeros([BN, 8], gl.int32, WL), ASM, BN, X)
         a_smem.index(i % 2).store(weights)
         fence_async_shared()
-        cta_barrier()  # every thread's weights and activations of group i are in shared memory
-        acc = warpgroup_mma(a_smem.index(i % 2), x_smem.index(i % STAGES).permute((1, 0)), acc, is_async=True)
+        cta_barrier()  # every thread's weights of group i are in shared memory
+        acc = warpgroup_mma(a_smem.index(i % 2), x_smem.index(stage).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])  # group i - 1's MMA done: its buffers are free
-        async_load(x_smem.index((i + STAGES - 1) % STAGES), x_ptrs + (g0 + gl.minimum(i + STAGES - 1, last)) * 64)
-        async_copy.commit_group()
-        words, words_1 = words_1, words_2
-        scale, scale_1 = scale_1, scale_2
+        _issue_group(x_smem, w_smem, s_smem, (i + STAGES - 1) % STAGES, x_ptrs, w_ptrs, s_ptrs,
+                     g0 + gl.minimum(i + STAGES - 1, last))
     acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
     async_copy.wait_group(0)
     # the accumulator leaves through shared memory in chunks of 32 tokens (bounded registers for the epilogue)
@@ -189,6 +197,15 @@ def _w4a16_wgmma_kernel(
                         R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU, BN, CHUNK, WARPS_)
 
 
+def _scale_words(wscales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int32 view ``[N, G / 2]`` of the group scales ``[N, G]`` in ``dtype`` (two groups per word, 4-byte copies):
+    ``wscales`` itself when it already is (contiguous rows, G even), else a padded copy."""
+    scales = wscales.to(dtype)
+    if scales.stride(1) != 1 or scales.shape[1] % 2 or scales.stride(0) % 2 or scales.data_ptr() % 4:
+        scales = torch.nn.functional.pad(scales, (0, scales.shape[1] % 2)).contiguous()
+    return scales.view(torch.int32)
+
+
 def tile_count(M: int, N: int, warps: int, tokens_block: int) -> int:
     """Output tiles (row tile x token block) of an ``[M, N]`` output: the programs per K slice."""
     return triton.cdiv(N, 16 * warps) * triton.cdiv(M, tokens_block)
@@ -218,7 +235,7 @@ def w4a16_wgmma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.d
     Args:
         a: bfloat16 / float16 ``[M, K]`` (unit column stride, 16-byte aligned rows).
         qweight: packed int4 uint8 ``[N, K // 2]`` (contiguous, 8-byte aligned); wscales ``[N, K // 64]`` group
-            scales (any strides, rounded to a's dtype).
+            scales (rounded to a's dtype; copied per call unless rows are contiguous with an even group count).
         lxp: float32 low-rank partials ``[S, M, r]`` or None; lora_up ``[N, r]`` in a's dtype; bias ``[N]`` or None.
         config: some of WARPS (4 or 8), SPLIT_K, TOKENS_BLOCK (64 / 128 / 256), STAGES (>= 2); the rest from
             :func:`pick_config`; SPLIT_K must divide K / 64.
@@ -237,15 +254,15 @@ def w4a16_wgmma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.d
         raise ValueError(f"SPLIT_K={split} must divide the {K // GROUP} groups of 64 inputs, TOKENS_BLOCK="
                          f"{tokens_block} be one of {TOKENS_BLOCKS}, WARPS={warps} 4 or 8, STAGES >= 2")
     name = "bf16" if a.dtype == torch.bfloat16 else "fp16"
+    scale_words = _scale_words(wscales, a.dtype)
     tiles = tile_count(M, N, warps, tokens_block)
     out = torch.empty(M, N, dtype=out_dtype, device=a.device)
     part, counts = split_k_workspace("wgmma", M * N, tiles, a.device) if split > 1 else (out, out)
     dummy = qweight
     _w4a16_wgmma_kernel[(tiles, split)](
-        a, qweight.view(torch.int32), wscales, lxp if r else dummy, lora_up if r else dummy,
+        a, qweight.view(torch.int32), scale_words, lxp if r else dummy, lora_up if r else dummy,
         bias if bias is not None else dummy, out, part, counts,
-        M, N, K, K // GROUP // split, lxp.shape[0] if r else 0, r, a.stride(0), wscales.stride(0),
-        wscales.stride(1),
+        M, N, K, K // GROUP // split, lxp.shape[0] if r else 0, r, a.stride(0), scale_words.stride(0),
         HAS_LR=r > 0, RP=rank_pad(r), HAS_BIAS=bias is not None, GELU=gelu, SPLIT_K=split, TOK=tokens_block,
         STAGES=cfg["STAGES"], WARPS_=warps, ASM=_ASM[name], num_warps=warps,
     )

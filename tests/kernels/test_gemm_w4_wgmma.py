@@ -28,7 +28,7 @@ hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_devi
 def _compile_for_hopper(dtype: str, **constexprs):
     """The kernel compiled for sm_90a with FLUX-shape specializations (16-divisible pointers, sizes, row strides)."""
     half = "*bf16" if dtype == "bf16" else "*fp16"
-    pointers = {"X": half, "W": "*i32", "WS": half, "LXP": "*fp32", "LU": half, "BIAS": half, "OUT": half,
+    pointers = {"X": half, "W": "*i32", "WS2": "*i32", "LXP": "*fp32", "LU": half, "BIAS": half, "OUT": half,
                 "PART": "*fp32", "COUNTS": "*i32"}
     fn = wg._w4a16_wgmma_kernel
     signature, attrs = {}, {}
@@ -47,9 +47,10 @@ def _compile_for_hopper(dtype: str, **constexprs):
     (128, 4, 3, 4, True, False, "bf16"), (64, 4, 2, 1, False, True, "fp16"), (256, 4, 3, 2, True, True, "bf16"),
     (128, 8, 4, 1, True, False, "bf16")])
 def test_compiles_for_hopper(tokens, warps, stages, split, lowrank, gelu, dtype):
-    """sm_90a: asynchronous wgmma of the token block's width on shared-memory operands, the activations by cp.async,
-    the format's decode (lop3 constant, the exact packed fma removing the magic number) and the scale multiply; the
-    shared memory of the stages and the two weight buffers (the epilogue's tile reuses it)."""
+    """sm_90a: asynchronous wgmma of the token block's width on shared-memory operands; activations, codes and scale
+    words by cp.async (no global load left in the main loop, whose waits would stall every group); the format's
+    decode (lop3 constant, the exact packed fma removing the magic number) and the scale multiply; the shared memory
+    of the ring and the two weight buffers (the epilogue's tile reuses it)."""
     magic, ptx_type, _, negative_magic, _ = mma.DECODE[dtype]
     kernel = _compile_for_hopper(dtype, HAS_LR=lowrank, RP=32, HAS_BIAS=True, GELU=gelu, SPLIT_K=split, TOK=tokens,
                                  STAGES=stages, WARPS_=warps, ASM=wg._ASM[dtype])
@@ -57,8 +58,10 @@ def test_compiles_for_hopper(tokens, warps, stages, split, lowrank, gelu, dtype)
     assert f"wgmma.mma_async.sync.aligned.m64n{tokens}k16.f32.{'bf16' if dtype == 'bf16' else 'f16'}" in ptx
     assert "cp.async.cg.shared.global" in ptx and "wgmma.wait_group.sync.aligned 1" in ptx
     assert f"0x000F000F, {magic}, 0x6A" in ptx and f"fma.rn.{ptx_type}" in ptx and negative_magic in ptx
-    weights, activations = 2 * 16 * warps * 64 * 2, stages * tokens * 64 * 2
-    assert kernel.metadata.shared == max(weights + activations, 16 * warps * tokens * 4)
+    rows = 16 * warps
+    weights, ring = 2 * rows * 64 * 2, stages * (tokens * 64 * 2 + rows * 32 + rows * 4)  # + codes, scale words
+    assert kernel.metadata.shared == max(weights + ring, rows * tokens * 4)
+    assert "ld.global" not in ptx.split("wgmma.wait_group.sync.aligned 1")[0].split("cp.async.commit_group")[-1]
 
 
 def test_pick_config():
