@@ -114,7 +114,8 @@ def v_dequant(M, N, K):
 
 
 def sweep_configs(M, N, K):
-    """Token blocks (64 / 128 / 256, those <= 2 M) x warps (4, 8) x stages (2-4), SPLIT_K for ~264 programs; the
+    """Token blocks (64 / 128 / 256, those <= 2 M) x warps (4, 8) x stages (2-4; 6 for 64 tokens), SPLIT_K for ~264
+    programs; the
     default with ~132 and ~528 programs."""
     configs = []
     for tok in W.TOKENS_BLOCKS:
@@ -123,7 +124,7 @@ def sweep_configs(M, N, K):
         for warps in (4, 8):
             if tok == 256 and warps == 8:
                 continue
-            for stages in (2, 3, 4):
+            for stages in (2, 3, 4, 6) if tok == 64 else (2, 3, 4):
                 split = W.split_k(W.tile_count(M, N, warps, tok), K, 264)
                 configs.append(dict(WARPS=warps, SPLIT_K=split, TOKENS_BLOCK=tok, STAGES=stages))
     for programs in (132, 528):
