@@ -5,15 +5,17 @@ scratch weight, the tokens streamed by ``cp.async``.
 (one or two warpgroups, 64 rows each) and ``TOKENS_BLOCK`` = 64, 128 or 256 tokens (the wgmma's N), over the groups
 of 64 inputs of its K slice. Per group:
 
-* the program's threads load the packed codes as in :mod:`quantduo.kernels.gemm_w4_mma` (lane ``c`` of a row holds
-  words ``2c, 2c + 1``: inputs ``16c .. 16c + 15``), decode them by one ``lop3`` per two weights into ``136 + q``
-  (bfloat16; ``1032 + q`` float16), one packed ``fma`` removes the magic number exactly and a second multiplies by the
-  row's group scale: the 16-bit weight ``q * s`` (one rounding, relative error <= 2**-9 in bfloat16, 2**-11 in
-  float16), stored in natural input order into a swizzled shared tile ``[BN, 64]`` (two buffers);
-* the activation tile ``[TOKENS_BLOCK, 64]`` arrives by ``cp.async`` ``STAGES - 1`` groups ahead (a ring of
-  ``STAGES`` buffers);
+* the activation tile ``[TOKENS_BLOCK, 64]``, the program's packed codes ``[BN, 32 bytes]`` and, per row, the
+  int32 word holding the group's scale (two groups per word) arrive by ``cp.async`` ``STAGES - 1`` groups ahead (a
+  ring of ``STAGES`` slots: no global load is waited inside the loop);
+* each thread reads from shared memory the code words of its lane (as :mod:`quantduo.kernels.gemm_w4_mma` loads
+  them: lane ``c`` of a row holds words ``2c, 2c + 1``, inputs ``16c .. 16c + 15``), decodes them by one ``lop3``
+  per two weights into ``136 + q`` (bfloat16; ``1032 + q`` float16), one packed ``fma`` removes the magic number
+  exactly and a second multiplies by the row's group scale: the 16-bit weight ``q * s`` (one rounding, relative
+  error <= 2**-9 in bfloat16, 2**-11 in float16), stored in natural input order into a swizzled shared tile
+  ``[BN, 64]`` (two buffers);
 * one asynchronous ``wgmma`` accumulates ``W_g x a_g^T`` in float32 while the next group is decoded (at most one
-  in flight; its completion frees the shared buffers it read).
+  in flight; its completion frees the slot and the weight buffer it read).
 
 The scale multiplies the weights before the MMA, so one float32 accumulator runs through every group (the exact
 per-group float32 sums of :mod:`quantduo.kernels.gemm_w4_mma` would need each group's MMA waited for and rescaled).
@@ -43,7 +45,6 @@ from .gemm_w4_mma import DECODE, GROUP, cta_barrier, finish_tile, mma_layout, op
 async_load = async_copy.async_load if hasattr(async_copy, "async_load") else async_copy.async_copy_global_to_shared
 
 TOKENS_BLOCKS = (64, 128, 256)  # the wgmma N of one program
-MAX_TOKENS = 256  # the token counts this kernel is tuned for (any M runs)
 CHUNK = gl.constexpr(32)  # tokens per step of the epilogue
 
 
