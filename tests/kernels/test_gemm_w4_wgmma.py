@@ -7,6 +7,8 @@ numerics run on an sm_90 GPU (``gpu`` marker).
 """
 from __future__ import annotations
 
+import multiprocessing
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,24 +45,44 @@ def _compile_for_hopper(dtype: str, **constexprs):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": constexprs["WARPS_"]})
 
 
-@pytest.mark.parametrize("tokens,warps,stages,split,lowrank,gelu,dtype", [
-    (128, 4, 3, 4, True, False, "bf16"), (64, 4, 2, 1, False, True, "fp16"), (256, 4, 3, 2, True, True, "bf16"),
-    (128, 8, 4, 1, True, False, "bf16")])
-def test_compiles_for_hopper(tokens, warps, stages, split, lowrank, gelu, dtype):
+COMPILE_CASES = [(128, 4, 3, 4, True, False, "bf16"), (64, 4, 2, 1, False, True, "fp16"),
+                 (256, 4, 3, 2, True, True, "bf16"), (128, 8, 4, 1, True, False, "bf16")]
+
+
+def _compile_cases(cases):
+    """(PTX, shared bytes) of each (tokens, warps, stages, split, lowrank, gelu, dtype) case."""
+    out = []
+    for tokens, warps, stages, split, lowrank, gelu, dtype in cases:
+        kernel = _compile_for_hopper(dtype, HAS_LR=lowrank, RP=32, HAS_BIAS=True, GELU=gelu, SPLIT_K=split,
+                                     TOK=tokens, STAGES=stages, WARPS_=warps, ASM=wg._ASM[dtype])
+        out.append((kernel.asm["ptx"], kernel.metadata.shared))
+    return out
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """The compile cases, built in a fresh process: Triton's interpreter leaves ``triton.language`` patched after an
+    interpreted kernel calls a ``@triton.jit`` helper (Triton 3.9), which breaks later Gluon compiles in the same
+    process (``'block_argument' object has no attribute 'dtype'``)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return dict(zip(COMPILE_CASES, pool.apply(_compile_cases, (COMPILE_CASES,))))
+
+
+@pytest.mark.parametrize("case", COMPILE_CASES)
+def test_compiles_for_hopper(compiled, case):
     """sm_90a: asynchronous wgmma of the token block's width on shared-memory operands; activations, codes and scale
     words by cp.async (no global load left in the main loop, whose waits would stall every group); the format's
     decode (lop3 constant, the exact packed fma removing the magic number) and the scale multiply; the shared memory
     of the ring and the two weight buffers (the epilogue's tile reuses it)."""
+    tokens, warps, stages, _, _, _, dtype = case
     magic, ptx_type, _, negative_magic, _ = mma.DECODE[dtype]
-    kernel = _compile_for_hopper(dtype, HAS_LR=lowrank, RP=32, HAS_BIAS=True, GELU=gelu, SPLIT_K=split, TOK=tokens,
-                                 STAGES=stages, WARPS_=warps, ASM=wg._ASM[dtype])
-    ptx = kernel.asm["ptx"]
+    ptx, shared = compiled[case]
     assert f"wgmma.mma_async.sync.aligned.m64n{tokens}k16.f32.{'bf16' if dtype == 'bf16' else 'f16'}" in ptx
     assert "cp.async.cg.shared.global" in ptx and "wgmma.wait_group.sync.aligned 1" in ptx
     assert f"0x000F000F, {magic}, 0x6A" in ptx and f"fma.rn.{ptx_type}" in ptx and negative_magic in ptx
     rows = 16 * warps
     weights, ring = 2 * rows * 64 * 2, stages * (tokens * 64 * 2 + rows * 32 + rows * 4)  # + codes, scale words
-    assert kernel.metadata.shared == max(weights + ring, rows * tokens * 4)
+    assert shared == max(weights + ring, rows * tokens * 4)
     assert "ld.global" not in ptx.split("wgmma.wait_group.sync.aligned 1")[0].split("cp.async.commit_group")[-1]
 
 
