@@ -22,12 +22,11 @@ exact, W4A4   <= 64 / more               4-bit activations (kernel 1) + the skin
                                          dequantized activations + weight + cuBLAS
 exact, NVFP4  any                        Triton weight dequantization + the reference arithmetic
 a16, NVFP4    any                        Triton weight dequantization + 16-bit activations (PyTorch)
-a16           1 / <= 64 / <= 256 sm_90   GEMV / smoothing kernel + the register-operand GEMM
-              / more                     (``gemm_w4_mma``; the skinny GEMM where it cannot serve the operands)
-                                         / smoothing kernel + the wgmma GEMM (``gemm_w4_wgmma``) / the weight
-                                         reconstructed into a scratch buffer + cuBLAS (also the W4A16 formats'
-                                         ``exact``)
-fp8           <= 64 (sm_90: 256) / more  ``a16`` / per-token fp8 activations x the weight expanded into an fp8
+a16           1 / <= 64 / more           GEMV / smoothing kernel + the register-operand GEMM
+                                         (``gemm_w4_mma``; the skinny GEMM where it cannot serve the operands)
+                                         / the weight reconstructed into a scratch buffer + cuBLAS (also the
+                                         W4A16 formats' ``exact``)
+fp8           <= 64 / more               ``a16`` / per-token fp8 activations x the weight expanded into an fp8
                                          buffer + one row-wise scaled ``torch._scaled_mm``
 ============  =========================  ============================================================
 
@@ -53,7 +52,7 @@ from quantduo.formats.registry import act_family
 from quantduo.kernels.act_quant import act_quant
 from quantduo.kernels.dequant_w4 import dequant_w4
 from quantduo.kernels.fp8_linear import expand_w4_fp8, fp8_rowwise_gemm, quantize_fp8_per_token
-from quantduo.kernels import gemm_w4_mma, gemm_w4_wgmma
+from quantduo.kernels import gemm_w4_mma
 from quantduo.kernels.gemm_w4_skinny import w4_skinny_gemm
 from quantduo.kernels.gemv_w4 import w4_gemv
 from quantduo.kernels.nvfp4 import nvfp4_dequant
@@ -66,10 +65,6 @@ SKINNY_MAX_TOKENS = 64
 # streams the 4-bit weights, faster on an H100 than expanding them into fp8 tiles inside an fp8 GEMM at 3 of the 4
 # FLUX shapes, BENCHMARKS.md); above it the weight is expanded into an fp8 buffer once per call for cuBLAS's GEMM.
 FP8_A16_MAX_TOKENS = 64
-# Token counts up to which 16-bit activations on an sm_90 GPU (H100 / H200) run kernel 1 + the wgmma GEMM
-# (``gemm_w4_wgmma``: the INT4 codes decoded into shared memory, no scratch weight), and so does the fp8 execution.
-WGMMA_MAX_TOKENS = 256
-HOPPER_CAPABILITY = (9, 0)
 # Token counts up to which 16-bit activations run the CUDA-core GEMV (decoding).
 GEMV_MAX_TOKENS = 1
 # Compute capability from which CUDA GPUs have fp8 tensor cores (Ada, Hopper, Blackwell).
@@ -96,34 +91,22 @@ def kernels_for(x: torch.Tensor) -> bool:
     return x.is_cuda or _CPU_KERNELS[0]
 
 
-_CAPABILITY_BY_DEVICE: dict[int, tuple[int, int]] = {}
+_FP8_BY_DEVICE: dict[int, bool] = {}
 
 
 @torch.compiler.assume_constant_result
-def _device_capability(index: int) -> tuple[int, int]:
+def _device_has_fp8(index: int) -> bool:
     """Cached per device index in a plain dict (torch.compile warns about ``functools.lru_cache`` wrappers)."""
-    if index not in _CAPABILITY_BY_DEVICE:
-        _CAPABILITY_BY_DEVICE[index] = torch.cuda.get_device_capability(index)
-    return _CAPABILITY_BY_DEVICE[index]
-
-
-def _capability(device: torch.device) -> tuple[int, int]:
-    """Compute capability of ``device`` ((0, 0) off CUDA)."""
-    if device.type != "cuda":
-        return (0, 0)
-    return _device_capability(device.index if device.index is not None else torch.cuda.current_device())
+    if index not in _FP8_BY_DEVICE:
+        _FP8_BY_DEVICE[index] = torch.cuda.get_device_capability(index) >= FP8_CAPABILITY
+    return _FP8_BY_DEVICE[index]
 
 
 def has_fp8(device: torch.device) -> bool:
     """Whether ``device`` is a CUDA GPU with fp8 tensor cores."""
-    return _capability(device) >= FP8_CAPABILITY
-
-
-def a16_serves_tokens(x: torch.Tensor) -> bool:
-    """Whether the fp8 execution runs its 16-bit-activation kernels for input ``x``: up to
-    :data:`FP8_A16_MAX_TOKENS` tokens, and up to :data:`WGMMA_MAX_TOKENS` on sm_90 (the wgmma GEMM)."""
-    tokens = tokens_of(x)
-    return tokens <= FP8_A16_MAX_TOKENS or (tokens <= WGMMA_MAX_TOKENS and _capability(x.device) == HOPPER_CAPABILITY)
+    if device.type != "cuda":
+        return False
+    return _device_has_fp8(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def resolve_execution(layer, x: torch.Tensor) -> str:
@@ -146,7 +129,7 @@ def tokens_of(x: torch.Tensor) -> int:
 def linear_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """``x [..., in_features]`` -> ``[..., out_features]`` in x.dtype, by ``layer.execution``."""
     execution = resolve_execution(layer, x)
-    if execution == "fp8" and a16_serves_tokens(x):
+    if execution == "fp8" and tokens_of(x) <= FP8_A16_MAX_TOKENS:
         execution = "a16"  # few tokens are memory-bound: 16-bit activations
     if execution == "reference" or not kernels_for(x):
         y = _reference_of(execution)(layer, x)
@@ -159,15 +142,14 @@ def linear_forward(layer, x: torch.Tensor) -> torch.Tensor:
 
 def gelu_linear_forward(layer, gelu_input: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
     """``layer(cat(prefix, gelu_tanh(gelu_input)))``: gelu_input ``[..., Kg]``, prefix ``[..., in_features - Kg]``
-    or None. In fp8 execution where it does not run the a16 kernels (:func:`a16_serves_tokens`) the GELU and the
-    concatenation happen inside the per-token activation quantization (one pass, no 16-bit copy of the layer
-    input)."""
+    or None. In fp8 execution above :data:`FP8_A16_MAX_TOKENS` tokens the GELU and the concatenation happen inside the
+    per-token activation quantization (one pass, no 16-bit copy of the layer input)."""
     width = gelu_input.shape[-1] + (0 if prefix is None else prefix.shape[-1])
     if width != layer.in_features or (prefix is not None and prefix.shape[:-1] != gelu_input.shape[:-1]):
         raise ValueError(f"the layer takes {layer.in_features} input channels, got gelu_input "
                          f"{tuple(gelu_input.shape)} and prefix {None if prefix is None else tuple(prefix.shape)}")
     fused = (resolve_execution(layer, gelu_input) == "fp8" and kernels_for(gelu_input)
-             and not a16_serves_tokens(gelu_input) and layer.padded_in_features == layer.in_features)
+             and tokens_of(gelu_input) > FP8_A16_MAX_TOKENS and layer.padded_in_features == layer.in_features)
     if not fused:
         h = F.gelu(gelu_input, approximate="tanh")
         return linear_forward(layer, h if prefix is None else torch.cat([prefix, h], dim=-1))
@@ -320,36 +302,25 @@ def _lowrank_partials(layer, x2: torch.Tensor) -> torch.Tensor | None:
 
 def _a16_kernels(layer, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """16-bit activations: one token -> the GEMV; up to 64 16-bit tokens -> kernel 1 (smoothing + low-rank) and the
-    register-operand GEMM (where it serves the operands) or the skinny GEMM; up to :data:`WGMMA_MAX_TOKENS` on sm_90
-    -> kernel 1 and the wgmma GEMM; more tokens, float32 tokens or groups other than 64 -> the reconstructed weight
-    and one cuBLAS GEMM."""
+    register-operand GEMM (where it serves the operands) or the skinny GEMM; more tokens, float32 tokens or groups
+    other than 64 -> the reconstructed weight and one cuBLAS GEMM."""
     M = x2.shape[0]
     g64 = layer.group_size == 64
     identity = layer.smoothing_folded_out
-    lora_up = layer.proj_up if layer.rank else None
     if M <= GEMV_MAX_TOKENS and g64:
         xs = x2 if identity else smooth_input(x2, layer.smooth_factor)
         return w4_gemv(xs, layer.qweight, layer.wscales, _lowrank_partials(layer, x2), layer.proj_up, bias, x2.dtype)
     if M <= SKINNY_MAX_TOKENS and g64 and x2.dtype != torch.float32:
-        xs, lxp = _smoothed(layer, x2)
-        if gemm_w4_mma.supports(xs, layer.qweight, lora_up):
+        if identity:
+            xs, lxp = x2, _lowrank_partials(layer, x2)
+        else:
+            xs, _, lxp = act_quant(x2, layer.smooth_factor, None, layer.proj_down if layer.rank else None, "smooth")
+        if gemm_w4_mma.supports(xs, layer.qweight, layer.proj_up if layer.rank else None):
             return gemm_w4_mma.w4a16_mma_gemm(xs, layer.qweight, layer.wscales, lxp, layer.proj_up, bias, x2.dtype)
         return w4_skinny_gemm(xs, None, layer.qweight, layer.wscales, lxp, layer.proj_up, bias, "none", x2.dtype)
-    if M <= WGMMA_MAX_TOKENS and g64 and gemm_w4_wgmma.supports(x2, layer.qweight, lora_up):
-        xs, lxp = _smoothed(layer, x2)
-        return gemm_w4_wgmma.w4a16_wgmma_gemm(xs, layer.qweight, layer.wscales, lxp, layer.proj_up, bias, x2.dtype)
     smooth = None if identity else layer.smooth_factor
     w = dequant_w4(layer.qweight, layer.wscales, x2.dtype, layer.group_size, *_low_rank_factors(layer), smooth)
     return F.linear(x2, w, None if bias is None else bias.to(x2.dtype))
-
-
-def _smoothed(layer, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Kernel 1 without quantization: ``(x2 / smooth [M, K]`` in x2's dtype (x2 itself when the smoothing is folded
-    out), low-rank partials float32 ``[S, M, r]`` or None)."""
-    if layer.smoothing_folded_out:
-        return x2, _lowrank_partials(layer, x2)
-    xs, _, lxp = act_quant(x2, layer.smooth_factor, None, layer.proj_down if layer.rank else None, "smooth")
-    return xs, lxp
 
 
 def _w4a4_kernels(layer, x2: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from .common import rank_pad, split_k_workspace
 
 # the CTA barrier: ``thread_barrier`` in Triton 3.5-3.6, ``barrier`` from 3.7 on
-cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+_cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 
 GROUP = 64
 MAX_TOKENS = 64  # tokens served, in blocks of TOKENS_BLOCK (16 or 32: 2 or 4 mma B tiles of 8) per program
@@ -46,7 +46,7 @@ WARPS = 4
 
 # nibble pairs (i, i + 4) of a word w, XOR 8, as two 16-bit (magic + u): lop3 LUT 0x6A = (a & b) ^ c; then
 # (signed decode) one packed fma t * 1 - magic: the signed value q
-DECODE = {  # dtype: (magic pair = 128 + 8 / 1024 + 8, PTX type, 1.0 pair, -magic pair, magic value)
+_DECODE = {  # dtype: (magic pair = 128 + 8 / 1024 + 8, PTX type, 1.0 pair, -magic pair, magic value)
     "bf16": ("0x43084308", "bf16x2", "0x3F803F80", "0xC308C308", 136.0),
     "fp16": ("0x64086408", "f16x2", "0x3C003C00", "0xE408E408", 1032.0),
 }
@@ -55,7 +55,7 @@ DECODE = {  # dtype: (magic pair = 128 + 8 / 1024 + 8, PTX type, 1.0 pair, -magi
 def _decode_asm(dtype: str, signed: bool) -> str:
     """PTX: int32 word ``$8`` -> eight 16-bit values ``$0 .. $7`` (nibbles 0, 4, 1, 5, ...: output ``i`` and
     ``i + 4`` from one lop3): ``magic + q`` or, signed, ``q``."""
-    magic, ptx_type, one, negative_magic, _ = DECODE[dtype]
+    magic, ptx_type, one, negative_magic, _ = _DECODE[dtype]
     lines = [".reg .b32 t, one, neg;", f"mov.b32 one, {one}; mov.b32 neg, {negative_magic};"] if signed else \
         [".reg .b32 t;"]
     for i in range(4):
@@ -69,7 +69,7 @@ def _decode_asm(dtype: str, signed: bool) -> str:
     return "{\n" + "\n".join(lines) + "\n}"
 
 
-_ASM = {(dtype, signed): _decode_asm(dtype, signed) for dtype in DECODE for signed in (False, True)}
+_ASM = {(dtype, signed): _decode_asm(dtype, signed) for dtype in _DECODE for signed in (False, True)}
 
 
 @gluon.constexpr_function
@@ -129,7 +129,7 @@ def _act_operand(x, TOK: gl.constexpr, WARPS_: gl.constexpr):
 
 
 @gluon.jit
-def finish_tile(acc, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP: gl.constexpr, HAS_LR: gl.constexpr,
+def _finish(acc, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP: gl.constexpr, HAS_LR: gl.constexpr,
             HAS_BIAS: gl.constexpr, GELU: gl.constexpr, BN: gl.constexpr, TOK: gl.constexpr, WARPS_: gl.constexpr):
     """float32 ``acc [BN, TOK]`` (rows x tokens ``tok0 ..``, mma layout) + low-rank + bias (+ GELU) -> OUT
     ``[M, N]``."""
@@ -216,15 +216,15 @@ def _w4a16_mma_kernel(
         tile_off = toks[None, :] * N + rows[:, None]
         mask = (rows[:, None] < N) & (toks[None, :] < M)
         gl.atomic_add(PART + tile_off, acc, mask=mask, sem="relaxed")
-        cta_barrier()  # every thread's partial sum is issued before the counter increment (release)
+        _cta_barrier()  # every thread's partial sum is issued before the counter increment (release)
         if gl.atomic_add(COUNTS + tile, 1) == SPLIT_K - 1:  # the last slice of this tile finishes it
             total = gl.load(PART + tile_off, mask=mask, other=0.0, cache_modifier=".cg")
             gl.store(PART + tile_off, gl.zeros([BN, TOK], gl.float32, MMA), mask=mask)
             gl.store(COUNTS + tile, 0)
-            finish_tile(total, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU, BN, TOK,
+            _finish(total, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU, BN, TOK,
                     WARPS_)
     else:
-        finish_tile(acc, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU, BN, TOK, WARPS_)
+        _finish(acc, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU, BN, TOK, WARPS_)
 
 
 def tile_count(M: int, N: int, row_tiles: int, tokens_block: int) -> int:
@@ -249,18 +249,15 @@ def pick_config(M: int, N: int, K: int, programs: int = 384) -> dict:
     return dict(ROW_TILES=2, SPLIT_K=split, TOKENS_BLOCK=tokens_block, SIGNED=tokens_block == 32)
 
 
-def operand_error(a: torch.Tensor, qweight: torch.Tensor, lora_up: torch.Tensor | None,
-                   max_tokens: int | None = MAX_TOKENS) -> str | None:
-    """Why this kernel (or, with its own ``max_tokens``, the wgmma GEMM) cannot take these operands (one line), or
-    None."""
+def _operand_error(a: torch.Tensor, qweight: torch.Tensor, lora_up: torch.Tensor | None) -> str | None:
+    """Why this kernel cannot take these operands (one line), or None."""
     M, K = a.shape
     if qweight.dtype != torch.uint8 or qweight.shape[1] * 2 != K or K % GROUP or not qweight.is_contiguous():
         return (f"qweight must be contiguous uint8 [N, K/2] with K = {K} a multiple of {GROUP}, "
                 f"got {qweight.dtype} {tuple(qweight.shape)}")
-    if (max_tokens is not None and M > max_tokens) or a.dtype not in (torch.bfloat16, torch.float16) \
-            or a.stride(1) != 1:
-        limit = "" if max_tokens is None else f" <= {max_tokens}"
-        return f"a must be float16/bfloat16 [M{limit}, K] with unit column stride, got {a.dtype} {tuple(a.shape)}"
+    if M > MAX_TOKENS or a.dtype not in (torch.bfloat16, torch.float16) or a.stride(1) != 1:
+        return (f"a must be float16/bfloat16 [M <= {MAX_TOKENS}, K] with unit column stride, got {a.dtype} "
+                f"{tuple(a.shape)}")
     if a.data_ptr() % 16 or a.stride(0) % 8 or qweight.data_ptr() % 8:
         return "a needs 16-byte aligned rows and qweight 8-byte alignment (vector loads)"
     if lora_up is not None and lora_up.dtype != a.dtype:
@@ -273,7 +270,7 @@ def supports(a: torch.Tensor, qweight: torch.Tensor, lora_up: torch.Tensor | Non
     tokens in 16-byte aligned rows, K a multiple of 64 and a low-rank branch in the activations' dtype (float32 lora
     factors keep the Triton kernel)."""
     return (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 8
-            and operand_error(a, qweight, lora_up) is None)
+            and _operand_error(a, qweight, lora_up) is None)
 
 
 def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dtype, gelu: bool = False,
@@ -292,7 +289,7 @@ def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dty
     M, K = a.shape
     N = qweight.shape[0]
     r = 0 if lxp is None else lxp.shape[2]
-    error = operand_error(a, qweight, lora_up if r else None)
+    error = _operand_error(a, qweight, lora_up if r else None)
     if error is None and wscales.shape != (N, K // GROUP):
         error = f"wscales must be [N, K/{GROUP}] = [{N}, {K // GROUP}], got {tuple(wscales.shape)}"
     if error:
@@ -314,6 +311,6 @@ def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dty
         wscales.stride(1),
         HAS_LR=r > 0, RP=rank_pad(r), HAS_BIAS=bias is not None, GELU=gelu, SPLIT_K=split,
         ROW_TILES=cfg["ROW_TILES"], TOK=tokens_block, WARPS_=WARPS, ASM=_ASM[name, cfg["SIGNED"]],
-        OFFSET=0.0 if cfg["SIGNED"] else DECODE[name][4], num_warps=WARPS,
+        OFFSET=0.0 if cfg["SIGNED"] else _DECODE[name][4], num_warps=WARPS,
     )
     return out

@@ -49,7 +49,7 @@ def test_compiles_for_hopper(row_tiles, split, lowrank, gelu, dtype, tokens, sig
     activation operands of 16 / 32-token blocks are built by trivial layout conversions only (asserted while
     compiling), without shared memory in the main loop, and with the documented lop3 decode (and, signed, the
     packed fma that removes the magic number) in the PTX."""
-    magic, ptx_type, _, negative_magic, offset = mma.DECODE[dtype]
+    magic, ptx_type, _, negative_magic, offset = mma._DECODE[dtype]
     kernel = _compile_for_hopper(_pointer_types(dtype), HAS_LR=lowrank, RP=32, HAS_BIAS=True, GELU=gelu,
                                  SPLIT_K=split, ROW_TILES=row_tiles, TOK=tokens, WARPS_=mma.WARPS,
                                  ASM=mma._ASM[dtype, signed], OFFSET=0.0 if signed else offset)
