@@ -135,12 +135,23 @@ def time_shape(M, N, K, with_sweep: bool) -> dict:
     return t
 
 
+def layer_shape(text: str) -> tuple[int, int]:
+    """``"NxK"`` -> (N, K), K a multiple of 64 (argparse type: a bad shape stops before any GPU work)."""
+    try:
+        N, K = (int(v) for v in text.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r} is not N x K (e.g. 3072x3072)") from None
+    if N <= 0 or K <= 0 or K % 64:
+        raise argparse.ArgumentTypeError(f"shape {text!r}: N and K must be positive and K a multiple of 64")
+    return N, K
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sweep", action="store_true", help="also sweep the configurations at 16, 32, 48 and 64 tokens")
     ap.add_argument("--tokens", type=int, nargs="+", default=[16, 24, 32, 48, 64, 8, 4])
     ap.add_argument("--skip-check", action="store_true", help="timings only (the GPU tests check the numerics)")
-    ap.add_argument("--shapes", nargs="+", default=[f"{n}x{k}" for n, k in L.SHAPES],
+    ap.add_argument("--shapes", nargs="+", type=layer_shape, default=list(L.SHAPES),
                     help="N x K of the timed layers (default: the FLUX shapes)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -151,7 +162,7 @@ def main():
         bad = check_correctness()
         log(f"correctness done in {time.time() - t0:.1f} s, bad={bad}")
     results = {f"{M}_{N}x{K}": time_shape(M, N, K, args.sweep and M in SWEEP_TOKENS)
-               for M in args.tokens for (N, K) in (map(int, shape.split("x")) for shape in args.shapes)}
+               for M in args.tokens for (N, K) in args.shapes}
     log("\n| M | N x K | GEMM (mma) | skinny GEMM | layer a16 | bf16 us |\n|---|---|---|---|---|---|")
     for key, t in results.items():
         M, shape = key.split("_")
