@@ -311,11 +311,12 @@ def _a16_kernels(layer, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Te
         xs = x2 if identity else smooth_input(x2, layer.smooth_factor)
         return w4_gemv(xs, layer.qweight, layer.wscales, _lowrank_partials(layer, x2), layer.proj_up, bias, x2.dtype)
     if M <= SKINNY_MAX_TOKENS and g64 and x2.dtype != torch.float32:
+        lora_down, lora_up = _low_rank_factors(layer)
         if identity:
             xs, lxp = x2, _lowrank_partials(layer, x2)
         else:
-            xs, _, lxp = act_quant(x2, layer.smooth_factor, None, layer.proj_down if layer.rank else None, "smooth")
-        if gemm_w4_mma.supports(xs, layer.qweight, layer.proj_up if layer.rank else None):
+            xs, _, lxp = act_quant(x2, layer.smooth_factor, None, lora_down, "smooth")
+        if gemm_w4_mma.supports(xs, layer.qweight, lora_up):
             return gemm_w4_mma.w4a16_mma_gemm(xs, layer.qweight, layer.wscales, lxp, layer.proj_up, bias, x2.dtype)
         return w4_skinny_gemm(xs, None, layer.qweight, layer.wscales, lxp, layer.proj_up, bias, "none", x2.dtype)
     smooth = None if identity else layer.smooth_factor
