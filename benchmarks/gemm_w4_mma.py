@@ -7,8 +7,8 @@ one token the engine's GEMV path); CUDA-graph replays over rotating buffers (us)
     PYTHONPATH=. python3 benchmarks/gemm_w4_mma.py [--sweep] [--tokens 16 32 64] [--shapes 4096x4096 ...]
                                                 [--skip-check] [--out DIR]
 
-``--sweep`` adds a configuration sweep (token block x row tiles x decode, and the program count) at 16, 32, 48 and 64
-tokens. Writes ``gemm_w4_mma.json`` to DIR.
+``--sweep`` adds a configuration sweep (token block x row tiles x decode, groups in flight, and the program count) at
+1, 16, 32, 48 and 64 tokens. Writes ``gemm_w4_mma.json`` to DIR.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from quantduo.kernels.act_quant import act_quant  # noqa: E402
 from quantduo.kernels.gemm_w4_skinny import w4_skinny_gemm  # noqa: E402
 from quantduo.utils import atomic_write, relative_error  # noqa: E402
 
-SWEEP_TOKENS = (16, 32, 48, 64)
+SWEEP_TOKENS = (1, 16, 32, 48, 64)
 GEMMS = {
     "mma": lambda m, a, lxp, **kw: G.w4a16_mma_gemm(a, m.qweight, m.wscales, lxp, m.proj_up, m.bias, a.dtype, **kw),
     "skinny": lambda m, a, lxp, **kw: w4_skinny_gemm(a, None, m.qweight, m.wscales, lxp, m.proj_up, m.bias, "none",
@@ -92,7 +92,8 @@ def v_gemm(M, N, K, gemm, config=None):
 
 def sweep_configs(M, N, K):
     """Token block (16 / 32 above 16 tokens) x row tiles (1, 2) x decode, each with SPLIT_K for ~384 programs; the
-    default with ~256 and ~768 programs."""
+    default with 1 / 2 / 3 groups in flight (``STAGES``; its own default: :data:`G.STAGES`) and with ~132 / ~256 /
+    ~768 programs."""
     blocks = (16,) if M <= 16 else (16, 32)
     configs = []
     for block in blocks:
@@ -100,7 +101,9 @@ def sweep_configs(M, N, K):
             split = G.split_k(G.tile_count(M, N, row_tiles, block), K)
             for signed in (False, True):
                 configs.append(dict(ROW_TILES=row_tiles, SPLIT_K=split, TOKENS_BLOCK=block, SIGNED=signed))
-    for programs in (256, 768):
+    for stages in (1, 2, 3):
+        configs.append(dict(G.pick_config(M, N, K), STAGES=stages))
+    for programs in (132, 256, 768):
         configs.append(G.pick_config(M, N, K, programs))
     return configs
 
@@ -148,7 +151,7 @@ def layer_shape(text: str) -> tuple[int, int]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sweep", action="store_true", help="also sweep the configurations at 16, 32, 48 and 64 tokens")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the configurations at 1, 16, 32, 48 and 64 tokens")
     ap.add_argument("--tokens", type=int, nargs="+", default=[16, 24, 32, 48, 64, 8, 4])
     ap.add_argument("--skip-check", action="store_true", help="timings only (the GPU tests check the numerics)")
     ap.add_argument("--shapes", nargs="+", type=layer_shape, default=list(L.SHAPES),

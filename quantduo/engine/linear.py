@@ -295,9 +295,17 @@ def _low_rank_factors(layer):
     return (layer.proj_down, layer.proj_up) if layer.rank > 0 else (None, None)
 
 
-def _lowrank_partials(layer, x2: torch.Tensor) -> torch.Tensor | None:
+def _lowrank_partials(layer, x2: torch.Tensor, launch_dependents: bool = False) -> torch.Tensor | None:
     """Kernel 1's low-rank partials ``[S, M, r]`` of ``x2 / smooth`` (no quantization), None without low-rank."""
-    return act_quant(x2, layer.smooth_factor, None, layer.proj_down, "none")[2] if layer.rank > 0 else None
+    if layer.rank == 0:
+        return None
+    return act_quant(x2, layer.smooth_factor, None, layer.proj_down, "none", launch_dependents=launch_dependents)[2]
+
+
+def _programmatic_launch(x: torch.Tensor) -> bool:
+    """Whether kernel 1 and the GEMM after it use programmatic dependent launch (CUDA devices of compute capability
+    9.0 and above: ``griddepcontrol``)."""
+    return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 def _a16_kernels(layer, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -312,12 +320,14 @@ def _a16_kernels(layer, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Te
         return w4_gemv(xs, layer.qweight, layer.wscales, _lowrank_partials(layer, x2), layer.proj_up, bias, x2.dtype)
     if M <= SKINNY_MAX_TOKENS and g64 and x2.dtype != torch.float32:
         lora_down, lora_up = _low_rank_factors(layer)
+        pdl = _programmatic_launch(x2)  # the GEMM fetches its first weights while kernel 1 runs
         if identity:
-            xs, lxp = x2, _lowrank_partials(layer, x2)
+            xs, lxp = x2, _lowrank_partials(layer, x2, pdl)
         else:
-            xs, _, lxp = act_quant(x2, layer.smooth_factor, None, lora_down, "smooth")
-        if gemm_w4_mma.supports(xs, layer.qweight, lora_up):
-            return gemm_w4_mma.w4a16_mma_gemm(xs, layer.qweight, layer.wscales, lxp, layer.proj_up, bias, x2.dtype)
+            xs, _, lxp = act_quant(x2, layer.smooth_factor, None, lora_down, "smooth", launch_dependents=pdl)
+        if gemm_w4_mma.supports(xs, layer.qweight, layer.wscales, lora_up):
+            return gemm_w4_mma.w4a16_mma_gemm(xs, layer.qweight, layer.wscales, lxp, layer.proj_up, bias, x2.dtype,
+                                              pdl=pdl)
         return w4_skinny_gemm(xs, None, layer.qweight, layer.wscales, lxp, layer.proj_up, bias, "none", x2.dtype)
     smooth = None if identity else layer.smooth_factor
     w = dequant_w4(layer.qweight, layer.wscales, x2.dtype, layer.group_size, *_low_rank_factors(layer), smooth)

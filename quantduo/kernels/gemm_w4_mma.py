@@ -4,7 +4,11 @@
 rows per instruction), the tokens the 8-wide B operand, in blocks of ``TOKENS_BLOCK`` = 16 or 32 tokens per
 program (2 or 4 B tiles). Each thread loads, per row and group of 64 inputs, the 8 bytes of its lane (inputs
 ``16c .. 16c + 15`` for lane ``c = lane % 4``) and the same 16 contiguous activations of each of its tokens, both
-with plain vector loads: nothing goes through shared memory and no warp waits for another. The sum over a group is
+with plain vector loads: nothing goes through shared memory and no warp waits for another. ``STAGES`` groups are in
+flight per program: group ``g + STAGES`` is loaded into group ``g``'s registers right after group ``g`` is consumed,
+and everything a program carries from one group to the next is 32-bit words (weights, activation pairs, the words
+holding the 16-bit scales), unpacked by an asm statement where they are used, so the compiler neither copies a
+loaded register (a copy waits for the load) nor moves the unpacking up to the load. The sum over a group is
 order-free, so the kernel feeds the tensor cores the inputs in the order the registers already hold them (the "mma
 order" ``k'``, a fixed permutation of the 64 inputs of a group, the same for weights and activations):
 ``k' = 32 j + 16 i1 + 8 i0 + 2 c + i2`` for the natural input ``16 c + 8 j + 4 i2 + 2 i1 + i0`` (nibble ``i`` of the
@@ -43,6 +47,7 @@ _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrie
 GROUP = 64
 MAX_TOKENS = 64  # tokens served, in blocks of TOKENS_BLOCK (16 or 32: 2 or 4 mma B tiles of 8) per program
 WARPS = 4
+STAGES = {16: 4, 32: 2}  # groups of 64 inputs in flight per program, by token block (the most that fit 255 registers)
 
 # nibble pairs (i, i + 4) of a word w, XOR 8, as two 16-bit (magic + u): lop3 LUT 0x6A = (a & b) ^ c; then
 # (signed decode) one packed fma t * 1 - magic: the signed value q
@@ -105,6 +110,17 @@ def act_layout(warps, tokens):
         block_bases=[], shape=[tokens, 64])
 
 
+@gluon.constexpr_function
+def act_word_layout(warps, tokens):
+    """int32 words (pairs of 16-bit activations) ``[tokens, 32]`` of one group, as :func:`act_layout` places their
+    inputs: lane ``4 g + c`` holds words ``8c .. 8c + 7`` of tokens ``g, g + 8, ...``."""
+    return gl.DistributedLinearLayout(
+        reg_bases=[[0, 1], [0, 2], [0, 4]] + [[8 * (1 << t), 0] for t in range(tokens.bit_length() - 4)],
+        lane_bases=[[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]],
+        warp_bases=[[0, 0] for _ in range(warps.bit_length() - 1)],
+        block_bases=[], shape=[tokens, 32])
+
+
 @gluon.jit
 def _weight_operand(words, like, ASM: gl.constexpr, BN: gl.constexpr, WARPS_: gl.constexpr):
     """int32 words ``[BN, 8]`` (raw signed nibbles) -> A operand ``[BN, 64]`` in mma order of what ``ASM`` decodes
@@ -126,6 +142,51 @@ def _act_operand(x, TOK: gl.constexpr, WARPS_: gl.constexpr):
     x = gl.permute(x, [2, 4, 5, 1, 3, 0])  # (j, i1, i0, c, i2, token)
     x = gl.reshape(x, [64, TOK])
     return gl.convert_layout(x, operand_layout(1, WARPS_), assert_trivial=True)
+
+
+@gluon.jit
+def _halves(words, dt: gl.constexpr):
+    """int32 ``words`` -> their low and high 16-bit halves as ``dt`` (an asm statement: the compiler keeps the
+    unpacking, and everything after it, where the halves are used instead of moving it up to the load)."""
+    return gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [words], dtype=(dt.value, dt.value),
+                                     is_pure=False, pack=1)
+
+
+@gluon.jit
+def _activations(words, dt: gl.constexpr, TOK: gl.constexpr):
+    """int32 words ``[TOK, 32]`` of 16-bit pairs -> ``[TOK, 64]`` ``dt`` activations in natural input order."""
+    lo, hi = _halves(words, dt)
+    return gl.reshape(gl.join(lo, hi), [TOK, 64])
+
+
+@gluon.jit
+def _scales(words, index, dt: gl.constexpr):
+    """float32 group scales from the int32 ``words`` holding them: the high half where the scale's 16-bit index
+    ``index`` is odd."""
+    lo, hi = _halves(words, dt)
+    return gl.where((index & 1) == 1, hi, lo).to(gl.float32)
+
+
+@gluon.jit
+def _load_weights(w_ptrs, s_words, g, g_end, stride_wsg):
+    """Group ``g``'s int32 words: weights ``[BN, 8]`` and the words holding the scales ``[BN]`` (``s_words``: the
+    int32 view of the scales, the rows' 16-bit index without ``g``); predicated off (zeros) from ``g_end`` on."""
+    valid = g < g_end
+    return (gl.load(w_ptrs + g * 8, mask=valid, other=0),
+            gl.load(s_words[0] + ((s_words[1] + g * stride_wsg) >> 1), mask=valid, other=0))
+
+
+@gluon.jit
+def _load_activations(x_ptrs, g, g_end):
+    """Group ``g``'s activation pairs, int32 ``[TOK, 32]`` (zeros from ``g_end`` on)."""
+    return gl.load(x_ptrs + g * 32, mask=g < g_end, other=0)
+
+
+@gluon.jit
+def _wait_for_producer():
+    """``griddepcontrol.wait``: under programmatic dependent launch, block until the previous kernel (kernel 1) has
+    finished and its writes are visible; a no-op otherwise."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -164,6 +225,7 @@ def _w4a16_mma_kernel(
     M, N, K, GROUPS_PER_SPLIT, S, R, stride_xm, stride_wsn, stride_wsg,
     HAS_LR: gl.constexpr, RP: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, SPLIT_K: gl.constexpr,
     ROW_TILES: gl.constexpr, TOK: gl.constexpr, WARPS_: gl.constexpr, ASM: gl.constexpr, OFFSET: gl.constexpr,
+    STAGES: gl.constexpr, PDL: gl.constexpr,
 ):
     """Program (tile, slice): rows ``[BN]`` x tokens ``[TOK]`` of OUT ``[M, N]`` (tile = row tile x the
     ``cdiv(M, TOK)`` token blocks + token block), groups of K slice ``slice``.
@@ -174,9 +236,10 @@ def _w4a16_mma_kernel(
     ``OFFSET + q`` (OFFSET = 0: the signed decode; otherwise a constant dot removes the offset).
     """
     BN: gl.constexpr = 16 * WARPS_ * ROW_TILES
+    DT: gl.constexpr = X.dtype.element_ty
     MMA: gl.constexpr = mma_layout(WARPS_)
     WL: gl.constexpr = word_layout(WARPS_, ROW_TILES)
-    XL: gl.constexpr = act_layout(WARPS_, TOK)
+    XW: gl.constexpr = act_word_layout(WARPS_, TOK)
     tile = gl.program_id(0)
     pid_k = gl.program_id(1)
     token_blocks = (M + TOK - 1) // TOK
@@ -184,33 +247,42 @@ def _w4a16_mma_kernel(
     tok0 = (tile % token_blocks) * TOK
     rows_w = gl.minimum(row0 + gl.arange(0, BN, layout=gl.SliceLayout(1, WL)), N - 1)
     w_ptrs = W + rows_w.to(gl.int64)[:, None] * (K // 8) + gl.arange(0, 8, layout=gl.SliceLayout(0, WL))[None, :]
-    toks_x = gl.minimum(tok0 + gl.arange(0, TOK, layout=gl.SliceLayout(1, XL)), M - 1)
-    x_ptrs = X + toks_x[:, None] * stride_xm + gl.arange(0, 64, layout=gl.SliceLayout(0, XL))[None, :]
+    toks_x = gl.minimum(tok0 + gl.arange(0, TOK, layout=gl.SliceLayout(1, XW)), M - 1)
+    x_ptrs = X.to(gl.pointer_type(gl.int32), bitcast=True) + toks_x[:, None] * (stride_xm // 2) \
+        + gl.arange(0, 32, layout=gl.SliceLayout(0, XW))[None, :]
     rows = row0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
-    s_ptrs = WS + gl.minimum(rows, N - 1).to(gl.int64) * stride_wsn
+    s_index = gl.minimum(rows, N - 1).to(gl.int64) * stride_wsn  # 16-bit index of the row's scales, less g's
+    s_words = (WS.to(gl.pointer_type(gl.int32), bitcast=True), s_index)
     zero = gl.zeros([BN, TOK], gl.float32, MMA)
     acc = gl.zeros([BN, TOK], gl.float32, MMA)
     if OFFSET != 0:
-        offset = gl.full([BN, 64], -OFFSET, X.dtype.element_ty, operand_layout(0, WARPS_))
+        offset = gl.full([BN, 64], -OFFSET, DT, operand_layout(0, WARPS_))
     g0 = pid_k * GROUPS_PER_SPLIT
-    # each group's weights, activations and scales are loaded while the previous group computes
-    words = gl.load(w_ptrs + g0 * 8)
-    x = gl.load(x_ptrs + g0 * 64)
-    scale = gl.load(s_ptrs + g0 * stride_wsg)
-    for g in range(g0, g0 + GROUPS_PER_SPLIT):
-        g_next = gl.minimum(g + 1, g0 + GROUPS_PER_SPLIT - 1)
-        words_next = gl.load(w_ptrs + g_next * 8)
-        x_next = gl.load(x_ptrs + g_next * 64)
-        scale_next = gl.load(s_ptrs + g_next * stride_wsg)
-        xb = _act_operand(x, TOK, WARPS_)
-        if OFFSET != 0:
-            d = mma_v2(_weight_operand(words, x, ASM, BN, WARPS_), xb, mma_v2(offset, xb, zero))
-        else:
-            d = mma_v2(_weight_operand(words, x, ASM, BN, WARPS_), xb, zero)
-        acc += scale.to(gl.float32)[:, None] * d
-        words = words_next
-        x = x_next
-        scale = scale_next
+    g_end = g0 + GROUPS_PER_SPLIT
+    # a ring of STAGES groups in flight: group g + STAGES is loaded (straight into the registers of group g, which are
+    # dead by then: no register moves wait on it) right after group g is consumed
+    weights = ()
+    for s in gl.static_range(STAGES):
+        weights = weights + (_load_weights(w_ptrs, s_words, g0 + s, g_end, stride_wsg),)
+    if PDL:  # the weights above are in flight while kernel 1 finishes; its outputs are read from here on
+        _wait_for_producer()
+    acts = ()
+    for s in gl.static_range(STAGES):
+        acts = acts + (_load_activations(x_ptrs, g0 + s, g_end),)
+    for g in range(g0, g_end, STAGES):
+        for s in gl.static_range(STAGES):
+            if g + s < g_end:  # also a block boundary the compiler does not move the operand shuffles across
+                words, s_word = weights[s]
+                x = _activations(acts[s], DT, TOK)
+                xb = _act_operand(x, TOK, WARPS_)
+                if OFFSET != 0:
+                    d = mma_v2(_weight_operand(words, x, ASM, BN, WARPS_), xb, mma_v2(offset, xb, zero))
+                else:
+                    d = mma_v2(_weight_operand(words, x, ASM, BN, WARPS_), xb, zero)
+                acc += _scales(s_word, s_index + (g + s) * stride_wsg, WS.dtype.element_ty)[:, None] * d
+                weights = weights[:s] + (_load_weights(w_ptrs, s_words, g + s + STAGES, g_end, stride_wsg),) \
+                    + weights[s + 1:]
+                acts = acts[:s] + (_load_activations(x_ptrs, g + s + STAGES, g_end),) + acts[s + 1:]
     toks = tok0 + gl.arange(0, TOK, layout=gl.SliceLayout(0, MMA))
     if SPLIT_K > 1:
         tile_off = toks[None, :] * N + rows[:, None]
@@ -249,49 +321,58 @@ def pick_config(M: int, N: int, K: int, programs: int = 384) -> dict:
     return dict(ROW_TILES=2, SPLIT_K=split, TOKENS_BLOCK=tokens_block, SIGNED=tokens_block == 32)
 
 
-def _operand_error(a: torch.Tensor, qweight: torch.Tensor, lora_up: torch.Tensor | None) -> str | None:
+def _operand_error(a: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor,
+                   lora_up: torch.Tensor | None) -> str | None:
     """Why this kernel cannot take these operands (one line), or None."""
     M, K = a.shape
+    N = qweight.shape[0]
     if qweight.dtype != torch.uint8 or qweight.shape[1] * 2 != K or K % GROUP or not qweight.is_contiguous():
         return (f"qweight must be contiguous uint8 [N, K/2] with K = {K} a multiple of {GROUP}, "
                 f"got {qweight.dtype} {tuple(qweight.shape)}")
     if M > MAX_TOKENS or a.dtype not in (torch.bfloat16, torch.float16) or a.stride(1) != 1:
         return (f"a must be float16/bfloat16 [M <= {MAX_TOKENS}, K] with unit column stride, got {a.dtype} "
                 f"{tuple(a.shape)}")
-    if a.data_ptr() % 16 or a.stride(0) % 8 or qweight.data_ptr() % 8:
-        return "a needs 16-byte aligned rows and qweight 8-byte alignment (vector loads)"
+    if wscales.shape != (N, K // GROUP) or wscales.dtype not in (torch.bfloat16, torch.float16):
+        return (f"wscales must be float16/bfloat16 [N, K/{GROUP}] = [{N}, {K // GROUP}], got {wscales.dtype} "
+                f"{tuple(wscales.shape)}")
+    if a.data_ptr() % 16 or a.stride(0) % 8 or qweight.data_ptr() % 8 or wscales.data_ptr() % 4:
+        return ("a needs 16-byte aligned rows, qweight 8-byte and wscales 4-byte alignment (the kernel reads them as "
+                "32-bit words)")
     if lora_up is not None and lora_up.dtype != a.dtype:
         return f"lora_up must be {a.dtype} like the activations, got {lora_up.dtype}"
     return None
 
 
-def supports(a: torch.Tensor, qweight: torch.Tensor, lora_up: torch.Tensor | None) -> bool:
+def supports(a: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor,
+             lora_up: torch.Tensor | None) -> bool:
     """Whether :func:`w4a16_mma_gemm` serves these operands: a CUDA device with ``mma.sync`` (sm_80+), <= 64 16-bit
-    tokens in 16-byte aligned rows, K a multiple of 64 and a low-rank branch in the activations' dtype (float32 lora
-    factors keep the Triton kernel)."""
+    tokens in 16-byte aligned rows, K a multiple of 64, 16-bit group scales at a 4-byte aligned address and a
+    low-rank branch in the activations' dtype (float32 lora factors or scales keep the Triton kernel)."""
     return (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 8
-            and _operand_error(a, qweight, lora_up) is None)
+            and _operand_error(a, qweight, wscales, lora_up) is None)
 
 
 def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dtype, gelu: bool = False,
-                   config: dict | None = None) -> torch.Tensor:
+                   config: dict | None = None, pdl: bool = False) -> torch.Tensor:
     """``[M, N]`` output (M <= 64 tokens) of an INT4-g64 layer on 16-bit smoothed activations, with the fused
     low-rank, bias and GELU epilogue of :func:`quantduo.kernels.gemm_w4_skinny.w4_skinny_gemm` (mode ``"none"``).
 
     Args:
         a: bfloat16 / float16 ``[M, K]`` (unit column stride, 16-byte aligned rows).
-        qweight: packed int4 uint8 ``[N, K // 2]`` (contiguous, 8-byte aligned); wscales ``[N, K // 64]`` group
-            scales (any strides).
+        qweight: packed int4 uint8 ``[N, K // 2]`` (contiguous, 8-byte aligned); wscales float16 / bfloat16
+            ``[N, K // 64]`` group scales (any strides, 4-byte aligned start).
         lxp: float32 low-rank partials ``[S, M, r]`` or None; lora_up ``[N, r]`` in a's dtype; bias ``[N]`` or None.
-        config: some of ROW_TILES, SPLIT_K, TOKENS_BLOCK, SIGNED (the rest from :func:`pick_config`); SPLIT_K
-            must divide K / 64, TOKENS_BLOCK is 16 or 32.
+        config: some of ROW_TILES, SPLIT_K, TOKENS_BLOCK, SIGNED (the rest from :func:`pick_config`) and STAGES
+            (groups in flight; default :data:`STAGES` of the token block); SPLIT_K must divide K / 64, TOKENS_BLOCK
+            is 16 or 32.
+        pdl: launch as a programmatic dependent of the kernel before it on the stream (Hopper and later; that
+            kernel produced ``a`` and ``lxp`` and lets its dependents start early, e.g. kernel 1 with
+            ``launch_dependents``): the weights are fetched while it finishes.
     """
     M, K = a.shape
     N = qweight.shape[0]
     r = 0 if lxp is None else lxp.shape[2]
-    error = _operand_error(a, qweight, lora_up if r else None)
-    if error is None and wscales.shape != (N, K // GROUP):
-        error = f"wscales must be [N, K/{GROUP}] = [{N}, {K // GROUP}], got {tuple(wscales.shape)}"
+    error = _operand_error(a, qweight, wscales, lora_up if r else None)
     if error:
         raise ValueError(error)
     cfg = {**pick_config(M, N, K), **(config or {})}
@@ -300,6 +381,7 @@ def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dty
         raise ValueError(f"SPLIT_K={split} must divide the {K // GROUP} groups of 64 inputs and TOKENS_BLOCK="
                          f"{tokens_block} be 16 or 32")
     name = "bf16" if a.dtype == torch.bfloat16 else "fp16"
+    stages = min(cfg.get("STAGES", STAGES[tokens_block]), K // GROUP // split)
     tiles = tile_count(M, N, cfg["ROW_TILES"], tokens_block)
     out = torch.empty(M, N, dtype=out_dtype, device=a.device)
     part, counts = split_k_workspace("mma", M * N, tiles, a.device) if split > 1 else (out, out)
@@ -311,6 +393,6 @@ def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dty
         wscales.stride(1),
         HAS_LR=r > 0, RP=rank_pad(r), HAS_BIAS=bias is not None, GELU=gelu, SPLIT_K=split,
         ROW_TILES=cfg["ROW_TILES"], TOK=tokens_block, WARPS_=WARPS, ASM=_ASM[name, cfg["SIGNED"]],
-        OFFSET=0.0 if cfg["SIGNED"] else _DECODE[name][4], num_warps=WARPS,
+        OFFSET=0.0 if cfg["SIGNED"] else _DECODE[name][4], STAGES=stages, num_warps=WARPS,
     )
     return out

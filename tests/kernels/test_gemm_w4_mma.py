@@ -41,23 +41,27 @@ def _compile_for_hopper(pointers: dict, **constexprs):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": mma.WARPS})
 
 
-@pytest.mark.parametrize("row_tiles,split,lowrank,gelu,dtype,tokens,signed", [
-    (2, 8, True, False, "bf16", 16, False), (1, 1, False, True, "fp16", 32, True), (4, 3, True, True, "bf16", 16, False),
-    (1, 8, True, False, "bf16", 32, True), (2, 4, True, False, "fp16", 32, False)])
-def test_compiles_for_hopper(row_tiles, split, lowrank, gelu, dtype, tokens, signed):
+@pytest.mark.parametrize("row_tiles,split,lowrank,gelu,dtype,tokens,signed,stages,pdl", [
+    (2, 8, True, False, "bf16", 16, False, 4, True), (1, 1, False, True, "fp16", 32, True, 2, False),
+    (4, 3, True, True, "bf16", 16, False, 1, False), (1, 8, True, False, "bf16", 32, True, 3, True),
+    (2, 4, True, False, "fp16", 32, False, 2, False)])
+def test_compiles_for_hopper(row_tiles, split, lowrank, gelu, dtype, tokens, signed, stages, pdl):
     """The kernel compiles for sm_90a (no GPU needed) with its decode free of data movement: the weight and
     activation operands of 16 / 32-token blocks are built by trivial layout conversions only (asserted while
     compiling), without shared memory in the main loop, and with the documented lop3 decode (and, signed, the
-    packed fma that removes the magic number) in the PTX."""
+    packed fma that removes the magic number) in the PTX; under programmatic dependent launch it waits for the
+    producer kernel (``griddepcontrol.wait``), otherwise not."""
     magic, ptx_type, _, negative_magic, offset = mma._DECODE[dtype]
     kernel = _compile_for_hopper(_pointer_types(dtype), HAS_LR=lowrank, RP=32, HAS_BIAS=True, GELU=gelu,
                                  SPLIT_K=split, ROW_TILES=row_tiles, TOK=tokens, WARPS_=mma.WARPS,
-                                 ASM=mma._ASM[dtype, signed], OFFSET=0.0 if signed else offset)
+                                 ASM=mma._ASM[dtype, signed], OFFSET=0.0 if signed else offset, STAGES=stages,
+                                 PDL=pdl)
     ptx = kernel.asm["ptx"]
     assert "mma.sync.aligned.m16n8k16" in ptx and ("bf16" if dtype == "bf16" else "f16") in ptx
     assert f"0x000F000F, {magic}, 0x6A" in ptx  # the format's decode constant
     assert (f"fma.rn.{ptx_type}" in ptx) == signed and (negative_magic in ptx) == signed
     assert kernel.metadata.shared <= 4096  # only the epilogue's small conversions use shared memory
+    assert ("griddepcontrol.wait" in ptx) == pdl
 
 
 def test_pick_config():
@@ -93,7 +97,12 @@ def test_bad_inputs():
         mma.w4a16_mma_gemm(a, qw, ws, None, None, None, torch.bfloat16, config=dict(ROW_TILES=2, SPLIT_K=3))
     with pytest.raises(ValueError, match="TOKENS_BLOCK"):
         mma.w4a16_mma_gemm(a, qw, ws, None, None, None, torch.bfloat16, config=dict(TOKENS_BLOCK=8))
-    assert not mma.supports(a, qw, None)  # CPU tensors: the Triton kernels serve them
+    with pytest.raises(ValueError, match="wscales must be float16/bfloat16"):
+        mma.w4a16_mma_gemm(a, qw, ws.float(), None, None, None, torch.bfloat16)
+    with pytest.raises(ValueError, match="4-byte"):  # the scales are read as 32-bit words
+        mma.w4a16_mma_gemm(a, qw, torch.ones(64 * 2 + 1, dtype=torch.bfloat16)[1:].view(64, 2), None, None, None,
+                           torch.bfloat16)
+    assert not mma.supports(a, qw, ws, None)  # CPU tensors: the Triton kernels serve them
 
 
 def _operands(M, N, K, r, dtype, seed=0):
@@ -116,13 +125,24 @@ def _operands(M, N, K, r, dtype, seed=0):
     (80, 512, 0, dict(SPLIT_K=1, SIGNED=True), torch.float16, False),
     (12288, 3072, 16, dict(TOKENS_BLOCK=16, SIGNED=True), torch.float16, True),
     (3072, 12288, 32, dict(SPLIT_K=64, SIGNED=False), torch.bfloat16, False),
-    (1000, 1024, 32, dict(TOKENS_BLOCK=32, ROW_TILES=1, SIGNED=False), torch.bfloat16, False)])
+    (1000, 1024, 32, dict(TOKENS_BLOCK=32, ROW_TILES=1, SIGNED=False), torch.bfloat16, False),
+    (200, 960, 32, dict(SPLIT_K=1, STAGES=4, scales="transposed"), torch.bfloat16, False),
+    (136, 1216, 16, dict(SPLIT_K=1, STAGES=3, TOKENS_BLOCK=32, scales="float16"), torch.bfloat16, True),
+    (3072, 3072, 32, dict(SPLIT_K=4, STAGES=2), torch.float16, False)])
 def test_gpu_w4a16_mma_gemm(M, N, K, r, config, dtype, gelu):
     """Every nibble value, row edges (N not a multiple of the 128-row tile), 1 to 64 tokens in blocks of 16 / 32
     (partial blocks), both decodes, K split 1 / 3 / 64 ways or by the default, low-rank, bias, GELU, bf16 and fp16
     (their own decode constants) vs the exact-weight reference; a second call gives the same result (workspace and
-    counters reset)."""
+    counters reset). Groups in flight (STAGES) that do not divide a slice's groups (15 / 19 groups), scales with an
+    odd row stride (K / 64 = 3, 15, 19: half of the rows' scales start in the high half of a 32-bit word), transposed
+    scales (stride 1 between rows) and float16 scales under bfloat16 activations."""
+    config = dict(config or {})
+    scales = config.pop("scales", None)
     a, qw, ws, lxp, up, bias = _operands(M, N, K, r, dtype)
+    if scales == "transposed":
+        ws = ws.t().contiguous().t()
+    elif scales == "float16":
+        ws = ws.to(torch.float16)
     y = mma.w4a16_mma_gemm(a, qw, ws, lxp, up, bias, dtype, gelu=gelu, config=config)
     y_ref = ref.w4_gemv_ref(a, qw, ws, lxp.sum(0) if r else None, up, bias, dtype)
     if gelu:
@@ -157,3 +177,29 @@ def test_gpu_engine_uses_mma_for_few_tokens(monkeypatch):
         y = layer(x)
         assert calls
         assert relative_error(y, engine.a16_reference_forward(layer, x)) < 2e-3
+
+
+@pytest.mark.gpu
+def test_gpu_programmatic_dependent_launch():
+    """Kernel 1 letting its dependents start early and the GEMM launched as its programmatic dependent give the
+    plain launches' result, eagerly and replayed from a CUDA graph after the input changed (a GEMM that read the
+    activations before kernel 1 finished would see the old ones)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch (griddepcontrol) needs compute capability 9.0")
+    _, qw, ws, _, up, bias = _operands(16, 3072, 3072, 32, torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 3072, generator=g).to(torch.bfloat16).cuda()
+    smooth = (torch.rand(3072, generator=g) + 0.5).to(torch.bfloat16).cuda()
+    down = (torch.randn(3072, 32, generator=g) * 0.1).to(torch.bfloat16).cuda()
+
+    def layer(pdl):
+        a, _, lxp = act_quant(x, smooth, None, down, "smooth", launch_dependents=pdl)
+        return mma.w4a16_mma_gemm(a, qw, ws, lxp, up, bias, torch.bfloat16, pdl=pdl)
+
+    assert relative_error(layer(True), layer(False)) < 1e-3
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(True)
+    x.copy_(torch.randn(16, 3072, generator=g).to(torch.bfloat16))
+    graph.replay()
+    assert relative_error(y, layer(False)) < 1e-3
