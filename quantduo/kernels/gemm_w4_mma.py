@@ -393,6 +393,6 @@ def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dty
         wscales.stride(1),
         HAS_LR=r > 0, RP=rank_pad(r), HAS_BIAS=bias is not None, GELU=gelu, SPLIT_K=split,
         ROW_TILES=cfg["ROW_TILES"], TOK=tokens_block, WARPS_=WARPS, ASM=_ASM[name, cfg["SIGNED"]],
-        OFFSET=0.0 if cfg["SIGNED"] else _DECODE[name][4], STAGES=stages, num_warps=WARPS,
+        OFFSET=0.0 if cfg["SIGNED"] else _DECODE[name][4], STAGES=stages, PDL=pdl, num_warps=WARPS, launch_pdl=pdl,
     )
     return out

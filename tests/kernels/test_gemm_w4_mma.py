@@ -105,6 +105,28 @@ def test_bad_inputs():
     assert not mma.supports(a, qw, ws, None)  # CPU tensors: the Triton kernels serve them
 
 
+@pytest.mark.parametrize("pdl", [False, True])
+def test_launch_passes_every_parameter(monkeypatch, pdl):
+    """The wrapper binds every kernel parameter (positionally or by name) and the launch option of programmatic
+    dependent launch, checked against the kernel's own signature (Gluon kernels do not run on the CPU)."""
+    names = list(mma._w4a16_mma_kernel.arg_names)
+    launches = []
+
+    class Launcher:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
+
+    monkeypatch.setattr(mma, "_w4a16_mma_kernel", Launcher())
+    a = torch.zeros(16, 128, dtype=torch.bfloat16)
+    qw = torch.zeros(64, 64, dtype=torch.uint8)
+    ws = torch.ones(64, 2, dtype=torch.bfloat16)
+    mma.w4a16_mma_gemm(a, qw, ws, None, None, None, torch.bfloat16, config=dict(SPLIT_K=1), pdl=pdl)
+    (_, args, kwargs), = launches
+    bound = names[:len(args)] + [k for k in kwargs if k in names]
+    assert sorted(bound) == sorted(names)
+    assert kwargs["PDL"] is pdl and kwargs["launch_pdl"] is pdl and kwargs["STAGES"] == 2  # 2 groups, both in flight
+
+
 def _operands(M, N, K, r, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(M, K, generator=g) * 2).to(dtype).cuda()
