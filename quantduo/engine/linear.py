@@ -65,7 +65,9 @@ SKINNY_MAX_TOKENS = 64
 # streams the 4-bit weights, faster on an H100 than expanding them into fp8 tiles inside an fp8 GEMM at 3 of the 4
 # FLUX shapes, BENCHMARKS.md); above it the weight is expanded into an fp8 buffer once per call for cuBLAS's GEMM.
 FP8_A16_MAX_TOKENS = 64
-# Token counts up to which 16-bit activations run the CUDA-core GEMV (decoding).
+# Token counts up to which 16-bit activations run the CUDA-core GEMV (decoding) where the register-operand GEMM cannot
+# serve them (on an H100 kernel 1 + that GEMM beat the GEMV path at one token at every FLUX.1 and Llama-3-8B shape,
+# BENCHMARKS.md, fourteenth session).
 GEMV_MAX_TOKENS = 1
 # Compute capability from which CUDA GPUs have fp8 tensor cores (Ada, Hopper, Blackwell).
 FP8_CAPABILITY = (8, 9)
@@ -295,39 +297,31 @@ def _low_rank_factors(layer):
     return (layer.proj_down, layer.proj_up) if layer.rank > 0 else (None, None)
 
 
-def _lowrank_partials(layer, x2: torch.Tensor, launch_dependents: bool = False) -> torch.Tensor | None:
+def _lowrank_partials(layer, x2: torch.Tensor) -> torch.Tensor | None:
     """Kernel 1's low-rank partials ``[S, M, r]`` of ``x2 / smooth`` (no quantization), None without low-rank."""
-    if layer.rank == 0:
-        return None
-    return act_quant(x2, layer.smooth_factor, None, layer.proj_down, "none", launch_dependents=launch_dependents)[2]
-
-
-def _programmatic_launch(x: torch.Tensor) -> bool:
-    """Whether kernel 1 and the GEMM after it use programmatic dependent launch (CUDA devices of compute capability
-    9.0 and above: ``griddepcontrol``)."""
-    return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return act_quant(x2, layer.smooth_factor, None, layer.proj_down, "none")[2] if layer.rank > 0 else None
 
 
 def _a16_kernels(layer, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """16-bit activations: one token -> the GEMV; up to 64 16-bit tokens -> kernel 1 (smoothing + low-rank) and the
-    register-operand GEMM (where it serves the operands) or the skinny GEMM; more tokens, float32 tokens or groups
-    other than 64 -> the reconstructed weight and one cuBLAS GEMM."""
+    """16-bit activations: up to 64 16-bit tokens -> kernel 1 (smoothing + low-rank) and the register-operand GEMM
+    where it serves the operands, else one token -> the GEMV and up to 64 -> kernel 1 and the skinny GEMM; more tokens,
+    float32 tokens or groups other than 64 -> the reconstructed weight and one cuBLAS GEMM."""
     M = x2.shape[0]
     g64 = layer.group_size == 64
     identity = layer.smoothing_folded_out
-    if M <= GEMV_MAX_TOKENS and g64:
+    mma = M <= SKINNY_MAX_TOKENS and g64 and gemm_w4_mma.supports(x2, layer.qweight, layer.wscales,
+                                                                   _low_rank_factors(layer)[1])
+    if M <= GEMV_MAX_TOKENS and g64 and not mma:
         xs = x2 if identity else smooth_input(x2, layer.smooth_factor)
         return w4_gemv(xs, layer.qweight, layer.wscales, _lowrank_partials(layer, x2), layer.proj_up, bias, x2.dtype)
     if M <= SKINNY_MAX_TOKENS and g64 and x2.dtype != torch.float32:
         lora_down, lora_up = _low_rank_factors(layer)
-        pdl = _programmatic_launch(x2)  # the GEMM fetches its first weights while kernel 1 runs
         if identity:
-            xs, lxp = x2, _lowrank_partials(layer, x2, pdl)
+            xs, lxp = x2, _lowrank_partials(layer, x2)
         else:
-            xs, _, lxp = act_quant(x2, layer.smooth_factor, None, lora_down, "smooth", launch_dependents=pdl)
-        if gemm_w4_mma.supports(xs, layer.qweight, layer.wscales, lora_up):
-            return gemm_w4_mma.w4a16_mma_gemm(xs, layer.qweight, layer.wscales, lxp, layer.proj_up, bias, x2.dtype,
-                                              pdl=pdl)
+            xs, _, lxp = act_quant(x2, layer.smooth_factor, None, lora_down, "smooth")
+        if mma and gemm_w4_mma.supports(xs, layer.qweight, layer.wscales, lora_up):
+            return gemm_w4_mma.w4a16_mma_gemm(xs, layer.qweight, layer.wscales, lxp, layer.proj_up, bias, x2.dtype)
         return w4_skinny_gemm(xs, None, layer.qweight, layer.wscales, lxp, layer.proj_up, bias, "none", x2.dtype)
     smooth = None if identity else layer.smooth_factor
     w = dequant_w4(layer.qweight, layer.wscales, x2.dtype, layer.group_size, *_low_rank_factors(layer), smooth)

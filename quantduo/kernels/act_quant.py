@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
 
 from .common import (dot_precision, k_splits, quant4_codes, quant4_tile, rank_pad,
                      smooth_tile)
@@ -40,7 +39,7 @@ def _act_quant_kernel(
     M, K, K_SPLIT, R, stride_xm,
     MODE: tl.constexpr, HAS_LR: tl.constexpr, RP: tl.constexpr, LR_FULL: tl.constexpr, ATOMIC_LX: tl.constexpr,
     G: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, RECIP: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, RECIP: tl.constexpr,
 ):
     """Program (pid_m, pid_s): rows [pid_m*BM, +BM), channels [pid_s*K_SPLIT, +K_SPLIT).
 
@@ -50,11 +49,7 @@ def _act_quant_kernel(
     MODE 4 none: low-rank only; 5 smooth: Q = X / SMOOTH ``[M, K]`` (X dtype); 7/8 int4_deq/uint4_deq: the
     4-bit groups of modes 0/1 dequantized, ``q * scale`` rounded to X's dtype, Q ``[M, K]``.
     RECIP: round scales like PyTorch on CUDA (see ``common.scale_of``).
-    LAUNCH_DEPENDENTS: let a kernel launched after this one as its programmatic dependent start now (it waits for
-    this kernel's results itself).
     """
-    if LAUNCH_DEPENDENTS:
-        gdc_launch_dependents()
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -105,16 +100,13 @@ def _pick(M: int, K: int, mode: str) -> tuple[int, int, int]:
 
 
 def act_quant(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor | None, lora_down: torch.Tensor | None,
-              mode: str, group_size: int = 64, config: tuple[int, ...] | None = None,
-              launch_dependents: bool = False):
+              mode: str, group_size: int = 64, config: tuple[int, ...] | None = None):
     """Smooth, quantize and down-project ``x [M, K]`` (K a multiple of 64, contiguous rows) in one pass.
 
     mode: ``"int4"`` / ``"uint4"`` (per-token groups of ``group_size``, ``shift [K]`` added first; with ``_deq``:
     the dequantized values ``[M, K]`` in x's dtype instead of codes and scales), ``"none"`` (low-rank only),
     ``"smooth"`` (smoothed copy of x); all but the 4-bit modes ignore ``shift``.
     config: (BM, BK, splits[, num_warps]).
-    launch_dependents: let the next kernel, launched as this one's programmatic dependent (``launch_pdl``), start
-    at once (CUDA, Hopper and later; it must wait for this kernel's outputs itself).
     Returns (q, scales, lx_partials) in the layouts of :mod:`quantduo.formats.reference` (q is None for
     ``"none"``, scales None for ``"none"``/``"smooth"``/``"*_deq"``); lx_partials float32 ``[S, M, r]`` (``S = 1`` above MAX_LX_PARTIALS slices: atomic
     sums) or None when there is no low-rank.
@@ -152,7 +144,6 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor | None,
         M, K, K // splits, r, x.stride(0),
         MODE=_MODES[mode], HAS_LR=r > 0, RP=rank_pad(r), LR_FULL=r == rank_pad(r),
         ATOMIC_LX=atomic_lx, G=group_size, BM=bm, BK=bk,
-        PREC=dot_precision(lora_down.dtype if r > 0 else x.dtype), RECIP=x.is_cuda, LAUNCH_DEPENDENTS=launch_dependents,
-        num_warps=(warps or [4])[0],
+        PREC=dot_precision(lora_down.dtype if r > 0 else x.dtype), RECIP=x.is_cuda, num_warps=(warps or [4])[0],
     )
     return q, qs, lxp

@@ -47,7 +47,9 @@ _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrie
 GROUP = 64
 MAX_TOKENS = 64  # tokens served, in blocks of TOKENS_BLOCK (16 or 32: 2 or 4 mma B tiles of 8) per program
 WARPS = 4
-STAGES = {16: 4, 32: 2}  # groups of 64 inputs in flight per program, by token block (the most that fit 255 registers)
+# groups of 64 inputs in flight per program by (token block, row tiles): the most within 168 registers per thread
+# (3 programs of 4 warps per SM; more registers cost programs per SM, which the sweep measured as slower)
+STAGES = {(16, 1): 4, (16, 2): 2, (32, 1): 2, (32, 2): 1}
 
 # nibble pairs (i, i + 4) of a word w, XOR 8, as two 16-bit (magic + u): lop3 LUT 0x6A = (a & b) ^ c; then
 # (signed decode) one packed fma t * 1 - magic: the signed value q
@@ -183,13 +185,6 @@ def _load_activations(x_ptrs, g, g_end):
 
 
 @gluon.jit
-def _wait_for_producer():
-    """``griddepcontrol.wait``: under programmatic dependent launch, block until the previous kernel (kernel 1) has
-    finished and its writes are visible; a no-op otherwise."""
-    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
 def _finish(acc, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP: gl.constexpr, HAS_LR: gl.constexpr,
             HAS_BIAS: gl.constexpr, GELU: gl.constexpr, BN: gl.constexpr, TOK: gl.constexpr, WARPS_: gl.constexpr):
     """float32 ``acc [BN, TOK]`` (rows x tokens ``tok0 ..``, mma layout) + low-rank + bias (+ GELU) -> OUT
@@ -225,7 +220,7 @@ def _w4a16_mma_kernel(
     M, N, K, GROUPS_PER_SPLIT, S, R, stride_xm, stride_wsn, stride_wsg,
     HAS_LR: gl.constexpr, RP: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, SPLIT_K: gl.constexpr,
     ROW_TILES: gl.constexpr, TOK: gl.constexpr, WARPS_: gl.constexpr, ASM: gl.constexpr, OFFSET: gl.constexpr,
-    STAGES: gl.constexpr, PDL: gl.constexpr,
+    STAGES: gl.constexpr,
 ):
     """Program (tile, slice): rows ``[BN]`` x tokens ``[TOK]`` of OUT ``[M, N]`` (tile = row tile x the
     ``cdiv(M, TOK)`` token blocks + token block), groups of K slice ``slice``.
@@ -264,8 +259,6 @@ def _w4a16_mma_kernel(
     weights = ()
     for s in gl.static_range(STAGES):
         weights = weights + (_load_weights(w_ptrs, s_words, g0 + s, g_end, stride_wsg),)
-    if PDL:  # the weights above are in flight while kernel 1 finishes; its outputs are read from here on
-        _wait_for_producer()
     acts = ()
     for s in gl.static_range(STAGES):
         acts = acts + (_load_activations(x_ptrs, g0 + s, g_end),)
@@ -311,14 +304,16 @@ def split_k(tiles: int, K: int, programs: int = 384) -> int:
 
 
 def pick_config(M: int, N: int, K: int, programs: int = 384) -> dict:
-    """Blocks of 16 tokens (offset decode) up to 16 tokens and, up to 48, for layers of <= 9216 x 3072 weights; else
-    blocks of 32 (signed decode); 32 output rows per warp (``ROW_TILES`` = 2 mma tiles); ``SPLIT_K`` the smallest
-    divisor of the K / 64 groups giving about ``programs`` programs (~3 per SM of an H100). The best or within 5 %
-    of it in the sweep at FLUX shapes and 16-64 tokens (BENCHMARKS.md, twelfth session; 64-token blocks were 1.3-1.8x
-    slower than the best everywhere)."""
+    """Blocks of 16 tokens up to 16 tokens and, up to 48, for layers of <= 9216 x 3072 weights, with 16 output rows
+    per warp (``ROW_TILES`` = 1) and 4 groups in flight; else blocks of 32 with 32 rows per warp and one group in
+    flight (:data:`STAGES`); the signed decode; ``SPLIT_K`` the smallest divisor of the K / 64 groups giving about
+    ``programs`` programs (~3 per SM of an H100). Within a few % of the best of the fourteenth session's sweep at
+    most FLUX shapes and 1-64 tokens (BENCHMARKS.md; 64-token blocks were 1.3-1.8x slower than the best everywhere
+    in the twelfth)."""
     tokens_block = 16 if M <= 16 or (M <= 48 and N * K <= 9216 * 3072) else 32
-    split = split_k(tile_count(M, N, 2, tokens_block), K, programs)
-    return dict(ROW_TILES=2, SPLIT_K=split, TOKENS_BLOCK=tokens_block, SIGNED=tokens_block == 32)
+    row_tiles = 1 if tokens_block == 16 else 2
+    split = split_k(tile_count(M, N, row_tiles, tokens_block), K, programs)
+    return dict(ROW_TILES=row_tiles, SPLIT_K=split, TOKENS_BLOCK=tokens_block, SIGNED=True)
 
 
 def _operand_error(a: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor,
@@ -353,7 +348,7 @@ def supports(a: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor,
 
 
 def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dtype, gelu: bool = False,
-                   config: dict | None = None, pdl: bool = False) -> torch.Tensor:
+                   config: dict | None = None) -> torch.Tensor:
     """``[M, N]`` output (M <= 64 tokens) of an INT4-g64 layer on 16-bit smoothed activations, with the fused
     low-rank, bias and GELU epilogue of :func:`quantduo.kernels.gemm_w4_skinny.w4_skinny_gemm` (mode ``"none"``).
 
@@ -365,9 +360,6 @@ def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dty
         config: some of ROW_TILES, SPLIT_K, TOKENS_BLOCK, SIGNED (the rest from :func:`pick_config`) and STAGES
             (groups in flight; default :data:`STAGES` of the token block); SPLIT_K must divide K / 64, TOKENS_BLOCK
             is 16 or 32.
-        pdl: launch as a programmatic dependent of the kernel before it on the stream (Hopper and later; that
-            kernel produced ``a`` and ``lxp`` and lets its dependents start early, e.g. kernel 1 with
-            ``launch_dependents``): the weights are fetched while it finishes.
     """
     M, K = a.shape
     N = qweight.shape[0]
@@ -381,7 +373,7 @@ def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dty
         raise ValueError(f"SPLIT_K={split} must divide the {K // GROUP} groups of 64 inputs and TOKENS_BLOCK="
                          f"{tokens_block} be 16 or 32")
     name = "bf16" if a.dtype == torch.bfloat16 else "fp16"
-    stages = min(cfg.get("STAGES", STAGES[tokens_block]), K // GROUP // split)
+    stages = min(cfg.get("STAGES", STAGES.get((tokens_block, cfg["ROW_TILES"]), 1)), K // GROUP // split)
     tiles = tile_count(M, N, cfg["ROW_TILES"], tokens_block)
     out = torch.empty(M, N, dtype=out_dtype, device=a.device)
     part, counts = split_k_workspace("mma", M * N, tiles, a.device) if split > 1 else (out, out)
@@ -393,6 +385,6 @@ def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dty
         wscales.stride(1),
         HAS_LR=r > 0, RP=rank_pad(r), HAS_BIAS=bias is not None, GELU=gelu, SPLIT_K=split,
         ROW_TILES=cfg["ROW_TILES"], TOK=tokens_block, WARPS_=WARPS, ASM=_ASM[name, cfg["SIGNED"]],
-        OFFSET=0.0 if cfg["SIGNED"] else _DECODE[name][4], STAGES=stages, PDL=pdl, num_warps=WARPS, launch_pdl=pdl,
+        OFFSET=0.0 if cfg["SIGNED"] else _DECODE[name][4], STAGES=stages, num_warps=WARPS,
     )
     return out

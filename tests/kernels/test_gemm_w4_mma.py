@@ -41,32 +41,30 @@ def _compile_for_hopper(pointers: dict, **constexprs):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": mma.WARPS})
 
 
-@pytest.mark.parametrize("row_tiles,split,lowrank,gelu,dtype,tokens,signed,stages,pdl", [
-    (2, 8, True, False, "bf16", 16, False, 4, True), (1, 1, False, True, "fp16", 32, True, 2, False),
-    (4, 3, True, True, "bf16", 16, False, 1, False), (1, 8, True, False, "bf16", 32, True, 3, True),
-    (2, 4, True, False, "fp16", 32, False, 2, False)])
-def test_compiles_for_hopper(row_tiles, split, lowrank, gelu, dtype, tokens, signed, stages, pdl):
+@pytest.mark.parametrize("row_tiles,split,lowrank,gelu,dtype,tokens,signed,stages", [
+    (2, 8, True, False, "bf16", 16, False, 4), (1, 1, False, True, "fp16", 32, True, 2),
+    (4, 3, True, True, "bf16", 16, False, 1), (1, 8, True, False, "bf16", 32, True, 3),
+    (2, 4, True, False, "fp16", 32, False, 2)])
+def test_compiles_for_hopper(row_tiles, split, lowrank, gelu, dtype, tokens, signed, stages):
     """The kernel compiles for sm_90a (no GPU needed) with its decode free of data movement: the weight and
     activation operands of 16 / 32-token blocks are built by trivial layout conversions only (asserted while
     compiling), without shared memory in the main loop, and with the documented lop3 decode (and, signed, the
-    packed fma that removes the magic number) in the PTX; under programmatic dependent launch it waits for the
-    producer kernel (``griddepcontrol.wait``), otherwise not."""
+    packed fma that removes the magic number) in the PTX."""
     magic, ptx_type, _, negative_magic, offset = mma._DECODE[dtype]
     kernel = _compile_for_hopper(_pointer_types(dtype), HAS_LR=lowrank, RP=32, HAS_BIAS=True, GELU=gelu,
                                  SPLIT_K=split, ROW_TILES=row_tiles, TOK=tokens, WARPS_=mma.WARPS,
-                                 ASM=mma._ASM[dtype, signed], OFFSET=0.0 if signed else offset, STAGES=stages,
-                                 PDL=pdl)
+                                 ASM=mma._ASM[dtype, signed], OFFSET=0.0 if signed else offset, STAGES=stages)
     ptx = kernel.asm["ptx"]
     assert "mma.sync.aligned.m16n8k16" in ptx and ("bf16" if dtype == "bf16" else "f16") in ptx
     assert f"0x000F000F, {magic}, 0x6A" in ptx  # the format's decode constant
     assert (f"fma.rn.{ptx_type}" in ptx) == signed and (negative_magic in ptx) == signed
     assert kernel.metadata.shared <= 4096  # only the epilogue's small conversions use shared memory
-    assert ("griddepcontrol.wait" in ptx) == pdl
 
 
 def test_pick_config():
-    """Token blocks of 16 (offset decode) up to 16 tokens and up to 48 for weights of <= 9216 x 3072, else 32
-    (signed decode); SPLIT_K divides the groups and reaches the program target when the groups allow it."""
+    """Token blocks of 16 (16 rows per warp) up to 16 tokens and up to 48 for weights of <= 9216 x 3072, else 32 (32
+    rows per warp); the signed decode; SPLIT_K divides the groups and reaches the program target when the groups
+    allow it."""
     for N, K in [(3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288), (80, 192), (128, 64)]:
         for M in (1, 16, 17, 48, 49, 64):
             cfg = mma.pick_config(M, N, K)
@@ -75,9 +73,10 @@ def test_pick_config():
             assert groups % cfg["SPLIT_K"] == 0
             assert tiles * cfg["SPLIT_K"] >= 384 or cfg["SPLIT_K"] == groups
             small = M <= 16 or (M <= 48 and N * K <= 9216 * 3072)
-            assert cfg["TOKENS_BLOCK"] == (16 if small else 32) and cfg["SIGNED"] == (not small)
-    assert mma.pick_config(16, 3072, 3072) == dict(ROW_TILES=2, SPLIT_K=16, TOKENS_BLOCK=16, SIGNED=False)
-    assert mma.pick_config(64, 3072, 3072)["SPLIT_K"] == 8  # two token blocks: half the split
+            assert cfg["TOKENS_BLOCK"] == (16 if small else 32) and cfg["ROW_TILES"] == (1 if small else 2)
+            assert cfg["SIGNED"]
+    assert mma.pick_config(16, 3072, 3072) == dict(ROW_TILES=1, SPLIT_K=8, TOKENS_BLOCK=16, SIGNED=True)
+    assert mma.pick_config(64, 3072, 3072)["SPLIT_K"] == 8  # 32-token blocks, 2 row tiles: 24 x 2 tiles
 
 
 def test_bad_inputs():
@@ -105,10 +104,9 @@ def test_bad_inputs():
     assert not mma.supports(a, qw, ws, None)  # CPU tensors: the Triton kernels serve them
 
 
-@pytest.mark.parametrize("pdl", [False, True])
-def test_launch_passes_every_parameter(monkeypatch, pdl):
-    """The wrapper binds every kernel parameter (positionally or by name) and the launch option of programmatic
-    dependent launch, checked against the kernel's own signature (Gluon kernels do not run on the CPU)."""
+def test_launch_passes_every_parameter(monkeypatch):
+    """The wrapper binds every kernel parameter (positionally or by name), checked against the kernel's own
+    signature (Gluon kernels do not run on the CPU), and caps the groups in flight at the groups of a K slice."""
     names = list(mma._w4a16_mma_kernel.arg_names)
     launches = []
 
@@ -120,11 +118,11 @@ def test_launch_passes_every_parameter(monkeypatch, pdl):
     a = torch.zeros(16, 128, dtype=torch.bfloat16)
     qw = torch.zeros(64, 64, dtype=torch.uint8)
     ws = torch.ones(64, 2, dtype=torch.bfloat16)
-    mma.w4a16_mma_gemm(a, qw, ws, None, None, None, torch.bfloat16, config=dict(SPLIT_K=1), pdl=pdl)
+    mma.w4a16_mma_gemm(a, qw, ws, None, None, None, torch.bfloat16, config=dict(SPLIT_K=1))
     (_, args, kwargs), = launches
     bound = names[:len(args)] + [k for k in kwargs if k in names]
     assert sorted(bound) == sorted(names)
-    assert kwargs["PDL"] is pdl and kwargs["launch_pdl"] is pdl and kwargs["STAGES"] == 2  # 2 groups, both in flight
+    assert kwargs["STAGES"] == 2  # 2 groups, both in flight
 
 
 def _operands(M, N, K, r, dtype, seed=0):
@@ -177,7 +175,7 @@ def test_gpu_w4a16_mma_gemm(M, N, K, r, config, dtype, gelu):
 
 @pytest.mark.gpu
 def test_gpu_engine_uses_mma_for_few_tokens(monkeypatch):
-    """The a16 execution of an INT4 layer runs this kernel for 16 and 64 tokens and matches the a16 reference."""
+    """The a16 execution of an INT4 layer runs this kernel for 1, 16 and 64 tokens and matches the a16 reference."""
     from quantduo.engine import linear as engine
     from quantduo.svdquant import SVDQuantLinear
 
@@ -193,35 +191,10 @@ def test_gpu_engine_uses_mma_for_few_tokens(monkeypatch):
         layer.proj_down.copy_(torch.randn(3072, 32, device="cuda", generator=g) * 0.05)
         layer.proj_up.copy_(torch.randn(3072, 32, device="cuda", generator=g) * 0.05)
     layer.set_execution("a16")
-    for tokens in (16, 64):
+    for tokens in (1, 16, 64):
         calls.clear()
         x = torch.randn(tokens, 3072, device="cuda", dtype=torch.bfloat16, generator=g)
         y = layer(x)
         assert calls
         assert relative_error(y, engine.a16_reference_forward(layer, x)) < 2e-3
 
-
-@pytest.mark.gpu
-def test_gpu_programmatic_dependent_launch():
-    """Kernel 1 letting its dependents start early and the GEMM launched as its programmatic dependent give the
-    plain launches' result, eagerly and replayed from a CUDA graph after the input changed (a GEMM that read the
-    activations before kernel 1 finished would see the old ones)."""
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("programmatic dependent launch (griddepcontrol) needs compute capability 9.0")
-    _, qw, ws, _, up, bias = _operands(16, 3072, 3072, 32, torch.bfloat16)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(16, 3072, generator=g).to(torch.bfloat16).cuda()
-    smooth = (torch.rand(3072, generator=g) + 0.5).to(torch.bfloat16).cuda()
-    down = (torch.randn(3072, 32, generator=g) * 0.1).to(torch.bfloat16).cuda()
-
-    def layer(pdl):
-        a, _, lxp = act_quant(x, smooth, None, down, "smooth", launch_dependents=pdl)
-        return mma.w4a16_mma_gemm(a, qw, ws, lxp, up, bias, torch.bfloat16, pdl=pdl)
-
-    assert relative_error(layer(True), layer(False)) < 1e-3
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = layer(True)
-    x.copy_(torch.randn(16, 3072, generator=g).to(torch.bfloat16))
-    graph.replay()
-    assert relative_error(y, layer(False)) < 1e-3
