@@ -102,20 +102,9 @@ def word_layout(warps, row_tiles):
 
 
 @gluon.constexpr_function
-def act_layout(warps, tokens):
-    """Activations ``[tokens, 64]`` of one group: lane ``4 g + c`` holds inputs ``16c .. 16c + 15`` of tokens
-    ``g, g + 8, g + 16, ...`` (every warp the same)."""
-    return gl.DistributedLinearLayout(
-        reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8]] + [[8 * (1 << t), 0] for t in range(tokens.bit_length() - 4)],
-        lane_bases=[[0, 16], [0, 32], [1, 0], [2, 0], [4, 0]],
-        warp_bases=[[0, 0] for _ in range(warps.bit_length() - 1)],
-        block_bases=[], shape=[tokens, 64])
-
-
-@gluon.constexpr_function
 def act_word_layout(warps, tokens):
-    """int32 words (pairs of 16-bit activations) ``[tokens, 32]`` of one group, as :func:`act_layout` places their
-    inputs: lane ``4 g + c`` holds words ``8c .. 8c + 7`` of tokens ``g, g + 8, ...``."""
+    """int32 words (pairs of 16-bit activations) ``[tokens, 32]`` of one group: lane ``4 g + c`` holds words
+    ``8c .. 8c + 7`` (inputs ``16c .. 16c + 15``) of tokens ``g, g + 8, g + 16, ...`` (every warp the same)."""
     return gl.DistributedLinearLayout(
         reg_bases=[[0, 1], [0, 2], [0, 4]] + [[8 * (1 << t), 0] for t in range(tokens.bit_length() - 4)],
         lane_bases=[[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]],
@@ -358,8 +347,8 @@ def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dty
             ``[N, K // 64]`` group scales (any strides, 4-byte aligned start).
         lxp: float32 low-rank partials ``[S, M, r]`` or None; lora_up ``[N, r]`` in a's dtype; bias ``[N]`` or None.
         config: some of ROW_TILES, SPLIT_K, TOKENS_BLOCK, SIGNED (the rest from :func:`pick_config`) and STAGES
-            (groups in flight; default :data:`STAGES` of the token block); SPLIT_K must divide K / 64, TOKENS_BLOCK
-            is 16 or 32.
+            (groups in flight; default :data:`STAGES` of the token block and row tiles); SPLIT_K must divide K / 64,
+            TOKENS_BLOCK is 16 or 32.
     """
     M, K = a.shape
     N = qweight.shape[0]
