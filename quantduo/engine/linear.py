@@ -65,9 +65,10 @@ SKINNY_MAX_TOKENS = 64
 # streams the 4-bit weights, faster on an H100 than expanding them into fp8 tiles inside an fp8 GEMM at 3 of the 4
 # FLUX shapes, BENCHMARKS.md); above it the weight is expanded into an fp8 buffer once per call for cuBLAS's GEMM.
 FP8_A16_MAX_TOKENS = 64
-# Token counts up to which 16-bit activations run the CUDA-core GEMV (decoding) where the register-operand GEMM cannot
-# serve them (on an H100 kernel 1 + that GEMM beat the GEMV path at one token at every FLUX.1 and Llama-3-8B shape,
-# BENCHMARKS.md, fourteenth session).
+# Token counts up to which 16-bit activations run the CUDA-core GEMV (decoding) when it is one launch (smoothing folded
+# out, no low-rank branch: the W4A16 LLM layers) or the register-operand GEMM cannot serve them; with smoothing and a
+# low-rank branch, kernel 1 + that GEMM beat smoothing + kernel 1 + GEMV at one token at every FLUX.1 and Llama-3-8B
+# shape on an H100 (BENCHMARKS.md, fourteenth session).
 GEMV_MAX_TOKENS = 1
 # Compute capability from which CUDA GPUs have fp8 tensor cores (Ada, Hopper, Blackwell).
 FP8_CAPABILITY = (8, 9)
@@ -303,15 +304,16 @@ def _lowrank_partials(layer, x2: torch.Tensor) -> torch.Tensor | None:
 
 
 def _a16_kernels(layer, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """16-bit activations: up to 64 16-bit tokens -> kernel 1 (smoothing + low-rank) and the register-operand GEMM
-    where it serves the operands, else one token -> the GEMV and up to 64 -> kernel 1 and the skinny GEMM; more tokens,
-    float32 tokens or groups other than 64 -> the reconstructed weight and one cuBLAS GEMM."""
+    """16-bit activations: one token -> the GEMV where that is one launch (no smoothing, no low-rank) or the
+    register-operand GEMM cannot serve it; up to 64 16-bit tokens -> kernel 1 (smoothing + low-rank) and the
+    register-operand GEMM where it serves the operands, else the skinny GEMM; more tokens, float32 tokens or groups
+    other than 64 -> the reconstructed weight and one cuBLAS GEMM."""
     M = x2.shape[0]
     g64 = layer.group_size == 64
     identity = layer.smoothing_folded_out
     mma = M <= SKINNY_MAX_TOKENS and g64 and gemm_w4_mma.supports(x2, layer.qweight, layer.wscales,
                                                                    _low_rank_factors(layer)[1])
-    if M <= GEMV_MAX_TOKENS and g64 and not mma:
+    if M <= GEMV_MAX_TOKENS and g64 and (not mma or (identity and layer.rank == 0)):
         xs = x2 if identity else smooth_input(x2, layer.smooth_factor)
         return w4_gemv(xs, layer.qweight, layer.wscales, _lowrank_partials(layer, x2), layer.proj_up, bias, x2.dtype)
     if M <= SKINNY_MAX_TOKENS and g64 and x2.dtype != torch.float32:

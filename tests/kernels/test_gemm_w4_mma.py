@@ -44,7 +44,7 @@ def _compile_for_hopper(pointers: dict, **constexprs):
 @pytest.mark.parametrize("row_tiles,split,lowrank,gelu,dtype,tokens,signed,stages", [
     (2, 8, True, False, "bf16", 16, False, 4), (1, 1, False, True, "fp16", 32, True, 2),
     (4, 3, True, True, "bf16", 16, False, 1), (1, 8, True, False, "bf16", 32, True, 3),
-    (2, 4, True, False, "fp16", 32, False, 2)])
+    (2, 4, True, False, "fp16", 32, False, 2), (1, 8, True, True, "bf16", 16, True, 4)])
 def test_compiles_for_hopper(row_tiles, split, lowrank, gelu, dtype, tokens, signed, stages):
     """The kernel compiles for sm_90a (no GPU needed) with its decode free of data movement: the weight and
     activation operands of 16 / 32-token blocks are built by trivial layout conversions only (asserted while
@@ -148,7 +148,8 @@ def _operands(M, N, K, r, dtype, seed=0):
     (1000, 1024, 32, dict(TOKENS_BLOCK=32, ROW_TILES=1, SIGNED=False), torch.bfloat16, False),
     (200, 960, 32, dict(SPLIT_K=1, STAGES=4, scales="transposed"), torch.bfloat16, False),
     (136, 1216, 16, dict(SPLIT_K=1, STAGES=3, TOKENS_BLOCK=32, scales="float16"), torch.bfloat16, True),
-    (3072, 3072, 32, dict(SPLIT_K=4, STAGES=2), torch.float16, False)])
+    (3072, 3072, 32, dict(SPLIT_K=4, STAGES=2), torch.float16, False),
+    (9216, 3072, 32, dict(ROW_TILES=1, TOKENS_BLOCK=16, SIGNED=True, STAGES=4), torch.bfloat16, True)])
 def test_gpu_w4a16_mma_gemm(M, N, K, r, config, dtype, gelu):
     """Every nibble value, row edges (N not a multiple of the 128-row tile), 1 to 64 tokens in blocks of 16 / 32
     (partial blocks), both decodes, K split 1 / 3 / 64 ways or by the default, low-rank, bias, GELU, bf16 and fp16
