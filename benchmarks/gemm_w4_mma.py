@@ -1,8 +1,8 @@
 """The few-token register-operand GEMM (``quantduo.kernels.gemm_w4_mma``, Gluon) on a CUDA GPU: correctness against the
-skinny Triton GEMM (every token-block size and both decodes), then timings at FLUX shapes, 4 to 64 tokens, against
+skinny Triton GEMM (every token-block size and both decodes), then timings at FLUX shapes, 1 to 64 tokens, against
 bf16 ``F.linear``: the GEMM alone with its rank-32 + bias epilogue (and the skinny GEMM's) and the layer (the a16
-execution, also the fp8 execution's up to 64 tokens: kernel 1 (smoothing + low-rank down-projection) + GEMM; at
-one token the engine's GEMV path); CUDA-graph replays over rotating buffers (us).
+execution, also the fp8 execution's up to 64 tokens: kernel 1 (smoothing + low-rank down-projection) + GEMM, one token
+included); CUDA-graph replays over rotating buffers (us).
 
     PYTHONPATH=. python3 benchmarks/gemm_w4_mma.py [--sweep] [--tokens 16 32 64] [--shapes 4096x4096 ...]
                                                 [--skip-check] [--out DIR]
@@ -132,7 +132,7 @@ def time_shape(M, N, K, with_sweep: bool) -> dict:
     best = min(t["sweep"], key=t["sweep"].get) if t["sweep"] else None
     log(f"M={M} {N}x{K}: bf16 {t['bf16']:.2f} us | skinny {ratio(t['skinny'])} | mma default "
         f"{G.pick_config(M, N, K)} {ratio(t['mma'])}" + (f" best {best} {ratio(t['sweep'][best])}" if best else "")
-        + f" | layer (a16 module: kernel 1 + GEMM, one token: the GEMV path) {ratio(t['layer_a16'])}")
+        + f" | layer (a16 module: kernel 1 + GEMM) {ratio(t['layer_a16'])}")
     if best:
         log("   sweep " + " ".join(f"{k}={v:.2f}" for k, v in sorted(t["sweep"].items(), key=lambda kv: kv[1])))
     return t
