@@ -161,7 +161,9 @@ def _scales(words, index, dt: gl.constexpr):
 @gluon.jit
 def _load_weights(w_ptrs, s_words, g, g_end, stride_wsg):
     """Group ``g``'s int32 words: weights ``[BN, 8]`` and the words holding the scales ``[BN]`` (``s_words``: the
-    int32 view of the scales, the rows' 16-bit index without ``g``); predicated off (zeros) from ``g_end`` on."""
+    int32 view of the scales, the rows' 16-bit index without ``g``); predicated off (zeros) from ``g_end`` on. The
+    word of a scale at an even index also covers the next 2 bytes, past the tensor for the last scale of an odd
+    count: inside the allocation (PyTorch rounds CUDA blocks to 512 bytes), and never used."""
     valid = g < g_end
     return (gl.load(w_ptrs + g * 8, mask=valid, other=0),
             gl.load(s_words[0] + ((s_words[1] + g * stride_wsg) >> 1), mask=valid, other=0))
