@@ -315,6 +315,27 @@ def test_auto_resolution(weight_format, act_format, monkeypatch):
         assert resolve_execution(m, x) == resolve_execution(m, cuda_x) == execution
 
 
+def test_one_token_routing(monkeypatch):
+    """One 16-bit token: a layer with smoothing and a low-rank branch takes kernel 1 + the Gluon GEMM where that GEMM
+    serves the operands; a plain W4A16 layer (smoothing folded out, rank 0) keeps the one-launch GEMV, and so does
+    every layer where the Gluon GEMM cannot serve (the GEMMs are recorded, not run: Gluon has no CPU interpreter)."""
+    taken = []
+    monkeypatch.setattr(engine.gemm_w4_mma, "w4a16_mma_gemm", lambda *a, **k: taken.append("mma"))
+    monkeypatch.setattr(engine, "w4_gemv", lambda *a, **k: taken.append("gemv"))
+    smoothed = _int4_layer(128, 64, "int4", dtype=torch.float16).set_execution("a16")
+    plain = _int4_layer(128, 64, "int4", rank=0, dtype=torch.float16, smoothed=False).set_execution("a16")
+    refresh_derived(plain)
+    assert plain.smoothing_folded_out and plain.rank == 0 and not smoothed.smoothing_folded_out
+    x = torch.randn(1, 128, dtype=torch.float16)
+    with cpu_kernels():
+        for serves, layer, path in [(True, smoothed, "mma"), (True, plain, "gemv"), (False, smoothed, "gemv"),
+                                    (False, plain, "gemv")]:
+            monkeypatch.setattr(engine.gemm_w4_mma, "supports", lambda *a, serves=serves: serves)
+            taken.clear()
+            engine._a16_kernels(layer, x, layer.bias)
+            assert taken == [path], (serves, layer.rank)
+
+
 def test_has_fp8_on_cpu():
     assert not engine.has_fp8(torch.device("cpu"))
     assert engine.tokens_of(torch.zeros(2, 3, 8)) == 6 and engine.tokens_of(torch.zeros(4, 0)) == 0
