@@ -22,10 +22,11 @@ exact, W4A4   <= 64 / more               4-bit activations (kernel 1) + the skin
                                          dequantized activations + weight + cuBLAS
 exact, NVFP4  any                        Triton weight dequantization + the reference arithmetic
 a16, NVFP4    any                        Triton weight dequantization + 16-bit activations (PyTorch)
-a16           1 / <= 64 / more           GEMV / smoothing kernel + the register-operand GEMM
-                                         (``gemm_w4_mma``; the skinny GEMM where it cannot serve the operands)
-                                         / the weight reconstructed into a scratch buffer + cuBLAS (also the
-                                         W4A16 formats' ``exact``)
+a16           <= 64 / more               smoothing kernel + the register-operand GEMM (``gemm_w4_mma``;
+                                         one token of a layer without smoothing and low-rank, or where that
+                                         GEMM cannot serve the operands: the GEMV; more tokens there: the
+                                         skinny GEMM) / the weight reconstructed into a scratch buffer +
+                                         cuBLAS (also the W4A16 formats' ``exact``)
 fp8           <= 64 / more               ``a16`` / per-token fp8 activations x the weight expanded into an fp8
                                          buffer + one row-wise scaled ``torch._scaled_mm``
 ============  =========================  ============================================================
