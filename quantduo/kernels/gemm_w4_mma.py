@@ -48,7 +48,8 @@ GROUP = 64
 MAX_TOKENS = 64  # tokens served, in blocks of TOKENS_BLOCK (16 or 32: 2 or 4 mma B tiles of 8) per program
 WARPS = 4
 # groups of 64 inputs in flight per program by (token block, row tiles): the most within 168 registers per thread
-# (3 programs of 4 warps per SM; more registers cost programs per SM, which the sweep measured as slower)
+# (3 programs of 4 warps per SM; more registers cost programs per SM, which the sweep measured as slower), at least
+# one (32-token blocks with 2 row tiles: 193 registers with Triton 3.6's compiler)
 STAGES = {(16, 1): 4, (16, 2): 2, (32, 1): 2, (32, 2): 1}
 
 # nibble pairs (i, i + 4) of a word w, XOR 8, as two 16-bit (magic + u): lop3 LUT 0x6A = (a & b) ^ c; then
