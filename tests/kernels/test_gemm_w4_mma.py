@@ -7,6 +7,8 @@ configuration / input checks run; the numerics run on the GPU (``gpu`` marker).
 """
 from __future__ import annotations
 
+import multiprocessing
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -41,24 +43,46 @@ def _compile_for_hopper(pointers: dict, **constexprs):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": mma.WARPS})
 
 
-@pytest.mark.parametrize("row_tiles,split,lowrank,gelu,dtype,tokens,signed,stages", [
-    (2, 8, True, False, "bf16", 16, False, 4), (1, 1, False, True, "fp16", 32, True, 2),
-    (4, 3, True, True, "bf16", 16, False, 1), (1, 8, True, False, "bf16", 32, True, 3),
-    (2, 4, True, False, "fp16", 32, False, 2), (1, 8, True, True, "bf16", 16, True, 4)])
-def test_compiles_for_hopper(row_tiles, split, lowrank, gelu, dtype, tokens, signed, stages):
+# (row tiles, split, low-rank, GELU, dtype, token block, signed decode, groups in flight)
+COMPILE_CASES = [(2, 8, True, False, "bf16", 16, False, 4), (1, 1, False, True, "fp16", 32, True, 2),
+                 (4, 3, True, True, "bf16", 16, False, 1), (1, 8, True, False, "bf16", 32, True, 3),
+                 (2, 4, True, False, "fp16", 32, False, 2), (1, 8, True, True, "bf16", 16, True, 4)]
+
+
+def _compile_cases(cases):
+    """(PTX, shared bytes) of each COMPILE_CASES case."""
+    out = []
+    for row_tiles, split, lowrank, gelu, dtype, tokens, signed, stages in cases:
+        kernel = _compile_for_hopper(_pointer_types(dtype), HAS_LR=lowrank, RP=32, HAS_BIAS=True, GELU=gelu,
+                                     SPLIT_K=split, ROW_TILES=row_tiles, TOK=tokens, WARPS_=mma.WARPS,
+                                     ASM=mma._ASM[dtype, signed], OFFSET=0.0 if signed else mma._DECODE[dtype][4],
+                                     STAGES=stages)
+        out.append((kernel.asm["ptx"], kernel.metadata.shared))
+    return out
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """The compile cases, built in a fresh process: Triton's interpreter leaves ``triton.language`` patched after an
+    interpreted kernel calls a ``@triton.jit`` helper (Triton 3.9), which breaks later Gluon compiles in the same
+    process (``'block_argument' object has no attribute 'dtype'``; docs/kernel-notes.md item 42)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return dict(zip(COMPILE_CASES, pool.apply(_compile_cases, (COMPILE_CASES,))))
+
+
+@pytest.mark.parametrize("case", COMPILE_CASES)
+def test_compiles_for_hopper(compiled, case):
     """The kernel compiles for sm_90a (no GPU needed) with its decode free of data movement: the weight and
     activation operands of 16 / 32-token blocks are built by trivial layout conversions only (asserted while
     compiling), without shared memory in the main loop, and with the documented lop3 decode (and, signed, the
     packed fma that removes the magic number) in the PTX."""
-    magic, ptx_type, _, negative_magic, offset = mma._DECODE[dtype]
-    kernel = _compile_for_hopper(_pointer_types(dtype), HAS_LR=lowrank, RP=32, HAS_BIAS=True, GELU=gelu,
-                                 SPLIT_K=split, ROW_TILES=row_tiles, TOK=tokens, WARPS_=mma.WARPS,
-                                 ASM=mma._ASM[dtype, signed], OFFSET=0.0 if signed else offset, STAGES=stages)
-    ptx = kernel.asm["ptx"]
+    dtype, signed = case[4], case[6]
+    magic, ptx_type, _, negative_magic, _ = mma._DECODE[dtype]
+    ptx, shared = compiled[case]
     assert "mma.sync.aligned.m16n8k16" in ptx and ("bf16" if dtype == "bf16" else "f16") in ptx
     assert f"0x000F000F, {magic}, 0x6A" in ptx  # the format's decode constant
     assert (f"fma.rn.{ptx_type}" in ptx) == signed and (negative_magic in ptx) == signed
-    assert kernel.metadata.shared <= 4096  # only the epilogue's small conversions use shared memory
+    assert shared <= 4096  # only the epilogue's small conversions use shared memory
 
 
 def test_pick_config():
