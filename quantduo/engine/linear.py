@@ -312,22 +312,22 @@ def _a16_kernels(layer, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Te
     M = x2.shape[0]
     g64 = layer.group_size == 64
     identity = layer.smoothing_folded_out
-    mma = M <= SKINNY_MAX_TOKENS and g64 and gemm_w4_mma.supports(x2, layer.qweight, layer.wscales,
-                                                                   _low_rank_factors(layer)[1])
-    if M <= GEMV_MAX_TOKENS and g64 and (not mma or (identity and layer.rank == 0)):
+    lora_down, lora_up = _low_rank_factors(layer)
+    one_launch_gemv = identity and layer.rank == 0
+    if M <= GEMV_MAX_TOKENS and g64 and (
+            one_launch_gemv or not gemm_w4_mma.supports(x2, layer.qweight, layer.wscales, lora_up)):
         xs = x2 if identity else smooth_input(x2, layer.smooth_factor)
         return w4_gemv(xs, layer.qweight, layer.wscales, _lowrank_partials(layer, x2), layer.proj_up, bias, x2.dtype)
     if M <= SKINNY_MAX_TOKENS and g64 and x2.dtype != torch.float32:
-        lora_down, lora_up = _low_rank_factors(layer)
         if identity:
             xs, lxp = x2, _lowrank_partials(layer, x2)
         else:
             xs, _, lxp = act_quant(x2, layer.smooth_factor, None, lora_down, "smooth")
-        if mma and gemm_w4_mma.supports(xs, layer.qweight, layer.wscales, lora_up):
+        if gemm_w4_mma.supports(xs, layer.qweight, layer.wscales, lora_up):
             return gemm_w4_mma.w4a16_mma_gemm(xs, layer.qweight, layer.wscales, lxp, layer.proj_up, bias, x2.dtype)
         return w4_skinny_gemm(xs, None, layer.qweight, layer.wscales, lxp, layer.proj_up, bias, "none", x2.dtype)
     smooth = None if identity else layer.smooth_factor
-    w = dequant_w4(layer.qweight, layer.wscales, x2.dtype, layer.group_size, *_low_rank_factors(layer), smooth)
+    w = dequant_w4(layer.qweight, layer.wscales, x2.dtype, layer.group_size, lora_down, lora_up, smooth)
     return F.linear(x2, w, None if bias is None else bias.to(x2.dtype))
 
 
