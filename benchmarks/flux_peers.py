@@ -11,6 +11,9 @@ Variant names (``<name>`` and ``<name>+compile``; each eager and, with ``--cuda-
   ``SVDQuantLinear``, one for the text stream's). The fast path gives each of q, k, v its own SVD, so the fused layers
   hold a block-diagonal rank-3x32 branch; calibrated checkpoints share q/k/v's down-projection (rank 32), a little
   less work in the fp8 weight expansion;
+* ``<svdq variant>-tritonexp`` (last suffix): that variant with the fp8 weight expansion by the Triton kernel of
+  :mod:`quantduo.kernels.dequant_w4` instead of the Gluon kernel of :mod:`quantduo.kernels.expand_w4_mma` (the
+  default on CUDA): the two in one call;
 * ``svdq-fp8-fa8``: ``svdq-fp8`` with FP8 attention (:mod:`quantduo.integrations.fp8_attention`);
 * ``svdq-fp8-fbc``: ``svdq-fp8`` with the first-block cache (:mod:`quantduo.integrations.first_block_cache`),
   timed over ``--cache-steps`` consecutive steps of a FlowMatchEuler schedule (FLUX's scheduler), the latents
@@ -32,11 +35,14 @@ from torch import nn
 from quantduo.integrations.diffusers import fuse_qkv, unfuse_qkv
 from quantduo.integrations.first_block_cache import disable_first_block_cache, enable_first_block_cache
 from quantduo.integrations.fp8_attention import disable_fp8_attention, enable_fp8_attention
+from quantduo.kernels import fp8_linear
 from quantduo.utils import relative_error
 
 TORCHAO = ("torchao-fp8row", "torchao-fp8row-qkv")
 QKV = "-qkv"
 SPLIT = "-split"
+TRITON_EXPANSION = "-tritonexp"
+_GLUON_EXPANSION_DEFAULT = fp8_linear.GLUON_EXPANSION
 _SEPARATE_QKV = (".to_q", ".to_k", ".to_v", ".add_q_proj", ".add_k_proj", ".add_v_proj")
 
 
@@ -45,7 +51,8 @@ class VariantOptions:
     """What a variant name asks for: ``modules`` (the linear replacement of ``flux.variant_module``, or
     ``"torchao"``), fused QKV (``fuse_qkv``: diffusers' fusion before the linears are replaced; ``quantized_qkv``:
     quantduo's fusion of the quantized projections after), FP8 attention, first-block cache, the single blocks'
-    ``proj_out`` as two quantized halves (``split_proj_out``: what a default calibration and Nunchaku files hold)."""
+    ``proj_out`` as two quantized halves (``split_proj_out``: what a default calibration and Nunchaku files hold),
+    the fp8 expansion by the Triton kernel instead of the Gluon one (``triton_expansion``)."""
 
     modules: str
     fuse_qkv: bool = False
@@ -53,12 +60,15 @@ class VariantOptions:
     fp8_attention: bool = False
     first_block_cache: bool = False
     split_proj_out: bool = False
+    triton_expansion: bool = False
 
 
 def variant_options(base: str) -> VariantOptions:
     """Options of a variant name without ``+compile``."""
     if base in TORCHAO:
         return VariantOptions("torchao", fuse_qkv=base.endswith(QKV))
+    if base.startswith("svdq-") and base.endswith(TRITON_EXPANSION):
+        return replace(variant_options(base.removesuffix(TRITON_EXPANSION)), triton_expansion=True)
     if base.startswith("svdq-") and base.endswith(QKV):
         return replace(variant_options(base.removesuffix(QKV)), quantized_qkv=True)
     if base.startswith("svdq-") and base.endswith(SPLIT):
@@ -107,8 +117,9 @@ def model_linears(model: nn.Module, fused: bool) -> dict[str, nn.Linear]:
 
 
 def enable_features(model: nn.Module, options: VariantOptions) -> None:
-    """Fuse the quantized QKV projections, turn on FP8 attention (the first-block cache is
-    :func:`cache_measurement`'s)."""
+    """Fuse the quantized QKV projections, turn on FP8 attention, select the Triton fp8 expansion (the first-block
+    cache is :func:`cache_measurement`'s)."""
+    fp8_linear.GLUON_EXPANSION = not options.triton_expansion
     if options.quantized_qkv:
         report = fuse_qkv(model)
         if report.skipped or report.linear:
@@ -119,6 +130,7 @@ def enable_features(model: nn.Module, options: VariantOptions) -> None:
 
 def disable_features(model: nn.Module, options: VariantOptions) -> None:
     """Undo :func:`enable_features` and :func:`cache_measurement` (no-ops where they were off)."""
+    fp8_linear.GLUON_EXPANSION = _GLUON_EXPANSION_DEFAULT
     disable_fp8_attention(model)
     disable_first_block_cache(model)
     if options.quantized_qkv:

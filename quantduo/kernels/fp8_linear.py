@@ -10,16 +10,18 @@
   gelu_tanh(h))`` (FLUX single blocks) or ``gelu_tanh(h)`` alone (GELU MLPs), in the same single pass and without a
   16-bit copy of the wide input.
 * :func:`expand_w4_fp8` — the layer's whole weight (4-bit residual, low-rank branch and smoothing folded in, as
-  :mod:`.dequant_w4`) rounded to fp8 with the static per-channel scale ``s_w``.
-
-Under ``torch.compile`` the GELU row quantization and the expansion are ``triton_op`` operators
-(:func:`.common.kernel_op`): Inductor launches their Triton kernels from its generated code, without a Python call
-per layer (an opaque custom operator's dispatch costs tens of microseconds of host time, ~500 times per FLUX step);
-eager calls launch the kernels directly.
+  :mod:`.dequant_w4`) rounded to fp8 with the static per-channel scale ``s_w``: the Gluon kernel of
+  :mod:`.expand_w4_mma` on CUDA where it serves the operands, else the Triton kernel of :mod:`.dequant_w4`.
 * :func:`fp8_rowwise_gemm` — the row-wise scaled fp8 GEMM (``torch._scaled_mm`` on CUDA).
+
+Under ``torch.compile`` the GELU row quantization and the Triton expansion are ``triton_op`` operators
+(:func:`.common.kernel_op`): Inductor launches their Triton kernels from its generated code, without a Python call
+per layer. Inductor cannot launch Gluon kernels, so the Gluon expansion is an opaque custom operator there (a
+Python dispatch per layer, hidden by CUDA graphs); eager calls launch the kernels directly.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -29,8 +31,12 @@ from torch.library import wrap_triton
 
 from quantduo.formats.fp8 import quantize_fp8_per_token_ref
 
+from . import expand_w4_mma
 from .common import gelu_tanh, kernel_op, to_e4m3
 from .dequant_w4 import dequant_w4
+
+# the Gluon expansion where it serves the operands (QUANTDUO_FP8_EXPANSION=triton: always the Triton kernel)
+GLUON_EXPANSION = os.environ.get("QUANTDUO_FP8_EXPANSION", "auto") != "triton"
 
 
 @triton.jit
@@ -122,14 +128,34 @@ def expand_w4_fp8(qweight: torch.Tensor, wscales: torch.Tensor, lora_down: torch
                   group_size: int) -> torch.Tensor:
     """float8_e4m3fn ``[N, K]``: ``e4m3(clamp(W * inv_wscale[n], +-448))`` with ``W`` the reconstructed layer
     weight of :func:`~quantduo.kernels.dequant_w4.dequant_w4` (same arguments; inv_smooth and inv_wscale
-    float32 ``[K]`` / ``[N]``). While ``torch.compile`` traces: the operator ``quantduo::expand_w4_fp8``."""
+    float32 ``[K]`` / ``[N]``). On CUDA the Gluon kernel of :mod:`.expand_w4_mma` where it serves the operands
+    (``QUANTDUO_FP8_EXPANSION=triton`` in the environment keeps the Triton kernel), else the Triton kernel. While
+    ``torch.compile`` traces: the operator ``quantduo::expand_w4_fp8`` (Triton, launched by Inductor) or, for
+    operands the Gluon kernel may serve, the opaque ``quantduo::expand_w4_fp8_gluon``."""
     args = (qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size)
-    return _expand_w4_fp8_op(*args) if torch.compiler.is_compiling() else _launch_expansion(*args)
+    if torch.compiler.is_compiling():
+        return (_expand_w4_fp8_gluon_op if _gluon_candidate(*args) else _expand_w4_fp8_op)(*args)
+    return _expand_eager(*args)
+
+
+def _gluon_candidate(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size) -> bool:
+    """Whether the Gluon expansion may serve these operands, by their metadata (alignment and the device's compute
+    capability are checked when it runs)."""
+    return (GLUON_EXPANSION and group_size == expand_w4_mma.GROUP and qweight.is_cuda
+            and expand_w4_mma.shape_error(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale) is None)
+
+
+def _expand_eager(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size) -> torch.Tensor:
+    """The Gluon expansion where it serves the operands, else the Triton kernel."""
+    if _gluon_candidate(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size) and \
+            expand_w4_mma.supports(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale):
+        return expand_w4_mma.expand_w4_fp8_mma(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale)
+    return _launch_expansion(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size)
 
 
 def _launch_expansion(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size,
                       wrap: Callable | None = None) -> torch.Tensor:
-    """The expansion kernel of :func:`expand_w4_fp8`; wrap: ``wrap_triton`` inside a ``triton_op`` body."""
+    """The Triton expansion kernel of :func:`expand_w4_fp8`; wrap: ``wrap_triton`` inside a ``triton_op`` body."""
     return dequant_w4(qweight, wscales, torch.float8_e4m3fn, group_size, lora_down, lora_up, scratch=False,
                       row_scale=inv_wscale, inv_smooth=inv_smooth, wrap=wrap)
 
@@ -143,6 +169,17 @@ def _expand_w4_fp8_op(qweight: torch.Tensor, wscales: torch.Tensor, lora_down: t
                       lora_up: torch.Tensor | None, inv_smooth: torch.Tensor | None, inv_wscale: torch.Tensor,
                       group_size: int) -> torch.Tensor:
     return _launch_expansion(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size, wrap_triton)
+
+
+@torch.library.custom_op("quantduo::expand_w4_fp8_gluon", mutates_args=())
+def _expand_w4_fp8_gluon_op(qweight: torch.Tensor, wscales: torch.Tensor, lora_down: torch.Tensor | None,
+                            lora_up: torch.Tensor | None, inv_smooth: torch.Tensor | None, inv_wscale: torch.Tensor,
+                            group_size: int) -> torch.Tensor:
+    """Opaque to Inductor (it cannot launch Gluon kernels): one custom-operator call per layer."""
+    return _expand_eager(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size)
+
+
+_expand_w4_fp8_gluon_op.register_fake(_expand_shape)
 
 
 def fp8_rowwise_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,

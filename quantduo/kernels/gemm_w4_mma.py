@@ -137,7 +137,7 @@ def _act_operand(x, TOK: gl.constexpr, WARPS_: gl.constexpr):
 
 
 @gluon.jit
-def _halves(words, dt: gl.constexpr):
+def halves(words, dt: gl.constexpr):
     """int32 ``words`` -> their low and high 16-bit halves as ``dt`` (an asm statement: the compiler keeps the
     unpacking, and everything after it, where the halves are used instead of moving it up to the load)."""
     return gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [words], dtype=(dt.value, dt.value),
@@ -147,15 +147,15 @@ def _halves(words, dt: gl.constexpr):
 @gluon.jit
 def _activations(words, dt: gl.constexpr, TOK: gl.constexpr):
     """int32 words ``[TOK, 32]`` of 16-bit pairs -> ``[TOK, 64]`` ``dt`` activations in natural input order."""
-    lo, hi = _halves(words, dt)
+    lo, hi = halves(words, dt)
     return gl.reshape(gl.join(lo, hi), [TOK, 64])
 
 
 @gluon.jit
-def _scales(words, index, dt: gl.constexpr):
+def scales_from_words(words, index, dt: gl.constexpr):
     """float32 group scales from the int32 ``words`` holding them: the high half where the scale's 16-bit index
     ``index`` is odd."""
-    lo, hi = _halves(words, dt)
+    lo, hi = halves(words, dt)
     return gl.where((index & 1) == 1, hi, lo).to(gl.float32)
 
 
@@ -264,7 +264,7 @@ def _w4a16_mma_kernel(
                     d = mma_v2(_weight_operand(words, x, ASM, BN, WARPS_), xb, mma_v2(offset, xb, zero))
                 else:
                     d = mma_v2(_weight_operand(words, x, ASM, BN, WARPS_), xb, zero)
-                acc += _scales(s_word, s_index + (g + s) * stride_wsg, WS.dtype.element_ty)[:, None] * d
+                acc += scales_from_words(s_word, s_index + (g + s) * stride_wsg, WS.dtype.element_ty)[:, None] * d
                 weights = weights[:s] + (_load_weights(w_ptrs, s_words, g + s + STAGES, g_end, stride_wsg),) \
                     + weights[s + 1:]
                 acts = acts[:s] + (_load_activations(x_ptrs, g + s + STAGES, g_end),) + acts[s + 1:]

@@ -24,3 +24,19 @@ def test_float32_reference_is_the_float32_model_and_leaves_the_bf16_weights_unch
     assert relative_error(bf16_out, got) > 1e-3  # the BF16 execution is a different computation
     after = model.state_dict()
     assert all(after[k].dtype == torch.bfloat16 and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_variant_options_parse_suffixes_and_the_triton_expansion_switch():
+    """``-tritonexp`` selects the Triton fp8 expansion for that variant only: enable / disable restore the default."""
+    from benchmarks import flux_peers
+    from quantduo.kernels import fp8_linear
+
+    options = flux_peers.variant_options("svdq-auto-qkv-tritonexp")
+    assert options == flux_peers.VariantOptions("svdq-auto", quantized_qkv=True, triton_expansion=True)
+    assert flux_peers.variant_options("svdq-fp8").triton_expansion is False
+    default = fp8_linear.GLUON_EXPANSION
+    model = torch.nn.Linear(4, 4)
+    flux_peers.enable_features(model, flux_peers.VariantOptions("svdq-auto", triton_expansion=True))
+    assert fp8_linear.GLUON_EXPANSION is False
+    flux_peers.disable_features(model, options)
+    assert fp8_linear.GLUON_EXPANSION is default
