@@ -11,9 +11,9 @@ Variant names (``<name>`` and ``<name>+compile``; each eager and, with ``--cuda-
   ``SVDQuantLinear``, one for the text stream's). The fast path gives each of q, k, v its own SVD, so the fused layers
   hold a block-diagonal rank-3x32 branch; calibrated checkpoints share q/k/v's down-projection (rank 32), a little
   less work in the fp8 weight expansion;
-* ``<svdq variant>-tritonexp`` (last suffix): that variant with the fp8 weight expansion by the Triton kernel of
-  :mod:`quantduo.kernels.dequant_w4` instead of the Gluon kernel of :mod:`quantduo.kernels.expand_w4_mma` (the
-  default on CUDA): the two in one call;
+* ``<svdq variant>-tritonexp`` (last suffix): that variant with its eager fp8 weight expansions by the Triton kernel
+  of :mod:`quantduo.kernels.dequant_w4` instead of the Gluon kernel of :mod:`quantduo.kernels.expand_w4_mma` (the
+  eager default on CUDA; compiled models always launch the Triton kernel): the two in one call;
 * ``svdq-fp8-fa8``: ``svdq-fp8`` with FP8 attention (:mod:`quantduo.integrations.fp8_attention`);
 * ``svdq-fp8-fbc``: ``svdq-fp8`` with the first-block cache (:mod:`quantduo.integrations.first_block_cache`),
   timed over ``--cache-steps`` consecutive steps of a FlowMatchEuler schedule (FLUX's scheduler), the latents

@@ -10,14 +10,15 @@
   gelu_tanh(h))`` (FLUX single blocks) or ``gelu_tanh(h)`` alone (GELU MLPs), in the same single pass and without a
   16-bit copy of the wide input.
 * :func:`expand_w4_fp8` — the layer's whole weight (4-bit residual, low-rank branch and smoothing folded in, as
-  :mod:`.dequant_w4`) rounded to fp8 with the static per-channel scale ``s_w``: the Gluon kernel of
-  :mod:`.expand_w4_mma` on CUDA where it serves the operands, else the Triton kernel of :mod:`.dequant_w4`.
+  :mod:`.dequant_w4`) rounded to fp8 with the static per-channel scale ``s_w``: in eager calls on CUDA the Gluon
+  kernel of :mod:`.expand_w4_mma` where it serves the operands, else (and under ``torch.compile``) the Triton
+  kernel of :mod:`.dequant_w4`.
 * :func:`fp8_rowwise_gemm` — the row-wise scaled fp8 GEMM (``torch._scaled_mm`` on CUDA).
 
-Under ``torch.compile`` the GELU row quantization and the Triton expansion are ``triton_op`` operators
+Under ``torch.compile`` the GELU row quantization and the expansion are ``triton_op`` operators
 (:func:`.common.kernel_op`): Inductor launches their Triton kernels from its generated code, without a Python call
-per layer. Inductor cannot launch Gluon kernels, so the Gluon expansion is an opaque custom operator there (a
-Python dispatch per layer, hidden by CUDA graphs); eager calls launch the kernels directly.
+per layer (an opaque custom operator's dispatch costs tens of microseconds of host time, ~500 times per FLUX step);
+eager calls launch the kernels directly.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from . import expand_w4_mma
 from .common import gelu_tanh, kernel_op, to_e4m3
 from .dequant_w4 import dequant_w4
 
-# the Gluon expansion where it serves the operands (QUANTDUO_FP8_EXPANSION=triton: always the Triton kernel)
+# eager calls: the Gluon expansion where it serves the operands (QUANTDUO_FP8_EXPANSION=triton: the Triton kernel)
 GLUON_EXPANSION = os.environ.get("QUANTDUO_FP8_EXPANSION", "auto") != "triton"
 
 
@@ -128,29 +129,18 @@ def expand_w4_fp8(qweight: torch.Tensor, wscales: torch.Tensor, lora_down: torch
                   group_size: int) -> torch.Tensor:
     """float8_e4m3fn ``[N, K]``: ``e4m3(clamp(W * inv_wscale[n], +-448))`` with ``W`` the reconstructed layer
     weight of :func:`~quantduo.kernels.dequant_w4.dequant_w4` (same arguments; inv_smooth and inv_wscale
-    float32 ``[K]`` / ``[N]``). On CUDA the Gluon kernel of :mod:`.expand_w4_mma` where it serves the operands
-    (``QUANTDUO_FP8_EXPANSION=triton`` in the environment keeps the Triton kernel), else the Triton kernel. While
-    ``torch.compile`` traces: the operator ``quantduo::expand_w4_fp8`` (Triton, launched by Inductor) or, for
-    operands the Gluon kernel may serve, the opaque ``quantduo::expand_w4_fp8_gluon``."""
+    float32 ``[K]`` / ``[N]``). Eager calls on CUDA: the Gluon kernel of :mod:`.expand_w4_mma` where it serves the
+    operands (``QUANTDUO_FP8_EXPANSION=triton`` in the environment keeps the Triton kernel), else the Triton kernel.
+    While ``torch.compile`` traces: the operator ``quantduo::expand_w4_fp8``, the Triton kernel launched by Inductor
+    (Inductor cannot launch Gluon kernels, and as an opaque operator the Gluon one cost more host time than it saved
+    device time: BENCHMARKS.md, fifteenth session)."""
     args = (qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size)
     if torch.compiler.is_compiling():
-        return (_expand_w4_fp8_gluon_op if _gluon_candidate(*args) else _expand_w4_fp8_op)(*args)
-    return _expand_eager(*args)
-
-
-def _gluon_candidate(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size) -> bool:
-    """Whether the Gluon expansion may serve these operands, by their metadata (alignment and the device's compute
-    capability are checked when it runs)."""
-    return (GLUON_EXPANSION and group_size == expand_w4_mma.GROUP and qweight.is_cuda
-            and expand_w4_mma.shape_error(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale) is None)
-
-
-def _expand_eager(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size) -> torch.Tensor:
-    """The Gluon expansion where it serves the operands, else the Triton kernel."""
-    if _gluon_candidate(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size) and \
+        return _expand_w4_fp8_op(*args)
+    if GLUON_EXPANSION and group_size == expand_w4_mma.GROUP and \
             expand_w4_mma.supports(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale):
         return expand_w4_mma.expand_w4_fp8_mma(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale)
-    return _launch_expansion(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size)
+    return _launch_expansion(*args)
 
 
 def _launch_expansion(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size,
@@ -169,17 +159,6 @@ def _expand_w4_fp8_op(qweight: torch.Tensor, wscales: torch.Tensor, lora_down: t
                       lora_up: torch.Tensor | None, inv_smooth: torch.Tensor | None, inv_wscale: torch.Tensor,
                       group_size: int) -> torch.Tensor:
     return _launch_expansion(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size, wrap_triton)
-
-
-@torch.library.custom_op("quantduo::expand_w4_fp8_gluon", mutates_args=())
-def _expand_w4_fp8_gluon_op(qweight: torch.Tensor, wscales: torch.Tensor, lora_down: torch.Tensor | None,
-                            lora_up: torch.Tensor | None, inv_smooth: torch.Tensor | None, inv_wscale: torch.Tensor,
-                            group_size: int) -> torch.Tensor:
-    """Opaque to Inductor (it cannot launch Gluon kernels): one custom-operator call per layer."""
-    return _expand_eager(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size)
-
-
-_expand_w4_fp8_gluon_op.register_fake(_expand_shape)
 
 
 def fp8_rowwise_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
