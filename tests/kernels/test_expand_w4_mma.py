@@ -11,31 +11,20 @@ import multiprocessing
 
 import pytest
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.experimental.gluon._runtime import GluonASTSource
 
 from quantduo.formats import quantizers as qz
 from quantduo.formats import reference as ref
 from quantduo.kernels import expand_w4_mma as ex
 from quantduo.kernels.dequant_w4 import dequant_w4
 
+from .gluon_compile import compile_for_hopper
+
 
 def _compile_for_hopper(dtype: str, **constexprs):
     half = "*bf16" if dtype == "bf16" else "*fp16"
     pointers = {"W": "*i32", "WS": half, "LD": half, "LU": half, "INV_SMOOTH": "*fp32", "ROW_SCALE": "*fp32",
                 "OUT": "*fp8e4nv"}
-    fn = ex._expand_w4_kernel
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-            continue
-        signature[name] = pointers.get(name, "i32")
-        if name in pointers or name in ("N", "K"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    src = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": ex.WARPS})
+    return compile_for_hopper(ex._expand_w4_kernel, pointers, ("N", "K"), ex.WARPS, **constexprs)
 
 
 # (dtype, low rank R or 0, smoothing, row steps, stages)

@@ -13,14 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.experimental.gluon._runtime import GluonASTSource
 
 from quantduo.formats import quantizers as qz
 from quantduo.formats import reference as ref
 from quantduo.kernels import gemm_w4_mma as mma
 from quantduo.kernels.act_quant import act_quant
 from quantduo.utils import relative_error
+
+from .gluon_compile import compile_for_hopper
 
 def _pointer_types(dtype: str) -> dict:
     half = "*bf16" if dtype == "bf16" else "*fp16"
@@ -30,17 +30,8 @@ def _pointer_types(dtype: str) -> dict:
 
 def _compile_for_hopper(pointers: dict, **constexprs):
     """The kernel compiled for sm_90a with FLUX-shape specializations (16-divisible pointers, sizes, row strides)."""
-    fn = mma._w4a16_mma_kernel
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-            continue
-        signature[name] = pointers.get(name, "i32")
-        if name in pointers or name in ("N", "K", "stride_xm", "stride_wsn"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    src = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": mma.WARPS})
+    return compile_for_hopper(mma._w4a16_mma_kernel, pointers, ("N", "K", "stride_xm", "stride_wsn"), mma.WARPS,
+                              **constexprs)
 
 
 # (row tiles, split, low-rank, GELU, dtype, token block, signed decode, groups in flight)
