@@ -19,7 +19,8 @@ inputs ``16 t .. 16 t + 15`` of its rows: the two code words it loads, the four 
 conversion (asserted at compile time). The rank index is permuted the same way in both operands (thread ``t``
 holds ranks ``8 t .. 8 t + 7``: one 16-byte load per row of ``lora_up`` and of ``lora_down``), which leaves the
 rank-r sum unchanged. Runs on NVIDIA GPUs of compute capability 8.0 and above; Gluon has no interpreter, so CPU tests
-compile it for sm_90a and the Triton kernel of :mod:`.dequant_w4` is the CPU path.
+compile it for sm_90a and the Triton kernel of :mod:`.dequant_w4` is the CPU path. :func:`.fp8_linear.expand_w4_fp8`
+takes it for eager calls; compiled models keep the Triton kernel, which Inductor launches itself.
 """
 from __future__ import annotations
 
