@@ -137,7 +137,9 @@ def _load_step(w_ptrs, s_index, rs_ptrs, u_ptrs, WS32, row0, N, K, stride_wsn, v
                HAS_LR: gl.constexpr, R: gl.constexpr):
     """The row step at ``row0``, all 32-bit: code words ``[ROWS, 8]``, the words holding the scales ``[ROWS]``, the
     row scales ``[ROWS]`` and (HAS_LR) ``lora_up`` rank-pair words ``[ROWS, 16]``; zeros for rows past N or where
-    not ``valid``. The pointers (and the scales' 16-bit indices) are those of row step 0 of the program."""
+    not ``valid``. The pointers (and the scales' 16-bit indices) are those of row step 0 of the program. A scale at an
+    even index is read with the next 2 bytes, past the tensor for the last scale of an odd count: inside the
+    allocation (PyTorch rounds CUDA blocks to 512 bytes), and never used."""
     MMA: gl.constexpr = mma_layout(WARPS_)
     WL: gl.constexpr = word_layout(WARPS_, 1)
     UL: gl.constexpr = rows_by_lane_layout(WARPS_, 16, 4)
