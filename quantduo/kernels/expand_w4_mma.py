@@ -225,9 +225,8 @@ def _expand_w4_kernel(W, WS, LD, LU, INV_SMOOTH, ROW_SCALE, OUT, N, K, stride_ws
                                               HAS_LR, R),) + ring[s + 1:]
 
 
-def shape_error(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale) -> str | None:
-    """Why this kernel cannot take operands of these shapes and dtypes (one line), or None: metadata only, so it can
-    be asked while ``torch.compile`` traces (:func:`alignment_error` needs the real tensors)."""
+def _operand_error(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale) -> str | None:
+    """Why this kernel cannot take these operands (one line), or None."""
     N, K = qweight.shape[0], 2 * qweight.shape[1]
     if qweight.dtype != torch.uint8 or not qweight.is_contiguous() or K % GROUP:
         return f"qweight must be contiguous uint8 [N, K/2], K a multiple of {GROUP}"
@@ -245,11 +244,6 @@ def shape_error(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale) ->
         return f"inv_smooth must be contiguous float32 [K] = [{K}]"
     if inv_wscale.shape != (N,) or inv_wscale.dtype != torch.float32 or inv_wscale.stride(0) != 1:
         return f"inv_wscale must be contiguous float32 [N] = [{N}]"
-    return None
-
-
-def alignment_error(qweight, wscales, lora_down, lora_up, inv_smooth) -> str | None:
-    """Why the kernel's vector loads cannot read these tensors (one line), or None."""
     if qweight.data_ptr() % 16 or wscales.data_ptr() % 4 or any(
             t is not None and t.data_ptr() % 16 for t in (lora_down, lora_up, inv_smooth)):
         return ("qweight, the low-rank factors and inv_smooth need 16-byte aligned starts, wscales 4-byte (the kernel "
@@ -263,8 +257,7 @@ def supports(qweight: torch.Tensor, wscales: torch.Tensor, lora_down: torch.Tens
     codes, 16-bit group scales and low-rank factors of rank 8, 16, 24 or 32 in the scales' dtype, float32
     ``inv_smooth`` / ``inv_wscale``, aligned as the kernel's vector loads need."""
     return (qweight.is_cuda and torch.cuda.get_device_capability(qweight.device)[0] >= 8
-            and shape_error(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale) is None
-            and alignment_error(qweight, wscales, lora_down, lora_up, inv_smooth) is None)
+            and _operand_error(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale) is None)
 
 
 def pick_config(N: int, K: int) -> dict:
@@ -288,8 +281,7 @@ def expand_w4_fp8_mma(qweight: torch.Tensor, wscales: torch.Tensor, lora_down: t
     """
     if (lora_down is None) != (lora_up is None):
         raise ValueError("lora_down and lora_up come together")
-    error = (shape_error(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale)
-             or alignment_error(qweight, wscales, lora_down, lora_up, inv_smooth))
+    error = _operand_error(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale)
     if error:
         raise ValueError(error)
     if not qweight.is_cuda:
