@@ -1,0 +1,172 @@
+"""The Hopper W4A16 GEMM on ``wgmma`` (quantduo.kernels.gemm_w4_wgmma, Gluon) vs ``w4_gemv_ref`` (exact float32 INT4
+weights from the documented packing, float32 products, the low-rank / bias epilogue).
+
+Gluon has no interpreter: on the CPU the kernel is compiled for sm_90a (the conversion of the decoded codes into the
+wgmma's register A operand is asserted trivial while compiling, so a decode order that does not match the operand
+fails to compile) and its PTX is checked for the documented decode and copies; its configuration and input checks
+run; the numerics run on an H100 / H200 (``gpu`` marker).
+"""
+from __future__ import annotations
+
+import multiprocessing
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+
+from quantduo.formats import quantizers as qz
+from quantduo.formats import reference as ref
+from quantduo.kernels import gemm_w4_wgmma as wg
+from quantduo.kernels.act_quant import act_quant
+from quantduo.utils import relative_error
+
+from .gluon_compile import compile_for_hopper
+
+# (token block, stages, split, low-rank, GELU, dtype)
+COMPILE_CASES = [(128, 4, 4, True, False, "bf16"), (64, 3, 1, False, True, "fp16"), (64, 5, 8, True, True, "bf16")]
+
+
+def _compile_cases(cases):
+    """(PTX, shared bytes) of each COMPILE_CASES case (FLUX-shape specializations: 16-divisible pointers, sizes and
+    row strides)."""
+    out = []
+    for tokens, stages, split, lowrank, gelu, dtype in cases:
+        half = "*bf16" if dtype == "bf16" else "*fp16"
+        pointers = {"X": half, "W": "*i32", "WS": half, "LXP": "*fp32", "LU": half, "BIAS": half, "OUT": half,
+                    "PART": "*fp32", "COUNTS": "*i32"}
+        kernel = compile_for_hopper(wg._w4a16_wgmma_kernel, pointers, ("N", "K", "stride_xm", "stride_wsn"), 4,
+                                    HAS_LR=lowrank, RP=32, HAS_BIAS=True, GELU=gelu, SPLIT_K=split, TOK=tokens,
+                                    STAGES=stages, ASM=wg._ASM[dtype])
+        out.append((kernel.asm["ptx"], kernel.metadata.shared))
+    return out
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """The compile cases, built in a fresh process (Triton's interpreter breaks later Gluon compiles in the same
+    process: docs/kernel-notes.md item 42)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return dict(zip(COMPILE_CASES, pool.apply(_compile_cases, (COMPILE_CASES,))))
+
+
+@pytest.mark.parametrize("case", COMPILE_CASES)
+def test_compiles_for_hopper(compiled, case):
+    """sm_90a PTX with the documented pieces: ``wgmma`` with the A operand in registers (``m64nTOKk16``), the
+    activation tiles copied 16 bytes at a time, the byte selector ``0x4400 + 0x1111 c`` of the quad lane, the
+    format's ``lop3`` constant, the two packed ``fma`` (magic removed, scale applied), a ring of ``STAGES`` slots of
+    activations, codes and scale words in shared memory."""
+    tokens, stages, split, lowrank, gelu, dtype = case
+    magic, ptx_type, _, negative_magic, _ = wg.DECODE[dtype]
+    ptx, smem = compiled[case]
+    assert re.search(rf"wgmma\.mma_async\.sync\.aligned\.m64n{tokens}k16\.f32\.{ptx_type[:-2]}", ptx)
+    assert re.search(r"wgmma\.mma_async[^;]*\}, \{%r\d+,%r\d+,%r\d+,%r\d+\}, %rd\d+", ptx)  # A: 4 registers
+    assert re.search(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], 0x10", ptx)
+    assert "0x1111, 0x4400" in ptx and f"0x000F000F, {magic}, 0x6A" in ptx and negative_magic in ptx
+    assert ptx.count(f"fma.rn.{ptx_type}") >= 2
+    assert smem >= stages * (tokens * 64 * 2 + 64 * 32 + 64 * 4)
+
+
+def test_pick_config():
+    """64-token blocks up to 64 tokens and 128 above, 4 ring slots, SPLIT_K a divisor of the groups reaching the
+    program target when the groups allow it."""
+    for N, K in [(3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288), (80, 192)]:
+        for M in (33, 64, 65, 128, 200, 256):
+            cfg = wg.pick_config(M, N, K)
+            groups = K // 64
+            tiles = triton.cdiv(N, 64) * triton.cdiv(M, cfg["TOKENS_BLOCK"])
+            assert groups % cfg["SPLIT_K"] == 0
+            assert tiles * cfg["SPLIT_K"] >= 264 or cfg["SPLIT_K"] == groups
+            assert cfg["TOKENS_BLOCK"] == (64 if M <= 64 else 128) and cfg["STAGES"] == 4
+
+
+def test_bad_inputs():
+    """Clear errors instead of a wrong answer (checked before any launch)."""
+    qw = torch.zeros(64, 64, dtype=torch.uint8)
+    ws = torch.ones(64, 2, dtype=torch.bfloat16)
+    a = torch.zeros(100, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="M <= 256"):
+        wg.w4a16_wgmma_gemm(torch.zeros(257, 128, dtype=torch.bfloat16), qw, ws, None, None, None, torch.bfloat16)
+    with pytest.raises(ValueError, match="wscales"):
+        wg.w4a16_wgmma_gemm(a, qw, ws[:, :1], None, None, None, torch.bfloat16)
+    with pytest.raises(ValueError, match="qweight"):
+        wg.w4a16_wgmma_gemm(a, qw[:, :40].contiguous(), ws, None, None, None, torch.bfloat16)
+    with pytest.raises(ValueError, match="float16/bfloat16"):
+        wg.w4a16_wgmma_gemm(a.float(), qw, ws, None, None, None, torch.bfloat16)
+    for bad in (dict(SPLIT_K=3), dict(TOKENS_BLOCK=32), dict(STAGES=2)):
+        with pytest.raises(ValueError, match="config"):
+            wg.w4a16_wgmma_gemm(a, qw, ws, None, None, None, torch.bfloat16, config=bad)
+    assert not wg.supports(a, qw, ws, None)  # CPU tensors: other paths serve them
+
+
+def test_launch_passes_every_parameter(monkeypatch):
+    """The wrapper binds every kernel parameter (checked against the kernel's own signature: Gluon kernels do not
+    run on the CPU) and launches one program per (64-row tile x token block, K slice)."""
+    names = list(wg._w4a16_wgmma_kernel.arg_names)
+    launches = []
+
+    class Launcher:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
+
+    monkeypatch.setattr(wg, "_w4a16_wgmma_kernel", Launcher())
+    a = torch.zeros(130, 128, dtype=torch.bfloat16)
+    qw = torch.zeros(300, 64, dtype=torch.uint8)
+    ws = torch.ones(300, 2, dtype=torch.bfloat16)
+    wg.w4a16_wgmma_gemm(a, qw, ws, None, None, None, torch.bfloat16, config=dict(SPLIT_K=2))
+    (grid, args, kwargs), = launches
+    bound = names[:len(args)] + [k for k in kwargs if k in names]
+    assert sorted(bound) == sorted(names)
+    assert grid == (5 * 2, 2)  # 300 rows / 64 = 5 row tiles x 2 blocks of 128 tokens
+
+
+def _operands(M, N, K, r, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(M, K, generator=g) * 2).to(dtype).cuda()
+    smooth = (torch.rand(K, generator=g) + 0.5).to(dtype).cuda()
+    down = (torch.randn(K, max(r, 1), generator=g) * 0.1).to(dtype).cuda()
+    up = (torch.randn(N, max(r, 1), generator=g) * 0.1).to(dtype).cuda()
+    qw = qz.pack_int4(torch.randint(-8, 8, (N, K), generator=g, dtype=torch.int8)).cuda()
+    ws = (torch.rand(N, K // 64, generator=g) * 0.02 + 0.001).to(dtype).cuda()
+    bias = torch.randn(N, generator=g).to(dtype).cuda()
+    a, _, lxp = act_quant(x, smooth, None, down if r else None, "smooth")
+    return a, qw, ws, lxp, (up if r else None), bias
+
+
+needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                                  reason="wgmma needs an sm_90 GPU")
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("M", [33, 64, 65, 128, 200, 256])
+@pytest.mark.parametrize("N,K,r,config,dtype,gelu", [
+    (3072, 3072, 32, None, torch.bfloat16, False), (200, 192, 32, dict(SPLIT_K=3), torch.bfloat16, True),
+    (80, 512, 0, dict(SPLIT_K=1, TOKENS_BLOCK=128), torch.float16, False),
+    (12288, 3072, 16, dict(TOKENS_BLOCK=64, STAGES=3), torch.float16, True),
+    (3072, 12288, 32, dict(SPLIT_K=64, STAGES=5), torch.bfloat16, False),
+    (200, 960, 32, dict(SPLIT_K=1, STAGES=4, scales="transposed"), torch.bfloat16, False),
+    (136, 1216, 16, dict(SPLIT_K=1, STAGES=3, scales="float16"), torch.bfloat16, True)])
+def test_gpu_w4a16_wgmma_gemm(M, N, K, r, config, dtype, gelu):
+    """Every nibble value, row edges, 33-256 tokens in blocks of 64 / 128 (partial blocks), K split 1 / 3 / 64 ways
+    or by the default, 3-5 ring slots with slices of 1, 15 or 19 groups, odd and transposed scale strides, float16
+    scales under bfloat16, low-rank, bias, GELU, bf16 and fp16 vs the exact-weight reference (the weights enter the
+    tensor cores as q * s rounded once to 16 bits: bf16 2**-9, fp16 2**-11 relative); a second call gives the same
+    result (workspace and counters reset)."""
+    config = dict(config or {})
+    scales = config.pop("scales", None)
+    a, qw, ws, lxp, up, bias = _operands(M, N, K, r, dtype)
+    if scales == "transposed":
+        ws = ws.t().contiguous().t()
+    elif scales == "float16":
+        ws = ws.to(torch.float16)
+    y = wg.w4a16_wgmma_gemm(a, qw, ws, lxp, up, bias, dtype, gelu=gelu, config=config)
+    y_ref = ref.w4_gemv_ref(a, qw, ws, lxp.sum(0) if r else None, up, bias, dtype)
+    if gelu:
+        y_ref = F.gelu(y_ref.float(), approximate="tanh").to(dtype)
+    assert y.shape == (M, N) and torch.isfinite(y).all()
+    tolerance = 4e-3 if dtype == torch.bfloat16 else 1e-3
+    assert relative_error(y, y_ref) < tolerance
+    again = wg.w4a16_wgmma_gemm(a, qw, ws, lxp, up, bias, dtype, gelu=gelu, config=config)
+    assert torch.equal(again, y) or relative_error(again, y_ref) < tolerance
