@@ -8,7 +8,7 @@ into fp8 for ``_scaled_mm`` above 64 tokens); the new GEMM alone (rank-32 + bias
     PYTHONPATH=. python3 benchmarks/gemm_w4_wgmma.py [--sweep] [--tokens 64 128 256] [--shapes 3072x3072 ...]
                                                   [--skip-check] [--out DIR]
 
-``--sweep`` adds a configuration sweep (token block x ring slots, and the program count) at 64, 128 and 256 tokens.
+``--sweep`` adds a configuration sweep (token block x ring slots, and the program count), by default at 64, 128 and 256 tokens.
 Writes ``gemm_w4_wgmma.json`` to DIR.
 """
 from __future__ import annotations
@@ -124,7 +124,8 @@ def time_shape(M, N, K, with_sweep: bool) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sweep", action="store_true", help="also sweep the configurations at 64, 128 and 256 tokens")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the configurations (at --sweep-tokens)")
+    ap.add_argument("--sweep-tokens", type=int, nargs="+", default=list(SWEEP_TOKENS))
     ap.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
     ap.add_argument("--skip-check", action="store_true", help="timings only (the GPU tests check the numerics)")
     ap.add_argument("--shapes", nargs="+", type=B.layer_shape, default=list(L.SHAPES),
@@ -139,7 +140,7 @@ def main():
         t0 = time.time()
         bad = check_correctness()
         log(f"correctness done in {time.time() - t0:.1f} s, bad={bad}")
-    results = {f"{M}_{N}x{K}": time_shape(M, N, K, args.sweep and M in SWEEP_TOKENS) for M in args.tokens for (N, K) in args.shapes}
+    results = {f"{M}_{N}x{K}": time_shape(M, N, K, args.sweep and M in args.sweep_tokens) for M in args.tokens for (N, K) in args.shapes}
     log("\n| M | N x K | wgmma GEMM | best swept | kernel 1 + wgmma | mma GEMM | a16 layer | fp8 layer | bf16 us |\n"
         "|---|---|---|---|---|---|---|---|---|")
     for key, t in results.items():
