@@ -6,10 +6,10 @@ into fp8 for ``_scaled_mm`` above 64 tokens); the new GEMM alone (rank-32 + bias
 + the GEMM). CUDA-graph replays over rotating buffers (us).
 
     PYTHONPATH=. python3 benchmarks/gemm_w4_wgmma.py [--sweep] [--tokens 64 128 256] [--shapes 3072x3072 ...]
-                                                  [--skip-check] [--out DIR]
+                                                  [--sweep-tokens 128] [--skip-check] [--out DIR]
 
-``--sweep`` adds a configuration sweep (token block x ring slots, and the program count), by default at 64, 128 and 256 tokens.
-Writes ``gemm_w4_wgmma.json`` to DIR.
+``--sweep`` adds a configuration sweep (token block x ring slots, and the program count) at ``--sweep-tokens``
+(default 64, 128 and 256). Writes ``gemm_w4_wgmma.json`` to DIR.
 """
 from __future__ import annotations
 
