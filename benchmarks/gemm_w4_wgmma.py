@@ -140,7 +140,8 @@ def main():
         t0 = time.time()
         bad = check_correctness()
         log(f"correctness done in {time.time() - t0:.1f} s, bad={bad}")
-    results = {f"{M}_{N}x{K}": time_shape(M, N, K, args.sweep and M in args.sweep_tokens) for M in args.tokens for (N, K) in args.shapes}
+    results = {f"{M}_{N}x{K}": time_shape(M, N, K, args.sweep and M in args.sweep_tokens)
+               for M in args.tokens for (N, K) in args.shapes}
     log("\n| M | N x K | wgmma GEMM | best swept | kernel 1 + wgmma | mma GEMM | a16 layer | fp8 layer | bf16 us |\n"
         "|---|---|---|---|---|---|---|---|---|")
     for key, t in results.items():

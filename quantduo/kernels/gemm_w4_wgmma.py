@@ -93,13 +93,15 @@ def tile_smem_layout():
 @gluon.constexpr_function
 def copy_layout():
     """Activation tiles ``[tokens, 64]`` for ``cp.async``: 8 contiguous 16-bit values (16 bytes) per copy."""
-    return gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[WARPS.value, 1], order=[1, 0])
+    return gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[WARPS.value, 1],
+                            order=[1, 0])
 
 
 @gluon.constexpr_function
 def word_copy_layout():
     """Code words ``[64, 8]`` int32 for ``cp.async``: 4 words (16 bytes) per copy."""
-    return gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[16, 2], warps_per_cta=[WARPS.value, 1], order=[1, 0])
+    return gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[16, 2], warps_per_cta=[WARPS.value, 1],
+                            order=[1, 0])
 
 
 @gluon.jit
