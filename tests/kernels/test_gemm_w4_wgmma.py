@@ -68,6 +68,72 @@ def test_compiles_for_hopper(compiled, case):
     assert smem >= stages * (tokens * 64 * 2 + 64 * 32 + 64 * 4)
 
 
+def _run_ptx(asm: str, inputs: dict) -> dict:
+    """A tiny interpreter of the PTX the decode uses (``mov``, ``shr.u32``, ``mad.lo.u32``, ``prmt.b32`` default
+    mode, ``lop3.b32``, packed ``fma.rn`` on bf16x2 / f16x2), from the PTX ISA's definitions: returns the ``$n``
+    operands after the block, 16-bit outputs as raw bit patterns."""
+    regs = dict(inputs)
+
+    def val(tok):
+        tok = tok.strip()
+        return int(tok, 16) if tok.startswith("0x") else int(tok) if tok.isdigit() else regs[tok]
+
+    def halves_as(bits, dtype):
+        return torch.tensor([bits & 0xFFFF, bits >> 16], dtype=torch.int32).to(torch.int16).view(dtype).double()
+
+    for line in re.split(r";\s*", asm.replace("{\n", "").replace("\n}", "")):
+        line = line.strip()
+        if not line or line.startswith(".reg") or line in "{}":
+            continue
+        op, rest = line.split(None, 1)
+        if op == "mov.b32" and rest.startswith("{"):
+            lo, hi, src = re.match(r"\{(\S+), (\S+)\}, (\S+)", rest).groups()
+            regs[lo], regs[hi] = val(src) & 0xFFFF, val(src) >> 16
+            continue
+        dst, *args = [t.strip() for t in rest.split(",")]
+        a = [val(t) for t in args]
+        if op == "mov.b32":
+            regs[dst] = a[0]
+        elif op == "shr.u32":
+            regs[dst] = a[0] >> a[1]
+        elif op == "mad.lo.u32":
+            regs[dst] = (a[0] * a[1] + a[2]) & 0xFFFFFFFF
+        elif op == "prmt.b32":
+            source = [(a[0] >> 8 * i) & 0xFF for i in range(4)] + [(a[1] >> 8 * i) & 0xFF for i in range(4)]
+            regs[dst] = sum(source[(a[2] >> 4 * i) & 7] << 8 * i for i in range(4))
+        elif op == "lop3.b32":
+            regs[dst] = sum(((a[3] >> (4 * ((a[0] >> i) & 1) + 2 * ((a[1] >> i) & 1) + ((a[2] >> i) & 1))) & 1) << i
+                            for i in range(32))
+        elif op in ("fma.rn.bf16x2", "fma.rn.f16x2"):
+            dtype = torch.bfloat16 if "bf16" in op else torch.float16
+            r = (halves_as(a[0], dtype) * halves_as(a[1], dtype) + halves_as(a[2], dtype)).to(dtype)
+            bits = r.view(torch.int16).to(torch.int32) & 0xFFFF
+            regs[dst] = int(bits[0]) | int(bits[1]) << 16
+        else:
+            raise AssertionError(f"unexpected PTX {op}")
+    return regs
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_decode_gives_lane_bytes_in_natural_order(dtype):
+    """The decode, run by a PTX interpreter on codes packed as the format documents (two per byte, the even input in
+    the low nibble): quad lane ``c`` gets, from code word ``m``, the weights of inputs ``8 m + 2 c`` and ``+ 1`` times
+    the group scale, rounded once to 16 bits, for every code value -8..7 and a scale in either half of its word."""
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
+    g = torch.Generator().manual_seed(1)
+    q = torch.cat([torch.arange(-8, 8), torch.randint(-8, 8, (48,), generator=g)]).to(torch.int8)
+    words = qz.pack_int4(q).view(torch.int32)  # 64 inputs -> 8 little-endian words
+    scale = torch.tensor([0.0123], dtype=torch_dtype)
+    scale_bits = int(scale.view(torch.int16).to(torch.int32)) & 0xFFFF
+    expected = (q.double() * scale.double()).to(torch_dtype)
+    for m in range(8):
+        for c in range(4):
+            for scale_word in (scale_bits, scale_bits | 0x5A5A0000):  # the high half is ignored
+                regs = _run_ptx(wg._ASM[dtype], {"$2": int(words[m]) & 0xFFFFFFFF, "$3": c, "$4": scale_word})
+                got = torch.tensor([regs["$0"], regs["$1"]], dtype=torch.int32).to(torch.int16).view(torch_dtype)
+                assert torch.equal(got, expected[8 * m + 2 * c: 8 * m + 2 * c + 2]), (m, c)
+
+
 def test_pick_config():
     """64-token blocks up to 64 tokens and 128 above, 4 ring slots, SPLIT_K a divisor of the groups reaching the
     program target when the groups allow it."""
