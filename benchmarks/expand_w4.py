@@ -25,6 +25,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import linear as L  # noqa: E402  (benchmarks/linear.py: random layers, time_graph)
 
+from quantduo.formats.fp8 import fp8_steps_apart  # noqa: E402
 from quantduo.kernels import expand_w4_mma  # noqa: E402
 from quantduo.kernels.dequant_w4 import dequant_w4  # noqa: E402
 from quantduo.utils import atomic_write  # noqa: E402
@@ -53,17 +54,9 @@ def gluon_expansion(m, config=None):
                                            m.fp8_inv_wscale, config)
 
 
-def codes_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Steps between fp8 codes (sign-magnitude ordinals)."""
-    def ordinal(t):
-        u = t.view(torch.uint8).int()
-        return torch.where(u >= 128, -(u - 128), u)
-    return (ordinal(a) - ordinal(b)).abs()
-
-
 def measure(N: int, K: int, sweep: bool) -> dict:
     layers = [L.random_module(N, K, execution="fp8") for _ in range(min(8, math.ceil(L.L2_DEFEAT_BYTES / (N * K))))]
-    apart = codes_apart(triton_expansion(layers[0]), gluon_expansion(layers[0]))
+    apart = fp8_steps_apart(triton_expansion(layers[0]), gluon_expansion(layers[0]))
 
     def timed(fn):
         cycle = itertools.cycle(layers)

@@ -43,3 +43,12 @@ def quantize_fp8_weight(weight: torch.Tensor, inv_scale: torch.Tensor) -> torch.
     """``e4m3(clamp(W * inv_scale[n], +-448))`` of ``weight [N, K]`` as float32 codes ``[N, K]``."""
     w = weight.float() * inv_scale.float()[:, None]
     return w.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
+
+
+def fp8_steps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many representable values lie between float8_e4m3fn codes ``a`` and ``b`` (same shape), as int32: the
+    sign-magnitude codes as signed ordinals, so the step across zero counts once per side and -0 equals +0."""
+    def ordinal(codes: torch.Tensor) -> torch.Tensor:
+        u = codes.view(torch.uint8).int()
+        return torch.where(u >= 128, -(u - 128), u)
+    return (ordinal(a) - ordinal(b)).abs()

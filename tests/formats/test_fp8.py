@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quantduo.formats.fp8 import fp8_channel_scale, quantize_fp8_per_token_ref, quantize_fp8_weight
+from quantduo.formats.fp8 import fp8_channel_scale, fp8_steps_apart, quantize_fp8_per_token_ref, quantize_fp8_weight
 from quantduo.formats.quantizers import FP8_E4M3_MAX
 
 
@@ -52,3 +52,10 @@ def test_weight_scale_and_codes():
     assert torch.equal(codes, codes.to(torch.float8_e4m3fn).float())  # exact fp8 values
     assert codes.abs().amax(1)[torch.arange(8) != 5].le(448).all() and not codes[5].any()
     assert torch.equal(quantize_fp8_weight(w * 1e3, torch.ones(8)).abs().amax(), torch.tensor(448.0))  # saturates
+
+
+def test_fp8_steps_apart_counts_steps_across_zero():
+    a = torch.tensor([0.0, 1.0, -1.0, 448.0, -0.0]).to(torch.float8_e4m3fn)
+    b = torch.tensor([0.0, 1.125, 1.0, 416.0, 0.0]).to(torch.float8_e4m3fn)
+    # 1 -> 1.125 is one step; -1 -> 1 crosses zero (56 steps each side); 448 -> 416 one step; -0 == +0
+    assert fp8_steps_apart(a, b).tolist() == [0, 1, 112, 1, 0]

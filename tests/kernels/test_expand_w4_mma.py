@@ -14,6 +14,7 @@ import torch
 
 from quantduo.formats import quantizers as qz
 from quantduo.formats import reference as ref
+from quantduo.formats.fp8 import fp8_steps_apart
 from quantduo.kernels import expand_w4_mma as ex
 from quantduo.kernels.dequant_w4 import dequant_w4
 
@@ -93,14 +94,6 @@ def test_rejects_operands():
         ex.expand_w4_fp8_mma(qw, scales, None, None, inv_smooth, inv_wscale)
 
 
-def _codes_apart(got, expected):
-    """Steps between fp8 codes as signed ordinals (sign-magnitude -> integer)."""
-    def ordinal(t):
-        u = t.view(torch.uint8).int()
-        return torch.where(u >= 128, -(u - 128), u)
-    return (ordinal(got) - ordinal(expected)).abs()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("N,K,rank,dtype,smoothed,config", [
     (3072, 1024, 32, torch.bfloat16, True, None),
@@ -120,7 +113,7 @@ def test_matches_reference(N, K, rank, dtype, smoothed, config):
     got = ex.expand_w4_fp8_mma(qw, scales, down, up, inv_smooth, inv_wscale, config)
     expected = w8.clamp(-448, 448).to(torch.float8_e4m3fn).cuda()
     assert got.dtype == torch.float8_e4m3fn and got.shape == (N, K)
-    apart = _codes_apart(got, expected)
+    apart = fp8_steps_apart(got, expected)
     assert apart.max() <= 1 and apart.float().mean() < 1e-3
     triton_codes = dequant_w4(qw, scales, torch.float8_e4m3fn, 64, down, up, scratch=False, row_scale=inv_wscale,
                               inv_smooth=inv_smooth)
@@ -128,7 +121,7 @@ def test_matches_reference(N, K, rank, dtype, smoothed, config):
         assert torch.equal(got.view(torch.uint8), triton_codes.view(torch.uint8))
         if not smoothed:
             assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
-    assert _codes_apart(got, triton_codes).max() <= 1
+    assert fp8_steps_apart(got, triton_codes).max() <= 1
 
 
 @pytest.mark.gpu

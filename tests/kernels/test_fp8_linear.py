@@ -17,7 +17,8 @@ from torch._inductor.utils import run_and_get_code
 
 from quantduo.formats import quantizers as qz
 from quantduo.formats import reference as ref
-from quantduo.formats.fp8 import fp8_channel_scale, quantize_fp8_per_token_ref, quantize_fp8_weight
+from quantduo.formats.fp8 import (fp8_channel_scale, fp8_steps_apart, quantize_fp8_per_token_ref,
+                                  quantize_fp8_weight)
 from quantduo.kernels.fp8_linear import expand_w4_fp8, fp8_rowwise_gemm, quantize_fp8_per_token
 from quantduo.utils import relative_error
 
@@ -43,12 +44,6 @@ def test_quantize_fp8_per_token(dtype, k):
     assert relative_error(deq, x.float()) < 0.04  # 3 mantissa bits
 
 
-def _fp8_ordinal(q: torch.Tensor) -> torch.Tensor:
-    """float8_e4m3fn codes as signed step counts from zero (sign-magnitude -> integer; -0 and +0 both 0)."""
-    b = q.view(torch.uint8).int()
-    return torch.where(b >= 128, -(b - 128), b)
-
-
 @pytest.mark.parametrize("kx,kg", [(0, 320), (128, 512), (100, 60)])
 def test_quantize_fp8_per_token_gelu(kx, kg):
     """Rows of cat(x, gelu_tanh(h)) formed inside the row kernel: the reference's scales (to float32 rounding of the
@@ -61,7 +56,7 @@ def test_quantize_fp8_per_token_gelu(kx, kg):
     q_ref, scale_ref = quantize_fp8_per_token_ref(x, h)
     assert q.shape == (9, kx + kg) and q.dtype == torch.float8_e4m3fn
     torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
-    codes_apart = (_fp8_ordinal(q) - _fp8_ordinal(q_ref)).abs()  # -0 and +0 (GELU of very negative inputs) alike
+    codes_apart = fp8_steps_apart(q, q_ref)  # -0 and +0 (GELU of very negative inputs) alike
     assert codes_apart.max() <= 1 and codes_apart.float().mean() < 1e-2
     expected = torch.cat([t for t in (x, nn.functional.gelu(h, approximate="tanh")) if t is not None], dim=1)
     assert relative_error(q.float() * scale[:, None], expected) < 0.04
@@ -98,7 +93,7 @@ def test_expand_w4_fp8(rank, smoothed, dtype):
     got = expand_w4_fp8(qw, scales, down, up, None if smooth is None else 1 / smooth, inv_wscale, 64)
     expected = quantize_fp8_weight(w, inv_wscale)
     assert got.dtype == torch.float8_e4m3fn and got.shape == (N, K)
-    codes_apart = (_fp8_ordinal(got) - _fp8_ordinal(expected.to(torch.float8_e4m3fn))).abs()
+    codes_apart = fp8_steps_apart(got, expected.to(torch.float8_e4m3fn))
     assert codes_apart.max() <= 1 and codes_apart.float().mean() < 1e-3
     if not rank and not smoothed:
         assert torch.equal(got.float(), expected)
