@@ -7,6 +7,7 @@ import torch
 
 from quantduo.formats import quantizers as qz
 from quantduo.formats import reference as ref
+from quantduo.formats.fp8 import fp8_steps_apart
 from quantduo.kernels.dequant_w4 import dequant_w4
 from quantduo.utils import relative_error
 
@@ -71,7 +72,7 @@ def test_dequant_w4_fp8(rank, smoothed):
                      inv_smooth=None if smooth is None else 1 / smooth)
     expected = (w * row_scale[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
     assert got.dtype == torch.float8_e4m3fn and got.shape == (N, K)
-    codes_apart = (got.view(torch.uint8).int() - expected.view(torch.uint8).int()).abs()
+    codes_apart = fp8_steps_apart(got, expected)
     assert codes_apart.max() <= 1 and codes_apart.float().mean() < 1e-3
     if not rank:
         assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
@@ -110,5 +111,5 @@ def test_gpu_dequant_w4(n, k, group):
     got8 = dequant_w4(qw, scales, torch.float8_e4m3fn, group, down, up, scratch=False, row_scale=row_scale,
                       inv_smooth=1 / smooth)
     expected8 = (w * row_scale[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
-    codes_apart = (got8.view(torch.uint8).int() - expected8.view(torch.uint8).int()).abs()
+    codes_apart = fp8_steps_apart(got8, expected8)
     assert codes_apart.max() <= 1 and codes_apart.float().mean() < 1e-3
