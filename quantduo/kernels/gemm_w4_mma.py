@@ -331,6 +331,19 @@ def operand_error(a: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor,
     return None
 
 
+def launch_operands(a, qweight, wscales, lxp, lora_up, bias, out, part, counts, split: int, gelu: bool):
+    """The arguments every W4A16 GEMM of this family takes, in its kernels' order (``X, W, WS, LXP, LU, BIAS, OUT,
+    PART, COUNTS, M, N, K, GROUPS_PER_SPLIT, S, R, stride_xm, stride_wsn, stride_wsg``; absent operands replaced by
+    an unread tensor), and the epilogue's constexprs (``HAS_LR, RP, HAS_BIAS, GELU, SPLIT_K``)."""
+    (M, K), N = a.shape, qweight.shape[0]
+    r = 0 if lxp is None else lxp.shape[2]
+    unread = qweight
+    args = (a, qweight.view(torch.int32), wscales, lxp if r else unread, lora_up if r else unread,
+            unread if bias is None else bias, out, part, counts, M, N, K, K // GROUP // split,
+            lxp.shape[0] if r else 0, r, a.stride(0), wscales.stride(0), wscales.stride(1))
+    return args, dict(HAS_LR=r > 0, RP=rank_pad(r), HAS_BIAS=bias is not None, GELU=gelu, SPLIT_K=split)
+
+
 def supports(a: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor,
              lora_up: torch.Tensor | None) -> bool:
     """Whether :func:`w4a16_mma_gemm` serves these operands: a CUDA device with ``mma.sync`` (sm_80+), <= 64 16-bit
@@ -370,14 +383,9 @@ def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dty
     tiles = tile_count(M, N, cfg["ROW_TILES"], tokens_block)
     out = torch.empty(M, N, dtype=out_dtype, device=a.device)
     part, counts = split_k_workspace("mma", M * N, tiles, a.device) if split > 1 else (out, out)
-    dummy = qweight
+    args, epilogue = launch_operands(a, qweight, wscales, lxp, lora_up, bias, out, part, counts, split, gelu)
     _w4a16_mma_kernel[(tiles, split)](
-        a, qweight.view(torch.int32), wscales, lxp if r else dummy, lora_up if r else dummy,
-        bias if bias is not None else dummy, out, part, counts,
-        M, N, K, K // GROUP // split, lxp.shape[0] if r else 0, r, a.stride(0), wscales.stride(0),
-        wscales.stride(1),
-        HAS_LR=r > 0, RP=rank_pad(r), HAS_BIAS=bias is not None, GELU=gelu, SPLIT_K=split,
-        ROW_TILES=cfg["ROW_TILES"], TOK=tokens_block, WARPS_=WARPS, ASM=_ASM[name, cfg["SIGNED"]],
+        *args, **epilogue, ROW_TILES=cfg["ROW_TILES"], TOK=tokens_block, WARPS_=WARPS, ASM=_ASM[name, cfg["SIGNED"]],
         OFFSET=0.0 if cfg["SIGNED"] else DECODE[name][4], STAGES=stages, num_warps=WARPS,
     )
     return out

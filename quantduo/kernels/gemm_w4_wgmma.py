@@ -34,8 +34,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from .common import rank_pad, split_k_workspace
-from .gemm_w4_mma import DECODE, GROUP, cta_barrier, finish_tile, mma_layout, operand_error, split_k
+from .common import split_k_workspace
+from .gemm_w4_mma import (DECODE, GROUP, cta_barrier, finish_tile, launch_operands, mma_layout, operand_error,
+                          split_k)
 
 # cp.async of a pointer tile into shared memory: ``async_copy_global_to_shared`` in Triton 3.5-3.6, ``async_load``
 # from 3.7 on
@@ -274,13 +275,7 @@ def w4a16_wgmma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.d
     tiles = tile_count(M, N, tokens_block)
     out = torch.empty(M, N, dtype=out_dtype, device=a.device)
     part, counts = split_k_workspace("wgmma", M * N, tiles, a.device) if split > 1 else (out, out)
-    dummy = qweight
-    _w4a16_wgmma_kernel[(tiles, split)](
-        a, qweight.view(torch.int32), wscales, lxp if r else dummy, lora_up if r else dummy,
-        bias if bias is not None else dummy, out, part, counts,
-        M, N, K, K // GROUP // split, lxp.shape[0] if r else 0, r, a.stride(0), wscales.stride(0),
-        wscales.stride(1),
-        HAS_LR=r > 0, RP=rank_pad(r), HAS_BIAS=bias is not None, GELU=gelu, SPLIT_K=split, TOK=tokens_block,
-        STAGES=cfg["STAGES"], ASM=_ASM[name], num_warps=WARPS.value,
-    )
+    args, epilogue = launch_operands(a, qweight, wscales, lxp, lora_up, bias, out, part, counts, split, gelu)
+    _w4a16_wgmma_kernel[(tiles, split)](*args, **epilogue, TOK=tokens_block, STAGES=cfg["STAGES"], ASM=_ASM[name],
+                                         num_warps=WARPS.value)
     return out

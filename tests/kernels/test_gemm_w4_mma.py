@@ -11,16 +11,14 @@ import multiprocessing
 
 import pytest
 import torch
-import torch.nn.functional as F
 import triton
 
 from quantduo.formats import quantizers as qz
-from quantduo.formats import reference as ref
 from quantduo.kernels import gemm_w4_mma as mma
-from quantduo.kernels.act_quant import act_quant
 from quantduo.utils import relative_error
 
 from .gluon_compile import compile_for_hopper
+from .w4a16_cases import bound_parameters, check_against_reference, check_operand_errors, record_launches
 
 def _pointer_types(dtype: str) -> dict:
     half = "*bf16" if dtype == "bf16" else "*fp16"
@@ -96,23 +94,14 @@ def test_pick_config():
 
 def test_bad_inputs():
     """Clear errors instead of a wrong answer (checked before any launch)."""
+    check_operand_errors(mma.w4a16_mma_gemm, mma.MAX_TOKENS)
     qw = torch.zeros(64, 64, dtype=torch.uint8)
     ws = torch.ones(64, 2, dtype=torch.bfloat16)
     a = torch.zeros(4, 128, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="M <= 64"):
-        mma.w4a16_mma_gemm(torch.zeros(65, 128, dtype=torch.bfloat16), qw, ws, None, None, None, torch.bfloat16)
-    with pytest.raises(ValueError, match="wscales"):
-        mma.w4a16_mma_gemm(a, qw, ws[:, :1], None, None, None, torch.bfloat16)
-    with pytest.raises(ValueError, match="qweight"):
-        mma.w4a16_mma_gemm(a, qw[:, :40].contiguous(), ws, None, None, None, torch.bfloat16)
-    with pytest.raises(ValueError, match="float16/bfloat16"):
-        mma.w4a16_mma_gemm(a.float(), qw, ws, None, None, None, torch.bfloat16)
     with pytest.raises(ValueError, match="SPLIT_K"):
         mma.w4a16_mma_gemm(a, qw, ws, None, None, None, torch.bfloat16, config=dict(ROW_TILES=2, SPLIT_K=3))
     with pytest.raises(ValueError, match="TOKENS_BLOCK"):
         mma.w4a16_mma_gemm(a, qw, ws, None, None, None, torch.bfloat16, config=dict(TOKENS_BLOCK=8))
-    with pytest.raises(ValueError, match="wscales must be float16/bfloat16"):
-        mma.w4a16_mma_gemm(a, qw, ws.float(), None, None, None, torch.bfloat16)
     with pytest.raises(ValueError, match="4-byte"):  # the scales are read as 32-bit words
         mma.w4a16_mma_gemm(a, qw, torch.ones(64 * 2 + 1, dtype=torch.bfloat16)[1:].view(64, 2), None, None, None,
                            torch.bfloat16)
@@ -122,35 +111,15 @@ def test_bad_inputs():
 def test_launch_passes_every_parameter(monkeypatch):
     """The wrapper binds every kernel parameter (positionally or by name), checked against the kernel's own
     signature (Gluon kernels do not run on the CPU), and caps the groups in flight at the groups of a K slice."""
-    names = list(mma._w4a16_mma_kernel.arg_names)
-    launches = []
-
-    class Launcher:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
-
-    monkeypatch.setattr(mma, "_w4a16_mma_kernel", Launcher())
+    kernel = mma._w4a16_mma_kernel
+    launches = record_launches(monkeypatch, mma, "_w4a16_mma_kernel")
     a = torch.zeros(16, 128, dtype=torch.bfloat16)
     qw = torch.zeros(64, 64, dtype=torch.uint8)
     ws = torch.ones(64, 2, dtype=torch.bfloat16)
     mma.w4a16_mma_gemm(a, qw, ws, None, None, None, torch.bfloat16, config=dict(SPLIT_K=1))
     (_, args, kwargs), = launches
-    bound = names[:len(args)] + [k for k in kwargs if k in names]
-    assert sorted(bound) == sorted(names)
+    assert sorted(bound_parameters(kernel, args, kwargs)) == sorted(kernel.arg_names)
     assert kwargs["STAGES"] == 2  # 2 groups, both in flight
-
-
-def _operands(M, N, K, r, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(M, K, generator=g) * 2).to(dtype).cuda()
-    smooth = (torch.rand(K, generator=g) + 0.5).to(dtype).cuda()
-    down = (torch.randn(K, max(r, 1), generator=g) * 0.1).to(dtype).cuda()
-    up = (torch.randn(N, max(r, 1), generator=g) * 0.1).to(dtype).cuda()
-    qw = qz.pack_int4(torch.randint(-8, 8, (N, K), generator=g, dtype=torch.int8)).cuda()
-    ws = (torch.rand(N, K // 64, generator=g) * 0.02 + 0.001).to(dtype).cuda()
-    bias = torch.randn(N, generator=g).to(dtype).cuda()
-    a, _, lxp = act_quant(x, smooth, None, down if r else None, "smooth")
-    return a, qw, ws, lxp, (up if r else None), bias
 
 
 @pytest.mark.gpu
@@ -172,21 +141,7 @@ def test_gpu_w4a16_mma_gemm(M, N, K, r, config, dtype, gelu):
     counters reset). Groups in flight (STAGES) that do not divide a slice's groups (15 / 19 groups), scales with an
     odd row stride (K / 64 = 3, 15, 19: half of the rows' scales start in the high half of a 32-bit word), transposed
     scales (stride 1 between rows) and float16 scales under bfloat16 activations."""
-    config = dict(config or {})
-    scales = config.pop("scales", None)
-    a, qw, ws, lxp, up, bias = _operands(M, N, K, r, dtype)
-    if scales == "transposed":
-        ws = ws.t().contiguous().t()
-    elif scales == "float16":
-        ws = ws.to(torch.float16)
-    y = mma.w4a16_mma_gemm(a, qw, ws, lxp, up, bias, dtype, gelu=gelu, config=config)
-    y_ref = ref.w4_gemv_ref(a, qw, ws, lxp.sum(0) if r else None, up, bias, dtype)
-    if gelu:
-        y_ref = F.gelu(y_ref.float(), approximate="tanh").to(dtype)
-    assert y.shape == (M, N) and torch.isfinite(y).all()
-    assert relative_error(y, y_ref) < 2e-3
-    again = mma.w4a16_mma_gemm(a, qw, ws, lxp, up, bias, dtype, gelu=gelu, config=config)
-    assert torch.equal(again, y) or relative_error(again, y_ref) < 2e-3
+    check_against_reference(mma.w4a16_mma_gemm, M, N, K, r, config, dtype, gelu, 2e-3)
 
 
 @pytest.mark.gpu

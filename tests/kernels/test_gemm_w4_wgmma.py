@@ -13,16 +13,13 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 import triton
 
 from quantduo.formats import quantizers as qz
-from quantduo.formats import reference as ref
 from quantduo.kernels import gemm_w4_wgmma as wg
-from quantduo.kernels.act_quant import act_quant
-from quantduo.utils import relative_error
 
 from .gluon_compile import compile_for_hopper
+from .w4a16_cases import bound_parameters, check_against_reference, check_operand_errors, record_launches
 
 # (token block, stages, split, low-rank, GELU, dtype)
 COMPILE_CASES = [(128, 4, 4, True, False, "bf16"), (64, 3, 1, False, True, "fp16"), (64, 5, 8, True, True, "bf16")]
@@ -149,17 +146,10 @@ def test_pick_config():
 
 def test_bad_inputs():
     """Clear errors instead of a wrong answer (checked before any launch)."""
+    check_operand_errors(wg.w4a16_wgmma_gemm, wg.MAX_TOKENS)
     qw = torch.zeros(64, 64, dtype=torch.uint8)
     ws = torch.ones(64, 2, dtype=torch.bfloat16)
     a = torch.zeros(100, 128, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="M <= 256"):
-        wg.w4a16_wgmma_gemm(torch.zeros(257, 128, dtype=torch.bfloat16), qw, ws, None, None, None, torch.bfloat16)
-    with pytest.raises(ValueError, match="wscales"):
-        wg.w4a16_wgmma_gemm(a, qw, ws[:, :1], None, None, None, torch.bfloat16)
-    with pytest.raises(ValueError, match="qweight"):
-        wg.w4a16_wgmma_gemm(a, qw[:, :40].contiguous(), ws, None, None, None, torch.bfloat16)
-    with pytest.raises(ValueError, match="float16/bfloat16"):
-        wg.w4a16_wgmma_gemm(a.float(), qw, ws, None, None, None, torch.bfloat16)
     for bad in (dict(SPLIT_K=3), dict(TOKENS_BLOCK=32), dict(STAGES=2)):
         with pytest.raises(ValueError, match="config"):
             wg.w4a16_wgmma_gemm(a, qw, ws, None, None, None, torch.bfloat16, config=bad)
@@ -169,35 +159,15 @@ def test_bad_inputs():
 def test_launch_passes_every_parameter(monkeypatch):
     """The wrapper binds every kernel parameter (checked against the kernel's own signature: Gluon kernels do not
     run on the CPU) and launches one program per (64-row tile x token block, K slice)."""
-    names = list(wg._w4a16_wgmma_kernel.arg_names)
-    launches = []
-
-    class Launcher:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
-
-    monkeypatch.setattr(wg, "_w4a16_wgmma_kernel", Launcher())
+    kernel = wg._w4a16_wgmma_kernel
+    launches = record_launches(monkeypatch, wg, "_w4a16_wgmma_kernel")
     a = torch.zeros(130, 128, dtype=torch.bfloat16)
     qw = torch.zeros(300, 64, dtype=torch.uint8)
     ws = torch.ones(300, 2, dtype=torch.bfloat16)
     wg.w4a16_wgmma_gemm(a, qw, ws, None, None, None, torch.bfloat16, config=dict(SPLIT_K=2))
     (grid, args, kwargs), = launches
-    bound = names[:len(args)] + [k for k in kwargs if k in names]
-    assert sorted(bound) == sorted(names)
+    assert sorted(bound_parameters(kernel, args, kwargs)) == sorted(kernel.arg_names)
     assert grid == (5 * 2, 2)  # 300 rows / 64 = 5 row tiles x 2 blocks of 128 tokens
-
-
-def _operands(M, N, K, r, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(M, K, generator=g) * 2).to(dtype).cuda()
-    smooth = (torch.rand(K, generator=g) + 0.5).to(dtype).cuda()
-    down = (torch.randn(K, max(r, 1), generator=g) * 0.1).to(dtype).cuda()
-    up = (torch.randn(N, max(r, 1), generator=g) * 0.1).to(dtype).cuda()
-    qw = qz.pack_int4(torch.randint(-8, 8, (N, K), generator=g, dtype=torch.int8)).cuda()
-    ws = (torch.rand(N, K // 64, generator=g) * 0.02 + 0.001).to(dtype).cuda()
-    bias = torch.randn(N, generator=g).to(dtype).cuda()
-    a, _, lxp = act_quant(x, smooth, None, down if r else None, "smooth")
-    return a, qw, ws, lxp, (up if r else None), bias
 
 
 needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
@@ -220,19 +190,4 @@ def test_gpu_w4a16_wgmma_gemm(M, N, K, r, config, dtype, gelu):
     scales under bfloat16, low-rank, bias, GELU, bf16 and fp16 vs the exact-weight reference (the weights enter the
     tensor cores as q * s rounded once to 16 bits: bf16 2**-9, fp16 2**-11 relative); a second call gives the same
     result (workspace and counters reset)."""
-    config = dict(config or {})
-    scales = config.pop("scales", None)
-    a, qw, ws, lxp, up, bias = _operands(M, N, K, r, dtype)
-    if scales == "transposed":
-        ws = ws.t().contiguous().t()
-    elif scales == "float16":
-        ws = ws.to(torch.float16)
-    y = wg.w4a16_wgmma_gemm(a, qw, ws, lxp, up, bias, dtype, gelu=gelu, config=config)
-    y_ref = ref.w4_gemv_ref(a, qw, ws, lxp.sum(0) if r else None, up, bias, dtype)
-    if gelu:
-        y_ref = F.gelu(y_ref.float(), approximate="tanh").to(dtype)
-    assert y.shape == (M, N) and torch.isfinite(y).all()
-    tolerance = 4e-3 if dtype == torch.bfloat16 else 1e-3
-    assert relative_error(y, y_ref) < tolerance
-    again = wg.w4a16_wgmma_gemm(a, qw, ws, lxp, up, bias, dtype, gelu=gelu, config=config)
-    assert torch.equal(again, y) or relative_error(again, y_ref) < tolerance
+    check_against_reference(wg.w4a16_wgmma_gemm, M, N, K, r, config, dtype, gelu, 4e-3 if dtype == torch.bfloat16 else 1e-3)
