@@ -18,7 +18,7 @@ from quantduo.kernels import gemm_w4_mma as mma
 from quantduo.utils import relative_error
 
 from .gluon_compile import compile_for_hopper
-from .w4a16_cases import bound_parameters, check_against_reference, check_operand_errors, record_launches
+from .w4a16_cases import check_against_reference, check_launch_binding, check_operand_errors
 
 def _pointer_types(dtype: str) -> dict:
     half = "*bf16" if dtype == "bf16" else "*fp16"
@@ -109,17 +109,10 @@ def test_bad_inputs():
 
 
 def test_launch_passes_every_parameter(monkeypatch):
-    """The wrapper binds every kernel parameter (positionally or by name), checked against the kernel's own
-    signature (Gluon kernels do not run on the CPU), and caps the groups in flight at the groups of a K slice."""
-    kernel = mma._w4a16_mma_kernel
-    launches = record_launches(monkeypatch, mma, "_w4a16_mma_kernel")
-    a = torch.zeros(16, 128, dtype=torch.bfloat16)
-    qw = torch.zeros(64, 64, dtype=torch.uint8)
-    ws = torch.ones(64, 2, dtype=torch.bfloat16)
-    mma.w4a16_mma_gemm(a, qw, ws, None, None, None, torch.bfloat16, config=dict(SPLIT_K=1))
-    (_, args, kwargs), = launches
-    assert sorted(bound_parameters(kernel, args, kwargs)) == sorted(kernel.arg_names)
-    assert kwargs["STAGES"] == 2  # 2 groups, both in flight
+    """The wrapper binds every kernel parameter to its operand (checked against the kernel's own signature: Gluon
+    kernels do not run on the CPU), and caps the groups in flight at the groups of a K slice."""
+    _, bound = check_launch_binding(monkeypatch, mma, "_w4a16_mma_kernel", mma.w4a16_mma_gemm, 16)
+    assert bound["STAGES"] == 1  # 2 groups in 2 slices: one in flight
 
 
 @pytest.mark.gpu

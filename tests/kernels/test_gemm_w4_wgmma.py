@@ -19,7 +19,7 @@ from quantduo.formats import quantizers as qz
 from quantduo.kernels import gemm_w4_wgmma as wg
 
 from .gluon_compile import compile_for_hopper
-from .w4a16_cases import bound_parameters, check_against_reference, check_operand_errors, record_launches
+from .w4a16_cases import check_against_reference, check_launch_binding, check_operand_errors
 
 # (token block, stages, split, low-rank, GELU, dtype)
 COMPILE_CASES = [(128, 4, 4, True, False, "bf16"), (64, 3, 1, False, True, "fp16"), (64, 5, 8, True, True, "bf16")]
@@ -157,17 +157,10 @@ def test_bad_inputs():
 
 
 def test_launch_passes_every_parameter(monkeypatch):
-    """The wrapper binds every kernel parameter (checked against the kernel's own signature: Gluon kernels do not
-    run on the CPU) and launches one program per (64-row tile x token block, K slice)."""
-    kernel = wg._w4a16_wgmma_kernel
-    launches = record_launches(monkeypatch, wg, "_w4a16_wgmma_kernel")
-    a = torch.zeros(130, 128, dtype=torch.bfloat16)
-    qw = torch.zeros(300, 64, dtype=torch.uint8)
-    ws = torch.ones(300, 2, dtype=torch.bfloat16)
-    wg.w4a16_wgmma_gemm(a, qw, ws, None, None, None, torch.bfloat16, config=dict(SPLIT_K=2))
-    (grid, args, kwargs), = launches
-    assert sorted(bound_parameters(kernel, args, kwargs)) == sorted(kernel.arg_names)
-    assert grid == (5 * 2, 2)  # 300 rows / 64 = 5 row tiles x 2 blocks of 128 tokens
+    """The wrapper binds every kernel parameter to its operand (checked against the kernel's own signature: Gluon
+    kernels do not run on the CPU) and launches one program per (64-row tile x token block, K slice)."""
+    grid, bound = check_launch_binding(monkeypatch, wg, "_w4a16_wgmma_kernel", wg.w4a16_wgmma_gemm, 130)
+    assert grid == (1 * 2, 2) and bound["TOK"] == 128  # 64 rows = 1 row tile x 2 blocks of 128 tokens, 2 slices
 
 
 needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),

@@ -41,10 +41,28 @@ def record_launches(monkeypatch, module, kernel_name: str) -> list:
     return launches
 
 
-def bound_parameters(kernel, args: tuple, kwargs: dict) -> list:
-    """The names of ``kernel``'s parameters a launch with ``args`` / ``kwargs`` binds."""
+def check_launch_binding(monkeypatch, module, kernel_name: str, gemm, tokens: int) -> tuple:
+    """One recorded launch of ``gemm`` (a wrapper of ``module.kernel_name``) on CPU operands with low-rank, bias,
+    transposed scales and ``SPLIT_K=2``: every kernel parameter bound once, each operand and size to the parameter of
+    its name. Returns the launch's (grid, {parameter: argument})."""
+    kernel = getattr(module, kernel_name)
+    launches = record_launches(monkeypatch, module, kernel_name)
+    a = torch.zeros(tokens, 128, dtype=torch.bfloat16)
+    qw = torch.zeros(64, 64, dtype=torch.uint8)
+    ws = torch.ones(2, 64, dtype=torch.bfloat16).t()
+    lxp, up, bias = torch.zeros(2, tokens, 8), torch.zeros(64, 8, dtype=torch.bfloat16), torch.zeros(64)
+    gemm(a, qw, ws, lxp, up, bias, torch.bfloat16, config=dict(SPLIT_K=2))
+    (grid, args, kwargs), = launches
     names = list(kernel.arg_names)
-    return names[:len(args)] + [k for k in kwargs if k in names]
+    bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+    assert len(args) + len(set(kwargs) & set(names)) == len(names) and sorted(bound) == sorted(names)
+    assert bound["X"] is a and bound["WS"] is ws and bound["LXP"] is lxp and bound["LU"] is up and bound["BIAS"] is bias
+    assert bound["W"].dtype == torch.int32 and bound["W"].data_ptr() == qw.data_ptr()
+    assert (bound["M"], bound["N"], bound["K"], bound["GROUPS_PER_SPLIT"], bound["S"], bound["R"]) == \
+        (tokens, 64, 128, 1, 2, 8)
+    assert (bound["stride_xm"], bound["stride_wsn"], bound["stride_wsg"]) == (128, 1, 64)
+    assert bound["HAS_LR"] and bound["HAS_BIAS"] and not bound["GELU"] and bound["SPLIT_K"] == 2
+    return grid, bound
 
 
 def check_operand_errors(gemm, max_tokens: int) -> None:
