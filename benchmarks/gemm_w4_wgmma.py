@@ -8,7 +8,7 @@ into fp8 for ``_scaled_mm`` above 64 tokens); the new GEMM alone (rank-32 + bias
     PYTHONPATH=. python3 benchmarks/gemm_w4_wgmma.py [--sweep] [--tokens 64 128 256] [--shapes 3072x3072 ...]
                                                   [--sweep-tokens 128] [--skip-check] [--out DIR]
 
-``--sweep`` adds a configuration sweep (token block x ring slots, and the program count) at ``--sweep-tokens``
+``--sweep`` adds a configuration sweep (warpgroups x token block x ring slots, and the program count) at ``--sweep-tokens``
 (default 64, 128 and 256). Writes ``gemm_w4_wgmma.json`` to DIR.
 """
 from __future__ import annotations
@@ -37,8 +37,8 @@ TOKENS = (32, 48, 64, 96, 128, 192, 256)
 SWEEP_TOKENS = (64, 128, 256)
 B.GEMMS["wgmma"] = lambda m, a, lxp, **kw: S.w4a16_wgmma_gemm(a, m.qweight, m.wscales, lxp, m.proj_up, m.bias,
                                                                 a.dtype, **kw)
-# configurations swept beside the default: (TOKENS_BLOCK, STAGES)
-SWEEP = [(64, 3), (64, 4), (64, 5), (128, 3), (128, 4), (128, 5)]
+# configurations swept beside the default: (WARPS, TOKENS_BLOCK, STAGES)
+SWEEP = [(8, 64, 4), (8, 128, 3), (8, 128, 4), (8, 128, 5), (4, 64, 4), (4, 128, 3), (4, 128, 4), (4, 128, 5)]
 
 
 def log(*a):
@@ -51,7 +51,8 @@ def check_correctness() -> int:
     bad = 0
     cases = [(N, K, M, gelu, None) for (N, K) in L.SHAPES + [(200, 960)] for M in (33, 65, 128, 256)
              for gelu in (False, True)]
-    cases += [(3072, 3072, M, False, dict(zip(("TOKENS_BLOCK", "STAGES"), c))) for M in (100, 256) for c in SWEEP]
+    cases += [(3072, 3072, M, False, dict(zip(("WARPS", "TOKENS_BLOCK", "STAGES"), c))) for M in (100, 256)
+              for c in SWEEP]
     for N, K, M, gelu, cfg in cases:
         m, _, a, lxp = B.operands(M, N, K)
         expected = ref.w4_gemv_ref(a, m.qweight, m.wscales, lxp.sum(0), m.proj_up, m.bias, a.dtype)
@@ -84,11 +85,12 @@ def v_layer_wgmma(M, N, K):
 
 
 def sweep(M, N, K) -> dict:
-    """us of the wgmma GEMM per SWEEP configuration (SPLIT_K for ~264 programs) and of the default with ~132 /
-    ~528 programs and without split (JSON keys)."""
-    configs = [dict(TOKENS_BLOCK=block, STAGES=stages, SPLIT_K=B.G.split_k(S.tile_count(M, N, block), K, 264))
-               for block, stages in SWEEP]
-    configs += [S.pick_config(M, N, K, programs) for programs in (132, 528)] + [dict(SPLIT_K=1)]
+    """us of the wgmma GEMM per SWEEP configuration (SPLIT_K for ~1 program per SM with 8 warps, ~2 with 4) and of
+    the default with ~66 / ~264 programs and without split (JSON keys)."""
+    configs = [dict(WARPS=warps, TOKENS_BLOCK=block, STAGES=stages,
+                    SPLIT_K=B.G.split_k(S.tile_count(M, N, block, warps), K, 132 * 8 // warps))
+               for warps, block, stages in SWEEP]
+    configs += [S.pick_config(M, N, K, programs) for programs in (66, 264)] + [dict(SPLIT_K=1)]
     timings = {}
     for cfg in configs:
         key = json.dumps(cfg)

@@ -1,12 +1,14 @@
 """W4A16 GEMM for tens to hundreds of tokens on Hopper's warpgroup MMA (Gluon): the INT4 codes decoded straight into
 the ``wgmma`` register A operand, the tokens streamed into shared memory, no scratch weight.
 
-``out^T [N, M] = W [N, K] x a^T [K, M]`` on ``wgmma`` (sm_90a): a program is one warpgroup owning 64 output rows
-and ``TOKENS_BLOCK`` = 64 or 128 tokens (the wgmma's N), over the groups of 64 inputs of its K slice. Per group:
+``out^T [N, M] = W [N, K] x a^T [K, M]`` on ``wgmma`` (sm_90a): a program is one or two warpgroups, each owning 64
+output rows, and ``TOKENS_BLOCK`` = 64 or 128 tokens (the wgmma's N), over the groups of 64 inputs of its K slice.
+Per group:
 
 * the activation tile ``[TOKENS_BLOCK, 64]`` (16-byte ``cp.async``, natural input order, 128-byte swizzle: the
-  wgmma's B operand as it is), the program's packed codes ``[64, 8]`` int32 and, per row, the int32 word holding the
-  group's 16-bit scale arrive in a ring of ``STAGES`` shared-memory slots, ``STAGES - 2`` groups ahead;
+  wgmma's B operand as it is, shared by the warpgroups), the program's packed codes ``[64 or 128, 8]`` int32 and,
+  per row, the int32 word holding the group's 16-bit scale arrive in a ring of ``STAGES`` shared-memory slots,
+  ``STAGES - 2`` groups ahead;
 * each thread reads the 8 code words of each of its two rows (the 4 lanes of a quad read the same words: a shared
   memory broadcast) and decodes byte ``c`` (its lane in the quad) of each: the wgmma A fragment gives lane ``c`` the
   inputs ``16 kb + 2c, + 1`` and ``16 kb + 8 + 2c, + 1`` of each 16-input step ``kb``, which are nibbles 0 and 1 of
@@ -44,8 +46,7 @@ async_load = async_copy.async_load if hasattr(async_copy, "async_load") else asy
 
 MAX_TOKENS = 256  # tokens served (more run the reconstructed weight and cuBLAS)
 TOKENS_BLOCKS = (64, 128)  # the wgmma N of one program
-WARPS = gl.constexpr(4)  # one warpgroup ...
-BN = gl.constexpr(64)  # ... of 64 rows
+WARPS = (4, 8)  # one or two warpgroups of 64 rows per program, sharing the activation tiles
 CHUNK = gl.constexpr(32)  # tokens per step of the epilogue
 
 
@@ -70,19 +71,19 @@ _ASM = {dtype: _decode_asm(dtype) for dtype in DECODE}
 
 
 @gluon.constexpr_function
-def acc_layout(tokens):
-    """float32 accumulator ``[64, tokens]``: one warpgroup, the tokens the wgmma's N."""
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS.value, 1], instr_shape=[16, tokens, 16])
+def acc_layout(tokens, warps):
+    """float32 accumulator ``[16 * warps, tokens]``: 64 rows per warpgroup, the tokens the wgmma's N."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, tokens, 16])
 
 
 @gluon.constexpr_function
-def code_layout():
-    """int32 ``[64 rows, 8 words, 4 quad lanes]``: lane ``4 g + c`` of warp ``w`` holds all 8 code words of rows
-    ``16 w + g`` and ``16 w + g + 8`` at index ``c`` (the same words in the 4 lanes of a quad)."""
+def code_layout(warps):
+    """int32 ``[16 * warps rows, 8 words, 4 quad lanes]``: lane ``4 g + c`` of warp ``w`` holds all 8 code words of
+    rows ``16 w + g`` and ``16 w + g + 8`` at index ``c`` (the same words in the 4 lanes of a quad)."""
     return gl.DistributedLinearLayout(
         reg_bases=[[0, 1, 0], [0, 2, 0], [0, 4, 0], [8, 0, 0]],
         lane_bases=[[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
-        warp_bases=[[16, 0, 0], [32, 0, 0]], block_bases=[], shape=[BN.value, 8, 4])
+        warp_bases=[[16 << w, 0, 0] for w in range(warps.bit_length() - 1)], block_bases=[], shape=[16 * warps, 8, 4])
 
 
 @gluon.constexpr_function
@@ -92,16 +93,16 @@ def tile_smem_layout():
 
 
 @gluon.constexpr_function
-def copy_layout():
+def copy_layout(warps):
     """Activation tiles ``[tokens, 64]`` for ``cp.async``: 8 contiguous 16-bit values (16 bytes) per copy."""
-    return gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[WARPS.value, 1],
+    return gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[warps, 1],
                             order=[1, 0])
 
 
 @gluon.constexpr_function
-def word_copy_layout():
+def word_copy_layout(warps):
     """Code words ``[64, 8]`` int32 for ``cp.async``: 4 words (16 bytes) per copy."""
-    return gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[16, 2], warps_per_cta=[WARPS.value, 1],
+    return gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[16, 2], warps_per_cta=[warps, 1],
                             order=[1, 0])
 
 
@@ -116,9 +117,11 @@ def _issue_group(x_tile, w_tile, s_tile, x_ptrs, w_ptrs, s_base, s_row, g, strid
 
 
 @gluon.jit
-def _weights(w_tile, s_tile, s_row, g, stride_wsg, quad, ASM: gl.constexpr, dt: gl.constexpr, TOK: gl.constexpr):
-    """Group ``g``'s ring slot -> the wgmma A operand ``[64, 64]`` ``q * s`` (``dt``, natural input order)."""
-    CL: gl.constexpr = code_layout()
+def _weights(w_tile, s_tile, s_row, g, stride_wsg, quad, ASM: gl.constexpr, dt: gl.constexpr, TOK: gl.constexpr,
+             WARPS_: gl.constexpr):
+    """Group ``g``'s ring slot -> the wgmma A operand ``[16 * WARPS_, 64]`` ``q * s`` (``dt``, natural input
+    order)."""
+    CL: gl.constexpr = code_layout(WARPS_)
     words = gl.expand_dims(w_tile.load(gl.SliceLayout(2, CL)), 2)  # [64, 8, 1]
     scale = s_tile.load(gl.SliceLayout(1, gl.SliceLayout(2, CL)))
     scale = gl.where(((s_row + g * stride_wsg) & 1) == 1, scale >> 16, scale)  # the 16-bit scale in the low half
@@ -128,8 +131,8 @@ def _weights(w_tile, s_tile, s_row, g, stride_wsg, quad, ASM: gl.constexpr, dt: 
     d = dt.value
     lo, hi = gl.inline_asm_elementwise(ASM, "=h,=h,r,r,r", [words, lanes, scale], dtype=(d, d), is_pure=True,
                                        pack=1)
-    w = gl.reshape(gl.join(lo, hi), [BN, 64])  # input 8 m + 2 c + e: nibble e of byte c of word m
-    return gl.convert_layout(w, gl.DotOperandLayout(operand_index=0, parent=acc_layout(TOK), k_width=2),
+    w = gl.reshape(gl.join(lo, hi), [16 * WARPS_, 64])  # input 8 m + 2 c + e: nibble e of byte c of word m
+    return gl.convert_layout(w, gl.DotOperandLayout(operand_index=0, parent=acc_layout(TOK, WARPS_), k_width=2),
                              assert_trivial=True)
 
 
@@ -138,7 +141,7 @@ def _w4a16_wgmma_kernel(
     X, W, WS, LXP, LU, BIAS, OUT, PART, COUNTS,
     M, N, K, GROUPS_PER_SPLIT, S, R, stride_xm, stride_wsn, stride_wsg,
     HAS_LR: gl.constexpr, RP: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, SPLIT_K: gl.constexpr,
-    TOK: gl.constexpr, STAGES: gl.constexpr, ASM: gl.constexpr,
+    TOK: gl.constexpr, STAGES: gl.constexpr, ASM: gl.constexpr, WARPS_: gl.constexpr,
 ):
     """Program (tile, slice): rows ``[64]`` x tokens ``[TOK]`` of OUT ``[M, N]`` (tile = row tile x the
     ``cdiv(M, TOK)`` token blocks + token block), the groups of K slice ``slice``.
@@ -148,11 +151,12 @@ def _w4a16_wgmma_kernel(
     LU ``[N, R]``, BIAS ``[N]``; with SPLIT_K > 1, PART float32 ``[M, N]`` and COUNTS int32 ``[tiles]`` (zero on
     entry and exit).
     """
+    BN: gl.constexpr = 16 * WARPS_
     DT: gl.constexpr = X.dtype.element_ty
-    XL: gl.constexpr = copy_layout()
-    WL: gl.constexpr = word_copy_layout()
-    SL: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, code_layout()))
-    ACC: gl.constexpr = acc_layout(TOK)
+    XL: gl.constexpr = copy_layout(WARPS_)
+    WL: gl.constexpr = word_copy_layout(WARPS_)
+    SL: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, code_layout(WARPS_)))
+    ACC: gl.constexpr = acc_layout(TOK, WARPS_)
     tile = gl.program_id(0)
     pid_k = gl.program_id(1)
     token_blocks = (M + TOK - 1) // TOK
@@ -164,7 +168,7 @@ def _w4a16_wgmma_kernel(
     w_ptrs = W + rows_w.to(gl.int64)[:, None] * (K // 8) + gl.arange(0, 8, layout=gl.SliceLayout(0, WL))[None, :]
     s_base = WS.to(gl.pointer_type(gl.int32), bitcast=True)
     s_row = gl.minimum(row0 + gl.arange(0, BN, layout=SL), N - 1).to(gl.int64) * stride_wsn  # 16-bit index less g's
-    quad = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, code_layout())))
+    quad = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, code_layout(WARPS_))))
     quad = gl.expand_dims(gl.expand_dims(quad, 0), 0)  # [1, 1, 4]: the lane's byte of each word
     x_tiles = ()
     w_tiles = ()
@@ -189,7 +193,7 @@ def _w4a16_wgmma_kernel(
                 nxt: gl.constexpr = (s + STAGES - 2) % STAGES
                 _issue_group(x_tiles[nxt], w_tiles[nxt], s_tiles[nxt], x_ptrs, w_ptrs, s_base, s_row,
                              gl.minimum(g + s + STAGES - 2, last), stride_wsg)
-                a = _weights(w_tiles[s], s_tiles[s], s_row, g + s, stride_wsg, quad, ASM, DT, TOK)
+                a = _weights(w_tiles[s], s_tiles[s], s_row, g + s, stride_wsg, quad, ASM, DT, TOK, WARPS_)
                 acc = warpgroup_mma(a, x_tiles[s].permute((1, 0)), acc, is_async=True)
                 # the previous group's MMA is done (its A registers free); this one runs on, its A kept alive
                 acc, a_prev, a = warpgroup_mma_wait(num_outstanding=1, deps=[acc, a_prev, a])
@@ -199,7 +203,7 @@ def _w4a16_wgmma_kernel(
     # the accumulator leaves through shared memory in chunks of 32 tokens (bounded registers for the epilogue)
     c_smem = gl.allocate_shared_memory(gl.float32, [BN, TOK], gl.SwizzledSharedLayout(2, 1, 8, order=[1, 0]), acc)
     cta_barrier()
-    MMA: gl.constexpr = mma_layout(WARPS)
+    MMA: gl.constexpr = mma_layout(WARPS_)
     rows = row0 + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
     if SPLIT_K > 1:
         for c in gl.static_range(TOK // CHUNK):
@@ -216,26 +220,27 @@ def _w4a16_wgmma_kernel(
                 total = gl.load(PART + offsets, mask=mask, other=0.0, cache_modifier=".cg")
                 gl.store(PART + offsets, gl.zeros([BN, CHUNK], gl.float32, MMA), mask=mask)
                 finish_tile(total, rows, toks, tok0 + c * CHUNK, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR,
-                            HAS_BIAS, GELU, BN, CHUNK, WARPS)
+                            HAS_BIAS, GELU, BN, CHUNK, WARPS_)
             gl.store(COUNTS + tile, 0)
     else:
         for c in gl.static_range(TOK // CHUNK):
             toks = tok0 + c * CHUNK + gl.arange(0, CHUNK, layout=gl.SliceLayout(0, MMA))
             finish_tile(c_smem.slice(c * CHUNK, CHUNK, 1).load(MMA), rows, toks, tok0 + c * CHUNK, M, N, LXP, S, LU,
-                        R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU, BN, CHUNK, WARPS)
+                        R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU, BN, CHUNK, WARPS_)
 
 
-def tile_count(M: int, N: int, tokens_block: int) -> int:
-    """Output tiles (64-row tile x token block) of an ``[M, N]`` output: the programs per K slice."""
-    return triton.cdiv(N, BN.value) * triton.cdiv(M, tokens_block)
+def tile_count(M: int, N: int, tokens_block: int, warps: int) -> int:
+    """Output tiles (``16 * warps``-row tile x token block) of an ``[M, N]`` output: the programs per K slice."""
+    return triton.cdiv(N, 16 * warps) * triton.cdiv(M, tokens_block)
 
 
-def pick_config(M: int, N: int, K: int, programs: int = 264) -> dict:
-    """Blocks of 64 tokens up to 64 and 128 above, 4 ring slots (2 groups in flight), ``SPLIT_K`` the smallest
-    divisor of the K / 64 groups giving about ``programs`` programs (~2 per SM of an H100)."""
+def pick_config(M: int, N: int, K: int, programs: int = 132) -> dict:
+    """Two warpgroups (128 rows: each activation tile read once per 128 rows), blocks of 64 tokens up to 64 and 128
+    above, 4 ring slots (2 groups in flight), ``SPLIT_K`` the smallest divisor of the K / 64 groups giving about
+    ``programs`` programs (one per SM of an H100 at ~233 registers per thread). Not yet tuned on a GPU."""
     tokens_block = 64 if M <= 64 else 128
-    split = split_k(tile_count(M, N, tokens_block), K, programs)
-    return dict(TOKENS_BLOCK=tokens_block, STAGES=4, SPLIT_K=split)
+    split = split_k(tile_count(M, N, tokens_block, 8), K, programs)
+    return dict(WARPS=8, TOKENS_BLOCK=tokens_block, STAGES=4, SPLIT_K=split)
 
 
 def supports(a: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, lora_up: torch.Tensor | None) -> bool:
@@ -257,8 +262,8 @@ def w4a16_wgmma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.d
         qweight: packed int4 uint8 ``[N, K // 2]`` (contiguous, 8-byte aligned); wscales float16 / bfloat16
             ``[N, K // 64]`` group scales (any strides, 4-byte aligned start).
         lxp: float32 low-rank partials ``[S, M, r]`` or None; lora_up ``[N, r]`` in a's dtype; bias ``[N]`` or None.
-        config: some of TOKENS_BLOCK (64 / 128), STAGES (>= 3), SPLIT_K (dividing K / 64); the rest from
-            :func:`pick_config`.
+        config: some of WARPS (4 / 8), TOKENS_BLOCK (64 / 128), STAGES (>= 3), SPLIT_K (dividing K / 64); the
+            rest from :func:`pick_config`.
     """
     M, K = a.shape
     N = qweight.shape[0]
@@ -267,15 +272,15 @@ def w4a16_wgmma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.d
     if error:
         raise ValueError(error)
     cfg = {**pick_config(M, N, K), **(config or {})}
-    split, tokens_block = cfg["SPLIT_K"], cfg["TOKENS_BLOCK"]
-    if (K // GROUP) % split or tokens_block not in TOKENS_BLOCKS or cfg["STAGES"] < 3:
+    split, tokens_block, warps = cfg["SPLIT_K"], cfg["TOKENS_BLOCK"], cfg["WARPS"]
+    if (K // GROUP) % split or tokens_block not in TOKENS_BLOCKS or warps not in WARPS or cfg["STAGES"] < 3:
         raise ValueError(f"config {cfg}: SPLIT_K must divide the {K // GROUP} groups of 64 inputs, TOKENS_BLOCK be "
-                         f"one of {TOKENS_BLOCKS}, STAGES >= 3")
+                         f"one of {TOKENS_BLOCKS}, WARPS one of {WARPS}, STAGES >= 3")
     name = "bf16" if a.dtype == torch.bfloat16 else "fp16"
-    tiles = tile_count(M, N, tokens_block)
+    tiles = tile_count(M, N, tokens_block, warps)
     out = torch.empty(M, N, dtype=out_dtype, device=a.device)
     part, counts = split_k_workspace("wgmma", M * N, tiles, a.device) if split > 1 else (out, out)
     args, epilogue = launch_operands(a, qweight, wscales, lxp, lora_up, bias, out, part, counts, split, gelu)
     _w4a16_wgmma_kernel[(tiles, split)](*args, **epilogue, TOK=tokens_block, STAGES=cfg["STAGES"], ASM=_ASM[name],
-                                         num_warps=WARPS.value)
+                                         WARPS_=warps, num_warps=warps)
     return out

@@ -21,21 +21,22 @@ from quantduo.kernels import gemm_w4_wgmma as wg
 from .gluon_compile import compile_for_hopper
 from .w4a16_cases import check_against_reference, check_launch_binding, check_operand_errors
 
-# (token block, stages, split, low-rank, GELU, dtype)
-COMPILE_CASES = [(128, 4, 4, True, False, "bf16"), (64, 3, 1, False, True, "fp16"), (64, 5, 8, True, True, "bf16")]
+# (token block, stages, split, low-rank, GELU, dtype, warps)
+COMPILE_CASES = [(128, 4, 4, True, False, "bf16", 8), (64, 3, 1, False, True, "fp16", 4),
+                 (64, 5, 8, True, True, "bf16", 8), (128, 3, 2, True, False, "bf16", 4)]
 
 
 def _compile_cases(cases):
     """(PTX, shared bytes) of each COMPILE_CASES case (FLUX-shape specializations: 16-divisible pointers, sizes and
     row strides)."""
     out = []
-    for tokens, stages, split, lowrank, gelu, dtype in cases:
+    for tokens, stages, split, lowrank, gelu, dtype, warps in cases:
         half = "*bf16" if dtype == "bf16" else "*fp16"
         pointers = {"X": half, "W": "*i32", "WS": half, "LXP": "*fp32", "LU": half, "BIAS": half, "OUT": half,
                     "PART": "*fp32", "COUNTS": "*i32"}
-        kernel = compile_for_hopper(wg._w4a16_wgmma_kernel, pointers, ("N", "K", "stride_xm", "stride_wsn"), 4,
+        kernel = compile_for_hopper(wg._w4a16_wgmma_kernel, pointers, ("N", "K", "stride_xm", "stride_wsn"), warps,
                                     HAS_LR=lowrank, RP=32, HAS_BIAS=True, GELU=gelu, SPLIT_K=split, TOK=tokens,
-                                    STAGES=stages, ASM=wg._ASM[dtype])
+                                    STAGES=stages, ASM=wg._ASM[dtype], WARPS_=warps)
         out.append((kernel.asm["ptx"], kernel.metadata.shared))
     return out
 
@@ -53,8 +54,8 @@ def test_compiles_for_hopper(compiled, case):
     """sm_90a PTX with the documented pieces: ``wgmma`` with the A operand in registers (``m64nTOKk16``), the
     activation tiles copied 16 bytes at a time, the byte selector ``0x4400 + 0x1111 c`` of the quad lane, the
     format's ``lop3`` constant, the two packed ``fma`` (magic removed, scale applied), a ring of ``STAGES`` slots of
-    activations, codes and scale words in shared memory."""
-    tokens, stages, split, lowrank, gelu, dtype = case
+    activations, codes and scale words in shared memory (one or two warpgroups: 64 or 128 rows of codes)."""
+    tokens, stages, split, lowrank, gelu, dtype, warps = case
     magic, ptx_type, _, negative_magic, _ = wg.DECODE[dtype]
     ptx, smem = compiled[case]
     assert re.search(rf"wgmma\.mma_async\.sync\.aligned\.m64n{tokens}k16\.f32\.{ptx_type[:-2]}", ptx)
@@ -62,7 +63,7 @@ def test_compiles_for_hopper(compiled, case):
     assert re.search(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], 0x10", ptx)
     assert "0x1111, 0x4400" in ptx and f"0x000F000F, {magic}, 0x6A" in ptx and negative_magic in ptx
     assert ptx.count(f"fma.rn.{ptx_type}") >= 2
-    assert smem >= stages * (tokens * 64 * 2 + 64 * 32 + 64 * 4)
+    assert smem >= stages * (tokens * 64 * 2 + 16 * warps * (32 + 4))
 
 
 def _run_ptx(asm: str, inputs: dict) -> dict:
@@ -132,16 +133,16 @@ def test_decode_gives_lane_bytes_in_natural_order(dtype):
 
 
 def test_pick_config():
-    """64-token blocks up to 64 tokens and 128 above, 4 ring slots, SPLIT_K a divisor of the groups reaching the
-    program target when the groups allow it."""
+    """Two warpgroups (128 rows), 64-token blocks up to 64 tokens and 128 above, 4 ring slots, SPLIT_K a divisor of
+    the groups reaching one program per SM of an H100 when the groups allow it."""
     for N, K in [(3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288), (80, 192)]:
         for M in (33, 64, 65, 128, 200, 256):
             cfg = wg.pick_config(M, N, K)
             groups = K // 64
-            tiles = triton.cdiv(N, 64) * triton.cdiv(M, cfg["TOKENS_BLOCK"])
+            tiles = triton.cdiv(N, 128) * triton.cdiv(M, cfg["TOKENS_BLOCK"])
             assert groups % cfg["SPLIT_K"] == 0
-            assert tiles * cfg["SPLIT_K"] >= 264 or cfg["SPLIT_K"] == groups
-            assert cfg["TOKENS_BLOCK"] == (64 if M <= 64 else 128) and cfg["STAGES"] == 4
+            assert tiles * cfg["SPLIT_K"] >= 132 or cfg["SPLIT_K"] == groups
+            assert cfg["TOKENS_BLOCK"] == (64 if M <= 64 else 128) and cfg["STAGES"] == 4 and cfg["WARPS"] == 8
 
 
 def test_bad_inputs():
@@ -150,7 +151,7 @@ def test_bad_inputs():
     qw = torch.zeros(64, 64, dtype=torch.uint8)
     ws = torch.ones(64, 2, dtype=torch.bfloat16)
     a = torch.zeros(100, 128, dtype=torch.bfloat16)
-    for bad in (dict(SPLIT_K=3), dict(TOKENS_BLOCK=32), dict(STAGES=2)):
+    for bad in (dict(SPLIT_K=3), dict(TOKENS_BLOCK=32), dict(STAGES=2), dict(WARPS=2)):
         with pytest.raises(ValueError, match="config"):
             wg.w4a16_wgmma_gemm(a, qw, ws, None, None, None, torch.bfloat16, config=bad)
     assert not wg.supports(a, qw, ws, None)  # CPU tensors: other paths serve them
@@ -158,9 +159,10 @@ def test_bad_inputs():
 
 def test_launch_passes_every_parameter(monkeypatch):
     """The wrapper binds every kernel parameter to its operand (checked against the kernel's own signature: Gluon
-    kernels do not run on the CPU) and launches one program per (64-row tile x token block, K slice)."""
+    kernels do not run on the CPU) and launches one program per (row tile x token block, K slice)."""
     grid, bound = check_launch_binding(monkeypatch, wg, "_w4a16_wgmma_kernel", wg.w4a16_wgmma_gemm, 130)
     assert grid == (1 * 2, 2) and bound["TOK"] == 128  # 64 rows = 1 row tile x 2 blocks of 128 tokens, 2 slices
+    assert bound["WARPS_"] == 8
 
 
 needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
@@ -172,13 +174,14 @@ needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.ge
 @pytest.mark.parametrize("M", [33, 64, 65, 128, 200, 256])
 @pytest.mark.parametrize("N,K,r,config,dtype,gelu", [
     (3072, 3072, 32, None, torch.bfloat16, False), (200, 192, 32, dict(SPLIT_K=3), torch.bfloat16, True),
-    (80, 512, 0, dict(SPLIT_K=1, TOKENS_BLOCK=128), torch.float16, False),
-    (12288, 3072, 16, dict(TOKENS_BLOCK=64, STAGES=3), torch.float16, True),
+    (80, 512, 0, dict(SPLIT_K=1, TOKENS_BLOCK=128, WARPS=4), torch.float16, False),
+    (12288, 3072, 16, dict(TOKENS_BLOCK=64, STAGES=3, WARPS=4), torch.float16, True),
     (3072, 12288, 32, dict(SPLIT_K=64, STAGES=5), torch.bfloat16, False),
     (200, 960, 32, dict(SPLIT_K=1, STAGES=4, scales="transposed"), torch.bfloat16, False),
     (136, 1216, 16, dict(SPLIT_K=1, STAGES=3, scales="float16"), torch.bfloat16, True)])
 def test_gpu_w4a16_wgmma_gemm(M, N, K, r, config, dtype, gelu):
-    """Every nibble value, row edges, 33-256 tokens in blocks of 64 / 128 (partial blocks), K split 1 / 3 / 64 ways
+    """Every nibble value, row edges, 33-256 tokens in blocks of 64 / 128 (partial blocks), one or two warpgroups,
+    K split 1 / 3 / 64 ways
     or by the default, 3-5 ring slots with slices of 1, 15 or 19 groups, odd and transposed scale strides, float16
     scales under bfloat16, low-rank, bias, GELU, bf16 and fp16 vs the exact-weight reference (the weights enter the
     tensor cores as q * s rounded once to 16 bits: bf16 2**-9, fp16 2**-11 relative); a second call gives the same
