@@ -101,7 +101,7 @@ def copy_layout(warps):
 
 @gluon.constexpr_function
 def word_copy_layout(warps):
-    """Code words ``[64, 8]`` int32 for ``cp.async``: 4 words (16 bytes) per copy."""
+    """Code words ``[16 * warps, 8]`` int32 for ``cp.async``: 4 words (16 bytes) per copy."""
     return gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[16, 2], warps_per_cta=[warps, 1],
                             order=[1, 0])
 
@@ -122,10 +122,10 @@ def _weights(w_tile, s_tile, s_row, g, stride_wsg, quad, ASM: gl.constexpr, dt: 
     """Group ``g``'s ring slot -> the wgmma A operand ``[16 * WARPS_, 64]`` ``q * s`` (``dt``, natural input
     order)."""
     CL: gl.constexpr = code_layout(WARPS_)
-    words = gl.expand_dims(w_tile.load(gl.SliceLayout(2, CL)), 2)  # [64, 8, 1]
+    words = gl.expand_dims(w_tile.load(gl.SliceLayout(2, CL)), 2)  # [rows, 8, 1]
     scale = s_tile.load(gl.SliceLayout(1, gl.SliceLayout(2, CL)))
     scale = gl.where(((s_row + g * stride_wsg) & 1) == 1, scale >> 16, scale)  # the 16-bit scale in the low half
-    scale = gl.expand_dims(gl.expand_dims(scale, 1), 2)  # [64, 1, 1]
+    scale = gl.expand_dims(gl.expand_dims(scale, 1), 2)  # [rows, 1, 1]
     words, lanes = gl.broadcast(words, quad)
     words, scale = gl.broadcast(words, scale)
     d = dt.value
@@ -143,7 +143,7 @@ def _w4a16_wgmma_kernel(
     HAS_LR: gl.constexpr, RP: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, SPLIT_K: gl.constexpr,
     TOK: gl.constexpr, STAGES: gl.constexpr, ASM: gl.constexpr, WARPS_: gl.constexpr,
 ):
-    """Program (tile, slice): rows ``[64]`` x tokens ``[TOK]`` of OUT ``[M, N]`` (tile = row tile x the
+    """Program (tile, slice): rows ``[16 * WARPS_]`` x tokens ``[TOK]`` of OUT ``[M, N]`` (tile = row tile x the
     ``cdiv(M, TOK)`` token blocks + token block), the groups of K slice ``slice``.
 
     X 16-bit ``[M, K]`` (row stride stride_xm), W int32 view ``[N, K / 8]`` of the packed int4 weights, WS 16-bit
