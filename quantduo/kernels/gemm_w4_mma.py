@@ -178,7 +178,8 @@ def _load_activations(x_ptrs, g, g_end):
 
 @gluon.jit
 def finish_tile(acc, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP: gl.constexpr, HAS_LR: gl.constexpr,
-            HAS_BIAS: gl.constexpr, GELU: gl.constexpr, BN: gl.constexpr, TOK: gl.constexpr, WARPS_: gl.constexpr):
+                HAS_BIAS: gl.constexpr, GELU: gl.constexpr, BN: gl.constexpr, TOK: gl.constexpr,
+                WARPS_: gl.constexpr):
     """float32 ``acc [BN, TOK]`` (rows x tokens ``tok0 ..``, mma layout) + low-rank + bias (+ GELU) -> OUT
     ``[M, N]``."""
     MMA: gl.constexpr = mma_layout(WARPS_)
@@ -279,7 +280,7 @@ def _w4a16_mma_kernel(
             gl.store(PART + tile_off, gl.zeros([BN, TOK], gl.float32, MMA), mask=mask)
             gl.store(COUNTS + tile, 0)
             finish_tile(total, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU, BN, TOK,
-                    WARPS_)
+                        WARPS_)
     else:
         finish_tile(acc, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU, BN, TOK, WARPS_)
 
