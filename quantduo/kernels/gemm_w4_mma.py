@@ -160,7 +160,7 @@ def scales_from_words(words, index, dt: gl.constexpr):
 
 
 @gluon.jit
-def load_weights(w_ptrs, s_words, g, g_end, stride_wsg):
+def _load_weights(w_ptrs, s_words, g, g_end, stride_wsg):
     """Group ``g``'s int32 words: weights ``[BN, 8]`` and the words holding the scales ``[BN]`` (``s_words``: the
     int32 view of the scales, the rows' 16-bit index without ``g``); predicated off (zeros) from ``g_end`` on. The
     word of a scale at an even index also covers the next 2 bytes, past the tensor for the last scale of an odd
@@ -251,7 +251,7 @@ def _w4a16_mma_kernel(
     # dead by then: no register moves wait on it) right after group g is consumed
     weights = ()
     for s in gl.static_range(STAGES):
-        weights = weights + (load_weights(w_ptrs, s_words, g0 + s, g_end, stride_wsg),)
+        weights = weights + (_load_weights(w_ptrs, s_words, g0 + s, g_end, stride_wsg),)
     acts = ()
     for s in gl.static_range(STAGES):
         acts = acts + (_load_activations(x_ptrs, g0 + s, g_end),)
@@ -266,7 +266,7 @@ def _w4a16_mma_kernel(
                 else:
                     d = mma_v2(_weight_operand(words, x, ASM, BN, WARPS_), xb, zero)
                 acc += scales_from_words(s_word, s_index + (g + s) * stride_wsg, WS.dtype.element_ty)[:, None] * d
-                weights = weights[:s] + (load_weights(w_ptrs, s_words, g + s + STAGES, g_end, stride_wsg),) \
+                weights = weights[:s] + (_load_weights(w_ptrs, s_words, g + s + STAGES, g_end, stride_wsg),) \
                     + weights[s + 1:]
                 acts = acts[:s] + (_load_activations(x_ptrs, g + s + STAGES, g_end),) + acts[s + 1:]
     toks = tok0 + gl.arange(0, TOK, layout=gl.SliceLayout(0, MMA))

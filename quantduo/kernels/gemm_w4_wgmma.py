@@ -109,7 +109,8 @@ def word_copy_layout(warps):
 @gluon.jit
 def _issue_group(x_tile, w_tile, s_tile, x_ptrs, w_ptrs, s_base, s_row, g, stride_wsg):
     """``cp.async`` of group ``g`` (activations, code words, each row's scale word) into one ring slot, one commit
-    group."""
+    group. The word of a scale at an even index also covers the next 2 bytes, past the tensor for the last scale of
+    an odd count: inside the allocation (PyTorch rounds CUDA blocks to 512 bytes), and never used."""
     async_load(x_tile, x_ptrs + g * 64)
     async_load(w_tile, w_ptrs + g * 8)
     async_load(s_tile, s_base + ((s_row + g * stride_wsg) >> 1))
