@@ -1,4 +1,4 @@
-"""Triton (and three Gluon) kernels on plain tensors, one job each, with a pure-PyTorch reference beside each in
+"""Triton (and two Gluon) kernels on plain tensors, one job each, with a pure-PyTorch reference beside each in
 :mod:`quantduo.formats.reference` / :mod:`quantduo.formats.fp8`. Which kernel runs a layer is the engine's choice
 (:mod:`quantduo.engine.linear`).
 
@@ -8,8 +8,6 @@
   activations, split-K, low-rank + bias epilogue;
 * :func:`w4a16_mma_gemm` — up to 64 tokens of 16-bit activations: the INT4 weights decoded straight into
   ``mma.sync`` operand registers (Gluon), split-K, low-rank + bias epilogue;
-* :func:`w4a16_wgmma_gemm` — tens to hundreds of tokens of 16-bit activations on Hopper's ``wgmma``: the INT4
-  weights decoded straight into its register operand, the tokens streamed into shared memory (Gluon);
 * :func:`w4_gemv` — one token of 16-bit activations times INT4 weights (CUDA cores);
 * :func:`dequant_w4` — the whole weight of an INT4 layer (residual, low-rank branch, smoothing) reconstructed into a
   16-bit or fp8 buffer;
@@ -24,11 +22,9 @@ from .dequant_w4 import dequant_w4
 from .expand_w4_mma import expand_w4_fp8_mma
 from .fp8_linear import expand_w4_fp8, fp8_rowwise_gemm, quantize_fp8_per_token
 from .gemm_w4_mma import w4a16_mma_gemm
-from .gemm_w4_wgmma import w4a16_wgmma_gemm
 from .gemm_w4_skinny import w4_skinny_gemm
 from .gemv_w4 import w4_gemv
 from .nvfp4 import nvfp4_dequant
 
 __all__ = ["act_quant", "dequant_w4", "expand_w4_fp8", "expand_w4_fp8_mma", "fp8_rowwise_gemm", "nvfp4_dequant",
-           "quantize_fp8_per_token", "w4_gemv", "w4_skinny_gemm", "w4a16_mma_gemm",
-           "w4a16_wgmma_gemm"]
+           "quantize_fp8_per_token", "w4_gemv", "w4_skinny_gemm", "w4a16_mma_gemm"]

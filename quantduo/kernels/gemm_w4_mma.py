@@ -42,7 +42,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from .common import rank_pad, split_k_workspace
 
 # the CTA barrier: ``thread_barrier`` in Triton 3.5-3.6, ``barrier`` from 3.7 on
-cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+_cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 
 GROUP = 64
 MAX_TOKENS = 64  # tokens served, in blocks of TOKENS_BLOCK (16 or 32: 2 or 4 mma B tiles of 8) per program
@@ -54,7 +54,7 @@ STAGES = {(16, 1): 4, (16, 2): 2, (32, 1): 2, (32, 2): 1}
 
 # nibble pairs (i, i + 4) of a word w, XOR 8, as two 16-bit (magic + u): lop3 LUT 0x6A = (a & b) ^ c; then
 # (signed decode) one packed fma t * 1 - magic: the signed value q
-DECODE = {  # dtype: (magic pair = 128 + 8 / 1024 + 8, PTX type, 1.0 pair, -magic pair, magic value)
+_DECODE = {  # dtype: (magic pair = 128 + 8 / 1024 + 8, PTX type, 1.0 pair, -magic pair, magic value)
     "bf16": ("0x43084308", "bf16x2", "0x3F803F80", "0xC308C308", 136.0),
     "fp16": ("0x64086408", "f16x2", "0x3C003C00", "0xE408E408", 1032.0),
 }
@@ -63,7 +63,7 @@ DECODE = {  # dtype: (magic pair = 128 + 8 / 1024 + 8, PTX type, 1.0 pair, -magi
 def _decode_asm(dtype: str, signed: bool) -> str:
     """PTX: int32 word ``$8`` -> eight 16-bit values ``$0 .. $7`` (nibbles 0, 4, 1, 5, ...: output ``i`` and
     ``i + 4`` from one lop3): ``magic + q`` or, signed, ``q``."""
-    magic, ptx_type, one, negative_magic, _ = DECODE[dtype]
+    magic, ptx_type, one, negative_magic, _ = _DECODE[dtype]
     lines = [".reg .b32 t, one, neg;", f"mov.b32 one, {one}; mov.b32 neg, {negative_magic};"] if signed else \
         [".reg .b32 t;"]
     for i in range(4):
@@ -77,7 +77,7 @@ def _decode_asm(dtype: str, signed: bool) -> str:
     return "{\n" + "\n".join(lines) + "\n}"
 
 
-_ASM = {(dtype, signed): _decode_asm(dtype, signed) for dtype in DECODE for signed in (False, True)}
+_ASM = {(dtype, signed): _decode_asm(dtype, signed) for dtype in _DECODE for signed in (False, True)}
 
 
 @gluon.constexpr_function
@@ -177,9 +177,8 @@ def _load_activations(x_ptrs, g, g_end):
 
 
 @gluon.jit
-def finish_tile(acc, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP: gl.constexpr, HAS_LR: gl.constexpr,
-                HAS_BIAS: gl.constexpr, GELU: gl.constexpr, BN: gl.constexpr, TOK: gl.constexpr,
-                WARPS_: gl.constexpr):
+def _finish(acc, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP: gl.constexpr, HAS_LR: gl.constexpr,
+            HAS_BIAS: gl.constexpr, GELU: gl.constexpr, BN: gl.constexpr, TOK: gl.constexpr, WARPS_: gl.constexpr):
     """float32 ``acc [BN, TOK]`` (rows x tokens ``tok0 ..``, mma layout) + low-rank + bias (+ GELU) -> OUT
     ``[M, N]``."""
     MMA: gl.constexpr = mma_layout(WARPS_)
@@ -274,15 +273,15 @@ def _w4a16_mma_kernel(
         tile_off = toks[None, :] * N + rows[:, None]
         mask = (rows[:, None] < N) & (toks[None, :] < M)
         gl.atomic_add(PART + tile_off, acc, mask=mask, sem="relaxed")
-        cta_barrier()  # every thread's partial sum is issued before the counter increment (release)
+        _cta_barrier()  # every thread's partial sum is issued before the counter increment (release)
         if gl.atomic_add(COUNTS + tile, 1) == SPLIT_K - 1:  # the last slice of this tile finishes it
             total = gl.load(PART + tile_off, mask=mask, other=0.0, cache_modifier=".cg")
             gl.store(PART + tile_off, gl.zeros([BN, TOK], gl.float32, MMA), mask=mask)
             gl.store(COUNTS + tile, 0)
-            finish_tile(total, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU, BN, TOK,
-                        WARPS_)
+            _finish(total, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU, BN, TOK,
+                    WARPS_)
     else:
-        finish_tile(acc, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU, BN, TOK, WARPS_)
+        _finish(acc, rows, toks, tok0, M, N, LXP, S, LU, R, BIAS, OUT, RP, HAS_LR, HAS_BIAS, GELU, BN, TOK, WARPS_)
 
 
 def tile_count(M: int, N: int, row_tiles: int, tokens_block: int) -> int:
@@ -309,17 +308,16 @@ def pick_config(M: int, N: int, K: int, programs: int = 384) -> dict:
     return dict(ROW_TILES=row_tiles, SPLIT_K=split, TOKENS_BLOCK=tokens_block, SIGNED=True)
 
 
-def operand_error(a: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, lora_up: torch.Tensor | None,
-                  max_tokens: int = MAX_TOKENS) -> str | None:
-    """Why a kernel of this family serving up to ``max_tokens`` tokens cannot take these operands (one line), or
-    None."""
+def _operand_error(a: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor,
+                   lora_up: torch.Tensor | None) -> str | None:
+    """Why this kernel cannot take these operands (one line), or None."""
     M, K = a.shape
     N = qweight.shape[0]
     if qweight.dtype != torch.uint8 or qweight.shape[1] * 2 != K or K % GROUP or not qweight.is_contiguous():
         return (f"qweight must be contiguous uint8 [N, K/2] with K = {K} a multiple of {GROUP}, "
                 f"got {qweight.dtype} {tuple(qweight.shape)}")
-    if M > max_tokens or a.dtype not in (torch.bfloat16, torch.float16) or a.stride(1) != 1:
-        return (f"a must be float16/bfloat16 [M <= {max_tokens}, K] with unit column stride, got {a.dtype} "
+    if M > MAX_TOKENS or a.dtype not in (torch.bfloat16, torch.float16) or a.stride(1) != 1:
+        return (f"a must be float16/bfloat16 [M <= {MAX_TOKENS}, K] with unit column stride, got {a.dtype} "
                 f"{tuple(a.shape)}")
     if wscales.shape != (N, K // GROUP) or wscales.dtype not in (torch.bfloat16, torch.float16):
         return (f"wscales must be float16/bfloat16 [N, K/{GROUP}] = [{N}, {K // GROUP}], got {wscales.dtype} "
@@ -332,26 +330,13 @@ def operand_error(a: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor,
     return None
 
 
-def launch_operands(a, qweight, wscales, lxp, lora_up, bias, out, part, counts, split: int, gelu: bool):
-    """The arguments every W4A16 GEMM of this family takes, in its kernels' order (``X, W, WS, LXP, LU, BIAS, OUT,
-    PART, COUNTS, M, N, K, GROUPS_PER_SPLIT, S, R, stride_xm, stride_wsn, stride_wsg``; absent operands replaced by
-    an unread tensor), and the epilogue's constexprs (``HAS_LR, RP, HAS_BIAS, GELU, SPLIT_K``)."""
-    (M, K), N = a.shape, qweight.shape[0]
-    r = 0 if lxp is None else lxp.shape[2]
-    unread = qweight
-    args = (a, qweight.view(torch.int32), wscales, lxp if r else unread, lora_up if r else unread,
-            unread if bias is None else bias, out, part, counts, M, N, K, K // GROUP // split,
-            lxp.shape[0] if r else 0, r, a.stride(0), wscales.stride(0), wscales.stride(1))
-    return args, dict(HAS_LR=r > 0, RP=rank_pad(r), HAS_BIAS=bias is not None, GELU=gelu, SPLIT_K=split)
-
-
 def supports(a: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor,
              lora_up: torch.Tensor | None) -> bool:
     """Whether :func:`w4a16_mma_gemm` serves these operands: a CUDA device with ``mma.sync`` (sm_80+), <= 64 16-bit
     tokens in 16-byte aligned rows, K a multiple of 64, 16-bit group scales at a 4-byte aligned address and a
     low-rank branch in the activations' dtype (float32 lora factors or scales keep the Triton kernel)."""
     return (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 8
-            and operand_error(a, qweight, wscales, lora_up) is None)
+            and _operand_error(a, qweight, wscales, lora_up) is None)
 
 
 def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dtype, gelu: bool = False,
@@ -371,7 +356,7 @@ def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dty
     M, K = a.shape
     N = qweight.shape[0]
     r = 0 if lxp is None else lxp.shape[2]
-    error = operand_error(a, qweight, wscales, lora_up if r else None)
+    error = _operand_error(a, qweight, wscales, lora_up if r else None)
     if error:
         raise ValueError(error)
     cfg = {**pick_config(M, N, K), **(config or {})}
@@ -384,9 +369,14 @@ def w4a16_mma_gemm(a, qweight, wscales, lxp, lora_up, bias, out_dtype: torch.dty
     tiles = tile_count(M, N, cfg["ROW_TILES"], tokens_block)
     out = torch.empty(M, N, dtype=out_dtype, device=a.device)
     part, counts = split_k_workspace("mma", M * N, tiles, a.device) if split > 1 else (out, out)
-    args, epilogue = launch_operands(a, qweight, wscales, lxp, lora_up, bias, out, part, counts, split, gelu)
+    dummy = qweight
     _w4a16_mma_kernel[(tiles, split)](
-        *args, **epilogue, ROW_TILES=cfg["ROW_TILES"], TOK=tokens_block, WARPS_=WARPS, ASM=_ASM[name, cfg["SIGNED"]],
-        OFFSET=0.0 if cfg["SIGNED"] else DECODE[name][4], STAGES=stages, num_warps=WARPS,
+        a, qweight.view(torch.int32), wscales, lxp if r else dummy, lora_up if r else dummy,
+        bias if bias is not None else dummy, out, part, counts,
+        M, N, K, K // GROUP // split, lxp.shape[0] if r else 0, r, a.stride(0), wscales.stride(0),
+        wscales.stride(1),
+        HAS_LR=r > 0, RP=rank_pad(r), HAS_BIAS=bias is not None, GELU=gelu, SPLIT_K=split,
+        ROW_TILES=cfg["ROW_TILES"], TOK=tokens_block, WARPS_=WARPS, ASM=_ASM[name, cfg["SIGNED"]],
+        OFFSET=0.0 if cfg["SIGNED"] else _DECODE[name][4], STAGES=stages, num_warps=WARPS,
     )
     return out

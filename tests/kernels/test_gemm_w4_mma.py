@@ -44,7 +44,7 @@ def _compile_cases(cases):
     for row_tiles, split, lowrank, gelu, dtype, tokens, signed, stages in cases:
         kernel = _compile_for_hopper(_pointer_types(dtype), HAS_LR=lowrank, RP=32, HAS_BIAS=True, GELU=gelu,
                                      SPLIT_K=split, ROW_TILES=row_tiles, TOK=tokens, WARPS_=mma.WARPS,
-                                     ASM=mma._ASM[dtype, signed], OFFSET=0.0 if signed else mma.DECODE[dtype][4],
+                                     ASM=mma._ASM[dtype, signed], OFFSET=0.0 if signed else mma._DECODE[dtype][4],
                                      STAGES=stages)
         out.append((kernel.asm["ptx"], kernel.metadata.shared))
     return out
@@ -66,7 +66,7 @@ def test_compiles_for_hopper(compiled, case):
     compiling), without shared memory in the main loop, and with the documented lop3 decode (and, signed, the
     packed fma that removes the magic number) in the PTX."""
     dtype, signed = case[4], case[6]
-    magic, ptx_type, _, negative_magic, _ = mma.DECODE[dtype]
+    magic, ptx_type, _, negative_magic, _ = mma._DECODE[dtype]
     ptx, shared = compiled[case]
     assert "mma.sync.aligned.m16n8k16" in ptx and ("bf16" if dtype == "bf16" else "f16") in ptx
     assert f"0x000F000F, {magic}, 0x6A" in ptx  # the format's decode constant
