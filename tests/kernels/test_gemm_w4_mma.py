@@ -11,14 +11,17 @@ import multiprocessing
 
 import pytest
 import torch
+import torch.nn.functional as F
 import triton
 
 from quantduo.formats import quantizers as qz
+from quantduo.formats import reference as ref
 from quantduo.kernels import gemm_w4_mma as mma
+from quantduo.kernels.act_quant import act_quant
 from quantduo.utils import relative_error
 
 from .gluon_compile import compile_for_hopper
-from .w4a16_cases import check_against_reference, check_launch_binding, check_operand_errors
+
 
 def _pointer_types(dtype: str) -> dict:
     half = "*bf16" if dtype == "bf16" else "*fp16"
@@ -94,10 +97,20 @@ def test_pick_config():
 
 def test_bad_inputs():
     """Clear errors instead of a wrong answer (checked before any launch)."""
-    check_operand_errors(mma.w4a16_mma_gemm, mma.MAX_TOKENS)
     qw = torch.zeros(64, 64, dtype=torch.uint8)
     ws = torch.ones(64, 2, dtype=torch.bfloat16)
     a = torch.zeros(4, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=f"M <= {mma.MAX_TOKENS}"):
+        mma.w4a16_mma_gemm(torch.zeros(mma.MAX_TOKENS + 1, 128, dtype=torch.bfloat16), qw, ws, None, None, None,
+                           torch.bfloat16)
+    with pytest.raises(ValueError, match="wscales"):
+        mma.w4a16_mma_gemm(a, qw, ws[:, :1], None, None, None, torch.bfloat16)
+    with pytest.raises(ValueError, match="wscales must be float16/bfloat16"):
+        mma.w4a16_mma_gemm(a, qw, ws.float(), None, None, None, torch.bfloat16)
+    with pytest.raises(ValueError, match="qweight"):
+        mma.w4a16_mma_gemm(a, qw[:, :40].contiguous(), ws, None, None, None, torch.bfloat16)
+    with pytest.raises(ValueError, match="float16/bfloat16"):
+        mma.w4a16_mma_gemm(a.float(), qw, ws, None, None, None, torch.bfloat16)
     with pytest.raises(ValueError, match="SPLIT_K"):
         mma.w4a16_mma_gemm(a, qw, ws, None, None, None, torch.bfloat16, config=dict(ROW_TILES=2, SPLIT_K=3))
     with pytest.raises(ValueError, match="TOKENS_BLOCK"):
@@ -109,10 +122,48 @@ def test_bad_inputs():
 
 
 def test_launch_passes_every_parameter(monkeypatch):
-    """The wrapper binds every kernel parameter to its operand (checked against the kernel's own signature: Gluon
-    kernels do not run on the CPU), and caps the groups in flight at the groups of a K slice."""
-    _, bound = check_launch_binding(monkeypatch, mma, "_w4a16_mma_kernel", mma.w4a16_mma_gemm, 16)
+    """The wrapper binds every kernel parameter once, each operand and size to the parameter of its name (checked
+    against the kernel's own signature: Gluon kernels do not run on the CPU), on operands with low-rank, bias,
+    transposed scales and ``SPLIT_K=2``, and caps the groups in flight at the groups of a K slice."""
+    names = list(mma._w4a16_mma_kernel.arg_names)
+    launches = []
+
+    class Launcher:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
+
+    monkeypatch.setattr(mma, "_w4a16_mma_kernel", Launcher())
+    a = torch.zeros(16, 128, dtype=torch.bfloat16)
+    qw = torch.zeros(64, 64, dtype=torch.uint8)
+    ws = torch.ones(2, 64, dtype=torch.bfloat16).t()
+    lxp, up, bias = torch.zeros(2, 16, 8), torch.zeros(64, 8, dtype=torch.bfloat16), torch.zeros(64)
+    mma.w4a16_mma_gemm(a, qw, ws, lxp, up, bias, torch.bfloat16, config=dict(SPLIT_K=2))
+    (_, args, kwargs), = launches
+    bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+    assert len(args) + len(set(kwargs) & set(names)) == len(names) and sorted(bound) == sorted(names)
+    assert bound["X"] is a and bound["WS"] is ws and bound["LXP"] is lxp and bound["LU"] is up and bound["BIAS"] is bias
+    assert bound["W"].dtype == torch.int32 and bound["W"].data_ptr() == qw.data_ptr()
+    assert (bound["M"], bound["N"], bound["K"], bound["GROUPS_PER_SPLIT"], bound["S"], bound["R"]) == \
+        (16, 64, 128, 1, 2, 8)
+    assert (bound["stride_xm"], bound["stride_wsn"], bound["stride_wsg"]) == (128, 1, 64)
+    assert bound["HAS_LR"] and bound["HAS_BIAS"] and not bound["GELU"] and bound["SPLIT_K"] == 2
     assert bound["STAGES"] == 1  # 2 groups in 2 slices: one in flight
+
+
+def _operands(M: int, N: int, K: int, r: int, dtype: torch.dtype, seed: int = 0) -> tuple:
+    """CUDA operands of an INT4-g64 layer with smoothing: kernel 1's smoothed activations ``a [M, K]``, packed codes
+    (every value -8..7) ``[N, K / 2]``, group scales ``[N, K / 64]``, low-rank partials ``[S, M, r]`` (None for
+    r = 0), ``lora_up [N, r]`` (None for r = 0) and a bias ``[N]``."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(M, K, generator=g) * 2).to(dtype).cuda()
+    smooth = (torch.rand(K, generator=g) + 0.5).to(dtype).cuda()
+    down = (torch.randn(K, max(r, 1), generator=g) * 0.1).to(dtype).cuda()
+    up = (torch.randn(N, max(r, 1), generator=g) * 0.1).to(dtype).cuda()
+    qw = qz.pack_int4(torch.randint(-8, 8, (N, K), generator=g, dtype=torch.int8)).cuda()
+    ws = (torch.rand(N, K // 64, generator=g) * 0.02 + 0.001).to(dtype).cuda()
+    bias = torch.randn(N, generator=g).to(dtype).cuda()
+    a, _, lxp = act_quant(x, smooth, None, down if r else None, "smooth")
+    return a, qw, ws, lxp, (up if r else None), bias
 
 
 @pytest.mark.gpu
@@ -134,7 +185,21 @@ def test_gpu_w4a16_mma_gemm(M, N, K, r, config, dtype, gelu):
     counters reset). Groups in flight (STAGES) that do not divide a slice's groups (15 / 19 groups), scales with an
     odd row stride (K / 64 = 3, 15, 19: half of the rows' scales start in the high half of a 32-bit word), transposed
     scales (stride 1 between rows) and float16 scales under bfloat16 activations."""
-    check_against_reference(mma.w4a16_mma_gemm, M, N, K, r, config, dtype, gelu, 2e-3)
+    config = dict(config or {})
+    scales = config.pop("scales", None)
+    a, qw, ws, lxp, up, bias = _operands(M, N, K, r, dtype)
+    if scales == "transposed":
+        ws = ws.t().contiguous().t()
+    elif scales == "float16":
+        ws = ws.to(torch.float16)
+    y = mma.w4a16_mma_gemm(a, qw, ws, lxp, up, bias, dtype, gelu=gelu, config=config)
+    y_ref = ref.w4_gemv_ref(a, qw, ws, lxp.sum(0) if r else None, up, bias, dtype)
+    if gelu:
+        y_ref = F.gelu(y_ref.float(), approximate="tanh").to(dtype)
+    assert y.shape == (M, N) and torch.isfinite(y).all()
+    assert relative_error(y, y_ref) < 2e-3
+    again = mma.w4a16_mma_gemm(a, qw, ws, lxp, up, bias, dtype, gelu=gelu, config=config)
+    assert torch.equal(again, y) or relative_error(again, y_ref) < 2e-3
 
 
 @pytest.mark.gpu
