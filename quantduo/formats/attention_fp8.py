@@ -41,9 +41,10 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
         raise ValueError("empty sequence")
 
 
-def quantize_blocks_e4m3(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blocks_e4m3(x: torch.Tensor, block: int, padded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 E4M3 per (batch, head, block of ``block`` tokens) of ``x [B, H, S, D]``:
-    (codes float8_e4m3fn ``[B, H, S, D]``, scales float32 ``[B, H, ceil(S / block)]``)."""
+    (codes float8_e4m3fn ``[B, H, S, D]``, scales float32 ``[B, H, ceil(S / block)]``). ``padded``: the codes
+    ``[B, H, ceil(S / block) * block, D]`` (contiguous, zeros past S), the layout the kernel reads."""
     if block <= 0:
         raise ValueError(f"block must be positive, got {block}")
     b, h, s, d = x.shape
@@ -52,7 +53,8 @@ def quantize_blocks_e4m3(x: torch.Tensor, block: int) -> tuple[torch.Tensor, tor
     amax = xf.abs().amax(dim=-1)
     scale = torch.where(amax > 0, amax * (1.0 / E4M3_MAX), torch.ones_like(amax))
     codes = (xf * (1.0 / scale)[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return codes.reshape(b, h, nblocks * block, d)[:, :, :s], scale
+    codes = codes.reshape(b, h, nblocks * block, d)
+    return (codes if padded else codes[:, :, :s]), scale
 
 
 def _expand_scales(scale: torch.Tensor, block: int, length: int) -> torch.Tensor:

@@ -27,11 +27,11 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from quantduo.formats.attention_fp8 import (DEFAULT_KV_BLOCK, DEFAULT_Q_BLOCK, LOG2E, P_SCALE,
-                                           check_attention_inputs)
+                                           check_attention_inputs, quantize_blocks_e4m3)
 
 from .common import fp8_operand, to_e4m3
 
-__all__ = ["AttentionTile", "attention_on_codes", "default_tile", "default_warps", "fp8_attention",
+__all__ = ["AttentionTile", "attention_on_codes", "default_tile", "default_warps", "fp8_attention", "graph_operands",
            "quantize_blocks_e4m3_kernel", "quantize_operands"]
 
 # The tiles are the format's quantization blocks (block_m = DEFAULT_Q_BLOCK, block_n = DEFAULT_KV_BLOCK); with 4
@@ -216,6 +216,17 @@ def quantize_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m
     return q8, k8, v8, sq, sk, sv
 
 
+def graph_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int = DEFAULT_Q_BLOCK,
+                   block_n: int = DEFAULT_KV_BLOCK) -> tuple[torch.Tensor, ...]:
+    """:func:`quantize_operands`' output (same codes, scales and layouts) computed by PyTorch operations, which
+    ``torch.compile`` fuses into the producers of q, k and v (the rotary embedding, the norms) instead of three
+    launches that re-read them."""
+    q8, sq = quantize_blocks_e4m3(q, block_m, padded=True)
+    k8, sk = quantize_blocks_e4m3(k, block_n, padded=True)
+    v8, sv = quantize_blocks_e4m3(v, block_n, padded=True)
+    return q8, k8, v8.transpose(2, 3).contiguous().transpose(2, 3), sq, sk, sv
+
+
 def attention_on_codes(operands: tuple[torch.Tensor, ...], s_q: int, s_kv: int, dtype: torch.dtype,
                        sm_scale: float, tile: AttentionTile | None = None) -> torch.Tensor:
     """The attention launch over :func:`quantize_operands`' output (blocks read from the codes' padding):
@@ -248,17 +259,17 @@ def fp8_attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_s
     return attention_on_codes(operands, q.shape[2], k.shape[2], q.dtype, sm_scale, tile)
 
 
-@torch.library.custom_op("quantduo::fp8_attention", mutates_args=())
-def _fp8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, block_m: int,
-                      block_n: int) -> torch.Tensor:
-    """:func:`fp8_attention_launch` as one opaque op for compiled graphs."""
-    return fp8_attention_launch(q, k, v, sm_scale, block_m, block_n)
+@torch.library.custom_op("quantduo::fp8_attention_on_codes", mutates_args=())
+def _attention_on_codes_op(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, sq: torch.Tensor, sk: torch.Tensor,
+                           sv: torch.Tensor, s_q: int, s_kv: int, dtype: torch.dtype, sm_scale: float) -> torch.Tensor:
+    """:func:`attention_on_codes` (default tile) as one opaque op for compiled graphs."""
+    return attention_on_codes((q8, k8, v8, sq, sk, sv), s_q, s_kv, dtype, sm_scale)
 
 
-@_fp8_attention_op.register_fake
-def _fp8_attention_shape(q, k, v, sm_scale, block_m, block_n):
-    b, h, s, d = q.shape
-    return q.new_empty(b, s, h, d).transpose(1, 2)
+@_attention_on_codes_op.register_fake
+def _attention_on_codes_shape(q8, k8, v8, sq, sk, sv, s_q, s_kv, dtype, sm_scale):
+    b, h, _, d = q8.shape
+    return q8.new_empty(b, s_q, h, d, dtype=dtype).transpose(1, 2)
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,
@@ -270,4 +281,7 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: f
     check_attention_inputs(q, k, v)
     _check_kernel_inputs(q, block_m, block_n)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    return _fp8_attention_op(q, k, v, sm_scale, block_m, block_n)
+    if torch.compiler.is_compiling():  # the quantization as graph operations, fused into q / k / v's producers
+        operands = graph_operands(q, k, v, block_m, block_n)
+        return _attention_on_codes_op(*operands, q.shape[2], k.shape[2], q.dtype, sm_scale)
+    return fp8_attention_launch(q, k, v, sm_scale, block_m, block_n)

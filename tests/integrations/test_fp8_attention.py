@@ -10,7 +10,7 @@ from quantduo.formats.attention_fp8 import E4M3_MAX, fp8_attention_reference, qu
 from quantduo.integrations.fp8_attention import (FP8AttentionProcessor, disable_fp8_attention, enable_fp8_attention,
                                                  fp8_attention_enabled)
 from quantduo.kernels.attention_fp8 import (AttentionTile, default_warps, fp8_attention, fp8_attention_launch,
-                                           quantize_blocks_e4m3_kernel)
+                                           graph_operands, quantize_blocks_e4m3_kernel, quantize_operands)
 from quantduo.utils import relative_error
 
 
@@ -67,6 +67,24 @@ def test_kernel_tiles_match_reference(tile, poison_empty):
 def test_tile_rejects_three_query_blocks():
     with pytest.raises(ValueError, match="q_tiles"):
         AttentionTile(q_tiles=3)
+
+
+def test_graph_operands_are_the_kernels_operands():
+    """The PyTorch quantization a compiled graph runs gives the quantization launches' codes, scales, padding and
+    memory layouts (V token-contiguous), bit for bit."""
+    q, k, v = (t * 3 for t in _qkv(1, 2, 40, 50, 32, seed=3))
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # strided, as diffusers gives
+    for got, want in zip(graph_operands(q, k, v, 16, 32), quantize_operands(q, k, v, 16, 32)):
+        assert got.shape == want.shape and got.stride() == want.stride()
+        assert torch.equal(got.float(), want.float())
+
+
+def test_compiled_fp8_attention_is_eager(poison_empty):
+    """Under torch.compile the quantization becomes graph operations and the attention one opaque op: one graph,
+    the eager kernel's output."""
+    q, k, v = _qkv(1, 2, 40, 50, 32, seed=4)
+    compiled = torch.compile(lambda q, k, v: fp8_attention(q, k, v, block_m=16, block_n=32), fullgraph=True)
+    assert relative_error(compiled(q, k, v), fp8_attention(q, k, v, block_m=16, block_n=32)) < 1e-6
 
 
 def test_error_vs_exact_attention():
