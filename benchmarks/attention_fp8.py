@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from quantduo.formats.attention_fp8 import E4M3_MAX, P_SCALE
-from quantduo.kernels.attention_fp8 import AttentionTile, attention_on_codes, fp8_attention_launch, quantize_operands
+from quantduo.kernels.attention_fp8 import attention_on_codes, fp8_attention_launch, quantize_operands
 from quantduo.utils import relative_error
 
 try:
@@ -36,17 +36,7 @@ try:
 except ImportError:  # the SageAttention row is skipped
     sageattn = None
 
-# (block_m, block_n, launch tile): the format's scale blocks and how the kernel walks them
-TILES = [(64, 128, AttentionTile(1, 4, 3)), (64, 128, AttentionTile(1, 4, 2)), (64, 64, AttentionTile(1, 4, 3)),
-         (128, 128, AttentionTile(1, 8, 3)), (64, 128, AttentionTile(2, 8, 3)),
-         (64, 128, AttentionTile(2, 4, 2, warp_specialize=True)), (64, 128, AttentionTile(2, 4, 3, warp_specialize=True)),
-         (64, 64, AttentionTile(2, 4, 3, warp_specialize=True)), (64, 64, AttentionTile(2, 4, 4, warp_specialize=True)),
-         (128, 128, AttentionTile(1, 4, 2, warp_specialize=True))]
-
-
-def tile_name(block_m: int, block_n: int, tile: AttentionTile) -> str:
-    ws = " ws" if tile.warp_specialize else ""
-    return f"fp8 q{block_m} kv{block_n} rows{tile.q_tiles * block_m} w{tile.warps} s{tile.stages}{ws}"
+TILES = [(64, 128, 4, 3), (64, 128, 4, 4), (64, 128, 4, 2), (64, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4)]
 
 
 def make_qkv(heads: int, tokens: int, dim: int) -> tuple[torch.Tensor, ...]:
@@ -132,14 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     flops = 4 * args.tokens ** 2 * args.dim * args.heads
     sm_scale = args.dim ** -0.5
     rows = [("sdpa bf16", lambda: F.scaled_dot_product_attention(q, k, v))]
-    rows += [(tile_name(bm, bn, tile), lambda bm=bm, bn=bn, tile=tile: fp8_attention_launch(q, k, v, sm_scale, bm, bn,
-                                                                                         tile))
-             for bm, bn, tile in TILES]
+    rows += [(f"fp8 BM{bm} BN{bn} w{w} s{s}",
+              lambda bm=bm, bn=bn, w=w, s=s: fp8_attention_launch(q, k, v, sm_scale, bm, bn, w, s))
+             for bm, bn, w, s in TILES]
     operands = quantize_operands(q, k, v)
-    rows.append(("fp8 default blocks: quantize only", lambda: quantize_operands(q, k, v)))
-    rows += [(f"{tile_name(64, 128, tile)}: codes only",
-              lambda tile=tile: attention_on_codes(operands, args.tokens, args.tokens, q.dtype, sm_scale, tile))
-             for bm, bn, tile in TILES if (bm, bn) == (64, 128)]
+    rows += [("fp8 default tile: quantize only", lambda: quantize_operands(q, k, v)),
+             ("fp8 default tile: codes only",
+              lambda: attention_on_codes(operands, args.tokens, args.tokens, q.dtype, sm_scale))]
     if cudnn is not None:
         try:
             cudnn_fp8 = CudnnFp8Attention(q, k, v, sm_scale)

@@ -1,14 +1,14 @@
 """FP8 flash attention (forward) for DiT attention on Hopper: Q/K/V in FP8 E4M3 per (head, block of tokens).
 
-Semantics (and the pure-PyTorch reference): :mod:`quantduo.formats.attention_fp8`. Two launches:
+Semantics (and the pure-PyTorch reference): :mod:`quantduo.formats.attention_fp8`. Two launches (under
+``torch.compile`` the first is :func:`graph_operands`, PyTorch operations fused into the producers of q, k, v):
 
 * :func:`_block_quant_kernel` — one program per (block of tokens, batch x head): float32 scale
   ``absmax * (1 / 448)`` of the block, E4M3 codes into a zero-padded buffer ``[B, H, S_pad, D]``; V's codes are
   written token-contiguous (``[B, H, D, S_pad]`` in memory), the K-major operand layout fp8 ``wgmma`` needs for
   the PV product.
-* :func:`_attention_fp8_kernel` — one program per (1-2 query blocks, batch x head), its operands read by TMA
-  descriptors (optionally in Triton's warp-specialized Hopper loop, :class:`AttentionTile`): ``S = q8 @ k8^T`` on the
-  fp8 tensor cores, rescaled by ``s_q * s_k * sm_scale * log2(e)`` in float32; online softmax with float32 row max
+* :func:`_attention_fp8_kernel` — one program per (query block, batch x head): ``S = q8 @ k8^T`` on the fp8
+  tensor cores, rescaled by ``s_q * s_k * sm_scale * log2(e)`` in float32; online softmax with float32 row max
   and row sum; ``P`` quantized to E4M3 as ``e4m3(p * 256)`` (FlashAttention-3's choice) for ``p8 @ v8`` on the
   fp8 tensor cores, rescaled by ``s_v / 256``; output ``acc / l`` in the input dtype.
 
@@ -19,20 +19,18 @@ the interpreter checks the kernel's arithmetic; the native fp8 dots run only on 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from quantduo.formats.attention_fp8 import (DEFAULT_KV_BLOCK, DEFAULT_Q_BLOCK, LOG2E, P_SCALE,
                                            check_attention_inputs, quantize_blocks_e4m3)
 
 from .common import fp8_operand, to_e4m3
 
-__all__ = ["AttentionTile", "attention_on_codes", "default_tile", "default_warps", "fp8_attention", "graph_operands",
-           "quantize_blocks_e4m3_kernel", "quantize_operands"]
+__all__ = ["attention_on_codes", "default_warps", "fp8_attention", "graph_operands", "quantize_blocks_e4m3_kernel",
+           "quantize_operands"]
 
 # The tiles are the format's quantization blocks (block_m = DEFAULT_Q_BLOCK, block_n = DEFAULT_KV_BLOCK); with 4
 # warps and 3 stages, the fastest of benchmarks/attention_fp8.py's tiles on an H100 (BENCHMARKS.md).
@@ -66,74 +64,43 @@ def _block_quant_kernel(X, Q, SCALE, S, stride_xb, stride_xh, stride_xs, stride_
 
 
 @triton.jit
-def _scale_row(SCALES, blk, n_blocks, IN_REGISTERS: tl.constexpr):
-    """The row of per-block scales ``SCALES[blk]`` (``blk`` over a power of two >= n_blocks) in registers where
-    IN_REGISTERS, else zeros (never read)."""
-    if IN_REGISTERS:
-        return tl.load(SCALES + blk, mask=blk < n_blocks, other=0.0)
-    return tl.zeros(blk.shape, tl.float32)
-
-
-@triton.jit
-def _block_scale(SCALES, scales_all, blk, j, IN_REGISTERS: tl.constexpr):
-    """Scale ``j`` of a row of per-block scales: from the row held in registers (``scales_all`` over ``blk``, what a
-    warp-specialized loop needs: its loads must all be TMA copies) or loaded from ``SCALES``."""
-    if IN_REGISTERS:
-        return tl.sum(tl.where(blk == j, scales_all, 0.0), axis=0)
-    return tl.load(SCALES + j)
-
-
-@triton.jit
-def _attention_fp8_kernel(q_desc, k_desc, v_desc, SQ, SK, SV, OUT, S_q, S_kv, H, n_q_blocks, n_kv_blocks, qk_scale,
+def _attention_fp8_kernel(Q8, K8, V8, SQ, SK, SV, OUT, S_q, S_kv, H, n_q_blocks, n_kv_blocks, qk_scale,
                           stride_ob, stride_oh, stride_os, stride_od,
-                          Q_BLOCK: tl.constexpr, Q_TILES: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                          EVEN_KV: tl.constexpr, P_SCALE: tl.constexpr, NATIVE: tl.constexpr,
-                          SCALES_IN_REGISTERS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, NKV_POW2: tl.constexpr):
-    """Program (i, bh): query rows ``[i * BLOCK_M, ...)`` of head bh, ``BLOCK_M = Q_TILES * Q_BLOCK`` (1 or 2 scale
-    blocks of Q). TMA descriptors: q_desc over the codes ``[B*H*S_q_pad, D]`` (tiles ``[BLOCK_M, D]``), k_desc over
-    ``[B*H*S_kv_pad, D]`` (``[BLOCK_N, D]``), v_desc over the token-contiguous V codes ``[B*H*D, S_kv_pad]``
-    (``[D, BLOCK_N]``); scales float32 ``[B*H, n_blocks]``; OUT ``[B, H, S_q, D]`` strided. WARP_SPECIALIZE: Triton's
-    Hopper warp specialization of the key loop (a TMA producer, the query tile split over consumer warpgroups), which
-    needs SCALES_IN_REGISTERS: K's and V's scale rows held in registers (``NKV_POW2 >= n_kv_blocks`` lanes), the
-    loop's only loads its TMA copies."""
-    BLOCK_M: tl.constexpr = Q_TILES * Q_BLOCK
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, EVEN_KV: tl.constexpr,
+                          P_SCALE: tl.constexpr, NATIVE: tl.constexpr):
+    """Program (i, bh): rows ``[i * BLOCK_M, ...)`` of head bh. Q8, K8 ``[B*H, S_pad, D]`` row-major, V8
+    ``[B*H, D, S_kv_pad]`` (token-contiguous), scales float32 ``[B*H, n_blocks]``; OUT ``[B, H, S_q, D]`` strided."""
     i = tl.program_id(0)
     bh = tl.program_id(1)
-    q = q_desc.load([bh * n_q_blocks * Q_BLOCK + i * BLOCK_M, 0])
-    q_scale = tl.load(SQ + bh * n_q_blocks + i * Q_TILES) * qk_scale
-    if Q_TILES == 2:  # the second scale block of the tile (absent past the last block: those rows are not stored)
-        q_hi = tl.load(SQ + bh * n_q_blocks + i * 2 + 1, mask=i * 2 + 1 < n_q_blocks, other=0.0) * qk_scale
-        q_scale = tl.where(tl.arange(0, BLOCK_M) < Q_BLOCK, q_scale, q_hi)
-    else:
-        q_scale = tl.full([BLOCK_M], q_scale, tl.float32)
-    blk = tl.arange(0, NKV_POW2)
-    sk_row, sv_row = SK + bh * n_kv_blocks, SV + bh * n_kv_blocks
-    sk_all = _scale_row(sk_row, blk, n_kv_blocks, SCALES_IN_REGISTERS)
-    sv_all = _scale_row(sv_row, blk, n_kv_blocks, SCALES_IN_REGISTERS)
-    kv_row = bh * n_kv_blocks * BLOCK_N
+    s_q_pad = n_q_blocks * BLOCK_M
+    s_kv_pad = n_kv_blocks * BLOCK_N
+    rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
     n = tl.arange(0, BLOCK_N)
+    q = tl.load(Q8 + bh.to(tl.int64) * s_q_pad * D + rows[:, None] * D + d[None, :])
+    q_scale = tl.load(SQ + bh * n_q_blocks + i) * qk_scale
+    k_base = K8 + bh.to(tl.int64) * s_kv_pad * D
+    v_base = V8 + bh.to(tl.int64) * s_kv_pad * D
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    for j in tl.range(0, n_kv_blocks, warp_specialize=WARP_SPECIALIZE):
-        k = k_desc.load([kv_row + j * BLOCK_N, 0])  # [BLOCK_N, D]
-        v = v_desc.load([bh * D, j * BLOCK_N])  # [D, BLOCK_N]: V's codes token-contiguous, fp8 wgmma's K-major B
-        s = tl.dot(fp8_operand(q, NATIVE), fp8_operand(k, NATIVE).T)
-        s = s * (q_scale * _block_scale(sk_row, sk_all, blk, j, SCALES_IN_REGISTERS))[:, None]
+    for j in range(0, n_kv_blocks):
+        cols = j * BLOCK_N + n
+        k = tl.load(k_base + cols[None, :] * D + d[:, None])  # [D, BLOCK_N], K-major
+        s = tl.dot(fp8_operand(q, NATIVE), fp8_operand(k, NATIVE)) * (q_scale * tl.load(SK + bh * n_kv_blocks + j))
         if not EVEN_KV:
-            s = tl.where((j * BLOCK_N + n)[None, :] < S_kv, s, -float("inf"))
+            s = tl.where(cols[None, :] < S_kv, s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         p8 = to_e4m3(p * P_SCALE, NATIVE)
-        pv = tl.dot(fp8_operand(p8, NATIVE), fp8_operand(v, NATIVE).T)
-        acc = acc * alpha[:, None] + pv * (_block_scale(sv_row, sv_all, blk, j, SCALES_IN_REGISTERS) * (1.0 / P_SCALE))
+        v = tl.load(v_base + d[None, :] * s_kv_pad + cols[:, None])  # [BLOCK_N, D], token-contiguous in memory
+        pv = tl.dot(fp8_operand(p8, NATIVE), fp8_operand(v, NATIVE))
+        acc = acc * alpha[:, None] + pv * (tl.load(SV + bh * n_kv_blocks + j) * (1.0 / P_SCALE))
         m_i = m_new
     out = acc / l_i[:, None]
     b, h = bh // H, bh % H
-    rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
-    d = tl.arange(0, D)
     o_ptr = OUT + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_os + d[None, :] * stride_od
     tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=rows[:, None] < S_q)
 
@@ -164,47 +131,6 @@ def _check_kernel_inputs(q: torch.Tensor, block_m: int, block_n: int) -> None:
             raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
 
 
-@dataclass(frozen=True)
-class AttentionTile:
-    """How the attention launch tiles the work (not the format: the scale blocks are ``block_m`` / ``block_n``).
-
-    ``q_tiles``: scale blocks of Q per program (1 or 2; the program's query rows are ``q_tiles * block_m``);
-    ``warps`` / ``stages``: Triton's ``num_warps`` / ``num_stages``; ``warp_specialize``: Triton's Hopper warp
-    specialization of the key loop (a TMA producer warpgroup, the query rows split over consumer warpgroups; on
-    CUDA devices of compute capability 9.x, ignored elsewhere)."""
-
-    q_tiles: int = 1
-    warps: int | None = None
-    stages: int = DEFAULT_STAGES
-    warp_specialize: bool = False
-
-    def __post_init__(self):
-        if self.q_tiles not in (1, 2):
-            raise ValueError(f"q_tiles must be 1 or 2, got {self.q_tiles}")
-
-
-HOPPER_TILE = AttentionTile(q_tiles=2, warps=4, stages=2, warp_specialize=True)
-
-
-def default_tile(device: torch.device) -> AttentionTile:
-    """The launch configuration :func:`attention_on_codes` uses on ``device``: :data:`HOPPER_TILE` on compute
-    capability 9.x, else one query block per program with :func:`default_warps` and DEFAULT_STAGES."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
-        return HOPPER_TILE
-    return AttentionTile()
-
-
-def _descriptors(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, block_rows: int, block_n: int
-                 ) -> tuple[TensorDescriptor, ...]:
-    """TMA descriptors of the codes as 2-D tensors: q ``[B*H*S_q_pad, D]`` in ``[block_rows, D]`` tiles, k
-    ``[B*H*S_kv_pad, D]`` in ``[block_n, D]`` tiles, v (token-contiguous) ``[B*H*D, S_kv_pad]`` in ``[D, block_n]``."""
-    d = q8.shape[-1]
-    v_rows = v8.transpose(2, 3)  # the [B, H, D, S_kv_pad] buffer
-    return (TensorDescriptor.from_tensor(q8.reshape(-1, d), [block_rows, d]),
-            TensorDescriptor.from_tensor(k8.reshape(-1, d), [block_n, d]),
-            TensorDescriptor.from_tensor(v_rows.reshape(-1, v_rows.shape[-1]), [d, block_n]))
-
-
 def quantize_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int = DEFAULT_Q_BLOCK,
                       block_n: int = DEFAULT_KV_BLOCK) -> tuple[torch.Tensor, ...]:
     """The three quantization launches of :func:`fp8_attention_launch`: (q8, k8, v8 codes float8_e4m3fn, zero-padded
@@ -228,41 +154,37 @@ def graph_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: i
 
 
 def attention_on_codes(operands: tuple[torch.Tensor, ...], s_q: int, s_kv: int, dtype: torch.dtype,
-                       sm_scale: float, tile: AttentionTile | None = None) -> torch.Tensor:
+                       sm_scale: float, num_warps: int | None = None, num_stages: int = DEFAULT_STAGES
+                       ) -> torch.Tensor:
     """The attention launch over :func:`quantize_operands`' output (blocks read from the codes' padding):
-    ``[B, H, s_q, D]`` in ``dtype``, a transposed view of a ``[B, s_q, H, D]`` buffer. ``tile`` defaults to
-    :func:`default_tile` of the codes' device; its ``warps`` to :func:`default_warps` of the program's query rows."""
+    ``[B, H, s_q, D]`` in ``dtype``, a transposed view of a ``[B, s_q, H, D]`` buffer. ``num_warps`` defaults to
+    :func:`default_warps` of the query block."""
     q8, k8, v8, sq, sk, sv = operands
     b, h, s_q_pad, d = q8.shape
     n_q, n_kv = sq.shape[-1], sk.shape[-1]
     block_m, block_n = s_q_pad // n_q, k8.shape[2] // n_kv
-    tile = default_tile(q8.device) if tile is None else tile
-    warp_specialize = tile.warp_specialize and q8.is_cuda and torch.cuda.get_device_capability(q8.device)[0] == 9
-    rows = tile.q_tiles * block_m
-    num_warps = default_warps(rows) if tile.warps is None else tile.warps
+    num_warps = default_warps(block_m) if num_warps is None else num_warps
     out = torch.empty(b, s_q, h, d, dtype=dtype, device=q8.device).transpose(1, 2)
-    _attention_fp8_kernel[(triton.cdiv(n_q, tile.q_tiles), b * h)](
-        *_descriptors(q8, k8, v8, rows, block_n), sq, sk, sv, out, s_q, s_kv, h, n_q, n_kv, sm_scale * LOG2E,
-        *out.stride(), Q_BLOCK=block_m, Q_TILES=tile.q_tiles, BLOCK_N=block_n, D=d, EVEN_KV=s_kv % block_n == 0,
-        P_SCALE=P_SCALE, NATIVE=q8.is_cuda, SCALES_IN_REGISTERS=tile.warp_specialize, WARP_SPECIALIZE=warp_specialize,
-        NKV_POW2=triton.next_power_of_2(n_kv) if tile.warp_specialize else 1, num_warps=num_warps,
-        num_stages=tile.stages)
+    _attention_fp8_kernel[(n_q, b * h)](
+        q8, k8, v8, sq, sk, sv, out, s_q, s_kv, h, n_q, n_kv, sm_scale * LOG2E, *out.stride(),
+        BLOCK_M=block_m, BLOCK_N=block_n, D=d, EVEN_KV=s_kv % block_n == 0, P_SCALE=P_SCALE, NATIVE=q8.is_cuda,
+        num_warps=num_warps, num_stages=num_stages)
     return out
 
 
 def fp8_attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
-                         block_m: int = DEFAULT_Q_BLOCK, block_n: int = DEFAULT_KV_BLOCK,
-                         tile: AttentionTile | None = None) -> torch.Tensor:
+                         block_m: int = DEFAULT_Q_BLOCK, block_n: int = DEFAULT_KV_BLOCK, num_warps: int | None = None,
+                         num_stages: int = DEFAULT_STAGES) -> torch.Tensor:
     """The four launches over validated q ``[B, H, Sq, D]``, k, v ``[B, H, Skv, D]``: ``[B, H, Sq, D]`` in q's
     dtype (a transposed view of a ``[B, Sq, H, D]`` buffer, as diffusers' processors consume it)."""
     operands = quantize_operands(q, k, v, block_m, block_n)
-    return attention_on_codes(operands, q.shape[2], k.shape[2], q.dtype, sm_scale, tile)
+    return attention_on_codes(operands, q.shape[2], k.shape[2], q.dtype, sm_scale, num_warps, num_stages)
 
 
 @torch.library.custom_op("quantduo::fp8_attention_on_codes", mutates_args=())
 def _attention_on_codes_op(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, sq: torch.Tensor, sk: torch.Tensor,
                            sv: torch.Tensor, s_q: int, s_kv: int, dtype: torch.dtype, sm_scale: float) -> torch.Tensor:
-    """:func:`attention_on_codes` (default tile) as one opaque op for compiled graphs."""
+    """:func:`attention_on_codes` as one opaque op for compiled graphs."""
     return attention_on_codes((q8, k8, v8, sq, sk, sv), s_q, s_kv, dtype, sm_scale)
 
 

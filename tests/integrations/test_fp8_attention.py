@@ -9,8 +9,8 @@ from torch.nn.attention.bias import causal_lower_right
 from quantduo.formats.attention_fp8 import E4M3_MAX, fp8_attention_reference, quantize_blocks_e4m3
 from quantduo.integrations.fp8_attention import (FP8AttentionProcessor, disable_fp8_attention, enable_fp8_attention,
                                                  fp8_attention_enabled)
-from quantduo.kernels.attention_fp8 import (AttentionTile, default_warps, fp8_attention, fp8_attention_launch,
-                                           graph_operands, quantize_blocks_e4m3_kernel, quantize_operands)
+from quantduo.kernels.attention_fp8 import (default_warps, fp8_attention, graph_operands, quantize_blocks_e4m3_kernel,
+                                           quantize_operands)
 from quantduo.utils import relative_error
 
 
@@ -50,23 +50,6 @@ def test_kernel_matches_reference(shape, poison_empty):
     ref = fp8_attention_reference(q, k, v, q_block=bm, kv_block=bn)
     assert out.shape == q.shape and not out.isnan().any()
     assert relative_error(out, ref) < 1e-5
-
-
-@pytest.mark.parametrize("tile", [AttentionTile(q_tiles=2), AttentionTile(warp_specialize=True),
-                                  AttentionTile(q_tiles=2, warps=4, stages=2, warp_specialize=True)])
-def test_kernel_tiles_match_reference(tile, poison_empty):
-    """Two scale blocks of Q per program (3 blocks: the last program's second block is past the end) and K / V scales
-    held in registers (the warp-specialized loop's form) give the reference's attention."""
-    q, k, v = _qkv(2, 2, 40, 50, 16, seed=7)
-    q = q * torch.linspace(0.1, 3.0, 40)[:, None]  # a different Q scale per block: a swapped block would show
-    out = fp8_attention_launch(q, k, v, 0.25, 16, 16, tile)
-    ref = fp8_attention_reference(q, k, v, 0.25, q_block=16, kv_block=16)
-    assert relative_error(out, ref) < 1e-5
-
-
-def test_tile_rejects_three_query_blocks():
-    with pytest.raises(ValueError, match="q_tiles"):
-        AttentionTile(q_tiles=3)
 
 
 def test_graph_operands_are_the_kernels_operands():
@@ -189,16 +172,11 @@ def test_processor_passes_unservable_calls_through():
         FP8AttentionProcessor(proc, q_block=48)
 
 
-GPU_TILES = [None, AttentionTile(q_tiles=2, warps=4, stages=2, warp_specialize=True),
-             AttentionTile(q_tiles=2, warps=4, stages=3, warp_specialize=True), AttentionTile(q_tiles=2, warps=8)]
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile", GPU_TILES)
 @pytest.mark.parametrize("s", [4608, 1000])
-def test_gpu_native_fp8_kernel(s, tile):
+def test_gpu_native_fp8_kernel(s):
     q, k, v = _qkv(1, 4, s, s, 128, dtype=torch.bfloat16, device="cuda", seed=s)
-    out = fp8_attention_launch(q, k, v, 128 ** -0.5, tile=tile)
+    out = fp8_attention(q, k, v)
     ref = fp8_attention_reference(q, k, v)
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     assert not out.isnan().any()
