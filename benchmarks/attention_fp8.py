@@ -11,7 +11,10 @@ operands). TFLOP/s counts ``4 * S^2 * D * H``. Errors: relative L2 vs float64 at
 Where the ``cudnn`` package (``nvidia-cudnn-frontend``) imports, cuDNN's own FP8 attention (``sdpa_fp8``, one float32
 scale per tensor for Q, K, V, P scaled by 256, output in bf16 where cuDNN supports it, else E4M3 rescaled by V's
 scale) is timed beside it, as the library alternative to the Triton kernel. A variant that fails prints its error
-and the script goes on. Where ``sageattention`` imports (SageAttention 1: Triton, INT8 Q/K per block with K's mean
+and the script goes on. Where FlashAttention-3 imports (``flash_attn_3``, docs/fa3.md), its bf16 kernel and its fp8
+kernel (:mod:`quantduo.kernels.attention_fa3`: one scale per head) are timed, the fp8 one with its quantization in
+eager PyTorch, with the quantization compiled, and on codes alone; its error vs the per-head reference
+(``fp8_attention_heads_reference``) is printed too. Where ``sageattention`` imports (SageAttention 1: Triton, INT8 Q/K per block with K's mean
 subtracted, fp16 P @ V), it is timed as the peer DiT users install.
 """
 from __future__ import annotations
@@ -23,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from quantduo.formats.attention_fp8 import E4M3_MAX, P_SCALE
+from quantduo.formats.attention_fp8 import E4M3_MAX, P_SCALE, fp8_attention_heads_reference
+from quantduo.kernels.attention_fa3 import FA3_AVAILABLE, fa3_fp8_attention, fa3_operands, flash_attn_func
 from quantduo.kernels.attention_fp8 import attention_on_codes, fp8_attention_launch, quantize_operands
 from quantduo.utils import relative_error
 
@@ -110,6 +114,34 @@ class CudnnFp8Attention:
         return self.out if self.bf16_out else (self.out.float() * sv).to(q.dtype)
 
 
+def fa3_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> list:
+    """FlashAttention-3 rows: bf16, fp8 per head (eager quantization / compiled quantization / codes only)."""
+    def bshd(t):
+        return t.transpose(1, 2)
+
+    def on_codes(ops):
+        (q8, dq), (k8, dk), (v8, dv) = ops
+        out = flash_attn_func(q8, k8, v8, softmax_scale=sm_scale, q_descale=dq, k_descale=dk, v_descale=dv)
+        return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
+
+    def fa3_bf16():
+        out = flash_attn_func(bshd(q), bshd(k), bshd(v), softmax_scale=sm_scale)
+        return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
+
+    quantize_compiled = torch.compile(fa3_operands)
+    bounds = (2 * float(q.abs().max()), 2 * float(k.abs().max()))  # static bounds as loose as a norm bound
+    operands = fa3_operands(q, k, v)
+    reference = fp8_attention_heads_reference(q, k, v, sm_scale)
+    print(f"fa3 fp8 vs its per-head reference: rel. err "
+          f"{relative_error(fa3_fp8_attention(q, k, v, sm_scale), reference):.2e}", flush=True)
+    return [("fa3 bf16", fa3_bf16),
+            ("fa3 fp8 per head (eager quantization)", lambda: fa3_fp8_attention(q, k, v, sm_scale)),
+            ("fa3 fp8 per head (compiled quantization)", lambda: on_codes(quantize_compiled(q, k, v))),
+            ("fa3 fp8: quantize only (compiled)", lambda: quantize_compiled(q, k, v)),
+            ("fa3 fp8: quantize only, static q/k bounds (compiled)", lambda: quantize_compiled(q, k, v, *bounds)),
+            ("fa3 fp8: codes only", lambda: on_codes(operands))]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--heads", type=int, default=24)
@@ -136,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                      ("cudnn fp8: quantize only", lambda: [per_tensor_e4m3(t) for t in (q, k, v)])]
         except Exception as error:  # noqa: BLE001 (cuDNN without fp8 attention here)
             print(f"cudnn fp8 failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
+    if FA3_AVAILABLE:
+        rows += fa3_rows(q, k, v, sm_scale)
     if sageattn is not None:
         k_sage = k.clone()  # sageattn subtracts K's mean in place
         rows.append(("sageattention 1 (INT8 QK, fp16 PV)", lambda: sageattn(q, k_sage, v, tensor_layout="HND")))

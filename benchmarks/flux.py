@@ -280,7 +280,7 @@ def run_variant(model, linears, variant, inputs, refs, args, rules: ModelRules) 
                 linears = flux_peers.model_linears(model, fused=True)
             split_names = set(parallel_proj_outs(model)) if options.split_proj_out else set()
             for name, linear in linears.items():
-                module = None if base == "bf16" else variant_module(name, linear, options.modules, rules)
+                module = None if options.modules == "bf16" else variant_module(name, linear, options.modules, rules)
                 if module is not None and options.split_proj_out and name in split_names:
                     module = split_variant_module(linear, options.modules)
                 if module is not None:

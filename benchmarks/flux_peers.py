@@ -14,7 +14,11 @@ Variant names (``<name>`` and ``<name>+compile``; each eager and, with ``--cuda-
 * ``<svdq variant>-tritonexp`` (last suffix): that variant with its eager fp8 weight expansions by the Triton kernel
   of :mod:`quantduo.kernels.dequant_w4` instead of the Gluon kernel of :mod:`quantduo.kernels.expand_w4_mma` (the
   eager default on CUDA; compiled models always launch the Triton kernel): the two in one call;
-* ``svdq-fp8-fa8``: ``svdq-fp8`` with FP8 attention (:mod:`quantduo.integrations.fp8_attention`);
+* ``svdq-fp8-fa8``: ``svdq-fp8`` with FP8 attention (:mod:`quantduo.integrations.fp8_attention`, Triton backend);
+* ``svdq-fp8-fa3fp8``: the same with the ``fa3`` backend (FlashAttention-3's fp8 kernel, one scale per head;
+  needs ``flash_attn_3``, docs/fa3.md);
+* ``<variant>-fa3`` (any variant, ``bf16`` and ``torchao-*`` included; last suffix): that variant with diffusers'
+  FlashAttention-3 backend (``set_attention_backend("_flash_3")``: bf16 FA3 instead of PyTorch's SDPA);
 * ``svdq-fp8-fbc``: ``svdq-fp8`` with the first-block cache (:mod:`quantduo.integrations.first_block_cache`),
   timed over ``--cache-steps`` consecutive steps of a FlowMatchEuler schedule (FLUX's scheduler), the latents
   updated between steps, against the same loop with the cache at threshold 0 (never skips): ms per step, steps
@@ -42,6 +46,7 @@ TORCHAO = ("torchao-fp8row", "torchao-fp8row-qkv")
 QKV = "-qkv"
 SPLIT = "-split"
 TRITON_EXPANSION = "-tritonexp"
+FA3_BF16 = "-fa3"
 _GLUON_EXPANSION_DEFAULT = fp8_linear.GLUON_EXPANSION
 _SEPARATE_QKV = (".to_q", ".to_k", ".to_v", ".add_q_proj", ".add_k_proj", ".add_v_proj")
 
@@ -57,14 +62,17 @@ class VariantOptions:
     modules: str
     fuse_qkv: bool = False
     quantized_qkv: bool = False
-    fp8_attention: bool = False
+    fp8_attention: str | None = None
     first_block_cache: bool = False
     split_proj_out: bool = False
     triton_expansion: bool = False
+    fa3_bf16: bool = False
 
 
 def variant_options(base: str) -> VariantOptions:
     """Options of a variant name without ``+compile``."""
+    if base.endswith(FA3_BF16):
+        return replace(variant_options(base.removesuffix(FA3_BF16)), fa3_bf16=True)
     if base in TORCHAO:
         return VariantOptions("torchao", fuse_qkv=base.endswith(QKV))
     if base.startswith("svdq-") and base.endswith(TRITON_EXPANSION):
@@ -74,7 +82,9 @@ def variant_options(base: str) -> VariantOptions:
     if base.startswith("svdq-") and base.endswith(SPLIT):
         return replace(variant_options(base.removesuffix(SPLIT)), split_proj_out=True)
     if base == "svdq-fp8-fa8":
-        return VariantOptions("svdq-fp8", fp8_attention=True)
+        return VariantOptions("svdq-fp8", fp8_attention="triton")
+    if base == "svdq-fp8-fa3fp8":
+        return VariantOptions("svdq-fp8", fp8_attention="fa3")
     if base == "svdq-fp8-fbc":
         return VariantOptions("svdq-fp8", first_block_cache=True)
     return VariantOptions(base)
@@ -125,13 +135,17 @@ def enable_features(model: nn.Module, options: VariantOptions) -> None:
         if report.skipped or report.linear:
             raise RuntimeError(f"fuse_qkv left attentions unfused or in 16 bits: {report}")
     if options.fp8_attention:
-        enable_fp8_attention(model)
+        enable_fp8_attention(model, backend=options.fp8_attention)
+    if options.fa3_bf16:
+        model.set_attention_backend("_flash_3")
 
 
 def disable_features(model: nn.Module, options: VariantOptions) -> None:
     """Undo :func:`enable_features` and :func:`cache_measurement` (no-ops where they were off)."""
     fp8_linear.GLUON_EXPANSION = _GLUON_EXPANSION_DEFAULT
     disable_fp8_attention(model)
+    if options.fa3_bf16:
+        model.reset_attention_backend()
     disable_first_block_cache(model)
     if options.quantized_qkv:
         unfuse_qkv(model)

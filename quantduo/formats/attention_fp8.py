@@ -12,6 +12,10 @@ Layout ``[B, H, S, D]`` as ``F.scaled_dot_product_attention``. No mask, no dropo
   stored as ``e4m3(p * P_SCALE)`` (``P_SCALE = 256``, a power of two, so the rescale is exact); the row sum ``l``
   adds the unquantized float32 ``p``. ``acc = acc * exp2(m_old - m) + (p8 @ v8) * s_v / P_SCALE``.
 * Output ``acc / l`` in the dtype of q.
+
+FlashAttention-3's fp8 kernel (:mod:`quantduo.kernels.attention_fa3`) takes one scale per (batch, head) instead:
+:func:`quantize_heads_e4m3` (optionally from a static magnitude bound), the same scores, P quantization and output
+(:func:`fp8_attention_heads_reference`).
 """
 from __future__ import annotations
 
@@ -19,8 +23,9 @@ import math
 
 import torch
 
-__all__ = ["DEFAULT_KV_BLOCK", "DEFAULT_Q_BLOCK", "E4M3_MAX", "P_SCALE", "check_attention_inputs",
-           "fp8_attention_reference", "quantize_blocks_e4m3"]
+__all__ = ["DEFAULT_KV_BLOCK", "DEFAULT_Q_BLOCK", "E4M3_MAX", "P_SCALE", "attention_on_codes_reference",
+           "check_attention_inputs", "fp8_attention_heads_reference", "fp8_attention_reference",
+           "quantize_blocks_e4m3", "quantize_heads_e4m3"]
 
 E4M3_MAX = 448.0
 P_SCALE = 256.0
@@ -67,23 +72,62 @@ def fp8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     """Attention of q ``[B, H, Sq, D]`` over k, v ``[B, H, Skv, D]`` with the FP8 semantics of this module:
     ``[B, H, Sq, D]`` in q's dtype. ``sm_scale`` defaults to ``1 / sqrt(D)``."""
     check_attention_inputs(q, k, v)
-    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
     q8, sq = quantize_blocks_e4m3(q, q_block)
     k8, sk = quantize_blocks_e4m3(k, kv_block)
     v8, sv = quantize_blocks_e4m3(v, kv_block)
-    qf = q8.float() * (_expand_scales(sq, q_block, q.shape[2]) * (sm_scale * LOG2E))
-    b, h, sq_len, d = q.shape
-    m = torch.full((b, h, sq_len, 1), -math.inf, device=q.device)
-    l = torch.zeros(b, h, sq_len, 1, device=q.device)
-    acc = torch.zeros(b, h, sq_len, d, device=q.device)
-    for j, start in enumerate(range(0, k.shape[2], kv_block)):
+    return attention_on_codes_reference(q8, _expand_scales(sq, q_block, q.shape[2]), k8, sk, v8, sv, sm_scale,
+                                        kv_block, q.dtype)
+
+
+def attention_on_codes_reference(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor,
+                                 v8: torch.Tensor, v_scale: torch.Tensor, sm_scale: float | None, kv_block: int,
+                                 dtype: torch.dtype) -> torch.Tensor:
+    """The attention part of :func:`fp8_attention_reference` on E4M3 codes: q8 ``[B, H, Sq, D]`` with float32
+    per-token scales ``q_scale [B, H, Sq, 1]``, k8 / v8 ``[B, H, Skv, D]`` with float32 scales per block of
+    ``kv_block`` keys ``[B, H, ceil(Skv / kv_block)]``, walked block by block with the online softmax and the P
+    quantization of the module docstring: ``[B, H, Sq, D]`` in ``dtype``."""
+    sm_scale = 1.0 / math.sqrt(q8.shape[-1]) if sm_scale is None else sm_scale
+    qf = q8.float() * (q_scale * (sm_scale * LOG2E))
+    b, h, sq_len, d = q8.shape
+    m = torch.full((b, h, sq_len, 1), -math.inf, device=q8.device)
+    l = torch.zeros(b, h, sq_len, 1, device=q8.device)
+    acc = torch.zeros(b, h, sq_len, d, device=q8.device)
+    for j, start in enumerate(range(0, k8.shape[2], kv_block)):
         kj, vj = k8[:, :, start:start + kv_block].float(), v8[:, :, start:start + kv_block].float()
-        s = (qf @ kj.transpose(-1, -2)) * sk[:, :, j, None, None]
+        s = (qf @ kj.transpose(-1, -2)) * k_scale[:, :, j, None, None]
         m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
         alpha = torch.exp2(m - m_new)
         p = torch.exp2(s - m_new)
         l = l * alpha + p.sum(dim=-1, keepdim=True)
         p8 = (p * P_SCALE).to(torch.float8_e4m3fn).float()
-        acc = acc * alpha + (p8 @ vj) * (sv[:, :, j, None, None] * (1.0 / P_SCALE))
+        acc = acc * alpha + (p8 @ vj) * (v_scale[:, :, j, None, None] * (1.0 / P_SCALE))
         m = m_new
-    return (acc / l).to(q.dtype)
+    return (acc / l).to(dtype)
+
+
+def quantize_heads_e4m3(x: torch.Tensor, bound: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 E4M3 with one scale per (batch, head) of ``x [B, H, S, D]`` (FlashAttention-3's fp8 operands): (codes
+    float8_e4m3fn ``[B, H, S, D]``, scales float32 ``[B, H]``). The scale is the head's ``absmax / 448`` (1.0 for an
+    all-zero head), or ``bound / 448`` for every head when a static magnitude bound ``bound > 0`` is given; codes
+    ``e4m3(clamp(x * (1 / scale), +-448))``."""
+    if bound is None:
+        codes, scale = quantize_blocks_e4m3(x, x.shape[2])
+        return codes, scale[..., 0]
+    if not bound > 0:
+        raise ValueError(f"bound must be positive, got {bound}")
+    scale = bound / E4M3_MAX
+    codes = (x.float() * (1.0 / scale)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return codes, torch.full(x.shape[:2], scale, dtype=torch.float32, device=x.device)
+
+
+def fp8_attention_heads_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,
+                                  q_bound: float | None = None, k_bound: float | None = None,
+                                  kv_block: int = DEFAULT_KV_BLOCK) -> torch.Tensor:
+    """Attention of q ``[B, H, Sq, D]`` over k, v ``[B, H, Skv, D]`` with one E4M3 scale per head
+    (:func:`quantize_heads_e4m3`; ``q_bound`` / ``k_bound`` static bounds of q / k, V always by its absmax), keys
+    walked in blocks of ``kv_block`` as :func:`attention_on_codes_reference`: ``[B, H, Sq, D]`` in q's dtype."""
+    check_attention_inputs(q, k, v)
+    (q8, sq), (k8, sk), (v8, sv) = quantize_heads_e4m3(q, q_bound), quantize_heads_e4m3(k, k_bound), quantize_heads_e4m3(v)
+    n_blocks = -(-k.shape[2] // kv_block)
+    return attention_on_codes_reference(q8, sq[..., None, None], k8, sk[..., None].expand(-1, -1, n_blocks), v8,
+                                        sv[..., None].expand(-1, -1, n_blocks), sm_scale, kv_block, q.dtype)

@@ -5,9 +5,21 @@ Every attention module of the model (anything with ``processor`` and ``set_proce
 ``FluxAttention``) gets a :class:`FP8AttentionProcessor` wrapping its current processor. The wrapper runs the
 original processor unchanged (projections, norms, RoPE, output projection) while its calls to
 ``F.scaled_dot_product_attention`` (diffusers' native backend, SD3 / PixArt processors) go to FP8 attention:
-the Triton kernel :func:`quantduo.kernels.attention_fp8.fp8_attention` on CUDA, the pure-PyTorch reference
-:func:`quantduo.formats.attention_fp8.fp8_attention_reference` elsewhere. Calls it cannot serve (a mask,
-dropout, causal, grouped-query heads, a head dim that is not a power of two >= 16) go to SDPA unchanged. The
+one of two backends on CUDA, the pure-PyTorch reference :func:`quantduo.formats.attention_fp8.fp8_attention_reference`
+of the same quantization elsewhere:
+
+* ``"triton"`` (default): :func:`quantduo.kernels.attention_fp8.fp8_attention`, one scale per block of ``q_block``
+  query / ``kv_block`` key tokens per head;
+* ``"fa3"``: :func:`quantduo.kernels.attention_fa3.fa3_fp8_attention`, FlashAttention-3's Hopper kernel (an
+  optional dependency built from source, docs/fa3.md), one scale per head. Where the processor is one that feeds
+  SDPA with Q / K straight from bias-free RMSNorms and a rotary embedding (:data:`NORM_BOUNDED_PROCESSORS`: FLUX,
+  SD3), their magnitude is bounded by ``sqrt(head_dim) * max|norm weight|`` (an RMSNorm output has L2 norm
+  ``sqrt(D)`` before its weight, a rotation keeps each pair's norm): :func:`norm_bounds` gives those static bounds
+  and Q / K are quantized by them, a pointwise operation ``torch.compile`` fuses into the rotary embedding, instead
+  of a per-head absmax over the whole sequence (V always uses its absmax).
+
+Calls a backend cannot serve (a mask, dropout, causal, grouped-query heads, a head dim the backend lacks: not a power
+of two >= 16 for Triton, not 64 / 96 / 128 / 192 / 256 for FlashAttention-3) go to SDPA unchanged. The
 redirection is a hook that the wrapper installs as ``F.scaled_dot_product_attention`` for the duration of the
 original processor's call and then removes: a plain function that ``torch.compile`` traces into the model's graph
 (a ``TorchFunctionMode`` broke the graph at every attention module), and nothing outside the call sees it (code that
@@ -26,17 +38,26 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantduo.formats.attention_fp8 import DEFAULT_KV_BLOCK, DEFAULT_Q_BLOCK, fp8_attention_reference
+from quantduo.formats.attention_fp8 import (DEFAULT_KV_BLOCK, DEFAULT_Q_BLOCK, fp8_attention_heads_reference,
+                                            fp8_attention_reference)
+from quantduo.kernels.attention_fa3 import FA3_AVAILABLE, FA3_HEAD_DIMS, fa3_fp8_attention
 from quantduo.kernels.attention_fp8 import fp8_attention
 
 from .parallel import context_parallel_config
 
-__all__ = ["FP8AttentionProcessor", "enable_fp8_attention", "disable_fp8_attention", "fp8_attention_enabled"]
+__all__ = ["BACKENDS", "FP8AttentionProcessor", "NORM_BOUNDED_PROCESSORS", "enable_fp8_attention",
+           "disable_fp8_attention", "fp8_attention_enabled", "norm_bounds"]
+
+BACKENDS = ("triton", "fa3")
+# processors whose SDPA q / k are RMSNorm outputs, then at most a rotary embedding (diffusers' FLUX and SD3 ones)
+NORM_BOUNDED_PROCESSORS = ("FluxAttnProcessor", "FluxAttnProcessor2_0", "JointAttnProcessor2_0")
+NORM_BOUND_MARGIN = 1.02  # bf16 rounding of the normalized values and of the rotation
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = dict(attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False)
@@ -50,23 +71,32 @@ def _sdpa_call(args: tuple, kwargs: dict) -> dict:
     return call
 
 
-def _servable(call: dict) -> bool:
-    """Whether FP8 attention computes this SDPA call (no mask / dropout / causal / GQA; D a power of two >= 16)."""
+def _servable(call: dict, backend: str) -> bool:
+    """Whether ``backend`` computes this SDPA call (no mask / dropout / causal / GQA; a head dim it has)."""
     q, k = call["query"], call["key"]
     d = q.shape[-1]
     plain = call["attn_mask"] is None and not call["dropout_p"] and not call["is_causal"] and not call["enable_gqa"]
-    return plain and q.dim() == 4 and k.shape[:2] == q.shape[:2] and d >= 16 and d & (d - 1) == 0
+    head_dim_ok = d in FA3_HEAD_DIMS if backend == "fa3" else d >= 16 and d & (d - 1) == 0
+    return plain and q.dim() == 4 and k.shape[:2] == q.shape[:2] and head_dim_ok
 
 
 def run_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None,
-                      q_block: int, kv_block: int) -> torch.Tensor:
-    """FP8 attention of ``[B, H, S, D]`` tensors: the Triton kernel on CUDA, the reference elsewhere."""
+                      q_block: int, kv_block: int, backend: str = "triton",
+                      bounds: tuple[float, float] | None = None) -> torch.Tensor:
+    """FP8 attention of ``[B, H, S, D]`` tensors by ``backend`` on CUDA, the reference of its quantization
+    elsewhere (``"fa3"``: one scale per head, from the static ``bounds`` of q / k where given; ``q_block`` /
+    ``kv_block`` unused)."""
+    if backend == "fa3":
+        q_bound, k_bound = (None, None) if bounds is None else bounds
+        if q.is_cuda:
+            return fa3_fp8_attention(q, k, v, sm_scale, q_bound, k_bound)
+        return fp8_attention_heads_reference(q, k, v, sm_scale, q_bound, k_bound)
     if q.is_cuda:
         return fp8_attention(q, k, v, sm_scale, block_m=q_block, block_n=kv_block)
     return fp8_attention_reference(q, k, v, sm_scale, q_block=q_block, kv_block=kv_block)
 
 
-_active_blocks: tuple[int, int] | None = None  # (q_block, kv_block) while an FP8AttentionProcessor runs
+_active: tuple | None = None  # (q_block, kv_block, backend, bounds) while an FP8AttentionProcessor runs
 _sdpa = F.scaled_dot_product_attention  # the SDPA the hook replaced while a wrapper runs
 
 
@@ -74,10 +104,10 @@ def _fp8_sdpa(*args, **kwargs) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` while an :class:`FP8AttentionProcessor` runs its processor: servable calls
     go to :func:`run_fp8_attention`, others to the SDPA it replaced. A plain function reading module globals, so
     ``torch.compile`` traces through it without a graph break."""
-    if _active_blocks is not None:
+    if _active is not None:
         call = _sdpa_call(args, kwargs)
-        if _servable(call):
-            return run_fp8_attention(call["query"], call["key"], call["value"], call["scale"], *_active_blocks)
+        if _servable(call, _active[2]):
+            return run_fp8_attention(call["query"], call["key"], call["value"], call["scale"], *_active)
     return _sdpa(*args, **kwargs)
 
 
@@ -99,34 +129,39 @@ def check_no_ring(processor) -> None:
 
 class FP8AttentionProcessor:
     """Wraps a diffusers attention processor: same call, FP8 attention inside (``q_block`` / ``kv_block`` tokens
-    per quantization block of Q / of K and V). ``original`` is the wrapped processor. Each original processor class
+    per quantization block of Q / of K and V for the Triton backend; ``backend`` one of :data:`BACKENDS`;
+    ``bounds``: static magnitude bounds of q / k for the ``"fa3"`` backend, see :func:`norm_bounds`).
+    ``original`` is the wrapped processor. Each original processor class
     gets its own subclass whose ``__call__`` reports the original's signature, so diffusers passes it the same
     keyword arguments. Attributes other than its own are read from and written to the original (diffusers sets
     ``_parallel_config`` / ``_attention_backend``). While it runs the original, the SDPA hook sends the original's
     servable ``F.scaled_dot_product_attention`` calls to FP8 attention."""
 
-    _OWN = ("original", "q_block", "kv_block")
+    _OWN = ("original", "q_block", "kv_block", "backend", "bounds")
 
     def __new__(cls, original=None, *args, **kwargs):  # no arguments: copy / unpickle of a made wrapper
         return object.__new__(cls if original is None else _wrapper_class(type(original)))
 
-    def __init__(self, original, q_block: int = DEFAULT_Q_BLOCK, kv_block: int = DEFAULT_KV_BLOCK):
+    def __init__(self, original, q_block: int = DEFAULT_Q_BLOCK, kv_block: int = DEFAULT_KV_BLOCK,
+                 backend: str = "triton", bounds: tuple[float, float] | None = None):
+        check_backend(backend)
         for name, blk in (("q_block", q_block), ("kv_block", kv_block)):
             if blk < 16 or blk & (blk - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
-        self.original, self.q_block, self.kv_block = original, q_block, kv_block
+        self.original, self.q_block, self.kv_block, self.backend = original, q_block, kv_block, backend
+        self.bounds = bounds
 
     def _run(self, *args, **kwargs):
-        global _active_blocks, _sdpa
+        global _active, _sdpa
         check_no_ring(self.original)
-        outer_blocks, outer_sdpa = _active_blocks, F.scaled_dot_product_attention
-        _active_blocks = (self.q_block, self.kv_block)
+        outer_active, outer_sdpa = _active, F.scaled_dot_product_attention
+        _active = (self.q_block, self.kv_block, self.backend, self.bounds)
         if outer_sdpa is not _fp8_sdpa:
             _sdpa, F.scaled_dot_product_attention = outer_sdpa, _fp8_sdpa
         try:
             return self.original(*args, **kwargs)
         finally:
-            _active_blocks, F.scaled_dot_product_attention = outer_blocks, outer_sdpa
+            _active, F.scaled_dot_product_attention = outer_active, outer_sdpa
 
     def __call__(self, *args, **kwargs):
         return self._run(*args, **kwargs)
@@ -158,15 +193,65 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, "set_processor") and getattr(m, "processor", None) is not None]
 
 
-def enable_fp8_attention(model: nn.Module, q_block: int = DEFAULT_Q_BLOCK, kv_block: int = DEFAULT_KV_BLOCK) -> int:
+def _rms_norm_weight_max(norm) -> float | None:
+    """``max |weight|`` of a bias-free RMSNorm with a weight (diffusers' or PyTorch's), None for anything else."""
+    if type(norm).__name__ != "RMSNorm" or getattr(norm, "bias", None) is not None:
+        return None
+    weight = getattr(norm, "weight", None)
+    return None if weight is None else float(weight.detach().abs().max())
+
+
+def norm_bounds(module: nn.Module, processor) -> tuple[float, float] | None:
+    """Static bounds ``(q_bound, k_bound)`` of the q / k that ``processor`` (the original processor of attention
+    ``module``) passes to SDPA: ``sqrt(head_dim) * max|w|`` over the weights of the RMSNorms q (``norm_q``,
+    ``norm_added_q``) / k (``norm_k``, ``norm_added_k``) pass through, times :data:`NORM_BOUND_MARGIN`. None unless
+    the processor is one of :data:`NORM_BOUNDED_PROCESSORS` and every such norm the module has is a bias-free
+    RMSNorm with a weight. Computed from the weights at the call: call :func:`enable_fp8_attention` again after
+    loading other norm weights."""
+    head_dim = getattr(module, "head_dim", None)
+    if type(processor).__name__ not in NORM_BOUNDED_PROCESSORS or head_dim is None:
+        return None
+    bounds = []
+    for names in (("norm_q", "norm_added_q"), ("norm_k", "norm_added_k")):
+        if getattr(module, names[0], None) is None:
+            return None
+        maxima = [_rms_norm_weight_max(getattr(module, name)) for name in names
+                  if getattr(module, name, None) is not None]
+        if None in maxima:
+            return None
+        bounds.append(math.sqrt(head_dim) * max(maxima) * NORM_BOUND_MARGIN)
+    return bounds[0], bounds[1]
+
+
+def check_backend(backend: str) -> None:
+    """ValueError unless ``backend`` is one of :data:`BACKENDS`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown FP8 attention backend {backend!r}; choose one of {BACKENDS}")
+
+
+def _model_on_cuda(model: nn.Module) -> bool:
+    return any(p.is_cuda for p in model.parameters())
+
+
+def enable_fp8_attention(model: nn.Module, q_block: int = DEFAULT_Q_BLOCK, kv_block: int = DEFAULT_KV_BLOCK,
+                         backend: str = "triton") -> int:
     """Wrap every attention processor of ``model`` (a diffusers transformer, or any module holding some) in
-    :class:`FP8AttentionProcessor`, in place. Idempotent. Returns the number of attention modules now wrapped."""
+    :class:`FP8AttentionProcessor` with ``backend``, in place; a wrapped processor gets the new settings. Returns the
+    number of attention modules now wrapped. ValueError for an unknown backend, or ``"fa3"`` for a CUDA model where
+    FlashAttention-3 is not installed."""
+    check_backend(backend)
+    if backend == "fa3" and not FA3_AVAILABLE and _model_on_cuda(model):
+        raise ValueError("the fa3 backend needs flash_attn_3 (FlashAttention-3), which is not importable: build it "
+                         "from source (docs/fa3.md) or use backend='triton'")
     modules = _attention_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no diffusers attention modules (set_processor / processor)")
     for module in modules:
-        if not isinstance(module.processor, FP8AttentionProcessor):
-            module.set_processor(FP8AttentionProcessor(module.processor, q_block, kv_block))
+        original = module.processor
+        if isinstance(original, FP8AttentionProcessor):
+            original = original.original
+        bounds = norm_bounds(module, original) if backend == "fa3" else None
+        module.set_processor(FP8AttentionProcessor(original, q_block, kv_block, backend, bounds))
     return len(modules)
 
 

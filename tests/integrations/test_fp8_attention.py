@@ -1,14 +1,17 @@
 """FP8 attention: the Triton kernel (interpreter on CPU, native fp8 dots on GPU), its reference, the processor."""
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from quantduo.formats.attention_fp8 import E4M3_MAX, fp8_attention_reference, quantize_blocks_e4m3
-from quantduo.integrations.fp8_attention import (FP8AttentionProcessor, disable_fp8_attention, enable_fp8_attention,
-                                                 fp8_attention_enabled)
+import quantduo.integrations.fp8_attention as fp8_module
+from quantduo.formats.attention_fp8 import (E4M3_MAX, fp8_attention_heads_reference, fp8_attention_reference,
+                                            quantize_blocks_e4m3)
+from quantduo.integrations.fp8_attention import (NORM_BOUND_MARGIN, FP8AttentionProcessor, disable_fp8_attention,
+                                                 enable_fp8_attention, fp8_attention_enabled, norm_bounds)
 from quantduo.kernels.attention_fp8 import (default_warps, fp8_attention, graph_operands, quantize_blocks_e4m3_kernel,
                                            quantize_operands)
 from quantduo.utils import relative_error
@@ -89,12 +92,13 @@ def test_invalid_inputs():
         fp8_attention(q, k, v, block_n=24)
 
 
-def _tiny_flux():
+def _tiny_flux(head_dim=32):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     return diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[8, 12, 12]).eval()
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=head_dim,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        axes_dims_rope=[head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8]).eval()
 
 
 def _flux_inputs(img=16, txt=4):
@@ -192,3 +196,58 @@ def test_kernel_defaults_are_the_reference_defaults():
 
 def test_default_warps_follow_the_query_block():
     assert [default_warps(b) for b in (16, 32, 64, 128, 256)] == [4, 4, 4, 8, 8]
+
+
+def _random_norm_weights(model, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    for name, module in model.named_modules():
+        if type(module).__name__ == "RMSNorm" and name.rsplit(".", 1)[-1].startswith("norm_"):
+            module.weight.data = torch.rand(module.weight.shape, generator=g) * 3 + 0.1
+
+
+def test_norm_bounds_of_flux_attention():
+    """sqrt(head_dim) * max|w| over the norms q (norm_q, norm_added_q) and k (norm_k, norm_added_k) go through."""
+    model = _tiny_flux()
+    _random_norm_weights(model)
+    joint, single = model.transformer_blocks[0].attn, model.single_transformer_blocks[0].attn
+    q_max = max(joint.norm_q.weight.abs().max(), joint.norm_added_q.weight.abs().max())
+    k_max = max(joint.norm_k.weight.abs().max(), joint.norm_added_k.weight.abs().max())
+    q_bound, k_bound = norm_bounds(joint, joint.processor)
+    assert q_bound == pytest.approx(math.sqrt(32) * float(q_max) * NORM_BOUND_MARGIN)
+    assert k_bound == pytest.approx(math.sqrt(32) * float(k_max) * NORM_BOUND_MARGIN)
+    assert norm_bounds(single, single.processor)[0] == pytest.approx(
+        math.sqrt(32) * float(single.norm_q.weight.abs().max()) * NORM_BOUND_MARGIN)
+    assert norm_bounds(joint, object()) is None  # an unknown processor: no static bound
+    joint.norm_k = torch.nn.LayerNorm(32)
+    assert norm_bounds(joint, joint.processor) is None
+
+
+def test_fa3_backend_quantizes_q_k_by_their_norm_bounds(monkeypatch):
+    """On CPU the fa3 backend runs the per-head reference with the modules' norm bounds, and the q / k that reach
+    it never exceed them (large inputs, random norm weights)."""
+    model, inputs = _tiny_flux(head_dim=64), _flux_inputs()  # 64: a head dim FlashAttention-3 has
+    _random_norm_weights(model)
+    inputs["hidden_states"] = inputs["hidden_states"] * 50
+    seen = []
+
+    def spy(q, k, v, sm_scale, q_bound, k_bound):
+        seen.append((q.abs().max(), k.abs().max(), q_bound, k_bound))
+        return fp8_attention_heads_reference(q, k, v, sm_scale, q_bound, k_bound)
+
+    with torch.no_grad():
+        plain = model(**inputs)[0]
+        assert enable_fp8_attention(model, backend="fa3") == 2
+        out = model(**inputs)[0]
+        monkeypatch.setattr(fp8_module, "fp8_attention_heads_reference", spy)
+        model(**inputs)
+        disable_fp8_attention(model)
+    assert len(seen) == 2
+    for q_max, k_max, q_bound, k_bound in seen:
+        assert q_bound is not None and q_max <= q_bound and k_max <= k_bound
+        assert q_max > q_bound / 10  # the bound is not vacuous
+    assert not torch.equal(out, plain) and relative_error(out, plain) < 0.1  # fp8 attention ran, stays close
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="backend"):
+        enable_fp8_attention(_tiny_flux(), backend="cudnn")

@@ -1,0 +1,71 @@
+"""FP8 attention by FlashAttention-3's Hopper kernel (``flash_attn_3``, an optional dependency built from source:
+see docs/fa3.md), with the quantization semantics of :mod:`quantduo.formats.attention_fp8` at one scale per
+(batch, head): ``q_block = kv_block = S``.
+
+FlashAttention-3 takes E4M3 codes with one float32 descale per (batch, KV head) for each of Q, K and V
+(:func:`quantduo.formats.attention_fp8.quantize_heads_e4m3`) and quantizes P in the kernel as the reference does
+(``e4m3(p * 256)`` against the running row max), so its reference is
+:func:`quantduo.formats.attention_fp8.fp8_attention_heads_reference` (up to its key block walk and float32 summation
+order).
+
+A static ``bound`` on a tensor's magnitude (e.g. Q and K right after an RMSNorm and a rotary embedding, see
+:func:`quantduo.integrations.fp8_attention.norm_bounds`) replaces its per-head absmax: the scale is then
+``bound / 448`` for every head, and the quantization is a pointwise operation that ``torch.compile`` fuses into the
+producer of the tensor instead of a reduction over the whole sequence followed by a second pass. E4M3 is a floating
+point format, so a looser scale costs no precision until values fall below its normal range (``bound / 2**15``).
+
+Under ``torch.compile`` the quantization stays PyTorch operations and the attention is FlashAttention-3's own
+registered operator.
+"""
+from __future__ import annotations
+
+import torch
+
+from quantduo.formats.attention_fp8 import check_attention_inputs, quantize_heads_e4m3
+
+try:
+    from flash_attn_interface import flash_attn_func
+except ImportError:  # FlashAttention-3 not installed: FA3_AVAILABLE is False
+    flash_attn_func = None
+
+__all__ = ["FA3_AVAILABLE", "FA3_HEAD_DIMS", "fa3_fp8_attention", "fa3_operands", "fa3_unavailable_reason"]
+
+FA3_AVAILABLE = flash_attn_func is not None
+FA3_HEAD_DIMS = (64, 96, 128, 192, 256)  # head dims FlashAttention-3's Hopper build instantiates
+
+
+def fa3_unavailable_reason(q: torch.Tensor) -> str | None:
+    """Why FlashAttention-3's fp8 kernel cannot run on ``q`` ``[B, H, S, D]`` (None when it can)."""
+    if not FA3_AVAILABLE:
+        return "flash_attn_3 (FlashAttention-3) is not importable: build it from source, see docs/fa3.md"
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return f"FlashAttention-3's fp8 kernel runs on Hopper (sm_90) GPUs only, not on {q.device}"
+    if q.shape[-1] not in FA3_HEAD_DIMS:
+        return f"head dim {q.shape[-1]} is not one of FlashAttention-3's {FA3_HEAD_DIMS}"
+    return None
+
+
+def fa3_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_bound: float | None = None,
+                 k_bound: float | None = None) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """FlashAttention-3's fp8 operands of q, k, v ``[B, H, S, D]``: ``(codes, descale)`` per tensor, codes
+    float8_e4m3fn ``[B, S, H, D]`` (a view with the last dim contiguous, as FlashAttention-3 reads it), descale
+    float32 ``[B, H]`` (:func:`~quantduo.formats.attention_fp8.quantize_heads_e4m3`; V always by its absmax)."""
+    operands = (quantize_heads_e4m3(q, q_bound), quantize_heads_e4m3(k, k_bound), quantize_heads_e4m3(v))
+    return tuple((codes.transpose(1, 2), scale.contiguous()) for codes, scale in operands)
+
+
+def fa3_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,
+                      q_bound: float | None = None, k_bound: float | None = None) -> torch.Tensor:
+    """FP8 attention of q ``[B, H, Sq, D]`` over k, v ``[B, H, Skv, D]`` (no mask, not causal) by FlashAttention-3:
+    ``[B, H, Sq, D]`` in q's dtype (bf16 / fp16), a transposed view of a ``[B, Sq, H, D]`` buffer. ``q_bound`` /
+    ``k_bound``: static magnitude bounds of q / k (see :func:`quantize_heads_e4m3`). ValueError where
+    :func:`fa3_unavailable_reason` names a reason."""
+    check_attention_inputs(q, k, v)
+    reason = fa3_unavailable_reason(q)
+    if reason is not None:
+        raise ValueError(reason)
+    (q8, dq), (k8, dk), (v8, dv) = fa3_operands(q, k, v, q_bound, k_bound)
+    scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    out = flash_attn_func(q8, k8, v8, softmax_scale=scale, causal=False, q_descale=dq, k_descale=dk, v_descale=dv)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.to(q.dtype).transpose(1, 2)
