@@ -25,6 +25,9 @@ from quantduo.cli.validate import (MAX_SEED, bad, device, float_in, int_in, outp
                                    pipeline_folder, read_text_file)
 from quantduo.formats.registry import EXECUTIONS, executions_for, format_names
 from quantduo.integrations.cuda_graph import enable_cuda_graph
+from quantduo.integrations.fp8_attention import BACKENDS as FP8_ATTENTION_BACKENDS
+from quantduo.integrations.fp8_attention import enable_fp8_attention
+from quantduo.kernels.attention_fa3 import FA3_AVAILABLE
 from quantduo.integrations.diffusers import (capture_calibration_inputs, denoiser_of, denoiser_offloaded,
                                              denoiser_safetensors, denoiser_skeleton, load_pipeline,
                                              load_pipeline_lazily, mark_quantized, quantduo_config_for,
@@ -181,6 +184,13 @@ def _check_execution(args, config: dict) -> None:
                                  f"{', '.join(e for e in EXECUTIONS if e in able)})")
 
 
+def _check_fp8_attention(args) -> None:
+    """--fp8-attention fa3 on a GPU needs FlashAttention-3 installed."""
+    if args.fp8_attention == "fa3" and args.device.startswith("cuda") and not FA3_AVAILABLE:
+        raise bad("--fp8-attention", "fa3 needs FlashAttention-3 (flash_attn_3), which is not importable: build it "
+                                     "with scripts/build_fa3.sh (docs/fa3.md), or use --fp8-attention triton")
+
+
 def _check_published_args(args) -> None:
     """generate from a published SVDQuant checkpoint: --base must be a pipeline folder, --cuda-graph needs a GPU."""
     if args.base is None:
@@ -209,12 +219,15 @@ def cmd_generate(args) -> int:
     else:
         _, config = _check_pipeline_args(args)
         _check_execution(args, config)
+    _check_fp8_attention(args)
     if not args.prompt.strip():
         raise bad("--prompt", "the prompt is empty; give some text")
     out = output_file(args.out, "--out", ".png")
     pipe = (_published_pipeline(args) if published
             else load_pipeline(args.model, DTYPES[args.dtype], args.device, execution=args.execution))
     _, denoiser = denoiser_of(pipe)
+    if args.fp8_attention:
+        enable_fp8_attention(denoiser, backend=args.fp8_attention)
     if args.cuda_graph:
         enable_cuda_graph(denoiser, compile=args.compile)
     elif args.compile:
@@ -294,6 +307,9 @@ def register(subparsers) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the denoiser (fuses the glue ops and, "
                    "in fp8 execution, the activation quantization)")
     g.add_argument("--cuda-graph", action="store_true", help="replay each denoising step from a CUDA graph (CUDA)")
+    g.add_argument("--fp8-attention", choices=FP8_ATTENTION_BACKENDS, help="run the denoiser's attention in fp8: "
+                   "triton (quantduo's kernel, one scale per token block) or fa3 (FlashAttention-3 on Hopper, one scale "
+                   "per head; build it with scripts/build_fa3.sh); the PyTorch reference of either on the CPU")
     g.set_defaults(func=cmd_generate)
     e = subparsers.add_parser("example-pipeline", help="write a tiny FLUX pipeline (random weights) to try "
                               "quantize / generate on a CPU")

@@ -3,6 +3,7 @@ with one exact line on stderr and exit 2; kill -9, Ctrl-C, full and read-only di
 corrupt or edited checkpoints are refused at load; saved checkpoints load bit-identically (hypothesis)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -21,8 +22,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from quantduo.cli import diffusion as diffusion_commands
 from quantduo.cli import duo as duo_commands
-from quantduo.cli import main
+from quantduo.cli import CliError, main
 from quantduo.duo import demo as duo_demo
 from quantduo.formats.registry import get_format
 from quantduo.models import tiny_lm
@@ -383,6 +385,25 @@ def test_fp8_on_an_nvfp4_checkpoint_is_an_error(dirs, tmp_path, capsys):
                        capsys)
     assert (code, err) == (2, "quantduo: error: argument --execution: fp8 cannot run this checkpoint's format 'nvfp4' "
                               "(valid: auto, reference, exact, a16)\n")
+
+
+def test_generate_with_fp8_attention(dirs, tmp_path, capsys, monkeypatch):
+    """--fp8-attention runs the denoiser's attention through the backend's fp8 semantics (its reference on the CPU):
+    an image, not the 16-bit attention's; fa3 on a GPU without FlashAttention-3 is refused before loading."""
+    images = {}
+    for backend in (None, "triton", "fa3"):
+        png = tmp_path / f"{backend}.png"
+        extra = [] if backend is None else ["--fp8-attention", backend]
+        code, _, err = run(["generate", "--model", dirs["quant"], "--out", png, "--prompt", "a cat", "--steps", "2",
+                            *SIZE[:4], *extra], capsys)
+        assert code == 0, err
+        images[backend] = png.read_bytes()
+    assert images["triton"] != images[None] and images["fa3"] != images[None]
+    monkeypatch.setattr(diffusion_commands, "FA3_AVAILABLE", False)
+    args = argparse.Namespace(fp8_attention="fa3", device="cuda")
+    with pytest.raises(CliError, match="--fp8-attention: fa3 needs FlashAttention-3"):
+        diffusion_commands._check_fp8_attention(args)
+    diffusion_commands._check_fp8_attention(argparse.Namespace(fp8_attention="fa3", device="cpu"))
 
 
 def test_quantized_folder_is_self_contained_and_says_how_it_was_made(dirs, tmp_path, capsys):
