@@ -66,6 +66,18 @@ def fa3_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scal
         raise ValueError(reason)
     (q8, dq), (k8, dk), (v8, dv) = fa3_operands(q, k, v, q_bound, k_bound)
     scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-    out = flash_attn_func(q8, k8, v8, softmax_scale=scale, causal=False, q_descale=dq, k_descale=dk, v_descale=dv)
-    out = out[0] if isinstance(out, tuple) else out
-    return out.to(q.dtype).transpose(1, 2)
+    return _fa3_on_codes(q8, k8, v8, dq, dk, dv, scale).to(q.dtype).transpose(1, 2)
+
+
+@torch.library.custom_op("quantduo::fa3_fp8_attention_on_codes", mutates_args=())
+def _fa3_on_codes(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
+                  dv: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    """FlashAttention-3's fp8 forward on :func:`fa3_operands`' output: bf16 ``[B, Sq, H, D]``. One opaque operator
+    for compiled graphs (Dynamo does not trace FlashAttention-3's Python wrapper)."""
+    out = flash_attn_func(q8, k8, v8, softmax_scale=sm_scale, causal=False, q_descale=dq, k_descale=dk, v_descale=dv)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@_fa3_on_codes.register_fake
+def _fa3_on_codes_shape(q8, k8, v8, dq, dk, dv, sm_scale):
+    return q8.new_empty(q8.shape, dtype=torch.bfloat16)

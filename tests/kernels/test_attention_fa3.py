@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quantduo.formats.attention_fp8 import (E4M3_MAX, fp8_attention_heads_reference, fp8_attention_reference,
-                                            quantize_heads_e4m3)
+from quantduo.formats.attention_fp8 import (E4M3_MAX, attention_on_codes_reference, fp8_attention_heads_reference,
+                                            fp8_attention_reference, quantize_heads_e4m3)
+from quantduo.kernels import attention_fa3
 from quantduo.kernels.attention_fa3 import FA3_AVAILABLE, fa3_fp8_attention, fa3_operands, fa3_unavailable_reason
 from quantduo.utils import relative_error
 
@@ -94,3 +95,31 @@ def test_gpu_fa3_matches_heads_reference(s):
         assert relative_error(out, exact) < 1.5 * relative_error(ref, exact) + 1e-2
     assert relative_error(fa3_fp8_attention(q, k, v, 0.5 / math.sqrt(128)),
                           fp8_attention_heads_reference(q, k, v, 0.5 / math.sqrt(128))) < 4e-2
+
+
+def _fa3_stand_in(q8, k8, v8, softmax_scale, causal, q_descale, k_descale, v_descale):
+    """FlashAttention-3's fp8 forward on the CPU, by its reference: BSHD codes, per-head descales -> bf16 BSHD."""
+    n_blocks = -(-k8.shape[1] // 128)
+    out = attention_on_codes_reference(q8.transpose(1, 2), q_descale[..., None, None], k8.transpose(1, 2),
+                                       k_descale[..., None].expand(-1, -1, n_blocks), v8.transpose(1, 2),
+                                       v_descale[..., None].expand(-1, -1, n_blocks), softmax_scale, 128,
+                                       torch.bfloat16)
+    return out.transpose(1, 2).contiguous()
+
+
+def test_compiled_fa3_path_is_one_graph(monkeypatch):
+    """Under torch.compile the quantization is graph operations and FlashAttention-3 one opaque operator (its fake
+    gives the kernel's output layout): fullgraph, the eager result. FlashAttention-3 stood in by its reference."""
+    monkeypatch.setattr(attention_fa3, "flash_attn_func", _fa3_stand_in)
+    monkeypatch.setattr(attention_fa3, "fa3_unavailable_reason", lambda q: None)
+    q, k, v = (t.to(torch.bfloat16) for t in _qkv(1, 2, 40, 64, seed=5))
+    (q8, dq), (k8, dk), (v8, dv) = fa3_operands(q, k, v)
+    torch.library.opcheck(attention_fa3._fa3_on_codes, (q8, k8, v8, dq, dk, dv, 0.125),
+                          test_utils=("test_faketensor",))  # the fake's shape / strides / dtype
+    eager = fa3_fp8_attention(q, k, v, None, 12.0, 14.0)
+    compiled = torch.compile(fa3_fp8_attention, fullgraph=True, backend="aot_eager")(q, k, v, None, 12.0, 14.0)
+    torch._dynamo.reset()
+    assert eager.shape == q.shape and eager.dtype == torch.bfloat16
+    assert torch.equal(compiled, eager)
+    want = fp8_attention_heads_reference(q, k, v, None, 12.0, 14.0)
+    assert relative_error(eager, want) < 1e-2
