@@ -69,7 +69,7 @@ from quantduo.svdquant import SVDQuantLinear, lowrank_factors
 from quantduo.svdquant.quantize import pack_residual
 from quantduo.svdquant.split import SplitProjOut, parallel_proj_outs
 from quantduo.formats.quantizers import pad_to_multiple
-from quantduo.utils import relative_error
+from quantduo.utils import atomic_write, relative_error
 
 FLUX_DEV = dict(
     patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
@@ -326,6 +326,22 @@ def run_published_variant(model, variant, inputs, refs, args) -> dict:
     return row
 
 
+def load_compile_cache(path: Path | None) -> None:
+    """Load torch.compile cache artifacts saved by :func:`save_compile_cache` (nothing without a path or file)."""
+    if path is not None and path.exists():
+        info = torch.compiler.load_cache_artifacts(path.read_bytes())
+        print(f"compile cache {path}: {path.stat().st_size / 1e6:.1f} MB, "
+              f"{sum(len(v) for v in (info.artifacts.values() if info else []))} artifacts loaded", flush=True)
+
+
+def save_compile_cache(path: Path | None) -> None:
+    """Write the artifacts of every compile of this process so far to ``path`` (atomically)."""
+    saved = torch.compiler.save_cache_artifacts() if path is not None else None
+    if saved is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(saved[0]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/bench_flux")
@@ -341,8 +357,13 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                         help="torch.compile mode of the +compile variants (reduce-overhead: Inductor's own CUDA graphs)")
     parser.add_argument("--profile", action="store_true", help="also print each variant's kernel-time breakdown (CUDA)")
+    parser.add_argument("--compile-cache", type=Path,
+                        help="file of torch.compile's cache artifacts (torch.compiler.save_cache_artifacts): loaded "
+                        "before the variants where it exists, rewritten after each compiled variant; carried between "
+                        "device calls it saves the minutes of a fresh machine's first compile of the step")
     flux_peers.add_arguments(parser)
     args = parser.parse_args(argv)
+    load_compile_cache(args.compile_cache)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = SMALL if args.small else FLUX_DEV
     img, txt = (64, 16) if args.small else (4096, 512)
@@ -359,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(run_published_variant(model, variant, inputs, refs, args))
             else:
                 rows.append(run_variant(model, linears, variant, inputs, refs, args, rules))
+            if variant.endswith(COMPILE):
+                save_compile_cache(args.compile_cache)
         except Exception as error:  # noqa: BLE001 (one failing variant, e.g. a missing wheel, must not stop the rest)
             print(f"variant {variant} failed: {type(error).__name__}: {str(error)[:400]}", flush=True)
             torch._dynamo.reset()
