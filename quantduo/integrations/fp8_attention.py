@@ -201,6 +201,14 @@ def _rms_norm_weight_max(norm) -> float | None:
     return None if weight is None else float(weight.detach().abs().max())
 
 
+def _head_dim(module: nn.Module) -> int | None:
+    """Head dim of a diffusers attention module (``FluxAttention.head_dim``; ``Attention.inner_dim / heads``)."""
+    if getattr(module, "head_dim", None) is not None:
+        return module.head_dim
+    inner, heads = getattr(module, "inner_dim", None), getattr(module, "heads", None)
+    return inner // heads if inner and heads else None
+
+
 def norm_bounds(module: nn.Module, processor) -> tuple[float, float] | None:
     """Static bounds ``(q_bound, k_bound)`` of the q / k that ``processor`` (the original processor of attention
     ``module``) passes to SDPA: ``sqrt(head_dim) * max|w|`` over the weights of the RMSNorms q (``norm_q``,
@@ -208,7 +216,7 @@ def norm_bounds(module: nn.Module, processor) -> tuple[float, float] | None:
     the processor is one of :data:`NORM_BOUNDED_PROCESSORS` and every such norm the module has is a bias-free
     RMSNorm with a weight. Computed from the weights at the call: call :func:`enable_fp8_attention` again after
     loading other norm weights."""
-    head_dim = getattr(module, "head_dim", None)
+    head_dim = _head_dim(module)
     if type(processor).__name__ not in NORM_BOUNDED_PROCESSORS or head_dim is None:
         return None
     bounds = []

@@ -251,3 +251,28 @@ def test_fa3_backend_quantizes_q_k_by_their_norm_bounds(monkeypatch):
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="backend"):
         enable_fp8_attention(_tiny_flux(), backend="cudnn")
+
+
+def test_norm_bounds_hold_in_sd3_joint_attention(monkeypatch):
+    """SD3's joint attention (RMSNorm q / k, no rotary embedding): the bounds are found and hold."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=64, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=128, pooled_projection_dim=32, out_channels=4,
+        qk_norm="rms_norm").eval()
+    _random_norm_weights(model)
+    seen = []
+
+    def spy(q, k, v, sm_scale, q_bound, k_bound):
+        seen.append((q.abs().max(), k.abs().max(), q_bound, k_bound))
+        return fp8_attention_heads_reference(q, k, v, sm_scale, q_bound, k_bound)
+
+    enable_fp8_attention(model, backend="fa3")
+    monkeypatch.setattr(fp8_module, "fp8_attention_heads_reference", spy)
+    with torch.no_grad():
+        model(hidden_states=torch.randn(1, 4, 8, 8) * 30, encoder_hidden_states=torch.randn(1, 5, 32) * 30,
+              pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]))
+    assert seen
+    for q_max, k_max, q_bound, k_bound in seen:
+        assert q_bound is not None and q_max <= q_bound and k_max <= k_bound
