@@ -24,15 +24,15 @@ import torch
 from quantduo.cli.validate import (MAX_SEED, bad, device, float_in, int_in, output_file, output_folder,
                                    pipeline_folder, read_text_file)
 from quantduo.formats.registry import EXECUTIONS, executions_for, format_names
-from quantduo.integrations.cuda_graph import enable_cuda_graph
-from quantduo.integrations.fp8_attention import BACKENDS as FP8_ATTENTION_BACKENDS
-from quantduo.integrations.fp8_attention import enable_fp8_attention
 from quantduo.kernels.attention_fa3 import FA3_AVAILABLE
+from quantduo.integrations.cuda_graph import enable_cuda_graph
 from quantduo.integrations.diffusers import (capture_calibration_inputs, denoiser_of, denoiser_offloaded,
                                              denoiser_safetensors, denoiser_skeleton, load_pipeline,
                                              load_pipeline_lazily, mark_quantized, quantduo_config_for,
                                              quantization_config,
                                              quantize_transformer, quantize_transformer_blockwise, save_pipeline)
+from quantduo.integrations.fp8_attention import BACKENDS as FP8_ATTENTION_BACKENDS
+from quantduo.integrations.fp8_attention import enable_fp8_attention
 from quantduo.integrations.published import (CALIBRATION_FOR_LAYOUT, EXPORT_LAYOUTS, is_published,
                                              load_published_pipeline)
 from quantduo.models.tiny_flux import tiny_flux_pipeline
@@ -308,8 +308,8 @@ def register(subparsers) -> None:
                    "in fp8 execution, the activation quantization)")
     g.add_argument("--cuda-graph", action="store_true", help="replay each denoising step from a CUDA graph (CUDA)")
     g.add_argument("--fp8-attention", choices=FP8_ATTENTION_BACKENDS, help="run the denoiser's attention in fp8: "
-                   "triton (quantduo's kernel, one scale per token block) or fa3 (FlashAttention-3 on Hopper, one scale "
-                   "per head; build it with scripts/build_fa3.sh); the PyTorch reference of either on the CPU")
+                   "triton (quantduo's kernel, one scale per token block) or fa3 (FlashAttention-3 on Hopper, one "
+                   "scale per head; build it with scripts/build_fa3.sh); the PyTorch reference of either on the CPU")
     g.set_defaults(func=cmd_generate)
     e = subparsers.add_parser("example-pipeline", help="write a tiny FLUX pipeline (random weights) to try "
                               "quantize / generate on a CPU")

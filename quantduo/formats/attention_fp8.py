@@ -127,7 +127,8 @@ def fp8_attention_heads_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     (:func:`quantize_heads_e4m3`; ``q_bound`` / ``k_bound`` static bounds of q / k, V always by its absmax), keys
     walked in blocks of ``kv_block`` as :func:`attention_on_codes_reference`: ``[B, H, Sq, D]`` in q's dtype."""
     check_attention_inputs(q, k, v)
-    (q8, sq), (k8, sk), (v8, sv) = quantize_heads_e4m3(q, q_bound), quantize_heads_e4m3(k, k_bound), quantize_heads_e4m3(v)
+    (q8, sq), (k8, sk) = quantize_heads_e4m3(q, q_bound), quantize_heads_e4m3(k, k_bound)
+    v8, sv = quantize_heads_e4m3(v)
     n_blocks = -(-k.shape[2] // kv_block)
     return attention_on_codes_reference(q8, sq[..., None, None], k8, sk[..., None].expand(-1, -1, n_blocks), v8,
                                         sv[..., None].expand(-1, -1, n_blocks), sm_scale, kv_block, q.dtype)

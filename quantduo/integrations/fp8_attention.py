@@ -5,8 +5,8 @@ Every attention module of the model (anything with ``processor`` and ``set_proce
 ``FluxAttention``) gets a :class:`FP8AttentionProcessor` wrapping its current processor. The wrapper runs the
 original processor unchanged (projections, norms, RoPE, output projection) while its calls to
 ``F.scaled_dot_product_attention`` (diffusers' native backend, SD3 / PixArt processors) go to FP8 attention:
-one of two backends on CUDA, the pure-PyTorch reference :func:`quantduo.formats.attention_fp8.fp8_attention_reference`
-of the same quantization elsewhere:
+one of two backends on CUDA, the pure-PyTorch reference of the backend's quantization
+(:mod:`quantduo.formats.attention_fp8`) elsewhere:
 
 * ``"triton"`` (default): :func:`quantduo.kernels.attention_fp8.fp8_attention`, one scale per block of ``q_block``
   query / ``kv_block`` key tokens per head;
