@@ -14,8 +14,8 @@ scale) is timed beside it, as the library alternative to the Triton kernel. A va
 and the script goes on. Where FlashAttention-3 imports (``flash_attn_3``, docs/fa3.md), its bf16 kernel and its fp8
 kernel (:mod:`quantduo.kernels.attention_fa3`: one scale per head) are timed, the fp8 one with its quantization in
 eager PyTorch, with the quantization compiled, and on codes alone; its error vs the per-head reference
-(``fp8_attention_heads_reference``) is printed too. Where ``sageattention`` imports (SageAttention 1: Triton, INT8 Q/K per block with K's mean
-subtracted, fp16 P @ V), it is timed as the peer DiT users install.
+(``fp8_attention_heads_reference``) is printed too. Where ``sageattention`` imports (SageAttention 1: Triton, INT8
+Q/K per block with K's mean subtracted, fp16 P @ V), it is timed as the peer DiT users install.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from quantduo.formats.attention_fp8 import E4M3_MAX, P_SCALE, fp8_attention_heads_reference
-from quantduo.kernels.attention_fa3 import FA3_AVAILABLE, fa3_fp8_attention, fa3_operands, flash_attn_func
+from quantduo.kernels.attention_fa3 import (FA3_AVAILABLE, fa3_attention_on_codes, fa3_fp8_attention, fa3_operands,
+                                           flash_attn_func)
 from quantduo.kernels.attention_fp8 import attention_on_codes, fp8_attention_launch, quantize_operands
 from quantduo.utils import relative_error
 
@@ -119,11 +120,6 @@ def fa3_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float)
     def bshd(t):
         return t.transpose(1, 2)
 
-    def on_codes(ops):
-        (q8, dq), (k8, dk), (v8, dv) = ops
-        out = flash_attn_func(q8, k8, v8, softmax_scale=sm_scale, q_descale=dq, k_descale=dk, v_descale=dv)
-        return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
-
     def fa3_bf16():
         out = flash_attn_func(bshd(q), bshd(k), bshd(v), softmax_scale=sm_scale)
         return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
@@ -136,10 +132,11 @@ def fa3_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float)
           f"{relative_error(fa3_fp8_attention(q, k, v, sm_scale), reference):.2e}", flush=True)
     return [("fa3 bf16", fa3_bf16),
             ("fa3 fp8 per head (eager quantization)", lambda: fa3_fp8_attention(q, k, v, sm_scale)),
-            ("fa3 fp8 per head (compiled quantization)", lambda: on_codes(quantize_compiled(q, k, v))),
+            ("fa3 fp8 per head (compiled quantization)",
+             lambda: fa3_attention_on_codes(quantize_compiled(q, k, v), sm_scale)),
             ("fa3 fp8: quantize only (compiled)", lambda: quantize_compiled(q, k, v)),
             ("fa3 fp8: quantize only, static q/k bounds (compiled)", lambda: quantize_compiled(q, k, v, *bounds)),
-            ("fa3 fp8: codes only", lambda: on_codes(operands))]
+            ("fa3 fp8: codes only", lambda: fa3_attention_on_codes(operands, sm_scale))]
 
 
 def main(argv: list[str] | None = None) -> int:

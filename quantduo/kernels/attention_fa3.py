@@ -14,8 +14,8 @@ A static ``bound`` on a tensor's magnitude (e.g. Q and K right after an RMSNorm 
 producer of the tensor instead of a reduction over the whole sequence followed by a second pass. E4M3 is a floating
 point format, so a looser scale costs no precision until values fall below its normal range (``bound / 2**15``).
 
-Under ``torch.compile`` the quantization stays PyTorch operations and the attention is FlashAttention-3's own
-registered operator.
+Under ``torch.compile`` the quantization stays PyTorch operations and the attention is one opaque operator
+(``quantduo::fa3_fp8_attention_on_codes``).
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ try:
 except ImportError:  # FlashAttention-3 not installed: FA3_AVAILABLE is False
     flash_attn_func = None
 
-__all__ = ["FA3_AVAILABLE", "FA3_HEAD_DIMS", "fa3_fp8_attention", "fa3_operands", "fa3_unavailable_reason"]
+__all__ = ["FA3_AVAILABLE", "FA3_HEAD_DIMS", "fa3_attention_on_codes", "fa3_fp8_attention", "fa3_operands",
+           "fa3_unavailable_reason"]
 
 FA3_AVAILABLE = flash_attn_func is not None
 FA3_HEAD_DIMS = (64, 96, 128, 192, 256)  # head dims FlashAttention-3's Hopper build instantiates
@@ -64,9 +65,16 @@ def fa3_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scal
     reason = fa3_unavailable_reason(q)
     if reason is not None:
         raise ValueError(reason)
-    (q8, dq), (k8, dk), (v8, dv) = fa3_operands(q, k, v, q_bound, k_bound)
     scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-    return _fa3_on_codes(q8, k8, v8, dq, dk, dv, scale).to(q.dtype).transpose(1, 2)
+    return fa3_attention_on_codes(fa3_operands(q, k, v, q_bound, k_bound), scale).to(q.dtype)
+
+
+def fa3_attention_on_codes(operands: tuple[tuple[torch.Tensor, torch.Tensor], ...], sm_scale: float
+                           ) -> torch.Tensor:
+    """FlashAttention-3's fp8 forward on :func:`fa3_operands`' output: bf16 ``[B, H, Sq, D]``, a transposed view of
+    a ``[B, Sq, H, D]`` buffer."""
+    (q8, dq), (k8, dk), (v8, dv) = operands
+    return _fa3_on_codes(q8, k8, v8, dq, dk, dv, sm_scale).transpose(1, 2)
 
 
 @torch.library.custom_op("quantduo::fa3_fp8_attention_on_codes", mutates_args=())

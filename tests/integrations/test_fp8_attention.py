@@ -222,23 +222,30 @@ def test_norm_bounds_of_flux_attention():
     assert norm_bounds(joint, joint.processor) is None
 
 
-def test_fa3_backend_quantizes_q_k_by_their_norm_bounds(monkeypatch):
-    """On CPU the fa3 backend runs the per-head reference with the modules' norm bounds, and the q / k that reach
-    it never exceed them (large inputs, random norm weights)."""
-    model, inputs = _tiny_flux(head_dim=64), _flux_inputs()  # 64: a head dim FlashAttention-3 has
-    _random_norm_weights(model)
-    inputs["hidden_states"] = inputs["hidden_states"] * 50
+def _record_heads_reference_calls(monkeypatch) -> list:
+    """From now on, every per-head reference call of the fa3 backend appends (|q| max, |k| max, q_bound, k_bound)
+    to the returned list, then computes as before."""
     seen = []
 
     def spy(q, k, v, sm_scale, q_bound, k_bound):
         seen.append((q.abs().max(), k.abs().max(), q_bound, k_bound))
         return fp8_attention_heads_reference(q, k, v, sm_scale, q_bound, k_bound)
 
+    monkeypatch.setattr(fp8_module, "fp8_attention_heads_reference", spy)
+    return seen
+
+
+def test_fa3_backend_quantizes_q_k_by_their_norm_bounds(monkeypatch):
+    """On CPU the fa3 backend runs the per-head reference with the modules' norm bounds, and the q / k that reach
+    it never exceed them (large inputs, random norm weights)."""
+    model, inputs = _tiny_flux(head_dim=64), _flux_inputs()  # 64: a head dim FlashAttention-3 has
+    _random_norm_weights(model)
+    inputs["hidden_states"] = inputs["hidden_states"] * 50
     with torch.no_grad():
         plain = model(**inputs)[0]
         assert enable_fp8_attention(model, backend="fa3") == 2
         out = model(**inputs)[0]
-        monkeypatch.setattr(fp8_module, "fp8_attention_heads_reference", spy)
+        seen = _record_heads_reference_calls(monkeypatch)
         model(**inputs)
         disable_fp8_attention(model)
     assert len(seen) == 2
@@ -262,14 +269,8 @@ def test_norm_bounds_hold_in_sd3_joint_attention(monkeypatch):
         joint_attention_dim=32, caption_projection_dim=128, pooled_projection_dim=32, out_channels=4,
         qk_norm="rms_norm").eval()
     _random_norm_weights(model)
-    seen = []
-
-    def spy(q, k, v, sm_scale, q_bound, k_bound):
-        seen.append((q.abs().max(), k.abs().max(), q_bound, k_bound))
-        return fp8_attention_heads_reference(q, k, v, sm_scale, q_bound, k_bound)
-
     enable_fp8_attention(model, backend="fa3")
-    monkeypatch.setattr(fp8_module, "fp8_attention_heads_reference", spy)
+    seen = _record_heads_reference_calls(monkeypatch)
     with torch.no_grad():
         model(hidden_states=torch.randn(1, 4, 8, 8) * 30, encoder_hidden_states=torch.randn(1, 5, 32) * 30,
               pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]))
