@@ -15,7 +15,9 @@ Layout ``[B, H, S, D]`` as ``F.scaled_dot_product_attention``. No mask, no dropo
 
 FlashAttention-3's fp8 kernel (:mod:`quantduo.kernels.attention_fa3`) takes one scale per (batch, head) instead:
 :func:`quantize_heads_e4m3` (optionally from a static magnitude bound), the same scores, P quantization and output
-(:func:`fp8_attention_heads_reference`).
+(:func:`fp8_attention_heads_reference`). :func:`rms_norm_rope_e4m3_ref` gives its Q / K codes straight from a
+FLUX-style projection (per-head RMSNorm, text + image concatenation, rotary embedding; kernel
+:mod:`quantduo.kernels.qk_norm_rope`).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch
 
 __all__ = ["DEFAULT_KV_BLOCK", "DEFAULT_Q_BLOCK", "E4M3_MAX", "P_SCALE", "attention_on_codes_reference",
            "check_attention_inputs", "fp8_attention_heads_reference", "fp8_attention_reference",
-           "quantize_blocks_e4m3", "quantize_heads_e4m3"]
+           "quantize_blocks_e4m3", "quantize_heads_e4m3", "rms_norm_rope_e4m3_ref"]
 
 E4M3_MAX = 448.0
 P_SCALE = 256.0
@@ -132,3 +134,24 @@ def fp8_attention_heads_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     n_blocks = -(-k.shape[2] // kv_block)
     return attention_on_codes_reference(q8, sq[..., None, None], k8, sk[..., None].expand(-1, -1, n_blocks), v8,
                                         sv[..., None].expand(-1, -1, n_blocks), sm_scale, kv_block, q.dtype)
+
+
+def rms_norm_rope_e4m3_ref(x0: torch.Tensor, w0: torch.Tensor, eps: float, bound: float,
+                           x1: torch.Tensor | None = None, w1: torch.Tensor | None = None,
+                           cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+    """Codes float8_e4m3fn ``[B, S0 + S1, H, D]`` of ``cat([x0, x1], dim=1)`` (``[B, S_i, H, D]``) after diffusers'
+    eager ``RMSNorm`` (float32 statistics; the normalized row rounded to the weight's dtype, the product with the
+    weight w0 / w1 ``[D]`` in it; weights cast to the inputs' dtype first) and ``apply_rotary_emb`` (real form:
+    ``x * cos + rot(x) * sin`` in float32 with ``rot(x)[2i] = -x[2i + 1]``, ``rot(x)[2i + 1] = x[2i]``, rounded to
+    the inputs' dtype; ``cos`` / ``sin`` ``[S0 + S1, D]``, none: no rotation), quantized by the static ``bound``
+    (:func:`quantize_heads_e4m3`)."""
+    def rms_norm(x, w):
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return (x * torch.rsqrt(variance + eps)).to(x.dtype) * w.to(x.dtype)
+
+    y = rms_norm(x0, w0) if x1 is None else torch.cat([rms_norm(x0, w0), rms_norm(x1, w1)], dim=1)
+    if cos is not None:
+        even, odd = y.reshape(*y.shape[:-1], -1, 2).unbind(-1)
+        rotated = torch.stack([-odd, even], dim=-1).flatten(3)
+        y = (y.float() * cos[None, :, None, :].float() + rotated.float() * sin[None, :, None, :].float()).to(y.dtype)
+    return quantize_heads_e4m3(y, bound)[0]

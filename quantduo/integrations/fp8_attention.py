@@ -16,7 +16,9 @@ one of two backends on CUDA, the pure-PyTorch reference of the backend's quantiz
   SD3), their magnitude is bounded by ``sqrt(head_dim) * max|norm weight|`` (an RMSNorm output has L2 norm
   ``sqrt(D)`` before its weight, a rotation keeps each pair's norm): :func:`norm_bounds` gives those static bounds
   and Q / K are quantized by them, a pointwise operation ``torch.compile`` fuses into the rotary embedding, instead
-  of a per-head absmax over the whole sequence (V always uses its absmax).
+  of a per-head absmax over the whole sequence (V always uses its absmax). Calls of diffusers' plain FLUX processor
+  (``FluxAttnProcessor``) skip the processor: :func:`quantduo.integrations.diffusers.flux_fa3.flux_fa3_attention`
+  computes the same with Q / K normalized, concatenated, rotated and quantized by one kernel.
 
 Calls a backend cannot serve (a mask, dropout, causal, grouped-query heads, a head dim the backend lacks: not a power
 of two >= 16 for Triton, not 64 / 96 / 128 / 192 / 256 for FlashAttention-3) go to SDPA unchanged. The
@@ -49,6 +51,7 @@ from quantduo.formats.attention_fp8 import (DEFAULT_KV_BLOCK, DEFAULT_Q_BLOCK, f
 from quantduo.kernels.attention_fa3 import FA3_AVAILABLE, FA3_HEAD_DIMS, fa3_fp8_attention
 from quantduo.kernels.attention_fp8 import fp8_attention
 
+from .diffusers.flux_fa3 import flux_fa3_attention, serves
 from .parallel import context_parallel_config
 
 __all__ = ["BACKENDS", "FP8AttentionProcessor", "NORM_BOUNDED_PROCESSORS", "enable_fp8_attention",
@@ -111,6 +114,20 @@ def _fp8_sdpa(*args, **kwargs) -> torch.Tensor:
     return _sdpa(*args, **kwargs)
 
 
+_FLUX_ARGS = ("attn", "hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb")
+
+
+def _flux_call(args: tuple, kwargs: dict) -> tuple | None:
+    """The arguments of a ``FluxAttnProcessor`` call in the order of :data:`_FLUX_ARGS` (None where the call
+    passes others)."""
+    if len(args) > len(_FLUX_ARGS) or set(kwargs) - set(_FLUX_ARGS[len(args):]):
+        return None
+    call = dict.fromkeys(_FLUX_ARGS)
+    call.update(zip(_FLUX_ARGS, args))
+    call.update(kwargs)
+    return tuple(call.values()) if call["attn"] is not None and call["hidden_states"] is not None else None
+
+
 def ring_degree(processor) -> int:
     """The ring degree of the context parallelism diffusers configured on ``processor`` (1 without)."""
     config = context_parallel_config(processor)
@@ -154,6 +171,11 @@ class FP8AttentionProcessor:
     def _run(self, *args, **kwargs):
         global _active, _sdpa
         check_no_ring(self.original)
+        flux_call = _flux_call(args, kwargs) if self.backend == "fa3" else None
+        if flux_call is not None:
+            attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb = flux_call
+            if serves(self.original, attn, hidden_states, encoder_hidden_states, attention_mask, self.bounds):
+                return flux_fa3_attention(attn, hidden_states, encoder_hidden_states, image_rotary_emb, self.bounds)
         outer_active, outer_sdpa = _active, F.scaled_dot_product_attention
         _active = (self.q_block, self.kv_block, self.backend, self.bounds)
         if outer_sdpa is not _fp8_sdpa:

@@ -1,0 +1,86 @@
+"""diffusers' FLUX attention (``FluxAttnProcessor``) with FlashAttention-3's fp8 kernel, Q and K prepared in one pass.
+
+The FP8-attention wrapper (:mod:`quantduo.integrations.fp8_attention`) runs a processor unchanged and quantizes what
+reaches SDPA. For FLUX with the ``"fa3"`` backend that leaves the per-head RMSNorms, the text + image
+concatenation, the rotary embedding and the quantization of Q and K to the compiler, which makes two to three
+passes over them. :func:`flux_fa3_attention` computes the same as ``FluxAttnProcessor`` (diffusers 0.42: projections
+by diffusers' own helper, the same norms, concatenation order, rotary embedding, attention and output projections),
+with Q / K quantized by their static bounds straight from the projections
+(:func:`quantduo.kernels.qk_norm_rope.rms_norm_rope_e4m3`; reference
+:func:`quantduo.formats.attention_fp8.rms_norm_rope_e4m3_ref` off the kernels) and V by its per-head absmax
+(:func:`quantduo.formats.attention_fp8.quantize_heads_e4m3`).
+
+:func:`serves` says which calls it takes: the plain ``FluxAttnProcessor`` (no attention backend or context
+parallelism set on it, no mask), head dims FlashAttention-3 has, bounds known, one ``eps`` for the norms of a call.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers.models.transformers import transformer_flux
+
+from quantduo.engine.linear import kernels_for
+from quantduo.formats.attention_fp8 import quantize_heads_e4m3, rms_norm_rope_e4m3_ref
+from quantduo.kernels.attention_fa3 import FA3_HEAD_DIMS, fa3_attention_on_codes, fa3_unavailable_reason
+from quantduo.kernels.qk_norm_rope import rms_norm_rope_e4m3
+
+__all__ = ["flux_fa3_attention", "serves"]
+
+FLUX_PROCESSOR = getattr(transformer_flux, "FluxAttnProcessor", None)  # diffusers >= 0.35
+
+
+def _norms(attn, joint: bool, which: str) -> list:
+    """``[norm_added_<which>, norm_<which>]`` for a joint call (text rows first), ``[norm_<which>]`` otherwise."""
+    return [getattr(attn, f"norm_added_{which}"), getattr(attn, f"norm_{which}")] if joint else \
+        [getattr(attn, f"norm_{which}")]
+
+
+def serves(processor, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+           attention_mask: torch.Tensor | None, bounds: tuple[float, float] | None) -> bool:
+    """Whether :func:`flux_fa3_attention` computes this call of ``processor`` (see the module docstring)."""
+    if FLUX_PROCESSOR is None or type(processor) is not FLUX_PROCESSOR or bounds is None or attention_mask is not None:
+        return False
+    if processor._attention_backend is not None or processor._parallel_config is not None:
+        return False
+    if attn.head_dim not in FA3_HEAD_DIMS or (hidden_states.is_cuda and fa3_unavailable_reason(hidden_states)):
+        return False
+    joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
+    norms = _norms(attn, joint, "q") + _norms(attn, joint, "k")
+    return all(getattr(n, "weight", None) is not None for n in norms) and len({n.eps for n in norms}) == 1
+
+
+def _qk_codes(parts: list[torch.Tensor], norms: list, bound: float, rotary) -> torch.Tensor:
+    """E4M3 codes ``[B, S, H, D]`` of the normalized, concatenated, rotated ``parts`` (kernel or reference)."""
+    cos, sin = (None, None) if rotary is None else rotary
+    kwargs = dict(cos=cos, sin=sin)
+    if len(parts) == 2:
+        kwargs.update(x1=parts[1], w1=norms[1].weight)
+    prepare = rms_norm_rope_e4m3 if kernels_for(parts[0]) else rms_norm_rope_e4m3_ref
+    return prepare(parts[0], norms[0].weight, norms[0].eps, bound, **kwargs)
+
+
+def flux_fa3_attention(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                       image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None, bounds: tuple[float, float]):
+    """``FluxAttnProcessor()(attn, hidden_states, encoder_hidden_states, image_rotary_emb=...)`` with FP8 attention
+    by FlashAttention-3 (its reference off CUDA): ``hidden_states`` ``[B, S, C]`` (and the text stream's), returns
+    what the processor returns (``(hidden_states, encoder_hidden_states)`` for a joint call)."""
+    query, key, value, enc_query, enc_key, enc_value = transformer_flux._get_qkv_projections(
+        attn, hidden_states, encoder_hidden_states)
+    heads = lambda t: t.unflatten(-1, (-1, attn.head_dim))  # noqa: E731  [B, S, H, D]
+    joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
+    q_parts, k_parts = ([heads(enc_query), heads(query)], [heads(enc_key), heads(key)]) if joint else \
+        ([heads(query)], [heads(key)])
+    value = torch.cat([heads(enc_value), heads(value)], dim=1) if joint else heads(value)
+    q8 = _qk_codes(q_parts, _norms(attn, joint, "q"), bounds[0], image_rotary_emb)
+    k8 = _qk_codes(k_parts, _norms(attn, joint, "k"), bounds[1], image_rotary_emb)
+    v_codes, v_scale = quantize_heads_e4m3(value.transpose(1, 2))
+    batch, heads_n = q8.shape[0], q8.shape[2]
+    scale = lambda bound: torch.full((batch, heads_n), bound / 448.0, device=q8.device)  # noqa: E731
+    operands = ((q8, scale(bounds[0])), (k8, scale(bounds[1])), (v_codes.transpose(1, 2), v_scale.contiguous()))
+    out = fa3_attention_on_codes(operands, attn.head_dim ** -0.5).transpose(1, 2)  # [B, S, H, D]
+    out = out.flatten(2, 3).to(hidden_states.dtype)
+    if encoder_hidden_states is None:
+        return out
+    encoder_out, out = out.split_with_sizes([encoder_hidden_states.shape[1],
+                                             out.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+    out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+    return out, attn.to_add_out(encoder_out.contiguous())

@@ -1,0 +1,126 @@
+"""FLUX's query / key preparation for FlashAttention-3's fp8 kernel in one pass: per-head RMSNorm, the
+concatenation of the text and image streams, the rotary embedding and the E4M3 quantization by a static bound.
+
+    codes[b, s, h] = e4m3(clamp(rope(rms_norm(x[b, s, h], w), cos[s], sin[s]) * 448 / bound, +-448))
+
+with ``x`` the rows of ``cat([x0, x1], dim=1)`` (``w0`` for rows of ``x0``, ``w1`` for those of ``x1``) and the
+roundings of diffusers' eager modules: ``RMSNorm`` rounds the normalized row to the weight's dtype and the product
+with the weight to it, ``apply_rotary_emb`` (real form, pairs ``(2i, 2i + 1)``) rounds its float32 result to the
+input dtype. Reference: :func:`quantduo.formats.attention_fp8.rms_norm_rope_e4m3_ref`.
+
+Compiled as one graph, the same chain cost Inductor two to three passes over Q and K with gathered loads for the
+rotary pairs; here each program reads ``ROWS`` head rows once and writes their codes once, in FlashAttention-3's
+``[B, S, H, D]`` layout. Under ``torch.compile`` the kernel is a ``triton_op`` (:func:`.common.kernel_op`).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from .common import kernel_op, to_e4m3
+
+E4M3_MAX = 448.0
+
+
+@triton.jit
+def _norm_rope_e4m3_kernel(X0, X1, W0, W1, COS, SIN, OUT, ROWS_TOTAL, S, S0, H, s0_b, s0_s, s0_h, s1_b, s1_s, s1_h,
+                           eps, inv_scale, D: tl.constexpr, ROWS: tl.constexpr, ROPE: tl.constexpr,
+                           NATIVE: tl.constexpr):
+    """Program p: head rows ``p * ROWS ...`` of the flattened ``[B, S, H]`` -> OUT float8_e4m3fn ``[B, S, H, D]``
+    (contiguous). Rows ``s < S0`` come from X0 (strides s0_*), the others from X1 at ``s - S0``; W0 / W1 ``[D]`` in
+    the inputs' dtype; COS / SIN float32 ``[S, D]`` (unit column stride, row stride D) where ROPE."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    valid = rows < ROWS_TOTAL
+    h = rows % H
+    s = (rows // H) % S
+    b = rows // (H * S)
+    first = s < S0
+    offset = tl.where(first, b * s0_b + s * s0_s + h * s0_h, b * s1_b + (s - S0) * s1_s + h * s1_h)
+    cols = tl.arange(0, D)
+    mask = valid[:, None]
+    x0 = tl.load(X0 + offset[:, None] + cols[None, :], mask=mask & first[:, None], other=0.0)
+    x1 = tl.load(X1 + offset[:, None] + cols[None, :], mask=mask & ~first[:, None], other=0.0)
+    x = tl.where(first[:, None], x0, x1)
+    dt = x.dtype
+    w = tl.where(first[:, None], tl.load(W0 + cols)[None, :], tl.load(W1 + cols)[None, :]).to(tl.float32)
+    xf = x.to(tl.float32)
+    inv_rms = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / D + eps)
+    y = ((xf * inv_rms[:, None]).to(dt).to(tl.float32) * w).to(dt).to(tl.float32)
+    if ROPE:
+        ye, yo = tl.split(tl.reshape(y, (ROWS, D // 2, 2)))
+        trig = s[:, None] * D + cols[None, :]
+        ce, co = tl.split(tl.reshape(tl.load(COS + trig, mask=mask, other=0.0), (ROWS, D // 2, 2)))
+        se, so = tl.split(tl.reshape(tl.load(SIN + trig, mask=mask, other=0.0), (ROWS, D // 2, 2)))
+        y = tl.reshape(tl.join(ye * ce - yo * se, yo * co + ye * so), (ROWS, D)).to(dt).to(tl.float32)
+    q = tl.minimum(tl.maximum(y * inv_scale, -448.0), 448.0)
+    tl.store(OUT + rows[:, None] * D + cols[None, :], to_e4m3(q, NATIVE), mask=mask)
+
+
+def _check(x0, w0, x1, w1, cos, sin, bound):
+    D = x0.shape[-1]
+    parts = [x0] if x1 is None else [x0, x1]
+    for x in parts:
+        if x.dim() != 4 or x.stride(-1) != 1 or x.shape[-1] != D or x.shape[0] != x0.shape[0] or \
+                x.shape[2] != x0.shape[2]:
+            raise ValueError(f"x0 / x1 must be [B, S_i, H, D] with unit last stride and equal B, H, D; got "
+                             f"{[tuple(p.shape) for p in parts]} strides {[p.stride() for p in parts]}")
+        if x.dtype != x0.dtype:
+            raise ValueError(f"x0 and x1 need one dtype, got {x0.dtype} and {x.dtype}")
+    if D < 2 or D & (D - 1):
+        raise ValueError(f"head dim must be a power of two, got {D}")
+    for w in [w0] if x1 is None else [w0, w1]:
+        if w is None or w.shape != (D,):
+            raise ValueError(f"RMSNorm weights must be [{D}], got {None if w is None else tuple(w.shape)}")
+    S = sum(p.shape[1] for p in parts)
+    if (cos is None) != (sin is None):
+        raise ValueError("give both cos and sin, or neither")
+    if cos is not None and (cos.shape != (S, D) or sin.shape != (S, D)):
+        raise ValueError(f"cos / sin must be [{S}, {D}], got {tuple(cos.shape)} / {tuple(sin.shape)}")
+    if not bound > 0:
+        raise ValueError(f"bound must be positive, got {bound}")
+
+
+def _launch(x0, w0, x1, w1, cos, sin, eps, bound, wrap: Callable | None = None) -> torch.Tensor:
+    B, S0, H, D = x0.shape
+    second = x0 if x1 is None else x1
+    S = S0 + (0 if x1 is None else x1.shape[1])
+    out = torch.empty(B, S, H, D, dtype=torch.float8_e4m3fn, device=x0.device)
+    rope = cos is not None
+    trig = [t.float().contiguous() if rope else x0 for t in (cos, sin)]
+    rows = max(1, min(32, 4096 // D))
+    kernel = _norm_rope_e4m3_kernel if wrap is None else wrap(_norm_rope_e4m3_kernel)
+    kernel[(triton.cdiv(B * S * H, rows),)](
+        x0, second, w0.to(x0.dtype), (w0 if w1 is None else w1).to(x0.dtype), trig[0], trig[1], out, B * S * H, S, S0,
+        H, *x0.stride()[:3], *second.stride()[:3], eps, E4M3_MAX / bound, D=D, ROWS=rows, ROPE=rope,
+        NATIVE=x0.is_cuda, num_warps=4)
+    return out
+
+
+def _fake(x0, w0, x1, w1, cos, sin, eps, bound):
+    S = x0.shape[1] + (0 if x1 is None else x1.shape[1])
+    return x0.new_empty(x0.shape[0], S, x0.shape[2], x0.shape[3], dtype=torch.float8_e4m3fn)
+
+
+@kernel_op("quantduo::rms_norm_rope_e4m3", _fake)
+def _rms_norm_rope_e4m3_op(x0: torch.Tensor, w0: torch.Tensor, x1: torch.Tensor | None, w1: torch.Tensor | None,
+                           cos: torch.Tensor | None, sin: torch.Tensor | None, eps: float, bound: float
+                           ) -> torch.Tensor:
+    return _launch(x0, w0, x1, w1, cos, sin, eps, bound, wrap_triton)
+
+
+def rms_norm_rope_e4m3(x0: torch.Tensor, w0: torch.Tensor, eps: float, bound: float, x1: torch.Tensor | None = None,
+                       w1: torch.Tensor | None = None, cos: torch.Tensor | None = None,
+                       sin: torch.Tensor | None = None) -> torch.Tensor:
+    """E4M3 codes float8_e4m3fn ``[B, S0 + S1, H, D]`` (contiguous) of the head rows of ``cat([x0, x1], dim=1)``
+    (x0 ``[B, S0, H, D]``, x1 ``[B, S1, H, D]`` or None; 16/32-bit, unit last stride, any other strides) after an
+    RMSNorm (``eps``; weight w0 ``[D]`` for x0's rows, w1 for x1's) and, where given, the rotary embedding
+    ``cos`` / ``sin`` ``[S0 + S1, D]``, scaled by ``448 / bound`` (see the module docstring). ``D`` a power of two.
+    ValueError for inputs that break these rules."""
+    _check(x0, w0, x1, w1, cos, sin, bound)
+    if torch.compiler.is_compiling():
+        return _rms_norm_rope_e4m3_op(x0, w0, x1, w1, cos, sin, eps, bound)
+    return _launch(x0, w0, x1, w1, cos, sin, eps, bound)
