@@ -6,9 +6,10 @@ options that change the step's generated kernels are compared here first. The bl
 ``benchmarks/flux.py --variants svdq-fp8-fa3fp8+compile`` (fast-path INT4 weights, fp8 execution, the fusions, FP8
 attention on FlashAttention-3 where ``flash_attn_3`` imports, else the Triton backend); each configuration
 recompiles them (``torch._dynamo.reset``) and times CUDA-graph replays (median us) and one profiled call (device time
-by kernel).
+by kernel). With FlashAttention-3 the blocks are also timed with FLUX's attention run through the SDPA hook
+(``SDPA-hook path``: Q / K normalized, rotated and quantized by the compiler) instead of the fused Q / K kernel.
 
-    PYTHONPATH=. python3 benchmarks/flux_blocks.py [--inductor multi_kernel=1 ...] [--out DIR]
+    PYTHONPATH=. python3 benchmarks/flux_blocks.py [--inductor triton.multi_kernel=1 ...] [--out DIR]
 
 ``--inductor`` takes ``torch._inductor.config`` assignments (dotted, e.g. ``triton.multi_kernel=1``), one
 configuration each, timed after the default one. Writes ``flux_blocks.json`` to DIR.
@@ -29,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import flux  # noqa: E402
 from benchmarks.linear import time_graph  # noqa: E402
-from quantduo.integrations.diffusers import enable_fusions, resolved_rules  # noqa: E402
+from quantduo.integrations.diffusers import enable_fusions, flux_fa3, resolved_rules  # noqa: E402
 from quantduo.integrations.fp8_attention import enable_fp8_attention  # noqa: E402
 from quantduo.kernels.attention_fa3 import FA3_AVAILABLE  # noqa: E402
 from quantduo.utils import atomic_write  # noqa: E402
@@ -71,9 +72,20 @@ def parse_assignment(text: str) -> tuple[str, object]:
         return key, value
 
 
-def measure(block: nn.Module, args: tuple, kwargs: dict, patch: dict) -> dict:
-    """Compile ``block`` under the Inductor ``patch``; graphed median us and device ms per kernel (one call)."""
+def measure(block: nn.Module, args: tuple, kwargs: dict, patch: dict, hook_path: bool = False) -> dict:
+    """Compile ``block`` under the Inductor ``patch``; graphed median us and device ms per kernel (one call).
+    ``hook_path``: FLUX's processor run by diffusers under the SDPA hook (Q / K prepared by the compiler) instead of
+    the fused path of :mod:`quantduo.integrations.diffusers.flux_fa3`."""
     torch._dynamo.reset()
+    fused_processor = flux_fa3.FLUX_PROCESSOR
+    flux_fa3.FLUX_PROCESSOR = None if hook_path else fused_processor
+    try:
+        return _measure(block, args, kwargs, patch)
+    finally:
+        flux_fa3.FLUX_PROCESSOR = fused_processor
+
+
+def _measure(block: nn.Module, args: tuple, kwargs: dict, patch: dict) -> dict:
     with torch._inductor.config.patch(patch), torch.no_grad():
         compiled = torch.compile(block)
         for _ in range(3):
@@ -89,8 +101,9 @@ def measure(block: nn.Module, args: tuple, kwargs: dict, patch: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--inductor", nargs="*", default=["triton.multi_kernel=1"],
-                        help="torch._inductor.config assignments, one configuration each (the default one first)")
+    parser.add_argument("--inductor", nargs="*", default=[],
+                        help="torch._inductor.config assignments, one configuration each, timed after the default "
+                        "one (e.g. triton.multi_kernel=1)")
     parser.add_argument("--out", default=".", help="directory of flux_blocks.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -101,17 +114,20 @@ def main(argv: list[str] | None = None) -> int:
     rules = resolved_rules(model, **inputs)
     captured = block_inputs(model, inputs)
     quantize_blocks(model, rules)
-    configs = {"default": {}} | {text: dict([parse_assignment(text)]) for text in args.inductor}
+    configs = {"default": ({}, False)} | {text: (dict([parse_assignment(text)]), False) for text in args.inductor}
+    if FA3_AVAILABLE:
+        configs["SDPA-hook path"] = ({}, True)
     rows = []
     for kind, name in BLOCKS.items():
         block = model.get_submodule(name)
-        for label, patch in configs.items():
-            row = dict(block=kind, config=label, **measure(block, *captured[kind], patch))
+        for label, (patch, hook_path) in configs.items():
+            row = dict(block=kind, config=label, **measure(block, *captured[kind], patch, hook_path))
             rows.append(row)
             print(f"\n{kind} block, {label}: {row['graph_us']:.1f} us graphed; kernels (ms, calls):", flush=True)
             for k in row["kernels"][:14]:
                 print(f"  {k['ms']:7.3f} {k['count']:3d}x {k['name'][:150]}", flush=True)
-    atomic_write(os.path.join(args.out, "flux_blocks.json"), lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1)))
+    atomic_write(os.path.join(args.out, "flux_blocks.json"),
+                 lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1)))
     return 0
 
 
