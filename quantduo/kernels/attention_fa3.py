@@ -36,14 +36,16 @@ FA3_HEAD_DIMS = (64, 96, 128, 192, 256)  # head dims FlashAttention-3's Hopper b
 REFERENCE_KV_BLOCK = 128  # keys per block of the reference's walk (FlashAttention-3's key tile at head dim 128)
 
 
-def fa3_unavailable_reason(q: torch.Tensor) -> str | None:
-    """Why FlashAttention-3's fp8 kernel cannot run on ``q`` ``[B, H, S, D]`` (None when it can)."""
+def fa3_unavailable_reason(q: torch.Tensor, head_dim: int | None = None) -> str | None:
+    """Why FlashAttention-3's fp8 kernel cannot run on ``q`` ``[B, H, S, D]`` (None when it can); ``head_dim``:
+    the head dim to check instead of ``D`` (for ``q`` on the right device but not yet split into heads)."""
+    head_dim = q.shape[-1] if head_dim is None else head_dim
     if not FA3_AVAILABLE:
         return "flash_attn_3 (FlashAttention-3) is not importable: build it from source, see docs/fa3.md"
     if not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
         return f"FlashAttention-3's fp8 kernel runs on Hopper (sm_90) GPUs only, not on {q.device}"
-    if q.shape[-1] not in FA3_HEAD_DIMS:
-        return f"head dim {q.shape[-1]} is not one of FlashAttention-3's {FA3_HEAD_DIMS}"
+    if head_dim not in FA3_HEAD_DIMS:
+        return f"head dim {head_dim} is not one of FlashAttention-3's {FA3_HEAD_DIMS}"
     return None
 
 

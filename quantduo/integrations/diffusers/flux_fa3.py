@@ -41,7 +41,8 @@ def serves(processor, attn, hidden_states: torch.Tensor, encoder_hidden_states: 
         return False
     if processor._attention_backend is not None or processor._parallel_config is not None:
         return False
-    if attn.head_dim not in FA3_HEAD_DIMS or (hidden_states.is_cuda and fa3_unavailable_reason(hidden_states)):
+    if attn.head_dim not in FA3_HEAD_DIMS or (hidden_states.is_cuda and
+                                              fa3_unavailable_reason(hidden_states, attn.head_dim)):
         return False
     joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
     norms = _norms(attn, joint, "q") + _norms(attn, joint, "k")
