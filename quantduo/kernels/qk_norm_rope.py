@@ -10,18 +10,15 @@ input dtype. Reference: :func:`quantduo.formats.attention_fp8.rms_norm_rope_e4m3
 
 Compiled as one graph, the same chain cost Inductor two to three passes over Q and K with gathered loads for the
 rotary pairs; here each program reads ``ROWS`` head rows once and writes their codes once, in FlashAttention-3's
-``[B, S, H, D]`` layout. Under ``torch.compile`` the kernel is a ``triton_op`` (:func:`.common.kernel_op`).
+``[B, S, H, D]`` layout. Under ``torch.compile`` the kernel is one opaque operator.
 """
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from .common import kernel_op, to_e4m3
+from .common import to_e4m3
 
 E4M3_MAX = 448.0
 
@@ -84,7 +81,7 @@ def _check(x0, w0, x1, w1, cos, sin, bound):
         raise ValueError(f"bound must be positive, got {bound}")
 
 
-def _launch(x0, w0, x1, w1, cos, sin, eps, bound, wrap: Callable | None = None) -> torch.Tensor:
+def _launch(x0, w0, x1, w1, cos, sin, eps, bound) -> torch.Tensor:
     B, S0, H, D = x0.shape
     second = x0 if x1 is None else x1
     S = S0 + (0 if x1 is None else x1.shape[1])
@@ -92,8 +89,7 @@ def _launch(x0, w0, x1, w1, cos, sin, eps, bound, wrap: Callable | None = None) 
     rope = cos is not None
     trig = [t.float().contiguous() if rope else x0 for t in (cos, sin)]
     rows = max(1, min(32, 4096 // D))
-    kernel = _norm_rope_e4m3_kernel if wrap is None else wrap(_norm_rope_e4m3_kernel)
-    kernel[(triton.cdiv(B * S * H, rows),)](
+    _norm_rope_e4m3_kernel[(triton.cdiv(B * S * H, rows),)](
         x0, second, w0.to(x0.dtype), (w0 if w1 is None else w1).to(x0.dtype), trig[0], trig[1], out, B * S * H, S, S0,
         H, *x0.stride()[:3], *second.stride()[:3], eps, E4M3_MAX / bound, D=D, ROWS=rows, ROPE=rope,
         NATIVE=x0.is_cuda, num_warps=4)
@@ -105,11 +101,16 @@ def _fake(x0, w0, x1, w1, cos, sin, eps, bound):
     return x0.new_empty(x0.shape[0], S, x0.shape[2], x0.shape[3], dtype=torch.float8_e4m3fn)
 
 
-@kernel_op("quantduo::rms_norm_rope_e4m3", _fake)
+@torch.library.custom_op("quantduo::rms_norm_rope_e4m3", mutates_args=())
 def _rms_norm_rope_e4m3_op(x0: torch.Tensor, w0: torch.Tensor, x1: torch.Tensor | None, w1: torch.Tensor | None,
                            cos: torch.Tensor | None, sin: torch.Tensor | None, eps: float, bound: float
                            ) -> torch.Tensor:
-    return _launch(x0, w0, x1, w1, cos, sin, eps, bound, wrap_triton)
+    """The kernel as one opaque operator for compiled graphs (as a ``triton_op`` Inductor typed its float
+    arguments float64 and did not compile it: BENCHMARKS.md, twentieth session)."""
+    return _launch(x0, w0, x1, w1, cos, sin, eps, bound)
+
+
+_rms_norm_rope_e4m3_op.register_fake(_fake)
 
 
 def rms_norm_rope_e4m3(x0: torch.Tensor, w0: torch.Tensor, eps: float, bound: float, x1: torch.Tensor | None = None,
