@@ -6,8 +6,8 @@ options that change the step's generated kernels are compared here first. The bl
 ``benchmarks/flux.py --variants svdq-fp8-fa3fp8+compile`` (fast-path INT4 weights, fp8 execution, the fusions, FP8
 attention on FlashAttention-3 where ``flash_attn_3`` imports, else the Triton backend); each configuration
 recompiles them (``torch._dynamo.reset``) and times CUDA-graph replays (median us) and one profiled call (device time
-by kernel). With FlashAttention-3 the blocks are also timed with FLUX's attention run through the SDPA hook
-(``SDPA-hook path``: Q / K normalized, rotated and quantized by the compiler) instead of the fused Q / K kernel.
+by kernel). With FlashAttention-3 the blocks are also timed with the fused Q / K path (``fuse_flux_qk=True``:
+one kernel normalizes, rotates and quantizes Q / K) instead of the compiler's code for diffusers' processor.
 
     PYTHONPATH=. python3 benchmarks/flux_blocks.py [--inductor triton.multi_kernel=1 ...] [--out DIR]
 
@@ -30,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import flux  # noqa: E402
 from benchmarks.linear import time_graph  # noqa: E402
-from quantduo.integrations.diffusers import enable_fusions, flux_fa3, resolved_rules  # noqa: E402
+from quantduo.integrations.diffusers import enable_fusions, resolved_rules  # noqa: E402
 from quantduo.integrations.fp8_attention import enable_fp8_attention  # noqa: E402
 from quantduo.kernels.attention_fa3 import FA3_AVAILABLE  # noqa: E402
 from quantduo.utils import atomic_write  # noqa: E402
@@ -53,15 +53,13 @@ def block_inputs(model: nn.Module, inputs: dict) -> dict[str, tuple[tuple, dict]
 
 
 def quantize_blocks(model: nn.Module, rules) -> None:
-    """The fast-path INT4 fp8-execution layers of ``svdq-fp8`` in the blocks of :data:`BLOCKS`, fusions, FP8
-    attention."""
+    """The fast-path INT4 fp8-execution layers of ``svdq-fp8`` in the blocks of :data:`BLOCKS` and the fusions."""
     for name, linear in list(model.named_modules()):
         if isinstance(linear, nn.Linear) and any(name.startswith(b + ".") for b in BLOCKS.values()):
             module = flux.variant_module(name, linear, "svdq-fp8", rules)
             if module is not None:
                 model.set_submodule(name, module)
     enable_fusions(model)
-    enable_fp8_attention(model, backend="fa3" if FA3_AVAILABLE else "triton")
 
 
 def parse_assignment(text: str) -> tuple[str, object]:
@@ -72,17 +70,13 @@ def parse_assignment(text: str) -> tuple[str, object]:
         return key, value
 
 
-def measure(block: nn.Module, args: tuple, kwargs: dict, patch: dict, hook_path: bool = False) -> dict:
+def measure(model: nn.Module, block: nn.Module, args: tuple, kwargs: dict, patch: dict, fuse_flux_qk: bool) -> dict:
     """Compile ``block`` under the Inductor ``patch``; graphed median us and device ms per kernel (one call).
-    ``hook_path``: FLUX's processor run by diffusers under the SDPA hook (Q / K prepared by the compiler) instead of
-    the fused path of :mod:`quantduo.integrations.diffusers.flux_fa3`."""
+    ``fuse_flux_qk``: FLUX's attention by the fused Q / K path of :mod:`quantduo.integrations.diffusers.flux_fa3`
+    (FlashAttention-3 only), else diffusers' processor under the SDPA hook (Q / K prepared by the compiler)."""
     torch._dynamo.reset()
-    fused_processor = flux_fa3.FLUX_PROCESSOR
-    flux_fa3.FLUX_PROCESSOR = None if hook_path else fused_processor
-    try:
-        return _measure(block, args, kwargs, patch)
-    finally:
-        flux_fa3.FLUX_PROCESSOR = fused_processor
+    enable_fp8_attention(model, backend="fa3" if FA3_AVAILABLE else "triton", fuse_flux_qk=fuse_flux_qk)
+    return _measure(block, args, kwargs, patch)
 
 
 def _measure(block: nn.Module, args: tuple, kwargs: dict, patch: dict) -> dict:
@@ -116,12 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     quantize_blocks(model, rules)
     configs = {"default": ({}, False)} | {text: (dict([parse_assignment(text)]), False) for text in args.inductor}
     if FA3_AVAILABLE:
-        configs["SDPA-hook path"] = ({}, True)
+        configs["fused FLUX Q/K"] = ({}, True)
     rows = []
     for kind, name in BLOCKS.items():
         block = model.get_submodule(name)
-        for label, (patch, hook_path) in configs.items():
-            row = dict(block=kind, config=label, **measure(block, *captured[kind], patch, hook_path))
+        for label, (patch, fuse_flux_qk) in configs.items():
+            row = dict(block=kind, config=label, **measure(model, block, *captured[kind], patch, fuse_flux_qk))
             rows.append(row)
             print(f"\n{kind} block, {label}: {row['graph_us']:.1f} us graphed; kernels (ms, calls):", flush=True)
             for k in row["kernels"][:14]:

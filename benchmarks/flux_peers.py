@@ -16,7 +16,8 @@ Variant names (``<name>`` and ``<name>+compile``; each eager and, with ``--cuda-
   eager default on CUDA; compiled models always launch the Triton kernel): the two in one call;
 * ``svdq-fp8-fa8``: ``svdq-fp8`` with FP8 attention (:mod:`quantduo.integrations.fp8_attention`, Triton backend);
 * ``svdq-fp8-fa3fp8``: the same with the ``fa3`` backend (FlashAttention-3's fp8 kernel, one scale per head;
-  needs ``flash_attn_3``, docs/fa3.md);
+  needs ``flash_attn_3``, docs/fa3.md); ``svdq-fp8-fa3fp8qk``: with FLUX's Q / K prepared by one kernel
+  (``fuse_flux_qk=True``);
 * ``<variant>-fa3`` (any variant, ``bf16`` and ``torchao-*`` included; last suffix): that variant with diffusers'
   FlashAttention-3 backend (``set_attention_backend("_flash_3")``: bf16 FA3 instead of PyTorch's SDPA);
 * ``svdq-fp8-fbc``: ``svdq-fp8`` with the first-block cache (:mod:`quantduo.integrations.first_block_cache`),
@@ -55,14 +56,16 @@ _SEPARATE_QKV = (".to_q", ".to_k", ".to_v", ".add_q_proj", ".add_k_proj", ".add_
 class VariantOptions:
     """What a variant name asks for: ``modules`` (the linear replacement of ``flux.variant_module``, or
     ``"torchao"``), fused QKV (``fuse_qkv``: diffusers' fusion before the linears are replaced; ``quantized_qkv``:
-    quantduo's fusion of the quantized projections after), FP8 attention, first-block cache, the single blocks'
-    ``proj_out`` as two quantized halves (``split_proj_out``: what a default calibration and Nunchaku files hold),
-    the fp8 expansion by the Triton kernel instead of the Gluon one (``triton_expansion``)."""
+    quantduo's fusion of the quantized projections after), FP8 attention (``fuse_flux_qk``: FLUX's Q / K by one
+    kernel), first-block cache, the single blocks' ``proj_out`` as two quantized halves (``split_proj_out``: what a
+    default calibration and Nunchaku files hold), the fp8 expansion by the Triton kernel instead of the Gluon one
+    (``triton_expansion``)."""
 
     modules: str
     fuse_qkv: bool = False
     quantized_qkv: bool = False
     fp8_attention: str | None = None
+    fuse_flux_qk: bool = False
     first_block_cache: bool = False
     split_proj_out: bool = False
     triton_expansion: bool = False
@@ -85,6 +88,8 @@ def variant_options(base: str) -> VariantOptions:
         return VariantOptions("svdq-fp8", fp8_attention="triton")
     if base == "svdq-fp8-fa3fp8":
         return VariantOptions("svdq-fp8", fp8_attention="fa3")
+    if base == "svdq-fp8-fa3fp8qk":
+        return VariantOptions("svdq-fp8", fp8_attention="fa3", fuse_flux_qk=True)
     if base == "svdq-fp8-fbc":
         return VariantOptions("svdq-fp8", first_block_cache=True)
     return VariantOptions(base)
@@ -135,7 +140,7 @@ def enable_features(model: nn.Module, options: VariantOptions) -> None:
         if report.skipped or report.linear:
             raise RuntimeError(f"fuse_qkv left attentions unfused or in 16 bits: {report}")
     if options.fp8_attention:
-        enable_fp8_attention(model, backend=options.fp8_attention)
+        enable_fp8_attention(model, backend=options.fp8_attention, fuse_flux_qk=options.fuse_flux_qk)
     if options.fa3_bf16:
         model.set_attention_backend("_flash_3")
 

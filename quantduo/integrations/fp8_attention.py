@@ -16,9 +16,10 @@ one of two backends on CUDA, the pure-PyTorch reference of the backend's quantiz
   SD3), their magnitude is bounded by ``sqrt(head_dim) * max|norm weight|`` (an RMSNorm output has L2 norm
   ``sqrt(D)`` before its weight, a rotation keeps each pair's norm): :func:`norm_bounds` gives those static bounds
   and Q / K are quantized by them, a pointwise operation ``torch.compile`` fuses into the rotary embedding, instead
-  of a per-head absmax over the whole sequence (V always uses its absmax). Calls of diffusers' plain FLUX processor
-  (``FluxAttnProcessor``) skip the processor: :func:`quantduo.integrations.diffusers.flux_fa3.flux_fa3_attention`
-  computes the same with Q / K normalized, concatenated, rotated and quantized by one kernel.
+  of a per-head absmax over the whole sequence (V always uses its absmax). With ``fuse_flux_qk=True``, calls of
+  diffusers' plain FLUX processor (``FluxAttnProcessor``) skip the processor:
+  :func:`quantduo.integrations.diffusers.flux_fa3.flux_fa3_attention` computes the same with Q / K normalized,
+  concatenated, rotated and quantized by one kernel (opt-in until timed on a GPU, see docs/fa3.md).
 
 Calls a backend cannot serve (a mask, dropout, causal, grouped-query heads, a head dim the backend lacks: not a power
 of two >= 16 for Triton, not 64 / 96 / 128 / 192 / 256 for FlashAttention-3) go to SDPA unchanged. The
@@ -147,31 +148,35 @@ def check_no_ring(processor) -> None:
 class FP8AttentionProcessor:
     """Wraps a diffusers attention processor: same call, FP8 attention inside (``q_block`` / ``kv_block`` tokens
     per quantization block of Q / of K and V for the Triton backend; ``backend`` one of :data:`BACKENDS`;
-    ``bounds``: static magnitude bounds of q / k for the ``"fa3"`` backend, see :func:`norm_bounds`).
+    ``bounds``: static magnitude bounds of q / k for the ``"fa3"`` backend, see :func:`norm_bounds`;
+    ``fuse_flux_qk``: FLUX's plain processor calls go to
+    :func:`~quantduo.integrations.diffusers.flux_fa3.flux_fa3_attention` where it serves them, ``"fa3"`` only).
     ``original`` is the wrapped processor. Each original processor class
     gets its own subclass whose ``__call__`` reports the original's signature, so diffusers passes it the same
     keyword arguments. Attributes other than its own are read from and written to the original (diffusers sets
     ``_parallel_config`` / ``_attention_backend``). While it runs the original, the SDPA hook sends the original's
     servable ``F.scaled_dot_product_attention`` calls to FP8 attention."""
 
-    _OWN = ("original", "q_block", "kv_block", "backend", "bounds")
+    _OWN = ("original", "q_block", "kv_block", "backend", "bounds", "fuse_flux_qk")
 
     def __new__(cls, original=None, *args, **kwargs):  # no arguments: copy / unpickle of a made wrapper
         return object.__new__(cls if original is None else _wrapper_class(type(original)))
 
     def __init__(self, original, q_block: int = DEFAULT_Q_BLOCK, kv_block: int = DEFAULT_KV_BLOCK,
-                 backend: str = "triton", bounds: tuple[float, float] | None = None):
+                 backend: str = "triton", bounds: tuple[float, float] | None = None, fuse_flux_qk: bool = False):
         check_backend(backend)
+        if fuse_flux_qk and backend != "fa3":
+            raise ValueError(f"fuse_flux_qk needs the fa3 backend, not {backend!r}")
         for name, blk in (("q_block", q_block), ("kv_block", kv_block)):
             if blk < 16 or blk & (blk - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
         self.original, self.q_block, self.kv_block, self.backend = original, q_block, kv_block, backend
-        self.bounds = bounds
+        self.bounds, self.fuse_flux_qk = bounds, fuse_flux_qk
 
     def _run(self, *args, **kwargs):
         global _active, _sdpa
         check_no_ring(self.original)
-        flux_call = _flux_call(args, kwargs) if self.backend == "fa3" else None
+        flux_call = _flux_call(args, kwargs) if self.fuse_flux_qk else None
         if flux_call is not None:
             attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb = flux_call
             if serves(self.original, attn, hidden_states, encoder_hidden_states, attention_mask, self.bounds):
@@ -264,11 +269,12 @@ def _model_on_cuda(model: nn.Module) -> bool:
 
 
 def enable_fp8_attention(model: nn.Module, q_block: int = DEFAULT_Q_BLOCK, kv_block: int = DEFAULT_KV_BLOCK,
-                         backend: str = "triton") -> int:
+                         backend: str = "triton", fuse_flux_qk: bool = False) -> int:
     """Wrap every attention processor of ``model`` (a diffusers transformer, or any module holding some) in
-    :class:`FP8AttentionProcessor` with ``backend``, in place; a wrapped processor gets the new settings. Returns the
-    number of attention modules now wrapped. ValueError for an unknown backend, or ``"fa3"`` for a CUDA model where
-    FlashAttention-3 is not installed."""
+    :class:`FP8AttentionProcessor` with ``backend`` (and ``fuse_flux_qk``, ``"fa3"`` only: see the module
+    docstring), in place; a wrapped processor gets the new settings. Returns the number of attention modules now
+    wrapped. ValueError for an unknown backend, or ``"fa3"`` for a CUDA model where FlashAttention-3 is not
+    installed."""
     check_backend(backend)
     if backend == "fa3" and not FA3_AVAILABLE and _model_on_cuda(model):
         raise ValueError("the fa3 backend needs flash_attn_3 (FlashAttention-3), which is not importable: build it "
@@ -281,7 +287,7 @@ def enable_fp8_attention(model: nn.Module, q_block: int = DEFAULT_Q_BLOCK, kv_bl
         if isinstance(original, FP8AttentionProcessor):
             original = original.original
         bounds = norm_bounds(module, original) if backend == "fa3" else None
-        module.set_processor(FP8AttentionProcessor(original, q_block, kv_block, backend, bounds))
+        module.set_processor(FP8AttentionProcessor(original, q_block, kv_block, backend, bounds, fuse_flux_qk))
     return len(modules)
 
 

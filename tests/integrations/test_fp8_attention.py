@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 import quantduo.integrations.fp8_attention as fp8_module
-from quantduo.integrations.diffusers import flux_fa3
 from quantduo.formats.attention_fp8 import (E4M3_MAX, fp8_attention_heads_reference, fp8_attention_reference,
                                             quantize_blocks_e4m3)
 from quantduo.integrations.fp8_attention import (NORM_BOUND_MARGIN, FP8AttentionProcessor, disable_fp8_attention,
@@ -238,10 +237,7 @@ def _record_heads_reference_calls(monkeypatch) -> list:
 
 def test_fa3_backend_quantizes_q_k_by_their_norm_bounds(monkeypatch):
     """On CPU the fa3 backend runs the per-head reference with the modules' norm bounds, and the q / k that reach
-    it never exceed them (large inputs, random norm weights). The SDPA-hook path (FLUX's plain processor otherwise
-    takes the fused path of ``flux_fa3``, whose codes tests/integrations/diffusers/test_flux_fa3.py compares with
-    this path's)."""
-    monkeypatch.setattr(flux_fa3, "FLUX_PROCESSOR", None)
+    it never exceed them (large inputs, random norm weights)."""
     model, inputs = _tiny_flux(head_dim=64), _flux_inputs()  # 64: a head dim FlashAttention-3 has
     _random_norm_weights(model)
     inputs["hidden_states"] = inputs["hidden_states"] * 50

@@ -67,11 +67,13 @@ def _outputs(attn, kwargs) -> torch.Tensor:
     return torch.cat([out[0], out[1]], dim=1) if isinstance(out, tuple) else out
 
 
-def _hook_path(attn, kwargs, monkeypatch):
-    """The attention's output with FLUX's processor run by diffusers under the SDPA hook (the fused path off)."""
-    with monkeypatch.context() as patch:
-        patch.setattr(flux_fa3, "FLUX_PROCESSOR", None)
-        return _outputs(attn, kwargs)
+def _hook_path(model, attn, kwargs):
+    """The attention's output with FLUX's processor run by diffusers under the SDPA hook (the default), then the
+    fused path switched on."""
+    enable_fp8_attention(model, backend="fa3")
+    out = _outputs(attn, kwargs)
+    enable_fp8_attention(model, backend="fa3", fuse_flux_qk=True)
+    return out
 
 
 @pytest.mark.parametrize("kernel", [False, True])
@@ -86,15 +88,14 @@ def test_fused_path_matches_diffusers_processor_under_the_hook(monkeypatch, kern
     calls = _count_fused_calls(monkeypatch)
     with torch.no_grad():
         plain = _outputs(attn, kwargs)
-        enable_fp8_attention(model, backend="fa3")
-        hook = _hook_path(attn, kwargs, monkeypatch)
+        hook = _hook_path(model, attn, kwargs)
         if kernel:
             with cpu_kernels():
                 fused = _outputs(attn, kwargs)
         else:
             fused = _outputs(attn, kwargs)
         disable_fp8_attention(model)
-    assert calls == [attn]
+    assert calls == [attn]  # the hook path (the default) did not take the fused path
     assert relative_error(fused, hook) < 5e-3  # bf16 attention output (FlashAttention-3's) vs the hook's float32
     assert relative_error(fused, plain) > 1e-2  # fp8 attention ran: its E4M3 error is ten times that
 
@@ -120,7 +121,7 @@ def test_fused_path_compiles_to_one_graph(monkeypatch):
     model, inputs = _tiny_flux(), _inputs()
     calls = _count_fused_calls(monkeypatch)
     with torch.no_grad():
-        enable_fp8_attention(model, backend="fa3")
+        enable_fp8_attention(model, backend="fa3", fuse_flux_qk=True)
         eager = model(**inputs)[0]
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs)[0]
         disable_fp8_attention(model)
@@ -139,8 +140,7 @@ def test_gpu_fused_path_matches_the_hook_path(monkeypatch, joint):
     calls = _count_fused_calls(monkeypatch)
     with torch.no_grad():
         plain = _outputs(attn, kwargs)
-        enable_fp8_attention(model, backend="fa3")
-        hook = _hook_path(attn, kwargs, monkeypatch)
+        hook = _hook_path(model, attn, kwargs)
         fused = _outputs(attn, kwargs)
         compiled = _outputs(torch.compile(attn), kwargs)
         disable_fp8_attention(model)
@@ -148,3 +148,8 @@ def test_gpu_fused_path_matches_the_hook_path(monkeypatch, joint):
     assert len(calls) >= 2
     assert relative_error(fused, hook) < 1e-2 and relative_error(compiled, fused) < 1e-2
     assert relative_error(fused, plain) > 1e-2
+
+
+def test_fused_path_needs_the_fa3_backend():
+    with pytest.raises(ValueError, match="fa3"):
+        enable_fp8_attention(_tiny_flux(), backend="triton", fuse_flux_qk=True)
