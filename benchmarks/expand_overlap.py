@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 from typing import Callable
@@ -46,29 +45,9 @@ BLOCK_LAYERS = {
 }
 
 
-def replay_us(calls: list[Callable[[], None]], reps: int) -> float:
-    """Median us of one replay of a CUDA graph that runs ``calls`` in order (each may fork its own streams)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream):
-        for call in calls:
-            call()
-        with torch.cuda.graph(graph, stream=stream):
-            for call in calls:
-                call()
-    torch.cuda.current_stream().wait_stream(stream)
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+def graph_us(call: Callable[[], None], reps: int) -> float:
+    """Median us of one CUDA-graph replay of ``call`` (which may fork its own streams)."""
+    return L.time_graph(lambda: call, L.L2_DEFEAT_BYTES, reps=reps)
 
 
 def beside(main: Callable[[], None], side: Callable[[], None]) -> Callable[[], None]:
@@ -109,10 +88,10 @@ def measure(reps: int) -> list[dict]:
     rows = []
     for block, shapes in BLOCK_LAYERS.items():
         expand = expansions(shapes)
-        expand_us = replay_us([expand], reps)
+        expand_us = graph_us(expand, reps)
         for name, attention in attention_kernels().items():
-            attention_us = replay_us([attention], reps)
-            both_us = replay_us([beside(attention, expand)], reps)
+            attention_us = graph_us(attention, reps)
+            both_us = graph_us(beside(attention, expand), reps)
             rows.append(dict(block=block, attention=name, attention_us=attention_us, expansions_us=expand_us,
                              serial_us=attention_us + expand_us, both_us=both_us,
                              hidden=1 - (both_us - attention_us) / expand_us))
