@@ -11,7 +11,8 @@ with Q / K quantized by their static bounds straight from the projections
 (:func:`quantduo.formats.attention_fp8.quantize_heads_e4m3`).
 
 :func:`serves` says which calls it takes: the plain ``FluxAttnProcessor`` (no attention backend or context
-parallelism set on it, no mask), head dims FlashAttention-3 has, bounds known, one ``eps`` for the norms of a call.
+parallelism set on it, no mask), head dims FlashAttention-3 has that are powers of two (64, 128, 256), bounds known,
+one ``eps`` for the norms of a call.
 """
 from __future__ import annotations
 
@@ -41,8 +42,10 @@ def serves(processor, attn, hidden_states: torch.Tensor, encoder_hidden_states: 
         return False
     if processor._attention_backend is not None or processor._parallel_config is not None:
         return False
-    if attn.head_dim not in FA3_HEAD_DIMS or (hidden_states.is_cuda and
-                                              fa3_unavailable_reason(hidden_states, attn.head_dim)):
+    head_dim = attn.head_dim
+    if head_dim not in FA3_HEAD_DIMS or head_dim & (head_dim - 1):  # the Q / K kernel takes powers of two
+        return False
+    if hidden_states.is_cuda and fa3_unavailable_reason(hidden_states, head_dim):
         return False
     joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
     norms = _norms(attn, joint, "q") + _norms(attn, joint, "k")

@@ -115,6 +115,8 @@ def test_serves_only_the_plain_processor_call():
     assert not flux_fa3.serves(processor, attn, x, x, None, bounds)  # norms of one call with different eps
     small = _tiny_flux(head_dim=32).transformer_blocks[0].attn
     assert not flux_fa3.serves(small.processor, small, x, x, None, bounds)  # a head dim FlashAttention-3 lacks
+    odd = _tiny_flux(head_dim=96).transformer_blocks[0].attn
+    assert not flux_fa3.serves(odd.processor, odd, x, x, None, bounds)  # one it has, not a power of two
 
 
 def test_fused_path_compiles_to_one_graph(monkeypatch):
