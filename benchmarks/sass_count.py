@@ -1,6 +1,7 @@
-"""Instruction counts of the INT4 -> fp8 weight expansion, compiled for Hopper (sm_90a) on any machine: no GPU needed.
+"""Instruction counts of the INT4 -> fp8 weight expansion and of FLUX's Q / K preparation, compiled for Hopper (sm_90a)
+on any machine: no GPU needed.
 
-    PYTHONPATH=. python benchmarks/sass_count.py [--expansion BNxBK ...]
+    PYTHONPATH=. python benchmarks/sass_count.py [--expansion BNxBK ...] [--qk-norm-rope ROWSxWARPS ...]
 
 Triton compiles a kernel for a target it does not run on, and its bundled ``nvdisasm`` / ``cuobjdump`` list the
 machine code (SASS) and the registers. The fp8 expansion (:mod:`quantduo.kernels.dequant_w4`'s kernel as
@@ -26,12 +27,16 @@ from triton.compiler import ASTSource
 
 # the module (quantduo.kernels re-exports the function of the same name)
 dequant_module = importlib.import_module("quantduo.kernels.dequant_w4")
+qk_module = importlib.import_module("quantduo.kernels.qk_norm_rope")
 
 HOPPER = GPUTarget("cuda", 90, 32)
 # argument types of the kernel (pointers as the FLUX layers pass them; every integer 32-bit)
 EXPANSION_TYPES = {"W": "*u8", "WS": "*bf16", "LD": "*bf16", "LU": "*bf16", "SMOOTH": "*fp32", "ROW_SCALE": "*fp32",
                    "OUT": "*fp8e4nv"}
 DIVISIBLE = ("N", "K", "R", "stride_wsn")  # multiples of 16 at FLUX shapes
+QK_TYPES = {"X0": "*bf16", "X1": "*bf16", "W0": "*bf16", "W1": "*bf16", "COS": "*fp32", "SIN": "*fp32",
+            "OUT": "*fp8e4nv", "eps": "fp32", "inv_scale": "fp32"}
+QK_DIVISIBLE = ("s0_b", "s0_s", "s0_h", "s1_b", "s1_s", "s1_h")  # the head rows' strides (head dim 128)
 _INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/")
 
 
@@ -43,8 +48,10 @@ def _tool(name: str) -> str:
     return path
 
 
-def compile_for_hopper(fn, pointer_types: dict, constexprs: dict, warps: int, stages: int):
-    """``fn`` (a @triton.jit kernel) compiled for sm_90a with FLUX-shape specializations."""
+def compile_for_hopper(fn, arg_types: dict, constexprs: dict, warps: int, stages: int, divisible=DIVISIBLE):
+    """``fn`` (a @triton.jit kernel) compiled for sm_90a with FLUX-shape specializations: ``arg_types`` the
+    pointers' (and float scalars') types, other arguments 32-bit integers; pointers and the integers named in
+    ``divisible`` multiples of 16."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("kernels defined under TRITON_INTERPRET=1 are interpreted, not compiled: unset it")
     signature, attrs = {}, {}
@@ -52,8 +59,8 @@ def compile_for_hopper(fn, pointer_types: dict, constexprs: dict, warps: int, st
         if name in constexprs:
             signature[name] = "constexpr"
         else:
-            signature[name] = pointer_types.get(name, "i32")
-            if name in pointer_types or name in DIVISIBLE:
+            signature[name] = arg_types.get(name, "i32")
+            if signature[name].startswith("*") or name in divisible:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=HOPPER, options=dict(num_warps=warps, num_stages=stages))
@@ -89,16 +96,33 @@ def count_expansion(bn: int, bk: int, warps: int = 4) -> dict:
                 instructions=len(lines), per_weight=len(lines) / (bn * bk / (32 * warps)))
 
 
+def count_qk_norm_rope(rows: int, warps: int) -> dict:
+    """FLUX's Q / K preparation (:mod:`quantduo.kernels.qk_norm_rope`, head dim 128, rotary on, bf16 inputs with
+    16-element-aligned strides): the whole kernel per element and thread, and its global load widths."""
+    kernel = compile_for_hopper(qk_module._norm_rope_e4m3_kernel, QK_TYPES, dict(
+        D=128, ROWS=rows, ROPE=True, NATIVE=True), warps, 1, divisible=QK_DIVISIBLE)
+    lines, regs = cubin_report(kernel)
+    loads = [re.search(r"LDG\S*", line).group(0) for line in lines if "LDG" in line]
+    return dict(kernel=f"qk_norm_rope {rows}x128 w{warps}", registers=regs, shared_bytes=kernel.metadata.shared,
+                instructions=len(lines), per_weight=len(lines) / (rows * 128 / (32 * warps)),
+                loads=len(loads), wide_loads=sum(load.endswith(".128") for load in loads),
+                local_memory=sum(("LDL" in line or "STL" in line) for line in lines))
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--expansion", nargs="*", default=["64x128"], help="expansion tiles BNxBK")
+    ap.add_argument("--qk-norm-rope", nargs="*", default=[], help="Q / K preparation: ROWSxWARPS (e.g. 64x8)")
     args = ap.parse_args(argv)
     rows = [count_expansion(*map(int, t.split("x"))) for t in args.expansion]
-    print("| kernel | registers / thread | shared memory | instructions | per weight and thread |")
-    print("| --- | --- | --- | --- | --- |")
+    rows += [count_qk_norm_rope(*map(int, t.split("x"))) for t in args.qk_norm_rope]
+    print("| kernel | registers / thread | shared memory | instructions | per weight (element) and thread | "
+          "128-bit loads |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
+        wide = f"{r['wide_loads']} of {r['loads']}" if "loads" in r else "-"
         print(f"| {r['kernel']} | {r['registers']} | {r['shared_bytes'] / 1024:.0f} KiB | {r['instructions']} | "
-              f"{r['per_weight']:.2f} |")
+              f"{r['per_weight']:.2f} | {wide} |")
     return rows
 
 

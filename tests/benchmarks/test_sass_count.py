@@ -1,5 +1,6 @@
 """benchmarks/sass_count.py: the instruction filter on a listing written by hand, and real compiles of the fp8
-expansion for sm_90a on the CPU (in a subprocess: the test session's kernels are interpreted)."""
+expansion and of FLUX's Q / K preparation for sm_90a on the CPU (in a subprocess: the test session's kernels are
+interpreted)."""
 import os
 import subprocess
 import sys
@@ -35,11 +36,14 @@ def test_counts_the_expansion():
         pytest.skip(str(ex))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT
-    out = subprocess.run([sys.executable, "benchmarks/sass_count.py", "--expansion", "64x128", "32x256"], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "benchmarks/sass_count.py", "--expansion", "64x128", "32x256",
+                          "--qk-norm-rope", "64x8"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| expansion")]
     assert [kernel.strip() for kernel, *_ in rows] == ["expansion 64x128 w4", "expansion 32x256 w4"]
-    for kernel, registers, shared, instructions, per_weight in rows:
+    for kernel, registers, shared, instructions, per_weight, _ in rows:
         assert 0 < int(registers) <= 255 and 4 < float(per_weight) < 40, kernel
         assert int(instructions) > 100
+    (qk,) = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| qk_norm_rope")]
+    wide, _, loads = qk[5].split()
+    assert int(qk[1]) <= 128 and int(wide) == int(loads) > 0  # every global load 128 bits wide (rows of 8 bf16)
