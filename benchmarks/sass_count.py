@@ -34,8 +34,9 @@ HOPPER = GPUTarget("cuda", 90, 32)
 EXPANSION_TYPES = {"W": "*u8", "WS": "*bf16", "LD": "*bf16", "LU": "*bf16", "SMOOTH": "*fp32", "ROW_SCALE": "*fp32",
                    "OUT": "*fp8e4nv"}
 DIVISIBLE = ("N", "K", "R", "stride_wsn")  # multiples of 16 at FLUX shapes
+# float scalars as Inductor types them in compiled graphs (float64; eager launches pass float32)
 QK_TYPES = {"X0": "*bf16", "X1": "*bf16", "W0": "*bf16", "W1": "*bf16", "COS": "*fp32", "SIN": "*fp32",
-            "OUT": "*fp8e4nv", "eps": "fp32", "inv_scale": "fp32"}
+            "OUT": "*fp8e4nv", "eps": "fp64", "inv_scale": "fp64"}
 QK_DIVISIBLE = ("s0_b", "s0_s", "s0_h", "s1_b", "s1_s", "s1_h")  # the head rows' strides (head dim 128)
 _INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/")
 
@@ -98,7 +99,8 @@ def count_expansion(bn: int, bk: int, warps: int = 4) -> dict:
 
 def count_qk_norm_rope(rows: int, warps: int) -> dict:
     """FLUX's Q / K preparation (:mod:`quantduo.kernels.qk_norm_rope`, head dim 128, rotary on, bf16 inputs with
-    16-element-aligned strides): the whole kernel per element and thread, and its global load widths."""
+    16-element-aligned strides, float64 scalars as in a compiled graph): the whole kernel per element and thread, and
+    its global load widths."""
     kernel = compile_for_hopper(qk_module._norm_rope_e4m3_kernel, QK_TYPES, dict(
         D=128, ROWS=rows, ROPE=True, NATIVE=True), warps, 1, divisible=QK_DIVISIBLE)
     lines, regs = cubin_report(kernel)

@@ -10,15 +10,19 @@ input dtype. Reference: :func:`quantduo.formats.attention_fp8.rms_norm_rope_e4m3
 
 Compiled as one graph, the same chain cost Inductor two to three passes over Q and K with gathered loads for the
 rotary pairs; here each program reads ``ROWS`` head rows once and writes their codes once, in FlashAttention-3's
-``[B, S, H, D]`` layout. Under ``torch.compile`` the kernel is one opaque operator.
+``[B, S, H, D]`` layout. Under ``torch.compile`` the kernel is a ``triton_op`` (:func:`.common.kernel_op`) that
+Inductor launches itself.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
-from .common import to_e4m3
+from .common import kernel_op, to_e4m3
 
 E4M3_MAX = 448.0
 
@@ -29,7 +33,9 @@ def _norm_rope_e4m3_kernel(X0, X1, W0, W1, COS, SIN, OUT, ROWS_TOTAL, S, S0, H, 
                            NATIVE: tl.constexpr):
     """Program p: head rows ``p * ROWS ...`` of the flattened ``[B, S, H]`` -> OUT float8_e4m3fn ``[B, S, H, D]``
     (contiguous). Rows ``s < S0`` come from X0 (strides s0_*), the others from X1 at ``s - S0``; W0 / W1 ``[D]`` in
-    the inputs' dtype; COS / SIN float32 ``[S, D]`` (unit column stride, row stride D) where ROPE."""
+    the inputs' dtype; COS / SIN float32 ``[S, D]`` (unit column stride, row stride D) where ROPE. eps and
+    inv_scale float32 or float64 (Inductor types Python floats float64), used in float32."""
+    eps, inv_scale = tl.cast(eps, tl.float32), tl.cast(inv_scale, tl.float32)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     valid = rows < ROWS_TOTAL
     h = rows % H
@@ -82,7 +88,8 @@ def _check(x0, w0, x1, w1, cos, sin, bound):
         raise ValueError(f"bound must be positive, got {bound}")
 
 
-def _launch(x0, w0, x1, w1, cos, sin, eps, bound) -> torch.Tensor:
+def _launch(x0, w0, x1, w1, cos, sin, eps, bound, wrap: Callable | None = None) -> torch.Tensor:
+    """The kernel over validated inputs; wrap: ``wrap_triton`` inside a ``triton_op`` body."""
     B, S0, H, D = x0.shape
     second = x0 if x1 is None else x1
     S = S0 + (0 if x1 is None else x1.shape[1])
@@ -90,7 +97,8 @@ def _launch(x0, w0, x1, w1, cos, sin, eps, bound) -> torch.Tensor:
     rope = cos is not None
     trig = [t.float().contiguous() if rope else x0 for t in (cos, sin)]
     rows = max(1, min(128, 8192 // D))  # 64 head rows of 128 at 8 warps: two rows per thread, no spills (sm_90a)
-    _norm_rope_e4m3_kernel[(triton.cdiv(B * S * H, rows),)](
+    kernel = _norm_rope_e4m3_kernel if wrap is None else wrap(_norm_rope_e4m3_kernel)
+    kernel[(triton.cdiv(B * S * H, rows),)](
         x0, second, w0.to(x0.dtype), (w0 if w1 is None else w1).to(x0.dtype), trig[0], trig[1], out, B * S * H, S, S0,
         H, *x0.stride()[:3], *second.stride()[:3], eps, E4M3_MAX / bound, D=D, ROWS=rows, ROPE=rope,
         NATIVE=x0.is_cuda, num_warps=8)
@@ -102,16 +110,11 @@ def _fake(x0, w0, x1, w1, cos, sin, eps, bound):
     return x0.new_empty(x0.shape[0], S, x0.shape[2], x0.shape[3], dtype=torch.float8_e4m3fn)
 
 
-@torch.library.custom_op("quantduo::rms_norm_rope_e4m3", mutates_args=())
+@kernel_op("quantduo::rms_norm_rope_e4m3", _fake)
 def _rms_norm_rope_e4m3_op(x0: torch.Tensor, w0: torch.Tensor, x1: torch.Tensor | None, w1: torch.Tensor | None,
                            cos: torch.Tensor | None, sin: torch.Tensor | None, eps: float, bound: float
                            ) -> torch.Tensor:
-    """The kernel as one opaque operator for compiled graphs (as a ``triton_op`` Inductor typed its float
-    arguments float64 and did not compile it: BENCHMARKS.md, twentieth session)."""
-    return _launch(x0, w0, x1, w1, cos, sin, eps, bound)
-
-
-_rms_norm_rope_e4m3_op.register_fake(_fake)
+    return _launch(x0, w0, x1, w1, cos, sin, eps, bound, wrap_triton)
 
 
 def rms_norm_rope_e4m3(x0: torch.Tensor, w0: torch.Tensor, eps: float, bound: float, x1: torch.Tensor | None = None,
