@@ -4,9 +4,9 @@ concatenation of the text and image streams, the rotary embedding and the E4M3 q
     codes[b, s, h] = e4m3(clamp(rope(rms_norm(x[b, s, h], w), cos[s], sin[s]) * 448 / bound, +-448))
 
 with ``x`` the rows of ``cat([x0, x1], dim=1)`` (``w0`` for rows of ``x0``, ``w1`` for those of ``x1``) and the
-roundings of diffusers' eager modules: ``RMSNorm`` rounds the normalized row to the weight's dtype and the product
-with the weight to it, ``apply_rotary_emb`` (real form, pairs ``(2i, 2i + 1)``) rounds its float32 result to the
-input dtype. Reference: :func:`quantduo.formats.attention_fp8.rms_norm_rope_e4m3_ref`.
+roundings of diffusers' eager modules for a weight of the inputs' dtype (other weights are cast to it): ``RMSNorm``
+rounds the normalized row to that dtype and the product with the weight too, ``apply_rotary_emb`` (real form, pairs
+``(2i, 2i + 1)``) rounds its float32 result to it. Reference: :func:`quantduo.formats.attention_fp8.rms_norm_rope_e4m3_ref`.
 
 Compiled as one graph, the same chain cost Inductor two to three passes over Q and K with gathered loads for the
 rotary pairs; here each program reads ``ROWS`` head rows once and writes their codes once, in FlashAttention-3's
