@@ -27,7 +27,7 @@ import triton.language as tl
 from quantduo.formats.attention_fp8 import (DEFAULT_KV_BLOCK, DEFAULT_Q_BLOCK, LOG2E, P_SCALE,
                                            check_attention_inputs, quantize_blocks_e4m3)
 
-from .common import fp8_operand, to_e4m3
+from .common import fp8_operand, to_e4m3, to_e4m3_saturated
 
 __all__ = ["attention_on_codes", "default_warps", "fp8_attention", "graph_operands", "quantize_blocks_e4m3_kernel",
            "quantize_operands"]
@@ -57,9 +57,8 @@ def _block_quant_kernel(X, Q, SCALE, S, stride_xb, stride_xh, stride_xs, stride_
     x = tl.load(x_ptr, mask=rows[:, None] < S, other=0.0).to(tl.float32)
     amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
     scale = tl.where(amax > 0, amax * (1.0 / 448.0), 1.0)
-    y = tl.minimum(tl.maximum(x * tl.math.div_rn(1.0, scale), -448.0), 448.0)
     q_ptr = Q + b.to(tl.int64) * stride_qb + h * stride_qh + rows[:, None] * stride_qs + cols[None, :] * stride_qd
-    tl.store(q_ptr, to_e4m3(y, NATIVE))
+    tl.store(q_ptr, to_e4m3_saturated(x * tl.math.div_rn(1.0, scale), NATIVE))
     tl.store(SCALE + bh * n_blocks + j, scale)
 
 

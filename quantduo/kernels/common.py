@@ -45,6 +45,12 @@ def to_e4m3(y, NATIVE: tl.constexpr):
 
 
 @triton.jit
+def to_e4m3_saturated(y, NATIVE: tl.constexpr):
+    """float32 ``y`` -> float8_e4m3fn, saturating at +-448, round to nearest even (:func:`to_e4m3`)."""
+    return to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0), NATIVE)
+
+
+@triton.jit
 def fp8_operand(x, NATIVE: tl.constexpr):
     """fp8 codes as a ``tl.dot`` operand: themselves on the GPU, widened to float32 under the interpreter (the same
     values: every E4M3 value and every product of two is exact in float32)."""

@@ -33,17 +33,11 @@ from torch.library import wrap_triton
 from quantduo.formats.fp8 import quantize_fp8_per_token_ref
 
 from . import expand_w4_mma
-from .common import gelu_tanh, kernel_op, to_e4m3
+from .common import gelu_tanh, kernel_op, to_e4m3_saturated
 from .dequant_w4 import dequant_w4
 
 # eager calls: the Gluon expansion where it serves the operands (QUANTDUO_FP8_EXPANSION=triton: the Triton kernel)
 GLUON_EXPANSION = os.environ.get("QUANTDUO_FP8_EXPANSION", "auto") != "triton"
-
-
-@triton.jit
-def _e4m3_saturated(y, NATIVE: tl.constexpr):
-    """float32 -> float8_e4m3fn, saturating at +-448, round to nearest even."""
-    return to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0), NATIVE)
 
 
 @triton.jit
@@ -67,9 +61,9 @@ def _fp8_token_quant_kernel(X, G, Q, SCALE, KX, KG, stride_xm, stride_gm, stride
     scale = tl.where(amax > 0, amax * (1.0 / 448.0), 1.0)
     inv_scale = tl.math.div_rn(1.0, scale)
     if BLOCK_X > 0:
-        tl.store(Q + row * stride_qm + cx, _e4m3_saturated(x * inv_scale, NATIVE), mask=cx < KX)
+        tl.store(Q + row * stride_qm + cx, to_e4m3_saturated(x * inv_scale, NATIVE), mask=cx < KX)
     if BLOCK_G > 0:
-        tl.store(Q + row * stride_qm + KX + cg, _e4m3_saturated(g * inv_scale, NATIVE), mask=cg < KG)
+        tl.store(Q + row * stride_qm + KX + cg, to_e4m3_saturated(g * inv_scale, NATIVE), mask=cg < KG)
     tl.store(SCALE + row, scale)
 
 

@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .common import kernel_op, to_e4m3
+from quantduo.formats.attention_fp8 import E4M3_MAX
 
-E4M3_MAX = 448.0
+from .common import kernel_op, to_e4m3_saturated
 
 
 @triton.jit
@@ -60,8 +60,7 @@ def _norm_rope_e4m3_kernel(X0, X1, W0, W1, COS, SIN, OUT, ROWS_TOTAL, S, S0, H, 
         ce, co = tl.split(tl.reshape(tl.load(COS + trig, mask=mask, other=0.0), (ROWS, D // 2, 2)))
         se, so = tl.split(tl.reshape(tl.load(SIN + trig, mask=mask, other=0.0), (ROWS, D // 2, 2)))
         y = tl.reshape(tl.join(ye * ce - yo * se, yo * co + ye * so), (ROWS, D)).to(dt).to(tl.float32)
-    q = tl.minimum(tl.maximum(y * inv_scale, -448.0), 448.0)
-    tl.store(OUT + rows[:, None] * D + cols[None, :], to_e4m3(q, NATIVE), mask=mask)
+    tl.store(OUT + rows[:, None] * D + cols[None, :], to_e4m3_saturated(y * inv_scale, NATIVE), mask=mask)
 
 
 def _check(x0, w0, x1, w1, cos, sin, bound):
