@@ -35,7 +35,7 @@ from expand_w4 import triton_expansion  # noqa: E402
 from quantduo.kernels.attention_fa3 import FA3_AVAILABLE, fa3_attention_on_codes, fa3_operands  # noqa: E402
 from quantduo.utils import atomic_write  # noqa: E402
 
-HEADS, TOKENS, HEAD_DIM, WIDTH = 24, 4608, 128, 3072
+HEADS, TOKENS, HEAD_DIM = 24, 4608, 128
 # (N, K) of the layers whose expansions could run beside one block's attention
 BLOCK_LAYERS = {
     # double block: image and text streams' to_out, MLP up / down, and the next block's fused QKV

@@ -76,10 +76,6 @@ def measure(model: nn.Module, block: nn.Module, args: tuple, kwargs: dict, patch
     (FlashAttention-3 only), else diffusers' processor under the SDPA hook (Q / K prepared by the compiler)."""
     torch._dynamo.reset()
     enable_fp8_attention(model, backend="fa3" if FA3_AVAILABLE else "triton", fuse_flux_qk=fuse_flux_qk)
-    return _measure(block, args, kwargs, patch)
-
-
-def _measure(block: nn.Module, args: tuple, kwargs: dict, patch: dict) -> dict:
     with torch._inductor.config.patch(patch), torch.no_grad():
         compiled = torch.compile(block)
         for _ in range(3):

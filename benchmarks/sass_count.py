@@ -107,8 +107,7 @@ def count_qk_norm_rope(rows: int, warps: int) -> dict:
     loads = [re.search(r"LDG\S*", line).group(0) for line in lines if "LDG" in line]
     return dict(kernel=f"qk_norm_rope {rows}x128 w{warps}", registers=regs, shared_bytes=kernel.metadata.shared,
                 instructions=len(lines), per_weight=len(lines) / (rows * 128 / (32 * warps)),
-                loads=len(loads), wide_loads=sum(load.endswith(".128") for load in loads),
-                local_memory=sum(("LDL" in line or "STL" in line) for line in lines))
+                loads=len(loads), wide_loads=sum(load.endswith(".128") for load in loads))
 
 
 def main(argv=None) -> list[dict]:

@@ -20,7 +20,7 @@ import torch
 from diffusers.models.transformers import transformer_flux
 
 from quantduo.engine.linear import kernels_for
-from quantduo.formats.attention_fp8 import quantize_heads_e4m3, rms_norm_rope_e4m3_ref
+from quantduo.formats.attention_fp8 import E4M3_MAX, quantize_heads_e4m3, rms_norm_rope_e4m3_ref
 from quantduo.kernels.attention_fa3 import FA3_HEAD_DIMS, fa3_attention_on_codes, fa3_unavailable_reason
 from quantduo.kernels.qk_norm_rope import rms_norm_rope_e4m3
 
@@ -78,7 +78,7 @@ def flux_fa3_attention(attn, hidden_states: torch.Tensor, encoder_hidden_states:
     k8 = _qk_codes(k_parts, _norms(attn, joint, "k"), bounds[1], image_rotary_emb)
     v_codes, v_scale = quantize_heads_e4m3(value.transpose(1, 2))
     batch, heads_n = q8.shape[0], q8.shape[2]
-    scale = lambda bound: torch.full((batch, heads_n), bound / 448.0, device=q8.device)  # noqa: E731
+    scale = lambda bound: torch.full((batch, heads_n), bound / E4M3_MAX, device=q8.device)  # noqa: E731
     operands = ((q8, scale(bounds[0])), (k8, scale(bounds[1])), (v_codes.transpose(1, 2), v_scale.contiguous()))
     out = fa3_attention_on_codes(operands, attn.head_dim ** -0.5).transpose(1, 2)  # [B, S, H, D]
     out = out.flatten(2, 3).to(hidden_states.dtype)
