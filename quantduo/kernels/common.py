@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 from torch.library import custom_op, triton_op
 
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + c) - c rounds float32 |y| < 2**22 half-to-even
@@ -46,7 +47,11 @@ def to_e4m3(y, NATIVE: tl.constexpr):
 
 @triton.jit
 def to_e4m3_saturated(y, NATIVE: tl.constexpr):
-    """float32 ``y`` -> float8_e4m3fn, saturating at +-448, round to nearest even (:func:`to_e4m3`)."""
+    """float32 ``y`` -> float8_e4m3fn, saturating at +-448, round to nearest even (:func:`to_e4m3`). NATIVE: the
+    hardware conversion saturates by itself (``cvt.rn.satfinite``: +-inf -> +-448, NaN stays NaN, as a clamp
+    followed by PyTorch's cast); otherwise ``y`` is clamped first."""
+    if NATIVE:
+        return to_e4m3(y, NATIVE)
     return to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0), NATIVE)
 
 
@@ -125,12 +130,22 @@ def unpack_int4_f32(b):
     return lo, hi
 
 
+# gelu_tanh(y) = 0.5 y (1 + tanh(u)) = y * sigmoid(2 u) = y / (1 + 2 ** z), u = sqrt(2 / pi) (y + 0.044715 y**3),
+# z = -2 log2(e) u = y * (_GELU_Z1 + _GELU_Z3 * y**2)
+_GELU_Z1 = tl.constexpr(-2.0 * 1.4426950408889634 * 0.7978845608028654)
+_GELU_Z3 = tl.constexpr(-2.0 * 1.4426950408889634 * 0.7978845608028654 * 0.044715)
+
+
 @triton.jit
-def gelu_tanh(y):
-    """``F.gelu(y, approximate="tanh")`` in float32."""
-    u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
-    t = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
-    return 0.5 * y * (1.0 + t)
+def gelu_tanh(y, NATIVE: tl.constexpr):
+    """``F.gelu(y, approximate="tanh")`` of float32 ``y``, as ``y / (1 + 2**z)`` (the same function: ``0.5 (1 +
+    tanh u) = sigmoid(2 u)``): one ``ex2`` and one division, a few float32 ulps from PyTorch's ``tanhf`` form.
+    NATIVE: the hardware's fast division (``__fdividef``, 2 ulps; 0 where ``2**z`` passes 2**126, GELU's limit
+    there), otherwise ``/`` (full-range division: exact in the interpreter, ``div.full`` on the GPU)."""
+    z = y * (_GELU_Z1 + _GELU_Z3 * y * y)
+    if NATIVE:
+        return libdevice.fast_dividef(y, 1.0 + tl.math.exp2(z))
+    return y / (1.0 + tl.math.exp2(z))
 
 
 @triton.jit

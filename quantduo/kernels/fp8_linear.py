@@ -38,33 +38,73 @@ from .dequant_w4 import dequant_w4
 
 # eager calls: the Gluon expansion where it serves the operands (QUANTDUO_FP8_EXPANSION=triton: the Triton kernel)
 GLUON_EXPANSION = os.environ.get("QUANTDUO_FP8_EXPANSION", "auto") != "triton"
+# warps of the row kernel: one per 512 columns, at most this many
+TOKEN_QUANT_MAX_WARPS = int(os.environ.get("QUANTDUO_TOKEN_QUANT_WARPS", "8"))
+
+
+@triton.jit
+def _row_segment(P, start, K, B: tl.constexpr, GELU: tl.constexpr, NATIVE: tl.constexpr):
+    """Columns ``start + [0, B)`` of the row at P (length K, zero past it) as float32, through ``gelu_tanh`` if
+    GELU."""
+    cols = start + tl.arange(0, B)
+    v = tl.load(P + cols, mask=cols < K, other=0.0).to(tl.float32)
+    if GELU:
+        v = gelu_tanh(v, NATIVE)
+    return v
+
+
+@triton.jit
+def _store_segment(Q, start, K, v, inv_scale, B: tl.constexpr, NATIVE: tl.constexpr):
+    """E4M3 codes of ``v * inv_scale`` (the segment of :func:`_row_segment`) to columns ``start + [0, B)`` < K."""
+    cols = start + tl.arange(0, B)
+    tl.store(Q + cols, to_e4m3_saturated(v * inv_scale, NATIVE), mask=cols < K)
 
 
 @triton.jit
 def _fp8_token_quant_kernel(X, G, Q, SCALE, KX, KG, stride_xm, stride_gm, stride_qm,
-                            BLOCK_X: tl.constexpr, BLOCK_G: tl.constexpr, NATIVE: tl.constexpr):
+                            BX0: tl.constexpr, BX1: tl.constexpr, BG0: tl.constexpr, BG1: tl.constexpr,
+                            NATIVE: tl.constexpr):
     """Program m: row m of ``cat(X[m], gelu_tanh(G[m]))`` -> Q float8_e4m3fn ``[M, KX + KG]``, SCALE float32 ``[M]``.
 
-    X ``[M, KX]`` and G ``[M, KG]`` 16/32-bit with unit column stride; BLOCK_X = 0: no X, BLOCK_G = 0: no G. One
-    read of the row (kept in registers between the absmax and the quantization), one write of the codes.
+    X ``[M, KX]`` and G ``[M, KG]`` 16/32-bit with unit column stride. Each input is read as two power-of-two
+    segments, BX0 + BX1 >= KX and BG0 + BG1 >= KG (:func:`_segments`: 3072 = 2048 + 1024, 12288 = 8192 + 4096, so
+    FLUX's rows have no padded lanes); a size of 0 leaves the segment out. One read of the row (kept in registers
+    between the absmax and the quantization), one write of the codes.
     """
     row = tl.program_id(0).to(tl.int64)
+    x_row, g_row, q_row = X + row * stride_xm, G + row * stride_gm, Q + row * stride_qm
     amax = 0.0
-    if BLOCK_X > 0:
-        cx = tl.arange(0, BLOCK_X)
-        x = tl.load(X + row * stride_xm + cx, mask=cx < KX, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=0)
-    if BLOCK_G > 0:
-        cg = tl.arange(0, BLOCK_G)
-        g = gelu_tanh(tl.load(G + row * stride_gm + cg, mask=cg < KG, other=0.0).to(tl.float32))
-        amax = tl.maximum(amax, tl.max(tl.abs(g), axis=0))
+    if BX0 > 0:
+        x0 = _row_segment(x_row, 0, KX, BX0, False, NATIVE)
+        amax = tl.maximum(amax, tl.max(tl.abs(x0), axis=0))
+    if BX1 > 0:
+        x1 = _row_segment(x_row, BX0, KX, BX1, False, NATIVE)
+        amax = tl.maximum(amax, tl.max(tl.abs(x1), axis=0))
+    if BG0 > 0:
+        g0 = _row_segment(g_row, 0, KG, BG0, True, NATIVE)
+        amax = tl.maximum(amax, tl.max(tl.abs(g0), axis=0))
+    if BG1 > 0:
+        g1 = _row_segment(g_row, BG0, KG, BG1, True, NATIVE)
+        amax = tl.maximum(amax, tl.max(tl.abs(g1), axis=0))
     scale = tl.where(amax > 0, amax * (1.0 / 448.0), 1.0)
     inv_scale = tl.math.div_rn(1.0, scale)
-    if BLOCK_X > 0:
-        tl.store(Q + row * stride_qm + cx, to_e4m3_saturated(x * inv_scale, NATIVE), mask=cx < KX)
-    if BLOCK_G > 0:
-        tl.store(Q + row * stride_qm + KX + cg, to_e4m3_saturated(g * inv_scale, NATIVE), mask=cg < KG)
+    if BX0 > 0:
+        _store_segment(q_row, 0, KX, x0, inv_scale, BX0, NATIVE)
+    if BX1 > 0:
+        _store_segment(q_row, BX0, KX, x1, inv_scale, BX1, NATIVE)
+    if BG0 > 0:
+        _store_segment(q_row + KX, 0, KG, g0, inv_scale, BG0, NATIVE)
+    if BG1 > 0:
+        _store_segment(q_row + KX, BG0, KG, g1, inv_scale, BG1, NATIVE)
     tl.store(SCALE + row, scale)
+
+
+def _segments(k: int) -> tuple[int, int]:
+    """Two powers of two (or 0) covering ``k`` columns: the largest one <= k, then the remainder's (k = 0: (0, 0))."""
+    if k == 0:
+        return 0, 0
+    head = 1 << (k.bit_length() - 1)
+    return head, (triton.next_power_of_2(k - head) if k > head else 0)
 
 
 def _launch_token_quant(x: torch.Tensor | None, gelu_input: torch.Tensor | None, wrap: Callable | None = None
@@ -77,12 +117,13 @@ def _launch_token_quant(x: torch.Tensor | None, gelu_input: torch.Tensor | None,
     kg = 0 if gelu_input is None else gelu_input.shape[1]
     q = torch.empty(M, kx + kg, dtype=torch.float8_e4m3fn, device=first.device)
     scale = torch.empty(M, dtype=torch.float32, device=first.device)
-    block_x, block_g = (triton.next_power_of_2(k) if k else 0 for k in (kx, kg))
+    (bx0, bx1), (bg0, bg1) = _segments(kx), _segments(kg)
     kernel = _fp8_token_quant_kernel if wrap is None else wrap(_fp8_token_quant_kernel)
     kernel[(M,)](
         first if x is None else x, first if gelu_input is None else gelu_input, q, scale, kx, kg,
         0 if x is None else x.stride(0), 0 if gelu_input is None else gelu_input.stride(0), q.stride(0),
-        BLOCK_X=block_x, BLOCK_G=block_g, NATIVE=first.is_cuda, num_warps=max(1, min(16, (block_x + block_g) // 512)))
+        BX0=bx0, BX1=bx1, BG0=bg0, BG1=bg1, NATIVE=first.is_cuda,
+        num_warps=max(1, min(TOKEN_QUANT_MAX_WARPS, (bx0 + bx1 + bg0 + bg1) // 512)))
     return q, scale
 
 

@@ -168,7 +168,7 @@ def _epilogue(acc, rm, rn, M, N, LXP, S, LU, R, BIAS, OUT, RP: tl.constexpr,
     acc = lowrank_bias_apply(acc, lx, rn, N, LU, R, BIAS, RP, HAS_LR, HAS_BIAS, PREC)
     y = acc.to(OUT.dtype.element_ty)
     if GELU:
-        y = gelu_tanh(y.to(tl.float32)).to(OUT.dtype.element_ty)
+        y = gelu_tanh(y.to(tl.float32), False).to(OUT.dtype.element_ty)
     tl.store(OUT + rm[:, None].to(tl.int64) * N + rn[None, :], y, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 

@@ -12,6 +12,8 @@ import logging
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from torch import nn
 from torch._inductor.utils import run_and_get_code
 
@@ -19,6 +21,7 @@ from quantduo.formats import quantizers as qz
 from quantduo.formats import reference as ref
 from quantduo.formats.fp8 import (fp8_channel_scale, fp8_steps_apart, quantize_fp8_per_token_ref,
                                   quantize_fp8_weight)
+from quantduo.kernels.common import to_e4m3_saturated
 from quantduo.kernels.fp8_linear import expand_w4_fp8, fp8_rowwise_gemm, quantize_fp8_per_token
 from quantduo.utils import relative_error
 
@@ -44,13 +47,17 @@ def test_quantize_fp8_per_token(dtype, k):
     assert relative_error(deq, x.float()) < 0.04  # 3 mantissa bits
 
 
-@pytest.mark.parametrize("kx,kg", [(0, 320), (128, 512), (100, 60)])
-def test_quantize_fp8_per_token_gelu(kx, kg):
+@pytest.mark.parametrize("kx,kg,device", [(0, 320, "cpu"), (128, 512, "cpu"), (100, 60, "cpu"), (96, 192, "cpu"),
+                                          pytest.param(3072, 12288, "cuda", marks=pytest.mark.gpu),
+                                          pytest.param(0, 12288, "cuda", marks=pytest.mark.gpu)])
+def test_quantize_fp8_per_token_gelu(kx, kg, device):
     """Rows of cat(x, gelu_tanh(h)) formed inside the row kernel: the reference's scales (to float32 rounding of the
-    GELU's tanh) and codes (at most one step apart, rarely)."""
+    GELU) and codes (at most one step apart, rarely). Widths: two power-of-two segments with a masked tail (100 =
+    64 + 36, 60 = 32 + 28, 320 = 256 + 64), exact ones (96 = 64 + 32, FLUX's 3072 + 12288), one segment (128, 512);
+    on CUDA the hardware's E4M3 conversion and fast division."""
     torch.manual_seed(1)
-    x = torch.randn(9, kx) * 3 if kx else None
-    h = torch.randn(9, kg) * 4
+    x = torch.randn(9, kx, device=device) * 3 if kx else None
+    h = torch.randn(9, kg, device=device) * 4
     h[2] = -30  # GELU(-30) = 0: a row of zeros in the GELU part
     q, scale = quantize_fp8_per_token(x, h)
     q_ref, scale_ref = quantize_fp8_per_token_ref(x, h)
@@ -60,6 +67,24 @@ def test_quantize_fp8_per_token_gelu(kx, kg):
     assert codes_apart.max() <= 1 and codes_apart.float().mean() < 1e-2
     expected = torch.cat([t for t in (x, nn.functional.gelu(h, approximate="tanh")) if t is not None], dim=1)
     assert relative_error(q.float() * scale[:, None], expected) < 0.04
+
+
+@pytest.mark.gpu
+def test_gpu_e4m3_conversion_saturates():
+    """``to_e4m3_saturated`` on the GPU leaves the clamp to the hardware conversion: the reference's clamp-then-cast
+    codes for values past +-448, infinities and rounding ties, NaN kept."""
+    @triton.jit
+    def convert(Y, Q, N: tl.constexpr):
+        cols = tl.arange(0, N)
+        tl.store(Q + cols, to_e4m3_saturated(tl.load(Y + cols), True))
+
+    y = torch.tensor([-1e30, -float("inf"), -464.0, -448.0, 447.9, 448.1, 479.9, 480.0, 1e6, float("inf"),
+                      0.0, 1e-9, 3.0625, -3.1875, 13.0, float("nan")], device="cuda")
+    q = torch.empty(16, dtype=torch.float8_e4m3fn, device="cuda")
+    convert[(1,)](y, q, 16)
+    expected = y.clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert torch.equal(q[:-1].view(torch.uint8), expected[:-1].view(torch.uint8))
+    assert q[-1].float().isnan()
 
 
 def test_quantize_fp8_per_token_bad_input():
