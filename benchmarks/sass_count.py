@@ -1,7 +1,8 @@
-"""Instruction counts of the INT4 -> fp8 weight expansion and of FLUX's Q / K preparation, compiled for Hopper (sm_90a)
-on any machine: no GPU needed.
+"""Instruction counts of the INT4 -> fp8 weight expansion, of FLUX's Q / K preparation and of the GELU row
+quantization, compiled for Hopper (sm_90a) on any machine: no GPU needed.
 
     PYTHONPATH=. python benchmarks/sass_count.py [--expansion BNxBK ...] [--qk-norm-rope ROWSxWARPS ...]
+        [--gelu-quant WARPS ...]
 
 Triton compiles a kernel for a target it does not run on, and its bundled ``nvdisasm`` / ``cuobjdump`` list the
 machine code (SASS) and the registers. The fp8 expansion (:mod:`quantduo.kernels.dequant_w4`'s kernel as
@@ -28,6 +29,7 @@ from triton.compiler import ASTSource
 # the module (quantduo.kernels re-exports the function of the same name)
 dequant_module = importlib.import_module("quantduo.kernels.dequant_w4")
 qk_module = importlib.import_module("quantduo.kernels.qk_norm_rope")
+fp8_module = importlib.import_module("quantduo.kernels.fp8_linear")
 
 HOPPER = GPUTarget("cuda", 90, 32)
 # argument types of the kernel (pointers as the FLUX layers pass them; every integer 32-bit)
@@ -38,6 +40,9 @@ DIVISIBLE = ("N", "K", "R", "stride_wsn")  # multiples of 16 at FLUX shapes
 QK_TYPES = {"X0": "*bf16", "X1": "*bf16", "W0": "*bf16", "W1": "*bf16", "COS": "*fp32", "SIN": "*fp32",
             "OUT": "*fp8e4nv", "eps": "fp64", "inv_scale": "fp64"}
 QK_DIVISIBLE = ("s0_b", "s0_s", "s0_h", "s1_b", "s1_s", "s1_h")  # the head rows' strides (head dim 128)
+GELU_QUANT_TYPES = {"X": "*bf16", "G": "*bf16", "Q": "*fp8e4nv", "SCALE": "*fp32"}
+GELU_QUANT_DIVISIBLE = ("KX", "KG", "stride_xm", "stride_gm", "stride_qm")
+FLUX_SINGLE_ROW = (3072, 12288)  # proj_out's input: cat(attention, gelu_tanh(mlp))
 _INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/")
 
 
@@ -110,13 +115,28 @@ def count_qk_norm_rope(rows: int, warps: int) -> dict:
                 loads=len(loads), wide_loads=sum(load.endswith(".128") for load in loads))
 
 
+def count_gelu_quant(warps: int) -> dict:
+    """The GELU row quantization (:func:`quantduo.kernels.fp8_linear.quantize_fp8_per_token` with a GELU part) on
+    the FLUX single block's row (:data:`FLUX_SINGLE_ROW`, the launch's segments): the whole kernel per element of
+    the row and thread."""
+    kx, kg = FLUX_SINGLE_ROW
+    (bx0, bx1), (bg0, bg1) = fp8_module._segments(kx), fp8_module._segments(kg)
+    kernel = compile_for_hopper(fp8_module._fp8_token_quant_kernel, GELU_QUANT_TYPES, dict(
+        BX0=bx0, BX1=bx1, BG0=bg0, BG1=bg1, NATIVE=True), warps, 1, divisible=GELU_QUANT_DIVISIBLE)
+    lines, regs = cubin_report(kernel)
+    return dict(kernel=f"gelu_quant {kx}+{kg} w{warps}", registers=regs, shared_bytes=kernel.metadata.shared,
+                instructions=len(lines), per_weight=len(lines) / ((kx + kg) / (32 * warps)))
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--expansion", nargs="*", default=["64x128"], help="expansion tiles BNxBK")
     ap.add_argument("--qk-norm-rope", nargs="*", default=[], help="Q / K preparation: ROWSxWARPS (e.g. 64x8)")
+    ap.add_argument("--gelu-quant", nargs="*", type=int, default=[], help="GELU row quantization: WARPS (e.g. 8)")
     args = ap.parse_args(argv)
     rows = [count_expansion(*map(int, t.split("x"))) for t in args.expansion]
     rows += [count_qk_norm_rope(*map(int, t.split("x"))) for t in args.qk_norm_rope]
+    rows += [count_gelu_quant(w) for w in args.gelu_quant]
     print("| kernel | registers / thread | shared memory | instructions | per weight (element) and thread | "
           "128-bit loads |")
     print("| --- | --- | --- | --- | --- | --- |")

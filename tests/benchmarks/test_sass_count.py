@@ -1,5 +1,5 @@
 """benchmarks/sass_count.py: the instruction filter on a listing written by hand, and real compiles of the fp8
-expansion and of FLUX's Q / K preparation for sm_90a on the CPU (in a subprocess: the test session's kernels are
+expansion, of FLUX's Q / K preparation and of the GELU row quantization for sm_90a on the CPU (in a subprocess: the test session's kernels are
 interpreted)."""
 import os
 import subprocess
@@ -37,7 +37,7 @@ def test_counts_the_expansion():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT
     out = subprocess.run([sys.executable, "benchmarks/sass_count.py", "--expansion", "64x128", "32x256",
-                          "--qk-norm-rope", "64x8"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          "--qk-norm-rope", "64x8", "--gelu-quant", "8"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| expansion")]
     assert [kernel.strip() for kernel, *_ in rows] == ["expansion 64x128 w4", "expansion 32x256 w4"]
@@ -49,3 +49,7 @@ def test_counts_the_expansion():
     # compiled with Inductor's float64 scalars (Triton type-checks the interpreter's E4M3 branch too, which needs
     # float32), every global load 128 bits wide (rows of 8 bf16)
     assert int(qk[1]) <= 128 and int(wide) == int(loads) > 0
+    (gelu,) = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| gelu_quant")]
+    # FLUX's row in two power-of-two segments per input (no padded lanes) at ~15 instructions per element and
+    # thread (the one-block kernel before it: ~37)
+    assert gelu[0].strip() == "gelu_quant 3072+12288 w8" and float(gelu[4]) < 20
