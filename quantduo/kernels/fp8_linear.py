@@ -38,8 +38,8 @@ from .dequant_w4 import dequant_w4
 
 # eager calls: the Gluon expansion where it serves the operands (QUANTDUO_FP8_EXPANSION=triton: the Triton kernel)
 GLUON_EXPANSION = os.environ.get("QUANTDUO_FP8_EXPANSION", "auto") != "triton"
-# warps of the row kernel: one per 512 columns, at most this many
-TOKEN_QUANT_MAX_WARPS = int(os.environ.get("QUANTDUO_TOKEN_QUANT_WARPS", "8"))
+# most warps of the row kernel (8 beat 4 and 16 on FLUX's rows on the H100: BENCHMARKS.md, twenty-first session)
+TOKEN_QUANT_MAX_WARPS = 8
 
 
 @triton.jit
@@ -107,6 +107,12 @@ def _segments(k: int) -> tuple[int, int]:
     return head, (triton.next_power_of_2(k - head) if k > head else 0)
 
 
+def _token_quant_warps(lanes: int) -> int:
+    """Warps of the row kernel for a row of ``lanes`` (the segments' total): one per 512, a power of two, at most
+    :data:`TOKEN_QUANT_MAX_WARPS`."""
+    return min(TOKEN_QUANT_MAX_WARPS, 1 << max(0, (lanes // 512).bit_length() - 1))
+
+
 def _launch_token_quant(x: torch.Tensor | None, gelu_input: torch.Tensor | None, wrap: Callable | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """The row kernel over ``cat(x, gelu_tanh(gelu_input))`` (validated 2-D inputs, unit column stride); wrap:
@@ -123,7 +129,7 @@ def _launch_token_quant(x: torch.Tensor | None, gelu_input: torch.Tensor | None,
         first if x is None else x, first if gelu_input is None else gelu_input, q, scale, kx, kg,
         0 if x is None else x.stride(0), 0 if gelu_input is None else gelu_input.stride(0), q.stride(0),
         BX0=bx0, BX1=bx1, BG0=bg0, BG1=bg1, NATIVE=first.is_cuda,
-        num_warps=max(1, min(TOKEN_QUANT_MAX_WARPS, (bx0 + bx1 + bg0 + bg1) // 512)))
+        num_warps=_token_quant_warps(bx0 + bx1 + bg0 + bg1))
     return q, scale
 
 

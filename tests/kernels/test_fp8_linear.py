@@ -22,6 +22,7 @@ from quantduo.formats import reference as ref
 from quantduo.formats.fp8 import (fp8_channel_scale, fp8_steps_apart, quantize_fp8_per_token_ref,
                                   quantize_fp8_weight)
 from quantduo.kernels.common import to_e4m3_saturated
+from quantduo.kernels import fp8_linear
 from quantduo.kernels.fp8_linear import expand_w4_fp8, fp8_rowwise_gemm, quantize_fp8_per_token
 from quantduo.utils import relative_error
 
@@ -67,6 +68,14 @@ def test_quantize_fp8_per_token_gelu(kx, kg, device):
     assert codes_apart.max() <= 1 and codes_apart.float().mean() < 1e-2
     expected = torch.cat([t for t in (x, nn.functional.gelu(h, approximate="tanh")) if t is not None], dim=1)
     assert relative_error(q.float() * scale[:, None], expected) < 0.04
+
+
+def test_row_kernel_warps_are_powers_of_two():
+    """Triton takes only powers of two: rows whose segments add up to 3 * 2**k (3072 = 2048 + 1024) included."""
+    for lanes in (64, 512, 1536, 3072, 6144, 12288, 15360, 20480):
+        warps = fp8_linear._token_quant_warps(lanes)
+        assert warps & (warps - 1) == 0 and 1 <= warps <= fp8_linear.TOKEN_QUANT_MAX_WARPS
+    assert fp8_linear._token_quant_warps(3072) == 4
 
 
 @pytest.mark.gpu
