@@ -107,7 +107,7 @@ def count_qk_norm_rope(rows: int, warps: int) -> dict:
     16-element-aligned strides, float64 scalars as in a compiled graph): the whole kernel per element and thread, and
     its global load widths."""
     kernel = compile_for_hopper(qk_module._norm_rope_e4m3_kernel, QK_TYPES, dict(
-        D=128, ROWS=rows, ROPE=True, NATIVE=True), warps, 1, divisible=QK_DIVISIBLE)
+        D=128, ROWS=rows, ROPE=True, ROUND_BEFORE_WEIGHT=False, NATIVE=True), warps, 1, divisible=QK_DIVISIBLE)
     lines, regs = cubin_report(kernel)
     loads = [re.search(r"LDG\S*", line).group(0) for line in lines if "LDG" in line]
     return dict(kernel=f"qk_norm_rope {rows}x128 w{warps}", registers=regs, shared_bytes=kernel.metadata.shared,

@@ -138,16 +138,21 @@ def fp8_attention_heads_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 
 def rms_norm_rope_e4m3_ref(x0: torch.Tensor, w0: torch.Tensor, eps: float, bound: float,
                            x1: torch.Tensor | None = None, w1: torch.Tensor | None = None,
-                           cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
-    """Codes float8_e4m3fn ``[B, S0 + S1, H, D]`` of ``cat([x0, x1], dim=1)`` (``[B, S_i, H, D]``) after diffusers'
-    eager ``RMSNorm`` (float32 statistics; the normalized row rounded to the weight's dtype, the product with the
-    weight w0 / w1 ``[D]`` in it; weights cast to the inputs' dtype first) and ``apply_rotary_emb`` (real form:
+                           cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                           round_before_weight: bool = False) -> torch.Tensor:
+    """Codes float8_e4m3fn ``[B, S0 + S1, H, D]`` of ``cat([x0, x1], dim=1)`` (``[B, S_i, H, D]``) after an eager
+    RMSNorm with weight w0 / w1 ``[D]`` (cast to the inputs' dtype first; float32 statistics): PyTorch's
+    ``torch.nn.RMSNorm``, which diffusers' FLUX attention uses (the weight applied in float32, one rounding to the
+    inputs' dtype), or with ``round_before_weight`` diffusers' own ``RMSNorm`` (the normalized row rounded to the
+    inputs' dtype, the product with the weight in it); then ``apply_rotary_emb`` (real form:
     ``x * cos + rot(x) * sin`` in float32 with ``rot(x)[2i] = -x[2i + 1]``, ``rot(x)[2i + 1] = x[2i]``, rounded to
     the inputs' dtype; ``cos`` / ``sin`` ``[S0 + S1, D]``, none: no rotation), quantized by the static ``bound``
     (:func:`quantize_heads_e4m3`)."""
     def rms_norm(x, w):
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return (x * torch.rsqrt(variance + eps)).to(x.dtype) * w.to(x.dtype)
+        normalized = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+        if round_before_weight:
+            return normalized.to(x.dtype) * w.to(x.dtype)
+        return (normalized * w.to(x.dtype).float()).to(x.dtype)
 
     y = rms_norm(x0, w0) if x1 is None else torch.cat([rms_norm(x0, w0), rms_norm(x1, w1)], dim=1)
     if cos is not None:

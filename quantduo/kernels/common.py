@@ -24,6 +24,22 @@ def round_half_even(y):
 
 
 @triton.jit
+def round_to(y, dtype: tl.constexpr, NATIVE: tl.constexpr):
+    """float32 ``y`` rounded to ``dtype`` (16/32-bit float, nearest even) and back to float32; the identity for
+    float32. NATIVE: the hardware conversion; otherwise bfloat16 is rounded in integer arithmetic on the float32
+    bits (the interpreter's float32 -> bfloat16 cast truncates, and its nearest-even mode rounds ties up and drops
+    the carry into the exponent)."""
+    if dtype == tl.float32:
+        return y
+    if not NATIVE:
+        if dtype == tl.bfloat16:
+            bits = y.to(tl.int32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536  # keep the top 16 bits, ties to even
+            return bits.to(tl.float32, bitcast=True)
+    return y.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def round_e4m3(y):
     """Round float32 ``y`` (|y| <= 448) to the nearest float8_e4m3fn value, ties to even, as float32.
 

@@ -4,8 +4,10 @@ concatenation of the text and image streams, the rotary embedding and the E4M3 q
     codes[b, s, h] = e4m3(clamp(rope(rms_norm(x[b, s, h], w), cos[s], sin[s]) * 448 / bound, +-448))
 
 with ``x`` the rows of ``cat([x0, x1], dim=1)`` (``w0`` for rows of ``x0``, ``w1`` for those of ``x1``) and the
-roundings of diffusers' eager modules for a weight of the inputs' dtype (other weights are cast to it): ``RMSNorm``
-rounds the normalized row to that dtype and the product with the weight too, ``apply_rotary_emb`` (real form, pairs
+roundings of the eager modules for a weight of the inputs' dtype (other weights are cast to it). The RMSNorm is
+PyTorch's ``torch.nn.RMSNorm`` (what diffusers' FLUX attention uses): float32 statistics, the weight applied in
+float32, one rounding to the inputs' dtype; with ``round_before_weight`` it is diffusers' own ``RMSNorm``: the
+normalized row rounded to that dtype, the product with the weight in it. ``apply_rotary_emb`` (real form, pairs
 ``(2i, 2i + 1)``) rounds its float32 result to it. Reference: :func:`quantduo.formats.attention_fp8.rms_norm_rope_e4m3_ref`.
 
 Compiled as one graph, the same chain cost Inductor two to three passes over Q and K with gathered loads for the
@@ -24,17 +26,18 @@ from torch.library import wrap_triton
 
 from quantduo.formats.attention_fp8 import E4M3_MAX
 
-from .common import kernel_op, to_e4m3_saturated
+from .common import kernel_op, round_to, to_e4m3_saturated
 
 
 @triton.jit
 def _norm_rope_e4m3_kernel(X0, X1, W0, W1, COS, SIN, OUT, ROWS_TOTAL, S, S0, H, s0_b, s0_s, s0_h, s1_b, s1_s, s1_h,
                            eps, inv_scale, D: tl.constexpr, ROWS: tl.constexpr, ROPE: tl.constexpr,
-                           NATIVE: tl.constexpr):
+                           ROUND_BEFORE_WEIGHT: tl.constexpr, NATIVE: tl.constexpr):
     """Program p: head rows ``p * ROWS ...`` of the flattened ``[B, S, H]`` -> OUT float8_e4m3fn ``[B, S, H, D]``
     (contiguous). Rows ``s < S0`` come from X0 (strides s0_*), the others from X1 at ``s - S0``; W0 / W1 ``[D]`` in
     the inputs' dtype; COS / SIN float32 ``[S, D]`` (unit column stride, row stride D) where ROPE. eps and
-    inv_scale float32 or float64 (Inductor types Python floats float64), used in float32."""
+    inv_scale float32 or float64 (Inductor types Python floats float64), used in float32. ROUND_BEFORE_WEIGHT:
+    diffusers' RMSNorm rounding (normalized row rounded before the weight), else PyTorch's (one rounding)."""
     eps, inv_scale = tl.cast(eps, tl.float32), tl.cast(inv_scale, tl.float32)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     valid = rows < ROWS_TOTAL
@@ -53,13 +56,16 @@ def _norm_rope_e4m3_kernel(X0, X1, W0, W1, COS, SIN, OUT, ROWS_TOTAL, S, S0, H, 
     w = tl.where(first[:, None], tl.load(W0 + cols)[None, :], tl.load(W1 + cols)[None, :]).to(tl.float32)
     xf = x.to(tl.float32)
     inv_rms = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / D + eps)
-    y = ((xf * inv_rms[:, None]).to(dt).to(tl.float32) * w).to(dt).to(tl.float32)
+    normalized = xf * inv_rms[:, None]
+    if ROUND_BEFORE_WEIGHT:
+        normalized = round_to(normalized, dt, NATIVE)
+    y = round_to(normalized * w, dt, NATIVE)
     if ROPE:
         ye, yo = tl.split(tl.reshape(y, (ROWS, D // 2, 2)))
         trig = s[:, None] * D + cols[None, :]
         ce, co = tl.split(tl.reshape(tl.load(COS + trig, mask=mask, other=0.0), (ROWS, D // 2, 2)))
         se, so = tl.split(tl.reshape(tl.load(SIN + trig, mask=mask, other=0.0), (ROWS, D // 2, 2)))
-        y = tl.reshape(tl.join(ye * ce - yo * se, yo * co + ye * so), (ROWS, D)).to(dt).to(tl.float32)
+        y = round_to(tl.reshape(tl.join(ye * ce - yo * se, yo * co + ye * so), (ROWS, D)), dt, NATIVE)
     tl.store(OUT + rows[:, None] * D + cols[None, :], to_e4m3_saturated(y * inv_scale, NATIVE), mask=mask)
 
 
@@ -87,7 +93,8 @@ def _check(x0, w0, x1, w1, cos, sin, bound):
         raise ValueError(f"bound must be positive, got {bound}")
 
 
-def _launch(x0, w0, x1, w1, cos, sin, eps, bound, wrap: Callable | None = None) -> torch.Tensor:
+def _launch(x0, w0, x1, w1, cos, sin, eps, bound, round_before_weight, wrap: Callable | None = None
+            ) -> torch.Tensor:
     """The kernel over validated inputs; wrap: ``wrap_triton`` inside a ``triton_op`` body."""
     B, S0, H, D = x0.shape
     second = x0 if x1 is None else x1
@@ -100,31 +107,32 @@ def _launch(x0, w0, x1, w1, cos, sin, eps, bound, wrap: Callable | None = None) 
     kernel[(triton.cdiv(B * S * H, rows),)](
         x0, second, w0.to(x0.dtype), (w0 if w1 is None else w1).to(x0.dtype), trig[0], trig[1], out, B * S * H, S, S0,
         H, *x0.stride()[:3], *second.stride()[:3], eps, E4M3_MAX / bound, D=D, ROWS=rows, ROPE=rope,
-        NATIVE=x0.is_cuda, num_warps=8)
+        ROUND_BEFORE_WEIGHT=round_before_weight, NATIVE=x0.is_cuda, num_warps=8)
     return out
 
 
-def _fake(x0, w0, x1, w1, cos, sin, eps, bound):
+def _fake(x0, w0, x1, w1, cos, sin, eps, bound, round_before_weight):
     S = x0.shape[1] + (0 if x1 is None else x1.shape[1])
     return x0.new_empty(x0.shape[0], S, x0.shape[2], x0.shape[3], dtype=torch.float8_e4m3fn)
 
 
 @kernel_op("quantduo::rms_norm_rope_e4m3", _fake)
 def _rms_norm_rope_e4m3_op(x0: torch.Tensor, w0: torch.Tensor, x1: torch.Tensor | None, w1: torch.Tensor | None,
-                           cos: torch.Tensor | None, sin: torch.Tensor | None, eps: float, bound: float
-                           ) -> torch.Tensor:
-    return _launch(x0, w0, x1, w1, cos, sin, eps, bound, wrap_triton)
+                           cos: torch.Tensor | None, sin: torch.Tensor | None, eps: float, bound: float,
+                           round_before_weight: bool) -> torch.Tensor:
+    return _launch(x0, w0, x1, w1, cos, sin, eps, bound, round_before_weight, wrap_triton)
 
 
 def rms_norm_rope_e4m3(x0: torch.Tensor, w0: torch.Tensor, eps: float, bound: float, x1: torch.Tensor | None = None,
                        w1: torch.Tensor | None = None, cos: torch.Tensor | None = None,
-                       sin: torch.Tensor | None = None) -> torch.Tensor:
+                       sin: torch.Tensor | None = None, round_before_weight: bool = False) -> torch.Tensor:
     """E4M3 codes float8_e4m3fn ``[B, S0 + S1, H, D]`` (contiguous) of the head rows of ``cat([x0, x1], dim=1)``
     (x0 ``[B, S0, H, D]``, x1 ``[B, S1, H, D]`` or None; 16/32-bit, unit last stride, any other strides) after an
-    RMSNorm (``eps``; weight w0 ``[D]`` for x0's rows, w1 for x1's) and, where given, the rotary embedding
-    ``cos`` / ``sin`` ``[S0 + S1, D]``, scaled by ``448 / bound`` (see the module docstring). ``D`` a power of two.
-    ValueError for inputs that break these rules."""
+    RMSNorm (``eps``; weight w0 ``[D]`` for x0's rows, w1 for x1's; PyTorch's rounding, or diffusers' with
+    ``round_before_weight``) and, where given, the rotary embedding ``cos`` / ``sin`` ``[S0 + S1, D]``, scaled by
+    ``448 / bound`` (see the module docstring). ``D`` a power of two. ValueError for inputs that break these
+    rules."""
     _check(x0, w0, x1, w1, cos, sin, bound)
     if torch.compiler.is_compiling():
-        return _rms_norm_rope_e4m3_op(x0, w0, x1, w1, cos, sin, eps, bound)
-    return _launch(x0, w0, x1, w1, cos, sin, eps, bound)
+        return _rms_norm_rope_e4m3_op(x0, w0, x1, w1, cos, sin, eps, bound, round_before_weight)
+    return _launch(x0, w0, x1, w1, cos, sin, eps, bound, round_before_weight)

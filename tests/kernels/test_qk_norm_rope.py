@@ -1,5 +1,6 @@
-"""FLUX's Q / K preparation for FlashAttention-3 in one kernel (quantduo.kernels.qk_norm_rope) vs diffusers' own
-RMSNorm and rotary embedding followed by the per-head E4M3 quantization by a static bound."""
+"""FLUX's Q / K preparation for FlashAttention-3 in one kernel (quantduo.kernels.qk_norm_rope) vs the eager modules:
+PyTorch's RMSNorm (FLUX's attention in diffusers) or diffusers' own, diffusers' rotary embedding, then the per-head
+E4M3 quantization by a static bound."""
 from __future__ import annotations
 
 import pytest
@@ -17,8 +18,10 @@ pytestmark = pytest.mark.usefixtures("poison_empty")  # unwritten kernel outputs
 EPS = 1e-6
 
 
-def _norm(d, dtype, seed, device="cpu"):
-    norm = RMSNorm(d, eps=EPS).to(device=device, dtype=dtype)
+def _norm(d, dtype, seed, device="cpu", kind="torch"):
+    """PyTorch's ``torch.nn.RMSNorm`` (``kind="torch"``) or diffusers' ``RMSNorm`` (``"diffusers"``), weights in
+    [0.25, 1.75)."""
+    norm = (torch.nn.RMSNorm(d, eps=EPS) if kind == "torch" else RMSNorm(d, eps=EPS)).to(device=device, dtype=dtype)
     with torch.no_grad():
         norm.weight.copy_(torch.rand(d, generator=torch.Generator().manual_seed(seed)) * 1.5 + 0.25)
     return norm
@@ -44,29 +47,31 @@ def _projections(b, s, h, d, dtype, seed, device="cpu", fused=False):
 
 
 def _diffusers_codes(parts, norms, cos, sin, bound):
-    """The documented chain by diffusers' modules: RMSNorm per stream, text first, rotary, static-bound E4M3."""
+    """The documented chain by the eager modules: RMSNorm per stream, text first, rotary, static-bound E4M3."""
     y = torch.cat([norm(x) for x, norm in zip(parts, norms)], dim=1)
     if cos is not None:
         y = apply_rotary_emb(y, (cos, sin), sequence_dim=1)
     return quantize_heads_e4m3(y, bound)[0]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("kind", ["torch", "diffusers"])
 @pytest.mark.parametrize("joint,rope,fused", [(True, True, False), (False, True, True), (True, False, True),
                                               (False, False, False)])
-def test_codes_match_diffusers_modules(dtype, joint, rope, fused):
+def test_codes_match_eager_modules(dtype, kind, joint, rope, fused):
     """Joint (text + image rows, each stream its own norm weight) and single-stream calls, with and without the
-    rotary embedding, contiguous and strided (fused QKV) inputs: the reference equals diffusers' chain, the kernel
-    is within one E4M3 step of it (float32 summation order) and mostly equal."""
+    rotary embedding, contiguous and strided (fused QKV) inputs, PyTorch's and diffusers' RMSNorm (their 16-bit
+    roundings differ): the reference equals the eager chain, the kernel is within one E4M3 step of it (float32
+    summation order) and mostly equal."""
     d, h, text, side = 64, 3, 5, 4
     image = _projections(2, side * side, h, d, dtype, seed=1, fused=fused)
     txt = _projections(2, text, h, d, dtype, seed=2, fused=fused)
     parts = [txt, image] if joint else [image]
-    norms = [_norm(d, dtype, seed=3 + i) for i in range(len(parts))]
+    norms = [_norm(d, dtype, seed=3 + i, kind=kind) for i in range(len(parts))]
     cos, sin = _rope(text if joint else 0, side, d) if rope else (None, None)
     bound = 12.0
     want = _diffusers_codes(parts, norms, cos, sin, bound)
-    kwargs = dict(cos=cos, sin=sin)
+    kwargs = dict(cos=cos, sin=sin, round_before_weight=kind == "diffusers")
     if joint:
         kwargs.update(x1=image, w1=norms[1].weight)
     ref = rms_norm_rope_e4m3_ref(parts[0], norms[0].weight, EPS, bound, **kwargs)
@@ -74,7 +79,7 @@ def test_codes_match_diffusers_modules(dtype, joint, rope, fused):
     assert got.dtype == torch.float8_e4m3fn and got.shape == want.shape and got.is_contiguous()
     assert torch.equal(ref.view(torch.uint8), want.view(torch.uint8))
     apart = fp8_steps_apart(got, want)
-    assert apart.max() <= 1 and apart.float().mean() < 0.02
+    assert apart.max() <= 1 and apart.float().mean() < 0.005  # the other norm's rounding: ~3 %
 
 
 def test_bound_saturates_and_scales():
@@ -121,7 +126,8 @@ def test_compiled_call_is_one_graph():
 
 @pytest.mark.gpu
 def test_gpu_flux_shape_bf16():
-    """FLUX.1 at 1024x1024 (512 text + 4096 image tokens, 24 heads of 128), bf16, fused-QKV strides."""
+    """FLUX.1 at 1024x1024 (512 text + 4096 image tokens, 24 heads of 128), bf16, fused-QKV strides, PyTorch's
+    RMSNorm (diffusers' FLUX attention)."""
     d, h, text, side = 128, 24, 512, 64
     image = _projections(1, side * side, h, d, torch.bfloat16, seed=8, device="cuda", fused=True)
     txt = _projections(1, text, h, d, torch.bfloat16, seed=9, device="cuda")
@@ -130,4 +136,4 @@ def test_gpu_flux_shape_bf16():
     want = _diffusers_codes([txt, image], norms, cos, sin, 40.0)
     got = rms_norm_rope_e4m3(txt, norms[0].weight, EPS, 40.0, image, norms[1].weight, cos, sin)
     apart = fp8_steps_apart(got, want)
-    assert apart.max() <= 1 and apart.float().mean() < 0.02
+    assert apart.max() <= 1 and apart.float().mean() < 0.005  # the other norm's rounding: ~3 %

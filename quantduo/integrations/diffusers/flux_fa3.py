@@ -12,11 +12,13 @@ with Q / K quantized by their static bounds straight from the projections
 
 :func:`serves` says which calls it takes: the plain ``FluxAttnProcessor`` (no attention backend or context
 parallelism set on it, no mask), head dims FlashAttention-3 has that are powers of two (64, 128, 256), bounds known,
-one ``eps`` for the norms of a call.
+per-head norms of one kind (PyTorch's ``torch.nn.RMSNorm``, what diffusers' FLUX uses, or diffusers' ``RMSNorm``:
+the kernel keeps each one's roundings) with weights in the activations' dtype and one ``eps`` for a call.
 """
 from __future__ import annotations
 
 import torch
+from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
 from diffusers.models.transformers import transformer_flux
 
 from quantduo.engine.linear import kernels_for
@@ -27,6 +29,9 @@ from quantduo.kernels.qk_norm_rope import rms_norm_rope_e4m3
 __all__ = ["flux_fa3_attention", "serves"]
 
 FLUX_PROCESSOR = getattr(transformer_flux, "FluxAttnProcessor", None)  # diffusers >= 0.35
+# the per-head norms the Q / K kernel reproduces: PyTorch's (FLUX's attention since diffusers 0.35) and diffusers' own
+# (older FLUX attention, other models), whose roundings differ (quantduo.kernels.qk_norm_rope)
+RMS_NORMS = (torch.nn.RMSNorm, DiffusersRMSNorm)
 
 
 def _norms(attn, joint: bool, which: str) -> list:
@@ -49,7 +54,10 @@ def serves(processor, attn, hidden_states: torch.Tensor, encoder_hidden_states: 
         return False
     joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
     norms = _norms(attn, joint, "q") + _norms(attn, joint, "k")
-    return all(getattr(n, "weight", None) is not None for n in norms) and len({n.eps for n in norms}) == 1
+    if len({type(n) for n in norms}) != 1 or type(norms[0]) not in RMS_NORMS:
+        return False
+    return (all(getattr(n, "weight", None) is not None and n.weight.dtype == hidden_states.dtype for n in norms)
+            and len({n.eps for n in norms}) == 1 and norms[0].eps is not None)
 
 
 def _qk_codes(parts: list[torch.Tensor], norms: list, bound: float, rotary) -> torch.Tensor:
@@ -59,7 +67,8 @@ def _qk_codes(parts: list[torch.Tensor], norms: list, bound: float, rotary) -> t
     if len(parts) == 2:
         kwargs.update(x1=parts[1], w1=norms[1].weight)
     prepare = rms_norm_rope_e4m3 if kernels_for(parts[0]) else rms_norm_rope_e4m3_ref
-    return prepare(parts[0], norms[0].weight, norms[0].eps, bound, **kwargs)
+    return prepare(parts[0], norms[0].weight, norms[0].eps, bound,
+                   round_before_weight=isinstance(norms[0], DiffusersRMSNorm), **kwargs)
 
 
 def flux_fa3_attention(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
