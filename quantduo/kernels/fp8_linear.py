@@ -43,14 +43,14 @@ TOKEN_QUANT_MAX_WARPS = 8
 
 
 @triton.jit
-def _row_segment(P, start, K, B: tl.constexpr, GELU: tl.constexpr, NATIVE: tl.constexpr):
+def _row_segment(P, start, K, amax, B: tl.constexpr, GELU: tl.constexpr, NATIVE: tl.constexpr):
     """Columns ``start + [0, B)`` of the row at P (length K, zero past it) as float32, through ``gelu_tanh`` if
-    GELU."""
+    GELU, and ``amax`` raised to their absmax."""
     cols = start + tl.arange(0, B)
     v = tl.load(P + cols, mask=cols < K, other=0.0).to(tl.float32)
     if GELU:
         v = gelu_tanh(v, NATIVE)
-    return v
+    return v, tl.maximum(amax, tl.max(tl.abs(v), axis=0))
 
 
 @triton.jit
@@ -75,17 +75,13 @@ def _fp8_token_quant_kernel(X, G, Q, SCALE, KX, KG, stride_xm, stride_gm, stride
     x_row, g_row, q_row = X + row * stride_xm, G + row * stride_gm, Q + row * stride_qm
     amax = 0.0
     if BX0 > 0:
-        x0 = _row_segment(x_row, 0, KX, BX0, False, NATIVE)
-        amax = tl.maximum(amax, tl.max(tl.abs(x0), axis=0))
+        x0, amax = _row_segment(x_row, 0, KX, amax, BX0, False, NATIVE)
     if BX1 > 0:
-        x1 = _row_segment(x_row, BX0, KX, BX1, False, NATIVE)
-        amax = tl.maximum(amax, tl.max(tl.abs(x1), axis=0))
+        x1, amax = _row_segment(x_row, BX0, KX, amax, BX1, False, NATIVE)
     if BG0 > 0:
-        g0 = _row_segment(g_row, 0, KG, BG0, True, NATIVE)
-        amax = tl.maximum(amax, tl.max(tl.abs(g0), axis=0))
+        g0, amax = _row_segment(g_row, 0, KG, amax, BG0, True, NATIVE)
     if BG1 > 0:
-        g1 = _row_segment(g_row, BG0, KG, BG1, True, NATIVE)
-        amax = tl.maximum(amax, tl.max(tl.abs(g1), axis=0))
+        g1, amax = _row_segment(g_row, BG0, KG, amax, BG1, True, NATIVE)
     scale = tl.where(amax > 0, amax * (1.0 / 448.0), 1.0)
     inv_scale = tl.math.div_rn(1.0, scale)
     if BX0 > 0:
