@@ -93,21 +93,27 @@ def _check(x0, w0, x1, w1, cos, sin, bound):
         raise ValueError(f"bound must be positive, got {bound}")
 
 
-def _launch(x0, w0, x1, w1, cos, sin, eps, bound, round_before_weight, wrap: Callable | None = None
-            ) -> torch.Tensor:
-    """The kernel over validated inputs; wrap: ``wrap_triton`` inside a ``triton_op`` body."""
+def default_tile(D: int) -> tuple[int, int]:
+    """(head rows per program, warps): 64 rows of 128 at 8 warps, two rows per thread, no spills (sm_90a)."""
+    return max(1, min(128, 8192 // D)), 8
+
+
+def _launch(x0, w0, x1, w1, cos, sin, eps, bound, round_before_weight, wrap: Callable | None = None,
+            tile: tuple[int, int] | None = None) -> torch.Tensor:
+    """The kernel over validated inputs; wrap: ``wrap_triton`` inside a ``triton_op`` body; tile: (rows, warps),
+    :func:`default_tile` where None."""
     B, S0, H, D = x0.shape
     second = x0 if x1 is None else x1
     S = S0 + (0 if x1 is None else x1.shape[1])
     out = torch.empty(B, S, H, D, dtype=torch.float8_e4m3fn, device=x0.device)
     rope = cos is not None
     trig = [t.float().contiguous() if rope else x0 for t in (cos, sin)]
-    rows = max(1, min(128, 8192 // D))  # 64 head rows of 128 at 8 warps: two rows per thread, no spills (sm_90a)
+    rows, warps = tile or default_tile(D)
     kernel = _norm_rope_e4m3_kernel if wrap is None else wrap(_norm_rope_e4m3_kernel)
     kernel[(triton.cdiv(B * S * H, rows),)](
         x0, second, w0.to(x0.dtype), (w0 if w1 is None else w1).to(x0.dtype), trig[0], trig[1], out, B * S * H, S, S0,
         H, *x0.stride()[:3], *second.stride()[:3], eps, E4M3_MAX / bound, D=D, ROWS=rows, ROPE=rope,
-        ROUND_BEFORE_WEIGHT=round_before_weight, NATIVE=x0.is_cuda, num_warps=8)
+        ROUND_BEFORE_WEIGHT=round_before_weight, NATIVE=x0.is_cuda, num_warps=warps)
     return out
 
 
