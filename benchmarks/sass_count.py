@@ -92,14 +92,24 @@ def cubin_report(kernel) -> tuple[list[str], int]:
     return instructions(sass), int(re.search(r"REG:(\d+)", usage).group(1))
 
 
+def summary(name: str, kernel, elements_per_program: int, warps: int) -> dict:
+    """A table row of a compiled kernel: registers, shared memory, static SASS instructions (in all and per element
+    and thread), subroutine calls (``CALL``: e.g. 64-bit integer division, whose instructions run per call but
+    count once here) and its global loads (how many are 128 bits wide)."""
+    lines, regs = cubin_report(kernel)
+    loads = [re.search(r"LDG\S*", line).group(0) for line in lines if "LDG" in line]
+    return dict(kernel=name, registers=regs, shared_bytes=kernel.metadata.shared, instructions=len(lines),
+                per_weight=len(lines) / (elements_per_program / (32 * warps)),
+                calls=sum(" CALL" in line for line in lines), loads=len(loads),
+                wide_loads=sum(load.endswith(".128") for load in loads))
+
+
 def count_expansion(bn: int, bk: int, warps: int = 4) -> dict:
     """The fp8 expansion (one tile per program, rank-32 branch, 1/smooth): the whole kernel per weight and thread."""
     kernel = compile_for_hopper(dequant_module._dequant_w4_kernel, EXPANSION_TYPES, dict(
         HAS_LR=True, HAS_SMOOTH=True, SMOOTH_RECIP=True, FP8=True, NATIVE=True, RP=32, BN=bn, BK=bk, G=64,
         PREC="tf32", stride_wsg=1), warps, 1)
-    lines, regs = cubin_report(kernel)
-    return dict(kernel=f"expansion {bn}x{bk} w{warps}", registers=regs, shared_bytes=kernel.metadata.shared,
-                instructions=len(lines), per_weight=len(lines) / (bn * bk / (32 * warps)))
+    return summary(f"expansion {bn}x{bk} w{warps}", kernel, bn * bk, warps)
 
 
 def count_qk_norm_rope(rows: int, warps: int) -> dict:
@@ -108,11 +118,7 @@ def count_qk_norm_rope(rows: int, warps: int) -> dict:
     its global load widths."""
     kernel = compile_for_hopper(qk_module._norm_rope_e4m3_kernel, QK_TYPES, dict(
         D=128, ROWS=rows, ROPE=True, ROUND_BEFORE_WEIGHT=False, NATIVE=True), warps, 1, divisible=QK_DIVISIBLE)
-    lines, regs = cubin_report(kernel)
-    loads = [re.search(r"LDG\S*", line).group(0) for line in lines if "LDG" in line]
-    return dict(kernel=f"qk_norm_rope {rows}x128 w{warps}", registers=regs, shared_bytes=kernel.metadata.shared,
-                instructions=len(lines), per_weight=len(lines) / (rows * 128 / (32 * warps)),
-                loads=len(loads), wide_loads=sum(load.endswith(".128") for load in loads))
+    return summary(f"qk_norm_rope {rows}x128 w{warps}", kernel, rows * 128, warps)
 
 
 def count_gelu_quant(warps: int) -> dict:
@@ -123,9 +129,7 @@ def count_gelu_quant(warps: int) -> dict:
     (bx0, bx1), (bg0, bg1) = fp8_module._segments(kx), fp8_module._segments(kg)
     kernel = compile_for_hopper(fp8_module._fp8_token_quant_kernel, GELU_QUANT_TYPES, dict(
         BX0=bx0, BX1=bx1, BG0=bg0, BG1=bg1, NATIVE=True), warps, 1, divisible=GELU_QUANT_DIVISIBLE)
-    lines, regs = cubin_report(kernel)
-    return dict(kernel=f"gelu_quant {kx}+{kg} w{warps}", registers=regs, shared_bytes=kernel.metadata.shared,
-                instructions=len(lines), per_weight=len(lines) / ((kx + kg) / (32 * warps)))
+    return summary(f"gelu_quant {kx}+{kg} w{warps}", kernel, kx + kg, warps)
 
 
 def main(argv=None) -> list[dict]:
@@ -138,12 +142,11 @@ def main(argv=None) -> list[dict]:
     rows += [count_qk_norm_rope(*map(int, t.split("x"))) for t in args.qk_norm_rope]
     rows += [count_gelu_quant(w) for w in args.gelu_quant]
     print("| kernel | registers / thread | shared memory | instructions | per weight (element) and thread | "
-          "128-bit loads |")
-    print("| --- | --- | --- | --- | --- | --- |")
+          "128-bit loads | subroutine calls |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        wide = f"{r['wide_loads']} of {r['loads']}" if "loads" in r else "-"
         print(f"| {r['kernel']} | {r['registers']} | {r['shared_bytes'] / 1024:.0f} KiB | {r['instructions']} | "
-              f"{r['per_weight']:.2f} | {wide} |")
+              f"{r['per_weight']:.2f} | {r['wide_loads']} of {r['loads']} | {r['calls']} |")
     return rows
 
 

@@ -39,16 +39,17 @@ def _norm_rope_e4m3_kernel(X0, X1, W0, W1, COS, SIN, OUT, ROWS_TOTAL, S, S0, H, 
     inv_scale float32 or float64 (Inductor types Python floats float64), used in float32. ROUND_BEFORE_WEIGHT:
     diffusers' RMSNorm rounding (normalized row rounded before the weight), else PyTorch's (one rounding)."""
     eps, inv_scale = tl.cast(eps, tl.float32), tl.cast(inv_scale, tl.float32)
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # int32 (B * S * H < 2**31): no 64-bit divisions
     valid = rows < ROWS_TOTAL
     h = rows % H
-    s = (rows // H) % S
-    b = rows // (H * S)
+    token = rows // H
+    s = token % S
     first = s < S0
     cols = tl.arange(0, D)
     mask = valid[:, None]
-    offset0 = b * s0_b + s * s0_s + h * s0_h
-    offset1 = b * s1_b + (s - S0) * s1_s + h * s1_h
+    b, s_wide, h_wide = (token // S).to(tl.int64), s.to(tl.int64), h.to(tl.int64)
+    offset0 = b * s0_b + s_wide * s0_s + h_wide * s0_h
+    offset1 = b * s1_b + (s_wide - S0) * s1_s + h_wide * s1_h
     x0 = tl.load(X0 + offset0[:, None] + cols[None, :], mask=mask & first[:, None], other=0.0)
     x1 = tl.load(X1 + offset1[:, None] + cols[None, :], mask=mask & ~first[:, None], other=0.0)
     x = tl.where(first[:, None], x0, x1)
@@ -66,7 +67,8 @@ def _norm_rope_e4m3_kernel(X0, X1, W0, W1, COS, SIN, OUT, ROWS_TOTAL, S, S0, H, 
         ce, co = tl.split(tl.reshape(tl.load(COS + trig, mask=mask, other=0.0), (ROWS, D // 2, 2)))
         se, so = tl.split(tl.reshape(tl.load(SIN + trig, mask=mask, other=0.0), (ROWS, D // 2, 2)))
         y = round_to(tl.reshape(tl.join(ye * ce - yo * se, yo * co + ye * so), (ROWS, D)), dt, NATIVE)
-    tl.store(OUT + rows[:, None] * D + cols[None, :], to_e4m3_saturated(y * inv_scale, NATIVE), mask=mask)
+    out_rows = rows.to(tl.int64)[:, None] * D
+    tl.store(OUT + out_rows + cols[None, :], to_e4m3_saturated(y * inv_scale, NATIVE), mask=mask)
 
 
 def _check(x0, w0, x1, w1, cos, sin, bound):
@@ -85,6 +87,8 @@ def _check(x0, w0, x1, w1, cos, sin, bound):
         if w is None or w.shape != (D,):
             raise ValueError(f"RMSNorm weights must be [{D}], got {None if w is None else tuple(w.shape)}")
     S = sum(p.shape[1] for p in parts)
+    if x0.shape[0] * S * x0.shape[2] >= 2 ** 31:
+        raise ValueError(f"at most 2**31 - 1 head rows (B * S * H), got {x0.shape[0] * S * x0.shape[2]}")
     if (cos is None) != (sin is None):
         raise ValueError("give both cos and sin, or neither")
     if cos is not None and (cos.shape != (S, D) or sin.shape != (S, D)):

@@ -41,7 +41,7 @@ def test_counts_the_expansion():
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| expansion")]
     assert [kernel.strip() for kernel, *_ in rows] == ["expansion 64x128 w4", "expansion 32x256 w4"]
-    for kernel, registers, shared, instructions, per_weight, _ in rows:
+    for kernel, registers, shared, instructions, per_weight, _, _ in rows:
         assert 0 < int(registers) <= 255 and 4 < float(per_weight) < 40, kernel
         assert int(instructions) > 100
     (qk,) = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| qk_norm_rope")]
@@ -49,6 +49,7 @@ def test_counts_the_expansion():
     # compiled with Inductor's float64 scalars (Triton type-checks the interpreter's E4M3 branch too, which needs
     # float32), every global load 128 bits wide (rows of 8 bf16)
     assert int(qk[1]) <= 128 and int(wide) == int(loads) > 0
+    assert int(qk[6]) == 0  # no subroutine calls: its row indices in 32 bits (64-bit divisions are calls)
     (gelu,) = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| gelu_quant")]
     # FLUX's row in two power-of-two segments per input (no padded lanes) at ~15 instructions per element and
     # thread (the one-block kernel before it: ~37)

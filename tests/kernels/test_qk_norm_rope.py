@@ -106,6 +106,9 @@ def test_bad_inputs_are_refused():
         rms_norm_rope_e4m3(x, w, EPS, 1.0, cos=torch.ones(4, 32))
     with pytest.raises(ValueError, match="equal B, H, D"):
         rms_norm_rope_e4m3(x, w, EPS, 1.0, x1=_projections(1, 4, 3, 32, torch.float32, seed=6), w1=w)
+    huge = torch.zeros(1, 1, 1, 32).expand(2 ** 16, 2 ** 10, 32, 32)  # 2**31 head rows, no memory behind them
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        rms_norm_rope_e4m3(huge, w, EPS, 1.0)
     with pytest.raises(ValueError, match="power of two"):
         rms_norm_rope_e4m3(_projections(1, 4, 2, 24, torch.float32, seed=7), torch.ones(24), EPS, 1.0)
 
