@@ -30,44 +30,48 @@ from .common import kernel_op, round_to, to_e4m3_saturated
 
 
 @triton.jit
-def _norm_rope_e4m3_kernel(X0, X1, W0, W1, COS, SIN, OUT, ROWS_TOTAL, S, S0, H, s0_b, s0_s, s0_h, s1_b, s1_s, s1_h,
+def _norm_rope_e4m3_kernel(X0, X1, W0, W1, COS, SIN, OUT, B, S, S0, H, s0_b, s0_s, s0_h, s1_b, s1_s, s1_h,
                            eps, inv_scale, D: tl.constexpr, ROWS: tl.constexpr, ROPE: tl.constexpr,
                            ROUND_BEFORE_WEIGHT: tl.constexpr, NATIVE: tl.constexpr):
-    """Program p: head rows ``p * ROWS ...`` of the flattened ``[B, S, H]`` -> OUT float8_e4m3fn ``[B, S, H, D]``
-    (contiguous). Rows ``s < S0`` come from X0 (strides s0_*), the others from X1 at ``s - S0``; W0 / W1 ``[D]`` in
-    the inputs' dtype; COS / SIN float32 ``[S, D]`` (unit column stride, row stride D) where ROPE. eps and
-    inv_scale float32 or float64 (Inductor types Python floats float64), used in float32. ROUND_BEFORE_WEIGHT:
-    diffusers' RMSNorm rounding (normalized row rounded before the weight), else PyTorch's (one rounding)."""
+    """Program (p, stream): head rows ``p * ROWS ...`` of one stream's ``[B, S_i, H]`` -> their rows of OUT
+    float8_e4m3fn ``[B, S, H, D]`` (contiguous). Stream 0 is X0 (strides s0_*, tokens ``[0, S0)`` of OUT), stream 1
+    X1 (strides s1_*, tokens ``[S0, S)``); W0 / W1 ``[D]`` in the inputs' dtype; COS / SIN float32 ``[S, D]`` (unit
+    column stride, row stride D) where ROPE. eps and inv_scale float32 or float64 (Inductor types Python floats
+    float64), used in float32. ROUND_BEFORE_WEIGHT: diffusers' RMSNorm rounding (normalized row rounded before the
+    weight), else PyTorch's (one rounding). Row indices are 32-bit (``B * S * H < 2**31``): no 64-bit divisions."""
     eps, inv_scale = tl.cast(eps, tl.float32), tl.cast(inv_scale, tl.float32)
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # int32 (B * S * H < 2**31): no 64-bit divisions
-    valid = rows < ROWS_TOTAL
+    if tl.program_id(1) == 0:
+        X, W, stride_b, stride_s, stride_h, S_i, first_token = X0, W0, s0_b, s0_s, s0_h, S0, 0
+    else:
+        X, W, stride_b, stride_s, stride_h, S_i, first_token = X1, W1, s1_b, s1_s, s1_h, S - S0, S0
+    if tl.program_id(0) * ROWS >= B * S_i * H:  # the shorter stream's programs past its rows
+        return
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    valid = rows < B * S_i * H
     h = rows % H
     token = rows // H
-    s = token % S
-    first = s < S0
+    s = token % S_i
+    b = (token // S_i).to(tl.int64)
     cols = tl.arange(0, D)
     mask = valid[:, None]
-    b, s_wide, h_wide = (token // S).to(tl.int64), s.to(tl.int64), h.to(tl.int64)
-    offset0 = b * s0_b + s_wide * s0_s + h_wide * s0_h
-    offset1 = b * s1_b + (s_wide - S0) * s1_s + h_wide * s1_h
-    x0 = tl.load(X0 + offset0[:, None] + cols[None, :], mask=mask & first[:, None], other=0.0)
-    x1 = tl.load(X1 + offset1[:, None] + cols[None, :], mask=mask & ~first[:, None], other=0.0)
-    x = tl.where(first[:, None], x0, x1)
+    offset = b * stride_b + s.to(tl.int64) * stride_s + h.to(tl.int64) * stride_h
+    x = tl.load(X + offset[:, None] + cols[None, :], mask=mask, other=0.0)
     dt = x.dtype
-    w = tl.where(first[:, None], tl.load(W0 + cols)[None, :], tl.load(W1 + cols)[None, :]).to(tl.float32)
+    w = tl.load(W + cols).to(tl.float32)[None, :]
     xf = x.to(tl.float32)
     inv_rms = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / D + eps)
     normalized = xf * inv_rms[:, None]
     if ROUND_BEFORE_WEIGHT:
         normalized = round_to(normalized, dt, NATIVE)
     y = round_to(normalized * w, dt, NATIVE)
+    s = s + first_token  # the token in cat([x0, x1], dim=1)
     if ROPE:
         ye, yo = tl.split(tl.reshape(y, (ROWS, D // 2, 2)))
         trig = s[:, None] * D + cols[None, :]
         ce, co = tl.split(tl.reshape(tl.load(COS + trig, mask=mask, other=0.0), (ROWS, D // 2, 2)))
         se, so = tl.split(tl.reshape(tl.load(SIN + trig, mask=mask, other=0.0), (ROWS, D // 2, 2)))
         y = round_to(tl.reshape(tl.join(ye * ce - yo * se, yo * co + ye * so), (ROWS, D)), dt, NATIVE)
-    out_rows = rows.to(tl.int64)[:, None] * D
+    out_rows = ((b * S + s) * H + h)[:, None] * D
     tl.store(OUT + out_rows + cols[None, :], to_e4m3_saturated(y * inv_scale, NATIVE), mask=mask)
 
 
@@ -98,8 +102,9 @@ def _check(x0, w0, x1, w1, cos, sin, bound):
 
 
 def default_tile(D: int) -> tuple[int, int]:
-    """(head rows per program, warps): 64 rows of 128 at 8 warps, two rows per thread, no spills (sm_90a)."""
-    return max(1, min(128, 8192 // D)), 8
+    """(head rows per program, warps): 32 rows of 128 at 4 warps, two rows per thread, 80 registers, no spills
+    (sm_90a): six programs per SM."""
+    return max(1, min(64, 4096 // D)), 4
 
 
 def _launch(x0, w0, x1, w1, cos, sin, eps, bound, round_before_weight, wrap: Callable | None = None,
@@ -114,8 +119,9 @@ def _launch(x0, w0, x1, w1, cos, sin, eps, bound, round_before_weight, wrap: Cal
     trig = [t.float().contiguous() if rope else x0 for t in (cos, sin)]
     rows, warps = tile or default_tile(D)
     kernel = _norm_rope_e4m3_kernel if wrap is None else wrap(_norm_rope_e4m3_kernel)
-    kernel[(triton.cdiv(B * S * H, rows),)](
-        x0, second, w0.to(x0.dtype), (w0 if w1 is None else w1).to(x0.dtype), trig[0], trig[1], out, B * S * H, S, S0,
+    streams = 1 if x1 is None else 2
+    kernel[(triton.cdiv(B * max(S0, S - S0) * H, rows), streams)](
+        x0, second, w0.to(x0.dtype), (w0 if w1 is None else w1).to(x0.dtype), trig[0], trig[1], out, B, S, S0,
         H, *x0.stride()[:3], *second.stride()[:3], eps, E4M3_MAX / bound, D=D, ROWS=rows, ROPE=rope,
         ROUND_BEFORE_WEIGHT=round_before_weight, NATIVE=x0.is_cuda, num_warps=warps)
     return out

@@ -37,7 +37,7 @@ def test_counts_the_expansion():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT
     out = subprocess.run([sys.executable, "benchmarks/sass_count.py", "--expansion", "64x128", "32x256",
-                          "--qk-norm-rope", "64x8", "--gelu-quant", "8"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          "--qk-norm-rope", "32x4", "--gelu-quant", "8"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| expansion")]
     assert [kernel.strip() for kernel, *_ in rows] == ["expansion 64x128 w4", "expansion 32x256 w4"]
@@ -47,8 +47,8 @@ def test_counts_the_expansion():
     (qk,) = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| qk_norm_rope")]
     wide, _, loads = qk[5].split()
     # compiled with Inductor's float64 scalars (Triton type-checks the interpreter's E4M3 branch too, which needs
-    # float32), every global load 128 bits wide (rows of 8 bf16)
-    assert int(qk[1]) <= 128 and int(wide) == int(loads) > 0
+    # float32), the rows' and tables' global loads 128 bits wide (8 bf16 / 4 float32)
+    assert int(qk[1]) <= 128 and int(wide) >= int(loads) - 1 > 0  # the norm weight's [128] load may be narrower
     assert int(qk[6]) == 0  # no subroutine calls: its row indices in 32 bits (64-bit divisions are calls)
     (gelu,) = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| gelu_quant")]
     # FLUX's row in two power-of-two segments per input (no padded lanes) at ~15 instructions per element and
