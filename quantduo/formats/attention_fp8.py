@@ -26,8 +26,8 @@ import math
 import torch
 
 __all__ = ["DEFAULT_KV_BLOCK", "DEFAULT_Q_BLOCK", "E4M3_MAX", "P_SCALE", "attention_on_codes_reference",
-           "check_attention_inputs", "fp8_attention_heads_reference", "fp8_attention_reference",
-           "quantize_blocks_e4m3", "quantize_heads_e4m3", "rms_norm_rope_e4m3_ref"]
+           "attention_on_head_codes", "check_attention_inputs", "fp8_attention_heads_reference",
+           "fp8_attention_reference", "quantize_blocks_e4m3", "quantize_heads_e4m3", "rms_norm_rope_e4m3_ref"]
 
 E4M3_MAX = 448.0
 P_SCALE = 256.0
@@ -131,9 +131,19 @@ def fp8_attention_heads_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     check_attention_inputs(q, k, v)
     (q8, sq), (k8, sk) = quantize_heads_e4m3(q, q_bound), quantize_heads_e4m3(k, k_bound)
     v8, sv = quantize_heads_e4m3(v)
-    n_blocks = -(-k.shape[2] // kv_block)
-    return attention_on_codes_reference(q8, sq[..., None, None], k8, sk[..., None].expand(-1, -1, n_blocks), v8,
-                                        sv[..., None].expand(-1, -1, n_blocks), sm_scale, kv_block, q.dtype)
+    return attention_on_head_codes(q8, sq, k8, sk, v8, sv, sm_scale, kv_block, q.dtype)
+
+
+def attention_on_head_codes(q8: torch.Tensor, sq: torch.Tensor, k8: torch.Tensor, sk: torch.Tensor, v8: torch.Tensor,
+                            sv: torch.Tensor, sm_scale: float | None, kv_block: int, out_dtype: torch.dtype
+                            ) -> torch.Tensor:
+    """:func:`attention_on_codes_reference` for one scale per (batch, head): codes float8_e4m3fn ``[B, H, S, D]``,
+    scales float32 ``[B, H]`` (:func:`quantize_heads_e4m3`), keys walked in blocks of ``kv_block``:
+    ``[B, H, Sq, D]`` in ``out_dtype``."""
+    n_blocks = -(-k8.shape[2] // kv_block)
+    per_block = lambda scale: scale[..., None].expand(-1, -1, n_blocks)  # noqa: E731
+    return attention_on_codes_reference(q8, sq[..., None, None], k8, per_block(sk), v8, per_block(sv), sm_scale,
+                                        kv_block, out_dtype)
 
 
 def rms_norm_rope_e4m3_ref(x0: torch.Tensor, w0: torch.Tensor, eps: float, bound: float,

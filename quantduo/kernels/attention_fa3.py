@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from quantduo.formats.attention_fp8 import attention_on_codes_reference, check_attention_inputs, quantize_heads_e4m3
+from quantduo.formats.attention_fp8 import attention_on_head_codes, check_attention_inputs, quantize_heads_e4m3
 
 try:
     from flash_attn_interface import flash_attn_func
@@ -75,15 +75,12 @@ def fa3_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scal
 def fa3_attention_on_codes(operands: tuple[tuple[torch.Tensor, torch.Tensor], ...], sm_scale: float
                            ) -> torch.Tensor:
     """FlashAttention-3's fp8 forward on :func:`fa3_operands`' output: bf16 ``[B, H, Sq, D]``, a transposed view of
-    a ``[B, Sq, H, D]`` buffer. Off CUDA its reference (:func:`attention_on_codes_reference`, keys walked in blocks
-    of 128)."""
+    a ``[B, Sq, H, D]`` buffer. Off CUDA its reference (:func:`attention_on_head_codes`, keys walked in blocks of
+    128)."""
     (q8, dq), (k8, dk), (v8, dv) = operands
     if not q8.is_cuda:
-        blocks = -(-k8.shape[1] // REFERENCE_KV_BLOCK)
-        per_block = lambda scale: scale[..., None].expand(-1, -1, blocks)  # noqa: E731
-        out = attention_on_codes_reference(q8.transpose(1, 2), dq[..., None, None], k8.transpose(1, 2), per_block(dk),
-                                           v8.transpose(1, 2), per_block(dv), sm_scale, REFERENCE_KV_BLOCK,
-                                           torch.bfloat16)
+        out = attention_on_head_codes(q8.transpose(1, 2), dq, k8.transpose(1, 2), dk, v8.transpose(1, 2), dv, sm_scale,
+                                      REFERENCE_KV_BLOCK, torch.bfloat16)
         return out.transpose(1, 2).contiguous().transpose(1, 2)
     return _fa3_on_codes(q8, k8, v8, dq, dk, dv, sm_scale).transpose(1, 2)
 
