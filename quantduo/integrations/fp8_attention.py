@@ -16,10 +16,10 @@ one of two backends on CUDA, the pure-PyTorch reference of the backend's quantiz
   SD3), their magnitude is bounded by ``sqrt(head_dim) * max|norm weight|`` (an RMSNorm output has L2 norm
   ``sqrt(D)`` before its weight, a rotation keeps each pair's norm): :func:`norm_bounds` gives those static bounds
   and Q / K are quantized by them, a pointwise operation ``torch.compile`` fuses into the rotary embedding, instead
-  of a per-head absmax over the whole sequence (V always uses its absmax). With ``fuse_flux_qk=True``, calls of
-  diffusers' plain FLUX processor (``FluxAttnProcessor``) skip the processor:
+  of a per-head absmax over the whole sequence (V always uses its absmax). Calls of diffusers' plain FLUX processor
+  (``FluxAttnProcessor``) skip the processor (``fuse_flux_qk``, on by default with this backend):
   :func:`quantduo.integrations.diffusers.flux_fa3.flux_fa3_attention` computes the same with Q / K normalized,
-  concatenated, rotated and quantized by one kernel (opt-in until timed on a GPU, see docs/fa3.md).
+  concatenated, rotated and quantized by one kernel (see docs/fa3.md); ``fuse_flux_qk=False`` keeps the processor.
 
 Calls a backend cannot serve (a mask, dropout, causal, grouped-query heads, a head dim the backend lacks: not a power
 of two >= 16 for Triton, not 64 / 96 / 128 / 192 / 256 for FlashAttention-3) go to SDPA unchanged. The
@@ -150,7 +150,8 @@ class FP8AttentionProcessor:
     per quantization block of Q / of K and V for the Triton backend; ``backend`` one of :data:`BACKENDS`;
     ``bounds``: static magnitude bounds of q / k for the ``"fa3"`` backend, see :func:`norm_bounds`;
     ``fuse_flux_qk``: FLUX's plain processor calls go to
-    :func:`~quantduo.integrations.diffusers.flux_fa3.flux_fa3_attention` where it serves them, ``"fa3"`` only).
+    :func:`~quantduo.integrations.diffusers.flux_fa3.flux_fa3_attention` where it serves them, ``"fa3"`` only; None:
+    on for ``"fa3"``).
     ``original`` is the wrapped processor. Each original processor class
     gets its own subclass whose ``__call__`` reports the original's signature, so diffusers passes it the same
     keyword arguments. Attributes other than its own are read from and written to the original (diffusers sets
@@ -163,8 +164,11 @@ class FP8AttentionProcessor:
         return object.__new__(cls if original is None else _wrapper_class(type(original)))
 
     def __init__(self, original, q_block: int = DEFAULT_Q_BLOCK, kv_block: int = DEFAULT_KV_BLOCK,
-                 backend: str = "triton", bounds: tuple[float, float] | None = None, fuse_flux_qk: bool = False):
+                 backend: str = "triton", bounds: tuple[float, float] | None = None,
+                 fuse_flux_qk: bool | None = None):
         check_backend(backend)
+        if fuse_flux_qk is None:
+            fuse_flux_qk = backend == "fa3"
         if fuse_flux_qk and backend != "fa3":
             raise ValueError(f"fuse_flux_qk needs the fa3 backend, not {backend!r}")
         for name, blk in (("q_block", q_block), ("kv_block", kv_block)):
@@ -269,10 +273,10 @@ def _model_on_cuda(model: nn.Module) -> bool:
 
 
 def enable_fp8_attention(model: nn.Module, q_block: int = DEFAULT_Q_BLOCK, kv_block: int = DEFAULT_KV_BLOCK,
-                         backend: str = "triton", fuse_flux_qk: bool = False) -> int:
+                         backend: str = "triton", fuse_flux_qk: bool | None = None) -> int:
     """Wrap every attention processor of ``model`` (a diffusers transformer, or any module holding some) in
-    :class:`FP8AttentionProcessor` with ``backend`` (and ``fuse_flux_qk``, ``"fa3"`` only: see the module
-    docstring), in place; a wrapped processor gets the new settings. Returns the number of attention modules now
+    :class:`FP8AttentionProcessor` with ``backend`` (and ``fuse_flux_qk``, ``"fa3"`` only, on by default there: see
+    the module docstring), in place; a wrapped processor gets the new settings. Returns the number of attention modules now
     wrapped. ValueError for an unknown backend, or ``"fa3"`` for a CUDA model where FlashAttention-3 is not
     installed."""
     check_backend(backend)

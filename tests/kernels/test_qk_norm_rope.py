@@ -9,7 +9,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
-from quantduo.formats.attention_fp8 import quantize_heads_e4m3, rms_norm_rope_e4m3_ref
+from quantduo.formats.attention_fp8 import E4M3_MAX, quantize_heads_e4m3, rms_norm_rope_e4m3_ref
 from quantduo.formats.fp8 import fp8_steps_apart
 from quantduo.kernels.qk_norm_rope import rms_norm_rope_e4m3
 
@@ -46,6 +46,18 @@ def _projections(b, s, h, d, dtype, seed, device="cpu", fused=False):
     return flat[..., : h * d].unflatten(-1, (h, d))
 
 
+def _assert_codes_close(got: torch.Tensor, want: torch.Tensor):
+    """E4M3 codes within one step of the chain's, but where the rotation cancels (``x cos - y sin`` near 0, whose
+    inputs may differ by one 16-bit rounding of the normalized row): there the codes are small and several steps
+    may lie within that rounding, so those few (< 1e-5 of them) only need to agree within one bf16 step of the
+    largest code (448 / 2**8)."""
+    apart = fp8_steps_apart(got, want)
+    assert apart.float().mean() < 0.005
+    far = apart > 1
+    assert far.float().mean() < 1e-5
+    assert ((got.float() - want.float())[far].abs() <= E4M3_MAX * 2.0 ** -8).all()
+
+
 def _diffusers_codes(parts, norms, cos, sin, bound):
     """The documented chain by the eager modules: RMSNorm per stream, text first, rotary, static-bound E4M3."""
     y = torch.cat([norm(x) for x, norm in zip(parts, norms)], dim=1)
@@ -78,8 +90,7 @@ def test_codes_match_eager_modules(dtype, kind, joint, rope, fused):
     got = rms_norm_rope_e4m3(parts[0], norms[0].weight, EPS, bound, **kwargs)
     assert got.dtype == torch.float8_e4m3fn and got.shape == want.shape and got.is_contiguous()
     assert torch.equal(ref.view(torch.uint8), want.view(torch.uint8))
-    apart = fp8_steps_apart(got, want)
-    assert apart.max() <= 1 and apart.float().mean() < 0.005  # the other norm's rounding: ~3 %
+    _assert_codes_close(got, want)
 
 
 def test_bound_saturates_and_scales():
@@ -138,5 +149,4 @@ def test_gpu_flux_shape_bf16():
     cos, sin = _rope(text, side, d, device="cuda")
     want = _diffusers_codes([txt, image], norms, cos, sin, 40.0)
     got = rms_norm_rope_e4m3(txt, norms[0].weight, EPS, 40.0, image, norms[1].weight, cos, sin)
-    apart = fp8_steps_apart(got, want)
-    assert apart.max() <= 1 and apart.float().mean() < 0.005  # the other norm's rounding: ~3 %
+    _assert_codes_close(got, want)

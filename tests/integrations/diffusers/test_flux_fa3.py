@@ -72,9 +72,9 @@ def _outputs(attn, kwargs) -> torch.Tensor:
 def _hook_path(model, attn, kwargs):
     """The attention's output with FLUX's processor run by diffusers under the SDPA hook (the default), then the
     fused path switched on."""
-    enable_fp8_attention(model, backend="fa3")
+    enable_fp8_attention(model, backend="fa3", fuse_flux_qk=False)
     out = _outputs(attn, kwargs)
-    enable_fp8_attention(model, backend="fa3", fuse_flux_qk=True)
+    enable_fp8_attention(model, backend="fa3")  # the fused path is the backend's default
     return out
 
 
@@ -139,7 +139,7 @@ def test_fused_path_compiles_to_one_graph(monkeypatch):
     model, inputs = _tiny_flux(), _inputs()
     calls = _count_fused_calls(monkeypatch)
     with torch.no_grad():
-        enable_fp8_attention(model, backend="fa3", fuse_flux_qk=True)
+        enable_fp8_attention(model, backend="fa3")  # fuse_flux_qk: on by default with fa3
         eager = model(**inputs)[0]
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs)[0]
         disable_fp8_attention(model)
@@ -177,3 +177,8 @@ def test_gpu_fused_path_matches_the_hook_path(monkeypatch, joint):
 def test_fused_path_needs_the_fa3_backend():
     with pytest.raises(ValueError, match="fa3"):
         enable_fp8_attention(_tiny_flux(), backend="triton", fuse_flux_qk=True)
+    model = _tiny_flux()
+    enable_fp8_attention(model, backend="triton")
+    assert not model.transformer_blocks[0].attn.processor.fuse_flux_qk  # the default follows the backend
+    enable_fp8_attention(model, backend="fa3")
+    assert model.transformer_blocks[0].attn.processor.fuse_flux_qk
