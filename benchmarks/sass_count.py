@@ -30,6 +30,8 @@ from triton.compiler import ASTSource
 dequant_module = importlib.import_module("quantduo.kernels.dequant_w4")
 qk_module = importlib.import_module("quantduo.kernels.qk_norm_rope")
 fp8_module = importlib.import_module("quantduo.kernels.fp8_linear")
+ln_module = importlib.import_module("quantduo.kernels.layer_norm_fp8")
+row_segments = importlib.import_module("quantduo.kernels.common").row_segments
 
 HOPPER = GPUTarget("cuda", 90, 32)
 # argument types of the kernel (pointers as the FLUX layers pass them; every integer 32-bit)
@@ -43,6 +45,9 @@ QK_DIVISIBLE = ("s0_b", "s0_s", "s0_h", "s1_b", "s1_s", "s1_h")  # the head rows
 GELU_QUANT_TYPES = {"X": "*bf16", "G": "*bf16", "Q": "*fp8e4nv", "SCALE": "*fp32"}
 GELU_QUANT_DIVISIBLE = ("KX", "KG", "stride_xm", "stride_gm", "stride_qm")
 FLUX_SINGLE_ROW = (3072, 12288)  # proj_out's input: cat(attention, gelu_tanh(mlp))
+LAYER_NORM_TYPES = {"X0": "*bf16", "X1": "*bf16", "SHIFT": "*bf16", "SCALE": "*bf16", "Q": "*fp8e4nv",
+                    "QSCALE": "*fp32", "eps": "fp64"}
+LAYER_NORM_DIVISIBLE = ("K", "x0_b", "x0_s", "x1_b", "x1_s", "shift_b", "scale_b")
 _INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/")
 
 
@@ -126,10 +131,19 @@ def count_gelu_quant(warps: int) -> dict:
     the FLUX single block's row (:data:`FLUX_SINGLE_ROW`, the launch's segments): the whole kernel per element of
     the row and thread."""
     kx, kg = FLUX_SINGLE_ROW
-    (bx0, bx1), (bg0, bg1) = fp8_module._segments(kx), fp8_module._segments(kg)
+    (bx0, bx1), (bg0, bg1) = row_segments(kx), row_segments(kg)
     kernel = compile_for_hopper(fp8_module._fp8_token_quant_kernel, GELU_QUANT_TYPES, dict(
         BX0=bx0, BX1=bx1, BG0=bg0, BG1=bg1, NATIVE=True), warps, 1, divisible=GELU_QUANT_DIVISIBLE)
     return summary(f"gelu_quant {kx}+{kg} w{warps}", kernel, kx + kg, warps)
+
+
+def count_layer_norm_fp8(warps: int) -> dict:
+    """The adaLN row kernel (:mod:`quantduo.kernels.layer_norm_fp8`) on FLUX's 3072-wide rows (2048 + 1024), two
+    streams, bf16, a float64 eps as in a compiled graph: the whole kernel per element of the row and thread."""
+    b0, b1 = row_segments(3072)
+    kernel = compile_for_hopper(ln_module._layer_norm_fp8_kernel, LAYER_NORM_TYPES, dict(B0=b0, B1=b1, NATIVE=True),
+                                warps, 1, divisible=LAYER_NORM_DIVISIBLE)
+    return summary(f"layer_norm_fp8 3072 w{warps}", kernel, 3072, warps)
 
 
 def main(argv=None) -> list[dict]:
@@ -137,10 +151,12 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--expansion", nargs="*", default=["64x128"], help="expansion tiles BNxBK")
     ap.add_argument("--qk-norm-rope", nargs="*", default=[], help="Q / K preparation: ROWSxWARPS (e.g. 64x8)")
     ap.add_argument("--gelu-quant", nargs="*", type=int, default=[], help="GELU row quantization: WARPS (e.g. 8)")
+    ap.add_argument("--layer-norm-fp8", nargs="*", type=int, default=[], help="adaLN row kernel: WARPS (e.g. 4)")
     args = ap.parse_args(argv)
     rows = [count_expansion(*map(int, t.split("x"))) for t in args.expansion]
     rows += [count_qk_norm_rope(*map(int, t.split("x"))) for t in args.qk_norm_rope]
     rows += [count_gelu_quant(w) for w in args.gelu_quant]
+    rows += [count_layer_norm_fp8(w) for w in args.layer_norm_fp8]
     print("| kernel | registers / thread | shared memory | instructions | per weight (element) and thread | "
           "128-bit loads | subroutine calls |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

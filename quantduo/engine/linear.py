@@ -42,12 +42,13 @@ from __future__ import annotations
 import contextlib
 import os
 import types
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from quantduo.formats import quantizers as qz
-from quantduo.formats.fp8 import quantize_fp8_per_token_ref, quantize_fp8_weight
+from quantduo.formats.fp8 import layer_norm_modulate_fp8_ref, quantize_fp8_per_token_ref, quantize_fp8_weight
 from quantduo.formats.reference import smooth_input
 from quantduo.formats.registry import act_family
 from quantduo.kernels.act_quant import act_quant
@@ -56,6 +57,7 @@ from quantduo.kernels.fp8_linear import expand_w4_fp8, fp8_rowwise_gemm, quantiz
 from quantduo.kernels import gemm_w4_mma
 from quantduo.kernels.gemm_w4_skinny import w4_skinny_gemm
 from quantduo.kernels.gemv_w4 import w4_gemv
+from quantduo.kernels.layer_norm_fp8 import layer_norm_modulate_fp8
 from quantduo.kernels.nvfp4 import nvfp4_dequant
 
 # Token counts up to which INT4 layers run the few-token GEMMs (16-bit activations: the Gluon register-operand GEMM,
@@ -130,8 +132,75 @@ def tokens_of(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
-def linear_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """``x [..., in_features]`` -> ``[..., out_features]`` in x.dtype, by ``layer.execution``."""
+class Fp8Rows(NamedTuple):
+    """A layer input ``[*lead, K]`` already quantized per token (:func:`quantize_fp8_per_token_ref`'s codes), read
+    by INT4 layers in fp8 execution (:func:`takes_fp8_rows`) in place of the 16-bit tensor: ``codes``
+    float8_e4m3fn ``[M, K]``, ``scale`` float32 ``[M]`` (M = prod(lead)), ``lead`` the input's leading dims,
+    ``dtype`` the 16-bit input's dtype (the layers' output dtype). One quantization serves every layer that reads
+    the input, and it can come from the input's producer (:func:`layer_norm_fp8_rows`). Code that only hands the
+    input on to such layers (diffusers' FLUX attention processor, a GELU MLP) takes it as it is: it answers
+    ``shape``, ``dtype``, ``device`` and ``is_cuda`` like the tensor."""
+    codes: torch.Tensor
+    scale: torch.Tensor
+    lead: tuple
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.lead, self.codes.shape[-1]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.codes.is_cuda
+
+
+def takes_fp8_rows(layer, x: torch.Tensor) -> bool:
+    """Whether ``layer(x)`` (``x [..., K]``) can read :class:`Fp8Rows` of x: an INT4 layer in fp8 execution for x,
+    above :data:`FP8_A16_MAX_TOKENS` tokens (where the layer quantizes x per token itself), without padded input
+    channels."""
+    return (getattr(layer, "weight_format", None) == "int4" and resolve_execution(layer, x) == "fp8"
+            and tokens_of(x) > FP8_A16_MAX_TOKENS and layer.padded_in_features == layer.in_features == x.shape[-1])
+
+
+def layer_norm_fp8_rows(x0: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                        x1: torch.Tensor | None = None) -> Fp8Rows:
+    """A DiT block's adaLN output ``layer_norm(x) * (1 + scale[:, None]) + shift[:, None]`` (x the rows of
+    ``cat([x0, x1], dim=1)``, x0 ``[B, S0, K]``, x1 ``[B, S1, K]`` or None, shift / scale ``[B, K]``) as
+    :class:`Fp8Rows` ``[B, S0 + S1, K]``: one pass by the kernel
+    (:func:`quantduo.kernels.layer_norm_fp8.layer_norm_modulate_fp8`), its reference off the kernels."""
+    if kernels_for(x0):
+        codes, qscale = layer_norm_modulate_fp8(x0, shift, scale, eps, x1)
+    else:
+        x = x0 if x1 is None else torch.cat([x0, x1], dim=1)
+        codes, qscale = layer_norm_modulate_fp8_ref(x, shift, scale, eps)
+    tokens = x0.shape[1] + (0 if x1 is None else x1.shape[1])
+    return Fp8Rows(codes, qscale, (x0.shape[0], tokens), x0.dtype)
+
+
+def _rows_forward(layer, rows: Fp8Rows) -> torch.Tensor:
+    """``layer`` on :class:`Fp8Rows` -> ``[*rows.lead, out_features]`` in rows.dtype."""
+    in_features = rows.codes.shape[-1]
+    if (layer.weight_format != "int4" or resolve_execution(layer, rows.codes) != "fp8"
+            or not layer.padded_in_features == layer.in_features == in_features):
+        raise ValueError(f"{type(layer).__name__} ({layer.weight_format} weights, execution {layer.execution!r}, "
+                         f"{layer.in_features} in features, {layer.padded_in_features} padded) cannot read fp8 rows "
+                         f"of {in_features} channels: only INT4 layers in fp8 execution without padding can")
+    if kernels_for(rows.codes):
+        y = _fp8_gemm(layer, rows.codes, rows.scale, rows.dtype)
+    else:
+        y = fp8_codes_reference(layer, rows.codes, rows.scale, rows.dtype)
+    return y.reshape(*rows.lead, layer.out_features)
+
+
+def linear_forward(layer, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+    """``x [..., in_features]`` (or :class:`Fp8Rows` of it) -> ``[..., out_features]`` in x.dtype, by
+    ``layer.execution``."""
+    if isinstance(x, Fp8Rows):
+        return _rows_forward(layer, x)
     execution = resolve_execution(layer, x)
     if execution == "fp8" and tokens_of(x) <= FP8_A16_MAX_TOKENS:
         execution = "a16"  # few tokens are memory-bound: 16-bit activations
@@ -226,12 +295,18 @@ def fp8_reference_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """fp8 execution (above :data:`FP8_A16_MAX_TOKENS` tokens) in float32 products of the exact fp8 operands:
     per-token fp8 activations times the reconstructed weight in fp8 with the per-channel scale ``fp8_wscale``, +
     ``bias_a16``. Output in x.dtype, ``[..., N]``."""
-    xq, x_scale = quantize_fp8_per_token_ref(_flat_padded(layer, x))
+    y = fp8_codes_reference(layer, *quantize_fp8_per_token_ref(_flat_padded(layer, x)), x.dtype)
+    return y.reshape(*x.shape[:-1], layer.out_features)
+
+
+def fp8_codes_reference(layer, xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """The fp8 execution's GEMM in float32 on per-token codes ``xq`` float8_e4m3fn ``[M, K_padded]`` (scales
+    float32 ``[M]``): ``[M, N]`` in out_dtype."""
     w8 = quantize_fp8_weight(reconstructed_weight(layer), layer.fp8_inv_wscale)
     y = (xq.float() @ w8.T) * x_scale[:, None] * layer.fp8_wscale[None, :]
     if layer.bias_a16 is not None:
         y = y + layer.bias_a16.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+    return y.to(out_dtype)
 
 
 def _reference_of(execution: str):

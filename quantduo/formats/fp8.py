@@ -32,6 +32,16 @@ def quantize_fp8_per_token_ref(x: torch.Tensor | None, gelu_input: torch.Tensor 
     return q, scale
 
 
+def layer_norm_modulate_fp8_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_fp8_per_token_ref` of a DiT block's adaLN output ``layer_norm(x) * (1 + scale[:, None]) +
+    shift[:, None]`` (no affine weight; ``x [B, S, K]``, ``shift`` / ``scale`` ``[B, K]`` in x's dtype, each op
+    rounded to it as diffusers' ``AdaLayerNormZero`` computes it): (codes float8_e4m3fn ``[B * S, K]``, scale float32
+    ``[B * S]``)."""
+    y = F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale[:, None]) + shift[:, None]
+    return quantize_fp8_per_token_ref(y.reshape(-1, x.shape[-1]))
+
+
 def fp8_channel_scale(weight: torch.Tensor) -> torch.Tensor:
     """Static per-output-channel fp8 scale of ``weight [N, K]``: float32 ``[N]`` = ``absmax_k |W[n, k]| / 448``
     (1.0 for all-zero rows)."""

@@ -72,6 +72,29 @@ def to_e4m3_saturated(y, NATIVE: tl.constexpr):
 
 
 @triton.jit
+def load_row_segment(P, start, K, B: tl.constexpr):
+    """Columns ``start + [0, B)`` of the row at P (length K) as float32, zero past K."""
+    cols = start + tl.arange(0, B)
+    return tl.load(P + cols, mask=cols < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_e4m3_segment(Q, start, K, v, inv_scale, B: tl.constexpr, NATIVE: tl.constexpr):
+    """E4M3 codes of ``v * inv_scale`` (float32 ``[B]``, a segment of :func:`load_row_segment`) to columns
+    ``start + [0, B)`` < K of the row at Q."""
+    cols = start + tl.arange(0, B)
+    tl.store(Q + cols, to_e4m3_saturated(v * inv_scale, NATIVE), mask=cols < K)
+
+
+@triton.jit
+def per_token_scale(amax):
+    """(scale, 1 / scale) float32 of a row whose absmax is ``amax``: ``amax * (1 / 448)``, 1.0 for an all-zero row
+    (:func:`quantduo.formats.fp8.quantize_fp8_per_token_ref`)."""
+    scale = tl.where(amax > 0, amax * (1.0 / 448.0), 1.0)
+    return scale, tl.math.div_rn(1.0, scale)
+
+
+@triton.jit
 def fp8_operand(x, NATIVE: tl.constexpr):
     """fp8 codes as a ``tl.dot`` operand: themselves on the GPU, widened to float32 under the interpreter (the same
     values: every E4M3 value and every product of two is exact in float32)."""
@@ -196,6 +219,26 @@ def lowrank_bias_apply(acc, lx, rn, N, LU, R, BIAS, RP: tl.constexpr, HAS_LR: tl
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     return acc
+
+
+# most warps of a row-per-program kernel (8 beat 4 and 16 on FLUX's rows on the H100: BENCHMARKS.md, twenty-first
+# session)
+ROW_MAX_WARPS = 8
+
+
+def row_segments(k: int) -> tuple[int, int]:
+    """Two powers of two (or 0) covering ``k`` columns: the largest one <= k, then the remainder's (k = 0: (0, 0)).
+    A row read as these two segments has no padded lanes at widths like 3072 = 2048 + 1024."""
+    if k == 0:
+        return 0, 0
+    head = 1 << (k.bit_length() - 1)
+    return head, (triton.next_power_of_2(k - head) if k > head else 0)
+
+
+def row_warps(lanes: int) -> int:
+    """Warps of a row-per-program kernel for a row of ``lanes`` (its segments' total): one per 512, a power of two
+    (Triton takes no other), at most :data:`ROW_MAX_WARPS`."""
+    return min(ROW_MAX_WARPS, 1 << max(0, (lanes // 512).bit_length() - 1))
 
 
 def k_splits(M: int, K: int, bm: int, bk: int, programs: int) -> int:

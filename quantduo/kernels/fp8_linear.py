@@ -33,31 +33,22 @@ from torch.library import wrap_triton
 from quantduo.formats.fp8 import quantize_fp8_per_token_ref
 
 from . import expand_w4_mma
-from .common import gelu_tanh, kernel_op, to_e4m3_saturated
+from .common import (gelu_tanh, kernel_op, load_row_segment, per_token_scale, row_segments, row_warps,
+                     store_e4m3_segment)
 from .dequant_w4 import dequant_w4
 
 # eager calls: the Gluon expansion where it serves the operands (QUANTDUO_FP8_EXPANSION=triton: the Triton kernel)
 GLUON_EXPANSION = os.environ.get("QUANTDUO_FP8_EXPANSION", "auto") != "triton"
-# most warps of the row kernel (8 beat 4 and 16 on FLUX's rows on the H100: BENCHMARKS.md, twenty-first session)
-TOKEN_QUANT_MAX_WARPS = 8
 
 
 @triton.jit
 def _row_segment(P, start, K, amax, B: tl.constexpr, GELU: tl.constexpr, NATIVE: tl.constexpr):
     """Columns ``start + [0, B)`` of the row at P (length K, zero past it) as float32, through ``gelu_tanh`` if
     GELU, and ``amax`` raised to their absmax."""
-    cols = start + tl.arange(0, B)
-    v = tl.load(P + cols, mask=cols < K, other=0.0).to(tl.float32)
+    v = load_row_segment(P, start, K, B)
     if GELU:
         v = gelu_tanh(v, NATIVE)
     return v, tl.maximum(amax, tl.max(tl.abs(v), axis=0))
-
-
-@triton.jit
-def _store_segment(Q, start, K, v, inv_scale, B: tl.constexpr, NATIVE: tl.constexpr):
-    """E4M3 codes of ``v * inv_scale`` (the segment of :func:`_row_segment`) to columns ``start + [0, B)`` < K."""
-    cols = start + tl.arange(0, B)
-    tl.store(Q + cols, to_e4m3_saturated(v * inv_scale, NATIVE), mask=cols < K)
 
 
 @triton.jit
@@ -67,7 +58,7 @@ def _fp8_token_quant_kernel(X, G, Q, SCALE, KX, KG, stride_xm, stride_gm, stride
     """Program m: row m of ``cat(X[m], gelu_tanh(G[m]))`` -> Q float8_e4m3fn ``[M, KX + KG]``, SCALE float32 ``[M]``.
 
     X ``[M, KX]`` and G ``[M, KG]`` 16/32-bit with unit column stride. Each input is read as two power-of-two
-    segments, BX0 + BX1 >= KX and BG0 + BG1 >= KG (:func:`_segments`: 3072 = 2048 + 1024, 12288 = 8192 + 4096, so
+    segments, BX0 + BX1 >= KX and BG0 + BG1 >= KG (:func:`.common.row_segments`: 3072 = 2048 + 1024, 12288 = 8192 + 4096, so
     FLUX's rows have no padded lanes); a size of 0 leaves the segment out. One read of the row (kept in registers
     between the absmax and the quantization), one write of the codes.
     """
@@ -82,31 +73,16 @@ def _fp8_token_quant_kernel(X, G, Q, SCALE, KX, KG, stride_xm, stride_gm, stride
         g0, amax = _row_segment(g_row, 0, KG, amax, BG0, True, NATIVE)
     if BG1 > 0:
         g1, amax = _row_segment(g_row, BG0, KG, amax, BG1, True, NATIVE)
-    scale = tl.where(amax > 0, amax * (1.0 / 448.0), 1.0)
-    inv_scale = tl.math.div_rn(1.0, scale)
+    scale, inv_scale = per_token_scale(amax)
     if BX0 > 0:
-        _store_segment(q_row, 0, KX, x0, inv_scale, BX0, NATIVE)
+        store_e4m3_segment(q_row, 0, KX, x0, inv_scale, BX0, NATIVE)
     if BX1 > 0:
-        _store_segment(q_row, BX0, KX, x1, inv_scale, BX1, NATIVE)
+        store_e4m3_segment(q_row, BX0, KX, x1, inv_scale, BX1, NATIVE)
     if BG0 > 0:
-        _store_segment(q_row + KX, 0, KG, g0, inv_scale, BG0, NATIVE)
+        store_e4m3_segment(q_row + KX, 0, KG, g0, inv_scale, BG0, NATIVE)
     if BG1 > 0:
-        _store_segment(q_row + KX, BG0, KG, g1, inv_scale, BG1, NATIVE)
+        store_e4m3_segment(q_row + KX, BG0, KG, g1, inv_scale, BG1, NATIVE)
     tl.store(SCALE + row, scale)
-
-
-def _segments(k: int) -> tuple[int, int]:
-    """Two powers of two (or 0) covering ``k`` columns: the largest one <= k, then the remainder's (k = 0: (0, 0))."""
-    if k == 0:
-        return 0, 0
-    head = 1 << (k.bit_length() - 1)
-    return head, (triton.next_power_of_2(k - head) if k > head else 0)
-
-
-def _token_quant_warps(lanes: int) -> int:
-    """Warps of the row kernel for a row of ``lanes`` (the segments' total): one per 512, a power of two, at most
-    :data:`TOKEN_QUANT_MAX_WARPS`."""
-    return min(TOKEN_QUANT_MAX_WARPS, 1 << max(0, (lanes // 512).bit_length() - 1))
 
 
 def _launch_token_quant(x: torch.Tensor | None, gelu_input: torch.Tensor | None, wrap: Callable | None = None
@@ -119,13 +95,13 @@ def _launch_token_quant(x: torch.Tensor | None, gelu_input: torch.Tensor | None,
     kg = 0 if gelu_input is None else gelu_input.shape[1]
     q = torch.empty(M, kx + kg, dtype=torch.float8_e4m3fn, device=first.device)
     scale = torch.empty(M, dtype=torch.float32, device=first.device)
-    (bx0, bx1), (bg0, bg1) = _segments(kx), _segments(kg)
+    (bx0, bx1), (bg0, bg1) = row_segments(kx), row_segments(kg)
     kernel = _fp8_token_quant_kernel if wrap is None else wrap(_fp8_token_quant_kernel)
     kernel[(M,)](
         first if x is None else x, first if gelu_input is None else gelu_input, q, scale, kx, kg,
         0 if x is None else x.stride(0), 0 if gelu_input is None else gelu_input.stride(0), q.stride(0),
         BX0=bx0, BX1=bx1, BG0=bg0, BG1=bg1, NATIVE=first.is_cuda,
-        num_warps=_token_quant_warps(bx0 + bx1 + bg0 + bg1))
+        num_warps=row_warps(bx0 + bx1 + bg0 + bg1))
     return q, scale
 
 

@@ -243,7 +243,9 @@ class SVDQuantLinear(nn.Module):
         """The stored format's arithmetic in PyTorch (the ground truth of every kernel)."""
         return engine.reference_forward(self, x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | engine.Fp8Rows) -> torch.Tensor:
+        """``x [..., in_features]`` -> ``[..., out_features]``; in fp8 execution also :class:`~quantduo.engine.linear.Fp8Rows`
+        of x (x quantized per token ahead of the layer, :func:`~quantduo.engine.linear.takes_fp8_rows`)."""
         self._ensure_derived()
         return engine.linear_forward(self, x)
 

@@ -37,7 +37,7 @@ def test_counts_the_expansion():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT
     out = subprocess.run([sys.executable, "benchmarks/sass_count.py", "--expansion", "64x128", "32x256",
-                          "--qk-norm-rope", "32x4", "--gelu-quant", "8"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          "--qk-norm-rope", "32x4", "--gelu-quant", "8", "--layer-norm-fp8", "4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| expansion")]
     assert [kernel.strip() for kernel, *_ in rows] == ["expansion 64x128 w4", "expansion 32x256 w4"]
@@ -54,3 +54,7 @@ def test_counts_the_expansion():
     # FLUX's row in two power-of-two segments per input (no padded lanes) at ~15 instructions per element and
     # thread (the one-block kernel before it: ~37)
     assert gelu[0].strip() == "gelu_quant 3072+12288 w8" and float(gelu[4]) < 20
+    (norm,) = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| layer_norm_fp8")]
+    wide, _, loads = norm[5].split()
+    # the adaLN row kernel: every global load 128 bits wide (rows, shift, scale), only the division's call
+    assert wide == loads and int(norm[6]) <= 1 and float(norm[4]) < 40

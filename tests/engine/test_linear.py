@@ -19,9 +19,9 @@ from torch._dynamo.utils import counters
 from torch import nn
 
 from quantduo.engine import linear as engine
-from quantduo.engine.linear import (FP8_A16_MAX_TOKENS, GEMV_MAX_TOKENS, SKINNY_MAX_TOKENS, a16_reference_forward,
-                                    cpu_kernels, fp8_reference_forward, reconstructed_weight, reference_forward,
-                                    resolve_execution)
+from quantduo.engine.linear import (FP8_A16_MAX_TOKENS, GEMV_MAX_TOKENS, SKINNY_MAX_TOKENS, Fp8Rows,
+                                    a16_reference_forward, cpu_kernels, fp8_reference_forward, reconstructed_weight,
+                                    reference_forward, resolve_execution, takes_fp8_rows)
 from quantduo.formats import quantizers as qz
 from quantduo.formats.fp8 import quantize_fp8_per_token_ref
 from quantduo.formats.registry import EXECUTIONS
@@ -240,6 +240,25 @@ def test_fp8_execution(act_format, smoothed):
         assert relative_error(m(x), y_ref) < 5e-3
         few = x[:1, :9]  # 9 rows: the a16 kernels, 16-bit activations
         assert relative_error(m(few), a16_reference_forward(m, few)) < 2e-3
+
+
+def test_fp8_rows_are_the_layer_input_quantized():
+    """An INT4 layer in fp8 execution reads Fp8Rows of x (x's per-token codes) as it reads x: the same output off
+    and on the kernels; takes_fp8_rows says which layers and inputs can; others refuse rows with a clear error."""
+    torch.manual_seed(3)
+    m = _random_layer(128, 40, "uint4", execution="fp8")
+    x = torch.randn(2, 40, 128, dtype=torch.float16) * 3
+    rows = Fp8Rows(*quantize_fp8_per_token_ref(x.reshape(-1, 128)), (2, 40), x.dtype)
+    assert takes_fp8_rows(m, x) and not takes_fp8_rows(m, x[:, :32])  # 64 tokens: 16-bit activations
+    assert torch.equal(m(rows), m(x))
+    with cpu_kernels():
+        assert torch.equal(m(rows), m(x))
+    padded = _random_layer(100, 40, "uint4", execution="fp8")  # K padded to 128 inside the layer
+    exact = _random_layer(128, 40, "uint4", execution="exact")
+    assert not takes_fp8_rows(padded, x[..., :100]) and not takes_fp8_rows(exact, x)
+    for layer in (padded, exact):
+        with pytest.raises(ValueError, match="cannot read fp8 rows"):
+            layer(rows)
 
 
 @pytest.mark.parametrize("rows", [1, 9, FP8_A16_MAX_TOKENS])

@@ -19,7 +19,7 @@ from quantduo.formats import quantizers as qz
 from quantduo.formats import reference as ref
 from quantduo.formats.fp8 import (fp8_channel_scale, fp8_steps_apart, quantize_fp8_per_token_ref,
                                   quantize_fp8_weight)
-from quantduo.kernels import fp8_linear
+from quantduo.kernels.common import ROW_MAX_WARPS, row_warps
 from quantduo.kernels.fp8_linear import expand_w4_fp8, fp8_rowwise_gemm, quantize_fp8_per_token
 from quantduo.utils import relative_error
 
@@ -70,9 +70,9 @@ def test_quantize_fp8_per_token_gelu(kx, kg, device):
 def test_row_kernel_warps_are_powers_of_two():
     """Triton takes only powers of two: rows whose segments add up to 3 * 2**k (3072 = 2048 + 1024) included."""
     for lanes in (64, 512, 1536, 3072, 6144, 12288, 15360, 20480):
-        warps = fp8_linear._token_quant_warps(lanes)
-        assert warps & (warps - 1) == 0 and 1 <= warps <= fp8_linear.TOKEN_QUANT_MAX_WARPS
-    assert fp8_linear._token_quant_warps(3072) == 4
+        warps = row_warps(lanes)
+        assert warps & (warps - 1) == 0 and 1 <= warps <= ROW_MAX_WARPS
+    assert row_warps(3072) == 4
 
 
 def test_quantize_fp8_per_token_bad_input():

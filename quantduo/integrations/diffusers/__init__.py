@@ -6,20 +6,21 @@ Importing this package registers ``quant_method: "quantduo"`` with diffusers (:m
 * :mod:`.calibration` — capture the denoiser's inputs inside the pipeline, quantize on them;
 * :mod:`.backend` — ``QuantDuoConfig`` / ``QuantDuoQuantizer`` (``from_pretrained`` / ``save_pretrained``);
 * :mod:`.pipeline` — save / load quantized denoisers and pipelines, compute dtype;
-* :mod:`.fusions` — GELU and concatenation inside the fp8 activation quantization; fused QKV projections.
+* :mod:`.fusions` — GELU, concatenation and the FLUX blocks' adaLN inside the fp8 activation quantization; fused QKV
+  projections.
 """
 from .backend import QuantDuoConfig, QuantDuoQuantizer, QuantizationConfigError, mark_quantized
 from .calibration import (CalibrationSample, block_names, capture_calibration_inputs, denoiser_offloaded,
                           quantize_transformer, quantize_transformer_blockwise, replay_fn)
-from .fusions import (FusedFluxSingleBlock, FusedGeluMLP, QKVFusion, enable_fusions, fuse_qkv, fused_attentions,
-                      unfuse_qkv)
+from .fusions import (FusedFluxDoubleBlock, FusedFluxSingleBlock, FusedGeluMLP, QKVFusion, enable_fusions, fuse_qkv,
+                      fused_attentions, unfuse_qkv)
 from .pipeline import (cast_denoiser, denoiser_safetensors, denoiser_skeleton, is_quantized_pipeline, lazy_denoiser,
                        load_into_pipeline, load_pipeline, load_pipeline_lazily, load_quantized_transformer,
                        quantduo_config_for, quantized_by_quantduo, read_denoiser_config, save_pipeline,
                        save_quantized_transformer)
 from .rules import ModelRules, block_lists, denoiser_of, quantization_config, resolved_rules, rules_for
 
-__all__ = ["CalibrationSample", "FusedFluxSingleBlock", "FusedGeluMLP", "ModelRules", "QuantDuoConfig",
+__all__ = ["CalibrationSample", "FusedFluxDoubleBlock", "FusedFluxSingleBlock", "FusedGeluMLP", "ModelRules", "QuantDuoConfig",
            "QuantDuoQuantizer", "QuantizationConfigError", "block_lists", "block_names", "capture_calibration_inputs",
            "cast_denoiser", "denoiser_of", "denoiser_offloaded", "denoiser_safetensors", "denoiser_skeleton",
            "enable_fusions", "fuse_qkv", "fused_attentions", "is_quantized_pipeline", "lazy_denoiser",

@@ -7,6 +7,14 @@ single block's ``proj_out``. The fused modules below route those calls through
 thing unfused, so a fused model is correct whatever execution runs it. Submodules (state-dict keys, LoRA targets)
 are unchanged.
 
+The FLUX blocks' adaLN outputs (``layer_norm(x) * (1 + scale) + shift``) are read only by quantized layers: the
+attention's projections, ``proj_mlp``, the MLPs' up-projections. Where every reader takes per-token fp8 rows
+(:func:`~quantduo.engine.linear.takes_fp8_rows`) and the attention runs diffusers' plain ``FluxAttnProcessor``
+(which only hands its input to the projections; also under quantduo's FP8-attention wrapper), the fused blocks
+compute the norm, the modulation and the quantization in one pass
+(:func:`~quantduo.engine.linear.layer_norm_fp8_rows`) and pass the codes on: no 16-bit norm output, one
+quantization for all readers. Elsewhere they compute diffusers' norms.
+
 :func:`fuse_qkv` is diffusers' ``fuse_qkv_projections`` for quantized attention: one GEMM for q, k and v (one for the
 added text-stream projections). Like diffusers, it adds ``to_qkv`` / ``to_kv`` / ``to_added_qkv`` next to the
 separate projections (which stay, for :func:`unfuse_qkv`, LoRAs and saving) and sets ``fused_projections``; the
@@ -18,8 +26,10 @@ from dataclasses import dataclass, field
 
 import torch
 from diffusers.models.attention import AttentionModuleMixin
+from diffusers.models.transformers import transformer_flux
 from torch import nn
 
+from quantduo.engine.linear import layer_norm_fp8_rows, takes_fp8_rows
 from quantduo.svdquant import SVDQuantLinear, concat_output_features
 from quantduo.svdquant.split import SplitProjOut
 
@@ -47,10 +57,48 @@ def _fusable_feed_forward(module: nn.Module) -> bool:
     return getattr(net[0], "approximate", None) == "tanh" and hasattr(net[0], "proj") and _int4_layer(net[2])
 
 
+def _plain_flux_attention(attn: nn.Module) -> bool:
+    """Whether ``attn`` runs diffusers' plain ``FluxAttnProcessor`` (itself, or as the ``original`` of a wrapper
+    such as quantduo's FP8-attention processor, which hands it its inputs unchanged), without context parallelism:
+    the processor that only hands its inputs to the projections."""
+    processor = getattr(attn.processor, "original", attn.processor)
+    return type(processor) is transformer_flux.FluxAttnProcessor and processor._parallel_config is None
+
+
+def _attention_readers(attn: nn.Module, stream: str) -> list[nn.Module]:
+    """The projections that read ``attn``'s ``"image"`` (hidden_states) or ``"text"`` (encoder_hidden_states)
+    input, fused or not (diffusers' ``_get_qkv_projections``)."""
+    fused = getattr(attn, "fused_projections", False)
+    if stream == "image":
+        return [attn.to_qkv] if fused else [attn.to_q, attn.to_k, attn.to_v]
+    return [attn.to_added_qkv] if fused else [attn.add_q_proj, attn.add_k_proj, attn.add_v_proj]
+
+
+def _all_take_rows(readers: list[nn.Module], x: torch.Tensor) -> bool:
+    return all(isinstance(layer, SVDQuantLinear) and takes_fp8_rows(layer, x) for layer in readers)
+
+
+def _adaln(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, readers: list[nn.Module],
+           x_after: torch.Tensor | None = None):
+    """``norm(cat([x, x_after], 1)) * (1 + scale[:, None]) + shift[:, None]`` (x ``[B, S, C]``, shift / scale
+    ``[B, C]``): fp8 rows where every one of ``readers`` takes them, else the 16-bit tensor."""
+    whole = x if x_after is None else torch.cat([x, x_after], dim=1)
+    if _all_take_rows(readers, whole):
+        return layer_norm_fp8_rows(x, shift, scale, norm.eps, x_after)
+    return norm(whole) * (1 + scale[:, None]) + shift[:, None]
+
+
+def _mlp_readers(feed_forward: nn.Module) -> list[nn.Module]:
+    """The up-projection of a diffusers GELU ``FeedForward`` (the only layer that reads its input)."""
+    first = feed_forward.net[0]
+    return [first.proj] if type(first).__name__ == "GELU" else [None]
+
+
 class FusedFluxSingleBlock(nn.Module):
     """A diffusers ``FluxSingleTransformerBlock`` whose ``proj_out`` is an INT4 :class:`SVDQuantLinear`: the MLP
     branch's GELU and its concatenation with the attention output happen inside proj_out's activation quantization,
-    so the ``[tokens, 15360]`` 16-bit input is never written. Same call as the block:
+    so the ``[tokens, 15360]`` 16-bit input is never written; the adaLN output goes to ``proj_mlp`` and the
+    attention as fp8 rows where they take them (module docstring). Same call as the block:
     ``(hidden_states [B, S_img, dim], encoder_hidden_states [B, S_txt, dim], temb [B, dim])`` ->
     ``(encoder_hidden_states, hidden_states)``.
     """
@@ -64,9 +112,11 @@ class FusedFluxSingleBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
                 image_rotary_emb=None, joint_attention_kwargs: dict | None = None):
         text_seq_len = encoder_hidden_states.shape[1]
-        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        residual = hidden_states
-        norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
+        residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        shift, scale, gate = self.norm.linear(self.norm.silu(temb)).chunk(3, dim=1)
+        readers = [self.proj_mlp] + _attention_readers(self.attn, "image") if _plain_flux_attention(self.attn) \
+            else [None]
+        norm_hidden_states = _adaln(self.norm.norm, encoder_hidden_states, shift, scale, readers, hidden_states)
         mlp_pre_activation = self.proj_mlp(norm_hidden_states)
         attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb,
                                 **(joint_attention_kwargs or {}))
@@ -78,17 +128,77 @@ class FusedFluxSingleBlock(nn.Module):
 
 def _fusable_flux_single_block(module: nn.Module) -> bool:
     proj_out = getattr(module, "proj_out", None)
+    norm = getattr(module, "norm", None)
     return (type(module).__name__ == "FluxSingleTransformerBlock"
+            and type(norm).__name__ == "AdaLayerNormZeroSingle" and _plain_layer_norm(norm.norm)
             and getattr(getattr(module, "act_mlp", None), "approximate", None) == "tanh"
             and (_int4_layer(proj_out) or isinstance(proj_out, SplitProjOut) and proj_out.weight_format == "int4"))
 
 
-FUSIONS = ((_fusable_feed_forward, FusedGeluMLP), (_fusable_flux_single_block, FusedFluxSingleBlock))
+class FusedFluxDoubleBlock(nn.Module):
+    """A diffusers ``FluxTransformerBlock`` whose four adaLN outputs (image and text, before the attention and
+    before the MLPs) go to their quantized readers as fp8 rows where they take them (module docstring), and whose
+    GELU MLPs are :class:`FusedGeluMLP` where their down-projections are INT4. Attention processors other than
+    FLUX's plain one run the block's own forward. Same call and outputs as the block."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        for name, child in block.named_children():  # norm1, norm1_context, attn, norm2, ff, norm2_context, ff_context
+            self.add_module(name, FusedGeluMLP(child) if name.startswith("ff") and _fusable_feed_forward(child)
+                            else child)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                image_rotary_emb=None, joint_attention_kwargs: dict | None = None):
+        if not _plain_flux_attention(self.attn):
+            return transformer_flux.FluxTransformerBlock.forward(self, hidden_states, encoder_hidden_states, temb,
+                                                                 image_rotary_emb, joint_attention_kwargs)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
+            self.norm1.linear(self.norm1.silu(temb)).chunk(6, dim=1)
+        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = \
+            self.norm1_context.linear(self.norm1_context.silu(temb)).chunk(6, dim=1)
+        attn_output, context_attn_output = self.attn(
+            hidden_states=_adaln(self.norm1.norm, hidden_states, shift_msa, scale_msa,
+                                 _attention_readers(self.attn, "image")),
+            encoder_hidden_states=_adaln(self.norm1_context.norm, encoder_hidden_states, c_shift_msa, c_scale_msa,
+                                         _attention_readers(self.attn, "text")),
+            image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
+        hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
+        ff_input = _adaln(self.norm2, hidden_states, shift_mlp, scale_mlp, _mlp_readers(self.ff))
+        hidden_states = hidden_states + gate_mlp.unsqueeze(1) * self.ff(ff_input)
+        encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
+        ff_input = _adaln(self.norm2_context, encoder_hidden_states, c_shift_mlp, c_scale_mlp,
+                          _mlp_readers(self.ff_context))
+        encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * self.ff_context(ff_input)
+        if encoder_hidden_states.dtype == torch.float16:
+            encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
+        return encoder_hidden_states, hidden_states
+
+
+def _plain_layer_norm(norm: nn.Module) -> bool:
+    return type(norm) is nn.LayerNorm and norm.weight is None and norm.bias is None
+
+
+def _fusable_flux_double_block(module: nn.Module) -> bool:
+    """A diffusers FLUX double block with diffusers' adaLN (affine-free LayerNorms, no label embedding) and some
+    quantized layer."""
+    if type(module).__name__ != "FluxTransformerBlock":
+        return False
+    ada = [getattr(module, name, None) for name in ("norm1", "norm1_context")]
+    if not all(type(norm).__name__ == "AdaLayerNormZero" and norm.emb is None and _plain_layer_norm(norm.norm)
+               for norm in ada):
+        return False
+    return (all(_plain_layer_norm(getattr(module, name, None)) for name in ("norm2", "norm2_context"))
+            and any(isinstance(m, SVDQuantLinear) for m in module.modules()))
+
+
+FUSIONS = ((_fusable_flux_double_block, FusedFluxDoubleBlock), (_fusable_feed_forward, FusedGeluMLP),
+           (_fusable_flux_single_block, FusedFluxSingleBlock))
 
 
 def enable_fusions(model: nn.Module) -> dict[str, nn.Module]:
-    """Replace, in place, every GELU(tanh) ``FeedForward`` whose down-projection is an INT4 quantized layer by
-    :class:`FusedGeluMLP`, and every FLUX single block whose ``proj_out`` is one by :class:`FusedFluxSingleBlock`.
+    """Replace, in place, every FLUX double block with quantized layers by :class:`FusedFluxDoubleBlock`, every
+    other GELU(tanh) ``FeedForward`` whose down-projection is an INT4 quantized layer by :class:`FusedGeluMLP`, and
+    every FLUX single block whose ``proj_out`` is one by :class:`FusedFluxSingleBlock`.
 
     Returns ``{name: original module}`` so the change can be undone with ``model.set_submodule``.
     """

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from quantduo.engine.linear import cpu_kernels
-from quantduo.integrations.diffusers import (FusedFluxSingleBlock, FusedGeluMLP, enable_fusions, quantization_config,
+from quantduo.integrations.diffusers import (FusedFluxDoubleBlock, FusedFluxSingleBlock, FusedGeluMLP, enable_fusions, quantization_config,
                                              quantize_transformer, rules_for)
 from quantduo.svdquant import SVDQuantLinear, set_execution
 from quantduo.utils import relative_error
@@ -124,6 +124,7 @@ def test_flux_fp8_fusions():
     fused = copy.deepcopy(model)
     undo = enable_fusions(fused)
     assert isinstance(fused.single_transformer_blocks[0], FusedFluxSingleBlock)
+    assert isinstance(fused.transformer_blocks[0], FusedFluxDoubleBlock)
     assert isinstance(fused.transformer_blocks[0].ff, FusedGeluMLP)
     assert isinstance(fused.transformer_blocks[0].ff_context, FusedGeluMLP)
     assert list(fused.state_dict()) == list(model.state_dict())
@@ -134,10 +135,11 @@ def test_flux_fp8_fusions():
         with cpu_kernels():
             expected, got = model(**inputs)[0], fused(**inputs)[0]
         assert relative_error(got, expected) < 5e-3
-    assert set(undo) == {"transformer_blocks.0.ff", "transformer_blocks.0.ff_context", "single_transformer_blocks.0"}
+    assert set(undo) == {"transformer_blocks.0", "single_transformer_blocks.0"}
     for name, original in undo.items():
         fused.set_submodule(name, original)
     assert type(fused.single_transformer_blocks[0]).__name__ == "FluxSingleTransformerBlock"
+    assert type(fused.transformer_blocks[0].ff).__name__ == "FeedForward"
 
 
 def test_unsupported_class_is_rejected():

@@ -1,0 +1,133 @@
+"""A DiT block's adaLN straight to per-token fp8 codes (quantduo.kernels.layer_norm_fp8) vs diffusers' own modules:
+``AdaLayerNormZeroSingle`` (FLUX single blocks: text and image rows normalized together) and ``AdaLayerNormZero``
+(double blocks, one stream), then the per-token quantization of the layers that read their output."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle
+
+from quantduo.formats.fp8 import fp8_steps_apart, layer_norm_modulate_fp8_ref, quantize_fp8_per_token_ref
+from quantduo.kernels.layer_norm_fp8 import layer_norm_modulate_fp8
+
+pytestmark = pytest.mark.usefixtures("poison_empty")  # unwritten kernel outputs show (tests/conftest.py)
+
+EPS = 1e-6  # diffusers' adaLN LayerNorms
+
+
+def _norm(cls, k, dtype, seed, device="cpu"):
+    """diffusers' adaLN module with random modulation weights large enough that shift and scale matter."""
+    torch.manual_seed(seed)
+    norm = cls(k)
+    with torch.no_grad():
+        norm.linear.weight.normal_(0, 0.5)
+        norm.linear.bias.normal_(0, 0.5)
+    return norm.to(device=device, dtype=dtype)
+
+
+def _rows(b, s, k, dtype, seed, device="cpu", wide=False):
+    """``[b, s, k]`` with a per-row offset and an outlier channel; a view of ``[b, s, 2 k]`` when ``wide``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, s, 2 * k if wide else k, generator=g) * 2 + torch.randn(b, s, 1, generator=g) * 3
+    x[..., 3] *= 30
+    return x.to(device=device, dtype=dtype)[..., :k]
+
+
+def _close(got, want, dtype):
+    """Codes within one E4M3 step; the rows' statistics round differently (PyTorch's layer_norm vs the kernel's
+    float32 sums), which moves a 16-bit rounding of the normalized row now and then."""
+    (codes, scale), (want_codes, want_scale) = got, want
+    assert codes.dtype == torch.float8_e4m3fn and codes.shape == want_codes.shape and codes.is_contiguous()
+    apart = fp8_steps_apart(codes, want_codes)
+    assert apart.max() <= 1
+    assert apart.float().mean() < (1e-3 if dtype == torch.float32 else 5e-3)
+    torch.testing.assert_close(scale, want_scale, rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [256, 96, 100])  # one segment; 64 + 32; 64 + 64 with 28 padded lanes
+def test_single_block_norm_matches_diffusers(dtype, k):
+    """Text rows then image rows normalized together, two batches with their own modulation: the kernel's codes
+    are those of diffusers' ``AdaLayerNormZeroSingle`` output, and the reference's are exactly them."""
+    norm = _norm(AdaLayerNormZeroSingle, k, dtype, seed=k)
+    txt, img = _rows(2, 5, k, dtype, seed=1, wide=True), _rows(2, 12, k, dtype, seed=2)
+    temb = torch.randn(2, k, generator=torch.Generator().manual_seed(3)).to(dtype)
+    with torch.no_grad():
+        out, _ = norm(torch.cat([txt, img], dim=1), emb=temb)
+        shift, scale, _ = norm.linear(norm.silu(temb)).chunk(3, dim=1)
+    want = quantize_fp8_per_token_ref(out.reshape(-1, k))
+    reference = layer_norm_modulate_fp8_ref(torch.cat([txt, img], dim=1), shift, scale, EPS)
+    assert torch.equal(reference[0].view(torch.uint8), want[0].view(torch.uint8))
+    assert torch.equal(reference[1], want[1])
+    _close(layer_norm_modulate_fp8(txt, shift, scale, EPS, x1=img), want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_double_block_norm_one_stream(dtype):
+    """One stream (``AdaLayerNormZero``: shift_msa, scale_msa first of its six chunks), the text stream shorter than
+    a program count would suggest."""
+    k = 128
+    norm = _norm(AdaLayerNormZero, k, dtype, seed=7)
+    x = _rows(3, 7, k, dtype, seed=8)
+    temb = torch.randn(3, k, generator=torch.Generator().manual_seed(9)).to(dtype)
+    with torch.no_grad():
+        out = norm(x, emb=temb)[0]
+        shift, scale = norm.linear(norm.silu(temb)).chunk(6, dim=1)[:2]
+    _close(layer_norm_modulate_fp8(x, shift, scale, EPS), quantize_fp8_per_token_ref(out.reshape(-1, k)), dtype)
+
+
+def test_swapped_or_shared_modulation_is_seen():
+    """The test can fail: shift and scale swapped, or batch 0's modulation used for batch 1, move most codes."""
+    k, dtype = 64, torch.float32
+    x = _rows(2, 4, k, dtype, seed=10)
+    shift, scale = torch.randn(2, k) * 0.5, torch.randn(2, k) * 0.5
+    want = layer_norm_modulate_fp8_ref(x, shift, scale, EPS)
+    for wrong in (layer_norm_modulate_fp8(x, scale, shift, EPS),
+                  layer_norm_modulate_fp8(x, shift[:1].expand(2, k), scale[:1].expand(2, k), EPS)):
+        assert fp8_steps_apart(wrong[0], want[0]).float().mean() > 0.2
+
+
+def test_zero_rows_and_bad_input():
+    k = 64
+    x, mod = torch.zeros(1, 3, k), torch.zeros(1, k)
+    codes, scale = layer_norm_modulate_fp8(x, mod, mod, EPS)
+    assert torch.equal(scale, torch.ones(3)) and not codes.float().any()  # an all-zero row: scale 1, codes 0
+    with pytest.raises(ValueError, match="x0 / x1"):
+        layer_norm_modulate_fp8(x, mod, mod, EPS, x1=torch.zeros(2, 3, k))
+    with pytest.raises(ValueError, match="x0 / x1"):
+        layer_norm_modulate_fp8(x.transpose(1, 2), mod, mod, EPS)
+    with pytest.raises(ValueError, match="shift"):
+        layer_norm_modulate_fp8(x, torch.zeros(1, k + 1), mod, EPS)
+    with pytest.raises(ValueError, match="scale"):
+        layer_norm_modulate_fp8(x, mod, mod.half(), EPS)
+    huge = torch.zeros(1, 1, k).expand(2 ** 16, 2 ** 15, k)  # 2**31 rows, no memory behind them
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        layer_norm_modulate_fp8(huge, mod.expand(2 ** 16, k), mod.expand(2 ** 16, k), EPS)
+
+
+def test_compiled_call_is_one_graph():
+    """Under torch.compile the kernel is one operator (its fake gives the outputs' shapes): the eager codes."""
+    x0, x1 = _rows(2, 3, 64, torch.float32, seed=11), _rows(2, 5, 64, torch.float32, seed=12)
+    shift, scale = torch.randn(2, 64), torch.randn(2, 64)
+
+    def prepare(x0, x1):
+        return layer_norm_modulate_fp8(x0, shift, scale, EPS, x1=x1)
+    compiled = torch.compile(prepare, fullgraph=True, backend="aot_eager")(x0, x1)
+    torch._dynamo.reset()
+    eager = prepare(x0, x1)
+    assert torch.equal(compiled[0].view(torch.uint8), eager[0].view(torch.uint8))
+    assert torch.equal(compiled[1], eager[1])
+
+
+@pytest.mark.gpu
+def test_gpu_flux_single_block_shape():
+    """FLUX.1's single block at 1024x1024: 512 text + 4096 image rows of 3072 (2048 + 1024), bf16."""
+    k, dtype = 3072, torch.bfloat16
+    norm = _norm(AdaLayerNormZeroSingle, k, dtype, seed=13, device="cuda")
+    txt, img = _rows(1, 512, k, dtype, seed=14, device="cuda"), _rows(1, 4096, k, dtype, seed=15, device="cuda")
+    temb = torch.randn(1, k, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        out, _ = norm(torch.cat([txt, img], dim=1), emb=temb)
+        shift, scale, _ = norm.linear(norm.silu(temb)).chunk(3, dim=1)
+    _close(layer_norm_modulate_fp8(txt, shift, scale, EPS, x1=img), quantize_fp8_per_token_ref(out.reshape(-1, k)),
+           dtype)
