@@ -21,7 +21,7 @@ import json, torch, triton
 from triton.backends.compiler import GPUTarget
 from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
 from quantduo.formats import quantizers as qz
-from quantduo.kernels import fp8_linear, qk_norm_rope
+from quantduo.kernels import fp8_linear, layer_norm_fp8, qk_norm_rope
 
 
 class HopperDriver:
@@ -65,6 +65,8 @@ print(json.dumps({
         torch.rand(128) + 0.5, torch.rand(64) + 1, 64, wrap)),
     "qk_norm_rope": writes(lambda wrap: qk_norm_rope._launch(
         x0, w, x1, w, cos, cos, 1e-6, 20.0, False, wrap)),
+    "layer_norm_fp8": writes(lambda wrap: layer_norm_fp8._launch(
+        x0.flatten(2), x1.flatten(2), w.repeat(2)[None], w.repeat(2)[None], 1e-6, wrap)),
 }))
 """
 
@@ -79,4 +81,5 @@ def test_inductor_finds_only_the_outputs_written():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "assuming every input is mutated" not in out.stderr, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {
-        "token_quant_gelu": ["Q", "SCALE"], "expansion": ["OUT"], "qk_norm_rope": ["OUT"]}
+        "token_quant_gelu": ["Q", "SCALE"], "expansion": ["OUT"], "qk_norm_rope": ["OUT"],
+        "layer_norm_fp8": ["Q", "QSCALE"]}
