@@ -79,13 +79,14 @@ def _all_take_rows(readers: list[nn.Module], x: torch.Tensor) -> bool:
 
 
 def _adaln(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, readers: list[nn.Module],
-           x_after: torch.Tensor | None = None):
-    """``norm(cat([x, x_after], 1)) * (1 + scale[:, None]) + shift[:, None]`` (x ``[B, S, C]``, shift / scale
-    ``[B, C]``): fp8 rows where every one of ``readers`` takes them, else the 16-bit tensor."""
-    whole = x if x_after is None else torch.cat([x, x_after], dim=1)
-    if _all_take_rows(readers, whole):
-        return layer_norm_fp8_rows(x, shift, scale, norm.eps, x_after)
-    return norm(whole) * (1 + scale[:, None]) + shift[:, None]
+           streams: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """``norm(x) * (1 + scale[:, None]) + shift[:, None]`` (x ``[B, S, C]``, shift / scale ``[B, C]``): fp8 rows
+    where every one of ``readers`` takes them, else the 16-bit tensor. ``streams``: x's two parts (``x = cat(streams,
+    1)``), which the rows' kernel reads directly."""
+    if _all_take_rows(readers, x):
+        x0, x1 = streams if streams is not None else (x, None)
+        return layer_norm_fp8_rows(x0, shift, scale, norm.eps, x1)
+    return norm(x) * (1 + scale[:, None]) + shift[:, None]
 
 
 def _mlp_readers(feed_forward: nn.Module) -> list[nn.Module]:
@@ -116,7 +117,8 @@ class FusedFluxSingleBlock(nn.Module):
         shift, scale, gate = self.norm.linear(self.norm.silu(temb)).chunk(3, dim=1)
         readers = [self.proj_mlp] + _attention_readers(self.attn, "image") if _plain_flux_attention(self.attn) \
             else [None]
-        norm_hidden_states = _adaln(self.norm.norm, encoder_hidden_states, shift, scale, readers, hidden_states)
+        norm_hidden_states = _adaln(self.norm.norm, residual, shift, scale, readers,
+                                    streams=(encoder_hidden_states, hidden_states))
         mlp_pre_activation = self.proj_mlp(norm_hidden_states)
         attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb,
                                 **(joint_attention_kwargs or {}))
