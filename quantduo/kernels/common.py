@@ -26,26 +26,30 @@ def round_half_even(y):
 @triton.jit
 def round_to(y, dtype: tl.constexpr, NATIVE: tl.constexpr):
     """float32 ``y`` rounded to ``dtype`` (16/32-bit float, nearest even) and back to float32; the identity for
-    float32. NATIVE: the hardware conversion as inline PTX (``cvt.rn``), which the compiler cannot fold away: with
-    FMA contraction on (Triton's default) a plain ``y.to(dtype).to(float32)`` between a product and a sum was
-    dropped on the GPU, the product kept in float32. Otherwise bfloat16 is rounded in integer arithmetic on the
-    float32 bits (the interpreter's float32 -> bfloat16 cast truncates, and its nearest-even mode rounds ties up and
-    drops the carry into the exponent)."""
+    float32. NATIVE: the hardware conversion; otherwise bfloat16 is rounded in integer arithmetic on the float32
+    bits (the interpreter's float32 -> bfloat16 cast truncates, and its nearest-even mode rounds ties up and drops
+    the carry into the exponent).
+
+    On the GPU the compiler may compute a rounded sum or product of 16-bit values in 16-bit arithmetic (the same
+    result), and with FMA contraction on (Triton's default) it fuses such a product with a following sum, which
+    drops the product's rounding: round a product that a sum reads through :func:`mul_rounded`."""
     if dtype == tl.float32:
         return y
-    if NATIVE:
-        if dtype == tl.bfloat16:  # two values per instruction, the first in the low half
-            rounded = tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [y], dtype=tl.bfloat16,
-                                                is_pure=True, pack=2)
-        else:
-            rounded = tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [y], dtype=tl.float16,
-                                                is_pure=True, pack=2)
-        return rounded.to(tl.float32)
-    if dtype == tl.bfloat16:
-        bits = y.to(tl.int32, bitcast=True)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536  # keep the top 16 bits, ties to even
-        return bits.to(tl.float32, bitcast=True)
+    if not NATIVE:
+        if dtype == tl.bfloat16:
+            bits = y.to(tl.int32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536  # keep the top 16 bits, ties to even
+            return bits.to(tl.float32, bitcast=True)
     return y.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def mul_rounded(a, b, NATIVE: tl.constexpr):
+    """float32 ``a * b`` rounded on its own, never fused with a following sum into an FMA (on the GPU ``mul.rn``;
+    the plain product under the interpreter, which does not fuse)."""
+    if NATIVE:
+        return libdevice.mul_rn(a, b)
+    return a * b
 
 
 @triton.jit

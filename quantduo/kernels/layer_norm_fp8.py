@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .common import kernel_op, load_row_segment, per_token_scale, round_to, row_segments, row_warps, store_e4m3_segment
+from .common import (kernel_op, load_row_segment, mul_rounded, per_token_scale, round_to, row_segments, row_warps,
+                     store_e4m3_segment)
 
 
 @triton.jit
@@ -42,7 +43,7 @@ def _modulated(centered, rstd, SHIFT, SCALE, start, K, amax, B: tl.constexpr, dt
     shift = tl.load(SHIFT + cols, mask=cols < K, other=0.0).to(tl.float32)
     scale = tl.load(SCALE + cols, mask=cols < K, other=0.0).to(tl.float32)
     normalized = round_to(centered * rstd, dt, NATIVE)
-    y = round_to(normalized * round_to(1.0 + scale, dt, NATIVE), dt, NATIVE)
+    y = round_to(mul_rounded(normalized, round_to(1.0 + scale, dt, NATIVE), NATIVE), dt, NATIVE)  # then + shift
     y = round_to(y + shift, dt, NATIVE)
     return y, tl.maximum(amax, tl.max(tl.abs(y), axis=0))
 

@@ -56,7 +56,7 @@ def test_counts_the_expansion():
     assert gelu[0].strip() == "gelu_quant 3072+12288 w8" and float(gelu[4]) < 20
     (norm,) = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| layer_norm_fp8")]
     wide, _, loads = norm[5].split()
-    # the adaLN row kernel: every global load 128 bits wide (rows, shift, scale), only the division's call; ~40
-    # instructions per element and thread with its four bf16 roundings kept (inline cvt.rn; 29 when the compiler
-    # had folded one of them away)
+    # the adaLN row kernel: every global load 128 bits wide (rows, shift, scale), only the division's call; ~34
+    # instructions per element and thread with its four bf16 roundings kept (29 when the compiler fused the
+    # product with the sum into one bf16 FMA, dropping the product's rounding)
     assert wide == loads and int(norm[6]) <= 1 and 32 < float(norm[4]) < 48
