@@ -31,6 +31,8 @@ Variants (same model object, linears swapped in place; the per-model rules of
 * ``svdq-auto-split`` (any svdq variant + ``-split``, before ``-qkv`` if both): the single blocks' ``proj_out`` as
   two quantized halves (attention / MLP inputs, :class:`~quantduo.svdquant.split.SplitProjOut`), what a default
   calibration (``split_proj_out``) and Nunchaku files hold;
+* ``svdq-fp8-fa3fp8qk-ln16`` (any svdq variant + ``-ln16``, last): the FLUX blocks' adaLN outputs kept in 16 bits
+  (``enable_fusions(..., adaln_rows=False)``) instead of going to their layers as fp8 rows;
 * ``nunchaku-exact``, ``nunchaku-a16``, ``nunchaku-fp8``: a full-size Nunchaku single file (published layout) with
   random weights, loaded by the published-checkpoint reader and run by that execution; their rows add
   ``rel_err_vs_exact`` (vs the same model's reference execution, Nunchaku's arithmetic), see
@@ -286,7 +288,8 @@ def run_variant(model, linears, variant, inputs, refs, args, rules: ModelRules) 
                 if module is not None:
                     model.set_submodule(name, module)
                     swapped[name] = linear
-            restore_ff = enable_fusions(model) if options.modules in VARIANT_EXECUTIONS else {}
+            restore_ff = enable_fusions(model, adaln_rows=not options.adaln16) \
+                if options.modules in VARIANT_EXECUTIONS else {}
             flux_peers.enable_features(model, options)
             build_s = time.perf_counter() - t0
             torch._dynamo.reset()

@@ -48,6 +48,7 @@ QKV = "-qkv"
 SPLIT = "-split"
 TRITON_EXPANSION = "-tritonexp"
 FA3_BF16 = "-fa3"
+ADALN16 = "-ln16"
 _GLUON_EXPANSION_DEFAULT = fp8_linear.GLUON_EXPANSION
 _SEPARATE_QKV = (".to_q", ".to_k", ".to_v", ".add_q_proj", ".add_k_proj", ".add_v_proj")
 
@@ -59,7 +60,7 @@ class VariantOptions:
     quantduo's fusion of the quantized projections after), FP8 attention (``fuse_flux_qk``: FLUX's Q / K by one
     kernel), first-block cache, the single blocks' ``proj_out`` as two quantized halves (``split_proj_out``: what a
     default calibration and Nunchaku files hold), the fp8 expansion by the Triton kernel instead of the Gluon one
-    (``triton_expansion``)."""
+    (``triton_expansion``), the FLUX blocks' adaLN kept in 16 bits instead of fp8 rows (``adaln16``)."""
 
     modules: str
     fuse_qkv: bool = False
@@ -70,12 +71,15 @@ class VariantOptions:
     split_proj_out: bool = False
     triton_expansion: bool = False
     fa3_bf16: bool = False
+    adaln16: bool = False
 
 
 def variant_options(base: str) -> VariantOptions:
     """Options of a variant name without ``+compile``."""
     if base.endswith(FA3_BF16):
         return replace(variant_options(base.removesuffix(FA3_BF16)), fa3_bf16=True)
+    if base.startswith("svdq-") and base.endswith(ADALN16):
+        return replace(variant_options(base.removesuffix(ADALN16)), adaln16=True)
     if base in TORCHAO:
         return VariantOptions("torchao", fuse_qkv=base.endswith(QKV))
     if base.startswith("svdq-") and base.endswith(TRITON_EXPANSION):

@@ -36,6 +36,8 @@ def test_variant_options_parse_suffixes_and_the_triton_expansion_switch():
     assert flux_peers.variant_options("svdq-fp8").triton_expansion is False
     assert flux_peers.variant_options("svdq-fp8-fa3fp8qk") == flux_peers.VariantOptions(
         "svdq-fp8", fp8_attention="fa3", fuse_flux_qk=True)
+    assert flux_peers.variant_options("svdq-fp8-fa3fp8qk-ln16") == flux_peers.VariantOptions(
+        "svdq-fp8", fp8_attention="fa3", fuse_flux_qk=True, adaln16=True)
     default = fp8_linear.GLUON_EXPANSION
     model = torch.nn.Linear(4, 4)
     flux_peers.enable_features(model, flux_peers.VariantOptions("svdq-auto", triton_expansion=True))

@@ -79,11 +79,11 @@ def _all_take_rows(readers: list[nn.Module], x: torch.Tensor) -> bool:
 
 
 def _adaln(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, readers: list[nn.Module],
-           streams: tuple[torch.Tensor, torch.Tensor] | None = None):
+           rows: bool, streams: tuple[torch.Tensor, torch.Tensor] | None = None):
     """``norm(x) * (1 + scale[:, None]) + shift[:, None]`` (x ``[B, S, C]``, shift / scale ``[B, C]``): fp8 rows
-    where every one of ``readers`` takes them, else the 16-bit tensor. ``streams``: x's two parts (``x = cat(streams,
-    1)``), which the rows' kernel reads directly."""
-    if _all_take_rows(readers, x):
+    where ``rows`` and every one of ``readers`` takes them, else the 16-bit tensor. ``streams``: x's two parts
+    (``x = cat(streams, 1)``), which the rows' kernel reads directly."""
+    if rows and _all_take_rows(readers, x):
         x0, x1 = streams if streams is not None else (x, None)
         return layer_norm_fp8_rows(x0, shift, scale, norm.eps, x1)
     return norm(x) * (1 + scale[:, None]) + shift[:, None]
@@ -99,14 +99,15 @@ class FusedFluxSingleBlock(nn.Module):
     """A diffusers ``FluxSingleTransformerBlock`` whose ``proj_out`` is an INT4 :class:`SVDQuantLinear`: the MLP
     branch's GELU and its concatenation with the attention output happen inside proj_out's activation quantization,
     so the ``[tokens, 15360]`` 16-bit input is never written; the adaLN output goes to ``proj_mlp`` and the
-    attention as fp8 rows where they take them (module docstring). Same call as the block:
+    attention as fp8 rows where they take them (module docstring; ``adaln_rows=False``: always the 16-bit norm).
+    Same call as the block:
     ``(hidden_states [B, S_img, dim], encoder_hidden_states [B, S_txt, dim], temb [B, dim])`` ->
     ``(encoder_hidden_states, hidden_states)``.
     """
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, adaln_rows: bool = True):
         super().__init__()
-        self.mlp_hidden_dim = block.mlp_hidden_dim
+        self.mlp_hidden_dim, self.adaln_rows = block.mlp_hidden_dim, adaln_rows
         for name, child in block.named_children():  # norm, proj_mlp, act_mlp, proj_out, attn, in the block's order
             self.add_module(name, child)
 
@@ -117,7 +118,7 @@ class FusedFluxSingleBlock(nn.Module):
         shift, scale, gate = self.norm.linear(self.norm.silu(temb)).chunk(3, dim=1)
         readers = [self.proj_mlp] + _attention_readers(self.attn, "image") if _plain_flux_attention(self.attn) \
             else [None]
-        norm_hidden_states = _adaln(self.norm.norm, residual, shift, scale, readers,
+        norm_hidden_states = _adaln(self.norm.norm, residual, shift, scale, readers, self.adaln_rows,
                                     streams=(encoder_hidden_states, hidden_states))
         mlp_pre_activation = self.proj_mlp(norm_hidden_states)
         attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb,
@@ -140,11 +141,13 @@ def _fusable_flux_single_block(module: nn.Module) -> bool:
 class FusedFluxDoubleBlock(nn.Module):
     """A diffusers ``FluxTransformerBlock`` whose four adaLN outputs (image and text, before the attention and
     before the MLPs) go to their quantized readers as fp8 rows where they take them (module docstring), and whose
-    GELU MLPs are :class:`FusedGeluMLP` where their down-projections are INT4. Attention processors other than
-    FLUX's plain one run the block's own forward. Same call and outputs as the block."""
+    GELU MLPs are :class:`FusedGeluMLP` where their down-projections are INT4 (``adaln_rows=False``: only the
+    latter). Attention processors other than FLUX's plain one run the block's own forward. Same call and outputs as
+    the block."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, adaln_rows: bool = True):
         super().__init__()
+        self.adaln_rows = adaln_rows
         for name, child in block.named_children():  # norm1, norm1_context, attn, norm2, ff, norm2_context, ff_context
             self.add_module(name, FusedGeluMLP(child) if name.startswith("ff") and _fusable_feed_forward(child)
                             else child)
@@ -160,16 +163,16 @@ class FusedFluxDoubleBlock(nn.Module):
             self.norm1_context.linear(self.norm1_context.silu(temb)).chunk(6, dim=1)
         attn_output, context_attn_output = self.attn(
             hidden_states=_adaln(self.norm1.norm, hidden_states, shift_msa, scale_msa,
-                                 _attention_readers(self.attn, "image")),
+                                 _attention_readers(self.attn, "image"), self.adaln_rows),
             encoder_hidden_states=_adaln(self.norm1_context.norm, encoder_hidden_states, c_shift_msa, c_scale_msa,
-                                         _attention_readers(self.attn, "text")),
+                                         _attention_readers(self.attn, "text"), self.adaln_rows),
             image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
         hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
-        ff_input = _adaln(self.norm2, hidden_states, shift_mlp, scale_mlp, _mlp_readers(self.ff))
+        ff_input = _adaln(self.norm2, hidden_states, shift_mlp, scale_mlp, _mlp_readers(self.ff), self.adaln_rows)
         hidden_states = hidden_states + gate_mlp.unsqueeze(1) * self.ff(ff_input)
         encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
         ff_input = _adaln(self.norm2_context, encoder_hidden_states, c_shift_mlp, c_scale_mlp,
-                          _mlp_readers(self.ff_context))
+                          _mlp_readers(self.ff_context), self.adaln_rows)
         encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * self.ff_context(ff_input)
         if encoder_hidden_states.dtype == torch.float16:
             encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
@@ -197,10 +200,11 @@ FUSIONS = ((_fusable_flux_double_block, FusedFluxDoubleBlock), (_fusable_feed_fo
            (_fusable_flux_single_block, FusedFluxSingleBlock))
 
 
-def enable_fusions(model: nn.Module) -> dict[str, nn.Module]:
+def enable_fusions(model: nn.Module, adaln_rows: bool = True) -> dict[str, nn.Module]:
     """Replace, in place, every FLUX double block with quantized layers by :class:`FusedFluxDoubleBlock`, every
     other GELU(tanh) ``FeedForward`` whose down-projection is an INT4 quantized layer by :class:`FusedGeluMLP`, and
-    every FLUX single block whose ``proj_out`` is one by :class:`FusedFluxSingleBlock`.
+    every FLUX single block whose ``proj_out`` is one by :class:`FusedFluxSingleBlock`. ``adaln_rows=False``: the
+    FLUX blocks keep their 16-bit adaLN outputs (the other fusions only).
 
     Returns ``{name: original module}`` so the change can be undone with ``model.set_submodule``.
     """
@@ -211,7 +215,8 @@ def enable_fusions(model: nn.Module) -> dict[str, nn.Module]:
         fused = next((fused for fusable, fused in FUSIONS if fusable(module)), None)
         if fused is not None:
             originals[name] = module
-            model.set_submodule(name, fused(module))
+            kwargs = {"adaln_rows": adaln_rows} if fused in (FusedFluxDoubleBlock, FusedFluxSingleBlock) else {}
+            model.set_submodule(name, fused(module, **kwargs))
     return originals
 
 

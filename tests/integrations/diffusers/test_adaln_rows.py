@@ -101,6 +101,18 @@ def test_few_tokens_and_other_processors_keep_the_16_bit_norm(fp8_flux, monkeypa
     assert isinstance(fused.transformer_blocks[0], FusedFluxDoubleBlock)
 
 
+def test_adaln_rows_can_be_switched_off(fp8_flux, monkeypatch):
+    """``enable_fusions(model, adaln_rows=False)``: the other fusions only, the blocks' norms stay 16-bit."""
+    model, inputs = fp8_flux
+    fused = copy.deepcopy(model)
+    enable_fusions(fused, adaln_rows=False)
+    calls = _count_rows(monkeypatch)
+    with torch.no_grad():
+        expected, got = model(**inputs)[0], fused(**inputs)[0]
+    assert isinstance(fused.transformer_blocks[0], FusedFluxDoubleBlock)
+    assert calls == [] and relative_error(got, expected) < 1e-6
+
+
 def test_fused_blocks_compile_to_one_graph(fp8_flux):
     """The rows (a NamedTuple with shape / dtype properties) pass through Dynamo: one graph, the eager output."""
     model, inputs = fp8_flux
