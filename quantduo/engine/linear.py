@@ -31,6 +31,10 @@ fp8           <= 64 / more               ``a16`` / per-token fp8 activations x t
                                          buffer + one row-wise scaled ``torch._scaled_mm``
 ============  =========================  ============================================================
 
+INT4 layers in fp8 execution above 64 tokens also read :class:`Fp8Rows`: their input already quantized per token by
+its producer (:func:`layer_norm_fp8_rows`: a DiT block's adaLN in one pass), one quantization for every layer that
+reads it.
+
 Kernels run on CUDA tensors; on the CPU the same paths run their PyTorch references, unless
 :func:`cpu_kernels` is active (tests: Triton's interpreter, ``TRITON_INTERPRET=1``). Under ``torch.compile`` the fp8
 path above 64 tokens is traced (its activation quantization fuses into the producer, its kernels are ``triton_op``
