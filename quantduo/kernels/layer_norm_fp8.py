@@ -28,10 +28,10 @@ from .common import (kernel_op, load_row_segment, mul_rounded, per_token_scale, 
 
 
 @triton.jit
-def _centered(P, start, K, mean, B: tl.constexpr):
-    """``x - mean`` on columns ``start + [0, B)`` of the row at P (float32, zero past K)."""
+def _centered(x, start, K, mean, B: tl.constexpr):
+    """``x - mean`` for the segment ``x`` (columns ``start + [0, B)`` of a row of length K), zero past K."""
     cols = start + tl.arange(0, B)
-    return tl.where(cols < K, load_row_segment(P, start, K, B) - mean, 0.0)
+    return tl.where(cols < K, x - mean, 0.0)
 
 
 @triton.jit
@@ -70,14 +70,16 @@ def _layer_norm_fp8_kernel(X0, X1, SHIFT, SCALE, Q, QSCALE, B, S0, S1, K, x0_b, 
     out_row = (b * (S0 + S1) + first_token + s).to(tl.int64)
     dt = X0.dtype.element_ty
 
-    total = tl.sum(load_row_segment(x_row, 0, K, B0), axis=0)
+    x0 = load_row_segment(x_row, 0, K, B0)
+    total = tl.sum(x0, axis=0)
     if B1 > 0:
-        total += tl.sum(load_row_segment(x_row, B0, K, B1), axis=0)
+        x1 = load_row_segment(x_row, B0, K, B1)
+        total += tl.sum(x1, axis=0)
     mean = total / K
-    c0 = _centered(x_row, 0, K, mean, B0)
+    c0 = _centered(x0, 0, K, mean, B0)
     var = tl.sum(c0 * c0, axis=0)
     if B1 > 0:
-        c1 = _centered(x_row, B0, K, mean, B1)
+        c1 = _centered(x1, B0, K, mean, B1)
         var += tl.sum(c1 * c1, axis=0)
     rstd = 1.0 / tl.sqrt(var / K + eps)
 
