@@ -5,8 +5,8 @@ makes of the eager chain.
 
 Inputs as FLUX.1 at 1024x1024 has them: 3072-wide bf16 rows, a single block's 512 text + 4096 image tokens
 (normalized together, as two streams), a double block's image (4096) and text (512) streams; shift / scale views of
-the modulation output ``[1, 6 x 3072]``. Times: CUDA-graph replays (``benchmarks.linear.time_graph``), us per call,
-and GB/s of one read of the rows and one write of the codes. Rows: :func:`quantduo.kernels.layer_norm_fp8
+the modulation output ``[1, 6 x 3072]``. Times: CUDA-graph replays (``benchmarks.linear.time_on_fresh_inputs``), us
+per call, and GB/s of one read of the rows and one write of the codes. Rows: :func:`quantduo.kernels.layer_norm_fp8
 .layer_norm_modulate_fp8` at its default warps (with ``--sweep`` also others), and the eager chain (diffusers'
 expression, the text + image concatenation for the single block, then the per-token quantization) under
 ``torch.compile``, which is what the unfused block runs. Each row's codes are compared with the reference
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.linear import time_graph  # noqa: E402
+from benchmarks.linear import time_on_fresh_inputs  # noqa: E402
 from quantduo.formats.fp8 import fp8_steps_apart, layer_norm_modulate_fp8_ref, quantize_fp8_per_token_ref  # noqa: E402
 from quantduo.kernels import layer_norm_fp8  # noqa: E402
 from quantduo.utils import atomic_write  # noqa: E402
@@ -72,14 +72,6 @@ def agreement(got: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, t
                 scale_rel=float(((got[1] - ref[1]).abs() / ref[1]).max()))
 
 
-def fresh_inputs_call(path, tokens: tuple[int, int]):
-    """For ``time_graph``: each call of the result builds its own inputs (buffers past L2) and returns the call."""
-    def make_call():
-        inputs = adaln_inputs("cuda", tokens, seed=1)
-        return lambda: path(inputs)
-    return make_call
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time the warps of SWEEP")
@@ -101,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in paths.items():
             with torch.no_grad():
                 check = agreement(path(inputs), ref)
-                us = time_graph(fresh_inputs_call(path, tokens), nbytes)
+                us = time_on_fresh_inputs(path, lambda: adaln_inputs("cuda", tokens, seed=1), nbytes)
             rows.append(dict(shape=shape, path=name, us=us, gb_s=nbytes / us / 1e3, **check))
             print(f"{shape}, {name}: {us:.1f} us ({nbytes / us / 1e3:.0f} GB/s), codes vs reference: max "
                   f"{check['max_steps']} steps, {check['differing']:.2e} differ, scales {check['scale_rel']:.1e}",

@@ -115,6 +115,14 @@ def time_graph(make_call, bytes_per_call: float, reps: int = 15, max_copies: int
     return statistics.median(times)
 
 
+def time_on_fresh_inputs(path, make_inputs, bytes_per_call: float) -> float:
+    """:func:`time_graph` of ``path(inputs)``, each buffer set with its own ``make_inputs()`` (buffers past L2)."""
+    def make_call():
+        inputs = make_inputs()
+        return lambda: path(inputs)
+    return time_graph(make_call, bytes_per_call)
+
+
 def random_module(n, k, act_format="int4", rank=RANK, execution="exact", fast_accum=None):
     """SVDQuantLinear with random (non-degenerate) buffers, run by ``execution``."""
     m = SVDQuantLinear(k, n, rank=rank, act_format=act_format, dtype=DTYPE, device=DEV)

@@ -6,8 +6,8 @@ makes of the eager chain.
 Inputs as FLUX.1 at 1024x1024 hands them to its attention: 512 text + 4096 image tokens, 24 heads of 128, bf16, each
 stream a view of its fused QKV projection output (row stride 3 x 3072), ``torch.nn.RMSNorm`` weights (diffusers'
 FLUX attention), FLUX's rotary tables, the static bound ``sqrt(128) * max|w|``. Times: CUDA-graph replays
-(``benchmarks.linear.time_graph``), us per call of one of Q / K, and GB/s of one read of the rows and one write of
-the codes (the cos / sin tables not counted). Rows: :func:`quantduo.kernels.qk_norm_rope.rms_norm_rope_e4m3` at its
+(``benchmarks.linear.time_on_fresh_inputs``), us per call of one of Q / K, and GB/s of one read of the rows and one
+write of the codes (the cos / sin tables not counted). Rows: :func:`quantduo.kernels.qk_norm_rope.rms_norm_rope_e4m3` at its
 default tile (with ``--sweep`` also other (rows per program, warps) tiles), and the eager chain (the norms, text
 rows first, diffusers' ``apply_rotary_emb``, the static-bound quantization) under ``torch.compile``, which is what
 the SDPA-hook path runs. Each row's codes are compared with the reference
@@ -27,7 +27,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.linear import time_graph  # noqa: E402
+from benchmarks.linear import time_on_fresh_inputs  # noqa: E402
 from quantduo.formats.attention_fp8 import quantize_heads_e4m3, rms_norm_rope_e4m3_ref  # noqa: E402
 from quantduo.formats.fp8 import fp8_steps_apart  # noqa: E402
 from quantduo.kernels import qk_norm_rope  # noqa: E402
@@ -82,14 +82,6 @@ def agreement(codes: torch.Tensor, ref: torch.Tensor) -> dict:
     return dict(max_steps=int(apart.max()), differing=float(apart.gt(0).float().mean()))
 
 
-def fresh_inputs_call(path):
-    """For ``time_graph``: each call of the result builds its own inputs (buffers past L2) and returns the call."""
-    def make_call():
-        inputs = flux_qk_inputs("cuda", seed=1)
-        return lambda: path(inputs)
-    return make_call
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time the tiles of SWEEP (rows, warps)")
@@ -111,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in paths.items():
         with torch.no_grad():
             check = agreement(path(inputs), ref)
-            us = time_graph(fresh_inputs_call(path), nbytes)
+            us = time_on_fresh_inputs(path, lambda: flux_qk_inputs("cuda", seed=1), nbytes)
         rows.append(dict(path=name, us=us, gb_s=nbytes / us / 1e3, **check))
         print(f"{name}: {us:.1f} us ({nbytes / us / 1e3:.0f} GB/s), codes vs reference: max {check['max_steps']} "
               f"steps, {check['differing']:.2e} differ", flush=True)
