@@ -276,8 +276,8 @@ def enable_fp8_attention(model: nn.Module, q_block: int = DEFAULT_Q_BLOCK, kv_bl
                          backend: str = "triton", fuse_flux_qk: bool | None = None) -> int:
     """Wrap every attention processor of ``model`` (a diffusers transformer, or any module holding some) in
     :class:`FP8AttentionProcessor` with ``backend`` (and ``fuse_flux_qk``, ``"fa3"`` only, on by default there: see
-    the module docstring), in place; a wrapped processor gets the new settings. Returns the number of attention modules now
-    wrapped. ValueError for an unknown backend, or ``"fa3"`` for a CUDA model where FlashAttention-3 is not
+    the module docstring), in place; a wrapped processor gets the new settings. Returns the number of attention
+    modules now wrapped. ValueError for an unknown backend, or ``"fa3"`` for a CUDA model where FlashAttention-3 is not
     installed."""
     check_backend(backend)
     if backend == "fa3" and not FA3_AVAILABLE and _model_on_cuda(model):

@@ -58,8 +58,8 @@ def _fp8_token_quant_kernel(X, G, Q, SCALE, KX, KG, stride_xm, stride_gm, stride
     """Program m: row m of ``cat(X[m], gelu_tanh(G[m]))`` -> Q float8_e4m3fn ``[M, KX + KG]``, SCALE float32 ``[M]``.
 
     X ``[M, KX]`` and G ``[M, KG]`` 16/32-bit with unit column stride. Each input is read as two power-of-two
-    segments, BX0 + BX1 >= KX and BG0 + BG1 >= KG (:func:`.common.row_segments`: 3072 = 2048 + 1024, 12288 = 8192 + 4096, so
-    FLUX's rows have no padded lanes); a size of 0 leaves the segment out. One read of the row (kept in registers
+    segments, BX0 + BX1 >= KX and BG0 + BG1 >= KG (:func:`.common.row_segments`: 3072 = 2048 + 1024, 12288 = 8192 +
+    4096, so FLUX's rows have no padded lanes); a size of 0 leaves the segment out. One read of the row (kept in registers
     between the absmax and the quantization), one write of the codes.
     """
     row = tl.program_id(0).to(tl.int64)

@@ -8,7 +8,8 @@ roundings of the eager modules for a weight of the inputs' dtype (other weights 
 PyTorch's ``torch.nn.RMSNorm`` (what diffusers' FLUX attention uses): float32 statistics, the weight applied in
 float32, one rounding to the inputs' dtype; with ``round_before_weight`` it is diffusers' own ``RMSNorm``: the
 normalized row rounded to that dtype, the product with the weight in it. ``apply_rotary_emb`` (real form, pairs
-``(2i, 2i + 1)``) rounds its float32 result to it. Reference: :func:`quantduo.formats.attention_fp8.rms_norm_rope_e4m3_ref`.
+``(2i, 2i + 1)``) rounds its float32 result to it. Reference:
+:func:`quantduo.formats.attention_fp8.rms_norm_rope_e4m3_ref`.
 
 Compiled as one graph, the same chain cost Inductor two to three passes over Q and K with gathered loads for the
 rotary pairs; here each program reads ``ROWS`` head rows once and writes their codes once, in FlashAttention-3's

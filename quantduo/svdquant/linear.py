@@ -244,8 +244,9 @@ class SVDQuantLinear(nn.Module):
         return engine.reference_forward(self, x)
 
     def forward(self, x: torch.Tensor | engine.Fp8Rows) -> torch.Tensor:
-        """``x [..., in_features]`` -> ``[..., out_features]``; in fp8 execution also :class:`~quantduo.engine.linear.Fp8Rows`
-        of x (x quantized per token ahead of the layer, :func:`~quantduo.engine.linear.takes_fp8_rows`)."""
+        """``x [..., in_features]`` -> ``[..., out_features]``; in fp8 execution also
+        :class:`~quantduo.engine.linear.Fp8Rows` of x (x quantized per token ahead of the layer,
+        :func:`~quantduo.engine.linear.takes_fp8_rows`)."""
         self._ensure_derived()
         return engine.linear_forward(self, x)
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from quantduo.engine.linear import cpu_kernels
-from quantduo.integrations.diffusers import (FusedFluxDoubleBlock, FusedFluxSingleBlock, FusedGeluMLP, enable_fusions, quantization_config,
-                                             quantize_transformer, rules_for)
+from quantduo.integrations.diffusers import (FusedFluxDoubleBlock, FusedFluxSingleBlock, FusedGeluMLP, enable_fusions,
+                                             quantization_config, quantize_transformer, rules_for)
 from quantduo.svdquant import SVDQuantLinear, set_execution
 from quantduo.utils import relative_error
 
