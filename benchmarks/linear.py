@@ -27,7 +27,7 @@ every token count, the expansion path checked against the fp8 reference first. `
 (after the table): the fp8 execution's stages above 64 tokens (row quantization, the fp8 expansion with a tile
 sweep, ``_scaled_mm``, the module). ``--gelu-quant``: the fp8 row quantization with its GELU at FLUX widths
 (``--tokens``). ``--decode``: one token
-at Llama-3-8B shapes (bf16, the ``a16`` module = smoothing + GEMV, the GEMV alone, PyTorch's int4 tinygemm, GEMV
+at Llama-3-8B shapes or (``--decode-shapes flux``) FLUX.1's modulation layers (bf16, the ``a16`` module = smoothing + GEMV, the GEMV alone, PyTorch's int4 tinygemm, GEMV
 tiles). ``--quality``: output error vs the bf16 layer of each execution on SVDQuant-quantized synthetic FLUX-shaped
 layers with outlier channels. ``--smoke``: the checks and the quality harness at tiny shapes, no timings (runs on the
 CPU through Triton's interpreter, float16). Times: CUDA-graph replays over enough copies of the weights and inputs
@@ -72,6 +72,10 @@ SHAPES = [(3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288)]  # (N, K)
 SMOKE_SHAPES = [(96, 128), (40, 192)]
 LLAMA_SHAPES = {"q/o_proj": (4096, 4096), "k/v_proj": (1024, 4096), "gate/up_proj": (14336, 4096),
                 "down_proj": (4096, 14336)}  # (N, K) of Llama-3-8B
+# (N, K) of FLUX.1's modulation layers: all read silu(temb), one token per image (W4A16, the GEMV)
+FLUX_MODULATION_SHAPES = {"double norm1(_context).linear": (18432, 3072), "single norm.linear": (9216, 3072),
+                          "norm_out.linear": (6144, 3072)}
+DECODE_SHAPES = {"llama": LLAMA_SHAPES, "flux": FLUX_MODULATION_SHAPES}
 GEMV_SWEEP = [dict(BN=bn, BKW=bkw, num_warps=w, num_stages=s) for bn in (4, 8, 16, 32) for bkw in (64, 128, 256)
               for w in (4, 8) for s in (3,) if 512 <= bn * bkw <= 4096]
 SMALL_TOKENS = [1, 4, 16, 64]
@@ -571,10 +575,11 @@ def tinygemm_operands(m):
     return packed, torch.stack([scales, torch.zeros_like(scales)], dim=2).contiguous()
 
 
-def decode_table(log, results):
-    """M = 1 at Llama-3-8B shapes: correctness of the a16 module (GEMV) and tinygemm vs the reference, then times."""
+def decode_table(log, results, shapes=LLAMA_SHAPES):
+    """M = 1 at ``shapes`` (name -> (N, K); Llama-3-8B's by default): correctness of the a16 module (GEMV) and
+    tinygemm vs the reference, then times, and the GEMV tile sweep."""
     rows = {}
-    for name, (N, K) in LLAMA_SHAPES.items():
+    for name, (N, K) in shapes.items():
         m = random_module(N, K, "none", rank=0, execution="a16")
         x = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
         ref_y = m.forward_reference(x)
@@ -677,7 +682,9 @@ def parse_args(argv=None):
                       help="only the fp8 execution's stages and the fp8 expansion tile sweep (M > 64 of --tokens)")
     mode.add_argument("--gelu-quant", action="store_true",
                       help="only the fp8 row quantization with GELU at FLUX widths (M of --tokens)")
-    mode.add_argument("--decode", action="store_true", help="only the one-token table at Llama-3-8B shapes")
+    mode.add_argument("--decode", action="store_true", help="only the one-token table (--decode-shapes)")
+    ap.add_argument("--decode-shapes", choices=sorted(DECODE_SHAPES), default="llama",
+                    help="--decode at Llama-3-8B's layers or FLUX.1's modulation layers")
     mode.add_argument("--smoke", action="store_true",
                       help="checks and quality harness at tiny shapes, no timings (CPU: Triton interpreter)")
     ap.add_argument("--sweep", action="store_true", help="after the table: the fp8 stages and expansion tile sweep")
@@ -727,7 +734,7 @@ def main(argv=None):
         gelu_quant(log, results, args.tokens)
         args.no_table = True
     elif args.decode:
-        decode_table(log, results)
+        decode_table(log, results, DECODE_SHAPES[args.decode_shapes])
         log(f"  [decode {time.time() - t0:.0f}s]")
         args.no_table = True
     elif args.small_sweep:

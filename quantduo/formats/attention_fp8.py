@@ -27,7 +27,8 @@ import torch
 
 __all__ = ["DEFAULT_KV_BLOCK", "DEFAULT_Q_BLOCK", "E4M3_MAX", "P_SCALE", "attention_on_codes_reference",
            "attention_on_head_codes", "check_attention_inputs", "fp8_attention_heads_reference",
-           "fp8_attention_reference", "quantize_blocks_e4m3", "quantize_heads_e4m3", "rms_norm_rope_e4m3_ref"]
+           "fp8_attention_reference", "quantize_blocks_e4m3", "quantize_heads_e4m3", "quantize_token_heads_e4m3_ref",
+           "rms_norm_rope_e4m3_ref"]
 
 E4M3_MAX = 448.0
 P_SCALE = 256.0
@@ -120,6 +121,16 @@ def quantize_heads_e4m3(x: torch.Tensor, bound: float | None = None) -> tuple[to
     scale = bound / E4M3_MAX
     codes = (x.float() * (1.0 / scale)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return codes, torch.full(x.shape[:2], scale, dtype=torch.float32, device=x.device)
+
+
+def quantize_token_heads_e4m3_ref(x0: torch.Tensor, x1: torch.Tensor | None = None
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_heads_e4m3` (one absmax scale per (batch, head)) of the token-major ``cat([x0, x1], dim=1)``,
+    x0 ``[B, S0, H, D]``, x1 ``[B, S1, H, D]`` or None (projection outputs split into heads, text rows first):
+    (codes float8_e4m3fn ``[B, S0 + S1, H, D]`` contiguous, FlashAttention-3's layout; scales float32 ``[B, H]``)."""
+    x = x0 if x1 is None else torch.cat([x0, x1], dim=1)
+    codes, scale = quantize_heads_e4m3(x.transpose(1, 2))
+    return codes.transpose(1, 2).contiguous(), scale
 
 
 def fp8_attention_heads_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,

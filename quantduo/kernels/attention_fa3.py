@@ -23,6 +23,8 @@ import torch
 
 from quantduo.formats.attention_fp8 import attention_on_head_codes, check_attention_inputs, quantize_heads_e4m3
 
+from .head_quant_fp8 import quantize_token_heads_e4m3
+
 try:
     from flash_attn_interface import flash_attn_func
 except ImportError:  # FlashAttention-3 not installed: FA3_AVAILABLE is False
@@ -53,9 +55,14 @@ def fa3_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_bound: flo
                  k_bound: float | None = None) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
     """FlashAttention-3's fp8 operands of q, k, v ``[B, H, S, D]``: ``(codes, descale)`` per tensor, codes
     float8_e4m3fn ``[B, S, H, D]`` (a view with the last dim contiguous, as FlashAttention-3 reads it), descale
-    float32 ``[B, H]`` (:func:`~quantduo.formats.attention_fp8.quantize_heads_e4m3`; V always by its absmax)."""
-    operands = (quantize_heads_e4m3(q, q_bound), quantize_heads_e4m3(k, k_bound), quantize_heads_e4m3(v))
-    return tuple((codes.transpose(1, 2), scale.contiguous()) for codes, scale in operands)
+    float32 ``[B, H]`` (:func:`~quantduo.formats.attention_fp8.quantize_heads_e4m3`; V always by its absmax, on
+    CUDA by :func:`.head_quant_fp8.quantize_token_heads_e4m3`)."""
+    operands = (quantize_heads_e4m3(q, q_bound), quantize_heads_e4m3(k, k_bound))
+    qk = tuple((codes.transpose(1, 2), scale.contiguous()) for codes, scale in operands)
+    if v.is_cuda and v.stride(-1) == 1:
+        return (*qk, quantize_token_heads_e4m3(v.transpose(1, 2)))
+    v8, v_scale = quantize_heads_e4m3(v)
+    return (*qk, (v8.transpose(1, 2), v_scale.contiguous()))
 
 
 def fa3_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,

@@ -57,12 +57,14 @@ def round_e4m3(y):
     """Round float32 ``y`` (|y| <= 448) to the nearest float8_e4m3fn value, ties to even, as float32.
 
     The result is exactly representable, so ``.to(tl.float8e4nv)`` of it is exact on every backend (the
-    Triton CPU interpreter's own float32 -> fp8 cast rounds some values wrongly).
+    Triton CPU interpreter's own float32 -> fp8 cast rounds some values wrongly). Values that round to zero keep
+    their sign (``-0.0`` for small negatives, as PyTorch's cast and the hardware's give).
     """
     e = tl.maximum(((y.to(tl.int32, bitcast=True) >> 23) & 255) - 127, -6)  # exponent, subnormals at -6
     inv_ulp = ((130 - e) << 23).to(tl.float32, bitcast=True)  # 2 ** (3 - e)
     ulp = ((124 + e) << 23).to(tl.float32, bitcast=True)  # 2 ** (e - 3)
-    return round_half_even(y * inv_ulp) * ulp
+    rounded = round_half_even(y * inv_ulp) * ulp
+    return tl.where(rounded == 0, y * 0.0, rounded)
 
 
 @triton.jit

@@ -82,11 +82,13 @@ def _w4_gemv_kernel(
 
 
 def _pick(M: int, N: int, KW: int) -> dict:
-    """16 rows per program (8 below 256 programs), 256 words (2048 inputs) per K step, 8 warps unless there
-    are many programs (best of a sweep at Llama-3-8B shapes on an H100, BENCHMARKS.md)."""
+    """16 rows per program (8 below 256 programs), 8 warps unless there are many programs (best of a sweep at
+    Llama-3-8B shapes on an H100, BENCHMARKS.md); K steps of the largest power of two of words up to 256 (2048
+    inputs) that divides KW, so that no step is partly masked (3072 inputs: 3 steps of 128 words, not 2 of 256 with
+    half of the second masked, which still costs its instructions)."""
     bn = 16 if triton.cdiv(N, 16) * M >= 256 else 8
     warps = 4 if triton.cdiv(N, bn) * M > 512 else 8
-    return dict(BN=bn, BKW=min(256, max(8, triton.next_power_of_2(KW))), num_warps=warps, num_stages=3)
+    return dict(BN=bn, BKW=min(256, KW & -KW), num_warps=warps, num_stages=3)
 
 
 def check_gemv_inputs(x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor) -> None:

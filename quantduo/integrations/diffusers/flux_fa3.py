@@ -7,8 +7,9 @@ passes over them. :func:`flux_fa3_attention` computes the same as ``FluxAttnProc
 by diffusers' own helper, the same norms, concatenation order, rotary embedding, attention and output projections),
 with Q / K quantized by their static bounds straight from the projections
 (:func:`quantduo.kernels.qk_norm_rope.rms_norm_rope_e4m3`; reference
-:func:`quantduo.formats.attention_fp8.rms_norm_rope_e4m3_ref` off the kernels) and V by its per-head absmax
-(:func:`quantduo.formats.attention_fp8.quantize_heads_e4m3`).
+:func:`quantduo.formats.attention_fp8.rms_norm_rope_e4m3_ref` off the kernels) and V by its per-head absmax, both
+streams read in place (:func:`quantduo.kernels.head_quant_fp8.quantize_token_heads_e4m3`; reference
+:func:`quantduo.formats.attention_fp8.quantize_token_heads_e4m3_ref`).
 
 :func:`serves` says which calls it takes: the plain ``FluxAttnProcessor`` (no attention backend or context
 parallelism set on it, no mask), head dims FlashAttention-3 has that are powers of two (64, 128, 256), bounds known,
@@ -22,8 +23,9 @@ from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
 from diffusers.models.transformers import transformer_flux
 
 from quantduo.engine.linear import kernels_for
-from quantduo.formats.attention_fp8 import E4M3_MAX, quantize_heads_e4m3, rms_norm_rope_e4m3_ref
+from quantduo.formats.attention_fp8 import E4M3_MAX, quantize_token_heads_e4m3_ref, rms_norm_rope_e4m3_ref
 from quantduo.kernels.attention_fa3 import FA3_HEAD_DIMS, fa3_attention_on_codes, fa3_unavailable_reason
+from quantduo.kernels.head_quant_fp8 import quantize_token_heads_e4m3
 from quantduo.kernels.qk_norm_rope import rms_norm_rope_e4m3
 
 __all__ = ["flux_fa3_attention", "serves"]
@@ -82,13 +84,14 @@ def flux_fa3_attention(attn, hidden_states: torch.Tensor, encoder_hidden_states:
     joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
     q_parts, k_parts = ([heads(enc_query), heads(query)], [heads(enc_key), heads(key)]) if joint else \
         ([heads(query)], [heads(key)])
-    value = torch.cat([heads(enc_value), heads(value)], dim=1) if joint else heads(value)
+    v_parts = [heads(enc_value), heads(value)] if joint else [heads(value)]
     q8 = _qk_codes(q_parts, _norms(attn, joint, "q"), bounds[0], image_rotary_emb)
     k8 = _qk_codes(k_parts, _norms(attn, joint, "k"), bounds[1], image_rotary_emb)
-    v_codes, v_scale = quantize_heads_e4m3(value.transpose(1, 2))
+    quantize_v = quantize_token_heads_e4m3 if kernels_for(v_parts[0]) else quantize_token_heads_e4m3_ref
+    v8, v_scale = quantize_v(*v_parts)
     batch, heads_n = q8.shape[0], q8.shape[2]
     scale = lambda bound: torch.full((batch, heads_n), bound / E4M3_MAX, device=q8.device)  # noqa: E731
-    operands = ((q8, scale(bounds[0])), (k8, scale(bounds[1])), (v_codes.transpose(1, 2), v_scale.contiguous()))
+    operands = ((q8, scale(bounds[0])), (k8, scale(bounds[1])), (v8, v_scale))
     out = fa3_attention_on_codes(operands, attn.head_dim ** -0.5).transpose(1, 2)  # [B, S, H, D]
     out = out.flatten(2, 3).to(hidden_states.dtype)
     if encoder_hidden_states is None:
