@@ -248,7 +248,9 @@ def measure(runner, model, variant, inputs, refs, args, options) -> dict:
     if options.first_block_cache:
         return dict(flux_peers.cache_measurement(runner, model, inputs, args), rel_err_vs_bf16=None,
                     rel_err_vs_fp32=None, graph_median_ms=None, profile_ms={})
+    t0 = time.perf_counter()
     out = runner(**inputs)[0].clone()  # reduce-overhead mode overwrites graph outputs on the next call
+    print(f"{variant}: first call (compile, if any) {time.perf_counter() - t0:.1f} s", flush=True)
     host_times: list[float] = []
     times = time_forward(runner, inputs, args.warmup, args.reps, host_times)
     graphed = time_forward(GraphedForward(runner), inputs, args.warmup, args.reps) if args.cuda_graph else []
