@@ -82,13 +82,17 @@ def _w4_gemv_kernel(
 
 
 def _pick(M: int, N: int, KW: int) -> dict:
-    """16 rows per program (8 below 256 programs), 8 warps unless there are many programs (best of a sweep at
-    Llama-3-8B shapes on an H100, BENCHMARKS.md); K steps of the largest power of two of words up to 256 (2048
-    inputs) that divides KW, so that no step is partly masked (3072 inputs: 3 steps of 128 words, not 2 of 256 with
-    half of the second masked, which still costs its instructions)."""
+    """K steps of the largest power of two of words up to 256 (2048 inputs) that divides KW, so that no step is
+    partly masked (a masked half step still costs its instructions). At 256 words: 16 rows per program (8 below 256
+    programs), 8 warps unless there are many programs (sweep at Llama-3-8B shapes on an H100); at fewer words
+    (FLUX's 3072 inputs: 128): 8 rows, 4 warps (sweep at FLUX's modulation shapes, where 8 warps took 2-6x as long:
+    BENCHMARKS.md, twenty-fourth session)."""
+    bkw = min(256, KW & -KW)
+    if bkw < 256:
+        return dict(BN=8, BKW=bkw, num_warps=4, num_stages=3)
     bn = 16 if triton.cdiv(N, 16) * M >= 256 else 8
     warps = 4 if triton.cdiv(N, bn) * M > 512 else 8
-    return dict(BN=bn, BKW=min(256, KW & -KW), num_warps=warps, num_stages=3)
+    return dict(BN=bn, BKW=bkw, num_warps=warps, num_stages=3)
 
 
 def check_gemv_inputs(x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor) -> None:

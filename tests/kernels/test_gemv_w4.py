@@ -7,7 +7,7 @@ import torch
 from quantduo.formats import quantizers as qz
 from quantduo.formats import reference as ref
 from quantduo.kernels.act_quant import act_quant
-from quantduo.kernels.gemv_w4 import w4_gemv
+from quantduo.kernels.gemv_w4 import _pick, w4_gemv
 from quantduo.utils import relative_error
 
 pytestmark = pytest.mark.usefixtures("poison_empty")  # unwritten kernel outputs show (tests/conftest.py)
@@ -41,3 +41,13 @@ def test_w4_gemv_bad_inputs():
         w4_gemv(x, qw, torch.ones(8, 4), None, None, None, torch.float32)
     with pytest.raises(ValueError, match="BKW must be a multiple of 8"):
         w4_gemv(x, qw, ws, None, None, None, torch.float32, config=dict(BN=8, BKW=4, num_warps=1, num_stages=1))
+
+
+@pytest.mark.parametrize("K", [64, 192, 3072, 4096, 14336])
+def test_default_k_steps_are_never_partly_masked(K):
+    """The default configuration's K step divides K's words (FLUX's 3072 inputs: 3 steps of 128 words, not 2 of 256
+    with half of the second masked), at most 256 words."""
+    words = K // 8
+    step = _pick(1, 18432, words)["BKW"]
+    assert words % step == 0 and step <= 256 and step % 8 == 0
+    assert K < 2048 or step >= 128  # no needlessly short steps at real widths
