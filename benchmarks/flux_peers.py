@@ -13,7 +13,9 @@ Variant names (``<name>`` and ``<name>+compile``; each eager and, with ``--cuda-
   less work in the fp8 weight expansion;
 * ``<svdq variant>-tritonexp`` (last suffix): that variant with its eager fp8 weight expansions by the Triton kernel
   of :mod:`quantduo.kernels.dequant_w4` instead of the Gluon kernel of :mod:`quantduo.kernels.expand_w4_mma` (the
-  eager default on CUDA; compiled models always launch the Triton kernel): the two in one call;
+  eager default on CUDA; compiled models launch the Triton kernel by default): the two in one call;
+  ``<svdq variant>-gluonexp``: compiled models too run the Gluon kernel, as an opaque operator
+  (``QUANTDUO_FP8_EXPANSION=gluon``);
 * ``svdq-fp8-fa8``: ``svdq-fp8`` with FP8 attention (:mod:`quantduo.integrations.fp8_attention`, Triton backend);
 * ``svdq-fp8-fa3fp8``: the same with the ``fa3`` backend (FlashAttention-3's fp8 kernel, one scale per head;
   needs ``flash_attn_3``, docs/fa3.md); ``svdq-fp8-fa3fp8qk``: with FLUX's Q / K prepared by one kernel
@@ -46,10 +48,10 @@ from quantduo.utils import relative_error
 TORCHAO = ("torchao-fp8row", "torchao-fp8row-qkv")
 QKV = "-qkv"
 SPLIT = "-split"
-TRITON_EXPANSION = "-tritonexp"
+EXPANSIONS = {"-tritonexp": "triton", "-gluonexp": "gluon"}  # suffix -> fp8_linear.EXPANSION
 FA3_BF16 = "-fa3"
 ADALN16 = "-ln16"
-_GLUON_EXPANSION_DEFAULT = fp8_linear.GLUON_EXPANSION
+_EXPANSION_DEFAULT = fp8_linear.EXPANSION
 _SEPARATE_QKV = (".to_q", ".to_k", ".to_v", ".add_q_proj", ".add_k_proj", ".add_v_proj")
 
 
@@ -59,8 +61,9 @@ class VariantOptions:
     ``"torchao"``), fused QKV (``fuse_qkv``: diffusers' fusion before the linears are replaced; ``quantized_qkv``:
     quantduo's fusion of the quantized projections after), FP8 attention (``fuse_flux_qk``: FLUX's Q / K by one
     kernel), first-block cache, the single blocks' ``proj_out`` as two quantized halves (``split_proj_out``: what a
-    default calibration and Nunchaku files hold), the fp8 expansion by the Triton kernel instead of the Gluon one
-    (``triton_expansion``), the FLUX blocks' adaLN kept in 16 bits instead of fp8 rows (``adaln16``)."""
+    default calibration and Nunchaku files hold), the fp8 expansion's kernel choice (``expansion``: a value of
+    ``QUANTDUO_FP8_EXPANSION``, None for the default), the FLUX blocks' adaLN kept in 16 bits instead of fp8 rows
+    (``adaln16``)."""
 
     modules: str
     fuse_qkv: bool = False
@@ -69,7 +72,7 @@ class VariantOptions:
     fuse_flux_qk: bool = False
     first_block_cache: bool = False
     split_proj_out: bool = False
-    triton_expansion: bool = False
+    expansion: str | None = None
     fa3_bf16: bool = False
     adaln16: bool = False
 
@@ -82,8 +85,9 @@ def variant_options(base: str) -> VariantOptions:
         return replace(variant_options(base.removesuffix(ADALN16)), adaln16=True)
     if base in TORCHAO:
         return VariantOptions("torchao", fuse_qkv=base.endswith(QKV))
-    if base.startswith("svdq-") and base.endswith(TRITON_EXPANSION):
-        return replace(variant_options(base.removesuffix(TRITON_EXPANSION)), triton_expansion=True)
+    for suffix, expansion in EXPANSIONS.items():
+        if base.startswith("svdq-") and base.endswith(suffix):
+            return replace(variant_options(base.removesuffix(suffix)), expansion=expansion)
     if base.startswith("svdq-") and base.endswith(QKV):
         return replace(variant_options(base.removesuffix(QKV)), quantized_qkv=True)
     if base.startswith("svdq-") and base.endswith(SPLIT):
@@ -136,9 +140,9 @@ def model_linears(model: nn.Module, fused: bool) -> dict[str, nn.Linear]:
 
 
 def enable_features(model: nn.Module, options: VariantOptions) -> None:
-    """Fuse the quantized QKV projections, turn on FP8 attention, select the Triton fp8 expansion (the first-block
+    """Fuse the quantized QKV projections, turn on FP8 attention, select the fp8 expansion's kernel (the first-block
     cache is :func:`cache_measurement`'s)."""
-    fp8_linear.GLUON_EXPANSION = not options.triton_expansion
+    fp8_linear.EXPANSION = options.expansion or _EXPANSION_DEFAULT
     if options.quantized_qkv:
         report = fuse_qkv(model)
         if report.skipped or report.linear:
@@ -151,7 +155,7 @@ def enable_features(model: nn.Module, options: VariantOptions) -> None:
 
 def disable_features(model: nn.Module, options: VariantOptions) -> None:
     """Undo :func:`enable_features` and :func:`cache_measurement` (no-ops where they were off)."""
-    fp8_linear.GLUON_EXPANSION = _GLUON_EXPANSION_DEFAULT
+    fp8_linear.EXPANSION = _EXPANSION_DEFAULT
     disable_fp8_attention(model)
     if options.fa3_bf16:
         model.reset_attention_backend()

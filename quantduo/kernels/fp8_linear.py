@@ -37,8 +37,12 @@ from .common import (gelu_tanh, kernel_op, load_row_segment, per_token_scale, ro
                      store_e4m3_segment)
 from .dequant_w4 import dequant_w4
 
-# eager calls: the Gluon expansion where it serves the operands (QUANTDUO_FP8_EXPANSION=triton: the Triton kernel)
-GLUON_EXPANSION = os.environ.get("QUANTDUO_FP8_EXPANSION", "auto") != "triton"
+# QUANTDUO_FP8_EXPANSION: "auto" (the Gluon expansion in eager calls where it serves the operands, the Triton one
+# under torch.compile), "triton" (always the Triton kernel) or "gluon" (the Gluon kernel under torch.compile too, as
+# an opaque operator: its Python dispatch per layer is host time that only a CUDA graph replays away)
+EXPANSION = os.environ.get("QUANTDUO_FP8_EXPANSION", "auto")
+if EXPANSION not in ("auto", "triton", "gluon"):
+    raise ValueError(f"QUANTDUO_FP8_EXPANSION must be auto, triton or gluon, got {EXPANSION!r}")
 
 
 @triton.jit
@@ -146,14 +150,21 @@ def expand_w4_fp8(qweight: torch.Tensor, wscales: torch.Tensor, lora_down: torch
     operands (``QUANTDUO_FP8_EXPANSION=triton`` in the environment keeps the Triton kernel), else the Triton kernel.
     While ``torch.compile`` traces: the operator ``quantduo::expand_w4_fp8``, the Triton kernel launched by Inductor
     (Inductor cannot launch Gluon kernels, and as an opaque operator the Gluon one cost more host time than it saved
-    device time: BENCHMARKS.md, fifteenth session)."""
+    device time: BENCHMARKS.md, fifteenth session); with ``QUANTDUO_FP8_EXPANSION=gluon`` the opaque operator
+    ``quantduo::expand_w4_fp8_gluon`` (the eager choice), for CUDA-graphed models."""
     args = (qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size)
     if torch.compiler.is_compiling():
-        return _expand_w4_fp8_op(*args)
-    if GLUON_EXPANSION and group_size == expand_w4_mma.GROUP and \
+        return (_expand_w4_fp8_gluon_op if EXPANSION == "gluon" else _expand_w4_fp8_op)(*args)
+    return _expand_eagerly(*args)
+
+
+def _expand_eagerly(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size) -> torch.Tensor:
+    """The Gluon expansion where it serves the operands (unless QUANTDUO_FP8_EXPANSION=triton), else the Triton
+    kernel."""
+    if EXPANSION != "triton" and group_size == expand_w4_mma.GROUP and \
             expand_w4_mma.supports(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale):
         return expand_w4_mma.expand_w4_fp8_mma(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale)
-    return _launch_expansion(*args)
+    return _launch_expansion(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size)
 
 
 def _launch_expansion(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size,
@@ -172,6 +183,18 @@ def _expand_w4_fp8_op(qweight: torch.Tensor, wscales: torch.Tensor, lora_down: t
                       lora_up: torch.Tensor | None, inv_smooth: torch.Tensor | None, inv_wscale: torch.Tensor,
                       group_size: int) -> torch.Tensor:
     return _launch_expansion(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size, wrap_triton)
+
+
+@torch.library.custom_op("quantduo::expand_w4_fp8_gluon", mutates_args=())
+def _expand_w4_fp8_gluon_op(qweight: torch.Tensor, wscales: torch.Tensor, lora_down: torch.Tensor | None,
+                            lora_up: torch.Tensor | None, inv_smooth: torch.Tensor | None, inv_wscale: torch.Tensor,
+                            group_size: int) -> torch.Tensor:
+    """:func:`expand_w4_fp8` under ``torch.compile`` with QUANTDUO_FP8_EXPANSION=gluon: an opaque operator that runs
+    the eager choice (the Gluon kernel where it serves the operands)."""
+    return _expand_eagerly(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size)
+
+
+_expand_w4_fp8_gluon_op.register_fake(_expand_shape)
 
 
 def fp8_rowwise_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,

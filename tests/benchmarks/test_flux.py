@@ -32,15 +32,17 @@ def test_variant_options_parse_suffixes_and_the_triton_expansion_switch():
     from quantduo.kernels import fp8_linear
 
     options = flux_peers.variant_options("svdq-auto-qkv-tritonexp")
-    assert options == flux_peers.VariantOptions("svdq-auto", quantized_qkv=True, triton_expansion=True)
-    assert flux_peers.variant_options("svdq-fp8").triton_expansion is False
+    assert options == flux_peers.VariantOptions("svdq-auto", quantized_qkv=True, expansion="triton")
+    assert flux_peers.variant_options("svdq-fp8").expansion is None
+    assert flux_peers.variant_options("svdq-fp8-fa3fp8qk-gluonexp") == flux_peers.VariantOptions(
+        "svdq-fp8", fp8_attention="fa3", fuse_flux_qk=True, expansion="gluon")
     assert flux_peers.variant_options("svdq-fp8-fa3fp8qk") == flux_peers.VariantOptions(
         "svdq-fp8", fp8_attention="fa3", fuse_flux_qk=True)
     assert flux_peers.variant_options("svdq-fp8-fa3fp8qk-ln16") == flux_peers.VariantOptions(
         "svdq-fp8", fp8_attention="fa3", fuse_flux_qk=True, adaln16=True)
-    default = fp8_linear.GLUON_EXPANSION
+    default = fp8_linear.EXPANSION
     model = torch.nn.Linear(4, 4)
-    flux_peers.enable_features(model, flux_peers.VariantOptions("svdq-auto", triton_expansion=True))
-    assert fp8_linear.GLUON_EXPANSION is False
+    flux_peers.enable_features(model, flux_peers.VariantOptions("svdq-auto", expansion="triton"))
+    assert fp8_linear.EXPANSION == "triton"
     flux_peers.disable_features(model, options)
-    assert fp8_linear.GLUON_EXPANSION is default
+    assert fp8_linear.EXPANSION == default

@@ -113,6 +113,27 @@ def test_expand_w4_fp8(rank, smoothed, dtype):
     assert got.float().abs().amax(1).eq(448).all()  # the static scale maps each row's absmax to 448
 
 
+def test_compiled_expansion_follows_the_kernel_choice(monkeypatch):
+    """QUANTDUO_FP8_EXPANSION=gluon puts the opaque ``expand_w4_fp8_gluon`` operator (the eager choice) into compiled
+    graphs, the default the Triton ``expand_w4_fp8`` operator; both give the eager codes."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    from quantduo.kernels import fp8_linear
+    torch.manual_seed(1)
+    q, scales = qz.quantize_int4(torch.randn(32, 128), 64, torch.float32)
+    args = (qz.pack_int4(q), scales, None, None, None, torch.rand(32) + 1, 64)
+    eager = expand_w4_fp8(*args)
+    for choice, op in (("gluon", "expand_w4_fp8_gluon"), ("auto", "expand_w4_fp8")):
+        monkeypatch.setattr(fp8_linear, "EXPANSION", choice)
+        torch._dynamo.reset()
+        backend = EagerAndRecordGraphs()
+        got = torch.compile(expand_w4_fp8, fullgraph=True, backend=backend)(*args)
+        targets = [str(n.target) for g in backend.graphs for n in g.graph.nodes if n.op == "call_function"]
+        assert f"quantduo.{op}.default" in targets, targets
+        assert torch.equal(got.view(torch.uint8), eager.view(torch.uint8))
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("bias,out_dtype", [(True, torch.float32), (False, torch.float16)])
 def test_fp8_rowwise_gemm(bias, out_dtype):
     """``(a @ b^T) * a_scale[m] * b_scale[n] + bias`` (float32 emulation on the CPU); K % 16 checked."""
