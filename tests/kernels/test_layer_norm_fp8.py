@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle
 
+from quantduo.formats.attention_fp8 import E4M3_MAX
 from quantduo.formats.fp8 import fp8_steps_apart, layer_norm_modulate_fp8_ref, quantize_fp8_per_token_ref
 from quantduo.kernels.layer_norm_fp8 import layer_norm_modulate_fp8
 
@@ -34,13 +35,20 @@ def _rows(b, s, k, dtype, seed, device="cpu", wide=False):
 
 
 def _close(got, want, dtype):
-    """Codes within one E4M3 step; the rows' statistics round differently (PyTorch's layer_norm vs the kernel's
-    float32 sums), which moves a 16-bit rounding of the normalized row now and then."""
+    """Codes mostly equal, within one E4M3 step: the rows' statistics round differently (PyTorch's layer_norm, its
+    ``rsqrt``, vs the kernel's float32 sums), which moves a 16-bit rounding of the normalized row now and then. Where
+    the modulation's sum cancels (``n * (1 + scale)`` near ``-shift``) one such move spans several E4M3 steps of the
+    small result, so those few (< 1e-5 of the codes) need only agree within one bf16 step of the largest code
+    (448 / 2**8). On the CPU, the eager chain against itself with ``rstd`` 1-4 float32 ulps off at the FLUX shape:
+    2-7e-7 of the codes 19-46 steps apart, each within 0.44 of a code. A dropped rounding of the chain moves whole
+    percents of the codes and fails the mean."""
     (codes, scale), (want_codes, want_scale) = got, want
     assert codes.dtype == torch.float8_e4m3fn and codes.shape == want_codes.shape and codes.is_contiguous()
     apart = fp8_steps_apart(codes, want_codes)
-    assert apart.max() <= 1
     assert apart.float().mean() < (1e-3 if dtype == torch.float32 else 5e-3)
+    far = apart > 1
+    assert far.float().mean() < 1e-5
+    assert ((codes.float() - want_codes.float())[far].abs() <= E4M3_MAX * 2.0 ** -8).all()
     torch.testing.assert_close(scale, want_scale, rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=0)
 
 
