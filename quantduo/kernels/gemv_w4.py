@@ -86,7 +86,7 @@ def _pick(M: int, N: int, KW: int) -> dict:
     partly masked (a masked half step still costs its instructions). At 256 words: 16 rows per program (8 below 256
     programs), 8 warps unless there are many programs (sweep at Llama-3-8B shapes on an H100); at fewer words
     (FLUX's 3072 inputs: 128): 8 rows, 4 warps (sweep at FLUX's modulation shapes, where 8 warps took 2-6x as long:
-    BENCHMARKS.md, twenty-fourth session)."""
+    BENCHMARKS.md, twenty-third session)."""
     bkw = min(256, KW & -KW)
     if bkw < 256:
         return dict(BN=8, BKW=bkw, num_warps=4, num_stages=3)

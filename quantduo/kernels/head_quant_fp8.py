@@ -3,9 +3,9 @@ over the whole sequence, for one stream or two (text rows first), in two passes:
 
 1. every program takes ``TOKENS`` consecutive tokens of one (batch, head, stream) and writes their absmax to a
    partial buffer ``[B, H, P]`` (``P`` the token blocks of both streams);
-2. every program reduces its head's ``P`` partials to the head's absmax, ``scale = absmax / 448`` (1.0 for an
-   all-zero head), and writes ``e4m3(clamp(x * (1 / scale), +-448))`` for its tokens into ``[B, S0 + S1, H, D]``;
-   the first block of each head also writes ``scale`` ``[B, H]``.
+2. (the same kernel and grid) every program reduces its head's ``P`` partials to the head's absmax,
+   ``scale = absmax / 448`` (1.0 for an all-zero head), and writes ``e4m3(clamp(x * (1 / scale), +-448))`` for its
+   tokens into ``[B, S0 + S1, H, D]``; the first block of each head also writes ``scale`` ``[B, H]``.
 
 Both passes read the inputs in place (any row strides: views of a fused QKV output), so the two streams are never
 concatenated. Compiled as one graph, the same chain (concatenation, absmax, quantization, FlashAttention-3's layout)
@@ -30,54 +30,45 @@ WARPS = 4
 
 
 @triton.jit
-def _load_tile(X0, X1, S, S0, H, s0_b, s0_s, s0_h, s1_b, s1_s, s1_h, TOKENS: tl.constexpr, D: tl.constexpr):
-    """The program's tile: ``(x [TOKENS, D] float32 (zeros past its stream), tokens [TOKENS] (their index in the
-    concatenation), valid [TOKENS], b, h, first_block)`` for program (token block, b * H + h, stream);
-    ``first_block``: the stream's first block in the partials (0 for X0, ``cdiv(S0, TOKENS)`` for X1)."""
+def _head_quant_kernel(X0, X1, PART, OUT, SCALE, S, S0, H, P, s0_b, s0_s, s0_h, s1_b, s1_s, s1_h,
+                       QUANTIZE: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr, PP: tl.constexpr,
+                       NATIVE: tl.constexpr):
+    """Program (token block, b * H + h, stream) over the ``[TOKENS, D]`` tile of head h of its tokens in X0 (stream
+    0, ``[B, S0, H, D]``) or X1 (stream 1, ``[B, S - S0, H, D]``; unit last strides, row strides s*_b / s*_s / s*_h).
+
+    Pass 1 (not QUANTIZE): ``PART[b, h, first_block + block]`` (float32 ``[B, H, P]``) = the tile's absmax, with
+    ``first_block`` 0 for X0 and ``cdiv(S0, TOKENS)`` for X1. Pass 2 (QUANTIZE): the head's absmax from its ``P``
+    partials (``PP`` the next power of two), the tile's codes -> OUT float8_e4m3fn ``[B, S, H, D]`` (contiguous, X0's
+    tokens first); the first block of stream 0 writes ``SCALE[b, h]`` (float32 ``[B, H]``)."""
     b = tl.program_id(1) // H
     h = tl.program_id(1) % H
-    if tl.program_id(2) == 0:
-        X, stride_b, stride_s, stride_h, S_i, first_token, first_block = X0, s0_b, s0_s, s0_h, S0, 0, 0
+    second = tl.program_id(2)
+    S_i = S0 + second * (S - 2 * S0)  # the stream's length
+    if tl.program_id(0) * TOKENS >= S_i:  # the shorter stream's programs past its tokens
+        return
+    # the input chosen here, in the kernel (passed to a called function, the kernel's arguments look written to
+    # Inductor's analysis: tests/kernels/test_compiled_ops.py), the indices by arithmetic
+    if second == 0:
+        X, stride_b, stride_s, stride_h = X0, s0_b, s0_s, s0_h
     else:
-        X, stride_b, stride_s, stride_h, S_i, first_token, first_block = \
-            X1, s1_b, s1_s, s1_h, S - S0, S0, tl.cdiv(S0, TOKENS)
+        X, stride_b, stride_s, stride_h = X1, s1_b, s1_s, s1_h
     s = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
     valid = s < S_i
     rows = X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + s.to(tl.int64) * stride_s
     x = tl.load(rows[:, None] + tl.arange(0, D)[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-    return x, s + first_token, valid, b, h, first_block
-
-
-@triton.jit
-def _block_absmax_kernel(X0, X1, PART, S, S0, H, P, s0_b, s0_s, s0_h, s1_b, s1_s, s1_h, TOKENS: tl.constexpr,
-                         D: tl.constexpr):
-    """Pass 1. Program (token block, b * H + h, stream): ``PART[b, h, first_block + block]`` (float32 ``[B, H, P]``)
-    = absmax of the block's ``[TOKENS, D]`` tile of head h (X0 / X1 ``[B, S_i, H, D]``, unit last stride)."""
-    S_i = S0 if tl.program_id(2) == 0 else S - S0
-    if tl.program_id(0) * TOKENS >= S_i:  # the shorter stream's programs past its tokens
-        return
-    x, _, _, b, h, first_block = _load_tile(X0, X1, S, S0, H, s0_b, s0_s, s0_h, s1_b, s1_s, s1_h, TOKENS, D)
-    tl.store(PART + (b * H + h) * P + first_block + tl.program_id(0), tl.max(tl.max(tl.abs(x), axis=1), axis=0))
-
-
-@triton.jit
-def _quantize_kernel(X0, X1, PART, OUT, SCALE, S, S0, H, P, s0_b, s0_s, s0_h, s1_b, s1_s, s1_h,
-                     TOKENS: tl.constexpr, D: tl.constexpr, PP: tl.constexpr, NATIVE: tl.constexpr):
-    """Pass 2. Program (token block, b * H + h, stream): the head's absmax from its ``P`` partials (``PP`` the next
-    power of two), codes of the block's tokens -> OUT float8_e4m3fn ``[B, S, H, D]`` (contiguous); the first block of
-    stream 0 writes ``SCALE[b, h]`` (float32 ``[B, H]``)."""
-    S_i = S0 if tl.program_id(2) == 0 else S - S0
-    if tl.program_id(0) * TOKENS >= S_i:
-        return
-    x, tokens, valid, b, h, _ = _load_tile(X0, X1, S, S0, H, s0_b, s0_s, s0_h, s1_b, s1_s, s1_h, TOKENS, D)
-    partials = tl.arange(0, PP)
-    absmax = tl.max(tl.load(PART + (b * H + h) * P + partials, mask=partials < P, other=0.0), axis=0)
-    scale, inv_scale = per_token_scale(absmax)  # the same rule per head as per token
-    out_rows = ((b.to(tl.int64) * S + tokens) * H + h) * D
-    tl.store(OUT + out_rows[:, None] + tl.arange(0, D)[None, :], to_e4m3_saturated(x * inv_scale, NATIVE),
-             mask=valid[:, None])
-    if (tl.program_id(0) == 0) & (tl.program_id(2) == 0):
-        tl.store(SCALE + b * H + h, scale)
+    head_partials = PART + (b * H + h) * P
+    if not QUANTIZE:
+        block = second * tl.cdiv(S0, TOKENS) + tl.program_id(0)
+        tl.store(head_partials + block, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
+    else:
+        partials = tl.arange(0, PP)
+        absmax = tl.max(tl.load(head_partials + partials, mask=partials < P, other=0.0), axis=0)
+        scale, inv_scale = per_token_scale(absmax)  # the same rule per head as per token
+        out_rows = ((b.to(tl.int64) * S + second * S0 + s) * H + h) * D
+        tl.store(OUT + out_rows[:, None] + tl.arange(0, D)[None, :], to_e4m3_saturated(x * inv_scale, NATIVE),
+                 mask=valid[:, None])
+        if (tl.program_id(0) == 0) & (second == 0):
+            tl.store(SCALE + b * H + h, scale)
 
 
 def _check(x0: torch.Tensor, x1: torch.Tensor | None) -> None:
@@ -108,12 +99,11 @@ def _launch(x0: torch.Tensor, x1: torch.Tensor | None, wrap: Callable | None = N
     if P == 0:
         return codes, scale.fill_(1.0)
     grid = (triton.cdiv(max(S0, S1), TOKENS), B * H, 1 if x1 is None else 2)
-    strides = (*x0.stride()[:3], *second.stride()[:3])
-    absmax_kernel, quantize_kernel = (_block_absmax_kernel, _quantize_kernel) if wrap is None else \
-        (wrap(_block_absmax_kernel), wrap(_quantize_kernel))
-    absmax_kernel[grid](x0, second, partials, S0 + S1, S0, H, P, *strides, TOKENS=TOKENS, D=D, num_warps=WARPS)
-    quantize_kernel[grid](x0, second, partials, codes, scale, S0 + S1, S0, H, P, *strides, TOKENS=TOKENS, D=D,
-                          PP=triton.next_power_of_2(P), NATIVE=x0.is_cuda, num_warps=WARPS)
+    args = (x0, second, partials, codes, scale, S0 + S1, S0, H, P, *x0.stride()[:3], *second.stride()[:3])
+    kernel = _head_quant_kernel if wrap is None else wrap(_head_quant_kernel)
+    for quantize in (False, True):
+        kernel[grid](*args, QUANTIZE=quantize, TOKENS=TOKENS, D=D, PP=triton.next_power_of_2(P), NATIVE=x0.is_cuda,
+                     num_warps=WARPS)
     return codes, scale
 
 

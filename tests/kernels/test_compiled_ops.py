@@ -21,7 +21,7 @@ import json, torch, triton
 from triton.backends.compiler import GPUTarget
 from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
 from quantduo.formats import quantizers as qz
-from quantduo.kernels import fp8_linear, layer_norm_fp8, qk_norm_rope
+from quantduo.kernels import fp8_linear, head_quant_fp8, layer_norm_fp8, qk_norm_rope
 
 
 class HopperDriver:
@@ -33,23 +33,30 @@ class HopperDriver:
 
 
 class Capture:
-    # stands in for torch.library.wrap_triton inside a launch function: records the kernel and its arguments
-    def __call__(self, kernel):
-        self.kernel = kernel
-        return self
+    # stands in for torch.library.wrap_triton inside a launch function: records each kernel and its arguments
+    def __init__(self):
+        self.launches = []
 
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.kwargs = dict(zip(self.kernel.arg_names, args)) | kwargs
-        return launch
+    def __call__(self, kernel):
+        launches = self.launches
+
+        class Wrapped:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    launches.append((kernel, dict(zip(kernel.arg_names, args)) | kwargs))
+                return launch
+        return Wrapped()
 
 
 def writes(launch):
+    # the arguments each launch writes, in launch order
     capture = Capture()
     launch(capture)  # the outputs stay unwritten: only the arguments are wanted
-    kwargs = {k: v for k, v in capture.kwargs.items() if k not in ("num_warps", "num_stages")}
-    accessed = identify_accessed_tensors(capture.kernel, kwargs, {})
-    return sorted(dep.name for dep in accessed.read_writes.writes)
+    found = []
+    for kernel, kwargs in capture.launches:
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+        found.append(sorted(dep.name for dep in identify_accessed_tensors(kernel, kwargs, {}).read_writes.writes))
+    return found
 
 
 triton.runtime.driver.set_active(HopperDriver())
@@ -67,6 +74,7 @@ print(json.dumps({
         x0, w, x1, w, cos, cos, 1e-6, 20.0, False, wrap)),
     "layer_norm_fp8": writes(lambda wrap: layer_norm_fp8._launch(
         x0.flatten(2), x1.flatten(2), w.repeat(2)[None], w.repeat(2)[None], 1e-6, wrap)),
+    "head_quant_fp8": writes(lambda wrap: head_quant_fp8._launch(x0, x1, wrap)),
 }))
 """
 
@@ -81,5 +89,5 @@ def test_inductor_finds_only_the_outputs_written():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "assuming every input is mutated" not in out.stderr, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {
-        "token_quant_gelu": ["Q", "SCALE"], "expansion": ["OUT"], "qk_norm_rope": ["OUT"],
-        "layer_norm_fp8": ["Q", "QSCALE"]}
+        "token_quant_gelu": [["Q", "SCALE"]], "expansion": [["OUT"]], "qk_norm_rope": [["OUT"]],
+        "layer_norm_fp8": [["Q", "QSCALE"]], "head_quant_fp8": [["PART"], ["OUT", "SCALE"]]}
