@@ -42,13 +42,13 @@ def _head_quant_kernel(X0, X1, PART, OUT, SCALE, S, S0, H, P, s0_b, s0_s, s0_h, 
     tokens first); the first block of stream 0 writes ``SCALE[b, h]`` (float32 ``[B, H]``)."""
     b = tl.program_id(1) // H
     h = tl.program_id(1) % H
-    second = tl.program_id(2)
-    S_i = S0 + second * (S - 2 * S0)  # the stream's length
+    stream = tl.program_id(2)  # 0: X0, 1: X1
+    S_i = S0 + stream * (S - 2 * S0)  # the stream's length
     if tl.program_id(0) * TOKENS >= S_i:  # the shorter stream's programs past its tokens
         return
     # the input chosen here, in the kernel (passed to a called function, the kernel's arguments look written to
     # Inductor's analysis: tests/kernels/test_compiled_ops.py), the indices by arithmetic
-    if second == 0:
+    if stream == 0:
         X, stride_b, stride_s, stride_h = X0, s0_b, s0_s, s0_h
     else:
         X, stride_b, stride_s, stride_h = X1, s1_b, s1_s, s1_h
@@ -58,16 +58,16 @@ def _head_quant_kernel(X0, X1, PART, OUT, SCALE, S, S0, H, P, s0_b, s0_s, s0_h, 
     x = tl.load(rows[:, None] + tl.arange(0, D)[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
     head_partials = PART + (b * H + h) * P
     if not QUANTIZE:
-        block = second * tl.cdiv(S0, TOKENS) + tl.program_id(0)
+        block = stream * tl.cdiv(S0, TOKENS) + tl.program_id(0)
         tl.store(head_partials + block, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
     else:
         partials = tl.arange(0, PP)
         absmax = tl.max(tl.load(head_partials + partials, mask=partials < P, other=0.0), axis=0)
         scale, inv_scale = per_token_scale(absmax)  # the same rule per head as per token
-        out_rows = ((b.to(tl.int64) * S + second * S0 + s) * H + h) * D
+        out_rows = ((b.to(tl.int64) * S + stream * S0 + s) * H + h) * D
         tl.store(OUT + out_rows[:, None] + tl.arange(0, D)[None, :], to_e4m3_saturated(x * inv_scale, NATIVE),
                  mask=valid[:, None])
-        if (tl.program_id(0) == 0) & (second == 0):
+        if (tl.program_id(0) == 0) & (stream == 0):
             tl.store(SCALE + b * H + h, scale)
 
 
