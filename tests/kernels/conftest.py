@@ -21,3 +21,4 @@ def make_inputs(M, N, K, r, dtype, device="cpu", seed=0):
 def inputs():
     """:func:`make_inputs`."""
     return make_inputs
+

@@ -8,6 +8,7 @@ import torch
 
 from quantduo.formats.attention_fp8 import quantize_token_heads_e4m3_ref as reference
 from quantduo.kernels.head_quant_fp8 import TOKENS, quantize_token_heads_e4m3
+from tests.kernels.compiled import assert_compiled_matches_eager
 
 pytestmark = pytest.mark.usefixtures("poison_empty")  # unwritten kernel outputs show (tests/conftest.py)
 
@@ -76,11 +77,7 @@ def test_bad_inputs_are_refused():
 def test_compiled_call_is_one_graph():
     """Under torch.compile the two passes are one operator: fullgraph, the eager codes and scales."""
     x0, x1 = _values(1, 3, 2, 32, torch.float32, seed=8), _values(1, 9, 2, 32, torch.float32, seed=9)
-    compiled = torch.compile(quantize_token_heads_e4m3, fullgraph=True, backend="aot_eager")(x0, x1)
-    torch._dynamo.reset()
-    eager = quantize_token_heads_e4m3(x0, x1)
-    assert torch.equal(compiled[0].view(torch.uint8), eager[0].view(torch.uint8))
-    assert torch.equal(compiled[1], eager[1])
+    assert_compiled_matches_eager(quantize_token_heads_e4m3, x0, x1)
 
 
 @pytest.mark.gpu

@@ -10,6 +10,7 @@ from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSin
 from quantduo.formats.attention_fp8 import E4M3_MAX
 from quantduo.formats.fp8 import fp8_steps_apart, layer_norm_modulate_fp8_ref, quantize_fp8_per_token_ref
 from quantduo.kernels.layer_norm_fp8 import layer_norm_modulate_fp8
+from tests.kernels.compiled import assert_compiled_matches_eager
 
 pytestmark = pytest.mark.usefixtures("poison_empty")  # unwritten kernel outputs show (tests/conftest.py)
 
@@ -120,11 +121,7 @@ def test_compiled_call_is_one_graph():
 
     def prepare(x0, x1):
         return layer_norm_modulate_fp8(x0, shift, scale, EPS, x1=x1)
-    compiled = torch.compile(prepare, fullgraph=True, backend="aot_eager")(x0, x1)
-    torch._dynamo.reset()
-    eager = prepare(x0, x1)
-    assert torch.equal(compiled[0].view(torch.uint8), eager[0].view(torch.uint8))
-    assert torch.equal(compiled[1], eager[1])
+    assert_compiled_matches_eager(prepare, x0, x1)
 
 
 @pytest.mark.gpu
