@@ -27,8 +27,9 @@ every token count, the expansion path checked against the fp8 reference first. `
 (after the table): the fp8 execution's stages above 64 tokens (row quantization, the fp8 expansion with a tile
 sweep, ``_scaled_mm``, the module). ``--gelu-quant``: the fp8 row quantization with its GELU at FLUX widths
 (``--tokens``). ``--decode``: one token at Llama-3-8B shapes or (``--decode-shapes flux``) FLUX.1's modulation
-layers (bf16, the ``a16`` module = smoothing + GEMV, the GEMV alone, PyTorch's int4 tinygemm, GEMV tiles). ``--quality``: output error vs the bf16 layer of each execution on SVDQuant-quantized synthetic FLUX-shaped
-layers with outlier channels. ``--smoke``: the checks and the quality harness at tiny shapes, no timings (runs on the
+layers (bf16, the ``a16`` module = smoothing + GEMV, the GEMV alone, PyTorch's int4 tinygemm, GEMV tiles).
+``--quality``: output error vs the bf16 layer of each execution on SVDQuant-quantized synthetic FLUX-shaped layers
+with outlier channels. ``--smoke``: the checks and the quality harness at tiny shapes, no timings (runs on the
 CPU through Triton's interpreter, float16). Times: CUDA-graph replays over enough copies of the weights and inputs
 to defeat the 50 MB L2, median of repeats. Writes ``linear_log.txt`` and ``linear_results.json`` under ``--out``.
 """
