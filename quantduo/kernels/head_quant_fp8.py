@@ -93,11 +93,11 @@ def _launch(x0: torch.Tensor, x1: torch.Tensor | None, wrap: Callable | None = N
     second = x0 if x1 is None else x1
     S1 = 0 if x1 is None else x1.shape[1]
     P = triton.cdiv(S0, TOKENS) + triton.cdiv(S1, TOKENS)
-    partials = torch.empty(B, H, max(P, 1), dtype=torch.float32, device=x0.device)
     codes = torch.empty(B, S0 + S1, H, D, dtype=torch.float8_e4m3fn, device=x0.device)
     scale = torch.empty(B, H, dtype=torch.float32, device=x0.device)
-    if P == 0:
+    if P == 0:  # no tokens: the all-zero heads' scale
         return codes, scale.fill_(1.0)
+    partials = torch.empty(B, H, P, dtype=torch.float32, device=x0.device)
     grid = (triton.cdiv(max(S0, S1), TOKENS), B * H, 1 if x1 is None else 2)
     args = (x0, second, partials, codes, scale, S0 + S1, S0, H, P, *x0.stride()[:3], *second.stride()[:3])
     kernel = _head_quant_kernel if wrap is None else wrap(_head_quant_kernel)

@@ -6,7 +6,7 @@ import torch
 
 def assert_compiled_matches_eager(fn, *args):
     """``fn(*args)`` traced by ``torch.compile(fullgraph=True)`` (one graph, its kernels' operators opaque under the
-    interpreter) gives the eager outputs, a tuple of codes and scales, bit for bit."""
+    interpreter) gives the eager outputs (a tuple of codes, scales), bit for bit."""
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
     torch._dynamo.reset()
     eager = fn(*args)

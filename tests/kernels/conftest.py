@@ -21,4 +21,3 @@ def make_inputs(M, N, K, r, dtype, device="cpu", seed=0):
 def inputs():
     """:func:`make_inputs`."""
     return make_inputs
-

@@ -12,6 +12,7 @@ from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 from quantduo.formats.attention_fp8 import E4M3_MAX, quantize_heads_e4m3, rms_norm_rope_e4m3_ref
 from quantduo.formats.fp8 import fp8_steps_apart
 from quantduo.kernels.qk_norm_rope import rms_norm_rope_e4m3
+from tests.kernels.compiled import assert_compiled_matches_eager
 
 pytestmark = pytest.mark.usefixtures("poison_empty")  # unwritten kernel outputs show (tests/conftest.py)
 
@@ -132,10 +133,8 @@ def test_compiled_call_is_one_graph():
     cos, sin = torch.rand(8, 32), torch.rand(8, 32)
 
     def prepare(x0, x1):
-        return rms_norm_rope_e4m3(x0, w0, EPS, 9.0, x1, w1, cos, sin)
-    compiled = torch.compile(prepare, fullgraph=True, backend="aot_eager")(x0, x1)
-    torch._dynamo.reset()
-    assert torch.equal(compiled.view(torch.uint8), prepare(x0, x1).view(torch.uint8))
+        return (rms_norm_rope_e4m3(x0, w0, EPS, 9.0, x1, w1, cos, sin),)
+    assert_compiled_matches_eager(prepare, x0, x1)
 
 
 @pytest.mark.gpu

@@ -21,7 +21,8 @@ from .pipeline import (cast_denoiser, denoiser_safetensors, denoiser_skeleton, i
 from .rules import ModelRules, block_lists, denoiser_of, quantization_config, resolved_rules, rules_for
 
 __all__ = ["CalibrationSample", "FusedFluxDoubleBlock", "FusedFluxSingleBlock", "FusedGeluMLP", "ModelRules",
-           "QuantDuoConfig", "QuantDuoQuantizer", "QuantizationConfigError", "block_lists", "block_names", "capture_calibration_inputs",
+           "QuantDuoConfig", "QuantDuoQuantizer", "QuantizationConfigError", "block_lists", "block_names",
+           "capture_calibration_inputs",
            "cast_denoiser", "denoiser_of", "denoiser_offloaded", "denoiser_safetensors", "denoiser_skeleton",
            "enable_fusions", "fuse_qkv", "fused_attentions", "is_quantized_pipeline", "lazy_denoiser",
            "load_into_pipeline", "load_pipeline", "load_pipeline_lazily", "load_quantized_transformer",
