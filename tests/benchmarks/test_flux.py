@@ -46,3 +46,34 @@ def test_variant_options_parse_suffixes_and_the_triton_expansion_switch():
     assert fp8_linear.EXPANSION == "triton"
     flux_peers.disable_features(model, options)
     assert fp8_linear.EXPANSION == default
+
+
+def test_regional_compile_compiles_each_block_in_place_and_is_undone():
+    """``+rcompile`` compiles the 2 blocks of the small model (not the model); ``uncompile_blocks`` undoes it."""
+    model = flux.build_model(flux.SMALL, "cpu")
+    assert flux.compile_suffix("svdq-fp8-fa3fp8qk+rcompile") == ("svdq-fp8-fa3fp8qk", flux.REGIONAL)
+    assert flux.compile_suffix("bf16+compile") == ("bf16", flux.COMPILE)
+    assert flux.compile_suffix("bf16") == ("bf16", None)
+
+    runner = flux.compiled_runner(model, flux.REGIONAL, "default")
+
+    compiled = [type(m).__name__ for m in model.modules() if m._compiled_call_impl is not None]
+    assert runner is model
+    assert compiled == ["FluxTransformerBlock", "FluxSingleTransformerBlock"]
+    flux.uncompile_blocks(model)
+    assert all(m._compiled_call_impl is None for m in model.modules())
+    assert flux.compiled_runner(model, None, "default") is model
+
+
+def test_regional_compile_compiles_the_blocks_a_fusion_put_in_place():
+    """After ``enable_fusions`` the block lists hold the fused blocks: those are what ``+rcompile`` compiles."""
+    from quantduo.integrations.diffusers import enable_fusions
+
+    model = flux.build_model(flux.SMALL, "cpu")
+    for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "blocks" in n]:
+        model.set_submodule(name, flux.fast_svdquant(linear, "int4", 8))
+    enable_fusions(model)
+    flux.compiled_runner(model, flux.REGIONAL, "default")
+
+    compiled = [type(m).__name__ for m in model.modules() if m._compiled_call_impl is not None]
+    assert compiled == ["FusedFluxDoubleBlock", "FusedFluxSingleBlock"]
