@@ -61,7 +61,7 @@ from quantduo.kernels.fp8_linear import expand_w4_fp8, fp8_rowwise_gemm, quantiz
 from quantduo.kernels import gemm_w4_mma
 from quantduo.kernels.gemm_w4_skinny import w4_skinny_gemm
 from quantduo.kernels.gemv_w4 import w4_gemv
-from quantduo.kernels.layer_norm_fp8 import layer_norm_modulate_fp8
+from quantduo.kernels.layer_norm_fp8 import gated_residual_layer_norm_fp8, layer_norm_modulate_fp8
 from quantduo.kernels.nvfp4 import nvfp4_dequant
 
 # Token counts up to which INT4 layers run the few-token GEMMs (16-bit activations: the Gluon register-operand GEMM,
@@ -183,6 +183,20 @@ def layer_norm_fp8_rows(x0: torch.Tensor, shift: torch.Tensor, scale: torch.Tens
         codes, qscale = layer_norm_modulate_fp8_ref(x, shift, scale, eps)
     tokens = x0.shape[1] + (0 if x1 is None else x1.shape[1])
     return Fp8Rows(codes, qscale, (x0.shape[0], tokens), x0.dtype)
+
+
+def gated_residual_fp8_rows(x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                            scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, Fp8Rows]:
+    """A DiT block's residual update followed by its next adaLN: ``u = x + gate[:, None] * residual`` (x, residual
+    ``[B, S, K]``, gate / shift / scale ``[B, K]``, one dtype, product and sum each rounded to it) and
+    :func:`layer_norm_fp8_rows` of u: ``(u [B, S, K], Fp8Rows [B, S, K])``, one pass by the kernel
+    (:func:`quantduo.kernels.layer_norm_fp8.gated_residual_layer_norm_fp8`), its reference off the kernels."""
+    if kernels_for(x):
+        codes, qscale, updated = gated_residual_layer_norm_fp8(x, residual, gate, shift, scale, eps)
+    else:
+        updated = x + gate[:, None] * residual
+        codes, qscale = layer_norm_modulate_fp8_ref(updated, shift, scale, eps)
+    return updated, Fp8Rows(codes, qscale, tuple(x.shape[:2]), x.dtype)
 
 
 def _rows_forward(layer, rows: Fp8Rows) -> torch.Tensor:

@@ -73,8 +73,10 @@ print(json.dumps({
     "qk_norm_rope": writes(lambda wrap: qk_norm_rope._launch(
         x0, w, x1, w, cos, cos, 1e-6, 20.0, False, wrap)),
     "layer_norm_fp8": writes(lambda wrap: layer_norm_fp8._launch(
-        x0.flatten(2), x1.flatten(2), w.repeat(2)[None], w.repeat(2)[None], 1e-6, wrap)),
+        x0.flatten(2), x1.flatten(2), w.repeat(2)[None], w.repeat(2)[None], 1e-6, wrap=wrap)),
     "head_quant_fp8": writes(lambda wrap: head_quant_fp8._launch(x0, x1, wrap)),
+    "gated_residual_layer_norm_fp8": writes(lambda wrap: layer_norm_fp8._launch(
+        x0.flatten(2), None, w.repeat(2)[None], w.repeat(2)[None], 1e-6, x0.flatten(2), w.repeat(2)[None], wrap=wrap)),
 }))
 """
 
@@ -90,4 +92,5 @@ def test_inductor_finds_only_the_outputs_written():
     assert "assuming every input is mutated" not in out.stderr, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {
         "token_quant_gelu": [["Q", "SCALE"]], "expansion": [["OUT"]], "qk_norm_rope": [["OUT"]],
-        "layer_norm_fp8": [["Q", "QSCALE"]], "head_quant_fp8": [["PART"], ["OUT", "SCALE"]]}
+        "layer_norm_fp8": [["Q", "QSCALE"]], "head_quant_fp8": [["PART"], ["OUT", "SCALE"]],
+        "gated_residual_layer_norm_fp8": [["Q", "QSCALE", "X_OUT"]]}

@@ -9,7 +9,7 @@ from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSin
 
 from quantduo.formats.attention_fp8 import E4M3_MAX
 from quantduo.formats.fp8 import fp8_steps_apart, layer_norm_modulate_fp8_ref, quantize_fp8_per_token_ref
-from quantduo.kernels.layer_norm_fp8 import layer_norm_modulate_fp8
+from quantduo.kernels.layer_norm_fp8 import gated_residual_layer_norm_fp8, layer_norm_modulate_fp8
 from tests.kernels.compiled import assert_compiled_matches_eager
 
 pytestmark = pytest.mark.usefixtures("poison_empty")  # unwritten kernel outputs show (tests/conftest.py)
@@ -136,3 +136,62 @@ def test_gpu_flux_single_block_shape():
         shift, scale, _ = norm.linear(norm.silu(temb)).chunk(3, dim=1)
     _close(layer_norm_modulate_fp8(txt, shift, scale, EPS, x1=img), quantize_fp8_per_token_ref(out.reshape(-1, k)),
            dtype)
+
+
+def _double_block_update(b, s, k, dtype, seed, device="cpu"):
+    """A FLUX double block's stream before ``norm2``: x, the attention output r (a view of a wider tensor), and
+    gate / shift / scale chunks of one modulation output ``[b, 3 k]`` (batch stride 3 k)."""
+    x, r = _rows(b, s, k, dtype, seed, device), _rows(b, s, k, dtype, seed + 1, device, wide=True)
+    gate, shift, scale = (torch.randn(b, 3 * k, generator=torch.Generator().manual_seed(seed + 2)) * 0.7).to(
+        device=device, dtype=dtype).chunk(3, dim=1)
+    return x, r, gate, shift, scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [128, 96])
+def test_gated_residual_is_the_double_block_update_then_norm2(dtype, k):
+    """The FLUX double block's ``x = x + gate_msa * attn_output`` then ``norm2(x) * (1 + scale_mlp) + shift_mlp``,
+    written out as diffusers' block computes it: the kernel's updated stream is that x bit for bit, its codes those
+    of the modulated norm."""
+    x, r, gate, shift, scale = _double_block_update(2, 9, k, dtype, seed=20)
+    norm2 = torch.nn.LayerNorm(k, elementwise_affine=False, eps=EPS)
+    updated = x + gate.unsqueeze(1) * r
+    want = quantize_fp8_per_token_ref((norm2(updated) * (1 + scale[:, None]) + shift[:, None]).reshape(-1, k))
+
+    codes, qscale, got = gated_residual_layer_norm_fp8(x, r, gate, shift, scale, EPS)
+
+    assert got.dtype == dtype and got.is_contiguous() and torch.equal(got, updated)
+    _close((codes, qscale), want, dtype)
+
+
+def test_gated_residual_gate_and_residual_are_seen():
+    """The test can fail: the gate of batch 0 used for batch 1, or the residual added without its gate, change the
+    updated stream."""
+    x, r, gate, shift, scale = _double_block_update(2, 4, 64, torch.float32, seed=30)
+    want = x + gate[:, None] * r
+    shared = gated_residual_layer_norm_fp8(x, r, gate[:1].expand(2, 64), shift, scale, EPS)[2]
+    ungated = gated_residual_layer_norm_fp8(x, r, torch.ones_like(gate), shift, scale, EPS)[2]
+    assert not torch.allclose(shared, want) and not torch.allclose(ungated, want)
+
+
+def test_gated_residual_bad_input_and_compiled():
+    x, r, gate, shift, scale = _double_block_update(1, 3, 64, torch.float32, seed=40)
+    with pytest.raises(ValueError, match="residual"):
+        gated_residual_layer_norm_fp8(x, r[:, :2], gate, shift, scale, EPS)
+    with pytest.raises(ValueError, match="gate"):
+        gated_residual_layer_norm_fp8(x, r, gate.half(), shift, scale, EPS)
+
+    def update(x, r):
+        return gated_residual_layer_norm_fp8(x, r, gate, shift, scale, EPS)
+    assert_compiled_matches_eager(update, x, r)
+
+
+@pytest.mark.gpu
+def test_gpu_flux_double_block_update_shape():
+    """FLUX.1's double-block image stream at 1024x1024: 4096 rows of 3072, bf16."""
+    x, r, gate, shift, scale = _double_block_update(1, 4096, 3072, torch.bfloat16, seed=50, device="cuda")
+    updated = x + gate.unsqueeze(1) * r
+    want = layer_norm_modulate_fp8_ref(updated, shift, scale, EPS)
+    codes, qscale, got = gated_residual_layer_norm_fp8(x, r, gate, shift, scale, EPS)
+    assert torch.equal(got, updated)
+    _close((codes, qscale), want, torch.bfloat16)

@@ -29,7 +29,7 @@ from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.transformers import transformer_flux
 from torch import nn
 
-from quantduo.engine.linear import layer_norm_fp8_rows, takes_fp8_rows
+from quantduo.engine.linear import gated_residual_fp8_rows, layer_norm_fp8_rows, takes_fp8_rows
 from quantduo.svdquant import SVDQuantLinear, concat_output_features
 from quantduo.svdquant.split import SplitProjOut
 
@@ -87,6 +87,17 @@ def _adaln(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torc
         x0, x1 = streams if streams is not None else (x, None)
         return layer_norm_fp8_rows(x0, shift, scale, norm.eps, x1)
     return norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+
+def _updated_adaln(norm: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor,
+                   shift: torch.Tensor, scale: torch.Tensor, readers: list[nn.Module], rows: bool):
+    """``(u, _adaln(norm, u, shift, scale, readers, rows))`` for the residual update ``u = x + gate[:, None] *
+    residual`` (x, residual ``[B, S, C]``; gate / shift / scale ``[B, C]``): as fp8 rows in one pass that also
+    writes u (:func:`~quantduo.engine.linear.gated_residual_fp8_rows`) where the readers take them."""
+    if rows and _all_take_rows(readers, x):
+        return gated_residual_fp8_rows(x, residual, gate, shift, scale, norm.eps)
+    updated = x + gate.unsqueeze(1) * residual
+    return updated, _adaln(norm, updated, shift, scale, readers, rows=False)
 
 
 def _mlp_readers(feed_forward: nn.Module) -> list[nn.Module]:
@@ -167,12 +178,12 @@ class FusedFluxDoubleBlock(nn.Module):
             encoder_hidden_states=_adaln(self.norm1_context.norm, encoder_hidden_states, c_shift_msa, c_scale_msa,
                                          _attention_readers(self.attn, "text"), self.adaln_rows),
             image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
-        hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
-        ff_input = _adaln(self.norm2, hidden_states, shift_mlp, scale_mlp, _mlp_readers(self.ff), self.adaln_rows)
+        hidden_states, ff_input = _updated_adaln(self.norm2, hidden_states, attn_output, gate_msa, shift_mlp,
+                                                 scale_mlp, _mlp_readers(self.ff), self.adaln_rows)
         hidden_states = hidden_states + gate_mlp.unsqueeze(1) * self.ff(ff_input)
-        encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
-        ff_input = _adaln(self.norm2_context, encoder_hidden_states, c_shift_mlp, c_scale_mlp,
-                          _mlp_readers(self.ff_context), self.adaln_rows)
+        encoder_hidden_states, ff_input = _updated_adaln(
+            self.norm2_context, encoder_hidden_states, context_attn_output, c_gate_msa, c_shift_mlp, c_scale_mlp,
+            _mlp_readers(self.ff_context), self.adaln_rows)
         encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * self.ff_context(ff_input)
         if encoder_hidden_states.dtype == torch.float16:
             encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)

@@ -29,15 +29,22 @@ def fp8_flux():
 
 
 def _count_rows(monkeypatch) -> list:
-    """From now on every fp8-rows adaLN of the fused blocks appends its row count to the returned list."""
+    """From now on every fp8-rows adaLN of the fused blocks (with the residual update in front or not) appends its
+    row count to the returned list."""
     calls = []
-    real = fusions.layer_norm_fp8_rows
+    plain, updated = fusions.layer_norm_fp8_rows, fusions.gated_residual_fp8_rows
 
-    def spy(x0, shift, scale, eps, x1=None):
-        rows = real(x0, shift, scale, eps, x1)
+    def plain_spy(x0, shift, scale, eps, x1=None):
+        rows = plain(x0, shift, scale, eps, x1)
         calls.append(rows.codes.shape[0])
         return rows
-    monkeypatch.setattr(fusions, "layer_norm_fp8_rows", spy)
+
+    def updated_spy(x, residual, gate, shift, scale, eps):
+        out, rows = updated(x, residual, gate, shift, scale, eps)
+        calls.append(rows.codes.shape[0])
+        return out, rows
+    monkeypatch.setattr(fusions, "layer_norm_fp8_rows", plain_spy)
+    monkeypatch.setattr(fusions, "gated_residual_fp8_rows", updated_spy)
     return calls
 
 
