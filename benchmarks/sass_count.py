@@ -46,8 +46,8 @@ GELU_QUANT_TYPES = {"X": "*bf16", "G": "*bf16", "Q": "*fp8e4nv", "SCALE": "*fp32
 GELU_QUANT_DIVISIBLE = ("KX", "KG", "stride_xm", "stride_gm", "stride_qm")
 FLUX_SINGLE_ROW = (3072, 12288)  # proj_out's input: cat(attention, gelu_tanh(mlp))
 LAYER_NORM_TYPES = {"X0": "*bf16", "X1": "*bf16", "SHIFT": "*bf16", "SCALE": "*bf16", "Q": "*fp8e4nv",
-                    "QSCALE": "*fp32", "eps": "fp64"}
-LAYER_NORM_DIVISIBLE = ("K", "x0_b", "x0_s", "x1_b", "x1_s", "shift_b", "scale_b")
+                    "QSCALE": "*fp32", "R": "*bf16", "GATE": "*bf16", "X_OUT": "*bf16", "eps": "fp64"}
+LAYER_NORM_DIVISIBLE = ("K", "x0_b", "x0_s", "x1_b", "x1_s", "shift_b", "scale_b", "r_b", "r_s", "gate_b")
 _INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/")
 
 
@@ -143,8 +143,8 @@ def count_layer_norm_fp8(warps: int) -> dict:
     """The adaLN row kernel (:mod:`quantduo.kernels.layer_norm_fp8`) on FLUX's 3072-wide rows (2048 + 1024), two
     streams, bf16, a float64 eps as in a compiled graph: the whole kernel per element of the row and thread."""
     b0, b1 = row_segments(3072)
-    kernel = compile_for_hopper(ln_module._layer_norm_fp8_kernel, LAYER_NORM_TYPES, dict(B0=b0, B1=b1, NATIVE=True),
-                                warps, 1, divisible=LAYER_NORM_DIVISIBLE)
+    kernel = compile_for_hopper(ln_module._layer_norm_fp8_kernel, LAYER_NORM_TYPES, dict(B0=b0, B1=b1, RESIDUAL=False, NATIVE=True), warps, 1,
+                                divisible=LAYER_NORM_DIVISIBLE)
     return summary(f"layer_norm_fp8 3072 w{warps}", kernel, 3072, warps)
 
 
