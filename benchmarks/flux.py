@@ -39,10 +39,9 @@ Variants (same model object, linears swapped in place; the per-model rules of
   :mod:`benchmarks.flux_published`;
 * ``<variant>+compile``: the same modules, the whole transformer under ``torch.compile`` (``--compile-mode``,
   default mode by default); compare with ``bf16+compile``;
-* ``<variant>+rcompile``: regional compilation, each transformer block compiled in place (what diffusers'
-  ``compile_repeated_blocks`` does, for whatever block classes the variant's fusions put in the model's block lists:
-  one graph per block class, reused by all 57 blocks): minutes less to compile than ``+compile``, no fusion across
-  block boundaries.
+* ``<variant>+rcompile``: regional compilation, each transformer block compiled in place (diffusers'
+  ``compile_repeated_blocks``; quantduo's fused blocks join the model's ``_repeated_blocks``): one graph per block
+  class, reused by all 57 blocks, minutes less to compile than ``+compile``, no fusion across block boundaries.
 
 The quantized modules are built by a FAST PATH, not the calibrated SVDQuant search: rank-32 randomized SVD of
 the weight + round-to-nearest INT4 of the residual, smoothing factors 1. Speed and memory do not depend on the
@@ -275,14 +274,12 @@ def compile_suffix(variant: str) -> tuple[str, str | None]:
 
 def compiled_runner(model: nn.Module, suffix: str | None, mode: str):
     """What runs a step: ``model`` itself (no suffix), ``torch.compile(model)`` (``+compile``), or ``model`` with
-    every block of its block lists (``nn.ModuleList`` children) compiled in place (``+rcompile``; undone by
-    :func:`uncompile_blocks`)."""
+    its repeated blocks compiled in place by diffusers (``+rcompile``; undone by :func:`uncompile_blocks`)."""
     torch._dynamo.reset()
     if suffix == COMPILE:
         return torch.compile(model, mode=mode)
     if suffix == REGIONAL:
-        for block in (b for child in model.children() if isinstance(child, nn.ModuleList) for b in child):
-            block.compile(mode=mode)
+        model.compile_repeated_blocks(mode=mode)
     return model
 
 

@@ -217,9 +217,13 @@ def enable_fusions(model: nn.Module, adaln_rows: bool = True) -> dict[str, nn.Mo
     every FLUX single block whose ``proj_out`` is one by :class:`FusedFluxSingleBlock`. ``adaln_rows=False``: the
     FLUX blocks keep their 16-bit adaLN outputs (the other fusions only).
 
+    A fused block takes its original's place among the model's ``_repeated_blocks`` (diffusers' regional
+    compilation, ``model.compile_repeated_blocks()``, compiles it as it would the original).
+
     Returns ``{name: original module}`` so the change can be undone with ``model.set_submodule``.
     """
     originals = {}
+    repeated = list(getattr(model, "_repeated_blocks", None) or [])
     for name, module in list(model.named_modules()):
         if any(name.startswith(done + ".") for done in originals):
             continue
@@ -228,6 +232,10 @@ def enable_fusions(model: nn.Module, adaln_rows: bool = True) -> dict[str, nn.Mo
             originals[name] = module
             kwargs = {"adaln_rows": adaln_rows} if fused in (FusedFluxDoubleBlock, FusedFluxSingleBlock) else {}
             model.set_submodule(name, fused(module, **kwargs))
+            if type(module).__name__ in repeated and fused.__name__ not in repeated:
+                repeated.append(fused.__name__)
+    if repeated:
+        model._repeated_blocks = repeated  # on the instance: the class's list stays diffusers'
     return originals
 
 

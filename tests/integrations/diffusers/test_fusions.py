@@ -198,3 +198,25 @@ def test_compiled_quantized_flux_is_one_graph_in_every_kernel_execution(quantize
             compiled = torch.compile(model, backend="aot_eager")(**inputs)[0]
         assert sum(counters["graph_break"].values()) == 0, (execution, dict(counters["graph_break"]))
         assert torch.equal(compiled, eager), execution
+
+
+def test_fused_blocks_join_the_repeated_blocks_of_regional_compilation(quantized):
+    """diffusers' ``compile_repeated_blocks`` finds blocks by class name: after ``enable_fusions`` it compiles the
+    fused blocks (it raised before, finding none of FLUX's); the class's own list is left as diffusers has it, and
+    the fused model still computes what it did."""
+    model = copy.deepcopy(quantized)
+    set_execution(model, "fp8")
+    class_list = list(type(model)._repeated_blocks)
+    enable_fusions(model)
+    inputs = flux_inputs(model, 0)
+    with torch.no_grad():
+        eager = model(**inputs)[0]
+
+    model.compile_repeated_blocks(backend="eager")
+
+    compiled = sorted({type(m).__name__ for m in model.modules() if m._compiled_call_impl is not None})
+    assert compiled == ["FusedFluxDoubleBlock", "FusedFluxSingleBlock"]
+    assert type(model)._repeated_blocks == class_list
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs)[0], eager, rtol=0, atol=0)
+    torch._dynamo.reset()
