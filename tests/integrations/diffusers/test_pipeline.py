@@ -189,3 +189,35 @@ def test_lazy_pipeline_leaves_the_denoiser_on_disk_and_refuses_other_formats(tmp
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="cannot read .*bad.safetensors"):
         LazyWeights([tmp_path / "bad.safetensors"])
+
+
+def test_cli_generate_compiles_the_repeated_blocks(quantized_dirs, tmp_path, monkeypatch):
+    """``--compile blocks``: diffusers' regional compilation of the loaded (fused) transformer's blocks, the image
+    that of the uncompiled run within the compiler's roundings; a denoiser without repeated blocks is refused."""
+    from PIL import Image
+
+    from quantduo.cli import diffusion
+    from quantduo.cli.validate import CliError
+
+    _, quant = quantized_dirs
+    compiled_blocks = []
+    real = diffusion._compile_blocks
+
+    def spy(denoiser):
+        real(denoiser)
+        compiled_blocks.extend(type(m).__name__ for m in denoiser.modules() if m._compiled_call_impl is not None)
+    monkeypatch.setattr(diffusion, "_compile_blocks", spy)
+    images = []
+    for extra in ([], ["--compile", "blocks"]):
+        out = tmp_path / f"{len(extra)}.png"
+        assert cli(["generate", "--model", str(quant), *SIZE, "--prompt", "a dog", "--steps", "2", "--seed", "3",
+                    "--out", str(out), *extra]) == 0
+        images.append(np.array(Image.open(out).convert("RGB")))
+    torch._dynamo.reset()
+    assert sorted(set(compiled_blocks)) == ["FusedFluxDoubleBlock", "FusedFluxSingleBlock"]
+    assert psnr(images[1], images[0]) > 40
+
+    class NoBlocks(torch.nn.Module):
+        _repeated_blocks = []
+    with pytest.raises(CliError, match="--compile: blocks: NoBlocks names no repeated blocks"):
+        real(NoBlocks())
