@@ -10,7 +10,10 @@ per call, and GB/s of one read of the rows and one write of the codes. Rows: :fu
 .layer_norm_modulate_fp8` at its default warps (with ``--sweep`` also others), and the eager chain (diffusers'
 expression, the text + image concatenation for the single block, then the per-token quantization) under
 ``torch.compile``, which is what the unfused block runs. Each row's codes are compared with the reference
-(:func:`quantduo.formats.fp8.layer_norm_modulate_fp8_ref`). Writes ``layer_norm_fp8.json`` to DIR.
+(:func:`quantduo.formats.fp8.layer_norm_modulate_fp8_ref`). The double block's streams are also timed with the
+attention's residual update in front (``x + gate * r``, then ``norm2``): one pass
+(:func:`quantduo.kernels.layer_norm_fp8.gated_residual_layer_norm_fp8`) against the compiled update followed by the
+adaLN kernel. Writes ``layer_norm_fp8.json`` to DIR.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +36,7 @@ from quantduo.utils import atomic_write  # noqa: E402
 EPS = 1e-6
 SHAPES = {"single (512 + 4096)": (512, 4096), "double image (4096)": (4096, 0), "double text (512)": (512, 0)}
 SWEEP = [2, 8]
+UPDATE_SHAPES = {"double image update (4096)": 4096, "double text update (512)": 512}
 
 
 def adaln_inputs(device: str, tokens: tuple[int, int], width: int = 3072, seed: int = 0) -> dict:
@@ -62,6 +67,50 @@ def kernel_call(inputs: dict, warps: int | None = None) -> tuple[torch.Tensor, t
 def reference(inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     x = inputs["x0"] if inputs["x1"] is None else torch.cat([inputs["x0"], inputs["x1"]], dim=1)
     return layer_norm_modulate_fp8_ref(x, inputs["shift"], inputs["scale"], EPS)
+
+
+def update_inputs(device: str, tokens: int, seed: int = 0) -> dict:
+    """:func:`adaln_inputs` of one stream plus the attention output ``r [1, S, C]`` and the gate ``[1, C]`` (a view
+    of the same modulation output)."""
+    inputs = adaln_inputs(device, (tokens, 0), seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    r = torch.randn(1, tokens, 3072, generator=g).to(device=device, dtype=torch.bfloat16)
+    return inputs | dict(r=r, gate=inputs["shift"] * 0.5)
+
+
+def updated_kernel_call(inputs: dict) -> tuple[torch.Tensor, ...]:
+    return layer_norm_fp8.gated_residual_layer_norm_fp8(inputs["x0"], inputs["r"], inputs["gate"], inputs["shift"],
+                                                        inputs["scale"], EPS)
+
+
+def update_then_kernel(update: Callable) -> Callable:
+    """The update by ``update`` (the compiled ``x + gate * r``), then the adaLN kernel on it."""
+    def call(inputs: dict) -> tuple[torch.Tensor, ...]:
+        x = update(inputs["x0"], inputs["gate"], inputs["r"])
+        return (*layer_norm_fp8.layer_norm_modulate_fp8(x, inputs["shift"], inputs["scale"], EPS), x)
+    return call
+
+
+def time_updates() -> list[dict]:
+    """The double block's update + norm2 both ways, codes against the reference of the eager update."""
+    paths = {"kernel with the update": updated_kernel_call,
+             "compiled update + kernel": update_then_kernel(torch.compile(lambda x, g, r: x + g[:, None] * r))}
+    rows = []
+    for shape, tokens in UPDATE_SHAPES.items():
+        inputs = update_inputs("cuda", tokens)
+        updated = inputs["x0"] + inputs["gate"][:, None] * inputs["r"]
+        ref = layer_norm_modulate_fp8_ref(updated, inputs["shift"], inputs["scale"], EPS)
+        nbytes = 7 * 3072 * tokens  # x, r read and u written in bf16, E4M3 codes written
+        for name, path in paths.items():
+            with torch.no_grad():
+                out = path(inputs)
+                check = dict(agreement(out[:2], ref), update_equal=bool(torch.equal(out[2], updated)))
+                us = time_on_fresh_inputs(path, lambda: update_inputs("cuda", tokens, seed=1), nbytes)
+            rows.append(dict(shape=shape, path=name, us=us, gb_s=nbytes / us / 1e3, **check))
+            print(f"{shape}, {name}: {us:.1f} us ({nbytes / us / 1e3:.0f} GB/s), codes vs reference: max "
+                  f"{check['max_steps']} steps, {check['differing']:.2e} differ; update equal to eager: "
+                  f"{check['update_equal']}", flush=True)
+    return rows
 
 
 def agreement(got: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch.Tensor]) -> dict:
@@ -98,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{shape}, {name}: {us:.1f} us ({nbytes / us / 1e3:.0f} GB/s), codes vs reference: max "
                   f"{check['max_steps']} steps, {check['differing']:.2e} differ, scales {check['scale_rel']:.1e}",
                   flush=True)
+    rows += time_updates()
     atomic_write(os.path.join(args.out, "layer_norm_fp8.json"), lambda tmp: Path(tmp).write_text(json.dumps(
         dict(device=torch.cuda.get_device_name(), rows=rows), indent=1)))
     return 0

@@ -26,3 +26,17 @@ def test_chain_and_kernel_match_the_reference(tokens):
 def test_main_needs_a_gpu(capsys):
     assert layer_norm_fp8.main([]) == 1
     assert "CUDA" in capsys.readouterr().out
+
+
+def test_update_paths_give_the_eager_update_and_its_codes():
+    """Both timed forms of the double block's update + norm2 (the update-first kernel; an update function, here
+    eager, then the adaLN kernel) give the eager update bit for bit and codes within a step of its reference."""
+    inputs = layer_norm_fp8.update_inputs("cpu", 3)
+    assert inputs["r"].shape == inputs["x0"].shape == (1, 3, 3072) and inputs["gate"].shape == (1, 3072)
+    updated = inputs["x0"] + inputs["gate"][:, None] * inputs["r"]
+    ref = layer_norm_fp8.layer_norm_modulate_fp8_ref(updated, inputs["shift"], inputs["scale"], layer_norm_fp8.EPS)
+    for path in (layer_norm_fp8.updated_kernel_call,
+                 layer_norm_fp8.update_then_kernel(lambda x, g, r: x + g[:, None] * r)):
+        out = path(inputs)
+        assert torch.equal(out[2], updated)
+        assert layer_norm_fp8.agreement(out[:2], ref)["max_steps"] <= 1
