@@ -253,12 +253,13 @@ def measure(runner, model, variant, inputs, refs, args, options) -> dict:
                     rel_err_vs_fp32=None, graph_median_ms=None, profile_ms={})
     t0 = time.perf_counter()
     out = runner(**inputs)[0].clone()  # reduce-overhead mode overwrites graph outputs on the next call
-    print(f"{variant}: first call (compile, if any) {time.perf_counter() - t0:.1f} s", flush=True)
+    first_call_s = time.perf_counter() - t0
+    print(f"{variant}: first call (compile, if any) {first_call_s:.1f} s", flush=True)
     host_times: list[float] = []
     times = time_forward(runner, inputs, args.warmup, args.reps, host_times)
     graphed = time_forward(GraphedForward(runner), inputs, args.warmup, args.reps) if args.cuda_graph else []
     profile = profile_forward(runner, inputs, variant) if args.profile else {}
-    return dict(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times),
+    return dict(first_call_s=first_call_s, median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times),
                 host_median_ms=statistics.median(host_times) if host_times else None, rel_err_vs_bf16=relative_error(out, refs["bf16"]), rel_err_vs_fp32=relative_error(out, refs["fp32"]),
                 profile_ms=profile,
                 graph_median_ms=statistics.median(graphed) if graphed else None)
@@ -425,15 +426,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ndevice: {device_name}; torch {torch.__version__}; tokens {img}+{txt}; blocks "
           f"{config['num_layers']}+{config['num_single_layers']}")
     print("| variant | weights (GB) | vs BF16 memory | step ms median [min-max] | host ms (launches) | vs BF16 "
-          "| vs BF16+compile | rel. err vs BF16 | rel. err vs float32 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| vs BF16+compile | rel. err vs BF16 | rel. err vs float32 | first call s (compile) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     ratio = lambda b, r: f"{b['median_ms'] / r['median_ms']:.2f}x" if b and b["median_ms"] and r["median_ms"] else "-"  # noqa: E731
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for r in rows:
         mem = f"{base['weight_gb'] / r['weight_gb']:.2f}x smaller" if base else "-"
         print(f"| {r['variant']} | {r['weight_gb']:.2f} | {mem} | {r['median_ms']:.1f} [{r['min_ms']:.1f}-"
               f"{r['max_ms']:.1f}] | {fmt(r.get('host_median_ms'), '.1f')} | {ratio(base, r)} | {ratio(cbase, r)} | {fmt(r['rel_err_vs_bf16'], '.3f')} "
-              f"| {fmt(r['rel_err_vs_fp32'], '.3f')} |")
+              f"| {fmt(r['rel_err_vs_fp32'], '.3f')} | {fmt(r.get('first_call_s'), '.1f')} |")
     if args.cuda_graph:
         gbase, gcbase = (dict(median_ms=b["graph_median_ms"]) if b else None for b in (base, cbase))
         print("\nCUDA graph of the whole forward (replays):\n| variant | step ms median | vs BF16 graph "
