@@ -23,7 +23,7 @@ from quantduo.cli.validate import (MAX_SEED, bad, device, float_in, int_in, lm_c
                                    read_text_file)
 from quantduo.duo.cache import DuoCache
 from quantduo.duo.data import (PasskeyFormat, ReferencePasskeyTask, make_reference_sample, make_sample,
-                                reference_context_lengths)
+                                reference_context_lengths, reference_haystack)
 from quantduo.duo.decode import GraphedDecoder
 from quantduo.duo.deploy import WINDOWS, apply_duo, apply_pattern, chunked_prefill
 from quantduo.duo.evaluate import answer_logprob, kv_bytes_full, passkey_accuracy
@@ -39,6 +39,9 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interacti
 
 SPARSITIES = (0.25, 0.5, 0.75)
 MAX_PASSKEYS = len(PasskeyFormat().names)
+PASSKEYS = 4  # --passkeys of quantduo's samples
+# the reference's training run (duo_attn/train.py with its utils.py defaults): its samples' needle depths and passkeys
+REFERENCE_TRAINING = dict(min_depth=0.0, max_depth=1.0, depth_intervals=10, num_passkeys=10)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
@@ -161,17 +164,25 @@ def _quantduo_samples(args, hay: list[int], codec: TextCodec):
 
 
 def _reference_samples(args, hay: list[int], codec: TextCodec):
-    """step -> the reference's sample (:func:`make_reference_sample`, --passkeys needles) with the haystack lengths
+    """step -> the reference's sample (:func:`make_reference_sample`, --passkeys needles) from the reference's
+    haystack (:func:`reference_haystack`, cut to leave room for a sample's other tokens) with the haystack lengths
     of :func:`reference_context_lengths` in a new random order every pass over them (its shuffled data loader);
     a haystack shorter than --context-max is an error here, before any model loads."""
-    task = ReferencePasskeyTask(num_passkeys=args.passkeys)
+    task = ReferencePasskeyTask(**(REFERENCE_TRAINING | dict(num_passkeys=args.passkeys)))
+    if args.passkeys > task.depth_intervals:
+        raise bad("--passkeys", f"{args.passkeys} needles need as many of the reference's {task.depth_intervals} "
+                  f"depths (valid with --data reference: 1 to {task.depth_intervals})")
     lengths = reference_context_lengths(args.context_min, args.context_max, task)
+    if len(hay) < args.context_max:
+        raise bad("--haystack", f"haystack has {len(hay)} tokens, need at least {args.context_max} (--data "
+                  "reference: the reference's haystack holds --context-max tokens)")
     gen = torch.Generator().manual_seed(args.seed)
     encode = lambda text: _encode(codec, text, "--data")  # noqa: E731
     try:
+        hay = reference_haystack(hay, encode, codec.bos_id, args.context_max, gen, task)
         make_reference_sample(hay, encode, codec.bos_id, max(lengths), torch.Generator().manual_seed(args.seed), task)
     except ValueError as err:
-        raise bad("--haystack", f"{err} (--data reference: --context-max haystack tokens per sample)") from None
+        raise bad("--haystack", f"{err} (--data reference, --context-max {args.context_max})") from None
     order: list[int] = []
 
     def sample(step: int):
@@ -187,6 +198,7 @@ def _identify(args) -> int:
     config = lm_config(args.model)
     _context_defaults(args, config)
     _window_defaults(args, config)
+    args.passkeys = args.passkeys or (REFERENCE_TRAINING["num_passkeys"] if args.data == "reference" else PASSKEYS)
     out = output_folder(args.out, "--out", inputs=[args.model])
     codec = _codec(args.model)
     hay = _haystack(args, codec)
@@ -218,6 +230,7 @@ def _eval(args) -> int:
     prefilled in one pass or --prefill-chunk tokens at a time; prints them and writes the curves to --plot."""
     config = lm_config(args.model)
     _context_defaults(args, config)
+    args.passkeys = args.passkeys or PASSKEYS
     pattern = _pattern(args, config)
     plot = output_file(args.plot, "--plot", ".png")
     sink = args.sink if args.sink is not None else pattern.sink_size
@@ -356,7 +369,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     _runtime(p)
     p.add_argument("--context-min", type=int_in(1), help="default: half of --context-max")
     p.add_argument("--context-max", type=int_in(1), help="default: half the model's max_position_embeddings")
-    p.add_argument("--passkeys", type=int_in(1, MAX_PASSKEYS), default=4)
+    p.add_argument("--passkeys", type=int_in(1, MAX_PASSKEYS),
+                   help=f"passkeys per sample (default {PASSKEYS}; {REFERENCE_TRAINING['num_passkeys']} with --data "
+                   "reference, as the reference trains)")
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
 
 
@@ -381,8 +396,8 @@ def register(subparsers) -> None:
                        help="quantduo: short passkey sentences, questions in random order, every passkey beyond the "
                             "streaming window, contexts of --context-min..--context-max tokens; reference: the "
                             "reference's samples (NATO-word passkeys of 32 words, its prompts, questions in insertion "
-                            "order, 20 haystack lengths from --context-min to --context-max; use --passkeys 10 for "
-                            "its default)")
+                            "order, 20 haystack lengths from --context-min to --context-max, needles at 10 depths from 0 "
+                            "to 1, 10 passkeys by default: its training run's defaults)")
     ident.add_argument("--steps", type=int_in(1), default=2000, help="gate-training steps (--method gates)")
     ident.add_argument("--lr", type=float_in(0.0, lo_open=True), default=0.02)
     ident.add_argument("--reg", type=float_in(0.0), default=0.05, help="L1 weight on the gates")

@@ -168,23 +168,57 @@ def reference_context_lengths(context_min: int, context_max: int, task: Referenc
     return torch.linspace(context_min, context_max, task.context_intervals, dtype=torch.int).tolist()
 
 
-def make_reference_sample(haystack_ids: Sequence[int], encode: Encode, bos_id: int | None, context_length: int,
-                          generator: torch.Generator, task: ReferencePasskeyTask = ReferencePasskeyTask()
-                          ) -> PasskeySample:
-    """One sample of :class:`ReferencePasskeyTask` with ``context_length`` haystack tokens (the first ones of
-    ``haystack_ids``), random draws from ``generator`` in the reference's order (the depth permutation, then each
-    passkey's words). The padding follows the reference's expression, which always pads: ``16 - total % 16`` tokens
-    (1 to 16) from the end of ``haystack_ids``, so the sample length is a multiple of ``pad_to_multiple_of``."""
+def _check_passkeys(task: ReferencePasskeyTask) -> None:
     if not 1 <= task.num_passkeys <= min(len(ORDINALS), task.depth_intervals):
         raise ValueError(f"num_passkeys must be in [1, {min(len(ORDINALS), task.depth_intervals)}], "
                          f"got {task.num_passkeys}")
-    if len(haystack_ids) < context_length:
-        raise ValueError(f"haystack has {len(haystack_ids)} tokens, need at least {context_length}")
+
+
+def _reference_passkey(encode: Encode, generator: torch.Generator, task: ReferencePasskeyTask) -> list[int]:
+    """One passkey's tokens: ``passkey_length`` words of :data:`NATO_ALPHABET` drawn from ``generator``."""
+    words = torch.randint(0, len(NATO_ALPHABET), (task.passkey_length,), generator=generator).tolist()
+    return encode(" ".join(NATO_ALPHABET[i] for i in words))
+
+
+def reference_haystack(haystack_ids: Sequence[int], encode: Encode, bos_id: int | None, context_length_max: int,
+                       generator: torch.Generator, task: ReferencePasskeyTask = ReferencePasskeyTask(),
+                       buffer_size: int = 300) -> list[int]:
+    """The haystack as the reference's dataset holds it after its constructor: the first ``context_length_max``
+    tokens of ``haystack_ids`` (it trims its haystack text to that many tokens), then, where they and the other
+    tokens of a sample would pass ``context_length_max - buffer_size``, only the first
+    ``context_length_max - buffer_size - other`` of them (the reference's slice expression, a negative bound
+    included), with ``other`` = prompt1 (after the BOS token) + prompt2 + ``num_passkeys`` x (two separators, the
+    first needle, the first question and two passkeys). The passkey is drawn from ``generator``, as the reference
+    draws one in its constructor before any sample. Samples then take their haystack from this list
+    (:func:`make_reference_sample`), so the longest ones hold fewer haystack tokens than their nominal length."""
+    _check_passkeys(task)
+    hay = list(haystack_ids[:context_length_max])
+    passkey, sep = _reference_passkey(encode, generator, task), encode(task.separator)
+    first_needle = encode(task.needle.format(ordinal_number=ORDINALS[0]))
+    first_question = encode(task.question.format(ordinal_number=ORDINALS[0]))
+    other = (int(bos_id is not None) + len(encode(task.prompt1)) + len(encode(task.prompt2))
+             + (2 * len(sep) + len(first_needle) + len(first_question) + 2 * len(passkey)) * task.num_passkeys)
+    if len(hay) + other > context_length_max - buffer_size:
+        hay = hay[:context_length_max - buffer_size - other]
+    return hay
+
+
+def make_reference_sample(haystack_ids: Sequence[int], encode: Encode, bos_id: int | None, context_length: int,
+                          generator: torch.Generator, task: ReferencePasskeyTask = ReferencePasskeyTask()
+                          ) -> PasskeySample:
+    """One sample of :class:`ReferencePasskeyTask` with the first ``context_length`` tokens of ``haystack_ids`` (all
+    of them where it is shorter, as the reference's slice; pass :func:`reference_haystack`'s list to have the
+    reference's), random draws from ``generator`` in the reference's order (the depth permutation, then each
+    passkey's words). The padding follows the reference's expression, which always pads: ``16 - total % 16`` tokens
+    (1 to 16) from the end of ``haystack_ids``, so the sample length is a multiple of ``pad_to_multiple_of``.
+    ValueError for a haystack shorter than the padding."""
+    _check_passkeys(task)
+    if len(haystack_ids) < task.pad_to_multiple_of:
+        raise ValueError(f"haystack has {len(haystack_ids)} tokens, need at least {task.pad_to_multiple_of} (the "
+                         "padding comes from its end)")
     depths = torch.linspace(task.min_depth, task.max_depth, task.depth_intervals)
     depths = depths[torch.randperm(task.depth_intervals, generator=generator)[:task.num_passkeys]].sort().values
-    passkeys = [encode(" ".join(NATO_ALPHABET[i] for i in torch.randint(0, len(NATO_ALPHABET), (task.passkey_length,),
-                                                                         generator=generator).tolist()))
-                for _ in range(task.num_passkeys)]
+    passkeys = [_reference_passkey(encode, generator, task) for _ in range(task.num_passkeys)]
     sep = encode(task.separator)
     hay = list(haystack_ids[:context_length])
     context, last = [], 0

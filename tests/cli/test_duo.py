@@ -4,11 +4,13 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
 from quantduo.cli import CliError, main
 from quantduo.cli import duo as commands
 from quantduo.duo import demo
-from quantduo.duo.data import make_bos_sample, make_sample, reference_context_lengths
+from quantduo.duo.data import (ReferencePasskeyTask, make_bos_sample, make_sample, reference_context_lengths,
+                               reference_haystack)
 from quantduo.duo.identify import IdentifyConfig, identify
 from quantduo.duo.patterns import load_pattern
 from quantduo.duo.score import score_heads
@@ -138,19 +140,26 @@ def test_interrupted_identification_returns_nothing():
 
 def test_identify_reference_data_cycles_the_reference_lengths():
     """--data reference: every pass of 20 steps uses each of the reference's 20 haystack lengths once (its shuffled
-    loader), in a new order each pass."""
+    loader), in a new order each pass, from the reference's haystack: the lengths above the constructor's cut (here
+    ~1465 of the 2400 tokens kept) hold the cut haystack."""
     codec = commands.TextCodec(lambda text: [ord(c) for c in text], None, 1, None)
-    args = argparse.Namespace(passkeys=2, context_min=200, context_max=400, seed=3)
-    samples = commands._reference_samples(args, list(range(1000, 1600)), codec)
+    args = argparse.Namespace(passkeys=1, context_min=1000, context_max=2400, seed=3)
+    hay = list(range(10_000, 13_000))
+    cut = len(reference_haystack(hay, codec.encode, 1, 2400, torch.Generator().manual_seed(3),
+                                 ReferencePasskeyTask(num_passkeys=1)))
+    assert 1000 < cut < 2400
+    samples = commands._reference_samples(args, hay, codec)
     used = []
     for step in range(40):
         s = samples(step)
-        assert s.input_ids.numel() % 16 == 0 and len(s.questions) == 2
-        # the haystack prefix is ids 1000..1000+n-1; the padding comes from the end (ids >= 1584)
-        used.append(int(((s.input_ids >= 1000) & (s.input_ids < 1400)).sum()))
-    lengths = sorted(reference_context_lengths(200, 400))
+        assert s.input_ids.numel() % 16 == 0 and len(s.questions) == 1
+        # the haystack prefix is ids 10000.. up to the cut; the padding comes from the cut haystack's end
+        used.append(int(((s.input_ids >= 10_000) & (s.input_ids < 10_000 + cut - 16)).sum()))
+    lengths = sorted(min(n, cut - 16) for n in reference_context_lengths(1000, 2400))
     assert sorted(used[:20]) == lengths and sorted(used[20:]) == lengths
     assert used[:20] != used[20:]
+    with pytest.raises(CliError, match="haystack has 2000 tokens, need at least 2400"):
+        commands._reference_samples(args, hay[:2000], codec)
 
 
 def test_identify_reference_data_needs_the_words(tmp_path, capsys):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from quantduo.duo.data import (NATO_ALPHABET, ORDINALS, ReferencePasskeyTask, make_reference_sample,
-                               reference_context_lengths)
+                               reference_context_lengths, reference_haystack)
 
 
 def encode(text: str) -> list[int]:
@@ -58,7 +58,45 @@ def test_reference_sample_is_the_reference_layout(n, passkeys, seed):
 def test_reference_context_lengths_and_errors():
     assert reference_context_lengths(1000, 2000) == torch.linspace(1000, 2000, 20, dtype=torch.int).tolist()
     assert reference_context_lengths(100, 100)[::7] == [100, 100, 100]
-    with pytest.raises(ValueError, match="haystack has 10 tokens, need at least 50"):
+    with pytest.raises(ValueError, match="haystack has 10 tokens, need at least 16"):
         make_reference_sample(list(range(10)), encode, None, 50, torch.Generator())
     with pytest.raises(ValueError, match="num_passkeys"):
         make_reference_sample(list(range(100)), encode, None, 50, torch.Generator(), ReferencePasskeyTask(num_passkeys=21))
+
+
+def _constructor_cut(seed, passkeys, max_len, bos=True):
+    """The reference constructor's haystack length bound: ``max - 300 - other_input_len``, other_input_len from
+    prompt1 (with BOS), prompt2 and, per passkey, two separators, the first needle, the first question and the
+    passkey drawn in the constructor (twice: in the needle and in the answer)."""
+    g = torch.Generator().manual_seed(seed)
+    key = encode(" ".join(NATO_ALPHABET[i] for i in torch.randint(0, 26, (32,), generator=g)))
+    prompt1 = [1] * bos + encode("<|im_start|> This is a very long story book: <book> ")
+    needle = encode("Remeber this sequence of words, it's the first passkey to the vault: ") + key
+    question = encode("Based on the content of the book, what is the first passkey to the vault?\nPasskey: ")
+    other = len(prompt1) + len(encode(" </book>.\n\n")) + (2 * 2 + len(needle) + len(question) + len(key)) * passkeys
+    return max_len - 300 - other, g
+
+
+@pytest.mark.parametrize("passkeys, max_len, bos", [(1, 3000, True), (2, 1400, False), (3, 90000, True)])
+def test_reference_haystack_is_the_constructors(passkeys, max_len, bos):
+    """The constructor keeps the first max tokens, then cuts them to leave room for a sample's other tokens (a
+    slice, so a negative bound drops tokens from the end); its passkey draw comes before the samples' draws."""
+    hay = list(range(1000, 1000 + 5000))
+    task = ReferencePasskeyTask(num_passkeys=passkeys)
+    gen = torch.Generator().manual_seed(7)
+    got = reference_haystack(hay, encode, 1 if bos else None, max_len, gen, task)
+    cut, expected_gen = _constructor_cut(7, passkeys, max_len, bos)
+    kept = hay[:max_len]
+    assert got == (kept[:cut] if len(kept) + (max_len - 300 - cut) > max_len - 300 else kept)
+    assert torch.equal(gen.get_state(), expected_gen.get_state())  # the constructor's draw, and only it
+
+
+def test_reference_sample_from_a_short_haystack_takes_all_of_it():
+    """A sample longer than the (cut) haystack holds the whole haystack, as the reference's slice does; its
+    padding comes from the haystack's end."""
+    hay = list(range(1000, 1000 + 500))
+    task = ReferencePasskeyTask(num_passkeys=2)
+    s = make_reference_sample(hay, encode, 1, 700, torch.Generator().manual_seed(4), task)
+    ids, target, _ = _expected(hay, 1, 700, 4, task)
+    assert s.input_ids.tolist() == ids and s.target_mask.tolist() == target
+    assert int(((s.input_ids >= 1000) & (s.input_ids < 1500)).sum()) >= 500
