@@ -3,7 +3,10 @@
 A LoRA on a linear ``y = x W^T`` adds ``strength * scale * x A^T B^T`` (``A [r, in]``, ``B [out, r]``,
 ``scale = alpha / r``). An :class:`SVDQuantLinear` feeds its low-rank branch the smoothed input ``x / s``, so
 ``x A^T B^T = (x / s) (diag(s) A^T) B^T``: the LoRA becomes extra columns ``s[:, None] * A^T`` of the
-SVD branch's ``proj_down`` and ``strength * scale * B`` of its ``proj_up``. Full-precision ``nn.Linear`` layers (embedders kept in 16 bits) get
+SVD branch's ``proj_down`` and ``strength * scale * B`` of its ``proj_up``. The executions that keep the branch in 16
+bits (``exact``, ``a16``) run the LoRA there; fp8 execution folds the whole branch, LoRA included, into each call's
+fp8 weight, so a LoRA's effect carries that execution's rounding (within fp8's error of the layer output, but the
+difference with and without the LoRA is far noisier than in 16 bits). Full-precision ``nn.Linear`` layers (embedders kept in 16 bits) get
 the LoRA merged into their weight instead; their original weight is kept so that LoRAs can be re-weighted or
 removed exactly. Several LoRAs can be attached at once, each under its own name.
 
@@ -25,12 +28,13 @@ Accepted key formats (a ``.safetensors`` path or a state dict of tensors):
 
 Ambiguous files raise :class:`LoraFormatError` rather than letting one entry win: several PEFT adapters, two keys
 for one matrix, two formats reaching one module; so do DoRA files. The bias / norm deltas of kohya files
-(``.diff``, ``.diff_b``) are skipped with a :class:`LoraKeysSkipped` warning, as diffusers drops them.
+(``.diff``, ``.diff_b``) are skipped with a :class:`LoraKeysSkipped` warning (diffusers drops the bias and norm
+deltas too, and refuses a linear layer's full ``.diff``).
 
 Scale ``alpha / r``: from ``<module>.alpha`` tensors, else from the adapter config diffusers and PEFT store —
 the safetensors metadata ``lora_adapter_metadata`` (diffusers' ``save_lora_weights``) or a PEFT folder's
 ``adapter_config.json`` — with ``use_rslora`` (``alpha / sqrt(r)``) and ``rank_pattern`` / ``alpha_pattern``; else
-1. Text-encoder keys (``text_encoder*.``, kohya ``lora_te*_``) are not applied: the transformer part is, and the
+1. Text-encoder keys (``text_encoder*.``, kohya ``lora_te*_``, ComfyUI ``text_encoders.*``) are not applied: the transformer part is, and the
 skipped keys are reported by a :class:`LoraKeysSkipped` warning. A LoRA on a split ``proj_out``
 (:class:`~quantduo.svdquant.split.SplitProjOut`, published Nunchaku checkpoints) is split by input columns onto its
 halves.
@@ -136,7 +140,8 @@ _BFL_TOP = {
 }
 # BFL modules whose output halves are (shift, scale) where diffusers has (scale, shift)
 _SWAP_SCALE_SHIFT = {"final_layer_adaLN_modulation_1"}
-_TEXT_ENCODER = re.compile(r"^(?:text_encoder(?:_\d)?\.|lora_te\d?_)")
+# text encoders: diffusers' ``text_encoder[_2].``, kohya's ``lora_te[N]_``, ComfyUI's ``text_encoders.<name>.``
+_TEXT_ENCODER = re.compile(r"^(?:text_encoders?(?:_\d)?\.|lora_te\d?_)")
 _ADAPTER_METADATA = "lora_adapter_metadata"
 _PEFT_WEIGHTS, _PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
@@ -206,10 +211,19 @@ def _key_part(key: str) -> tuple[str, str, str | None] | None:
         module = m["module"].replace(".", "_") if m["comfy"] else m["module"]
         return module, {"lora_down": "A", "lora_up": "B", "alpha": "alpha"}[m["part"]], None
     if m := _PEFT.match(key):
-        return m["module"].removeprefix("diffusion_model."), m["part"], m["adapter"]
+        return _comfy_module(m["module"]), m["part"], m["adapter"]
     if m := _PEFT_ALPHA.match(key):
-        return m["module"].removeprefix("diffusion_model."), "alpha", None
+        return _comfy_module(m["module"]), "alpha", None
     return None
+
+
+def _comfy_module(module: str) -> str:
+    """A ``diffusion_model.``-prefixed (ComfyUI) module name as kohya's underscored name, as its ``lora_down`` /
+    ``alpha`` keys give it, so that its ``lora_A`` / ``lora_B`` keys and its ``.alpha`` meet in one group; other
+    names unchanged."""
+    if module.startswith("diffusion_model."):
+        return module.removeprefix("diffusion_model.").replace(".", "_")
+    return module
 
 
 def _group_keys(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -242,8 +256,8 @@ def _group_keys(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Ten
     if unknown:
         raise LoraFormatError(f"unrecognised LoRA keys (not diffusers/PEFT, kohya, ComfyUI or XLabs): {unknown[:5]}")
     if skipped:
-        warnings.warn(LoraKeysSkipped(f"{len(skipped)} LoRA keys not applied (text encoders; bias / norm deltas, "
-                                      f"which diffusers drops too): {skipped}"), stacklevel=3)
+        warnings.warn(LoraKeysSkipped(f"{len(skipped)} LoRA keys not applied (text encoders; bias / norm / weight "
+                                      f"deltas): {skipped}"), stacklevel=3)
     return groups
 
 

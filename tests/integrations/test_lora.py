@@ -306,6 +306,8 @@ def test_comfyui_bfl_and_xlabs_names_equal_kohya(models):
     ``_convert_xlabs_flux_lora_to_diffusers``: every module gets the same factors."""
     from diffusers.loaders.lora_conversion_utils import _convert_xlabs_flux_lora_to_diffusers
 
+    from quantduo.integrations.lora import LoraKeysSkipped
+
     _, quant = models
     d = quant.get_submodule("transformer_blocks.0.attn.to_q").in_features
     g = torch.Generator().manual_seed(21)
@@ -328,13 +330,22 @@ def test_comfyui_bfl_and_xlabs_names_equal_kohya(models):
     assert sorted(expected) == ["transformer_blocks.0.attn.to_add_out", "transformer_blocks.0.attn.to_k",
                                 "transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v"]
     by_diffusers = _convert_xlabs_flux_lora_to_diffusers(dict(xlabs))
-    for source in (comfy, original, xlabs, by_diffusers):
-        got = read_lora(source, quant)
+    # ComfyUI's lora_A / lora_B with its .alpha under diffusion_model. (alpha half the rank: scale 0.5), and a
+    # ComfyUI text-encoder key (text_encoders.<name>.), reported and skipped
+    comfy_ab = {k.replace(".lora_down.weight", ".lora_A.weight").replace(".lora_up.weight", ".lora_B.weight"):
+                (torch.tensor(RANK / 2) if k.endswith(".alpha") else v) for k, v in comfy.items()}
+    comfy_ab["text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = qa
+    for source in (comfy, original, xlabs, by_diffusers, comfy_ab):
+        if source is comfy_ab:
+            with pytest.warns(LoraKeysSkipped, match="text_encoders.clip_l"):
+                got = read_lora(source, quant)
+        else:
+            got = read_lora(source, quant)
         assert sorted(got) == sorted(expected)
         for name, f in got.items():
             torch.testing.assert_close(f.down, expected[name].down)
             torch.testing.assert_close(f.up, expected[name].up)
-            assert f.scale == expected[name].scale == 1.0
+            assert f.scale == (0.5 if source is comfy_ab else 1.0) and expected[name].scale == 1.0
 
 
 def test_ambiguous_dora_and_dropped_keys(models, tmp_path):
