@@ -24,7 +24,8 @@ Accepted key formats (a ``.safetensors`` path or a state dict of tensors):
   apply it; diffusers ignores it there);
 * the same BFL names as ComfyUI writes them, ``diffusion_model.double_blocks.3.img_attn.qkv.lora_down.weight`` /
   ``.alpha``, or with ``lora_A`` / ``lora_B`` (with or without the ``diffusion_model.`` prefix);
-* XLabs: ``double_blocks.N.processor.{qkv,proj}_lora{1,2}.{down,up}.weight`` (1: image stream, 2: text stream).
+* XLabs: ``double_blocks.N.processor.{qkv,proj}_lora{1,2}.{down,up}.weight`` (1: image stream, 2: text stream)
+  and ``single_blocks.N.processor.{qkv,proj}_lora.{down,up}.weight`` (the attention's q / k / v, ``proj_out``).
 
 Ambiguous files raise :class:`LoraFormatError` rather than letting one entry win: several PEFT adapters, two keys
 for one matrix, two formats reaching one module; so do DoRA files. The bias / norm deltas of kohya files
@@ -101,9 +102,10 @@ _PEFT = re.compile(r"^(?:transformer\.|unet\.|base_model\.model\.)?(?P<module>.+
 _KOHYA = re.compile(r"^(?:lora_(?:unet|transformer)_|(?P<comfy>diffusion_model\.))(?P<module>.+?)"
                     r"\.(?P<part>lora_down|lora_up|alpha)(?:\.weight)?$")
 _PEFT_ALPHA = re.compile(r"^(?:transformer\.|unet\.|base_model\.model\.)?(?P<module>.+?)\.alpha$")
-# XLabs: double_blocks.N.processor.{qkv,proj}_lora{1 (image stream), 2 (text stream)}.{down,up}.weight
-_XLABS = re.compile(r"^(?:diffusion_model\.)?double_blocks\.(?P<idx>\d+)\.processor\.(?P<proj>qkv|proj)_lora"
-                    r"(?P<stream>[12])\.(?P<part>down|up)\.weight$")
+# XLabs: double_blocks.N.processor.{qkv,proj}_lora{1 (image stream), 2 (text stream)}.{down,up}.weight and
+# single_blocks.N.processor.{qkv,proj}_lora.{down,up}.weight (qkv: the attention's q, k, v; proj: linear2)
+_XLABS = re.compile(r"^(?:diffusion_model\.)?(?P<kind>double|single)_blocks\.(?P<idx>\d+)\.processor\."
+                    r"(?P<proj>qkv|proj)_lora(?P<stream>[12]?)\.(?P<part>down|up)\.weight$")
 # keys diffusers drops when it loads kohya FLUX LoRAs (bias and norm deltas): skipped with a warning, as there
 _DROPPED = re.compile(r"\.(?:diff|diff_b)$")
 _DORA = re.compile(r"\.(?:dora_scale|lora_magnitude_vector(?:\.[^.]+)?)(?:\.weight)?$")
@@ -125,6 +127,7 @@ _BFL_SINGLE = {
     "linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"],
     "linear2": ["proj_out"],
     "modulation_lin": ["norm.linear"],
+    "xlabs_qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],  # XLabs' single-block qkv_lora: linear1's q, k, v rows
 }
 _BFL_NAME = re.compile(r"^(?P<kind>double|single)_blocks_(?P<idx>\d+)_(?P<rest>.+)$")
 # BFL embedders / final layer -> diffusers modules (diffusers' _convert_kohya_flux_lora_to_diffusers)
@@ -205,8 +208,13 @@ def _key_part(key: str) -> tuple[str, str, str | None] | None:
     """``(module, part "A" | "B" | "alpha", adapter or None)`` of one LoRA key in any supported format, None when
     the key is none of them. ComfyUI's ``diffusion_model.`` names become kohya's underscored BFL names."""
     if m := _XLABS.match(key):
+        part = "A" if m["part"] == "down" else "B"
+        if m["kind"] == "single":
+            return f"single_blocks_{m['idx']}_{'xlabs_qkv' if m['proj'] == 'qkv' else 'linear2'}", part, None
+        if not m["stream"]:
+            return None  # a double block's processor names its stream
         stream = "img" if m["stream"] == "1" else "txt"
-        return f"double_blocks_{m['idx']}_{stream}_attn_{m['proj']}", "A" if m["part"] == "down" else "B", None
+        return f"double_blocks_{m['idx']}_{stream}_attn_{m['proj']}", part, None
     if m := _KOHYA.match(key):
         module = m["module"].replace(".", "_") if m["comfy"] else m["module"]
         return module, {"lora_down": "A", "lora_up": "B", "alpha": "alpha"}[m["part"]], None

@@ -386,3 +386,32 @@ def test_ambiguous_dora_and_dropped_keys(models, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
     remove_lora(model, "style")
     checkpoint_state(model)  # fine again
+
+
+def test_xlabs_single_block_keys_are_what_diffusers_converts(models):
+    """XLabs' single-block processor LoRAs (``qkv_lora``: the attention's q / k / v rows of linear1; ``proj_lora``:
+    linear2, all of proj_out's inputs) read as the diffusers keys diffusers' own converter makes of them; a double
+    block's processor key without its stream number is refused."""
+    from diffusers.loaders.lora_conversion_utils import _convert_xlabs_flux_lora_to_diffusers
+
+    _, quant = models
+    d = quant.get_submodule("single_transformer_blocks.0.attn.to_q").in_features
+    k_out = quant.get_submodule("single_transformer_blocks.0.proj_out").in_features
+    g = torch.Generator().manual_seed(23)
+    (qa, qb), pa, pb = _bfl_qkv_lora(g, d), torch.randn(RANK, k_out, generator=g), torch.randn(d, RANK, generator=g)
+    xlabs = {"single_blocks.0.processor.qkv_lora.down.weight": qa, "single_blocks.0.processor.qkv_lora.up.weight": qb,
+             "single_blocks.0.processor.proj_lora.down.weight": pa, "single_blocks.0.processor.proj_lora.up.weight": pb}
+    expected = read_lora(_convert_xlabs_flux_lora_to_diffusers(dict(xlabs)), quant)
+    # proj_out is the quantized model's split proj_out: the LoRA goes to its halves by input columns
+    assert sorted(expected) == ["single_transformer_blocks.0.attn.to_k", "single_transformer_blocks.0.attn.to_q",
+                                "single_transformer_blocks.0.attn.to_v", "single_transformer_blocks.0.proj_out.mlp_fc2",
+                                "single_transformer_blocks.0.proj_out.out_proj"]
+    got = read_lora(xlabs, quant)
+    assert sorted(got) == sorted(expected)
+    for name, f in got.items():
+        torch.testing.assert_close(f.down, expected[name].down)
+        torch.testing.assert_close(f.up, expected[name].up)
+        assert f.scale == expected[name].scale
+    with pytest.raises(LoraFormatError, match="unrecognised"):
+        read_lora({"double_blocks.0.processor.qkv_lora.down.weight": qa,
+                   "double_blocks.0.processor.qkv_lora.up.weight": qb}, quant)
