@@ -13,7 +13,7 @@ removed exactly. Several LoRAs can be attached at once, each under its own name.
 Accepted key formats (a ``.safetensors`` path or a state dict of tensors):
 
 * diffusers / PEFT: ``[transformer.|base_model.model.]<module>.lora_A[.<adapter>].weight`` / ``lora_B``, with
-  an optional ``<module>.alpha``;
+  an optional ``<module>.alpha`` and ``lora_B.bias`` (PEFT's ``lora_bias``: added to the layer's bias, scaled as B);
 * kohya with diffusers module names: ``lora_transformer_<module with '.' -> '_'>.lora_down.weight`` /
   ``lora_up.weight`` / ``alpha`` (also ``lora_unet_`` prefix);
 * kohya with the original FLUX (BFL) names: ``lora_unet_double_blocks_3_img_attn_qkv.lora_down.weight`` ... ;
@@ -77,28 +77,32 @@ class LoraKeysSkipped(UserWarning):
 
 @dataclass
 class LoraFactors:
-    """One module's LoRA: ``down`` (A) float32 ``[r, in]``, ``up`` (B) float32 ``[out, r]``, ``scale`` = alpha / r."""
+    """One module's LoRA: ``down`` (A) float32 ``[r, in]``, ``up`` (B) float32 ``[out, r]``, ``scale`` = alpha / r,
+    ``bias`` float32 ``[out]`` or None (PEFT's ``lora_bias``: B's bias, scaled as B is)."""
 
     down: torch.Tensor
     up: torch.Tensor
     scale: float = 1.0
+    bias: torch.Tensor | None = None
 
 
 @dataclass
 class _Attached:
     """A LoRA as stored on a module: for SVDQuantLinear ``down`` is already ``s[:, None] * A^T`` ``[K_pad, r]``;
-    for nn.Linear it is ``A [r, in]``. ``up`` is ``scale * B [out, r]`` (strength not applied)."""
+    for nn.Linear it is ``A [r, in]``. ``up`` is ``scale * B [out, r]``, ``bias`` ``scale * b [out]`` or None
+    (strength not applied)."""
 
     down: torch.Tensor
     up: torch.Tensor
     strength: float
+    bias: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------
 # reading key formats
 # ---------------------------------------------------------------------------------------------
 _PEFT = re.compile(r"^(?:transformer\.|unet\.|base_model\.model\.)?(?P<module>.+?)\.lora_(?P<part>[AB])"
-                   r"(?:\.(?P<adapter>[^.]+))?\.weight$")
+                   r"(?:\.(?P<adapter>[^.]+))?\.(?P<kind>weight|bias)$")
 _KOHYA = re.compile(r"^(?:lora_(?:unet|transformer)_|(?P<comfy>diffusion_model\.))(?P<module>.+?)"
                     r"\.(?P<part>lora_down|lora_up|alpha)(?:\.weight)?$")
 _PEFT_ALPHA = re.compile(r"^(?:transformer\.|unet\.|base_model\.model\.)?(?P<module>.+?)\.alpha$")
@@ -219,7 +223,9 @@ def _key_part(key: str) -> tuple[str, str, str | None] | None:
         module = m["module"].replace(".", "_") if m["comfy"] else m["module"]
         return module, {"lora_down": "A", "lora_up": "B", "alpha": "alpha"}[m["part"]], None
     if m := _PEFT.match(key):
-        return _comfy_module(m["module"]), m["part"], m["adapter"]
+        if m["kind"] == "bias" and m["part"] == "A":
+            return None  # PEFT's lora_bias is B's only
+        return _comfy_module(m["module"]), m["part"] + ("_bias" if m["kind"] == "bias" else ""), m["adapter"]
     if m := _PEFT_ALPHA.match(key):
         return _comfy_module(m["module"]), "alpha", None
     return None
@@ -315,9 +321,15 @@ def read_lora(source: str | Path | dict[str, torch.Tensor], model: nn.Module) ->
             scale = float(parts["alpha"]) / down.shape[0]
         else:
             scale = config.scale(targets[0] if len(targets) == 1 else key_module, down.shape[0]) if config else 1.0
+        bias = parts["B_bias"].float() if "B_bias" in parts else None
+        if bias is not None and bias.shape != (up.shape[0],):
+            raise LoraFormatError(f"LoRA {key_module!r}: B's bias {tuple(bias.shape)} does not fit B {tuple(up.shape)}")
         if key_module.replace(".", "_") in _SWAP_SCALE_SHIFT:
             up = torch.cat(up.chunk(2)[::-1])
-        for target, factors in _split(key_module, targets, model, LoraFactors(down, up, scale)).items():
+            bias = None if bias is None else torch.cat(bias.chunk(2)[::-1])
+        for target, factors in _split(key_module, targets, model, LoraFactors(down, up, scale, bias)).items():
+            if factors.bias is not None and model.get_submodule(target).bias is None:
+                raise LoraFormatError(f"LoRA {key_module!r} has a bias (PEFT lora_bias) but module {target!r} has none")
             if target in result:
                 raise LoraFormatError(f"two LoRA entries of this file reach module {target!r} ({key_module!r} is "
                                       "one): a file mixing key formats for the same layer")
@@ -340,18 +352,22 @@ def _split(key_module: str, targets: list[str], model: nn.Module, lora: LoraFact
     sizes = [m.out_features for m in modules]
     if sum(sizes) != lora.up.shape[0]:
         raise LoraFormatError(f"LoRA {key_module!r} has {lora.up.shape[0]} output rows, targets {targets} have {sum(sizes)}")
-    return {t: LoraFactors(lora.down, up, lora.scale) for t, up in zip(targets, lora.up.split(sizes))}
+    biases = [None] * len(sizes) if lora.bias is None else lora.bias.split(sizes)
+    return {t: LoraFactors(lora.down, up, lora.scale, bias)
+            for t, up, bias in zip(targets, lora.up.split(sizes), biases)}
 
 
 def _split_columns(key_module: str, target: str, module: SplitProjOut, lora: LoraFactors) -> dict[str, LoraFactors]:
     """A LoRA on a :class:`SplitProjOut` (``x = cat(attn, mlp)``): ``A``'s input columns split over the halves,
-    ``B`` shared."""
+    ``B`` shared, B's bias (if any) on one half only (the halves' outputs are summed): the one with a bias,
+    ``out_proj`` where both have one."""
     widths = [module.out_proj.in_features, module.mlp_fc2.in_features]
     if lora.down.shape[1] != sum(widths) or lora.up.shape[0] != module.out_features:
         raise LoraFormatError(f"LoRA {key_module!r} is [{lora.up.shape[0]}, {lora.down.shape[1]}], module {target!r} "
                               f"is [{module.out_features}, {sum(widths)}]")
-    return {f"{target}.{half}": LoraFactors(down, lora.up, lora.scale)
-            for half, down in zip(("out_proj", "mlp_fc2"), lora.down.split(widths, dim=1))}
+    biases = (lora.bias, None) if module.out_proj.bias is not None else (None, lora.bias)
+    return {f"{target}.{half}": LoraFactors(down, lora.up, lora.scale, bias)
+            for half, down, bias in zip(("out_proj", "mlp_fc2"), lora.down.split(widths, dim=1), biases)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,13 +381,19 @@ def _registry(module: nn.Module) -> dict[str, _Attached]:
             module._quantduo_base_rank = module.proj_down.shape[1]
         else:
             module._quantduo_base_weight = module.weight.detach().clone()
+        module._quantduo_base_bias = None if module.bias is None else module.bias.detach().clone()
     return getattr(module, LORA_REGISTRY)
 
 
 def _rebuild(module: nn.Module) -> None:
-    """Recompute the module's low-rank branch (or merged weight) from its base state and attached LoRAs."""
+    """Recompute the module's low-rank branch (or merged weight) and bias from its base state and attached LoRAs."""
     loras = getattr(module, LORA_REGISTRY).values()
     with torch.no_grad():
+        if module.bias is not None:
+            bias = module._quantduo_base_bias.float()
+            for a in (a for a in loras if a.bias is not None):
+                bias = bias + a.strength * a.bias
+            module.bias.copy_(bias)
         if isinstance(module, SVDQuantLinear):
             r0, dtype = module._quantduo_base_rank, module.dtype
             module.proj_down = torch.cat([module.proj_down[:, :r0]] + [a.down.to(dtype) for a in loras], dim=1)
@@ -385,13 +407,14 @@ def _rebuild(module: nn.Module) -> None:
 
 
 def _prepare(module: nn.Module, lora: LoraFactors, strength: float) -> _Attached:
+    device = module.smooth_factor.device if isinstance(module, SVDQuantLinear) else module.weight.device
+    bias = None if lora.bias is None else lora.scale * lora.bias.to(device)
     if isinstance(module, SVDQuantLinear):
         smooth = module.smooth_factor.float()
-        down_t = torch.zeros(module.padded_in_features, lora.down.shape[0], device=smooth.device)
-        down_t[: module.in_features] = lora.down.T.to(smooth.device)
-        return _Attached(smooth[:, None] * down_t, lora.scale * lora.up.to(smooth.device), strength)
-    device = module.weight.device
-    return _Attached(lora.down.to(device), lora.scale * lora.up.to(device), strength)
+        down_t = torch.zeros(module.padded_in_features, lora.down.shape[0], device=device)
+        down_t[: module.in_features] = lora.down.T.to(device)
+        return _Attached(smooth[:, None] * down_t, lora.scale * lora.up.to(device), strength, bias)
+    return _Attached(lora.down.to(device), lora.scale * lora.up.to(device), strength, bias)
 
 
 def _check_unfused(model: nn.Module) -> None:

@@ -415,3 +415,24 @@ def test_xlabs_single_block_keys_are_what_diffusers_converts(models):
     with pytest.raises(LoraFormatError, match="unrecognised"):
         read_lora({"double_blocks.0.processor.qkv_lora.down.weight": qa,
                    "double_blocks.0.processor.qkv_lora.up.weight": qb}, quant)
+
+
+def test_peft_lora_bias_matches_diffusers(models, tmp_path):
+    """PEFT's ``lora_bias`` (B with a bias, scaled as B) written and loaded by diffusers: quantduo adds it to each
+    layer's bias (on one half of a split proj_out only), re-weights it with the LoRA's strength and removes
+    it exactly."""
+    from safetensors.torch import load_file
+
+    fp, quant = models
+    path, ref = diffusers_lora_file(fp, tmp_path, seed=17, lora_bias=True)
+    assert any(k.endswith("lora_B.bias") for k in load_file(str(path)))
+    assert_matches(models, ref, path)
+    without_bias = {k: v for k, v in load_file(str(path)).items() if not k.endswith("lora_B.bias")}
+    assert relative_error(run(attached(fp, without_bias)), run(ref)) > 1e-3  # the bias term matters here
+    model = attached(quant, path)
+    set_lora_strength(model, "lora", 0.0)
+    assert relative_error(run(model), run(quant)) < 1e-6
+    remove_lora(model, "lora")
+    for name, module in quant.named_modules():
+        if getattr(module, "bias", None) is not None:
+            assert torch.equal(model.get_submodule(name).bias, module.bias), name
