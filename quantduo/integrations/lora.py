@@ -209,8 +209,8 @@ def _targets(key_module: str, modules: dict[str, nn.Module], underscored: dict[s
 
 
 def _key_part(key: str) -> tuple[str, str, str | None] | None:
-    """``(module, part "A" | "B" | "alpha", adapter or None)`` of one LoRA key in any supported format, None when
-    the key is none of them. ComfyUI's ``diffusion_model.`` names become kohya's underscored BFL names."""
+    """``(module, part "A" | "B" | "B_bias" | "alpha", adapter or None)`` of one LoRA key in any supported format,
+    None when the key is none of them. ComfyUI's ``diffusion_model.`` names become kohya's underscored BFL names."""
     if m := _XLABS.match(key):
         part = "A" if m["part"] == "down" else "B"
         if m["kind"] == "single":
