@@ -19,6 +19,7 @@ import contextlib
 import json
 from pathlib import Path
 
+import diffusers
 import torch
 
 from quantduo.cli.validate import (MAX_SEED, bad, device, float_in, int_in, output_file, output_folder,
@@ -33,7 +34,7 @@ from quantduo.integrations.diffusers import (capture_calibration_inputs, denoise
                                              quantize_transformer, quantize_transformer_blockwise, save_pipeline)
 from quantduo.integrations.fp8_attention import BACKENDS as FP8_ATTENTION_BACKENDS
 from quantduo.integrations.fp8_attention import enable_fp8_attention
-from quantduo.integrations.published import (CALIBRATION_FOR_LAYOUT, EXPORT_LAYOUTS, is_published,
+from quantduo.integrations.published import (CALIBRATION_FOR_LAYOUT, EXPORT_LAYOUTS, FLUX_CLASS, is_published,
                                              load_published_pipeline)
 from quantduo.models.tiny_flux import tiny_flux_pipeline
 from quantduo.svdquant import max_rank, set_execution
@@ -210,11 +211,16 @@ def _published_pipeline(args):
     return pipe
 
 
+def _check_compile(args, denoiser_class: str) -> None:
+    """``--compile blocks`` needs a denoiser class that names its repeated blocks (diffusers' ``_repeated_blocks``),
+    checked from its config's class name before anything loads."""
+    if args.compile == "blocks" and not getattr(getattr(diffusers, denoiser_class, None), "_repeated_blocks", None):
+        raise bad("--compile", f"blocks: {denoiser_class} names no repeated blocks (diffusers' _repeated_blocks); "
+                  "use --compile whole")
+
+
 def _compile_blocks(denoiser: torch.nn.Module) -> None:
     """``--compile blocks``: diffusers' regional compilation of the denoiser's repeated blocks."""
-    if not getattr(denoiser, "_repeated_blocks", None):
-        raise bad("--compile", f"blocks: {type(denoiser).__name__} names no repeated blocks (diffusers' "
-                  "_repeated_blocks); use --compile whole")
     denoiser.compile_repeated_blocks()
 
 
@@ -224,9 +230,12 @@ def cmd_generate(args) -> int:
     published = is_published(args.model)
     if published:
         _check_published_args(args)
+        denoiser_class = FLUX_CLASS  # what published checkpoints load into
     else:
         _, config = _check_pipeline_args(args)
         _check_execution(args, config)
+        denoiser_class = config.get("_class_name", "")
+    _check_compile(args, denoiser_class)
     _check_fp8_attention(args)
     if not args.prompt.strip():
         raise bad("--prompt", "the prompt is empty; give some text")
@@ -314,10 +323,11 @@ def register(subparsers) -> None:
                    "on other GPUs, the PyTorch reference on CPU)")
     g.add_argument("--fp8", dest="execution", action="store_const", const="fp8", help="same as --execution fp8")
     g.add_argument("--a16", dest="execution", action="store_const", const="a16", help="same as --execution a16")
-    g.add_argument("--compile", nargs="?", const="whole", choices=["whole", "blocks"],
+    g.add_argument("--compile", nargs="?", const="blocks", choices=["blocks", "whole"],
                    help="torch.compile the denoiser (fuses the glue ops and, in fp8 execution, the activation "
-                   "quantization): whole (the default) as one graph, or blocks: diffusers' regional compilation, one "
-                   "graph per repeated block class (minutes less to compile, no fusion across blocks)")
+                   "quantization): blocks (the default): diffusers' regional compilation, one graph per repeated "
+                   "block class (seconds to compile, no slower on the FLUX step); whole: the model as one graph "
+                   "(minutes to compile, for denoisers without repeated blocks)")
     g.add_argument("--cuda-graph", action="store_true", help="replay each denoising step from a CUDA graph (CUDA)")
     g.add_argument("--fp8-attention", choices=FP8_ATTENTION_BACKENDS, help="run the denoiser's attention in fp8: "
                    "triton (quantduo's kernel, one scale per token block) or fa3 (FlashAttention-3 on Hopper, one "

@@ -5,6 +5,9 @@ kernels of a FLUX step from Python costs more host time than the GPU needs for t
 fast (BENCHMARKS.md: the fp8 step was host-bound), so :func:`enable_cuda_graph` captures the forward once per
 input signature and replays it: new inputs are copied into the captured (static) tensors, the graph replays,
 and the outputs are returned as fresh tensors. Works with eager modules and ``torch.compile`` (default mode).
+Warm-ups and captures run inside :func:`quantduo.kernels.fp8_linear.for_cuda_graphs`: code that torch.compile traces
+there uses the kernels that win under graph replay (fp8 execution's Gluon weight expansion), and is kept apart from
+the code traced for plain calls.
 
 Constraints of capture (as ``torch.cuda.graphs``): the forward must not synchronize with the host or take
 data-dependent Python branches (the branch taken during capture is replayed). Calls with gradients enabled,
@@ -17,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
+
+from quantduo.kernels.fp8_linear import for_cuda_graphs
 
 
 class GraphedForward:
@@ -65,14 +70,15 @@ class GraphedForward:
         args, kwargs = pytree.tree_unflatten(static, spec)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(self.warmup):
-                self.forward(*args, **kwargs)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.pool = self.pool or torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.forward(*args, **kwargs)
+        with for_cuda_graphs():  # compiled code traced here picks its kernels for graph replay
+            with torch.cuda.stream(stream):
+                for _ in range(self.warmup):
+                    self.forward(*args, **kwargs)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.pool = self.pool or torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self.forward(*args, **kwargs)
         return graph, [x for x in static if isinstance(x, torch.Tensor)], out
 
 

@@ -10,9 +10,9 @@
   gelu_tanh(h))`` (FLUX single blocks) or ``gelu_tanh(h)`` alone (GELU MLPs), in the same single pass and without a
   16-bit copy of the wide input.
 * :func:`expand_w4_fp8` — the layer's whole weight (4-bit residual, low-rank branch and smoothing folded in, as
-  :mod:`.dequant_w4`) rounded to fp8 with the static per-channel scale ``s_w``: in eager calls on CUDA the Gluon
-  kernel of :mod:`.expand_w4_mma` where it serves the operands, else (and under ``torch.compile``) the Triton
-  kernel of :mod:`.dequant_w4`.
+  :mod:`.dequant_w4`) rounded to fp8 with the static per-channel scale ``s_w``: in eager calls on CUDA (and in
+  compiled code traced for CUDA graphs, :func:`for_cuda_graphs`) the Gluon kernel of :mod:`.expand_w4_mma` where
+  it serves the operands, else the Triton kernel of :mod:`.dequant_w4`.
 * :func:`fp8_rowwise_gemm` — the row-wise scaled fp8 GEMM (``torch._scaled_mm`` on CUDA).
 
 Under ``torch.compile`` the GELU row quantization and the expansion are ``triton_op`` operators
@@ -22,8 +22,9 @@ eager calls launch the kernels directly.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import triton
@@ -37,12 +38,30 @@ from .common import (gelu_tanh, kernel_op, load_row_segment, per_token_scale, ro
                      store_e4m3_segment)
 from .dequant_w4 import dequant_w4
 
-# QUANTDUO_FP8_EXPANSION: "auto" (the Gluon expansion in eager calls where it serves the operands, the Triton one
-# under torch.compile), "triton" (always the Triton kernel) or "gluon" (the Gluon kernel under torch.compile too, as
-# an opaque operator: its Python dispatch per layer is host time that only a CUDA graph replays away)
+# QUANTDUO_FP8_EXPANSION: "auto" (the Gluon expansion in eager calls where it serves the operands; under
+# torch.compile the Gluon one in code traced for CUDA graphs, see for_cuda_graphs, the Triton one elsewhere),
+# "triton" (always the Triton kernel) or "gluon" (the Gluon kernel under torch.compile too, as an opaque operator:
+# its Python dispatch per layer is host time that only a CUDA graph replays away)
 EXPANSION = os.environ.get("QUANTDUO_FP8_EXPANSION", "auto")
 if EXPANSION not in ("auto", "triton", "gluon"):
     raise ValueError(f"QUANTDUO_FP8_EXPANSION must be auto, triton or gluon, got {EXPANSION!r}")
+# True inside for_cuda_graphs(). torch.compile guards on it (a module global read while tracing), so code traced
+# for CUDA graphs and code traced for plain calls are separate compiled versions.
+_TRACING_FOR_CUDA_GRAPHS = False
+
+
+@contextlib.contextmanager
+def for_cuda_graphs() -> Iterator[None]:
+    """Within: calls are warm-ups or captures of CUDA graphs, so ``auto`` puts the Gluon expansion into the code
+    torch.compile traces (the opaque operator's host dispatch is what a graph replay skips, and its kernel takes
+    less device time than the Triton one); outside, compiled code keeps the Triton expansion that Inductor
+    launches itself."""
+    global _TRACING_FOR_CUDA_GRAPHS
+    previous, _TRACING_FOR_CUDA_GRAPHS = _TRACING_FOR_CUDA_GRAPHS, True
+    try:
+        yield
+    finally:
+        _TRACING_FOR_CUDA_GRAPHS = previous
 
 
 @triton.jit
@@ -150,12 +169,17 @@ def expand_w4_fp8(qweight: torch.Tensor, wscales: torch.Tensor, lora_down: torch
     operands (``QUANTDUO_FP8_EXPANSION=triton`` in the environment keeps the Triton kernel), else the Triton kernel.
     While ``torch.compile`` traces: the operator ``quantduo::expand_w4_fp8``, the Triton kernel launched by Inductor
     (Inductor cannot launch Gluon kernels, and as an opaque operator the Gluon one cost more host time than it saved
-    device time: BENCHMARKS.md, fifteenth session); with ``QUANTDUO_FP8_EXPANSION=gluon`` the opaque operator
-    ``quantduo::expand_w4_fp8_gluon`` (the eager choice), for CUDA-graphed models."""
+    device time: BENCHMARKS.md, fifteenth session); inside :func:`for_cuda_graphs` (or with
+    ``QUANTDUO_FP8_EXPANSION=gluon``) the opaque operator ``quantduo::expand_w4_fp8_gluon`` (the eager choice)."""
     args = (qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size)
     if torch.compiler.is_compiling():
-        return (_expand_w4_fp8_gluon_op if EXPANSION == "gluon" else _expand_w4_fp8_op)(*args)
+        return (_expand_w4_fp8_gluon_op if _gluon_when_compiled() else _expand_w4_fp8_op)(*args)
     return _expand_eagerly(*args)
+
+
+def _gluon_when_compiled() -> bool:
+    """Whether code being traced gets the opaque Gluon expansion operator (see QUANTDUO_FP8_EXPANSION)."""
+    return EXPANSION == "gluon" or (EXPANSION == "auto" and _TRACING_FOR_CUDA_GRAPHS)
 
 
 def _expand_eagerly(qweight, wscales, lora_down, lora_up, inv_smooth, inv_wscale, group_size) -> torch.Tensor:

@@ -99,6 +99,33 @@ def test_gpu_graph_of_fp8_layers():
         assert relative_error(layers(x), eager) < 1e-6
 
 
+@pytest.mark.gpu
+def test_gpu_compiled_fp8_layers_take_the_gluon_expansion_only_in_graphs(monkeypatch):
+    """``auto``: the compiled forward called plainly expands the weights with the Triton kernel Inductor launches;
+    warmed up and captured by the graph wrapper it runs the Gluon expansion (an opaque operator, called from
+    Python at each warm-up and capture) and replays the eager result."""
+    from quantduo.kernels import expand_w4_mma, fp8_linear
+    monkeypatch.setattr(fp8_linear, "EXPANSION", "auto")
+    calls = []
+    gluon = expand_w4_mma.expand_w4_fp8_mma
+    monkeypatch.setattr(expand_w4_mma, "expand_w4_fp8_mma", lambda *a: calls.append(1) or gluon(*a))
+    layers = nn.Sequential(*(_int4_layer(1024, 1024, seed=i).set_execution("fp8") for i in range(2)))
+    x = torch.randn(256, 1024, device="cuda", dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = layers(x)
+        calls.clear()
+        compiled = torch.compile(layers)
+        plain = compiled(x)
+        assert not calls  # Inductor launched the Triton expansion
+        graphed = GraphedForward(compiled, warmup=1)
+        replayed = graphed(x)
+        assert len(calls) == 2 * 2  # two layers, in the warm-up and in the capture
+        replayed = graphed(x)
+    assert relative_error(plain, eager) < 1e-2 and relative_error(replayed, eager) < 1e-2
+    torch._dynamo.reset()
+
+
 def test_disabling_puts_back_a_hooked_forward():
     """diffusers' hooks (``enable_parallelism``'s context-parallel split / gather) replace ``module.forward`` by an
     instance attribute: the graphs wrap it, and disabling must restore it, not the class's bare forward."""

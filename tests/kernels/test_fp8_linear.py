@@ -134,6 +134,39 @@ def test_compiled_expansion_follows_the_kernel_choice(monkeypatch):
     torch._dynamo.reset()
 
 
+def test_auto_expansion_in_code_traced_for_cuda_graphs(monkeypatch):
+    """``auto``: code traced inside ``for_cuda_graphs()`` gets the opaque Gluon operator, code traced outside the
+    Triton one; one compiled function called both ways keeps both versions (torch.compile guards on the choice),
+    and leaving the context restores the plain choice."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    from quantduo.kernels import fp8_linear
+    monkeypatch.setattr(fp8_linear, "EXPANSION", "auto")
+    torch.manual_seed(3)
+    q, scales = qz.quantize_int4(torch.randn(32, 128), 64, torch.float32)
+    args = (qz.pack_int4(q), scales, None, None, None, torch.rand(32) + 1, 64)
+    torch._dynamo.reset()
+    backend = EagerAndRecordGraphs()
+    compiled = torch.compile(expand_w4_fp8, fullgraph=True, backend=backend)
+
+    def ops_of(graph):
+        return {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
+
+    compiled(*args)
+    with fp8_linear.for_cuda_graphs():
+        compiled(*args)
+    assert not fp8_linear._TRACING_FOR_CUDA_GRAPHS
+    compiled(*args)  # the first version again: no new trace
+    assert len(backend.graphs) == 2
+    assert "quantduo.expand_w4_fp8.default" in ops_of(backend.graphs[0])
+    assert "quantduo.expand_w4_fp8_gluon.default" in ops_of(backend.graphs[1])
+    monkeypatch.setattr(fp8_linear, "EXPANSION", "triton")  # an explicit choice wins over the context
+    with fp8_linear.for_cuda_graphs():
+        compiled(*args)
+    assert "quantduo.expand_w4_fp8.default" in ops_of(backend.graphs[-1])
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("bias,out_dtype", [(True, torch.float32), (False, torch.float16)])
 def test_fp8_rowwise_gemm(bias, out_dtype):
     """``(a @ b^T) * a_scale[m] * b_scale[n] + bias`` (float32 emulation on the CPU); K % 16 checked."""

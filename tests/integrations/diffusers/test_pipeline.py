@@ -191,13 +191,13 @@ def test_lazy_pipeline_leaves_the_denoiser_on_disk_and_refuses_other_formats(tmp
         LazyWeights([tmp_path / "bad.safetensors"])
 
 
-def test_cli_generate_compiles_the_repeated_blocks(quantized_dirs, tmp_path, monkeypatch):
-    """``--compile blocks``: diffusers' regional compilation of the loaded (fused) transformer's blocks, the image
-    that of the uncompiled run within the compiler's roundings; a denoiser without repeated blocks is refused."""
+def test_cli_generate_compiles_the_repeated_blocks(quantized_dirs, tmp_path, monkeypatch, capsys):
+    """``--compile`` (blocks, the default): diffusers' regional compilation of the loaded (fused) transformer's
+    blocks, the image that of the uncompiled run within the compiler's roundings; a denoiser class without repeated
+    blocks is refused before anything loads."""
     from PIL import Image
 
     from quantduo.cli import diffusion
-    from quantduo.cli.validate import CliError
 
     _, quant = quantized_dirs
     compiled_blocks = []
@@ -208,7 +208,7 @@ def test_cli_generate_compiles_the_repeated_blocks(quantized_dirs, tmp_path, mon
         compiled_blocks.extend(type(m).__name__ for m in denoiser.modules() if m._compiled_call_impl is not None)
     monkeypatch.setattr(diffusion, "_compile_blocks", spy)
     images = []
-    for extra in ([], ["--compile", "blocks"]):
+    for extra in ([], ["--compile"]):
         out = tmp_path / f"{len(extra)}.png"
         assert cli(["generate", "--model", str(quant), *SIZE, "--prompt", "a dog", "--steps", "2", "--seed", "3",
                     "--out", str(out), *extra]) == 0
@@ -217,7 +217,9 @@ def test_cli_generate_compiles_the_repeated_blocks(quantized_dirs, tmp_path, mon
     assert sorted(set(compiled_blocks)) == ["FusedFluxDoubleBlock", "FusedFluxSingleBlock"]
     assert psnr(images[1], images[0]) > 40
 
-    class NoBlocks(torch.nn.Module):
-        _repeated_blocks = []
-    with pytest.raises(CliError, match="--compile: blocks: NoBlocks names no repeated blocks"):
-        real(NoBlocks())
+    monkeypatch.setattr(diffusers.FluxTransformer2DModel, "_repeated_blocks", [])
+    monkeypatch.setattr(diffusion, "load_pipeline", lambda *a, **k: pytest.fail("loaded before the check"))
+    capsys.readouterr()
+    assert cli(["generate", "--model", str(quant), *SIZE, "--prompt", "a dog", "--out", str(tmp_path / "x.png"),
+                "--compile", "blocks"]) == 2
+    assert "--compile: blocks: FluxTransformer2DModel names no repeated blocks" in capsys.readouterr().err
