@@ -5,10 +5,12 @@ The layer is any object with the attributes of :class:`quantduo.svdquant.SVDQuan
 
 * ``qweight`` uint8 ``[N, K // 2]``, ``wscales`` ``[N, K // G]``, ``wscale_global`` float32 ``[]`` and
   ``wscale_channel`` float32 ``[N]`` (NVFP4);
-* ``smooth_factor`` / ``act_shift`` ``[K]``, ``proj_down`` ``[K, r]``, ``proj_up`` ``[N, r]``, ``bias`` ``[N]``;
+* ``smooth_factor`` / ``act_shift`` ``[K]`` (the shift is added to the input before the smoothing division:
+  4-bit activations quantize ``(x + act_shift) / smooth_factor``), ``proj_down`` ``[K, r]``, ``proj_up`` ``[N, r]``,
+  ``bias`` ``[N]``;
 * derived (kept current by the layer): ``bias_a16`` ``[N]`` (the bias for 16-bit / fp8 activations: the
-  unsigned shift's term unfolded), ``fp8_wscale`` / ``fp8_inv_wscale`` float32 ``[N]``, ``fp8_inv_smooth``
-  float32 ``[K]``, ``smoothing_folded_out`` (all smoothing factors are 1);
+  unsigned shift's term :func:`shift_term` unfolded), ``fp8_wscale`` / ``fp8_inv_wscale`` float32 ``[N]``,
+  ``fp8_inv_smooth`` float32 ``[K]``, ``smoothing_folded_out`` (all smoothing factors are 1);
 * ``weight_format``, ``act_format``, ``group_size``, ``in_features``, ``out_features``, ``execution``,
   ``fast_accum``.
 
@@ -53,7 +55,7 @@ import torch.nn.functional as F
 
 from quantduo.formats import quantizers as qz
 from quantduo.formats.fp8 import layer_norm_modulate_fp8_ref, quantize_fp8_per_token_ref, quantize_fp8_weight
-from quantduo.formats.reference import smooth_input
+from quantduo.formats.reference import shift_smooth_input, smooth_input
 from quantduo.formats.registry import act_family
 from quantduo.kernels.act_quant import act_quant
 from quantduo.kernels.dequant_w4 import dequant_w4
@@ -274,18 +276,28 @@ def dequantized_residual(layer) -> torch.Tensor:
     return qz.dequantize_groups(qz.unpack_int4(layer.qweight), layer.wscales)
 
 
+def shift_term(layer) -> torch.Tensor:
+    """What the unsigned shift adds to the 4-bit GEMM's output, float32 ``[N]``: ``Q_w(R) @ (act_shift / smooth)``
+    (folded into the stored ``bias`` with a minus sign)."""
+    return dequantized_residual(layer) @ (layer.act_shift.float() / layer.smooth_factor.float())
+
+
 def _low_rank(layer, x_smooth: torch.Tensor) -> torch.Tensor:
     """The 16-bit low-rank branch ``(x_smooth @ proj_down) @ proj_up^T`` in the layer dtype."""
     return (x_smooth.to(layer.proj_down.dtype) @ layer.proj_down) @ layer.proj_up.T
 
 
 def reference_forward(layer, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """The stored format's arithmetic: ``Q_a(x / smooth + shift) @ R^T`` in float32 + the 16-bit low-rank branch +
-    bias (the shift's term is folded into the stored bias). ``residual``: the dequantized residual float32
-    ``[N, K_padded]`` if already at hand. Output in x.dtype, shape ``[..., N]``."""
-    x_smooth = _pad_input(layer, x) / layer.smooth_factor.to(x.dtype)
+    """The stored format's arithmetic: ``Q_a((x + act_shift) / smooth) @ R^T`` in float32 (the sum and the
+    quotient each rounded to x.dtype: :func:`~quantduo.formats.reference.shift_smooth_input`) + the 16-bit low-rank
+    branch of ``x / smooth`` + bias (the shift's term :func:`shift_term` is folded into the stored bias).
+    ``residual``: the dequantized residual float32 ``[N, K_padded]`` if already at hand. Output in x.dtype, shape
+    ``[..., N]``."""
+    xp = _pad_input(layer, x)
+    x_smooth = smooth_input(xp, layer.smooth_factor)
     residual = dequantized_residual(layer) if residual is None else residual
-    act = qz.fake_quant(x_smooth.float() + layer.act_shift.float(), layer.act_format, layer.group_size)
+    act = qz.fake_quant(shift_smooth_input(xp, layer.smooth_factor, layer.act_shift).float(), layer.act_format,
+                        layer.group_size)
     y = act @ residual.T + _low_rank(layer, x_smooth).float()
     if layer.bias is not None:
         y = y + layer.bias.float()

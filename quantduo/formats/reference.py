@@ -24,6 +24,13 @@ def smooth_input(x: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
     return x / smooth.to(x.dtype)
 
 
+def shift_smooth_input(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``(x + shift) / smooth`` (``x [..., K]``, ``smooth`` / ``shift`` ``[K]``): ``shift`` rounded to ``x.dtype``,
+    the sum rounded to it, then :func:`smooth_input`: what the 4-bit activation modes quantize (Nunchaku's order for
+    shifted unsigned activations; the values of ``x / smooth`` for a zero shift)."""
+    return smooth_input(x + shift.to(x.dtype), smooth)
+
+
 def lowrank_down(x_smooth: torch.Tensor, lora_down: torch.Tensor) -> torch.Tensor:
     """``x_smooth @ lora_down`` with operands in the lora dtype, float32 result ``[M, r]`` (not rounded)."""
     return x_smooth.to(lora_down.dtype).float() @ lora_down.float()
@@ -33,9 +40,11 @@ def act_quant_ref(x, smooth, shift, lora_down, mode: str, group_size: int = 64):
     """Reference of kernel 1 (:func:`quantduo.kernels.act_quant.act_quant`).
 
     Args: x ``[M, K]`` float16/bfloat16/float32; smooth, shift ``[K]``; lora_down ``[K, r]`` or None;
-    mode in :data:`ACT_MODES`.
-    Returns (q, scales, lx): see the module docstring for the layouts; q is None for mode ``"none"``, ``"smooth"`` returns q = x / smooth, ``"int4_deq"`` / ``"uint4_deq"`` the dequantized 4-bit
-    activations in x's dtype; lx float32 ``[M, r]`` or None.
+    mode in :data:`ACT_MODES`. The unsigned 4-bit modes quantize :func:`shift_smooth_input` (``(x + shift) /
+    smooth``); the signed ones and the low-rank branch read :func:`smooth_input` (``x / smooth``; ``shift`` unread).
+    Returns (q, scales, lx): see the module docstring for the layouts; q is None for mode ``"none"``, ``"smooth"``
+    returns q = x / smooth, ``"int4_deq"`` / ``"uint4_deq"`` the dequantized 4-bit activations in x's dtype; lx
+    float32 ``[M, r]`` or None.
     """
     xs = smooth_input(x, smooth)
     lx = lowrank_down(xs, lora_down) if lora_down is not None and lora_down.shape[1] > 0 else None
@@ -43,7 +52,7 @@ def act_quant_ref(x, smooth, shift, lora_down, mode: str, group_size: int = 64):
         return None, None, lx
     if mode == "smooth":
         return xs, None, lx
-    act = xs.float() + shift.float()
+    act = (shift_smooth_input(x, smooth, shift) if mode.startswith("uint4") else xs).float()
     if mode.endswith("_deq"):
         return qz.fake_quant(act, mode[:-4], group_size).to(x.dtype), None, lx
     quant = qz.quantize_int4 if mode == "int4" else qz.quantize_uint4

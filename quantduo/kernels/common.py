@@ -119,9 +119,28 @@ def fp8_operand(x, NATIVE: tl.constexpr):
 
 
 @triton.jit
-def smooth_tile(x, s):
-    """``x / s`` computed in float32 with IEEE division, rounded to ``x``'s dtype."""
-    return tl.math.div_rn(x.to(tl.float32), s.to(tl.float32)).to(x.dtype)
+def cast_rounded(y, dtype: tl.constexpr, NATIVE: tl.constexpr):
+    """float32 ``y`` cast to ``dtype`` (16/32-bit float), round to nearest even. NATIVE: the hardware conversion;
+    otherwise :func:`round_to` first, whose result the cast keeps exactly (the interpreter's bfloat16 cast
+    truncates)."""
+    if NATIVE:
+        return y.to(dtype)
+    return round_to(y, dtype, NATIVE).to(dtype)
+
+
+@triton.jit
+def smooth_tile(x, s, NATIVE: tl.constexpr):
+    """``x / s`` computed in float32 with IEEE division, rounded to ``x``'s dtype (NATIVE: :func:`cast_rounded`)."""
+    return cast_rounded(tl.math.div_rn(x.to(tl.float32), s.to(tl.float32)), x.dtype, NATIVE)
+
+
+@triton.jit
+def shift_smooth_tile(x, shift, s, NATIVE: tl.constexpr):
+    """``(x + shift) / s`` for a tile ``x [BM, BK]`` and channel vectors ``shift``, ``s`` ``[BK]``: ``shift``
+    rounded to ``x``'s dtype, the sum rounded to it, then :func:`smooth_tile` (Nunchaku's order for shifted unsigned
+    activations; ``x / s`` for a zero shift)."""
+    shift = cast_rounded(shift.to(tl.float32), x.dtype, NATIVE).to(tl.float32)
+    return smooth_tile(cast_rounded(x.to(tl.float32) + shift[None, :], x.dtype, NATIVE), s, NATIVE)
 
 
 @triton.jit

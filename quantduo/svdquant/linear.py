@@ -1,7 +1,8 @@
 """``SVDQuantLinear``: a 4-bit linear layer with a 16-bit low-rank branch, run by a chosen execution.
 
-Stored arithmetic: ``y = Q_a(x / smooth_factor + act_shift) @ Q_w(R)^T + (x / smooth_factor) @ proj_down @ proj_up^T
-+ bias`` where ``R = W * smooth_factor - proj_up @ proj_down^T`` is the quantized residual (the SVD branch; user
+Stored arithmetic: ``y = Q_a((x + act_shift) / smooth_factor) @ Q_w(R)^T + (x / smooth_factor) @ proj_down @
+proj_up^T + bias`` (the shift is added before the smoothing division, each step rounded to x's dtype, as Nunchaku
+computes it) where ``R = W * smooth_factor - proj_up @ proj_down^T`` is the quantized residual (the SVD branch; user
 LoRAs are appended to it as extra ranks, :mod:`quantduo.integrations.lora`). With ``act_format="none"`` it is a
 weight-only (W4A16) layer; ``act_format="nvfp4_nunchaku"`` quantizes activations as Nunchaku's NVFP4 kernels do
 (FP8 scales per 16, no tensor scale: :func:`quantduo.formats.quantizers.quantize_nvfp4_nunchaku`). Persistent
@@ -13,8 +14,11 @@ buffers (``N = out_features``, ``K = padded in_features``, ``G = group_size``, `
 * ``wscale_channel`` float32 ``[N]``                NVFP4 per-output-channel scale (1.0 unless loaded from a Nunchaku
   file, whose ``wcscales`` it holds); absent for INT4
 * ``smooth_factor`` ``[K]`` (module dtype)           inputs are divided by it
-* ``act_shift``     ``[K]`` (module dtype)           added before unsigned activation quantization (zeros otherwise);
-  its effect ``-Q_w(R) @ act_shift`` is already folded into ``bias``
+* ``act_shift``     ``[K]`` (module dtype)           added to the inputs (input space, before the division by
+  ``smooth_factor``) of unsigned activation quantization (zeros otherwise; post-GELU layers: 0.171875); its effect
+  ``Q_w(R) @ (act_shift / smooth_factor)`` is already subtracted from ``bias``. Checkpoints of format_version 2
+  (quantduo < 0.3.0) held the smoothed-space shift ``act_shift / smooth_factor``: their loaders convert it
+  (:func:`quantduo.svdquant.serialization.convert_smoothed_act_shift`)
 * ``proj_down``     ``[K, r]``, ``proj_up`` ``[N, r]`` (module dtype)  the low-rank branch
 * ``bias``          ``[N]`` (module dtype) or absent
 
@@ -166,7 +170,7 @@ class SVDQuantLinear(nn.Module):
         with torch.no_grad():
             self.smoothing_folded_out = bool((self.smooth_factor == 1).all())
             if self.bias is not None:
-                unfolded = self.bias.float() + engine.dequantized_residual(self) @ self.act_shift.float()
+                unfolded = self.bias.float() + engine.shift_term(self)
                 self.bias_a16 = unfolded.to(self.bias.dtype)
             if self.weight_format == "int4":
                 self.fp8_inv_smooth = 1.0 / self.smooth_factor.float()

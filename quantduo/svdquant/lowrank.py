@@ -73,16 +73,21 @@ def branch_factors(
     return up, torch.cat(downs, dim=-1)
 
 
-def fake_quant_act(x_smooth: torch.Tensor, act_format: str, group_size: int, act_shift: torch.Tensor) -> torch.Tensor:
-    """What the 4-bit GEMM sees of the smoothed activations ``[T, K]``: ``Q(x + shift) - shift`` (float32)."""
-    return qz.fake_quant(x_smooth.float() + act_shift, act_format, group_size) - act_shift
+def fake_quant_act(x: torch.Tensor, smooth: torch.Tensor, act_format: str, group_size: int,
+                   input_shift: torch.Tensor) -> torch.Tensor:
+    """What the 4-bit GEMM sees of the smoothed inputs ``x / smooth``, float32 ``[..., T, K]``:
+    ``Q((x + input_shift) / smooth) - input_shift / smooth`` (the layer's order, in float32; the second term is the
+    shift's output term, which the bias cancels). ``x`` float ``[T, K]``; ``smooth``, ``input_shift`` float32 ``[K]``
+    or ``[..., 1, K]`` (a batch of candidates)."""
+    return qz.fake_quant((x.float() + input_shift) / smooth, act_format, group_size) - input_shift / smooth
 
 
 @dataclass
 class GroupSolution:
     """Result for one group of linears sharing an input (``K`` = padded input channels).
 
-    smooth: float32 ``[K]``; act_shift: float32 ``[K]``; lora_down: float32 ``[K, r * B]``;
+    smooth: float32 ``[K]``; input_shift: float32 ``[K]``, the shift added to the inputs before smoothing (input
+    space: the layer's ``act_shift``; zeros for signed activations); lora_down: float32 ``[K, r * B]``;
     lora_up: float32 ``[N_total, r * B]`` (block-diagonal over the ``B`` low-rank branches, :func:`branch_factors`);
     residual: float32 ``[N_total, K]`` (before quantization); branches: rows per low-rank branch;
     smooth_ab: chosen (a, b); rel_error: relative output error on the calibration rows;
@@ -90,7 +95,7 @@ class GroupSolution:
     """
 
     smooth: torch.Tensor
-    act_shift: torch.Tensor
+    input_shift: torch.Tensor
     lora_down: torch.Tensor
     lora_up: torch.Tensor
     residual: torch.Tensor
@@ -116,19 +121,21 @@ class _Objective:
 
     def __init__(self, x: torch.Tensor, w: torch.Tensor, act_format: str, act_group: int,
                  input_shift: torch.Tensor | None):
+        """``input_shift`` float ``[K]``: the unsigned activations' shift (used only for ``act_format="uint4"``)."""
         self.x, self.act_format, self.act_group = x.float(), act_format, act_group
-        self.input_shift = input_shift
+        self.input_shift = input_shift.float() if act_format == "uint4" else torch.zeros(x.shape[-1], device=x.device)
         self.y_ref = self.x @ w.float().T
         self.ref_energy = self.y_ref.pow(2).sum().clamp(min=1e-30)
 
-    def smoothed_inputs(self, smooth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For smoothing factors ``[..., K]``: the smoothed rows ``[..., T, K]``, their quantized view and the
-        activation shift ``[..., 1, K]`` (``[K]`` for one candidate)."""
-        act_shift = act_shift_for(self.input_shift, smooth) if self.act_format == "uint4" else torch.zeros_like(smooth)
+    def smoothed_inputs(self, smooth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For smoothing factors ``[..., K]``: the smoothed rows ``x / smooth`` ``[..., T, K]`` and their quantized
+        view (:func:`fake_quant_act`; signed formats: ``Q(x / smooth)``)."""
         if smooth.dim() > 1:
-            smooth, act_shift = smooth.unsqueeze(-2), act_shift.unsqueeze(-2)
+            smooth = smooth.unsqueeze(-2)
         x_smooth = self.x / smooth
-        return x_smooth, fake_quant_act(x_smooth, self.act_format, self.act_group, act_shift), act_shift
+        if self.act_format != "uint4":
+            return x_smooth, qz.fake_quant(x_smooth, self.act_format, self.act_group)
+        return x_smooth, fake_quant_act(self.x, smooth, self.act_format, self.act_group, self.input_shift)
 
     def __call__(self, x_smooth, x_quant, residual_q, up, down) -> float:
         return float(self.errors(x_smooth, x_quant, residual_q, up, down))
@@ -153,11 +160,6 @@ def _candidates_per_batch(w_shape: torch.Size, tokens: int, cfg: SVDQuantConfig)
     return max(1, cfg.search_batch_bytes // per_candidate)
 
 
-def act_shift_for(input_shift: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
-    """The shift of the smoothed inputs ``[..., K]``: ``(x + input_shift) / smooth = x / smooth + act_shift``."""
-    return input_shift.float() / smooth
-
-
 def solve_group(
     w: torch.Tensor,
     x_sample: torch.Tensor,
@@ -180,7 +182,7 @@ def solve_group(
         act_format: ``"int4"``, ``"uint4"`` (needs ``input_shift``), ``"nvfp4"`` or ``"none"``.
         input_shift: uint4: ``[K]`` shift added to the inputs before smoothing so that they are non-negative
             (deepcompressor's post-GELU rule: :data:`~quantduo.formats.quantizers.GELU_SHIFT` on every channel);
-            the layer's ``act_shift`` is ``input_shift / smooth``.
+            the layer's ``act_shift`` (input space, :attr:`GroupSolution.input_shift`).
         branches: row counts of consecutive blocks of ``w`` that get a low-rank branch each (deepcompressor's
             ``splits``: a FLUX single block's q/k/v and its ``proj_mlp`` share the smoothing, not the branch).
     """
@@ -197,7 +199,7 @@ def solve_group(
 
     def candidate_errors(s: torch.Tensor) -> torch.Tensor:
         """Errors ``[C]`` of smoothing candidates ``s [C, K]``, solved together (one batched randomized SVD)."""
-        x_smooth, x_quant, _ = obj.smoothed_inputs(s)
+        x_smooth, x_quant = obj.smoothed_inputs(s)
         w_hat = w * s.unsqueeze(-2)
         up, down = branch_factors(w_hat, branches, rank, "randomized", cfg.seed)
         return obj.errors(x_smooth, x_quant, quant_residual(w_hat - up @ down.mT), up, down)
@@ -222,7 +224,7 @@ def _refine(w: torch.Tensor, best_smooth: torch.Tensor, best_ab: tuple[float, fl
             cfg: SVDQuantConfig) -> GroupSolution:
     """The iterative low-rank / residual refinement of ``w [N, K]`` at the chosen smoothing ``[K]`` (early stop on
     no gain), one low-rank branch per block of rows in ``branches``."""
-    x_smooth, x_quant, act_shift = obj.smoothed_inputs(best_smooth)
+    x_smooth, x_quant = obj.smoothed_inputs(best_smooth)
     w_hat = w * best_smooth
     best, iters = None, 0
     residual_q = torch.zeros_like(w_hat)
@@ -237,4 +239,4 @@ def _refine(w: torch.Tensor, best_smooth: torch.Tensor, best_ab: tuple[float, fl
         if rank == 0:
             break
     err, up, down, residual = best
-    return GroupSolution(best_smooth, act_shift, down, up, residual, best_ab, err, iters, branches)
+    return GroupSolution(best_smooth, obj.input_shift, down, up, residual, best_ab, err, iters, branches)

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from quantduo.engine import linear as engine
 from quantduo.formats import quantizers as qz
 from quantduo.utils import progress_bar, relative_error
 
@@ -109,14 +110,14 @@ def build_module(
     with torch.no_grad():
         pack_residual(module, sol.residual[rows])
         module.smooth_factor.copy_(sol.smooth)
-        module.act_shift.copy_(sol.act_shift)
+        module.act_shift.copy_(sol.input_shift)
         module.proj_down.copy_(down)
         module.proj_up.copy_(up)
         if linear.bias is not None:
-            # quantizing (x + shift) adds Q(R) @ shift to the output: fold its negative into the bias
-            shift_term = module.dequantized_residual() @ sol.act_shift.float()
-            module.bias.copy_(linear.bias.float() - shift_term)
-        elif bool((sol.act_shift != 0).any()):
+            # quantizing (x + act_shift) / smooth adds Q(R) @ (act_shift / smooth) to the output (the stored,
+            # rounded act_shift and smooth): fold its negative into the bias
+            module.bias.copy_(linear.bias.float() - engine.shift_term(module))
+        elif bool((sol.input_shift != 0).any()):
             raise ValueError("unsigned activations need a bias to fold the shift into")
     module.refresh_derived()
     return module
@@ -176,10 +177,10 @@ def _act_format_for(name: str, stats: InputStats, cfg: SVDQuantConfig, condition
 
 
 def unsigned_input_shift(stats: InputStats) -> float:
-    """The constant added to every input channel of an unsigned-INT4 layer before smoothing: deepcompressor's
-    :data:`~quantduo.formats.quantizers.GELU_SHIFT` (0.171875, the tanh GELU's lower bound), which covers any
-    post-GELU input, not only the calibration's minimum; larger where the calibration saw values below it (layers
-    :data:`_UNSIGNED_MIN` admits that are not post-GELU)."""
+    """The constant added to every input channel of an unsigned-INT4 layer before smoothing (its ``act_shift``, in
+    input space): deepcompressor's :data:`~quantduo.formats.quantizers.GELU_SHIFT` (0.171875, the tanh GELU's lower
+    bound), which covers any post-GELU input, not only the calibration's minimum; larger where the calibration saw
+    values below it (layers :data:`_UNSIGNED_MIN` admits that are not post-GELU)."""
     return max(qz.GELU_SHIFT, -float(stats.minimum.min()))
 
 

@@ -17,7 +17,10 @@ from .split import SPLIT_HALVES, SplitProjOut
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "quantduo_config.json"
-FORMAT_VERSION = 2  # 2: the manifest covers every file (1 kept the weights' SHA-256 in the config)
+# 2: the manifest covers every file (1 kept the weights' SHA-256 in the config); 3: act_shift holds the input-space
+# shift (2 held the smoothed-space act_shift / smooth_factor: converted on load, convert_smoothed_act_shift)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, FORMAT_VERSION)
 LORA_REGISTRY = "_quantduo_loras"  # the module attribute that holds attached LoRAs (quantduo.integrations.lora)
 
 
@@ -109,9 +112,19 @@ def read_checkpoint_meta(directory: str | Path) -> dict:
         meta = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path} is not valid JSON ({err})") from err
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: unsupported format_version {meta.get('format_version')!r}")
+    if meta.get("format_version") not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path}: unsupported format_version {meta.get('format_version')!r} (this quantduo "
+                              f"reads {', '.join(map(str, READABLE_VERSIONS))})")
     return meta
+
+
+def convert_smoothed_act_shift(layer: SVDQuantLinear) -> None:
+    """Give ``layer``, just loaded from a checkpoint that stored the smoothed-space shift (format_version 2, or a
+    diffusers folder of quantduo < 0.3.0: ``act_shift = shift / smooth_factor``), the input-space shift layers hold
+    now: ``act_shift * smooth_factor`` in float32, rounded to the buffer's dtype (zeros, the signed layers', stay
+    zeros). Call it before the derived state is computed."""
+    old = layer.act_shift.detach()
+    layer.act_shift = (old.float() * layer.smooth_factor.float()).to(old.dtype)
 
 
 def _split_stored_halves(model: nn.Module, specs: dict[str, dict]) -> None:
@@ -181,6 +194,10 @@ def load_quantized(model: nn.Module, directory: str | Path) -> dict:
             f"checkpoint does not match the model: missing {result.missing_keys[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
+    if meta["format_version"] < 3:
+        for module in model.modules():
+            if isinstance(module, SVDQuantLinear):
+                convert_smoothed_act_shift(module)
     refresh_derived(model)
     return meta
 

@@ -15,6 +15,7 @@ import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._dynamo.utils import counters
 from torch import nn
 
@@ -158,6 +159,40 @@ def test_reference_execution():
         assert torch.equal(m(x), expected)
 
 
+def _unsigned_fake_quant(act: torch.Tensor) -> torch.Tensor:
+    """Hand-written unsigned INT4 per 64 of float32 ``act [M, K]``, dequantized: codes round(a / s) in [0, 15] times
+    s = max / 15 (1 for an all-zero group)."""
+    g = act.clamp(min=0).reshape(act.shape[0], -1, 64)
+    amax = g.amax(-1, keepdim=True)
+    scales = torch.where(amax > 0, amax / 15, torch.ones_like(amax))
+    return (torch.round(g / scales).clamp(0, 15) * scales).reshape(act.shape)
+
+
+def test_shifted_reference_follows_nunchaku_order():
+    """A bf16 post-GELU layer (shift 0.171875, input space) computes Nunchaku's arithmetic: ``Q_a(round(round(x +
+    shift) / smooth)) @ R^T`` + the low-rank branch of ``round(x / smooth)`` + the stored bias, whose shift term is
+    ``R @ (shift / smooth)`` (``bias_a16`` adds it back); the former order (``round(x / smooth) + shift / smooth``)
+    moves the output by about 2 % of its norm."""
+    torch.manual_seed(0)
+    m = _random_layer(256, 64, "uint4", dtype=torch.bfloat16, execution="reference")
+    with torch.no_grad():
+        m.act_shift.fill_(0.171875)
+    x = F.gelu(torch.randn(32, 256) * 3, approximate="tanh").to(torch.bfloat16)
+    smooth, residual = m.smooth_factor.float(), m.dequantized_residual()
+    shifted = ((x.float() + 0.171875).to(torch.bfloat16).float() / smooth).to(torch.bfloat16).float()
+    xs = (x.float() / smooth).to(torch.bfloat16)
+    low_rank = ((xs @ m.proj_down) @ m.proj_up.T).float()
+    expected = (_unsigned_fake_quant(shifted) @ residual.T + low_rank + m.bias.float()).to(torch.bfloat16)
+    assert torch.equal(m(x), expected)
+    old_order = xs.float() + (0.171875 / smooth).to(torch.bfloat16).float()
+    former = (_unsigned_fake_quant(old_order) @ residual.T + low_rank + m.bias.float()).to(torch.bfloat16)
+    assert relative_error(former, expected) > 5e-3
+    m.refresh_derived()
+    shift_term = residual @ (torch.full((256,), 0.171875) / smooth)
+    torch.testing.assert_close(engine.shift_term(m), shift_term, rtol=1e-6, atol=1e-5)
+    assert torch.equal(m.bias_a16, (m.bias.float() + shift_term).to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("tokens", [1, 9, 80])
 def test_a16_group_128(tokens):
     """W4A16 with groups of 128 at every token count (the GEMV and the skinny GEMM serve groups of 64 only; the
@@ -207,7 +242,8 @@ def test_a16_execution(act_format):
     x = torch.rand(80, 128) * 2 - 0.1
     xs = x / m.smooth_factor
     residual = m.dequantized_residual()
-    expected = xs @ residual.T + (xs @ m.proj_down) @ m.proj_up.T + m.bias + residual @ m.act_shift
+    shift_term = residual @ (m.act_shift / m.smooth_factor)
+    expected = xs @ residual.T + (xs @ m.proj_down) @ m.proj_up.T + m.bias + shift_term
     assert relative_error(a16_reference_forward(m, x), expected) < 1e-6
     assert relative_error(a16_reference_forward(m, x), expected) < relative_error(m.forward_reference(x), expected)
     with cpu_kernels():

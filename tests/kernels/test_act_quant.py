@@ -55,3 +55,88 @@ def test_act_quant_bad_config(inputs):
         act_quant(x, smooth, shift, ld, "int4", group_size=128)
     with pytest.raises(ValueError, match="K % 64 == 0"):
         act_quant(x[:, :100], smooth[:100], shift[:100], None, "none")
+
+
+def _uint4_groups(act: torch.Tensor):
+    """Hand-written unsigned INT4 of float32 ``act [M, K]`` per group of 64: (codes float32 ``[M, K]``, scales
+    float32 ``[M, K / 64]`` = max / 15, 1 for an all-zero group)."""
+    g = act.clamp(min=0).reshape(act.shape[0], -1, 64)
+    amax = g.amax(-1)
+    scales = torch.where(amax > 0, amax / 15, torch.ones_like(amax))
+    codes = torch.round(g / scales[..., None]).clamp(0, 15)
+    return codes.reshape(act.shape), scales
+
+
+def _nunchaku_order(x, shift, smooth):
+    """``round(round(x + shift) / smooth)``, each step in float32 rounded to x's dtype, as float32."""
+    summed = (x.float() + shift.to(x.dtype).float()).to(x.dtype)
+    return (summed.float() / smooth.to(x.dtype).float()).to(x.dtype).float()
+
+
+def _smoothed_then_shifted(x, shift, smooth):
+    """The order quantduo used before 0.3.0: ``round(x / smooth) + shift / smooth`` (the shift in the smoothed space,
+    rounded to x's dtype, added in float32)."""
+    smoothed = (x.float() / smooth.to(x.dtype).float()).to(x.dtype).float()
+    return smoothed + (shift.float() / smooth.float()).to(x.dtype).float()
+
+
+def _shifted_inputs(dtype):
+    """Post-GELU-like x ``[24, 256]`` in ``dtype`` (some tokens near GELU's minimum, some large), Nunchaku's shift
+    0.171875 and smoothing factors in [0.5, 1.5] ``[256]``."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.nn.functional.gelu(torch.randn(24, 256, generator=g) * 3, approximate="tanh")
+    x[7] = -0.17
+    return x.to(dtype), torch.full((256,), 0.171875, dtype=dtype), (torch.rand(256, generator=g) + 0.5).to(dtype)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_shifted_unsigned_codes_follow_nunchaku_order(dtype, device):
+    """The 4-bit modes quantize ``round(round(x + shift) / smooth)`` (Nunchaku's ``EpilogueQuantize``: shift added,
+    then divided, in the activation dtype): codes and scales of the kernel and of the reference equal those
+    computed by hand (on the device too); on this input the former order (smooth, then add the smoothed shift)
+    gives other codes or scales (float32: scales only)."""
+    x, shift, smooth = (t.to(device) for t in _shifted_inputs(dtype))
+    codes, scales = _uint4_groups(_nunchaku_order(x, shift, smooth))
+    old_codes, old_scales = _uint4_groups(_smoothed_then_shifted(x, shift, smooth))
+    assert not (torch.equal(codes, old_codes) and torch.equal(scales, old_scales))
+    expected_deq = (codes.reshape(24, -1, 64) * scales[..., None]).reshape(24, 256).to(dtype)
+    packed = (codes[:, 0::2].to(torch.uint8) | (codes[:, 1::2].to(torch.uint8) << 4))
+    for q, qs, _ in (act_quant(x, smooth, shift, None, "uint4"), ref.act_quant_ref(x, smooth, shift, None, "uint4")):
+        assert torch.equal(q, packed) and torch.equal(qs, scales.T)
+    for deq, _, _ in (act_quant(x, smooth, shift, None, "uint4_deq"),
+                      ref.act_quant_ref(x, smooth, shift, None, "uint4_deq")):
+        assert deq.dtype == dtype and torch.equal(deq, expected_deq)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_shifted_layer_low_rank_reads_the_unshifted_smoothed_input(dtype):
+    """With a low-rank branch, the 4-bit codes are those of ``(x + shift) / smooth`` and the down-projection is that of
+    ``x / smooth`` (no shift), in one pass."""
+    x, shift, smooth = _shifted_inputs(dtype)
+    ld = (torch.randn(256, 16, generator=torch.Generator().manual_seed(4)) * 0.1).to(dtype)
+    q, qs, lxp = act_quant(x, smooth, shift, ld, "uint4", config=(16, 64, 2))
+    codes, scales = _uint4_groups(_nunchaku_order(x, shift, smooth))
+    assert torch.equal(qs, scales.T)
+    assert torch.equal(q, codes[:, 0::2].to(torch.uint8) | (codes[:, 1::2].to(torch.uint8) << 4))
+    smoothed = (x.float() / smooth.float()).to(dtype)
+    torch.testing.assert_close(lxp.sum(0), smoothed.float() @ ld.float(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_zero_shift_quantizes_x_over_smooth(dtype):
+    """Signed layers (shift 0): the codes and dequantized values are those of ``round(x / smooth)``, as before the
+    shift moved to the input space."""
+    x, _, smooth = _shifted_inputs(dtype)
+    x = x * 2 - 1  # signed
+    act = (x.float() / smooth.float()).to(dtype).float().reshape(24, -1, 64)
+    amax = act.abs().amax(-1)
+    scales = torch.where(amax > 0, amax / 7, torch.ones_like(amax))
+    codes = torch.round(act / scales[..., None]).clamp(-7, 7)
+    expected = (codes * scales[..., None]).reshape(24, 256).to(dtype)
+    zero = torch.zeros(256, dtype=dtype)
+    for deq, _, _ in (act_quant(x, smooth, zero, None, "int4_deq"),
+                      ref.act_quant_ref(x, smooth, zero, None, "int4_deq")):
+        assert torch.equal(deq, expected)
+    for _, qs, _ in (act_quant(x, smooth, zero, None, "int4"), ref.act_quant_ref(x, smooth, zero, None, "int4")):
+        assert torch.equal(qs, scales.T)

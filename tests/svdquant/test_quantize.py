@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quantduo.svdquant import (
@@ -13,7 +14,7 @@ from quantduo.svdquant import (
 from quantduo.formats import quantizers as qz
 from quantduo.svdquant.lowrank import fake_quant_act
 from quantduo.svdquant.report import plot_quality_report, rank_sweep
-from quantduo.utils import InputError, relative_error
+from quantduo.utils import InputError, relative_error, write_manifest
 
 CFG = SVDQuantConfig(dtype="float32", lowrank_iters=20, search_tokens=256)
 
@@ -184,18 +185,32 @@ def test_unsigned_activations_help_post_gelu():
 
 def test_post_gelu_shift_is_the_reference_constant(quantized_block):
     """deepcompressor's rule for unsigned INT4 inputs: 0.171875 (the tanh GELU's lower bound) is added to every
-    channel before smoothing, so act_shift = 0.171875 / smooth on every real channel, whatever the calibration's
-    per-channel minimum; an input at the GELU's minimum on a channel whose calibration never went below zero is
-    then represented, not clipped to zero."""
-    model, _, _ = quantized_block
+    channel before smoothing, so act_shift (input space) = 0.171875 on every channel, whatever the calibration's
+    per-channel minimum, and the bias holds ``b - Q(R) @ (0.171875 / smooth)``; an input at the GELU's minimum on a
+    channel whose calibration never went below zero is then represented, not clipped to zero."""
+    model, reference, _ = quantized_block
     fc2 = model.fc2
     k = fc2.in_features
-    torch.testing.assert_close(fc2.act_shift[:k].float() * fc2.smooth_factor[:k].float(),
-                               torch.full((k,), 0.171875), rtol=1e-6, atol=0)
+    assert torch.equal(fc2.act_shift, torch.full_like(fc2.act_shift, 0.171875))
+    shift_term = fc2.dequantized_residual() @ (0.171875 / fc2.smooth_factor.float())
+    torch.testing.assert_close(fc2.bias.float(), reference.fc2.bias.float() - shift_term)
     x = torch.full((1, k), 0.05)
     x[0, 0] = -0.17  # the GELU's minimum, below any calibration value of most channels
-    q = fake_quant_act(x / fc2.smooth_factor[:k].float(), "uint4", 64, fc2.act_shift[:k].float())
-    assert float(q[0, 0] * fc2.smooth_factor[0]) == pytest.approx(-0.17, abs=0.02)
+    smooth = fc2.smooth_factor[:k].float()
+    q = fake_quant_act(x, smooth, "uint4", 64, fc2.act_shift[:k].float())
+    assert float(q[0, 0] * smooth[0]) == pytest.approx(-0.17, abs=0.02)
+
+
+def test_fake_quant_act_adds_the_shift_before_smoothing():
+    """The calibration's view of the quantized inputs is ``Q((x + shift) / smooth) - shift / smooth`` in float32 (the
+    layer's order), written out here with the unsigned quantizer."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.gelu(torch.randn(8, 128, generator=g) * 3)
+    smooth, shift = torch.rand(128, generator=g) + 0.5, torch.full((128,), 0.171875)
+    groups = ((x + shift) / smooth).reshape(8, 2, 64)
+    scales = groups.amax(-1, keepdim=True) / 15
+    expected = (torch.round(groups / scales).clamp(0, 15) * scales).reshape(8, 128) - shift / smooth
+    assert torch.equal(fake_quant_act(x, smooth, "uint4", 64, shift), expected)
 
 
 def test_save_load_round_trip(quantized_block, tmp_path):
@@ -207,6 +222,40 @@ def test_save_load_round_trip(quantized_block, tmp_path):
     assert torch.equal(fresh(x), model(x))
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["model.safetensors", "quantduo_config.json",
                                                                       "quantduo_manifest.json"]
+
+
+def _rewrite_as_format_2(ckpt, version=2):
+    """Make the checkpoint folder ``ckpt`` one that quantduo < 0.3.0 wrote (format_version ``version``): each
+    ``act_shift`` in the smoothed space, ``input shift / smooth_factor`` (the rule those versions stored), and the
+    config and manifest rewritten to match."""
+    state = load_file(ckpt / "model.safetensors")
+    for key in [k for k in state if k.endswith(".act_shift")]:
+        smooth = state[key.removesuffix("act_shift") + "smooth_factor"]
+        state[key] = (state[key].float() / smooth.float()).to(state[key].dtype)
+    save_file(state, ckpt / "model.safetensors", metadata={"format": "pt", "quantduo": str(version)})
+    meta = json.loads((ckpt / "quantduo_config.json").read_text())
+    (ckpt / "quantduo_config.json").write_text(json.dumps(dict(meta, format_version=version), indent=1))
+    write_manifest(ckpt)
+
+
+def test_format_2_checkpoint_loads_with_the_input_space_shift(quantized_block, tmp_path):
+    """A checkpoint of format_version 2 (act_shift = shift / smooth) loads as the same layers: act_shift back in the
+    input space (0.171875 on the post-GELU layer, 0 on the signed ones), the same outputs; versions this quantduo
+    does not know are refused."""
+    model, _, _ = quantized_block
+    ckpt = save_quantized(model, tmp_path / "ckpt", CFG)
+    assert json.loads((ckpt / "quantduo_config.json").read_text())["format_version"] == 3
+    _rewrite_as_format_2(ckpt)
+    assert not torch.allclose(load_file(ckpt / "model.safetensors")["fc2.act_shift"], model.fc2.act_shift)
+    fresh = Block()
+    assert load_quantized(fresh, ckpt)["format_version"] == 2
+    torch.testing.assert_close(fresh.fc2.act_shift, torch.full_like(fresh.fc2.act_shift, 0.171875), rtol=1e-6, atol=0)
+    assert not any(getattr(fresh, name).act_shift.any() for name in ("q", "k", "v", "fc1"))
+    x = calib_batches(seed=5)[0]
+    assert relative_error(fresh(x), model(x)) < 1e-5
+    _rewrite_as_format_2(save_quantized(model, tmp_path / "v1", CFG), version=1)
+    with pytest.raises(CheckpointError, match="unsupported format_version 1"):
+        load_quantized(Block(), tmp_path / "v1")
 
 
 def test_corrupt_and_mismatched_checkpoints(quantized_block, tmp_path):

@@ -25,12 +25,13 @@ from safetensors import SafetensorError, safe_open
 from diffusers.quantizers import auto as diffusers_auto
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
+from packaging.version import InvalidVersion, Version
 from torch import nn
 
 from quantduo._version import __version__
 from quantduo.formats.registry import EXECUTIONS, format_names, get_format
 from quantduo.svdquant import CheckpointError, SVDQuantLinear
-from quantduo.svdquant.serialization import check_unfused, layer_specs, replace_linears
+from quantduo.svdquant.serialization import check_unfused, convert_smoothed_act_shift, layer_specs, replace_linears
 from quantduo.svdquant.linear import ACT_FORMATS, WEIGHT_FORMATS, set_execution
 from quantduo.utils import verify_manifest
 
@@ -38,6 +39,8 @@ from .fusions import FUSED_NAMES, enable_fusions
 
 QUANT_METHOD = "quantduo"
 DIGEST_KEY = "quantduo_sha256"  # safetensors metadata: SHA-256 over every stored tensor (names, dtypes, shapes, bytes)
+# checkpoints written before this version store the smoothed-space act_shift (converted on load)
+INPUT_SPACE_SHIFT_SINCE = Version("0.3.0")
 LAYER_FIELDS = {"in_features": int, "out_features": int, "rank": int, "bias": bool, "weight_format": str,
                 "act_format": str, "group_size": int}
 
@@ -85,7 +88,8 @@ class QuantDuoConfig(QuantizationConfigMixin):
         fast_accum: fp8 GEMMs without float32 promotion along K.
         fuse: replace FLUX/GELU blocks by their fused versions after loading (same outputs, same state dict).
         layers: ``{module name: SVDQuantLinear constructor arguments}`` of every quantized layer.
-        quantduo_version: the version that wrote the checkpoint.
+        quantduo_version: the version that wrote the checkpoint (before 0.3.0: ``act_shift`` stored in the smoothed
+            space, converted on load).
     """
 
     def __init__(self, format: str = "int4", rank: int = 32, execution: str = "auto", fast_accum: bool = True,
@@ -104,10 +108,15 @@ class QuantDuoConfig(QuantizationConfigMixin):
             raise QuantizationConfigError(f"quantization_config.rank must be a non-negative integer, got {rank!r}")
         if not isinstance(layers or {}, dict):
             raise QuantizationConfigError("quantization_config.layers must be an object {module name: layer}")
+        _parse_version(quantduo_version)
         self.quant_method = _QuantMethod(QUANT_METHOD)
         self.format, self.rank, self.execution = format, rank, execution
         self.fast_accum, self.fuse, self.quantduo_version = bool(fast_accum), bool(fuse), quantduo_version
         self.layers = {name: _check_layer(name, spec) for name, spec in (layers or {}).items()}
+
+    def stores_smoothed_act_shift(self) -> bool:
+        """Whether the checkpoint's ``act_shift`` is the smoothed-space shift (written by quantduo < 0.3.0)."""
+        return _parse_version(self.quantduo_version) < INPUT_SPACE_SHIFT_SINCE
 
     def to_dict(self) -> dict[str, Any]:
         return dict(quant_method=QUANT_METHOD, format=self.format, rank=self.rank, execution=self.execution,
@@ -117,6 +126,15 @@ class QuantDuoConfig(QuantizationConfigMixin):
     def to_diff_dict(self) -> dict[str, Any]:
         """What ``repr`` and ``to_json_string`` show: the whole config (every field is meaningful)."""
         return self.to_dict()
+
+
+def _parse_version(version: Any) -> Version:
+    """``quantization_config.quantduo_version`` parsed (``QuantizationConfigError`` if it is not a version)."""
+    try:
+        return Version(version)
+    except (InvalidVersion, TypeError) as err:
+        raise QuantizationConfigError(f"quantization_config.quantduo_version must be a version string such as "
+                                      f"{__version__!r}, got {version!r}") from err
 
 
 def state_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -241,14 +259,21 @@ class QuantDuoQuantizer(DiffusersQuantizer):
         module._buffers[tensor_name] = param_value.to(device=target_device, dtype=current.dtype)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs) -> nn.Module:
+        """Check and finish the loaded layers (an older checkpoint's ``act_shift`` converted to the input space; the
+        config then says this version, so that the model saves as current), set their execution, fuse."""
         config = self.quantization_config
+        smoothed_shift = config.stores_smoothed_act_shift()
         _realign(model)
         for name, module in model.named_modules():
             if isinstance(module, SVDQuantLinear):
                 meta = [n for n, b in module.named_buffers() if b.is_meta and n in module.state_dict()]
                 if meta:
                     raise QuantizationConfigError(f"quantized layer {name!r}: the checkpoint lacks {meta}")
+                if smoothed_shift:
+                    convert_smoothed_act_shift(module)
                 _materialize_derived(module)
+        if smoothed_shift:
+            config.quantduo_version = __version__
         set_execution(model, config.execution, config.fast_accum)
         if config.fuse:
             enable_fusions(model)

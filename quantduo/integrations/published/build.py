@@ -8,8 +8,8 @@ Semantics (as Nunchaku computes them):
 * W4A4 INT4 layers: ``y = Q(x / smooth) @ R^T + x @ lora_down @ lora_up^T + bias`` with signed INT4
   activations (amax / 7 per 64); post-GELU layers (:attr:`~.layouts.Role.shifted`) quantize
   ``(x + 0.171875) / smooth`` as unsigned INT4 (amax / 15) and their stored bias already holds the shift's terms
-  (used as is). In quantduo terms: ``act_format="uint4"``, ``act_shift = 0.171875 / smooth``,
-  ``proj_down = lora_down * smooth``.
+  (used as is). In quantduo terms: ``act_format="uint4"``, ``act_shift = 0.171875`` (input space, exact in
+  16 bits; quantduo adds it and divides in Nunchaku's order), ``proj_down = lora_down * smooth``.
 * W4A4 NVFP4 layers (Blackwell files): the same formula with ``R = grid[code] * wscales * wcscales[n] * wtscale``
   (FP8 scales per 16 inputs, optional per-channel ``wcscales`` and per-tensor ``wtscale``, 1 where absent) and
   activations quantized per 16 to E2M1 with FP8 scales ``amax / 6`` and no tensor scale
@@ -197,7 +197,7 @@ def _w4a4_layer(parts: nk.W4A4Parts, rows: slice, in_features: int, shifted: boo
         layer.proj_down.copy_(parts.lora_down[:k].float() * smooth[:, None])
         layer.proj_up.copy_(parts.lora_up[rows])
         if shifted:
-            layer.act_shift.copy_(GELU_SHIFT / smooth)
+            layer.act_shift.fill_(GELU_SHIFT)
         if parts.bias is not None:
             layer.bias.copy_(parts.bias[rows])
     return layer

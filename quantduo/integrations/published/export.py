@@ -13,9 +13,10 @@ Every 16-bit tensor is written in the model's dtype, AWQ biases included (as dee
 
 Only layers whose arithmetic the layout computes are written, else :class:`ValueError` names the layer: W4A4 INT4
 layers with signed activations — and, in the Nunchaku file, the post-GELU layers as shifted unsigned INT4 with
-Nunchaku's shift (``act_shift = 0.171875 / smooth``: what :mod:`.build` reads; quantduo's own calibration picks a
-per-channel shift, which Nunchaku cannot run) —, fused q/k/v sharing smoothing and down-projection, and INT4
-weight-only layers (rank 0, or the per-group offset branch :mod:`.build` creates) as AWQ.
+Nunchaku's shift (``act_shift = 0.171875`` on every channel: what :mod:`.build` reads and quantduo's calibration
+picks for post-GELU inputs; a larger shift, picked for inputs below the GELU's minimum, Nunchaku cannot run) —,
+fused q/k/v sharing smoothing and down-projection, and INT4 weight-only layers (rank 0, or the per-group offset
+branch :mod:`.build` creates) as AWQ.
 """
 from __future__ import annotations
 
@@ -57,9 +58,10 @@ def _w4a4_parts(name: str, layers: list[SVDQuantLinear], shifted: bool) -> nk.W4
         if not (torch.equal(layer.smooth_factor, first.smooth_factor) and torch.equal(layer.proj_down, first.proj_down)):
             raise ValueError(f"{name}: fused layers must share smoothing and the low-rank down-projection")
     smooth = first.smooth_factor.float()
-    if shifted and not torch.allclose(first.act_shift.float() * smooth, torch.full_like(smooth, GELU_SHIFT), rtol=1e-2):
-        raise ValueError(f"{name}: post-GELU layer with a shift other than Nunchaku's {GELU_SHIFT} (act_shift = "
-                         f"{GELU_SHIFT} / smooth); Nunchaku cannot run it")
+    if shifted and not torch.allclose(first.act_shift.float(), torch.full_like(smooth, GELU_SHIFT), rtol=1e-2):
+        raise ValueError(f"{name}: post-GELU layer with a shift other than Nunchaku's act_shift = {GELU_SHIFT} "
+                         f"(it has {first.act_shift.float().min():.6g} to {first.act_shift.float().max():.6g}); "
+                         f"Nunchaku cannot run it")
     cat = lambda attr: torch.cat([getattr(m, attr) for m in layers])  # noqa: E731
     bias = None
     if any(m.bias is not None for m in layers):

@@ -7,12 +7,15 @@ import json
 import diffusers
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from quantduo.integrations.diffusers import (QuantDuoConfig, QuantizationConfigError, enable_fusions, mark_quantized,
                                              quantduo_config_for, quantization_config, quantize_transformer)
-from quantduo.integrations.diffusers.backend import DIGEST_KEY
+from quantduo import __version__
+from quantduo.integrations.diffusers.backend import DIGEST_KEY, state_digest
 from quantduo.svdquant import SVDQuantLinear
 from quantduo.svdquant.split import SplitProjOut
+from quantduo.utils import relative_error
 
 from .tiny_models import FAST, flux_inputs, samples_from, tiny_flux
 from .tiny_zoo import tiny_wan
@@ -80,6 +83,7 @@ def test_unquantized_folder_is_refused(tmp_path):
     (lambda c: c["layers"][next(iter(c["layers"]))].update(bias="yes"), "bias"),
     (lambda c: c["layers"].update({"transformer_blocks.0.nothing": dict(LAYER)}), "nothing"),
     (lambda c: c["layers"][next(iter(c["layers"]))].update(out_features=64), "64x"),
+    (lambda c: c.update(quantduo_version="latest"), "quantduo_version"),
 ])
 def test_malformed_config_is_named(saved, tmp_path, edit, field):
     """A quantization_config edited by hand fails with an error naming the field (or layer) before any weight is
@@ -96,10 +100,41 @@ def test_malformed_config_is_named(saved, tmp_path, edit, field):
         diffusers.FluxTransformer2DModel.from_pretrained(broken)
 
 
+def test_folder_of_quantduo_before_0_3_loads_with_the_input_space_shift(saved, tmp_path):
+    """A folder written by quantduo < 0.3.0 (``quantduo_version`` 0.2.0; each ``act_shift`` in the smoothed space:
+    the input shift / ``smooth_factor``) loads to the input-space shift and the same outputs; saved again it records
+    this version, and reloads unchanged (not converted twice)."""
+    model, folder, inputs, out = saved
+    old = tmp_path / "old"
+    old.mkdir()
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["quantduo_version"] = "0.2.0"
+    (old / "config.json").write_text(json.dumps(config))
+    state = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    shifted = [k for k in state if k.endswith(".act_shift") and state[k].any()]
+    assert shifted  # the post-GELU layers
+    for key in [k for k in state if k.endswith(".act_shift")]:
+        smooth = state[key.removesuffix("act_shift") + "smooth_factor"]
+        state[key] = (state[key].float() / smooth.float()).to(state[key].dtype)
+    save_file(state, str(old / "diffusion_pytorch_model.safetensors"),
+              metadata={"format": "pt", DIGEST_KEY: state_digest(state)})
+    loaded = diffusers.FluxTransformer2DModel.from_pretrained(old, dtype=torch.float32)
+    for key in shifted:
+        torch.testing.assert_close(loaded.state_dict()[key], model.state_dict()[key], rtol=1e-6, atol=0)
+    with torch.no_grad():
+        y = loaded(**inputs)[0]
+    assert relative_error(y, out) < 1e-5
+    loaded.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]["quantduo_version"] \
+        == __version__
+    again = diffusers.FluxTransformer2DModel.from_pretrained(tmp_path / "again", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(again(**inputs)[0], y)
+
+
 def test_digest_covers_every_tensor(saved, tmp_path):
     """A flipped byte anywhere in the tensor data, or a file without quantduo's digest, is refused."""
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
 
     _, folder, _, _ = saved
     weights = folder / "diffusion_pytorch_model.safetensors"
@@ -117,7 +152,6 @@ def test_safetensors_metadata_in_sorted_order(tmp_path):
     """safetensors writes metadata keys in hash-map order (it varies between saves); after
     sort_safetensors_metadata the same tensors and metadata always give the same bytes, and the file reads back."""
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
 
     from quantduo.integrations.diffusers.backend import sort_safetensors_metadata
 

@@ -107,6 +107,17 @@ def test_cli_export_and_refusals(published, tmp_path):
         export_checkpoint(model, tmp_path / "lite", "nunchaku-lite")
 
 
+def test_a_shift_other_than_nunchakus_is_refused(published, tmp_path):
+    """Nunchaku adds 0.171875 to the inputs of its post-GELU layers: a layer holding another input-space shift is
+    refused by name."""
+    model = copy.deepcopy(published[1])
+    with torch.no_grad():
+        model.get_submodule("transformer_blocks.0.ff.net.2").act_shift.fill_(0.25)
+    refusal = r"mlp_fc2: post-GELU layer with a shift other than Nunchaku's act_shift = 0.171875 \(it has 0.25 to"
+    with pytest.raises(ValueError, match=refusal):
+        export_checkpoint(model, tmp_path / "x.safetensors", "nunchaku")
+
+
 def test_lora_on_the_split_proj_out(published):
     """A LoRA on the diffusers ``proj_out`` [N, attn + mlp] splits by input columns onto the two halves."""
     _, model = published

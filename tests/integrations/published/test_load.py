@@ -146,6 +146,21 @@ def test_dropping_the_shift_does_not_match(single_file, checkpoint):
     assert relative_error(fake_quant(x + SHIFT, True) - SHIFT, x) < relative_error(fake_quant(x, False), x)
 
 
+def test_post_gelu_layers_hold_nunchakus_shift_itself(loaded, single_file):
+    """``act_shift`` is the input-space shift: Nunchaku's 0.171875 on every channel of the post-GELU layers (exact in
+    16 bits: a bf16 layer holds it as is), zeros on the signed ones."""
+    model = loaded[0]
+    for name in ("transformer_blocks.0.ff.net.2", "transformer_blocks.0.ff_context.net.2",
+                 "single_transformer_blocks.0.proj_out.mlp_fc2"):
+        layer = model.get_submodule(name)
+        assert layer.act_format == "uint4" and torch.equal(layer.act_shift, torch.full_like(layer.act_shift, SHIFT))
+    assert not model.get_submodule("transformer_blocks.0.attn.to_out.0").act_shift.any()
+    stored = {k.rsplit(".", 1)[1]: v for k, v in read_checkpoint(single_file).tensors.items()
+              if k.startswith("transformer_blocks.0.mlp_fc2.")}
+    bf16 = _w4a4_layer(nk.decode_w4a4("mlp_fc2", stored), slice(0, 128), 512, True, torch.bfloat16)
+    assert bf16.act_shift.dtype == torch.bfloat16 and bool((bf16.act_shift.float() == 0.171875).all())
+
+
 def test_permuted_tiles_or_a_wrong_name_do_not_load_the_same(checkpoint, base, loaded, tmp_path):
     tensors = dict(checkpoint[0])
     key = "transformer_blocks.0.qkv_proj.qweight"
