@@ -11,11 +11,11 @@ Variant names (``<name>`` and ``<name>+compile``; each eager and, with ``--cuda-
   ``SVDQuantLinear``, one for the text stream's). The fast path gives each of q, k, v its own SVD, so the fused layers
   hold a block-diagonal rank-3x32 branch; calibrated checkpoints share q/k/v's down-projection (rank 32), a little
   less work in the fp8 weight expansion;
-* ``<svdq variant>-tritonexp`` (last suffix): that variant with its eager fp8 weight expansions by the Triton kernel
+* ``<svdq variant>-tritonexp`` (last suffix): that variant with every fp8 weight expansion by the Triton kernel
   of :mod:`quantduo.kernels.dequant_w4` instead of the Gluon kernel of :mod:`quantduo.kernels.expand_w4_mma` (the
-  eager default on CUDA; compiled models launch the Triton kernel by default): the two in one call;
-  ``<svdq variant>-gluonexp``: compiled models too run the Gluon kernel, as an opaque operator
-  (``QUANTDUO_FP8_EXPANSION=gluon``);
+  default in eager calls on CUDA and in compiled code traced for CUDA graphs; other compiled code launches the
+  Triton kernel): the two in one call; ``<svdq variant>-gluonexp``: compiled models run the Gluon kernel, as an
+  opaque operator, without CUDA graphs too (``QUANTDUO_FP8_EXPANSION=gluon``);
 * ``svdq-fp8-fa8``: ``svdq-fp8`` with FP8 attention (:mod:`quantduo.integrations.fp8_attention`, Triton backend);
 * ``svdq-fp8-fa3fp8``: the same with the ``fa3`` backend (FlashAttention-3's fp8 kernel, one scale per head;
   needs ``flash_attn_3``, docs/fa3.md); ``svdq-fp8-fa3fp8qk``: with FLUX's Q / K prepared by one kernel
