@@ -139,7 +139,7 @@ def shift_smooth_tile(x, shift, s, NATIVE: tl.constexpr):
     """``(x + shift) / s`` for a tile ``x [BM, BK]`` and channel vectors ``shift``, ``s`` ``[BK]``: ``shift``
     rounded to ``x``'s dtype, the sum rounded to it, then :func:`smooth_tile` (Nunchaku's order for shifted unsigned
     activations; ``x / s`` for a zero shift)."""
-    shift = cast_rounded(shift.to(tl.float32), x.dtype, NATIVE).to(tl.float32)
+    shift = round_to(shift.to(tl.float32), x.dtype, NATIVE)
     return smooth_tile(cast_rounded(x.to(tl.float32) + shift[None, :], x.dtype, NATIVE), s, NATIVE)
 
 

@@ -21,6 +21,7 @@ CONFIG_NAME = "quantduo_config.json"
 # shift (2 held the smoothed-space act_shift / smooth_factor: converted on load, convert_smoothed_act_shift)
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (2, FORMAT_VERSION)
+INPUT_SPACE_SHIFT_FORMAT = 3  # the first format whose act_shift is the input-space shift
 LORA_REGISTRY = "_quantduo_loras"  # the module attribute that holds attached LoRAs (quantduo.integrations.lora)
 
 
@@ -194,7 +195,7 @@ def load_quantized(model: nn.Module, directory: str | Path) -> dict:
             f"checkpoint does not match the model: missing {result.missing_keys[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
-    if meta["format_version"] < 3:
+    if meta["format_version"] < INPUT_SPACE_SHIFT_FORMAT:
         for module in model.modules():
             if isinstance(module, SVDQuantLinear):
                 convert_smoothed_act_shift(module)
