@@ -289,15 +289,16 @@ def _low_rank(layer, x_smooth: torch.Tensor) -> torch.Tensor:
 
 def reference_forward(layer, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """The stored format's arithmetic: ``Q_a((x + act_shift) / smooth) @ R^T`` in float32 (the sum and the
-    quotient each rounded to x.dtype: :func:`~quantduo.formats.reference.shift_smooth_input`) + the 16-bit low-rank
+    quotient each rounded to x.dtype: :func:`~quantduo.formats.reference.shift_smooth_input`; ``Q_a`` Nunchaku's
+    run-time rule, :func:`~quantduo.formats.quantizers.fake_quant_activations`) + the 16-bit low-rank
     branch of ``x / smooth`` + bias (the shift's term :func:`shift_term` is folded into the stored bias).
     ``residual``: the dequantized residual float32 ``[N, K_padded]`` if already at hand. Output in x.dtype, shape
     ``[..., N]``."""
     xp = _pad_input(layer, x)
     x_smooth = smooth_input(xp, layer.smooth_factor)
     residual = dequantized_residual(layer) if residual is None else residual
-    act = qz.fake_quant(shift_smooth_input(xp, layer.smooth_factor, layer.act_shift).float(), layer.act_format,
-                        layer.group_size)
+    act = qz.fake_quant_activations(shift_smooth_input(xp, layer.smooth_factor, layer.act_shift).float(),
+                                    layer.act_format, layer.group_size, x.dtype)
     y = act @ residual.T + _low_rank(layer, x_smooth).float()
     if layer.bias is not None:
         y = y + layer.bias.float()

@@ -142,6 +142,45 @@ def quantize_uint4(
     return q.to(torch.uint8).reshape(x.shape), scales
 
 
+def quantize_activations_4bit(
+    x: torch.Tensor, group_size: int = 64, unsigned: bool = False, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """4-bit activations as Nunchaku's kernels quantize them (``quantize_w4a4_from_fpsum_warp``), per group of
+    ``group_size`` of the last dim:
+
+    * ``s = amax * float32(1 / qmax)``: a float32 product, not a division (qmax 7 signed, 15 unsigned; unsigned
+      inputs clamp to 0 first; 1.0 for an all-zero group, whose codes are 0);
+    * codes ``round_half_even(x * (1 / s))``: x times the float32 reciprocal of the unrounded ``s`` (the GPU kernel
+      takes ``rcp.approx.ftz.f32`` as Nunchaku does), saturated to [-7, 7] / [0, 15];
+    * the scale returned is ``s`` rounded to ``scale_dtype`` (Nunchaku keeps it in the activations' 16-bit dtype).
+
+    Where ``x / s`` lands on a half-integer, ``x * (1 / s)`` falls on either side of it: bf16 activations hit such
+    ties often (``x = amax / 2``), so this differs from :func:`quantize_int4` there.
+    Returns q: int8 (signed) / uint8 (unsigned) ``[..., K]``, scales: float32 ``[..., K // group_size]``.
+    """
+    g = _grouped(x, group_size)
+    qmax = UINT4_MAX if unsigned else INT4_MAX
+    if unsigned:
+        g = g.clamp(min=0)
+    amax = g.amax(dim=-1) if unsigned else g.abs().amax(dim=-1)
+    s = amax * torch.tensor(1 / qmax, dtype=torch.float32, device=x.device)
+    s = torch.where(amax > 0, s, torch.ones_like(s))
+    q = torch.round(g * torch.reciprocal(s).unsqueeze(-1)).clamp_(0 if unsigned else -qmax, qmax)
+    codes = q.to(torch.uint8 if unsigned else torch.int8).reshape(x.shape)
+    return codes, s.to(scale_dtype).float()
+
+
+def fake_quant_activations(
+    x: torch.Tensor, fmt: str, group_size: int = 64, scale_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Run-time activation quantization, quantized then dequantized (float32): the 4-bit integer formats by
+    :func:`quantize_activations_4bit` (scales rounded to ``scale_dtype``, the activations' dtype), the others as
+    :func:`fake_quant`."""
+    if fmt in ("int4", "uint4"):
+        return dequantize_groups(*quantize_activations_4bit(x, group_size, fmt == "uint4", scale_dtype))
+    return fake_quant(x, fmt, group_size)
+
+
 def dequantize_groups(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Inverse of the integer group quantizers: ``q [..., K] * scales [..., K // G]`` -> float32 ``[..., K]``."""
     group_size = q.shape[-1] // scales.shape[-1]
@@ -195,13 +234,14 @@ def quantize_nvfp4(
 
 def quantize_nvfp4_nunchaku(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """NVFP4 activations as Nunchaku quantizes them (``quantize_w4a4_fp4_from_fpsum_warp``): per 16 elements of
-    the last dim ``s = min(amax * float32(1 / 6), 448)`` in float32; codes = E2M1 of ``x / s`` (round-half-even,
-    saturating; ``s`` before FP8 rounding); the stored scale is ``s`` rounded to float8_e4m3fn (round-half-even).
-    No tensor scale. Returns codes uint8 ``[..., K]`` and scales float8_e4m3fn ``[..., K // 16]``."""
+    the last dim ``s = min(amax * float32(1 / 6), 448)`` in float32; codes = E2M1 of ``x * (1 / s)`` (the float32
+    reciprocal of ``s`` before its FP8 rounding, as the kernel's ``rcp``; round-half-even, saturating); the stored
+    scale is ``s`` rounded to float8_e4m3fn (round-half-even). No tensor scale. Returns codes uint8 ``[..., K]`` and
+    scales float8_e4m3fn ``[..., K // 16]``."""
     g = _grouped(x, NVFP4_GROUP)
     scale = (g.abs().amax(dim=-1) * torch.tensor(1 / FP4_E2M1_MAX, dtype=torch.float32)).clamp(max=FP8_E4M3_MAX)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)  # all-zero groups: codes 0
-    return _e2m1_codes(g / safe).reshape(x.shape), scale.to(torch.float8_e4m3fn)
+    return _e2m1_codes(g * torch.reciprocal(safe)).reshape(x.shape), scale.to(torch.float8_e4m3fn)
 
 
 def dequantize_nvfp4(codes: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ Layouts shared with the kernels (``M`` tokens, ``N`` out features, ``K`` padded 
 ``r`` rank):
 
 * 4-bit activations: packed uint8 ``[M, K // 2]`` (nibble layout of :mod:`quantduo.formats.quantizers`),
-  float32 scales stored transposed ``[K // G, M]``.
+  float32 scales (values of the activation dtype: :func:`~quantduo.formats.quantizers.quantize_activations_4bit`)
+  stored transposed ``[K // G, M]``.
 * low-rank down-projection: float32 partial sums ``[S, M, r]`` over ``S`` slices of K; consumers sum them
   and round to the module dtype.
 """
@@ -41,7 +42,8 @@ def act_quant_ref(x, smooth, shift, lora_down, mode: str, group_size: int = 64):
 
     Args: x ``[M, K]`` float16/bfloat16/float32; smooth, shift ``[K]``; lora_down ``[K, r]`` or None;
     mode in :data:`ACT_MODES`. The unsigned 4-bit modes quantize :func:`shift_smooth_input` (``(x + shift) /
-    smooth``); the signed ones and the low-rank branch read :func:`smooth_input` (``x / smooth``; ``shift`` unread).
+    smooth``); the signed ones and the low-rank branch read :func:`smooth_input` (``x / smooth``; ``shift`` unread);
+    4-bit groups by Nunchaku's rule, scales in x's dtype (:func:`~quantduo.formats.quantizers.quantize_activations_4bit`).
     Returns (q, scales, lx): see the module docstring for the layouts; q is None for mode ``"none"``, ``"smooth"``
     returns q = x / smooth, ``"int4_deq"`` / ``"uint4_deq"`` the dequantized 4-bit activations in x's dtype; lx
     float32 ``[M, r]`` or None.
@@ -54,9 +56,8 @@ def act_quant_ref(x, smooth, shift, lora_down, mode: str, group_size: int = 64):
         return xs, None, lx
     act = (shift_smooth_input(x, smooth, shift) if mode.startswith("uint4") else xs).float()
     if mode.endswith("_deq"):
-        return qz.fake_quant(act, mode[:-4], group_size).to(x.dtype), None, lx
-    quant = qz.quantize_int4 if mode == "int4" else qz.quantize_uint4
-    q, scales = quant(act, group_size)
+        return qz.fake_quant_activations(act, mode[:-4], group_size, x.dtype).to(x.dtype), None, lx
+    q, scales = qz.quantize_activations_4bit(act, group_size, mode == "uint4", x.dtype)
     return qz.pack_nibbles(q), scales.T.contiguous(), lx
 
 

@@ -26,7 +26,7 @@ def _act_quant_kernel(
     M, K, K_SPLIT, R, stride_xm,
     MODE: tl.constexpr, HAS_LR: tl.constexpr, RP: tl.constexpr, LR_FULL: tl.constexpr, ATOMIC_LX: tl.constexpr,
     G: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, RECIP: tl.constexpr, NATIVE: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr,
 ):
     """Program (pid_m, pid_s): rows [pid_m*BM, +BM), channels [pid_s*K_SPLIT, +K_SPLIT).
 
@@ -34,11 +34,11 @@ def _act_quant_kernel(
     (ATOMIC_LX: ``[1, M, R]``, zero on entry, every slice adds into it). The low-rank branch and the signed 4-bit
     modes read X / SMOOTH, the unsigned ones quantize (X + SHIFT) / SMOOTH (``common.shift_smooth_tile``), each
     step rounded to X's dtype.
-    MODE 0/1 int4/uint4: 4-bit groups, Q uint8 ``[M, K/2]``, QS float32 ``[K/G, M]``.
+    MODE 0/1 int4/uint4: 4-bit groups by Nunchaku's rule (``common.quant4_codes``), Q uint8 ``[M, K/2]``, QS
+    float32 ``[K/G, M]`` (values of X's dtype).
     MODE 4 none: low-rank only; 5 smooth: Q = X / SMOOTH ``[M, K]`` (X dtype); 7/8 int4_deq/uint4_deq: the
     4-bit groups of modes 0/1 dequantized, ``q * scale`` rounded to X's dtype, Q ``[M, K]``.
-    RECIP: round scales like PyTorch on CUDA (see ``common.scale_of``); NATIVE: hardware casts
-    (``common.cast_rounded``).
+    NATIVE: hardware casts (``common.cast_rounded``) and Nunchaku's approximate reciprocal (``common.reciprocal``).
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -67,14 +67,14 @@ def _act_quant_kernel(
             else:
                 act = xs.to(tl.float32)
             if MODE < 2:
-                packed, scale = quant4_tile(act, BM, BK, G, MODE == 1, RECIP)
+                packed, scale = quant4_tile(act, BM, BK, G, MODE == 1, X.dtype.element_ty, NATIVE)
                 rh = tl.arange(0, BK // 2)
                 tl.store(Q + rm[:, None].to(tl.int64) * (K // 2) + (k // 2 + rh)[None, :], packed,
                          mask=mmask[:, None])
                 rg = tl.arange(0, BK // G)
                 tl.store(QS + (k // G + rg)[None, :] * M + rm[:, None], scale, mask=mmask[:, None])
             else:
-                codes, scale = quant4_codes(act, BM, BK, G, MODE == 8, RECIP)
+                codes, scale = quant4_codes(act, BM, BK, G, MODE == 8, X.dtype.element_ty, NATIVE)
                 deq = tl.reshape(codes * scale[:, :, None], (BM, BK))
                 tl.store(qrow + (k + rk)[None, :], cast_rounded(deq, Q.dtype.element_ty, NATIVE), mask=mmask[:, None])
         elif MODE == 5:
@@ -145,7 +145,7 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor | None,
         M, K, K // splits, r, x.stride(0),
         MODE=_MODES[mode], HAS_LR=r > 0, RP=rank_pad(r), LR_FULL=r == rank_pad(r),
         ATOMIC_LX=atomic_lx, G=group_size, BM=bm, BK=bk,
-        PREC=dot_precision(lora_down.dtype if r > 0 else x.dtype), RECIP=x.is_cuda, NATIVE=x.is_cuda,
+        PREC=dot_precision(lora_down.dtype if r > 0 else x.dtype), NATIVE=x.is_cuda,
         num_warps=(warps or [4])[0],
     )
     return q, qs, lxp

@@ -144,42 +144,44 @@ def shift_smooth_tile(x, shift, s, NATIVE: tl.constexpr):
 
 
 @triton.jit
-def scale_of(amax, QMAX: tl.constexpr, RECIP: tl.constexpr):
-    """Quantization scale ``amax / QMAX`` (1.0 where amax == 0), float32, rounded as PyTorch does it:
-    ``amax * fp32(1 / QMAX)`` on CUDA tensors (RECIP, PyTorch's division by a Python scalar), IEEE division
-    on CPU tensors."""
-    if RECIP:
-        s = amax * (1.0 / QMAX)
+def reciprocal(s, NATIVE: tl.constexpr):
+    """float32 ``1 / s``: ``rcp.approx.ftz.f32`` on the GPU (NATIVE, Nunchaku's ``cuda_frcp``), the correctly rounded
+    quotient in the interpreter."""
+    if NATIVE:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [s], dtype=tl.float32, is_pure=True,
+                                         pack=1)
     else:
-        s = tl.math.div_rn(amax, QMAX * 1.0)
-    return tl.where(amax > 0, s, 1.0)
+        return tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
 
 
 @triton.jit
 def quant4_codes(act, BM: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, UNSIGNED: tl.constexpr,
-                 RECIP: tl.constexpr):
-    """Group-quantize a float32 tile ``act [BM, BK]`` (groups of ``G`` along dim 1) to 4 bits.
+                 SCALE_DTYPE: tl.constexpr, NATIVE: tl.constexpr):
+    """Group-quantize a float32 tile ``act [BM, BK]`` (groups of ``G`` along dim 1) to 4 bits by Nunchaku's rule
+    (``quantizers.quantize_activations_4bit``): ``s = amax * float32(1 / qmax)``, codes ``round(act * (1 / s))``
+    saturated (the product rounded on its own: :func:`mul_rounded`), the scale returned ``s`` rounded to SCALE_DTYPE
+    (the activations' dtype).
 
-    Returns (codes float32 ``[BM, BK // G, G]``, scales float32 ``[BM, BK // G]``) exactly as
-    ``quantizers.quantize_int4`` (UNSIGNED=False) / ``quantize_uint4`` (UNSIGNED=True) with float32 scales
-    (RECIP: see :func:`scale_of`).
+    Returns (codes float32 ``[BM, BK // G, G]``, scales float32 ``[BM, BK // G]``).
     """
     g = tl.reshape(act, (BM, BK // G, G))
     if UNSIGNED:
         g = tl.maximum(g, 0.0)
-        scale = scale_of(tl.max(g, axis=2), 15, RECIP)
-        q = tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(g, scale[:, :, None])), 0.0), 15.0)
+        amax = tl.max(g, axis=2)
+        s = tl.where(amax > 0, amax * (1.0 / 15.0), 1.0)
+        q = tl.minimum(tl.maximum(round_half_even(mul_rounded(g, reciprocal(s, NATIVE)[:, :, None], NATIVE)), 0.0), 15.0)
     else:
-        scale = scale_of(tl.max(tl.abs(g), axis=2), 7, RECIP)
-        q = tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(g, scale[:, :, None])), -7.0), 7.0)
-    return q, scale
+        amax = tl.max(tl.abs(g), axis=2)
+        s = tl.where(amax > 0, amax * (1.0 / 7.0), 1.0)
+        q = tl.minimum(tl.maximum(round_half_even(mul_rounded(g, reciprocal(s, NATIVE)[:, :, None], NATIVE)), -7.0), 7.0)
+    return q, round_to(s, SCALE_DTYPE, NATIVE)
 
 
 @triton.jit
 def quant4_tile(act, BM: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, UNSIGNED: tl.constexpr,
-                RECIP: tl.constexpr):
+                SCALE_DTYPE: tl.constexpr, NATIVE: tl.constexpr):
     """:func:`quant4_codes`, packed: (uint8 ``[BM, BK // 2]`` in the nibble layout, scales ``[BM, BK // G]``)."""
-    q, scale = quant4_codes(act, BM, BK, G, UNSIGNED, RECIP)
+    q, scale = quant4_codes(act, BM, BK, G, UNSIGNED, SCALE_DTYPE, NATIVE)
     lo, hi = tl.split(tl.reshape(q.to(tl.int32), (BM, BK // 2, 2)))
     packed = ((lo & 15) | ((hi & 15) << 4)).to(tl.uint8)
     return packed, scale

@@ -159,13 +159,14 @@ def test_reference_execution():
         assert torch.equal(m(x), expected)
 
 
-def _unsigned_fake_quant(act: torch.Tensor) -> torch.Tensor:
-    """Hand-written unsigned INT4 per 64 of float32 ``act [M, K]``, dequantized: codes round(a / s) in [0, 15] times
-    s = max / 15 (1 for an all-zero group)."""
+def _unsigned_fake_quant(act: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+    """Hand-written unsigned INT4 per 64 of float32 ``act [M, K]`` by Nunchaku's rule, dequantized: codes
+    round(a * (1 / s)) in [0, 15] with s = max * float32(1 / 15) (1 for an all-zero group), times s rounded to
+    ``dtype``."""
     g = act.clamp(min=0).reshape(act.shape[0], -1, 64)
     amax = g.amax(-1, keepdim=True)
-    scales = torch.where(amax > 0, amax / 15, torch.ones_like(amax))
-    return (torch.round(g / scales).clamp(0, 15) * scales).reshape(act.shape)
+    scales = torch.where(amax > 0, amax * torch.tensor(1 / 15), torch.ones_like(amax))
+    return (torch.round(g * (1 / scales)).clamp(0, 15) * scales.to(dtype).float()).reshape(act.shape)
 
 
 def test_shifted_reference_follows_nunchaku_order():

@@ -83,7 +83,7 @@ def test_nvfp4_relative_error_is_small():
 
 def _nunchaku_nvfp4_brute_force(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Nunchaku's activation quantizer restated per element: per 16, ``s = min(amax * float32(1/6), 448)``; each
-    value takes the signed grid value nearest to ``x / s`` (ties: even grid index; beyond 6: 6); dequantized with
+    value takes the signed grid value nearest to ``x * float32(1 / s)`` (ties: even grid index; beyond 6: 6); dequantized with
     ``s`` rounded to fp8 E4M3. Returns (dequantized float32, fp8 scales)."""
     g = x.reshape(x.shape[0], -1, 16)
     s = (g.abs().amax(-1) * torch.tensor(1 / 6, dtype=torch.float32)).clamp(max=448)
@@ -93,7 +93,7 @@ def _nunchaku_nvfp4_brute_force(x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
         r, c, e = idx
         if s[r, c] == 0:
             continue
-        y = min(abs(float(g[r, c, e]) / float(s[r, c])), 6.0)
+        y = min(abs(float(g[r, c, e] * torch.reciprocal(s[r, c]))), 6.0)  # float32 product with 1 / s
         dists = [abs(y - v) for v in grid]
         best = min(dists)
         i = min((j for j in range(8) if dists[j] == best), key=lambda j: (j % 2, j))
@@ -160,3 +160,42 @@ def test_int4_codes_use_the_stored_scale():
     assert s.item() == 1.0078125
     assert q[0, 1].item() == 3
     assert torch.round(torch.tensor(2.521) / (7.0625 / 7)).item() == 2  # what the other order would give
+
+
+def test_nvfp4_nunchaku_multiplies_by_the_reciprocal():
+    """Nunchaku's codes come from ``x * rcp(s)``: with amax 1.0234375 (s = amax * float32(1/6)) the value 0.1279296875
+    is exactly 0.75 scales by division (a tie, to grid index 2: 1.0) but 0.74999994 by the reciprocal (index 1: 0.5)."""
+    x = torch.zeros(1, 16)
+    x[0, 0], x[0, 1] = 1.0234375, 0.1279296875
+    s = torch.tensor(1.0234375) * torch.tensor(1 / 6)
+    assert float(x[0, 1] / s) == 0.75 and float(x[0, 1] * torch.reciprocal(s)) < 0.75
+    codes, _ = qz.quantize_nvfp4_nunchaku(x)
+    assert int(codes[0, 1]) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_activations_4bit_follow_nunchaku(dtype):
+    """Run-time 4-bit activations (Nunchaku's ``quantize_w4a4_from_fpsum_warp``): ``s = amax * float32(1 / qmax)``,
+    codes ``round(x * float32(1 / s))``, the scale kept in the activation dtype. Groups built on ties: amax 1.03125
+    and x = amax / 2 are 3.5 (signed) / 7.5 (unsigned) scales by division but just below by the reciprocal (codes 3
+    / 7); with amax 1.1875 (signed) / 1.125 (unsigned) division lands just below and the reciprocal on the tie
+    (codes 4 / 8). The weights' quantizer (deepcompressor's division) keeps 4 / 8 on the first."""
+    for unsigned, qmax, amax1, expected in ((False, 7, 1.1875, [3, 4]), (True, 15, 1.125, [7, 8])):
+        x = torch.zeros(1, 128)
+        x[0, 0], x[0, 1], x[0, 64], x[0, 65] = 1.03125, 0.515625, amax1, amax1 / 2
+        x[0, 2] = 0.3 if unsigned else -0.3
+        q, scales = qz.quantize_activations_4bit(x.to(dtype), 64, unsigned, dtype)
+        assert q.dtype == (torch.uint8 if unsigned else torch.int8)
+        assert q[0, [1, 65]].tolist() == expected
+        s = torch.tensor([1.03125, amax1]) * torch.tensor(1 / qmax)
+        assert torch.equal(scales[0], s.to(dtype).float())
+        weights_rule = (qz.quantize_uint4 if unsigned else qz.quantize_int4)(x, 64)[0]
+        assert weights_rule[0, 1].item() == expected[0] + 1
+        deq = qz.fake_quant_activations(x.to(dtype), "uint4" if unsigned else "int4", 64, dtype)
+        assert torch.equal(deq, (q.float().reshape(1, 2, 64) * scales[..., None]).reshape(1, 128))
+
+
+def test_activations_4bit_all_zero_group():
+    """An all-zero group: scale 1, codes 0 (Nunchaku's 0 * rcp(0) is NaN, which its conversion takes to 0)."""
+    q, scales = qz.quantize_activations_4bit(torch.zeros(2, 64), 64, False, torch.bfloat16)
+    assert torch.equal(q, torch.zeros(2, 64, dtype=torch.int8)) and torch.equal(scales, torch.ones(2, 1))

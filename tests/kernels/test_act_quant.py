@@ -57,14 +57,16 @@ def test_act_quant_bad_config(inputs):
         act_quant(x[:, :100], smooth[:100], shift[:100], None, "none")
 
 
-def _uint4_groups(act: torch.Tensor):
-    """Hand-written unsigned INT4 of float32 ``act [M, K]`` per group of 64: (codes float32 ``[M, K]``, scales
-    float32 ``[M, K / 64]`` = max / 15, 1 for an all-zero group)."""
-    g = act.clamp(min=0).reshape(act.shape[0], -1, 64)
-    amax = g.amax(-1)
-    scales = torch.where(amax > 0, amax / 15, torch.ones_like(amax))
-    codes = torch.round(g / scales[..., None]).clamp(0, 15)
-    return codes.reshape(act.shape), scales
+def _nunchaku_groups(act: torch.Tensor, dtype, unsigned: bool = True):
+    """Hand-written 4-bit groups of 64 of float32 ``act [M, K]`` by Nunchaku's rule (``quantize_w4a4_from_fpsum_warp``):
+    ``s = amax * float32(1 / qmax)``, codes ``round(act * float32(1 / s))`` clamped, the scale kept in ``dtype``.
+    Returns (codes float32 ``[M, K]``, scales float32 ``[M, K / 64]``; 1 for an all-zero group)."""
+    qmax, low = (15, 0) if unsigned else (7, -7)
+    g = (act.clamp(min=0) if unsigned else act).reshape(act.shape[0], -1, 64)
+    amax = g.amax(-1) if unsigned else g.abs().amax(-1)
+    s = torch.where(amax > 0, amax * torch.tensor(1 / qmax, dtype=torch.float32), torch.ones_like(amax))
+    codes = torch.round(g * (1 / s)[..., None]).clamp(low, qmax)
+    return codes.reshape(act.shape), s.to(dtype).float()
 
 
 def _nunchaku_order(x, shift, smooth):
@@ -97,8 +99,8 @@ def test_shifted_unsigned_codes_follow_nunchaku_order(dtype, device):
     computed by hand (on the device too); on this input the former order (smooth, then add the smoothed shift)
     gives other codes or scales (float32: scales only)."""
     x, shift, smooth = (t.to(device) for t in _shifted_inputs(dtype))
-    codes, scales = _uint4_groups(_nunchaku_order(x, shift, smooth))
-    old_codes, old_scales = _uint4_groups(_smoothed_then_shifted(x, shift, smooth))
+    codes, scales = _nunchaku_groups(_nunchaku_order(x, shift, smooth), dtype)
+    old_codes, old_scales = _nunchaku_groups(_smoothed_then_shifted(x, shift, smooth), dtype)
     assert not (torch.equal(codes, old_codes) and torch.equal(scales, old_scales))
     expected_deq = (codes.reshape(24, -1, 64) * scales[..., None]).reshape(24, 256).to(dtype)
     packed = (codes[:, 0::2].to(torch.uint8) | (codes[:, 1::2].to(torch.uint8) << 4))
@@ -116,7 +118,7 @@ def test_shifted_layer_low_rank_reads_the_unshifted_smoothed_input(dtype):
     x, shift, smooth = _shifted_inputs(dtype)
     ld = (torch.randn(256, 16, generator=torch.Generator().manual_seed(4)) * 0.1).to(dtype)
     q, qs, lxp = act_quant(x, smooth, shift, ld, "uint4", config=(16, 64, 2))
-    codes, scales = _uint4_groups(_nunchaku_order(x, shift, smooth))
+    codes, scales = _nunchaku_groups(_nunchaku_order(x, shift, smooth), dtype)
     assert torch.equal(qs, scales.T)
     assert torch.equal(q, codes[:, 0::2].to(torch.uint8) | (codes[:, 1::2].to(torch.uint8) << 4))
     smoothed = (x.float() / smooth.float()).to(dtype)
@@ -129,14 +131,44 @@ def test_a_zero_shift_quantizes_x_over_smooth(dtype):
     shift moved to the input space."""
     x, _, smooth = _shifted_inputs(dtype)
     x = x * 2 - 1  # signed
-    act = (x.float() / smooth.float()).to(dtype).float().reshape(24, -1, 64)
-    amax = act.abs().amax(-1)
-    scales = torch.where(amax > 0, amax / 7, torch.ones_like(amax))
-    codes = torch.round(act / scales[..., None]).clamp(-7, 7)
-    expected = (codes * scales[..., None]).reshape(24, 256).to(dtype)
+    codes, scales = _nunchaku_groups((x.float() / smooth.float()).to(dtype).float(), dtype, unsigned=False)
+    expected = (codes.reshape(24, -1, 64) * scales[..., None]).reshape(24, 256).to(dtype)
     zero = torch.zeros(256, dtype=dtype)
     for deq, _, _ in (act_quant(x, smooth, zero, None, "int4_deq"),
                       ref.act_quant_ref(x, smooth, zero, None, "int4_deq")):
         assert torch.equal(deq, expected)
     for _, qs, _ in (act_quant(x, smooth, zero, None, "int4"), ref.act_quant_ref(x, smooth, zero, None, "int4")):
         assert torch.equal(qs, scales.T)
+
+
+def _tie_groups(dtype, unsigned: bool):
+    """Two groups of 64 whose ``x / s`` lands exactly on a half-integer while ``x * (1 / s)`` does not, in opposite
+    directions (found by search over bf16 values; exact in float16 too): group 0 has amax 1.03125 and x =
+    amax / 2 (``x / s`` = 3.5 / 7.5, ``x * (1 / s)`` just below it), group 1 amax 1.1875 / 1.125 and x = amax / 2
+    (``x / s`` just below, ``x * (1 / s)`` on the tie). Returns x ``[1, 128]`` and the codes of those two entries by
+    the reciprocal rule and by division."""
+    amax1 = 1.125 if unsigned else 1.1875
+    x = torch.zeros(1, 128)
+    x[0, :64] = torch.linspace(-0.2 if not unsigned else 0.0, 0.3, 64)
+    x[0, 64:] = torch.linspace(-0.2 if not unsigned else 0.0, 0.3, 64)
+    x[0, 0], x[0, 1], x[0, 64], x[0, 65] = 1.03125, 0.515625, amax1, amax1 / 2
+    rule = (8.0, 7.0) if unsigned else (4.0, 3.0)  # (division, reciprocal) for group 0; group 1 the other way
+    return x.to(dtype), torch.tensor([rule[1], rule[0]]), torch.tensor([rule[0], rule[1]])
+
+
+@pytest.mark.parametrize("unsigned", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_4bit_codes_multiply_by_the_reciprocal_of_the_float32_scale(dtype, unsigned):
+    """Nunchaku multiplies by ``1 / s`` (``s = amax * float32(1 / qmax)``) and keeps ``s`` in the activation dtype:
+    on groups built to sit on a tie, kernel and reference give the reciprocal rule's codes, not division's, and the
+    scales are 16-bit values."""
+    x, by_reciprocal, by_division = _tie_groups(dtype, unsigned)
+    assert not torch.equal(by_reciprocal, by_division)
+    ones, zero = torch.ones(128, dtype=dtype), torch.zeros(128, dtype=dtype)
+    mode = "uint4" if unsigned else "int4"
+    codes, scales = _nunchaku_groups(x.float(), dtype, unsigned)
+    assert torch.equal(codes[0, [1, 65]], by_reciprocal)
+    packed = ((codes[:, 0::2].to(torch.int16) & 15) | ((codes[:, 1::2].to(torch.int16) & 15) << 4)).to(torch.uint8)
+    for q, qs, _ in (act_quant(x, ones, zero, None, mode), ref.act_quant_ref(x, ones, zero, None, mode)):
+        assert torch.equal(q, packed) and torch.equal(qs, scales.T)
+        assert torch.equal(qs.to(dtype).float(), qs)

@@ -6,8 +6,9 @@ neither the checkpoint nor the base weights provide.
 Semantics (as Nunchaku computes them):
 
 * W4A4 INT4 layers: ``y = Q(x / smooth) @ R^T + x @ lora_down @ lora_up^T + bias`` with signed INT4
-  activations (amax / 7 per 64); post-GELU layers (:attr:`~.layouts.Role.shifted`) quantize
-  ``(x + 0.171875) / smooth`` as unsigned INT4 (amax / 15) and their stored bias already holds the shift's terms
+  activations (per 64: ``amax * float32(1 / 7)``, codes ``x`` times its reciprocal, the scale kept in 16 bits:
+  :func:`~quantduo.formats.quantizers.quantize_activations_4bit`); post-GELU layers (:attr:`~.layouts.Role.shifted`)
+  quantize ``(x + 0.171875) / smooth`` as unsigned INT4 (``amax * float32(1 / 15)``) and their stored bias already holds the shift's terms
   (used as is). In quantduo terms: ``act_format="uint4"``, ``act_shift = 0.171875`` (input space, exact in
   16 bits; quantduo adds it and divides in Nunchaku's order), ``proj_down = lora_down * smooth``.
 * W4A4 NVFP4 layers (Blackwell files): the same formula with ``R = grid[code] * wscales * wcscales[n] * wtscale``
