@@ -1,0 +1,110 @@
+// INT4 x fp8 GEMM on Hopper through CUTLASS's mixed-input mainloop in its lookup-table mode (the int4 weights in
+// registers, one 8-entry table of e4m3 values per row and group of inputs, TMA + warp-specialized wgmma), as a
+// plain C ABI library (no torch headers): benchmarks/w4a8_lut.py loads it with ctypes and passes device pointers and
+// the current stream. Built by scripts/build_w4a8_lut.sh for sm_90a. An experiment, not an execution: the mainloop
+// needs groups of at least 128 inputs for fp8 (its tile K, four 32-deep MMAs, must divide the group), SVDQuant's
+// are 64, so it times what CUTLASS's mainloop reaches, with groups of 128.
+//
+//   out[m, n] = alpha * sum_k x[m, k] * lut[n, k / 128][code[n, k]]        (bf16 out, float32 accumulation
+//                                                                          with Hopper's fast fp8 accumulation)
+//
+// x: float8_e4m3fn [M, K] row-major; codes: [N, K] int4 in CUTLASS's unified encoding (positive v stored as 8 - v,
+// zero and negatives two's complement), reordered by qd_w4a8_reorder; lut: [N, K / 128] x 8 bytes, entry i the e4m3
+// value of scale * (i - 8); out: bf16 [M, N] row-major. The kernel runs the swapped problem (weights as the
+// register operand A, tokens as B), so its D [N, M] column-major is out [M, N] row-major.
+#include <cstdint>
+
+#include "cutlass/cutlass.h"
+#include "cute/tensor.hpp"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/util/packed_stride.hpp"
+#include "cutlass/util/mixed_dtype_utils.hpp"
+
+using namespace cute;
+
+namespace {
+
+constexpr int kGroup = 128;  // the mixed-input mainloop needs group % tile K == 0 and tile K >= 128 for fp8
+using Fp8 = cutlass::float_e4m3_t;
+using Int4 = cutlass::int4b_t;
+using Table = cutlass::Array<Fp8, 8>;
+using Out = cutlass::bfloat16_t;
+
+// the weights [N, K] K-major (CUTLASS's "transposed B" of the swapped problem), the activations [K, M] column-major
+using LayoutW = cutlass::layout::RowMajor;
+using LayoutX = cutlass::layout::ColumnMajor;
+using LayoutOut = cutlass::layout::ColumnMajor;  // D [N, M] column-major == out [M, N] row-major
+using StrideW = cutlass::detail::TagToStrideA_t<LayoutW>;
+using ReorderAtom = decltype(cutlass::compute_memory_reordering_atom<Fp8>());
+using LayoutWReordered = decltype(cute::tile_to_shape(ReorderAtom{}, Layout<Shape<int, int, int>, StrideW>{}));
+
+using TileShape = Shape<_128, _128, Int<kGroup>>;  // the mainloop reads one table per tile of K (>= 4 fp8 MMAs: 128)
+using ClusterShape = Shape<_1, _1, _1>;
+
+using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+    cutlass::epilogue::collective::EpilogueTileAuto, float, float,
+    void, LayoutOut, 8, Out, LayoutOut, 8,
+    cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
+
+using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
+    cute::tuple<Int4, Table>, LayoutWReordered, 32,
+    Fp8, LayoutX, 16,
+    float, TileShape, ClusterShape,
+    cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+    cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+
+using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
+using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+Gemm::Arguments arguments(const void* codes, const void* lut, const void* x, void* out, int M, int N, int K,
+                          float alpha) {
+  auto shape_w = cute::make_shape(N, K, 1);
+  auto layout_w = cute::tile_to_shape(ReorderAtom{}, shape_w);
+  auto stride_x = cutlass::make_cute_packed_stride(typename Kernel::StrideB{}, cute::make_shape(M, K, 1));
+  auto stride_s = cutlass::make_cute_packed_stride(typename Mainloop::StrideScale{}, cute::make_shape(N, K / kGroup, 1));
+  auto stride_d = cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, cute::make_shape(N, M, 1));
+  typename Gemm::Arguments args{
+      cutlass::gemm::GemmUniversalMode::kGemm,
+      {N, M, K, 1},
+      {static_cast<const Int4*>(codes), layout_w, static_cast<const Fp8*>(x), stride_x,
+       static_cast<const Table*>(lut), stride_s, kGroup},
+      {{alpha, 0.0f}, nullptr, stride_d, static_cast<Out*>(out), stride_d}};
+  return args;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Bytes of workspace the GEMM needs for this problem (pass a device buffer at least this large to qd_w4a8_gemm).
+size_t qd_w4a8_workspace(int M, int N, int K) {
+  return Gemm::get_workspace_size(arguments(nullptr, nullptr, nullptr, nullptr, M, N, K, 1.0f));
+}
+
+// 0 on success, 1 when CUTLASS cannot run the problem (K % 128, alignment), 2 when initialization or launch fails.
+int qd_w4a8_gemm(const void* codes, const void* lut, const void* x, void* out, int M, int N, int K, float alpha,
+                 void* workspace, cudaStream_t stream) {
+  Gemm gemm;
+  auto args = arguments(codes, lut, x, out, M, N, K, alpha);
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return 1;
+  if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) return 2;
+  return gemm.run(stream) == cutlass::Status::kSuccess ? 0 : 2;
+}
+
+// Reorder unified-encoded int4 codes [N, K] (K-major) into the layout the mainloop reads (each thread's values
+// contiguous): src and dst distinct device buffers of N * K / 2 bytes.
+int qd_w4a8_reorder(const void* src, void* dst, int N, int K, cudaStream_t stream) {
+  auto shape_w = cute::make_shape(N, K, 1);
+  auto layout_src = cute::make_layout(shape_w, cutlass::make_cute_packed_stride(StrideW{}, shape_w));
+  auto layout_dst = cute::tile_to_shape(ReorderAtom{}, shape_w);
+  cutlass::reorder_tensor(static_cast<const Int4*>(src), layout_src, static_cast<Int4*>(dst), layout_dst);
+  return cudaGetLastError() == cudaSuccess ? 0 : 2;
+}
+
+}
