@@ -1,14 +1,19 @@
-"""CUTLASS's INT4 x fp8 lookup-table GEMM (``csrc/w4a8_lut``) against cuBLAS's fp8 GEMM and the expansion + fp8
-GEMM path at FLUX shapes: what a library mixed-input mainloop reaches on Hopper (docs/kernel-notes.md, item 75).
+"""CUTLASS's mixed-input Hopper GEMMs (``csrc/w4a8_lut``) at FLUX shapes: what a library mainloop that reads INT4
+weights reaches on Hopper (docs/kernel-notes.md, item 75). Two tables:
 
-The library kernel needs groups of at least 128 inputs with fp8 (SVDQuant's are 64), so this times its mainloop with
-groups of 128 and no low-rank branch: an upper bound on what a group-64 variant of it could reach, not an execution.
+* many tokens (``--tokens``, default 4096): the INT4 x fp8 lookup-table GEMM against cuBLAS's fp8 GEMM and the
+  expansion + fp8 GEMM path. The library kernel needs groups of at least 128 inputs with fp8 (SVDQuant's are 64), so
+  this times its mainloop with groups of 128 and no low-rank branch: an upper bound for a group-64 variant.
+* few tokens (``--few``, default 16-256): the INT4 x bf16 GEMM (bf16 scales per 64, tiles of 64 tokens with
+  stream-K, or 128) against bf16 ``F.linear`` and quantduo's own layers (weight-only ``w4a16``; ``a16`` and ``fp8``
+  with the rank-32 branch and smoothing, which the library GEMM lacks).
 
     scripts/build_w4a8_lut.sh                      (any x86-64 machine, no GPU; after scripts/build_fa3.sh's toolchain)
-    PYTHONPATH=. python3 benchmarks/w4a8_lut.py [--lib build/w4a8_lut/libqd_w4a8_lut.so] [--tokens 4096] [--out DIR]
+    PYTHONPATH=. python3 benchmarks/w4a8_lut.py [--lib build/w4a8_lut/libqd_w4a8_lut.so] [--tokens 4096]
+        [--few 16 32 64 128 256] [--out DIR]
 
-Writes ``w4a8_lut.json`` to DIR: per shape the median us of each path (CUDA-graph replays over buffers past L2) and
-the lookup GEMM's relative error against its exact float32 product.
+Writes ``w4a8_lut.json`` to DIR: per shape and token count the median us of each path (CUDA-graph replays over
+buffers past L2) and each library GEMM's relative error against its exact float32 product.
 """
 from __future__ import annotations
 
@@ -68,16 +73,39 @@ class LookupGemm:
         self.lib.qd_w4a8_workspace.argtypes = [ctypes.c_int] * 3
         self.lib.qd_w4a8_gemm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 + [ctypes.c_float] + \
             [ctypes.c_void_p] * 2
-        self.lib.qd_w4a8_reorder.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
+        self.lib.qd_w4a16_workspace.restype = ctypes.c_size_t
+        self.lib.qd_w4a16_workspace.argtypes = [ctypes.c_int] * 4
+        self.lib.qd_w4a16_gemm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 2
+        for name in ("qd_w4a8_reorder", "qd_w4a16_reorder"):
+            getattr(self.lib, name).argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
 
-    def reorder(self, codes: torch.Tensor) -> torch.Tensor:
-        """Unified codes ``[N, K / 2]`` -> the mainloop's layout (same size)."""
+    def reorder(self, codes: torch.Tensor, fp8: bool = True) -> torch.Tensor:
+        """Codes ``[N, K / 2]`` (unified for fp8, two's complement for bf16) -> that mainloop's layout (same size);
+        synchronizes the device."""
         out = torch.empty_like(codes)
-        rc = self.lib.qd_w4a8_reorder(codes.data_ptr(), out.data_ptr(), codes.shape[0], 2 * codes.shape[1],
-                                      torch.cuda.current_stream().cuda_stream)
+        fn = self.lib.qd_w4a8_reorder if fp8 else self.lib.qd_w4a16_reorder
+        rc = fn(codes.data_ptr(), out.data_ptr(), codes.shape[0], 2 * codes.shape[1],
+                torch.cuda.current_stream().cuda_stream)
         if rc:
             raise RuntimeError(f"reorder failed ({rc})")
         return out
+
+    def gemm_w4a16(self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, tokens_tile: int):
+        """Returns a call computing bf16 ``[M, N] = x @ bf16(q * scale)^T`` (x bf16 ``[M, K]``, reordered codes,
+        scales bf16 ``[K / 64, N]``) into one output buffer."""
+        M, K = x.shape
+        N = codes.shape[0]
+        out = torch.empty(M, N, device=x.device, dtype=torch.bfloat16)
+        workspace = torch.zeros(max(1, self.lib.qd_w4a16_workspace(M, N, K, tokens_tile)), device=x.device,
+                                dtype=torch.uint8)
+
+        def call():
+            rc = self.lib.qd_w4a16_gemm(codes.data_ptr(), scales.data_ptr(), x.data_ptr(), out.data_ptr(), M, N, K,
+                                        tokens_tile, workspace.data_ptr(), torch.cuda.current_stream().cuda_stream)
+            if rc:
+                raise RuntimeError(f"CUTLASS W4A16 GEMM failed ({rc}) at M={M} N={N} K={K} tile {tokens_tile}")
+            return out
+        return call
 
     def gemm(self, x8: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor, alpha: float = 1.0):
         """Returns a call computing bf16 ``[M, N] = alpha * x8 @ decoded_weight^T`` into one output buffer."""
@@ -103,6 +131,39 @@ def random_operands(lib: LookupGemm, M: int, N: int, K: int):
     codes = unified_codes(q)
     x8 = (torch.randn(M, K, device="cuda") * 4).to(torch.float8_e4m3fn)
     return x8, lib.reorder(codes), tables, decoded_weight(codes, tables)
+
+
+def w4a16_operands(lib: LookupGemm, M: int, N: int, K: int):
+    """bf16 activations ``[M, K]``, reordered two's-complement codes, scales bf16 ``[K / 64, N]`` and the exact
+    weight float32 ``[N, K]`` (``bf16(q * scale)``, what the convert-then-scale mainloop multiplies by)."""
+    q = torch.randint(-8, 8, (N, K), device="cuda", dtype=torch.int8)
+    scales = (torch.rand(K // 64, N, device="cuda") * 0.02 + 0.01).to(torch.bfloat16)
+    nib = (q.to(torch.int16) & 0xF).to(torch.uint8)
+    codes = nib[:, 0::2] | (nib[:, 1::2] << 4)
+    weight = (q.float() * scales.float().T.repeat_interleave(64, dim=1)).to(torch.bfloat16).float()
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    return x, lib.reorder(codes, fp8=False), scales, weight
+
+
+def measure_few(lib: LookupGemm, M: int, N: int, K: int) -> dict:
+    """The INT4 x bf16 GEMM at ``M`` tokens against bf16 ``F.linear`` and quantduo's layers."""
+    row = dict(M=M, N=N, K=K)
+    x, codes, scales, weight = w4a16_operands(lib, M, N, K)
+    exact = x.float() @ weight.T
+    for tile in (64, 128):
+        out = lib.gemm_w4a16(x, codes, scales, tile)()
+        row[f"rel_err_tile{tile}"] = float((out.float() - exact).norm() / exact.norm())
+
+        def library(tile=tile):
+            ops = w4a16_operands(lib, M, N, K)
+            return lib.gemm_w4a16(*ops[:3], tile)
+        row[f"w4a16_tile{tile}_us"] = L.time_graph(library, 2 * M * K + N * K * 0.53 + 2 * M * N)
+    make, nbytes = L.v_bf16(M, N, K)
+    row["bf16_us"] = L.time_graph(make, nbytes)
+    for kind in ("w4a16", "a16", "fp8"):
+        make, nbytes = L.v_module(M, N, K, kind)
+        row[f"quantduo_{kind}_us"] = L.time_graph(make, nbytes)
+    return row
 
 
 def measure(lib: LookupGemm, M: int, N: int, K: int) -> dict:
@@ -133,7 +194,9 @@ def measure(lib: LookupGemm, M: int, N: int, K: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lib", default=os.environ.get("QUANTDUO_W4A8_LUT", DEFAULT_LIB))
-    parser.add_argument("--tokens", type=int, nargs="+", default=[4096])
+    parser.add_argument("--tokens", type=int, nargs="*", default=[4096], help="token counts of the fp8 table")
+    parser.add_argument("--few", type=int, nargs="*", default=[16, 32, 64, 128, 256],
+                        help="token counts of the INT4 x bf16 table")
     parser.add_argument("--shapes", nargs="+", default=SHAPES, help="NxK layers")
     parser.add_argument("--out", default=".", help="directory of w4a8_lut.json")
     args = parser.parse_args(argv)
@@ -141,7 +204,7 @@ def main(argv=None) -> int:
         print("needs a CUDA GPU")
         return 1
     lib = LookupGemm(args.lib)
-    rows = []
+    rows, few = [], []
     print("| M | N x K | lookup GEMM us | cuBLAS fp8 fast-accum us | lookup / cuBLAS | cuBLAS fp8 us | "
           "expansion + cuBLAS us | rel. err |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -153,7 +216,20 @@ def main(argv=None) -> int:
             print(f"| {M} | {N}x{K} | {r['lookup_us']:.1f} | {r['cublas_fast_us']:.1f} | "
                   f"{r['lookup_us'] / r['cublas_fast_us']:.3f} | {r['cublas_us']:.1f} | {r['expansion_cublas_us']:.1f} | "
                   f"{r['rel_err']:.1e} |", flush=True)
-    atomic_write(os.path.join(args.out, "w4a8_lut.json"), lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1)))
+    print("\n| M | N x K | bf16 us | CUTLASS W4A16 tile 64 / 128 us (x of bf16) | quantduo w4a16 / a16 / fp8 us "
+          "(x of bf16) | rel. err |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for M in args.few:
+        for shape in args.shapes:
+            N, K = map(int, shape.split("x"))
+            r = measure_few(lib, M, N, K)
+            few.append(r)
+            x = lambda key: f"{r[key]:.1f} ({r['bf16_us'] / r[key]:.2f}x)"  # noqa: E731
+            print(f"| {M} | {N}x{K} | {r['bf16_us']:.1f} | {x('w4a16_tile64_us')} / {x('w4a16_tile128_us')} | "
+                  f"{x('quantduo_w4a16_us')} / {x('quantduo_a16_us')} / {x('quantduo_fp8_us')} | "
+                  f"{r['rel_err_tile64']:.1e} / {r['rel_err_tile128']:.1e} |", flush=True)
+    atomic_write(os.path.join(args.out, "w4a8_lut.json"),
+                 lambda tmp: Path(tmp).write_text(json.dumps(dict(many=rows, few=few), indent=1)))
     return 0
 
 

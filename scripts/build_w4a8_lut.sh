@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Build the CUTLASS INT4 x fp8 lookup-table GEMM (csrc/w4a8_lut/w4a8_lut.cu) for sm_90a into a plain shared library
-# that quantduo.kernels.w4a8_lut loads with ctypes (no torch headers, no GPU needed to build), with the CUDA 13.0
-# compiler of scripts/build_fa3.sh's toolchain.
+# Build the CUTLASS INT4-weight GEMM experiments (csrc/w4a8_lut/w4a8_lut.cu: INT4 x fp8 with lookup tables, INT4 x
+# bf16) for sm_90a into a plain shared library that benchmarks/w4a8_lut.py loads with ctypes (no torch headers, no GPU
+# needed to build), with the CUDA 13.0 compiler of scripts/build_fa3.sh's toolchain.
 #
 #   scripts/build_w4a8_lut.sh [OUT_DIR]        (default build/w4a8_lut; then QUANTDUO_W4A8_LUT=OUT_DIR/libqd_w4a8_lut.so)
 #

@@ -1,9 +1,12 @@
-// INT4 x fp8 GEMM on Hopper through CUTLASS's mixed-input mainloop in its lookup-table mode (the int4 weights in
-// registers, one 8-entry table of e4m3 values per row and group of inputs, TMA + warp-specialized wgmma), as a
-// plain C ABI library (no torch headers): benchmarks/w4a8_lut.py loads it with ctypes and passes device pointers and
-// the current stream. Built by scripts/build_w4a8_lut.sh for sm_90a. An experiment, not an execution: the mainloop
-// needs groups of at least 128 inputs for fp8 (its tile K, four 32-deep MMAs, must divide the group), SVDQuant's
-// are 64, so it times what CUTLASS's mainloop reaches, with groups of 128.
+// INT4-weight GEMMs on Hopper through CUTLASS's mixed-input mainloop (the int4 weights in registers, TMA +
+// warp-specialized wgmma), as a plain C ABI library (no torch headers): benchmarks/w4a8_lut.py loads it with ctypes
+// and passes device pointers and the current stream. Built by scripts/build_w4a8_lut.sh for sm_90a. Experiments, not
+// executions:
+// * qd_w4a8_*: INT4 x fp8 in the lookup-table mode (one 8-entry table of e4m3 values per row and group). The
+//   mainloop needs groups of at least 128 inputs for fp8 (its tile K, four 32-deep MMAs, must divide the group);
+//   SVDQuant's are 64, so it times what the mainloop reaches with groups of 128.
+// * qd_w4a16_*: INT4 x bf16 with bf16 scales per 64 inputs (convert, then scale: 16-deep MMAs, tile K 64), the
+//   weight-only GEMM that 16-256 tokens would need, with 64 tokens per tile and stream-K (few tokens) or 128.
 //
 //   out[m, n] = alpha * sum_k x[m, k] * lut[n, k / 128][code[n, k]]        (bf16 out, float32 accumulation
 //                                                                          with Hopper's fast fp8 accumulation)
@@ -78,6 +81,69 @@ Gemm::Arguments arguments(const void* codes, const void* lut, const void* x, voi
   return args;
 }
 
+
+// ---- INT4 x bf16, bf16 scales per 64 inputs ------------------------------------------------------------------------
+//   out[m, n] = sum_k x[m, k] * bf16(q[n, k] * scale[k / 64, n])     (bf16 x, two's-complement codes [N, K]
+//                                                                      reordered by qd_w4a16_reorder, scales bf16
+//                                                                      [K / 64, N], bf16 out [M, N])
+using Bf16 = cutlass::bfloat16_t;
+constexpr int kGroup16 = 64;
+using ShuffleAtom16 = decltype(cutlass::compute_memory_reordering_atom<
+    Bf16, Layout<Shape<_1, _1>>, Layout<Shape<_2, _4>, Stride<_4, _1>>>());  // values 0,2,4,6,1,3,5,7 per 8
+using LayoutW16 = decltype(cute::tile_to_shape(ShuffleAtom16{}, Layout<Shape<int, int, int>, StrideW>{}));
+
+template <int TokensTile, class Scheduler>
+struct W4A16 {
+  using Tile = Shape<_128, Int<TokensTile>, Int<kGroup16>>;
+  using Epi = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float,
+      void, LayoutOut, 8, Out, LayoutOut, 8,
+      cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
+  using Main = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
+      cute::tuple<Int4, Bf16>, LayoutW16, 32,
+      Bf16, LayoutX, 8,
+      float, Tile, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epi::SharedStorage))>,
+      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+  using Kern = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Main, Epi, Scheduler>;
+  using Op = cutlass::gemm::device::GemmUniversalAdapter<Kern>;
+
+  static typename Op::Arguments arguments(const void* codes, const void* scales, const void* x, void* out, int M,
+                                          int N, int K) {
+    auto shape_w = cute::make_shape(N, K, 1);
+    auto layout_w = cute::tile_to_shape(ShuffleAtom16{}, shape_w);
+    auto stride_x = cutlass::make_cute_packed_stride(typename Kern::StrideB{}, cute::make_shape(M, K, 1));
+    auto stride_s = cutlass::make_cute_packed_stride(typename Main::StrideScale{},
+                                                     cute::make_shape(N, K / kGroup16, 1));
+    auto stride_d = cutlass::make_cute_packed_stride(typename Kern::StrideD{}, cute::make_shape(N, M, 1));
+    typename Op::Arguments args{
+        cutlass::gemm::GemmUniversalMode::kGemm,
+        {N, M, K, 1},
+        {static_cast<const Int4*>(codes), layout_w, static_cast<const Bf16*>(x), stride_x,
+         static_cast<const Bf16*>(scales), stride_s, kGroup16},
+        {{1.0f, 0.0f}, nullptr, stride_d, static_cast<Out*>(out), stride_d}};
+    return args;
+  }
+
+  static size_t workspace(int M, int N, int K) {
+    return Op::get_workspace_size(arguments(nullptr, nullptr, nullptr, nullptr, M, N, K));
+  }
+
+  static int run(const void* codes, const void* scales, const void* x, void* out, int M, int N, int K,
+                 void* ws, cudaStream_t stream) {
+    Op gemm;
+    auto args = arguments(codes, scales, x, out, M, N, K);
+    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return 1;
+    if (gemm.initialize(args, ws, stream) != cutlass::Status::kSuccess) return 2;
+    return gemm.run(stream) == cutlass::Status::kSuccess ? 0 : 2;
+  }
+};
+
+using W4A16Few = W4A16<64, cutlass::gemm::StreamKScheduler>;
+using W4A16Many = W4A16<128, void>;
+
 }  // namespace
 
 extern "C" {
@@ -103,6 +169,27 @@ int qd_w4a8_reorder(const void* src, void* dst, int N, int K, cudaStream_t strea
   auto shape_w = cute::make_shape(N, K, 1);
   auto layout_src = cute::make_layout(shape_w, cutlass::make_cute_packed_stride(StrideW{}, shape_w));
   auto layout_dst = cute::tile_to_shape(ReorderAtom{}, shape_w);
+  cutlass::reorder_tensor(static_cast<const Int4*>(src), layout_src, static_cast<Int4*>(dst), layout_dst);
+  return cudaGetLastError() == cudaSuccess ? 0 : 2;
+}
+
+// The INT4 x bf16 GEMM; tokens_tile 64 (stream-K, for few tokens) or 128. Returns as qd_w4a8_gemm.
+size_t qd_w4a16_workspace(int M, int N, int K, int tokens_tile) {
+  return tokens_tile == 64 ? W4A16Few::workspace(M, N, K) : W4A16Many::workspace(M, N, K);
+}
+
+int qd_w4a16_gemm(const void* codes, const void* scales, const void* x, void* out, int M, int N, int K,
+                  int tokens_tile, void* workspace, cudaStream_t stream) {
+  if (tokens_tile == 64) return W4A16Few::run(codes, scales, x, out, M, N, K, workspace, stream);
+  if (tokens_tile == 128) return W4A16Many::run(codes, scales, x, out, M, N, K, workspace, stream);
+  return 1;
+}
+
+// Reorder two's-complement int4 codes [N, K] (K-major) into the bf16 mainloop's layout (its value shuffle included).
+int qd_w4a16_reorder(const void* src, void* dst, int N, int K, cudaStream_t stream) {
+  auto shape_w = cute::make_shape(N, K, 1);
+  auto layout_src = cute::make_layout(shape_w, cutlass::make_cute_packed_stride(StrideW{}, shape_w));
+  auto layout_dst = cute::tile_to_shape(ShuffleAtom16{}, shape_w);
   cutlass::reorder_tensor(static_cast<const Int4*>(src), layout_src, static_cast<Int4*>(dst), layout_dst);
   return cudaGetLastError() == cudaSuccess ? 0 : 2;
 }

@@ -1,5 +1,5 @@
-"""The lookup-table GEMM experiment (benchmarks/w4a8_lut.py): its weight encoding and tables checked against the rules
-of CUTLASS's mixed-input mainloop written out here, and, on a GPU with the built library, the GEMM itself."""
+"""The CUTLASS GEMM experiments (benchmarks/w4a8_lut.py): the lookup mode's weight encoding and tables checked against
+the rules of CUTLASS's mixed-input mainloop written out here, and, on a GPU with the built library, both GEMMs."""
 import os
 
 import pytest
@@ -47,4 +47,16 @@ def test_gpu_lookup_gemm_matches_its_exact_product():
     x8, codes, tables, weight = w4a8_lut.random_operands(lib, 256, 512, 1024)
     out = lib.gemm(x8, codes, tables, alpha=0.5)()
     exact = 0.5 * (x8.float() @ weight.T)
+    assert float((out.float() - exact).norm() / exact.norm()) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not os.path.exists(os.environ.get("QUANTDUO_W4A8_LUT", w4a8_lut.DEFAULT_LIB)),
+                    reason="libqd_w4a8_lut.so not built (scripts/build_w4a8_lut.sh)")
+@pytest.mark.parametrize("tokens,tile", [(16, 64), (200, 64), (256, 128)])
+def test_gpu_w4a16_gemm_matches_its_exact_product(tokens, tile):
+    lib = w4a8_lut.LookupGemm(os.environ.get("QUANTDUO_W4A8_LUT", w4a8_lut.DEFAULT_LIB))
+    x, codes, scales, weight = w4a8_lut.w4a16_operands(lib, tokens, 384, 1024)
+    out = lib.gemm_w4a16(x, codes, scales, tile)()
+    exact = x.float() @ weight.T
     assert float((out.float() - exact).norm() / exact.norm()) < 1e-2
