@@ -30,6 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import linear as L  # noqa: E402  (benchmarks/linear.py: random layers, time_graph, v_scaled_mm)
 from expand_w4 import gluon_expansion  # noqa: E402
 
+from quantduo.engine.linear import a16_reference_forward  # noqa: E402
+from quantduo.kernels.act_quant import act_quant  # noqa: E402
 from quantduo.utils import atomic_write  # noqa: E402
 
 GROUP = 128
@@ -145,8 +147,24 @@ def w4a16_operands(lib: LookupGemm, M: int, N: int, K: int):
     return x, lib.reorder(codes, fp8=False), scales, weight
 
 
+def library_a16_layer(lib: LookupGemm, m, tile: int):
+    """What quantduo's ``a16`` layer ``m`` (bf16, smoothing, rank-r branch, groups of 64) would run on the library
+    GEMM: kernel 1's ``smooth`` mode (``x / smooth`` and the low-rank partials), the INT4 x bf16 GEMM on the layer's
+    own codes and scales, then ``+ lx @ proj_up^T + bias_a16``. Returns ``x [M, K] -> [M, N]``."""
+    codes = lib.reorder(m.qweight.contiguous(), fp8=False)
+    scales = m.wscales.to(torch.bfloat16).T.contiguous()
+
+    def forward(x):
+        xs, _, lxp = act_quant(x, m.smooth_factor, None, m.proj_down, "smooth")
+        y = lib.gemm_w4a16(xs, codes, scales, tile)()
+        y = torch.addmm(y, lxp.sum(0).to(torch.bfloat16), m.proj_up.T)
+        return y + m.bias_a16
+    return forward
+
+
 def measure_few(lib: LookupGemm, M: int, N: int, K: int) -> dict:
-    """The INT4 x bf16 GEMM at ``M`` tokens against bf16 ``F.linear`` and quantduo's layers."""
+    """The INT4 x bf16 GEMM at ``M`` tokens against bf16 ``F.linear`` and quantduo's layers, alone and as the weight
+    GEMM of quantduo's ``a16`` layer (:func:`library_a16_layer`, checked against the layer's reference)."""
     row = dict(M=M, N=N, K=K)
     x, codes, scales, weight = w4a16_operands(lib, M, N, K)
     exact = x.float() @ weight.T
@@ -158,6 +176,18 @@ def measure_few(lib: LookupGemm, M: int, N: int, K: int) -> dict:
             ops = w4a16_operands(lib, M, N, K)
             return lib.gemm_w4a16(*ops[:3], tile)
         row[f"w4a16_tile{tile}_us"] = L.time_graph(library, 2 * M * K + N * K * 0.53 + 2 * M * N)
+    tile = 64 if M <= 64 else 128
+    m = L.random_module(N, K, execution="a16")
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    expected = a16_reference_forward(m, x).float()
+    got = library_a16_layer(lib, m, tile)(x).float()
+    row["layer_rel_err"] = float((got - expected).norm() / expected.norm())
+
+    def layer():
+        layer_m = L.random_module(N, K, execution="a16")
+        forward, xi = library_a16_layer(lib, layer_m, tile), torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        return lambda: forward(xi)
+    row["library_a16_layer_us"] = L.time_graph(layer, 2 * M * K + N * K * 0.53 + 2 * M * N)
     make, nbytes = L.v_bf16(M, N, K)
     row["bf16_us"] = L.time_graph(make, nbytes)
     for kind in ("w4a16", "a16", "fp8"):
@@ -216,9 +246,9 @@ def main(argv=None) -> int:
             print(f"| {M} | {N}x{K} | {r['lookup_us']:.1f} | {r['cublas_fast_us']:.1f} | "
                   f"{r['lookup_us'] / r['cublas_fast_us']:.3f} | {r['cublas_us']:.1f} | {r['expansion_cublas_us']:.1f} | "
                   f"{r['rel_err']:.1e} |", flush=True)
-    print("\n| M | N x K | bf16 us | CUTLASS W4A16 tile 64 / 128 us (x of bf16) | quantduo w4a16 / a16 / fp8 us "
-          "(x of bf16) | rel. err |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n| M | N x K | bf16 us | CUTLASS W4A16 tile 64 / 128 us (x of bf16) | a16 layer on it us (x of bf16), "
+          "rel. err vs reference | quantduo w4a16 / a16 / fp8 us (x of bf16) | GEMM rel. err |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for M in args.few:
         for shape in args.shapes:
             N, K = map(int, shape.split("x"))
@@ -226,6 +256,7 @@ def main(argv=None) -> int:
             few.append(r)
             x = lambda key: f"{r[key]:.1f} ({r['bf16_us'] / r[key]:.2f}x)"  # noqa: E731
             print(f"| {M} | {N}x{K} | {r['bf16_us']:.1f} | {x('w4a16_tile64_us')} / {x('w4a16_tile128_us')} | "
+                  f"{x('library_a16_layer_us')}, {r['layer_rel_err']:.1e} | "
                   f"{x('quantduo_w4a16_us')} / {x('quantduo_a16_us')} / {x('quantduo_fp8_us')} | "
                   f"{r['rel_err_tile64']:.1e} / {r['rel_err_tile128']:.1e} |", flush=True)
     atomic_write(os.path.join(args.out, "w4a8_lut.json"),
