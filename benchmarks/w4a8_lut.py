@@ -76,8 +76,8 @@ class LookupGemm:
         self.lib.qd_w4a8_gemm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 + [ctypes.c_float] + \
             [ctypes.c_void_p] * 2
         self.lib.qd_w4a16_workspace.restype = ctypes.c_size_t
-        self.lib.qd_w4a16_workspace.argtypes = [ctypes.c_int] * 4
-        self.lib.qd_w4a16_gemm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 2
+        self.lib.qd_w4a16_workspace.argtypes = [ctypes.c_int] * 5
+        self.lib.qd_w4a16_gemm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 2
         for name in ("qd_w4a8_reorder", "qd_w4a16_reorder"):
             getattr(self.lib, name).argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
 
@@ -92,18 +92,21 @@ class LookupGemm:
             raise RuntimeError(f"reorder failed ({rc})")
         return out
 
-    def gemm_w4a16(self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, tokens_tile: int):
-        """Returns a call computing bf16 ``[M, N] = x @ bf16(q * scale)^T`` (x bf16 ``[M, K]``, reordered codes,
-        scales bf16 ``[K / 64, N]``) into one output buffer."""
+    def gemm_w4a16(self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, tokens_tile: int,
+                   shuffled: bool = True):
+        """Returns a call computing bf16 ``[M, N] = x @ bf16(q * scale)^T`` (x bf16 ``[M, K]``, codes reordered by
+        :meth:`reorder` (shuffled) or in the plain ``[N, K / 2]`` packing, scales bf16 ``[K / 64, N]``) into one
+        output buffer."""
         M, K = x.shape
         N = codes.shape[0]
         out = torch.empty(M, N, device=x.device, dtype=torch.bfloat16)
-        workspace = torch.zeros(max(1, self.lib.qd_w4a16_workspace(M, N, K, tokens_tile)), device=x.device,
-                                dtype=torch.uint8)
+        workspace = torch.zeros(max(1, self.lib.qd_w4a16_workspace(M, N, K, tokens_tile, int(shuffled))),
+                                device=x.device, dtype=torch.uint8)
 
         def call():
             rc = self.lib.qd_w4a16_gemm(codes.data_ptr(), scales.data_ptr(), x.data_ptr(), out.data_ptr(), M, N, K,
-                                        tokens_tile, workspace.data_ptr(), torch.cuda.current_stream().cuda_stream)
+                                        tokens_tile, int(shuffled), workspace.data_ptr(),
+                                        torch.cuda.current_stream().cuda_stream)
             if rc:
                 raise RuntimeError(f"CUTLASS W4A16 GEMM failed ({rc}) at M={M} N={N} K={K} tile {tokens_tile}")
             return out
@@ -125,38 +128,40 @@ class LookupGemm:
         return call
 
 
-def random_operands(lib: LookupGemm, M: int, N: int, K: int):
-    """fp8 activations ``[M, K]``, reordered codes, tables and the exact weight float32 ``[N, K]``."""
+def random_operands(lib: LookupGemm, M: int, N: int, K: int, exact: bool = True):
+    """fp8 activations ``[M, K]``, reordered codes, tables and the exact weight float32 ``[N, K]`` (None unless
+    ``exact``)."""
     q = torch.randint(-8, 8, (N, K), device="cuda", dtype=torch.int8)
     scales = torch.rand(N, K // GROUP, device="cuda") * 0.02 + 0.01
     tables = lookup_tables(scales)
     codes = unified_codes(q)
     x8 = (torch.randn(M, K, device="cuda") * 4).to(torch.float8_e4m3fn)
-    return x8, lib.reorder(codes), tables, decoded_weight(codes, tables)
+    return x8, lib.reorder(codes), tables, decoded_weight(codes, tables) if exact else None
 
 
-def w4a16_operands(lib: LookupGemm, M: int, N: int, K: int):
-    """bf16 activations ``[M, K]``, reordered two's-complement codes, scales bf16 ``[K / 64, N]`` and the exact
-    weight float32 ``[N, K]`` (``bf16(q * scale)``, what the convert-then-scale mainloop multiplies by)."""
+def w4a16_operands(lib: LookupGemm, M: int, N: int, K: int, shuffled: bool = True, exact: bool = True):
+    """bf16 activations ``[M, K]``, two's-complement codes (reordered where ``shuffled``, else the plain packing),
+    scales bf16 ``[K / 64, N]`` and the exact weight float32 ``[N, K]`` (``bf16(q * scale)``, what the
+    convert-then-scale mainloop multiplies by; None unless ``exact``)."""
     q = torch.randint(-8, 8, (N, K), device="cuda", dtype=torch.int8)
     scales = (torch.rand(K // 64, N, device="cuda") * 0.02 + 0.01).to(torch.bfloat16)
     nib = (q.to(torch.int16) & 0xF).to(torch.uint8)
     codes = nib[:, 0::2] | (nib[:, 1::2] << 4)
-    weight = (q.float() * scales.float().T.repeat_interleave(64, dim=1)).to(torch.bfloat16).float()
+    weight = (q.float() * scales.float().T.repeat_interleave(64, dim=1)).to(torch.bfloat16).float() if exact else None
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    return x, lib.reorder(codes, fp8=False), scales, weight
+    return x, lib.reorder(codes, fp8=False) if shuffled else codes, scales, weight
 
 
 def library_a16_layer(lib: LookupGemm, m, tile: int):
     """What quantduo's ``a16`` layer ``m`` (bf16, smoothing, rank-r branch, groups of 64) would run on the library
     GEMM: kernel 1's ``smooth`` mode (``x / smooth`` and the low-rank partials), the INT4 x bf16 GEMM on the layer's
-    own codes and scales, then ``+ lx @ proj_up^T + bias_a16``. Returns ``x [M, K] -> [M, N]``."""
-    codes = lib.reorder(m.qweight.contiguous(), fp8=False)
+    own codes as stored (the plain packing: no second copy) and its scales transposed, then ``+ lx @ proj_up^T +
+    bias_a16``. Returns ``x [M, K] -> [M, N]``."""
     scales = m.wscales.to(torch.bfloat16).T.contiguous()
 
     def forward(x):
         xs, _, lxp = act_quant(x, m.smooth_factor, None, m.proj_down, "smooth")
-        y = lib.gemm_w4a16(xs, codes, scales, tile)()
+        y = lib.gemm_w4a16(xs, m.qweight, scales, tile, shuffled=False)()
         y = torch.addmm(y, lxp.sum(0).to(torch.bfloat16), m.proj_up.T)
         return y + m.bias_a16
     return forward
@@ -166,16 +171,18 @@ def measure_few(lib: LookupGemm, M: int, N: int, K: int) -> dict:
     """The INT4 x bf16 GEMM at ``M`` tokens against bf16 ``F.linear`` and quantduo's layers, alone and as the weight
     GEMM of quantduo's ``a16`` layer (:func:`library_a16_layer`, checked against the layer's reference)."""
     row = dict(M=M, N=N, K=K)
-    x, codes, scales, weight = w4a16_operands(lib, M, N, K)
-    exact = x.float() @ weight.T
-    for tile in (64, 128):
-        out = lib.gemm_w4a16(x, codes, scales, tile)()
-        row[f"rel_err_tile{tile}"] = float((out.float() - exact).norm() / exact.norm())
+    for shuffled in (True, False):
+        x, codes, scales, weight = w4a16_operands(lib, M, N, K, shuffled)
+        exact = x.float() @ weight.T
+        for tile in (64, 128):
+            name = f"tile{tile}" + ("" if shuffled else "_plain")
+            out = lib.gemm_w4a16(x, codes, scales, tile, shuffled)()
+            row[f"rel_err_{name}"] = float((out.float() - exact).norm() / exact.norm())
 
-        def library(tile=tile):
-            ops = w4a16_operands(lib, M, N, K)
-            return lib.gemm_w4a16(*ops[:3], tile)
-        row[f"w4a16_tile{tile}_us"] = L.time_graph(library, 2 * M * K + N * K * 0.53 + 2 * M * N)
+            def library(tile=tile, shuffled=shuffled):
+                ops = w4a16_operands(lib, M, N, K, shuffled, exact=False)
+                return lib.gemm_w4a16(*ops[:3], tile, shuffled)
+            row[f"w4a16_{name}_us"] = L.time_graph(library, 2 * M * K + N * K * 0.53 + 2 * M * N)
     tile = 64 if M <= 64 else 128
     m = L.random_module(N, K, execution="a16")
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -203,7 +210,7 @@ def measure(lib: LookupGemm, M: int, N: int, K: int) -> dict:
     rel_err = float((out.float() - exact).norm() / exact.norm())
 
     def lookup():
-        ops = random_operands(lib, M, N, K)
+        ops = random_operands(lib, M, N, K, exact=False)
         return lib.gemm(*ops[:3])
 
     def expansion_then_gemm():
@@ -246,19 +253,22 @@ def main(argv=None) -> int:
             print(f"| {M} | {N}x{K} | {r['lookup_us']:.1f} | {r['cublas_fast_us']:.1f} | "
                   f"{r['lookup_us'] / r['cublas_fast_us']:.3f} | {r['cublas_us']:.1f} | {r['expansion_cublas_us']:.1f} | "
                   f"{r['rel_err']:.1e} |", flush=True)
-    print("\n| M | N x K | bf16 us | CUTLASS W4A16 tile 64 / 128 us (x of bf16) | a16 layer on it us (x of bf16), "
-          "rel. err vs reference | quantduo w4a16 / a16 / fp8 us (x of bf16) | GEMM rel. err |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| M | N x K | bf16 us | CUTLASS W4A16 tile 64 / 128 us (x of bf16), shuffled codes | plain codes | "
+          "a16 layer on it (plain) us (x of bf16), rel. err vs reference | quantduo w4a16 / a16 / fp8 us (x of bf16) "
+          "| GEMM rel. err (max) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for M in args.few:
         for shape in args.shapes:
             N, K = map(int, shape.split("x"))
             r = measure_few(lib, M, N, K)
             few.append(r)
             x = lambda key: f"{r[key]:.1f} ({r['bf16_us'] / r[key]:.2f}x)"  # noqa: E731
+            gemm_err = max(v for k, v in r.items() if k.startswith("rel_err_"))
             print(f"| {M} | {N}x{K} | {r['bf16_us']:.1f} | {x('w4a16_tile64_us')} / {x('w4a16_tile128_us')} | "
+                  f"{x('w4a16_tile64_plain_us')} / {x('w4a16_tile128_plain_us')} | "
                   f"{x('library_a16_layer_us')}, {r['layer_rel_err']:.1e} | "
                   f"{x('quantduo_w4a16_us')} / {x('quantduo_a16_us')} / {x('quantduo_fp8_us')} | "
-                  f"{r['rel_err_tile64']:.1e} / {r['rel_err_tile128']:.1e} |", flush=True)
+                  f"{gemm_err:.1e} |", flush=True)
     atomic_write(os.path.join(args.out, "w4a8_lut.json"),
                  lambda tmp: Path(tmp).write_text(json.dumps(dict(many=rows, few=few), indent=1)))
     return 0

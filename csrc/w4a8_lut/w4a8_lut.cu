@@ -6,7 +6,8 @@
 //   mainloop needs groups of at least 128 inputs for fp8 (its tile K, four 32-deep MMAs, must divide the group);
 //   SVDQuant's are 64, so it times what the mainloop reaches with groups of 128.
 // * qd_w4a16_*: INT4 x bf16 with bf16 scales per 64 inputs (convert, then scale: 16-deep MMAs, tile K 64), the
-//   weight-only GEMM that 16-256 tokens would need, with 64 tokens per tile and stream-K (few tokens) or 128.
+//   weight-only GEMM that 16-256 tokens would need, with 64 tokens per tile and stream-K (few tokens) or 128, on
+//   codes in the mainloop's order or in the plain [N, K] packing quantduo stores (no second copy of the weights).
 //
 //   out[m, n] = alpha * sum_k x[m, k] * lut[n, k / 128][code[n, k]]        (bf16 out, float32 accumulation
 //                                                                          with Hopper's fast fp8 accumulation)
@@ -92,9 +93,11 @@ using ShuffleAtom16 = decltype(cutlass::compute_memory_reordering_atom<
     Bf16, Layout<Shape<_1, _1>>, Layout<Shape<_2, _4>, Stride<_4, _1>>>());  // values 0,2,4,6,1,3,5,7 per 8
 using LayoutW16 = decltype(cute::tile_to_shape(ShuffleAtom16{}, Layout<Shape<int, int, int>, StrideW>{}));
 
-template <int TokensTile, class Scheduler>
+// Shuffled: the codes in the mainloop's order (qd_w4a16_reorder), else the plain [N, K] K-major packing
+template <int TokensTile, class Scheduler, bool Shuffled>
 struct W4A16 {
   using Tile = Shape<_128, Int<TokensTile>, Int<kGroup16>>;
+  using WeightLayout = cute::conditional_t<Shuffled, LayoutW16, LayoutW>;
   using Epi = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float,
@@ -102,7 +105,7 @@ struct W4A16 {
       cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
   using Main = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
-      cute::tuple<Int4, Bf16>, LayoutW16, 32,
+      cute::tuple<Int4, Bf16>, WeightLayout, 32,
       Bf16, LayoutX, 8,
       float, Tile, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epi::SharedStorage))>,
@@ -113,7 +116,10 @@ struct W4A16 {
   static typename Op::Arguments arguments(const void* codes, const void* scales, const void* x, void* out, int M,
                                           int N, int K) {
     auto shape_w = cute::make_shape(N, K, 1);
-    auto layout_w = cute::tile_to_shape(ShuffleAtom16{}, shape_w);
+    auto layout_w = [&] {
+      if constexpr (Shuffled) return cute::tile_to_shape(ShuffleAtom16{}, shape_w);
+      else return cutlass::make_cute_packed_stride(StrideW{}, shape_w);
+    }();
     auto stride_x = cutlass::make_cute_packed_stride(typename Kern::StrideB{}, cute::make_shape(M, K, 1));
     auto stride_s = cutlass::make_cute_packed_stride(typename Main::StrideScale{},
                                                      cute::make_shape(N, K / kGroup16, 1));
@@ -141,8 +147,20 @@ struct W4A16 {
   }
 };
 
-using W4A16Few = W4A16<64, cutlass::gemm::StreamKScheduler>;
-using W4A16Many = W4A16<128, void>;
+template <bool Shuffled>
+size_t w4a16_workspace(int M, int N, int K, int tokens_tile) {
+  return tokens_tile == 64 ? W4A16<64, cutlass::gemm::StreamKScheduler, Shuffled>::workspace(M, N, K)
+                           : W4A16<128, void, Shuffled>::workspace(M, N, K);
+}
+
+template <bool Shuffled>
+int w4a16_run(const void* codes, const void* scales, const void* x, void* out, int M, int N, int K, int tokens_tile,
+              void* ws, cudaStream_t stream) {
+  if (tokens_tile == 64)
+    return W4A16<64, cutlass::gemm::StreamKScheduler, Shuffled>::run(codes, scales, x, out, M, N, K, ws, stream);
+  if (tokens_tile == 128) return W4A16<128, void, Shuffled>::run(codes, scales, x, out, M, N, K, ws, stream);
+  return 1;
+}
 
 }  // namespace
 
@@ -173,16 +191,16 @@ int qd_w4a8_reorder(const void* src, void* dst, int N, int K, cudaStream_t strea
   return cudaGetLastError() == cudaSuccess ? 0 : 2;
 }
 
-// The INT4 x bf16 GEMM; tokens_tile 64 (stream-K, for few tokens) or 128. Returns as qd_w4a8_gemm.
-size_t qd_w4a16_workspace(int M, int N, int K, int tokens_tile) {
-  return tokens_tile == 64 ? W4A16Few::workspace(M, N, K) : W4A16Many::workspace(M, N, K);
+// The INT4 x bf16 GEMM; tokens_tile 64 (stream-K, for few tokens) or 128; shuffled: codes from qd_w4a16_reorder,
+// else the plain packing. Returns as qd_w4a8_gemm.
+size_t qd_w4a16_workspace(int M, int N, int K, int tokens_tile, int shuffled) {
+  return shuffled ? w4a16_workspace<true>(M, N, K, tokens_tile) : w4a16_workspace<false>(M, N, K, tokens_tile);
 }
 
 int qd_w4a16_gemm(const void* codes, const void* scales, const void* x, void* out, int M, int N, int K,
-                  int tokens_tile, void* workspace, cudaStream_t stream) {
-  if (tokens_tile == 64) return W4A16Few::run(codes, scales, x, out, M, N, K, workspace, stream);
-  if (tokens_tile == 128) return W4A16Many::run(codes, scales, x, out, M, N, K, workspace, stream);
-  return 1;
+                  int tokens_tile, int shuffled, void* workspace, cudaStream_t stream) {
+  return shuffled ? w4a16_run<true>(codes, scales, x, out, M, N, K, tokens_tile, workspace, stream)
+                  : w4a16_run<false>(codes, scales, x, out, M, N, K, tokens_tile, workspace, stream);
 }
 
 // Reorder two's-complement int4 codes [N, K] (K-major) into the bf16 mainloop's layout (its value shuffle included).
