@@ -6,7 +6,8 @@ weights reaches on Hopper (docs/kernel-notes.md, item 75). Two tables:
   this times its mainloop with groups of 128 and no low-rank branch: an upper bound for a group-64 variant.
 * few tokens (``--few``, default 16-256): the INT4 x bf16 GEMM (bf16 scales per 64, tiles of 64 tokens with
   stream-K, or 128) against bf16 ``F.linear`` and quantduo's own layers (weight-only ``w4a16``; ``a16`` and ``fp8``
-  with the rank-32 branch and smoothing, which the library GEMM lacks).
+  with the rank-32 branch and smoothing, without the library), and quantduo's ``a16`` layer on the library GEMM
+  (what its dispatch takes at 65-256 tokens while ``QUANTDUO_CUTLASS_LIB`` names the library).
 
     scripts/build_w4a8_lut.sh                      (any x86-64 machine, no GPU; after scripts/build_fa3.sh's toolchain)
     PYTHONPATH=. python3 benchmarks/w4a8_lut.py [--lib build/w4a8_lut/libqd_w4a8_lut.so] [--tokens 4096]
@@ -18,6 +19,7 @@ buffers past L2) and each library GEMM's relative error against its exact float3
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -30,8 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import linear as L  # noqa: E402  (benchmarks/linear.py: random layers, time_graph, v_scaled_mm)
 from expand_w4 import gluon_expansion  # noqa: E402
 
+from quantduo.engine import linear as engine  # noqa: E402
 from quantduo.engine.linear import a16_reference_forward  # noqa: E402
-from quantduo.kernels.act_quant import act_quant  # noqa: E402
+from quantduo.kernels import w4a16_cutlass  # noqa: E402
 from quantduo.utils import atomic_write  # noqa: E402
 
 GROUP = 128
@@ -67,7 +70,9 @@ def decoded_weight(codes: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
 
 
 class LookupGemm:
-    """ctypes binding of ``libqd_w4a8_lut.so``: device pointers and the current stream."""
+    """ctypes binding of the lookup-table GEMM and the reorders of ``libqd_w4a8_lut.so`` (its INT4 x bf16 GEMM runs
+    through :mod:`quantduo.kernels.w4a16_cutlass`, which this points at the same file): device pointers and the
+    current stream."""
 
     def __init__(self, path: str):
         self.lib = ctypes.CDLL(path)
@@ -75,11 +80,10 @@ class LookupGemm:
         self.lib.qd_w4a8_workspace.argtypes = [ctypes.c_int] * 3
         self.lib.qd_w4a8_gemm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 + [ctypes.c_float] + \
             [ctypes.c_void_p] * 2
-        self.lib.qd_w4a16_workspace.restype = ctypes.c_size_t
-        self.lib.qd_w4a16_workspace.argtypes = [ctypes.c_int] * 5
-        self.lib.qd_w4a16_gemm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 2
         for name in ("qd_w4a8_reorder", "qd_w4a16_reorder"):
             getattr(self.lib, name).argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_void_p]
+        os.environ[w4a16_cutlass.LIBRARY_ENV] = path  # for the bf16 GEMM and the layers made while it is set
+        w4a16_cutlass._library.cache_clear()
 
     def reorder(self, codes: torch.Tensor, fp8: bool = True) -> torch.Tensor:
         """Codes ``[N, K / 2]`` (unified for fp8, two's complement for bf16) -> that mainloop's layout (same size);
@@ -92,25 +96,12 @@ class LookupGemm:
             raise RuntimeError(f"reorder failed ({rc})")
         return out
 
-    def gemm_w4a16(self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, tokens_tile: int,
+    @staticmethod
+    def gemm_w4a16(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, tokens_tile: int,
                    shuffled: bool = True):
-        """Returns a call computing bf16 ``[M, N] = x @ bf16(q * scale)^T`` (x bf16 ``[M, K]``, codes reordered by
-        :meth:`reorder` (shuffled) or in the plain ``[N, K / 2]`` packing, scales bf16 ``[K / 64, N]``) into one
-        output buffer."""
-        M, K = x.shape
-        N = codes.shape[0]
-        out = torch.empty(M, N, device=x.device, dtype=torch.bfloat16)
-        workspace = torch.zeros(max(1, self.lib.qd_w4a16_workspace(M, N, K, tokens_tile, int(shuffled))),
-                                device=x.device, dtype=torch.uint8)
-
-        def call():
-            rc = self.lib.qd_w4a16_gemm(codes.data_ptr(), scales.data_ptr(), x.data_ptr(), out.data_ptr(), M, N, K,
-                                        tokens_tile, int(shuffled), workspace.data_ptr(),
-                                        torch.cuda.current_stream().cuda_stream)
-            if rc:
-                raise RuntimeError(f"CUTLASS W4A16 GEMM failed ({rc}) at M={M} N={N} K={K} tile {tokens_tile}")
-            return out
-        return call
+        """Returns a call of :func:`quantduo.kernels.w4a16_cutlass.w4a16_gemm` with these operands (codes reordered
+        by :meth:`reorder` where ``shuffled``, else the plain packing; scales bf16 ``[K / 64, N]``)."""
+        return lambda: w4a16_cutlass.w4a16_gemm(x, codes, scales, tokens_tile, shuffled)
 
     def gemm(self, x8: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor, alpha: float = 1.0):
         """Returns a call computing bf16 ``[M, N] = alpha * x8 @ decoded_weight^T`` into one output buffer."""
@@ -152,19 +143,24 @@ def w4a16_operands(lib: LookupGemm, M: int, N: int, K: int, shuffled: bool = Tru
     return x, lib.reorder(codes, fp8=False) if shuffled else codes, scales, weight
 
 
-def library_a16_layer(lib: LookupGemm, m, tile: int):
-    """What quantduo's ``a16`` layer ``m`` (bf16, smoothing, rank-r branch, groups of 64) would run on the library
-    GEMM: kernel 1's ``smooth`` mode (``x / smooth`` and the low-rank partials), the INT4 x bf16 GEMM on the layer's
-    own codes as stored (the plain packing: no second copy) and its scales transposed, then ``+ lx @ proj_up^T +
-    bias_a16``. Returns ``x [M, K] -> [M, N]``."""
-    scales = m.wscales.to(torch.bfloat16).T.contiguous()
+@contextlib.contextmanager
+def library_off():
+    """Layers made inside keep no ``library_scales``, so they run quantduo's own paths (the baselines)."""
+    saved = os.environ.pop(w4a16_cutlass.LIBRARY_ENV, None)
+    w4a16_cutlass._library.cache_clear()
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[w4a16_cutlass.LIBRARY_ENV] = saved
+        w4a16_cutlass._library.cache_clear()
 
-    def forward(x):
-        xs, _, lxp = act_quant(x, m.smooth_factor, None, m.proj_down, "smooth")
-        y = lib.gemm_w4a16(xs, m.qweight, scales, tile, shuffled=False)()
-        y = torch.addmm(y, lxp.sum(0).to(torch.bfloat16), m.proj_up.T)
-        return y + m.bias_a16
-    return forward
+
+def library_a16_layer(m):
+    """quantduo's ``a16`` layer ``m`` (made while the library is named) on the library GEMM at any token count:
+    the engine's :func:`~quantduo.engine.linear._library_a16` (which its dispatch takes at 65-256 tokens). Returns
+    ``x [M, K] -> [M, N]``."""
+    return lambda x: engine._library_a16(m, x, m.bias_a16)
 
 
 def measure_few(lib: LookupGemm, M: int, N: int, K: int) -> dict:
@@ -183,23 +179,23 @@ def measure_few(lib: LookupGemm, M: int, N: int, K: int) -> dict:
                 ops = w4a16_operands(lib, M, N, K, shuffled, exact=False)
                 return lib.gemm_w4a16(*ops[:3], tile, shuffled)
             row[f"w4a16_{name}_us"] = L.time_graph(library, 2 * M * K + N * K * 0.53 + 2 * M * N)
-    tile = 64 if M <= 64 else 128
     m = L.random_module(N, K, execution="a16")
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     expected = a16_reference_forward(m, x).float()
-    got = library_a16_layer(lib, m, tile)(x).float()
+    got = library_a16_layer(m)(x).float()
     row["layer_rel_err"] = float((got - expected).norm() / expected.norm())
 
     def layer():
-        layer_m = L.random_module(N, K, execution="a16")
-        forward, xi = library_a16_layer(lib, layer_m, tile), torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        forward = library_a16_layer(L.random_module(N, K, execution="a16"))
+        xi = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         return lambda: forward(xi)
     row["library_a16_layer_us"] = L.time_graph(layer, 2 * M * K + N * K * 0.53 + 2 * M * N)
     make, nbytes = L.v_bf16(M, N, K)
     row["bf16_us"] = L.time_graph(make, nbytes)
-    for kind in ("w4a16", "a16", "fp8"):
-        make, nbytes = L.v_module(M, N, K, kind)
-        row[f"quantduo_{kind}_us"] = L.time_graph(make, nbytes)
+    with library_off():
+        for kind in ("w4a16", "a16", "fp8"):
+            make, nbytes = L.v_module(M, N, K, kind)
+            row[f"quantduo_{kind}_us"] = L.time_graph(make, nbytes)
     return row
 
 
@@ -228,9 +224,43 @@ def measure(lib: LookupGemm, M: int, N: int, K: int) -> dict:
     return row
 
 
+MANY_HEADER = ("M", "N x K", "lookup GEMM us", "cuBLAS fp8 fast-accum us", "lookup / cuBLAS", "cuBLAS fp8 us",
+               "expansion + cuBLAS us", "rel. err")
+FEW_HEADER = ("M", "N x K", "bf16 us", "CUTLASS W4A16 tile 64 / 128 us (x of bf16), shuffled codes", "plain codes",
+              "a16 layer on it (plain) us (x of bf16), rel. err vs reference",
+              "quantduo w4a16 / a16 / fp8 us (x of bf16)", "GEMM rel. err (max)")
+
+
+def many_line(r: dict) -> list[str]:
+    return [f"{r['lookup_us']:.1f}", f"{r['cublas_fast_us']:.1f}", f"{r['lookup_us'] / r['cublas_fast_us']:.3f}",
+            f"{r['cublas_us']:.1f}", f"{r['expansion_cublas_us']:.1f}", f"{r['rel_err']:.1e}"]
+
+
+def few_line(r: dict) -> list[str]:
+    x = lambda key: f"{r[key]:.1f} ({r['bf16_us'] / r[key]:.2f}x)"  # noqa: E731
+    return [f"{r['bf16_us']:.1f}", f"{x('w4a16_tile64_us')} / {x('w4a16_tile128_us')}",
+            f"{x('w4a16_tile64_plain_us')} / {x('w4a16_tile128_plain_us')}",
+            f"{x('library_a16_layer_us')}, {r['layer_rel_err']:.1e}",
+            f"{x('quantduo_w4a16_us')} / {x('quantduo_a16_us')} / {x('quantduo_fp8_us')}",
+            f"{max(v for k, v in r.items() if k.startswith('rel_err_')):.1e}"]
+
+
+def table(lib: LookupGemm, measure_one, tokens: list[int], shapes: list[str], header, line) -> list[dict]:
+    """Prints a markdown table of ``measure_one(lib, M, N, K)`` rows (``line`` formats the cells after M and N x K)
+    and returns the rows."""
+    print("\n| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
+    rows = []
+    for M in tokens:
+        for shape in shapes:
+            N, K = map(int, shape.split("x"))
+            rows.append(measure_one(lib, M, N, K))
+            print(f"| {M} | {N}x{K} | " + " | ".join(line(rows[-1])) + " |", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lib", default=os.environ.get("QUANTDUO_W4A8_LUT", DEFAULT_LIB))
+    parser.add_argument("--lib", default=os.environ.get(w4a16_cutlass.LIBRARY_ENV, DEFAULT_LIB))
     parser.add_argument("--tokens", type=int, nargs="*", default=[4096], help="token counts of the fp8 table")
     parser.add_argument("--few", type=int, nargs="*", default=[16, 32, 64, 128, 256],
                         help="token counts of the INT4 x bf16 table")
@@ -241,36 +271,10 @@ def main(argv=None) -> int:
         print("needs a CUDA GPU")
         return 1
     lib = LookupGemm(args.lib)
-    rows, few = [], []
-    print("| M | N x K | lookup GEMM us | cuBLAS fp8 fast-accum us | lookup / cuBLAS | cuBLAS fp8 us | "
-          "expansion + cuBLAS us | rel. err |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for M in args.tokens:
-        for shape in args.shapes:
-            N, K = map(int, shape.split("x"))
-            r = measure(lib, M, N, K)
-            rows.append(r)
-            print(f"| {M} | {N}x{K} | {r['lookup_us']:.1f} | {r['cublas_fast_us']:.1f} | "
-                  f"{r['lookup_us'] / r['cublas_fast_us']:.3f} | {r['cublas_us']:.1f} | {r['expansion_cublas_us']:.1f} | "
-                  f"{r['rel_err']:.1e} |", flush=True)
-    print("\n| M | N x K | bf16 us | CUTLASS W4A16 tile 64 / 128 us (x of bf16), shuffled codes | plain codes | "
-          "a16 layer on it (plain) us (x of bf16), rel. err vs reference | quantduo w4a16 / a16 / fp8 us (x of bf16) "
-          "| GEMM rel. err (max) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for M in args.few:
-        for shape in args.shapes:
-            N, K = map(int, shape.split("x"))
-            r = measure_few(lib, M, N, K)
-            few.append(r)
-            x = lambda key: f"{r[key]:.1f} ({r['bf16_us'] / r[key]:.2f}x)"  # noqa: E731
-            gemm_err = max(v for k, v in r.items() if k.startswith("rel_err_"))
-            print(f"| {M} | {N}x{K} | {r['bf16_us']:.1f} | {x('w4a16_tile64_us')} / {x('w4a16_tile128_us')} | "
-                  f"{x('w4a16_tile64_plain_us')} / {x('w4a16_tile128_plain_us')} | "
-                  f"{x('library_a16_layer_us')}, {r['layer_rel_err']:.1e} | "
-                  f"{x('quantduo_w4a16_us')} / {x('quantduo_a16_us')} / {x('quantduo_fp8_us')} | "
-                  f"{gemm_err:.1e} |", flush=True)
+    many = table(lib, measure, args.tokens, args.shapes, MANY_HEADER, many_line)
+    few = table(lib, measure_few, args.few, args.shapes, FEW_HEADER, few_line)
     atomic_write(os.path.join(args.out, "w4a8_lut.json"),
-                 lambda tmp: Path(tmp).write_text(json.dumps(dict(many=rows, few=few), indent=1)))
+                 lambda tmp: Path(tmp).write_text(json.dumps(dict(many=many, few=few), indent=1)))
     return 0
 
 

@@ -65,6 +65,7 @@ from quantduo.kernels.gemm_w4_skinny import w4_skinny_gemm
 from quantduo.kernels.gemv_w4 import w4_gemv
 from quantduo.kernels.layer_norm_fp8 import gated_residual_layer_norm_fp8, layer_norm_modulate_fp8
 from quantduo.kernels.nvfp4 import nvfp4_dequant
+from quantduo.kernels import w4a16_cutlass
 
 # Token counts up to which INT4 layers run the few-token GEMMs (16-bit activations: the Gluon register-operand GEMM,
 # 4-bit ones: the skinny split-K GEMM); above it W4A4 dequantizes for cuBLAS, 16-bit activations reconstruct the
@@ -79,6 +80,10 @@ FP8_A16_MAX_TOKENS = 64
 # low-rank branch, kernel 1 + that GEMM beat smoothing + kernel 1 + GEMV at one token at every FLUX.1 and Llama-3-8B
 # shape on an H100 (BENCHMARKS.md, fourteenth session).
 GEMV_MAX_TOKENS = 1
+# Token counts up to which 16-bit activations above SKINNY_MAX_TOKENS run CUTLASS's INT4 x bf16 GEMM where
+# QUANTDUO_CUTLASS_LIB names it (kernel-notes item 76; opt-in until a device run times it against the
+# reconstructed weight); above it the reconstructed weight and one cuBLAS GEMM.
+LIBRARY_MAX_TOKENS = 256
 # Compute capability from which CUDA GPUs have fp8 tensor cores (Ada, Hopper, Blackwell).
 FP8_CAPABILITY = (8, 9)
 
@@ -353,7 +358,7 @@ def _reference_of(execution: str):
 # torch.compile (no graph break per few-token layer, e.g. the one-token adaLN modulation linears of every DiT block)
 # and run in program order (their kernels share scratch buffers, which a traced graph must not see).
 _KERNEL_TENSORS = ("qweight", "wscales", "wscale_global", "wscale_channel", "smooth_factor", "act_shift", "proj_down",
-                   "proj_up", "bias", "bias_a16")
+                   "proj_up", "bias", "bias_a16", "library_scales")
 
 
 def kernel_linear(layer, x2: torch.Tensor, execution: str) -> torch.Tensor:
@@ -413,7 +418,8 @@ def _lowrank_partials(layer, x2: torch.Tensor) -> torch.Tensor | None:
 def _a16_kernels(layer, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """16-bit activations: one token -> the GEMV where that is one launch (no smoothing, no low-rank) or the
     register-operand GEMM cannot serve it; up to 64 16-bit tokens -> kernel 1 (smoothing + low-rank) and the
-    register-operand GEMM where it serves the operands, else the skinny GEMM; more tokens, float32 tokens or groups
+    register-operand GEMM where it serves the operands, else the skinny GEMM; up to LIBRARY_MAX_TOKENS bf16 tokens
+    on a Hopper GPU with the CUTLASS library loaded -> :func:`_library_a16`; more tokens, float32 tokens or groups
     other than 64 -> the reconstructed weight and one cuBLAS GEMM."""
     M = x2.shape[0]
     g64 = layer.group_size == 64
@@ -432,9 +438,25 @@ def _a16_kernels(layer, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Te
         if gemm_w4_mma.supports(xs, layer.qweight, layer.wscales, lora_up):
             return gemm_w4_mma.w4a16_mma_gemm(xs, layer.qweight, layer.wscales, lxp, layer.proj_up, bias, x2.dtype)
         return w4_skinny_gemm(xs, None, layer.qweight, layer.wscales, lxp, layer.proj_up, bias, "none", x2.dtype)
+    if M <= LIBRARY_MAX_TOKENS and g64 and w4a16_cutlass.available(x2, layer.qweight, layer.library_scales):
+        return _library_a16(layer, x2, bias)
     smooth = None if identity else layer.smooth_factor
     w = dequant_w4(layer.qweight, layer.wscales, x2.dtype, layer.group_size, lora_down, lora_up, smooth)
     return F.linear(x2, w, None if bias is None else bias.to(x2.dtype))
+
+
+def _library_a16(layer, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """16-bit activations on CUTLASS's INT4 x bf16 GEMM: kernel 1's ``smooth`` mode (``x / smooth`` and the low-rank
+    partials), the GEMM on the stored codes and ``library_scales``, then ``+ lx @ proj_up^T`` (lx rounded to the lora
+    dtype) and the bias, each added in one bf16 rounding."""
+    if layer.smoothing_folded_out:
+        xs, lxp = x2, _lowrank_partials(layer, x2)
+    else:
+        xs, _, lxp = act_quant(x2, layer.smooth_factor, None, _low_rank_factors(layer)[0], "smooth")
+    y = w4a16_cutlass.w4a16_gemm(xs, layer.qweight, layer.library_scales)
+    if lxp is not None:
+        y = torch.addmm(y, lxp.sum(0).to(layer.proj_up.dtype), layer.proj_up.T)
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 def _w4a4_kernels(layer, x2: torch.Tensor) -> torch.Tensor:

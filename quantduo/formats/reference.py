@@ -95,6 +95,15 @@ def w4_gemv_ref(x, qweight, wscales, lx, lora_up, bias, out_dtype):
     return epilogue_ref(x.float() @ w.T, lx, lora_up, bias, out_dtype)
 
 
+def w4a16_convert_scale_ref(x, qweight, scales_t):
+    """Reference of the CUTLASS INT4 x bf16 GEMM (:func:`quantduo.kernels.w4a16_cutlass.w4a16_gemm`): x bfloat16
+    ``[M, K]`` times the weights it converts, ``bf16(q * scale)`` (qweight uint8 ``[N, K / 2]``, scales_t
+    ``[K / 64, N]``), float32 products; bfloat16 ``[M, N]``."""
+    scales = scales_t.float().T.repeat_interleave(64, dim=1)
+    w = (qz.unpack_int4(qweight).float() * scales).to(torch.bfloat16).float()
+    return (x.float() @ w.T).to(torch.bfloat16)
+
+
 def rms_norm_ref(x, weight, eps: float):
     """Reference of :func:`quantduo.kernels.rms_norm.rms_norm` (transformers' Llama RMSNorm formula)."""
     xf = x.float()

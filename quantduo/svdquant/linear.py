@@ -25,7 +25,9 @@ buffers (``N = out_features``, ``K = padded in_features``, ``G = group_size``, `
 How it runs is ``execution`` (:mod:`quantduo.formats.registry`; dispatch in :mod:`quantduo.engine.linear`), which
 changes no stored tensor. Derived, non-persistent buffers kept current from the stored ones: ``bias_a16`` (the bias
 for 16-bit / fp8 activations, the shift's term unfolded), ``fp8_wscale`` / ``fp8_inv_wscale`` float32 ``[N]`` (the
-per-channel fp8 scale of the reconstructed weight) and ``fp8_inv_smooth`` float32 ``[K]``.
+per-channel fp8 scale of the reconstructed weight), ``fp8_inv_smooth`` float32 ``[K]`` and, for bf16 INT4 layers
+with groups of 64 while ``QUANTDUO_CUTLASS_LIB`` names the CUTLASS library, ``library_scales`` (the group scales
+transposed, bf16 ``[K / 64, N]``: :mod:`quantduo.kernels.w4a16_cutlass`).
 
 ``fused_parts``: None, or for a layer made by :func:`quantduo.svdquant.concat.concat_output_features` (a runtime
 fusion of layers the model keeps, such as a fused QKV projection) the ``out_features`` of those layers; such a
@@ -43,6 +45,7 @@ from quantduo.engine import linear as engine
 from quantduo.formats import quantizers as qz
 from quantduo.formats.fp8 import fp8_channel_scale
 from quantduo.formats.registry import check_execution, executions_for
+from quantduo.kernels import w4a16_cutlass
 
 WEIGHT_FORMATS = ("int4", "nvfp4")
 ACT_FORMATS = ("int4", "uint4", "nvfp4", "nvfp4_nunchaku", "none")
@@ -127,6 +130,7 @@ class SVDQuantLinear(nn.Module):
         self.register_buffer("fp8_wscale", torch.ones(out_features, **f32), persistent=False)
         self.register_buffer("fp8_inv_wscale", torch.ones(out_features, **f32), persistent=False)
         self.register_buffer("fp8_inv_smooth", torch.ones(k, **f32), persistent=False)
+        self.register_buffer("library_scales", None, persistent=False)  # bf16 [K / 64, N] where QUANTDUO_CUTLASS_LIB
         self.smoothing_folded_out = True
         self.fused_parts: tuple[int, ...] | None = None  # out_features of the layers this one concatenates
         self._derived_key = None  # eager staleness check: (data_ptr, version) of the stored buffers
@@ -176,6 +180,8 @@ class SVDQuantLinear(nn.Module):
                 self.fp8_inv_smooth = 1.0 / self.smooth_factor.float()
                 scale = fp8_channel_scale(engine.reconstructed_weight(self))
                 self.fp8_wscale, self.fp8_inv_wscale = scale, 1.0 / scale
+                if self.group_size == w4a16_cutlass.GROUP and self.dtype == torch.bfloat16 and w4a16_cutlass.enabled():
+                    self.library_scales = w4a16_cutlass.transposed_scales(self.wscales)
         self._derived_key = self._source_key()
         if not self._derived_computed:
             _set_pending(self, False)

@@ -6,6 +6,18 @@ import pytest
 import torch
 
 from benchmarks import w4a8_lut
+from quantduo.kernels import w4a16_cutlass
+
+LIB = os.environ.get(w4a16_cutlass.LIBRARY_ENV, w4a8_lut.DEFAULT_LIB)
+
+
+@pytest.fixture
+def lib(monkeypatch):
+    """The built library (LookupGemm names it in the environment: restored, and the loader's cache cleared, after)."""
+    monkeypatch.setenv(w4a16_cutlass.LIBRARY_ENV, LIB)
+    yield w4a8_lut.LookupGemm(LIB)
+    monkeypatch.delenv(w4a16_cutlass.LIBRARY_ENV, raising=False)
+    w4a16_cutlass._library.cache_clear()
 
 
 def test_unified_encoding_by_hand():
@@ -40,10 +52,8 @@ def test_main_needs_a_gpu(capsys):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not os.path.exists(os.environ.get("QUANTDUO_W4A8_LUT", w4a8_lut.DEFAULT_LIB)),
-                    reason="libqd_w4a8_lut.so not built (scripts/build_w4a8_lut.sh)")
-def test_gpu_lookup_gemm_matches_its_exact_product():
-    lib = w4a8_lut.LookupGemm(os.environ.get("QUANTDUO_W4A8_LUT", w4a8_lut.DEFAULT_LIB))
+@pytest.mark.skipif(not os.path.exists(LIB), reason="libqd_w4a8_lut.so not built (scripts/build_w4a8_lut.sh)")
+def test_gpu_lookup_gemm_matches_its_exact_product(lib):
     x8, codes, tables, weight = w4a8_lut.random_operands(lib, 256, 512, 1024)
     out = lib.gemm(x8, codes, tables, alpha=0.5)()
     exact = 0.5 * (x8.float() @ weight.T)
@@ -51,26 +61,11 @@ def test_gpu_lookup_gemm_matches_its_exact_product():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not os.path.exists(os.environ.get("QUANTDUO_W4A8_LUT", w4a8_lut.DEFAULT_LIB)),
-                    reason="libqd_w4a8_lut.so not built (scripts/build_w4a8_lut.sh)")
+@pytest.mark.skipif(not os.path.exists(LIB), reason="libqd_w4a8_lut.so not built (scripts/build_w4a8_lut.sh)")
 @pytest.mark.parametrize("shuffled", [True, False])
 @pytest.mark.parametrize("tokens,tile", [(16, 64), (200, 64), (256, 128)])
-def test_gpu_w4a16_gemm_matches_its_exact_product(tokens, tile, shuffled):
-    lib = w4a8_lut.LookupGemm(os.environ.get("QUANTDUO_W4A8_LUT", w4a8_lut.DEFAULT_LIB))
+def test_gpu_w4a16_gemm_matches_its_exact_product(lib, tokens, tile, shuffled):
     x, codes, scales, weight = w4a8_lut.w4a16_operands(lib, tokens, 384, 1024, shuffled)
     out = lib.gemm_w4a16(x, codes, scales, tile, shuffled)()
     exact = x.float() @ weight.T
     assert float((out.float() - exact).norm() / exact.norm()) < 1e-2
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not os.path.exists(os.environ.get("QUANTDUO_W4A8_LUT", w4a8_lut.DEFAULT_LIB)),
-                    reason="libqd_w4a8_lut.so not built (scripts/build_w4a8_lut.sh)")
-def test_gpu_a16_layer_on_the_library_gemm_matches_its_reference():
-    """quantduo's a16 layer (smoothing, rank-32 branch) composed on the library GEMM over its stored codes."""
-    lib = w4a8_lut.LookupGemm(os.environ.get("QUANTDUO_W4A8_LUT", w4a8_lut.DEFAULT_LIB))
-    m = w4a8_lut.L.random_module(384, 1024, execution="a16")
-    x = torch.randn(100, 1024, device="cuda", dtype=torch.bfloat16)
-    expected = w4a8_lut.a16_reference_forward(m, x).float()
-    got = w4a8_lut.library_a16_layer(lib, m, 128)(x).float()
-    assert float((got - expected).norm() / expected.norm()) < 1e-2
