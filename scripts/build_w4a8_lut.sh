@@ -3,7 +3,9 @@
 # bf16) for sm_90a into a plain shared library that benchmarks/w4a8_lut.py loads with ctypes (no torch headers, no GPU
 # needed to build), with the CUDA 13.0 compiler of scripts/build_fa3.sh's toolchain.
 #
-#   scripts/build_w4a8_lut.sh [OUT_DIR]        (default build/w4a8_lut; then QUANTDUO_CUTLASS_LIB=OUT_DIR/libqd_w4a8_lut.so)
+#   scripts/build_w4a8_lut.sh [OUT_DIR]
+#
+# (default build/w4a8_lut; then QUANTDUO_CUTLASS_LIB=OUT_DIR/libqd_w4a8_lut.so turns on the a16 path that uses it)
 #
 # Environment:
 #   CUTLASS_DIR  a CUTLASS checkout with include/ and tools/util/include/ (default: the one inside build_fa3.sh's

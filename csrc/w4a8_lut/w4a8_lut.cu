@@ -150,7 +150,9 @@ int qd_w4a8_gemm(const void* codes, const void* lut, const void* x, void* out, i
   return LookupGemm::run(codes, lut, x, out, M, N, K, alpha, workspace, stream);
 }
 
-int qd_w4a8_reorder(const void* src, void* dst, int N, int K, cudaStream_t) { return reorder<ReorderAtom8>(src, dst, N, K); }
+int qd_w4a8_reorder(const void* src, void* dst, int N, int K, cudaStream_t) {
+  return reorder<ReorderAtom8>(src, dst, N, K);
+}
 
 // The INT4 x bf16 GEMM; tokens_tile 64 (stream-K, for few tokens) or 128; shuffled: codes from qd_w4a16_reorder,
 // else the plain packing. Returns as MixedGemm::run.

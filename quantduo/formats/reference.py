@@ -43,7 +43,8 @@ def act_quant_ref(x, smooth, shift, lora_down, mode: str, group_size: int = 64):
     Args: x ``[M, K]`` float16/bfloat16/float32; smooth, shift ``[K]``; lora_down ``[K, r]`` or None;
     mode in :data:`ACT_MODES`. The unsigned 4-bit modes quantize :func:`shift_smooth_input` (``(x + shift) /
     smooth``); the signed ones and the low-rank branch read :func:`smooth_input` (``x / smooth``; ``shift`` unread);
-    4-bit groups by Nunchaku's rule, scales in x's dtype (:func:`~quantduo.formats.quantizers.quantize_activations_4bit`).
+    4-bit groups by Nunchaku's rule, scales in x's dtype
+    (:func:`~quantduo.formats.quantizers.quantize_activations_4bit`).
     Returns (q, scales, lx): see the module docstring for the layouts; q is None for mode ``"none"``, ``"smooth"``
     returns q = x / smooth, ``"int4_deq"`` / ``"uint4_deq"`` the dequantized 4-bit activations in x's dtype; lx
     float32 ``[M, r]`` or None.

@@ -168,12 +168,13 @@ def quant4_codes(act, BM: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, UNSIG
     if UNSIGNED:
         g = tl.maximum(g, 0.0)
         amax = tl.max(g, axis=2)
-        s = tl.where(amax > 0, amax * (1.0 / 15.0), 1.0)
-        q = tl.minimum(tl.maximum(round_half_even(mul_rounded(g, reciprocal(s, NATIVE)[:, :, None], NATIVE)), 0.0), 15.0)
+        qmin, qmax = 0.0, 15.0
     else:
         amax = tl.max(tl.abs(g), axis=2)
-        s = tl.where(amax > 0, amax * (1.0 / 7.0), 1.0)
-        q = tl.minimum(tl.maximum(round_half_even(mul_rounded(g, reciprocal(s, NATIVE)[:, :, None], NATIVE)), -7.0), 7.0)
+        qmin, qmax = -7.0, 7.0
+    s = tl.where(amax > 0, amax * (1.0 / qmax), 1.0)
+    q = round_half_even(mul_rounded(g, reciprocal(s, NATIVE)[:, :, None], NATIVE))
+    q = tl.minimum(tl.maximum(q, qmin), qmax)
     return q, round_to(s, SCALE_DTYPE, NATIVE)
 
 

@@ -83,8 +83,8 @@ def test_nvfp4_relative_error_is_small():
 
 def _nunchaku_nvfp4_brute_force(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Nunchaku's activation quantizer restated per element: per 16, ``s = min(amax * float32(1/6), 448)``; each
-    value takes the signed grid value nearest to ``x * float32(1 / s)`` (ties: even grid index; beyond 6: 6); dequantized with
-    ``s`` rounded to fp8 E4M3. Returns (dequantized float32, fp8 scales)."""
+    value takes the signed grid value nearest to ``x * float32(1 / s)`` (ties: even grid index; beyond 6: 6);
+    dequantized with ``s`` rounded to fp8 E4M3. Returns (dequantized float32, fp8 scales)."""
     g = x.reshape(x.shape[0], -1, 16)
     s = (g.abs().amax(-1) * torch.tensor(1 / 6, dtype=torch.float32)).clamp(max=448)
     out = torch.zeros_like(g)

@@ -8,13 +8,13 @@ Semantics (as Nunchaku computes them):
 * W4A4 INT4 layers: ``y = Q(x / smooth) @ R^T + x @ lora_down @ lora_up^T + bias`` with signed INT4
   activations (per 64: ``amax * float32(1 / 7)``, codes ``x`` times its reciprocal, the scale kept in 16 bits:
   :func:`~quantduo.formats.quantizers.quantize_activations_4bit`); post-GELU layers (:attr:`~.layouts.Role.shifted`)
-  quantize ``(x + 0.171875) / smooth`` as unsigned INT4 (``amax * float32(1 / 15)``) and their stored bias already holds the shift's terms
-  (used as is). In quantduo terms: ``act_format="uint4"``, ``act_shift = 0.171875`` (input space, exact in
-  16 bits; quantduo adds it and divides in Nunchaku's order), ``proj_down = lora_down * smooth``.
+  quantize ``(x + 0.171875) / smooth`` as unsigned INT4 (``amax * float32(1 / 15)``) and their stored bias already
+  holds the shift's terms (used as is). In quantduo terms: ``act_format="uint4"``, ``act_shift = 0.171875`` (input
+  space, exact in 16 bits; quantduo adds it and divides in Nunchaku's order), ``proj_down = lora_down * smooth``.
 * W4A4 NVFP4 layers (Blackwell files): the same formula with ``R = grid[code] * wscales * wcscales[n] * wtscale``
   (FP8 scales per 16 inputs, optional per-channel ``wcscales`` and per-tensor ``wtscale``, 1 where absent) and
-  activations quantized per 16 to E2M1 with FP8 scales ``amax / 6`` and no tensor scale
-  (:func:`~quantduo.formats.quantizers.quantize_nvfp4_nunchaku`); every layer signed and unshifted, post-GELU ones
+  activations quantized per 16 to E2M1 with FP8 scales (``amax * float32(1 / 6)``, codes ``x`` times its
+  reciprocal) and no tensor scale (:func:`~quantduo.formats.quantizers.quantize_nvfp4_nunchaku`); every layer signed and unshifted, post-GELU ones
   included (Nunchaku's kernels shift and quantize unsigned only under INT4). In quantduo terms:
   ``weight_format="nvfp4"``, ``act_format="nvfp4_nunchaku"``, ``wscale_channel = wcscales``,
   ``wscale_global = wtscale``.
