@@ -34,6 +34,7 @@ from expand_w4 import gluon_expansion  # noqa: E402
 
 from quantduo.engine import linear as engine  # noqa: E402
 from quantduo.engine.linear import a16_reference_forward  # noqa: E402
+from quantduo.formats import quantizers as qz  # noqa: E402
 from quantduo.kernels import w4a16_cutlass  # noqa: E402
 from quantduo.utils import atomic_write  # noqa: E402
 
@@ -46,9 +47,7 @@ def unified_codes(q: torch.Tensor) -> torch.Tensor:
     """int8 ``[N, K]`` in [-8, 7] -> uint8 ``[N, K / 2]`` in CUTLASS's unified encoding (element ``2j`` in the low
     nibble of byte ``j``): a positive ``v`` is stored as ``8 - v`` (the low three bits of ``-v``), zero and the
     negatives as two's complement, so the low three bits index a table and bit 3 says which sign."""
-    nib = torch.where(q > 0, 8 - q, q).to(torch.int16) & 0xF
-    nib = nib.to(torch.uint8)
-    return nib[:, 0::2] | (nib[:, 1::2] << 4)
+    return qz.pack_nibbles(torch.where(q > 0, 8 - q, q))
 
 
 def lookup_tables(scales: torch.Tensor) -> torch.Tensor:
@@ -136,8 +135,7 @@ def w4a16_operands(lib: LookupGemm, M: int, N: int, K: int, shuffled: bool = Tru
     convert-then-scale mainloop multiplies by; None unless ``exact``)."""
     q = torch.randint(-8, 8, (N, K), device="cuda", dtype=torch.int8)
     scales = (torch.rand(K // 64, N, device="cuda") * 0.02 + 0.01).to(torch.bfloat16)
-    nib = (q.to(torch.int16) & 0xF).to(torch.uint8)
-    codes = nib[:, 0::2] | (nib[:, 1::2] << 4)
+    codes = qz.pack_int4(q)
     weight = (q.float() * scales.float().T.repeat_interleave(64, dim=1)).to(torch.bfloat16).float() if exact else None
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     return x, lib.reorder(codes, fp8=False) if shuffled else codes, scales, weight

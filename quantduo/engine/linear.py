@@ -415,6 +415,15 @@ def _lowrank_partials(layer, x2: torch.Tensor) -> torch.Tensor | None:
     return act_quant(x2, layer.smooth_factor, None, layer.proj_down, "none")[2] if layer.rank > 0 else None
 
 
+def _smoothed_with_partials(layer, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(``x2 / smooth`` in x2's dtype, kernel 1's low-rank partials ``[S, M, r]`` or None) in one pass of kernel 1's
+    ``smooth`` mode; ``x2`` itself where the smoothing is folded out."""
+    if layer.smoothing_folded_out:
+        return x2, _lowrank_partials(layer, x2)
+    xs, _, lxp = act_quant(x2, layer.smooth_factor, None, _low_rank_factors(layer)[0], "smooth")
+    return xs, lxp
+
+
 def _a16_kernels(layer, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """16-bit activations: one token -> the GEMV where that is one launch (no smoothing, no low-rank) or the
     register-operand GEMM cannot serve it; up to 64 16-bit tokens -> kernel 1 (smoothing + low-rank) and the
@@ -431,10 +440,7 @@ def _a16_kernels(layer, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Te
         xs = x2 if identity else smooth_input(x2, layer.smooth_factor)
         return w4_gemv(xs, layer.qweight, layer.wscales, _lowrank_partials(layer, x2), layer.proj_up, bias, x2.dtype)
     if M <= SKINNY_MAX_TOKENS and g64 and x2.dtype != torch.float32:
-        if identity:
-            xs, lxp = x2, _lowrank_partials(layer, x2)
-        else:
-            xs, _, lxp = act_quant(x2, layer.smooth_factor, None, lora_down, "smooth")
+        xs, lxp = _smoothed_with_partials(layer, x2)
         if gemm_w4_mma.supports(xs, layer.qweight, layer.wscales, lora_up):
             return gemm_w4_mma.w4a16_mma_gemm(xs, layer.qweight, layer.wscales, lxp, layer.proj_up, bias, x2.dtype)
         return w4_skinny_gemm(xs, None, layer.qweight, layer.wscales, lxp, layer.proj_up, bias, "none", x2.dtype)
@@ -449,10 +455,7 @@ def _library_a16(layer, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Te
     """16-bit activations on CUTLASS's INT4 x bf16 GEMM: kernel 1's ``smooth`` mode (``x / smooth`` and the low-rank
     partials), the GEMM on the stored codes and ``library_scales``, then ``+ lx @ proj_up^T`` (lx rounded to the lora
     dtype) and the bias, each added in one bf16 rounding."""
-    if layer.smoothing_folded_out:
-        xs, lxp = x2, _lowrank_partials(layer, x2)
-    else:
-        xs, _, lxp = act_quant(x2, layer.smooth_factor, None, _low_rank_factors(layer)[0], "smooth")
+    xs, lxp = _smoothed_with_partials(layer, x2)
     y = w4a16_cutlass.w4a16_gemm(xs, layer.qweight, layer.library_scales)
     if lxp is not None:
         y = torch.addmm(y, lxp.sum(0).to(layer.proj_up.dtype), layer.proj_up.T)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from benchmarks import w4a8_lut
+from quantduo.formats import quantizers as qz
 from quantduo.kernels import w4a16_cutlass
 
 LIB = os.environ.get(w4a16_cutlass.LIBRARY_ENV, w4a8_lut.DEFAULT_LIB)
@@ -40,8 +41,7 @@ def test_tables_decode_to_the_rounded_products():
     decoded = w4a8_lut.decoded_weight(w4a8_lut.unified_codes(q), tables)
     exact = (scales.repeat_interleave(g, dim=1) * q.float()).to(torch.float8_e4m3fn).float()
     assert torch.equal(decoded, exact)
-    two_complement = (q.to(torch.int16) & 0xF).to(torch.uint8)  # the plain encoding decodes positives wrongly
-    plain = two_complement[:, 0::2] | (two_complement[:, 1::2] << 4)
+    plain = qz.pack_int4(q)  # the plain two's-complement encoding decodes positives wrongly
     assert not torch.equal(w4a8_lut.decoded_weight(plain, tables), exact)
 
 
