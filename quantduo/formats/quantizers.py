@@ -148,8 +148,9 @@ def quantize_activations_4bit(
     """4-bit activations as Nunchaku's kernels quantize them (``quantize_w4a4_from_fpsum_warp``), per group of
     ``group_size`` of the last dim:
 
-    * ``s = amax * float32(1 / qmax)``: a float32 product, not a division (qmax 7 signed, 15 unsigned; unsigned
-      inputs clamp to 0 first; 1.0 for an all-zero group, whose codes are 0);
+    * ``s = amax * float32(1 / qmax)``: a float32 product, not a division (qmax 7 signed, 15 unsigned; amax the
+      largest magnitude in both cases, negative unsigned inputs included, which then saturate to code 0; 1.0 for
+      an all-zero group, whose codes are 0);
     * codes ``round_half_even(x * (1 / s))``: x times the float32 reciprocal of the unrounded ``s`` (the GPU kernel
       takes ``rcp.approx.ftz.f32`` as Nunchaku does), saturated to [-7, 7] / [0, 15];
     * the scale returned is ``s`` rounded to ``scale_dtype`` (Nunchaku keeps it in the activations' 16-bit dtype).
@@ -160,9 +161,7 @@ def quantize_activations_4bit(
     """
     g = _grouped(x, group_size)
     qmax = UINT4_MAX if unsigned else INT4_MAX
-    if unsigned:
-        g = g.clamp(min=0)
-    amax = g.amax(dim=-1) if unsigned else g.abs().amax(dim=-1)
+    amax = g.abs().amax(dim=-1)  # also for unsigned groups (Nunchaku's __habs2): a negative input sets the scale
     s = amax * torch.tensor(1 / qmax, dtype=torch.float32, device=x.device)
     s = torch.where(amax > 0, s, torch.ones_like(s))
     q = torch.round(g * torch.reciprocal(s).unsqueeze(-1)).clamp_(0 if unsigned else -qmax, qmax)

@@ -105,6 +105,22 @@ def w4a16_convert_scale_ref(x, qweight, scales_t):
     return (x.float() @ w.T).to(torch.bfloat16)
 
 
+def w4a8_group_gemm_ref(codes, scales_t, xq, xs, lx, up, bias):
+    """Reference of the INT4 x fp8 group GEMM (:mod:`quantduo.kernels.w4a8_cute`): per group of 64 inputs the exact
+    integer-times-E4M3 sum, times the group's scale of each output (scales_t ``[K / 64, N]``), summed over groups,
+    times the per-token scale xs float32 ``[T]``; plus ``lx @ up^T`` (bf16 ``[T, R]`` x ``[N, R]``) and bias
+    ``[N]``, all in float32; bfloat16 ``[T, N]``. codes uint8 ``[N, K / 2]``, xq float8_e4m3fn ``[T, K]``."""
+    q = qz.unpack_int4(codes).float()
+    x = xq.float()
+    groups = scales_t.shape[0]
+    partial = torch.einsum("tgk,ngk->tgn", x.view(x.shape[0], groups, -1), q.view(q.shape[0], groups, -1))
+    acc = (partial * scales_t.float()[None]).sum(1) * xs.float()[:, None]
+    acc = acc + lx.float() @ up.float().T
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(torch.bfloat16)
+
+
 def rms_norm_ref(x, weight, eps: float):
     """Reference of :func:`quantduo.kernels.rms_norm.rms_norm` (transformers' Llama RMSNorm formula)."""
     xf = x.float()

@@ -165,12 +165,10 @@ def quant4_codes(act, BM: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, UNSIG
     Returns (codes float32 ``[BM, BK // G, G]``, scales float32 ``[BM, BK // G]``).
     """
     g = tl.reshape(act, (BM, BK // G, G))
+    amax = tl.max(tl.abs(g), axis=2)  # the largest magnitude for unsigned groups too (Nunchaku's __habs2)
     if UNSIGNED:
-        g = tl.maximum(g, 0.0)
-        amax = tl.max(g, axis=2)
         qmin, qmax = 0.0, 15.0
     else:
-        amax = tl.max(tl.abs(g), axis=2)
         qmin, qmax = -7.0, 7.0
     s = tl.where(amax > 0, amax * (1.0 / qmax), 1.0)
     q = round_half_even(mul_rounded(g, reciprocal(s, NATIVE)[:, :, None], NATIVE))

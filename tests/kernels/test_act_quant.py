@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quantduo.formats import quantizers as qz
 from quantduo.formats import reference as ref
 from quantduo.kernels.act_quant import MAX_LX_PARTIALS, act_quant
 
@@ -62,8 +63,8 @@ def _nunchaku_groups(act: torch.Tensor, dtype, unsigned: bool = True):
     ``s = amax * float32(1 / qmax)``, codes ``round(act * float32(1 / s))`` clamped, the scale kept in ``dtype``.
     Returns (codes float32 ``[M, K]``, scales float32 ``[M, K / 64]``; 1 for an all-zero group)."""
     qmax, low = (15, 0) if unsigned else (7, -7)
-    g = (act.clamp(min=0) if unsigned else act).reshape(act.shape[0], -1, 64)
-    amax = g.amax(-1) if unsigned else g.abs().amax(-1)
+    g = act.reshape(act.shape[0], -1, 64)
+    amax = g.abs().amax(-1)  # the largest magnitude, unsigned groups too (``__habs2``); negatives then code 0
     s = torch.where(amax > 0, amax * torch.tensor(1 / qmax, dtype=torch.float32), torch.ones_like(amax))
     codes = torch.round(g * (1 / s)[..., None]).clamp(low, qmax)
     return codes.reshape(act.shape), s.to(dtype).float()
@@ -73,8 +74,8 @@ def _near_ties(act: torch.Tensor, unsigned: bool = True) -> torch.Tensor:
     """bool ``[M, K]``: where ``act * float32(1 / s)`` lies within 4 float32 ulps of a half-integer. There the GPU's
     ``rcp.approx`` (one ulp from the correctly rounded reciprocal at most) may round the code the other way."""
     qmax = 15 if unsigned else 7
-    g = (act.clamp(min=0) if unsigned else act).reshape(act.shape[0], -1, 64)
-    amax = g.amax(-1) if unsigned else g.abs().amax(-1)
+    g = act.reshape(act.shape[0], -1, 64)
+    amax = g.abs().amax(-1)
     s = torch.where(amax > 0, amax * torch.tensor(1 / qmax, dtype=torch.float32), torch.ones_like(amax))
     t = g * (1 / s)[..., None]
     return ((t - t.floor() - 0.5).abs() <= 4 * 2.0 ** -23 * t.abs().clamp(min=1)).reshape(act.shape)
@@ -200,3 +201,18 @@ def test_4bit_codes_multiply_by_the_reciprocal_of_the_float32_scale(dtype, unsig
     for q, qs, _ in (act_quant(x, ones, zero, None, mode), ref.act_quant_ref(x, ones, zero, None, mode)):
         assert torch.equal(q, packed) and torch.equal(qs, scales.T)
         assert torch.equal(qs.to(dtype).float(), qs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_unsigned_scale_is_the_largest_magnitude(dtype):
+    """Nunchaku's unsigned groups take ``__habs2``'s maximum: a group whose most negative input (-3) outweighs its
+    largest positive one (1) gets s = 3 / 15 = 0.2, so 1.0 becomes code 5 (clamping first would give s = 1 / 15 and
+    code 15) and the negatives code 0; kernel and reference alike."""
+    x = torch.zeros(16, 64, dtype=dtype)
+    x[:, 0], x[:, 1], x[:, 2] = -3.0, 1.0, -0.5
+    ones, zeros = torch.ones(64, dtype=dtype), torch.zeros(64, dtype=dtype)
+    for q, qs, _ in (act_quant(x, ones, zeros, None, "uint4"), ref.act_quant_ref(x, ones, zeros, None, "uint4")):
+        codes = qz.unpack_uint4(q)
+        assert codes[:, :3].tolist() == [[0, 5, 0]] * 16
+        expected_scale = torch.tensor(3.0) * torch.tensor(1 / 15, dtype=torch.float32)
+        torch.testing.assert_close(qs.float(), torch.full_like(qs.float(), float(expected_scale.to(dtype))))
