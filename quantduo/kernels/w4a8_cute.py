@@ -22,7 +22,7 @@ warp with mbarriers; the three Triton / Gluon designs of docs/kernel-notes.md ro
 consumer without them stayed at 0.1-0.6x of bf16.
 
 Warp roles: warpgroup 0 issues the TMA copies (one warp), warpgroups 1 and 2 each own 64 of the CTA's 128 weight
-rows. Requirements: ``N % 128 == 0``, ``K % 64 == 0``, ``R % 16 == 0``; any ``T``.
+rows. Requirements: ``N % 128 == 0``, ``K % 128 == 0`` (groups taken in pairs), ``R % 16 == 0``; any ``T``.
 
 The reference is :func:`quantduo.formats.reference.w4a8_group_gemm_ref`.
 """
@@ -62,10 +62,11 @@ class W4A8GroupGemm:
         ``m_lx`` (T, R) bf16, ``m_up`` (N, R) bf16, ``m_bias`` (N,) bf16, ``m_out`` (N, T) bf16 N-major."""
         rank = m_up.shape[1]
         tile_mnk = (ROWS, self.tokens_tile, GROUP)
-        tiled_mma = sm90_utils.make_trivial_tiled_mma(
-            cutlass.Float8E4M3FN, cutlass.Float8E4M3FN, OperandMajorMode.K,
-            OperandMajorMode.K, cutlass.Float32, (2, 1, 1), (64, self.tokens_tile),
-            warpgroup.OperandSource.RMEM)
+        # the same fp8 MMA twice: one for the main loop, one for the MMAs before and after it (a TiledMma keeps its
+        # ACCUMULATE field as a traced value, which may not leave the loop that set it)
+        tiled_mma, tiled_mma_edge = (sm90_utils.make_trivial_tiled_mma(
+            cutlass.Float8E4M3FN, cutlass.Float8E4M3FN, OperandMajorMode.K, OperandMajorMode.K, cutlass.Float32,
+            (2, 1, 1), (64, self.tokens_tile), warpgroup.OperandSource.RMEM) for _ in range(2))
         tiled_mma_lr = sm90_utils.make_trivial_tiled_mma(
             cutlass.BFloat16, cutlass.BFloat16, OperandMajorMode.K, OperandMajorMode.K,
             cutlass.Float32, (2, 1, 1), (64, self.tokens_tile))
@@ -100,12 +101,12 @@ class W4A8GroupGemm:
 
         self.shared_storage = SharedStorage
         grid = (cute.ceil_div(m_codes.shape[0], ROWS), cute.ceil_div(m_x.shape[0], self.tokens_tile), 1)
-        self.kernel(tiled_mma, tiled_mma_lr, tma_codes, t_codes, tma_scales, t_scales, tma_x, t_x, m_xs, m_lx,
+        self.kernel(tiled_mma, tiled_mma_edge, tiled_mma_lr, tma_codes, t_codes, tma_scales, t_scales, tma_x, t_x, m_xs, m_lx,
                     m_up, m_bias, m_out, codes_layout, scales_layout, x_layout, up_layout, lx_layout, stage_bytes).launch(
             grid=grid, block=[self.threads, 1, 1], stream=stream)
 
     @cute.kernel
-    def kernel(self, tiled_mma: cute.TiledMma, tiled_mma_lr: cute.TiledMma, tma_codes: cute.CopyAtom, t_codes: cute.Tensor, tma_scales: cute.CopyAtom,
+    def kernel(self, tiled_mma: cute.TiledMma, tiled_mma_edge: cute.TiledMma, tiled_mma_lr: cute.TiledMma, tma_codes: cute.CopyAtom, t_codes: cute.Tensor, tma_scales: cute.CopyAtom,
                t_scales: cute.Tensor, tma_x: cute.CopyAtom, t_x: cute.Tensor, m_xs: cute.Tensor,
                m_lx: cute.Tensor, m_up: cute.Tensor, m_bias: cute.Tensor, m_out: cute.Tensor,
                codes_layout: cute.Layout, scales_layout: cute.Layout, x_layout: cute.ComposedLayout,
@@ -153,7 +154,7 @@ class W4A8GroupGemm:
                               p_s_scales, tma_x, p_g_x, p_s_x)
         else:
             cute.arch.setmaxregister_increase(232)
-            self._consume(tiled_mma, tiled_mma_lr, mainloop, groups, tidx - WARPGROUP, row_tile, token_tile, s_codes, s_scales, s_x,
+            self._consume(tiled_mma, tiled_mma_edge, tiled_mma_lr, mainloop, groups, tidx - WARPGROUP, row_tile, token_tile, s_codes, s_scales, s_x,
                           s_up, s_lx, m_xs, m_lx, m_up, m_bias, m_out)
 
     @cute.jit
@@ -172,7 +173,7 @@ class W4A8GroupGemm:
         mainloop.producer_tail(state)
 
     @cute.jit
-    def _consume(self, tiled_mma, tiled_mma_lr, mainloop, groups, thread, row_tile, token_tile, s_codes, s_scales, s_x, s_up, s_lx,
+    def _consume(self, tiled_mma, tiled_mma_edge, tiled_mma_lr, mainloop, groups, thread, row_tile, token_tile, s_codes, s_scales, s_x, s_up, s_lx,
                  m_xs, m_lx, m_up, m_bias, m_out):
         """Two warpgroups: decode, MMA, promotion per group; then the epilogue."""
         thr_mma = tiled_mma.get_slice(thread)
@@ -183,7 +184,8 @@ class W4A8GroupGemm:
         t_nibbles = thr_mma.partition_A(s_nibbles)  # (MMA, MMA_M, MMA_K, STAGE)
         t_sx = thr_mma.partition_B(s_x)
         r_x = tiled_mma.make_fragment_B(t_sx)
-        r_w = cute.make_rmem_tensor(t_nibbles[(None, None, None, 0)].shape, cutlass.Float8E4M3FN)
+        r_w = [cute.make_rmem_tensor(t_nibbles[(None, None, None, 0)].shape, cutlass.Float8E4M3FN)
+               for _ in range(2)]  # group g decoded into r_w[g % 2] while group g - 1's MMAs read the other
 
         acc_shape = thr_mma.partition_shape_C((ROWS, self.tokens_tile))
         acc = thr_mma.make_fragment_C(acc_shape)
@@ -192,26 +194,55 @@ class W4A8GroupGemm:
         acc.fill(0.0)
 
         read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
-        k_blocks = cute.size(r_w, mode=[2])
-        for group in range(groups):
-            mainloop.consumer_wait(read)
-            for kb in cutlass.range_constexpr(k_blocks):
-                r_w[(None, None, kb)].store(cvt_tensor_a_mxf8(
-                    t_nibbles[(None, None, kb, read.index)], cutlass.Float8E4M3FN))
-            cute.nvgpu.warpgroup.fence()
-            for kb in cutlass.range_constexpr(k_blocks):
-                tiled_mma.set(warpgroup.Field.ACCUMULATE, kb != 0)
-                cute.gemm(tiled_mma, partial, r_w[(None, None, kb)], r_x[(None, None, kb, read.index)],
-                          partial)
-            cute.nvgpu.warpgroup.commit_group()
-            cute.nvgpu.warpgroup.wait_group(0)
-            for i in cutlass.range_constexpr(cute.size(acc)):
-                row, _ = coords[i]
-                acc[i] = acc[i] + partial[i] * s_scales[row, 0, read.index].to(cutlass.Float32)
-            mainloop.consumer_release(read)
-            read.advance()
+        release = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+        k_blocks = cute.size(r_w[0], mode=[2])
+        # group 0, then each step decodes group g while group g - 1's MMAs run, promotes g - 1, issues g
+        mainloop.consumer_wait(read)
+        self._decode(r_w[0], t_nibbles, read.index, k_blocks)
+        self._issue(tiled_mma_edge, partial, r_w[0], r_x, read.index, k_blocks)
+        read.advance()
+        for _pair in range(groups // 2 - 1):
+            for j in cutlass.range_constexpr(2):
+                mainloop.consumer_wait(read)
+                self._decode(r_w[1 - j], t_nibbles, read.index, k_blocks)
+                self._promote(acc, partial, coords, s_scales, release.index)
+                mainloop.consumer_release(release)
+                release.advance()
+                self._issue(tiled_mma, partial, r_w[1 - j], r_x, read.index, k_blocks)
+                read.advance()
+        mainloop.consumer_wait(read)  # the last group (an odd index: buffer 1)
+        self._decode(r_w[1], t_nibbles, read.index, k_blocks)
+        self._promote(acc, partial, coords, s_scales, release.index)
+        mainloop.consumer_release(release)
+        release.advance()
+        self._issue(tiled_mma_edge, partial, r_w[1], r_x, read.index, k_blocks)
+        self._promote(acc, partial, coords, s_scales, release.index)
+        mainloop.consumer_release(release)
 
         self._epilogue(tiled_mma_lr, thread, acc, coords, row_tile, token_tile, s_up, s_lx, m_xs, m_lx, m_up, m_bias, m_out)
+
+    @cute.jit
+    def _decode(self, r_w, t_nibbles, stage, k_blocks: cutlass.Constexpr):
+        """The stage's codes of this thread, exact E4M3 integers, into the A fragment ``r_w``."""
+        for kb in cutlass.range_constexpr(k_blocks):
+            r_w[(None, None, kb)].store(cvt_tensor_a_mxf8(t_nibbles[(None, None, kb, stage)], cutlass.Float8E4M3FN))
+
+    @cute.jit
+    def _issue(self, tiled_mma, partial, r_w, r_x, stage, k_blocks: cutlass.Constexpr):
+        """The group's 32-deep MMAs into ``partial`` (zeroed by the first), committed, not waited."""
+        cute.nvgpu.warpgroup.fence()
+        for kb in cutlass.range_constexpr(k_blocks):
+            tiled_mma.set(warpgroup.Field.ACCUMULATE, kb != 0)
+            cute.gemm(tiled_mma, partial, r_w[(None, None, kb)], r_x[(None, None, kb, stage)], partial)
+        cute.nvgpu.warpgroup.commit_group()
+
+    @cute.jit
+    def _promote(self, acc, partial, coords, s_scales, stage):
+        """Waits for the group's MMAs, then ``acc += partial * scale[row]`` with the stage's bf16 row scales."""
+        cute.nvgpu.warpgroup.wait_group(0)
+        for i in cutlass.range_constexpr(cute.size(acc)):
+            row, _ = coords[i]
+            acc[i] = acc[i] + partial[i] * s_scales[row, 0, stage].to(cutlass.Float32)
 
     @cute.jit
     def _epilogue(self, tiled_mma_lr, thread, acc, coords, row_tile, token_tile, s_up, s_lx, m_xs, m_lx, m_up, m_bias, m_out):
@@ -265,9 +296,9 @@ _COMPILED: dict = {}
 
 def check_shapes(n: int, k: int, rank: int) -> None:
     """Raise ValueError for a layer the kernel does not take."""
-    if n % ROWS or k % GROUP or rank % 16 or rank == 0:
-        raise ValueError(f"w4a8 group GEMM needs N % {ROWS} == 0, K % {GROUP} == 0 and a rank that is a nonzero "
-                         f"multiple of 16; got N={n}, K={k}, rank={rank}")
+    if n % ROWS or k % (2 * GROUP) or rank % 16 or rank == 0:
+        raise ValueError(f"w4a8 group GEMM needs N % {ROWS} == 0, K % {2 * GROUP} == 0 (an even number of groups) "
+                         f"and a rank that is a nonzero multiple of 16; got N={n}, K={k}, rank={rank}")
 
 
 def _shapes(tokens: int, n: int, k: int, rank: int) -> dict:

@@ -57,13 +57,17 @@ def test_reference_equals_the_dequantized_product():
 
 @needs_cute
 def test_compiles_for_hopper_without_a_gpu(monkeypatch):
-    """``cute.compile`` for sm_90a on fake tensors: both token tiles, a K of four groups, a token count past a tile."""
+    """``cute.compile`` for sm_90a on fake tensors: both token tiles, K of two and of four groups (the main loop run
+    zero and one time), a token count past a tile; shapes it does not take refused."""
     monkeypatch.setenv("CUTE_DSL_ARCH", "sm_90a")
     from quantduo.kernels import w4a8_cute  # noqa: PLC0415  (optional dependency)
     for tokens_tile in (64, 128):
-        assert w4a8_cute.compile_kernel(100, 256, 256, 32, tokens_tile=tokens_tile, stages=4) is not None
+        for k in (128, 256):
+            assert w4a8_cute.compile_kernel(100, 256, k, 32, tokens_tile=tokens_tile, stages=4) is not None
     with pytest.raises(ValueError, match="N % 128"):
         w4a8_cute.compile_kernel(16, 200, 256, 32)
+    with pytest.raises(ValueError, match="even number of groups"):
+        w4a8_cute.compile_kernel(16, 128, 192, 32)
     with pytest.raises(ValueError, match="tokens_tile"):
         w4a8_cute.W4A8GroupGemm(tokens_tile=256)
 
@@ -72,8 +76,8 @@ def test_compiles_for_hopper_without_a_gpu(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="needs a Hopper GPU")
-@pytest.mark.parametrize("tokens, n, k, tokens_tile", [(100, 256, 256, 128), (64, 128, 192, 64),
-                                                       (4096, 3072, 3072, 128), (17, 384, 3072, 64)])
+@pytest.mark.parametrize("tokens, n, k, tokens_tile", [(100, 256, 256, 128), (64, 128, 384, 64),
+                                                       (4096, 3072, 3072, 128), (17, 384, 3072, 64), (32, 128, 128, 64)])
 def test_kernel_matches_the_reference(tokens, n, k, tokens_tile):
     from quantduo.kernels import w4a8_cute  # noqa: PLC0415  (optional dependency)
     g = torch.Generator().manual_seed(tokens + n)
