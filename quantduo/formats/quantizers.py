@@ -180,6 +180,17 @@ def fake_quant_activations(
     return fake_quant(x, fmt, group_size)
 
 
+def fp8_folded_scales(wscales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group scales ``[N, G]`` (any float dtype) -> (``folded_t`` float32 ``[G, N]``, ``row_scale`` float32 ``[N]``)
+    for an fp8 GEMM that decodes each weight to ``e4m3(q * folded)``: ``row_scale = 8 * max_g |scale| / 448`` (1 for an
+    all-zero row), ``folded = scale / row_scale``, so that ``|q * folded| <= 448`` for every INT4 code and
+    ``q * scale = row_scale * q * folded``."""
+    s = wscales.float()
+    row_scale = s.abs().amax(dim=1) * (8 / FP8_E4M3_MAX)
+    row_scale = torch.where(row_scale > 0, row_scale, torch.ones_like(row_scale))
+    return (s / row_scale[:, None]).T.contiguous(), row_scale
+
+
 def dequantize_groups(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Inverse of the integer group quantizers: ``q [..., K] * scales [..., K // G]`` -> float32 ``[..., K]``."""
     group_size = q.shape[-1] // scales.shape[-1]

@@ -112,9 +112,26 @@ def w4a8_group_gemm_ref(codes, scales_t, xq, xs, lx, up, bias):
     ``[N]``, all in float32; bfloat16 ``[T, N]``. codes uint8 ``[N, K / 2]``, xq float8_e4m3fn ``[T, K]``."""
     q = qz.unpack_int4(codes).float()
     x = xq.float()
-    groups = scales_t.shape[0]
-    partial = torch.einsum("tgk,ngk->tgn", x.view(x.shape[0], groups, -1), q.view(q.shape[0], groups, -1))
-    acc = (partial * scales_t.float()[None]).sum(1) * xs.float()[:, None]
+    width = q.shape[1] // scales_t.shape[0]
+    acc = torch.zeros(x.shape[0], q.shape[0], device=x.device)
+    for g, scale in enumerate(scales_t.float()):
+        acc += (x[:, g * width:(g + 1) * width] @ q[:, g * width:(g + 1) * width].T) * scale
+    acc = acc * xs.float()[:, None]
+    acc = acc + lx.float() @ up.float().T
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(torch.bfloat16)
+
+
+def w4a8_folded_gemm_ref(codes, folded_t, row_scale, xq, xs, lx, up, bias):
+    """Reference of the folded INT4 x fp8 GEMM (:func:`quantduo.kernels.w4a8_cute.w4a8_folded_gemm`): each weight
+    ``e4m3(float16(q * float16(folded)))`` (folded_t float32 ``[K / 64, N]`` rounded to float16, the product rounded
+    to float16, then to E4M3 by round-half-even), the exact fp8 products summed in float32, times ``xs[t] *
+    row_scale[n]``; plus ``lx @ up^T`` and bias in float32; bfloat16 ``[T, N]``."""
+    q = qz.unpack_int4(codes).half()
+    folded = folded_t.T.half().repeat_interleave(q.shape[1] // folded_t.shape[0], dim=1)
+    w8 = (q * folded).to(torch.float8_e4m3fn).float()
+    acc = (xq.float() @ w8.T) * xs.float()[:, None] * row_scale.float()[None]
     acc = acc + lx.float() @ up.float().T
     if bias is not None:
         acc = acc + bias.float()

@@ -17,4 +17,4 @@ def test_one_row(tmp_path):
     from benchmarks import w4a8_cute  # noqa: PLC0415  (imports the optional DSL)
     assert w4a8_cute.main(["--tokens", "128", "--shapes", "256x256", "--out", str(tmp_path)]) == 0
     (row,) = json.loads((tmp_path / "w4a8_cute.json").read_text())
-    assert row["rel_err"] < 4e-3 and row["kernel128_us"] > 0
+    assert row["promoted_rel_err"] < 4e-3 and row["folded_rel_err"] < 4e-3 and row["folded128_us"] > 0

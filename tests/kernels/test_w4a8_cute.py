@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from quantduo.formats import quantizers as qz
-from quantduo.formats.reference import w4a8_group_gemm_ref
+from quantduo.formats.reference import w4a8_folded_gemm_ref, w4a8_group_gemm_ref
 
 HAVE_CUTE = importlib.util.find_spec("cutlass") is not None
 needs_cute = pytest.mark.skipif(not HAVE_CUTE, reason="nvidia-cutlass-dsl not installed")
@@ -55,6 +55,50 @@ def test_reference_equals_the_dequantized_product():
     torch.testing.assert_close(out.double(), expected.to(torch.bfloat16).double(), rtol=1e-2, atol=1e-2)
 
 
+def test_folded_scales_by_hand():
+    """row_scale = 8 * max |s| / 448 per row; folded = s / row_scale, transposed to [group, row]; a zero row keeps 1."""
+    wscales = torch.tensor([[0.5, -2.0], [0.0, 0.0]], dtype=torch.bfloat16)
+    folded_t, row_scale = qz.fp8_folded_scales(wscales)
+    torch.testing.assert_close(row_scale, torch.tensor([16 / 448, 1.0]))
+    torch.testing.assert_close(folded_t, torch.tensor([[0.5 * 448 / 16, 0.0], [-2.0 * 448 / 16, 0.0]]))
+    assert abs(float((8 * folded_t.abs()).max()) - 448) < 1e-3  # E4M3 saturates the rounding above it
+
+
+def test_folded_reference_by_hand():
+    """One weight: q = 3, folded 0.3 -> float16 0.30004883, times 3 -> float16 0.9003906, -> E4M3 0.875 (its
+    neighbours 0.875 and 0.9375); times x = 2, xs = 0.5, row_scale = 4: 3.5; plus lx . up = 0.25 and bias 1."""
+    q = torch.zeros(1, 128, dtype=torch.int8)
+    q[0, 5] = 3
+    folded_t = torch.full((2, 1), 0.3)
+    xq = torch.zeros(1, 128)
+    xq[0, 5] = 2.0
+    lx = torch.zeros(1, 16, dtype=torch.bfloat16)
+    lx[0, 0] = 0.5
+    up = torch.zeros(1, 16, dtype=torch.bfloat16)
+    up[0, 0] = 0.5
+    out = w4a8_folded_gemm_ref(qz.pack_int4(q), folded_t, torch.tensor([4.0]), xq.to(torch.float8_e4m3fn),
+                               torch.tensor([0.5]), lx, up, torch.tensor([1.0], dtype=torch.bfloat16))
+    assert float(torch.tensor(3.0, dtype=torch.float16) * torch.tensor(0.3, dtype=torch.float16)) == 0.900390625
+    assert out.item() == 0.875 * 2 * 0.5 * 4 + 0.25 + 1.0
+
+
+def test_folded_weights_are_the_scaled_codes_within_fp8_steps():
+    """With :func:`fp8_folded_scales`, ``row_scale * e4m3(q * folded)`` is ``q * s`` within one E4M3 rounding (and
+    the float16 ones): the folded GEMM and the promoted one agree to fp8 precision."""
+    g = torch.Generator().manual_seed(1)
+    n, k, t = 16, 256, 6
+    q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    wscales = (torch.rand(n, k // 64, generator=g) * 0.02 + 0.001).to(torch.bfloat16)
+    folded_t, row_scale = qz.fp8_folded_scales(wscales)
+    xq = (torch.randn(t, k, generator=g) * 16).to(torch.float8_e4m3fn)
+    xs, lx = torch.rand(t, generator=g), torch.zeros(t, 16, dtype=torch.bfloat16)
+    up = torch.zeros(n, 16, dtype=torch.bfloat16)
+    folded = w4a8_folded_gemm_ref(qz.pack_int4(q), folded_t, row_scale, xq, xs, lx, up, None).float()
+    promoted = w4a8_group_gemm_ref(qz.pack_int4(q), wscales.T.contiguous(), xq, xs, lx, up, None).float()
+    rel = (folded - promoted).norm() / promoted.norm()
+    assert 1e-4 < rel < 0.04, rel  # rounded (not equal), within fp8's 3-bit mantissa
+
+
 @needs_cute
 def test_compiles_for_hopper_without_a_gpu(monkeypatch):
     """``cute.compile`` for sm_90a on fake tensors: both token tiles, K of two and of four groups (the main loop run
@@ -63,7 +107,8 @@ def test_compiles_for_hopper_without_a_gpu(monkeypatch):
     from quantduo.kernels import w4a8_cute  # noqa: PLC0415  (optional dependency)
     for tokens_tile in (64, 128):
         for k in (128, 256):
-            assert w4a8_cute.compile_kernel(100, 256, k, 32, tokens_tile=tokens_tile, stages=4) is not None
+            for folded in (False, True):
+                assert w4a8_cute.compile_kernel(100, 256, k, 32, tokens_tile, stages=4, folded=folded) is not None
     with pytest.raises(ValueError, match="N % 128"):
         w4a8_cute.compile_kernel(16, 200, 256, 32)
     with pytest.raises(ValueError, match="even number of groups"):
@@ -78,19 +123,25 @@ def test_compiles_for_hopper_without_a_gpu(monkeypatch):
                     reason="needs a Hopper GPU")
 @pytest.mark.parametrize("tokens, n, k, tokens_tile", [(100, 256, 256, 128), (64, 128, 384, 64),
                                                        (4096, 3072, 3072, 128), (17, 384, 3072, 64), (32, 128, 128, 64)])
-def test_kernel_matches_the_reference(tokens, n, k, tokens_tile):
+@pytest.mark.parametrize("folded", [False, True])
+def test_kernel_matches_the_reference(tokens, n, k, tokens_tile, folded):
     from quantduo.kernels import w4a8_cute  # noqa: PLC0415  (optional dependency)
     g = torch.Generator().manual_seed(tokens + n)
     q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
-    scales_t = (torch.rand(k // 64, n, generator=g) * 0.02).to(torch.bfloat16)
+    wscales = (torch.rand(n, k // 64, generator=g) * 0.02).to(torch.bfloat16)
     xq = (torch.randn(tokens, k, generator=g) * 64).to(torch.float8_e4m3fn)
     xs = torch.rand(tokens, generator=g) / 64
     lx = torch.randn(tokens, 32, generator=g).to(torch.bfloat16)
     up = (torch.randn(n, 32, generator=g) * 0.1).to(torch.bfloat16)
     bias = torch.randn(n, generator=g).to(torch.bfloat16)
-    operands = [qz.pack_int4(q), scales_t, xq, xs, lx, up, bias]
-    expected = w4a8_group_gemm_ref(*operands).float()
-    out = w4a8_cute.w4a8_group_gemm(*[o.cuda() for o in operands], tokens_tile=tokens_tile).float().cpu()
+    if folded:
+        folded_t, row_scale = qz.fp8_folded_scales(wscales)
+        operands = [qz.pack_int4(q), folded_t, row_scale, xq, xs, lx, up, bias]
+        expected, run = w4a8_folded_gemm_ref(*operands).float(), w4a8_cute.w4a8_folded_gemm
+    else:
+        operands = [qz.pack_int4(q), wscales.T.contiguous(), xq, xs, lx, up, bias]
+        expected, run = w4a8_group_gemm_ref(*operands).float(), w4a8_cute.w4a8_group_gemm
+    out = run(*[o.cuda() for o in operands], tokens_tile=tokens_tile).float().cpu()
     assert out.isfinite().all()
     rel = (out - expected).norm() / expected.norm()
     assert rel < 4e-3, rel
