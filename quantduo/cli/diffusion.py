@@ -145,14 +145,14 @@ def cmd_quantize(args) -> int:
     # loaded into host memory); the device holds the other models and one block at a time
     weights = None
     if args.blockwise and denoiser_safetensors(args.model):
-        pipe, weights = load_pipeline_lazily(args.model, DTYPES[args.dtype])
+        pipe, weights = load_pipeline_lazily(args.model, DTYPES[args.dtype or "bfloat16"])
     else:
-        pipe = load_pipeline(args.model, DTYPES[args.dtype], "cpu" if args.blockwise else args.device)
+        pipe = load_pipeline(args.model, DTYPES[args.dtype or "bfloat16"], "cpu" if args.blockwise else args.device)
     _, denoiser = denoiser_of(pipe)
     with denoiser_offloaded(pipe, args.device, weights) if args.blockwise else contextlib.nullcontext():
         samples = _calibration_samples(args, pipe, prompts)
     qconfig = quantization_config(denoiser, args.format, rank=rank, search_tokens=args.search_tokens,
-                                  dtype=args.dtype if args.dtype != "float32" else "bfloat16",
+                                  dtype=args.dtype if args.dtype not in (None, "float32") else "bfloat16",
                                   **CALIBRATION_FOR_LAYOUT[args.for_layout])
     if args.blockwise:
         report = quantize_transformer_blockwise(denoiser, samples, args.work_dir, qconfig, resume=args.resume,
@@ -204,7 +204,7 @@ def _check_published_args(args) -> None:
 
 def _published_pipeline(args):
     """The base pipeline with the published checkpoint's transformer, run by ``--execution``."""
-    pipe, report = load_published_pipeline(args.model, args.base, DTYPES[args.dtype], args.device)
+    pipe, report = load_published_pipeline(args.model, args.base, DTYPES.get(args.dtype), args.device)
     print(report.summary())
     if args.execution != "auto":
         set_execution(pipe.transformer, args.execution)
@@ -241,7 +241,7 @@ def cmd_generate(args) -> int:
         raise bad("--prompt", "the prompt is empty; give some text")
     out = output_file(args.out, "--out", ".png")
     pipe = (_published_pipeline(args) if published
-            else load_pipeline(args.model, DTYPES[args.dtype], args.device, execution=args.execution))
+            else load_pipeline(args.model, DTYPES[args.dtype or "bfloat16"], args.device, execution=args.execution))
     _, denoiser = denoiser_of(pipe)
     if args.fp8_attention:
         enable_fp8_attention(denoiser, backend=args.fp8_attention)
@@ -276,7 +276,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float_in(0.0), help="guidance scale (default: the pipeline's)")
     parser.add_argument("--max-sequence-length", type=int_in(1), help="text tokens (FLUX/SD3 T5)")
     parser.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
+    parser.add_argument("--dtype", choices=tuple(DTYPES),
+                        help="compute dtype (default: bfloat16; a published nunchaku_lite folder: its compute_dtype)")
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda when available)")
 

@@ -20,7 +20,8 @@ from torch import nn
 from quantduo.svdquant import CheckpointError, refresh_derived
 
 from .build import build_layers, group_keys
-from .reader import LITE_METHOD, PublishedCheckpoint, model_folder, read_checkpoint, read_safetensors, weight_files
+from .reader import (LITE_METHOD, PublishedCheckpoint, checkpoint_dtype, model_folder, read_checkpoint,
+                     read_safetensors, weight_files)
 
 FLUX_CLASS = "FluxTransformer2DModel"
 
@@ -28,12 +29,14 @@ FLUX_CLASS = "FluxTransformer2DModel"
 @dataclass
 class LoadReport:
     """What a load did: ``layout``; ``quantized`` (diffusers module names now quantized); ``plain`` (16-bit
-    tensors from the checkpoint); ``from_base`` (16-bit tensors from the base folder)."""
+    tensors from the checkpoint); ``from_base`` (16-bit tensors from the base folder); ``dtype`` (the compute
+    dtype)."""
 
     layout: str
     quantized: list[str]
     plain: list[str]
     from_base: list[str]
+    dtype: torch.dtype = torch.bfloat16
 
     def summary(self) -> str:
         return (f"{self.layout}: {len(self.quantized)} quantized modules, {len(self.plain)} tensors from the "
@@ -98,17 +101,19 @@ def _fill(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype
 
 
 def load_published_transformer(source: str | Path, base: str | Path | None = None,
-                               dtype: torch.dtype = torch.bfloat16,
+                               dtype: torch.dtype | None = None,
                                device: torch.device | str = "cpu") -> tuple[nn.Module, LoadReport]:
     """A published checkpoint (Nunchaku single file, V2 names, or ``nunchaku_lite`` folder) as a diffusers
-    transformer on ``device`` with compute dtype ``dtype``; ``base``: the base model's diffusers pipeline or model
-    folder, for the config and the 16-bit tensors the checkpoint lacks. Returns ``(model, report)``.
+    transformer on ``device`` with compute dtype ``dtype`` (None: a ``nunchaku_lite`` folder's ``compute_dtype``,
+    as diffusers loads it, else bfloat16); ``base``: the base model's diffusers pipeline or model folder, for the
+    config and the 16-bit tensors the checkpoint lacks. Returns ``(model, report)``.
 
     Raises :class:`CheckpointError` for an unknown layout, a truncated file, an unsupported rank / group size /
     precision, a checkpoint of another model class or config, any key that maps nowhere (all listed) and any
     model tensor that neither the checkpoint nor ``base`` provides (all listed).
     """
     ckpt = read_checkpoint(source)
+    dtype = checkpoint_dtype(ckpt) if dtype is None else dtype
     base_dir = _base_model_folder(base)
     model = _meta_model(_model_config(ckpt, base_dir))
     grouped = group_keys(ckpt)
@@ -125,21 +130,21 @@ def load_published_transformer(source: str | Path, base: str | Path | None = Non
         where = "" if base_dir is None else f" nor the base folder {base_dir}"
         raise CheckpointError(f"{len(missing)} model tensors are in neither the checkpoint{where}: {missing}")
     _fill(model, {**grouped.plain, **base_tensors}, dtype)
-    report = LoadReport(ckpt.layout, sorted(layers), sorted(grouped.plain), sorted(base_tensors))
+    report = LoadReport(ckpt.layout, sorted(layers), sorted(grouped.plain), sorted(base_tensors), dtype)
     model = model.to(device).eval().requires_grad_(False)
     refresh_derived(model)  # on the target device, so that a compiled model has no layer left to compute
     return model, report
 
 
-def load_published_pipeline(source: str | Path, base: str | Path | None = None, dtype: torch.dtype = torch.bfloat16,
+def load_published_pipeline(source: str | Path, base: str | Path | None = None, dtype: torch.dtype | None = None,
                             device: str = "cpu") -> tuple[Any, LoadReport]:
     """A diffusers pipeline whose transformer is the published checkpoint ``source`` and whose other components
     (text encoders, VAE, scheduler) come from the local pipeline folder ``base`` (default: ``source`` itself
-    when it is a pipeline folder)."""
+    when it is a pipeline folder), all in ``dtype`` (None: as :func:`load_published_transformer` chooses)."""
     base = base if base is not None else (source if (Path(source) / "model_index.json").is_file() else None)
     if base is None or not (Path(base) / "model_index.json").is_file():
         raise CheckpointError(f"{source}: pass the base model's local diffusers pipeline folder (model_index.json) "
                               "for the text encoders, VAE and scheduler")
     transformer, report = load_published_transformer(source, base, dtype, device)
-    pipe = diffusers.DiffusionPipeline.from_pretrained(str(base), transformer=transformer, dtype=dtype)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(base), transformer=transformer, dtype=report.dtype)
     return pipe.to(device), report

@@ -21,7 +21,7 @@ from quantduo.integrations.diffusers import quantization_config, quantize_transf
 from quantduo.integrations.lora import attach_lora  # noqa: E402
 from quantduo.integrations.published import export_checkpoint, load_published_transformer, read_checkpoint  # noqa: E402
 from quantduo.integrations.published.export import comfy_config, lite_state_dict  # noqa: E402
-from quantduo.svdquant import SVDQuantLinear  # noqa: E402
+from quantduo.svdquant import CheckpointError, SVDQuantLinear  # noqa: E402
 from quantduo.utils import relative_error  # noqa: E402
 
 
@@ -229,3 +229,21 @@ def test_lite_refuses_a_shape_the_kernels_would_need_padded():
     holder = torch.nn.ModuleDict({"proj": SVDQuantLinear(128, 192, rank=16, dtype=torch.bfloat16)})
     with pytest.raises(ValueError, match=r"proj: .*multiples of 128 / 128; this one is \[192, 128\]"):
         lite_state_dict(holder)
+
+
+def test_lite_folder_loads_in_its_compute_dtype(quantduo_flux, tmp_path):
+    """Without a dtype a nunchaku_lite folder loads in the ``compute_dtype`` its config names, as diffusers loads
+    it (here float16, written into the exported config); an explicit dtype wins; an unknown one is refused."""
+    folder = export_checkpoint(quantduo_flux[0], tmp_path / "lite", "nunchaku-lite")
+    config_path = next(folder.rglob("config.json"))
+    config = json.loads(config_path.read_text())
+    config["quantization_config"]["compute_dtype"] = "float16"
+    config_path.write_text(json.dumps(config))
+    loaded, report = load_published_transformer(folder)
+    assert report.dtype == torch.float16
+    assert loaded.get_submodule("transformer_blocks.0.attn.to_k").wscales.dtype == torch.float16
+    assert load_published_transformer(folder, dtype=torch.bfloat16)[1].dtype == torch.bfloat16
+    config["quantization_config"]["compute_dtype"] = "float8"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="compute_dtype 'float8'"):
+        load_published_transformer(folder)
