@@ -212,10 +212,12 @@ def _identify(args) -> int:
     if args.method == "score":
         scored = tqdm((batches(i) for i in range(args.samples)), total=args.samples, desc="scoring heads",
                       unit="sample", disable=not show_progress())
-        pattern = score_heads(model, scored, args.sink, args.recent, chunk=args.chunk)
+        pattern = score_heads(model, scored, args.sink, args.recent, chunk=args.chunk,
+                              respect_sliding_window=args.respect_sliding_window)
     else:
         cfg = IdentifyConfig(steps=args.steps, lr=args.lr, reg_weight=args.reg, sink=args.sink, recent=args.recent,
-                             chunk=args.chunk, block=_streaming_block(args.block, args.recent))
+                             chunk=args.chunk, block=_streaming_block(args.block, args.recent),
+                             respect_sliding_window=args.respect_sliding_window)
         pattern = identify(model, batches, cfg, progress=show_progress())
     pattern.extra.update(model_name=Path(args.model).name, context_length_min=args.context_min,
                          context_length_max=args.context_max, num_passkeys=args.passkeys, seed=args.seed)
@@ -249,7 +251,8 @@ def _eval(args) -> int:
         curves[window] = curve = {}
         for sparsity in [*args.sparsities, 1.0]:
             mask = pattern.binarize(sparsity)
-            m = apply_duo(copy.deepcopy(model), mask, sink, recent, window=window)
+            m = apply_duo(copy.deepcopy(model), mask, sink, recent, window=window,
+                          respect_sliding_window=args.respect_sliding_window)
             make_cache = lambda: DuoCache.from_model(m)  # noqa: E731
             curve[sparsity] = (passkey_accuracy(m, samples, make_cache, args.prefill_chunk),
                                answer_logprob(m, samples, make_cache, args.prefill_chunk))
@@ -373,6 +376,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help=f"passkeys per sample (default {PASSKEYS}; {REFERENCE_TRAINING['num_passkeys']} with --data "
                    "reference, as the reference trains)")
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
+    p.add_argument("--respect-sliding-window", action="store_true",
+                   help="apply the model's sliding window (e.g. Mistral's) to every head of the DuoAttention layers "
+                        "(default: ignored, as the reference implementation does)")
 
 
 def _runtime(p: argparse.ArgumentParser) -> None:

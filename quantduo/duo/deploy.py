@@ -7,12 +7,15 @@ registered here, which computes the reference implementation's semantics (:mod:`
 chunk dense for every head; later chunks and decode steps give streaming heads the sinks, the last ``recent``
 tokens before the chunk and the chunk itself. ``model.generate`` builds a :class:`DuoCache` when given no cache;
 a forward without a cache is one dense first chunk; a transformers cache holding every token (e.g. DynamicCache)
-gives the same results without the memory saving. Left-padded batches, sliding windows and soft-capping run the
-masked path (:func:`quantduo.duo.attention.visible_mask`); other paths are unchanged.
+gives the same results without the memory saving. The model's sliding window is ignored on DuoAttention layers,
+as the reference does, unless ``respect_sliding_window`` (:mod:`quantduo.duo.layout`). Left-padded batches, applied
+sliding windows and soft-capping run the masked path (:func:`quantduo.duo.attention.visible_mask`); other paths are
+unchanged.
 """
 from __future__ import annotations
 
 import types
+from functools import partial
 
 import numpy as np
 import torch
@@ -23,7 +26,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from quantduo.duo import attention as A
 from quantduo.duo.cache import DuoCache, DuoKV, window_positions
 from quantduo.duo.compat import cache_argument, cache_kwargs
-from quantduo.duo.layout import attention_modules, duo_layers
+from quantduo.duo.layout import attention_modules, duo_layers, keeps_window, layer_window, mark_windows
 from quantduo.duo.masks import duo_mask_function, padding_of
 from quantduo.duo.patterns import DuoPattern
 from quantduo.formats.kv import QuantizedKV, dequantize_kv
@@ -60,7 +63,8 @@ def reorder_heads(attn: torch.nn.Module, kv_order: torch.Tensor) -> None:
 WINDOWS = ("chunk", "token")
 
 
-def apply_duo(model, retrieval: np.ndarray, sink: int, recent: int, window: str = "chunk"):
+def apply_duo(model, retrieval: np.ndarray, sink: int, recent: int, window: str = "chunk",
+              respect_sliding_window: bool = False):
     """Prepare ``model`` (in place) for DuoAttention.
 
     retrieval: bool [duo layers, kv_heads], True = retrieval (full attention) head, e.g. from
@@ -68,7 +72,9 @@ def apply_duo(model, retrieval: np.ndarray, sink: int, recent: int, window: str 
     of a model mixing sliding-window layers; their sliding layers keep every head full). ``window``: the streaming
     heads' rule: ``"chunk"`` (the reference implementation's, the default: module docstring) or ``"token"`` (every
     query sees the sinks and the last ``recent`` tokens up to itself, the identification window; an evaluation
-    option computed by the masked path with dynamic caches only). Returns the model. Can be applied once per model.
+    option computed by the masked path with dynamic caches only). ``respect_sliding_window``: apply the model's
+    sliding window on DuoAttention layers (default: ignored, as the reference; :mod:`quantduo.duo.layout`).
+    Returns the model. Can be applied once per model.
     """
     if window not in WINDOWS:
         raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
@@ -86,16 +92,20 @@ def apply_duo(model, retrieval: np.ndarray, sink: int, recent: int, window: str 
     for attn, row in zip(mods, every):
         reorder_heads(attn, torch.as_tensor(np.argsort(~row, kind="stable")))
         attn.duo_n_full, attn.duo_sink, attn.duo_recent, attn.duo_window = int(row.sum()), sink, recent, window
+    mark_windows(model, respect_sliding_window)
     model.config._attn_implementation = "duo"
     model._prepare_cache_for_generation = types.MethodType(_prepare_duo_cache, model)
-    model.model.register_forward_pre_hook(_padding_hook, with_kwargs=True)
+    applied = any(keeps_window(model.config, respect_sliding_window))
+    window = getattr(model.config, "sliding_window", None) if applied else None
+    model.model.register_forward_pre_hook(partial(_padding_hook, window), with_kwargs=True)
     return model
 
 
-def _padding_hook(module, args, kwargs) -> None:
+def _padding_hook(window: int | None, module, args, kwargs) -> None:
     """Forward pre-hook of the base model: tell a DuoCache the left padding of ``attention_mask`` before any layer
-    writes to it (:meth:`DuoCache.set_padding`); refuse a transformers cache that does not hold every token of
-    every layer (sliding-window or static layers), which the "duo" attention would misread."""
+    writes to it (:meth:`DuoCache.set_padding`; ``window``: the model's sliding window where some layer applies
+    it, else None); refuse a transformers cache that does not hold every token of every layer (sliding-window or
+    static layers), which the "duo" attention would misread."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if isinstance(cache, Cache) and not isinstance(cache, DuoCache):
         if not all(type(layer) is DynamicLayer for layer in cache.layers):
@@ -106,7 +116,7 @@ def _padding_hook(module, args, kwargs) -> None:
         return  # no mask: the padding recorded so far holds
     new = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
     q_len = new.shape[1] if new is not None else 0
-    cache.set_padding(padding_of(kwargs.get("attention_mask"), q_len, getattr(module.config, "sliding_window", None)))
+    cache.set_padding(padding_of(kwargs.get("attention_mask"), q_len, window))
 
 
 def _prepare_duo_cache(model, generation_config, model_kwargs: dict, *args, **kwargs):
@@ -121,11 +131,12 @@ def _prepare_duo_cache(model, generation_config, model_kwargs: dict, *args, **kw
 
 
 def apply_pattern(model, pattern: DuoPattern, sparsity: float, sink: int | None = None,
-                  recent: int | None = None):
+                  recent: int | None = None, respect_sliding_window: bool = False):
     """:func:`apply_duo` from a gate pattern binarized at ``sparsity`` (fraction of streaming heads)."""
     pattern.validate_for(model.config)
     return apply_duo(model, pattern.binarize(sparsity), sink if sink is not None else pattern.sink_size,
-                     recent if recent is not None else pattern.recent_size)
+                     recent if recent is not None else pattern.recent_size,
+                     respect_sliding_window=respect_sliding_window)
 
 
 def _plain_kv(module, key: torch.Tensor, value: torch.Tensor, tq: int, masked: bool) -> DuoKV:
@@ -207,10 +218,11 @@ def duo_attention_forward(module, query, key, value, attention_mask=None, scalin
                           sliding_window=None, softcap=None, **kwargs):
     """transformers attention function "duo"; query [B, Hq, T, D]; key/value a DuoKV (from DuoCache)
     or plain [B, Hkv, Tk, D] tensors holding every token. The head split comes from the DuoKV (a DuoCache
-    may hold every head in full). ``sliding_window`` / ``softcap``: the layer's (Mistral, Gemma), honoured as
-    transformers does. Masks: see :mod:`quantduo.duo.masks` (left padding honoured, others refused).
-    Returns ([B, T, Hq, D], None)."""
+    may hold every head in full). ``sliding_window``: the layer's, applied as transformers does where
+    :func:`~quantduo.duo.layout.layer_window` keeps it; ``softcap``: the layer's (Gemma 2), honoured. Masks: see
+    :mod:`quantduo.duo.masks` (left padding honoured, others refused). Returns ([B, T, Hq, D], None)."""
     tq = query.shape[2]
+    sliding_window = layer_window(module, sliding_window)
     pad = _row_padding(attention_mask, key, tq, sliding_window)
     masked = pad is not None or sliding_window is not None or softcap is not None or module.duo_window == "token"
     kv = key if isinstance(key, DuoKV) else _plain_kv(module, key, value, tq, masked)

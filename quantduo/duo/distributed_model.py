@@ -23,8 +23,10 @@ the same ``generate`` call on the same input ids:
 
 Refused with ValueError: padded batches (rows of different lengths), beam search, static caches / CUDA graphs /
 ``cache_implementation``, chunked prefill inside ``generate``, multi-token steps after the prefill (assisted
-decoding), sliding-window or soft-capped layers, ``apply_duo(..., window="token")``, and prompts whose chunks
-are shorter than ``sink`` or ``recent``.
+decoding), sliding-window or soft-capped layers, ``apply_duo(..., window="token")`` or
+``apply_duo(..., respect_sliding_window=True)`` on a sliding-window model, and prompts whose chunks are shorter
+than ``sink`` or ``recent``. A model's sliding window is otherwise ignored, as the reference does
+(:mod:`quantduo.duo.layout`).
 """
 from __future__ import annotations
 
@@ -257,6 +259,9 @@ def distribute_duo(model, group=None, exchange: str = "all_gather"):
     if {getattr(m, "duo_window", None) for m in mods} != {"chunk"}:
         raise ValueError("distribute_duo needs a model prepared by apply_duo with the reference's chunk-level window "
                          "(window='chunk'; the per-token window is not computed across processes)")
+    if getattr(model.config, "sliding_window", None) is not None and any(m.duo_keep_window for m in mods):
+        raise ValueError("distribute_duo does not apply sliding windows: prepare the model with apply_duo(..., "
+                         "respect_sliding_window=False), the reference's rule")
     n_kv = model.config.num_key_value_heads
     rows = torch.tensor([[h < m.duo_n_full for h in range(n_kv)] for m in mods])
     assignment = balanced_head_assignment(rows, dist.get_world_size(group))

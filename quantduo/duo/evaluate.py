@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from transformers import DynamicCache
 
 from quantduo.duo.compat import cache_kwargs
 from quantduo.duo.data import PasskeySample
@@ -11,41 +12,46 @@ from quantduo.duo.deploy import chunked_prefill
 
 
 @torch.no_grad()
-def passkey_accuracy(model, samples: list[PasskeySample], make_cache: Callable[[], object] | None = None,
+def greedy_answer(model, prompt: torch.Tensor, cache, n_tokens: int, prefill_chunk: int | None = None) -> list[int]:
+    """The reference's needle protocol (its ``scripts/niah.sh``: ``--simulation_length 0``): the WHOLE prompt [1, T]
+    (last token included) goes into ``cache`` ``prefill_chunk`` tokens at a time (None: one pass), then
+    ``n_tokens`` tokens are decoded greedily (argmax, one decode step per token after the first). Returns them."""
+    logits = chunked_prefill(model, prompt, cache, prefill_chunk or prompt.shape[1])
+    tokens = [int(logits[0].argmax())]
+    while len(tokens) < n_tokens:
+        step = torch.tensor([tokens[-1:]], device=prompt.device)
+        tokens.append(int(model(step, use_cache=True, **cache_kwargs(model, cache)).logits[0, -1].argmax()))
+    return tokens
+
+
+@torch.no_grad()
+def passkey_accuracy(model, samples: list[PasskeySample], make_cache: Callable[[], object] = DynamicCache,
                      prefill_chunk: int | None = None) -> float:
-    """Fraction of questions answered exactly by greedy ``model.generate``.
+    """Fraction of questions answered exactly by :func:`greedy_answer` (the reference's needle protocol).
 
     Each sample's first question is asked: the prompt is ``input_ids[:prompt_len]`` and the
-    answer must match the passkey value tokens. ``make_cache()`` gives a fresh ``cache``
-    per prompt (None: the model's default: a DuoCache after apply_duo, else a DynamicCache). ``prefill_chunk``:
-    the prompt but its last token goes into that cache ``prefill_chunk`` tokens at a time first (as long-context
-    deployments prefill; needs ``make_cache``), then ``generate`` goes on from the cache.
+    answer must match the passkey value tokens. ``make_cache()`` gives a fresh cache per prompt (default: a
+    DynamicCache, holding every token; a DuoAttention model computes the same with it as with a DuoCache);
+    ``prefill_chunk``: the prompt goes into it that many tokens at a time (None: one pass).
     """
     if not samples:
         raise ValueError("no samples")
-    if prefill_chunk is not None and make_cache is None:
-        raise ValueError("a chunked prefill needs make_cache")
     ok = 0
     for s in samples:
         prompt_len, answer = s.questions[0]
-        ids = s.input_ids[None, :prompt_len].to(model.device)
-        cache = make_cache() if make_cache is not None else None
-        if prefill_chunk is not None:
-            chunked_prefill(model, ids[:, :-1], cache, prefill_chunk)
-        kw = cache_kwargs(model, cache) if cache is not None else {}
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(answer), do_sample=False,
-                             min_new_tokens=len(answer), pad_token_id=0, **kw)
-        ok += out[0, prompt_len:].tolist() == list(answer)
+        prompt = s.input_ids[None, :prompt_len].to(model.device)
+        ok += greedy_answer(model, prompt, make_cache(), len(answer), prefill_chunk) == list(answer)
     return ok / len(samples)
 
 
 @torch.no_grad()
 def answer_logprob(model, samples: list[PasskeySample], make_cache: Callable[[], object],
                    prefill_chunk: int | None = None) -> float:
-    """Mean log-probability (nats, float) of the passkey answer tokens under teacher forcing: each sample's first
-    prompt but its last token goes into a fresh ``make_cache()`` (one pass, or ``prefill_chunk`` tokens at a time),
-    then the last prompt token and the answer tokens are decoded one at a time. A continuous companion of
-    :func:`passkey_accuracy` (closer to full attention's value = the streaming heads changed less)."""
+    """Mean log-probability (nats, float) of the passkey answer tokens under teacher forcing, in the reference's
+    needle protocol (:func:`greedy_answer`): each sample's whole first prompt goes into a fresh ``make_cache()``
+    (one pass, or ``prefill_chunk`` tokens at a time) and gives the first answer token's logits, then the answer
+    tokens but the last are decoded one at a time. A continuous companion of :func:`passkey_accuracy` (closer to
+    full attention's value = the streaming heads changed less)."""
     if not samples:
         raise ValueError("no samples")
     total, count = 0.0, 0
@@ -53,12 +59,12 @@ def answer_logprob(model, samples: list[PasskeySample], make_cache: Callable[[],
         prompt_len, answer = s.questions[0]
         ids = s.input_ids[None, :prompt_len + len(answer)].to(model.device)
         cache = make_cache()
-        context = ids[:, :prompt_len - 1]
-        chunked_prefill(model, context, cache, prefill_chunk or context.shape[1])
-        for i in range(prompt_len - 1, prompt_len - 1 + len(answer)):
-            logits = model(ids[:, i:i + 1], use_cache=True, **cache_kwargs(model, cache)).logits[0, -1]
-            total += logits.float().log_softmax(-1)[ids[0, i + 1]].item()
+        logits = chunked_prefill(model, ids[:, :prompt_len], cache, prefill_chunk or prompt_len)[0]
+        for i in range(prompt_len, prompt_len + len(answer)):
+            total += logits.float().log_softmax(-1)[ids[0, i]].item()
             count += 1
+            if i + 1 < prompt_len + len(answer):
+                logits = model(ids[:, i:i + 1], use_cache=True, **cache_kwargs(model, cache)).logits[0, -1]
     return total / count
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from quantduo.duo.attention import gated_attention, streaming_only_attention
 from quantduo.duo.compat import set_activation_checkpointing
 from quantduo.duo.deploy import register_attention
-from quantduo.duo.layout import attention_modules, duo_layers
+from quantduo.duo.layout import attention_modules, duo_layers, layer_window, mark_windows
 from quantduo.duo.patterns import DuoPattern
 from quantduo.utils import progress_bar
 
@@ -44,13 +44,15 @@ def gated_attention_forward(module, query, key, value, attention_mask=None, scal
     """transformers attention function "duo_gated" (two-way batch, no cache, no padding): query [2B, Hq, T, D],
     key/value [2B, Hkv, T, D], rows ``[:B]`` the teacher and ``[B:]`` the gated model (module docstring); uses
     ``module.duo_gate`` (absent on layers without DuoAttention: full attention for both halves) / ``duo_sink`` /
-    ``duo_recent`` and the layer's sliding window / soft-cap. Returns ([2B, T, Hq, D], None)."""
+    ``duo_recent``, the layer's soft-cap and its sliding window where :func:`~quantduo.duo.layout.layer_window`
+    keeps it. Returns ([2B, T, Hq, D], None)."""
     if attention_mask is not None:
         raise ValueError("identification takes batches without padding or custom attention masks")
     if query.shape[0] % 2:
         raise ValueError(f"identification runs a two-way batch (teacher + gated rows), got {query.shape[0]} rows")
     scaling = module.scaling if scaling is None else scaling
-    options = dict(chunk=module.duo_chunk, block=module.duo_block, window=sliding_window, softcap=softcap)
+    options = dict(chunk=module.duo_chunk, block=module.duo_block, window=layer_window(module, sliding_window),
+                   softcap=softcap)
     if not hasattr(module, "duo_gate"):  # full attention in both halves
         out = gated_attention(query, key, value, None, module.duo_sink, module.duo_recent, scaling, **options)
         return out.transpose(1, 2).contiguous(), None
@@ -83,10 +85,12 @@ def attn_implementation(model, name: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def gated_model(model, gates: torch.Tensor, sink: int, recent: int, chunk: int = 1024,
-                block: int | None = None) -> Iterator[None]:
+                block: int | None = None, respect_sliding_window: bool = False) -> Iterator[None]:
     """Within the context the model runs gated attention with ``gates`` [DuoAttention layers, H_kv] (clamped to
     [0, 1]; layers without DuoAttention run full attention);
-    ``block``: streaming mask in blocks of that many tokens (None: token level)."""
+    ``block``: streaming mask in blocks of that many tokens (None: token level); ``respect_sliding_window``: apply
+    the model's sliding window on DuoAttention layers (default: ignored, as the reference;
+    :mod:`quantduo.duo.layout`)."""
     mods, layers = attention_modules(model), duo_layers(model.config)
     if tuple(gates.shape) != (len(layers), model.config.num_key_value_heads):
         raise ValueError(f"gates shape {tuple(gates.shape)} != (DuoAttention layers, kv_heads) "
@@ -95,6 +99,7 @@ def gated_model(model, gates: torch.Tensor, sink: int, recent: int, chunk: int =
         mods[layer].duo_gate = _GateRef(gates, i)
     for m in mods:
         m.duo_sink, m.duo_recent, m.duo_chunk, m.duo_block = sink, recent, chunk, block
+    mark_windows(model, respect_sliding_window)
     try:
         with attn_implementation(model, "duo_gated"):
             yield
@@ -104,7 +109,7 @@ def gated_model(model, gates: torch.Tensor, sink: int, recent: int, chunk: int =
                 del m.duo_gate
             del m.duo_chunk, m.duo_block
             if not hasattr(m, "duo_n_full"):
-                del m.duo_sink, m.duo_recent
+                del m.duo_sink, m.duo_recent, m.duo_keep_window
 
 
 @dataclass
@@ -112,7 +117,8 @@ class IdentifyConfig:
     """Gate-training hyper-parameters (the reference's defaults: lr 0.02, reg 0.05, sink 128, recent 256, the
     block-sparse streaming mask). ``block``: 128 trains with the reference's block-sparse streaming mask (its
     default, the published patterns' setting), None with the token-level sink + recent window (its "sdpa"
-    option)."""
+    option). ``respect_sliding_window``: apply the model's sliding window on DuoAttention layers (the reference
+    ignores it, :mod:`quantduo.duo.layout`)."""
 
     steps: int = 2000
     lr: float = 0.02
@@ -122,6 +128,7 @@ class IdentifyConfig:
     chunk: int = 1024
     activation_checkpointing: bool = True
     block: int | None = 128
+    respect_sliding_window: bool = False
 
 
 def lr_factor(step: int, steps: int) -> float:
@@ -153,7 +160,9 @@ def distill_loss(model, gates: torch.Tensor, batch: Batch, cfg: IdentifyConfig) 
 
 def identify(model, batches: Callable[[int], Batch], cfg: IdentifyConfig, progress: bool = True) -> DuoPattern:
     """Train the gates of a frozen ``model``; ``batches(step)`` gives (input_ids, target_mask) on the
-    model's device. Returns the continuous gates as a DuoPattern (save it with save_pattern).
+    model's device. Returns the continuous gates as left by the last optimizer step, as the reference saves them
+    (possibly slightly outside [0, 1]; loading and binarizing clip them), as a DuoPattern (save it with
+    save_pattern).
 
     Ctrl-C propagates as KeyboardInterrupt before anything is returned (nothing half-written).
     """
@@ -175,7 +184,7 @@ def identify(model, batches: Callable[[int], Batch], cfg: IdentifyConfig, progre
         for step in bar:
             with torch.no_grad():
                 gates.clamp_(0.0, 1.0)
-            with gated_model(model, gates, cfg.sink, cfg.recent, cfg.chunk, cfg.block):
+            with gated_model(model, gates, cfg.sink, cfg.recent, cfg.chunk, cfg.block, cfg.respect_sliding_window):
                 loss = distill_loss(model, gates, batches(step), cfg)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss at step {step}")
@@ -190,8 +199,8 @@ def identify(model, batches: Callable[[int], Batch], cfg: IdentifyConfig, progre
         model.train(was_training)
     extra = {"lr": cfg.lr, "num_steps": cfg.steps, "reg_weight": cfg.reg_weight, "supervision": "distill",
              "streaming_attn_implementation": _mask_name(cfg.block)}
-    # the reference saves the gates as left by the last step; quantduo clips them as its loader would
-    return DuoPattern(gates.detach().float().clamp(0.0, 1.0).cpu().numpy(), cfg.sink, cfg.recent, extra)
+    # as the reference, the gates as left by the last optimizer step (unclamped: loading and binarize clip them)
+    return DuoPattern(gates.detach().float().cpu().numpy(), cfg.sink, cfg.recent, extra)
 
 
 def _mask_name(block: int | None) -> str:

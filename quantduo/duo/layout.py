@@ -4,8 +4,13 @@ layers DuoAttention applies to and the head split recorded on them by :func:`qua
 Layers: a model that mixes global and sliding-window layers (``config.layer_types``: Gemma 2 / 3, Qwen2 with
 ``use_sliding_window``) gets DuoAttention on its global ("full_attention") layers only; its sliding-window layers
 keep every head full (within their window). A model whose every layer has the same window (Mistral) gets it on
-every layer, the model's window bounding the retrieval and the streaming heads alike. Patterns have one row per
-DuoAttention layer (:func:`duo_layers`).
+every layer. Patterns have one row per DuoAttention layer (:func:`duo_layers`).
+
+Sliding windows: the reference implementation (its Llama / Mistral patches call flash attention causal, without a
+window, in identification and deployment; a missing ``sliding_window`` is set to ``max_position_embeddings``)
+never applies the model's sliding window, so DuoAttention layers ignore it by default, in identification and
+deployment (:func:`keeps_window`); ``respect_sliding_window=True`` applies it to every head of those layers
+instead (retrieval and streaming heads alike). Layers without DuoAttention always keep their window.
 """
 from __future__ import annotations
 
@@ -53,3 +58,23 @@ def duo_layout(model) -> tuple[list[int], int, int, int]:
     if not all(hasattr(m, "duo_n_full") for m in mods):
         raise ValueError("call apply_duo(model, ...) before building a DuoCache")
     return [m.duo_n_full for m in mods], model.config.num_key_value_heads, mods[0].duo_sink, mods[0].duo_recent
+
+
+def keeps_window(config, respect_sliding_window: bool = False) -> list[bool]:
+    """Per layer: whether the DuoAttention attention functions apply the sliding window transformers hands them
+    (module docstring): layers without DuoAttention always, DuoAttention layers only with
+    ``respect_sliding_window``."""
+    layers = set(duo_layers(config))
+    return [respect_sliding_window or i not in layers for i in range(config.num_hidden_layers)]
+
+
+def mark_windows(model, respect_sliding_window: bool = False) -> None:
+    """Record :func:`keeps_window` on every attention module (``duo_keep_window``, read by :func:`layer_window`)."""
+    for attn, keep in zip(attention_modules(model), keeps_window(model.config, respect_sliding_window)):
+        attn.duo_keep_window = keep
+
+
+def layer_window(module, sliding_window: int | None) -> int | None:
+    """The sliding window a DuoAttention attention function applies on ``module``'s layer: ``sliding_window`` (the
+    layer's, as transformers passes it) where :func:`mark_windows` kept it, else None."""
+    return sliding_window if module.duo_keep_window else None

@@ -18,7 +18,7 @@ import torch
 from quantduo.duo.attention import gated_attention, streaming_attention
 from quantduo.duo.deploy import register_attention
 from quantduo.duo.identify import Batch, attn_implementation
-from quantduo.duo.layout import attention_modules, duo_layers
+from quantduo.duo.layout import attention_modules, duo_layers, layer_window, mark_windows
 from quantduo.duo.patterns import DuoPattern
 
 
@@ -38,10 +38,12 @@ def scoring_attention_forward(module, query, key, value, attention_mask=None, sc
                               sliding_window=None, softcap=None, **kwargs):
     """transformers attention function "duo_score" (no cache, no padding): returns full causal attention
     [B, T, Hq, D] and, on DuoAttention layers, adds the per-KV-head streaming deltas of this batch to
-    ``module.duo_scores`` [Hkv]."""
+    ``module.duo_scores`` [Hkv]. The layer's sliding window applies where :func:`~quantduo.duo.layout.layer_window`
+    keeps it."""
     if attention_mask is not None:
         raise ValueError("head scoring takes batches without padding or custom attention masks")
     scaling = module.scaling if scaling is None else scaling
+    sliding_window = layer_window(module, sliding_window)
     args = (module.duo_sink, module.duo_recent, scaling, module.duo_chunk, False, module.duo_block, sliding_window,
             softcap)
     full = gated_attention(query, key, value, None, *args)
@@ -58,14 +60,16 @@ register_attention("duo_score", scoring_attention_forward)
 
 @torch.no_grad()
 def score_heads(model, batches: Iterable[Batch], sink: int, recent: int, chunk: int = 1024,
-                block: int | None = None) -> DuoPattern:
+                block: int | None = None, respect_sliding_window: bool = False) -> DuoPattern:
     """Training-free gates [DuoAttention layers, kv_heads] in [0, 1] from (input_ids [B, T], target_mask [B, T] bool) batches
-    on the model's device (module docstring)."""
+    on the model's device (module docstring); ``respect_sliding_window``: apply the model's sliding window on
+    DuoAttention layers (default: ignored, as the reference; :mod:`quantduo.duo.layout`)."""
     mods, layers = attention_modules(model), duo_layers(model.config)
     for i in layers:
         mods[i].duo_scores = torch.zeros(model.config.num_key_value_heads, device=model.device)
     for m in mods:
         m.duo_sink, m.duo_recent, m.duo_chunk, m.duo_block = sink, recent, chunk, block
+    mark_windows(model, respect_sliding_window)
     try:
         with attn_implementation(model, "duo_score"):
             for ids, target in batches:
@@ -79,7 +83,7 @@ def score_heads(model, batches: Iterable[Batch], sink: int, recent: int, chunk: 
                 if hasattr(m, name):
                     delattr(m, name)
             if not hasattr(m, "duo_n_full"):
-                del m.duo_sink, m.duo_recent
+                del m.duo_sink, m.duo_recent, m.duo_keep_window
     return DuoPattern(scores / max(scores.max(), 1e-30), sink, recent,
                       {"identification": "streaming-delta score", "streaming_attn_implementation":
                        "sdpa" if block is None else f"blocksparse{block}"})

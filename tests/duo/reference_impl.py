@@ -5,8 +5,10 @@ the documented rules only (shared/notes/duo-upstream-semantics.md), independent 
 * retrieval head: query p sees every key kp <= p;
 * streaming head: query p sees kp <= p with s == 0 (first chunk dense), or kp < sink, or kp >= s - recent;
 * the per-token window option: a streaming query p sees kp <= p with kp < sink or p - kp < recent, in every chunk;
-* a layer with a sliding window W (transformers' rule) shows only p - kp < W to every head; a soft-capped layer
-  (Gemma 2) soft-caps the scores first.
+* a layer with a sliding window W (transformers' rule) shows only p - kp < W to every head, where that layer is
+  told to apply it (the reference itself never applies a model's sliding window on its DuoAttention layers:
+  its patches call flash attention causal without a window); a soft-capped layer (Gemma 2) soft-caps the scores
+  first.
 
 The model keeps its original head order; the streaming heads are given by a bool mask [layers, kv_heads]. The
 chunks go through a transformers DynamicCache, so keys of every past token are at hand and the rule is a mask.
@@ -37,8 +39,9 @@ def _reference_attention(module, query, key, value, attention_mask=None, scaling
     scores = (query.double() @ k.transpose(-1, -2)) * (module.scaling if scaling is None else scaling)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
+    window = sliding_window if module.ref_windowed else None
     mask = torch.tensor([[[visible(s + i, j, s, bool(module.ref_streaming[h // rep]), module.ref_sink,
-                                   module.ref_recent, sliding_window, module.ref_per_token) for j in range(tk)] for i in range(tq)]
+                                   module.ref_recent, window, module.ref_per_token) for j in range(tk)] for i in range(tq)]
                          for h in range(query.shape[1])])
     probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
     return (probs @ v).to(query.dtype).transpose(1, 2).contiguous(), None
@@ -50,14 +53,16 @@ AttentionMaskInterface.register("duo_reference_test", lambda *a, **k: None)
 
 @torch.no_grad()
 def reference_logits(model, retrieval, sink: int, recent: int, ids: torch.Tensor, chunks: list[int],
-                     per_token: bool = False) -> torch.Tensor:
+                     per_token: bool = False, windowed: list[bool] | None = None) -> torch.Tensor:
     """Logits [B, T, vocab] of ``model`` (original head order; retrieval bool [L, H_kv], every layer) on ``ids``
     [B, T] fed as consecutive chunks of the given sizes (sum = T; size-1 chunks are decode steps). The cache holds
-    every token of every layer (no sliding-window cache layers)."""
+    every token of every layer (no sliding-window cache layers). ``windowed``: per layer, whether it applies its
+    sliding window (None: every layer, transformers' rule)."""
     assert sum(chunks) == ids.shape[1]
-    for attn, row in zip((layer.self_attn for layer in model.model.layers), retrieval):
+    windowed = [True] * len(retrieval) if windowed is None else windowed
+    for attn, row, win in zip((layer.self_attn for layer in model.model.layers), retrieval, windowed):
         attn.ref_streaming, attn.ref_sink, attn.ref_recent = [not r for r in row], sink, recent
-        attn.ref_per_token = per_token
+        attn.ref_per_token, attn.ref_windowed = per_token, win
     old = model.config._attn_implementation
     model.config._attn_implementation = "duo_reference_test"
     try:

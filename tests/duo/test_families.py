@@ -1,8 +1,9 @@
 """Model families through transformers' own classes (tiny configs): Llama 2 / 3 / 3.1 (rope scaling llama3,
-linear, dynamic), Mistral (sliding window honoured), Qwen2 / 2.5 (mixed sliding layers) / Qwen3, Gemma 2 (soft-capping)
-/ Gemma 3 (DuoAttention on global layers only), Phi-3 (fused qkv_proj). Each: every head full == plain
-transformers (logits past the window, generate()); 50% streaming == the reference re-statement; identification
-(gate training, score_heads) -> pattern -> generate()."""
+linear, dynamic), Mistral (sliding window ignored, as the reference; applied with respect_sliding_window), Qwen2 /
+2.5 (mixed sliding layers) / Qwen3, Gemma 2 (soft-capping) / Gemma 3 (DuoAttention on global layers only), Phi-3
+(fused qkv_proj). Each: every head full == plain transformers without a window on DuoAttention layers (logits past
+the window, generate()); 50% streaming == the reference re-statement; identification (gate training, score_heads)
+-> pattern -> generate()."""
 import copy
 
 import numpy as np
@@ -67,6 +68,25 @@ def family_model(name: str, seed: int = 0):
     return model
 
 
+def without_window(model):
+    """A copy of ``model`` whose config has no sliding window (the same weights): what the reference computes for a
+    model whose every layer has the window (Mistral), since it never applies it."""
+    plain = copy.deepcopy(model)
+    plain.config.sliding_window = None
+    return plain
+
+
+def upstream_plain(name: str, model):
+    """The plain transformers model that DuoAttention with every head full equals under the reference's rule: no
+    sliding window on DuoAttention layers (Mistral: every layer; mixed models keep it on their sliding layers)."""
+    return without_window(model) if name == "mistral" else model
+
+
+def windowed_layers(name: str) -> list[bool]:
+    """Per layer, whether the reference rule applies its sliding window: only on layers without DuoAttention."""
+    return [i not in EXPECTED_DUO_LAYERS.get(name, range(4)) for i in range(4)]
+
+
 def half_mask(model, seed: int = 1) -> np.ndarray:
     n = len(duo_layers(model.config))
     mask = np.random.default_rng(seed).permutation(np.arange(n * 4) % 2 == 0).reshape(n, 4)
@@ -96,6 +116,7 @@ def test_all_full_equals_plain_transformers(name):
     model = family_model(name)
     assert duo_layers(model.config) == EXPECTED_DUO_LAYERS.get(name, [0, 1, 2, 3])
     duo = apply_duo(copy.deepcopy(model), np.ones((len(duo_layers(model.config)), 4), bool), SINK, RECENT)
+    model = upstream_plain(name, model)
     ids = torch.randint(3, 64, (2, sum(CHUNKS)), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = model(ids).logits
@@ -114,7 +135,7 @@ def test_half_streaming_equals_reference(name):
     model = family_model(name, seed=3)
     mask = half_mask(model)
     ids = torch.randint(3, 64, (1, sum(CHUNKS)), generator=torch.Generator().manual_seed(4))
-    ref = reference_logits(model, every_layer(model, mask), SINK, RECENT, ids, CHUNKS)
+    ref = reference_logits(model, every_layer(model, mask), SINK, RECENT, ids, CHUNKS, windowed=windowed_layers(name))
     duo = apply_duo(copy.deepcopy(model), mask, SINK, RECENT)
     torch.testing.assert_close(run_chunks(duo, ids, CHUNKS), ref, atol=2e-4, rtol=1e-4)
     with torch.no_grad():
@@ -143,11 +164,49 @@ def test_identification_then_generate(name):
     expect = prompt
     for i in range(5):
         logits = reference_logits(model, every_layer(model, scored.binarize(0.5)), SINK, RECENT, expect,
-                                  [30] + [1] * i)
+                                  [30] + [1] * i, windowed=windowed_layers(name))
         eos = duo.generation_config.eos_token_id
         logits[..., [] if eos is None else np.atleast_1d(eos).tolist()] = float("-inf")  # min_new_tokens
         expect = torch.cat([expect, logits[:, -1:].argmax(-1)], 1)
     assert out.tolist() == expect.tolist()
+
+
+def test_mistral_sliding_window_is_ignored_as_the_reference():
+    """DuoAttention on a Mistral model with a window of 16 computes what it computes on the same weights without a
+    window (the reference never applies it), in deployment and identification, over 50 tokens; the window does
+    matter there (respect_sliding_window, the former rule, differs)."""
+    model = family_model("mistral", seed=3)
+    plain = without_window(model)
+    mask = half_mask(model)
+    ids = torch.randint(3, 64, (1, sum(CHUNKS)), generator=torch.Generator().manual_seed(4))
+    want = run_chunks(apply_duo(copy.deepcopy(plain), mask, SINK, RECENT), ids, CHUNKS)
+    torch.testing.assert_close(run_chunks(apply_duo(copy.deepcopy(model), mask, SINK, RECENT), ids, CHUNKS), want,
+                               atol=1e-5, rtol=1e-5)
+    windowed = run_chunks(apply_duo(copy.deepcopy(model), mask, SINK, RECENT, respect_sliding_window=True), ids, CHUNKS)
+    assert (windowed - want).abs().max() > 1e-3
+    target = torch.zeros_like(ids, dtype=torch.bool)
+    target[:, -6:] = True
+    cfg = IdentifyConfig(steps=2, sink=SINK, recent=RECENT, chunk=16, block=None)
+    gates = [identify(m, lambda step: (ids, target), cfg, progress=False).gates for m in (model, plain)]
+    np.testing.assert_allclose(gates[0], gates[1], atol=1e-6)
+    scores = [score_heads(m, [(ids, target)], SINK, RECENT).gates for m in (model, plain)]
+    np.testing.assert_allclose(scores[0], scores[1], atol=1e-5)
+    respected = score_heads(model, [(ids, target)], SINK, RECENT, respect_sliding_window=True).gates
+    assert np.abs(respected - scores[1]).max() > 1e-3
+
+
+def test_respect_sliding_window_applies_it_to_every_head():
+    """respect_sliding_window=True: every head full == plain transformers with Mistral's window; 50% streaming ==
+    the reference re-statement applying the window on every layer."""
+    model = family_model("mistral", seed=3)
+    ids = torch.randint(3, 64, (1, sum(CHUNKS)), generator=torch.Generator().manual_seed(4))
+    full = apply_duo(copy.deepcopy(model), np.ones((4, 4), bool), SINK, RECENT, respect_sliding_window=True)
+    want = run_chunks(model, ids, CHUNKS, DynamicCache(config=model.config))
+    torch.testing.assert_close(run_chunks(full, ids, CHUNKS), want, atol=1e-4, rtol=1e-4)
+    mask = half_mask(model)
+    ref = reference_logits(model, mask, SINK, RECENT, ids, CHUNKS)
+    duo = apply_duo(copy.deepcopy(model), mask, SINK, RECENT, respect_sliding_window=True)
+    torch.testing.assert_close(run_chunks(duo, ids, CHUNKS), ref, atol=2e-4, rtol=1e-4)
 
 
 def test_sliding_window_caches_and_unsupported_architectures_are_refused():

@@ -11,6 +11,7 @@ here from the documented rules, independent of quantduo.duo's code:
 """
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import AttentionMaskInterface
 
 from quantduo.duo.identify import IdentifyConfig, distill_loss, gated_model, identify, lr_factor
+from quantduo.duo.patterns import load_pattern, save_pattern
 
 SINK, RECENT = 2, 4
 
@@ -108,3 +110,25 @@ def test_identify_defaults_and_gates_in_the_model_dtype():
     assert (g < 1).any()  # the gates moved
     torch.testing.assert_close(g, g.to(torch.bfloat16).double(), rtol=0, atol=0)
     assert pattern.extra["streaming_attn_implementation"] == "sdpa"
+
+
+def test_identify_returns_the_gates_of_the_last_step_unclamped(tmp_path):
+    """The reference clamps the gates to [0, 1] before each step and saves them as the last step left them: one
+    AdamW step of lr 2 from gates 1 moves each gate by 2 (Adam's first step is lr * sign(gradient); the L1 term
+    makes the gradient positive where the distillation term vanishes), so the saved gates are 1 - 2 = -1 or 3, and
+    loading clips them to [0, 1] as the reference's loader."""
+    model = _tiny_llama()
+    ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(3))
+    target = torch.zeros(1, 20, dtype=torch.bool)
+    target[:, 12:] = True
+    pattern = identify(model, lambda step: (ids, target),
+                       IdentifyConfig(steps=1, sink=SINK, recent=RECENT, block=None, lr=2.0), progress=False)
+    g = pattern.gates
+    assert (np.minimum(np.abs(g + 1), np.abs(g - 3)) < 1e-4).all() and (g < 0).any()  # (Adam's eps: 1 - 2 * 0.999995)
+    save_pattern(pattern, tmp_path / "p")
+    np.testing.assert_array_equal(np.loadtxt(tmp_path / "p" / "full_attention_heads.tsv", delimiter="\t"),
+                                  pattern.gates)
+    loaded = load_pattern(tmp_path / "p")
+    np.testing.assert_array_equal(loaded.gates, np.clip(pattern.gates, 0, 1))
+    for sparsity in (0.25, 0.5, 0.75):
+        np.testing.assert_array_equal(loaded.binarize(sparsity), pattern.binarize(sparsity))

@@ -14,7 +14,7 @@ from quantduo.kernels.decode_attention import decode_attention
 from quantduo.duo.layout import duo_layers
 from quantduo.duo.compat import cache_kwargs
 from tests.duo.test_deploy import RECENT, SINK, tiny_model
-from tests.duo.test_families import family_model
+from tests.duo.test_families import family_model, without_window
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -138,13 +138,15 @@ def test_chunked_prefill_helper_with_padding(half_model):
     torch.testing.assert_close(last, want, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral-window", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "mistral-window", "gemma2"])
 def test_all_full_padded_equals_plain_transformers(arch):
-    """Left padding with every head full, also past a sliding window of 16 (Mistral) and with soft-capping and
-    sliding layers (Gemma 2)."""
+    """Left padding with every head full, also past a sliding window of 16 (Mistral: ignored, as the reference, or
+    applied with respect_sliding_window) and with soft-capping and sliding layers (Gemma 2)."""
     model = tiny_model(arch, seed=22) if arch in ("llama", "qwen2") else family_model(arch.split("-")[0], seed=22)
     layers = len(duo_layers(model.config))
-    duo = apply_duo(copy.deepcopy(model), np.ones((layers, 4), bool), SINK, RECENT)
+    respect = arch == "mistral-window"
+    duo = apply_duo(copy.deepcopy(model), np.ones((layers, 4), bool), SINK, RECENT, respect_sliding_window=respect)
+    model = without_window(model) if arch == "mistral" else model
     ids, mask, pos = padded_batch(4)
     with torch.no_grad():
         want = model(ids, attention_mask=mask, position_ids=pos).logits

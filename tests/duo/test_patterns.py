@@ -136,3 +136,67 @@ def test_passkey_sample_layout():
     with pytest.raises(ValueError, match="too short"):
         make_sample(hay, encode, 30, 3, np.random.default_rng(1))
     assert torch.is_tensor(s.input_ids)
+
+
+def _write(folder: Path, tsv: str, config: str) -> Path:
+    folder.mkdir(exist_ok=True)
+    (folder / "full_attention_heads.tsv").write_text(tsv)
+    (folder / "config.json").write_text(config)
+    return folder
+
+
+@pytest.mark.parametrize("config", ['{"sink_size": 64}', '{"recent_size": 256}', '{}'])
+def test_missing_window_sizes_raise_a_key_error_as_the_reference(tmp_path, config):
+    """The reference reads ``config["sink_size"]`` / ``config["recent_size"]``: a KeyError; quantduo's error is also
+    a ValueError (a malformed pattern) and names the file and the keys."""
+    folder = _write(tmp_path / "p", "0.5\t0.2\n", config)
+    with pytest.raises(KeyError) as err:
+        load_pattern(folder)
+    assert isinstance(err.value, ValueError)
+    assert str(err.value) == f"{folder / 'config.json'} lacks sink_size / recent_size"
+
+
+def test_comment_lines_are_skipped_as_by_loadtxt(tmp_path):
+    """The reference reads the TSV with ``np.loadtxt(delimiter="\\t")``: '#' lines (and blank lines) are skipped."""
+    folder = _write(tmp_path / "p", "# gates of layer 0 and 1\n0.5\t0.25\n\n# layer 1\n0.125\t0.75\n",
+                    '{"sink_size": 64, "recent_size": 256}')
+    np.testing.assert_array_equal(load_pattern(folder).gates, [[0.5, 0.25], [0.125, 0.75]])
+
+
+@pytest.mark.parametrize("tsv, shape", [("0.5\t0.2\t0.3\n", (1, 3)), ("0.5\n0.2\n", (2, 1))])
+def test_one_row_or_one_column_stays_two_dimensional(tmp_path, tsv, shape):
+    folder = _write(tmp_path / "p", tsv, '{"sink_size": 64, "recent_size": 256}')
+    assert load_pattern(folder).shape == shape
+
+
+@pytest.mark.parametrize("sizes, want", [("64, 256", (64, 256)), ("64.0, 256.0", (64, 256)), ("64, 256.5", None),
+                                         ("64.5, 256", None), ('"64", 256', None), ("true, 256", None)])
+def test_window_sizes_must_be_whole_numbers(tmp_path, sizes, want):
+    """A window is a whole number of tokens: 64.0 reads as 64; 256.5, strings or booleans are errors (not
+    truncated)."""
+    sink, recent = sizes.split(", ")
+    folder = _write(tmp_path / "p", "0.5\t0.2\n", f'{{"sink_size": {sink}, "recent_size": {recent}}}')
+    if want is None:
+        with pytest.raises(ValueError, match="whole number"):
+            load_pattern(folder)
+    else:
+        p = load_pattern(folder)
+        assert (p.sink_size, p.recent_size) == want and all(type(x) is int for x in want)
+
+
+def test_unclamped_gates_are_saved_as_they_are_and_load_clipped(tmp_path):
+    """Gates as trained (outside [0, 1]) are written unchanged, as the reference saves them; loading clips them
+    (the reference's ``load_attn_pattern``) and the binarization is the reference's rule on the clipped gates,
+    the same for the in-memory and the loaded pattern."""
+    raw = np.array([[-1.388549804687500000e-03, 1.003906250000000000e+00, 0.5], [0.25, -0.5, 1.5]])
+    save_pattern(DuoPattern(raw, 4, 32), tmp_path / "p")
+    np.testing.assert_array_equal(np.loadtxt(tmp_path / "p" / "full_attention_heads.tsv", delimiter="\t"), raw)
+    loaded = load_pattern(tmp_path / "p")
+    clipped = np.array([[0.0, 1.0, 0.5], [0.25, 0.0, 1.0]])
+    np.testing.assert_array_equal(loaded.gates, clipped)
+    for sparsity in (0.0, 1 / 3, 0.5, 2 / 3, 1.0):
+        np.random.seed(42)
+        noisy = clipped + np.random.uniform(0, 1e-6, clipped.shape)
+        want = noisy >= (np.quantile(noisy, sparsity) if 0 < sparsity < 1 else (2 if sparsity >= 1 else -1))
+        np.testing.assert_array_equal(loaded.binarize(sparsity), want)
+        np.testing.assert_array_equal(DuoPattern(raw, 4, 32).binarize(sparsity), want)

@@ -48,7 +48,7 @@ def _seen_keys(static: bool, kv_source: str, window: str = "chunk") -> dict[int,
     over the visible keys) and one-hot values (value of position j = e_j): the support of each output row is the
     set of keys that query saw. Returns {position: (retrieval keys, streaming keys)}."""
     d = 16
-    module = SimpleNamespace(duo_n_full=1, duo_sink=SINK, duo_recent=RECENT, duo_window=window,
+    module = SimpleNamespace(duo_n_full=1, duo_sink=SINK, duo_recent=RECENT, duo_window=window, duo_keep_window=False,
                              num_key_value_groups=1, scaling=1.0)
     layer = DuoLayer(1, 1, SINK, RECENT, max_cache_len=16 if static else None, static=static)
     keys = torch.zeros(1, 2, 12, d)
