@@ -84,7 +84,8 @@ def measure(M: int, N: int, K: int) -> dict:
 
 def line(r: dict) -> list[str]:
     best = min(r[f"{name}{tile}_us"] for name in VARIANTS for tile in (64, 128))
-    return [f"{r['promoted128_us']:.1f} / {r['promoted64_us']:.1f}", f"{r['folded128_us']:.1f} / {r['folded64_us']:.1f}",
+    return [f"{r['promoted128_us']:.1f} / {r['promoted64_us']:.1f}",
+            f"{r['folded128_us']:.1f} / {r['folded64_us']:.1f}",
             f"{r['cublas_fast_us']:.1f}", f"{best / r['cublas_fast_us']:.3f}", f"{r['expansion_cublas_us']:.1f}",
             f"{best / r['expansion_cublas_us']:.3f}", f"{r['bf16_us']:.1f}",
             f"{r['promoted_rel_err']:.1e} / {r['folded_rel_err']:.1e}"]

@@ -29,7 +29,8 @@ a bf16 ``wgmma`` from shared memory and the bias, and stores bf16. Why a DSL: Tr
 docs/kernel-notes.md rounds 14-18 that decoded in the consumer without them stayed at 0.1-0.6x of bf16.
 Requirements: ``N % 128 == 0``, ``K % 128 == 0`` (groups taken in pairs), ``R % 16 == 0``; any ``T``.
 
-References: :func:`quantduo.formats.reference.w4a8_group_gemm_ref`, :func:`~quantduo.formats.reference.w4a8_folded_gemm_ref`.
+References: :func:`quantduo.formats.reference.w4a8_group_gemm_ref` and
+:func:`~quantduo.formats.reference.w4a8_folded_gemm_ref`.
 """
 from __future__ import annotations
 
