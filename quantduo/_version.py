@@ -1,2 +1,2 @@
 """The package version (one place)."""
-__version__ = "0.3.1"
+__version__ = "0.3.2"
