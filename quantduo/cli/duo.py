@@ -2,12 +2,14 @@
 prompt with DuoAttention.
 
 Every argument is checked before the model is loaded: the model folder's ``config.json`` gives the defaults and
-limits (contexts from ``max_position_embeddings``, sink / recent sizes scaled to it), the haystack and prompts are
+limits (contexts from ``max_position_embeddings``, sink / recent sizes scaled to it, or the reference's
+scripts/train.sh values with ``--data reference``), the haystack and prompts are
 tokenized with the model's tokenizer, the pattern must match the model's layers x KV heads."""
 from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +42,14 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interacti
 SPARSITIES = (0.25, 0.5, 0.75)
 MAX_PASSKEYS = len(PasskeyFormat().names)
 PASSKEYS = 4  # --passkeys of quantduo's samples
-# the reference's training run (duo_attn/train.py with its utils.py defaults): its samples' needle depths and passkeys
-REFERENCE_TRAINING = dict(min_depth=0.0, max_depth=1.0, depth_intervals=10, num_passkeys=10)
+# the reference's training run, mit-han-lab/duo-attention scripts/train.sh (duo_attn/train.py; the published patterns'
+# config.json hold the same values): --min_needle_depth_ratio 0.05 --max_needle_depth_ratio 0.95
+# --depth_ratio_num_intervals 1000 --context_lengths_num_intervals 50 (torch.linspace points, duo_attn/data.py),
+# --num_passkey 10 (the published runs' value of its 6th argument; utils.py's --num_passkeys default too)
+REFERENCE_TRAINING = dict(min_depth=0.05, max_depth=0.95, depth_intervals=1000, context_intervals=50, num_passkeys=10)
+# its streaming window: --sink_size 128 --recent_size 256, and utils.py's default --streaming_attn_implementation
+# "blocksparse" (duo_attn/patch/llama.py: sink and recent in blocks of 128 tokens)
+REFERENCE_WINDOW = dict(sink=128, recent=256, block=128)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
@@ -112,13 +120,44 @@ def _context_defaults(args, config: dict) -> None:
 
 
 def _window_defaults(args, config: dict) -> None:
-    """--sink / --recent default to the reference's 128 / 256 tokens scaled to the model's positions (1/256 and 1/32
-    of max_position_embeddings, at most 128 / 256): 4 / 32 on the tiny LM."""
-    max_pos = config["max_position_embeddings"]
-    if args.sink is None:
-        args.sink = min(128, max_pos // 256)
-    if args.recent is None:
-        args.recent = max(1, min(256, max_pos // 32))
+    """--sink / --recent (and --block) defaults, given values kept.
+
+    ``--data reference`` (``args.data``): the reference's scripts/train.sh, sink 128, recent 256 and the 128-token
+    block-sparse mask (:data:`REFERENCE_WINDOW`), when --context-max (after :func:`_context_defaults`) is longer
+    than that 384-token window. A shorter one, which that window would cover, falls back to sizes scaled to it (1/128
+    and 1/16 of --context-max: the ``--data quantduo`` proportions) and :func:`_streaming_block`'s mask, with a
+    one-line note on stderr.
+
+    ``--data quantduo``: the reference's 128 / 256 tokens scaled to the model's positions (1/256 and 1/32 of
+    max_position_embeddings, at most 128 / 256; 4 / 32 on the tiny LM), the mask by :func:`_streaming_block`."""
+    if getattr(args, "data", None) != "reference":
+        args.sink, args.recent = _scaled_window(args, config["max_position_embeddings"])
+        return
+    if args.context_max > REFERENCE_WINDOW["sink"] + REFERENCE_WINDOW["recent"]:
+        args.sink = REFERENCE_WINDOW["sink"] if args.sink is None else args.sink
+        args.recent = REFERENCE_WINDOW["recent"] if args.recent is None else args.recent
+        if getattr(args, "block", 0) is None:
+            args.block = REFERENCE_WINDOW["block"]
+        return
+    sink, recent = _scaled_window(args, 2 * args.context_max)
+    block_default = getattr(args, "block", 0) is None and getattr(args, "method", "gates") == "gates"
+    if args.sink is None or args.recent is None or block_default:
+        mask = f", a {_mask_words(_streaming_block(None, recent))} streaming mask" if block_default else ""
+        print(f"note: --context-max {args.context_max} is not longer than scripts/train.sh's sink "
+              f"{REFERENCE_WINDOW['sink']} + recent {REFERENCE_WINDOW['recent']} tokens (--data reference): "
+              f"sizes scaled to it instead (sink {sink}, recent {recent}{mask})", file=sys.stderr)
+    args.sink, args.recent = sink, recent
+
+
+def _scaled_window(args, positions: int) -> tuple[int, int]:
+    """(--sink, --recent), where not given 1/256 and 1/32 of ``positions`` (at most 128 / 256, recent at least 1)."""
+    sink = min(128, positions // 256) if args.sink is None else args.sink
+    recent = max(1, min(256, positions // 32)) if args.recent is None else args.recent
+    return sink, recent
+
+
+def _mask_words(block: int | None) -> str:
+    return "token-level" if block is None else f"{block}-token block-sparse"
 
 
 def _check_samples(args, hay: list[int], encode, lengths: tuple[int, ...], min_distance: int) -> None:
@@ -221,8 +260,15 @@ def _identify(args) -> int:
         pattern = identify(model, batches, cfg, progress=show_progress())
     pattern.extra.update(model_name=Path(args.model).name, context_length_min=args.context_min,
                          context_length_max=args.context_max, num_passkeys=args.passkeys, seed=args.seed)
+    if args.data == "reference":  # the reference's config.json names
+        pattern.extra.update(dataset_format="multiple_passkey",
+                             min_needle_depth_ratio=REFERENCE_TRAINING["min_depth"],
+                             max_needle_depth_ratio=REFERENCE_TRAINING["max_depth"],
+                             depth_ratio_num_intervals=REFERENCE_TRAINING["depth_intervals"],
+                             context_lengths_num_intervals=REFERENCE_TRAINING["context_intervals"])
     save_pattern(pattern, out, made_by={"command": args.command_line})
-    print(f"pattern written to {out}\n{np.round(pattern.gates, 2)}")
+    print(f"pattern written to {out} (gates as trained; shown clipped to [0, 1])\n"
+          f"{np.round(pattern.gates.clip(0, 1), 2) + 0.0}")
     return 0
 
 
@@ -402,19 +448,28 @@ def register(subparsers) -> None:
                        help="quantduo: short passkey sentences, questions in random order, every passkey beyond the "
                             "streaming window, contexts of --context-min..--context-max tokens; reference: the "
                             "reference's samples (NATO-word passkeys of 32 words, its prompts, questions in insertion "
-                            "order, 20 haystack lengths from --context-min to --context-max, needles at 10 depths from 0 "
-                            "to 1, 10 passkeys by default: its training run's defaults)")
+                            "order) with its training script's (scripts/train.sh) settings: 50 haystack lengths from "
+                            "--context-min to --context-max, needles at depths drawn from 1000 evenly spaced values "
+                            "in 0.05..0.95, 10 passkeys, and by default sink 128, recent 256 and the 128-token "
+                            "block-sparse streaming mask; a --context-max of at most 384 tokens, which that window "
+                            "would cover, falls back to --sink / --recent of 1/128 and 1/16 of it and --block's "
+                            "quantduo default, with a note)")
     ident.add_argument("--steps", type=int_in(1), default=2000, help="gate-training steps (--method gates)")
     ident.add_argument("--lr", type=float_in(0.0, lo_open=True), default=0.02)
     ident.add_argument("--reg", type=float_in(0.0), default=0.05, help="L1 weight on the gates")
-    ident.add_argument("--sink", type=int_in(0), help="default: max_position_embeddings / 256, at most 128")
-    ident.add_argument("--recent", type=int_in(1), help="default: max_position_embeddings / 32, at most 256")
+    ident.add_argument("--sink", type=int_in(0), help="default: 128 with --data reference (scripts/train.sh; "
+                                                      "--context-max / 128 where it is at most 384), else "
+                                                      "max_position_embeddings / 256, at most 128")
+    ident.add_argument("--recent", type=int_in(1), help="default: 256 with --data reference (scripts/train.sh; "
+                                                        "--context-max / 16 where it is at most 384), else "
+                                                        "max_position_embeddings / 32, at most 256")
     ident.add_argument("--chunk", type=int_in(1), default=1024, help="query chunk of the gated attention")
     ident.add_argument("--block", type=int_in(0), default=None,
                        help="streaming mask of --method gates in blocks of this many tokens (128: the reference's "
                             "default block-sparse mask, which trained the published patterns); 0: token-level sink + "
-                            "recent window (the reference's sdpa option); default 128 when --recent is at least 128, "
-                            "else 0")
+                            "recent window (the reference's sdpa option); default 128 with --data reference "
+                            "(scripts/train.sh) and a --context-max above 384, else 128 when --recent is at least "
+                            "128, else 0")
     ident.set_defaults(func=_identify)
     ev = sub.add_parser("eval", help="passkey accuracy vs sparsity: full, DuoAttention, streaming-only (+ PNG)")
     _common(ev)

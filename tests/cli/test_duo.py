@@ -1,18 +1,20 @@
 """``quantduo duo identify`` / ``duo eval`` on the tiny LM, and interrupt safety of identification."""
 import argparse
+import json
+import re
+import types
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from quantduo.cli import CliError, main
+from quantduo.cli import CliError, build_parser, main
 from quantduo.cli import duo as commands
 from quantduo.duo import demo
-from quantduo.duo.data import (ReferencePasskeyTask, make_bos_sample, make_sample, reference_context_lengths,
-                               reference_haystack)
+from quantduo.duo.data import ReferencePasskeyTask, make_bos_sample, make_sample, reference_haystack
 from quantduo.duo.identify import IdentifyConfig, identify
-from quantduo.duo.patterns import load_pattern
+from quantduo.duo.patterns import DuoPattern, load_pattern
 from quantduo.duo.score import score_heads
 from quantduo.models import tiny_lm
 
@@ -139,9 +141,9 @@ def test_interrupted_identification_returns_nothing():
 
 
 def test_identify_reference_data_cycles_the_reference_lengths():
-    """--data reference: every pass of 20 steps uses each of the reference's 20 haystack lengths once (its shuffled
-    loader), in a new order each pass, from the reference's haystack: the lengths above the constructor's cut (here
-    ~1465 of the 2400 tokens kept) hold the cut haystack."""
+    """--data reference: every pass of 50 steps uses each of the reference's 50 haystack lengths (scripts/train.sh's
+    --context_lengths_num_intervals 50) once (its shuffled loader), in a new order each pass, from the reference's
+    haystack: the lengths above the constructor's cut (here ~1465 of the 2400 tokens kept) hold the cut haystack."""
     codec = commands.TextCodec(lambda text: [ord(c) for c in text], None, 1, None)
     args = argparse.Namespace(passkeys=1, context_min=1000, context_max=2400, seed=3)
     hay = list(range(10_000, 13_000))
@@ -150,14 +152,14 @@ def test_identify_reference_data_cycles_the_reference_lengths():
     assert 1000 < cut < 2400
     samples = commands._reference_samples(args, hay, codec)
     used = []
-    for step in range(40):
+    for step in range(100):
         s = samples(step)
         assert s.input_ids.numel() % 16 == 0 and len(s.questions) == 1
         # the haystack prefix is ids 10000.. up to the cut; the padding comes from the cut haystack's end
         used.append(int(((s.input_ids >= 10_000) & (s.input_ids < 10_000 + cut - 16)).sum()))
-    lengths = sorted(min(n, cut - 16) for n in reference_context_lengths(1000, 2400))
-    assert sorted(used[:20]) == lengths and sorted(used[20:]) == lengths
-    assert used[:20] != used[20:]
+    lengths = sorted(min(n, cut - 16) for n in torch.linspace(1000, 2400, 50, dtype=torch.int).tolist())
+    assert sorted(used[:50]) == lengths and sorted(used[50:]) == lengths
+    assert used[:50] != used[50:]
     with pytest.raises(CliError, match="haystack has 2000 tokens, need at least 2400"):
         commands._reference_samples(args, hay[:2000], codec)
 
@@ -167,3 +169,140 @@ def test_identify_reference_data_needs_the_words(tmp_path, capsys):
             "--context-min", "64", "--context-max", "128"]
     assert run_cli(argv) == 2
     assert "argument --data" in capsys.readouterr().err
+
+
+# mit-han-lab/duo-attention scripts/train.sh: --sink_size 128 --recent_size 256 (no --streaming_attn_implementation:
+# utils.py's "blocksparse", 128-token blocks in duo_attn/patch/llama.py), --min_needle_depth_ratio 0.05
+# --max_needle_depth_ratio 0.95 --depth_ratio_num_intervals 1000 --context_lengths_num_intervals 50; the published
+# patterns' runs pass 10 passkeys (attn_patterns/*/config.json)
+TRAIN_SH = dict(sink=128, recent=256, block=128, min_depth=0.05, max_depth=0.95, depths=1000, lengths=50, passkeys=10)
+
+
+def identify_window(argv, max_pos):
+    """(sink, recent, streaming block) that ``duo identify ARGV`` trains with on a model of ``max_pos`` positions."""
+    args = build_parser().parse_args(["duo", "identify", "--model", "m", "--out", "o", *argv])
+    config = {"max_position_embeddings": max_pos}
+    commands._context_defaults(args, config)
+    commands._window_defaults(args, config)
+    return args.sink, args.recent, commands._streaming_block(args.block, args.recent)
+
+
+@pytest.mark.parametrize("max_pos", [2048, 8192, 131072])
+def test_reference_data_defaults_to_the_train_sh_window(max_pos, capsys):
+    """--data reference: scripts/train.sh's sink 128, recent 256 and 128-token block-sparse mask whatever the model's
+    positions (no longer scaled to them: 8 / 64 token-level at 2048, sink 32 at 8192); --data quantduo keeps its
+    scaled defaults; explicit values win."""
+    train_sh = (TRAIN_SH["sink"], TRAIN_SH["recent"], TRAIN_SH["block"])
+    assert identify_window(["--data", "reference"], max_pos) == train_sh
+    assert capsys.readouterr().err == ""
+    assert identify_window([], max_pos) == (min(128, max_pos // 256), min(256, max_pos // 32),
+                                            128 if max_pos // 32 >= 128 else None)
+    assert identify_window(["--data", "reference", "--sink", "64", "--recent", "512", "--block", "0"], max_pos) == (
+        64, 512, None)
+    assert identify_window(["--data", "reference", "--sink", "4"], max_pos) == (4, *train_sh[1:])
+    assert identify_window(["--data", "reference", "--recent", "32"], max_pos) == (train_sh[0], 32, train_sh[2])
+
+
+def test_reference_data_window_falls_back_on_short_contexts(capsys):
+    """A --context-max (given, or half the model's positions) not longer than train.sh's 128 + 256 tokens gets sink /
+    recent of 1/128 and 1/16 of it and a token-level mask, with a one-line note; 385 tokens get train.sh's."""
+    for argv, max_pos, expected in [(["--context-max", "256"], 8192, (2, 16, None)), ([], 768, (3, 24, None)),
+                                    ([], 770, (128, 256, 128)), (["--context-max", "385"], 8192, (128, 256, 128))]:
+        assert identify_window(["--data", "reference", *argv], max_pos) == expected
+        err = capsys.readouterr().err
+        if expected[0] == 128:
+            assert err == ""
+        else:
+            assert err.count("\n") == 1 and err.startswith("note: ") and "scripts/train.sh" in err
+    assert identify_window(["--data", "reference", "--context-max", "256", "--sink", "2", "--recent", "8", "--block",
+                            "16"], 8192) == (2, 8, 16)
+    assert capsys.readouterr().err == ""  # nothing defaulted: no note
+
+
+def test_reference_data_runs_with_the_train_sh_settings(tmp_path, monkeypatch, capsys):
+    """``duo identify --data reference`` on a model of 8192 positions (defaults: contexts 2048..4096) trains with
+    train.sh's window and mask, and samples with its grids: each pass over 50 steps takes the 50 lengths of
+    ``torch.linspace(min, max, 50, dtype=int)``, 10 needles at depths within 0.05..0.95; the pattern's config.json
+    records them under the reference's names."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    config = json.loads((tiny_lm.ASSET_DIR / "config.json").read_text()) | {"max_position_embeddings": 8192}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    (model_dir / "model.safetensors").write_bytes(b"")  # never loaded here
+    hay_file = tmp_path / "hay.txt"
+    hay_file.write_text(" ".join(f"w{i}" for i in range(6000)))
+    vocab: dict[str, int] = {}
+
+    def encode(text):  # a word-level tokenizer: every haystack word is its own token
+        return [vocab.setdefault(t, len(vocab) + 2) for t in re.findall(r"\S+|\n", text)]
+
+    monkeypatch.setattr(commands, "_codec", lambda model: commands.TextCodec(encode, None, 1, None))
+    monkeypatch.setattr(commands, "_load", lambda *a: types.SimpleNamespace(device=torch.device("cpu")))
+    tasks, batches_seen, seen = [], [], {}
+    real_sample = commands.make_reference_sample
+
+    def spy_sample(hay, enc, bos, length, gen, task):
+        tasks.append((length, task))
+        return real_sample(hay, enc, bos, length, gen, task)
+
+    def fake_identify(model, batches, cfg, progress=True):
+        seen["cfg"] = cfg
+        batches_seen.extend(batches(step)[0][0] for step in range(100))
+        return DuoPattern(np.ones((4, 4), np.float32), cfg.sink, cfg.recent, {})
+
+    monkeypatch.setattr(commands, "make_reference_sample", spy_sample)
+    monkeypatch.setattr(commands, "identify", fake_identify)
+    out = tmp_path / "pattern"
+    argv = ["duo", "identify", "--model", str(model_dir), "--haystack", str(hay_file), "--out", str(out), "--data",
+            "reference"]
+    assert run_cli(argv) == 0
+    assert capsys.readouterr().err == ""
+    cfg = seen["cfg"]
+    assert (cfg.sink, cfg.recent, cfg.block) == (TRAIN_SH["sink"], TRAIN_SH["recent"], TRAIN_SH["block"])
+    task = tasks[-1][1]
+    assert (task.min_depth, task.max_depth, task.depth_intervals, task.context_intervals, task.num_passkeys) == (
+        TRAIN_SH["min_depth"], TRAIN_SH["max_depth"], TRAIN_SH["depths"], TRAIN_SH["lengths"], TRAIN_SH["passkeys"])
+    lengths = sorted(torch.linspace(2048, 4096, TRAIN_SH["lengths"], dtype=torch.int).tolist())
+    used = [n for n, _ in tasks[-100:]]
+    assert sorted(used[:50]) == lengths and sorted(used[50:]) == lengths
+    hay_ids = set(encode(hay_file.read_text()))
+    book_end = encode(" </book>.")[0]
+    for ids in batches_seen[:10]:
+        ids = ids.tolist()
+        context = ids[:ids.index(book_end)]
+        is_hay = [i in hay_ids for i in context]
+        total = sum(is_hay)
+        # the haystack tokens before each needle (a run of other tokens after the first haystack token) / all
+        cuts = [sum(is_hay[:k]) for k in range(1, len(context)) if is_hay[k - 1] and not is_hay[k]]
+        assert 1 <= len(cuts) <= TRAIN_SH["passkeys"]
+        assert all(TRAIN_SH["min_depth"] - 0.01 <= c / total <= TRAIN_SH["max_depth"] + 0.001 for c in cuts), cuts
+    written = json.loads((out / "config.json").read_text())
+    assert {k: written[k] for k in ("sink_size", "recent_size", "num_passkeys", "min_needle_depth_ratio",
+                                    "max_needle_depth_ratio", "depth_ratio_num_intervals",
+                                    "context_lengths_num_intervals")} == dict(
+        sink_size=128, recent_size=256, num_passkeys=10,
+        min_needle_depth_ratio=0.05, max_needle_depth_ratio=0.95, depth_ratio_num_intervals=1000,
+        context_lengths_num_intervals=50)
+
+
+@pytest.mark.parametrize("flag", [[], ["--respect-sliding-window"]])
+def test_respect_sliding_window_reaches_identify_and_eval(tmp_path, monkeypatch, flag):
+    """--respect-sliding-window of ``duo identify`` goes into the IdentifyConfig (--method gates) and score_heads
+    (--method score), that of ``duo eval`` into apply_duo; off by default."""
+    seen = []
+    for name in ("identify", "score_heads", "apply_duo"):
+        real = getattr(commands, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            cfg = args[2] if _name == "identify" else None
+            seen.append((_name, cfg.respect_sliding_window if cfg else kwargs["respect_sliding_window"]))
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(commands, name, spy)
+    common = ["--model", str(tiny_lm.ASSET_DIR), "--context-max", "256", *flag]
+    assert run_cli(["duo", "identify", *common, "--out", str(tmp_path / "g"), "--steps", "1"]) == 0
+    assert run_cli(["duo", "identify", *common, "--out", str(tmp_path / "s"), "--method", "score", "--samples",
+                    "1"]) == 0
+    assert run_cli(["duo", "eval", *common, "--pattern", str(demo.SHIPPED_PATTERN), "-n", "1", "--sparsities", "0.5",
+                    "--windows", "chunk", "--plot", str(tmp_path / "p.png")]) == 0
+    assert [name for name, _ in seen] == ["identify", "score_heads", "apply_duo", "apply_duo"]
+    assert all(value is bool(flag) for _, value in seen)
