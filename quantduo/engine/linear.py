@@ -283,7 +283,8 @@ def dequantized_residual(layer) -> torch.Tensor:
 
 def shift_term(layer) -> torch.Tensor:
     """What the unsigned shift adds to the 4-bit GEMM's output, float32 ``[N]``: ``Q_w(R) @ (act_shift / smooth)``
-    (folded into the stored ``bias`` with a minus sign)."""
+    (the 16-bit-activation paths, which run without the shift, add it back to the stored ``bias``; that bias was
+    corrected by calibration with the unquantized residual, as deepcompressor corrects it)."""
     return dequantized_residual(layer) @ (layer.act_shift.float() / layer.smooth_factor.float())
 
 

@@ -20,6 +20,9 @@ class SVDQuantConfig:
         group_size: input channels per INT4 scale (ignored by NVFP4, which uses 16).
         rank: rank of the 16-bit low-rank branch (0 disables it).
         smooth: run the low-rank-aware smoothing search (else smoothing factors are 1).
+        smooth_num_grids: the search's grid, deepcompressor's ``num_grids``: (0, 0), (a, 0) and (a, 1 - a) for
+            a = i / smooth_num_grids, i = 1 .. smooth_num_grids - 1 (20: 39 pairs, a = 0.05 .. 0.95; its fast
+            configuration's 10: 19 pairs).
         lowrank_iters: max iterations of the low-rank / residual refinement (early stop on no gain).
         svd: ``"randomized"`` (``torch.svd_lowrank``) or ``"exact"`` (float64 full SVD) for the final branch;
             the smoothing search always uses the randomized SVD.
@@ -51,6 +54,7 @@ class SVDQuantConfig:
     group_size: int = 64
     rank: int = 32
     smooth: bool = True
+    smooth_num_grids: int = 20
     lowrank_iters: int = 100
     svd: str = "randomized"
     search_tokens: int = 512
@@ -71,6 +75,8 @@ class SVDQuantConfig:
             raise ValueError(f"act_format must be 'int4', 'nvfp4' or 'none', got {self.act_format!r}")
         if self.svd not in ("randomized", "exact"):
             raise ValueError(f"svd must be 'randomized' or 'exact', got {self.svd!r}")
+        if self.smooth_num_grids < 1:
+            raise ValueError(f"smooth_num_grids must be positive, got {self.smooth_num_grids}")
         if self.group_size <= 0 or self.rank < 0 or self.search_tokens <= 0 or self.search_batch_bytes <= 0:
             raise ValueError("group_size, search_tokens and search_batch_bytes must be positive and rank non-negative")
         getattr(torch, self.dtype)  # validates the dtype name

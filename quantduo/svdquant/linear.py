@@ -16,7 +16,9 @@ buffers (``N = out_features``, ``K = padded in_features``, ``G = group_size``, `
 * ``smooth_factor`` ``[K]`` (module dtype)           inputs are divided by it
 * ``act_shift``     ``[K]`` (module dtype)           added to the inputs (input space, before the division by
   ``smooth_factor``) of unsigned activation quantization (zeros otherwise; post-GELU layers: 0.171875); its effect
-  ``Q_w(R) @ (act_shift / smooth_factor)`` is already subtracted from ``bias``. Checkpoints of format_version 2
+  is subtracted from ``bias``: ``R @ (act_shift / smooth_factor)`` with the unquantized residual where quantduo
+  calibrated the layer (deepcompressor's bias), Nunchaku's as stored in its files; the a16 execution adds back
+  ``Q_w(R) @ (act_shift / smooth_factor)`` (``bias_a16``). Checkpoints of format_version 2
   (quantduo < 0.3.0) held the smoothed-space shift ``act_shift / smooth_factor``: their loaders convert it
   (:func:`quantduo.svdquant.serialization.convert_smoothed_act_shift`)
 * ``proj_down``     ``[K, r]``, ``proj_up`` ``[N, r]`` (module dtype)  the low-rank branch

@@ -16,7 +16,7 @@ import torch
 from quantduo.formats import quantizers as qz
 from .config import SVDQuantConfig
 from .phases import phase
-from .smoothing import smooth_scale, smoothing_grid
+from .smoothing import candidate_scales, smoothing_grid
 
 _OVERSAMPLE = 8
 _POWER_ITERS = 2
@@ -25,13 +25,15 @@ _POWER_ITERS = 2
 def lowrank_factors(
     w: torch.Tensor, rank: int, method: str = "randomized", seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-``rank`` approximation ``w ~= up @ down.T`` with balanced factors, of one matrix or a batch.
+    """Best rank-``rank`` approximation ``w ~= up @ down.T``, of one matrix or a batch, split as deepcompressor's
+    ``LowRankBranch`` splits it: the down-projection the right singular vectors (orthonormal columns; its ``lora_down``
+    ``Vh[:rank]`` is ``down.T``), the up-projection the left ones times the singular values.
 
     Args:
         w: float ``[..., N, K]``.
         method: ``"exact"`` (float64 full SVD) or ``"randomized"`` (``torch.svd_lowrank``, seeded).
     Returns:
-        up: float32 ``[..., N, rank]``, down: float32 ``[..., K, rank]`` (``up = U sqrt(S)``, ``down = V sqrt(S)``).
+        up: float32 ``[..., N, rank]`` (``U S``), down: float32 ``[..., K, rank]`` (``V``).
     """
     n, k = w.shape[-2:]
     if rank == 0:
@@ -48,8 +50,7 @@ def lowrank_factors(
         u, s, v = u[..., :rank], s[..., :rank], v[..., :rank]
     else:
         raise ValueError(f"unknown SVD method {method!r}")
-    root = s.sqrt().unsqueeze(-2)
-    return (u * root).float(), (v * root).float()
+    return (u * s.unsqueeze(-2)).float(), v.float()
 
 
 def branch_factors(
@@ -75,11 +76,10 @@ def branch_factors(
 
 def fake_quant_act(x: torch.Tensor, smooth: torch.Tensor, act_format: str, group_size: int,
                    input_shift: torch.Tensor) -> torch.Tensor:
-    """What the 4-bit GEMM sees of the smoothed inputs ``x / smooth``, float32 ``[..., T, K]``:
-    ``Q((x + input_shift) / smooth) - input_shift / smooth`` (the layer's order, in float32; the second term is the
-    shift's output term, which the bias cancels). ``x`` float ``[T, K]``; ``smooth``, ``input_shift`` float32 ``[K]``
-    or ``[..., 1, K]`` (a batch of candidates)."""
-    return qz.fake_quant((x.float() + input_shift) / smooth, act_format, group_size) - input_shift / smooth
+    """What the 4-bit GEMM sees of the shifted, smoothed inputs ``(x + input_shift) / smooth``, float32
+    ``[..., T, K]``: ``Q((x + input_shift) / smooth)`` (the layer's order, in float32). ``x`` float ``[T, K]``;
+    ``smooth``, ``input_shift`` float32 ``[K]`` or ``[..., 1, K]`` (a batch of candidates)."""
+    return qz.fake_quant((x.float() + input_shift) / smooth, act_format, group_size)
 
 
 @dataclass
@@ -117,25 +117,27 @@ class GroupSolution:
 
 
 class _Objective:
-    """Relative output error ``||y_q - x W^T||^2 / ||x W^T||^2`` on fixed calibration rows ``x [T, K]``."""
+    """Relative output error ``||y_q - y||^2 / ||x W^T||^2`` on fixed calibration rows ``x [T, K]``, where the layer
+    is run on the shifted inputs ``x + input_shift`` (zero for signed activations) and ``y = (x + input_shift) W^T``:
+    as deepcompressor calibrates a shifted layer (its ``ShiftedLinear``, whose bias takes ``-W @ input_shift`` in full
+    precision), which is the error of the stored layer whose bias holds ``b - R @ (input_shift / smooth)`` (``R`` the
+    unquantized residual, :func:`quantduo.svdquant.quantize.shifted_bias`)."""
 
     def __init__(self, x: torch.Tensor, w: torch.Tensor, act_format: str, act_group: int,
                  input_shift: torch.Tensor | None):
         """``input_shift`` float ``[K]``: the unsigned activations' shift (used only for ``act_format="uint4"``)."""
         self.x, self.act_format, self.act_group = x.float(), act_format, act_group
         self.input_shift = input_shift.float() if act_format == "uint4" else torch.zeros(x.shape[-1], device=x.device)
-        self.y_ref = self.x @ w.float().T
-        self.ref_energy = self.y_ref.pow(2).sum().clamp(min=1e-30)
+        self.ref_energy = (self.x @ w.float().T).pow(2).sum().clamp(min=1e-30)
+        self.y_ref = (self.x + self.input_shift) @ w.float().T
 
     def smoothed_inputs(self, smooth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For smoothing factors ``[..., K]``: the smoothed rows ``x / smooth`` ``[..., T, K]`` and their quantized
-        view (:func:`fake_quant_act`; signed formats: ``Q(x / smooth)``)."""
+        """For smoothing factors ``[..., K]``: the shifted, smoothed rows ``(x + input_shift) / smooth``
+        ``[..., T, K]`` and their quantized view (:func:`fake_quant_act`)."""
         if smooth.dim() > 1:
             smooth = smooth.unsqueeze(-2)
-        x_smooth = self.x / smooth
-        if self.act_format != "uint4":
-            return x_smooth, qz.fake_quant(x_smooth, self.act_format, self.act_group)
-        return x_smooth, fake_quant_act(self.x, smooth, self.act_format, self.act_group, self.input_shift)
+        x_quant = fake_quant_act(self.x, smooth, self.act_format, self.act_group, self.input_shift)
+        return (self.x + self.input_shift) / smooth, x_quant
 
     def __call__(self, x_smooth, x_quant, residual_q, up, down) -> float:
         return float(self.errors(x_smooth, x_quant, residual_q, up, down))
@@ -177,8 +179,8 @@ def solve_group(
 
     Args:
         w: float ``[N_total, K]`` (rows of all members, K already padded to the group size).
-        x_sample: float ``[T, K]`` calibration input rows; x_absmax: ``[K]`` per-channel max |x + input_shift| (the
-            smoothing statistic).
+        x_sample: float ``[T, K]`` calibration input rows; x_absmax: ``[K_in]`` per-channel max |x + input_shift| (the
+            smoothing statistic) of the ``K_in <= K`` channels before padding (the padding's factors are 1).
         act_format: ``"int4"``, ``"uint4"`` (needs ``input_shift``), ``"nvfp4"`` or ``"none"``.
         input_shift: uint4: ``[K]`` shift added to the inputs before smoothing so that they are non-negative
             (deepcompressor's post-GELU rule: :data:`~quantduo.formats.quantizers.GELU_SHIFT` on every channel);
@@ -207,10 +209,8 @@ def solve_group(
     best_ab, best_smooth = (0.0, 0.0), torch.ones(w.shape[1], device=w.device)
     if smooth:
         with phase("search"):
-            grid = smoothing_grid()
-            w_absmax = w.abs().amax(dim=0)
-            scales = torch.stack([smooth_scale(x_absmax.to(w.device), w_absmax, a, b) for a, b in grid])
-            scales = scales.to(cfg.torch_dtype).float()
+            grid = smoothing_grid(cfg.smooth_num_grids)
+            scales = candidate_scales(x_absmax, w, grid).to(cfg.torch_dtype).float()
             chunk = _candidates_per_batch(w.shape, x_sample.shape[0], cfg)
             errors = torch.cat([candidate_errors(c) for c in scales.split(chunk)])
             best = int(errors.argmin())
@@ -222,8 +222,11 @@ def solve_group(
 def _refine(w: torch.Tensor, best_smooth: torch.Tensor, best_ab: tuple[float, float], obj: _Objective,
             quant_residual: Callable[[torch.Tensor], torch.Tensor], rank: int, branches: tuple[int, ...],
             cfg: SVDQuantConfig) -> GroupSolution:
-    """The iterative low-rank / residual refinement of ``w [N, K]`` at the chosen smoothing ``[K]`` (early stop on
-    no gain), one low-rank branch per block of rows in ``branches``."""
+    """The iterative low-rank / residual refinement of ``w [N, K]`` at the chosen smoothing ``[K]``, one low-rank
+    branch per block of rows in ``branches``: as deepcompressor's ``LowRankCalibrator``, a step whose error is at most
+    the best so far is kept (a tie keeps the newer one), the first worse step stops the loop (up to
+    ``cfg.lowrank_iters`` steps, the rejected one counted; a fixed point, where the quantized residual no longer
+    changes, ends it early with the same result)."""
     x_smooth, x_quant = obj.smoothed_inputs(best_smooth)
     w_hat = w * best_smooth
     best, iters = None, 0
@@ -231,12 +234,13 @@ def _refine(w: torch.Tensor, best_smooth: torch.Tensor, best_ab: tuple[float, fl
     for iters in range(1, max(cfg.lowrank_iters, 1) + 1):
         up, down = branch_factors(w_hat - residual_q, branches, rank, cfg.svd, cfg.seed)
         residual = w_hat - up @ down.T
-        residual_q = quant_residual(residual)
-        err = obj(x_smooth, x_quant, residual_q, up, down)
-        if best is not None and err >= best[0] * (1 - 1e-4):
+        step_q = quant_residual(residual)
+        err = obj(x_smooth, x_quant, step_q, up, down)
+        if best is not None and err > best[0]:
             break
         best = (err, up, down, residual)
-        if rank == 0:
-            break
+        if rank == 0 or torch.equal(step_q, residual_q):
+            break  # a fixed point: every further step would repeat this one (ties, kept), so the result is final
+        residual_q = step_q
     err, up, down, residual = best
     return GroupSolution(best_smooth, obj.input_shift, down, up, residual, best_ab, err, iters, branches)

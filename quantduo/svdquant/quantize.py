@@ -8,7 +8,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from quantduo.engine import linear as engine
 from quantduo.formats import quantizers as qz
 from quantduo.utils import progress_bar, relative_error
 
@@ -95,6 +94,18 @@ def pack_residual(module: SVDQuantLinear, residual: torch.Tensor) -> None:
         module.wscales.copy_(scales)
 
 
+def shifted_bias(linear: nn.Linear, module: SVDQuantLinear) -> torch.Tensor:
+    """The bias ``module`` stores for ``linear``, float64 ``[N]``: deepcompressor's for a layer run on shifted inputs
+    ``x + act_shift``: ``b - W @ act_shift`` with the original weight (its ``ShiftedLinear.from_linear``), plus the
+    low-rank branch's share ``proj_up @ proj_down^T @ (act_shift / smooth)`` (its Nunchaku converter), from the stored
+    ``act_shift``, ``smooth_factor`` and factors; net ``b - R @ (act_shift / smooth)`` with ``R`` the unquantized
+    residual. ``b`` for signed layers (zero shift)."""
+    k = linear.in_features
+    shift = module.act_shift[:k].double()
+    lowrank = module.proj_up.double() @ (module.proj_down[:k].double().T @ (shift / module.smooth_factor[:k].double()))
+    return linear.bias.double() - linear.weight.double() @ shift + lowrank
+
+
 def build_module(
     linear: nn.Linear, sol: GroupSolution, rows: slice, act_format: str, cfg: SVDQuantConfig
 ) -> SVDQuantLinear:
@@ -114,9 +125,7 @@ def build_module(
         module.proj_down.copy_(down)
         module.proj_up.copy_(up)
         if linear.bias is not None:
-            # quantizing (x + act_shift) / smooth adds Q(R) @ (act_shift / smooth) to the output (the stored,
-            # rounded act_shift and smooth): fold its negative into the bias
-            module.bias.copy_(linear.bias.float() - engine.shift_term(module))
+            module.bias.copy_(shifted_bias(linear, module))
         elif bool((sol.input_shift != 0).any()):
             raise ValueError("unsigned activations need a bias to fold the shift into")
     module.refresh_derived()
@@ -220,7 +229,7 @@ def _quantize_group(
         act_format = "int4"  # nowhere to fold the shift
     shift = unsigned_input_shift(stats) if act_format == "uint4" else 0.0
     sol = solve_group(
-        w, qz.pad_to_multiple(rows, k_pad), qz.pad_to_multiple(stats.shifted_absmax(shift).to(device), k_pad), cfg,
+        w, qz.pad_to_multiple(rows, k_pad), stats.shifted_absmax(shift).to(device), cfg,
         act_format=act_format, rank=0 if weight_only and not cfg.w4a16_svdquant else cfg.rank,
         smooth=cfg.smooth and (not weight_only or cfg.w4a16_svdquant),
         input_shift=torch.full((k_pad,), shift, device=device) if act_format == "uint4" else None,

@@ -186,30 +186,36 @@ def test_unsigned_activations_help_post_gelu():
 def test_post_gelu_shift_is_the_reference_constant(quantized_block):
     """deepcompressor's rule for unsigned INT4 inputs: 0.171875 (the tanh GELU's lower bound) is added to every
     channel before smoothing, so act_shift (input space) = 0.171875 on every channel, whatever the calibration's
-    per-channel minimum, and the bias holds ``b - Q(R) @ (0.171875 / smooth)``; an input at the GELU's minimum on a
+    per-channel minimum, and the bias is the reference's: ``b - W @ shift`` with the float weight (``ShiftedLinear``)
+    plus ``lora_up @ (lora_down / smooth) @ shift`` (its Nunchaku converter); an input at the GELU's minimum on a
     channel whose calibration never went below zero is then represented, not clipped to zero."""
     model, reference, _ = quantized_block
     fc2 = model.fc2
     k = fc2.in_features
     assert torch.equal(fc2.act_shift, torch.full_like(fc2.act_shift, 0.171875))
-    shift_term = fc2.dequantized_residual() @ (0.171875 / fc2.smooth_factor.float())
-    torch.testing.assert_close(fc2.bias.float(), reference.fc2.bias.float() - shift_term)
+    shift = torch.full((k,), 0.171875, dtype=torch.float64)
+    shifted_linear_bias = reference.fc2.bias.double() - reference.fc2.weight.double() @ shift
+    lora_down = fc2.proj_down[:k].double().T / fc2.smooth_factor[:k].double()  # the converter's, [r, K]
+    expected = shifted_linear_bias + fc2.proj_up.double() @ lora_down @ shift
+    torch.testing.assert_close(fc2.bias.double(), expected)
+    quantized_term = fc2.dequantized_residual()[:, :k].double() @ (shift / fc2.smooth_factor[:k].double())
+    assert float((fc2.bias.double() - (reference.fc2.bias.double() - quantized_term)).abs().max()) > 1e-3  # not Q(R)
     x = torch.full((1, k), 0.05)
     x[0, 0] = -0.17  # the GELU's minimum, below any calibration value of most channels
     smooth = fc2.smooth_factor[:k].float()
     q = fake_quant_act(x, smooth, "uint4", 64, fc2.act_shift[:k].float())
-    assert float(q[0, 0] * smooth[0]) == pytest.approx(-0.17, abs=0.02)
+    assert float(q[0, 0] * smooth[0]) - 0.171875 == pytest.approx(-0.17, abs=0.02)
 
 
 def test_fake_quant_act_adds_the_shift_before_smoothing():
-    """The calibration's view of the quantized inputs is ``Q((x + shift) / smooth) - shift / smooth`` in float32 (the
-    layer's order), written out here with the unsigned quantizer."""
+    """The calibration's view of the quantized inputs is ``Q((x + shift) / smooth)`` in float32 (the layer's order),
+    written out here with the unsigned quantizer."""
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.gelu(torch.randn(8, 128, generator=g) * 3)
     smooth, shift = torch.rand(128, generator=g) + 0.5, torch.full((128,), 0.171875)
     groups = ((x + shift) / smooth).reshape(8, 2, 64)
     scales = groups.amax(-1, keepdim=True) / 15
-    expected = (torch.round(groups / scales).clamp(0, 15) * scales).reshape(8, 128) - shift / smooth
+    expected = (torch.round(groups / scales).clamp(0, 15) * scales).reshape(8, 128)
     assert torch.equal(fake_quant_act(x, smooth, "uint4", 64, shift), expected)
 
 
