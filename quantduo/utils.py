@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 
 from quantduo._version import __version__
 
+# dtype names as configs and command lines spell them
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MANIFEST_NAME = "quantduo_manifest.json"
 _RENAME_EXCHANGE = 2  # renameat2 flag (Linux >= 3.15): swap two paths atomically
 _AT_FDCWD = -100

@@ -39,7 +39,7 @@ from quantduo.integrations.published import (CALIBRATION_FOR_LAYOUT, EXPORT_LAYO
 from quantduo.models.tiny_flux import tiny_flux_pipeline
 from quantduo.svdquant import max_rank, set_execution
 from quantduo.svdquant.blockwise import ACTIVATIONS
-from quantduo.utils import atomic_write
+from quantduo.utils import DTYPES, atomic_write
 
 DEFAULT_PROMPTS = (
     "a photo of a cat sitting on a wooden table", "a red double-decker bus driving down a city street",
@@ -47,7 +47,6 @@ DEFAULT_PROMPTS = (
     "a snowy mountain landscape at sunrise", "two dogs playing with a frisbee in a park",
     "a plate of pasta with tomato sauce and basil", "an old lighthouse on a rocky coast at night",
 )
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_RANK = 32
 MAX_SIDE = 4096
 
@@ -145,9 +144,9 @@ def cmd_quantize(args) -> int:
     # loaded into host memory); the device holds the other models and one block at a time
     weights = None
     if args.blockwise and denoiser_safetensors(args.model):
-        pipe, weights = load_pipeline_lazily(args.model, DTYPES[args.dtype or "bfloat16"])
+        pipe, weights = load_pipeline_lazily(args.model, _dtype(args))
     else:
-        pipe = load_pipeline(args.model, DTYPES[args.dtype or "bfloat16"], "cpu" if args.blockwise else args.device)
+        pipe = load_pipeline(args.model, _dtype(args), "cpu" if args.blockwise else args.device)
     _, denoiser = denoiser_of(pipe)
     with denoiser_offloaded(pipe, args.device, weights) if args.blockwise else contextlib.nullcontext():
         samples = _calibration_samples(args, pipe, prompts)
@@ -190,6 +189,12 @@ def _check_fp8_attention(args) -> None:
     if args.fp8_attention == "fa3" and args.device.startswith("cuda") and not FA3_AVAILABLE:
         raise bad("--fp8-attention", "fa3 needs FlashAttention-3 (flash_attn_3), which is not importable: build it "
                                      "with scripts/build_fa3.sh (docs/fa3.md), or use --fp8-attention triton")
+
+
+def _dtype(args) -> torch.dtype:
+    """--dtype, bfloat16 where not given (a published checkpoint's own default is the loader's: --dtype passed as
+    given)."""
+    return DTYPES[args.dtype or "bfloat16"]
 
 
 def _check_published_args(args) -> None:
@@ -241,7 +246,7 @@ def cmd_generate(args) -> int:
         raise bad("--prompt", "the prompt is empty; give some text")
     out = output_file(args.out, "--out", ".png")
     pipe = (_published_pipeline(args) if published
-            else load_pipeline(args.model, DTYPES[args.dtype or "bfloat16"], args.device, execution=args.execution))
+            else load_pipeline(args.model, _dtype(args), args.device, execution=args.execution))
     _, denoiser = denoiser_of(pipe)
     if args.fp8_attention:
         enable_fp8_attention(denoiser, backend=args.fp8_attention)

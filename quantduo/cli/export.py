@@ -8,14 +8,11 @@
 """
 from __future__ import annotations
 
-import torch
-
 from quantduo.cli.validate import bad, output_file, output_folder, pipeline_folder
 from quantduo.integrations.diffusers import denoiser_of, load_pipeline, quantized_by_quantduo
 from quantduo.integrations.published import (EXPORT_LAYOUTS, export_checkpoint, is_published,
                                              load_published_transformer)
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from quantduo.utils import DTYPES
 
 
 def _check_export_args(args) -> None:

@@ -116,11 +116,7 @@ def w4a8_group_gemm_ref(codes, scales_t, xq, xs, lx, up, bias):
     acc = torch.zeros(x.shape[0], q.shape[0], device=x.device)
     for g, scale in enumerate(scales_t.float()):
         acc += (x[:, g * width:(g + 1) * width] @ q[:, g * width:(g + 1) * width].T) * scale
-    acc = acc * xs.float()[:, None]
-    acc = acc + lx.float() @ up.float().T
-    if bias is not None:
-        acc = acc + bias.float()
-    return acc.to(torch.bfloat16)
+    return _float32_epilogue(acc * xs.float()[:, None], lx, up, bias)
 
 
 def w4a8_folded_gemm_ref(codes, folded_t, row_scale, xq, xs, lx, up, bias):
@@ -131,7 +127,12 @@ def w4a8_folded_gemm_ref(codes, folded_t, row_scale, xq, xs, lx, up, bias):
     q = qz.unpack_int4(codes).half()
     folded = folded_t.T.half().repeat_interleave(q.shape[1] // folded_t.shape[0], dim=1)
     w8 = (q * folded).to(torch.float8_e4m3fn).float()
-    acc = (xq.float() @ w8.T) * xs.float()[:, None] * row_scale.float()[None]
+    return _float32_epilogue((xq.float() @ w8.T) * xs.float()[:, None] * row_scale.float()[None], lx, up, bias)
+
+
+def _float32_epilogue(acc, lx, up, bias):
+    """The INT4 x fp8 GEMMs' epilogue: ``acc`` float32 ``[T, N]`` + ``lx @ up^T`` (products summed in float32, as
+    its bf16 ``wgmma`` does, unlike :func:`epilogue_ref`) + bias, rounded once to bfloat16."""
     acc = acc + lx.float() @ up.float().T
     if bias is not None:
         acc = acc + bias.float()

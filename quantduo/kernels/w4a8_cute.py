@@ -34,6 +34,8 @@ References: :func:`quantduo.formats.reference.w4a8_group_gemm_ref` and
 """
 from __future__ import annotations
 
+import functools
+
 import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
@@ -360,11 +362,19 @@ def _as_cute(t: torch.Tensor, dtype) -> cute.Tensor:
     return tensor
 
 
+@functools.lru_cache(maxsize=64)
+def _filled(n: int, device: torch.device, dtype: torch.dtype, value: float) -> torch.Tensor:
+    """A constant ``[n]`` operand (the promoted mode's unread row scales, a missing bias), made once per shape and
+    device rather than per call (a CUDA graph would replay the fill)."""
+    return torch.full((n,), value, dtype=dtype, device=device)
+
+
 def _launch(folded: bool, codes, scales_t, row_scale, xq, xs, lx, up, bias, tokens_tile: int,
             stages: int) -> torch.Tensor:
     tokens, k = xq.shape
     n, rank = up.shape
     check_shapes(n, k, rank)
+    bias = _filled(n, xq.device, torch.bfloat16, 0.0) if bias is None else bias
     expected = {"codes": (codes, torch.uint8, (n, k // 2)),
                 "scales_t": (scales_t, torch.float32 if folded else torch.bfloat16, (k // GROUP, n)),
                 "row_scale": (row_scale, torch.float32, (n,)), "xq": (xq, torch.float8_e4m3fn, (tokens, k)),
@@ -385,19 +395,14 @@ def _launch(folded: bool, codes, scales_t, row_scale, xq, xs, lx, up, bias, toke
     return out
 
 
-def _bias(bias: torch.Tensor | None, n: int, device) -> torch.Tensor:
-    return torch.zeros(n, dtype=torch.bfloat16, device=device) if bias is None else bias
-
-
 def w4a8_group_gemm(codes: torch.Tensor, scales_t: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor,
                     lx: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None = None, *, tokens_tile: int = 128,
                     stages: int = 6) -> torch.Tensor:
     """bf16 ``[T, N]``, the promoted formula of the module docstring, on contiguous CUDA tensors: codes uint8
     ``[N, K / 2]``, scales_t bf16 ``[K / 64, N]``, xq float8_e4m3fn ``[T, K]``, xs float32 ``[T]``, lx bf16
     ``[T, R]``, up bf16 ``[N, R]``, bias bf16 ``[N]`` or None. One compile per shape and configuration."""
-    n = up.shape[0]
-    ones = torch.ones(n, dtype=torch.float32, device=xq.device)
-    return _launch(False, codes, scales_t, ones, xq, xs, lx, up, _bias(bias, n, xq.device), tokens_tile, stages)
+    unit_row_scales = _filled(up.shape[0], xq.device, torch.float32, 1.0)
+    return _launch(False, codes, scales_t, unit_row_scales, xq, xs, lx, up, bias, tokens_tile, stages)
 
 
 def w4a8_folded_gemm(codes: torch.Tensor, folded_t: torch.Tensor, row_scale: torch.Tensor, xq: torch.Tensor,
@@ -405,5 +410,4 @@ def w4a8_folded_gemm(codes: torch.Tensor, folded_t: torch.Tensor, row_scale: tor
                      tokens_tile: int = 128, stages: int = 6) -> torch.Tensor:
     """bf16 ``[T, N]``, the folded formula of the module docstring: as :func:`w4a8_group_gemm` with float32
     ``folded_t [K / 64, N]`` and ``row_scale [N]`` (:func:`quantduo.formats.quantizers.fp8_folded_scales`)."""
-    n = up.shape[0]
-    return _launch(True, codes, folded_t, row_scale, xq, xs, lx, up, _bias(bias, n, xq.device), tokens_tile, stages)
+    return _launch(True, codes, folded_t, row_scale, xq, xs, lx, up, bias, tokens_tile, stages)

@@ -13,11 +13,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from quantduo.svdquant import CheckpointError
+from quantduo.utils import DTYPES
 
 from .layouts import detect_file_layout
 
 LITE_METHOD = "nunchaku_lite"
-COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
 _SUPPORTED_LITE = {"svdq_w4a4": {("int4", 64), ("nvfp4", 16)}, "awq_w4a16": {("int4", 64)}}
 
@@ -100,15 +100,15 @@ def _check_lite_config(path: Path, quant: dict) -> None:
             raise CheckpointError(f"{path}: {section}.targets must be a list of module names")
     if not any(quant.get(s) for s in _SUPPORTED_LITE):
         raise CheckpointError(f"{path}: nunchaku_lite quantization_config has neither svdq_w4a4 nor awq_w4a16")
-    if quant.get("compute_dtype", "bfloat16") not in COMPUTE_DTYPES:
+    if quant.get("compute_dtype", "bfloat16") not in DTYPES:
         raise CheckpointError(f"{path}: nunchaku_lite compute_dtype {quant['compute_dtype']!r} is not one of "
-                              f"{sorted(COMPUTE_DTYPES)}")
+                              f"{sorted(DTYPES)}")
 
 
 def checkpoint_dtype(ckpt: "PublishedCheckpoint") -> torch.dtype:
     """The compute dtype a checkpoint asks for: a ``nunchaku_lite`` folder's ``compute_dtype`` (diffusers' default
     for these folders too), bfloat16 for the single-file layouts, which record none."""
-    return COMPUTE_DTYPES[(ckpt.quantization or {}).get("compute_dtype", "bfloat16")]
+    return DTYPES[(ckpt.quantization or {}).get("compute_dtype", "bfloat16")]
 
 
 def read_lite_folder(path: Path) -> PublishedCheckpoint:
